@@ -1,0 +1,215 @@
+//! The backend interface: every computation of the engine (the UNet, the classifiers, the sampler,
+//! the guidance and the attacks) is written once over this trait.
+//!
+//! Shaped for a GPU:
+//! - tensors live in the backend's own memory (`Backend::Tensor`) and cross to the host only at the
+//!   edges (`upload`, `download`);
+//! - every op writes into an output the caller allocated once, in a plan made per (config, batch),
+//!   never allocating per call;
+//! - ops are coarse enough to be single fused kernels: GroupNorm+SiLU, a convolution with its bias,
+//!   per-sample channel bias (the time embedding), residual and ReLU epilogue, a whole attention;
+//! - every backward op *accumulates* into its input-gradient buffers (`dx += ...`), so gradients that
+//!   meet at a skip connection add up without extra buffers; callers zero gradients once with `fill`.
+//!
+//! Shapes are given in NCHW / OIHW order; how a backend stores them (NHWC, f16, ...) is its own
+//! business. Precision is a property of the backend's tensors (`Backend::precision`).
+//!
+//! The reference implementation is `cpu::CpuBackend` (plain f32, the spec).
+
+pub mod cpu;
+
+use crate::error::Result;
+
+/// Storage precision of a backend's activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// What every backend tensor can say about itself.
+pub trait TensorShape {
+    fn shape(&self) -> &[usize];
+    fn numel(&self) -> usize {
+        self.shape().iter().product()
+    }
+}
+
+/// Geometry of a 2-D convolution. Padding is per side (top, left, bottom, right) because the UNet's
+/// Downsample pads only right and bottom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dGeometry {
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub pad_bottom: usize,
+    pub pad_right: usize,
+}
+
+impl Conv2dGeometry {
+    /// Stride 1, the same padding on every side ("same" for 3x3 with pad 1, 1x1 with pad 0).
+    pub fn same(pad: usize) -> Self {
+        Self::strided(1, pad)
+    }
+    pub fn strided(stride: usize, pad: usize) -> Self {
+        Self { stride, pad_top: pad, pad_left: pad, pad_bottom: pad, pad_right: pad }
+    }
+    /// Output spatial size for an input of `h` x `w` and a `kh` x `kw` kernel.
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
+        let oh = (h + self.pad_top + self.pad_bottom - kh) / self.stride + 1;
+        let ow = (w + self.pad_left + self.pad_right - kw) / self.stride + 1;
+        (oh, ow)
+    }
+}
+
+/// What a convolution adds to its output before writing it:
+/// `out = relu?(conv(x) + bias[c] + channel_bias[n, c] + residual[n, c, y, x])`.
+pub struct ConvEpilogue<'a, T> {
+    /// Per-sample, per-output-channel bias (N x C_out): the ResnetBlock's time-embedding projection.
+    pub channel_bias: Option<&'a T>,
+    /// Added element-wise (same shape as the output): the residual branch.
+    pub residual: Option<&'a T>,
+    /// Apply ReLU last (the classifiers' conv-bn-relu, with batch-norm folded into the conv).
+    pub relu: bool,
+}
+
+impl<T> Default for ConvEpilogue<'_, T> {
+    fn default() -> Self {
+        Self { channel_bias: None, residual: None, relu: false }
+    }
+}
+
+/// Scalars of one DDPM reverse step t -> t-1 (METHOD.md section 2).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepCoefficients {
+    /// sqrt(abar_t)
+    pub sqrt_abar: f32,
+    /// sqrt(1 - abar_t)
+    pub sqrt_one_minus_abar: f32,
+    /// c0_t: weight of x0_hat in the posterior mean.
+    pub c0: f32,
+    /// ct_t: weight of x_t in the posterior mean.
+    pub ct: f32,
+}
+
+/// The compute interface. All tensors are `Self::Tensor`; scalars and tiny per-batch values come
+/// from the host.
+pub trait Backend {
+    type Tensor: TensorShape;
+
+    /// A short human-readable name, e.g. "cpu (2 threads)".
+    fn name(&self) -> String;
+    fn precision(&self) -> Precision;
+
+    // ---- memory: the only host <-> device crossings ----
+    /// A zero-filled tensor. Called when plans are made, never inside a step.
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+    /// A new tensor holding `data` (row-major in `shape`).
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    /// Overwrite an existing tensor with host data of the same number of elements.
+    fn write(&self, dst: &mut Self::Tensor, data: &[f32]) -> Result<()>;
+    /// The tensor's values as f32, row-major.
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// dst = src (same shape).
+    fn copy(&self, src: &Self::Tensor, dst: &mut Self::Tensor);
+    /// Every element = value.
+    fn fill(&self, t: &mut Self::Tensor, value: f32);
+    /// dst += src (same shape): where two gradients meet (identity shortcuts, residuals).
+    fn add_assign(&self, dst: &mut Self::Tensor, src: &Self::Tensor);
+
+    // ---- network ops ----
+    /// Sinusoidal embedding of per-sample step indices `t` (N) into `out` (N x dim):
+    /// `concat(sin(t f), cos(t f))`, `f_i = exp(-ln(10000) i / (dim/2 - 1))`.
+    fn timestep_embedding(&self, t: &Self::Tensor, out: &mut Self::Tensor);
+
+    /// `out = W silu?(x) + b` for x (N x in), W (out x in), b (out).
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>, silu_input: bool, out: &mut Self::Tensor);
+    /// dx += d/dx of `linear` (with `silu_input` as in the forward).
+    fn linear_backward(&self, x: &Self::Tensor, w: &Self::Tensor, silu_input: bool, dout: &Self::Tensor, dx: &mut Self::Tensor);
+
+    /// GroupNorm over `groups` groups (then SiLU if `silu`), x (N x C x H x W), gamma/beta (C).
+    /// Saves per-(sample, group) mean and 1/std in `stats` (N x groups x 2) for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, beta: &Self::Tensor, groups: usize, eps: f32, silu: bool, out: &mut Self::Tensor, stats: &mut Self::Tensor);
+    /// dx += d/dx of `group_norm`, from the forward's input and saved stats.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_backward(&self, x: &Self::Tensor, gamma: &Self::Tensor, beta: &Self::Tensor, stats: &Self::Tensor, groups: usize, silu: bool, dout: &Self::Tensor, dx: &mut Self::Tensor);
+
+    /// 2-D convolution x (N x Ci x H x W), w (Co x Ci x kh x kw), plus bias and the epilogue.
+    fn conv2d(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>, geometry: Conv2dGeometry, epilogue: ConvEpilogue<'_, Self::Tensor>, out: &mut Self::Tensor);
+    /// dx += conv2d's vector-Jacobian product with respect to its input (the transposed
+    /// convolution of `dout`). The epilogue's residual gets `dout` itself; callers add it.
+    fn conv2d_backward_input(&self, dout: &Self::Tensor, w: &Self::Tensor, geometry: Conv2dGeometry, dx: &mut Self::Tensor);
+
+    /// Single-head softmax attention over the H*W positions of q, k, v (N x C x H x W):
+    /// `out[:, :, i] = sum_j softmax_j(q_i . k_j / sqrt(C)) v_j`. Saves the per-query log-sum-exp
+    /// (N x HW) so the backward can rebuild the probabilities without storing them.
+    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &mut Self::Tensor, logsumexp: &mut Self::Tensor);
+    /// dq, dk, dv += the attention's vector-Jacobian product.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, logsumexp: &Self::Tensor, dout: &Self::Tensor, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor);
+
+    /// Nearest-neighbour upsampling by 2 in H and W.
+    fn upsample_nearest2x(&self, x: &Self::Tensor, out: &mut Self::Tensor);
+    fn upsample_nearest2x_backward(&self, dout: &Self::Tensor, dx: &mut Self::Tensor);
+
+    /// out = concat(a, b) along channels.
+    fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor, out: &mut Self::Tensor);
+    /// da += dout[:, :Ca], db += dout[:, Ca:].
+    fn concat_channels_backward(&self, dout: &Self::Tensor, da: &mut Self::Tensor, db: &mut Self::Tensor);
+
+    /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation).
+    /// Backward is `dx += dout * scale[c]`.
+    fn channel_affine(&self, x: &Self::Tensor, scale: &[f32], shift: &[f32], out: &mut Self::Tensor);
+    fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &[f32], dx: &mut Self::Tensor);
+
+    /// dx += dy where y > 0 (ReLU's backward from its output y).
+    fn relu_backward(&self, y: &Self::Tensor, dy: &Self::Tensor, dx: &mut Self::Tensor);
+
+    /// CIFAR ResNet "option A" shortcut: out = x[:, :, ::2, ::2] with `pad` zero channels on each side.
+    fn shortcut_subsample_pad(&self, x: &Self::Tensor, pad: usize, out: &mut Self::Tensor);
+    fn shortcut_subsample_pad_backward(&self, dout: &Self::Tensor, pad: usize, dx: &mut Self::Tensor);
+
+    /// Mean over H and W: x (N x C x H x W) -> out (N x C).
+    fn global_avg_pool(&self, x: &Self::Tensor, out: &mut Self::Tensor);
+    fn global_avg_pool_backward(&self, dout: &Self::Tensor, dx: &mut Self::Tensor);
+
+    // ---- element-wise and per-sample ops of the sampler, the guidance and the attacks ----
+    /// out = a x + b y.
+    fn axpby(&self, a: f32, x: &Self::Tensor, b: f32, y: &Self::Tensor, out: &mut Self::Tensor);
+    /// x = clamp(x, lo, hi), in place.
+    fn clamp(&self, x: &mut Self::Tensor, lo: f32, hi: f32);
+    /// Standard normal samples from a counter-based generator: element i of `out` depends only on
+    /// (seed, stream, i), so every backend draws the same noise for the same seed.
+    fn fill_gaussian(&self, out: &mut Self::Tensor, seed: u64, stream: u64);
+
+    /// The network's step prediction: `x0_hat = clip((x_t - sqrt(1-abar) eps) / sqrt(abar), -1, 1)`
+    /// and the posterior mean `mu = c0 x0_hat + ct x_t`.
+    fn predict_x0_and_mean(&self, x_t: &Self::Tensor, eps: &Self::Tensor, coefficients: StepCoefficients, x0_hat: &mut Self::Tensor, mu: &mut Self::Tensor);
+    /// The gradient of the clip in `x0_hat`: `u` zeroed where the unclipped x0 estimate
+    /// `(x_t - sqrt(1-abar) eps) / sqrt(abar)` lies outside [-1, 1], in place.
+    fn mask_clipped(&self, x_t: &Self::Tensor, eps: &Self::Tensor, coefficients: StepCoefficients, u: &mut Self::Tensor);
+    /// The gradient constraint, per sample n:
+    /// `delta[n] *= min(1, kappa ||x_t[n] - mu[n]|| / ||delta[n]||)` (kappa = inf: no-op).
+    fn constrain_guidance(&self, delta: &mut Self::Tensor, x_t: &Self::Tensor, mu: &Self::Tensor, kappa: f32);
+
+    /// Gradients of the adversarial-guidance objective with respect to features (N x F) and
+    /// logits (N x K): `L = -lambda_f ||f - f_ref||^2 / F + lambda_c log softmax(logits)[y]`.
+    /// Writes (not accumulates) `dfeatures` and `dlogits`, and returns nothing to the host.
+    #[allow(clippy::too_many_arguments)]
+    fn guidance_objective_grad(&self, features: &Self::Tensor, reference_features: &Self::Tensor, logits: &Self::Tensor, labels: &Self::Tensor, lambda_f: f32, lambda_c: f32, dfeatures: &mut Self::Tensor, dlogits: &mut Self::Tensor);
+    /// Gradient of the summed cross-entropy `sum_n -log softmax(logits[n])[labels[n]]` with respect
+    /// to the logits (written, not accumulated); labels are class indices stored as f32.
+    fn cross_entropy_grad(&self, logits: &Self::Tensor, labels: &Self::Tensor, dlogits: &mut Self::Tensor);
+}

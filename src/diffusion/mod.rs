@@ -1,0 +1,6 @@
+//! The diffusion process (METHOD.md section 2) and the purification modes (section 3).
+pub mod guidance;
+pub mod schedule;
+
+pub use guidance::{Guidance, GradientPath};
+pub use schedule::{ReverseStep, Sampler, Schedule};

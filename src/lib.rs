@@ -1,0 +1,17 @@
+//! purifier: diffusion-model adversarial purification (see ../shared/METHOD.md).
+//!
+//! - `backend`: the compute interface and its CPU reference implementation;
+//! - `model`: the DDPM UNet noise predictor and the CIFAR ResNet classifiers, written once over it;
+//! - `diffusion`: the schedule, reverse steps and guidance modes;
+//! - `purify`: the purification pipeline;
+//! - `data`: CIFAR-10 binaries, PNG images and safetensors files;
+//! - `device`: choosing a backend from `--device`.
+pub mod backend;
+pub mod data;
+pub mod device;
+pub mod diffusion;
+pub mod error;
+pub mod model;
+pub mod purify;
+
+pub use error::{Error, Result};

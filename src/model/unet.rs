@@ -1,0 +1,462 @@
+//! The DDPM noise predictor `eps_theta(x, t)` (METHOD.md section 1), forward and the
+//! vector-Jacobian product with respect to the input image, over any backend.
+//!
+//! The network is a flat list of nodes in execution order, each reading earlier activations and
+//! writing one new one, so the forward is a loop over the list and the backward the same loop
+//! reversed. All buffers live in a `UnetPlan` made once per batch size.
+use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, TensorShape};
+use crate::error::{Error, Result};
+use crate::model::config::UnetConfig;
+use crate::data::tensor_file::TensorFile;
+use crate::model::params::{Conv, FileParams, GroupNorm, Linear, ParamSource};
+
+const NORM_GROUPS: usize = 32;
+const NORM_EPS: f32 = 1e-6;
+
+/// ResnetBlock(in, out): `out = shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))) + temb_proj(SiLU(temb)))))`.
+pub struct ResnetBlock<B: Backend> {
+    norm1: GroupNorm<B>,
+    conv1: Conv<B>,
+    temb_proj: Linear<B>,
+    norm2: GroupNorm<B>,
+    conv2: Conv<B>,
+    nin_shortcut: Option<Conv<B>>,
+}
+
+impl<B: Backend> ResnetBlock<B> {
+    fn load(src: &mut impl ParamSource<B>, name: &str, cin: usize, cout: usize, temb: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: GroupNorm::load(src, &format!("{name}.norm1"), cin, NORM_GROUPS, NORM_EPS)?,
+            conv1: Conv::load(src, &format!("{name}.conv1"), cin, cout, 3, Conv2dGeometry::same(1))?,
+            temb_proj: Linear::load(src, &format!("{name}.temb_proj"), temb, cout)?,
+            norm2: GroupNorm::load(src, &format!("{name}.norm2"), cout, NORM_GROUPS, NORM_EPS)?,
+            conv2: Conv::load(src, &format!("{name}.conv2"), cout, cout, 3, Conv2dGeometry::same(1))?,
+            nin_shortcut: if cin != cout { Some(Conv::load(src, &format!("{name}.nin_shortcut"), cin, cout, 1, Conv2dGeometry::same(0))?) } else { None },
+        })
+    }
+}
+
+/// AttnBlock(C): `out = x + proj_out(attention(q(h), k(h), v(h)))`, `h = norm(x)`.
+pub struct AttnBlock<B: Backend> {
+    norm: GroupNorm<B>,
+    q: Conv<B>,
+    k: Conv<B>,
+    v: Conv<B>,
+    proj_out: Conv<B>,
+}
+
+impl<B: Backend> AttnBlock<B> {
+    fn load(src: &mut impl ParamSource<B>, name: &str, c: usize) -> Result<Self> {
+        let one = Conv2dGeometry::same(0);
+        Ok(Self {
+            norm: GroupNorm::load(src, &format!("{name}.norm"), c, NORM_GROUPS, NORM_EPS)?,
+            q: Conv::load(src, &format!("{name}.q"), c, c, 1, one)?,
+            k: Conv::load(src, &format!("{name}.k"), c, c, 1, one)?,
+            v: Conv::load(src, &format!("{name}.v"), c, c, 1, one)?,
+            proj_out: Conv::load(src, &format!("{name}.proj_out"), c, c, 1, one)?,
+        })
+    }
+}
+
+/// One step of the network, with the indices of the activations it reads and writes.
+enum Layer<B: Backend> {
+    ConvIn(Conv<B>),
+    /// A ResnetBlock; on the up path it reads `concat(h, skip)`.
+    Resnet(ResnetBlock<B>),
+    Attn(AttnBlock<B>),
+    Downsample(Conv<B>),
+    Upsample(Conv<B>),
+    /// `conv_out(SiLU(norm_out(h)))`.
+    Out { norm: GroupNorm<B>, conv: Conv<B> },
+}
+
+struct Node<B: Backend> {
+    name: String,
+    layer: Layer<B>,
+    /// Activation indices read: one, or (h, skip) for up-path ResnetBlocks.
+    inputs: Vec<usize>,
+    /// Shape (C, H, W) of the output activation, whose index is the node's index + 1.
+    output: [usize; 3],
+}
+
+pub struct Unet<B: Backend> {
+    pub config: UnetConfig,
+    temb_dense0: Linear<B>,
+    temb_dense1: Linear<B>,
+    nodes: Vec<Node<B>>,
+}
+
+impl<B: Backend> Unet<B> {
+    /// Builds the network by walking METHOD.md's layout once, asking `src` for each parameter.
+    pub fn load(config: &UnetConfig, src: &mut impl ParamSource<B>) -> Result<Self> {
+        let ch = config.channels;
+        let temb = config.temb_channels();
+        if ch % NORM_GROUPS != 0 {
+            return Err(Error::invalid(format!("UNet width {ch} is not a multiple of the {NORM_GROUPS} GroupNorm groups")));
+        }
+        let temb_dense0 = Linear::load(src, "temb.dense.0", ch, temb)?;
+        let temb_dense1 = Linear::load(src, "temb.dense.1", temb, temb)?;
+
+        let mut nodes: Vec<Node<B>> = Vec::new();
+        // Activation 0 is the input image; node i writes activation i + 1.
+        let push = |nodes: &mut Vec<Node<B>>, name: String, layer: Layer<B>, inputs: Vec<usize>, output: [usize; 3]| {
+            nodes.push(Node { name, layer, inputs, output });
+            nodes.len()
+        };
+        let mut res = config.resolution;
+        let mut h = push(&mut nodes, "conv_in".into(), Layer::ConvIn(Conv::load(src, "conv_in", 3, ch, 3, Conv2dGeometry::same(1))?), vec![0], [ch, res, res]);
+        let mut c = ch;
+        let mut skips = vec![(h, c)];
+        let levels = config.channel_mult.len();
+        for (level, mult) in config.channel_mult.iter().enumerate() {
+            let cout = ch * mult;
+            for j in 0..config.res_blocks {
+                let name = format!("down.{level}.block.{j}");
+                let block = ResnetBlock::load(src, &name, c, cout, temb)?;
+                h = push(&mut nodes, name, Layer::Resnet(block), vec![h], [cout, res, res]);
+                c = cout;
+                if config.attention_resolutions.contains(&res) {
+                    let name = format!("down.{level}.attn.{j}");
+                    h = push(&mut nodes, name.clone(), Layer::Attn(AttnBlock::load(src, &name, c)?), vec![h], [c, res, res]);
+                }
+                skips.push((h, c));
+            }
+            if level + 1 != levels {
+                let geometry = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
+                let name = format!("down.{level}.downsample.conv");
+                let conv = Conv::load(src, &name, c, c, 3, geometry)?;
+                res /= 2;
+                h = push(&mut nodes, name, Layer::Downsample(conv), vec![h], [c, res, res]);
+                skips.push((h, c));
+            }
+        }
+        h = push(&mut nodes, "mid.block_1".into(), Layer::Resnet(ResnetBlock::load(src, "mid.block_1", c, c, temb)?), vec![h], [c, res, res]);
+        h = push(&mut nodes, "mid.attn_1".into(), Layer::Attn(AttnBlock::load(src, "mid.attn_1", c)?), vec![h], [c, res, res]);
+        h = push(&mut nodes, "mid.block_2".into(), Layer::Resnet(ResnetBlock::load(src, "mid.block_2", c, c, temb)?), vec![h], [c, res, res]);
+        for (level, mult) in config.channel_mult.iter().enumerate().rev() {
+            let cout = ch * mult;
+            for j in 0..=config.res_blocks {
+                let (skip, skip_c) = skips.pop().expect("the down path pushes one skip per up block");
+                let name = format!("up.{level}.block.{j}");
+                let block = ResnetBlock::load(src, &name, c + skip_c, cout, temb)?;
+                h = push(&mut nodes, name, Layer::Resnet(block), vec![h, skip], [cout, res, res]);
+                c = cout;
+                if config.attention_resolutions.contains(&res) {
+                    let name = format!("up.{level}.attn.{j}");
+                    h = push(&mut nodes, name.clone(), Layer::Attn(AttnBlock::load(src, &name, c)?), vec![h], [c, res, res]);
+                }
+            }
+            if level != 0 {
+                let name = format!("up.{level}.upsample.conv");
+                let conv = Conv::load(src, &name, c, c, 3, Conv2dGeometry::same(1))?;
+                res *= 2;
+                h = push(&mut nodes, name, Layer::Upsample(conv), vec![h], [c, res, res]);
+            }
+        }
+        let norm = GroupNorm::load(src, "norm_out", c, NORM_GROUPS, NORM_EPS)?;
+        let conv = Conv::load(src, "conv_out", c, 3, 3, Conv2dGeometry::same(1))?;
+        push(&mut nodes, "out".into(), Layer::Out { norm, conv }, vec![h], [3, res, res]);
+        Ok(Self { config: config.clone(), temb_dense0, temb_dense1, nodes })
+    }
+
+    /// Loads a UNet from a safetensors file of the published naming, its config inferred from the
+    /// tensors. Every parameter is checked (present, shape, finite) and extra tensors are refused.
+    pub fn from_file(backend: &B, file: &TensorFile) -> Result<Self> {
+        let config = UnetConfig::infer(file)?;
+        let mut src = FileParams::new(backend, file);
+        let unet = Self::load(&config, &mut src)?;
+        src.finish(&format!("DDPM UNet, config {}", config.name))?;
+        Ok(unet)
+    }
+
+    /// Allocates every buffer a forward (and, with `with_backward`, a VJP) at this batch size needs.
+    pub fn plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<UnetPlan<B>> {
+        if batch == 0 {
+            return Err(Error::invalid("batch size must be at least 1"));
+        }
+        let r = self.config.resolution;
+        let ch = self.config.channels;
+        let temb = self.config.temb_channels();
+        let mut activation_shapes = vec![[3, r, r]];
+        activation_shapes.extend(self.nodes.iter().map(|n| n.output));
+        let shape = |[c, h, w]: [usize; 3]| [batch, c, h, w];
+        let activations = activation_shapes.iter().map(|s| backend.zeros(&shape(*s))).collect::<Result<Vec<_>>>()?;
+        let gradients = if with_backward { activation_shapes.iter().map(|s| backend.zeros(&shape(*s))).collect::<Result<Vec<_>>>()? } else { Vec::new() };
+        let mut saved = Vec::with_capacity(self.nodes.len());
+        for node in &self.nodes {
+            let input = activation_shapes[node.inputs[0]];
+            let [_, h, w] = input;
+            let input_channels: usize = node.inputs.iter().map(|&i| activation_shapes[i][0]).sum();
+            let [cout, oh, ow] = node.output;
+            let t = |dims: &[usize]| backend.zeros(dims);
+            let stats = |_channels: usize| t(&[batch, NORM_GROUPS, 2]);
+            let mut bufs: NodeBuffers<B> = NodeBuffers::default();
+            match &node.layer {
+                Layer::ConvIn(_) | Layer::Downsample(_) => {}
+                Layer::Resnet(block) => {
+                    if node.inputs.len() == 2 {
+                        bufs.push(t(&[batch, input_channels, h, w])?); // concat
+                    }
+                    bufs.push(t(&[batch, input_channels, h, w])?); // SiLU(norm1(x))
+                    bufs.push(stats(input_channels)?);
+                    bufs.push(t(&[batch, cout])?); // temb_proj
+                    bufs.push(t(&[batch, cout, h, w])?); // conv1 + temb
+                    bufs.push(t(&[batch, cout, h, w])?); // SiLU(norm2(.))
+                    bufs.push(stats(cout)?);
+                    if block.nin_shortcut.is_some() {
+                        bufs.push(t(&[batch, cout, h, w])?);
+                    }
+                }
+                Layer::Attn(_) => {
+                    for _ in 0..5 {
+                        bufs.push(t(&[batch, cout, h, w])?); // norm, q, k, v, attention output
+                    }
+                    bufs.push(stats(cout)?);
+                    bufs.push(t(&[batch, h * w])?); // log-sum-exp
+                }
+                Layer::Upsample(_) => bufs.push(t(&[batch, input[0], oh, ow])?),
+                Layer::Out { .. } => {
+                    bufs.push(t(&[batch, input[0], h, w])?);
+                    bufs.push(stats(input[0])?);
+                }
+            }
+            // One gradient per saved tensor, same index and shape (those of the stats go unused).
+            let mut grads: NodeBuffers<B> = NodeBuffers::default();
+            if with_backward {
+                for buffer in &bufs.0 {
+                    let shape = buffer.shape();
+                    grads.push(backend.zeros(shape)?);
+                }
+            }
+            saved.push((bufs, grads));
+        }
+        let t_steps = backend.zeros(&[batch])?;
+        Ok(UnetPlan {
+            batch,
+            t_steps,
+            temb_sinusoid: backend.zeros(&[batch, ch])?,
+            temb_hidden: backend.zeros(&[batch, temb])?,
+            temb: backend.zeros(&[batch, temb])?,
+            activations,
+            gradients,
+            saved,
+            forward_done: false,
+        })
+    }
+
+    /// `eps_theta(x, t)` for x (batch x 3 x H x W, in the plan's backend) and per-sample step
+    /// indices `t` (0-based, as floats). The result stays in the plan (`UnetPlan::eps`).
+    pub fn forward<'p>(&self, b: &B, plan: &'p mut UnetPlan<B>, x: &B::Tensor, t: &[f32]) -> Result<&'p B::Tensor> {
+        if x.shape() != plan.activations[0].shape() {
+            return Err(Error::invalid(format!("UNet input has shape {:?}, the plan expects {:?}", x.shape(), plan.activations[0].shape())));
+        }
+        if t.len() != plan.batch {
+            return Err(Error::invalid(format!("{} step indices for a batch of {}", t.len(), plan.batch)));
+        }
+        b.write(&mut plan.t_steps, t)?;
+        b.timestep_embedding(&plan.t_steps, &mut plan.temb_sinusoid);
+        b.linear(&plan.temb_sinusoid, &self.temb_dense0.weight, Some(&self.temb_dense0.bias), false, &mut plan.temb_hidden);
+        b.linear(&plan.temb_hidden, &self.temb_dense1.weight, Some(&self.temb_dense1.bias), true, &mut plan.temb);
+        b.copy(x, &mut plan.activations[0]);
+        for (i, node) in self.nodes.iter().enumerate() {
+            let (inputs, rest) = plan.activations.split_at_mut(i + 1);
+            let out = &mut rest[0];
+            let x = &inputs[node.inputs[0]];
+            let saved = &mut plan.saved[i].0 .0;
+            match &node.layer {
+                Layer::ConvIn(conv) | Layer::Downsample(conv) => conv_forward(b, conv, x, ConvEpilogue::default(), out),
+                Layer::Upsample(conv) => {
+                    b.upsample_nearest2x(x, &mut saved[0]);
+                    conv_forward(b, conv, &saved[0], ConvEpilogue::default(), out);
+                }
+                Layer::Resnet(block) => {
+                    let (x, saved) = if let Some(&skip) = node.inputs.get(1) {
+                        let (concat, rest) = saved.split_first_mut().unwrap();
+                        b.concat_channels(x, &inputs[skip], concat);
+                        (&*concat, rest)
+                    } else {
+                        (x, &mut saved[..])
+                    };
+                    resnet_forward(b, block, x, &plan.temb, saved, out);
+                }
+                Layer::Attn(block) => attn_forward(b, block, x, saved, out),
+                Layer::Out { norm, conv } => {
+                    let (n, stats) = saved.split_at_mut(1);
+                    b.group_norm(x, &norm.gamma, &norm.beta, norm.groups, norm.eps, true, &mut n[0], &mut stats[0]);
+                    conv_forward(b, conv, &n[0], ConvEpilogue::default(), out);
+                }
+            }
+        }
+        plan.forward_done = true;
+        Ok(plan.eps())
+    }
+
+    /// The vector-Jacobian product `d(sum(eps * v)) / dx` for the input of the last `forward` on
+    /// this plan: the UNet's backward pass with respect to its input image.
+    pub fn input_vjp<'p>(&self, b: &B, plan: &'p mut UnetPlan<B>, v: &B::Tensor) -> Result<&'p B::Tensor> {
+        if plan.gradients.is_empty() {
+            return Err(Error::invalid("this UNet plan was made without backward buffers"));
+        }
+        if !plan.forward_done {
+            return Err(Error::invalid("input_vjp needs a forward on the same plan first"));
+        }
+        if v.shape() != plan.eps().shape() {
+            return Err(Error::invalid(format!("VJP direction has shape {:?}, eps has {:?}", v.shape(), plan.eps().shape())));
+        }
+        // Every backward op accumulates, so all gradients start at zero.
+        for g in plan.gradients.iter_mut() {
+            b.fill(g, 0.0);
+        }
+        for (_, grads) in plan.saved.iter_mut() {
+            for g in grads.0.iter_mut() {
+                b.fill(g, 0.0);
+            }
+        }
+        b.copy(v, plan.gradients.last_mut().unwrap());
+        for (i, node) in self.nodes.iter().enumerate().rev() {
+            let (dinputs, rest) = plan.gradients.split_at_mut(i + 1);
+            let dout = &rest[0];
+            let x = &plan.activations[node.inputs[0]];
+            let out = &plan.activations[i + 1];
+            let (saved, dsaved) = &mut plan.saved[i];
+            let (saved, dsaved) = (&saved.0, &mut dsaved.0);
+            match &node.layer {
+                Layer::ConvIn(conv) | Layer::Downsample(conv) => b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dinputs[node.inputs[0]]),
+                Layer::Upsample(conv) => {
+                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0]);
+                    b.upsample_nearest2x_backward(&dsaved[0], &mut dinputs[node.inputs[0]]);
+                }
+                Layer::Resnet(block) => {
+                    if let Some(&skip) = node.inputs.get(1) {
+                        let (dconcat, drest) = dsaved.split_first_mut().unwrap();
+                        resnet_backward(b, block, &saved[0], &saved[1..], dout, drest, dconcat);
+                        let (dh, dskip) = two_mut(dinputs, node.inputs[0], skip);
+                        b.concat_channels_backward(dconcat, dh, dskip);
+                    } else {
+                        resnet_backward(b, block, x, saved, dout, dsaved, &mut dinputs[node.inputs[0]]);
+                    }
+                }
+                Layer::Attn(block) => attn_backward(b, block, x, out, saved, dout, dsaved, &mut dinputs[node.inputs[0]]),
+                Layer::Out { norm, conv } => {
+                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0]);
+                    b.group_norm_backward(x, &norm.gamma, &norm.beta, &saved[1], norm.groups, true, &dsaved[0], &mut dinputs[node.inputs[0]]);
+                }
+            }
+        }
+        Ok(&plan.gradients[0])
+    }
+
+    /// Names of the nodes in execution order (for profiling and debugging).
+    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
+        self.nodes.iter().map(|n| n.name.as_str())
+    }
+}
+
+/// Every buffer of one batch size: activations (index 0 the input, i + 1 node i's output), their
+/// gradients, and each node's saved intermediates with their gradients.
+pub struct UnetPlan<B: Backend> {
+    pub batch: usize,
+    t_steps: B::Tensor,
+    temb_sinusoid: B::Tensor,
+    temb_hidden: B::Tensor,
+    temb: B::Tensor,
+    activations: Vec<B::Tensor>,
+    gradients: Vec<B::Tensor>,
+    saved: Vec<(NodeBuffers<B>, NodeBuffers<B>)>,
+    forward_done: bool,
+}
+
+impl<B: Backend> UnetPlan<B> {
+    /// The last forward's output.
+    pub fn eps(&self) -> &B::Tensor {
+        self.activations.last().unwrap()
+    }
+    /// The time embedding of the last forward (N x 4ch).
+    pub fn temb(&self) -> &B::Tensor {
+        &self.temb
+    }
+}
+
+struct NodeBuffers<B: Backend>(Vec<B::Tensor>);
+
+impl<B: Backend> Default for NodeBuffers<B> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<B: Backend> NodeBuffers<B> {
+    fn push(&mut self, t: B::Tensor) {
+        self.0.push(t)
+    }
+}
+
+/// Two distinct mutable elements of a slice.
+fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+    assert_ne!(i, j);
+    if i < j {
+        let (a, b) = v.split_at_mut(j);
+        (&mut a[i], &mut b[0])
+    } else {
+        let (a, b) = v.split_at_mut(i);
+        (&mut b[0], &mut a[j])
+    }
+}
+
+fn conv_forward<B: Backend>(b: &B, conv: &Conv<B>, x: &B::Tensor, epilogue: ConvEpilogue<'_, B::Tensor>, out: &mut B::Tensor) {
+    b.conv2d(x, &conv.weight, conv.bias.as_ref(), conv.geometry, epilogue, out);
+}
+
+/// Saved layout: [n1, stats1, temb_bias, h1, n2, stats2, (shortcut)].
+fn resnet_forward<B: Backend>(b: &B, block: &ResnetBlock<B>, x: &B::Tensor, temb: &B::Tensor, saved: &mut [B::Tensor], out: &mut B::Tensor) {
+    let [n1, stats1, temb_bias, h1, n2, stats2, shortcut @ ..] = saved else { unreachable!("ResnetBlock buffers are laid out by Unet::plan") };
+    b.group_norm(x, &block.norm1.gamma, &block.norm1.beta, block.norm1.groups, block.norm1.eps, true, n1, stats1);
+    b.linear(temb, &block.temb_proj.weight, Some(&block.temb_proj.bias), true, temb_bias);
+    conv_forward(b, &block.conv1, n1, ConvEpilogue { channel_bias: Some(temb_bias), ..Default::default() }, h1);
+    b.group_norm(h1, &block.norm2.gamma, &block.norm2.beta, block.norm2.groups, block.norm2.eps, true, n2, stats2);
+    let residual = match (&block.nin_shortcut, shortcut.first_mut()) {
+        (Some(nin), Some(s)) => {
+            conv_forward(b, nin, x, ConvEpilogue::default(), s);
+            &*s
+        }
+        _ => x,
+    };
+    conv_forward(b, &block.conv2, n2, ConvEpilogue { residual: Some(residual), ..Default::default() }, out);
+}
+
+fn resnet_backward<B: Backend>(b: &B, block: &ResnetBlock<B>, x: &B::Tensor, saved: &[B::Tensor], dout: &B::Tensor, dsaved: &mut [B::Tensor], dx: &mut B::Tensor) {
+    let [_, stats1, _, h1, _, stats2, ..] = saved else { unreachable!() };
+    let [dn1, _, _, dh1, dn2, ..] = dsaved else { unreachable!() };
+    b.conv2d_backward_input(dout, &block.conv2.weight, block.conv2.geometry, dn2);
+    b.group_norm_backward(h1, &block.norm2.gamma, &block.norm2.beta, stats2, block.norm2.groups, true, dn2, dh1);
+    b.conv2d_backward_input(dh1, &block.conv1.weight, block.conv1.geometry, dn1);
+    b.group_norm_backward(x, &block.norm1.gamma, &block.norm1.beta, stats1, block.norm1.groups, true, dn1, dx);
+    match &block.nin_shortcut {
+        Some(nin) => b.conv2d_backward_input(dout, &nin.weight, nin.geometry, dx),
+        None => b.add_assign(dx, dout),
+    }
+}
+
+/// Saved layout: [norm, q, k, v, attention, stats, logsumexp].
+fn attn_forward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, saved: &mut [B::Tensor], out: &mut B::Tensor) {
+    let [n, q, k, v, a, stats, lse] = saved else { unreachable!("AttnBlock buffers are laid out by Unet::plan") };
+    b.group_norm(x, &block.norm.gamma, &block.norm.beta, block.norm.groups, block.norm.eps, false, n, stats);
+    conv_forward(b, &block.q, n, ConvEpilogue::default(), q);
+    conv_forward(b, &block.k, n, ConvEpilogue::default(), k);
+    conv_forward(b, &block.v, n, ConvEpilogue::default(), v);
+    b.attention(q, k, v, a, lse);
+    conv_forward(b, &block.proj_out, a, ConvEpilogue { residual: Some(x), ..Default::default() }, out);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attn_backward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, _out: &B::Tensor, saved: &[B::Tensor], dout: &B::Tensor, dsaved: &mut [B::Tensor], dx: &mut B::Tensor) {
+    let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
+    let [dn, dq, dk, dv, da, ..] = dsaved else { unreachable!() };
+    b.add_assign(dx, dout);
+    b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da);
+    b.attention_backward(q, k, v, a, lse, da, dq, dk, dv);
+    b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn);
+    b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn);
+    b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn);
+    b.group_norm_backward(x, &block.norm.gamma, &block.norm.beta, stats, block.norm.groups, false, dn, dx);
+}

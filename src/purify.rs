@@ -1,0 +1,221 @@
+//! The purification pipeline: diffuse the input to t*, then run guided reverse steps with the
+//! gradient constraint (METHOD.md sections 2 and 3). Everything stays in the backend's memory
+//! between the upload of the input and the download of the purified batch.
+use crate::backend::Backend;
+use crate::diffusion::{GradientPath, Guidance, ReverseStep, Sampler, Schedule};
+use crate::error::{Error, Result};
+use crate::model::{Classifier, ClassifierPlan, Unet, UnetPlan};
+
+/// Everything that decides a purification except the images.
+#[derive(Clone, Debug)]
+pub struct PurifySettings {
+    /// Diffusion level t* (1..T) the input is brought to.
+    pub t_star: usize,
+    pub sampler: Sampler,
+    pub guidance: Guidance,
+    /// Gradient constraint: `||delta|| <= kappa ||x_t - mu||` per sample (infinity: off).
+    pub kappa: f32,
+    /// Seed of all noise; noise depends only on (seed, step, element), not on the backend.
+    pub seed: u64,
+}
+
+impl Default for PurifySettings {
+    fn default() -> Self {
+        Self { t_star: 100, sampler: Sampler::Ddpm, guidance: Guidance::None, kappa: 0.5, seed: 0 }
+    }
+}
+
+/// Per-step statistics, for people who watch what the guidance does.
+#[derive(Clone, Debug, Default)]
+pub struct PurifyReport {
+    pub network_calls: usize,
+    pub unet_vjps: usize,
+}
+
+/// Buffers of one batch size: the UNet's plan and the sampler's own tensors.
+pub struct PurifyPlan<B: Backend> {
+    batch: usize,
+    unet: UnetPlan<B>,
+    auxiliary: Option<ClassifierPlan<B>>,
+    x_in: B::Tensor,
+    x_t: B::Tensor,
+    x0_hat: B::Tensor,
+    mu: B::Tensor,
+    delta: B::Tensor,
+    noise: B::Tensor,
+    /// Scratch: the guidance objective's gradient with respect to the classifier input.
+    u: B::Tensor,
+    aux_input: B::Tensor,
+    reference_features: B::Tensor,
+    labels: B::Tensor,
+    dfeatures: B::Tensor,
+    dlogits: B::Tensor,
+}
+
+/// A noise predictor plus, for the adversarial mode, the auxiliary robust classifier.
+pub struct Purifier<'a, B: Backend> {
+    pub backend: &'a B,
+    pub unet: &'a Unet<B>,
+    pub auxiliary: Option<&'a Classifier<B>>,
+    pub schedule: Schedule,
+    pub settings: PurifySettings,
+    steps: Vec<ReverseStep>,
+}
+
+impl<'a, B: Backend> Purifier<'a, B> {
+    pub fn new(backend: &'a B, unet: &'a Unet<B>, auxiliary: Option<&'a Classifier<B>>, settings: PurifySettings) -> Result<Self> {
+        let schedule = Schedule::ddpm();
+        settings.guidance.validate()?;
+        if settings.kappa.is_nan() || settings.kappa < 0.0 {
+            return Err(Error::invalid(format!("kappa must be >= 0 (or inf to turn the constraint off), got {}", settings.kappa)));
+        }
+        if matches!(settings.guidance, Guidance::Adversarial { .. }) && auxiliary.is_none() {
+            return Err(Error::invalid("the adversarial mode needs an auxiliary classifier (--auxiliary)"));
+        }
+        if unet.config.resolution != 32 {
+            return Err(Error::invalid("only 32x32 UNets are supported"));
+        }
+        let steps = schedule.reverse_steps(settings.t_star, settings.sampler)?;
+        Ok(Self { backend, unet, auxiliary, schedule, settings, steps })
+    }
+
+    /// The reverse steps this purifier runs.
+    pub fn steps(&self) -> &[ReverseStep] {
+        &self.steps
+    }
+
+    pub fn plan(&self, batch: usize) -> Result<PurifyPlan<B>> {
+        let b = self.backend;
+        let needs_unet_vjp = matches!(self.settings.guidance, Guidance::Adversarial { path: GradientPath::X0, .. });
+        let image = [batch, 3, 32, 32];
+        let z = |s: &[usize]| b.zeros(s);
+        let (fdim, classes) = self.auxiliary.map(|a| (a.feature_dim(), a.num_classes)).unwrap_or((1, 1));
+        Ok(PurifyPlan {
+            batch,
+            unet: self.unet.plan(b, batch, needs_unet_vjp)?,
+            auxiliary: match (&self.settings.guidance, self.auxiliary) {
+                (Guidance::Adversarial { .. }, Some(a)) => Some(a.plan(b, batch, true)?),
+                _ => None,
+            },
+            x_in: z(&image)?,
+            x_t: z(&image)?,
+            x0_hat: z(&image)?,
+            mu: z(&image)?,
+            delta: z(&image)?,
+            noise: z(&image)?,
+            u: z(&image)?,
+            aux_input: z(&image)?,
+            reference_features: z(&[batch, fdim])?,
+            labels: z(&[batch])?,
+            dfeatures: z(&[batch, fdim])?,
+            dlogits: z(&[batch, classes])?,
+        })
+    }
+
+    /// Purifies `x` (host, batch x 3 x 32 x 32 in [-1, 1]) and returns x_0 in [-1, 1].
+    /// `batch_offset` makes the noise of each batch of a larger set distinct.
+    pub fn purify(&self, plan: &mut PurifyPlan<B>, x: &[f32], batch_offset: u64) -> Result<(Vec<f32>, PurifyReport)> {
+        let b = self.backend;
+        if x.len() != plan.batch * 3 * 32 * 32 {
+            return Err(Error::invalid(format!("purify got {} values for a batch of {} 3x32x32 images", x.len(), plan.batch)));
+        }
+        crate::error::check_finite(x, || "input image batch".to_string())?;
+        b.write(&mut plan.x_in, x)?;
+        let mut report = PurifyReport::default();
+        // Each batch of a run gets its own streams: stream = batch_offset * (T + 1) + step.
+        let stream = |step: usize| batch_offset * (self.schedule.num_steps() as u64 + 1) + step as u64;
+
+        // The auxiliary network's view of the input: reference features and predicted labels.
+        if let (Some(aux), Some(aux_plan)) = (self.auxiliary, plan.auxiliary.as_mut()) {
+            aux.forward(b, aux_plan, &plan.x_in)?;
+            b.copy(&aux_plan.features, &mut plan.reference_features);
+            let logits = b.download(&aux_plan.logits)?;
+            let labels: Vec<f32> = logits.chunks(aux.num_classes).map(|row| argmax(row) as f32).collect();
+            b.write(&mut plan.labels, &labels)?;
+        }
+
+        // x_{t*} = sqrt(abar) x_in + sqrt(1 - abar) z
+        let (a, s) = self.schedule.diffuse_weights(self.settings.t_star);
+        b.fill_gaussian(&mut plan.noise, self.settings.seed, stream(0));
+        b.axpby(a, &plan.x_in, s, &plan.noise, &mut plan.x_t);
+
+        for step in &self.steps {
+            let t_index = vec![(step.t - 1) as f32; plan.batch];
+            self.unet.forward(b, &mut plan.unet, &plan.x_t, &t_index)?;
+            report.network_calls += 1;
+            b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
+            let guided = self.guidance_shift(plan, step, &mut report)?;
+            // x_prev = mu (+ delta) (+ sigma z), written into x_t for the next step.
+            if guided {
+                b.constrain_guidance(&mut plan.delta, &plan.x_t, &plan.mu, self.settings.kappa);
+                b.axpby(1.0, &plan.mu, 1.0, &plan.delta, &mut plan.x_t);
+            } else {
+                b.copy(&plan.mu, &mut plan.x_t);
+            }
+            if step.noise_std > 0.0 {
+                b.fill_gaussian(&mut plan.noise, self.settings.seed, stream(step.t));
+                b.axpby(1.0, &plan.x_t, step.noise_std, &plan.noise, &mut plan.mu);
+                b.copy(&plan.mu, &mut plan.x_t);
+            }
+        }
+        b.clamp(&mut plan.x_t, -1.0, 1.0);
+        Ok((b.download(&plan.x_t)?, report))
+    }
+
+    /// Writes `delta_t` into `plan.delta` (before the constraint); false when there is none.
+    fn guidance_shift(&self, plan: &mut PurifyPlan<B>, step: &ReverseStep, report: &mut PurifyReport) -> Result<bool> {
+        let b = self.backend;
+        let sigma2 = step.guidance_variance;
+        let c = step.coefficients;
+        match self.settings.guidance {
+            Guidance::None => Ok(false),
+            _ if sigma2 == 0.0 => Ok(false),
+            Guidance::Pixel { scale } => {
+                // grad ||x_t - sqrt(abar) x_in||^2 = 2 (x_t - sqrt(abar) x_in)
+                let k = -2.0 * scale * sigma2;
+                b.axpby(k, &plan.x_t, -k * c.sqrt_abar, &plan.x_in, &mut plan.delta);
+                Ok(true)
+            }
+            Guidance::Adversarial { scale, lambda_features, lambda_class, path } => {
+                let (aux, aux_plan) = (self.auxiliary.expect("checked in new"), plan.auxiliary.as_mut().expect("made by plan"));
+                match path {
+                    GradientPath::X0 => b.copy(&plan.x0_hat, &mut plan.aux_input),
+                    GradientPath::Xt => b.axpby(1.0 / c.sqrt_abar, &plan.x_t, 0.0, &plan.x_t, &mut plan.aux_input),
+                }
+                aux.forward(b, aux_plan, &plan.aux_input)?;
+                b.guidance_objective_grad(&aux_plan.features, &plan.reference_features, &aux_plan.logits, &plan.labels, lambda_features, lambda_class, &mut plan.dfeatures, &mut plan.dlogits);
+                let u = aux.input_vjp(b, aux_plan, Some(&plan.dlogits), Some(&plan.dfeatures))?;
+                b.copy(u, &mut plan.u);
+                let k = scale * sigma2 / c.sqrt_abar;
+                match path {
+                    GradientPath::X0 => {
+                        // grad_{x_t} L = (u - sqrt(1 - abar) J_eps^T u) / sqrt(abar), u masked by the clip.
+                        b.mask_clipped(&plan.x_t, plan.unet.eps(), c, &mut plan.u);
+                        let jtu = self.unet.input_vjp(b, &mut plan.unet, &plan.u)?;
+                        report.unet_vjps += 1;
+                        b.axpby(k, &plan.u, -k * c.sqrt_one_minus_abar, jtu, &mut plan.delta);
+                    }
+                    GradientPath::Xt => b.axpby(k, &plan.u, 0.0, &plan.u, &mut plan.delta),
+                }
+                Ok(true)
+            }
+        }
+    }
+}
+
+impl<B: Backend> PurifyPlan<B> {
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// The guidance shift of the last step (after the constraint), for tests and diagnostics.
+    pub fn last_delta(&self) -> &B::Tensor {
+        &self.delta
+    }
+    pub fn x_t(&self) -> &B::Tensor {
+        &self.x_t
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+}
