@@ -22,6 +22,8 @@ use super::super::Conv2dGeometry;
 const MR: usize = 4;
 /// Output positions per register tile (two 8-wide AVX vectors per row).
 const NR: usize = 16;
+/// Rows of the product summed per pass over a position tile (see `forward`).
+const K_CHUNK: usize = 256;
 
 /// The sizes of one convolution and where its taps read in the phase planes.
 pub struct ConvLayout {
@@ -150,38 +152,44 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
-/// `acc[r][j] = sum_k a[k][r] * b[rows[k] + q0 + j]`: one MR x NR register tile. Written with
-/// fixed-size arrays so the compiler keeps `acc` in registers and vectorises over j; the sum over k
-/// is in order, so the result does not depend on the instruction set.
+/// `acc[r][j] += sum_k a[k][r] * b[rows[k] + q0 + j]` on one MR x NR register tile (`acc` is
+/// row-major MR x NR). Written with fixed-size arrays so the compiler keeps the tile in registers
+/// and vectorises over j; the sum over k is in order, so the result does not depend on the
+/// instruction set.
 #[inline(always)]
-fn tile_kernel(a: &[f32], b: &[f32], rows: &[usize], q0: usize) -> [[f32; NR]; MR] {
-    let mut acc = [[0.0f32; NR]; MR];
+fn tile_kernel(acc: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], q0: usize) {
+    let mut regs = [[0.0f32; NR]; MR];
+    for (r, reg) in regs.iter_mut().enumerate() {
+        reg.copy_from_slice(&acc[r * NR..(r + 1) * NR]);
+    }
     for (a_k, &row) in a.chunks_exact(MR).zip(rows) {
         let b_k: &[f32; NR] = b[row + q0..row + q0 + NR].try_into().unwrap();
         for r in 0..MR {
             for j in 0..NR {
-                acc[r][j] += a_k[r] * b_k[j];
+                regs[r][j] += a_k[r] * b_k[j];
             }
         }
     }
-    acc
+    for (r, reg) in regs.iter().enumerate() {
+        acc[r * NR..(r + 1) * NR].copy_from_slice(reg);
+    }
 }
 
 /// The same kernel compiled for AVX2 (twice the vector width of baseline x86-64). No FMA: a
 /// separate multiply and add round exactly as the portable version does.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn tile_kernel_avx2(a: &[f32], b: &[f32], rows: &[usize], q0: usize) -> [[f32; NR]; MR] {
-    tile_kernel(a, b, rows, q0)
+fn tile_kernel_avx2(acc: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], q0: usize) {
+    tile_kernel(acc, a, b, rows, q0)
 }
 
-fn tile(a: &[f32], b: &[f32], rows: &[usize], q0: usize) -> [[f32; NR]; MR] {
+fn tile(acc: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], q0: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { tile_kernel_avx2(a, b, rows, q0) };
+        return unsafe { tile_kernel_avx2(acc, a, b, rows, q0) };
     }
-    tile_kernel(a, b, rows, q0)
+    tile_kernel(acc, a, b, rows, q0)
 }
 
 /// out = epilogue(conv(x, w)) for x (N x Ci x H x W), w (Co x Ci x kh x kw), out (N x Co x oh x ow).
@@ -203,18 +211,27 @@ pub fn forward(layout: &ConvLayout, x: &[f32], w: &[f32], epilogue: &Epilogue<'_
     let position_tiles = l.wide_positions / NR;
     let in_plane = l.height * l.width;
     let out_plane = l.out_height * l.out_width;
+    // The sum over k runs in chunks of about K_CHUNK rows, so that one position tile's slice of
+    // those rows (K_CHUNK x NR floats) stays in L1 while every channel block uses it.
+    let k_chunk = (K_CHUNK / taps).max(1) * taps;
     let mut planes = vec![0.0f32; l.in_channels * l.channel_len];
-    let mut tiles = vec![0.0f32; channel_blocks * position_tiles * MR * NR];
+    // Results by [position tile][channel block][MR][NR]: one parallel task per position tile.
+    let mut tiles = vec![0.0f32; position_tiles * channel_blocks * MR * NR];
     for n in 0..l.batch {
         let x_n = &x[n * l.in_channels * in_plane..(n + 1) * l.in_channels * in_plane];
         planes.par_chunks_mut(l.channel_len).zip(x_n.par_chunks(in_plane)).for_each(|(p, x_c)| {
             p.fill(0.0);
             l.scatter_channel(x_c, p);
         });
-        tiles.par_chunks_mut(MR * NR).enumerate().for_each(|(t, dst)| {
-            let (block, q_tile) = (t / position_tiles, t % position_tiles);
-            let acc = tile(&packed[block * depth * MR..(block + 1) * depth * MR], &planes, &rows, q_tile * NR);
-            dst.copy_from_slice(acc.as_flattened());
+        tiles.par_chunks_mut(channel_blocks * MR * NR).enumerate().for_each(|(q_tile, dst)| {
+            dst.fill(0.0);
+            for k0 in (0..depth).step_by(k_chunk) {
+                let k1 = (k0 + k_chunk).min(depth);
+                for (block, acc) in dst.chunks_exact_mut(MR * NR).enumerate() {
+                    let a = &packed[(block * depth + k0) * MR..(block * depth + k1) * MR];
+                    tile(acc, a, &planes, &rows[k0..k1], q_tile * NR);
+                }
+            }
         });
         let out_n = &mut out[n * l.out_channels * out_plane..(n + 1) * l.out_channels * out_plane];
         out_n.par_chunks_mut(out_plane).enumerate().for_each(|(co, dst)| {
@@ -227,7 +244,7 @@ pub fn forward(layout: &ConvLayout, x: &[f32], w: &[f32], epilogue: &Epilogue<'_
             for oy in 0..l.out_height {
                 for ox in 0..l.out_width {
                     let q = oy * l.plane_width + ox;
-                    let mut v = tiles[((block * position_tiles + q / NR) * MR + r) * NR + q % NR] + constant;
+                    let mut v = tiles[((q / NR * channel_blocks + block) * MR + r) * NR + q % NR] + constant;
                     let i = oy * l.out_width + ox;
                     if let Some(res) = residual {
                         v += res[i];
@@ -273,11 +290,14 @@ pub fn backward_input(layout: &ConvLayout, dout: &[f32], w: &[f32], dx: &mut [f3
         });
         dplanes.par_chunks_mut(MR * l.channel_len).enumerate().for_each(|(block, dst)| {
             dst.fill(0.0);
-            for t in 0..taps {
-                let a = &packed[(block * taps + t) * co_count * MR..(block * taps + t + 1) * co_count * MR];
-                for q_tile in 0..position_tiles {
-                    let acc = tile(a, &dout_wide, &rows, q_tile * NR);
-                    for (r, acc_r) in acc.iter().enumerate() {
+            // Taps inner: the position tile of dout (Co x NR floats) stays in L1 for all of them.
+            let mut acc = [0.0f32; MR * NR];
+            for q_tile in 0..position_tiles {
+                for t in 0..taps {
+                    let a = &packed[(block * taps + t) * co_count * MR..(block * taps + t + 1) * co_count * MR];
+                    acc.fill(0.0);
+                    tile(&mut acc, a, &dout_wide, &rows, q_tile * NR);
+                    for (r, acc_r) in acc.chunks_exact(NR).enumerate() {
                         let base = r * l.channel_len + l.tap_offsets[t] + q_tile * NR;
                         for (d, &g) in dst[base..base + NR].iter_mut().zip(acc_r) {
                             *d += g;

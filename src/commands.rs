@@ -1,0 +1,232 @@
+//! The subcommands. Each validates all its inputs first, computes, and writes its outputs last, so
+//! a bad input never leaves a partial output behind.
+use std::path::Path;
+use std::time::Instant;
+
+use purifier::backend::{Backend, TensorShape};
+use purifier::data::image::{write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
+use purifier::data::tensor_file::{write_safetensors, TensorFile};
+use purifier::data::{load_images, ImageBatch};
+use purifier::device;
+use purifier::error::{check_finite, Error, Result};
+use purifier::model::params::{DeterministicParams, ParamLister};
+use purifier::model::{Classifier, Unet, UnetConfig};
+use purifier::purify::{Purifier, PurifySettings};
+
+use crate::{ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurifyArgs};
+
+fn backend(args: &DeviceArgs) -> Result<impl Backend> {
+    let (backend, note) = device::select(args.device)?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    Ok(backend)
+}
+
+fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::invalid("--batch must be at least 1"));
+    }
+    Ok(())
+}
+
+pub fn purify(args: &PurifyArgs) -> Result<()> {
+    let b = backend(&args.device)?;
+    check_batch(args.batch)?;
+    let images = load_images(&args.inputs, args.count)?;
+    let unet = match args.untrained_seed {
+        Some(seed) => {
+            eprintln!("WARNING: untrained weights (config {}, seed {seed}): a smoke test of the pipeline, not a purification", args.untrained_config);
+            Unet::load(&UnetConfig::by_name(&args.untrained_config)?, &mut DeterministicParams::new(&b, seed))?
+        }
+        None => Unet::from_file(&b, &open_weights(&args.weights, "DDPM UNet weights")?)?,
+    };
+    let auxiliary = args.auxiliary.as_deref().map(|p| Classifier::load(&b, &TensorFile::open(p)?)).transpose()?;
+    let classifier = args.classifier.as_deref().map(|p| Classifier::load(&b, &TensorFile::open(p)?)).transpose()?;
+    let settings = PurifySettings { t_star: args.t_star, sampler: args.sampler(), guidance: args.guidance(), kappa: args.kappa, seed: args.seed };
+    let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings)?;
+    eprintln!(
+        "purifying {} images on {}: UNet {} ({} reverse steps from t* = {}), mode {}, kappa {}, seed {}",
+        images.count,
+        b.name(),
+        unet.config.name,
+        purifier.steps().len(),
+        args.t_star,
+        args.guidance().name(),
+        args.kappa,
+        args.seed
+    );
+
+    let x = images.to_model_range();
+    let per_image = images.image_len();
+    let mut purified = Vec::with_capacity(x.len());
+    let mut plan = None;
+    let started = Instant::now();
+    for (index, chunk) in x.chunks(args.batch * per_image).enumerate() {
+        let n = chunk.len() / per_image;
+        if plan.as_ref().map(|p: &purifier::purify::PurifyPlan<_>| p.batch()) != Some(n) {
+            plan = Some(purifier.plan(n)?);
+        }
+        let batch_started = Instant::now();
+        let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, index as u64)?;
+        purified.extend_from_slice(&out);
+        eprintln!(
+            "  batch {index}: {n} images, {} UNet calls, {} UNet VJPs, {:.2} s",
+            report.network_calls,
+            report.unet_vjps,
+            batch_started.elapsed().as_secs_f64()
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let output = ImageBatch::from_model_range(&purified, images.height, images.width, images.labels.clone(), images.names.clone())?;
+    println!("purified {} images in {seconds:.2} s ({:.3} images/s)", images.count, images.count as f64 / seconds);
+
+    if let Some(classifier) = &classifier {
+        match &images.labels {
+            Some(labels) => {
+                let before = accuracy(&b, classifier, &images, labels, args.batch)?;
+                let after = accuracy(&b, classifier, &output, labels, args.batch)?;
+                println!("classifier ResNet-{} top-1: {:.2}% before, {:.2}% after purification ({} images)", classifier.depth, before * 100.0, after * 100.0, images.count);
+            }
+            None => eprintln!("no labels in the input: accuracy not reported"),
+        }
+    }
+
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    for i in 0..output.count {
+        write_png(&args.out.join(format!("{}.png", output.names[i])), output.image(i), output.height, output.width)?;
+    }
+    let grid = args.out.join("grid.png");
+    write_comparison_grid(&grid, &images, &output, None, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE)?;
+    println!("wrote {} PNGs and {} (each cell: input | purified)", output.count, grid.display());
+    Ok(())
+}
+
+fn open_weights(path: &Path, what: &str) -> Result<TensorFile> {
+    if !path.exists() {
+        return Err(Error::invalid(format!("{what} not found at {}; see weights/README.md for how to get or train them", path.display())));
+    }
+    TensorFile::open(path)
+}
+
+/// Top-1 accuracy of `classifier` on `images` (pixels in [0, 1]).
+fn accuracy<B: Backend>(b: &B, classifier: &Classifier<B>, images: &ImageBatch, labels: &[u8], batch: usize) -> Result<f64> {
+    let predictions = predict(b, classifier, images, batch)?;
+    let correct = predictions.iter().zip(labels).filter(|(p, &l)| **p == l as usize).count();
+    Ok(correct as f64 / labels.len() as f64)
+}
+
+fn predict<B: Backend>(b: &B, classifier: &Classifier<B>, images: &ImageBatch, batch: usize) -> Result<Vec<usize>> {
+    let x = images.to_model_range();
+    let per_image = images.image_len();
+    let mut predictions = Vec::with_capacity(images.count);
+    let mut plan = None;
+    for chunk in x.chunks(batch * per_image) {
+        let n = chunk.len() / per_image;
+        if plan.as_ref().map(|p: &purifier::model::ClassifierPlan<B>| p.batch) != Some(n) {
+            plan = Some(classifier.plan(b, n, false)?);
+        }
+        let plan = plan.as_mut().unwrap();
+        let input = b.upload(chunk, &[n, 3, images.height, images.width])?;
+        classifier.forward(b, plan, &input)?;
+        let logits = b.download(&plan.logits)?;
+        predictions.extend(logits.chunks(classifier.num_classes).map(|row| row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })));
+    }
+    Ok(predictions)
+}
+
+pub fn classify(args: &ClassifyArgs) -> Result<()> {
+    let b = backend(&args.device)?;
+    check_batch(args.batch)?;
+    let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
+    let images = load_images(&args.inputs, args.count)?;
+    let Some(labels) = images.labels.clone() else {
+        return Err(Error::invalid("classify needs labelled images (CIFAR-10 binary files); PNG files carry no labels"));
+    };
+    let started = Instant::now();
+    let acc = accuracy(&b, &classifier, &images, &labels, args.batch)?;
+    println!(
+        "ResNet-{} top-1 accuracy: {:.2}% ({} of {} images) on {} in {:.2} s",
+        classifier.depth,
+        acc * 100.0,
+        (acc * images.count as f64).round() as usize,
+        images.count,
+        b.name(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    let file = TensorFile::open(&args.weights)?;
+    let b = purifier::backend::cpu::CpuBackend;
+    let stored: usize = file.names().iter().map(|n| file.shape(n).map(|s| s.iter().product::<usize>()).unwrap_or(0)).sum();
+    let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
+    for name in file.names() {
+        *dtypes.entry(file.dtype(name)?.to_string()).or_default() += 1;
+    }
+    println!("file: {}", args.weights.display());
+    println!("tensors: {} ({} values; dtypes {:?})", file.names().len(), stored, dtypes);
+    if file.contains("conv_in.weight") {
+        let config = UnetConfig::infer(&file)?;
+        let mut lister = ParamLister::new(&b);
+        Unet::load(&config, &mut lister)?;
+        println!("network: DDPM UNet, config {} (ch {}, mult {:?}, {} res blocks, attention at {:?})", config.name, config.channels, config.channel_mult, config.res_blocks, config.attention_resolutions);
+        println!("parameters: {}", lister.count());
+        Unet::from_file(&b, &file)?;
+        println!("loads: yes (every tensor present, shaped as expected, finite; nothing extra)");
+    } else if file.contains("layer1.0.conv1.weight") {
+        let classifier = Classifier::load(&b, &file)?;
+        let params: usize = file.names().iter().filter(|n| !n.ends_with("running_mean") && !n.ends_with("running_var") && !n.ends_with("num_batches_tracked")).map(|n| file.shape(n).map(|s| s.iter().product::<usize>()).unwrap_or(0)).sum();
+        println!("network: CIFAR ResNet-{} classifier ({} classes, {}-d features)", classifier.depth, classifier.num_classes, classifier.feature_dim());
+        println!("parameters: {params}");
+        println!("loads: yes");
+    } else {
+        return Err(Error::UnknownConfig { file: file.file(), reason: "neither a DDPM UNet (conv_in.weight) nor a CIFAR ResNet (layer1.0.conv1.weight)".into() });
+    }
+    Ok(())
+}
+
+pub fn eps(args: &EpsArgs) -> Result<()> {
+    let b = backend(&args.device)?;
+    let unet = Unet::from_file(&b, &open_weights(&args.weights, "DDPM UNet weights")?)?;
+    let input = TensorFile::open(&args.input)?;
+    let (shape, x) = input.get_f32("x")?;
+    let r = unet.config.resolution;
+    if shape.len() != 4 || shape[1..] != [3, r, r] || shape[0] == 0 {
+        return Err(Error::invalid(format!("{}: tensor `x` has shape {shape:?}, expected N x 3 x {r} x {r} (N >= 1)", input.file())));
+    }
+    check_finite(&x, || format!("{}: tensor `x`", input.file()))?;
+    let n = shape[0];
+    let (t_shape, t) = input.get_indices("t")?;
+    if t_shape != [n] {
+        return Err(Error::ShapeMismatch { file: input.file(), name: "t".into(), found: t_shape, expected: vec![n] });
+    }
+    if let Some(bad) = t.iter().find(|&&s| !(0..1000).contains(&s)) {
+        return Err(Error::invalid(format!("{}: step index {bad} in `t` is out of range 0..999", input.file())));
+    }
+    let v = if args.vjp {
+        let v = input.require_f32("v", &shape)?;
+        check_finite(&v, || format!("{}: tensor `v`", input.file()))?;
+        Some(v)
+    } else {
+        None
+    };
+    let mut plan = unet.plan(&b, n, args.vjp)?;
+    let x_dev = b.upload(&x, &shape)?;
+    let t: Vec<f32> = t.iter().map(|&s| s as f32).collect();
+    let started = Instant::now();
+    let eps = b.download(unet.forward(&b, &mut plan, &x_dev, &t)?)?;
+    let mut outputs: Vec<(&str, Vec<f32>)> = vec![("eps", eps)];
+    if let Some(v) = v {
+        let v_dev = b.upload(&v, &shape)?;
+        let grad = unet.input_vjp(&b, &mut plan, &v_dev)?;
+        debug_assert_eq!(grad.shape(), &shape[..]);
+        outputs.push(("grad_x", b.download(grad)?));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let tensors: Vec<(&str, &[usize], &[f32])> = outputs.iter().map(|(name, data)| (*name, &shape[..], &data[..])).collect();
+    write_safetensors(&args.output, &tensors)?;
+    println!("wrote {} ({}) for {n} images, config {}, on {} in {seconds:.2} s", args.output.display(), outputs.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "), unet.config.name, b.name());
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+use purifier::data::tensor_file::TensorFile;
+
+/// A path under the project root.
+pub fn project_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// A path under ../shared (the project's data, never copied into the repo).
+pub fn shared_path(relative: &str) -> PathBuf {
+    project_path("../shared").join(relative)
+}
+
+pub fn golden(name: &str) -> TensorFile {
+    TensorFile::open(project_path(&format!("tests/golden/{name}"))).expect("golden file")
+}
+
+pub fn tensor(file: &TensorFile, name: &str) -> (Vec<usize>, Vec<f32>) {
+    file.get_f32(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// ||a - b|| / ||b||, in f64.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite value in the result");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+}
+
+/// Deterministic pseudo-random values in [-1, 1) for test inputs (xorshift; no crate needed).
+pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f64 / (1u64 << 23) as f64 - 1.0) as f32
+        })
+        .collect()
+}
