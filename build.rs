@@ -14,7 +14,11 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
         let name = path.file_name().unwrap().to_string_lossy();
         let abs = fs::canonicalize(path).unwrap();
-        out += &format!("    ({:?}, include_str!({:?})),\n", name, abs.display().to_string());
+        out += &format!(
+            "    ({:?}, include_str!({:?})),\n",
+            name,
+            abs.display().to_string()
+        );
     }
     out += "];\n";
     let dest = Path::new(&env::var("OUT_DIR").unwrap()).join("kernel_sources.rs");

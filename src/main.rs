@@ -10,7 +10,11 @@ use purifier::Result;
 mod commands;
 
 #[derive(Parser)]
-#[command(name = "purifier", version, about = "Diffusion-model adversarial purification (DDPM UNet, hand-written forward and backward)")]
+#[command(
+    name = "purifier",
+    version,
+    about = "Diffusion-model adversarial purification (DDPM UNet, hand-written forward and backward)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -133,7 +137,9 @@ impl PurifyArgs {
     pub fn sampler(&self) -> Sampler {
         match self.sampler {
             SamplerArg::Ddpm => Sampler::Ddpm,
-            SamplerArg::Ddim => Sampler::Ddim { stride: self.stride },
+            SamplerArg::Ddim => Sampler::Ddim {
+                stride: self.stride,
+            },
         }
     }
 }

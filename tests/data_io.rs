@@ -332,7 +332,7 @@ fn load_images_from_pngs_and_directories() {
     }
     std::fs::write(pngs.join("notes.txt"), "not an image").unwrap();
 
-    let loaded = load_images(&[pngs.clone()], None).unwrap();
+    let loaded = load_images(std::slice::from_ref(&pngs), None).unwrap();
     assert_eq!(loaded.names, vec!["a", "b", "c"]);
     assert_eq!(loaded.image(0), b.image(1));
     assert_eq!(loaded.image(1), b.image(0));
@@ -366,7 +366,7 @@ fn png_bad_inputs() {
         16,
         "any size reads through read_png"
     );
-    let err = message(load_images(&[small.clone()], None).unwrap_err());
+    let err = message(load_images(std::slice::from_ref(&small), None).unwrap_err());
     assert!(
         err.contains("small.png") && err.contains("16x16") && err.contains("32x32"),
         "{err}"

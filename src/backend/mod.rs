@@ -63,7 +63,13 @@ impl Conv2dGeometry {
         Self::strided(1, pad)
     }
     pub fn strided(stride: usize, pad: usize) -> Self {
-        Self { stride, pad_top: pad, pad_left: pad, pad_bottom: pad, pad_right: pad }
+        Self {
+            stride,
+            pad_top: pad,
+            pad_left: pad,
+            pad_bottom: pad,
+            pad_right: pad,
+        }
     }
     /// Output spatial size for an input of `h` x `w` and a `kh` x `kw` kernel.
     pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
@@ -86,7 +92,11 @@ pub struct ConvEpilogue<'a, T> {
 
 impl<T> Default for ConvEpilogue<'_, T> {
     fn default() -> Self {
-        Self { channel_bias: None, residual: None, relu: false }
+        Self {
+            channel_bias: None,
+            residual: None,
+            relu: false,
+        }
     }
 }
 
@@ -134,31 +144,97 @@ pub trait Backend {
     fn timestep_embedding(&self, t: &Self::Tensor, out: &mut Self::Tensor);
 
     /// `out = W silu?(x) + b` for x (N x in), W (out x in), b (out).
-    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>, silu_input: bool, out: &mut Self::Tensor);
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        silu_input: bool,
+        out: &mut Self::Tensor,
+    );
     /// dx += d/dx of `linear` (with `silu_input` as in the forward).
-    fn linear_backward(&self, x: &Self::Tensor, w: &Self::Tensor, silu_input: bool, dout: &Self::Tensor, dx: &mut Self::Tensor);
+    fn linear_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        silu_input: bool,
+        dout: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    );
 
     /// GroupNorm over `groups` groups (then SiLU if `silu`), x (N x C x H x W), gamma/beta (C).
     /// Saves per-(sample, group) mean and 1/std in `stats` (N x groups x 2) for the backward.
     #[allow(clippy::too_many_arguments)]
-    fn group_norm(&self, x: &Self::Tensor, gamma: &Self::Tensor, beta: &Self::Tensor, groups: usize, eps: f32, silu: bool, out: &mut Self::Tensor, stats: &mut Self::Tensor);
+    fn group_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+        out: &mut Self::Tensor,
+        stats: &mut Self::Tensor,
+    );
     /// dx += d/dx of `group_norm`, from the forward's input and saved stats.
     #[allow(clippy::too_many_arguments)]
-    fn group_norm_backward(&self, x: &Self::Tensor, gamma: &Self::Tensor, beta: &Self::Tensor, stats: &Self::Tensor, groups: usize, silu: bool, dout: &Self::Tensor, dx: &mut Self::Tensor);
+    fn group_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        stats: &Self::Tensor,
+        groups: usize,
+        silu: bool,
+        dout: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    );
 
     /// 2-D convolution x (N x Ci x H x W), w (Co x Ci x kh x kw), plus bias and the epilogue.
-    fn conv2d(&self, x: &Self::Tensor, w: &Self::Tensor, bias: Option<&Self::Tensor>, geometry: Conv2dGeometry, epilogue: ConvEpilogue<'_, Self::Tensor>, out: &mut Self::Tensor);
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        geometry: Conv2dGeometry,
+        epilogue: ConvEpilogue<'_, Self::Tensor>,
+        out: &mut Self::Tensor,
+    );
     /// dx += conv2d's vector-Jacobian product with respect to its input (the transposed
     /// convolution of `dout`). The epilogue's residual gets `dout` itself; callers add it.
-    fn conv2d_backward_input(&self, dout: &Self::Tensor, w: &Self::Tensor, geometry: Conv2dGeometry, dx: &mut Self::Tensor);
+    fn conv2d_backward_input(
+        &self,
+        dout: &Self::Tensor,
+        w: &Self::Tensor,
+        geometry: Conv2dGeometry,
+        dx: &mut Self::Tensor,
+    );
 
     /// Single-head softmax attention over the H*W positions of q, k, v (N x C x H x W):
     /// `out[:, :, i] = sum_j softmax_j(q_i . k_j / sqrt(C)) v_j`. Saves the per-query log-sum-exp
     /// (N x HW) so the backward can rebuild the probabilities without storing them.
-    fn attention(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &mut Self::Tensor, logsumexp: &mut Self::Tensor);
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &mut Self::Tensor,
+        logsumexp: &mut Self::Tensor,
+    );
     /// dq, dk, dv += the attention's vector-Jacobian product.
     #[allow(clippy::too_many_arguments)]
-    fn attention_backward(&self, q: &Self::Tensor, k: &Self::Tensor, v: &Self::Tensor, out: &Self::Tensor, logsumexp: &Self::Tensor, dout: &Self::Tensor, dq: &mut Self::Tensor, dk: &mut Self::Tensor, dv: &mut Self::Tensor);
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        logsumexp: &Self::Tensor,
+        dout: &Self::Tensor,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+    );
 
     /// Nearest-neighbour upsampling by 2 in H and W.
     fn upsample_nearest2x(&self, x: &Self::Tensor, out: &mut Self::Tensor);
@@ -167,11 +243,22 @@ pub trait Backend {
     /// out = concat(a, b) along channels.
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor, out: &mut Self::Tensor);
     /// da += dout[:, :Ca], db += dout[:, Ca:].
-    fn concat_channels_backward(&self, dout: &Self::Tensor, da: &mut Self::Tensor, db: &mut Self::Tensor);
+    fn concat_channels_backward(
+        &self,
+        dout: &Self::Tensor,
+        da: &mut Self::Tensor,
+        db: &mut Self::Tensor,
+    );
 
     /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation).
     /// Backward is `dx += dout * scale[c]`.
-    fn channel_affine(&self, x: &Self::Tensor, scale: &[f32], shift: &[f32], out: &mut Self::Tensor);
+    fn channel_affine(
+        &self,
+        x: &Self::Tensor,
+        scale: &[f32],
+        shift: &[f32],
+        out: &mut Self::Tensor,
+    );
     fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &[f32], dx: &mut Self::Tensor);
 
     /// dx += dy where y > 0 (ReLU's backward from its output y).
@@ -179,7 +266,12 @@ pub trait Backend {
 
     /// CIFAR ResNet "option A" shortcut: out = x[:, :, ::2, ::2] with `pad` zero channels on each side.
     fn shortcut_subsample_pad(&self, x: &Self::Tensor, pad: usize, out: &mut Self::Tensor);
-    fn shortcut_subsample_pad_backward(&self, dout: &Self::Tensor, pad: usize, dx: &mut Self::Tensor);
+    fn shortcut_subsample_pad_backward(
+        &self,
+        dout: &Self::Tensor,
+        pad: usize,
+        dx: &mut Self::Tensor,
+    );
 
     /// Mean over H and W: x (N x C x H x W) -> out (N x C).
     fn global_avg_pool(&self, x: &Self::Tensor, out: &mut Self::Tensor);
@@ -196,20 +288,54 @@ pub trait Backend {
 
     /// The network's step prediction: `x0_hat = clip((x_t - sqrt(1-abar) eps) / sqrt(abar), -1, 1)`
     /// and the posterior mean `mu = c0 x0_hat + ct x_t`.
-    fn predict_x0_and_mean(&self, x_t: &Self::Tensor, eps: &Self::Tensor, coefficients: StepCoefficients, x0_hat: &mut Self::Tensor, mu: &mut Self::Tensor);
+    fn predict_x0_and_mean(
+        &self,
+        x_t: &Self::Tensor,
+        eps: &Self::Tensor,
+        coefficients: StepCoefficients,
+        x0_hat: &mut Self::Tensor,
+        mu: &mut Self::Tensor,
+    );
     /// The gradient of the clip in `x0_hat`: `u` zeroed where the unclipped x0 estimate
     /// `(x_t - sqrt(1-abar) eps) / sqrt(abar)` lies outside [-1, 1], in place.
-    fn mask_clipped(&self, x_t: &Self::Tensor, eps: &Self::Tensor, coefficients: StepCoefficients, u: &mut Self::Tensor);
+    fn mask_clipped(
+        &self,
+        x_t: &Self::Tensor,
+        eps: &Self::Tensor,
+        coefficients: StepCoefficients,
+        u: &mut Self::Tensor,
+    );
     /// The gradient constraint, per sample n:
     /// `delta[n] *= min(1, kappa ||x_t[n] - mu[n]|| / ||delta[n]||)` (kappa = inf: no-op).
-    fn constrain_guidance(&self, delta: &mut Self::Tensor, x_t: &Self::Tensor, mu: &Self::Tensor, kappa: f32);
+    fn constrain_guidance(
+        &self,
+        delta: &mut Self::Tensor,
+        x_t: &Self::Tensor,
+        mu: &Self::Tensor,
+        kappa: f32,
+    );
 
     /// Gradients of the adversarial-guidance objective with respect to features (N x F) and
     /// logits (N x K): `L = -lambda_f ||f - f_ref||^2 / F + lambda_c log softmax(logits)[y]`.
     /// Writes (not accumulates) `dfeatures` and `dlogits`, and returns nothing to the host.
     #[allow(clippy::too_many_arguments)]
-    fn guidance_objective_grad(&self, features: &Self::Tensor, reference_features: &Self::Tensor, logits: &Self::Tensor, labels: &Self::Tensor, lambda_f: f32, lambda_c: f32, dfeatures: &mut Self::Tensor, dlogits: &mut Self::Tensor);
+    fn guidance_objective_grad(
+        &self,
+        features: &Self::Tensor,
+        reference_features: &Self::Tensor,
+        logits: &Self::Tensor,
+        labels: &Self::Tensor,
+        lambda_f: f32,
+        lambda_c: f32,
+        dfeatures: &mut Self::Tensor,
+        dlogits: &mut Self::Tensor,
+    );
     /// Gradient of the summed cross-entropy `sum_n -log softmax(logits[n])[labels[n]]` with respect
     /// to the logits (written, not accumulated); labels are class indices stored as f32.
-    fn cross_entropy_grad(&self, logits: &Self::Tensor, labels: &Self::Tensor, dlogits: &mut Self::Tensor);
+    fn cross_entropy_grad(
+        &self,
+        logits: &Self::Tensor,
+        labels: &Self::Tensor,
+        dlogits: &mut Self::Tensor,
+    );
 }

@@ -2,5 +2,5 @@
 pub mod guidance;
 pub mod schedule;
 
-pub use guidance::{Guidance, GradientPath};
+pub use guidance::{GradientPath, Guidance};
 pub use schedule::{ReverseStep, Sampler, Schedule};

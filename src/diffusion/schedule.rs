@@ -17,7 +17,9 @@ pub const NUM_STEPS: usize = 1000;
 
 impl Schedule {
     pub fn linear(steps: usize, beta_start: f64, beta_end: f64) -> Self {
-        let betas: Vec<f64> = (0..steps).map(|i| beta_start + (beta_end - beta_start) * i as f64 / (steps - 1) as f64).collect();
+        let betas: Vec<f64> = (0..steps)
+            .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (steps - 1) as f64)
+            .collect();
         let mut alpha_bars = vec![1.0];
         for b in &betas {
             alpha_bars.push(alpha_bars.last().unwrap() * (1.0 - b));
@@ -45,7 +47,10 @@ impl Schedule {
     /// Fails unless 1 <= t <= T.
     pub fn check_level(&self, t: usize, what: &str) -> Result<()> {
         if t == 0 || t > self.num_steps() {
-            return Err(Error::invalid(format!("{what} = {t} is out of range: it must be between 1 and {}", self.num_steps())));
+            return Err(Error::invalid(format!(
+                "{what} = {t} is out of range: it must be between 1 and {}",
+                self.num_steps()
+            )));
         }
         Ok(())
     }
@@ -60,13 +65,24 @@ impl Schedule {
     /// q(x_{t-1} | x_t, x0) of METHOD.md; for longer jumps the same formulas hold with the jump's
     /// own beta, `1 - abar_t / abar_{t_prev}` (that of a DDPM over the sub-sequence).
     pub fn reverse_step(&self, t: usize, t_prev: usize, sampler: Sampler) -> ReverseStep {
-        assert!(t_prev < t && t <= self.num_steps(), "reverse step {t} -> {t_prev}");
+        assert!(
+            t_prev < t && t <= self.num_steps(),
+            "reverse step {t} -> {t_prev}"
+        );
         let (abar, abar_prev) = (self.alpha_bar(t), self.alpha_bar(t_prev));
         let beta = 1.0 - abar / abar_prev;
         let alpha = 1.0 - beta;
         let posterior_variance = beta * (1.0 - abar_prev) / (1.0 - abar);
         let (c0, ct, noise_std) = match sampler {
-            Sampler::Ddpm => (beta * abar_prev.sqrt() / (1.0 - abar), (1.0 - abar_prev) * alpha.sqrt() / (1.0 - abar), if t_prev == 0 { 0.0 } else { posterior_variance.sqrt() }),
+            Sampler::Ddpm => (
+                beta * abar_prev.sqrt() / (1.0 - abar),
+                (1.0 - abar_prev) * alpha.sqrt() / (1.0 - abar),
+                if t_prev == 0 {
+                    0.0
+                } else {
+                    posterior_variance.sqrt()
+                },
+            ),
             // eta = 0: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps(x0), with
             // eps(x0) = (x_t - sqrt(abar) x0) / sqrt(1 - abar) from the clipped x0.
             Sampler::Ddim { .. } => {
@@ -77,7 +93,12 @@ impl Schedule {
         ReverseStep {
             t,
             t_prev,
-            coefficients: StepCoefficients { sqrt_abar: abar.sqrt() as f32, sqrt_one_minus_abar: (1.0 - abar).sqrt() as f32, c0: c0 as f32, ct: ct as f32 },
+            coefficients: StepCoefficients {
+                sqrt_abar: abar.sqrt() as f32,
+                sqrt_one_minus_abar: (1.0 - abar).sqrt() as f32,
+                c0: c0 as f32,
+                ct: ct as f32,
+            },
             noise_std: noise_std as f32,
             guidance_variance: posterior_variance as f32,
         }
@@ -89,7 +110,9 @@ impl Schedule {
         let stride = match sampler {
             Sampler::Ddpm => 1,
             Sampler::Ddim { stride } if stride >= 1 => stride,
-            Sampler::Ddim { .. } => return Err(Error::invalid("the DDIM stride must be at least 1")),
+            Sampler::Ddim { .. } => {
+                return Err(Error::invalid("the DDIM stride must be at least 1"))
+            }
         };
         let mut steps = Vec::new();
         let mut t = t_start;

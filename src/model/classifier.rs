@@ -27,14 +27,23 @@ struct FoldedConv<B: Backend> {
 impl<B: Backend> FoldedConv<B> {
     /// Loads `{conv}.weight` (3x3, no bias) and `{bn}.*`, and folds
     /// `bn(conv(x)) = conv(x) * g / sqrt(var + eps) + (beta - mean * g / sqrt(var + eps))`.
-    fn load(src: &mut impl ParamSource<B>, conv: &str, bn: &str, cin: usize, cout: usize, stride: usize) -> Result<Self> {
+    fn load(
+        src: &mut impl ParamSource<B>,
+        conv: &str,
+        bn: &str,
+        cin: usize,
+        cout: usize,
+        stride: usize,
+    ) -> Result<Self> {
         let mut w = src.host(&format!("{conv}.weight"), &[cout, cin, 3, 3])?;
         let gamma = src.host(&format!("{bn}.weight"), &[cout])?;
         let beta = src.host(&format!("{bn}.bias"), &[cout])?;
         let mean = src.host(&format!("{bn}.running_mean"), &[cout])?;
         let var = src.host(&format!("{bn}.running_var"), &[cout])?;
         if let Some(o) = var.iter().position(|&v| v < 0.0) {
-            return Err(Error::invalid(format!("`{bn}.running_var` is negative at channel {o}")));
+            return Err(Error::invalid(format!(
+                "`{bn}.running_var` is negative at channel {o}"
+            )));
         }
         let mut bias = vec![0.0f32; cout];
         for o in 0..cout {
@@ -45,11 +54,26 @@ impl<B: Backend> FoldedConv<B> {
             bias[o] = (beta[o] as f64 - mean[o] as f64 * scale) as f32;
         }
         let b = src.backend();
-        Ok(Self { weight: b.upload(&w, &[cout, cin, 3, 3])?, bias: b.upload(&bias, &[cout])?, geometry: Conv2dGeometry::strided(stride, 1) })
+        Ok(Self {
+            weight: b.upload(&w, &[cout, cin, 3, 3])?,
+            bias: b.upload(&bias, &[cout])?,
+            geometry: Conv2dGeometry::strided(stride, 1),
+        })
     }
 
     fn forward(&self, b: &B, x: &B::Tensor, residual: Option<&B::Tensor>, out: &mut B::Tensor) {
-        b.conv2d(x, &self.weight, Some(&self.bias), self.geometry, ConvEpilogue { residual, relu: true, channel_bias: None }, out);
+        b.conv2d(
+            x,
+            &self.weight,
+            Some(&self.bias),
+            self.geometry,
+            ConvEpilogue {
+                residual,
+                relu: true,
+                channel_bias: None,
+            },
+            out,
+        );
     }
 }
 
@@ -75,7 +99,9 @@ impl<B: Backend> Classifier<B> {
     /// Builds a CIFAR ResNet of `depth` (20, 32, 44, 56, ...: 6n + 2) from `src`.
     pub fn load_with(src: &mut impl ParamSource<B>, depth: usize) -> Result<Self> {
         if depth < 8 || (depth - 2) % 6 != 0 {
-            return Err(Error::invalid(format!("CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56), got {depth}")));
+            return Err(Error::invalid(format!(
+                "CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56), got {depth}"
+            )));
         }
         let n = (depth - 2) / 6;
         let stem = FoldedConv::load(src, "conv1", "bn1", 3, STAGE_WIDTHS[0], 1)?;
@@ -86,9 +112,27 @@ impl<B: Backend> Classifier<B> {
                 let stride = if stage > 0 && k == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{k}", stage + 1);
                 blocks.push(BasicBlock {
-                    conv1: FoldedConv::load(src, &format!("{name}.conv1"), &format!("{name}.bn1"), cin, cout, stride)?,
-                    conv2: FoldedConv::load(src, &format!("{name}.conv2"), &format!("{name}.bn2"), cout, cout, 1)?,
-                    shortcut_pad: if stride != 1 || cin != cout { cout / 4 } else { 0 },
+                    conv1: FoldedConv::load(
+                        src,
+                        &format!("{name}.conv1"),
+                        &format!("{name}.bn1"),
+                        cin,
+                        cout,
+                        stride,
+                    )?,
+                    conv2: FoldedConv::load(
+                        src,
+                        &format!("{name}.conv2"),
+                        &format!("{name}.bn2"),
+                        cout,
+                        cout,
+                        1,
+                    )?,
+                    shortcut_pad: if stride != 1 || cin != cout {
+                        cout / 4
+                    } else {
+                        0
+                    },
                     out_channels: cout,
                     stride,
                 });
@@ -96,16 +140,27 @@ impl<B: Backend> Classifier<B> {
             }
         }
         let linear = Linear::load(src, "linear", cin, 10)?;
-        Ok(Self { depth, stem, blocks, num_classes: linear.out_features, linear })
+        Ok(Self {
+            depth,
+            stem,
+            blocks,
+            num_classes: linear.out_features,
+            linear,
+        })
     }
 
     /// Loads a classifier from a safetensors file of the published naming, inferring the depth
     /// from the number of blocks in `layer1`. Unused tensors (other than batch-norm counters)
     /// are an error: they mean the file is not this network.
     pub fn load(backend: &B, file: &TensorFile) -> Result<Self> {
-        let blocks = (0..).take_while(|k| file.contains(&format!("layer1.{k}.conv1.weight"))).count();
+        let blocks = (0..)
+            .take_while(|k| file.contains(&format!("layer1.{k}.conv1.weight")))
+            .count();
         if blocks == 0 {
-            return Err(Error::UnknownConfig { file: file.file(), reason: "no tensor `layer1.0.conv1.weight`: not a CIFAR ResNet".into() });
+            return Err(Error::UnknownConfig {
+                file: file.file(),
+                reason: "no tensor `layer1.0.conv1.weight`: not a CIFAR ResNet".into(),
+            });
         }
         let mut src = FileParams::new(backend, file).ignoring(&["num_batches_tracked"]);
         let net = Self::load_with(&mut src, 6 * blocks + 2)?;
@@ -118,12 +173,23 @@ impl<B: Backend> Classifier<B> {
         STAGE_WIDTHS[2]
     }
 
-    pub fn plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<ClassifierPlan<B>> {
+    pub fn plan(
+        &self,
+        backend: &B,
+        batch: usize,
+        with_backward: bool,
+    ) -> Result<ClassifierPlan<B>> {
         if batch == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }
         let zeros = |shape: &[usize]| backend.zeros(shape);
-        let grad = |shape: &[usize]| if with_backward { backend.zeros(shape).map(Some) } else { Ok(None) };
+        let grad = |shape: &[usize]| {
+            if with_backward {
+                backend.zeros(shape).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         let input_shape = [batch, 3, 32, 32];
         let stem_shape = [batch, STAGE_WIDTHS[0], 32, 32];
         let mut outputs = vec![zeros(&stem_shape)?];
@@ -135,13 +201,24 @@ impl<B: Backend> Classifier<B> {
             outputs.push(zeros(&shape)?);
             blocks.push(BlockBuffers {
                 hidden: zeros(&shape)?,
-                shortcut: if block.shortcut_pad > 0 { Some(zeros(&shape)?) } else { None },
+                shortcut: if block.shortcut_pad > 0 {
+                    Some(zeros(&shape)?)
+                } else {
+                    None
+                },
                 dsum: grad(&shape)?,
                 dhidden: grad(&shape)?,
                 dhidden_pre: grad(&shape)?,
             });
         }
-        let doutputs = if with_backward { outputs.iter().map(|t| zeros(t.shape())).collect::<Result<Vec<_>>>()? } else { Vec::new() };
+        let doutputs = if with_backward {
+            outputs
+                .iter()
+                .map(|t| zeros(t.shape()))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
         let f = self.feature_dim();
         Ok(ClassifierPlan {
             batch,
@@ -164,12 +241,17 @@ impl<B: Backend> Classifier<B> {
     /// (`ClassifierPlan::logits`, `ClassifierPlan::features`).
     pub fn forward(&self, b: &B, plan: &mut ClassifierPlan<B>, x: &B::Tensor) -> Result<()> {
         if x.shape() != plan.input.shape() {
-            return Err(Error::invalid(format!("classifier input has shape {:?}, the plan expects {:?}", x.shape(), plan.input.shape())));
+            return Err(Error::invalid(format!(
+                "classifier input has shape {:?}, the plan expects {:?}",
+                x.shape(),
+                plan.input.shape()
+            )));
         }
         let (scale, shift) = input_affine();
         b.copy(x, &mut plan.input);
         b.channel_affine(&plan.input, &scale, &shift, &mut plan.normalised);
-        self.stem.forward(b, &plan.normalised, None, &mut plan.outputs[0]);
+        self.stem
+            .forward(b, &plan.normalised, None, &mut plan.outputs[0]);
         for (k, (block, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
             let (head, tail) = plan.outputs.split_at_mut(k + 1);
             let (x, out) = (&head[k], &mut tail[0]);
@@ -184,22 +266,44 @@ impl<B: Backend> Classifier<B> {
             block.conv2.forward(b, &bufs.hidden, Some(residual), out);
         }
         b.global_avg_pool(plan.outputs.last().unwrap(), &mut plan.features);
-        b.linear(&plan.features, &self.linear.weight, Some(&self.linear.bias), false, &mut plan.logits);
+        b.linear(
+            &plan.features,
+            &self.linear.weight,
+            Some(&self.linear.bias),
+            false,
+            &mut plan.logits,
+        );
         plan.forward_done = true;
         Ok(())
     }
 
     /// Gradient, with respect to the last forward's input, of
     /// `sum(dlogits * logits) + sum(dfeatures * features)`; either term may be absent.
-    pub fn input_vjp<'p>(&self, b: &B, plan: &'p mut ClassifierPlan<B>, dlogits: Option<&B::Tensor>, dfeatures: Option<&B::Tensor>) -> Result<&'p B::Tensor> {
-        let (Some(dinput), Some(dnormalised), Some(dstem_pre)) = (&mut plan.dinput, &mut plan.dnormalised, &mut plan.dstem_pre) else {
-            return Err(Error::invalid("this classifier plan was made without backward buffers"));
+    pub fn input_vjp<'p>(
+        &self,
+        b: &B,
+        plan: &'p mut ClassifierPlan<B>,
+        dlogits: Option<&B::Tensor>,
+        dfeatures: Option<&B::Tensor>,
+    ) -> Result<&'p B::Tensor> {
+        let (Some(dinput), Some(dnormalised), Some(dstem_pre)) =
+            (&mut plan.dinput, &mut plan.dnormalised, &mut plan.dstem_pre)
+        else {
+            return Err(Error::invalid(
+                "this classifier plan was made without backward buffers",
+            ));
         };
         if !plan.forward_done {
-            return Err(Error::invalid("classifier input_vjp needs a forward on the same plan first"));
+            return Err(Error::invalid(
+                "classifier input_vjp needs a forward on the same plan first",
+            ));
         }
         // Every backward op accumulates: start from zero.
-        for t in plan.doutputs.iter_mut().chain([&mut *dinput, &mut *dnormalised, &mut *dstem_pre]) {
+        for t in plan
+            .doutputs
+            .iter_mut()
+            .chain([&mut *dinput, &mut *dnormalised, &mut *dstem_pre])
+        {
             b.fill(t, 0.0);
         }
         match dfeatures {
@@ -207,13 +311,29 @@ impl<B: Backend> Classifier<B> {
             None => b.fill(&mut plan.dfeatures, 0.0),
         }
         if let Some(d) = dlogits {
-            b.linear_backward(&plan.features, &self.linear.weight, false, d, &mut plan.dfeatures);
+            b.linear_backward(
+                &plan.features,
+                &self.linear.weight,
+                false,
+                d,
+                &mut plan.dfeatures,
+            );
         }
         b.global_avg_pool_backward(&plan.dfeatures, plan.doutputs.last_mut().unwrap());
-        for (k, (block, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate().rev() {
+        for (k, (block, bufs)) in self
+            .blocks
+            .iter()
+            .zip(plan.blocks.iter_mut())
+            .enumerate()
+            .rev()
+        {
             let (head, tail) = plan.doutputs.split_at_mut(k + 1);
             let (dx, dout) = (&mut head[k], &tail[0]);
-            let (Some(dsum), Some(dhidden), Some(dhidden_pre)) = (&mut bufs.dsum, &mut bufs.dhidden, &mut bufs.dhidden_pre) else { unreachable!("checked above") };
+            let (Some(dsum), Some(dhidden), Some(dhidden_pre)) =
+                (&mut bufs.dsum, &mut bufs.dhidden, &mut bufs.dhidden_pre)
+            else {
+                unreachable!("checked above")
+            };
             for t in [&mut *dsum, &mut *dhidden, &mut *dhidden_pre] {
                 b.fill(t, 0.0);
             }
@@ -229,7 +349,12 @@ impl<B: Backend> Classifier<B> {
             }
         }
         b.relu_backward(&plan.outputs[0], &plan.doutputs[0], dstem_pre);
-        b.conv2d_backward_input(dstem_pre, &self.stem.weight, self.stem.geometry, dnormalised);
+        b.conv2d_backward_input(
+            dstem_pre,
+            &self.stem.weight,
+            self.stem.geometry,
+            dnormalised,
+        );
         b.channel_affine_backward(dnormalised, &input_affine().0, dinput);
         Ok(dinput)
     }

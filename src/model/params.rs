@@ -31,7 +31,14 @@ pub struct Conv<B: Backend> {
 }
 
 impl<B: Backend> Conv<B> {
-    pub fn load(src: &mut impl ParamSource<B>, name: &str, cin: usize, cout: usize, kernel: usize, geometry: Conv2dGeometry) -> Result<Self> {
+    pub fn load(
+        src: &mut impl ParamSource<B>,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        geometry: Conv2dGeometry,
+    ) -> Result<Self> {
         Ok(Self {
             weight: src.tensor(&format!("{name}.weight"), &[cout, cin, kernel, kernel])?,
             bias: Some(src.tensor(&format!("{name}.bias"), &[cout])?),
@@ -55,7 +62,12 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    pub fn load(src: &mut impl ParamSource<B>, name: &str, fin: usize, fout: usize) -> Result<Self> {
+    pub fn load(
+        src: &mut impl ParamSource<B>,
+        name: &str,
+        fin: usize,
+        fout: usize,
+    ) -> Result<Self> {
         Ok(Self {
             weight: src.tensor(&format!("{name}.weight"), &[fout, fin])?,
             bias: src.tensor(&format!("{name}.bias"), &[fout])?,
@@ -73,7 +85,13 @@ pub struct GroupNorm<B: Backend> {
 }
 
 impl<B: Backend> GroupNorm<B> {
-    pub fn load(src: &mut impl ParamSource<B>, name: &str, channels: usize, groups: usize, eps: f32) -> Result<Self> {
+    pub fn load(
+        src: &mut impl ParamSource<B>,
+        name: &str,
+        channels: usize,
+        groups: usize,
+        eps: f32,
+    ) -> Result<Self> {
         Ok(Self {
             gamma: src.tensor(&format!("{name}.weight"), &[channels])?,
             beta: src.tensor(&format!("{name}.bias"), &[channels])?,
@@ -91,7 +109,10 @@ pub struct ParamLister<'a, B: Backend> {
 
 impl<'a, B: Backend> ParamLister<'a, B> {
     pub fn new(backend: &'a B) -> Self {
-        Self { backend, params: Vec::new() }
+        Self {
+            backend,
+            params: Vec::new(),
+        }
     }
 }
 
@@ -107,7 +128,10 @@ impl<B: Backend> ParamSource<B> for ParamLister<'_, B> {
 
 impl<B: Backend> ParamLister<'_, B> {
     pub fn count(&self) -> usize {
-        self.params.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.params
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -123,7 +147,12 @@ pub struct FileParams<'a, B: Backend> {
 
 impl<'a, B: Backend> FileParams<'a, B> {
     pub fn new(backend: &'a B, file: &'a TensorFile) -> Self {
-        Self { backend, file, used: BTreeSet::new(), ignored_suffixes: &[] }
+        Self {
+            backend,
+            file,
+            used: BTreeSet::new(),
+            ignored_suffixes: &[],
+        }
     }
     pub fn ignoring(mut self, suffixes: &'a [&'a str]) -> Self {
         self.ignored_suffixes = suffixes;
@@ -134,7 +163,11 @@ impl<'a, B: Backend> FileParams<'a, B> {
         for name in self.file.names() {
             let ignored = self.ignored_suffixes.iter().any(|s| name.ends_with(s));
             if !self.used.contains(name) && !ignored {
-                return Err(Error::UnexpectedTensor { file: self.file.file(), name: name.to_string(), what: what.to_string() });
+                return Err(Error::UnexpectedTensor {
+                    file: self.file.file(),
+                    name: name.to_string(),
+                    what: what.to_string(),
+                });
             }
         }
         Ok(())
@@ -166,7 +199,12 @@ pub struct DeterministicParams<'a, B: Backend> {
 
 impl<'a, B: Backend> DeterministicParams<'a, B> {
     pub fn new(backend: &'a B, seed: u64) -> Self {
-        Self { backend, seed, generated: Vec::new(), keep_host_copies: false }
+        Self {
+            backend,
+            seed,
+            generated: Vec::new(),
+            keep_host_copies: false,
+        }
     }
 }
 
@@ -208,7 +246,8 @@ impl<B: Backend> ParamSource<B> for DeterministicParams<'_, B> {
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let data = deterministic_tensor(name, shape, self.seed);
         if self.keep_host_copies {
-            self.generated.push((name.to_string(), shape.to_vec(), data.clone()));
+            self.generated
+                .push((name.to_string(), shape.to_vec(), data.clone()));
         }
         Ok(data)
     }

@@ -25,8 +25,15 @@ pub fn tensor(file: &TensorFile, name: &str) -> (Vec<usize>, Vec<f32>) {
 /// ||a - b|| / ||b||, in f64.
 pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    assert!(a.iter().all(|v| v.is_finite()), "non-finite value in the result");
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    assert!(
+        a.iter().all(|v| v.is_finite()),
+        "non-finite value in the result"
+    );
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
