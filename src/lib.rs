@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod purify;
 

@@ -54,3 +54,48 @@ pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Writes deterministic untrained UNet weights of `config` (the goldens' generator) to `path`.
+pub fn write_untrained_unet(
+    path: &std::path::Path,
+    config: &purifier::model::UnetConfig,
+    seed: u64,
+) {
+    use purifier::model::params::DeterministicParams;
+    let b = purifier::backend::cpu::CpuBackend;
+    let mut src = DeterministicParams::new(&b, seed);
+    src.keep_host_copies = true;
+    purifier::model::Unet::load(config, &mut src).unwrap();
+    let tensors: Vec<(&str, &[usize], &[f32])> = src
+        .generated
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), &s[..], &d[..]))
+        .collect();
+    purifier::data::tensor_file::write_safetensors(path, &tensors).unwrap();
+}
+
+/// Runs the purifier binary; returns (success, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_purifier"))
+        .args(args)
+        .current_dir(project_path(""))
+        .output()
+        .expect("run purifier");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!stderr.contains("panicked"), "the CLI panicked: {stderr}");
+    (out.status.success(), stdout, stderr)
+}
+
+/// Runs the CLI expecting failure; returns the error text.
+pub fn cli_error(args: &[&str]) -> String {
+    let (ok, stdout, stderr) = run_cli(args);
+    assert!(!ok, "expected failure of {args:?}, got success: {stdout}");
+    assert!(
+        stderr.starts_with("error: ") || stderr.contains("\nerror: ") || stderr.contains("error:"),
+        "{stderr}"
+    );
+    stderr
+}
