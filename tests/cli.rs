@@ -71,7 +71,7 @@ fn eps_command_matches_golden() {
     let result = TensorFile::open(&out).unwrap();
     let golden = golden("unet_cifar10_small.safetensors");
     for name in ["eps", "grad_x"] {
-        let err = relative_error(&tensor(&result, name).1, &tensor(&golden, &name).1);
+        let err = relative_error(&tensor(&result, name).1, &tensor(&golden, name).1);
         assert!(err < 1e-5, "{name}: {err}");
     }
 }

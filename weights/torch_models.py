@@ -477,3 +477,74 @@ def deterministic_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Ten
         name: torch.from_numpy(deterministic_tensor(name, tuple(value.shape), seed))
         for name, value in model.state_dict().items()
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# WideResNet (METHOD.md section 4: RobustBench's "Standard" WideResNet-28-10)
+# ---------------------------------------------------------------------------------------------
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation block of RobustBench's WideResNet, with its parameter names."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.equal_in_out = in_planes == out_planes
+        self.convShortcut = (
+            None
+            if self.equal_in_out
+            else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.relu1(self.bn1(x))
+        out = self.conv2(self.relu2(self.bn2(self.conv1(activated))))
+        # When the shape changes, the shortcut reads the activated input, as in the original.
+        shortcut = x if self.equal_in_out else self.convShortcut(activated)
+        return shortcut + out
+
+
+class WideNetworkBlock(nn.Module):
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[
+                WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(n)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WideResNet-depth-k in RobustBench's layout (conv1, block1..3.layer.i, bn1, fc).
+
+    Pixels in [0, 1], no input normalisation (as RobustBench's `Standard` model). BatchNorm is
+    nn.BatchNorm2d, so the state dict has `num_batches_tracked` like the published checkpoint.
+    """
+
+    def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10):
+        super().__init__()
+        assert (depth - 4) % 6 == 0, "depth must be 6n + 4"
+        n = (depth - 4) // 6
+        channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(3, channels[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = WideNetworkBlock(n, channels[0], channels[1], 1)
+        self.block2 = WideNetworkBlock(n, channels[1], channels[2], 2)
+        self.block3 = WideNetworkBlock(n, channels[2], channels[3], 2)
+        self.bn1 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(channels[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.block3(self.block2(self.block1(self.conv1(x))))
+        h = self.relu(self.bn1(h))
+        return self.fc(h.mean(dim=(2, 3)))

@@ -98,7 +98,7 @@ pub struct Classifier<B: Backend> {
 impl<B: Backend> Classifier<B> {
     /// Builds a CIFAR ResNet of `depth` (20, 32, 44, 56, ...: 6n + 2) from `src`.
     pub fn load_with(src: &mut impl ParamSource<B>, depth: usize) -> Result<Self> {
-        if depth < 8 || (depth - 2) % 6 != 0 {
+        if depth < 8 || !(depth - 2).is_multiple_of(6) {
             return Err(Error::invalid(format!(
                 "CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56), got {depth}"
             )));

@@ -67,7 +67,14 @@ impl UnetConfig {
             .shape("conv_in.weight")
             .ok()
             .ok_or_else(|| fail("no tensor `conv_in.weight`: not a DDPM UNet checkpoint".into()))?;
-        let channels = conv_in[0];
+        let channels = match conv_in {
+            [c, 3, 3, 3] => *c,
+            other => {
+                return Err(fail(format!(
+                    "`conv_in.weight` has shape {other:?}, expected [ch, 3, 3, 3]"
+                )))
+            }
+        };
         if channels % 32 != 0 || channels < 64 {
             return Err(fail(format!("conv_in has {channels} output channels; GroupNorm(32) needs a multiple of 32, at least 64")));
         }

@@ -125,7 +125,7 @@ impl<B: Backend> Unet<B> {
     pub fn load(config: &UnetConfig, src: &mut impl ParamSource<B>) -> Result<Self> {
         let ch = config.channels;
         let temb = config.temb_channels();
-        if ch % NORM_GROUPS != 0 {
+        if !ch.is_multiple_of(NORM_GROUPS) {
             return Err(Error::invalid(format!(
                 "UNet width {ch} is not a multiple of the {NORM_GROUPS} GroupNorm groups"
             )));
