@@ -14,9 +14,7 @@ fn unet_forward(c: &mut Criterion) {
     for config in [UnetConfig::cifar10_small(), UnetConfig::cifar10()] {
         let unet = Unet::load(&config, &mut DeterministicParams::new(&b, 1)).unwrap();
         let mut plan = unet.plan(&b, 1, true).unwrap();
-        let x: Vec<f32> = (0..3072)
-            .map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0)
-            .collect();
+        let x: Vec<f32> = (0..3072).map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0).collect();
         let x = b.upload(&x, &[1, 3, 32, 32]).unwrap();
         let v = b.upload(&vec![1.0; 3072], &[1, 3, 32, 32]).unwrap();
         group.bench_function(format!("{}/forward", config.name), |bench| {

@@ -4,9 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use purifier::backend::{Backend, TensorShape};
-use purifier::data::image::{
-    write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE,
-};
+use purifier::data::image::{write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
 use purifier::data::tensor_file::{write_safetensors, TensorFile};
 use purifier::data::{load_images, ImageBatch};
 use purifier::device;
@@ -38,24 +36,16 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
     let images = load_images(&args.inputs, args.count)?;
     let unet = match args.untrained_seed {
         Some(seed) => {
-            eprintln!("WARNING: untrained weights (config {}, seed {seed}): a smoke test of the pipeline, not a purification", args.untrained_config);
-            Unet::load(
-                &UnetConfig::by_name(&args.untrained_config)?,
-                &mut DeterministicParams::new(&b, seed),
-            )?
+            eprintln!(
+                "WARNING: untrained weights (config {}, seed {seed}): a smoke test of the pipeline, not a purification",
+                args.untrained_config
+            );
+            Unet::load(&UnetConfig::by_name(&args.untrained_config)?, &mut DeterministicParams::new(&b, seed))?
         }
         None => Unet::from_file(&b, &open_weights(&args.weights, "DDPM UNet weights")?)?,
     };
-    let auxiliary = args
-        .auxiliary
-        .as_deref()
-        .map(|p| Classifier::load(&b, &TensorFile::open(p)?))
-        .transpose()?;
-    let classifier = args
-        .classifier
-        .as_deref()
-        .map(|p| Classifier::load(&b, &TensorFile::open(p)?))
-        .transpose()?;
+    let auxiliary = args.auxiliary.as_deref().map(|p| Classifier::load(&b, &TensorFile::open(p)?)).transpose()?;
+    let classifier = args.classifier.as_deref().map(|p| Classifier::load(&b, &TensorFile::open(p)?)).transpose()?;
     let settings = PurifySettings {
         t_star: args.t_star,
         sampler: args.sampler(),
@@ -83,11 +73,7 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
     let started = Instant::now();
     for (index, chunk) in x.chunks(args.batch * per_image).enumerate() {
         let n = chunk.len() / per_image;
-        if plan
-            .as_ref()
-            .map(|p: &purifier::purify::PurifyPlan<_>| p.batch())
-            != Some(n)
-        {
+        if plan.as_ref().map(|p: &purifier::purify::PurifyPlan<_>| p.batch()) != Some(n) {
             plan = Some(purifier.plan(n)?);
         }
         let batch_started = Instant::now();
@@ -108,18 +94,20 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
         images.labels.clone(),
         images.names.clone(),
     )?;
-    println!(
-        "purified {} images in {seconds:.2} s ({:.3} images/s)",
-        images.count,
-        images.count as f64 / seconds
-    );
+    println!("purified {} images in {seconds:.2} s ({:.3} images/s)", images.count, images.count as f64 / seconds);
 
     if let Some(classifier) = &classifier {
         match &images.labels {
             Some(labels) => {
                 let before = accuracy(&b, classifier, &images, labels, args.batch)?;
                 let after = accuracy(&b, classifier, &output, labels, args.batch)?;
-                println!("classifier ResNet-{} top-1: {:.2}% before, {:.2}% after purification ({} images)", classifier.depth, before * 100.0, after * 100.0, images.count);
+                println!(
+                    "classifier ResNet-{} top-1: {:.2}% before, {:.2}% after purification ({} images)",
+                    classifier.depth,
+                    before * 100.0,
+                    after * 100.0,
+                    images.count
+                );
             }
             None => eprintln!("no labels in the input: accuracy not reported"),
         }
@@ -127,27 +115,11 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
 
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     for i in 0..output.count {
-        write_png(
-            &args.out.join(format!("{}.png", output.names[i])),
-            output.image(i),
-            output.height,
-            output.width,
-        )?;
+        write_png(&args.out.join(format!("{}.png", output.names[i])), output.image(i), output.height, output.width)?;
     }
     let grid = args.out.join("grid.png");
-    write_comparison_grid(
-        &grid,
-        &images,
-        &output,
-        None,
-        DEFAULT_CELLS_PER_ROW,
-        DEFAULT_GRID_SCALE,
-    )?;
-    println!(
-        "wrote {} PNGs and {} (each cell: input | purified)",
-        output.count,
-        grid.display()
-    );
+    write_comparison_grid(&grid, &images, &output, None, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE)?;
+    println!("wrote {} PNGs and {} (each cell: input | purified)", output.count, grid.display());
     Ok(())
 }
 
@@ -170,42 +142,29 @@ fn accuracy<B: Backend>(
     batch: usize,
 ) -> Result<f64> {
     let predictions = predict(b, classifier, images, batch)?;
-    let correct = predictions
-        .iter()
-        .zip(labels)
-        .filter(|(p, &l)| **p == l as usize)
-        .count();
+    let correct = predictions.iter().zip(labels).filter(|(p, &l)| **p == l as usize).count();
     Ok(correct as f64 / labels.len() as f64)
 }
 
-fn predict<B: Backend>(
-    b: &B,
-    classifier: &Classifier<B>,
-    images: &ImageBatch,
-    batch: usize,
-) -> Result<Vec<usize>> {
+fn predict<B: Backend>(b: &B, classifier: &Classifier<B>, images: &ImageBatch, batch: usize) -> Result<Vec<usize>> {
     let x = images.to_model_range();
     let per_image = images.image_len();
     let mut predictions = Vec::with_capacity(images.count);
     let mut plan = None;
     for chunk in x.chunks(batch * per_image) {
         let n = chunk.len() / per_image;
-        if plan
-            .as_ref()
-            .map(|p: &purifier::model::ClassifierPlan<B>| p.batch)
-            != Some(n)
-        {
+        if plan.as_ref().map(|p: &purifier::model::ClassifierPlan<B>| p.batch) != Some(n) {
             plan = Some(classifier.plan(b, n, false)?);
         }
         let plan = plan.as_mut().unwrap();
         let input = b.upload(chunk, &[n, 3, images.height, images.width])?;
         classifier.forward(b, plan, &input)?;
         let logits = b.download(&plan.logits)?;
-        predictions.extend(logits.chunks(classifier.num_classes).map(|row| {
-            row.iter()
-                .enumerate()
-                .fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
-        }));
+        predictions.extend(
+            logits
+                .chunks(classifier.num_classes)
+                .map(|row| row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })),
+        );
     }
     Ok(predictions)
 }
@@ -237,37 +196,21 @@ pub fn classify(args: &ClassifyArgs) -> Result<()> {
 pub fn inspect(args: &InspectArgs) -> Result<()> {
     let file = TensorFile::open(&args.weights)?;
     let b = purifier::backend::cpu::CpuBackend;
-    let stored: usize = file
-        .names()
-        .iter()
-        .map(|n| {
-            file.shape(n)
-                .map(|s| s.iter().product::<usize>())
-                .unwrap_or(0)
-        })
-        .sum();
+    let stored: usize =
+        file.names().iter().map(|n| file.shape(n).map(|s| s.iter().product::<usize>()).unwrap_or(0)).sum();
     let mut dtypes = std::collections::BTreeMap::<String, usize>::new();
     for name in file.names() {
         *dtypes.entry(file.dtype(name)?.to_string()).or_default() += 1;
     }
     println!("file: {}", args.weights.display());
-    println!(
-        "tensors: {} ({} values; dtypes {:?})",
-        file.names().len(),
-        stored,
-        dtypes
-    );
+    println!("tensors: {} ({} values; dtypes {:?})", file.names().len(), stored, dtypes);
     if file.contains("conv_in.weight") {
         let config = UnetConfig::infer(&file)?;
         let mut lister = ParamLister::new(&b);
         Unet::load(&config, &mut lister)?;
         println!(
             "network: DDPM UNet, config {} (ch {}, mult {:?}, {} res blocks, attention at {:?})",
-            config.name,
-            config.channels,
-            config.channel_mult,
-            config.res_blocks,
-            config.attention_resolutions
+            config.name, config.channels, config.channel_mult, config.res_blocks, config.attention_resolutions
         );
         println!("parameters: {}", lister.count());
         Unet::from_file(&b, &file)?;
@@ -278,15 +221,9 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             .names()
             .iter()
             .filter(|n| {
-                !n.ends_with("running_mean")
-                    && !n.ends_with("running_var")
-                    && !n.ends_with("num_batches_tracked")
+                !n.ends_with("running_mean") && !n.ends_with("running_var") && !n.ends_with("num_batches_tracked")
             })
-            .map(|n| {
-                file.shape(n)
-                    .map(|s| s.iter().product::<usize>())
-                    .unwrap_or(0)
-            })
+            .map(|n| file.shape(n).map(|s| s.iter().product::<usize>()).unwrap_or(0))
             .sum();
         println!(
             "network: CIFAR ResNet-{} classifier ({} classes, {}-d features)",
@@ -299,9 +236,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     } else {
         return Err(Error::UnknownConfig {
             file: file.file(),
-            reason:
-                "neither a DDPM UNet (conv_in.weight) nor a CIFAR ResNet (layer1.0.conv1.weight)"
-                    .into(),
+            reason: "neither a DDPM UNet (conv_in.weight) nor a CIFAR ResNet (layer1.0.conv1.weight)".into(),
         });
     }
     Ok(())
@@ -323,18 +258,10 @@ pub fn eps(args: &EpsArgs) -> Result<()> {
     let n = shape[0];
     let (t_shape, t) = input.get_indices("t")?;
     if t_shape != [n] {
-        return Err(Error::ShapeMismatch {
-            file: input.file(),
-            name: "t".into(),
-            found: t_shape,
-            expected: vec![n],
-        });
+        return Err(Error::ShapeMismatch { file: input.file(), name: "t".into(), found: t_shape, expected: vec![n] });
     }
     if let Some(bad) = t.iter().find(|&&s| !(0..1000).contains(&s)) {
-        return Err(Error::invalid(format!(
-            "{}: step index {bad} in `t` is out of range 0..999",
-            input.file()
-        )));
+        return Err(Error::invalid(format!("{}: step index {bad} in `t` is out of range 0..999", input.file())));
     }
     let v = if args.vjp {
         let v = input.require_f32("v", &shape)?;
@@ -356,19 +283,13 @@ pub fn eps(args: &EpsArgs) -> Result<()> {
         outputs.push(("grad_x", b.download(grad)?));
     }
     let seconds = started.elapsed().as_secs_f64();
-    let tensors: Vec<(&str, &[usize], &[f32])> = outputs
-        .iter()
-        .map(|(name, data)| (*name, &shape[..], &data[..]))
-        .collect();
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        outputs.iter().map(|(name, data)| (*name, &shape[..], &data[..])).collect();
     write_safetensors(&args.output, &tensors)?;
     println!(
         "wrote {} ({}) for {n} images, config {}, on {} in {seconds:.2} s",
         args.output.display(),
-        outputs
-            .iter()
-            .map(|(n, _)| *n)
-            .collect::<Vec<_>>()
-            .join(", "),
+        outputs.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
         unet.config.name,
         b.name()
     );

@@ -18,8 +18,11 @@ pub fn select(choice: DeviceChoice) -> Result<(CpuBackend, Option<String>)> {
     match choice {
         DeviceChoice::Cpu => Ok((CpuBackend, None)),
         DeviceChoice::Cuda => Err(Error::Device(
-            "this build has no CUDA backend yet (the CPU reference backend is the only one); use --device cpu or auto".into(),
+            "this build has no CUDA backend yet (the CPU reference backend is the only one); use --device cpu or auto"
+                .into(),
         )),
-        DeviceChoice::Auto => Ok((CpuBackend, Some("device auto: using the CPU backend (no CUDA backend in this build)".into()))),
+        DeviceChoice::Auto => {
+            Ok((CpuBackend, Some("device auto: using the CPU backend (no CUDA backend in this build)".into())))
+        }
     }
 }

@@ -5,49 +5,25 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 
     #[error("{path} is not a valid safetensors file: {reason}")]
     NotSafetensors { path: PathBuf, reason: String },
 
     #[error("{file}: missing tensor `{name}`{hint}")]
-    MissingTensor {
-        file: String,
-        name: String,
-        hint: String,
-    },
+    MissingTensor { file: String, name: String, hint: String },
 
     #[error("{file}: unexpected tensor `{name}` (not part of the {what})")]
-    UnexpectedTensor {
-        file: String,
-        name: String,
-        what: String,
-    },
+    UnexpectedTensor { file: String, name: String, what: String },
 
     #[error("{file}: tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch {
-        file: String,
-        name: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-    },
+    ShapeMismatch { file: String, name: String, found: Vec<usize>, expected: Vec<usize> },
 
     #[error("{file}: tensor `{name}` has dtype {found}, expected {expected}")]
-    WrongDtype {
-        file: String,
-        name: String,
-        found: String,
-        expected: String,
-    },
+    WrongDtype { file: String, name: String, found: String, expected: String },
 
     #[error("{what} contains a non-finite value (NaN or Inf) at element {index}")]
     NonFinite { what: String, index: usize },
@@ -69,10 +45,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
@@ -82,10 +55,7 @@ impl Error {
 /// Fails with `NonFinite` naming `what` if any value is NaN or Inf.
 pub fn check_finite(values: &[f32], what: impl FnOnce() -> String) -> Result<()> {
     match values.iter().position(|v| !v.is_finite()) {
-        Some(index) => Err(Error::NonFinite {
-            what: what(),
-            index,
-        }),
+        Some(index) => Err(Error::NonFinite { what: what(), index }),
         None => Ok(()),
     }
 }

@@ -137,9 +137,7 @@ impl PurifyArgs {
     pub fn sampler(&self) -> Sampler {
         match self.sampler {
             SamplerArg::Ddpm => Sampler::Ddpm,
-            SamplerArg::Ddim => Sampler::Ddim {
-                stride: self.stride,
-            },
+            SamplerArg::Ddim => Sampler::Ddim { stride: self.stride },
         }
     }
 }

@@ -21,13 +21,7 @@ pub struct PurifySettings {
 
 impl Default for PurifySettings {
     fn default() -> Self {
-        Self {
-            t_star: 100,
-            sampler: Sampler::Ddpm,
-            guidance: Guidance::None,
-            kappa: 0.5,
-            seed: 0,
-        }
+        Self { t_star: 100, sampler: Sampler::Ddpm, guidance: Guidance::None, kappa: 0.5, seed: 0 }
     }
 }
 
@@ -84,22 +78,13 @@ impl<'a, B: Backend> Purifier<'a, B> {
             )));
         }
         if matches!(settings.guidance, Guidance::Adversarial { .. }) && auxiliary.is_none() {
-            return Err(Error::invalid(
-                "the adversarial mode needs an auxiliary classifier (--auxiliary)",
-            ));
+            return Err(Error::invalid("the adversarial mode needs an auxiliary classifier (--auxiliary)"));
         }
         if unet.config.resolution != 32 {
             return Err(Error::invalid("only 32x32 UNets are supported"));
         }
         let steps = schedule.reverse_steps(settings.t_star, settings.sampler)?;
-        Ok(Self {
-            backend,
-            unet,
-            auxiliary,
-            schedule,
-            settings,
-            steps,
-        })
+        Ok(Self { backend, unet, auxiliary, schedule, settings, steps })
     }
 
     /// The reverse steps this purifier runs.
@@ -109,19 +94,10 @@ impl<'a, B: Backend> Purifier<'a, B> {
 
     pub fn plan(&self, batch: usize) -> Result<PurifyPlan<B>> {
         let b = self.backend;
-        let needs_unet_vjp = matches!(
-            self.settings.guidance,
-            Guidance::Adversarial {
-                path: GradientPath::X0,
-                ..
-            }
-        );
+        let needs_unet_vjp = matches!(self.settings.guidance, Guidance::Adversarial { path: GradientPath::X0, .. });
         let image = [batch, 3, 32, 32];
         let z = |s: &[usize]| b.zeros(s);
-        let (fdim, classes) = self
-            .auxiliary
-            .map(|a| (a.feature_dim(), a.num_classes))
-            .unwrap_or((1, 1));
+        let (fdim, classes) = self.auxiliary.map(|a| (a.feature_dim(), a.num_classes)).unwrap_or((1, 1));
         Ok(PurifyPlan {
             batch,
             unet: self.unet.plan(b, batch, needs_unet_vjp)?,
@@ -146,12 +122,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
 
     /// Purifies `x` (host, batch x 3 x 32 x 32 in [-1, 1]) and returns x_0 in [-1, 1].
     /// `batch_offset` makes the noise of each batch of a larger set distinct.
-    pub fn purify(
-        &self,
-        plan: &mut PurifyPlan<B>,
-        x: &[f32],
-        batch_offset: u64,
-    ) -> Result<(Vec<f32>, PurifyReport)> {
+    pub fn purify(&self, plan: &mut PurifyPlan<B>, x: &[f32], batch_offset: u64) -> Result<(Vec<f32>, PurifyReport)> {
         let b = self.backend;
         if x.len() != plan.batch * 3 * 32 * 32 {
             return Err(Error::invalid(format!(
@@ -164,8 +135,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
         self.set_input(plan, x)?;
         let mut report = PurifyReport::default();
         // Each batch of a run gets its own streams: stream = batch_offset * (T + 1) + step.
-        let stream =
-            |step: usize| batch_offset * (self.schedule.num_steps() as u64 + 1) + step as u64;
+        let stream = |step: usize| batch_offset * (self.schedule.num_steps() as u64 + 1) + step as u64;
 
         // x_{t*} = sqrt(abar) x_in + sqrt(1 - abar) z
         let (a, s) = self.schedule.diffuse_weights(self.settings.t_star);
@@ -176,13 +146,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
             let t_index = vec![(step.t - 1) as f32; plan.batch];
             self.unet.forward(b, &mut plan.unet, &plan.x_t, &t_index)?;
             report.network_calls += 1;
-            b.predict_x0_and_mean(
-                &plan.x_t,
-                plan.unet.eps(),
-                step.coefficients,
-                &mut plan.x0_hat,
-                &mut plan.mu,
-            );
+            b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
             let guided = self.guidance_shift(plan, step, &mut report)?;
             // x_prev = mu (+ delta) (+ sigma z); buffers are swapped, not copied.
             if guided {
@@ -209,10 +173,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
             aux.forward(b, aux_plan, &plan.x_in)?;
             b.copy(&aux_plan.features, &mut plan.reference_features);
             let logits = b.download(&aux_plan.logits)?;
-            let labels: Vec<f32> = logits
-                .chunks(aux.num_classes)
-                .map(|row| argmax(row) as f32)
-                .collect();
+            let labels: Vec<f32> = logits.chunks(aux.num_classes).map(|row| argmax(row) as f32).collect();
             b.write(&mut plan.labels, &labels)?;
         }
         Ok(())
@@ -234,41 +195,24 @@ impl<'a, B: Backend> Purifier<'a, B> {
         b.write(&mut plan.x_t, x_t)?;
         let t_index = vec![(step.t - 1) as f32; plan.batch];
         self.unet.forward(b, &mut plan.unet, &plan.x_t, &t_index)?;
-        b.predict_x0_and_mean(
-            &plan.x_t,
-            plan.unet.eps(),
-            step.coefficients,
-            &mut plan.x0_hat,
-            &mut plan.mu,
-        );
+        b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
         let (scale, objective) = match self.settings.guidance {
             Guidance::None => return Err(Error::invalid("mode none has no guidance objective")),
             Guidance::Pixel { scale } => {
                 let a = step.coefficients.sqrt_abar;
-                let value = -x_t
-                    .iter()
-                    .zip(x_in)
-                    .map(|(xt, xi)| ((xt - a * xi) as f64).powi(2))
-                    .sum::<f64>();
+                let value = -x_t.iter().zip(x_in).map(|(xt, xi)| ((xt - a * xi) as f64).powi(2)).sum::<f64>();
                 (scale, value)
             }
             Guidance::Adversarial { scale, .. } => (scale, 0.0),
         };
         let mut report = PurifyReport::default();
         if !self.guidance_shift(plan, step, &mut report)? {
-            return Err(Error::invalid(format!(
-                "step {} has no guidance (sigma_t = 0)",
-                step.t
-            )));
+            return Err(Error::invalid(format!("step {} has no guidance (sigma_t = 0)", step.t)));
         }
         let k = scale * step.guidance_variance;
         let gradient: Vec<f32> = b.download(&plan.delta)?.iter().map(|d| d / k).collect();
         let objective = match self.settings.guidance {
-            Guidance::Adversarial {
-                lambda_features,
-                lambda_class,
-                ..
-            } => {
+            Guidance::Adversarial { lambda_features, lambda_class, .. } => {
                 let aux_plan = plan.auxiliary.as_ref().expect("made by plan");
                 let features = b.download(&aux_plan.features)?;
                 let reference = b.download(&plan.reference_features)?;
@@ -278,17 +222,11 @@ impl<'a, B: Backend> Purifier<'a, B> {
                 let k = logits.len() / plan.batch;
                 let mut total = 0.0;
                 for n in 0..plan.batch {
-                    let distance: f64 = (0..f)
-                        .map(|i| (features[n * f + i] as f64 - reference[n * f + i] as f64).powi(2))
-                        .sum();
+                    let distance: f64 =
+                        (0..f).map(|i| (features[n * f + i] as f64 - reference[n * f + i] as f64).powi(2)).sum();
                     let row = &logits[n * k..(n + 1) * k];
                     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                    let log_sum = row
-                        .iter()
-                        .map(|&v| (v as f64 - max).exp())
-                        .sum::<f64>()
-                        .ln()
-                        + max;
+                    let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
                     total += -lambda_features as f64 * distance / f as f64
                         + lambda_class as f64 * (row[labels[n] as usize] as f64 - log_sum);
                 }
@@ -300,12 +238,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
     }
 
     /// Writes `delta_t` into `plan.delta` (before the constraint); false when there is none.
-    fn guidance_shift(
-        &self,
-        plan: &mut PurifyPlan<B>,
-        step: &ReverseStep,
-        report: &mut PurifyReport,
-    ) -> Result<bool> {
+    fn guidance_shift(&self, plan: &mut PurifyPlan<B>, step: &ReverseStep, report: &mut PurifyReport) -> Result<bool> {
         let b = self.backend;
         let sigma2 = step.guidance_variance;
         let c = step.coefficients;
@@ -318,25 +251,12 @@ impl<'a, B: Backend> Purifier<'a, B> {
                 b.axpby(k, &plan.x_t, -k * c.sqrt_abar, &plan.x_in, &mut plan.delta);
                 Ok(true)
             }
-            Guidance::Adversarial {
-                scale,
-                lambda_features,
-                lambda_class,
-                path,
-            } => {
-                let (aux, aux_plan) = (
-                    self.auxiliary.expect("checked in new"),
-                    plan.auxiliary.as_mut().expect("made by plan"),
-                );
+            Guidance::Adversarial { scale, lambda_features, lambda_class, path } => {
+                let (aux, aux_plan) =
+                    (self.auxiliary.expect("checked in new"), plan.auxiliary.as_mut().expect("made by plan"));
                 match path {
                     GradientPath::X0 => b.copy(&plan.x0_hat, &mut plan.aux_input),
-                    GradientPath::Xt => b.axpby(
-                        1.0 / c.sqrt_abar,
-                        &plan.x_t,
-                        0.0,
-                        &plan.x_t,
-                        &mut plan.aux_input,
-                    ),
+                    GradientPath::Xt => b.axpby(1.0 / c.sqrt_abar, &plan.x_t, 0.0, &plan.x_t, &mut plan.aux_input),
                 }
                 aux.forward(b, aux_plan, &plan.aux_input)?;
                 b.guidance_objective_grad(
@@ -382,7 +302,5 @@ impl<B: Backend> PurifyPlan<B> {
 }
 
 fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
 }

@@ -27,21 +27,13 @@ impl TestRng {
         ((self.next_u64() >> 40) as f64 / (1u64 << 24) as f64 * 2.0 - 1.0) as f32
     }
     fn tensor(&mut self, shape: &[usize]) -> CpuTensor {
-        let data = (0..shape.iter().product())
-            .map(|_| self.uniform())
-            .collect();
-        CpuTensor {
-            shape: shape.to_vec(),
-            data,
-        }
+        let data = (0..shape.iter().product()).map(|_| self.uniform()).collect();
+        CpuTensor { shape: shape.to_vec(), data }
     }
 }
 
 fn zeros(shape: &[usize]) -> CpuTensor {
-    CpuTensor {
-        shape: shape.to_vec(),
-        data: vec![0.0; shape.iter().product()],
-    }
+    CpuTensor { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -56,14 +48,8 @@ fn norm(a: &[f32]) -> f64 {
 /// max |a - b| / max(max |b|, 1e-30): the error relative to the reference's scale.
 fn relative_max_error(a: &[f32], reference: &[f64]) -> f64 {
     assert_eq!(a.len(), reference.len());
-    let scale = reference
-        .iter()
-        .fold(0.0f64, |m, v| m.max(v.abs()))
-        .max(1e-30);
-    a.iter()
-        .zip(reference)
-        .fold(0.0f64, |m, (&x, &r)| m.max((x as f64 - r).abs()))
-        / scale
+    let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter().zip(reference).fold(0.0f64, |m, (&x, &r)| m.max((x as f64 - r).abs())) / scale
 }
 
 /// Checks `backward` (which must accumulate into its last argument) against central differences
@@ -89,10 +75,7 @@ fn check_vjp(
 
         let shifted = |sign: f32| {
             let mut p = x.clone();
-            p.data
-                .iter_mut()
-                .zip(&direction.data)
-                .for_each(|(v, &d)| *v += sign * step * d);
+            p.data.iter_mut().zip(&direction.data).for_each(|(v, &d)| *v += sign * step * d);
             dot(&cotangent.data, &forward(&p).data)
         };
         let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * step as f64);
@@ -140,8 +123,7 @@ fn conv_reference(x: &CpuTensor, w: &CpuTensor, g: Conv2dGeometry) -> Vec<f64> {
                                 if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
                                     continue;
                                 }
-                                let xv = x.data[((b * ci + i) * h + iy as usize) * wd + ix as usize]
-                                    as f64;
+                                let xv = x.data[((b * ci + i) * h + iy as usize) * wd + ix as usize] as f64;
                                 acc += xv * w.data[((o * ci + i) * kh + ky) * kw + kx] as f64;
                             }
                         }
@@ -170,72 +152,26 @@ fn conv_cases() -> Vec<ConvCase> {
     };
     vec![
         // ResnetBlock conv: 3x3, pad 1.
-        ConvCase {
-            x: [2, 5, 8, 8],
-            w: [6, 5, 3, 3],
-            geometry: Conv2dGeometry::same(1),
-        },
+        ConvCase { x: [2, 5, 8, 8], w: [6, 5, 3, 3], geometry: Conv2dGeometry::same(1) },
         // UNet Downsample: pad right and bottom by 1, stride 2, no other padding.
-        ConvCase {
-            x: [2, 4, 8, 8],
-            w: [5, 4, 3, 3],
-            geometry: asym(2, 0, 0, 1, 1),
-        },
-        ConvCase {
-            x: [1, 3, 7, 9],
-            w: [4, 3, 3, 3],
-            geometry: asym(2, 0, 0, 1, 1),
-        },
+        ConvCase { x: [2, 4, 8, 8], w: [5, 4, 3, 3], geometry: asym(2, 0, 0, 1, 1) },
+        ConvCase { x: [1, 3, 7, 9], w: [4, 3, 3, 3], geometry: asym(2, 0, 0, 1, 1) },
         // 1x1 (nin_shortcut, attention projections), and a strided 1x1.
-        ConvCase {
-            x: [2, 7, 5, 6],
-            w: [9, 7, 1, 1],
-            geometry: Conv2dGeometry::same(0),
-        },
-        ConvCase {
-            x: [1, 3, 6, 5],
-            w: [2, 3, 1, 1],
-            geometry: Conv2dGeometry::strided(2, 0),
-        },
+        ConvCase { x: [2, 7, 5, 6], w: [9, 7, 1, 1], geometry: Conv2dGeometry::same(0) },
+        ConvCase { x: [1, 3, 6, 5], w: [2, 3, 1, 1], geometry: Conv2dGeometry::strided(2, 0) },
         // ResNet strided 3x3, odd sizes, rectangular kernels, stride 3, a 1-wide input.
-        ConvCase {
-            x: [1, 3, 9, 7],
-            w: [5, 3, 3, 3],
-            geometry: Conv2dGeometry::strided(2, 1),
-        },
-        ConvCase {
-            x: [2, 2, 6, 7],
-            w: [3, 2, 2, 3],
-            geometry: asym(1, 1, 0, 0, 2),
-        },
-        ConvCase {
-            x: [1, 2, 10, 11],
-            w: [3, 2, 4, 2],
-            geometry: asym(3, 2, 1, 0, 1),
-        },
-        ConvCase {
-            x: [1, 2, 5, 1],
-            w: [3, 2, 3, 3],
-            geometry: asym(2, 1, 1, 1, 1),
-        },
+        ConvCase { x: [1, 3, 9, 7], w: [5, 3, 3, 3], geometry: Conv2dGeometry::strided(2, 1) },
+        ConvCase { x: [2, 2, 6, 7], w: [3, 2, 2, 3], geometry: asym(1, 1, 0, 0, 2) },
+        ConvCase { x: [1, 2, 10, 11], w: [3, 2, 4, 2], geometry: asym(3, 2, 1, 0, 1) },
+        ConvCase { x: [1, 2, 5, 1], w: [3, 2, 3, 3], geometry: asym(2, 1, 1, 1, 1) },
         // More channels than one tile in both directions, and few output channels (conv_out).
-        ConvCase {
-            x: [1, 17, 6, 6],
-            w: [13, 17, 3, 3],
-            geometry: Conv2dGeometry::same(1),
-        },
-        ConvCase {
-            x: [2, 16, 5, 5],
-            w: [3, 16, 3, 3],
-            geometry: Conv2dGeometry::same(1),
-        },
+        ConvCase { x: [1, 17, 6, 6], w: [13, 17, 3, 3], geometry: Conv2dGeometry::same(1) },
+        ConvCase { x: [2, 16, 5, 5], w: [3, 16, 3, 3], geometry: Conv2dGeometry::same(1) },
     ]
 }
 
 fn output_shape(case: &ConvCase) -> [usize; 4] {
-    let (oh, ow) = case
-        .geometry
-        .output_size(case.x[2], case.x[3], case.w[2], case.w[3]);
+    let (oh, ow) = case.geometry.output_size(case.x[2], case.x[3], case.w[2], case.w[3]);
     [case.x[0], case.w[0], oh, ow]
 }
 
@@ -246,22 +182,9 @@ fn conv2d_matches_naive_reference() {
     for case in conv_cases() {
         let (x, w) = (rng.tensor(&case.x), rng.tensor(&case.w));
         let mut out = rng.tensor(&output_shape(&case)); // garbage: the op must overwrite it
-        backend.conv2d(
-            &x,
-            &w,
-            None,
-            case.geometry,
-            ConvEpilogue::default(),
-            &mut out,
-        );
+        backend.conv2d(&x, &w, None, case.geometry, ConvEpilogue::default(), &mut out);
         let error = relative_max_error(&out.data, &conv_reference(&x, &w, case.geometry));
-        assert!(
-            error < 1e-5,
-            "conv2d {:?} * {:?} {:?}: error {error:e}",
-            case.x,
-            case.w,
-            case.geometry
-        );
+        assert!(error < 1e-5, "conv2d {:?} * {:?} {:?}: error {error:e}", case.x, case.w, case.geometry);
     }
 }
 
@@ -283,10 +206,8 @@ fn conv2d_epilogue() {
                 .enumerate()
                 .map(|(i, &v)| {
                     let (n, c) = (i / plane / shape[1], i / plane % shape[1]);
-                    let v = v
-                        + bias.data[c] as f64
-                        + channel_bias.data[n * shape[1] + c] as f64
-                        + residual.data[i] as f64;
+                    let v =
+                        v + bias.data[c] as f64 + channel_bias.data[n * shape[1] + c] as f64 + residual.data[i] as f64;
                     if relu {
                         v.max(0.0)
                     } else {
@@ -295,46 +216,21 @@ fn conv2d_epilogue() {
                 })
                 .collect();
             let mut out = rng.tensor(&shape);
-            let epilogue = ConvEpilogue {
-                channel_bias: Some(&channel_bias),
-                residual: Some(&residual),
-                relu,
-            };
+            let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), residual: Some(&residual), relu };
             backend.conv2d(&x, &w, Some(&bias), case.geometry, epilogue, &mut out);
             let error = relative_max_error(&out.data, &expected);
-            assert!(
-                error < 1e-5,
-                "conv2d epilogue (relu {relu}) {:?} {:?}: error {error:e}",
-                case.x,
-                case.geometry
-            );
+            assert!(error < 1e-5, "conv2d epilogue (relu {relu}) {:?} {:?}: error {error:e}", case.x, case.geometry);
         }
         // Bias alone, and channel bias alone.
         let mut out = zeros(&shape);
-        backend.conv2d(
-            &x,
-            &w,
-            Some(&bias),
-            case.geometry,
-            ConvEpilogue::default(),
-            &mut out,
-        );
-        let expected: Vec<f64> = plain
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v + bias.data[i / plane % shape[1]] as f64)
-            .collect();
+        backend.conv2d(&x, &w, Some(&bias), case.geometry, ConvEpilogue::default(), &mut out);
+        let expected: Vec<f64> =
+            plain.iter().enumerate().map(|(i, &v)| v + bias.data[i / plane % shape[1]] as f64).collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
-        let epilogue = ConvEpilogue {
-            channel_bias: Some(&channel_bias),
-            ..Default::default()
-        };
+        let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), ..Default::default() };
         backend.conv2d(&x, &w, None, case.geometry, epilogue, &mut out);
-        let expected: Vec<f64> = plain
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v + channel_bias.data[i / plane] as f64)
-            .collect();
+        let expected: Vec<f64> =
+            plain.iter().enumerate().map(|(i, &v)| v + channel_bias.data[i / plane] as f64).collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
     }
 }
@@ -351,18 +247,9 @@ fn conv2d_backward_input_is_the_adjoint() {
             backend.conv2d(x, &w, None, g, ConvEpilogue::default(), &mut out);
             out
         };
-        let backward =
-            |dout: &CpuTensor, dx: &mut CpuTensor| backend.conv2d_backward_input(dout, &w, g, dx);
+        let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.conv2d_backward_input(dout, &w, g, dx);
         // Linear in x: the differences are exact up to rounding, whatever the step.
-        check_vjp(
-            &format!("conv2d {:?} {:?} {g:?}", case.x, case.w),
-            &mut rng,
-            &x,
-            &forward,
-            &backward,
-            0.5,
-            1e-5,
-        );
+        check_vjp(&format!("conv2d {:?} {:?} {g:?}", case.x, case.w), &mut rng, &x, &forward, &backward, 0.5, 1e-5);
     }
 }
 
@@ -386,11 +273,7 @@ fn group_norm_reference(
             let start = (b * groups + g) * len;
             let block = &x.data[start..start + len];
             let mean = block.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-            let var = block
-                .iter()
-                .map(|&v| (v as f64 - mean).powi(2))
-                .sum::<f64>()
-                / len as f64;
+            let var = block.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
             let rstd = 1.0 / (var + eps).sqrt();
             stats.extend([mean, rstd]);
             for (i, &v) in block.iter().enumerate() {
@@ -407,35 +290,20 @@ fn group_norm_reference(
 fn group_norm_matches_reference_and_its_backward_matches_finite_differences() {
     let backend = CpuBackend;
     let mut rng = TestRng(4);
-    for (shape, groups) in [
-        ([2, 8, 4, 4], 4),
-        ([1, 6, 3, 5], 3),
-        ([2, 4, 2, 2], 1),
-        ([1, 4, 3, 3], 4),
-    ] {
+    for (shape, groups) in [([2, 8, 4, 4], 4), ([1, 6, 3, 5], 3), ([2, 4, 2, 2], 1), ([1, 4, 3, 3], 4)] {
         // An offset and scale per sample, so the normalisation has something to undo.
         let mut x = rng.tensor(&shape);
         let sample_len = x.data.len() / shape[0];
-        x.data
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, v)| *v = *v * 3.0 + (i / sample_len) as f32 - 0.5);
+        x.data.iter_mut().enumerate().for_each(|(i, v)| *v = *v * 3.0 + (i / sample_len) as f32 - 0.5);
         let gamma = rng.tensor(&[shape[1]]);
         let beta = rng.tensor(&[shape[1]]);
         for silu in [false, true] {
-            let (expected, expected_stats) =
-                group_norm_reference(&x, &gamma.data, &beta.data, groups, 1e-6, silu);
+            let (expected, expected_stats) = group_norm_reference(&x, &gamma.data, &beta.data, groups, 1e-6, silu);
             let mut out = rng.tensor(&shape);
             let mut stats = zeros(&[shape[0], groups, 2]);
             backend.group_norm(&x, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
-            assert!(
-                relative_max_error(&out.data, &expected) < 1e-5,
-                "group_norm {shape:?} silu {silu}"
-            );
-            assert!(
-                relative_max_error(&stats.data, &expected_stats) < 1e-6,
-                "group_norm stats {shape:?}"
-            );
+            assert!(relative_max_error(&out.data, &expected) < 1e-5, "group_norm {shape:?} silu {silu}");
+            assert!(relative_max_error(&stats.data, &expected_stats) < 1e-6, "group_norm stats {shape:?}");
 
             let forward = |x: &CpuTensor| {
                 let mut out = zeros(&shape);
@@ -472,20 +340,13 @@ fn attention_reference(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor) -> (Vec<f64>
     for b in 0..n {
         for i in 0..l {
             let scores: Vec<f64> = (0..l)
-                .map(|j| {
-                    (0..c)
-                        .map(|ch| at(q, b, ch, i) * at(k, b, ch, j))
-                        .sum::<f64>()
-                        / (c as f64).sqrt()
-                })
+                .map(|j| (0..c).map(|ch| at(q, b, ch, i) * at(k, b, ch, j)).sum::<f64>() / (c as f64).sqrt())
                 .collect();
             let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
             lse[b * l + i] = max + sum.ln();
             for ch in 0..c {
-                out[(b * c + ch) * l + i] = (0..l)
-                    .map(|j| (scores[j] - max).exp() / sum * at(v, b, ch, j))
-                    .sum();
+                out[(b * c + ch) * l + i] = (0..l).map(|j| (scores[j] - max).exp() / sum * at(v, b, ch, j)).sum();
             }
         }
     }
@@ -509,14 +370,8 @@ fn attention_matches_reference_and_its_backward_matches_finite_differences() {
         let mut out = rng.tensor(&shape);
         let mut lse = rng.tensor(&lse_shape);
         backend.attention(&q, &k, &v, &mut out, &mut lse);
-        assert!(
-            relative_max_error(&out.data, &expected) < 1e-5,
-            "attention {shape:?}: out"
-        );
-        assert!(
-            relative_max_error(&lse.data, &expected_lse) < 1e-5,
-            "attention {shape:?}: logsumexp"
-        );
+        assert!(relative_max_error(&out.data, &expected) < 1e-5, "attention {shape:?}: out");
+        assert!(relative_max_error(&lse.data, &expected_lse) < 1e-5, "attention {shape:?}: logsumexp");
 
         let run = |q: &CpuTensor, k: &CpuTensor, v: &CpuTensor| {
             let mut out = zeros(&shape);
@@ -568,10 +423,7 @@ fn attention_matches_reference_and_its_backward_matches_finite_differences() {
 #[test]
 fn timestep_embedding_matches_formula() {
     let backend = CpuBackend;
-    let t = CpuTensor {
-        shape: vec![4],
-        data: vec![0.0, 1.0, 99.0, 999.0],
-    };
+    let t = CpuTensor { shape: vec![4], data: vec![0.0, 1.0, 99.0, 999.0] };
     let dim = 16;
     let mut out = zeros(&[4, dim]);
     backend.timestep_embedding(&t, &mut out);
@@ -579,14 +431,8 @@ fn timestep_embedding_matches_formula() {
     for (n, &step) in t.data.iter().enumerate() {
         for i in 0..half {
             let angle = step as f64 * (-(10000f64).ln() * i as f64 / (half - 1) as f64).exp();
-            assert!(
-                (out.data[n * dim + i] as f64 - angle.sin()).abs() < 1e-7,
-                "sin t {step} i {i}"
-            );
-            assert!(
-                (out.data[n * dim + half + i] as f64 - angle.cos()).abs() < 1e-7,
-                "cos t {step} i {i}"
-            );
+            assert!((out.data[n * dim + i] as f64 - angle.sin()).abs() < 1e-7, "sin t {step} i {i}");
+            assert!((out.data[n * dim + half + i] as f64 - angle.cos()).abs() < 1e-7, "cos t {step} i {i}");
         }
     }
 }
@@ -604,43 +450,22 @@ fn linear_matches_reference_and_finite_differences() {
                 let (n, o) = (i / 7, i % 7);
                 let h = |v: f64| if silu { v / (1.0 + (-v).exp()) } else { v };
                 b.data[o] as f64
-                    + (0..13)
-                        .map(|j| w.data[o * 13 + j] as f64 * h(x.data[n * 13 + j] as f64))
-                        .sum::<f64>()
+                    + (0..13).map(|j| w.data[o * 13 + j] as f64 * h(x.data[n * 13 + j] as f64)).sum::<f64>()
             })
             .collect();
-        assert!(
-            relative_max_error(&out.data, &expected) < 1e-5,
-            "linear silu {silu}"
-        );
+        assert!(relative_max_error(&out.data, &expected) < 1e-5, "linear silu {silu}");
         backend.linear(&x, &w, None, silu, &mut out);
-        let no_bias: Vec<f64> = expected
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v - b.data[i % 7] as f64)
-            .collect();
-        assert!(
-            relative_max_error(&out.data, &no_bias) < 1e-5,
-            "linear without bias"
-        );
+        let no_bias: Vec<f64> = expected.iter().enumerate().map(|(i, &v)| v - b.data[i % 7] as f64).collect();
+        assert!(relative_max_error(&out.data, &no_bias) < 1e-5, "linear without bias");
 
         let forward = |x: &CpuTensor| {
             let mut out = zeros(&[3, 7]);
             backend.linear(x, &w, Some(&b), silu, &mut out);
             out
         };
-        let backward =
-            |dout: &CpuTensor, dx: &mut CpuTensor| backend.linear_backward(&x, &w, silu, dout, dx);
+        let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.linear_backward(&x, &w, silu, dout, dx);
         let (step, tolerance) = if silu { (1e-2, 5e-4) } else { (0.5, 1e-5) };
-        check_vjp(
-            &format!("linear silu {silu}"),
-            &mut rng,
-            &x,
-            &forward,
-            &backward,
-            step,
-            tolerance,
-        );
+        check_vjp(&format!("linear silu {silu}"), &mut rng, &x, &forward, &backward, step, tolerance);
     }
 }
 
@@ -668,11 +493,7 @@ fn layout_ops_forward_values() {
         for c in 0..7 {
             for y in 0..2 {
                 for xx in 0..3 {
-                    let expected = if (2..5).contains(&c) {
-                        at(&x, n, c - 2, 2 * y, 2 * xx)
-                    } else {
-                        0.0
-                    };
+                    let expected = if (2..5).contains(&c) { at(&x, n, c - 2, 2 * y, 2 * xx) } else { 0.0 };
                     assert_eq!(at(&sub, n, c, y, xx), expected);
                 }
             }
@@ -686,11 +507,7 @@ fn layout_ops_forward_values() {
         for c in 0..7 {
             for y in 0..3 {
                 for xx in 0..5 {
-                    let expected = if c < 3 {
-                        at(&x, n, c, y, xx)
-                    } else {
-                        at(&b, n, c - 3, y, xx)
-                    };
+                    let expected = if c < 3 { at(&x, n, c, y, xx) } else { at(&b, n, c - 3, y, xx) };
                     assert_eq!(at(&cat, n, c, y, xx), expected);
                 }
             }
@@ -699,11 +516,7 @@ fn layout_ops_forward_values() {
 
     let mut pooled = rng.tensor(&[2, 3]);
     backend.global_avg_pool(&x, &mut pooled);
-    let expected: Vec<f64> = x
-        .data
-        .chunks(15)
-        .map(|p| p.iter().map(|&v| v as f64).sum::<f64>() / 15.0)
-        .collect();
+    let expected: Vec<f64> = x.data.chunks(15).map(|p| p.iter().map(|&v| v as f64).sum::<f64>() / 15.0).collect();
     assert!(relative_max_error(&pooled.data, &expected) < 1e-6);
 
     let (scale, shift) = ([0.5, -2.0, 3.0], [0.1, 0.2, -0.3]);
@@ -794,35 +607,17 @@ fn layout_ops_backward_match_finite_differences() {
             backend.concat_channels(a, &other, &mut out);
             out
         };
-        let back_a = |g: &CpuTensor, d: &mut CpuTensor| {
-            backend.concat_channels_backward(g, d, &mut zeros(&[n, 2, h, w]))
-        };
-        check_vjp(
-            "concat_channels a",
-            &mut rng,
-            &x,
-            &cat_a,
-            &back_a,
-            step,
-            tolerance,
-        );
+        let back_a =
+            |g: &CpuTensor, d: &mut CpuTensor| backend.concat_channels_backward(g, d, &mut zeros(&[n, 2, h, w]));
+        check_vjp("concat_channels a", &mut rng, &x, &cat_a, &back_a, step, tolerance);
         let cat_b = |b: &CpuTensor| {
             let mut out = zeros(&[n, 2 + c, h, w]);
             backend.concat_channels(&other, b, &mut out);
             out
         };
-        let back_b = |g: &CpuTensor, d: &mut CpuTensor| {
-            backend.concat_channels_backward(g, &mut zeros(&[n, 2, h, w]), d)
-        };
-        check_vjp(
-            "concat_channels b",
-            &mut rng,
-            &x,
-            &cat_b,
-            &back_b,
-            step,
-            tolerance,
-        );
+        let back_b =
+            |g: &CpuTensor, d: &mut CpuTensor| backend.concat_channels_backward(g, &mut zeros(&[n, 2, h, w]), d);
+        check_vjp("concat_channels b", &mut rng, &x, &cat_b, &back_b, step, tolerance);
     }
 }
 
@@ -831,10 +626,7 @@ fn relu_backward_and_add_assign_accumulate() {
     let backend = CpuBackend;
     let mut rng = TestRng(9);
     let (y, dy) = (rng.tensor(&[2, 3, 4, 4]), rng.tensor(&[2, 3, 4, 4]));
-    let mut dx = CpuTensor {
-        shape: y.shape.clone(),
-        data: vec![1.0; y.data.len()],
-    };
+    let mut dx = CpuTensor { shape: y.shape.clone(), data: vec![1.0; y.data.len()] };
     backend.relu_backward(&y, &dy, &mut dx);
     for ((&g, &yv), &d) in dx.data.iter().zip(&y.data).zip(&dy.data) {
         assert_eq!(g, if yv > 0.0 { 1.0 + d } else { 1.0 });
@@ -863,30 +655,18 @@ fn elementwise_sampler_ops() {
     backend.copy(&x, &mut out);
     assert_eq!(out, x);
     backend.clamp(&mut out, -0.25, 0.5);
-    assert!(out
-        .data
-        .iter()
-        .zip(&x.data)
-        .all(|(&o, &v)| o == v.clamp(-0.25, 0.5)));
+    assert!(out.data.iter().zip(&x.data).all(|(&o, &v)| o == v.clamp(-0.25, 0.5)));
     backend.fill(&mut out, 3.0);
     assert!(out.data.iter().all(|&v| v == 3.0));
 
     // x0 estimate, posterior mean and the clip mask.
-    let k = StepCoefficients {
-        sqrt_abar: 0.6,
-        sqrt_one_minus_abar: 0.8,
-        c0: 0.3,
-        ct: 0.65,
-    };
+    let k = StepCoefficients { sqrt_abar: 0.6, sqrt_one_minus_abar: 0.8, c0: 0.3, ct: 0.65 };
     let mut x_t = rng.tensor(&x.shape);
     x_t.data.iter_mut().for_each(|v| *v *= 1.5);
     let eps = rng.tensor(&x.shape);
     let (mut x0, mut mu) = (zeros(&x.shape), zeros(&x.shape));
     backend.predict_x0_and_mean(&x_t, &eps, k, &mut x0, &mut mu);
-    let mut u = CpuTensor {
-        shape: x.shape.clone(),
-        data: vec![2.0; x.data.len()],
-    };
+    let mut u = CpuTensor { shape: x.shape.clone(), data: vec![2.0; x.data.len()] };
     backend.mask_clipped(&x_t, &eps, k, &mut u);
     let mut clipped = 0;
     for i in 0..x.data.len() {
@@ -896,10 +676,7 @@ fn elementwise_sampler_ops() {
         assert_eq!(u.data[i], if raw.abs() > 1.0 { 0.0 } else { 2.0 });
         clipped += (raw.abs() > 1.0) as usize;
     }
-    assert!(
-        clipped > 0 && clipped < x.data.len(),
-        "the case should clip some elements, not all"
-    );
+    assert!(clipped > 0 && clipped < x.data.len(), "the case should clip some elements, not all");
 }
 
 #[test]
@@ -929,16 +706,9 @@ fn constrain_guidance_limits_each_sample() {
             .sum::<f64>()
             .sqrt();
         let before = norm(&original.data[r.clone()]);
-        let factor = if before == 0.0 {
-            1.0
-        } else {
-            (kappa as f64 * step / before).min(1.0)
-        };
+        let factor = if before == 0.0 { 1.0 } else { (kappa as f64 * step / before).min(1.0) };
         for (&d, &o) in delta.data[r.clone()].iter().zip(&original.data[r]) {
-            assert!(
-                (d as f64 - o as f64 * factor).abs() <= 1e-6 * o.abs() as f64,
-                "sample {n}"
-            );
+            assert!((d as f64 - o as f64 * factor).abs() <= 1e-6 * o.abs() as f64, "sample {n}");
         }
         if n == 0 {
             assert!(factor < 1.0, "sample 0 should be limited");
@@ -961,21 +731,16 @@ fn guidance_and_cross_entropy_gradients_match_finite_differences() {
     let (features, reference) = (rng.tensor(&[n, f]), rng.tensor(&[n, f]));
     let mut logits = rng.tensor(&[n, k]);
     logits.data.iter_mut().for_each(|v| *v *= 3.0);
-    let labels = CpuTensor {
-        shape: vec![n],
-        data: vec![4.0, 0.0, 2.0],
-    };
+    let labels = CpuTensor { shape: vec![n], data: vec![4.0, 0.0, 2.0] };
     let (lambda_f, lambda_c) = (0.7f32, 1.3f32);
 
     let objective = |features: &[f32], logits: &[f32]| -> f64 {
         let mut total = 0.0;
         for b in 0..n {
-            let distance: f64 = (0..f)
-                .map(|i| (features[b * f + i] as f64 - reference.data[b * f + i] as f64).powi(2))
-                .sum();
+            let distance: f64 =
+                (0..f).map(|i| (features[b * f + i] as f64 - reference.data[b * f + i] as f64).powi(2)).sum();
             total += -(lambda_f as f64) * distance / f as f64
-                + lambda_c as f64
-                    * log_softmax(&logits[b * k..(b + 1) * k], labels.data[b] as usize);
+                + lambda_c as f64 * log_softmax(&logits[b * k..(b + 1) * k], labels.data[b] as usize);
         }
         total
     };
@@ -996,8 +761,7 @@ fn guidance_and_cross_entropy_gradients_match_finite_differences() {
         let (mut plus, mut minus) = (features.data.clone(), features.data.clone());
         plus[i] += h;
         minus[i] -= h;
-        let numeric = (objective(&plus, &logits.data) - objective(&minus, &logits.data))
-            / (plus[i] - minus[i]) as f64;
+        let numeric = (objective(&plus, &logits.data) - objective(&minus, &logits.data)) / (plus[i] - minus[i]) as f64;
         assert!(
             (dfeatures.data[i] as f64 - numeric).abs() < 1e-4,
             "dfeatures[{i}]: {} vs {numeric}",
@@ -1008,33 +772,22 @@ fn guidance_and_cross_entropy_gradients_match_finite_differences() {
         let (mut plus, mut minus) = (logits.data.clone(), logits.data.clone());
         plus[i] += h;
         minus[i] -= h;
-        let numeric = (objective(&features.data, &plus) - objective(&features.data, &minus))
-            / (plus[i] - minus[i]) as f64;
-        assert!(
-            (dlogits.data[i] as f64 - numeric).abs() < 1e-4,
-            "dlogits[{i}]: {} vs {numeric}",
-            dlogits.data[i]
-        );
+        let numeric =
+            (objective(&features.data, &plus) - objective(&features.data, &minus)) / (plus[i] - minus[i]) as f64;
+        assert!((dlogits.data[i] as f64 - numeric).abs() < 1e-4, "dlogits[{i}]: {} vs {numeric}", dlogits.data[i]);
     }
 
     // Cross-entropy: sum_n -log softmax(z_n)[y_n].
     let mut dce = rng.tensor(&[n, k]);
     backend.cross_entropy_grad(&logits, &labels, &mut dce);
-    let loss = |z: &[f32]| -> f64 {
-        (0..n)
-            .map(|b| -log_softmax(&z[b * k..(b + 1) * k], labels.data[b] as usize))
-            .sum()
-    };
+    let loss =
+        |z: &[f32]| -> f64 { (0..n).map(|b| -log_softmax(&z[b * k..(b + 1) * k], labels.data[b] as usize)).sum() };
     for i in 0..n * k {
         let (mut plus, mut minus) = (logits.data.clone(), logits.data.clone());
         plus[i] += h;
         minus[i] -= h;
         let numeric = (loss(&plus) - loss(&minus)) / (plus[i] - minus[i]) as f64;
-        assert!(
-            (dce.data[i] as f64 - numeric).abs() < 1e-4,
-            "cross-entropy d[{i}]: {} vs {numeric}",
-            dce.data[i]
-        );
+        assert!((dce.data[i] as f64 - numeric).abs() < 1e-4, "cross-entropy d[{i}]: {} vs {numeric}", dce.data[i]);
     }
 }
 
@@ -1044,19 +797,12 @@ fn guidance_and_cross_entropy_gradients_match_finite_differences() {
 #[test]
 fn memory_ops_check_sizes() {
     let backend = CpuBackend;
-    let t = backend
-        .upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])
-        .unwrap();
-    assert_eq!(
-        backend.download(&t).unwrap(),
-        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-    );
+    let t = backend.upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+    assert_eq!(backend.download(&t).unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     assert!(backend.upload(&[1.0, 2.0], &[3]).is_err());
     let mut z = backend.zeros(&[2, 3]).unwrap();
     assert_eq!(z.data, vec![0.0; 6]);
-    backend
-        .write(&mut z, &[6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
-        .unwrap();
+    backend.write(&mut z, &[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]).unwrap();
     assert_eq!(z.data, vec![6.0, 5.0, 4.0, 3.0, 2.0, 1.0]);
     assert!(backend.write(&mut z, &[1.0]).is_err());
     assert!(backend.name().starts_with("cpu (f32, "));
@@ -1065,19 +811,10 @@ fn memory_ops_check_sizes() {
 #[test]
 fn philox_known_answer_vectors() {
     // Random123 tests/kat_vectors, the three philox4x32 10 lines.
+    assert_eq!(rng::philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+    assert_eq!(rng::philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
     assert_eq!(
-        rng::philox4x32_10([0; 4], [0; 2]),
-        [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
-    );
-    assert_eq!(
-        rng::philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
-        [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
-    );
-    assert_eq!(
-        rng::philox4x32_10(
-            [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
-            [0xa4093822, 0x299f31d0]
-        ),
+        rng::philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
         [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
     );
 }
@@ -1089,12 +826,7 @@ fn fill_gaussian_is_standard_normal_and_reproducible() {
     let mut a = zeros(&[len]);
     backend.fill_gaussian(&mut a, 1234, 0);
     let mean = a.data.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-    let var = a
-        .data
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum::<f64>()
-        / len as f64;
+    let var = a.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
     // Standard errors: 1e-3 for the mean, 1.4e-3 for the variance.
     assert!(mean.abs() < 5e-3, "mean {mean}");
     assert!((var - 1.0).abs() < 1e-2, "variance {var}");
@@ -1123,13 +855,7 @@ fn results_do_not_depend_on_thread_count() {
         let mut rng = TestRng(14);
         let x = rng.tensor(&[2, 16, 12, 12]);
         let w = rng.tensor(&[20, 16, 3, 3]);
-        let g = Conv2dGeometry {
-            stride: 2,
-            pad_top: 0,
-            pad_left: 0,
-            pad_bottom: 1,
-            pad_right: 1,
-        };
+        let g = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
         let mut conv = zeros(&[2, 20, 6, 6]);
         backend.conv2d(&x, &w, None, g, ConvEpilogue::default(), &mut conv);
         let mut dx = zeros(&x.shape);
@@ -1144,17 +870,8 @@ fn results_do_not_depend_on_thread_count() {
         backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, &mut dq, &mut dk, &mut dv);
         [conv.data, dx.data, att.data, dq.data, dk.data, dv.data]
     };
-    let with_threads = |n| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build()
-            .unwrap()
-            .install(run)
-    };
-    assert!(
-        with_threads(1) == with_threads(3),
-        "results differ between 1 and 3 threads"
-    );
+    let with_threads = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(run);
+    assert!(with_threads(1) == with_threads(3), "results differ between 1 and 3 threads");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1185,16 +902,11 @@ fn conv3x3_128_channels_32x32_timing() {
     let backward = time(&mut || backend.conv2d_backward_input(&out, &w, g, &mut dx));
     let gmac = 128.0 * 128.0 * 9.0 * 1024.0 / 1e9;
     println!("conv 3x3 128->128 32x32 batch 1 on {}: forward {forward:.2} ms ({:.1} GMAC/s), backward-input {backward:.2} ms ({:.1} GMAC/s)", backend.name(), gmac / forward * 1e3, gmac / backward * 1e3);
-    let down = Conv2dGeometry {
-        stride: 2,
-        pad_top: 0,
-        pad_left: 0,
-        pad_bottom: 1,
-        pad_right: 1,
-    };
+    let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
     let mut half = zeros(&[1, 128, 16, 16]);
-    let down_forward =
-        time(&mut || backend.conv2d(&x, &w, None, down, ConvEpilogue::default(), &mut half));
+    let down_forward = time(&mut || backend.conv2d(&x, &w, None, down, ConvEpilogue::default(), &mut half));
     let down_backward = time(&mut || backend.conv2d_backward_input(&half, &w, down, &mut dx));
-    println!("downsample 3x3 stride 2 128->128 32x32: forward {down_forward:.2} ms, backward-input {down_backward:.2} ms");
+    println!(
+        "downsample 3x3 stride 2 128->128 32x32: forward {down_forward:.2} ms, backward-input {down_backward:.2} ms"
+    );
 }

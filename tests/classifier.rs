@@ -10,11 +10,7 @@ use purifier::data::tensor_file::TensorFile;
 use purifier::model::Classifier;
 
 fn resnet20(b: &CpuBackend) -> Classifier<CpuBackend> {
-    Classifier::load(
-        b,
-        &TensorFile::open(shared_path("weights/resnet20_cifar10.safetensors")).unwrap(),
-    )
-    .unwrap()
+    Classifier::load(b, &TensorFile::open(shared_path("weights/resnet20_cifar10.safetensors")).unwrap()).unwrap()
 }
 
 #[test]
@@ -28,20 +24,11 @@ fn resnet20_matches_pytorch() {
     // The engine's classifier takes x = 2p - 1; the golden's gradient is with respect to p.
     let x: Vec<f32> = pixels.iter().map(|p| 2.0 * p - 1.0).collect();
     let mut plan = net.plan(&b, shape[0], true).unwrap();
-    net.forward(&b, &mut plan, &b.upload(&x, &shape).unwrap())
-        .unwrap();
-    let logits_err = relative_error(
-        &b.download(&plan.logits).unwrap(),
-        &tensor(&golden, "logits").1,
-    );
-    let features_err = relative_error(
-        &b.download(&plan.features).unwrap(),
-        &tensor(&golden, "features").1,
-    );
+    net.forward(&b, &mut plan, &b.upload(&x, &shape).unwrap()).unwrap();
+    let logits_err = relative_error(&b.download(&plan.logits).unwrap(), &tensor(&golden, "logits").1);
+    let features_err = relative_error(&b.download(&plan.features).unwrap(), &tensor(&golden, "features").1);
     let v_dev = b.upload(&v, &[shape[0], 10]).unwrap();
-    let grad_x = b
-        .download(net.input_vjp(&b, &mut plan, Some(&v_dev), None).unwrap())
-        .unwrap();
+    let grad_x = b.download(net.input_vjp(&b, &mut plan, Some(&v_dev), None).unwrap()).unwrap();
     let grad_p: Vec<f32> = grad_x.iter().map(|g| 2.0 * g).collect();
     let grad_err = relative_error(&grad_p, &tensor(&golden, "grad_x").1);
     println!("logits {logits_err:.2e}, features {features_err:.2e}, grad {grad_err:.2e}");
@@ -59,26 +46,21 @@ fn feature_vjp_matches_finite_differences() {
     let w = uniform(64, 4);
     let mut plan = net.plan(&b, 1, true).unwrap();
     let mut features_dot = |x: &[f32]| {
-        net.forward(&b, &mut plan, &b.upload(x, &shape).unwrap())
-            .unwrap();
+        net.forward(&b, &mut plan, &b.upload(x, &shape).unwrap()).unwrap();
         dot(&b.download(&plan.features).unwrap(), &w)
     };
     let base = features_dot(&x);
     assert!(base.is_finite());
-    net.forward(&b, &mut plan, &b.upload(&x, &shape).unwrap())
-        .unwrap();
+    net.forward(&b, &mut plan, &b.upload(&x, &shape).unwrap()).unwrap();
     let w_dev = b.upload(&w, &[1, 64]).unwrap();
-    let grad = b
-        .download(net.input_vjp(&b, &mut plan, None, Some(&w_dev)).unwrap())
-        .unwrap();
+    let grad = b.download(net.input_vjp(&b, &mut plan, None, Some(&w_dev)).unwrap()).unwrap();
     let d = uniform(n, 5);
     let h = 1e-3f32;
     let plus: Vec<f32> = x.iter().zip(&d).map(|(x, d)| x + h * d).collect();
     let minus: Vec<f32> = x.iter().zip(&d).map(|(x, d)| x - h * d).collect();
     let mut plan2 = net.plan(&b, 1, false).unwrap();
     let mut eval = |x: &[f32]| {
-        net.forward(&b, &mut plan2, &b.upload(x, &shape).unwrap())
-            .unwrap();
+        net.forward(&b, &mut plan2, &b.upload(x, &shape).unwrap()).unwrap();
         dot(&b.download(&plan2.features).unwrap(), &w)
     };
     let fd = (eval(&plus) - eval(&minus)) / (2.0 * h as f64);
@@ -86,10 +68,7 @@ fn feature_vjp_matches_finite_differences() {
     let typical = (dot(&grad, &grad) * dot(&d, &d) / n as f64).sqrt();
     let rel = (fd - analytic).abs() / analytic.abs().max(typical);
     println!("vjp {analytic}, finite difference {fd}, relative {rel:.2e}");
-    assert!(
-        rel < 1e-2,
-        "feature VJP {analytic} vs finite difference {fd}"
-    );
+    assert!(rel < 1e-2, "feature VJP {analytic} vs finite difference {fd}");
 }
 
 /// ResNet-20 reaches the accuracy measured for these weights (91.6% on test_lossless.bin).
@@ -104,12 +83,7 @@ fn resnet20_accuracy_on_lossless_test_images() {
     let mut plan = net.plan(&b, batch, false).unwrap();
     let mut correct = 0;
     for (chunk, labels) in x.chunks(batch * 3072).zip(labels.chunks(batch)) {
-        net.forward(
-            &b,
-            &mut plan,
-            &b.upload(chunk, &[batch, 3, 32, 32]).unwrap(),
-        )
-        .unwrap();
+        net.forward(&b, &mut plan, &b.upload(chunk, &[batch, 3, 32, 32]).unwrap()).unwrap();
         let logits = b.download(&plan.logits).unwrap();
         for (row, &label) in logits.chunks(10).zip(labels) {
             let predicted = (0..10).max_by(|&i, &j| row[i].total_cmp(&row[j])).unwrap();
@@ -117,11 +91,7 @@ fn resnet20_accuracy_on_lossless_test_images() {
         }
     }
     let accuracy = correct as f64 / images.count as f64;
-    println!(
-        "ResNet-20: {correct}/{} = {:.2}%",
-        images.count,
-        accuracy * 100.0
-    );
+    println!("ResNet-20: {correct}/{} = {:.2}%", images.count, accuracy * 100.0);
     assert_eq!(images.count, 932);
     assert!(accuracy >= 0.91, "accuracy {accuracy}");
 }

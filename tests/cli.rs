@@ -30,10 +30,7 @@ fn classify_reports_resnet20_accuracy() {
 #[test]
 fn inspect_names_network_and_parameter_count() {
     let (ok, stdout, _) = run_cli(&["inspect", "../shared/weights/resnet20_cifar10.safetensors"]);
-    assert!(
-        ok && stdout.contains("ResNet-20") && stdout.contains("parameters: 269722"),
-        "{stdout}"
-    );
+    assert!(ok && stdout.contains("ResNet-20") && stdout.contains("parameters: 269722"), "{stdout}");
     let dir = tempfile::tempdir().unwrap();
     let w = dir.path().join("unet.safetensors");
     write_untrained_unet(&w, &UnetConfig::cifar10_small(), 1);
@@ -108,29 +105,13 @@ fn purify_writes_pngs_grid_and_accuracy() {
         "cpu",
     ]);
     assert!(ok, "{stderr}");
-    assert!(
-        stderr.contains("untrained"),
-        "the smoke-test weights must be announced: {stderr}"
-    );
-    assert!(
-        stdout.contains("before") && stdout.contains("after purification (3 images)"),
-        "{stdout}"
-    );
-    for name in [
-        "test_lossless_0000.png",
-        "test_lossless_0001.png",
-        "test_lossless_0002.png",
-        "grid.png",
-    ] {
+    assert!(stderr.contains("untrained"), "the smoke-test weights must be announced: {stderr}");
+    assert!(stdout.contains("before") && stdout.contains("after purification (3 images)"), "{stdout}");
+    for name in ["test_lossless_0000.png", "test_lossless_0001.png", "test_lossless_0002.png", "grid.png"] {
         assert!(out.join(name).is_file(), "{name} missing");
     }
     let grid = purifier::data::image::read_png(&out.join("grid.png")).unwrap();
-    assert!(
-        grid.width > 2 * 32 * 4 && grid.height >= 32 * 4,
-        "grid {}x{}",
-        grid.width,
-        grid.height
-    );
+    assert!(grid.width > 2 * 32 * 4 && grid.height >= 32 * 4, "grid {}x{}", grid.width, grid.height);
     let first = purifier::data::image::read_png(&out.join("test_lossless_0000.png")).unwrap();
     assert_eq!((first.width, first.height), (32, 32));
 }
@@ -166,33 +147,19 @@ fn bad_weights_get_clear_errors() {
         })
         .collect();
     let write = |path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]| {
-        let refs: Vec<(&str, &[usize], &[f32])> = tensors
-            .iter()
-            .map(|(n, s, d)| (n.as_str(), &s[..], &d[..]))
-            .collect();
+        let refs: Vec<(&str, &[usize], &[f32])> =
+            tensors.iter().map(|(n, s, d)| (n.as_str(), &s[..], &d[..])).collect();
         write_safetensors(path, &refs).unwrap();
     };
     let input = project_path("tests/golden/unet_cifar10_small.safetensors");
     let check = |weights: &Path, expected: &[&str]| {
         let out = dir.path().join("out.safetensors");
-        let err = cli_error(&[
-            "eps",
-            "--weights",
-            s(weights),
-            "--input",
-            s(&input),
-            "--output",
-            s(&out),
-            "--device",
-            "cpu",
-        ]);
+        let err =
+            cli_error(&["eps", "--weights", s(weights), "--input", s(&input), "--output", s(&out), "--device", "cpu"]);
         for e in expected {
             assert!(err.contains(e), "expected {e:?} in: {err}");
         }
-        assert!(
-            !out.exists(),
-            "an output file was written despite the error"
-        );
+        assert!(!out.exists(), "an output file was written despite the error");
         let err = cli_error(&["inspect", s(weights)]);
         for e in expected {
             assert!(err.contains(e), "inspect: expected {e:?} in: {err}");
@@ -200,13 +167,7 @@ fn bad_weights_get_clear_errors() {
     };
 
     let missing = dir.path().join("missing.safetensors");
-    write(
-        &missing,
-        &all.iter()
-            .filter(|(n, ..)| n != "mid.attn_1.q.weight")
-            .cloned()
-            .collect::<Vec<_>>(),
-    );
+    write(&missing, &all.iter().filter(|(n, ..)| n != "mid.attn_1.q.weight").cloned().collect::<Vec<_>>());
     check(&missing, &["missing tensor", "mid.attn_1.q.weight"]);
 
     let extra = dir.path().join("extra.safetensors");
@@ -217,27 +178,14 @@ fn bad_weights_get_clear_errors() {
 
     let misshaped = dir.path().join("misshaped.safetensors");
     let mut bad_shape = all.clone();
-    let k = bad_shape
-        .iter()
-        .position(|(n, ..)| n == "up.1.block.2.conv2.weight")
-        .unwrap();
+    let k = bad_shape.iter().position(|(n, ..)| n == "up.1.block.2.conv2.weight").unwrap();
     bad_shape[k].1 = vec![128, 128, 9, 1];
     write(&misshaped, &bad_shape);
-    check(
-        &misshaped,
-        &[
-            "up.1.block.2.conv2.weight",
-            "[128, 128, 9, 1]",
-            "[128, 128, 3, 3]",
-        ],
-    );
+    check(&misshaped, &["up.1.block.2.conv2.weight", "[128, 128, 9, 1]", "[128, 128, 3, 3]"]);
 
     let nan = dir.path().join("nan.safetensors");
     let mut with_nan = all.clone();
-    let k = with_nan
-        .iter()
-        .position(|(n, ..)| n == "down.2.block.0.norm1.bias")
-        .unwrap();
+    let k = with_nan.iter().position(|(n, ..)| n == "down.2.block.0.norm1.bias").unwrap();
     with_nan[k].2[7] = f32::NAN;
     write(&nan, &with_nan);
     check(&nan, &["down.2.block.0.norm1.bias", "NaN"]);
@@ -245,10 +193,7 @@ fn bad_weights_get_clear_errors() {
     let truncated = dir.path().join("truncated.safetensors");
     let bytes = std::fs::read(&good).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    check(
-        &truncated,
-        &["truncated.safetensors", "not a valid safetensors"],
-    );
+    check(&truncated, &["truncated.safetensors", "not a valid safetensors"]);
 
     let text = dir.path().join("text.safetensors");
     std::fs::write(&text, "these are not weights\n").unwrap();
@@ -263,27 +208,14 @@ fn bad_weights_get_clear_errors() {
             .iter()
             .map(|(n, s, d)| {
                 if n == "conv_out.weight" {
-                    (
-                        n.clone(),
-                        s.clone(),
-                        d.iter().flat_map(|v| (*v as i64).to_le_bytes()).collect(),
-                        Dtype::I64,
-                    )
+                    (n.clone(), s.clone(), d.iter().flat_map(|v| (*v as i64).to_le_bytes()).collect(), Dtype::I64)
                 } else {
-                    (
-                        n.clone(),
-                        s.clone(),
-                        d.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                        Dtype::F32,
-                    )
+                    (n.clone(), s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect(), Dtype::F32)
                 }
             })
             .collect();
         for (n, s, bytes, dtype) in &converted {
-            views.push((
-                n.clone(),
-                TensorView::new(*dtype, s.clone(), bytes).unwrap(),
-            ));
+            views.push((n.clone(), TensorView::new(*dtype, s.clone(), bytes).unwrap()));
         }
         serialize_to_file(views, None, &wrong_dtype).unwrap();
     }
@@ -291,19 +223,8 @@ fn bad_weights_get_clear_errors() {
 
     let absent = dir.path().join("absent.safetensors");
     let out = dir.path().join("out.safetensors");
-    let err = cli_error(&[
-        "eps",
-        "--weights",
-        s(&absent),
-        "--input",
-        s(&input),
-        "--output",
-        s(&out),
-    ]);
-    assert!(
-        err.contains("absent.safetensors") && err.contains("not found"),
-        "{err}"
-    );
+    let err = cli_error(&["eps", "--weights", s(&absent), "--input", s(&input), "--output", s(&out)]);
+    assert!(err.contains("absent.safetensors") && err.contains("not found"), "{err}");
 }
 
 /// Bad `eps` inputs: missing x, wrong image shape, NaN, step index out of range, missing v.
@@ -314,84 +235,37 @@ fn bad_eps_inputs_get_clear_errors() {
     write_untrained_unet(&w, &UnetConfig::cifar10_small(), 1);
     let out = dir.path().join("out.safetensors");
     let x = vec![0.1f32; 2 * 3072];
-    let case =
-        |name: &str, tensors: &[(&str, &[usize], &[f32])], extra: &[&str], expected: &[&str]| {
-            let input = dir.path().join(format!("{name}.safetensors"));
-            write_safetensors(&input, tensors).unwrap();
-            let mut args = vec![
-                "eps",
-                "--weights",
-                s(&w),
-                "--input",
-                s(&input),
-                "--output",
-                s(&out),
-                "--device",
-                "cpu",
-            ];
-            args.extend_from_slice(extra);
-            let err = cli_error(&args);
-            for e in expected {
-                assert!(err.contains(e), "{name}: expected {e:?} in: {err}");
-            }
-            assert!(!out.exists(), "{name}: output written despite the error");
-        };
-    case(
-        "no_x",
-        &[("t", &[2], &[1.0, 2.0])],
-        &[],
-        &["missing tensor `x`"],
-    );
+    let case = |name: &str, tensors: &[(&str, &[usize], &[f32])], extra: &[&str], expected: &[&str]| {
+        let input = dir.path().join(format!("{name}.safetensors"));
+        write_safetensors(&input, tensors).unwrap();
+        let mut args = vec!["eps", "--weights", s(&w), "--input", s(&input), "--output", s(&out), "--device", "cpu"];
+        args.extend_from_slice(extra);
+        let err = cli_error(&args);
+        for e in expected {
+            assert!(err.contains(e), "{name}: expected {e:?} in: {err}");
+        }
+        assert!(!out.exists(), "{name}: output written despite the error");
+    };
+    case("no_x", &[("t", &[2], &[1.0, 2.0])], &[], &["missing tensor `x`"]);
     case(
         "small_images",
-        &[
-            ("x", &[2, 3, 16, 16], &x[..2 * 768]),
-            ("t", &[2], &[1.0, 2.0]),
-        ],
+        &[("x", &[2, 3, 16, 16], &x[..2 * 768]), ("t", &[2], &[1.0, 2.0])],
         &[],
         &["`x`", "[2, 3, 16, 16]", "32 x 32"],
     );
     case(
         "gray_images",
-        &[
-            ("x", &[2, 1, 32, 32], &x[..2 * 1024]),
-            ("t", &[2], &[1.0, 2.0]),
-        ],
+        &[("x", &[2, 1, 32, 32], &x[..2 * 1024]), ("t", &[2], &[1.0, 2.0])],
         &[],
         &["`x`", "[2, 1, 32, 32]"],
     );
     let mut with_nan = x.clone();
     with_nan[100] = f32::NAN;
-    case(
-        "nan_image",
-        &[("x", &[2, 3, 32, 32], &with_nan), ("t", &[2], &[1.0, 2.0])],
-        &[],
-        &["`x`", "NaN"],
-    );
-    case(
-        "t_too_large",
-        &[("x", &[2, 3, 32, 32], &x), ("t", &[2], &[1.0, 1000.0])],
-        &[],
-        &["1000", "out of range"],
-    );
-    case(
-        "t_fraction",
-        &[("x", &[2, 3, 32, 32], &x), ("t", &[2], &[1.5, 3.0])],
-        &[],
-        &["`t`", "1.5"],
-    );
-    case(
-        "t_count",
-        &[("x", &[2, 3, 32, 32], &x), ("t", &[3], &[1.0, 2.0, 3.0])],
-        &[],
-        &["`t`", "[3]"],
-    );
-    case(
-        "no_v",
-        &[("x", &[2, 3, 32, 32], &x), ("t", &[2], &[1.0, 2.0])],
-        &["--vjp"],
-        &["missing tensor `v`"],
-    );
+    case("nan_image", &[("x", &[2, 3, 32, 32], &with_nan), ("t", &[2], &[1.0, 2.0])], &[], &["`x`", "NaN"]);
+    case("t_too_large", &[("x", &[2, 3, 32, 32], &x), ("t", &[2], &[1.0, 1000.0])], &[], &["1000", "out of range"]);
+    case("t_fraction", &[("x", &[2, 3, 32, 32], &x), ("t", &[2], &[1.5, 3.0])], &[], &["`t`", "1.5"]);
+    case("t_count", &[("x", &[2, 3, 32, 32], &x), ("t", &[3], &[1.0, 2.0, 3.0])], &[], &["`t`", "[3]"]);
+    case("no_v", &[("x", &[2, 3, 32, 32], &x), ("t", &[2], &[1.0, 2.0])], &["--vjp"], &["missing tensor `v`"]);
 }
 
 /// Bad images and settings for `purify`: wrong size, grayscale, missing file, t* out of range;
@@ -406,11 +280,7 @@ fn bad_purify_inputs_get_clear_errors() {
         let mut encoder = png::Encoder::new(file, 16, 16);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        encoder
-            .write_header()
-            .unwrap()
-            .write_image_data(&vec![100u8; 16 * 16 * 3])
-            .unwrap();
+        encoder.write_header().unwrap().write_image_data(&vec![100u8; 16 * 16 * 3]).unwrap();
     }
     let gray = dir.path().join("gray.png");
     {
@@ -418,55 +288,25 @@ fn bad_purify_inputs_get_clear_errors() {
         let mut encoder = png::Encoder::new(file, 32, 32);
         encoder.set_color(png::ColorType::Grayscale);
         encoder.set_depth(png::BitDepth::Eight);
-        encoder
-            .write_header()
-            .unwrap()
-            .write_image_data(&vec![100u8; 32 * 32])
-            .unwrap();
+        encoder.write_header().unwrap().write_image_data(&vec![100u8; 32 * 32]).unwrap();
     }
-    let base = [
-        "purify",
-        "--untrained-seed",
-        "1",
-        "--out",
-        s(&out),
-        "--device",
-        "cpu",
-        "--input",
-    ];
+    let base = ["purify", "--untrained-seed", "1", "--out", s(&out), "--device", "cpu", "--input"];
     let with = |extra: &[&str]| {
         let mut args = base.to_vec();
         args.extend_from_slice(extra);
         cli_error(&args)
     };
     let err = with(&[s(&small)]);
-    assert!(
-        err.contains("small.png") && err.contains("16x16") && err.contains("32x32"),
-        "{err}"
-    );
+    assert!(err.contains("small.png") && err.contains("16x16") && err.contains("32x32"), "{err}");
     let err = with(&[s(&gray)]);
-    assert!(
-        err.contains("gray.png") && err.contains("grayscale"),
-        "{err}"
-    );
+    assert!(err.contains("gray.png") && err.contains("grayscale"), "{err}");
     let err = with(&["no_such_file.bin"]);
     assert!(err.contains("no_such_file.bin"), "{err}");
     let err = with(&["../shared/data/cifar10/test_lossless.bin", "--t-star", "0"]);
-    assert!(
-        err.contains("t*") && err.contains("between 1 and 1000"),
-        "{err}"
-    );
-    let err = with(&[
-        "../shared/data/cifar10/test_lossless.bin",
-        "--t-star",
-        "5000",
-    ]);
+    assert!(err.contains("t*") && err.contains("between 1 and 1000"), "{err}");
+    let err = with(&["../shared/data/cifar10/test_lossless.bin", "--t-star", "5000"]);
     assert!(err.contains("5000"), "{err}");
-    let err = with(&[
-        "../shared/data/cifar10/test_lossless.bin",
-        "--mode",
-        "adversarial",
-    ]);
+    let err = with(&["../shared/data/cifar10/test_lossless.bin", "--mode", "adversarial"]);
     assert!(err.contains("auxiliary"), "{err}");
     assert!(!out.exists(), "nothing may be written on bad input");
 }

@@ -9,16 +9,11 @@ use purifier::data::tensor_file::{write_safetensors, write_safetensors_f16, Dtyp
 use purifier::data::{load_images, ImageBatch};
 use purifier::Error;
 
-const TEST_LOSSLESS: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../shared/data/cifar10/test_lossless.bin"
-);
+const TEST_LOSSLESS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/cifar10/test_lossless.bin");
 
 /// A fresh, empty directory for one test.
 fn scratch(test: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("data_io")
-        .join(test);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("data_io").join(test);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -26,10 +21,8 @@ fn scratch(test: &str) -> PathBuf {
 
 /// Files in `dir`, sorted, so tests can check that nothing (no temporary file) was left behind.
 fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     names
 }
@@ -49,10 +42,7 @@ fn bytes(n: usize, seed: u64) -> Vec<u8> {
 
 /// Values in [0, 1] that are exact at 8 bits.
 fn pixels_8bit(n: usize, seed: u64) -> Vec<f32> {
-    bytes(n, seed)
-        .into_iter()
-        .map(|b| f32::from(b) / 255.0)
-        .collect()
+    bytes(n, seed).into_iter().map(|b| f32::from(b) / 255.0).collect()
 }
 
 fn batch(count: usize, labels: Option<Vec<u8>>, seed: u64) -> ImageBatch {
@@ -61,14 +51,7 @@ fn batch(count: usize, labels: Option<Vec<u8>>, seed: u64) -> ImageBatch {
 }
 
 /// Writes a PNG with any colour type and depth, straight through the png crate.
-fn write_raw_png(
-    path: &Path,
-    width: u32,
-    height: u32,
-    color: png::ColorType,
-    depth: png::BitDepth,
-    data: &[u8],
-) {
+fn write_raw_png(path: &Path, width: u32, height: u32, color: png::ColorType, depth: png::BitDepth, data: &[u8]) {
     let file = std::fs::File::create(path).unwrap();
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
     encoder.set_color(color);
@@ -103,21 +86,13 @@ fn image_batch_helpers() {
     assert!(over.pixels.iter().all(|&p| p == 1.0));
     let mut nan = vec![0.0; 3072];
     nan[5] = f32::NAN;
-    let err =
-        message(ImageBatch::from_model_range(&nan, 32, 32, None, vec!["n".into()]).unwrap_err());
-    assert!(
-        err.contains("non-finite") && err.contains("element 5"),
-        "{err}"
-    );
+    let err = message(ImageBatch::from_model_range(&nan, 32, 32, None, vec!["n".into()]).unwrap_err());
+    assert!(err.contains("non-finite") && err.contains("element 5"), "{err}");
 
     let s = b.select(1..3).unwrap();
     assert_eq!(
         (s.count, s.labels.as_deref(), s.names.clone()),
-        (
-            2,
-            Some(&[1u8, 2][..]),
-            vec!["img_1".to_string(), "img_2".into()]
-        )
+        (2, Some(&[1u8, 2][..]), vec!["img_1".to_string(), "img_2".into()])
     );
     assert_eq!(s.image(0), b.image(1));
     assert_eq!(b.take(2).count, 2);
@@ -140,10 +115,7 @@ fn cifar_round_trip() {
     let path = dir.join("mine.bin");
     let original = batch(12, Some((0..12).map(|i| (i % 10) as u8).collect()), 2);
     cifar::write_cifar(&path, &original).unwrap();
-    assert_eq!(
-        std::fs::metadata(&path).unwrap().len(),
-        12 * RECORD_BYTES as u64
-    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 12 * RECORD_BYTES as u64);
     let read = cifar::read_cifar(&path, None).unwrap();
     assert_eq!(read.pixels, original.pixels);
     assert_eq!(read.labels, original.labels);
@@ -155,8 +127,7 @@ fn cifar_round_trip() {
     assert_eq!(limited.pixels[..], original.pixels[..5 * 3072]);
 
     // Writing needs labels.
-    let err =
-        message(cifar::write_cifar(&dir.join("nolabels.bin"), &batch(2, None, 3)).unwrap_err());
+    let err = message(cifar::write_cifar(&dir.join("nolabels.bin"), &batch(2, None, 3)).unwrap_err());
     assert!(err.contains("labels"), "{err}");
 }
 
@@ -197,10 +168,7 @@ fn cifar_bad_inputs() {
     let short = dir.join("short.bin");
     std::fs::write(&short, &bytes[..bytes.len() - 3072]).unwrap();
     let err = message(cifar::read_cifar(&short, None).unwrap_err());
-    assert!(
-        err.contains("short.bin") && err.contains("3073") && err.contains("6147"),
-        "{err}"
-    );
+    assert!(err.contains("short.bin") && err.contains("3073") && err.contains("6147"), "{err}");
 
     // A label of 12 in the second record.
     let mut labelled = bytes.clone();
@@ -208,10 +176,7 @@ fn cifar_bad_inputs() {
     let bad_label = dir.join("label12.bin");
     std::fs::write(&bad_label, &labelled).unwrap();
     let err = message(cifar::read_cifar(&bad_label, None).unwrap_err());
-    assert!(
-        err.contains("label12.bin") && err.contains("record 1") && err.contains("label 12"),
-        "{err}"
-    );
+    assert!(err.contains("label12.bin") && err.contains("record 1") && err.contains("label 12"), "{err}");
     let err = message(load_images(&[bad_label], None).unwrap_err());
     assert!(err.contains("label 12"), "{err}");
 
@@ -258,42 +223,20 @@ fn png_round_trip_is_exact_at_8_bits() {
 fn png_accepts_opaque_rgba_and_palette() {
     let dir = scratch("png_rgba_palette");
     let rgb = bytes(32 * 32 * 3, 6);
-    let expected: Vec<f32> = (0..3)
-        .flat_map(|c| (0..1024).map(move |i| (c, i)))
-        .map(|(c, i)| f32::from(rgb[i * 3 + c]) / 255.0)
-        .collect();
+    let expected: Vec<f32> =
+        (0..3).flat_map(|c| (0..1024).map(move |i| (c, i))).map(|(c, i)| f32::from(rgb[i * 3 + c]) / 255.0).collect();
 
-    let rgba: Vec<u8> = rgb
-        .chunks(3)
-        .flat_map(|p| [p[0], p[1], p[2], 255])
-        .collect();
+    let rgba: Vec<u8> = rgb.chunks(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
     let opaque = dir.join("opaque.png");
-    write_raw_png(
-        &opaque,
-        32,
-        32,
-        png::ColorType::Rgba,
-        png::BitDepth::Eight,
-        &rgba,
-    );
+    write_raw_png(&opaque, 32, 32, png::ColorType::Rgba, png::BitDepth::Eight, &rgba);
     assert_eq!(read_png(&opaque).unwrap().pixels, expected);
 
     let mut see_through = rgba.clone();
     see_through[4 * 37 + 3] = 10;
     let transparent = dir.join("transparent.png");
-    write_raw_png(
-        &transparent,
-        32,
-        32,
-        png::ColorType::Rgba,
-        png::BitDepth::Eight,
-        &see_through,
-    );
+    write_raw_png(&transparent, 32, 32, png::ColorType::Rgba, png::BitDepth::Eight, &see_through);
     let err = message(read_png(&transparent).unwrap_err());
-    assert!(
-        err.contains("transparent.png") && err.contains("alpha 10") && err.contains("(5, 1)"),
-        "{err}"
-    );
+    assert!(err.contains("transparent.png") && err.contains("alpha 10") && err.contains("(5, 1)"), "{err}");
 
     // A 4-colour palette image.
     let palette = [255u8, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30];
@@ -313,10 +256,7 @@ fn png_accepts_opaque_rgba_and_palette() {
     for i in 0..1024 {
         let k = i % 4;
         for c in 0..3 {
-            assert_eq!(
-                image.pixels[c * 1024 + i],
-                f32::from(palette[3 * k + c]) / 255.0
-            );
+            assert_eq!(image.pixels[c * 1024 + i], f32::from(palette[3 * k + c]) / 255.0);
         }
     }
 }
@@ -341,15 +281,8 @@ fn load_images_from_pngs_and_directories() {
     // A single file, the directory again (repeated names get a suffix) and a CIFAR file, limited.
     let cifar_path = dir.join("set.bin");
     cifar::write_cifar(&cifar_path, &batch(4, Some(vec![9, 8, 7, 6]), 8)).unwrap();
-    let mixed = load_images(
-        &[pngs.join("c.png"), pngs.clone(), cifar_path.clone()],
-        Some(6),
-    )
-    .unwrap();
-    assert_eq!(
-        mixed.names,
-        vec!["c", "a", "b", "c_2", "set_0000", "set_0001"]
-    );
+    let mixed = load_images(&[pngs.join("c.png"), pngs.clone(), cifar_path.clone()], Some(6)).unwrap();
+    assert_eq!(mixed.names, vec!["c", "a", "b", "c_2", "set_0000", "set_0001"]);
     assert_eq!(mixed.labels, None, "labels only when every source has them");
     let cifar_only = load_images(&[cifar_path], None).unwrap();
     assert_eq!(cifar_only.labels, Some(vec![9, 8, 7, 6]));
@@ -361,54 +294,24 @@ fn png_bad_inputs() {
 
     let small = dir.join("small.png");
     write_png(&small, &pixels_8bit(3 * 16 * 16, 9), 16, 16).unwrap();
-    assert_eq!(
-        read_png(&small).unwrap().width,
-        16,
-        "any size reads through read_png"
-    );
+    assert_eq!(read_png(&small).unwrap().width, 16, "any size reads through read_png");
     let err = message(load_images(std::slice::from_ref(&small), None).unwrap_err());
-    assert!(
-        err.contains("small.png") && err.contains("16x16") && err.contains("32x32"),
-        "{err}"
-    );
+    assert!(err.contains("small.png") && err.contains("16x16") && err.contains("32x32"), "{err}");
 
     let gray = dir.join("gray.png");
-    write_raw_png(
-        &gray,
-        32,
-        32,
-        png::ColorType::Grayscale,
-        png::BitDepth::Eight,
-        &bytes(1024, 10),
-    );
+    write_raw_png(&gray, 32, 32, png::ColorType::Grayscale, png::BitDepth::Eight, &bytes(1024, 10));
     let err = message(read_png(&gray).unwrap_err());
-    assert!(
-        err.contains("gray.png") && err.contains("expected 8-bit RGB, found 8-bit grayscale"),
-        "{err}"
-    );
+    assert!(err.contains("gray.png") && err.contains("expected 8-bit RGB, found 8-bit grayscale"), "{err}");
 
     let deep = dir.join("deep.png");
-    write_raw_png(
-        &deep,
-        32,
-        32,
-        png::ColorType::Rgb,
-        png::BitDepth::Sixteen,
-        &bytes(32 * 32 * 6, 11),
-    );
+    write_raw_png(&deep, 32, 32, png::ColorType::Rgb, png::BitDepth::Sixteen, &bytes(32 * 32 * 6, 11));
     let err = message(load_images(&[deep], None).unwrap_err());
-    assert!(
-        err.contains("deep.png") && err.contains("expected 8-bit RGB, found 16-bit RGB"),
-        "{err}"
-    );
+    assert!(err.contains("deep.png") && err.contains("expected 8-bit RGB, found 16-bit RGB"), "{err}");
 
     let text = dir.join("text.png");
     std::fs::write(&text, "this is not a PNG").unwrap();
     let err = message(read_png(&text).unwrap_err());
-    assert!(
-        err.contains("text.png") && err.contains("not a readable PNG"),
-        "{err}"
-    );
+    assert!(err.contains("text.png") && err.contains("not a readable PNG"), "{err}");
 
     let good = dir.join("good.png");
     write_png(&good, &pixels_8bit(3 * 32 * 32, 12), 32, 32).unwrap();
@@ -421,18 +324,12 @@ fn png_bad_inputs() {
     let empty_dir = dir.join("nothing");
     std::fs::create_dir(&empty_dir).unwrap();
     let err = message(load_images(&[empty_dir], None).unwrap_err());
-    assert!(
-        err.contains("nothing") && err.contains("no .png files"),
-        "{err}"
-    );
+    assert!(err.contains("nothing") && err.contains("no .png files"), "{err}");
 
     let other = dir.join("weights.npy");
     std::fs::write(&other, b"x").unwrap();
     let err = message(load_images(&[other], None).unwrap_err());
-    assert!(
-        err.contains("weights.npy") && err.contains("unknown file type"),
-        "{err}"
-    );
+    assert!(err.contains("weights.npy") && err.contains("unknown file type"), "{err}");
 
     let missing = dir.join("missing.png");
     let err = load_images(&[missing], None).unwrap_err();
@@ -450,10 +347,7 @@ fn writing_nan_fails_and_leaves_no_file() {
 
     let path = dir.join("nan.png");
     let err = message(write_png(&path, &pixels, 32, 32).unwrap_err());
-    assert!(
-        err.contains("nan.png") && err.contains("non-finite") && err.contains("element 100"),
-        "{err}"
-    );
+    assert!(err.contains("nan.png") && err.contains("non-finite") && err.contains("element 100"), "{err}");
     assert!(listing(&dir).is_empty(), "left behind: {:?}", listing(&dir));
 
     // An existing file survives a failed overwrite untouched.
@@ -468,34 +362,15 @@ fn writing_nan_fails_and_leaves_no_file() {
     let mut b = batch(2, Some(vec![0, 1]), 15);
     b.pixels[3000] = f32::INFINITY;
     let err = message(cifar::write_cifar(&dir.join("nan.bin"), &b).unwrap_err());
-    assert!(
-        err.contains("nan.bin") && err.contains("non-finite"),
-        "{err}"
-    );
+    assert!(err.contains("nan.bin") && err.contains("non-finite"), "{err}");
     let clean = batch(2, None, 16);
-    let err = message(
-        write_image_grid(
-            &dir.join("grid.png"),
-            &[&clean.pixels, &b.pixels],
-            32,
-            32,
-            2,
-            4,
-        )
-        .unwrap_err(),
-    );
-    assert!(
-        err.contains("grid.png") && err.contains("column 1"),
-        "{err}"
-    );
+    let err = message(write_image_grid(&dir.join("grid.png"), &[&clean.pixels, &b.pixels], 32, 32, 2, 4).unwrap_err());
+    assert!(err.contains("grid.png") && err.contains("column 1"), "{err}");
     assert_eq!(listing(&dir), vec!["keep.png"]);
 
     // A directory that does not exist: a write error naming the path.
     let err = message(write_png(&dir.join("no_such_dir/out.png"), &good, 32, 32).unwrap_err());
-    assert!(
-        err.contains("cannot write") && err.contains("no_such_dir"),
-        "{err}"
-    );
+    assert!(err.contains("cannot write") && err.contains("no_such_dir"), "{err}");
 }
 
 #[test]
@@ -526,14 +401,7 @@ fn comparison_grid_layout() {
             let want_out = purified.image(4)[c * 1024 + y * 32 + x];
             for (dx, dy) in [(0, 0), (scale - 1, scale - 1)] {
                 assert_eq!(at(c, cx + x * scale + dx, cy + y * scale + dy), want_in);
-                assert_eq!(
-                    at(
-                        c,
-                        cx + 32 * scale + inner + x * scale + dx,
-                        cy + y * scale + dy
-                    ),
-                    want_out
-                );
+                assert_eq!(at(c, cx + 32 * scale + inner + x * scale + dx, cy + y * scale + dy), want_out);
             }
         }
     }
@@ -550,9 +418,7 @@ fn comparison_grid_layout() {
     assert_eq!(grid.pixels[gap * grid.width + gap], clean.pixels[0]);
 
     // Bad layouts.
-    let err = message(
-        write_comparison_grid(&path, &inputs, &batch(4, None, 20), None, 3, 4).unwrap_err(),
-    );
+    let err = message(write_comparison_grid(&path, &inputs, &batch(4, None, 20), None, 3, 4).unwrap_err());
     assert!(err.contains("4 images"), "{err}");
     let err = message(write_image_grid(&path, &[&inputs.pixels], 32, 32, 0, 4).unwrap_err());
     assert!(err.contains("cells per row"), "{err}");
@@ -568,10 +434,7 @@ fn write_raw_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u
     let views: Vec<_> = tensors
         .iter()
         .map(|(name, dtype, shape, data)| {
-            (
-                name.to_string(),
-                safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap(),
-            )
+            (name.to_string(), safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).unwrap())
         })
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
@@ -583,25 +446,14 @@ fn safetensors_f32_round_trip() {
     let path = dir.join("out.safetensors");
     let a: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 3.0).collect();
     let b = vec![f32::NAN, f32::INFINITY, -0.0, 1e-30];
-    write_safetensors(
-        &path,
-        &[
-            ("layer.weight", &[2, 3, 4], &a),
-            ("b", &[4], &b),
-            ("empty", &[0, 3], &[]),
-        ],
-    )
-    .unwrap();
+    write_safetensors(&path, &[("layer.weight", &[2, 3, 4], &a), ("b", &[4], &b), ("empty", &[0, 3], &[])]).unwrap();
     assert_eq!(listing(&dir), vec!["out.safetensors"]);
 
     let file = TensorFile::open(&path).unwrap();
     assert_eq!(file.names(), vec!["b", "empty", "layer.weight"]);
     assert_eq!(file.shape("layer.weight").unwrap(), &[2, 3, 4]);
     assert_eq!(file.dtype("layer.weight").unwrap(), Dtype::F32);
-    assert_eq!(
-        file.get_f32("layer.weight").unwrap(),
-        (vec![2, 3, 4], a.clone())
-    );
+    assert_eq!(file.get_f32("layer.weight").unwrap(), (vec![2, 3, 4], a.clone()));
     assert_eq!(file.require_f32("layer.weight", &[2, 3, 4]).unwrap(), a);
     // Non-finite values pass through: the caller decides.
     let (_, got) = file.get_f32("b").unwrap();
@@ -610,34 +462,18 @@ fn safetensors_f32_round_trip() {
 
     // Missing tensors, wrong shapes, with the names in the message.
     let err = message(file.require_f32("weight", &[2, 3, 4]).unwrap_err());
-    assert!(
-        err.contains("out.safetensors") && err.contains("`weight`") && err.contains("layer.weight"),
-        "{err}"
-    );
+    assert!(err.contains("out.safetensors") && err.contains("`weight`") && err.contains("layer.weight"), "{err}");
     let err = message(file.get_f32("nothing").unwrap_err());
-    assert!(
-        err.contains("missing tensor `nothing`") && err.contains("3 tensors"),
-        "{err}"
-    );
+    assert!(err.contains("missing tensor `nothing`") && err.contains("3 tensors"), "{err}");
     let err = file.require_f32("layer.weight", &[6, 4]).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { .. }));
     let err = message(err);
-    assert!(
-        err.contains("layer.weight") && err.contains("[2, 3, 4]") && err.contains("[6, 4]"),
-        "{err}"
-    );
+    assert!(err.contains("layer.weight") && err.contains("[2, 3, 4]") && err.contains("[6, 4]"), "{err}");
 
     // Bad writer arguments.
-    let err =
-        message(write_safetensors(dir.join("x.safetensors"), &[("t", &[5], &a)]).unwrap_err());
+    let err = message(write_safetensors(dir.join("x.safetensors"), &[("t", &[5], &a)]).unwrap_err());
     assert!(err.contains("`t`") && err.contains("24 values"), "{err}");
-    let err = message(
-        write_safetensors(
-            dir.join("x.safetensors"),
-            &[("t", &[4], &b), ("t", &[4], &b)],
-        )
-        .unwrap_err(),
-    );
+    let err = message(write_safetensors(dir.join("x.safetensors"), &[("t", &[4], &b), ("t", &[4], &b)]).unwrap_err());
     assert!(err.contains("twice"), "{err}");
     assert_eq!(listing(&dir), vec!["out.safetensors"]);
 }
@@ -657,27 +493,16 @@ fn safetensors_f16_bf16_f64_and_indices() {
     for (g, v) in got.iter().zip(values) {
         assert_eq!(*g, half::f16::from_f32(v).to_f32());
     }
-    let err = message(
-        write_safetensors_f16(dir.join("big.safetensors"), &[("big", &[1], &[1e6])]).unwrap_err(),
-    );
+    let err = message(write_safetensors_f16(dir.join("big.safetensors"), &[("big", &[1], &[1e6])]).unwrap_err());
     assert!(err.contains("`big`") && err.contains("F16 range"), "{err}");
 
     // BF16, F64, I64, I32, U8 and float indices, written by the safetensors crate.
-    let bf16: Vec<u8> = values
-        .iter()
-        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-        .collect();
-    let f64s: Vec<u8> = values
-        .iter()
-        .flat_map(|&v| f64::from(v).to_le_bytes())
-        .collect();
+    let bf16: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+    let f64s: Vec<u8> = values.iter().flat_map(|&v| f64::from(v).to_le_bytes()).collect();
     let steps: Vec<i64> = vec![999, 500, 0, -1];
     let i64s: Vec<u8> = steps.iter().flat_map(|v| v.to_le_bytes()).collect();
     let i32s: Vec<u8> = [7i32, 3].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let whole: Vec<u8> = [3.0f32, 8.0, 0.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let whole: Vec<u8> = [3.0f32, 8.0, 0.0].iter().flat_map(|v| v.to_le_bytes()).collect();
     let frac: Vec<u8> = [3.0f32, 8.5].iter().flat_map(|v| v.to_le_bytes()).collect();
     let path = dir.join("types.safetensors");
     write_raw_safetensors(
@@ -703,17 +528,11 @@ fn safetensors_f16_bf16_f64_and_indices() {
     assert_eq!(file.get_indices("labels").unwrap().1, vec![3, 8, 0]);
     assert_eq!(file.get_indices("whole").unwrap().1, vec![3, 8, 0]);
     let err = message(file.get_indices("frac").unwrap_err());
-    assert!(
-        err.contains("`frac`") && err.contains("non-integer 8.5"),
-        "{err}"
-    );
+    assert!(err.contains("`frac`") && err.contains("non-integer 8.5"), "{err}");
     let err = file.get_f32("steps").unwrap_err();
     assert!(matches!(err, Error::WrongDtype { .. }));
     let err = message(err);
-    assert!(
-        err.contains("types.safetensors") && err.contains("`steps`") && err.contains("I64"),
-        "{err}"
-    );
+    assert!(err.contains("types.safetensors") && err.contains("`steps`") && err.contains("I64"), "{err}");
     let err = message(file.get_indices("missing").unwrap_err());
     assert!(err.contains("`missing`"), "{err}");
 }
@@ -730,26 +549,17 @@ fn safetensors_bad_inputs() {
     let err = TensorFile::open(&truncated).unwrap_err();
     assert!(matches!(err, Error::NotSafetensors { .. }));
     let err = message(err);
-    assert!(
-        err.contains("truncated.safetensors") && err.contains("truncated"),
-        "{err}"
-    );
+    assert!(err.contains("truncated.safetensors") && err.contains("truncated"), "{err}");
 
     let header_only = dir.join("header_cut.safetensors");
     std::fs::write(&header_only, &bytes[..20]).unwrap();
     let err = message(TensorFile::open(&header_only).unwrap_err());
-    assert!(
-        err.contains("header_cut.safetensors") && err.contains("header length"),
-        "{err}"
-    );
+    assert!(err.contains("header_cut.safetensors") && err.contains("header length"), "{err}");
 
     let tiny = dir.join("tiny.safetensors");
     std::fs::write(&tiny, b"abc").unwrap();
     let err = message(TensorFile::open(&tiny).unwrap_err());
-    assert!(
-        err.contains("tiny.safetensors") && err.contains("3 bytes"),
-        "{err}"
-    );
+    assert!(err.contains("tiny.safetensors") && err.contains("3 bytes"), "{err}");
 
     let text = dir.join("text.safetensors");
     std::fs::write(&text, "this is a text file, not tensors\n".repeat(10)).unwrap();

@@ -18,16 +18,12 @@ fn check_golden(config: UnetConfig, file: &str) {
     let (_, v) = tensor(&golden, "v");
     let mut plan = unet.plan(&b, shape[0], true).unwrap();
     let x_dev = b.upload(&x, &shape).unwrap();
-    let eps = b
-        .download(unet.forward(&b, &mut plan, &x_dev, &t).unwrap())
-        .unwrap();
+    let eps = b.download(unet.forward(&b, &mut plan, &x_dev, &t).unwrap()).unwrap();
     let temb = b.download(plan.temb()).unwrap();
     let temb_err = relative_error(&temb, &tensor(&golden, "temb").1);
     let eps_err = relative_error(&eps, &tensor(&golden, "eps").1);
     let v_dev = b.upload(&v, &shape).unwrap();
-    let grad = b
-        .download(unet.input_vjp(&b, &mut plan, &v_dev).unwrap())
-        .unwrap();
+    let grad = b.download(unet.input_vjp(&b, &mut plan, &v_dev).unwrap()).unwrap();
     let grad_err = relative_error(&grad, &tensor(&golden, "grad_x").1);
     println!("{file}: temb {temb_err:.2e}, eps {eps_err:.2e}, grad_x {grad_err:.2e}");
     assert!(temb_err < 1e-5, "temb relative error {temb_err:e}");
@@ -37,10 +33,7 @@ fn check_golden(config: UnetConfig, file: &str) {
 
 #[test]
 fn cifar10_small_matches_pytorch() {
-    check_golden(
-        UnetConfig::cifar10_small(),
-        "unet_cifar10_small.safetensors",
-    );
+    check_golden(UnetConfig::cifar10_small(), "unet_cifar10_small.safetensors");
 }
 
 #[test]
@@ -51,10 +44,7 @@ fn cifar10_matches_pytorch() {
 #[test]
 fn parameter_counts_match_method() {
     let b = CpuBackend;
-    for (config, expected) in [
-        (UnetConfig::cifar10(), 35_746_307),
-        (UnetConfig::cifar10_small(), 8_952_067),
-    ] {
+    for (config, expected) in [(UnetConfig::cifar10(), 35_746_307), (UnetConfig::cifar10_small(), 8_952_067)] {
         let mut lister = ParamLister::new(&b);
         Unet::load(&config, &mut lister).unwrap();
         assert_eq!(lister.count(), expected, "{}", config.name);
@@ -64,11 +54,7 @@ fn parameter_counts_match_method() {
 #[test]
 fn weight_generator_matches_python() {
     let golden = golden("unet_cifar10_small.safetensors");
-    for name in [
-        "conv_in.weight",
-        "down.0.block.0.norm1.weight",
-        "temb.dense.0.bias",
-    ] {
+    for name in ["conv_in.weight", "down.0.block.0.norm1.weight", "temb.dense.0.bias"] {
         let (shape, expected) = tensor(&golden, &format!("generated.{name}"));
         assert_eq!(deterministic_tensor(name, &shape, 1), expected, "{name}");
     }
@@ -78,11 +64,7 @@ fn weight_generator_matches_python() {
 #[test]
 fn input_vjp_matches_finite_differences() {
     let b = CpuBackend;
-    let unet = Unet::load(
-        &UnetConfig::cifar10_small(),
-        &mut DeterministicParams::new(&b, 7),
-    )
-    .unwrap();
+    let unet = Unet::load(&UnetConfig::cifar10_small(), &mut DeterministicParams::new(&b, 7)).unwrap();
     let shape = [1, 3, 32, 32];
     let n: usize = shape.iter().product();
     let x = uniform(n, 1);
@@ -92,14 +74,10 @@ fn input_vjp_matches_finite_differences() {
     let x_dev = b.upload(&x, &shape).unwrap();
     unet.forward(&b, &mut plan, &x_dev, &t).unwrap();
     let v_dev = b.upload(&v, &shape).unwrap();
-    let grad = b
-        .download(unet.input_vjp(&b, &mut plan, &v_dev).unwrap())
-        .unwrap();
+    let grad = b.download(unet.input_vjp(&b, &mut plan, &v_dev).unwrap()).unwrap();
     let mut eval = |x: &[f32]| {
         let x_dev = b.upload(x, &shape).unwrap();
-        let eps = b
-            .download(unet.forward(&b, &mut plan, &x_dev, &t).unwrap())
-            .unwrap();
+        let eps = b.download(unet.forward(&b, &mut plan, &x_dev, &t).unwrap()).unwrap();
         dot(&eps, &v)
     };
     for seed in 10..13 {
@@ -113,9 +91,7 @@ fn input_vjp_matches_finite_differences() {
         // projection cancels to near zero does not turn f32 rounding into a large relative error.
         let typical = (dot(&grad, &grad) * dot(&d, &d) / n as f64).sqrt();
         let rel = (fd - analytic).abs() / analytic.abs().max(typical);
-        println!(
-            "direction {seed}: vjp {analytic:.6}, finite difference {fd:.6}, relative {rel:.2e}"
-        );
+        println!("direction {seed}: vjp {analytic:.6}, finite difference {fd:.6}, relative {rel:.2e}");
         assert!(rel < 2e-3, "VJP {analytic} vs finite difference {fd}");
     }
 }

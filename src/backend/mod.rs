@@ -63,13 +63,7 @@ impl Conv2dGeometry {
         Self::strided(1, pad)
     }
     pub fn strided(stride: usize, pad: usize) -> Self {
-        Self {
-            stride,
-            pad_top: pad,
-            pad_left: pad,
-            pad_bottom: pad,
-            pad_right: pad,
-        }
+        Self { stride, pad_top: pad, pad_left: pad, pad_bottom: pad, pad_right: pad }
     }
     /// Output spatial size for an input of `h` x `w` and a `kh` x `kw` kernel.
     pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> (usize, usize) {
@@ -92,11 +86,7 @@ pub struct ConvEpilogue<'a, T> {
 
 impl<T> Default for ConvEpilogue<'_, T> {
     fn default() -> Self {
-        Self {
-            channel_bias: None,
-            residual: None,
-            relu: false,
-        }
+        Self { channel_bias: None, residual: None, relu: false }
     }
 }
 
@@ -243,22 +233,11 @@ pub trait Backend {
     /// out = concat(a, b) along channels.
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor, out: &mut Self::Tensor);
     /// da += dout[:, :Ca], db += dout[:, Ca:].
-    fn concat_channels_backward(
-        &self,
-        dout: &Self::Tensor,
-        da: &mut Self::Tensor,
-        db: &mut Self::Tensor,
-    );
+    fn concat_channels_backward(&self, dout: &Self::Tensor, da: &mut Self::Tensor, db: &mut Self::Tensor);
 
     /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation).
     /// Backward is `dx += dout * scale[c]`.
-    fn channel_affine(
-        &self,
-        x: &Self::Tensor,
-        scale: &[f32],
-        shift: &[f32],
-        out: &mut Self::Tensor,
-    );
+    fn channel_affine(&self, x: &Self::Tensor, scale: &[f32], shift: &[f32], out: &mut Self::Tensor);
     fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &[f32], dx: &mut Self::Tensor);
 
     /// dx += dy where y > 0 (ReLU's backward from its output y).
@@ -266,12 +245,7 @@ pub trait Backend {
 
     /// CIFAR ResNet "option A" shortcut: out = x[:, :, ::2, ::2] with `pad` zero channels on each side.
     fn shortcut_subsample_pad(&self, x: &Self::Tensor, pad: usize, out: &mut Self::Tensor);
-    fn shortcut_subsample_pad_backward(
-        &self,
-        dout: &Self::Tensor,
-        pad: usize,
-        dx: &mut Self::Tensor,
-    );
+    fn shortcut_subsample_pad_backward(&self, dout: &Self::Tensor, pad: usize, dx: &mut Self::Tensor);
 
     /// Mean over H and W: x (N x C x H x W) -> out (N x C).
     fn global_avg_pool(&self, x: &Self::Tensor, out: &mut Self::Tensor);
@@ -307,13 +281,7 @@ pub trait Backend {
     );
     /// The gradient constraint, per sample n:
     /// `delta[n] *= min(1, kappa ||x_t[n] - mu[n]|| / ||delta[n]||)` (kappa = inf: no-op).
-    fn constrain_guidance(
-        &self,
-        delta: &mut Self::Tensor,
-        x_t: &Self::Tensor,
-        mu: &Self::Tensor,
-        kappa: f32,
-    );
+    fn constrain_guidance(&self, delta: &mut Self::Tensor, x_t: &Self::Tensor, mu: &Self::Tensor, kappa: f32);
 
     /// Gradients of the adversarial-guidance objective with respect to features (N x F) and
     /// logits (N x K): `L = -lambda_f ||f - f_ref||^2 / F + lambda_c log softmax(logits)[y]`.
@@ -332,10 +300,5 @@ pub trait Backend {
     );
     /// Gradient of the summed cross-entropy `sum_n -log softmax(logits[n])[labels[n]]` with respect
     /// to the logits (written, not accumulated); labels are class indices stored as f32.
-    fn cross_entropy_grad(
-        &self,
-        logits: &Self::Tensor,
-        labels: &Self::Tensor,
-        dlogits: &mut Self::Tensor,
-    );
+    fn cross_entropy_grad(&self, logits: &Self::Tensor, labels: &Self::Tensor, dlogits: &mut Self::Tensor);
 }

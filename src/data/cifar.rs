@@ -14,18 +14,8 @@ pub const IMAGE_BYTES: usize = 3 * IMAGE_SIZE * IMAGE_SIZE;
 /// Bytes of one record: the label, then the pixels.
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 /// The class names, in label order.
-pub const CLASS_NAMES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-];
+pub const CLASS_NAMES: [&str; 10] =
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
 /// The name of class `label`, or `None` past 9.
 pub fn class_name(label: u8) -> Option<&'static str> {
@@ -39,29 +29,18 @@ pub fn class_name(label: u8) -> Option<&'static str> {
 /// Fails on an empty file, a size that is not a whole number of 3073-byte records, or a label
 /// above 9.
 pub fn read_cifar(path: &Path, limit: Option<usize>) -> Result<ImageBatch> {
-    let bad = |reason: String| Error::BadImage {
-        what: path.display().to_string(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadImage { what: path.display().to_string(), reason };
     let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
     let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let records = check_size(size).map_err(bad)?;
     let count = limit.map_or(records, |l| l.min(records));
     let mut bytes = vec![0u8; count * RECORD_BYTES];
-    file.read_exact(&mut bytes)
-        .map_err(|e| Error::io(path, e))?;
+    file.read_exact(&mut bytes).map_err(|e| Error::io(path, e))?;
     let (labels, pixels) = parse_records(&bytes).map_err(bad)?;
     let stem = file_stem(path);
     let digits = (records.max(1) - 1).to_string().len().max(4);
     let names = (0..count).map(|i| format!("{stem}_{i:0digits$}")).collect();
-    Ok(ImageBatch {
-        count,
-        height: IMAGE_SIZE,
-        width: IMAGE_SIZE,
-        pixels,
-        labels: Some(labels),
-        names,
-    })
+    Ok(ImageBatch { count, height: IMAGE_SIZE, width: IMAGE_SIZE, pixels, labels: Some(labels), names })
 }
 
 /// Number of records in a file of `size` bytes, or why that size is not a CIFAR-10 file.
@@ -77,17 +56,13 @@ fn check_size(size: u64) -> std::result::Result<usize, String> {
             size % RECORD_BYTES as u64
         ));
     }
-    usize::try_from(size / RECORD_BYTES as u64)
-        .map_err(|_| format!("file of {size} bytes is too large"))
+    usize::try_from(size / RECORD_BYTES as u64).map_err(|_| format!("file of {size} bytes is too large"))
 }
 
 /// Splits whole records into labels and [0, 1] pixels, or says which record has a bad label.
 pub fn parse_records(bytes: &[u8]) -> std::result::Result<(Vec<u8>, Vec<f32>), String> {
     if !bytes.len().is_multiple_of(RECORD_BYTES) {
-        return Err(format!(
-            "{} bytes are not a whole number of 3073-byte records",
-            bytes.len()
-        ));
+        return Err(format!("{} bytes are not a whole number of 3073-byte records", bytes.len()));
     }
     let count = bytes.len() / RECORD_BYTES;
     let mut labels = Vec::with_capacity(count);
@@ -118,16 +93,10 @@ pub fn write_cifar(path: &Path, batch: &ImageBatch) -> Result<()> {
         )));
     }
     if batch.count == 0 {
-        return Err(Error::invalid(format!(
-            "no images to write to {}",
-            path.display()
-        )));
+        return Err(Error::invalid(format!("no images to write to {}", path.display())));
     }
     let labels = batch.labels.as_ref().ok_or_else(|| {
-        Error::invalid(format!(
-            "CIFAR-10 records need labels; the images for {} have none",
-            path.display()
-        ))
+        Error::invalid(format!("CIFAR-10 records need labels; the images for {} have none", path.display()))
     })?;
     if labels.len() != batch.count || batch.pixels.len() != batch.count * IMAGE_BYTES {
         return Err(Error::invalid(format!(
@@ -151,10 +120,5 @@ pub fn write_cifar(path: &Path, batch: &ImageBatch) -> Result<()> {
         out.push(*label);
         out.extend_from_slice(image);
     }
-    write_atomically(path, |w| {
-        w.write_all(&out).map_err(|e| Error::Write {
-            path: path.to_path_buf(),
-            source: e,
-        })
-    })
+    write_atomically(path, |w| w.write_all(&out).map_err(|e| Error::Write { path: path.to_path_buf(), source: e }))
 }

@@ -59,14 +59,9 @@ pub fn read_png_sized(path: &Path, height: usize, width: usize) -> Result<RgbIma
 
 /// Decodes PNG bytes; `what` names the source in errors.
 pub fn decode_png(bytes: &[u8], what: &str, expected: Option<(usize, usize)>) -> Result<RgbImage> {
-    let bad = |reason: String| Error::BadImage {
-        what: what.to_string(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadImage { what: what.to_string(), reason };
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
-    let info = decoder
-        .read_header_info()
-        .map_err(|e| bad(format!("not a readable PNG file: {e}")))?;
+    let info = decoder.read_header_info().map_err(|e| bad(format!("not a readable PNG file: {e}")))?;
     let (width, height) = (info.width as usize, info.height as usize);
     let (color_type, bit_depth) = (info.color_type, info.bit_depth);
     match (color_type, bit_depth) {
@@ -88,29 +83,16 @@ pub fn decode_png(bytes: &[u8], what: &str, expected: Option<(usize, usize)>) ->
         }
     }
     if width.saturating_mul(height) > MAX_PIXELS {
-        return Err(bad(format!(
-            "image is {width}x{height}, larger than {MAX_PIXELS} pixels"
-        )));
+        return Err(bad(format!("image is {width}x{height}, larger than {MAX_PIXELS} pixels")));
     }
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| bad(format!("not a readable PNG file: {e}")))?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| bad("image too large".to_string()))?;
+    let mut reader = decoder.read_info().map_err(|e| bad(format!("not a readable PNG file: {e}")))?;
+    let size = reader.output_buffer_size().ok_or_else(|| bad("image too large".to_string()))?;
     let mut buffer = vec![0u8; size];
-    let frame = reader
-        .next_frame(&mut buffer)
-        .map_err(|e| bad(format!("corrupt PNG data: {e}")))?;
+    let frame = reader.next_frame(&mut buffer).map_err(|e| bad(format!("corrupt PNG data: {e}")))?;
     let channels = match (frame.color_type, frame.bit_depth) {
         (ColorType::Rgb, BitDepth::Eight) => 3,
         (ColorType::Rgba, BitDepth::Eight) => 4,
-        (ct, bd) => {
-            return Err(bad(format!(
-                "expected 8-bit RGB, decoded {}",
-                describe(ct, bd)
-            )))
-        }
+        (ct, bd) => return Err(bad(format!("expected 8-bit RGB, decoded {}", describe(ct, bd)))),
     };
     let plane = width * height;
     let mut pixels = vec![0f32; 3 * plane];
@@ -129,11 +111,7 @@ pub fn decode_png(bytes: &[u8], what: &str, expected: Option<(usize, usize)>) ->
             }
         }
     }
-    Ok(RgbImage {
-        height,
-        width,
-        pixels,
-    })
+    Ok(RgbImage { height, width, pixels })
 }
 
 fn describe(color_type: ColorType, bit_depth: BitDepth) -> String {
@@ -151,10 +129,7 @@ fn describe(color_type: ColorType, bit_depth: BitDepth) -> String {
 /// error naming `what` and the element.
 pub fn quantize(values: &[f32], what: impl FnOnce() -> String) -> Result<Vec<u8>> {
     check_finite(values, what)?;
-    Ok(values
-        .iter()
-        .map(|&p| (p.clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect())
+    Ok(values.iter().map(|&p| (p.clamp(0.0, 1.0) * 255.0).round() as u8).collect())
 }
 
 /// Writes a planar 3 x H x W image in [0, 1] as an 8-bit RGB PNG, atomically.
@@ -179,12 +154,7 @@ pub fn write_png(path: &Path, pixels: &[f32], height: usize, width: usize) -> Re
 
 /// Writes interleaved 8-bit RGB rows as a PNG, atomically.
 fn write_rgb_png(path: &Path, rgb: &[u8], height: usize, width: usize) -> Result<()> {
-    let too_large = || {
-        Error::invalid(format!(
-            "image {width}x{height} is too large for {}",
-            path.display()
-        ))
-    };
+    let too_large = || Error::invalid(format!("image {width}x{height} is too large for {}", path.display()));
     if width.saturating_mul(height) > MAX_PIXELS {
         return Err(too_large());
     }
@@ -192,9 +162,8 @@ fn write_rgb_png(path: &Path, rgb: &[u8], height: usize, width: usize) -> Result
     let h = u32::try_from(height).map_err(|_| too_large())?;
     let mut encoded = Vec::new();
     {
-        let encode_error = |e: png::EncodingError| {
-            Error::invalid(format!("cannot encode PNG for {}: {e}", path.display()))
-        };
+        let encode_error =
+            |e: png::EncodingError| Error::invalid(format!("cannot encode PNG for {}: {e}", path.display()));
         let mut encoder = png::Encoder::new(&mut encoded, w, h);
         encoder.set_color(ColorType::Rgb);
         encoder.set_depth(BitDepth::Eight);
@@ -203,10 +172,7 @@ fn write_rgb_png(path: &Path, rgb: &[u8], height: usize, width: usize) -> Result
         writer.finish().map_err(encode_error)?;
     }
     write_atomically(path, |out| {
-        out.write_all(&encoded).map_err(|e| Error::Write {
-            path: path.to_path_buf(),
-            source: e,
-        })
+        out.write_all(&encoded).map_err(|e| Error::Write { path: path.to_path_buf(), source: e })
     })
 }
 
@@ -231,9 +197,7 @@ pub fn write_image_grid(
         return Err(fail("cells per row must be at least 1".to_string()));
     }
     if scale == 0 || scale > MAX_GRID_SCALE {
-        return Err(fail(format!(
-            "scale {scale} is outside 1..={MAX_GRID_SCALE}"
-        )));
+        return Err(fail(format!("scale {scale} is outside 1..={MAX_GRID_SCALE}")));
     }
     let image_len = 3 * height * width;
     if image_len == 0 {
@@ -259,10 +223,8 @@ pub fn write_image_grid(
     let cells_down = count.div_ceil(cells_across);
     let cell_width = ncols * width * scale + (ncols - 1) * GRID_INNER_GAP;
     let cell_height = height * scale;
-    let grid_width =
-        2 * GRID_CELL_GAP + cells_across * cell_width + (cells_across - 1) * GRID_CELL_GAP;
-    let grid_height =
-        2 * GRID_CELL_GAP + cells_down * cell_height + (cells_down - 1) * GRID_CELL_GAP;
+    let grid_width = 2 * GRID_CELL_GAP + cells_across * cell_width + (cells_across - 1) * GRID_CELL_GAP;
+    let grid_height = 2 * GRID_CELL_GAP + cells_down * cell_height + (cells_down - 1) * GRID_CELL_GAP;
     if grid_width.saturating_mul(grid_height) > MAX_PIXELS {
         return Err(fail(format!(
             "{grid_width}x{grid_height} is larger than {MAX_PIXELS} pixels; use fewer images or a \
@@ -321,12 +283,5 @@ pub fn write_comparison_grid(
         }
     }
     let columns: Vec<&[f32]> = batches.iter().map(|b| b.pixels.as_slice()).collect();
-    write_image_grid(
-        path,
-        &columns,
-        inputs.height,
-        inputs.width,
-        cells_per_row,
-        scale,
-    )
+    write_image_grid(path, &columns, inputs.height, inputs.width, cells_per_row, scale)
 }

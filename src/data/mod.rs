@@ -49,9 +49,7 @@ impl ImageBatch {
     ) -> Result<Self> {
         let image_len = 3 * height * width;
         if image_len == 0 {
-            return Err(Error::invalid(format!(
-                "image size {height}x{width} is empty"
-            )));
+            return Err(Error::invalid(format!("image size {height}x{width} is empty")));
         }
         if !pixels.len().is_multiple_of(image_len) {
             return Err(Error::invalid(format!(
@@ -61,34 +59,18 @@ impl ImageBatch {
         }
         let count = pixels.len() / image_len;
         if names.len() != count {
-            return Err(Error::invalid(format!(
-                "{} names for {count} images",
-                names.len()
-            )));
+            return Err(Error::invalid(format!("{} names for {count} images", names.len())));
         }
         if let Some(labels) = &labels {
             if labels.len() != count {
-                return Err(Error::invalid(format!(
-                    "{} labels for {count} images",
-                    labels.len()
-                )));
+                return Err(Error::invalid(format!("{} labels for {count} images", labels.len())));
             }
         }
         check_finite(&pixels, || "image batch".to_string())?;
         if let Some(index) = pixels.iter().position(|p| !(0.0..=1.0).contains(p)) {
-            return Err(Error::invalid(format!(
-                "pixel value {} at element {index} is outside [0, 1]",
-                pixels[index]
-            )));
+            return Err(Error::invalid(format!("pixel value {} at element {index} is outside [0, 1]", pixels[index])));
         }
-        Ok(ImageBatch {
-            count,
-            height,
-            width,
-            pixels,
-            labels,
-            names,
-        })
+        Ok(ImageBatch { count, height, width, pixels, labels, names })
     }
 
     /// Number of images.
@@ -131,10 +113,7 @@ impl ImageBatch {
         names: Vec<String>,
     ) -> Result<Self> {
         check_finite(x, || "network output images".to_string())?;
-        let pixels = x
-            .iter()
-            .map(|&v| ((v + 1.0) * 0.5).clamp(0.0, 1.0))
-            .collect();
+        let pixels = x.iter().map(|&v| ((v + 1.0) * 0.5).clamp(0.0, 1.0)).collect();
         ImageBatch::new(height, width, pixels, labels, names)
     }
 
@@ -159,8 +138,7 @@ impl ImageBatch {
 
     /// The first `n` images (all of them if the batch has fewer).
     pub fn take(&self, n: usize) -> ImageBatch {
-        self.select(0..n.min(self.count))
-            .expect("0..min(n, count) is always in range")
+        self.select(0..n.min(self.count)).expect("0..min(n, count) is always in range")
     }
 
     /// Joins batches of the same image size. Labels are kept only if every batch has them; names
@@ -189,14 +167,7 @@ impl ImageBatch {
             }
             names.extend(batch.names);
         }
-        Ok(ImageBatch {
-            count,
-            height,
-            width,
-            pixels,
-            labels,
-            names: make_unique(names),
-        })
+        Ok(ImageBatch { count, height, width, pixels, labels, names: make_unique(names) })
     }
 }
 
@@ -294,39 +265,25 @@ fn load_pngs(files: &[PathBuf]) -> Result<ImageBatch> {
         pixels.extend_from_slice(&image.pixels);
         names.push(file_stem(file));
     }
-    Ok(ImageBatch {
-        count: files.len(),
-        height: IMAGE_SIZE,
-        width: IMAGE_SIZE,
-        pixels,
-        labels: None,
-        names,
-    })
+    Ok(ImageBatch { count: files.len(), height: IMAGE_SIZE, width: IMAGE_SIZE, pixels, labels: None, names })
 }
 
 /// Lower-case extension of `path`, if any.
 fn extension(path: &Path) -> Option<String> {
-    path.extension()
-        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+    path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase())
 }
 
 /// The file name without its extension, for naming the images a file holds.
 pub(crate) fn file_stem(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into())
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
 }
 
 /// Writes `path` atomically: `write` fills a temporary file in the same directory, which is then
 /// flushed, synced and renamed over `path`. On any error the temporary file is removed and `path`
 /// is left as it was.
-pub(crate) fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>,
-) -> Result<()> {
-    let file_name = path.file_name().ok_or_else(|| {
-        Error::invalid(format!("output path {} has no file name", path.display()))
-    })?;
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>) -> Result<()> {
+    let file_name =
+        path.file_name().ok_or_else(|| Error::invalid(format!("output path {} has no file name", path.display())))?;
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -335,19 +292,10 @@ pub(crate) fn write_atomically(
     let result = (|| {
         let mut writer = BufWriter::new(&file);
         write(&mut writer)?;
-        writer.flush().map_err(|e| Error::Write {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
+        writer.flush().map_err(|e| Error::Write { path: path.to_path_buf(), source: e })?;
         drop(writer);
-        file.sync_all().map_err(|e| Error::Write {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        std::fs::rename(&temp_path, path).map_err(|e| Error::Write {
-            path: path.to_path_buf(),
-            source: e,
-        })
+        file.sync_all().map_err(|e| Error::Write { path: path.to_path_buf(), source: e })?;
+        std::fs::rename(&temp_path, path).map_err(|e| Error::Write { path: path.to_path_buf(), source: e })
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp_path);
@@ -362,19 +310,10 @@ fn create_temp_file(dir: &Path, file_name: &str) -> Result<(PathBuf, File)> {
     loop {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let temp_path = dir.join(format!(".{file_name}.{pid}.{n}.tmp"));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp_path)
-        {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&temp_path) {
             Ok(file) => return Ok((temp_path, file)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(Error::Write {
-                    path: dir.join(file_name),
-                    source: e,
-                })
-            }
+            Err(e) => return Err(Error::Write { path: dir.join(file_name), source: e }),
         }
     }
 }

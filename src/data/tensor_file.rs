@@ -38,8 +38,7 @@ pub struct TensorFile {
 const FLOAT_TYPES: &str = "F32, F16, BF16 or F64";
 /// 2^63, the smallest whole float that does not fit an i64.
 const TWO_TO_THE_63: f64 = 9_223_372_036_854_775_808.0;
-const INDEX_TYPES: &str =
-    "an integer type (I64, I32, U8, ...) or a float type holding whole numbers";
+const INDEX_TYPES: &str = "an integer type (I64, I32, U8, ...) or a float type holding whole numbers";
 
 impl TensorFile {
     /// Reads and validates a safetensors file. I/O failures give `Error::Io`; a file that is not
@@ -53,12 +52,9 @@ impl TensorFile {
     /// Validates the bytes of a safetensors file; `path` names it in errors.
     pub fn from_bytes(bytes: Vec<u8>, path: impl Into<PathBuf>) -> Result<TensorFile> {
         let path = path.into();
-        let not_safetensors = |reason: String| Error::NotSafetensors {
-            path: path.clone(),
-            reason,
-        };
-        let (header_len, metadata): (usize, Metadata) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| not_safetensors(describe_parse_error(&e, bytes.len())))?;
+        let not_safetensors = |reason: String| Error::NotSafetensors { path: path.clone(), reason };
+        let (header_len, metadata): (usize, Metadata) =
+            SafeTensors::read_metadata(&bytes).map_err(|e| not_safetensors(describe_parse_error(&e, bytes.len())))?;
         let data_start = 8 + header_len;
         let tensors = metadata
             .tensors()
@@ -74,17 +70,8 @@ impl TensorFile {
                 (name, entry)
             })
             .collect();
-        let metadata = metadata
-            .metadata()
-            .as_ref()
-            .map(|m| m.clone().into_iter().collect())
-            .unwrap_or_default();
-        Ok(TensorFile {
-            path,
-            bytes,
-            tensors,
-            metadata,
-        })
+        let metadata = metadata.metadata().as_ref().map(|m| m.clone().into_iter().collect()).unwrap_or_default();
+        Ok(TensorFile { path, bytes, tensors, metadata })
     }
 
     /// The file's path as shown in errors.
@@ -131,22 +118,12 @@ impl TensorFile {
         let entry = self.entry(name)?;
         let bytes = &self.bytes[entry.start..entry.end];
         let values = match entry.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
-                .collect(),
+            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F64 => {
+                bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32).collect()
+            }
             other => return Err(self.wrong_dtype(name, other.to_string(), FLOAT_TYPES)),
         };
         Ok((entry.shape.clone(), values))
@@ -173,38 +150,19 @@ impl TensorFile {
         let entry = self.entry(name)?;
         let bytes = &self.bytes[entry.start..entry.end];
         let values: Vec<i64> = match entry.dtype {
-            Dtype::I64 => bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8")))
-                .collect(),
-            Dtype::I32 => bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().expect("4")).into())
-                .collect(),
-            Dtype::I16 => bytes
-                .chunks_exact(2)
-                .map(|b| i16::from_le_bytes([b[0], b[1]]).into())
-                .collect(),
+            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8"))).collect(),
+            Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4")).into()).collect(),
+            Dtype::I16 => bytes.chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]]).into()).collect(),
             Dtype::I8 => bytes.iter().map(|&b| (b as i8).into()).collect(),
             Dtype::U8 => bytes.iter().map(|&b| b.into()).collect(),
-            Dtype::U16 => bytes
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]).into())
-                .collect(),
-            Dtype::U32 => bytes
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes(b.try_into().expect("4")).into())
-                .collect(),
+            Dtype::U16 => bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]).into()).collect(),
+            Dtype::U32 => bytes.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4")).into()).collect(),
             Dtype::U64 => {
                 let mut values = Vec::with_capacity(bytes.len() / 8);
                 for (index, b) in bytes.chunks_exact(8).enumerate() {
                     let v = u64::from_le_bytes(b.try_into().expect("8"));
                     let v = i64::try_from(v).map_err(|_| {
-                        self.wrong_dtype(
-                            name,
-                            format!("U64 holding {v} (element {index}), beyond i64"),
-                            INDEX_TYPES,
-                        )
+                        self.wrong_dtype(name, format!("U64 holding {v} (element {index}), beyond i64"), INDEX_TYPES)
                     })?;
                     values.push(v);
                 }
@@ -212,10 +170,7 @@ impl TensorFile {
             }
             Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64 => {
                 let floats: Vec<f64> = match entry.dtype {
-                    Dtype::F64 => bytes
-                        .chunks_exact(8)
-                        .map(|b| f64::from_le_bytes(b.try_into().expect("8")))
-                        .collect(),
+                    Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8"))).collect(),
                     _ => self.get_f32(name)?.1.into_iter().map(f64::from).collect(),
                 };
                 let mut values = Vec::with_capacity(floats.len());
@@ -224,10 +179,7 @@ impl TensorFile {
                     if v.fract() != 0.0 || !v.is_finite() || v.abs() >= TWO_TO_THE_63 {
                         return Err(self.wrong_dtype(
                             name,
-                            format!(
-                                "{} holding the non-integer {v} (element {index})",
-                                entry.dtype
-                            ),
+                            format!("{} holding the non-integer {v} (element {index})", entry.dtype),
                             INDEX_TYPES,
                         ));
                     }
@@ -251,9 +203,10 @@ impl TensorFile {
     /// Suggests a stored name that differs by a prefix (`module.`, `model.`, ...), else says how
     /// many tensors the file holds.
     fn missing_hint(&self, name: &str) -> String {
-        let similar = self.tensors.keys().find(|stored| {
-            stored.ends_with(&format!(".{name}")) || name.ends_with(&format!(".{stored}"))
-        });
+        let similar = self
+            .tensors
+            .keys()
+            .find(|stored| stored.ends_with(&format!(".{name}")) || name.ends_with(&format!(".{stored}")));
         match similar {
             Some(stored) => format!(" (did you mean `{stored}`?)"),
             None => format!(" (the file holds {} tensors)", self.tensors.len()),
@@ -261,12 +214,7 @@ impl TensorFile {
     }
 
     fn wrong_dtype(&self, name: &str, found: String, expected: &str) -> Error {
-        Error::WrongDtype {
-            file: self.file(),
-            name: name.to_string(),
-            found,
-            expected: expected.to_string(),
-        }
+        Error::WrongDtype { file: self.file(), name: name.to_string(), found, expected: expected.to_string() }
     }
 }
 
@@ -278,24 +226,18 @@ fn describe_parse_error(error: &safetensors::SafeTensorError, file_len: usize) -
             format!("only {file_len} bytes, too short for the 8-byte header length")
         }
         E::InvalidHeaderLength => {
-            "the header length runs past the end of the file (truncated, or not a safetensors file)"
-                .to_string()
+            "the header length runs past the end of the file (truncated, or not a safetensors file)".to_string()
         }
-        E::HeaderTooLarge => {
-            "the header length is implausibly large (not a safetensors file)".to_string()
+        E::HeaderTooLarge => "the header length is implausibly large (not a safetensors file)".to_string(),
+        E::MetadataIncompleteBuffer => {
+            format!("the tensor data does not match the file size of {file_len} bytes (truncated or padded)")
         }
-        E::MetadataIncompleteBuffer => format!(
-            "the tensor data does not match the file size of {file_len} bytes (truncated or padded)"
-        ),
         other => other.to_string(),
     }
 }
 
 /// Writes F32 tensors `(name, shape, values)` to a safetensors file, atomically.
-pub fn write_safetensors(
-    path: impl AsRef<Path>,
-    tensors: &[(&str, &[usize], &[f32])],
-) -> Result<()> {
+pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
     write_safetensors_with_metadata(path, tensors, &[])
 }
 
@@ -307,19 +249,14 @@ pub fn write_safetensors_with_metadata(
 ) -> Result<()> {
     let path = path.as_ref();
     check_tensors(path, tensors)?;
-    let encoded: Vec<Vec<u8>> = tensors
-        .iter()
-        .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
-        .collect();
+    let encoded: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
     write_encoded(path, tensors, Dtype::F32, &encoded, metadata)
 }
 
 /// Writes tensors `(name, shape, values)` as F16, atomically. A finite value beyond the F16 range
 /// (|x| > 65504) is an error naming the tensor; NaN and Inf are stored as such.
-pub fn write_safetensors_f16(
-    path: impl AsRef<Path>,
-    tensors: &[(&str, &[usize], &[f32])],
-) -> Result<()> {
+pub fn write_safetensors_f16(path: impl AsRef<Path>, tensors: &[(&str, &[usize], &[f32])]) -> Result<()> {
     let path = path.as_ref();
     check_tensors(path, tensors)?;
     let mut encoded = Vec::with_capacity(tensors.len());
@@ -344,10 +281,7 @@ fn check_tensors(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> Result<()
     let mut seen = std::collections::HashSet::new();
     for (name, shape, values) in tensors {
         if !seen.insert(*name) {
-            return Err(Error::invalid(format!(
-                "tensor `{name}` given twice for {}",
-                path.display()
-            )));
+            return Err(Error::invalid(format!("tensor `{name}` given twice for {}", path.display())));
         }
         let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if numel != Some(values.len()) {
@@ -368,8 +302,7 @@ fn write_encoded(
     encoded: &[Vec<u8>],
     metadata: &[(&str, &str)],
 ) -> Result<()> {
-    let fail =
-        |reason: String| Error::invalid(format!("cannot encode {}: {reason}", path.display()));
+    let fail = |reason: String| Error::invalid(format!("cannot encode {}: {reason}", path.display()));
     let views = tensors
         .iter()
         .zip(encoded)
@@ -378,17 +311,10 @@ fn write_encoded(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| fail(e.to_string()))?;
-    let metadata: Option<HashMap<String, String>> = (!metadata.is_empty()).then(|| {
-        metadata
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    });
+    let metadata: Option<HashMap<String, String>> =
+        (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
     let bytes = safetensors::serialize(views, metadata).map_err(|e| fail(e.to_string()))?;
     write_atomically(path, |out| {
-        out.write_all(&bytes).map_err(|e| Error::Write {
-            path: path.to_path_buf(),
-            source: e,
-        })
+        out.write_all(&bytes).map_err(|e| Error::Write { path: path.to_path_buf(), source: e })
     })
 }

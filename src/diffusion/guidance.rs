@@ -20,12 +20,7 @@ pub enum Guidance {
     /// Guidance in the latent space of an adversarially trained auxiliary classifier:
     /// `L = -lambda_f ||f_A(z) - f_A(x_in)||^2 / dim(f) + lambda_c log p_A(y_hat | z)`,
     /// `delta_t = s sigma_t^2 grad_{x_t} L`.
-    Adversarial {
-        scale: f32,
-        lambda_features: f32,
-        lambda_class: f32,
-        path: GradientPath,
-    },
+    Adversarial { scale: f32, lambda_features: f32, lambda_class: f32, path: GradientPath },
 }
 
 impl Guidance {
@@ -42,20 +37,13 @@ impl Guidance {
             if v.is_finite() && v >= 0.0 {
                 Ok(())
             } else {
-                Err(Error::invalid(format!(
-                    "{what} must be a finite number >= 0, got {v}"
-                )))
+                Err(Error::invalid(format!("{what} must be a finite number >= 0, got {v}")))
             }
         };
         match *self {
             Guidance::None => Ok(()),
             Guidance::Pixel { scale } => finite(scale, "guidance scale"),
-            Guidance::Adversarial {
-                scale,
-                lambda_features,
-                lambda_class,
-                ..
-            } => {
+            Guidance::Adversarial { scale, lambda_features, lambda_class, .. } => {
                 finite(scale, "guidance scale")?;
                 finite(lambda_features, "lambda_f")?;
                 finite(lambda_class, "lambda_c")

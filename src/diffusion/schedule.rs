@@ -17,9 +17,8 @@ pub const NUM_STEPS: usize = 1000;
 
 impl Schedule {
     pub fn linear(steps: usize, beta_start: f64, beta_end: f64) -> Self {
-        let betas: Vec<f64> = (0..steps)
-            .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (steps - 1) as f64)
-            .collect();
+        let betas: Vec<f64> =
+            (0..steps).map(|i| beta_start + (beta_end - beta_start) * i as f64 / (steps - 1) as f64).collect();
         let mut alpha_bars = vec![1.0];
         for b in &betas {
             alpha_bars.push(alpha_bars.last().unwrap() * (1.0 - b));
@@ -65,10 +64,7 @@ impl Schedule {
     /// q(x_{t-1} | x_t, x0) of METHOD.md; for longer jumps the same formulas hold with the jump's
     /// own beta, `1 - abar_t / abar_{t_prev}` (that of a DDPM over the sub-sequence).
     pub fn reverse_step(&self, t: usize, t_prev: usize, sampler: Sampler) -> ReverseStep {
-        assert!(
-            t_prev < t && t <= self.num_steps(),
-            "reverse step {t} -> {t_prev}"
-        );
+        assert!(t_prev < t && t <= self.num_steps(), "reverse step {t} -> {t_prev}");
         let (abar, abar_prev) = (self.alpha_bar(t), self.alpha_bar(t_prev));
         let beta = 1.0 - abar / abar_prev;
         let alpha = 1.0 - beta;
@@ -77,11 +73,7 @@ impl Schedule {
             Sampler::Ddpm => (
                 beta * abar_prev.sqrt() / (1.0 - abar),
                 (1.0 - abar_prev) * alpha.sqrt() / (1.0 - abar),
-                if t_prev == 0 {
-                    0.0
-                } else {
-                    posterior_variance.sqrt()
-                },
+                if t_prev == 0 { 0.0 } else { posterior_variance.sqrt() },
             ),
             // eta = 0: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps(x0), with
             // eps(x0) = (x_t - sqrt(abar) x0) / sqrt(1 - abar) from the clipped x0.
@@ -110,9 +102,7 @@ impl Schedule {
         let stride = match sampler {
             Sampler::Ddpm => 1,
             Sampler::Ddim { stride } if stride >= 1 => stride,
-            Sampler::Ddim { .. } => {
-                return Err(Error::invalid("the DDIM stride must be at least 1"))
-            }
+            Sampler::Ddim { .. } => return Err(Error::invalid("the DDIM stride must be at least 1")),
         };
         let mut steps = Vec::new();
         let mut t = t_start;

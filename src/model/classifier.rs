@@ -41,9 +41,7 @@ impl<B: Backend> FoldedConv<B> {
         let mean = src.host(&format!("{bn}.running_mean"), &[cout])?;
         let var = src.host(&format!("{bn}.running_var"), &[cout])?;
         if let Some(o) = var.iter().position(|&v| v < 0.0) {
-            return Err(Error::invalid(format!(
-                "`{bn}.running_var` is negative at channel {o}"
-            )));
+            return Err(Error::invalid(format!("`{bn}.running_var` is negative at channel {o}")));
         }
         let mut bias = vec![0.0f32; cout];
         for o in 0..cout {
@@ -67,11 +65,7 @@ impl<B: Backend> FoldedConv<B> {
             &self.weight,
             Some(&self.bias),
             self.geometry,
-            ConvEpilogue {
-                residual,
-                relu: true,
-                channel_bias: None,
-            },
+            ConvEpilogue { residual, relu: true, channel_bias: None },
             out,
         );
     }
@@ -99,9 +93,7 @@ impl<B: Backend> Classifier<B> {
     /// Builds a CIFAR ResNet of `depth` (20, 32, 44, 56, ...: 6n + 2) from `src`.
     pub fn load_with(src: &mut impl ParamSource<B>, depth: usize) -> Result<Self> {
         if depth < 8 || !(depth - 2).is_multiple_of(6) {
-            return Err(Error::invalid(format!(
-                "CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56), got {depth}"
-            )));
+            return Err(Error::invalid(format!("CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56), got {depth}")));
         }
         let n = (depth - 2) / 6;
         let stem = FoldedConv::load(src, "conv1", "bn1", 3, STAGE_WIDTHS[0], 1)?;
@@ -112,27 +104,9 @@ impl<B: Backend> Classifier<B> {
                 let stride = if stage > 0 && k == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{k}", stage + 1);
                 blocks.push(BasicBlock {
-                    conv1: FoldedConv::load(
-                        src,
-                        &format!("{name}.conv1"),
-                        &format!("{name}.bn1"),
-                        cin,
-                        cout,
-                        stride,
-                    )?,
-                    conv2: FoldedConv::load(
-                        src,
-                        &format!("{name}.conv2"),
-                        &format!("{name}.bn2"),
-                        cout,
-                        cout,
-                        1,
-                    )?,
-                    shortcut_pad: if stride != 1 || cin != cout {
-                        cout / 4
-                    } else {
-                        0
-                    },
+                    conv1: FoldedConv::load(src, &format!("{name}.conv1"), &format!("{name}.bn1"), cin, cout, stride)?,
+                    conv2: FoldedConv::load(src, &format!("{name}.conv2"), &format!("{name}.bn2"), cout, cout, 1)?,
+                    shortcut_pad: if stride != 1 || cin != cout { cout / 4 } else { 0 },
                     out_channels: cout,
                     stride,
                 });
@@ -140,22 +114,14 @@ impl<B: Backend> Classifier<B> {
             }
         }
         let linear = Linear::load(src, "linear", cin, 10)?;
-        Ok(Self {
-            depth,
-            stem,
-            blocks,
-            num_classes: linear.out_features,
-            linear,
-        })
+        Ok(Self { depth, stem, blocks, num_classes: linear.out_features, linear })
     }
 
     /// Loads a classifier from a safetensors file of the published naming, inferring the depth
     /// from the number of blocks in `layer1`. Unused tensors (other than batch-norm counters)
     /// are an error: they mean the file is not this network.
     pub fn load(backend: &B, file: &TensorFile) -> Result<Self> {
-        let blocks = (0..)
-            .take_while(|k| file.contains(&format!("layer1.{k}.conv1.weight")))
-            .count();
+        let blocks = (0..).take_while(|k| file.contains(&format!("layer1.{k}.conv1.weight"))).count();
         if blocks == 0 {
             return Err(Error::UnknownConfig {
                 file: file.file(),
@@ -173,12 +139,7 @@ impl<B: Backend> Classifier<B> {
         STAGE_WIDTHS[2]
     }
 
-    pub fn plan(
-        &self,
-        backend: &B,
-        batch: usize,
-        with_backward: bool,
-    ) -> Result<ClassifierPlan<B>> {
+    pub fn plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<ClassifierPlan<B>> {
         if batch == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }
@@ -201,21 +162,14 @@ impl<B: Backend> Classifier<B> {
             outputs.push(zeros(&shape)?);
             blocks.push(BlockBuffers {
                 hidden: zeros(&shape)?,
-                shortcut: if block.shortcut_pad > 0 {
-                    Some(zeros(&shape)?)
-                } else {
-                    None
-                },
+                shortcut: if block.shortcut_pad > 0 { Some(zeros(&shape)?) } else { None },
                 dsum: grad(&shape)?,
                 dhidden: grad(&shape)?,
                 dhidden_pre: grad(&shape)?,
             });
         }
         let doutputs = if with_backward {
-            outputs
-                .iter()
-                .map(|t| zeros(t.shape()))
-                .collect::<Result<Vec<_>>>()?
+            outputs.iter().map(|t| zeros(t.shape())).collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
         };
@@ -250,8 +204,7 @@ impl<B: Backend> Classifier<B> {
         let (scale, shift) = input_affine();
         b.copy(x, &mut plan.input);
         b.channel_affine(&plan.input, &scale, &shift, &mut plan.normalised);
-        self.stem
-            .forward(b, &plan.normalised, None, &mut plan.outputs[0]);
+        self.stem.forward(b, &plan.normalised, None, &mut plan.outputs[0]);
         for (k, (block, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
             let (head, tail) = plan.outputs.split_at_mut(k + 1);
             let (x, out) = (&head[k], &mut tail[0]);
@@ -266,13 +219,7 @@ impl<B: Backend> Classifier<B> {
             block.conv2.forward(b, &bufs.hidden, Some(residual), out);
         }
         b.global_avg_pool(plan.outputs.last().unwrap(), &mut plan.features);
-        b.linear(
-            &plan.features,
-            &self.linear.weight,
-            Some(&self.linear.bias),
-            false,
-            &mut plan.logits,
-        );
+        b.linear(&plan.features, &self.linear.weight, Some(&self.linear.bias), false, &mut plan.logits);
         plan.forward_done = true;
         Ok(())
     }
@@ -289,21 +236,13 @@ impl<B: Backend> Classifier<B> {
         let (Some(dinput), Some(dnormalised), Some(dstem_pre)) =
             (&mut plan.dinput, &mut plan.dnormalised, &mut plan.dstem_pre)
         else {
-            return Err(Error::invalid(
-                "this classifier plan was made without backward buffers",
-            ));
+            return Err(Error::invalid("this classifier plan was made without backward buffers"));
         };
         if !plan.forward_done {
-            return Err(Error::invalid(
-                "classifier input_vjp needs a forward on the same plan first",
-            ));
+            return Err(Error::invalid("classifier input_vjp needs a forward on the same plan first"));
         }
         // Every backward op accumulates: start from zero.
-        for t in plan
-            .doutputs
-            .iter_mut()
-            .chain([&mut *dinput, &mut *dnormalised, &mut *dstem_pre])
-        {
+        for t in plan.doutputs.iter_mut().chain([&mut *dinput, &mut *dnormalised, &mut *dstem_pre]) {
             b.fill(t, 0.0);
         }
         match dfeatures {
@@ -311,22 +250,10 @@ impl<B: Backend> Classifier<B> {
             None => b.fill(&mut plan.dfeatures, 0.0),
         }
         if let Some(d) = dlogits {
-            b.linear_backward(
-                &plan.features,
-                &self.linear.weight,
-                false,
-                d,
-                &mut plan.dfeatures,
-            );
+            b.linear_backward(&plan.features, &self.linear.weight, false, d, &mut plan.dfeatures);
         }
         b.global_avg_pool_backward(&plan.dfeatures, plan.doutputs.last_mut().unwrap());
-        for (k, (block, bufs)) in self
-            .blocks
-            .iter()
-            .zip(plan.blocks.iter_mut())
-            .enumerate()
-            .rev()
-        {
+        for (k, (block, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate().rev() {
             let (head, tail) = plan.doutputs.split_at_mut(k + 1);
             let (dx, dout) = (&mut head[k], &tail[0]);
             let (Some(dsum), Some(dhidden), Some(dhidden_pre)) =
@@ -349,12 +276,7 @@ impl<B: Backend> Classifier<B> {
             }
         }
         b.relu_backward(&plan.outputs[0], &plan.doutputs[0], dstem_pre);
-        b.conv2d_backward_input(
-            dstem_pre,
-            &self.stem.weight,
-            self.stem.geometry,
-            dnormalised,
-        );
+        b.conv2d_backward_input(dstem_pre, &self.stem.weight, self.stem.geometry, dnormalised);
         b.channel_affine_backward(dnormalised, &input_affine().0, dinput);
         Ok(dinput)
     }

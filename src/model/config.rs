@@ -43,10 +43,7 @@ impl UnetConfig {
         match name {
             "cifar10" => Ok(Self::cifar10()),
             "cifar10-small" => Ok(Self::cifar10_small()),
-            other => Err(Error::invalid(format!(
-                "unknown UNet config `{other}` (known: {})",
-                CONFIG_NAMES.join(", ")
-            ))),
+            other => Err(Error::invalid(format!("unknown UNet config `{other}` (known: {})", CONFIG_NAMES.join(", ")))),
         }
     }
 
@@ -59,29 +56,22 @@ impl UnetConfig {
     /// each level's first block, the block count and attention levels from which names exist.
     /// The resolution cannot be seen in the weights; these UNets are for 32x32 CIFAR images.
     pub fn infer(file: &TensorFile) -> Result<Self> {
-        let fail = |reason: String| Error::UnknownConfig {
-            file: file.file(),
-            reason,
-        };
+        let fail = |reason: String| Error::UnknownConfig { file: file.file(), reason };
         let conv_in = file
             .shape("conv_in.weight")
             .ok()
             .ok_or_else(|| fail("no tensor `conv_in.weight`: not a DDPM UNet checkpoint".into()))?;
         let channels = match conv_in {
             [c, 3, 3, 3] => *c,
-            other => {
-                return Err(fail(format!(
-                    "`conv_in.weight` has shape {other:?}, expected [ch, 3, 3, 3]"
-                )))
-            }
+            other => return Err(fail(format!("`conv_in.weight` has shape {other:?}, expected [ch, 3, 3, 3]"))),
         };
         if channels % 32 != 0 || channels < 64 {
-            return Err(fail(format!("conv_in has {channels} output channels; GroupNorm(32) needs a multiple of 32, at least 64")));
+            return Err(fail(format!(
+                "conv_in has {channels} output channels; GroupNorm(32) needs a multiple of 32, at least 64"
+            )));
         }
         let mut channel_mult = Vec::new();
-        while let Ok(shape) =
-            file.shape(&format!("down.{}.block.0.conv2.weight", channel_mult.len()))
-        {
+        while let Ok(shape) = file.shape(&format!("down.{}.block.0.conv2.weight", channel_mult.len())) {
             if shape[0] % channels != 0 {
                 return Err(fail(format!(
                     "level {} has {} channels, not a multiple of ch = {channels}",
@@ -103,33 +93,13 @@ impl UnetConfig {
             .filter(|level| file.contains(&format!("down.{level}.attn.0.q.weight")))
             .map(|level| resolution >> level)
             .collect();
-        let mut config = Self {
-            name: String::new(),
-            channels,
-            channel_mult,
-            res_blocks,
-            attention_resolutions,
-            resolution,
-        };
+        let mut config =
+            Self { name: String::new(), channels, channel_mult, res_blocks, attention_resolutions, resolution };
         config.name = CONFIG_NAMES
             .iter()
-            .find(|n| {
-                Self::by_name(n)
-                    .map(|c| {
-                        Self {
-                            name: String::new(),
-                            ..c
-                        } == config
-                    })
-                    .unwrap_or(false)
-            })
+            .find(|n| Self::by_name(n).map(|c| Self { name: String::new(), ..c } == config).unwrap_or(false))
             .map(|n| n.to_string())
-            .unwrap_or_else(|| {
-                format!(
-                    "custom (ch {}, mult {:?})",
-                    config.channels, config.channel_mult
-                )
-            });
+            .unwrap_or_else(|| format!("custom (ch {}, mult {:?})", config.channels, config.channel_mult));
         Ok(config)
     }
 }

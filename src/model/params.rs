@@ -62,12 +62,7 @@ pub struct Linear<B: Backend> {
 }
 
 impl<B: Backend> Linear<B> {
-    pub fn load(
-        src: &mut impl ParamSource<B>,
-        name: &str,
-        fin: usize,
-        fout: usize,
-    ) -> Result<Self> {
+    pub fn load(src: &mut impl ParamSource<B>, name: &str, fin: usize, fout: usize) -> Result<Self> {
         Ok(Self {
             weight: src.tensor(&format!("{name}.weight"), &[fout, fin])?,
             bias: src.tensor(&format!("{name}.bias"), &[fout])?,
@@ -85,13 +80,7 @@ pub struct GroupNorm<B: Backend> {
 }
 
 impl<B: Backend> GroupNorm<B> {
-    pub fn load(
-        src: &mut impl ParamSource<B>,
-        name: &str,
-        channels: usize,
-        groups: usize,
-        eps: f32,
-    ) -> Result<Self> {
+    pub fn load(src: &mut impl ParamSource<B>, name: &str, channels: usize, groups: usize, eps: f32) -> Result<Self> {
         Ok(Self {
             gamma: src.tensor(&format!("{name}.weight"), &[channels])?,
             beta: src.tensor(&format!("{name}.bias"), &[channels])?,
@@ -109,10 +98,7 @@ pub struct ParamLister<'a, B: Backend> {
 
 impl<'a, B: Backend> ParamLister<'a, B> {
     pub fn new(backend: &'a B) -> Self {
-        Self {
-            backend,
-            params: Vec::new(),
-        }
+        Self { backend, params: Vec::new() }
     }
 }
 
@@ -128,10 +114,7 @@ impl<B: Backend> ParamSource<B> for ParamLister<'_, B> {
 
 impl<B: Backend> ParamLister<'_, B> {
     pub fn count(&self) -> usize {
-        self.params
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.params.iter().map(|(_, s)| s.iter().product::<usize>()).sum()
     }
 }
 
@@ -147,12 +130,7 @@ pub struct FileParams<'a, B: Backend> {
 
 impl<'a, B: Backend> FileParams<'a, B> {
     pub fn new(backend: &'a B, file: &'a TensorFile) -> Self {
-        Self {
-            backend,
-            file,
-            used: BTreeSet::new(),
-            ignored_suffixes: &[],
-        }
+        Self { backend, file, used: BTreeSet::new(), ignored_suffixes: &[] }
     }
     pub fn ignoring(mut self, suffixes: &'a [&'a str]) -> Self {
         self.ignored_suffixes = suffixes;
@@ -199,12 +177,7 @@ pub struct DeterministicParams<'a, B: Backend> {
 
 impl<'a, B: Backend> DeterministicParams<'a, B> {
     pub fn new(backend: &'a B, seed: u64) -> Self {
-        Self {
-            backend,
-            seed,
-            generated: Vec::new(),
-            keep_host_copies: false,
-        }
+        Self { backend, seed, generated: Vec::new(), keep_host_copies: false }
     }
 }
 
@@ -246,8 +219,7 @@ impl<B: Backend> ParamSource<B> for DeterministicParams<'_, B> {
     fn host(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let data = deterministic_tensor(name, shape, self.seed);
         if self.keep_host_copies {
-            self.generated
-                .push((name.to_string(), shape.to_vec(), data.clone()));
+            self.generated.push((name.to_string(), shape.to_vec(), data.clone()));
         }
         Ok(data)
     }

@@ -24,42 +24,15 @@ pub struct ResnetBlock<B: Backend> {
 }
 
 impl<B: Backend> ResnetBlock<B> {
-    fn load(
-        src: &mut impl ParamSource<B>,
-        name: &str,
-        cin: usize,
-        cout: usize,
-        temb: usize,
-    ) -> Result<Self> {
+    fn load(src: &mut impl ParamSource<B>, name: &str, cin: usize, cout: usize, temb: usize) -> Result<Self> {
         Ok(Self {
             norm1: GroupNorm::load(src, &format!("{name}.norm1"), cin, NORM_GROUPS, NORM_EPS)?,
-            conv1: Conv::load(
-                src,
-                &format!("{name}.conv1"),
-                cin,
-                cout,
-                3,
-                Conv2dGeometry::same(1),
-            )?,
+            conv1: Conv::load(src, &format!("{name}.conv1"), cin, cout, 3, Conv2dGeometry::same(1))?,
             temb_proj: Linear::load(src, &format!("{name}.temb_proj"), temb, cout)?,
             norm2: GroupNorm::load(src, &format!("{name}.norm2"), cout, NORM_GROUPS, NORM_EPS)?,
-            conv2: Conv::load(
-                src,
-                &format!("{name}.conv2"),
-                cout,
-                cout,
-                3,
-                Conv2dGeometry::same(1),
-            )?,
+            conv2: Conv::load(src, &format!("{name}.conv2"), cout, cout, 3, Conv2dGeometry::same(1))?,
             nin_shortcut: if cin != cout {
-                Some(Conv::load(
-                    src,
-                    &format!("{name}.nin_shortcut"),
-                    cin,
-                    cout,
-                    1,
-                    Conv2dGeometry::same(0),
-                )?)
+                Some(Conv::load(src, &format!("{name}.nin_shortcut"), cin, cout, 1, Conv2dGeometry::same(0))?)
             } else {
                 None
             },
@@ -113,6 +86,39 @@ struct Node<B: Backend> {
     output: [usize; 3],
 }
 
+/// The node list while it is built. Activation 0 is the input image; node i writes activation
+/// i + 1, so `push` returns the index of the activation the new node writes.
+struct NodeList<B: Backend> {
+    nodes: Vec<Node<B>>,
+    temb: usize,
+}
+
+impl<B: Backend> NodeList<B> {
+    fn push(&mut self, name: String, layer: Layer<B>, inputs: Vec<usize>, output: [usize; 3]) -> usize {
+        self.nodes.push(Node { name, layer, inputs, output });
+        self.nodes.len()
+    }
+
+    /// A ResnetBlock reading one activation, or the channel concat of (h, skip) on the up path.
+    fn resnet(
+        &mut self,
+        src: &mut impl ParamSource<B>,
+        name: String,
+        inputs: &[(usize, usize)],
+        cout: usize,
+        res: usize,
+    ) -> Result<usize> {
+        let cin = inputs.iter().map(|(_, c)| c).sum();
+        let block = ResnetBlock::load(src, &name, cin, cout, self.temb)?;
+        Ok(self.push(name, Layer::Resnet(block), inputs.iter().map(|(i, _)| *i).collect(), [cout, res, res]))
+    }
+
+    fn attn(&mut self, src: &mut impl ParamSource<B>, name: String, h: usize, c: usize, res: usize) -> Result<usize> {
+        let block = AttnBlock::load(src, &name, c)?;
+        Ok(self.push(name, Layer::Attn(block), vec![h], [c, res, res]))
+    }
+}
+
 pub struct Unet<B: Backend> {
     pub config: UnetConfig,
     temb_dense0: Linear<B>,
@@ -133,161 +139,56 @@ impl<B: Backend> Unet<B> {
         let temb_dense0 = Linear::load(src, "temb.dense.0", ch, temb)?;
         let temb_dense1 = Linear::load(src, "temb.dense.1", temb, temb)?;
 
-        let mut nodes: Vec<Node<B>> = Vec::new();
-        // Activation 0 is the input image; node i writes activation i + 1.
-        let push = |nodes: &mut Vec<Node<B>>,
-                    name: String,
-                    layer: Layer<B>,
-                    inputs: Vec<usize>,
-                    output: [usize; 3]| {
-            nodes.push(Node {
-                name,
-                layer,
-                inputs,
-                output,
-            });
-            nodes.len()
-        };
+        let mut net = NodeList { nodes: Vec::new(), temb };
         let mut res = config.resolution;
-        let mut h = push(
-            &mut nodes,
-            "conv_in".into(),
-            Layer::ConvIn(Conv::load(
-                src,
-                "conv_in",
-                3,
-                ch,
-                3,
-                Conv2dGeometry::same(1),
-            )?),
-            vec![0],
-            [ch, res, res],
-        );
+        let conv_in = Conv::load(src, "conv_in", 3, ch, 3, Conv2dGeometry::same(1))?;
+        let mut h = net.push("conv_in".into(), Layer::ConvIn(conv_in), vec![0], [ch, res, res]);
         let mut c = ch;
         let mut skips = vec![(h, c)];
         let levels = config.channel_mult.len();
         for (level, mult) in config.channel_mult.iter().enumerate() {
-            let cout = ch * mult;
             for j in 0..config.res_blocks {
-                let name = format!("down.{level}.block.{j}");
-                let block = ResnetBlock::load(src, &name, c, cout, temb)?;
-                h = push(
-                    &mut nodes,
-                    name,
-                    Layer::Resnet(block),
-                    vec![h],
-                    [cout, res, res],
-                );
-                c = cout;
+                h = net.resnet(src, format!("down.{level}.block.{j}"), &[(h, c)], ch * mult, res)?;
+                c = ch * mult;
                 if config.attention_resolutions.contains(&res) {
-                    let name = format!("down.{level}.attn.{j}");
-                    h = push(
-                        &mut nodes,
-                        name.clone(),
-                        Layer::Attn(AttnBlock::load(src, &name, c)?),
-                        vec![h],
-                        [c, res, res],
-                    );
+                    h = net.attn(src, format!("down.{level}.attn.{j}"), h, c, res)?;
                 }
                 skips.push((h, c));
             }
             if level + 1 != levels {
-                let geometry = Conv2dGeometry {
-                    stride: 2,
-                    pad_top: 0,
-                    pad_left: 0,
-                    pad_bottom: 1,
-                    pad_right: 1,
-                };
+                // Zero-pad right and bottom by one, then a 3x3 stride-2 convolution.
+                let geometry = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
                 let name = format!("down.{level}.downsample.conv");
                 let conv = Conv::load(src, &name, c, c, 3, geometry)?;
                 res /= 2;
-                h = push(
-                    &mut nodes,
-                    name,
-                    Layer::Downsample(conv),
-                    vec![h],
-                    [c, res, res],
-                );
+                h = net.push(name, Layer::Downsample(conv), vec![h], [c, res, res]);
                 skips.push((h, c));
             }
         }
-        h = push(
-            &mut nodes,
-            "mid.block_1".into(),
-            Layer::Resnet(ResnetBlock::load(src, "mid.block_1", c, c, temb)?),
-            vec![h],
-            [c, res, res],
-        );
-        h = push(
-            &mut nodes,
-            "mid.attn_1".into(),
-            Layer::Attn(AttnBlock::load(src, "mid.attn_1", c)?),
-            vec![h],
-            [c, res, res],
-        );
-        h = push(
-            &mut nodes,
-            "mid.block_2".into(),
-            Layer::Resnet(ResnetBlock::load(src, "mid.block_2", c, c, temb)?),
-            vec![h],
-            [c, res, res],
-        );
+        h = net.resnet(src, "mid.block_1".into(), &[(h, c)], c, res)?;
+        h = net.attn(src, "mid.attn_1".into(), h, c, res)?;
+        h = net.resnet(src, "mid.block_2".into(), &[(h, c)], c, res)?;
         for (level, mult) in config.channel_mult.iter().enumerate().rev() {
-            let cout = ch * mult;
             for j in 0..=config.res_blocks {
-                let (skip, skip_c) = skips
-                    .pop()
-                    .expect("the down path pushes one skip per up block");
-                let name = format!("up.{level}.block.{j}");
-                let block = ResnetBlock::load(src, &name, c + skip_c, cout, temb)?;
-                h = push(
-                    &mut nodes,
-                    name,
-                    Layer::Resnet(block),
-                    vec![h, skip],
-                    [cout, res, res],
-                );
-                c = cout;
+                let skip = skips.pop().expect("the down path pushes one skip per up block");
+                h = net.resnet(src, format!("up.{level}.block.{j}"), &[(h, c), skip], ch * mult, res)?;
+                c = ch * mult;
                 if config.attention_resolutions.contains(&res) {
-                    let name = format!("up.{level}.attn.{j}");
-                    h = push(
-                        &mut nodes,
-                        name.clone(),
-                        Layer::Attn(AttnBlock::load(src, &name, c)?),
-                        vec![h],
-                        [c, res, res],
-                    );
+                    h = net.attn(src, format!("up.{level}.attn.{j}"), h, c, res)?;
                 }
             }
             if level != 0 {
                 let name = format!("up.{level}.upsample.conv");
                 let conv = Conv::load(src, &name, c, c, 3, Conv2dGeometry::same(1))?;
                 res *= 2;
-                h = push(
-                    &mut nodes,
-                    name,
-                    Layer::Upsample(conv),
-                    vec![h],
-                    [c, res, res],
-                );
+                h = net.push(name, Layer::Upsample(conv), vec![h], [c, res, res]);
             }
         }
         let norm = GroupNorm::load(src, "norm_out", c, NORM_GROUPS, NORM_EPS)?;
         let conv = Conv::load(src, "conv_out", c, 3, 3, Conv2dGeometry::same(1))?;
-        push(
-            &mut nodes,
-            "out".into(),
-            Layer::Out { norm, conv },
-            vec![h],
-            [3, res, res],
-        );
-        Ok(Self {
-            config: config.clone(),
-            temb_dense0,
-            temb_dense1,
-            nodes,
-        })
+        net.push("out".into(), Layer::Out { norm, conv }, vec![h], [3, res, res]);
+        let nodes = net.nodes;
+        Ok(Self { config: config.clone(), temb_dense0, temb_dense1, nodes })
     }
 
     /// Loads a UNet from a safetensors file of the published naming, its config inferred from the
@@ -311,15 +212,9 @@ impl<B: Backend> Unet<B> {
         let mut activation_shapes = vec![[3, r, r]];
         activation_shapes.extend(self.nodes.iter().map(|n| n.output));
         let shape = |[c, h, w]: [usize; 3]| [batch, c, h, w];
-        let activations = activation_shapes
-            .iter()
-            .map(|s| backend.zeros(&shape(*s)))
-            .collect::<Result<Vec<_>>>()?;
+        let activations = activation_shapes.iter().map(|s| backend.zeros(&shape(*s))).collect::<Result<Vec<_>>>()?;
         let gradients = if with_backward {
-            activation_shapes
-                .iter()
-                .map(|s| backend.zeros(&shape(*s)))
-                .collect::<Result<Vec<_>>>()?
+            activation_shapes.iter().map(|s| backend.zeros(&shape(*s))).collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
         };
@@ -387,13 +282,7 @@ impl<B: Backend> Unet<B> {
 
     /// `eps_theta(x, t)` for x (batch x 3 x H x W, in the plan's backend) and per-sample step
     /// indices `t` (0-based, as floats). The result stays in the plan (`UnetPlan::eps`).
-    pub fn forward<'p>(
-        &self,
-        b: &B,
-        plan: &'p mut UnetPlan<B>,
-        x: &B::Tensor,
-        t: &[f32],
-    ) -> Result<&'p B::Tensor> {
+    pub fn forward<'p>(&self, b: &B, plan: &'p mut UnetPlan<B>, x: &B::Tensor, t: &[f32]) -> Result<&'p B::Tensor> {
         if x.shape() != plan.activations[0].shape() {
             return Err(Error::invalid(format!(
                 "UNet input has shape {:?}, the plan expects {:?}",
@@ -402,11 +291,7 @@ impl<B: Backend> Unet<B> {
             )));
         }
         if t.len() != plan.batch {
-            return Err(Error::invalid(format!(
-                "{} step indices for a batch of {}",
-                t.len(),
-                plan.batch
-            )));
+            return Err(Error::invalid(format!("{} step indices for a batch of {}", t.len(), plan.batch)));
         }
         b.write(&mut plan.t_steps, t)?;
         b.timestep_embedding(&plan.t_steps, &mut plan.temb_sinusoid);
@@ -417,13 +302,7 @@ impl<B: Backend> Unet<B> {
             false,
             &mut plan.temb_hidden,
         );
-        b.linear(
-            &plan.temb_hidden,
-            &self.temb_dense1.weight,
-            Some(&self.temb_dense1.bias),
-            true,
-            &mut plan.temb,
-        );
+        b.linear(&plan.temb_hidden, &self.temb_dense1.weight, Some(&self.temb_dense1.bias), true, &mut plan.temb);
         b.copy(x, &mut plan.activations[0]);
         for (i, node) in self.nodes.iter().enumerate() {
             let (inputs, rest) = plan.activations.split_at_mut(i + 1);
@@ -431,9 +310,7 @@ impl<B: Backend> Unet<B> {
             let x = &inputs[node.inputs[0]];
             let saved = &mut plan.saved[i].0 .0;
             match &node.layer {
-                Layer::ConvIn(conv) | Layer::Downsample(conv) => {
-                    conv_forward(b, conv, x, ConvEpilogue::default(), out)
-                }
+                Layer::ConvIn(conv) | Layer::Downsample(conv) => conv_forward(b, conv, x, ConvEpilogue::default(), out),
                 Layer::Upsample(conv) => {
                     b.upsample_nearest2x(x, &mut saved[0]);
                     conv_forward(b, conv, &saved[0], ConvEpilogue::default(), out);
@@ -451,16 +328,7 @@ impl<B: Backend> Unet<B> {
                 Layer::Attn(block) => attn_forward(b, block, x, saved, out),
                 Layer::Out { norm, conv } => {
                     let (n, stats) = saved.split_at_mut(1);
-                    b.group_norm(
-                        x,
-                        &norm.gamma,
-                        &norm.beta,
-                        norm.groups,
-                        norm.eps,
-                        true,
-                        &mut n[0],
-                        &mut stats[0],
-                    );
+                    b.group_norm(x, &norm.gamma, &norm.beta, norm.groups, norm.eps, true, &mut n[0], &mut stats[0]);
                     conv_forward(b, conv, &n[0], ConvEpilogue::default(), out);
                 }
             }
@@ -471,21 +339,12 @@ impl<B: Backend> Unet<B> {
 
     /// The vector-Jacobian product `d(sum(eps * v)) / dx` for the input of the last `forward` on
     /// this plan: the UNet's backward pass with respect to its input image.
-    pub fn input_vjp<'p>(
-        &self,
-        b: &B,
-        plan: &'p mut UnetPlan<B>,
-        v: &B::Tensor,
-    ) -> Result<&'p B::Tensor> {
+    pub fn input_vjp<'p>(&self, b: &B, plan: &'p mut UnetPlan<B>, v: &B::Tensor) -> Result<&'p B::Tensor> {
         if plan.gradients.is_empty() {
-            return Err(Error::invalid(
-                "this UNet plan was made without backward buffers",
-            ));
+            return Err(Error::invalid("this UNet plan was made without backward buffers"));
         }
         if !plan.forward_done {
-            return Err(Error::invalid(
-                "input_vjp needs a forward on the same plan first",
-            ));
+            return Err(Error::invalid("input_vjp needs a forward on the same plan first"));
         }
         if v.shape() != plan.eps().shape() {
             return Err(Error::invalid(format!(
@@ -512,12 +371,9 @@ impl<B: Backend> Unet<B> {
             let (saved, dsaved) = &mut plan.saved[i];
             let (saved, dsaved) = (&saved.0, &mut dsaved.0);
             match &node.layer {
-                Layer::ConvIn(conv) | Layer::Downsample(conv) => b.conv2d_backward_input(
-                    dout,
-                    &conv.weight,
-                    conv.geometry,
-                    &mut dinputs[node.inputs[0]],
-                ),
+                Layer::ConvIn(conv) | Layer::Downsample(conv) => {
+                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dinputs[node.inputs[0]])
+                }
                 Layer::Upsample(conv) => {
                     b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0]);
                     b.upsample_nearest2x_backward(&dsaved[0], &mut dinputs[node.inputs[0]]);
@@ -529,27 +385,12 @@ impl<B: Backend> Unet<B> {
                         let (dh, dskip) = two_mut(dinputs, node.inputs[0], skip);
                         b.concat_channels_backward(dconcat, dh, dskip);
                     } else {
-                        resnet_backward(
-                            b,
-                            block,
-                            x,
-                            saved,
-                            dout,
-                            dsaved,
-                            &mut dinputs[node.inputs[0]],
-                        );
+                        resnet_backward(b, block, x, saved, dout, dsaved, &mut dinputs[node.inputs[0]]);
                     }
                 }
-                Layer::Attn(block) => attn_backward(
-                    b,
-                    block,
-                    x,
-                    out,
-                    saved,
-                    dout,
-                    dsaved,
-                    &mut dinputs[node.inputs[0]],
-                ),
+                Layer::Attn(block) => {
+                    attn_backward(b, block, x, out, saved, dout, dsaved, &mut dinputs[node.inputs[0]])
+                }
                 Layer::Out { norm, conv } => {
                     b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0]);
                     b.group_norm_backward(
@@ -632,14 +473,7 @@ fn conv_forward<B: Backend>(
     epilogue: ConvEpilogue<'_, B::Tensor>,
     out: &mut B::Tensor,
 ) {
-    b.conv2d(
-        x,
-        &conv.weight,
-        conv.bias.as_ref(),
-        conv.geometry,
-        epilogue,
-        out,
-    );
+    b.conv2d(x, &conv.weight, conv.bias.as_ref(), conv.geometry, epilogue, out);
 }
 
 /// Saved layout: [n1, stats1, temb_bias, h1, n2, stats2, (shortcut)].
@@ -654,43 +488,10 @@ fn resnet_forward<B: Backend>(
     let [n1, stats1, temb_bias, h1, n2, stats2, shortcut @ ..] = saved else {
         unreachable!("ResnetBlock buffers are laid out by Unet::plan")
     };
-    b.group_norm(
-        x,
-        &block.norm1.gamma,
-        &block.norm1.beta,
-        block.norm1.groups,
-        block.norm1.eps,
-        true,
-        n1,
-        stats1,
-    );
-    b.linear(
-        temb,
-        &block.temb_proj.weight,
-        Some(&block.temb_proj.bias),
-        true,
-        temb_bias,
-    );
-    conv_forward(
-        b,
-        &block.conv1,
-        n1,
-        ConvEpilogue {
-            channel_bias: Some(temb_bias),
-            ..Default::default()
-        },
-        h1,
-    );
-    b.group_norm(
-        h1,
-        &block.norm2.gamma,
-        &block.norm2.beta,
-        block.norm2.groups,
-        block.norm2.eps,
-        true,
-        n2,
-        stats2,
-    );
+    b.group_norm(x, &block.norm1.gamma, &block.norm1.beta, block.norm1.groups, block.norm1.eps, true, n1, stats1);
+    b.linear(temb, &block.temb_proj.weight, Some(&block.temb_proj.bias), true, temb_bias);
+    conv_forward(b, &block.conv1, n1, ConvEpilogue { channel_bias: Some(temb_bias), ..Default::default() }, h1);
+    b.group_norm(h1, &block.norm2.gamma, &block.norm2.beta, block.norm2.groups, block.norm2.eps, true, n2, stats2);
     let residual = match (&block.nin_shortcut, shortcut.first_mut()) {
         (Some(nin), Some(s)) => {
             conv_forward(b, nin, x, ConvEpilogue::default(), s);
@@ -698,16 +499,7 @@ fn resnet_forward<B: Backend>(
         }
         _ => x,
     };
-    conv_forward(
-        b,
-        &block.conv2,
-        n2,
-        ConvEpilogue {
-            residual: Some(residual),
-            ..Default::default()
-        },
-        out,
-    );
+    conv_forward(b, &block.conv2, n2, ConvEpilogue { residual: Some(residual), ..Default::default() }, out);
 }
 
 fn resnet_backward<B: Backend>(
@@ -719,34 +511,12 @@ fn resnet_backward<B: Backend>(
     dsaved: &mut [B::Tensor],
     dx: &mut B::Tensor,
 ) {
-    let [_, stats1, _, h1, _, stats2, ..] = saved else {
-        unreachable!()
-    };
-    let [dn1, _, _, dh1, dn2, ..] = dsaved else {
-        unreachable!()
-    };
+    let [_, stats1, _, h1, _, stats2, ..] = saved else { unreachable!() };
+    let [dn1, _, _, dh1, dn2, ..] = dsaved else { unreachable!() };
     b.conv2d_backward_input(dout, &block.conv2.weight, block.conv2.geometry, dn2);
-    b.group_norm_backward(
-        h1,
-        &block.norm2.gamma,
-        &block.norm2.beta,
-        stats2,
-        block.norm2.groups,
-        true,
-        dn2,
-        dh1,
-    );
+    b.group_norm_backward(h1, &block.norm2.gamma, &block.norm2.beta, stats2, block.norm2.groups, true, dn2, dh1);
     b.conv2d_backward_input(dh1, &block.conv1.weight, block.conv1.geometry, dn1);
-    b.group_norm_backward(
-        x,
-        &block.norm1.gamma,
-        &block.norm1.beta,
-        stats1,
-        block.norm1.groups,
-        true,
-        dn1,
-        dx,
-    );
+    b.group_norm_backward(x, &block.norm1.gamma, &block.norm1.beta, stats1, block.norm1.groups, true, dn1, dx);
     match &block.nin_shortcut {
         Some(nin) => b.conv2d_backward_input(dout, &nin.weight, nin.geometry, dx),
         None => b.add_assign(dx, dout),
@@ -754,40 +524,14 @@ fn resnet_backward<B: Backend>(
 }
 
 /// Saved layout: [norm, q, k, v, attention, stats, logsumexp].
-fn attn_forward<B: Backend>(
-    b: &B,
-    block: &AttnBlock<B>,
-    x: &B::Tensor,
-    saved: &mut [B::Tensor],
-    out: &mut B::Tensor,
-) {
-    let [n, q, k, v, a, stats, lse] = saved else {
-        unreachable!("AttnBlock buffers are laid out by Unet::plan")
-    };
-    b.group_norm(
-        x,
-        &block.norm.gamma,
-        &block.norm.beta,
-        block.norm.groups,
-        block.norm.eps,
-        false,
-        n,
-        stats,
-    );
+fn attn_forward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, saved: &mut [B::Tensor], out: &mut B::Tensor) {
+    let [n, q, k, v, a, stats, lse] = saved else { unreachable!("AttnBlock buffers are laid out by Unet::plan") };
+    b.group_norm(x, &block.norm.gamma, &block.norm.beta, block.norm.groups, block.norm.eps, false, n, stats);
     conv_forward(b, &block.q, n, ConvEpilogue::default(), q);
     conv_forward(b, &block.k, n, ConvEpilogue::default(), k);
     conv_forward(b, &block.v, n, ConvEpilogue::default(), v);
     b.attention(q, k, v, a, lse);
-    conv_forward(
-        b,
-        &block.proj_out,
-        a,
-        ConvEpilogue {
-            residual: Some(x),
-            ..Default::default()
-        },
-        out,
-    );
+    conv_forward(b, &block.proj_out, a, ConvEpilogue { residual: Some(x), ..Default::default() }, out);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -801,26 +545,13 @@ fn attn_backward<B: Backend>(
     dsaved: &mut [B::Tensor],
     dx: &mut B::Tensor,
 ) {
-    let [_, q, k, v, a, stats, lse] = saved else {
-        unreachable!()
-    };
-    let [dn, dq, dk, dv, da, ..] = dsaved else {
-        unreachable!()
-    };
+    let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
+    let [dn, dq, dk, dv, da, ..] = dsaved else { unreachable!() };
     b.add_assign(dx, dout);
     b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da);
     b.attention_backward(q, k, v, a, lse, da, dq, dk, dv);
     b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn);
     b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn);
     b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn);
-    b.group_norm_backward(
-        x,
-        &block.norm.gamma,
-        &block.norm.beta,
-        stats,
-        block.norm.groups,
-        false,
-        dn,
-        dx,
-    );
+    b.group_norm_backward(x, &block.norm.gamma, &block.norm.beta, stats, block.norm.groups, false, dn, dx);
 }

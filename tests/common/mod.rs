@@ -25,15 +25,8 @@ pub fn tensor(file: &TensorFile, name: &str) -> (Vec<usize>, Vec<f32>) {
 /// ||a - b|| / ||b||, in f64.
 pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    assert!(
-        a.iter().all(|v| v.is_finite()),
-        "non-finite value in the result"
-    );
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite value in the result");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
 }
@@ -56,21 +49,14 @@ pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Writes deterministic untrained UNet weights of `config` (the goldens' generator) to `path`.
-pub fn write_untrained_unet(
-    path: &std::path::Path,
-    config: &purifier::model::UnetConfig,
-    seed: u64,
-) {
+pub fn write_untrained_unet(path: &std::path::Path, config: &purifier::model::UnetConfig, seed: u64) {
     use purifier::model::params::DeterministicParams;
     let b = purifier::backend::cpu::CpuBackend;
     let mut src = DeterministicParams::new(&b, seed);
     src.keep_host_copies = true;
     purifier::model::Unet::load(config, &mut src).unwrap();
-    let tensors: Vec<(&str, &[usize], &[f32])> = src
-        .generated
-        .iter()
-        .map(|(n, s, d)| (n.as_str(), &s[..], &d[..]))
-        .collect();
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        src.generated.iter().map(|(n, s, d)| (n.as_str(), &s[..], &d[..])).collect();
     purifier::data::tensor_file::write_safetensors(path, &tensors).unwrap();
 }
 
@@ -81,10 +67,8 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
         .current_dir(project_path(""))
         .output()
         .expect("run purifier");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(!stderr.contains("panicked"), "the CLI panicked: {stderr}");
     (out.status.success(), stdout, stderr)
 }
@@ -93,9 +77,6 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
 pub fn cli_error(args: &[&str]) -> String {
     let (ok, stdout, stderr) = run_cli(args);
     assert!(!ok, "expected failure of {args:?}, got success: {stdout}");
-    assert!(
-        stderr.starts_with("error: ") || stderr.contains("\nerror: ") || stderr.contains("error:"),
-        "{stderr}"
-    );
+    assert!(stderr.starts_with("error: ") || stderr.contains("\nerror: ") || stderr.contains("error:"), "{stderr}");
     stderr
 }

@@ -30,36 +30,21 @@ pub fn forward(
     let (c, l) = (channels, positions);
     let scale = 1.0 / (c as f32).sqrt();
     let mut probs = vec![0.0f32; l * l];
-    for (n, (out_n, lse_n)) in out
-        .chunks_mut(c * l)
-        .zip(logsumexp.chunks_mut(l))
-        .enumerate()
-    {
-        let (q_n, k_n, v_n) = (
-            &q[n * c * l..][..c * l],
-            &k[n * c * l..][..c * l],
-            &v[n * c * l..][..c * l],
-        );
-        probs
-            .par_chunks_mut(l)
-            .zip(lse_n.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (p, lse))| {
-                score_row(q_n, k_n, l, i, scale, p);
-                // log-sum-exp in f64 around the row maximum: exact enough to rebuild p in the backward.
-                let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let sum: f64 = p.iter().map(|&s| ((s - max) as f64).exp()).sum();
-                *lse = (max as f64 + sum.ln()) as f32;
-                p.iter_mut().for_each(|s| *s = (*s - *lse).exp());
-            });
-        out_n
-            .par_chunks_mut(l)
-            .zip(v_n.par_chunks(l))
-            .for_each(|(out_c, v_c)| {
-                for (i, o) in out_c.iter_mut().enumerate() {
-                    *o = dot(&probs[i * l..(i + 1) * l], v_c);
-                }
-            });
+    for (n, (out_n, lse_n)) in out.chunks_mut(c * l).zip(logsumexp.chunks_mut(l)).enumerate() {
+        let (q_n, k_n, v_n) = (&q[n * c * l..][..c * l], &k[n * c * l..][..c * l], &v[n * c * l..][..c * l]);
+        probs.par_chunks_mut(l).zip(lse_n.par_iter_mut()).enumerate().for_each(|(i, (p, lse))| {
+            score_row(q_n, k_n, l, i, scale, p);
+            // log-sum-exp in f64 around the row maximum: exact enough to rebuild p in the backward.
+            let max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let sum: f64 = p.iter().map(|&s| ((s - max) as f64).exp()).sum();
+            *lse = (max as f64 + sum.ln()) as f32;
+            p.iter_mut().for_each(|s| *s = (*s - *lse).exp());
+        });
+        out_n.par_chunks_mut(l).zip(v_n.par_chunks(l)).for_each(|(out_c, v_c)| {
+            for (i, o) in out_c.iter_mut().enumerate() {
+                *o = dot(&probs[i * l..(i + 1) * l], v_c);
+            }
+        });
     }
 }
 
@@ -85,59 +70,43 @@ pub fn backward(
     let mut dscores = vec![0.0f32; l * l];
     for n in 0..dq.len() / (c * l) {
         let r = n * c * l..(n + 1) * c * l;
-        let (q_n, k_n, v_n, o_n, do_n) = (
-            &q[r.clone()],
-            &k[r.clone()],
-            &v[r.clone()],
-            &out[r.clone()],
-            &dout[r.clone()],
-        );
+        let (q_n, k_n, v_n, o_n, do_n) =
+            (&q[r.clone()], &k[r.clone()], &v[r.clone()], &out[r.clone()], &dout[r.clone()]);
         let lse_n = &logsumexp[n * l..(n + 1) * l];
         // Row-parallel: p_i, and dS_i = p_i * (dP_i - delta_i) with dP_ij = sum_c dO[c][i] v[c][j].
-        probs
-            .par_chunks_mut(l)
-            .zip(dscores.par_chunks_mut(l))
-            .enumerate()
-            .for_each(|(i, (p, ds))| {
-                score_row(q_n, k_n, l, i, scale, p);
-                p.iter_mut().for_each(|s| *s = (*s - lse_n[i]).exp());
-                ds.fill(0.0);
-                let mut delta = 0.0f64;
-                for ch in 0..c {
-                    let g = do_n[ch * l + i];
-                    axpy(g, &v_n[ch * l..(ch + 1) * l], ds);
-                    delta += (g * o_n[ch * l + i]) as f64;
-                }
-                let delta = delta as f32;
-                for (d, &pj) in ds.iter_mut().zip(p.iter()) {
-                    *d = pj * (*d - delta);
-                }
-            });
+        probs.par_chunks_mut(l).zip(dscores.par_chunks_mut(l)).enumerate().for_each(|(i, (p, ds))| {
+            score_row(q_n, k_n, l, i, scale, p);
+            p.iter_mut().for_each(|s| *s = (*s - lse_n[i]).exp());
+            ds.fill(0.0);
+            let mut delta = 0.0f64;
+            for ch in 0..c {
+                let g = do_n[ch * l + i];
+                axpy(g, &v_n[ch * l..(ch + 1) * l], ds);
+                delta += (g * o_n[ch * l + i]) as f64;
+            }
+            let delta = delta as f32;
+            for (d, &pj) in ds.iter_mut().zip(p.iter()) {
+                *d = pj * (*d - delta);
+            }
+        });
         // Channel-parallel: each channel row of dq, dk, dv is contiguous.
         let (dq_n, dk_n, dv_n) = (&mut dq[r.clone()], &mut dk[r.clone()], &mut dv[r]);
-        dq_n.par_chunks_mut(l)
-            .zip(dk_n.par_chunks_mut(l))
-            .zip(dv_n.par_chunks_mut(l))
-            .enumerate()
-            .for_each(|(ch, ((dq_c, dk_c), dv_c))| {
-                let (q_c, k_c, do_c) = (
-                    &q_n[ch * l..(ch + 1) * l],
-                    &k_n[ch * l..(ch + 1) * l],
-                    &do_n[ch * l..(ch + 1) * l],
-                );
+        dq_n.par_chunks_mut(l).zip(dk_n.par_chunks_mut(l)).zip(dv_n.par_chunks_mut(l)).enumerate().for_each(
+            |(ch, ((dq_c, dk_c), dv_c))| {
+                let (q_c, k_c, do_c) =
+                    (&q_n[ch * l..(ch + 1) * l], &k_n[ch * l..(ch + 1) * l], &do_n[ch * l..(ch + 1) * l]);
                 let mut acc = vec![0.0f32; l];
                 for (i, d) in dq_c.iter_mut().enumerate() {
                     *d += scale * dot(&dscores[i * l..(i + 1) * l], k_c);
                     axpy(q_c[i], &dscores[i * l..(i + 1) * l], &mut acc);
                 }
-                dk_c.iter_mut()
-                    .zip(&acc)
-                    .for_each(|(d, &a)| *d += scale * a);
+                dk_c.iter_mut().zip(&acc).for_each(|(d, &a)| *d += scale * a);
                 acc.fill(0.0);
                 for (i, &g) in do_c.iter().enumerate() {
                     axpy(g, &probs[i * l..(i + 1) * l], &mut acc);
                 }
                 dv_c.iter_mut().zip(&acc).for_each(|(d, &a)| *d += a);
-            });
+            },
+        );
     }
 }

@@ -52,10 +52,7 @@ pub struct ConvLayout {
 impl ConvLayout {
     /// Shapes are NCHW input and OIHW weights; panics on inconsistent ones (a programming error).
     pub fn new(x_shape: &[usize], w_shape: &[usize], geometry: Conv2dGeometry) -> Self {
-        assert!(
-            x_shape.len() == 4 && w_shape.len() == 4,
-            "conv2d: x {x_shape:?} and w {w_shape:?} must be 4-D"
-        );
+        assert!(x_shape.len() == 4 && w_shape.len() == 4, "conv2d: x {x_shape:?} and w {w_shape:?} must be 4-D");
         let [batch, in_channels, height, width] = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
         let [out_channels, w_in, kh, kw] = [w_shape[0], w_shape[1], w_shape[2], w_shape[3]];
         assert_eq!(
@@ -85,10 +82,7 @@ impl ConvLayout {
             }
         }
         let plane_len = (plane_height * plane_width).max(wide_positions + max_shift);
-        let tap_offsets = tap_offsets
-            .into_iter()
-            .map(|(phase, shift)| phase * plane_len + shift)
-            .collect();
+        let tap_offsets = tap_offsets.into_iter().map(|(phase, shift)| phase * plane_len + shift).collect();
         Self {
             batch,
             in_channels,
@@ -125,8 +119,7 @@ impl ConvLayout {
                     continue;
                 }
                 let xp = ix0 + self.pad_left;
-                let base =
-                    ((yp % s) * s + xp % s) * self.plane_len + (yp / s) * self.plane_width + xp / s;
+                let base = ((yp % s) * s + xp % s) * self.plane_len + (yp / s) * self.plane_width + xp / s;
                 visit(iy, ix0, base);
             }
         }
@@ -206,13 +199,7 @@ fn tile(acc: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], q0: usize) {
 }
 
 /// out = epilogue(conv(x, w)) for x (N x Ci x H x W), w (Co x Ci x kh x kw), out (N x Co x oh x ow).
-pub fn forward(
-    layout: &ConvLayout,
-    x: &[f32],
-    w: &[f32],
-    epilogue: &Epilogue<'_>,
-    out: &mut [f32],
-) {
+pub fn forward(layout: &ConvLayout, x: &[f32], w: &[f32], epilogue: &Epilogue<'_>, out: &mut [f32]) {
     let l = layout;
     let taps = l.taps();
     let depth = l.in_channels * taps;
@@ -225,9 +212,7 @@ pub fn forward(
             packed[(block * depth + k) * MR + r] = w[co * depth + k];
         }
     }
-    let rows: Vec<usize> = (0..depth)
-        .map(|k| (k / taps) * l.channel_len + l.tap_offsets[k % taps])
-        .collect();
+    let rows: Vec<usize> = (0..depth).map(|k| (k / taps) * l.channel_len + l.tap_offsets[k % taps]).collect();
 
     let position_tiles = l.wide_positions / NR;
     let in_plane = l.height * l.width;
@@ -240,53 +225,40 @@ pub fn forward(
     let mut tiles = vec![0.0f32; position_tiles * channel_blocks * MR * NR];
     for n in 0..l.batch {
         let x_n = &x[n * l.in_channels * in_plane..(n + 1) * l.in_channels * in_plane];
-        planes
-            .par_chunks_mut(l.channel_len)
-            .zip(x_n.par_chunks(in_plane))
-            .for_each(|(p, x_c)| {
-                p.fill(0.0);
-                l.scatter_channel(x_c, p);
-            });
-        tiles
-            .par_chunks_mut(channel_blocks * MR * NR)
-            .enumerate()
-            .for_each(|(q_tile, dst)| {
-                dst.fill(0.0);
-                for k0 in (0..depth).step_by(k_chunk) {
-                    let k1 = (k0 + k_chunk).min(depth);
-                    for (block, acc) in dst.chunks_exact_mut(MR * NR).enumerate() {
-                        let a = &packed[(block * depth + k0) * MR..(block * depth + k1) * MR];
-                        tile(acc, a, &planes, &rows[k0..k1], q_tile * NR);
-                    }
+        planes.par_chunks_mut(l.channel_len).zip(x_n.par_chunks(in_plane)).for_each(|(p, x_c)| {
+            p.fill(0.0);
+            l.scatter_channel(x_c, p);
+        });
+        tiles.par_chunks_mut(channel_blocks * MR * NR).enumerate().for_each(|(q_tile, dst)| {
+            dst.fill(0.0);
+            for k0 in (0..depth).step_by(k_chunk) {
+                let k1 = (k0 + k_chunk).min(depth);
+                for (block, acc) in dst.chunks_exact_mut(MR * NR).enumerate() {
+                    let a = &packed[(block * depth + k0) * MR..(block * depth + k1) * MR];
+                    tile(acc, a, &planes, &rows[k0..k1], q_tile * NR);
                 }
-            });
+            }
+        });
         let out_n = &mut out[n * l.out_channels * out_plane..(n + 1) * l.out_channels * out_plane];
-        out_n
-            .par_chunks_mut(out_plane)
-            .enumerate()
-            .for_each(|(co, dst)| {
-                let (block, r) = (co / MR, co % MR);
-                let mut constant = epilogue.bias.map_or(0.0, |b| b[co]);
-                if let Some(cb) = epilogue.channel_bias {
-                    constant += cb[n * l.out_channels + co];
-                }
-                let residual = epilogue
-                    .residual
-                    .map(|res| &res[(n * l.out_channels + co) * out_plane..][..out_plane]);
-                for oy in 0..l.out_height {
-                    for ox in 0..l.out_width {
-                        let q = oy * l.plane_width + ox;
-                        let mut v = tiles
-                            [((q / NR * channel_blocks + block) * MR + r) * NR + q % NR]
-                            + constant;
-                        let i = oy * l.out_width + ox;
-                        if let Some(res) = residual {
-                            v += res[i];
-                        }
-                        dst[i] = if epilogue.relu { v.max(0.0) } else { v };
+        out_n.par_chunks_mut(out_plane).enumerate().for_each(|(co, dst)| {
+            let (block, r) = (co / MR, co % MR);
+            let mut constant = epilogue.bias.map_or(0.0, |b| b[co]);
+            if let Some(cb) = epilogue.channel_bias {
+                constant += cb[n * l.out_channels + co];
+            }
+            let residual = epilogue.residual.map(|res| &res[(n * l.out_channels + co) * out_plane..][..out_plane]);
+            for oy in 0..l.out_height {
+                for ox in 0..l.out_width {
+                    let q = oy * l.plane_width + ox;
+                    let mut v = tiles[((q / NR * channel_blocks + block) * MR + r) * NR + q % NR] + constant;
+                    let i = oy * l.out_width + ox;
+                    if let Some(res) = residual {
+                        v += res[i];
                     }
+                    dst[i] = if epilogue.relu { v.max(0.0) } else { v };
                 }
-            });
+            }
+        });
     }
 }
 
@@ -302,8 +274,7 @@ pub fn backward_input(layout: &ConvLayout, dout: &[f32], w: &[f32], dx: &mut [f3
         for ci in 0..ci_count {
             for t in 0..taps {
                 let (block, r) = (ci / MR, ci % MR);
-                packed[((block * taps + t) * co_count + co) * MR + r] =
-                    w[(co * ci_count + ci) * taps + t];
+                packed[((block * taps + t) * co_count + co) * MR + r] = w[(co * ci_count + ci) * taps + t];
             }
         }
     }
@@ -317,42 +288,33 @@ pub fn backward_input(layout: &ConvLayout, dout: &[f32], w: &[f32], dx: &mut [f3
     let mut dplanes = vec![0.0f32; channel_blocks * MR * l.channel_len];
     for n in 0..l.batch {
         let dout_n = &dout[n * co_count * out_plane..(n + 1) * co_count * out_plane];
-        dout_wide
-            .par_chunks_mut(l.wide_positions)
-            .zip(dout_n.par_chunks(out_plane))
-            .for_each(|(wide, d)| {
-                for oy in 0..l.out_height {
-                    let row = &d[oy * l.out_width..(oy + 1) * l.out_width];
-                    wide[oy * l.plane_width..][..l.out_width].copy_from_slice(row);
-                }
-            });
-        dplanes
-            .par_chunks_mut(MR * l.channel_len)
-            .enumerate()
-            .for_each(|(block, dst)| {
-                dst.fill(0.0);
-                // Taps inner: the position tile of dout (Co x NR floats) stays in L1 for all of them.
-                let mut acc = [0.0f32; MR * NR];
-                for q_tile in 0..position_tiles {
-                    for t in 0..taps {
-                        let a = &packed[(block * taps + t) * co_count * MR
-                            ..(block * taps + t + 1) * co_count * MR];
-                        acc.fill(0.0);
-                        tile(&mut acc, a, &dout_wide, &rows, q_tile * NR);
-                        for (r, acc_r) in acc.chunks_exact(NR).enumerate() {
-                            let base = r * l.channel_len + l.tap_offsets[t] + q_tile * NR;
-                            for (d, &g) in dst[base..base + NR].iter_mut().zip(acc_r) {
-                                *d += g;
-                            }
+        dout_wide.par_chunks_mut(l.wide_positions).zip(dout_n.par_chunks(out_plane)).for_each(|(wide, d)| {
+            for oy in 0..l.out_height {
+                let row = &d[oy * l.out_width..(oy + 1) * l.out_width];
+                wide[oy * l.plane_width..][..l.out_width].copy_from_slice(row);
+            }
+        });
+        dplanes.par_chunks_mut(MR * l.channel_len).enumerate().for_each(|(block, dst)| {
+            dst.fill(0.0);
+            // Taps inner: the position tile of dout (Co x NR floats) stays in L1 for all of them.
+            let mut acc = [0.0f32; MR * NR];
+            for q_tile in 0..position_tiles {
+                for t in 0..taps {
+                    let a = &packed[(block * taps + t) * co_count * MR..(block * taps + t + 1) * co_count * MR];
+                    acc.fill(0.0);
+                    tile(&mut acc, a, &dout_wide, &rows, q_tile * NR);
+                    for (r, acc_r) in acc.chunks_exact(NR).enumerate() {
+                        let base = r * l.channel_len + l.tap_offsets[t] + q_tile * NR;
+                        for (d, &g) in dst[base..base + NR].iter_mut().zip(acc_r) {
+                            *d += g;
                         }
                     }
                 }
-            });
+            }
+        });
         let dx_n = &mut dx[n * ci_count * in_plane..(n + 1) * ci_count * in_plane];
-        dx_n.par_chunks_mut(in_plane)
-            .zip(dplanes.par_chunks(l.channel_len))
-            .for_each(|(d, p)| {
-                l.gather_channel_add(p, d);
-            });
+        dx_n.par_chunks_mut(in_plane).zip(dplanes.par_chunks(l.channel_len)).for_each(|(d, p)| {
+            l.gather_channel_add(p, d);
+        });
     }
 }

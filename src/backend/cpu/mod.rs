@@ -35,38 +35,18 @@ pub struct CpuBackend;
 
 /// The shape of `t` as `R` dimensions; panics naming `what` if it has another rank.
 fn dims<const R: usize>(t: &CpuTensor, what: &str) -> [usize; R] {
-    assert_eq!(
-        t.data.len(),
-        t.shape.iter().product::<usize>(),
-        "{what}: data does not fill shape {:?}",
-        t.shape
-    );
-    t.shape[..]
-        .try_into()
-        .unwrap_or_else(|_| panic!("{what}: expected a {R}-D tensor, got shape {:?}", t.shape))
+    assert_eq!(t.data.len(), t.shape.iter().product::<usize>(), "{what}: data does not fill shape {:?}", t.shape);
+    t.shape[..].try_into().unwrap_or_else(|_| panic!("{what}: expected a {R}-D tensor, got shape {:?}", t.shape))
 }
 
 fn expect_shape(t: &CpuTensor, expected: &[usize], what: &str) {
-    assert!(
-        t.shape == expected,
-        "{what}: shape {:?}, expected {expected:?}",
-        t.shape
-    );
-    assert_eq!(
-        t.data.len(),
-        t.shape.iter().product::<usize>(),
-        "{what}: data does not fill shape {:?}",
-        t.shape
-    );
+    assert!(t.shape == expected, "{what}: shape {:?}, expected {expected:?}", t.shape);
+    assert_eq!(t.data.len(), t.shape.iter().product::<usize>(), "{what}: data does not fill shape {:?}", t.shape);
 }
 
 /// (N, C, product of the remaining dims) of a tensor of rank >= 2.
 fn batch_channels_rest(t: &CpuTensor, what: &str) -> (usize, usize, usize) {
-    assert!(
-        t.shape.len() >= 2,
-        "{what}: expected N x C x ..., got shape {:?}",
-        t.shape
-    );
+    assert!(t.shape.len() >= 2, "{what}: expected N x C x ..., got shape {:?}", t.shape);
     (t.shape[0], t.shape[1], t.shape[2..].iter().product())
 }
 
@@ -86,10 +66,7 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
-        Ok(CpuTensor {
-            shape: shape.to_vec(),
-            data: vec![0.0; element_count(shape)],
-        })
+        Ok(CpuTensor { shape: shape.to_vec(), data: vec![0.0; element_count(shape)] })
     }
 
     fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
@@ -100,10 +77,7 @@ impl Backend for CpuBackend {
                 element_count(shape)
             )));
         }
-        Ok(CpuTensor {
-            shape: shape.to_vec(),
-            data: data.to_vec(),
-        })
+        Ok(CpuTensor { shape: shape.to_vec(), data: data.to_vec() })
     }
 
     fn write(&self, dst: &mut CpuTensor, data: &[f32]) -> Result<()> {
@@ -134,83 +108,37 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) {
         expect_shape(src, &dst.shape, "add_assign: src");
-        dst.data
-            .par_chunks_mut(PAR_CHUNK)
-            .zip(src.data.par_chunks(PAR_CHUNK))
-            .for_each(|(d, s)| {
-                d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
-            });
+        dst.data.par_chunks_mut(PAR_CHUNK).zip(src.data.par_chunks(PAR_CHUNK)).for_each(|(d, s)| {
+            d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
+        });
     }
 
     fn timestep_embedding(&self, t: &CpuTensor, out: &mut CpuTensor) {
         let [n] = dims(t, "timestep_embedding: t");
         let [out_n, dim] = dims(out, "timestep_embedding: out");
-        assert_eq!(
-            out_n, n,
-            "timestep_embedding: out {:?} for {n} steps",
-            out.shape
-        );
-        assert!(
-            dim % 2 == 0 && dim >= 4,
-            "timestep_embedding: dim {dim} must be even and at least 4"
-        );
+        assert_eq!(out_n, n, "timestep_embedding: out {:?} for {n} steps", out.shape);
+        assert!(dim % 2 == 0 && dim >= 4, "timestep_embedding: dim {dim} must be even and at least 4");
         elementwise::timestep_embedding(&t.data, dim, &mut out.data);
     }
 
-    fn linear(
-        &self,
-        x: &CpuTensor,
-        w: &CpuTensor,
-        b: Option<&CpuTensor>,
-        silu_input: bool,
-        out: &mut CpuTensor,
-    ) {
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>, silu_input: bool, out: &mut CpuTensor) {
         let [n, in_features] = dims(x, "linear: x");
         let [out_features, w_in] = dims(w, "linear: w");
-        assert_eq!(
-            w_in, in_features,
-            "linear: w {:?} for x {:?}",
-            w.shape, x.shape
-        );
+        assert_eq!(w_in, in_features, "linear: w {:?} for x {:?}", w.shape, x.shape);
         if let Some(b) = b {
             expect_shape(b, &[out_features], "linear: b");
         }
         expect_shape(out, &[n, out_features], "linear: out");
-        elementwise::linear(
-            &x.data,
-            &w.data,
-            b.map(|b| &b.data[..]),
-            in_features,
-            silu_input,
-            &mut out.data,
-        );
+        elementwise::linear(&x.data, &w.data, b.map(|b| &b.data[..]), in_features, silu_input, &mut out.data);
     }
 
-    fn linear_backward(
-        &self,
-        x: &CpuTensor,
-        w: &CpuTensor,
-        silu_input: bool,
-        dout: &CpuTensor,
-        dx: &mut CpuTensor,
-    ) {
+    fn linear_backward(&self, x: &CpuTensor, w: &CpuTensor, silu_input: bool, dout: &CpuTensor, dx: &mut CpuTensor) {
         let [n, in_features] = dims(x, "linear_backward: x");
         let [out_features, w_in] = dims(w, "linear_backward: w");
-        assert_eq!(
-            w_in, in_features,
-            "linear_backward: w {:?} for x {:?}",
-            w.shape, x.shape
-        );
+        assert_eq!(w_in, in_features, "linear_backward: w {:?} for x {:?}", w.shape, x.shape);
         expect_shape(dout, &[n, out_features], "linear_backward: dout");
         expect_shape(dx, &x.shape, "linear_backward: dx");
-        elementwise::linear_backward(
-            &x.data,
-            &w.data,
-            in_features,
-            silu_input,
-            &dout.data,
-            &mut dx.data,
-        );
+        elementwise::linear_backward(&x.data, &w.data, in_features, silu_input, &dout.data, &mut dx.data);
     }
 
     fn group_norm(
@@ -227,16 +155,7 @@ impl Backend for CpuBackend {
         let shape = group_norm_shape(x, gamma, beta, groups, "group_norm");
         expect_shape(out, &x.shape, "group_norm: out");
         expect_shape(stats, &[x.shape[0], groups, 2], "group_norm: stats");
-        norm::forward(
-            shape,
-            &x.data,
-            &gamma.data,
-            &beta.data,
-            eps,
-            silu,
-            &mut out.data,
-            &mut stats.data,
-        );
+        norm::forward(shape, &x.data, &gamma.data, &beta.data, eps, silu, &mut out.data, &mut stats.data);
     }
 
     fn group_norm_backward(
@@ -251,23 +170,10 @@ impl Backend for CpuBackend {
         dx: &mut CpuTensor,
     ) {
         let shape = group_norm_shape(x, gamma, beta, groups, "group_norm_backward");
-        expect_shape(
-            stats,
-            &[x.shape[0], groups, 2],
-            "group_norm_backward: stats",
-        );
+        expect_shape(stats, &[x.shape[0], groups, 2], "group_norm_backward: stats");
         expect_shape(dout, &x.shape, "group_norm_backward: dout");
         expect_shape(dx, &x.shape, "group_norm_backward: dx");
-        norm::backward(
-            shape,
-            &x.data,
-            &gamma.data,
-            &beta.data,
-            &stats.data,
-            silu,
-            &dout.data,
-            &mut dx.data,
-        );
+        norm::backward(shape, &x.data, &gamma.data, &beta.data, &stats.data, silu, &dout.data, &mut dx.data);
     }
 
     fn conv2d(
@@ -283,11 +189,7 @@ impl Backend for CpuBackend {
         dims::<4>(w, "conv2d: w");
         let layout = conv::ConvLayout::new(&x.shape, &w.shape, geometry);
         let (n, co) = (layout.batch, layout.out_channels);
-        expect_shape(
-            out,
-            &[n, co, layout.out_height, layout.out_width],
-            "conv2d: out",
-        );
+        expect_shape(out, &[n, co, layout.out_height, layout.out_width], "conv2d: out");
         if let Some(b) = bias {
             expect_shape(b, &[co], "conv2d: bias");
         }
@@ -306,52 +208,22 @@ impl Backend for CpuBackend {
         conv::forward(&layout, &x.data, &w.data, &epilogue, &mut out.data);
     }
 
-    fn conv2d_backward_input(
-        &self,
-        dout: &CpuTensor,
-        w: &CpuTensor,
-        geometry: Conv2dGeometry,
-        dx: &mut CpuTensor,
-    ) {
+    fn conv2d_backward_input(&self, dout: &CpuTensor, w: &CpuTensor, geometry: Conv2dGeometry, dx: &mut CpuTensor) {
         dims::<4>(dx, "conv2d_backward_input: dx");
         dims::<4>(w, "conv2d_backward_input: w");
         let layout = conv::ConvLayout::new(&dx.shape, &w.shape, geometry);
-        let expected = [
-            layout.batch,
-            layout.out_channels,
-            layout.out_height,
-            layout.out_width,
-        ];
+        let expected = [layout.batch, layout.out_channels, layout.out_height, layout.out_width];
         expect_shape(dout, &expected, "conv2d_backward_input: dout");
         conv::backward_input(&layout, &dout.data, &w.data, &mut dx.data);
     }
 
-    fn attention(
-        &self,
-        q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
-        out: &mut CpuTensor,
-        logsumexp: &mut CpuTensor,
-    ) {
+    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, out: &mut CpuTensor, logsumexp: &mut CpuTensor) {
         let [n, c, h, w] = dims(q, "attention: q");
-        for (t, what) in [
-            (k, "attention: k"),
-            (v, "attention: v"),
-            (&*out, "attention: out"),
-        ] {
+        for (t, what) in [(k, "attention: k"), (v, "attention: v"), (&*out, "attention: out")] {
             expect_shape(t, &q.shape, what);
         }
         expect_shape(logsumexp, &[n, h * w], "attention: logsumexp");
-        attention::forward(
-            c,
-            h * w,
-            &q.data,
-            &k.data,
-            &v.data,
-            &mut out.data,
-            &mut logsumexp.data,
-        );
+        attention::forward(c, h * w, &q.data, &k.data, &v.data, &mut out.data, &mut logsumexp.data);
     }
 
     fn attention_backward(
@@ -402,24 +274,19 @@ impl Backend for CpuBackend {
 
     fn upsample_nearest2x_backward(&self, dout: &CpuTensor, dx: &mut CpuTensor) {
         let [n, c, h, w] = dims(dx, "upsample_nearest2x_backward: dx");
-        expect_shape(
-            dout,
-            &[n, c, 2 * h, 2 * w],
-            "upsample_nearest2x_backward: dout",
-        );
+        expect_shape(dout, &[n, c, 2 * h, 2 * w], "upsample_nearest2x_backward: dout");
         elementwise::upsample_nearest2x_backward(&dout.data, w, &mut dx.data);
     }
 
     fn concat_channels(&self, a: &CpuTensor, b: &CpuTensor, out: &mut CpuTensor) {
         let (a_len, b_len) = concat_shapes(a, b, out, "concat_channels");
         // Per sample, out is a's block followed by b's.
-        out.data
-            .par_chunks_mut(a_len + b_len)
-            .zip(a.data.par_chunks(a_len).zip(b.data.par_chunks(b_len)))
-            .for_each(|(o, (a_n, b_n))| {
+        out.data.par_chunks_mut(a_len + b_len).zip(a.data.par_chunks(a_len).zip(b.data.par_chunks(b_len))).for_each(
+            |(o, (a_n, b_n))| {
                 o[..a_len].copy_from_slice(a_n);
                 o[a_len..].copy_from_slice(b_n);
-            });
+            },
+        );
     }
 
     fn concat_channels_backward(&self, dout: &CpuTensor, da: &mut CpuTensor, db: &mut CpuTensor) {
@@ -443,33 +310,20 @@ impl Backend for CpuBackend {
             shift.len()
         );
         expect_shape(out, &x.shape, "channel_affine: out");
-        out.data
-            .par_chunks_mut(plane)
-            .zip(x.data.par_chunks(plane))
-            .enumerate()
-            .for_each(|(i, (o, x))| {
-                let (s, t) = (scale[i % c], shift[i % c]);
-                o.iter_mut().zip(x).for_each(|(o, &v)| *o = v * s + t);
-            });
+        out.data.par_chunks_mut(plane).zip(x.data.par_chunks(plane)).enumerate().for_each(|(i, (o, x))| {
+            let (s, t) = (scale[i % c], shift[i % c]);
+            o.iter_mut().zip(x).for_each(|(o, &v)| *o = v * s + t);
+        });
     }
 
     fn channel_affine_backward(&self, dout: &CpuTensor, scale: &[f32], dx: &mut CpuTensor) {
         let (_, c, plane) = batch_channels_rest(dx, "channel_affine_backward: dx");
-        assert_eq!(
-            scale.len(),
-            c,
-            "channel_affine_backward: {} scales for {c} channels",
-            scale.len()
-        );
+        assert_eq!(scale.len(), c, "channel_affine_backward: {} scales for {c} channels", scale.len());
         expect_shape(dout, &dx.shape, "channel_affine_backward: dout");
-        dx.data
-            .par_chunks_mut(plane)
-            .zip(dout.data.par_chunks(plane))
-            .enumerate()
-            .for_each(|(i, (g, d))| {
-                let s = scale[i % c];
-                g.iter_mut().zip(d).for_each(|(g, &v)| *g += v * s);
-            });
+        dx.data.par_chunks_mut(plane).zip(dout.data.par_chunks(plane)).enumerate().for_each(|(i, (g, d))| {
+            let s = scale[i % c];
+            g.iter_mut().zip(d).for_each(|(g, &v)| *g += v * s);
+        });
     }
 
     fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor, dx: &mut CpuTensor) {
@@ -477,11 +331,7 @@ impl Backend for CpuBackend {
         expect_shape(dx, &y.shape, "relu_backward: dx");
         dx.data
             .par_chunks_mut(PAR_CHUNK)
-            .zip(
-                y.data
-                    .par_chunks(PAR_CHUNK)
-                    .zip(dy.data.par_chunks(PAR_CHUNK)),
-            )
+            .zip(y.data.par_chunks(PAR_CHUNK).zip(dy.data.par_chunks(PAR_CHUNK)))
             .for_each(|(g, (y, d))| {
                 for ((g, &y), &d) in g.iter_mut().zip(y).zip(d) {
                     if y > 0.0 {
@@ -493,21 +343,13 @@ impl Backend for CpuBackend {
 
     fn shortcut_subsample_pad(&self, x: &CpuTensor, pad: usize, out: &mut CpuTensor) {
         let [n, c, h, w] = dims(x, "shortcut_subsample_pad: x");
-        expect_shape(
-            out,
-            &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)],
-            "shortcut_subsample_pad: out",
-        );
+        expect_shape(out, &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)], "shortcut_subsample_pad: out");
         elementwise::shortcut_subsample_pad(&x.data, c, h, w, pad, &mut out.data);
     }
 
     fn shortcut_subsample_pad_backward(&self, dout: &CpuTensor, pad: usize, dx: &mut CpuTensor) {
         let [n, c, h, w] = dims(dx, "shortcut_subsample_pad_backward: dx");
-        expect_shape(
-            dout,
-            &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)],
-            "shortcut_subsample_pad_backward: dout",
-        );
+        expect_shape(dout, &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)], "shortcut_subsample_pad_backward: dout");
         elementwise::shortcut_subsample_pad_backward(&dout.data, c, h, w, pad, &mut dx.data);
     }
 
@@ -528,11 +370,7 @@ impl Backend for CpuBackend {
         expect_shape(out, &x.shape, "axpby: out");
         out.data
             .par_chunks_mut(PAR_CHUNK)
-            .zip(
-                x.data
-                    .par_chunks(PAR_CHUNK)
-                    .zip(y.data.par_chunks(PAR_CHUNK)),
-            )
+            .zip(x.data.par_chunks(PAR_CHUNK).zip(y.data.par_chunks(PAR_CHUNK)))
             .for_each(|(o, (x, y))| {
                 for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
                     *o = a * x + b * y;
@@ -542,9 +380,7 @@ impl Backend for CpuBackend {
 
     fn clamp(&self, x: &mut CpuTensor, lo: f32, hi: f32) {
         assert!(lo <= hi, "clamp: lo {lo} > hi {hi}");
-        x.data
-            .par_chunks_mut(PAR_CHUNK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(lo, hi)));
+        x.data.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(lo, hi)));
     }
 
     fn fill_gaussian(&self, out: &mut CpuTensor, seed: u64, stream: u64) {
@@ -562,34 +398,16 @@ impl Backend for CpuBackend {
         expect_shape(eps, &x_t.shape, "predict_x0_and_mean: eps");
         expect_shape(x0_hat, &x_t.shape, "predict_x0_and_mean: x0_hat");
         expect_shape(mu, &x_t.shape, "predict_x0_and_mean: mu");
-        elementwise::predict_x0_and_mean(
-            &x_t.data,
-            &eps.data,
-            coefficients,
-            &mut x0_hat.data,
-            &mut mu.data,
-        );
+        elementwise::predict_x0_and_mean(&x_t.data, &eps.data, coefficients, &mut x0_hat.data, &mut mu.data);
     }
 
-    fn mask_clipped(
-        &self,
-        x_t: &CpuTensor,
-        eps: &CpuTensor,
-        coefficients: StepCoefficients,
-        u: &mut CpuTensor,
-    ) {
+    fn mask_clipped(&self, x_t: &CpuTensor, eps: &CpuTensor, coefficients: StepCoefficients, u: &mut CpuTensor) {
         expect_shape(eps, &x_t.shape, "mask_clipped: eps");
         expect_shape(u, &x_t.shape, "mask_clipped: u");
         elementwise::mask_clipped(&x_t.data, &eps.data, coefficients, &mut u.data);
     }
 
-    fn constrain_guidance(
-        &self,
-        delta: &mut CpuTensor,
-        x_t: &CpuTensor,
-        mu: &CpuTensor,
-        kappa: f32,
-    ) {
+    fn constrain_guidance(&self, delta: &mut CpuTensor, x_t: &CpuTensor, mu: &CpuTensor, kappa: f32) {
         expect_shape(x_t, &delta.shape, "constrain_guidance: x_t");
         expect_shape(mu, &delta.shape, "constrain_guidance: mu");
         assert!(
@@ -597,10 +415,7 @@ impl Backend for CpuBackend {
             "constrain_guidance: delta {:?} has no batch",
             delta.shape
         );
-        assert!(
-            kappa >= 0.0,
-            "constrain_guidance: kappa {kappa} must be >= 0"
-        );
+        assert!(kappa >= 0.0, "constrain_guidance: kappa {kappa} must be >= 0");
         let sample_len = delta.data.len() / delta.shape[0];
         elementwise::constrain_guidance(&mut delta.data, &x_t.data, &mu.data, sample_len, kappa);
     }
@@ -618,22 +433,10 @@ impl Backend for CpuBackend {
     ) {
         let [n, _] = dims(features, "guidance_objective_grad: features");
         let [logits_n, _] = dims(logits, "guidance_objective_grad: logits");
-        assert_eq!(
-            logits_n, n,
-            "guidance_objective_grad: logits {:?} for features {:?}",
-            logits.shape, features.shape
-        );
-        expect_shape(
-            reference_features,
-            &features.shape,
-            "guidance_objective_grad: reference_features",
-        );
+        assert_eq!(logits_n, n, "guidance_objective_grad: logits {:?} for features {:?}", logits.shape, features.shape);
+        expect_shape(reference_features, &features.shape, "guidance_objective_grad: reference_features");
         expect_shape(labels, &[n], "guidance_objective_grad: labels");
-        expect_shape(
-            dfeatures,
-            &features.shape,
-            "guidance_objective_grad: dfeatures",
-        );
+        expect_shape(dfeatures, &features.shape, "guidance_objective_grad: dfeatures");
         expect_shape(dlogits, &logits.shape, "guidance_objective_grad: dlogits");
         elementwise::guidance_objective_grad(
             &features.data,
@@ -663,17 +466,10 @@ fn group_norm_shape(
     what: &str,
 ) -> norm::GroupNormShape {
     let (_, channels, spatial) = batch_channels_rest(x, what);
-    assert!(
-        groups > 0 && channels % groups == 0,
-        "{what}: {channels} channels do not split into {groups} groups"
-    );
+    assert!(groups > 0 && channels % groups == 0, "{what}: {channels} channels do not split into {groups} groups");
     expect_shape(gamma, &[channels], &format!("{what}: gamma"));
     expect_shape(beta, &[channels], &format!("{what}: beta"));
-    norm::GroupNormShape {
-        channels,
-        spatial,
-        groups,
-    }
+    norm::GroupNormShape { channels, spatial, groups }
 }
 
 /// Per-sample lengths of a and b, after checking that `joined` is their channel concatenation.

@@ -36,28 +36,22 @@ pub fn forward(
 ) {
     let (cpg, spatial, groups) = (shape.channels_per_group(), shape.spatial, shape.groups);
     let len = shape.group_len();
-    out.par_chunks_mut(len)
-        .zip(x.par_chunks(len))
-        .zip(stats.par_chunks_mut(2))
-        .enumerate()
-        .for_each(|(block, ((out_g, x_g), stats_g))| {
+    out.par_chunks_mut(len).zip(x.par_chunks(len)).zip(stats.par_chunks_mut(2)).enumerate().for_each(
+        |(block, ((out_g, x_g), stats_g))| {
             let mean = x_g.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
             let var = x_g.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
             let (mean, rstd) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
             stats_g.copy_from_slice(&[mean, rstd]);
             let first_channel = (block % groups) * cpg;
-            for (cl, (out_c, x_c)) in out_g
-                .chunks_mut(spatial)
-                .zip(x_g.chunks(spatial))
-                .enumerate()
-            {
+            for (cl, (out_c, x_c)) in out_g.chunks_mut(spatial).zip(x_g.chunks(spatial)).enumerate() {
                 let (g, b) = (gamma[first_channel + cl], beta[first_channel + cl]);
                 for (o, &v) in out_c.iter_mut().zip(x_c) {
                     let y = (v - mean) * rstd * g + b;
                     *o = if fuse_silu { silu(y) } else { y };
                 }
             }
-        });
+        },
+    );
 }
 
 /// dx += the vector-Jacobian product of `forward`:
@@ -76,11 +70,8 @@ pub fn backward(
 ) {
     let (cpg, spatial, groups) = (shape.channels_per_group(), shape.spatial, shape.groups);
     let len = shape.group_len();
-    dx.par_chunks_mut(len)
-        .zip(x.par_chunks(len))
-        .zip(dout.par_chunks(len))
-        .enumerate()
-        .for_each(|(block, ((dx_g, x_g), dout_g))| {
+    dx.par_chunks_mut(len).zip(x.par_chunks(len)).zip(dout.par_chunks(len)).enumerate().for_each(
+        |(block, ((dx_g, x_g), dout_g))| {
             let (mean, rstd) = (stats[2 * block], stats[2 * block + 1]);
             let first_channel = (block % groups) * cpg;
             // (xhat, gradient at xhat) of element i of channel cl of the group, recomputed from x.
@@ -101,15 +92,13 @@ pub fn backward(
                     sum_g_xhat += (g * xhat) as f64;
                 }
             }
-            let (mean_g, mean_g_xhat) = (
-                (sum_g / len as f64) as f32,
-                (sum_g_xhat / len as f64) as f32,
-            );
+            let (mean_g, mean_g_xhat) = ((sum_g / len as f64) as f32, (sum_g_xhat / len as f64) as f32);
             for cl in 0..cpg {
                 for i in 0..spatial {
                     let (xhat, g) = at(cl, i);
                     dx_g[cl * spatial + i] += rstd * (g - mean_g - xhat * mean_g_xhat);
                 }
             }
-        });
+        },
+    );
 }

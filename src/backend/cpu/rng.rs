@@ -43,12 +43,7 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The four standard normals of Philox block `block` for `(seed, stream)` (see the module comment).
 pub fn gaussian_block(seed: u64, stream: u64, block: u64) -> [f32; 4] {
     let key = [seed as u32, (seed >> 32) as u32];
-    let counter = [
-        block as u32,
-        (block >> 32) as u32,
-        stream as u32,
-        (stream >> 32) as u32,
-    ];
+    let counter = [block as u32, (block >> 32) as u32, stream as u32, (stream >> 32) as u32];
     let r = philox4x32_10(counter, key);
     let uniform = |x: u32| (x as f64 + 0.5) / 4_294_967_296.0;
     let (a0, b0) = box_muller(uniform(r[0]), uniform(r[1]));
@@ -67,15 +62,13 @@ pub fn fill_gaussian(out: &mut [f32], seed: u64, stream: u64) {
     use rayon::prelude::*;
     // Chunks of whole blocks (a multiple of 4), so each chunk knows its first block.
     const CHUNK: usize = 4096;
-    out.par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(chunk_index, chunk)| {
-            let first_block = (chunk_index * CHUNK / 4) as u64;
-            for (j, quad) in chunk.chunks_mut(4).enumerate() {
-                let normals = gaussian_block(seed, stream, first_block + j as u64);
-                quad.copy_from_slice(&normals[..quad.len()]);
-            }
-        });
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk_index, chunk)| {
+        let first_block = (chunk_index * CHUNK / 4) as u64;
+        for (j, quad) in chunk.chunks_mut(4).enumerate() {
+            let normals = gaussian_block(seed, stream, first_block + j as u64);
+            quad.copy_from_slice(&normals[..quad.len()]);
+        }
+    });
 }
 
 #[cfg(test)]
@@ -85,19 +78,10 @@ mod tests {
     /// Random123 `tests/kat_vectors`, the three `philox4x32 10` lines (counter[4], key[2], result[4]).
     #[test]
     fn philox_known_answers() {
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
         assert_eq!(
-            philox4x32_10([0; 4], [0; 2]),
-            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
-        );
-        assert_eq!(
-            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
-            [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
-        );
-        assert_eq!(
-            philox4x32_10(
-                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
-                [0xa4093822, 0x299f31d0]
-            ),
+            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -107,11 +91,7 @@ mod tests {
         let mut out = vec![0.0; 4096 * 2 + 6];
         fill_gaussian(&mut out, 42, 7);
         for i in [0, 1, 3, 4, 4095, 4096, 4099, 8192, 8197] {
-            assert_eq!(
-                out[i],
-                gaussian_block(42, 7, (i / 4) as u64)[i % 4],
-                "element {i}"
-            );
+            assert_eq!(out[i], gaussian_block(42, 7, (i / 4) as u64)[i % 4], "element {i}");
         }
     }
 }
