@@ -1,5 +1,6 @@
 //! The subcommands. Each validates all its inputs first, computes, and writes its outputs last, so
 //! a bad input never leaves a partial output behind.
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -70,6 +71,8 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
     let per_image = images.image_len();
     let mut purified = Vec::with_capacity(x.len());
     let mut plan = None;
+    let mut step_seconds = Vec::new();
+    let (mut network_calls, mut unet_vjps) = (0, 0);
     let started = Instant::now();
     for (index, chunk) in x.chunks(args.batch * per_image).enumerate() {
         let n = chunk.len() / per_image;
@@ -79,6 +82,9 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
         let batch_started = Instant::now();
         let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, index as u64)?;
         purified.extend_from_slice(&out);
+        step_seconds.extend_from_slice(&report.step_seconds);
+        network_calls += report.network_calls;
+        unet_vjps += report.unet_vjps;
         eprintln!(
             "  batch {index}: {n} images, {} UNet calls, {} UNet VJPs, {:.2} s",
             report.network_calls,
@@ -94,7 +100,15 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
         images.labels.clone(),
         images.names.clone(),
     )?;
+    let (median, p99) = (percentile(&step_seconds, 0.5), percentile(&step_seconds, 0.99));
     println!("purified {} images in {seconds:.2} s ({:.3} images/s)", images.count, images.count as f64 / seconds);
+    println!(
+        "per reverse step (batch of up to {}): median {:.1} ms, p99 {:.1} ms",
+        args.batch,
+        median * 1e3,
+        p99 * 1e3
+    );
+    let mut accuracy_before_after: Option<(f64, f64)> = None;
 
     if let Some(classifier) = &classifier {
         match &images.labels {
@@ -108,6 +122,7 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
                     after * 100.0,
                     images.count
                 );
+                accuracy_before_after = Some((before, after));
             }
             None => eprintln!("no labels in the input: accuracy not reported"),
         }
@@ -120,7 +135,40 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
     let grid = args.out.join("grid.png");
     write_comparison_grid(&grid, &images, &output, None, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE)?;
     println!("wrote {} PNGs and {} (each cell: input | purified)", output.count, grid.display());
+    if let Some(path) = &args.report {
+        let report = serde_json::json!({
+            "images": images.count,
+            "inputs": args.inputs,
+            "device": b.name(),
+            "precision": b.precision().to_string(),
+            "unet": { "config": unet.config.name, "weights": if args.untrained_seed.is_some() { "untrained".to_string() } else { args.weights.display().to_string() } },
+            "settings": {
+                "mode": args.guidance().name(), "t_star": args.t_star, "sampler": format!("{:?}", args.sampler()),
+                "seed": args.seed, "kappa": args.kappa, "scale": args.scale, "lambda_f": args.lambda_f, "lambda_c": args.lambda_c,
+                "gradient_path": format!("{:?}", args.gradient_path()), "batch": args.batch,
+            },
+            "network_calls": network_calls,
+            "unet_vjps": unet_vjps,
+            "seconds": seconds,
+            "images_per_second": images.count as f64 / seconds,
+            "step_ms": { "median": median * 1e3, "p99": p99 * 1e3, "count": step_seconds.len() },
+            "accuracy": accuracy_before_after.map(|(before, after)| serde_json::json!({ "classifier": args.classifier, "before": before, "after": after })),
+        });
+        let text = serde_json::to_string_pretty(&report).expect("JSON of plain values");
+        purifier::data::write_atomically(path, |w| w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e)))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
+}
+
+/// The q-quantile (nearest rank) of a set of timings; 0 for none.
+fn percentile(values: &[f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 fn open_weights(path: &Path, what: &str) -> Result<TensorFile> {

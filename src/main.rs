@@ -114,11 +114,20 @@ pub struct PurifyArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Also write a JSON summary (settings, timings, accuracy) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
 
 impl PurifyArgs {
+    pub fn gradient_path(&self) -> GradientPath {
+        match self.gradient_path {
+            PathArg::X0 => GradientPath::X0,
+            PathArg::Xt => GradientPath::Xt,
+        }
+    }
     pub fn guidance(&self) -> Guidance {
         match self.mode {
             ModeArg::None => Guidance::None,
@@ -127,10 +136,7 @@ impl PurifyArgs {
                 scale: self.scale,
                 lambda_features: self.lambda_f,
                 lambda_class: self.lambda_c,
-                path: match self.gradient_path {
-                    PathArg::X0 => GradientPath::X0,
-                    PathArg::Xt => GradientPath::Xt,
-                },
+                path: self.gradient_path(),
             },
         }
     }

@@ -30,6 +30,9 @@ impl Default for PurifySettings {
 pub struct PurifyReport {
     pub network_calls: usize,
     pub unet_vjps: usize,
+    /// Wall time of each reverse step, in seconds. The CPU backend is synchronous, so these are
+    /// compute times; an asynchronous backend must synchronise before they mean the same.
+    pub step_seconds: Vec<f64>,
 }
 
 /// Buffers of one batch size: the UNet's plan and the sampler's own tensors.
@@ -143,6 +146,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
         b.axpby(a, &plan.x_in, s, &plan.noise, &mut plan.x_t);
 
         for step in &self.steps {
+            let step_started = std::time::Instant::now();
             let t_index = vec![(step.t - 1) as f32; plan.batch];
             self.unet.forward(b, &mut plan.unet, &plan.x_t, &t_index)?;
             report.network_calls += 1;
@@ -159,6 +163,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
                 b.axpby(1.0, &plan.x_t, step.noise_std, &plan.noise, &mut plan.mu);
                 std::mem::swap(&mut plan.x_t, &mut plan.mu);
             }
+            report.step_seconds.push(step_started.elapsed().as_secs_f64());
         }
         b.clamp(&mut plan.x_t, -1.0, 1.0);
         Ok((b.download(&plan.x_t)?, report))

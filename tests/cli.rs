@@ -103,8 +103,16 @@ fn purify_writes_pngs_grid_and_accuracy() {
         "pixel",
         "--device",
         "cpu",
+        "--report",
+        s(&out.join("report.json")),
     ]);
     assert!(ok, "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["images"], 3);
+    assert_eq!(report["network_calls"], 4, "2 batches x 2 DDIM calls (t* 20, stride 10)");
+    assert_eq!(report["step_ms"]["count"], 4);
+    assert!(report["accuracy"]["before"].as_f64().unwrap() > 0.0);
     assert!(stderr.contains("untrained"), "the smoke-test weights must be announced: {stderr}");
     assert!(stdout.contains("before") && stdout.contains("after purification (3 images)"), "{stdout}");
     for name in ["test_lossless_0000.png", "test_lossless_0001.png", "test_lossless_0002.png", "grid.png"] {

@@ -241,7 +241,7 @@ def _resolve_tensor(ref: _TensorRef, where: str) -> np.ndarray:
         strides=tuple(s * flat.itemsize for s in stride),
         writeable=False,
     )
-    return np.ascontiguousarray(view).copy()
+    return np.array(view, copy=True, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
 
 
 def _resolve(obj: Any, where: str = "checkpoint") -> Any:
@@ -482,7 +482,7 @@ def write_safetensors(state: dict[str, np.ndarray], path: str, fp16: bool,
     dtype = np.float16 if fp16 else np.float32
     out = {}
     for name, value in state.items():
-        converted = np.ascontiguousarray(value.astype(dtype))
+        converted = np.asarray(value, dtype=dtype).copy(order="C")
         if fp16 and not np.all(np.isfinite(converted)):
             raise CheckpointError(f"`{name}` overflows float16 (max |x| = {np.abs(value).max():.3g}); use f32")
         out[name] = converted

@@ -88,23 +88,32 @@ def decode_jpegs(blobs: list[bytes], decoder: str) -> np.ndarray:
 
 
 def read_jpeg_tarball(tar_path: str, limit: int | None = None) -> tuple[list[str], list[bytes]]:
-    """(member names, JPEG bytes) of `train/<class>/NNNN.jpg`, sorted by name. With `limit`,
-    only the first `limit` JPEGs in the archive's own order are read (fast for tests)."""
+    """(member names, JPEG bytes) of `train/<class>/NNNN.jpg`, sorted by name. With `limit`, a
+    class-balanced subset: the first limit/10 JPEGs of each class in the archive's order (the
+    archive is grouped by class, so its first N members would all be one class)."""
     if not os.path.isfile(tar_path):
         raise FileNotFoundError(
             f"{tar_path}: no such file. Copy ../shared/data/cifar10/train_jpeg.tar.gz to "
             "data-cache/ (and carry data-cache/train_jpeg.tar.gz on the device)."
         )
+    quota = None
+    if limit is not None:
+        quota = [limit // 10 + (1 if c < limit % 10 else 0) for c in range(10)]
     found: list[tuple[str, bytes]] = []
     with tarfile.open(tar_path, "r:*") as archive:
         for member in archive:
             if not member.isfile() or not member.name.lower().endswith((".jpg", ".jpeg")):
                 continue
+            if quota is not None:
+                c = label_of(member.name)
+                if quota[c] == 0:
+                    if not any(quota):
+                        break
+                    continue
+                quota[c] -= 1
             handle = archive.extractfile(member)
             assert handle is not None
             found.append((member.name, handle.read()))
-            if limit is not None and len(found) >= limit:
-                break
     found.sort(key=lambda item: item[0])
     return [n for n, _ in found], [b for _, b in found]
 
@@ -136,7 +145,8 @@ def load_train_images(tar_path: str | None = None, cache_dir: str = DATA_CACHE,
     names, blobs = read_jpeg_tarball(tar_path, limit)
     if not names:
         raise ValueError(f"{tar_path}: no JPEG files in the archive")
-    images = np.concatenate([decode_jpegs(blobs[i : i + 4096], decoder) for i in range(0, len(blobs), 4096)])
+    images = np.ascontiguousarray(  # (the decoders' arrays are transposed views: make them N, C, H, W in memory)
+        np.concatenate([decode_jpegs(blobs[i : i + 4096], decoder) for i in range(0, len(blobs), 4096)]))
     labels = np.array([label_of(n) for n in names], dtype=np.int64)
     if images.shape[1:] != (3, 32, 32):
         raise ValueError(f"{tar_path}: images of shape {images.shape[1:]}, expected 3 x 32 x 32")

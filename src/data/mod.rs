@@ -281,7 +281,7 @@ pub(crate) fn file_stem(path: &Path) -> String {
 /// Writes `path` atomically: `write` fills a temporary file in the same directory, which is then
 /// flushed, synced and renamed over `path`. On any error the temporary file is removed and `path`
 /// is left as it was.
-pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>) -> Result<()> {
+pub fn write_atomically(path: &Path, write: impl FnOnce(&mut BufWriter<&File>) -> Result<()>) -> Result<()> {
     let file_name =
         path.file_name().ok_or_else(|| Error::invalid(format!("output path {} has no file name", path.display())))?;
     let dir = match path.parent() {

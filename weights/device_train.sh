@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One device call of the training recipes, and the two local steps around it.
+#
+#   Here, once per session (copies the data the device cannot see into data-cache/):
+#     bash weights/device_train.sh prepare
+#   On the device (one call each, at most 10 minutes; see weights/README.md for the carry list):
+#     bash weights/device_train.sh ddpm [SECONDS]   # train the DDPM UNet, resume if possible,
+#                                                   # export + evaluate, bundle into $OUT
+#     bash weights/device_train.sh aux  [SECONDS]   # the same for the auxiliary ResNet-20
+#   Here, after each call (files_at: the folder the device tool puts $OUT's files in):
+#     bash weights/device_train.sh unpack FILES_AT
+#
+# SECONDS (default 540) is the whole call's budget: the trainer stops in time to save, export
+# and evaluate, and this script then packs the results into $OUT as a tar split into 15 MiB
+# parts (the device tool brings back at most 8 files of 16 MiB). Set COMPILE=0 to skip
+# torch.compile, PY to choose the Python (default python3), EXTRA_ARGS to pass more flags to
+# the trainer, ALLOW_CPU=1 to run without a GPU (a smoke test of this script).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PY:-python3}"
+MODE="${1:-}"
+SECONDS_TOTAL="${2:-540}"
+SHARED="$(dirname "$ROOT")/shared"
+export PYTHONUNBUFFERED=1
+
+need_data() {
+  for f in data-cache/train_jpeg.tar.gz data-cache/test_lossless.bin; do
+    if [ ! -f "$f" ]; then
+      echo "error: $f is missing: run 'bash weights/device_train.sh prepare' here and carry data-cache/ files (weights/README.md)" >&2
+      exit 1
+    fi
+  done
+}
+
+gpu_banner() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+  if [ "${ALLOW_CPU:-0}" != 1 ]; then
+    "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "error: no CUDA GPU visible to PyTorch (ALLOW_CPU=1 for a smoke test)")'
+  fi
+}
+
+bundle() {  # bundle NAME FILE... : tar the files (those that exist) into $OUT/NAME.tar.part-XX
+  local name="$1"; shift
+  local out="${OUT:-$ROOT/data-cache/out}"
+  mkdir -p "$out"
+  local files=()
+  for f in "$@"; do [ -e "$f" ] && files+=("$f"); done
+  tar cf - "${files[@]}" | split -b 15m -d - "$out/$name.tar.part-"
+  ls -l "$out"
+}
+
+case "$MODE" in
+  prepare)
+    mkdir -p data-cache
+    install -v -m 0644 "$SHARED/data/cifar10/train_jpeg.tar.gz" "$SHARED/data/cifar10/test_lossless.bin" \
+      "$SHARED/weights/resnet20_cifar10.safetensors" data-cache/
+    echo "carry: data-cache/train_jpeg.tar.gz data-cache/test_lossless.bin data-cache/resnet20_cifar10.safetensors"
+    [ -d data-cache/runs/ddpm/portable ] && echo "       data-cache/runs/ddpm/portable   (resumes the DDPM run)"
+    [ -f data-cache/runs/auxiliary/checkpoint.pt ] && echo "       data-cache/runs/auxiliary       (resumes the auxiliary run)"
+    exit 0
+    ;;
+  unpack)
+    DIR="${2:?usage: device_train.sh unpack FILES_AT}"
+    found=0
+    for name in ddpm_bundle auxiliary_bundle; do
+      if ls "$DIR/$name.tar.part-"* >/dev/null 2>&1; then
+        cat "$DIR/$name.tar.part-"* | tar xvf - -C "$ROOT"
+        found=1
+      fi
+    done
+    [ "$found" = 1 ] || { echo "error: no *_bundle.tar.part-* in $DIR" >&2; exit 1; }
+    exit 0
+    ;;
+  ddpm)
+    need_data
+    gpu_banner
+    mkdir -p data-cache/runs/ddpm
+    COMPILE_FLAG=$([ "${COMPILE:-1}" = 1 ] && echo --compile || true)
+    # The trainer's own budget leaves ~40 s for this script's start and the bundling; inside
+    # it, 100 s are kept for export and evaluation.
+    status=0
+    "$PY" weights/train_ddpm.py --run-dir data-cache/runs/ddpm --resume --steps 800000 \
+      --time-budget $((SECONDS_TOTAL - 40)) --reserve 100 $COMPILE_FLAG --export --evaluate ${EXTRA_ARGS:-} \
+      2>&1 | tee data-cache/runs/ddpm/last_call.log || status=$?
+    bundle ddpm_bundle weights/ddpm_cifar10_small.safetensors weights/ddpm_cifar10_small.md \
+      weights/ddpm_cifar10_small_loss.png weights/ddpm_cifar10_small_samples.png \
+      weights/ddpm_cifar10_small_purified.png data-cache/runs/ddpm/portable \
+      data-cache/runs/ddpm/config.json data-cache/runs/ddpm/loss_log.csv \
+      data-cache/runs/ddpm/evaluation.json data-cache/runs/ddpm/last_call.log
+    exit "$status"  # what was saved comes back even when a step failed
+    ;;
+  aux)
+    need_data
+    gpu_banner
+    mkdir -p data-cache/runs/auxiliary
+    status=0
+    "$PY" weights/train_auxiliary.py --run-dir data-cache/runs/auxiliary --train --resume \
+      --time-budget $((SECONDS_TOTAL - 40)) --reserve 60 --export --evaluate ${EXTRA_ARGS:-} \
+      2>&1 | tee data-cache/runs/auxiliary/last_call.log || status=$?
+    bundle auxiliary_bundle weights/auxiliary_resnet20_linf.safetensors weights/auxiliary_resnet20_linf.md \
+      weights/auxiliary_resnet20_linf_loss.png weights/auxiliary_resnet20_linf_examples.png \
+      data-cache/runs/auxiliary/checkpoint.pt data-cache/runs/auxiliary/config.json \
+      data-cache/runs/auxiliary/loss_log.csv data-cache/runs/auxiliary/evaluation.json \
+      data-cache/runs/auxiliary/last_call.log
+    exit "$status"
+    ;;
+  *)
+    sed -n '2,20p' "$0"
+    exit 2
+    ;;
+esac
