@@ -57,9 +57,22 @@ case "$MODE" in
     mkdir -p data-cache
     install -v -m 0644 "$SHARED/data/cifar10/train_jpeg.tar.gz" "$SHARED/data/cifar10/test_lossless.bin" \
       "$SHARED/weights/resnet20_cifar10.safetensors" data-cache/
-    echo "carry: data-cache/train_jpeg.tar.gz data-cache/test_lossless.bin data-cache/resnet20_cifar10.safetensors"
-    [ -d data-cache/runs/ddpm/portable ] && echo "       data-cache/runs/ddpm/portable   (resumes the DDPM run)"
-    [ -f data-cache/runs/auxiliary/checkpoint.pt ] && echo "       data-cache/runs/auxiliary       (resumes the auxiliary run)"
+    # What travels: the working tree (tracked + untracked-not-ignored files) plus the carry;
+    # the device tool refuses more than 64 MiB in all.
+    tree=$(git ls-files -co --exclude-standard -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
+    data=$(du -cb data-cache/train_jpeg.tar.gz data-cache/test_lossless.bin data-cache/resnet20_cifar10.safetensors | tail -1 | cut -f1)
+    echo "working tree: $((tree / 1048576)) MiB; data: $((data / 1048576)) MiB"
+    echo "carry (every call): data-cache/train_jpeg.tar.gz data-cache/test_lossless.bin data-cache/resnet20_cifar10.safetensors"
+    for extra in data-cache/runs/ddpm/portable data-cache/runs/auxiliary; do
+      if [ -d "$extra" ]; then
+        size=$(du -cb "$extra" | tail -1 | cut -f1)
+        total=$(( (tree + data + size) / 1048576 ))
+        echo "  + $extra to resume that run: $((size / 1048576)) MiB, $total MiB in all (limit 64)"
+        if [ "$total" -ge 64 ] && [ -f "$extra/model_f16.safetensors" ]; then
+          echo "    over the limit: rm $extra/model_f16.safetensors (the run then restarts its model from the EMA)"
+        fi
+      fi
+    done
     exit 0
     ;;
   unpack)

@@ -189,7 +189,7 @@ def _storage_from_record(pid, with_view: bool) -> tuple[str, _StorageType, int, 
     """Parses ('storage', type, key, location, numel[, view_metadata])."""
     if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
         raise CheckpointError(f"unknown persistent id {pid!r} (expected a storage record)")
-    storage_type, key, _location, numel = pid[1], pid[2], pid[3], pid[4]
+    storage_type, key, numel = pid[1], pid[2], pid[4]  # pid[3]: the device, irrelevant here
     if not isinstance(storage_type, _StorageType):
         raise CheckpointError(
             f"storage record of unsupported type {storage_type!r} (supported: "

@@ -41,7 +41,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -473,7 +472,7 @@ def write_card(path, meta, recipe, results, rows, run_dir, weights_path) -> str:
         f"{results['images']} images; PGD-{results['pgd_steps']}: l_inf eps 8/255, step 2/255, random start, "
         "cross-entropy, fp32, attack seed 7, one restart.",
         "",
-        "| network | clean accuracy | PGD-20 accuracy |",
+        f"| network | clean accuracy | PGD-{results['pgd_steps']} accuracy |",
         "| --- | --- | --- |",
         f"| this network | {100 * results['clean_accuracy']:.1f}% | {100 * results['pgd_accuracy']:.1f}% |",
     ]
@@ -485,7 +484,7 @@ def write_card(path, meta, recipe, results, rows, run_dir, weights_path) -> str:
         "",
         f"- Loss curve: `{EXPORT_NAME}_loss.png` (adversarial cross-entropy and error on the training batches "
         "against the step).",
-        f"- Examples: `{EXPORT_NAME}_examples.png` (rows: test images, PGD-20 adversarial images, the "
+        f"- Examples: `{EXPORT_NAME}_examples.png` (rows: test images, PGD-{results['pgd_steps']} adversarial images, the "
         "perturbation scaled from [-8/255, 8/255] to [0, 1]).",
         "",
         f"Last logged interval: step {last.get('step', '-')}, adversarial loss {last.get('loss', '-')}, "

@@ -38,12 +38,15 @@ enough to save the checkpoint (and to export / evaluate, when asked: `--reserve`
 
 A full checkpoint is 4 x 36 MB (model, EMA, Adam's two moments): too big to bring back from the
 device (files of at most 16 MiB, 64 MiB in all). So each run also writes a *portable* checkpoint,
-`<run-dir>/portable/`: the model weights in fp16 (18 MB) with the step, config and loss log; the
-EMA is the exported weights file itself (weights/ddpm_cifar10_small.safetensors, which the same
-run writes, and which is committed). Resuming from the portable form (a fresh device, or a new
-session) restores model and EMA (rounded to fp16 once: a relative change of ~5e-4 per weight)
-and restarts Adam's moments with a short lr re-warm-up (`rewarmup_steps`); when both forms are
-there, the one with the later step wins. See weights/README.md for the device commands.
+`<run-dir>/portable/`: state.json (step, time, resumes), the loss log, the config and the model
+weights in fp16 (model_f16.safetensors, 18 MB); its EMA is the exported weights file itself
+(weights/ddpm_cifar10_small.safetensors, which the same run writes, and which is committed).
+Resuming from the portable form (a fresh device, or a new session) restores model and EMA
+(rounded to fp16 once: a relative change of ~5e-4 per weight) and restarts Adam's moments with a
+short lr re-warm-up (`rewarmup_steps`). model_f16.safetensors may be left out (to keep the
+carried files under the device's 64 MiB): the model then restarts from the EMA. When the full
+and the portable checkpoint are both there, the one with the later step wins. See
+weights/README.md for the device commands.
 
 Outputs:
 - `--export`: the EMA weights as weights/ddpm_cifar10_small.safetensors, fp16 if rounding the
@@ -66,7 +69,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,31 +217,27 @@ def save_checkpoint(path: str, model, ema: dict, optimizer, state: RunState, cfg
 
 
 def save_portable(run_dir: str, model, state: RunState, cfg: dict) -> str:
+    """<run-dir>/portable/: state.json (step, ...), model_f16.safetensors, loss log, config."""
     from safetensors.torch import save_file
 
     directory = os.path.join(run_dir, "portable")
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    meta = {"step": str(state.step), "config": json.dumps(cfg, sort_keys=True),
-            "train_seconds": f"{state.train_seconds:.1f}", "resumes": json.dumps(state.resumes)}
     tmp = os.path.join(directory, "model_f16.safetensors.tmp")
-    save_file(tensors, tmp, metadata=meta)
+    save_file(tensors, tmp, metadata={"step": str(state.step)})
     os.replace(tmp, os.path.join(directory, "model_f16.safetensors"))
     for name in ("loss_log.csv", "config.json"):
         src = os.path.join(run_dir, name)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(directory, name))
+    tc.write_json(os.path.join(directory, "state.json"), {
+        "step": state.step, "train_seconds": state.train_seconds, "resumes": state.resumes})
     return directory
 
 
 def portable_step(run_dir: str) -> int | None:
-    path = os.path.join(run_dir, "portable", "model_f16.safetensors")
-    if not os.path.isfile(path):
-        return None
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return int(f.metadata()["step"])
+    path = os.path.join(run_dir, "portable", "state.json")
+    return int(tc.read_json(path)["step"]) if os.path.isfile(path) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,10 +319,10 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget, export_path: str
             state.resumes.append({"step": state.step, "from": "checkpoint.pt"})
             tc.log(f"resumed from {checkpoint_path} at step {state.step}")
         elif p_step is not None:
-            load_portable(run_dir, export_path, model, ema, state, cfg)
-            state.resumes.append({"step": state.step, "from": "portable (fp16 weights, Adam reset)"})
-            tc.log(f"resumed from the portable checkpoint at step {state.step} "
-                   f"(EMA from {export_path}; Adam restarted, lr re-warm-up {cfg['rewarmup_steps']} steps)")
+            how = load_portable(run_dir, export_path, model, ema, state, cfg)
+            state.resumes.append({"step": state.step, "from": how})
+            tc.log(f"resumed at step {state.step} from the {how}; EMA from {export_path}, "
+                   f"lr re-warm-up over {cfg['rewarmup_steps']} steps")
         else:
             tc.log("nothing to resume: starting a new run")
     log_file.truncate_after(state.step)
@@ -463,14 +461,13 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget, export_path: str
     return state
 
 
-def load_portable(run_dir: str, export_path: str, model, ema: dict, state: RunState, cfg: dict) -> None:
+def load_portable(run_dir: str, export_path: str, model, ema: dict, state: RunState, cfg: dict) -> str:
+    """Model and EMA from the portable checkpoint; returns how the model was restored."""
     from safetensors import safe_open
 
-    path = os.path.join(run_dir, "portable", "model_f16.safetensors")
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-        weights = {k: f.get_tensor(k).float() for k in f.keys()}
-    step = int(meta["step"])
+    directory = os.path.join(run_dir, "portable")
+    saved = tc.read_json(os.path.join(directory, "state.json"))
+    step = int(saved["step"])
     if not os.path.isfile(export_path):
         raise SystemExit(f"error: the portable checkpoint (step {step}) needs its EMA, {export_path}, "
                          "which is missing")
@@ -483,19 +480,31 @@ def load_portable(run_dir: str, export_path: str, model, ema: dict, state: RunSt
             f"checkpoint is at step {step}: they must come from the same run (re-export, or "
             "restore the matching weights file)"
         )
+    model_path = os.path.join(directory, "model_f16.safetensors")
+    if os.path.isfile(model_path):
+        with safe_open(model_path, "pt") as f:
+            model_step = int((f.metadata() or {}).get("step", -1))
+            weights = {k: f.get_tensor(k).float() for k in f.keys()}
+        if model_step != step:
+            raise SystemExit(f"error: {model_path} is of step {model_step}, {directory}/state.json of step {step}")
+        how = "portable (fp16 model weights, Adam reset)"
+    else:
+        weights = ema_weights  # left behind to fit the carry limit: restart from the EMA
+        how = "portable without model weights (model restarted from the EMA, Adam reset)"
     model.load_state_dict(weights)
     for k in ema:
         ema[k].copy_(ema_weights[k])
     state.step = step
     state.lr_warmup_start = step
     state.warmup_steps = cfg["rewarmup_steps"]
-    state.resumes = json.loads(meta.get("resumes", "[]"))
-    state.train_seconds = float(meta.get("train_seconds", 0.0))
+    state.resumes = list(saved.get("resumes", []))
+    state.train_seconds = float(saved.get("train_seconds", 0.0))
     for name in ("loss_log.csv", "config.json"):
-        src = os.path.join(run_dir, "portable", name)
+        src = os.path.join(directory, name)
         dst = os.path.join(run_dir, name)
         if os.path.isfile(src) and (not os.path.isfile(dst) or os.path.getsize(dst) < os.path.getsize(src)):
             shutil.copyfile(src, dst)
+    return how
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,8 +145,18 @@ def load_train_images(tar_path: str | None = None, cache_dir: str = DATA_CACHE,
     names, blobs = read_jpeg_tarball(tar_path, limit)
     if not names:
         raise ValueError(f"{tar_path}: no JPEG files in the archive")
-    images = np.ascontiguousarray(  # (the decoders' arrays are transposed views: make them N, C, H, W in memory)
-        np.concatenate([decode_jpegs(blobs[i : i + 4096], decoder) for i in range(0, len(blobs), 4096)]))
+    try:
+        chunks = [decode_jpegs(blobs[i : i + 4096], decoder) for i in range(0, len(blobs), 4096)]
+    except Exception as e:
+        if decoder != "torchvision":
+            raise
+        print(f"torchvision could not decode the JPEGs ({type(e).__name__}: {e}); using PIL", flush=True)
+        decoder = "pil"
+        cache = os.path.join(cache_dir, f"cifar10_train_pil_{'all' if limit is None else limit}_{size}.npz")
+        chunks = [decode_jpegs(blobs[i : i + 4096], decoder) for i in range(0, len(blobs), 4096)]
+    # (the decoders' arrays are transposed views: make them N, C, H, W in memory, or the
+    # training's random draws would land on other pixels than in a run that reads the cache)
+    images = np.ascontiguousarray(np.concatenate(chunks))
     labels = np.array([label_of(n) for n in names], dtype=np.int64)
     if images.shape[1:] != (3, 32, 32):
         raise ValueError(f"{tar_path}: images of shape {images.shape[1:]}, expected 3 x 32 x 32")
@@ -176,10 +186,13 @@ def read_test_images(path: str | None = None, count: int | None = None) -> tuple
 # ---------------------------------------------------------------------------------------------
 
 def git_revision() -> str:
+    """The project's git revision; GIT_REV in the environment wins (the device has no .git)."""
+    if os.environ.get("GIT_REV"):
+        return os.environ["GIT_REV"]
     try:
         out = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)
-        rev = out.stdout.strip()
+        rev = out.stdout.strip() if out.returncode == 0 else ""
         dirty = subprocess.run(["git", "-C", REPO_ROOT, "status", "--porcelain", "--", "weights"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return rev + ("+dirty" if dirty else "") if rev else "unknown"

@@ -121,14 +121,20 @@ def test_export_evaluate_and_portable_resume(data, tmp_path):
     # A fresh machine: only the portable checkpoint and the exported EMA are there.
     os.remove(run_dir / "checkpoint.pt")
     os.remove(run_dir / "loss_log.csv")
-    run(data, run_dir, "--steps", 8, "--resume", "--weights-dir", weights_dir)
+    run(data, run_dir, "--steps", 8, "--resume", "--weights-dir", weights_dir, "--export")
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 8 and ck["lr_warmup_start"] == 6
     assert "portable" in ck["resumes"][-1]["from"]
     assert len(losses(run_dir)) == 8  # the log came back from the portable copy
-    # The EMA it resumed from is the exported one (then 2 more steps of EMA updates).
     with safe_open(str(exported), "pt") as f:
-        assert f.metadata()["steps"] == "6"
+        assert f.metadata()["steps"] == "8"
+
+    # Without the fp16 model weights (left behind to fit the carry limit): restart from the EMA.
+    os.remove(run_dir / "checkpoint.pt")
+    os.remove(run_dir / "portable" / "model_f16.safetensors")
+    run(data, run_dir, "--steps", 9, "--resume", "--weights-dir", weights_dir)
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 9 and "restarted from the EMA" in ck["resumes"][-1]["from"]
 
 
 def test_portable_resume_needs_the_matching_ema(data, tmp_path):
@@ -137,6 +143,7 @@ def test_portable_resume_needs_the_matching_ema(data, tmp_path):
         "--export-dtype", "f32")
     run(data, run_dir, "--steps", 4, "--resume", "--weights-dir", weights_dir)  # portable now at 4, EMA at 3
     os.remove(run_dir / "checkpoint.pt")
+    assert json.loads((run_dir / "portable" / "state.json").read_text())["step"] == 4
     with pytest.raises(SystemExit, match="EMA of step 3"):
         run(data, run_dir, "--steps", 5, "--resume", "--weights-dir", weights_dir)
 
