@@ -255,7 +255,12 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     if file.contains("conv_in.weight") {
         let config = UnetConfig::infer(&file)?;
         let mut lister = ParamLister::new(&b);
-        Unet::load(&config, &mut lister)?;
+        let structure = Unet::load(&config, &mut lister)?;
+        if args.layers {
+            for (name, [c, h, w]) in structure.layers() {
+                println!("  {name:<24} -> {c} x {h} x {w}");
+            }
+        }
         println!(
             "network: DDPM UNet, config {} (ch {}, mult {:?}, {} res blocks, attention at {:?})",
             config.name, config.channels, config.channel_mult, config.res_blocks, config.attention_resolutions

@@ -168,6 +168,9 @@ pub struct ClassifyArgs {
 pub struct InspectArgs {
     /// A safetensors weights file.
     pub weights: PathBuf,
+    /// Also list the UNet's layers in execution order with their output shapes.
+    #[arg(long)]
+    pub layers: bool,
 }
 
 #[derive(Args)]

@@ -297,13 +297,6 @@ impl<B: Backend> PurifyPlan<B> {
     pub fn batch(&self) -> usize {
         self.batch
     }
-    /// The guidance shift of the last step (after the constraint), for tests and diagnostics.
-    pub fn last_delta(&self) -> &B::Tensor {
-        &self.delta
-    }
-    pub fn x_t(&self) -> &B::Tensor {
-        &self.x_t
-    }
 }
 
 fn argmax(row: &[f32]) -> usize {

@@ -20,14 +20,11 @@ pub trait ParamSource<B: Backend> {
     }
 }
 
-/// A convolution's weight (O x I x kh x kw), bias and geometry.
+/// A convolution's weight (O x I x k x k), bias and geometry.
 pub struct Conv<B: Backend> {
     pub weight: B::Tensor,
-    pub bias: Option<B::Tensor>,
+    pub bias: B::Tensor,
     pub geometry: Conv2dGeometry,
-    pub in_channels: usize,
-    pub out_channels: usize,
-    pub kernel: usize,
 }
 
 impl<B: Backend> Conv<B> {
@@ -41,16 +38,9 @@ impl<B: Backend> Conv<B> {
     ) -> Result<Self> {
         Ok(Self {
             weight: src.tensor(&format!("{name}.weight"), &[cout, cin, kernel, kernel])?,
-            bias: Some(src.tensor(&format!("{name}.bias"), &[cout])?),
+            bias: src.tensor(&format!("{name}.bias"), &[cout])?,
             geometry,
-            in_channels: cin,
-            out_channels: cout,
-            kernel,
         })
-    }
-    /// Output spatial size for an input of h x w.
-    pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
-        self.geometry.output_size(h, w, self.kernel, self.kernel)
     }
 }
 

@@ -201,6 +201,11 @@ impl<B: Backend> Unet<B> {
         Ok(unet)
     }
 
+    /// (name, output C x H x W) of each node in execution order: what `inspect --layers` prints.
+    pub fn layers(&self) -> impl Iterator<Item = (&str, [usize; 3])> {
+        self.nodes.iter().map(|n| (n.name.as_str(), n.output))
+    }
+
     /// Allocates every buffer a forward (and, with `with_backward`, a VJP) at this batch size needs.
     pub fn plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<UnetPlan<B>> {
         if batch == 0 {
@@ -408,11 +413,6 @@ impl<B: Backend> Unet<B> {
         }
         Ok(&plan.gradients[0])
     }
-
-    /// Names of the nodes in execution order (for profiling and debugging).
-    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
-        self.nodes.iter().map(|n| n.name.as_str())
-    }
 }
 
 /// Every buffer of one batch size: activations (index 0 the input, i + 1 node i's output), their
@@ -473,7 +473,7 @@ fn conv_forward<B: Backend>(
     epilogue: ConvEpilogue<'_, B::Tensor>,
     out: &mut B::Tensor,
 ) {
-    b.conv2d(x, &conv.weight, conv.bias.as_ref(), conv.geometry, epilogue, out);
+    b.conv2d(x, &conv.weight, Some(&conv.bias), conv.geometry, epilogue, out);
 }
 
 /// Saved layout: [n1, stats1, temb_bias, h1, n2, stats2, (shortcut)].
