@@ -28,7 +28,7 @@ pub enum Error {
     #[error("{what} contains a non-finite value (NaN or Inf) at element {index}")]
     NonFinite { what: String, index: usize },
 
-    #[error("cannot infer the UNet config of {file}: {reason}")]
+    #[error("cannot tell which network {file} holds: {reason}")]
     UnknownConfig { file: String, reason: String },
 
     #[error("bad image {what}: {reason}")]
