@@ -23,7 +23,6 @@ PyTorch is not needed: the checkpoint is read by torch_checkpoint.py's restricte
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_checkpoint import (  # noqa: E402
     CheckpointError,
     check_against_layout,
+    converter_main,
     find_state_dict,
     load_checkpoint,
     strip_prefixes,
@@ -195,19 +195,12 @@ def convert(src: str, dst: str, fp16: bool = False, key: str | None = None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="torch.save file of the DDPM UNet (zip or legacy format)")
-    p.add_argument("output", help="safetensors file to write")
-    p.add_argument("--fp16", action="store_true", help="store F16 (half the size) instead of F32")
-    p.add_argument("--key", help="the entry holding the state dict, e.g. ema or model "
-                   "(nested: a/b); default: the top level, else ema, state_dict, model")
-    args = p.parse_args(argv)
-    try:
-        convert(args.checkpoint, args.output, fp16=args.fp16, key=args.key)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return converter_main(
+        convert, argv, description=__doc__.split("\n\n")[0],
+        checkpoint_help="torch.save file of the DDPM UNet (zip or legacy format)",
+        fp16_help="store F16 (half the size) instead of F32",
+        key_help="the entry holding the state dict, e.g. ema or model "
+                 "(nested: a/b); default: the top level, else ema, state_dict, model")
 
 
 if __name__ == "__main__":

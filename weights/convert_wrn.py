@@ -35,7 +35,6 @@ PyTorch is not needed (torch_checkpoint.py's restricted unpickler reads the file
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -47,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_checkpoint import (  # noqa: E402
     CheckpointError,
     check_against_layout,
+    converter_main,
     find_state_dict,
     load_checkpoint,
     strip_prefixes,
@@ -145,19 +145,11 @@ def convert(src: str, dst: str, fp16: bool = False, key: str | None = None,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="torch.save file (RobustBench's Standard.pt)")
-    p.add_argument("output", help="safetensors file to write")
-    p.add_argument("--fp16", action="store_true", help="store F16 instead of F32")
-    p.add_argument("--key", help="the entry holding the state dict (default: the top level, "
-                   "else state_dict, model)")
-    args = p.parse_args(argv)
-    try:
-        convert(args.checkpoint, args.output, fp16=args.fp16, key=args.key)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return converter_main(
+        convert, argv, description=__doc__.split("\n\n")[0],
+        checkpoint_help="torch.save file (RobustBench's Standard.pt)",
+        fp16_help="store F16 instead of F32",
+        key_help="the entry holding the state dict (default: the top level, else state_dict, model)")
 
 
 if __name__ == "__main__":

@@ -20,18 +20,21 @@ A whole pickled model (`torch.save(model)`) is therefore refused too: save its `
 `load_checkpoint(path)` returns the unpickled object with every tensor replaced by a contiguous
 numpy array of its dtype (bfloat16, which numpy lacks, becomes float32: exact, every bf16 value
 is a float32). `find_state_dict` then digs the name -> tensor mapping out of the usual nestings.
+`write_safetensors` and `converter_main` are what the converters (convert_*.py) share.
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import io
 import os
 import pickle
 import struct
+import sys
 import zipfile
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -491,3 +494,22 @@ def write_safetensors(state: dict[str, np.ndarray], path: str, fp16: bool,
     tmp = path + ".tmp"
     save_file(out, tmp, metadata=metadata)
     os.replace(tmp, path)
+
+
+def converter_main(convert: Callable[..., dict], argv, description: str, checkpoint_help: str,
+                   fp16_help: str, key_help: str) -> int:
+    """The command line of a converter: `CHECKPOINT OUTPUT [--fp16] [--key KEY]`, then
+    convert(checkpoint, output, fp16=..., key=...). Exit status 0, or 1 with `error: ...` on
+    stderr when the checkpoint is refused (CheckpointError)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("output", help="safetensors file to write")
+    p.add_argument("--fp16", action="store_true", help=fp16_help)
+    p.add_argument("--key", help=key_help)
+    args = p.parse_args(argv)
+    try:
+        convert(args.checkpoint, args.output, fp16=args.fp16, key=args.key)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -90,10 +90,6 @@ def eval_fraction(text: str) -> float:
     return float(text)
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    return (seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
@@ -175,12 +171,7 @@ def resolve_config(args, run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.json")
     if os.path.isfile(path) and args.resume:
         stored = tc.read_json(path)["recipe"]
-        for k, v in given.items():
-            if stored.get(k) != v:
-                raise SystemExit(
-                    f"error: {run_dir} was started with {k} = {stored.get(k)!r}; --{k.replace('_', '-')} "
-                    f"{v!r} would change the recipe of a resumed run. Drop the flag or use a new --run-dir."
-                )
+        tc.check_same_recipe(run_dir, stored, given)
         return stored
     if os.path.isfile(path) and not args.resume:
         raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it, "
@@ -228,9 +219,7 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget) -> int:
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     log_file = tc.CsvLog(os.path.join(run_dir, "loss_log.csv"), LOG_COLUMNS)
     if args.resume and os.path.isfile(checkpoint_path):
-        ck = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if ck.get("format") != CHECKPOINT_FORMAT:
-            raise SystemExit(f"error: {checkpoint_path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        ck = tc.load_torch_checkpoint(checkpoint_path, CHECKPOINT_FORMAT)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         step, train_seconds, resumes = ck["step"], ck["train_seconds"], list(ck["resumes"])
@@ -258,7 +247,7 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget) -> int:
     images_dev = torch.from_numpy(images).to(device)
     labels_dev = torch.from_numpy(labels).to(device)
     gen = torch.Generator(device=device)
-    perm_epoch, perm = -1, None
+    order = tc.BatchOrder(n_images, batch, cfg["seed"], device)
     reserve = args.reserve if args.reserve is not None else (
         (90.0 if cuda else 10.0) if (args.export or args.evaluate) else 0.0)
     step_time, save_seconds = None, 2.0
@@ -275,13 +264,8 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget) -> int:
         if left < need:
             stop_reason = f"time budget: {left:.0f} s left, keeping {need:.0f} s"
             break
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(
-                step_seed(cfg["seed"], epoch, stream=1))).to(device)
-            perm_epoch = epoch
-        idx = perm[pos * batch : (pos + 1) * batch]
-        gen.manual_seed(step_seed(cfg["seed"], step))
+        idx = order.indices(step)
+        gen.manual_seed(tc.step_seed(cfg["seed"], step))
         x = images_dev[idx].float() / 255.0
         y = labels_dev[idx]
         x = random_crop_flip(x, cfg["crop_padding"], cfg["flip"], gen)
@@ -338,8 +322,6 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def export(run_dir: str, out_path: str) -> dict:
-    from safetensors.torch import save_file
-
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} does not exist: train first")
@@ -367,10 +349,7 @@ def export(run_dir: str, out_path: str) -> dict:
         "git": tc.git_revision(),
         "trainer": "weights/train_auxiliary.py",
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, out_path)
+    tc.atomic_save_safetensors(tensors, out_path, meta)
     tc.log(f"exported step {ck['step']} to {out_path} (F32, {len(tensors)} tensors)")
     return meta
 
@@ -441,8 +420,7 @@ def evaluate(args, run_dir: str, weights_path: str, out_dir: str, device) -> dic
 def write_card(path, meta, recipe, results, rows, run_dir, weights_path) -> str:
     steps = int(meta["steps"])
     total = int(meta["total_steps"])
-    cfg_path = os.path.join(run_dir, "config.json")
-    env = tc.read_json(cfg_path).get("environment", {}) if os.path.isfile(cfg_path) else {}
+    env = tc.run_environment(run_dir)
     images = recipe.get("max_images") or 50000
     last = rows[-1] if rows else {}
     lines = [
@@ -490,13 +468,8 @@ def write_card(path, meta, recipe, results, rows, run_dir, weights_path) -> str:
         f"Last logged interval: step {last.get('step', '-')}, adversarial loss {last.get('loss', '-')}, "
         f"adversarial accuracy {last.get('adv_accuracy', '-')}, {last.get('images_per_s', '-')} images/s.",
         "",
-        f"Trained at git revision {meta.get('git', 'unknown')}; environment {env if env else 'unrecorded'}.",
-        "Reproduce: see weights/README.md (`bash weights/device_train.sh aux`).",
-        "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return path
+    return tc.save_card(path, lines, meta.get("git", "unknown"), env, "aux")
 
 
 def parse_args(argv=None):
@@ -522,9 +495,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-images", type=int, default=None)
     p.add_argument("--eval-batch", type=int, default=500)
     p.add_argument("--pgd-steps", type=int, default=20)
-    for key, kind in RECIPE_TYPES.items():
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
-                       help=f"recipe (default {RECIPE_DEFAULTS[key]})")
+    tc.add_recipe_flags(p, RECIPE_TYPES, RECIPE_DEFAULTS)
     p.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None)
     return p.parse_args(argv)
 

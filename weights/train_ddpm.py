@@ -151,10 +151,6 @@ def timestep_density(t: torch.Tensor, p_small: float, t_small: int) -> torch.Ten
     return (1.0 - p_small) / T + p_small / t_small * (t <= t_small).float()
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    return (seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Model, EMA, checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -218,14 +214,10 @@ def save_checkpoint(path: str, model, ema: dict, optimizer, state: RunState, cfg
 
 def save_portable(run_dir: str, model, state: RunState, cfg: dict) -> str:
     """<run-dir>/portable/: state.json (step, ...), model_f16.safetensors, loss log, config."""
-    from safetensors.torch import save_file
-
     directory = os.path.join(run_dir, "portable")
     os.makedirs(directory, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = os.path.join(directory, "model_f16.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"step": str(state.step)})
-    os.replace(tmp, os.path.join(directory, "model_f16.safetensors"))
+    tc.atomic_save_safetensors(tensors, os.path.join(directory, "model_f16.safetensors"), {"step": str(state.step)})
     for name in ("loss_log.csv", "config.json"):
         src = os.path.join(run_dir, name)
         if os.path.isfile(src):
@@ -253,12 +245,7 @@ def resolve_config(args, run_dir: str) -> dict:
     stored_path = path if os.path.isfile(path) else portable_cfg if os.path.isfile(portable_cfg) else None
     if stored_path and args.resume:
         stored = tc.read_json(stored_path)["recipe"]
-        for k, v in given.items():
-            if stored.get(k) != v:
-                raise SystemExit(
-                    f"error: {run_dir} was started with {k} = {stored.get(k)!r}; --{k.replace('_', '-')} "
-                    f"{v!r} would change the recipe of a resumed run. Drop the flag or use a new --run-dir."
-                )
+        tc.check_same_recipe(run_dir, stored, given)
         return stored
     if stored_path and not args.resume and args.steps is not None:
         raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it, "
@@ -302,9 +289,7 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget, export_path: str
     if args.resume:
         exact = None
         if os.path.isfile(checkpoint_path):
-            exact = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            if exact.get("format") != CHECKPOINT_FORMAT:
-                raise SystemExit(f"error: {checkpoint_path} is not a {CHECKPOINT_FORMAT} checkpoint")
+            exact = tc.load_torch_checkpoint(checkpoint_path, CHECKPOINT_FORMAT)
         p_step = portable_step(run_dir)
         if exact is not None and (p_step is None or exact["step"] >= p_step):
             model.load_state_dict(exact["model"])
@@ -345,19 +330,12 @@ def train(args, cfg: dict, run_dir: str, budget: tc.TimeBudget, export_path: str
         step_model = torch.compile(model)
     gen = torch.Generator(device=device)
     batch = cfg["batch_size"]
-    steps_per_epoch = n_images // batch
-    perm_epoch, perm = -1, None
+    order = tc.BatchOrder(n_images, batch, cfg["seed"], device)
 
     def one_step(step: int, fwd):
-        nonlocal perm_epoch, perm
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(
-                step_seed(cfg["seed"], epoch, stream=1))).to(device)
-            perm_epoch = epoch
-        idx = perm[pos * batch : (pos + 1) * batch]
-        gen.manual_seed(step_seed(cfg["seed"], step))
-        torch.manual_seed(step_seed(cfg["seed"], step, stream=2))  # dropout
+        idx = order.indices(step)
+        gen.manual_seed(tc.step_seed(cfg["seed"], step))
+        torch.manual_seed(tc.step_seed(cfg["seed"], step, stream=2))  # dropout
         x0 = images_dev[idx].float() / 127.5 - 1.0
         if cfg["flip"]:
             flip = torch.rand(batch, generator=gen, device=device) < 0.5
@@ -544,8 +522,6 @@ def fp16_relative_change(model_cfg: dict, ema: dict, device, test_file: str, n: 
 
 
 def export(run_dir: str, out_path: str, device, test_file: str, force_dtype: str | None = None) -> dict:
-    from safetensors.torch import save_file
-
     ema, cfg, step, ck = load_ema_from_checkpoint(run_dir)
     rel = fp16_relative_change(cfg, ema, device, test_file)
     use_fp16 = rel < FP16_TOLERANCE if force_dtype is None else force_dtype == "f16"
@@ -575,10 +551,7 @@ def export(run_dir: str, out_path: str, device, test_file: str, force_dtype: str
         "git": tc.git_revision(),
         "trainer": "weights/train_ddpm.py",
     }
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = out_path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, out_path)
+    tc.atomic_save_safetensors(tensors, out_path, meta)
     tc.log(f"exported the EMA of step {step} to {out_path} ({meta['dtype']}): {decision}")
     return meta
 
@@ -732,10 +705,7 @@ def write_card(path: str, meta: dict, recipe: dict, results: dict, log_rows: lis
     images = recipe.get("max_images") or 50000
     last = log_rows[-1] if log_rows else {}
     resumes = json.loads(meta.get("resumes", "[]"))
-    env = {}
-    cfg_path = os.path.join(run_dir, "config.json")
-    if os.path.isfile(cfg_path):
-        env = tc.read_json(cfg_path).get("environment", {})
+    env = tc.run_environment(run_dir)
     size_mb = os.path.getsize(weights_path) / 1e6
     lines = [
         f"# `{os.path.basename(weights_path)}`: DDPM UNet `{meta['config']}`, trained by weights/train_ddpm.py",
@@ -788,13 +758,8 @@ def write_card(path: str, meta: dict, recipe: dict, results: dict, log_rows: lis
         f"Last logged interval: step {last.get('step', '-')}, loss {last.get('loss', '-')} "
         f"(t <= 100: {last.get('loss_t_le_100', '-')}), {last.get('images_per_s', '-')} images/s.",
         "",
-        f"Trained at git revision {meta.get('git', 'unknown')}; environment {env if env else 'unrecorded'}.",
-        "Reproduce: see weights/README.md (`bash weights/device_train.sh ddpm`).",
-        "",
     ]
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    return path
+    return tc.save_card(path, lines, meta.get("git", "unknown"), env, "ddpm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,9 +793,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=256)
     p.add_argument("--sample-count", type=int, default=64)
     p.add_argument("--sample-steps", type=int, default=1000, help="1000: DDPM ancestral; fewer: DDIM")
-    for key, kind in RECIPE_TYPES.items():
-        p.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
-                       help=f"recipe (default {RECIPE_DEFAULTS[key]})")
+    tc.add_recipe_flags(p, RECIPE_TYPES, RECIPE_DEFAULTS)
     p.add_argument("--importance-weighting", action="store_const", const=True, default=None)
     p.add_argument("--no-flip", dest="flip", action="store_const", const=False, default=None)
     return p.parse_args(argv)

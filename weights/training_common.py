@@ -4,8 +4,12 @@
   torchvision.io.decode_jpeg when torchvision is there, else PIL) and cached as .npy under
   data-cache/ (git-ignored);
 - the test images of test_lossless.bin;
-- the run directory: config.json, an append-only CSV log, atomic checkpoint writes;
-- a wall-clock budget that lets a run stop cleanly before a device call's limit.
+- the run directory: config.json (and the check that a resumed run keeps its recipe), an
+  append-only CSV log, atomic checkpoint and safetensors writes, the model card's file;
+- the order of the training images (per-step seeds, one permutation per epoch), so that a
+  resumed run draws what an uninterrupted one would have;
+- a wall-clock budget that lets a run stop cleanly before a device call's limit;
+- the recipe flags of the command line.
 """
 
 from __future__ import annotations
@@ -181,9 +185,55 @@ def read_test_images(path: str | None = None, count: int | None = None) -> tuple
     return records[:, 1:].reshape(-1, 3, 32, 32).copy(), records[:, 0].astype(np.int64)
 
 
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """The seed of the random draws of `step` (or of epoch `step`) in random stream `stream`."""
+    return (seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1)
+
+
+class BatchOrder:
+    """Which images make the batch of a step: epoch e visits the images in a permutation drawn
+    from (seed, e), batch after batch (a last incomplete batch is dropped). It depends only on
+    the step, so a run resumed at any step sees the batches an uninterrupted run would have."""
+
+    def __init__(self, n_images: int, batch: int, seed: int, device):
+        self.n_images = n_images
+        self.batch = batch
+        self.seed = seed
+        self.device = device
+        self.steps_per_epoch = n_images // batch
+        self.epoch, self.perm = -1, None
+
+    def indices(self, step: int):
+        import torch
+
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.perm = torch.randperm(self.n_images, generator=torch.Generator().manual_seed(
+                step_seed(self.seed, epoch, stream=1))).to(self.device)
+            self.epoch = epoch
+        return self.perm[pos * self.batch : (pos + 1) * self.batch]
+
+
 # ---------------------------------------------------------------------------------------------
 # Run directory
 # ---------------------------------------------------------------------------------------------
+
+def check_same_recipe(run_dir: str, stored: dict, given: dict) -> None:
+    """A resumed run keeps the recipe it was started with: every recipe flag given on the
+    command line (`given`) must agree with the stored recipe."""
+    for k, v in given.items():
+        if stored.get(k) != v:
+            raise SystemExit(
+                f"error: {run_dir} was started with {k} = {stored.get(k)!r}; --{k.replace('_', '-')} "
+                f"{v!r} would change the recipe of a resumed run. Drop the flag or use a new --run-dir."
+            )
+
+
+def run_environment(run_dir: str) -> dict:
+    """The environment recorded in <run-dir>/config.json ({} if there is no config.json)."""
+    path = os.path.join(run_dir, "config.json")
+    return read_json(path).get("environment", {}) if os.path.isfile(path) else {}
+
 
 def git_revision() -> str:
     """The project's git revision; GIT_REV in the environment wins (the device has no .git)."""
@@ -278,6 +328,38 @@ def atomic_torch_save(obj: Any, path: str) -> float:
     return time.time() - start
 
 
+def load_torch_checkpoint(path: str, checkpoint_format: str) -> dict:
+    """torch.load of a recipe's checkpoint.pt (on the CPU), which must be of `checkpoint_format`."""
+    import torch
+
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("format") != checkpoint_format:
+        raise SystemExit(f"error: {path} is not a {checkpoint_format} checkpoint")
+    return ck
+
+
+def atomic_save_safetensors(tensors: dict, path: str, metadata: dict[str, str]) -> None:
+    """safetensors.torch.save_file to a temporary file, then rename (the folder is created)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_card(path: str, lines: list[str], git: str, env: dict, device_train_recipe: str) -> str:
+    """Writes a model card: `lines`, then where it was trained and how to reproduce it."""
+    lines = lines + [
+        f"Trained at git revision {git}; environment {env if env else 'unrecorded'}.",
+        f"Reproduce: see weights/README.md (`bash weights/device_train.sh {device_train_recipe}`).",
+        "",
+    ]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
 def sha256_of(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -308,6 +390,13 @@ def pick_device(name: str):
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but PyTorch sees no CUDA GPU")
     return torch.device(name)
+
+
+def add_recipe_flags(parser, recipe_types: dict, recipe_defaults: dict) -> None:
+    """--<key> for every key of the recipe; default None: not given (see check_same_recipe)."""
+    for key, kind in recipe_types.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=kind, default=None,
+                            help=f"recipe (default {recipe_defaults[key]})")
 
 
 def log(message: str) -> None:

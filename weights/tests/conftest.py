@@ -1,7 +1,9 @@
-"""Shared test setup: the weights/ folder on sys.path, the fixtures, the shared data."""
+"""Shared test setup: the weights/ folder on sys.path, the fixtures, the shared data, and the
+helpers that more than one test file (or make_fixtures.py) uses."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -43,7 +45,7 @@ NUMPY_OF_TORCH_DTYPE = {
 
 
 def flatten(obj, where=""):
-    """{path: value} of nested dicts / lists / tuples, as make_fixtures.describe walks them."""
+    """{path: value} of nested dicts / lists / tuples (make_fixtures.describe walks with it too)."""
     out = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -70,8 +72,44 @@ def assert_matches_expected(obj, expected: dict) -> None:
         assert array_sha256(value) == record["sha256"], f"{path}: values differ from torch's"
 
 
+def randomize_batchnorm(model, num_batches_tracked: int | None = None) -> None:
+    """Random BatchNorm parameters and running statistics (a fresh network has 1, 0, 0, 1), so
+    that a test of a converted checkpoint sees them; optionally a num_batches_tracked count."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_()
+                if num_batches_tracked is not None:
+                    m.num_batches_tracked.fill_(num_batches_tracked)
+
+
+def log_rows(run_dir) -> list[dict]:
+    """The rows of a training run's <run-dir>/loss_log.csv."""
+    with open(os.path.join(run_dir, "loss_log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
 @pytest.fixture(scope="session")
 def shared_data():
     if not (os.path.isfile(TRAIN_TAR) and os.path.isfile(TEST_FILE)):
         pytest.skip("../shared/data/cifar10 is not there")
     return dict(train_tar=TRAIN_TAR, test_file=TEST_FILE)
+
+
+@pytest.fixture(scope="module")
+def data(shared_data, tmp_path_factory):
+    """The data flags of a training recipe's command line: the shared data, and a cache of the
+    decoded images for the test module."""
+    import training_common as tc
+
+    try:
+        tc.available_decoder()
+    except RuntimeError:
+        pytest.skip("no JPEG decoder (pillow or torchvision)")
+    cache = str(tmp_path_factory.mktemp("data-cache"))
+    return ["--train-tar", shared_data["train_tar"], "--test-file", shared_data["test_file"], "--data-cache", cache]

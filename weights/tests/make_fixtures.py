@@ -25,12 +25,10 @@ converts to exactly). Files:
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import sys
 
-import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +36,7 @@ FIXTURES = os.path.join(HERE, "fixtures")
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch_models as tm  # noqa: E402
+from conftest import array_sha256, flatten, randomize_batchnorm  # noqa: E402
 from convert_ddpm import ddpm_layout  # noqa: E402
 
 
@@ -45,24 +44,14 @@ def tensor_record(t: torch.Tensor) -> dict:
     t = t.detach()
     dtype = str(t.dtype).replace("torch.", "")
     as_numpy = (t.float() if t.dtype == torch.bfloat16 else t).contiguous().numpy()
-    data = np.ascontiguousarray(as_numpy).astype(as_numpy.dtype.newbyteorder("<"), copy=False).tobytes()
-    return {"shape": list(t.shape), "dtype": dtype, "sha256": hashlib.sha256(data).hexdigest()}
+    return {"shape": list(t.shape), "dtype": dtype, "sha256": array_sha256(as_numpy)}
 
 
-def describe(obj, where=""):
-    """Flat {path: record} of every tensor, and the plain values."""
-    out = {}
-    if isinstance(obj, torch.Tensor):
-        out[where] = tensor_record(obj)
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(describe(v, f"{where}/{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(describe(v, f"{where}/{i}"))
-    else:
-        out[where] = {"value": obj}
-    return out
+def describe(obj):
+    """Flat {path: record} of every tensor, and the plain values (the paths of conftest.flatten,
+    with which the tests walk what the reader returns)."""
+    return {path: tensor_record(v) if isinstance(v, torch.Tensor) else {"value": v}
+            for path, v in flatten(obj).items()}
 
 
 def reader_object() -> dict:
@@ -121,14 +110,7 @@ def main() -> None:
 
     torch.manual_seed(28)
     wrn = tm.WideResNet(depth=28, widen_factor=1)
-    with torch.no_grad():
-        for m in wrn.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_()
-                m.num_batches_tracked.fill_(1234)
+    randomize_batchnorm(wrn, num_batches_tracked=1234)
     state = collections.OrderedDict(("module." + k, v) for k, v in wrn.state_dict().items())
     torch.save({"state_dict": state}, os.path.join(FIXTURES, "wrn28_1.pt"))
     expected["wrn28_1.pt"] = describe({"state_dict": state})

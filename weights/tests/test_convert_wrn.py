@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from conftest import array_sha256, fixture_path, load_expected
+from conftest import array_sha256, fixture_path, load_expected, randomize_batchnorm
 from convert_wrn import convert, infer_config, main, wrn_layout
 from torch_checkpoint import CheckpointError, check_against_layout, find_state_dict, load_checkpoint, strip_prefixes
 
@@ -90,13 +90,7 @@ def test_random_weight_checkpoints_round_trip(torch_models, tmp_path, depth, wid
 
     torch.manual_seed(depth * widen)
     model = torch_models.WideResNet(depth, widen)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_()
+    randomize_batchnorm(model)
     state = model.state_dict()
     obj = {"state_dict+module": {"state_dict": {"module." + k: v for k, v in state.items()}},
            "top": state, "model": {"model": state, "epoch": 200}}[nesting]

@@ -3,7 +3,6 @@ exact, the export has exactly the layout of ../shared/weights, evaluate writes t
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 
@@ -18,29 +17,14 @@ from safetensors.torch import load_file  # noqa: E402
 import torch_models as tm  # noqa: E402
 import train_auxiliary  # noqa: E402
 import training_common as tc  # noqa: E402
-from conftest import SHARED  # noqa: E402
+from conftest import SHARED, log_rows  # noqa: E402
 
 SHARED_RESNET20 = os.path.join(SHARED, "weights", "resnet20_cifar10.safetensors")
 COMMON = ["--device", "cpu", "--log-every", "1", "--print-every", "1000", "--checkpoint-every", "0"]
 
 
-@pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory):
-    try:
-        tc.available_decoder()
-    except RuntimeError:
-        pytest.skip("no JPEG decoder (pillow or torchvision)")
-    cache = str(tmp_path_factory.mktemp("data-cache"))
-    return ["--train-tar", shared_data["train_tar"], "--test-file", shared_data["test_file"], "--data-cache", cache]
-
-
 def run(data, run_dir, *extra):
     assert train_auxiliary.main([*COMMON, *data, "--run-dir", str(run_dir), *map(str, extra)]) == 0
-
-
-def log_rows(run_dir):
-    with open(os.path.join(run_dir, "loss_log.csv")) as f:
-        return list(csv.DictReader(f))
 
 
 def test_adversarial_loss_goes_down(data, tmp_path):

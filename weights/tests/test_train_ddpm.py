@@ -4,7 +4,6 @@ export / evaluate write what the card needs. (The real run is on a GPU: weights/
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -17,20 +16,10 @@ torch = pytest.importorskip("torch")
 from png_plot import read_png_size  # noqa: E402
 
 import train_ddpm  # noqa: E402
-import training_common as tc  # noqa: E402
+from conftest import log_rows  # noqa: E402
 
 TINY = ["--channels", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--device", "cpu",
         "--log-every", "1", "--print-every", "1000", "--checkpoint-every", "0"]
-
-
-@pytest.fixture(scope="module")
-def data(shared_data, tmp_path_factory):
-    try:
-        tc.available_decoder()
-    except RuntimeError:
-        pytest.skip("no JPEG decoder (pillow or torchvision)")
-    cache = str(tmp_path_factory.mktemp("data-cache"))
-    return ["--train-tar", shared_data["train_tar"], "--test-file", shared_data["test_file"], "--data-cache", cache]
 
 
 def run(data, run_dir, *extra):
@@ -38,8 +27,7 @@ def run(data, run_dir, *extra):
 
 
 def losses(run_dir):
-    with open(os.path.join(run_dir, "loss_log.csv")) as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
+    return [float(r["loss"]) for r in log_rows(run_dir)]
 
 
 def test_loss_goes_down(data, tmp_path):
