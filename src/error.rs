@@ -39,6 +39,13 @@ pub enum Error {
 
     #[error("device: {0}")]
     Device(String),
+
+    #[error("{what} needs {:.2} GiB of memory but {:.2} GiB are available: use a smaller --batch", gib(*needed), gib(*available))]
+    OutOfMemory { what: String, needed: usize, available: usize },
+}
+
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

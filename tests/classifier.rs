@@ -71,12 +71,13 @@ fn feature_vjp_matches_finite_differences() {
     assert!(rel < 1e-2, "feature VJP {analytic} vs finite difference {fd}");
 }
 
-/// ResNet-20 reaches the accuracy measured for these weights (91.6% on test_lossless.bin).
-#[test]
-fn resnet20_accuracy_on_lossless_test_images() {
+/// Top-1 accuracy of a shared classifier on test_lossless.bin.
+fn lossless_accuracy(weights: &str, depth: usize) -> f64 {
     let b = CpuBackend;
-    let net = resnet20(&b);
+    let net = Classifier::load(&b, &TensorFile::open(shared_path(weights)).unwrap()).unwrap();
+    assert_eq!(net.depth, depth, "depth inferred from the file");
     let images = read_cifar(&shared_path("data/cifar10/test_lossless.bin"), None).unwrap();
+    assert_eq!(images.count, 932);
     let labels = images.labels.clone().unwrap();
     let x = images.to_model_range();
     let batch = 233; // 932 = 4 x 233
@@ -90,8 +91,19 @@ fn resnet20_accuracy_on_lossless_test_images() {
             correct += (predicted == label as usize) as usize;
         }
     }
-    let accuracy = correct as f64 / images.count as f64;
-    println!("ResNet-20: {correct}/{} = {:.2}%", images.count, accuracy * 100.0);
-    assert_eq!(images.count, 932);
-    assert!(accuracy >= 0.91, "accuracy {accuracy}");
+    println!("ResNet-{depth}: {correct}/932 = {:.2}%", correct as f64 / 9.32);
+    correct as f64 / 932.0
+}
+
+/// ResNet-20 reaches the accuracy measured for these weights (91.6% on test_lossless.bin).
+#[test]
+fn resnet20_accuracy_on_lossless_test_images() {
+    assert!(lossless_accuracy("weights/resnet20_cifar10.safetensors", 20) >= 0.91);
+}
+
+/// The deepest shared network (measured there: 92.6%), so depth inference and the longer
+/// stages are exercised too.
+#[test]
+fn resnet56_accuracy_on_lossless_test_images() {
+    assert!(lossless_accuracy("weights/resnet56_cifar10.safetensors", 56) >= 0.92);
 }

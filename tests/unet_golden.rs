@@ -95,3 +95,19 @@ fn input_vjp_matches_finite_differences() {
         assert!(rel < 2e-3, "VJP {analytic} vs finite difference {fd}");
     }
 }
+
+/// A batch that cannot fit is refused before anything is allocated, with an error that says
+/// how much it needs and what to do.
+#[test]
+fn oversized_batch_is_a_clear_error() {
+    let b = CpuBackend;
+    let unet = Unet::load(&UnetConfig::cifar10(), &mut ParamLister::new(&b)).unwrap();
+    let available = b.available_memory().expect("/proc/meminfo on Linux");
+    let batch = 1 << 20; // a million images: terabytes of activations
+    let message = unet.plan(&b, batch, true).err().expect("must not fit").to_string();
+    assert!(
+        message.contains("batch of 1048576") && message.contains("GiB") && message.contains("--batch"),
+        "{message}"
+    );
+    assert!(available > 0);
+}

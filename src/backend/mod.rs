@@ -28,6 +28,16 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// Bytes per stored element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 | Precision::Bf16 => 2,
+        }
+    }
+}
+
 impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -111,6 +121,9 @@ pub trait Backend {
     /// A short human-readable name, e.g. "cpu (2 threads)".
     fn name(&self) -> String;
     fn precision(&self) -> Precision;
+    /// Bytes of memory free for new tensors, when the backend can tell (plans check it before
+    /// allocating, so a batch too large is an error, not a crash).
+    fn available_memory(&self) -> Option<usize>;
 
     // ---- memory: the only host <-> device crossings ----
     /// A zero-filled tensor. Called when plans are made, never inside a step.

@@ -207,10 +207,23 @@ impl<B: Backend> Unet<B> {
     }
 
     /// Allocates every buffer a forward (and, with `with_backward`, a VJP) at this batch size needs.
+    /// Fails with `OutOfMemory`, before allocating, when the backend says the plan will not fit.
     pub fn plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<UnetPlan<B>> {
         if batch == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }
+        if let (Some(available), true) = (backend.available_memory(), batch > 1) {
+            // Every buffer scales with the batch: measure a batch of one.
+            let needed = self.allocate_plan(backend, 1, with_backward)?.bytes(backend) * batch;
+            if needed > available {
+                let what = format!("the {} UNet plan for a batch of {batch}", self.config.name);
+                return Err(Error::OutOfMemory { what, needed, available });
+            }
+        }
+        self.allocate_plan(backend, batch, with_backward)
+    }
+
+    fn allocate_plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<UnetPlan<B>> {
         let r = self.config.resolution;
         let ch = self.config.channels;
         let temb = self.config.temb_channels();
@@ -430,6 +443,17 @@ pub struct UnetPlan<B: Backend> {
 }
 
 impl<B: Backend> UnetPlan<B> {
+    /// Memory held by the plan's tensors.
+    fn bytes(&self, backend: &B) -> usize {
+        let saved = self.saved.iter().flat_map(|(s, g)| s.0.iter().chain(g.0.iter()));
+        let all = [&self.t_steps, &self.temb_sinusoid, &self.temb_hidden, &self.temb]
+            .into_iter()
+            .chain(&self.activations)
+            .chain(&self.gradients)
+            .chain(saved);
+        all.map(|t| t.numel()).sum::<usize>() * backend.precision().bytes()
+    }
+
     /// The last forward's output.
     pub fn eps(&self) -> &B::Tensor {
         self.activations.last().unwrap()

@@ -65,6 +65,14 @@ impl Backend for CpuBackend {
         Precision::F32
     }
 
+    /// `MemAvailable` of /proc/meminfo (Linux); elsewhere unknown.
+    fn available_memory(&self) -> Option<usize> {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
         Ok(CpuTensor { shape: shape.to_vec(), data: vec![0.0; element_count(shape)] })
     }
