@@ -53,6 +53,8 @@ pub struct PurifyPlan<B: Backend> {
     labels: B::Tensor,
     dfeatures: B::Tensor,
     dlogits: B::Tensor,
+    /// The UNet's 0-based step index per sample, refilled each step (no allocation in the loop).
+    step_indices: Vec<f32>,
 }
 
 /// A noise predictor plus, for the adversarial mode, the auxiliary robust classifier.
@@ -120,6 +122,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
             labels: z(&[batch])?,
             dfeatures: z(&[batch, fdim])?,
             dlogits: z(&[batch, classes])?,
+            step_indices: vec![0.0; batch],
         })
     }
 
@@ -147,8 +150,8 @@ impl<'a, B: Backend> Purifier<'a, B> {
 
         for step in &self.steps {
             let step_started = std::time::Instant::now();
-            let t_index = vec![(step.t - 1) as f32; plan.batch];
-            self.unet.forward(b, &mut plan.unet, &plan.x_t, &t_index)?;
+            plan.step_indices.fill((step.t - 1) as f32);
+            self.unet.forward(b, &mut plan.unet, &plan.x_t, &plan.step_indices)?;
             report.network_calls += 1;
             b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
             let guided = self.guidance_shift(plan, step, &mut report)?;
@@ -198,8 +201,8 @@ impl<'a, B: Backend> Purifier<'a, B> {
         let b = self.backend;
         self.set_input(plan, x_in)?;
         b.write(&mut plan.x_t, x_t)?;
-        let t_index = vec![(step.t - 1) as f32; plan.batch];
-        self.unet.forward(b, &mut plan.unet, &plan.x_t, &t_index)?;
+        plan.step_indices.fill((step.t - 1) as f32);
+        self.unet.forward(b, &mut plan.unet, &plan.x_t, &plan.step_indices)?;
         b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
         let (scale, objective) = match self.settings.guidance {
             Guidance::None => return Err(Error::invalid("mode none has no guidance objective")),
