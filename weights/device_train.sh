@@ -7,6 +7,7 @@
 #     bash weights/device_train.sh ddpm [SECONDS]   # train the DDPM UNet, resume if possible,
 #                                                   # export + evaluate, bundle into $OUT
 #     bash weights/device_train.sh aux  [SECONDS]   # the same for the auxiliary ResNet-20
+#     bash weights/device_train.sh both [SECONDS]   # both at once, sharing the GPU
 #   Here, after each call (files_at: the folder the device tool puts $OUT's files in):
 #     bash weights/device_train.sh unpack FILES_AT
 #
@@ -14,7 +15,8 @@
 # and evaluate, and this script then packs the results into $OUT as a tar split into 15 MiB
 # parts (the device tool brings back at most 8 files of 16 MiB). Set COMPILE=0 to skip
 # torch.compile, PY to choose the Python (default python3), EXTRA_ARGS to pass more flags to
-# the trainer, ALLOW_CPU=1 to run without a GPU (a smoke test of this script).
+# the DDPM trainer (EXTRA_ARGS_AUX to the auxiliary one), ALLOW_CPU=1 to run without a GPU
+# (a smoke test of this script).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,6 +52,39 @@ bundle() {  # bundle NAME FILE... : tar the files (those that exist) into $OUT/N
   for f in "$@"; do [ -e "$f" ] && files+=("$f"); done
   tar cf - "${files[@]}" | split -b 15m -d - "$out/$name.tar.part-"
   ls -l "$out"
+}
+
+train_ddpm() {  # the trainer's own budget leaves ~40 s for this script's start and the bundling;
+                # inside it, 100 s are kept for export and evaluation
+  mkdir -p data-cache/runs/ddpm
+  local compile_flag
+  compile_flag=$([ "${COMPILE:-1}" = 1 ] && echo --compile || true)
+  "$PY" weights/train_ddpm.py --run-dir data-cache/runs/ddpm --resume --steps 800000 \
+    --time-budget $((SECONDS_TOTAL - 40)) --reserve 100 $compile_flag --export --evaluate ${EXTRA_ARGS:-} \
+    2>&1 | tee data-cache/runs/ddpm/last_call.log
+}
+
+train_aux() {
+  mkdir -p data-cache/runs/auxiliary
+  "$PY" weights/train_auxiliary.py --run-dir data-cache/runs/auxiliary --train --resume \
+    --time-budget $((SECONDS_TOTAL - 40)) --reserve 60 --export --evaluate ${EXTRA_ARGS_AUX:-} \
+    2>&1 | tee data-cache/runs/auxiliary/last_call.log
+}
+
+bundle_ddpm() {
+  bundle ddpm_bundle weights/ddpm_cifar10_small.safetensors weights/ddpm_cifar10_small.md \
+    weights/ddpm_cifar10_small_loss.png weights/ddpm_cifar10_small_samples.png \
+    weights/ddpm_cifar10_small_purified.png data-cache/runs/ddpm/portable \
+    data-cache/runs/ddpm/config.json data-cache/runs/ddpm/loss_log.csv \
+    data-cache/runs/ddpm/evaluation.json data-cache/runs/ddpm/last_call.log
+}
+
+bundle_aux() {
+  bundle auxiliary_bundle weights/auxiliary_resnet20_linf.safetensors weights/auxiliary_resnet20_linf.md \
+    weights/auxiliary_resnet20_linf_loss.png weights/auxiliary_resnet20_linf_examples.png \
+    data-cache/runs/auxiliary/checkpoint.pt data-cache/runs/auxiliary/config.json \
+    data-cache/runs/auxiliary/loss_log.csv data-cache/runs/auxiliary/evaluation.json \
+    data-cache/runs/auxiliary/last_call.log
 }
 
 case "$MODE" in
@@ -90,38 +125,33 @@ case "$MODE" in
   ddpm)
     need_data
     gpu_banner
-    mkdir -p data-cache/runs/ddpm
-    COMPILE_FLAG=$([ "${COMPILE:-1}" = 1 ] && echo --compile || true)
-    # The trainer's own budget leaves ~40 s for this script's start and the bundling; inside
-    # it, 100 s are kept for export and evaluation.
-    status=0
-    "$PY" weights/train_ddpm.py --run-dir data-cache/runs/ddpm --resume --steps 800000 \
-      --time-budget $((SECONDS_TOTAL - 40)) --reserve 100 $COMPILE_FLAG --export --evaluate ${EXTRA_ARGS:-} \
-      2>&1 | tee data-cache/runs/ddpm/last_call.log || status=$?
-    bundle ddpm_bundle weights/ddpm_cifar10_small.safetensors weights/ddpm_cifar10_small.md \
-      weights/ddpm_cifar10_small_loss.png weights/ddpm_cifar10_small_samples.png \
-      weights/ddpm_cifar10_small_purified.png data-cache/runs/ddpm/portable \
-      data-cache/runs/ddpm/config.json data-cache/runs/ddpm/loss_log.csv \
-      data-cache/runs/ddpm/evaluation.json data-cache/runs/ddpm/last_call.log
+    status=0; train_ddpm || status=$?
+    bundle_ddpm
     exit "$status"  # what was saved comes back even when a step failed
     ;;
   aux)
     need_data
     gpu_banner
-    mkdir -p data-cache/runs/auxiliary
-    status=0
-    "$PY" weights/train_auxiliary.py --run-dir data-cache/runs/auxiliary --train --resume \
-      --time-budget $((SECONDS_TOTAL - 40)) --reserve 60 --export --evaluate ${EXTRA_ARGS:-} \
-      2>&1 | tee data-cache/runs/auxiliary/last_call.log || status=$?
-    bundle auxiliary_bundle weights/auxiliary_resnet20_linf.safetensors weights/auxiliary_resnet20_linf.md \
-      weights/auxiliary_resnet20_linf_loss.png weights/auxiliary_resnet20_linf_examples.png \
-      data-cache/runs/auxiliary/checkpoint.pt data-cache/runs/auxiliary/config.json \
-      data-cache/runs/auxiliary/loss_log.csv data-cache/runs/auxiliary/evaluation.json \
-      data-cache/runs/auxiliary/last_call.log
+    status=0; train_aux || status=$?
+    bundle_aux
     exit "$status"
     ;;
+  both)
+    # Both recipes at once on the one GPU: the ResNet-20's small kernels leave most of an H100
+    # idle, and the two processes take turns on it, so the DDPM loses little of its call.
+    need_data
+    gpu_banner
+    train_aux 2>&1 | sed -u 's/^/[aux] /' &
+    aux_pid=$!
+    ddpm_status=0; train_ddpm 2>&1 | sed -u 's/^/[ddpm] /' || ddpm_status=$?
+    aux_status=0; wait "$aux_pid" || aux_status=$?
+    bundle_aux
+    bundle_ddpm
+    [ "$ddpm_status" = 0 ] && [ "$aux_status" = 0 ] || { echo "ddpm exit $ddpm_status, aux exit $aux_status" >&2; exit 1; }
+    exit 0
+    ;;
   *)
-    sed -n '2,20p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac

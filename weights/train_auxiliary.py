@@ -53,10 +53,7 @@ import training_common as tc  # noqa: E402
 
 EXPORT_NAME = "auxiliary_resnet20_linf"
 CHECKPOINT_FORMAT = "train_auxiliary/1"
-SHARED_RESNET20 = next(
-    (p for p in (os.path.join(tc.SHARED_DIR, "weights", "resnet20_cifar10.safetensors"),
-                 os.path.join(tc.DATA_CACHE, "resnet20_cifar10.safetensors")) if os.path.isfile(p)),
-    os.path.join(tc.SHARED_DIR, "weights", "resnet20_cifar10.safetensors"))
+PGD_ACCURACY_BAR = 40.0  # issue 3: at least this PGD-20 accuracy (%) at l_inf 8/255 on test_lossless.bin
 
 RECIPE_DEFAULTS = dict(
     depth=20,
@@ -390,8 +387,8 @@ def evaluate(args, run_dir: str, weights_path: str, out_dir: str, device) -> dic
     tc.log(f"clean accuracy {clean:.4f}, PGD-{args.pgd_steps} accuracy {robust:.4f} on {len(x)} images")
     results = dict(images=len(x), clean_accuracy=clean, pgd_accuracy=robust, pgd_steps=args.pgd_steps,
                    eps=eps, step_size=step_size, seconds=0.0)
-    if os.path.isfile(SHARED_RESNET20) and recipe["depth"] == 20:
-        standard = tm.load_cifar_resnet(SHARED_RESNET20, 20).to(device)
+    if os.path.isfile(tc.standard_resnet20()) and recipe["depth"] == 20:
+        standard = tm.load_cifar_resnet(tc.standard_resnet20(), 20).to(device)
         for p in standard.parameters():
             p.requires_grad_(False)
         s_clean, s_robust, _ = robust_accuracy(standard, x, y, eps, step_size, args.pgd_steps, args.eval_batch, seed=7)
@@ -458,7 +455,11 @@ def write_card(path, meta, recipe, results, rows, run_dir, weights_path) -> str:
         s = results["standard_resnet20"]
         lines.append(f"| ../shared/weights/resnet20_cifar10 (standard training) | {100 * s['clean_accuracy']:.1f}% "
                      f"| {100 * s['pgd_accuracy']:.1f}% |")
+    robust = 100 * results["pgd_accuracy"]
     lines += [
+        "",
+        f"Quality bar (issue 3): PGD-{results['pgd_steps']} accuracy >= {PGD_ACCURACY_BAR:g}% at l_inf 8/255: "
+        f"{robust:.1f}%, **{'met' if robust >= PGD_ACCURACY_BAR else 'NOT met'}**.",
         "",
         f"- Loss curve: `{EXPORT_NAME}_loss.png` (adversarial cross-entropy and error on the training batches "
         "against the step).",

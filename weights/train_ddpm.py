@@ -82,6 +82,9 @@ CHECKPOINT_FORMAT = "train_ddpm/1"
 FP16_TOLERANCE = 1e-3
 MSE_LEVELS = (10, 50, 100)
 PURIFY_LEVEL = 100
+# Issue 3's quality bar: purifying the clean test images at t* = PURIFY_LEVEL may cost the standard
+# ResNet-20 of ../shared at most this many points of accuracy.
+ACCURACY_DROP_BAR = 5.0
 
 # The recipe: keys a resumed run must keep (config.json is authoritative once a run exists).
 RECIPE_DEFAULTS = dict(
@@ -629,13 +632,37 @@ def ddim_sample(model, x: torch.Tensor, steps: int, schedule: Schedule) -> torch
     return x
 
 
+@torch.no_grad()
+def classifier_accuracy_after_purification(x0, purified, labels, batch: int, device) -> dict | None:
+    """The quality bar: top-1 accuracy of the standard ResNet-20 (../shared, or the copy carried
+    in data-cache/) on the clean test images and on their purified versions (both in [-1, 1])."""
+    path = tc.standard_resnet20()
+    if not os.path.isfile(path):
+        tc.log(f"warning: {path} is missing: the card will lack the classifier-accuracy bar")
+        return None
+    judge = tm.load_cifar_resnet(path, 20).to(device)
+
+    def accuracy(x) -> float:
+        correct = sum(int((judge((x[i : i + batch] + 1) / 2).argmax(1) == labels[i : i + batch]).sum())
+                      for i in range(0, len(x), batch))
+        return correct / len(x)
+
+    clean, after = accuracy(x0), accuracy(purified)
+    drop = 100 * (clean - after)
+    tc.log(f"ResNet-20 accuracy: clean {100 * clean:.2f}%, purified at t* = {PURIFY_LEVEL} {100 * after:.2f}% "
+           f"(drop {drop:.2f} points; bar <= {ACCURACY_DROP_BAR:g}: {'met' if drop <= ACCURACY_DROP_BAR else 'NOT met'})")
+    return dict(classifier=os.path.basename(path), clean_accuracy=clean, purified_accuracy=after,
+                drop_points=drop, bar_points=ACCURACY_DROP_BAR, meets_bar=drop <= ACCURACY_DROP_BAR)
+
+
 def evaluate(args, run_dir: str, weights_path: str, out_dir: str, device) -> dict:
     strict_fp32()
     model, meta = load_exported(weights_path, device)
     recipe = json.loads(meta["recipe"])
     schedule = Schedule(device)
-    images, _ = tc.read_test_images(args.test_file, args.eval_images)
+    images, labels = tc.read_test_images(args.test_file, args.eval_images)
     x0 = torch.from_numpy(images).to(device).float() / 127.5 - 1.0
+    labels = torch.from_numpy(labels).to(device)
     start = time.time()
     mse = [denoising_mse(model, x0, schedule, t, seed=1234, batch=args.eval_batch) for t in MSE_LEVELS]
     for m in mse:
@@ -650,8 +677,9 @@ def evaluate(args, run_dir: str, weights_path: str, out_dir: str, device) -> dic
         tb = torch.full((len(xb),), PURIFY_LEVEL, device=device, dtype=torch.long)
         xt = schedule.diffuse(xb, tb, torch.randn(xb.shape, generator=gen, device=device))
         purified.append(ddpm_reverse(model, xt, PURIFY_LEVEL, schedule, gen))
-    purified = torch.cat(purified)
+    purified = torch.cat(purified).clamp(-1, 1)  # as the engine writes its output
     purify_mse = float(((purified - x0) / 2).pow(2).mean())
+    judged = classifier_accuracy_after_purification(x0, purified, labels, args.eval_batch, device)
 
     # Figure: 16 test images, the diffused input at t*, the purified output.
     k = min(16, len(x0))
@@ -689,6 +717,7 @@ def evaluate(args, run_dir: str, weights_path: str, out_dir: str, device) -> dic
             title="DDPM cifar10-small: eps MSE per log interval", xlabel="step", ylabel="eps MSE")
     results = dict(mse=mse, purify_mse=purify_mse,
                    purify_psnr_db=10 * math.log10(1 / purify_mse) if purify_mse > 0 else float("inf"),
+                   classifier=judged,
                    eval_images=len(x0), sampler=sampler, seconds=time.time() - start,
                    loss_renderer=renderer)
     tc.write_json(os.path.join(run_dir, "evaluation.json"), results)
@@ -750,6 +779,19 @@ def write_card(path: str, meta: dict, recipe: dict, results: dict, log_rows: lis
         f"ancestral steps of METHOD.md section 2, no guidance): MSE {results['purify_mse']:.3e}, "
         f"PSNR {results['purify_psnr_db']:.2f} dB against the originals.",
         "",
+    ]
+    judged = results.get("classifier")
+    if judged:
+        lines += [
+            f"Quality bar (issue 3): the standard ResNet-20 (`{judged['classifier']}`) classifies "
+            f"{100 * judged['clean_accuracy']:.2f}% of the clean images and {100 * judged['purified_accuracy']:.2f}% "
+            f"of their purified versions: a drop of {judged['drop_points']:.2f} points, bar <= "
+            f"{judged['bar_points']:g}: **{'met' if judged['meets_bar'] else 'NOT met'}**.",
+            "",
+        ]
+    else:
+        lines += ["Quality bar (issue 3): not measured (the standard ResNet-20 was missing).", ""]
+    lines += [
         f"- Loss curve: `{EXPORT_NAME}_loss.png` (eps MSE per log interval against the step: all t as "
         "sampled, t <= 100 and t > 100; log y).",
         f"- Samples: `{EXPORT_NAME}_samples.png` ({results['sampler']}, from pure noise, seed 2024).",

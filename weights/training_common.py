@@ -50,6 +50,14 @@ def default_test_file() -> str:
     return TEST_LOSSLESS if os.path.isfile(TEST_LOSSLESS) else carried
 
 
+def standard_resnet20() -> str:
+    """The standard-trained ResNet-20 of ../shared/weights (the judge of METHOD.md's quality bars):
+    ../shared on a developer machine, data-cache/ on the device (carried)."""
+    shared = os.path.join(SHARED_DIR, "weights", "resnet20_cifar10.safetensors")
+    carried = os.path.join(DATA_CACHE, "resnet20_cifar10.safetensors")
+    return shared if os.path.isfile(shared) or not os.path.isfile(carried) else carried
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def test_export_layout_and_evaluate(data, tmp_path):
     assert results["images"] == 16 and 0 <= results["pgd_accuracy"] <= results["clean_accuracy"] + 1e-9
     card = (weights_dir / "auxiliary_resnet20_linf.md").read_text()
     assert "PGD-2 accuracy" in card or "PGD-20 accuracy" in card
+    assert "Quality bar (issue 3)" in card and ("**met**" in card or "**NOT met**" in card)
     assert (weights_dir / "auxiliary_resnet20_linf_examples.png").exists()
     assert (weights_dir / "auxiliary_resnet20_linf_loss.png").exists()
 

@@ -15,7 +15,9 @@ torch = pytest.importorskip("torch")
 
 from png_plot import read_png_size  # noqa: E402
 
+import torch_models as tm  # noqa: E402
 import train_ddpm  # noqa: E402
+import training_common as tc  # noqa: E402
 from conftest import log_rows  # noqa: E402
 
 TINY = ["--channels", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--device", "cpu",
@@ -105,6 +107,15 @@ def test_export_evaluate_and_portable_resume(data, tmp_path):
     results = json.loads((run_dir / "evaluation.json").read_text())
     assert [m["t"] for m in results["mse"]] == [10, 50, 100]
     assert all(np.isfinite(m["eps_mse"]) for m in results["mse"])
+    # The quality bar: ResNet-20 accuracy on the clean images, checked here independently.
+    judged = results["classifier"]
+    images, labels = tc.read_test_images(None, 4)
+    judge = tm.load_cifar_resnet(tc.standard_resnet20(), 20)
+    with torch.no_grad():
+        clean = (judge(torch.from_numpy(images).float() / 255).argmax(1) == torch.from_numpy(labels)).float().mean()
+    assert judged["clean_accuracy"] == pytest.approx(float(clean))
+    assert judged["drop_points"] == pytest.approx(100 * (judged["clean_accuracy"] - judged["purified_accuracy"]))
+    assert "Quality bar (issue 3)" in card and ("**met**" in card or "**NOT met**" in card)
 
     # A fresh machine: only the portable checkpoint and the exported EMA are there.
     os.remove(run_dir / "checkpoint.pt")
