@@ -3,9 +3,11 @@
 //! - `backend`: the compute interface and its CPU reference implementation;
 //! - `model`: the DDPM UNet noise predictor and the CIFAR ResNet classifiers, written once over it;
 //! - `diffusion`: the schedule, reverse steps and guidance modes;
-//! - `purify`: the purification pipeline;
+//! - `purify`: the purification pipeline (and its gradient);
+//! - `attack`: adaptive white-box attacks on the purification defence;
 //! - `data`: CIFAR-10 binaries, PNG images and safetensors files;
 //! - `device`: choosing a backend from `--device`.
+pub mod attack;
 pub mod backend;
 pub mod data;
 pub mod device;

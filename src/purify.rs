@@ -1,9 +1,16 @@
 //! The purification pipeline: diffuse the input to t*, then run guided reverse steps with the
 //! gradient constraint (METHOD.md sections 2 and 3). Everything stays in the backend's memory
 //! between the upload of the input and the download of the purified batch.
-use crate::backend::Backend;
+//!
+//! It is also differentiable (METHOD.md section 5): a plan made by `plan_differentiable` records
+//! each reverse step's input on a tape, and `input_vjp` back-propagates a gradient on the purified
+//! images through every reverse step to the input images, recomputing one step's UNet
+//! activations at a time from the tape. The guidance shift is a constant there (BPDA on the
+//! guidance only), and so is the noise of the draw.
+use crate::backend::{Backend, TensorShape};
 use crate::diffusion::{GradientPath, Guidance, ReverseStep, Sampler, Schedule};
 use crate::error::{Error, Result};
+use crate::model::classifier::{argmax, log_softmax_at};
 use crate::model::{Classifier, ClassifierPlan, Unet, UnetPlan};
 
 /// Everything that decides a purification except the images.
@@ -55,6 +62,28 @@ pub struct PurifyPlan<B: Backend> {
     dlogits: B::Tensor,
     /// The UNet's 0-based step index per sample, refilled each step (no allocation in the loop).
     step_indices: Vec<f32>,
+    /// Differentiable plans only: what the last purification recorded, and the gradients.
+    tape: Option<Tape<B>>,
+}
+
+/// What back-propagation through a purification needs: the input of every reverse step (the
+/// UNet's activations are recomputed from it, one step at a time) and the output before the
+/// final clamp; plus the running gradient and the gradient with respect to the input.
+struct Tape<B: Backend> {
+    states: Vec<B::Tensor>,
+    unclamped_output: B::Tensor,
+    recorded: bool,
+    grad: B::Tensor,
+    grad_scratch: B::Tensor,
+    grad_input: B::Tensor,
+}
+
+/// Which noise a purification draws: `seed`, and `draw`, which separates the purifications made
+/// with one seed (the batches of a run, the draws of an attack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NoiseDraw {
+    pub seed: u64,
+    pub draw: u64,
 }
 
 /// A noise predictor plus, for the adversarial mode, the auxiliary robust classifier.
@@ -98,8 +127,19 @@ impl<'a, B: Backend> Purifier<'a, B> {
     }
 
     pub fn plan(&self, batch: usize) -> Result<PurifyPlan<B>> {
+        self.make_plan(batch, false)
+    }
+
+    /// A plan that also records a tape, for `input_vjp`: the UNet's backward buffers, and one
+    /// image batch per reverse step.
+    pub fn plan_differentiable(&self, batch: usize) -> Result<PurifyPlan<B>> {
+        self.make_plan(batch, true)
+    }
+
+    fn make_plan(&self, batch: usize, differentiable: bool) -> Result<PurifyPlan<B>> {
         let b = self.backend;
-        let needs_unet_vjp = matches!(self.settings.guidance, Guidance::Adversarial { path: GradientPath::X0, .. });
+        let needs_unet_vjp =
+            differentiable || matches!(self.settings.guidance, Guidance::Adversarial { path: GradientPath::X0, .. });
         let image = [batch, 3, 32, 32];
         let z = |s: &[usize]| b.zeros(s);
         let (fdim, classes) = self.auxiliary.map(|a| (a.feature_dim(), a.num_classes)).unwrap_or((1, 1));
@@ -123,12 +163,32 @@ impl<'a, B: Backend> Purifier<'a, B> {
             dfeatures: z(&[batch, fdim])?,
             dlogits: z(&[batch, classes])?,
             step_indices: vec![0.0; batch],
+            tape: if differentiable {
+                Some(Tape {
+                    states: self.steps.iter().map(|_| z(&image)).collect::<Result<_>>()?,
+                    unclamped_output: z(&image)?,
+                    recorded: false,
+                    grad: z(&image)?,
+                    grad_scratch: z(&image)?,
+                    grad_input: z(&image)?,
+                })
+            } else {
+                None
+            },
         })
     }
 
     /// Purifies `x` (host, batch x 3 x 32 x 32 in [-1, 1]) and returns x_0 in [-1, 1].
     /// `batch_offset` makes the noise of each batch of a larger set distinct.
     pub fn purify(&self, plan: &mut PurifyPlan<B>, x: &[f32], batch_offset: u64) -> Result<(Vec<f32>, PurifyReport)> {
+        let noise = NoiseDraw { seed: self.settings.seed, draw: batch_offset };
+        let report = self.purify_on_backend(plan, x, noise)?;
+        Ok((self.backend.download(plan.output())?, report))
+    }
+
+    /// Purifies `x` (host, [-1, 1]) with the noise of `noise` and leaves x_0 in the backend
+    /// (`PurifyPlan::output`). A differentiable plan also records its tape.
+    pub fn purify_on_backend(&self, plan: &mut PurifyPlan<B>, x: &[f32], noise: NoiseDraw) -> Result<PurifyReport> {
         let b = self.backend;
         if x.len() != plan.batch * 3 * 32 * 32 {
             return Err(Error::invalid(format!(
@@ -140,16 +200,19 @@ impl<'a, B: Backend> Purifier<'a, B> {
         crate::error::check_finite(x, || "input image batch".to_string())?;
         self.set_input(plan, x)?;
         let mut report = PurifyReport::default();
-        // Each batch of a run gets its own streams: stream = batch_offset * (T + 1) + step.
-        let stream = |step: usize| batch_offset * (self.schedule.num_steps() as u64 + 1) + step as u64;
+        // Each draw gets its own streams: stream = draw * (T + 1) + step.
+        let stream = |step: usize| noise.draw * (self.schedule.num_steps() as u64 + 1) + step as u64;
 
         // x_{t*} = sqrt(abar) x_in + sqrt(1 - abar) z
         let (a, s) = self.schedule.diffuse_weights(self.settings.t_star);
-        b.fill_gaussian(&mut plan.noise, self.settings.seed, stream(0));
+        b.fill_gaussian(&mut plan.noise, noise.seed, stream(0));
         b.axpby(a, &plan.x_in, s, &plan.noise, &mut plan.x_t);
 
-        for step in &self.steps {
+        for (index, step) in self.steps.iter().enumerate() {
             let step_started = std::time::Instant::now();
+            if let Some(tape) = plan.tape.as_mut() {
+                b.copy(&plan.x_t, &mut tape.states[index]);
+            }
             plan.step_indices.fill((step.t - 1) as f32);
             self.unet.forward(b, &mut plan.unet, &plan.x_t, &plan.step_indices)?;
             report.network_calls += 1;
@@ -162,14 +225,61 @@ impl<'a, B: Backend> Purifier<'a, B> {
             }
             std::mem::swap(&mut plan.x_t, &mut plan.mu);
             if step.noise_std > 0.0 {
-                b.fill_gaussian(&mut plan.noise, self.settings.seed, stream(step.t));
+                b.fill_gaussian(&mut plan.noise, noise.seed, stream(step.t));
                 b.axpby(1.0, &plan.x_t, step.noise_std, &plan.noise, &mut plan.mu);
                 std::mem::swap(&mut plan.x_t, &mut plan.mu);
             }
             report.step_seconds.push(step_started.elapsed().as_secs_f64());
         }
+        if let Some(tape) = plan.tape.as_mut() {
+            b.copy(&plan.x_t, &mut tape.unclamped_output);
+            tape.recorded = true;
+        }
         b.clamp(&mut plan.x_t, -1.0, 1.0);
-        Ok((b.download(&plan.x_t)?, report))
+        Ok(report)
+    }
+
+    /// The vector-Jacobian product of the last purification on this (differentiable) plan:
+    /// given `grad_output` = dL/dx_0 (the purified batch, in the backend), returns dL/dx for its
+    /// input x (model range [-1, 1]). Exact through every reverse step: the clip of x0_hat, the
+    /// UNet (its input VJP, activations recomputed from the tape) and the final clamp; the
+    /// guidance shift delta_t and the noise are held constant (BPDA on the guidance only,
+    /// METHOD.md section 5). Costs one UNet forward and one UNet VJP per reverse step.
+    pub fn input_vjp<'p>(&self, plan: &'p mut PurifyPlan<B>, grad_output: &B::Tensor) -> Result<&'p B::Tensor> {
+        let b = self.backend;
+        let PurifyPlan { unet: unet_plan, u, step_indices, tape, .. } = plan;
+        let tape = match tape.as_mut() {
+            Some(tape) if tape.recorded => tape,
+            Some(_) => return Err(Error::invalid("input_vjp needs a purification on the same plan first")),
+            None => return Err(Error::invalid("this purify plan was made without a tape (plan_differentiable)")),
+        };
+        if grad_output.shape() != tape.grad.shape() {
+            return Err(Error::invalid(format!(
+                "gradient has shape {:?}, the purified batch is {:?}",
+                grad_output.shape(),
+                tape.grad.shape()
+            )));
+        }
+        b.copy(grad_output, &mut tape.grad);
+        b.clamp_backward(&tape.unclamped_output, -1.0, 1.0, &mut tape.grad);
+        for (step, x_t) in self.steps.iter().zip(&tape.states).rev() {
+            // x_prev = c0 clip(x0_hat(x_t)) + ct x_t + const, x0_hat = (x_t - s eps(x_t)) / a:
+            // dL/dx_t = ct g + (u - s J_eps^T u) / a, with u = c0 g masked by the clip.
+            let c = step.coefficients;
+            step_indices.fill((step.t - 1) as f32);
+            self.unet.forward(b, unet_plan, x_t, step_indices)?;
+            b.axpby(c.c0, &tape.grad, 0.0, &tape.grad, u);
+            b.mask_clipped(x_t, unet_plan.eps(), c, u);
+            let jtu = self.unet.input_vjp(b, unet_plan, u)?;
+            let (a, s) = (c.sqrt_abar, c.sqrt_one_minus_abar);
+            b.axpby(1.0 / a, u, -s / a, jtu, &mut tape.grad_scratch);
+            b.axpby(c.ct, &tape.grad, 1.0, &tape.grad_scratch, u);
+            std::mem::swap(&mut tape.grad, u);
+        }
+        // x_{t*} = sqrt(abar_{t*}) x + sqrt(1 - abar_{t*}) z
+        let (a, _) = self.schedule.diffuse_weights(self.settings.t_star);
+        b.axpby(a, &tape.grad, 0.0, &tape.grad, &mut tape.grad_input);
+        Ok(&tape.grad_input)
     }
 
     /// Uploads the input and gives the auxiliary network its view of it: reference features and
@@ -233,10 +343,8 @@ impl<'a, B: Backend> Purifier<'a, B> {
                     let distance: f64 =
                         (0..f).map(|i| (features[n * f + i] as f64 - reference[n * f + i] as f64).powi(2)).sum();
                     let row = &logits[n * k..(n + 1) * k];
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                    let log_sum = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
                     total += -lambda_features as f64 * distance / f as f64
-                        + lambda_class as f64 * (row[labels[n] as usize] as f64 - log_sum);
+                        + lambda_class as f64 * log_softmax_at(row, labels[n] as usize);
                 }
                 total
             }
@@ -300,8 +408,8 @@ impl<B: Backend> PurifyPlan<B> {
     pub fn batch(&self) -> usize {
         self.batch
     }
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+    /// The purified batch of the last `purify_on_backend` (in [-1, 1]).
+    pub fn output(&self) -> &B::Tensor {
+        &self.x_t
+    }
 }

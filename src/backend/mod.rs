@@ -269,6 +269,9 @@ pub trait Backend {
     fn axpby(&self, a: f32, x: &Self::Tensor, b: f32, y: &Self::Tensor, out: &mut Self::Tensor);
     /// x = clamp(x, lo, hi), in place.
     fn clamp(&self, x: &mut Self::Tensor, lo: f32, hi: f32);
+    /// The clamp's backward, in place: `grad` zeroed where `x` (the clamp's input) lies outside
+    /// [lo, hi].
+    fn clamp_backward(&self, x: &Self::Tensor, lo: f32, hi: f32, grad: &mut Self::Tensor);
     /// Standard normal samples from a counter-based generator: element i of `out` depends only on
     /// (seed, stream, i), so every backend draws the same noise for the same seed.
     fn fill_gaussian(&self, out: &mut Self::Tensor, seed: u64, stream: u64);

@@ -317,3 +317,15 @@ fn input_affine() -> ([f32; 3], [f32; 3]) {
     let shift = [0, 1, 2].map(|c| (0.5 - PIXEL_MEAN[c]) / PIXEL_STD[c]);
     (scale, shift)
 }
+
+/// Index of the largest value (the first one on ties): a row of logits' predicted class.
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })
+}
+
+/// `log softmax(logits)[label]`, in f64.
+pub fn log_softmax_at(logits: &[f32], label: usize) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let log_sum = logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    logits[label] as f64 - log_sum
+}

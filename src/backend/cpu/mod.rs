@@ -391,6 +391,17 @@ impl Backend for CpuBackend {
         x.data.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(lo, hi)));
     }
 
+    fn clamp_backward(&self, x: &CpuTensor, lo: f32, hi: f32, grad: &mut CpuTensor) {
+        expect_shape(grad, &x.shape, "clamp_backward: grad");
+        grad.data.par_chunks_mut(PAR_CHUNK).zip(x.data.par_chunks(PAR_CHUNK)).for_each(|(g, x)| {
+            for (g, &x) in g.iter_mut().zip(x) {
+                if !(lo..=hi).contains(&x) {
+                    *g = 0.0;
+                }
+            }
+        });
+    }
+
     fn fill_gaussian(&self, out: &mut CpuTensor, seed: u64, stream: u64) {
         rng::fill_gaussian(&mut out.data, seed, stream);
     }

@@ -42,13 +42,24 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 
 /// The four standard normals of Philox block `block` for `(seed, stream)` (see the module comment).
 pub fn gaussian_block(seed: u64, stream: u64, block: u64) -> [f32; 4] {
-    let key = [seed as u32, (seed >> 32) as u32];
-    let counter = [block as u32, (block >> 32) as u32, stream as u32, (stream >> 32) as u32];
-    let r = philox4x32_10(counter, key);
+    let r = block_bits(seed, stream, block);
     let uniform = |x: u32| (x as f64 + 0.5) / 4_294_967_296.0;
     let (a0, b0) = box_muller(uniform(r[0]), uniform(r[1]));
     let (a1, b1) = box_muller(uniform(r[2]), uniform(r[3]));
     [a0 as f32, b0 as f32, a1 as f32, b1 as f32]
+}
+
+/// Four uniforms in (0, 1) from Philox block `block` of `(seed, stream)`: host-side randomness
+/// (an attack's random start) drawn from the same generator as the noise.
+pub fn uniform_block(seed: u64, stream: u64, block: u64) -> [f32; 4] {
+    block_bits(seed, stream, block).map(|x| ((x >> 8) as f32 + 0.5) / 16_777_216.0)
+}
+
+/// Philox's 128 random bits for block `block` of `(seed, stream)`: key = seed, counter = (block, stream).
+fn block_bits(seed: u64, stream: u64, block: u64) -> [u32; 4] {
+    let key = [seed as u32, (seed >> 32) as u32];
+    let counter = [block as u32, (block >> 32) as u32, stream as u32, (stream >> 32) as u32];
+    philox4x32_10(counter, key)
 }
 
 fn box_muller(u0: f64, u1: f64) -> (f64, f64) {

@@ -1,0 +1,189 @@
+//! The gradient through the purification and the PGD-EOT attack built on it (METHOD.md
+//! section 5). Each test fails when the thing it names is wrong.
+mod common;
+
+use common::*;
+use purifier::attack::{Defence, Norm, PgdSettings};
+use purifier::backend::cpu::CpuBackend;
+use purifier::backend::Backend;
+use purifier::data::load_images;
+use purifier::data::tensor_file::TensorFile;
+use purifier::diffusion::{Guidance, Sampler};
+use purifier::model::params::DeterministicParams;
+use purifier::model::{Classifier, Unet, UnetConfig};
+use purifier::purify::{NoiseDraw, Purifier, PurifySettings};
+
+const IMAGE: usize = 3 * 32 * 32;
+
+fn small_unet(b: &CpuBackend) -> Unet<CpuBackend> {
+    Unet::load(&UnetConfig::cifar10_small(), &mut DeterministicParams::new(b, 3)).unwrap()
+}
+
+fn resnet20(b: &CpuBackend) -> Classifier<CpuBackend> {
+    Classifier::load(b, &TensorFile::open(shared_path("weights/resnet20_cifar10.safetensors")).unwrap()).unwrap()
+}
+
+/// Real test images (pixels in [0, 1]) and labels.
+fn test_images(count: usize) -> (Vec<f32>, Vec<u8>) {
+    let images = load_images(&[shared_path("data/cifar10/test_lossless.bin")], Some(count)).unwrap();
+    let pixels = images.to_model_range().iter().map(|x| (x + 1.0) / 2.0).collect();
+    (pixels, images.labels.unwrap())
+}
+
+/// d/dh sum(w * purify(x + h d)) at h = 0 by central differences, against `grad . d` from
+/// `input_vjp`, for a fixed noise draw.
+fn check_purification_gradient(settings: PurifySettings, h: f32, tolerance: f64) {
+    let b = CpuBackend;
+    let unet = small_unet(&b);
+    let purifier = Purifier::new(&b, &unet, None, settings).unwrap();
+    let batch = 2;
+    let n = batch * IMAGE;
+    let x: Vec<f32> = uniform(n, 30).iter().map(|u| 0.7 * u).collect();
+    let w = uniform(n, 31);
+    let d = uniform(n, 32);
+    let noise = NoiseDraw { seed: 9, draw: 4 };
+    let mut plan = purifier.plan_differentiable(batch).unwrap();
+    let mut objective = |x: &[f32]| {
+        purifier.purify_on_backend(&mut plan, x, noise).unwrap();
+        dot(&b.download(plan.output()).unwrap(), &w)
+    };
+    let plus: Vec<f32> = x.iter().zip(&d).map(|(x, d)| x + h * d).collect();
+    let minus: Vec<f32> = x.iter().zip(&d).map(|(x, d)| x - h * d).collect();
+    let fd = (objective(&plus) - objective(&minus)) / (2.0 * h as f64);
+
+    let mut plan = purifier.plan_differentiable(batch).unwrap();
+    purifier.purify_on_backend(&mut plan, &x, noise).unwrap();
+    let w_dev = b.upload(&w, &[batch, 3, 32, 32]).unwrap();
+    let grad = b.download(purifier.input_vjp(&mut plan, &w_dev).unwrap()).unwrap();
+    let analytic = dot(&grad, &d);
+    let rel = (fd - analytic).abs() / analytic.abs();
+    println!(
+        "{} steps: gradient . d = {analytic:.6}, finite difference {fd:.6}, relative {rel:.2e}",
+        purifier.steps().len()
+    );
+    assert!(rel < tolerance, "purification gradient {analytic} vs finite difference {fd}");
+}
+
+#[test]
+fn ddpm_purification_gradient_matches_finite_differences() {
+    let settings = PurifySettings { t_star: 3, sampler: Sampler::Ddpm, ..Default::default() };
+    check_purification_gradient(settings, 1e-3, 2e-3);
+}
+
+#[test]
+fn ddim_purification_gradient_matches_finite_differences() {
+    let settings = PurifySettings { t_star: 60, sampler: Sampler::Ddim { stride: 20 }, ..Default::default() };
+    check_purification_gradient(settings, 1e-3, 2e-3);
+}
+
+/// With the constraint at kappa = 0 the guidance shift is zero, so a guided purification is the
+/// unguided one and its BPDA gradient must be the exact gradient too.
+#[test]
+fn guided_gradient_with_a_zero_shift_is_exact() {
+    let settings =
+        PurifySettings { t_star: 3, guidance: Guidance::Pixel { scale: 5.0 }, kappa: 0.0, ..Default::default() };
+    check_purification_gradient(settings, 1e-3, 2e-3);
+}
+
+/// The attacker's loss: the gradient of the summed cross-entropy of ResNet-20 on the purified
+/// images, with respect to the pixels, against finite differences.
+#[test]
+fn defence_loss_gradient_matches_finite_differences() {
+    let b = CpuBackend;
+    let unet = small_unet(&b);
+    let classifier = resnet20(&b);
+    let settings = PurifySettings { t_star: 2, ..Default::default() };
+    let purifier = Purifier::new(&b, &unet, None, settings).unwrap();
+    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    // Wrong labels: the loss of correctly classified images is ~1e-6, too flat to differentiate.
+    let (pixels, labels) = test_images(2);
+    let labels: Vec<u8> = labels.iter().map(|l| (l + 1) % 10).collect();
+    let mut plan = defence.plan(2).unwrap();
+    let noise = NoiseDraw { seed: 1, draw: 0 };
+    let (losses, _, grad) = defence.loss_gradient(&mut plan, &pixels, &labels, noise).unwrap();
+    assert!(losses.iter().all(|l| l.is_finite() && *l >= 0.0));
+    // Along a random direction the directional derivative is ~1e-3 of |grad| |d| and drowns in
+    // the ResNet's ReLU kinks; along the gradient itself it is |grad| |d|, and a gradient that
+    // is wrong in scale or direction fails there.
+    let norm = dot(&grad, &grad).sqrt() as f32;
+    let d: Vec<f32> = grad.iter().map(|g| g / norm).collect();
+    let h = 5e-5;
+    let mut loss_at = |p: &[f32]| defence.loss_gradient(&mut plan, p, &labels, noise).unwrap().0.iter().sum::<f64>();
+    let fd = (loss_at(&pixels.iter().zip(&d).map(|(p, d)| p + h * d).collect::<Vec<_>>())
+        - loss_at(&pixels.iter().zip(&d).map(|(p, d)| p - h * d).collect::<Vec<_>>()))
+        / (2.0 * h as f64);
+    let analytic = dot(&grad, &d);
+    let rel = (fd - analytic).abs() / analytic.abs();
+    println!("cross-entropy gradient . d = {analytic:.4}, finite difference {fd:.4}, relative {rel:.2e}");
+    assert!(rel < 2e-2, "loss gradient {analytic} vs finite difference {fd}");
+}
+
+/// PGD-EOT stays in the threat model and raises the attacker's loss.
+#[test]
+fn pgd_stays_in_the_ball_and_raises_the_loss() {
+    let b = CpuBackend;
+    let unet = small_unet(&b);
+    let classifier = resnet20(&b);
+    let purifier = Purifier::new(&b, &unet, None, PurifySettings { t_star: 2, ..Default::default() }).unwrap();
+    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let (pixels, labels) = test_images(2);
+    let mut plan = defence.plan(2).unwrap();
+    for norm in [Norm::Linf, Norm::L2] {
+        let settings = PgdSettings::standard(norm, 4, 2, 7);
+        let (adversarial, traces) = defence.pgd(&mut plan, &pixels, &labels, &settings, 0, |_| {}).unwrap();
+        assert_eq!(traces.len(), 4);
+        assert!(adversarial.iter().all(|p| (0.0..=1.0).contains(p)), "left [0, 1]");
+        for (a, o) in adversarial.chunks(IMAGE).zip(pixels.chunks(IMAGE)) {
+            let distance = match norm {
+                Norm::Linf => a.iter().zip(o).map(|(a, o)| (a - o).abs() as f64).fold(0.0, f64::max),
+                Norm::L2 => a.iter().zip(o).map(|(a, o)| ((a - o) as f64).powi(2)).sum::<f64>().sqrt(),
+            };
+            assert!(distance <= settings.eps as f64 * (1.0 + 1e-5), "{norm:?}: perturbation {distance} > eps");
+            assert!(distance > 0.5 * settings.eps as f64, "{norm:?}: the attack barely moved ({distance})");
+        }
+        // The loss at the adversarial images, on draws the attacker never saw, beats the clean loss.
+        let mean_loss = |p: &[f32], plan: &mut _| {
+            (0..4)
+                .map(|v| defence.loss_gradient(plan, p, &labels, NoiseDraw { seed: 99, draw: v }).unwrap().0)
+                .map(|l| l.iter().sum::<f64>())
+                .sum::<f64>()
+        };
+        let (clean, attacked) = (mean_loss(&pixels, &mut plan), mean_loss(&adversarial, &mut plan));
+        println!("{norm:?}: cross-entropy {clean:.4} clean, {attacked:.4} attacked; trace {traces:?}");
+        assert!(attacked > clean + 0.5, "{norm:?}: the attack did not raise the loss ({clean} -> {attacked})");
+    }
+}
+
+#[test]
+fn attack_refuses_bad_settings_and_inputs() {
+    let b = CpuBackend;
+    let unet = small_unet(&b);
+    let classifier = resnet20(&b);
+    let purifier = Purifier::new(&b, &unet, None, PurifySettings { t_star: 1, ..Default::default() }).unwrap();
+    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let (pixels, labels) = test_images(1);
+    let mut plan = defence.plan(1).unwrap();
+    let good = PgdSettings::standard(Norm::Linf, 1, 1, 0);
+    let error = |settings: &PgdSettings, p: &[f32], plan: &mut _| {
+        defence.pgd(plan, p, &labels, settings, 0, |_| {}).unwrap_err().to_string()
+    };
+    assert!(error(&PgdSettings { eps: -1.0, ..good.clone() }, &pixels, &mut plan).contains("eps"));
+    assert!(error(&PgdSettings { eps: f32::NAN, ..good.clone() }, &pixels, &mut plan).contains("eps"));
+    assert!(error(&PgdSettings { step_size: 0.0, ..good.clone() }, &pixels, &mut plan).contains("step size"));
+    assert!(error(&PgdSettings { eot: 0, ..good.clone() }, &pixels, &mut plan).contains("--eot"));
+    let mut outside = pixels.clone();
+    outside[5] = 1.5;
+    assert!(error(&good, &outside, &mut plan).contains("[0, 1]"));
+    assert!(error(&good, &pixels[..100], &mut plan).contains("batch of 1"));
+
+    // input_vjp needs a tape, and a purification before it.
+    let mut plain = purifier.plan(1).unwrap();
+    let g = b.zeros(&[1, 3, 32, 32]).unwrap();
+    assert!(purifier.input_vjp(&mut plain, &g).unwrap_err().to_string().contains("without a tape"));
+    let mut fresh = purifier.plan_differentiable(1).unwrap();
+    assert!(purifier
+        .input_vjp(&mut fresh, &g)
+        .unwrap_err()
+        .to_string()
+        .contains("purification on the same plan first"));
+}
