@@ -4,17 +4,19 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
+use purifier::attack::{Defence, DefencePlan};
 use purifier::backend::{Backend, TensorShape};
 use purifier::data::image::{write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
 use purifier::data::tensor_file::{write_safetensors, TensorFile};
 use purifier::data::{load_images, ImageBatch};
 use purifier::device;
 use purifier::error::{check_finite, Error, Result};
+use purifier::model::classifier::argmax;
 use purifier::model::params::{DeterministicParams, ParamLister};
 use purifier::model::{Classifier, Unet, UnetConfig};
-use purifier::purify::{Purifier, PurifySettings};
+use purifier::purify::Purifier;
 
-use crate::{ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurifyArgs};
+use crate::{AttackArgs, ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurificationArgs, PurifyArgs};
 
 fn backend(args: &DeviceArgs) -> Result<impl Backend> {
     let (backend, note) = device::select(args.device)?;
@@ -31,40 +33,40 @@ fn check_batch(batch: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn purify(args: &PurifyArgs) -> Result<()> {
-    let b = backend(&args.device)?;
-    check_batch(args.batch)?;
-    let images = load_images(&args.inputs, args.count)?;
+/// The denoiser and (adversarial mode) the auxiliary network of `args`.
+fn load_purification<B: Backend>(b: &B, args: &PurificationArgs) -> Result<(Unet<B>, Option<Classifier<B>>)> {
     let unet = match args.untrained_seed {
         Some(seed) => {
             eprintln!(
                 "WARNING: untrained weights (config {}, seed {seed}): a smoke test of the pipeline, not a purification",
                 args.untrained_config
             );
-            Unet::load(&UnetConfig::by_name(&args.untrained_config)?, &mut DeterministicParams::new(&b, seed))?
+            Unet::load(&UnetConfig::by_name(&args.untrained_config)?, &mut DeterministicParams::new(b, seed))?
         }
-        None => Unet::from_file(&b, &open_weights(&args.weights, "DDPM UNet weights")?)?,
+        None => Unet::from_file(b, &open_weights(&args.weights, "DDPM UNet weights")?)?,
     };
-    let auxiliary = args.auxiliary.as_deref().map(|p| Classifier::load(&b, &TensorFile::open(p)?)).transpose()?;
+    let auxiliary = args.auxiliary.as_deref().map(|p| Classifier::load(b, &TensorFile::open(p)?)).transpose()?;
+    Ok((unet, auxiliary))
+}
+
+pub fn purify(args: &PurifyArgs) -> Result<()> {
+    let b = backend(&args.device)?;
+    check_batch(args.batch)?;
+    let images = load_images(&args.inputs, args.count)?;
+    let settings = &args.purification;
+    let (unet, auxiliary) = load_purification(&b, settings)?;
     let classifier = args.classifier.as_deref().map(|p| Classifier::load(&b, &TensorFile::open(p)?)).transpose()?;
-    let settings = PurifySettings {
-        t_star: args.t_star,
-        sampler: args.sampler(),
-        guidance: args.guidance(),
-        kappa: args.kappa,
-        seed: args.seed,
-    };
-    let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings)?;
+    let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings.settings())?;
     eprintln!(
         "purifying {} images on {}: UNet {} ({} reverse steps from t* = {}), mode {}, kappa {}, seed {}",
         images.count,
         b.name(),
         unet.config.name,
         purifier.steps().len(),
-        args.t_star,
-        args.guidance().name(),
-        args.kappa,
-        args.seed
+        settings.t_star,
+        settings.guidance().name(),
+        settings.kappa,
+        settings.seed
     );
 
     let x = images.to_model_range();
@@ -141,12 +143,8 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
             "inputs": args.inputs,
             "device": b.name(),
             "precision": b.precision().to_string(),
-            "unet": { "config": unet.config.name, "weights": if args.untrained_seed.is_some() { "untrained".to_string() } else { args.weights.display().to_string() } },
-            "settings": {
-                "mode": args.guidance().name(), "t_star": args.t_star, "sampler": format!("{:?}", args.sampler()),
-                "seed": args.seed, "kappa": args.kappa, "scale": args.scale, "lambda_f": args.lambda_f, "lambda_c": args.lambda_c,
-                "gradient_path": format!("{:?}", args.gradient_path()), "batch": args.batch,
-            },
+            "unet": { "config": unet.config.name, "weights": settings.weights_name() },
+            "settings": with_batch(settings.to_json(), args.batch),
             "network_calls": network_calls,
             "unet_vjps": unet_vjps,
             "seconds": seconds,
@@ -159,6 +157,11 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+fn with_batch(mut settings: serde_json::Value, batch: usize) -> serde_json::Value {
+    settings["batch"] = batch.into();
+    settings
 }
 
 /// The q-quantile (nearest rank) of a set of timings; 0 for none.
@@ -208,11 +211,7 @@ fn predict<B: Backend>(b: &B, classifier: &Classifier<B>, images: &ImageBatch, b
         let input = b.upload(chunk, &[n, 3, images.height, images.width])?;
         classifier.forward(b, plan, &input)?;
         let logits = b.download(&plan.logits)?;
-        predictions.extend(
-            logits
-                .chunks(classifier.num_classes)
-                .map(|row| row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best })),
-        );
+        predictions.extend(logits.chunks(classifier.num_classes).map(argmax));
     }
     Ok(predictions)
 }
@@ -346,5 +345,186 @@ pub fn eps(args: &EpsArgs) -> Result<()> {
         unet.config.name,
         b.name()
     );
+    Ok(())
+}
+
+pub fn attack(args: &AttackArgs) -> Result<()> {
+    let b = backend(&args.device)?;
+    check_batch(args.batch)?;
+    if args.votes == 0 {
+        return Err(Error::invalid("--votes must be at least 1 (purifications that judge each image)"));
+    }
+    let pgd = args.pgd_settings();
+    pgd.validate()?;
+    let images = load_images(&args.inputs, args.count)?;
+    let Some(labels) = images.labels.clone() else {
+        return Err(Error::invalid("attack needs labelled images (CIFAR-10 binary files); PNG files carry no labels"));
+    };
+    if (images.height, images.width) != (32, 32) {
+        return Err(Error::invalid(format!("attack works on 32x32 images, got {}x{}", images.height, images.width)));
+    }
+    let settings = &args.purification;
+    let (unet, auxiliary) = load_purification(&b, settings)?;
+    let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
+    let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings.settings())?;
+    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let bpda = !matches!(settings.guidance(), purifier::diffusion::Guidance::None);
+    eprintln!(
+        "attacking {} images on {}: PGD-{} {} eps {:.5} step {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, ResNet-{}{}",
+        images.count,
+        b.name(),
+        pgd.iterations,
+        pgd.norm.name(),
+        pgd.eps,
+        pgd.step_size,
+        pgd.eot,
+        args.votes,
+        if pgd.random_start { "random start" } else { "clean start" },
+        unet.config.name,
+        purifier.steps().len(),
+        settings.t_star,
+        settings.guidance().name(),
+        classifier.depth,
+        if bpda { "; the guidance shift is a constant in the attack's gradient (BPDA)" } else { "" }
+    );
+
+    let per_image = images.image_len();
+    let started = Instant::now();
+    let mut plan = None;
+    let (mut clean_votes, mut adversarial_votes) = (Vec::new(), Vec::new());
+    let mut adversarial = Vec::with_capacity(images.pixels.len());
+    let mut traces = Vec::new();
+    for (index, chunk) in images.pixels.chunks(args.batch * per_image).enumerate() {
+        let n = chunk.len() / per_image;
+        let chunk_labels = &labels[index * args.batch..index * args.batch + n];
+        if plan.as_ref().map(|p: &DefencePlan<_>| p.batch()) != Some(n) {
+            plan = Some(defence.plan(n)?);
+        }
+        let plan = plan.as_mut().unwrap();
+        let batch_started = Instant::now();
+        clean_votes.extend(defence.correct_votes(plan, chunk, chunk_labels, args.votes, pgd.seed, index as u64)?);
+        let (x_adv, trace) = defence.pgd(plan, chunk, chunk_labels, &pgd, index as u64, |t| {
+            eprintln!(
+                "  batch {index} iteration {}: cross-entropy {:.4}, accuracy over the EOT draws {:.1}%",
+                t.iteration + 1,
+                t.loss,
+                100.0 * t.eot_accuracy
+            )
+        })?;
+        adversarial_votes.extend(defence.correct_votes(
+            plan,
+            &x_adv,
+            chunk_labels,
+            args.votes,
+            pgd.seed,
+            index as u64,
+        )?);
+        adversarial.extend_from_slice(&x_adv);
+        traces.push(trace);
+        eprintln!("  batch {index}: {n} images in {:.1} s", batch_started.elapsed().as_secs_f64());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let adversarial =
+        ImageBatch::new(images.height, images.width, adversarial, Some(labels.clone()), images.names.clone())?;
+
+    let count = images.count as f64;
+    let share =
+        |votes: &[usize], judge: &dyn Fn(usize) -> bool| votes.iter().filter(|&&v| judge(v)).count() as f64 / count;
+    let majority = |v: usize| 2 * v > args.votes;
+    let all = |v: usize| v == args.votes;
+    let (clean_majority, clean_all) = (share(&clean_votes, &majority), share(&clean_votes, &all));
+    let (robust_majority, robust_all) = (share(&adversarial_votes, &majority), share(&adversarial_votes, &all));
+    let undefended_clean = accuracy(&b, &classifier, &images, &labels, args.batch)?;
+    let undefended_adversarial = accuracy(&b, &classifier, &adversarial, &labels, args.batch)?;
+    println!(
+        "attacked {} images in {seconds:.1} s ({} PGD iterations x {} EOT draws, {} votes per image)",
+        images.count, pgd.iterations, pgd.eot, args.votes
+    );
+    println!(
+        "defended clean accuracy: {:.2}% (majority of votes), {:.2}% (all votes)",
+        100.0 * clean_majority,
+        100.0 * clean_all
+    );
+    println!(
+        "defended robust accuracy ({} eps {:.5}): {:.2}% (majority of votes), {:.2}% (all votes)",
+        pgd.norm.name(),
+        pgd.eps,
+        100.0 * robust_majority,
+        100.0 * robust_all
+    );
+    println!(
+        "ResNet-{} alone: {:.2}% on the clean images, {:.2}% on the adversarial ones",
+        classifier.depth,
+        100.0 * undefended_clean,
+        100.0 * undefended_adversarial
+    );
+
+    if let Some(out) = &args.out {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        for i in 0..adversarial.count {
+            let path = out.join(format!("{}.png", adversarial.names[i]));
+            write_png(&path, adversarial.image(i), adversarial.height, adversarial.width)?;
+        }
+        // One purification of each adversarial image, for the grid.
+        let x = adversarial.to_model_range();
+        let mut purified = Vec::with_capacity(x.len());
+        let mut purify_plan = None;
+        for (index, chunk) in x.chunks(args.batch * per_image).enumerate() {
+            let n = chunk.len() / per_image;
+            if purify_plan.as_ref().map(|p: &purifier::purify::PurifyPlan<_>| p.batch()) != Some(n) {
+                purify_plan = Some(purifier.plan(n)?);
+            }
+            purified.extend(purifier.purify(purify_plan.as_mut().unwrap(), chunk, index as u64)?.0);
+        }
+        let purified = ImageBatch::from_model_range(&purified, 32, 32, None, images.names.clone())?;
+        let grid = out.join("grid.png");
+        write_comparison_grid(
+            &grid,
+            &adversarial,
+            &purified,
+            Some(&images),
+            DEFAULT_CELLS_PER_ROW,
+            DEFAULT_GRID_SCALE,
+        )?;
+        println!(
+            "wrote {} adversarial PNGs and {} (each cell: clean | adversarial | purified adversarial)",
+            adversarial.count,
+            grid.display()
+        );
+    }
+    if let Some(path) = &args.report {
+        let report = serde_json::json!({
+            "images": images.count,
+            "inputs": args.inputs,
+            "device": b.name(),
+            "precision": b.precision().to_string(),
+            "unet": { "config": unet.config.name, "weights": settings.weights_name() },
+            "classifier": args.classifier,
+            "purification": with_batch(settings.to_json(), args.batch),
+            "attack": {
+                "name": format!("PGD-EOT ({})", pgd.norm.name()), "norm": pgd.norm.name(), "eps": pgd.eps,
+                "step_size": pgd.step_size, "iterations": pgd.iterations, "eot": pgd.eot,
+                "random_start": pgd.random_start, "seed": pgd.seed,
+                "gradient": if bpda { "exact through every reverse step; guidance shift held constant (BPDA on the guidance only)" } else { "exact through every reverse step" },
+            },
+            "votes": args.votes,
+            "accuracy": {
+                "undefended_clean": undefended_clean,
+                "undefended_adversarial": undefended_adversarial,
+                "defended_clean_majority": clean_majority,
+                "defended_clean_all": clean_all,
+                "robust_majority": robust_majority,
+                "robust_all": robust_all,
+            },
+            "correct_votes": { "clean": clean_votes, "adversarial": adversarial_votes },
+            "trace": traces.iter().map(|batch| batch.iter().map(|t| serde_json::json!({
+                "iteration": t.iteration + 1, "loss": t.loss, "eot_accuracy": t.eot_accuracy,
+            })).collect::<Vec<_>>()).collect::<Vec<_>>(),
+            "seconds": seconds,
+        });
+        let text = serde_json::to_string_pretty(&report).expect("JSON of plain values");
+        purifier::data::write_atomically(path, |w| w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e)))?;
+        println!("wrote {}", path.display());
+    }
     Ok(())
 }

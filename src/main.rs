@@ -1,10 +1,12 @@
-//! The `purifier` command line: purify, classify, inspect, eps.
+//! The `purifier` command line: purify, classify, inspect, eps, attack.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use purifier::attack::{Norm, PgdSettings};
 use purifier::device::DeviceChoice;
 use purifier::diffusion::{GradientPath, Guidance, Sampler};
+use purifier::purify::PurifySettings;
 use purifier::Result;
 
 mod commands;
@@ -30,6 +32,9 @@ enum Command {
     Inspect(InspectArgs),
     /// Run the noise predictor on tensors from a safetensors file (and optionally its input VJP).
     Eps(EpsArgs),
+    /// Attack the defended model C(purify(x)): PGD with EOT, exact gradients through every
+    /// reverse step; clean and robust accuracy judged over several purifications.
+    Attack(AttackArgs),
 }
 
 #[derive(Args)]
@@ -58,14 +63,9 @@ pub enum PathArg {
     Xt,
 }
 
+/// What decides a purification: the denoiser, the mode and the sampler (purify and attack).
 #[derive(Args)]
-pub struct PurifyArgs {
-    /// Images: CIFAR-10 binary files (.bin), PNG files (32x32 RGB), or folders of PNGs.
-    #[arg(long = "input", short, required = true, num_args = 1..)]
-    pub inputs: Vec<PathBuf>,
-    /// Use only the first N images.
-    #[arg(long)]
-    pub count: Option<usize>,
+pub struct PurificationArgs {
     /// DDPM UNet weights (safetensors, published key names; config inferred).
     #[arg(long, default_value = "weights/ddpm_cifar10_small.safetensors")]
     pub weights: PathBuf,
@@ -75,9 +75,6 @@ pub struct PurifyArgs {
     pub untrained_seed: Option<u64>,
     #[arg(long, default_value = "cifar10-small", requires = "untrained_seed")]
     pub untrained_config: String,
-    /// Output folder for purified PNGs and grid.png.
-    #[arg(long, default_value = "out/purified")]
-    pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = ModeArg::None)]
     pub mode: ModeArg,
     /// Diffusion level t* (1..1000).
@@ -88,6 +85,7 @@ pub struct PurifyArgs {
     /// Steps per network call for --sampler ddim.
     #[arg(long, default_value_t = 10)]
     pub stride: usize,
+    /// Seed of all noise (for attack: of the attack's draws and of the judging purifications).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Guidance scale s (pixel and adversarial modes).
@@ -108,20 +106,9 @@ pub struct PurifyArgs {
     /// Auxiliary adversarially trained CIFAR ResNet (adversarial mode).
     #[arg(long)]
     pub auxiliary: Option<PathBuf>,
-    /// Classifier whose accuracy is reported before and after purification (needs labels).
-    #[arg(long)]
-    pub classifier: Option<PathBuf>,
-    /// Images per batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Also write a JSON summary (settings, timings, accuracy) here.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    #[command(flatten)]
-    pub device: DeviceArgs,
 }
 
-impl PurifyArgs {
+impl PurificationArgs {
     pub fn gradient_path(&self) -> GradientPath {
         match self.gradient_path {
             PathArg::X0 => GradientPath::X0,
@@ -145,6 +132,143 @@ impl PurifyArgs {
             SamplerArg::Ddpm => Sampler::Ddpm,
             SamplerArg::Ddim => Sampler::Ddim { stride: self.stride },
         }
+    }
+    pub fn settings(&self) -> PurifySettings {
+        PurifySettings {
+            t_star: self.t_star,
+            sampler: self.sampler(),
+            guidance: self.guidance(),
+            kappa: self.kappa,
+            seed: self.seed,
+        }
+    }
+    /// The weights as the JSON reports record them.
+    pub fn weights_name(&self) -> String {
+        match self.untrained_seed {
+            Some(seed) => format!("untrained (seed {seed})"),
+            None => self.weights.display().to_string(),
+        }
+    }
+    /// The settings as the JSON reports record them.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": self.guidance().name(), "t_star": self.t_star, "sampler": format!("{:?}", self.sampler()),
+            "seed": self.seed, "kappa": self.kappa, "scale": self.scale, "lambda_f": self.lambda_f,
+            "lambda_c": self.lambda_c, "gradient_path": format!("{:?}", self.gradient_path()),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct PurifyArgs {
+    /// Images: CIFAR-10 binary files (.bin), PNG files (32x32 RGB), or folders of PNGs.
+    #[arg(long = "input", short, required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
+    /// Use only the first N images.
+    #[arg(long)]
+    pub count: Option<usize>,
+    #[command(flatten)]
+    pub purification: PurificationArgs,
+    /// Output folder for purified PNGs and grid.png.
+    #[arg(long, default_value = "out/purified")]
+    pub out: PathBuf,
+    /// Classifier whose accuracy is reported before and after purification (needs labels).
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Also write a JSON summary (settings, timings, accuracy) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum NormArg {
+    Linf,
+    L2,
+}
+
+#[derive(Args)]
+pub struct AttackArgs {
+    /// Labelled images: CIFAR-10 binary files.
+    #[arg(long = "input", short, required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
+    /// Use only the first N images.
+    #[arg(long)]
+    pub count: Option<usize>,
+    #[command(flatten)]
+    pub purification: PurificationArgs,
+    /// Classifier of the defended model C(purify(x)) (CIFAR ResNet, safetensors).
+    #[arg(long)]
+    pub classifier: PathBuf,
+    /// Threat model: l_inf or l_2 ball, on pixels in [0, 1].
+    #[arg(long, value_enum, default_value_t = NormArg::Linf)]
+    pub norm: NormArg,
+    /// Radius of the ball, a number or a fraction like 8/255 (default: 8/255 for linf, 0.5 for l2).
+    #[arg(long, value_parser = parse_number, allow_hyphen_values = true)]
+    pub eps: Option<f32>,
+    /// PGD step (default: 2/255 for linf, eps/4 for l2).
+    #[arg(long, value_parser = parse_number, allow_hyphen_values = true)]
+    pub step_size: Option<f32>,
+    /// PGD iterations.
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Purifications whose gradients each iteration averages (expectation over transformation).
+    #[arg(long, default_value_t = 10)]
+    pub eot: usize,
+    /// Purifications that judge each final image: robust if a strict majority is classified
+    /// correctly (the report also gives "all of them").
+    #[arg(long, default_value_t = 5)]
+    pub votes: usize,
+    /// Start PGD at the clean image instead of a random point of the ball.
+    #[arg(long)]
+    pub no_random_start: bool,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Also write the adversarial images as PNGs and grid.png (clean | adversarial | purified) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write a JSON report (settings, seeds, accuracies, per-iteration trace) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl AttackArgs {
+    pub fn pgd_settings(&self) -> PgdSettings {
+        let norm = match self.norm {
+            NormArg::Linf => Norm::Linf,
+            NormArg::L2 => Norm::L2,
+        };
+        let standard = PgdSettings::standard(norm, self.iterations, self.eot, self.purification.seed);
+        let eps = self.eps.unwrap_or(standard.eps);
+        let step_size = self.step_size.unwrap_or(match norm {
+            Norm::Linf => standard.step_size,
+            Norm::L2 => eps / 4.0,
+        });
+        PgdSettings { eps, step_size, random_start: !self.no_random_start, ..standard }
+    }
+}
+
+/// A number, or a fraction `a/b` (8/255).
+fn parse_number(text: &str) -> std::result::Result<f32, String> {
+    let bad = || format!("'{text}' is not a number or a fraction like 8/255");
+    let value = match text.split_once('/') {
+        Some((a, b)) => {
+            let (a, b): (f32, f32) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+            a / b
+        }
+        None => text.trim().parse().map_err(|_| bad())?,
+    };
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(bad())
     }
 }
 
@@ -197,6 +321,7 @@ fn main() -> ExitCode {
         Command::Classify(args) => commands::classify(&args),
         Command::Inspect(args) => commands::inspect(&args),
         Command::Eps(args) => commands::eps(&args),
+        Command::Attack(args) => commands::attack(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

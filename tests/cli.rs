@@ -318,3 +318,107 @@ fn bad_purify_inputs_get_clear_errors() {
     assert!(err.contains("auxiliary"), "{err}");
     assert!(!out.exists(), "nothing may be written on bad input");
 }
+
+#[test]
+fn attack_reports_clean_and_robust_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("attack");
+    let report_path = dir.path().join("attack.json");
+    let (ok, stdout, stderr) = run_cli(&[
+        "attack",
+        "--input",
+        "../shared/data/cifar10/test_lossless.bin",
+        "--count",
+        "3",
+        "--untrained-seed",
+        "1",
+        "--t-star",
+        "2",
+        "--classifier",
+        "../shared/weights/resnet20_cifar10.safetensors",
+        "--iterations",
+        "2",
+        "--eot",
+        "1",
+        "--votes",
+        "3",
+        "--batch",
+        "2",
+        "--eps",
+        "4/255",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report_path),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("defended robust accuracy (linf eps 0.01569)"), "{stdout}");
+    assert!(stderr.contains("batch 1 iteration 2"), "per-iteration progress: {stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(report["images"], 3);
+    assert_eq!(report["attack"]["iterations"], 2);
+    assert!((report["attack"]["eps"].as_f64().unwrap() - 4.0 / 255.0).abs() < 1e-7);
+    assert!((report["attack"]["step_size"].as_f64().unwrap() - 2.0 / 255.0).abs() < 1e-7);
+    assert_eq!(report["trace"].as_array().unwrap().len(), 2, "one trace per batch");
+    let votes = report["correct_votes"]["clean"].as_array().unwrap();
+    assert_eq!(votes.len(), 3);
+    assert!(votes.iter().all(|v| v.as_u64().unwrap() <= 3));
+    let accuracy = &report["accuracy"];
+    for key in ["defended_clean_majority", "defended_clean_all", "robust_majority", "robust_all"] {
+        let v = accuracy[key].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{key} = {v}");
+    }
+    assert!(accuracy["robust_all"].as_f64() <= accuracy["robust_majority"].as_f64());
+    // The adversarial PNGs stay within eps of the clean images (up to the 8-bit rounding).
+    let clean =
+        purifier::data::load_images(&[project_path("../shared/data/cifar10/test_lossless.bin")], Some(3)).unwrap();
+    let adversarial = purifier::data::image::read_png(&out.join("test_lossless_0001.png")).unwrap();
+    let worst = adversarial.pixels.iter().zip(clean.image(1)).map(|(a, c)| (a - c).abs()).fold(0.0f32, f32::max);
+    assert!(worst <= 4.0 / 255.0 + 0.5 / 255.0 + 1e-6 && worst > 0.0, "l_inf distance {worst}");
+    assert!(out.join("grid.png").is_file());
+}
+
+#[test]
+fn bad_attack_inputs_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("attack.json");
+    let base = [
+        "attack",
+        "--untrained-seed",
+        "1",
+        "--t-star",
+        "1",
+        "--classifier",
+        "../shared/weights/resnet20_cifar10.safetensors",
+        "--report",
+        s(&report),
+        "--device",
+        "cpu",
+        "--input",
+    ];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        cli_error(&args)
+    };
+    let bin = "../shared/data/cifar10/test_lossless.bin";
+    let err = with(&[bin, "--votes", "0"]);
+    assert!(err.contains("--votes"), "{err}");
+    let err = with(&[bin, "--eot", "0"]);
+    assert!(err.contains("--eot"), "{err}");
+    let err = with(&[bin, "--eps", "-0.1"]);
+    assert!(err.contains("eps"), "{err}");
+    let err = with(&[bin, "--eps", "8/zero"]);
+    assert!(err.contains("8/zero") && err.contains("fraction"), "{err}");
+    let err = with(&[bin, "--eps", "1/0"]);
+    assert!(err.contains("1/0"), "{err}");
+    let err = with(&[bin, "--step-size", "0"]);
+    assert!(err.contains("step size"), "{err}");
+    let png = dir.path().join("one.png");
+    purifier::data::image::write_png(&png, &vec![0.5; 3 * 32 * 32], 32, 32).unwrap();
+    let err = with(&[s(&png)]);
+    assert!(err.contains("labelled"), "{err}");
+    assert!(!report.exists(), "nothing may be written on bad input");
+}
