@@ -73,6 +73,8 @@ pub struct PgdTrace {
     pub iteration: usize,
     pub loss: f64,
     pub eot_accuracy: f64,
+    /// Wall time of the iteration (its EOT purifications, their gradients and the step).
+    pub seconds: f64,
 }
 
 /// The defended model: a purifier followed by a classifier.
@@ -202,6 +204,7 @@ impl<'a, B: Backend> Defence<'a, B> {
         let mut traces = Vec::with_capacity(settings.iterations);
         let mut gradient = vec![0.0f32; pixels.len()];
         for iteration in 0..settings.iterations {
+            let started = std::time::Instant::now();
             gradient.fill(0.0);
             let (mut loss, mut correct) = (0.0, 0usize);
             for e in 0..settings.eot {
@@ -213,12 +216,13 @@ impl<'a, B: Backend> Defence<'a, B> {
                 loss += losses.iter().sum::<f64>();
                 correct += right.iter().filter(|&&c| c).count();
             }
-            let draws = (settings.eot * plan.batch) as f64;
-            let trace = PgdTrace { iteration, loss: loss / draws, eot_accuracy: correct as f64 / draws };
-            progress(&trace);
-            traces.push(trace);
             ascend(&mut adversarial, &gradient, settings);
             project(&mut adversarial, pixels, settings);
+            let draws = (settings.eot * plan.batch) as f64;
+            let seconds = started.elapsed().as_secs_f64();
+            let trace = PgdTrace { iteration, loss: loss / draws, eot_accuracy: correct as f64 / draws, seconds };
+            progress(&trace);
+            traces.push(trace);
         }
         Ok((adversarial, traces))
     }

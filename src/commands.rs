@@ -152,10 +152,15 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
             "step_ms": { "median": median * 1e3, "p99": p99 * 1e3, "count": step_seconds.len() },
             "accuracy": accuracy_before_after.map(|(before, after)| serde_json::json!({ "classifier": args.classifier, "before": before, "after": after })),
         });
-        let text = serde_json::to_string_pretty(&report).expect("JSON of plain values");
-        purifier::data::write_atomically(path, |w| w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e)))?;
-        println!("wrote {}", path.display());
+        write_report(path, &report)?;
     }
+    Ok(())
+}
+
+fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(report).expect("JSON of plain values");
+    purifier::data::write_atomically(path, |w| w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e)))?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 
@@ -405,10 +410,11 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
         clean_votes.extend(defence.correct_votes(plan, chunk, chunk_labels, args.votes, pgd.seed, index as u64)?);
         let (x_adv, trace) = defence.pgd(plan, chunk, chunk_labels, &pgd, index as u64, |t| {
             eprintln!(
-                "  batch {index} iteration {}: cross-entropy {:.4}, accuracy over the EOT draws {:.1}%",
+                "  batch {index} iteration {}: cross-entropy {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s",
                 t.iteration + 1,
                 t.loss,
-                100.0 * t.eot_accuracy
+                100.0 * t.eot_accuracy,
+                t.seconds
             )
         })?;
         adversarial_votes.extend(defence.correct_votes(
@@ -518,13 +524,11 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
             },
             "correct_votes": { "clean": clean_votes, "adversarial": adversarial_votes },
             "trace": traces.iter().map(|batch| batch.iter().map(|t| serde_json::json!({
-                "iteration": t.iteration + 1, "loss": t.loss, "eot_accuracy": t.eot_accuracy,
+                "iteration": t.iteration + 1, "loss": t.loss, "eot_accuracy": t.eot_accuracy, "seconds": t.seconds,
             })).collect::<Vec<_>>()).collect::<Vec<_>>(),
             "seconds": seconds,
         });
-        let text = serde_json::to_string_pretty(&report).expect("JSON of plain values");
-        purifier::data::write_atomically(path, |w| w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e)))?;
-        println!("wrote {}", path.display());
+        write_report(path, &report)?;
     }
     Ok(())
 }
