@@ -1,8 +1,10 @@
-//! Adaptive white-box attacks on the defended model `x -> C(purify(x))` (METHOD.md section 5):
-//! PGD with expectation over transformation (EOT) under l_inf or l_2, on pixels in [0, 1]. The
-//! gradient is exact through every reverse step (`Purifier::input_vjp`); the guidance shift is a
-//! constant in it (BPDA on the guidance only), which reports must say. Robust accuracy is judged
-//! by a vote over several purifications of the final adversarial images.
+//! Adaptive white-box attacks on the defended model `x -> C(purify(x))` (METHOD.md section 5),
+//! on pixels in [0, 1] under l_inf or l_2: PGD with expectation over transformation (EOT), and
+//! APGD (Croce & Hein 2020: step-size halving at checkpoints, momentum 0.75) with the
+//! cross-entropy or the DLR loss, the two attacks of AutoAttack's "rand" version. The gradient is
+//! exact through every reverse step (`Purifier::input_vjp`); the guidance shift is a constant in
+//! it (BPDA on the guidance only), which reports must say. Robust accuracy is judged by a vote
+//! over several purifications of the final adversarial images.
 use crate::backend::cpu::rng;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -26,28 +28,74 @@ impl Norm {
     }
 }
 
-/// PGD-EOT settings; eps and step size are in pixel units ([0, 1]).
+/// The loss the attacker ascends, per image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loss {
+    CrossEntropy,
+    /// Difference of logits ratio: `-(z_y - max_{i != y} z_i) / (z_(1) - z_(3) + 1e-12)`, with
+    /// z_(k) the k-th largest logit (Croce & Hein 2020); invariant to the logits' scale.
+    Dlr,
+}
+
+/// The optimiser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Fixed step, sign (l_inf) or unit (l_2) gradient steps.
+    Pgd,
+    /// Step 2 eps halved per image at checkpoints when progress stalls, momentum 0.75, and the
+    /// best iterate (highest EOT loss) kept.
+    Apgd,
+}
+
+/// An attack's settings; eps and step size are in pixel units ([0, 1]).
 #[derive(Clone, Debug)]
-pub struct PgdSettings {
+pub struct AttackSettings {
+    pub method: Method,
+    pub loss: Loss,
     pub norm: Norm,
     pub eps: f32,
+    /// PGD's step (APGD starts at 2 eps and adapts).
     pub step_size: f32,
     pub iterations: usize,
-    /// Purifications whose gradients each iteration averages.
+    /// Purifications whose gradients (and losses) each iteration averages.
     pub eot: usize,
     /// Start from a uniform point of the ball (l_inf) or a random direction and radius (l_2).
     pub random_start: bool,
     pub seed: u64,
 }
 
-impl PgdSettings {
+impl AttackSettings {
     /// METHOD.md's threat models: l_inf 8/255 with step 2/255, l_2 0.5 with step eps/4.
-    pub fn standard(norm: Norm, iterations: usize, eot: usize, seed: u64) -> Self {
-        let (eps, step_size) = match norm {
+    fn threat_model(norm: Norm) -> (f32, f32) {
+        match norm {
             Norm::Linf => (8.0 / 255.0, 2.0 / 255.0),
             Norm::L2 => (0.5, 0.125),
+        }
+    }
+
+    /// PGD-EOT on the cross-entropy, METHOD.md's eps and step.
+    pub fn pgd(norm: Norm, iterations: usize, eot: usize, seed: u64) -> Self {
+        let (eps, step_size) = Self::threat_model(norm);
+        let (method, loss, random_start) = (Method::Pgd, Loss::CrossEntropy, true);
+        Self { method, loss, norm, eps, step_size, iterations, eot, random_start, seed }
+    }
+
+    /// APGD-EOT with `loss` (AutoAttack's rand version uses 100 iterations and EOT 20).
+    pub fn apgd(loss: Loss, norm: Norm, iterations: usize, eot: usize, seed: u64) -> Self {
+        Self { method: Method::Apgd, loss, ..Self::pgd(norm, iterations, eot, seed) }
+    }
+
+    /// "PGD-CE", "APGD-DLR", ...
+    pub fn name(&self) -> String {
+        let method = match self.method {
+            Method::Pgd => "PGD",
+            Method::Apgd => "APGD",
         };
-        Self { norm, eps, step_size, iterations, eot, random_start: true, seed }
+        let loss = match self.loss {
+            Loss::CrossEntropy => "CE",
+            Loss::Dlr => "DLR",
+        };
+        format!("{method}-{loss}")
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -67,14 +115,22 @@ impl PgdSettings {
     }
 }
 
-/// One PGD iteration as the attacker saw it: mean cross-entropy and accuracy over the EOT draws.
+/// One EOT estimate as the attacker saw it, after `iteration` steps: mean loss and accuracy over
+/// the draws at the point where the gradient was taken, and the iteration's wall time.
 #[derive(Clone, Debug)]
-pub struct PgdTrace {
+pub struct AttackTrace {
     pub iteration: usize,
     pub loss: f64,
     pub eot_accuracy: f64,
-    /// Wall time of the iteration (its EOT purifications, their gradients and the step).
     pub seconds: f64,
+}
+
+/// An EOT estimate at one point: per-image mean loss, images classified correctly summed over
+/// the draws, and the summed gradient of the loss with respect to the pixels.
+struct EotEstimate {
+    losses: Vec<f64>,
+    correct: usize,
+    gradient: Vec<f32>,
 }
 
 /// The defended model: a purifier followed by a classifier.
@@ -121,32 +177,70 @@ impl<'a, B: Backend> Defence<'a, B> {
         b.download(&plan.classifier.logits)
     }
 
-    /// For one noise draw: the per-image cross-entropy of C(purify(x)), whether each image is
-    /// classified correctly, and the gradient of the summed cross-entropy with respect to the
-    /// pixels (exact through the purification, BPDA on its guidance).
+    /// For one noise draw: the per-image loss of C(purify(x)), whether each image is classified
+    /// correctly, and the gradient of the summed loss with respect to the pixels (exact through
+    /// the purification, BPDA on its guidance).
     pub fn loss_gradient(
         &self,
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
+        loss: Loss,
         noise: NoiseDraw,
     ) -> Result<(Vec<f64>, Vec<bool>, Vec<f32>)> {
         let b = self.purifier.backend;
         let logits = self.logits(plan, pixels, noise)?;
-        let label_values: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
-        b.write(&mut plan.labels, &label_values)?;
-        b.cross_entropy_grad(&plan.classifier.logits, &plan.labels, &mut plan.dlogits);
+        let k = self.classifier.num_classes;
+        let losses = match loss {
+            Loss::CrossEntropy => {
+                let label_values: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+                b.write(&mut plan.labels, &label_values)?;
+                b.cross_entropy_grad(&plan.classifier.logits, &plan.labels, &mut plan.dlogits);
+                logits.chunks(k).zip(labels).map(|(row, &y)| -log_softmax_at(row, y as usize)).collect()
+            }
+            Loss::Dlr => {
+                // N x K numbers: computed where they already are, on the host.
+                let mut dlogits = vec![0.0f32; logits.len()];
+                let losses = logits
+                    .chunks(k)
+                    .zip(dlogits.chunks_mut(k))
+                    .zip(labels)
+                    .map(|((row, grad), &y)| dlr(row, y as usize, grad))
+                    .collect();
+                b.write(&mut plan.dlogits, &dlogits)?;
+                losses
+            }
+        };
         let grad_x0 = self.classifier.input_vjp(b, &mut plan.classifier, Some(&plan.dlogits), None)?;
         let grad_x = self.purifier.input_vjp(&mut plan.purify, grad_x0)?;
         // x = 2 p - 1
         let grad_pixels: Vec<f32> = b.download(grad_x)?.iter().map(|g| 2.0 * g).collect();
-        let k = self.classifier.num_classes;
-        let (losses, correct) = logits
-            .chunks(k)
-            .zip(labels)
-            .map(|(row, &label)| (-log_softmax_at(row, label as usize), argmax(row) == label as usize))
-            .unzip();
+        let correct = logits.chunks(k).zip(labels).map(|(row, &y)| argmax(row) == y as usize).collect();
         Ok((losses, correct, grad_pixels))
+    }
+
+    /// The loss and gradient at `x` averaged over `settings.eot` draws; `evaluation` numbers the
+    /// estimates of one attack on one batch, so that every draw has its own noise.
+    fn eot_estimate(
+        &self,
+        plan: &mut DefencePlan<B>,
+        x: &[f32],
+        labels: &[u8],
+        settings: &AttackSettings,
+        batch_index: u64,
+        evaluation: usize,
+    ) -> Result<EotEstimate> {
+        let mut estimate = EotEstimate { losses: vec![0.0; labels.len()], correct: 0, gradient: vec![0.0; x.len()] };
+        for e in 0..settings.eot {
+            let evaluations = settings.iterations as u64 + 1;
+            let draw = (batch_index * evaluations + evaluation as u64) * settings.eot as u64 + e as u64;
+            let noise = NoiseDraw { seed: settings.seed, draw };
+            let (losses, right, g) = self.loss_gradient(plan, x, labels, settings.loss, noise)?;
+            estimate.gradient.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
+            estimate.losses.iter_mut().zip(&losses).for_each(|(a, l)| *a += l / settings.eot as f64);
+            estimate.correct += right.iter().filter(|&&c| c).count();
+        }
+        Ok(estimate)
     }
 
     /// How many of `votes` purifications (each its own noise) the classifier gets right, per
@@ -172,17 +266,17 @@ impl<'a, B: Backend> Defence<'a, B> {
         Ok(counts)
     }
 
-    /// PGD-EOT on one batch (pixels in [0, 1], N x 3 x 32 x 32): returns the final adversarial
-    /// images and the attacker's view of each iteration (also given to `progress`).
-    pub fn pgd(
+    /// Attacks one batch (pixels in [0, 1], N x 3 x 32 x 32): returns the adversarial images
+    /// and the attacker's view of each iteration (also given to `progress`).
+    pub fn attack(
         &self,
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
-        settings: &PgdSettings,
+        settings: &AttackSettings,
         batch_index: u64,
-        mut progress: impl FnMut(&PgdTrace),
-    ) -> Result<(Vec<f32>, Vec<PgdTrace>)> {
+        mut progress: impl FnMut(&AttackTrace),
+    ) -> Result<(Vec<f32>, Vec<AttackTrace>)> {
         settings.validate()?;
         if pixels.len() != plan.batch * IMAGE_LEN || labels.len() != plan.batch {
             return Err(Error::invalid(format!(
@@ -195,54 +289,173 @@ impl<'a, B: Backend> Defence<'a, B> {
         if let Some(bad) = pixels.iter().find(|p| !(0.0..=1.0).contains(*p)) {
             return Err(Error::invalid(format!("attack input pixels must lie in [0, 1], found {bad}")));
         }
-        let mut adversarial = pixels.to_vec();
+        if let Some(&bad) = labels.iter().find(|&&y| y as usize >= self.classifier.num_classes) {
+            return Err(Error::invalid(format!(
+                "label {bad} is not a class of the {}-class classifier",
+                self.classifier.num_classes
+            )));
+        }
+        let mut start = pixels.to_vec();
         if settings.random_start {
-            let start = random_start(settings, plan.batch, batch_index);
-            adversarial.iter_mut().zip(&start).for_each(|(p, d)| *p += d);
-            project(&mut adversarial, pixels, settings);
+            let offsets = random_start(settings, plan.batch, batch_index);
+            start.iter_mut().zip(&offsets).for_each(|(p, d)| *p += d);
+            project(&mut start, pixels, settings);
         }
         let mut traces = Vec::with_capacity(settings.iterations);
-        let mut gradient = vec![0.0f32; pixels.len()];
-        for iteration in 0..settings.iterations {
-            let started = std::time::Instant::now();
-            gradient.fill(0.0);
-            let (mut loss, mut correct) = (0.0, 0usize);
-            for e in 0..settings.eot {
-                let draw =
-                    (batch_index * settings.iterations as u64 + iteration as u64) * settings.eot as u64 + e as u64;
-                let noise = NoiseDraw { seed: settings.seed, draw };
-                let (losses, right, g) = self.loss_gradient(plan, &adversarial, labels, noise)?;
-                gradient.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
-                loss += losses.iter().sum::<f64>();
-                correct += right.iter().filter(|&&c| c).count();
-            }
-            ascend(&mut adversarial, &gradient, settings);
-            project(&mut adversarial, pixels, settings);
-            let draws = (settings.eot * plan.batch) as f64;
-            let seconds = started.elapsed().as_secs_f64();
-            let trace = PgdTrace { iteration, loss: loss / draws, eot_accuracy: correct as f64 / draws, seconds };
+        let batch = plan.batch;
+        let mut record = |iteration: usize, estimate: &EotEstimate, started: std::time::Instant| {
+            let draws = (settings.eot * batch) as f64;
+            let trace = AttackTrace {
+                iteration,
+                loss: estimate.losses.iter().sum::<f64>() / batch as f64,
+                eot_accuracy: estimate.correct as f64 / draws,
+                seconds: started.elapsed().as_secs_f64(),
+            };
             progress(&trace);
             traces.push(trace);
-        }
+        };
+        let adversarial = match settings.method {
+            Method::Pgd => {
+                let mut x = start;
+                let steps = vec![settings.step_size; plan.batch];
+                for iteration in 0..settings.iterations {
+                    let started = std::time::Instant::now();
+                    let estimate = self.eot_estimate(plan, &x, labels, settings, batch_index, iteration)?;
+                    ascend(&mut x, &estimate.gradient, &steps, settings.norm);
+                    project(&mut x, pixels, settings);
+                    record(iteration, &estimate, started);
+                }
+                x
+            }
+            Method::Apgd => self.apgd(plan, pixels, start, labels, settings, batch_index, &mut record)?,
+        };
         Ok((adversarial, traces))
     }
+
+    /// APGD (Croce & Hein 2020, Algorithm 1) with EOT estimates of loss and gradient, step sizes
+    /// and checkpoint tests per image. Returns the best iterate (highest EOT loss) of each image.
+    #[allow(clippy::too_many_arguments)]
+    fn apgd(
+        &self,
+        plan: &mut DefencePlan<B>,
+        origin: &[f32],
+        start: Vec<f32>,
+        labels: &[u8],
+        settings: &AttackSettings,
+        batch_index: u64,
+        record: &mut impl FnMut(usize, &EotEstimate, std::time::Instant),
+    ) -> Result<Vec<f32>> {
+        const MOMENTUM: f32 = 0.75;
+        const RHO: f64 = 0.75;
+        let n = plan.batch;
+        let checkpoints = apgd_checkpoints(settings.iterations);
+        let mut step = vec![2.0 * settings.eps; n];
+        let started = std::time::Instant::now();
+        let first = self.eot_estimate(plan, &start, labels, settings, batch_index, 0)?;
+        let mut x = start;
+        let mut previous = x.clone();
+        let (mut best, mut best_loss, mut best_gradient) = (x.clone(), first.losses.clone(), first.gradient.clone());
+        let (mut gradient, mut last_loss) = (first.gradient.clone(), first.losses.clone());
+        record(0, &first, started);
+        let mut increases = vec![0usize; n];
+        let (mut best_at_checkpoint, mut reduced_at_checkpoint) = (best_loss.clone(), vec![true; n]);
+        let mut last_checkpoint = 0;
+        for iteration in 0..settings.iterations {
+            let started = std::time::Instant::now();
+            // z = P(x + eta step(grad)); x_new = P(x + a (z - x) + (1 - a) (x - x_prev)), a = 1 at first.
+            let momentum = if iteration == 0 { 1.0 } else { MOMENTUM };
+            let mut z = x.clone();
+            ascend(&mut z, &gradient, &step, settings.norm);
+            project(&mut z, origin, settings);
+            let mut next: Vec<f32> = x
+                .iter()
+                .zip(&z)
+                .zip(&previous)
+                .map(|((x, z), p)| x + momentum * (z - x) + (1.0 - momentum) * (x - p))
+                .collect();
+            project(&mut next, origin, settings);
+            previous = std::mem::replace(&mut x, next);
+
+            let estimate = self.eot_estimate(plan, &x, labels, settings, batch_index, iteration + 1)?;
+            for i in 0..n {
+                let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
+                increases[i] += usize::from(estimate.losses[i] > last_loss[i]);
+                if estimate.losses[i] > best_loss[i] {
+                    best_loss[i] = estimate.losses[i];
+                    best[image.clone()].copy_from_slice(&x[image.clone()]);
+                    best_gradient[image.clone()].copy_from_slice(&estimate.gradient[image]);
+                }
+            }
+            last_loss.clone_from(&estimate.losses);
+            gradient.clone_from(&estimate.gradient);
+            if checkpoints.contains(&(iteration + 1)) {
+                // Halve the step of an image whose loss rose in fewer than rho of the steps since the
+                // last checkpoint, or whose step was kept and best loss did not improve; it restarts
+                // from its best point.
+                let span = iteration + 1 - last_checkpoint;
+                for i in 0..n {
+                    let oscillating = (increases[i] as f64) <= RHO * span as f64;
+                    let stalled = !reduced_at_checkpoint[i] && best_at_checkpoint[i] >= best_loss[i];
+                    reduced_at_checkpoint[i] = oscillating || stalled;
+                    if reduced_at_checkpoint[i] {
+                        step[i] /= 2.0;
+                        let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
+                        x[image.clone()].copy_from_slice(&best[image.clone()]);
+                        gradient[image.clone()].copy_from_slice(&best_gradient[image]);
+                    }
+                }
+                best_at_checkpoint.clone_from(&best_loss);
+                increases.fill(0);
+                last_checkpoint = iteration + 1;
+            }
+            record(iteration + 1, &estimate, started);
+        }
+        Ok(best)
+    }
+}
+
+/// The iterations after which APGD tests its progress: the first after 22% of the budget, then
+/// intervals 3% shorter each time, never under 6% (the reference implementation's rounding).
+pub fn apgd_checkpoints(iterations: usize) -> Vec<usize> {
+    let first = ((0.22 * iterations as f64) as usize).max(1);
+    let shortest = ((0.06 * iterations as f64) as usize).max(1);
+    let decrease = ((0.03 * iterations as f64) as usize).max(1);
+    let (mut checkpoints, mut at, mut interval) = (Vec::new(), first, first);
+    while at <= iterations {
+        checkpoints.push(at);
+        interval = interval.saturating_sub(decrease).max(shortest);
+        at += interval;
+    }
+    checkpoints
+}
+
+/// The DLR loss of one row of logits and its gradient (written into `grad`).
+fn dlr(logits: &[f32], label: usize, grad: &mut [f32]) -> f64 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    let other = order.iter().copied().find(|&i| i != label).expect("at least two classes");
+    let margin = logits[label] as f64 - logits[other] as f64;
+    let spread = logits[order[0]] as f64 - logits[order[2]] as f64 + 1e-12;
+    grad.fill(0.0);
+    grad[label] -= (1.0 / spread) as f32;
+    grad[other] += (1.0 / spread) as f32;
+    grad[order[0]] += (margin / (spread * spread)) as f32;
+    grad[order[2]] -= (margin / (spread * spread)) as f32;
+    -margin / spread
 }
 
 const IMAGE_LEN: usize = 3 * 32 * 32;
 
-/// One ascent step: the sign of the gradient (l_inf) or its per-image unit direction (l_2).
-fn ascend(x: &mut [f32], gradient: &[f32], settings: &PgdSettings) {
-    match settings.norm {
-        Norm::Linf => x
-            .iter_mut()
-            .zip(gradient)
-            .filter(|(_, g)| **g != 0.0)
-            .for_each(|(x, g)| *x += settings.step_size * g.signum()),
-        Norm::L2 => {
-            for (x, g) in x.chunks_mut(IMAGE_LEN).zip(gradient.chunks(IMAGE_LEN)) {
-                let norm = l2_norm(g);
-                if norm > 0.0 {
-                    let k = (settings.step_size as f64 / norm) as f32;
+/// One ascent step per image of size `steps[i]`: along the sign of the gradient (l_inf) or its
+/// unit direction (l_2).
+fn ascend(x: &mut [f32], gradient: &[f32], steps: &[f32], norm: Norm) {
+    for ((x, g), &step) in x.chunks_mut(IMAGE_LEN).zip(gradient.chunks(IMAGE_LEN)).zip(steps) {
+        match norm {
+            Norm::Linf => x.iter_mut().zip(g).filter(|(_, g)| **g != 0.0).for_each(|(x, g)| *x += step * g.signum()),
+            Norm::L2 => {
+                let length = l2_norm(g);
+                if length > 0.0 {
+                    let k = (step as f64 / length) as f32;
                     x.iter_mut().zip(g).for_each(|(x, g)| *x += k * g);
                 }
             }
@@ -253,7 +466,7 @@ fn ascend(x: &mut [f32], gradient: &[f32], settings: &PgdSettings) {
 /// Projects `x` onto the eps-ball around `origin` and then onto [0, 1]. Clipping to [0, 1] after
 /// the ball only shrinks each coordinate's distance to the origin (which lies in [0, 1]), so the
 /// result is in both sets.
-fn project(x: &mut [f32], origin: &[f32], settings: &PgdSettings) {
+fn project(x: &mut [f32], origin: &[f32], settings: &AttackSettings) {
     match settings.norm {
         Norm::Linf => x.iter_mut().zip(origin).for_each(|(x, o)| *x = o + (*x - o).clamp(-settings.eps, settings.eps)),
         Norm::L2 => {
@@ -271,7 +484,7 @@ fn project(x: &mut [f32], origin: &[f32], settings: &PgdSettings) {
 
 /// The random start's offsets, from the noise generator (stream counted down from the top, so
 /// it never meets a purification's streams).
-fn random_start(settings: &PgdSettings, batch: usize, batch_index: u64) -> Vec<f32> {
+fn random_start(settings: &AttackSettings, batch: usize, batch_index: u64) -> Vec<f32> {
     let stream = u64::MAX - batch_index;
     let blocks = (batch * IMAGE_LEN).div_ceil(4) as u64;
     match settings.norm {

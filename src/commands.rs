@@ -1,10 +1,12 @@
 //! The subcommands. Each validates all its inputs first, computes, and writes its outputs last, so
 //! a bad input never leaves a partial output behind.
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use purifier::attack::{Defence, DefencePlan};
+use purifier::attack::{Defence, DefencePlan, Method};
 use purifier::backend::{Backend, TensorShape};
 use purifier::data::image::{write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
 use purifier::data::tensor_file::{write_safetensors, TensorFile};
@@ -155,6 +157,18 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
         write_report(path, &report)?;
     }
     Ok(())
+}
+
+/// The defence plan of batch size `n`, made on first use.
+fn plan_for<'p, B: Backend>(
+    plans: &'p mut HashMap<usize, DefencePlan<B>>,
+    defence: &Defence<B>,
+    n: usize,
+) -> Result<&'p mut DefencePlan<B>> {
+    Ok(match plans.entry(n) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(defence.plan(n)?),
+    })
 }
 
 fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
@@ -359,8 +373,11 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
     if args.votes == 0 {
         return Err(Error::invalid("--votes must be at least 1 (purifications that judge each image)"));
     }
-    let pgd = args.pgd_settings();
-    pgd.validate()?;
+    let stages = args.attack_settings();
+    for stage in &stages {
+        stage.validate()?;
+    }
+    let first = &stages[0];
     let images = load_images(&args.inputs, args.count)?;
     let Some(labels) = images.labels.clone() else {
         return Err(Error::invalid("attack needs labelled images (CIFAR-10 binary files); PNG files carry no labels"));
@@ -374,17 +391,18 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
     let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings.settings())?;
     let defence = Defence { purifier: &purifier, classifier: &classifier };
     let bpda = !matches!(settings.guidance(), purifier::diffusion::Guidance::None);
+    let stage_names: Vec<String> = stages.iter().map(|s| s.name()).collect();
     eprintln!(
-        "attacking {} images on {}: PGD-{} {} eps {:.5} step {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, ResNet-{}{}",
+        "attacking {} images on {}: {} ({} iterations) {} eps {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, ResNet-{}{}",
         images.count,
         b.name(),
-        pgd.iterations,
-        pgd.norm.name(),
-        pgd.eps,
-        pgd.step_size,
-        pgd.eot,
+        stage_names.join(" then "),
+        first.iterations,
+        first.norm.name(),
+        first.eps,
+        first.eot,
         args.votes,
-        if pgd.random_start { "random start" } else { "clean start" },
+        if first.random_start { "random start" } else { "clean start" },
         unet.config.name,
         purifier.steps().len(),
         settings.t_star,
@@ -395,38 +413,67 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
 
     let per_image = images.image_len();
     let started = Instant::now();
-    let mut plan = None;
+    // Plans by batch size: later attacks only see the images that survived the earlier ones.
+    let mut plans = HashMap::new();
     let (mut clean_votes, mut adversarial_votes) = (Vec::new(), Vec::new());
     let mut adversarial = Vec::with_capacity(images.pixels.len());
     let mut traces = Vec::new();
+    let robust = |correct: usize| 2 * correct > args.votes;
     for (index, chunk) in images.pixels.chunks(args.batch * per_image).enumerate() {
         let n = chunk.len() / per_image;
         let chunk_labels = &labels[index * args.batch..index * args.batch + n];
-        if plan.as_ref().map(|p: &DefencePlan<_>| p.batch()) != Some(n) {
-            plan = Some(defence.plan(n)?);
-        }
-        let plan = plan.as_mut().unwrap();
         let batch_started = Instant::now();
-        clean_votes.extend(defence.correct_votes(plan, chunk, chunk_labels, args.votes, pgd.seed, index as u64)?);
-        let (x_adv, trace) = defence.pgd(plan, chunk, chunk_labels, &pgd, index as u64, |t| {
-            eprintln!(
-                "  batch {index} iteration {}: cross-entropy {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s",
-                t.iteration + 1,
-                t.loss,
-                100.0 * t.eot_accuracy,
-                t.seconds
-            )
-        })?;
-        adversarial_votes.extend(defence.correct_votes(
-            plan,
-            &x_adv,
+        let clean = defence.correct_votes(
+            plan_for(&mut plans, &defence, n)?,
+            chunk,
             chunk_labels,
             args.votes,
-            pgd.seed,
+            first.seed,
             index as u64,
-        )?);
+        )?;
+        // Each image keeps the attack result the judges found hardest (its clean self, if it
+        // was already misclassified: such images are not attacked).
+        let (mut x_adv, mut votes) = (chunk.to_vec(), clean.clone());
+        let mut batch_traces = Vec::new();
+        for stage in &stages {
+            let alive: Vec<usize> = (0..n).filter(|&i| robust(votes[i])).collect();
+            if alive.is_empty() {
+                break;
+            }
+            let pixels: Vec<f32> =
+                alive.iter().flat_map(|&i| chunk[i * per_image..(i + 1) * per_image].to_vec()).collect();
+            let alive_labels: Vec<u8> = alive.iter().map(|&i| chunk_labels[i]).collect();
+            let plan = plan_for(&mut plans, &defence, alive.len())?;
+            let name = stage.name();
+            let (x, trace) = defence.attack(plan, &pixels, &alive_labels, stage, index as u64, |t| {
+                eprintln!(
+                    "  batch {index} {name} after {} steps: loss {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s",
+                    t.iteration,
+                    t.loss,
+                    100.0 * t.eot_accuracy,
+                    t.seconds
+                )
+            })?;
+            let judged = defence.correct_votes(plan, &x, &alive_labels, args.votes, first.seed, index as u64)?;
+            for (j, &i) in alive.iter().enumerate() {
+                if judged[j] <= votes[i] {
+                    votes[i] = judged[j];
+                    x_adv[i * per_image..(i + 1) * per_image].copy_from_slice(&x[j * per_image..(j + 1) * per_image]);
+                }
+            }
+            batch_traces.push(serde_json::json!({
+                "attack": name,
+                "images": alive.len(),
+                "correct_votes": judged,
+                "steps": trace.iter().map(|t| serde_json::json!({
+                    "iteration": t.iteration, "loss": t.loss, "eot_accuracy": t.eot_accuracy, "seconds": t.seconds,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        clean_votes.extend(clean);
+        adversarial_votes.extend(votes);
         adversarial.extend_from_slice(&x_adv);
-        traces.push(trace);
+        traces.push(batch_traces);
         eprintln!("  batch {index}: {n} images in {:.1} s", batch_started.elapsed().as_secs_f64());
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -443,8 +490,12 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
     let undefended_clean = accuracy(&b, &classifier, &images, &labels, args.batch)?;
     let undefended_adversarial = accuracy(&b, &classifier, &adversarial, &labels, args.batch)?;
     println!(
-        "attacked {} images in {seconds:.1} s ({} PGD iterations x {} EOT draws, {} votes per image)",
-        images.count, pgd.iterations, pgd.eot, args.votes
+        "attacked {} images in {seconds:.1} s ({}, {} iterations x {} EOT draws, {} votes per image)",
+        images.count,
+        stage_names.join(" then "),
+        first.iterations,
+        first.eot,
+        args.votes
     );
     println!(
         "defended clean accuracy: {:.2}% (majority of votes), {:.2}% (all votes)",
@@ -453,8 +504,8 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
     );
     println!(
         "defended robust accuracy ({} eps {:.5}): {:.2}% (majority of votes), {:.2}% (all votes)",
-        pgd.norm.name(),
-        pgd.eps,
+        first.norm.name(),
+        first.eps,
         100.0 * robust_majority,
         100.0 * robust_all
     );
@@ -508,10 +559,13 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
             "classifier": args.classifier,
             "purification": with_batch(settings.to_json(), args.batch),
             "attack": {
-                "name": format!("PGD-EOT ({})", pgd.norm.name()), "norm": pgd.norm.name(), "eps": pgd.eps,
-                "step_size": pgd.step_size, "iterations": pgd.iterations, "eot": pgd.eot,
-                "random_start": pgd.random_start, "seed": pgd.seed,
+                "stages": stages.iter().map(|s| serde_json::json!({
+                    "name": s.name(), "norm": s.norm.name(), "eps": s.eps,
+                    "step_size": match s.method { Method::Pgd => serde_json::json!(s.step_size), Method::Apgd => serde_json::json!("adaptive from 2 eps") },
+                    "iterations": s.iterations, "eot": s.eot, "random_start": s.random_start, "seed": s.seed,
+                })).collect::<Vec<_>>(),
                 "gradient": if bpda { "exact through every reverse step; guidance shift held constant (BPDA on the guidance only)" } else { "exact through every reverse step" },
+                "attacked": "images the defence classified correctly by majority (clean, then after each earlier stage)",
             },
             "votes": args.votes,
             "accuracy": {
@@ -523,9 +577,7 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
                 "robust_all": robust_all,
             },
             "correct_votes": { "clean": clean_votes, "adversarial": adversarial_votes },
-            "trace": traces.iter().map(|batch| batch.iter().map(|t| serde_json::json!({
-                "iteration": t.iteration + 1, "loss": t.loss, "eot_accuracy": t.eot_accuracy, "seconds": t.seconds,
-            })).collect::<Vec<_>>()).collect::<Vec<_>>(),
+            "trace": traces,
             "seconds": seconds,
         });
         write_report(path, &report)?;

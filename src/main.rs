@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use purifier::attack::{Norm, PgdSettings};
+use purifier::attack::{AttackSettings, Loss, Method, Norm};
 use purifier::device::DeviceChoice;
 use purifier::diffusion::{GradientPath, Guidance, Sampler};
 use purifier::purify::PurifySettings;
@@ -185,6 +185,19 @@ pub struct PurifyArgs {
     pub device: DeviceArgs,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttackArg {
+    /// PGD on the cross-entropy, fixed step.
+    Pgd,
+    /// APGD on the cross-entropy.
+    ApgdCe,
+    /// APGD on the DLR loss.
+    ApgdDlr,
+    /// AutoAttack's version for stochastic defences: APGD-CE, then APGD-DLR on the images that
+    /// survived it (Croce & Hein 2020 use 100 iterations and EOT 20).
+    AutoattackRand,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum NormArg {
     Linf,
@@ -204,16 +217,19 @@ pub struct AttackArgs {
     /// Classifier of the defended model C(purify(x)) (CIFAR ResNet, safetensors).
     #[arg(long)]
     pub classifier: PathBuf,
+    /// The attack.
+    #[arg(long, value_enum, default_value_t = AttackArg::Pgd)]
+    pub attack: AttackArg,
     /// Threat model: l_inf or l_2 ball, on pixels in [0, 1].
     #[arg(long, value_enum, default_value_t = NormArg::Linf)]
     pub norm: NormArg,
     /// Radius of the ball, a number or a fraction like 8/255 (default: 8/255 for linf, 0.5 for l2).
     #[arg(long, value_parser = parse_number, allow_hyphen_values = true)]
     pub eps: Option<f32>,
-    /// PGD step (default: 2/255 for linf, eps/4 for l2).
+    /// PGD step (default: 2/255 for linf, eps/4 for l2; APGD adapts its own from 2 eps).
     #[arg(long, value_parser = parse_number, allow_hyphen_values = true)]
     pub step_size: Option<f32>,
-    /// PGD iterations.
+    /// Iterations of each attack.
     #[arg(long, default_value_t = 20)]
     pub iterations: usize,
     /// Purifications whose gradients each iteration averages (expectation over transformation).
@@ -223,7 +239,7 @@ pub struct AttackArgs {
     /// correctly (the report also gives "all of them").
     #[arg(long, default_value_t = 5)]
     pub votes: usize,
-    /// Start PGD at the clean image instead of a random point of the ball.
+    /// Start at the clean image instead of a random point of the ball.
     #[arg(long)]
     pub no_random_start: bool,
     /// Images per batch.
@@ -240,18 +256,31 @@ pub struct AttackArgs {
 }
 
 impl AttackArgs {
-    pub fn pgd_settings(&self) -> PgdSettings {
+    /// The attacks to run in turn (AutoAttack's second one only on the images the first left robust).
+    pub fn attack_settings(&self) -> Vec<AttackSettings> {
         let norm = match self.norm {
             NormArg::Linf => Norm::Linf,
             NormArg::L2 => Norm::L2,
         };
-        let standard = PgdSettings::standard(norm, self.iterations, self.eot, self.purification.seed);
-        let eps = self.eps.unwrap_or(standard.eps);
+        let pgd = AttackSettings::pgd(norm, self.iterations, self.eot, self.purification.seed);
+        let eps = self.eps.unwrap_or(pgd.eps);
         let step_size = self.step_size.unwrap_or(match norm {
-            Norm::Linf => standard.step_size,
+            Norm::Linf => pgd.step_size,
             Norm::L2 => eps / 4.0,
         });
-        PgdSettings { eps, step_size, random_start: !self.no_random_start, ..standard }
+        let base = AttackSettings { eps, step_size, random_start: !self.no_random_start, ..pgd };
+        let apgd = |loss, seed_offset: u64| AttackSettings {
+            method: Method::Apgd,
+            loss,
+            seed: base.seed.wrapping_add(seed_offset),
+            ..base.clone()
+        };
+        match self.attack {
+            AttackArg::Pgd => vec![base],
+            AttackArg::ApgdCe => vec![apgd(Loss::CrossEntropy, 0)],
+            AttackArg::ApgdDlr => vec![apgd(Loss::Dlr, 0)],
+            AttackArg::AutoattackRand => vec![apgd(Loss::CrossEntropy, 0), apgd(Loss::Dlr, 1)],
+        }
     }
 }
 

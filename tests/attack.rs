@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use purifier::attack::{Defence, Norm, PgdSettings};
+use purifier::attack::{apgd_checkpoints, AttackSettings, Defence, Loss, Norm};
 use purifier::backend::cpu::CpuBackend;
 use purifier::backend::Backend;
 use purifier::data::load_images;
@@ -85,8 +85,8 @@ fn guided_gradient_with_a_zero_shift_is_exact() {
     check_purification_gradient(settings, 1e-3, 2e-3);
 }
 
-/// The attacker's loss: the gradient of the summed cross-entropy of ResNet-20 on the purified
-/// images, with respect to the pixels, against finite differences.
+/// The attacker's losses (cross-entropy and DLR of ResNet-20 on the purified images): their
+/// gradients with respect to the pixels against finite differences.
 #[test]
 fn defence_loss_gradient_matches_finite_differences() {
     let b = CpuBackend;
@@ -100,27 +100,30 @@ fn defence_loss_gradient_matches_finite_differences() {
     let labels: Vec<u8> = labels.iter().map(|l| (l + 1) % 10).collect();
     let mut plan = defence.plan(2).unwrap();
     let noise = NoiseDraw { seed: 1, draw: 0 };
-    let (losses, _, grad) = defence.loss_gradient(&mut plan, &pixels, &labels, noise).unwrap();
-    assert!(losses.iter().all(|l| l.is_finite() && *l >= 0.0));
-    // Along a random direction the directional derivative is ~1e-3 of |grad| |d| and drowns in
-    // the ResNet's ReLU kinks; along the gradient itself it is |grad| |d|, and a gradient that
-    // is wrong in scale or direction fails there.
-    let norm = dot(&grad, &grad).sqrt() as f32;
-    let d: Vec<f32> = grad.iter().map(|g| g / norm).collect();
-    let h = 5e-5;
-    let mut loss_at = |p: &[f32]| defence.loss_gradient(&mut plan, p, &labels, noise).unwrap().0.iter().sum::<f64>();
-    let fd = (loss_at(&pixels.iter().zip(&d).map(|(p, d)| p + h * d).collect::<Vec<_>>())
-        - loss_at(&pixels.iter().zip(&d).map(|(p, d)| p - h * d).collect::<Vec<_>>()))
-        / (2.0 * h as f64);
-    let analytic = dot(&grad, &d);
-    let rel = (fd - analytic).abs() / analytic.abs();
-    println!("cross-entropy gradient . d = {analytic:.4}, finite difference {fd:.4}, relative {rel:.2e}");
-    assert!(rel < 2e-2, "loss gradient {analytic} vs finite difference {fd}");
+    for loss in [Loss::CrossEntropy, Loss::Dlr] {
+        let (losses, _, grad) = defence.loss_gradient(&mut plan, &pixels, &labels, loss, noise).unwrap();
+        assert!(losses.iter().all(|l| l.is_finite()));
+        // Along a random direction the directional derivative is ~1e-3 of |grad| |d| and drowns in
+        // the ResNet's ReLU kinks; along the gradient itself it is |grad| |d|, and a gradient that
+        // is wrong in scale or direction fails there.
+        let norm = dot(&grad, &grad).sqrt() as f32;
+        let d: Vec<f32> = grad.iter().map(|g| g / norm).collect();
+        let h = 5e-5;
+        let mut loss_at =
+            |p: &[f32]| defence.loss_gradient(&mut plan, p, &labels, loss, noise).unwrap().0.iter().sum::<f64>();
+        let fd = (loss_at(&pixels.iter().zip(&d).map(|(p, d)| p + h * d).collect::<Vec<_>>())
+            - loss_at(&pixels.iter().zip(&d).map(|(p, d)| p - h * d).collect::<Vec<_>>()))
+            / (2.0 * h as f64);
+        let analytic = dot(&grad, &d);
+        let rel = (fd - analytic).abs() / analytic.abs();
+        println!("{loss:?}: gradient . d = {analytic:.4}, finite difference {fd:.4}, relative {rel:.2e}");
+        assert!(rel < 2e-2, "{loss:?}: gradient {analytic} vs finite difference {fd}");
+    }
 }
 
-/// PGD-EOT stays in the threat model and raises the attacker's loss.
+/// PGD-EOT and APGD-EOT (both losses) stay in the threat model and raise the attacker's loss.
 #[test]
-fn pgd_stays_in_the_ball_and_raises_the_loss() {
+fn attacks_stay_in_the_ball_and_raise_the_loss() {
     let b = CpuBackend;
     let unet = small_unet(&b);
     let classifier = resnet20(&b);
@@ -128,30 +131,48 @@ fn pgd_stays_in_the_ball_and_raises_the_loss() {
     let defence = Defence { purifier: &purifier, classifier: &classifier };
     let (pixels, labels) = test_images(2);
     let mut plan = defence.plan(2).unwrap();
-    for norm in [Norm::Linf, Norm::L2] {
-        let settings = PgdSettings::standard(norm, 4, 2, 7);
-        let (adversarial, traces) = defence.pgd(&mut plan, &pixels, &labels, &settings, 0, |_| {}).unwrap();
-        assert_eq!(traces.len(), 4);
-        assert!(adversarial.iter().all(|p| (0.0..=1.0).contains(p)), "left [0, 1]");
+    let attacks = [
+        AttackSettings::pgd(Norm::Linf, 4, 2, 7),
+        AttackSettings::pgd(Norm::L2, 4, 2, 7),
+        AttackSettings::apgd(Loss::CrossEntropy, Norm::Linf, 4, 2, 7),
+        AttackSettings::apgd(Loss::CrossEntropy, Norm::L2, 4, 2, 7),
+        AttackSettings::apgd(Loss::Dlr, Norm::Linf, 4, 2, 7),
+    ];
+    for settings in attacks {
+        let (name, norm, loss) = (settings.name(), settings.norm, settings.loss);
+        let (adversarial, traces) = defence.attack(&mut plan, &pixels, &labels, &settings, 0, |_| {}).unwrap();
+        // PGD: one estimate per step; APGD: the start, then one after each step.
+        let expected = if name.starts_with("APGD") { 5 } else { 4 };
+        assert_eq!(traces.len(), expected, "{name}");
+        assert!(adversarial.iter().all(|p| (0.0..=1.0).contains(p)), "{name} left [0, 1]");
         for (a, o) in adversarial.chunks(IMAGE).zip(pixels.chunks(IMAGE)) {
             let distance = match norm {
                 Norm::Linf => a.iter().zip(o).map(|(a, o)| (a - o).abs() as f64).fold(0.0, f64::max),
                 Norm::L2 => a.iter().zip(o).map(|(a, o)| ((a - o) as f64).powi(2)).sum::<f64>().sqrt(),
             };
-            assert!(distance <= settings.eps as f64 * (1.0 + 1e-5), "{norm:?}: perturbation {distance} > eps");
-            assert!(distance > 0.5 * settings.eps as f64, "{norm:?}: the attack barely moved ({distance})");
+            assert!(distance <= settings.eps as f64 * (1.0 + 1e-5), "{name} {norm:?}: perturbation {distance} > eps");
+            assert!(distance > 0.3 * settings.eps as f64, "{name} {norm:?}: the attack barely moved ({distance})");
         }
         // The loss at the adversarial images, on draws the attacker never saw, beats the clean loss.
         let mean_loss = |p: &[f32], plan: &mut _| {
             (0..4)
-                .map(|v| defence.loss_gradient(plan, p, &labels, NoiseDraw { seed: 99, draw: v }).unwrap().0)
+                .map(|v| defence.loss_gradient(plan, p, &labels, loss, NoiseDraw { seed: 99, draw: v }).unwrap().0)
                 .map(|l| l.iter().sum::<f64>())
                 .sum::<f64>()
         };
         let (clean, attacked) = (mean_loss(&pixels, &mut plan), mean_loss(&adversarial, &mut plan));
-        println!("{norm:?}: cross-entropy {clean:.4} clean, {attacked:.4} attacked; trace {traces:?}");
-        assert!(attacked > clean + 0.5, "{norm:?}: the attack did not raise the loss ({clean} -> {attacked})");
+        println!("{name} {norm:?}: loss {clean:.4} clean, {attacked:.4} attacked");
+        assert!(attacked > clean + 0.5, "{name} {norm:?}: the attack did not raise the loss ({clean} -> {attacked})");
     }
+}
+
+/// The reference implementation's checkpoints for 100 iterations: 22, then intervals of 19, 16,
+/// 13, 10, 7 and 6.
+#[test]
+fn apgd_checkpoints_follow_the_reference_schedule() {
+    assert_eq!(apgd_checkpoints(100), vec![22, 41, 57, 70, 80, 87, 93, 99]);
+    assert_eq!(apgd_checkpoints(5), vec![1, 2, 3, 4, 5]);
+    assert!(apgd_checkpoints(0).is_empty());
 }
 
 #[test]
@@ -163,14 +184,14 @@ fn attack_refuses_bad_settings_and_inputs() {
     let defence = Defence { purifier: &purifier, classifier: &classifier };
     let (pixels, labels) = test_images(1);
     let mut plan = defence.plan(1).unwrap();
-    let good = PgdSettings::standard(Norm::Linf, 1, 1, 0);
-    let error = |settings: &PgdSettings, p: &[f32], plan: &mut _| {
-        defence.pgd(plan, p, &labels, settings, 0, |_| {}).unwrap_err().to_string()
+    let good = AttackSettings::pgd(Norm::Linf, 1, 1, 0);
+    let error = |settings: &AttackSettings, p: &[f32], plan: &mut _| {
+        defence.attack(plan, p, &labels, settings, 0, |_| {}).unwrap_err().to_string()
     };
-    assert!(error(&PgdSettings { eps: -1.0, ..good.clone() }, &pixels, &mut plan).contains("eps"));
-    assert!(error(&PgdSettings { eps: f32::NAN, ..good.clone() }, &pixels, &mut plan).contains("eps"));
-    assert!(error(&PgdSettings { step_size: 0.0, ..good.clone() }, &pixels, &mut plan).contains("step size"));
-    assert!(error(&PgdSettings { eot: 0, ..good.clone() }, &pixels, &mut plan).contains("--eot"));
+    assert!(error(&AttackSettings { eps: -1.0, ..good.clone() }, &pixels, &mut plan).contains("eps"));
+    assert!(error(&AttackSettings { eps: f32::NAN, ..good.clone() }, &pixels, &mut plan).contains("eps"));
+    assert!(error(&AttackSettings { step_size: 0.0, ..good.clone() }, &pixels, &mut plan).contains("step size"));
+    assert!(error(&AttackSettings { eot: 0, ..good.clone() }, &pixels, &mut plan).contains("--eot"));
     let mut outside = pixels.clone();
     outside[5] = 1.5;
     assert!(error(&good, &outside, &mut plan).contains("[0, 1]"));

@@ -355,12 +355,14 @@ fn attack_reports_clean_and_robust_accuracy() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("defended robust accuracy (linf eps 0.01569)"), "{stdout}");
-    assert!(stderr.contains("batch 1 iteration 2"), "per-iteration progress: {stderr}");
+    assert!(stderr.contains("batch 1 PGD-CE after 1 steps"), "per-iteration progress: {stderr}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     assert_eq!(report["images"], 3);
-    assert_eq!(report["attack"]["iterations"], 2);
-    assert!((report["attack"]["eps"].as_f64().unwrap() - 4.0 / 255.0).abs() < 1e-7);
-    assert!((report["attack"]["step_size"].as_f64().unwrap() - 2.0 / 255.0).abs() < 1e-7);
+    let stage = &report["attack"]["stages"][0];
+    assert_eq!(stage["name"], "PGD-CE");
+    assert_eq!(stage["iterations"], 2);
+    assert!((stage["eps"].as_f64().unwrap() - 4.0 / 255.0).abs() < 1e-7);
+    assert!((stage["step_size"].as_f64().unwrap() - 2.0 / 255.0).abs() < 1e-7);
     assert_eq!(report["trace"].as_array().unwrap().len(), 2, "one trace per batch");
     let votes = report["correct_votes"]["clean"].as_array().unwrap();
     assert_eq!(votes.len(), 3);
@@ -378,6 +380,64 @@ fn attack_reports_clean_and_robust_accuracy() {
     let worst = adversarial.pixels.iter().zip(clean.image(1)).map(|(a, c)| (a - c).abs()).fold(0.0f32, f32::max);
     assert!(worst <= 4.0 / 255.0 + 0.5 / 255.0 + 1e-6 && worst > 0.0, "l_inf distance {worst}");
     assert!(out.join("grid.png").is_file());
+}
+
+/// AutoAttack's rand version: APGD-CE on every image the defence gets right, then APGD-DLR on
+/// those still robust after it.
+#[test]
+fn autoattack_rand_runs_both_stages_on_the_survivors() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("aa.json");
+    let (ok, stdout, stderr) = run_cli(&[
+        "attack",
+        "--input",
+        "../shared/data/cifar10/test_lossless.bin",
+        "--count",
+        "4",
+        "--untrained-seed",
+        "1",
+        "--t-star",
+        "2",
+        "--classifier",
+        "../shared/weights/resnet20_cifar10.safetensors",
+        "--attack",
+        "autoattack-rand",
+        "--iterations",
+        "3",
+        "--eot",
+        "1",
+        "--votes",
+        "3",
+        "--batch",
+        "4",
+        "--eps",
+        "1/255",
+        "--report",
+        s(&report_path),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("APGD-CE then APGD-DLR"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    let stages = report["attack"]["stages"].as_array().unwrap();
+    assert_eq!(stages.iter().map(|s| s["name"].as_str().unwrap()).collect::<Vec<_>>(), ["APGD-CE", "APGD-DLR"]);
+    assert_ne!(stages[0]["seed"], stages[1]["seed"], "each stage draws its own noise");
+    let votes = |key: &str| -> Vec<u64> {
+        report["correct_votes"][key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+    };
+    let (clean, adversarial) = (votes("clean"), votes("adversarial"));
+    let robust_after_clean = clean.iter().filter(|&&v| 2 * v > 3).count() as u64;
+    let batch = report["trace"][0].as_array().unwrap();
+    assert_eq!(batch[0]["images"], robust_after_clean, "APGD-CE attacks the images the defence gets right");
+    assert_eq!(batch[0]["steps"].as_array().unwrap().len(), 4, "the start and 3 steps");
+    let survivors =
+        batch[0]["correct_votes"].as_array().unwrap().iter().filter(|v| 2 * v.as_u64().unwrap() > 3).count();
+    match batch.get(1) {
+        Some(second) => assert_eq!(second["images"], survivors as u64, "APGD-DLR attacks the survivors"),
+        None => assert_eq!(survivors, 0, "APGD-DLR is skipped only when nothing survived"),
+    }
+    assert!(adversarial.iter().zip(&clean).all(|(a, c)| a <= c), "an attack never helps the defence");
 }
 
 #[test]
