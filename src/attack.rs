@@ -389,7 +389,7 @@ impl<'a, B: Backend> Defence<'a, B> {
             last_loss.clone_from(&estimate.losses);
             gradient.clone_from(&estimate.gradient);
             if checkpoints.contains(&(iteration + 1)) {
-                // Halve the step of an image whose loss rose in fewer than rho of the steps since the
+                // Halve the step of an image whose loss rose in at most rho of the steps since the
                 // last checkpoint, or whose step was kept and best loss did not improve; it restarts
                 // from its best point.
                 let span = iteration + 1 - last_checkpoint;

@@ -198,6 +198,9 @@ impl<'a, B: Backend> Purifier<'a, B> {
             )));
         }
         crate::error::check_finite(x, || "input image batch".to_string())?;
+        if let Some(tape) = plan.tape.as_mut() {
+            tape.recorded = false; // until this purification has run to the end
+        }
         self.set_input(plan, x)?;
         let mut report = PurifyReport::default();
         // Each draw gets its own streams: stream = draw * (T + 1) + step.

@@ -910,3 +910,26 @@ fn conv3x3_128_channels_32x32_timing() {
         "downsample 3x3 stride 2 128->128 32x32: forward {down_forward:.2} ms, backward-input {down_backward:.2} ms"
     );
 }
+
+/// The clamp's backward: the gradient passes where the input lies in [lo, hi] (ends included)
+/// and is zero elsewhere; the clamp itself is the forward it differentiates.
+#[test]
+fn clamp_backward_passes_exactly_inside_the_range() {
+    let b = CpuBackend;
+    let mut rng = TestRng(41);
+    let mut x = rng.tensor(&[2, 3, 4, 4]);
+    x.data[0] = 0.5;
+    x.data[1] = -0.5;
+    x.data[2] = 0.50001;
+    let g = rng.tensor(&[2, 3, 4, 4]);
+    let mut grad = g.clone();
+    b.clamp_backward(&x, -0.5, 0.5, &mut grad);
+    let mut clamped = x.clone();
+    b.clamp(&mut clamped, -0.5, 0.5);
+    for i in 0..x.data.len() {
+        let inside = (-0.5..=0.5).contains(&x.data[i]);
+        assert_eq!(grad.data[i], if inside { g.data[i] } else { 0.0 }, "element {i}, x = {}", x.data[i]);
+        assert_eq!(clamped.data[i] == x.data[i], inside, "element {i}");
+    }
+    assert!(grad.data[0] != 0.0 && grad.data[1] != 0.0 && grad.data[2] == 0.0);
+}
