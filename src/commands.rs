@@ -18,7 +18,7 @@ use purifier::model::params::{DeterministicParams, ParamLister};
 use purifier::model::{Classifier, Unet, UnetConfig};
 use purifier::purify::Purifier;
 
-use crate::{AttackArgs, ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurificationArgs, PurifyArgs};
+use crate::{AttackArgs, BenchArgs, ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurificationArgs, PurifyArgs};
 
 fn backend(args: &DeviceArgs) -> Result<impl Backend> {
     let (backend, note) = device::select(args.device)?;
@@ -171,7 +171,7 @@ fn plan_for<'p, B: Backend>(
     })
 }
 
-fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(report).expect("JSON of plain values");
     purifier::data::write_atomically(path, |w| w.write_all(text.as_bytes()).map_err(|e| Error::io(path, e)))?;
     println!("wrote {}", path.display());
@@ -184,7 +184,7 @@ fn with_batch(mut settings: serde_json::Value, batch: usize) -> serde_json::Valu
 }
 
 /// The q-quantile (nearest rank) of a set of timings; 0 for none.
-fn percentile(values: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(values: &[f64], q: f64) -> f64 {
     if values.is_empty() {
         return 0.0;
     }
@@ -365,6 +365,10 @@ pub fn eps(args: &EpsArgs) -> Result<()> {
         b.name()
     );
     Ok(())
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    crate::bench::bench(&backend(&args.device)?, args)
 }
 
 pub fn attack(args: &AttackArgs) -> Result<()> {

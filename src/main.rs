@@ -1,4 +1,4 @@
-//! The `purifier` command line: purify, classify, inspect, eps, attack.
+//! The `purifier` command line: purify, classify, inspect, eps, attack, bench.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +9,7 @@ use purifier::diffusion::{GradientPath, Guidance, Sampler};
 use purifier::purify::PurifySettings;
 use purifier::Result;
 
+mod bench;
 mod commands;
 
 #[derive(Parser)]
@@ -35,6 +36,9 @@ enum Command {
     /// Attack the defended model C(purify(x)): PGD with EOT, exact gradients through every
     /// reverse step; clean and robust accuracy judged over several purifications.
     Attack(AttackArgs),
+    /// Benchmark: UNet forward and forward + VJP per batch size, purification per mode, cold
+    /// start, memory; with --baseline, PyTorch on the same weights side by side.
+    Bench(BenchArgs),
 }
 
 #[derive(Args)]
@@ -284,6 +288,41 @@ impl AttackArgs {
     }
 }
 
+#[derive(Args)]
+pub struct BenchArgs {
+    /// UNet config with deterministic weights (what --baseline compares).
+    #[arg(long, default_value = "cifar10-small")]
+    pub config: String,
+    /// Time this weights file instead (no --baseline).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Batch sizes of the UNet measurements.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub batches: Vec<usize>,
+    /// Timed runs per measurement (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+    /// Purification modes to time.
+    #[arg(long, value_delimiter = ',', default_value = "none,pixel,adversarial")]
+    pub modes: Vec<String>,
+    /// Reverse steps of each timed purification.
+    #[arg(long, default_value_t = 10)]
+    pub t_star: usize,
+    /// Batch of the timed purifications.
+    #[arg(long, default_value_t = 16)]
+    pub purify_batch: usize,
+    /// A Python with PyTorch: also time bench/torch_baseline.py on the same weights and inputs.
+    #[arg(long, value_name = "PYTHON")]
+    pub baseline: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
 /// A number, or a fraction `a/b` (8/255).
 fn parse_number(text: &str) -> std::result::Result<f32, String> {
     let bad = || format!("'{text}' is not a number or a fraction like 8/255");
@@ -351,6 +390,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::inspect(&args),
         Command::Eps(args) => commands::eps(&args),
         Command::Attack(args) => commands::attack(&args),
+        Command::Bench(args) => commands::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

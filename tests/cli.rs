@@ -482,3 +482,58 @@ fn bad_attack_inputs_get_clear_errors() {
     assert!(err.contains("labelled"), "{err}");
     assert!(!report.exists(), "nothing may be written on bad input");
 }
+
+#[test]
+fn bench_reports_timings_as_table_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let mut args = vec!["bench", "--batches", "1,2", "--repeats", "2", "--t-star", "2", "--purify-batch", "1"];
+    args.extend(["--json", s(&json), "--device", "cpu"]);
+    // The PyTorch baseline runs when a local venv has torch (CI has none).
+    let python = project_path(".venv/bin/python");
+    let has_torch = std::process::Command::new(&python)
+        .args(["-c", "import torch, safetensors"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_torch {
+        args.extend(["--baseline", s(&python)]);
+    } else {
+        println!("skipped: the PyTorch baseline part (no .venv/bin/python with torch)");
+    }
+    let (ok, stdout, stderr) = run_cli(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("UNet forward + VJP, batch 2") && stdout.contains("purify adversarial"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let unet = report["unet_timings"].as_array().unwrap();
+    assert_eq!(unet.iter().map(|r| r["batch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2]);
+    for row in unet {
+        for key in ["forward", "forward_vjp"] {
+            let (median, p99) = (row[key]["median_ms"].as_f64().unwrap(), row[key]["p99_ms"].as_f64().unwrap());
+            assert!(median > 0.0 && p99 >= median, "{key}: median {median}, p99 {p99}");
+        }
+    }
+    assert_eq!(report["purify_timings"].as_array().unwrap().len(), 3, "none, pixel, adversarial");
+    assert_eq!(report["unet"]["parameters"], 8_952_067);
+    if has_torch {
+        let agreement = &report["baseline"]["agreement"];
+        assert!(agreement["eps"].as_f64().unwrap() < 1e-4, "eps differs from PyTorch: {agreement}");
+        assert!(agreement["grad_x"].as_f64().unwrap() < 1e-4, "grad_x differs from PyTorch: {agreement}");
+        assert_eq!(report["baseline"]["ratios"].as_array().unwrap().len(), 4);
+    }
+}
+
+#[test]
+fn bad_bench_inputs_get_clear_errors() {
+    let base = ["bench", "--device", "cpu", "--repeats", "1"];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        cli_error(&args)
+    };
+    assert!(with(&["--batches", "0"]).contains("--batches"));
+    assert!(with(&["--repeats", "0"]).contains("--repeats"));
+    assert!(with(&["--batches", "1", "--modes", "bogus"]).contains("unknown mode 'bogus'"));
+    assert!(with(&["--config", "cifar100"]).contains("cifar100"));
+    assert!(with(&["--weights", "x.safetensors", "--baseline", "python3"]).contains("drop --weights"));
+    assert!(with(&["--weights", "no_such.safetensors"]).contains("no_such.safetensors"));
+}

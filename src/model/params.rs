@@ -175,29 +175,37 @@ const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// See `DeterministicParams`.
 pub fn deterministic_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> {
+    let fan_in: usize = shape.iter().skip(1).product();
+    let weight_scale = (3.0f64 / fan_in as f64).sqrt() as f32;
+    let mut values = deterministic_uniform(name, shape.iter().product(), seed);
+    for u in values.iter_mut() {
+        *u = if name.ends_with(".bias") {
+            *u * 0.1
+        } else if shape.len() >= 2 {
+            *u * weight_scale
+        } else {
+            1.0 + *u * 0.2
+        };
+    }
+    values
+}
+
+/// The generator's raw stream for `name`: `count` values in [-1, 1) (weights are scaled from it;
+/// benchmark inputs use it as it is). Python: `uniform_stream(tensor_key(name, seed), count)`.
+pub fn deterministic_uniform(name: &str, count: usize, seed: u64) -> Vec<f32> {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in name.bytes() {
         hash ^= byte as u64;
         hash = hash.wrapping_mul(0x100_0000_01b3);
     }
     let key = hash ^ seed.wrapping_mul(GOLDEN_GAMMA);
-    let numel: usize = shape.iter().product();
-    let fan_in: usize = shape.iter().skip(1).product();
-    let weight_scale = (3.0f64 / fan_in as f64).sqrt() as f32;
-    (0..numel)
+    (0..count)
         .map(|i| {
             let mut z = key.wrapping_add((i as u64 + 1).wrapping_mul(GOLDEN_GAMMA));
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
-            let u = ((z >> 40) as f64 / (1u64 << 23) as f64 - 1.0) as f32;
-            if name.ends_with(".bias") {
-                u * 0.1
-            } else if shape.len() >= 2 {
-                u * weight_scale
-            } else {
-                1.0 + u * 0.2
-            }
+            ((z >> 40) as f64 / (1u64 << 23) as f64 - 1.0) as f32
         })
         .collect()
 }

@@ -444,7 +444,7 @@ pub struct UnetPlan<B: Backend> {
 
 impl<B: Backend> UnetPlan<B> {
     /// Memory held by the plan's tensors.
-    fn bytes(&self, backend: &B) -> usize {
+    pub fn bytes(&self, backend: &B) -> usize {
         let saved = self.saved.iter().flat_map(|(s, g)| s.0.iter().chain(g.0.iter()));
         let all = [&self.t_steps, &self.temb_sinusoid, &self.temb_hidden, &self.temb]
             .into_iter()
