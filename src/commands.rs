@@ -120,8 +120,8 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
                 let before = accuracy(&b, classifier, &images, labels, args.batch)?;
                 let after = accuracy(&b, classifier, &output, labels, args.batch)?;
                 println!(
-                    "classifier ResNet-{} top-1: {:.2}% before, {:.2}% after purification ({} images)",
-                    classifier.depth,
+                    "classifier {} top-1: {:.2}% before, {:.2}% after purification ({} images)",
+                    classifier.name,
                     before * 100.0,
                     after * 100.0,
                     images.count
@@ -248,8 +248,8 @@ pub fn classify(args: &ClassifyArgs) -> Result<()> {
     let started = Instant::now();
     let acc = accuracy(&b, &classifier, &images, &labels, args.batch)?;
     println!(
-        "ResNet-{} top-1 accuracy: {:.2}% ({} of {} images) on {} in {:.2} s",
-        classifier.depth,
+        "{} top-1 accuracy: {:.2}% ({} of {} images) on {} in {:.2} s",
+        classifier.name,
         acc * 100.0,
         (acc * images.count as f64).round() as usize,
         images.count,
@@ -286,7 +286,7 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         println!("parameters: {}", lister.count());
         Unet::from_file(&b, &file)?;
         println!("loads: yes (every tensor present, shaped as expected, finite; nothing extra)");
-    } else if file.contains("layer1.0.conv1.weight") {
+    } else if file.contains("layer1.0.conv1.weight") || file.contains("block1.layer.0.conv1.weight") {
         let classifier = Classifier::load(&b, &file)?;
         let params: usize = file
             .names()
@@ -297,8 +297,8 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             .map(|n| file.shape(n).map(|s| s.iter().product::<usize>()).unwrap_or(0))
             .sum();
         println!(
-            "network: CIFAR ResNet-{} classifier ({} classes, {}-d features)",
-            classifier.depth,
+            "network: {} classifier ({} classes, {}-d features)",
+            classifier.name,
             classifier.num_classes,
             classifier.feature_dim()
         );
@@ -307,7 +307,9 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     } else {
         return Err(Error::UnknownConfig {
             file: file.file(),
-            reason: "neither a DDPM UNet (conv_in.weight) nor a CIFAR ResNet (layer1.0.conv1.weight)".into(),
+            reason: "neither a DDPM UNet (conv_in.weight), a CIFAR ResNet (layer1.0.conv1.weight) nor a \
+                     WideResNet (block1.layer.0.conv1.weight)"
+                .into(),
         });
     }
     Ok(())
@@ -397,7 +399,7 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
     let bpda = !matches!(settings.guidance(), purifier::diffusion::Guidance::None);
     let stage_names: Vec<String> = stages.iter().map(|s| s.name()).collect();
     eprintln!(
-        "attacking {} images on {}: {} ({} iterations) {} eps {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, ResNet-{}{}",
+        "attacking {} images on {}: {} ({} iterations) {} eps {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, classifier {}{}",
         images.count,
         b.name(),
         stage_names.join(" then "),
@@ -411,7 +413,7 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
         purifier.steps().len(),
         settings.t_star,
         settings.guidance().name(),
-        classifier.depth,
+        classifier.name,
         if bpda { "; the guidance shift is a constant in the attack's gradient (BPDA)" } else { "" }
     );
 
@@ -514,8 +516,8 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
         100.0 * robust_all
     );
     println!(
-        "ResNet-{} alone: {:.2}% on the clean images, {:.2}% on the adversarial ones",
-        classifier.depth,
+        "{} alone: {:.2}% on the clean images, {:.2}% on the adversarial ones",
+        classifier.name,
         100.0 * undefended_clean,
         100.0 * undefended_adversarial
     );

@@ -933,3 +933,22 @@ fn clamp_backward_passes_exactly_inside_the_range() {
     }
     assert!(grad.data[0] != 0.0 && grad.data[1] != 0.0 && grad.data[2] == 0.0);
 }
+
+/// ReLU in place, and its backward from the output.
+#[test]
+fn relu_clips_negatives_and_its_backward_follows_the_output() {
+    let b = CpuBackend;
+    let mut rng = TestRng(43);
+    let x = rng.tensor(&[2, 3, 4, 4]);
+    let mut y = x.clone();
+    b.relu(&mut y);
+    for (y, x) in y.data.iter().zip(&x.data) {
+        assert_eq!(*y, x.max(0.0));
+    }
+    let dy = rng.tensor(&[2, 3, 4, 4]);
+    let mut dx = zeros(&[2, 3, 4, 4]);
+    b.relu_backward(&y, &dy, &mut dx);
+    for i in 0..x.data.len() {
+        assert_eq!(dx.data[i], if x.data[i] > 0.0 { dy.data[i] } else { 0.0 });
+    }
+}

@@ -107,3 +107,53 @@ fn resnet20_accuracy_on_lossless_test_images() {
 fn resnet56_accuracy_on_lossless_test_images() {
     assert!(lossless_accuracy("weights/resnet56_cifar10.safetensors", 56) >= 0.92);
 }
+
+/// WideResNet-16-2 (RobustBench layout) with generated weights against PyTorch float64: both the
+/// 1x1-conv and the identity shortcut, the pre-activation, the final bn-ReLU, no normalisation.
+#[test]
+fn wide_resnet_matches_pytorch() {
+    use purifier::model::params::DeterministicParams;
+    let b = CpuBackend;
+    let net = Classifier::load_wide(&mut DeterministicParams::new(&b, 5), 16, 2).unwrap();
+    assert_eq!(net.name, "WRN-16-2");
+    assert_eq!(net.feature_dim(), 128);
+    let golden = golden("wide_resnet.safetensors");
+    let (shape, pixels) = tensor(&golden, "x");
+    let (_, v) = tensor(&golden, "v");
+    let x: Vec<f32> = pixels.iter().map(|p| 2.0 * p - 1.0).collect();
+    let mut plan = net.plan(&b, shape[0], true).unwrap();
+    net.forward(&b, &mut plan, &b.upload(&x, &shape).unwrap()).unwrap();
+    let logits_err = relative_error(&b.download(&plan.logits).unwrap(), &tensor(&golden, "logits").1);
+    let v_dev = b.upload(&v, &[shape[0], 10]).unwrap();
+    let grad_x = b.download(net.input_vjp(&b, &mut plan, Some(&v_dev), None).unwrap()).unwrap();
+    let grad_p: Vec<f32> = grad_x.iter().map(|g| 2.0 * g).collect();
+    let grad_err = relative_error(&grad_p, &tensor(&golden, "grad_x").1);
+    println!("WRN-16-2: logits {logits_err:.2e}, grad {grad_err:.2e}");
+    assert!(logits_err < 1e-5 && grad_err < 1e-5);
+}
+
+/// A WideResNet file in RobustBench's naming loads through `Classifier::load` with its depth and
+/// width read off the tensors, and a file of neither layout is refused by name.
+#[test]
+fn wide_resnet_files_load_by_layout() {
+    use purifier::model::params::DeterministicParams;
+    let b = CpuBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wrn.safetensors");
+    let mut src = DeterministicParams::new(&b, 5);
+    src.keep_host_copies = true;
+    Classifier::load_wide(&mut src, 16, 2).unwrap();
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        src.generated.iter().map(|(n, s, d)| (n.as_str(), &s[..], &d[..])).collect();
+    purifier::data::tensor_file::write_safetensors(&path, &tensors).unwrap();
+    let net = Classifier::load(&b, &TensorFile::open(&path).unwrap()).unwrap();
+    assert_eq!((net.name.as_str(), net.depth), ("WRN-16-2", 16));
+
+    let unet = dir.path().join("unet.safetensors");
+    write_untrained_unet(&unet, &purifier::model::UnetConfig::cifar10_small(), 1);
+    let err = match Classifier::load(&b, &TensorFile::open(&unet).unwrap()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a UNet loaded as a classifier"),
+    };
+    assert!(err.contains("block1.layer.0.conv1.weight") && err.contains("layer1.0.conv1.weight"), "{err}");
+}

@@ -463,8 +463,10 @@ def deterministic_tensor(name: str, shape: Sequence[int], seed: int) -> np.ndarr
         values = u * scale
     elif name.endswith(".weight") and len(shape) == 1:
         values = np.float32(1.0) + u * np.float32(0.2)
-    elif name.endswith(".bias"):
+    elif name.endswith((".bias", ".running_mean")):
         values = u * np.float32(0.1)
+    elif len(shape) == 1 and name.endswith(".running_var"):
+        values = np.float32(1.0) + u * np.float32(0.2)  # positive, like the norm gammas
     else:
         raise ValueError(f"no deterministic rule for tensor {name!r} of shape {shape}")
     assert values.dtype == np.float32
@@ -474,7 +476,8 @@ def deterministic_tensor(name: str, shape: Sequence[int], seed: int) -> np.ndarr
 def deterministic_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """A full float32 state dict for `model` from the generator, ready for load_state_dict."""
     return {
-        name: torch.from_numpy(deterministic_tensor(name, tuple(value.shape), seed))
+        name: value if not value.is_floating_point()  # batch-norm counters keep their value
+        else torch.from_numpy(deterministic_tensor(name, tuple(value.shape), seed))
         for name, value in model.state_dict().items()
     }
 

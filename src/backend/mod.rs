@@ -253,6 +253,8 @@ pub trait Backend {
     fn channel_affine(&self, x: &Self::Tensor, scale: &[f32], shift: &[f32], out: &mut Self::Tensor);
     fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &[f32], dx: &mut Self::Tensor);
 
+    /// x = max(x, 0), in place (the pre-activation of the WideResNet's blocks).
+    fn relu(&self, x: &mut Self::Tensor);
     /// dx += dy where y > 0 (ReLU's backward from its output y).
     fn relu_backward(&self, y: &Self::Tensor, dy: &Self::Tensor, dx: &mut Self::Tensor);
 

@@ -1,10 +1,12 @@
-//! The CIFAR ResNet classifiers (He et al. 2016, depths 6n+2 with the "option A" shortcut;
-//! ../shared/data/README.md): forward (logits and the pooled penultimate features) and the
-//! vector-Jacobian product with respect to the input image.
+//! The classifiers: the CIFAR ResNets (He et al. 2016, depths 6n+2 with the "option A"
+//! shortcut; ../shared/data/README.md) and RobustBench's WideResNets (Zagoruyko & Komodakis
+//! 2016, depths 6n+4, pre-activation blocks; METHOD.md section 4): forward (logits and the pooled
+//! penultimate features) and the vector-Jacobian product with respect to the input image.
 //!
-//! Batch-norm (eval mode) is an affine map per channel, so it is folded into the preceding
-//! convolution's weight and bias at load time; each conv-bn-ReLU is then one fused conv.
-//! The classifier takes images in the engine's range [-1, 1] and applies the per-channel
+//! Batch-norm (eval mode) is an affine map per channel. Where it follows a convolution it is
+//! folded into that convolution's weight and bias at load time (conv-bn-ReLU becomes one fused
+//! conv); where it comes first (the WideResNet's pre-activation) it stays a channel affine.
+//! The classifier takes images in the engine's range [-1, 1] and applies the input
 //! normalisation of the published weights itself.
 use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, TensorShape};
 use crate::data::tensor_file::TensorFile;
@@ -15,19 +17,56 @@ const BN_EPS: f64 = 1e-5;
 /// Normalisation of the published CIFAR ResNet weights, for pixels in [0, 1].
 const PIXEL_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const PIXEL_STD: [f32; 3] = [0.229, 0.224, 0.225];
-const STAGE_WIDTHS: [usize; 3] = [16, 32, 64];
+const RESNET_WIDTHS: [usize; 3] = [16, 32, 64];
 
-/// A convolution with its batch-norm folded in (no padding asymmetry in these networks).
-struct FoldedConv<B: Backend> {
-    weight: B::Tensor,
-    bias: B::Tensor,
-    geometry: Conv2dGeometry,
+/// Eval-mode batch-norm `{bn}.*` as `x * scale + shift` per channel.
+struct ChannelAffine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
 }
 
-impl<B: Backend> FoldedConv<B> {
-    /// Loads `{conv}.weight` (3x3, no bias) and `{bn}.*`, and folds
+impl ChannelAffine {
+    fn load<B: Backend>(src: &mut impl ParamSource<B>, bn: &str, channels: usize) -> Result<Self> {
+        let gamma = src.host(&format!("{bn}.weight"), &[channels])?;
+        let beta = src.host(&format!("{bn}.bias"), &[channels])?;
+        let mean = src.host(&format!("{bn}.running_mean"), &[channels])?;
+        let var = src.host(&format!("{bn}.running_var"), &[channels])?;
+        if let Some(o) = var.iter().position(|&v| v < 0.0) {
+            return Err(Error::invalid(format!("`{bn}.running_var` is negative at channel {o}")));
+        }
+        let scale: Vec<f64> = (0..channels).map(|o| gamma[o] as f64 / (var[o] as f64 + BN_EPS).sqrt()).collect();
+        Ok(Self {
+            shift: (0..channels).map(|o| (beta[o] as f64 - mean[o] as f64 * scale[o]) as f32).collect(),
+            scale: scale.into_iter().map(|s| s as f32).collect(),
+        })
+    }
+}
+
+/// A convolution without bias, or with a following batch-norm folded in (and then a ReLU).
+struct Conv<B: Backend> {
+    weight: B::Tensor,
+    bias: Option<B::Tensor>,
+    geometry: Conv2dGeometry,
+    relu: bool,
+}
+
+impl<B: Backend> Conv<B> {
+    /// `{conv}.weight` (k x k, no bias) as it is.
+    fn plain(
+        src: &mut impl ParamSource<B>,
+        conv: &str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let weight = src.tensor(&format!("{conv}.weight"), &[cout, cin, k, k])?;
+        Ok(Self { weight, bias: None, geometry: Conv2dGeometry::strided(stride, k / 2), relu: false })
+    }
+
+    /// `relu(bn(conv(x)))` as one conv: `{conv}.weight` (3x3, no bias) with `{bn}.*` folded in,
     /// `bn(conv(x)) = conv(x) * g / sqrt(var + eps) + (beta - mean * g / sqrt(var + eps))`.
-    fn load(
+    fn folded(
         src: &mut impl ParamSource<B>,
         conv: &str,
         bn: &str,
@@ -36,55 +75,57 @@ impl<B: Backend> FoldedConv<B> {
         stride: usize,
     ) -> Result<Self> {
         let mut w = src.host(&format!("{conv}.weight"), &[cout, cin, 3, 3])?;
-        let gamma = src.host(&format!("{bn}.weight"), &[cout])?;
-        let beta = src.host(&format!("{bn}.bias"), &[cout])?;
-        let mean = src.host(&format!("{bn}.running_mean"), &[cout])?;
-        let var = src.host(&format!("{bn}.running_var"), &[cout])?;
-        if let Some(o) = var.iter().position(|&v| v < 0.0) {
-            return Err(Error::invalid(format!("`{bn}.running_var` is negative at channel {o}")));
-        }
-        let mut bias = vec![0.0f32; cout];
+        let bn = ChannelAffine::load(src, bn, cout)?;
         for o in 0..cout {
-            let scale = gamma[o] as f64 / (var[o] as f64 + BN_EPS).sqrt();
             for v in &mut w[o * cin * 9..(o + 1) * cin * 9] {
-                *v = (*v as f64 * scale) as f32;
+                *v *= bn.scale[o];
             }
-            bias[o] = (beta[o] as f64 - mean[o] as f64 * scale) as f32;
         }
         let b = src.backend();
         Ok(Self {
             weight: b.upload(&w, &[cout, cin, 3, 3])?,
-            bias: b.upload(&bias, &[cout])?,
+            bias: Some(b.upload(&bn.shift, &[cout])?),
             geometry: Conv2dGeometry::strided(stride, 1),
+            relu: true,
         })
     }
 
     fn forward(&self, b: &B, x: &B::Tensor, residual: Option<&B::Tensor>, out: &mut B::Tensor) {
-        b.conv2d(
-            x,
-            &self.weight,
-            Some(&self.bias),
-            self.geometry,
-            ConvEpilogue { residual, relu: true, channel_bias: None },
-            out,
-        );
+        let epilogue = ConvEpilogue { residual, relu: self.relu, channel_bias: None };
+        b.conv2d(x, &self.weight, self.bias.as_ref(), self.geometry, epilogue, out);
+    }
+
+    fn backward_input(&self, b: &B, dout: &B::Tensor, dx: &mut B::Tensor) {
+        b.conv2d_backward_input(dout, &self.weight, self.geometry, dx);
     }
 }
 
-/// conv-bn-ReLU-conv-bn, plus the shortcut, then ReLU.
-struct BasicBlock<B: Backend> {
-    conv1: FoldedConv<B>,
-    conv2: FoldedConv<B>,
-    /// Channels of zero padding on each side of the subsampled shortcut (0: identity shortcut).
-    shortcut_pad: usize,
+enum Block<B: Backend> {
+    /// CIFAR ResNet: relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), the shortcut subsampled
+    /// and zero-padded ("option A") when the shape changes.
+    Basic { conv1: Conv<B>, conv2: Conv<B>, shortcut_pad: usize },
+    /// WideResNet (pre-activation): a = relu(bn1(x)); conv2(relu(bn2(conv1(a)))) + shortcut,
+    /// the shortcut x itself, or a 1x1 conv of a when the shape changes.
+    PreAct { bn1: ChannelAffine, conv1: Conv<B>, conv2: Conv<B>, shortcut: Option<Conv<B>> },
+}
+
+struct Stage<B: Backend> {
+    block: Block<B>,
+    in_channels: usize,
     out_channels: usize,
     stride: usize,
 }
 
 pub struct Classifier<B: Backend> {
+    /// "ResNet-20", "WRN-28-10".
+    pub name: String,
     pub depth: usize,
-    stem: FoldedConv<B>,
-    blocks: Vec<BasicBlock<B>>,
+    /// x in [-1, 1] -> the network's input, per channel.
+    input: ChannelAffine,
+    stem: Conv<B>,
+    blocks: Vec<Stage<B>>,
+    /// The WideResNet's final bn-ReLU before pooling.
+    head: Option<ChannelAffine>,
     linear: Linear<B>,
     pub num_classes: usize,
 }
@@ -96,47 +137,99 @@ impl<B: Backend> Classifier<B> {
             return Err(Error::invalid(format!("CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56), got {depth}")));
         }
         let n = (depth - 2) / 6;
-        let stem = FoldedConv::load(src, "conv1", "bn1", 3, STAGE_WIDTHS[0], 1)?;
+        let stem = Conv::folded(src, "conv1", "bn1", 3, RESNET_WIDTHS[0], 1)?;
         let mut blocks = Vec::new();
-        let mut cin = STAGE_WIDTHS[0];
-        for (stage, &cout) in STAGE_WIDTHS.iter().enumerate() {
+        let mut cin = RESNET_WIDTHS[0];
+        for (stage, &cout) in RESNET_WIDTHS.iter().enumerate() {
             for k in 0..n {
                 let stride = if stage > 0 && k == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{k}", stage + 1);
-                blocks.push(BasicBlock {
-                    conv1: FoldedConv::load(src, &format!("{name}.conv1"), &format!("{name}.bn1"), cin, cout, stride)?,
-                    conv2: FoldedConv::load(src, &format!("{name}.conv2"), &format!("{name}.bn2"), cout, cout, 1)?,
+                let block = Block::Basic {
+                    conv1: Conv::folded(src, &format!("{name}.conv1"), &format!("{name}.bn1"), cin, cout, stride)?,
+                    conv2: Conv::folded(src, &format!("{name}.conv2"), &format!("{name}.bn2"), cout, cout, 1)?,
                     shortcut_pad: if stride != 1 || cin != cout { cout / 4 } else { 0 },
-                    out_channels: cout,
-                    stride,
-                });
+                };
+                blocks.push(Stage { block, in_channels: cin, out_channels: cout, stride });
                 cin = cout;
             }
         }
         let linear = Linear::load(src, "linear", cin, 10)?;
-        Ok(Self { depth, stem, blocks, num_classes: linear.out_features, linear })
+        // p = (x + 1) / 2, then (p - mean) / std.
+        let input = ChannelAffine {
+            scale: (0..3).map(|c| 0.5 / PIXEL_STD[c]).collect(),
+            shift: (0..3).map(|c| (0.5 - PIXEL_MEAN[c]) / PIXEL_STD[c]).collect(),
+        };
+        let name = format!("ResNet-{depth}");
+        Ok(Self { name, depth, input, stem, blocks, head: None, num_classes: linear.out_features, linear })
     }
 
-    /// Loads a classifier from a safetensors file of the published naming, inferring the depth
-    /// from the number of blocks in `layer1`. Unused tensors (other than batch-norm counters)
-    /// are an error: they mean the file is not this network.
+    /// Builds WideResNet-`depth`-`widen` (depth 6n + 4) in RobustBench's layout and naming
+    /// (`conv1`, `block{1,2,3}.layer.{i}.{bn1,conv1,bn2,conv2,convShortcut}`, `bn1`, `fc`);
+    /// pixels in [0, 1] without normalisation, as RobustBench's `Standard` model.
+    pub fn load_wide(src: &mut impl ParamSource<B>, depth: usize, widen: usize) -> Result<Self> {
+        if depth < 10 || !(depth - 4).is_multiple_of(6) || widen == 0 {
+            return Err(Error::invalid(format!(
+                "WideResNet depth must be 6n + 4 (16, 28, 40) and width at least 1, got {depth}-{widen}"
+            )));
+        }
+        let n = (depth - 4) / 6;
+        let stem = Conv::plain(src, "conv1", 3, 16, 3, 1)?;
+        let mut blocks = Vec::new();
+        let mut cin = 16;
+        for (stage, cout) in [16 * widen, 32 * widen, 64 * widen].into_iter().enumerate() {
+            for k in 0..n {
+                let stride = if stage > 0 && k == 0 { 2 } else { 1 };
+                let name = format!("block{}.layer.{k}", stage + 1);
+                let block = Block::PreAct {
+                    bn1: ChannelAffine::load(src, &format!("{name}.bn1"), cin)?,
+                    conv1: Conv::folded(src, &format!("{name}.conv1"), &format!("{name}.bn2"), cin, cout, stride)?,
+                    conv2: Conv::plain(src, &format!("{name}.conv2"), cout, cout, 3, 1)?,
+                    shortcut: if cin != cout {
+                        Some(Conv::plain(src, &format!("{name}.convShortcut"), cin, cout, 1, stride)?)
+                    } else {
+                        None
+                    },
+                };
+                blocks.push(Stage { block, in_channels: cin, out_channels: cout, stride });
+                cin = cout;
+            }
+        }
+        let head = Some(ChannelAffine::load(src, "bn1", cin)?);
+        let linear = Linear::load(src, "fc", cin, 10)?;
+        let input = ChannelAffine { scale: vec![0.5; 3], shift: vec![0.5; 3] }; // p = (x + 1) / 2
+        let name = format!("WRN-{depth}-{widen}");
+        Ok(Self { name, depth, input, stem, blocks, head, num_classes: linear.out_features, linear })
+    }
+
+    /// Loads a classifier from a safetensors file of either published naming (CIFAR ResNet:
+    /// `layer1.0.conv1.weight`, ...; WideResNet: `block1.layer.0.conv1.weight`, ...), inferring
+    /// depth and width from the tensors. Unused tensors (other than batch-norm counters) are an
+    /// error: they mean the file is not this network.
     pub fn load(backend: &B, file: &TensorFile) -> Result<Self> {
-        let blocks = (0..).take_while(|k| file.contains(&format!("layer1.{k}.conv1.weight"))).count();
-        if blocks == 0 {
+        let count = |pattern: &dyn Fn(usize) -> String| (0..).take_while(|&k| file.contains(&pattern(k))).count();
+        let resnet_blocks = count(&|k| format!("layer1.{k}.conv1.weight"));
+        let wide_blocks = count(&|k| format!("block1.layer.{k}.conv1.weight"));
+        let mut src = FileParams::new(backend, file).ignoring(&["num_batches_tracked"]);
+        let net = if resnet_blocks > 0 {
+            Self::load_with(&mut src, 6 * resnet_blocks + 2)?
+        } else if wide_blocks > 0 {
+            let widen = file.shape("block1.layer.0.conv1.weight")?[0] / 16;
+            Self::load_wide(&mut src, 6 * wide_blocks + 4, widen)?
+        } else {
             return Err(Error::UnknownConfig {
                 file: file.file(),
-                reason: "no tensor `layer1.0.conv1.weight`: not a CIFAR ResNet".into(),
+                reason: "neither `layer1.0.conv1.weight` (CIFAR ResNet) nor `block1.layer.0.conv1.weight` \
+                         (WideResNet): not a classifier this engine runs"
+                    .into(),
             });
-        }
-        let mut src = FileParams::new(backend, file).ignoring(&["num_batches_tracked"]);
-        let net = Self::load_with(&mut src, 6 * blocks + 2)?;
-        src.finish(&format!("CIFAR ResNet-{}", 6 * blocks + 2))?;
+        };
+        src.finish(&net.name)?;
         Ok(net)
     }
 
     /// Width of the pooled feature vector (the penultimate layer).
     pub fn feature_dim(&self) -> usize {
-        STAGE_WIDTHS[2]
+        self.blocks.last().map_or(16, |s| s.out_channels)
     }
 
     pub fn plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<ClassifierPlan<B>> {
@@ -152,22 +245,34 @@ impl<B: Backend> Classifier<B> {
             }
         };
         let input_shape = [batch, 3, 32, 32];
-        let stem_shape = [batch, STAGE_WIDTHS[0], 32, 32];
+        let stem_shape = [batch, 16, 32, 32];
         let mut outputs = vec![zeros(&stem_shape)?];
         let mut blocks = Vec::new();
         let mut res = 32;
-        for block in &self.blocks {
-            res /= block.stride;
-            let shape = [batch, block.out_channels, res, res];
+        for stage in &self.blocks {
+            let in_shape = [batch, stage.in_channels, res, res];
+            res /= stage.stride;
+            let shape = [batch, stage.out_channels, res, res];
             outputs.push(zeros(&shape)?);
+            let (pre_act, conv_shortcut) = match &stage.block {
+                Block::Basic { shortcut_pad, .. } => (false, *shortcut_pad > 0),
+                Block::PreAct { shortcut, .. } => (true, shortcut.is_some()),
+            };
             blocks.push(BlockBuffers {
                 hidden: zeros(&shape)?,
-                shortcut: if block.shortcut_pad > 0 { Some(zeros(&shape)?) } else { None },
+                shortcut: if conv_shortcut { Some(zeros(&shape)?) } else { None },
+                activated: if pre_act { Some(zeros(&in_shape)?) } else { None },
                 dsum: grad(&shape)?,
                 dhidden: grad(&shape)?,
                 dhidden_pre: grad(&shape)?,
+                dactivated: if pre_act { grad(&in_shape)? } else { None },
+                dactivated_pre: if pre_act { grad(&in_shape)? } else { None },
             });
         }
+        let last_shape = outputs.last().unwrap().shape().to_vec();
+        let head = if self.head.is_some() { Some(zeros(&last_shape)?) } else { None };
+        let dhead = if self.head.is_some() { grad(&last_shape)? } else { None };
+        let dhead_pre = if self.head.is_some() { grad(&last_shape)? } else { None };
         let doutputs = if with_backward {
             outputs.iter().map(|t| zeros(t.shape())).collect::<Result<Vec<_>>>()?
         } else {
@@ -180,6 +285,9 @@ impl<B: Backend> Classifier<B> {
             normalised: zeros(&input_shape)?,
             outputs,
             blocks,
+            head,
+            dhead,
+            dhead_pre,
             features: zeros(&[batch, f])?,
             logits: zeros(&[batch, self.num_classes])?,
             doutputs,
@@ -201,24 +309,49 @@ impl<B: Backend> Classifier<B> {
                 plan.input.shape()
             )));
         }
-        let (scale, shift) = input_affine();
         b.copy(x, &mut plan.input);
-        b.channel_affine(&plan.input, &scale, &shift, &mut plan.normalised);
+        b.channel_affine(&plan.input, &self.input.scale, &self.input.shift, &mut plan.normalised);
         self.stem.forward(b, &plan.normalised, None, &mut plan.outputs[0]);
-        for (k, (block, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
+        for (k, (stage, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
             let (head, tail) = plan.outputs.split_at_mut(k + 1);
             let (x, out) = (&head[k], &mut tail[0]);
-            block.conv1.forward(b, x, None, &mut bufs.hidden);
-            let residual = match &mut bufs.shortcut {
-                Some(s) => {
-                    b.shortcut_subsample_pad(x, block.shortcut_pad, s);
-                    &*s
+            match &stage.block {
+                Block::Basic { conv1, conv2, shortcut_pad } => {
+                    conv1.forward(b, x, None, &mut bufs.hidden);
+                    let residual = match &mut bufs.shortcut {
+                        Some(s) => {
+                            b.shortcut_subsample_pad(x, *shortcut_pad, s);
+                            &*s
+                        }
+                        None => x,
+                    };
+                    conv2.forward(b, &bufs.hidden, Some(residual), out);
                 }
-                None => x,
-            };
-            block.conv2.forward(b, &bufs.hidden, Some(residual), out);
+                Block::PreAct { bn1, conv1, conv2, shortcut } => {
+                    let activated = bufs.activated.as_mut().expect("made by plan");
+                    b.channel_affine(x, &bn1.scale, &bn1.shift, activated);
+                    b.relu(activated);
+                    conv1.forward(b, activated, None, &mut bufs.hidden);
+                    let residual = match (shortcut, &mut bufs.shortcut) {
+                        (Some(conv), Some(s)) => {
+                            conv.forward(b, activated, None, s);
+                            &*s
+                        }
+                        _ => x,
+                    };
+                    conv2.forward(b, &bufs.hidden, Some(residual), out);
+                }
+            }
         }
-        b.global_avg_pool(plan.outputs.last().unwrap(), &mut plan.features);
+        let last = plan.outputs.last().unwrap();
+        match (&self.head, &mut plan.head) {
+            (Some(bn), Some(h)) => {
+                b.channel_affine(last, &bn.scale, &bn.shift, h);
+                b.relu(h);
+                b.global_avg_pool(h, &mut plan.features);
+            }
+            _ => b.global_avg_pool(last, &mut plan.features),
+        }
         b.linear(&plan.features, &self.linear.weight, Some(&self.linear.bias), false, &mut plan.logits);
         plan.forward_done = true;
         Ok(())
@@ -252,8 +385,18 @@ impl<B: Backend> Classifier<B> {
         if let Some(d) = dlogits {
             b.linear_backward(&plan.features, &self.linear.weight, false, d, &mut plan.dfeatures);
         }
-        b.global_avg_pool_backward(&plan.dfeatures, plan.doutputs.last_mut().unwrap());
-        for (k, (block, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate().rev() {
+        let dlast = plan.doutputs.last_mut().unwrap();
+        match (&self.head, &plan.head, &mut plan.dhead, &mut plan.dhead_pre) {
+            (Some(bn), Some(h), Some(dh), Some(dh_pre)) => {
+                b.fill(dh, 0.0);
+                b.fill(dh_pre, 0.0);
+                b.global_avg_pool_backward(&plan.dfeatures, dh);
+                b.relu_backward(h, dh, dh_pre);
+                b.channel_affine_backward(dh_pre, &bn.scale, dlast);
+            }
+            _ => b.global_avg_pool_backward(&plan.dfeatures, dlast),
+        }
+        for (k, (stage, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate().rev() {
             let (head, tail) = plan.doutputs.split_at_mut(k + 1);
             let (dx, dout) = (&mut head[k], &tail[0]);
             let (Some(dsum), Some(dhidden), Some(dhidden_pre)) =
@@ -264,31 +407,62 @@ impl<B: Backend> Classifier<B> {
             for t in [&mut *dsum, &mut *dhidden, &mut *dhidden_pre] {
                 b.fill(t, 0.0);
             }
-            // out = relu(conv2(hidden) + shortcut(x)): through the ReLU, then to both branches.
-            b.relu_backward(&plan.outputs[k + 1], dout, dsum);
-            b.conv2d_backward_input(dsum, &block.conv2.weight, block.conv2.geometry, dhidden);
-            b.relu_backward(&bufs.hidden, dhidden, dhidden_pre);
-            b.conv2d_backward_input(dhidden_pre, &block.conv1.weight, block.conv1.geometry, dx);
-            if block.shortcut_pad > 0 {
-                b.shortcut_subsample_pad_backward(dsum, block.shortcut_pad, dx);
-            } else {
-                b.add_assign(dx, dsum);
+            match &stage.block {
+                Block::Basic { conv1, conv2, shortcut_pad } => {
+                    // out = relu(conv2(hidden) + shortcut(x)): through the ReLU, then to both branches.
+                    b.relu_backward(&plan.outputs[k + 1], dout, dsum);
+                    conv2.backward_input(b, dsum, dhidden);
+                    b.relu_backward(&bufs.hidden, dhidden, dhidden_pre);
+                    conv1.backward_input(b, dhidden_pre, dx);
+                    if *shortcut_pad > 0 {
+                        b.shortcut_subsample_pad_backward(dsum, *shortcut_pad, dx);
+                    } else {
+                        b.add_assign(dx, dsum);
+                    }
+                }
+                Block::PreAct { bn1, conv1, conv2, shortcut } => {
+                    // out = conv2(hidden) + shortcut, hidden = relu(conv1'(a)), a = relu(bn1(x)).
+                    let (Some(activated), Some(dact), Some(dact_pre)) =
+                        (&bufs.activated, &mut bufs.dactivated, &mut bufs.dactivated_pre)
+                    else {
+                        unreachable!("made by plan")
+                    };
+                    b.fill(dact, 0.0);
+                    b.fill(dact_pre, 0.0);
+                    conv2.backward_input(b, dout, dhidden);
+                    b.relu_backward(&bufs.hidden, dhidden, dhidden_pre);
+                    conv1.backward_input(b, dhidden_pre, dact);
+                    match shortcut {
+                        Some(conv) => conv.backward_input(b, dout, dact),
+                        None => b.add_assign(dx, dout),
+                    }
+                    b.relu_backward(activated, dact, dact_pre);
+                    b.channel_affine_backward(dact_pre, &bn1.scale, dx);
+                }
             }
         }
-        b.relu_backward(&plan.outputs[0], &plan.doutputs[0], dstem_pre);
-        b.conv2d_backward_input(dstem_pre, &self.stem.weight, self.stem.geometry, dnormalised);
-        b.channel_affine_backward(dnormalised, &input_affine().0, dinput);
+        if self.stem.relu {
+            b.relu_backward(&plan.outputs[0], &plan.doutputs[0], dstem_pre);
+            self.stem.backward_input(b, dstem_pre, dnormalised);
+        } else {
+            self.stem.backward_input(b, &plan.doutputs[0], dnormalised);
+        }
+        b.channel_affine_backward(dnormalised, &self.input.scale, dinput);
         Ok(dinput)
     }
 }
 
-/// Per-block buffers: the hidden activation, the padded shortcut, and backward scratch.
+/// Per-block buffers: the hidden activation, the shortcut's own output, the pre-activation
+/// (WideResNet), and backward scratch.
 struct BlockBuffers<B: Backend> {
     hidden: B::Tensor,
     shortcut: Option<B::Tensor>,
+    activated: Option<B::Tensor>,
     dsum: Option<B::Tensor>,
     dhidden: Option<B::Tensor>,
     dhidden_pre: Option<B::Tensor>,
+    dactivated: Option<B::Tensor>,
+    dactivated_pre: Option<B::Tensor>,
 }
 
 /// Every buffer of one batch size.
@@ -299,7 +473,11 @@ pub struct ClassifierPlan<B: Backend> {
     /// outputs[0] is the stem's, outputs[k + 1] block k's.
     outputs: Vec<B::Tensor>,
     blocks: Vec<BlockBuffers<B>>,
-    /// The pooled penultimate features (N x 64) of the last forward.
+    /// The WideResNet's final bn-ReLU output, and its gradients.
+    head: Option<B::Tensor>,
+    dhead: Option<B::Tensor>,
+    dhead_pre: Option<B::Tensor>,
+    /// The pooled penultimate features (N x F) of the last forward.
     pub features: B::Tensor,
     /// The logits (N x 10) of the last forward.
     pub logits: B::Tensor,
@@ -309,13 +487,6 @@ pub struct ClassifierPlan<B: Backend> {
     dinput: Option<B::Tensor>,
     dfeatures: B::Tensor,
     forward_done: bool,
-}
-
-/// Maps x in [-1, 1] to the published normalisation: p = (x + 1) / 2, then (p - mean) / std.
-fn input_affine() -> ([f32; 3], [f32; 3]) {
-    let scale = [0, 1, 2].map(|c| 0.5 / PIXEL_STD[c]);
-    let shift = [0, 1, 2].map(|c| (0.5 - PIXEL_MEAN[c]) / PIXEL_STD[c]);
-    (scale, shift)
 }
 
 /// Index of the largest value (the first one on ties): a row of logits' predicted class.

@@ -179,7 +179,7 @@ pub fn deterministic_tensor(name: &str, shape: &[usize], seed: u64) -> Vec<f32> 
     let weight_scale = (3.0f64 / fan_in as f64).sqrt() as f32;
     let mut values = deterministic_uniform(name, shape.iter().product(), seed);
     for u in values.iter_mut() {
-        *u = if name.ends_with(".bias") {
+        *u = if name.ends_with(".bias") || name.ends_with(".running_mean") {
             *u * 0.1
         } else if shape.len() >= 2 {
             *u * weight_scale

@@ -4,6 +4,8 @@ random-weight RobustBench-layout checkpoints and bad checkpoints."""
 from __future__ import annotations
 
 import collections
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -22,6 +24,21 @@ def test_wrn_28_10_size():
     assert "block1.layer.0.convShortcut.weight" in layout  # 16 -> 160 channels
     assert "block1.layer.1.convShortcut.weight" not in layout
     assert "block1.layer.0.convShortcut.weight" not in wrn_layout(28, 1)  # 16 -> 16: identity
+
+
+ENGINE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "target", "release", "purifier")
+
+
+def test_converted_wrn_loads_in_the_engine(tmp_path):
+    """The converter's output is what the engine's classifier loader expects, name for name."""
+    if not os.path.isfile(ENGINE):
+        pytest.skip("target/release/purifier is not built (cargo build --release)")
+    out = str(tmp_path / "wrn.safetensors")
+    convert(fixture_path("wrn28_1.pt"), out, quiet=True)
+    run = subprocess.run([ENGINE, "inspect", out], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "WRN-28-1 classifier" in run.stdout and "loads: yes" in run.stdout, run.stdout
 
 
 def test_converts_fixture_exactly(tmp_path):

@@ -334,6 +334,10 @@ impl Backend for CpuBackend {
         });
     }
 
+    fn relu(&self, x: &mut CpuTensor) {
+        x.data.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    }
+
     fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor, dx: &mut CpuTensor) {
         expect_shape(dy, &y.shape, "relu_backward: dy");
         expect_shape(dx, &y.shape, "relu_backward: dx");
