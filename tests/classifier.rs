@@ -13,26 +13,36 @@ fn resnet20(b: &CpuBackend) -> Classifier<CpuBackend> {
     Classifier::load(b, &TensorFile::open(shared_path("weights/resnet20_cifar10.safetensors")).unwrap()).unwrap()
 }
 
+/// (logits, features, input gradient) relative errors of `net` against a golden file: x, v,
+/// logits, grad_x = d sum(logits * v) / dp with respect to the [0, 1] pixels, and `features` if
+/// the file has them.
+fn errors_against_golden(b: &CpuBackend, net: &Classifier<CpuBackend>, file: &str) -> (f64, Option<f64>, f64) {
+    let golden = golden(file);
+    let (shape, pixels) = tensor(&golden, "x");
+    let (_, v) = tensor(&golden, "v");
+    // The engine's classifier takes x = 2p - 1; the golden's gradient is with respect to p.
+    let x: Vec<f32> = pixels.iter().map(|p| 2.0 * p - 1.0).collect();
+    let mut plan = net.plan(b, shape[0], true).unwrap();
+    net.forward(b, &mut plan, &b.upload(&x, &shape).unwrap()).unwrap();
+    let logits_err = relative_error(&b.download(&plan.logits).unwrap(), &tensor(&golden, "logits").1);
+    let features_err = golden
+        .contains("features")
+        .then(|| relative_error(&b.download(&plan.features).unwrap(), &tensor(&golden, "features").1));
+    let v_dev = b.upload(&v, &[shape[0], 10]).unwrap();
+    let grad_x = b.download(net.input_vjp(b, &mut plan, Some(&v_dev), None).unwrap()).unwrap();
+    let grad_p: Vec<f32> = grad_x.iter().map(|g| 2.0 * g).collect();
+    let grad_err = relative_error(&grad_p, &tensor(&golden, "grad_x").1);
+    println!("{}: logits {logits_err:.2e}, features {features_err:?}, grad {grad_err:.2e}", net.name);
+    (logits_err, features_err, grad_err)
+}
+
 #[test]
 fn resnet20_matches_pytorch() {
     let b = CpuBackend;
     let net = resnet20(&b);
     assert_eq!(net.depth, 20);
-    let golden = golden("resnet20.safetensors");
-    let (shape, pixels) = tensor(&golden, "x");
-    let (_, v) = tensor(&golden, "v");
-    // The engine's classifier takes x = 2p - 1; the golden's gradient is with respect to p.
-    let x: Vec<f32> = pixels.iter().map(|p| 2.0 * p - 1.0).collect();
-    let mut plan = net.plan(&b, shape[0], true).unwrap();
-    net.forward(&b, &mut plan, &b.upload(&x, &shape).unwrap()).unwrap();
-    let logits_err = relative_error(&b.download(&plan.logits).unwrap(), &tensor(&golden, "logits").1);
-    let features_err = relative_error(&b.download(&plan.features).unwrap(), &tensor(&golden, "features").1);
-    let v_dev = b.upload(&v, &[shape[0], 10]).unwrap();
-    let grad_x = b.download(net.input_vjp(&b, &mut plan, Some(&v_dev), None).unwrap()).unwrap();
-    let grad_p: Vec<f32> = grad_x.iter().map(|g| 2.0 * g).collect();
-    let grad_err = relative_error(&grad_p, &tensor(&golden, "grad_x").1);
-    println!("logits {logits_err:.2e}, features {features_err:.2e}, grad {grad_err:.2e}");
-    assert!(logits_err < 1e-5 && features_err < 1e-5 && grad_err < 1e-5);
+    let (logits, features, grad) = errors_against_golden(&b, &net, "resnet20.safetensors");
+    assert!(logits < 1e-5 && features.unwrap() < 1e-5 && grad < 1e-5);
 }
 
 /// The feature path of the VJP (the adversarial guidance uses it) against finite differences.
@@ -117,19 +127,8 @@ fn wide_resnet_matches_pytorch() {
     let net = Classifier::load_wide(&mut DeterministicParams::new(&b, 5), 16, 2).unwrap();
     assert_eq!(net.name, "WRN-16-2");
     assert_eq!(net.feature_dim(), 128);
-    let golden = golden("wide_resnet.safetensors");
-    let (shape, pixels) = tensor(&golden, "x");
-    let (_, v) = tensor(&golden, "v");
-    let x: Vec<f32> = pixels.iter().map(|p| 2.0 * p - 1.0).collect();
-    let mut plan = net.plan(&b, shape[0], true).unwrap();
-    net.forward(&b, &mut plan, &b.upload(&x, &shape).unwrap()).unwrap();
-    let logits_err = relative_error(&b.download(&plan.logits).unwrap(), &tensor(&golden, "logits").1);
-    let v_dev = b.upload(&v, &[shape[0], 10]).unwrap();
-    let grad_x = b.download(net.input_vjp(&b, &mut plan, Some(&v_dev), None).unwrap()).unwrap();
-    let grad_p: Vec<f32> = grad_x.iter().map(|g| 2.0 * g).collect();
-    let grad_err = relative_error(&grad_p, &tensor(&golden, "grad_x").1);
-    println!("WRN-16-2: logits {logits_err:.2e}, grad {grad_err:.2e}");
-    assert!(logits_err < 1e-5 && grad_err < 1e-5);
+    let (logits, _, grad) = errors_against_golden(&b, &net, "wide_resnet.safetensors");
+    assert!(logits < 1e-5 && grad < 1e-5);
 }
 
 /// A WideResNet file in RobustBench's naming loads through `Classifier::load` with its depth and
