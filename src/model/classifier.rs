@@ -109,8 +109,9 @@ enum Block<B: Backend> {
     PreAct { bn1: ChannelAffine, conv1: Conv<B>, conv2: Conv<B>, shortcut: Option<Conv<B>> },
 }
 
-struct Stage<B: Backend> {
-    block: Block<B>,
+/// A residual block and its shape: channels in and out, stride.
+struct Residual<B: Backend> {
+    kind: Block<B>,
     in_channels: usize,
     out_channels: usize,
     stride: usize,
@@ -123,7 +124,7 @@ pub struct Classifier<B: Backend> {
     /// x in [-1, 1] -> the network's input, per channel.
     input: ChannelAffine,
     stem: Conv<B>,
-    blocks: Vec<Stage<B>>,
+    blocks: Vec<Residual<B>>,
     /// The WideResNet's final bn-ReLU before pooling.
     head: Option<ChannelAffine>,
     linear: Linear<B>,
@@ -144,12 +145,12 @@ impl<B: Backend> Classifier<B> {
             for k in 0..n {
                 let stride = if stage > 0 && k == 0 { 2 } else { 1 };
                 let name = format!("layer{}.{k}", stage + 1);
-                let block = Block::Basic {
+                let kind = Block::Basic {
                     conv1: Conv::folded(src, &format!("{name}.conv1"), &format!("{name}.bn1"), cin, cout, stride)?,
                     conv2: Conv::folded(src, &format!("{name}.conv2"), &format!("{name}.bn2"), cout, cout, 1)?,
                     shortcut_pad: if stride != 1 || cin != cout { cout / 4 } else { 0 },
                 };
-                blocks.push(Stage { block, in_channels: cin, out_channels: cout, stride });
+                blocks.push(Residual { kind, in_channels: cin, out_channels: cout, stride });
                 cin = cout;
             }
         }
@@ -180,7 +181,7 @@ impl<B: Backend> Classifier<B> {
             for k in 0..n {
                 let stride = if stage > 0 && k == 0 { 2 } else { 1 };
                 let name = format!("block{}.layer.{k}", stage + 1);
-                let block = Block::PreAct {
+                let kind = Block::PreAct {
                     bn1: ChannelAffine::load(src, &format!("{name}.bn1"), cin)?,
                     conv1: Conv::folded(src, &format!("{name}.conv1"), &format!("{name}.bn2"), cin, cout, stride)?,
                     conv2: Conv::plain(src, &format!("{name}.conv2"), cout, cout, 3, 1)?,
@@ -190,7 +191,7 @@ impl<B: Backend> Classifier<B> {
                         None
                     },
                 };
-                blocks.push(Stage { block, in_channels: cin, out_channels: cout, stride });
+                blocks.push(Residual { kind, in_channels: cin, out_channels: cout, stride });
                 cin = cout;
             }
         }
@@ -229,7 +230,7 @@ impl<B: Backend> Classifier<B> {
 
     /// Width of the pooled feature vector (the penultimate layer).
     pub fn feature_dim(&self) -> usize {
-        self.blocks.last().map_or(16, |s| s.out_channels)
+        self.blocks.last().map_or(16, |unit| unit.out_channels)
     }
 
     pub fn plan(&self, backend: &B, batch: usize, with_backward: bool) -> Result<ClassifierPlan<B>> {
@@ -249,12 +250,12 @@ impl<B: Backend> Classifier<B> {
         let mut outputs = vec![zeros(&stem_shape)?];
         let mut blocks = Vec::new();
         let mut res = 32;
-        for stage in &self.blocks {
-            let in_shape = [batch, stage.in_channels, res, res];
-            res /= stage.stride;
-            let shape = [batch, stage.out_channels, res, res];
+        for unit in &self.blocks {
+            let in_shape = [batch, unit.in_channels, res, res];
+            res /= unit.stride;
+            let shape = [batch, unit.out_channels, res, res];
             outputs.push(zeros(&shape)?);
-            let (pre_act, conv_shortcut) = match &stage.block {
+            let (pre_act, conv_shortcut) = match &unit.kind {
                 Block::Basic { shortcut_pad, .. } => (false, *shortcut_pad > 0),
                 Block::PreAct { shortcut, .. } => (true, shortcut.is_some()),
             };
@@ -312,10 +313,10 @@ impl<B: Backend> Classifier<B> {
         b.copy(x, &mut plan.input);
         b.channel_affine(&plan.input, &self.input.scale, &self.input.shift, &mut plan.normalised);
         self.stem.forward(b, &plan.normalised, None, &mut plan.outputs[0]);
-        for (k, (stage, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
+        for (k, (unit, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
             let (head, tail) = plan.outputs.split_at_mut(k + 1);
             let (x, out) = (&head[k], &mut tail[0]);
-            match &stage.block {
+            match &unit.kind {
                 Block::Basic { conv1, conv2, shortcut_pad } => {
                     conv1.forward(b, x, None, &mut bufs.hidden);
                     let residual = match &mut bufs.shortcut {
@@ -396,7 +397,7 @@ impl<B: Backend> Classifier<B> {
             }
             _ => b.global_avg_pool_backward(&plan.dfeatures, dlast),
         }
-        for (k, (stage, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate().rev() {
+        for (k, (unit, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate().rev() {
             let (head, tail) = plan.doutputs.split_at_mut(k + 1);
             let (dx, dout) = (&mut head[k], &tail[0]);
             let (Some(dsum), Some(dhidden), Some(dhidden_pre)) =
@@ -407,7 +408,7 @@ impl<B: Backend> Classifier<B> {
             for t in [&mut *dsum, &mut *dhidden, &mut *dhidden_pre] {
                 b.fill(t, 0.0);
             }
-            match &stage.block {
+            match &unit.kind {
                 Block::Basic { conv1, conv2, shortcut_pad } => {
                     // out = relu(conv2(hidden) + shortcut(x)): through the ReLU, then to both branches.
                     b.relu_backward(&plan.outputs[k + 1], dout, dsum);
