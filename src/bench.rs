@@ -1,12 +1,14 @@
 //! `purifier bench`: the benchmark of ENGINE.md's performance protocol, as far as a backend
 //! provides it. Per batch size: latency (median, p99) and image-steps per second of the UNet
 //! forward and of forward + input VJP; per purification mode: per-step latency and images per
-//! second; cold and warm start; the memory of the plans. With `--baseline PYTHON` the same run
-//! times PyTorch on the same architecture and weights (`bench/torch_baseline.py`), checks that
-//! both compute the same eps and input gradient, and reports every figure as a ratio.
+//! second; cold and warm start; the memory of the plans; where one forward + VJP spends its
+//! time, op by op. With `--baseline PYTHON` the same run times PyTorch on the same architecture
+//! and weights (`bench/torch_baseline.py`), checks that both compute the same eps and input
+//! gradient, and reports every figure as a ratio.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use purifier::backend::profiled::Profiled;
 use purifier::backend::Backend;
 use purifier::data::tensor_file::TensorFile;
 use purifier::diffusion::{GradientPath, Guidance};
@@ -129,6 +131,28 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         }));
     }
 
+    // Where the time goes: one forward + input VJP at --profile-batch, op by op.
+    let profile = {
+        let profiled = Profiled::new(b);
+        let traced = match &args.weights {
+            Some(path) => Unet::from_file(&profiled, &TensorFile::open(path)?)?,
+            None => Unet::load(&unet.config, &mut DeterministicParams::new(&profiled, args.seed))?,
+        };
+        let n = args.profile_batch;
+        let mut plan = traced.plan(&profiled, n, true)?;
+        let x = profiled.upload(&input(n), &[n, 3, 32, 32])?;
+        let v = profiled.upload(&deterministic_uniform("bench.v", n * 3 * 32 * 32, args.seed), &[n, 3, 32, 32])?;
+        let t = vec![BENCH_STEP; n];
+        let mut pass = || -> Result<()> {
+            traced.forward(&profiled, &mut plan, &x, &t)?;
+            traced.input_vjp(&profiled, &mut plan, &v).map(|_| ())
+        };
+        pass()?; // warm-up
+        profiled.take();
+        pass()?;
+        (n, profiled.take())
+    };
+
     // Whole purifications: per-step latency of each mode at --purify-batch, t* = --t-star.
     let auxiliary = Classifier::load_with(&mut DeterministicParams::new(b, args.seed), 20)?;
     let mut purify_json = Vec::new();
@@ -195,8 +219,14 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             baseline["agreement"]["grad_x"].as_f64().unwrap_or(f64::NAN)
         );
     }
+    let (profile_batch, op_times) = &profile;
+    let total = op_times.total_seconds();
+    println!("where one UNet forward + input VJP at batch {profile_batch} spends its {:.1} ms:", total * 1e3);
+    for (op, calls, seconds) in op_times.sorted().into_iter().take(12) {
+        println!("  {op:<32} {calls:>5} calls {:>10.2} ms {:>6.1}%", seconds * 1e3, 100.0 * seconds / total);
+    }
     println!(
-        "cold start {cold_start:.3} s; largest UNet plan {:.1} MB; weights {:.1} MB ({}); per-op breakdown: not available on this backend",
+        "cold start {cold_start:.3} s; largest UNet plan {:.1} MB; weights {:.1} MB ({})",
         peak_plan_bytes as f64 / 1e6,
         (parameters * b.precision().bytes()) as f64 / 1e6,
         b.precision()
@@ -212,7 +242,14 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             "memory": { "largest_unet_plan_bytes": peak_plan_bytes, "weights_bytes": parameters * b.precision().bytes() },
             "unet_timings": unet_json,
             "purify_timings": purify_json,
-            "per_op_breakdown": serde_json::Value::Null,
+            "per_op_breakdown": {
+                "what": "one UNet forward + input VJP, each op timed on the host around the call",
+                "batch": profile_batch,
+                "total_ms": total * 1e3,
+                "ops": op_times.sorted().into_iter().map(|(op, calls, seconds)| serde_json::json!({
+                    "op": op, "calls": calls, "ms": seconds * 1e3, "share": seconds / total,
+                })).collect::<Vec<_>>(),
+            },
             "baseline": baseline,
         });
         crate::commands::write_report(path, &report)?;

@@ -313,6 +313,9 @@ pub struct BenchArgs {
     /// Batch of the timed purifications.
     #[arg(long, default_value_t = 16)]
     pub purify_batch: usize,
+    /// Batch of the per-op breakdown (one forward + input VJP).
+    #[arg(long, default_value_t = 16)]
+    pub profile_batch: usize,
     /// A Python with PyTorch: also time bench/torch_baseline.py on the same weights and inputs.
     #[arg(long, value_name = "PYTHON")]
     pub baseline: Option<PathBuf>,

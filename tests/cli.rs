@@ -488,6 +488,7 @@ fn bench_reports_timings_as_table_and_json() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let mut args = vec!["bench", "--batches", "1,2", "--repeats", "2", "--t-star", "2", "--purify-batch", "1"];
+    args.extend(["--profile-batch", "1"]);
     args.extend(["--json", s(&json), "--device", "cpu"]);
     // The PyTorch baseline runs when a local venv has torch (CI has none).
     let python = project_path(".venv/bin/python");
@@ -514,6 +515,14 @@ fn bench_reports_timings_as_table_and_json() {
     }
     assert_eq!(report["purify_timings"].as_array().unwrap().len(), 3, "none, pixel, adversarial");
     assert_eq!(report["unet"]["parameters"], 8_952_067);
+    let ops = report["per_op_breakdown"]["ops"].as_array().unwrap();
+    let share: f64 = ops.iter().map(|o| o["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-9, "shares sum to {share}");
+    let calls = |name: &str| ops.iter().find(|o| o["op"] == name).map(|o| o["calls"].as_u64().unwrap());
+    // cifar10-small: 89 convolutions forward and as many backward; attention at 16x16 only.
+    assert_eq!(calls("conv2d"), Some(89));
+    assert_eq!(calls("conv2d_backward_input"), Some(89));
+    assert_eq!(calls("attention"), Some(6));
     if has_torch {
         let agreement = &report["baseline"]["agreement"];
         assert!(agreement["eps"].as_f64().unwrap() < 1e-4, "eps differs from PyTorch: {agreement}");

@@ -1,0 +1,246 @@
+//! A backend that times every op of another one: `purifier bench`'s per-op breakdown. Each op is
+//! timed on the host around the inner call, which is the op's compute time for a synchronous
+//! backend (the CPU); an asynchronous backend would need device events instead.
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::{Backend, Conv2dGeometry, ConvEpilogue, Precision, StepCoefficients};
+use crate::error::Result;
+
+/// Calls and seconds per op name.
+#[derive(Clone, Debug, Default)]
+pub struct OpTimes {
+    pub ops: BTreeMap<&'static str, (usize, f64)>,
+}
+
+impl OpTimes {
+    /// (op, calls, seconds), slowest first.
+    pub fn sorted(&self) -> Vec<(&'static str, usize, f64)> {
+        let mut rows: Vec<_> = self.ops.iter().map(|(&name, &(calls, seconds))| (name, calls, seconds)).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows
+    }
+    pub fn total_seconds(&self) -> f64 {
+        self.ops.values().map(|&(_, s)| s).sum()
+    }
+}
+
+pub struct Profiled<'a, B: Backend> {
+    inner: &'a B,
+    times: RefCell<OpTimes>,
+}
+
+impl<'a, B: Backend> Profiled<'a, B> {
+    pub fn new(inner: &'a B) -> Self {
+        Self { inner, times: RefCell::new(OpTimes::default()) }
+    }
+    /// What has been timed so far, and a fresh start.
+    pub fn take(&self) -> OpTimes {
+        std::mem::take(&mut *self.times.borrow_mut())
+    }
+    fn timed<T>(&self, op: &'static str, run: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let result = run();
+        let seconds = started.elapsed().as_secs_f64();
+        let mut times = self.times.borrow_mut();
+        let entry = times.ops.entry(op).or_default();
+        entry.0 += 1;
+        entry.1 += seconds;
+        result
+    }
+}
+
+impl<B: Backend> Backend for Profiled<'_, B> {
+    type Tensor = B::Tensor;
+
+    fn name(&self) -> String {
+        format!("{} (profiled)", self.inner.name())
+    }
+    fn precision(&self) -> Precision {
+        self.inner.precision()
+    }
+    fn available_memory(&self) -> Option<usize> {
+        self.inner.available_memory()
+    }
+    fn zeros(&self, shape: &[usize]) -> Result<B::Tensor> {
+        self.timed("zeros", || self.inner.zeros(shape))
+    }
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<B::Tensor> {
+        self.timed("upload", || self.inner.upload(data, shape))
+    }
+    fn write(&self, dst: &mut B::Tensor, data: &[f32]) -> Result<()> {
+        self.timed("write", || self.inner.write(dst, data))
+    }
+    fn download(&self, t: &B::Tensor) -> Result<Vec<f32>> {
+        self.timed("download", || self.inner.download(t))
+    }
+    fn copy(&self, src: &B::Tensor, dst: &mut B::Tensor) {
+        self.timed("copy", || self.inner.copy(src, dst))
+    }
+    fn fill(&self, t: &mut B::Tensor, value: f32) {
+        self.timed("fill", || self.inner.fill(t, value))
+    }
+    fn add_assign(&self, dst: &mut B::Tensor, src: &B::Tensor) {
+        self.timed("add_assign", || self.inner.add_assign(dst, src))
+    }
+    fn timestep_embedding(&self, t: &B::Tensor, out: &mut B::Tensor) {
+        self.timed("timestep_embedding", || self.inner.timestep_embedding(t, out))
+    }
+    fn linear(&self, x: &B::Tensor, w: &B::Tensor, b: Option<&B::Tensor>, silu_input: bool, out: &mut B::Tensor) {
+        self.timed("linear", || self.inner.linear(x, w, b, silu_input, out))
+    }
+    fn linear_backward(&self, x: &B::Tensor, w: &B::Tensor, silu_input: bool, dout: &B::Tensor, dx: &mut B::Tensor) {
+        self.timed("linear_backward", || self.inner.linear_backward(x, w, silu_input, dout, dx))
+    }
+    fn group_norm(
+        &self,
+        x: &B::Tensor,
+        gamma: &B::Tensor,
+        beta: &B::Tensor,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+        out: &mut B::Tensor,
+        stats: &mut B::Tensor,
+    ) {
+        self.timed("group_norm", || self.inner.group_norm(x, gamma, beta, groups, eps, silu, out, stats))
+    }
+    fn group_norm_backward(
+        &self,
+        x: &B::Tensor,
+        gamma: &B::Tensor,
+        beta: &B::Tensor,
+        stats: &B::Tensor,
+        groups: usize,
+        silu: bool,
+        dout: &B::Tensor,
+        dx: &mut B::Tensor,
+    ) {
+        self.timed("group_norm_backward", || {
+            self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx)
+        })
+    }
+    fn conv2d(
+        &self,
+        x: &B::Tensor,
+        w: &B::Tensor,
+        bias: Option<&B::Tensor>,
+        geometry: Conv2dGeometry,
+        epilogue: ConvEpilogue<'_, B::Tensor>,
+        out: &mut B::Tensor,
+    ) {
+        self.timed("conv2d", || self.inner.conv2d(x, w, bias, geometry, epilogue, out))
+    }
+    fn conv2d_backward_input(&self, dout: &B::Tensor, w: &B::Tensor, geometry: Conv2dGeometry, dx: &mut B::Tensor) {
+        self.timed("conv2d_backward_input", || self.inner.conv2d_backward_input(dout, w, geometry, dx))
+    }
+    fn attention(&self, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor, out: &mut B::Tensor, logsumexp: &mut B::Tensor) {
+        self.timed("attention", || self.inner.attention(q, k, v, out, logsumexp))
+    }
+    fn attention_backward(
+        &self,
+        q: &B::Tensor,
+        k: &B::Tensor,
+        v: &B::Tensor,
+        out: &B::Tensor,
+        logsumexp: &B::Tensor,
+        dout: &B::Tensor,
+        dq: &mut B::Tensor,
+        dk: &mut B::Tensor,
+        dv: &mut B::Tensor,
+    ) {
+        self.timed("attention_backward", || self.inner.attention_backward(q, k, v, out, logsumexp, dout, dq, dk, dv))
+    }
+    fn upsample_nearest2x(&self, x: &B::Tensor, out: &mut B::Tensor) {
+        self.timed("upsample_nearest2x", || self.inner.upsample_nearest2x(x, out))
+    }
+    fn upsample_nearest2x_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor) {
+        self.timed("upsample_nearest2x_backward", || self.inner.upsample_nearest2x_backward(dout, dx))
+    }
+    fn concat_channels(&self, a: &B::Tensor, b: &B::Tensor, out: &mut B::Tensor) {
+        self.timed("concat_channels", || self.inner.concat_channels(a, b, out))
+    }
+    fn concat_channels_backward(&self, dout: &B::Tensor, da: &mut B::Tensor, db: &mut B::Tensor) {
+        self.timed("concat_channels_backward", || self.inner.concat_channels_backward(dout, da, db))
+    }
+    fn channel_affine(&self, x: &B::Tensor, scale: &[f32], shift: &[f32], out: &mut B::Tensor) {
+        self.timed("channel_affine", || self.inner.channel_affine(x, scale, shift, out))
+    }
+    fn channel_affine_backward(&self, dout: &B::Tensor, scale: &[f32], dx: &mut B::Tensor) {
+        self.timed("channel_affine_backward", || self.inner.channel_affine_backward(dout, scale, dx))
+    }
+    fn relu(&self, x: &mut B::Tensor) {
+        self.timed("relu", || self.inner.relu(x))
+    }
+    fn relu_backward(&self, y: &B::Tensor, dy: &B::Tensor, dx: &mut B::Tensor) {
+        self.timed("relu_backward", || self.inner.relu_backward(y, dy, dx))
+    }
+    fn shortcut_subsample_pad(&self, x: &B::Tensor, pad: usize, out: &mut B::Tensor) {
+        self.timed("shortcut_subsample_pad", || self.inner.shortcut_subsample_pad(x, pad, out))
+    }
+    fn shortcut_subsample_pad_backward(&self, dout: &B::Tensor, pad: usize, dx: &mut B::Tensor) {
+        self.timed("shortcut_subsample_pad_backward", || self.inner.shortcut_subsample_pad_backward(dout, pad, dx))
+    }
+    fn global_avg_pool(&self, x: &B::Tensor, out: &mut B::Tensor) {
+        self.timed("global_avg_pool", || self.inner.global_avg_pool(x, out))
+    }
+    fn global_avg_pool_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor) {
+        self.timed("global_avg_pool_backward", || self.inner.global_avg_pool_backward(dout, dx))
+    }
+    fn axpby(&self, a: f32, x: &B::Tensor, b: f32, y: &B::Tensor, out: &mut B::Tensor) {
+        self.timed("axpby", || self.inner.axpby(a, x, b, y, out))
+    }
+    fn clamp(&self, x: &mut B::Tensor, lo: f32, hi: f32) {
+        self.timed("clamp", || self.inner.clamp(x, lo, hi))
+    }
+    fn clamp_backward(&self, x: &B::Tensor, lo: f32, hi: f32, grad: &mut B::Tensor) {
+        self.timed("clamp_backward", || self.inner.clamp_backward(x, lo, hi, grad))
+    }
+    fn fill_gaussian(&self, out: &mut B::Tensor, seed: u64, stream: u64) {
+        self.timed("fill_gaussian", || self.inner.fill_gaussian(out, seed, stream))
+    }
+    fn predict_x0_and_mean(
+        &self,
+        x_t: &B::Tensor,
+        eps: &B::Tensor,
+        coefficients: StepCoefficients,
+        x0_hat: &mut B::Tensor,
+        mu: &mut B::Tensor,
+    ) {
+        self.timed("predict_x0_and_mean", || self.inner.predict_x0_and_mean(x_t, eps, coefficients, x0_hat, mu))
+    }
+    fn mask_clipped(&self, x_t: &B::Tensor, eps: &B::Tensor, coefficients: StepCoefficients, u: &mut B::Tensor) {
+        self.timed("mask_clipped", || self.inner.mask_clipped(x_t, eps, coefficients, u))
+    }
+    fn constrain_guidance(&self, delta: &mut B::Tensor, x_t: &B::Tensor, mu: &B::Tensor, kappa: f32) {
+        self.timed("constrain_guidance", || self.inner.constrain_guidance(delta, x_t, mu, kappa))
+    }
+    fn guidance_objective_grad(
+        &self,
+        features: &B::Tensor,
+        reference_features: &B::Tensor,
+        logits: &B::Tensor,
+        labels: &B::Tensor,
+        lambda_f: f32,
+        lambda_c: f32,
+        dfeatures: &mut B::Tensor,
+        dlogits: &mut B::Tensor,
+    ) {
+        self.timed("guidance_objective_grad", || {
+            self.inner.guidance_objective_grad(
+                features,
+                reference_features,
+                logits,
+                labels,
+                lambda_f,
+                lambda_c,
+                dfeatures,
+                dlogits,
+            )
+        })
+    }
+    fn cross_entropy_grad(&self, logits: &B::Tensor, labels: &B::Tensor, dlogits: &mut B::Tensor) {
+        self.timed("cross_entropy_grad", || self.inner.cross_entropy_grad(logits, labels, dlogits))
+    }
+}
