@@ -137,8 +137,8 @@ case "$MODE" in
     exit "$status"
     ;;
   both)
-    # Both recipes at once on the one GPU: the ResNet-20's small kernels leave most of an H100
-    # idle, and the two processes take turns on it, so the DDPM loses little of its call.
+    # Both recipes at once on the one GPU: the ResNet-20's small kernels should leave most of an
+    # H100 idle (not yet measured), and the two processes take turns on it.
     need_data
     gpu_banner
     train_aux 2>&1 | sed -u 's/^/[aux] /' &
