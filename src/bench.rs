@@ -38,10 +38,10 @@ fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<Timi
     Ok(Timing { median: crate::commands::percentile(&seconds, 0.5), p99: crate::commands::percentile(&seconds, 0.99) })
 }
 
-fn timing_json(t: &Timing, batch: usize, steps_per_run: usize) -> serde_json::Value {
+/// One UNet call (or one reverse step) per timed run: image-steps/s = batch / median.
+fn timing_json(t: &Timing, batch: usize) -> serde_json::Value {
     serde_json::json!({
-        "median_ms": t.median * 1e3, "p99_ms": t.p99 * 1e3,
-        "image_steps_per_s": (batch * steps_per_run) as f64 / t.median,
+        "median_ms": t.median * 1e3, "p99_ms": t.p99 * 1e3, "image_steps_per_s": batch as f64 / t.median,
     })
 }
 
@@ -127,7 +127,7 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             n as f64 / with_vjp.median,
         ));
         unet_json.push(serde_json::json!({
-            "batch": n, "forward": timing_json(&forward, n, 1), "forward_vjp": timing_json(&with_vjp, n, 1),
+            "batch": n, "forward": timing_json(&forward, n), "forward_vjp": timing_json(&with_vjp, n),
         }));
     }
 
@@ -180,7 +180,7 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             n as f64 / step.median,
         ));
         purify_json.push(serde_json::json!({
-            "mode": mode, "batch": n, "t_star": args.t_star, "step": timing_json(&step, n, 1),
+            "mode": mode, "batch": n, "t_star": args.t_star, "step": timing_json(&step, n),
             "images_per_s": images_per_s,
         }));
     }

@@ -16,7 +16,7 @@ use purifier::error::{check_finite, Error, Result};
 use purifier::model::classifier::argmax;
 use purifier::model::params::{DeterministicParams, ParamLister};
 use purifier::model::{Classifier, Unet, UnetConfig};
-use purifier::purify::Purifier;
+use purifier::purify::{Purifier, PurifyPlan, PurifyReport};
 
 use crate::{AttackArgs, BenchArgs, ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurificationArgs, PurifyArgs};
 
@@ -33,6 +33,31 @@ fn check_batch(batch: usize) -> Result<()> {
         return Err(Error::invalid("--batch must be at least 1"));
     }
     Ok(())
+}
+
+/// Purifies `images` in batches of at most `batch` (each batch its own noise draw) and returns
+/// x_0 in [-1, 1]; `on_batch(index, images, report, seconds)` after each batch.
+fn purify_in_batches<B: Backend>(
+    purifier: &Purifier<B>,
+    images: &ImageBatch,
+    batch: usize,
+    mut on_batch: impl FnMut(usize, usize, &PurifyReport, f64),
+) -> Result<Vec<f32>> {
+    let x = images.to_model_range();
+    let per_image = images.image_len();
+    let mut purified = Vec::with_capacity(x.len());
+    let mut plan: Option<PurifyPlan<B>> = None;
+    for (index, chunk) in x.chunks(batch * per_image).enumerate() {
+        let n = chunk.len() / per_image;
+        if plan.as_ref().map(|p| p.batch()) != Some(n) {
+            plan = Some(purifier.plan(n)?);
+        }
+        let started = Instant::now();
+        let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, index as u64)?;
+        purified.extend_from_slice(&out);
+        on_batch(index, n, &report, started.elapsed().as_secs_f64());
+    }
+    Ok(purified)
 }
 
 /// The denoiser and (adversarial mode) the auxiliary network of `args`.
@@ -71,31 +96,18 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
         settings.seed
     );
 
-    let x = images.to_model_range();
-    let per_image = images.image_len();
-    let mut purified = Vec::with_capacity(x.len());
-    let mut plan = None;
     let mut step_seconds = Vec::new();
     let (mut network_calls, mut unet_vjps) = (0, 0);
     let started = Instant::now();
-    for (index, chunk) in x.chunks(args.batch * per_image).enumerate() {
-        let n = chunk.len() / per_image;
-        if plan.as_ref().map(|p: &purifier::purify::PurifyPlan<_>| p.batch()) != Some(n) {
-            plan = Some(purifier.plan(n)?);
-        }
-        let batch_started = Instant::now();
-        let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, index as u64)?;
-        purified.extend_from_slice(&out);
+    let purified = purify_in_batches(&purifier, &images, args.batch, |index, n, report, seconds| {
         step_seconds.extend_from_slice(&report.step_seconds);
         network_calls += report.network_calls;
         unet_vjps += report.unet_vjps;
         eprintln!(
-            "  batch {index}: {n} images, {} UNet calls, {} UNet VJPs, {:.2} s",
-            report.network_calls,
-            report.unet_vjps,
-            batch_started.elapsed().as_secs_f64()
+            "  batch {index}: {n} images, {} UNet calls, {} UNet VJPs, {seconds:.2} s",
+            report.network_calls, report.unet_vjps
         );
-    }
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     let output = ImageBatch::from_model_range(
         &purified,
@@ -140,12 +152,8 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
     write_comparison_grid(&grid, &images, &output, None, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE)?;
     println!("wrote {} PNGs and {} (each cell: input | purified)", output.count, grid.display());
     if let Some(path) = &args.report {
-        let report = serde_json::json!({
-            "images": images.count,
-            "inputs": args.inputs,
-            "device": b.name(),
-            "precision": b.precision().to_string(),
-            "unet": { "config": unet.config.name, "weights": settings.weights_name() },
+        let mut report = report_header(&b, &images, &args.inputs, &unet, settings);
+        let more = serde_json::json!({
             "settings": with_batch(settings.to_json(), args.batch),
             "network_calls": network_calls,
             "unet_vjps": unet_vjps,
@@ -154,6 +162,7 @@ pub fn purify(args: &PurifyArgs) -> Result<()> {
             "step_ms": { "median": median * 1e3, "p99": p99 * 1e3, "count": step_seconds.len() },
             "accuracy": accuracy_before_after.map(|(before, after)| serde_json::json!({ "classifier": args.classifier, "before": before, "after": after })),
         });
+        extend(&mut report, more);
         write_report(path, &report)?;
     }
     Ok(())
@@ -169,6 +178,30 @@ fn plan_for<'p, B: Backend>(
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => e.insert(defence.plan(n)?),
     })
+}
+
+/// What every JSON report of a purification run starts with: the images, the device, the UNet.
+fn report_header<B: Backend>(
+    b: &B,
+    images: &ImageBatch,
+    inputs: &[std::path::PathBuf],
+    unet: &Unet<B>,
+    settings: &PurificationArgs,
+) -> serde_json::Value {
+    serde_json::json!({
+        "images": images.count,
+        "inputs": inputs,
+        "device": b.name(),
+        "precision": b.precision().to_string(),
+        "unet": { "config": unet.config.name, "weights": settings.weights_name() },
+    })
+}
+
+/// Adds the keys of object `more` to object `report`.
+fn extend(report: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(report), serde_json::Value::Object(more)) = (report.as_object_mut(), more) {
+        report.extend(more);
+    }
 }
 
 pub(crate) fn write_report(path: &Path, report: &serde_json::Value) -> Result<()> {
@@ -529,16 +562,7 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
             write_png(&path, adversarial.image(i), adversarial.height, adversarial.width)?;
         }
         // One purification of each adversarial image, for the grid.
-        let x = adversarial.to_model_range();
-        let mut purified = Vec::with_capacity(x.len());
-        let mut purify_plan = None;
-        for (index, chunk) in x.chunks(args.batch * per_image).enumerate() {
-            let n = chunk.len() / per_image;
-            if purify_plan.as_ref().map(|p: &purifier::purify::PurifyPlan<_>| p.batch()) != Some(n) {
-                purify_plan = Some(purifier.plan(n)?);
-            }
-            purified.extend(purifier.purify(purify_plan.as_mut().unwrap(), chunk, index as u64)?.0);
-        }
+        let purified = purify_in_batches(&purifier, &adversarial, args.batch, |_, _, _, _| {})?;
         let purified = ImageBatch::from_model_range(&purified, 32, 32, None, images.names.clone())?;
         let grid = out.join("grid.png");
         write_comparison_grid(
@@ -556,12 +580,8 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
         );
     }
     if let Some(path) = &args.report {
-        let report = serde_json::json!({
-            "images": images.count,
-            "inputs": args.inputs,
-            "device": b.name(),
-            "precision": b.precision().to_string(),
-            "unet": { "config": unet.config.name, "weights": settings.weights_name() },
+        let mut report = report_header(&b, &images, &args.inputs, &unet, settings);
+        let more = serde_json::json!({
             "classifier": args.classifier,
             "purification": with_batch(settings.to_json(), args.batch),
             "attack": {
@@ -586,6 +606,7 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
             "trace": traces,
             "seconds": seconds,
         });
+        extend(&mut report, more);
         write_report(path, &report)?;
     }
     Ok(())
