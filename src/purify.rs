@@ -60,8 +60,9 @@ pub struct PurifyPlan<B: Backend> {
     labels: B::Tensor,
     dfeatures: B::Tensor,
     dlogits: B::Tensor,
-    /// The UNet's 0-based step index per sample, refilled each step (no allocation in the loop).
-    step_indices: Vec<f32>,
+    /// Per reverse step, the UNet's 0-based step index for every sample, uploaded once here so
+    /// that no step sends anything from the host.
+    step_indices: Vec<B::Tensor>,
     /// Differentiable plans only: what the last purification recorded, and the gradients.
     tape: Option<Tape<B>>,
 }
@@ -162,7 +163,11 @@ impl<'a, B: Backend> Purifier<'a, B> {
             labels: z(&[batch])?,
             dfeatures: z(&[batch, fdim])?,
             dlogits: z(&[batch, classes])?,
-            step_indices: vec![0.0; batch],
+            step_indices: self
+                .steps
+                .iter()
+                .map(|step| b.upload(&vec![(step.t - 1) as f32; batch], &[batch]))
+                .collect::<Result<_>>()?,
             tape: if differentiable {
                 Some(Tape {
                     states: self.steps.iter().map(|_| z(&image)).collect::<Result<_>>()?,
@@ -216,8 +221,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
             if let Some(tape) = plan.tape.as_mut() {
                 b.copy(&plan.x_t, &mut tape.states[index]);
             }
-            plan.step_indices.fill((step.t - 1) as f32);
-            self.unet.forward(b, &mut plan.unet, &plan.x_t, &plan.step_indices)?;
+            self.unet.forward_indexed(b, &mut plan.unet, &plan.x_t, &plan.step_indices[index])?;
             report.network_calls += 1;
             b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
             let guided = self.guidance_shift(plan, step, &mut report)?;
@@ -265,12 +269,11 @@ impl<'a, B: Backend> Purifier<'a, B> {
         }
         b.copy(grad_output, &mut tape.grad);
         b.clamp_backward(&tape.unclamped_output, -1.0, 1.0, &mut tape.grad);
-        for (step, x_t) in self.steps.iter().zip(&tape.states).rev() {
+        for ((step, x_t), t) in self.steps.iter().zip(&tape.states).zip(step_indices.iter()).rev() {
             // x_prev = c0 clip(x0_hat(x_t)) + ct x_t + const, x0_hat = (x_t - s eps(x_t)) / a:
             // dL/dx_t = ct g + (u - s J_eps^T u) / a, with u = c0 g masked by the clip.
             let c = step.coefficients;
-            step_indices.fill((step.t - 1) as f32);
-            self.unet.forward(b, unet_plan, x_t, step_indices)?;
+            self.unet.forward_indexed(b, unet_plan, x_t, t)?;
             b.axpby(c.c0, &tape.grad, 0.0, &tape.grad, u);
             b.mask_clipped(x_t, unet_plan.eps(), c, u);
             let jtu = self.unet.input_vjp(b, unet_plan, u)?;
@@ -314,8 +317,8 @@ impl<'a, B: Backend> Purifier<'a, B> {
         let b = self.backend;
         self.set_input(plan, x_in)?;
         b.write(&mut plan.x_t, x_t)?;
-        plan.step_indices.fill((step.t - 1) as f32);
-        self.unet.forward(b, &mut plan.unet, &plan.x_t, &plan.step_indices)?;
+        // A diagnostic for any step, not only this purifier's: its indices come from the host.
+        self.unet.forward(b, &mut plan.unet, &plan.x_t, &vec![(step.t - 1) as f32; plan.batch])?;
         b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
         let (scale, objective) = match self.settings.guidance {
             Guidance::None => return Err(Error::invalid("mode none has no guidance objective")),

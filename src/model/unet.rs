@@ -299,8 +299,39 @@ impl<B: Backend> Unet<B> {
     }
 
     /// `eps_theta(x, t)` for x (batch x 3 x H x W, in the plan's backend) and per-sample step
-    /// indices `t` (0-based, as floats). The result stays in the plan (`UnetPlan::eps`).
+    /// indices `t` (0-based, as floats, from the host). The result stays in the plan
+    /// (`UnetPlan::eps`).
     pub fn forward<'p>(&self, b: &B, plan: &'p mut UnetPlan<B>, x: &B::Tensor, t: &[f32]) -> Result<&'p B::Tensor> {
+        if t.len() != plan.batch {
+            return Err(Error::invalid(format!("{} step indices for a batch of {}", t.len(), plan.batch)));
+        }
+        b.write(&mut plan.t_steps, t)?;
+        self.forward_steps(b, plan, x, None)
+    }
+
+    /// `forward` with the step indices already in the backend (a tensor of `batch` floats): a
+    /// sampler uploads them once per plan instead of once per step.
+    pub fn forward_indexed<'p>(
+        &self,
+        b: &B,
+        plan: &'p mut UnetPlan<B>,
+        x: &B::Tensor,
+        t: &B::Tensor,
+    ) -> Result<&'p B::Tensor> {
+        if t.shape() != plan.t_steps.shape() {
+            return Err(Error::invalid(format!("step indices of shape {:?} for a batch of {}", t.shape(), plan.batch)));
+        }
+        self.forward_steps(b, plan, x, Some(t))
+    }
+
+    /// The forward from the step indices `t`, or the plan's own when `None`.
+    fn forward_steps<'p>(
+        &self,
+        b: &B,
+        plan: &'p mut UnetPlan<B>,
+        x: &B::Tensor,
+        t: Option<&B::Tensor>,
+    ) -> Result<&'p B::Tensor> {
         if x.shape() != plan.activations[0].shape() {
             return Err(Error::invalid(format!(
                 "UNet input has shape {:?}, the plan expects {:?}",
@@ -308,11 +339,7 @@ impl<B: Backend> Unet<B> {
                 plan.activations[0].shape()
             )));
         }
-        if t.len() != plan.batch {
-            return Err(Error::invalid(format!("{} step indices for a batch of {}", t.len(), plan.batch)));
-        }
-        b.write(&mut plan.t_steps, t)?;
-        b.timestep_embedding(&plan.t_steps, &mut plan.temb_sinusoid);
+        b.timestep_embedding(t.unwrap_or(&plan.t_steps), &mut plan.temb_sinusoid);
         b.linear(
             &plan.temb_sinusoid,
             &self.temb_dense0.weight,
