@@ -55,6 +55,7 @@ pub struct PurifyPlan<B: Backend> {
     noise: B::Tensor,
     /// Scratch: the guidance objective's gradient with respect to the classifier input.
     u: B::Tensor,
+    /// The x_t path's classifier input, x_t / sqrt(abar).
     aux_input: B::Tensor,
     reference_features: B::Tensor,
     labels: B::Tensor,
@@ -377,10 +378,12 @@ impl<'a, B: Backend> Purifier<'a, B> {
                 let (aux, aux_plan) =
                     (self.auxiliary.expect("checked in new"), plan.auxiliary.as_mut().expect("made by plan"));
                 match path {
-                    GradientPath::X0 => b.copy(&plan.x0_hat, &mut plan.aux_input),
-                    GradientPath::Xt => b.axpby(1.0 / c.sqrt_abar, &plan.x_t, 0.0, &plan.x_t, &mut plan.aux_input),
+                    GradientPath::X0 => aux.forward(b, aux_plan, &plan.x0_hat)?,
+                    GradientPath::Xt => {
+                        b.axpby(1.0 / c.sqrt_abar, &plan.x_t, 0.0, &plan.x_t, &mut plan.aux_input);
+                        aux.forward(b, aux_plan, &plan.aux_input)?
+                    }
                 }
-                aux.forward(b, aux_plan, &plan.aux_input)?;
                 b.guidance_objective_grad(
                     &aux_plan.features,
                     &plan.reference_features,

@@ -282,7 +282,6 @@ impl<B: Backend> Classifier<B> {
         let f = self.feature_dim();
         Ok(ClassifierPlan {
             batch,
-            input: zeros(&input_shape)?,
             normalised: zeros(&input_shape)?,
             outputs,
             blocks,
@@ -303,15 +302,14 @@ impl<B: Backend> Classifier<B> {
     /// Logits and features of images x (N x 3 x 32 x 32, in [-1, 1]); results stay in the plan
     /// (`ClassifierPlan::logits`, `ClassifierPlan::features`).
     pub fn forward(&self, b: &B, plan: &mut ClassifierPlan<B>, x: &B::Tensor) -> Result<()> {
-        if x.shape() != plan.input.shape() {
+        if x.shape() != plan.normalised.shape() {
             return Err(Error::invalid(format!(
                 "classifier input has shape {:?}, the plan expects {:?}",
                 x.shape(),
-                plan.input.shape()
+                plan.normalised.shape()
             )));
         }
-        b.copy(x, &mut plan.input);
-        b.channel_affine(&plan.input, &self.input.scale, &self.input.shift, &mut plan.normalised);
+        b.channel_affine(x, &self.input.scale, &self.input.shift, &mut plan.normalised);
         self.stem.forward(b, &plan.normalised, None, &mut plan.outputs[0]);
         for (k, (unit, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
             let (head, tail) = plan.outputs.split_at_mut(k + 1);
@@ -469,7 +467,8 @@ struct BlockBuffers<B: Backend> {
 /// Every buffer of one batch size.
 pub struct ClassifierPlan<B: Backend> {
     pub batch: usize,
-    input: B::Tensor,
+    /// The input after the network's per-channel normalisation (the backward needs no copy of the
+    /// input itself).
     normalised: B::Tensor,
     /// outputs[0] is the stem's, outputs[k + 1] block k's.
     outputs: Vec<B::Tensor>,
