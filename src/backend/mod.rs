@@ -17,6 +17,7 @@
 //! The reference implementation is `cpu::CpuBackend` (plain f32, the spec).
 
 pub mod cpu;
+pub mod cuda;
 pub mod profiled;
 
 use crate::error::Result;
