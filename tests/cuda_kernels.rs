@@ -11,14 +11,16 @@
 //!   upsample and concat combination the UNet and the classifiers use, odd channel counts, batch 1
 //!   and 3.
 //!
-//! NVRTC needs `LD_LIBRARY_PATH` to hold libnvrtc.so.13 and its builtins (see the brief/README); without it
-//! the compile tests print "skipped: NVRTC not found", unless `PURIFIER_REQUIRE_NVRTC` is set (CI),
-//! where they fail.
+//! NVRTC needs `LD_LIBRARY_PATH` to hold libnvrtc.so.13 and its builtins (CI installs it); without
+//! it the compile tests fail, naming what is missing.
 mod common;
+
+use std::sync::Mutex;
 
 use half::{bf16, f16};
 use purifier::backend::cpu::CpuBackend;
 use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch};
+use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, Precision};
 use purifier::driver::{DevicePtr, Driver};
@@ -26,52 +28,20 @@ use purifier::driver::{DevicePtr, Driver};
 const ARCHITECTURES: [&str; 3] = ["sm_80", "sm_87", "sm_90"];
 
 // ---------------------------------------------------------------------------------------------
-// NVRTC (a local helper: the backend's compile module hands common.cuh to NVRTC as a header; the
-// text compiled here is the same, inlined).
+// NVRTC, through the backend's compiler (common.cuh as an in-memory header), each module compiled
+// once per test process.
 
-fn nvrtc_available() -> bool {
-    // SAFETY: only tries to dlopen the library; cudarc's other entry points panic when it is absent.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
-}
-
-/// False (after saying so) when NVRTC is missing and CI did not ask for it.
-fn require_nvrtc() -> bool {
-    if nvrtc_available() {
-        return true;
+fn compile_ptx(file: &str, arch: &'static str) -> String {
+    static CACHE: Mutex<Vec<((String, &'static str), String)>> = Mutex::new(Vec::new());
+    if let Some((_, ptx)) = CACHE.lock().unwrap().iter().find(|(key, _)| key.0 == file && key.1 == arch) {
+        return ptx.clone();
     }
-    let msg = "NVRTC not found: put libnvrtc.so.13 (PyPI nvidia-cuda-nvrtc 13.0) on LD_LIBRARY_PATH";
-    if std::env::var_os("PURIFIER_REQUIRE_NVRTC").is_some() {
-        panic!("{msg}");
-    }
-    println!("skipped: {msg}");
-    false
-}
-
-fn kernel_source(file: &str) -> String {
-    let find = |name: &str| {
-        purifier::kernels::KERNEL_SOURCES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .unwrap_or_else(|| panic!("kernels/{name} is not embedded"))
-            .1
-    };
-    find(file).replace("#include \"common.cuh\"", find("common.cuh"))
-}
-
-fn compile_ptx(file: &str, arch: &'static str) -> Result<String, String> {
-    let options = cudarc::nvrtc::CompileOptions {
-        ftz: Some(false),
-        prec_div: Some(true),
-        prec_sqrt: Some(true),
-        fmad: Some(true),
-        arch: Some(arch),
-        options: vec!["-std=c++17".into()],
-        name: Some(file.into()),
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(kernel_source(file), options)
-        .map(|ptx| ptx.to_src())
-        .map_err(|e| format!("{file} for {arch}: {e:?}"))
+    assert!(nvrtc_available(), "NVRTC is not loadable: put libnvrtc.so.13's folder on LD_LIBRARY_PATH");
+    let compiler = KernelCompiler::with_cache_dir(arch, None).unwrap();
+    let image = compiler.compile_file(file, ImageKind::Ptx).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
+    let ptx = String::from_utf8(image).unwrap();
+    CACHE.lock().unwrap().push(((file.to_string(), arch), ptx.clone()));
+    ptx
 }
 
 fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
@@ -83,12 +53,9 @@ fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
 
 #[test]
 fn kernels_compile_for_every_architecture() {
-    if !require_nvrtc() {
-        return;
-    }
     for (file, names, _) in kernel_files() {
         for arch in ARCHITECTURES {
-            let ptx = compile_ptx(file, arch).unwrap_or_else(|e| panic!("{e}"));
+            let ptx = compile_ptx(file, arch);
             for name in &names {
                 assert!(ptx.contains(&format!(".entry {name}(")), "{file} for {arch}: no entry `{name}`");
             }
@@ -137,14 +104,11 @@ fn hot_kernels_do_not_spill() {
         println!("skipped: PTXAS not set (ptxas of PyPI nvidia-cuda-nvcc)");
         return;
     };
-    if !require_nvrtc() {
-        return;
-    }
     let ptxas = ptxas.to_string_lossy().into_owned();
     let mut spilled_hot = Vec::new();
     for (file, names, hot) in kernel_files() {
         for arch in ARCHITECTURES {
-            let ptx = compile_ptx(file, arch).unwrap_or_else(|e| panic!("{e}"));
+            let ptx = compile_ptx(file, arch);
             let report = ptxas_report(&ptxas, &ptx, arch);
             assert_eq!(report.len(), names.len(), "{file} {arch}: ptxas reported {} entries", report.len());
             for (name, registers, stores, loads) in report {

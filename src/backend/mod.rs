@@ -11,8 +11,14 @@
 //! - every backward op *accumulates* into its input-gradient buffers (`dx += ...`), so gradients that
 //!   meet at a skip connection add up without extra buffers; callers zero gradients once with `fill`.
 //!
-//! Shapes are given in NCHW / OIHW order; how a backend stores them (NHWC, f16, ...) is its own
-//! business. Precision is a property of the backend's tensors (`Backend::precision`).
+//! - each tensor knows its storage type (`TensorShape::dtype`): f32, f16 or bf16, chosen per tensor
+//!   by the plan (activations in `Backend::precision`; x_t, noise, gradients, norm statistics and
+//!   log-sum-exp always f32); ops compute in f32 and round once when they store;
+//! - ops return nothing: a launch error is stored and reported by `synchronize`, which every public
+//!   entry point of the engine calls before it returns;
+//! - timing goes through `timestamp` / `elapsed_ms` (device events on a GPU), not host clocks.
+//!
+//! Shapes are given in NCHW / OIHW order; how a backend stores them (NHWC, ...) is its own business.
 //!
 //! The reference implementation is `cpu::CpuBackend` (plain f32, the spec).
 
@@ -22,7 +28,7 @@ pub mod profiled;
 
 use crate::error::Result;
 
-/// Storage precision of a backend's activations.
+/// Storage type of a tensor (and the precision a backend's plans choose for activations).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     F32,
@@ -53,6 +59,8 @@ impl std::fmt::Display for Precision {
 /// What every backend tensor can say about itself.
 pub trait TensorShape {
     fn shape(&self) -> &[usize];
+    /// The storage type of the elements.
+    fn dtype(&self) -> Precision;
     fn numel(&self) -> usize {
         self.shape().iter().product()
     }
@@ -115,6 +123,15 @@ pub struct StepCoefficients {
     pub ct: f32,
 }
 
+/// A point on a backend's timeline, from `Backend::timestamp`.
+#[derive(Clone, Copy, Debug)]
+pub enum Timestamp {
+    /// A host clock reading (a synchronous backend: the op has finished when the call returns).
+    Host(std::time::Instant),
+    /// A device event recorded in the stream.
+    Device(crate::driver::Event),
+}
+
 /// The compute interface. All tensors are `Self::Tensor`; scalars and tiny per-batch values come
 /// from the host.
 pub trait Backend {
@@ -122,16 +139,35 @@ pub trait Backend {
 
     /// A short human-readable name, e.g. "cpu (2 threads)".
     fn name(&self) -> String;
+    /// The storage type the backend's plans give activations (the network's weights and
+    /// intermediate tensors); x_t, noise, gradients and statistics stay f32.
     fn precision(&self) -> Precision;
     /// Bytes of memory free for new tensors, when the backend can tell (plans check it before
     /// allocating, so a batch too large is an error, not a crash).
     fn available_memory(&self) -> Option<usize>;
 
+    /// Waits for the work issued so far and reports the first error stored since the last call
+    /// (a kernel fault, a launch the device refused). Every public entry point calls it before
+    /// returning, so an error surfaces where it happened, not at a later download.
+    fn synchronize(&self) -> Result<()>;
+    /// The current point of the backend's timeline (a device event on a GPU).
+    fn timestamp(&self) -> Result<Timestamp>;
+    /// Milliseconds between two timestamps of this backend (synchronises first where needed).
+    fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64>;
+
     // ---- memory: the only host <-> device crossings ----
-    /// A zero-filled tensor. Called when plans are made, never inside a step.
-    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
-    /// A new tensor holding `data` (row-major in `shape`).
-    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    /// A zero-filled f32 tensor. Called when plans are made, never inside a step.
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
+        self.zeros_as(shape, Precision::F32)
+    }
+    /// A zero-filled tensor of storage type `dtype`.
+    fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<Self::Tensor>;
+    /// A new f32 tensor holding `data` (row-major in `shape`).
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        self.upload_as(data, shape, Precision::F32)
+    }
+    /// A new tensor of storage type `dtype` holding `data` rounded once to it.
+    fn upload_as(&self, data: &[f32], shape: &[usize], dtype: Precision) -> Result<Self::Tensor>;
     /// Overwrite an existing tensor with host data of the same number of elements.
     fn write(&self, dst: &mut Self::Tensor, data: &[f32]) -> Result<()>;
     /// The tensor's values as f32, row-major.
@@ -250,10 +286,11 @@ pub trait Backend {
     /// da += dout[:, :Ca], db += dout[:, Ca:].
     fn concat_channels_backward(&self, dout: &Self::Tensor, da: &mut Self::Tensor, db: &mut Self::Tensor);
 
-    /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation).
+    /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation, a
+    /// BatchNorm at inference); `scale` and `shift` are f32 tensors of C values, uploaded once.
     /// Backward is `dx += dout * scale[c]`.
-    fn channel_affine(&self, x: &Self::Tensor, scale: &[f32], shift: &[f32], out: &mut Self::Tensor);
-    fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &[f32], dx: &mut Self::Tensor);
+    fn channel_affine(&self, x: &Self::Tensor, scale: &Self::Tensor, shift: &Self::Tensor, out: &mut Self::Tensor);
+    fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &Self::Tensor, dx: &mut Self::Tensor);
 
     /// x = max(x, 0), in place (the pre-activation of the WideResNet's blocks).
     fn relu(&self, x: &mut Self::Tensor);

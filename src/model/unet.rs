@@ -4,7 +4,7 @@
 //! The network is a flat list of nodes in execution order, each reading earlier activations and
 //! writing one new one, so the forward is a loop over the list and the backward the same loop
 //! reversed. All buffers live in a `UnetPlan` made once per batch size.
-use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, TensorShape};
+use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, Precision, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::config::UnetConfig;
@@ -230,7 +230,15 @@ impl<B: Backend> Unet<B> {
         let mut activation_shapes = vec![[3, r, r]];
         activation_shapes.extend(self.nodes.iter().map(|n| n.output));
         let shape = |[c, h, w]: [usize; 3]| [batch, c, h, w];
-        let activations = activation_shapes.iter().map(|s| backend.zeros(&shape(*s))).collect::<Result<Vec<_>>>()?;
+        // Activations and saved intermediates in the backend's precision; the input x_t, the output
+        // eps, gradients, statistics, log-sum-exp and the time embedding's small tensors in f32.
+        let precision = backend.precision();
+        let last = activation_shapes.len() - 1;
+        let activations = activation_shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| backend.zeros_as(&shape(*s), if i == 0 || i == last { Precision::F32 } else { precision }))
+            .collect::<Result<Vec<_>>>()?;
         let gradients = if with_backward {
             activation_shapes.iter().map(|s| backend.zeros(&shape(*s))).collect::<Result<Vec<_>>>()?
         } else {
@@ -242,8 +250,8 @@ impl<B: Backend> Unet<B> {
             let [_, h, w] = input;
             let input_channels: usize = node.inputs.iter().map(|&i| activation_shapes[i][0]).sum();
             let [cout, oh, ow] = node.output;
-            let t = |dims: &[usize]| backend.zeros(dims);
-            let stats = |_channels: usize| t(&[batch, NORM_GROUPS, 2]);
+            let t = |dims: &[usize]| backend.zeros_as(dims, precision);
+            let stats = |_channels: usize| backend.zeros(&[batch, NORM_GROUPS, 2]);
             let mut bufs: NodeBuffers<B> = NodeBuffers::default();
             match &node.layer {
                 Layer::ConvIn(_) | Layer::Downsample(_) => {}
@@ -253,7 +261,7 @@ impl<B: Backend> Unet<B> {
                     }
                     bufs.push(t(&[batch, input_channels, h, w])?); // SiLU(norm1(x))
                     bufs.push(stats(input_channels)?);
-                    bufs.push(t(&[batch, cout])?); // temb_proj
+                    bufs.push(backend.zeros(&[batch, cout])?); // temb_proj (a bias: f32)
                     bufs.push(t(&[batch, cout, h, w])?); // conv1 + temb
                     bufs.push(t(&[batch, cout, h, w])?); // SiLU(norm2(.))
                     bufs.push(stats(cout)?);
@@ -266,7 +274,7 @@ impl<B: Backend> Unet<B> {
                         bufs.push(t(&[batch, cout, h, w])?); // norm, q, k, v, attention output
                     }
                     bufs.push(stats(cout)?);
-                    bufs.push(t(&[batch, h * w])?); // log-sum-exp
+                    bufs.push(backend.zeros(&[batch, h * w])?); // log-sum-exp
                 }
                 Layer::Upsample(_) => bufs.push(t(&[batch, input[0], oh, ow])?),
                 Layer::Out { .. } => {
@@ -278,8 +286,7 @@ impl<B: Backend> Unet<B> {
             let mut grads: NodeBuffers<B> = NodeBuffers::default();
             if with_backward {
                 for buffer in &bufs.0 {
-                    let shape = buffer.shape();
-                    grads.push(backend.zeros(shape)?);
+                    grads.push(backend.zeros(buffer.shape())?);
                 }
             }
             saved.push((bufs, grads));
@@ -378,6 +385,7 @@ impl<B: Backend> Unet<B> {
                 }
             }
         }
+        b.synchronize()?;
         plan.forward_done = true;
         Ok(plan.eps())
     }
@@ -451,6 +459,7 @@ impl<B: Backend> Unet<B> {
                 }
             }
         }
+        b.synchronize()?;
         Ok(&plan.gradients[0])
     }
 }
@@ -471,14 +480,14 @@ pub struct UnetPlan<B: Backend> {
 
 impl<B: Backend> UnetPlan<B> {
     /// Memory held by the plan's tensors.
-    pub fn bytes(&self, backend: &B) -> usize {
+    pub fn bytes(&self, _backend: &B) -> usize {
         let saved = self.saved.iter().flat_map(|(s, g)| s.0.iter().chain(g.0.iter()));
         let all = [&self.t_steps, &self.temb_sinusoid, &self.temb_hidden, &self.temb]
             .into_iter()
             .chain(&self.activations)
             .chain(&self.gradients)
             .chain(saved);
-        all.map(|t| t.numel()).sum::<usize>() * backend.precision().bytes()
+        all.map(|t| t.numel() * t.dtype().bytes()).sum::<usize>()
     }
 
     /// The last forward's output.
