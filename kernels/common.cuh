@@ -186,11 +186,15 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 counter, uint2 key) {
 __device__ __forceinline__ double philox_uniform(unsigned r) { return ((double)r + 0.5) / 4294967296.0; }
 
 // Box-Muller in f64, rounded to f32 once, as on the CPU: (u0, u1) -> (radius cos, radius sin).
+// cos(2 pi u1) as sincospi(2 u1): the angle is below 2 pi, and sincospi has no slow-path argument
+// reduction (cos/sin call one, a PTX function call), so the kernel stays call-free; the two
+// differ from the host's cos(2 pi u1) in the last f64 bits only, which the f32 rounding hides
+// but in rare last-bit cases.
 __device__ __forceinline__ float2 box_muller(double u0, double u1) {
-    const double pi = 3.141592653589793;
     const double radius = sqrt(-2.0 * log(u0));
-    const double angle = 2.0 * pi * u1;
-    return make_float2((float)(radius * cos(angle)), (float)(radius * sin(angle)));
+    double sine, cosine;
+    sincospi(2.0 * u1, &sine, &cosine);
+    return make_float2((float)(radius * cosine), (float)(radius * sine));
 }
 
 // The four standard normals of one Philox output block (n0, n1 from words 0,1; n2, n3 from 2,3).
