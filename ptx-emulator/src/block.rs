@@ -204,6 +204,7 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
             }
         }
         if min_pc == u32::MAX {
+            check_waiting_collectives(env, w, f)?;
             return Ok(count);
         }
         let mut group = 0u32;
@@ -255,11 +256,7 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                 advance(w, group & !exec);
             }
             Op::Shfl(_) | Op::Vote(_) | Op::Redux(_) | Op::BarWarp => {
-                let mslot = match inst.op {
-                    Op::Shfl(_) => inst.s[3],
-                    Op::Vote(_) | Op::Redux(_) => inst.s[1],
-                    _ => inst.s[0],
-                };
+                let mslot = collective_mask(inst);
                 let mut needed = 0u32;
                 for l in 0..32 {
                     if exec & (1 << l) != 0 {
@@ -359,6 +356,37 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
     }
 }
 
+/// The mask operand slot of a warp collective.
+fn collective_mask(inst: &Inst) -> Slot {
+    match inst.op {
+        Op::Shfl(_) => inst.s[3],
+        Op::Vote(_) | Op::Redux(_) => inst.s[1],
+        _ => inst.s[0],
+    }
+}
+
+/// Lanes waiting in a collective whose mask names lanes that have exited since: an error.
+fn check_waiting_collectives(env: &BlockEnv, w: &Warp, f: &Function) -> Result<(), Report> {
+    for l in 0..32 {
+        if w.st[l] == WAIT_COLL {
+            let inst = &f.insts[w.pc[l] as usize];
+            let m = lane_mask_of(&w.regs, collective_mask(inst), l);
+            let exited: u32 = (0..32).filter(|&k| m & (1 << k) != 0 && w.st[k] == EXITED).fold(0, |a, k| a | 1 << k);
+            if exited != 0 {
+                return Err(env.report(
+                    ReportKind::InvalidCollective,
+                    w.id,
+                    l as u32,
+                    inst.line,
+                    None,
+                    format!("member mask {m:#010x} names lanes that exited ({exited:#010x})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Releases every barrier all live threads (or its thread count) have reached. False when none could be.
 fn release_barriers(env: &mut BlockEnv, warps: &mut [Warp], live: u32) -> Result<bool, Report> {
     let mut ids: Vec<u32> = Vec::new();
@@ -431,8 +459,9 @@ fn release_barriers(env: &mut BlockEnv, warps: &mut [Warp], live: u32) -> Result
 }
 
 fn deadlock(env: &BlockEnv, warps: &[Warp], f: &Function) -> Report {
-    let mut waits = Vec::new();
-    let mut who = (0u32, 0u32, 0u32);
+    // Group the waiting threads by what they wait at: (what, count, first thread).
+    let mut groups: Vec<(String, u32, u32)> = Vec::new();
+    let mut who = None;
     for w in warps {
         for l in 0..32 {
             let line = f.insts[w.pc[l] as usize].line;
@@ -441,21 +470,28 @@ fn deadlock(env: &BlockEnv, warps: &[Warp], f: &Function) -> Report {
                 WAIT_COLL => format!("warp collective at line {line}"),
                 _ => continue,
             };
-            if waits.is_empty() {
-                who = (w.id, l as u32, line);
-            }
-            let t = env.thread_of(w.id * 32 + l as u32);
-            if waits.len() < 8 {
-                waits.push(format!("thread ({},{},{}) waits at {what}", t[0], t[1], t[2]));
+            let tid = w.id * 32 + l as u32;
+            who.get_or_insert((w.id, l as u32, line));
+            match groups.iter_mut().find(|g| g.0 == what) {
+                Some(g) => g.1 += 1,
+                None => groups.push((what, 1, tid)),
             }
         }
     }
+    let text: Vec<String> = groups
+        .iter()
+        .map(|(what, n, tid)| {
+            let t = env.thread_of(*tid);
+            format!("{n} threads (first ({},{},{})) wait at {what}", t[0], t[1], t[2])
+        })
+        .collect();
+    let (wid, lane, line) = who.unwrap_or((0, 0, 0));
     env.report(
         ReportKind::Deadlock,
-        who.0,
-        who.1,
-        who.2,
+        wid,
+        lane,
+        line,
         None,
-        format!("no thread of the block can move: {}", waits.join("; ")),
+        format!("no thread of the block can move: {}", text.join("; ")),
     )
 }
