@@ -196,23 +196,65 @@ fn advance(w: &mut Warp, lanes: u32) {
 /// Runs a warp until none of its lanes can move; returns thread-instructions executed.
 fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Report> {
     let mut count = 0u64;
+    // Fast path: while every live lane is ready at one PC (a converged warp), that PC is kept
+    // here and the per-lane PCs are stale; `materialize` writes them back before divergence.
+    let mut uni: Option<u32> = None;
+    let mut live = 0u32;
+    for l in 0..32 {
+        if w.st[l] != EXITED {
+            live |= 1 << l;
+        }
+    }
+    macro_rules! materialize {
+        () => {
+            if let Some(p) = uni.take() {
+                crate::exec::lanes::for_lanes(live, |l| w.pc[l] = p);
+            }
+        };
+    }
+    macro_rules! advance {
+        ($lanes:expr) => {
+            match uni.as_mut() {
+                Some(p) => *p += 1,
+                None => advance(w, $lanes),
+            }
+        };
+    }
     loop {
-        let mut min_pc = u32::MAX;
-        for l in 0..32 {
-            if w.st[l] == READY && w.pc[l] < min_pc {
-                min_pc = w.pc[l];
+        let (min_pc, group) = match uni {
+            Some(pc) => (pc, live),
+            None => {
+                let mut min_pc = u32::MAX;
+                let mut group = 0u32;
+                let mut waiting = false;
+                for l in 0..32 {
+                    match w.st[l] {
+                        READY if w.pc[l] < min_pc => {
+                            min_pc = w.pc[l];
+                            group = 1 << l;
+                        }
+                        READY if w.pc[l] == min_pc => group |= 1 << l,
+                        WAIT_COLL => waiting = true,
+                        _ => {}
+                    }
+                }
+                if min_pc == u32::MAX {
+                    check_waiting_collectives(env, w, f)?;
+                    return Ok(count);
+                }
+                if waiting {
+                    for l in 0..32 {
+                        if w.st[l] == WAIT_COLL && w.pc[l] == min_pc {
+                            group |= 1 << l;
+                        }
+                    }
+                }
+                if group == live && !waiting {
+                    uni = Some(min_pc);
+                }
+                (min_pc, group)
             }
-        }
-        if min_pc == u32::MAX {
-            check_waiting_collectives(env, w, f)?;
-            return Ok(count);
-        }
-        let mut group = 0u32;
-        for l in 0..32 {
-            if (w.st[l] == READY || w.st[l] == WAIT_COLL) && w.pc[l] == min_pc {
-                group |= 1 << l;
-            }
-        }
+        };
         let inst = &f.insts[min_pc as usize];
         let mut exec = group;
         if inst.guard != NONE {
@@ -231,20 +273,30 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
             env.report(kind, w.id, lane, inst.line, None, msg)
         };
         match &inst.op {
-            Op::Bra => crate::exec::lanes::for_lanes(group, |l| {
-                w.pc[l] = if exec & (1 << l) != 0 { inst.target } else { w.pc[l] + 1 }
-            }),
+            Op::Bra => {
+                if uni.is_some() && (exec == group || exec == 0) {
+                    uni = Some(if exec != 0 { inst.target } else { min_pc + 1 });
+                } else {
+                    materialize!();
+                    crate::exec::lanes::for_lanes(group, |l| {
+                        w.pc[l] = if exec & (1 << l) != 0 { inst.target } else { w.pc[l] + 1 }
+                    });
+                }
+            }
             Op::Ret | Op::Exit => {
+                materialize!();
                 crate::exec::lanes::for_lanes(exec, |l| w.st[l] = EXITED);
+                live &= !exec;
                 advance(w, group & !exec);
             }
             Op::Trap => {
                 if exec != 0 {
                     return Err(fault(env, ReportKind::Fault, first, "trap executed".into()));
                 }
-                advance(w, group);
+                advance!(group);
             }
             Op::Bar { arrive } => {
+                materialize!();
                 if *arrive && exec != 0 {
                     return Err(fault(env, ReportKind::Fault, first, "bar.arrive is not supported".into()));
                 }
@@ -296,6 +348,7 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                             ),
                         ));
                     }
+                    materialize!();
                     crate::exec::lanes::for_lanes(exec, |l| w.st[l] = WAIT_COLL);
                     advance(w, group & !exec);
                     continue;
@@ -328,29 +381,29 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                     _ => env.shadow.warp_sync(w.id as usize),
                 }
                 crate::exec::lanes::for_lanes(group, |l| w.st[l] = READY);
-                advance(w, group);
+                advance!(group);
             }
             Op::Activemask => {
                 let d = inst.d[0] as usize * 32;
                 crate::exec::lanes::for_lanes(exec, |l| w.regs[d + l] = group as u64);
-                advance(w, group);
+                advance!(group);
             }
-            Op::Fence | Op::Nop => advance(w, group),
+            Op::Fence | Op::Nop => advance!(group),
             Op::Ld { .. } | Op::St { .. } | Op::Atom { .. } | Op::Cvta { .. } => {
                 mem::exec(env, w.id, inst, &mut w.regs, exec)?;
-                advance(w, group);
+                advance!(group);
             }
             Op::Cvt => {
                 if let Err(e) = cvt::exec(inst, &mut w.regs, exec) {
                     return Err(fault(env, ReportKind::Fault, first, e));
                 }
-                advance(w, group);
+                advance!(group);
             }
             _ => {
                 if let Err(e) = alu::exec(inst, &mut w.regs, exec) {
                     return Err(fault(env, ReportKind::Fault, first, e));
                 }
-                advance(w, group);
+                advance!(group);
             }
         }
     }

@@ -151,6 +151,8 @@ impl Mods {
             approx: self.take("approx"),
             relu: self.take("relu"),
             neg_c: false,
+            satfinite: self.take("satfinite"),
+            nan: self.take("NaN"),
         }
     }
     fn space(&mut self) -> Space {
@@ -409,7 +411,6 @@ impl<'a> Decoder<'a> {
                 inst.rnd = m.rnd();
                 inst.flags = m.flags();
                 m.take("full");
-                m.take("NaN");
                 inst.ty = m.one_type()?;
                 inst.op = match base.as_str() {
                     "add" => Op::Add,

@@ -294,6 +294,10 @@ pub struct Flags {
     pub relu: bool,
     /// The predicate source of `setp.*.bop` or `vote` is negated (`!%p`).
     pub neg_c: bool,
+    /// `.satfinite`: out-of-range results become the largest finite value, NaN stays NaN.
+    pub satfinite: bool,
+    /// `.NaN` on min/max: a NaN operand gives NaN.
+    pub nan: bool,
 }
 
 #[derive(Clone, Debug)]
