@@ -65,6 +65,10 @@ pub struct BlockEnv<'a> {
     pub shadow: &'a mut SharedShadow,
     pub local: Bytes,
     pub last_alloc: usize,
+    /// cp.async state per thread, and per shared byte the number of pending copies to it (both
+    /// empty until the block's first cp.async).
+    pub async_threads: Vec<crate::exec::async_copy::AsyncThread>,
+    pub async_pending: Vec<u16>,
 }
 
 impl BlockEnv<'_> {
@@ -131,6 +135,8 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         shadow,
         local: Bytes::zeroed(f.local_bytes as usize * nthreads as usize),
         last_alloc: 0,
+        async_threads: Vec::new(),
+        async_pending: Vec::new(),
     };
     let mut warps: Vec<Warp> = (0..nwarps).map(|w| new_warp(l, &env, w, nthreads)).collect();
     let mut count = 0u64;
@@ -307,7 +313,7 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                 });
                 advance(w, group & !exec);
             }
-            Op::Shfl(_) | Op::Vote(_) | Op::Redux(_) | Op::BarWarp => {
+            Op::Shfl(_) | Op::Vote(_) | Op::Redux(_) | Op::BarWarp | Op::Mma(_) | Op::Ldmatrix { .. } => {
                 let mslot = collective_mask(inst);
                 let mut needed = 0u32;
                 for l in 0..32 {
@@ -378,6 +384,8 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                     }
                     Op::Vote(mode) => coll::vote(inst, mode, &mut w.regs, exec),
                     Op::Redux(op) => coll::redux(inst, op, &mut w.regs, exec),
+                    Op::Mma(ref m) => crate::exec::tensor::mma(m, &mut w.regs),
+                    Op::Ldmatrix { trans } => crate::exec::async_copy::ldmatrix(env, w.id, inst, &mut w.regs, trans)?,
                     _ => env.shadow.warp_sync(w.id as usize),
                 }
                 crate::exec::lanes::for_lanes(group, |l| w.st[l] = READY);
@@ -389,6 +397,10 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                 advance!(group);
             }
             Op::Fence | Op::Nop => advance!(group),
+            Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait { .. } => {
+                crate::exec::async_copy::exec(env, w.id, inst, &w.regs, exec)?;
+                advance!(group);
+            }
             Op::Ld { .. } | Op::St { .. } | Op::Atom { .. } | Op::Cvta { .. } => {
                 mem::exec(env, w.id, inst, &mut w.regs, exec)?;
                 advance!(group);
