@@ -148,9 +148,9 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             traced.input_vjp(&profiled, &mut plan, &v).map(|_| ())
         };
         pass()?; // warm-up
-        profiled.take();
+        profiled.take()?;
         pass()?;
-        (n, profiled.take())
+        (n, profiled.take()?)
     };
 
     // Whole purifications: per-step latency of each mode at --purify-batch, t* = --t-star.
