@@ -11,6 +11,8 @@
 //! Handles (`Module`, `Function`, `Event`, `Graph`) are small copyable ids into tables each
 //! implementation keeps; device memory is named by its 64-bit device address.
 
+pub mod emulated;
+
 /// A device address (what a kernel's pointer parameter holds).
 pub type DevicePtr = u64;
 
