@@ -30,7 +30,8 @@ pub enum DeviceChoice {
 /// The backend a `--device` choice selected.
 pub enum SelectedBackend {
     Cpu(CpuBackend),
-    Cuda(CudaBackend),
+    /// Boxed: the CUDA backend is much larger than the (empty) CPU one.
+    Cuda(Box<CudaBackend>),
 }
 
 /// Runs `$body` with `$b` bound to the selected backend (by value), whatever its type: the body is
@@ -40,7 +41,10 @@ macro_rules! with_backend {
     ($selected:expr, $b:ident => $body:expr) => {
         match $selected {
             $crate::device::SelectedBackend::Cpu($b) => $body,
-            $crate::device::SelectedBackend::Cuda($b) => $body,
+            $crate::device::SelectedBackend::Cuda(boxed) => {
+                let $b = *boxed;
+                $body
+            }
         }
     };
 }
@@ -79,10 +83,10 @@ pub fn select(choice: DeviceChoice, precision: Precision) -> Result<(SelectedBac
     };
     match choice {
         DeviceChoice::Cpu => Ok((cpu()?, None)),
-        DeviceChoice::Cuda => Ok((SelectedBackend::Cuda(cuda_backend(precision)?), None)),
-        DeviceChoice::Emulator => Ok((SelectedBackend::Cuda(emulator_backend(precision)?), None)),
+        DeviceChoice::Cuda => Ok((SelectedBackend::Cuda(Box::new(cuda_backend(precision)?)), None)),
+        DeviceChoice::Emulator => Ok((SelectedBackend::Cuda(Box::new(emulator_backend(precision)?)), None)),
         DeviceChoice::Auto => match cuda_backend(precision) {
-            Ok(b) => Ok((SelectedBackend::Cuda(b), None)),
+            Ok(b) => Ok((SelectedBackend::Cuda(Box::new(b)), None)),
             Err(reason) => Ok((cpu()?, Some(format!("warning: device auto: using the CPU backend ({reason})")))),
         },
     }

@@ -14,9 +14,7 @@ use std::sync::Arc;
 use purifier::backend::cpu::{CpuBackend, CpuTensor};
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
-use purifier::backend::{
-    Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape,
-};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape};
 use purifier::driver::emulated::EmulatedDriver;
 
 const ALL_DTYPES: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
@@ -54,7 +52,10 @@ impl<'a, B: Backend> Harness<'a, B> {
 
     fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
         self.draws += 1;
-        common::uniform(n, self.seed ^ self.draws.wrapping_mul(0x2545_F491_4F6C_DD1D)).iter().map(|v| v * scale).collect()
+        common::uniform(n, self.seed ^ self.draws.wrapping_mul(0x2545_F491_4F6C_DD1D))
+            .iter()
+            .map(|v| v * scale)
+            .collect()
     }
 
     /// The same random values in both backends, in storage type `dtype` (rounded once).
@@ -332,8 +333,11 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
             let (beta, beta_r) = h.input_f32(&[c]);
             let (mut out, mut out_r) = h.output(&[n, c, hh, w]);
             let (mut stats, mut stats_r) = h.output_as(&[n, groups, 2], Precision::F32);
-            let (input, input_r) =
-                if cb > 0 { (LayerInput::concat(&a, &bb), LayerInput::concat(&ar, &bb_r)) } else { (LayerInput::one(&a), LayerInput::one(&ar)) };
+            let (input, input_r) = if cb > 0 {
+                (LayerInput::concat(&a, &bb), LayerInput::concat(&ar, &bb_r))
+            } else {
+                (LayerInput::one(&a), LayerInput::one(&ar))
+            };
             b.group_norm(input, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
             h.cpu.group_norm(input_r, &gamma_r, &beta_r, groups, 1e-6, silu, &mut out_r, &mut stats_r);
             let what = format!("group_norm {ca}+{cb} channels, {groups} groups, {hh}x{w}, silu {silu}");

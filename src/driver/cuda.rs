@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use cudarc::driver::{result, sys};
 
 use super::{
-    DeviceInfo, DevicePtr, Driver, DriverError, DriverResult, Event, Function, Graph, KernelArgs, LaunchConfig,
-    Module, ModuleImage,
+    DeviceInfo, DevicePtr, Driver, DriverError, DriverResult, Event, Function, Graph, KernelArgs, LaunchConfig, Module,
+    ModuleImage,
 };
 
 /// The oldest architecture the kernels are written for (mma.sync bf16, cp.async).
@@ -82,7 +82,8 @@ impl CudaDriver {
         let device = result::device::get(ordinal as i32).map_err(|e| unavailable("cuDeviceGet", e))?;
         use sys::CUdevice_attribute::*;
         // SAFETY: a device handle from cuDeviceGet.
-        let attribute = |a| unsafe { result::device::get_attribute(device, a) }.map_err(|e| unavailable("attribute", e));
+        let attribute =
+            |a| unsafe { result::device::get_attribute(device, a) }.map_err(|e| unavailable("attribute", e));
         let major = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? as u32;
         let minor = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)? as u32;
         let name = result::device::get_name(device).map_err(|e| unavailable("cuDeviceGetName", e))?;
@@ -106,7 +107,13 @@ impl CudaDriver {
         unsafe { result::ctx::set_current(context) }.map_err(|e| unavailable("context", e))?;
         let stream =
             result::stream::create(result::stream::StreamKind::NonBlocking).map_err(|e| unavailable("stream", e))?;
-        let state = State { modules: Vec::new(), functions: Vec::new(), events: Vec::new(), graphs: Vec::new(), capturing: false };
+        let state = State {
+            modules: Vec::new(),
+            functions: Vec::new(),
+            events: Vec::new(),
+            graphs: Vec::new(),
+            capturing: false,
+        };
         Ok(Self { info, device, context, stream, state: Mutex::new(state) })
     }
 
@@ -279,7 +286,14 @@ impl Driver for CudaDriver {
         // SAFETY: parameter values live until the call returns; the kernel's argument layout is
         // what KernelArgs packed (checked against the PTX by the emulator in CI).
         unsafe {
-            result::launch_kernel(f, (gx, gy, gz), (bx, by, bz), config.dynamic_shared_bytes, self.stream, &mut pointers)
+            result::launch_kernel(
+                f,
+                (gx, gy, gz),
+                (bx, by, bz),
+                config.dynamic_shared_bytes,
+                self.stream,
+                &mut pointers,
+            )
         }
         .map_err(|e| cuda_error(&format!("launch of {name}"), e))
     }
@@ -301,7 +315,8 @@ impl Driver for CudaDriver {
 
     fn record_event(&self) -> DriverResult<Event> {
         self.current()?;
-        let event = result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| cuda_error("cuEventCreate", e))?;
+        let event =
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| cuda_error("cuEventCreate", e))?;
         // SAFETY: a new event on the driver's stream.
         unsafe { result::event::record(event, self.stream) }.map_err(|e| cuda_error("cuEventRecord", e))?;
         let mut state = self.state.lock().unwrap();
@@ -313,7 +328,11 @@ impl Driver for CudaDriver {
         self.current()?;
         let state = self.state.lock().unwrap();
         let get = |e: Event| {
-            state.events.get(e.0 as usize).copied().ok_or_else(|| DriverError::InvalidValue(format!("unknown event {}", e.0)))
+            state
+                .events
+                .get(e.0 as usize)
+                .copied()
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown event {}", e.0)))
         };
         let (a, b) = (get(start)?, get(end)?);
         // SAFETY: events recorded on this driver's stream.
@@ -360,7 +379,10 @@ impl Driver for CudaDriver {
         self.current()?;
         let exec = {
             let state = self.state.lock().unwrap();
-            *state.graphs.get(graph.0 as usize).ok_or_else(|| DriverError::InvalidValue(format!("unknown graph {}", graph.0)))?
+            *state
+                .graphs
+                .get(graph.0 as usize)
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown graph {}", graph.0)))?
         };
         // SAFETY: an instantiated graph of this driver, launched on its stream.
         unsafe { result::graph::launch(exec, self.stream) }.map_err(|e| cuda_error("cuGraphLaunch", e))

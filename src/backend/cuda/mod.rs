@@ -142,8 +142,9 @@ impl CudaBackend {
         if let Some(k) = self.conv.get() {
             return Ok(k);
         }
-        let module = self.modules.module("conv2d.cu")?;
-        let kernels = Conv2dKernels::load(self.driver.as_ref(), module)?;
+        let simt = self.modules.module("conv2d.cu")?;
+        let mma = self.modules.module("conv2d_mma.cu")?;
+        let kernels = Conv2dKernels::load(self.driver.as_ref(), simt, Some(mma))?;
         Ok(self.conv.get_or_init(|| kernels))
     }
 
