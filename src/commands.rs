@@ -21,7 +21,10 @@ use purifier::purify::{Purifier, PurifyPlan, PurifyReport};
 use crate::{AttackArgs, BenchArgs, ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurificationArgs, PurifyArgs};
 
 fn backend(args: &DeviceArgs) -> Result<impl Backend> {
-    let (backend, note) = device::select(args.device)?;
+    let (backend, note) = device::select(args.device, purifier::backend::Precision::F32)?;
+    let purifier::device::SelectedBackend::Cpu(backend) = backend else {
+        return Err(Error::Device("the commands run on the CPU backend only in this build".into()));
+    };
     if let Some(note) = note {
         eprintln!("{note}");
     }

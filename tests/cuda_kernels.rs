@@ -444,7 +444,14 @@ pub fn check_conv(
         residual: c.residual.then_some(&res_t),
         relu: c.relu,
     };
-    cpu.conv2d(&x_t, &w_t, c.bias.then_some(&bias_t), c.geometry, epilogue, &mut out_t);
+    cpu.conv2d(
+        purifier::backend::LayerInput::one(&x_t),
+        &w_t,
+        c.bias.then_some(&bias_t),
+        c.geometry,
+        epilogue,
+        &mut out_t,
+    );
     let mut reference = cpu.download(&out_t).unwrap();
     if out_dtype != Precision::F32 {
         // What the device can at best store.
