@@ -751,15 +751,25 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn fill_gaussian(&self, out: &mut CudaTensor, seed: u64, stream: u64) {
+    fn fill_gaussian(&self, out: &mut CudaTensor, image_indices: &CudaTensor, seed: u64, stream: u64) {
         let n = out.len();
+        let samples = out.shape().first().copied().unwrap_or(0);
+        if !self.check_shape(image_indices, &[samples], "fill_gaussian: image_indices") {
+            return;
+        }
+        if !self.check(image_indices.dtype == Precision::F32, || "fill_gaussian: image_indices must be f32".into()) {
+            return;
+        }
         let [c, h, w] = match *out.shape() {
             [_, c, h, w] => [c, h, w],
             _ => [1, 1, 1],
         };
+        let sample_len = if samples == 0 { 0 } else { n / samples };
         let args = KernelArgs::new()
             .tensor(out)
-            .u64(n as u64)
+            .ptr(image_indices.ptr)
+            .u64(samples as u64)
+            .u64(sample_len as u64)
             .i32(out.is_nhwc() as i32)
             .i32(c as i32)
             .i32(h as i32)
@@ -767,7 +777,7 @@ impl Backend for CudaBackend {
             .u64(seed)
             .u64(stream);
         if n > 0 {
-            self.launch("diffusion.cu", "fill_gaussian", self.grid_for(n.div_ceil(4)), args);
+            self.launch("diffusion.cu", "fill_gaussian", self.grid_for(samples * sample_len.div_ceil(4)), args);
         }
     }
 
