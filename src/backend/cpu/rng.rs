@@ -22,8 +22,8 @@
 //!   inside (0, 1), so the logarithm below is always finite. Box-Muller on (u0, u1) gives
 //!   `n0 = sqrt(-2 ln u0) cos(2 pi u1)`, `n1 = sqrt(-2 ln u0) sin(2 pi u1)`; on (u2, u3) it gives
 //!   n2, n3. All of it in f64, rounded to f32 once at the end: the rounding hides the last-ulp
-//!   differences between the f64 libm of the host and the GPU's (kernels/common.cuh takes the
-//!   angle's cosine and sine as `sincospi(2 u1)`), but for rare last-bit cases. So the noise
+//!   differences between the f64 libm of the host and the GPU's (kernels/common.cuh has its own
+//!   `sincos_f64`), but for rare last-bit cases. So the noise
 //!   agrees across backends, and results agree bit for bit on one backend, to the precision's
 //!   tolerance across backends.
 //! - The CUDA kernel (kernels/diffusion.cu, `fill_gaussian`) implements exactly this, reading the
