@@ -110,7 +110,7 @@ fn main() {
         }
         let d = EmulatedDriver::new();
         let module = d.load_module(ModuleImage::Ptx(&ptx)).unwrap();
-        let kernels = Conv2dKernels::load(&d, module).unwrap();
+        let kernels = Conv2dKernels::load(&d, module, None).unwrap();
         let start = Instant::now();
         let cpu_start = cpu_seconds();
         for &(res, ca, cb, upsample, co, k, geometry) in &layers {
