@@ -546,3 +546,68 @@ fn bad_bench_inputs_get_clear_errors() {
     assert!(with(&["--weights", "x.safetensors", "--baseline", "python3"]).contains("drop --weights"));
     assert!(with(&["--weights", "no_such.safetensors"]).contains("no_such.safetensors"));
 }
+
+/// Outputs are all or nothing: a path that cannot be written fails before any compute, an output
+/// folder that is (or holds) an input is refused, and a failure leaves what was there before.
+#[test]
+fn outputs_are_checked_before_compute_and_written_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["purify", "--untrained-seed", "1", "--t-star", "2", "--device", "cpu", "--count", "2", "--batch", "2"];
+    let purify = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run_cli(&args)
+    };
+    let bin = "../shared/data/cifar10/test_lossless.bin";
+
+    // An output folder under a file: refused at once, with the verb right.
+    let file = dir.path().join("plain.txt");
+    std::fs::write(&file, "not a folder").unwrap();
+    let under_file = file.join("out");
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", s(&under_file)]);
+    assert!(!ok && stderr.contains("cannot write") && stderr.contains("plain.txt"), "{stderr}");
+    assert!(!stderr.contains("purifying"), "failed after starting the compute: {stderr}");
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", "/proc/purifier-test/out"]);
+    assert!(!ok && stderr.contains("cannot write /proc/purifier-test"), "{stderr}");
+    assert!(!stderr.contains("purifying"), "{stderr}");
+
+    // A report that cannot be written: nothing at all is written, what was there is kept.
+    let out = dir.path().join("kept");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("grid.png"), "the previous grid").unwrap();
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", s(&out), "--report", s(&file.join("r.json"))]);
+    assert!(!ok && stderr.contains("cannot write") && !stderr.contains("purifying"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(out.join("grid.png")).unwrap(), "the previous grid");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "only the previous file remains");
+    let fresh = dir.path().join("a/b/c");
+    let (ok, _, _) = purify(&["--input", bin, "--out", s(&fresh), "--report", s(&file.join("r.json"))]);
+    assert!(!ok);
+    assert!(!dir.path().join("a").exists(), "folders made for the outputs are removed on failure");
+
+    // The output folder is the input folder, or holds an input: refused, the inputs untouched.
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for k in 0..2 {
+        purifier::data::image::write_png(&images.join(format!("{k}.png")), &vec![0.25; 3 * 32 * 32], 32, 32).unwrap();
+    }
+    let before: Vec<Vec<u8>> = (0..2).map(|k| std::fs::read(images.join(format!("{k}.png"))).unwrap()).collect();
+    let err = cli_error(&[&base[..], &["--input", s(&images), "--out", s(&images)]].concat());
+    assert!(err.contains("--out") && err.contains("is the input"), "{err}");
+    let err = cli_error(&[&base[..], &["--input", s(&images), "--out", s(dir.path())]].concat());
+    assert!(err.contains("contains the input"), "{err}");
+    let err = cli_error(
+        &[&base[..], &["--input", s(&images), "--out", s(&out), "--report", s(&images.join("0.png"))]].concat(),
+    );
+    assert!(err.contains("--report") && err.contains("is the input"), "{err}");
+    let after: Vec<Vec<u8>> = (0..2).map(|k| std::fs::read(images.join(format!("{k}.png"))).unwrap()).collect();
+    assert_eq!(before, after, "the inputs were changed");
+    assert!(!images.join("grid.png").exists());
+
+    // Success: everything in place, no staging left behind.
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", s(&out), "--report", s(&out.join("r.json"))]);
+    assert!(ok, "{stderr}");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["grid.png", "r.json", "test_lossless_0000.png", "test_lossless_0001.png"]);
+}

@@ -1,0 +1,349 @@
+//! `purifier attack`.
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use purifier::attack::{AttackSettings, Defence, DefencePlan, Loss, Method, Norm};
+use purifier::backend::Backend;
+use purifier::data::image::{write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
+use purifier::data::tensor_file::TensorFile;
+use purifier::data::{load_images, ImageBatch};
+use purifier::error::{Error, Result};
+use purifier::model::Classifier;
+use purifier::purify::Purifier;
+
+use super::args::{parse_number, DeviceArgs, PurificationArgs};
+use super::backend::backend;
+use super::outputs::Outputs;
+use super::pipeline::{accuracy, check_batch, load_purification, purify_in_batches};
+use super::report::{extend, report_header, with_batch, write_report};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttackArg {
+    /// PGD on the cross-entropy, fixed step.
+    Pgd,
+    /// APGD on the cross-entropy.
+    ApgdCe,
+    /// APGD on the DLR loss.
+    ApgdDlr,
+    /// AutoAttack's version for stochastic defences: APGD-CE, then APGD-DLR on the images that
+    /// survived it (Croce & Hein 2020 use 100 iterations and EOT 20).
+    AutoattackRand,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum NormArg {
+    Linf,
+    L2,
+}
+
+#[derive(Args)]
+pub struct AttackArgs {
+    /// Labelled images: CIFAR-10 binary files.
+    #[arg(long = "input", short, required = true, num_args = 1..)]
+    pub inputs: Vec<PathBuf>,
+    /// Use only the first N images.
+    #[arg(long)]
+    pub count: Option<usize>,
+    #[command(flatten)]
+    pub purification: PurificationArgs,
+    /// Classifier of the defended model C(purify(x)) (CIFAR ResNet, safetensors).
+    #[arg(long)]
+    pub classifier: PathBuf,
+    /// The attack.
+    #[arg(long, value_enum, default_value_t = AttackArg::Pgd)]
+    pub attack: AttackArg,
+    /// Threat model: l_inf or l_2 ball, on pixels in [0, 1].
+    #[arg(long, value_enum, default_value_t = NormArg::Linf)]
+    pub norm: NormArg,
+    /// Radius of the ball, a number or a fraction like 8/255 (default: 8/255 for linf, 0.5 for l2).
+    #[arg(long, value_parser = parse_number, allow_hyphen_values = true)]
+    pub eps: Option<f32>,
+    /// PGD step (default: 2/255 for linf, eps/4 for l2; APGD adapts its own from 2 eps).
+    #[arg(long, value_parser = parse_number, allow_hyphen_values = true)]
+    pub step_size: Option<f32>,
+    /// Iterations of each attack.
+    #[arg(long, default_value_t = 20)]
+    pub iterations: usize,
+    /// Purifications whose gradients each iteration averages (expectation over transformation).
+    #[arg(long, default_value_t = 10)]
+    pub eot: usize,
+    /// Purifications that judge each final image: robust if a strict majority is classified
+    /// correctly (the report also gives "all of them").
+    #[arg(long, default_value_t = 5)]
+    pub votes: usize,
+    /// Start at the clean image instead of a random point of the ball.
+    #[arg(long)]
+    pub no_random_start: bool,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Also write the adversarial images as PNGs and grid.png (clean | adversarial | purified) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write a JSON report (settings, seeds, accuracies, per-iteration trace) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl AttackArgs {
+    /// The attacks to run in turn (AutoAttack's second one only on the images the first left robust).
+    pub fn attack_settings(&self) -> Vec<AttackSettings> {
+        let norm = match self.norm {
+            NormArg::Linf => Norm::Linf,
+            NormArg::L2 => Norm::L2,
+        };
+        let pgd = AttackSettings::pgd(norm, self.iterations, self.eot, self.purification.seed);
+        let eps = self.eps.unwrap_or(pgd.eps);
+        let step_size = self.step_size.unwrap_or(match norm {
+            Norm::Linf => pgd.step_size,
+            Norm::L2 => eps / 4.0,
+        });
+        let base = AttackSettings { eps, step_size, random_start: !self.no_random_start, ..pgd };
+        let apgd = |loss, seed_offset: u64| AttackSettings {
+            method: Method::Apgd,
+            loss,
+            seed: base.seed.wrapping_add(seed_offset),
+            ..base.clone()
+        };
+        match self.attack {
+            AttackArg::Pgd => vec![base],
+            AttackArg::ApgdCe => vec![apgd(Loss::CrossEntropy, 0)],
+            AttackArg::ApgdDlr => vec![apgd(Loss::Dlr, 0)],
+            AttackArg::AutoattackRand => vec![apgd(Loss::CrossEntropy, 0), apgd(Loss::Dlr, 1)],
+        }
+    }
+}
+
+pub fn run(args: &AttackArgs) -> Result<()> {
+    let b = backend(&args.device)?;
+    check_batch(args.batch)?;
+    if args.votes == 0 {
+        return Err(Error::invalid("--votes must be at least 1 (purifications that judge each image)"));
+    }
+    let stages = args.attack_settings();
+    for stage in &stages {
+        stage.validate()?;
+    }
+    let first = &stages[0];
+    let images = load_images(&args.inputs, args.count)?;
+    let Some(labels) = images.labels.clone() else {
+        return Err(Error::invalid("attack needs labelled images (CIFAR-10 binary files); PNG files carry no labels"));
+    };
+    if (images.height, images.width) != (32, 32) {
+        return Err(Error::invalid(format!("attack works on 32x32 images, got {}x{}", images.height, images.width)));
+    }
+    // Every output is known writable, and none overwrites an input, before any compute.
+    let mut outputs = Outputs::new(
+        args.inputs.iter().chain([&args.classifier]).map(|p| p.as_path()).chain(args.purification.files()),
+    );
+    let folder = args.out.as_deref().map(|p| outputs.folder(p, "--out")).transpose()?;
+    let report_file = args.report.as_deref().map(|p| outputs.file(p, "--report")).transpose()?;
+    let settings = &args.purification;
+    let (unet, auxiliary) = load_purification(&b, settings)?;
+    let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
+    let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings.settings())?;
+    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let bpda = !matches!(settings.guidance(), purifier::diffusion::Guidance::None);
+    let stage_names: Vec<String> = stages.iter().map(|s| s.name()).collect();
+    eprintln!(
+        "attacking {} images on {}: {} ({} iterations) {} eps {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, classifier {}{}",
+        images.count,
+        b.name(),
+        stage_names.join(" then "),
+        first.iterations,
+        first.norm.name(),
+        first.eps,
+        first.eot,
+        args.votes,
+        if first.random_start { "random start" } else { "clean start" },
+        unet.config.name,
+        purifier.steps().len(),
+        settings.t_star,
+        settings.guidance().name(),
+        classifier.name,
+        if bpda { "; the guidance shift is a constant in the attack's gradient (BPDA)" } else { "" }
+    );
+
+    let per_image = images.image_len();
+    let started = Instant::now();
+    // Plans by batch size: later attacks only see the images that survived the earlier ones.
+    let mut plans = HashMap::new();
+    let (mut clean_votes, mut adversarial_votes) = (Vec::new(), Vec::new());
+    let mut adversarial = Vec::with_capacity(images.pixels.len());
+    let mut traces = Vec::new();
+    let robust = |correct: usize| 2 * correct > args.votes;
+    for (index, chunk) in images.pixels.chunks(args.batch * per_image).enumerate() {
+        let n = chunk.len() / per_image;
+        let chunk_labels = &labels[index * args.batch..index * args.batch + n];
+        let batch_started = Instant::now();
+        let clean = defence.correct_votes(
+            plan_for(&mut plans, &defence, n)?,
+            chunk,
+            chunk_labels,
+            args.votes,
+            first.seed,
+            index as u64,
+        )?;
+        // Each image keeps the attack result the judges found hardest (its clean self, if it
+        // was already misclassified: such images are not attacked).
+        let (mut x_adv, mut votes) = (chunk.to_vec(), clean.clone());
+        let mut batch_traces = Vec::new();
+        for stage in &stages {
+            let alive: Vec<usize> = (0..n).filter(|&i| robust(votes[i])).collect();
+            if alive.is_empty() {
+                break;
+            }
+            let pixels: Vec<f32> =
+                alive.iter().flat_map(|&i| chunk[i * per_image..(i + 1) * per_image].to_vec()).collect();
+            let alive_labels: Vec<u8> = alive.iter().map(|&i| chunk_labels[i]).collect();
+            let plan = plan_for(&mut plans, &defence, alive.len())?;
+            let name = stage.name();
+            let (x, trace) = defence.attack(plan, &pixels, &alive_labels, stage, index as u64, |t| {
+                eprintln!(
+                    "  batch {index} {name} after {} steps: loss {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s",
+                    t.iteration,
+                    t.loss,
+                    100.0 * t.eot_accuracy,
+                    t.seconds
+                )
+            })?;
+            let judged = defence.correct_votes(plan, &x, &alive_labels, args.votes, first.seed, index as u64)?;
+            for (j, &i) in alive.iter().enumerate() {
+                if judged[j] <= votes[i] {
+                    votes[i] = judged[j];
+                    x_adv[i * per_image..(i + 1) * per_image].copy_from_slice(&x[j * per_image..(j + 1) * per_image]);
+                }
+            }
+            batch_traces.push(serde_json::json!({
+                "attack": name,
+                "images": alive.len(),
+                "correct_votes": judged,
+                "steps": trace.iter().map(|t| serde_json::json!({
+                    "iteration": t.iteration, "loss": t.loss, "eot_accuracy": t.eot_accuracy, "seconds": t.seconds,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        clean_votes.extend(clean);
+        adversarial_votes.extend(votes);
+        adversarial.extend_from_slice(&x_adv);
+        traces.push(batch_traces);
+        eprintln!("  batch {index}: {n} images in {:.1} s", batch_started.elapsed().as_secs_f64());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let adversarial =
+        ImageBatch::new(images.height, images.width, adversarial, Some(labels.clone()), images.names.clone())?;
+
+    let count = images.count as f64;
+    let share =
+        |votes: &[usize], judge: &dyn Fn(usize) -> bool| votes.iter().filter(|&&v| judge(v)).count() as f64 / count;
+    let majority = |v: usize| 2 * v > args.votes;
+    let all = |v: usize| v == args.votes;
+    let (clean_majority, clean_all) = (share(&clean_votes, &majority), share(&clean_votes, &all));
+    let (robust_majority, robust_all) = (share(&adversarial_votes, &majority), share(&adversarial_votes, &all));
+    let undefended_clean = accuracy(&b, &classifier, &images, &labels, args.batch)?;
+    let undefended_adversarial = accuracy(&b, &classifier, &adversarial, &labels, args.batch)?;
+    println!(
+        "attacked {} images in {seconds:.1} s ({}, {} iterations x {} EOT draws, {} votes per image)",
+        images.count,
+        stage_names.join(" then "),
+        first.iterations,
+        first.eot,
+        args.votes
+    );
+    println!(
+        "defended clean accuracy: {:.2}% (majority of votes), {:.2}% (all votes)",
+        100.0 * clean_majority,
+        100.0 * clean_all
+    );
+    println!(
+        "defended robust accuracy ({} eps {:.5}): {:.2}% (majority of votes), {:.2}% (all votes)",
+        first.norm.name(),
+        first.eps,
+        100.0 * robust_majority,
+        100.0 * robust_all
+    );
+    println!(
+        "{} alone: {:.2}% on the clean images, {:.2}% on the adversarial ones",
+        classifier.name,
+        100.0 * undefended_clean,
+        100.0 * undefended_adversarial
+    );
+
+    if let Some(folder) = folder {
+        let staged = outputs.staged_folder(folder);
+        for i in 0..adversarial.count {
+            let path = staged.path(&format!("{}.png", adversarial.names[i]));
+            write_png(&path, adversarial.image(i), adversarial.height, adversarial.width)?;
+        }
+        // One purification of each adversarial image, for the grid.
+        let purified = purify_in_batches(&purifier, &adversarial, args.batch, |_, _, _, _| {})?;
+        let purified = ImageBatch::from_model_range(&purified, 32, 32, None, images.names.clone())?;
+        write_comparison_grid(
+            &staged.path("grid.png"),
+            &adversarial,
+            &purified,
+            Some(&images),
+            DEFAULT_CELLS_PER_ROW,
+            DEFAULT_GRID_SCALE,
+        )?;
+    }
+    if let Some(report_file) = report_file {
+        let mut report = report_header(&b, &images, &args.inputs, &unet, settings);
+        let more = serde_json::json!({
+            "classifier": args.classifier,
+            "purification": with_batch(settings.to_json(), args.batch),
+            "attack": {
+                "stages": stages.iter().map(|s| serde_json::json!({
+                    "name": s.name(), "norm": s.norm.name(), "eps": s.eps,
+                    "step_size": match s.method { Method::Pgd => serde_json::json!(s.step_size), Method::Apgd => serde_json::json!("adaptive from 2 eps") },
+                    "iterations": s.iterations, "eot": s.eot, "random_start": s.random_start, "seed": s.seed,
+                })).collect::<Vec<_>>(),
+                "gradient": if bpda { "exact through every reverse step; guidance shift held constant (BPDA on the guidance only)" } else { "exact through every reverse step" },
+                "attacked": "images the defence classified correctly by majority (clean, then after each earlier stage)",
+            },
+            "votes": args.votes,
+            "accuracy": {
+                "undefended_clean": undefended_clean,
+                "undefended_adversarial": undefended_adversarial,
+                "defended_clean_majority": clean_majority,
+                "defended_clean_all": clean_all,
+                "robust_majority": robust_majority,
+                "robust_all": robust_all,
+            },
+            "correct_votes": { "clean": clean_votes, "adversarial": adversarial_votes },
+            "trace": traces,
+            "seconds": seconds,
+        });
+        extend(&mut report, more);
+        write_report(outputs.staged_file(report_file), &report)?;
+    }
+    outputs.commit()?;
+    if let Some(out) = &args.out {
+        println!(
+            "wrote {} adversarial PNGs and {} (each cell: clean | adversarial | purified adversarial)",
+            adversarial.count,
+            out.join("grid.png").display()
+        );
+    }
+    if let Some(path) = &args.report {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The defence plan of batch size `n`, made on first use.
+fn plan_for<'p, B: Backend>(
+    plans: &'p mut HashMap<usize, DefencePlan<B>>,
+    defence: &Defence<B>,
+    n: usize,
+) -> Result<&'p mut DefencePlan<B>> {
+    Ok(match plans.entry(n) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => e.insert(defence.plan(n)?),
+    })
+}
