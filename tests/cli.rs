@@ -611,3 +611,43 @@ fn outputs_are_checked_before_compute_and_written_all_or_nothing() {
     names.sort();
     assert_eq!(names, ["grid.png", "r.json", "test_lossless_0000.png", "test_lossless_0001.png"]);
 }
+
+/// Negative numbers reach the real validation, written either way; reports spell values as the
+/// command line does; every command's --help has one layout.
+#[test]
+fn help_negative_numbers_and_report_spelling_follow_the_cli() {
+    let base = ["purify", "--untrained-seed", "1", "--t-star", "1", "--count", "1", "--device", "cpu"];
+    let bin = "../shared/data/cifar10/test_lossless.bin";
+    for kappa in [&["--kappa", "-1"][..], &["--kappa=-1"]] {
+        let err = cli_error(&[&base[..], &["--input", bin, "--out", "/tmp/never-written"], kappa].concat());
+        assert!(err.contains("kappa must be >= 0"), "{kappa:?}: {err}");
+    }
+    let err = cli_error(&[&base[..], &["--input", bin, "--mode", "pixel", "--scale", "-2"]].concat());
+    assert!(err.contains("guidance scale") && err.contains("-2"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let mut args = base.to_vec();
+    args.extend(["--input", bin, "--out", s(dir.path()), "--report", s(&report), "--sampler", "ddim"]);
+    args.extend(["--stride", "1", "--mode", "pixel", "--gradient-path", "xt", "--kappa", "inf"]);
+    let (ok, _, stderr) = run_cli(&args);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let settings = &report["settings"];
+    assert_eq!(settings["sampler"], "ddim");
+    assert_eq!(settings["gradient_path"], "xt");
+    assert_eq!(settings["mode"], "pixel");
+    assert_eq!(settings["kappa"], "inf");
+
+    // One layout: a described option per paragraph in every command's --help.
+    for command in ["purify", "classify", "inspect", "eps", "attack", "bench"] {
+        let (ok, help, _) = run_cli(&[command, "--help"]);
+        assert!(ok && help.contains("\n\nOptions:\n"), "{command}: {help}");
+        let options = &help[help.find("Options:").unwrap()..];
+        assert!(options.contains("\n          "), "{command} --help does not put each option's text below it: {help}");
+    }
+    let (_, help, _) = run_cli(&["purify", "--help"]);
+    for described in ["Purification mode", "Reverse-step sampler", "Ancestral DDPM", "UNet config of the untrained"] {
+        assert!(help.contains(described), "purify --help lacks {described:?}");
+    }
+}

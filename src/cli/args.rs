@@ -8,27 +8,40 @@ use purifier::purify::PurifySettings;
 
 #[derive(Args)]
 pub struct DeviceArgs {
-    /// Where to compute.
+    /// Where to compute: cpu (the reference backend, the spec every other backend is checked
+    /// against), cuda (an NVIDIA GPU), auto (cuda when this build has it and a device is present,
+    /// else cpu, said on standard error).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 }
 
+/// How the reverse process is guided (METHOD.md section 3).
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ModeArg {
+    /// No guidance (DiffPure): plain reverse steps from the diffused input.
     None,
+    /// Pull each step towards the input brought to the same noise level (GDMP-style).
     Pixel,
+    /// Guidance in the feature and class space of an adversarially trained auxiliary network
+    /// (--auxiliary), which keeps the input's meaning without pulling the perturbation back.
     Adversarial,
 }
 
+/// How the reverse steps are taken.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum SamplerArg {
+    /// Ancestral DDPM: one UNet call per step, fresh noise at each step.
     Ddpm,
+    /// Deterministic DDIM (eta 0), jumping --stride steps per UNet call.
     Ddim,
 }
 
+/// Where the adversarial guidance takes its gradient.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum PathArg {
+    /// Through the noise predictor's estimate of the clean image (one UNet backward per step).
     X0,
+    /// At the scaled noisy image itself: no UNet backward, cheaper, less faithful.
     Xt,
 }
 
@@ -42,13 +55,16 @@ pub struct PurificationArgs {
     /// cifar10) with this seed: a smoke test of the pipeline, not a purification.
     #[arg(long, value_name = "SEED")]
     pub untrained_seed: Option<u64>,
-    #[arg(long, default_value = "cifar10-small", requires = "untrained_seed")]
+    /// UNet config of the untrained weights: cifar10-small or cifar10 (needs --untrained-seed).
+    #[arg(long, value_name = "CONFIG", default_value = "cifar10-small", requires = "untrained_seed")]
     pub untrained_config: String,
+    /// Purification mode: how the reverse steps are guided.
     #[arg(long, value_enum, default_value_t = ModeArg::None)]
     pub mode: ModeArg,
-    /// Diffusion level t* (1..1000).
+    /// Diffusion level t* (1..1000): the input is noised to step t*, then denoised back.
     #[arg(long, default_value_t = 100)]
     pub t_star: usize,
+    /// Reverse-step sampler.
     #[arg(long, value_enum, default_value_t = SamplerArg::Ddpm)]
     pub sampler: SamplerArg,
     /// Steps per network call for --sampler ddim.
@@ -58,19 +74,19 @@ pub struct PurificationArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Guidance scale s (pixel and adversarial modes).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub scale: f32,
     /// Weight of the feature term of the adversarial objective.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub lambda_f: f32,
     /// Weight of the class term of the adversarial objective.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub lambda_c: f32,
     /// Gradient path of the adversarial guidance.
     #[arg(long, value_enum, default_value_t = PathArg::X0)]
     pub gradient_path: PathArg,
-    /// Gradient constraint ||delta|| <= kappa ||x_t - mu|| ("inf" turns it off).
-    #[arg(long, default_value_t = 0.5)]
+    /// Gradient constraint ||delta|| <= kappa ||x_t - mu||, per image ("inf" turns it off).
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub kappa: f32,
     /// Auxiliary adversarially trained CIFAR ResNet (adversarial mode).
     #[arg(long)]
@@ -126,9 +142,10 @@ impl PurificationArgs {
     /// The settings as the JSON reports record them.
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
-            "mode": self.guidance().name(), "t_star": self.t_star, "sampler": format!("{:?}", self.sampler()),
-            "seed": self.seed, "kappa": self.kappa, "scale": self.scale, "lambda_f": self.lambda_f,
-            "lambda_c": self.lambda_c, "gradient_path": format!("{:?}", self.gradient_path()),
+            "mode": cli_name(self.mode), "t_star": self.t_star, "sampler": cli_name(self.sampler),
+            "stride": matches!(self.sampler, SamplerArg::Ddim).then_some(self.stride),
+            "seed": self.seed, "kappa": if self.kappa.is_finite() { serde_json::json!(self.kappa) } else { serde_json::json!("inf") }, "scale": self.scale, "lambda_f": self.lambda_f,
+            "lambda_c": self.lambda_c, "gradient_path": cli_name(self.gradient_path),
         })
     }
 }
@@ -148,4 +165,9 @@ pub fn parse_number(text: &str) -> std::result::Result<f32, String> {
     } else {
         Err(bad())
     }
+}
+
+/// A value as the command line spells it (`x0`, `ddpm`), for reports.
+pub fn cli_name(value: impl ValueEnum) -> String {
+    value.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default()
 }

@@ -35,7 +35,9 @@ pub enum AttackArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum NormArg {
+    /// Every pixel moves by at most eps.
     Linf,
+    /// The perturbation's Euclidean length is at most eps.
     L2,
 }
 

@@ -32,6 +32,7 @@ pub struct BenchArgs {
     /// Time this weights file instead (no --baseline).
     #[arg(long)]
     pub weights: Option<PathBuf>,
+    /// Seed of the deterministic weights and inputs (the baseline uses the same).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Batch sizes of the UNet measurements.

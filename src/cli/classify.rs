@@ -21,8 +21,10 @@ pub struct ClassifyArgs {
     /// Labelled images: CIFAR-10 binary files.
     #[arg(long = "input", short, required = true, num_args = 1..)]
     pub inputs: Vec<PathBuf>,
+    /// Use only the first N images.
     #[arg(long)]
     pub count: Option<usize>,
+    /// Images per batch.
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
     #[command(flatten)]

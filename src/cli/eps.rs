@@ -24,6 +24,7 @@ pub struct EpsArgs {
     /// Gets `eps` and, with --vjp, `grad_x` = d sum(eps * v) / dx.
     #[arg(long)]
     pub output: PathBuf,
+    /// Also compute the input VJP of the noise predictor (`grad_x`), with `v` from --input.
     #[arg(long)]
     pub vjp: bool,
     #[command(flatten)]

@@ -8,6 +8,7 @@
 //! partial output behind.
 
 pub mod cifar;
+pub mod fuzz_entry;
 pub mod image;
 pub mod tensor_file;
 
