@@ -355,7 +355,8 @@ fn attack_reports_clean_and_robust_accuracy() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("defended robust accuracy (linf eps 0.01569)"), "{stdout}");
-    assert!(stderr.contains("batch 1 PGD-CE after 1 steps"), "per-iteration progress: {stderr}");
+    assert!(stderr.contains("batch 2/2 PGD-CE after 1 steps"), "per-iteration progress: {stderr}");
+    assert!(stderr.contains(", ETA "), "an ETA in the log: {stderr}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     assert_eq!(report["images"], 3);
     let stage = &report["attack"]["stages"][0];
@@ -650,4 +651,23 @@ fn help_negative_numbers_and_report_spelling_follow_the_cli() {
     for described in ["Purification mode", "Reverse-step sampler", "Ancestral DDPM", "UNet config of the untrained"] {
         assert!(help.contains(described), "purify --help lacks {described:?}");
     }
+}
+
+/// Progress: per batch with rate and ETA on standard error (no bar when it is not a terminal, as
+/// here); --quiet leaves only warnings and errors.
+#[test]
+fn progress_has_rate_and_eta_and_quiet_silences_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["purify", "--untrained-seed", "1", "--t-star", "2", "--count", "3", "--batch", "2"];
+    args.extend(["--device", "cpu", "--input", "../shared/data/cifar10/test_lossless.bin", "--out", s(dir.path())]);
+    let (ok, _, stderr) = run_cli(&args);
+    assert!(ok, "{stderr}");
+    for expected in ["batch 1/2: 2 images", "batch 2/2: 1 images", "images/s), ETA "] {
+        assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
+    }
+    assert!(!stderr.contains('\u{1b}'), "terminal escapes in a log that is not a terminal: {stderr:?}");
+    args.push("--quiet");
+    let (ok, stdout, stderr) = run_cli(&args);
+    assert!(ok && stdout.contains("purified 3 images"), "{stdout}");
+    assert_eq!(stderr.lines().filter(|l| !l.starts_with("WARNING: untrained")).count(), 0, "{stderr}");
 }

@@ -18,6 +18,7 @@ use super::args::{parse_number, DeviceArgs, PurificationArgs};
 use super::backend::backend;
 use super::outputs::Outputs;
 use super::pipeline::{accuracy, check_batch, load_purification, purify_in_batches};
+use super::progress::Progress;
 use super::report::{extend, report_header, with_batch, write_report};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -121,7 +122,7 @@ impl AttackArgs {
     }
 }
 
-pub fn run(args: &AttackArgs) -> Result<()> {
+pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     let b = backend(&args.device)?;
     check_batch(args.batch)?;
     if args.votes == 0 {
@@ -152,7 +153,7 @@ pub fn run(args: &AttackArgs) -> Result<()> {
     let defence = Defence { purifier: &purifier, classifier: &classifier };
     let bpda = !matches!(settings.guidance(), purifier::diffusion::Guidance::None);
     let stage_names: Vec<String> = stages.iter().map(|s| s.name()).collect();
-    eprintln!(
+    progress.log(&format!(
         "attacking {} images on {}: {} ({} iterations) {} eps {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, classifier {}{}",
         images.count,
         b.name(),
@@ -169,7 +170,7 @@ pub fn run(args: &AttackArgs) -> Result<()> {
         settings.guidance().name(),
         classifier.name,
         if bpda { "; the guidance shift is a constant in the attack's gradient (BPDA)" } else { "" }
-    );
+    ));
 
     let per_image = images.image_len();
     let started = Instant::now();
@@ -179,6 +180,11 @@ pub fn run(args: &AttackArgs) -> Result<()> {
     let mut adversarial = Vec::with_capacity(images.pixels.len());
     let mut traces = Vec::new();
     let robust = |correct: usize| 2 * correct > args.votes;
+    // Progress in attack iterations (the start of APGD counts as one): an upper bound, since a
+    // stage with no image left to attack is skipped (and counted as done).
+    let batches = images.count.div_ceil(args.batch);
+    let records = |stage: &AttackSettings| stage.iterations as u64 + u64::from(stage.method == Method::Apgd);
+    let bar = progress.bar(batches as u64 * stages.iter().map(records).sum::<u64>(), "attack iterations");
     for (index, chunk) in images.pixels.chunks(args.batch * per_image).enumerate() {
         let n = chunk.len() / per_image;
         let chunk_labels = &labels[index * args.batch..index * args.batch + n];
@@ -198,21 +204,26 @@ pub fn run(args: &AttackArgs) -> Result<()> {
         for stage in &stages {
             let alive: Vec<usize> = (0..n).filter(|&i| robust(votes[i])).collect();
             if alive.is_empty() {
-                break;
+                bar.inc(records(stage));
+                continue;
             }
             let pixels: Vec<f32> =
                 alive.iter().flat_map(|&i| chunk[i * per_image..(i + 1) * per_image].to_vec()).collect();
             let alive_labels: Vec<u8> = alive.iter().map(|&i| chunk_labels[i]).collect();
             let plan = plan_for(&mut plans, &defence, alive.len())?;
             let name = stage.name();
+            bar.set_message(format!("batch {}/{batches} {name} on {} images", index + 1, alive.len()));
             let (x, trace) = defence.attack(plan, &pixels, &alive_labels, stage, index as u64, |t| {
-                eprintln!(
-                    "  batch {index} {name} after {} steps: loss {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s",
+                bar.inc(1);
+                bar.log(&format!(
+                    "  batch {}/{batches} {name} after {} steps: loss {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s, ETA {}",
+                    index + 1,
                     t.iteration,
                     t.loss,
                     100.0 * t.eot_accuracy,
-                    t.seconds
-                )
+                    t.seconds,
+                    bar.eta()
+                ))
             })?;
             let judged = defence.correct_votes(plan, &x, &alive_labels, args.votes, first.seed, index as u64)?;
             for (j, &i) in alive.iter().enumerate() {
@@ -234,8 +245,14 @@ pub fn run(args: &AttackArgs) -> Result<()> {
         adversarial_votes.extend(votes);
         adversarial.extend_from_slice(&x_adv);
         traces.push(batch_traces);
-        eprintln!("  batch {index}: {n} images in {:.1} s", batch_started.elapsed().as_secs_f64());
+        bar.log(&format!(
+            "  batch {}/{batches}: {n} images in {:.1} s, ETA {}",
+            index + 1,
+            batch_started.elapsed().as_secs_f64(),
+            bar.eta()
+        ));
     }
+    bar.finish();
     let seconds = started.elapsed().as_secs_f64();
     let adversarial =
         ImageBatch::new(images.height, images.width, adversarial, Some(labels.clone()), images.names.clone())?;

@@ -22,6 +22,7 @@ use purifier::purify::{Purifier, PurifySettings};
 use super::args::DeviceArgs;
 use super::backend::backend;
 use super::outputs::Outputs;
+use super::progress::Progress;
 use super::report::{percentile, write_report};
 
 #[derive(Args)]
@@ -63,8 +64,8 @@ pub struct BenchArgs {
     pub device: DeviceArgs,
 }
 
-pub fn run(args: &BenchArgs) -> Result<()> {
-    bench(&backend(&args.device)?, args)
+pub fn run(args: &BenchArgs, progress: Progress) -> Result<()> {
+    bench(&backend(&args.device)?, args, progress)
 }
 
 /// The step index every timed UNet call uses (the middle of purification's range).
@@ -93,7 +94,7 @@ fn timing_json(t: &Timing, batch: usize) -> serde_json::Value {
     })
 }
 
-fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
+fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> {
     if args.batches.is_empty() || args.batches.contains(&0) {
         return Err(Error::invalid("--batches needs batch sizes of at least 1, e.g. 1,16,64,256"));
     }
@@ -143,12 +144,15 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         b.download(plan.eps())?;
     }
     let cold_start = cold_started.elapsed().as_secs_f64();
-    eprintln!(
+    progress.log(&format!(
         "bench on {}: UNet {} ({parameters} parameters, {weights}); cold start {:.3} s",
         b.name(),
         unet.config.name,
         cold_start
-    );
+    ));
+    // Progress in timed measurements: forward and forward + VJP per batch, the per-op breakdown,
+    // one purification per mode.
+    let bar = progress.bar((2 * args.batches.len() + 1 + args.modes.len()) as u64, "measurements");
 
     let mut rows = Vec::new();
     let mut unet_json = Vec::new();
@@ -159,16 +163,25 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         let t = vec![BENCH_STEP; n];
         let mut plan = unet.plan(b, n, true)?;
         peak_plan_bytes = peak_plan_bytes.max(plan.bytes(b));
+        bar.set_message(format!("UNet forward, batch {n}"));
         let forward = time_runs(args.repeats, || {
             unet.forward(b, &mut plan, &x, &t)?;
             b.download(plan.eps()).map(|_| ())
         })?;
+        bar.inc(1);
+        bar.set_message(format!("UNet forward + VJP, batch {n}"));
         let with_vjp = time_runs(args.repeats, || {
             unet.forward(b, &mut plan, &x, &t)?;
             let g = unet.input_vjp(b, &mut plan, &v)?;
             b.download(g).map(|_| ())
         })?;
-        eprintln!("  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms", forward.median * 1e3, with_vjp.median * 1e3);
+        bar.inc(1);
+        bar.log(&format!(
+            "  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms, ETA {}",
+            forward.median * 1e3,
+            with_vjp.median * 1e3,
+            bar.eta()
+        ));
         rows.push((format!("UNet forward, batch {n}"), forward.median, forward.p99, n as f64 / forward.median));
         rows.push((
             format!("UNet forward + VJP, batch {n}"),
@@ -182,6 +195,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
     }
 
     // Where the time goes: one forward + input VJP at --profile-batch, op by op.
+    bar.set_message(format!("per-op breakdown, batch {}", args.profile_batch));
     let profile = {
         let profiled = Profiled::new(b);
         let traced = match &args.weights {
@@ -202,6 +216,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         pass()?;
         (n, profiled.take())
     };
+    bar.inc(1);
 
     // Whole purifications: per-step latency of each mode at --purify-batch, t* = --t-star.
     let auxiliary = Classifier::load_with(&mut DeterministicParams::new(b, args.seed), 20)?;
@@ -210,6 +225,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         let settings = PurifySettings { t_star: args.t_star, guidance, ..Default::default() };
         let purifier = Purifier::new(b, &unet, Some(&auxiliary), settings)?;
         let n = args.purify_batch;
+        bar.set_message(format!("purify {mode}, batch {n}"));
         let mut plan = purifier.plan(n)?;
         let x = input(n);
         purifier.purify(&mut plan, &x, 0)?; // warm-up
@@ -221,7 +237,12 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         let seconds = started.elapsed().as_secs_f64();
         let step = Timing { median: percentile(&steps, 0.5), p99: percentile(&steps, 0.99) };
         let images_per_s = (n * args.repeats) as f64 / seconds;
-        eprintln!("  purify {mode}, batch {n}: {:.1} ms per step, {images_per_s:.3} images/s", step.median * 1e3);
+        bar.inc(1);
+        bar.log(&format!(
+            "  purify {mode}, batch {n}: {:.1} ms per step, {images_per_s:.3} images/s, ETA {}",
+            step.median * 1e3,
+            bar.eta()
+        ));
         rows.push((
             format!("purify {mode} (t* {}), step, batch {n}", args.t_star),
             step.median,
@@ -234,6 +255,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         }));
     }
 
+    bar.finish();
     let baseline = match &args.baseline {
         Some(python) => {
             let mut report = run_baseline(b, &unet, args, python)?;

@@ -11,7 +11,8 @@ use purifier::model::Classifier;
 
 use super::args::DeviceArgs;
 use super::backend::backend;
-use super::pipeline::{accuracy, check_batch};
+use super::pipeline::{check_batch, predict, share_correct};
+use super::progress::Progress;
 
 #[derive(Args)]
 pub struct ClassifyArgs {
@@ -31,7 +32,7 @@ pub struct ClassifyArgs {
     pub device: DeviceArgs,
 }
 
-pub fn run(args: &ClassifyArgs) -> Result<()> {
+pub fn run(args: &ClassifyArgs, progress: Progress) -> Result<()> {
     let b = backend(&args.device)?;
     check_batch(args.batch)?;
     let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
@@ -42,13 +43,19 @@ pub fn run(args: &ClassifyArgs) -> Result<()> {
         ));
     };
     let started = Instant::now();
-    let acc = accuracy(&b, &classifier, &images, &labels, args.batch)?;
+    let bar = progress.bar(images.count as u64, "images");
+    bar.set_message(format!("{} on {}", classifier.name, b.name()));
+    let predictions = predict(&b, &classifier, &images, args.batch, Some(&bar))?;
+    bar.finish();
+    let acc = share_correct(&predictions, &labels);
+    let confidence = predictions.iter().map(|p| p.confidence as f64).sum::<f64>() / predictions.len() as f64;
     println!(
-        "{} top-1 accuracy: {:.2}% ({} of {} images) on {} in {:.2} s",
+        "{} top-1 accuracy: {:.2}% ({} of {} images), mean confidence {:.1}%, on {} in {:.2} s",
         classifier.name,
         acc * 100.0,
         (acc * images.count as f64).round() as usize,
         images.count,
+        100.0 * confidence,
         b.name(),
         started.elapsed().as_secs_f64()
     );

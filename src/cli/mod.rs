@@ -14,6 +14,7 @@ mod eps;
 mod inspect;
 mod outputs;
 mod pipeline;
+mod progress;
 mod purify;
 mod report;
 
@@ -24,6 +25,9 @@ mod report;
     about = "Diffusion-model adversarial purification (DDPM UNet, hand-written forward and backward)"
 )]
 pub struct Cli {
+    /// No progress on standard error (bars or log lines); warnings and errors still show.
+    #[arg(long, short, global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,13 +75,14 @@ enum Command {
 impl Cli {
     /// Runs the chosen command.
     pub fn run(self) -> Result<()> {
+        let progress = progress::Progress::new(self.quiet);
         match self.command {
-            Command::Purify(args) => purify::run(&args),
-            Command::Classify(args) => classify::run(&args),
+            Command::Purify(args) => purify::run(&args, progress),
+            Command::Classify(args) => classify::run(&args, progress),
             Command::Inspect(args) => inspect::run(&args),
             Command::Eps(args) => eps::run(&args),
-            Command::Attack(args) => attack::run(&args),
-            Command::Bench(args) => bench::run(&args),
+            Command::Attack(args) => attack::run(&args, progress),
+            Command::Bench(args) => bench::run(&args, progress),
         }
     }
 }

@@ -6,12 +6,13 @@ use purifier::backend::Backend;
 use purifier::data::tensor_file::TensorFile;
 use purifier::data::ImageBatch;
 use purifier::error::{Error, Result};
-use purifier::model::classifier::argmax;
+use purifier::model::classifier::{argmax, log_softmax_at};
 use purifier::model::params::DeterministicParams;
 use purifier::model::{Classifier, Unet, UnetConfig};
 use purifier::purify::{Purifier, PurifyPlan, PurifyReport};
 
 use super::args::PurificationArgs;
+use super::progress::Bar;
 
 pub(super) fn check_batch(batch: usize) -> Result<()> {
     if batch == 0 {
@@ -74,6 +75,13 @@ pub(super) fn open_weights(path: &Path, what: &str) -> Result<TensorFile> {
     TensorFile::open(path)
 }
 
+/// The classifier's answer for one image: the class and its softmax probability.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Prediction {
+    pub class: usize,
+    pub confidence: f32,
+}
+
 /// Top-1 accuracy of `classifier` on `images` (pixels in [0, 1]).
 pub(super) fn accuracy<B: Backend>(
     b: &B,
@@ -82,17 +90,23 @@ pub(super) fn accuracy<B: Backend>(
     labels: &[u8],
     batch: usize,
 ) -> Result<f64> {
-    let predictions = predict(b, classifier, images, batch)?;
-    let correct = predictions.iter().zip(labels).filter(|(p, &l)| **p == l as usize).count();
-    Ok(correct as f64 / labels.len() as f64)
+    Ok(share_correct(&predict(b, classifier, images, batch, None)?, labels))
 }
 
+/// The share of `predictions` that name the label.
+pub(super) fn share_correct(predictions: &[Prediction], labels: &[u8]) -> f64 {
+    let correct = predictions.iter().zip(labels).filter(|(p, &l)| p.class == l as usize).count();
+    correct as f64 / labels.len() as f64
+}
+
+/// The classifier's prediction for every image, in batches of `batch`; `bar` counts the images.
 pub(super) fn predict<B: Backend>(
     b: &B,
     classifier: &Classifier<B>,
     images: &ImageBatch,
     batch: usize,
-) -> Result<Vec<usize>> {
+    bar: Option<&Bar>,
+) -> Result<Vec<Prediction>> {
     let x = images.to_model_range();
     let per_image = images.image_len();
     let mut predictions = Vec::with_capacity(images.count);
@@ -106,7 +120,13 @@ pub(super) fn predict<B: Backend>(
         let input = b.upload(chunk, &[n, 3, images.height, images.width])?;
         classifier.forward(b, plan, &input)?;
         let logits = b.download(&plan.logits)?;
-        predictions.extend(logits.chunks(classifier.num_classes).map(argmax));
+        predictions.extend(logits.chunks(classifier.num_classes).map(|row| {
+            let class = argmax(row);
+            Prediction { class, confidence: log_softmax_at(row, class).exp() as f32 }
+        }));
+        if let Some(bar) = bar {
+            bar.inc(n as u64);
+        }
     }
     Ok(predictions)
 }

@@ -15,6 +15,7 @@ use super::args::{DeviceArgs, PurificationArgs};
 use super::backend::backend;
 use super::outputs::Outputs;
 use super::pipeline::{accuracy, check_batch, load_purification, purify_in_batches};
+use super::progress::Progress;
 use super::report::{extend, percentile, report_header, with_batch, write_report};
 
 #[derive(Args)]
@@ -43,7 +44,7 @@ pub struct PurifyArgs {
     pub device: DeviceArgs,
 }
 
-pub fn run(args: &PurifyArgs) -> Result<()> {
+pub fn run(args: &PurifyArgs, progress: Progress) -> Result<()> {
     let b = backend(&args.device)?;
     check_batch(args.batch)?;
     let images = load_images(&args.inputs, args.count)?;
@@ -55,8 +56,8 @@ pub fn run(args: &PurifyArgs) -> Result<()> {
     let report_file = args.report.as_deref().map(|p| outputs.file(p, "--report")).transpose()?;
     let (unet, auxiliary) = load_purification(&b, settings)?;
     let classifier = args.classifier.as_deref().map(|p| Classifier::load(&b, &TensorFile::open(p)?)).transpose()?;
-    let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings.settings())?;
-    eprintln!(
+    let mut purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings.settings())?;
+    progress.log(&format!(
         "purifying {} images on {}: UNet {} ({} reverse steps from t* = {}), mode {}, kappa {}, seed {}",
         images.count,
         b.name(),
@@ -66,7 +67,12 @@ pub fn run(args: &PurifyArgs) -> Result<()> {
         settings.guidance().name(),
         settings.kappa,
         settings.seed
-    );
+    ));
+    let batches = images.count.div_ceil(args.batch);
+    let bar = progress.bar((batches * purifier.steps().len()) as u64, "reverse steps");
+    bar.set_message(format!("batch 1/{batches}"));
+    let ticker = bar.clone();
+    purifier.observe_steps(move || ticker.inc(1));
 
     let mut step_seconds = Vec::new();
     let (mut network_calls, mut unet_vjps) = (0, 0);
@@ -75,11 +81,17 @@ pub fn run(args: &PurifyArgs) -> Result<()> {
         step_seconds.extend_from_slice(&report.step_seconds);
         network_calls += report.network_calls;
         unet_vjps += report.unet_vjps;
-        eprintln!(
-            "  batch {index}: {n} images, {} UNet calls, {} UNet VJPs, {seconds:.2} s",
-            report.network_calls, report.unet_vjps
-        );
+        bar.set_message(format!("batch {}/{batches}", (index + 2).min(batches)));
+        bar.log(&format!(
+            "  batch {}/{batches}: {n} images, {} UNet calls, {} UNet VJPs, {seconds:.2} s ({:.2} images/s), ETA {}",
+            index + 1,
+            report.network_calls,
+            report.unet_vjps,
+            n as f64 / seconds,
+            bar.eta()
+        ));
     })?;
+    bar.finish();
     let seconds = started.elapsed().as_secs_f64();
     let output = ImageBatch::from_model_range(
         &purified,
@@ -112,7 +124,7 @@ pub fn run(args: &PurifyArgs) -> Result<()> {
                 );
                 accuracy_before_after = Some((before, after));
             }
-            None => eprintln!("no labels in the input: accuracy not reported"),
+            None => progress.log("no labels in the input: accuracy not reported"),
         }
     }
 
