@@ -671,3 +671,64 @@ fn progress_has_rate_and_eta_and_quiet_silences_it() {
     assert!(ok && stdout.contains("purified 3 images"), "{stdout}");
     assert_eq!(stderr.lines().filter(|l| !l.starts_with("WARNING: untrained")).count(), 0, "{stderr}");
 }
+
+/// The undefended baseline: the same attacks on the classifier alone, judged as it judges. APGD
+/// keeps an iterate that broke an image (AutoAttack's bookkeeping): an image any iterate
+/// misclassified counts as broken.
+#[test]
+fn attack_with_no_defence_measures_the_classifier_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("none.json");
+    let out = dir.path().join("grid");
+    let (ok, stdout, stderr) = run_cli(&[
+        "attack",
+        "--defence",
+        "none",
+        "--input",
+        "../shared/data/cifar10/test_lossless.bin",
+        "--count",
+        "6",
+        "--classifier",
+        "../shared/weights/resnet20_cifar10.safetensors",
+        "--attack",
+        "apgd-ce",
+        "--iterations",
+        "5",
+        "--eps",
+        "2/255",
+        "--batch",
+        "1",
+        "--eot",
+        "4",
+        "--votes",
+        "3",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report_path),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("no defence: ResNet-20 alone"), "{stderr}");
+    assert!(stdout.contains("undefended robust accuracy of ResNet-20 (linf eps 0.00784)"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(report["defence"], "none");
+    assert!(report["unet"].is_null() && report["purification"].is_null());
+    assert_eq!(report["votes"], 1, "a deterministic model needs one vote");
+    assert_eq!(report["attack"]["stages"][0]["eot"], 1, "and one draw");
+    let accuracy = &report["accuracy"];
+    // One judge: the classifier on the adversarial images is the robust accuracy.
+    assert_eq!(accuracy["robust_majority"], accuracy["undefended_adversarial"]);
+    assert!(accuracy["robust_majority"].as_f64() < accuracy["undefended_clean"].as_f64(), "{accuracy}");
+    // Batches of one image: an image any APGD iterate misclassified is judged broken.
+    for batch in report["trace"].as_array().unwrap() {
+        let Some(stage) = batch.get(0) else { continue };
+        let broken_somewhere = stage["steps"].as_array().unwrap().iter().any(|t| t["eot_accuracy"] == 0.0);
+        if broken_somewhere {
+            assert_eq!(stage["correct_votes"][0], 0, "an iterate broke the image, the result does not: {stage}");
+        }
+    }
+    let grid = purifier::data::image::read_png(&out.join("grid.png")).unwrap();
+    assert!(grid.width > 0);
+}

@@ -14,7 +14,7 @@ use purifier::error::{Error, Result};
 use purifier::model::Classifier;
 use purifier::purify::Purifier;
 
-use super::args::{parse_number, DeviceArgs, PurificationArgs};
+use super::args::{cli_name, parse_number, DeviceArgs, PurificationArgs};
 use super::backend::backend;
 use super::outputs::Outputs;
 use super::pipeline::{accuracy, check_batch, load_purification, purify_in_batches};
@@ -32,6 +32,15 @@ pub enum AttackArg {
     /// AutoAttack's version for stochastic defences: APGD-CE, then APGD-DLR on the images that
     /// survived it (Croce & Hein 2020 use 100 iterations and EOT 20).
     AutoattackRand,
+}
+
+/// What the attack is run against.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DefenceArg {
+    /// The defended model C(purify(x)): the purification flags above, then --classifier.
+    Purification,
+    /// --classifier alone: the undefended baseline (deterministic, so EOT and votes are 1).
+    None,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,6 +86,9 @@ pub struct AttackArgs {
     /// correctly (the report also gives "all of them").
     #[arg(long, default_value_t = 5)]
     pub votes: usize,
+    /// The model attacked.
+    #[arg(long, value_enum, default_value_t = DefenceArg::Purification)]
+    pub defence: DefenceArg,
     /// Start at the clean image instead of a random point of the ball.
     #[arg(long)]
     pub no_random_start: bool,
@@ -128,7 +140,11 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     if args.votes == 0 {
         return Err(Error::invalid("--votes must be at least 1 (purifications that judge each image)"));
     }
-    let stages = args.attack_settings();
+    let purified = args.defence == DefenceArg::Purification;
+    // The classifier alone is deterministic: one draw is the expectation, one vote the verdict.
+    let (eot, votes) = if purified { (args.eot, args.votes) } else { (1, 1) };
+    let stages: Vec<AttackSettings> =
+        args.attack_settings().into_iter().map(|s| AttackSettings { eot: s.eot.min(eot), ..s }).collect();
     for stage in &stages {
         stage.validate()?;
     }
@@ -140,21 +156,36 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     if (images.height, images.width) != (32, 32) {
         return Err(Error::invalid(format!("attack works on 32x32 images, got {}x{}", images.height, images.width)));
     }
+    let settings = &args.purification;
     // Every output is known writable, and none overwrites an input, before any compute.
-    let mut outputs = Outputs::new(
-        args.inputs.iter().chain([&args.classifier]).map(|p| p.as_path()).chain(args.purification.files()),
-    );
+    let used_files = purified.then(|| settings.files()).into_iter().flatten();
+    let mut outputs = Outputs::new(args.inputs.iter().chain([&args.classifier]).map(|p| p.as_path()).chain(used_files));
     let folder = args.out.as_deref().map(|p| outputs.folder(p, "--out")).transpose()?;
     let report_file = args.report.as_deref().map(|p| outputs.file(p, "--report")).transpose()?;
-    let settings = &args.purification;
-    let (unet, auxiliary) = load_purification(&b, settings)?;
+    let networks = purified.then(|| load_purification(&b, settings)).transpose()?;
     let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
-    let purifier = Purifier::new(&b, &unet, auxiliary.as_ref(), settings.settings())?;
-    let defence = Defence { purifier: &purifier, classifier: &classifier };
-    let bpda = !matches!(settings.guidance(), purifier::diffusion::Guidance::None);
+    let purifier =
+        networks.as_ref().map(|(unet, aux)| Purifier::new(&b, unet, aux.as_ref(), settings.settings())).transpose()?;
+    let defence = match &purifier {
+        Some(purifier) => Defence::purified(purifier, &classifier),
+        None => Defence::undefended(&b, &classifier),
+    };
+    let bpda = purified && !matches!(settings.guidance(), purifier::diffusion::Guidance::None);
     let stage_names: Vec<String> = stages.iter().map(|s| s.name()).collect();
+    let model = match &purifier {
+        Some(p) => format!(
+            "defence: UNet {} ({} reverse steps from t* = {}), mode {}, classifier {}{}",
+            p.unet.config.name,
+            p.steps().len(),
+            settings.t_star,
+            settings.guidance().name(),
+            classifier.name,
+            if bpda { "; the guidance shift is a constant in the attack's gradient (BPDA)" } else { "" }
+        ),
+        None => format!("no defence: {} alone (deterministic: EOT 1, 1 vote)", classifier.name),
+    };
     progress.log(&format!(
-        "attacking {} images on {}: {} ({} iterations) {} eps {:.5}, EOT {}, {} votes, {}; defence: UNet {} ({} reverse steps from t* = {}), mode {}, classifier {}{}",
+        "attacking {} images on {}: {} ({} iterations) {} eps {:.5}, EOT {}, {} votes, {}; {model}",
         images.count,
         b.name(),
         stage_names.join(" then "),
@@ -162,14 +193,8 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
         first.norm.name(),
         first.eps,
         first.eot,
-        args.votes,
+        votes,
         if first.random_start { "random start" } else { "clean start" },
-        unet.config.name,
-        purifier.steps().len(),
-        settings.t_star,
-        settings.guidance().name(),
-        classifier.name,
-        if bpda { "; the guidance shift is a constant in the attack's gradient (BPDA)" } else { "" }
     ));
 
     let per_image = images.image_len();
@@ -179,7 +204,7 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     let (mut clean_votes, mut adversarial_votes) = (Vec::new(), Vec::new());
     let mut adversarial = Vec::with_capacity(images.pixels.len());
     let mut traces = Vec::new();
-    let robust = |correct: usize| 2 * correct > args.votes;
+    let robust = |correct: usize| 2 * correct > votes;
     // Progress in attack iterations (the start of APGD counts as one): an upper bound, since a
     // stage with no image left to attack is skipped (and counted as done).
     let batches = images.count.div_ceil(args.batch);
@@ -193,16 +218,16 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
             plan_for(&mut plans, &defence, n)?,
             chunk,
             chunk_labels,
-            args.votes,
+            votes,
             first.seed,
             index as u64,
         )?;
         // Each image keeps the attack result the judges found hardest (its clean self, if it
         // was already misclassified: such images are not attacked).
-        let (mut x_adv, mut votes) = (chunk.to_vec(), clean.clone());
+        let (mut x_adv, mut image_votes) = (chunk.to_vec(), clean.clone());
         let mut batch_traces = Vec::new();
         for stage in &stages {
-            let alive: Vec<usize> = (0..n).filter(|&i| robust(votes[i])).collect();
+            let alive: Vec<usize> = (0..n).filter(|&i| robust(image_votes[i])).collect();
             if alive.is_empty() {
                 bar.inc(records(stage));
                 continue;
@@ -225,10 +250,10 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
                     bar.eta()
                 ))
             })?;
-            let judged = defence.correct_votes(plan, &x, &alive_labels, args.votes, first.seed, index as u64)?;
+            let judged = defence.correct_votes(plan, &x, &alive_labels, votes, first.seed, index as u64)?;
             for (j, &i) in alive.iter().enumerate() {
-                if judged[j] <= votes[i] {
-                    votes[i] = judged[j];
+                if judged[j] <= image_votes[i] {
+                    image_votes[i] = judged[j];
                     x_adv[i * per_image..(i + 1) * per_image].copy_from_slice(&x[j * per_image..(j + 1) * per_image]);
                 }
             }
@@ -242,7 +267,7 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
             }));
         }
         clean_votes.extend(clean);
-        adversarial_votes.extend(votes);
+        adversarial_votes.extend(image_votes);
         adversarial.extend_from_slice(&x_adv);
         traces.push(batch_traces);
         bar.log(&format!(
@@ -260,8 +285,8 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     let count = images.count as f64;
     let share =
         |votes: &[usize], judge: &dyn Fn(usize) -> bool| votes.iter().filter(|&&v| judge(v)).count() as f64 / count;
-    let majority = |v: usize| 2 * v > args.votes;
-    let all = |v: usize| v == args.votes;
+    let majority = |v: usize| 2 * v > votes;
+    let all = |v: usize| v == votes;
     let (clean_majority, clean_all) = (share(&clean_votes, &majority), share(&clean_votes, &all));
     let (robust_majority, robust_all) = (share(&adversarial_votes, &majority), share(&adversarial_votes, &all));
     let undefended_clean = accuracy(&b, &classifier, &images, &labels, args.batch)?;
@@ -272,20 +297,31 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
         stage_names.join(" then "),
         first.iterations,
         first.eot,
-        args.votes
+        votes
     );
-    println!(
-        "defended clean accuracy: {:.2}% (majority of votes), {:.2}% (all votes)",
-        100.0 * clean_majority,
-        100.0 * clean_all
-    );
-    println!(
-        "defended robust accuracy ({} eps {:.5}): {:.2}% (majority of votes), {:.2}% (all votes)",
-        first.norm.name(),
-        first.eps,
-        100.0 * robust_majority,
-        100.0 * robust_all
-    );
+    if purified {
+        println!(
+            "defended clean accuracy: {:.2}% (majority of votes), {:.2}% (all votes)",
+            100.0 * clean_majority,
+            100.0 * clean_all
+        );
+        println!(
+            "defended robust accuracy ({} eps {:.5}): {:.2}% (majority of votes), {:.2}% (all votes)",
+            first.norm.name(),
+            first.eps,
+            100.0 * robust_majority,
+            100.0 * robust_all
+        );
+    } else {
+        println!(
+            "undefended robust accuracy of {} ({} eps {:.5}): {:.2}% (clean {:.2}%)",
+            classifier.name,
+            first.norm.name(),
+            first.eps,
+            100.0 * robust_majority,
+            100.0 * clean_majority
+        );
+    }
     println!(
         "{} alone: {:.2}% on the clean images, {:.2}% on the adversarial ones",
         classifier.name,
@@ -300,37 +336,48 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
             write_png(&path, adversarial.image(i), adversarial.height, adversarial.width)?;
         }
         // One purification of each adversarial image, for the grid.
-        let purified = purify_in_batches(&purifier, &adversarial, args.batch, |_, _, _, _| {})?;
-        let purified = ImageBatch::from_model_range(&purified, 32, 32, None, images.names.clone())?;
+        let purified_images = match &purifier {
+            Some(purifier) => {
+                let x = purify_in_batches(purifier, &adversarial, args.batch, |_, _, _, _| {})?;
+                Some(ImageBatch::from_model_range(&x, 32, 32, None, images.names.clone())?)
+            }
+            None => None,
+        };
+        let (shown, after, clean) = match &purified_images {
+            Some(p) => (&adversarial, p, Some(&images)),
+            None => (&images, &adversarial, None),
+        };
         write_comparison_grid(
             &staged.path("grid.png"),
-            &adversarial,
-            &purified,
-            Some(&images),
+            shown,
+            after,
+            clean,
             DEFAULT_CELLS_PER_ROW,
             DEFAULT_GRID_SCALE,
         )?;
     }
     if let Some(report_file) = report_file {
-        let mut report = report_header(&b, &images, &args.inputs, &unet, settings);
+        let mut report = report_header(&b, &images, &args.inputs, networks.as_ref().map(|(unet, _)| unet), settings);
         let more = serde_json::json!({
             "classifier": args.classifier,
-            "purification": with_batch(settings.to_json(), args.batch),
+            "defence": cli_name(args.defence),
+            "purification": purified.then(|| with_batch(settings.to_json(), args.batch)),
             "attack": {
                 "stages": stages.iter().map(|s| serde_json::json!({
                     "name": s.name(), "norm": s.norm.name(), "eps": s.eps,
                     "step_size": match s.method { Method::Pgd => serde_json::json!(s.step_size), Method::Apgd => serde_json::json!("adaptive from 2 eps") },
                     "iterations": s.iterations, "eot": s.eot, "random_start": s.random_start, "seed": s.seed,
                 })).collect::<Vec<_>>(),
-                "gradient": if bpda { "exact through every reverse step; guidance shift held constant (BPDA on the guidance only)" } else { "exact through every reverse step" },
-                "attacked": "images the defence classified correctly by majority (clean, then after each earlier stage)",
+                "gradient": if !purified { "exact (the classifier alone)" } else if bpda { "exact through every reverse step; guidance shift held constant (BPDA on the guidance only)" } else { "exact through every reverse step" },
+                "attacked": "images the model classified correctly by majority (clean, then after each earlier stage)",
+                "apgd_result": "per image, the last iterate a strict majority of its EOT draws misclassified (AutoAttack's bookkeeping), else the highest-loss iterate; PGD: the last iterate",
             },
-            "votes": args.votes,
+            "votes": votes,
             "accuracy": {
                 "undefended_clean": undefended_clean,
                 "undefended_adversarial": undefended_adversarial,
-                "defended_clean_majority": clean_majority,
-                "defended_clean_all": clean_all,
+                "defended_clean_majority": purified.then_some(clean_majority),
+                "defended_clean_all": purified.then_some(clean_all),
                 "robust_majority": robust_majority,
                 "robust_all": robust_all,
             },
@@ -344,9 +391,14 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     outputs.commit()?;
     if let Some(out) = &args.out {
         println!(
-            "wrote {} adversarial PNGs and {} (each cell: clean | adversarial | purified adversarial)",
+            "wrote {} adversarial PNGs and {} ({})",
             adversarial.count,
-            out.join("grid.png").display()
+            out.join("grid.png").display(),
+            if purified {
+                "each cell: clean | adversarial | purified adversarial"
+            } else {
+                "each cell: clean | adversarial"
+            }
         );
     }
     if let Some(path) = &args.report {

@@ -134,7 +134,7 @@ pub fn run(args: &PurifyArgs, progress: Progress) -> Result<()> {
     }
     write_comparison_grid(&staged.path("grid.png"), &images, &output, None, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE)?;
     if let Some(report_file) = report_file {
-        let mut report = report_header(&b, &images, &args.inputs, &unet, settings);
+        let mut report = report_header(&b, &images, &args.inputs, Some(&unet), settings);
         let more = serde_json::json!({
             "settings": with_batch(settings.to_json(), args.batch),
             "network_calls": network_calls,

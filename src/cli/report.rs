@@ -9,12 +9,13 @@ use purifier::model::Unet;
 
 use super::args::PurificationArgs;
 
-/// What every JSON report of a purification run starts with: the images, the device, the UNet.
+/// What every JSON report of a purification run starts with: the images, the device, the UNet
+/// (none for an attack on the classifier alone).
 pub(super) fn report_header<B: Backend>(
     b: &B,
     images: &ImageBatch,
     inputs: &[PathBuf],
-    unet: &Unet<B>,
+    unet: Option<&Unet<B>>,
     settings: &PurificationArgs,
 ) -> serde_json::Value {
     serde_json::json!({
@@ -22,7 +23,7 @@ pub(super) fn report_header<B: Backend>(
         "inputs": inputs,
         "device": b.name(),
         "precision": b.precision().to_string(),
-        "unet": { "config": unet.config.name, "weights": settings.weights_name() },
+        "unet": unet.map(|unet| serde_json::json!({ "config": unet.config.name, "weights": settings.weights_name() })),
     })
 }
 
