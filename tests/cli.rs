@@ -732,3 +732,37 @@ fn attack_with_no_defence_measures_the_classifier_alone() {
     let grid = purifier::data::image::read_png(&out.join("grid.png")).unwrap();
     assert!(grid.width > 0);
 }
+
+/// `inspect --layers` lists a classifier's layers too, named as in its file, with their shapes.
+#[test]
+fn inspect_lists_classifier_layers() {
+    let (ok, stdout, _) = run_cli(&["inspect", "--layers", "../shared/weights/resnet20_cifar10.safetensors"]);
+    assert!(ok, "{stdout}");
+    let layers: Vec<&str> = stdout.lines().filter(|l| l.contains(" -> ")).collect();
+    assert_eq!(layers.len(), 2 + 9 + 2, "input, stem, 9 blocks, pool, linear: {stdout}");
+    assert!(layers[5].contains("layer2.0") && layers[5].ends_with("-> 32 x 16 x 16"), "{}", layers[5]);
+    assert!(layers[12].contains("linear (logits)") && layers[12].ends_with("-> 10 x 1 x 1"), "{}", layers[12]);
+
+    // A WideResNet-16-2 in RobustBench's naming.
+    use purifier::model::params::DeterministicParams;
+    let b = purifier::backend::cpu::CpuBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wrn.safetensors");
+    let mut src = DeterministicParams::new(&b, 5);
+    src.keep_host_copies = true;
+    purifier::model::Classifier::load_wide(&mut src, 16, 2).unwrap();
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        src.generated.iter().map(|(n, s, d)| (n.as_str(), &s[..], &d[..])).collect();
+    write_safetensors(&path, &tensors).unwrap();
+    let (ok, stdout, _) = run_cli(&["inspect", "--layers", s(&path)]);
+    assert!(ok, "{stdout}");
+    for expected in [
+        "block2.layer.0 (residual, stride 2, 1x1 conv shortcut)",
+        "-> 64 x 16 x 16",
+        "bn1 + relu (head)",
+        "-> 128 x 8 x 8",
+        "fc (logits)",
+    ] {
+        assert!(stdout.contains(expected), "expected {expected:?} in: {stdout}");
+    }
+}

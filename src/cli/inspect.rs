@@ -11,7 +11,7 @@ use purifier::model::{Classifier, Unet, UnetConfig};
 pub struct InspectArgs {
     /// A safetensors weights file.
     pub weights: PathBuf,
-    /// Also list the UNet's layers in execution order with their output shapes.
+    /// Also list the network's layers (UNet or classifier) in execution order with their output shapes.
     #[arg(long)]
     pub layers: bool,
 }
@@ -53,6 +53,11 @@ pub fn run(args: &InspectArgs) -> Result<()> {
             })
             .map(|n| file.shape(n).map(|s| s.iter().product::<usize>()).unwrap_or(0))
             .sum();
+        if args.layers {
+            for (name, [c, h, w]) in classifier.layers() {
+                println!("  {name:<52} -> {c} x {h} x {w}");
+            }
+        }
         println!(
             "network: {} classifier ({} classes, {}-d features)",
             classifier.name,
