@@ -766,3 +766,41 @@ fn inspect_lists_classifier_layers() {
         assert!(stdout.contains(expected), "expected {expected:?} in: {stdout}");
     }
 }
+
+/// grid.png is a labelled sheet: under each cell the class and the classifier's prediction and
+/// confidence before and after (green when right, red when wrong); cells wrap into rows.
+#[test]
+fn grid_is_a_labelled_sheet() {
+    use purifier::data::sheet::{RIGHT, SHEET_BACKGROUND, TEXT};
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run_cli(&[
+        "purify",
+        "--untrained-seed",
+        "1",
+        "--t-star",
+        "1",
+        "--count",
+        "10",
+        "--batch",
+        "10",
+        "--device",
+        "cpu",
+        "--classifier",
+        "../shared/weights/resnet20_cifar10.safetensors",
+        "--input",
+        "../shared/data/cifar10/test_lossless.bin",
+        "--out",
+        s(dir.path()),
+    ]);
+    assert!(ok, "{stderr}");
+    let sheet = purifier::data::image::read_png(&dir.path().join("grid.png")).unwrap();
+    let plane = sheet.width * sheet.height;
+    let pixel = |i: usize| [0, 1, 2].map(|c| (sheet.pixels[c * plane + i] * 255.0).round() as u8);
+    let count = |colour: [u8; 3]| (0..plane).filter(|&i| pixel(i) == colour).count();
+    assert!(count(TEXT) > 100, "no caption text");
+    assert!(count(RIGHT) > 100, "no prediction marked right (ResNet-20 gets most test images right)");
+    assert!(count([SHEET_BACKGROUND; 3]) > plane / 10, "no background");
+    // 10 images, 8 to a row: two rows of cells (each two 32x32 images upscaled, with captions).
+    let row_height = sheet.height / 2;
+    assert!(row_height >= 32 * 4 + 3 * 9 && sheet.width > 8 * 2 * 32 * 4, "{}x{}", sheet.width, sheet.height);
+}

@@ -7,7 +7,8 @@ use std::time::Instant;
 use clap::{Args, ValueEnum};
 use purifier::attack::{AttackSettings, Defence, DefencePlan, Loss, Method, Norm};
 use purifier::backend::Backend;
-use purifier::data::image::{write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
+use purifier::data::image::{write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
+use purifier::data::sheet::{write_labelled_sheet, Caption, RIGHT, WRONG};
 use purifier::data::tensor_file::TensorFile;
 use purifier::data::{load_images, ImageBatch};
 use purifier::error::{Error, Result};
@@ -17,7 +18,9 @@ use purifier::purify::Purifier;
 use super::args::{cli_name, parse_number, DeviceArgs, PurificationArgs};
 use super::backend::backend;
 use super::outputs::Outputs;
-use super::pipeline::{accuracy, check_batch, load_purification, purify_in_batches};
+use super::pipeline::{
+    accuracy, check_batch, load_purification, predict, prediction_caption, purify_in_batches, title_caption,
+};
 use super::progress::Progress;
 use super::report::{extend, report_header, with_batch, write_report};
 
@@ -343,15 +346,46 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
             }
             None => None,
         };
-        let (shown, after, clean) = match &purified_images {
-            Some(p) => (&adversarial, p, Some(&images)),
-            None => (&images, &adversarial, None),
+        // Captions: the class, the classifier on the clean image, on the last column, and
+        // (defended) the votes of the defence on the adversarial image.
+        let last = purified_images.as_ref().unwrap_or(&adversarial);
+        let before = predict(&b, &classifier, &images, args.batch, None)?;
+        let after = predict(&b, &classifier, last, args.batch, None)?;
+        let captions: Vec<Vec<Caption>> = (0..images.count)
+            .map(|i| {
+                let label = Some(labels[i]);
+                let mut lines = vec![
+                    title_caption(&images.names[i], label),
+                    prediction_caption("before", before[i], label),
+                    prediction_caption("after", after[i], label),
+                ];
+                if purified {
+                    let right = adversarial_votes[i];
+                    let colour = if robust(right) { RIGHT } else { WRONG };
+                    lines.push(Caption::new(format!("votes: {right}/{votes} right"), colour));
+                }
+                lines
+            })
+            .collect();
+        let threat = format!("{} {} eps {:.4}", stage_names.join(" + "), first.norm.name(), first.eps);
+        let (title, columns) = match &purified_images {
+            Some(p) => (
+                format!(
+                    "clean | adversarial | purified adversarial ({threat}); {} before -> after; defence votes",
+                    classifier.name
+                ),
+                vec![&images, &adversarial, p],
+            ),
+            None => (
+                format!("clean | adversarial ({threat}); {} alone before -> after", classifier.name),
+                vec![&images, &adversarial],
+            ),
         };
-        write_comparison_grid(
+        write_labelled_sheet(
             &staged.path("grid.png"),
-            shown,
-            after,
-            clean,
+            &title,
+            &columns,
+            &captions,
             DEFAULT_CELLS_PER_ROW,
             DEFAULT_GRID_SCALE,
         )?;

@@ -3,6 +3,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use purifier::backend::Backend;
+use purifier::data::cifar::class_name;
+use purifier::data::sheet::{Caption, RIGHT, TEXT, WRONG};
 use purifier::data::tensor_file::TensorFile;
 use purifier::data::ImageBatch;
 use purifier::error::{Error, Result};
@@ -129,4 +131,23 @@ pub(super) fn predict<B: Backend>(
         }
     }
     Ok(predictions)
+}
+
+/// The first caption line of an image: its class when labelled, else its name.
+pub(super) fn title_caption(name: &str, label: Option<u8>) -> Caption {
+    match label.and_then(class_name) {
+        Some(class) => Caption::new(class, TEXT),
+        None => Caption::new(name, TEXT),
+    }
+}
+
+/// "before: cat 97%", green when it names the label, red when not, plain without a label.
+pub(super) fn prediction_caption(when: &str, prediction: Prediction, label: Option<u8>) -> Caption {
+    let class = class_name(prediction.class as u8).map_or_else(|| prediction.class.to_string(), str::to_string);
+    let colour = match label {
+        Some(l) if l as usize == prediction.class => RIGHT,
+        Some(_) => WRONG,
+        None => TEXT,
+    };
+    Caption::new(format!("{when}: {class} {:.0}%", 100.0 * prediction.confidence), colour)
 }

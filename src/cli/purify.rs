@@ -4,7 +4,8 @@ use std::time::Instant;
 
 use clap::Args;
 use purifier::backend::Backend;
-use purifier::data::image::{write_comparison_grid, write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
+use purifier::data::image::{write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
+use purifier::data::sheet::{write_labelled_sheet, Caption};
 use purifier::data::tensor_file::TensorFile;
 use purifier::data::{load_images, ImageBatch};
 use purifier::error::Result;
@@ -14,7 +15,9 @@ use purifier::purify::Purifier;
 use super::args::{DeviceArgs, PurificationArgs};
 use super::backend::backend;
 use super::outputs::Outputs;
-use super::pipeline::{accuracy, check_batch, load_purification, purify_in_batches};
+use super::pipeline::{
+    check_batch, load_purification, predict, prediction_caption, purify_in_batches, share_correct, title_caption,
+};
 use super::progress::Progress;
 use super::report::{extend, percentile, report_header, with_batch, write_report};
 
@@ -108,13 +111,19 @@ pub fn run(args: &PurifyArgs, progress: Progress) -> Result<()> {
         median * 1e3,
         p99 * 1e3
     );
+    // The classifier's answers before and after, for the accuracy and the sheet's captions.
+    let predictions = match &classifier {
+        Some(classifier) => Some((
+            predict(&b, classifier, &images, args.batch, None)?,
+            predict(&b, classifier, &output, args.batch, None)?,
+        )),
+        None => None,
+    };
     let mut accuracy_before_after: Option<(f64, f64)> = None;
-
-    if let Some(classifier) = &classifier {
+    if let (Some(classifier), Some((before, after))) = (&classifier, &predictions) {
         match &images.labels {
             Some(labels) => {
-                let before = accuracy(&b, classifier, &images, labels, args.batch)?;
-                let after = accuracy(&b, classifier, &output, labels, args.batch)?;
+                let (before, after) = (share_correct(before, labels), share_correct(after, labels));
                 println!(
                     "classifier {} top-1: {:.2}% before, {:.2}% after purification ({} images)",
                     classifier.name,
@@ -132,7 +141,34 @@ pub fn run(args: &PurifyArgs, progress: Progress) -> Result<()> {
     for i in 0..output.count {
         write_png(&staged.path(&format!("{}.png", output.names[i])), output.image(i), output.height, output.width)?;
     }
-    write_comparison_grid(&staged.path("grid.png"), &images, &output, None, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE)?;
+    let captions: Vec<Vec<Caption>> = (0..images.count)
+        .map(|i| {
+            let label = images.labels.as_ref().map(|l| l[i]);
+            let mut lines = vec![title_caption(&images.names[i], label)];
+            if let Some((before, after)) = &predictions {
+                lines.push(prediction_caption("before", before[i], label));
+                lines.push(prediction_caption("after", after[i], label));
+            }
+            lines
+        })
+        .collect();
+    let title = format!(
+        "input | purified ({} mode, t* {}){}",
+        settings.guidance().name(),
+        settings.t_star,
+        match &classifier {
+            Some(c) => format!("; {} before -> after", c.name),
+            None => String::new(),
+        }
+    );
+    write_labelled_sheet(
+        &staged.path("grid.png"),
+        &title,
+        &[&images, &output],
+        &captions,
+        DEFAULT_CELLS_PER_ROW,
+        DEFAULT_GRID_SCALE,
+    )?;
     if let Some(report_file) = report_file {
         let mut report = report_header(&b, &images, &args.inputs, Some(&unet), settings);
         let more = serde_json::json!({
@@ -148,7 +184,11 @@ pub fn run(args: &PurifyArgs, progress: Progress) -> Result<()> {
         write_report(outputs.staged_file(report_file), &report)?;
     }
     outputs.commit()?;
-    println!("wrote {} PNGs and {} (each cell: input | purified)", output.count, args.out.join("grid.png").display());
+    println!(
+        "wrote {} PNGs and {} (each cell: input | purified, with labels and predictions)",
+        output.count,
+        args.out.join("grid.png").display()
+    );
     if let Some(path) = &args.report {
         println!("wrote {}", path.display());
     }

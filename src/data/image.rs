@@ -153,7 +153,7 @@ pub fn write_png(path: &Path, pixels: &[f32], height: usize, width: usize) -> Re
 }
 
 /// Writes interleaved 8-bit RGB rows as a PNG, atomically.
-fn write_rgb_png(path: &Path, rgb: &[u8], height: usize, width: usize) -> Result<()> {
+pub(crate) fn write_rgb_png(path: &Path, rgb: &[u8], height: usize, width: usize) -> Result<()> {
     let too_large = || Error::invalid(format!("image {width}x{height} is too large for {}", path.display()));
     if width.saturating_mul(height) > MAX_PIXELS {
         return Err(too_large());
