@@ -64,7 +64,8 @@ pub struct AttackArgs {
     pub count: Option<usize>,
     #[command(flatten)]
     pub purification: PurificationArgs,
-    /// Classifier of the defended model C(purify(x)) (CIFAR ResNet, safetensors).
+    /// The classifier under attack (CIFAR ResNet or WideResNet, safetensors): C in C(purify(x)),
+    /// or alone with --defence none.
     #[arg(long)]
     pub classifier: PathBuf,
     /// The attack.
