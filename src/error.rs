@@ -40,6 +40,9 @@ pub enum Error {
     #[error("device: {0}")]
     Device(String),
 
+    #[error("device: {0}")]
+    Driver(#[from] crate::driver::DriverError),
+
     #[error("{what} needs {:.2} GiB of memory but {:.2} GiB are available: use a smaller --batch", gib(*needed), gib(*available))]
     OutOfMemory { what: String, needed: usize, available: usize },
 }

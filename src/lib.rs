@@ -6,12 +6,14 @@
 //! - `purify`: the purification pipeline (and its gradient);
 //! - `attack`: adaptive white-box attacks on the purification defence;
 //! - `data`: CIFAR-10 binaries, PNG images and safetensors files;
-//! - `device`: choosing a backend from `--device`.
+//! - `device`: choosing a backend from `--device`;
+//! - `driver`: the device interface under the CUDA backend (a GPU through cudarc, or the PTX emulator).
 pub mod attack;
 pub mod backend;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod driver;
 pub mod error;
 pub mod kernels;
 pub mod model;

@@ -6,7 +6,7 @@
 //! such a product, `||backward(g)|| ||d|| / sqrt(len)`, so a zero-ish projection cannot hide a bug.
 //! Each backward is also run into a randomly pre-filled buffer to check that it accumulates.
 use purifier::backend::cpu::{rng, CpuBackend, CpuTensor};
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, StepCoefficients};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepCoefficients};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -28,12 +28,12 @@ impl TestRng {
     }
     fn tensor(&mut self, shape: &[usize]) -> CpuTensor {
         let data = (0..shape.iter().product()).map(|_| self.uniform()).collect();
-        CpuTensor { shape: shape.to_vec(), data }
+        CpuTensor::new(shape, data)
     }
 }
 
 fn zeros(shape: &[usize]) -> CpuTensor {
-    CpuTensor { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
+    CpuTensor::new(shape, vec![0.0; shape.iter().product()])
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -182,7 +182,7 @@ fn conv2d_matches_naive_reference() {
     for case in conv_cases() {
         let (x, w) = (rng.tensor(&case.x), rng.tensor(&case.w));
         let mut out = rng.tensor(&output_shape(&case)); // garbage: the op must overwrite it
-        backend.conv2d(&x, &w, None, case.geometry, ConvEpilogue::default(), &mut out);
+        backend.conv2d(LayerInput::one(&x), &w, None, case.geometry, ConvEpilogue::default(), &mut out);
         let error = relative_max_error(&out.data, &conv_reference(&x, &w, case.geometry));
         assert!(error < 1e-5, "conv2d {:?} * {:?} {:?}: error {error:e}", case.x, case.w, case.geometry);
     }
@@ -217,18 +217,18 @@ fn conv2d_epilogue() {
                 .collect();
             let mut out = rng.tensor(&shape);
             let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), residual: Some(&residual), relu };
-            backend.conv2d(&x, &w, Some(&bias), case.geometry, epilogue, &mut out);
+            backend.conv2d(LayerInput::one(&x), &w, Some(&bias), case.geometry, epilogue, &mut out);
             let error = relative_max_error(&out.data, &expected);
             assert!(error < 1e-5, "conv2d epilogue (relu {relu}) {:?} {:?}: error {error:e}", case.x, case.geometry);
         }
         // Bias alone, and channel bias alone.
         let mut out = zeros(&shape);
-        backend.conv2d(&x, &w, Some(&bias), case.geometry, ConvEpilogue::default(), &mut out);
+        backend.conv2d(LayerInput::one(&x), &w, Some(&bias), case.geometry, ConvEpilogue::default(), &mut out);
         let expected: Vec<f64> =
             plain.iter().enumerate().map(|(i, &v)| v + bias.data[i / plane % shape[1]] as f64).collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
         let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), ..Default::default() };
-        backend.conv2d(&x, &w, None, case.geometry, epilogue, &mut out);
+        backend.conv2d(LayerInput::one(&x), &w, None, case.geometry, epilogue, &mut out);
         let expected: Vec<f64> =
             plain.iter().enumerate().map(|(i, &v)| v + channel_bias.data[i / plane] as f64).collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
@@ -244,7 +244,7 @@ fn conv2d_backward_input_is_the_adjoint() {
         let g = case.geometry;
         let forward = |x: &CpuTensor| {
             let mut out = zeros(&output_shape(&case));
-            backend.conv2d(x, &w, None, g, ConvEpilogue::default(), &mut out);
+            backend.conv2d(LayerInput::one(x), &w, None, g, ConvEpilogue::default(), &mut out);
             out
         };
         let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.conv2d_backward_input(dout, &w, g, dx);
@@ -301,14 +301,14 @@ fn group_norm_matches_reference_and_its_backward_matches_finite_differences() {
             let (expected, expected_stats) = group_norm_reference(&x, &gamma.data, &beta.data, groups, 1e-6, silu);
             let mut out = rng.tensor(&shape);
             let mut stats = zeros(&[shape[0], groups, 2]);
-            backend.group_norm(&x, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+            backend.group_norm(LayerInput::one(&x), &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
             assert!(relative_max_error(&out.data, &expected) < 1e-5, "group_norm {shape:?} silu {silu}");
             assert!(relative_max_error(&stats.data, &expected_stats) < 1e-6, "group_norm stats {shape:?}");
 
             let forward = |x: &CpuTensor| {
                 let mut out = zeros(&shape);
                 let mut stats = zeros(&[shape[0], groups, 2]);
-                backend.group_norm(x, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+                backend.group_norm(LayerInput::one(x), &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
                 out
             };
             let backward = |dout: &CpuTensor, dx: &mut CpuTensor| {
@@ -423,7 +423,7 @@ fn attention_matches_reference_and_its_backward_matches_finite_differences() {
 #[test]
 fn timestep_embedding_matches_formula() {
     let backend = CpuBackend;
-    let t = CpuTensor { shape: vec![4], data: vec![0.0, 1.0, 99.0, 999.0] };
+    let t = CpuTensor::new(&[4], vec![0.0, 1.0, 99.0, 999.0]);
     let dim = 16;
     let mut out = zeros(&[4, dim]);
     backend.timestep_embedding(&t, &mut out);
@@ -521,7 +521,8 @@ fn layout_ops_forward_values() {
 
     let (scale, shift) = ([0.5, -2.0, 3.0], [0.1, 0.2, -0.3]);
     let mut affine = rng.tensor(&[2, 3, 3, 5]);
-    backend.channel_affine(&x, &scale, &shift, &mut affine);
+    let (scale_t, shift_t) = (CpuTensor::new(&[3], scale.to_vec()), CpuTensor::new(&[3], shift.to_vec()));
+    backend.channel_affine(&x, &scale_t, &shift_t, &mut affine);
     for (i, (&o, &v)) in affine.data.iter().zip(&x.data).enumerate() {
         let c = i / 15 % 3;
         assert_eq!(o, v * scale[c] + shift[c]);
@@ -583,8 +584,8 @@ fn layout_ops_backward_match_finite_differences() {
             tolerance,
         );
 
-        let scale: Vec<f32> = (0..c).map(|i| 0.5 + i as f32).collect();
-        let shift: Vec<f32> = (0..c).map(|i| i as f32 - 1.0).collect();
+        let scale = CpuTensor::new(&[c], (0..c).map(|i| 0.5 + i as f32).collect());
+        let shift = CpuTensor::new(&[c], (0..c).map(|i| i as f32 - 1.0).collect());
         let affine = |x: &CpuTensor| {
             let mut out = zeros(&shape);
             backend.channel_affine(x, &scale, &shift, &mut out);
@@ -626,7 +627,7 @@ fn relu_backward_and_add_assign_accumulate() {
     let backend = CpuBackend;
     let mut rng = TestRng(9);
     let (y, dy) = (rng.tensor(&[2, 3, 4, 4]), rng.tensor(&[2, 3, 4, 4]));
-    let mut dx = CpuTensor { shape: y.shape.clone(), data: vec![1.0; y.data.len()] };
+    let mut dx = CpuTensor::new(&y.shape, vec![1.0; y.data.len()]);
     backend.relu_backward(&y, &dy, &mut dx);
     for ((&g, &yv), &d) in dx.data.iter().zip(&y.data).zip(&dy.data) {
         assert_eq!(g, if yv > 0.0 { 1.0 + d } else { 1.0 });
@@ -666,7 +667,7 @@ fn elementwise_sampler_ops() {
     let eps = rng.tensor(&x.shape);
     let (mut x0, mut mu) = (zeros(&x.shape), zeros(&x.shape));
     backend.predict_x0_and_mean(&x_t, &eps, k, &mut x0, &mut mu);
-    let mut u = CpuTensor { shape: x.shape.clone(), data: vec![2.0; x.data.len()] };
+    let mut u = CpuTensor::new(&x.shape, vec![2.0; x.data.len()]);
     backend.mask_clipped(&x_t, &eps, k, &mut u);
     let mut clipped = 0;
     for i in 0..x.data.len() {
@@ -731,7 +732,7 @@ fn guidance_and_cross_entropy_gradients_match_finite_differences() {
     let (features, reference) = (rng.tensor(&[n, f]), rng.tensor(&[n, f]));
     let mut logits = rng.tensor(&[n, k]);
     logits.data.iter_mut().for_each(|v| *v *= 3.0);
-    let labels = CpuTensor { shape: vec![n], data: vec![4.0, 0.0, 2.0] };
+    let labels = CpuTensor::new(&[n], vec![4.0, 0.0, 2.0]);
     let (lambda_f, lambda_c) = (0.7f32, 1.3f32);
 
     let objective = |features: &[f32], logits: &[f32]| -> f64 {
@@ -819,12 +820,16 @@ fn philox_known_answer_vectors() {
     );
 }
 
+fn image_indices(indices: &[u32]) -> CpuTensor {
+    CpuTensor::new(&[indices.len()], indices.iter().map(|&g| g as f32).collect())
+}
+
 #[test]
 fn fill_gaussian_is_standard_normal_and_reproducible() {
     let backend = CpuBackend;
     let len = 1_000_000;
-    let mut a = zeros(&[len]);
-    backend.fill_gaussian(&mut a, 1234, 0);
+    let mut a = zeros(&[1, len]);
+    backend.fill_gaussian(&mut a, &image_indices(&[0]), 1234, 0);
     let mean = a.data.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
     let var = a.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
     // Standard errors: 1e-3 for the mean, 1.4e-3 for the variance.
@@ -833,18 +838,37 @@ fn fill_gaussian_is_standard_normal_and_reproducible() {
     let tail = a.data.iter().filter(|v| v.abs() > 1.96).count() as f64 / len as f64;
     assert!((tail - 0.05).abs() < 2e-3, "two-sided 5% tail holds {tail}");
 
-    // The same (seed, stream) gives the same noise, whatever the tensor's length or shape.
-    let mut b = zeros(&[10, 3, 7]);
-    backend.fill_gaussian(&mut b, 1234, 0);
+    // The same (seed, stream, image) gives the same noise, whatever the image's shape.
+    let mut b = zeros(&[1, 10, 3, 7]);
+    backend.fill_gaussian(&mut b, &image_indices(&[0]), 1234, 0);
     assert_eq!(&b.data[..], &a.data[..210]);
-    // A different stream or seed gives different noise.
-    let mut c = zeros(&[210]);
-    backend.fill_gaussian(&mut c, 1234, 1);
-    assert!(c.data.iter().zip(&b.data).all(|(x, y)| x != y));
-    backend.fill_gaussian(&mut c, 1235, 0);
-    assert!(c.data.iter().zip(&b.data).all(|(x, y)| x != y));
-    // Element 4i + j is normal j of Philox block i.
-    assert_eq!(&a.data[8..12], &rng::gaussian_block(1234, 0, 2));
+    // A different stream, seed or image gives different noise.
+    let mut c = zeros(&[1, 210]);
+    for (image, seed, stream) in [(0, 1234, 1), (0, 1235, 0), (1, 1234, 0)] {
+        backend.fill_gaussian(&mut c, &image_indices(&[image]), seed, stream);
+        assert!(c.data.iter().zip(&b.data).all(|(x, y)| x != y), "image {image}, seed {seed}, stream {stream}");
+    }
+    // Element 4i + j of an image is normal j of its Philox block i.
+    assert_eq!(&a.data[8..12], &rng::gaussian_block(1234, 0, 0, 2));
+}
+
+/// Image g's noise is the same whether g is first in a batch or third, and a batch of images is
+/// the images filled one by one.
+#[test]
+fn fill_gaussian_keys_noise_by_image_not_by_place_in_batch() {
+    let backend = CpuBackend;
+    let image = 3 * 32 * 32;
+    let mut first = zeros(&[2, 3, 32, 32]);
+    backend.fill_gaussian(&mut first, &image_indices(&[11, 12]), 5, 9);
+    let mut third = zeros(&[4, 3, 32, 32]);
+    backend.fill_gaussian(&mut third, &image_indices(&[7, 0, 11, 3]), 5, 9);
+    assert_eq!(&first.data[..image], &third.data[2 * image..3 * image]);
+    for (n, &g) in [7, 0, 11, 3].iter().enumerate() {
+        let mut alone = zeros(&[1, 3, 32, 32]);
+        backend.fill_gaussian(&mut alone, &image_indices(&[g]), 5, 9);
+        assert_eq!(&alone.data[..], &third.data[n * image..(n + 1) * image], "image {g}");
+    }
+    assert_ne!(&third.data[..image], &third.data[image..2 * image]);
 }
 
 /// Parallel loops split outputs, never sums: results do not depend on the number of threads.
@@ -857,12 +881,12 @@ fn results_do_not_depend_on_thread_count() {
         let w = rng.tensor(&[20, 16, 3, 3]);
         let g = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
         let mut conv = zeros(&[2, 20, 6, 6]);
-        backend.conv2d(&x, &w, None, g, ConvEpilogue::default(), &mut conv);
+        backend.conv2d(LayerInput::one(&x), &w, None, g, ConvEpilogue::default(), &mut conv);
         let mut dx = zeros(&x.shape);
         backend.conv2d_backward_input(&conv, &w, g, &mut dx);
         let (gamma, beta) = (rng.tensor(&[16]), rng.tensor(&[16]));
         let (mut norm, mut stats) = (zeros(&x.shape), zeros(&[2, 4, 2]));
-        backend.group_norm(&x, &gamma, &beta, 4, 1e-6, true, &mut norm, &mut stats);
+        backend.group_norm(LayerInput::one(&x), &gamma, &beta, 4, 1e-6, true, &mut norm, &mut stats);
         backend.group_norm_backward(&x, &gamma, &beta, &stats, 4, true, &norm, &mut dx);
         let (mut att, mut lse) = (zeros(&x.shape), zeros(&[2, 144]));
         backend.attention(&x, &norm, &dx, &mut att, &mut lse);
@@ -898,13 +922,14 @@ fn conv3x3_128_channels_32x32_timing() {
             })
             .fold(f64::INFINITY, f64::min)
     };
-    let forward = time(&mut || backend.conv2d(&x, &w, None, g, ConvEpilogue::default(), &mut out));
+    let forward = time(&mut || backend.conv2d(LayerInput::one(&x), &w, None, g, ConvEpilogue::default(), &mut out));
     let backward = time(&mut || backend.conv2d_backward_input(&out, &w, g, &mut dx));
     let gmac = 128.0 * 128.0 * 9.0 * 1024.0 / 1e9;
     println!("conv 3x3 128->128 32x32 batch 1 on {}: forward {forward:.2} ms ({:.1} GMAC/s), backward-input {backward:.2} ms ({:.1} GMAC/s)", backend.name(), gmac / forward * 1e3, gmac / backward * 1e3);
     let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
     let mut half = zeros(&[1, 128, 16, 16]);
-    let down_forward = time(&mut || backend.conv2d(&x, &w, None, down, ConvEpilogue::default(), &mut half));
+    let down_forward =
+        time(&mut || backend.conv2d(LayerInput::one(&x), &w, None, down, ConvEpilogue::default(), &mut half));
     let down_backward = time(&mut || backend.conv2d_backward_input(&half, &w, down, &mut dx));
     println!(
         "downsample 3x3 stride 2 128->128 32x32: forward {down_forward:.2} ms, backward-input {down_backward:.2} ms"
@@ -951,4 +976,28 @@ fn relu_clips_negatives_and_its_backward_follows_the_output() {
     for i in 0..x.data.len() {
         assert_eq!(dx.data[i], if x.data[i] > 0.0 { dy.data[i] } else { 0.0 });
     }
+}
+
+/// f16/bf16 tensors hold values rounded once to their type, on upload and on every op's store;
+/// f32 tensors are untouched.
+#[test]
+fn half_precision_tensors_round_on_store() {
+    use purifier::backend::{Precision, TensorShape};
+    let backend = CpuBackend;
+    let values = [1.0f32 + 1.0 / 1024.0 + 1.0 / 4096.0, -3.33337, 65519.0, 1e-3];
+    for dtype in [Precision::F32, Precision::F16, Precision::Bf16] {
+        let t = backend.upload_as(&values, &[4], dtype).unwrap();
+        assert_eq!(t.dtype(), dtype);
+        let expected: Vec<f32> = values.iter().map(|&v| purifier::backend::cpu::round_to(dtype, v)).collect();
+        assert_eq!(t.data, expected, "{dtype}");
+        let mut out = backend.zeros_as(&[4], dtype).unwrap();
+        let ones = backend.upload(&[1.0; 4], &[4]).unwrap();
+        backend.axpby(1.0, &t, 1.0 / 3.0, &ones, &mut out);
+        for (o, &v) in out.data.iter().zip(&expected) {
+            assert_eq!(*o, purifier::backend::cpu::round_to(dtype, v + 1.0 / 3.0), "{dtype}");
+        }
+    }
+    // bf16 keeps 8 significant bits, f16 11: the first value shows the difference.
+    assert_eq!(purifier::backend::cpu::round_to(Precision::Bf16, values[0]), 1.0);
+    assert_eq!(purifier::backend::cpu::round_to(Precision::F16, values[0]), 1.0 + 1.0 / 1024.0);
 }

@@ -11,17 +11,24 @@
 //! - every backward op *accumulates* into its input-gradient buffers (`dx += ...`), so gradients that
 //!   meet at a skip connection add up without extra buffers; callers zero gradients once with `fill`.
 //!
-//! Shapes are given in NCHW / OIHW order; how a backend stores them (NHWC, f16, ...) is its own
-//! business. Precision is a property of the backend's tensors (`Backend::precision`).
+//! - each tensor knows its storage type (`TensorShape::dtype`): f32, f16 or bf16, chosen per tensor
+//!   by the plan (activations in `Backend::precision`; x_t, noise, gradients, norm statistics and
+//!   log-sum-exp always f32); ops compute in f32 and round once when they store;
+//! - ops return nothing: a launch error is stored and reported by `synchronize`, which every public
+//!   entry point of the engine calls before it returns;
+//! - timing goes through `timestamp` / `elapsed_ms` (device events on a GPU), not host clocks.
+//!
+//! Shapes are given in NCHW / OIHW order; how a backend stores them (NHWC, ...) is its own business.
 //!
 //! The reference implementation is `cpu::CpuBackend` (plain f32, the spec).
 
 pub mod cpu;
+pub mod cuda;
 pub mod profiled;
 
 use crate::error::Result;
 
-/// Storage precision of a backend's activations.
+/// Storage type of a tensor (and the precision a backend's plans choose for activations).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
     F32,
@@ -52,6 +59,8 @@ impl std::fmt::Display for Precision {
 /// What every backend tensor can say about itself.
 pub trait TensorShape {
     fn shape(&self) -> &[usize];
+    /// The storage type of the elements.
+    fn dtype(&self) -> Precision;
     fn numel(&self) -> usize {
         self.shape().iter().product()
     }
@@ -81,6 +90,60 @@ impl Conv2dGeometry {
         let oh = (h + self.pad_top + self.pad_bottom - kh) / self.stride + 1;
         let ow = (w + self.pad_left + self.pad_right - kw) / self.stride + 1;
         (oh, ow)
+    }
+}
+
+/// The input of a convolution or a GroupNorm as the kernels read it: the channel concatenation of
+/// `a` and `b` (`b` the UNet's skip connection; `None`: `a` alone), optionally nearest-x2
+/// upsampled (the UNet's Upsample, convolutions only). A GPU folds both into its input indexing,
+/// so no concatenated or upsampled tensor is ever written.
+pub struct LayerInput<'a, T> {
+    pub a: &'a T,
+    pub b: Option<&'a T>,
+    pub upsample2x: bool,
+}
+
+impl<T> Clone for LayerInput<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for LayerInput<'_, T> {}
+
+impl<'a, T: TensorShape> LayerInput<'a, T> {
+    /// One tensor, read as it is.
+    pub fn one(a: &'a T) -> Self {
+        Self { a, b: None, upsample2x: false }
+    }
+    /// concat(a, b) along channels.
+    pub fn concat(a: &'a T, b: &'a T) -> Self {
+        Self { a, b: Some(b), upsample2x: false }
+    }
+    /// The nearest-x2 upsampling of `a`.
+    pub fn upsampled(a: &'a T) -> Self {
+        Self { a, b: None, upsample2x: true }
+    }
+    /// The logical NCHW shape read (channels of both sources, upsampled size), or a message
+    /// naming what does not fit (sources that differ outside channels, a rank other than 4).
+    pub fn logical_shape(&self) -> std::result::Result<[usize; 4], String> {
+        let &[n, c, h, w] = self.a.shape() else {
+            return Err(format!("expected an N x C x H x W input, got shape {:?}", self.a.shape()));
+        };
+        let mut channels = c;
+        if let Some(b) = self.b {
+            match *b.shape() {
+                [bn, bc, bh, bw] if (bn, bh, bw) == (n, h, w) => channels += bc,
+                _ => {
+                    return Err(format!(
+                        "concat of {:?} and {:?}: they differ outside channels",
+                        self.a.shape(),
+                        b.shape()
+                    ))
+                }
+            }
+        }
+        let scale = if self.upsample2x { 2 } else { 1 };
+        Ok([n, channels, h * scale, w * scale])
     }
 }
 
@@ -114,6 +177,19 @@ pub struct StepCoefficients {
     pub ct: f32,
 }
 
+/// Image indices (`Backend::fill_gaussian`) live in f32 tensors, which hold every integer below
+/// 2^24 exactly: a run may hold at most this many images.
+pub const IMAGE_INDEX_LIMIT: u64 = 1 << 24;
+
+/// A point on a backend's timeline, from `Backend::timestamp`.
+#[derive(Clone, Copy, Debug)]
+pub enum Timestamp {
+    /// A host clock reading (a synchronous backend: the op has finished when the call returns).
+    Host(std::time::Instant),
+    /// A device event recorded in the stream.
+    Device(crate::driver::Event),
+}
+
 /// The compute interface. All tensors are `Self::Tensor`; scalars and tiny per-batch values come
 /// from the host.
 pub trait Backend {
@@ -121,16 +197,35 @@ pub trait Backend {
 
     /// A short human-readable name, e.g. "cpu (2 threads)".
     fn name(&self) -> String;
+    /// The storage type the backend's plans give activations (the network's weights and
+    /// intermediate tensors); x_t, noise, gradients and statistics stay f32.
     fn precision(&self) -> Precision;
     /// Bytes of memory free for new tensors, when the backend can tell (plans check it before
     /// allocating, so a batch too large is an error, not a crash).
     fn available_memory(&self) -> Option<usize>;
 
+    /// Waits for the work issued so far and reports the first error stored since the last call
+    /// (a kernel fault, a launch the device refused). Every public entry point calls it before
+    /// returning, so an error surfaces where it happened, not at a later download.
+    fn synchronize(&self) -> Result<()>;
+    /// The current point of the backend's timeline (a device event on a GPU).
+    fn timestamp(&self) -> Result<Timestamp>;
+    /// Milliseconds between two timestamps of this backend (synchronises first where needed).
+    fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64>;
+
     // ---- memory: the only host <-> device crossings ----
-    /// A zero-filled tensor. Called when plans are made, never inside a step.
-    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
-    /// A new tensor holding `data` (row-major in `shape`).
-    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    /// A zero-filled f32 tensor. Called when plans are made, never inside a step.
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor> {
+        self.zeros_as(shape, Precision::F32)
+    }
+    /// A zero-filled tensor of storage type `dtype`.
+    fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<Self::Tensor>;
+    /// A new f32 tensor holding `data` (row-major in `shape`).
+    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        self.upload_as(data, shape, Precision::F32)
+    }
+    /// A new tensor of storage type `dtype` holding `data` rounded once to it.
+    fn upload_as(&self, data: &[f32], shape: &[usize], dtype: Precision) -> Result<Self::Tensor>;
     /// Overwrite an existing tensor with host data of the same number of elements.
     fn write(&self, dst: &mut Self::Tensor, data: &[f32]) -> Result<()>;
     /// The tensor's values as f32, row-major.
@@ -166,12 +261,13 @@ pub trait Backend {
         dx: &mut Self::Tensor,
     );
 
-    /// GroupNorm over `groups` groups (then SiLU if `silu`), x (N x C x H x W), gamma/beta (C).
-    /// Saves per-(sample, group) mean and 1/std in `stats` (N x groups x 2) for the backward.
+    /// GroupNorm over `groups` groups (then SiLU if `silu`), x (N x C x H x W; may be a two-source
+    /// concat, not upsampled), gamma/beta (C). Saves per-(sample, group) mean and 1/std in `stats`
+    /// (N x groups x 2, f32) for the backward.
     #[allow(clippy::too_many_arguments)]
     fn group_norm(
         &self,
-        x: &Self::Tensor,
+        x: LayerInput<'_, Self::Tensor>,
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
         groups: usize,
@@ -180,7 +276,7 @@ pub trait Backend {
         out: &mut Self::Tensor,
         stats: &mut Self::Tensor,
     );
-    /// dx += d/dx of `group_norm`, from the forward's input and saved stats.
+    /// dx += d/dx of `group_norm`, from the forward's input (as one tensor) and saved stats.
     #[allow(clippy::too_many_arguments)]
     fn group_norm_backward(
         &self,
@@ -194,10 +290,11 @@ pub trait Backend {
         dx: &mut Self::Tensor,
     );
 
-    /// 2-D convolution x (N x Ci x H x W), w (Co x Ci x kh x kw), plus bias and the epilogue.
+    /// 2-D convolution of x (N x Ci x H x W as `LayerInput` reads it: a two-source concat and/or
+    /// a nearest-x2 upsample folded in), w (Co x Ci x kh x kw), plus bias and the epilogue.
     fn conv2d(
         &self,
-        x: &Self::Tensor,
+        x: LayerInput<'_, Self::Tensor>,
         w: &Self::Tensor,
         bias: Option<&Self::Tensor>,
         geometry: Conv2dGeometry,
@@ -205,7 +302,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
     );
     /// dx += conv2d's vector-Jacobian product with respect to its input (the transposed
-    /// convolution of `dout`). The epilogue's residual gets `dout` itself; callers add it.
+    /// convolution of `dout`), dx the logical input (concatenated, upsampled: the caller splits and
+    /// folds it). The epilogue's residual gets `dout` itself; callers add it.
     fn conv2d_backward_input(
         &self,
         dout: &Self::Tensor,
@@ -249,10 +347,11 @@ pub trait Backend {
     /// da += dout[:, :Ca], db += dout[:, Ca:].
     fn concat_channels_backward(&self, dout: &Self::Tensor, da: &mut Self::Tensor, db: &mut Self::Tensor);
 
-    /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation).
+    /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation, a
+    /// BatchNorm at inference); `scale` and `shift` are f32 tensors of C values, uploaded once.
     /// Backward is `dx += dout * scale[c]`.
-    fn channel_affine(&self, x: &Self::Tensor, scale: &[f32], shift: &[f32], out: &mut Self::Tensor);
-    fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &[f32], dx: &mut Self::Tensor);
+    fn channel_affine(&self, x: &Self::Tensor, scale: &Self::Tensor, shift: &Self::Tensor, out: &mut Self::Tensor);
+    fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &Self::Tensor, dx: &mut Self::Tensor);
 
     /// x = max(x, 0), in place (the pre-activation of the WideResNet's blocks).
     fn relu(&self, x: &mut Self::Tensor);
@@ -275,9 +374,13 @@ pub trait Backend {
     /// The clamp's backward, in place: `grad` zeroed where `x` (the clamp's input) lies outside
     /// [lo, hi].
     fn clamp_backward(&self, x: &Self::Tensor, lo: f32, hi: f32, grad: &mut Self::Tensor);
-    /// Standard normal samples from a counter-based generator: element i of `out` depends only on
-    /// (seed, stream, i), so every backend draws the same noise for the same seed.
-    fn fill_gaussian(&self, out: &mut Self::Tensor, seed: u64, stream: u64);
+    /// Standard normal samples keyed per image: `out` is N x ... (the first axis the images),
+    /// `image_indices` (N) holds each sample's index in the whole input, and element e of sample n
+    /// depends only on (seed, stream, image_indices[n], e) as `cpu::rng` defines it, so an image
+    /// gets the same noise in any batch, at any place in it, on every backend. `image_indices` is
+    /// an f32 tensor of integers below `IMAGE_INDEX_LIMIT` (2^24, all exact in f32), written once
+    /// per purification, so a step sends nothing from the host.
+    fn fill_gaussian(&self, out: &mut Self::Tensor, image_indices: &Self::Tensor, seed: u64, stream: u64);
 
     /// The network's step prediction: `x0_hat = clip((x_t - sqrt(1-abar) eps) / sqrt(abar), -1, 1)`
     /// and the posterior mean `mu = c0 x0_hat + ct x_t`.

@@ -1,11 +1,10 @@
 //! A backend that times every op of another one: `purifier bench`'s per-op breakdown. Each op is
-//! timed on the host around the inner call, which is the op's compute time for a synchronous
-//! backend (the CPU); an asynchronous backend would need device events instead.
+//! bracketed by the inner backend's timestamps (host clock readings on the CPU, device events on a
+//! GPU), resolved into durations when the times are taken, after a synchronize.
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::time::Instant;
 
-use super::{Backend, Conv2dGeometry, ConvEpilogue, Precision, StepCoefficients};
+use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, Timestamp};
 use crate::error::Result;
 
 /// Calls and seconds per op name.
@@ -28,25 +27,40 @@ impl OpTimes {
 
 pub struct Profiled<'a, B: Backend> {
     inner: &'a B,
-    times: RefCell<OpTimes>,
+    /// (op, timestamp before, timestamp after) of every op since the last `take`.
+    marks: RefCell<Vec<(&'static str, Timestamp, Timestamp)>>,
+    /// The first error of a timestamp, reported by `take`.
+    error: RefCell<Option<crate::Error>>,
 }
 
 impl<'a, B: Backend> Profiled<'a, B> {
     pub fn new(inner: &'a B) -> Self {
-        Self { inner, times: RefCell::new(OpTimes::default()) }
+        Self { inner, marks: RefCell::default(), error: RefCell::default() }
     }
-    /// What has been timed so far, and a fresh start.
-    pub fn take(&self) -> OpTimes {
-        std::mem::take(&mut *self.times.borrow_mut())
+    /// What has been timed so far (after waiting for it), and a fresh start.
+    pub fn take(&self) -> Result<OpTimes> {
+        let marks = std::mem::take(&mut *self.marks.borrow_mut());
+        if let Some(error) = self.error.borrow_mut().take() {
+            return Err(error);
+        }
+        self.inner.synchronize()?;
+        let mut times = OpTimes::default();
+        for (op, start, end) in marks {
+            let entry = times.ops.entry(op).or_default();
+            entry.0 += 1;
+            entry.1 += self.inner.elapsed_ms(&start, &end)? / 1e3;
+        }
+        Ok(times)
     }
     fn timed<T>(&self, op: &'static str, run: impl FnOnce() -> T) -> T {
-        let started = Instant::now();
+        let start = self.inner.timestamp();
         let result = run();
-        let seconds = started.elapsed().as_secs_f64();
-        let mut times = self.times.borrow_mut();
-        let entry = times.ops.entry(op).or_default();
-        entry.0 += 1;
-        entry.1 += seconds;
+        match (start, self.inner.timestamp()) {
+            (Ok(start), Ok(end)) => self.marks.borrow_mut().push((op, start, end)),
+            (Err(e), _) | (_, Err(e)) => {
+                self.error.borrow_mut().get_or_insert(e);
+            }
+        }
         result
     }
 }
@@ -63,11 +77,20 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn available_memory(&self) -> Option<usize> {
         self.inner.available_memory()
     }
-    fn zeros(&self, shape: &[usize]) -> Result<B::Tensor> {
-        self.timed("zeros", || self.inner.zeros(shape))
+    fn synchronize(&self) -> Result<()> {
+        self.inner.synchronize()
     }
-    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<B::Tensor> {
-        self.timed("upload", || self.inner.upload(data, shape))
+    fn timestamp(&self) -> Result<Timestamp> {
+        self.inner.timestamp()
+    }
+    fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64> {
+        self.inner.elapsed_ms(start, end)
+    }
+    fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<B::Tensor> {
+        self.timed("zeros", || self.inner.zeros_as(shape, dtype))
+    }
+    fn upload_as(&self, data: &[f32], shape: &[usize], dtype: Precision) -> Result<B::Tensor> {
+        self.timed("upload", || self.inner.upload_as(data, shape, dtype))
     }
     fn write(&self, dst: &mut B::Tensor, data: &[f32]) -> Result<()> {
         self.timed("write", || self.inner.write(dst, data))
@@ -95,7 +118,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     }
     fn group_norm(
         &self,
-        x: &B::Tensor,
+        x: LayerInput<'_, B::Tensor>,
         gamma: &B::Tensor,
         beta: &B::Tensor,
         groups: usize,
@@ -123,7 +146,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     }
     fn conv2d(
         &self,
-        x: &B::Tensor,
+        x: LayerInput<'_, B::Tensor>,
         w: &B::Tensor,
         bias: Option<&B::Tensor>,
         geometry: Conv2dGeometry,
@@ -164,10 +187,10 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn concat_channels_backward(&self, dout: &B::Tensor, da: &mut B::Tensor, db: &mut B::Tensor) {
         self.timed("concat_channels_backward", || self.inner.concat_channels_backward(dout, da, db))
     }
-    fn channel_affine(&self, x: &B::Tensor, scale: &[f32], shift: &[f32], out: &mut B::Tensor) {
+    fn channel_affine(&self, x: &B::Tensor, scale: &B::Tensor, shift: &B::Tensor, out: &mut B::Tensor) {
         self.timed("channel_affine", || self.inner.channel_affine(x, scale, shift, out))
     }
-    fn channel_affine_backward(&self, dout: &B::Tensor, scale: &[f32], dx: &mut B::Tensor) {
+    fn channel_affine_backward(&self, dout: &B::Tensor, scale: &B::Tensor, dx: &mut B::Tensor) {
         self.timed("channel_affine_backward", || self.inner.channel_affine_backward(dout, scale, dx))
     }
     fn relu(&self, x: &mut B::Tensor) {
@@ -197,8 +220,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn clamp_backward(&self, x: &B::Tensor, lo: f32, hi: f32, grad: &mut B::Tensor) {
         self.timed("clamp_backward", || self.inner.clamp_backward(x, lo, hi, grad))
     }
-    fn fill_gaussian(&self, out: &mut B::Tensor, seed: u64, stream: u64) {
-        self.timed("fill_gaussian", || self.inner.fill_gaussian(out, seed, stream))
+    fn fill_gaussian(&self, out: &mut B::Tensor, image_indices: &B::Tensor, seed: u64, stream: u64) {
+        self.timed("fill_gaussian", || self.inner.fill_gaussian(out, image_indices, seed, stream))
     }
     fn predict_x0_and_mean(
         &self,

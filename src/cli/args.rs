@@ -9,8 +9,9 @@ use purifier::purify::PurifySettings;
 #[derive(Args)]
 pub struct DeviceArgs {
     /// Where to compute: cpu (the reference backend, the spec every other backend is checked
-    /// against), cuda (an NVIDIA GPU), auto (cuda when this build has it and a device is present,
-    /// else cpu, said on standard error).
+    /// against), cuda (an NVIDIA GPU, sm_80 or newer, kernels compiled by NVRTC), emulator (the
+    /// CUDA backend on the project's PTX emulator: slow, for checking without a GPU), auto (cuda
+    /// when a device and NVRTC are present, else cpu, said on standard error).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 }

@@ -217,14 +217,16 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     for (index, chunk) in images.pixels.chunks(args.batch * per_image).enumerate() {
         let n = chunk.len() / per_image;
         let chunk_labels = &labels[index * args.batch..index * args.batch + n];
+        // Each image's index in the whole input keys all its noise, attacked or judged.
+        let chunk_indices: Vec<u64> = (index * args.batch..index * args.batch + n).map(|g| g as u64).collect();
         let batch_started = Instant::now();
         let clean = defence.correct_votes(
             plan_for(&mut plans, &defence, n)?,
             chunk,
             chunk_labels,
+            &chunk_indices,
             votes,
             first.seed,
-            index as u64,
         )?;
         // Each image keeps the attack result the judges found hardest (its clean self, if it
         // was already misclassified: such images are not attacked).
@@ -239,10 +241,11 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
             let pixels: Vec<f32> =
                 alive.iter().flat_map(|&i| chunk[i * per_image..(i + 1) * per_image].to_vec()).collect();
             let alive_labels: Vec<u8> = alive.iter().map(|&i| chunk_labels[i]).collect();
+            let alive_indices: Vec<u64> = alive.iter().map(|&i| chunk_indices[i]).collect();
             let plan = plan_for(&mut plans, &defence, alive.len())?;
             let name = stage.name();
             bar.set_message(format!("batch {}/{batches} {name} on {} images", index + 1, alive.len()));
-            let (x, trace) = defence.attack(plan, &pixels, &alive_labels, stage, index as u64, |t| {
+            let (x, trace) = defence.attack(plan, &pixels, &alive_labels, &alive_indices, stage, |t| {
                 bar.inc(1);
                 bar.log(&format!(
                     "  batch {}/{batches} {name} after {} steps: loss {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s, ETA {}",
@@ -254,7 +257,7 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
                     bar.eta()
                 ))
             })?;
-            let judged = defence.correct_votes(plan, &x, &alive_labels, votes, first.seed, index as u64)?;
+            let judged = defence.correct_votes(plan, &x, &alive_labels, &alive_indices, votes, first.seed)?;
             for (j, &i) in alive.iter().enumerate() {
                 if judged[j] <= image_votes[i] {
                     image_votes[i] = judged[j];

@@ -212,9 +212,9 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             traced.input_vjp(&profiled, &mut plan, &v).map(|_| ())
         };
         pass()?; // warm-up
-        profiled.take();
+        profiled.take()?;
         pass()?;
-        (n, profiled.take())
+        (n, profiled.take()?)
     };
     bar.inc(1);
 

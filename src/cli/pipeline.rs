@@ -23,8 +23,9 @@ pub(super) fn check_batch(batch: usize) -> Result<()> {
     Ok(())
 }
 
-/// Purifies `images` in batches of at most `batch` (each batch its own noise draw) and returns
-/// x_0 in [-1, 1]; `on_batch(index, images, report, seconds)` after each batch.
+/// Purifies `images` in batches of at most `batch` and returns x_0 in [-1, 1] (each image's noise
+/// keyed by its index, so the batch size changes nothing); `on_batch(index, images, report,
+/// seconds)` after each batch.
 pub(super) fn purify_in_batches<B: Backend>(
     purifier: &Purifier<B>,
     images: &ImageBatch,
@@ -41,7 +42,7 @@ pub(super) fn purify_in_batches<B: Backend>(
             plan = Some(purifier.plan(n)?);
         }
         let started = Instant::now();
-        let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, index as u64)?;
+        let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, (index * batch) as u64)?;
         purified.extend_from_slice(&out);
         on_batch(index, n, &report, started.elapsed().as_secs_f64());
     }

@@ -8,7 +8,7 @@
 //! conv); where it comes first (the WideResNet's pre-activation) it stays a channel affine.
 //! The classifier takes images in the engine's range [-1, 1] and applies the input
 //! normalisation of the published weights itself.
-use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, TensorShape};
+use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::params::{FileParams, Linear, ParamSource};
@@ -19,13 +19,30 @@ const PIXEL_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const PIXEL_STD: [f32; 3] = [0.229, 0.224, 0.225];
 const RESNET_WIDTHS: [usize; 3] = [16, 32, 64];
 
-/// Eval-mode batch-norm `{bn}.*` as `x * scale + shift` per channel.
-struct ChannelAffine {
+/// Eval-mode batch-norm `{bn}.*` as `x * scale + shift` per channel, on the host (for folding).
+struct HostAffine {
     scale: Vec<f32>,
     shift: Vec<f32>,
 }
 
-impl ChannelAffine {
+/// A channel affine map in the backend (scale and shift as f32 tensors of C values).
+struct ChannelAffine<B: Backend> {
+    scale: B::Tensor,
+    shift: B::Tensor,
+}
+
+impl<B: Backend> ChannelAffine<B> {
+    fn upload(b: &B, host: &HostAffine) -> Result<Self> {
+        let c = host.scale.len();
+        Ok(Self { scale: b.upload(&host.scale, &[c])?, shift: b.upload(&host.shift, &[c])? })
+    }
+    fn load(src: &mut impl ParamSource<B>, bn: &str, channels: usize) -> Result<Self> {
+        let host = HostAffine::load(src, bn, channels)?;
+        Self::upload(src.backend(), &host)
+    }
+}
+
+impl HostAffine {
     fn load<B: Backend>(src: &mut impl ParamSource<B>, bn: &str, channels: usize) -> Result<Self> {
         let gamma = src.host(&format!("{bn}.weight"), &[channels])?;
         let beta = src.host(&format!("{bn}.bias"), &[channels])?;
@@ -60,7 +77,7 @@ impl<B: Backend> Conv<B> {
         k: usize,
         stride: usize,
     ) -> Result<Self> {
-        let weight = src.tensor(&format!("{conv}.weight"), &[cout, cin, k, k])?;
+        let weight = src.activation_tensor(&format!("{conv}.weight"), &[cout, cin, k, k])?;
         Ok(Self { weight, bias: None, geometry: Conv2dGeometry::strided(stride, k / 2), relu: false })
     }
 
@@ -75,7 +92,7 @@ impl<B: Backend> Conv<B> {
         stride: usize,
     ) -> Result<Self> {
         let mut w = src.host(&format!("{conv}.weight"), &[cout, cin, 3, 3])?;
-        let bn = ChannelAffine::load(src, bn, cout)?;
+        let bn = HostAffine::load(src, bn, cout)?;
         for o in 0..cout {
             for v in &mut w[o * cin * 9..(o + 1) * cin * 9] {
                 *v *= bn.scale[o];
@@ -83,7 +100,7 @@ impl<B: Backend> Conv<B> {
         }
         let b = src.backend();
         Ok(Self {
-            weight: b.upload(&w, &[cout, cin, 3, 3])?,
+            weight: b.upload_as(&w, &[cout, cin, 3, 3], b.precision())?,
             bias: Some(b.upload(&bn.shift, &[cout])?),
             geometry: Conv2dGeometry::strided(stride, 1),
             relu: true,
@@ -92,7 +109,7 @@ impl<B: Backend> Conv<B> {
 
     fn forward(&self, b: &B, x: &B::Tensor, residual: Option<&B::Tensor>, out: &mut B::Tensor) {
         let epilogue = ConvEpilogue { residual, relu: self.relu, channel_bias: None };
-        b.conv2d(x, &self.weight, self.bias.as_ref(), self.geometry, epilogue, out);
+        b.conv2d(LayerInput::one(x), &self.weight, self.bias.as_ref(), self.geometry, epilogue, out);
     }
 
     fn backward_input(&self, b: &B, dout: &B::Tensor, dx: &mut B::Tensor) {
@@ -106,7 +123,7 @@ enum Block<B: Backend> {
     Basic { conv1: Conv<B>, conv2: Conv<B>, shortcut_pad: usize },
     /// WideResNet (pre-activation): a = relu(bn1(x)); conv2(relu(bn2(conv1(a)))) + shortcut,
     /// the shortcut x itself, or a 1x1 conv of a when the shape changes.
-    PreAct { bn1: ChannelAffine, conv1: Conv<B>, conv2: Conv<B>, shortcut: Option<Conv<B>> },
+    PreAct { bn1: ChannelAffine<B>, conv1: Conv<B>, conv2: Conv<B>, shortcut: Option<Conv<B>> },
 }
 
 /// A residual block and its shape: channels in and out, stride.
@@ -122,11 +139,11 @@ pub struct Classifier<B: Backend> {
     pub name: String,
     pub depth: usize,
     /// x in [-1, 1] -> the network's input, per channel.
-    input: ChannelAffine,
+    input: ChannelAffine<B>,
     stem: Conv<B>,
     blocks: Vec<Residual<B>>,
     /// The WideResNet's final bn-ReLU before pooling.
-    head: Option<ChannelAffine>,
+    head: Option<ChannelAffine<B>>,
     linear: Linear<B>,
     pub num_classes: usize,
 }
@@ -156,10 +173,11 @@ impl<B: Backend> Classifier<B> {
         }
         let linear = Linear::load(src, "linear", cin, 10)?;
         // p = (x + 1) / 2, then (p - mean) / std.
-        let input = ChannelAffine {
+        let input = HostAffine {
             scale: (0..3).map(|c| 0.5 / PIXEL_STD[c]).collect(),
             shift: (0..3).map(|c| (0.5 - PIXEL_MEAN[c]) / PIXEL_STD[c]).collect(),
         };
+        let input = ChannelAffine::upload(src.backend(), &input)?;
         let name = format!("ResNet-{depth}");
         Ok(Self { name, depth, input, stem, blocks, head: None, num_classes: linear.out_features, linear })
     }
@@ -197,7 +215,8 @@ impl<B: Backend> Classifier<B> {
         }
         let head = Some(ChannelAffine::load(src, "bn1", cin)?);
         let linear = Linear::load(src, "fc", cin, 10)?;
-        let input = ChannelAffine { scale: vec![0.5; 3], shift: vec![0.5; 3] }; // p = (x + 1) / 2
+        let input = HostAffine { scale: vec![0.5; 3], shift: vec![0.5; 3] }; // p = (x + 1) / 2
+        let input = ChannelAffine::upload(src.backend(), &input)?;
         let name = format!("WRN-{depth}-{widen}");
         Ok(Self { name, depth, input, stem, blocks, head, num_classes: linear.out_features, linear })
     }
@@ -275,6 +294,8 @@ impl<B: Backend> Classifier<B> {
         if batch == 0 {
             return Err(Error::invalid("batch size must be at least 1"));
         }
+        // Activations in the backend's precision; gradients, features and logits in f32.
+        let act = |shape: &[usize]| backend.zeros_as(shape, backend.precision());
         let zeros = |shape: &[usize]| backend.zeros(shape);
         let grad = |shape: &[usize]| {
             if with_backward {
@@ -285,22 +306,22 @@ impl<B: Backend> Classifier<B> {
         };
         let input_shape = [batch, 3, 32, 32];
         let stem_shape = [batch, 16, 32, 32];
-        let mut outputs = vec![zeros(&stem_shape)?];
+        let mut outputs = vec![act(&stem_shape)?];
         let mut blocks = Vec::new();
         let mut res = 32;
         for unit in &self.blocks {
             let in_shape = [batch, unit.in_channels, res, res];
             res /= unit.stride;
             let shape = [batch, unit.out_channels, res, res];
-            outputs.push(zeros(&shape)?);
+            outputs.push(act(&shape)?);
             let (pre_act, conv_shortcut) = match &unit.kind {
                 Block::Basic { shortcut_pad, .. } => (false, *shortcut_pad > 0),
                 Block::PreAct { shortcut, .. } => (true, shortcut.is_some()),
             };
             blocks.push(BlockBuffers {
-                hidden: zeros(&shape)?,
-                shortcut: if conv_shortcut { Some(zeros(&shape)?) } else { None },
-                activated: if pre_act { Some(zeros(&in_shape)?) } else { None },
+                hidden: act(&shape)?,
+                shortcut: if conv_shortcut { Some(act(&shape)?) } else { None },
+                activated: if pre_act { Some(act(&in_shape)?) } else { None },
                 dsum: grad(&shape)?,
                 dhidden: grad(&shape)?,
                 dhidden_pre: grad(&shape)?,
@@ -309,7 +330,7 @@ impl<B: Backend> Classifier<B> {
             });
         }
         let last_shape = outputs.last().unwrap().shape().to_vec();
-        let head = if self.head.is_some() { Some(zeros(&last_shape)?) } else { None };
+        let head = if self.head.is_some() { Some(act(&last_shape)?) } else { None };
         let dhead = if self.head.is_some() { grad(&last_shape)? } else { None };
         let dhead_pre = if self.head.is_some() { grad(&last_shape)? } else { None };
         let doutputs = if with_backward {
@@ -320,7 +341,7 @@ impl<B: Backend> Classifier<B> {
         let f = self.feature_dim();
         Ok(ClassifierPlan {
             batch,
-            normalised: zeros(&input_shape)?,
+            normalised: act(&input_shape)?,
             outputs,
             blocks,
             head,
@@ -390,6 +411,7 @@ impl<B: Backend> Classifier<B> {
             _ => b.global_avg_pool(last, &mut plan.features),
         }
         b.linear(&plan.features, &self.linear.weight, Some(&self.linear.bias), false, &mut plan.logits);
+        b.synchronize()?;
         plan.forward_done = true;
         Ok(())
     }
@@ -485,6 +507,7 @@ impl<B: Backend> Classifier<B> {
             self.stem.backward_input(b, &plan.doutputs[0], dnormalised);
         }
         b.channel_affine_backward(dnormalised, &self.input.scale, dinput);
+        b.synchronize()?;
         Ok(dinput)
     }
 }

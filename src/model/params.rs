@@ -18,6 +18,13 @@ pub trait ParamSource<B: Backend> {
         let data = self.host(name, shape)?;
         self.backend().upload(&data, shape)
     }
+    /// The named tensor stored as the backend's activation precision (convolution weights, which
+    /// the tensor cores read in that type).
+    fn activation_tensor(&mut self, name: &str, shape: &[usize]) -> Result<B::Tensor> {
+        let data = self.host(name, shape)?;
+        let backend = self.backend();
+        backend.upload_as(&data, shape, backend.precision())
+    }
 }
 
 /// A convolution's weight (O x I x k x k), bias and geometry.
@@ -37,7 +44,7 @@ impl<B: Backend> Conv<B> {
         geometry: Conv2dGeometry,
     ) -> Result<Self> {
         Ok(Self {
-            weight: src.tensor(&format!("{name}.weight"), &[cout, cin, kernel, kernel])?,
+            weight: src.activation_tensor(&format!("{name}.weight"), &[cout, cin, kernel, kernel])?,
             bias: src.tensor(&format!("{name}.bias"), &[cout])?,
             geometry,
         })

@@ -1,4 +1,4 @@
-//! The CPU reference backend: plain f32, NCHW, obviously right. It is the spec every GPU kernel is
+//! The CPU reference backend: plain f32 arithmetic, NCHW, obviously right. It is the spec every GPU kernel is
 //! checked against, so it stays clear rather than clever; the one hot op, the convolution, is a
 //! register-tiled product (see `conv`) so the CPU UNet stays usable.
 //!
@@ -16,16 +16,49 @@ use super::*;
 use crate::error::Error;
 use elementwise::PAR_CHUNK;
 
-/// A tensor in host memory: row-major f32 in the logical (NCHW / OIHW) shape.
+/// A tensor in host memory: row-major f32 in the logical (NCHW / OIHW) shape. An f16 or bf16
+/// tensor holds f32 values that are exactly representable in its type: every op computes in f32
+/// and rounds once when it stores (`store`), as the GPU kernels do.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
     pub shape: Vec<usize>,
     pub data: Vec<f32>,
+    pub dtype: Precision,
+}
+
+impl CpuTensor {
+    /// An f32 tensor.
+    pub fn new(shape: &[usize], data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), element_count(shape), "CpuTensor::new: {} values for shape {shape:?}", data.len());
+        Self { shape: shape.to_vec(), data, dtype: Precision::F32 }
+    }
 }
 
 impl TensorShape for CpuTensor {
     fn shape(&self) -> &[usize] {
         &self.shape
+    }
+    fn dtype(&self) -> Precision {
+        self.dtype
+    }
+}
+
+/// `v` rounded (to nearest even) to storage type `dtype`, back as f32.
+pub fn round_to(dtype: Precision, v: f32) -> f32 {
+    match dtype {
+        Precision::F32 => v,
+        Precision::F16 => half::f16::from_f32(v).to_f32(),
+        Precision::Bf16 => half::bf16::from_f32(v).to_f32(),
+    }
+}
+
+/// Rounds every value of tensors written by an op to their storage type (a no-op for f32).
+fn store(tensors: &mut [&mut CpuTensor]) {
+    for t in tensors {
+        if t.dtype != Precision::F32 {
+            let dtype = t.dtype;
+            t.data.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = round_to(dtype, *v)));
+        }
     }
 }
 
@@ -73,11 +106,27 @@ impl Backend for CpuBackend {
         Some(kib * 1024)
     }
 
-    fn zeros(&self, shape: &[usize]) -> Result<CpuTensor> {
-        Ok(CpuTensor { shape: shape.to_vec(), data: vec![0.0; element_count(shape)] })
+    /// Work runs when the op is called; there is never a stored error.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
     }
 
-    fn upload(&self, data: &[f32], shape: &[usize]) -> Result<CpuTensor> {
+    fn timestamp(&self) -> Result<Timestamp> {
+        Ok(Timestamp::Host(std::time::Instant::now()))
+    }
+
+    fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64> {
+        match (start, end) {
+            (Timestamp::Host(a), Timestamp::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64() * 1e3),
+            _ => Err(Error::invalid("elapsed_ms: timestamps of another backend")),
+        }
+    }
+
+    fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<CpuTensor> {
+        Ok(CpuTensor { shape: shape.to_vec(), data: vec![0.0; element_count(shape)], dtype })
+    }
+
+    fn upload_as(&self, data: &[f32], shape: &[usize], dtype: Precision) -> Result<CpuTensor> {
         if data.len() != element_count(shape) {
             return Err(Error::invalid(format!(
                 "upload: {} values for shape {shape:?}, which holds {}",
@@ -85,7 +134,9 @@ impl Backend for CpuBackend {
                 element_count(shape)
             )));
         }
-        Ok(CpuTensor { shape: shape.to_vec(), data: data.to_vec() })
+        let mut t = CpuTensor { shape: shape.to_vec(), data: data.to_vec(), dtype };
+        store(&mut [&mut t]);
+        Ok(t)
     }
 
     fn write(&self, dst: &mut CpuTensor, data: &[f32]) -> Result<()> {
@@ -98,6 +149,7 @@ impl Backend for CpuBackend {
             )));
         }
         dst.data.copy_from_slice(data);
+        store(&mut [dst]);
         Ok(())
     }
 
@@ -108,10 +160,12 @@ impl Backend for CpuBackend {
     fn copy(&self, src: &CpuTensor, dst: &mut CpuTensor) {
         expect_shape(dst, &src.shape, "copy: dst");
         dst.data.copy_from_slice(&src.data);
+        store(&mut [dst]);
     }
 
     fn fill(&self, t: &mut CpuTensor, value: f32) {
         t.data.par_chunks_mut(PAR_CHUNK).for_each(|c| c.fill(value));
+        store(&mut [t]);
     }
 
     fn add_assign(&self, dst: &mut CpuTensor, src: &CpuTensor) {
@@ -119,6 +173,7 @@ impl Backend for CpuBackend {
         dst.data.par_chunks_mut(PAR_CHUNK).zip(src.data.par_chunks(PAR_CHUNK)).for_each(|(d, s)| {
             d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
         });
+        store(&mut [dst]);
     }
 
     fn timestep_embedding(&self, t: &CpuTensor, out: &mut CpuTensor) {
@@ -127,6 +182,7 @@ impl Backend for CpuBackend {
         assert_eq!(out_n, n, "timestep_embedding: out {:?} for {n} steps", out.shape);
         assert!(dim % 2 == 0 && dim >= 4, "timestep_embedding: dim {dim} must be even and at least 4");
         elementwise::timestep_embedding(&t.data, dim, &mut out.data);
+        store(&mut [out]);
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuTensor, b: Option<&CpuTensor>, silu_input: bool, out: &mut CpuTensor) {
@@ -138,6 +194,7 @@ impl Backend for CpuBackend {
         }
         expect_shape(out, &[n, out_features], "linear: out");
         elementwise::linear(&x.data, &w.data, b.map(|b| &b.data[..]), in_features, silu_input, &mut out.data);
+        store(&mut [out]);
     }
 
     fn linear_backward(&self, x: &CpuTensor, w: &CpuTensor, silu_input: bool, dout: &CpuTensor, dx: &mut CpuTensor) {
@@ -147,11 +204,12 @@ impl Backend for CpuBackend {
         expect_shape(dout, &[n, out_features], "linear_backward: dout");
         expect_shape(dx, &x.shape, "linear_backward: dx");
         elementwise::linear_backward(&x.data, &w.data, in_features, silu_input, &dout.data, &mut dx.data);
+        store(&mut [dx]);
     }
 
     fn group_norm(
         &self,
-        x: &CpuTensor,
+        x: LayerInput<'_, CpuTensor>,
         gamma: &CpuTensor,
         beta: &CpuTensor,
         groups: usize,
@@ -160,10 +218,14 @@ impl Backend for CpuBackend {
         out: &mut CpuTensor,
         stats: &mut CpuTensor,
     ) {
+        assert!(!x.upsample2x, "group_norm: an upsampled input is not supported");
+        let joined = materialise(x, "group_norm: x");
+        let x = joined.as_ref();
         let shape = group_norm_shape(x, gamma, beta, groups, "group_norm");
         expect_shape(out, &x.shape, "group_norm: out");
         expect_shape(stats, &[x.shape[0], groups, 2], "group_norm: stats");
         norm::forward(shape, &x.data, &gamma.data, &beta.data, eps, silu, &mut out.data, &mut stats.data);
+        store(&mut [out, stats]);
     }
 
     fn group_norm_backward(
@@ -182,17 +244,20 @@ impl Backend for CpuBackend {
         expect_shape(dout, &x.shape, "group_norm_backward: dout");
         expect_shape(dx, &x.shape, "group_norm_backward: dx");
         norm::backward(shape, &x.data, &gamma.data, &beta.data, &stats.data, silu, &dout.data, &mut dx.data);
+        store(&mut [dx]);
     }
 
     fn conv2d(
         &self,
-        x: &CpuTensor,
+        x: LayerInput<'_, CpuTensor>,
         w: &CpuTensor,
         bias: Option<&CpuTensor>,
         geometry: Conv2dGeometry,
         epilogue: ConvEpilogue<'_, CpuTensor>,
         out: &mut CpuTensor,
     ) {
+        let joined = materialise(x, "conv2d: x");
+        let x = joined.as_ref();
         dims::<4>(x, "conv2d: x");
         dims::<4>(w, "conv2d: w");
         let layout = conv::ConvLayout::new(&x.shape, &w.shape, geometry);
@@ -214,6 +279,7 @@ impl Backend for CpuBackend {
             relu: epilogue.relu,
         };
         conv::forward(&layout, &x.data, &w.data, &epilogue, &mut out.data);
+        store(&mut [out]);
     }
 
     fn conv2d_backward_input(&self, dout: &CpuTensor, w: &CpuTensor, geometry: Conv2dGeometry, dx: &mut CpuTensor) {
@@ -223,6 +289,7 @@ impl Backend for CpuBackend {
         let expected = [layout.batch, layout.out_channels, layout.out_height, layout.out_width];
         expect_shape(dout, &expected, "conv2d_backward_input: dout");
         conv::backward_input(&layout, &dout.data, &w.data, &mut dx.data);
+        store(&mut [dx]);
     }
 
     fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, out: &mut CpuTensor, logsumexp: &mut CpuTensor) {
@@ -232,6 +299,7 @@ impl Backend for CpuBackend {
         }
         expect_shape(logsumexp, &[n, h * w], "attention: logsumexp");
         attention::forward(c, h * w, &q.data, &k.data, &v.data, &mut out.data, &mut logsumexp.data);
+        store(&mut [out, logsumexp]);
     }
 
     fn attention_backward(
@@ -272,18 +340,21 @@ impl Backend for CpuBackend {
             &mut dk.data,
             &mut dv.data,
         );
+        store(&mut [dq, dk, dv]);
     }
 
     fn upsample_nearest2x(&self, x: &CpuTensor, out: &mut CpuTensor) {
         let [n, c, h, w] = dims(x, "upsample_nearest2x: x");
         expect_shape(out, &[n, c, 2 * h, 2 * w], "upsample_nearest2x: out");
         elementwise::upsample_nearest2x(&x.data, w, &mut out.data);
+        store(&mut [out]);
     }
 
     fn upsample_nearest2x_backward(&self, dout: &CpuTensor, dx: &mut CpuTensor) {
         let [n, c, h, w] = dims(dx, "upsample_nearest2x_backward: dx");
         expect_shape(dout, &[n, c, 2 * h, 2 * w], "upsample_nearest2x_backward: dout");
         elementwise::upsample_nearest2x_backward(&dout.data, w, &mut dx.data);
+        store(&mut [dx]);
     }
 
     fn concat_channels(&self, a: &CpuTensor, b: &CpuTensor, out: &mut CpuTensor) {
@@ -295,6 +366,7 @@ impl Backend for CpuBackend {
                 o[a_len..].copy_from_slice(b_n);
             },
         );
+        store(&mut [out]);
     }
 
     fn concat_channels_backward(&self, dout: &CpuTensor, da: &mut CpuTensor, db: &mut CpuTensor) {
@@ -307,9 +379,11 @@ impl Backend for CpuBackend {
                 da_n.iter_mut().zip(&d[..a_len]).for_each(|(g, &v)| *g += v);
                 db_n.iter_mut().zip(&d[a_len..]).for_each(|(g, &v)| *g += v);
             });
+        store(&mut [da, db]);
     }
 
-    fn channel_affine(&self, x: &CpuTensor, scale: &[f32], shift: &[f32], out: &mut CpuTensor) {
+    fn channel_affine(&self, x: &CpuTensor, scale: &CpuTensor, shift: &CpuTensor, out: &mut CpuTensor) {
+        let (scale, shift) = (&scale.data[..], &shift.data[..]);
         let (_, c, plane) = batch_channels_rest(x, "channel_affine: x");
         assert!(
             scale.len() == c && shift.len() == c,
@@ -322,9 +396,11 @@ impl Backend for CpuBackend {
             let (s, t) = (scale[i % c], shift[i % c]);
             o.iter_mut().zip(x).for_each(|(o, &v)| *o = v * s + t);
         });
+        store(&mut [out]);
     }
 
-    fn channel_affine_backward(&self, dout: &CpuTensor, scale: &[f32], dx: &mut CpuTensor) {
+    fn channel_affine_backward(&self, dout: &CpuTensor, scale: &CpuTensor, dx: &mut CpuTensor) {
+        let scale = &scale.data[..];
         let (_, c, plane) = batch_channels_rest(dx, "channel_affine_backward: dx");
         assert_eq!(scale.len(), c, "channel_affine_backward: {} scales for {c} channels", scale.len());
         expect_shape(dout, &dx.shape, "channel_affine_backward: dout");
@@ -332,10 +408,12 @@ impl Backend for CpuBackend {
             let s = scale[i % c];
             g.iter_mut().zip(d).for_each(|(g, &v)| *g += v * s);
         });
+        store(&mut [dx]);
     }
 
     fn relu(&self, x: &mut CpuTensor) {
         x.data.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+        store(&mut [x]);
     }
 
     fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor, dx: &mut CpuTensor) {
@@ -351,30 +429,35 @@ impl Backend for CpuBackend {
                     }
                 }
             });
+        store(&mut [dx]);
     }
 
     fn shortcut_subsample_pad(&self, x: &CpuTensor, pad: usize, out: &mut CpuTensor) {
         let [n, c, h, w] = dims(x, "shortcut_subsample_pad: x");
         expect_shape(out, &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)], "shortcut_subsample_pad: out");
         elementwise::shortcut_subsample_pad(&x.data, c, h, w, pad, &mut out.data);
+        store(&mut [out]);
     }
 
     fn shortcut_subsample_pad_backward(&self, dout: &CpuTensor, pad: usize, dx: &mut CpuTensor) {
         let [n, c, h, w] = dims(dx, "shortcut_subsample_pad_backward: dx");
         expect_shape(dout, &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)], "shortcut_subsample_pad_backward: dout");
         elementwise::shortcut_subsample_pad_backward(&dout.data, c, h, w, pad, &mut dx.data);
+        store(&mut [dx]);
     }
 
     fn global_avg_pool(&self, x: &CpuTensor, out: &mut CpuTensor) {
         let [n, c, h, w] = dims(x, "global_avg_pool: x");
         expect_shape(out, &[n, c], "global_avg_pool: out");
         elementwise::global_avg_pool(&x.data, h * w, &mut out.data);
+        store(&mut [out]);
     }
 
     fn global_avg_pool_backward(&self, dout: &CpuTensor, dx: &mut CpuTensor) {
         let [n, c, h, w] = dims(dx, "global_avg_pool_backward: dx");
         expect_shape(dout, &[n, c], "global_avg_pool_backward: dout");
         elementwise::global_avg_pool_backward(&dout.data, h * w, &mut dx.data);
+        store(&mut [dx]);
     }
 
     fn axpby(&self, a: f32, x: &CpuTensor, b: f32, y: &CpuTensor, out: &mut CpuTensor) {
@@ -388,11 +471,13 @@ impl Backend for CpuBackend {
                     *o = a * x + b * y;
                 }
             });
+        store(&mut [out]);
     }
 
     fn clamp(&self, x: &mut CpuTensor, lo: f32, hi: f32) {
         assert!(lo <= hi, "clamp: lo {lo} > hi {hi}");
         x.data.par_chunks_mut(PAR_CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.clamp(lo, hi)));
+        store(&mut [x]);
     }
 
     fn clamp_backward(&self, x: &CpuTensor, lo: f32, hi: f32, grad: &mut CpuTensor) {
@@ -404,10 +489,26 @@ impl Backend for CpuBackend {
                 }
             }
         });
+        store(&mut [grad]);
     }
 
-    fn fill_gaussian(&self, out: &mut CpuTensor, seed: u64, stream: u64) {
-        rng::fill_gaussian(&mut out.data, seed, stream);
+    fn fill_gaussian(&self, out: &mut CpuTensor, image_indices: &CpuTensor, seed: u64, stream: u64) {
+        let n = out.shape.first().copied().unwrap_or(0);
+        expect_shape(image_indices, &[n], "fill_gaussian: image_indices");
+        assert_eq!(image_indices.dtype, Precision::F32, "fill_gaussian: image_indices must be stored in f32");
+        let images: Vec<u32> = image_indices
+            .data
+            .iter()
+            .map(|&g| {
+                assert!(
+                    g >= 0.0 && g.fract() == 0.0 && (g as u64) < IMAGE_INDEX_LIMIT,
+                    "fill_gaussian: image index {g} is not an integer in 0..2^24"
+                );
+                g as u32
+            })
+            .collect();
+        rng::fill_gaussian(&mut out.data, &images, seed, stream);
+        store(&mut [out]);
     }
 
     fn predict_x0_and_mean(
@@ -422,12 +523,14 @@ impl Backend for CpuBackend {
         expect_shape(x0_hat, &x_t.shape, "predict_x0_and_mean: x0_hat");
         expect_shape(mu, &x_t.shape, "predict_x0_and_mean: mu");
         elementwise::predict_x0_and_mean(&x_t.data, &eps.data, coefficients, &mut x0_hat.data, &mut mu.data);
+        store(&mut [x0_hat, mu]);
     }
 
     fn mask_clipped(&self, x_t: &CpuTensor, eps: &CpuTensor, coefficients: StepCoefficients, u: &mut CpuTensor) {
         expect_shape(eps, &x_t.shape, "mask_clipped: eps");
         expect_shape(u, &x_t.shape, "mask_clipped: u");
         elementwise::mask_clipped(&x_t.data, &eps.data, coefficients, &mut u.data);
+        store(&mut [u]);
     }
 
     fn constrain_guidance(&self, delta: &mut CpuTensor, x_t: &CpuTensor, mu: &CpuTensor, kappa: f32) {
@@ -441,6 +544,7 @@ impl Backend for CpuBackend {
         assert!(kappa >= 0.0, "constrain_guidance: kappa {kappa} must be >= 0");
         let sample_len = delta.data.len() / delta.shape[0];
         elementwise::constrain_guidance(&mut delta.data, &x_t.data, &mu.data, sample_len, kappa);
+        store(&mut [delta]);
     }
 
     fn guidance_objective_grad(
@@ -471,6 +575,7 @@ impl Backend for CpuBackend {
             &mut dfeatures.data,
             &mut dlogits.data,
         );
+        store(&mut [dfeatures, dlogits]);
     }
 
     fn cross_entropy_grad(&self, logits: &CpuTensor, labels: &CpuTensor, dlogits: &mut CpuTensor) {
@@ -478,7 +583,35 @@ impl Backend for CpuBackend {
         expect_shape(labels, &[n], "cross_entropy_grad: labels");
         expect_shape(dlogits, &logits.shape, "cross_entropy_grad: dlogits");
         elementwise::cross_entropy_grad(&logits.data, &labels.data, &mut dlogits.data);
+        store(&mut [dlogits]);
     }
+}
+
+/// The tensor a `LayerInput` reads: borrowed when it is one plain tensor, else built (the reference
+/// backend may materialise what a GPU folds into its indexing).
+fn materialise<'a>(input: LayerInput<'a, CpuTensor>, what: &str) -> std::borrow::Cow<'a, CpuTensor> {
+    use std::borrow::Cow;
+    let [n, c, h, w] = input.logical_shape().unwrap_or_else(|e| panic!("{what}: {e}"));
+    if input.b.is_none() && !input.upsample2x {
+        return Cow::Borrowed(input.a);
+    }
+    let dtype = input.a.dtype;
+    let joined = match input.b {
+        Some(b) => {
+            let mut joined =
+                CpuTensor { shape: vec![n, c, input.a.shape[2], input.a.shape[3]], data: Vec::new(), dtype };
+            joined.data = vec![0.0; element_count(&joined.shape)];
+            CpuBackend.concat_channels(input.a, b, &mut joined);
+            joined
+        }
+        None => input.a.clone(),
+    };
+    if !input.upsample2x {
+        return Cow::Owned(joined);
+    }
+    let mut up = CpuTensor { shape: vec![n, c, h, w], data: vec![0.0; n * c * h * w], dtype };
+    CpuBackend.upsample_nearest2x(&joined, &mut up);
+    Cow::Owned(up)
 }
 
 fn group_norm_shape(

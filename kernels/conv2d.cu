@@ -1,0 +1,190 @@
+// conv2d.cu: 2-D convolution as an implicit GEMM, with its epilogue, upsample and concat fused.
+//
+// What it computes (src/backend/cpu/conv.rs is the reference):
+//   out[n, oy, ox, co] = relu?( sum_{ky, kx, ci} w[co, ky, kx, ci] * x[n, oy*s - pad_top + ky, ox*s - pad_left + kx, ci]
+//                               + bias[co] + channel_bias[n, co] + residual[n, oy, ox, co] )
+// with x zero outside the image. Every term of the epilogue is optional (a null pointer), ReLU is a flag.
+// Two foldings, so that neither tensor is ever written:
+//   - upsample: x is the nearest x2 upsampling of the stored input (logical size 2H x 2W, pixel
+//     (iy, ix) read at (iy/2, ix/2)): the UNet's Upsample is upsample-then-3x3-conv;
+//   - concat: input channels [0, Ca) come from tensor a, [Ca, Ca+Cb) from tensor b (the UNet's skip
+//     concat, h first); Cb = 0 is a plain convolution.
+//
+// Layout: activations NHWC (a: N x H x W x Ca, b: N x H x W x Cb, residual and out: N x OH x OW x Co),
+// weights [Co][kh][kw][Ci] (Ci = Ca + Cb), bias (Co) and channel_bias (N x Co) f32.
+// GEMM view: M = N*OH*OW output positions, N = Co, K = kh*kw*Ci, k = (ky*kw + kx)*Ci + ci; A is
+// gathered from x on the fly (implicit im2col), B is the weight matrix as stored (K contiguous per
+// output channel: the "col" operand of mma.sync).
+//
+// Two modules (a module is one file): this one, version 1, runs anywhere (plain f32 instructions:
+// the PTX emulator runs it today); conv2d_mma.cu, version 2 (tensor cores, cp.async, ldmatrix), is
+// THE FAST ONE for bf16/f16 and is loaded on its own. The index helpers below are the same in both
+// files (NVRTC gets one header per module, common.cuh); keep them in step.
+//
+// Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
+//   conv2d_simt_<in>_<w>_<out>   version 1, any shape, any storage type: shared-memory tiles of
+//                                 64 positions x 64 channels x 16 k, 256 threads, 4x4 register blocking,
+//                                 f32 arithmetic (fma). The f32 path, and the reference for version 2.
+// Hot kernel (ptxas report, no spills allowed): conv2d_simt_f32_f32_f32.
+#include "common.cuh"
+
+// Everything one convolution needs, as kernel parameters (all 32-bit: the launcher checks that
+// every tensor has fewer than 2^31 elements).
+struct ConvParams {
+    int batch, in_h, in_w;      // stored input size (before the folded upsample)
+    int ca, cb;                 // channels from a and from b (cb = 0: no concat)
+    int upsample_shift;         // 1: nearest x2 upsample folded in, 0: none
+    int out_channels, kh, kw;   // weights [out_channels][kh][kw][ca + cb]
+    int stride, pad_top, pad_left;
+    int out_h, out_w;
+    int relu;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The epilogue of one output element: bias, time-embedding bias, residual, ReLU, one rounding.
+template <typename OutT>
+__device__ __forceinline__ float conv_epilogue_value(float acc, int m, int n, int co, const ConvParams& p,
+                                                     const float* __restrict__ bias,
+                                                     const float* __restrict__ channel_bias,
+                                                     const OutT* __restrict__ residual) {
+    float v = acc;
+    if (bias) v += bias[co];
+    if (channel_bias) v += channel_bias[n * p.out_channels + co];
+    if (residual) v += to_float(residual[m * p.out_channels + co]);
+    if (p.relu) v = fmaxf(v, 0.0f);
+    return v;
+}
+
+// Where output position m reads its input: sample, and the top-left input pixel of its window
+// (in the logical, possibly upsampled, input; may be negative: padding).
+struct ConvRow {
+    int n, iy0, ix0;
+    bool valid;
+};
+
+__device__ __forceinline__ ConvRow conv_row(int m, const ConvParams& p) {
+    ConvRow r;
+    const int plane = p.out_h * p.out_w;
+    const int positions = p.batch * plane;
+    r.valid = m < positions;
+    const int mm = r.valid ? m : 0;
+    r.n = mm / plane;
+    const int rest = mm - r.n * plane;
+    const int oy = rest / p.out_w;
+    const int ox = rest - oy * p.out_w;
+    r.iy0 = oy * p.stride - p.pad_top;
+    r.ix0 = ox * p.stride - p.pad_left;
+    return r;
+}
+
+// Element (row, k) of the implicit A matrix, as float; zero in the padding and past K.
+template <typename InT>
+__device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, int ci, bool k_valid,
+                                             const ConvParams& p, const InT* __restrict__ a,
+                                             const InT* __restrict__ b) {
+    const int iy = r.iy0 + ky, ix = r.ix0 + kx;
+    const int logical_h = p.in_h << p.upsample_shift, logical_w = p.in_w << p.upsample_shift;
+    if (!r.valid || !k_valid || iy < 0 || ix < 0 || iy >= logical_h || ix >= logical_w) return 0.0f;
+    const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
+    return ci < p.ca ? to_float(a[pixel * p.ca + ci]) : to_float(b[pixel * p.cb + (ci - p.ca)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version 1: SIMT tiles, f32 arithmetic.
+namespace simt {
+constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256;
+// Rows padded by 4 floats: 16-byte aligned float4 reads, fewer bank conflicts on the transposed stores.
+constexpr int PAD = 4;
+}  // namespace simt
+
+template <typename InT, typename WT, typename OutT>
+__device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT* __restrict__ b,
+                                            const WT* __restrict__ w, const float* __restrict__ bias,
+                                            const float* __restrict__ channel_bias,
+                                            const OutT* __restrict__ residual, OutT* __restrict__ out,
+                                            const ConvParams p) {
+    using namespace simt;
+    __shared__ __align__(16) float a_tile[BK][BM + PAD];
+    __shared__ __align__(16) float b_tile[BK][BN + PAD];
+
+    const int tid = threadIdx.x;
+    const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
+    const int ci_total = p.ca + p.cb;
+    const int k_total = p.kh * p.kw * ci_total;
+
+    // Loading: each thread fills one k column of the tiles, rows load_row + 16 i.
+    const int load_k = tid % BK, load_row = tid / BK;
+    ConvRow rows[BM / 16];
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) rows[i] = conv_row(m_block + load_row + 16 * i, p);
+
+    // Computing: a 4 x 4 register block, positions along ty, channels along tx (stores coalesce on co).
+    const int tx = tid % 16, ty = tid / 16;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+    for (int k0 = 0; k0 < k_total; k0 += BK) {
+        const int k = k0 + load_k;
+        const bool k_valid = k < k_total;
+        const int tap = k_valid ? k / ci_total : 0;
+        const int ci = k_valid ? k - tap * ci_total : 0;
+        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+#pragma unroll
+        for (int i = 0; i < BM / 16; ++i) a_tile[load_k][load_row + 16 * i] = conv_gather(rows[i], ky, kx, ci, k_valid, p, a, b);
+#pragma unroll
+        for (int i = 0; i < BN / 16; ++i) {
+            const int co = n_block + load_row + 16 * i;
+            b_tile[load_k][load_row + 16 * i] = (k_valid && co < p.out_channels) ? to_float(w[co * k_total + k]) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            const float4 av = *reinterpret_cast<const float4*>(&a_tile[kk][ty * 4]);
+            const float4 bv = *reinterpret_cast<const float4*>(&b_tile[kk][tx * 4]);
+            const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+    const int positions = p.batch * p.out_h * p.out_w;
+    const int plane = p.out_h * p.out_w;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m_block + ty * 4 + i;
+        if (m >= positions) continue;
+        const int n = m / plane;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int co = n_block + tx * 4 + j;
+            if (co >= p.out_channels) continue;
+            const float v = conv_epilogue_value(acc[i][j], m, n, co, p, bias, channel_bias, residual);
+            out[m * p.out_channels + co] = from_float<OutT>(v);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. The launcher (src/backend/cuda/conv.rs) picks the name from the storage types.
+#define CONV_PARAMS_DECL(InT, WT, OutT)                                                                     \
+    const InT *__restrict__ a, const InT *__restrict__ b, const WT *__restrict__ w,                          \
+        const float *__restrict__ bias, const float *__restrict__ channel_bias,                              \
+        const OutT *__restrict__ residual, OutT *__restrict__ out, const ConvParams p
+#define CONV_PARAMS_PASS a, b, w, bias, channel_bias, residual, out, p
+
+#define CONV_SIMT_ENTRY(in_name, InT, w_name, WT, out_name, OutT)                                           \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
+        conv2d_simt_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                    \
+        conv2d_simt<InT, WT, OutT>(CONV_PARAMS_PASS);                                                       \
+    }
+
+
+CONV_SIMT_ENTRY(f32, float, f32, float, f32, float)
+CONV_SIMT_ENTRY(bf16, bf16, bf16, bf16, bf16, bf16)
+CONV_SIMT_ENTRY(f16, f16, f16, f16, f16, f16)

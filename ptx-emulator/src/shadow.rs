@@ -1,0 +1,130 @@
+//! Race check for shared memory: per byte, the last writer and the readers since the last
+//! ordering point. Ordering points are block barriers (a block-wide epoch) and `bar.warp.sync`
+//! (a per-warp epoch, ordering only lanes of that warp). Shuffles and votes order nothing.
+//! Epochs only grow (also across blocks run by the same worker), so nothing is ever cleared.
+//!
+//! A record is one u64 (epoch 32 bits, warp epoch 16, thread 11, atomic 1, many-readers 1); the
+//! PTX lines of the accesses sit in a parallel array read only for reports.
+
+const TID_SHIFT: u32 = 48;
+const ATOMIC: u64 = 1 << 59;
+const MANY: u64 = 1 << 60;
+
+#[inline]
+fn epoch(r: u64) -> u32 {
+    r as u32
+}
+#[inline]
+fn warp_epoch(r: u64) -> u16 {
+    (r >> 32) as u16
+}
+#[inline]
+fn tid(r: u64) -> u32 {
+    ((r >> TID_SHIFT) & 0x7ff) as u32
+}
+
+pub struct Race {
+    /// The earlier access: thread, PTX line, and whether it was a write.
+    pub other_tid: u32,
+    pub other_line: u32,
+    pub other_write: bool,
+    pub byte: u64,
+}
+
+pub struct SharedShadow {
+    /// Per byte: [last write, reads since].
+    recs: Vec<[u64; 2]>,
+    lines: Vec<[u32; 2]>,
+    epoch: u32,
+    warp_epochs: Vec<u16>,
+}
+
+impl Default for SharedShadow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SharedShadow {
+    pub fn new() -> Self {
+        SharedShadow { recs: Vec::new(), lines: Vec::new(), epoch: 1, warp_epochs: Vec::new() }
+    }
+
+    /// Prepare for a new block with `size` shared bytes and `warps` warps.
+    pub fn start_block(&mut self, size: usize, warps: usize) {
+        if self.recs.len() < size {
+            self.recs.resize(size, [0; 2]);
+            self.lines.resize(size, [0; 2]);
+        }
+        self.epoch += 1;
+        self.warp_epochs.clear();
+        self.warp_epochs.resize(warps, 0);
+    }
+
+    pub fn barrier(&mut self) {
+        self.epoch += 1;
+    }
+
+    pub fn warp_sync(&mut self, warp: usize) {
+        self.warp_epochs[warp] = self.warp_epochs[warp].wrapping_add(1);
+    }
+
+    /// Whether an earlier access (record `r`, of this epoch) is ordered before thread `t`'s.
+    #[inline]
+    fn ordered(&self, r: u64, t: u32) -> bool {
+        let rt = tid(r);
+        rt == t || (rt / 32 == t / 32 && self.warp_epochs[(t / 32) as usize] != warp_epoch(r))
+    }
+
+    /// Record an access of `len` bytes at `off` by thread `t`; the first conflicting byte, if any.
+    pub fn access(&mut self, off: usize, len: usize, t: u32, line: u32, write: bool, atomic: bool) -> Option<Race> {
+        let me = self.epoch as u64
+            | (self.warp_epochs[(t / 32) as usize] as u64) << 32
+            | (t as u64) << TID_SHIFT
+            | if atomic { ATOMIC } else { 0 };
+        // The bytes of one access usually share their history: a byte whose records equal the
+        // first byte's records before the update gets the first byte's updated records.
+        let first_old = self.recs[off];
+        for i in off..off + len {
+            let [w, r] = self.recs[i];
+            if i > off && [w, r] == first_old {
+                self.recs[i] = self.recs[off];
+                self.lines[i] = self.lines[off];
+                continue;
+            }
+            // Against the last write: any access races unless ordered or both atomic.
+            if epoch(w) == self.epoch && !self.ordered(w, t) && !(atomic && w & ATOMIC != 0) {
+                return Some(Race {
+                    other_tid: tid(w),
+                    other_line: self.lines[i][0],
+                    other_write: true,
+                    byte: i as u64,
+                });
+            }
+            let reader_live = epoch(r) == self.epoch;
+            if write && reader_live && !(atomic && r & ATOMIC != 0) {
+                let unordered = !self.ordered(r, t);
+                if unordered || (r & MANY != 0 && tid(r) / 32 != t / 32) {
+                    return Some(Race {
+                        other_tid: tid(r),
+                        other_line: self.lines[i][1],
+                        other_write: false,
+                        byte: i as u64,
+                    });
+                }
+            }
+            if write {
+                // An atomic also reads: it stays as a reader that only atomics may follow.
+                self.recs[i] = [me, if atomic { me } else { 0 }];
+                self.lines[i] = [line, line];
+            } else if !reader_live || tid(r) == t || self.ordered(r, t) {
+                let many = if reader_live { r & MANY } else { 0 };
+                self.recs[i][1] = me | many;
+                self.lines[i][1] = line;
+            } else if r & MANY == 0 {
+                self.recs[i][1] = r | MANY;
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,334 @@
+//! Run-time compilation of kernels/ with NVRTC, and the on-disk cache of compiled images.
+//!
+//! Each `.cu` file is one module, compiled for the device's architecture with `common.cuh` handed
+//! to NVRTC as an in-memory header (kernels/README.md). Images are cached on disk, keyed by a hash
+//! of the exact source text (file and header), the compile options, the architecture and the NVRTC
+//! version; a cache entry whose checksum does not match is recompiled, never trusted.
+//!
+//! The cache lives in `$PURIFIER_KERNEL_CACHE` when set (`off` disables it), else
+//! `$XDG_CACHE_HOME/purifier/kernels`, else `$HOME/.cache/purifier/kernels`.
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::kernels::KERNEL_SOURCES;
+
+/// The header every kernel file includes.
+pub const COMMON_HEADER: &str = "common.cuh";
+
+/// Compile options shared by every module (no fast math: the kernels are checked against an f32
+/// reference at 1e-5).
+const BASE_OPTIONS: &[&str] = &["-std=c++17", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=true"];
+
+/// What NVRTC produces for a module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    /// PTX text: the emulator's input (a GPU JIT-compiles it).
+    Ptx,
+    /// A cubin for the exact architecture (a GPU loads it with no JIT).
+    Cubin,
+}
+
+impl ImageKind {
+    fn extension(self) -> &'static str {
+        match self {
+            ImageKind::Ptx => "ptx",
+            ImageKind::Cubin => "cubin",
+        }
+    }
+}
+
+/// Whether NVRTC can be loaded, without panicking when it cannot (cudarc panics on first use of a
+/// missing library, so every NVRTC call goes through this check first).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library names cudarc would use.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn nvrtc_missing() -> Error {
+    Error::Device(
+        "NVRTC (libnvrtc.so.13) was not found: the CUDA backend compiles its kernels at run time and needs it; \
+         install the CUDA 13.0 NVRTC (PyPI nvidia-cuda-nvrtc==13.0.88) and put its lib folder on LD_LIBRARY_PATH"
+            .into(),
+    )
+}
+
+/// The NVRTC version (major, minor).
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_available() {
+        return Err(nvrtc_missing());
+    }
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    // SAFETY: the library is present; two valid out-pointers.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    check(status, "nvrtcVersion")?;
+    Ok((major, minor))
+}
+
+fn check(status: cudarc::nvrtc::sys::nvrtcResult, what: &str) -> Result<()> {
+    if status == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Device(format!("NVRTC {what} failed: {status:?}")))
+    }
+}
+
+/// The embedded source of a kernel file.
+pub fn kernel_source(file: &str) -> Result<&'static str> {
+    KERNEL_SOURCES
+        .iter()
+        .find(|(name, _)| *name == file)
+        .map(|(_, source)| *source)
+        .ok_or_else(|| Error::Device(format!("no kernel file {file} is embedded in this build (kernels/)")))
+}
+
+/// Compiles kernel files for one architecture, through the disk cache.
+pub struct KernelCompiler {
+    /// e.g. "sm_80".
+    arch: String,
+    nvrtc_version: (i32, i32),
+    cache_dir: Option<PathBuf>,
+}
+
+impl KernelCompiler {
+    /// A compiler for `arch` ("sm_80", ...) with the default cache folder. Fails if NVRTC is missing.
+    pub fn new(arch: &str) -> Result<Self> {
+        Ok(Self { arch: arch.to_string(), nvrtc_version: nvrtc_version()?, cache_dir: default_cache_dir() })
+    }
+
+    /// The same with an explicit cache folder (`None`: no disk cache).
+    pub fn with_cache_dir(arch: &str, cache_dir: Option<PathBuf>) -> Result<Self> {
+        Ok(Self { arch: arch.to_string(), nvrtc_version: nvrtc_version()?, cache_dir })
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub fn nvrtc_version(&self) -> (i32, i32) {
+        self.nvrtc_version
+    }
+
+    /// The compiled image of the embedded kernel file `file` (e.g. "elementwise.cu").
+    pub fn compile_file(&self, file: &str, kind: ImageKind) -> Result<Vec<u8>> {
+        self.compile_source(file, kernel_source(file)?, kind)
+    }
+
+    /// The compiled image of `source` (named `name` in messages), from the cache when a valid entry
+    /// exists, else compiled and stored.
+    pub fn compile_source(&self, name: &str, source: &str, kind: ImageKind) -> Result<Vec<u8>> {
+        let header = kernel_source(COMMON_HEADER)?;
+        let key = self.cache_key(name, source, header, kind);
+        let entry = self.cache_dir.as_ref().map(|dir| dir.join(&key));
+        if let Some(image) = entry.as_deref().and_then(read_cache_entry) {
+            return Ok(image);
+        }
+        let image = self.compile_uncached(name, source, header, kind)?;
+        if let Some(path) = entry {
+            // A cache that cannot be written costs only time: the next run compiles again.
+            let _ = write_cache_entry(&path, &image);
+        }
+        Ok(image)
+    }
+
+    /// `<file stem>-<source hash>-<arch>-nvrtc<major>.<minor>.<ptx|cubin>`.
+    fn cache_key(&self, name: &str, source: &str, header: &str, kind: ImageKind) -> String {
+        let mut hash = Fnv128::new();
+        for part in [source, "\0", header, "\0", &BASE_OPTIONS.join(" ")] {
+            hash.write(part.as_bytes());
+        }
+        let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
+        let (major, minor) = self.nvrtc_version;
+        format!("{stem}-{:032x}-{}-nvrtc{major}.{minor}.{}", hash.finish(), self.arch, kind.extension())
+    }
+
+    fn compile_uncached(&self, name: &str, source: &str, header: &str, kind: ImageKind) -> Result<Vec<u8>> {
+        use cudarc::nvrtc::sys;
+        let cstr = |s: &str, what: &str| {
+            CString::new(s).map_err(|_| Error::Device(format!("kernel {what} {name} contains a NUL byte")))
+        };
+        let source_c = cstr(source, "source")?;
+        let name_c = cstr(name, "name")?;
+        let header_c = cstr(header, "header")?;
+        let header_name_c = cstr(COMMON_HEADER, "header name")?;
+        let mut options: Vec<CString> = BASE_OPTIONS.iter().map(|o| cstr(o, "option")).collect::<Result<_>>()?;
+        options.push(cstr(&format!("--gpu-architecture={}", self.arch), "option")?);
+        let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
+
+        let mut program: sys::nvrtcProgram = std::ptr::null_mut();
+        let headers = [header_c.as_ptr()];
+        let header_names = [header_name_c.as_ptr()];
+        // SAFETY: every pointer is a valid NUL-terminated string that outlives the call; NVRTC
+        // copies them. The library's presence was checked in `new`.
+        check(
+            unsafe {
+                sys::nvrtcCreateProgram(
+                    &mut program,
+                    source_c.as_ptr(),
+                    name_c.as_ptr(),
+                    1,
+                    headers.as_ptr(),
+                    header_names.as_ptr(),
+                )
+            },
+            "nvrtcCreateProgram",
+        )?;
+        let program = Program(program);
+        // SAFETY: a live program and `option_ptrs.len()` valid option strings.
+        let status = unsafe { sys::nvrtcCompileProgram(program.0, option_ptrs.len() as c_int, option_ptrs.as_ptr()) };
+        if status != sys::nvrtcResult::NVRTC_SUCCESS {
+            return Err(Error::Device(format!(
+                "NVRTC could not compile {name} for {}:\n{}",
+                self.arch,
+                program.log().trim_end()
+            )));
+        }
+        let mut size = 0usize;
+        let mut image;
+        // SAFETY: size queries on a compiled program, then a buffer of exactly that size.
+        unsafe {
+            match kind {
+                ImageKind::Ptx => {
+                    check(sys::nvrtcGetPTXSize(program.0, &mut size), "nvrtcGetPTXSize")?;
+                    image = vec![0u8; size];
+                    check(sys::nvrtcGetPTX(program.0, image.as_mut_ptr() as *mut c_char), "nvrtcGetPTX")?;
+                    // The PTX comes NUL-terminated; keep the text only.
+                    while image.last() == Some(&0) {
+                        image.pop();
+                    }
+                }
+                ImageKind::Cubin => {
+                    check(sys::nvrtcGetCUBINSize(program.0, &mut size), "nvrtcGetCUBINSize")?;
+                    image = vec![0u8; size];
+                    check(sys::nvrtcGetCUBIN(program.0, image.as_mut_ptr() as *mut c_char), "nvrtcGetCUBIN")?;
+                }
+            }
+        }
+        Ok(image)
+    }
+}
+
+/// An NVRTC program, destroyed on drop.
+struct Program(cudarc::nvrtc::sys::nvrtcProgram);
+
+impl Program {
+    fn log(&self) -> String {
+        use cudarc::nvrtc::sys;
+        let mut size = 0usize;
+        // SAFETY: a live program; the buffer has the size NVRTC reported.
+        unsafe {
+            if sys::nvrtcGetProgramLogSize(self.0, &mut size) != sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                return String::new();
+            }
+            let mut log = vec![0u8; size];
+            if sys::nvrtcGetProgramLog(self.0, log.as_mut_ptr() as *mut c_char) != sys::nvrtcResult::NVRTC_SUCCESS {
+                return String::new();
+            }
+            CStr::from_bytes_until_nul(&log).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+        }
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: the program was created by nvrtcCreateProgram and is destroyed once.
+        unsafe {
+            cudarc::nvrtc::sys::nvrtcDestroyProgram(&mut self.0);
+        }
+    }
+}
+
+/// The cache folder from the environment (see the module comment).
+pub fn default_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("PURIFIER_KERNEL_CACHE") {
+        Some(v) if v == "off" || v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(base.join("purifier").join("kernels"))
+        }
+    }
+}
+
+/// A cache entry: a one-line header `purifier-kernel-image v1 <length> <fnv128 of the payload>`
+/// then the payload.
+const CACHE_MAGIC: &str = "purifier-kernel-image v1";
+
+fn read_cache_entry(path: &Path) -> Option<Vec<u8>> {
+    let bytes = std::fs::read(path).ok()?;
+    let newline = bytes.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&bytes[..newline]).ok()?;
+    let payload = &bytes[newline + 1..];
+    let mut fields = header.strip_prefix(CACHE_MAGIC)?.split_whitespace();
+    let length: usize = fields.next()?.parse().ok()?;
+    let checksum = u128::from_str_radix(fields.next()?, 16).ok()?;
+    let mut hash = Fnv128::new();
+    hash.write(payload);
+    (length == payload.len() && checksum == hash.finish()).then(|| payload.to_vec())
+}
+
+fn write_cache_entry(path: &Path, image: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().expect("cache entries live in a folder");
+    std::fs::create_dir_all(dir)?;
+    let mut hash = Fnv128::new();
+    hash.write(image);
+    let mut bytes = format!("{CACHE_MAGIC} {} {:032x}\n", image.len(), hash.finish()).into_bytes();
+    bytes.extend_from_slice(image);
+    // Written to a temporary name and renamed, so a reader never sees half an entry.
+    let temporary = dir.join(format!(".{}.{}.tmp", path.file_name().unwrap().to_string_lossy(), std::process::id()));
+    std::fs::write(&temporary, &bytes)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// FNV-1a with 128-bit state: a stable hash (std's may change between Rust versions) for cache
+/// keys and entry checksums, where accidental collisions are what matters, not adversaries.
+struct Fnv128(u128);
+
+impl Fnv128 {
+    fn new() -> Self {
+        Self(0x6c62272e07bb014262b821756295c58d)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u128;
+            self.0 = self.0.wrapping_mul(0x0000000001000000000000000000013B);
+        }
+    }
+    fn finish(&self) -> u128 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_entry_round_trip_and_corruption() {
+        let dir = std::env::temp_dir().join(format!("purifier-cache-test-{}", std::process::id()));
+        let path = dir.join("entry.ptx");
+        write_cache_entry(&path, b"some image").unwrap();
+        assert_eq!(read_cache_entry(&path).as_deref(), Some(&b"some image"[..]));
+        // One flipped byte of the payload: refused.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_cache_entry(&path), None);
+        // Truncated: refused.
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        assert_eq!(read_cache_entry(&path), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn fnv128_known_value() {
+        // FNV-1a 128 of the empty string is the offset basis; of "a" a fixed value.
+        let mut h = Fnv128::new();
+        assert_eq!(h.finish(), 0x6c62272e07bb014262b821756295c58d);
+        h.write(b"a");
+        assert_eq!(h.finish(), 0xd228cb696f1a8caf78912b704e4a8964);
+    }
+}

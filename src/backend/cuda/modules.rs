@@ -1,0 +1,63 @@
+//! Kernel modules loaded on a driver: each kernel file compiled once (through the disk cache),
+//! loaded once, and each function looked up once by name.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::compile::{ImageKind, KernelCompiler};
+use crate::driver::{Driver, Function, Module, ModuleImage};
+use crate::error::Result;
+
+pub struct KernelModules {
+    driver: Arc<dyn Driver>,
+    compiler: KernelCompiler,
+    kind: ImageKind,
+    modules: Mutex<HashMap<String, Module>>,
+    functions: Mutex<HashMap<(String, String), Function>>,
+}
+
+impl KernelModules {
+    /// Modules for `driver`, compiled for its architecture. `kind`: PTX for the emulator, a cubin
+    /// on a GPU.
+    pub fn new(driver: Arc<dyn Driver>, compiler: KernelCompiler, kind: ImageKind) -> Self {
+        Self { driver, compiler, kind, modules: Mutex::default(), functions: Mutex::default() }
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+
+    pub fn compiler(&self) -> &KernelCompiler {
+        &self.compiler
+    }
+
+    /// The module of kernel file `file` (e.g. "elementwise.cu"), compiled and loaded on first use.
+    pub fn module(&self, file: &str) -> Result<Module> {
+        let mut modules = self.modules.lock().unwrap();
+        if let Some(&module) = modules.get(file) {
+            return Ok(module);
+        }
+        let image = self.compiler.compile_file(file, self.kind)?;
+        let module = match self.kind {
+            ImageKind::Ptx => {
+                let text = std::str::from_utf8(&image)
+                    .map_err(|_| crate::Error::Device(format!("NVRTC's PTX for {file} is not UTF-8")))?;
+                self.driver.load_module(ModuleImage::Ptx(text))?
+            }
+            ImageKind::Cubin => self.driver.load_module(ModuleImage::Cubin(&image))?,
+        };
+        modules.insert(file.to_string(), module);
+        Ok(module)
+    }
+
+    /// The kernel `name` of file `file`.
+    pub fn function(&self, file: &str, name: &str) -> Result<Function> {
+        let key = (file.to_string(), name.to_string());
+        if let Some(&f) = self.functions.lock().unwrap().get(&key) {
+            return Ok(f);
+        }
+        let module = self.module(file)?;
+        let function = self.driver.function(module, name)?;
+        self.functions.lock().unwrap().insert(key, function);
+        Ok(function)
+    }
+}

@@ -1,0 +1,287 @@
+//! The `Driver` implemented by the project's PTX emulator (crate `ptx_emulator`): the CUDA
+//! backend's kernels run on the CPU with every access and barrier checked. A thin adapter:
+//! launches run when issued (the stream is in order, so this is what a GPU would compute), and
+//! their errors are stored and returned by the next `synchronize` (or host copy), as on a GPU.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use ptx_emulator::{Dims, GlobalMemory, LaunchError};
+
+use super::*;
+
+/// Device memory the emulator offers (host memory backs what is allocated).
+const EMULATED_MEMORY: usize = 16 << 30;
+
+enum Work {
+    Launch { function: Function, config: LaunchConfig, args: KernelArgs },
+    Copy { dst: DevicePtr, src: DevicePtr, bytes: usize },
+    Memset { dst: DevicePtr, value: u32, count: usize },
+}
+
+struct State {
+    mem: GlobalMemory,
+    modules: Vec<ptx_emulator::Module>,
+    functions: Vec<(usize, std::sync::Arc<ptx_emulator::Function>)>,
+    events: Vec<Instant>,
+    graphs: Vec<Vec<Work>>,
+    capture: Option<Vec<Work>>,
+    /// The first error of asynchronous work, returned by the next synchronize.
+    pending: Option<DriverError>,
+    thread_instructions: u64,
+}
+
+pub struct EmulatedDriver {
+    info: DeviceInfo,
+    state: Mutex<State>,
+}
+
+impl Default for EmulatedDriver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmulatedDriver {
+    pub fn new() -> Self {
+        let threads = rayon::current_num_threads();
+        EmulatedDriver {
+            info: DeviceInfo {
+                name: format!("PTX emulator (sm_80, {threads} threads)"),
+                compute_capability: (8, 0),
+                total_memory: EMULATED_MEMORY,
+                multiprocessors: threads as u32,
+                max_shared_per_block: ptx_emulator::MAX_SHARED_PER_BLOCK as usize,
+                max_threads_per_block: ptx_emulator::MAX_THREADS_PER_BLOCK,
+            },
+            state: Mutex::new(State {
+                mem: GlobalMemory::new(),
+                modules: Vec::new(),
+                functions: Vec::new(),
+                events: Vec::new(),
+                graphs: Vec::new(),
+                capture: None,
+                pending: None,
+                thread_instructions: 0,
+            }),
+        }
+    }
+
+    /// Thread-instructions executed by all launches so far (the emulator's speed measure).
+    pub fn thread_instructions(&self) -> u64 {
+        self.lock().thread_instructions
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind: keep using it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn mem_error(e: ptx_emulator::memory::MemError) -> DriverError {
+    match e {
+        ptx_emulator::memory::MemError::OutOfBounds(s) => DriverError::InvalidValue(s),
+        ptx_emulator::memory::MemError::Uninitialized { detail, .. } => DriverError::InvalidValue(detail),
+    }
+}
+
+impl State {
+    fn run(&mut self, work: &Work) {
+        if self.pending.is_some() {
+            // After a fault the stream does no more work (the error is sticky until reported).
+            return;
+        }
+        let result = match work {
+            Work::Launch { function, config, args } => {
+                let module = &self.modules[function_module(&self.functions, *function)];
+                let f = &self.functions[function.0 as usize].1;
+                let dims = Dims { grid: config.grid, block: config.block, dynamic_shared: config.dynamic_shared_bytes };
+                match ptx_emulator::launch(module, f, &dims, args.params(), &self.mem) {
+                    Ok(stats) => {
+                        self.thread_instructions += stats.thread_instructions;
+                        Ok(())
+                    }
+                    Err(LaunchError::Invalid(s)) => Err(DriverError::InvalidValue(s)),
+                    Err(LaunchError::Report(r)) => {
+                        Err(DriverError::KernelFault { kernel: r.kernel.clone(), report: r.to_string() })
+                    }
+                }
+            }
+            Work::Copy { dst, src, bytes } => self.mem.copy(*dst, *src, *bytes as u64).map_err(mem_error),
+            Work::Memset { dst, value, count } => {
+                let bytes: Vec<u8> = std::iter::repeat_n(value.to_le_bytes(), *count).flatten().collect();
+                self.mem.write(*dst, &bytes).map_err(mem_error)
+            }
+        };
+        if let Err(e) = result {
+            self.pending = Some(e);
+        }
+    }
+
+    fn issue(&mut self, work: Work) {
+        match &mut self.capture {
+            Some(list) => list.push(work),
+            None => self.run(&work),
+        }
+    }
+
+    fn no_capture(&self, what: &str) -> DriverResult<()> {
+        if self.capture.is_some() {
+            return Err(DriverError::InvalidValue(format!("{what} during graph capture")));
+        }
+        Ok(())
+    }
+}
+
+fn function_module(functions: &[(usize, std::sync::Arc<ptx_emulator::Function>)], f: Function) -> usize {
+    functions[f.0 as usize].0
+}
+
+impl Driver for EmulatedDriver {
+    fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    fn free_memory(&self) -> DriverResult<usize> {
+        Ok(EMULATED_MEMORY.saturating_sub(self.lock().mem.used as usize))
+    }
+
+    fn alloc(&self, bytes: usize) -> DriverResult<DevicePtr> {
+        let mut s = self.lock();
+        let free = EMULATED_MEMORY.saturating_sub(s.mem.used as usize);
+        if bytes > free {
+            return Err(DriverError::OutOfMemory { requested: bytes, free });
+        }
+        Ok(s.mem.alloc(bytes as u64))
+    }
+
+    fn free(&self, ptr: DevicePtr) -> DriverResult<()> {
+        self.lock().mem.free(ptr).map_err(DriverError::InvalidValue)
+    }
+
+    fn copy_to_device(&self, dst: DevicePtr, src: &[u8]) -> DriverResult<()> {
+        let s = self.lock();
+        s.no_capture("host-to-device copy")?;
+        s.mem.write(dst, src).map_err(mem_error)
+    }
+
+    fn copy_to_host(&self, src: DevicePtr, dst: &mut [u8]) -> DriverResult<()> {
+        let mut s = self.lock();
+        s.no_capture("device-to-host copy")?;
+        if let Some(e) = s.pending.take() {
+            return Err(e);
+        }
+        s.mem.read(src, dst).map_err(mem_error)
+    }
+
+    fn copy_device_to_device(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> DriverResult<()> {
+        let mut s = self.lock();
+        s.mem.find(dst, bytes as u64).map_err(mem_error)?;
+        s.mem.find(src, bytes as u64).map_err(mem_error)?;
+        s.issue(Work::Copy { dst, src, bytes });
+        Ok(())
+    }
+
+    fn memset_u32(&self, dst: DevicePtr, value: u32, count: usize) -> DriverResult<()> {
+        let mut s = self.lock();
+        if !dst.is_multiple_of(4) {
+            return Err(DriverError::InvalidValue(format!("memset_u32 at {dst:#x}: not 4-byte aligned")));
+        }
+        s.mem.find(dst, 4 * count as u64).map_err(mem_error)?;
+        s.issue(Work::Memset { dst, value, count });
+        Ok(())
+    }
+
+    fn load_module(&self, image: ModuleImage<'_>) -> DriverResult<Module> {
+        let ModuleImage::Ptx(text) = image else {
+            return Err(DriverError::ModuleLoad("the PTX emulator runs PTX only, not cubin".into()));
+        };
+        let mut s = self.lock();
+        let m = ptx_emulator::Module::load(text, &mut s.mem).map_err(|e| DriverError::ModuleLoad(e.to_string()))?;
+        s.modules.push(m);
+        Ok(Module(s.modules.len() as u32 - 1))
+    }
+
+    fn function(&self, module: Module, name: &str) -> DriverResult<Function> {
+        let mut s = self.lock();
+        let m = s
+            .modules
+            .get(module.0 as usize)
+            .ok_or_else(|| DriverError::InvalidValue(format!("unknown module {}", module.0)))?;
+        let f = m
+            .kernel(name)
+            .ok_or_else(|| DriverError::InvalidValue(format!("module {} has no kernel '{name}'", module.0)))?
+            .clone();
+        s.functions.push((module.0 as usize, f));
+        Ok(Function(s.functions.len() as u32 - 1))
+    }
+
+    fn launch(&self, function: Function, config: LaunchConfig, args: &KernelArgs) -> DriverResult<()> {
+        let mut s = self.lock();
+        let (_, f) = s
+            .functions
+            .get(function.0 as usize)
+            .ok_or_else(|| DriverError::InvalidValue(format!("unknown function {}", function.0)))?;
+        let dims = Dims { grid: config.grid, block: config.block, dynamic_shared: config.dynamic_shared_bytes };
+        ptx_emulator::check_launch(f, &dims, args.params()).map_err(DriverError::InvalidValue)?;
+        s.issue(Work::Launch { function, config, args: args.clone() });
+        Ok(())
+    }
+
+    fn synchronize(&self) -> DriverResult<()> {
+        match self.lock().pending.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn record_event(&self) -> DriverResult<Event> {
+        let mut s = self.lock();
+        s.no_capture("event record")?;
+        s.events.push(Instant::now());
+        Ok(Event(s.events.len() as u32 - 1))
+    }
+
+    fn elapsed_ms(&self, start: Event, end: Event) -> DriverResult<f32> {
+        let s = self.lock();
+        let get = |e: Event| {
+            s.events
+                .get(e.0 as usize)
+                .copied()
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown event {}", e.0)))
+        };
+        Ok(get(end)?.saturating_duration_since(get(start)?).as_secs_f32() * 1e3)
+    }
+
+    fn begin_capture(&self) -> DriverResult<()> {
+        let mut s = self.lock();
+        if s.capture.is_some() {
+            return Err(DriverError::InvalidValue("a graph capture is already under way".into()));
+        }
+        s.capture = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> DriverResult<Graph> {
+        let mut s = self.lock();
+        let list =
+            s.capture.take().ok_or_else(|| DriverError::InvalidValue("end_capture without begin_capture".into()))?;
+        s.graphs.push(list);
+        Ok(Graph(s.graphs.len() as u32 - 1))
+    }
+
+    fn replay(&self, graph: Graph) -> DriverResult<()> {
+        let mut s = self.lock();
+        s.no_capture("graph replay")?;
+        let list = std::mem::take(
+            s.graphs
+                .get_mut(graph.0 as usize)
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown graph {}", graph.0)))?,
+        );
+        for w in &list {
+            s.run(w);
+        }
+        s.graphs[graph.0 as usize] = list;
+        Ok(())
+    }
+}

@@ -1,0 +1,717 @@
+//! The convolution and attention kernels (kernels/conv2d.cu, kernels/attention.cu) and their
+//! launchers (src/backend/cuda/{conv,attention}.rs):
+//! - every kernel compiles under NVRTC for sm_80, sm_87 and sm_90, and every name the launchers
+//!   look up is an entry of the PTX;
+//! - with `PTXAS` set (ptxas of PyPI's nvidia-cuda-nvcc), ptxas's register and spill report, and no
+//!   spill in a kernel marked hot;
+//! - one check body per op (`check_conv`, `check_attention`) over any `&dyn Driver`: fresh random
+//!   inputs (the seed is printed), outputs poisoned with NaN, compared with the CPU reference
+//!   backend on the same (rounded) inputs, transposed NCHW <-> NHWC on the host, within ENGINE.md's
+//!   tolerances (relative L2 1e-5 f32, 1e-2 bf16/f16; NaN never passes). Every geometry, epilogue,
+//!   upsample and concat combination the UNet and the classifiers use, odd channel counts, batch 1
+//!   and 3.
+//!
+//! NVRTC needs `LD_LIBRARY_PATH` to hold libnvrtc.so.13 and its builtins (CI installs it); without
+//! it the compile tests fail, naming what is missing.
+mod common;
+
+use std::sync::Mutex;
+
+use half::{bf16, f16};
+use purifier::backend::cpu::CpuBackend;
+use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch};
+use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
+use purifier::backend::cuda::conv::{self, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, Precision};
+use purifier::driver::emulated::EmulatedDriver;
+use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
+
+const ARCHITECTURES: [&str; 3] = ["sm_80", "sm_87", "sm_90"];
+
+// ---------------------------------------------------------------------------------------------
+// NVRTC, through the backend's compiler (common.cuh as an in-memory header), each module compiled
+// once per test process.
+
+fn compile_ptx(file: &str, arch: &'static str) -> String {
+    static CACHE: Mutex<Vec<((String, &'static str), String)>> = Mutex::new(Vec::new());
+    if let Some((_, ptx)) = CACHE.lock().unwrap().iter().find(|(key, _)| key.0 == file && key.1 == arch) {
+        return ptx.clone();
+    }
+    assert!(nvrtc_available(), "NVRTC is not loadable: put libnvrtc.so.13's folder on LD_LIBRARY_PATH");
+    let compiler = KernelCompiler::with_cache_dir(arch, None).unwrap();
+    let image = compiler.compile_file(file, ImageKind::Ptx).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
+    let ptx = String::from_utf8(image).unwrap();
+    CACHE.lock().unwrap().push(((file.to_string(), arch), ptx.clone()));
+    ptx
+}
+
+fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
+    vec![
+        ("conv2d.cu", conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS),
+        ("conv2d_mma.cu", conv::mma_kernel_names(), conv::MMA_HOT_KERNELS),
+        ("attention.cu", attention::kernel_names(), attention::HOT_KERNELS),
+    ]
+}
+
+#[test]
+fn kernels_compile_for_every_architecture() {
+    for (file, names, _) in kernel_files() {
+        for arch in ARCHITECTURES {
+            let ptx = compile_ptx(file, arch);
+            for name in &names {
+                assert!(ptx.contains(&format!(".entry {name}(")), "{file} for {arch}: no entry `{name}`");
+            }
+            println!("{file} {arch}: {} kernels, {} bytes of PTX", names.len(), ptx.len());
+        }
+    }
+}
+
+/// Per entry of ptxas -v output: (name, registers, spill store bytes, spill load bytes).
+fn ptxas_report(ptxas: &str, ptx: &str, arch: &str) -> Vec<(String, u32, u32, u32)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("module.ptx");
+    std::fs::write(&path, ptx).unwrap();
+    let out = std::process::Command::new(ptxas)
+        .args([&format!("-arch={arch}"), "-v", path.to_str().unwrap(), "-o", "/dev/null"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ptxas {ptxas}: {e}"));
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ptxas failed for {arch}:\n{text}");
+    let number_before = |line: &str, word: &str| -> u32 {
+        let i = line.find(word).unwrap_or_else(|| panic!("no `{word}` in `{line}`"));
+        line[..i].split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let mut report = Vec::new();
+    let mut current: Option<(String, u32, u32)> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            current = Some((rest.split('\'').next().unwrap().to_string(), 0, 0));
+        } else if line.contains("bytes spill stores") {
+            if let Some(c) = current.as_mut() {
+                c.1 = number_before(line, "bytes spill stores");
+                c.2 = number_before(line, "bytes spill loads");
+            }
+        } else if line.contains("Used") && line.contains("registers") {
+            if let Some((name, stores, loads)) = current.take() {
+                report.push((name, number_before(line, "registers"), stores, loads));
+            }
+        }
+    }
+    report
+}
+
+#[test]
+fn hot_kernels_do_not_spill() {
+    let Some(ptxas) = std::env::var_os("PTXAS") else {
+        println!("skipped: PTXAS not set (ptxas of PyPI nvidia-cuda-nvcc)");
+        return;
+    };
+    let ptxas = ptxas.to_string_lossy().into_owned();
+    let mut spilled_hot = Vec::new();
+    for (file, names, hot) in kernel_files() {
+        for arch in ARCHITECTURES {
+            let ptx = compile_ptx(file, arch);
+            let report = ptxas_report(&ptxas, &ptx, arch);
+            assert_eq!(report.len(), names.len(), "{file} {arch}: ptxas reported {} entries", report.len());
+            for (name, registers, stores, loads) in report {
+                let is_hot = hot.contains(&name.as_str());
+                println!(
+                    "{arch} {name:<40} {registers:>3} registers, spill {stores} B stores / {loads} B loads{}",
+                    if is_hot { "  (hot)" } else { "" }
+                );
+                if is_hot && stores + loads > 0 {
+                    spilled_hot.push(format!("{arch} {name}"));
+                }
+            }
+        }
+    }
+    assert!(spilled_hot.is_empty(), "hot kernels spill: {spilled_hot:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers: host f32 values <-> device tensors of a storage type.
+
+/// The values as the device stores them (rounded to the storage type), and their bytes.
+fn encode(values: &[f32], dtype: Precision) -> (Vec<f32>, Vec<u8>) {
+    match dtype {
+        Precision::F32 => (values.to_vec(), bytemuck::cast_slice(values).to_vec()),
+        Precision::Bf16 => {
+            let v: Vec<bf16> = values.iter().map(|&x| bf16::from_f32(x)).collect();
+            (v.iter().map(|x| x.to_f32()).collect(), bytemuck::cast_slice(&v).to_vec())
+        }
+        Precision::F16 => {
+            let v: Vec<f16> = values.iter().map(|&x| f16::from_f32(x)).collect();
+            (v.iter().map(|x| x.to_f32()).collect(), bytemuck::cast_slice(&v).to_vec())
+        }
+    }
+}
+
+fn decode(bytes: &[u8], dtype: Precision) -> Vec<f32> {
+    match dtype {
+        Precision::F32 => bytemuck::cast_slice::<u8, f32>(bytes).to_vec(),
+        Precision::Bf16 => bytemuck::cast_slice::<u8, bf16>(bytes).iter().map(|x| x.to_f32()).collect(),
+        Precision::F16 => bytemuck::cast_slice::<u8, f16>(bytes).iter().map(|x| x.to_f32()).collect(),
+    }
+}
+
+/// Device memory allocated by a check, freed when it ends (pass or fail).
+struct Allocations<'a> {
+    driver: &'a dyn Driver,
+    pointers: Vec<DevicePtr>,
+}
+
+impl<'a> Allocations<'a> {
+    fn new(driver: &'a dyn Driver) -> Self {
+        Self { driver, pointers: Vec::new() }
+    }
+    /// Rounded values and the device copy.
+    fn upload(&mut self, values: &[f32], dtype: Precision) -> (Vec<f32>, DevicePtr) {
+        let (rounded, bytes) = encode(values, dtype);
+        let ptr = self.driver.alloc(bytes.len().max(4)).unwrap();
+        self.pointers.push(ptr);
+        self.driver.copy_to_device(ptr, &bytes).unwrap();
+        (rounded, ptr)
+    }
+    /// An output of `len` elements, every element NaN.
+    fn poisoned(&mut self, len: usize, dtype: Precision) -> DevicePtr {
+        let words = (len * dtype.bytes()).div_ceil(4);
+        let ptr = self.driver.alloc(words * 4).unwrap();
+        self.pointers.push(ptr);
+        let nan = match dtype {
+            Precision::F32 => 0x7fc0_0000,
+            Precision::Bf16 => 0x7fc0_7fc0,
+            Precision::F16 => 0x7e00_7e00,
+        };
+        self.driver.memset_u32(ptr, nan, words).unwrap();
+        ptr
+    }
+    fn download(&self, ptr: DevicePtr, len: usize, dtype: Precision) -> Vec<f32> {
+        let mut bytes = vec![0u8; len * dtype.bytes()];
+        self.driver.copy_to_host(ptr, &mut bytes).unwrap();
+        decode(&bytes, dtype)
+    }
+}
+
+impl Drop for Allocations<'_> {
+    fn drop(&mut self) {
+        for &p in &self.pointers {
+            let _ = self.driver.free(p);
+        }
+    }
+}
+
+/// A fresh seed per run (printed by the checks so a failure can be replayed with PURIFIER_TEST_SEED).
+fn fresh_seed() -> u64 {
+    if let Some(s) = std::env::var("PURIFIER_TEST_SEED").ok().and_then(|s| s.parse().ok()) {
+        return s;
+    }
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// ||out - reference|| / ||reference||; infinite when `out` holds a NaN or Inf.
+fn relative_l2(out: &[f32], reference: &[f32]) -> f64 {
+    assert_eq!(out.len(), reference.len());
+    if out.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = out.iter().zip(reference).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let den: f64 = reference.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn tolerance(dtypes: &[Precision]) -> f64 {
+    if dtypes.iter().all(|&d| d == Precision::F32) {
+        1e-5
+    } else {
+        1e-2
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The convolution check.
+
+#[derive(Clone, Debug)]
+pub struct ConvCase {
+    pub name: &'static str,
+    pub batch: usize,
+    pub height: usize,
+    pub width: usize,
+    pub channels_a: usize,
+    pub channels_b: usize,
+    pub upsample: bool,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub geometry: Conv2dGeometry,
+    pub bias: bool,
+    pub channel_bias: bool,
+    pub residual: bool,
+    pub relu: bool,
+}
+
+impl ConvCase {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: &'static str,
+        batch: usize,
+        hw: usize,
+        ca: usize,
+        co: usize,
+        kernel: usize,
+        g: Conv2dGeometry,
+    ) -> Self {
+        Self {
+            name,
+            batch,
+            height: hw,
+            width: hw,
+            channels_a: ca,
+            channels_b: 0,
+            upsample: false,
+            out_channels: co,
+            kernel,
+            geometry: g,
+            bias: true,
+            channel_bias: false,
+            residual: false,
+            relu: false,
+        }
+    }
+}
+
+/// Every geometry + epilogue + upsample + concat combination of the UNet and the classifiers, at
+/// small sizes with odd channel counts (not multiples of the tiles).
+pub fn conv_cases() -> Vec<ConvCase> {
+    let same1 = Conv2dGeometry::same(1);
+    let same0 = Conv2dGeometry::same(0);
+    let downsample = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
+    vec![
+        // UNet
+        ConvCase::new("conv_in 3x3 (Ci 3)", 3, 9, 3, 19, 3, same1),
+        ConvCase { channel_bias: true, ..ConvCase::new("resblock conv1 3x3 + temb bias", 3, 8, 24, 40, 3, same1) },
+        ConvCase { residual: true, ..ConvCase::new("resblock conv2 3x3 + residual", 1, 8, 40, 40, 3, same1) },
+        ConvCase { residual: true, ..ConvCase::new("1x1 (q/k/v, proj_out + residual)", 3, 7, 40, 33, 1, same0) },
+        ConvCase::new("downsample 3x3 s2 pad right/bottom (even)", 3, 10, 24, 24, 3, downsample),
+        ConvCase::new("downsample 3x3 s2 pad right/bottom (odd)", 1, 9, 16, 24, 3, downsample),
+        ConvCase { upsample: true, ..ConvCase::new("upsample x2 + 3x3", 3, 5, 24, 24, 3, same1) },
+        ConvCase {
+            channels_b: 16,
+            residual: true,
+            ..ConvCase::new("nin_shortcut 1x1 on concat(h, skip)", 3, 6, 24, 40, 1, same0)
+        },
+        ConvCase { channels_b: 8, ..ConvCase::new("3x3 on concat(h, skip)", 1, 6, 24, 16, 3, same1) },
+        ConvCase { channels_b: 8, upsample: true, ..ConvCase::new("upsample + concat + 3x3", 1, 4, 16, 12, 3, same1) },
+        ConvCase::new("conv_out 3x3 (Co 3)", 1, 8, 32, 3, 3, same1),
+        // Classifiers (batch-norm folded: bias; then ReLU, residual)
+        ConvCase { relu: true, ..ConvCase::new("conv-bn-relu 3x3", 3, 8, 16, 16, 3, same1) },
+        ConvCase {
+            relu: true,
+            ..ConvCase::new("3x3 stride 2 pad 1 + relu", 1, 8, 16, 32, 3, Conv2dGeometry::strided(2, 1))
+        },
+        ConvCase {
+            residual: true,
+            relu: true,
+            ..ConvCase::new("basic block conv2 + shortcut + relu", 1, 8, 32, 32, 3, same1)
+        },
+        ConvCase {
+            bias: false,
+            ..ConvCase::new("WRN 1x1 stride-2 shortcut, no bias", 3, 8, 16, 32, 1, Conv2dGeometry::strided(2, 0))
+        },
+        ConvCase {
+            channel_bias: true,
+            residual: true,
+            relu: true,
+            ..ConvCase::new("every epilogue term", 1, 5, 20, 70, 3, same1)
+        },
+        // Full-size layers: cifar10-small level 0 (64 channels at 32x32), cifar10 level 1 on a skip
+        // concat (256 + 256 -> 256 at 16x16), cifar10-small's last upsample (64 at 16x16 -> 32x32).
+        ConvCase {
+            channel_bias: true,
+            ..ConvCase::new("full size: 3x3 64 -> 64 at 32x32 + temb", 2, 32, 64, 64, 3, same1)
+        },
+        ConvCase {
+            channels_b: 256,
+            residual: true,
+            ..ConvCase::new("full size: 1x1 concat 256+256 -> 256 at 16x16", 1, 16, 256, 256, 1, same0)
+        },
+        ConvCase {
+            upsample: true,
+            ..ConvCase::new("full size: upsample 16 -> 32, 3x3 64 -> 64", 1, 16, 64, 64, 3, same1)
+        },
+    ]
+}
+
+/// Runs one case on `driver` and the CPU reference; returns the relative L2 error of the output.
+pub fn check_conv(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    case: &ConvCase,
+    version: Conv2dVersion,
+    [input_dtype, weight_dtype, out_dtype]: [Precision; 3],
+    seed: u64,
+) -> f64 {
+    let c = case;
+    let ci = c.channels_a + c.channels_b;
+    let (n, h, w) = (c.batch, c.height, c.width);
+    let mut mem = Allocations::new(driver);
+    let (a_host, a) = mem.upload(&common::uniform(n * h * w * c.channels_a, seed), input_dtype);
+    let (b_host, b) = mem.upload(&common::uniform(n * h * w * c.channels_b, seed + 1), input_dtype);
+    let weight_values: Vec<f32> =
+        common::uniform(c.out_channels * c.kernel * c.kernel * ci, seed + 2).iter().map(|v| v * 0.3).collect();
+    let (w_host, weight) = mem.upload(&weight_values, weight_dtype);
+    let (bias_host, bias) = mem.upload(&common::uniform(c.out_channels, seed + 3), Precision::F32);
+    let (cbias_host, cbias) = mem.upload(&common::uniform(n * c.out_channels, seed + 4), Precision::F32);
+
+    let mut launch = Conv2dLaunch {
+        batch: n,
+        height: h,
+        width: w,
+        channels_a: c.channels_a,
+        channels_b: c.channels_b,
+        upsample: c.upsample,
+        out_channels: c.out_channels,
+        kernel_h: c.kernel,
+        kernel_w: c.kernel,
+        geometry: c.geometry,
+        relu: c.relu,
+        input_dtype,
+        weight_dtype,
+        out_dtype,
+        a,
+        b: (c.channels_b > 0).then_some(b),
+        weight,
+        bias: c.bias.then_some(bias),
+        channel_bias: c.channel_bias.then_some(cbias),
+        residual: None,
+        out: 0,
+    };
+    let (oh, ow) = launch.output_size();
+    let out_len = launch.output_len();
+    let (residual_host, residual) = mem.upload(&common::uniform(out_len, seed + 5), out_dtype);
+    launch.residual = c.residual.then_some(residual);
+    launch.out = mem.poisoned(out_len, out_dtype);
+
+    conv::launch_conv2d_version(driver, kernels, &launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let out_nhwc = mem.download(launch.out, out_len, out_dtype);
+
+    // The reference: the upsampled, concatenated input built on the host, NCHW, OIHW weights.
+    let (lh, lw) = launch.logical_input_size();
+    let shift = c.upsample as usize;
+    let mut x = vec![0.0f32; n * ci * lh * lw];
+    for s in 0..n {
+        for ch in 0..ci {
+            for y in 0..lh {
+                for xx in 0..lw {
+                    let pixel = (s * h + (y >> shift)) * w + (xx >> shift);
+                    x[((s * ci + ch) * lh + y) * lw + xx] = if ch < c.channels_a {
+                        a_host[pixel * c.channels_a + ch]
+                    } else {
+                        b_host[pixel * c.channels_b + ch - c.channels_a]
+                    };
+                }
+            }
+        }
+    }
+    let k = c.kernel;
+    let mut w_oihw = vec![0.0f32; w_host.len()];
+    for co in 0..c.out_channels {
+        for ch in 0..ci {
+            for t in 0..k * k {
+                w_oihw[(co * ci + ch) * k * k + t] = w_host[(co * k * k + t) * ci + ch];
+            }
+        }
+    }
+    let nhwc_to_nchw = |v: &[f32], channels: usize| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..n {
+            for p in 0..oh * ow {
+                for ch in 0..channels {
+                    r[(s * channels + ch) * oh * ow + p] = v[(s * oh * ow + p) * channels + ch];
+                }
+            }
+        }
+        r
+    };
+    let cpu = CpuBackend;
+    let x_t = cpu.upload(&x, &[n, ci, lh, lw]).unwrap();
+    let w_t = cpu.upload(&w_oihw, &[c.out_channels, ci, k, k]).unwrap();
+    let bias_t = cpu.upload(&bias_host, &[c.out_channels]).unwrap();
+    let cbias_t = cpu.upload(&cbias_host, &[n, c.out_channels]).unwrap();
+    let res_t = cpu.upload(&nhwc_to_nchw(&residual_host, c.out_channels), &[n, c.out_channels, oh, ow]).unwrap();
+    let mut out_t = cpu.zeros(&[n, c.out_channels, oh, ow]).unwrap();
+    let epilogue = ConvEpilogue {
+        channel_bias: c.channel_bias.then_some(&cbias_t),
+        residual: c.residual.then_some(&res_t),
+        relu: c.relu,
+    };
+    cpu.conv2d(
+        purifier::backend::LayerInput::one(&x_t),
+        &w_t,
+        c.bias.then_some(&bias_t),
+        c.geometry,
+        epilogue,
+        &mut out_t,
+    );
+    let mut reference = cpu.download(&out_t).unwrap();
+    if out_dtype != Precision::F32 {
+        // What the device can at best store.
+        reference = encode(&reference, out_dtype).0;
+    }
+    relative_l2(&nhwc_to_nchw(&out_nhwc, c.out_channels), &reference)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attention check.
+
+/// (name, batch, H*W, channels): the UNet's attention at 16x16 and 4x4 (scaled down in channels
+/// where the full size adds nothing), odd position and channel counts.
+pub fn attention_cases() -> Vec<(&'static str, usize, usize, usize)> {
+    vec![
+        ("16x16, C 64", 1, 256, 64),
+        ("4x4 (middle), C 256", 3, 16, 256),
+        ("odd: 7x5 positions, C 40", 3, 35, 40),
+        ("8x8, C 128", 1, 64, 128),
+        ("full size: 16x16, C 256 (cifar10)", 2, 256, 256),
+    ]
+}
+
+/// Runs one attention on `driver` and the CPU reference; returns the relative L2 errors of the
+/// output and of the log-sum-exp.
+pub fn check_attention(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    (name, batch, positions, channels): (&str, usize, usize, usize),
+    dtype: Precision,
+    seed: u64,
+) -> (f64, f64) {
+    let len = batch * positions * channels;
+    let mut mem = Allocations::new(driver);
+    // Queries scaled up so that the softmax is far from uniform.
+    let q_values: Vec<f32> = common::uniform(len, seed).iter().map(|v| v * 4.0).collect();
+    let (q_host, q) = mem.upload(&q_values, dtype);
+    let (k_host, k) = mem.upload(&common::uniform(len, seed + 1), dtype);
+    let (v_host, v) = mem.upload(&common::uniform(len, seed + 2), dtype);
+    let out = mem.poisoned(len, dtype);
+    let logsumexp = mem.poisoned(batch * positions, Precision::F32);
+    let launch = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
+    attention::launch_attention(driver, kernels, &launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
+    let out_nhwc = mem.download(out, len, dtype);
+    let lse = mem.download(logsumexp, batch * positions, Precision::F32);
+
+    let to_nchw = |v: &[f32]| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..batch {
+            for p in 0..positions {
+                for c in 0..channels {
+                    r[(s * channels + c) * positions + p] = v[(s * positions + p) * channels + c];
+                }
+            }
+        }
+        r
+    };
+    let cpu = CpuBackend;
+    let shape = [batch, channels, positions, 1];
+    let qt = cpu.upload(&to_nchw(&q_host), &shape).unwrap();
+    let kt = cpu.upload(&to_nchw(&k_host), &shape).unwrap();
+    let vt = cpu.upload(&to_nchw(&v_host), &shape).unwrap();
+    let mut out_t = cpu.zeros(&shape).unwrap();
+    let mut lse_t = cpu.zeros(&[batch, positions]).unwrap();
+    cpu.attention(&qt, &kt, &vt, &mut out_t, &mut lse_t);
+    let mut reference = cpu.download(&out_t).unwrap();
+    if dtype != Precision::F32 {
+        reference = encode(&reference, dtype).0;
+    }
+    (relative_l2(&to_nchw(&out_nhwc), &reference), relative_l2(&lse, &cpu.download(&lse_t).unwrap()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launcher validation (no device needed: errors come before any launch).
+
+fn valid_launch() -> Conv2dLaunch {
+    Conv2dLaunch {
+        batch: 1,
+        height: 8,
+        width: 8,
+        channels_a: 16,
+        channels_b: 0,
+        upsample: false,
+        out_channels: 16,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: Conv2dGeometry::same(1),
+        relu: false,
+        input_dtype: Precision::F32,
+        weight_dtype: Precision::F32,
+        out_dtype: Precision::F32,
+        a: 0x1000,
+        b: None,
+        weight: 0x2000,
+        bias: None,
+        channel_bias: None,
+        residual: None,
+        out: 0x3000,
+    }
+}
+
+#[test]
+fn conv_launch_rejects_bad_shapes_with_a_message() {
+    assert!(valid_launch().validate().is_ok());
+    let cases: Vec<(Conv2dLaunch, &str)> = vec![
+        (Conv2dLaunch { channels_b: 8, ..valid_launch() }, "no second input"),
+        (Conv2dLaunch { b: Some(0x4000), ..valid_launch() }, "channels_b = 0"),
+        (Conv2dLaunch { kernel_h: 11, ..valid_launch() }, "larger than the padded input"),
+        (Conv2dLaunch { batch: 0, ..valid_launch() }, "empty input"),
+        (Conv2dLaunch { out: 0, ..valid_launch() }, "null device pointer for `out`"),
+        (Conv2dLaunch { input_dtype: Precision::Bf16, ..valid_launch() }, "f32 weights need f32 input"),
+        (
+            Conv2dLaunch { weight_dtype: Precision::Bf16, out_dtype: Precision::F16, ..valid_launch() },
+            "output storage f16 with bf16 weights",
+        ),
+        (Conv2dLaunch { a: 0x1002, ..valid_launch() }, "not aligned"),
+        (Conv2dLaunch { batch: 1 << 20, height: 64, width: 64, ..valid_launch() }, "the kernel indexes at most"),
+    ];
+    for (launch, expected) in cases {
+        let err = launch.validate().expect_err(expected).to_string();
+        assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+    }
+    let tc = Conv2dLaunch {
+        weight_dtype: Precision::Bf16,
+        input_dtype: Precision::Bf16,
+        out_dtype: Precision::Bf16,
+        ..valid_launch()
+    };
+    assert_eq!(conv::kernel_for(&tc, Conv2dVersion::TensorCore).unwrap(), "conv2d_mma_bf16_bf16_bf16");
+    let odd = Conv2dLaunch { channels_a: 3, ..tc };
+    assert_eq!(conv::kernel_for(&odd, Conv2dVersion::TensorCore).unwrap(), "conv2d_mma_gather_bf16_bf16_bf16");
+    let f32_in = Conv2dLaunch { input_dtype: Precision::F32, ..tc };
+    assert_eq!(conv::kernel_for(&f32_in, Conv2dVersion::TensorCore).unwrap(), "conv2d_mma_gather_f32_bf16_bf16");
+    assert!(conv::kernel_for(&valid_launch(), Conv2dVersion::TensorCore).is_err());
+}
+
+#[test]
+fn attention_launch_rejects_bad_shapes_with_a_message() {
+    let ok = AttentionLaunch {
+        batch: 2,
+        positions: 256,
+        channels: 128,
+        dtype: Precision::F32,
+        q: 0x1000,
+        k: 0x2000,
+        v: 0x3000,
+        out: 0x4000,
+        logsumexp: 0x5000,
+    };
+    assert!(ok.validate().is_ok());
+    for (launch, expected) in [
+        (AttentionLaunch { channels: 512, ..ok }, "at most 256"),
+        (AttentionLaunch { positions: 0, ..ok }, "empty input"),
+        (AttentionLaunch { logsumexp: 0, ..ok }, "null device pointer for `logsumexp`"),
+        (AttentionLaunch { dtype: Precision::Bf16, v: 0x3001, ..ok }, "not aligned"),
+    ] {
+        let err = launch.validate().expect_err(expected).to_string();
+        assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// On the PTX emulator (always, in CI) with its sanitizers on.
+
+fn emulated_module(file: &str) -> (EmulatedDriver, Module) {
+    let driver = EmulatedDriver::new();
+    let ptx = compile_ptx(file, "sm_80");
+    let module = driver.load_module(ModuleImage::Ptx(&ptx)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    (driver, module)
+}
+
+fn run_conv_checks(driver: &dyn Driver, kernels: &Conv2dKernels, version: Conv2dVersion, dtypes: [Precision; 3]) {
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for case in conv_cases() {
+        let start = std::time::Instant::now();
+        let err = check_conv(driver, kernels, &case, version, dtypes, seed);
+        let tol = tolerance(&dtypes);
+        println!(
+            "conv {version:?} {dtypes:?} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            case.name,
+            start.elapsed().as_secs_f64()
+        );
+        if !(err <= tol) {
+            failures.push(format!("{}: {err:e}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "conv {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}");
+}
+
+fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, dtype: Precision) {
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for case in attention_cases() {
+        let start = std::time::Instant::now();
+        let (out_err, lse_err) = check_attention(driver, kernels, case, dtype, seed);
+        let tol = tolerance(&[dtype]);
+        println!(
+            "attention {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            case.0,
+            start.elapsed().as_secs_f64()
+        );
+        if !(out_err <= tol && lse_err <= 1e-5) {
+            failures.push(format!("{}: out {out_err:e}, lse {lse_err:e}", case.0));
+        }
+    }
+    assert!(failures.is_empty(), "attention {dtype} (seed {seed}) over tolerance: {failures:?}");
+}
+
+#[test]
+fn emulator_conv_f32_every_fusion() {
+    let (driver, module) = emulated_module("conv2d.cu");
+    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::F32; 3]);
+}
+
+#[test]
+fn emulator_attention_f32() {
+    let (driver, module) = emulated_module("attention.cu");
+    let kernels = AttentionKernels::load(&driver, module).unwrap();
+    run_attention_checks(&driver, &kernels, Precision::F32);
+}
+
+#[test]
+#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
+fn emulator_conv_simt_bf16_and_f16() {
+    let (driver, module) = emulated_module("conv2d.cu");
+    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::Bf16; 3]);
+    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::F16; 3]);
+}
+
+#[test]
+#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
+fn emulator_attention_bf16_and_f16() {
+    let (driver, module) = emulated_module("attention.cu");
+    let kernels = AttentionKernels::load(&driver, module).unwrap();
+    run_attention_checks(&driver, &kernels, Precision::Bf16);
+    run_attention_checks(&driver, &kernels, Precision::F16);
+}
+
+/// Every storage-type combination the tensor-core kernels serve: 16-bit throughout (cp.async
+/// loader where the channels allow, gather otherwise), f32 input (conv_in), f32 output (conv_out).
+fn tensor_core_dtype_sets() -> Vec<[Precision; 3]> {
+    let mut sets = Vec::new();
+    for w in [Precision::Bf16, Precision::F16] {
+        sets.extend([[w, w, w], [Precision::F32, w, w], [w, w, Precision::F32], [Precision::F32, w, Precision::F32]]);
+    }
+    sets
+}
+
+#[test]
+#[ignore = "needs the emulator's mma.sync, ldmatrix and cp.async (wt-emu: not yet)"]
+fn emulator_conv_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
+    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    for dtypes in tensor_core_dtype_sets() {
+        run_conv_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
+    }
+}
