@@ -20,11 +20,10 @@ use purifier::purify::{Purifier, PurifyPlan, PurifyReport};
 
 use crate::{AttackArgs, BenchArgs, ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurificationArgs, PurifyArgs};
 
-fn backend(args: &DeviceArgs) -> Result<impl Backend> {
-    let (backend, note) = device::select(args.device, purifier::backend::Precision::F32)?;
-    let purifier::device::SelectedBackend::Cpu(backend) = backend else {
-        return Err(Error::Device("the commands run on the CPU backend only in this build".into()));
-    };
+/// The backend of `--device` / `--precision` (device.rs decides); commands run their body on it
+/// through `with_backend!`.
+fn backend(args: &DeviceArgs) -> Result<device::SelectedBackend> {
+    let (backend, note) = device::select(args.device, args.precision)?;
     if let Some(note) = note {
         eprintln!("{note}");
     }
@@ -80,7 +79,10 @@ fn load_purification<B: Backend>(b: &B, args: &PurificationArgs) -> Result<(Unet
 }
 
 pub fn purify(args: &PurifyArgs) -> Result<()> {
-    let b = backend(&args.device)?;
+    purifier::with_backend!(backend(&args.device)?, b => purify_on(b, args))
+}
+
+fn purify_on<B: Backend>(b: B, args: &PurifyArgs) -> Result<()> {
     check_batch(args.batch)?;
     let images = load_images(&args.inputs, args.count)?;
     let settings = &args.purification;
@@ -272,7 +274,10 @@ fn predict<B: Backend>(b: &B, classifier: &Classifier<B>, images: &ImageBatch, b
 }
 
 pub fn classify(args: &ClassifyArgs) -> Result<()> {
-    let b = backend(&args.device)?;
+    purifier::with_backend!(backend(&args.device)?, b => classify_on(b, args))
+}
+
+fn classify_on<B: Backend>(b: B, args: &ClassifyArgs) -> Result<()> {
     check_batch(args.batch)?;
     let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
     let images = load_images(&args.inputs, args.count)?;
@@ -352,7 +357,10 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
 }
 
 pub fn eps(args: &EpsArgs) -> Result<()> {
-    let b = backend(&args.device)?;
+    purifier::with_backend!(backend(&args.device)?, b => eps_on(b, args))
+}
+
+fn eps_on<B: Backend>(b: B, args: &EpsArgs) -> Result<()> {
     let unet = Unet::from_file(&b, &open_weights(&args.weights, "DDPM UNet weights")?)?;
     let input = TensorFile::open(&args.input)?;
     let (shape, x) = input.get_f32("x")?;
@@ -406,11 +414,20 @@ pub fn eps(args: &EpsArgs) -> Result<()> {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    crate::bench::bench(&backend(&args.device)?, args)
+    purifier::with_backend!(backend(&args.device)?, b => crate::bench::bench(&b, args))
 }
 
 pub fn attack(args: &AttackArgs) -> Result<()> {
-    let b = backend(&args.device)?;
+    // The attacks differentiate through the purification; the CUDA backend has no backward
+    // convolution, GroupNorm or attention yet.
+    let b = match backend(&args.device)? {
+        device::SelectedBackend::Cpu(b) => b,
+        device::SelectedBackend::Cuda(_) => {
+            return Err(Error::Device(
+                "attack needs the backward pass, which runs on the CPU backend only for now: use --device cpu".into(),
+            ))
+        }
+    };
     check_batch(args.batch)?;
     if args.votes == 0 {
         return Err(Error::invalid("--votes must be at least 1 (purifications that judge each image)"));

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use purifier::attack::{AttackSettings, Loss, Method, Norm};
+use purifier::backend::Precision;
 use purifier::device::DeviceChoice;
 use purifier::diffusion::{GradientPath, Guidance, Sampler};
 use purifier::purify::PurifySettings;
@@ -43,9 +44,15 @@ enum Command {
 
 #[derive(Args)]
 pub struct DeviceArgs {
-    /// Where to compute.
+    /// Where to compute: cpu (the f32 reference), cuda (a GPU), emulator (the CUDA backend on the
+    /// project's PTX emulator, no GPU needed, slow), auto (cuda when usable, else cpu; never the
+    /// emulator).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Storage type of the network's activations and convolution weights on the CUDA backend
+    /// (x_t, noise, statistics stay f32); the CPU backend computes in f32 only.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
