@@ -406,11 +406,15 @@ test_device!(attention, attention_op, ALL_DTYPES);
 
 fn noise_is_bit_identical<B: Backend>(b: &B, dtype: Precision) {
     let h = Harness::new(b, dtype, "fill_gaussian");
-    for shape in [vec![2, 3, 5, 7], vec![4099]] {
+    // Noise keyed per image (NHWC and plain layouts; images in any order, the last Philox block
+    // of an image cut short).
+    for (shape, images) in [(vec![2, 3, 5, 7], vec![9.0, 3.0]), (vec![3, 4099], vec![5.0, 0.0, 2.0])] {
         let (mut z, mut z_r) = h.output_as(&shape, Precision::F32);
+        let indices = b.upload(&images, &[images.len()]).unwrap();
+        let indices_r = h.cpu.upload(&images, &[images.len()]).unwrap();
         let seed = h.seed;
-        b.fill_gaussian(&mut z, seed, 7);
-        h.cpu.fill_gaussian(&mut z_r, seed, 7);
+        b.fill_gaussian(&mut z, &indices, seed, 7);
+        h.cpu.fill_gaussian(&mut z_r, &indices_r, seed, 7);
         b.synchronize().unwrap();
         assert_eq!(b.download(&z).unwrap(), z_r.data, "noise of shape {shape:?} differs from the CPU's (seed {seed})");
     }

@@ -751,24 +751,32 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn fill_gaussian(&self, out: &mut CudaTensor, seed: u64, stream: u64) {
-        let n = out.len();
+    fn fill_gaussian(&self, out: &mut CudaTensor, image_indices: &CudaTensor, seed: u64, stream: u64) {
+        let samples = out.shape.first().copied().unwrap_or(0);
+        let ok = self.check_shape(image_indices, &[samples], "fill_gaussian: image_indices")
+            && self.check(image_indices.dtype == Precision::F32, || {
+                format!("fill_gaussian: image_indices must be stored in f32, not {}", image_indices.dtype)
+            });
+        if !ok || out.is_empty() {
+            return;
+        }
+        let sample_len = out.len() / samples;
         let [c, h, w] = match *out.shape() {
             [_, c, h, w] => [c, h, w],
             _ => [1, 1, 1],
         };
         let args = KernelArgs::new()
             .tensor(out)
-            .u64(n as u64)
+            .ptr(image_indices.ptr)
+            .u64(samples as u64)
+            .u64(sample_len as u64)
             .i32(out.is_nhwc() as i32)
             .i32(c as i32)
             .i32(h as i32)
             .i32(w as i32)
             .u64(seed)
             .u64(stream);
-        if n > 0 {
-            self.launch("diffusion.cu", "fill_gaussian", self.grid_for(n.div_ceil(4)), args);
-        }
+        self.launch("diffusion.cu", "fill_gaussian", self.grid_for(samples * sample_len.div_ceil(4)), args);
     }
 
     fn predict_x0_and_mean(
