@@ -2,6 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use purifier::backend::Precision;
 use purifier::device::DeviceChoice;
 use purifier::diffusion::{GradientPath, Guidance, Sampler};
 use purifier::purify::PurifySettings;
@@ -14,6 +15,11 @@ pub struct DeviceArgs {
     /// when a device and NVRTC are present, else cpu, said on standard error).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Storage type of the network's activations and convolution weights on the CUDA backend:
+    /// f32, bf16 or f16 (x_t, the noise, statistics and gradients stay f32). The CPU backend
+    /// computes in f32 and rounds on store.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
 }
 
 /// How the reverse process is guided (METHOD.md section 3).

@@ -17,6 +17,7 @@ use purifier::purify::Purifier;
 
 use super::args::{cli_name, parse_number, DeviceArgs, PurificationArgs};
 use super::backend::backend;
+use purifier::device::SelectedBackend;
 use super::outputs::Outputs;
 use super::pipeline::{
     accuracy, check_batch, load_purification, predict, prediction_caption, purify_in_batches, title_caption,
@@ -139,7 +140,16 @@ impl AttackArgs {
 }
 
 pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
-    let b = backend(&args.device)?;
+    // The attacks differentiate through the purification; the CUDA backend has no backward
+    // GroupNorm or attention yet.
+    let b = match backend(&args.device)? {
+        SelectedBackend::Cpu(b) => b,
+        SelectedBackend::Cuda(_) => {
+            return Err(Error::Device(
+                "attack needs the backward pass, which runs on the CPU backend only for now: use --device cpu".into(),
+            ))
+        }
+    };
     check_batch(args.batch)?;
     if args.votes == 0 {
         return Err(Error::invalid("--votes must be at least 1 (purifications that judge each image)"));

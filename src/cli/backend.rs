@@ -1,15 +1,15 @@
 //! The one place a command gets its backend from `--device`.
-use purifier::backend::Backend;
-use purifier::device;
-use purifier::error::{Error, Result};
+//! Commands run one generic body on whichever backend was selected, through
+//! `purifier::with_backend!`.
+use purifier::device::{self, SelectedBackend};
+use purifier::error::Result;
 
 use super::args::DeviceArgs;
 
-pub(super) fn backend(args: &DeviceArgs) -> Result<impl Backend> {
-    let (backend, note) = device::select(args.device, purifier::backend::Precision::F32)?;
-    let purifier::device::SelectedBackend::Cpu(backend) = backend else {
-        return Err(Error::Device("the commands run on the CPU backend only in this build".into()));
-    };
+/// The backend of `--device` / `--precision` (device.rs decides); a note when the choice was not
+/// literal (`auto` falling back) goes to standard error.
+pub(super) fn backend(args: &DeviceArgs) -> Result<SelectedBackend> {
+    let (backend, note) = device::select(args.device, args.precision)?;
     if let Some(note) = note {
         eprintln!("{note}");
     }

@@ -65,7 +65,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs, progress: Progress) -> Result<()> {
-    bench(&backend(&args.device)?, args, progress)
+    purifier::with_backend!(backend(&args.device)?, b => bench(&b, args, progress))
 }
 
 /// The step index every timed UNet call uses (the middle of purification's range).

@@ -33,7 +33,10 @@ pub struct ClassifyArgs {
 }
 
 pub fn run(args: &ClassifyArgs, progress: Progress) -> Result<()> {
-    let b = backend(&args.device)?;
+    purifier::with_backend!(backend(&args.device)?, b => run_on(b, args, progress))
+}
+
+fn run_on<B: Backend>(b: B, args: &ClassifyArgs, progress: Progress) -> Result<()> {
     check_batch(args.batch)?;
     let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
     let images = load_images(&args.inputs, args.count)?;

@@ -32,7 +32,10 @@ pub struct EpsArgs {
 }
 
 pub fn run(args: &EpsArgs) -> Result<()> {
-    let b = backend(&args.device)?;
+    purifier::with_backend!(backend(&args.device)?, b => run_on(b, args))
+}
+
+fn run_on<B: Backend>(b: B, args: &EpsArgs) -> Result<()> {
     let unet = Unet::from_file(&b, &open_weights(&args.weights, "DDPM UNet weights")?)?;
     let input = TensorFile::open(&args.input)?;
     let (shape, x) = input.get_f32("x")?;

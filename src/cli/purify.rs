@@ -48,7 +48,10 @@ pub struct PurifyArgs {
 }
 
 pub fn run(args: &PurifyArgs, progress: Progress) -> Result<()> {
-    let b = backend(&args.device)?;
+    purifier::with_backend!(backend(&args.device)?, b => run_on(b, args, progress))
+}
+
+fn run_on<B: Backend>(b: B, args: &PurifyArgs, progress: Progress) -> Result<()> {
     check_batch(args.batch)?;
     let images = load_images(&args.inputs, args.count)?;
     let settings = &args.purification;
