@@ -132,3 +132,197 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
 ATTENTION_FORWARD_ENTRIES(f32, float)
 ATTENTION_FORWARD_ENTRIES(f16, f16)
 ATTENTION_FORWARD_ENTRIES(bf16, bf16)
+
+// ==== Backward (attention_backward_*): a separate section, its own constants ====
+//
+// dq, dk, dv += the vector-Jacobian product of the forward (src/backend/cpu/attention.rs
+// `backward` is the reference): with P_ij = exp(s_ij - lse_i) rebuilt from q, k and the saved
+// log-sum-exp (nothing L x L in memory), dP_ij = dout_i . v_j and D_i = dout_i . out_i,
+//   dS_ij = P_ij (dP_ij - D_i),  dq_i += scale sum_j dS_ij k_j,
+//   dk_j += scale sum_i dS_ij q_i,  dv_j += sum_i P_ij dout_i.
+// D_i is a C-long dot product: each block computes it for the queries it visits, at 1/16 of the
+// score work, instead of a pass and a scratch buffer of its own.
+// Version 1, f32 SIMT, any storage type per operand (run-time codes: q, k, v and out share one;
+// dout, dq, dk, dv each their own), accumulators in shared memory so any C fits the block's shared
+// memory (C = 256: 58 KB and 66 KB, above the 48 KB default: the driver opts in). Two kernels, no
+// atomics, every output element written by one thread:
+//   attention_backward_dq    grid (ceil(L/8), N), 128 threads: 8 queries per block, one per
+//                            half-warp; keys stream through shared memory in tiles of 16, lane j of
+//                            a half-warp scores key j; the lane then owns channels lane, lane+16, ...
+//                            of its query's dq accumulator.
+//   attention_backward_dkdv  grid (ceil(L/8), N), 128 threads: 8 keys per block, one per half-warp;
+//                            queries stream in tiles of 16 (q, dout, lse and D), lane i scores query
+//                            i; the lane then owns channels lane, lane+16, ... of its key's dk, dv.
+// No tensor-core version yet.
+namespace attention_backward {
+constexpr int TILE = 16;     // streamed rows per tile = lanes per half-warp
+constexpr int ROWS = 8;      // rows owned per block = half-warps per block
+constexpr int THREADS = 128;
+}  // namespace attention_backward
+
+extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
+    attention_backward_dq(const void* q, const void* k, const void* v, const void* out, int dt_in, const void* dout,
+                          int dt_dout, const float* logsumexp, void* dq, int dt_dq, int positions, int channels,
+                          float scale) {
+    using namespace attention_backward;
+    extern __shared__ __align__(16) float shared[];
+    const int C = channels, stride = C + 1;  // odd row stride: 16 lanes reading 16 rows hit 16 banks
+    float* q_rows = shared;                  // ROWS x C
+    float* dout_rows = q_rows + ROWS * C;    // ROWS x C
+    float* dq_acc = dout_rows + ROWS * C;    // ROWS x C
+    float* k_tile = dq_acc + ROWS * C;       // TILE x stride
+    float* v_tile = k_tile + TILE * stride;  // TILE x stride
+
+    const int tid = threadIdx.x, lane16 = tid % TILE, row_local = tid / TILE;
+    const int n = blockIdx.y;
+    const int query = blockIdx.x * ROWS + row_local;
+    const bool query_valid = query < positions;
+    const long long sample = (long long)n * positions * C;
+
+    for (int i = tid; i < ROWS * C; i += THREADS) {
+        const int row = blockIdx.x * ROWS + i / C;
+        const long long at = sample + (long long)row * C + i % C;
+        q_rows[i] = row < positions ? load_dyn(q, dt_in, at) : 0.0f;
+        dout_rows[i] = row < positions ? load_dyn(dout, dt_dout, at) : 0.0f;
+    }
+    for (int c = lane16; c < C; c += TILE) dq_acc[row_local * C + c] = 0.0f;  // this lane's own slots
+
+    // D_i over the half-warp (xor offsets below 16 stay inside it).
+    float delta = 0.0f;
+    if (query_valid) {
+        const long long row = sample + (long long)query * C;
+        for (int c = lane16; c < C; c += TILE) delta += load_dyn(dout, dt_dout, row + c) * load_dyn(out, dt_in, row + c);
+    }
+    for (int offset = TILE / 2; offset > 0; offset >>= 1) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
+    const float lse = query_valid ? logsumexp[(long long)n * positions + query] : 0.0f;
+
+    const float* q_row = q_rows + row_local * C;
+    const float* dout_row = dout_rows + row_local * C;
+    float* acc = dq_acc + row_local * C;
+    for (int key0 = 0; key0 < positions; key0 += TILE) {
+        __syncthreads();  // the previous tile is consumed (and, the first time, the rows are written)
+        for (int i = tid; i < TILE * C; i += THREADS) {
+            const int row = i / C, c = i % C, key = key0 + row;
+            const long long at = sample + (long long)key * C + c;
+            k_tile[row * stride + c] = key < positions ? load_dyn(k, dt_in, at) : 0.0f;
+            v_tile[row * stride + c] = key < positions ? load_dyn(v, dt_in, at) : 0.0f;
+        }
+        __syncthreads();
+
+        // dS for key key0 + lane16 of this half-warp's query.
+        const float* k_row = k_tile + lane16 * stride;
+        const float* v_row = v_tile + lane16 * stride;
+        float score = 0.0f, dp = 0.0f;
+        for (int c = 0; c < C; ++c) {
+            score = fmaf(q_row[c], k_row[c], score);
+            dp = fmaf(dout_row[c], v_row[c], dp);
+        }
+        const bool inside = query_valid && key0 + lane16 < positions;
+        const float p = inside ? expf(score * scale - lse) : 0.0f;
+        const float ds = p * (dp - delta);
+
+        for (int j = 0; j < TILE; ++j) {
+            const float ds_j = __shfl_sync(0xffffffffu, ds, (tid & TILE) + j);
+            const float* k_j = k_tile + j * stride;
+            for (int c = lane16; c < C; c += TILE) acc[c] = fmaf(ds_j, k_j[c], acc[c]);
+        }
+    }
+
+    if (!query_valid) return;
+    const long long row = sample + (long long)query * C;
+    for (int c = lane16; c < C; c += TILE) store_dyn(dq, dt_dq, row + c, load_dyn(dq, dt_dq, row + c) + scale * acc[c]);
+}
+
+extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
+    attention_backward_dkdv(const void* q, const void* k, const void* v, const void* out, int dt_in,
+                            const void* dout, int dt_dout, const float* logsumexp, void* dk, int dt_dk, void* dv,
+                            int dt_dv, int positions, int channels, float scale) {
+    using namespace attention_backward;
+    extern __shared__ __align__(16) float shared[];
+    const int C = channels, stride = C + 1;
+    float* k_rows = shared;                        // ROWS x C
+    float* v_rows = k_rows + ROWS * C;             // ROWS x C
+    float* dk_acc = v_rows + ROWS * C;             // ROWS x C
+    float* dv_acc = dk_acc + ROWS * C;             // ROWS x C
+    float* q_tile = dv_acc + ROWS * C;             // TILE x stride
+    float* dout_tile = q_tile + TILE * stride;     // TILE x stride
+    float* lse_tile = dout_tile + TILE * stride;   // TILE
+    float* delta_tile = lse_tile + TILE;           // TILE
+
+    const int tid = threadIdx.x, lane16 = tid % TILE, row_local = tid / TILE;
+    const int lane = tid % 32, warp = tid / 32;
+    const int n = blockIdx.y;
+    const int key = blockIdx.x * ROWS + row_local;
+    const bool key_valid = key < positions;
+    const long long sample = (long long)n * positions * C;
+
+    for (int i = tid; i < ROWS * C; i += THREADS) {
+        const int row = blockIdx.x * ROWS + i / C;
+        const long long at = sample + (long long)row * C + i % C;
+        k_rows[i] = row < positions ? load_dyn(k, dt_in, at) : 0.0f;
+        v_rows[i] = row < positions ? load_dyn(v, dt_in, at) : 0.0f;
+    }
+    float* dk_own = dk_acc + row_local * C;
+    float* dv_own = dv_acc + row_local * C;
+    for (int c = lane16; c < C; c += TILE) {
+        dk_own[c] = 0.0f;
+        dv_own[c] = 0.0f;
+    }
+
+    const float* k_row = k_rows + row_local * C;
+    const float* v_row = v_rows + row_local * C;
+    for (int query0 = 0; query0 < positions; query0 += TILE) {
+        __syncthreads();  // the previous tile is consumed (and, the first time, the key rows are written)
+        for (int i = tid; i < TILE * C; i += THREADS) {
+            const int row = i / C, c = i % C, query = query0 + row;
+            const long long at = sample + (long long)query * C + c;
+            q_tile[row * stride + c] = query < positions ? load_dyn(q, dt_in, at) : 0.0f;
+            dout_tile[row * stride + c] = query < positions ? load_dyn(dout, dt_dout, at) : 0.0f;
+        }
+        // lse and D of the tile's queries: warp w takes queries 4w .. 4w + 3.
+        for (int r = 0; r < TILE / (THREADS / 32); ++r) {
+            const int local = warp * (TILE / (THREADS / 32)) + r, query = query0 + local;
+            float d = 0.0f;
+            if (query < positions) {
+                const long long row = sample + (long long)query * C;
+                for (int c = lane; c < C; c += 32) d += load_dyn(dout, dt_dout, row + c) * load_dyn(out, dt_in, row + c);
+            }
+            d = warp_sum(d);
+            if (lane == 0) {
+                delta_tile[local] = d;
+                lse_tile[local] = query < positions ? logsumexp[(long long)n * positions + query] : 0.0f;
+            }
+        }
+        __syncthreads();
+
+        // P and dS of query query0 + lane16 against this half-warp's key.
+        const float* q_row = q_tile + lane16 * stride;
+        const float* dout_row = dout_tile + lane16 * stride;
+        float score = 0.0f, dp = 0.0f;
+        for (int c = 0; c < C; ++c) {
+            score = fmaf(q_row[c], k_row[c], score);
+            dp = fmaf(dout_row[c], v_row[c], dp);
+        }
+        const bool inside = key_valid && query0 + lane16 < positions;
+        const float p = inside ? expf(score * scale - lse_tile[lane16]) : 0.0f;
+        const float ds = p * (dp - delta_tile[lane16]);
+
+        for (int i = 0; i < TILE; ++i) {
+            const float p_i = __shfl_sync(0xffffffffu, p, (tid & TILE) + i);
+            const float ds_i = __shfl_sync(0xffffffffu, ds, (tid & TILE) + i);
+            const float* q_i = q_tile + i * stride;
+            const float* dout_i = dout_tile + i * stride;
+            for (int c = lane16; c < C; c += TILE) {
+                dv_own[c] = fmaf(p_i, dout_i[c], dv_own[c]);
+                dk_own[c] = fmaf(ds_i, q_i[c], dk_own[c]);
+            }
+        }
+    }
+
+    if (!key_valid) return;
+    const long long row = sample + (long long)key * C;
+    for (int c = lane16; c < C; c += TILE) {
+        store_dyn(dk, dt_dk, row + c, load_dyn(dk, dt_dk, row + c) + scale * dk_own[c]);
+        store_dyn(dv, dt_dv, row + c, load_dyn(dv, dt_dv, row + c) + dv_own[c]);
+    }
+}

@@ -14,6 +14,16 @@
 //                            so batch 1 (32 groups) still fills every SM: the host picks chunks;
 //   groupnorm_finalize       one thread per (n, g): merges the chunks into stats;
 //   groupnorm_apply          one thread per output element: normalise, affine, SiLU, one rounding.
+//
+// Backward (src/backend/cpu/norm.rs `backward` is the reference), on one-source x (the caller splits
+// a concat's gradient), stats from the forward, dx ACCUMULATED (dx += ...):
+//   xhat = (x - mean) rstd,  g = dout * silu'(xhat gamma + beta)? * gamma,
+//   dx += rstd (g - mean_group(g) - xhat mean_group(g xhat))
+// Three kernels, the same chunking as the forward (batch 1 fills the device):
+//   groupnorm_backward_partial   grid (chunks, G, N): f32 sums of g and g xhat over a slice of pixels;
+//   groupnorm_backward_finalize  one thread per (n, g): the chunks summed in f64, divided by the group
+//                                size; the two means written over the group's first chunk slot;
+//   groupnorm_backward_apply     one thread per element: dx += ..., one rounding.
 #include "common.cuh"
 
 struct GroupNormShape {
@@ -84,5 +94,83 @@ extern "C" __global__ void groupnorm_apply(const void* a, int dt_a, const void* 
         float y = (load_two_source(a, dt_a, b, dt_b, pixel, c, s) - st[0]) * st[1] * gamma[c] + beta[c];
         if (silu) y = y / (1.0f + expf(-y));
         store_dyn(out, dt_out, i, y);
+    }
+}
+
+// ---- backward ----
+
+// (xhat, g) of element i (NHWC, channel c) of sample n: the normalised input recomputed from x and
+// the saved stats, and the gradient at xhat (through SiLU's derivative when fused).
+__device__ __forceinline__ float2 groupnorm_grad_at(const void* x, int dt_x, const void* dout, int dt_dout,
+                                                    const float* st, const float* gamma, const float* beta,
+                                                    int silu, long long i, int c) {
+    const float xhat = (load_dyn(x, dt_x, i) - st[0]) * st[1];
+    float dy = load_dyn(dout, dt_dout, i);
+    if (silu) {
+        const float y = xhat * gamma[c] + beta[c];
+        const float sig = 1.0f / (1.0f + expf(-y));
+        dy *= sig * (1.0f + y * (1.0f - sig));
+    }
+    return make_float2(xhat, dy * gamma[c]);
+}
+
+extern "C" __global__ void __launch_bounds__(256) groupnorm_backward_partial(
+    const void* x, int dt_x, const void* dout, int dt_dout, const float* stats, const float* gamma,
+    const float* beta, int silu, float* partials, GroupNormShape s) {
+    __shared__ float scratch[32];
+    const int chunk = blockIdx.x, g = blockIdx.y, n = blockIdx.z;
+    const int channels = s.ca, cpg = channels / s.groups;
+    const int per_chunk = (s.pixels + s.chunks - 1) / s.chunks;
+    const int p0 = min(chunk * per_chunk, s.pixels), p1 = min(p0 + per_chunk, s.pixels);
+    const long long count = (long long)(p1 - p0) * cpg;
+    const long long first_pixel = (long long)n * s.pixels + p0;
+    const float* st = stats + ((long long)n * s.groups + g) * 2;
+
+    float sum_g = 0.0f, sum_g_xhat = 0.0f;
+    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
+        const int c = g * cpg + (int)(j % cpg);
+        const long long i = (first_pixel + j / cpg) * channels + c;
+        const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, st, gamma, beta, silu, i, c);
+        sum_g += at.y;
+        sum_g_xhat += at.y * at.x;
+    }
+    sum_g = block_sum(sum_g, scratch);
+    sum_g_xhat = block_sum(sum_g_xhat, scratch);
+    if (threadIdx.x == 0) {
+        float* out = partials + (((long long)n * s.groups + g) * s.chunks + chunk) * 3;
+        out[0] = sum_g;
+        out[1] = sum_g_xhat;
+    }
+}
+
+extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNormShape s) {
+    const long long ng = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (ng >= (long long)s.batch * s.groups) return;
+    double sum_g = 0.0, sum_g_xhat = 0.0;
+    for (int k = 0; k < s.chunks; ++k) {
+        const float* p = partials + (ng * s.chunks + k) * 3;
+        sum_g += p[0];
+        sum_g_xhat += p[1];
+    }
+    const double len = (double)s.pixels * (s.ca / s.groups);
+    float* means = partials + ng * s.chunks * 3;
+    means[0] = (float)(sum_g / len);
+    means[1] = (float)(sum_g_xhat / len);
+}
+
+extern "C" __global__ void groupnorm_backward_apply(const void* x, int dt_x, const void* dout, int dt_dout,
+                                                    const float* stats, const float* gamma, const float* beta,
+                                                    int silu, const float* partials, void* dx, int dt_dx,
+                                                    GroupNormShape s) {
+    const int channels = s.ca, cpg = channels / s.groups;
+    GRID_STRIDE_LOOP(i, (long long)s.batch * s.pixels * channels) {
+        const int c = (int)(i % channels);
+        const long long n = i / channels / s.pixels;
+        const long long ng = n * s.groups + c / cpg;
+        const float* st = stats + ng * 2;
+        const float* means = partials + ng * s.chunks * 3;
+        const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, st, gamma, beta, silu, i, c);
+        const float grad = st[1] * (at.y - means[0] - at.x * means[1]);
+        store_dyn(dx, dt_dx, i, load_dyn(dx, dt_dx, i) + grad);
     }
 }

@@ -97,6 +97,7 @@ impl<'a, B: Backend> Harness<'a, B> {
         let num: f64 = got.iter().zip(&want.data).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
         let den: f64 = want.data.iter().map(|b| (*b as f64).powi(2)).sum();
         let error = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+        println!("  {what}: relative L2 error {error:.2e}");
         assert!(error <= tolerance, "{what}: relative L2 error {error:.3e} over {tolerance:.0e} (seed {})", self.seed);
     }
 }
@@ -348,6 +349,33 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
 }
 test_device!(group_norm, group_norm_op, ALL_DTYPES);
 
+fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "group_norm_backward");
+    // (N, C, groups, H, W): the UNet's 32 groups (at 16x16 and 8x8, batch 1 and 3), one group, an odd size.
+    for (n, c, groups, hh, w) in [(1, 64, 32, 16, 16), (3, 64, 32, 8, 8), (2, 6, 1, 5, 3), (1, 12, 4, 3, 7)] {
+        for silu in [false, true] {
+            let shape = [n, c, hh, w];
+            let (x, xr) = h.input(&shape);
+            let (gamma, gamma_r) = h.input_f32(&[c]);
+            let (beta, beta_r) = h.input_f32(&[c]);
+            // The forward's statistics, as the backward gets them.
+            let (mut out, mut out_r) = h.output(&shape);
+            let (mut stats, mut stats_r) = h.output_as(&[n, groups, 2], Precision::F32);
+            b.group_norm(LayerInput::one(&x), &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+            h.cpu.group_norm(LayerInput::one(&xr), &gamma_r, &beta_r, groups, 1e-6, silu, &mut out_r, &mut stats_r);
+            let what = format!("group_norm_backward {n}x{c}x{hh}x{w}, {groups} groups, silu {silu}");
+            // Gradients are f32 in the plans; one case also stores them in the activation type.
+            let grad_dtype = if c == 12 { dtype } else { Precision::F32 };
+            let (dout, dout_r) = h.input_as(&shape, grad_dtype, 1.0);
+            let (mut dx, mut dx_r) = h.input_as(&shape, grad_dtype, 0.25);
+            b.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, &dout, &mut dx);
+            h.cpu.group_norm_backward(&xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, &mut dx_r);
+            h.check(&format!("{what}: dx accumulated"), &dx, &dx_r);
+        }
+    }
+}
+test_device!(group_norm_backward, group_norm_backward_op, ALL_DTYPES);
+
 fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "conv2d");
     let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
@@ -401,6 +429,36 @@ fn attention_op<B: Backend>(b: &B, dtype: Precision) {
     }
 }
 test_device!(attention, attention_op, ALL_DTYPES);
+
+fn attention_backward_op<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "attention_backward");
+    // (N, C, H, W): 16x16 and 8x8 positions (batch 1 and 3), 15 positions and 40 channels (neither a
+    // multiple of a tile), 256 channels (the UNet's attention width; shared memory above 48 KB).
+    for (n, c, hh, w) in [(1, 64, 16, 16), (3, 32, 8, 8), (2, 40, 3, 5), (1, 256, 4, 5)] {
+        let shape = [n, c, hh, w];
+        let (q, qr) = h.input(&shape);
+        let (k, kr) = h.input(&shape);
+        let (v, vr) = h.input(&shape);
+        // The forward's out and log-sum-exp from the reference, the same values on both backends.
+        let (mut out_r, mut lse_r) = (h.cpu.zeros_as(&shape, dtype).unwrap(), h.cpu.zeros(&[n, hh * w]).unwrap());
+        h.cpu.attention(&qr, &kr, &vr, &mut out_r, &mut lse_r);
+        let out = b.upload_as(&out_r.data, &shape, dtype).unwrap();
+        let lse = b.upload(&lse_r.data, &[n, hh * w]).unwrap();
+        // Gradients are f32 in the plans; one case also stores them in the activation type.
+        let grad_dtype = if c == 40 { dtype } else { Precision::F32 };
+        let (dout, dout_r) = h.input_as(&shape, grad_dtype, 1.0);
+        let (mut dq, mut dq_r) = h.input_as(&shape, grad_dtype, 0.01);
+        let (mut dk, mut dk_r) = h.input_as(&shape, grad_dtype, 0.01);
+        let (mut dv, mut dv_r) = h.input_as(&shape, grad_dtype, 0.01);
+        b.attention_backward(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv);
+        h.cpu.attention_backward(&qr, &kr, &vr, &out_r, &lse_r, &dout_r, &mut dq_r, &mut dk_r, &mut dv_r);
+        let what = format!("attention_backward {n}x{c}x{hh}x{w}");
+        h.check(&format!("{what}: dq accumulated"), &dq, &dq_r);
+        h.check(&format!("{what}: dk accumulated"), &dk, &dk_r);
+        h.check(&format!("{what}: dv accumulated"), &dv, &dv_r);
+    }
+}
+test_device!(attention_backward, attention_backward_op, ALL_DTYPES);
 
 // ---- the sampler's ops ----
 

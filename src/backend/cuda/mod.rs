@@ -6,8 +6,8 @@
 //! `synchronize` (as a GPU reports a kernel fault), and nothing is launched for it.
 //!
 //! Forward ops run on the device. Backward ops: the element-wise ones, the dense layer, pooling,
-//! upsampling, concat and the classifiers' shortcut run here too; `conv2d_backward_input`,
-//! `group_norm_backward` and `attention_backward` are not yet on the CUDA backend and report that
+//! upsampling, concat, the classifiers' shortcut, GroupNorm(+SiLU) and attention (flash-style, f32
+//! SIMT) run here too; `conv2d_backward_input` is not yet on the CUDA backend and reports that
 //! through `synchronize`.
 pub mod attention;
 pub mod compile;
@@ -155,6 +155,18 @@ impl CudaBackend {
         let module = self.modules.module("attention.cu")?;
         let kernels = AttentionKernels::load(self.driver.as_ref(), module)?;
         Ok(self.attention.get_or_init(|| kernels))
+    }
+
+    /// How many pixel chunks GroupNorm's partial-sum kernels split each (sample, group) into: enough
+    /// blocks to fill the device even at batch 1, within the scratch (None: an error stored).
+    fn groupnorm_chunks(&self, n: usize, groups: usize, pixels: usize, op: &str) -> Option<usize> {
+        let target_blocks = self.driver.info().multiprocessors.max(1) as usize * 4;
+        let chunks =
+            target_blocks.div_ceil(n * groups).clamp(1, pixels.max(1)).min((GROUPNORM_PARTIALS / (n * groups)).max(1));
+        let fits = self.check(n * groups * chunks <= GROUPNORM_PARTIALS, || {
+            format!("{op}: batch {n} x {groups} groups exceeds the statistics scratch")
+        });
+        fits.then_some(chunks)
     }
 
     /// (N, C, H, W) of a 4-D tensor, or an error stored.
@@ -408,15 +420,7 @@ impl Backend for CudaBackend {
             return;
         }
         let pixels = h * w;
-        // Enough blocks to fill the device even at batch 1, within the scratch.
-        let target_blocks = self.driver.info().multiprocessors.max(1) as usize * 4;
-        let chunks =
-            target_blocks.div_ceil(n * groups).clamp(1, pixels).min((GROUPNORM_PARTIALS / (n * groups)).max(1));
-        if !self.check(n * groups * chunks <= GROUPNORM_PARTIALS, || {
-            format!("group_norm: batch {n} x {groups} groups exceeds the statistics scratch")
-        }) {
-            return;
-        }
+        let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm") else { return };
         let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks]);
         let b_ptr = x.b.map_or(0, |b| b.ptr);
         let dt = dtype_code(x.a.dtype);
@@ -456,16 +460,54 @@ impl Backend for CudaBackend {
 
     fn group_norm_backward(
         &self,
-        _x: &CudaTensor,
-        _gamma: &CudaTensor,
-        _beta: &CudaTensor,
-        _stats: &CudaTensor,
-        _groups: usize,
-        _silu: bool,
-        _dout: &CudaTensor,
-        _dx: &mut CudaTensor,
+        x: &CudaTensor,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        stats: &CudaTensor,
+        groups: usize,
+        silu: bool,
+        dout: &CudaTensor,
+        dx: &mut CudaTensor,
     ) {
-        self.not_yet("group_norm_backward");
+        let Some([n, c, h, w]) = self.nchw(x, "group_norm_backward: x") else { return };
+        let ok = self
+            .check(groups > 0 && c % groups == 0, || format!("group_norm_backward: {c} channels, {groups} groups"))
+            && self.check_shape(gamma, &[c], "group_norm_backward: gamma")
+            && self.check_shape(beta, &[c], "group_norm_backward: beta")
+            && self.check(gamma.dtype == Precision::F32 && beta.dtype == Precision::F32, || {
+                "group_norm_backward: gamma and beta must be f32".into()
+            })
+            && self.check_shape(stats, &[n, groups, 2], "group_norm_backward: stats")
+            && self.check(stats.dtype == Precision::F32, || "group_norm_backward: stats must be f32".into())
+            && self.check_shape(dout, &x.shape, "group_norm_backward: dout")
+            && self.check_shape(dx, &x.shape, "group_norm_backward: dx");
+        if !ok || x.is_empty() {
+            return;
+        }
+        let pixels = h * w;
+        let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm_backward") else { return };
+        let shape_bytes = groupnorm_shape_bytes([n, pixels, c, 0, groups, chunks]);
+        let inputs = || {
+            KernelArgs::new()
+                .tensor(x)
+                .tensor(dout)
+                .ptr(stats.ptr)
+                .ptr(gamma.ptr)
+                .ptr(beta.ptr)
+                .i32(silu as i32)
+                .ptr(self.groupnorm_partials.ptr)
+        };
+        let grid = LaunchConfig {
+            grid: [chunks as u32, groups as u32, n as u32],
+            block: [256, 1, 1],
+            dynamic_shared_bytes: 0,
+        };
+        self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, inputs().bytes(&shape_bytes));
+        let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).bytes(&shape_bytes);
+        let finalize_grid = LaunchConfig::linear((n * groups).div_ceil(64) as u32, 64);
+        self.launch("groupnorm.cu", "groupnorm_backward_finalize", finalize_grid, finalize);
+        let apply = inputs().tensor(dx).bytes(&shape_bytes);
+        self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len()), apply);
     }
 
     fn conv2d(
@@ -581,17 +623,61 @@ impl Backend for CudaBackend {
 
     fn attention_backward(
         &self,
-        _q: &CudaTensor,
-        _k: &CudaTensor,
-        _v: &CudaTensor,
-        _out: &CudaTensor,
-        _logsumexp: &CudaTensor,
-        _dout: &CudaTensor,
-        _dq: &mut CudaTensor,
-        _dk: &mut CudaTensor,
-        _dv: &mut CudaTensor,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &CudaTensor,
+        logsumexp: &CudaTensor,
+        dout: &CudaTensor,
+        dq: &mut CudaTensor,
+        dk: &mut CudaTensor,
+        dv: &mut CudaTensor,
     ) {
-        self.not_yet("attention_backward");
+        let Some([n, c, h, w]) = self.nchw(q, "attention_backward: q") else { return };
+        let positions = h * w;
+        let ok = self.check_shape(k, &q.shape, "attention_backward: k")
+            && self.check_shape(v, &q.shape, "attention_backward: v")
+            && self.check_shape(out, &q.shape, "attention_backward: out")
+            && self.check_shape(dout, &q.shape, "attention_backward: dout")
+            && self.check_shape(dq, &q.shape, "attention_backward: dq")
+            && self.check_shape(dk, &q.shape, "attention_backward: dk")
+            && self.check_shape(dv, &q.shape, "attention_backward: dv")
+            && self.check_shape(logsumexp, &[n, positions], "attention_backward: logsumexp")
+            && self.check(
+                [k.dtype, v.dtype, out.dtype].iter().all(|&d| d == q.dtype) && logsumexp.dtype == Precision::F32,
+                || "attention_backward: q, k, v and out share one storage type; logsumexp is f32".into(),
+            )
+            && self.check(n <= 65535 && positions <= i32::MAX as usize, || {
+                format!("attention_backward: batch {n} or {positions} positions over the grid limits")
+            });
+        if !ok || q.is_empty() {
+            return;
+        }
+        // kernels/attention.cu, backward section: 8 rows per block, tiles of 16, shared accumulators.
+        const ROWS: usize = 8;
+        const TILE: usize = 16;
+        let shared_floats = |accumulators: usize, extra: usize| ROWS * c * accumulators + 2 * TILE * (c + 1) + extra;
+        let config = |floats: usize| LaunchConfig {
+            grid: [positions.div_ceil(ROWS) as u32, n as u32, 1],
+            block: [128, 1, 1],
+            dynamic_shared_bytes: (floats * 4) as u32,
+        };
+        // The CPU reference's scale, rounded to f32 the same way.
+        let scale = 1.0 / (c as f32).sqrt();
+        let inputs = || {
+            KernelArgs::new()
+                .ptr(q.ptr)
+                .ptr(k.ptr)
+                .ptr(v.ptr)
+                .ptr(out.ptr)
+                .i32(dtype_code(q.dtype))
+                .tensor(dout)
+                .ptr(logsumexp.ptr)
+        };
+        let dq_args = inputs().tensor(dq).i32(positions as i32).i32(c as i32).f32(scale);
+        self.launch("attention.cu", "attention_backward_dq", config(shared_floats(3, 0)), dq_args);
+        let dkdv_args = inputs().tensor(dk).tensor(dv).i32(positions as i32).i32(c as i32).f32(scale);
+        self.launch("attention.cu", "attention_backward_dkdv", config(shared_floats(4, 2 * TILE)), dkdv_args);
     }
 
     fn upsample_nearest2x(&self, x: &CudaTensor, out: &mut CudaTensor) {
