@@ -18,7 +18,7 @@
 //                           phase a lane owns channels lane16, lane16 + 16, ... of its query.
 //                           Shared memory (dynamic): queries 8 x C, a key tile 16 x (C + 1) (odd
 //                           row stride: the 16 lanes reading 16 rows hit 16 banks), a value tile
-//                           16 x C16 (C rounded up to 16, zero-padded). The output accumulator is
+//                           16 x 16*PER_LANE (zero-padded). The output accumulator is
 //                           in registers: the _c4/_c8/_c16 variants hold C <= 64/128/256.
 //                           The fast one for now: no tensor-core version yet.
 #include "common.cuh"
@@ -38,8 +38,8 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
     extern __shared__ __align__(16) float shared[];
     float* q_tile = shared;                                  // QUERIES x C
     float* k_tile = q_tile + QUERIES * channels;             // KEYS x (C + 1)
-    // Value rows padded with zeros to a multiple of 16 channels: every lane reads its PER_LANE slots.
-    const int v_stride = (channels + KEYS - 1) / KEYS * KEYS;
+    // Value rows padded with zeros to KEYS * PER_LANE channels: every lane reads all its PER_LANE slots.
+    const int v_stride = KEYS * PER_LANE;
     float* v_tile = k_tile + KEYS * (channels + 1);          // KEYS x v_stride
 
     const int tid = threadIdx.x;

@@ -5,8 +5,14 @@
 //! exact through every reverse step (`Purifier::input_vjp`); the guidance shift is a constant in
 //! it (BPDA on the guidance only), which reports must say. Robust accuracy is judged by a vote
 //! over several purifications of the final adversarial images.
+//!
+//! Every random draw is keyed per image, by the image's index in the whole input (never its place
+//! in a batch, nor among the images still being attacked): the random start, each EOT draw's
+//! purification noise and each vote's. So is every step of PGD and APGD (step sizes, checkpoints,
+//! best iterates are per image), so an image's adversarial example depends on the seed, the image
+//! and the settings only, not on `--batch` or on the other images.
 use crate::backend::cpu::rng;
-use crate::backend::Backend;
+use crate::backend::{Backend, IMAGE_INDEX_LIMIT};
 use crate::error::{Error, Result};
 use crate::model::classifier::{argmax, log_softmax_at};
 use crate::model::{Classifier, ClassifierPlan};
@@ -169,10 +175,17 @@ impl<'a, B: Backend> Defence<'a, B> {
         })
     }
 
-    /// Logits (host, batch x classes) of C(purify(x)) for one noise draw; pixels in [0, 1].
-    pub fn logits(&self, plan: &mut DefencePlan<B>, pixels: &[f32], noise: NoiseDraw) -> Result<Vec<f32>> {
+    /// Logits (host, batch x classes) of C(purify(x)) for one noise draw; pixels in [0, 1], the
+    /// images numbered `image_indices` in the whole input.
+    pub fn logits(
+        &self,
+        plan: &mut DefencePlan<B>,
+        pixels: &[f32],
+        image_indices: &[u64],
+        noise: NoiseDraw,
+    ) -> Result<Vec<f32>> {
         let b = self.purifier.backend;
-        self.purifier.purify_on_backend(&mut plan.purify, &to_model_range(pixels), noise)?;
+        self.purifier.purify_on_backend(&mut plan.purify, &to_model_range(pixels), image_indices, noise)?;
         self.classifier.forward(b, &mut plan.classifier, plan.purify.output())?;
         b.download(&plan.classifier.logits)
     }
@@ -185,11 +198,12 @@ impl<'a, B: Backend> Defence<'a, B> {
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         loss: Loss,
         noise: NoiseDraw,
     ) -> Result<(Vec<f64>, Vec<bool>, Vec<f32>)> {
         let b = self.purifier.backend;
-        let logits = self.logits(plan, pixels, noise)?;
+        let logits = self.logits(plan, pixels, image_indices, noise)?;
         let k = self.classifier.num_classes;
         let losses = match loss {
             Loss::CrossEntropy => {
@@ -220,22 +234,22 @@ impl<'a, B: Backend> Defence<'a, B> {
     }
 
     /// The loss and gradient at `x` averaged over `settings.eot` draws; `evaluation` numbers the
-    /// estimates of one attack on one batch, so that every draw has its own noise.
+    /// estimates of one attack, so that every draw has its own noise (per image: the draws are
+    /// keyed by `image_indices` too).
     fn eot_estimate(
         &self,
         plan: &mut DefencePlan<B>,
         x: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         settings: &AttackSettings,
-        batch_index: u64,
         evaluation: usize,
     ) -> Result<EotEstimate> {
         let mut estimate = EotEstimate { losses: vec![0.0; labels.len()], correct: 0, gradient: vec![0.0; x.len()] };
         for e in 0..settings.eot {
-            let evaluations = settings.iterations as u64 + 1;
-            let draw = (batch_index * evaluations + evaluation as u64) * settings.eot as u64 + e as u64;
+            let draw = evaluation as u64 * settings.eot as u64 + e as u64;
             let noise = NoiseDraw { seed: settings.seed, draw };
-            let (losses, right, g) = self.loss_gradient(plan, x, labels, settings.loss, noise)?;
+            let (losses, right, g) = self.loss_gradient(plan, x, labels, image_indices, settings.loss, noise)?;
             estimate.gradient.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
             estimate.losses.iter_mut().zip(&losses).for_each(|(a, l)| *a += l / settings.eot as f64);
             estimate.correct += right.iter().filter(|&&c| c).count();
@@ -244,21 +258,22 @@ impl<'a, B: Backend> Defence<'a, B> {
     }
 
     /// How many of `votes` purifications (each its own noise) the classifier gets right, per
-    /// image. `batch_index` separates the batches of a run; the draws never overlap an attack's.
+    /// image (the images numbered `image_indices` in the whole input). The draws never overlap an
+    /// attack's (the seed is salted).
     pub fn correct_votes(
         &self,
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         votes: usize,
         seed: u64,
-        batch_index: u64,
     ) -> Result<Vec<usize>> {
         let mut counts = vec![0; labels.len()];
         let k = self.classifier.num_classes;
         for v in 0..votes as u64 {
-            let noise = NoiseDraw { seed: seed ^ VOTE_SEED_SALT, draw: batch_index * votes as u64 + v };
-            let logits = self.logits(plan, pixels, noise)?;
+            let noise = NoiseDraw { seed: seed ^ VOTE_SEED_SALT, draw: v };
+            let logits = self.logits(plan, pixels, image_indices, noise)?;
             for ((count, row), &label) in counts.iter_mut().zip(logits.chunks(k)).zip(labels) {
                 *count += usize::from(argmax(row) == label as usize);
             }
@@ -266,24 +281,31 @@ impl<'a, B: Backend> Defence<'a, B> {
         Ok(counts)
     }
 
-    /// Attacks one batch (pixels in [0, 1], N x 3 x 32 x 32): returns the adversarial images
-    /// and the attacker's view of each iteration (also given to `progress`).
+    /// Attacks one batch (pixels in [0, 1], N x 3 x 32 x 32; the images numbered
+    /// `image_indices` in the whole input): returns the adversarial images and the attacker's
+    /// view of each iteration (also given to `progress`).
     pub fn attack(
         &self,
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         settings: &AttackSettings,
-        batch_index: u64,
         mut progress: impl FnMut(&AttackTrace),
     ) -> Result<(Vec<f32>, Vec<AttackTrace>)> {
         settings.validate()?;
-        if pixels.len() != plan.batch * IMAGE_LEN || labels.len() != plan.batch {
+        if pixels.len() != plan.batch * IMAGE_LEN || labels.len() != plan.batch || image_indices.len() != plan.batch {
             return Err(Error::invalid(format!(
-                "the attack got {} pixel values and {} labels for a batch of {}",
+                "the attack got {} pixel values, {} labels and {} image indices for a batch of {}",
                 pixels.len(),
                 labels.len(),
+                image_indices.len(),
                 plan.batch
+            )));
+        }
+        if let Some(&bad) = image_indices.iter().find(|&&g| g >= IMAGE_INDEX_LIMIT) {
+            return Err(Error::invalid(format!(
+                "image index {bad} is too large: a run holds at most {IMAGE_INDEX_LIMIT} images"
             )));
         }
         if let Some(bad) = pixels.iter().find(|p| !(0.0..=1.0).contains(*p)) {
@@ -297,7 +319,7 @@ impl<'a, B: Backend> Defence<'a, B> {
         }
         let mut start = pixels.to_vec();
         if settings.random_start {
-            let offsets = random_start(settings, plan.batch, batch_index);
+            let offsets = random_start(settings, image_indices);
             start.iter_mut().zip(&offsets).for_each(|(p, d)| *p += d);
             project(&mut start, pixels, settings);
         }
@@ -320,14 +342,14 @@ impl<'a, B: Backend> Defence<'a, B> {
                 let steps = vec![settings.step_size; plan.batch];
                 for iteration in 0..settings.iterations {
                     let started = std::time::Instant::now();
-                    let estimate = self.eot_estimate(plan, &x, labels, settings, batch_index, iteration)?;
+                    let estimate = self.eot_estimate(plan, &x, labels, image_indices, settings, iteration)?;
                     ascend(&mut x, &estimate.gradient, &steps, settings.norm);
                     project(&mut x, pixels, settings);
                     record(iteration, &estimate, started);
                 }
                 x
             }
-            Method::Apgd => self.apgd(plan, pixels, start, labels, settings, batch_index, &mut record)?,
+            Method::Apgd => self.apgd(plan, pixels, start, labels, image_indices, settings, &mut record)?,
         };
         Ok((adversarial, traces))
     }
@@ -341,8 +363,8 @@ impl<'a, B: Backend> Defence<'a, B> {
         origin: &[f32],
         start: Vec<f32>,
         labels: &[u8],
+        image_indices: &[u64],
         settings: &AttackSettings,
-        batch_index: u64,
         record: &mut impl FnMut(usize, &EotEstimate, std::time::Instant),
     ) -> Result<Vec<f32>> {
         const MOMENTUM: f32 = 0.75;
@@ -351,7 +373,7 @@ impl<'a, B: Backend> Defence<'a, B> {
         let checkpoints = apgd_checkpoints(settings.iterations);
         let mut step = vec![2.0 * settings.eps; n];
         let started = std::time::Instant::now();
-        let first = self.eot_estimate(plan, &start, labels, settings, batch_index, 0)?;
+        let first = self.eot_estimate(plan, &start, labels, image_indices, settings, 0)?;
         let mut x = start;
         let mut previous = x.clone();
         let (mut best, mut best_loss, mut best_gradient) = (x.clone(), first.losses.clone(), first.gradient.clone());
@@ -376,7 +398,7 @@ impl<'a, B: Backend> Defence<'a, B> {
             project(&mut next, origin, settings);
             previous = std::mem::replace(&mut x, next);
 
-            let estimate = self.eot_estimate(plan, &x, labels, settings, batch_index, iteration + 1)?;
+            let estimate = self.eot_estimate(plan, &x, labels, image_indices, settings, iteration + 1)?;
             for i in 0..n {
                 let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
                 increases[i] += usize::from(estimate.losses[i] > last_loss[i]);
@@ -482,31 +504,35 @@ fn project(x: &mut [f32], origin: &[f32], settings: &AttackSettings) {
     x.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
 }
 
-/// The random start's offsets, from the noise generator (stream counted down from the top, so
-/// it never meets a purification's streams).
-fn random_start(settings: &AttackSettings, batch: usize, batch_index: u64) -> Vec<f32> {
-    let stream = u64::MAX - batch_index;
-    let blocks = (batch * IMAGE_LEN).div_ceil(4) as u64;
-    match settings.norm {
-        Norm::Linf => (0..blocks)
-            .flat_map(|i| rng::uniform_block(settings.seed, stream, i))
-            .take(batch * IMAGE_LEN)
-            .map(|u| settings.eps * (2.0 * u - 1.0))
-            .collect(),
-        Norm::L2 => {
-            let mut offsets: Vec<f32> = (0..blocks)
-                .flat_map(|i| rng::gaussian_block(settings.seed, stream, i))
-                .take(batch * IMAGE_LEN)
-                .collect();
-            for (n, d) in offsets.chunks_mut(IMAGE_LEN).enumerate() {
-                let u = rng::uniform_block(settings.seed, stream - (1 << 32), (n / 4) as u64)[n % 4];
+/// The generator's streams of the random start, counted down from the top so that they never
+/// meet a purification's (`NoiseDraw::stream` counts up from 0).
+const RANDOM_START_STREAM: u64 = u64::MAX;
+const RANDOM_START_RADIUS_STREAM: u64 = u64::MAX - 1;
+
+/// The random start's offsets, per image from its own index: uniform in the l_inf ball, or a
+/// Gaussian direction scaled to a uniform radius in the l_2 ball.
+fn random_start(settings: &AttackSettings, image_indices: &[u64]) -> Vec<f32> {
+    let blocks = IMAGE_LEN.div_ceil(4) as u32;
+    let mut offsets = Vec::with_capacity(image_indices.len() * IMAGE_LEN);
+    for &image in image_indices {
+        let image = image as u32; // below IMAGE_INDEX_LIMIT: checked by `attack`
+        let draw = |stream, block| match settings.norm {
+            Norm::Linf => rng::uniform_block(settings.seed, stream, image, block),
+            Norm::L2 => rng::gaussian_block(settings.seed, stream, image, block),
+        };
+        let mut d: Vec<f32> = (0..blocks).flat_map(|i| draw(RANDOM_START_STREAM, i)).take(IMAGE_LEN).collect();
+        match settings.norm {
+            Norm::Linf => d.iter_mut().for_each(|u| *u = settings.eps * (2.0 * *u - 1.0)),
+            Norm::L2 => {
+                let u = rng::uniform_block(settings.seed, RANDOM_START_RADIUS_STREAM, image, 0)[0];
                 let radius = u as f64 * settings.eps as f64;
-                let k = (radius / l2_norm(d).max(1e-12)) as f32;
+                let k = (radius / l2_norm(&d).max(1e-12)) as f32;
                 d.iter_mut().for_each(|v| *v *= k);
             }
-            offsets
         }
+        offsets.extend_from_slice(&d);
     }
+    offsets
 }
 
 fn l2_norm(v: &[f32]) -> f64 {

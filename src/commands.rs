@@ -21,7 +21,10 @@ use purifier::purify::{Purifier, PurifyPlan, PurifyReport};
 use crate::{AttackArgs, BenchArgs, ClassifyArgs, DeviceArgs, EpsArgs, InspectArgs, PurificationArgs, PurifyArgs};
 
 fn backend(args: &DeviceArgs) -> Result<impl Backend> {
-    let (backend, note) = device::select(args.device)?;
+    let (backend, note) = device::select(args.device, purifier::backend::Precision::F32)?;
+    let purifier::device::SelectedBackend::Cpu(backend) = backend else {
+        return Err(Error::Device("the commands run on the CPU backend only in this build".into()));
+    };
     if let Some(note) = note {
         eprintln!("{note}");
     }
@@ -35,8 +38,9 @@ fn check_batch(batch: usize) -> Result<()> {
     Ok(())
 }
 
-/// Purifies `images` in batches of at most `batch` (each batch its own noise draw) and returns
-/// x_0 in [-1, 1]; `on_batch(index, images, report, seconds)` after each batch.
+/// Purifies `images` in batches of at most `batch` and returns x_0 in [-1, 1] (each image's noise
+/// keyed by its index, so the batch size changes nothing); `on_batch(index, images, report,
+/// seconds)` after each batch.
 fn purify_in_batches<B: Backend>(
     purifier: &Purifier<B>,
     images: &ImageBatch,
@@ -53,7 +57,7 @@ fn purify_in_batches<B: Backend>(
             plan = Some(purifier.plan(n)?);
         }
         let started = Instant::now();
-        let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, index as u64)?;
+        let (out, report) = purifier.purify(plan.as_mut().unwrap(), chunk, (index * batch) as u64)?;
         purified.extend_from_slice(&out);
         on_batch(index, n, &report, started.elapsed().as_secs_f64());
     }
@@ -461,14 +465,16 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
     for (index, chunk) in images.pixels.chunks(args.batch * per_image).enumerate() {
         let n = chunk.len() / per_image;
         let chunk_labels = &labels[index * args.batch..index * args.batch + n];
+        // Each image's index in the whole input keys all its noise, attacked or judged.
+        let chunk_indices: Vec<u64> = (index * args.batch..index * args.batch + n).map(|g| g as u64).collect();
         let batch_started = Instant::now();
         let clean = defence.correct_votes(
             plan_for(&mut plans, &defence, n)?,
             chunk,
             chunk_labels,
+            &chunk_indices,
             args.votes,
             first.seed,
-            index as u64,
         )?;
         // Each image keeps the attack result the judges found hardest (its clean self, if it
         // was already misclassified: such images are not attacked).
@@ -482,9 +488,10 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
             let pixels: Vec<f32> =
                 alive.iter().flat_map(|&i| chunk[i * per_image..(i + 1) * per_image].to_vec()).collect();
             let alive_labels: Vec<u8> = alive.iter().map(|&i| chunk_labels[i]).collect();
+            let alive_indices: Vec<u64> = alive.iter().map(|&i| chunk_indices[i]).collect();
             let plan = plan_for(&mut plans, &defence, alive.len())?;
             let name = stage.name();
-            let (x, trace) = defence.attack(plan, &pixels, &alive_labels, stage, index as u64, |t| {
+            let (x, trace) = defence.attack(plan, &pixels, &alive_labels, &alive_indices, stage, |t| {
                 eprintln!(
                     "  batch {index} {name} after {} steps: loss {:.4}, accuracy over the EOT draws {:.1}%, {:.2} s",
                     t.iteration,
@@ -493,7 +500,7 @@ pub fn attack(args: &AttackArgs) -> Result<()> {
                     t.seconds
                 )
             })?;
-            let judged = defence.correct_votes(plan, &x, &alive_labels, args.votes, first.seed, index as u64)?;
+            let judged = defence.correct_votes(plan, &x, &alive_labels, &alive_indices, args.votes, first.seed)?;
             for (j, &i) in alive.iter().enumerate() {
                 if judged[j] <= votes[i] {
                     votes[i] = judged[j];

@@ -23,7 +23,8 @@ use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, Precision};
-use purifier::driver::{DevicePtr, Driver};
+use purifier::driver::emulated::EmulatedDriver;
+use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
 
 const ARCHITECTURES: [&str; 3] = ["sm_80", "sm_87", "sm_90"];
 
@@ -46,7 +47,8 @@ fn compile_ptx(file: &str, arch: &'static str) -> String {
 
 fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
     vec![
-        ("conv2d.cu", conv::kernel_names(), conv::HOT_KERNELS),
+        ("conv2d.cu", conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS),
+        ("conv2d_mma.cu", conv::mma_kernel_names(), conv::MMA_HOT_KERNELS),
         ("attention.cu", attention::kernel_names(), attention::HOT_KERNELS),
     ]
 }
@@ -320,6 +322,21 @@ pub fn conv_cases() -> Vec<ConvCase> {
             relu: true,
             ..ConvCase::new("every epilogue term", 1, 5, 20, 70, 3, same1)
         },
+        // Full-size layers: cifar10-small level 0 (64 channels at 32x32), cifar10 level 1 on a skip
+        // concat (256 + 256 -> 256 at 16x16), cifar10-small's last upsample (64 at 16x16 -> 32x32).
+        ConvCase {
+            channel_bias: true,
+            ..ConvCase::new("full size: 3x3 64 -> 64 at 32x32 + temb", 2, 32, 64, 64, 3, same1)
+        },
+        ConvCase {
+            channels_b: 256,
+            residual: true,
+            ..ConvCase::new("full size: 1x1 concat 256+256 -> 256 at 16x16", 1, 16, 256, 256, 1, same0)
+        },
+        ConvCase {
+            upsample: true,
+            ..ConvCase::new("full size: upsample 16 -> 32, 3x3 64 -> 64", 1, 16, 64, 64, 3, same1)
+        },
     ]
 }
 
@@ -427,7 +444,14 @@ pub fn check_conv(
         residual: c.residual.then_some(&res_t),
         relu: c.relu,
     };
-    cpu.conv2d(&x_t, &w_t, c.bias.then_some(&bias_t), c.geometry, epilogue, &mut out_t);
+    cpu.conv2d(
+        purifier::backend::LayerInput::one(&x_t),
+        &w_t,
+        c.bias.then_some(&bias_t),
+        c.geometry,
+        epilogue,
+        &mut out_t,
+    );
     let mut reference = cpu.download(&out_t).unwrap();
     if out_dtype != Precision::F32 {
         // What the device can at best store.
@@ -447,6 +471,7 @@ pub fn attention_cases() -> Vec<(&'static str, usize, usize, usize)> {
         ("4x4 (middle), C 256", 3, 16, 256),
         ("odd: 7x5 positions, C 40", 3, 35, 40),
         ("8x8, C 128", 1, 64, 128),
+        ("full size: 16x16, C 256 (cifar10)", 2, 256, 256),
     ]
 }
 
@@ -589,16 +614,28 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
     }
 }
 
-// The device checks run on the PTX emulator (and on a GPU when one is present) once its driver
-// lands; see `emulator_*` below.
-#[allow(dead_code)]
+// ---------------------------------------------------------------------------------------------
+// On the PTX emulator (always, in CI) with its sanitizers on.
+
+fn emulated_module(file: &str) -> (EmulatedDriver, Module) {
+    let driver = EmulatedDriver::new();
+    let ptx = compile_ptx(file, "sm_80");
+    let module = driver.load_module(ModuleImage::Ptx(&ptx)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    (driver, module)
+}
+
 fn run_conv_checks(driver: &dyn Driver, kernels: &Conv2dKernels, version: Conv2dVersion, dtypes: [Precision; 3]) {
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for case in conv_cases() {
+        let start = std::time::Instant::now();
         let err = check_conv(driver, kernels, &case, version, dtypes, seed);
         let tol = tolerance(&dtypes);
-        println!("conv {version:?} {dtypes:?} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed})", case.name);
+        println!(
+            "conv {version:?} {dtypes:?} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            case.name,
+            start.elapsed().as_secs_f64()
+        );
         if !(err <= tol) {
             failures.push(format!("{}: {err:e}", case.name));
         }
@@ -606,20 +643,75 @@ fn run_conv_checks(driver: &dyn Driver, kernels: &Conv2dKernels, version: Conv2d
     assert!(failures.is_empty(), "conv {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}");
 }
 
-#[allow(dead_code)]
 fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, dtype: Precision) {
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for case in attention_cases() {
+        let start = std::time::Instant::now();
         let (out_err, lse_err) = check_attention(driver, kernels, case, dtype, seed);
         let tol = tolerance(&[dtype]);
         println!(
-            "attention {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed})",
-            case.0
+            "attention {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            case.0,
+            start.elapsed().as_secs_f64()
         );
         if !(out_err <= tol && lse_err <= 1e-5) {
             failures.push(format!("{}: out {out_err:e}, lse {lse_err:e}", case.0));
         }
     }
     assert!(failures.is_empty(), "attention {dtype} (seed {seed}) over tolerance: {failures:?}");
+}
+
+#[test]
+fn emulator_conv_f32_every_fusion() {
+    let (driver, module) = emulated_module("conv2d.cu");
+    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::F32; 3]);
+}
+
+#[test]
+fn emulator_attention_f32() {
+    let (driver, module) = emulated_module("attention.cu");
+    let kernels = AttentionKernels::load(&driver, module).unwrap();
+    run_attention_checks(&driver, &kernels, Precision::F32);
+}
+
+#[test]
+#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
+fn emulator_conv_simt_bf16_and_f16() {
+    let (driver, module) = emulated_module("conv2d.cu");
+    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::Bf16; 3]);
+    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::F16; 3]);
+}
+
+#[test]
+#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
+fn emulator_attention_bf16_and_f16() {
+    let (driver, module) = emulated_module("attention.cu");
+    let kernels = AttentionKernels::load(&driver, module).unwrap();
+    run_attention_checks(&driver, &kernels, Precision::Bf16);
+    run_attention_checks(&driver, &kernels, Precision::F16);
+}
+
+/// Every storage-type combination the tensor-core kernels serve: 16-bit throughout (cp.async
+/// loader where the channels allow, gather otherwise), f32 input (conv_in), f32 output (conv_out).
+fn tensor_core_dtype_sets() -> Vec<[Precision; 3]> {
+    let mut sets = Vec::new();
+    for w in [Precision::Bf16, Precision::F16] {
+        sets.extend([[w, w, w], [Precision::F32, w, w], [w, w, Precision::F32], [Precision::F32, w, Precision::F32]]);
+    }
+    sets
+}
+
+#[test]
+#[ignore = "needs the emulator's mma.sync, ldmatrix and cp.async (wt-emu: not yet)"]
+fn emulator_conv_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
+    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    for dtypes in tensor_core_dtype_sets() {
+        run_conv_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
+    }
 }

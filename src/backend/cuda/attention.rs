@@ -94,7 +94,8 @@ impl AttentionLaunch {
         let variant = CHANNEL_VARIANTS.into_iter().find(|&v| v >= per_lane).unwrap_or(16);
         let name = format!("attention_forward_{}_c{variant}", dtype_name(self.dtype));
         let c = self.channels;
-        let v_stride = c.div_ceil(KEYS_PER_TILE) * KEYS_PER_TILE;
+        // Value rows are padded to the variant's register slots (kernels/attention.cu).
+        let v_stride = KEYS_PER_TILE * variant;
         let shared_floats = QUERIES_PER_BLOCK * c + KEYS_PER_TILE * (c + 1) + KEYS_PER_TILE * v_stride;
         let config = LaunchConfig {
             grid: [self.positions.div_ceil(QUERIES_PER_BLOCK) as u32, self.batch as u32, 1],

@@ -191,13 +191,14 @@ fn dtype_name(d: Precision) -> &'static str {
     }
 }
 
-/// Every kernel name in conv2d.cu.
-pub fn kernel_names() -> Vec<String> {
-    let mut names = vec![
-        "conv2d_simt_f32_f32_f32".to_string(),
-        "conv2d_simt_bf16_bf16_bf16".into(),
-        "conv2d_simt_f16_f16_f16".into(),
-    ];
+/// The kernel names of conv2d.cu (version 1, plain instructions).
+pub fn simt_kernel_names() -> Vec<String> {
+    ["f32", "bf16", "f16"].iter().map(|d| format!("conv2d_simt_{d}_{d}_{d}")).collect()
+}
+
+/// The kernel names of conv2d_mma.cu (version 2, tensor cores).
+pub fn mma_kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
     for w in ["bf16", "f16"] {
         for out in [w, "f32"] {
             names.push(format!("conv2d_mma_{w}_{w}_{out}"));
@@ -210,27 +211,41 @@ pub fn kernel_names() -> Vec<String> {
 }
 
 /// The kernels hot enough that ptxas must not spill in them.
-pub const HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32", "conv2d_mma_bf16_bf16_bf16", "conv2d_mma_f16_f16_f16"];
+pub const SIMT_HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32"];
+pub const MMA_HOT_KERNELS: &[&str] = &["conv2d_mma_bf16_bf16_bf16", "conv2d_mma_f16_f16_f16"];
 
-/// The functions of a loaded conv2d.cu module, looked up once.
+/// The functions of the loaded convolution modules, looked up once: conv2d.cu always,
+/// conv2d_mma.cu when the device runs tensor-core code (not the PTX emulator before it has
+/// mma/ldmatrix/cp.async).
 pub struct Conv2dKernels {
     functions: Vec<(String, Function)>,
+    tensor_cores: bool,
 }
 
 impl Conv2dKernels {
-    pub fn load(driver: &dyn Driver, module: Module) -> Result<Self> {
-        let functions = kernel_names()
-            .into_iter()
-            .map(|name| Ok((name.clone(), driver.function(module, &name)?)))
-            .collect::<Result<_>>()?;
-        Ok(Self { functions })
+    pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<Module>) -> Result<Self> {
+        let mut functions = Vec::new();
+        for name in simt_kernel_names() {
+            functions.push((name.clone(), driver.function(simt_module, &name)?));
+        }
+        if let Some(module) = mma_module {
+            for name in mma_kernel_names() {
+                functions.push((name.clone(), driver.function(module, &name)?));
+            }
+        }
+        Ok(Self { functions, tensor_cores: mma_module.is_some() })
+    }
+    /// Whether the tensor-core kernels are loaded.
+    pub fn has_tensor_cores(&self) -> bool {
+        self.tensor_cores
     }
     fn get(&self, name: &str) -> Result<Function> {
-        self.functions
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, f)| *f)
-            .ok_or_else(|| Error::invalid(format!("conv2d: no kernel `{name}` in the loaded module")))
+        self.functions.iter().find(|(n, _)| n == name).map(|(_, f)| *f).ok_or_else(|| {
+            Error::invalid(format!(
+                "conv2d: kernel `{name}` is not loaded{}",
+                if self.tensor_cores { "" } else { " (conv2d_mma.cu, the tensor-core module, was not loaded)" }
+            ))
+        })
     }
 }
 
@@ -272,10 +287,15 @@ fn plan(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<(String, LaunchCo
     Ok((name, config))
 }
 
-/// Runs the convolution with the fastest kernel for its storage types (tensor cores for bf16/f16
-/// weights, the SIMT kernel for f32).
+/// Runs the convolution with the fastest loaded kernel for its storage types: tensor cores for
+/// bf16/f16 weights, the SIMT kernel for f32 (and for bf16/f16 throughout when conv2d_mma.cu is
+/// not loaded).
 pub fn launch_conv2d(driver: &dyn Driver, kernels: &Conv2dKernels, args: &Conv2dLaunch) -> Result<()> {
-    let version = if args.weight_dtype == Precision::F32 { Conv2dVersion::Simt } else { Conv2dVersion::TensorCore };
+    let version = if args.weight_dtype == Precision::F32 || !kernels.has_tensor_cores() {
+        Conv2dVersion::Simt
+    } else {
+        Conv2dVersion::TensorCore
+    };
     launch_conv2d_version(driver, kernels, args, version)
 }
 

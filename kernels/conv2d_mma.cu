@@ -1,0 +1,331 @@
+// conv2d_mma.cu: the convolution of conv2d.cu (same semantics, layout and parameters: read its
+// head comment) on the tensor cores. THE FAST ONE for f16/bf16 weights.
+//
+// Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
+//   conv2d_mma_<in>_<w>_<out>         mma.sync.aligned.m16n8k16 (f16 or bf16 operands, f32 accumulation),
+//                                      ldmatrix from padded (conflict-free) shared tiles, a 3-stage
+//                                      cp.async pipeline; 128 positions x 64 channels x 32 k per block,
+//                                      4 warps of 64 x 32. Inputs in the operand type with Ca, Cb
+//                                      multiples of 8 and 16-byte aligned tensors (the launcher checks):
+//                                      16-byte cp.async, 8 channels at a time.
+//   conv2d_mma_gather_<in>_<w>_<out>  the same with element-wise loads, rounded once to the operand
+//                                      type and stored to shared: f32 inputs (conv_in reads x_t in
+//                                      f32), channel counts like 3.
+// Precision: inputs rounded once to bf16/f16 (the operand type), f32 accumulation, the epilogue in
+// f32, one rounding to the output's type (f32 output for conv_out's eps).
+// Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16.
+#include "common.cuh"
+
+// ---- the index helpers of conv2d.cu (kept in step with it) ----
+// Everything one convolution needs, as kernel parameters (all 32-bit: the launcher checks that
+// every tensor has fewer than 2^31 elements).
+struct ConvParams {
+    int batch, in_h, in_w;      // stored input size (before the folded upsample)
+    int ca, cb;                 // channels from a and from b (cb = 0: no concat)
+    int upsample_shift;         // 1: nearest x2 upsample folded in, 0: none
+    int out_channels, kh, kw;   // weights [out_channels][kh][kw][ca + cb]
+    int stride, pad_top, pad_left;
+    int out_h, out_w;
+    int relu;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The epilogue of one output element: bias, time-embedding bias, residual, ReLU, one rounding.
+template <typename OutT>
+__device__ __forceinline__ float conv_epilogue_value(float acc, int m, int n, int co, const ConvParams& p,
+                                                     const float* __restrict__ bias,
+                                                     const float* __restrict__ channel_bias,
+                                                     const OutT* __restrict__ residual) {
+    float v = acc;
+    if (bias) v += bias[co];
+    if (channel_bias) v += channel_bias[n * p.out_channels + co];
+    if (residual) v += to_float(residual[m * p.out_channels + co]);
+    if (p.relu) v = fmaxf(v, 0.0f);
+    return v;
+}
+
+// Where output position m reads its input: sample, and the top-left input pixel of its window
+// (in the logical, possibly upsampled, input; may be negative: padding).
+struct ConvRow {
+    int n, iy0, ix0;
+    bool valid;
+};
+
+__device__ __forceinline__ ConvRow conv_row(int m, const ConvParams& p) {
+    ConvRow r;
+    const int plane = p.out_h * p.out_w;
+    const int positions = p.batch * plane;
+    r.valid = m < positions;
+    const int mm = r.valid ? m : 0;
+    r.n = mm / plane;
+    const int rest = mm - r.n * plane;
+    const int oy = rest / p.out_w;
+    const int ox = rest - oy * p.out_w;
+    r.iy0 = oy * p.stride - p.pad_top;
+    r.ix0 = ox * p.stride - p.pad_left;
+    return r;
+}
+
+// Element (row, k) of the implicit A matrix, as float; zero in the padding and past K.
+template <typename InT>
+__device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, int ci, bool k_valid,
+                                             const ConvParams& p, const InT* __restrict__ a,
+                                             const InT* __restrict__ b) {
+    const int iy = r.iy0 + ky, ix = r.ix0 + kx;
+    const int logical_h = p.in_h << p.upsample_shift, logical_w = p.in_w << p.upsample_shift;
+    if (!r.valid || !k_valid || iy < 0 || ix < 0 || iy >= logical_h || ix >= logical_w) return 0.0f;
+    const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
+    return ci < p.ca ? to_float(a[pixel * p.ca + ci]) : to_float(b[pixel * p.cb + (ci - p.ca)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Version 2: tensor cores. Inline PTX for ldmatrix, mma.sync and cp.async.
+namespace mma {
+constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
+// Shared rows of BK + 8 halves (80 bytes): the 8 rows one ldmatrix reads start in distinct bank
+// groups (80 / 4 = 20 words apart), and every row stays 16-byte aligned for cp.async.
+constexpr int ROW = BK + 8;
+constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
+constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
+}  // namespace mma
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes global -> shared, asynchronously; `bytes` = 0 writes zeros (padding, past the edges).
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+template <typename T>
+struct MmaOp;
+template <>
+struct MmaOp<bf16> {
+    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned short round(float x) { return from_float<bf16>(x).bits; }
+};
+template <>
+struct MmaOp<f16> {
+    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned short round(float x) { return from_float<f16>(x).bits; }
+};
+
+// One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: inputs in the operand type with
+// 8-channel groups that never straddle a tap or the a/b boundary (Ca, Cb multiples of 8): 16-byte
+// cp.async. Otherwise element-wise loads, rounded to the operand type, stored to shared.
+template <bool VECTOR, typename InT, typename WT>
+__device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsigned short* b_stage, int k0,
+                                                   const ConvRow (&rows)[4], int tid, int m_local0,
+                                                   int n_block, const ConvParams& p, const InT* __restrict__ a,
+                                                   const InT* __restrict__ b, const WT* __restrict__ w) {
+    using namespace mma;
+    const int ci_total = p.ca + p.cb;
+    const int k_total = p.kh * p.kw * ci_total;
+    const int logical_h = p.in_h << p.upsample_shift, logical_w = p.in_w << p.upsample_shift;
+    if constexpr (VECTOR) {
+        // A: 128 rows x 4 chunks of 8; thread: chunk tid % 4, rows tid / 4 + 32 i.
+        const int chunk = tid % 4;
+        const int k = k0 + chunk * 8;
+        const bool k_valid = k < k_total;
+        const int tap = k_valid ? k / ci_total : 0;
+        const int ci = k_valid ? k - tap * ci_total : 0;
+        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const ConvRow& r = rows[i];
+            const int iy = r.iy0 + ky, ix = r.ix0 + kx;
+            const bool inside = r.valid && k_valid && iy >= 0 && ix >= 0 && iy < logical_h && ix < logical_w;
+            const void* src = a;
+            if (inside) {
+                const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
+                src = ci < p.ca ? (const void*)(a + pixel * p.ca + ci) : (const void*)(b + pixel * p.cb + (ci - p.ca));
+            }
+            const int row = m_local0 + 32 * i;
+            cp_async_16(shared_address(a_stage + row * ROW + chunk * 8), src, inside ? 16 : 0);
+        }
+        // B: 64 rows (output channels) x 4 chunks; thread: chunk tid % 4, rows tid / 4 + 32 i.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = tid / 4 + 32 * i;
+            const int co = n_block + row;
+            const bool inside = k_valid && co < p.out_channels;
+            const void* src = inside ? (const void*)(w + co * k_total + k) : (const void*)w;
+            cp_async_16(shared_address(b_stage + row * ROW + chunk * 8), src, inside ? 16 : 0);
+        }
+    } else {
+        // Element-wise: thread handles k column tid % 32 for rows tid / 32 + 4 i.
+        const int kc = tid % BK;
+        const int k = k0 + kc;
+        const bool k_valid = k < k_total;
+        const int tap = k_valid ? k / ci_total : 0;
+        const int ci = k_valid ? k - tap * ci_total : 0;
+        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+        for (int row = tid / BK; row < BM; row += THREADS / BK) {
+            const ConvRow r = conv_row(blockIdx.x * BM + row, p);
+            a_stage[row * ROW + kc] = MmaOp<WT>::round(conv_gather(r, ky, kx, ci, k_valid, p, a, b));
+        }
+        for (int row = tid / BK; row < BN; row += THREADS / BK) {
+            const int co = n_block + row;
+            const bool inside = k_valid && co < p.out_channels;
+            b_stage[row * ROW + kc] = inside ? w[co * k_total + k].bits : (unsigned short)0;
+        }
+    }
+}
+
+template <bool VECTOR, typename InT, typename WT, typename OutT>
+__device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT* __restrict__ b,
+                                           const WT* __restrict__ w, const float* __restrict__ bias,
+                                           const float* __restrict__ channel_bias,
+                                           const OutT* __restrict__ residual, OutT* __restrict__ out,
+                                           const ConvParams p) {
+    using namespace mma;
+    __shared__ __align__(128) unsigned short a_tiles[STAGES][BM * ROW];
+    __shared__ __align__(128) unsigned short b_tiles[STAGES][BN * ROW];
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int warp_m = warp % 2, warp_n = warp / 2;
+    const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
+    const int k_total = p.kh * p.kw * (p.ca + p.cb);
+    const int k_tiles = (k_total + BK - 1) / BK;
+
+    // The vector loader's rows, fixed for the whole K loop.
+    const int m_local0 = tid / 4;
+    ConvRow rows[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) rows[i] = conv_row(m_block + m_local0 + 32 * i, p);
+
+    float acc[M_TILES][N_TILES][4];
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+        for (int j = 0; j < N_TILES; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    // Prologue: the first STAGES - 1 tiles in flight.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles)
+            conv_mma_load_tile<VECTOR>(a_tiles[s], b_tiles[s], s * BK, rows, tid, m_local0, n_block, p, a, b, w);
+        cp_async_commit();
+    }
+
+    // ldmatrix lane addresses within a stage: A m16k16 tile = 4 8x8 matrices (rows 0-7 / 8-15,
+    // k 0-7 / 8-15) in the order of mma's a0..a3; B two n8 tiles x (k 0-7, k 8-15) = b0, b1 each.
+    const int a_row = warp_m * WARP_M + (lane % 16), a_col = (lane / 16) * 8;
+    const int b_row = warp_n * WARP_N + (lane / 16) * 8 + (lane % 8), b_col = ((lane / 8) % 2) * 8;
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile kt landed for every thread; stage (kt - 1) % STAGES is free
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles)
+            conv_mma_load_tile<VECTOR>(a_tiles[next % STAGES], b_tiles[next % STAGES], next * BK, rows, tid, m_local0,
+                                       n_block, p, a, b, w);
+        cp_async_commit();
+
+        const unsigned short* a_stage = a_tiles[kt % STAGES];
+        const unsigned short* b_stage = b_tiles[kt % STAGES];
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned a_frag[M_TILES][4];
+            unsigned b_frag[N_TILES][2];
+#pragma unroll
+            for (int i = 0; i < M_TILES; ++i)
+                ldmatrix_x4(a_frag[i], shared_address(a_stage + (a_row + 16 * i) * ROW + kk + a_col));
+#pragma unroll
+            for (int j = 0; j < N_TILES; j += 2) {
+                unsigned r[4];
+                ldmatrix_x4(r, shared_address(b_stage + (b_row + 8 * j) * ROW + kk + b_col));
+                b_frag[j][0] = r[0];
+                b_frag[j][1] = r[1];
+                b_frag[j + 1][0] = r[2];
+                b_frag[j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+                for (int j = 0; j < N_TILES; ++j) MmaOp<WT>::run(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue from the accumulator layout: d0, d1 at (row g, cols 2t, 2t+1), d2, d3 at row g + 8.
+    const int positions = p.batch * p.out_h * p.out_w;
+    const int plane = p.out_h * p.out_w;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m_block + warp_m * WARP_M + 16 * i + g + 8 * half;
+            if (m >= positions) continue;
+            const int n = m / plane;
+#pragma unroll
+            for (int j = 0; j < N_TILES; ++j) {
+                const int co = n_block + warp_n * WARP_N + 8 * j + 2 * t;
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (co + e >= p.out_channels) continue;
+                    const float v = conv_epilogue_value(acc[i][j][2 * half + e], m, n, co + e, p, bias,
+                                                        channel_bias, residual);
+                    out[m * p.out_channels + co + e] = from_float<OutT>(v);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. The launcher (src/backend/cuda/conv.rs) picks the name from the storage types.
+#define CONV_PARAMS_DECL(InT, WT, OutT)                                                                     \
+    const InT *__restrict__ a, const InT *__restrict__ b, const WT *__restrict__ w,                          \
+        const float *__restrict__ bias, const float *__restrict__ channel_bias,                              \
+        const OutT *__restrict__ residual, OutT *__restrict__ out, const ConvParams p
+#define CONV_PARAMS_PASS a, b, w, bias, channel_bias, residual, out, p
+
+// Tensor-core entries: `conv2d_mma_*` loads with 16-byte cp.async (inputs in the operand type, Ca
+// and Cb multiples of 8: the launcher checks); `conv2d_mma_gather_*` element by element (any input
+// type, any channel count).
+#define CONV_MMA_ENTRY(prefix, VECTOR, in_name, InT, w_name, WT, out_name, OutT)                            \
+    extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
+        prefix##_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                       \
+        conv2d_mma<VECTOR, InT, WT, OutT>(CONV_PARAMS_PASS);                                                \
+    }
+
+CONV_MMA_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma, true, f16, f16, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma, true, f16, f16, f16, f16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f32, float)
