@@ -677,7 +677,6 @@ fn emulator_attention_f32() {
 }
 
 #[test]
-#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
 fn emulator_conv_simt_bf16_and_f16() {
     let (driver, module) = emulated_module("conv2d.cu");
     let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
@@ -686,7 +685,6 @@ fn emulator_conv_simt_bf16_and_f16() {
 }
 
 #[test]
-#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
 fn emulator_attention_bf16_and_f16() {
     let (driver, module) = emulated_module("attention.cu");
     let kernels = AttentionKernels::load(&driver, module).unwrap();
@@ -705,7 +703,6 @@ fn tensor_core_dtype_sets() -> Vec<[Precision; 3]> {
 }
 
 #[test]
-#[ignore = "needs the emulator's mma.sync, ldmatrix and cp.async (wt-emu: not yet)"]
 fn emulator_conv_tensor_cores() {
     let driver = EmulatedDriver::new();
     let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
