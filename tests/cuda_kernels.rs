@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use half::{bf16, f16};
 use purifier::backend::cpu::CpuBackend;
-use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch};
+use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch, AttentionVersion};
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, Precision};
@@ -49,7 +49,8 @@ fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
     vec![
         ("conv2d.cu", conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS),
         ("conv2d_mma.cu", conv::mma_kernel_names(), conv::MMA_HOT_KERNELS),
-        ("attention.cu", attention::kernel_names(), attention::HOT_KERNELS),
+        ("attention.cu", attention::simt_kernel_names(), attention::SIMT_HOT_KERNELS),
+        ("attention_mma.cu", attention::mma_kernel_names(), attention::MMA_HOT_KERNELS),
     ]
 }
 
@@ -474,6 +475,7 @@ pub fn check_attention(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
     (name, batch, positions, channels): (&str, usize, usize, usize),
+    version: AttentionVersion,
     dtype: Precision,
     seed: u64,
 ) -> (f64, f64) {
@@ -487,7 +489,7 @@ pub fn check_attention(
     let out = mem.poisoned(len, dtype);
     let logsumexp = mem.poisoned(batch * positions, Precision::F32);
     let launch = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
-    attention::launch_attention(driver, kernels, &launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    attention::launch_attention_version(driver, kernels, &launch, version).unwrap_or_else(|e| panic!("{name}: {e}"));
     driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
     let out_nhwc = mem.download(out, len, dtype);
     let lse = mem.download(logsumexp, batch * positions, Precision::F32);
@@ -629,26 +631,27 @@ fn run_conv_checks(driver: &dyn Driver, kernels: &Conv2dKernels, version: Conv2d
             case.name,
             start.elapsed().as_secs_f64()
         );
-        if !(err <= tol) {
+        // NaN compares false: it fails here.
+        if err.is_nan() || err > tol {
             failures.push(format!("{}: {err:e}", case.name));
         }
     }
     assert!(failures.is_empty(), "conv {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}");
 }
 
-fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, dtype: Precision) {
+fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, version: AttentionVersion, dtype: Precision) {
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for case in attention_cases() {
         let start = std::time::Instant::now();
-        let (out_err, lse_err) = check_attention(driver, kernels, case, dtype, seed);
+        let (out_err, lse_err) = check_attention(driver, kernels, case, version, dtype, seed);
         let tol = tolerance(&[dtype]);
         println!(
-            "attention {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            "attention {version:?} {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
             case.0,
             start.elapsed().as_secs_f64()
         );
-        if !(out_err <= tol && lse_err <= 1e-5) {
+        if out_err.is_nan() || lse_err.is_nan() || out_err > tol || lse_err > 1e-5 {
             failures.push(format!("{}: out {out_err:e}, lse {lse_err:e}", case.0));
         }
     }
@@ -665,8 +668,8 @@ fn emulator_conv_f32_every_fusion() {
 #[test]
 fn emulator_attention_f32() {
     let (driver, module) = emulated_module("attention.cu");
-    let kernels = AttentionKernels::load(&driver, module).unwrap();
-    run_attention_checks(&driver, &kernels, Precision::F32);
+    let kernels = AttentionKernels::load(&driver, module, None).unwrap();
+    run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::F32);
 }
 
 #[test]
@@ -682,9 +685,9 @@ fn emulator_conv_simt_bf16_and_f16() {
 #[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
 fn emulator_attention_bf16_and_f16() {
     let (driver, module) = emulated_module("attention.cu");
-    let kernels = AttentionKernels::load(&driver, module).unwrap();
-    run_attention_checks(&driver, &kernels, Precision::Bf16);
-    run_attention_checks(&driver, &kernels, Precision::F16);
+    let kernels = AttentionKernels::load(&driver, module, None).unwrap();
+    run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::Bf16);
+    run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::F16);
 }
 
 /// Every storage-type combination the tensor-core kernels serve: 16-bit throughout (cp.async
@@ -707,4 +710,15 @@ fn emulator_conv_tensor_cores() {
     for dtypes in tensor_core_dtype_sets() {
         run_conv_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
     }
+}
+
+#[test]
+#[ignore = "needs the emulator's mma.sync and ldmatrix (wt-emu: not yet)"]
+fn emulator_attention_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention_mma.cu", "sm_80"))).unwrap();
+    let kernels = AttentionKernels::load(&driver, simt, Some(mma)).unwrap();
+    run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::Bf16);
+    run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
 }

@@ -269,8 +269,8 @@ fn plan(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<(String, LaunchCo
         (Conv2dVersion::TensorCore, _) => {
             let aligned16 = [Some(args.a), args.b, Some(args.weight)].iter().flatten().all(|p| p % 16 == 0);
             let vector = args.input_dtype == args.weight_dtype
-                && args.channels_a % 8 == 0
-                && args.channels_b % 8 == 0
+                && args.channels_a.is_multiple_of(8)
+                && args.channels_b.is_multiple_of(8)
                 && aligned16;
             let name =
                 if vector { format!("conv2d_mma_{i}_{w}_{o}") } else { format!("conv2d_mma_gather_{i}_{w}_{o}") };
