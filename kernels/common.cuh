@@ -86,6 +86,26 @@ __device__ __forceinline__ void store_float(T* p, long long i, float v) {
     p[i] = from_float<T>(v);
 }
 
+// Storage type chosen at run time (a kernel parameter), for memory-bound kernels whose operands
+// may each be f32, f16 or bf16: the branch is uniform across the grid, so it costs no divergence.
+// Codes as src/backend/cuda/mod.rs passes them.
+enum DtypeCode { DTYPE_F32 = 0, DTYPE_F16 = 1, DTYPE_BF16 = 2 };
+
+__device__ __forceinline__ float load_dyn(const void* p, int dtype, long long i) {
+    if (dtype == DTYPE_F32) return static_cast<const float*>(p)[i];
+    if (dtype == DTYPE_F16) return to_float(static_cast<const f16*>(p)[i]);
+    return to_float(static_cast<const bf16*>(p)[i]);
+}
+
+__device__ __forceinline__ void store_dyn(void* p, int dtype, long long i, float v) {
+    if (dtype == DTYPE_F32)
+        static_cast<float*>(p)[i] = v;
+    else if (dtype == DTYPE_F16)
+        static_cast<f16*>(p)[i] = from_float<f16>(v);
+    else
+        static_cast<bf16*>(p)[i] = from_float<bf16>(v);
+}
+
 // Two consecutive elements (i even, the pointer aligned to two elements) in one access.
 __device__ __forceinline__ float2 load_float2(const float* p, long long i) {
     return *reinterpret_cast<const float2*>(p + i);

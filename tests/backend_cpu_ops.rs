@@ -6,7 +6,7 @@
 //! such a product, `||backward(g)|| ||d|| / sqrt(len)`, so a zero-ish projection cannot hide a bug.
 //! Each backward is also run into a randomly pre-filled buffer to check that it accumulates.
 use purifier::backend::cpu::{rng, CpuBackend, CpuTensor};
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, StepCoefficients};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepCoefficients};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -182,7 +182,7 @@ fn conv2d_matches_naive_reference() {
     for case in conv_cases() {
         let (x, w) = (rng.tensor(&case.x), rng.tensor(&case.w));
         let mut out = rng.tensor(&output_shape(&case)); // garbage: the op must overwrite it
-        backend.conv2d(&x, &w, None, case.geometry, ConvEpilogue::default(), &mut out);
+        backend.conv2d(LayerInput::one(&x), &w, None, case.geometry, ConvEpilogue::default(), &mut out);
         let error = relative_max_error(&out.data, &conv_reference(&x, &w, case.geometry));
         assert!(error < 1e-5, "conv2d {:?} * {:?} {:?}: error {error:e}", case.x, case.w, case.geometry);
     }
@@ -217,18 +217,18 @@ fn conv2d_epilogue() {
                 .collect();
             let mut out = rng.tensor(&shape);
             let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), residual: Some(&residual), relu };
-            backend.conv2d(&x, &w, Some(&bias), case.geometry, epilogue, &mut out);
+            backend.conv2d(LayerInput::one(&x), &w, Some(&bias), case.geometry, epilogue, &mut out);
             let error = relative_max_error(&out.data, &expected);
             assert!(error < 1e-5, "conv2d epilogue (relu {relu}) {:?} {:?}: error {error:e}", case.x, case.geometry);
         }
         // Bias alone, and channel bias alone.
         let mut out = zeros(&shape);
-        backend.conv2d(&x, &w, Some(&bias), case.geometry, ConvEpilogue::default(), &mut out);
+        backend.conv2d(LayerInput::one(&x), &w, Some(&bias), case.geometry, ConvEpilogue::default(), &mut out);
         let expected: Vec<f64> =
             plain.iter().enumerate().map(|(i, &v)| v + bias.data[i / plane % shape[1]] as f64).collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
         let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), ..Default::default() };
-        backend.conv2d(&x, &w, None, case.geometry, epilogue, &mut out);
+        backend.conv2d(LayerInput::one(&x), &w, None, case.geometry, epilogue, &mut out);
         let expected: Vec<f64> =
             plain.iter().enumerate().map(|(i, &v)| v + channel_bias.data[i / plane] as f64).collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
@@ -244,7 +244,7 @@ fn conv2d_backward_input_is_the_adjoint() {
         let g = case.geometry;
         let forward = |x: &CpuTensor| {
             let mut out = zeros(&output_shape(&case));
-            backend.conv2d(x, &w, None, g, ConvEpilogue::default(), &mut out);
+            backend.conv2d(LayerInput::one(x), &w, None, g, ConvEpilogue::default(), &mut out);
             out
         };
         let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.conv2d_backward_input(dout, &w, g, dx);
@@ -301,14 +301,14 @@ fn group_norm_matches_reference_and_its_backward_matches_finite_differences() {
             let (expected, expected_stats) = group_norm_reference(&x, &gamma.data, &beta.data, groups, 1e-6, silu);
             let mut out = rng.tensor(&shape);
             let mut stats = zeros(&[shape[0], groups, 2]);
-            backend.group_norm(&x, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+            backend.group_norm(LayerInput::one(&x), &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
             assert!(relative_max_error(&out.data, &expected) < 1e-5, "group_norm {shape:?} silu {silu}");
             assert!(relative_max_error(&stats.data, &expected_stats) < 1e-6, "group_norm stats {shape:?}");
 
             let forward = |x: &CpuTensor| {
                 let mut out = zeros(&shape);
                 let mut stats = zeros(&[shape[0], groups, 2]);
-                backend.group_norm(x, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+                backend.group_norm(LayerInput::one(x), &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
                 out
             };
             let backward = |dout: &CpuTensor, dx: &mut CpuTensor| {
@@ -858,12 +858,12 @@ fn results_do_not_depend_on_thread_count() {
         let w = rng.tensor(&[20, 16, 3, 3]);
         let g = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
         let mut conv = zeros(&[2, 20, 6, 6]);
-        backend.conv2d(&x, &w, None, g, ConvEpilogue::default(), &mut conv);
+        backend.conv2d(LayerInput::one(&x), &w, None, g, ConvEpilogue::default(), &mut conv);
         let mut dx = zeros(&x.shape);
         backend.conv2d_backward_input(&conv, &w, g, &mut dx);
         let (gamma, beta) = (rng.tensor(&[16]), rng.tensor(&[16]));
         let (mut norm, mut stats) = (zeros(&x.shape), zeros(&[2, 4, 2]));
-        backend.group_norm(&x, &gamma, &beta, 4, 1e-6, true, &mut norm, &mut stats);
+        backend.group_norm(LayerInput::one(&x), &gamma, &beta, 4, 1e-6, true, &mut norm, &mut stats);
         backend.group_norm_backward(&x, &gamma, &beta, &stats, 4, true, &norm, &mut dx);
         let (mut att, mut lse) = (zeros(&x.shape), zeros(&[2, 144]));
         backend.attention(&x, &norm, &dx, &mut att, &mut lse);
@@ -899,13 +899,14 @@ fn conv3x3_128_channels_32x32_timing() {
             })
             .fold(f64::INFINITY, f64::min)
     };
-    let forward = time(&mut || backend.conv2d(&x, &w, None, g, ConvEpilogue::default(), &mut out));
+    let forward = time(&mut || backend.conv2d(LayerInput::one(&x), &w, None, g, ConvEpilogue::default(), &mut out));
     let backward = time(&mut || backend.conv2d_backward_input(&out, &w, g, &mut dx));
     let gmac = 128.0 * 128.0 * 9.0 * 1024.0 / 1e9;
     println!("conv 3x3 128->128 32x32 batch 1 on {}: forward {forward:.2} ms ({:.1} GMAC/s), backward-input {backward:.2} ms ({:.1} GMAC/s)", backend.name(), gmac / forward * 1e3, gmac / backward * 1e3);
     let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
     let mut half = zeros(&[1, 128, 16, 16]);
-    let down_forward = time(&mut || backend.conv2d(&x, &w, None, down, ConvEpilogue::default(), &mut half));
+    let down_forward =
+        time(&mut || backend.conv2d(LayerInput::one(&x), &w, None, down, ConvEpilogue::default(), &mut half));
     let down_backward = time(&mut || backend.conv2d_backward_input(&half, &w, down, &mut dx));
     println!(
         "downsample 3x3 stride 2 128->128 32x32: forward {down_forward:.2} ms, backward-input {down_backward:.2} ms"

@@ -65,6 +65,10 @@ pub struct BlockEnv<'a> {
     pub shadow: &'a mut SharedShadow,
     pub local: Bytes,
     pub last_alloc: usize,
+    /// cp.async state per thread, and per shared byte the number of pending copies to it (both
+    /// empty until the block's first cp.async).
+    pub async_threads: Vec<crate::exec::async_copy::AsyncThread>,
+    pub async_pending: Vec<u16>,
 }
 
 impl BlockEnv<'_> {
@@ -131,6 +135,8 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         shadow,
         local: Bytes::zeroed(f.local_bytes as usize * nthreads as usize),
         last_alloc: 0,
+        async_threads: Vec::new(),
+        async_pending: Vec::new(),
     };
     let mut warps: Vec<Warp> = (0..nwarps).map(|w| new_warp(l, &env, w, nthreads)).collect();
     let mut count = 0u64;
@@ -196,22 +202,65 @@ fn advance(w: &mut Warp, lanes: u32) {
 /// Runs a warp until none of its lanes can move; returns thread-instructions executed.
 fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Report> {
     let mut count = 0u64;
+    // Fast path: while every live lane is ready at one PC (a converged warp), that PC is kept
+    // here and the per-lane PCs are stale; `materialize` writes them back before divergence.
+    let mut uni: Option<u32> = None;
+    let mut live = 0u32;
+    for l in 0..32 {
+        if w.st[l] != EXITED {
+            live |= 1 << l;
+        }
+    }
+    macro_rules! materialize {
+        () => {
+            if let Some(p) = uni.take() {
+                crate::exec::lanes::for_lanes(live, |l| w.pc[l] = p);
+            }
+        };
+    }
+    macro_rules! advance {
+        ($lanes:expr) => {
+            match uni.as_mut() {
+                Some(p) => *p += 1,
+                None => advance(w, $lanes),
+            }
+        };
+    }
     loop {
-        let mut min_pc = u32::MAX;
-        for l in 0..32 {
-            if w.st[l] == READY && w.pc[l] < min_pc {
-                min_pc = w.pc[l];
+        let (min_pc, group) = match uni {
+            Some(pc) => (pc, live),
+            None => {
+                let mut min_pc = u32::MAX;
+                let mut group = 0u32;
+                let mut waiting = false;
+                for l in 0..32 {
+                    match w.st[l] {
+                        READY if w.pc[l] < min_pc => {
+                            min_pc = w.pc[l];
+                            group = 1 << l;
+                        }
+                        READY if w.pc[l] == min_pc => group |= 1 << l,
+                        WAIT_COLL => waiting = true,
+                        _ => {}
+                    }
+                }
+                if min_pc == u32::MAX {
+                    check_waiting_collectives(env, w, f)?;
+                    return Ok(count);
+                }
+                if waiting {
+                    for l in 0..32 {
+                        if w.st[l] == WAIT_COLL && w.pc[l] == min_pc {
+                            group |= 1 << l;
+                        }
+                    }
+                }
+                if group == live && !waiting {
+                    uni = Some(min_pc);
+                }
+                (min_pc, group)
             }
-        }
-        if min_pc == u32::MAX {
-            return Ok(count);
-        }
-        let mut group = 0u32;
-        for l in 0..32 {
-            if (w.st[l] == READY || w.st[l] == WAIT_COLL) && w.pc[l] == min_pc {
-                group |= 1 << l;
-            }
-        }
+        };
         let inst = &f.insts[min_pc as usize];
         let mut exec = group;
         if inst.guard != NONE {
@@ -230,20 +279,30 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
             env.report(kind, w.id, lane, inst.line, None, msg)
         };
         match &inst.op {
-            Op::Bra => crate::exec::lanes::for_lanes(group, |l| {
-                w.pc[l] = if exec & (1 << l) != 0 { inst.target } else { w.pc[l] + 1 }
-            }),
+            Op::Bra => {
+                if uni.is_some() && (exec == group || exec == 0) {
+                    uni = Some(if exec != 0 { inst.target } else { min_pc + 1 });
+                } else {
+                    materialize!();
+                    crate::exec::lanes::for_lanes(group, |l| {
+                        w.pc[l] = if exec & (1 << l) != 0 { inst.target } else { w.pc[l] + 1 }
+                    });
+                }
+            }
             Op::Ret | Op::Exit => {
+                materialize!();
                 crate::exec::lanes::for_lanes(exec, |l| w.st[l] = EXITED);
+                live &= !exec;
                 advance(w, group & !exec);
             }
             Op::Trap => {
                 if exec != 0 {
                     return Err(fault(env, ReportKind::Fault, first, "trap executed".into()));
                 }
-                advance(w, group);
+                advance!(group);
             }
             Op::Bar { arrive } => {
+                materialize!();
                 if *arrive && exec != 0 {
                     return Err(fault(env, ReportKind::Fault, first, "bar.arrive is not supported".into()));
                 }
@@ -254,12 +313,8 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                 });
                 advance(w, group & !exec);
             }
-            Op::Shfl(_) | Op::Vote(_) | Op::Redux(_) | Op::BarWarp => {
-                let mslot = match inst.op {
-                    Op::Shfl(_) => inst.s[3],
-                    Op::Vote(_) | Op::Redux(_) => inst.s[1],
-                    _ => inst.s[0],
-                };
+            Op::Shfl(_) | Op::Vote(_) | Op::Redux(_) | Op::BarWarp | Op::Mma(_) | Op::Ldmatrix { .. } => {
+                let mslot = collective_mask(inst);
                 let mut needed = 0u32;
                 for l in 0..32 {
                     if exec & (1 << l) != 0 {
@@ -299,6 +354,7 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                             ),
                         ));
                     }
+                    materialize!();
                     crate::exec::lanes::for_lanes(exec, |l| w.st[l] = WAIT_COLL);
                     advance(w, group & !exec);
                     continue;
@@ -328,35 +384,72 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                     }
                     Op::Vote(mode) => coll::vote(inst, mode, &mut w.regs, exec),
                     Op::Redux(op) => coll::redux(inst, op, &mut w.regs, exec),
+                    Op::Mma(ref m) => crate::exec::tensor::mma(m, &mut w.regs),
+                    Op::Ldmatrix { trans } => crate::exec::async_copy::ldmatrix(env, w.id, inst, &mut w.regs, trans)?,
                     _ => env.shadow.warp_sync(w.id as usize),
                 }
                 crate::exec::lanes::for_lanes(group, |l| w.st[l] = READY);
-                advance(w, group);
+                advance!(group);
             }
             Op::Activemask => {
                 let d = inst.d[0] as usize * 32;
                 crate::exec::lanes::for_lanes(exec, |l| w.regs[d + l] = group as u64);
-                advance(w, group);
+                advance!(group);
             }
-            Op::Fence | Op::Nop => advance(w, group),
+            Op::Fence | Op::Nop => advance!(group),
+            Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait { .. } => {
+                crate::exec::async_copy::exec(env, w.id, inst, &w.regs, exec)?;
+                advance!(group);
+            }
             Op::Ld { .. } | Op::St { .. } | Op::Atom { .. } | Op::Cvta { .. } => {
                 mem::exec(env, w.id, inst, &mut w.regs, exec)?;
-                advance(w, group);
+                advance!(group);
             }
             Op::Cvt => {
                 if let Err(e) = cvt::exec(inst, &mut w.regs, exec) {
                     return Err(fault(env, ReportKind::Fault, first, e));
                 }
-                advance(w, group);
+                advance!(group);
             }
             _ => {
                 if let Err(e) = alu::exec(inst, &mut w.regs, exec) {
                     return Err(fault(env, ReportKind::Fault, first, e));
                 }
-                advance(w, group);
+                advance!(group);
             }
         }
     }
+}
+
+/// The mask operand slot of a warp collective.
+fn collective_mask(inst: &Inst) -> Slot {
+    match inst.op {
+        Op::Shfl(_) => inst.s[3],
+        Op::Vote(_) | Op::Redux(_) => inst.s[1],
+        _ => inst.s[0],
+    }
+}
+
+/// Lanes waiting in a collective whose mask names lanes that have exited since: an error.
+fn check_waiting_collectives(env: &BlockEnv, w: &Warp, f: &Function) -> Result<(), Report> {
+    for l in 0..32 {
+        if w.st[l] == WAIT_COLL {
+            let inst = &f.insts[w.pc[l] as usize];
+            let m = lane_mask_of(&w.regs, collective_mask(inst), l);
+            let exited: u32 = (0..32).filter(|&k| m & (1 << k) != 0 && w.st[k] == EXITED).fold(0, |a, k| a | 1 << k);
+            if exited != 0 {
+                return Err(env.report(
+                    ReportKind::InvalidCollective,
+                    w.id,
+                    l as u32,
+                    inst.line,
+                    None,
+                    format!("member mask {m:#010x} names lanes that exited ({exited:#010x})"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Releases every barrier all live threads (or its thread count) have reached. False when none could be.
@@ -431,8 +524,9 @@ fn release_barriers(env: &mut BlockEnv, warps: &mut [Warp], live: u32) -> Result
 }
 
 fn deadlock(env: &BlockEnv, warps: &[Warp], f: &Function) -> Report {
-    let mut waits = Vec::new();
-    let mut who = (0u32, 0u32, 0u32);
+    // Group the waiting threads by what they wait at: (what, count, first thread).
+    let mut groups: Vec<(String, u32, u32)> = Vec::new();
+    let mut who = None;
     for w in warps {
         for l in 0..32 {
             let line = f.insts[w.pc[l] as usize].line;
@@ -441,21 +535,28 @@ fn deadlock(env: &BlockEnv, warps: &[Warp], f: &Function) -> Report {
                 WAIT_COLL => format!("warp collective at line {line}"),
                 _ => continue,
             };
-            if waits.is_empty() {
-                who = (w.id, l as u32, line);
-            }
-            let t = env.thread_of(w.id * 32 + l as u32);
-            if waits.len() < 8 {
-                waits.push(format!("thread ({},{},{}) waits at {what}", t[0], t[1], t[2]));
+            let tid = w.id * 32 + l as u32;
+            who.get_or_insert((w.id, l as u32, line));
+            match groups.iter_mut().find(|g| g.0 == what) {
+                Some(g) => g.1 += 1,
+                None => groups.push((what, 1, tid)),
             }
         }
     }
+    let text: Vec<String> = groups
+        .iter()
+        .map(|(what, n, tid)| {
+            let t = env.thread_of(*tid);
+            format!("{n} threads (first ({},{},{})) wait at {what}", t[0], t[1], t[2])
+        })
+        .collect();
+    let (wid, lane, line) = who.unwrap_or((0, 0, 0));
     env.report(
         ReportKind::Deadlock,
-        who.0,
-        who.1,
-        who.2,
+        wid,
+        lane,
+        line,
         None,
-        format!("no thread of the block can move: {}", waits.join("; ")),
+        format!("no thread of the block can move: {}", text.join("; ")),
     )
 }

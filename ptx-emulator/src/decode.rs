@@ -151,6 +151,8 @@ impl Mods {
             approx: self.take("approx"),
             relu: self.take("relu"),
             neg_c: false,
+            satfinite: self.take("satfinite"),
+            nan: self.take("NaN"),
         }
     }
     fn space(&mut self) -> Space {
@@ -409,7 +411,6 @@ impl<'a> Decoder<'a> {
                 inst.rnd = m.rnd();
                 inst.flags = m.flags();
                 m.take("full");
-                m.take("NaN");
                 inst.ty = m.one_type()?;
                 inst.op = match base.as_str() {
                     "add" => Op::Add,
@@ -766,6 +767,140 @@ impl<'a> Decoder<'a> {
                 inst.d[0] = self.dst(&ops[0], line)?;
                 inst.s[0] = self.src(&ops[1], inst.ty, line)?;
                 inst.s[1] = self.src(&ops[2], Ty::B32, line)?;
+            }
+            "mma" => {
+                m.take("sync");
+                m.take("aligned");
+                let k = match m.take_any(&["m16n8k16", "m16n8k8"]) {
+                    Some("m16n8k16") => 16,
+                    Some(_) => 8,
+                    None => return m.err("unsupported mma shape".into()),
+                };
+                if !(m.take("row") && m.take("col")) {
+                    return m.err("mma needs .row.col".into());
+                }
+                let t = m.types();
+                let ty = match t.as_slice() {
+                    [Ty::F32, Ty::F16, Ty::F16, Ty::F32] => MmaType::F16,
+                    [Ty::F32, Ty::BF16, Ty::BF16, Ty::F32] => MmaType::Bf16,
+                    [Ty::F32, Ty::TF32, Ty::TF32, Ty::F32] if k == 8 => MmaType::Tf32,
+                    _ => {
+                        return m.err(format!("unsupported mma types {t:?} (f32 accumulators with f16, bf16 or tf32)"))
+                    }
+                };
+                let (na, nb) = match (k, ty) {
+                    (16, MmaType::Tf32) => unreachable!(),
+                    (16, _) => (4, 2),
+                    (_, MmaType::Tf32) => (4, 2),
+                    _ => (2, 1),
+                };
+                self.operands(i, 4..=4)?;
+                let mut regs = |op: &Operand, n: usize, dst: bool| -> Result<Vec<Slot>, LoadError> {
+                    let Operand::Vector(v) = op else {
+                        return Err(LoadError::at(line, format!("mma operand {op:?} is not a vector")));
+                    };
+                    if v.len() != n {
+                        return Err(LoadError::at(
+                            line,
+                            format!("mma operand has {} registers, {n} expected", v.len()),
+                        ));
+                    }
+                    v.iter().map(|r| if dst { self.dst(r, line) } else { self.src(r, Ty::B32, line) }).collect()
+                };
+                let d = regs(&ops[0], 4, true)?;
+                let a = regs(&ops[1], na, false)?;
+                let b = regs(&ops[2], nb, false)?;
+                let c = regs(&ops[3], 4, false)?;
+                let mut mo = MmaOperands {
+                    kind: MmaKind { k, ty },
+                    d: [NONE; 4],
+                    a: [NONE; 4],
+                    b: [NONE; 2],
+                    c: [NONE; 4],
+                    na: na as u8,
+                    nb: nb as u8,
+                };
+                mo.d.copy_from_slice(&d);
+                mo.a[..na].copy_from_slice(&a);
+                mo.b[..nb].copy_from_slice(&b);
+                mo.c.copy_from_slice(&c);
+                inst.op = Op::Mma(Box::new(mo));
+                inst.s[0] = self.const_slot(0xffff_ffff);
+            }
+            "ldmatrix" => {
+                m.take("sync");
+                m.take("aligned");
+                if !m.take("m8n8") {
+                    return m.err("only ldmatrix .m8n8 is supported".into());
+                }
+                inst.vec = match m.take_any(&["x1", "x2", "x4"]) {
+                    Some("x1") => 1,
+                    Some("x2") => 2,
+                    Some(_) => 4,
+                    None => return m.err("ldmatrix needs .x1/.x2/.x4".into()),
+                };
+                let trans = m.take("trans");
+                if !(m.take("shared") || m.take("shared::cta")) {
+                    return m.err("ldmatrix reads .shared".into());
+                }
+                inst.ty = m.one_type()?;
+                if inst.ty != Ty::B16 {
+                    return m.err("ldmatrix type must be .b16".into());
+                }
+                self.operands(i, 2..=2)?;
+                let Operand::Vector(v) = &ops[0] else {
+                    return m.err("ldmatrix destination must be a vector".into());
+                };
+                if v.len() != inst.vec as usize {
+                    return m.err(format!("ldmatrix .x{} with {} registers", inst.vec, v.len()));
+                }
+                for (k, r) in v.iter().enumerate() {
+                    inst.d[k] = self.dst(r, line)?;
+                }
+                (inst.addr, inst.off) = self.addr(&ops[1], line)?;
+                inst.op = Op::Ldmatrix { trans };
+                inst.s[0] = self.const_slot(0xffff_ffff);
+            }
+            "cp" => {
+                if !m.take("async") {
+                    return m.err("only cp.async is supported".into());
+                }
+                if m.take("commit_group") {
+                    inst.op = Op::CpAsyncCommit;
+                } else if m.take("wait_group") {
+                    self.operands(i, 1..=1)?;
+                    let Operand::Int(n) = ops[0] else {
+                        return m.err("wait_group takes an immediate".into());
+                    };
+                    inst.op = Op::CpAsyncWait { n: n as u32, all: false };
+                } else if m.take("wait_all") {
+                    inst.op = Op::CpAsyncWait { n: 0, all: true };
+                } else {
+                    let cg = m.take("cg");
+                    let ca = m.take("ca");
+                    if cg == ca {
+                        return m.err("cp.async needs .ca or .cg".into());
+                    }
+                    if !(m.take("shared") || m.take("shared::cta")) || !m.take("global") {
+                        return m.err("cp.async copies .global to .shared".into());
+                    }
+                    m.drop_ignorable(&["L2::64B", "L2::128B", "L2::256B"]);
+                    self.operands(i, 3..=4)?;
+                    let size = match ops[2] {
+                        Operand::Int(n @ (4 | 8 | 16)) => n as u8,
+                        _ => return m.err("cp.async size must be 4, 8 or 16".into()),
+                    };
+                    if cg && size != 16 {
+                        return m.err("cp.async.cg copies 16 bytes".into());
+                    }
+                    (inst.addr, inst.off) = self.addr(&ops[0], line)?;
+                    let (src, off2) = self.addr(&ops[1], line)?;
+                    inst.s[0] = src;
+                    if ops.len() == 4 {
+                        inst.s[1] = self.src(&ops[3], Ty::U32, line)?;
+                    }
+                    inst.op = Op::CpAsync { size, off2 };
+                }
             }
             "membar" | "fence" => {
                 m.drop_ignorable(&["cta", "gl", "gpu", "sys", "sc", "acq_rel", "cluster"]);

@@ -205,6 +205,31 @@ pub enum FUnary {
     Tanh,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaType {
+    F16,
+    Bf16,
+    Tf32,
+}
+
+/// An `mma.sync` shape (m16, n8, k8 or k16) and input type; accumulators are f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MmaKind {
+    pub k: u8,
+    pub ty: MmaType,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MmaOperands {
+    pub kind: MmaKind,
+    pub d: [Slot; 4],
+    pub a: [Slot; 4],
+    pub b: [Slot; 2],
+    pub c: [Slot; 4],
+    pub na: u8,
+    pub nb: u8,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     Mov,
@@ -283,6 +308,23 @@ pub enum Op {
     Redux(AtomOp),
     /// Memory fences: no effect on a sequentially run block.
     Fence,
+    /// `mma.sync.aligned`: a whole-warp collective (mask slot in s[0]).
+    Mma(Box<MmaOperands>),
+    /// `ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16`: `vec` matrices into d[0..vec].
+    Ldmatrix {
+        trans: bool,
+    },
+    /// `cp.async.{ca,cg}.shared.global [addr], [s[0]] + off2, size, src-size (s[1] or NONE)`.
+    CpAsync {
+        size: u8,
+        off2: i64,
+    },
+    CpAsyncCommit,
+    /// `cp.async.wait_group n` (`wait_all` is n = 0 after a commit).
+    CpAsyncWait {
+        n: u32,
+        all: bool,
+    },
     Nop,
 }
 
@@ -294,6 +336,10 @@ pub struct Flags {
     pub relu: bool,
     /// The predicate source of `setp.*.bop` or `vote` is negated (`!%p`).
     pub neg_c: bool,
+    /// `.satfinite`: out-of-range results become the largest finite value, NaN stays NaN.
+    pub satfinite: bool,
+    /// `.NaN` on min/max: a NaN operand gives NaN.
+    pub nan: bool,
 }
 
 #[derive(Clone, Debug)]

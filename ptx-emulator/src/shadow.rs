@@ -2,22 +2,25 @@
 //! ordering point. Ordering points are block barriers (a block-wide epoch) and `bar.warp.sync`
 //! (a per-warp epoch, ordering only lanes of that warp). Shuffles and votes order nothing.
 //! Epochs only grow (also across blocks run by the same worker), so nothing is ever cleared.
+//!
+//! A record is one u64 (epoch 32 bits, warp epoch 16, thread 11, atomic 1, many-readers 1); the
+//! PTX lines of the accesses sit in a parallel array read only for reports.
 
-#[derive(Clone, Copy, Default)]
-struct Access {
-    epoch: u32,
-    warp_epoch: u32,
-    line: u32,
-    tid: u16,
-    atomic: bool,
+const TID_SHIFT: u32 = 48;
+const ATOMIC: u64 = 1 << 59;
+const MANY: u64 = 1 << 60;
+
+#[inline]
+fn epoch(r: u64) -> u32 {
+    r as u32
 }
-
-#[derive(Clone, Copy, Default)]
-struct ByteShadow {
-    write: Access,
-    read: Access,
-    /// Two or more distinct threads read since the last barrier.
-    many_readers: bool,
+#[inline]
+fn warp_epoch(r: u64) -> u16 {
+    (r >> 32) as u16
+}
+#[inline]
+fn tid(r: u64) -> u32 {
+    ((r >> TID_SHIFT) & 0x7ff) as u32
 }
 
 pub struct Race {
@@ -29,9 +32,11 @@ pub struct Race {
 }
 
 pub struct SharedShadow {
-    bytes: Vec<ByteShadow>,
+    /// Per byte: [last write, reads since].
+    recs: Vec<[u64; 2]>,
+    lines: Vec<[u32; 2]>,
     epoch: u32,
-    warp_epochs: Vec<u32>,
+    warp_epochs: Vec<u16>,
 }
 
 impl Default for SharedShadow {
@@ -42,13 +47,14 @@ impl Default for SharedShadow {
 
 impl SharedShadow {
     pub fn new() -> Self {
-        SharedShadow { bytes: Vec::new(), epoch: 1, warp_epochs: Vec::new() }
+        SharedShadow { recs: Vec::new(), lines: Vec::new(), epoch: 1, warp_epochs: Vec::new() }
     }
 
     /// Prepare for a new block with `size` shared bytes and `warps` warps.
     pub fn start_block(&mut self, size: usize, warps: usize) {
-        if self.bytes.len() < size {
-            self.bytes.resize(size, ByteShadow::default());
+        if self.recs.len() < size {
+            self.recs.resize(size, [0; 2]);
+            self.lines.resize(size, [0; 2]);
         }
         self.epoch += 1;
         self.warp_epochs.clear();
@@ -60,61 +66,63 @@ impl SharedShadow {
     }
 
     pub fn warp_sync(&mut self, warp: usize) {
-        self.warp_epochs[warp] += 1;
+        self.warp_epochs[warp] = self.warp_epochs[warp].wrapping_add(1);
     }
 
+    /// Whether an earlier access (record `r`, of this epoch) is ordered before thread `t`'s.
     #[inline]
-    fn ordered(&self, a: &Access, tid: u16) -> bool {
-        a.epoch != self.epoch
-            || a.tid == tid
-            || (a.tid as usize / 32 == tid as usize / 32 && self.warp_epochs[tid as usize / 32] != a.warp_epoch)
+    fn ordered(&self, r: u64, t: u32) -> bool {
+        let rt = tid(r);
+        rt == t || (rt / 32 == t / 32 && self.warp_epochs[(t / 32) as usize] != warp_epoch(r))
     }
 
-    /// Record an access of `len` bytes at `off` by thread `tid`; the first conflicting byte, if any.
-    pub fn access(&mut self, off: usize, len: usize, tid: u32, line: u32, write: bool, atomic: bool) -> Option<Race> {
-        let tid16 = tid as u16;
-        let me =
-            Access { epoch: self.epoch, warp_epoch: self.warp_epochs[tid as usize / 32], line, tid: tid16, atomic };
+    /// Record an access of `len` bytes at `off` by thread `t`; the first conflicting byte, if any.
+    pub fn access(&mut self, off: usize, len: usize, t: u32, line: u32, write: bool, atomic: bool) -> Option<Race> {
+        let me = self.epoch as u64
+            | (self.warp_epochs[(t / 32) as usize] as u64) << 32
+            | (t as u64) << TID_SHIFT
+            | if atomic { ATOMIC } else { 0 };
+        // The bytes of one access usually share their history: a byte whose records equal the
+        // first byte's records before the update gets the first byte's updated records.
+        let first_old = self.recs[off];
         for i in off..off + len {
-            let b = self.bytes[i];
+            let [w, r] = self.recs[i];
+            if i > off && [w, r] == first_old {
+                self.recs[i] = self.recs[off];
+                self.lines[i] = self.lines[off];
+                continue;
+            }
             // Against the last write: any access races unless ordered or both atomic.
-            if b.write.epoch == self.epoch && !self.ordered(&b.write, tid16) && !(atomic && b.write.atomic) {
+            if epoch(w) == self.epoch && !self.ordered(w, t) && !(atomic && w & ATOMIC != 0) {
                 return Some(Race {
-                    other_tid: b.write.tid as u32,
-                    other_line: b.write.line,
+                    other_tid: tid(w),
+                    other_line: self.lines[i][0],
                     other_write: true,
                     byte: i as u64,
                 });
             }
-            if write && b.read.epoch == self.epoch && !(atomic && b.read.atomic) {
-                let other = !self.ordered(&b.read, tid16);
-                if other || (b.many_readers && b.read.tid as usize / 32 != tid as usize / 32) {
+            let reader_live = epoch(r) == self.epoch;
+            if write && reader_live && !(atomic && r & ATOMIC != 0) {
+                let unordered = !self.ordered(r, t);
+                if unordered || (r & MANY != 0 && tid(r) / 32 != t / 32) {
                     return Some(Race {
-                        other_tid: b.read.tid as u32,
-                        other_line: b.read.line,
+                        other_tid: tid(r),
+                        other_line: self.lines[i][1],
                         other_write: false,
                         byte: i as u64,
                     });
                 }
             }
-            let replace_reader = b.read.epoch != self.epoch || b.read.tid == tid16 || self.ordered(&b.read, tid16);
-            let s = &mut self.bytes[i];
             if write {
-                s.write = me;
-                if atomic {
-                    // An atomic also reads: keep it as a reader that only atomics may follow.
-                    s.read = me;
-                    s.many_readers = false;
-                } else {
-                    s.read = Access::default();
-                    s.many_readers = false;
-                }
-            } else if replace_reader {
-                let keep_many = s.read.epoch == self.epoch && s.many_readers;
-                s.read = me;
-                s.many_readers = keep_many;
-            } else {
-                s.many_readers = true;
+                // An atomic also reads: it stays as a reader that only atomics may follow.
+                self.recs[i] = [me, if atomic { me } else { 0 }];
+                self.lines[i] = [line, line];
+            } else if !reader_live || tid(r) == t || self.ordered(r, t) {
+                let many = if reader_live { r & MANY } else { 0 };
+                self.recs[i][1] = me | many;
+                self.lines[i][1] = line;
+            } else if r & MANY == 0 {
+                self.recs[i][1] = r | MANY;
             }
         }
         None

@@ -215,3 +215,18 @@ extern "C" __global__ void approx(const float* a, float* out) {
         }
     }
 }
+
+#[test]
+fn unknown_instruction_or_modifier_is_a_load_error_naming_it_and_its_line() {
+    let src = r#"extern "C" __global__ void k(int* y, int a) { y[threadIdx.x] = a * threadIdx.x + 3; }"#;
+    let Some(ptx) = compile(src) else { return };
+    let line = ptx.lines().position(|l| l.contains("mad.lo.s32")).unwrap() as u32 + 1;
+    let bad = ptx.replace("mad.lo.s32", "frob.lo.s32");
+    let e = ptx_emulator::Module::load(&bad, &mut ptx_emulator::GlobalMemory::new()).err().unwrap();
+    assert_eq!(e.line, line);
+    assert!(e.to_string().contains("unsupported instruction 'frob.lo.s32'"), "{e}");
+    let bad = ptx.replace("mad.lo.s32", "mad.lo.wobble.s32");
+    let e = ptx_emulator::Module::load(&bad, &mut ptx_emulator::GlobalMemory::new()).err().unwrap();
+    assert_eq!(e.line, line);
+    assert!(e.to_string().contains("unsupported modifier '.wobble'"), "{e}");
+}

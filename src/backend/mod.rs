@@ -93,6 +93,60 @@ impl Conv2dGeometry {
     }
 }
 
+/// The input of a convolution or a GroupNorm as the kernels read it: the channel concatenation of
+/// `a` and `b` (`b` the UNet's skip connection; `None`: `a` alone), optionally nearest-x2
+/// upsampled (the UNet's Upsample, convolutions only). A GPU folds both into its input indexing,
+/// so no concatenated or upsampled tensor is ever written.
+pub struct LayerInput<'a, T> {
+    pub a: &'a T,
+    pub b: Option<&'a T>,
+    pub upsample2x: bool,
+}
+
+impl<T> Clone for LayerInput<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for LayerInput<'_, T> {}
+
+impl<'a, T: TensorShape> LayerInput<'a, T> {
+    /// One tensor, read as it is.
+    pub fn one(a: &'a T) -> Self {
+        Self { a, b: None, upsample2x: false }
+    }
+    /// concat(a, b) along channels.
+    pub fn concat(a: &'a T, b: &'a T) -> Self {
+        Self { a, b: Some(b), upsample2x: false }
+    }
+    /// The nearest-x2 upsampling of `a`.
+    pub fn upsampled(a: &'a T) -> Self {
+        Self { a, b: None, upsample2x: true }
+    }
+    /// The logical NCHW shape read (channels of both sources, upsampled size), or a message
+    /// naming what does not fit (sources that differ outside channels, a rank other than 4).
+    pub fn logical_shape(&self) -> std::result::Result<[usize; 4], String> {
+        let &[n, c, h, w] = self.a.shape() else {
+            return Err(format!("expected an N x C x H x W input, got shape {:?}", self.a.shape()));
+        };
+        let mut channels = c;
+        if let Some(b) = self.b {
+            match *b.shape() {
+                [bn, bc, bh, bw] if (bn, bh, bw) == (n, h, w) => channels += bc,
+                _ => {
+                    return Err(format!(
+                        "concat of {:?} and {:?}: they differ outside channels",
+                        self.a.shape(),
+                        b.shape()
+                    ))
+                }
+            }
+        }
+        let scale = if self.upsample2x { 2 } else { 1 };
+        Ok([n, channels, h * scale, w * scale])
+    }
+}
+
 /// What a convolution adds to its output before writing it:
 /// `out = relu?(conv(x) + bias[c] + channel_bias[n, c] + residual[n, c, y, x])`.
 pub struct ConvEpilogue<'a, T> {
@@ -203,12 +257,13 @@ pub trait Backend {
         dx: &mut Self::Tensor,
     );
 
-    /// GroupNorm over `groups` groups (then SiLU if `silu`), x (N x C x H x W), gamma/beta (C).
-    /// Saves per-(sample, group) mean and 1/std in `stats` (N x groups x 2) for the backward.
+    /// GroupNorm over `groups` groups (then SiLU if `silu`), x (N x C x H x W; may be a two-source
+    /// concat, not upsampled), gamma/beta (C). Saves per-(sample, group) mean and 1/std in `stats`
+    /// (N x groups x 2, f32) for the backward.
     #[allow(clippy::too_many_arguments)]
     fn group_norm(
         &self,
-        x: &Self::Tensor,
+        x: LayerInput<'_, Self::Tensor>,
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
         groups: usize,
@@ -217,7 +272,7 @@ pub trait Backend {
         out: &mut Self::Tensor,
         stats: &mut Self::Tensor,
     );
-    /// dx += d/dx of `group_norm`, from the forward's input and saved stats.
+    /// dx += d/dx of `group_norm`, from the forward's input (as one tensor) and saved stats.
     #[allow(clippy::too_many_arguments)]
     fn group_norm_backward(
         &self,
@@ -231,10 +286,11 @@ pub trait Backend {
         dx: &mut Self::Tensor,
     );
 
-    /// 2-D convolution x (N x Ci x H x W), w (Co x Ci x kh x kw), plus bias and the epilogue.
+    /// 2-D convolution of x (N x Ci x H x W as `LayerInput` reads it: a two-source concat and/or
+    /// a nearest-x2 upsample folded in), w (Co x Ci x kh x kw), plus bias and the epilogue.
     fn conv2d(
         &self,
-        x: &Self::Tensor,
+        x: LayerInput<'_, Self::Tensor>,
         w: &Self::Tensor,
         bias: Option<&Self::Tensor>,
         geometry: Conv2dGeometry,
@@ -242,7 +298,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
     );
     /// dx += conv2d's vector-Jacobian product with respect to its input (the transposed
-    /// convolution of `dout`). The epilogue's residual gets `dout` itself; callers add it.
+    /// convolution of `dout`), dx the logical input (concatenated, upsampled: the caller splits and
+    /// folds it). The epilogue's residual gets `dout` itself; callers add it.
     fn conv2d_backward_input(
         &self,
         dout: &Self::Tensor,

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use super::{Backend, Conv2dGeometry, ConvEpilogue, Precision, StepCoefficients, Timestamp};
+use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, Timestamp};
 use crate::error::Result;
 
 /// Calls and seconds per op name.
@@ -118,7 +118,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     }
     fn group_norm(
         &self,
-        x: &B::Tensor,
+        x: LayerInput<'_, B::Tensor>,
         gamma: &B::Tensor,
         beta: &B::Tensor,
         groups: usize,
@@ -146,7 +146,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     }
     fn conv2d(
         &self,
-        x: &B::Tensor,
+        x: LayerInput<'_, B::Tensor>,
         w: &B::Tensor,
         bias: Option<&B::Tensor>,
         geometry: Conv2dGeometry,

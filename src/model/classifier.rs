@@ -8,7 +8,7 @@
 //! conv); where it comes first (the WideResNet's pre-activation) it stays a channel affine.
 //! The classifier takes images in the engine's range [-1, 1] and applies the input
 //! normalisation of the published weights itself.
-use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, TensorShape};
+use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::params::{FileParams, Linear, ParamSource};
@@ -109,7 +109,7 @@ impl<B: Backend> Conv<B> {
 
     fn forward(&self, b: &B, x: &B::Tensor, residual: Option<&B::Tensor>, out: &mut B::Tensor) {
         let epilogue = ConvEpilogue { residual, relu: self.relu, channel_bias: None };
-        b.conv2d(x, &self.weight, self.bias.as_ref(), self.geometry, epilogue, out);
+        b.conv2d(LayerInput::one(x), &self.weight, self.bias.as_ref(), self.geometry, epilogue, out);
     }
 
     fn backward_input(&self, b: &B, dout: &B::Tensor, dx: &mut B::Tensor) {

@@ -4,7 +4,7 @@
 //! The network is a flat list of nodes in execution order, each reading earlier activations and
 //! writing one new one, so the forward is a loop over the list and the backward the same loop
 //! reversed. All buffers live in a `UnetPlan` made once per batch size.
-use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, Precision, TensorShape};
+use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::config::UnetConfig;
@@ -361,27 +361,26 @@ impl<B: Backend> Unet<B> {
             let out = &mut rest[0];
             let x = &inputs[node.inputs[0]];
             let saved = &mut plan.saved[i].0 .0;
+            // The skip concat and the upsample are read in place (LayerInput), never written; their
+            // buffers in the plan are for the backward only.
             match &node.layer {
-                Layer::ConvIn(conv) | Layer::Downsample(conv) => conv_forward(b, conv, x, ConvEpilogue::default(), out),
-                Layer::Upsample(conv) => {
-                    b.upsample_nearest2x(x, &mut saved[0]);
-                    conv_forward(b, conv, &saved[0], ConvEpilogue::default(), out);
+                Layer::ConvIn(conv) | Layer::Downsample(conv) => {
+                    conv_forward(b, conv, LayerInput::one(x), ConvEpilogue::default(), out)
                 }
-                Layer::Resnet(block) => {
-                    let (x, saved) = if let Some(&skip) = node.inputs.get(1) {
-                        let (concat, rest) = saved.split_first_mut().unwrap();
-                        b.concat_channels(x, &inputs[skip], concat);
-                        (&*concat, rest)
-                    } else {
-                        (x, &mut saved[..])
-                    };
-                    resnet_forward(b, block, x, &plan.temb, saved, out);
-                }
+                Layer::Upsample(conv) => conv_forward(b, conv, LayerInput::upsampled(x), ConvEpilogue::default(), out),
+                Layer::Resnet(block) => match node.inputs.get(1) {
+                    Some(&skip) => {
+                        let input = LayerInput::concat(x, &inputs[skip]);
+                        resnet_forward(b, block, input, &plan.temb, &mut saved[1..], out)
+                    }
+                    None => resnet_forward(b, block, LayerInput::one(x), &plan.temb, saved, out),
+                },
                 Layer::Attn(block) => attn_forward(b, block, x, saved, out),
                 Layer::Out { norm, conv } => {
                     let (n, stats) = saved.split_at_mut(1);
+                    let x = LayerInput::one(x);
                     b.group_norm(x, &norm.gamma, &norm.beta, norm.groups, norm.eps, true, &mut n[0], &mut stats[0]);
-                    conv_forward(b, conv, &n[0], ConvEpilogue::default(), out);
+                    conv_forward(b, conv, LayerInput::one(&n[0]), ConvEpilogue::default(), out);
                 }
             }
         }
@@ -421,6 +420,10 @@ impl<B: Backend> Unet<B> {
             let dout = &rest[0];
             let x = &plan.activations[node.inputs[0]];
             let out = &plan.activations[i + 1];
+            if let (Layer::Resnet(_), Some(&skip)) = (&node.layer, node.inputs.get(1)) {
+                // The forward read concat(h, skip) in place; its backward needs it as one tensor.
+                b.concat_channels(x, &plan.activations[skip], &mut plan.saved[i].0 .0[0]);
+            }
             let (saved, dsaved) = &mut plan.saved[i];
             let (saved, dsaved) = (&saved.0, &mut dsaved.0);
             match &node.layer {
@@ -529,7 +532,7 @@ fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
 fn conv_forward<B: Backend>(
     b: &B,
     conv: &Conv<B>,
-    x: &B::Tensor,
+    x: LayerInput<'_, B::Tensor>,
     epilogue: ConvEpilogue<'_, B::Tensor>,
     out: &mut B::Tensor,
 ) {
@@ -540,7 +543,7 @@ fn conv_forward<B: Backend>(
 fn resnet_forward<B: Backend>(
     b: &B,
     block: &ResnetBlock<B>,
-    x: &B::Tensor,
+    x: LayerInput<'_, B::Tensor>,
     temb: &B::Tensor,
     saved: &mut [B::Tensor],
     out: &mut B::Tensor,
@@ -550,16 +553,30 @@ fn resnet_forward<B: Backend>(
     };
     b.group_norm(x, &block.norm1.gamma, &block.norm1.beta, block.norm1.groups, block.norm1.eps, true, n1, stats1);
     b.linear(temb, &block.temb_proj.weight, Some(&block.temb_proj.bias), true, temb_bias);
-    conv_forward(b, &block.conv1, n1, ConvEpilogue { channel_bias: Some(temb_bias), ..Default::default() }, h1);
-    b.group_norm(h1, &block.norm2.gamma, &block.norm2.beta, block.norm2.groups, block.norm2.eps, true, n2, stats2);
+    let epilogue = ConvEpilogue { channel_bias: Some(temb_bias), ..Default::default() };
+    conv_forward(b, &block.conv1, LayerInput::one(n1), epilogue, h1);
+    b.group_norm(
+        LayerInput::one(h1),
+        &block.norm2.gamma,
+        &block.norm2.beta,
+        block.norm2.groups,
+        block.norm2.eps,
+        true,
+        n2,
+        stats2,
+    );
     let residual = match (&block.nin_shortcut, shortcut.first_mut()) {
         (Some(nin), Some(s)) => {
             conv_forward(b, nin, x, ConvEpilogue::default(), s);
             &*s
         }
-        _ => x,
+        _ => {
+            assert!(x.b.is_none(), "a ResnetBlock reading a concat changes width, so it has a shortcut conv");
+            x.a
+        }
     };
-    conv_forward(b, &block.conv2, n2, ConvEpilogue { residual: Some(residual), ..Default::default() }, out);
+    let epilogue = ConvEpilogue { residual: Some(residual), ..Default::default() };
+    conv_forward(b, &block.conv2, LayerInput::one(n2), epilogue, out);
 }
 
 fn resnet_backward<B: Backend>(
@@ -586,12 +603,14 @@ fn resnet_backward<B: Backend>(
 /// Saved layout: [norm, q, k, v, attention, stats, logsumexp].
 fn attn_forward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, saved: &mut [B::Tensor], out: &mut B::Tensor) {
     let [n, q, k, v, a, stats, lse] = saved else { unreachable!("AttnBlock buffers are laid out by Unet::plan") };
-    b.group_norm(x, &block.norm.gamma, &block.norm.beta, block.norm.groups, block.norm.eps, false, n, stats);
-    conv_forward(b, &block.q, n, ConvEpilogue::default(), q);
-    conv_forward(b, &block.k, n, ConvEpilogue::default(), k);
-    conv_forward(b, &block.v, n, ConvEpilogue::default(), v);
+    let norm = &block.norm;
+    b.group_norm(LayerInput::one(x), &norm.gamma, &norm.beta, norm.groups, norm.eps, false, n, stats);
+    conv_forward(b, &block.q, LayerInput::one(n), ConvEpilogue::default(), q);
+    conv_forward(b, &block.k, LayerInput::one(n), ConvEpilogue::default(), k);
+    conv_forward(b, &block.v, LayerInput::one(n), ConvEpilogue::default(), v);
     b.attention(q, k, v, a, lse);
-    conv_forward(b, &block.proj_out, a, ConvEpilogue { residual: Some(x), ..Default::default() }, out);
+    let epilogue = ConvEpilogue { residual: Some(x), ..Default::default() };
+    conv_forward(b, &block.proj_out, LayerInput::one(a), epilogue, out);
 }
 
 #[allow(clippy::too_many_arguments)]

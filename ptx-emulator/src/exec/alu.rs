@@ -190,6 +190,9 @@ pub fn exec(inst: &Inst, regs: &mut [u64], mask: u32) -> R {
             match ty {
                 Ty::F32 => map2(regs, mask, dd, a, b, |x, y| {
                     let (x, y) = (z(f(x)), z(f(y)));
+                    if inst.flags.nan && (x.is_nan() || y.is_nan()) {
+                        return 0x7fff_ffff;
+                    }
                     fb(if mx { max32(x, y) } else { min32(x, y) })
                 }),
                 Ty::F64 => {

@@ -46,7 +46,7 @@ pub fn two_sum(a: f64, b: f64) -> (f64, f64) {
 /// `s + err` (exact) rounded to odd at f64 precision: then rounding it to f32 in any mode gives
 /// the correctly rounded f32 of the exact value (53 >= 24 + 2 bits).
 #[inline]
-fn round_to_odd(s: f64, err: f64) -> f64 {
+pub fn round_to_odd(s: f64, err: f64) -> f64 {
     if err == 0.0 || !s.is_finite() {
         return s;
     }
@@ -134,8 +134,15 @@ pub fn mul32(a: f32, b: f32, rnd: Rnd) -> f32 {
 }
 
 /// Fused multiply-add of f32 with one rounding.
+#[inline]
 pub fn fma32(a: f32, b: f32, c: f32, rnd: Rnd) -> f32 {
     let p = a as f64 * b as f64;
+    let s = p + c as f64;
+    // Nearest: the f64 sum rounds to the right f32 unless it landed exactly on an f32 midpoint
+    // (low 29 mantissa bits 1000...0), where the sum's own rounding may have crossed it.
+    if matches!(rnd, Rnd::Default | Rnd::Rn) && (s.to_bits() & 0x1fff_ffff) != 0x1000_0000 {
+        return s as f32;
+    }
     let (s, e) = two_sum(p, c as f64);
     if !s.is_finite() {
         return a.mul_add(b, c);

@@ -12,6 +12,7 @@ use crate::report::{Report, ReportKind};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// (Read, Write, Atomic.)
     Read,
     Write,
     Atomic,
@@ -30,6 +31,23 @@ impl BlockEnv<'_> {
         lane: u32,
         line: u32,
     ) -> Result<*mut u8, Report> {
+        self.resolve_aligned(space, addr, size, size, kind, warp, lane, line)
+    }
+
+    /// `resolve` with an explicit alignment requirement (cp.async reads `src-size` bytes of a
+    /// `cp-size`-aligned source).
+    #[allow(clippy::too_many_arguments)]
+    pub fn resolve_aligned(
+        &mut self,
+        space: Space,
+        addr: u64,
+        size: u64,
+        align: u64,
+        kind: Kind,
+        warp: u32,
+        lane: u32,
+        line: u32,
+    ) -> Result<*mut u8, Report> {
         let (space, a) = match space {
             Space::Generic => match addr {
                 x if (SHARED_WINDOW..SHARED_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Shared, x - SHARED_WINDOW),
@@ -40,14 +58,14 @@ impl BlockEnv<'_> {
             },
             s => (s, addr),
         };
-        if a % size != 0 {
+        if a % align != 0 {
             return Err(self.report(
                 ReportKind::Misaligned,
                 warp,
                 lane,
                 line,
                 Some(addr),
-                format!("{size}-byte {} at an address {} bytes past a {size}-byte boundary", kind.name(), a % size),
+                format!("{size}-byte {} at an address {} bytes past a {align}-byte boundary", kind.name(), a % align),
             ));
         }
         let tid = warp * 32 + lane;
@@ -92,6 +110,20 @@ impl BlockEnv<'_> {
                             "{size}-byte {} at shared offset {a} is {} bytes past the end of the block's {n} bytes of shared memory",
                             kind.name(),
                             a + size - n
+                        ),
+                    ));
+                }
+                if let Some(b) = self.async_pending_in(a, size) {
+                    return Err(self.report(
+                        ReportKind::SharedRace,
+                        warp,
+                        lane,
+                        line,
+                        Some(addr),
+                        format!(
+                            "{} of shared byte {b}, the target of a cp.async (PTX line {}) not yet waited for (cp.async.wait_group/wait_all)",
+                            kind.name(),
+                            self.async_line(b)
                         ),
                     ));
                 }

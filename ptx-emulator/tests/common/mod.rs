@@ -40,8 +40,12 @@ impl Dev {
         Dev { mem: GlobalMemory::new() }
     }
     pub fn load(&mut self, src: &str) -> Option<Module> {
+        self.load_with_ptx(src).map(|(m, _)| m)
+    }
+    pub fn load_with_ptx(&mut self, src: &str) -> Option<(Module, String)> {
         let ptx = compile(src)?;
-        Some(Module::load(&ptx, &mut self.mem).unwrap_or_else(|e| panic!("load failed: {e}\n{ptx}")))
+        let m = Module::load(&ptx, &mut self.mem).unwrap_or_else(|e| panic!("load failed: {e}\n{ptx}"));
+        Some((m, ptx))
     }
     pub fn upload<T: Copy>(&mut self, v: &[T]) -> u64 {
         let bytes = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) };
@@ -109,8 +113,24 @@ impl Lcg {
     }
 }
 
-/// The line of the first PTX line containing `needle` in kernel source `src`'s PTX.
-pub fn ptx_line(src: &str, needle: &str) -> u32 {
-    let ptx = compile(src).unwrap();
-    ptx.lines().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("'{needle}' not in PTX:\n{ptx}")) as u32 + 1
+/// The 1-based numbers of the PTX lines containing `needle`.
+pub fn lines_with(ptx: &str, needle: &str) -> Vec<u32> {
+    let v: Vec<u32> = ptx.lines().enumerate().filter(|(_, l)| l.contains(needle)).map(|(i, _)| i as u32 + 1).collect();
+    assert!(!v.is_empty(), "'{needle}' not in PTX:\n{ptx}");
+    v
+}
+
+/// Like `lines_with`, within the body of `.entry kernel` only.
+pub fn lines_in(ptx: &str, kernel: &str, needle: &str) -> Vec<u32> {
+    let start = ptx.lines().position(|l| l.contains(".entry") && l.contains(&format!(" {kernel}("))).expect("kernel");
+    let v: Vec<u32> = ptx
+        .lines()
+        .enumerate()
+        .skip(start)
+        .take_while(|(i, l)| *i == start || !l.contains(".entry"))
+        .filter(|(_, l)| l.contains(needle))
+        .map(|(i, _)| i as u32 + 1)
+        .collect();
+    assert!(!v.is_empty(), "'{needle}' not in kernel {kernel}:\n{ptx}");
+    v
 }

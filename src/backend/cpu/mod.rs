@@ -209,7 +209,7 @@ impl Backend for CpuBackend {
 
     fn group_norm(
         &self,
-        x: &CpuTensor,
+        x: LayerInput<'_, CpuTensor>,
         gamma: &CpuTensor,
         beta: &CpuTensor,
         groups: usize,
@@ -218,6 +218,9 @@ impl Backend for CpuBackend {
         out: &mut CpuTensor,
         stats: &mut CpuTensor,
     ) {
+        assert!(!x.upsample2x, "group_norm: an upsampled input is not supported");
+        let joined = materialise(x, "group_norm: x");
+        let x = joined.as_ref();
         let shape = group_norm_shape(x, gamma, beta, groups, "group_norm");
         expect_shape(out, &x.shape, "group_norm: out");
         expect_shape(stats, &[x.shape[0], groups, 2], "group_norm: stats");
@@ -246,13 +249,15 @@ impl Backend for CpuBackend {
 
     fn conv2d(
         &self,
-        x: &CpuTensor,
+        x: LayerInput<'_, CpuTensor>,
         w: &CpuTensor,
         bias: Option<&CpuTensor>,
         geometry: Conv2dGeometry,
         epilogue: ConvEpilogue<'_, CpuTensor>,
         out: &mut CpuTensor,
     ) {
+        let joined = materialise(x, "conv2d: x");
+        let x = joined.as_ref();
         dims::<4>(x, "conv2d: x");
         dims::<4>(w, "conv2d: w");
         let layout = conv::ConvLayout::new(&x.shape, &w.shape, geometry);
@@ -566,6 +571,33 @@ impl Backend for CpuBackend {
         elementwise::cross_entropy_grad(&logits.data, &labels.data, &mut dlogits.data);
         store(&mut [dlogits]);
     }
+}
+
+/// The tensor a `LayerInput` reads: borrowed when it is one plain tensor, else built (the reference
+/// backend may materialise what a GPU folds into its indexing).
+fn materialise<'a>(input: LayerInput<'a, CpuTensor>, what: &str) -> std::borrow::Cow<'a, CpuTensor> {
+    use std::borrow::Cow;
+    let [n, c, h, w] = input.logical_shape().unwrap_or_else(|e| panic!("{what}: {e}"));
+    if input.b.is_none() && !input.upsample2x {
+        return Cow::Borrowed(input.a);
+    }
+    let dtype = input.a.dtype;
+    let joined = match input.b {
+        Some(b) => {
+            let mut joined =
+                CpuTensor { shape: vec![n, c, input.a.shape[2], input.a.shape[3]], data: Vec::new(), dtype };
+            joined.data = vec![0.0; element_count(&joined.shape)];
+            CpuBackend.concat_channels(input.a, b, &mut joined);
+            joined
+        }
+        None => input.a.clone(),
+    };
+    if !input.upsample2x {
+        return Cow::Owned(joined);
+    }
+    let mut up = CpuTensor { shape: vec![n, c, h, w], data: vec![0.0; n * c * h * w], dtype };
+    CpuBackend.upsample_nearest2x(&joined, &mut up);
+    Cow::Owned(up)
 }
 
 fn group_norm_shape(
