@@ -16,9 +16,9 @@
 // gathered from x on the fly (implicit im2col), B is the weight matrix as stored (K contiguous per
 // output channel: the "col" operand of mma.sync).
 //
-// Two modules (a module is one file): this one, version 1, runs anywhere (plain f32 instructions:
-// the PTX emulator runs it today); conv2d_mma.cu, version 2 (tensor cores, cp.async, ldmatrix), is
-// THE FAST ONE for bf16/f16 and is loaded on its own. The index helpers below are the same in both
+// Two modules (a module is one file): this one, version 1, plain instructions only, so it loads on
+// any driver (the PTX emulator ran it before it had tensor cores); conv2d_mma.cu, version 2 (tensor
+// cores, cp.async, ldmatrix), is THE FAST ONE for bf16/f16 and is loaded on its own. The index helpers below are the same in both
 // files (NVRTC gets one header per module, common.cuh); keep them in step.
 //
 // Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
