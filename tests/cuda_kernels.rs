@@ -22,7 +22,7 @@ use half::{bf16, f16};
 use purifier::backend::cpu::CpuBackend;
 use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch, AttentionVersion};
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
-use purifier::backend::cuda::conv::{self, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
+use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision};
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
@@ -726,4 +726,91 @@ fn emulator_attention_tensor_cores() {
     let kernels = AttentionKernels::load(&driver, simt, Some(mma)).unwrap();
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::Bf16);
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
+}
+
+/// The input gradient of one case (its logical input: concat and upsample are the caller's), in
+/// `dtype`, accumulated onto a random dx; returns the relative L2 error of the new dx.
+fn check_conv_backward_input(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    case: &ConvCase,
+    dtype: Precision,
+    seed: u64,
+) -> f64 {
+    let c = case;
+    let factor = if c.upsample { 2 } else { 1 };
+    let (n, h, w) = (c.batch, c.height * factor, c.width * factor);
+    let (ci, co, k) = (c.channels_a + c.channels_b, c.out_channels, c.kernel);
+    let mut mem = Allocations::new(driver);
+    let mut launch = Conv2dBackwardInputLaunch {
+        batch: n,
+        height: h,
+        width: w,
+        in_channels: ci,
+        out_channels: co,
+        kernel_h: k,
+        kernel_w: k,
+        geometry: c.geometry,
+        dtype,
+        dout: 0,
+        weight: 0,
+        dx: 0,
+    };
+    let (oh, ow) = launch.output_size();
+    let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dtype);
+    let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), dtype);
+    let (dx_host, dx) = mem.upload(&common::uniform(n * h * w * ci, seed + 2), dtype);
+    (launch.dout, launch.weight, launch.dx) = (dout, weight, dx);
+    conv::launch_conv2d_backward_input(driver, kernels, &launch).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let dx_out = mem.download(dx, n * h * w * ci, dtype);
+
+    let to_nchw = |v: &[f32], channels: usize, plane: usize| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..n {
+            for p in 0..plane {
+                for ch in 0..channels {
+                    r[(s * channels + ch) * plane + p] = v[(s * plane + p) * channels + ch];
+                }
+            }
+        }
+        r
+    };
+    let mut w_oihw = vec![0.0f32; w_host.len()];
+    for o in 0..co {
+        for ch in 0..ci {
+            for t in 0..k * k {
+                w_oihw[(o * ci + ch) * k * k + t] = w_host[(o * k * k + t) * ci + ch];
+            }
+        }
+    }
+    let cpu = CpuBackend;
+    let dout_t = cpu.upload(&to_nchw(&dout_host, co, oh * ow), &[n, co, oh, ow]).unwrap();
+    let w_t = cpu.upload(&w_oihw, &[co, ci, k, k]).unwrap();
+    let mut dx_t = cpu.upload(&to_nchw(&dx_host, ci, h * w), &[n, ci, h, w]).unwrap();
+    cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t);
+    let mut reference = cpu.download(&dx_t).unwrap();
+    if dtype != Precision::F32 {
+        reference = encode(&reference, dtype).0;
+    }
+    relative_l2(&to_nchw(&dx_out, ci, h * w), &reference)
+}
+
+#[test]
+fn emulator_conv_backward_input() {
+    let (driver, module) = emulated_module("conv2d.cu");
+    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for dtype in [Precision::F32, Precision::Bf16] {
+        for case in conv_cases() {
+            let err = check_conv_backward_input(&driver, &kernels, &case, dtype, seed);
+            let tol = tolerance(&[dtype]);
+            println!("conv backward input {dtype} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed})", case.name);
+            if err.is_nan() || err > tol {
+                failures.push(format!("{dtype} {}: {err:e}", case.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "conv backward input (seed {seed}) over tolerance: {failures:?}");
 }
