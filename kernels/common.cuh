@@ -185,12 +185,61 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 counter, uint2 key) {
 // A Philox output word as a uniform strictly inside (0, 1), in f64 (exact).
 __device__ __forceinline__ double philox_uniform(unsigned r) { return ((double)r + 0.5) / 4294967296.0; }
 
+// sin and cos in f64 for |x| < 2^19 (angles of the noise and the timestep embedding), written
+// here rather than taken from NVRTC's math library: its f64 sin/cos carry a call to a large-argument
+// reduction routine (a `.func`), which the PTX emulator does not run. Accuracy is that of a libm
+// (about 1 ulp of f64), far below the one rounding to f32 the callers apply.
+// Reduction: k = nearest integer to x / (pi/2), r = x - k pi/2 with pi/2 split in three parts whose
+// products with k are exact (the first part has 33 significant bits), so |r| <= pi/4 accurately.
+// Then Taylor series to degree 23 / 24 (truncation below 1e-25 on |r| <= pi/4), in Horner form.
+__device__ __forceinline__ void sincos_f64(double x, double* sin_out, double* cos_out) {
+    const double two_over_pi = 0.63661977236758134308;
+    const double pio2_hi = 1.57079632673412561417e+00;  // first 33 bits of pi/2
+    const double pio2_mid = 6.07710050650619224932e-11;  // next 33 bits
+    const double pio2_lo = 2.02226624879595063154e-21;  // the rest
+    const double k = rint(x * two_over_pi);
+    const double r = ((x - k * pio2_hi) - k * pio2_mid) - k * pio2_lo;
+    const double z = r * r;
+    // sin r = r + r z (-1/3! + z (1/5! - z (1/7! - ...)))
+    double ps = -1.0 / 25852016738884976640000.0;          // -1/23!
+    ps = ps * z + 1.0 / 51090942171709440000.0;           // 1/21!
+    ps = ps * z - 1.0 / 121645100408832000.0;             // -1/19!
+    ps = ps * z + 1.0 / 355687428096000.0;                // 1/17!
+    ps = ps * z - 1.0 / 1307674368000.0;                  // -1/15!
+    ps = ps * z + 1.0 / 6227020800.0;                     // 1/13!
+    ps = ps * z - 1.0 / 39916800.0;                       // -1/11!
+    ps = ps * z + 1.0 / 362880.0;                         // 1/9!
+    ps = ps * z - 1.0 / 5040.0;                           // -1/7!
+    ps = ps * z + 1.0 / 120.0;                            // 1/5!
+    ps = ps * z - 1.0 / 6.0;                              // -1/3!
+    const double s = r + r * z * ps;
+    // cos r = 1 + z (-1/2! + z (1/4! - ...))
+    double pc = 1.0 / 620448401733239439360000.0;         // 1/24!
+    pc = pc * z - 1.0 / 1124000727777607680000.0;         // -1/22!
+    pc = pc * z + 1.0 / 2432902008176640000.0;            // 1/20!
+    pc = pc * z - 1.0 / 6402373705728000.0;               // -1/18!
+    pc = pc * z + 1.0 / 20922789888000.0;                 // 1/16!
+    pc = pc * z - 1.0 / 87178291200.0;                    // -1/14!
+    pc = pc * z + 1.0 / 479001600.0;                      // 1/12!
+    pc = pc * z - 1.0 / 3628800.0;                        // -1/10!
+    pc = pc * z + 1.0 / 40320.0;                          // 1/8!
+    pc = pc * z - 1.0 / 720.0;                            // -1/6!
+    pc = pc * z + 1.0 / 24.0;                             // 1/4!
+    pc = pc * z - 0.5;                                    // -1/2!
+    const double c = 1.0 + z * pc;
+    const int quadrant = ((int)k) & 3;
+    *sin_out = quadrant == 0 ? s : quadrant == 1 ? c : quadrant == 2 ? -s : -c;
+    *cos_out = quadrant == 0 ? c : quadrant == 1 ? -s : quadrant == 2 ? -c : s;
+}
+
 // Box-Muller in f64, rounded to f32 once, as on the CPU: (u0, u1) -> (radius cos, radius sin).
 __device__ __forceinline__ float2 box_muller(double u0, double u1) {
     const double pi = 3.141592653589793;
     const double radius = sqrt(-2.0 * log(u0));
     const double angle = 2.0 * pi * u1;
-    return make_float2((float)(radius * cos(angle)), (float)(radius * sin(angle)));
+    double s, c;
+    sincos_f64(angle, &s, &c);
+    return make_float2((float)(radius * c), (float)(radius * s));
 }
 
 // The four standard normals of one Philox output block (n0, n1 from words 0,1; n2, n3 from 2,3).

@@ -1,7 +1,8 @@
 // diffusion.cu: the sampler's per-element arithmetic (METHOD.md section 2) and its noise.
 //
-//   fill_gaussian:        element i (logical NCHW index) = normal i % 4 of Philox block i / 4 of
-//                         (seed, stream), bit-identical to src/backend/cpu/rng.rs; written at its
+//   fill_gaussian:        noise keyed per image, src/backend/cpu/rng.rs bit for bit: element e
+//                         (logical NCHW index within the sample) of sample s = normal e % 4 of
+//                         Philox block (seed, stream, image_indices[s], e / 4); written at its
 //                         NHWC position for 4-D tensors;
 //   predict_x0_and_mean:  x0_hat = clip((x_t - sqrt(1-abar) eps) / sqrt(abar), -1, 1),
 //                         mu = c0 x0_hat + ct x_t;
@@ -18,24 +19,28 @@ struct StepCoefficients {
     float sqrt_abar, sqrt_one_minus_abar, c0, ct;
 };
 
-extern "C" __global__ void fill_gaussian(void* out, int dt_out, long long n, int nhwc, int channels, int height,
-                                         int width, unsigned long long seed, unsigned long long stream) {
-    const long long blocks = (n + 3) / 4;
+// One thread per (sample, Philox block): key = seed, counter = (block within the image, the
+// image's index in the whole input, stream). `image_indices` (samples) is always f32 storage:
+// integers below 2^24, exact. An image's noise does not depend on the batch it is in.
+extern "C" __global__ void fill_gaussian(void* out, int dt_out, const float* image_indices, long long samples,
+                                         long long sample_len, int nhwc, int channels, int height, int width,
+                                         unsigned long long seed, unsigned long long stream) {
+    const long long blocks_per_sample = (sample_len + 3) / 4;
     const uint2 key = split_u64(seed);
     const uint2 stream_words = split_u64(stream);
-    GRID_STRIDE_LOOP(block, blocks) {
-        const uint2 block_words = split_u64((unsigned long long)block);
-        const uint4 bits = philox4x32_10(make_uint4(block_words.x, block_words.y, stream_words.x, stream_words.y), key);
+    GRID_STRIDE_LOOP(i, samples * blocks_per_sample) {
+        const long long s = i / blocks_per_sample, block = i % blocks_per_sample;
+        const unsigned image = (unsigned)image_indices[s];
+        const uint4 bits = philox4x32_10(make_uint4((unsigned)block, image, stream_words.x, stream_words.y), key);
         const float4 normals = gaussian4_from_bits(bits);
         const float values[4] = {normals.x, normals.y, normals.z, normals.w};
         for (int k = 0; k < 4; ++k) {
-            const long long logical = block * 4 + k;
-            if (logical >= n) break;
-            long long stored = logical;
+            const long long e = block * 4 + k;
+            if (e >= sample_len) break;
+            long long stored = s * sample_len + e;
             if (nhwc) {
                 const long long plane = (long long)height * width;
-                const long long x = logical % width, y = (logical / width) % height;
-                const long long c = (logical / plane) % channels, s = logical / (plane * channels);
+                const long long x = e % width, y = (e / width) % height, c = e / plane;
                 stored = ((s * height + y) * width + x) * channels + c;
             }
             store_dyn(out, dt_out, stored, values[k]);

@@ -2,7 +2,8 @@
 // ResnetBlocks' time-embedding projections, the classifiers' final linear layer).
 //
 //   timestep_embedding: out[n, j] = sin(t[n] f_j) for j < dim/2, cos(t[n] f_{j - dim/2}) after,
-//                       f_i = exp(-ln(10000) i / (dim/2 - 1)), in f64 as on the CPU, rounded once;
+//                       f_i = exp(-ln(10000) i / (dim/2 - 1)), in f64 as on the CPU (sin/cos from
+//                       common.cuh's sincos_f64), rounded once;
 //   linear:             out[n, o] = sum_i w[o, i] silu?(x[n, i]) + bias[o];
 //   linear_backward:    dx[n, i] += silu'?(x[n, i]) sum_o dout[n, o] w[o, i].
 // Layout: row-major (N x features); w (out x in). Precision: any storage type (run-time codes),
@@ -19,7 +20,9 @@ extern "C" __global__ void timestep_embedding(const float* t, void* out, int dt_
         const int i = j < half ? j : j - half;
         const double frequency = exp(-log(10000.0) * (double)i / (double)(half - 1));
         const double angle = (double)t[n] * frequency;
-        store_dyn(out, dt_out, k, (float)(j < half ? sin(angle) : cos(angle)));
+        double s, c;
+        sincos_f64(angle, &s, &c);
+        store_dyn(out, dt_out, k, (float)(j < half ? s : c));
     }
 }
 

@@ -5,8 +5,14 @@
 //! exact through every reverse step (`Purifier::input_vjp`); the guidance shift is a constant in
 //! it (BPDA on the guidance only), which reports must say. Robust accuracy is judged by a vote
 //! over several purifications of the final adversarial images.
+//!
+//! Every random draw is keyed per image, by the image's index in the whole input (never its place
+//! in a batch, nor among the images still being attacked): the random start, each EOT draw's
+//! purification noise and each vote's. So is every step of PGD and APGD (step sizes, checkpoints,
+//! best iterates are per image), so an image's adversarial example depends on the seed, the image
+//! and the settings only, not on `--batch` or on the other images.
 use crate::backend::cpu::rng;
-use crate::backend::Backend;
+use crate::backend::{Backend, IMAGE_INDEX_LIMIT};
 use crate::error::{Error, Result};
 use crate::model::classifier::{argmax, log_softmax_at};
 use crate::model::{Classifier, ClassifierPlan};
@@ -125,24 +131,37 @@ pub struct AttackTrace {
     pub seconds: f64,
 }
 
-/// An EOT estimate at one point: per-image mean loss, images classified correctly summed over
-/// the draws, and the summed gradient of the loss with respect to the pixels.
+/// An EOT estimate at one point: per-image mean loss, per-image count of the draws that
+/// classified it correctly, and the summed gradient of the loss with respect to the pixels.
 struct EotEstimate {
     losses: Vec<f64>,
-    correct: usize,
+    correct: Vec<usize>,
     gradient: Vec<f32>,
 }
 
-/// The defended model: a purifier followed by a classifier.
+impl EotEstimate {
+    /// Whether image `i` is misclassified at this point, judged as the defence judges: by a
+    /// strict majority of the draws (one draw, exact, for a deterministic model).
+    fn broken(&self, i: usize, draws: usize) -> bool {
+        2 * (draws - self.correct[i]) > draws
+    }
+}
+
+/// The model under attack: a purifier followed by a classifier, or the classifier alone (the
+/// undefended baseline, deterministic).
 pub struct Defence<'a, B: Backend> {
-    pub purifier: &'a Purifier<'a, B>,
+    pub backend: &'a B,
+    /// `None`: the classifier alone.
+    pub purifier: Option<&'a Purifier<'a, B>>,
     pub classifier: &'a Classifier<B>,
 }
 
-/// Buffers of one batch size: a differentiable purify plan and the classifier's plan.
+/// Buffers of one batch size: a differentiable purify plan (or the classifier's input) and the
+/// classifier's plan.
 pub struct DefencePlan<B: Backend> {
     batch: usize,
-    purify: PurifyPlan<B>,
+    purify: Option<PurifyPlan<B>>,
+    input: Option<B::Tensor>,
     classifier: ClassifierPlan<B>,
     labels: B::Tensor,
     dlogits: B::Tensor,
@@ -158,22 +177,57 @@ impl<B: Backend> DefencePlan<B> {
 const VOTE_SEED_SALT: u64 = 0x05EE_D0F7_07E5;
 
 impl<'a, B: Backend> Defence<'a, B> {
+    /// The defended model C(purify(x)).
+    pub fn purified(purifier: &'a Purifier<'a, B>, classifier: &'a Classifier<B>) -> Self {
+        Defence { backend: purifier.backend, purifier: Some(purifier), classifier }
+    }
+
+    /// The classifier alone: the undefended baseline.
+    pub fn undefended(backend: &'a B, classifier: &'a Classifier<B>) -> Self {
+        Defence { backend, purifier: None, classifier }
+    }
+
+    /// Whether the model draws noise (then EOT and votes matter; else one draw says it all).
+    pub fn is_stochastic(&self) -> bool {
+        self.purifier.is_some()
+    }
+
     pub fn plan(&self, batch: usize) -> Result<DefencePlan<B>> {
-        let b = self.purifier.backend;
+        let b = self.backend;
         Ok(DefencePlan {
             batch,
-            purify: self.purifier.plan_differentiable(batch)?,
+            purify: self.purifier.map(|p| p.plan_differentiable(batch)).transpose()?,
+            input: if self.purifier.is_none() { Some(b.zeros(&[batch, 3, 32, 32])?) } else { None },
             classifier: self.classifier.plan(b, batch, true)?,
             labels: b.zeros(&[batch])?,
             dlogits: b.zeros(&[batch, self.classifier.num_classes])?,
         })
     }
 
-    /// Logits (host, batch x classes) of C(purify(x)) for one noise draw; pixels in [0, 1].
-    pub fn logits(&self, plan: &mut DefencePlan<B>, pixels: &[f32], noise: NoiseDraw) -> Result<Vec<f32>> {
-        let b = self.purifier.backend;
-        self.purifier.purify_on_backend(&mut plan.purify, &to_model_range(pixels), noise)?;
-        self.classifier.forward(b, &mut plan.classifier, plan.purify.output())?;
+    /// Logits (host, batch x classes) of C(purify(x)) for one noise draw, or of C(x) for the
+    /// classifier alone (the draw is then unused); pixels in [0, 1], the images numbered
+    /// `image_indices` in the whole input.
+    pub fn logits(
+        &self,
+        plan: &mut DefencePlan<B>,
+        pixels: &[f32],
+        image_indices: &[u64],
+        noise: NoiseDraw,
+    ) -> Result<Vec<f32>> {
+        let b = self.backend;
+        let x = to_model_range(pixels);
+        let input = match (self.purifier, plan.purify.as_mut(), plan.input.as_mut()) {
+            (Some(purifier), Some(purify), _) => {
+                purifier.purify_on_backend(purify, &x, image_indices, noise)?;
+                purify.output()
+            }
+            (None, _, Some(input)) => {
+                b.write(input, &x)?;
+                input
+            }
+            _ => return Err(Error::invalid("this plan was made for another defence")),
+        };
+        self.classifier.forward(b, &mut plan.classifier, input)?;
         b.download(&plan.classifier.logits)
     }
 
@@ -185,11 +239,12 @@ impl<'a, B: Backend> Defence<'a, B> {
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         loss: Loss,
         noise: NoiseDraw,
     ) -> Result<(Vec<f64>, Vec<bool>, Vec<f32>)> {
-        let b = self.purifier.backend;
-        let logits = self.logits(plan, pixels, noise)?;
+        let b = self.backend;
+        let logits = self.logits(plan, pixels, image_indices, noise)?;
         let k = self.classifier.num_classes;
         let losses = match loss {
             Loss::CrossEntropy => {
@@ -212,7 +267,10 @@ impl<'a, B: Backend> Defence<'a, B> {
             }
         };
         let grad_x0 = self.classifier.input_vjp(b, &mut plan.classifier, Some(&plan.dlogits), None)?;
-        let grad_x = self.purifier.input_vjp(&mut plan.purify, grad_x0)?;
+        let grad_x = match (self.purifier, plan.purify.as_mut()) {
+            (Some(purifier), Some(purify)) => purifier.input_vjp(purify, grad_x0)?,
+            _ => grad_x0,
+        };
         // x = 2 p - 1
         let grad_pixels: Vec<f32> = b.download(grad_x)?.iter().map(|g| 2.0 * g).collect();
         let correct = logits.chunks(k).zip(labels).map(|(row, &y)| argmax(row) == y as usize).collect();
@@ -220,45 +278,47 @@ impl<'a, B: Backend> Defence<'a, B> {
     }
 
     /// The loss and gradient at `x` averaged over `settings.eot` draws; `evaluation` numbers the
-    /// estimates of one attack on one batch, so that every draw has its own noise.
+    /// estimates of one attack, so that every draw has its own noise (per image: the draws are
+    /// keyed by `image_indices` too).
     fn eot_estimate(
         &self,
         plan: &mut DefencePlan<B>,
         x: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         settings: &AttackSettings,
-        batch_index: u64,
         evaluation: usize,
     ) -> Result<EotEstimate> {
-        let mut estimate = EotEstimate { losses: vec![0.0; labels.len()], correct: 0, gradient: vec![0.0; x.len()] };
+        let n = labels.len();
+        let mut estimate = EotEstimate { losses: vec![0.0; n], correct: vec![0; n], gradient: vec![0.0; x.len()] };
         for e in 0..settings.eot {
-            let evaluations = settings.iterations as u64 + 1;
-            let draw = (batch_index * evaluations + evaluation as u64) * settings.eot as u64 + e as u64;
+            let draw = evaluation as u64 * settings.eot as u64 + e as u64;
             let noise = NoiseDraw { seed: settings.seed, draw };
-            let (losses, right, g) = self.loss_gradient(plan, x, labels, settings.loss, noise)?;
+            let (losses, right, g) = self.loss_gradient(plan, x, labels, image_indices, settings.loss, noise)?;
             estimate.gradient.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
             estimate.losses.iter_mut().zip(&losses).for_each(|(a, l)| *a += l / settings.eot as f64);
-            estimate.correct += right.iter().filter(|&&c| c).count();
+            estimate.correct.iter_mut().zip(&right).for_each(|(c, &r)| *c += usize::from(r));
         }
         Ok(estimate)
     }
 
     /// How many of `votes` purifications (each its own noise) the classifier gets right, per
-    /// image. `batch_index` separates the batches of a run; the draws never overlap an attack's.
+    /// image (the images numbered `image_indices` in the whole input). The draws never overlap an
+    /// attack's (the seed is salted).
     pub fn correct_votes(
         &self,
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         votes: usize,
         seed: u64,
-        batch_index: u64,
     ) -> Result<Vec<usize>> {
         let mut counts = vec![0; labels.len()];
         let k = self.classifier.num_classes;
         for v in 0..votes as u64 {
-            let noise = NoiseDraw { seed: seed ^ VOTE_SEED_SALT, draw: batch_index * votes as u64 + v };
-            let logits = self.logits(plan, pixels, noise)?;
+            let noise = NoiseDraw { seed: seed ^ VOTE_SEED_SALT, draw: v };
+            let logits = self.logits(plan, pixels, image_indices, noise)?;
             for ((count, row), &label) in counts.iter_mut().zip(logits.chunks(k)).zip(labels) {
                 *count += usize::from(argmax(row) == label as usize);
             }
@@ -266,24 +326,31 @@ impl<'a, B: Backend> Defence<'a, B> {
         Ok(counts)
     }
 
-    /// Attacks one batch (pixels in [0, 1], N x 3 x 32 x 32): returns the adversarial images
-    /// and the attacker's view of each iteration (also given to `progress`).
+    /// Attacks one batch (pixels in [0, 1], N x 3 x 32 x 32; the images numbered
+    /// `image_indices` in the whole input): returns the adversarial images and the attacker's
+    /// view of each iteration (also given to `progress`).
     pub fn attack(
         &self,
         plan: &mut DefencePlan<B>,
         pixels: &[f32],
         labels: &[u8],
+        image_indices: &[u64],
         settings: &AttackSettings,
-        batch_index: u64,
         mut progress: impl FnMut(&AttackTrace),
     ) -> Result<(Vec<f32>, Vec<AttackTrace>)> {
         settings.validate()?;
-        if pixels.len() != plan.batch * IMAGE_LEN || labels.len() != plan.batch {
+        if pixels.len() != plan.batch * IMAGE_LEN || labels.len() != plan.batch || image_indices.len() != plan.batch {
             return Err(Error::invalid(format!(
-                "the attack got {} pixel values and {} labels for a batch of {}",
+                "the attack got {} pixel values, {} labels and {} image indices for a batch of {}",
                 pixels.len(),
                 labels.len(),
+                image_indices.len(),
                 plan.batch
+            )));
+        }
+        if let Some(&bad) = image_indices.iter().find(|&&g| g >= IMAGE_INDEX_LIMIT) {
+            return Err(Error::invalid(format!(
+                "image index {bad} is too large: a run holds at most {IMAGE_INDEX_LIMIT} images"
             )));
         }
         if let Some(bad) = pixels.iter().find(|p| !(0.0..=1.0).contains(*p)) {
@@ -297,7 +364,7 @@ impl<'a, B: Backend> Defence<'a, B> {
         }
         let mut start = pixels.to_vec();
         if settings.random_start {
-            let offsets = random_start(settings, plan.batch, batch_index);
+            let offsets = random_start(settings, image_indices);
             start.iter_mut().zip(&offsets).for_each(|(p, d)| *p += d);
             project(&mut start, pixels, settings);
         }
@@ -308,7 +375,7 @@ impl<'a, B: Backend> Defence<'a, B> {
             let trace = AttackTrace {
                 iteration,
                 loss: estimate.losses.iter().sum::<f64>() / batch as f64,
-                eot_accuracy: estimate.correct as f64 / draws,
+                eot_accuracy: estimate.correct.iter().sum::<usize>() as f64 / draws,
                 seconds: started.elapsed().as_secs_f64(),
             };
             progress(&trace);
@@ -320,20 +387,28 @@ impl<'a, B: Backend> Defence<'a, B> {
                 let steps = vec![settings.step_size; plan.batch];
                 for iteration in 0..settings.iterations {
                     let started = std::time::Instant::now();
-                    let estimate = self.eot_estimate(plan, &x, labels, settings, batch_index, iteration)?;
+                    let estimate = self.eot_estimate(plan, &x, labels, image_indices, settings, iteration)?;
                     ascend(&mut x, &estimate.gradient, &steps, settings.norm);
                     project(&mut x, pixels, settings);
                     record(iteration, &estimate, started);
                 }
                 x
             }
-            Method::Apgd => self.apgd(plan, pixels, start, labels, settings, batch_index, &mut record)?,
+            Method::Apgd => self.apgd(plan, pixels, start, labels, image_indices, settings, &mut record)?,
         };
         Ok((adversarial, traces))
     }
 
     /// APGD (Croce & Hein 2020, Algorithm 1) with EOT estimates of loss and gradient, step sizes
-    /// and checkpoint tests per image. Returns the best iterate (highest EOT loss) of each image.
+    /// and checkpoint tests per image.
+    ///
+    /// The result follows the reference implementation's bookkeeping: an image that any iterate
+    /// (the start included) misclassifies gets the last such iterate, whatever its loss; an image
+    /// no iterate broke gets its best iterate (highest EOT loss). "Misclassifies" is judged as
+    /// the defence judges, by a strict majority of the iterate's EOT draws (for a deterministic
+    /// model one draw, exactly the reference's test). The reference tests a stochastic model on
+    /// the last draw only; a majority of the draws is less noisy, and the caller's vote over
+    /// fresh purifications has the final word.
     #[allow(clippy::too_many_arguments)]
     fn apgd(
         &self,
@@ -341,8 +416,8 @@ impl<'a, B: Backend> Defence<'a, B> {
         origin: &[f32],
         start: Vec<f32>,
         labels: &[u8],
+        image_indices: &[u64],
         settings: &AttackSettings,
-        batch_index: u64,
         record: &mut impl FnMut(usize, &EotEstimate, std::time::Instant),
     ) -> Result<Vec<f32>> {
         const MOMENTUM: f32 = 0.75;
@@ -351,11 +426,21 @@ impl<'a, B: Backend> Defence<'a, B> {
         let checkpoints = apgd_checkpoints(settings.iterations);
         let mut step = vec![2.0 * settings.eps; n];
         let started = std::time::Instant::now();
-        let first = self.eot_estimate(plan, &start, labels, settings, batch_index, 0)?;
+        let first = self.eot_estimate(plan, &start, labels, image_indices, settings, 0)?;
         let mut x = start;
         let mut previous = x.clone();
         let (mut best, mut best_loss, mut best_gradient) = (x.clone(), first.losses.clone(), first.gradient.clone());
         let (mut gradient, mut last_loss) = (first.gradient.clone(), first.losses.clone());
+        // The last iterate that broke each image (meaningful where `broken`).
+        let (mut broken, mut breaking) = (vec![false; n], x.clone());
+        let mut note_broken = |estimate: &EotEstimate, x: &[f32]| {
+            for i in (0..n).filter(|&i| estimate.broken(i, settings.eot)) {
+                broken[i] = true;
+                let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
+                breaking[image.clone()].copy_from_slice(&x[image]);
+            }
+        };
+        note_broken(&first, &x);
         record(0, &first, started);
         let mut increases = vec![0usize; n];
         let (mut best_at_checkpoint, mut reduced_at_checkpoint) = (best_loss.clone(), vec![true; n]);
@@ -376,7 +461,8 @@ impl<'a, B: Backend> Defence<'a, B> {
             project(&mut next, origin, settings);
             previous = std::mem::replace(&mut x, next);
 
-            let estimate = self.eot_estimate(plan, &x, labels, settings, batch_index, iteration + 1)?;
+            let estimate = self.eot_estimate(plan, &x, labels, image_indices, settings, iteration + 1)?;
+            note_broken(&estimate, &x);
             for i in 0..n {
                 let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
                 increases[i] += usize::from(estimate.losses[i] > last_loss[i]);
@@ -409,6 +495,10 @@ impl<'a, B: Backend> Defence<'a, B> {
                 last_checkpoint = iteration + 1;
             }
             record(iteration + 1, &estimate, started);
+        }
+        for i in (0..n).filter(|&i| broken[i]) {
+            let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
+            best[image.clone()].copy_from_slice(&breaking[image]);
         }
         Ok(best)
     }
@@ -482,31 +572,35 @@ fn project(x: &mut [f32], origin: &[f32], settings: &AttackSettings) {
     x.iter_mut().for_each(|x| *x = x.clamp(0.0, 1.0));
 }
 
-/// The random start's offsets, from the noise generator (stream counted down from the top, so
-/// it never meets a purification's streams).
-fn random_start(settings: &AttackSettings, batch: usize, batch_index: u64) -> Vec<f32> {
-    let stream = u64::MAX - batch_index;
-    let blocks = (batch * IMAGE_LEN).div_ceil(4) as u64;
-    match settings.norm {
-        Norm::Linf => (0..blocks)
-            .flat_map(|i| rng::uniform_block(settings.seed, stream, i))
-            .take(batch * IMAGE_LEN)
-            .map(|u| settings.eps * (2.0 * u - 1.0))
-            .collect(),
-        Norm::L2 => {
-            let mut offsets: Vec<f32> = (0..blocks)
-                .flat_map(|i| rng::gaussian_block(settings.seed, stream, i))
-                .take(batch * IMAGE_LEN)
-                .collect();
-            for (n, d) in offsets.chunks_mut(IMAGE_LEN).enumerate() {
-                let u = rng::uniform_block(settings.seed, stream - (1 << 32), (n / 4) as u64)[n % 4];
+/// The generator's streams of the random start, counted down from the top so that they never
+/// meet a purification's (`NoiseDraw::stream` counts up from 0).
+const RANDOM_START_STREAM: u64 = u64::MAX;
+const RANDOM_START_RADIUS_STREAM: u64 = u64::MAX - 1;
+
+/// The random start's offsets, per image from its own index: uniform in the l_inf ball, or a
+/// Gaussian direction scaled to a uniform radius in the l_2 ball.
+fn random_start(settings: &AttackSettings, image_indices: &[u64]) -> Vec<f32> {
+    let blocks = IMAGE_LEN.div_ceil(4) as u32;
+    let mut offsets = Vec::with_capacity(image_indices.len() * IMAGE_LEN);
+    for &image in image_indices {
+        let image = image as u32; // below IMAGE_INDEX_LIMIT: checked by `attack`
+        let draw = |stream, block| match settings.norm {
+            Norm::Linf => rng::uniform_block(settings.seed, stream, image, block),
+            Norm::L2 => rng::gaussian_block(settings.seed, stream, image, block),
+        };
+        let mut d: Vec<f32> = (0..blocks).flat_map(|i| draw(RANDOM_START_STREAM, i)).take(IMAGE_LEN).collect();
+        match settings.norm {
+            Norm::Linf => d.iter_mut().for_each(|u| *u = settings.eps * (2.0 * *u - 1.0)),
+            Norm::L2 => {
+                let u = rng::uniform_block(settings.seed, RANDOM_START_RADIUS_STREAM, image, 0)[0];
                 let radius = u as f64 * settings.eps as f64;
-                let k = (radius / l2_norm(d).max(1e-12)) as f32;
+                let k = (radius / l2_norm(&d).max(1e-12)) as f32;
                 d.iter_mut().for_each(|v| *v *= k);
             }
-            offsets
         }
+        offsets.extend_from_slice(&d);
     }
+    offsets
 }
 
 fn l2_norm(v: &[f32]) -> f64 {

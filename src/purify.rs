@@ -7,7 +7,11 @@
 //! images through every reverse step to the input images, recomputing one step's UNet
 //! activations at a time from the tape. The guidance shift is a constant there (BPDA on the
 //! guidance only), and so is the noise of the draw.
-use crate::backend::{Backend, TensorShape};
+//!
+//! Noise is keyed per image (src/backend/cpu/rng.rs): every draw names the image's index in the
+//! whole input, so a purified image depends on the seed, the image and the settings only, not on
+//! the batch it was purified in.
+use crate::backend::{Backend, TensorShape, IMAGE_INDEX_LIMIT};
 use crate::diffusion::{GradientPath, Guidance, ReverseStep, Sampler, Schedule};
 use crate::error::{Error, Result};
 use crate::model::classifier::{argmax, log_softmax_at};
@@ -22,7 +26,8 @@ pub struct PurifySettings {
     pub guidance: Guidance,
     /// Gradient constraint: `||delta|| <= kappa ||x_t - mu||` per sample (infinity: off).
     pub kappa: f32,
-    /// Seed of all noise; noise depends only on (seed, step, element), not on the backend.
+    /// Seed of all noise; an image's noise depends only on (seed, its index in the input, step,
+    /// element), not on the batch or the backend.
     pub seed: u64,
 }
 
@@ -53,6 +58,8 @@ pub struct PurifyPlan<B: Backend> {
     mu: B::Tensor,
     delta: B::Tensor,
     noise: B::Tensor,
+    /// Each sample's index in the whole input (N), written with the input: it keys the noise.
+    image_indices: B::Tensor,
     /// Scratch: the guidance objective's gradient with respect to the classifier input.
     u: B::Tensor,
     /// The x_t path's classifier input, x_t / sqrt(abar).
@@ -80,12 +87,21 @@ struct Tape<B: Backend> {
     grad_input: B::Tensor,
 }
 
-/// Which noise a purification draws: `seed`, and `draw`, which separates the purifications made
-/// with one seed (the batches of a run, the draws of an attack).
+/// Which noise a purification draws, besides the images' own indices: `seed`, and `draw`, which
+/// separates the purifications of one image with one seed (an attack's EOT draws, the votes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NoiseDraw {
     pub seed: u64,
     pub draw: u64,
+}
+
+impl NoiseDraw {
+    /// The generator's stream of the noise added at `step` of this draw: 0 for the q-sample to
+    /// t*, t for the reverse step t -> t-1; `stream = draw * (T + 1) + step`. Streams counted down
+    /// from u64::MAX are left to the attacks' host-side draws (src/attack.rs).
+    pub fn stream(&self, schedule: &Schedule, step: usize) -> u64 {
+        self.draw * (schedule.num_steps() as u64 + 1) + step as u64
+    }
 }
 
 /// A noise predictor plus, for the adversarial mode, the auxiliary robust classifier.
@@ -96,6 +112,8 @@ pub struct Purifier<'a, B: Backend> {
     pub schedule: Schedule,
     pub settings: PurifySettings,
     steps: Vec<ReverseStep>,
+    /// Called after each reverse step (a progress display); none by default.
+    step_observer: Option<Box<dyn Fn() + Send + Sync + 'a>>,
 }
 
 impl<'a, B: Backend> Purifier<'a, B> {
@@ -120,7 +138,12 @@ impl<'a, B: Backend> Purifier<'a, B> {
             return Err(Error::invalid("only 32x32 UNets are supported"));
         }
         let steps = schedule.reverse_steps(settings.t_star, settings.sampler)?;
-        Ok(Self { backend, unet, auxiliary, schedule, settings, steps })
+        Ok(Self { backend, unet, auxiliary, schedule, settings, steps, step_observer: None })
+    }
+
+    /// Calls `observer` after every reverse step of every purification from now on.
+    pub fn observe_steps(&mut self, observer: impl Fn() + Send + Sync + 'a) {
+        self.step_observer = Some(Box::new(observer));
     }
 
     /// The reverse steps this purifier runs.
@@ -158,6 +181,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
             mu: z(&image)?,
             delta: z(&image)?,
             noise: z(&image)?,
+            image_indices: z(&[batch])?,
             u: z(&image)?,
             aux_input: z(&image)?,
             reference_features: z(&[batch, fdim])?,
@@ -184,17 +208,25 @@ impl<'a, B: Backend> Purifier<'a, B> {
         })
     }
 
-    /// Purifies `x` (host, batch x 3 x 32 x 32 in [-1, 1]) and returns x_0 in [-1, 1].
-    /// `batch_offset` makes the noise of each batch of a larger set distinct.
-    pub fn purify(&self, plan: &mut PurifyPlan<B>, x: &[f32], batch_offset: u64) -> Result<(Vec<f32>, PurifyReport)> {
-        let noise = NoiseDraw { seed: self.settings.seed, draw: batch_offset };
-        let report = self.purify_on_backend(plan, x, noise)?;
+    /// Purifies `x` (host, batch x 3 x 32 x 32 in [-1, 1]), images `first_image`,
+    /// `first_image + 1`, ... of the whole input, and returns x_0 in [-1, 1].
+    pub fn purify(&self, plan: &mut PurifyPlan<B>, x: &[f32], first_image: u64) -> Result<(Vec<f32>, PurifyReport)> {
+        let noise = NoiseDraw { seed: self.settings.seed, draw: 0 };
+        let images: Vec<u64> = (first_image..first_image + plan.batch as u64).collect();
+        let report = self.purify_on_backend(plan, x, &images, noise)?;
         Ok((self.backend.download(plan.output())?, report))
     }
 
-    /// Purifies `x` (host, [-1, 1]) with the noise of `noise` and leaves x_0 in the backend
+    /// Purifies `x` (host, [-1, 1]), whose samples are the images numbered `image_indices` in the
+    /// whole input, with the noise of `noise`, and leaves x_0 in the backend
     /// (`PurifyPlan::output`). A differentiable plan also records its tape.
-    pub fn purify_on_backend(&self, plan: &mut PurifyPlan<B>, x: &[f32], noise: NoiseDraw) -> Result<PurifyReport> {
+    pub fn purify_on_backend(
+        &self,
+        plan: &mut PurifyPlan<B>,
+        x: &[f32],
+        image_indices: &[u64],
+        noise: NoiseDraw,
+    ) -> Result<PurifyReport> {
         let b = self.backend;
         if x.len() != plan.batch * 3 * 32 * 32 {
             return Err(Error::invalid(format!(
@@ -203,18 +235,31 @@ impl<'a, B: Backend> Purifier<'a, B> {
                 plan.batch
             )));
         }
+        if image_indices.len() != plan.batch {
+            return Err(Error::invalid(format!(
+                "purify got {} image indices for a batch of {}",
+                image_indices.len(),
+                plan.batch
+            )));
+        }
+        if let Some(&index) = image_indices.iter().find(|&&g| g >= IMAGE_INDEX_LIMIT) {
+            return Err(Error::invalid(format!(
+                "image index {index} is too large: a run holds at most {IMAGE_INDEX_LIMIT} images"
+            )));
+        }
         crate::error::check_finite(x, || "input image batch".to_string())?;
         if let Some(tape) = plan.tape.as_mut() {
             tape.recorded = false; // until this purification has run to the end
         }
         self.set_input(plan, x)?;
+        let indices: Vec<f32> = image_indices.iter().map(|&g| g as f32).collect(); // exact below 2^24
+        b.write(&mut plan.image_indices, &indices)?;
         let mut report = PurifyReport::default();
-        // Each draw gets its own streams: stream = draw * (T + 1) + step.
-        let stream = |step: usize| noise.draw * (self.schedule.num_steps() as u64 + 1) + step as u64;
+        let stream = |step: usize| noise.stream(&self.schedule, step);
 
         // x_{t*} = sqrt(abar) x_in + sqrt(1 - abar) z
         let (a, s) = self.schedule.diffuse_weights(self.settings.t_star);
-        b.fill_gaussian(&mut plan.noise, noise.seed, stream(0));
+        b.fill_gaussian(&mut plan.noise, &plan.image_indices, noise.seed, stream(0));
         b.axpby(a, &plan.x_in, s, &plan.noise, &mut plan.x_t);
 
         for (index, step) in self.steps.iter().enumerate() {
@@ -233,11 +278,14 @@ impl<'a, B: Backend> Purifier<'a, B> {
             }
             std::mem::swap(&mut plan.x_t, &mut plan.mu);
             if step.noise_std > 0.0 {
-                b.fill_gaussian(&mut plan.noise, noise.seed, stream(step.t));
+                b.fill_gaussian(&mut plan.noise, &plan.image_indices, noise.seed, stream(step.t));
                 b.axpby(1.0, &plan.x_t, step.noise_std, &plan.noise, &mut plan.mu);
                 std::mem::swap(&mut plan.x_t, &mut plan.mu);
             }
             report.step_seconds.push(step_started.elapsed().as_secs_f64());
+            if let Some(observer) = &self.step_observer {
+                observer();
+            }
         }
         if let Some(tape) = plan.tape.as_mut() {
             b.copy(&plan.x_t, &mut tape.unclamped_output);

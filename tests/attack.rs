@@ -44,7 +44,7 @@ fn check_purification_gradient(settings: PurifySettings, h: f32, tolerance: f64)
     let noise = NoiseDraw { seed: 9, draw: 4 };
     let mut plan = purifier.plan_differentiable(batch).unwrap();
     let mut objective = |x: &[f32]| {
-        purifier.purify_on_backend(&mut plan, x, noise).unwrap();
+        purifier.purify_on_backend(&mut plan, x, &[0, 1], noise).unwrap();
         dot(&b.download(plan.output()).unwrap(), &w)
     };
     let plus: Vec<f32> = x.iter().zip(&d).map(|(x, d)| x + h * d).collect();
@@ -52,7 +52,7 @@ fn check_purification_gradient(settings: PurifySettings, h: f32, tolerance: f64)
     let fd = (objective(&plus) - objective(&minus)) / (2.0 * h as f64);
 
     let mut plan = purifier.plan_differentiable(batch).unwrap();
-    purifier.purify_on_backend(&mut plan, &x, noise).unwrap();
+    purifier.purify_on_backend(&mut plan, &x, &[0, 1], noise).unwrap();
     let w_dev = b.upload(&w, &[batch, 3, 32, 32]).unwrap();
     let grad = b.download(purifier.input_vjp(&mut plan, &w_dev).unwrap()).unwrap();
     let analytic = dot(&grad, &d);
@@ -73,7 +73,10 @@ fn ddpm_purification_gradient_matches_finite_differences() {
 #[test]
 fn ddim_purification_gradient_matches_finite_differences() {
     let settings = PurifySettings { t_star: 60, sampler: Sampler::Ddim { stride: 20 }, ..Default::default() };
-    check_purification_gradient(settings, 1e-3, 2e-3);
+    // At this draw's point the central difference's error shrinks like h^2 (relative 5.7e-3,
+    // 2.5e-3, 6.9e-4 at h = 2e-3, 1e-3, 5e-4): curvature, not a wrong gradient; the smaller step
+    // is still far above the f32 noise floor.
+    check_purification_gradient(settings, 5e-4, 2e-3);
 }
 
 /// With the constraint at kappa = 0 the guidance shift is zero, so a guided purification is the
@@ -94,14 +97,14 @@ fn defence_loss_gradient_matches_finite_differences() {
     let classifier = resnet20(&b);
     let settings = PurifySettings { t_star: 2, ..Default::default() };
     let purifier = Purifier::new(&b, &unet, None, settings).unwrap();
-    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let defence = Defence::purified(&purifier, &classifier);
     // Wrong labels: the loss of correctly classified images is ~1e-6, too flat to differentiate.
     let (pixels, labels) = test_images(2);
     let labels: Vec<u8> = labels.iter().map(|l| (l + 1) % 10).collect();
     let mut plan = defence.plan(2).unwrap();
     let noise = NoiseDraw { seed: 1, draw: 0 };
     for loss in [Loss::CrossEntropy, Loss::Dlr] {
-        let (losses, _, grad) = defence.loss_gradient(&mut plan, &pixels, &labels, loss, noise).unwrap();
+        let (losses, _, grad) = defence.loss_gradient(&mut plan, &pixels, &labels, &[0, 1], loss, noise).unwrap();
         assert!(losses.iter().all(|l| l.is_finite()));
         // Along a random direction the directional derivative is ~1e-3 of |grad| |d| and drowns in
         // the ResNet's ReLU kinks; along the gradient itself it is |grad| |d|, and a gradient that
@@ -109,8 +112,9 @@ fn defence_loss_gradient_matches_finite_differences() {
         let norm = dot(&grad, &grad).sqrt() as f32;
         let d: Vec<f32> = grad.iter().map(|g| g / norm).collect();
         let h = 5e-5;
-        let mut loss_at =
-            |p: &[f32]| defence.loss_gradient(&mut plan, p, &labels, loss, noise).unwrap().0.iter().sum::<f64>();
+        let mut loss_at = |p: &[f32]| {
+            defence.loss_gradient(&mut plan, p, &labels, &[0, 1], loss, noise).unwrap().0.iter().sum::<f64>()
+        };
         let fd = (loss_at(&pixels.iter().zip(&d).map(|(p, d)| p + h * d).collect::<Vec<_>>())
             - loss_at(&pixels.iter().zip(&d).map(|(p, d)| p - h * d).collect::<Vec<_>>()))
             / (2.0 * h as f64);
@@ -128,7 +132,7 @@ fn attacks_stay_in_the_ball_and_raise_the_loss() {
     let unet = small_unet(&b);
     let classifier = resnet20(&b);
     let purifier = Purifier::new(&b, &unet, None, PurifySettings { t_star: 2, ..Default::default() }).unwrap();
-    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let defence = Defence::purified(&purifier, &classifier);
     let (pixels, labels) = test_images(2);
     let mut plan = defence.plan(2).unwrap();
     let attacks = [
@@ -140,7 +144,7 @@ fn attacks_stay_in_the_ball_and_raise_the_loss() {
     ];
     for settings in attacks {
         let (name, norm, loss) = (settings.name(), settings.norm, settings.loss);
-        let (adversarial, traces) = defence.attack(&mut plan, &pixels, &labels, &settings, 0, |_| {}).unwrap();
+        let (adversarial, traces) = defence.attack(&mut plan, &pixels, &labels, &[0, 1], &settings, |_| {}).unwrap();
         // PGD: one estimate per step; APGD: the start, then one after each step.
         let expected = if name.starts_with("APGD") { 5 } else { 4 };
         assert_eq!(traces.len(), expected, "{name}");
@@ -156,7 +160,10 @@ fn attacks_stay_in_the_ball_and_raise_the_loss() {
         // The loss at the adversarial images, on draws the attacker never saw, beats the clean loss.
         let mean_loss = |p: &[f32], plan: &mut _| {
             (0..4)
-                .map(|v| defence.loss_gradient(plan, p, &labels, loss, NoiseDraw { seed: 99, draw: v }).unwrap().0)
+                .map(|v| {
+                    let noise = NoiseDraw { seed: 99, draw: v };
+                    defence.loss_gradient(plan, p, &labels, &[0, 1], loss, noise).unwrap().0
+                })
                 .map(|l| l.iter().sum::<f64>())
                 .sum::<f64>()
         };
@@ -181,12 +188,12 @@ fn attack_refuses_bad_settings_and_inputs() {
     let unet = small_unet(&b);
     let classifier = resnet20(&b);
     let purifier = Purifier::new(&b, &unet, None, PurifySettings { t_star: 1, ..Default::default() }).unwrap();
-    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let defence = Defence::purified(&purifier, &classifier);
     let (pixels, labels) = test_images(1);
     let mut plan = defence.plan(1).unwrap();
     let good = AttackSettings::pgd(Norm::Linf, 1, 1, 0);
     let error = |settings: &AttackSettings, p: &[f32], plan: &mut _| {
-        defence.attack(plan, p, &labels, settings, 0, |_| {}).unwrap_err().to_string()
+        defence.attack(plan, p, &labels, &[0], settings, |_| {}).unwrap_err().to_string()
     };
     assert!(error(&AttackSettings { eps: -1.0, ..good.clone() }, &pixels, &mut plan).contains("eps"));
     assert!(error(&AttackSettings { eps: f32::NAN, ..good.clone() }, &pixels, &mut plan).contains("eps"));
@@ -196,6 +203,11 @@ fn attack_refuses_bad_settings_and_inputs() {
     outside[5] = 1.5;
     assert!(error(&good, &outside, &mut plan).contains("[0, 1]"));
     assert!(error(&good, &pixels[..100], &mut plan).contains("batch of 1"));
+    let indices_error = |indices: &[u64], plan: &mut _| {
+        defence.attack(plan, &pixels, &labels, indices, &good, |_| {}).unwrap_err().to_string()
+    };
+    assert!(indices_error(&[0, 1], &mut plan).contains("2 image indices for a batch of 1"));
+    assert!(indices_error(&[1 << 24], &mut plan).contains("image index 16777216 is too large"));
 
     // input_vjp needs a tape, and a purification before it.
     let mut plain = purifier.plan(1).unwrap();

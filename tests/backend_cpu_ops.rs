@@ -820,12 +820,16 @@ fn philox_known_answer_vectors() {
     );
 }
 
+fn image_indices(indices: &[u32]) -> CpuTensor {
+    CpuTensor::new(&[indices.len()], indices.iter().map(|&g| g as f32).collect())
+}
+
 #[test]
 fn fill_gaussian_is_standard_normal_and_reproducible() {
     let backend = CpuBackend;
     let len = 1_000_000;
-    let mut a = zeros(&[len]);
-    backend.fill_gaussian(&mut a, 1234, 0);
+    let mut a = zeros(&[1, len]);
+    backend.fill_gaussian(&mut a, &image_indices(&[0]), 1234, 0);
     let mean = a.data.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
     let var = a.data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / len as f64;
     // Standard errors: 1e-3 for the mean, 1.4e-3 for the variance.
@@ -834,18 +838,37 @@ fn fill_gaussian_is_standard_normal_and_reproducible() {
     let tail = a.data.iter().filter(|v| v.abs() > 1.96).count() as f64 / len as f64;
     assert!((tail - 0.05).abs() < 2e-3, "two-sided 5% tail holds {tail}");
 
-    // The same (seed, stream) gives the same noise, whatever the tensor's length or shape.
-    let mut b = zeros(&[10, 3, 7]);
-    backend.fill_gaussian(&mut b, 1234, 0);
+    // The same (seed, stream, image) gives the same noise, whatever the image's shape.
+    let mut b = zeros(&[1, 10, 3, 7]);
+    backend.fill_gaussian(&mut b, &image_indices(&[0]), 1234, 0);
     assert_eq!(&b.data[..], &a.data[..210]);
-    // A different stream or seed gives different noise.
-    let mut c = zeros(&[210]);
-    backend.fill_gaussian(&mut c, 1234, 1);
-    assert!(c.data.iter().zip(&b.data).all(|(x, y)| x != y));
-    backend.fill_gaussian(&mut c, 1235, 0);
-    assert!(c.data.iter().zip(&b.data).all(|(x, y)| x != y));
-    // Element 4i + j is normal j of Philox block i.
-    assert_eq!(&a.data[8..12], &rng::gaussian_block(1234, 0, 2));
+    // A different stream, seed or image gives different noise.
+    let mut c = zeros(&[1, 210]);
+    for (image, seed, stream) in [(0, 1234, 1), (0, 1235, 0), (1, 1234, 0)] {
+        backend.fill_gaussian(&mut c, &image_indices(&[image]), seed, stream);
+        assert!(c.data.iter().zip(&b.data).all(|(x, y)| x != y), "image {image}, seed {seed}, stream {stream}");
+    }
+    // Element 4i + j of an image is normal j of its Philox block i.
+    assert_eq!(&a.data[8..12], &rng::gaussian_block(1234, 0, 0, 2));
+}
+
+/// Image g's noise is the same whether g is first in a batch or third, and a batch of images is
+/// the images filled one by one.
+#[test]
+fn fill_gaussian_keys_noise_by_image_not_by_place_in_batch() {
+    let backend = CpuBackend;
+    let image = 3 * 32 * 32;
+    let mut first = zeros(&[2, 3, 32, 32]);
+    backend.fill_gaussian(&mut first, &image_indices(&[11, 12]), 5, 9);
+    let mut third = zeros(&[4, 3, 32, 32]);
+    backend.fill_gaussian(&mut third, &image_indices(&[7, 0, 11, 3]), 5, 9);
+    assert_eq!(&first.data[..image], &third.data[2 * image..3 * image]);
+    for (n, &g) in [7, 0, 11, 3].iter().enumerate() {
+        let mut alone = zeros(&[1, 3, 32, 32]);
+        backend.fill_gaussian(&mut alone, &image_indices(&[g]), 5, 9);
+        assert_eq!(&alone.data[..], &third.data[n * image..(n + 1) * image], "image {g}");
+    }
+    assert_ne!(&third.data[..image], &third.data[image..2 * image]);
 }
 
 /// Parallel loops split outputs, never sums: results do not depend on the number of threads.

@@ -81,7 +81,8 @@ fn q_sample_statistics() {
     let x_in = b.upload(&vec![0.5; n], &shape).unwrap();
     let mut noise = b.zeros(&shape).unwrap();
     let mut x_t = b.zeros(&shape).unwrap();
-    b.fill_gaussian(&mut noise, 42, 0);
+    let images: Vec<f32> = (0..shape[0]).map(|g| g as f32).collect();
+    b.fill_gaussian(&mut noise, &b.upload(&images, &[shape[0]]).unwrap(), 42, 0);
     let (a, sd) = s.diffuse_weights(100);
     b.axpby(a, &x_in, sd, &noise, &mut x_t);
     let v = b.download(&x_t).unwrap();

@@ -177,6 +177,10 @@ pub struct StepCoefficients {
     pub ct: f32,
 }
 
+/// Image indices (`Backend::fill_gaussian`) live in f32 tensors, which hold every integer below
+/// 2^24 exactly: a run may hold at most this many images.
+pub const IMAGE_INDEX_LIMIT: u64 = 1 << 24;
+
 /// A point on a backend's timeline, from `Backend::timestamp`.
 #[derive(Clone, Copy, Debug)]
 pub enum Timestamp {
@@ -370,9 +374,13 @@ pub trait Backend {
     /// The clamp's backward, in place: `grad` zeroed where `x` (the clamp's input) lies outside
     /// [lo, hi].
     fn clamp_backward(&self, x: &Self::Tensor, lo: f32, hi: f32, grad: &mut Self::Tensor);
-    /// Standard normal samples from a counter-based generator: element i of `out` depends only on
-    /// (seed, stream, i), so every backend draws the same noise for the same seed.
-    fn fill_gaussian(&self, out: &mut Self::Tensor, seed: u64, stream: u64);
+    /// Standard normal samples keyed per image: `out` is N x ... (the first axis the images),
+    /// `image_indices` (N) holds each sample's index in the whole input, and element e of sample n
+    /// depends only on (seed, stream, image_indices[n], e) as `cpu::rng` defines it, so an image
+    /// gets the same noise in any batch, at any place in it, on every backend. `image_indices` is
+    /// an f32 tensor of integers below `IMAGE_INDEX_LIMIT` (2^24, all exact in f32), written once
+    /// per purification, so a step sends nothing from the host.
+    fn fill_gaussian(&self, out: &mut Self::Tensor, image_indices: &Self::Tensor, seed: u64, stream: u64);
 
     /// The network's step prediction: `x0_hat = clip((x_t - sqrt(1-abar) eps) / sqrt(abar), -1, 1)`
     /// and the posterior mean `mu = c0 x0_hat + ct x_t`.

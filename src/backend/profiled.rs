@@ -220,8 +220,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn clamp_backward(&self, x: &B::Tensor, lo: f32, hi: f32, grad: &mut B::Tensor) {
         self.timed("clamp_backward", || self.inner.clamp_backward(x, lo, hi, grad))
     }
-    fn fill_gaussian(&self, out: &mut B::Tensor, seed: u64, stream: u64) {
-        self.timed("fill_gaussian", || self.inner.fill_gaussian(out, seed, stream))
+    fn fill_gaussian(&self, out: &mut B::Tensor, image_indices: &B::Tensor, seed: u64, stream: u64) {
+        self.timed("fill_gaussian", || self.inner.fill_gaussian(out, image_indices, seed, stream))
     }
     fn predict_x0_and_mean(
         &self,

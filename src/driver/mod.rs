@@ -11,6 +11,7 @@
 //! Handles (`Module`, `Function`, `Event`, `Graph`) are small copyable ids into tables each
 //! implementation keeps; device memory is named by its 64-bit device address.
 
+pub mod cuda;
 pub mod emulated;
 
 /// A device address (what a kernel's pointer parameter holds).

@@ -492,8 +492,22 @@ impl Backend for CpuBackend {
         store(&mut [grad]);
     }
 
-    fn fill_gaussian(&self, out: &mut CpuTensor, seed: u64, stream: u64) {
-        rng::fill_gaussian(&mut out.data, seed, stream);
+    fn fill_gaussian(&self, out: &mut CpuTensor, image_indices: &CpuTensor, seed: u64, stream: u64) {
+        let n = out.shape.first().copied().unwrap_or(0);
+        expect_shape(image_indices, &[n], "fill_gaussian: image_indices");
+        assert_eq!(image_indices.dtype, Precision::F32, "fill_gaussian: image_indices must be stored in f32");
+        let images: Vec<u32> = image_indices
+            .data
+            .iter()
+            .map(|&g| {
+                assert!(
+                    g >= 0.0 && g.fract() == 0.0 && (g as u64) < IMAGE_INDEX_LIMIT,
+                    "fill_gaussian: image index {g} is not an integer in 0..2^24"
+                );
+                g as u32
+            })
+            .collect();
+        rng::fill_gaussian(&mut out.data, &images, seed, stream);
         store(&mut [out]);
     }
 

@@ -1,6 +1,886 @@
 //! The CUDA backend: hand-written kernels (kernels/*.cu) compiled by NVRTC at run time and launched
-//! through a `Driver` (cudarc on a GPU, the PTX emulator elsewhere).
+//! through a `Driver` (cudarc on a GPU, the PTX emulator elsewhere). Everything above the driver
+//! (tensor layout, launch configuration, argument packing) is this one implementation.
+//!
+//! Ops do not return errors: a bad call or a refused launch is stored and reported by the next
+//! `synchronize` (as a GPU reports a kernel fault), and nothing is launched for it.
+//!
+//! Forward ops run on the device. Backward ops: the element-wise ones, the dense layer, pooling,
+//! upsampling, concat and the classifiers' shortcut run here too; `conv2d_backward_input`,
+//! `group_norm_backward` and `attention_backward` are not yet on the CUDA backend and report that
+//! through `synchronize`.
 pub mod attention;
 pub mod compile;
 pub mod conv;
 pub mod modules;
+pub mod tensor;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use self::attention::{AttentionKernels, AttentionLaunch};
+use self::compile::{ImageKind, KernelCompiler};
+use self::conv::{Conv2dKernels, Conv2dLaunch};
+use self::modules::KernelModules;
+pub use self::tensor::CudaTensor;
+use self::tensor::{decode, encode, from_storage_order, to_storage_order};
+use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape, Timestamp};
+use crate::driver::{Driver, KernelArgs, LaunchConfig};
+use crate::error::{Error, Result};
+
+/// Threads per block of the 1-D kernels.
+const THREADS: u32 = 256;
+/// GroupNorm's partial-statistics scratch: (count, mean, M2) per (sample, group, chunk).
+const GROUPNORM_PARTIALS: usize = 1 << 16;
+
+/// The storage-type code the kernels take (common.cuh `DtypeCode`).
+fn dtype_code(d: Precision) -> i32 {
+    match d {
+        Precision::F32 => 0,
+        Precision::F16 => 1,
+        Precision::Bf16 => 2,
+    }
+}
+
+pub struct CudaBackend {
+    driver: Arc<dyn Driver>,
+    modules: KernelModules,
+    precision: Precision,
+    /// The first error since the last `synchronize`.
+    error: Mutex<Option<Error>>,
+    conv: OnceLock<Conv2dKernels>,
+    attention: OnceLock<AttentionKernels>,
+    groupnorm_partials: CudaTensor,
+}
+
+impl CudaBackend {
+    /// A backend over `driver` whose plans store activations in `precision`. Compiles nothing yet
+    /// (each kernel file is compiled, or read from the disk cache, on first use) but fails at once
+    /// when NVRTC is missing.
+    pub fn new(driver: Arc<dyn Driver>, precision: Precision, image: ImageKind) -> Result<Self> {
+        let compiler = KernelCompiler::new(&driver.info().arch())?;
+        Self::with_compiler(driver, precision, compiler, image)
+    }
+
+    pub fn with_compiler(
+        driver: Arc<dyn Driver>,
+        precision: Precision,
+        compiler: KernelCompiler,
+        image: ImageKind,
+    ) -> Result<Self> {
+        let groupnorm_partials = allocate(&driver, &[GROUPNORM_PARTIALS * 3], Precision::F32)?;
+        Ok(Self {
+            modules: KernelModules::new(driver.clone(), compiler, image),
+            driver,
+            precision,
+            error: Mutex::new(None),
+            conv: OnceLock::new(),
+            attention: OnceLock::new(),
+            groupnorm_partials,
+        })
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+
+    /// Compiles and loads every kernel file now (a cold start's NVRTC time, measured by `bench`).
+    pub fn load_all_kernels(&self) -> Result<()> {
+        for file in ["elementwise.cu", "groupnorm.cu", "embedding.cu", "diffusion.cu"] {
+            self.modules.module(file)?;
+        }
+        self.conv_kernels()?;
+        self.attention_kernels()?;
+        Ok(())
+    }
+
+    /// Keeps the first error; later ones are consequences.
+    fn fail(&self, error: Error) {
+        self.error.lock().unwrap().get_or_insert(error);
+    }
+
+    fn record(&self, result: Result<()>) {
+        if let Err(e) = result {
+            self.fail(e);
+        }
+    }
+
+    /// Checks a condition of an op's arguments; on failure stores the error and returns false.
+    fn check(&self, ok: bool, message: impl FnOnce() -> String) -> bool {
+        if !ok {
+            self.fail(Error::invalid(message()));
+        }
+        ok
+    }
+
+    fn check_shape(&self, t: &CudaTensor, expected: &[usize], what: &str) -> bool {
+        self.check(t.shape == expected, || format!("{what}: shape {:?}, expected {expected:?}", t.shape))
+    }
+
+    fn launch(&self, file: &str, kernel: &str, config: LaunchConfig, args: KernelArgs) {
+        let result = self.modules.function(file, kernel).and_then(|f| Ok(self.driver.launch(f, config, &args)?));
+        self.record(result);
+    }
+
+    /// A 1-D grid for `n` independent elements (grid-stride kernels: capped, at least one block).
+    fn grid_for(&self, n: usize) -> LaunchConfig {
+        let cap = (self.driver.info().multiprocessors.max(1) as usize) * 16;
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, cap.max(1));
+        LaunchConfig::linear(blocks as u32, THREADS)
+    }
+
+    fn elementwise(&self, kernel: &str, n: usize, args: KernelArgs) {
+        if n > 0 {
+            self.launch("elementwise.cu", kernel, self.grid_for(n), args);
+        }
+    }
+
+    fn not_yet(&self, op: &str) {
+        self.fail(Error::Device(format!("{op} is not yet on the CUDA backend (forward ops only for now)")));
+    }
+
+    fn conv_kernels(&self) -> Result<&Conv2dKernels> {
+        if let Some(k) = self.conv.get() {
+            return Ok(k);
+        }
+        let simt = self.modules.module("conv2d.cu")?;
+        let mma = self.modules.module("conv2d_mma.cu")?;
+        let kernels = Conv2dKernels::load(self.driver.as_ref(), simt, Some(mma))?;
+        Ok(self.conv.get_or_init(|| kernels))
+    }
+
+    fn attention_kernels(&self) -> Result<&AttentionKernels> {
+        if let Some(k) = self.attention.get() {
+            return Ok(k);
+        }
+        let simt = self.modules.module("attention.cu")?;
+        let mma = self.modules.module("attention_mma.cu")?;
+        let kernels = AttentionKernels::load(self.driver.as_ref(), simt, Some(mma))?;
+        Ok(self.attention.get_or_init(|| kernels))
+    }
+
+    /// (N, C, H, W) of a 4-D tensor, or an error stored.
+    fn nchw(&self, t: &CudaTensor, what: &str) -> Option<[usize; 4]> {
+        match *t.shape() {
+            [n, c, h, w] => Some([n, c, h, w]),
+            _ => {
+                self.fail(Error::invalid(format!("{what}: expected an N x C x H x W tensor, got {:?}", t.shape)));
+                None
+            }
+        }
+    }
+}
+
+fn allocate(driver: &Arc<dyn Driver>, shape: &[usize], dtype: Precision) -> Result<CudaTensor> {
+    let elements: usize = shape.iter().product();
+    // Never a zero-byte allocation: every tensor has an address of its own.
+    let bytes = (elements * dtype.bytes()).max(4);
+    let ptr = driver.alloc(bytes)?;
+    Ok(CudaTensor { ptr, shape: shape.to_vec(), dtype, driver: driver.clone() })
+}
+
+/// Kernel arguments of a tensor operand: its address and storage-type code.
+trait TensorArgs {
+    fn tensor(self, t: &CudaTensor) -> Self;
+}
+
+impl TensorArgs for KernelArgs {
+    fn tensor(self, t: &CudaTensor) -> Self {
+        self.ptr(t.ptr).i32(dtype_code(t.dtype))
+    }
+}
+
+/// The kernels' `StepCoefficients` struct (four f32).
+fn step_coefficients_bytes(k: &StepCoefficients) -> Vec<u8> {
+    [k.sqrt_abar, k.sqrt_one_minus_abar, k.c0, k.ct].iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The kernels' `GroupNormShape` struct (six i32).
+fn groupnorm_shape_bytes(fields: [usize; 6]) -> Vec<u8> {
+    fields.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+
+    fn name(&self) -> String {
+        format!("cuda ({}, {})", self.driver.info().name, self.precision)
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    fn available_memory(&self) -> Option<usize> {
+        self.driver.free_memory().ok()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        let device = self.driver.synchronize();
+        if let Some(e) = self.error.lock().unwrap().take() {
+            return Err(e);
+        }
+        Ok(device?)
+    }
+
+    fn timestamp(&self) -> Result<Timestamp> {
+        Ok(Timestamp::Device(self.driver.record_event()?))
+    }
+
+    fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64> {
+        match (start, end) {
+            (Timestamp::Device(a), Timestamp::Device(b)) => {
+                self.driver.synchronize()?;
+                Ok(self.driver.elapsed_ms(*a, *b)? as f64)
+            }
+            _ => Err(Error::invalid("elapsed_ms: timestamps of another backend")),
+        }
+    }
+
+    fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<CudaTensor> {
+        let t = allocate(&self.driver, shape, dtype)?;
+        let words = (t.bytes().max(4)).div_ceil(4);
+        self.driver.memset_u32(t.ptr, 0, words)?;
+        Ok(t)
+    }
+
+    fn upload_as(&self, data: &[f32], shape: &[usize], dtype: Precision) -> Result<CudaTensor> {
+        let elements: usize = shape.iter().product();
+        if data.len() != elements {
+            return Err(Error::invalid(format!(
+                "upload: {} values for shape {shape:?}, which holds {elements}",
+                data.len()
+            )));
+        }
+        let t = allocate(&self.driver, shape, dtype)?;
+        self.driver.copy_to_device(t.ptr, &encode(&to_storage_order(data, shape), dtype))?;
+        Ok(t)
+    }
+
+    fn write(&self, dst: &mut CudaTensor, data: &[f32]) -> Result<()> {
+        if data.len() != dst.len() {
+            return Err(Error::invalid(format!(
+                "write: {} values into a tensor of shape {:?}, which holds {}",
+                data.len(),
+                dst.shape,
+                dst.len()
+            )));
+        }
+        self.driver.copy_to_device(dst.ptr, &encode(&to_storage_order(data, &dst.shape), dst.dtype))?;
+        Ok(())
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        self.synchronize()?;
+        let mut bytes = vec![0u8; t.bytes()];
+        self.driver.copy_to_host(t.ptr, &mut bytes)?;
+        Ok(from_storage_order(&decode(&bytes, t.dtype), &t.shape))
+    }
+
+    fn copy(&self, src: &CudaTensor, dst: &mut CudaTensor) {
+        if !self.check_shape(dst, &src.shape, "copy: dst") {
+            return;
+        }
+        if src.dtype == dst.dtype {
+            self.record(self.driver.copy_device_to_device(dst.ptr, src.ptr, src.bytes()).map_err(Into::into));
+        } else {
+            let n = src.len();
+            self.elementwise("convert", n, KernelArgs::new().tensor(src).tensor(dst).u64(n as u64));
+        }
+    }
+
+    fn fill(&self, t: &mut CudaTensor, value: f32) {
+        let n = t.len();
+        if t.dtype == Precision::F32 {
+            self.record(self.driver.memset_u32(t.ptr, value.to_bits(), n).map_err(Into::into));
+        } else {
+            self.elementwise("fill", n, KernelArgs::new().tensor(t).u64(n as u64).f32(value));
+        }
+    }
+
+    fn add_assign(&self, dst: &mut CudaTensor, src: &CudaTensor) {
+        if self.check_shape(src, &dst.shape, "add_assign: src") {
+            let n = dst.len();
+            self.elementwise("add_assign", n, KernelArgs::new().tensor(dst).tensor(src).u64(n as u64));
+        }
+    }
+
+    fn timestep_embedding(&self, t: &CudaTensor, out: &mut CudaTensor) {
+        let (&[n], &[out_n, dim]) = (&t.shape[..], &out.shape[..]) else {
+            return self.fail(Error::invalid(format!(
+                "timestep_embedding: t {:?} must be (N) and out {:?} (N x dim)",
+                t.shape, out.shape
+            )));
+        };
+        let ok = self.check(out_n == n && dim % 2 == 0 && dim >= 4 && t.dtype == Precision::F32, || {
+            format!("timestep_embedding: out {:?} for t {:?} ({}; dim even, >= 4)", out.shape, t.shape, t.dtype)
+        });
+        if ok {
+            let args = KernelArgs::new().ptr(t.ptr).tensor(out).i32(n as i32).i32(dim as i32);
+            self.launch("embedding.cu", "timestep_embedding", self.grid_for(n * dim), args);
+        }
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaTensor, b: Option<&CudaTensor>, silu_input: bool, out: &mut CudaTensor) {
+        let (&[n, fin], &[fout, w_in]) = (&x.shape[..], &w.shape[..]) else {
+            return self.fail(Error::invalid(format!("linear: x {:?}, w {:?} must be 2-D", x.shape, w.shape)));
+        };
+        let ok = self.check(w_in == fin, || format!("linear: w {:?} for x {:?}", w.shape, x.shape))
+            && self.check_shape(out, &[n, fout], "linear: out")
+            && b.is_none_or(|b| {
+                self.check(b.shape == [fout] && b.dtype == Precision::F32, || {
+                    format!("linear: bias {:?} {} (expected [{fout}] f32)", b.shape, b.dtype)
+                })
+            });
+        if ok {
+            let warps = n * fout;
+            let blocks = (warps * 32).div_ceil(THREADS as usize);
+            let args = KernelArgs::new()
+                .tensor(x)
+                .tensor(w)
+                .ptr(b.map_or(0, |b| b.ptr))
+                .tensor(out)
+                .i32(n as i32)
+                .i32(fin as i32)
+                .i32(fout as i32)
+                .i32(silu_input as i32);
+            self.launch("embedding.cu", "linear", LaunchConfig::linear(blocks as u32, THREADS), args);
+        }
+    }
+
+    fn linear_backward(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        silu_input: bool,
+        dout: &CudaTensor,
+        dx: &mut CudaTensor,
+    ) {
+        let (&[n, fin], &[fout, w_in]) = (&x.shape[..], &w.shape[..]) else {
+            return self.fail(Error::invalid(format!("linear_backward: x {:?}, w {:?} must be 2-D", x.shape, w.shape)));
+        };
+        let ok = self.check(w_in == fin, || format!("linear_backward: w {:?} for x {:?}", w.shape, x.shape))
+            && self.check_shape(dout, &[n, fout], "linear_backward: dout")
+            && self.check_shape(dx, &x.shape, "linear_backward: dx");
+        if ok {
+            let args = KernelArgs::new()
+                .tensor(x)
+                .tensor(w)
+                .tensor(dout)
+                .tensor(dx)
+                .i32(n as i32)
+                .i32(fin as i32)
+                .i32(fout as i32)
+                .i32(silu_input as i32);
+            self.launch("embedding.cu", "linear_backward", self.grid_for(n * fin), args);
+        }
+    }
+
+    fn group_norm(
+        &self,
+        x: LayerInput<'_, CudaTensor>,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        groups: usize,
+        eps: f32,
+        silu: bool,
+        out: &mut CudaTensor,
+        stats: &mut CudaTensor,
+    ) {
+        let shape = match x.logical_shape() {
+            Ok(s) if !x.upsample2x => s,
+            Ok(_) => return self.fail(Error::invalid("group_norm: an upsampled input is not supported")),
+            Err(e) => return self.fail(Error::invalid(format!("group_norm: {e}"))),
+        };
+        let [n, c, h, w] = shape;
+        let ca = x.a.shape[1];
+        let cb = c - ca;
+        let ok = self.check(groups > 0 && c % groups == 0, || format!("group_norm: {c} channels, {groups} groups"))
+            && self.check_shape(gamma, &[c], "group_norm: gamma")
+            && self.check_shape(beta, &[c], "group_norm: beta")
+            && self.check(gamma.dtype == Precision::F32 && beta.dtype == Precision::F32, || {
+                "group_norm: gamma and beta must be f32".into()
+            })
+            && self.check_shape(out, &shape, "group_norm: out")
+            && self.check_shape(stats, &[n, groups, 2], "group_norm: stats")
+            && self.check(stats.dtype == Precision::F32, || "group_norm: stats must be f32".into())
+            && self
+                .check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || "group_norm: concat of two storage types".into());
+        if !ok {
+            return;
+        }
+        let pixels = h * w;
+        // Enough blocks to fill the device even at batch 1, within the scratch.
+        let target_blocks = self.driver.info().multiprocessors.max(1) as usize * 4;
+        let chunks =
+            target_blocks.div_ceil(n * groups).clamp(1, pixels).min((GROUPNORM_PARTIALS / (n * groups)).max(1));
+        if !self.check(n * groups * chunks <= GROUPNORM_PARTIALS, || {
+            format!("group_norm: batch {n} x {groups} groups exceeds the statistics scratch")
+        }) {
+            return;
+        }
+        let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks]);
+        let b_ptr = x.b.map_or(0, |b| b.ptr);
+        let dt = dtype_code(x.a.dtype);
+        let partial = KernelArgs::new()
+            .ptr(x.a.ptr)
+            .i32(dt)
+            .ptr(b_ptr)
+            .i32(dt)
+            .ptr(self.groupnorm_partials.ptr)
+            .bytes(&shape_bytes);
+        let grid = LaunchConfig {
+            grid: [chunks as u32, groups as u32, n as u32],
+            block: [256, 1, 1],
+            dynamic_shared_bytes: 0,
+        };
+        self.launch("groupnorm.cu", "groupnorm_partial_stats", grid, partial);
+        let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).ptr(stats.ptr).bytes(&shape_bytes).f32(eps);
+        self.launch(
+            "groupnorm.cu",
+            "groupnorm_finalize",
+            LaunchConfig::linear((n * groups).div_ceil(64) as u32, 64),
+            finalize,
+        );
+        let apply = KernelArgs::new()
+            .ptr(x.a.ptr)
+            .i32(dt)
+            .ptr(b_ptr)
+            .i32(dt)
+            .ptr(stats.ptr)
+            .ptr(gamma.ptr)
+            .ptr(beta.ptr)
+            .tensor(out)
+            .i32(silu as i32)
+            .bytes(&shape_bytes);
+        self.launch("groupnorm.cu", "groupnorm_apply", self.grid_for(out.len()), apply);
+    }
+
+    fn group_norm_backward(
+        &self,
+        _x: &CudaTensor,
+        _gamma: &CudaTensor,
+        _beta: &CudaTensor,
+        _stats: &CudaTensor,
+        _groups: usize,
+        _silu: bool,
+        _dout: &CudaTensor,
+        _dx: &mut CudaTensor,
+    ) {
+        self.not_yet("group_norm_backward");
+    }
+
+    fn conv2d(
+        &self,
+        x: LayerInput<'_, CudaTensor>,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        geometry: Conv2dGeometry,
+        epilogue: ConvEpilogue<'_, CudaTensor>,
+        out: &mut CudaTensor,
+    ) {
+        let Some([n, ca, h, wd]) = self.nchw(x.a, "conv2d: x") else { return };
+        let Some([co, ci, kh, kw]) = self.nchw(w, "conv2d: w") else { return };
+        let cb = x.b.map_or(0, |b| b.shape.get(1).copied().unwrap_or(0));
+        let ok = self.check(
+            x.b.is_none_or(|b| b.shape.len() == 4 && b.shape[0] == n && b.shape[2] == h && b.shape[3] == wd),
+            || format!("conv2d: concat of {:?} and {:?}", x.a.shape, x.b.map(|b| b.shape.clone())),
+        ) && self
+            .check(ci == ca + cb, || format!("conv2d: weights {:?} for {} input channels", w.shape, ca + cb))
+            && self.check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || "conv2d: concat of two storage types".into())
+            && self.check(epilogue.residual.is_none_or(|r| r.dtype == out.dtype && r.shape == out.shape), || {
+                "conv2d: the residual must have the output's shape and storage type".into()
+            });
+        if !ok {
+            return;
+        }
+        let args = Conv2dLaunch {
+            batch: n,
+            height: h,
+            width: wd,
+            channels_a: ca,
+            channels_b: cb,
+            upsample: x.upsample2x,
+            out_channels: co,
+            kernel_h: kh,
+            kernel_w: kw,
+            geometry,
+            relu: epilogue.relu,
+            input_dtype: x.a.dtype,
+            weight_dtype: w.dtype,
+            out_dtype: out.dtype,
+            a: x.a.ptr,
+            b: x.b.map(|b| b.ptr),
+            weight: w.ptr,
+            bias: bias.map(|b| b.ptr),
+            channel_bias: epilogue.channel_bias.map(|b| b.ptr),
+            residual: epilogue.residual.map(|r| r.ptr),
+            out: out.ptr,
+        };
+        let (oh, ow) = args.output_size();
+        if !self.check_shape(out, &[n, co, oh, ow], "conv2d: out")
+            || !bias.is_none_or(|b| {
+                self.check(b.shape == [co] && b.dtype == Precision::F32, || "conv2d: bias must be f32 (C_out)".into())
+            })
+            || !epilogue.channel_bias.is_none_or(|b| {
+                self.check(b.shape == [n, co] && b.dtype == Precision::F32, || {
+                    "conv2d: channel_bias must be f32 (N x C_out)".into()
+                })
+            })
+        {
+            return;
+        }
+        let result = self.conv_kernels().and_then(|k| conv::launch_conv2d(self.driver.as_ref(), k, &args));
+        self.record(result);
+    }
+
+    fn conv2d_backward_input(
+        &self,
+        _dout: &CudaTensor,
+        _w: &CudaTensor,
+        _geometry: Conv2dGeometry,
+        _dx: &mut CudaTensor,
+    ) {
+        self.not_yet("conv2d_backward_input");
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &mut CudaTensor,
+        logsumexp: &mut CudaTensor,
+    ) {
+        let Some([n, c, h, w]) = self.nchw(q, "attention: q") else { return };
+        let ok = self.check_shape(k, &q.shape, "attention: k")
+            && self.check_shape(v, &q.shape, "attention: v")
+            && self.check_shape(out, &q.shape, "attention: out")
+            && self.check_shape(logsumexp, &[n, h * w], "attention: logsumexp")
+            && self.check(
+                [k.dtype, v.dtype, out.dtype].iter().all(|&d| d == q.dtype) && logsumexp.dtype == Precision::F32,
+                || "attention: q, k, v and out share one storage type; logsumexp is f32".into(),
+            );
+        if !ok {
+            return;
+        }
+        let args = AttentionLaunch {
+            batch: n,
+            positions: h * w,
+            channels: c,
+            dtype: q.dtype,
+            q: q.ptr,
+            k: k.ptr,
+            v: v.ptr,
+            out: out.ptr,
+            logsumexp: logsumexp.ptr,
+        };
+        let result = self
+            .attention_kernels()
+            .and_then(|kernels| attention::launch_attention(self.driver.as_ref(), kernels, &args));
+        self.record(result);
+    }
+
+    fn attention_backward(
+        &self,
+        _q: &CudaTensor,
+        _k: &CudaTensor,
+        _v: &CudaTensor,
+        _out: &CudaTensor,
+        _logsumexp: &CudaTensor,
+        _dout: &CudaTensor,
+        _dq: &mut CudaTensor,
+        _dk: &mut CudaTensor,
+        _dv: &mut CudaTensor,
+    ) {
+        self.not_yet("attention_backward");
+    }
+
+    fn upsample_nearest2x(&self, x: &CudaTensor, out: &mut CudaTensor) {
+        let Some([n, c, h, w]) = self.nchw(x, "upsample_nearest2x: x") else { return };
+        if self.check_shape(out, &[n, c, 2 * h, 2 * w], "upsample_nearest2x: out") {
+            let args = KernelArgs::new().tensor(x).tensor(out).i32(n as i32).i32(h as i32).i32(w as i32).i32(c as i32);
+            self.elementwise("upsample_nearest2x", out.len(), args);
+        }
+    }
+
+    fn upsample_nearest2x_backward(&self, dout: &CudaTensor, dx: &mut CudaTensor) {
+        let Some([n, c, h, w]) = self.nchw(dx, "upsample_nearest2x_backward: dx") else { return };
+        if self.check_shape(dout, &[n, c, 2 * h, 2 * w], "upsample_nearest2x_backward: dout") {
+            let args =
+                KernelArgs::new().tensor(dout).tensor(dx).i32(n as i32).i32(h as i32).i32(w as i32).i32(c as i32);
+            self.elementwise("upsample_nearest2x_backward", dx.len(), args);
+        }
+    }
+
+    fn concat_channels(&self, a: &CudaTensor, b: &CudaTensor, out: &mut CudaTensor) {
+        let Some([n, ca, h, w]) = self.nchw(a, "concat_channels: a") else { return };
+        let Some([_, cb, _, _]) = self.nchw(b, "concat_channels: b") else { return };
+        if self.check_shape(b, &[n, cb, h, w], "concat_channels: b")
+            && self.check_shape(out, &[n, ca + cb, h, w], "concat_channels: out")
+        {
+            let pixels = (n * h * w) as u64;
+            let args = KernelArgs::new().tensor(a).tensor(b).tensor(out).u64(pixels).i32(ca as i32).i32(cb as i32);
+            self.elementwise("concat_channels", out.len(), args);
+        }
+    }
+
+    fn concat_channels_backward(&self, dout: &CudaTensor, da: &mut CudaTensor, db: &mut CudaTensor) {
+        let Some([n, ca, h, w]) = self.nchw(da, "concat_channels_backward: da") else { return };
+        let Some([_, cb, _, _]) = self.nchw(db, "concat_channels_backward: db") else { return };
+        if self.check_shape(db, &[n, cb, h, w], "concat_channels_backward: db")
+            && self.check_shape(dout, &[n, ca + cb, h, w], "concat_channels_backward: dout")
+        {
+            let pixels = (n * h * w) as u64;
+            let args = KernelArgs::new().tensor(dout).tensor(da).tensor(db).u64(pixels).i32(ca as i32).i32(cb as i32);
+            self.elementwise("concat_channels_backward", dout.len(), args);
+        }
+    }
+
+    fn channel_affine(&self, x: &CudaTensor, scale: &CudaTensor, shift: &CudaTensor, out: &mut CudaTensor) {
+        let c = x.shape.get(1).copied().unwrap_or(0);
+        let ok = self.check(x.shape.len() >= 2, || format!("channel_affine: x {:?} has no channels", x.shape))
+            && self.check_shape(scale, &[c], "channel_affine: scale")
+            && self.check_shape(shift, &[c], "channel_affine: shift")
+            && self.check(scale.dtype == Precision::F32 && shift.dtype == Precision::F32, || {
+                "channel_affine: scale and shift must be f32".into()
+            })
+            && self.check_shape(out, &x.shape, "channel_affine: out")
+            && self.check(x.shape.len() == 4 || x.shape.len() == 2, || {
+                format!("channel_affine: x {:?}: 2-D or 4-D tensors only", x.shape)
+            });
+        if ok {
+            let n = x.len();
+            let args =
+                KernelArgs::new().tensor(x).ptr(scale.ptr).ptr(shift.ptr).tensor(out).u64(n as u64).i32(c as i32);
+            self.elementwise("channel_affine", n, args);
+        }
+    }
+
+    fn channel_affine_backward(&self, dout: &CudaTensor, scale: &CudaTensor, dx: &mut CudaTensor) {
+        let c = dx.shape.get(1).copied().unwrap_or(0);
+        let ok = self.check(dx.shape.len() == 4 || dx.shape.len() == 2, || {
+            format!("channel_affine_backward: dx {:?}: 2-D or 4-D tensors only", dx.shape)
+        }) && self.check_shape(scale, &[c], "channel_affine_backward: scale")
+            && self.check(scale.dtype == Precision::F32, || "channel_affine_backward: scale must be f32".into())
+            && self.check_shape(dout, &dx.shape, "channel_affine_backward: dout");
+        if ok {
+            let n = dx.len();
+            let args = KernelArgs::new().tensor(dout).ptr(scale.ptr).tensor(dx).u64(n as u64).i32(c as i32);
+            self.elementwise("channel_affine_backward", n, args);
+        }
+    }
+
+    fn relu(&self, x: &mut CudaTensor) {
+        let n = x.len();
+        self.elementwise("relu_inplace", n, KernelArgs::new().tensor(x).u64(n as u64));
+    }
+
+    fn relu_backward(&self, y: &CudaTensor, dy: &CudaTensor, dx: &mut CudaTensor) {
+        if self.check_shape(dy, &y.shape, "relu_backward: dy") && self.check_shape(dx, &y.shape, "relu_backward: dx") {
+            let n = y.len();
+            self.elementwise("relu_backward", n, KernelArgs::new().tensor(y).tensor(dy).tensor(dx).u64(n as u64));
+        }
+    }
+
+    fn shortcut_subsample_pad(&self, x: &CudaTensor, pad: usize, out: &mut CudaTensor) {
+        let Some([n, c, h, w]) = self.nchw(x, "shortcut_subsample_pad: x") else { return };
+        if self.check_shape(out, &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)], "shortcut_subsample_pad: out") {
+            let args = KernelArgs::new()
+                .tensor(x)
+                .tensor(out)
+                .i32(n as i32)
+                .i32(h as i32)
+                .i32(w as i32)
+                .i32(c as i32)
+                .i32(pad as i32);
+            self.elementwise("shortcut_subsample_pad", out.len(), args);
+        }
+    }
+
+    fn shortcut_subsample_pad_backward(&self, dout: &CudaTensor, pad: usize, dx: &mut CudaTensor) {
+        let Some([n, c, h, w]) = self.nchw(dx, "shortcut_subsample_pad_backward: dx") else { return };
+        let expected = [n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)];
+        if self.check_shape(dout, &expected, "shortcut_subsample_pad_backward: dout") {
+            let args = KernelArgs::new()
+                .tensor(dout)
+                .tensor(dx)
+                .i32(n as i32)
+                .i32(h as i32)
+                .i32(w as i32)
+                .i32(c as i32)
+                .i32(pad as i32);
+            self.elementwise("shortcut_subsample_pad_backward", n * h.div_ceil(2) * w.div_ceil(2) * c, args);
+        }
+    }
+
+    fn global_avg_pool(&self, x: &CudaTensor, out: &mut CudaTensor) {
+        let Some([n, c, h, w]) = self.nchw(x, "global_avg_pool: x") else { return };
+        if self.check_shape(out, &[n, c], "global_avg_pool: out") {
+            let args = KernelArgs::new().tensor(x).tensor(out).i32(n as i32).i32((h * w) as i32).i32(c as i32);
+            self.elementwise("global_avg_pool", n * c, args);
+        }
+    }
+
+    fn global_avg_pool_backward(&self, dout: &CudaTensor, dx: &mut CudaTensor) {
+        let Some([n, c, h, w]) = self.nchw(dx, "global_avg_pool_backward: dx") else { return };
+        if self.check_shape(dout, &[n, c], "global_avg_pool_backward: dout") {
+            let args = KernelArgs::new().tensor(dout).tensor(dx).i32(n as i32).i32((h * w) as i32).i32(c as i32);
+            self.elementwise("global_avg_pool_backward", dx.len(), args);
+        }
+    }
+
+    fn axpby(&self, a: f32, x: &CudaTensor, b: f32, y: &CudaTensor, out: &mut CudaTensor) {
+        if self.check_shape(y, &x.shape, "axpby: y") && self.check_shape(out, &x.shape, "axpby: out") {
+            let n = x.len();
+            let args = KernelArgs::new().f32(a).tensor(x).f32(b).tensor(y).tensor(out).u64(n as u64);
+            self.elementwise("axpby", n, args);
+        }
+    }
+
+    fn clamp(&self, x: &mut CudaTensor, lo: f32, hi: f32) {
+        if self.check(lo <= hi, || format!("clamp: lo {lo} > hi {hi}")) {
+            let n = x.len();
+            self.elementwise("clamp_inplace", n, KernelArgs::new().tensor(x).u64(n as u64).f32(lo).f32(hi));
+        }
+    }
+
+    fn clamp_backward(&self, x: &CudaTensor, lo: f32, hi: f32, grad: &mut CudaTensor) {
+        if self.check_shape(grad, &x.shape, "clamp_backward: grad") {
+            let n = x.len();
+            let args = KernelArgs::new().tensor(x).f32(lo).f32(hi).tensor(grad).u64(n as u64);
+            self.elementwise("clamp_backward", n, args);
+        }
+    }
+
+    fn fill_gaussian(&self, out: &mut CudaTensor, image_indices: &CudaTensor, seed: u64, stream: u64) {
+        let samples = out.shape.first().copied().unwrap_or(0);
+        let ok = self.check_shape(image_indices, &[samples], "fill_gaussian: image_indices")
+            && self.check(image_indices.dtype == Precision::F32, || {
+                format!("fill_gaussian: image_indices must be stored in f32, not {}", image_indices.dtype)
+            });
+        if !ok || out.is_empty() {
+            return;
+        }
+        let sample_len = out.len() / samples;
+        let [c, h, w] = match *out.shape() {
+            [_, c, h, w] => [c, h, w],
+            _ => [1, 1, 1],
+        };
+        let args = KernelArgs::new()
+            .tensor(out)
+            .ptr(image_indices.ptr)
+            .u64(samples as u64)
+            .u64(sample_len as u64)
+            .i32(out.is_nhwc() as i32)
+            .i32(c as i32)
+            .i32(h as i32)
+            .i32(w as i32)
+            .u64(seed)
+            .u64(stream);
+        self.launch("diffusion.cu", "fill_gaussian", self.grid_for(samples * sample_len.div_ceil(4)), args);
+    }
+
+    fn predict_x0_and_mean(
+        &self,
+        x_t: &CudaTensor,
+        eps: &CudaTensor,
+        coefficients: StepCoefficients,
+        x0_hat: &mut CudaTensor,
+        mu: &mut CudaTensor,
+    ) {
+        let ok = self.check_shape(eps, &x_t.shape, "predict_x0_and_mean: eps")
+            && self.check_shape(x0_hat, &x_t.shape, "predict_x0_and_mean: x0_hat")
+            && self.check_shape(mu, &x_t.shape, "predict_x0_and_mean: mu");
+        if ok {
+            let n = x_t.len();
+            let args = KernelArgs::new()
+                .tensor(x_t)
+                .tensor(eps)
+                .tensor(x0_hat)
+                .tensor(mu)
+                .u64(n as u64)
+                .bytes(&step_coefficients_bytes(&coefficients));
+            self.launch("diffusion.cu", "predict_x0_and_mean", self.grid_for(n), args);
+        }
+    }
+
+    fn mask_clipped(&self, x_t: &CudaTensor, eps: &CudaTensor, coefficients: StepCoefficients, u: &mut CudaTensor) {
+        if self.check_shape(eps, &x_t.shape, "mask_clipped: eps") && self.check_shape(u, &x_t.shape, "mask_clipped: u")
+        {
+            let n = x_t.len();
+            let args = KernelArgs::new()
+                .tensor(x_t)
+                .tensor(eps)
+                .tensor(u)
+                .u64(n as u64)
+                .bytes(&step_coefficients_bytes(&coefficients));
+            self.launch("diffusion.cu", "mask_clipped", self.grid_for(n), args);
+        }
+    }
+
+    fn constrain_guidance(&self, delta: &mut CudaTensor, x_t: &CudaTensor, mu: &CudaTensor, kappa: f32) {
+        let ok = self.check_shape(x_t, &delta.shape, "constrain_guidance: x_t")
+            && self.check_shape(mu, &delta.shape, "constrain_guidance: mu")
+            && self.check(delta.shape.first().is_some_and(|&n| n > 0), || "constrain_guidance: no batch".into())
+            && self.check(kappa >= 0.0, || format!("constrain_guidance: kappa {kappa} must be >= 0"));
+        if !ok || kappa == f32::INFINITY {
+            return;
+        }
+        let batch = delta.shape[0];
+        let sample_len = delta.len() / batch;
+        let args = KernelArgs::new().tensor(delta).tensor(x_t).tensor(mu).u64(sample_len as u64).f32(kappa);
+        self.launch("diffusion.cu", "constrain_guidance", LaunchConfig::linear(batch as u32, THREADS), args);
+    }
+
+    fn guidance_objective_grad(
+        &self,
+        features: &CudaTensor,
+        reference_features: &CudaTensor,
+        logits: &CudaTensor,
+        labels: &CudaTensor,
+        lambda_f: f32,
+        lambda_c: f32,
+        dfeatures: &mut CudaTensor,
+        dlogits: &mut CudaTensor,
+    ) {
+        let (&[n, f], &[logits_n, k]) = (&features.shape[..], &logits.shape[..]) else {
+            return self.fail(Error::invalid("guidance_objective_grad: features and logits must be 2-D"));
+        };
+        let ok = self
+            .check(logits_n == n && k <= 1000, || format!("guidance_objective_grad: logits {:?}", logits.shape))
+            && self.check_shape(reference_features, &features.shape, "guidance_objective_grad: reference_features")
+            && self.check_shape(labels, &[n], "guidance_objective_grad: labels")
+            && self.check(labels.dtype == Precision::F32, || "guidance_objective_grad: labels must be f32".into())
+            && self.check_shape(dfeatures, &features.shape, "guidance_objective_grad: dfeatures")
+            && self.check_shape(dlogits, &logits.shape, "guidance_objective_grad: dlogits");
+        if ok {
+            let args = KernelArgs::new()
+                .tensor(features)
+                .tensor(reference_features)
+                .tensor(logits)
+                .ptr(labels.ptr)
+                .f32(lambda_f)
+                .f32(lambda_c)
+                .tensor(dfeatures)
+                .tensor(dlogits)
+                .i32(n as i32)
+                .i32(f as i32)
+                .i32(k as i32);
+            self.launch("diffusion.cu", "guidance_objective_grad", self.grid_for(n * f), args);
+        }
+    }
+
+    fn cross_entropy_grad(&self, logits: &CudaTensor, labels: &CudaTensor, dlogits: &mut CudaTensor) {
+        let &[n, k] = &logits.shape[..] else {
+            return self.fail(Error::invalid("cross_entropy_grad: logits must be 2-D"));
+        };
+        let ok = self.check(k <= 1000, || format!("cross_entropy_grad: {k} classes (at most 1000)"))
+            && self.check_shape(labels, &[n], "cross_entropy_grad: labels")
+            && self.check(labels.dtype == Precision::F32, || "cross_entropy_grad: labels must be f32".into())
+            && self.check_shape(dlogits, &logits.shape, "cross_entropy_grad: dlogits");
+        if ok {
+            let args = KernelArgs::new().tensor(logits).ptr(labels.ptr).tensor(dlogits).i32(n as i32).i32(k as i32);
+            self.launch("diffusion.cu", "cross_entropy_grad", self.grid_for(n), args);
+        }
+    }
+}

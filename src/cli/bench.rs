@@ -1,0 +1,409 @@
+//! `purifier bench`: the benchmark of ENGINE.md's performance protocol, as far as a backend
+//! provides it. Per batch size: latency (median, p99) and image-steps per second of the UNet
+//! forward and of forward + input VJP; per purification mode: per-step latency and images per
+//! second; cold and warm start; the memory of the plans; where one forward + VJP spends its
+//! time, op by op. With `--baseline PYTHON` the same run times PyTorch on the same architecture
+//! and weights (`bench/torch_baseline.py`), checks that both compute the same eps and input
+//! gradient, and reports every figure as a ratio.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::Args;
+use purifier::backend::profiled::Profiled;
+use purifier::backend::Backend;
+use purifier::data::tensor_file::TensorFile;
+use purifier::diffusion::{GradientPath, Guidance};
+use purifier::error::{Error, Result};
+use purifier::model::params::{deterministic_uniform, DeterministicParams, ParamLister};
+use purifier::model::{Classifier, Unet, UnetConfig};
+use purifier::purify::{Purifier, PurifySettings};
+
+use super::args::DeviceArgs;
+use super::backend::backend;
+use super::outputs::Outputs;
+use super::progress::Progress;
+use super::report::{percentile, write_report};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// UNet config with deterministic weights (what --baseline compares).
+    #[arg(long, default_value = "cifar10-small")]
+    pub config: String,
+    /// Time this weights file instead (no --baseline).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Seed of the deterministic weights and inputs (the baseline uses the same).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Batch sizes of the UNet measurements.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub batches: Vec<usize>,
+    /// Timed runs per measurement (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+    /// Purification modes to time.
+    #[arg(long, value_delimiter = ',', default_value = "none,pixel,adversarial")]
+    pub modes: Vec<String>,
+    /// Reverse steps of each timed purification.
+    #[arg(long, default_value_t = 10)]
+    pub t_star: usize,
+    /// Batch of the timed purifications.
+    #[arg(long, default_value_t = 16)]
+    pub purify_batch: usize,
+    /// Batch of the per-op breakdown (one forward + input VJP).
+    #[arg(long, default_value_t = 16)]
+    pub profile_batch: usize,
+    /// A Python with PyTorch: also time bench/torch_baseline.py on the same weights and inputs.
+    #[arg(long, value_name = "PYTHON")]
+    pub baseline: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: &BenchArgs, progress: Progress) -> Result<()> {
+    bench(&backend(&args.device)?, args, progress)
+}
+
+/// The step index every timed UNet call uses (the middle of purification's range).
+const BENCH_STEP: f32 = 99.0;
+
+struct Timing {
+    median: f64,
+    p99: f64,
+}
+
+fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<Timing> {
+    run()?; // warm-up
+    let mut seconds = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let started = Instant::now();
+        run()?;
+        seconds.push(started.elapsed().as_secs_f64());
+    }
+    Ok(Timing { median: percentile(&seconds, 0.5), p99: percentile(&seconds, 0.99) })
+}
+
+/// One UNet call (or one reverse step) per timed run: image-steps/s = batch / median.
+fn timing_json(t: &Timing, batch: usize) -> serde_json::Value {
+    serde_json::json!({
+        "median_ms": t.median * 1e3, "p99_ms": t.p99 * 1e3, "image_steps_per_s": batch as f64 / t.median,
+    })
+}
+
+fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> {
+    if args.batches.is_empty() || args.batches.contains(&0) {
+        return Err(Error::invalid("--batches needs batch sizes of at least 1, e.g. 1,16,64,256"));
+    }
+    if args.repeats == 0 {
+        return Err(Error::invalid("--repeats must be at least 1"));
+    }
+    if args.baseline.is_some() && args.weights.is_some() {
+        return Err(Error::invalid("--baseline compares deterministic weights: drop --weights (use --config)"));
+    }
+    let guidances = args
+        .modes
+        .iter()
+        .map(|mode| match mode.as_str() {
+            "none" => Ok(Guidance::None),
+            "pixel" => Ok(Guidance::Pixel { scale: 1.0 }),
+            "adversarial" => Ok(Guidance::Adversarial {
+                scale: 1.0,
+                lambda_features: 1.0,
+                lambda_class: 1.0,
+                path: GradientPath::X0,
+            }),
+            other => Err(Error::invalid(format!("--modes: unknown mode '{other}' (none, pixel, adversarial)"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut outputs = Outputs::new(args.weights.as_deref());
+    let json_file = args.json.as_deref().map(|p| outputs.file(p, "--json")).transpose()?;
+    let cold_started = Instant::now();
+    let (unet, weights) = match &args.weights {
+        Some(path) => (Unet::from_file(b, &TensorFile::open(path)?)?, path.display().to_string()),
+        None => {
+            let config = UnetConfig::by_name(&args.config)?;
+            let unet = Unet::load(&config, &mut DeterministicParams::new(b, args.seed))?;
+            (unet, format!("deterministic (config {}, seed {})", args.config, args.seed))
+        }
+    };
+    let parameters = {
+        let mut lister = ParamLister::new(b);
+        Unet::load(&unet.config, &mut lister)?;
+        lister.count()
+    };
+    // Cold start: weights in place, a plan, the first forward (a GPU backend adds its kernel compile).
+    let input = |n: usize| deterministic_uniform("bench.x", n * 3 * 32 * 32, args.seed);
+    {
+        let mut plan = unet.plan(b, 1, false)?;
+        let x = b.upload(&input(1), &[1, 3, 32, 32])?;
+        unet.forward(b, &mut plan, &x, &[BENCH_STEP])?;
+        b.download(plan.eps())?;
+    }
+    let cold_start = cold_started.elapsed().as_secs_f64();
+    progress.log(&format!(
+        "bench on {}: UNet {} ({parameters} parameters, {weights}); cold start {:.3} s",
+        b.name(),
+        unet.config.name,
+        cold_start
+    ));
+    // Progress in timed measurements: forward and forward + VJP per batch, the per-op breakdown,
+    // one purification per mode.
+    let bar = progress.bar((2 * args.batches.len() + 1 + args.modes.len()) as u64, "measurements");
+
+    let mut rows = Vec::new();
+    let mut unet_json = Vec::new();
+    let mut peak_plan_bytes = 0;
+    for &n in &args.batches {
+        let x = b.upload(&input(n), &[n, 3, 32, 32])?;
+        let v = b.upload(&deterministic_uniform("bench.v", n * 3 * 32 * 32, args.seed), &[n, 3, 32, 32])?;
+        let t = vec![BENCH_STEP; n];
+        let mut plan = unet.plan(b, n, true)?;
+        peak_plan_bytes = peak_plan_bytes.max(plan.bytes(b));
+        bar.set_message(format!("UNet forward, batch {n}"));
+        let forward = time_runs(args.repeats, || {
+            unet.forward(b, &mut plan, &x, &t)?;
+            b.download(plan.eps()).map(|_| ())
+        })?;
+        bar.inc(1);
+        bar.set_message(format!("UNet forward + VJP, batch {n}"));
+        let with_vjp = time_runs(args.repeats, || {
+            unet.forward(b, &mut plan, &x, &t)?;
+            let g = unet.input_vjp(b, &mut plan, &v)?;
+            b.download(g).map(|_| ())
+        })?;
+        bar.inc(1);
+        bar.log(&format!(
+            "  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms, ETA {}",
+            forward.median * 1e3,
+            with_vjp.median * 1e3,
+            bar.eta()
+        ));
+        rows.push((format!("UNet forward, batch {n}"), forward.median, forward.p99, n as f64 / forward.median));
+        rows.push((
+            format!("UNet forward + VJP, batch {n}"),
+            with_vjp.median,
+            with_vjp.p99,
+            n as f64 / with_vjp.median,
+        ));
+        unet_json.push(serde_json::json!({
+            "batch": n, "forward": timing_json(&forward, n), "forward_vjp": timing_json(&with_vjp, n),
+        }));
+    }
+
+    // Where the time goes: one forward + input VJP at --profile-batch, op by op.
+    bar.set_message(format!("per-op breakdown, batch {}", args.profile_batch));
+    let profile = {
+        let profiled = Profiled::new(b);
+        let traced = match &args.weights {
+            Some(path) => Unet::from_file(&profiled, &TensorFile::open(path)?)?,
+            None => Unet::load(&unet.config, &mut DeterministicParams::new(&profiled, args.seed))?,
+        };
+        let n = args.profile_batch;
+        let mut plan = traced.plan(&profiled, n, true)?;
+        let x = profiled.upload(&input(n), &[n, 3, 32, 32])?;
+        let v = profiled.upload(&deterministic_uniform("bench.v", n * 3 * 32 * 32, args.seed), &[n, 3, 32, 32])?;
+        let t = vec![BENCH_STEP; n];
+        let mut pass = || -> Result<()> {
+            traced.forward(&profiled, &mut plan, &x, &t)?;
+            traced.input_vjp(&profiled, &mut plan, &v).map(|_| ())
+        };
+        pass()?; // warm-up
+        profiled.take()?;
+        pass()?;
+        (n, profiled.take()?)
+    };
+    bar.inc(1);
+
+    // Whole purifications: per-step latency of each mode at --purify-batch, t* = --t-star.
+    let auxiliary = Classifier::load_with(&mut DeterministicParams::new(b, args.seed), 20)?;
+    let mut purify_json = Vec::new();
+    for (mode, guidance) in args.modes.iter().zip(guidances) {
+        let settings = PurifySettings { t_star: args.t_star, guidance, ..Default::default() };
+        let purifier = Purifier::new(b, &unet, Some(&auxiliary), settings)?;
+        let n = args.purify_batch;
+        bar.set_message(format!("purify {mode}, batch {n}"));
+        let mut plan = purifier.plan(n)?;
+        let x = input(n);
+        purifier.purify(&mut plan, &x, 0)?; // warm-up
+        let started = Instant::now();
+        let mut steps = Vec::new();
+        for r in 0..args.repeats {
+            steps.extend(purifier.purify(&mut plan, &x, r as u64 + 1)?.1.step_seconds);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let step = Timing { median: percentile(&steps, 0.5), p99: percentile(&steps, 0.99) };
+        let images_per_s = (n * args.repeats) as f64 / seconds;
+        bar.inc(1);
+        bar.log(&format!(
+            "  purify {mode}, batch {n}: {:.1} ms per step, {images_per_s:.3} images/s, ETA {}",
+            step.median * 1e3,
+            bar.eta()
+        ));
+        rows.push((
+            format!("purify {mode} (t* {}), step, batch {n}", args.t_star),
+            step.median,
+            step.p99,
+            n as f64 / step.median,
+        ));
+        purify_json.push(serde_json::json!({
+            "mode": mode, "batch": n, "t_star": args.t_star, "step": timing_json(&step, n),
+            "images_per_s": images_per_s,
+        }));
+    }
+
+    bar.finish();
+    let baseline = match &args.baseline {
+        Some(python) => {
+            let mut report = run_baseline(b, &unet, args, python)?;
+            report["ratios"] = ratios(&unet_json, &report["unet_timings"]);
+            Some(report)
+        }
+        None => None,
+    };
+
+    println!("{:<44} {:>12} {:>12} {:>16}", "measurement", "median ms", "p99 ms", "image-steps/s");
+    for (name, median, p99, rate) in &rows {
+        println!("{name:<44} {:>12.2} {:>12.2} {:>16.2}", median * 1e3, p99 * 1e3, rate);
+    }
+    if let Some(baseline) = &baseline {
+        println!(
+            "PyTorch {} baseline ({}), same weights and inputs:",
+            baseline["torch"].as_str().unwrap_or("?"),
+            baseline["variant"].as_str().unwrap_or("?")
+        );
+        for row in baseline["ratios"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<42} PyTorch {:>9.2} ms, ours {:>9.2} ms: {:.2}x",
+                row["what"].as_str().unwrap_or(""),
+                row["torch_ms"].as_f64().unwrap_or(f64::NAN),
+                row["ours_ms"].as_f64().unwrap_or(f64::NAN),
+                row["speedup"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        println!(
+            "  agreement (batch 1): eps relative error {:.2e}, input gradient {:.2e}",
+            baseline["agreement"]["eps"].as_f64().unwrap_or(f64::NAN),
+            baseline["agreement"]["grad_x"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let (profile_batch, op_times) = &profile;
+    let total = op_times.total_seconds();
+    println!("where one UNet forward + input VJP at batch {profile_batch} spends its {:.1} ms:", total * 1e3);
+    for (op, calls, seconds) in op_times.sorted().into_iter().take(12) {
+        println!("  {op:<32} {calls:>5} calls {:>10.2} ms {:>6.1}%", seconds * 1e3, 100.0 * seconds / total);
+    }
+    println!(
+        "cold start {cold_start:.3} s; largest UNet plan {:.1} MB; weights {:.1} MB ({})",
+        peak_plan_bytes as f64 / 1e6,
+        (parameters * b.precision().bytes()) as f64 / 1e6,
+        b.precision()
+    );
+    if let Some(json_file) = json_file {
+        let report = serde_json::json!({
+            "device": b.name(),
+            "precision": b.precision().to_string(),
+            "unet": { "config": unet.config.name, "parameters": parameters, "weights": weights },
+            "step_index": BENCH_STEP,
+            "repeats": args.repeats,
+            "cold_start_s": cold_start,
+            "memory": { "largest_unet_plan_bytes": peak_plan_bytes, "weights_bytes": parameters * b.precision().bytes() },
+            "unet_timings": unet_json,
+            "purify_timings": purify_json,
+            "per_op_breakdown": {
+                "what": "one UNet forward + input VJP, each op timed on the host around the call",
+                "batch": profile_batch,
+                "total_ms": total * 1e3,
+                "ops": op_times.sorted().into_iter().map(|(op, calls, seconds)| serde_json::json!({
+                    "op": op, "calls": calls, "ms": seconds * 1e3, "share": seconds / total,
+                })).collect::<Vec<_>>(),
+            },
+            "baseline": baseline,
+        });
+        write_report(outputs.staged_file(json_file), &report)?;
+    }
+    outputs.commit()?;
+    if let Some(path) = &args.json {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs bench/torch_baseline.py with `python` on the same config, seed and batches; returns its
+/// report with the ratios and the agreement of eps and grad_x at batch 1.
+fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Path) -> Result<serde_json::Value> {
+    let dir = tempfile_dir()?;
+    let (json_path, tensors_path) = (dir.join("baseline.json"), dir.join("baseline.safetensors"));
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/torch_baseline.py");
+    let batches: Vec<String> = args.batches.iter().map(|n| n.to_string()).collect();
+    eprintln!("running the PyTorch baseline: {} {}", python.display(), script.display());
+    let status = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--config", &args.config, "--seed", &args.seed.to_string(), "--batches", &batches.join(",")])
+        .args(["--repeats", &args.repeats.to_string(), "--step", &BENCH_STEP.to_string()])
+        .args(["--device", if b.name().starts_with("cpu") { "cpu" } else { "cuda" }])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--tensors")
+        .arg(&tensors_path)
+        .status()
+        .map_err(|e| Error::invalid(format!("--baseline: cannot run {}: {e}", python.display())))?;
+    if !status.success() {
+        return Err(Error::invalid(format!("the PyTorch baseline failed ({status}); its error is above")));
+    }
+    let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+    let mut report: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::invalid(format!("baseline JSON: {e}")))?;
+
+    // Agreement at batch 1 on the shared deterministic input.
+    let torch = TensorFile::open(&tensors_path)?;
+    let (_, torch_eps) = torch.get_f32("eps")?;
+    let (_, torch_grad) = torch.get_f32("grad_x")?;
+    let mut plan = unet.plan(b, 1, true)?;
+    let x = b.upload(&deterministic_uniform("bench.x", 3 * 32 * 32, args.seed), &[1, 3, 32, 32])?;
+    let v = b.upload(&deterministic_uniform("bench.v", 3 * 32 * 32, args.seed), &[1, 3, 32, 32])?;
+    unet.forward(b, &mut plan, &x, &[BENCH_STEP])?;
+    let eps = b.download(plan.eps())?;
+    let grad = b.download(unet.input_vjp(b, &mut plan, &v)?)?;
+    report["agreement"] = serde_json::json!({
+        "eps": relative_error(&eps, &torch_eps), "grad_x": relative_error(&grad, &torch_grad),
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// PyTorch's median over ours, per batch size and measurement (above 1: we are faster).
+fn ratios(ours: &[serde_json::Value], torch: &serde_json::Value) -> serde_json::Value {
+    let mut rows = Vec::new();
+    for theirs in torch.as_array().into_iter().flatten() {
+        let Some(mine) = ours.iter().find(|o| o["batch"] == theirs["batch"]) else { continue };
+        for (key, label) in [("forward", "UNet forward"), ("forward_vjp", "UNet forward + VJP")] {
+            let (torch_ms, ours_ms) = (theirs[key]["median_ms"].as_f64(), mine[key]["median_ms"].as_f64());
+            if let (Some(torch_ms), Some(ours_ms)) = (torch_ms, ours_ms) {
+                rows.push(serde_json::json!({
+                    "what": format!("{label}, batch {}", theirs["batch"]), "torch_ms": torch_ms, "ours_ms": ours_ms,
+                    "speedup": torch_ms / ours_ms,
+                }));
+            }
+        }
+    }
+    serde_json::Value::Array(rows)
+}
+
+fn relative_error(a: &[f32], reference: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(reference).map(|(a, r)| (*a as f64 - *r as f64).powi(2)).sum();
+    let den: f64 = reference.iter().map(|r| (*r as f64).powi(2)).sum();
+    if a.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    (num / den).sqrt()
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("purifier-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}

@@ -1,0 +1,480 @@
+//! One test body per op, run on every backend (candle's `test_device!` idea): the CPU reference
+//! itself, the CUDA backend on the PTX emulator (always, in CI too), and the CUDA backend on a GPU
+//! when one is present ("skipped: no CUDA device" otherwise). Each body draws fresh random inputs
+//! (the seed is printed; `PURIFIER_TEST_SEED` replays one), rounds them to the storage type under
+//! test, runs the op on the backend under test with its outputs poisoned (NaN) and on the CPU
+//! reference, and compares: relative L2 under 1e-5 for f32, 1e-2 for f16/bf16; NaN never passes.
+//!
+//! The emulator needs NVRTC (LD_LIBRARY_PATH with libnvrtc.so.13): without it these tests fail,
+//! naming what is missing.
+mod common;
+
+use std::sync::Arc;
+
+use purifier::backend::cpu::{CpuBackend, CpuTensor};
+use purifier::backend::cuda::compile::ImageKind;
+use purifier::backend::cuda::CudaBackend;
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape};
+use purifier::driver::emulated::EmulatedDriver;
+
+const ALL_DTYPES: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
+
+fn tolerance(dtype: Precision) -> f64 {
+    match dtype {
+        Precision::F32 => 1e-5,
+        Precision::F16 | Precision::Bf16 => 1e-2,
+    }
+}
+
+fn fresh_seed() -> u64 {
+    if let Ok(s) = std::env::var("PURIFIER_TEST_SEED") {
+        return s.parse().expect("PURIFIER_TEST_SEED must be an integer");
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    nanos as u64 ^ (std::process::id() as u64) << 32
+}
+
+/// The backend under test next to the CPU reference, with a stream of fresh random inputs.
+struct Harness<'a, B: Backend> {
+    b: &'a B,
+    cpu: CpuBackend,
+    dtype: Precision,
+    seed: u64,
+    draws: u64,
+}
+
+impl<'a, B: Backend> Harness<'a, B> {
+    fn new(b: &'a B, dtype: Precision, op: &str) -> Self {
+        let seed = fresh_seed();
+        println!("{op} on {} with {dtype} tensors: seed {seed}", b.name());
+        Self { b, cpu: CpuBackend, dtype, seed, draws: 0 }
+    }
+
+    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        self.draws += 1;
+        common::uniform(n, self.seed ^ self.draws.wrapping_mul(0x2545_F491_4F6C_DD1D))
+            .iter()
+            .map(|v| v * scale)
+            .collect()
+    }
+
+    /// The same random values in both backends, in storage type `dtype` (rounded once).
+    fn input_as(&mut self, shape: &[usize], dtype: Precision, scale: f32) -> (B::Tensor, CpuTensor) {
+        let data = self.values(shape.iter().product(), scale);
+        (self.b.upload_as(&data, shape, dtype).unwrap(), self.cpu.upload_as(&data, shape, dtype).unwrap())
+    }
+
+    fn input(&mut self, shape: &[usize]) -> (B::Tensor, CpuTensor) {
+        self.input_as(shape, self.dtype, 1.0)
+    }
+
+    fn input_f32(&mut self, shape: &[usize]) -> (B::Tensor, CpuTensor) {
+        self.input_as(shape, Precision::F32, 1.0)
+    }
+
+    /// An output: NaN in the backend under test (every element must be written), zeros on the CPU.
+    fn output_as(&self, shape: &[usize], dtype: Precision) -> (B::Tensor, CpuTensor) {
+        let n = shape.iter().product();
+        (self.b.upload_as(&vec![f32::NAN; n], shape, dtype).unwrap(), self.cpu.zeros_as(shape, dtype).unwrap())
+    }
+
+    fn output(&self, shape: &[usize]) -> (B::Tensor, CpuTensor) {
+        self.output_as(shape, self.dtype)
+    }
+
+    /// Downloads `got` (after a synchronize that must succeed) and compares it with the reference.
+    fn check(&self, what: &str, got: &B::Tensor, want: &CpuTensor) {
+        self.check_within(what, got, want, tolerance(self.dtype.max_error_type(got.dtype())));
+    }
+
+    fn check_within(&self, what: &str, got: &B::Tensor, want: &CpuTensor, tolerance: f64) {
+        self.b.synchronize().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(got.shape(), &want.shape[..], "{what}: shape");
+        let got = self.b.download(got).unwrap();
+        if let Some(i) = got.iter().position(|v| v.is_nan()) {
+            panic!("{what}: NaN at element {i} (an output element was not written, or the op made one)");
+        }
+        let num: f64 = got.iter().zip(&want.data).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+        let den: f64 = want.data.iter().map(|b| (*b as f64).powi(2)).sum();
+        let error = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
+        assert!(error <= tolerance, "{what}: relative L2 error {error:.3e} over {tolerance:.0e} (seed {})", self.seed);
+    }
+}
+
+trait WorstOf {
+    fn max_error_type(self, other: Precision) -> Precision;
+}
+impl WorstOf for Precision {
+    /// The looser of two storage types: a half-precision operand anywhere sets the tolerance.
+    fn max_error_type(self, other: Precision) -> Precision {
+        if self == Precision::F32 {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+// ---- backends ----
+
+fn emulator(precision: Precision) -> CudaBackend {
+    assert!(
+        purifier::backend::cuda::compile::nvrtc_available(),
+        "NVRTC is not loadable: put libnvrtc.so.13's folder on LD_LIBRARY_PATH"
+    );
+    CudaBackend::new(Arc::new(EmulatedDriver::new()), precision, ImageKind::Ptx).unwrap()
+}
+
+/// One test per backend for an op body `fn(&B, Precision)`, run for each storage type listed.
+macro_rules! test_device {
+    ($name:ident, $body:ident, $dtypes:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn cpu() {
+                for dtype in $dtypes {
+                    $body(&CpuBackend, dtype);
+                }
+            }
+            #[test]
+            fn emulator() {
+                for dtype in $dtypes {
+                    $body(&super::emulator(dtype), dtype);
+                }
+            }
+            #[test]
+            fn cuda() {
+                match purifier::device::cuda_backend(Precision::F32) {
+                    Ok(_) => {
+                        for dtype in $dtypes {
+                            $body(&purifier::device::cuda_backend(dtype).unwrap(), dtype);
+                        }
+                    }
+                    Err(e) => println!("skipped: no CUDA device ({e})"),
+                }
+            }
+        }
+    };
+}
+
+// ---- memory ----
+
+fn upload_download_layout<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "upload/download");
+    for shape in [vec![2, 3, 4, 5], vec![7, 3], vec![5]] {
+        let (x, x_ref) = h.input(&shape);
+        h.check_within("round trip", &x, &x_ref, 0.0);
+        let (mut y, _) = h.output(&shape);
+        b.copy(&x, &mut y);
+        h.check_within("copy", &y, &x_ref, 0.0);
+        let (mut z, _) = h.output_as(&shape, Precision::F32);
+        b.copy(&x, &mut z);
+        h.check_within("copy with conversion to f32", &z, &x_ref, 0.0);
+        let data = h.values(x_ref.data.len(), 2.0);
+        b.write(&mut y, &data).unwrap();
+        h.check_within("write", &y, &h.cpu.upload_as(&data, &shape, dtype).unwrap(), 0.0);
+        b.fill(&mut y, 0.25);
+        h.check_within("fill", &y, &h.cpu.upload_as(&vec![0.25; data.len()], &shape, dtype).unwrap(), 0.0);
+    }
+    assert!(b.upload(&[1.0, 2.0], &[3]).is_err(), "an upload of the wrong length is an error");
+}
+test_device!(upload_download, upload_download_layout, ALL_DTYPES);
+
+// ---- element-wise ----
+
+fn elementwise_ops<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "element-wise ops");
+    let shape = [2, 5, 3, 7];
+    let (x, xr) = h.input(&shape);
+    let (y, yr) = h.input_f32(&shape);
+    let (mut out, mut out_r) = h.output(&shape);
+    b.axpby(0.75, &x, -1.5, &y, &mut out);
+    h.cpu.axpby(0.75, &xr, -1.5, &yr, &mut out_r);
+    h.check("axpby", &out, &out_r);
+
+    let (mut acc, mut acc_r) = h.input_f32(&shape);
+    b.add_assign(&mut acc, &x);
+    h.cpu.add_assign(&mut acc_r, &xr);
+    h.check("add_assign", &acc, &acc_r);
+
+    let (mut c, mut c_r) = h.input_as(&shape, dtype, 3.0);
+    b.clamp(&mut c, -1.0, 0.5);
+    h.cpu.clamp(&mut c_r, -1.0, 0.5);
+    h.check("clamp", &c, &c_r);
+
+    let (pre, pre_r) = h.input_as(&shape, dtype, 3.0);
+    let (mut g, mut g_r) = h.input_f32(&shape);
+    b.clamp_backward(&pre, -1.0, 1.0, &mut g);
+    h.cpu.clamp_backward(&pre_r, -1.0, 1.0, &mut g_r);
+    h.check("clamp_backward", &g, &g_r);
+
+    let (mut r, mut r_r) = h.input(&shape);
+    b.relu(&mut r);
+    h.cpu.relu(&mut r_r);
+    h.check("relu", &r, &r_r);
+    let (mut dr, mut dr_r) = h.input_f32(&shape);
+    b.relu_backward(&r, &y, &mut dr);
+    h.cpu.relu_backward(&r_r, &yr, &mut dr_r);
+    h.check("relu_backward", &dr, &dr_r);
+}
+test_device!(elementwise, elementwise_ops, ALL_DTYPES);
+
+fn channel_and_layout_ops<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "channel and layout ops");
+    let (n, c, hh, w) = (2, 6, 5, 3);
+    let (x, xr) = h.input(&[n, c, hh, w]);
+    let (scale, scale_r) = h.input_f32(&[c]);
+    let (shift, shift_r) = h.input_f32(&[c]);
+    let (mut out, mut out_r) = h.output(&[n, c, hh, w]);
+    b.channel_affine(&x, &scale, &shift, &mut out);
+    h.cpu.channel_affine(&xr, &scale_r, &shift_r, &mut out_r);
+    h.check("channel_affine", &out, &out_r);
+    let (mut dx, mut dx_r) = h.input_f32(&[n, c, hh, w]);
+    b.channel_affine_backward(&out, &scale, &mut dx);
+    h.cpu.channel_affine_backward(&out_r, &scale_r, &mut dx_r);
+    h.check("channel_affine_backward", &dx, &dx_r);
+    // 2-D (N x C): the classifiers' features.
+    let (f, fr) = h.input(&[n, c]);
+    let (mut fo, mut fo_r) = h.output(&[n, c]);
+    b.channel_affine(&f, &scale, &shift, &mut fo);
+    h.cpu.channel_affine(&fr, &scale_r, &shift_r, &mut fo_r);
+    h.check("channel_affine 2-D", &fo, &fo_r);
+
+    let pad = 2;
+    let sub = [n, c + 2 * pad, hh.div_ceil(2), w.div_ceil(2)];
+    let (mut s, mut s_r) = h.output(&sub);
+    b.shortcut_subsample_pad(&x, pad, &mut s);
+    h.cpu.shortcut_subsample_pad(&xr, pad, &mut s_r);
+    h.check("shortcut_subsample_pad", &s, &s_r);
+    let (ds, ds_r) = h.input_f32(&sub);
+    let (mut dsx, mut dsx_r) = h.input_f32(&[n, c, hh, w]);
+    b.shortcut_subsample_pad_backward(&ds, pad, &mut dsx);
+    h.cpu.shortcut_subsample_pad_backward(&ds_r, pad, &mut dsx_r);
+    h.check("shortcut_subsample_pad_backward", &dsx, &dsx_r);
+
+    let (mut pooled, mut pooled_r) = h.output(&[n, c]);
+    b.global_avg_pool(&x, &mut pooled);
+    h.cpu.global_avg_pool(&xr, &mut pooled_r);
+    h.check("global_avg_pool", &pooled, &pooled_r);
+    let (dp, dp_r) = h.input_f32(&[n, c]);
+    let (mut dpx, mut dpx_r) = h.input_f32(&[n, c, hh, w]);
+    b.global_avg_pool_backward(&dp, &mut dpx);
+    h.cpu.global_avg_pool_backward(&dp_r, &mut dpx_r);
+    h.check("global_avg_pool_backward", &dpx, &dpx_r);
+
+    let (mut up, mut up_r) = h.output(&[n, c, 2 * hh, 2 * w]);
+    b.upsample_nearest2x(&x, &mut up);
+    h.cpu.upsample_nearest2x(&xr, &mut up_r);
+    h.check("upsample_nearest2x", &up, &up_r);
+    let (dup, dup_r) = h.input_f32(&[n, c, 2 * hh, 2 * w]);
+    let (mut dux, mut dux_r) = h.input_f32(&[n, c, hh, w]);
+    b.upsample_nearest2x_backward(&dup, &mut dux);
+    h.cpu.upsample_nearest2x_backward(&dup_r, &mut dux_r);
+    h.check("upsample_nearest2x_backward", &dux, &dux_r);
+
+    let (skip, skip_r) = h.input(&[n, 4, hh, w]);
+    let (mut cat, mut cat_r) = h.output(&[n, c + 4, hh, w]);
+    b.concat_channels(&x, &skip, &mut cat);
+    h.cpu.concat_channels(&xr, &skip_r, &mut cat_r);
+    h.check("concat_channels", &cat, &cat_r);
+    let (dcat, dcat_r) = h.input_f32(&[n, c + 4, hh, w]);
+    let (mut da, mut da_r) = h.input_f32(&[n, c, hh, w]);
+    let (mut db, mut db_r) = h.input_f32(&[n, 4, hh, w]);
+    b.concat_channels_backward(&dcat, &mut da, &mut db);
+    h.cpu.concat_channels_backward(&dcat_r, &mut da_r, &mut db_r);
+    h.check("concat_channels_backward a", &da, &da_r);
+    h.check("concat_channels_backward b", &db, &db_r);
+}
+test_device!(channel_and_layout, channel_and_layout_ops, ALL_DTYPES);
+
+// ---- network ops ----
+
+fn embedding_and_linear<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "timestep embedding and linear");
+    let steps = [0.0f32, 1.0, 17.0, 999.0, 500.0];
+    let (t, t_r) = (b.upload(&steps, &[5]).unwrap(), h.cpu.upload(&steps, &[5]).unwrap());
+    let (mut e, mut e_r) = h.output(&[5, 64]);
+    b.timestep_embedding(&t, &mut e);
+    h.cpu.timestep_embedding(&t_r, &mut e_r);
+    h.check("timestep_embedding", &e, &e_r);
+
+    for silu in [false, true] {
+        let (x, xr) = h.input(&[3, 70]);
+        let (w, wr) = h.input(&[33, 70]);
+        let (bias, bias_r) = h.input_f32(&[33]);
+        let (mut out, mut out_r) = h.output(&[3, 33]);
+        b.linear(&x, &w, Some(&bias), silu, &mut out);
+        h.cpu.linear(&xr, &wr, Some(&bias_r), silu, &mut out_r);
+        h.check(&format!("linear (silu input {silu})"), &out, &out_r);
+        let (mut nob, mut nob_r) = h.output(&[3, 33]);
+        b.linear(&x, &w, None, silu, &mut nob);
+        h.cpu.linear(&xr, &wr, None, silu, &mut nob_r);
+        h.check("linear without bias", &nob, &nob_r);
+        let (dout, dout_r) = h.input_f32(&[3, 33]);
+        let (mut dx, mut dx_r) = h.input_f32(&[3, 70]);
+        b.linear_backward(&x, &w, silu, &dout, &mut dx);
+        h.cpu.linear_backward(&xr, &wr, silu, &dout_r, &mut dx_r);
+        h.check(&format!("linear_backward (silu input {silu})"), &dx, &dx_r);
+    }
+}
+test_device!(embedding_linear, embedding_and_linear, ALL_DTYPES);
+
+fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "group_norm");
+    // (channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group.
+    for (ca, cb, groups, hh, w) in [(64, 0, 32, 8, 8), (32, 32, 32, 4, 4), (6, 0, 1, 5, 3), (8, 4, 4, 3, 5)] {
+        for silu in [false, true] {
+            let n = 2;
+            let c = ca + cb;
+            let (a, ar) = h.input(&[n, ca, hh, w]);
+            // An offset mean: the statistics must not cancel.
+            let (bb, bb_r) = h.input_as(&[n, cb.max(1), hh, w], dtype, 1.0);
+            let (gamma, gamma_r) = h.input_f32(&[c]);
+            let (beta, beta_r) = h.input_f32(&[c]);
+            let (mut out, mut out_r) = h.output(&[n, c, hh, w]);
+            let (mut stats, mut stats_r) = h.output_as(&[n, groups, 2], Precision::F32);
+            let (input, input_r) = if cb > 0 {
+                (LayerInput::concat(&a, &bb), LayerInput::concat(&ar, &bb_r))
+            } else {
+                (LayerInput::one(&a), LayerInput::one(&ar))
+            };
+            b.group_norm(input, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+            h.cpu.group_norm(input_r, &gamma_r, &beta_r, groups, 1e-6, silu, &mut out_r, &mut stats_r);
+            let what = format!("group_norm {ca}+{cb} channels, {groups} groups, {hh}x{w}, silu {silu}");
+            h.check(&what, &out, &out_r);
+            h.check_within(&format!("{what}: stats"), &stats, &stats_r, 1e-5);
+        }
+    }
+}
+test_device!(group_norm, group_norm_op, ALL_DTYPES);
+
+fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "conv2d");
+    let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
+    // (name, ca, cb, upsample, co, k, geometry, H)
+    let cases = [
+        ("3x3", 16, 0, false, 16, 3, Conv2dGeometry::same(1), 6),
+        ("conv_in (3 channels)", 3, 0, false, 16, 3, Conv2dGeometry::same(1), 5),
+        ("concat 1x1 (nin_shortcut)", 16, 8, false, 16, 1, Conv2dGeometry::same(0), 4),
+        ("upsample 3x3", 16, 0, true, 16, 3, Conv2dGeometry::same(1), 3),
+        ("downsample (pad right/bottom, stride 2)", 16, 0, false, 16, 3, down, 6),
+    ];
+    for (name, ca, cb, upsample, co, k, geometry, size) in cases {
+        let n = 2;
+        let (a, ar) = h.input(&[n, ca, size, size]);
+        let (bb, bb_r) = h.input(&[n, cb.max(1), size, size]);
+        let (w, wr) = h.input_as(&[co, ca + cb, k, k], dtype, 0.3);
+        let (bias, bias_r) = h.input_f32(&[co]);
+        let logical = if upsample { 2 * size } else { size };
+        let (oh, ow) = geometry.output_size(logical, logical, k, k);
+        let (cbias, cbias_r) = h.input_f32(&[n, co]);
+        let (res, res_r) = h.input(&[n, co, oh, ow]);
+        let (mut out, mut out_r) = h.output(&[n, co, oh, ow]);
+        fn input<'t, T: TensorShape>(a: &'t T, b: &'t T, concat: bool, upsample: bool) -> LayerInput<'t, T> {
+            match (concat, upsample) {
+                (true, _) => LayerInput::concat(a, b),
+                (false, true) => LayerInput::upsampled(a),
+                _ => LayerInput::one(a),
+            }
+        }
+        let epilogue = ConvEpilogue { channel_bias: Some(&cbias), residual: Some(&res), relu: true };
+        let epilogue_r = ConvEpilogue { channel_bias: Some(&cbias_r), residual: Some(&res_r), relu: true };
+        b.conv2d(input(&a, &bb, cb > 0, upsample), &w, Some(&bias), geometry, epilogue, &mut out);
+        h.cpu.conv2d(input(&ar, &bb_r, cb > 0, upsample), &wr, Some(&bias_r), geometry, epilogue_r, &mut out_r);
+        h.check(&format!("conv2d {name}"), &out, &out_r);
+    }
+}
+test_device!(conv2d, conv2d_op, ALL_DTYPES);
+
+fn attention_op<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "attention");
+    for (n, c, hh, w) in [(2, 32, 4, 4), (1, 64, 3, 5)] {
+        let (q, qr) = h.input(&[n, c, hh, w]);
+        let (k, kr) = h.input(&[n, c, hh, w]);
+        let (v, vr) = h.input(&[n, c, hh, w]);
+        let (mut out, mut out_r) = h.output(&[n, c, hh, w]);
+        let (mut lse, mut lse_r) = h.output_as(&[n, hh * w], Precision::F32);
+        b.attention(&q, &k, &v, &mut out, &mut lse);
+        h.cpu.attention(&qr, &kr, &vr, &mut out_r, &mut lse_r);
+        h.check(&format!("attention {n}x{c}x{hh}x{w}"), &out, &out_r);
+        h.check(&format!("attention {n}x{c}x{hh}x{w}: logsumexp"), &lse, &lse_r);
+    }
+}
+test_device!(attention, attention_op, ALL_DTYPES);
+
+// ---- the sampler's ops ----
+
+fn noise_is_bit_identical<B: Backend>(b: &B, dtype: Precision) {
+    let h = Harness::new(b, dtype, "fill_gaussian");
+    // Noise keyed per image (NHWC and plain layouts; images in any order, the last Philox block
+    // of an image cut short).
+    for (shape, images) in [(vec![2, 3, 5, 7], vec![9.0, 3.0]), (vec![3, 4099], vec![5.0, 0.0, 2.0])] {
+        let (mut z, mut z_r) = h.output_as(&shape, Precision::F32);
+        let indices = b.upload(&images, &[images.len()]).unwrap();
+        let indices_r = h.cpu.upload(&images, &[images.len()]).unwrap();
+        let seed = h.seed;
+        b.fill_gaussian(&mut z, &indices, seed, 7);
+        h.cpu.fill_gaussian(&mut z_r, &indices_r, seed, 7);
+        b.synchronize().unwrap();
+        assert_eq!(b.download(&z).unwrap(), z_r.data, "noise of shape {shape:?} differs from the CPU's (seed {seed})");
+    }
+}
+test_device!(noise, noise_is_bit_identical, [Precision::F32]);
+
+fn reverse_step_ops<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "reverse-step ops");
+    let shape = [2, 3, 4, 4];
+    let k = StepCoefficients { sqrt_abar: 0.6, sqrt_one_minus_abar: 0.8, c0: 0.3, ct: 0.65 };
+    let (x, xr) = h.input_as(&shape, Precision::F32, 1.5);
+    let (eps, eps_r) = h.input_as(&shape, Precision::F32, 1.5);
+    let (mut x0, mut x0_r) = h.output_as(&shape, Precision::F32);
+    let (mut mu, mut mu_r) = h.output_as(&shape, Precision::F32);
+    b.predict_x0_and_mean(&x, &eps, k, &mut x0, &mut mu);
+    h.cpu.predict_x0_and_mean(&xr, &eps_r, k, &mut x0_r, &mut mu_r);
+    h.check("predict_x0_and_mean: x0_hat", &x0, &x0_r);
+    h.check("predict_x0_and_mean: mu", &mu, &mu_r);
+    let (mut u, mut u_r) = h.input_f32(&shape);
+    b.mask_clipped(&x, &eps, k, &mut u);
+    h.cpu.mask_clipped(&xr, &eps_r, k, &mut u_r);
+    h.check("mask_clipped", &u, &u_r);
+    for kappa in [0.5, 1e6, f32::INFINITY] {
+        let (mut d, mut d_r) = h.input_f32(&shape);
+        b.constrain_guidance(&mut d, &x, &mu, kappa);
+        h.cpu.constrain_guidance(&mut d_r, &xr, &mu_r, kappa);
+        h.check(&format!("constrain_guidance kappa {kappa}"), &d, &d_r);
+    }
+    let labels = [3.0f32, 0.0];
+    let (lab, lab_r) = (b.upload(&labels, &[2]).unwrap(), h.cpu.upload(&labels, &[2]).unwrap());
+    let (logits, logits_r) = h.input_as(&[2, 10], Precision::F32, 4.0);
+    let (f, f_r) = h.input_f32(&[2, 16]);
+    let (fref, fref_r) = h.input_f32(&[2, 16]);
+    let (mut df, mut df_r) = h.output_as(&[2, 16], Precision::F32);
+    let (mut dl, mut dl_r) = h.output_as(&[2, 10], Precision::F32);
+    b.guidance_objective_grad(&f, &fref, &logits, &lab, 0.7, 1.3, &mut df, &mut dl);
+    h.cpu.guidance_objective_grad(&f_r, &fref_r, &logits_r, &lab_r, 0.7, 1.3, &mut df_r, &mut dl_r);
+    h.check("guidance_objective_grad: features", &df, &df_r);
+    h.check("guidance_objective_grad: logits", &dl, &dl_r);
+    let (mut ce, mut ce_r) = h.output_as(&[2, 10], Precision::F32);
+    b.cross_entropy_grad(&logits, &lab, &mut ce);
+    h.cpu.cross_entropy_grad(&logits_r, &lab_r, &mut ce_r);
+    h.check("cross_entropy_grad", &ce, &ce_r);
+}
+test_device!(reverse_step, reverse_step_ops, [Precision::F32]);
+
+// ---- errors ----
+
+/// A bad call is not a panic on the CUDA backend: it is stored, reported by `synchronize`, and
+/// the backend works again afterwards.
+#[test]
+fn emulator_reports_bad_calls_through_synchronize() {
+    let b = emulator(Precision::F32);
+    let x = b.upload(&[1.0; 6], &[2, 3]).unwrap();
+    let mut wrong = b.zeros(&[3, 2]).unwrap();
+    b.axpby(1.0, &x, 1.0, &x, &mut wrong);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("axpby: out") && err.contains("[3, 2]"), "{err}");
+    b.synchronize().expect("the error is reported once");
+    let mut right = b.zeros(&[2, 3]).unwrap();
+    b.axpby(1.0, &x, 1.0, &x, &mut right);
+    assert_eq!(b.download(&right).unwrap(), vec![2.0; 6]);
+}
