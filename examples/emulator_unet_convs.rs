@@ -89,6 +89,7 @@ fn filled(d: &EmulatedDriver, elements: usize, dtype: Precision) -> DevicePtr {
 fn main() {
     let compiler = KernelCompiler::with_cache_dir("sm_80", None).expect("NVRTC (source scripts/nvrtc.sh)");
     let ptx = String::from_utf8(compiler.compile_file("conv2d.cu", ImageKind::Ptx).unwrap()).unwrap();
+    let mma_ptx = String::from_utf8(compiler.compile_file("conv2d_mma.cu", ImageKind::Ptx).unwrap()).unwrap();
     let layers = unet_convs();
     let macs: usize = layers
         .iter()
@@ -110,7 +111,8 @@ fn main() {
         }
         let d = EmulatedDriver::new();
         let module = d.load_module(ModuleImage::Ptx(&ptx)).unwrap();
-        let kernels = Conv2dKernels::load(&d, module, None).unwrap();
+        let mma = d.load_module(ModuleImage::Ptx(&mma_ptx)).unwrap();
+        let kernels = Conv2dKernels::load(&d, module, Some(mma)).unwrap();
         let start = Instant::now();
         let cpu_start = cpu_seconds();
         for &(res, ca, cb, upsample, co, k, geometry) in &layers {

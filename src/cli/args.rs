@@ -16,8 +16,9 @@ pub struct DeviceArgs {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Storage type of the network's activations and convolution weights on the CUDA backend:
-    /// f32, bf16 or f16 (x_t, the noise, statistics and gradients stay f32). The CPU backend
-    /// computes in f32 and rounds on store.
+    /// f32 (full precision, the reference), bf16 (f32's range, 8 significant bits), f16 (11
+    /// significant bits, a narrower range). x_t, the noise, statistics and gradients stay f32.
+    /// The CPU backend computes in f32 and rounds on store.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub precision: Precision,
 }

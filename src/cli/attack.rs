@@ -17,13 +17,13 @@ use purifier::purify::Purifier;
 
 use super::args::{cli_name, parse_number, DeviceArgs, PurificationArgs};
 use super::backend::backend;
-use purifier::device::SelectedBackend;
 use super::outputs::Outputs;
 use super::pipeline::{
     accuracy, check_batch, load_purification, predict, prediction_caption, purify_in_batches, title_caption,
 };
 use super::progress::Progress;
 use super::report::{extend, report_header, with_batch, write_report};
+use purifier::device::SelectedBackend;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttackArg {
