@@ -536,3 +536,24 @@ fn emulator_reports_bad_calls_through_synchronize() {
     b.axpby(1.0, &x, 1.0, &x, &mut right);
     assert_eq!(b.download(&right).unwrap(), vec![2.0; 6]);
 }
+
+/// The backward ops check their operands before launching anything: a wrong shape is an error
+/// naming the operand, and the gradient is left as it was.
+#[test]
+fn emulator_backward_ops_report_bad_shapes() {
+    let b = emulator(Precision::F32);
+    let x = b.upload(&[0.5; 2 * 4 * 3 * 3], &[2, 4, 3, 3]).unwrap();
+    let gamma = b.upload(&[1.0; 4], &[4]).unwrap();
+    let beta = b.zeros(&[4]).unwrap();
+    let wrong_stats = b.zeros(&[2, 4, 2]).unwrap();
+    let mut dx = b.upload(&[0.25; 2 * 4 * 3 * 3], &[2, 4, 3, 3]).unwrap();
+    b.group_norm_backward(&x, &gamma, &beta, &wrong_stats, 2, true, &x, &mut dx);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("group_norm_backward: stats") && err.contains("[2, 2, 2]"), "{err}");
+    let wrong_lse = b.zeros(&[2, 8]).unwrap();
+    let (mut dq, mut dk) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 3, 3]).unwrap());
+    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, &mut dq, &mut dk, &mut dx);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("attention_backward: logsumexp") && err.contains("[2, 9]"), "{err}");
+    assert_eq!(b.download(&dx).unwrap(), vec![0.25; 2 * 4 * 3 * 3], "nothing written on an error");
+}
