@@ -50,7 +50,11 @@ fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
     vec![
         ("conv2d.cu", conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS),
         ("conv2d_mma.cu", conv::mma_kernel_names(), conv::MMA_HOT_KERNELS),
-        ("attention.cu", attention::simt_kernel_names(), attention::SIMT_HOT_KERNELS),
+        (
+            "attention.cu",
+            [attention::simt_kernel_names(), attention::BACKWARD_KERNELS.map(String::from).to_vec()].concat(),
+            attention::SIMT_HOT_KERNELS,
+        ),
         ("attention_mma.cu", attention::mma_kernel_names(), attention::MMA_HOT_KERNELS),
     ]
 }

@@ -49,6 +49,10 @@ pub fn simt_kernel_names() -> Vec<String> {
     names
 }
 
+/// The backward kernels of attention.cu (its backward section; launched by the CUDA backend's
+/// `attention_backward`): f32 SIMT, any storage type.
+pub const BACKWARD_KERNELS: [&str; 2] = ["attention_backward_dq", "attention_backward_dkdv"];
+
 /// Padded head dims of the tensor-core variants (`_d64`, `_d128`, `_d256`).
 const MMA_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 

@@ -676,9 +676,9 @@ impl Backend for CudaBackend {
                 .ptr(logsumexp.ptr)
         };
         let dq_args = inputs().tensor(dq).i32(positions as i32).i32(c as i32).f32(scale);
-        self.launch("attention.cu", "attention_backward_dq", config(shared_floats(3, 0)), dq_args);
+        self.launch("attention.cu", attention::BACKWARD_KERNELS[0], config(shared_floats(3, 0)), dq_args);
         let dkdv_args = inputs().tensor(dk).tensor(dv).i32(positions as i32).i32(c as i32).f32(scale);
-        self.launch("attention.cu", "attention_backward_dkdv", config(shared_floats(4, 2 * TILE)), dkdv_args);
+        self.launch("attention.cu", attention::BACKWARD_KERNELS[1], config(shared_floats(4, 2 * TILE)), dkdv_args);
     }
 
     fn upsample_nearest2x(&self, x: &CudaTensor, out: &mut CudaTensor) {
