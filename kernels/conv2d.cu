@@ -16,15 +16,17 @@
 // gathered from x on the fly (implicit im2col), B is the weight matrix as stored (K contiguous per
 // output channel: the "col" operand of mma.sync).
 //
-// Two modules (a module is one file): this one, version 1, runs anywhere (plain f32 instructions:
-// the PTX emulator runs it today); conv2d_mma.cu, version 2 (tensor cores, cp.async, ldmatrix), is
-// THE FAST ONE for bf16/f16 and is loaded on its own. The index helpers below are the same in both
+// Two modules (a module is one file): this one, version 1, plain instructions only, so it loads on
+// any driver (the PTX emulator ran it before it had tensor cores); conv2d_mma.cu, version 2 (tensor
+// cores, cp.async, ldmatrix), is THE FAST ONE for bf16/f16 and is loaded on its own. The index helpers below are the same in both
 // files (NVRTC gets one header per module, common.cuh); keep them in step.
 //
 // Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
 //   conv2d_simt_<in>_<w>_<out>   version 1, any shape, any storage type: shared-memory tiles of
 //                                 64 positions x 64 channels x 16 k, 256 threads, 4x4 register blocking,
 //                                 f32 arithmetic (fma). The f32 path, and the reference for version 2.
+//   conv2d_backward_input_simt_<T>  the input gradient (dx += transposed convolution of dout), same
+//                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
 // Hot kernel (ptxas report, no spills allowed): conv2d_simt_f32_f32_f32.
 #include "common.cuh"
 
@@ -171,6 +173,103 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 }
 
 // ---------------------------------------------------------------------------------------------
+// The input gradient (version 1 only): dx += the transposed convolution of dout, as an implicit
+// GEMM over the input positions: M = N*H*W (dx rows, the logical input: the caller splits a concat
+// and folds an upsample), N = Ci, K = kh*kw*Co with k = tap*Co + co:
+//   dx[n, iy, ix, ci] += sum_{ky, kx, co} dout[n, oy, ox, co] * w[co, ky, kx, ci],
+//   oy = (iy + pad_top - ky) / s, ox = (ix + pad_left - kx) / s, where those divide exactly and land
+//   inside the output. Each dx element has one owner thread (read, add, write: no atomics).
+// The same ConvParams as the forward: in_h/in_w/ca the logical input (cb 0, no upsample), kh/kw,
+// stride, pads, out_h/out_w/out_channels the forward's output (dout).
+template <typename T>
+__device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__ dout, const T* __restrict__ w,
+                                                           T* __restrict__ dx, const ConvParams p) {
+    using namespace simt;
+    __shared__ __align__(16) float a_tile[BK][BM + PAD];
+    __shared__ __align__(16) float b_tile[BK][BN + PAD];
+
+    const int tid = threadIdx.x;
+    const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
+    const int ci_total = p.ca;
+    const int taps = p.kh * p.kw;
+    const int k_total = taps * p.out_channels;
+    const int plane = p.in_h * p.in_w;
+    const int positions = p.batch * plane;
+
+    const int load_k = tid % BK, load_row = tid / BK;
+    // This thread's dx rows: sample and padded coordinates (iy + pad_top, ix + pad_left).
+    int row_n[BM / 16], row_y[BM / 16], row_x[BM / 16];
+    bool row_ok[BM / 16];
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) {
+        const int m = m_block + load_row + 16 * i;
+        row_ok[i] = m < positions;
+        const int mm = row_ok[i] ? m : 0;
+        row_n[i] = mm / plane;
+        const int rest = mm - row_n[i] * plane;
+        row_y[i] = rest / p.in_w + p.pad_top;
+        row_x[i] = rest % p.in_w + p.pad_left;
+    }
+
+    const int tx = tid % 16, ty = tid / 16;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+    for (int k0 = 0; k0 < k_total; k0 += BK) {
+        const int k = k0 + load_k;
+        const bool k_valid = k < k_total;
+        const int tap = k_valid ? k / p.out_channels : 0;
+        const int co = k_valid ? k - tap * p.out_channels : 0;
+        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+#pragma unroll
+        for (int i = 0; i < BM / 16; ++i) {
+            const int ty_ = row_y[i] - ky, tx_ = row_x[i] - kx;
+            float value = 0.0f;
+            if (row_ok[i] && k_valid && ty_ >= 0 && tx_ >= 0 && ty_ % p.stride == 0 && tx_ % p.stride == 0) {
+                const int oy = ty_ / p.stride, ox = tx_ / p.stride;
+                if (oy < p.out_h && ox < p.out_w)
+                    value = to_float(dout[((row_n[i] * p.out_h + oy) * p.out_w + ox) * p.out_channels + co]);
+            }
+            a_tile[load_k][load_row + 16 * i] = value;
+        }
+#pragma unroll
+        for (int i = 0; i < BN / 16; ++i) {
+            const int ci = n_block + load_row + 16 * i;
+            b_tile[load_k][load_row + 16 * i] =
+                (k_valid && ci < ci_total) ? to_float(w[(co * taps + tap) * ci_total + ci]) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            const float4 av = *reinterpret_cast<const float4*>(&a_tile[kk][ty * 4]);
+            const float4 bv = *reinterpret_cast<const float4*>(&b_tile[kk][tx * 4]);
+            const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m_block + ty * 4 + i;
+        if (m >= positions) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int ci = n_block + tx * 4 + j;
+            if (ci >= ci_total) continue;
+            const int at = m * ci_total + ci;
+            dx[at] = from_float<T>(to_float(dx[at]) + acc[i][j]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points. The launcher (src/backend/cuda/conv.rs) picks the name from the storage types.
 #define CONV_PARAMS_DECL(InT, WT, OutT)                                                                     \
     const InT *__restrict__ a, const InT *__restrict__ b, const WT *__restrict__ w,                          \
@@ -188,3 +287,14 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 CONV_SIMT_ENTRY(f32, float, f32, float, f32, float)
 CONV_SIMT_ENTRY(bf16, bf16, bf16, bf16, bf16, bf16)
 CONV_SIMT_ENTRY(f16, f16, f16, f16, f16, f16)
+
+#define CONV_BACKWARD_INPUT_ENTRY(name, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
+        conv2d_backward_input_simt_##name(const T* __restrict__ dout, const T* __restrict__ w,              \
+                                          T* __restrict__ dx, const ConvParams p) {                         \
+        conv2d_backward_input_simt<T>(dout, w, dx, p);                                                      \
+    }
+
+CONV_BACKWARD_INPUT_ENTRY(f32, float)
+CONV_BACKWARD_INPUT_ENTRY(bf16, bf16)
+CONV_BACKWARD_INPUT_ENTRY(f16, f16)

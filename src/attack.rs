@@ -131,24 +131,37 @@ pub struct AttackTrace {
     pub seconds: f64,
 }
 
-/// An EOT estimate at one point: per-image mean loss, images classified correctly summed over
-/// the draws, and the summed gradient of the loss with respect to the pixels.
+/// An EOT estimate at one point: per-image mean loss, per-image count of the draws that
+/// classified it correctly, and the summed gradient of the loss with respect to the pixels.
 struct EotEstimate {
     losses: Vec<f64>,
-    correct: usize,
+    correct: Vec<usize>,
     gradient: Vec<f32>,
 }
 
-/// The defended model: a purifier followed by a classifier.
+impl EotEstimate {
+    /// Whether image `i` is misclassified at this point, judged as the defence judges: by a
+    /// strict majority of the draws (one draw, exact, for a deterministic model).
+    fn broken(&self, i: usize, draws: usize) -> bool {
+        2 * (draws - self.correct[i]) > draws
+    }
+}
+
+/// The model under attack: a purifier followed by a classifier, or the classifier alone (the
+/// undefended baseline, deterministic).
 pub struct Defence<'a, B: Backend> {
-    pub purifier: &'a Purifier<'a, B>,
+    pub backend: &'a B,
+    /// `None`: the classifier alone.
+    pub purifier: Option<&'a Purifier<'a, B>>,
     pub classifier: &'a Classifier<B>,
 }
 
-/// Buffers of one batch size: a differentiable purify plan and the classifier's plan.
+/// Buffers of one batch size: a differentiable purify plan (or the classifier's input) and the
+/// classifier's plan.
 pub struct DefencePlan<B: Backend> {
     batch: usize,
-    purify: PurifyPlan<B>,
+    purify: Option<PurifyPlan<B>>,
+    input: Option<B::Tensor>,
     classifier: ClassifierPlan<B>,
     labels: B::Tensor,
     dlogits: B::Tensor,
@@ -164,19 +177,36 @@ impl<B: Backend> DefencePlan<B> {
 const VOTE_SEED_SALT: u64 = 0x05EE_D0F7_07E5;
 
 impl<'a, B: Backend> Defence<'a, B> {
+    /// The defended model C(purify(x)).
+    pub fn purified(purifier: &'a Purifier<'a, B>, classifier: &'a Classifier<B>) -> Self {
+        Defence { backend: purifier.backend, purifier: Some(purifier), classifier }
+    }
+
+    /// The classifier alone: the undefended baseline.
+    pub fn undefended(backend: &'a B, classifier: &'a Classifier<B>) -> Self {
+        Defence { backend, purifier: None, classifier }
+    }
+
+    /// Whether the model draws noise (then EOT and votes matter; else one draw says it all).
+    pub fn is_stochastic(&self) -> bool {
+        self.purifier.is_some()
+    }
+
     pub fn plan(&self, batch: usize) -> Result<DefencePlan<B>> {
-        let b = self.purifier.backend;
+        let b = self.backend;
         Ok(DefencePlan {
             batch,
-            purify: self.purifier.plan_differentiable(batch)?,
+            purify: self.purifier.map(|p| p.plan_differentiable(batch)).transpose()?,
+            input: if self.purifier.is_none() { Some(b.zeros(&[batch, 3, 32, 32])?) } else { None },
             classifier: self.classifier.plan(b, batch, true)?,
             labels: b.zeros(&[batch])?,
             dlogits: b.zeros(&[batch, self.classifier.num_classes])?,
         })
     }
 
-    /// Logits (host, batch x classes) of C(purify(x)) for one noise draw; pixels in [0, 1], the
-    /// images numbered `image_indices` in the whole input.
+    /// Logits (host, batch x classes) of C(purify(x)) for one noise draw, or of C(x) for the
+    /// classifier alone (the draw is then unused); pixels in [0, 1], the images numbered
+    /// `image_indices` in the whole input.
     pub fn logits(
         &self,
         plan: &mut DefencePlan<B>,
@@ -184,9 +214,20 @@ impl<'a, B: Backend> Defence<'a, B> {
         image_indices: &[u64],
         noise: NoiseDraw,
     ) -> Result<Vec<f32>> {
-        let b = self.purifier.backend;
-        self.purifier.purify_on_backend(&mut plan.purify, &to_model_range(pixels), image_indices, noise)?;
-        self.classifier.forward(b, &mut plan.classifier, plan.purify.output())?;
+        let b = self.backend;
+        let x = to_model_range(pixels);
+        let input = match (self.purifier, plan.purify.as_mut(), plan.input.as_mut()) {
+            (Some(purifier), Some(purify), _) => {
+                purifier.purify_on_backend(purify, &x, image_indices, noise)?;
+                purify.output()
+            }
+            (None, _, Some(input)) => {
+                b.write(input, &x)?;
+                input
+            }
+            _ => return Err(Error::invalid("this plan was made for another defence")),
+        };
+        self.classifier.forward(b, &mut plan.classifier, input)?;
         b.download(&plan.classifier.logits)
     }
 
@@ -202,7 +243,7 @@ impl<'a, B: Backend> Defence<'a, B> {
         loss: Loss,
         noise: NoiseDraw,
     ) -> Result<(Vec<f64>, Vec<bool>, Vec<f32>)> {
-        let b = self.purifier.backend;
+        let b = self.backend;
         let logits = self.logits(plan, pixels, image_indices, noise)?;
         let k = self.classifier.num_classes;
         let losses = match loss {
@@ -226,7 +267,10 @@ impl<'a, B: Backend> Defence<'a, B> {
             }
         };
         let grad_x0 = self.classifier.input_vjp(b, &mut plan.classifier, Some(&plan.dlogits), None)?;
-        let grad_x = self.purifier.input_vjp(&mut plan.purify, grad_x0)?;
+        let grad_x = match (self.purifier, plan.purify.as_mut()) {
+            (Some(purifier), Some(purify)) => purifier.input_vjp(purify, grad_x0)?,
+            _ => grad_x0,
+        };
         // x = 2 p - 1
         let grad_pixels: Vec<f32> = b.download(grad_x)?.iter().map(|g| 2.0 * g).collect();
         let correct = logits.chunks(k).zip(labels).map(|(row, &y)| argmax(row) == y as usize).collect();
@@ -245,14 +289,15 @@ impl<'a, B: Backend> Defence<'a, B> {
         settings: &AttackSettings,
         evaluation: usize,
     ) -> Result<EotEstimate> {
-        let mut estimate = EotEstimate { losses: vec![0.0; labels.len()], correct: 0, gradient: vec![0.0; x.len()] };
+        let n = labels.len();
+        let mut estimate = EotEstimate { losses: vec![0.0; n], correct: vec![0; n], gradient: vec![0.0; x.len()] };
         for e in 0..settings.eot {
             let draw = evaluation as u64 * settings.eot as u64 + e as u64;
             let noise = NoiseDraw { seed: settings.seed, draw };
             let (losses, right, g) = self.loss_gradient(plan, x, labels, image_indices, settings.loss, noise)?;
             estimate.gradient.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
             estimate.losses.iter_mut().zip(&losses).for_each(|(a, l)| *a += l / settings.eot as f64);
-            estimate.correct += right.iter().filter(|&&c| c).count();
+            estimate.correct.iter_mut().zip(&right).for_each(|(c, &r)| *c += usize::from(r));
         }
         Ok(estimate)
     }
@@ -330,7 +375,7 @@ impl<'a, B: Backend> Defence<'a, B> {
             let trace = AttackTrace {
                 iteration,
                 loss: estimate.losses.iter().sum::<f64>() / batch as f64,
-                eot_accuracy: estimate.correct as f64 / draws,
+                eot_accuracy: estimate.correct.iter().sum::<usize>() as f64 / draws,
                 seconds: started.elapsed().as_secs_f64(),
             };
             progress(&trace);
@@ -355,7 +400,15 @@ impl<'a, B: Backend> Defence<'a, B> {
     }
 
     /// APGD (Croce & Hein 2020, Algorithm 1) with EOT estimates of loss and gradient, step sizes
-    /// and checkpoint tests per image. Returns the best iterate (highest EOT loss) of each image.
+    /// and checkpoint tests per image.
+    ///
+    /// The result follows the reference implementation's bookkeeping: an image that any iterate
+    /// (the start included) misclassifies gets the last such iterate, whatever its loss; an image
+    /// no iterate broke gets its best iterate (highest EOT loss). "Misclassifies" is judged as
+    /// the defence judges, by a strict majority of the iterate's EOT draws (for a deterministic
+    /// model one draw, exactly the reference's test). The reference tests a stochastic model on
+    /// the last draw only; a majority of the draws is less noisy, and the caller's vote over
+    /// fresh purifications has the final word.
     #[allow(clippy::too_many_arguments)]
     fn apgd(
         &self,
@@ -378,6 +431,16 @@ impl<'a, B: Backend> Defence<'a, B> {
         let mut previous = x.clone();
         let (mut best, mut best_loss, mut best_gradient) = (x.clone(), first.losses.clone(), first.gradient.clone());
         let (mut gradient, mut last_loss) = (first.gradient.clone(), first.losses.clone());
+        // The last iterate that broke each image (meaningful where `broken`).
+        let (mut broken, mut breaking) = (vec![false; n], x.clone());
+        let mut note_broken = |estimate: &EotEstimate, x: &[f32]| {
+            for i in (0..n).filter(|&i| estimate.broken(i, settings.eot)) {
+                broken[i] = true;
+                let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
+                breaking[image.clone()].copy_from_slice(&x[image]);
+            }
+        };
+        note_broken(&first, &x);
         record(0, &first, started);
         let mut increases = vec![0usize; n];
         let (mut best_at_checkpoint, mut reduced_at_checkpoint) = (best_loss.clone(), vec![true; n]);
@@ -399,6 +462,7 @@ impl<'a, B: Backend> Defence<'a, B> {
             previous = std::mem::replace(&mut x, next);
 
             let estimate = self.eot_estimate(plan, &x, labels, image_indices, settings, iteration + 1)?;
+            note_broken(&estimate, &x);
             for i in 0..n {
                 let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
                 increases[i] += usize::from(estimate.losses[i] > last_loss[i]);
@@ -431,6 +495,10 @@ impl<'a, B: Backend> Defence<'a, B> {
                 last_checkpoint = iteration + 1;
             }
             record(iteration + 1, &estimate, started);
+        }
+        for i in (0..n).filter(|&i| broken[i]) {
+            let image = i * IMAGE_LEN..(i + 1) * IMAGE_LEN;
+            best[image.clone()].copy_from_slice(&breaking[image]);
         }
         Ok(best)
     }

@@ -112,6 +112,8 @@ pub struct Purifier<'a, B: Backend> {
     pub schedule: Schedule,
     pub settings: PurifySettings,
     steps: Vec<ReverseStep>,
+    /// Called after each reverse step (a progress display); none by default.
+    step_observer: Option<Box<dyn Fn() + Send + Sync + 'a>>,
 }
 
 impl<'a, B: Backend> Purifier<'a, B> {
@@ -136,7 +138,12 @@ impl<'a, B: Backend> Purifier<'a, B> {
             return Err(Error::invalid("only 32x32 UNets are supported"));
         }
         let steps = schedule.reverse_steps(settings.t_star, settings.sampler)?;
-        Ok(Self { backend, unet, auxiliary, schedule, settings, steps })
+        Ok(Self { backend, unet, auxiliary, schedule, settings, steps, step_observer: None })
+    }
+
+    /// Calls `observer` after every reverse step of every purification from now on.
+    pub fn observe_steps(&mut self, observer: impl Fn() + Send + Sync + 'a) {
+        self.step_observer = Some(Box::new(observer));
     }
 
     /// The reverse steps this purifier runs.
@@ -276,6 +283,9 @@ impl<'a, B: Backend> Purifier<'a, B> {
                 std::mem::swap(&mut plan.x_t, &mut plan.mu);
             }
             report.step_seconds.push(step_started.elapsed().as_secs_f64());
+            if let Some(observer) = &self.step_observer {
+                observer();
+            }
         }
         if let Some(tape) = plan.tape.as_mut() {
             b.copy(&plan.x_t, &mut tape.unclamped_output);

@@ -97,7 +97,7 @@ fn defence_loss_gradient_matches_finite_differences() {
     let classifier = resnet20(&b);
     let settings = PurifySettings { t_star: 2, ..Default::default() };
     let purifier = Purifier::new(&b, &unet, None, settings).unwrap();
-    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let defence = Defence::purified(&purifier, &classifier);
     // Wrong labels: the loss of correctly classified images is ~1e-6, too flat to differentiate.
     let (pixels, labels) = test_images(2);
     let labels: Vec<u8> = labels.iter().map(|l| (l + 1) % 10).collect();
@@ -132,7 +132,7 @@ fn attacks_stay_in_the_ball_and_raise_the_loss() {
     let unet = small_unet(&b);
     let classifier = resnet20(&b);
     let purifier = Purifier::new(&b, &unet, None, PurifySettings { t_star: 2, ..Default::default() }).unwrap();
-    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let defence = Defence::purified(&purifier, &classifier);
     let (pixels, labels) = test_images(2);
     let mut plan = defence.plan(2).unwrap();
     let attacks = [
@@ -188,7 +188,7 @@ fn attack_refuses_bad_settings_and_inputs() {
     let unet = small_unet(&b);
     let classifier = resnet20(&b);
     let purifier = Purifier::new(&b, &unet, None, PurifySettings { t_star: 1, ..Default::default() }).unwrap();
-    let defence = Defence { purifier: &purifier, classifier: &classifier };
+    let defence = Defence::purified(&purifier, &classifier);
     let (pixels, labels) = test_images(1);
     let mut plan = defence.plan(1).unwrap();
     let good = AttackSettings::pgd(Norm::Linf, 1, 1, 0);

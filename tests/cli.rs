@@ -355,7 +355,8 @@ fn attack_reports_clean_and_robust_accuracy() {
     ]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("defended robust accuracy (linf eps 0.01569)"), "{stdout}");
-    assert!(stderr.contains("batch 1 PGD-CE after 1 steps"), "per-iteration progress: {stderr}");
+    assert!(stderr.contains("batch 2/2 PGD-CE after 1 steps"), "per-iteration progress: {stderr}");
+    assert!(stderr.contains(", ETA "), "an ETA in the log: {stderr}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     assert_eq!(report["images"], 3);
     let stage = &report["attack"]["stages"][0];
@@ -545,4 +546,261 @@ fn bad_bench_inputs_get_clear_errors() {
     assert!(with(&["--config", "cifar100"]).contains("cifar100"));
     assert!(with(&["--weights", "x.safetensors", "--baseline", "python3"]).contains("drop --weights"));
     assert!(with(&["--weights", "no_such.safetensors"]).contains("no_such.safetensors"));
+}
+
+/// Outputs are all or nothing: a path that cannot be written fails before any compute, an output
+/// folder that is (or holds) an input is refused, and a failure leaves what was there before.
+#[test]
+fn outputs_are_checked_before_compute_and_written_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = ["purify", "--untrained-seed", "1", "--t-star", "2", "--device", "cpu", "--count", "2", "--batch", "2"];
+    let purify = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        run_cli(&args)
+    };
+    let bin = "../shared/data/cifar10/test_lossless.bin";
+
+    // An output folder under a file: refused at once, with the verb right.
+    let file = dir.path().join("plain.txt");
+    std::fs::write(&file, "not a folder").unwrap();
+    let under_file = file.join("out");
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", s(&under_file)]);
+    assert!(!ok && stderr.contains("cannot write") && stderr.contains("plain.txt"), "{stderr}");
+    assert!(!stderr.contains("purifying"), "failed after starting the compute: {stderr}");
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", "/proc/purifier-test/out"]);
+    assert!(!ok && stderr.contains("cannot write /proc/purifier-test"), "{stderr}");
+    assert!(!stderr.contains("purifying"), "{stderr}");
+
+    // A report that cannot be written: nothing at all is written, what was there is kept.
+    let out = dir.path().join("kept");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("grid.png"), "the previous grid").unwrap();
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", s(&out), "--report", s(&file.join("r.json"))]);
+    assert!(!ok && stderr.contains("cannot write") && !stderr.contains("purifying"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(out.join("grid.png")).unwrap(), "the previous grid");
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "only the previous file remains");
+    let fresh = dir.path().join("a/b/c");
+    let (ok, _, _) = purify(&["--input", bin, "--out", s(&fresh), "--report", s(&file.join("r.json"))]);
+    assert!(!ok);
+    assert!(!dir.path().join("a").exists(), "folders made for the outputs are removed on failure");
+
+    // The output folder is the input folder, or holds an input: refused, the inputs untouched.
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for k in 0..2 {
+        purifier::data::image::write_png(&images.join(format!("{k}.png")), &vec![0.25; 3 * 32 * 32], 32, 32).unwrap();
+    }
+    let before: Vec<Vec<u8>> = (0..2).map(|k| std::fs::read(images.join(format!("{k}.png"))).unwrap()).collect();
+    let err = cli_error(&[&base[..], &["--input", s(&images), "--out", s(&images)]].concat());
+    assert!(err.contains("--out") && err.contains("is the input"), "{err}");
+    let err = cli_error(&[&base[..], &["--input", s(&images), "--out", s(dir.path())]].concat());
+    assert!(err.contains("contains the input"), "{err}");
+    let err = cli_error(
+        &[&base[..], &["--input", s(&images), "--out", s(&out), "--report", s(&images.join("0.png"))]].concat(),
+    );
+    assert!(err.contains("--report") && err.contains("is the input"), "{err}");
+    let after: Vec<Vec<u8>> = (0..2).map(|k| std::fs::read(images.join(format!("{k}.png"))).unwrap()).collect();
+    assert_eq!(before, after, "the inputs were changed");
+    assert!(!images.join("grid.png").exists());
+
+    // Success: everything in place, no staging left behind.
+    let (ok, _, stderr) = purify(&["--input", bin, "--out", s(&out), "--report", s(&out.join("r.json"))]);
+    assert!(ok, "{stderr}");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["grid.png", "r.json", "test_lossless_0000.png", "test_lossless_0001.png"]);
+}
+
+/// Negative numbers reach the real validation, written either way; reports spell values as the
+/// command line does; every command's --help has one layout.
+#[test]
+fn help_negative_numbers_and_report_spelling_follow_the_cli() {
+    let base = ["purify", "--untrained-seed", "1", "--t-star", "1", "--count", "1", "--device", "cpu"];
+    let bin = "../shared/data/cifar10/test_lossless.bin";
+    for kappa in [&["--kappa", "-1"][..], &["--kappa=-1"]] {
+        let err = cli_error(&[&base[..], &["--input", bin, "--out", "/tmp/never-written"], kappa].concat());
+        assert!(err.contains("kappa must be >= 0"), "{kappa:?}: {err}");
+    }
+    let err = cli_error(&[&base[..], &["--input", bin, "--mode", "pixel", "--scale", "-2"]].concat());
+    assert!(err.contains("guidance scale") && err.contains("-2"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    let mut args = base.to_vec();
+    args.extend(["--input", bin, "--out", s(dir.path()), "--report", s(&report), "--sampler", "ddim"]);
+    args.extend(["--stride", "1", "--mode", "pixel", "--gradient-path", "xt", "--kappa", "inf"]);
+    let (ok, _, stderr) = run_cli(&args);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let settings = &report["settings"];
+    assert_eq!(settings["sampler"], "ddim");
+    assert_eq!(settings["gradient_path"], "xt");
+    assert_eq!(settings["mode"], "pixel");
+    assert_eq!(settings["kappa"], "inf");
+
+    // One layout: a described option per paragraph in every command's --help.
+    for command in ["purify", "classify", "inspect", "eps", "attack", "bench"] {
+        let (ok, help, _) = run_cli(&[command, "--help"]);
+        assert!(ok && help.contains("\n\nOptions:\n"), "{command}: {help}");
+        let options = &help[help.find("Options:").unwrap()..];
+        assert!(options.contains("\n          "), "{command} --help does not put each option's text below it: {help}");
+    }
+    let (_, help, _) = run_cli(&["purify", "--help"]);
+    for described in ["Purification mode", "Reverse-step sampler", "Ancestral DDPM", "UNet config of the untrained"] {
+        assert!(help.contains(described), "purify --help lacks {described:?}");
+    }
+}
+
+/// Progress: per batch with rate and ETA on standard error (no bar when it is not a terminal, as
+/// here); --quiet leaves only warnings and errors.
+#[test]
+fn progress_has_rate_and_eta_and_quiet_silences_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["purify", "--untrained-seed", "1", "--t-star", "2", "--count", "3", "--batch", "2"];
+    args.extend(["--device", "cpu", "--input", "../shared/data/cifar10/test_lossless.bin", "--out", s(dir.path())]);
+    let (ok, _, stderr) = run_cli(&args);
+    assert!(ok, "{stderr}");
+    for expected in ["batch 1/2: 2 images", "batch 2/2: 1 images", "images/s), ETA "] {
+        assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
+    }
+    assert!(!stderr.contains('\u{1b}'), "terminal escapes in a log that is not a terminal: {stderr:?}");
+    args.push("--quiet");
+    let (ok, stdout, stderr) = run_cli(&args);
+    assert!(ok && stdout.contains("purified 3 images"), "{stdout}");
+    assert_eq!(stderr.lines().filter(|l| !l.starts_with("WARNING: untrained")).count(), 0, "{stderr}");
+}
+
+/// The undefended baseline: the same attacks on the classifier alone, judged as it judges. APGD
+/// keeps an iterate that broke an image (AutoAttack's bookkeeping): an image any iterate
+/// misclassified counts as broken.
+#[test]
+fn attack_with_no_defence_measures_the_classifier_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_path = dir.path().join("none.json");
+    let out = dir.path().join("grid");
+    let (ok, stdout, stderr) = run_cli(&[
+        "attack",
+        "--defence",
+        "none",
+        "--input",
+        "../shared/data/cifar10/test_lossless.bin",
+        "--count",
+        "6",
+        "--classifier",
+        "../shared/weights/resnet20_cifar10.safetensors",
+        "--attack",
+        "apgd-ce",
+        "--iterations",
+        "5",
+        "--eps",
+        "2/255",
+        "--batch",
+        "1",
+        "--eot",
+        "4",
+        "--votes",
+        "3",
+        "--out",
+        s(&out),
+        "--report",
+        s(&report_path),
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("no defence: ResNet-20 alone"), "{stderr}");
+    assert!(stdout.contains("undefended robust accuracy of ResNet-20 (linf eps 0.00784)"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+    assert_eq!(report["defence"], "none");
+    assert!(report["unet"].is_null() && report["purification"].is_null());
+    assert_eq!(report["votes"], 1, "a deterministic model needs one vote");
+    assert_eq!(report["attack"]["stages"][0]["eot"], 1, "and one draw");
+    let accuracy = &report["accuracy"];
+    // One judge: the classifier on the adversarial images is the robust accuracy.
+    assert_eq!(accuracy["robust_majority"], accuracy["undefended_adversarial"]);
+    assert!(accuracy["robust_majority"].as_f64() < accuracy["undefended_clean"].as_f64(), "{accuracy}");
+    // Batches of one image: an image any APGD iterate misclassified is judged broken.
+    for batch in report["trace"].as_array().unwrap() {
+        let Some(stage) = batch.get(0) else { continue };
+        let broken_somewhere = stage["steps"].as_array().unwrap().iter().any(|t| t["eot_accuracy"] == 0.0);
+        if broken_somewhere {
+            assert_eq!(stage["correct_votes"][0], 0, "an iterate broke the image, the result does not: {stage}");
+        }
+    }
+    let grid = purifier::data::image::read_png(&out.join("grid.png")).unwrap();
+    assert!(grid.width > 0);
+}
+
+/// `inspect --layers` lists a classifier's layers too, named as in its file, with their shapes.
+#[test]
+fn inspect_lists_classifier_layers() {
+    let (ok, stdout, _) = run_cli(&["inspect", "--layers", "../shared/weights/resnet20_cifar10.safetensors"]);
+    assert!(ok, "{stdout}");
+    let layers: Vec<&str> = stdout.lines().filter(|l| l.contains(" -> ")).collect();
+    assert_eq!(layers.len(), 2 + 9 + 2, "input, stem, 9 blocks, pool, linear: {stdout}");
+    assert!(layers[5].contains("layer2.0") && layers[5].ends_with("-> 32 x 16 x 16"), "{}", layers[5]);
+    assert!(layers[12].contains("linear (logits)") && layers[12].ends_with("-> 10 x 1 x 1"), "{}", layers[12]);
+
+    // A WideResNet-16-2 in RobustBench's naming.
+    use purifier::model::params::DeterministicParams;
+    let b = purifier::backend::cpu::CpuBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wrn.safetensors");
+    let mut src = DeterministicParams::new(&b, 5);
+    src.keep_host_copies = true;
+    purifier::model::Classifier::load_wide(&mut src, 16, 2).unwrap();
+    let tensors: Vec<(&str, &[usize], &[f32])> =
+        src.generated.iter().map(|(n, s, d)| (n.as_str(), &s[..], &d[..])).collect();
+    write_safetensors(&path, &tensors).unwrap();
+    let (ok, stdout, _) = run_cli(&["inspect", "--layers", s(&path)]);
+    assert!(ok, "{stdout}");
+    for expected in [
+        "block2.layer.0 (residual, stride 2, 1x1 conv shortcut)",
+        "-> 64 x 16 x 16",
+        "bn1 + relu (head)",
+        "-> 128 x 8 x 8",
+        "fc (logits)",
+    ] {
+        assert!(stdout.contains(expected), "expected {expected:?} in: {stdout}");
+    }
+}
+
+/// grid.png is a labelled sheet: under each cell the class and the classifier's prediction and
+/// confidence before and after (green when right, red when wrong); cells wrap into rows.
+#[test]
+fn grid_is_a_labelled_sheet() {
+    use purifier::data::sheet::{RIGHT, SHEET_BACKGROUND, TEXT};
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run_cli(&[
+        "purify",
+        "--untrained-seed",
+        "1",
+        "--t-star",
+        "1",
+        "--count",
+        "10",
+        "--batch",
+        "10",
+        "--device",
+        "cpu",
+        "--classifier",
+        "../shared/weights/resnet20_cifar10.safetensors",
+        "--input",
+        "../shared/data/cifar10/test_lossless.bin",
+        "--out",
+        s(dir.path()),
+    ]);
+    assert!(ok, "{stderr}");
+    let sheet = purifier::data::image::read_png(&dir.path().join("grid.png")).unwrap();
+    let plane = sheet.width * sheet.height;
+    let pixel = |i: usize| [0, 1, 2].map(|c| (sheet.pixels[c * plane + i] * 255.0).round() as u8);
+    let count = |colour: [u8; 3]| (0..plane).filter(|&i| pixel(i) == colour).count();
+    assert!(count(TEXT) > 100, "no caption text");
+    assert!(count(RIGHT) > 100, "no prediction marked right (ResNet-20 gets most test images right)");
+    assert!(count([SHEET_BACKGROUND; 3]) > plane / 10, "no background");
+    // 10 images, 8 to a row: two rows of cells (each two 32x32 images upscaled, with captions).
+    let row_height = sheet.height / 2;
+    assert!(row_height >= 32 * 4 + 3 * 9 && sheet.width > 8 * 2 * 32 * 4, "{}x{}", sheet.width, sheet.height);
 }

@@ -1,5 +1,5 @@
-//! The convolution and attention kernels (kernels/conv2d.cu, kernels/attention.cu) and their
-//! launchers (src/backend/cuda/{conv,attention}.rs):
+//! The convolution and attention kernels (kernels/conv2d.cu and conv2d_mma.cu, attention.cu and
+//! attention_mma.cu) and their launchers (src/backend/cuda/{conv,attention}.rs):
 //! - every kernel compiles under NVRTC for sm_80, sm_87 and sm_90, and every name the launchers
 //!   look up is an entry of the PTX;
 //! - with `PTXAS` set (ptxas of PyPI's nvidia-cuda-nvcc), ptxas's register and spill report, and no
@@ -9,7 +9,8 @@
 //!   backend on the same (rounded) inputs, transposed NCHW <-> NHWC on the host, within ENGINE.md's
 //!   tolerances (relative L2 1e-5 f32, 1e-2 bf16/f16; NaN never passes). Every geometry, epilogue,
 //!   upsample and concat combination the UNet and the classifiers use, odd channel counts, batch 1
-//!   and 3.
+//!   and 3, three full-size layers; run on the PTX emulator (sanitizers on) for both versions of
+//!   each op and every storage-type combination they serve.
 //!
 //! NVRTC needs `LD_LIBRARY_PATH` to hold libnvrtc.so.13 and its builtins (CI installs it); without
 //! it the compile tests fail, naming what is missing.
@@ -19,10 +20,10 @@ use std::sync::Mutex;
 
 use half::{bf16, f16};
 use purifier::backend::cpu::CpuBackend;
-use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch};
+use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch, AttentionVersion};
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
-use purifier::backend::cuda::conv::{self, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, Precision};
+use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision};
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
 
@@ -49,7 +50,8 @@ fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
     vec![
         ("conv2d.cu", conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS),
         ("conv2d_mma.cu", conv::mma_kernel_names(), conv::MMA_HOT_KERNELS),
-        ("attention.cu", attention::kernel_names(), attention::HOT_KERNELS),
+        ("attention.cu", attention::simt_kernel_names(), attention::SIMT_HOT_KERNELS),
+        ("attention_mma.cu", attention::mma_kernel_names(), attention::MMA_HOT_KERNELS),
     ]
 }
 
@@ -340,7 +342,8 @@ pub fn conv_cases() -> Vec<ConvCase> {
     ]
 }
 
-/// Runs one case on `driver` and the CPU reference; returns the relative L2 error of the output.
+/// Runs one case on `driver` and the CPU reference; returns the relative L2 error of the output and
+/// the kernel that ran.
 pub fn check_conv(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
@@ -348,7 +351,7 @@ pub fn check_conv(
     version: Conv2dVersion,
     [input_dtype, weight_dtype, out_dtype]: [Precision; 3],
     seed: u64,
-) -> f64 {
+) -> (f64, String) {
     let c = case;
     let ci = c.channels_a + c.channels_b;
     let (n, h, w) = (c.batch, c.height, c.width);
@@ -390,28 +393,24 @@ pub fn check_conv(
     launch.residual = c.residual.then_some(residual);
     launch.out = mem.poisoned(out_len, out_dtype);
 
+    let kernel = conv::kernel_for(&launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
     conv::launch_conv2d_version(driver, kernels, &launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
     driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let out_nhwc = mem.download(launch.out, out_len, out_dtype);
 
-    // The reference: the upsampled, concatenated input built on the host, NCHW, OIHW weights.
-    let (lh, lw) = launch.logical_input_size();
-    let shift = c.upsample as usize;
-    let mut x = vec![0.0f32; n * ci * lh * lw];
-    for s in 0..n {
-        for ch in 0..ci {
-            for y in 0..lh {
-                for xx in 0..lw {
-                    let pixel = (s * h + (y >> shift)) * w + (xx >> shift);
-                    x[((s * ci + ch) * lh + y) * lw + xx] = if ch < c.channels_a {
-                        a_host[pixel * c.channels_a + ch]
-                    } else {
-                        b_host[pixel * c.channels_b + ch - c.channels_a]
-                    };
+    // The reference: the CPU backend on the same (rounded) values, NCHW, reading the same two
+    // sources and upsample through its LayerInput.
+    let input_to_nchw = |v: &[f32], channels: usize| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..n {
+            for p in 0..h * w {
+                for ch in 0..channels {
+                    r[(s * channels + ch) * h * w + p] = v[(s * h * w + p) * channels + ch];
                 }
             }
         }
-    }
+        r
+    };
     let k = c.kernel;
     let mut w_oihw = vec![0.0f32; w_host.len()];
     for co in 0..c.out_channels {
@@ -433,7 +432,9 @@ pub fn check_conv(
         r
     };
     let cpu = CpuBackend;
-    let x_t = cpu.upload(&x, &[n, ci, lh, lw]).unwrap();
+    let a_t = cpu.upload(&input_to_nchw(&a_host, c.channels_a), &[n, c.channels_a, h, w]).unwrap();
+    let b_t = cpu.upload(&input_to_nchw(&b_host, c.channels_b), &[n, c.channels_b, h, w]).unwrap();
+    let x = LayerInput { a: &a_t, b: (c.channels_b > 0).then_some(&b_t), upsample2x: c.upsample };
     let w_t = cpu.upload(&w_oihw, &[c.out_channels, ci, k, k]).unwrap();
     let bias_t = cpu.upload(&bias_host, &[c.out_channels]).unwrap();
     let cbias_t = cpu.upload(&cbias_host, &[n, c.out_channels]).unwrap();
@@ -444,20 +445,13 @@ pub fn check_conv(
         residual: c.residual.then_some(&res_t),
         relu: c.relu,
     };
-    cpu.conv2d(
-        purifier::backend::LayerInput::one(&x_t),
-        &w_t,
-        c.bias.then_some(&bias_t),
-        c.geometry,
-        epilogue,
-        &mut out_t,
-    );
+    cpu.conv2d(x, &w_t, c.bias.then_some(&bias_t), c.geometry, epilogue, &mut out_t);
     let mut reference = cpu.download(&out_t).unwrap();
     if out_dtype != Precision::F32 {
         // What the device can at best store.
         reference = encode(&reference, out_dtype).0;
     }
-    relative_l2(&nhwc_to_nchw(&out_nhwc, c.out_channels), &reference)
+    (relative_l2(&nhwc_to_nchw(&out_nhwc, c.out_channels), &reference), kernel)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -481,6 +475,7 @@ pub fn check_attention(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
     (name, batch, positions, channels): (&str, usize, usize, usize),
+    version: AttentionVersion,
     dtype: Precision,
     seed: u64,
 ) -> (f64, f64) {
@@ -494,7 +489,7 @@ pub fn check_attention(
     let out = mem.poisoned(len, dtype);
     let logsumexp = mem.poisoned(batch * positions, Precision::F32);
     let launch = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
-    attention::launch_attention(driver, kernels, &launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    attention::launch_attention_version(driver, kernels, &launch, version).unwrap_or_else(|e| panic!("{name}: {e}"));
     driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
     let out_nhwc = mem.download(out, len, dtype);
     let lse = mem.download(logsumexp, batch * positions, Precision::F32);
@@ -612,6 +607,15 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         let err = launch.validate().expect_err(expected).to_string();
         assert!(err.contains(expected), "expected `{expected}` in `{err}`");
     }
+    let bf16 = AttentionLaunch { dtype: Precision::Bf16, ..ok };
+    assert_eq!(attention::kernel_for(&bf16, AttentionVersion::TensorCore).unwrap(), "attention_forward_mma_bf16_d128");
+    assert_eq!(attention::kernel_for(&bf16, AttentionVersion::Simt).unwrap(), "attention_forward_bf16_c8");
+    let odd = AttentionLaunch { channels: 36, ..bf16 };
+    assert!(attention::kernel_for(&odd, AttentionVersion::TensorCore)
+        .unwrap_err()
+        .to_string()
+        .contains("multiple of 8"));
+    assert!(attention::kernel_for(&ok, AttentionVersion::TensorCore).is_err());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -629,33 +633,34 @@ fn run_conv_checks(driver: &dyn Driver, kernels: &Conv2dKernels, version: Conv2d
     let mut failures = Vec::new();
     for case in conv_cases() {
         let start = std::time::Instant::now();
-        let err = check_conv(driver, kernels, &case, version, dtypes, seed);
+        let (err, kernel) = check_conv(driver, kernels, &case, version, dtypes, seed);
         let tol = tolerance(&dtypes);
         println!(
-            "conv {version:?} {dtypes:?} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            "conv {kernel:<34} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
             case.name,
             start.elapsed().as_secs_f64()
         );
-        if !(err <= tol) {
+        // NaN compares false: it fails here.
+        if err.is_nan() || err > tol {
             failures.push(format!("{}: {err:e}", case.name));
         }
     }
     assert!(failures.is_empty(), "conv {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}");
 }
 
-fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, dtype: Precision) {
+fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, version: AttentionVersion, dtype: Precision) {
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for case in attention_cases() {
         let start = std::time::Instant::now();
-        let (out_err, lse_err) = check_attention(driver, kernels, case, dtype, seed);
+        let (out_err, lse_err) = check_attention(driver, kernels, case, version, dtype, seed);
         let tol = tolerance(&[dtype]);
         println!(
-            "attention {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            "attention {version:?} {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
             case.0,
             start.elapsed().as_secs_f64()
         );
-        if !(out_err <= tol && lse_err <= 1e-5) {
+        if out_err.is_nan() || lse_err.is_nan() || out_err > tol || lse_err > 1e-5 {
             failures.push(format!("{}: out {out_err:e}, lse {lse_err:e}", case.0));
         }
     }
@@ -672,12 +677,11 @@ fn emulator_conv_f32_every_fusion() {
 #[test]
 fn emulator_attention_f32() {
     let (driver, module) = emulated_module("attention.cu");
-    let kernels = AttentionKernels::load(&driver, module).unwrap();
-    run_attention_checks(&driver, &kernels, Precision::F32);
+    let kernels = AttentionKernels::load(&driver, module, None).unwrap();
+    run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::F32);
 }
 
 #[test]
-#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
 fn emulator_conv_simt_bf16_and_f16() {
     let (driver, module) = emulated_module("conv2d.cu");
     let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
@@ -686,12 +690,11 @@ fn emulator_conv_simt_bf16_and_f16() {
 }
 
 #[test]
-#[ignore = "needs the emulator's bf16/f16 cvt (wt-emu: 'cvt between BF16 and F32 is not supported yet')"]
 fn emulator_attention_bf16_and_f16() {
     let (driver, module) = emulated_module("attention.cu");
-    let kernels = AttentionKernels::load(&driver, module).unwrap();
-    run_attention_checks(&driver, &kernels, Precision::Bf16);
-    run_attention_checks(&driver, &kernels, Precision::F16);
+    let kernels = AttentionKernels::load(&driver, module, None).unwrap();
+    run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::Bf16);
+    run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::F16);
 }
 
 /// Every storage-type combination the tensor-core kernels serve: 16-bit throughout (cp.async
@@ -705,7 +708,6 @@ fn tensor_core_dtype_sets() -> Vec<[Precision; 3]> {
 }
 
 #[test]
-#[ignore = "needs the emulator's mma.sync, ldmatrix and cp.async (wt-emu: not yet)"]
 fn emulator_conv_tensor_cores() {
     let driver = EmulatedDriver::new();
     let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
@@ -714,4 +716,101 @@ fn emulator_conv_tensor_cores() {
     for dtypes in tensor_core_dtype_sets() {
         run_conv_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
     }
+}
+
+#[test]
+fn emulator_attention_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention_mma.cu", "sm_80"))).unwrap();
+    let kernels = AttentionKernels::load(&driver, simt, Some(mma)).unwrap();
+    run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::Bf16);
+    run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
+}
+
+/// The input gradient of one case (its logical input: concat and upsample are the caller's), in
+/// `dtype`, accumulated onto a random dx; returns the relative L2 error of the new dx.
+fn check_conv_backward_input(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    case: &ConvCase,
+    dtype: Precision,
+    seed: u64,
+) -> f64 {
+    let c = case;
+    let factor = if c.upsample { 2 } else { 1 };
+    let (n, h, w) = (c.batch, c.height * factor, c.width * factor);
+    let (ci, co, k) = (c.channels_a + c.channels_b, c.out_channels, c.kernel);
+    let mut mem = Allocations::new(driver);
+    let mut launch = Conv2dBackwardInputLaunch {
+        batch: n,
+        height: h,
+        width: w,
+        in_channels: ci,
+        out_channels: co,
+        kernel_h: k,
+        kernel_w: k,
+        geometry: c.geometry,
+        dtype,
+        dout: 0,
+        weight: 0,
+        dx: 0,
+    };
+    let (oh, ow) = launch.output_size();
+    let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dtype);
+    let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), dtype);
+    let (dx_host, dx) = mem.upload(&common::uniform(n * h * w * ci, seed + 2), dtype);
+    (launch.dout, launch.weight, launch.dx) = (dout, weight, dx);
+    conv::launch_conv2d_backward_input(driver, kernels, &launch).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let dx_out = mem.download(dx, n * h * w * ci, dtype);
+
+    let to_nchw = |v: &[f32], channels: usize, plane: usize| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..n {
+            for p in 0..plane {
+                for ch in 0..channels {
+                    r[(s * channels + ch) * plane + p] = v[(s * plane + p) * channels + ch];
+                }
+            }
+        }
+        r
+    };
+    let mut w_oihw = vec![0.0f32; w_host.len()];
+    for o in 0..co {
+        for ch in 0..ci {
+            for t in 0..k * k {
+                w_oihw[(o * ci + ch) * k * k + t] = w_host[(o * k * k + t) * ci + ch];
+            }
+        }
+    }
+    let cpu = CpuBackend;
+    let dout_t = cpu.upload(&to_nchw(&dout_host, co, oh * ow), &[n, co, oh, ow]).unwrap();
+    let w_t = cpu.upload(&w_oihw, &[co, ci, k, k]).unwrap();
+    let mut dx_t = cpu.upload(&to_nchw(&dx_host, ci, h * w), &[n, ci, h, w]).unwrap();
+    cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t);
+    let mut reference = cpu.download(&dx_t).unwrap();
+    if dtype != Precision::F32 {
+        reference = encode(&reference, dtype).0;
+    }
+    relative_l2(&to_nchw(&dx_out, ci, h * w), &reference)
+}
+
+#[test]
+fn emulator_conv_backward_input() {
+    let (driver, module) = emulated_module("conv2d.cu");
+    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for dtype in [Precision::F32, Precision::Bf16] {
+        for case in conv_cases() {
+            let err = check_conv_backward_input(&driver, &kernels, &case, dtype, seed);
+            let tol = tolerance(&[dtype]);
+            println!("conv backward input {dtype} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed})", case.name);
+            if err.is_nan() || err > tol {
+                failures.push(format!("{dtype} {}: {err:e}", case.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "conv backward input (seed {seed}) over tolerance: {failures:?}");
 }

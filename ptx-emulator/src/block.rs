@@ -100,6 +100,11 @@ impl BlockEnv<'_> {
     }
 }
 
+/// Instructions one warp may run between two scheduling points before the run is declared hung
+/// (2^28 by default, tens of seconds of emulation): an endless loop becomes a report, not a stuck
+/// CI job. Lowered by tests of the watchdog itself.
+pub static WARP_STEP_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 28);
+
 const READY: u8 = 0;
 const EXITED: u8 = 1;
 const AT_BAR: u8 = 2;
@@ -202,6 +207,8 @@ fn advance(w: &mut Warp, lanes: u32) {
 /// Runs a warp until none of its lanes can move; returns thread-instructions executed.
 fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Report> {
     let mut count = 0u64;
+    let mut steps = 0u64;
+    let step_limit = WARP_STEP_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
     // Fast path: while every live lane is ready at one PC (a converged warp), that PC is kept
     // here and the per-lane PCs are stale; `materialize` writes them back before divergence.
     let mut uni: Option<u32> = None;
@@ -274,6 +281,20 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
             exec = m;
         }
         count += exec.count_ones() as u64;
+        steps += 1;
+        if steps > step_limit {
+            return Err(env.report(
+                ReportKind::Fault,
+                w.id,
+                exec.trailing_zeros().min(31),
+                inst.line,
+                None,
+                format!(
+                    "the warp ran {step_limit} instructions without blocking: an endless loop, or a spin wait on \
+                     another block (blocks run one after another per core here)"
+                ),
+            ));
+        }
         let first = exec.trailing_zeros().min(31);
         let fault = |env: &BlockEnv, kind: ReportKind, lane: u32, msg: String| {
             env.report(kind, w.id, lane, inst.line, None, msg)

@@ -17,6 +17,8 @@ pub struct ModuleSymbols<'a> {
     pub consts: HashMap<String, u64>,
     /// Module-level `.shared` declarations (laid out per kernel when referenced).
     pub shared: &'a [VarDecl],
+    /// `.func`s with bodies, inlined at their call sites.
+    pub funcs: HashMap<String, &'a FunctionAst>,
 }
 
 #[derive(Clone, Debug)]
@@ -45,6 +47,14 @@ struct Decoder<'a> {
     labels: HashMap<String, u32>,
     fixups: Vec<(usize, String, u32)>,
     insts: Vec<Inst>,
+    /// Label prefix of the inlined call being decoded (empty at the top level).
+    prefix: String,
+    /// Where `ret` branches inside an inlined call (empty at the top level).
+    ret_label: String,
+    call_stack: Vec<String>,
+    inline_count: u32,
+    /// The per-thread carry flag of add.cc/addc/..., a hidden slot.
+    carry_flag: Option<Slot>,
 }
 
 fn align_up(x: u64, a: u64) -> u64 {
@@ -363,6 +373,116 @@ impl<'a> Decoder<'a> {
         Ok(&i.operands)
     }
 
+    fn stmts(&mut self, body: &[Stmt]) -> Result<(), LoadError> {
+        for st in body {
+            match st {
+                Stmt::Reg { ty, name, count } => {
+                    let bits = crate::parse::type_size(ty).unwrap_or(8) as u8 * 8;
+                    match count {
+                        Some(n) => {
+                            for k in 0..*n {
+                                let s = self.new_slot(bits);
+                                self.scopes.last_mut().unwrap().insert(format!("{name}{k}"), s);
+                            }
+                        }
+                        None => {
+                            let s = self.new_slot(bits);
+                            self.scopes.last_mut().unwrap().insert(name.clone(), s);
+                        }
+                    }
+                }
+                Stmt::Var(v) => match v.space.as_str() {
+                    ".shared" => self.declare_shared(v, v.line)?,
+                    // A `.param` in a body is a call's argument or return buffer: thread-local storage.
+                    ".local" | ".param" => {
+                        let o = align_up(self.local_top, v.align);
+                        self.local_top = o + v.bytes();
+                        self.symbols.insert(v.name.clone(), Sym::Local(o));
+                    }
+                    s => {
+                        return Err(LoadError::at(v.line, format!("unsupported '{s}' declaration in a function body")))
+                    }
+                },
+                Stmt::Label(l) => {
+                    self.labels.insert(format!("{}{l}", self.prefix), self.insts.len() as u32);
+                }
+                Stmt::Instr(i) => self.instr(i)?,
+                Stmt::Open => self.scopes.push(HashMap::new()),
+                Stmt::Close => {
+                    self.scopes.pop();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A call to a `.func`, expanded in place: the callee's registers get fresh slots, its labels
+    /// a unique prefix, its parameters and return values name the caller's call buffers (thread
+    /// local), its `ret` branches past the body. Recursion is refused.
+    fn inline_call(&mut self, callee: &str, rets: &[String], args: &[String], line: u32) -> Result<(), LoadError> {
+        let f = self
+            .syms
+            .funcs
+            .get(callee)
+            .ok_or_else(|| LoadError::at(line, format!("call of unknown or body-less function '{callee}'")))?;
+        if self.call_stack.iter().any(|c| c == callee) || self.call_stack.len() >= 16 {
+            return Err(LoadError::at(line, format!("recursive call of '{callee}' is not supported")));
+        }
+        if f.params.len() != args.len() || f.returns.len() != rets.len() {
+            return Err(LoadError::at(line, format!("call of '{callee}' with the wrong number of arguments")));
+        }
+        let mut saved = Vec::new();
+        for (p, a) in f.params.iter().chain(&f.returns).zip(args.iter().chain(rets)) {
+            let sym = match self.symbols.get(a.as_str()) {
+                Some(s @ Sym::Local(_)) => s.clone(),
+                _ => return Err(LoadError::at(line, format!("call argument '{a}' is not a .param buffer"))),
+            };
+            saved.push((p.name.clone(), self.symbols.insert(p.name.clone(), sym)));
+        }
+        self.inline_count += 1;
+        let new_prefix = format!("{}__inl{}_", self.prefix, self.inline_count);
+        let prefix = std::mem::replace(&mut self.prefix, new_prefix);
+        let ret_label = std::mem::replace(&mut self.ret_label, format!("{}__return", self.prefix));
+        self.call_stack.push(callee.to_string());
+        self.scopes.push(HashMap::new());
+        let body = f.body.as_ref().expect("funcs holds bodies only");
+        let result = self.stmts(body);
+        self.scopes.pop();
+        self.call_stack.pop();
+        let here = self.insts.len() as u32;
+        self.labels.insert(std::mem::replace(&mut self.ret_label, ret_label), here);
+        self.prefix = prefix;
+        for (name, old) in saved {
+            match old {
+                Some(o) => self.symbols.insert(name, o),
+                None => self.symbols.remove(&name),
+            };
+        }
+        result
+    }
+
+    /// Operands of the carry instructions, and the hidden carry-flag slot.
+    fn carry_operands(&mut self, inst: &mut Inst, i: &Instr) -> Result<(), LoadError> {
+        if !matches!(inst.ty, Ty::U32 | Ty::S32 | Ty::U64 | Ty::S64 | Ty::B32 | Ty::B64) {
+            return Err(LoadError::at(i.line, format!("unsupported type {:?} in '{}'", inst.ty, i.opcode)));
+        }
+        let n = if matches!(inst.op, Op::MadCarry { .. }) { 4 } else { 3 };
+        self.operands(i, n..=n)?;
+        inst.d[0] = self.dst(&i.operands[0], i.line)?;
+        for (k, op) in i.operands.iter().enumerate().skip(1) {
+            inst.s[k - 1] = self.src(op, inst.ty, i.line)?;
+        }
+        let cc = *self.carry_flag.get_or_insert_with(|| {
+            let s = self.nslots;
+            self.nslots += 1;
+            self.reg_bits.push(8);
+            s
+        });
+        inst.s[3] = cc;
+        inst.d[1] = cc;
+        Ok(())
+    }
+
     fn instr(&mut self, i: &Instr) -> Result<(), LoadError> {
         let line = i.line;
         let (base, mut m) = Mods::new(&i.opcode, line);
@@ -400,6 +520,28 @@ impl<'a> Decoder<'a> {
                         inst.s[0] = self.src(s, ty, line)?;
                     }
                 }
+            }
+            "addc" | "subc" | "madc" => {
+                let hi = m.take("hi");
+                m.take("lo");
+                let carry_out = m.take("cc");
+                inst.ty = m.one_type()?;
+                inst.op = match base.as_str() {
+                    "madc" => Op::MadCarry { hi, carry_in: true, carry_out },
+                    b => Op::AddCarry { sub: b == "subc", carry_in: true, carry_out },
+                };
+                self.carry_operands(&mut inst, i)?;
+            }
+            "add" | "sub" | "mad" if m.words.iter().any(|w| w == "cc") => {
+                m.take("cc");
+                let hi = m.take("hi");
+                m.take("lo");
+                inst.ty = m.one_type()?;
+                inst.op = match base.as_str() {
+                    "mad" => Op::MadCarry { hi, carry_in: false, carry_out: true },
+                    b => Op::AddCarry { sub: b == "sub", carry_in: false, carry_out: true },
+                };
+                self.carry_operands(&mut inst, i)?;
             }
             "add" | "sub" | "mul" | "mad" | "fma" | "div" | "rem" | "min" | "max" | "and" | "or" | "xor" | "shl"
             | "shr" | "copysign" => {
@@ -595,6 +737,14 @@ impl<'a> Decoder<'a> {
                 inst.ty = m.one_type()?;
                 self.operands(i, 2..=2)?;
                 let (data, addr) = if base == "ld" { (&ops[0], &ops[1]) } else { (&ops[1], &ops[0]) };
+                let space = match (space, addr) {
+                    (Space::Param, Operand::Addr { base: Some(b), .. })
+                        if matches!(self.symbols.get(b.as_str()), Some(Sym::Local(_))) =>
+                    {
+                        Space::Local
+                    }
+                    _ => space,
+                };
                 (inst.addr, inst.off) = self.addr(addr, line)?;
                 let regs: Vec<&Operand> = match data {
                     Operand::Vector(v) => v.iter().collect(),
@@ -657,9 +807,47 @@ impl<'a> Decoder<'a> {
                 inst.op = Op::Bra;
                 self.operands(i, 1..=1)?;
                 match &ops[0] {
-                    Operand::Name(l) => self.fixups.push((self.insts.len(), l.clone(), line)),
+                    Operand::Name(l) => self.fixups.push((self.insts.len(), format!("{}{l}", self.prefix), line)),
                     o => return Err(LoadError::at(line, format!("bad branch target {o:?}"))),
                 }
+            }
+            "ret" if !self.ret_label.is_empty() => {
+                // `ret` of an inlined device function: a branch past its body.
+                m.take("uni");
+                inst.op = Op::Bra;
+                self.fixups.push((self.insts.len(), self.ret_label.clone(), line));
+            }
+            "call" => {
+                m.take("uni");
+                m.done()?;
+                let names = |o: &Operand| -> Result<Vec<String>, LoadError> {
+                    match o {
+                        Operand::Vector(v) => v
+                            .iter()
+                            .map(|x| match x {
+                                Operand::Name(n) => Ok(n.clone()),
+                                o => Err(LoadError::at(line, format!("call argument {o:?} is not a .param name"))),
+                            })
+                            .collect(),
+                        o => Err(LoadError::at(line, format!("bad call operand {o:?}"))),
+                    }
+                };
+                let (rets, callee, args) = match ops.as_slice() {
+                    [r @ Operand::Vector(_), Operand::Name(f), a @ Operand::Vector(_)] => (names(r)?, f, names(a)?),
+                    [Operand::Name(f), a @ Operand::Vector(_)] => (Vec::new(), f, names(a)?),
+                    [r @ Operand::Vector(_), Operand::Name(f)] => (names(r)?, f, Vec::new()),
+                    [Operand::Name(f)] => (Vec::new(), f, Vec::new()),
+                    _ => {
+                        return Err(LoadError::at(
+                            line,
+                            "unsupported call form (indirect calls are not supported)".into(),
+                        ))
+                    }
+                };
+                if i.guard.is_some() {
+                    return Err(LoadError::at(line, "predicated calls are not supported".into()));
+                }
+                return self.inline_call(callee, &rets, &args, line);
             }
             "ret" | "exit" | "trap" => {
                 m.take("uni");
@@ -931,6 +1119,11 @@ pub fn decode_function(f: &FunctionAst, syms: &ModuleSymbols) -> Result<Function
         labels: HashMap::new(),
         fixups: Vec::new(),
         insts: Vec::new(),
+        prefix: String::new(),
+        ret_label: String::new(),
+        call_stack: Vec::new(),
+        inline_count: 0,
+        carry_flag: None,
     };
     // Parameters: laid out in order with their alignment, as the driver packs them.
     let mut params = Vec::new();
@@ -942,42 +1135,7 @@ pub fn decode_function(f: &FunctionAst, syms: &ModuleSymbols) -> Result<Function
         off += p.size();
     }
     let body = f.body.as_ref().ok_or_else(|| LoadError::at(f.line, format!("function '{}' has no body", f.name)))?;
-    for st in body {
-        match st {
-            Stmt::Reg { ty, name, count } => {
-                let bits = crate::parse::type_size(ty).unwrap_or(8) as u8 * 8;
-                match count {
-                    Some(n) => {
-                        for k in 0..*n {
-                            let s = d.new_slot(bits);
-                            d.scopes.last_mut().unwrap().insert(format!("{name}{k}"), s);
-                        }
-                    }
-                    None => {
-                        let s = d.new_slot(bits);
-                        d.scopes.last_mut().unwrap().insert(name.clone(), s);
-                    }
-                }
-            }
-            Stmt::Var(v) => match v.space.as_str() {
-                ".shared" => d.declare_shared(v, v.line)?,
-                ".local" => {
-                    let o = align_up(d.local_top, v.align);
-                    d.local_top = o + v.bytes();
-                    d.symbols.insert(v.name.clone(), Sym::Local(o));
-                }
-                s => return Err(LoadError::at(v.line, format!("unsupported '{s}' declaration in a function body"))),
-            },
-            Stmt::Label(l) => {
-                d.labels.insert(l.clone(), d.insts.len() as u32);
-            }
-            Stmt::Instr(i) => d.instr(i)?,
-            Stmt::Open => d.scopes.push(HashMap::new()),
-            Stmt::Close => {
-                d.scopes.pop();
-            }
-        }
-    }
+    d.stmts(body)?;
     // Falling off the end returns.
     d.insts.push(Inst::new(Op::Ret, f.line));
     for (idx, label, line) in std::mem::take(&mut d.fixups) {

@@ -245,6 +245,19 @@ pub enum Op {
     },
     Add,
     Sub,
+    /// Extended-precision add/sub with the carry flag (a hidden per-thread slot, s[3] in, d[1]
+    /// out): `add.cc`, `addc[.cc]`, `sub.cc`, `subc[.cc]`.
+    AddCarry {
+        sub: bool,
+        carry_in: bool,
+        carry_out: bool,
+    },
+    /// `mad.lo.cc`, `madc.{lo,hi}[.cc]`.
+    MadCarry {
+        hi: bool,
+        carry_in: bool,
+        carry_out: bool,
+    },
     Mul(MulMode),
     Mad(MulMode),
     Div,

@@ -96,16 +96,12 @@ impl Module {
                 s => return Err(LoadError::at(d.line, format!("unsupported module variable space '{s}'"))),
             }
         }
-        let syms = decode::ModuleSymbols { globals, consts: consts_map, shared: &shared };
+        let funcs =
+            ast.functions.iter().filter(|f| !f.is_entry && f.body.is_some()).map(|f| (f.name.clone(), f)).collect();
+        let syms = decode::ModuleSymbols { globals, consts: consts_map, shared: &shared, funcs };
         let mut kernels = HashMap::new();
         for f in &ast.functions {
             if !f.is_entry {
-                if f.body.is_some() {
-                    return Err(LoadError::at(
-                        f.line,
-                        format!("device function '{}' (.func): calls are not supported yet", f.name),
-                    ));
-                }
                 continue;
             }
             kernels.insert(f.name.clone(), Arc::new(decode::decode_function(f, &syms)?));

@@ -230,3 +230,29 @@ fn unknown_instruction_or_modifier_is_a_load_error_naming_it_and_its_line() {
     assert_eq!(e.line, line);
     assert!(e.to_string().contains("unsupported modifier '.wobble'"), "{e}");
 }
+
+#[test]
+fn device_function_calls_are_inlined() {
+    // f64 sin/cos of huge arguments call NVRTC's out-of-line `.func` reduction
+    // (__internal_trig_reduction_slowpathd): parameters, return values and local memory.
+    let src = r#"
+extern "C" __global__ void dsin(const double* x, double* out) {
+  int i = threadIdx.x;
+  out[2 * i] = sin(x[i]);
+  out[2 * i + 1] = cos(x[i]);
+}"#;
+    let Some(ptx) = compile(src) else { return };
+    assert!(ptx.contains("call.uni"), "the test needs NVRTC's out-of-line call");
+    let mut dev = Dev::new();
+    let m = dev.load(src).unwrap();
+    let xs = [0.5f64, 3.0, 1e6, 1e22, -7.5e15, 123456789.0, 2.0e300, -1e-300];
+    let px = dev.upload(&xs);
+    let po = dev.zeros::<f64>(16);
+    dev.run(&m, "dsin", 1, xs.len() as u32, &[p(px), p(po)]);
+    let out: Vec<f64> = dev.download(po, 16);
+    for (k, &x) in xs.iter().enumerate() {
+        // CUDA's double sin/cos are within 2 ulp.
+        assert!((out[2 * k] - x.sin()).abs() <= 4.0 * f64::EPSILON, "sin({x}) = {} vs {}", out[2 * k], x.sin());
+        assert!((out[2 * k + 1] - x.cos()).abs() <= 4.0 * f64::EPSILON, "cos({x}) = {} vs {}", out[2 * k + 1], x.cos());
+    }
+}

@@ -37,10 +37,32 @@ pub fn read_cifar(path: &Path, limit: Option<usize>) -> Result<ImageBatch> {
     let mut bytes = vec![0u8; count * RECORD_BYTES];
     file.read_exact(&mut bytes).map_err(|e| Error::io(path, e))?;
     let (labels, pixels) = parse_records(&bytes).map_err(bad)?;
-    let stem = file_stem(path);
-    let digits = (records.max(1) - 1).to_string().len().max(4);
-    let names = (0..count).map(|i| format!("{stem}_{i:0digits$}")).collect();
+    let names = names(&file_stem(path), records, count);
     Ok(ImageBatch { count, height: IMAGE_SIZE, width: IMAGE_SIZE, pixels, labels: Some(labels), names })
+}
+
+/// Decodes the bytes of a whole CIFAR-10 binary file as `read_cifar` does (same size check, same
+/// record parser, same names); `what` names the file in errors.
+pub fn decode_cifar(bytes: &[u8], what: &str, limit: Option<usize>) -> Result<ImageBatch> {
+    let bad = |reason: String| Error::BadImage { what: what.to_string(), reason };
+    let records = check_size(bytes.len() as u64).map_err(bad)?;
+    let count = limit.map_or(records, |l| l.min(records));
+    let (labels, pixels) = parse_records(&bytes[..count * RECORD_BYTES]).map_err(bad)?;
+    let stem = file_stem(Path::new(what));
+    Ok(ImageBatch {
+        count,
+        height: IMAGE_SIZE,
+        width: IMAGE_SIZE,
+        pixels,
+        labels: Some(labels),
+        names: names(&stem, records, count),
+    })
+}
+
+/// `<stem>_<index>` for the first `count` of `records` records, the index zero-padded to at least 4 digits.
+fn names(stem: &str, records: usize, count: usize) -> Vec<String> {
+    let digits = (records.max(1) - 1).to_string().len().max(4);
+    (0..count).map(|i| format!("{stem}_{i:0digits$}")).collect()
 }
 
 /// Number of records in a file of `size` bytes, or why that size is not a CIFAR-10 file.

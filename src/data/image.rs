@@ -66,7 +66,16 @@ pub fn decode_png(bytes: &[u8], what: &str, expected: Option<(usize, usize)>) ->
     let (color_type, bit_depth) = (info.color_type, info.bit_depth);
     match (color_type, bit_depth) {
         (ColorType::Rgb | ColorType::Rgba, BitDepth::Eight) => {}
-        (ColorType::Indexed, _) => decoder.set_transformations(Transformations::EXPAND),
+        (ColorType::Indexed, _) => {
+            // png 0.18.1 panics expanding a palette that is not whole RGB entries (found by
+            // fuzz/png; image-rs/image-png#694): refuse it first.
+            if let Some(length) = palette_length(bytes).filter(|l| l % 3 != 0) {
+                return Err(bad(format!(
+                    "corrupt PNG data: a palette (PLTE) of {length} bytes is not whole RGB entries"
+                )));
+            }
+            decoder.set_transformations(Transformations::EXPAND)
+        }
         _ => {
             return Err(bad(format!(
                 "expected 8-bit RGB, found {} (convert it to 8-bit RGB first)",
@@ -114,6 +123,20 @@ pub fn decode_png(bytes: &[u8], what: &str, expected: Option<(usize, usize)>) ->
     Ok(RgbImage { height, width, pixels })
 }
 
+/// The data length of the first PLTE chunk of PNG `bytes`, if the chunk walk reaches one.
+fn palette_length(bytes: &[u8]) -> Option<usize> {
+    let mut at = 8; // the signature
+    while let Some(header) = bytes.get(at..at + 8) {
+        let length = u32::from_be_bytes(header[..4].try_into().ok()?) as usize;
+        match &header[4..8] {
+            b"PLTE" => return Some(length),
+            b"IDAT" | b"IEND" => return None,
+            _ => at = at.checked_add(12)?.checked_add(length)?, // length, type, data, CRC
+        }
+    }
+    None
+}
+
 fn describe(color_type: ColorType, bit_depth: BitDepth) -> String {
     let colour = match color_type {
         ColorType::Grayscale => "grayscale",
@@ -153,7 +176,7 @@ pub fn write_png(path: &Path, pixels: &[f32], height: usize, width: usize) -> Re
 }
 
 /// Writes interleaved 8-bit RGB rows as a PNG, atomically.
-fn write_rgb_png(path: &Path, rgb: &[u8], height: usize, width: usize) -> Result<()> {
+pub(crate) fn write_rgb_png(path: &Path, rgb: &[u8], height: usize, width: usize) -> Result<()> {
     let too_large = || Error::invalid(format!("image {width}x{height} is too large for {}", path.display()));
     if width.saturating_mul(height) > MAX_PIXELS {
         return Err(too_large());

@@ -8,7 +8,10 @@
 //! partial output behind.
 
 pub mod cifar;
+pub mod font;
+pub mod fuzz_entry;
 pub mod image;
+pub mod sheet;
 pub mod tensor_file;
 
 use std::collections::HashMap;

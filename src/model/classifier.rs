@@ -247,6 +247,44 @@ impl<B: Backend> Classifier<B> {
         Ok(net)
     }
 
+    /// (name, output C x H x W) of each layer in execution order, named as in the weights file:
+    /// what `inspect --layers` prints.
+    pub fn layers(&self) -> Vec<(String, [usize; 3])> {
+        let wide = self.head.is_some();
+        let stem_channels = self.blocks.first().map_or(16, |unit| unit.in_channels);
+        let stem = if wide { "conv1 (3x3 stem)" } else { "conv1 + bn1 + relu (3x3 stem)" };
+        let mut layers = vec![
+            ("input (pixels normalised per channel)".to_string(), [3, 32, 32]),
+            (stem.to_string(), [stem_channels, 32, 32]),
+        ];
+        let per_stage = (self.blocks.len() / 3).max(1);
+        let mut side = 32;
+        for (i, unit) in self.blocks.iter().enumerate() {
+            side /= unit.stride;
+            let (stage, k) = (i / per_stage + 1, i % per_stage);
+            let (name, shortcut) = match &unit.kind {
+                Block::Basic { shortcut_pad, .. } => (
+                    format!("layer{stage}.{k}"),
+                    if *shortcut_pad > 0 { "zero-padded shortcut" } else { "identity shortcut" },
+                ),
+                Block::PreAct { shortcut, .. } => (
+                    format!("block{stage}.layer.{k}"),
+                    if shortcut.is_some() { "1x1 conv shortcut" } else { "identity shortcut" },
+                ),
+            };
+            let detail = format!("residual, stride {}, {shortcut}", unit.stride);
+            layers.push((format!("{name} ({detail})"), [unit.out_channels, side, side]));
+        }
+        let features = self.feature_dim();
+        if wide {
+            layers.push(("bn1 + relu (head)".to_string(), [features, side, side]));
+        }
+        layers.push(("global average pool (features)".to_string(), [features, 1, 1]));
+        let linear = if wide { "fc" } else { "linear" };
+        layers.push((format!("{linear} (logits)"), [self.num_classes, 1, 1]));
+        layers
+    }
+
     /// Width of the pooled feature vector (the penultimate layer).
     pub fn feature_dim(&self) -> usize {
         self.blocks.last().map_or(16, |unit| unit.out_channels)

@@ -66,6 +66,43 @@ pub fn exec(inst: &Inst, regs: &mut [u64], mask: u32) -> R {
                 _ => return super::half::exec(inst, regs, mask),
             }
         }
+        Op::AddCarry { sub, carry_in, carry_out } => {
+            let (sub, ci, co) = (*sub, *carry_in, *carry_out);
+            let cc = inst.s[3] as usize * 32;
+            let (sa, sb, d) = (a as usize * 32, b as usize * 32, dd as usize * 32);
+            for_lanes(mask, |l| {
+                let (x, y) = (regs[sa + l] & m, regs[sb + l] & m);
+                let cin = if ci { regs[cc + l] & 1 } else { 0 };
+                // Sub: a - b - borrow; the flag is the borrow out.
+                let (r, flag) = if sub {
+                    let r = (x as u128).wrapping_sub(y as u128).wrapping_sub(cin as u128);
+                    ((r as u64) & m, ((x as u128) < (y as u128) + cin as u128) as u64)
+                } else {
+                    let r = x as u128 + y as u128 + cin as u128;
+                    ((r as u64) & m, (r >> bits) as u64 & 1)
+                };
+                regs[d + l] = r;
+                if co {
+                    regs[cc + l] = flag;
+                }
+            });
+        }
+        Op::MadCarry { hi, carry_in, carry_out } => {
+            let (hi, ci, co) = (*hi, *carry_in, *carry_out);
+            let cc = inst.s[3] as usize * 32;
+            let (sa, sb, sc, d) = (a as usize * 32, b as usize * 32, c as usize * 32, dd as usize * 32);
+            let signed = ty.signed();
+            for_lanes(mask, |l| {
+                let (x, y, z) = (regs[sa + l], regs[sb + l], regs[sc + l] & m);
+                let p = if hi { mul_hi(x, y, bits, signed) } else { x.wrapping_mul(y) & m };
+                let cin = if ci { regs[cc + l] & 1 } else { 0 };
+                let r = p as u128 + z as u128 + cin as u128;
+                regs[d + l] = (r as u64) & m;
+                if co {
+                    regs[cc + l] = (r >> bits) as u64 & 1;
+                }
+            });
+        }
         Op::Mul(mode) => match (ty, mode) {
             (Ty::F32, _) => {
                 map2(regs, mask, dd, a, b, |x, y| fb(z(sat32(mul32(z(f(x)), z(f(y)), rnd), inst.flags.sat))))

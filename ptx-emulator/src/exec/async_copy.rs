@@ -143,7 +143,7 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
 /// `ldmatrix`: lanes 0..8*N give the row addresses of N 8x8 b16 matrices (16 bytes each).
 pub fn ldmatrix(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], trans: bool) -> Result<(), Report> {
     let n = inst.vec as usize;
-    let mut rows = vec![[[0u16; 8]; 8]; n];
+    let mut rows = [[[0u16; 8]; 8]; 4];
     for l in 0..8 * n {
         let addr = regs[inst.addr as usize * 32 + l].wrapping_add(inst.off as u64);
         let p = env.resolve(Space::Shared, addr, 16, Kind::Read, warp, l as u32, inst.line)?;
@@ -151,6 +151,6 @@ pub fn ldmatrix(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], tr
             *v = unsafe { (p.add(2 * c) as *const u16).read_unaligned() };
         }
     }
-    tensor::ldmatrix_distribute(inst, regs, &rows, trans);
+    tensor::ldmatrix_distribute(inst, regs, &rows[..n], trans);
     Ok(())
 }

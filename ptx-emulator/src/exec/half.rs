@@ -33,7 +33,19 @@ impl Format {
     }
 
     /// The exact value of an encoding.
+    #[inline]
     pub fn decode(self, bits: u32) -> f64 {
+        if self == BF16 {
+            // bf16 is the top half of an f32.
+            return f32::from_bits(bits << 16) as f64;
+        }
+        if self == F16 {
+            return f16_to_f64(bits);
+        }
+        self.decode_slow(bits)
+    }
+
+    fn decode_slow(self, bits: u32) -> f64 {
         let sign = (bits >> (self.ebits + self.mbits)) & 1;
         let e = ((bits >> self.mbits) & ((1 << self.ebits) - 1)) as i32;
         let m = (bits & ((1 << self.mbits) - 1)) as f64;
@@ -111,6 +123,27 @@ impl Format {
         let e2 = if v >= 2f64.powi(e + 1) { e + 1 } else { e };
         let mant = (v / 2f64.powi(e2 - self.mbits as i32)) as u32 - (1 << self.mbits);
         sign | (((e2 + self.bias()) as u32) << self.mbits) | mant
+    }
+}
+
+/// f16 bits to f64, by moving the fields (exact).
+#[inline]
+fn f16_to_f64(bits: u32) -> f64 {
+    let sign = ((bits >> 15) & 1) as u64;
+    let e = (bits >> 10) & 0x1f;
+    let m = (bits & 0x3ff) as u64;
+    let v = if e == 0x1f {
+        f64::from_bits(0x7ff0_0000_0000_0000 | (m << 42))
+    } else if e == 0 {
+        // Subnormal: m * 2^-24, exact.
+        m as f64 * (1.0 / 16_777_216.0)
+    } else {
+        f64::from_bits((((e as u64) + 1023 - 15) << 52) | (m << 42))
+    };
+    if sign == 1 {
+        -v
+    } else {
+        v
     }
 }
 

@@ -38,7 +38,8 @@ pub fn shfl_sources(mode: ShflMode, lane: u32, b: u32, c: u32) -> (u32, bool) {
 
 pub fn shfl(inst: &Inst, mode: ShflMode, regs: &mut [u64], exec: u32, src_lane: &[u32; 32], ok: &[bool; 32]) {
     let a = inst.s[0] as usize * 32;
-    let vals: Vec<u64> = (0..32).map(|l| regs[a + l]).collect();
+    let mut vals = [0u64; 32];
+    vals.copy_from_slice(&regs[a..a + 32]);
     let _ = mode;
     for_lanes(exec, |l| {
         regs[inst.d[0] as usize * 32 + l] = vals[src_lane[l] as usize] & 0xffff_ffff;

@@ -38,8 +38,8 @@ fn dtype_name(d: Precision) -> &'static str {
     }
 }
 
-/// Every kernel name in attention.cu.
-pub fn kernel_names() -> Vec<String> {
+/// The kernel names of attention.cu (version 1, plain instructions, any storage type).
+pub fn simt_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for d in ["f32", "f16", "bf16"] {
         for c in CHANNEL_VARIANTS {
@@ -49,9 +49,37 @@ pub fn kernel_names() -> Vec<String> {
     names
 }
 
+/// Padded head dims of the tensor-core variants (`_d64`, `_d128`, `_d256`).
+const MMA_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// The kernel names of attention_mma.cu (version 2, tensor cores, bf16/f16).
+pub fn mma_kernel_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for d in ["bf16", "f16"] {
+        for dim in MMA_HEAD_DIMS {
+            names.push(format!("attention_forward_mma_{d}_d{dim}"));
+        }
+    }
+    names
+}
+
 /// The kernels hot enough that ptxas must not spill in them.
-pub const HOT_KERNELS: &[&str] =
-    &["attention_forward_f32_c16", "attention_forward_bf16_c16", "attention_forward_f16_c16"];
+pub const SIMT_HOT_KERNELS: &[&str] = &["attention_forward_f32_c16", "attention_forward_f32_c8"];
+pub const MMA_HOT_KERNELS: &[&str] = &[
+    "attention_forward_mma_bf16_d128",
+    "attention_forward_mma_f16_d128",
+    "attention_forward_mma_bf16_d256",
+    "attention_forward_mma_f16_d256",
+];
+
+/// Which kernel of the attention modules runs a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionVersion {
+    /// Version 1 (attention.cu): f32 arithmetic, any storage type.
+    Simt,
+    /// Version 2 (attention_mma.cu): tensor cores, bf16/f16 with C a multiple of 8.
+    TensorCore,
+}
 
 impl AttentionLaunch {
     pub fn validate(&self) -> Result<()> {
@@ -89,11 +117,38 @@ impl AttentionLaunch {
         Ok(())
     }
 
-    fn plan(&self) -> (String, LaunchConfig) {
-        let per_lane = self.channels.div_ceil(KEYS_PER_TILE);
+    /// Whether the tensor-core kernel can run this launch.
+    fn tensor_core_ok(&self) -> bool {
+        self.dtype != Precision::F32
+            && self.channels.is_multiple_of(8)
+            && [self.q, self.k, self.v].iter().all(|p| p.is_multiple_of(16))
+            && self.out.is_multiple_of(4)
+    }
+
+    fn plan(&self, version: AttentionVersion) -> Result<(String, LaunchConfig)> {
+        let c = self.channels;
+        if version == AttentionVersion::TensorCore {
+            if !self.tensor_core_ok() {
+                return Err(Error::invalid(format!(
+                    "attention: the tensor-core kernel needs bf16/f16 storage, channels a multiple of 8 and 16-byte \
+                     aligned q, k, v (got {}, {c} channels)",
+                    self.dtype
+                )));
+            }
+            let dim = MMA_HEAD_DIMS.into_iter().find(|&d| d >= c).unwrap_or(256);
+            // 16 queries per warp; 2 warps at D = 256 keep the shared tiles under 48 KiB.
+            let warps = if dim > 128 { 2 } else { 4 };
+            let rows = 16 * warps + 2 * KEYS_PER_TILE;
+            let config = LaunchConfig {
+                grid: [self.positions.div_ceil(16 * warps) as u32, self.batch as u32, 1],
+                block: [32 * warps as u32, 1, 1],
+                dynamic_shared_bytes: (rows * (dim + 8) * 2) as u32,
+            };
+            return Ok((format!("attention_forward_mma_{}_d{dim}", dtype_name(self.dtype)), config));
+        }
+        let per_lane = c.div_ceil(KEYS_PER_TILE);
         let variant = CHANNEL_VARIANTS.into_iter().find(|&v| v >= per_lane).unwrap_or(16);
         let name = format!("attention_forward_{}_c{variant}", dtype_name(self.dtype));
-        let c = self.channels;
         // Value rows are padded to the variant's register slots (kernels/attention.cu).
         let v_stride = KEYS_PER_TILE * variant;
         let shared_floats = QUERIES_PER_BLOCK * c + KEYS_PER_TILE * (c + 1) + KEYS_PER_TILE * v_stride;
@@ -102,36 +157,62 @@ impl AttentionLaunch {
             block: [THREADS, 1, 1],
             dynamic_shared_bytes: (shared_floats * 4) as u32,
         };
-        (name, config)
+        Ok((name, config))
     }
 }
 
-/// The functions of a loaded attention.cu module.
+/// The functions of the loaded attention modules: attention.cu always, attention_mma.cu when the
+/// device runs tensor-core code (not the PTX emulator before it has mma/ldmatrix).
 pub struct AttentionKernels {
     functions: Vec<(String, Function)>,
+    tensor_cores: bool,
 }
 
 impl AttentionKernels {
-    pub fn load(driver: &dyn Driver, module: Module) -> Result<Self> {
-        let functions = kernel_names()
-            .into_iter()
-            .map(|name| Ok((name.clone(), driver.function(module, &name)?)))
-            .collect::<Result<_>>()?;
-        Ok(Self { functions })
+    pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<Module>) -> Result<Self> {
+        let mut functions = Vec::new();
+        for name in simt_kernel_names() {
+            functions.push((name.clone(), driver.function(simt_module, &name)?));
+        }
+        if let Some(module) = mma_module {
+            for name in mma_kernel_names() {
+                functions.push((name.clone(), driver.function(module, &name)?));
+            }
+        }
+        Ok(Self { functions, tensor_cores: mma_module.is_some() })
+    }
+    pub fn has_tensor_cores(&self) -> bool {
+        self.tensor_cores
     }
     fn get(&self, name: &str) -> Result<Function> {
         self.functions
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, f)| *f)
-            .ok_or_else(|| Error::invalid(format!("attention: no kernel `{name}` in the loaded module")))
+            .ok_or_else(|| Error::invalid(format!("attention: kernel `{name}` is not loaded")))
     }
 }
 
-/// out = softmax(q k^T / sqrt(C)) v per sample, logsumexp per query.
+/// out = softmax(q k^T / sqrt(C)) v per sample, logsumexp per query, with the fastest loaded
+/// kernel (tensor cores for bf16/f16 when loaded and the shape allows it).
 pub fn launch_attention(driver: &dyn Driver, kernels: &AttentionKernels, args: &AttentionLaunch) -> Result<()> {
+    let version = if kernels.has_tensor_cores() && args.tensor_core_ok() {
+        AttentionVersion::TensorCore
+    } else {
+        AttentionVersion::Simt
+    };
+    launch_attention_version(driver, kernels, args, version)
+}
+
+/// The same with a chosen kernel version (tests and benchmarks compare them).
+pub fn launch_attention_version(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    args: &AttentionLaunch,
+    version: AttentionVersion,
+) -> Result<()> {
     args.validate()?;
-    let (name, config) = args.plan();
+    let (name, config) = args.plan(version)?;
     let function = kernels.get(&name)?;
     // The CPU reference's scale, rounded to f32 the same way.
     let scale = 1.0 / (args.channels as f32).sqrt();
@@ -146,4 +227,10 @@ pub fn launch_attention(driver: &dyn Driver, kernels: &AttentionKernels, args: &
         .f32(scale);
     driver.launch(function, config, &kernel_args)?;
     Ok(())
+}
+
+/// The kernel a launch would use (for reports and tests).
+pub fn kernel_for(args: &AttentionLaunch, version: AttentionVersion) -> Result<String> {
+    args.validate()?;
+    Ok(args.plan(version)?.0)
 }

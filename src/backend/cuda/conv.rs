@@ -191,9 +191,11 @@ fn dtype_name(d: Precision) -> &'static str {
     }
 }
 
-/// The kernel names of conv2d.cu (version 1, plain instructions).
+/// The kernel names of conv2d.cu (version 1, plain instructions): forward and input gradient.
 pub fn simt_kernel_names() -> Vec<String> {
-    ["f32", "bf16", "f16"].iter().map(|d| format!("conv2d_simt_{d}_{d}_{d}")).collect()
+    let dtypes = ["f32", "bf16", "f16"];
+    let forward = dtypes.iter().map(|d| format!("conv2d_simt_{d}_{d}_{d}"));
+    forward.chain(dtypes.iter().map(|d| format!("conv2d_backward_input_simt_{d}"))).collect()
 }
 
 /// The kernel names of conv2d_mma.cu (version 2, tensor cores).
@@ -269,8 +271,8 @@ fn plan(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<(String, LaunchCo
         (Conv2dVersion::TensorCore, _) => {
             let aligned16 = [Some(args.a), args.b, Some(args.weight)].iter().flatten().all(|p| p % 16 == 0);
             let vector = args.input_dtype == args.weight_dtype
-                && args.channels_a % 8 == 0
-                && args.channels_b % 8 == 0
+                && args.channels_a.is_multiple_of(8)
+                && args.channels_b.is_multiple_of(8)
                 && aligned16;
             let name =
                 if vector { format!("conv2d_mma_{i}_{w}_{o}") } else { format!("conv2d_mma_gather_{i}_{w}_{o}") };
@@ -326,4 +328,83 @@ pub fn launch_conv2d_version(
 pub fn kernel_for(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<String> {
     args.validate()?;
     Ok(plan(args, version)?.0)
+}
+
+/// The input gradient of a convolution: `dx += ` the transposed convolution of `dout` with the
+/// weights, dx the logical input (a concat's both parts, an upsample's full size: the caller
+/// splits and folds). dout, weight and dx NHWC / `[Co][kh][kw][Ci]` in one storage type.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv2dBackwardInputLaunch {
+    pub batch: usize,
+    /// The logical input size (dx).
+    pub height: usize,
+    pub width: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel_h: usize,
+    pub kernel_w: usize,
+    pub geometry: Conv2dGeometry,
+    pub dtype: Precision,
+    pub dout: DevicePtr,
+    pub weight: DevicePtr,
+    pub dx: DevicePtr,
+}
+
+impl Conv2dBackwardInputLaunch {
+    /// The forward this is the gradient of (its checks and output size are the same).
+    fn forward(&self) -> Conv2dLaunch {
+        Conv2dLaunch {
+            batch: self.batch,
+            height: self.height,
+            width: self.width,
+            channels_a: self.in_channels,
+            channels_b: 0,
+            upsample: false,
+            out_channels: self.out_channels,
+            kernel_h: self.kernel_h,
+            kernel_w: self.kernel_w,
+            geometry: self.geometry,
+            relu: false,
+            input_dtype: self.dtype,
+            weight_dtype: self.dtype,
+            out_dtype: self.dtype,
+            a: self.dx,
+            b: None,
+            weight: self.weight,
+            bias: None,
+            channel_bias: None,
+            residual: None,
+            out: self.dout,
+        }
+    }
+    pub fn output_size(&self) -> (usize, usize) {
+        self.forward().output_size()
+    }
+    pub fn validate(&self) -> Result<()> {
+        self.forward()
+            .validate()
+            .map_err(|e| Error::invalid(e.to_string().replace("conv2d:", "conv2d backward input:")))
+    }
+}
+
+/// dx += conv2d's vector-Jacobian product with respect to its input (SIMT kernel, f32 arithmetic).
+pub fn launch_conv2d_backward_input(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    args: &Conv2dBackwardInputLaunch,
+) -> Result<()> {
+    args.validate()?;
+    let forward = args.forward();
+    let name = format!("conv2d_backward_input_simt_{}", dtype_name(args.dtype));
+    let function = kernels.get(&name)?;
+    let positions = args.batch * args.height * args.width;
+    let grid = [positions.div_ceil(64), args.in_channels.div_ceil(64)];
+    if grid[0] > i32::MAX as usize || grid[1] > 65535 {
+        return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
+    }
+    let config =
+        LaunchConfig { grid: [grid[0] as u32, grid[1] as u32, 1], block: [256, 1, 1], dynamic_shared_bytes: 0 };
+    let kernel_args = KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&forward.params_bytes());
+    driver.launch(function, config, &kernel_args)?;
+    Ok(())
 }

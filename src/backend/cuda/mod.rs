@@ -152,8 +152,9 @@ impl CudaBackend {
         if let Some(k) = self.attention.get() {
             return Ok(k);
         }
-        let module = self.modules.module("attention.cu")?;
-        let kernels = AttentionKernels::load(self.driver.as_ref(), module)?;
+        let simt = self.modules.module("attention.cu")?;
+        let mma = self.modules.module("attention_mma.cu")?;
+        let kernels = AttentionKernels::load(self.driver.as_ref(), simt, Some(mma))?;
         Ok(self.attention.get_or_init(|| kernels))
     }
 

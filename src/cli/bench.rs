@@ -5,9 +5,11 @@
 //! time, op by op. With `--baseline PYTHON` the same run times PyTorch on the same architecture
 //! and weights (`bench/torch_baseline.py`), checks that both compute the same eps and input
 //! gradient, and reports every figure as a ratio.
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use clap::Args;
 use purifier::backend::profiled::Profiled;
 use purifier::backend::Backend;
 use purifier::data::tensor_file::TensorFile;
@@ -17,7 +19,54 @@ use purifier::model::params::{deterministic_uniform, DeterministicParams, ParamL
 use purifier::model::{Classifier, Unet, UnetConfig};
 use purifier::purify::{Purifier, PurifySettings};
 
-use crate::BenchArgs;
+use super::args::DeviceArgs;
+use super::backend::backend;
+use super::outputs::Outputs;
+use super::progress::Progress;
+use super::report::{percentile, write_report};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// UNet config with deterministic weights (what --baseline compares).
+    #[arg(long, default_value = "cifar10-small")]
+    pub config: String,
+    /// Time this weights file instead (no --baseline).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Seed of the deterministic weights and inputs (the baseline uses the same).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Batch sizes of the UNet measurements.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    pub batches: Vec<usize>,
+    /// Timed runs per measurement (after one warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub repeats: usize,
+    /// Purification modes to time.
+    #[arg(long, value_delimiter = ',', default_value = "none,pixel,adversarial")]
+    pub modes: Vec<String>,
+    /// Reverse steps of each timed purification.
+    #[arg(long, default_value_t = 10)]
+    pub t_star: usize,
+    /// Batch of the timed purifications.
+    #[arg(long, default_value_t = 16)]
+    pub purify_batch: usize,
+    /// Batch of the per-op breakdown (one forward + input VJP).
+    #[arg(long, default_value_t = 16)]
+    pub profile_batch: usize,
+    /// A Python with PyTorch: also time bench/torch_baseline.py on the same weights and inputs.
+    #[arg(long, value_name = "PYTHON")]
+    pub baseline: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+pub fn run(args: &BenchArgs, progress: Progress) -> Result<()> {
+    purifier::with_backend!(backend(&args.device)?, b => bench(&b, args, progress))
+}
 
 /// The step index every timed UNet call uses (the middle of purification's range).
 const BENCH_STEP: f32 = 99.0;
@@ -35,7 +84,7 @@ fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<Timi
         run()?;
         seconds.push(started.elapsed().as_secs_f64());
     }
-    Ok(Timing { median: crate::commands::percentile(&seconds, 0.5), p99: crate::commands::percentile(&seconds, 0.99) })
+    Ok(Timing { median: percentile(&seconds, 0.5), p99: percentile(&seconds, 0.99) })
 }
 
 /// One UNet call (or one reverse step) per timed run: image-steps/s = batch / median.
@@ -45,7 +94,7 @@ fn timing_json(t: &Timing, batch: usize) -> serde_json::Value {
     })
 }
 
-pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
+fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> {
     if args.batches.is_empty() || args.batches.contains(&0) {
         return Err(Error::invalid("--batches needs batch sizes of at least 1, e.g. 1,16,64,256"));
     }
@@ -70,6 +119,8 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             other => Err(Error::invalid(format!("--modes: unknown mode '{other}' (none, pixel, adversarial)"))),
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut outputs = Outputs::new(args.weights.as_deref());
+    let json_file = args.json.as_deref().map(|p| outputs.file(p, "--json")).transpose()?;
     let cold_started = Instant::now();
     let (unet, weights) = match &args.weights {
         Some(path) => (Unet::from_file(b, &TensorFile::open(path)?)?, path.display().to_string()),
@@ -93,12 +144,15 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         b.download(plan.eps())?;
     }
     let cold_start = cold_started.elapsed().as_secs_f64();
-    eprintln!(
+    progress.log(&format!(
         "bench on {}: UNet {} ({parameters} parameters, {weights}); cold start {:.3} s",
         b.name(),
         unet.config.name,
         cold_start
-    );
+    ));
+    // Progress in timed measurements: forward and forward + VJP per batch, the per-op breakdown,
+    // one purification per mode.
+    let bar = progress.bar((2 * args.batches.len() + 1 + args.modes.len()) as u64, "measurements");
 
     let mut rows = Vec::new();
     let mut unet_json = Vec::new();
@@ -109,16 +163,25 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         let t = vec![BENCH_STEP; n];
         let mut plan = unet.plan(b, n, true)?;
         peak_plan_bytes = peak_plan_bytes.max(plan.bytes(b));
+        bar.set_message(format!("UNet forward, batch {n}"));
         let forward = time_runs(args.repeats, || {
             unet.forward(b, &mut plan, &x, &t)?;
             b.download(plan.eps()).map(|_| ())
         })?;
+        bar.inc(1);
+        bar.set_message(format!("UNet forward + VJP, batch {n}"));
         let with_vjp = time_runs(args.repeats, || {
             unet.forward(b, &mut plan, &x, &t)?;
             let g = unet.input_vjp(b, &mut plan, &v)?;
             b.download(g).map(|_| ())
         })?;
-        eprintln!("  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms", forward.median * 1e3, with_vjp.median * 1e3);
+        bar.inc(1);
+        bar.log(&format!(
+            "  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms, ETA {}",
+            forward.median * 1e3,
+            with_vjp.median * 1e3,
+            bar.eta()
+        ));
         rows.push((format!("UNet forward, batch {n}"), forward.median, forward.p99, n as f64 / forward.median));
         rows.push((
             format!("UNet forward + VJP, batch {n}"),
@@ -132,6 +195,7 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
     }
 
     // Where the time goes: one forward + input VJP at --profile-batch, op by op.
+    bar.set_message(format!("per-op breakdown, batch {}", args.profile_batch));
     let profile = {
         let profiled = Profiled::new(b);
         let traced = match &args.weights {
@@ -152,6 +216,7 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         pass()?;
         (n, profiled.take()?)
     };
+    bar.inc(1);
 
     // Whole purifications: per-step latency of each mode at --purify-batch, t* = --t-star.
     let auxiliary = Classifier::load_with(&mut DeterministicParams::new(b, args.seed), 20)?;
@@ -160,6 +225,7 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         let settings = PurifySettings { t_star: args.t_star, guidance, ..Default::default() };
         let purifier = Purifier::new(b, &unet, Some(&auxiliary), settings)?;
         let n = args.purify_batch;
+        bar.set_message(format!("purify {mode}, batch {n}"));
         let mut plan = purifier.plan(n)?;
         let x = input(n);
         purifier.purify(&mut plan, &x, 0)?; // warm-up
@@ -169,10 +235,14 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             steps.extend(purifier.purify(&mut plan, &x, r as u64 + 1)?.1.step_seconds);
         }
         let seconds = started.elapsed().as_secs_f64();
-        let step =
-            Timing { median: crate::commands::percentile(&steps, 0.5), p99: crate::commands::percentile(&steps, 0.99) };
+        let step = Timing { median: percentile(&steps, 0.5), p99: percentile(&steps, 0.99) };
         let images_per_s = (n * args.repeats) as f64 / seconds;
-        eprintln!("  purify {mode}, batch {n}: {:.1} ms per step, {images_per_s:.3} images/s", step.median * 1e3);
+        bar.inc(1);
+        bar.log(&format!(
+            "  purify {mode}, batch {n}: {:.1} ms per step, {images_per_s:.3} images/s, ETA {}",
+            step.median * 1e3,
+            bar.eta()
+        ));
         rows.push((
             format!("purify {mode} (t* {}), step, batch {n}", args.t_star),
             step.median,
@@ -185,6 +255,7 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         }));
     }
 
+    bar.finish();
     let baseline = match &args.baseline {
         Some(python) => {
             let mut report = run_baseline(b, &unet, args, python)?;
@@ -231,7 +302,7 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
         (parameters * b.precision().bytes()) as f64 / 1e6,
         b.precision()
     );
-    if let Some(path) = &args.json {
+    if let Some(json_file) = json_file {
         let report = serde_json::json!({
             "device": b.name(),
             "precision": b.precision().to_string(),
@@ -252,7 +323,11 @@ pub fn bench<B: Backend>(b: &B, args: &BenchArgs) -> Result<()> {
             },
             "baseline": baseline,
         });
-        crate::commands::write_report(path, &report)?;
+        write_report(outputs.staged_file(json_file), &report)?;
+    }
+    outputs.commit()?;
+    if let Some(path) = &args.json {
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -1,0 +1,3 @@
+//! Arbitrary bytes through the safetensors reader (see purifier::data::fuzz_entry).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| purifier::data::fuzz_entry::safetensors_bytes(data));
