@@ -110,3 +110,32 @@ fn wide_resnet_matches_cpu() {
     check_classifier(true, Precision::F32, 1e-5);
     check_classifier(true, Precision::Bf16, 1e-2);
 }
+
+fn purify_none<B: Backend>(b: &B, x: &[f32], n: usize) -> Vec<f32> {
+    use purifier::purify::{Purifier, PurifySettings};
+    let unet = Unet::load(&UnetConfig::cifar10_small(), &mut DeterministicParams::new(b, 5)).unwrap();
+    let settings = PurifySettings { t_star: 5, seed: 21, ..Default::default() };
+    let purifier = Purifier::new(b, &unet, None, settings).unwrap();
+    let mut plan = purifier.plan(n).unwrap();
+    purifier.purify(&mut plan, x, 0).unwrap().0
+}
+
+/// A `none`-mode purification with t* = 5 (five UNet calls, noise at every step) on the emulator
+/// reproduces the CPU's on the same seed: the noise is the same bit for bit, so only the UNet's
+/// rounding differs (f32 storage here: ENGINE.md's 1e-5).
+#[test]
+fn none_mode_purification_matches_cpu() {
+    let seed = seed();
+    let n = 1;
+    let x = common::uniform(n * 3 * 32 * 32, seed);
+    let emulator = emulator_backend(Precision::F32).unwrap();
+    let started = std::time::Instant::now();
+    let got = purify_none(&emulator, &x, n);
+    let seconds = started.elapsed().as_secs_f64();
+    let want = purify_none(&CpuBackend, &x, n);
+    let error = relative_l2(&got, &want);
+    println!(
+        "none-mode purification, t* = 5, f32 on the emulator: {seconds:.1} s, relative L2 {error:.2e} (seed {seed})"
+    );
+    assert!(error < 1e-5, "purification: relative L2 {error:.3e} (seed {seed})");
+}

@@ -6,9 +6,8 @@
 //! `synchronize` (as a GPU reports a kernel fault), and nothing is launched for it.
 //!
 //! Forward ops run on the device. Backward ops: the element-wise ones, the dense layer, pooling,
-//! upsampling, concat, the classifiers' shortcut, GroupNorm(+SiLU) and attention (flash-style, f32
-//! SIMT) run here too; `conv2d_backward_input` is not yet on the CUDA backend and reports that
-//! through `synchronize`.
+//! upsampling, concat, the classifiers' shortcut, `conv2d_backward_input` (SIMT, one storage type
+//! for dout, weights and dx), GroupNorm(+SiLU) and attention (flash-style, f32 SIMT) run here too.
 pub mod attention;
 pub mod compile;
 pub mod conv;
@@ -132,10 +131,6 @@ impl CudaBackend {
         if n > 0 {
             self.launch("elementwise.cu", kernel, self.grid_for(n), args);
         }
-    }
-
-    fn not_yet(&self, op: &str) {
-        self.fail(Error::Device(format!("{op} is not yet on the CUDA backend (forward ops only for now)")));
     }
 
     fn conv_kernels(&self) -> Result<&Conv2dKernels> {
@@ -575,14 +570,44 @@ impl Backend for CudaBackend {
         self.record(result);
     }
 
-    fn conv2d_backward_input(
-        &self,
-        _dout: &CudaTensor,
-        _w: &CudaTensor,
-        _geometry: Conv2dGeometry,
-        _dx: &mut CudaTensor,
-    ) {
-        self.not_yet("conv2d_backward_input");
+    fn conv2d_backward_input(&self, dout: &CudaTensor, w: &CudaTensor, geometry: Conv2dGeometry, dx: &mut CudaTensor) {
+        let Some([n, ci, h, wd]) = self.nchw(dx, "conv2d_backward_input: dx") else { return };
+        let Some([co, w_ci, kh, kw]) = self.nchw(w, "conv2d_backward_input: w") else { return };
+        // The SIMT kernel reads dout, w and dx in one storage type; a bf16/f16 plan keeps its
+        // gradients in f32 but its weights in 16 bits, which needs the mixed-type kernel to come.
+        let ok = self
+            .check(w_ci == ci, || format!("conv2d_backward_input: weights {:?} for dx {:?}", w.shape, dx.shape))
+            && self.check(dout.dtype == dx.dtype && w.dtype == dx.dtype, || {
+                format!(
+                    "conv2d_backward_input with dout {}, weights {}, dx {} is not yet on the CUDA backend \
+                     (one storage type for all three only)",
+                    dout.dtype, w.dtype, dx.dtype
+                )
+            });
+        if !ok {
+            return;
+        }
+        let args = conv::Conv2dBackwardInputLaunch {
+            batch: n,
+            height: h,
+            width: wd,
+            in_channels: ci,
+            out_channels: co,
+            kernel_h: kh,
+            kernel_w: kw,
+            geometry,
+            dtype: dx.dtype,
+            dout: dout.ptr,
+            weight: w.ptr,
+            dx: dx.ptr,
+        };
+        let (oh, ow) = args.output_size();
+        if !self.check_shape(dout, &[n, co, oh, ow], "conv2d_backward_input: dout") {
+            return;
+        }
+        let result =
+            self.conv_kernels().and_then(|k| conv::launch_conv2d_backward_input(self.driver.as_ref(), k, &args));
+        self.record(result);
     }
 
     fn attention(
