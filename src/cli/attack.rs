@@ -23,7 +23,6 @@ use super::pipeline::{
 };
 use super::progress::Progress;
 use super::report::{extend, report_header, with_batch, write_report};
-use purifier::device::SelectedBackend;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttackArg {
@@ -140,16 +139,12 @@ impl AttackArgs {
 }
 
 pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
-    // The attacks differentiate through the purification; the CUDA backend has no backward
-    // GroupNorm or attention yet.
-    let b = match backend(&args.device)? {
-        SelectedBackend::Cpu(b) => b,
-        SelectedBackend::Cuda(_) => {
-            return Err(Error::Device(
-                "attack needs the backward pass, which runs on the CPU backend only for now: use --device cpu".into(),
-            ))
-        }
-    };
+    purifier::with_backend!(backend(&args.device)?, b => run_on(b, args, progress))
+}
+
+/// The attack on any backend: the gradient goes back through every reverse step (and the
+/// classifier) with the backend's own backward ops.
+fn run_on<B: Backend>(b: B, args: &AttackArgs, progress: Progress) -> Result<()> {
     check_batch(args.batch)?;
     if args.votes == 0 {
         return Err(Error::invalid("--votes must be at least 1 (purifications that judge each image)"));
