@@ -267,7 +267,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
             if let Some(tape) = plan.tape.as_mut() {
                 b.copy(&plan.x_t, &mut tape.states[index]);
             }
-            self.unet.forward_indexed(b, &mut plan.unet, &plan.x_t, &plan.step_indices[index])?;
+            self.unet.enqueue_forward_indexed(b, &mut plan.unet, &plan.x_t, &plan.step_indices[index])?;
             report.network_calls += 1;
             b.predict_x0_and_mean(&plan.x_t, plan.unet.eps(), step.coefficients, &mut plan.x0_hat, &mut plan.mu);
             let guided = self.guidance_shift(plan, step, &mut report)?;
@@ -292,6 +292,8 @@ impl<'a, B: Backend> Purifier<'a, B> {
             tape.recorded = true;
         }
         b.clamp(&mut plan.x_t, -1.0, 1.0);
+        // The loop issued its work without waiting; its errors surface here, once.
+        b.synchronize()?;
         Ok(report)
     }
 
@@ -322,10 +324,10 @@ impl<'a, B: Backend> Purifier<'a, B> {
             // x_prev = c0 clip(x0_hat(x_t)) + ct x_t + const, x0_hat = (x_t - s eps(x_t)) / a:
             // dL/dx_t = ct g + (u - s J_eps^T u) / a, with u = c0 g masked by the clip.
             let c = step.coefficients;
-            self.unet.forward_indexed(b, unet_plan, x_t, t)?;
+            self.unet.enqueue_forward_indexed(b, unet_plan, x_t, t)?;
             b.axpby(c.c0, &tape.grad, 0.0, &tape.grad, u);
             b.mask_clipped(x_t, unet_plan.eps(), c, u);
-            let jtu = self.unet.input_vjp(b, unet_plan, u)?;
+            let jtu = self.unet.enqueue_input_vjp(b, unet_plan, u)?;
             let (a, s) = (c.sqrt_abar, c.sqrt_one_minus_abar);
             b.axpby(1.0 / a, u, -s / a, jtu, &mut tape.grad_scratch);
             b.axpby(c.ct, &tape.grad, 1.0, &tape.grad_scratch, u);
@@ -334,6 +336,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
         // x_{t*} = sqrt(abar_{t*}) x + sqrt(1 - abar_{t*}) z
         let (a, _) = self.schedule.diffuse_weights(self.settings.t_star);
         b.axpby(a, &tape.grad, 0.0, &tape.grad, &mut tape.grad_input);
+        b.synchronize()?;
         Ok(&tape.grad_input)
     }
 
@@ -382,6 +385,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
         if !self.guidance_shift(plan, step, &mut report)? {
             return Err(Error::invalid(format!("step {} has no guidance (sigma_t = 0)", step.t)));
         }
+        b.synchronize()?;
         let k = scale * step.guidance_variance;
         let gradient: Vec<f32> = b.download(&plan.delta)?.iter().map(|d| d / k).collect();
         let objective = match self.settings.guidance {
@@ -426,10 +430,10 @@ impl<'a, B: Backend> Purifier<'a, B> {
                 let (aux, aux_plan) =
                     (self.auxiliary.expect("checked in new"), plan.auxiliary.as_mut().expect("made by plan"));
                 match path {
-                    GradientPath::X0 => aux.forward(b, aux_plan, &plan.x0_hat)?,
+                    GradientPath::X0 => aux.enqueue_forward(b, aux_plan, &plan.x0_hat)?,
                     GradientPath::Xt => {
                         b.axpby(1.0 / c.sqrt_abar, &plan.x_t, 0.0, &plan.x_t, &mut plan.aux_input);
-                        aux.forward(b, aux_plan, &plan.aux_input)?
+                        aux.enqueue_forward(b, aux_plan, &plan.aux_input)?
                     }
                 }
                 b.guidance_objective_grad(
@@ -442,14 +446,14 @@ impl<'a, B: Backend> Purifier<'a, B> {
                     &mut plan.dfeatures,
                     &mut plan.dlogits,
                 );
-                let u = aux.input_vjp(b, aux_plan, Some(&plan.dlogits), Some(&plan.dfeatures))?;
+                let u = aux.enqueue_input_vjp(b, aux_plan, Some(&plan.dlogits), Some(&plan.dfeatures))?;
                 b.copy(u, &mut plan.u);
                 let k = scale * sigma2 / c.sqrt_abar;
                 match path {
                     GradientPath::X0 => {
                         // grad_{x_t} L = (u - sqrt(1 - abar) J_eps^T u) / sqrt(abar), u masked by the clip.
                         b.mask_clipped(&plan.x_t, plan.unet.eps(), c, &mut plan.u);
-                        let jtu = self.unet.input_vjp(b, &mut plan.unet, &plan.u)?;
+                        let jtu = self.unet.enqueue_input_vjp(b, &mut plan.unet, &plan.u)?;
                         report.unet_vjps += 1;
                         b.axpby(k, &plan.u, -k * c.sqrt_one_minus_abar, jtu, &mut plan.delta);
                     }

@@ -361,6 +361,13 @@ impl<B: Backend> Classifier<B> {
     /// Logits and features of images x (N x 3 x 32 x 32, in [-1, 1]); results stay in the plan
     /// (`ClassifierPlan::logits`, `ClassifierPlan::features`).
     pub fn forward(&self, b: &B, plan: &mut ClassifierPlan<B>, x: &B::Tensor) -> Result<()> {
+        self.enqueue_forward(b, plan, x)?;
+        b.synchronize()
+    }
+
+    /// `forward` without the closing `synchronize`: for the guidance inside the sampler loop,
+    /// which synchronizes once when the purification ends.
+    pub(crate) fn enqueue_forward(&self, b: &B, plan: &mut ClassifierPlan<B>, x: &B::Tensor) -> Result<()> {
         if x.shape() != plan.normalised.shape() {
             return Err(Error::invalid(format!(
                 "classifier input has shape {:?}, the plan expects {:?}",
@@ -411,7 +418,6 @@ impl<B: Backend> Classifier<B> {
             _ => b.global_avg_pool(last, &mut plan.features),
         }
         b.linear(&plan.features, &self.linear.weight, Some(&self.linear.bias), false, &mut plan.logits);
-        b.synchronize()?;
         plan.forward_done = true;
         Ok(())
     }
@@ -419,6 +425,19 @@ impl<B: Backend> Classifier<B> {
     /// Gradient, with respect to the last forward's input, of
     /// `sum(dlogits * logits) + sum(dfeatures * features)`; either term may be absent.
     pub fn input_vjp<'p>(
+        &self,
+        b: &B,
+        plan: &'p mut ClassifierPlan<B>,
+        dlogits: Option<&B::Tensor>,
+        dfeatures: Option<&B::Tensor>,
+    ) -> Result<&'p B::Tensor> {
+        self.enqueue_input_vjp(b, plan, dlogits, dfeatures)?;
+        b.synchronize()?;
+        Ok(plan.dinput.as_ref().expect("checked by enqueue_input_vjp"))
+    }
+
+    /// `input_vjp` without the closing `synchronize` (see `enqueue_forward`).
+    pub(crate) fn enqueue_input_vjp<'p>(
         &self,
         b: &B,
         plan: &'p mut ClassifierPlan<B>,
@@ -507,7 +526,6 @@ impl<B: Backend> Classifier<B> {
             self.stem.backward_input(b, &plan.doutputs[0], dnormalised);
         }
         b.channel_affine_backward(dnormalised, &self.input.scale, dinput);
-        b.synchronize()?;
         Ok(dinput)
     }
 }

@@ -313,12 +313,29 @@ impl<B: Backend> Unet<B> {
             return Err(Error::invalid(format!("{} step indices for a batch of {}", t.len(), plan.batch)));
         }
         b.write(&mut plan.t_steps, t)?;
-        self.forward_steps(b, plan, x, None)
+        self.forward_steps(b, plan, x, None)?;
+        b.synchronize()?;
+        Ok(plan.eps())
     }
 
     /// `forward` with the step indices already in the backend (a tensor of `batch` floats): a
     /// sampler uploads them once per plan instead of once per step.
     pub fn forward_indexed<'p>(
+        &self,
+        b: &B,
+        plan: &'p mut UnetPlan<B>,
+        x: &B::Tensor,
+        t: &B::Tensor,
+    ) -> Result<&'p B::Tensor> {
+        self.enqueue_forward_indexed(b, plan, x, t)?;
+        b.synchronize()?;
+        Ok(plan.eps())
+    }
+
+    /// `forward_indexed` without the closing `synchronize`: the sampler issues whole reverse
+    /// steps this way and synchronizes once, when the purification ends (a wait per step would
+    /// stall a GPU). Errors of the ops are reported by that synchronize.
+    pub(crate) fn enqueue_forward_indexed<'p>(
         &self,
         b: &B,
         plan: &'p mut UnetPlan<B>,
@@ -384,7 +401,6 @@ impl<B: Backend> Unet<B> {
                 }
             }
         }
-        b.synchronize()?;
         plan.forward_done = true;
         Ok(plan.eps())
     }
@@ -392,6 +408,18 @@ impl<B: Backend> Unet<B> {
     /// The vector-Jacobian product `d(sum(eps * v)) / dx` for the input of the last `forward` on
     /// this plan: the UNet's backward pass with respect to its input image.
     pub fn input_vjp<'p>(&self, b: &B, plan: &'p mut UnetPlan<B>, v: &B::Tensor) -> Result<&'p B::Tensor> {
+        self.enqueue_input_vjp(b, plan, v)?;
+        b.synchronize()?;
+        Ok(&plan.gradients[0])
+    }
+
+    /// `input_vjp` without the closing `synchronize` (see `enqueue_forward_indexed`).
+    pub(crate) fn enqueue_input_vjp<'p>(
+        &self,
+        b: &B,
+        plan: &'p mut UnetPlan<B>,
+        v: &B::Tensor,
+    ) -> Result<&'p B::Tensor> {
         if plan.gradients.is_empty() {
             return Err(Error::invalid("this UNet plan was made without backward buffers"));
         }
@@ -462,7 +490,6 @@ impl<B: Backend> Unet<B> {
                 }
             }
         }
-        b.synchronize()?;
         Ok(&plan.gradients[0])
     }
 }
