@@ -20,47 +20,6 @@ namespace attention_mma {
 constexpr int KEYS = 16;  // keys per tile
 }
 
-__device__ __forceinline__ unsigned attention_shared_address(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void attention_ldmatrix_x4(unsigned (&r)[4], unsigned address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-}
-
-__device__ __forceinline__ void attention_ldmatrix_x4_trans(unsigned (&r)[4], unsigned address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-}
-
-template <typename T>
-struct AttentionMma;
-template <>
-struct AttentionMma<bf16> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) { return pack_bf16x2(lo, hi); }
-};
-template <>
-struct AttentionMma<f16> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned pack(float lo, float hi) { return pack_f16x2(lo, hi); }
-};
-
 // rows x D tile of a N x L x C tensor into shared (row stride D + 8), zeros past L and past C;
 // 16-byte copies (C a multiple of 8, the tensor 16-byte aligned: the launcher checks).
 template <int D, typename T>
@@ -122,10 +81,10 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
 #pragma unroll
         for (int kc = 0; kc < D; kc += 16) {
             unsigned a[4], b[4];
-            attention_ldmatrix_x4(a, attention_shared_address(q_tile + q_row * ROW + kc + q_col));
-            attention_ldmatrix_x4(b, attention_shared_address(k_tile + k_row * ROW + kc + k_col));
-            AttentionMma<T>::run(s[0], a, b[0], b[1]);
-            AttentionMma<T>::run(s[1], a, b[2], b[3]);
+            ldmatrix_x4(a, shared_address(q_tile + q_row * ROW + kc + q_col));
+            ldmatrix_x4(b, shared_address(k_tile + k_row * ROW + kc + k_col));
+            mma_m16n8k16<T>(s[0], a, b[0], b[1]);
+            mma_m16n8k16<T>(s[1], a, b[2], b[3]);
         }
 
         // Online softmax; element e of tile j is key key0 + 8 j + 2 t + (e % 2), row g + 8 (e / 2).
@@ -162,14 +121,14 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
 
         // P as the A operand (16 x 16 keys): the accumulator layout of the two key tiles is the
         // m16k16 fragment layout.
-        const unsigned p[4] = {AttentionMma<T>::pack(s[0][0], s[0][1]), AttentionMma<T>::pack(s[0][2], s[0][3]),
-                               AttentionMma<T>::pack(s[1][0], s[1][1]), AttentionMma<T>::pack(s[1][2], s[1][3])};
+        const unsigned p[4] = {pack_x2<T>(s[0][0], s[0][1]), pack_x2<T>(s[0][2], s[0][3]),
+                               pack_x2<T>(s[1][0], s[1][1]), pack_x2<T>(s[1][2], s[1][3])};
 #pragma unroll
         for (int c0 = 0; c0 < D; c0 += 16) {
             unsigned b[4];
-            attention_ldmatrix_x4_trans(b, attention_shared_address(v_tile + v_row * ROW + c0 + v_col));
-            AttentionMma<T>::run(o[c0 / 8], p, b[0], b[1]);
-            AttentionMma<T>::run(o[c0 / 8 + 1], p, b[2], b[3]);
+            ldmatrix_x4_trans(b, shared_address(v_tile + v_row * ROW + c0 + v_col));
+            mma_m16n8k16<T>(o[c0 / 8], p, b[0], b[1]);
+            mma_m16n8k16<T>(o[c0 / 8 + 1], p, b[2], b[3]);
         }
     }
 

@@ -6,7 +6,8 @@
 //   - storage types f16 and bf16 (16-bit patterns) with conversions through inline PTX `cvt`;
 //   - load/store helpers that read any storage type as float and write float with one rounding;
 //   - warp and block reductions (sum, max);
-//   - Philox4x32-10 and the Box-Muller transform of src/backend/cpu/rng.rs, bit for bit.
+//   - Philox4x32-10 and the Box-Muller transform of src/backend/cpu/rng.rs, bit for bit;
+//   - the tensor-core inline PTX the mma kernels share (ldmatrix, mma.sync m16n8k16, packing).
 // The host hands this file to NVRTC as an in-memory header named "common.cuh" (src/backend/cuda/
 // compile.rs), so `#include "common.cuh"` works with no include path.
 #pragma once
@@ -259,3 +260,48 @@ __device__ __forceinline__ uint2 split_u64(unsigned long long v) {
 #define GRID_STRIDE_LOOP(i, n)                                                                     \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n);      \
          i += (long long)gridDim.x * blockDim.x)
+
+// ---- tensor cores (sm_80): the inline PTX the mma kernels share ----
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+
+// Four 8x8 b16 matrices from shared memory, in mma's operand fragment layout (.trans: transposed).
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned address) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(address));
+}
+
+// d += a b for one m16n8k16 tile: T (bf16 or f16) operands, f32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
+template <>
+__device__ __forceinline__ void mma_m16n8k16<bf16>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_m16n8k16<f16>(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to T and packed into one mma operand register (lo in the low half).
+template <typename T>
+__device__ __forceinline__ unsigned pack_x2(float lo, float hi);
+template <>
+__device__ __forceinline__ unsigned pack_x2<bf16>(float lo, float hi) { return pack_bf16x2(lo, hi); }
+template <>
+__device__ __forceinline__ unsigned pack_x2<f16>(float lo, float hi) { return pack_f16x2(lo, hi); }

@@ -89,10 +89,6 @@ constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
 constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
 }  // namespace mma
 
-__device__ __forceinline__ unsigned shared_address(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-
 // 16 bytes global -> shared, asynchronously; `bytes` = 0 writes zeros (padding, past the edges).
 __device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
@@ -102,37 +98,6 @@ template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
-
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned address) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(address));
-}
-
-template <typename T>
-struct MmaOp;
-template <>
-struct MmaOp<bf16> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned short round(float x) { return from_float<bf16>(x).bits; }
-};
-template <>
-struct MmaOp<f16> {
-    static __device__ __forceinline__ void run(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-            "{%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-    static __device__ __forceinline__ unsigned short round(float x) { return from_float<f16>(x).bits; }
-};
 
 // One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: inputs in the operand type with
 // 8-channel groups that never straddle a tap or the a/b boundary (Ca, Cb multiples of 8): 16-byte
@@ -186,7 +151,7 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
         const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
         for (int row = tid / BK; row < BM; row += THREADS / BK) {
             const ConvRow r = conv_row(blockIdx.x * BM + row, p);
-            a_stage[row * ROW + kc] = MmaOp<WT>::round(conv_gather(r, ky, kx, ci, k_valid, p, a, b));
+            a_stage[row * ROW + kc] = from_float<WT>(conv_gather(r, ky, kx, ci, k_valid, p, a, b)).bits;
         }
         for (int row = tid / BK; row < BN; row += THREADS / BK) {
             const int co = n_block + row;
@@ -269,7 +234,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i)
 #pragma unroll
-                for (int j = 0; j < N_TILES; ++j) MmaOp<WT>::run(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+                for (int j = 0; j < N_TILES; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
         }
     }
     cp_async_wait<0>();
