@@ -165,8 +165,8 @@ impl AttentionLaunch {
     }
 }
 
-/// The functions of the loaded attention modules: attention.cu always, attention_mma.cu when the
-/// device runs tensor-core code (not the PTX emulator before it has mma/ldmatrix).
+/// The functions of the loaded attention modules: attention.cu always, attention_mma.cu when given
+/// (the backend always loads it; tests may load the SIMT module alone).
 pub struct AttentionKernels {
     functions: Vec<(String, Function)>,
     tensor_cores: bool,

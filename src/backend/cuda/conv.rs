@@ -217,8 +217,7 @@ pub const SIMT_HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32"];
 pub const MMA_HOT_KERNELS: &[&str] = &["conv2d_mma_bf16_bf16_bf16", "conv2d_mma_f16_f16_f16"];
 
 /// The functions of the loaded convolution modules, looked up once: conv2d.cu always,
-/// conv2d_mma.cu when the device runs tensor-core code (not the PTX emulator before it has
-/// mma/ldmatrix/cp.async).
+/// conv2d_mma.cu when given (the backend always loads it; tests may load the SIMT module alone).
 pub struct Conv2dKernels {
     functions: Vec<(String, Function)>,
     tensor_cores: bool,
