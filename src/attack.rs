@@ -165,6 +165,9 @@ pub struct DefencePlan<B: Backend> {
     classifier: ClassifierPlan<B>,
     labels: B::Tensor,
     dlogits: B::Tensor,
+    /// The sum of the EOT draws' gradients with respect to the model-range input, accumulated in
+    /// the backend so that an iteration downloads one gradient, not one per draw.
+    gradient_sum: B::Tensor,
 }
 
 impl<B: Backend> DefencePlan<B> {
@@ -201,6 +204,7 @@ impl<'a, B: Backend> Defence<'a, B> {
             classifier: self.classifier.plan(b, batch, true)?,
             labels: b.zeros(&[batch])?,
             dlogits: b.zeros(&[batch, self.classifier.num_classes])?,
+            gradient_sum: b.zeros(&[batch, 3, 32, 32])?,
         })
     }
 
@@ -244,6 +248,24 @@ impl<'a, B: Backend> Defence<'a, B> {
         noise: NoiseDraw,
     ) -> Result<(Vec<f64>, Vec<bool>, Vec<f32>)> {
         let b = self.backend;
+        b.fill(&mut plan.gradient_sum, 0.0);
+        let (losses, correct) = self.add_draw_gradient(plan, pixels, labels, image_indices, loss, noise)?;
+        Ok((losses, correct, self.gradient_sum_in_pixels(plan)?))
+    }
+
+    /// `loss_gradient` for one draw, leaving the gradient in the backend: it is added to
+    /// `plan.gradient_sum` (with respect to the model-range input). Only the N x K logits cross
+    /// to the host (the losses and the correct count are computed there).
+    fn add_draw_gradient(
+        &self,
+        plan: &mut DefencePlan<B>,
+        pixels: &[f32],
+        labels: &[u8],
+        image_indices: &[u64],
+        loss: Loss,
+        noise: NoiseDraw,
+    ) -> Result<(Vec<f64>, Vec<bool>)> {
+        let b = self.backend;
         let logits = self.logits(plan, pixels, image_indices, noise)?;
         let k = self.classifier.num_classes;
         let losses = match loss {
@@ -271,10 +293,16 @@ impl<'a, B: Backend> Defence<'a, B> {
             (Some(purifier), Some(purify)) => purifier.input_vjp(purify, grad_x0)?,
             _ => grad_x0,
         };
-        // x = 2 p - 1
-        let grad_pixels: Vec<f32> = b.download(grad_x)?.iter().map(|g| 2.0 * g).collect();
+        b.add_assign(&mut plan.gradient_sum, grad_x);
         let correct = logits.chunks(k).zip(labels).map(|(row, &y)| argmax(row) == y as usize).collect();
-        Ok((losses, correct, grad_pixels))
+        Ok((losses, correct))
+    }
+
+    /// The accumulated gradient, downloaded, with respect to the pixels (x = 2 p - 1). Scaling by
+    /// 2 is exact in binary floating point, so this equals summing the draws' pixel gradients on
+    /// the host, bit for bit.
+    fn gradient_sum_in_pixels(&self, plan: &DefencePlan<B>) -> Result<Vec<f32>> {
+        Ok(self.backend.download(&plan.gradient_sum)?.iter().map(|g| 2.0 * g).collect())
     }
 
     /// The loss and gradient at `x` averaged over `settings.eot` draws; `evaluation` numbers the
@@ -290,15 +318,17 @@ impl<'a, B: Backend> Defence<'a, B> {
         evaluation: usize,
     ) -> Result<EotEstimate> {
         let n = labels.len();
-        let mut estimate = EotEstimate { losses: vec![0.0; n], correct: vec![0; n], gradient: vec![0.0; x.len()] };
+        let mut estimate = EotEstimate { losses: vec![0.0; n], correct: vec![0; n], gradient: Vec::new() };
+        self.backend.fill(&mut plan.gradient_sum, 0.0);
         for e in 0..settings.eot {
             let draw = evaluation as u64 * settings.eot as u64 + e as u64;
             let noise = NoiseDraw { seed: settings.seed, draw };
-            let (losses, right, g) = self.loss_gradient(plan, x, labels, image_indices, settings.loss, noise)?;
-            estimate.gradient.iter_mut().zip(&g).for_each(|(a, g)| *a += g);
+            let (losses, right) = self.add_draw_gradient(plan, x, labels, image_indices, settings.loss, noise)?;
             estimate.losses.iter_mut().zip(&losses).for_each(|(a, l)| *a += l / settings.eot as f64);
             estimate.correct.iter_mut().zip(&right).for_each(|(c, &r)| *c += usize::from(r));
         }
+        // One download per estimate, whatever the number of draws.
+        estimate.gradient = self.gradient_sum_in_pixels(plan)?;
         Ok(estimate)
     }
 

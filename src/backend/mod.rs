@@ -203,6 +203,11 @@ pub trait Backend {
     /// Bytes of memory free for new tensors, when the backend can tell (plans check it before
     /// allocating, so a batch too large is an error, not a crash).
     fn available_memory(&self) -> Option<usize>;
+    /// The most bytes of device memory this backend has held in tensors at once, when it counts
+    /// them (the CUDA backend does; the CPU's tensors are ordinary host memory).
+    fn peak_memory(&self) -> Option<usize> {
+        None
+    }
 
     /// Waits for the work issued so far and reports the first error stored since the last call
     /// (a kernel fault, a launch the device refused). Every public entry point calls it before

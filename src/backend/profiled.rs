@@ -77,6 +77,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn available_memory(&self) -> Option<usize> {
         self.inner.available_memory()
     }
+    fn peak_memory(&self) -> Option<usize> {
+        self.inner.peak_memory()
+    }
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }

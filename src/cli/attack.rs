@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use purifier::attack::{AttackSettings, Defence, DefencePlan, Loss, Method, Norm};
+use purifier::backend::cuda::CudaBackend;
 use purifier::backend::Backend;
 use purifier::data::image::{write_png, DEFAULT_CELLS_PER_ROW, DEFAULT_GRID_SCALE};
 use purifier::data::sheet::{write_labelled_sheet, Caption, RIGHT, WRONG};
@@ -57,7 +58,7 @@ pub enum NormArg {
 #[derive(Args)]
 pub struct AttackArgs {
     /// Labelled images: CIFAR-10 binary files.
-    #[arg(long = "input", short, required = true, num_args = 1..)]
+    #[arg(long = "input", short, required_unless_present = "plan_memory", num_args = 1..)]
     pub inputs: Vec<PathBuf>,
     /// Use only the first N images.
     #[arg(long)]
@@ -99,6 +100,11 @@ pub struct AttackArgs {
     /// Images per batch.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Print the device memory the attack's networks and plan take at --batch with --precision
+    /// (every allocation the CUDA backend makes, counted without allocating: no GPU needed) and
+    /// exit without attacking.
+    #[arg(long)]
+    pub plan_memory: bool,
     /// Also write the adversarial images as PNGs and grid.png (clean | adversarial | purified) here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -139,6 +145,9 @@ impl AttackArgs {
 }
 
 pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
+    if args.plan_memory {
+        return print_plan_memory(args);
+    }
     purifier::with_backend!(backend(&args.device)?, b => run_on(b, args, progress))
 }
 
@@ -427,6 +436,7 @@ fn run_on<B: Backend>(b: B, args: &AttackArgs, progress: Progress) -> Result<()>
             "correct_votes": { "clean": clean_votes, "adversarial": adversarial_votes },
             "trace": traces,
             "seconds": seconds,
+            "device_memory_peak_bytes": b.peak_memory(),
         });
         extend(&mut report, more);
         write_report(outputs.staged_file(report_file), &report)?;
@@ -460,4 +470,60 @@ fn plan_for<'p, B: Backend>(
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => e.insert(defence.plan(n)?),
     })
+}
+
+/// `--plan-memory`: the device bytes of the attack's networks and of one defence plan at
+/// `--batch`, counted on the CUDA backend over a driver that holds no memory (every allocation a
+/// GPU run makes, made and counted, none backed). Needs no GPU and no NVRTC.
+fn print_plan_memory(args: &AttackArgs) -> Result<()> {
+    let precision = args.device.precision;
+    check_batch(args.batch)?;
+    let b = CudaBackend::sizing(precision)?;
+    let memory = b.memory();
+    let scratch = memory.in_use();
+    let purified = args.defence == DefenceArg::Purification;
+    let settings = &args.purification;
+    let networks = purified.then(|| load_purification(&b, settings)).transpose()?;
+    let classifier = Classifier::load(&b, &TensorFile::open(&args.classifier)?)?;
+    let weights = memory.in_use() - scratch;
+    let purifier =
+        networks.as_ref().map(|(unet, aux)| Purifier::new(&b, unet, aux.as_ref(), settings.settings())).transpose()?;
+    let defence = match &purifier {
+        Some(purifier) => Defence::purified(purifier, &classifier),
+        None => Defence::undefended(&b, &classifier),
+    };
+    let plan = defence.plan(args.batch)?;
+    let plan_bytes = memory.in_use() - weights - scratch;
+    let mb = |bytes: usize| bytes as f64 / 1e6;
+    let what = match &purifier {
+        Some(p) => format!(
+            "UNet {} (t* = {}, {} reverse steps, mode {}) and {}",
+            p.unet.config.name,
+            settings.t_star,
+            p.steps().len(),
+            settings.guidance().name(),
+            classifier.name
+        ),
+        None => format!("{} alone", classifier.name),
+    };
+    println!("device memory of the attack's gradient at batch {}, {precision} activations: {what}", plan.batch());
+    println!("  weights:          {:>10.1} MB", mb(weights));
+    println!("  defence plan:     {:>10.1} MB", mb(plan_bytes));
+    if let Some(p) = &purifier {
+        // The tape: each reverse step's input (f32), the rest is one step's UNet buffers.
+        let tape = (p.steps().len() + 1) * plan.batch() * 3 * 32 * 32 * 4;
+        println!("    of which the tape of reverse-step inputs: {:.1} MB", mb(tape));
+    }
+    println!("  backend scratch:  {:>10.1} MB", mb(scratch));
+    println!(
+        "  total held:       {:>10.1} MB ({} bytes); peak while loading and planning {:.1} MB",
+        mb(memory.in_use()),
+        memory.in_use(),
+        mb(memory.peak())
+    );
+    println!(
+        "(counted allocation by allocation on the CUDA backend without allocating; a run also holds the plans of \
+         smaller batches it meets: the last batch, and the survivors of each stage)"
+    );
+    Ok(())
 }

@@ -88,17 +88,30 @@ pub struct KernelCompiler {
     arch: String,
     nvrtc_version: (i32, i32),
     cache_dir: Option<PathBuf>,
+    /// False for a backend that only sizes plans (`CudaBackend::sizing`): no NVRTC is needed.
+    enabled: bool,
 }
 
 impl KernelCompiler {
     /// A compiler for `arch` ("sm_80", ...) with the default cache folder. Fails if NVRTC is missing.
     pub fn new(arch: &str) -> Result<Self> {
-        Ok(Self { arch: arch.to_string(), nvrtc_version: nvrtc_version()?, cache_dir: default_cache_dir() })
+        Ok(Self {
+            arch: arch.to_string(),
+            nvrtc_version: nvrtc_version()?,
+            cache_dir: default_cache_dir(),
+            enabled: true,
+        })
+    }
+
+    /// A compiler that compiles nothing (each call is an error): for a backend that runs no
+    /// kernels, so it works where NVRTC is missing.
+    pub fn disabled(arch: &str) -> Self {
+        Self { arch: arch.to_string(), nvrtc_version: (0, 0), cache_dir: None, enabled: false }
     }
 
     /// The same with an explicit cache folder (`None`: no disk cache).
     pub fn with_cache_dir(arch: &str, cache_dir: Option<PathBuf>) -> Result<Self> {
-        Ok(Self { arch: arch.to_string(), nvrtc_version: nvrtc_version()?, cache_dir })
+        Ok(Self { arch: arch.to_string(), nvrtc_version: nvrtc_version()?, cache_dir, enabled: true })
     }
 
     pub fn arch(&self) -> &str {
@@ -117,6 +130,9 @@ impl KernelCompiler {
     /// The compiled image of `source` (named `name` in messages), from the cache when a valid entry
     /// exists, else compiled and stored.
     pub fn compile_source(&self, name: &str, source: &str, kind: ImageKind) -> Result<Vec<u8>> {
+        if !self.enabled {
+            return Err(Error::Device(format!("{name}: this backend only sizes plans and compiles no kernels")));
+        }
         let header = kernel_source(COMMON_HEADER)?;
         let key = self.cache_key(name, source, header, kind);
         let entry = self.cache_dir.as_ref().map(|dir| dir.join(&key));

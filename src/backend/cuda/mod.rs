@@ -20,8 +20,8 @@ use self::attention::{AttentionKernels, AttentionLaunch};
 use self::compile::{ImageKind, KernelCompiler};
 use self::conv::{Conv2dKernels, Conv2dLaunch};
 use self::modules::KernelModules;
-pub use self::tensor::CudaTensor;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
+pub use self::tensor::{CudaTensor, DeviceMemory};
 use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape, Timestamp};
 use crate::driver::{Driver, KernelArgs, LaunchConfig};
 use crate::error::{Error, Result};
@@ -48,6 +48,8 @@ pub struct CudaBackend {
     error: Mutex<Option<Error>>,
     conv: OnceLock<Conv2dKernels>,
     attention: OnceLock<AttentionKernels>,
+    /// Every allocation of this backend, counted (`memory`).
+    memory: Arc<DeviceMemory>,
     groupnorm_partials: CudaTensor,
 }
 
@@ -66,7 +68,8 @@ impl CudaBackend {
         compiler: KernelCompiler,
         image: ImageKind,
     ) -> Result<Self> {
-        let groupnorm_partials = allocate(&driver, &[GROUPNORM_PARTIALS * 3], Precision::F32)?;
+        let memory = Arc::new(DeviceMemory::default());
+        let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 3], Precision::F32)?;
         Ok(Self {
             modules: KernelModules::new(driver.clone(), compiler, image),
             driver,
@@ -74,8 +77,24 @@ impl CudaBackend {
             error: Mutex::new(None),
             conv: OnceLock::new(),
             attention: OnceLock::new(),
+            memory,
             groupnorm_partials,
         })
+    }
+
+    /// The CUDA backend on a driver that holds no memory and runs no kernels
+    /// (`driver::sizing`): networks load and plans are made exactly as on a GPU of compute
+    /// capability 8.0, so `memory()` tells what they would take on one, without allocating it and
+    /// without NVRTC. Running anything on it is an error.
+    pub fn sizing(precision: Precision) -> Result<Self> {
+        let driver: Arc<dyn Driver> = Arc::new(crate::driver::sizing::SizingDriver::new((8, 0)));
+        let compiler = KernelCompiler::disabled(&driver.info().arch());
+        Self::with_compiler(driver, precision, compiler, ImageKind::Cubin)
+    }
+
+    /// The device bytes this backend holds now and at most so far (weights, plans, scratch).
+    pub fn memory(&self) -> &DeviceMemory {
+        &self.memory
     }
 
     pub fn driver(&self) -> &Arc<dyn Driver> {
@@ -177,12 +196,25 @@ impl CudaBackend {
     }
 }
 
-fn allocate(driver: &Arc<dyn Driver>, shape: &[usize], dtype: Precision) -> Result<CudaTensor> {
+fn allocate(
+    driver: &Arc<dyn Driver>,
+    memory: &Arc<DeviceMemory>,
+    shape: &[usize],
+    dtype: Precision,
+) -> Result<CudaTensor> {
     let elements: usize = shape.iter().product();
     // Never a zero-byte allocation: every tensor has an address of its own.
     let bytes = (elements * dtype.bytes()).max(4);
     let ptr = driver.alloc(bytes)?;
-    Ok(CudaTensor { ptr, shape: shape.to_vec(), dtype, driver: driver.clone() })
+    memory.allocated(bytes);
+    Ok(CudaTensor {
+        ptr,
+        shape: shape.to_vec(),
+        dtype,
+        driver: driver.clone(),
+        memory: memory.clone(),
+        allocated: bytes,
+    })
 }
 
 /// Kernel arguments of a tensor operand: its address and storage-type code.
@@ -221,6 +253,10 @@ impl Backend for CudaBackend {
         self.driver.free_memory().ok()
     }
 
+    fn peak_memory(&self) -> Option<usize> {
+        Some(self.memory.peak())
+    }
+
     fn synchronize(&self) -> Result<()> {
         let device = self.driver.synchronize();
         if let Some(e) = self.error.lock().unwrap().take() {
@@ -244,7 +280,7 @@ impl Backend for CudaBackend {
     }
 
     fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<CudaTensor> {
-        let t = allocate(&self.driver, shape, dtype)?;
+        let t = allocate(&self.driver, &self.memory, shape, dtype)?;
         let words = (t.bytes().max(4)).div_ceil(4);
         self.driver.memset_u32(t.ptr, 0, words)?;
         Ok(t)
@@ -258,7 +294,7 @@ impl Backend for CudaBackend {
                 data.len()
             )));
         }
-        let t = allocate(&self.driver, shape, dtype)?;
+        let t = allocate(&self.driver, &self.memory, shape, dtype)?;
         self.driver.copy_to_device(t.ptr, &encode(&to_storage_order(data, shape), dtype))?;
         Ok(t)
     }

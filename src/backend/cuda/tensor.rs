@@ -3,6 +3,7 @@
 //! Layout: 4-D tensors are stored NHWC (a logical N x C x H x W tensor; conv weights O x I x kh x kw
 //! are thus stored [O][kh][kw][I], as the convolution kernels read them); other ranks row-major.
 //! The transposes happen on the host at the edges (`upload`, `write`, `download`).
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use half::{bf16, f16};
@@ -15,6 +16,39 @@ pub struct CudaTensor {
     pub(crate) shape: Vec<usize>,
     pub(crate) dtype: Precision,
     pub(crate) driver: Arc<dyn Driver>,
+    /// The backend's count of device bytes, given back on drop.
+    pub(crate) memory: Arc<DeviceMemory>,
+    /// Bytes of the allocation (at least 4: never a zero-byte allocation).
+    pub(crate) allocated: usize,
+}
+
+/// Device bytes a CUDA backend holds in tensors now, and the most it has held at once: every
+/// allocation of the backend goes through it, so this is the backend's whole footprint (not
+/// counting the kernels' code and the driver's own context).
+#[derive(Debug, Default)]
+pub struct DeviceMemory {
+    in_use: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl DeviceMemory {
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+    /// Starts a new peak from what is held now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.in_use(), Ordering::Relaxed);
+    }
+    pub(crate) fn allocated(&self, bytes: usize) {
+        let now = self.in_use.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+    fn freed(&self, bytes: usize) {
+        self.in_use.fetch_sub(bytes, Ordering::Relaxed);
+    }
 }
 
 impl CudaTensor {
@@ -51,6 +85,7 @@ impl Drop for CudaTensor {
         // A failed free leaks device memory but cannot be reported from a destructor; the
         // driver's next call reports a broken device anyway.
         let _ = self.driver.free(self.ptr);
+        self.memory.freed(self.allocated);
     }
 }
 
