@@ -1,9 +1,18 @@
-//! `--device` on the command line: the emulator reproduces the CPU, `auto` falls back to the CPU
-//! with a warning, and `cuda` without a GPU, or a precision the CPU does not compute in, is one
-//! clear error. The emulator needs NVRTC (LD_LIBRARY_PATH).
+//! `--device` on the command line: the emulator reproduces the CPU (classify, `eps --vjp`,
+//! `purify` in every mode and path, `attack`), `auto` falls back to the CPU with a warning, and
+//! `cuda` without a GPU, or a precision the CPU does not compute in, is one clear error. The
+//! emulator needs NVRTC (LD_LIBRARY_PATH).
+//!
+//! The UNet runs use a small untrained UNet written by the test (64 channels at two levels, one
+//! ResnetBlock per level, attention at 16x16: every op of the CIFAR configs, at about a fifth of
+//! cifar10-small's cost on the emulator), one image and t* = 2.
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::*;
+use purifier::data::tensor_file::{write_safetensors, TensorFile};
+use purifier::model::UnetConfig;
 
 fn classify(device: &[&str]) -> (bool, String, String) {
     let mut args = vec![
@@ -65,4 +74,247 @@ fn cuda_without_a_gpu_is_one_clear_error() {
 fn cpu_with_half_precision_is_refused() {
     let (ok, _, stderr) = classify(&["--device", "cpu", "--precision", "bf16"]);
     assert!(!ok && stderr.contains("computes in f32") && stderr.contains("--precision bf16"), "{stderr}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Untrained weights of the small UNet (see the head comment), written into `dir`.
+fn small_unet(dir: &Path) -> PathBuf {
+    let config = UnetConfig {
+        name: "small".into(),
+        channels: 64,
+        channel_mult: vec![1, 1],
+        res_blocks: 1,
+        attention_resolutions: vec![16],
+        resolution: 32,
+    };
+    let path = dir.join("unet.safetensors");
+    write_untrained_unet(&path, &config, 1);
+    path
+}
+
+/// `eps --vjp` on the emulator writes the CPU's eps and grad_x (f32: ENGINE.md's 1e-5).
+#[test]
+fn eps_vjp_on_the_emulator_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = small_unet(dir.path());
+    let input = dir.path().join("input.safetensors");
+    let (x, v) = (uniform(3 * 32 * 32, 40), uniform(3 * 32 * 32, 41));
+    let shape = [1, 3, 32, 32];
+    write_safetensors(&input, &[("x", &shape, &x), ("t", &[1], &[250.0]), ("v", &shape, &v)]).unwrap();
+    let mut results = Vec::new();
+    for device in ["cpu", "emulator"] {
+        let output = dir.path().join(format!("{device}.safetensors"));
+        let started = std::time::Instant::now();
+        let (ok, stdout, stderr) = run_cli(&[
+            "eps",
+            "--weights",
+            s(&weights),
+            "--input",
+            s(&input),
+            "--output",
+            s(&output),
+            "--vjp",
+            "--device",
+            device,
+        ]);
+        assert!(ok, "{stderr}");
+        println!("eps --vjp --device {device}: {:.1} s; {}", started.elapsed().as_secs_f64(), stdout.trim());
+        results.push(TensorFile::open(&output).unwrap());
+    }
+    for name in ["eps", "grad_x"] {
+        let error = relative_error(&tensor(&results[1], name).1, &tensor(&results[0], name).1);
+        println!("{name}: relative L2 {error:.2e}");
+        assert!(error < 1e-5, "{name}: {error:.3e}");
+    }
+}
+
+/// Pixels of a PNG the CLI wrote.
+fn png(path: &Path) -> Vec<f32> {
+    purifier::data::image::read_png(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).pixels
+}
+
+/// Two 8-bit images from the same f32 computation on two backends: the f32 results differ by
+/// about 1e-6, so a pixel may round to the neighbouring 8-bit level (rarely: a handful of
+/// 3072), never further.
+fn assert_same_image(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len());
+    let level = 1.0 / 255.0;
+    let differing = got.iter().zip(want).filter(|(a, b)| a != b).count();
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    println!("{what}: {differing} of {} pixels differ, by at most {:.0} levels", got.len(), worst / level);
+    assert!(worst <= level * 1.001 && differing <= 8, "{what}: {differing} pixels differ, worst by {worst}");
+}
+
+/// `purify --mode ...` on one image at t* = 2 on the CPU and on the emulator: the same PNG (up
+/// to an 8-bit rounding step) and the same count of network calls and UNet VJPs.
+fn check_purify(mode: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = small_unet(dir.path());
+    let mut outputs = Vec::new();
+    for device in ["cpu", "emulator"] {
+        let out = dir.path().join(device);
+        let report = dir.path().join(format!("{device}.json"));
+        let mut args = vec![
+            "purify",
+            "--weights",
+            s(&weights),
+            "--input",
+            "../shared/data/cifar10/test_lossless.bin",
+            "--count",
+            "1",
+            "--batch",
+            "1",
+            "--t-star",
+            "2",
+            "--seed",
+            "5",
+            "--out",
+            s(&out),
+            "--report",
+            s(&report),
+            "--device",
+            device,
+        ];
+        args.extend_from_slice(mode);
+        let started = std::time::Instant::now();
+        let (ok, _, stderr) = run_cli(&args);
+        assert!(ok, "{stderr}");
+        println!("purify {mode:?} --device {device}: {:.1} s", started.elapsed().as_secs_f64());
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        outputs.push((png(&out.join("test_lossless_0000.png")), report));
+    }
+    let ((emulated, emulated_report), (cpu, cpu_report)) = (&outputs[1], &outputs[0]);
+    assert_same_image(emulated, cpu, &format!("purify {mode:?}"));
+    for key in ["network_calls", "unet_vjps"] {
+        assert_eq!(emulated_report[key], cpu_report[key], "{key}");
+    }
+}
+
+/// The guidance scale is large because sigma_t^2 is about 1e-4 at t = 2: at scale 1 the guided
+/// runs would not differ from unguided ones in 8 bits; at 1e4 the gradient constraint bounds it.
+#[test]
+fn purify_none_on_the_emulator_matches_the_cpu() {
+    check_purify(&["--mode", "none"]);
+}
+
+#[test]
+fn purify_pixel_on_the_emulator_matches_the_cpu() {
+    check_purify(&["--mode", "pixel", "--scale", "1e4"]);
+}
+
+const AUXILIARY: &str = "../shared/weights/resnet20_cifar10.safetensors";
+
+#[test]
+fn purify_adversarial_x0_on_the_emulator_matches_the_cpu() {
+    check_purify(&["--mode", "adversarial", "--gradient-path", "x0", "--auxiliary", AUXILIARY, "--scale", "1e4"]);
+}
+
+#[test]
+fn purify_adversarial_xt_on_the_emulator_matches_the_cpu() {
+    check_purify(&["--mode", "adversarial", "--gradient-path", "xt", "--auxiliary", AUXILIARY, "--scale", "1e4"]);
+}
+
+/// One PGD-EOT iteration (EOT 2) through a pixel-guided purification at t* = 2 on the emulator:
+/// the CPU's losses, votes and adversarial image.
+#[test]
+fn attack_on_the_emulator_matches_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = small_unet(dir.path());
+    let mut outputs = Vec::new();
+    for device in ["cpu", "emulator"] {
+        let out = dir.path().join(device);
+        let report = dir.path().join(format!("{device}.json"));
+        let started = std::time::Instant::now();
+        let (ok, _, stderr) = run_cli(&[
+            "attack",
+            "--weights",
+            s(&weights),
+            "--input",
+            "../shared/data/cifar10/test_lossless.bin",
+            "--count",
+            "1",
+            "--batch",
+            "1",
+            "--t-star",
+            "2",
+            "--mode",
+            "pixel",
+            "--scale",
+            "1e4",
+            "--classifier",
+            "../shared/weights/resnet20_cifar10.safetensors",
+            "--iterations",
+            "1",
+            "--eot",
+            "2",
+            "--votes",
+            "1",
+            "--norm",
+            "l2",
+            "--eps",
+            "0.5",
+            "--out",
+            s(&out),
+            "--report",
+            s(&report),
+            "--device",
+            device,
+        ]);
+        assert!(ok, "{stderr}");
+        println!("attack --device {device}: {:.1} s", started.elapsed().as_secs_f64());
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        outputs.push((png(&out.join("test_lossless_0000.png")), report));
+    }
+    let ((emulated, emulated_report), (cpu, cpu_report)) = (&outputs[1], &outputs[0]);
+    assert_same_image(emulated, cpu, "adversarial image");
+    let steps = |r: &serde_json::Value| r["trace"][0][0]["steps"].as_array().cloned().unwrap_or_default();
+    let (got, want) = (steps(emulated_report), steps(cpu_report));
+    assert!(!want.is_empty(), "the image must be attacked (the defence got it right): {cpu_report}");
+    assert_eq!(got.len(), want.len(), "{emulated_report}");
+    for (g, w) in got.iter().zip(&want) {
+        let (g, w) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+        println!("EOT loss: emulator {g}, cpu {w}");
+        assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3), "loss {g} vs {w}");
+    }
+    assert_eq!(emulated_report["correct_votes"], cpu_report["correct_votes"]);
+    assert!(emulated_report["device_memory_peak_bytes"].as_u64().unwrap() > 0);
+    assert!(cpu_report["device_memory_peak_bytes"].is_null());
+}
+
+/// `attack --plan-memory` sizes the attack without a GPU or NVRTC and without allocating it:
+/// bf16 activations take less than f32, and the figure grows with t* by the tape.
+#[test]
+fn attack_plan_memory_is_sized_without_allocating() {
+    let total = |extra: &[&str]| -> u64 {
+        let mut args = vec![
+            "attack",
+            "--plan-memory",
+            "--untrained-seed",
+            "0",
+            "--untrained-config",
+            "cifar10",
+            "--batch",
+            "64",
+            "--classifier",
+            "../shared/weights/resnet20_cifar10.safetensors",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, stdout, stderr) = run_cli(&args);
+        assert!(ok, "{stderr}");
+        println!("{stdout}");
+        let line = stdout.lines().find(|l| l.contains("total held")).unwrap_or_else(|| panic!("{stdout}"));
+        let bytes = line.split('(').nth(1).and_then(|r| r.split(' ').next()).unwrap();
+        bytes.parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    let f32_100 = total(&["--t-star", "100", "--precision", "f32"]);
+    let bf16_100 = total(&["--t-star", "100", "--precision", "bf16"]);
+    let f32_50 = total(&["--t-star", "50", "--precision", "f32"]);
+    assert!(bf16_100 < f32_100, "bf16 {bf16_100} vs f32 {f32_100}");
+    // 50 more tape entries of 64 f32 images, and 50 more step-index tensors of 64 values.
+    assert_eq!(f32_100 - f32_50, 50 * (64 * 3 * 32 * 32 * 4 + 64 * 4));
+    // The target: the exact 100-step attack gradient of cifar10 at batch 64 within 8 GB.
+    assert!(f32_100 < 8_000_000_000, "{f32_100}");
 }
