@@ -212,6 +212,11 @@ pub trait Backend {
     fn timestamp(&self) -> Result<Timestamp>;
     /// Milliseconds between two timestamps of this backend (synchronises first where needed).
     fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64>;
+    /// The measured dense bf16 tensor-core throughput of the device (FLOP/s), the compute ceiling
+    /// of the benchmark's roofline; `None` for a backend without tensor cores (the CPU).
+    fn tensor_core_peak(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
 
     // ---- memory: the only host <-> device crossings ----
     /// A zero-filled f32 tensor. Called when plans are made, never inside a step.
