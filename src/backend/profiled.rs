@@ -147,6 +147,12 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn tensor_core_peak(&self) -> Result<Option<f64>> {
         self.inner.tensor_core_peak()
     }
+    fn range_push(&self, name: &str) {
+        self.inner.range_push(name)
+    }
+    fn range_pop(&self) {
+        self.inner.range_pop()
+    }
     fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<B::Tensor> {
         self.timed("zeros", || self.inner.zeros_as(shape, dtype))
     }

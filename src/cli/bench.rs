@@ -376,6 +376,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             "step_index": BENCH_STEP,
             "repeats": args.repeats,
             "cold_start_s": cold_start,
+            "nvtx_ranges": purifier::driver::nvtx::available(),
             "ceilings": {
                 "bf16_mma_sync_flops_per_s": ceilings.tensor_core_flops,
                 "copy_bytes_per_s": ceilings.copy_bytes_per_s,

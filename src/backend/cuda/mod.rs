@@ -243,6 +243,14 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn range_push(&self, name: &str) {
+        crate::driver::nvtx::push(name);
+    }
+
+    fn range_pop(&self) {
+        crate::driver::nvtx::pop();
+    }
+
     /// kernels/peak.cu's mma.sync loop on every multiprocessor, its iteration count doubled until
     /// one launch lasts 20 ms (or, on the emulator, until the count is large enough to stop).
     fn tensor_core_peak(&self) -> Result<Option<f64>> {
