@@ -20,6 +20,8 @@ mod common;
 
 use std::time::Instant;
 
+use common::networks::{self, seed};
+
 use purifier::attack::{AttackSettings, Defence, Loss, Norm};
 use purifier::backend::cpu::CpuBackend;
 use purifier::backend::{Backend, Precision};
@@ -30,12 +32,6 @@ use purifier::model::{Classifier, Unet, UnetConfig};
 use purifier::purify::{NoiseDraw, Purifier, PurifySettings};
 
 const IMAGE: usize = 3 * 32 * 32;
-
-fn seed() -> u64 {
-    std::env::var("PURIFIER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    })
-}
 
 fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
     assert!(got.iter().all(|v| v.is_finite()), "non-finite value in the emulator's result");
@@ -73,71 +69,38 @@ fn images(n: usize, seed: u64) -> Vec<f32> {
     common::uniform(n * IMAGE, seed).iter().map(|u| 0.8 * u).collect()
 }
 
-// ---- the networks' input-VJPs ----
-
-/// eps and d(sum(eps * v))/dx of a UNet at batch 1.
-fn unet_vjp<B: Backend>(b: &B, config: &UnetConfig, x: &[f32], v: &[f32], t: f32) -> (Vec<f32>, Vec<f32>) {
-    let net = unet(b, config);
-    let mut plan = net.plan(b, 1, true).unwrap();
-    let x = b.upload(x, &[1, 3, 32, 32]).unwrap();
-    let v = b.upload(v, &[1, 3, 32, 32]).unwrap();
-    let eps = b.download(net.forward(b, &mut plan, &x, &[t]).unwrap()).unwrap();
-    let grad = b.download(net.input_vjp(b, &mut plan, &v).unwrap()).unwrap();
-    (eps, grad)
-}
+// ---- the networks' input-VJPs (the bodies shared with the GPU suite, tests/common/networks.rs) ----
 
 /// The whole cifar10-small UNet backward with respect to its input (every backward kernel of the
-/// UNet, chained as the x0 guidance path and the attacks chain them).
+/// UNet, chained as the x0 guidance path and the attacks chain them), batch 1.
 #[test]
 fn unet_small_input_vjp_matches_cpu() {
     let seed = seed();
-    let (x, v) = (common::uniform(IMAGE, seed), common::uniform(IMAGE, seed ^ 0xA5));
-    let config = UnetConfig::cifar10_small();
     let started = Instant::now();
-    let (eps, grad) = unet_vjp(&emulator_backend(Precision::F32).unwrap(), &config, &x, &v, 321.0);
-    let seconds = started.elapsed().as_secs_f64();
-    let (eps_ref, grad_ref) = unet_vjp(&CpuBackend, &config, &x, &v, 321.0);
-    let (e_eps, e_grad) = (relative_l2(&eps, &eps_ref), relative_l2(&grad, &grad_ref));
+    let emulator = emulator_backend(Precision::F32).unwrap();
+    let (e_eps, e_grad) = networks::unet_against_cpu(&emulator, &UnetConfig::cifar10_small(), 1, seed);
     println!(
-        "cifar10-small forward + input VJP, batch 1, f32 on the emulator: {seconds:.1} s; relative L2 eps \
-         {e_eps:.2e}, grad_x {e_grad:.2e} (seed {seed})"
+        "cifar10-small forward + input VJP, batch 1, f32, emulator and CPU: {:.1} s; relative L2 eps {e_eps:.2e}, \
+         grad_x {e_grad:.2e} (seed {seed})",
+        started.elapsed().as_secs_f64()
     );
     assert!(e_eps < 1e-5 && e_grad < 1e-5, "eps {e_eps:.3e}, grad_x {e_grad:.3e} (seed {seed})");
 }
 
-/// Logits, features and the input-VJP of `sum(dlogits * logits) + sum(dfeatures * features)`, and
-/// of the logits term alone (the attacks' cross-entropy), at batch 2.
-fn classifier_vjps<B: Backend>(b: &B, wide: bool, x: &[f32], dlogits: &[f32], dfeatures: &[f32]) -> [Vec<f32>; 3] {
-    let net = classifier(b, wide);
-    let n = 2;
-    let mut plan = net.plan(b, n, true).unwrap();
-    let x = b.upload(x, &[n, 3, 32, 32]).unwrap();
-    let dlogits = b.upload(dlogits, &[n, net.num_classes]).unwrap();
-    let dfeatures = b.upload(dfeatures, &[n, net.feature_dim()]).unwrap();
-    net.forward(b, &mut plan, &x).unwrap();
-    let logits = b.download(&plan.logits).unwrap();
-    let both = b.download(net.input_vjp(b, &mut plan, Some(&dlogits), Some(&dfeatures)).unwrap()).unwrap();
-    let logits_only = b.download(net.input_vjp(b, &mut plan, Some(&dlogits), None).unwrap()).unwrap();
-    [logits, both, logits_only]
-}
-
+/// Logits, features and the input-VJP of `sum(dlogits * logits) + sum(dfeatures * features)`
+/// (the adversarial guidance's two terms at once) at batch 2.
 fn check_classifier_vjp(wide: bool) {
     let seed = seed();
     let name = if wide { "WRN-16-2" } else { "ResNet-20" };
-    let features = classifier(&CpuBackend, wide).feature_dim();
-    let x = images(2, seed);
-    let (dlogits, dfeatures) = (common::uniform(2 * 10, seed ^ 1), common::uniform(2 * features, seed ^ 2));
     let started = Instant::now();
-    let got = classifier_vjps(&emulator_backend(Precision::F32).unwrap(), wide, &x, &dlogits, &dfeatures);
-    let seconds = started.elapsed().as_secs_f64();
-    let want = classifier_vjps(&CpuBackend, wide, &x, &dlogits, &dfeatures);
-    let errors: Vec<f64> = got.iter().zip(&want).map(|(g, w)| relative_l2(g, w)).collect();
+    let emulator = emulator_backend(Precision::F32).unwrap();
+    let [logits, features, grad] = networks::classifier_against_cpu(&emulator, wide, 2, seed);
     println!(
-        "{name} forward + 2 input VJPs, batch 2, f32 on the emulator: {seconds:.1} s; relative L2 logits {:.2e}, \
-         dx(dlogits, dfeatures) {:.2e}, dx(dlogits) {:.2e} (seed {seed})",
-        errors[0], errors[1], errors[2]
+        "{name} forward + input VJP, batch 2, f32, emulator and CPU: {:.1} s; relative L2 logits {logits:.2e}, \
+         features {features:.2e}, dx {grad:.2e} (seed {seed})",
+        started.elapsed().as_secs_f64()
     );
-    assert!(errors.iter().all(|&e| e < 1e-5), "{name}: {errors:?} (seed {seed})");
+    assert!(logits < 1e-5 && features < 1e-5 && grad < 1e-5, "{name}: {logits:.3e} {features:.3e} {grad:.3e}");
 }
 
 #[test]
