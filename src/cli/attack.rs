@@ -492,6 +492,18 @@ fn print_plan_memory(args: &AttackArgs) -> Result<()> {
         Some(purifier) => Defence::purified(purifier, &classifier),
         None => Defence::undefended(&b, &classifier),
     };
+    // One step's UNet buffers (activations, saved intermediates, gradients), measured alone.
+    let unet_step = match &networks {
+        Some((unet, _)) => {
+            let before = memory.in_use();
+            let unet_plan = unet.plan(&b, args.batch, true)?;
+            let bytes = memory.in_use() - before;
+            drop(unet_plan);
+            Some(bytes)
+        }
+        None => None,
+    };
+    memory.reset_peak();
     let plan = defence.plan(args.batch)?;
     let plan_bytes = memory.in_use() - weights - scratch;
     let mb = |bytes: usize| bytes as f64 / 1e6;
@@ -509,14 +521,15 @@ fn print_plan_memory(args: &AttackArgs) -> Result<()> {
     println!("device memory of the attack's gradient at batch {}, {precision} activations: {what}", plan.batch());
     println!("  weights:          {:>10.1} MB", mb(weights));
     println!("  defence plan:     {:>10.1} MB", mb(plan_bytes));
-    if let Some(p) = &purifier {
-        // The tape: each reverse step's input (f32), the rest is one step's UNet buffers.
+    if let (Some(p), Some(unet_step)) = (&purifier, unet_step) {
+        // The tape: each reverse step's input and the unclamped output, f32.
         let tape = (p.steps().len() + 1) * plan.batch() * 3 * 32 * 32 * 4;
+        println!("    of which one step's UNet buffers (forward and VJP): {:.1} MB", mb(unet_step));
         println!("    of which the tape of reverse-step inputs: {:.1} MB", mb(tape));
     }
     println!("  backend scratch:  {:>10.1} MB", mb(scratch));
     println!(
-        "  total held:       {:>10.1} MB ({} bytes); peak while loading and planning {:.1} MB",
+        "  total held:       {:>10.1} MB ({} bytes); peak while planning {:.1} MB",
         mb(memory.in_use()),
         memory.in_use(),
         mb(memory.peak())
