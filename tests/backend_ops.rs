@@ -415,7 +415,10 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
 test_device!(conv2d, conv2d_op, ALL_DTYPES);
 
 /// dx += the transposed convolution of dout, for the geometries of the UNet and the classifiers;
-/// dx starts from random values so the accumulation is checked too.
+/// dx starts from random values so the accumulation is checked too (and an element left alone is
+/// off by its whole gradient: this op adds, so a NaN-poisoned dx would stay NaN). Gradients are f32
+/// in the plans whatever the weights' type (the tensor-core kernel for 16-bit weights); every case
+/// also runs with dout and dx in the weights' type.
 fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "conv2d_backward_input");
     let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
@@ -423,18 +426,22 @@ fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     let cases = [
         ("3x3", 16, 24, 3, Conv2dGeometry::same(1), 6, 2),
         ("conv_in (3 channels)", 3, 16, 3, Conv2dGeometry::same(1), 5, 1),
+        ("conv_out (3 channels)", 16, 3, 3, Conv2dGeometry::same(1), 5, 1),
         ("1x1", 24, 16, 1, Conv2dGeometry::same(0), 4, 3),
         ("downsample (pad right/bottom, stride 2)", 16, 16, 3, down, 6, 2),
         ("classifier stride 2, pad 1", 8, 16, 3, Conv2dGeometry::strided(2, 1), 7, 2),
     ];
+    let grad_dtypes = if dtype == Precision::F32 { vec![dtype] } else { vec![Precision::F32, dtype] };
     for (name, ci, co, k, geometry, size, n) in cases {
-        let (oh, ow) = geometry.output_size(size, size, k, k);
-        let (dout, dout_r) = h.input(&[n, co, oh, ow]);
-        let (w, wr) = h.input_as(&[co, ci, k, k], dtype, 0.3);
-        let (mut dx, mut dx_r) = h.input(&[n, ci, size, size]);
-        b.conv2d_backward_input(&dout, &w, geometry, &mut dx);
-        h.cpu.conv2d_backward_input(&dout_r, &wr, geometry, &mut dx_r);
-        h.check(&format!("conv2d_backward_input {name}"), &dx, &dx_r);
+        for &grad_dtype in &grad_dtypes {
+            let (oh, ow) = geometry.output_size(size, size, k, k);
+            let (dout, dout_r) = h.input_as(&[n, co, oh, ow], grad_dtype, 1.0);
+            let (w, wr) = h.input_as(&[co, ci, k, k], dtype, 0.3);
+            let (mut dx, mut dx_r) = h.input_as(&[n, ci, size, size], grad_dtype, 1.0);
+            b.conv2d_backward_input(&dout, &w, geometry, &mut dx);
+            h.cpu.conv2d_backward_input(&dout_r, &wr, geometry, &mut dx_r);
+            h.check(&format!("conv2d_backward_input {name} ({grad_dtype} gradients)"), &dx, &dx_r);
+        }
     }
 }
 test_device!(conv2d_backward_input, conv2d_backward_input_op, ALL_DTYPES);

@@ -589,6 +589,46 @@ fn conv_launch_rejects_bad_shapes_with_a_message() {
 }
 
 #[test]
+fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
+    let ok = Conv2dBackwardInputLaunch {
+        batch: 1,
+        height: 8,
+        width: 8,
+        in_channels: 16,
+        out_channels: 16,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: Conv2dGeometry::same(1),
+        dout_dtype: Precision::F32,
+        weight_dtype: Precision::Bf16,
+        dx_dtype: Precision::F32,
+        dout: 0x1000,
+        weight: 0x2000,
+        dx: 0x3000,
+    };
+    let tc = Conv2dVersion::TensorCore;
+    assert_eq!(conv::backward_input_kernel_for(&ok, tc).unwrap(), "conv2d_backward_input_mma_f32_bf16");
+    let odd = Conv2dBackwardInputLaunch { in_channels: 3, ..ok };
+    assert_eq!(conv::backward_input_kernel_for(&odd, tc).unwrap(), "conv2d_backward_input_mma_gather_f32_bf16");
+    let half = Conv2dBackwardInputLaunch { dout_dtype: Precision::F16, weight_dtype: Precision::F16, ..ok };
+    assert_eq!(conv::backward_input_kernel_for(&half, tc).unwrap(), "conv2d_backward_input_mma_f16_f16");
+    // The SIMT kernel takes one storage type throughout; f32 weights have no tensor-core kernel.
+    let err = conv::backward_input_kernel_for(&ok, Conv2dVersion::Simt).unwrap_err().to_string();
+    assert!(err.contains("one storage type throughout"), "{err}");
+    let f32_weights = Conv2dBackwardInputLaunch { weight_dtype: Precision::F32, ..ok };
+    assert!(conv::backward_input_kernel_for(&f32_weights, tc).is_err());
+    for (launch, expected) in [
+        (Conv2dBackwardInputLaunch { dout_dtype: Precision::Bf16, ..f32_weights }, "f32 weights need f32 dout and dx"),
+        (Conv2dBackwardInputLaunch { dx_dtype: Precision::F16, ..ok }, "bf16 weights take dout and dx in f32 or bf16"),
+        (Conv2dBackwardInputLaunch { dx: 0x3002, ..ok }, "not aligned"),
+        (Conv2dBackwardInputLaunch { kernel_h: 11, ..ok }, "larger than the padded input"),
+    ] {
+        let err = launch.validate().expect_err(expected).to_string();
+        assert!(err.contains(expected) && err.contains("conv2d backward input:"), "expected `{expected}` in `{err}`");
+    }
+}
+
+#[test]
 fn attention_launch_rejects_bad_shapes_with_a_message() {
     let ok = AttentionLaunch {
         batch: 2,
@@ -732,15 +772,18 @@ fn emulator_attention_tensor_cores() {
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
 }
 
-/// The input gradient of one case (its logical input: concat and upsample are the caller's), in
-/// `dtype`, accumulated onto a random dx; returns the relative L2 error of the new dx.
+/// The input gradient of one case (its logical input: concat and upsample are the caller's) with
+/// storage types `[dout, weights, dx]`, accumulated onto a random dx (every dx element must be
+/// updated: one left alone keeps its start value and is off by its whole gradient); returns the
+/// relative L2 error of the new dx and the kernel that ran.
 fn check_conv_backward_input(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
     case: &ConvCase,
-    dtype: Precision,
+    version: Conv2dVersion,
+    [dout_dtype, weight_dtype, dx_dtype]: [Precision; 3],
     seed: u64,
-) -> f64 {
+) -> (f64, String) {
     let c = case;
     let factor = if c.upsample { 2 } else { 1 };
     let (n, h, w) = (c.batch, c.height * factor, c.width * factor);
@@ -755,19 +798,23 @@ fn check_conv_backward_input(
         kernel_h: k,
         kernel_w: k,
         geometry: c.geometry,
-        dtype,
+        dout_dtype,
+        weight_dtype,
+        dx_dtype,
         dout: 0,
         weight: 0,
         dx: 0,
     };
     let (oh, ow) = launch.output_size();
-    let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dtype);
-    let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), dtype);
-    let (dx_host, dx) = mem.upload(&common::uniform(n * h * w * ci, seed + 2), dtype);
+    let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dout_dtype);
+    let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), weight_dtype);
+    let (dx_host, dx) = mem.upload(&common::uniform(n * h * w * ci, seed + 2), dx_dtype);
     (launch.dout, launch.weight, launch.dx) = (dout, weight, dx);
-    conv::launch_conv2d_backward_input(driver, kernels, &launch).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let kernel = conv::backward_input_kernel_for(&launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    conv::launch_conv2d_backward_input_version(driver, kernels, &launch, version)
+        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
-    let dx_out = mem.download(dx, n * h * w * ci, dtype);
+    let dx_out = mem.download(dx, n * h * w * ci, dx_dtype);
 
     let to_nchw = |v: &[f32], channels: usize, plane: usize| {
         let mut r = vec![0.0f32; v.len()];
@@ -788,33 +835,77 @@ fn check_conv_backward_input(
             }
         }
     }
+    // The reference: the CPU on the same stored values (f32 dout unrounded: rounding it to the
+    // weights' type is the kernel's, and within the tolerance).
     let cpu = CpuBackend;
     let dout_t = cpu.upload(&to_nchw(&dout_host, co, oh * ow), &[n, co, oh, ow]).unwrap();
     let w_t = cpu.upload(&w_oihw, &[co, ci, k, k]).unwrap();
     let mut dx_t = cpu.upload(&to_nchw(&dx_host, ci, h * w), &[n, ci, h, w]).unwrap();
     cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t);
     let mut reference = cpu.download(&dx_t).unwrap();
-    if dtype != Precision::F32 {
-        reference = encode(&reference, dtype).0;
+    if dx_dtype != Precision::F32 {
+        reference = encode(&reference, dx_dtype).0;
     }
-    relative_l2(&to_nchw(&dx_out, ci, h * w), &reference)
+    (relative_l2(&to_nchw(&dx_out, ci, h * w), &reference), kernel)
+}
+
+fn run_conv_backward_input_checks(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    version: Conv2dVersion,
+    dtypes: [Precision; 3],
+) {
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for case in conv_cases() {
+        let start = std::time::Instant::now();
+        let (err, kernel) = check_conv_backward_input(driver, kernels, &case, version, dtypes, seed);
+        let tol = tolerance(&dtypes);
+        println!(
+            "conv backward input {kernel:<40} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            case.name,
+            start.elapsed().as_secs_f64()
+        );
+        if err.is_nan() || err > tol {
+            failures.push(format!("{}: {err:e}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "conv backward input {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}"
+    );
 }
 
 #[test]
 fn emulator_conv_backward_input() {
     let (driver, module) = emulated_module("conv2d.cu");
     let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
-    let seed = fresh_seed();
-    let mut failures = Vec::new();
     for dtype in [Precision::F32, Precision::Bf16] {
-        for case in conv_cases() {
-            let err = check_conv_backward_input(&driver, &kernels, &case, dtype, seed);
-            let tol = tolerance(&[dtype]);
-            println!("conv backward input {dtype} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed})", case.name);
-            if err.is_nan() || err > tol {
-                failures.push(format!("{dtype} {}: {err:e}", case.name));
-            }
+        run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::Simt, [dtype; 3]);
+    }
+}
+
+/// The tensor-core input gradient over every forward geometry: f32 gradients against bf16 and f16
+/// weights (what the plans' VJPs run), and 16-bit throughout; cp.async loaders where the channels
+/// allow, element-wise (conv_in's Ci = 3, conv_out's Co = 3, odd counts) otherwise.
+#[test]
+fn emulator_conv_backward_input_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
+    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    let f32 = Precision::F32;
+    for w in [Precision::Bf16, Precision::F16] {
+        for dtypes in [[f32, w, f32], [w, w, w]] {
+            run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
         }
     }
-    assert!(failures.is_empty(), "conv backward input (seed {seed}) over tolerance: {failures:?}");
+    // The mixed pairs once each (the kernel takes dout and dx types independently).
+    run_conv_backward_input_checks(
+        &driver,
+        &kernels,
+        Conv2dVersion::TensorCore,
+        [f32, Precision::Bf16, Precision::Bf16],
+    );
+    run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, [Precision::F16, Precision::F16, f32]);
 }

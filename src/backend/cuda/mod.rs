@@ -6,8 +6,9 @@
 //! `synchronize` (as a GPU reports a kernel fault), and nothing is launched for it.
 //!
 //! Forward ops run on the device. Backward ops: the element-wise ones, the dense layer, pooling,
-//! upsampling, concat, the classifiers' shortcut, `conv2d_backward_input` (SIMT, one storage type
-//! for dout, weights and dx), GroupNorm(+SiLU) and attention (flash-style, f32 SIMT) run here too.
+//! upsampling, concat, the classifiers' shortcut, `conv2d_backward_input` (tensor cores for
+//! bf16/f16 weights with f32 or 16-bit gradients, SIMT for f32), GroupNorm(+SiLU) and attention
+//! (flash-style, f32 SIMT) run here too, for every storage type a plan holds.
 pub mod attention;
 pub mod compile;
 pub mod conv;
@@ -573,18 +574,9 @@ impl Backend for CudaBackend {
     fn conv2d_backward_input(&self, dout: &CudaTensor, w: &CudaTensor, geometry: Conv2dGeometry, dx: &mut CudaTensor) {
         let Some([n, ci, h, wd]) = self.nchw(dx, "conv2d_backward_input: dx") else { return };
         let Some([co, w_ci, kh, kw]) = self.nchw(w, "conv2d_backward_input: w") else { return };
-        // The SIMT kernel reads dout, w and dx in one storage type; a bf16/f16 plan keeps its
-        // gradients in f32 but its weights in 16 bits, which needs the mixed-type kernel to come.
-        let ok = self
-            .check(w_ci == ci, || format!("conv2d_backward_input: weights {:?} for dx {:?}", w.shape, dx.shape))
-            && self.check(dout.dtype == dx.dtype && w.dtype == dx.dtype, || {
-                format!(
-                    "conv2d_backward_input with dout {}, weights {}, dx {} is not yet on the CUDA backend \
-                     (one storage type for all three only)",
-                    dout.dtype, w.dtype, dx.dtype
-                )
-            });
-        if !ok {
+        // Storage types: the launcher checks them (f32 weights: f32 throughout; 16-bit weights: dout
+        // and dx in f32 or the weights' type, on the tensor cores).
+        if !self.check(w_ci == ci, || format!("conv2d_backward_input: weights {:?} for dx {:?}", w.shape, dx.shape)) {
             return;
         }
         let args = conv::Conv2dBackwardInputLaunch {
@@ -596,7 +588,9 @@ impl Backend for CudaBackend {
             kernel_h: kh,
             kernel_w: kw,
             geometry,
-            dtype: dx.dtype,
+            dout_dtype: dout.dtype,
+            weight_dtype: w.dtype,
+            dx_dtype: dx.dtype,
             dout: dout.ptr,
             weight: w.ptr,
             dx: dx.ptr,
