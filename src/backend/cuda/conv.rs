@@ -443,8 +443,8 @@ fn backward_plan(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Re
             let dout_chunk = 16 / args.dout_dtype.bytes();
             let vector = args.out_channels.is_multiple_of(dout_chunk)
                 && args.in_channels.is_multiple_of(8)
-                && args.dout % 16 == 0
-                && args.weight % 16 == 0;
+                && args.dout.is_multiple_of(16)
+                && args.weight.is_multiple_of(16);
             let name = if vector {
                 format!("conv2d_backward_input_mma_{d}_{w}")
             } else {
