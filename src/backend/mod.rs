@@ -190,6 +190,21 @@ pub enum Timestamp {
     Device(crate::driver::Event),
 }
 
+/// An open range of work (`Backend::range_push`), closed when dropped.
+pub struct Range<'a, B: Backend + ?Sized>(&'a B);
+
+impl<B: Backend + ?Sized> Drop for Range<'_, B> {
+    fn drop(&mut self) {
+        self.0.range_pop();
+    }
+}
+
+/// Opens a range named `name` on `b` until the returned guard is dropped.
+pub fn range<'a, B: Backend + ?Sized>(b: &'a B, name: &str) -> Range<'a, B> {
+    b.range_push(name);
+    Range(b)
+}
+
 /// The compute interface. All tensors are `Self::Tensor`; scalars and tiny per-batch values come
 /// from the host.
 pub trait Backend {
@@ -212,6 +227,17 @@ pub trait Backend {
     fn timestamp(&self) -> Result<Timestamp>;
     /// Milliseconds between two timestamps of this backend (synchronises first where needed).
     fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64>;
+    /// The measured dense bf16 tensor-core throughput of the device (FLOP/s), the compute ceiling
+    /// of the benchmark's roofline; `None` for a backend without tensor cores (the CPU).
+    fn tensor_core_peak(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
+    /// Opens a named range of work (an NVTX range on a GPU, so Nsight shows sampler steps and
+    /// network layers by name); a no-op by default. Prefer `backend::range`, which closes it.
+    fn range_push(&self, _name: &str) {}
+    /// Closes the innermost range `range_push` opened.
+    fn range_pop(&self) {}
 
     // ---- memory: the only host <-> device crossings ----
     /// A zero-filled f32 tensor. Called when plans are made, never inside a step.

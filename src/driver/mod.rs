@@ -13,6 +13,7 @@
 
 pub mod cuda;
 pub mod emulated;
+pub mod nvtx;
 
 /// A device address (what a kernel's pointer parameter holds).
 pub type DevicePtr = u64;
