@@ -20,7 +20,9 @@ use std::sync::Mutex;
 
 use half::{bf16, f16};
 use purifier::backend::cpu::CpuBackend;
-use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch, AttentionVersion};
+use purifier::backend::cuda::attention::{
+    self, AttentionBackwardLaunch, AttentionKernels, AttentionLaunch, AttentionVersion,
+};
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision};
@@ -660,6 +662,31 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         .to_string()
         .contains("multiple of 8"));
     assert!(attention::kernel_for(&ok, AttentionVersion::TensorCore).is_err());
+    // The backward: the forward's checks, then the gradients' pointers.
+    let backward = AttentionBackwardLaunch {
+        forward: bf16,
+        dout: 0x6000,
+        dout_dtype: Precision::F32,
+        dq: 0x7000,
+        dq_dtype: Precision::F32,
+        dk: 0x8000,
+        dk_dtype: Precision::F32,
+        dv: 0x9000,
+        dv_dtype: Precision::F32,
+    };
+    assert_eq!(
+        attention::backward_kernels_for(&backward).unwrap(),
+        ["attention_backward_dq_mma_bf16_d128", "attention_backward_dkdv_mma_bf16_d128"]
+    );
+    for (launch, expected) in [
+        (AttentionBackwardLaunch { dk: 0, ..backward }, "null device pointer for `dk`"),
+        (AttentionBackwardLaunch { dv: 0x9002, ..backward }, "`dv` at 0x9002 is not aligned"),
+        (AttentionBackwardLaunch { forward: odd, ..backward }, "multiple of 8"),
+        (AttentionBackwardLaunch { forward: AttentionLaunch { positions: 0, ..bf16 }, ..backward }, "empty input"),
+    ] {
+        let err = attention::backward_kernels_for(&launch).expect_err(expected).to_string();
+        assert!(err.contains(expected) && err.contains("attention backward:"), "expected `{expected}` in `{err}`");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -908,4 +935,124 @@ fn emulator_conv_backward_input_tensor_cores() {
         [f32, Precision::Bf16, Precision::Bf16],
     );
     run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, [Precision::F16, Precision::F16, f32]);
+}
+
+/// The tensor-core attention backward on one case with gradients (dout, dq, dk, dv) in
+/// `grad_dtype`: q, k, v fresh in `dtype`, out and the log-sum-exp from the CPU's forward, dq, dk,
+/// dv accumulated onto small random values; returns the relative L2 errors of dq, dk, dv and the
+/// kernels that ran.
+fn check_attention_backward(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    (name, batch, positions, channels): (&str, usize, usize, usize),
+    dtype: Precision,
+    grad_dtype: Precision,
+    seed: u64,
+) -> ([f64; 3], [String; 2]) {
+    let len = batch * positions * channels;
+    let mut mem = Allocations::new(driver);
+    let q_values: Vec<f32> = common::uniform(len, seed).iter().map(|v| v * 4.0).collect();
+    let (q_host, q) = mem.upload(&q_values, dtype);
+    let (k_host, k) = mem.upload(&common::uniform(len, seed + 1), dtype);
+    let (v_host, v) = mem.upload(&common::uniform(len, seed + 2), dtype);
+    let (dout_host, dout) = mem.upload(&common::uniform(len, seed + 3), grad_dtype);
+    let small: Vec<f32> = common::uniform(3 * len, seed + 4).iter().map(|v| v * 0.01).collect();
+    let (dq_host, dq) = mem.upload(&small[..len], grad_dtype);
+    let (dk_host, dk) = mem.upload(&small[len..2 * len], grad_dtype);
+    let (dv_host, dv) = mem.upload(&small[2 * len..], grad_dtype);
+
+    let to_nchw = |v: &[f32]| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..batch {
+            for p in 0..positions {
+                for c in 0..channels {
+                    r[(s * channels + c) * positions + p] = v[(s * positions + p) * channels + c];
+                }
+            }
+        }
+        r
+    };
+    let to_nhwc = |v: &[f32]| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..batch {
+            for p in 0..positions {
+                for c in 0..channels {
+                    r[(s * positions + p) * channels + c] = v[(s * channels + c) * positions + p];
+                }
+            }
+        }
+        r
+    };
+    // The forward on the CPU (its out rounded to the storage type, as a plan keeps it).
+    let cpu = CpuBackend;
+    let shape = [batch, channels, positions, 1];
+    let up = |v: &[f32]| cpu.upload(&to_nchw(v), &shape).unwrap();
+    let (qt, kt, vt) = (up(&q_host), up(&k_host), up(&v_host));
+    let mut out_t = cpu.zeros_as(&shape, dtype).unwrap();
+    let mut lse_t = cpu.zeros(&[batch, positions]).unwrap();
+    cpu.attention(&qt, &kt, &vt, &mut out_t, &mut lse_t);
+    let (_, out) = mem.upload(&to_nhwc(&cpu.download(&out_t).unwrap()), dtype);
+    let (_, logsumexp) = mem.upload(&cpu.download(&lse_t).unwrap(), Precision::F32);
+
+    let forward = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
+    let launch = AttentionBackwardLaunch {
+        forward,
+        dout,
+        dout_dtype: grad_dtype,
+        dq,
+        dq_dtype: grad_dtype,
+        dk,
+        dk_dtype: grad_dtype,
+        dv,
+        dv_dtype: grad_dtype,
+    };
+    let names = attention::backward_kernels_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    attention::launch_attention_backward_mma(driver, kernels, &launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
+
+    let dout_t = up(&dout_host);
+    let (mut dq_t, mut dk_t, mut dv_t) = (up(&dq_host), up(&dk_host), up(&dv_host));
+    cpu.attention_backward(&qt, &kt, &vt, &out_t, &lse_t, &dout_t, &mut dq_t, &mut dk_t, &mut dv_t);
+    let errors = [(dq, &dq_t), (dk, &dk_t), (dv, &dv_t)].map(|(ptr, reference)| {
+        let mut want = cpu.download(reference).unwrap();
+        if grad_dtype != Precision::F32 {
+            want = encode(&want, grad_dtype).0;
+        }
+        relative_l2(&to_nchw(&mem.download(ptr, len, grad_dtype)), &want)
+    });
+    (errors, names)
+}
+
+/// The tensor-core attention backward over the attention cases (16x16 positions at C 64, C 256,
+/// odd position counts, C 40 padded to 64), bf16 and f16, gradients in f32 (the plans) and in the
+/// activations' type.
+#[test]
+fn emulator_attention_backward_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention_mma.cu", "sm_80"))).unwrap();
+    let kernels = AttentionKernels::load(&driver, simt, Some(mma)).unwrap();
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for dtype in [Precision::Bf16, Precision::F16] {
+        for grad_dtype in [Precision::F32, dtype] {
+            for case in attention_cases() {
+                let start = std::time::Instant::now();
+                let (errors, names) = check_attention_backward(&driver, &kernels, case, dtype, grad_dtype, seed);
+                println!(
+                    "attention backward {} {dtype} ({grad_dtype} gradients) {:<34} dq {:.2e} dk {:.2e} dv {:.2e} (seed {seed}, {:.1} s)",
+                    names[0],
+                    case.0,
+                    errors[0],
+                    errors[1],
+                    errors[2],
+                    start.elapsed().as_secs_f64()
+                );
+                if errors.iter().any(|e| e.is_nan() || *e > 1e-2) {
+                    failures.push(format!("{dtype} {grad_dtype} {}: {errors:?}", case.0));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "attention backward (seed {seed}) over tolerance: {failures:?}");
 }

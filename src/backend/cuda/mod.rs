@@ -8,7 +8,8 @@
 //! Forward ops run on the device. Backward ops: the element-wise ones, the dense layer, pooling,
 //! upsampling, concat, the classifiers' shortcut, `conv2d_backward_input` (tensor cores for
 //! bf16/f16 weights with f32 or 16-bit gradients, SIMT for f32), GroupNorm(+SiLU) and attention
-//! (flash-style, f32 SIMT) run here too, for every storage type a plan holds.
+//! (flash-style: tensor cores for bf16/f16 activations, f32 SIMT otherwise) run here too, for every
+//! storage type a plan holds.
 pub mod attention;
 pub mod compile;
 pub mod conv;
@@ -705,6 +706,34 @@ impl Backend for CudaBackend {
             });
         if !ok || q.is_empty() {
             return;
+        }
+        let forward = AttentionLaunch {
+            batch: n,
+            positions,
+            channels: c,
+            dtype: q.dtype,
+            q: q.ptr,
+            k: k.ptr,
+            v: v.ptr,
+            out: out.ptr,
+            logsumexp: logsumexp.ptr,
+        };
+        let mma = attention::AttentionBackwardLaunch {
+            forward,
+            dout: dout.ptr,
+            dout_dtype: dout.dtype,
+            dq: dq.ptr,
+            dq_dtype: dq.dtype,
+            dk: dk.ptr,
+            dk_dtype: dk.dtype,
+            dv: dv.ptr,
+            dv_dtype: dv.dtype,
+        };
+        if mma.tensor_core_ok() {
+            let result = self
+                .attention_kernels()
+                .and_then(|kernels| attention::launch_attention_backward_mma(self.driver.as_ref(), kernels, &mma));
+            return self.record(result);
         }
         // kernels/attention.cu, backward section: 8 rows per block, tiles of 16, shared accumulators.
         const ROWS: usize = 8;
