@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, Timestamp};
+use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, NoGraph, Precision, StepColumn, StepSource, Timestamp};
 use crate::error::Result;
 
 /// Calls and seconds per op name.
@@ -67,6 +67,19 @@ impl<'a, B: Backend> Profiled<'a, B> {
 
 impl<B: Backend> Backend for Profiled<'_, B> {
     type Tensor = B::Tensor;
+    /// Timing every op takes a timestamp around it, which a recording cannot hold: the profiled
+    /// backend runs every op eagerly.
+    type Graph = NoGraph;
+
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn end_capture(&self) -> Result<NoGraph> {
+        Err(crate::Error::invalid("end_capture: the profiled backend records no graphs"))
+    }
+    fn replay(&self, graph: &NoGraph) -> Result<()> {
+        match *graph {}
+    }
 
     fn name(&self) -> String {
         format!("{} (profiled)", self.inner.name())
@@ -223,18 +236,48 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn fill_gaussian(&self, out: &mut B::Tensor, image_indices: &B::Tensor, seed: u64, stream: u64) {
         self.timed("fill_gaussian", || self.inner.fill_gaussian(out, image_indices, seed, stream))
     }
+    fn step_unet_indices(&self, step: StepSource<'_, B::Tensor>, t: &mut B::Tensor) {
+        self.timed("step_unet_indices", || self.inner.step_unet_indices(step, t))
+    }
+    fn advance_step_cursor(&self, cursor: &mut B::Tensor, by: i32) {
+        self.timed("advance_step_cursor", || self.inner.advance_step_cursor(cursor, by))
+    }
+    fn axpby_step(
+        &self,
+        step: StepSource<'_, B::Tensor>,
+        a: StepColumn,
+        x: &B::Tensor,
+        b: StepColumn,
+        y: &B::Tensor,
+        out: &mut B::Tensor,
+    ) {
+        self.timed("axpby_step", || self.inner.axpby_step(step, a, x, b, y, out))
+    }
+    fn q_sample(&self, x: &B::Tensor, image_indices: &B::Tensor, step: StepSource<'_, B::Tensor>, x_t: &mut B::Tensor) {
+        self.timed("q_sample", || self.inner.q_sample(x, image_indices, step, x_t))
+    }
+    fn reverse_step(
+        &self,
+        x_t: &mut B::Tensor,
+        eps: &B::Tensor,
+        delta: Option<&B::Tensor>,
+        image_indices: &B::Tensor,
+        step: StepSource<'_, B::Tensor>,
+    ) {
+        self.timed("reverse_step", || self.inner.reverse_step(x_t, eps, delta, image_indices, step))
+    }
     fn predict_x0_and_mean(
         &self,
         x_t: &B::Tensor,
         eps: &B::Tensor,
-        coefficients: StepCoefficients,
+        step: StepSource<'_, B::Tensor>,
         x0_hat: &mut B::Tensor,
         mu: &mut B::Tensor,
     ) {
-        self.timed("predict_x0_and_mean", || self.inner.predict_x0_and_mean(x_t, eps, coefficients, x0_hat, mu))
+        self.timed("predict_x0_and_mean", || self.inner.predict_x0_and_mean(x_t, eps, step, x0_hat, mu))
     }
-    fn mask_clipped(&self, x_t: &B::Tensor, eps: &B::Tensor, coefficients: StepCoefficients, u: &mut B::Tensor) {
-        self.timed("mask_clipped", || self.inner.mask_clipped(x_t, eps, coefficients, u))
+    fn mask_clipped(&self, x_t: &B::Tensor, eps: &B::Tensor, step: StepSource<'_, B::Tensor>, u: &mut B::Tensor) {
+        self.timed("mask_clipped", || self.inner.mask_clipped(x_t, eps, step, u))
     }
     fn constrain_guidance(&self, delta: &mut B::Tensor, x_t: &B::Tensor, mu: &B::Tensor, kappa: f32) {
         self.timed("constrain_guidance", || self.inner.constrain_guidance(delta, x_t, mu, kappa))

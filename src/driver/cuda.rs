@@ -45,7 +45,8 @@ struct State {
     modules: Vec<sys::CUmodule>,
     functions: Vec<(sys::CUfunction, String)>,
     events: Vec<sys::CUevent>,
-    graphs: Vec<sys::CUgraphExec>,
+    /// Instantiated graphs; None once destroyed.
+    graphs: Vec<Option<sys::CUgraphExec>>,
     capturing: bool,
 }
 
@@ -137,7 +138,7 @@ impl Drop for CudaDriver {
         unsafe {
             let _ = result::ctx::set_current(self.context);
             let _ = result::stream::synchronize(self.stream);
-            for &g in &state.graphs {
+            for &g in state.graphs.iter().flatten() {
                 let _ = result::graph::exec_destroy(g);
             }
             for &e in &state.events {
@@ -371,7 +372,7 @@ impl Driver for CudaDriver {
             let _ = result::graph::destroy(graph);
             exec.map_err(|e| cuda_error("cuGraphInstantiate", e))?
         };
-        state.graphs.push(exec);
+        state.graphs.push(Some(exec));
         Ok(Graph(state.graphs.len() as u32 - 1))
     }
 
@@ -379,13 +380,30 @@ impl Driver for CudaDriver {
         self.current()?;
         let exec = {
             let state = self.state.lock().unwrap();
-            *state
+            state
                 .graphs
                 .get(graph.0 as usize)
-                .ok_or_else(|| DriverError::InvalidValue(format!("unknown graph {}", graph.0)))?
+                .copied()
+                .flatten()
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0)))?
         };
         // SAFETY: an instantiated graph of this driver, launched on its stream.
         unsafe { result::graph::launch(exec, self.stream) }.map_err(|e| cuda_error("cuGraphLaunch", e))
+    }
+
+    fn destroy_graph(&self, graph: Graph) -> DriverResult<()> {
+        self.current()?;
+        let exec = self
+            .state
+            .lock()
+            .unwrap()
+            .graphs
+            .get_mut(graph.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0)))?;
+        // SAFETY: an instantiated graph of this driver, destroyed once (its slot is now empty);
+        // launches already issued complete first, as cuGraphExecDestroy documents.
+        unsafe { result::graph::exec_destroy(exec) }.map_err(|e| cuda_error("cuGraphExecDestroy", e))
     }
 }
 

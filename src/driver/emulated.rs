@@ -24,7 +24,8 @@ struct State {
     modules: Vec<ptx_emulator::Module>,
     functions: Vec<(usize, std::sync::Arc<ptx_emulator::Function>)>,
     events: Vec<Instant>,
-    graphs: Vec<Vec<Work>>,
+    /// Recorded sequences; None once destroyed.
+    graphs: Vec<Option<Vec<Work>>>,
     capture: Option<Vec<Work>>,
     /// The first error of asynchronous work, returned by the next synchronize.
     pending: Option<DriverError>,
@@ -266,22 +267,33 @@ impl Driver for EmulatedDriver {
         let mut s = self.lock();
         let list =
             s.capture.take().ok_or_else(|| DriverError::InvalidValue("end_capture without begin_capture".into()))?;
-        s.graphs.push(list);
+        s.graphs.push(Some(list));
         Ok(Graph(s.graphs.len() as u32 - 1))
     }
 
     fn replay(&self, graph: Graph) -> DriverResult<()> {
         let mut s = self.lock();
         s.no_capture("graph replay")?;
-        let list = std::mem::take(
-            s.graphs
-                .get_mut(graph.0 as usize)
-                .ok_or_else(|| DriverError::InvalidValue(format!("unknown graph {}", graph.0)))?,
-        );
+        let list = s
+            .graphs
+            .get_mut(graph.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0)))?;
         for w in &list {
             s.run(w);
         }
-        s.graphs[graph.0 as usize] = list;
+        s.graphs[graph.0 as usize] = Some(list);
         Ok(())
+    }
+
+    fn destroy_graph(&self, graph: Graph) -> DriverResult<()> {
+        let mut s = self.lock();
+        match s.graphs.get_mut(graph.0 as usize) {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                Ok(())
+            }
+            _ => Err(DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0))),
+        }
     }
 }

@@ -175,4 +175,6 @@ pub trait Driver: Send + Sync {
     fn end_capture(&self) -> DriverResult<Graph>;
     /// Runs a recorded sequence again, with the pointers and arguments it was recorded with.
     fn replay(&self, graph: Graph) -> DriverResult<()>;
+    /// Frees a recorded sequence (replays already issued still run); the handle is dead after.
+    fn destroy_graph(&self, graph: Graph) -> DriverResult<()>;
 }
