@@ -385,11 +385,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
     /// Issues one step through `recording`: a replay when it holds a graph, else the step itself
     /// (`issue`), eagerly the first time, recorded (then replayed) the second. Returns whether
     /// the step was a replay.
-    fn run_step(
-        &self,
-        recording: &mut StepRecording<B::Graph>,
-        issue: impl FnOnce() -> Result<()>,
-    ) -> Result<bool> {
+    fn run_step(&self, recording: &mut StepRecording<B::Graph>, issue: impl FnOnce() -> Result<()>) -> Result<bool> {
         let b = self.backend;
         if !self.use_graphs {
             issue()?;

@@ -662,9 +662,12 @@ fn elementwise_sampler_ops() {
 
     // x0 estimate, posterior mean and the clip mask.
     let mut row = vec![0.0; STEP_COLUMNS];
-    for (column, value) in
-        [(StepColumn::SqrtAbar, 0.6), (StepColumn::SqrtOneMinusAbar, 0.8), (StepColumn::C0, 0.3), (StepColumn::Ct, 0.65)]
-    {
+    for (column, value) in [
+        (StepColumn::SqrtAbar, 0.6),
+        (StepColumn::SqrtOneMinusAbar, 0.8),
+        (StepColumn::C0, 0.3),
+        (StepColumn::Ct, 0.65),
+    ] {
         row[column as usize] = value;
     }
     let (table, cursor) = (CpuTensor::new(&[1, STEP_COLUMNS], row), CpuTensor::new(&[1], vec![0.0]));

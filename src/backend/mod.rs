@@ -512,7 +512,13 @@ pub trait Backend {
     );
     /// The gradient of the clip in `x0_hat`: `u` zeroed where the unclipped x0 estimate
     /// `(x_t - sqrt(1-abar) eps) / sqrt(abar)` lies outside [-1, 1], in place.
-    fn mask_clipped(&self, x_t: &Self::Tensor, eps: &Self::Tensor, step: StepSource<'_, Self::Tensor>, u: &mut Self::Tensor);
+    fn mask_clipped(
+        &self,
+        x_t: &Self::Tensor,
+        eps: &Self::Tensor,
+        step: StepSource<'_, Self::Tensor>,
+        u: &mut Self::Tensor,
+    );
     /// The gradient constraint, per sample n:
     /// `delta[n] *= min(1, kappa ||x_t[n] - mu[n]|| / ||delta[n]||)` (kappa = inf: no-op).
     fn constrain_guidance(&self, delta: &mut Self::Tensor, x_t: &Self::Tensor, mu: &Self::Tensor, kappa: f32);

@@ -126,7 +126,10 @@ mod tests {
         }
         // The last DDPM step has no guidance (sigma^2 = 0) and no noise.
         let last = row(3);
-        assert_eq!((last[GUIDANCE_A as usize], last[GUIDANCE_B as usize], last[StepColumn::NoiseStd as usize]), (0.0, 0.0, 0.0));
+        assert_eq!(
+            (last[GUIDANCE_A as usize], last[GUIDANCE_B as usize], last[StepColumn::NoiseStd as usize]),
+            (0.0, 0.0, 0.0)
+        );
         assert!(row(1)[GUIDANCE_A as usize] < 0.0);
     }
 }

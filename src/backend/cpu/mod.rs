@@ -630,7 +630,8 @@ impl Backend for CpuBackend {
             for (block, x) in x.chunks_mut(4).enumerate() {
                 // The same operations, in the same order, as predict_x0_and_mean, add_assign and
                 // axpby(1, mu, sigma, z): the fused step changes no bit.
-                let z = if sigma != 0.0 { rng::gaussian_block(seed, stream, images[n], block as u32) } else { [0.0; 4] };
+                let z =
+                    if sigma != 0.0 { rng::gaussian_block(seed, stream, images[n], block as u32) } else { [0.0; 4] };
                 for (j, x) in x.iter_mut().enumerate() {
                     let e = block * 4 + j;
                     let x0 = elementwise::x0_unclipped(*x, eps[e], &k).clamp(-1.0, 1.0);
