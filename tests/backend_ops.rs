@@ -686,3 +686,34 @@ fn emulator_backward_ops_report_bad_shapes() {
     assert!(err.contains("attention_backward: logsumexp") && err.contains("[2, 9]"), "{err}");
     assert_eq!(b.download(&dx).unwrap(), vec![0.25; 2 * 4 * 3 * 3], "nothing written on an error");
 }
+
+/// The table-driven ops refuse a step table of the wrong width, a cursor that is not one f32
+/// element and image indices of the wrong count, through synchronize, writing nothing; a cursor
+/// outside the table makes them write nothing (the sampler never moves it there; the CPU
+/// reference panics on it).
+#[test]
+fn emulator_step_ops_report_bad_tables() {
+    let b = emulator(Precision::F32);
+    let shape = [1, 3, 2, 2];
+    let x = b.upload(&[0.5; 12], &shape).unwrap();
+    let images = b.upload(&[0.0], &[1]).unwrap();
+    let mut x_t = b.upload(&[0.25; 12], &shape).unwrap();
+    let narrow = b.zeros(&[2, STEP_COLUMNS - 1]).unwrap();
+    let cursor = b.zeros(&[1]).unwrap();
+    b.q_sample(&x, &images, StepSource { table: &narrow, cursor: &cursor }, &mut x_t);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("q_sample: a step table is rows x 20") && err.contains("[2, 19]"), "{err}");
+    let table = b.upload(&[0.5; 2 * STEP_COLUMNS], &[2, STEP_COLUMNS]).unwrap();
+    let long_cursor = b.zeros(&[2]).unwrap();
+    b.reverse_step(&mut x_t, &x, None, &images, StepSource { table: &table, cursor: &long_cursor });
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("reverse_step: step cursor"), "{err}");
+    let two_images = b.zeros(&[2]).unwrap();
+    b.reverse_step(&mut x_t, &x, None, &two_images, StepSource { table: &table, cursor: &cursor });
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("reverse_step: image_indices"), "{err}");
+    let outside = b.upload(&[2.0], &[1]).unwrap();
+    b.reverse_step(&mut x_t, &x, None, &images, StepSource { table: &table, cursor: &outside });
+    b.synchronize().expect("a cursor outside the table is not a launch error");
+    assert_eq!(b.download(&x_t).unwrap(), vec![0.25; 12], "nothing written");
+}
