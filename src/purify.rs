@@ -20,7 +20,7 @@
 //! of each kind (guided or not) is recorded once per plan and replayed for every other step. The
 //! first step of a kind on a plan runs eagerly: it loads every kernel the step needs, so nothing
 //! is compiled or loaded while recording.
-use crate::backend::{Backend, StepColumn, StepSource, TensorShape, Timestamp, IMAGE_INDEX_LIMIT};
+use crate::backend::{range, Backend, StepColumn, StepSource, TensorShape, Timestamp, IMAGE_INDEX_LIMIT};
 use crate::diffusion::step_table::{self, GUIDANCE_A, GUIDANCE_B, INV_SQRT_ABAR, NEG_EPS_WEIGHT};
 use crate::diffusion::{GradientPath, Guidance, ReverseStep, Sampler, Schedule};
 use crate::error::{Error, Result};
@@ -343,7 +343,10 @@ impl<'a, B: Backend> Purifier<'a, B> {
             }
             let guided = step_table::is_guided(&self.settings.guidance, step);
             let recording = if guided { &mut graphs.guided } else { &mut graphs.unguided };
+            // A range per step, around its issue or its replay (NVTX on a GPU).
+            let step_range = range(b, "reverse step");
             report.replayed_steps += self.run_step(recording, || self.issue_reverse_step(plan, guided))? as usize;
+            drop(step_range);
             report.network_calls += 1;
             if guided && matches!(self.settings.guidance, Guidance::Adversarial { path: GradientPath::X0, .. }) {
                 report.unet_vjps += 1;
@@ -363,6 +366,9 @@ impl<'a, B: Backend> Purifier<'a, B> {
         b.synchronize()?;
         report.step_seconds =
             marks.windows(2).map(|w| Ok(b.elapsed_ms(&w[0], &w[1])? / 1e3)).collect::<Result<Vec<f64>>>()?;
+        for mark in marks {
+            b.release_timestamp(mark);
+        }
         Ok(report)
     }
 
@@ -472,6 +478,7 @@ impl<'a, B: Backend> Purifier<'a, B> {
         for index in (0..self.steps.len()).rev() {
             let tape = plan.tape.as_mut().expect("checked above");
             b.copy(&tape.states[index], &mut tape.step_input);
+            let _step_range = range(b, "reverse step input_vjp");
             self.run_step(&mut graphs.vjp, || self.issue_vjp_step(plan))?;
         }
         plan.graphs = graphs;

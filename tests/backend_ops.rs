@@ -717,3 +717,12 @@ fn emulator_step_ops_report_bad_tables() {
     b.synchronize().expect("a cursor outside the table is not a launch error");
     assert_eq!(b.download(&x_t).unwrap(), vec![0.25; 12], "nothing written");
 }
+
+/// The benchmark's compute ceiling: kernels/peak.cu runs (on the emulator: a few doublings of its
+/// loop, which is the same code a GPU runs) and yields a finite, positive rate; the CPU has none.
+#[test]
+fn tensor_core_peak_is_measured_where_there_are_tensor_cores() {
+    let rate = emulator(Precision::Bf16).tensor_core_peak().unwrap().expect("the CUDA backend measures it");
+    assert!(rate.is_finite() && rate > 0.0, "rate {rate}");
+    assert_eq!(CpuBackend.tensor_core_peak().unwrap(), None);
+}

@@ -16,7 +16,10 @@
 //!   log-sum-exp always f32); ops compute in f32 and round once when they store;
 //! - ops return nothing: a launch error is stored and reported by `synchronize`, which every public
 //!   entry point of the engine calls before it returns;
-//! - timing goes through `timestamp` / `elapsed_ms` (device events on a GPU), not host clocks.
+//! - timing goes through `timestamp` / `elapsed_ms` (device events on a GPU), not host clocks;
+//! - per-step scalars are read from a step table through a device cursor (`StepColumn`,
+//!   `StepSource`), and a whole step can be recorded once and replayed (`begin_capture`,
+//!   `end_capture`, `replay`: a CUDA graph; the CPU runs eagerly).
 //!
 //! Shapes are given in NCHW / OIHW order; how a backend stores them (NHWC, ...) is its own business.
 //!
@@ -255,8 +258,25 @@ pub enum Timestamp {
     Device(crate::driver::Event),
 }
 
-/// The compute interface. All tensors are `Self::Tensor`; scalars and tiny per-batch values come
-/// from the host.
+/// An open range of work (`Backend::range_push`), closed when dropped.
+pub struct Range<'a, B: Backend + ?Sized>(&'a B);
+
+impl<B: Backend + ?Sized> Drop for Range<'_, B> {
+    fn drop(&mut self) {
+        self.0.range_pop();
+    }
+}
+
+/// Opens a range named `name` on `b` until the returned guard is dropped.
+pub fn range<'a, B: Backend + ?Sized>(b: &'a B, name: &str) -> Range<'a, B> {
+    b.range_push(name);
+    Range(b)
+}
+
+/// The compute interface. All tensors are `Self::Tensor`. Scalars that change from one reverse
+/// step to the next come from a step table in the backend (`StepSource`), so that a step's
+/// launches are the same at every step; scalars fixed for a run (the guidance's lambdas, kappa,
+/// clamp bounds) come from the host.
 pub trait Backend {
     type Tensor: TensorShape;
     /// A recorded sequence of ops that can be run again (a CUDA graph); `NoGraph` where the
@@ -280,6 +300,20 @@ pub trait Backend {
     fn timestamp(&self) -> Result<Timestamp>;
     /// Milliseconds between two timestamps of this backend (synchronises first where needed).
     fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64>;
+    /// Frees what a timestamp holds (a device event); it must not be used after. A no-op for
+    /// host clock readings.
+    fn release_timestamp(&self, _timestamp: Timestamp) {}
+    /// The measured dense bf16 tensor-core throughput of the device (FLOP/s), the compute ceiling
+    /// of the benchmark's roofline; `None` for a backend without tensor cores (the CPU).
+    fn tensor_core_peak(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
+    /// Opens a named range of work (an NVTX range on a GPU, so Nsight shows sampler steps and
+    /// network layers by name); a no-op by default. Prefer `backend::range`, which closes it.
+    fn range_push(&self, _name: &str) {}
+    /// Closes the innermost range `range_push` opened.
+    fn range_pop(&self) {}
 
     // ---- graphs: a whole reverse step recorded once and replayed ----
     /// Starts recording the ops issued from now on instead of running them, where the backend can

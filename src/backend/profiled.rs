@@ -1,34 +1,89 @@
 //! A backend that times every op of another one: `purifier bench`'s per-op breakdown. Each op is
 //! bracketed by the inner backend's timestamps (host clock readings on the CPU, device events on a
 //! GPU), resolved into durations when the times are taken, after a synchronize.
+//!
+//! Each op also counts its work, for the benchmark's roofline: the FLOPs of its arithmetic (a
+//! multiply-add is 2) and the minimal bytes it must move (every input read once, every output
+//! written once, in the tensors' storage types). Ops whose FLOPs are a few per element count only
+//! bytes: they are bound by memory.
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, NoGraph, Precision, StepColumn, StepSource, Timestamp};
+use super::{
+    Backend, Conv2dGeometry, ConvEpilogue, LayerInput, NoGraph, Precision, StepColumn, StepSource, TensorShape,
+    Timestamp,
+};
 use crate::error::Result;
 
-/// Calls and seconds per op name.
+/// What one op costs: arithmetic and minimal memory traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+impl Cost {
+    fn memory(bytes: f64) -> Self {
+        Self { flops: 0.0, bytes }
+    }
+}
+
+/// Calls, seconds and work of one op name.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpStats {
+    pub calls: usize,
+    pub seconds: f64,
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+/// Per op name, what was timed.
 #[derive(Clone, Debug, Default)]
 pub struct OpTimes {
-    pub ops: BTreeMap<&'static str, (usize, f64)>,
+    pub ops: BTreeMap<&'static str, OpStats>,
 }
 
 impl OpTimes {
-    /// (op, calls, seconds), slowest first.
-    pub fn sorted(&self) -> Vec<(&'static str, usize, f64)> {
-        let mut rows: Vec<_> = self.ops.iter().map(|(&name, &(calls, seconds))| (name, calls, seconds)).collect();
-        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+    /// (op, stats), slowest first.
+    pub fn sorted(&self) -> Vec<(&'static str, OpStats)> {
+        let mut rows: Vec<_> = self.ops.iter().map(|(&name, &stats)| (name, stats)).collect();
+        rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
         rows
     }
     pub fn total_seconds(&self) -> f64 {
-        self.ops.values().map(|&(_, s)| s).sum()
+        self.ops.values().map(|s| s.seconds).sum()
     }
 }
 
+/// Bytes of the tensors as stored.
+fn bytes<T: TensorShape>(tensors: &[&T]) -> f64 {
+    tensors.iter().map(|t| (t.numel() * t.dtype().bytes()) as f64).sum()
+}
+
+/// Bytes a layer input reads: its sources, not the concatenated or upsampled view.
+fn input_bytes<T: TensorShape>(x: &LayerInput<'_, T>) -> f64 {
+    bytes(&[x.a]) + x.b.map_or(0.0, |b| bytes(&[b]))
+}
+
+/// A convolution's multiply-adds: every output element sums C_in * kh * kw products.
+fn conv_flops<T: TensorShape>(out_elements: usize, w: &T) -> f64 {
+    let w = w.shape();
+    2.0 * out_elements as f64 * (w[1] * w[2] * w[3]) as f64
+}
+
+/// Attention over q (N x C x H x W): q k^T and p v, each N * HW * HW * C multiply-adds.
+fn attention_flops<T: TensorShape>(q: &T) -> f64 {
+    let s = q.shape();
+    let positions = (s[2] * s[3]) as f64;
+    4.0 * s[0] as f64 * positions * positions * s[1] as f64
+}
+
+type Mark = (&'static str, Cost, Timestamp, Timestamp);
+
 pub struct Profiled<'a, B: Backend> {
     inner: &'a B,
-    /// (op, timestamp before, timestamp after) of every op since the last `take`.
-    marks: RefCell<Vec<(&'static str, Timestamp, Timestamp)>>,
+    /// (op, cost, timestamp before, timestamp after) of every op since the last `take`.
+    marks: RefCell<Vec<Mark>>,
     /// The first error of a timestamp, reported by `take`.
     error: RefCell<Option<crate::Error>>,
 }
@@ -45,18 +100,26 @@ impl<'a, B: Backend> Profiled<'a, B> {
         }
         self.inner.synchronize()?;
         let mut times = OpTimes::default();
-        for (op, start, end) in marks {
+        for (op, cost, start, end) in marks {
             let entry = times.ops.entry(op).or_default();
-            entry.0 += 1;
-            entry.1 += self.inner.elapsed_ms(&start, &end)? / 1e3;
+            entry.calls += 1;
+            entry.seconds += self.inner.elapsed_ms(&start, &end)? / 1e3;
+            self.inner.release_timestamp(start);
+            self.inner.release_timestamp(end);
+            entry.flops += cost.flops;
+            entry.bytes += cost.bytes;
         }
         Ok(times)
     }
+    /// An op whose work is not counted (memory management, host transfers).
     fn timed<T>(&self, op: &'static str, run: impl FnOnce() -> T) -> T {
+        self.counted(op, Cost::default(), run)
+    }
+    fn counted<T>(&self, op: &'static str, cost: Cost, run: impl FnOnce() -> T) -> T {
         let start = self.inner.timestamp();
         let result = run();
         match (start, self.inner.timestamp()) {
-            (Ok(start), Ok(end)) => self.marks.borrow_mut().push((op, start, end)),
+            (Ok(start), Ok(end)) => self.marks.borrow_mut().push((op, cost, start, end)),
             (Err(e), _) | (_, Err(e)) => {
                 self.error.borrow_mut().get_or_insert(e);
             }
@@ -99,6 +162,18 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64> {
         self.inner.elapsed_ms(start, end)
     }
+    fn release_timestamp(&self, timestamp: Timestamp) {
+        self.inner.release_timestamp(timestamp)
+    }
+    fn tensor_core_peak(&self) -> Result<Option<f64>> {
+        self.inner.tensor_core_peak()
+    }
+    fn range_push(&self, name: &str) {
+        self.inner.range_push(name)
+    }
+    fn range_pop(&self) {
+        self.inner.range_pop()
+    }
     fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<B::Tensor> {
         self.timed("zeros", || self.inner.zeros_as(shape, dtype))
     }
@@ -112,22 +187,38 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         self.timed("download", || self.inner.download(t))
     }
     fn copy(&self, src: &B::Tensor, dst: &mut B::Tensor) {
-        self.timed("copy", || self.inner.copy(src, dst))
+        self.counted("copy", Cost::memory(2.0 * bytes(&[src])), || self.inner.copy(src, dst))
     }
     fn fill(&self, t: &mut B::Tensor, value: f32) {
-        self.timed("fill", || self.inner.fill(t, value))
+        self.counted("fill", Cost::memory(bytes(&[&*t])), || self.inner.fill(t, value))
     }
     fn add_assign(&self, dst: &mut B::Tensor, src: &B::Tensor) {
-        self.timed("add_assign", || self.inner.add_assign(dst, src))
+        self.counted("add_assign", Cost::memory(2.0 * bytes(&[&*dst]) + bytes(&[src])), || {
+            self.inner.add_assign(dst, src)
+        })
     }
     fn timestep_embedding(&self, t: &B::Tensor, out: &mut B::Tensor) {
-        self.timed("timestep_embedding", || self.inner.timestep_embedding(t, out))
+        self.counted("timestep_embedding", Cost::memory(bytes(&[t, &*out])), || self.inner.timestep_embedding(t, out))
     }
     fn linear(&self, x: &B::Tensor, w: &B::Tensor, b: Option<&B::Tensor>, silu_input: bool, out: &mut B::Tensor) {
-        self.timed("linear", || self.inner.linear(x, w, b, silu_input, out))
+        self.counted(
+            "linear",
+            Cost {
+                flops: 2.0 * (out.numel() * w.shape()[1]) as f64,
+                bytes: bytes(&[x, w, &*out]) + b.map_or(0.0, |b| bytes(&[b])),
+            },
+            || self.inner.linear(x, w, b, silu_input, out),
+        )
     }
     fn linear_backward(&self, x: &B::Tensor, w: &B::Tensor, silu_input: bool, dout: &B::Tensor, dx: &mut B::Tensor) {
-        self.timed("linear_backward", || self.inner.linear_backward(x, w, silu_input, dout, dx))
+        self.counted(
+            "linear_backward",
+            Cost {
+                flops: 2.0 * (dout.numel() * w.shape()[1]) as f64,
+                bytes: bytes(&[x, w, dout]) + 2.0 * bytes(&[&*dx]),
+            },
+            || self.inner.linear_backward(x, w, silu_input, dout, dx),
+        )
     }
     fn group_norm(
         &self,
@@ -140,7 +231,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         out: &mut B::Tensor,
         stats: &mut B::Tensor,
     ) {
-        self.timed("group_norm", || self.inner.group_norm(x, gamma, beta, groups, eps, silu, out, stats))
+        self.counted("group_norm", Cost::memory(input_bytes(&x) + bytes(&[gamma, beta, &*out, &*stats])), || {
+            self.inner.group_norm(x, gamma, beta, groups, eps, silu, out, stats)
+        })
     }
     fn group_norm_backward(
         &self,
@@ -153,9 +246,11 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dout: &B::Tensor,
         dx: &mut B::Tensor,
     ) {
-        self.timed("group_norm_backward", || {
-            self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx)
-        })
+        self.counted(
+            "group_norm_backward",
+            Cost::memory(bytes(&[x, gamma, beta, stats, dout]) + 2.0 * bytes(&[&*dx])),
+            || self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx),
+        )
     }
     fn conv2d(
         &self,
@@ -166,13 +261,34 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         epilogue: ConvEpilogue<'_, B::Tensor>,
         out: &mut B::Tensor,
     ) {
-        self.timed("conv2d", || self.inner.conv2d(x, w, bias, geometry, epilogue, out))
+        self.counted(
+            "conv2d",
+            Cost {
+                flops: conv_flops(out.numel(), w),
+                bytes: input_bytes(&x)
+                    + bytes(&[w, &*out])
+                    + [bias, epilogue.channel_bias, epilogue.residual]
+                        .into_iter()
+                        .flatten()
+                        .map(|t| bytes(&[t]))
+                        .sum::<f64>(),
+            },
+            || self.inner.conv2d(x, w, bias, geometry, epilogue, out),
+        )
     }
     fn conv2d_backward_input(&self, dout: &B::Tensor, w: &B::Tensor, geometry: Conv2dGeometry, dx: &mut B::Tensor) {
-        self.timed("conv2d_backward_input", || self.inner.conv2d_backward_input(dout, w, geometry, dx))
+        self.counted(
+            "conv2d_backward_input",
+            Cost { flops: conv_flops(dout.numel(), w), bytes: bytes(&[dout, w]) + 2.0 * bytes(&[&*dx]) },
+            || self.inner.conv2d_backward_input(dout, w, geometry, dx),
+        )
     }
     fn attention(&self, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor, out: &mut B::Tensor, logsumexp: &mut B::Tensor) {
-        self.timed("attention", || self.inner.attention(q, k, v, out, logsumexp))
+        self.counted(
+            "attention",
+            Cost { flops: attention_flops(q), bytes: bytes(&[q, k, v, &*out, &*logsumexp]) },
+            || self.inner.attention(q, k, v, out, logsumexp),
+        )
     }
     fn attention_backward(
         &self,
@@ -186,58 +302,85 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dk: &mut B::Tensor,
         dv: &mut B::Tensor,
     ) {
-        self.timed("attention_backward", || self.inner.attention_backward(q, k, v, out, logsumexp, dout, dq, dk, dv))
+        self.counted(
+            "attention_backward",
+            Cost {
+                flops: 2.5 * attention_flops(q),
+                bytes: bytes(&[q, k, v, out, logsumexp, dout]) + 2.0 * bytes(&[&*dq, &*dk, &*dv]),
+            },
+            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, dq, dk, dv),
+        )
     }
     fn upsample_nearest2x(&self, x: &B::Tensor, out: &mut B::Tensor) {
-        self.timed("upsample_nearest2x", || self.inner.upsample_nearest2x(x, out))
+        self.counted("upsample_nearest2x", Cost::memory(bytes(&[x, &*out])), || self.inner.upsample_nearest2x(x, out))
     }
     fn upsample_nearest2x_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor) {
-        self.timed("upsample_nearest2x_backward", || self.inner.upsample_nearest2x_backward(dout, dx))
+        self.counted("upsample_nearest2x_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*dx])), || {
+            self.inner.upsample_nearest2x_backward(dout, dx)
+        })
     }
     fn concat_channels(&self, a: &B::Tensor, b: &B::Tensor, out: &mut B::Tensor) {
-        self.timed("concat_channels", || self.inner.concat_channels(a, b, out))
+        self.counted("concat_channels", Cost::memory(bytes(&[a, b, &*out])), || self.inner.concat_channels(a, b, out))
     }
     fn concat_channels_backward(&self, dout: &B::Tensor, da: &mut B::Tensor, db: &mut B::Tensor) {
-        self.timed("concat_channels_backward", || self.inner.concat_channels_backward(dout, da, db))
+        self.counted("concat_channels_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*da, &*db])), || {
+            self.inner.concat_channels_backward(dout, da, db)
+        })
     }
     fn channel_affine(&self, x: &B::Tensor, scale: &B::Tensor, shift: &B::Tensor, out: &mut B::Tensor) {
-        self.timed("channel_affine", || self.inner.channel_affine(x, scale, shift, out))
+        self.counted("channel_affine", Cost::memory(bytes(&[x, scale, shift, &*out])), || {
+            self.inner.channel_affine(x, scale, shift, out)
+        })
     }
     fn channel_affine_backward(&self, dout: &B::Tensor, scale: &B::Tensor, dx: &mut B::Tensor) {
-        self.timed("channel_affine_backward", || self.inner.channel_affine_backward(dout, scale, dx))
+        self.counted("channel_affine_backward", Cost::memory(bytes(&[dout, scale]) + 2.0 * bytes(&[&*dx])), || {
+            self.inner.channel_affine_backward(dout, scale, dx)
+        })
     }
     fn relu(&self, x: &mut B::Tensor) {
-        self.timed("relu", || self.inner.relu(x))
+        self.counted("relu", Cost::memory(2.0 * bytes(&[&*x])), || self.inner.relu(x))
     }
     fn relu_backward(&self, y: &B::Tensor, dy: &B::Tensor, dx: &mut B::Tensor) {
-        self.timed("relu_backward", || self.inner.relu_backward(y, dy, dx))
+        self.counted("relu_backward", Cost::memory(bytes(&[y, dy]) + 2.0 * bytes(&[&*dx])), || {
+            self.inner.relu_backward(y, dy, dx)
+        })
     }
     fn shortcut_subsample_pad(&self, x: &B::Tensor, pad: usize, out: &mut B::Tensor) {
-        self.timed("shortcut_subsample_pad", || self.inner.shortcut_subsample_pad(x, pad, out))
+        self.counted("shortcut_subsample_pad", Cost::memory(bytes(&[&*out]) * 2.0), || {
+            self.inner.shortcut_subsample_pad(x, pad, out)
+        })
     }
     fn shortcut_subsample_pad_backward(&self, dout: &B::Tensor, pad: usize, dx: &mut B::Tensor) {
-        self.timed("shortcut_subsample_pad_backward", || self.inner.shortcut_subsample_pad_backward(dout, pad, dx))
+        self.counted("shortcut_subsample_pad_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*dx])), || {
+            self.inner.shortcut_subsample_pad_backward(dout, pad, dx)
+        })
     }
     fn global_avg_pool(&self, x: &B::Tensor, out: &mut B::Tensor) {
-        self.timed("global_avg_pool", || self.inner.global_avg_pool(x, out))
+        self.counted("global_avg_pool", Cost::memory(bytes(&[x, &*out])), || self.inner.global_avg_pool(x, out))
     }
     fn global_avg_pool_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor) {
-        self.timed("global_avg_pool_backward", || self.inner.global_avg_pool_backward(dout, dx))
+        self.counted("global_avg_pool_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*dx])), || {
+            self.inner.global_avg_pool_backward(dout, dx)
+        })
     }
     fn axpby(&self, a: f32, x: &B::Tensor, b: f32, y: &B::Tensor, out: &mut B::Tensor) {
-        self.timed("axpby", || self.inner.axpby(a, x, b, y, out))
+        self.counted("axpby", Cost::memory(bytes(&[x, y, &*out])), || self.inner.axpby(a, x, b, y, out))
     }
     fn clamp(&self, x: &mut B::Tensor, lo: f32, hi: f32) {
-        self.timed("clamp", || self.inner.clamp(x, lo, hi))
+        self.counted("clamp", Cost::memory(2.0 * bytes(&[&*x])), || self.inner.clamp(x, lo, hi))
     }
     fn clamp_backward(&self, x: &B::Tensor, lo: f32, hi: f32, grad: &mut B::Tensor) {
-        self.timed("clamp_backward", || self.inner.clamp_backward(x, lo, hi, grad))
+        self.counted("clamp_backward", Cost::memory(bytes(&[x]) + 2.0 * bytes(&[&*grad])), || {
+            self.inner.clamp_backward(x, lo, hi, grad)
+        })
     }
     fn fill_gaussian(&self, out: &mut B::Tensor, image_indices: &B::Tensor, seed: u64, stream: u64) {
-        self.timed("fill_gaussian", || self.inner.fill_gaussian(out, image_indices, seed, stream))
+        self.counted("fill_gaussian", Cost::memory(bytes(&[&*out])), || {
+            self.inner.fill_gaussian(out, image_indices, seed, stream)
+        })
     }
     fn step_unet_indices(&self, step: StepSource<'_, B::Tensor>, t: &mut B::Tensor) {
-        self.timed("step_unet_indices", || self.inner.step_unet_indices(step, t))
+        self.counted("step_unet_indices", Cost::memory(bytes(&[&*t])), || self.inner.step_unet_indices(step, t))
     }
     fn advance_step_cursor(&self, cursor: &mut B::Tensor, by: i32) {
         self.timed("advance_step_cursor", || self.inner.advance_step_cursor(cursor, by))
@@ -251,10 +394,10 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         y: &B::Tensor,
         out: &mut B::Tensor,
     ) {
-        self.timed("axpby_step", || self.inner.axpby_step(step, a, x, b, y, out))
+        self.counted("axpby_step", Cost::memory(bytes(&[x, y, &*out])), || self.inner.axpby_step(step, a, x, b, y, out))
     }
     fn q_sample(&self, x: &B::Tensor, image_indices: &B::Tensor, step: StepSource<'_, B::Tensor>, x_t: &mut B::Tensor) {
-        self.timed("q_sample", || self.inner.q_sample(x, image_indices, step, x_t))
+        self.counted("q_sample", Cost::memory(bytes(&[x, &*x_t])), || self.inner.q_sample(x, image_indices, step, x_t))
     }
     fn reverse_step(
         &self,
@@ -264,7 +407,11 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         image_indices: &B::Tensor,
         step: StepSource<'_, B::Tensor>,
     ) {
-        self.timed("reverse_step", || self.inner.reverse_step(x_t, eps, delta, image_indices, step))
+        // x_t read and written, eps and delta read.
+        let traffic = 2.0 * bytes(&[&*x_t]) + bytes(&[eps]) + delta.map_or(0.0, |d| bytes(&[d]));
+        self.counted("reverse_step", Cost::memory(traffic), || {
+            self.inner.reverse_step(x_t, eps, delta, image_indices, step)
+        })
     }
     fn predict_x0_and_mean(
         &self,
@@ -274,13 +421,19 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         x0_hat: &mut B::Tensor,
         mu: &mut B::Tensor,
     ) {
-        self.timed("predict_x0_and_mean", || self.inner.predict_x0_and_mean(x_t, eps, step, x0_hat, mu))
+        self.counted("predict_x0_and_mean", Cost::memory(bytes(&[x_t, eps, &*x0_hat, &*mu])), || {
+            self.inner.predict_x0_and_mean(x_t, eps, step, x0_hat, mu)
+        })
     }
     fn mask_clipped(&self, x_t: &B::Tensor, eps: &B::Tensor, step: StepSource<'_, B::Tensor>, u: &mut B::Tensor) {
-        self.timed("mask_clipped", || self.inner.mask_clipped(x_t, eps, step, u))
+        self.counted("mask_clipped", Cost::memory(bytes(&[x_t, eps]) + 2.0 * bytes(&[&*u])), || {
+            self.inner.mask_clipped(x_t, eps, step, u)
+        })
     }
     fn constrain_guidance(&self, delta: &mut B::Tensor, x_t: &B::Tensor, mu: &B::Tensor, kappa: f32) {
-        self.timed("constrain_guidance", || self.inner.constrain_guidance(delta, x_t, mu, kappa))
+        self.counted("constrain_guidance", Cost::memory(bytes(&[x_t, mu]) + 3.0 * bytes(&[&*delta])), || {
+            self.inner.constrain_guidance(delta, x_t, mu, kappa)
+        })
     }
     fn guidance_objective_grad(
         &self,
@@ -293,20 +446,26 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dfeatures: &mut B::Tensor,
         dlogits: &mut B::Tensor,
     ) {
-        self.timed("guidance_objective_grad", || {
-            self.inner.guidance_objective_grad(
-                features,
-                reference_features,
-                logits,
-                labels,
-                lambda_f,
-                lambda_c,
-                dfeatures,
-                dlogits,
-            )
-        })
+        self.counted(
+            "guidance_objective_grad",
+            Cost::memory(bytes(&[features, reference_features, logits, &*dfeatures, &*dlogits])),
+            || {
+                self.inner.guidance_objective_grad(
+                    features,
+                    reference_features,
+                    logits,
+                    labels,
+                    lambda_f,
+                    lambda_c,
+                    dfeatures,
+                    dlogits,
+                )
+            },
+        )
     }
     fn cross_entropy_grad(&self, logits: &B::Tensor, labels: &B::Tensor, dlogits: &mut B::Tensor) {
-        self.timed("cross_entropy_grad", || self.inner.cross_entropy_grad(logits, labels, dlogits))
+        self.counted("cross_entropy_grad", Cost::memory(bytes(&[logits, &*dlogits])), || {
+            self.inner.cross_entropy_grad(logits, labels, dlogits)
+        })
     }
 }

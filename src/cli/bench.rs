@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
-use purifier::backend::profiled::Profiled;
-use purifier::backend::Backend;
+use purifier::backend::profiled::{OpStats, Profiled};
+use purifier::backend::{Backend, Precision};
 use purifier::data::tensor_file::TensorFile;
 use purifier::diffusion::{GradientPath, Guidance};
 use purifier::error::{Error, Result};
@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// A Python with PyTorch: also time bench/torch_baseline.py on the same weights and inputs.
     #[arg(long, value_name = "PYTHON")]
     pub baseline: Option<PathBuf>,
+    /// The PyTorch variants --baseline times: eager, compile (torch.compile), graphs (a CUDA
+    /// graph of the forward; GPU only). Default: all three on a GPU, eager on the CPU.
+    #[arg(long, value_delimiter = ',')]
+    pub baseline_variants: Vec<String>,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -76,15 +80,63 @@ struct Timing {
     p99: f64,
 }
 
-fn time_runs(repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<Timing> {
+/// Times `run` on the backend's own clock (device events on a GPU, so host overhead between
+/// launches counts only where it stalls the device), after one warm-up.
+fn time_runs<B: Backend>(b: &B, repeats: usize, mut run: impl FnMut() -> Result<()>) -> Result<Timing> {
     run()?; // warm-up
     let mut seconds = Vec::with_capacity(repeats);
     for _ in 0..repeats {
-        let started = Instant::now();
+        let start = b.timestamp()?;
         run()?;
-        seconds.push(started.elapsed().as_secs_f64());
+        let end = b.timestamp()?;
+        seconds.push(b.elapsed_ms(&start, &end)? / 1e3);
+        b.release_timestamp(start);
+        b.release_timestamp(end);
     }
     Ok(Timing { median: percentile(&seconds, 0.5), p99: percentile(&seconds, 0.99) })
+}
+
+/// The two ceilings of the roofline, measured on this device.
+struct Ceilings {
+    /// Dense bf16 mma.sync throughput (FLOP/s); none on the CPU.
+    tensor_core_flops: Option<f64>,
+    /// Device-to-device copy, bytes read plus bytes written per second.
+    copy_bytes_per_s: f64,
+}
+
+fn measure_ceilings<B: Backend>(b: &B) -> Result<Ceilings> {
+    // 256 MiB per buffer (far beyond any cache), less where the device has less free.
+    let elements = b.available_memory().map_or(1 << 26, |free| (free / 16).min(1 << 28) / 4).max(1 << 20);
+    let src = b.zeros(&[elements])?;
+    let mut dst = b.zeros(&[elements])?;
+    b.copy(&src, &mut dst); // warm-up
+    const COPIES: usize = 5;
+    let start = b.timestamp()?;
+    for _ in 0..COPIES {
+        b.copy(&src, &mut dst);
+    }
+    let end = b.timestamp()?;
+    let seconds = b.elapsed_ms(&start, &end)? / 1e3;
+    Ok(Ceilings {
+        tensor_core_flops: b.tensor_core_peak()?,
+        copy_bytes_per_s: (COPIES * 2 * elements * 4) as f64 / seconds,
+    })
+}
+
+/// Where an op stands against its roofline: the fraction of the ceiling its arithmetic intensity
+/// allows (min(peak, intensity x bandwidth)). Ops that compute count against the tensor cores in
+/// a 16-bit plan; an f32 plan's ops run on the SIMT units, whose ceiling is not measured, so only
+/// memory-bound ops get a place there.
+fn roofline_fraction(stats: &OpStats, ceilings: &Ceilings, precision: Precision) -> Option<f64> {
+    if stats.seconds <= 0.0 || stats.bytes <= 0.0 {
+        return None;
+    }
+    let memory_bound = stats.bytes / ceilings.copy_bytes_per_s;
+    if stats.flops == 0.0 {
+        return Some(memory_bound / stats.seconds);
+    }
+    let peak = ceilings.tensor_core_flops.filter(|_| precision != Precision::F32)?;
+    Some(memory_bound.max(stats.flops / peak) / stats.seconds)
 }
 
 /// One UNet call (or one reverse step) per timed run: image-steps/s = batch / median.
@@ -150,6 +202,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
         unet.config.name,
         cold_start
     ));
+    let ceilings = measure_ceilings(b)?;
     // Progress in timed measurements: forward and forward + VJP per batch, the per-op breakdown,
     // one purification per mode.
     let bar = progress.bar((2 * args.batches.len() + 1 + args.modes.len()) as u64, "measurements");
@@ -164,16 +217,12 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
         let mut plan = unet.plan(b, n, true)?;
         peak_plan_bytes = peak_plan_bytes.max(plan.bytes(b));
         bar.set_message(format!("UNet forward, batch {n}"));
-        let forward = time_runs(args.repeats, || {
-            unet.forward(b, &mut plan, &x, &t)?;
-            b.download(plan.eps()).map(|_| ())
-        })?;
+        let forward = time_runs(b, args.repeats, || unet.forward(b, &mut plan, &x, &t).map(|_| ()))?;
         bar.inc(1);
         bar.set_message(format!("UNet forward + VJP, batch {n}"));
-        let with_vjp = time_runs(args.repeats, || {
+        let with_vjp = time_runs(b, args.repeats, || {
             unet.forward(b, &mut plan, &x, &t)?;
-            let g = unet.input_vjp(b, &mut plan, &v)?;
-            b.download(g).map(|_| ())
+            unet.input_vjp(b, &mut plan, &v).map(|_| ())
         })?;
         bar.inc(1);
         bar.log(&format!(
@@ -259,7 +308,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
     let baseline = match &args.baseline {
         Some(python) => {
             let mut report = run_baseline(b, &unet, args, python)?;
-            report["ratios"] = ratios(&unet_json, &report["unet_timings"]);
+            report["ratios"] = ratios(&unet_json, &purify_json, &report);
             Some(report)
         }
         None => None,
@@ -292,9 +341,28 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
     }
     let (profile_batch, op_times) = &profile;
     let total = op_times.total_seconds();
-    println!("where one UNet forward + input VJP at batch {profile_batch} spends its {:.1} ms:", total * 1e3);
-    for (op, calls, seconds) in op_times.sorted().into_iter().take(12) {
-        println!("  {op:<32} {calls:>5} calls {:>10.2} ms {:>6.1}%", seconds * 1e3, 100.0 * seconds / total);
+    println!(
+        "where one UNet forward + input VJP at batch {profile_batch} spends its {:.1} ms \
+         (ceilings: bf16 mma.sync {}, copy {:.0} GB/s):",
+        total * 1e3,
+        ceilings.tensor_core_flops.map_or("not on this device".into(), |f| format!("{:.1} TFLOP/s", f / 1e12)),
+        ceilings.copy_bytes_per_s / 1e9
+    );
+    println!(
+        "  {:<32} {:>5} {:>10} {:>7} {:>9} {:>9} {:>9}",
+        "op", "calls", "ms", "share", "TFLOP/s", "GB/s", "roofline"
+    );
+    for (op, stats) in op_times.sorted().into_iter().take(12) {
+        let place = roofline_fraction(&stats, &ceilings, b.precision())
+            .map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f));
+        println!(
+            "  {op:<32} {:>5} {:>10.2} {:>6.1}% {:>9.2} {:>9.1} {place:>9}",
+            stats.calls,
+            stats.seconds * 1e3,
+            100.0 * stats.seconds / total,
+            stats.flops / stats.seconds / 1e12,
+            stats.bytes / stats.seconds / 1e9
+        );
     }
     println!(
         "cold start {cold_start:.3} s; largest UNet plan {:.1} MB; weights {:.1} MB ({})",
@@ -310,15 +378,24 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             "step_index": BENCH_STEP,
             "repeats": args.repeats,
             "cold_start_s": cold_start,
+            "nvtx_ranges": purifier::driver::nvtx::available(),
+            "ceilings": {
+                "bf16_mma_sync_flops_per_s": ceilings.tensor_core_flops,
+                "copy_bytes_per_s": ceilings.copy_bytes_per_s,
+            },
             "memory": { "largest_unet_plan_bytes": peak_plan_bytes, "weights_bytes": parameters * b.precision().bytes() },
             "unet_timings": unet_json,
             "purify_timings": purify_json,
             "per_op_breakdown": {
-                "what": "one UNet forward + input VJP, each op timed on the host around the call",
+                "what": "one UNet forward + input VJP, each op timed by the backend's timestamps around it \
+                         (device events on a GPU); flops and minimal bytes counted from the shapes",
                 "batch": profile_batch,
                 "total_ms": total * 1e3,
-                "ops": op_times.sorted().into_iter().map(|(op, calls, seconds)| serde_json::json!({
-                    "op": op, "calls": calls, "ms": seconds * 1e3, "share": seconds / total,
+                "ops": op_times.sorted().into_iter().map(|(op, stats)| serde_json::json!({
+                    "op": op, "calls": stats.calls, "ms": stats.seconds * 1e3, "share": stats.seconds / total,
+                    "flops": stats.flops, "bytes": stats.bytes,
+                    "tflops_per_s": stats.flops / stats.seconds / 1e12, "gb_per_s": stats.bytes / stats.seconds / 1e9,
+                    "roofline_fraction": roofline_fraction(&stats, &ceilings, b.precision()),
                 })).collect::<Vec<_>>(),
             },
             "baseline": baseline,
@@ -337,14 +414,25 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
 fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Path) -> Result<serde_json::Value> {
     let dir = tempfile_dir()?;
     let (json_path, tensors_path) = (dir.join("baseline.json"), dir.join("baseline.safetensors"));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/torch_baseline.py");
+    // The GPU suite runs a binary built elsewhere: it names the script of the tree it carried.
+    let script = std::env::var_os("PURIFIER_BASELINE_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/torch_baseline.py"));
     let batches: Vec<String> = args.batches.iter().map(|n| n.to_string()).collect();
+    let device = if b.name().starts_with("cpu") { "cpu" } else { "cuda" };
+    let variants = match (&args.baseline_variants, device) {
+        (v, _) if !v.is_empty() => v.clone(),
+        (_, "cuda") => vec!["eager".into(), "compile".into(), "graphs".into()],
+        _ => vec!["eager".into()],
+    };
     eprintln!("running the PyTorch baseline: {} {}", python.display(), script.display());
     let status = std::process::Command::new(python)
         .arg(&script)
         .args(["--config", &args.config, "--seed", &args.seed.to_string(), "--batches", &batches.join(",")])
         .args(["--repeats", &args.repeats.to_string(), "--step", &BENCH_STEP.to_string()])
-        .args(["--device", if b.name().starts_with("cpu") { "cpu" } else { "cuda" }])
+        .args(["--device", device, "--precision", &b.precision().to_string(), "--variants", &variants.join(",")])
+        .args(["--purify-modes", &args.modes.join(","), "--purify-t-star", &args.t_star.to_string()])
+        .args(["--purify-batch", &args.purify_batch.to_string()])
         .arg("--json")
         .arg(&json_path)
         .arg("--tensors")
@@ -375,20 +463,42 @@ fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Pa
     Ok(report)
 }
 
-/// PyTorch's median over ours, per batch size and measurement (above 1: we are faster).
-fn ratios(ours: &[serde_json::Value], torch: &serde_json::Value) -> serde_json::Value {
+/// PyTorch's median over ours (above 1: we are faster), for every PyTorch variant, batch size
+/// and measurement, and for every purification mode (per step).
+fn ratios(unet: &[serde_json::Value], purify: &[serde_json::Value], torch: &serde_json::Value) -> serde_json::Value {
     let mut rows = Vec::new();
-    for theirs in torch.as_array().into_iter().flatten() {
-        let Some(mine) = ours.iter().find(|o| o["batch"] == theirs["batch"]) else { continue };
-        for (key, label) in [("forward", "UNet forward"), ("forward_vjp", "UNet forward + VJP")] {
-            let (torch_ms, ours_ms) = (theirs[key]["median_ms"].as_f64(), mine[key]["median_ms"].as_f64());
-            if let (Some(torch_ms), Some(ours_ms)) = (torch_ms, ours_ms) {
-                rows.push(serde_json::json!({
-                    "what": format!("{label}, batch {}", theirs["batch"]), "torch_ms": torch_ms, "ours_ms": ours_ms,
-                    "speedup": torch_ms / ours_ms,
-                }));
+    let mut push = |what: String, torch_ms: Option<f64>, ours_ms: Option<f64>| {
+        if let (Some(torch_ms), Some(ours_ms)) = (torch_ms, ours_ms) {
+            rows.push(serde_json::json!({
+                "what": what, "torch_ms": torch_ms, "ours_ms": ours_ms, "speedup": torch_ms / ours_ms,
+            }));
+        }
+    };
+    for (variant, timings) in torch["variants"].as_object().into_iter().flatten() {
+        for theirs in timings.as_array().into_iter().flatten() {
+            let Some(mine) = unet.iter().find(|o| o["batch"] == theirs["batch"]) else { continue };
+            for (key, label) in [("forward", "UNet forward"), ("forward_vjp", "UNet forward + VJP")] {
+                push(
+                    format!("{label}, batch {} (PyTorch {variant})", theirs["batch"]),
+                    theirs[key]["median_ms"].as_f64(),
+                    mine[key]["median_ms"].as_f64(),
+                );
             }
         }
+    }
+    for theirs in torch["purify_timings"].as_array().into_iter().flatten() {
+        let Some(mine) = purify.iter().find(|o| o["mode"] == theirs["mode"] && o["batch"] == theirs["batch"]) else {
+            continue;
+        };
+        push(
+            format!(
+                "purify {} step, batch {} (PyTorch eager, autograd)",
+                theirs["mode"].as_str().unwrap_or("?"),
+                theirs["batch"]
+            ),
+            theirs["step"]["median_ms"].as_f64(),
+            mine["step"]["median_ms"].as_f64(),
+        );
     }
     serde_json::Value::Array(rows)
 }

@@ -23,7 +23,8 @@ struct State {
     mem: GlobalMemory,
     modules: Vec<ptx_emulator::Module>,
     functions: Vec<(usize, std::sync::Arc<ptx_emulator::Function>)>,
-    events: Vec<Instant>,
+    /// Event times; None once destroyed.
+    events: Vec<Option<Instant>>,
     /// Recorded sequences; None once destroyed.
     graphs: Vec<Option<Vec<Work>>>,
     capture: Option<Vec<Work>>,
@@ -239,7 +240,7 @@ impl Driver for EmulatedDriver {
     fn record_event(&self) -> DriverResult<Event> {
         let mut s = self.lock();
         s.no_capture("event record")?;
-        s.events.push(Instant::now());
+        s.events.push(Some(Instant::now()));
         Ok(Event(s.events.len() as u32 - 1))
     }
 
@@ -249,9 +250,21 @@ impl Driver for EmulatedDriver {
             s.events
                 .get(e.0 as usize)
                 .copied()
-                .ok_or_else(|| DriverError::InvalidValue(format!("unknown event {}", e.0)))
+                .flatten()
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed event {}", e.0)))
         };
         Ok(get(end)?.saturating_duration_since(get(start)?).as_secs_f32() * 1e3)
+    }
+
+    fn destroy_event(&self, event: Event) -> DriverResult<()> {
+        let mut s = self.lock();
+        match s.events.get_mut(event.0 as usize) {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                Ok(())
+            }
+            _ => Err(DriverError::InvalidValue(format!("unknown or destroyed event {}", event.0))),
+        }
     }
 
     fn begin_capture(&self) -> DriverResult<()> {

@@ -13,6 +13,7 @@
 
 pub mod cuda;
 pub mod emulated;
+pub mod nvtx;
 
 /// A device address (what a kernel's pointer parameter holds).
 pub type DevicePtr = u64;
@@ -167,6 +168,8 @@ pub trait Driver: Send + Sync {
     fn record_event(&self) -> DriverResult<Event>;
     /// Milliseconds between two recorded events (after a synchronize).
     fn elapsed_ms(&self, start: Event, end: Event) -> DriverResult<f32>;
+    /// Frees an event (a sampler records one per step: they must not pile up over an attack).
+    fn destroy_event(&self, event: Event) -> DriverResult<()>;
 
     // ---- graphs ----
     /// From here to `end_capture`, launches, device-to-device copies and memsets are recorded,

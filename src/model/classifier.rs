@@ -8,7 +8,7 @@
 //! conv); where it comes first (the WideResNet's pre-activation) it stays a channel affine.
 //! The classifier takes images in the engine's range [-1, 1] and applies the input
 //! normalisation of the published weights itself.
-use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, TensorShape};
+use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::params::{FileParams, Linear, ParamSource};
@@ -375,6 +375,7 @@ impl<B: Backend> Classifier<B> {
                 plan.normalised.shape()
             )));
         }
+        let _range = range(b, "classifier forward");
         b.channel_affine(x, &self.input.scale, &self.input.shift, &mut plan.normalised);
         self.stem.forward(b, &plan.normalised, None, &mut plan.outputs[0]);
         for (k, (unit, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate() {
@@ -444,6 +445,7 @@ impl<B: Backend> Classifier<B> {
         dlogits: Option<&B::Tensor>,
         dfeatures: Option<&B::Tensor>,
     ) -> Result<&'p B::Tensor> {
+        let _range = range(b, "classifier input_vjp");
         let (Some(dinput), Some(dnormalised), Some(dstem_pre)) =
             (&mut plan.dinput, &mut plan.dnormalised, &mut plan.dstem_pre)
         else {

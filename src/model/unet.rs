@@ -4,7 +4,7 @@
 //! The network is a flat list of nodes in execution order, each reading earlier activations and
 //! writing one new one, so the forward is a loop over the list and the backward the same loop
 //! reversed. All buffers live in a `UnetPlan` made once per batch size.
-use crate::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, TensorShape};
+use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::config::UnetConfig;
@@ -75,6 +75,20 @@ enum Layer<B: Backend> {
         norm: GroupNorm<B>,
         conv: Conv<B>,
     },
+}
+
+impl<B: Backend> Layer<B> {
+    /// The layer's name in profiler ranges.
+    fn name(&self) -> &'static str {
+        match self {
+            Layer::ConvIn(_) => "conv_in",
+            Layer::Resnet(_) => "resnet_block",
+            Layer::Attn(_) => "attn_block",
+            Layer::Downsample(_) => "downsample",
+            Layer::Upsample(_) => "upsample",
+            Layer::Out { .. } => "out",
+        }
+    }
 }
 
 struct Node<B: Backend> {
@@ -363,6 +377,7 @@ impl<B: Backend> Unet<B> {
                 plan.activations[0].shape()
             )));
         }
+        let _range = range(b, "unet forward");
         b.timestep_embedding(t.unwrap_or(&plan.t_steps), &mut plan.temb_sinusoid);
         b.linear(
             &plan.temb_sinusoid,
@@ -374,6 +389,7 @@ impl<B: Backend> Unet<B> {
         b.linear(&plan.temb_hidden, &self.temb_dense1.weight, Some(&self.temb_dense1.bias), true, &mut plan.temb);
         b.copy(x, &mut plan.activations[0]);
         for (i, node) in self.nodes.iter().enumerate() {
+            let _layer = range(b, node.layer.name());
             let (inputs, rest) = plan.activations.split_at_mut(i + 1);
             let out = &mut rest[0];
             let x = &inputs[node.inputs[0]];
@@ -443,7 +459,9 @@ impl<B: Backend> Unet<B> {
             }
         }
         b.copy(v, plan.gradients.last_mut().unwrap());
+        let _range = range(b, "unet input_vjp");
         for (i, node) in self.nodes.iter().enumerate().rev() {
+            let _layer = range(b, node.layer.name());
             let (dinputs, rest) = plan.gradients.split_at_mut(i + 1);
             let dout = &rest[0];
             let x = &plan.activations[node.inputs[0]];

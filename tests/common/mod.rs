@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use purifier::data::tensor_file::TensorFile;
 
+pub mod networks;
+
 /// A path under the project root.
 pub fn project_path(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)

@@ -317,6 +317,12 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn release_timestamp(&self, timestamp: Timestamp) {
+        if let Timestamp::Device(event) = timestamp {
+            self.record(self.driver.destroy_event(event).map_err(Into::into));
+        }
+    }
+
     fn begin_capture(&self) -> Result<bool> {
         self.driver.begin_capture()?;
         Ok(true)
@@ -328,6 +334,41 @@ impl Backend for CudaBackend {
 
     fn replay(&self, graph: &CudaGraph) -> Result<()> {
         Ok(self.driver.replay(graph.graph)?)
+    }
+
+    fn range_push(&self, name: &str) {
+        crate::driver::nvtx::push(name);
+    }
+
+    fn range_pop(&self) {
+        crate::driver::nvtx::pop();
+    }
+
+    /// kernels/peak.cu's mma.sync loop on every multiprocessor, its iteration count doubled until
+    /// one launch lasts 20 ms (or, on the emulator, until the count is large enough to stop).
+    fn tensor_core_peak(&self) -> Result<Option<f64>> {
+        const THREADS: u32 = 128;
+        const CHAINS: f64 = 8.0; // PEAK_CHAINS
+        let blocks = self.driver.info().multiprocessors.max(1) * 8;
+        let sink = allocate(&self.driver, &[(blocks * THREADS) as usize], Precision::F32)?;
+        let function = self.modules.function("peak.cu", "mma_peak_bf16")?;
+        let mut iterations: i32 = 1;
+        let result = loop {
+            let args = KernelArgs::new().ptr(sink.ptr).i32(iterations);
+            let start = self.driver.record_event()?;
+            self.driver.launch(function, LaunchConfig::linear(blocks, THREADS), &args)?;
+            let end = self.driver.record_event()?;
+            self.driver.synchronize()?;
+            let ms = self.driver.elapsed_ms(start, end)? as f64;
+            self.driver.destroy_event(start)?;
+            self.driver.destroy_event(end)?;
+            if ms >= 20.0 || iterations >= 1 << 20 {
+                let mmas = blocks as f64 * (THREADS / 32) as f64 * iterations as f64 * CHAINS;
+                break mmas * 4096.0 / (ms / 1e3);
+            }
+            iterations *= 2;
+        };
+        Ok(Some(result))
     }
 
     fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<CudaTensor> {

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# The GPU suite (ENGINE.md "The GPU machine"): build here, run on a lent GPU in one device call,
+# commit what comes back.
+#
+#   Here:       bash scripts/gpu_suite.sh build
+#                 release binary + the test executables with GPU checks, stripped, into
+#                 target/gpu-suite/ (with the git revision they were built from)
+#   On the GPU: bash scripts/gpu_suite.sh run [SECONDS]
+#                 device tool: run(command="bash scripts/gpu_suite.sh run 420",
+#                                  carry=["target/gpu-suite"], timeout_s=480)
+#   Here:       bash scripts/gpu_suite.sh unpack FILES_AT
+#                 copies gpu-suite.json and gpu-suite.log into bench/results/, named by revision
+#   Here:       bash scripts/gpu_suite.sh smoke
+#                 the run phase on the PTX emulator with tiny sizes: checks the script itself
+#
+# `run` spends at most SECONDS (default 420) in its steps, most important first: the kernel checks
+# on the real driver (every op against the CPU, the tensor-core kernels), the end-to-end
+# comparisons (whole networks and purifications, CUDA against CPU), then the benchmark with the
+# PyTorch baseline side by side, then compute-sanitizer. Each step has its own time limit; a step
+# that fails or runs out of time is recorded as such and the suite goes on. Whatever happens,
+# $OUT/gpu-suite.json (revision, device, every step's status and time, every benchmark's JSON) and
+# $OUT/gpu-suite.log (everything printed) are written.
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+SUITE=target/gpu-suite
+MODE="${1:-}"
+
+# The test executables with GPU variants, and the name filter that selects those variants.
+TESTS=(backend_ops cuda_end_to_end)
+declare -A FILTER=([backend_ops]=cuda [cuda_end_to_end]=)
+
+build() {
+  set -e
+  cargo build --release --bin purifier
+  rm -rf "$SUITE" && mkdir -p "$SUITE/bin"
+  cp target/release/purifier "$SUITE/bin/"
+  local args=()
+  for t in "${TESTS[@]}"; do args+=(--test "$t"); done
+  # The executables cargo built, from its JSON messages.
+  cargo test --release --no-run --message-format=json "${args[@]}" |
+    python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        shutil.copy(m["executable"], sys.argv[1] + "/" + m["target"]["name"])
+' "$SUITE/bin"
+  strip "$SUITE"/bin/*
+  { git rev-parse HEAD; git status --porcelain | grep -q . && echo dirty || echo clean; } > "$SUITE/REVISION"
+  du -sh "$SUITE"
+  echo "carry target/gpu-suite; revision $(head -n1 "$SUITE/REVISION") ($(tail -n1 "$SUITE/REVISION"))"
+}
+
+# ---- run: on the GPU machine (or, for `smoke`, here on the emulator) ----
+
+find_nvrtc() {
+  # NVRTC 13.0 (PTX ISA 9.0, what the driver of the GPU machines loads): PyTorch's wheel for
+  # CUDA 13.0 brings it, the toolkit too.
+  local dirs=("${NVRTC_LIB_DIR:-}")
+  dirs+=("$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)")
+  dirs+=(/usr/local/cuda/lib64 "$ROOT"/target/nvrtc-venv/lib/python3*/site-packages/nvidia/cu13/lib)
+  for d in "${dirs[@]}"; do
+    if [ -n "$d" ] && [ -e "$d/libnvrtc.so.13" ]; then echo "$d"; return; fi
+  done
+}
+
+step() { # step NAME SECONDS COMMAND...: runs it with a time limit, logs it, records it
+  local name=$1 limit=$(($2 * LIMIT_SCALE)); shift 2
+  local left=$((DEADLINE - $(date +%s)))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: not run (the suite's time is spent)"
+    printf '%s\tnot-run\t0\t-\n' "$name" >> "$STEPS"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (at most ${limit} s): $*"
+  local started=$(date +%s.%N) rc status
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$WORK/step.out"
+  rc=${PIPESTATUS[0]}
+  case $rc in
+    # A test that found no GPU passes after saying so: that is no pass.
+    0) if grep -q "skipped: no CUDA device" "$WORK/step.out"; then status=skipped; else status=passed; fi ;;
+    124|137) status=timed-out ;;
+    *) status=failed ;;
+  esac
+  local seconds=$(python3 -c "import time; print(round(time.time() - $started, 1))")
+  echo "== $name: $status (rc $rc, ${seconds} s)"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$seconds" "$rc" >> "$STEPS"
+}
+
+bench() { # bench NAME SECONDS ARGS...: one `purifier bench` into $WORK/NAME.json
+  local name=$1 limit=$2; shift 2
+  step "bench $name" "$limit" "$SUITE/bin/purifier" bench --device "$DEVICE" --json "$WORK/bench-$name.json" \
+    --batches "$BATCHES" --repeats "$REPEATS" --t-star "$T_STAR" --purify-batch "$PURIFY_BATCH" \
+    --profile-batch "$PROFILE_BATCH" "$@"
+}
+
+write_report() {
+  python3 - "$STEPS" "$WORK" "$SUITE/REVISION" "$OUT/gpu-suite.json" "$DEVICE" "$NVRTC" <<'EOF'
+import datetime, glob, json, os, subprocess, sys
+steps_file, work, revision_file, out, device, nvrtc = sys.argv[1:]
+revision, tree = (open(revision_file).read().split() + ["?", "?"])[:2] if os.path.exists(revision_file) else ("?", "?")
+steps = []
+for line in open(steps_file):
+    name, status, seconds, rc = line.rstrip("\n").split("\t")
+    steps.append(dict(name=name, status=status, seconds=float(seconds), rc=rc))
+try:
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                          "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+except Exception as e:  # no nvidia-smi: the smoke run
+    gpu = f"none ({e.__class__.__name__})"
+benches = {}
+for path in sorted(glob.glob(os.path.join(work, "bench-*.json"))):
+    with open(path) as f:
+        benches[os.path.basename(path)[len("bench-"):-len(".json")]] = json.load(f)
+report = dict(suite="scripts/gpu_suite.sh", revision=revision, tree=tree, device=device, gpu=gpu,
+              nvrtc=nvrtc, finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              steps=steps, passed=sum(s["status"] == "passed" for s in steps), total=len(steps), bench=benches)
+with open(out, "w") as f:
+    json.dump(report, f, indent=1)
+print(f"wrote {out}: {report['passed']} of {report['total']} steps passed, revision {revision} ({tree})")
+EOF
+}
+
+run() {
+  local budget=${1:-420}
+  DEADLINE=$(( $(date +%s) + budget ))
+  OUT="${OUT:-$ROOT/out}"
+  mkdir -p "$OUT"
+  WORK=$(mktemp -d)
+  STEPS="$WORK/steps.tsv"
+  : > "$STEPS"
+  if [ ! -x "$SUITE/bin/purifier" ]; then
+    echo "error: $SUITE/bin/purifier is missing: run 'bash scripts/gpu_suite.sh build' here and carry target/gpu-suite" >&2
+    exit 1
+  fi
+  NVRTC="$(find_nvrtc)"
+  if [ -z "$NVRTC" ]; then
+    echo "error: no libnvrtc.so.13 found (set NVRTC_LIB_DIR)" >&2
+    exit 1
+  fi
+  export LD_LIBRARY_PATH="$NVRTC${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export PURIFIER_KERNEL_CACHE="$WORK/kernel-cache"
+  export PURIFIER_BASELINE_SCRIPT="$ROOT/bench/torch_baseline.py"
+  export RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
+  trap write_report EXIT
+  {
+    echo "gpu suite: revision $(tr '\n' ' ' < "$SUITE/REVISION"), device $DEVICE, budget ${budget} s, NVRTC $NVRTC"
+    nvidia-smi 2>/dev/null || echo "(no nvidia-smi)"
+    local py=python3
+    python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || py=""
+
+    # 1. Kernel checks: every op of the CUDA backend against the CPU on the real driver.
+    for t in "${TESTS[@]}"; do
+      step "tests $t" 120 "$SUITE/bin/$t" ${FILTER[$t]} --test-threads 1 --nocapture
+    done
+    # 2. The benchmark, the PyTorch baseline side by side (when torch sees the GPU).
+    local baseline=()
+    [ -n "$py" ] && [ "$DEVICE" = cuda ] && baseline=(--baseline "$py")
+    bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none,pixel,adversarial "${baseline[@]}"
+    bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none,adversarial \
+      "${baseline[@]}" ${baseline:+--baseline-variants eager}
+    bench "$LARGE-f32" 60 --config "$LARGE" --precision f32 --modes none "${baseline[@]}" \
+      ${baseline:+--baseline-variants eager,graphs}
+    bench "$LARGE-f16" 45 --config "$LARGE" --precision f16 --modes none
+    # 3. compute-sanitizer over the op checks (refused on some of the GPU machines' runtimes).
+    if [ "$DEVICE" = cuda ] && command -v compute-sanitizer > /dev/null; then
+      step "compute-sanitizer memcheck" 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$SUITE/bin/backend_ops" cuda --test-threads 1
+    fi
+  } 2>&1 | tee "$OUT/gpu-suite.log"
+}
+
+case "$MODE" in
+  build) build ;;
+  run)
+    DEVICE=cuda LIMIT_SCALE=1 LARGE=cifar10 T_STAR=100 PURIFY_BATCH=64 PROFILE_BATCH=64 BATCHES=1,16,64,256 REPEATS=20
+    run "${2:-420}" ;;
+  smoke)
+    # Here, without a GPU: the same steps on the PTX emulator, tiny sizes, no baseline.
+    # The emulator is some thousand times slower than a GPU: each step gets 6 times its limit.
+    DEVICE=emulator LIMIT_SCALE=6 LARGE=cifar10-small T_STAR=1 PURIFY_BATCH=1 PROFILE_BATCH=1 BATCHES=1 REPEATS=1
+    OUT="${OUT:-$ROOT/target/gpu-suite-smoke}"
+    run "${2:-3600}" ;;
+  unpack)
+    files_at="${2:?usage: gpu_suite.sh unpack FILES_AT}"
+    rev=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["revision"][:10])' "$files_at/gpu-suite.json")
+    name="bench/results/gpu-suite-$(date -u +%Y-%m-%d)-$rev"
+    mkdir -p bench/results
+    cp "$files_at/gpu-suite.json" "$name.json"
+    cp "$files_at/gpu-suite.log" "$name.log"
+    echo "wrote $name.json and $name.log: commit them" ;;
+  *)
+    sed -n '2,22p' "$0"
+    exit 2 ;;
+esac
