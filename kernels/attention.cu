@@ -153,7 +153,7 @@ ATTENTION_FORWARD_ENTRIES(bf16, bf16)
 //   attention_backward_dkdv  grid (ceil(L/8), N), 128 threads: 8 keys per block, one per half-warp;
 //                            queries stream in tiles of 16 (q, dout, lse and D), lane i scores query
 //                            i; the lane then owns channels lane, lane+16, ... of its key's dk, dv.
-// No tensor-core version yet.
+// Version 2 (tensor cores, bf16/f16 activations with C a multiple of 8): attention_mma.cu.
 namespace attention_backward {
 constexpr int TILE = 16;     // streamed rows per tile = lanes per half-warp
 constexpr int ROWS = 8;      // rows owned per block = half-warps per block

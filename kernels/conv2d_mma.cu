@@ -11,9 +11,21 @@
 //   conv2d_mma_gather_<in>_<w>_<out>  the same with element-wise loads, rounded once to the operand
 //                                      type and stored to shared: f32 inputs (conv_in reads x_t in
 //                                      f32), channel counts like 3.
+//   conv2d_backward_input_mma_<dout>_<w>
+//                                      the input gradient, dx += the transposed convolution of dout
+//                                      (conv2d.cu's conv2d_backward_input_simt on the tensor cores):
+//                                      the same tiles, warps and pipeline over M = dx positions,
+//                                      N = Ci, K = taps x Co; dout f32 (the plans' gradients) or the
+//                                      weights' type, dx's type a run-time code (f32 or the weights');
+//                                      Co a multiple of 4 (f32 dout) or 8, Ci a multiple of 8: cp.async.
+//   conv2d_backward_input_mma_gather_<dout>_<w>
+//                                      the same with element-wise loads (conv_in's Ci = 3, conv_out's
+//                                      Co = 3).
 // Precision: inputs rounded once to bf16/f16 (the operand type), f32 accumulation, the epilogue in
-// f32, one rounding to the output's type (f32 output for conv_out's eps).
-// Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16.
+// f32, one rounding to the output's type (f32 output for conv_out's eps). The input gradient rounds
+// f32 dout to the weights' type once, as its A fragments are built; dx += in f32, one rounding.
+// Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16,
+// conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16.
 #include "common.cuh"
 
 // ---- the index helpers of conv2d.cu (kept in step with it) ----
@@ -294,3 +306,288 @@ CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f32, float)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f32, float)
+
+// ---------------------------------------------------------------------------------------------
+// The input gradient on the tensor cores: dx += the transposed convolution of dout, the implicit
+// GEMM of conv2d.cu's conv2d_backward_input_simt (read its comment) with mma.sync:
+//   M = N*H*W dx positions, N = Ci, K = kh*kw*Co with k = tap*Co + co,
+//   A[m, k] = dout[n, oy, ox, co] where (y + pad_top - ky) / s = oy exactly (and the same in x),
+//             zero elsewhere;
+//   B[k, ci] = w[co, ky, kx, ci]: the stored weights read as a K x Ci row-major matrix (ci
+//             contiguous per (co, tap): the transposed filter), whose "col" fragments ldmatrix.trans
+//             gives straight from those rows.
+// A is staged in shared memory in dout's own type: f32 gradients (what the plans hold) by 16-byte
+// cp.async as f32, rounded to the weights' type when the A fragments are built (float2 reads,
+// cvt.rn pair packing); 16-bit dout as is, read by ldmatrix like the forward. B by cp.async too.
+// Tiles, warps and the 3-stage pipeline are the forward's; shared memory is dynamic (75 KB with f32
+// dout), so the launcher sizes it.
+namespace bwd {
+constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
+// A rows of BK + 8 elements: f32 (160 bytes), the float2 fragment reads of a half-warp fall in
+// distinct banks; 16-bit (80 bytes), the ldmatrix rows do (as the forward).
+constexpr int A_ROW = BK + 8;
+// B rows of BN + 8 halves (144 bytes = 36 words): the 8 rows of one ldmatrix start in distinct bank
+// groups, every row 16-byte aligned.
+constexpr int B_ROW = BN + 8;
+constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
+constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
+// Dynamic shared memory: STAGES A tiles (BM x A_ROW of dout's type), then STAGES B tiles (BK x
+// B_ROW halves); src/backend/cuda/conv.rs computes the same size.
+}  // namespace bwd
+
+// The dout position (oy * out_w + ox) that dx position (y, x), in padded coordinates (iy + pad_top,
+// ix + pad_left), meets through tap (ky, kx); -1 when that tap skips it (not an exact multiple of
+// the stride, or outside the output).
+__device__ __forceinline__ int transposed_tap_source(int y, int x, int ky, int kx, const ConvParams& p) {
+    const int ty = y - ky, tx = x - kx;
+    if (ty < 0 || tx < 0) return -1;
+    int oy = ty, ox = tx;
+    if (p.stride == 2) {
+        if ((ty | tx) & 1) return -1;
+        oy = ty >> 1;
+        ox = tx >> 1;
+    } else if (p.stride != 1) {
+        if (ty % p.stride != 0 || tx % p.stride != 0) return -1;
+        oy = ty / p.stride;
+        ox = tx / p.stride;
+    }
+    if (oy >= p.out_h || ox >= p.out_w) return -1;
+    return oy * p.out_w + ox;
+}
+
+// One dx row of the A tile: the offset of its sample in dout (n * out_h * out_w; -1 past M) and its
+// padded coordinates packed as (y << 16) | x.
+struct DxRow {
+    int sample_base, yx;
+};
+
+__device__ __forceinline__ DxRow dx_row(int m, const ConvParams& p) {
+    const int plane = p.in_h * p.in_w;
+    if (m >= p.batch * plane) return DxRow{-1, 0};
+    const int n = m / plane;
+    const int rest = m - n * plane;
+    const int iy = rest / p.in_w, ix = rest - (rest / p.in_w) * p.in_w;
+    return DxRow{n * p.out_h * p.out_w, ((iy + p.pad_top) << 16) | (ix + p.pad_left)};
+}
+
+// Element (row, k) of A as dout's type, zero where the tap skips the row or past K.
+template <typename DoutT>
+__device__ __forceinline__ DoutT transposed_gather(const DxRow& r, int ky, int kx, int co, bool k_valid,
+                                                   const ConvParams& p, const DoutT* __restrict__ dout) {
+    const int source = (k_valid && r.sample_base >= 0) ? transposed_tap_source(r.yx >> 16, r.yx & 0xffff, ky, kx, p) : -1;
+    if (source < 0) return from_float<DoutT>(0.0f);
+    return dout[(r.sample_base + source) * p.out_channels + co];
+}
+
+// One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: Co a multiple of the 16-byte chunk
+// (4 f32 or 8 halves, so a chunk never straddles a tap), Ci a multiple of 8, 16-byte aligned
+// tensors: cp.async. Otherwise element-wise loads stored to shared (conv_in's Ci = 3, conv_out's
+// Co = 3).
+template <bool VECTOR, typename DoutT, typename WT>
+__device__ __forceinline__ void conv_backward_load_tile(DoutT* a_stage, unsigned short* b_stage, int k0,
+                                                        const DxRow* rows, int tid, int m_block, int n_block,
+                                                        const ConvParams& p, const DoutT* __restrict__ dout,
+                                                        const WT* __restrict__ w) {
+    using namespace bwd;
+    const int taps = p.kh * p.kw;
+    const int k_total = taps * p.out_channels;
+    const int ci_total = p.ca;
+    if constexpr (VECTOR) {
+        constexpr int CHUNK = 16 / (int)sizeof(DoutT);
+        constexpr int CHUNKS_PER_ROW = BK / CHUNK;
+        constexpr int ROW_STEP = THREADS / CHUNKS_PER_ROW;
+        constexpr int ROWS = BM / ROW_STEP;
+        // A: this thread's chunk of k for its rows tid / CHUNKS_PER_ROW + ROW_STEP i.
+        const int chunk = tid % CHUNKS_PER_ROW;
+        const int k = k0 + chunk * CHUNK;
+        const bool k_valid = k < k_total;
+        const int tap = k_valid ? k / p.out_channels : 0;
+        const int co = k_valid ? k - tap * p.out_channels : 0;
+        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
+            const DxRow r = rows[i];
+            const int source =
+                (k_valid && r.sample_base >= 0) ? transposed_tap_source(r.yx >> 16, r.yx & 0xffff, ky, kx, p) : -1;
+            const DoutT* src = source >= 0 ? dout + (r.sample_base + source) * p.out_channels + co : dout;
+            const int row = tid / CHUNKS_PER_ROW + ROW_STEP * i;
+            cp_async_16(shared_address(a_stage + row * A_ROW + chunk * CHUNK), src, source >= 0 ? 16 : 0);
+        }
+        // B: 32 k rows x 8 chunks of 8 input channels; this thread: chunk tid % 8, rows tid / 8 + 16 i.
+        const int ci = n_block + (tid % 8) * 8;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = tid / 8 + 16 * i;
+            const int kb = k0 + row;
+            const bool inside = kb < k_total && ci < ci_total;
+            const int tap_b = inside ? kb / p.out_channels : 0;
+            const int co_b = inside ? kb - tap_b * p.out_channels : 0;
+            const WT* src = inside ? w + (co_b * taps + tap_b) * ci_total + ci : w;
+            cp_async_16(shared_address(b_stage + row * B_ROW + (tid % 8) * 8), src, inside ? 16 : 0);
+        }
+    } else {
+        // A element-wise: k column tid % 32, rows tid / 32 + 4 i.
+        const int kc = tid % BK;
+        const int k = k0 + kc;
+        const bool k_valid = k < k_total;
+        const int tap = k_valid ? k / p.out_channels : 0;
+        const int co = k_valid ? k - tap * p.out_channels : 0;
+        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+        for (int row = tid / BK; row < BM; row += THREADS / BK) {
+            const DxRow r = dx_row(m_block + row, p);
+            a_stage[row * A_ROW + kc] = transposed_gather(r, ky, kx, co, k_valid, p, dout);
+        }
+        // B element-wise: input channel tid % 64, k rows tid / 64 + 2 i.
+        const int cc = tid % BN;
+        const int ci = n_block + cc;
+        for (int row = tid / BN; row < BK; row += THREADS / BN) {
+            const int kb = k0 + row;
+            const bool inside = kb < k_total && ci < ci_total;
+            const int tap_b = inside ? kb / p.out_channels : 0;
+            const int co_b = inside ? kb - tap_b * p.out_channels : 0;
+            b_stage[row * B_ROW + cc] = inside ? w[(co_b * taps + tap_b) * ci_total + ci].bits : (unsigned short)0;
+        }
+    }
+}
+
+// The A fragment of one m16k16 tile at (row0, k0) of a stage: f32 staging read as float2 pairs and
+// rounded to WT here; 16-bit staging by ldmatrix.
+template <typename WT>
+__device__ __forceinline__ void load_a_fragment(unsigned (&frag)[4], const float* stage, int row0, int k0, int lane) {
+    using namespace bwd;
+    const int g = lane / 4, t = lane % 4;
+    const float* base = stage + (row0 + g) * A_ROW + k0 + 2 * t;
+    const float2 v0 = *reinterpret_cast<const float2*>(base);
+    const float2 v1 = *reinterpret_cast<const float2*>(base + 8 * A_ROW);
+    const float2 v2 = *reinterpret_cast<const float2*>(base + 8);
+    const float2 v3 = *reinterpret_cast<const float2*>(base + 8 * A_ROW + 8);
+    frag[0] = pack_x2<WT>(v0.x, v0.y);
+    frag[1] = pack_x2<WT>(v1.x, v1.y);
+    frag[2] = pack_x2<WT>(v2.x, v2.y);
+    frag[3] = pack_x2<WT>(v3.x, v3.y);
+}
+template <typename WT>
+__device__ __forceinline__ void load_a_fragment(unsigned (&frag)[4], const WT* stage, int row0, int k0, int lane) {
+    using namespace bwd;
+    ldmatrix_x4(frag, shared_address(stage + (row0 + (lane % 16)) * A_ROW + k0 + (lane / 16) * 8));
+}
+
+template <bool VECTOR, typename DoutT, typename WT>
+__device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restrict__ dout, const WT* __restrict__ w,
+                                                          void* __restrict__ dx, int dx_dtype, const ConvParams p) {
+    using namespace bwd;
+    extern __shared__ __align__(128) unsigned char backward_shared[];
+    DoutT* a_tiles = reinterpret_cast<DoutT*>(backward_shared);
+    unsigned short* b_tiles = reinterpret_cast<unsigned short*>(backward_shared + STAGES * BM * A_ROW * sizeof(DoutT));
+    constexpr int A_STAGE = BM * A_ROW, B_STAGE = BK * B_ROW;  // elements
+
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int warp_m = warp % 2, warp_n = warp / 2;
+    const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
+    const int k_total = p.kh * p.kw * p.out_channels;
+    const int k_tiles = (k_total + BK - 1) / BK;
+
+    // The vector loader's A rows, fixed for the whole K loop.
+    constexpr int ROW_STEP = THREADS / (BK / (16 / (int)sizeof(DoutT)));
+    constexpr int ROWS = VECTOR ? BM / ROW_STEP : 1;
+    DxRow rows[ROWS];
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) rows[i] = dx_row(m_block + tid / (THREADS / ROW_STEP) + ROW_STEP * i, p);
+
+    float acc[M_TILES][N_TILES][4];
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+        for (int j = 0; j < N_TILES; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles)
+            conv_backward_load_tile<VECTOR, DoutT, WT>(a_tiles + s * A_STAGE, b_tiles + s * B_STAGE, s * BK, rows, tid,
+                                                       m_block, n_block, p, dout, w);
+        cp_async_commit();
+    }
+
+    // ldmatrix.trans lane addresses of B: matrices (k 0-7, n j), (k 8-15, n j), (k 0-7, n j+1),
+    // (k 8-15, n j+1) = b0, b1 of n-tile j, b0, b1 of n-tile j + 1.
+    const int b_k = ((lane / 8) % 2) * 8 + (lane % 8), b_n = warp_n * WARP_N + (lane / 16) * 8;
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // tile kt landed for every thread; stage (kt - 1) % STAGES is free
+        const int next = kt + STAGES - 1;
+        if (next < k_tiles)
+            conv_backward_load_tile<VECTOR, DoutT, WT>(a_tiles + (next % STAGES) * A_STAGE,
+                                                       b_tiles + (next % STAGES) * B_STAGE, next * BK, rows, tid,
+                                                       m_block, n_block, p, dout, w);
+        cp_async_commit();
+
+        const DoutT* a_stage = a_tiles + (kt % STAGES) * A_STAGE;
+        const unsigned short* b_stage = b_tiles + (kt % STAGES) * B_STAGE;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned a_frag[M_TILES][4];
+            unsigned b_frag[N_TILES][2];
+#pragma unroll
+            for (int i = 0; i < M_TILES; ++i)
+                load_a_fragment<WT>(a_frag[i], a_stage, warp_m * WARP_M + 16 * i, kk, lane);
+#pragma unroll
+            for (int j = 0; j < N_TILES; j += 2) {
+                unsigned r[4];
+                ldmatrix_x4_trans(r, shared_address(b_stage + (kk + b_k) * B_ROW + b_n + 8 * j));
+                b_frag[j][0] = r[0];
+                b_frag[j][1] = r[1];
+                b_frag[j + 1][0] = r[2];
+                b_frag[j + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int i = 0; i < M_TILES; ++i)
+#pragma unroll
+                for (int j = 0; j < N_TILES; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: dx += acc, each element owned by one thread (no atomics); dx's storage type is a
+    // run-time code (f32 in the plans, the activations' type where a caller keeps it so).
+    const int positions = p.batch * p.in_h * p.in_w;
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int i = 0; i < M_TILES; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m_block + warp_m * WARP_M + 16 * i + g + 8 * half;
+            if (m >= positions) continue;
+#pragma unroll
+            for (int j = 0; j < N_TILES; ++j) {
+                const int ci = n_block + warp_n * WARP_N + 8 * j + 2 * t;
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    if (ci + e >= p.ca) continue;
+                    const long long at = (long long)m * p.ca + ci + e;
+                    store_dyn(dx, dx_dtype, at, load_dyn(dx, dx_dtype, at) + acc[i][j][2 * half + e]);
+                }
+            }
+        }
+    }
+}
+
+// Entries: conv2d_backward_input_mma_<dout>_<w> (cp.async loaders) and
+// conv2d_backward_input_mma_gather_<dout>_<w> (element-wise); dx's type is the `dx_dtype` code.
+#define CONV_BACKWARD_MMA_ENTRY(prefix, VECTOR, dout_name, DoutT, w_name, WT)                               \
+    extern "C" __global__ void __launch_bounds__(bwd::THREADS)                                              \
+        prefix##_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,           \
+                                        void* __restrict__ dx, int dx_dtype, const ConvParams p) {          \
+        conv2d_backward_input_mma<VECTOR, DoutT, WT>(dout, w, dx, dx_dtype, p);                             \
+    }
+
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f16, f16, f16, f16)

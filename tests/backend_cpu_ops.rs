@@ -6,7 +6,7 @@
 //! such a product, `||backward(g)|| ||d|| / sqrt(len)`, so a zero-ish projection cannot hide a bug.
 //! Each backward is also run into a randomly pre-filled buffer to check that it accumulates.
 use purifier::backend::cpu::{rng, CpuBackend, CpuTensor};
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepCoefficients};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepColumn, StepSource, STEP_COLUMNS};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -661,7 +661,17 @@ fn elementwise_sampler_ops() {
     assert!(out.data.iter().all(|&v| v == 3.0));
 
     // x0 estimate, posterior mean and the clip mask.
-    let k = StepCoefficients { sqrt_abar: 0.6, sqrt_one_minus_abar: 0.8, c0: 0.3, ct: 0.65 };
+    let mut row = vec![0.0; STEP_COLUMNS];
+    for (column, value) in [
+        (StepColumn::SqrtAbar, 0.6),
+        (StepColumn::SqrtOneMinusAbar, 0.8),
+        (StepColumn::C0, 0.3),
+        (StepColumn::Ct, 0.65),
+    ] {
+        row[column as usize] = value;
+    }
+    let (table, cursor) = (CpuTensor::new(&[1, STEP_COLUMNS], row), CpuTensor::new(&[1], vec![0.0]));
+    let k = StepSource { table: &table, cursor: &cursor };
     let mut x_t = rng.tensor(&x.shape);
     x_t.data.iter_mut().for_each(|v| *v *= 1.5);
     let eps = rng.tensor(&x.shape);

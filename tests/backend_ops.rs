@@ -14,7 +14,10 @@ use std::sync::Arc;
 use purifier::backend::cpu::{CpuBackend, CpuTensor};
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape};
+use purifier::backend::{
+    step_table_u64, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepColumn, StepSource, TensorShape,
+    STEP_COLUMNS,
+};
 use purifier::driver::emulated::EmulatedDriver;
 
 const ALL_DTYPES: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::F16];
@@ -415,7 +418,10 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
 test_device!(conv2d, conv2d_op, ALL_DTYPES);
 
 /// dx += the transposed convolution of dout, for the geometries of the UNet and the classifiers;
-/// dx starts from random values so the accumulation is checked too.
+/// dx starts from random values so the accumulation is checked too (and an element left alone is
+/// off by its whole gradient: this op adds, so a NaN-poisoned dx would stay NaN). Gradients are f32
+/// in the plans whatever the weights' type (the tensor-core kernel for 16-bit weights); every case
+/// also runs with dout and dx in the weights' type.
 fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "conv2d_backward_input");
     let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
@@ -423,18 +429,22 @@ fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     let cases = [
         ("3x3", 16, 24, 3, Conv2dGeometry::same(1), 6, 2),
         ("conv_in (3 channels)", 3, 16, 3, Conv2dGeometry::same(1), 5, 1),
+        ("conv_out (3 channels)", 16, 3, 3, Conv2dGeometry::same(1), 5, 1),
         ("1x1", 24, 16, 1, Conv2dGeometry::same(0), 4, 3),
         ("downsample (pad right/bottom, stride 2)", 16, 16, 3, down, 6, 2),
         ("classifier stride 2, pad 1", 8, 16, 3, Conv2dGeometry::strided(2, 1), 7, 2),
     ];
+    let grad_dtypes = if dtype == Precision::F32 { vec![dtype] } else { vec![Precision::F32, dtype] };
     for (name, ci, co, k, geometry, size, n) in cases {
-        let (oh, ow) = geometry.output_size(size, size, k, k);
-        let (dout, dout_r) = h.input(&[n, co, oh, ow]);
-        let (w, wr) = h.input_as(&[co, ci, k, k], dtype, 0.3);
-        let (mut dx, mut dx_r) = h.input(&[n, ci, size, size]);
-        b.conv2d_backward_input(&dout, &w, geometry, &mut dx);
-        h.cpu.conv2d_backward_input(&dout_r, &wr, geometry, &mut dx_r);
-        h.check(&format!("conv2d_backward_input {name}"), &dx, &dx_r);
+        for &grad_dtype in &grad_dtypes {
+            let (oh, ow) = geometry.output_size(size, size, k, k);
+            let (dout, dout_r) = h.input_as(&[n, co, oh, ow], grad_dtype, 1.0);
+            let (w, wr) = h.input_as(&[co, ci, k, k], dtype, 0.3);
+            let (mut dx, mut dx_r) = h.input_as(&[n, ci, size, size], grad_dtype, 1.0);
+            b.conv2d_backward_input(&dout, &w, geometry, &mut dx);
+            h.cpu.conv2d_backward_input(&dout_r, &wr, geometry, &mut dx_r);
+            h.check(&format!("conv2d_backward_input {name} ({grad_dtype} gradients)"), &dx, &dx_r);
+        }
     }
 }
 test_device!(conv2d_backward_input, conv2d_backward_input_op, ALL_DTYPES);
@@ -504,21 +514,48 @@ fn noise_is_bit_identical<B: Backend>(b: &B, dtype: Precision) {
 }
 test_device!(noise, noise_is_bit_identical, [Precision::F32]);
 
+/// A three-row step table with distinct values in every column (the noise of row 1 off, row 2's
+/// stream using all 64 bits), in both backends, and a cursor on row `row`.
+fn step_table<B: Backend>(h: &mut Harness<'_, B>, row: usize) -> ((B::Tensor, CpuTensor), (B::Tensor, CpuTensor)) {
+    let mut table = vec![0.0f32; 3 * STEP_COLUMNS];
+    let user = h.values(3 * 4, 2.0);
+    for r in 0..3 {
+        let at = |c: StepColumn| r * STEP_COLUMNS + c as usize;
+        table[at(StepColumn::SqrtAbar)] = 0.6 + 0.1 * r as f32;
+        table[at(StepColumn::SqrtOneMinusAbar)] = 0.8 - 0.1 * r as f32;
+        table[at(StepColumn::C0)] = 0.3 + 0.05 * r as f32;
+        table[at(StepColumn::Ct)] = 0.65 - 0.05 * r as f32;
+        table[at(StepColumn::NoiseStd)] = [0.2, 0.0, 0.1][r];
+        table[at(StepColumn::UnetStep)] = [4.0, 17.0, 999.0][r];
+        let stream = [7, 8, 0xFEDC_BA98_7654_3210][r];
+        table[at(StepColumn::Seed)..][..4].copy_from_slice(&step_table_u64(h.seed));
+        table[at(StepColumn::Stream)..][..4].copy_from_slice(&step_table_u64(stream));
+        table[at(StepColumn::User0)..][..4].copy_from_slice(&user[r * 4..(r + 1) * 4]);
+        table[at(StepColumn::One)] = 1.0;
+    }
+    let shape = [3, STEP_COLUMNS];
+    let tables = (h.b.upload(&table, &shape).unwrap(), h.cpu.upload(&table, &shape).unwrap());
+    let cursors = (h.b.upload(&[row as f32], &[1]).unwrap(), h.cpu.upload(&[row as f32], &[1]).unwrap());
+    (tables, cursors)
+}
+
 fn reverse_step_ops<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "reverse-step ops");
     let shape = [2, 3, 4, 4];
-    let k = StepCoefficients { sqrt_abar: 0.6, sqrt_one_minus_abar: 0.8, c0: 0.3, ct: 0.65 };
+    let ((table, table_r), (cursor, cursor_r)) = step_table(&mut h, 1);
+    let k = StepSource { table: &table, cursor: &cursor };
+    let k_r = StepSource { table: &table_r, cursor: &cursor_r };
     let (x, xr) = h.input_as(&shape, Precision::F32, 1.5);
     let (eps, eps_r) = h.input_as(&shape, Precision::F32, 1.5);
     let (mut x0, mut x0_r) = h.output_as(&shape, Precision::F32);
     let (mut mu, mut mu_r) = h.output_as(&shape, Precision::F32);
     b.predict_x0_and_mean(&x, &eps, k, &mut x0, &mut mu);
-    h.cpu.predict_x0_and_mean(&xr, &eps_r, k, &mut x0_r, &mut mu_r);
+    h.cpu.predict_x0_and_mean(&xr, &eps_r, k_r, &mut x0_r, &mut mu_r);
     h.check("predict_x0_and_mean: x0_hat", &x0, &x0_r);
     h.check("predict_x0_and_mean: mu", &mu, &mu_r);
     let (mut u, mut u_r) = h.input_f32(&shape);
     b.mask_clipped(&x, &eps, k, &mut u);
-    h.cpu.mask_clipped(&xr, &eps_r, k, &mut u_r);
+    h.cpu.mask_clipped(&xr, &eps_r, k_r, &mut u_r);
     h.check("mask_clipped", &u, &u_r);
     for kappa in [0.5, 1e6, f32::INFINITY] {
         let (mut d, mut d_r) = h.input_f32(&shape);
@@ -543,6 +580,80 @@ fn reverse_step_ops<B: Backend>(b: &B, dtype: Precision) {
     h.check("cross_entropy_grad", &ce, &ce_r);
 }
 test_device!(reverse_step, reverse_step_ops, [Precision::F32]);
+
+/// The table-driven ops of a GPU-shaped step: the UNet's step indices and the cursor, the
+/// guidance's axpby, the q-sample and the fused reverse step (with and without delta and noise),
+/// on every backend against the CPU; and, on the CPU itself, the fused ops against the ops they
+/// replace, bit for bit.
+fn step_table_ops<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "step-table ops");
+    for row in 0..3 {
+        let ((table, table_r), (mut cursor, mut cursor_r)) = step_table(&mut h, row);
+        let step = StepSource { table: &table, cursor: &cursor };
+        let step_r = StepSource { table: &table_r, cursor: &cursor_r };
+        let (mut t, mut t_r) = h.output_as(&[3], Precision::F32);
+        b.step_unet_indices(step, &mut t);
+        h.cpu.step_unet_indices(step_r, &mut t_r);
+        h.check(&format!("step_unet_indices row {row}"), &t, &t_r);
+
+        let (x, x_r) = h.input(&[2, 3, 4, 4]);
+        let (y, y_r) = h.input(&[2, 3, 4, 4]);
+        let (mut out, mut out_r) = h.output(&[2, 3, 4, 4]);
+        b.axpby_step(step, StepColumn::User1, &x, StepColumn::User3, &y, &mut out);
+        h.cpu.axpby_step(step_r, StepColumn::User1, &x_r, StepColumn::User3, &y_r, &mut out_r);
+        h.check(&format!("axpby_step row {row}"), &out, &out_r);
+
+        // Noise per image, a sample length that is not a multiple of 4, images out of order.
+        let images = [9.0, 3.0];
+        let indices = (b.upload(&images, &[2]).unwrap(), h.cpu.upload(&images, &[2]).unwrap());
+        let shape = [2, 3, 5, 7];
+        let (x, x_r) = h.input_as(&shape, dtype, 1.0);
+        let (mut x_t, mut x_t_r) = h.output_as(&shape, Precision::F32);
+        b.q_sample(&x, &indices.0, step, &mut x_t);
+        h.cpu.q_sample(&x_r, &indices.1, step_r, &mut x_t_r);
+        h.check(&format!("q_sample row {row}"), &x_t, &x_t_r);
+
+        let (eps, eps_r) = h.input_as(&shape, dtype, 1.5);
+        let (delta, delta_r) = h.input_as(&shape, Precision::F32, 0.1);
+        for with_delta in [false, true] {
+            let (mut x_t, mut x_t_r) = h.input_as(&shape, Precision::F32, 1.5);
+            let before = x_t_r.clone();
+            b.reverse_step(&mut x_t, &eps, with_delta.then_some(&delta), &indices.0, step);
+            h.cpu.reverse_step(&mut x_t_r, &eps_r, with_delta.then_some(&delta_r), &indices.1, step_r);
+            h.check(&format!("reverse_step row {row}, delta {with_delta}"), &x_t, &x_t_r);
+
+            // The CPU's fused step is the unfused sequence, bit for bit.
+            let cpu = &h.cpu;
+            let (mut x0, mut mu) = (cpu.zeros(&shape).unwrap(), cpu.zeros(&shape).unwrap());
+            cpu.predict_x0_and_mean(&before, &eps_r, step_r, &mut x0, &mut mu);
+            if with_delta {
+                cpu.add_assign(&mut mu, &delta_r);
+            }
+            let table_row = &table_r.data[row * STEP_COLUMNS..(row + 1) * STEP_COLUMNS];
+            let sigma = table_row[StepColumn::NoiseStd as usize];
+            let expected = if sigma > 0.0 {
+                let piece = |c: StepColumn| (0..4).map(|k| (table_row[c as usize + k] as u64) << (16 * k)).sum();
+                let mut z = cpu.zeros(&shape).unwrap();
+                cpu.fill_gaussian(&mut z, &indices.1, piece(StepColumn::Seed), piece(StepColumn::Stream));
+                let mut next = cpu.zeros(&shape).unwrap();
+                cpu.axpby(1.0, &mu, sigma, &z, &mut next);
+                next
+            } else {
+                mu
+            };
+            assert_eq!(x_t_r.data, expected.data, "the CPU's fused reverse step changed bits (row {row})");
+        }
+
+        b.advance_step_cursor(&mut cursor, 1);
+        h.cpu.advance_step_cursor(&mut cursor_r, 1);
+        b.advance_step_cursor(&mut cursor, -3);
+        h.cpu.advance_step_cursor(&mut cursor_r, -3);
+        b.synchronize().unwrap();
+        assert_eq!(b.download(&cursor).unwrap(), [row as f32 - 2.0]);
+        assert_eq!(cursor_r.data, [row as f32 - 2.0]);
+    }
+}
+test_device!(step_table, step_table_ops, [Precision::F32, Precision::Bf16]);
 
 // ---- errors ----
 
@@ -581,6 +692,37 @@ fn emulator_backward_ops_report_bad_shapes() {
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: logsumexp") && err.contains("[2, 9]"), "{err}");
     assert_eq!(b.download(&dx).unwrap(), vec![0.25; 2 * 4 * 3 * 3], "nothing written on an error");
+}
+
+/// The table-driven ops refuse a step table of the wrong width, a cursor that is not one f32
+/// element and image indices of the wrong count, through synchronize, writing nothing; a cursor
+/// outside the table makes them write nothing (the sampler never moves it there; the CPU
+/// reference panics on it).
+#[test]
+fn emulator_step_ops_report_bad_tables() {
+    let b = emulator(Precision::F32);
+    let shape = [1, 3, 2, 2];
+    let x = b.upload(&[0.5; 12], &shape).unwrap();
+    let images = b.upload(&[0.0], &[1]).unwrap();
+    let mut x_t = b.upload(&[0.25; 12], &shape).unwrap();
+    let narrow = b.zeros(&[2, STEP_COLUMNS - 1]).unwrap();
+    let cursor = b.zeros(&[1]).unwrap();
+    b.q_sample(&x, &images, StepSource { table: &narrow, cursor: &cursor }, &mut x_t);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("q_sample: a step table is rows x 20") && err.contains("[2, 19]"), "{err}");
+    let table = b.upload(&[0.5; 2 * STEP_COLUMNS], &[2, STEP_COLUMNS]).unwrap();
+    let long_cursor = b.zeros(&[2]).unwrap();
+    b.reverse_step(&mut x_t, &x, None, &images, StepSource { table: &table, cursor: &long_cursor });
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("reverse_step: step cursor"), "{err}");
+    let two_images = b.zeros(&[2]).unwrap();
+    b.reverse_step(&mut x_t, &x, None, &two_images, StepSource { table: &table, cursor: &cursor });
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("reverse_step: image_indices"), "{err}");
+    let outside = b.upload(&[2.0], &[1]).unwrap();
+    b.reverse_step(&mut x_t, &x, None, &images, StepSource { table: &table, cursor: &outside });
+    b.synchronize().expect("a cursor outside the table is not a launch error");
+    assert_eq!(b.download(&x_t).unwrap(), vec![0.25; 12], "nothing written");
 }
 
 /// The benchmark's compute ceiling: kernels/peak.cu runs (on the emulator: a few doublings of its

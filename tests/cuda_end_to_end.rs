@@ -6,7 +6,11 @@
 //! Tolerances (relative L2): ENGINE.md's 1e-5 in f32; in bf16 storage 3e-2 for whole networks
 //! and purifications (every one of a UNet's ~100 activations is rounded to bf16, unit roundoff
 //! 2^-9, so the distance to the f32 network grows like the square root of the depth: 1.1e-2 was
-//! measured for the forward on the emulator), 1e-2 for the shallower classifiers.
+//! measured for the forward on the emulator), 1e-2 for the shallower classifiers' outputs, and 0.3
+//! for the classifiers' input VJP in bf16: a ReLU network's input gradient switches a unit's whole
+//! contribution on or off when rounding moves its pre-activation across zero (rounding only the
+//! input to bf16 moves ResNet-20's VJP 5-9% on the CPU; the emulator's bf16 plans measure 12-16%
+//! for ResNet-20 and WRN-16-2: tests/emulator_models.rs).
 mod common;
 
 use common::networks::{classifier_against_cpu, purification_against_cpu, seed, unet_against_cpu};
@@ -68,8 +72,11 @@ fn classifiers_forward_and_vjp() {
             let [logits, features, vjp] = classifier_against_cpu(&b, wide, 4, seed);
             let name = if wide { "WRN-16-2" } else { "ResNet-20" };
             println!("{name} {precision}: logits {logits:.2e}, features {features:.2e}, VJP {vjp:.2e} (seed {seed})");
-            let tol = tolerance(precision, 1e-5, 1e-2);
-            assert!(logits < tol && features < tol && vjp < tol, "{name} {precision} over {tol:e} (seed {seed})");
+            let (tol, vjp_tol) = (tolerance(precision, 1e-5, 1e-2), tolerance(precision, 1e-5, 0.3));
+            assert!(
+                logits < tol && features < tol && vjp < vjp_tol,
+                "{name} {precision} over {tol:e} (VJP {vjp_tol:e}) (seed {seed})"
+            );
         }
     }
 }

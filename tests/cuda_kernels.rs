@@ -20,7 +20,9 @@ use std::sync::Mutex;
 
 use half::{bf16, f16};
 use purifier::backend::cpu::CpuBackend;
-use purifier::backend::cuda::attention::{self, AttentionKernels, AttentionLaunch, AttentionVersion};
+use purifier::backend::cuda::attention::{
+    self, AttentionBackwardLaunch, AttentionKernels, AttentionLaunch, AttentionVersion,
+};
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision};
@@ -589,6 +591,46 @@ fn conv_launch_rejects_bad_shapes_with_a_message() {
 }
 
 #[test]
+fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
+    let ok = Conv2dBackwardInputLaunch {
+        batch: 1,
+        height: 8,
+        width: 8,
+        in_channels: 16,
+        out_channels: 16,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: Conv2dGeometry::same(1),
+        dout_dtype: Precision::F32,
+        weight_dtype: Precision::Bf16,
+        dx_dtype: Precision::F32,
+        dout: 0x1000,
+        weight: 0x2000,
+        dx: 0x3000,
+    };
+    let tc = Conv2dVersion::TensorCore;
+    assert_eq!(conv::backward_input_kernel_for(&ok, tc).unwrap(), "conv2d_backward_input_mma_f32_bf16");
+    let odd = Conv2dBackwardInputLaunch { in_channels: 3, ..ok };
+    assert_eq!(conv::backward_input_kernel_for(&odd, tc).unwrap(), "conv2d_backward_input_mma_gather_f32_bf16");
+    let half = Conv2dBackwardInputLaunch { dout_dtype: Precision::F16, weight_dtype: Precision::F16, ..ok };
+    assert_eq!(conv::backward_input_kernel_for(&half, tc).unwrap(), "conv2d_backward_input_mma_f16_f16");
+    // The SIMT kernel takes one storage type throughout; f32 weights have no tensor-core kernel.
+    let err = conv::backward_input_kernel_for(&ok, Conv2dVersion::Simt).unwrap_err().to_string();
+    assert!(err.contains("one storage type throughout"), "{err}");
+    let f32_weights = Conv2dBackwardInputLaunch { weight_dtype: Precision::F32, ..ok };
+    assert!(conv::backward_input_kernel_for(&f32_weights, tc).is_err());
+    for (launch, expected) in [
+        (Conv2dBackwardInputLaunch { dout_dtype: Precision::Bf16, ..f32_weights }, "f32 weights need f32 dout and dx"),
+        (Conv2dBackwardInputLaunch { dx_dtype: Precision::F16, ..ok }, "bf16 weights take dout and dx in f32 or bf16"),
+        (Conv2dBackwardInputLaunch { dx: 0x3002, ..ok }, "not aligned"),
+        (Conv2dBackwardInputLaunch { kernel_h: 11, ..ok }, "larger than the padded input"),
+    ] {
+        let err = launch.validate().expect_err(expected).to_string();
+        assert!(err.contains(expected) && err.contains("conv2d backward input:"), "expected `{expected}` in `{err}`");
+    }
+}
+
+#[test]
 fn attention_launch_rejects_bad_shapes_with_a_message() {
     let ok = AttentionLaunch {
         batch: 2,
@@ -620,6 +662,31 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         .to_string()
         .contains("multiple of 8"));
     assert!(attention::kernel_for(&ok, AttentionVersion::TensorCore).is_err());
+    // The backward: the forward's checks, then the gradients' pointers.
+    let backward = AttentionBackwardLaunch {
+        forward: bf16,
+        dout: 0x6000,
+        dout_dtype: Precision::F32,
+        dq: 0x7000,
+        dq_dtype: Precision::F32,
+        dk: 0x8000,
+        dk_dtype: Precision::F32,
+        dv: 0x9000,
+        dv_dtype: Precision::F32,
+    };
+    assert_eq!(
+        attention::backward_kernels_for(&backward).unwrap(),
+        ["attention_backward_dq_mma_bf16_d128", "attention_backward_dkdv_mma_bf16_d128"]
+    );
+    for (launch, expected) in [
+        (AttentionBackwardLaunch { dk: 0, ..backward }, "null device pointer for `dk`"),
+        (AttentionBackwardLaunch { dv: 0x9002, ..backward }, "`dv` at 0x9002 is not aligned"),
+        (AttentionBackwardLaunch { forward: odd, ..backward }, "multiple of 8"),
+        (AttentionBackwardLaunch { forward: AttentionLaunch { positions: 0, ..bf16 }, ..backward }, "empty input"),
+    ] {
+        let err = attention::backward_kernels_for(&launch).expect_err(expected).to_string();
+        assert!(err.contains(expected) && err.contains("attention backward:"), "expected `{expected}` in `{err}`");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -732,15 +799,18 @@ fn emulator_attention_tensor_cores() {
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
 }
 
-/// The input gradient of one case (its logical input: concat and upsample are the caller's), in
-/// `dtype`, accumulated onto a random dx; returns the relative L2 error of the new dx.
+/// The input gradient of one case (its logical input: concat and upsample are the caller's) with
+/// storage types `[dout, weights, dx]`, accumulated onto a random dx (every dx element must be
+/// updated: one left alone keeps its start value and is off by its whole gradient); returns the
+/// relative L2 error of the new dx and the kernel that ran.
 fn check_conv_backward_input(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
     case: &ConvCase,
-    dtype: Precision,
+    version: Conv2dVersion,
+    [dout_dtype, weight_dtype, dx_dtype]: [Precision; 3],
     seed: u64,
-) -> f64 {
+) -> (f64, String) {
     let c = case;
     let factor = if c.upsample { 2 } else { 1 };
     let (n, h, w) = (c.batch, c.height * factor, c.width * factor);
@@ -755,19 +825,23 @@ fn check_conv_backward_input(
         kernel_h: k,
         kernel_w: k,
         geometry: c.geometry,
-        dtype,
+        dout_dtype,
+        weight_dtype,
+        dx_dtype,
         dout: 0,
         weight: 0,
         dx: 0,
     };
     let (oh, ow) = launch.output_size();
-    let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dtype);
-    let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), dtype);
-    let (dx_host, dx) = mem.upload(&common::uniform(n * h * w * ci, seed + 2), dtype);
+    let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dout_dtype);
+    let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), weight_dtype);
+    let (dx_host, dx) = mem.upload(&common::uniform(n * h * w * ci, seed + 2), dx_dtype);
     (launch.dout, launch.weight, launch.dx) = (dout, weight, dx);
-    conv::launch_conv2d_backward_input(driver, kernels, &launch).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    let kernel = conv::backward_input_kernel_for(&launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    conv::launch_conv2d_backward_input_version(driver, kernels, &launch, version)
+        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
-    let dx_out = mem.download(dx, n * h * w * ci, dtype);
+    let dx_out = mem.download(dx, n * h * w * ci, dx_dtype);
 
     let to_nchw = |v: &[f32], channels: usize, plane: usize| {
         let mut r = vec![0.0f32; v.len()];
@@ -788,33 +862,197 @@ fn check_conv_backward_input(
             }
         }
     }
+    // The reference: the CPU on the same stored values (f32 dout unrounded: rounding it to the
+    // weights' type is the kernel's, and within the tolerance).
     let cpu = CpuBackend;
     let dout_t = cpu.upload(&to_nchw(&dout_host, co, oh * ow), &[n, co, oh, ow]).unwrap();
     let w_t = cpu.upload(&w_oihw, &[co, ci, k, k]).unwrap();
     let mut dx_t = cpu.upload(&to_nchw(&dx_host, ci, h * w), &[n, ci, h, w]).unwrap();
     cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t);
     let mut reference = cpu.download(&dx_t).unwrap();
-    if dtype != Precision::F32 {
-        reference = encode(&reference, dtype).0;
+    if dx_dtype != Precision::F32 {
+        reference = encode(&reference, dx_dtype).0;
     }
-    relative_l2(&to_nchw(&dx_out, ci, h * w), &reference)
+    (relative_l2(&to_nchw(&dx_out, ci, h * w), &reference), kernel)
+}
+
+fn run_conv_backward_input_checks(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    version: Conv2dVersion,
+    dtypes: [Precision; 3],
+) {
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for case in conv_cases() {
+        let start = std::time::Instant::now();
+        let (err, kernel) = check_conv_backward_input(driver, kernels, &case, version, dtypes, seed);
+        let tol = tolerance(&dtypes);
+        println!(
+            "conv backward input {kernel:<40} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            case.name,
+            start.elapsed().as_secs_f64()
+        );
+        if err.is_nan() || err > tol {
+            failures.push(format!("{}: {err:e}", case.name));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "conv backward input {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}"
+    );
 }
 
 #[test]
 fn emulator_conv_backward_input() {
     let (driver, module) = emulated_module("conv2d.cu");
     let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    for dtype in [Precision::F32, Precision::Bf16] {
+        run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::Simt, [dtype; 3]);
+    }
+}
+
+/// The tensor-core input gradient over every forward geometry: f32 gradients against bf16 and f16
+/// weights (what the plans' VJPs run), and 16-bit throughout; cp.async loaders where the channels
+/// allow, element-wise (conv_in's Ci = 3, conv_out's Co = 3, odd counts) otherwise.
+#[test]
+fn emulator_conv_backward_input_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
+    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    let f32 = Precision::F32;
+    for w in [Precision::Bf16, Precision::F16] {
+        for dtypes in [[f32, w, f32], [w, w, w]] {
+            run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
+        }
+    }
+    // The mixed pairs once each (the kernel takes dout and dx types independently).
+    run_conv_backward_input_checks(
+        &driver,
+        &kernels,
+        Conv2dVersion::TensorCore,
+        [f32, Precision::Bf16, Precision::Bf16],
+    );
+    run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, [Precision::F16, Precision::F16, f32]);
+}
+
+/// The tensor-core attention backward on one case with gradients (dout, dq, dk, dv) in
+/// `grad_dtype`: q, k, v fresh in `dtype`, out and the log-sum-exp from the CPU's forward, dq, dk,
+/// dv accumulated onto small random values; returns the relative L2 errors of dq, dk, dv and the
+/// kernels that ran.
+fn check_attention_backward(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    (name, batch, positions, channels): (&str, usize, usize, usize),
+    dtype: Precision,
+    grad_dtype: Precision,
+    seed: u64,
+) -> ([f64; 3], [String; 2]) {
+    let len = batch * positions * channels;
+    let mut mem = Allocations::new(driver);
+    let q_values: Vec<f32> = common::uniform(len, seed).iter().map(|v| v * 4.0).collect();
+    let (q_host, q) = mem.upload(&q_values, dtype);
+    let (k_host, k) = mem.upload(&common::uniform(len, seed + 1), dtype);
+    let (v_host, v) = mem.upload(&common::uniform(len, seed + 2), dtype);
+    let (dout_host, dout) = mem.upload(&common::uniform(len, seed + 3), grad_dtype);
+    let small: Vec<f32> = common::uniform(3 * len, seed + 4).iter().map(|v| v * 0.01).collect();
+    let (dq_host, dq) = mem.upload(&small[..len], grad_dtype);
+    let (dk_host, dk) = mem.upload(&small[len..2 * len], grad_dtype);
+    let (dv_host, dv) = mem.upload(&small[2 * len..], grad_dtype);
+
+    let to_nchw = |v: &[f32]| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..batch {
+            for p in 0..positions {
+                for c in 0..channels {
+                    r[(s * channels + c) * positions + p] = v[(s * positions + p) * channels + c];
+                }
+            }
+        }
+        r
+    };
+    let to_nhwc = |v: &[f32]| {
+        let mut r = vec![0.0f32; v.len()];
+        for s in 0..batch {
+            for p in 0..positions {
+                for c in 0..channels {
+                    r[(s * positions + p) * channels + c] = v[(s * channels + c) * positions + p];
+                }
+            }
+        }
+        r
+    };
+    // The forward on the CPU (its out rounded to the storage type, as a plan keeps it).
+    let cpu = CpuBackend;
+    let shape = [batch, channels, positions, 1];
+    let up = |v: &[f32]| cpu.upload(&to_nchw(v), &shape).unwrap();
+    let (qt, kt, vt) = (up(&q_host), up(&k_host), up(&v_host));
+    let mut out_t = cpu.zeros_as(&shape, dtype).unwrap();
+    let mut lse_t = cpu.zeros(&[batch, positions]).unwrap();
+    cpu.attention(&qt, &kt, &vt, &mut out_t, &mut lse_t);
+    let (_, out) = mem.upload(&to_nhwc(&cpu.download(&out_t).unwrap()), dtype);
+    let (_, logsumexp) = mem.upload(&cpu.download(&lse_t).unwrap(), Precision::F32);
+
+    let forward = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
+    let launch = AttentionBackwardLaunch {
+        forward,
+        dout,
+        dout_dtype: grad_dtype,
+        dq,
+        dq_dtype: grad_dtype,
+        dk,
+        dk_dtype: grad_dtype,
+        dv,
+        dv_dtype: grad_dtype,
+    };
+    let names = attention::backward_kernels_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    attention::launch_attention_backward_mma(driver, kernels, &launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
+
+    let dout_t = up(&dout_host);
+    let (mut dq_t, mut dk_t, mut dv_t) = (up(&dq_host), up(&dk_host), up(&dv_host));
+    cpu.attention_backward(&qt, &kt, &vt, &out_t, &lse_t, &dout_t, &mut dq_t, &mut dk_t, &mut dv_t);
+    let errors = [(dq, &dq_t), (dk, &dk_t), (dv, &dv_t)].map(|(ptr, reference)| {
+        let mut want = cpu.download(reference).unwrap();
+        if grad_dtype != Precision::F32 {
+            want = encode(&want, grad_dtype).0;
+        }
+        relative_l2(&to_nchw(&mem.download(ptr, len, grad_dtype)), &want)
+    });
+    (errors, names)
+}
+
+/// The tensor-core attention backward over the attention cases (16x16 positions at C 64, C 256,
+/// odd position counts, C 40 padded to 64), bf16 and f16, gradients in f32 (the plans) and in the
+/// activations' type.
+#[test]
+fn emulator_attention_backward_tensor_cores() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention_mma.cu", "sm_80"))).unwrap();
+    let kernels = AttentionKernels::load(&driver, simt, Some(mma)).unwrap();
     let seed = fresh_seed();
     let mut failures = Vec::new();
-    for dtype in [Precision::F32, Precision::Bf16] {
-        for case in conv_cases() {
-            let err = check_conv_backward_input(&driver, &kernels, &case, dtype, seed);
-            let tol = tolerance(&[dtype]);
-            println!("conv backward input {dtype} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed})", case.name);
-            if err.is_nan() || err > tol {
-                failures.push(format!("{dtype} {}: {err:e}", case.name));
+    for dtype in [Precision::Bf16, Precision::F16] {
+        for grad_dtype in [Precision::F32, dtype] {
+            for case in attention_cases() {
+                let start = std::time::Instant::now();
+                let (errors, names) = check_attention_backward(&driver, &kernels, case, dtype, grad_dtype, seed);
+                println!(
+                    "attention backward {} {dtype} ({grad_dtype} gradients) {:<34} dq {:.2e} dk {:.2e} dv {:.2e} (seed {seed}, {:.1} s)",
+                    names[0],
+                    case.0,
+                    errors[0],
+                    errors[1],
+                    errors[2],
+                    start.elapsed().as_secs_f64()
+                );
+                if errors.iter().any(|e| e.is_nan() || *e > 1e-2) {
+                    failures.push(format!("{dtype} {grad_dtype} {}: {errors:?}", case.0));
+                }
             }
         }
     }
-    assert!(failures.is_empty(), "conv backward input (seed {seed}) over tolerance: {failures:?}");
+    assert!(failures.is_empty(), "attention backward (seed {seed}) over tolerance: {failures:?}");
 }

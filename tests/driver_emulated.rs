@@ -77,6 +77,13 @@ fn launch_copy_memset_events_and_graphs() {
     d.synchronize().unwrap();
     assert!(read(&d, py, n).iter().enumerate().all(|(i, &v)| v == 4.0 * i as f32));
     assert!(d.thread_instructions() > 0);
+    // Destroyed graphs and events are gone, once.
+    d.destroy_graph(g).unwrap();
+    assert!(d.replay(g).unwrap_err().to_string().contains("destroyed graph"));
+    assert!(d.destroy_graph(g).is_err());
+    d.destroy_event(e0).unwrap();
+    assert!(d.elapsed_ms(e0, e1).unwrap_err().to_string().contains("destroyed event"));
+    assert!(d.destroy_event(e0).is_err());
     d.free(px).unwrap();
     assert!(d.free(px).is_err());
 }

@@ -16,7 +16,10 @@
 //!   log-sum-exp always f32); ops compute in f32 and round once when they store;
 //! - ops return nothing: a launch error is stored and reported by `synchronize`, which every public
 //!   entry point of the engine calls before it returns;
-//! - timing goes through `timestamp` / `elapsed_ms` (device events on a GPU), not host clocks.
+//! - timing goes through `timestamp` / `elapsed_ms` (device events on a GPU), not host clocks;
+//! - per-step scalars are read from a step table through a device cursor (`StepColumn`,
+//!   `StepSource`), and a whole step can be recorded once and replayed (`begin_capture`,
+//!   `end_capture`, `replay`: a CUDA graph; the CPU runs eagerly).
 //!
 //! Shapes are given in NCHW / OIHW order; how a backend stores them (NHWC, ...) is its own business.
 //!
@@ -177,6 +180,71 @@ pub struct StepCoefficients {
     pub ct: f32,
 }
 
+/// Columns of a step table: the per-step scalars of a purification, one row per step, in a backend
+/// tensor (rows x `STEP_COLUMNS`, f32) written once per purification, so that a reverse step
+/// sends nothing from the host and every launch of a step has the same arguments at every step
+/// (what a recorded CUDA graph needs). Ops read row `cursor[0]` (`StepSource`); the cursor is a
+/// one-element f32 tensor the step advances itself (`Backend::advance_step_cursor`).
+///
+/// The sampler's table (src/diffusion/step_table.rs) has the diffusion to t* in row 0 and the
+/// reverse steps, in the order they run, in rows 1.. . Integers (the UNet's step index, the noise's seed and stream) are stored exactly: 64-bit values
+/// as four 16-bit pieces, low first. kernels/diffusion.cu has the same numbering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum StepColumn {
+    /// sqrt(abar_t)
+    SqrtAbar = 0,
+    /// sqrt(1 - abar_t)
+    SqrtOneMinusAbar = 1,
+    /// c0_t, the weight of x0_hat in the posterior mean.
+    C0 = 2,
+    /// ct_t, the weight of x_t in the posterior mean.
+    Ct = 3,
+    /// sigma_t of the fresh noise (0: none; the noise of `q_sample` is scaled by `SqrtOneMinusAbar`).
+    NoiseStd = 4,
+    /// The UNet's 0-based step index t - 1 (`step_unet_indices`).
+    UnetStep = 5,
+    /// The noise's seed, four 16-bit pieces (columns 6..=9).
+    Seed = 6,
+    /// The noise's Philox stream, four 16-bit pieces (columns 10..=13).
+    Stream = 10,
+    /// Free for the caller's own per-step weights (`axpby_step`): the sampler keeps its guidance
+    /// factors there (src/diffusion/step_table.rs).
+    User0 = 14,
+    User1 = 15,
+    User2 = 16,
+    User3 = 17,
+    /// Always 0 and 1: weights for `axpby_step` that do not change with the step.
+    Zero = 18,
+    One = 19,
+}
+
+/// Floats per step-table row.
+pub const STEP_COLUMNS: usize = 20;
+
+/// The 64-bit `value` as the four exact 16-bit pieces a step table stores (low first).
+pub fn step_table_u64(value: u64) -> [f32; 4] {
+    std::array::from_fn(|k| ((value >> (16 * k)) & 0xffff) as f32)
+}
+
+/// Where a table-driven op finds its step's scalars: row `cursor[0]` of `table`.
+pub struct StepSource<'a, T> {
+    pub table: &'a T,
+    pub cursor: &'a T,
+}
+
+impl<T> Clone for StepSource<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for StepSource<'_, T> {}
+
+/// The graph type of a backend that records none (`Backend::begin_capture` says false): it has
+/// no values.
+#[derive(Debug)]
+pub enum NoGraph {}
+
 /// Image indices (`Backend::fill_gaussian`) live in f32 tensors, which hold every integer below
 /// 2^24 exactly: a run may hold at most this many images.
 pub const IMAGE_INDEX_LIMIT: u64 = 1 << 24;
@@ -205,10 +273,15 @@ pub fn range<'a, B: Backend + ?Sized>(b: &'a B, name: &str) -> Range<'a, B> {
     Range(b)
 }
 
-/// The compute interface. All tensors are `Self::Tensor`; scalars and tiny per-batch values come
-/// from the host.
+/// The compute interface. All tensors are `Self::Tensor`. Scalars that change from one reverse
+/// step to the next come from a step table in the backend (`StepSource`), so that a step's
+/// launches are the same at every step; scalars fixed for a run (the guidance's lambdas, kappa,
+/// clamp bounds) come from the host.
 pub trait Backend {
     type Tensor: TensorShape;
+    /// A recorded sequence of ops that can be run again (a CUDA graph); `NoGraph` where the
+    /// backend runs everything eagerly.
+    type Graph;
 
     /// A short human-readable name, e.g. "cpu (2 threads)".
     fn name(&self) -> String;
@@ -232,6 +305,9 @@ pub trait Backend {
     fn timestamp(&self) -> Result<Timestamp>;
     /// Milliseconds between two timestamps of this backend (synchronises first where needed).
     fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64>;
+    /// Frees what a timestamp holds (a device event); it must not be used after. A no-op for
+    /// host clock readings.
+    fn release_timestamp(&self, _timestamp: Timestamp) {}
     /// The measured dense bf16 tensor-core throughput of the device (FLOP/s), the compute ceiling
     /// of the benchmark's roofline; `None` for a backend without tensor cores (the CPU).
     fn tensor_core_peak(&self) -> Result<Option<f64>> {
@@ -243,6 +319,16 @@ pub trait Backend {
     fn range_push(&self, _name: &str) {}
     /// Closes the innermost range `range_push` opened.
     fn range_pop(&self) {}
+
+    // ---- graphs: a whole reverse step recorded once and replayed ----
+    /// Starts recording the ops issued from now on instead of running them, where the backend can
+    /// replay recordings; returns false (and records nothing) where it cannot, as on the CPU.
+    /// While recording, nothing may cross to or from the host (`write`, `download`, `timestamp`).
+    fn begin_capture(&self) -> Result<bool>;
+    /// Ends the recording `begin_capture` started (an error if none is under way).
+    fn end_capture(&self) -> Result<Self::Graph>;
+    /// Issues a recording again: the same ops, on the same tensors, with the same arguments.
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
 
     // ---- memory: the only host <-> device crossings ----
     /// A zero-filled f32 tensor. Called when plans are made, never inside a step.
@@ -413,13 +499,53 @@ pub trait Backend {
     /// per purification, so a step sends nothing from the host.
     fn fill_gaussian(&self, out: &mut Self::Tensor, image_indices: &Self::Tensor, seed: u64, stream: u64);
 
+    // Table-driven ops: their step scalars come from the step table row the cursor names
+    // (`StepColumn`), so a step's launches are the same at every step.
+
+    /// The UNet's per-sample step indices: `t[n] = row[UnetStep]` for every sample.
+    fn step_unet_indices(&self, step: StepSource<'_, Self::Tensor>, t: &mut Self::Tensor);
+    /// `cursor += by` (one element, an integer below 2^24): the last op of a step moves it on.
+    fn advance_step_cursor(&self, cursor: &mut Self::Tensor, by: i32);
+    /// `out = row[a] x + row[b] y` (the guidance's per-step weights).
+    #[allow(clippy::too_many_arguments)]
+    fn axpby_step(
+        &self,
+        step: StepSource<'_, Self::Tensor>,
+        a: StepColumn,
+        x: &Self::Tensor,
+        b: StepColumn,
+        y: &Self::Tensor,
+        out: &mut Self::Tensor,
+    );
+    /// The diffusion to the row's level: `x_t = sqrt(abar) x + sqrt(1 - abar) z`, z the noise of
+    /// (row's seed, row's stream, `image_indices`) exactly as `fill_gaussian` draws it.
+    fn q_sample(
+        &self,
+        x: &Self::Tensor,
+        image_indices: &Self::Tensor,
+        step: StepSource<'_, Self::Tensor>,
+        x_t: &mut Self::Tensor,
+    );
+    /// One whole reverse step, in place: `x0_hat = clip((x_t - sqrt(1-abar) eps) / sqrt(abar), -1, 1)`,
+    /// `x_t <- c0 x0_hat + ct x_t (+ delta) (+ sigma z)`, sigma = row[NoiseStd] (no noise when 0),
+    /// z the noise of (row's seed, row's stream, `image_indices`) as `fill_gaussian` draws it.
+    /// Element-wise, so writing x_t in place is safe; bit for bit what `predict_x0_and_mean`,
+    /// `add_assign` of delta and `axpby(1, mu, sigma, z)` give.
+    fn reverse_step(
+        &self,
+        x_t: &mut Self::Tensor,
+        eps: &Self::Tensor,
+        delta: Option<&Self::Tensor>,
+        image_indices: &Self::Tensor,
+        step: StepSource<'_, Self::Tensor>,
+    );
     /// The network's step prediction: `x0_hat = clip((x_t - sqrt(1-abar) eps) / sqrt(abar), -1, 1)`
     /// and the posterior mean `mu = c0 x0_hat + ct x_t`.
     fn predict_x0_and_mean(
         &self,
         x_t: &Self::Tensor,
         eps: &Self::Tensor,
-        coefficients: StepCoefficients,
+        step: StepSource<'_, Self::Tensor>,
         x0_hat: &mut Self::Tensor,
         mu: &mut Self::Tensor,
     );
@@ -429,7 +555,7 @@ pub trait Backend {
         &self,
         x_t: &Self::Tensor,
         eps: &Self::Tensor,
-        coefficients: StepCoefficients,
+        step: StepSource<'_, Self::Tensor>,
         u: &mut Self::Tensor,
     );
     /// The gradient constraint, per sample n:

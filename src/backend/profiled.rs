@@ -9,7 +9,10 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
-use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape, Timestamp};
+use super::{
+    Backend, Conv2dGeometry, ConvEpilogue, LayerInput, NoGraph, Precision, StepColumn, StepSource, TensorShape,
+    Timestamp,
+};
 use crate::error::Result;
 
 /// What one op costs: arithmetic and minimal memory traffic.
@@ -101,6 +104,8 @@ impl<'a, B: Backend> Profiled<'a, B> {
             let entry = times.ops.entry(op).or_default();
             entry.calls += 1;
             entry.seconds += self.inner.elapsed_ms(&start, &end)? / 1e3;
+            self.inner.release_timestamp(start);
+            self.inner.release_timestamp(end);
             entry.flops += cost.flops;
             entry.bytes += cost.bytes;
         }
@@ -125,6 +130,19 @@ impl<'a, B: Backend> Profiled<'a, B> {
 
 impl<B: Backend> Backend for Profiled<'_, B> {
     type Tensor = B::Tensor;
+    /// Timing every op takes a timestamp around it, which a recording cannot hold: the profiled
+    /// backend runs every op eagerly.
+    type Graph = NoGraph;
+
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+    fn end_capture(&self) -> Result<NoGraph> {
+        Err(crate::Error::invalid("end_capture: the profiled backend records no graphs"))
+    }
+    fn replay(&self, graph: &NoGraph) -> Result<()> {
+        match *graph {}
+    }
 
     fn name(&self) -> String {
         format!("{} (profiled)", self.inner.name())
@@ -146,6 +164,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     }
     fn elapsed_ms(&self, start: &Timestamp, end: &Timestamp) -> Result<f64> {
         self.inner.elapsed_ms(start, end)
+    }
+    fn release_timestamp(&self, timestamp: Timestamp) {
+        self.inner.release_timestamp(timestamp)
     }
     fn tensor_core_peak(&self) -> Result<Option<f64>> {
         self.inner.tensor_core_peak()
@@ -361,21 +382,55 @@ impl<B: Backend> Backend for Profiled<'_, B> {
             self.inner.fill_gaussian(out, image_indices, seed, stream)
         })
     }
+    fn step_unet_indices(&self, step: StepSource<'_, B::Tensor>, t: &mut B::Tensor) {
+        self.counted("step_unet_indices", Cost::memory(bytes(&[&*t])), || self.inner.step_unet_indices(step, t))
+    }
+    fn advance_step_cursor(&self, cursor: &mut B::Tensor, by: i32) {
+        self.timed("advance_step_cursor", || self.inner.advance_step_cursor(cursor, by))
+    }
+    fn axpby_step(
+        &self,
+        step: StepSource<'_, B::Tensor>,
+        a: StepColumn,
+        x: &B::Tensor,
+        b: StepColumn,
+        y: &B::Tensor,
+        out: &mut B::Tensor,
+    ) {
+        self.counted("axpby_step", Cost::memory(bytes(&[x, y, &*out])), || self.inner.axpby_step(step, a, x, b, y, out))
+    }
+    fn q_sample(&self, x: &B::Tensor, image_indices: &B::Tensor, step: StepSource<'_, B::Tensor>, x_t: &mut B::Tensor) {
+        self.counted("q_sample", Cost::memory(bytes(&[x, &*x_t])), || self.inner.q_sample(x, image_indices, step, x_t))
+    }
+    fn reverse_step(
+        &self,
+        x_t: &mut B::Tensor,
+        eps: &B::Tensor,
+        delta: Option<&B::Tensor>,
+        image_indices: &B::Tensor,
+        step: StepSource<'_, B::Tensor>,
+    ) {
+        // x_t read and written, eps and delta read.
+        let traffic = 2.0 * bytes(&[&*x_t]) + bytes(&[eps]) + delta.map_or(0.0, |d| bytes(&[d]));
+        self.counted("reverse_step", Cost::memory(traffic), || {
+            self.inner.reverse_step(x_t, eps, delta, image_indices, step)
+        })
+    }
     fn predict_x0_and_mean(
         &self,
         x_t: &B::Tensor,
         eps: &B::Tensor,
-        coefficients: StepCoefficients,
+        step: StepSource<'_, B::Tensor>,
         x0_hat: &mut B::Tensor,
         mu: &mut B::Tensor,
     ) {
         self.counted("predict_x0_and_mean", Cost::memory(bytes(&[x_t, eps, &*x0_hat, &*mu])), || {
-            self.inner.predict_x0_and_mean(x_t, eps, coefficients, x0_hat, mu)
+            self.inner.predict_x0_and_mean(x_t, eps, step, x0_hat, mu)
         })
     }
-    fn mask_clipped(&self, x_t: &B::Tensor, eps: &B::Tensor, coefficients: StepCoefficients, u: &mut B::Tensor) {
+    fn mask_clipped(&self, x_t: &B::Tensor, eps: &B::Tensor, step: StepSource<'_, B::Tensor>, u: &mut B::Tensor) {
         self.counted("mask_clipped", Cost::memory(bytes(&[x_t, eps]) + 2.0 * bytes(&[&*u])), || {
-            self.inner.mask_clipped(x_t, eps, coefficients, u)
+            self.inner.mask_clipped(x_t, eps, step, u)
         })
     }
     fn constrain_guidance(&self, delta: &mut B::Tensor, x_t: &B::Tensor, mu: &B::Tensor, kappa: f32) {

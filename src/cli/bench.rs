@@ -90,6 +90,8 @@ fn time_runs<B: Backend>(b: &B, repeats: usize, mut run: impl FnMut() -> Result<
         run()?;
         let end = b.timestamp()?;
         seconds.push(b.elapsed_ms(&start, &end)? / 1e3);
+        b.release_timestamp(start);
+        b.release_timestamp(end);
     }
     Ok(Timing { median: percentile(&seconds, 0.5), p99: percentile(&seconds, 0.99) })
 }

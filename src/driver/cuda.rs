@@ -44,8 +44,10 @@ fn cuda_error(what: &str, e: result::DriverError) -> DriverError {
 struct State {
     modules: Vec<sys::CUmodule>,
     functions: Vec<(sys::CUfunction, String)>,
-    events: Vec<sys::CUevent>,
-    graphs: Vec<sys::CUgraphExec>,
+    /// Recorded events; None once destroyed.
+    events: Vec<Option<sys::CUevent>>,
+    /// Instantiated graphs; None once destroyed.
+    graphs: Vec<Option<sys::CUgraphExec>>,
     capturing: bool,
 }
 
@@ -137,10 +139,10 @@ impl Drop for CudaDriver {
         unsafe {
             let _ = result::ctx::set_current(self.context);
             let _ = result::stream::synchronize(self.stream);
-            for &g in &state.graphs {
+            for &g in state.graphs.iter().flatten() {
                 let _ = result::graph::exec_destroy(g);
             }
-            for &e in &state.events {
+            for &e in state.events.iter().flatten() {
                 let _ = result::event::destroy(e);
             }
             for &m in &state.modules {
@@ -320,7 +322,7 @@ impl Driver for CudaDriver {
         // SAFETY: a new event on the driver's stream.
         unsafe { result::event::record(event, self.stream) }.map_err(|e| cuda_error("cuEventRecord", e))?;
         let mut state = self.state.lock().unwrap();
-        state.events.push(event);
+        state.events.push(Some(event));
         Ok(Event(state.events.len() as u32 - 1))
     }
 
@@ -332,7 +334,8 @@ impl Driver for CudaDriver {
                 .events
                 .get(e.0 as usize)
                 .copied()
-                .ok_or_else(|| DriverError::InvalidValue(format!("unknown event {}", e.0)))
+                .flatten()
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed event {}", e.0)))
         };
         let (a, b) = (get(start)?, get(end)?);
         // SAFETY: events recorded on this driver's stream.
@@ -340,6 +343,21 @@ impl Driver for CudaDriver {
             result::event::synchronize(b).map_err(|e| cuda_error("cuEventSynchronize", e))?;
             result::event::elapsed(a, b).map_err(|e| cuda_error("cuEventElapsedTime", e))
         }
+    }
+
+    fn destroy_event(&self, event: Event) -> DriverResult<()> {
+        self.current()?;
+        let e = self
+            .state
+            .lock()
+            .unwrap()
+            .events
+            .get_mut(event.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed event {}", event.0)))?;
+        // SAFETY: an event of this driver, destroyed once (its slot is now empty); a record still
+        // pending completes first, as cuEventDestroy documents.
+        unsafe { result::event::destroy(e) }.map_err(|e| cuda_error("cuEventDestroy", e))
     }
 
     fn begin_capture(&self) -> DriverResult<()> {
@@ -371,7 +389,7 @@ impl Driver for CudaDriver {
             let _ = result::graph::destroy(graph);
             exec.map_err(|e| cuda_error("cuGraphInstantiate", e))?
         };
-        state.graphs.push(exec);
+        state.graphs.push(Some(exec));
         Ok(Graph(state.graphs.len() as u32 - 1))
     }
 
@@ -379,13 +397,30 @@ impl Driver for CudaDriver {
         self.current()?;
         let exec = {
             let state = self.state.lock().unwrap();
-            *state
+            state
                 .graphs
                 .get(graph.0 as usize)
-                .ok_or_else(|| DriverError::InvalidValue(format!("unknown graph {}", graph.0)))?
+                .copied()
+                .flatten()
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0)))?
         };
         // SAFETY: an instantiated graph of this driver, launched on its stream.
         unsafe { result::graph::launch(exec, self.stream) }.map_err(|e| cuda_error("cuGraphLaunch", e))
+    }
+
+    fn destroy_graph(&self, graph: Graph) -> DriverResult<()> {
+        self.current()?;
+        let exec = self
+            .state
+            .lock()
+            .unwrap()
+            .graphs
+            .get_mut(graph.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0)))?;
+        // SAFETY: an instantiated graph of this driver, destroyed once (its slot is now empty);
+        // launches already issued complete first, as cuGraphExecDestroy documents.
+        unsafe { result::graph::exec_destroy(exec) }.map_err(|e| cuda_error("cuGraphExecDestroy", e))
     }
 }
 

@@ -23,8 +23,10 @@ struct State {
     mem: GlobalMemory,
     modules: Vec<ptx_emulator::Module>,
     functions: Vec<(usize, std::sync::Arc<ptx_emulator::Function>)>,
-    events: Vec<Instant>,
-    graphs: Vec<Vec<Work>>,
+    /// Event times; None once destroyed.
+    events: Vec<Option<Instant>>,
+    /// Recorded sequences; None once destroyed.
+    graphs: Vec<Option<Vec<Work>>>,
     capture: Option<Vec<Work>>,
     /// The first error of asynchronous work, returned by the next synchronize.
     pending: Option<DriverError>,
@@ -238,7 +240,7 @@ impl Driver for EmulatedDriver {
     fn record_event(&self) -> DriverResult<Event> {
         let mut s = self.lock();
         s.no_capture("event record")?;
-        s.events.push(Instant::now());
+        s.events.push(Some(Instant::now()));
         Ok(Event(s.events.len() as u32 - 1))
     }
 
@@ -248,9 +250,21 @@ impl Driver for EmulatedDriver {
             s.events
                 .get(e.0 as usize)
                 .copied()
-                .ok_or_else(|| DriverError::InvalidValue(format!("unknown event {}", e.0)))
+                .flatten()
+                .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed event {}", e.0)))
         };
         Ok(get(end)?.saturating_duration_since(get(start)?).as_secs_f32() * 1e3)
+    }
+
+    fn destroy_event(&self, event: Event) -> DriverResult<()> {
+        let mut s = self.lock();
+        match s.events.get_mut(event.0 as usize) {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                Ok(())
+            }
+            _ => Err(DriverError::InvalidValue(format!("unknown or destroyed event {}", event.0))),
+        }
     }
 
     fn begin_capture(&self) -> DriverResult<()> {
@@ -266,22 +280,33 @@ impl Driver for EmulatedDriver {
         let mut s = self.lock();
         let list =
             s.capture.take().ok_or_else(|| DriverError::InvalidValue("end_capture without begin_capture".into()))?;
-        s.graphs.push(list);
+        s.graphs.push(Some(list));
         Ok(Graph(s.graphs.len() as u32 - 1))
     }
 
     fn replay(&self, graph: Graph) -> DriverResult<()> {
         let mut s = self.lock();
         s.no_capture("graph replay")?;
-        let list = std::mem::take(
-            s.graphs
-                .get_mut(graph.0 as usize)
-                .ok_or_else(|| DriverError::InvalidValue(format!("unknown graph {}", graph.0)))?,
-        );
+        let list = s
+            .graphs
+            .get_mut(graph.0 as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0)))?;
         for w in &list {
             s.run(w);
         }
-        s.graphs[graph.0 as usize] = list;
+        s.graphs[graph.0 as usize] = Some(list);
         Ok(())
+    }
+
+    fn destroy_graph(&self, graph: Graph) -> DriverResult<()> {
+        let mut s = self.lock();
+        match s.graphs.get_mut(graph.0 as usize) {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                Ok(())
+            }
+            _ => Err(DriverError::InvalidValue(format!("unknown or destroyed graph {}", graph.0))),
+        }
     }
 }

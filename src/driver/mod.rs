@@ -169,6 +169,8 @@ pub trait Driver: Send + Sync {
     fn record_event(&self) -> DriverResult<Event>;
     /// Milliseconds between two recorded events (after a synchronize).
     fn elapsed_ms(&self, start: Event, end: Event) -> DriverResult<f32>;
+    /// Frees an event (a sampler records one per step: they must not pile up over an attack).
+    fn destroy_event(&self, event: Event) -> DriverResult<()>;
 
     // ---- graphs ----
     /// From here to `end_capture`, launches, device-to-device copies and memsets are recorded,
@@ -177,4 +179,6 @@ pub trait Driver: Send + Sync {
     fn end_capture(&self) -> DriverResult<Graph>;
     /// Runs a recorded sequence again, with the pointers and arguments it was recorded with.
     fn replay(&self, graph: Graph) -> DriverResult<()>;
+    /// Frees a recorded sequence (replays already issued still run); the handle is dead after.
+    fn destroy_graph(&self, graph: Graph) -> DriverResult<()>;
 }

@@ -114,6 +114,9 @@ impl Driver for SizingDriver {
     fn elapsed_ms(&self, _start: Event, _end: Event) -> DriverResult<f32> {
         self.refuse("event timing")
     }
+    fn destroy_event(&self, _event: Event) -> DriverResult<()> {
+        self.refuse("event")
+    }
     fn begin_capture(&self) -> DriverResult<()> {
         self.refuse("graph capture")
     }
@@ -122,5 +125,8 @@ impl Driver for SizingDriver {
     }
     fn replay(&self, _graph: Graph) -> DriverResult<()> {
         self.refuse("graph replay")
+    }
+    fn destroy_graph(&self, _graph: Graph) -> DriverResult<()> {
+        self.refuse("graph")
     }
 }

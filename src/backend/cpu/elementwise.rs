@@ -185,7 +185,7 @@ pub fn global_avg_pool_backward(dout: &[f32], plane: usize, dx: &mut [f32]) {
 }
 
 /// The unclipped estimate `(x_t - sqrt(1 - abar) eps) / sqrt(abar)`, in this order of operations.
-fn x0_unclipped(x_t: f32, eps: f32, k: &StepCoefficients) -> f32 {
+pub fn x0_unclipped(x_t: f32, eps: f32, k: &StepCoefficients) -> f32 {
     (x_t - k.sqrt_one_minus_abar * eps) / k.sqrt_abar
 }
 

@@ -87,8 +87,54 @@ fn element_count(shape: &[usize]) -> usize {
     shape.iter().product()
 }
 
+/// The row of `step.table` that `step.cursor` names, checked.
+fn step_row<'a>(step: StepSource<'a, CpuTensor>, what: &str) -> &'a [f32] {
+    let [rows, columns] = dims(step.table, &format!("{what}: step table"));
+    assert_eq!(columns, STEP_COLUMNS, "{what}: a step table has {STEP_COLUMNS} columns, not {columns}");
+    expect_shape(step.cursor, &[1], &format!("{what}: step cursor"));
+    let cursor = step.cursor.data[0];
+    assert!(
+        cursor >= 0.0 && cursor.fract() == 0.0 && (cursor as usize) < rows,
+        "{what}: step cursor {cursor} is not a row of a {rows}-row step table"
+    );
+    let row = cursor as usize;
+    &step.table.data[row * STEP_COLUMNS..(row + 1) * STEP_COLUMNS]
+}
+
+/// A 64-bit value stored as four 16-bit pieces from column `first` on.
+fn row_u64(row: &[f32], first: StepColumn) -> u64 {
+    (0..4).map(|k| (row[first as usize + k] as u64) << (16 * k)).sum()
+}
+
+fn row_coefficients(row: &[f32]) -> StepCoefficients {
+    StepCoefficients {
+        sqrt_abar: row[StepColumn::SqrtAbar as usize],
+        sqrt_one_minus_abar: row[StepColumn::SqrtOneMinusAbar as usize],
+        c0: row[StepColumn::C0 as usize],
+        ct: row[StepColumn::Ct as usize],
+    }
+}
+
+/// The image indices of `fill_gaussian` and its table-driven relatives, checked.
+fn image_numbers(image_indices: &CpuTensor, samples: usize, what: &str) -> Vec<u32> {
+    expect_shape(image_indices, &[samples], &format!("{what}: image_indices"));
+    assert_eq!(image_indices.dtype, Precision::F32, "{what}: image_indices must be stored in f32");
+    image_indices
+        .data
+        .iter()
+        .map(|&g| {
+            assert!(
+                g >= 0.0 && g.fract() == 0.0 && (g as u64) < IMAGE_INDEX_LIMIT,
+                "{what}: image index {g} is not an integer in 0..2^24"
+            );
+            g as u32
+        })
+        .collect()
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
+    type Graph = NoGraph;
 
     fn name(&self) -> String {
         format!("cpu (f32, {} threads)", rayon::current_num_threads())
@@ -120,6 +166,19 @@ impl Backend for CpuBackend {
             (Timestamp::Host(a), Timestamp::Host(b)) => Ok(b.saturating_duration_since(*a).as_secs_f64() * 1e3),
             _ => Err(Error::invalid("elapsed_ms: timestamps of another backend")),
         }
+    }
+
+    /// Every op runs when it is called: nothing is recorded.
+    fn begin_capture(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn end_capture(&self) -> Result<NoGraph> {
+        Err(Error::invalid("end_capture: the CPU backend records no graphs (begin_capture said so)"))
+    }
+
+    fn replay(&self, graph: &NoGraph) -> Result<()> {
+        match *graph {}
     }
 
     fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<CpuTensor> {
@@ -494,42 +553,121 @@ impl Backend for CpuBackend {
 
     fn fill_gaussian(&self, out: &mut CpuTensor, image_indices: &CpuTensor, seed: u64, stream: u64) {
         let n = out.shape.first().copied().unwrap_or(0);
-        expect_shape(image_indices, &[n], "fill_gaussian: image_indices");
-        assert_eq!(image_indices.dtype, Precision::F32, "fill_gaussian: image_indices must be stored in f32");
-        let images: Vec<u32> = image_indices
-            .data
-            .iter()
-            .map(|&g| {
-                assert!(
-                    g >= 0.0 && g.fract() == 0.0 && (g as u64) < IMAGE_INDEX_LIMIT,
-                    "fill_gaussian: image index {g} is not an integer in 0..2^24"
-                );
-                g as u32
-            })
-            .collect();
+        let images = image_numbers(image_indices, n, "fill_gaussian");
         rng::fill_gaussian(&mut out.data, &images, seed, stream);
         store(&mut [out]);
+    }
+
+    fn step_unet_indices(&self, step: StepSource<'_, CpuTensor>, t: &mut CpuTensor) {
+        let index = step_row(step, "step_unet_indices")[StepColumn::UnetStep as usize];
+        let [_] = dims(t, "step_unet_indices: t");
+        assert_eq!(t.dtype, Precision::F32, "step_unet_indices: t must be stored in f32");
+        t.data.fill(index);
+    }
+
+    fn advance_step_cursor(&self, cursor: &mut CpuTensor, by: i32) {
+        expect_shape(cursor, &[1], "advance_step_cursor: cursor");
+        assert_eq!(cursor.dtype, Precision::F32, "advance_step_cursor: the cursor must be stored in f32");
+        cursor.data[0] += by as f32;
+    }
+
+    fn axpby_step(
+        &self,
+        step: StepSource<'_, CpuTensor>,
+        a: StepColumn,
+        x: &CpuTensor,
+        b: StepColumn,
+        y: &CpuTensor,
+        out: &mut CpuTensor,
+    ) {
+        let row = step_row(step, "axpby_step");
+        self.axpby(row[a as usize], x, row[b as usize], y, out);
+    }
+
+    fn q_sample(&self, x: &CpuTensor, image_indices: &CpuTensor, step: StepSource<'_, CpuTensor>, x_t: &mut CpuTensor) {
+        let row = step_row(step, "q_sample");
+        expect_shape(x_t, &x.shape, "q_sample: x_t");
+        let samples = x.shape.first().copied().unwrap_or(0);
+        let images = image_numbers(image_indices, samples, "q_sample");
+        let (a, s) = (row[StepColumn::SqrtAbar as usize], row[StepColumn::SqrtOneMinusAbar as usize]);
+        let (seed, stream) = (row_u64(row, StepColumn::Seed), row_u64(row, StepColumn::Stream));
+        let sample_len = x.data.len() / samples.max(1);
+        x_t.data.par_chunks_mut(sample_len.max(1)).zip(x.data.par_chunks(sample_len.max(1))).zip(&images).for_each(
+            |((out, x), &image)| {
+                for (block, (out, x)) in out.chunks_mut(4).zip(x.chunks(4)).enumerate() {
+                    let z = rng::gaussian_block(seed, stream, image, block as u32);
+                    for ((o, &x), &z) in out.iter_mut().zip(x).zip(&z) {
+                        *o = a * x + s * z;
+                    }
+                }
+            },
+        );
+        store(&mut [x_t]);
+    }
+
+    fn reverse_step(
+        &self,
+        x_t: &mut CpuTensor,
+        eps: &CpuTensor,
+        delta: Option<&CpuTensor>,
+        image_indices: &CpuTensor,
+        step: StepSource<'_, CpuTensor>,
+    ) {
+        let row = step_row(step, "reverse_step");
+        expect_shape(eps, &x_t.shape, "reverse_step: eps");
+        if let Some(d) = delta {
+            expect_shape(d, &x_t.shape, "reverse_step: delta");
+        }
+        let samples = x_t.shape.first().copied().unwrap_or(0);
+        let images = image_numbers(image_indices, samples, "reverse_step");
+        let sample_len = (x_t.data.len() / samples.max(1)).max(1);
+        let k = row_coefficients(row);
+        let sigma = row[StepColumn::NoiseStd as usize];
+        let (seed, stream) = (row_u64(row, StepColumn::Seed), row_u64(row, StepColumn::Stream));
+        x_t.data.par_chunks_mut(sample_len).enumerate().for_each(|(n, x)| {
+            let eps = &eps.data[n * sample_len..(n + 1) * sample_len];
+            let delta = delta.map(|d| &d.data[n * sample_len..(n + 1) * sample_len]);
+            for (block, x) in x.chunks_mut(4).enumerate() {
+                // The same operations, in the same order, as predict_x0_and_mean, add_assign and
+                // axpby(1, mu, sigma, z): the fused step changes no bit.
+                let z =
+                    if sigma != 0.0 { rng::gaussian_block(seed, stream, images[n], block as u32) } else { [0.0; 4] };
+                for (j, x) in x.iter_mut().enumerate() {
+                    let e = block * 4 + j;
+                    let x0 = elementwise::x0_unclipped(*x, eps[e], &k).clamp(-1.0, 1.0);
+                    let mut mu = k.c0 * x0 + k.ct * *x;
+                    if let Some(d) = delta {
+                        mu += d[e];
+                    }
+                    // axpby(1, mu, sigma, z) computes 1 * mu + sigma * z, and 1 * mu is mu exactly.
+                    *x = if sigma != 0.0 { mu + sigma * z[j] } else { mu };
+                }
+            }
+        });
+        store(&mut [x_t]);
     }
 
     fn predict_x0_and_mean(
         &self,
         x_t: &CpuTensor,
         eps: &CpuTensor,
-        coefficients: StepCoefficients,
+        step: StepSource<'_, CpuTensor>,
         x0_hat: &mut CpuTensor,
         mu: &mut CpuTensor,
     ) {
+        let k = row_coefficients(step_row(step, "predict_x0_and_mean"));
         expect_shape(eps, &x_t.shape, "predict_x0_and_mean: eps");
         expect_shape(x0_hat, &x_t.shape, "predict_x0_and_mean: x0_hat");
         expect_shape(mu, &x_t.shape, "predict_x0_and_mean: mu");
-        elementwise::predict_x0_and_mean(&x_t.data, &eps.data, coefficients, &mut x0_hat.data, &mut mu.data);
+        elementwise::predict_x0_and_mean(&x_t.data, &eps.data, k, &mut x0_hat.data, &mut mu.data);
         store(&mut [x0_hat, mu]);
     }
 
-    fn mask_clipped(&self, x_t: &CpuTensor, eps: &CpuTensor, coefficients: StepCoefficients, u: &mut CpuTensor) {
+    fn mask_clipped(&self, x_t: &CpuTensor, eps: &CpuTensor, step: StepSource<'_, CpuTensor>, u: &mut CpuTensor) {
+        let k = row_coefficients(step_row(step, "mask_clipped"));
         expect_shape(eps, &x_t.shape, "mask_clipped: eps");
         expect_shape(u, &x_t.shape, "mask_clipped: u");
-        elementwise::mask_clipped(&x_t.data, &eps.data, coefficients, &mut u.data);
+        elementwise::mask_clipped(&x_t.data, &eps.data, k, &mut u.data);
         store(&mut [u]);
     }
 

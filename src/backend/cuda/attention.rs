@@ -56,12 +56,14 @@ pub const BACKWARD_KERNELS: [&str; 2] = ["attention_backward_dq", "attention_bac
 /// Padded head dims of the tensor-core variants (`_d64`, `_d128`, `_d256`).
 const MMA_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
-/// The kernel names of attention_mma.cu (version 2, tensor cores, bf16/f16).
+/// The kernel names of attention_mma.cu (version 2, tensor cores, bf16/f16): forward and backward.
 pub fn mma_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for d in ["bf16", "f16"] {
         for dim in MMA_HEAD_DIMS {
             names.push(format!("attention_forward_mma_{d}_d{dim}"));
+            names.push(format!("attention_backward_dq_mma_{d}_d{dim}"));
+            names.push(format!("attention_backward_dkdv_mma_{d}_d{dim}"));
         }
     }
     names
@@ -74,6 +76,10 @@ pub const MMA_HOT_KERNELS: &[&str] = &[
     "attention_forward_mma_f16_d128",
     "attention_forward_mma_bf16_d256",
     "attention_forward_mma_f16_d256",
+    "attention_backward_dq_mma_bf16_d128",
+    "attention_backward_dkdv_mma_bf16_d128",
+    "attention_backward_dq_mma_bf16_d256",
+    "attention_backward_dkdv_mma_bf16_d256",
 ];
 
 /// Which kernel of the attention modules runs a launch.
@@ -237,4 +243,122 @@ pub fn launch_attention_version(
 pub fn kernel_for(args: &AttentionLaunch, version: AttentionVersion) -> Result<String> {
     args.validate()?;
     Ok(args.plan(version)?.0)
+}
+
+/// One attention backward on the tensor cores: `dq, dk, dv +=` the VJP of the forward `forward`
+/// describes (its q, k, v, out and log-sum-exp), for `dout`. Gradients each in their own storage
+/// type (f32 in the plans, or the activations' type).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionBackwardLaunch {
+    pub forward: AttentionLaunch,
+    pub dout: DevicePtr,
+    pub dout_dtype: Precision,
+    pub dq: DevicePtr,
+    pub dq_dtype: Precision,
+    pub dk: DevicePtr,
+    pub dk_dtype: Precision,
+    pub dv: DevicePtr,
+    pub dv_dtype: Precision,
+}
+
+impl AttentionBackwardLaunch {
+    pub fn validate(&self) -> Result<()> {
+        self.forward
+            .validate()
+            .map_err(|e| Error::invalid(e.to_string().replace("attention:", "attention backward:")))?;
+        let gradients = [
+            ("dout", self.dout, self.dout_dtype),
+            ("dq", self.dq, self.dq_dtype),
+            ("dk", self.dk, self.dk_dtype),
+            ("dv", self.dv, self.dv_dtype),
+        ];
+        for (what, p, dtype) in gradients {
+            if p == 0 {
+                return Err(Error::invalid(format!("attention backward: null device pointer for `{what}`")));
+            }
+            if p % dtype.bytes() as u64 != 0 {
+                return Err(Error::invalid(format!(
+                    "attention backward: `{what}` at {p:#x} is not aligned to its {dtype} elements"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the tensor-core kernels can run it (the forward's conditions).
+    pub fn tensor_core_ok(&self) -> bool {
+        self.forward.tensor_core_ok()
+    }
+
+    /// (dq kernel, dk/dv kernel) names and launch configurations.
+    fn plan(&self) -> Result<[(String, LaunchConfig); 2]> {
+        let f = &self.forward;
+        if !self.tensor_core_ok() {
+            return Err(Error::invalid(format!(
+                "attention backward: the tensor-core kernels need bf16/f16 storage, channels a multiple of 8 and \
+                 16-byte aligned q, k, v (got {}, {} channels)",
+                f.dtype, f.channels
+            )));
+        }
+        let dim = MMA_HEAD_DIMS.into_iter().find(|&d| d >= f.channels).unwrap_or(256);
+        // 16 rows per warp; 2 warps at D = 256 keep the shared tiles near 48 KiB (kernels/attention_mma.cu).
+        let warps = if dim > 128 { 2 } else { 4 };
+        let rows = 16 * warps;
+        let tile_bytes = |tile_rows: usize| tile_rows * (dim + 8) * 2;
+        // dk/dv accumulate DC = min(D, 128) channels per block: D / DC blocks per key tile.
+        let channel_blocks = dim / dim.min(128);
+        let t = dtype_name(f.dtype);
+        let grid = |z: usize| [f.positions.div_ceil(rows) as u32, f.batch as u32, z as u32];
+        let dq = LaunchConfig {
+            grid: grid(1),
+            block: [32 * warps as u32, 1, 1],
+            dynamic_shared_bytes: (tile_bytes(2 * rows + 2 * KEYS_PER_TILE) + 2 * rows * 4) as u32,
+        };
+        let dkdv = LaunchConfig {
+            grid: grid(channel_blocks),
+            block: [32 * warps as u32, 1, 1],
+            dynamic_shared_bytes: (tile_bytes(2 * rows + 2 * KEYS_PER_TILE) + 2 * KEYS_PER_TILE * 4) as u32,
+        };
+        Ok([
+            (format!("attention_backward_dq_mma_{t}_d{dim}"), dq),
+            (format!("attention_backward_dkdv_mma_{t}_d{dim}"), dkdv),
+        ])
+    }
+}
+
+/// dq, dk, dv += the attention's VJP on the tensor cores (P rebuilt from the saved log-sum-exp).
+pub fn launch_attention_backward_mma(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    args: &AttentionBackwardLaunch,
+) -> Result<()> {
+    args.validate()?;
+    let [(dq_name, dq_config), (dkdv_name, dkdv_config)] = args.plan()?;
+    let (dq_kernel, dkdv_kernel) = (kernels.get(&dq_name)?, kernels.get(&dkdv_name)?);
+    let f = &args.forward;
+    let scale = 1.0 / (f.channels as f32).sqrt();
+    let inputs = || {
+        KernelArgs::new()
+            .ptr(f.q)
+            .ptr(f.k)
+            .ptr(f.v)
+            .ptr(f.out)
+            .ptr(args.dout)
+            .i32(super::dtype_code(args.dout_dtype))
+            .ptr(f.logsumexp)
+    };
+    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale);
+    let dq_args = tail(inputs().ptr(args.dq).i32(super::dtype_code(args.dq_dtype)));
+    driver.launch(dq_kernel, dq_config, &dq_args)?;
+    let dkdv_args = tail(
+        inputs().ptr(args.dk).i32(super::dtype_code(args.dk_dtype)).ptr(args.dv).i32(super::dtype_code(args.dv_dtype)),
+    );
+    driver.launch(dkdv_kernel, dkdv_config, &dkdv_args)?;
+    Ok(())
+}
+
+/// The backward kernels a launch would use (for reports and tests).
+pub fn backward_kernels_for(args: &AttentionBackwardLaunch) -> Result<[String; 2]> {
+    args.validate()?;
+    Ok(args.plan()?.map(|(name, _)| name))
 }

@@ -198,7 +198,7 @@ pub fn simt_kernel_names() -> Vec<String> {
     forward.chain(dtypes.iter().map(|d| format!("conv2d_backward_input_simt_{d}"))).collect()
 }
 
-/// The kernel names of conv2d_mma.cu (version 2, tensor cores).
+/// The kernel names of conv2d_mma.cu (version 2, tensor cores): forward and input gradient.
 pub fn mma_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for w in ["bf16", "f16"] {
@@ -208,13 +208,23 @@ pub fn mma_kernel_names() -> Vec<String> {
                 names.push(format!("conv2d_mma_gather_{input}_{w}_{out}"));
             }
         }
+        for dout in ["f32", w] {
+            names.push(format!("conv2d_backward_input_mma_{dout}_{w}"));
+            names.push(format!("conv2d_backward_input_mma_gather_{dout}_{w}"));
+        }
     }
     names
 }
 
-/// The kernels hot enough that ptxas must not spill in them.
+/// The kernels hot enough that ptxas must not spill in them (the input gradient's: f32 gradients
+/// against 16-bit weights, what every bf16/f16 plan's VJP runs).
 pub const SIMT_HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32"];
-pub const MMA_HOT_KERNELS: &[&str] = &["conv2d_mma_bf16_bf16_bf16", "conv2d_mma_f16_f16_f16"];
+pub const MMA_HOT_KERNELS: &[&str] = &[
+    "conv2d_mma_bf16_bf16_bf16",
+    "conv2d_mma_f16_f16_f16",
+    "conv2d_backward_input_mma_f32_bf16",
+    "conv2d_backward_input_mma_f32_f16",
+];
 
 /// The functions of the loaded convolution modules, looked up once: conv2d.cu always,
 /// conv2d_mma.cu when given (the backend always loads it; tests may load the SIMT module alone).
@@ -331,7 +341,10 @@ pub fn kernel_for(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<String>
 
 /// The input gradient of a convolution: `dx += ` the transposed convolution of `dout` with the
 /// weights, dx the logical input (a concat's both parts, an upsample's full size: the caller
-/// splits and folds). dout, weight and dx NHWC / `[Co][kh][kw][Ci]` in one storage type.
+/// splits and folds). dout and dx NHWC, weights `[Co][kh][kw][Ci]`. Storage types: f32 weights
+/// with f32 dout and dx (the SIMT kernel); bf16/f16 weights with dout and dx each f32 (what the
+/// plans' gradients are) or the weights' type (the tensor-core kernel; the SIMT kernel takes one
+/// type throughout).
 #[derive(Clone, Copy, Debug)]
 pub struct Conv2dBackwardInputLaunch {
     pub batch: usize,
@@ -343,14 +356,21 @@ pub struct Conv2dBackwardInputLaunch {
     pub kernel_h: usize,
     pub kernel_w: usize,
     pub geometry: Conv2dGeometry,
-    pub dtype: Precision,
+    pub dout_dtype: Precision,
+    pub weight_dtype: Precision,
+    pub dx_dtype: Precision,
     pub dout: DevicePtr,
     pub weight: DevicePtr,
     pub dx: DevicePtr,
 }
 
+/// Tiles of the tensor-core input gradient (kernels/conv2d_mma.cu, namespace `bwd`).
+const BACKWARD_MMA_BLOCK_M: usize = 128;
+const BACKWARD_MMA_BLOCK_N: usize = 64;
+
 impl Conv2dBackwardInputLaunch {
-    /// The forward this is the gradient of (its checks and output size are the same).
+    /// The forward this is the gradient of (its dims and pointer checks are the same; dx plays the
+    /// input, dout the output).
     fn forward(&self) -> Conv2dLaunch {
         Conv2dLaunch {
             batch: self.batch,
@@ -364,9 +384,9 @@ impl Conv2dBackwardInputLaunch {
             kernel_w: self.kernel_w,
             geometry: self.geometry,
             relu: false,
-            input_dtype: self.dtype,
-            weight_dtype: self.dtype,
-            out_dtype: self.dtype,
+            input_dtype: self.dx_dtype,
+            weight_dtype: self.weight_dtype,
+            out_dtype: self.dout_dtype,
             a: self.dx,
             b: None,
             weight: self.weight,
@@ -380,30 +400,116 @@ impl Conv2dBackwardInputLaunch {
         self.forward().output_size()
     }
     pub fn validate(&self) -> Result<()> {
+        let (d, w, x) = (self.dout_dtype, self.weight_dtype, self.dx_dtype);
+        let problem = match w {
+            Precision::F32 if d != Precision::F32 || x != Precision::F32 => {
+                Some("f32 weights need f32 dout and dx".into())
+            }
+            Precision::F32 => None,
+            _ if [d, x].iter().any(|&t| t != w && t != Precision::F32) => {
+                Some(format!("{w} weights take dout and dx in f32 or {w}"))
+            }
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            return Err(Error::invalid(format!("conv2d backward input: dout {d}, weights {w}, dx {x}: {problem}")));
+        }
         self.forward()
             .validate()
             .map_err(|e| Error::invalid(e.to_string().replace("conv2d:", "conv2d backward input:")))
     }
 }
 
-/// dx += conv2d's vector-Jacobian product with respect to its input (SIMT kernel, f32 arithmetic).
+/// The kernel name and launch configuration of an input gradient.
+fn backward_plan(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Result<(String, LaunchConfig)> {
+    let (d, w, x) = (dtype_name(args.dout_dtype), dtype_name(args.weight_dtype), dtype_name(args.dx_dtype));
+    let (name, block_m, block_n, threads, shared) = match (version, args.weight_dtype) {
+        (Conv2dVersion::Simt, _) => {
+            if args.dout_dtype != args.weight_dtype || args.dx_dtype != args.weight_dtype {
+                return Err(Error::invalid(format!(
+                    "conv2d backward input: the SIMT kernel needs one storage type throughout \
+                     (got dout {d}, weights {w}, dx {x}); the tensor-core kernel takes f32 gradients"
+                )));
+            }
+            (format!("conv2d_backward_input_simt_{w}"), 64, 64, 256, 0)
+        }
+        (Conv2dVersion::TensorCore, Precision::F32) => {
+            return Err(Error::invalid(
+                "conv2d backward input: the tensor-core kernel needs bf16 or f16 weights, got f32",
+            ))
+        }
+        (Conv2dVersion::TensorCore, _) => {
+            // 16-byte chunks: 4 f32 or 8 16-bit dout channels (never across a tap), 8 weight channels.
+            let dout_chunk = 16 / args.dout_dtype.bytes();
+            let vector = args.out_channels.is_multiple_of(dout_chunk)
+                && args.in_channels.is_multiple_of(8)
+                && args.dout.is_multiple_of(16)
+                && args.weight.is_multiple_of(16);
+            let name = if vector {
+                format!("conv2d_backward_input_mma_{d}_{w}")
+            } else {
+                format!("conv2d_backward_input_mma_gather_{d}_{w}")
+            };
+            // 3 stages of A (128 x 40 of dout's type) and B (32 x 72 halves).
+            let shared = 3 * (BACKWARD_MMA_BLOCK_M * 40 * args.dout_dtype.bytes() + 32 * 72 * 2);
+            (name, BACKWARD_MMA_BLOCK_M, BACKWARD_MMA_BLOCK_N, 128, shared)
+        }
+    };
+    let positions = args.batch * args.height * args.width;
+    let grid = [positions.div_ceil(block_m), args.in_channels.div_ceil(block_n)];
+    if grid[0] > i32::MAX as usize || grid[1] > 65535 {
+        return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
+    }
+    let config = LaunchConfig {
+        grid: [grid[0] as u32, grid[1] as u32, 1],
+        block: [threads, 1, 1],
+        dynamic_shared_bytes: shared as u32,
+    };
+    Ok((name, config))
+}
+
+/// dx += conv2d's vector-Jacobian product with respect to its input, with the fastest loaded
+/// kernel: tensor cores for bf16/f16 weights (f32 or 16-bit dout and dx), the SIMT kernel for f32
+/// (and for one 16-bit type throughout when conv2d_mma.cu is not loaded).
 pub fn launch_conv2d_backward_input(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
     args: &Conv2dBackwardInputLaunch,
 ) -> Result<()> {
+    let version = if args.weight_dtype == Precision::F32 || !kernels.has_tensor_cores() {
+        Conv2dVersion::Simt
+    } else {
+        Conv2dVersion::TensorCore
+    };
+    launch_conv2d_backward_input_version(driver, kernels, args, version)
+}
+
+/// The input gradient with a chosen kernel version (tests compare them).
+pub fn launch_conv2d_backward_input_version(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    args: &Conv2dBackwardInputLaunch,
+    version: Conv2dVersion,
+) -> Result<()> {
     args.validate()?;
-    let forward = args.forward();
-    let name = format!("conv2d_backward_input_simt_{}", dtype_name(args.dtype));
+    let (name, config) = backward_plan(args, version)?;
     let function = kernels.get(&name)?;
-    let positions = args.batch * args.height * args.width;
-    let grid = [positions.div_ceil(64), args.in_channels.div_ceil(64)];
-    if grid[0] > i32::MAX as usize || grid[1] > 65535 {
-        return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
-    }
-    let config =
-        LaunchConfig { grid: [grid[0] as u32, grid[1] as u32, 1], block: [256, 1, 1], dynamic_shared_bytes: 0 };
-    let kernel_args = KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&forward.params_bytes());
+    let params = args.forward().params_bytes();
+    let kernel_args = match version {
+        Conv2dVersion::Simt => KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&params),
+        Conv2dVersion::TensorCore => KernelArgs::new()
+            .ptr(args.dout)
+            .ptr(args.weight)
+            .ptr(args.dx)
+            .i32(super::dtype_code(args.dx_dtype))
+            .bytes(&params),
+    };
     driver.launch(function, config, &kernel_args)?;
     Ok(())
+}
+
+/// The kernel an input gradient would use (for reports and tests).
+pub fn backward_input_kernel_for(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Result<String> {
+    args.validate()?;
+    Ok(backward_plan(args, version)?.0)
 }

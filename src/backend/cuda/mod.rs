@@ -6,8 +6,10 @@
 //! `synchronize` (as a GPU reports a kernel fault), and nothing is launched for it.
 //!
 //! Forward ops run on the device. Backward ops: the element-wise ones, the dense layer, pooling,
-//! upsampling, concat, the classifiers' shortcut, `conv2d_backward_input` (SIMT, one storage type
-//! for dout, weights and dx), GroupNorm(+SiLU) and attention (flash-style, f32 SIMT) run here too.
+//! upsampling, concat, the classifiers' shortcut, `conv2d_backward_input` (tensor cores for
+//! bf16/f16 weights with f32 or 16-bit gradients, SIMT for f32), GroupNorm(+SiLU) and attention
+//! (flash-style: tensor cores for bf16/f16 activations, f32 SIMT otherwise) run here too, for every
+//! storage type a plan holds.
 pub mod attention;
 pub mod compile;
 pub mod conv;
@@ -22,8 +24,11 @@ use self::conv::{Conv2dKernels, Conv2dLaunch};
 use self::modules::KernelModules;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
 pub use self::tensor::{CudaTensor, DeviceMemory};
-use super::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepCoefficients, TensorShape, Timestamp};
-use crate::driver::{Driver, KernelArgs, LaunchConfig};
+use super::{
+    Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepColumn, StepSource, TensorShape, Timestamp,
+    STEP_COLUMNS,
+};
+use crate::driver::{Driver, Graph, KernelArgs, LaunchConfig};
 use crate::error::{Error, Result};
 
 /// Threads per block of the 1-D kernels.
@@ -228,9 +233,79 @@ impl TensorArgs for KernelArgs {
     }
 }
 
-/// The kernels' `StepCoefficients` struct (four f32).
-fn step_coefficients_bytes(k: &StepCoefficients) -> Vec<u8> {
-    [k.sqrt_abar, k.sqrt_one_minus_abar, k.c0, k.ct].iter().flat_map(|v| v.to_le_bytes()).collect()
+/// A recorded sequence of launches on a driver (a CUDA graph), destroyed with this handle.
+pub struct CudaGraph {
+    graph: Graph,
+    driver: Arc<dyn Driver>,
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // As for tensors: a failure here cannot be reported; the next driver call reports it.
+        let _ = self.driver.destroy_graph(self.graph);
+    }
+}
+
+impl CudaBackend {
+    /// Checks the step table and cursor of a table-driven op; their kernel arguments
+    /// (table, rows, cursor), or None with an error stored.
+    fn step_args(&self, step: StepSource<'_, CudaTensor>, what: &str) -> Option<KernelArgs> {
+        let rows = match step.table.shape[..] {
+            [rows, STEP_COLUMNS] if rows > 0 && rows <= i32::MAX as usize => rows,
+            _ => {
+                self.fail(Error::invalid(format!(
+                    "{what}: a step table is rows x {STEP_COLUMNS}, got {:?}",
+                    step.table.shape
+                )));
+                return None;
+            }
+        };
+        let ok = self.check(step.table.dtype == Precision::F32, || format!("{what}: the step table must be f32"))
+            && self.check_shape(step.cursor, &[1], &format!("{what}: step cursor"))
+            && self.check(step.cursor.dtype == Precision::F32, || format!("{what}: the step cursor must be f32"));
+        ok.then(|| KernelArgs::new().ptr(step.table.ptr).i32(rows as i32).ptr(step.cursor.ptr))
+    }
+
+    /// Checks `image_indices` for a noise-drawing op over `out`'s samples.
+    fn check_image_indices(&self, image_indices: &CudaTensor, out: &CudaTensor, what: &str) -> bool {
+        let samples = out.shape.first().copied().unwrap_or(0);
+        self.check_shape(image_indices, &[samples], &format!("{what}: image_indices"))
+            && self.check(image_indices.dtype == Precision::F32, || {
+                format!("{what}: image_indices must be stored in f32, not {}", image_indices.dtype)
+            })
+    }
+
+    /// (samples, sample length, NHWC?, C, H, W) of a noise-drawing op's tensor, and its grid.
+    fn noise_layout(&self, t: &CudaTensor) -> (KernelArgs, LaunchConfig) {
+        let samples = t.shape.first().copied().unwrap_or(0);
+        let sample_len = t.len() / samples.max(1);
+        let [c, h, w] = match *t.shape() {
+            [_, c, h, w] => [c, h, w],
+            _ => [1, 1, 1],
+        };
+        let args = KernelArgs::new()
+            .u64(samples as u64)
+            .u64(sample_len as u64)
+            .i32(t.is_nhwc() as i32)
+            .i32(c as i32)
+            .i32(h as i32)
+            .i32(w as i32);
+        (args, self.grid_for(samples * sample_len.div_ceil(4)))
+    }
+}
+
+/// Appends another argument list (a kernel's arguments built in parts).
+trait ArgsAppend {
+    fn append(self, more: KernelArgs) -> Self;
+}
+
+impl ArgsAppend for KernelArgs {
+    fn append(mut self, more: KernelArgs) -> Self {
+        for p in more.params() {
+            self = self.bytes(p);
+        }
+        self
+    }
 }
 
 /// The kernels' `GroupNormShape` struct (six i32).
@@ -240,6 +315,7 @@ fn groupnorm_shape_bytes(fields: [usize; 6]) -> Vec<u8> {
 
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
+    type Graph = CudaGraph;
 
     fn name(&self) -> String {
         format!("cuda ({}, {})", self.driver.info().name, self.precision)
@@ -279,6 +355,25 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn release_timestamp(&self, timestamp: Timestamp) {
+        if let Timestamp::Device(event) = timestamp {
+            self.record(self.driver.destroy_event(event).map_err(Into::into));
+        }
+    }
+
+    fn begin_capture(&self) -> Result<bool> {
+        self.driver.begin_capture()?;
+        Ok(true)
+    }
+
+    fn end_capture(&self) -> Result<CudaGraph> {
+        Ok(CudaGraph { graph: self.driver.end_capture()?, driver: self.driver.clone() })
+    }
+
+    fn replay(&self, graph: &CudaGraph) -> Result<()> {
+        Ok(self.driver.replay(graph.graph)?)
+    }
+
     fn range_push(&self, name: &str) {
         crate::driver::nvtx::push(name);
     }
@@ -303,6 +398,8 @@ impl Backend for CudaBackend {
             let end = self.driver.record_event()?;
             self.driver.synchronize()?;
             let ms = self.driver.elapsed_ms(start, end)? as f64;
+            self.driver.destroy_event(start)?;
+            self.driver.destroy_event(end)?;
             if ms >= 20.0 || iterations >= 1 << 20 {
                 let mmas = blocks as f64 * (THREADS / 32) as f64 * iterations as f64 * CHAINS;
                 break mmas * 4096.0 / (ms / 1e3);
@@ -642,18 +739,9 @@ impl Backend for CudaBackend {
     fn conv2d_backward_input(&self, dout: &CudaTensor, w: &CudaTensor, geometry: Conv2dGeometry, dx: &mut CudaTensor) {
         let Some([n, ci, h, wd]) = self.nchw(dx, "conv2d_backward_input: dx") else { return };
         let Some([co, w_ci, kh, kw]) = self.nchw(w, "conv2d_backward_input: w") else { return };
-        // The SIMT kernel reads dout, w and dx in one storage type; a bf16/f16 plan keeps its
-        // gradients in f32 but its weights in 16 bits, which needs the mixed-type kernel to come.
-        let ok = self
-            .check(w_ci == ci, || format!("conv2d_backward_input: weights {:?} for dx {:?}", w.shape, dx.shape))
-            && self.check(dout.dtype == dx.dtype && w.dtype == dx.dtype, || {
-                format!(
-                    "conv2d_backward_input with dout {}, weights {}, dx {} is not yet on the CUDA backend \
-                     (one storage type for all three only)",
-                    dout.dtype, w.dtype, dx.dtype
-                )
-            });
-        if !ok {
+        // Storage types: the launcher checks them (f32 weights: f32 throughout; 16-bit weights: dout
+        // and dx in f32 or the weights' type, on the tensor cores).
+        if !self.check(w_ci == ci, || format!("conv2d_backward_input: weights {:?} for dx {:?}", w.shape, dx.shape)) {
             return;
         }
         let args = conv::Conv2dBackwardInputLaunch {
@@ -665,7 +753,9 @@ impl Backend for CudaBackend {
             kernel_h: kh,
             kernel_w: kw,
             geometry,
-            dtype: dx.dtype,
+            dout_dtype: dout.dtype,
+            weight_dtype: w.dtype,
+            dx_dtype: dx.dtype,
             dout: dout.ptr,
             weight: w.ptr,
             dx: dx.ptr,
@@ -747,6 +837,34 @@ impl Backend for CudaBackend {
             });
         if !ok || q.is_empty() {
             return;
+        }
+        let forward = AttentionLaunch {
+            batch: n,
+            positions,
+            channels: c,
+            dtype: q.dtype,
+            q: q.ptr,
+            k: k.ptr,
+            v: v.ptr,
+            out: out.ptr,
+            logsumexp: logsumexp.ptr,
+        };
+        let mma = attention::AttentionBackwardLaunch {
+            forward,
+            dout: dout.ptr,
+            dout_dtype: dout.dtype,
+            dq: dq.ptr,
+            dq_dtype: dq.dtype,
+            dk: dk.ptr,
+            dk_dtype: dk.dtype,
+            dv: dv.ptr,
+            dv_dtype: dv.dtype,
+        };
+        if mma.tensor_core_ok() {
+            let result = self
+                .attention_kernels()
+                .and_then(|kernels| attention::launch_attention_backward_mma(self.driver.as_ref(), kernels, &mma));
+            return self.record(result);
         }
         // kernels/attention.cu, backward section: 8 rows per block, tiles of 16, shared accumulators.
         const ROWS: usize = 8;
@@ -933,67 +1051,124 @@ impl Backend for CudaBackend {
     }
 
     fn fill_gaussian(&self, out: &mut CudaTensor, image_indices: &CudaTensor, seed: u64, stream: u64) {
-        let samples = out.shape.first().copied().unwrap_or(0);
-        let ok = self.check_shape(image_indices, &[samples], "fill_gaussian: image_indices")
-            && self.check(image_indices.dtype == Precision::F32, || {
-                format!("fill_gaussian: image_indices must be stored in f32, not {}", image_indices.dtype)
-            });
-        if !ok || out.is_empty() {
+        if !self.check_image_indices(image_indices, out, "fill_gaussian") || out.is_empty() {
             return;
         }
-        let sample_len = out.len() / samples;
-        let [c, h, w] = match *out.shape() {
-            [_, c, h, w] => [c, h, w],
-            _ => [1, 1, 1],
-        };
+        let (layout, grid) = self.noise_layout(out);
+        let args = KernelArgs::new().tensor(out).ptr(image_indices.ptr).append(layout).u64(seed).u64(stream);
+        self.launch("diffusion.cu", "fill_gaussian", grid, args);
+    }
+
+    fn step_unet_indices(&self, step: StepSource<'_, CudaTensor>, t: &mut CudaTensor) {
+        let Some(step_args) = self.step_args(step, "step_unet_indices") else { return };
+        let ok = self.check(t.shape.len() == 1 && t.dtype == Precision::F32, || {
+            format!("step_unet_indices: t must be an f32 vector, got {:?} {}", t.shape, t.dtype)
+        });
+        if ok {
+            let n = t.len();
+            self.launch("diffusion.cu", "step_unet_indices", self.grid_for(n), step_args.ptr(t.ptr).i32(n as i32));
+        }
+    }
+
+    fn advance_step_cursor(&self, cursor: &mut CudaTensor, by: i32) {
+        let ok = self.check_shape(cursor, &[1], "advance_step_cursor: cursor")
+            && self.check(cursor.dtype == Precision::F32, || "advance_step_cursor: the cursor must be f32".into());
+        if ok {
+            let args = KernelArgs::new().ptr(cursor.ptr).i32(by);
+            self.launch("diffusion.cu", "advance_step_cursor", LaunchConfig::linear(1, 32), args);
+        }
+    }
+
+    fn axpby_step(
+        &self,
+        step: StepSource<'_, CudaTensor>,
+        a: StepColumn,
+        x: &CudaTensor,
+        b: StepColumn,
+        y: &CudaTensor,
+        out: &mut CudaTensor,
+    ) {
+        let Some(step_args) = self.step_args(step, "axpby_step") else { return };
+        if self.check_shape(y, &x.shape, "axpby_step: y") && self.check_shape(out, &x.shape, "axpby_step: out") {
+            let n = x.len();
+            let args = step_args.i32(a as i32).tensor(x).i32(b as i32).tensor(y).tensor(out).u64(n as u64);
+            self.launch("diffusion.cu", "axpby_step", self.grid_for(n), args);
+        }
+    }
+
+    fn q_sample(
+        &self,
+        x: &CudaTensor,
+        image_indices: &CudaTensor,
+        step: StepSource<'_, CudaTensor>,
+        x_t: &mut CudaTensor,
+    ) {
+        let Some(step_args) = self.step_args(step, "q_sample") else { return };
+        if !self.check_shape(x_t, &x.shape, "q_sample: x_t")
+            || !self.check_image_indices(image_indices, x_t, "q_sample")
+            || x_t.is_empty()
+        {
+            return;
+        }
+        let (layout, grid) = self.noise_layout(x_t);
+        let args = KernelArgs::new().tensor(x).ptr(image_indices.ptr).append(step_args).tensor(x_t).append(layout);
+        self.launch("diffusion.cu", "q_sample", grid, args);
+    }
+
+    fn reverse_step(
+        &self,
+        x_t: &mut CudaTensor,
+        eps: &CudaTensor,
+        delta: Option<&CudaTensor>,
+        image_indices: &CudaTensor,
+        step: StepSource<'_, CudaTensor>,
+    ) {
+        let Some(step_args) = self.step_args(step, "reverse_step") else { return };
+        let ok = self.check_shape(eps, &x_t.shape, "reverse_step: eps")
+            && delta.is_none_or(|d| self.check_shape(d, &x_t.shape, "reverse_step: delta"))
+            && self.check_image_indices(image_indices, x_t, "reverse_step");
+        if !ok || x_t.is_empty() {
+            return;
+        }
+        let (layout, grid) = self.noise_layout(x_t);
+        let (delta_ptr, delta_dtype) = delta.map_or((0, 0), |d| (d.ptr, dtype_code(d.dtype)));
         let args = KernelArgs::new()
-            .tensor(out)
+            .tensor(x_t)
+            .tensor(eps)
+            .ptr(delta_ptr)
+            .i32(delta_dtype)
             .ptr(image_indices.ptr)
-            .u64(samples as u64)
-            .u64(sample_len as u64)
-            .i32(out.is_nhwc() as i32)
-            .i32(c as i32)
-            .i32(h as i32)
-            .i32(w as i32)
-            .u64(seed)
-            .u64(stream);
-        self.launch("diffusion.cu", "fill_gaussian", self.grid_for(samples * sample_len.div_ceil(4)), args);
+            .append(step_args)
+            .append(layout);
+        self.launch("diffusion.cu", "reverse_step", grid, args);
     }
 
     fn predict_x0_and_mean(
         &self,
         x_t: &CudaTensor,
         eps: &CudaTensor,
-        coefficients: StepCoefficients,
+        step: StepSource<'_, CudaTensor>,
         x0_hat: &mut CudaTensor,
         mu: &mut CudaTensor,
     ) {
+        let Some(step_args) = self.step_args(step, "predict_x0_and_mean") else { return };
         let ok = self.check_shape(eps, &x_t.shape, "predict_x0_and_mean: eps")
             && self.check_shape(x0_hat, &x_t.shape, "predict_x0_and_mean: x0_hat")
             && self.check_shape(mu, &x_t.shape, "predict_x0_and_mean: mu");
         if ok {
             let n = x_t.len();
-            let args = KernelArgs::new()
-                .tensor(x_t)
-                .tensor(eps)
-                .tensor(x0_hat)
-                .tensor(mu)
-                .u64(n as u64)
-                .bytes(&step_coefficients_bytes(&coefficients));
+            let args =
+                KernelArgs::new().tensor(x_t).tensor(eps).tensor(x0_hat).tensor(mu).u64(n as u64).append(step_args);
             self.launch("diffusion.cu", "predict_x0_and_mean", self.grid_for(n), args);
         }
     }
 
-    fn mask_clipped(&self, x_t: &CudaTensor, eps: &CudaTensor, coefficients: StepCoefficients, u: &mut CudaTensor) {
+    fn mask_clipped(&self, x_t: &CudaTensor, eps: &CudaTensor, step: StepSource<'_, CudaTensor>, u: &mut CudaTensor) {
+        let Some(step_args) = self.step_args(step, "mask_clipped") else { return };
         if self.check_shape(eps, &x_t.shape, "mask_clipped: eps") && self.check_shape(u, &x_t.shape, "mask_clipped: u")
         {
             let n = x_t.len();
-            let args = KernelArgs::new()
-                .tensor(x_t)
-                .tensor(eps)
-                .tensor(u)
-                .u64(n as u64)
-                .bytes(&step_coefficients_bytes(&coefficients));
+            let args = KernelArgs::new().tensor(x_t).tensor(eps).tensor(u).u64(n as u64).append(step_args);
             self.launch("diffusion.cu", "mask_clipped", self.grid_for(n), args);
         }
     }
