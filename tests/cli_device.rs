@@ -314,8 +314,9 @@ fn attack_plan_memory_is_sized_without_allocating() {
     let bf16_100 = total(&["--t-star", "100", "--precision", "bf16"]);
     let f32_50 = total(&["--t-star", "50", "--precision", "f32"]);
     assert!(bf16_100 < f32_100, "bf16 {bf16_100} vs f32 {f32_100}");
-    // 50 more tape entries of 64 f32 images, and 50 more step-index tensors of 64 values.
-    assert_eq!(f32_100 - f32_50, 50 * (64 * 3 * 32 * 32 * 4 + 64 * 4));
+    // 50 more tape entries of 64 f32 images, and 50 more rows of the sampler's step table.
+    let row = purifier::backend::STEP_COLUMNS as u64 * 4;
+    assert_eq!(f32_100 - f32_50, 50 * (64 * 3 * 32 * 32 * 4 + row));
     // The target: the exact 100-step attack gradient of cifar10 at batch 64 within 8 GB.
     assert!(f32_100 < 8_000_000_000, "{f32_100}");
 }

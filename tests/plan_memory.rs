@@ -7,7 +7,7 @@ mod common;
 
 use purifier::attack::Defence;
 use purifier::backend::cuda::CudaBackend;
-use purifier::backend::{Backend, Precision};
+use purifier::backend::{Backend, Precision, STEP_COLUMNS};
 use purifier::device::emulator_backend;
 use purifier::diffusion::{GradientPath, Guidance};
 use purifier::model::params::DeterministicParams;
@@ -65,8 +65,8 @@ fn sized_plans_scale_with_steps_batch_and_precision() {
     let f32_backend = CudaBackend::sizing(Precision::F32).unwrap();
     let (_, four_steps, _) = defence_bytes(&f32_backend, 2, 4);
     let (_, five_steps, _) = defence_bytes(&f32_backend, 2, 5);
-    // One more tape entry (2 images, f32) and one more step-index tensor (2 f32).
-    assert_eq!(five_steps - four_steps, 2 * 3 * 32 * 32 * 4 + 2 * 4);
+    // One more tape entry (2 images, f32) and one more row of the sampler's step table.
+    assert_eq!(five_steps - four_steps, 2 * 3 * 32 * 32 * 4 + STEP_COLUMNS * 4);
     let (_, batch_four, _) = defence_bytes(&f32_backend, 4, 4);
     assert!(batch_four > four_steps * 19 / 10 && batch_four <= 2 * four_steps, "{batch_four} vs {four_steps}");
     let (_, bf16_plan, _) = defence_bytes(&CudaBackend::sizing(Precision::Bf16).unwrap(), 2, 4);
