@@ -6,14 +6,14 @@
 #                 release binary + the test executables with GPU checks, stripped, into
 #                 target/gpu-suite/ (with the git revision they were built from)
 #   On the GPU: bash scripts/gpu_suite.sh run [SECONDS]
-#                 device tool: run(command="bash scripts/gpu_suite.sh run 420",
-#                                  carry=["target/gpu-suite"], timeout_s=480)
+#                 device tool: run(command="bash scripts/gpu_suite.sh run 540",
+#                                  carry=["target/gpu-suite"], timeout_s=600)
 #   Here:       bash scripts/gpu_suite.sh unpack FILES_AT
 #                 copies gpu-suite.json and gpu-suite.log into bench/results/, named by revision
 #   Here:       bash scripts/gpu_suite.sh smoke
 #                 the run phase on the PTX emulator with tiny sizes: checks the script itself
 #
-# `run` spends at most SECONDS (default 420) in its steps, most important first: the kernel checks
+# `run` spends at most SECONDS (default 540) in its steps, most important first: the kernel checks
 # on the real driver (every op against the CPU, the tensor-core kernels), the end-to-end
 # comparisons (whole networks and purifications, CUDA against CPU), then the benchmark with the
 # PyTorch baseline side by side, then compute-sanitizer. Each step has its own time limit; a step
@@ -159,12 +159,16 @@ run() {
     # 2. The benchmark, the PyTorch baseline side by side (when torch sees the GPU).
     local baseline=()
     [ -n "$py" ] && [ "$DEVICE" = cuda ] && baseline=(--baseline "$py")
-    bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none,pixel,adversarial "${baseline[@]}"
+    # torch.compile compiles per shape (minutes): it gets a step of its own, last, at two batches.
+    bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none,pixel,adversarial \
+      "${baseline[@]}" ${baseline:+--baseline-variants eager,graphs}
     bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none,adversarial \
       "${baseline[@]}" ${baseline:+--baseline-variants eager}
     bench "$LARGE-f32" 60 --config "$LARGE" --precision f32 --modes none "${baseline[@]}" \
       ${baseline:+--baseline-variants eager,graphs}
     bench "$LARGE-f16" 45 --config "$LARGE" --precision f16 --modes none
+    BATCHES=1,256 bench "$LARGE-bf16-compile" 150 --config "$LARGE" --precision bf16 --modes none \
+      "${baseline[@]}" ${baseline:+--baseline-variants compile}
     # 3. compute-sanitizer over the op checks (refused on some of the GPU machines' runtimes).
     if [ "$DEVICE" = cuda ] && command -v compute-sanitizer > /dev/null; then
       step "compute-sanitizer memcheck" 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -177,7 +181,7 @@ case "$MODE" in
   build) build ;;
   run)
     DEVICE=cuda LIMIT_SCALE=1 LARGE=cifar10 T_STAR=100 PURIFY_BATCH=64 PROFILE_BATCH=64 BATCHES=1,16,64,256 REPEATS=20
-    run "${2:-420}" ;;
+    run "${2:-540}" ;;
   smoke)
     # Here, without a GPU: the same steps on the PTX emulator, tiny sizes, no baseline.
     # The emulator is some thousand times slower than a GPU: each step gets 6 times its limit.

@@ -20,7 +20,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::networks::{self, seed};
+use common::networks::{self, reduced_unet, seed};
 
 use purifier::attack::{AttackSettings, Defence, Loss, Norm};
 use purifier::backend::cpu::CpuBackend;
@@ -36,18 +36,6 @@ const IMAGE: usize = 3 * 32 * 32;
 fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
     assert!(got.iter().all(|v| v.is_finite()), "non-finite value in the emulator's result");
     common::relative_error(got, want)
-}
-
-/// The same layout as the CIFAR UNets at a fraction of the cost (see the head comment).
-fn reduced_unet() -> UnetConfig {
-    UnetConfig {
-        name: "reduced (ch 32, mult 1,1, 1 block)".into(),
-        channels: 32,
-        channel_mult: vec![1, 1],
-        res_blocks: 1,
-        attention_resolutions: vec![16],
-        resolution: 32,
-    }
 }
 
 fn unet<B: Backend>(b: &B, config: &UnetConfig) -> Unet<B> {

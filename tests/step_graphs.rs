@@ -13,24 +13,15 @@ mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use common::networks::reduced_unet;
+
 use purifier::backend::cpu::CpuBackend;
 use purifier::backend::{Backend, Precision};
 use purifier::device::emulator_backend;
 use purifier::diffusion::{GradientPath, Guidance, Sampler};
 use purifier::model::params::DeterministicParams;
-use purifier::model::{Classifier, Unet, UnetConfig};
+use purifier::model::{Classifier, Unet};
 use purifier::purify::{NoiseDraw, Purifier, PurifyReport, PurifySettings};
-
-fn tiny_unet_config() -> UnetConfig {
-    UnetConfig {
-        name: "tiny (tests)".into(),
-        channels: 32,
-        channel_mult: vec![1, 1],
-        res_blocks: 1,
-        attention_resolutions: vec![16],
-        resolution: 32,
-    }
-}
 
 /// The purified batch, the report, and (differentiable runs) the input gradient of a constant
 /// output gradient, for two purifications in a row on one plan (different images and draws).
@@ -42,7 +33,7 @@ struct Run {
 }
 
 fn purify_twice<B: Backend>(b: &B, settings: &PurifySettings, graphs: bool, x: &[f32], vjp: bool) -> Run {
-    let unet = Unet::load(&tiny_unet_config(), &mut DeterministicParams::new(b, 21)).unwrap();
+    let unet = Unet::load(&reduced_unet(), &mut DeterministicParams::new(b, 21)).unwrap();
     let auxiliary = Classifier::load_with(&mut DeterministicParams::new(b, 22), 20).unwrap();
     let observed = AtomicUsize::new(0);
     let mut purifier = Purifier::new(b, &unet, Some(&auxiliary), settings.clone()).unwrap();

@@ -18,6 +18,20 @@ pub fn seed() -> u64 {
 
 const WEIGHTS_SEED: u64 = 3;
 
+/// The layout of the CIFAR UNets (every kind of layer: 1x1 shortcuts, the skip concat, upsample,
+/// the downsample's padding, attention at 16x16) at a fraction of their cost, for the emulator
+/// tests that run many UNet calls (guided steps, recorded steps, attacks).
+pub fn reduced_unet() -> UnetConfig {
+    UnetConfig {
+        name: "reduced (ch 32, mult 1,1, 1 block)".into(),
+        channels: 32,
+        channel_mult: vec![1, 1],
+        res_blocks: 1,
+        attention_resolutions: vec![16],
+        resolution: 32,
+    }
+}
+
 fn unet_eps_and_vjp<B: Backend>(b: &B, config: &UnetConfig, x: &[f32], t: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let unet = Unet::load(config, &mut DeterministicParams::new(b, WEIGHTS_SEED)).unwrap();
     let n = t.len();
