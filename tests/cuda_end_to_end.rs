@@ -1,6 +1,8 @@
 //! The end-to-end comparison of the GPU suite (scripts/gpu_suite.sh): whole networks, their input
-//! VJPs and whole purifications in every mode on the CUDA backend of a real GPU, against the CPU
-//! reference on the same weights, seed and inputs. Without a GPU each test says
+//! VJPs, whole purifications in every mode, one guided step in every mode and path, guided
+//! purifications with a binding constraint and a PGD-EOT iteration through a purification on the
+//! CUDA backend of a real GPU, against the CPU reference on the same weights, seed and inputs
+//! (the last three: the emulator's bodies, tests/common/guidance_checks.rs, in f32). Without a GPU each test says
 //! "skipped: no CUDA device"; CI proves the same kernels on the emulator (tests/emulator_*.rs).
 //!
 //! Tolerances (relative L2): ENGINE.md's 1e-5 in f32; in bf16 storage 3e-2 for whole networks
@@ -13,6 +15,7 @@
 //! for ResNet-20 and WRN-16-2: tests/emulator_models.rs).
 mod common;
 
+use common::guidance_checks::{check_guided_step, check_pgd_iteration, check_purification, guidance};
 use common::networks::{classifier_against_cpu, purification_against_cpu, seed, unet_against_cpu};
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::Precision;
@@ -93,4 +96,26 @@ fn purification_every_mode() {
             assert!(error < tol, "purify {mode} {precision}: {error:e} over {tol:e} (seed {seed})");
         }
     }
+}
+
+#[test]
+fn guided_steps_every_mode_and_path() {
+    let Some(b) = gpu(Precision::F32) else { return };
+    for mode in ["pixel", "adversarial-x0", "adversarial-xt"] {
+        check_guided_step(&b, mode);
+    }
+}
+
+#[test]
+fn guided_purifications_with_the_constraint() {
+    let Some(b) = gpu(Precision::F32) else { return };
+    for mode in ["pixel", "adversarial-x0", "adversarial-xt"] {
+        check_purification(&b, guidance(mode, 1e4), 1e-5);
+    }
+}
+
+#[test]
+fn pgd_iteration_through_purification() {
+    let Some(b) = gpu(Precision::F32) else { return };
+    check_pgd_iteration(&b);
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use purifier::data::tensor_file::TensorFile;
 
+pub mod guidance_checks;
 pub mod networks;
 
 /// A path under the project root.

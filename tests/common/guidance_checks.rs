@@ -1,0 +1,181 @@
+//! Guided reverse steps, guided purifications and a PGD-EOT iteration through a purification on a
+//! backend against the CPU reference, in f32 storage: one body per check, run on the emulator by
+//! tests/emulator_guidance.rs (every CI run) and on a GPU by tests/cuda_end_to_end.rs (the GPU
+//! suite). They use `networks::reduced_unet()` for the emulator's sake (tests/emulator_guidance.rs
+//! says why that covers every op of the full UNet).
+use std::time::Instant;
+
+use super::networks::{reduced_unet, seed};
+use purifier::attack::{AttackSettings, Defence, Loss, Norm};
+use purifier::backend::cpu::CpuBackend;
+use purifier::backend::Backend;
+use purifier::diffusion::{GradientPath, Guidance, Sampler, Schedule};
+use purifier::model::params::DeterministicParams;
+use purifier::model::{Classifier, Unet, UnetConfig};
+use purifier::purify::{NoiseDraw, Purifier, PurifySettings};
+
+const IMAGE: usize = 3 * 32 * 32;
+
+fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
+    assert!(got.iter().all(|v| v.is_finite()), "non-finite value in the result");
+    super::relative_error(got, want)
+}
+
+fn unet<B: Backend>(b: &B, config: &UnetConfig) -> Unet<B> {
+    Unet::load(config, &mut DeterministicParams::new(b, 3)).unwrap()
+}
+
+/// The auxiliary and attacked classifiers: deterministic weights, ResNet-20 or WRN-16-2.
+fn classifier<B: Backend>(b: &B, wide: bool) -> Classifier<B> {
+    let mut src = DeterministicParams::new(b, 11);
+    if wide {
+        Classifier::load_wide(&mut src, 16, 2).unwrap()
+    } else {
+        Classifier::load_with(&mut src, 20).unwrap()
+    }
+}
+
+/// Images in [-0.8, 0.8] (model range).
+fn images(n: usize, seed: u64) -> Vec<f32> {
+    super::uniform(n * IMAGE, seed).iter().map(|u| 0.8 * u).collect()
+}
+
+// ---- one guided reverse step ----
+
+/// A guidance of `mode` with scale `scale`. Purifications use a large scale: sigma_t^2 is about
+/// 1e-4 at the small t of these tests, so at scale 1 the guidance would move nothing measurable;
+/// at 1e4 the gradient constraint (kappa 0.5) bounds it, so that runs too.
+pub fn guidance(mode: &str, scale: f32) -> Guidance {
+    let adversarial = |path| Guidance::Adversarial { scale, lambda_features: 1.0, lambda_class: 1.0, path };
+    match mode {
+        "pixel" => Guidance::Pixel { scale },
+        "adversarial-x0" => adversarial(GradientPath::X0),
+        "adversarial-xt" => adversarial(GradientPath::Xt),
+        other => panic!("no mode {other}"),
+    }
+}
+
+/// The guidance objective and its gradient with respect to x_t at reverse step t = 40, batch 1.
+fn guided_step<B: Backend>(b: &B, mode: &str, x_in: &[f32], x_t: &[f32]) -> (f64, Vec<f32>) {
+    let net = unet(b, &reduced_unet());
+    let aux = classifier(b, false);
+    let settings = PurifySettings { guidance: guidance(mode, 1.0), ..Default::default() };
+    let purifier = Purifier::new(b, &net, Some(&aux), settings).unwrap();
+    let step = Schedule::ddpm().reverse_step(40, 39, Sampler::Ddpm);
+    let mut plan = purifier.plan(1).unwrap();
+    purifier.guidance_objective(&mut plan, x_in, x_t, &step).unwrap()
+}
+
+/// One guided step's objective and gradient (Purifier::guidance_objective: the auxiliary
+/// network's features and log-probabilities, the objective's gradients, the classifier VJP and,
+/// on the x0 path, the UNet VJP through the clipped x0 estimate) on `b` and the CPU.
+pub fn check_guided_step<B: Backend>(b: &B, mode: &str) {
+    let seed = seed();
+    let x_in = images(1, seed);
+    let noise = super::uniform(IMAGE, seed ^ 3);
+    let a = Schedule::ddpm().reverse_step(40, 39, Sampler::Ddpm).coefficients;
+    let x_t: Vec<f32> = x_in.iter().zip(&noise).map(|(x, z)| a.sqrt_abar * x + a.sqrt_one_minus_abar * z).collect();
+    let started = Instant::now();
+    let (objective, gradient) = guided_step(b, mode, &x_in, &x_t);
+    let seconds = started.elapsed().as_secs_f64();
+    let (objective_ref, gradient_ref) = guided_step(&CpuBackend, mode, &x_in, &x_t);
+    let e_objective = (objective - objective_ref).abs() / objective_ref.abs();
+    let e_gradient = relative_l2(&gradient, &gradient_ref);
+    println!(
+        "guided step ({mode}), batch 1, f32 on {}: {seconds:.1} s; objective {objective:.6} vs \
+         {objective_ref:.6} (relative {e_objective:.2e}), gradient relative L2 {e_gradient:.2e} (seed {seed})",
+        b.name()
+    );
+    assert!(e_objective < 1e-5 && e_gradient < 1e-5, "{mode}: objective {e_objective:.3e}, gradient {e_gradient:.3e}");
+}
+
+// ---- whole guided purifications ----
+
+fn purify<B: Backend>(b: &B, guidance: Guidance, x: &[f32]) -> Vec<f32> {
+    let net = unet(b, &reduced_unet());
+    let aux = classifier(b, false);
+    let settings = PurifySettings { t_star: 5, seed: 21, guidance, ..Default::default() };
+    let purifier = Purifier::new(b, &net, Some(&aux), settings).unwrap();
+    let mut plan = purifier.plan(1).unwrap();
+    purifier.purify(&mut plan, x, 0).unwrap().0
+}
+
+/// A whole purification at t* = 5 (the noise of every step, the guidance and the gradient
+/// constraint at every step) on `b` reproduces the CPU's on the same seed. The noise is
+/// the same bit for bit on both, so only the networks' rounding differs; it passes through five
+/// steps, each of which contracts it (x_{t-1} mixes x_t and x0_hat with weights below 1), so the
+/// per-pass 1e-5 holds for the whole run (measured 1.0e-7 in both modes with seed 12345). A
+/// guidance that is wrong on `b` would miss by about the guidance's own effect, so the
+/// test also checks that the guidance moved the result by at least 100 times the tolerance.
+pub fn check_purification<B: Backend>(b: &B, guidance: Guidance, tolerance: f64) {
+    let seed = seed();
+    let x = images(1, seed);
+    let name = guidance.name();
+    let started = Instant::now();
+    let got = purify(b, guidance.clone(), &x);
+    let seconds = started.elapsed().as_secs_f64();
+    let want = purify(&CpuBackend, guidance, &x);
+    let unguided = purify(&CpuBackend, Guidance::None, &x);
+    let error = relative_l2(&got, &want);
+    let guidance_effect = relative_l2(&want, &unguided);
+    println!(
+        "{name} purification, t* = 5, batch 1, f32 on {}: {seconds:.1} s; relative L2 {error:.2e} \
+         (the guidance moved the CPU's result by {guidance_effect:.2e}) (seed {seed})",
+        b.name()
+    );
+    assert!(guidance_effect > 100.0 * tolerance, "the guidance must matter for this check: {guidance_effect:.3e}");
+    assert!(error < tolerance, "{name} purification: relative L2 {error:.3e} (seed {seed})");
+}
+
+// ---- one PGD-EOT iteration through a purification ----
+
+/// (per-image losses, the gradient of one draw, the adversarial images of one PGD iteration with
+/// EOT 2 and the loss it saw) through a pixel-guided purification at t* = 2. (The guidance is a
+/// constant in the attack's gradient, so the adversarial mode would add only its forward, checked
+/// above, at three times the cost.)
+fn pgd_iteration<B: Backend>(b: &B, pixels: &[f32], labels: &[u8]) -> (Vec<f64>, Vec<f32>, Vec<f32>, f64) {
+    let net = unet(b, &reduced_unet());
+    let attacked = classifier(b, false);
+    let settings = PurifySettings { t_star: 2, guidance: guidance("pixel", 1e4), ..Default::default() };
+    let purifier = Purifier::new(b, &net, None, settings).unwrap();
+    let defence = Defence::purified(&purifier, &attacked);
+    let n = labels.len();
+    let mut plan = defence.plan(n).unwrap();
+    let indices: Vec<u64> = (0..n as u64).collect();
+    let noise = NoiseDraw { seed: 7, draw: 0 };
+    let (losses, _, gradient) =
+        defence.loss_gradient(&mut plan, pixels, labels, &indices, Loss::CrossEntropy, noise).unwrap();
+    // l_2, so that the step is continuous in the gradient (an l_inf step takes its signs).
+    let settings = AttackSettings { random_start: false, ..AttackSettings::pgd(Norm::L2, 1, 2, 7) };
+    let (adversarial, trace) = defence.attack(&mut plan, pixels, labels, &indices, &settings, |_| {}).unwrap();
+    (losses, gradient, adversarial, trace[0].loss)
+}
+
+/// The attack's gradient (exact through every reverse step: the UNet VJP per step, the clip
+/// masks, the final clamp) and one PGD-EOT iteration's adversarial images match the CPU's. The
+/// gradient is compared as a whole; the images by their offsets from the input (the step is what
+/// the gradient decides).
+pub fn check_pgd_iteration<B: Backend>(b: &B) {
+    let seed = seed();
+    let n = 1;
+    let pixels: Vec<f32> = images(n, seed).iter().map(|x| (x + 1.0) / 2.0).collect();
+    let labels = vec![(seed % 10) as u8; n];
+    let started = Instant::now();
+    let (losses, gradient, adversarial, loss) = pgd_iteration(b, &pixels, &labels);
+    let seconds = started.elapsed().as_secs_f64();
+    let (losses_ref, gradient_ref, adversarial_ref, loss_ref) = pgd_iteration(&CpuBackend, &pixels, &labels);
+    let offsets = |a: &[f32]| a.iter().zip(&pixels).map(|(a, p)| a - p).collect::<Vec<f32>>();
+    let e_gradient = relative_l2(&gradient, &gradient_ref);
+    let e_image = relative_l2(&offsets(&adversarial), &offsets(&adversarial_ref));
+    let e_loss = (loss - loss_ref).abs() / loss_ref.abs();
+    let e_losses = (losses[0] - losses_ref[0]).abs() / losses_ref[0].abs();
+    println!(
+        "PGD-EOT iteration (EOT 2, pixel-guided purification t* = 2, batch {n}) plus one more gradient, f32 on \
+         {}: {seconds:.1} s; relative: gradient {e_gradient:.2e}, adversarial offsets {e_image:.2e}, \
+         EOT loss {e_loss:.2e}, loss {e_losses:.2e} (seed {seed})",
+        b.name()
+    );
+    assert!(e_gradient < 1e-5, "gradient: {e_gradient:.3e}");
+    assert!(e_image < 1e-5, "adversarial images: {e_image:.3e}");
+    assert!(e_loss < 1e-5 && e_losses < 1e-5, "losses: {e_loss:.3e}, {e_losses:.3e}");
+}
