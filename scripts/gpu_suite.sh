@@ -159,15 +159,19 @@ run() {
     # 2. The benchmark, the PyTorch baseline side by side (when torch sees the GPU).
     local baseline=()
     [ -n "$py" ] && [ "$DEVICE" = cuda ] && baseline=(--baseline "$py")
-    # torch.compile compiles per shape (minutes): it gets a step of its own, last, at two batches.
-    bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none,pixel,adversarial \
+    # Every row of one bench call is lost if the call runs out of time, so the long parts get
+    # calls of their own: the guided purifications (UNet rows at batch 1 only, 3 repeats), and
+    # torch.compile, which compiles per shape (minutes), last, at two batches.
+    bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none \
       "${baseline[@]}" ${baseline:+--baseline-variants eager,graphs}
-    bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none,adversarial \
+    BATCHES=1 REPEATS=3 bench "$LARGE-bf16-guided" 120 --config "$LARGE" --precision bf16 \
+      --modes pixel,adversarial "${baseline[@]}" ${baseline:+--baseline-variants eager}
+    bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none \
       "${baseline[@]}" ${baseline:+--baseline-variants eager}
     bench "$LARGE-f32" 60 --config "$LARGE" --precision f32 --modes none "${baseline[@]}" \
       ${baseline:+--baseline-variants eager,graphs}
     bench "$LARGE-f16" 45 --config "$LARGE" --precision f16 --modes none
-    BATCHES=1,256 bench "$LARGE-bf16-compile" 150 --config "$LARGE" --precision bf16 --modes none \
+    BATCHES=1,256 T_STAR=1 bench "$LARGE-bf16-compile" 150 --config "$LARGE" --precision bf16 --modes none \
       "${baseline[@]}" ${baseline:+--baseline-variants compile}
     # 3. compute-sanitizer over the op checks (refused on some of the GPU machines' runtimes).
     if [ "$DEVICE" = cuda ] && command -v compute-sanitizer > /dev/null; then
@@ -180,7 +184,7 @@ run() {
 case "$MODE" in
   build) build ;;
   run)
-    DEVICE=cuda LIMIT_SCALE=1 LARGE=cifar10 T_STAR=100 PURIFY_BATCH=64 PROFILE_BATCH=64 BATCHES=1,16,64,256 REPEATS=20
+    DEVICE=cuda LIMIT_SCALE=1 LARGE=cifar10 T_STAR=100 PURIFY_BATCH=64 PROFILE_BATCH=64 BATCHES=1,16,64,256 REPEATS=10
     run "${2:-540}" ;;
   smoke)
     # Here, without a GPU: the same steps on the PTX emulator, tiny sizes, no baseline.
