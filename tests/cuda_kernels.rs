@@ -69,6 +69,15 @@ fn kernels_compile_for_every_architecture() {
             for name in &names {
                 assert!(ptx.contains(&format!(".entry {name}(")), "{file} for {arch}: no entry `{name}`");
             }
+            // And the other way: no kernel the launchers cannot name (dead, or named only by a
+            // string built elsewhere), so every kernel is one the emulator checks run.
+            let unnamed: Vec<&str> = ptx
+                .split(".entry ")
+                .skip(1)
+                .filter_map(|rest| rest.split('(').next())
+                .filter(|entry| !names.iter().any(|n| n == entry))
+                .collect();
+            assert!(unnamed.is_empty(), "{file} for {arch}: kernels no launcher names: {unnamed:?}");
             println!("{file} {arch}: {} kernels, {} bytes of PTX", names.len(), ptx.len());
         }
     }
