@@ -3,6 +3,7 @@
 //!
 //! Written against the driver only: the CUDA backend fills an `AttentionLaunch` and calls
 //! `launch_attention`. Shapes are checked here; nothing is launched on an error.
+use super::modules::KernelTable;
 use crate::backend::Precision;
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
 use crate::error::{Error, Result};
@@ -171,35 +172,20 @@ impl AttentionLaunch {
     }
 }
 
-/// The functions of the loaded attention modules: attention.cu always, attention_mma.cu when given
-/// (the backend always loads it; tests may load the SIMT module alone).
-pub struct AttentionKernels {
-    functions: Vec<(String, Function)>,
-    tensor_cores: bool,
-}
+/// The functions of the loaded attention modules (attention.cu always, attention_mma.cu when given).
+pub struct AttentionKernels(KernelTable);
 
 impl AttentionKernels {
     pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<Module>) -> Result<Self> {
-        let mut functions = Vec::new();
-        for name in simt_kernel_names() {
-            functions.push((name.clone(), driver.function(simt_module, &name)?));
-        }
-        if let Some(module) = mma_module {
-            for name in mma_kernel_names() {
-                functions.push((name.clone(), driver.function(module, &name)?));
-            }
-        }
-        Ok(Self { functions, tensor_cores: mma_module.is_some() })
+        let mma = mma_module.map(|m| (m, mma_kernel_names()));
+        KernelTable::load(driver, "attention", (simt_module, simt_kernel_names()), mma).map(Self)
     }
+    /// Whether the tensor-core kernels are loaded.
     pub fn has_tensor_cores(&self) -> bool {
-        self.tensor_cores
+        self.0.has_tensor_cores()
     }
     fn get(&self, name: &str) -> Result<Function> {
-        self.functions
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, f)| *f)
-            .ok_or_else(|| Error::invalid(format!("attention: kernel `{name}` is not loaded")))
+        self.0.get(name)
     }
 }
 

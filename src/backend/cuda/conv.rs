@@ -5,6 +5,7 @@
 //! Written against the driver only (`&dyn Driver`, device addresses): the CUDA backend fills a
 //! `Conv2dLaunch` from its tensors and calls `launch_conv2d`. Shapes are checked here and every
 //! problem is an error naming the bad value; nothing is launched then.
+use super::modules::KernelTable;
 use crate::backend::{Conv2dGeometry, Precision};
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
 use crate::error::{Error, Result};
@@ -226,37 +227,20 @@ pub const MMA_HOT_KERNELS: &[&str] = &[
     "conv2d_backward_input_mma_f32_f16",
 ];
 
-/// The functions of the loaded convolution modules, looked up once: conv2d.cu always,
-/// conv2d_mma.cu when given (the backend always loads it; tests may load the SIMT module alone).
-pub struct Conv2dKernels {
-    functions: Vec<(String, Function)>,
-    tensor_cores: bool,
-}
+/// The functions of the loaded convolution modules (conv2d.cu always, conv2d_mma.cu when given).
+pub struct Conv2dKernels(KernelTable);
 
 impl Conv2dKernels {
     pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<Module>) -> Result<Self> {
-        let mut functions = Vec::new();
-        for name in simt_kernel_names() {
-            functions.push((name.clone(), driver.function(simt_module, &name)?));
-        }
-        if let Some(module) = mma_module {
-            for name in mma_kernel_names() {
-                functions.push((name.clone(), driver.function(module, &name)?));
-            }
-        }
-        Ok(Self { functions, tensor_cores: mma_module.is_some() })
+        let mma = mma_module.map(|m| (m, mma_kernel_names()));
+        KernelTable::load(driver, "conv2d", (simt_module, simt_kernel_names()), mma).map(Self)
     }
     /// Whether the tensor-core kernels are loaded.
     pub fn has_tensor_cores(&self) -> bool {
-        self.tensor_cores
+        self.0.has_tensor_cores()
     }
     fn get(&self, name: &str) -> Result<Function> {
-        self.functions.iter().find(|(n, _)| n == name).map(|(_, f)| *f).ok_or_else(|| {
-            Error::invalid(format!(
-                "conv2d: kernel `{name}` is not loaded{}",
-                if self.tensor_cores { "" } else { " (conv2d_mma.cu, the tensor-core module, was not loaded)" }
-            ))
-        })
+        self.0.get(name)
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::compile::{ImageKind, KernelCompiler};
 use crate::driver::{Driver, Function, Module, ModuleImage};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub struct KernelModules {
     driver: Arc<dyn Driver>,
@@ -59,5 +59,53 @@ impl KernelModules {
         let function = self.driver.function(module, name)?;
         self.functions.lock().unwrap().insert(key, function);
         Ok(function)
+    }
+}
+
+/// The functions of one op family's kernel files, looked up once by name: the SIMT module's
+/// always, the tensor-core module's when it is given (the backend always loads it; tests may load
+/// the SIMT module alone).
+pub struct KernelTable {
+    /// For messages: "conv2d", "attention".
+    family: &'static str,
+    functions: Vec<(String, Function)>,
+    tensor_cores: bool,
+}
+
+impl KernelTable {
+    pub fn load(
+        driver: &dyn Driver,
+        family: &'static str,
+        simt: (Module, Vec<String>),
+        mma: Option<(Module, Vec<String>)>,
+    ) -> Result<Self> {
+        let tensor_cores = mma.is_some();
+        let mut functions = Vec::new();
+        for (module, names) in std::iter::once(simt).chain(mma) {
+            for name in names {
+                let function = driver.function(module, &name)?;
+                functions.push((name, function));
+            }
+        }
+        Ok(Self { family, functions, tensor_cores })
+    }
+
+    /// Whether the tensor-core kernels are loaded.
+    pub fn has_tensor_cores(&self) -> bool {
+        self.tensor_cores
+    }
+
+    pub fn get(&self, name: &str) -> Result<Function> {
+        self.functions.iter().find(|(n, _)| n == name).map(|(_, f)| *f).ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: kernel `{name}` is not loaded{}",
+                self.family,
+                if self.tensor_cores {
+                    String::new()
+                } else {
+                    format!(" ({}_mma.cu, the tensor-core module, was not loaded)", self.family)
+                }
+            ))
+        })
     }
 }
