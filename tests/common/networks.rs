@@ -71,12 +71,26 @@ fn classifier_outputs<B: Backend>(b: &B, wide: bool, x: &[f32], n: usize, seed: 
     [logits, features, grad]
 }
 
-/// ResNet-20 (or WRN-16-2 when `wide`) at batch `n`: (logits, features, input VJP) errors.
-pub fn classifier_against_cpu<B: Backend>(b: &B, wide: bool, n: usize, seed: u64) -> [f64; 3] {
+/// ResNet-20 (or WRN-16-2 when `wide`) at batch `n`: (logits, features, input VJP) errors, and
+/// the fraction of the VJP's elements off by more than 1e-5 of its norm (`relu_vjp_agrees`).
+pub fn classifier_against_cpu<B: Backend>(b: &B, wide: bool, n: usize, seed: u64) -> [f64; 4] {
     let x = super::uniform(n * 3 * 32 * 32, seed);
     let got = classifier_outputs(b, wide, &x, n, seed);
     let want = classifier_outputs(&CpuBackend, wide, &x, n, seed);
-    [0, 1, 2].map(|i| super::relative_error(&got[i], &want[i]))
+    let [logits, features, vjp] = [0, 1, 2].map(|i| super::relative_error(&got[i], &want[i]));
+    let norm = want[2].iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+    let off = got[2].iter().zip(&want[2]).filter(|(g, w)| ((**g - **w) as f64).abs() > 1e-5 * norm).count();
+    [logits, features, vjp, off as f64 / want[2].len() as f64]
+}
+
+/// Whether a ReLU network's input VJP agrees with the CPU's: within `tolerance` (relative L2), or
+/// off only where rounding put a pre-activation on the other side of zero on one backend, so that
+/// its ReLU took the other branch there. Such a flip changes the gradient on that unit's receptive
+/// field alone: at most 2% of the elements, and 1e-2 overall. (Measured in f32 on the emulator:
+/// WRN-16-2, seed 485622900, 78 of 6144 elements in a 2x3 corner patch of one image, relative
+/// L2 4.1e-3.) A wrong kernel moves most elements.
+pub fn relu_vjp_agrees(error: f64, fraction_off: f64, tolerance: f64) -> bool {
+    error < tolerance || (fraction_off <= 0.02 && error < 1e-2)
 }
 
 /// The guidance modes and paths a purification can run, by name.
