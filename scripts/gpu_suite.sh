@@ -8,8 +8,12 @@
 #   On the GPU: bash scripts/gpu_suite.sh run [SECONDS]
 #                 device tool: run(command="bash scripts/gpu_suite.sh run 540",
 #                                  carry=["target/gpu-suite"], timeout_s=600)
+#               or the two halves in calls of their own (the checks can share the GPU with other
+#               work, say a training run; the benchmark must have it alone):
+#                 bash scripts/gpu_suite.sh checks [SECONDS]   # kernel checks, end to end, sanitizer
+#                 bash scripts/gpu_suite.sh bench [SECONDS]    # the benchmark and its baseline
 #   Here:       bash scripts/gpu_suite.sh unpack FILES_AT
-#                 copies gpu-suite.json and gpu-suite.log into bench/results/, named by revision
+#                 copies gpu-suite*.json and .log into bench/results/, named by revision
 #   Here:       bash scripts/gpu_suite.sh smoke
 #                 the run phase on the PTX emulator with tiny sizes: checks the script itself
 #
@@ -27,9 +31,8 @@ cd "$ROOT"
 SUITE=target/gpu-suite
 MODE="${1:-}"
 
-# The test executables with GPU variants, and the name filter that selects those variants.
+# The test executables with GPU checks (backend_ops: its `cuda` variants; cuda_end_to_end: all).
 TESTS=(backend_ops cuda_end_to_end)
-declare -A FILTER=([backend_ops]=cuda [cuda_end_to_end]=)
 
 build() {
   set -e
@@ -98,9 +101,9 @@ bench() { # bench NAME SECONDS ARGS...: one `purifier bench` into $WORK/NAME.jso
 }
 
 write_report() {
-  python3 - "$STEPS" "$WORK" "$SUITE/REVISION" "$OUT/gpu-suite.json" "$DEVICE" "$NVRTC" <<'EOF'
+  python3 - "$STEPS" "$WORK" "$SUITE/REVISION" "$OUT/$REPORT.json" "$DEVICE" "$NVRTC" "$PHASES" "${SUITE_NOTE:-}" <<'EOF'
 import datetime, glob, json, os, subprocess, sys
-steps_file, work, revision_file, out, device, nvrtc = sys.argv[1:]
+steps_file, work, revision_file, out, device, nvrtc, phases, note = sys.argv[1:]
 revision, tree = (open(revision_file).read().split() + ["?", "?"])[:2] if os.path.exists(revision_file) else ("?", "?")
 steps = []
 for line in open(steps_file):
@@ -115,7 +118,7 @@ benches = {}
 for path in sorted(glob.glob(os.path.join(work, "bench-*.json"))):
     with open(path) as f:
         benches[os.path.basename(path)[len("bench-"):-len(".json")]] = json.load(f)
-report = dict(suite="scripts/gpu_suite.sh", revision=revision, tree=tree, device=device, gpu=gpu,
+report = dict(suite="scripts/gpu_suite.sh", phases=phases, note=note, revision=revision, tree=tree, device=device, gpu=gpu,
               nvrtc=nvrtc, finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               steps=steps, passed=sum(s["status"] == "passed" for s in steps), total=len(steps), bench=benches)
 with open(out, "w") as f:
@@ -124,7 +127,7 @@ print(f"wrote {out}: {report['passed']} of {report['total']} steps passed, revis
 EOF
 }
 
-run() {
+run() { # run SECONDS: the phases named in $PHASES (checks, bench or both)
   local budget=${1:-420}
   DEADLINE=$(( $(date +%s) + budget ))
   OUT="${OUT:-$ROOT/out}"
@@ -147,59 +150,76 @@ run() {
   export RUST_BACKTRACE=1 PYTHONUNBUFFERED=1
   trap write_report EXIT
   {
-    echo "gpu suite: revision $(tr '\n' ' ' < "$SUITE/REVISION"), device $DEVICE, budget ${budget} s, NVRTC $NVRTC"
+    echo "gpu suite ($PHASES): revision $(tr '\n' ' ' < "$SUITE/REVISION"), device $DEVICE, budget ${budget} s, NVRTC $NVRTC"
+    [ -n "${SUITE_NOTE:-}" ] && echo "note: $SUITE_NOTE"
     nvidia-smi 2>/dev/null || echo "(no nvidia-smi)"
-    local py=python3
-    python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || py=""
+    if [[ $PHASES == *checks* ]]; then checks; fi
+    if [[ $PHASES == *bench* ]]; then benchmarks; fi
+  } 2>&1 | tee "$OUT/$REPORT.log"
+}
 
-    # 1. Kernel checks: every op of the CUDA backend against the CPU on the real driver.
-    for t in "${TESTS[@]}"; do
-      step "tests $t" 120 "$SUITE/bin/$t" ${FILTER[$t]} --test-threads 1 --nocapture
-    done
-    # 2. The benchmark, the PyTorch baseline side by side (when torch sees the GPU).
-    local baseline=()
-    [ -n "$py" ] && [ "$DEVICE" = cuda ] && baseline=(--baseline "$py")
-    # Every row of one bench call is lost if the call runs out of time, so the long parts get
-    # calls of their own: the guided purifications (UNet rows at batch 1 only, 3 repeats), and
-    # torch.compile, which compiles per shape (minutes), last, at two batches.
-    bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none \
-      "${baseline[@]}" ${baseline:+--baseline-variants eager,graphs}
-    BATCHES=1 REPEATS=3 bench "$LARGE-bf16-guided" 120 --config "$LARGE" --precision bf16 \
-      --modes pixel,adversarial "${baseline[@]}" ${baseline:+--baseline-variants eager}
-    bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none \
-      "${baseline[@]}" ${baseline:+--baseline-variants eager}
-    bench "$LARGE-f32" 60 --config "$LARGE" --precision f32 --modes none "${baseline[@]}" \
-      ${baseline:+--baseline-variants eager,graphs}
-    bench "$LARGE-f16" 45 --config "$LARGE" --precision f16 --modes none
-    BATCHES=1,256 T_STAR=1 bench "$LARGE-bf16-compile" 150 --config "$LARGE" --precision bf16 --modes none \
-      "${baseline[@]}" ${baseline:+--baseline-variants compile}
-    # 3. compute-sanitizer over the op checks (refused on some of the GPU machines' runtimes).
-    if [ "$DEVICE" = cuda ] && command -v compute-sanitizer > /dev/null; then
-      step "compute-sanitizer memcheck" 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$SUITE/bin/backend_ops" cuda --test-threads 1
-    fi
-  } 2>&1 | tee "$OUT/gpu-suite.log"
+checks() {
+  # 1. Kernel checks: every op of the CUDA backend against the CPU on the real driver, then the
+  # end-to-end comparisons.
+  # The end-to-end tests hold a CPU reference of whole networks: minutes of CPU, so two at a time.
+  step "tests backend_ops" 120 "$SUITE/bin/backend_ops" cuda --test-threads 1 --nocapture
+  step "tests cuda_end_to_end" 300 "$SUITE/bin/cuda_end_to_end" --test-threads 2 --nocapture
+  # 2. compute-sanitizer over the op checks (refused on some of the GPU machines' runtimes).
+  if [ "$DEVICE" = cuda ] && command -v compute-sanitizer > /dev/null; then
+    step "compute-sanitizer memcheck" 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$SUITE/bin/backend_ops" cuda --test-threads 1
+  fi
+}
+
+benchmarks() {
+  local py=python3
+  python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null || py=""
+  # 3. The benchmark, the PyTorch baseline side by side (when torch sees the GPU).
+  local baseline=()
+  [ -n "$py" ] && [ "$DEVICE" = cuda ] && baseline=(--baseline "$py")
+  # Every row of one bench call is lost if the call runs out of time, so the long parts get
+  # calls of their own: the guided purifications (UNet rows at batch 1 only, 3 repeats), and
+  # torch.compile, which compiles per shape (minutes), last, at two batches.
+  bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none \
+    "${baseline[@]}" ${baseline:+--baseline-variants eager,graphs}
+  BATCHES=1 REPEATS=3 bench "$LARGE-bf16-guided" 120 --config "$LARGE" --precision bf16 \
+    --modes pixel,adversarial "${baseline[@]}" ${baseline:+--baseline-variants eager}
+  bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none \
+    "${baseline[@]}" ${baseline:+--baseline-variants eager}
+  bench "$LARGE-f32" 60 --config "$LARGE" --precision f32 --modes none "${baseline[@]}" \
+    ${baseline:+--baseline-variants eager,graphs}
+  bench "$LARGE-f16" 45 --config "$LARGE" --precision f16 --modes none
+  BATCHES=1,256 T_STAR=1 bench "$LARGE-bf16-compile" 150 --config "$LARGE" --precision bf16 --modes none \
+    "${baseline[@]}" ${baseline:+--baseline-variants compile}
 }
 
 case "$MODE" in
   build) build ;;
-  run)
+  run|checks|bench)
     DEVICE=cuda LIMIT_SCALE=1 LARGE=cifar10 T_STAR=100 PURIFY_BATCH=64 PROFILE_BATCH=64 BATCHES=1,16,64,256 REPEATS=10
+    if [ "$MODE" = run ]; then PHASES=checks,bench REPORT=gpu-suite; else PHASES=$MODE REPORT=gpu-suite-$MODE; fi
     run "${2:-540}" ;;
   smoke)
     # Here, without a GPU: the same steps on the PTX emulator, tiny sizes, no baseline.
     # The emulator is some thousand times slower than a GPU: each step gets 6 times its limit.
     DEVICE=emulator LIMIT_SCALE=6 LARGE=cifar10-small T_STAR=1 PURIFY_BATCH=1 PROFILE_BATCH=1 BATCHES=1 REPEATS=1
-    OUT="${OUT:-$ROOT/target/gpu-suite-smoke}"
+    OUT="${OUT:-$ROOT/target/gpu-suite-smoke}" PHASES=checks,bench REPORT=gpu-suite
     run "${2:-3600}" ;;
   unpack)
     files_at="${2:?usage: gpu_suite.sh unpack FILES_AT}"
-    rev=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["revision"][:10])' "$files_at/gpu-suite.json")
-    name="bench/results/gpu-suite-$(date -u +%Y-%m-%d)-$rev"
     mkdir -p bench/results
-    cp "$files_at/gpu-suite.json" "$name.json"
-    cp "$files_at/gpu-suite.log" "$name.log"
-    echo "wrote $name.json and $name.log: commit them" ;;
+    found=0
+    for json in "$files_at"/gpu-suite*.json; do
+      [ -e "$json" ] || continue
+      report=$(basename "$json" .json)
+      rev=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["revision"][:10])' "$json")
+      name="bench/results/$report-$(date -u +%Y-%m-%d)-$rev"
+      cp "$json" "$name.json"
+      cp "$files_at/$report.log" "$name.log"
+      echo "wrote $name.json and $name.log: commit them"
+      found=1
+    done
+    [ "$found" = 1 ] || { echo "error: no gpu-suite*.json in $files_at" >&2; exit 1; } ;;
   *)
     sed -n '2,22p' "$0"
     exit 2 ;;
