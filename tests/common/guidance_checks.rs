@@ -107,10 +107,20 @@ fn purify<B: Backend>(b: &B, guidance: Guidance, x: &[f32]) -> Vec<f32> {
 /// per-pass 1e-5 holds for the whole run (measured 1.0e-7 in both modes with seed 12345). A
 /// guidance that is wrong on `b` would miss by about the guidance's own effect, so the
 /// test also checks that the guidance moved the result by at least 100 times the tolerance.
+///
+/// The adversarial guidance differentiates the auxiliary classifier through its ReLUs: where a
+/// pre-activation lies within rounding of zero, the two backends can take different branches and
+/// a few gradient elements differ by O(1) (`networks::relu_vjp_agrees` says more). On the H200 that
+/// moved one adversarial purification by 1.70e-5 (seed 918736203), 1.1e-3 of the guidance's own
+/// effect, while the same check's guided step alone agreed to 8e-7. So an adversarial guidance
+/// may also pass within `RELU_FLIP_SHARE` of its effect: a guidance off by even 1% of itself (a
+/// wrong scale, a wrong term) still fails, by a factor of 2 or more.
 pub fn check_purification<B: Backend>(b: &B, guidance: Guidance, tolerance: f64) {
+    const RELU_FLIP_SHARE: f64 = 5e-3;
     let seed = seed();
     let x = images(1, seed);
     let name = guidance.name();
+    let through_relus = matches!(guidance, Guidance::Adversarial { .. });
     let started = Instant::now();
     let got = purify(b, guidance.clone(), &x);
     let seconds = started.elapsed().as_secs_f64();
@@ -120,11 +130,17 @@ pub fn check_purification<B: Backend>(b: &B, guidance: Guidance, tolerance: f64)
     let guidance_effect = relative_l2(&want, &unguided);
     println!(
         "{name} purification, t* = 5, batch 1, f32 on {}: {seconds:.1} s; relative L2 {error:.2e} \
-         (the guidance moved the CPU's result by {guidance_effect:.2e}) (seed {seed})",
-        b.name()
+         (the guidance moved the CPU's result by {guidance_effect:.2e}: {:.1e} of it) (seed {seed})",
+        b.name(),
+        error / guidance_effect
     );
     assert!(guidance_effect > 100.0 * tolerance, "the guidance must matter for this check: {guidance_effect:.3e}");
-    assert!(error < tolerance, "{name} purification: relative L2 {error:.3e} (seed {seed})");
+    let agrees = error < tolerance || (through_relus && error < RELU_FLIP_SHARE * guidance_effect);
+    assert!(
+        agrees,
+        "{name} purification: relative L2 {error:.3e}, {:.2e} of the guidance's effect (seed {seed})",
+        error / guidance_effect
+    );
 }
 
 // ---- one PGD-EOT iteration through a purification ----
