@@ -15,15 +15,16 @@
 //                                      the input gradient, dx += the transposed convolution of dout
 //                                      (conv2d.cu's conv2d_backward_input_simt on the tensor cores):
 //                                      the same tiles, warps and pipeline over M = dx positions,
-//                                      N = Ci, K = taps x Co; dout f32 (the plans' gradients) or the
-//                                      weights' type, dx's type a run-time code (f32 or the weights');
-//                                      Co a multiple of 4 (f32 dout) or 8, Ci a multiple of 8: cp.async.
+//                                      N = Ci, K = taps x Co; dout f32 (the plans' gradients: staged
+//                                      through registers, rounded once) or the weights' type
+//                                      (cp.async), dx's type a run-time code (f32 or the weights');
+//                                      Co a multiple of 4 (f32 dout) or 8, Ci a multiple of 8.
 //   conv2d_backward_input_mma_gather_<dout>_<w>
 //                                      the same with element-wise loads (conv_in's Ci = 3, conv_out's
 //                                      Co = 3).
 // Precision: inputs rounded once to bf16/f16 (the operand type), f32 accumulation, the epilogue in
 // f32, one rounding to the output's type (f32 output for conv_out's eps). The input gradient rounds
-// f32 dout to the weights' type once, as its A fragments are built; dx += in f32, one rounding.
+// f32 dout to the weights' type once, as it is staged in shared memory; dx += in f32, one rounding.
 // Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16,
 // conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16.
 #include "common.cuh"
@@ -316,23 +317,27 @@ CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f32, float)
 //   B[k, ci] = w[co, ky, kx, ci]: the stored weights read as a K x Ci row-major matrix (ci
 //             contiguous per (co, tap): the transposed filter), whose "col" fragments ldmatrix.trans
 //             gives straight from those rows.
-// A is staged in shared memory in dout's own type: f32 gradients (what the plans hold) by 16-byte
-// cp.async as f32, rounded to the weights' type when the A fragments are built (float2 reads,
-// cvt.rn pair packing); 16-bit dout as is, read by ldmatrix like the forward. B by cp.async too.
-// Tiles, warps and the 3-stage pipeline are the forward's; shared memory is dynamic (75 KB with f32
-// dout), so the launcher sizes it.
+// A is staged in shared memory in the weights' 16-bit type, so its fragments come by ldmatrix as in
+// the forward: 16-bit dout by 16-byte cp.async; f32 dout (what the plans hold) through registers:
+// the next tile's 16-byte loads are issued before this tile's mma work and rounded (cvt.rn, once)
+// and stored to shared after it, so their latency hides behind the tensor cores. (Staging f32 in
+// shared and converting at each fragment, as this kernel first did, cost 4 loads and 4 conversions
+// per fragment and 75 KB of shared memory; the H200 ran it at 45 TFLOP/s against the forward's 106.)
+// B by cp.async. Tiles, warps and the 3-stage pipeline are the forward's; shared memory is dynamic
+// (44 KB), the launcher sizes it.
 namespace bwd {
 constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
-// A rows of BK + 8 elements: f32 (160 bytes), the float2 fragment reads of a half-warp fall in
-// distinct banks; 16-bit (80 bytes), the ldmatrix rows do (as the forward).
+// A rows of BK + 8 halves (80 bytes): the 8 rows one ldmatrix reads start in distinct bank groups
+// (as the forward).
 constexpr int A_ROW = BK + 8;
 // B rows of BN + 8 halves (144 bytes = 36 words): the 8 rows of one ldmatrix start in distinct bank
 // groups, every row 16-byte aligned.
 constexpr int B_ROW = BN + 8;
 constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
 constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
-// Dynamic shared memory: STAGES A tiles (BM x A_ROW of dout's type), then STAGES B tiles (BK x
-// B_ROW halves); src/backend/cuda/conv.rs computes the same size.
+// Dynamic shared memory: STAGES A tiles (BM x A_ROW halves), then STAGES B tiles (BK x B_ROW
+// halves); src/backend/cuda/conv.rs computes the same size.
+constexpr int A_STAGE = BM * A_ROW, B_STAGE = BK * B_ROW;
 }  // namespace bwd
 
 // The dout position (oy * out_w + ox) that dx position (y, x), in padded coordinates (iy + pad_top,
@@ -370,50 +375,39 @@ __device__ __forceinline__ DxRow dx_row(int m, const ConvParams& p) {
     return DxRow{n * p.out_h * p.out_w, ((iy + p.pad_top) << 16) | (ix + p.pad_left)};
 }
 
-// Element (row, k) of A as dout's type, zero where the tap skips the row or past K.
-template <typename DoutT>
-__device__ __forceinline__ DoutT transposed_gather(const DxRow& r, int ky, int kx, int co, bool k_valid,
-                                                   const ConvParams& p, const DoutT* __restrict__ dout) {
-    const int source = (k_valid && r.sample_base >= 0) ? transposed_tap_source(r.yx >> 16, r.yx & 0xffff, ky, kx, p) : -1;
-    if (source < 0) return from_float<DoutT>(0.0f);
-    return dout[(r.sample_base + source) * p.out_channels + co];
+// Where row r of A reads k-chunk k (a tap and an output channel): the element offset in dout, or -1
+// where the tap skips the row or k is past K.
+__device__ __forceinline__ int transposed_source(const DxRow& r, int k, const ConvParams& p) {
+    const int k_total = p.kh * p.kw * p.out_channels;
+    if (k >= k_total || r.sample_base < 0) return -1;
+    const int tap = k / p.out_channels;
+    const int co = k - tap * p.out_channels;
+    const int ky = tap / p.kw, kx = tap - ky * p.kw;
+    const int source = transposed_tap_source(r.yx >> 16, r.yx & 0xffff, ky, kx, p);
+    return source < 0 ? -1 : (r.sample_base + source) * p.out_channels + co;
 }
 
-// One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: Co a multiple of the 16-byte chunk
-// (4 f32 or 8 halves, so a chunk never straddles a tap), Ci a multiple of 8, 16-byte aligned
-// tensors: cp.async. Otherwise element-wise loads stored to shared (conv_in's Ci = 3, conv_out's
-// Co = 3).
-template <bool VECTOR, typename DoutT, typename WT>
-__device__ __forceinline__ void conv_backward_load_tile(DoutT* a_stage, unsigned short* b_stage, int k0,
-                                                        const DxRow* rows, int tid, int m_block, int n_block,
-                                                        const ConvParams& p, const DoutT* __restrict__ dout,
-                                                        const WT* __restrict__ w) {
+// The vector loaders' A layout: 16-byte chunks of dout (4 f32 or 8 halves), CHUNKS_PER_ROW across a
+// row of BK, the block's threads over ROWS rows each, ROW_STEP apart.
+template <typename DoutT>
+struct AChunks {
+    static constexpr int CHUNK = 16 / (int)sizeof(DoutT);
+    static constexpr int CHUNKS_PER_ROW = bwd::BK / CHUNK;
+    static constexpr int ROW_STEP = bwd::THREADS / CHUNKS_PER_ROW;
+    static constexpr int ROWS = bwd::BM / ROW_STEP;
+};
+
+// B, one k-tile (BK rows of K x Ci) into a pipeline stage. VECTOR: Ci a multiple of 8, 16-byte
+// aligned weights: cp.async, 8 input channels at a time. Otherwise element-wise.
+template <bool VECTOR, typename WT>
+__device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, int k0, int tid, int n_block,
+                                                     const ConvParams& p, const WT* __restrict__ w) {
     using namespace bwd;
     const int taps = p.kh * p.kw;
     const int k_total = taps * p.out_channels;
     const int ci_total = p.ca;
     if constexpr (VECTOR) {
-        constexpr int CHUNK = 16 / (int)sizeof(DoutT);
-        constexpr int CHUNKS_PER_ROW = BK / CHUNK;
-        constexpr int ROW_STEP = THREADS / CHUNKS_PER_ROW;
-        constexpr int ROWS = BM / ROW_STEP;
-        // A: this thread's chunk of k for its rows tid / CHUNKS_PER_ROW + ROW_STEP i.
-        const int chunk = tid % CHUNKS_PER_ROW;
-        const int k = k0 + chunk * CHUNK;
-        const bool k_valid = k < k_total;
-        const int tap = k_valid ? k / p.out_channels : 0;
-        const int co = k_valid ? k - tap * p.out_channels : 0;
-        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
-#pragma unroll
-        for (int i = 0; i < ROWS; ++i) {
-            const DxRow r = rows[i];
-            const int source =
-                (k_valid && r.sample_base >= 0) ? transposed_tap_source(r.yx >> 16, r.yx & 0xffff, ky, kx, p) : -1;
-            const DoutT* src = source >= 0 ? dout + (r.sample_base + source) * p.out_channels + co : dout;
-            const int row = tid / CHUNKS_PER_ROW + ROW_STEP * i;
-            cp_async_16(shared_address(a_stage + row * A_ROW + chunk * CHUNK), src, source >= 0 ? 16 : 0);
-        }
-        // B: 32 k rows x 8 chunks of 8 input channels; this thread: chunk tid % 8, rows tid / 8 + 16 i.
+        // 32 k rows x 8 chunks of 8 input channels; this thread: chunk tid % 8, rows tid / 8 + 16 i.
         const int ci = n_block + (tid % 8) * 8;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -426,18 +420,7 @@ __device__ __forceinline__ void conv_backward_load_tile(DoutT* a_stage, unsigned
             cp_async_16(shared_address(b_stage + row * B_ROW + (tid % 8) * 8), src, inside ? 16 : 0);
         }
     } else {
-        // A element-wise: k column tid % 32, rows tid / 32 + 4 i.
-        const int kc = tid % BK;
-        const int k = k0 + kc;
-        const bool k_valid = k < k_total;
-        const int tap = k_valid ? k / p.out_channels : 0;
-        const int co = k_valid ? k - tap * p.out_channels : 0;
-        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
-        for (int row = tid / BK; row < BM; row += THREADS / BK) {
-            const DxRow r = dx_row(m_block + row, p);
-            a_stage[row * A_ROW + kc] = transposed_gather(r, ky, kx, co, k_valid, p, dout);
-        }
-        // B element-wise: input channel tid % 64, k rows tid / 64 + 2 i.
+        // Input channel tid % 64, k rows tid / 64 + 2 i.
         const int cc = tid % BN;
         const int ci = n_block + cc;
         for (int row = tid / BN; row < BK; row += THREADS / BN) {
@@ -450,36 +433,71 @@ __device__ __forceinline__ void conv_backward_load_tile(DoutT* a_stage, unsigned
     }
 }
 
-// The A fragment of one m16k16 tile at (row0, k0) of a stage: f32 staging read as float2 pairs and
-// rounded to WT here; 16-bit staging by ldmatrix.
-template <typename WT>
-__device__ __forceinline__ void load_a_fragment(unsigned (&frag)[4], const float* stage, int row0, int k0, int lane) {
+// A, one k-tile straight into a stage: 16-bit dout by cp.async (VECTOR: Co a multiple of 8, 16-byte
+// aligned), or element by element, rounded to WT (the gather entries: conv_in's Ci = 3, conv_out's
+// Co = 3, any dout type).
+template <bool VECTOR, typename DoutT, typename WT>
+__device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, int k0, const DxRow* rows, int tid,
+                                                     int m_block, const ConvParams& p,
+                                                     const DoutT* __restrict__ dout) {
     using namespace bwd;
-    const int g = lane / 4, t = lane % 4;
-    const float* base = stage + (row0 + g) * A_ROW + k0 + 2 * t;
-    const float2 v0 = *reinterpret_cast<const float2*>(base);
-    const float2 v1 = *reinterpret_cast<const float2*>(base + 8 * A_ROW);
-    const float2 v2 = *reinterpret_cast<const float2*>(base + 8);
-    const float2 v3 = *reinterpret_cast<const float2*>(base + 8 * A_ROW + 8);
-    frag[0] = pack_x2<WT>(v0.x, v0.y);
-    frag[1] = pack_x2<WT>(v1.x, v1.y);
-    frag[2] = pack_x2<WT>(v2.x, v2.y);
-    frag[3] = pack_x2<WT>(v3.x, v3.y);
+    if constexpr (VECTOR) {
+        using L = AChunks<DoutT>;
+        const int chunk = tid % L::CHUNKS_PER_ROW;
+#pragma unroll
+        for (int i = 0; i < L::ROWS; ++i) {
+            const int source = transposed_source(rows[i], k0 + chunk * L::CHUNK, p);
+            const int row = tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i;
+            cp_async_16(shared_address(a_stage + row * A_ROW + chunk * L::CHUNK), source >= 0 ? dout + source : dout,
+                        source >= 0 ? 16 : 0);
+        }
+    } else {
+        // k column tid % 32, rows tid / 32 + 4 i.
+        const int kc = tid % BK;
+        for (int row = tid / BK; row < BM; row += THREADS / BK) {
+            const int source = transposed_source(dx_row(m_block + row, p), k0 + kc, p);
+            const float v = source >= 0 ? to_float(dout[source]) : 0.0f;
+            a_stage[row * A_ROW + kc] = from_float<WT>(v).bits;
+        }
+    }
 }
+
+// A from f32 dout through registers: the loads of one k-tile (zeros where the tap skips a row)...
+__device__ __forceinline__ void conv_backward_fetch_a(float4 (&regs)[AChunks<float>::ROWS], int k0,
+                                                      const DxRow* rows, int tid, const ConvParams& p,
+                                                      const float* __restrict__ dout) {
+    using L = AChunks<float>;
+    const int chunk = tid % L::CHUNKS_PER_ROW;
+#pragma unroll
+    for (int i = 0; i < L::ROWS; ++i) {
+        const int source = transposed_source(rows[i], k0 + chunk * L::CHUNK, p);
+        regs[i] = source >= 0 ? *reinterpret_cast<const float4*>(dout + source) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
+// ...and, once the tensor cores have the current tile, rounded to WT and stored to their stage.
 template <typename WT>
-__device__ __forceinline__ void load_a_fragment(unsigned (&frag)[4], const WT* stage, int row0, int k0, int lane) {
-    using namespace bwd;
-    ldmatrix_x4(frag, shared_address(stage + (row0 + (lane % 16)) * A_ROW + k0 + (lane / 16) * 8));
+__device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage, const float4 (&regs)[AChunks<float>::ROWS],
+                                                      int tid) {
+    using L = AChunks<float>;
+    const int chunk = tid % L::CHUNKS_PER_ROW;
+#pragma unroll
+    for (int i = 0; i < L::ROWS; ++i) {
+        const int row = tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i;
+        const uint2 packed = make_uint2(pack_x2<WT>(regs[i].x, regs[i].y), pack_x2<WT>(regs[i].z, regs[i].w));
+        *reinterpret_cast<uint2*>(a_stage + row * bwd::A_ROW + chunk * L::CHUNK) = packed;
+    }
 }
 
 template <bool VECTOR, typename DoutT, typename WT>
 __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restrict__ dout, const WT* __restrict__ w,
                                                           void* __restrict__ dx, int dx_dtype, const ConvParams p) {
     using namespace bwd;
+    // f32 dout with the vector loader goes through registers (the head comment says why).
+    constexpr bool THROUGH_REGISTERS = VECTOR && sizeof(DoutT) == 4;
     extern __shared__ __align__(128) unsigned char backward_shared[];
-    DoutT* a_tiles = reinterpret_cast<DoutT*>(backward_shared);
-    unsigned short* b_tiles = reinterpret_cast<unsigned short*>(backward_shared + STAGES * BM * A_ROW * sizeof(DoutT));
-    constexpr int A_STAGE = BM * A_ROW, B_STAGE = BK * B_ROW;  // elements
+    unsigned short* a_tiles = reinterpret_cast<unsigned short*>(backward_shared);
+    unsigned short* b_tiles = a_tiles + STAGES * A_STAGE;
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int warp_m = warp % 2, warp_n = warp / 2;
@@ -487,12 +505,23 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     const int k_total = p.kh * p.kw * p.out_channels;
     const int k_tiles = (k_total + BK - 1) / BK;
 
-    // The vector loader's A rows, fixed for the whole K loop.
-    constexpr int ROW_STEP = THREADS / (BK / (16 / (int)sizeof(DoutT)));
-    constexpr int ROWS = VECTOR ? BM / ROW_STEP : 1;
+    // The vector loaders' A rows, fixed for the whole K loop.
+    using L = AChunks<DoutT>;
+    constexpr int ROWS = VECTOR ? L::ROWS : 1;
     DxRow rows[ROWS];
 #pragma unroll
-    for (int i = 0; i < ROWS; ++i) rows[i] = dx_row(m_block + tid / (THREADS / ROW_STEP) + ROW_STEP * i, p);
+    for (int i = 0; i < ROWS; ++i) rows[i] = dx_row(m_block + tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i, p);
+    float4 staged[AChunks<float>::ROWS];
+
+    // A and B of tile `kt` into stage `kt % STAGES`, except (THROUGH_REGISTERS) A's store.
+    auto issue = [&](int kt) {
+        const int stage = kt % STAGES;
+        conv_backward_load_b<VECTOR, WT>(b_tiles + stage * B_STAGE, kt * BK, tid, n_block, p, w);
+        if constexpr (THROUGH_REGISTERS)
+            conv_backward_fetch_a(staged, kt * BK, rows, tid, p, reinterpret_cast<const float*>(dout));
+        else
+            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, kt * BK, rows, tid, m_block, p, dout);
+    };
 
     float acc[M_TILES][N_TILES][4];
 #pragma unroll
@@ -504,27 +533,26 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < k_tiles)
-            conv_backward_load_tile<VECTOR, DoutT, WT>(a_tiles + s * A_STAGE, b_tiles + s * B_STAGE, s * BK, rows, tid,
-                                                       m_block, n_block, p, dout, w);
+        if (s < k_tiles) {
+            issue(s);
+            if constexpr (THROUGH_REGISTERS) conv_backward_store_a<WT>(a_tiles + s * A_STAGE, staged, tid);
+        }
         cp_async_commit();
     }
 
-    // ldmatrix.trans lane addresses of B: matrices (k 0-7, n j), (k 8-15, n j), (k 0-7, n j+1),
-    // (k 8-15, n j+1) = b0, b1 of n-tile j, b0, b1 of n-tile j + 1.
+    // ldmatrix lane addresses: A as the forward; B by ldmatrix.trans, matrices (k 0-7, n j),
+    // (k 8-15, n j), (k 0-7, n j+1), (k 8-15, n j+1) = b0, b1 of n-tile j, b0, b1 of n-tile j + 1.
+    const int a_row = warp_m * WARP_M + (lane % 16), a_col = (lane / 16) * 8;
     const int b_k = ((lane / 8) % 2) * 8 + (lane % 8), b_n = warp_n * WARP_N + (lane / 16) * 8;
 
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();  // tile kt landed for every thread; stage (kt - 1) % STAGES is free
         const int next = kt + STAGES - 1;
-        if (next < k_tiles)
-            conv_backward_load_tile<VECTOR, DoutT, WT>(a_tiles + (next % STAGES) * A_STAGE,
-                                                       b_tiles + (next % STAGES) * B_STAGE, next * BK, rows, tid,
-                                                       m_block, n_block, p, dout, w);
+        if (next < k_tiles) issue(next);
         cp_async_commit();
 
-        const DoutT* a_stage = a_tiles + (kt % STAGES) * A_STAGE;
+        const unsigned short* a_stage = a_tiles + (kt % STAGES) * A_STAGE;
         const unsigned short* b_stage = b_tiles + (kt % STAGES) * B_STAGE;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
@@ -532,7 +560,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
             unsigned b_frag[N_TILES][2];
 #pragma unroll
             for (int i = 0; i < M_TILES; ++i)
-                load_a_fragment<WT>(a_frag[i], a_stage, warp_m * WARP_M + 16 * i, kk, lane);
+                ldmatrix_x4(a_frag[i], shared_address(a_stage + (a_row + 16 * i) * A_ROW + kk + a_col));
 #pragma unroll
             for (int j = 0; j < N_TILES; j += 2) {
                 unsigned r[4];
@@ -547,6 +575,10 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 #pragma unroll
                 for (int j = 0; j < N_TILES; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
         }
+        // Stage `next` was free since the barrier above; the barriers before tile `next` is read
+        // make this store visible.
+        if constexpr (THROUGH_REGISTERS)
+            if (next < k_tiles) conv_backward_store_a<WT>(a_tiles + (next % STAGES) * A_STAGE, staged, tid);
     }
     cp_async_wait<0>();
 

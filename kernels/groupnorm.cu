@@ -13,7 +13,8 @@
 //   groupnorm_partial_stats  grid (chunks, G, N): each block reduces a slice of pixels of one group,
 //                            so batch 1 (32 groups) still fills every SM: the host picks chunks;
 //   groupnorm_finalize       one thread per (n, g): merges the chunks into stats;
-//   groupnorm_apply          one thread per output element: normalise, affine, SiLU, one rounding.
+//   groupnorm_apply          one thread per `vec` channels of a pixel: normalise, affine, SiLU, one
+//                            rounding.
 //
 // Backward (src/backend/cpu/norm.rs `backward` is the reference), on one-source x (the caller splits
 // a concat's gradient), stats from the forward, dx ACCUMULATED (dx += ...):
@@ -23,41 +24,66 @@
 //   groupnorm_backward_partial   grid (chunks, G, N): f32 sums of g and g xhat over a slice of pixels;
 //   groupnorm_backward_finalize  one thread per (n, g): the chunks summed in f64, divided by the group
 //                                size; the two means written over the group's first chunk slot;
-//   groupnorm_backward_apply     one thread per element: dx += ..., one rounding.
+//   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx += ..., one rounding.
 #include "common.cuh"
 
 struct GroupNormShape {
     int batch, pixels, ca, cb, groups, chunks;
 };
 
-__device__ __forceinline__ float load_two_source(const void* a, int dt_a, const void* b, int dt_b, long long pixel,
-                                                 int c, const GroupNormShape& s) {
-    return c < s.ca ? load_dyn(a, dt_a, pixel * s.ca + c) : load_dyn(b, dt_b, pixel * s.cb + (c - s.ca));
+// Every index is 32-bit (the launcher checks that the tensors hold fewer than 2^31 elements): a
+// 64-bit division is a long software routine, and these kernels once spent most of their time in
+// three of them per element.
+
+__device__ __forceinline__ float load_two_source(const void* a, int dt_a, const void* b, int dt_b, int pixel, int c,
+                                                 const GroupNormShape& s) {
+    return c < s.ca ? load_dyn(a, dt_a, (long long)pixel * s.ca + c) : load_dyn(b, dt_b, (long long)pixel * s.cb + (c - s.ca));
 }
 
-extern "C" __global__ void __launch_bounds__(256) groupnorm_partial_stats(const void* a, int dt_a, const void* b,
-                                                                          int dt_b, float* partials,
-                                                                          GroupNormShape s) {
+// f(pixel, channel in group) over pixels [p0, p1) of one group, spread over the block. The launcher
+// makes the block a multiple of the group's channel count where it can: each thread then keeps one
+// channel and steps over pixels with no division.
+template <typename F>
+__device__ __forceinline__ void for_each_in_slice(int p0, int p1, int cpg, F&& f) {
+    if (blockDim.x % cpg == 0) {
+        const int ch = threadIdx.x % cpg, step = blockDim.x / cpg;
+        for (int p = p0 + threadIdx.x / cpg; p < p1; p += step) f(p, ch);
+    } else {
+        const int count = (p1 - p0) * cpg;
+        for (int j = threadIdx.x; j < count; j += blockDim.x) f(p0 + j / cpg, j % cpg);
+    }
+}
+
+// The pixels [p0, p1) of `chunk`.
+__device__ __forceinline__ int2 chunk_pixels(int chunk, const GroupNormShape& s) {
+    const int per_chunk = (s.pixels + s.chunks - 1) / s.chunks;
+    const int p0 = min(chunk * per_chunk, s.pixels);
+    return make_int2(p0, min(p0 + per_chunk, s.pixels));
+}
+
+extern "C" __global__ void __launch_bounds__(1024) groupnorm_partial_stats(const void* a, int dt_a, const void* b,
+                                                                           int dt_b, float* partials,
+                                                                           GroupNormShape s) {
     __shared__ float scratch[32];
     const int chunk = blockIdx.x, g = blockIdx.y, n = blockIdx.z;
     const int cpg = (s.ca + s.cb) / s.groups;
-    const int per_chunk = (s.pixels + s.chunks - 1) / s.chunks;
-    const int p0 = min(chunk * per_chunk, s.pixels), p1 = min(p0 + per_chunk, s.pixels);
-    const long long count = (long long)(p1 - p0) * cpg;
-    const long long first_pixel = (long long)n * s.pixels + p0;
+    const int2 range = chunk_pixels(chunk, s);
+    const int count = (range.y - range.x) * cpg;
+    const int first_pixel = n * s.pixels;
 
     float sum = 0.0f;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x)
-        sum += load_two_source(a, dt_a, b, dt_b, first_pixel + j / cpg, g * cpg + (int)(j % cpg), s);
+    for_each_in_slice(range.x, range.y, cpg, [&](int p, int ch) {
+        sum += load_two_source(a, dt_a, b, dt_b, first_pixel + p, g * cpg + ch, s);
+    });
     const float mean = count > 0 ? block_sum(sum, scratch) / (float)count : 0.0f;
     float m2 = 0.0f;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
-        const float d = load_two_source(a, dt_a, b, dt_b, first_pixel + j / cpg, g * cpg + (int)(j % cpg), s) - mean;
+    for_each_in_slice(range.x, range.y, cpg, [&](int p, int ch) {
+        const float d = load_two_source(a, dt_a, b, dt_b, first_pixel + p, g * cpg + ch, s) - mean;
         m2 += d * d;
-    }
+    });
     m2 = count > 0 ? block_sum(m2, scratch) : 0.0f;
     if (threadIdx.x == 0) {
-        float* out = partials + (((long long)n * s.groups + g) * s.chunks + chunk) * 3;
+        float* out = partials + ((n * s.groups + g) * s.chunks + chunk) * 3;
         out[0] = (float)count;
         out[1] = mean;
         out[2] = m2;
@@ -65,8 +91,8 @@ extern "C" __global__ void __launch_bounds__(256) groupnorm_partial_stats(const 
 }
 
 extern "C" __global__ void groupnorm_finalize(const float* partials, float* stats, GroupNormShape s, float eps) {
-    const long long ng = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (ng >= (long long)s.batch * s.groups) return;
+    const int ng = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ng >= s.batch * s.groups) return;
     double count = 0.0, mean = 0.0, m2 = 0.0;
     for (int k = 0; k < s.chunks; ++k) {
         const float* p = partials + (ng * s.chunks + k) * 3;
@@ -82,29 +108,51 @@ extern "C" __global__ void groupnorm_finalize(const float* partials, float* stat
     stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
 }
 
+// The element-wise kernels take `vec` consecutive channels of one pixel per thread (vec divides Ca,
+// Cb and the group size: the launcher picks 8, 4, 2 or 1), so the index arithmetic is paid once
+// per vec elements and a vector never leaves its source tensor or its group.
+struct ChannelVector {
+    int pixel, c0, ng;  // global pixel, first channel, n * groups + group
+};
+
+__device__ __forceinline__ ChannelVector channel_vector(int v, int channels, int vec, const GroupNormShape& s) {
+    const int per_pixel = channels / vec;
+    ChannelVector r;
+    r.pixel = v / per_pixel;
+    r.c0 = (v - r.pixel * per_pixel) * vec;
+    r.ng = (r.pixel / s.pixels) * s.groups + r.c0 / (channels / s.groups);
+    return r;
+}
+
+#define VECTOR_LOOP(v, channels, vec, s)                                                            \
+    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < (s).batch * (s).pixels * ((channels) / (vec)); \
+         v += gridDim.x * blockDim.x)
+
 extern "C" __global__ void groupnorm_apply(const void* a, int dt_a, const void* b, int dt_b, const float* stats,
                                            const float* gamma, const float* beta, void* out, int dt_out, int silu,
-                                           GroupNormShape s) {
-    const int channels = s.ca + s.cb, cpg = channels / s.groups;
-    GRID_STRIDE_LOOP(i, (long long)s.batch * s.pixels * channels) {
-        const int c = (int)(i % channels);
-        const long long pixel = i / channels;
-        const long long n = pixel / s.pixels;
-        const float* st = stats + (n * s.groups + c / cpg) * 2;
-        float y = (load_two_source(a, dt_a, b, dt_b, pixel, c, s) - st[0]) * st[1] * gamma[c] + beta[c];
-        if (silu) y = y / (1.0f + expf(-y));
-        store_dyn(out, dt_out, i, y);
+                                           int vec, GroupNormShape s) {
+    const int channels = s.ca + s.cb;
+    VECTOR_LOOP(v, channels, vec, s) {
+        const ChannelVector cv = channel_vector(v, channels, vec, s);
+        const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
+        const long long first = (long long)cv.pixel * channels + cv.c0;
+        for (int k = 0; k < vec; ++k) {
+            const int c = cv.c0 + k;
+            float y = (load_two_source(a, dt_a, b, dt_b, cv.pixel, c, s) - mean) * rstd * gamma[c] + beta[c];
+            if (silu) y = y / (1.0f + expf(-y));
+            store_dyn(out, dt_out, first + k, y);
+        }
     }
 }
 
 // ---- backward ----
 
-// (xhat, g) of element i (NHWC, channel c) of sample n: the normalised input recomputed from x and
-// the saved stats, and the gradient at xhat (through SiLU's derivative when fused).
+// (xhat, g) of element i (NHWC, channel c): the normalised input recomputed from x and the saved
+// stats, and the gradient at xhat (through SiLU's derivative when fused).
 __device__ __forceinline__ float2 groupnorm_grad_at(const void* x, int dt_x, const void* dout, int dt_dout,
-                                                    const float* st, const float* gamma, const float* beta,
+                                                    float mean, float rstd, const float* gamma, const float* beta,
                                                     int silu, long long i, int c) {
-    const float xhat = (load_dyn(x, dt_x, i) - st[0]) * st[1];
+    const float xhat = (load_dyn(x, dt_x, i) - mean) * rstd;
     float dy = load_dyn(dout, dt_dout, i);
     if (silu) {
         const float y = xhat * gamma[c] + beta[c];
@@ -114,38 +162,37 @@ __device__ __forceinline__ float2 groupnorm_grad_at(const void* x, int dt_x, con
     return make_float2(xhat, dy * gamma[c]);
 }
 
-extern "C" __global__ void __launch_bounds__(256) groupnorm_backward_partial(
+extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
     const void* x, int dt_x, const void* dout, int dt_dout, const float* stats, const float* gamma,
     const float* beta, int silu, float* partials, GroupNormShape s) {
     __shared__ float scratch[32];
     const int chunk = blockIdx.x, g = blockIdx.y, n = blockIdx.z;
     const int channels = s.ca, cpg = channels / s.groups;
-    const int per_chunk = (s.pixels + s.chunks - 1) / s.chunks;
-    const int p0 = min(chunk * per_chunk, s.pixels), p1 = min(p0 + per_chunk, s.pixels);
-    const long long count = (long long)(p1 - p0) * cpg;
-    const long long first_pixel = (long long)n * s.pixels + p0;
-    const float* st = stats + ((long long)n * s.groups + g) * 2;
+    const int2 range = chunk_pixels(chunk, s);
+    const int first_pixel = n * s.pixels;
+    const float* st = stats + (n * s.groups + g) * 2;
+    const float mean = st[0], rstd = st[1];
 
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
-    for (long long j = threadIdx.x; j < count; j += blockDim.x) {
-        const int c = g * cpg + (int)(j % cpg);
-        const long long i = (first_pixel + j / cpg) * channels + c;
-        const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, st, gamma, beta, silu, i, c);
+    for_each_in_slice(range.x, range.y, cpg, [&](int p, int ch) {
+        const int c = g * cpg + ch;
+        const long long i = (long long)(first_pixel + p) * channels + c;
+        const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, mean, rstd, gamma, beta, silu, i, c);
         sum_g += at.y;
         sum_g_xhat += at.y * at.x;
-    }
+    });
     sum_g = block_sum(sum_g, scratch);
     sum_g_xhat = block_sum(sum_g_xhat, scratch);
     if (threadIdx.x == 0) {
-        float* out = partials + (((long long)n * s.groups + g) * s.chunks + chunk) * 3;
+        float* out = partials + ((n * s.groups + g) * s.chunks + chunk) * 3;
         out[0] = sum_g;
         out[1] = sum_g_xhat;
     }
 }
 
 extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNormShape s) {
-    const long long ng = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (ng >= (long long)s.batch * s.groups) return;
+    const int ng = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ng >= s.batch * s.groups) return;
     double sum_g = 0.0, sum_g_xhat = 0.0;
     for (int k = 0; k < s.chunks; ++k) {
         const float* p = partials + (ng * s.chunks + k) * 3;
@@ -160,17 +207,19 @@ extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNor
 
 extern "C" __global__ void groupnorm_backward_apply(const void* x, int dt_x, const void* dout, int dt_dout,
                                                     const float* stats, const float* gamma, const float* beta,
-                                                    int silu, const float* partials, void* dx, int dt_dx,
+                                                    int silu, const float* partials, void* dx, int dt_dx, int vec,
                                                     GroupNormShape s) {
-    const int channels = s.ca, cpg = channels / s.groups;
-    GRID_STRIDE_LOOP(i, (long long)s.batch * s.pixels * channels) {
-        const int c = (int)(i % channels);
-        const long long n = i / channels / s.pixels;
-        const long long ng = n * s.groups + c / cpg;
-        const float* st = stats + ng * 2;
-        const float* means = partials + ng * s.chunks * 3;
-        const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, st, gamma, beta, silu, i, c);
-        const float grad = st[1] * (at.y - means[0] - at.x * means[1]);
-        store_dyn(dx, dt_dx, i, load_dyn(dx, dt_dx, i) + grad);
+    const int channels = s.ca;
+    VECTOR_LOOP(v, channels, vec, s) {
+        const ChannelVector cv = channel_vector(v, channels, vec, s);
+        const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
+        const float* means = partials + cv.ng * s.chunks * 3;
+        const float mean_g = means[0], mean_g_xhat = means[1];
+        const long long first = (long long)cv.pixel * channels + cv.c0;
+        for (int k = 0; k < vec; ++k) {
+            const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, mean, rstd, gamma, beta, silu, first + k, cv.c0 + k);
+            const float grad = rstd * (at.y - mean_g - at.x * mean_g_xhat);
+            store_dyn(dx, dt_dx, first + k, load_dyn(dx, dt_dx, first + k) + grad);
+        }
     }
 }

@@ -325,8 +325,19 @@ test_device!(embedding_linear, embedding_and_linear, ALL_DTYPES);
 
 fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm");
-    // (channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group.
-    for (ca, cb, groups, hh, w) in [(64, 0, 32, 8, 8), (32, 32, 32, 4, 4), (6, 0, 1, 5, 3), (8, 4, 4, 3, 5)] {
+    // (channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group;
+    // 8 channels a group, alone and in a concat (8 channels a thread in the element-wise kernel);
+    // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path).
+    let cases = [
+        (64, 0, 32, 8, 8),
+        (32, 32, 32, 4, 4),
+        (6, 0, 1, 5, 3),
+        (8, 4, 4, 3, 5),
+        (64, 0, 8, 3, 3),
+        (16, 16, 4, 3, 2),
+        (66, 0, 2, 3, 3),
+    ];
+    for (ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
             let n = 2;
             let c = ca + cb;
@@ -354,8 +365,11 @@ test_device!(group_norm, group_norm_op, ALL_DTYPES);
 
 fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm_backward");
-    // (N, C, groups, H, W): the UNet's 32 groups (at 16x16 and 8x8, batch 1 and 3), one group, an odd size.
-    for (n, c, groups, hh, w) in [(1, 64, 32, 16, 16), (3, 64, 32, 8, 8), (2, 6, 1, 5, 3), (1, 12, 4, 3, 7)] {
+    // (N, C, groups, H, W): the UNet's 32 groups (at 16x16 and 8x8, batch 1 and 3), one group, an odd
+    // size, 8 and 33 channels a group (group_norm_op says why).
+    let cases =
+        [(1, 64, 32, 16, 16), (3, 64, 32, 8, 8), (2, 6, 1, 5, 3), (1, 12, 4, 3, 7), (2, 64, 8, 3, 3), (1, 66, 2, 3, 3)];
+    for (n, c, groups, hh, w) in cases {
         for silu in [false, true] {
             let shape = [n, c, hh, w];
             let (x, xr) = h.input(&shape);

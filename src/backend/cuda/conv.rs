@@ -434,8 +434,8 @@ fn backward_plan(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Re
             } else {
                 format!("conv2d_backward_input_mma_gather_{d}_{w}")
             };
-            // 3 stages of A (128 x 40 of dout's type) and B (32 x 72 halves).
-            let shared = 3 * (BACKWARD_MMA_BLOCK_M * 40 * args.dout_dtype.bytes() + 32 * 72 * 2);
+            // 3 stages of A (128 x 40 halves: dout rounded to the weights' type) and B (32 x 72 halves).
+            let shared = 3 * (BACKWARD_MMA_BLOCK_M * 40 * 2 + 32 * 72 * 2);
             (name, BACKWARD_MMA_BLOCK_M, BACKWARD_MMA_BLOCK_N, 128, shared)
         }
     };

@@ -313,6 +313,23 @@ fn groupnorm_shape_bytes(fields: [usize; 6]) -> Vec<u8> {
     fields.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()
 }
 
+/// GroupNorm's launch shape (kernels/groupnorm.cu): the partial kernels' block, a multiple of both
+/// the group's channel count and a warp where that fits in 1024 threads (each thread then keeps one
+/// channel), else 256; and the channels per thread of the element-wise kernels, the largest of 8, 4,
+/// 2, 1 that divides Ca, Cb and the group size.
+fn groupnorm_launch(ca: usize, cb: usize, channels_per_group: usize) -> (u32, i32) {
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let lcm = channels_per_group / gcd(channels_per_group, 32) * 32;
+    let block = if lcm <= 1024 { lcm * (256 / lcm).max(1) } else { 256 };
+    let vec = [8, 4, 2, 1].into_iter().find(|v| ca % v == 0 && cb % v == 0 && channels_per_group % v == 0).unwrap_or(1);
+    (block as u32, vec as i32)
+}
+
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Graph = CudaGraph;
@@ -582,7 +599,11 @@ impl Backend for CudaBackend {
             return;
         }
         let pixels = h * w;
+        if !self.check(out.len() < i32::MAX as usize, || format!("group_norm: {shape:?} has 2^31 elements or more")) {
+            return;
+        }
         let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm") else { return };
+        let (block, vec) = groupnorm_launch(ca, cb, c / groups);
         let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks]);
         let b_ptr = x.b.map_or(0, |b| b.ptr);
         let dt = dtype_code(x.a.dtype);
@@ -595,7 +616,7 @@ impl Backend for CudaBackend {
             .bytes(&shape_bytes);
         let grid = LaunchConfig {
             grid: [chunks as u32, groups as u32, n as u32],
-            block: [256, 1, 1],
+            block: [block, 1, 1],
             dynamic_shared_bytes: 0,
         };
         self.launch("groupnorm.cu", "groupnorm_partial_stats", grid, partial);
@@ -616,8 +637,9 @@ impl Backend for CudaBackend {
             .ptr(beta.ptr)
             .tensor(out)
             .i32(silu as i32)
+            .i32(vec)
             .bytes(&shape_bytes);
-        self.launch("groupnorm.cu", "groupnorm_apply", self.grid_for(out.len()), apply);
+        self.launch("groupnorm.cu", "groupnorm_apply", self.grid_for(out.len() / vec as usize), apply);
     }
 
     fn group_norm_backward(
@@ -647,7 +669,13 @@ impl Backend for CudaBackend {
             return;
         }
         let pixels = h * w;
+        if !self.check(x.len() < i32::MAX as usize, || {
+            format!("group_norm_backward: {:?} has 2^31 elements or more", x.shape)
+        }) {
+            return;
+        }
         let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm_backward") else { return };
+        let (block, vec) = groupnorm_launch(c, 0, c / groups);
         let shape_bytes = groupnorm_shape_bytes([n, pixels, c, 0, groups, chunks]);
         let inputs = || {
             KernelArgs::new()
@@ -661,15 +689,15 @@ impl Backend for CudaBackend {
         };
         let grid = LaunchConfig {
             grid: [chunks as u32, groups as u32, n as u32],
-            block: [256, 1, 1],
+            block: [block, 1, 1],
             dynamic_shared_bytes: 0,
         };
         self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, inputs().bytes(&shape_bytes));
         let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).bytes(&shape_bytes);
         let finalize_grid = LaunchConfig::linear((n * groups).div_ceil(64) as u32, 64);
         self.launch("groupnorm.cu", "groupnorm_backward_finalize", finalize_grid, finalize);
-        let apply = inputs().tensor(dx).bytes(&shape_bytes);
-        self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len()), apply);
+        let apply = inputs().tensor(dx).i32(vec).bytes(&shape_bytes);
+        self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len() / vec as usize), apply);
     }
 
     fn conv2d(
