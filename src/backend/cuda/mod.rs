@@ -326,7 +326,10 @@ fn groupnorm_launch(ca: usize, cb: usize, channels_per_group: usize) -> (u32, i3
     };
     let lcm = channels_per_group / gcd(channels_per_group, 32) * 32;
     let block = if lcm <= 1024 { lcm * (256 / lcm).max(1) } else { 256 };
-    let vec = [8, 4, 2, 1].into_iter().find(|v| ca % v == 0 && cb % v == 0 && channels_per_group % v == 0).unwrap_or(1);
+    let vec = [8, 4, 2, 1]
+        .into_iter()
+        .find(|&v| ca.is_multiple_of(v) && cb.is_multiple_of(v) && channels_per_group.is_multiple_of(v))
+        .unwrap_or(1);
     (block as u32, vec as i32)
 }
 
