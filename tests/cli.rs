@@ -513,6 +513,8 @@ fn bench_reports_timings_as_table_and_json() {
             let (median, p99) = (row[key]["median_ms"].as_f64().unwrap(), row[key]["p99_ms"].as_f64().unwrap());
             assert!(median > 0.0 && p99 >= median, "{key}: median {median}, p99 {p99}");
         }
+        // The CPU records nothing to replay (tests/cli_device.rs checks the emulator's replayed rows).
+        assert!(row.get("forward_replayed").is_none(), "{row}");
     }
     assert_eq!(report["purify_timings"].as_array().unwrap().len(), 3, "none, pixel, adversarial");
     assert_eq!(report["unet"]["parameters"], 8_952_067);

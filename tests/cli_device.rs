@@ -320,3 +320,42 @@ fn attack_plan_memory_is_sized_without_allocating() {
     // The target: the exact 100-step attack gradient of cifar10 at batch 64 within 8 GB.
     assert!(f32_100 < 8_000_000_000, "{f32_100}");
 }
+
+/// `bench` on the emulator: the UNet rows issued op by op and also recorded once and replayed (as
+/// the sampler runs its steps), the per-op breakdown and a purification, all in the JSON.
+#[test]
+fn bench_on_the_emulator_times_issued_and_replayed_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = small_unet(dir.path());
+    let json = dir.path().join("bench.json");
+    let (ok, stdout, stderr) = run_cli(&[
+        "bench",
+        "--device",
+        "emulator",
+        "--weights",
+        s(&weights),
+        "--batches",
+        "1",
+        "--repeats",
+        "1",
+        "--modes",
+        "none",
+        "--t-star",
+        "1",
+        "--purify-batch",
+        "1",
+        "--profile-batch",
+        "1",
+        "--json",
+        s(&json),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("UNet forward + VJP replayed, batch 1"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let row = &report["unet_timings"][0];
+    for key in ["forward", "forward_vjp", "forward_replayed", "forward_vjp_replayed"] {
+        let median = row[key]["median_ms"].as_f64().unwrap_or(0.0);
+        assert!(median > 0.0, "{key}: {row}");
+    }
+    assert_eq!(report["purify_timings"].as_array().unwrap().len(), 1);
+}

@@ -96,6 +96,18 @@ fn time_runs<B: Backend>(b: &B, repeats: usize, mut run: impl FnMut() -> Result<
     Ok(Timing { median: percentile(&seconds, 0.5), p99: percentile(&seconds, 0.99) })
 }
 
+/// The ops `issue` sends, recorded once for replay (`Backend::begin_capture`); None where the backend
+/// does not record (the CPU), having issued nothing.
+fn record<B: Backend>(b: &B, issue: impl FnOnce() -> Result<()>) -> Result<Option<B::Graph>> {
+    if !b.begin_capture()? {
+        return Ok(None);
+    }
+    let issued = issue();
+    let graph = b.end_capture(); // the recording ends even when issuing failed
+    issued?;
+    Ok(Some(graph?))
+}
+
 /// The two ceilings of the roofline, measured on this device.
 struct Ceilings {
     /// Dense bf16 mma.sync throughput (FLOP/s); none on the CPU.
@@ -225,8 +237,28 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             unet.input_vjp(b, &mut plan, &v).map(|_| ())
         })?;
         bar.inc(1);
+        // The same passes recorded once and replayed, as the sampler runs its steps (a CUDA graph
+        // on a GPU: no launch overhead); the CPU records nothing, so it has no such rows.
+        let t_device = b.upload(&t, &[n])?;
+        let forward_graph = record(b, || unet.enqueue_forward_indexed(b, &mut plan, &x, &t_device).map(|_| ()))?;
+        let vjp_graph = record(b, || {
+            unet.enqueue_forward_indexed(b, &mut plan, &x, &t_device)?;
+            unet.enqueue_input_vjp(b, &mut plan, &v).map(|_| ())
+        })?;
+        let replayed = match (&forward_graph, &vjp_graph) {
+            (Some(forward_graph), Some(vjp_graph)) => {
+                let forward = time_runs(b, args.repeats, || b.replay(forward_graph))?;
+                let with_vjp = time_runs(b, args.repeats, || b.replay(vjp_graph))?;
+                b.synchronize()?;
+                Some((forward, with_vjp))
+            }
+            _ => None,
+        };
+        let replayed_ms = replayed
+            .as_ref()
+            .map_or(String::new(), |(f, v)| format!(" (replayed: {:.1} ms, {:.1} ms)", f.median * 1e3, v.median * 1e3));
         bar.log(&format!(
-            "  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms, ETA {}",
+            "  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms{replayed_ms}, ETA {}",
             forward.median * 1e3,
             with_vjp.median * 1e3,
             bar.eta()
@@ -238,9 +270,26 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             with_vjp.p99,
             n as f64 / with_vjp.median,
         ));
-        unet_json.push(serde_json::json!({
+        let mut row_json = serde_json::json!({
             "batch": n, "forward": timing_json(&forward, n), "forward_vjp": timing_json(&with_vjp, n),
-        }));
+        });
+        if let Some((forward, with_vjp)) = &replayed {
+            rows.push((
+                format!("UNet forward replayed, batch {n}"),
+                forward.median,
+                forward.p99,
+                n as f64 / forward.median,
+            ));
+            rows.push((
+                format!("UNet forward + VJP replayed, batch {n}"),
+                with_vjp.median,
+                with_vjp.p99,
+                n as f64 / with_vjp.median,
+            ));
+            row_json["forward_replayed"] = timing_json(forward, n);
+            row_json["forward_vjp_replayed"] = timing_json(with_vjp, n);
+        }
+        unet_json.push(row_json);
     }
 
     // Where the time goes: one forward + input VJP at --profile-batch, op by op.
@@ -477,11 +526,18 @@ fn ratios(unet: &[serde_json::Value], purify: &[serde_json::Value], torch: &serd
     for (variant, timings) in torch["variants"].as_object().into_iter().flatten() {
         for theirs in timings.as_array().into_iter().flatten() {
             let Some(mine) = unet.iter().find(|o| o["batch"] == theirs["batch"]) else { continue };
-            for (key, label) in [("forward", "UNet forward"), ("forward_vjp", "UNet forward + VJP")] {
+            // Ours issued op by op, then replayed (where the backend records), against each variant.
+            let measurements = [
+                ("forward", "forward", "UNet forward"),
+                ("forward_vjp", "forward_vjp", "UNet forward + VJP"),
+                ("forward", "forward_replayed", "UNet forward replayed"),
+                ("forward_vjp", "forward_vjp_replayed", "UNet forward + VJP replayed"),
+            ];
+            for (their_key, our_key, label) in measurements {
                 push(
                     format!("{label}, batch {} (PyTorch {variant})", theirs["batch"]),
-                    theirs[key]["median_ms"].as_f64(),
-                    mine[key]["median_ms"].as_f64(),
+                    theirs[their_key]["median_ms"].as_f64(),
+                    mine[our_key]["median_ms"].as_f64(),
                 );
             }
         }

@@ -349,7 +349,7 @@ impl<B: Backend> Unet<B> {
     /// `forward_indexed` without the closing `synchronize`: the sampler issues whole reverse
     /// steps this way and synchronizes once, when the purification ends (a wait per step would
     /// stall a GPU). Errors of the ops are reported by that synchronize.
-    pub(crate) fn enqueue_forward_indexed<'p>(
+    pub fn enqueue_forward_indexed<'p>(
         &self,
         b: &B,
         plan: &'p mut UnetPlan<B>,
@@ -430,12 +430,7 @@ impl<B: Backend> Unet<B> {
     }
 
     /// `input_vjp` without the closing `synchronize` (see `enqueue_forward_indexed`).
-    pub(crate) fn enqueue_input_vjp<'p>(
-        &self,
-        b: &B,
-        plan: &'p mut UnetPlan<B>,
-        v: &B::Tensor,
-    ) -> Result<&'p B::Tensor> {
+    pub fn enqueue_input_vjp<'p>(&self, b: &B, plan: &'p mut UnetPlan<B>, v: &B::Tensor) -> Result<&'p B::Tensor> {
         if plan.gradients.is_empty() {
             return Err(Error::invalid("this UNet plan was made without backward buffers"));
         }
