@@ -13,8 +13,8 @@
 // Precision: products of T values exact in f32, f32 accumulation and softmax; P rounded to T once.
 // Shared memory (dynamic): (16 x warps + 32) rows of D + 8 halves (the pad keeps the 8 rows one
 // ldmatrix reads in distinct banks).
-// The backward (attention_backward_dq_mma_<T>_d<D>, attention_backward_dkdv_mma_<T>_d<D>) is at the
-// end of the file, with its own comment.
+// The backward (attention_backward_row_terms_<T>, attention_backward_dq_mma_<T>_d<D>,
+// attention_backward_dkdv_mma_<T>_d<D>) is at the end of the file, with its own comment.
 // Hot kernels (no spills allowed): attention_forward_mma_<T>_d128 and _d256, and the bf16 backward
 // kernels at d128 and d256 (src/backend/cuda/attention.rs lists them).
 #include "common.cuh"
@@ -186,7 +186,8 @@ ATTENTION_MMA_ENTRY(f16, f16, 256)
 //       dv += P^T dO and dk += dS^T Q by mma. The accumulators of one block cover DC = min(D, 128)
 //       channels (blockIdx.z picks which: D = 256 runs two blocks per key tile, each rebuilding
 //       S and dP, so that 2 x DC x 16 accumulators fit the registers).
-// D_i = dout_i . out_i is computed in f32 from global memory by the block that needs it.
+// D_i = dout_i . out_i is computed in f32 once per backward, before both kernels, into a scratch the
+// caller provides (attention_backward_row_terms_<T>).
 // Precision: dout rounded to T once as it is staged; P and dS rounded to T as mma operands; f32
 // accumulation; dq, dk, dv += in f32, one rounding to their storage type.
 
@@ -209,26 +210,33 @@ __device__ __forceinline__ void attention_stage_rounded(unsigned short* tile, co
     }
 }
 
-// D_i = dout_i . out_i (f32) for `rows` rows from row0 into delta[], lse into lse_rows[] (zeros past
-// L); each warp takes rows warp, warp + warps, ...
+// D_i = dout_i . out_i (f32) for every (sample, query) row of the batch into row_terms: one warp per
+// row, once per backward (both kernels below read it; each block of the dk/dv kernel once
+// recomputed it for every query tile, 16 times over per sample at cifar10's sizes).
 template <typename T>
-__device__ __forceinline__ void attention_row_terms(float* delta, float* lse_rows, const void* dout, int dt_dout,
-                                                    const T* __restrict__ out, const float* __restrict__ logsumexp,
-                                                    int n, long long sample, int row0, int rows, int positions,
-                                                    int channels) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    for (int r = warp; r < rows; r += warps) {
-        const int row = row0 + r;
+__device__ __forceinline__ void attention_backward_row_terms(const void* dout, int dt_dout, const T* __restrict__ out,
+                                                             float* __restrict__ row_terms, int rows, int channels) {
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
+        const long long at = (long long)row * channels;
         float d = 0.0f;
-        if (row < positions) {
-            const long long at = sample + (long long)row * channels;
-            for (int c = lane; c < channels; c += 32) d += load_dyn(dout, dt_dout, at + c) * to_float(out[at + c]);
-        }
+        for (int c = lane; c < channels; c += 32) d += load_dyn(dout, dt_dout, at + c) * to_float(out[at + c]);
         d = warp_sum(d);
-        if (lane == 0) {
-            delta[r] = d;
-            lse_rows[r] = row < positions ? logsumexp[(long long)n * positions + row] : 0.0f;
-        }
+        if (lane == 0) row_terms[row] = d;
+    }
+}
+
+// The D_i and log-sum-exp of `rows` rows from row0 of sample n into shared delta[] and lse_rows[]
+// (zeros past L).
+__device__ __forceinline__ void attention_load_row_terms(float* delta, float* lse_rows,
+                                                         const float* __restrict__ row_terms,
+                                                         const float* __restrict__ logsumexp, int n, int row0,
+                                                         int rows, int positions) {
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        const int row = row0 + r;
+        const bool inside = row < positions;
+        delta[r] = inside ? row_terms[(long long)n * positions + row] : 0.0f;
+        lse_rows[r] = inside ? logsumexp[(long long)n * positions + row] : 0.0f;
     }
 }
 
@@ -296,7 +304,7 @@ __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const f
 
 template <typename T, int D>
 __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ q, const T* __restrict__ k,
-                                                          const T* __restrict__ v, const T* __restrict__ out,
+                                                          const T* __restrict__ v, const float* __restrict__ row_terms,
                                                           const void* dout, int dt_dout,
                                                           const float* __restrict__ logsumexp, void* dq, int dt_dq,
                                                           int positions, int channels, float scale) {
@@ -320,8 +328,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
 
     attention_load_tile<D>(q_tile, q, sample, query0, block_queries, positions, channels);
     attention_stage_rounded<D, T>(do_tile, dout, dt_dout, sample, query0, block_queries, positions, channels);
-    attention_row_terms<T>(delta, lse_rows, dout, dt_dout, out, logsumexp, n, sample, query0, block_queries, positions,
-                           channels);
+    attention_load_row_terms(delta, lse_rows, row_terms, logsumexp, n, query0, block_queries, positions);
     __syncthreads();
     const float row_delta[2] = {delta[warp * 16 + g], delta[warp * 16 + g + 8]};
     const float row_lse[2] = {lse_rows[warp * 16 + g], lse_rows[warp * 16 + g + 8]};
@@ -356,8 +363,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
 
 template <typename T, int D, int DC>
 __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k,
-                                                            const T* __restrict__ v, const T* __restrict__ out,
-                                                            const void* dout, int dt_dout,
+                                                            const T* __restrict__ v,
+                                                            const float* __restrict__ row_terms, const void* dout,
+                                                            int dt_dout,
                                                             const float* __restrict__ logsumexp, void* dk, int dt_dk,
                                                             void* dv, int dt_dv, int positions, int channels,
                                                             float scale) {
@@ -396,8 +404,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         __syncthreads();  // the previous tile is consumed (the first time: the key rows are written)
         attention_load_tile<D>(q_tile, q, sample, query0, KEYS, positions, channels);
         attention_stage_rounded<D, T>(do_tile, dout, dt_dout, sample, query0, KEYS, positions, channels);
-        attention_row_terms<T>(delta, lse_rows, dout, dt_dout, out, logsumexp, n, sample, query0, KEYS, positions,
-                               channels);
+        attention_load_row_terms(delta, lse_rows, row_terms, logsumexp, n, query0, KEYS, positions);
         __syncthreads();
         float st[2][4], dpt[2][4];
         attention_scores_16x16<T, D>(st, k_rows, warp * 16, q_tile, lane);
@@ -423,21 +430,32 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
 #define ATTENTION_BACKWARD_MMA_ENTRIES(name, T, D, DC)                                                       \
     extern "C" __global__ void __launch_bounds__(128)                                                       \
         attention_backward_dq_mma_##name##_d##D(const T* __restrict__ q, const T* __restrict__ k,           \
-                                                const T* __restrict__ v, const T* __restrict__ out,         \
+                                                const T* __restrict__ v, const float* __restrict__ row_terms, \
                                                 const void* dout, int dt_dout,                              \
                                                 const float* __restrict__ logsumexp, void* dq, int dt_dq,   \
                                                 int positions, int channels, float scale) {                 \
-        attention_backward_dq_mma<T, D>(q, k, v, out, dout, dt_dout, logsumexp, dq, dt_dq, positions,       \
+        attention_backward_dq_mma<T, D>(q, k, v, row_terms, dout, dt_dout, logsumexp, dq, dt_dq, positions, \
                                         channels, scale);                                                   \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_mma_##name##_d##D(            \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                          \
-        const T* __restrict__ out, const void* dout, int dt_dout, const float* __restrict__ logsumexp,      \
-        void* dk, int dt_dk, void* dv, int dt_dv, int positions, int channels, float scale) {               \
-        attention_backward_dkdv_mma<T, D, DC>(q, k, v, out, dout, dt_dout, logsumexp, dk, dt_dk, dv, dt_dv, \
-                                              positions, channels, scale);                                  \
+        const float* __restrict__ row_terms, const void* dout, int dt_dout,                                 \
+        const float* __restrict__ logsumexp, void* dk, int dt_dk, void* dv, int dt_dv, int positions,       \
+        int channels, float scale) {                                                                        \
+        attention_backward_dkdv_mma<T, D, DC>(q, k, v, row_terms, dout, dt_dout, logsumexp, dk, dt_dk, dv,  \
+                                              dt_dv, positions, channels, scale);                           \
     }
 
+// attention_backward_row_terms_<T>: the D_i of every row, before the two kernels above.
+#define ATTENTION_ROW_TERMS_ENTRY(name, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) attention_backward_row_terms_##name(                   \
+        const void* dout, int dt_dout, const T* __restrict__ out, float* __restrict__ row_terms, int rows,   \
+        int channels) {                                                                                     \
+        attention_backward_row_terms<T>(dout, dt_dout, out, row_terms, rows, channels);                     \
+    }
+
+ATTENTION_ROW_TERMS_ENTRY(bf16, bf16)
+ATTENTION_ROW_TERMS_ENTRY(f16, f16)
 ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 64, 64)
 ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 128, 128)
 ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 256, 128)

@@ -384,7 +384,7 @@ fn attention_matches_reference_and_its_backward_matches_finite_differences() {
             let mut scratch = [zeros(&shape), zeros(&shape), zeros(&shape)];
             std::mem::swap(&mut scratch[which], d);
             let [dq, dk, dv] = &mut scratch;
-            backend.attention_backward(&q, &k, &v, &out, &lse, dout, dq, dk, dv);
+            backend.attention_backward(&q, &k, &v, &out, &lse, dout, &mut zeros(&lse_shape), dq, dk, dv);
             std::mem::swap(&mut scratch[which], d);
         };
         check_vjp(
@@ -901,7 +901,8 @@ fn results_do_not_depend_on_thread_count() {
         let (mut att, mut lse) = (zeros(&x.shape), zeros(&[2, 144]));
         backend.attention(&x, &norm, &dx, &mut att, &mut lse);
         let (mut dq, mut dk, mut dv) = (zeros(&x.shape), zeros(&x.shape), zeros(&x.shape));
-        backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, &mut dq, &mut dk, &mut dv);
+        let mut row_terms = zeros(&[2, 144]);
+        backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dv);
         [conv.data, dx.data, att.data, dq.data, dk.data, dv.data]
     };
     let with_threads = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(run);

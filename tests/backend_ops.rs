@@ -499,8 +499,20 @@ fn attention_backward_op<B: Backend>(b: &B, dtype: Precision) {
         let (mut dq, mut dq_r) = h.input_as(&shape, grad_dtype, 0.01);
         let (mut dk, mut dk_r) = h.input_as(&shape, grad_dtype, 0.01);
         let (mut dv, mut dv_r) = h.input_as(&shape, grad_dtype, 0.01);
-        b.attention_backward(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv);
-        h.cpu.attention_backward(&qr, &kr, &vr, &out_r, &lse_r, &dout_r, &mut dq_r, &mut dk_r, &mut dv_r);
+        let (mut row_terms, mut row_terms_r) = (b.zeros(&[n, hh * w]).unwrap(), h.cpu.zeros(&[n, hh * w]).unwrap());
+        b.attention_backward(&q, &k, &v, &out, &lse, &dout, &mut row_terms, &mut dq, &mut dk, &mut dv);
+        h.cpu.attention_backward(
+            &qr,
+            &kr,
+            &vr,
+            &out_r,
+            &lse_r,
+            &dout_r,
+            &mut row_terms_r,
+            &mut dq_r,
+            &mut dk_r,
+            &mut dv_r,
+        );
         let what = format!("attention_backward {n}x{c}x{hh}x{w}");
         h.check(&format!("{what}: dq accumulated"), &dq, &dq_r);
         h.check(&format!("{what}: dk accumulated"), &dk, &dk_r);
@@ -702,9 +714,14 @@ fn emulator_backward_ops_report_bad_shapes() {
     assert!(err.contains("group_norm_backward: stats") && err.contains("[2, 2, 2]"), "{err}");
     let wrong_lse = b.zeros(&[2, 8]).unwrap();
     let (mut dq, mut dk) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 3, 3]).unwrap());
-    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, &mut dq, &mut dk, &mut dx);
+    let (mut row_terms, mut wrong_row_terms) = (b.zeros(&[2, 9]).unwrap(), b.zeros(&[2, 8]).unwrap());
+    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dx);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: logsumexp") && err.contains("[2, 9]"), "{err}");
+    let lse = b.zeros(&[2, 9]).unwrap();
+    b.attention_backward(&x, &x, &x, &x, &lse, &x, &mut wrong_row_terms, &mut dq, &mut dk, &mut dx);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("attention_backward: row_terms") && err.contains("[2, 9]"), "{err}");
     assert_eq!(b.download(&dx).unwrap(), vec![0.25; 2 * 4 * 3 * 3], "nothing written on an error");
 }
 

@@ -676,6 +676,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         forward: bf16,
         dout: 0x6000,
         dout_dtype: Precision::F32,
+        row_terms: 0xa000,
         dq: 0x7000,
         dq_dtype: Precision::F32,
         dk: 0x8000,
@@ -689,6 +690,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
     );
     for (launch, expected) in [
         (AttentionBackwardLaunch { dk: 0, ..backward }, "null device pointer for `dk`"),
+        (AttentionBackwardLaunch { row_terms: 0, ..backward }, "null device pointer for `row_terms`"),
         (AttentionBackwardLaunch { dv: 0x9002, ..backward }, "`dv` at 0x9002 is not aligned"),
         (AttentionBackwardLaunch { forward: odd, ..backward }, "multiple of 8"),
         (AttentionBackwardLaunch { forward: AttentionLaunch { positions: 0, ..bf16 }, ..backward }, "empty input"),
@@ -1004,10 +1006,12 @@ fn check_attention_backward(
     let (_, logsumexp) = mem.upload(&cpu.download(&lse_t).unwrap(), Precision::F32);
 
     let forward = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
+    let (_, row_terms) = mem.upload(&vec![f32::NAN; batch * positions], Precision::F32);
     let launch = AttentionBackwardLaunch {
         forward,
         dout,
         dout_dtype: grad_dtype,
+        row_terms,
         dq,
         dq_dtype: grad_dtype,
         dk,
@@ -1021,7 +1025,8 @@ fn check_attention_backward(
 
     let dout_t = up(&dout_host);
     let (mut dq_t, mut dk_t, mut dv_t) = (up(&dq_host), up(&dk_host), up(&dv_host));
-    cpu.attention_backward(&qt, &kt, &vt, &out_t, &lse_t, &dout_t, &mut dq_t, &mut dk_t, &mut dv_t);
+    let mut row_terms_t = cpu.zeros(&[batch, positions]).unwrap();
+    cpu.attention_backward(&qt, &kt, &vt, &out_t, &lse_t, &dout_t, &mut row_terms_t, &mut dq_t, &mut dk_t, &mut dv_t);
     let errors = [(dq, &dq_t), (dk, &dk_t), (dv, &dv_t)].map(|(ptr, reference)| {
         let mut want = cpu.download(reference).unwrap();
         if grad_dtype != Precision::F32 {

@@ -440,7 +440,9 @@ pub trait Backend {
         out: &mut Self::Tensor,
         logsumexp: &mut Self::Tensor,
     );
-    /// dq, dk, dv += the attention's vector-Jacobian product.
+    /// dq, dk, dv += the attention's vector-Jacobian product. `row_terms` is scratch the plan
+    /// provides, N x HW f32 like the log-sum-exp (a GPU keeps each query's D_i = dout_i . out_i
+    /// there); its contents afterwards are unspecified.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -450,6 +452,7 @@ pub trait Backend {
         out: &Self::Tensor,
         logsumexp: &Self::Tensor,
         dout: &Self::Tensor,
+        row_terms: &mut Self::Tensor,
         dq: &mut Self::Tensor,
         dk: &mut Self::Tensor,
         dv: &mut Self::Tensor,

@@ -301,6 +301,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         out: &B::Tensor,
         logsumexp: &B::Tensor,
         dout: &B::Tensor,
+        row_terms: &mut B::Tensor,
         dq: &mut B::Tensor,
         dk: &mut B::Tensor,
         dv: &mut B::Tensor,
@@ -311,7 +312,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
                 flops: 2.5 * attention_flops(q),
                 bytes: bytes(&[q, k, v, out, logsumexp, dout]) + 2.0 * bytes(&[&*dq, &*dk, &*dv]),
             },
-            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, dq, dk, dv),
+            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, row_terms, dq, dk, dv),
         )
     }
     fn upsample_nearest2x(&self, x: &B::Tensor, out: &mut B::Tensor) {

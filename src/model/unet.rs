@@ -665,10 +665,11 @@ fn attn_backward<B: Backend>(
     dx: &mut B::Tensor,
 ) {
     let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
-    let [dn, dq, dk, dv, da, ..] = dsaved else { unreachable!() };
+    // The log-sum-exp's gradient slot (N x HW f32, otherwise unused) is the backward's scratch.
+    let [dn, dq, dk, dv, da, _, row_terms] = dsaved else { unreachable!() };
     b.add_assign(dx, dout);
     b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da);
-    b.attention_backward(q, k, v, a, lse, da, dq, dk, dv);
+    b.attention_backward(q, k, v, a, lse, da, row_terms, dq, dk, dv);
     b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn);
     b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn);
     b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn);

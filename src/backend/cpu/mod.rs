@@ -369,11 +369,14 @@ impl Backend for CpuBackend {
         out: &CpuTensor,
         logsumexp: &CpuTensor,
         dout: &CpuTensor,
+        row_terms: &mut CpuTensor,
         dq: &mut CpuTensor,
         dk: &mut CpuTensor,
         dv: &mut CpuTensor,
     ) {
         let [n, c, h, w] = dims(q, "attention_backward: q");
+        // The reference keeps its D_i per query on the stack; the scratch is checked, not used.
+        expect_shape(row_terms, &[n, h * w], "attention_backward: row_terms");
         for (t, what) in [
             (k, "attention_backward: k"),
             (v, "attention_backward: v"),

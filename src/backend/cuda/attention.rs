@@ -66,6 +66,7 @@ pub fn mma_kernel_names() -> Vec<String> {
             names.push(format!("attention_backward_dq_mma_{d}_d{dim}"));
             names.push(format!("attention_backward_dkdv_mma_{d}_d{dim}"));
         }
+        names.push(format!("attention_backward_row_terms_{d}"));
     }
     names
 }
@@ -239,6 +240,8 @@ pub struct AttentionBackwardLaunch {
     pub forward: AttentionLaunch,
     pub dout: DevicePtr,
     pub dout_dtype: Precision,
+    /// Scratch, batch x positions f32: each query's D_i = dout_i . out_i.
+    pub row_terms: DevicePtr,
     pub dq: DevicePtr,
     pub dq_dtype: Precision,
     pub dk: DevicePtr,
@@ -254,6 +257,7 @@ impl AttentionBackwardLaunch {
             .map_err(|e| Error::invalid(e.to_string().replace("attention:", "attention backward:")))?;
         let gradients = [
             ("dout", self.dout, self.dout_dtype),
+            ("row_terms", self.row_terms, Precision::F32),
             ("dq", self.dq, self.dq_dtype),
             ("dk", self.dk, self.dk_dtype),
             ("dv", self.dv, self.dv_dtype),
@@ -312,7 +316,8 @@ impl AttentionBackwardLaunch {
     }
 }
 
-/// dq, dk, dv += the attention's VJP on the tensor cores (P rebuilt from the saved log-sum-exp).
+/// dq, dk, dv += the attention's VJP on the tensor cores (P rebuilt from the saved log-sum-exp):
+/// the row terms D_i into `row_terms`, then the dq kernel, then the dk/dv kernel.
 pub fn launch_attention_backward_mma(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
@@ -322,13 +327,27 @@ pub fn launch_attention_backward_mma(
     let [(dq_name, dq_config), (dkdv_name, dkdv_config)] = args.plan()?;
     let (dq_kernel, dkdv_kernel) = (kernels.get(&dq_name)?, kernels.get(&dkdv_name)?);
     let f = &args.forward;
+    // Each query's D_i = dout_i . out_i once, for both kernels: a warp per row, 8 rows a block.
+    let rows = f.batch * f.positions;
+    if rows > i32::MAX as usize {
+        return Err(Error::invalid(format!("attention backward: {rows} rows (batch x positions) over 2^31")));
+    }
+    let row_terms_kernel = kernels.get(&format!("attention_backward_row_terms_{}", dtype_name(f.dtype)))?;
+    let row_terms_args = KernelArgs::new()
+        .ptr(args.dout)
+        .i32(super::dtype_code(args.dout_dtype))
+        .ptr(f.out)
+        .ptr(args.row_terms)
+        .i32(rows as i32)
+        .i32(f.channels as i32);
+    driver.launch(row_terms_kernel, LaunchConfig::linear(rows.div_ceil(8) as u32, 256), &row_terms_args)?;
     let scale = 1.0 / (f.channels as f32).sqrt();
     let inputs = || {
         KernelArgs::new()
             .ptr(f.q)
             .ptr(f.k)
             .ptr(f.v)
-            .ptr(f.out)
+            .ptr(args.row_terms)
             .ptr(args.dout)
             .i32(super::dtype_code(args.dout_dtype))
             .ptr(f.logsumexp)

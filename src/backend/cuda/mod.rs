@@ -845,6 +845,7 @@ impl Backend for CudaBackend {
         out: &CudaTensor,
         logsumexp: &CudaTensor,
         dout: &CudaTensor,
+        row_terms: &mut CudaTensor,
         dq: &mut CudaTensor,
         dk: &mut CudaTensor,
         dv: &mut CudaTensor,
@@ -859,9 +860,12 @@ impl Backend for CudaBackend {
             && self.check_shape(dk, &q.shape, "attention_backward: dk")
             && self.check_shape(dv, &q.shape, "attention_backward: dv")
             && self.check_shape(logsumexp, &[n, positions], "attention_backward: logsumexp")
+            && self.check_shape(row_terms, &[n, positions], "attention_backward: row_terms")
             && self.check(
-                [k.dtype, v.dtype, out.dtype].iter().all(|&d| d == q.dtype) && logsumexp.dtype == Precision::F32,
-                || "attention_backward: q, k, v and out share one storage type; logsumexp is f32".into(),
+                [k.dtype, v.dtype, out.dtype].iter().all(|&d| d == q.dtype)
+                    && logsumexp.dtype == Precision::F32
+                    && row_terms.dtype == Precision::F32,
+                || "attention_backward: q, k, v and out share one storage type; logsumexp and row_terms are f32".into(),
             )
             && self.check(n <= 65535 && positions <= i32::MAX as usize, || {
                 format!("attention_backward: batch {n} or {positions} positions over the grid limits")
@@ -884,6 +888,7 @@ impl Backend for CudaBackend {
             forward,
             dout: dout.ptr,
             dout_dtype: dout.dtype,
+            row_terms: row_terms.ptr,
             dq: dq.ptr,
             dq_dtype: dq.dtype,
             dk: dk.ptr,
