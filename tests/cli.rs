@@ -526,6 +526,11 @@ fn bench_reports_timings_as_table_and_json() {
     assert_eq!(calls("conv2d"), Some(89));
     assert_eq!(calls("conv2d_backward_input"), Some(89));
     assert_eq!(calls("attention"), Some(6));
+    // The same calls per shape: conv_in (3 -> 64 channels at 32x32) is one of them.
+    let shapes = report["per_op_breakdown"]["shapes"].as_array().unwrap();
+    let conv_calls: u64 = shapes.iter().filter(|s| s["op"] == "conv2d").map(|s| s["calls"].as_u64().unwrap()).sum();
+    assert_eq!(conv_calls, 89);
+    assert!(shapes.iter().any(|s| s["op"] == "conv2d" && s["shape"] == "3x3 s1 3 -> 64, 32x32"), "{shapes:?}");
     if has_torch {
         let agreement = &report["baseline"]["agreement"];
         assert!(agreement["eps"].as_f64().unwrap() < 1e-4, "eps differs from PyTorch: {agreement}");

@@ -37,10 +37,12 @@ pub struct OpStats {
     pub bytes: f64,
 }
 
-/// Per op name, what was timed.
+/// Per op name, what was timed; and per (op, shape) for the ops whose cost depends most on their
+/// shape (convolutions, GroupNorm, attention, forward and backward): where tuning should look.
 #[derive(Clone, Debug, Default)]
 pub struct OpTimes {
     pub ops: BTreeMap<&'static str, OpStats>,
+    pub shapes: BTreeMap<(&'static str, String), OpStats>,
 }
 
 impl OpTimes {
@@ -48,6 +50,12 @@ impl OpTimes {
     pub fn sorted(&self) -> Vec<(&'static str, OpStats)> {
         let mut rows: Vec<_> = self.ops.iter().map(|(&name, &stats)| (name, stats)).collect();
         rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        rows
+    }
+    /// (op, shape, stats), slowest first.
+    pub fn sorted_shapes(&self) -> Vec<(&'static str, &str, OpStats)> {
+        let mut rows: Vec<_> = self.shapes.iter().map(|((op, shape), &stats)| (*op, shape.as_str(), stats)).collect();
+        rows.sort_by(|a, b| b.2.seconds.total_cmp(&a.2.seconds));
         rows
     }
     pub fn total_seconds(&self) -> f64 {
@@ -78,7 +86,23 @@ fn attention_flops<T: TensorShape>(q: &T) -> f64 {
     4.0 * s[0] as f64 * positions * positions * s[1] as f64
 }
 
-type Mark = (&'static str, Cost, Timestamp, Timestamp);
+/// "C channels at HxW" of an N x C x H x W tensor.
+fn channels_at<T: TensorShape>(t: &T) -> String {
+    match t.shape() {
+        [_, c, h, w] => format!("{c} ch, {h}x{w}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A convolution's shape: kernel, stride, channels in -> out, and the output's size (`at`, N x C x
+/// H x W: the output of the forward, dx of the input gradient).
+fn conv_shape<T: TensorShape>(w: &T, geometry: Conv2dGeometry, at: &T) -> String {
+    let (w, at) = (w.shape(), at.shape());
+    format!("{}x{} s{} {} -> {}, {}x{}", w[2], w[3], geometry.stride, w[1], w[0], at[2], at[3])
+}
+
+/// (op, shape where it is kept, cost, timestamps before and after).
+type Mark = (&'static str, Option<String>, Cost, Timestamp, Timestamp);
 
 pub struct Profiled<'a, B: Backend> {
     inner: &'a B,
@@ -100,14 +124,20 @@ impl<'a, B: Backend> Profiled<'a, B> {
         }
         self.inner.synchronize()?;
         let mut times = OpTimes::default();
-        for (op, cost, start, end) in marks {
-            let entry = times.ops.entry(op).or_default();
-            entry.calls += 1;
-            entry.seconds += self.inner.elapsed_ms(&start, &end)? / 1e3;
+        for (op, shape, cost, start, end) in marks {
+            let seconds = self.inner.elapsed_ms(&start, &end)? / 1e3;
             self.inner.release_timestamp(start);
             self.inner.release_timestamp(end);
-            entry.flops += cost.flops;
-            entry.bytes += cost.bytes;
+            let add = |entry: &mut OpStats| {
+                entry.calls += 1;
+                entry.seconds += seconds;
+                entry.flops += cost.flops;
+                entry.bytes += cost.bytes;
+            };
+            add(times.ops.entry(op).or_default());
+            if let Some(shape) = shape {
+                add(times.shapes.entry((op, shape)).or_default());
+            }
         }
         Ok(times)
     }
@@ -116,10 +146,14 @@ impl<'a, B: Backend> Profiled<'a, B> {
         self.counted(op, Cost::default(), run)
     }
     fn counted<T>(&self, op: &'static str, cost: Cost, run: impl FnOnce() -> T) -> T {
+        self.counted_as(op, None, cost, run)
+    }
+    /// `counted`, also kept per `shape`.
+    fn counted_as<T>(&self, op: &'static str, shape: Option<String>, cost: Cost, run: impl FnOnce() -> T) -> T {
         let start = self.inner.timestamp();
         let result = run();
         match (start, self.inner.timestamp()) {
-            (Ok(start), Ok(end)) => self.marks.borrow_mut().push((op, cost, start, end)),
+            (Ok(start), Ok(end)) => self.marks.borrow_mut().push((op, shape, cost, start, end)),
             (Err(e), _) | (_, Err(e)) => {
                 self.error.borrow_mut().get_or_insert(e);
             }
@@ -234,7 +268,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         out: &mut B::Tensor,
         stats: &mut B::Tensor,
     ) {
-        self.counted("group_norm", Cost::memory(input_bytes(&x) + bytes(&[gamma, beta, &*out, &*stats])), || {
+        let (shape, cost) = (channels_at(&*out), Cost::memory(input_bytes(&x) + bytes(&[gamma, beta, &*out, &*stats])));
+        self.counted_as("group_norm", Some(shape), cost, || {
             self.inner.group_norm(x, gamma, beta, groups, eps, silu, out, stats)
         })
     }
@@ -249,8 +284,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dout: &B::Tensor,
         dx: &mut B::Tensor,
     ) {
-        self.counted(
+        self.counted_as(
             "group_norm_backward",
+            Some(channels_at(x)),
             Cost::memory(bytes(&[x, gamma, beta, stats, dout]) + 2.0 * bytes(&[&*dx])),
             || self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx),
         )
@@ -264,8 +300,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         epilogue: ConvEpilogue<'_, B::Tensor>,
         out: &mut B::Tensor,
     ) {
-        self.counted(
+        self.counted_as(
             "conv2d",
+            Some(conv_shape(w, geometry, &*out)),
             Cost {
                 flops: conv_flops(out.numel(), w),
                 bytes: input_bytes(&x)
@@ -280,15 +317,17 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         )
     }
     fn conv2d_backward_input(&self, dout: &B::Tensor, w: &B::Tensor, geometry: Conv2dGeometry, dx: &mut B::Tensor) {
-        self.counted(
+        self.counted_as(
             "conv2d_backward_input",
+            Some(conv_shape(w, geometry, &*dx)),
             Cost { flops: conv_flops(dout.numel(), w), bytes: bytes(&[dout, w]) + 2.0 * bytes(&[&*dx]) },
             || self.inner.conv2d_backward_input(dout, w, geometry, dx),
         )
     }
     fn attention(&self, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor, out: &mut B::Tensor, logsumexp: &mut B::Tensor) {
-        self.counted(
+        self.counted_as(
             "attention",
+            Some(channels_at(q)),
             Cost { flops: attention_flops(q), bytes: bytes(&[q, k, v, &*out, &*logsumexp]) },
             || self.inner.attention(q, k, v, out, logsumexp),
         )
@@ -306,8 +345,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dk: &mut B::Tensor,
         dv: &mut B::Tensor,
     ) {
-        self.counted(
+        self.counted_as(
             "attention_backward",
+            Some(channels_at(q)),
             Cost {
                 flops: 2.5 * attention_flops(q),
                 bytes: bytes(&[q, k, v, out, logsumexp, dout]) + 2.0 * bytes(&[&*dq, &*dk, &*dv]),

@@ -413,6 +413,23 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             stats.bytes / stats.seconds / 1e9
         );
     }
+    println!("its slowest shapes (convolutions: kernel, stride, channels in -> out, output size; dx's for the input gradient):");
+    println!(
+        "  {:<24} {:<30} {:>5} {:>9} {:>7} {:>9} {:>9} {:>9}",
+        "op", "shape", "calls", "ms", "share", "TFLOP/s", "GB/s", "roofline"
+    );
+    for (op, shape, stats) in op_times.sorted_shapes().into_iter().take(12) {
+        let place = roofline_fraction(&stats, &ceilings, b.precision())
+            .map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f));
+        println!(
+            "  {op:<24} {shape:<30} {:>5} {:>9.2} {:>6.1}% {:>9.2} {:>9.1} {place:>9}",
+            stats.calls,
+            stats.seconds * 1e3,
+            100.0 * stats.seconds / total,
+            stats.flops / stats.seconds / 1e12,
+            stats.bytes / stats.seconds / 1e9
+        );
+    }
     println!(
         "cold start {cold_start:.3} s; largest UNet plan {:.1} MB; weights {:.1} MB ({})",
         peak_plan_bytes as f64 / 1e6,
@@ -443,6 +460,12 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
                 "ops": op_times.sorted().into_iter().map(|(op, stats)| serde_json::json!({
                     "op": op, "calls": stats.calls, "ms": stats.seconds * 1e3, "share": stats.seconds / total,
                     "flops": stats.flops, "bytes": stats.bytes,
+                    "tflops_per_s": stats.flops / stats.seconds / 1e12, "gb_per_s": stats.bytes / stats.seconds / 1e9,
+                    "roofline_fraction": roofline_fraction(&stats, &ceilings, b.precision()),
+                })).collect::<Vec<_>>(),
+                "shapes": op_times.sorted_shapes().into_iter().map(|(op, shape, stats)| serde_json::json!({
+                    "op": op, "shape": shape, "calls": stats.calls, "ms": stats.seconds * 1e3,
+                    "share": stats.seconds / total, "flops": stats.flops, "bytes": stats.bytes,
                     "tflops_per_s": stats.flops / stats.seconds / 1e12, "gb_per_s": stats.bytes / stats.seconds / 1e9,
                     "roofline_fraction": roofline_fraction(&stats, &ceilings, b.precision()),
                 })).collect::<Vec<_>>(),
