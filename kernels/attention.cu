@@ -135,7 +135,7 @@ ATTENTION_FORWARD_ENTRIES(bf16, bf16)
 
 // ==== Backward (attention_backward_*): a separate section, its own constants ====
 //
-// dq, dk, dv += the vector-Jacobian product of the forward (src/backend/cpu/attention.rs
+// dq, dk, dv = (or += where `accumulate`) the vector-Jacobian product of the forward (src/backend/cpu/attention.rs
 // `backward` is the reference): with P_ij = exp(s_ij - lse_i) rebuilt from q, k and the saved
 // log-sum-exp (nothing L x L in memory), dP_ij = dout_i . v_j and D_i = dout_i . out_i,
 //   dS_ij = P_ij (dP_ij - D_i),  dq_i += scale sum_j dS_ij k_j,
@@ -163,7 +163,7 @@ constexpr int THREADS = 128;
 extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     attention_backward_dq(const void* q, const void* k, const void* v, const void* out, int dt_in, const void* dout,
                           int dt_dout, const float* logsumexp, void* dq, int dt_dq, int positions, int channels,
-                          float scale) {
+                          float scale, int accumulate) {
     using namespace attention_backward;
     extern __shared__ __align__(16) float shared[];
     const int C = channels, stride = C + 1;  // odd row stride: 16 lanes reading 16 rows hit 16 banks
@@ -230,13 +230,13 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
 
     if (!query_valid) return;
     const long long row = sample + (long long)query * C;
-    for (int c = lane16; c < C; c += TILE) store_dyn(dq, dt_dq, row + c, load_dyn(dq, dt_dq, row + c) + scale * acc[c]);
+    for (int c = lane16; c < C; c += TILE) store_grad(dq, dt_dq, row + c, scale * acc[c], accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     attention_backward_dkdv(const void* q, const void* k, const void* v, const void* out, int dt_in,
                             const void* dout, int dt_dout, const float* logsumexp, void* dk, int dt_dk, void* dv,
-                            int dt_dv, int positions, int channels, float scale) {
+                            int dt_dv, int positions, int channels, float scale, int accumulate) {
     using namespace attention_backward;
     extern __shared__ __align__(16) float shared[];
     const int C = channels, stride = C + 1;
@@ -322,7 +322,7 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     if (!key_valid) return;
     const long long row = sample + (long long)key * C;
     for (int c = lane16; c < C; c += TILE) {
-        store_dyn(dk, dt_dk, row + c, load_dyn(dk, dt_dk, row + c) + scale * dk_own[c]);
-        store_dyn(dv, dt_dv, row + c, load_dyn(dv, dt_dv, row + c) + dv_own[c]);
+        store_grad(dk, dt_dk, row + c, scale * dk_own[c], accumulate);
+        store_grad(dv, dt_dv, row + c, dv_own[c], accumulate);
     }
 }

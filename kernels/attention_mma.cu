@@ -189,7 +189,8 @@ ATTENTION_MMA_ENTRY(f16, f16, 256)
 // D_i = dout_i . out_i is computed in f32 once per backward, before both kernels, into a scratch the
 // caller provides (attention_backward_row_terms_<T>).
 // Precision: dout rounded to T once as it is staged; P and dS rounded to T as mma operands; f32
-// accumulation; dq, dk, dv += in f32, one rounding to their storage type.
+// accumulation; dq, dk, dv written (or += where `accumulate`) in f32, one rounding to their storage
+// type.
 
 // rows x D tile of an N x L x C tensor of run-time storage type `dtype` into shared as T (row
 // stride D + 8), zeros past L and past C (C even).
@@ -280,11 +281,12 @@ __device__ __forceinline__ void attention_accumulate_16(float (&acc)[CHANNELS / 
     }
 }
 
-// out[row, c0 + ...] += factor * acc for rows g, g + 8 of a warp's 16 (from row0), channels < C.
+// out[row, c0 + ...] = (or += where `accumulate`) factor * acc for rows g, g + 8 of a warp's 16
+// (from row0), channels < C.
 template <int CHANNELS>
 __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const float (&acc)[CHANNELS / 8][4],
                                                    float factor, long long sample, int row0, int c0, int positions,
-                                                   int channels, int lane) {
+                                                   int channels, int lane, int accumulate) {
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -297,7 +299,7 @@ __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const f
             if (c >= channels) continue;
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-                store_dyn(dst, dtype, at + c + e, load_dyn(dst, dtype, at + c + e) + factor * acc[j][2 * r + e]);
+                store_grad(dst, dtype, at + c + e, factor * acc[j][2 * r + e], accumulate);
         }
     }
 }
@@ -307,7 +309,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
                                                           const T* __restrict__ v, const float* __restrict__ row_terms,
                                                           const void* dout, int dt_dout,
                                                           const float* __restrict__ logsumexp, void* dq, int dt_dq,
-                                                          int positions, int channels, float scale) {
+                                                          int positions, int channels, float scale, int accumulate) {
     using namespace attention_mma;
     constexpr int ROW = D + 8;
     extern __shared__ __align__(16) unsigned short attention_shared[];
@@ -358,7 +360,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
             }
         attention_accumulate_16<T, D, D>(acc, s, k_tile, 0, lane);
     }
-    attention_add_rows<D>(dq, dt_dq, acc, scale, sample, query0 + warp * 16, 0, positions, channels, lane);
+    attention_add_rows<D>(dq, dt_dq, acc, scale, sample, query0 + warp * 16, 0, positions, channels, lane, accumulate);
 }
 
 template <typename T, int D, int DC>
@@ -368,7 +370,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                                                             int dt_dout,
                                                             const float* __restrict__ logsumexp, void* dk, int dt_dk,
                                                             void* dv, int dt_dv, int positions, int channels,
-                                                            float scale) {
+                                                            float scale, int accumulate) {
     using namespace attention_mma;
     constexpr int ROW = D + 8;
     extern __shared__ __align__(16) unsigned short attention_shared[];
@@ -423,8 +425,10 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         attention_accumulate_16<T, D, DC>(dv_acc, st, do_tile, c0, lane);
         attention_accumulate_16<T, D, DC>(dk_acc, dpt, q_tile, c0, lane);
     }
-    attention_add_rows<DC>(dk, dt_dk, dk_acc, scale, sample, key_base + warp * 16, c0, positions, channels, lane);
-    attention_add_rows<DC>(dv, dt_dv, dv_acc, 1.0f, sample, key_base + warp * 16, c0, positions, channels, lane);
+    attention_add_rows<DC>(dk, dt_dk, dk_acc, scale, sample, key_base + warp * 16, c0, positions, channels, lane,
+                           accumulate);
+    attention_add_rows<DC>(dv, dt_dv, dv_acc, 1.0f, sample, key_base + warp * 16, c0, positions, channels, lane,
+                           accumulate);
 }
 
 #define ATTENTION_BACKWARD_MMA_ENTRIES(name, T, D, DC)                                                       \
@@ -433,17 +437,17 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                                                 const T* __restrict__ v, const float* __restrict__ row_terms, \
                                                 const void* dout, int dt_dout,                              \
                                                 const float* __restrict__ logsumexp, void* dq, int dt_dq,   \
-                                                int positions, int channels, float scale) {                 \
+                                                int positions, int channels, float scale, int accumulate) { \
         attention_backward_dq_mma<T, D>(q, k, v, row_terms, dout, dt_dout, logsumexp, dq, dt_dq, positions, \
-                                        channels, scale);                                                   \
+                                        channels, scale, accumulate);                                       \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_mma_##name##_d##D(            \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                          \
         const float* __restrict__ row_terms, const void* dout, int dt_dout,                                 \
         const float* __restrict__ logsumexp, void* dk, int dt_dk, void* dv, int dt_dv, int positions,       \
-        int channels, float scale) {                                                                        \
+        int channels, float scale, int accumulate) {                                                        \
         attention_backward_dkdv_mma<T, D, DC>(q, k, v, row_terms, dout, dt_dout, logsumexp, dk, dt_dk, dv,  \
-                                              dt_dv, positions, channels, scale);                           \
+                                              dt_dv, positions, channels, scale, accumulate);               \
     }
 
 // attention_backward_row_terms_<T>: the D_i of every row, before the two kernels above.

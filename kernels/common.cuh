@@ -107,6 +107,12 @@ __device__ __forceinline__ void store_dyn(void* p, int dtype, long long i, float
         static_cast<bf16*>(p)[i] = from_float<bf16>(v);
 }
 
+// A backward op's store into an input gradient: dst[i] = g (the first gradient to reach the tensor:
+// the buffer needs no zeroing), or dst[i] += g where `accumulate` (where two gradients meet).
+__device__ __forceinline__ void store_grad(void* p, int dtype, long long i, float g, int accumulate) {
+    store_dyn(p, dtype, i, accumulate ? load_dyn(p, dtype, i) + g : g);
+}
+
 // Two consecutive elements (i even, the pointer aligned to two elements) in one access.
 __device__ __forceinline__ float2 load_float2(const float* p, long long i) {
     return *reinterpret_cast<const float2*>(p + i);

@@ -25,7 +25,7 @@
 //   conv2d_simt_<in>_<w>_<out>   version 1, any shape, any storage type: shared-memory tiles of
 //                                 64 positions x 64 channels x 16 k, 256 threads, 4x4 register blocking,
 //                                 f32 arithmetic (fma). The f32 path, and the reference for version 2.
-//   conv2d_backward_input_simt_<T>  the input gradient (dx += transposed convolution of dout), same
+//   conv2d_backward_input_simt_<T>  the input gradient (dx = or += the transposed convolution of dout), same
 //                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
 // Hot kernel (ptxas report, no spills allowed): conv2d_simt_f32_f32_f32.
 #include "common.cuh"
@@ -173,7 +173,8 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 }
 
 // ---------------------------------------------------------------------------------------------
-// The input gradient (version 1 only): dx += the transposed convolution of dout, as an implicit
+// The input gradient (version 1 only): dx = (or += where `accumulate`) the transposed convolution of
+// dout, as an implicit
 // GEMM over the input positions: M = N*H*W (dx rows, the logical input: the caller splits a concat
 // and folds an upsample), N = Ci, K = kh*kw*Co with k = tap*Co + co:
 //   dx[n, iy, ix, ci] += sum_{ky, kx, co} dout[n, oy, ox, co] * w[co, ky, kx, ci],
@@ -183,7 +184,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 // stride, pads, out_h/out_w/out_channels the forward's output (dout).
 template <typename T>
 __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__ dout, const T* __restrict__ w,
-                                                           T* __restrict__ dx, const ConvParams p) {
+                                                           T* __restrict__ dx, const ConvParams p, int accumulate) {
     using namespace simt;
     __shared__ __align__(16) float a_tile[BK][BM + PAD];
     __shared__ __align__(16) float b_tile[BK][BN + PAD];
@@ -264,7 +265,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
             const int ci = n_block + tx * 4 + j;
             if (ci >= ci_total) continue;
             const int at = m * ci_total + ci;
-            dx[at] = from_float<T>(to_float(dx[at]) + acc[i][j]);
+            dx[at] = from_float<T>(accumulate ? to_float(dx[at]) + acc[i][j] : acc[i][j]);
         }
     }
 }
@@ -291,8 +292,8 @@ CONV_SIMT_ENTRY(f16, f16, f16, f16, f16, f16)
 #define CONV_BACKWARD_INPUT_ENTRY(name, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_backward_input_simt_##name(const T* __restrict__ dout, const T* __restrict__ w,              \
-                                          T* __restrict__ dx, const ConvParams p) {                         \
-        conv2d_backward_input_simt<T>(dout, w, dx, p);                                                      \
+                                          T* __restrict__ dx, const ConvParams p, int accumulate) {         \
+        conv2d_backward_input_simt<T>(dout, w, dx, p, accumulate);                                          \
     }
 
 CONV_BACKWARD_INPUT_ENTRY(f32, float)

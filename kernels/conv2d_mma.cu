@@ -12,7 +12,7 @@
 //                                      type and stored to shared: f32 inputs (conv_in reads x_t in
 //                                      f32), channel counts like 3.
 //   conv2d_backward_input_mma_<dout>_<w>
-//                                      the input gradient, dx += the transposed convolution of dout
+//                                      the input gradient, dx = (or +=) the transposed convolution of dout
 //                                      (conv2d.cu's conv2d_backward_input_simt on the tensor cores):
 //                                      the same tiles, warps and pipeline over M = dx positions,
 //                                      N = Ci, K = taps x Co; dout f32 (the plans' gradients: staged
@@ -24,7 +24,7 @@
 //                                      Co = 3).
 // Precision: inputs rounded once to bf16/f16 (the operand type), f32 accumulation, the epilogue in
 // f32, one rounding to the output's type (f32 output for conv_out's eps). The input gradient rounds
-// f32 dout to the weights' type once, as it is staged in shared memory; dx += in f32, one rounding.
+// f32 dout to the weights' type once, as it is staged in shared memory; dx = or += in f32, one rounding.
 // Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16,
 // conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16.
 #include "common.cuh"
@@ -309,7 +309,7 @@ CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f32, float)
 
 // ---------------------------------------------------------------------------------------------
-// The input gradient on the tensor cores: dx += the transposed convolution of dout, the implicit
+// The input gradient on the tensor cores: dx = (or +=) the transposed convolution of dout, the implicit
 // GEMM of conv2d.cu's conv2d_backward_input_simt (read its comment) with mma.sync:
 //   M = N*H*W dx positions, N = Ci, K = kh*kw*Co with k = tap*Co + co,
 //   A[m, k] = dout[n, oy, ox, co] where (y + pad_top - ky) / s = oy exactly (and the same in x),
@@ -477,8 +477,8 @@ __device__ __forceinline__ void conv_backward_fetch_a(float4 (&regs)[AChunks<flo
 
 // ...and, once the tensor cores have the current tile, rounded to WT and stored to their stage.
 template <typename WT>
-__device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage, const float4 (&regs)[AChunks<float>::ROWS],
-                                                      int tid) {
+__device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage,
+                                                      const float4 (&regs)[AChunks<float>::ROWS], int tid) {
     using L = AChunks<float>;
     const int chunk = tid % L::CHUNKS_PER_ROW;
 #pragma unroll
@@ -491,7 +491,8 @@ __device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage, c
 
 template <bool VECTOR, typename DoutT, typename WT>
 __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restrict__ dout, const WT* __restrict__ w,
-                                                          void* __restrict__ dx, int dx_dtype, const ConvParams p) {
+                                                          void* __restrict__ dx, int dx_dtype, const ConvParams p,
+                                                          int accumulate) {
     using namespace bwd;
     // f32 dout with the vector loader goes through registers (the head comment says why).
     constexpr bool THROUGH_REGISTERS = VECTOR && sizeof(DoutT) == 4;
@@ -582,8 +583,9 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     }
     cp_async_wait<0>();
 
-    // Epilogue: dx += acc, each element owned by one thread (no atomics); dx's storage type is a
-    // run-time code (f32 in the plans, the activations' type where a caller keeps it so).
+    // Epilogue: dx = acc (or += where `accumulate`), each element owned by one thread (no atomics);
+    // dx's storage type is a run-time code (f32 in the plans, the activations' type where a caller
+    // keeps it so).
     const int positions = p.batch * p.in_h * p.in_w;
     const int g = lane / 4, t = lane % 4;
 #pragma unroll
@@ -599,7 +601,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
                 for (int e = 0; e < 2; ++e) {
                     if (ci + e >= p.ca) continue;
                     const long long at = (long long)m * p.ca + ci + e;
-                    store_dyn(dx, dx_dtype, at, load_dyn(dx, dx_dtype, at) + acc[i][j][2 * half + e]);
+                    store_grad(dx, dx_dtype, at, acc[i][j][2 * half + e], accumulate);
                 }
             }
         }
@@ -611,8 +613,9 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 #define CONV_BACKWARD_MMA_ENTRY(prefix, VECTOR, dout_name, DoutT, w_name, WT)                               \
     extern "C" __global__ void __launch_bounds__(bwd::THREADS)                                              \
         prefix##_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,           \
-                                        void* __restrict__ dx, int dx_dtype, const ConvParams p) {          \
-        conv2d_backward_input_mma<VECTOR, DoutT, WT>(dout, w, dx, dx_dtype, p);                             \
+                                        void* __restrict__ dx, int dx_dtype, const ConvParams p,            \
+                                        int accumulate) {                                                   \
+        conv2d_backward_input_mma<VECTOR, DoutT, WT>(dout, w, dx, dx_dtype, p, accumulate);                 \
     }
 
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f32, float, bf16, bf16)

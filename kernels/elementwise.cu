@@ -6,7 +6,8 @@
 // Layout: 4-D tensors NHWC (the channel of element i is i % C), other tensors row-major.
 // Precision: every operand's storage type is a run-time code (DTYPE_F32/F16/BF16, common.cuh), so
 // one kernel serves every mix of f32 activations, f16/bf16 activations and f32 gradients; arithmetic
-// in f32, one rounding on store. Backward ops accumulate (dx += ...), as the Backend trait says.
+// in f32, one rounding on store. Backward ops accumulate (dx += ...), or write where the Backend
+// trait gives them a GradientStore.
 // Versions: one each; all are grid-stride loops, bandwidth-bound, and the branch on the storage
 // type is uniform over the grid.
 #include "common.cuh"
@@ -151,9 +152,9 @@ extern "C" __global__ void upsample_nearest2x(const void* x, int dt_x, void* out
     }
 }
 
-// dx += the sum of the four upsampled copies of each element.
+// dx = (or += where `accumulate`) the sum of the four upsampled copies of each element.
 extern "C" __global__ void upsample_nearest2x_backward(const void* dout, int dt_dout, void* dx, int dt_dx, int batch,
-                                                       int height, int width, int channels) {
+                                                       int height, int width, int channels, int accumulate) {
     const long long n_in = (long long)batch * height * width * channels;
     GRID_STRIDE_LOOP(i, n_in) {
         const int c = (int)(i % channels);
@@ -167,7 +168,7 @@ extern "C" __global__ void upsample_nearest2x_backward(const void* dout, int dt_
             for (int dx_ = 0; dx_ < 2; ++dx_)
                 g += load_dyn(dout, dt_dout,
                               (((long long)n * 2 * height + 2 * y + dy) * 2 * width + 2 * x + dx_) * channels + c);
-        store_dyn(dx, dt_dx, i, load_dyn(dx, dt_dx, i) + g);
+        store_grad(dx, dt_dx, i, g, accumulate);
     }
 }
 
@@ -183,9 +184,10 @@ extern "C" __global__ void concat_channels(const void* a, int dt_a, const void* 
     }
 }
 
-// da += dout[..., :Ca], db += dout[..., Ca:].
+// da = dout[..., :Ca], db = dout[..., Ca:] (or += where accumulate_a, accumulate_b).
 extern "C" __global__ void concat_channels_backward(const void* dout, int dt_dout, void* da, int dt_da, void* db,
-                                                    int dt_db, long long pixels, int ca, int cb) {
+                                                    int dt_db, long long pixels, int ca, int cb, int accumulate_a,
+                                                    int accumulate_b) {
     const int c_out = ca + cb;
     GRID_STRIDE_LOOP(i, pixels * c_out) {
         const long long p = i / c_out;
@@ -193,10 +195,10 @@ extern "C" __global__ void concat_channels_backward(const void* dout, int dt_dou
         const float g = load_dyn(dout, dt_dout, i);
         if (c < ca) {
             const long long j = p * ca + c;
-            store_dyn(da, dt_da, j, load_dyn(da, dt_da, j) + g);
+            store_grad(da, dt_da, j, g, accumulate_a);
         } else {
             const long long j = p * cb + (c - ca);
-            store_dyn(db, dt_db, j, load_dyn(db, dt_db, j) + g);
+            store_grad(db, dt_db, j, g, accumulate_b);
         }
     }
 }

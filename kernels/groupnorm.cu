@@ -17,14 +17,14 @@
 //                            rounding.
 //
 // Backward (src/backend/cpu/norm.rs `backward` is the reference), on one-source x (the caller splits
-// a concat's gradient), stats from the forward, dx ACCUMULATED (dx += ...):
+// a concat's gradient), stats from the forward, dx written or accumulated (`accumulate`):
 //   xhat = (x - mean) rstd,  g = dout * silu'(xhat gamma + beta)? * gamma,
-//   dx += rstd (g - mean_group(g) - xhat mean_group(g xhat))
+//   dx (+)= rstd (g - mean_group(g) - xhat mean_group(g xhat))
 // Three kernels, the same chunking as the forward (batch 1 fills the device):
 //   groupnorm_backward_partial   grid (chunks, G, N): f32 sums of g and g xhat over a slice of pixels;
 //   groupnorm_backward_finalize  one thread per (n, g): the chunks summed in f64, divided by the group
 //                                size; the two means written over the group's first chunk slot;
-//   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx += ..., one rounding.
+//   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx (+)= ..., one rounding.
 #include "common.cuh"
 
 struct GroupNormShape {
@@ -37,7 +37,8 @@ struct GroupNormShape {
 
 __device__ __forceinline__ float load_two_source(const void* a, int dt_a, const void* b, int dt_b, int pixel, int c,
                                                  const GroupNormShape& s) {
-    return c < s.ca ? load_dyn(a, dt_a, (long long)pixel * s.ca + c) : load_dyn(b, dt_b, (long long)pixel * s.cb + (c - s.ca));
+    return c < s.ca ? load_dyn(a, dt_a, (long long)pixel * s.ca + c)
+                    : load_dyn(b, dt_b, (long long)pixel * s.cb + (c - s.ca));
 }
 
 // f(pixel, channel in group) over pixels [p0, p1) of one group, spread over the block. The launcher
@@ -208,7 +209,7 @@ extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNor
 extern "C" __global__ void groupnorm_backward_apply(const void* x, int dt_x, const void* dout, int dt_dout,
                                                     const float* stats, const float* gamma, const float* beta,
                                                     int silu, const float* partials, void* dx, int dt_dx, int vec,
-                                                    GroupNormShape s) {
+                                                    int accumulate, GroupNormShape s) {
     const int channels = s.ca;
     VECTOR_LOOP(v, channels, vec, s) {
         const ChannelVector cv = channel_vector(v, channels, vec, s);
@@ -217,9 +218,10 @@ extern "C" __global__ void groupnorm_backward_apply(const void* x, int dt_x, con
         const float mean_g = means[0], mean_g_xhat = means[1];
         const long long first = (long long)cv.pixel * channels + cv.c0;
         for (int k = 0; k < vec; ++k) {
-            const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, mean, rstd, gamma, beta, silu, first + k, cv.c0 + k);
+            const float2 at =
+                groupnorm_grad_at(x, dt_x, dout, dt_dout, mean, rstd, gamma, beta, silu, first + k, cv.c0 + k);
             const float grad = rstd * (at.y - mean_g - at.x * mean_g_xhat);
-            store_dyn(dx, dt_dx, first + k, load_dyn(dx, dt_dx, first + k) + grad);
+            store_grad(dx, dt_dx, first + k, grad, accumulate);
         }
     }
 }

@@ -6,6 +6,7 @@
 //! such a product, `||backward(g)|| ||d|| / sqrt(len)`, so a zero-ish projection cannot hide a bug.
 //! Each backward is also run into a randomly pre-filled buffer to check that it accumulates.
 use purifier::backend::cpu::{rng, CpuBackend, CpuTensor};
+use purifier::backend::GradientStore::Add;
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepColumn, StepSource, STEP_COLUMNS};
 
 // ---------------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ fn conv2d_backward_input_is_the_adjoint() {
             backend.conv2d(LayerInput::one(x), &w, None, g, ConvEpilogue::default(), &mut out);
             out
         };
-        let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.conv2d_backward_input(dout, &w, g, dx);
+        let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.conv2d_backward_input(dout, &w, g, dx, Add);
         // Linear in x: the differences are exact up to rounding, whatever the step.
         check_vjp(&format!("conv2d {:?} {:?} {g:?}", case.x, case.w), &mut rng, &x, &forward, &backward, 0.5, 1e-5);
     }
@@ -312,7 +313,7 @@ fn group_norm_matches_reference_and_its_backward_matches_finite_differences() {
                 out
             };
             let backward = |dout: &CpuTensor, dx: &mut CpuTensor| {
-                backend.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, dout, dx)
+                backend.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, dout, dx, Add)
             };
             check_vjp(
                 &format!("group_norm {shape:?} groups {groups} silu {silu}"),
@@ -384,7 +385,7 @@ fn attention_matches_reference_and_its_backward_matches_finite_differences() {
             let mut scratch = [zeros(&shape), zeros(&shape), zeros(&shape)];
             std::mem::swap(&mut scratch[which], d);
             let [dq, dk, dv] = &mut scratch;
-            backend.attention_backward(&q, &k, &v, &out, &lse, dout, &mut zeros(&lse_shape), dq, dk, dv);
+            backend.attention_backward(&q, &k, &v, &out, &lse, dout, &mut zeros(&lse_shape), dq, dk, dv, Add);
             std::mem::swap(&mut scratch[which], d);
         };
         check_vjp(
@@ -549,7 +550,7 @@ fn layout_ops_backward_match_finite_differences() {
             &mut rng,
             &x,
             &up,
-            &|g, d| backend.upsample_nearest2x_backward(g, d),
+            &|g, d| backend.upsample_nearest2x_backward(g, d, Add),
             step,
             tolerance,
         );
@@ -608,16 +609,18 @@ fn layout_ops_backward_match_finite_differences() {
             backend.concat_channels(a, &other, &mut out);
             out
         };
-        let back_a =
-            |g: &CpuTensor, d: &mut CpuTensor| backend.concat_channels_backward(g, d, &mut zeros(&[n, 2, h, w]));
+        let back_a = |g: &CpuTensor, d: &mut CpuTensor| {
+            backend.concat_channels_backward(g, d, &mut zeros(&[n, 2, h, w]), [Add, Add])
+        };
         check_vjp("concat_channels a", &mut rng, &x, &cat_a, &back_a, step, tolerance);
         let cat_b = |b: &CpuTensor| {
             let mut out = zeros(&[n, 2 + c, h, w]);
             backend.concat_channels(&other, b, &mut out);
             out
         };
-        let back_b =
-            |g: &CpuTensor, d: &mut CpuTensor| backend.concat_channels_backward(g, &mut zeros(&[n, 2, h, w]), d);
+        let back_b = |g: &CpuTensor, d: &mut CpuTensor| {
+            backend.concat_channels_backward(g, &mut zeros(&[n, 2, h, w]), d, [Add, Add])
+        };
         check_vjp("concat_channels b", &mut rng, &x, &cat_b, &back_b, step, tolerance);
     }
 }
@@ -893,16 +896,16 @@ fn results_do_not_depend_on_thread_count() {
         let mut conv = zeros(&[2, 20, 6, 6]);
         backend.conv2d(LayerInput::one(&x), &w, None, g, ConvEpilogue::default(), &mut conv);
         let mut dx = zeros(&x.shape);
-        backend.conv2d_backward_input(&conv, &w, g, &mut dx);
+        backend.conv2d_backward_input(&conv, &w, g, &mut dx, Add);
         let (gamma, beta) = (rng.tensor(&[16]), rng.tensor(&[16]));
         let (mut norm, mut stats) = (zeros(&x.shape), zeros(&[2, 4, 2]));
         backend.group_norm(LayerInput::one(&x), &gamma, &beta, 4, 1e-6, true, &mut norm, &mut stats);
-        backend.group_norm_backward(&x, &gamma, &beta, &stats, 4, true, &norm, &mut dx);
+        backend.group_norm_backward(&x, &gamma, &beta, &stats, 4, true, &norm, &mut dx, Add);
         let (mut att, mut lse) = (zeros(&x.shape), zeros(&[2, 144]));
         backend.attention(&x, &norm, &dx, &mut att, &mut lse);
         let (mut dq, mut dk, mut dv) = (zeros(&x.shape), zeros(&x.shape), zeros(&x.shape));
         let mut row_terms = zeros(&[2, 144]);
-        backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dv);
+        backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dv, Add);
         [conv.data, dx.data, att.data, dq.data, dk.data, dv.data]
     };
     let with_threads = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(run);
@@ -934,14 +937,14 @@ fn conv3x3_128_channels_32x32_timing() {
             .fold(f64::INFINITY, f64::min)
     };
     let forward = time(&mut || backend.conv2d(LayerInput::one(&x), &w, None, g, ConvEpilogue::default(), &mut out));
-    let backward = time(&mut || backend.conv2d_backward_input(&out, &w, g, &mut dx));
+    let backward = time(&mut || backend.conv2d_backward_input(&out, &w, g, &mut dx, Add));
     let gmac = 128.0 * 128.0 * 9.0 * 1024.0 / 1e9;
     println!("conv 3x3 128->128 32x32 batch 1 on {}: forward {forward:.2} ms ({:.1} GMAC/s), backward-input {backward:.2} ms ({:.1} GMAC/s)", backend.name(), gmac / forward * 1e3, gmac / backward * 1e3);
     let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
     let mut half = zeros(&[1, 128, 16, 16]);
     let down_forward =
         time(&mut || backend.conv2d(LayerInput::one(&x), &w, None, down, ConvEpilogue::default(), &mut half));
-    let down_backward = time(&mut || backend.conv2d_backward_input(&half, &w, down, &mut dx));
+    let down_backward = time(&mut || backend.conv2d_backward_input(&half, &w, down, &mut dx, Add));
     println!(
         "downsample 3x3 stride 2 128->128 32x32: forward {down_forward:.2} ms, backward-input {down_backward:.2} ms"
     );

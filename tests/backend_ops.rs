@@ -14,6 +14,7 @@ use std::sync::Arc;
 use purifier::backend::cpu::{CpuBackend, CpuTensor};
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
+use purifier::backend::GradientStore::{self, Add, Write};
 use purifier::backend::{
     step_table_u64, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepColumn, StepSource, TensorShape,
     STEP_COLUMNS,
@@ -271,10 +272,12 @@ fn channel_and_layout_ops<B: Backend>(b: &B, dtype: Precision) {
     h.cpu.upsample_nearest2x(&xr, &mut up_r);
     h.check("upsample_nearest2x", &up, &up_r);
     let (dup, dup_r) = h.input_f32(&[n, c, 2 * hh, 2 * w]);
-    let (mut dux, mut dux_r) = h.input_f32(&[n, c, hh, w]);
-    b.upsample_nearest2x_backward(&dup, &mut dux);
-    h.cpu.upsample_nearest2x_backward(&dup_r, &mut dux_r);
-    h.check("upsample_nearest2x_backward", &dux, &dux_r);
+    for store in [Add, Write] {
+        let (mut dux, mut dux_r) = gradient(&mut h, &[n, c, hh, w], Precision::F32, store);
+        b.upsample_nearest2x_backward(&dup, &mut dux, store);
+        h.cpu.upsample_nearest2x_backward(&dup_r, &mut dux_r, store);
+        h.check(&format!("upsample_nearest2x_backward ({store:?})"), &dux, &dux_r);
+    }
 
     let (skip, skip_r) = h.input(&[n, 4, hh, w]);
     let (mut cat, mut cat_r) = h.output(&[n, c + 4, hh, w]);
@@ -282,12 +285,15 @@ fn channel_and_layout_ops<B: Backend>(b: &B, dtype: Precision) {
     h.cpu.concat_channels(&xr, &skip_r, &mut cat_r);
     h.check("concat_channels", &cat, &cat_r);
     let (dcat, dcat_r) = h.input_f32(&[n, c + 4, hh, w]);
-    let (mut da, mut da_r) = h.input_f32(&[n, c, hh, w]);
-    let (mut db, mut db_r) = h.input_f32(&[n, 4, hh, w]);
-    b.concat_channels_backward(&dcat, &mut da, &mut db);
-    h.cpu.concat_channels_backward(&dcat_r, &mut da_r, &mut db_r);
-    h.check("concat_channels_backward a", &da, &da_r);
-    h.check("concat_channels_backward b", &db, &db_r);
+    // Each side as the UNet meets them: either may be the first gradient to reach its tensor.
+    for stores in [[Add, Add], [Write, Add], [Add, Write], [Write, Write]] {
+        let (mut da, mut da_r) = gradient(&mut h, &[n, c, hh, w], Precision::F32, stores[0]);
+        let (mut db, mut db_r) = gradient(&mut h, &[n, 4, hh, w], Precision::F32, stores[1]);
+        b.concat_channels_backward(&dcat, &mut da, &mut db, stores);
+        h.cpu.concat_channels_backward(&dcat_r, &mut da_r, &mut db_r, stores);
+        h.check(&format!("concat_channels_backward a ({stores:?})"), &da, &da_r);
+        h.check(&format!("concat_channels_backward b ({stores:?})"), &db, &db_r);
+    }
 }
 test_device!(channel_and_layout, channel_and_layout_ops, ALL_DTYPES);
 
@@ -322,6 +328,21 @@ fn embedding_and_linear<B: Backend>(b: &B, dtype: Precision) {
     }
 }
 test_device!(embedding_linear, embedding_and_linear, ALL_DTYPES);
+
+/// An input gradient for a backward op's `store`: random values to accumulate into (`Add`: an
+/// element the op leaves alone is off by its whole gradient), or an output NaN-poisoned on the
+/// backend under test (`Write`: the op must never read it and must write every element).
+fn gradient<B: Backend>(
+    h: &mut Harness<'_, B>,
+    shape: &[usize],
+    dtype: Precision,
+    store: GradientStore,
+) -> (B::Tensor, CpuTensor) {
+    match store {
+        Add => h.input_as(shape, dtype, 0.25),
+        Write => h.output_as(shape, dtype),
+    }
+}
 
 fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm");
@@ -384,10 +405,12 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
             // Gradients are f32 in the plans; one case also stores them in the activation type.
             let grad_dtype = if c == 12 { dtype } else { Precision::F32 };
             let (dout, dout_r) = h.input_as(&shape, grad_dtype, 1.0);
-            let (mut dx, mut dx_r) = h.input_as(&shape, grad_dtype, 0.25);
-            b.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, &dout, &mut dx);
-            h.cpu.group_norm_backward(&xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, &mut dx_r);
-            h.check(&format!("{what}: dx accumulated"), &dx, &dx_r);
+            for store in [Add, Write] {
+                let (mut dx, mut dx_r) = gradient(&mut h, &shape, grad_dtype, store);
+                b.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, &dout, &mut dx, store);
+                h.cpu.group_norm_backward(&xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, &mut dx_r, store);
+                h.check(&format!("{what}: dx ({store:?})"), &dx, &dx_r);
+            }
         }
     }
 }
@@ -431,9 +454,8 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
 }
 test_device!(conv2d, conv2d_op, ALL_DTYPES);
 
-/// dx += the transposed convolution of dout, for the geometries of the UNet and the classifiers;
-/// dx starts from random values so the accumulation is checked too (and an element left alone is
-/// off by its whole gradient: this op adds, so a NaN-poisoned dx would stay NaN). Gradients are f32
+/// dx = (and +=) the transposed convolution of dout, for the geometries of the UNet and the
+/// classifiers (`gradient` says how dx starts for each store). Gradients are f32
 /// in the plans whatever the weights' type (the tensor-core kernel for 16-bit weights); every case
 /// also runs with dout and dx in the weights' type.
 fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
@@ -454,10 +476,12 @@ fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
             let (oh, ow) = geometry.output_size(size, size, k, k);
             let (dout, dout_r) = h.input_as(&[n, co, oh, ow], grad_dtype, 1.0);
             let (w, wr) = h.input_as(&[co, ci, k, k], dtype, 0.3);
-            let (mut dx, mut dx_r) = h.input_as(&[n, ci, size, size], grad_dtype, 1.0);
-            b.conv2d_backward_input(&dout, &w, geometry, &mut dx);
-            h.cpu.conv2d_backward_input(&dout_r, &wr, geometry, &mut dx_r);
-            h.check(&format!("conv2d_backward_input {name} ({grad_dtype} gradients)"), &dx, &dx_r);
+            for store in [Add, Write] {
+                let (mut dx, mut dx_r) = gradient(&mut h, &[n, ci, size, size], grad_dtype, store);
+                b.conv2d_backward_input(&dout, &w, geometry, &mut dx, store);
+                h.cpu.conv2d_backward_input(&dout_r, &wr, geometry, &mut dx_r, store);
+                h.check(&format!("conv2d_backward_input {name} ({grad_dtype} gradients, {store:?})"), &dx, &dx_r);
+            }
         }
     }
 }
@@ -496,27 +520,31 @@ fn attention_backward_op<B: Backend>(b: &B, dtype: Precision) {
         // Gradients are f32 in the plans; one case also stores them in the activation type.
         let grad_dtype = if c == 40 { dtype } else { Precision::F32 };
         let (dout, dout_r) = h.input_as(&shape, grad_dtype, 1.0);
-        let (mut dq, mut dq_r) = h.input_as(&shape, grad_dtype, 0.01);
-        let (mut dk, mut dk_r) = h.input_as(&shape, grad_dtype, 0.01);
-        let (mut dv, mut dv_r) = h.input_as(&shape, grad_dtype, 0.01);
-        let (mut row_terms, mut row_terms_r) = (b.zeros(&[n, hh * w]).unwrap(), h.cpu.zeros(&[n, hh * w]).unwrap());
-        b.attention_backward(&q, &k, &v, &out, &lse, &dout, &mut row_terms, &mut dq, &mut dk, &mut dv);
-        h.cpu.attention_backward(
-            &qr,
-            &kr,
-            &vr,
-            &out_r,
-            &lse_r,
-            &dout_r,
-            &mut row_terms_r,
-            &mut dq_r,
-            &mut dk_r,
-            &mut dv_r,
-        );
-        let what = format!("attention_backward {n}x{c}x{hh}x{w}");
-        h.check(&format!("{what}: dq accumulated"), &dq, &dq_r);
-        h.check(&format!("{what}: dk accumulated"), &dk, &dk_r);
-        h.check(&format!("{what}: dv accumulated"), &dv, &dv_r);
+        for store in [Add, Write] {
+            let (mut dq, mut dq_r) = gradient(&mut h, &shape, grad_dtype, store);
+            let (mut dk, mut dk_r) = gradient(&mut h, &shape, grad_dtype, store);
+            let (mut dv, mut dv_r) = gradient(&mut h, &shape, grad_dtype, store);
+            let (mut row_terms, mut row_terms_r) = h.output_as(&[n, hh * w], Precision::F32);
+            b.attention_backward(&q, &k, &v, &out, &lse, &dout, &mut row_terms, &mut dq, &mut dk, &mut dv, store);
+            let grads_r = (&mut dq_r, &mut dk_r, &mut dv_r);
+            h.cpu.attention_backward(
+                &qr,
+                &kr,
+                &vr,
+                &out_r,
+                &lse_r,
+                &dout_r,
+                &mut row_terms_r,
+                grads_r.0,
+                grads_r.1,
+                grads_r.2,
+                store,
+            );
+            let what = format!("attention_backward {n}x{c}x{hh}x{w} ({store:?})");
+            h.check(&format!("{what}: dq"), &dq, &dq_r);
+            h.check(&format!("{what}: dk"), &dk, &dk_r);
+            h.check(&format!("{what}: dv"), &dv, &dv_r);
+        }
     }
 }
 test_device!(attention_backward, attention_backward_op, ALL_DTYPES);
@@ -709,17 +737,17 @@ fn emulator_backward_ops_report_bad_shapes() {
     let beta = b.zeros(&[4]).unwrap();
     let wrong_stats = b.zeros(&[2, 4, 2]).unwrap();
     let mut dx = b.upload(&[0.25; 2 * 4 * 3 * 3], &[2, 4, 3, 3]).unwrap();
-    b.group_norm_backward(&x, &gamma, &beta, &wrong_stats, 2, true, &x, &mut dx);
+    b.group_norm_backward(&x, &gamma, &beta, &wrong_stats, 2, true, &x, &mut dx, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("group_norm_backward: stats") && err.contains("[2, 2, 2]"), "{err}");
     let wrong_lse = b.zeros(&[2, 8]).unwrap();
     let (mut dq, mut dk) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 3, 3]).unwrap());
     let (mut row_terms, mut wrong_row_terms) = (b.zeros(&[2, 9]).unwrap(), b.zeros(&[2, 8]).unwrap());
-    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dx);
+    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dx, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: logsumexp") && err.contains("[2, 9]"), "{err}");
     let lse = b.zeros(&[2, 9]).unwrap();
-    b.attention_backward(&x, &x, &x, &x, &lse, &x, &mut wrong_row_terms, &mut dq, &mut dk, &mut dx);
+    b.attention_backward(&x, &x, &x, &x, &lse, &x, &mut wrong_row_terms, &mut dq, &mut dk, &mut dx, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: row_terms") && err.contains("[2, 9]"), "{err}");
     assert_eq!(b.download(&dx).unwrap(), vec![0.25; 2 * 4 * 3 * 3], "nothing written on an error");

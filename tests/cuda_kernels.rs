@@ -25,7 +25,7 @@ use purifier::backend::cuda::attention::{
 };
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision};
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
 
@@ -616,6 +616,7 @@ fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
         dout: 0x1000,
         weight: 0x2000,
         dx: 0x3000,
+        accumulate: true,
     };
     let tc = Conv2dVersion::TensorCore;
     assert_eq!(conv::backward_input_kernel_for(&ok, tc).unwrap(), "conv2d_backward_input_mma_f32_bf16");
@@ -683,6 +684,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         dk_dtype: Precision::F32,
         dv: 0x9000,
         dv_dtype: Precision::F32,
+        accumulate: true,
     };
     assert_eq!(
         attention::backward_kernels_for(&backward).unwrap(),
@@ -842,6 +844,7 @@ fn check_conv_backward_input(
         dout: 0,
         weight: 0,
         dx: 0,
+        accumulate: true,
     };
     let (oh, ow) = launch.output_size();
     let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dout_dtype);
@@ -879,7 +882,7 @@ fn check_conv_backward_input(
     let dout_t = cpu.upload(&to_nchw(&dout_host, co, oh * ow), &[n, co, oh, ow]).unwrap();
     let w_t = cpu.upload(&w_oihw, &[co, ci, k, k]).unwrap();
     let mut dx_t = cpu.upload(&to_nchw(&dx_host, ci, h * w), &[n, ci, h, w]).unwrap();
-    cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t);
+    cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t, GradientStore::Add);
     let mut reference = cpu.download(&dx_t).unwrap();
     if dx_dtype != Precision::F32 {
         reference = encode(&reference, dx_dtype).0;
@@ -1018,6 +1021,7 @@ fn check_attention_backward(
         dk_dtype: grad_dtype,
         dv,
         dv_dtype: grad_dtype,
+        accumulate: true,
     };
     let names = attention::backward_kernels_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
     attention::launch_attention_backward_mma(driver, kernels, &launch).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -1026,7 +1030,20 @@ fn check_attention_backward(
     let dout_t = up(&dout_host);
     let (mut dq_t, mut dk_t, mut dv_t) = (up(&dq_host), up(&dk_host), up(&dv_host));
     let mut row_terms_t = cpu.zeros(&[batch, positions]).unwrap();
-    cpu.attention_backward(&qt, &kt, &vt, &out_t, &lse_t, &dout_t, &mut row_terms_t, &mut dq_t, &mut dk_t, &mut dv_t);
+    let add = GradientStore::Add;
+    cpu.attention_backward(
+        &qt,
+        &kt,
+        &vt,
+        &out_t,
+        &lse_t,
+        &dout_t,
+        &mut row_terms_t,
+        &mut dq_t,
+        &mut dk_t,
+        &mut dv_t,
+        add,
+    );
     let errors = [(dq, &dq_t), (dk, &dk_t), (dv, &dv_t)].map(|(ptr, reference)| {
         let mut want = cpu.download(reference).unwrap();
         if grad_dtype != Precision::F32 {

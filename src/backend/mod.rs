@@ -8,8 +8,10 @@
 //!   never allocating per call;
 //! - ops are coarse enough to be single fused kernels: GroupNorm+SiLU, a convolution with its bias,
 //!   per-sample channel bias (the time embedding), residual and ReLU epilogue, a whole attention;
-//! - every backward op *accumulates* into its input-gradient buffers (`dx += ...`), so gradients that
-//!   meet at a skip connection add up without extra buffers; callers zero gradients once with `fill`.
+//! - the UNet's backward ops write their input gradients or accumulate into them (`GradientStore`):
+//!   the first gradient to reach a tensor writes it (no zeroing pass), the others add to it where
+//!   gradients meet (skip connections, residuals); the classifiers' backward ops accumulate into
+//!   gradients their callers zero once with `fill`.
 //!
 //! - each tensor knows its storage type (`TensorShape::dtype`): f32, f16 or bf16, chosen per tensor
 //!   by the plan (activations in `Backend::precision`; x_t, noise, gradients, norm statistics and
@@ -273,6 +275,22 @@ pub fn range<'a, B: Backend + ?Sized>(b: &'a B, name: &str) -> Range<'a, B> {
     Range(b)
 }
 
+/// How a backward op stores into an input-gradient buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradientStore {
+    /// Overwrite it: the first gradient to reach the tensor. Its old contents are never read, so
+    /// the buffer needs no zeroing.
+    Write,
+    /// Accumulate (`dx += ...`): where a gradient meets another already stored.
+    Add,
+}
+
+impl GradientStore {
+    pub fn accumulates(self) -> bool {
+        self == GradientStore::Add
+    }
+}
+
 /// The compute interface. All tensors are `Self::Tensor`. Scalars that change from one reverse
 /// step to the next come from a step table in the backend (`StepSource`), so that a step's
 /// launches are the same at every step; scalars fixed for a run (the guidance's lambdas, kappa,
@@ -393,7 +411,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
         stats: &mut Self::Tensor,
     );
-    /// dx += d/dx of `group_norm`, from the forward's input (as one tensor) and saved stats.
+    /// dx = (or += with `GradientStore::Add`) d/dx of `group_norm`, from the forward's input (as one
+    /// tensor) and saved stats.
     #[allow(clippy::too_many_arguments)]
     fn group_norm_backward(
         &self,
@@ -405,6 +424,7 @@ pub trait Backend {
         silu: bool,
         dout: &Self::Tensor,
         dx: &mut Self::Tensor,
+        store: GradientStore,
     );
 
     /// 2-D convolution of x (N x Ci x H x W as `LayerInput` reads it: a two-source concat and/or
@@ -427,6 +447,7 @@ pub trait Backend {
         w: &Self::Tensor,
         geometry: Conv2dGeometry,
         dx: &mut Self::Tensor,
+        store: GradientStore,
     );
 
     /// Single-head softmax attention over the H*W positions of q, k, v (N x C x H x W):
@@ -440,7 +461,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
         logsumexp: &mut Self::Tensor,
     );
-    /// dq, dk, dv += the attention's vector-Jacobian product. `row_terms` is scratch the plan
+    /// dq, dk, dv = (or += with `GradientStore::Add`) the attention's vector-Jacobian product.
+    /// `row_terms` is scratch the plan
     /// provides, N x HW f32 like the log-sum-exp (a GPU keeps each query's D_i = dout_i . out_i
     /// there); its contents afterwards are unspecified.
     #[allow(clippy::too_many_arguments)]
@@ -456,16 +478,24 @@ pub trait Backend {
         dq: &mut Self::Tensor,
         dk: &mut Self::Tensor,
         dv: &mut Self::Tensor,
+        store: GradientStore,
     );
 
     /// Nearest-neighbour upsampling by 2 in H and W.
     fn upsample_nearest2x(&self, x: &Self::Tensor, out: &mut Self::Tensor);
-    fn upsample_nearest2x_backward(&self, dout: &Self::Tensor, dx: &mut Self::Tensor);
+    /// dx = (or +=) the sum of each element's four copies' gradients.
+    fn upsample_nearest2x_backward(&self, dout: &Self::Tensor, dx: &mut Self::Tensor, store: GradientStore);
 
     /// out = concat(a, b) along channels.
     fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor, out: &mut Self::Tensor);
-    /// da += dout[:, :Ca], db += dout[:, Ca:].
-    fn concat_channels_backward(&self, dout: &Self::Tensor, da: &mut Self::Tensor, db: &mut Self::Tensor);
+    /// da = dout[:, :Ca], db = dout[:, Ca:] (or +=, each as its `GradientStore` says).
+    fn concat_channels_backward(
+        &self,
+        dout: &Self::Tensor,
+        da: &mut Self::Tensor,
+        db: &mut Self::Tensor,
+        store: [GradientStore; 2],
+    );
 
     /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation, a
     /// BatchNorm at inference); `scale` and `shift` are f32 tensors of C values, uploaded once.

@@ -10,8 +10,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use super::{
-    Backend, Conv2dGeometry, ConvEpilogue, LayerInput, NoGraph, Precision, StepColumn, StepSource, TensorShape,
-    Timestamp,
+    Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, NoGraph, Precision, StepColumn, StepSource,
+    TensorShape, Timestamp,
 };
 use crate::error::Result;
 
@@ -60,6 +60,15 @@ impl OpTimes {
     }
     pub fn total_seconds(&self) -> f64 {
         self.ops.values().map(|s| s.seconds).sum()
+    }
+}
+
+/// Bytes of an input gradient's traffic: written once, and read too where it accumulates.
+fn gradient_bytes<T: TensorShape>(tensors: &[&T], store: GradientStore) -> f64 {
+    if store.accumulates() {
+        2.0 * bytes(tensors)
+    } else {
+        bytes(tensors)
     }
 }
 
@@ -283,12 +292,13 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         silu: bool,
         dout: &B::Tensor,
         dx: &mut B::Tensor,
+        store: GradientStore,
     ) {
         self.counted_as(
             "group_norm_backward",
             Some(channels_at(x)),
-            Cost::memory(bytes(&[x, gamma, beta, stats, dout]) + 2.0 * bytes(&[&*dx])),
-            || self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx),
+            Cost::memory(bytes(&[x, gamma, beta, stats, dout]) + gradient_bytes(&[&*dx], store)),
+            || self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx, store),
         )
     }
     fn conv2d(
@@ -316,12 +326,19 @@ impl<B: Backend> Backend for Profiled<'_, B> {
             || self.inner.conv2d(x, w, bias, geometry, epilogue, out),
         )
     }
-    fn conv2d_backward_input(&self, dout: &B::Tensor, w: &B::Tensor, geometry: Conv2dGeometry, dx: &mut B::Tensor) {
+    fn conv2d_backward_input(
+        &self,
+        dout: &B::Tensor,
+        w: &B::Tensor,
+        geometry: Conv2dGeometry,
+        dx: &mut B::Tensor,
+        store: GradientStore,
+    ) {
         self.counted_as(
             "conv2d_backward_input",
             Some(conv_shape(w, geometry, &*dx)),
-            Cost { flops: conv_flops(dout.numel(), w), bytes: bytes(&[dout, w]) + 2.0 * bytes(&[&*dx]) },
-            || self.inner.conv2d_backward_input(dout, w, geometry, dx),
+            Cost { flops: conv_flops(dout.numel(), w), bytes: bytes(&[dout, w]) + gradient_bytes(&[&*dx], store) },
+            || self.inner.conv2d_backward_input(dout, w, geometry, dx, store),
         )
     }
     fn attention(&self, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor, out: &mut B::Tensor, logsumexp: &mut B::Tensor) {
@@ -344,32 +361,37 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         dq: &mut B::Tensor,
         dk: &mut B::Tensor,
         dv: &mut B::Tensor,
+        store: GradientStore,
     ) {
         self.counted_as(
             "attention_backward",
             Some(channels_at(q)),
             Cost {
                 flops: 2.5 * attention_flops(q),
-                bytes: bytes(&[q, k, v, out, logsumexp, dout]) + 2.0 * bytes(&[&*dq, &*dk, &*dv]),
+                bytes: bytes(&[q, k, v, out, logsumexp, dout]) + gradient_bytes(&[&*dq, &*dk, &*dv], store),
             },
-            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, row_terms, dq, dk, dv),
+            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, row_terms, dq, dk, dv, store),
         )
     }
     fn upsample_nearest2x(&self, x: &B::Tensor, out: &mut B::Tensor) {
         self.counted("upsample_nearest2x", Cost::memory(bytes(&[x, &*out])), || self.inner.upsample_nearest2x(x, out))
     }
-    fn upsample_nearest2x_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor) {
-        self.counted("upsample_nearest2x_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*dx])), || {
-            self.inner.upsample_nearest2x_backward(dout, dx)
-        })
+    fn upsample_nearest2x_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor, store: GradientStore) {
+        let cost = Cost::memory(bytes(&[dout]) + gradient_bytes(&[&*dx], store));
+        self.counted("upsample_nearest2x_backward", cost, || self.inner.upsample_nearest2x_backward(dout, dx, store))
     }
     fn concat_channels(&self, a: &B::Tensor, b: &B::Tensor, out: &mut B::Tensor) {
         self.counted("concat_channels", Cost::memory(bytes(&[a, b, &*out])), || self.inner.concat_channels(a, b, out))
     }
-    fn concat_channels_backward(&self, dout: &B::Tensor, da: &mut B::Tensor, db: &mut B::Tensor) {
-        self.counted("concat_channels_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*da, &*db])), || {
-            self.inner.concat_channels_backward(dout, da, db)
-        })
+    fn concat_channels_backward(
+        &self,
+        dout: &B::Tensor,
+        da: &mut B::Tensor,
+        db: &mut B::Tensor,
+        store: [GradientStore; 2],
+    ) {
+        let cost = Cost::memory(bytes(&[dout]) + gradient_bytes(&[&*da], store[0]) + gradient_bytes(&[&*db], store[1]));
+        self.counted("concat_channels_backward", cost, || self.inner.concat_channels_backward(dout, da, db, store))
     }
     fn channel_affine(&self, x: &B::Tensor, scale: &B::Tensor, shift: &B::Tensor, out: &mut B::Tensor) {
         self.counted("channel_affine", Cost::memory(bytes(&[x, scale, shift, &*out])), || {

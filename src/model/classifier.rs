@@ -8,7 +8,7 @@
 //! conv); where it comes first (the WideResNet's pre-activation) it stays a channel affine.
 //! The classifier takes images in the engine's range [-1, 1] and applies the input
 //! normalisation of the published weights itself.
-use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, TensorShape};
+use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::params::{FileParams, Linear, ParamSource};
@@ -113,7 +113,8 @@ impl<B: Backend> Conv<B> {
     }
 
     fn backward_input(&self, b: &B, dout: &B::Tensor, dx: &mut B::Tensor) {
-        b.conv2d_backward_input(dout, &self.weight, self.geometry, dx);
+        // The classifiers' gradients are zeroed by their callers, then accumulated.
+        b.conv2d_backward_input(dout, &self.weight, self.geometry, dx, GradientStore::Add);
     }
 }
 

@@ -4,7 +4,7 @@
 //! The network is a flat list of nodes in execution order, each reading earlier activations and
 //! writing one new one, so the forward is a loop over the list and the backward the same loop
 //! reversed. All buffers live in a `UnetPlan` made once per batch size.
-use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, TensorShape};
+use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::config::UnetConfig;
@@ -444,19 +444,19 @@ impl<B: Backend> Unet<B> {
                 plan.eps().shape()
             )));
         }
-        // Every backward op accumulates, so all gradients start at zero.
-        for g in plan.gradients.iter_mut() {
-            b.fill(g, 0.0);
-        }
-        for (_, grads) in plan.saved.iter_mut() {
-            for g in grads.0.iter_mut() {
-                b.fill(g, 0.0);
-            }
-        }
+        // No zeroing pass: the first backward op to reach a gradient writes it, the others add to it
+        // (`GradientStore`). Every intermediate buffer of a node is written before it is read.
+        let mut reached = Reached(vec![false; plan.gradients.len()]);
         b.copy(v, plan.gradients.last_mut().unwrap());
+        reached.store_into(plan.gradients.len() - 1);
         let _range = range(b, "unet input_vjp");
         for (i, node) in self.nodes.iter().enumerate().rev() {
             let _layer = range(b, node.layer.name());
+            // Every activation is some node's input, and its consumers come later: all have run.
+            if !reached.0[i + 1] {
+                return Err(Error::invalid(format!("unet input_vjp: node {i}'s output gradient was never computed")));
+            }
+            let mut store_into = |i| reached.store_into(i);
             let (dinputs, rest) = plan.gradients.split_at_mut(i + 1);
             let dout = &rest[0];
             let x = &plan.activations[node.inputs[0]];
@@ -467,29 +467,33 @@ impl<B: Backend> Unet<B> {
             }
             let (saved, dsaved) = &mut plan.saved[i];
             let (saved, dsaved) = (&saved.0, &mut dsaved.0);
+            let input = node.inputs[0];
             match &node.layer {
                 Layer::ConvIn(conv) | Layer::Downsample(conv) => {
-                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dinputs[node.inputs[0]])
+                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dinputs[input], store_into(input))
                 }
                 Layer::Upsample(conv) => {
-                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0]);
-                    b.upsample_nearest2x_backward(&dsaved[0], &mut dinputs[node.inputs[0]]);
+                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0], GradientStore::Write);
+                    b.upsample_nearest2x_backward(&dsaved[0], &mut dinputs[input], store_into(input));
                 }
                 Layer::Resnet(block) => {
                     if let Some(&skip) = node.inputs.get(1) {
                         let (dconcat, drest) = dsaved.split_first_mut().unwrap();
-                        resnet_backward(b, block, &saved[0], &saved[1..], dout, drest, dconcat);
-                        let (dh, dskip) = two_mut(dinputs, node.inputs[0], skip);
-                        b.concat_channels_backward(dconcat, dh, dskip);
+                        resnet_backward(b, block, &saved[0], &saved[1..], dout, drest, dconcat, GradientStore::Write);
+                        let stores = [store_into(input), store_into(skip)];
+                        let (dh, dskip) = two_mut(dinputs, input, skip);
+                        b.concat_channels_backward(dconcat, dh, dskip, stores);
                     } else {
-                        resnet_backward(b, block, x, saved, dout, dsaved, &mut dinputs[node.inputs[0]]);
+                        let store = store_into(input);
+                        resnet_backward(b, block, x, saved, dout, dsaved, &mut dinputs[input], store);
                     }
                 }
                 Layer::Attn(block) => {
-                    attn_backward(b, block, x, out, saved, dout, dsaved, &mut dinputs[node.inputs[0]])
+                    let store = store_into(input);
+                    attn_backward(b, block, x, out, saved, dout, dsaved, &mut dinputs[input], store)
                 }
                 Layer::Out { norm, conv } => {
-                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0]);
+                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0], GradientStore::Write);
                     b.group_norm_backward(
                         x,
                         &norm.gamma,
@@ -498,7 +502,8 @@ impl<B: Backend> Unet<B> {
                         norm.groups,
                         true,
                         &dsaved[0],
-                        &mut dinputs[node.inputs[0]],
+                        &mut dinputs[input],
+                        store_into(input),
                     );
                 }
             }
@@ -554,6 +559,18 @@ impl<B: Backend> Default for NodeBuffers<B> {
 impl<B: Backend> NodeBuffers<B> {
     fn push(&mut self, t: B::Tensor) {
         self.0.push(t)
+    }
+}
+
+/// Which activation gradients hold a value during a backward pass.
+struct Reached(Vec<bool>);
+
+impl Reached {
+    /// How the next gradient to reach activation `i` is stored: written the first time, added after.
+    fn store_into(&mut self, i: usize) -> GradientStore {
+        let store = if self.0[i] { GradientStore::Add } else { GradientStore::Write };
+        self.0[i] = true;
+        store
     }
 }
 
@@ -619,6 +636,8 @@ fn resnet_forward<B: Backend>(
     conv_forward(b, &block.conv2, LayerInput::one(n2), epilogue, out);
 }
 
+/// dx gets the block's input gradient as `dx_store` says; the block's own buffers are written.
+#[allow(clippy::too_many_arguments)]
 fn resnet_backward<B: Backend>(
     b: &B,
     block: &ResnetBlock<B>,
@@ -627,15 +646,19 @@ fn resnet_backward<B: Backend>(
     dout: &B::Tensor,
     dsaved: &mut [B::Tensor],
     dx: &mut B::Tensor,
+    dx_store: GradientStore,
 ) {
+    use GradientStore::{Add, Write};
     let [_, stats1, _, h1, _, stats2, ..] = saved else { unreachable!() };
     let [dn1, _, _, dh1, dn2, ..] = dsaved else { unreachable!() };
-    b.conv2d_backward_input(dout, &block.conv2.weight, block.conv2.geometry, dn2);
-    b.group_norm_backward(h1, &block.norm2.gamma, &block.norm2.beta, stats2, block.norm2.groups, true, dn2, dh1);
-    b.conv2d_backward_input(dh1, &block.conv1.weight, block.conv1.geometry, dn1);
-    b.group_norm_backward(x, &block.norm1.gamma, &block.norm1.beta, stats1, block.norm1.groups, true, dn1, dx);
+    b.conv2d_backward_input(dout, &block.conv2.weight, block.conv2.geometry, dn2, Write);
+    b.group_norm_backward(h1, &block.norm2.gamma, &block.norm2.beta, stats2, block.norm2.groups, true, dn2, dh1, Write);
+    b.conv2d_backward_input(dh1, &block.conv1.weight, block.conv1.geometry, dn1, Write);
+    let norm1 = &block.norm1;
+    b.group_norm_backward(x, &norm1.gamma, &norm1.beta, stats1, norm1.groups, true, dn1, dx, dx_store);
+    // The shortcut's gradient meets the main path's.
     match &block.nin_shortcut {
-        Some(nin) => b.conv2d_backward_input(dout, &nin.weight, nin.geometry, dx),
+        Some(nin) => b.conv2d_backward_input(dout, &nin.weight, nin.geometry, dx, Add),
         None => b.add_assign(dx, dout),
     }
 }
@@ -653,6 +676,7 @@ fn attn_forward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, saved: &
     conv_forward(b, &block.proj_out, LayerInput::one(a), epilogue, out);
 }
 
+/// dx gets the block's input gradient as `dx_store` says; the block's own buffers are written.
 #[allow(clippy::too_many_arguments)]
 fn attn_backward<B: Backend>(
     b: &B,
@@ -663,15 +687,21 @@ fn attn_backward<B: Backend>(
     dout: &B::Tensor,
     dsaved: &mut [B::Tensor],
     dx: &mut B::Tensor,
+    dx_store: GradientStore,
 ) {
+    use GradientStore::{Add, Write};
     let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
     // The log-sum-exp's gradient slot (N x HW f32, otherwise unused) is the backward's scratch.
     let [dn, dq, dk, dv, da, _, row_terms] = dsaved else { unreachable!() };
-    b.add_assign(dx, dout);
-    b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da);
-    b.attention_backward(q, k, v, a, lse, da, row_terms, dq, dk, dv);
-    b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn);
-    b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn);
-    b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn);
-    b.group_norm_backward(x, &block.norm.gamma, &block.norm.beta, stats, block.norm.groups, false, dn, dx);
+    // The residual: dout reaches x unchanged.
+    match dx_store {
+        Write => b.copy(dout, dx),
+        Add => b.add_assign(dx, dout),
+    }
+    b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da, Write);
+    b.attention_backward(q, k, v, a, lse, da, row_terms, dq, dk, dv, Write);
+    b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn, Write);
+    b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn, Add);
+    b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn, Add);
+    b.group_norm_backward(x, &block.norm.gamma, &block.norm.beta, stats, block.norm.groups, false, dn, dx, Add);
 }

@@ -72,6 +72,15 @@ fn dims<const R: usize>(t: &CpuTensor, what: &str) -> [usize; R] {
     t.shape[..].try_into().unwrap_or_else(|_| panic!("{what}: expected a {R}-D tensor, got shape {:?}", t.shape))
 }
 
+/// The reference accumulates into every gradient; a `GradientStore::Write` zeroes it first.
+fn clear_for(gradient: GradientStore, tensors: &mut [&mut CpuTensor]) {
+    if gradient == GradientStore::Write {
+        for t in tensors.iter_mut() {
+            t.data.fill(0.0);
+        }
+    }
+}
+
 fn expect_shape(t: &CpuTensor, expected: &[usize], what: &str) {
     assert!(t.shape == expected, "{what}: shape {:?}, expected {expected:?}", t.shape);
     assert_eq!(t.data.len(), t.shape.iter().product::<usize>(), "{what}: data does not fill shape {:?}", t.shape);
@@ -297,11 +306,13 @@ impl Backend for CpuBackend {
         silu: bool,
         dout: &CpuTensor,
         dx: &mut CpuTensor,
+        gradient: GradientStore,
     ) {
         let shape = group_norm_shape(x, gamma, beta, groups, "group_norm_backward");
         expect_shape(stats, &[x.shape[0], groups, 2], "group_norm_backward: stats");
         expect_shape(dout, &x.shape, "group_norm_backward: dout");
         expect_shape(dx, &x.shape, "group_norm_backward: dx");
+        clear_for(gradient, &mut [&mut *dx]);
         norm::backward(shape, &x.data, &gamma.data, &beta.data, &stats.data, silu, &dout.data, &mut dx.data);
         store(&mut [dx]);
     }
@@ -341,12 +352,20 @@ impl Backend for CpuBackend {
         store(&mut [out]);
     }
 
-    fn conv2d_backward_input(&self, dout: &CpuTensor, w: &CpuTensor, geometry: Conv2dGeometry, dx: &mut CpuTensor) {
+    fn conv2d_backward_input(
+        &self,
+        dout: &CpuTensor,
+        w: &CpuTensor,
+        geometry: Conv2dGeometry,
+        dx: &mut CpuTensor,
+        gradient: GradientStore,
+    ) {
         dims::<4>(dx, "conv2d_backward_input: dx");
         dims::<4>(w, "conv2d_backward_input: w");
         let layout = conv::ConvLayout::new(&dx.shape, &w.shape, geometry);
         let expected = [layout.batch, layout.out_channels, layout.out_height, layout.out_width];
         expect_shape(dout, &expected, "conv2d_backward_input: dout");
+        clear_for(gradient, &mut [&mut *dx]);
         conv::backward_input(&layout, &dout.data, &w.data, &mut dx.data);
         store(&mut [dx]);
     }
@@ -373,6 +392,7 @@ impl Backend for CpuBackend {
         dq: &mut CpuTensor,
         dk: &mut CpuTensor,
         dv: &mut CpuTensor,
+        gradient: GradientStore,
     ) {
         let [n, c, h, w] = dims(q, "attention_backward: q");
         // The reference keeps its D_i per query on the stack; the scratch is checked, not used.
@@ -389,6 +409,7 @@ impl Backend for CpuBackend {
             expect_shape(t, &q.shape, what);
         }
         expect_shape(logsumexp, &[n, h * w], "attention_backward: logsumexp");
+        clear_for(gradient, &mut [&mut *dq, &mut *dk, &mut *dv]);
         attention::backward(
             c,
             h * w,
@@ -412,9 +433,10 @@ impl Backend for CpuBackend {
         store(&mut [out]);
     }
 
-    fn upsample_nearest2x_backward(&self, dout: &CpuTensor, dx: &mut CpuTensor) {
+    fn upsample_nearest2x_backward(&self, dout: &CpuTensor, dx: &mut CpuTensor, gradient: GradientStore) {
         let [n, c, h, w] = dims(dx, "upsample_nearest2x_backward: dx");
         expect_shape(dout, &[n, c, 2 * h, 2 * w], "upsample_nearest2x_backward: dout");
+        clear_for(gradient, &mut [&mut *dx]);
         elementwise::upsample_nearest2x_backward(&dout.data, w, &mut dx.data);
         store(&mut [dx]);
     }
@@ -431,8 +453,16 @@ impl Backend for CpuBackend {
         store(&mut [out]);
     }
 
-    fn concat_channels_backward(&self, dout: &CpuTensor, da: &mut CpuTensor, db: &mut CpuTensor) {
+    fn concat_channels_backward(
+        &self,
+        dout: &CpuTensor,
+        da: &mut CpuTensor,
+        db: &mut CpuTensor,
+        gradient: [GradientStore; 2],
+    ) {
         let (a_len, b_len) = concat_shapes(da, db, dout, "concat_channels_backward");
+        clear_for(gradient[0], &mut [&mut *da]);
+        clear_for(gradient[1], &mut [&mut *db]);
         da.data
             .par_chunks_mut(a_len)
             .zip(db.data.par_chunks_mut(b_len))

@@ -248,6 +248,8 @@ pub struct AttentionBackwardLaunch {
     pub dk_dtype: Precision,
     pub dv: DevicePtr,
     pub dv_dtype: Precision,
+    /// dq, dk, dv += (true) or = (false).
+    pub accumulate: bool,
 }
 
 impl AttentionBackwardLaunch {
@@ -352,7 +354,7 @@ pub fn launch_attention_backward_mma(
             .i32(super::dtype_code(args.dout_dtype))
             .ptr(f.logsumexp)
     };
-    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale);
+    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale).i32(args.accumulate as i32);
     let dq_args = tail(inputs().ptr(args.dq).i32(super::dtype_code(args.dq_dtype)));
     driver.launch(dq_kernel, dq_config, &dq_args)?;
     let dkdv_args = tail(

@@ -323,7 +323,7 @@ pub fn kernel_for(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<String>
     Ok(plan(args, version)?.0)
 }
 
-/// The input gradient of a convolution: `dx += ` the transposed convolution of `dout` with the
+/// The input gradient of a convolution: `dx = ` (or `+=`) the transposed convolution of `dout` with the
 /// weights, dx the logical input (a concat's both parts, an upsample's full size: the caller
 /// splits and folds). dout and dx NHWC, weights `[Co][kh][kw][Ci]`. Storage types: f32 weights
 /// with f32 dout and dx (the SIMT kernel); bf16/f16 weights with dout and dx each f32 (what the
@@ -346,6 +346,8 @@ pub struct Conv2dBackwardInputLaunch {
     pub dout: DevicePtr,
     pub weight: DevicePtr,
     pub dx: DevicePtr,
+    /// dx += (true) or dx = (false).
+    pub accumulate: bool,
 }
 
 /// Tiles of the tensor-core input gradient (kernels/conv2d_mma.cu, namespace `bwd`).
@@ -452,7 +454,7 @@ fn backward_plan(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Re
     Ok((name, config))
 }
 
-/// dx += conv2d's vector-Jacobian product with respect to its input, with the fastest loaded
+/// dx = (or +=) conv2d's vector-Jacobian product with respect to its input, with the fastest loaded
 /// kernel: tensor cores for bf16/f16 weights (f32 or 16-bit dout and dx), the SIMT kernel for f32
 /// (and for one 16-bit type throughout when conv2d_mma.cu is not loaded).
 pub fn launch_conv2d_backward_input(
@@ -480,13 +482,16 @@ pub fn launch_conv2d_backward_input_version(
     let function = kernels.get(&name)?;
     let params = args.forward().params_bytes();
     let kernel_args = match version {
-        Conv2dVersion::Simt => KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&params),
+        Conv2dVersion::Simt => {
+            KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&params).i32(args.accumulate as i32)
+        }
         Conv2dVersion::TensorCore => KernelArgs::new()
             .ptr(args.dout)
             .ptr(args.weight)
             .ptr(args.dx)
             .i32(super::dtype_code(args.dx_dtype))
-            .bytes(&params),
+            .bytes(&params)
+            .i32(args.accumulate as i32),
     };
     driver.launch(function, config, &kernel_args)?;
     Ok(())

@@ -25,8 +25,8 @@ use self::modules::KernelModules;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
 pub use self::tensor::{CudaTensor, DeviceMemory};
 use super::{
-    Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepColumn, StepSource, TensorShape, Timestamp,
-    STEP_COLUMNS,
+    Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision, StepColumn, StepSource, TensorShape,
+    Timestamp, STEP_COLUMNS,
 };
 use crate::driver::{Driver, Graph, KernelArgs, LaunchConfig};
 use crate::error::{Error, Result};
@@ -655,6 +655,7 @@ impl Backend for CudaBackend {
         silu: bool,
         dout: &CudaTensor,
         dx: &mut CudaTensor,
+        store: GradientStore,
     ) {
         let Some([n, c, h, w]) = self.nchw(x, "group_norm_backward: x") else { return };
         let ok = self
@@ -699,7 +700,7 @@ impl Backend for CudaBackend {
         let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).bytes(&shape_bytes);
         let finalize_grid = LaunchConfig::linear((n * groups).div_ceil(64) as u32, 64);
         self.launch("groupnorm.cu", "groupnorm_backward_finalize", finalize_grid, finalize);
-        let apply = inputs().tensor(dx).i32(vec).bytes(&shape_bytes);
+        let apply = inputs().tensor(dx).i32(vec).i32(store.accumulates() as i32).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len() / vec as usize), apply);
     }
 
@@ -767,7 +768,14 @@ impl Backend for CudaBackend {
         self.record(result);
     }
 
-    fn conv2d_backward_input(&self, dout: &CudaTensor, w: &CudaTensor, geometry: Conv2dGeometry, dx: &mut CudaTensor) {
+    fn conv2d_backward_input(
+        &self,
+        dout: &CudaTensor,
+        w: &CudaTensor,
+        geometry: Conv2dGeometry,
+        dx: &mut CudaTensor,
+        store: GradientStore,
+    ) {
         let Some([n, ci, h, wd]) = self.nchw(dx, "conv2d_backward_input: dx") else { return };
         let Some([co, w_ci, kh, kw]) = self.nchw(w, "conv2d_backward_input: w") else { return };
         // Storage types: the launcher checks them (f32 weights: f32 throughout; 16-bit weights: dout
@@ -790,6 +798,7 @@ impl Backend for CudaBackend {
             dout: dout.ptr,
             weight: w.ptr,
             dx: dx.ptr,
+            accumulate: store.accumulates(),
         };
         let (oh, ow) = args.output_size();
         if !self.check_shape(dout, &[n, co, oh, ow], "conv2d_backward_input: dout") {
@@ -849,6 +858,7 @@ impl Backend for CudaBackend {
         dq: &mut CudaTensor,
         dk: &mut CudaTensor,
         dv: &mut CudaTensor,
+        store: GradientStore,
     ) {
         let Some([n, c, h, w]) = self.nchw(q, "attention_backward: q") else { return };
         let positions = h * w;
@@ -895,6 +905,7 @@ impl Backend for CudaBackend {
             dk_dtype: dk.dtype,
             dv: dv.ptr,
             dv_dtype: dv.dtype,
+            accumulate: store.accumulates(),
         };
         if mma.tensor_core_ok() {
             let result = self
@@ -923,9 +934,10 @@ impl Backend for CudaBackend {
                 .tensor(dout)
                 .ptr(logsumexp.ptr)
         };
-        let dq_args = inputs().tensor(dq).i32(positions as i32).i32(c as i32).f32(scale);
+        let accumulate = store.accumulates() as i32;
+        let dq_args = inputs().tensor(dq).i32(positions as i32).i32(c as i32).f32(scale).i32(accumulate);
         self.launch("attention.cu", attention::BACKWARD_KERNELS[0], config(shared_floats(3, 0)), dq_args);
-        let dkdv_args = inputs().tensor(dk).tensor(dv).i32(positions as i32).i32(c as i32).f32(scale);
+        let dkdv_args = inputs().tensor(dk).tensor(dv).i32(positions as i32).i32(c as i32).f32(scale).i32(accumulate);
         self.launch("attention.cu", attention::BACKWARD_KERNELS[1], config(shared_floats(4, 2 * TILE)), dkdv_args);
     }
 
@@ -937,11 +949,17 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn upsample_nearest2x_backward(&self, dout: &CudaTensor, dx: &mut CudaTensor) {
+    fn upsample_nearest2x_backward(&self, dout: &CudaTensor, dx: &mut CudaTensor, store: GradientStore) {
         let Some([n, c, h, w]) = self.nchw(dx, "upsample_nearest2x_backward: dx") else { return };
         if self.check_shape(dout, &[n, c, 2 * h, 2 * w], "upsample_nearest2x_backward: dout") {
-            let args =
-                KernelArgs::new().tensor(dout).tensor(dx).i32(n as i32).i32(h as i32).i32(w as i32).i32(c as i32);
+            let args = KernelArgs::new()
+                .tensor(dout)
+                .tensor(dx)
+                .i32(n as i32)
+                .i32(h as i32)
+                .i32(w as i32)
+                .i32(c as i32)
+                .i32(store.accumulates() as i32);
             self.elementwise("upsample_nearest2x_backward", dx.len(), args);
         }
     }
@@ -958,14 +976,28 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn concat_channels_backward(&self, dout: &CudaTensor, da: &mut CudaTensor, db: &mut CudaTensor) {
+    fn concat_channels_backward(
+        &self,
+        dout: &CudaTensor,
+        da: &mut CudaTensor,
+        db: &mut CudaTensor,
+        store: [GradientStore; 2],
+    ) {
         let Some([n, ca, h, w]) = self.nchw(da, "concat_channels_backward: da") else { return };
         let Some([_, cb, _, _]) = self.nchw(db, "concat_channels_backward: db") else { return };
         if self.check_shape(db, &[n, cb, h, w], "concat_channels_backward: db")
             && self.check_shape(dout, &[n, ca + cb, h, w], "concat_channels_backward: dout")
         {
             let pixels = (n * h * w) as u64;
-            let args = KernelArgs::new().tensor(dout).tensor(da).tensor(db).u64(pixels).i32(ca as i32).i32(cb as i32);
+            let args = KernelArgs::new()
+                .tensor(dout)
+                .tensor(da)
+                .tensor(db)
+                .u64(pixels)
+                .i32(ca as i32)
+                .i32(cb as i32)
+                .i32(store[0].accumulates() as i32)
+                .i32(store[1].accumulates() as i32);
             self.elementwise("concat_channels_backward", dout.len(), args);
         }
     }
