@@ -517,6 +517,7 @@ fn bench_reports_timings_as_table_and_json() {
         assert!(row.get("forward_replayed").is_none(), "{row}");
     }
     assert_eq!(report["purify_timings"].as_array().unwrap().len(), 3, "none, pixel, adversarial");
+    assert!(report["attack_gradient"]["ms"].as_f64().unwrap() > 0.0, "{}", report["attack_gradient"]);
     assert_eq!(report["unet"]["parameters"], 8_952_067);
     let ops = report["per_op_breakdown"]["ops"].as_array().unwrap();
     let share: f64 = ops.iter().map(|o| o["share"].as_f64().unwrap()).sum();

@@ -322,7 +322,8 @@ fn attack_plan_memory_is_sized_without_allocating() {
 }
 
 /// `bench` on the emulator: the UNet rows issued op by op and also recorded once and replayed (as
-/// the sampler runs its steps), the per-op breakdown and a purification, all in the JSON.
+/// the sampler runs its steps), the per-op breakdown, a purification and the attack gradient with
+/// its device memory peak, all in the JSON.
 #[test]
 fn bench_on_the_emulator_times_issued_and_replayed_passes() {
     let dir = tempfile::tempdir().unwrap();
@@ -358,4 +359,10 @@ fn bench_on_the_emulator_times_issued_and_replayed_passes() {
         assert!(median > 0.0, "{key}: {row}");
     }
     assert_eq!(report["purify_timings"].as_array().unwrap().len(), 1);
+    // The CUDA backend counts its device memory: the attack gradient's peak holds at least the plan.
+    let attack = &report["attack_gradient"];
+    assert!(
+        attack["ms"].as_f64().unwrap() > 0.0 && attack["device_memory_peak_bytes"].as_u64().unwrap() > 0,
+        "{attack}"
+    );
 }

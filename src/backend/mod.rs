@@ -314,6 +314,8 @@ pub trait Backend {
     fn peak_memory(&self) -> Option<usize> {
         None
     }
+    /// Starts a new `peak_memory` from what is held now.
+    fn reset_peak_memory(&self) {}
 
     /// Waits for the work issued so far and reports the first error stored since the last call
     /// (a kernel fault, a launch the device refused). Every public entry point calls it before

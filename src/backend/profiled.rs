@@ -199,6 +199,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn peak_memory(&self) -> Option<usize> {
         self.inner.peak_memory()
     }
+    fn reset_peak_memory(&self) {
+        self.inner.reset_peak_memory()
+    }
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }

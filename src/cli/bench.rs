@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
+use purifier::attack::{Defence, Loss};
 use purifier::backend::profiled::{OpStats, Profiled};
 use purifier::backend::{Backend, Precision};
 use purifier::data::tensor_file::TensorFile;
@@ -17,7 +18,7 @@ use purifier::diffusion::{GradientPath, Guidance};
 use purifier::error::{Error, Result};
 use purifier::model::params::{deterministic_uniform, DeterministicParams, ParamLister};
 use purifier::model::{Classifier, Unet, UnetConfig};
-use purifier::purify::{Purifier, PurifySettings};
+use purifier::purify::{NoiseDraw, Purifier, PurifySettings};
 
 use super::args::DeviceArgs;
 use super::backend::backend;
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     /// Batch of the per-op breakdown (one forward + input VJP).
     #[arg(long, default_value_t = 16)]
     pub profile_batch: usize,
+    /// Skip the attack gradient (one EOT draw's exact gradient through a whole purification at
+    /// --purify-batch and --t-star, with its device memory peak), which is timed by default.
+    #[arg(long)]
+    pub skip_attack_gradient: bool,
     /// A Python with PyTorch: also time bench/torch_baseline.py on the same weights and inputs.
     #[arg(long, value_name = "PYTHON")]
     pub baseline: Option<PathBuf>,
@@ -216,8 +221,10 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
     ));
     let ceilings = measure_ceilings(b)?;
     // Progress in timed measurements: forward and forward + VJP per batch, the per-op breakdown,
-    // one purification per mode.
-    let bar = progress.bar((2 * args.batches.len() + 1 + args.modes.len()) as u64, "measurements");
+    // one purification per mode, the attack gradient.
+    let attack_measurements = if args.skip_attack_gradient { 0 } else { 1 };
+    let bar =
+        progress.bar((2 * args.batches.len() + 1 + args.modes.len() + attack_measurements) as u64, "measurements");
 
     let mut rows = Vec::new();
     let mut unet_json = Vec::new();
@@ -353,6 +360,48 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
         }));
     }
 
+    // The attacks' unit of work: one EOT draw's exact gradient through a whole `none` purification
+    // of the deterministic ResNet-20's input (every reverse step forward, then back through every
+    // step's UNet VJP), at --purify-batch and t* = --t-star, after one warm-up; and the device memory
+    // it peaks at (weights, the defence plan and its tape), where the backend counts it.
+    let attack_json = if args.skip_attack_gradient {
+        serde_json::Value::Null
+    } else {
+        let n = args.purify_batch;
+        bar.set_message(format!("attack gradient, batch {n}"));
+        let settings = PurifySettings { t_star: args.t_star, ..Default::default() };
+        let purifier = Purifier::new(b, &unet, None, settings)?;
+        let defence = Defence::purified(&purifier, &auxiliary);
+        b.reset_peak_memory();
+        let mut plan = defence.plan(n)?;
+        let pixels: Vec<f32> = input(n).iter().map(|x| (x + 1.0) / 2.0).collect();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
+        let indices: Vec<u64> = (0..n as u64).collect();
+        let mut gradient = |draw| {
+            let noise = NoiseDraw { seed: args.seed, draw };
+            defence.loss_gradient(&mut plan, &pixels, &labels, &indices, Loss::CrossEntropy, noise).map(|_| ())
+        };
+        gradient(0)?; // warm-up
+        let started = Instant::now();
+        gradient(1)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let peak = b.peak_memory();
+        bar.inc(1);
+        bar.log(&format!(
+            "  attack gradient (one PGD-EOT iteration, EOT 1), batch {n}: {:.1} ms{}",
+            seconds * 1e3,
+            peak.map_or(String::new(), |p| format!(", device memory peak {:.1} MB", p as f64 / 1e6))
+        ));
+        // Image-steps as the purification rows count them: each of the t* steps once per image.
+        let image_steps_per_s = (n * args.t_star) as f64 / seconds;
+        rows.push((format!("attack gradient (t* {}), batch {n}", args.t_star), seconds, seconds, image_steps_per_s));
+        serde_json::json!({
+            "what": "one EOT draw's cross-entropy gradient through a whole none-mode purification, exact through \
+                     every reverse step (one PGD-EOT iteration with EOT 1, less its step), host clock",
+            "batch": n, "t_star": args.t_star, "ms": seconds * 1e3, "device_memory_peak_bytes": peak,
+        })
+    };
+
     bar.finish();
     let baseline = match &args.baseline {
         Some(python) => {
@@ -452,6 +501,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             "memory": { "largest_unet_plan_bytes": peak_plan_bytes, "weights_bytes": parameters * b.precision().bytes() },
             "unet_timings": unet_json,
             "purify_timings": purify_json,
+            "attack_gradient": attack_json,
             "per_op_breakdown": {
                 "what": "one UNet forward + input VJP, each op timed by the backend's timestamps around it \
                          (device events on a GPU); flops and minimal bytes counted from the shapes",

@@ -352,6 +352,9 @@ impl Backend for CudaBackend {
     fn peak_memory(&self) -> Option<usize> {
         Some(self.memory.peak())
     }
+    fn reset_peak_memory(&self) {
+        self.memory.reset_peak()
+    }
 
     fn synchronize(&self) -> Result<()> {
         let device = self.driver.synchronize();
