@@ -270,31 +270,16 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             with_vjp.median * 1e3,
             bar.eta()
         ));
-        rows.push((format!("UNet forward, batch {n}"), forward.median, forward.p99, n as f64 / forward.median));
-        rows.push((
-            format!("UNet forward + VJP, batch {n}"),
-            with_vjp.median,
-            with_vjp.p99,
-            n as f64 / with_vjp.median,
-        ));
-        let mut row_json = serde_json::json!({
-            "batch": n, "forward": timing_json(&forward, n), "forward_vjp": timing_json(&with_vjp, n),
-        });
+        let mut row_json = serde_json::json!({ "batch": n });
+        let mut unet_row = |label: &str, key: &str, t: &Timing| {
+            rows.push((format!("{label}, batch {n}"), t.median, t.p99, n as f64 / t.median));
+            row_json[key] = timing_json(t, n);
+        };
+        unet_row("UNet forward", "forward", &forward);
+        unet_row("UNet forward + VJP", "forward_vjp", &with_vjp);
         if let Some((forward, with_vjp)) = &replayed {
-            rows.push((
-                format!("UNet forward replayed, batch {n}"),
-                forward.median,
-                forward.p99,
-                n as f64 / forward.median,
-            ));
-            rows.push((
-                format!("UNet forward + VJP replayed, batch {n}"),
-                with_vjp.median,
-                with_vjp.p99,
-                n as f64 / with_vjp.median,
-            ));
-            row_json["forward_replayed"] = timing_json(forward, n);
-            row_json["forward_vjp_replayed"] = timing_json(with_vjp, n);
+            unet_row("UNet forward replayed", "forward_replayed", forward);
+            unet_row("UNet forward + VJP replayed", "forward_vjp_replayed", with_vjp);
         }
         unet_json.push(row_json);
     }
@@ -450,34 +435,28 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
         "  {:<32} {:>5} {:>10} {:>7} {:>9} {:>9} {:>9}",
         "op", "calls", "ms", "share", "TFLOP/s", "GB/s", "roofline"
     );
-    for (op, stats) in op_times.sorted().into_iter().take(12) {
-        let place = roofline_fraction(&stats, &ceilings, b.precision())
+    let columns = |stats: &OpStats| {
+        let place = roofline_fraction(stats, &ceilings, b.precision())
             .map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f));
-        println!(
-            "  {op:<32} {:>5} {:>10.2} {:>6.1}% {:>9.2} {:>9.1} {place:>9}",
+        format!(
+            "{:>5} {:>10.2} {:>6.1}% {:>9.2} {:>9.1} {place:>9}",
             stats.calls,
             stats.seconds * 1e3,
             100.0 * stats.seconds / total,
             stats.flops / stats.seconds / 1e12,
             stats.bytes / stats.seconds / 1e9
-        );
+        )
+    };
+    for (op, stats) in op_times.sorted().into_iter().take(12) {
+        println!("  {op:<32} {}", columns(&stats));
     }
     println!("its slowest shapes (convolutions: kernel, stride, channels in -> out, output size; dx's for the input gradient):");
     println!(
-        "  {:<24} {:<30} {:>5} {:>9} {:>7} {:>9} {:>9} {:>9}",
+        "  {:<24} {:<30} {:>5} {:>10} {:>7} {:>9} {:>9} {:>9}",
         "op", "shape", "calls", "ms", "share", "TFLOP/s", "GB/s", "roofline"
     );
     for (op, shape, stats) in op_times.sorted_shapes().into_iter().take(12) {
-        let place = roofline_fraction(&stats, &ceilings, b.precision())
-            .map_or("-".to_string(), |f| format!("{:.1}%", 100.0 * f));
-        println!(
-            "  {op:<24} {shape:<30} {:>5} {:>9.2} {:>6.1}% {:>9.2} {:>9.1} {place:>9}",
-            stats.calls,
-            stats.seconds * 1e3,
-            100.0 * stats.seconds / total,
-            stats.flops / stats.seconds / 1e12,
-            stats.bytes / stats.seconds / 1e9
-        );
+        println!("  {op:<24} {shape:<30} {}", columns(&stats));
     }
     println!(
         "cold start {cold_start:.3} s; largest UNet plan {:.1} MB; weights {:.1} MB ({})",
@@ -486,6 +465,14 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
         b.precision()
     );
     if let Some(json_file) = json_file {
+        let stats_json = |stats: &OpStats| {
+            serde_json::json!({
+                "calls": stats.calls, "ms": stats.seconds * 1e3, "share": stats.seconds / total,
+                "flops": stats.flops, "bytes": stats.bytes,
+                "tflops_per_s": stats.flops / stats.seconds / 1e12, "gb_per_s": stats.bytes / stats.seconds / 1e9,
+                "roofline_fraction": roofline_fraction(stats, &ceilings, b.precision()),
+            })
+        };
         let report = serde_json::json!({
             "device": b.name(),
             "precision": b.precision().to_string(),
@@ -507,18 +494,16 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
                          (device events on a GPU); flops and minimal bytes counted from the shapes",
                 "batch": profile_batch,
                 "total_ms": total * 1e3,
-                "ops": op_times.sorted().into_iter().map(|(op, stats)| serde_json::json!({
-                    "op": op, "calls": stats.calls, "ms": stats.seconds * 1e3, "share": stats.seconds / total,
-                    "flops": stats.flops, "bytes": stats.bytes,
-                    "tflops_per_s": stats.flops / stats.seconds / 1e12, "gb_per_s": stats.bytes / stats.seconds / 1e9,
-                    "roofline_fraction": roofline_fraction(&stats, &ceilings, b.precision()),
-                })).collect::<Vec<_>>(),
-                "shapes": op_times.sorted_shapes().into_iter().map(|(op, shape, stats)| serde_json::json!({
-                    "op": op, "shape": shape, "calls": stats.calls, "ms": stats.seconds * 1e3,
-                    "share": stats.seconds / total, "flops": stats.flops, "bytes": stats.bytes,
-                    "tflops_per_s": stats.flops / stats.seconds / 1e12, "gb_per_s": stats.bytes / stats.seconds / 1e9,
-                    "roofline_fraction": roofline_fraction(&stats, &ceilings, b.precision()),
-                })).collect::<Vec<_>>(),
+                "ops": op_times.sorted().into_iter().map(|(op, stats)| {
+                    let mut row = stats_json(&stats);
+                    row["op"] = op.into();
+                    row
+                }).collect::<Vec<_>>(),
+                "shapes": op_times.sorted_shapes().into_iter().map(|(op, shape, stats)| {
+                    let mut row = stats_json(&stats);
+                    (row["op"], row["shape"]) = (op.into(), shape.into());
+                    row
+                }).collect::<Vec<_>>(),
             },
             "baseline": baseline,
         });
