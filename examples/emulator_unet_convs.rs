@@ -141,7 +141,7 @@ fn main() {
                 residual: None,
                 out: d.alloc(oh * ow * co * input.bytes()).unwrap(),
             };
-            launch_conv2d(&d, &kernels, &args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            launch_conv2d(&d, &kernels, &args, None).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
         d.synchronize().unwrap();
         let dt = start.elapsed().as_secs_f64();

@@ -22,11 +22,22 @@
 //   conv2d_backward_input_mma_gather_<dout>_<w>
 //                                      the same with element-wise loads (conv_in's Ci = 3, conv_out's
 //                                      Co = 3).
+//   conv2d_mma[_gather]_partial_<in>_<w>, conv2d_backward_input_mma[_gather]_partial_<dout>_<w>
+//                                      split-K (version 3): the same blocks over slice z of the
+//                                      k-tiles (grid z = the slices, slice z = tiles [zT/Z, (z+1)T/Z)),
+//                                      raw f32 sums to a workspace partials[z][m][n]; for grids too
+//                                      small to fill the GPU (batch 1: a 4x4 level is 4 blocks of 72
+//                                      k-steps). Then
+//   conv2d_split_reduce, conv2d_backward_input_split_reduce
+//                                      add the slices in order z = 0, 1, ... (deterministic, no
+//                                      atomics) and apply the whole epilogue (bias, channel bias,
+//                                      residual, ReLU; dx = or +=), one rounding to the output type.
 // Precision: inputs rounded once to bf16/f16 (the operand type), f32 accumulation, the epilogue in
 // f32, one rounding to the output's type (f32 output for conv_out's eps). The input gradient rounds
 // f32 dout to the weights' type once, as it is staged in shared memory; dx = or += in f32, one rounding.
+// Split-K keeps the products and the f32 accumulation and changes only the order of the sums.
 // Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16,
-// conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16.
+// conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16 and their _partial forms.
 #include "common.cuh"
 
 // ---- the index helpers of conv2d.cu (kept in step with it) ----
@@ -174,12 +185,16 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
     }
 }
 
-template <bool VECTOR, typename InT, typename WT, typename OutT>
+// PARTIAL (split-K): block z sums its slice of the k-tiles only (grid z = the slices) and stores
+// its raw f32 sums to partials[z][m][co]; conv2d_split_reduce adds the slices and applies the
+// epilogue. Otherwise the whole K and the epilogue here (bias, channel_bias, residual, out;
+// partials unused).
+template <bool VECTOR, bool PARTIAL, typename InT, typename WT, typename OutT>
 __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT* __restrict__ b,
                                            const WT* __restrict__ w, const float* __restrict__ bias,
                                            const float* __restrict__ channel_bias,
                                            const OutT* __restrict__ residual, OutT* __restrict__ out,
-                                           const ConvParams p) {
+                                           float* __restrict__ partials, const ConvParams p) {
     using namespace mma;
     __shared__ __align__(128) unsigned short a_tiles[STAGES][BM * ROW];
     __shared__ __align__(128) unsigned short b_tiles[STAGES][BN * ROW];
@@ -188,7 +203,11 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     const int warp_m = warp % 2, warp_n = warp / 2;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
     const int k_total = p.kh * p.kw * (p.ca + p.cb);
-    const int k_tiles = (k_total + BK - 1) / BK;
+    // This block's k-tiles: first_tile .. first_tile + k_tiles - 1; slice z of gridDim.z (PARTIAL)
+    // takes [z T / Z, (z + 1) T / Z) of the T tiles (the launcher keeps Z <= T: none empty).
+    const int all_tiles = (k_total + BK - 1) / BK;
+    const int first_tile = PARTIAL ? (int)(blockIdx.z * all_tiles / gridDim.z) : 0;
+    const int k_tiles = PARTIAL ? (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first_tile : all_tiles;
 
     // The vector loader's rows, fixed for the whole K loop.
     const int m_local0 = tid / 4;
@@ -208,7 +227,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles)
-            conv_mma_load_tile<VECTOR>(a_tiles[s], b_tiles[s], s * BK, rows, tid, m_local0, n_block, p, a, b, w);
+            conv_mma_load_tile<VECTOR>(a_tiles[s], b_tiles[s], (first_tile + s) * BK, rows, tid, m_local0, n_block, p, a, b, w);
         cp_async_commit();
     }
 
@@ -222,8 +241,8 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
         __syncthreads();  // tile kt landed for every thread; stage (kt - 1) % STAGES is free
         const int next = kt + STAGES - 1;
         if (next < k_tiles)
-            conv_mma_load_tile<VECTOR>(a_tiles[next % STAGES], b_tiles[next % STAGES], next * BK, rows, tid, m_local0,
-                                       n_block, p, a, b, w);
+            conv_mma_load_tile<VECTOR>(a_tiles[next % STAGES], b_tiles[next % STAGES], (first_tile + next) * BK, rows,
+                                       tid, m_local0, n_block, p, a, b, w);
         cp_async_commit();
 
         const unsigned short* a_stage = a_tiles[kt % STAGES];
@@ -269,9 +288,14 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     if (co + e >= p.out_channels) continue;
-                    const float v = conv_epilogue_value(acc[i][j][2 * half + e], m, n, co + e, p, bias,
-                                                        channel_bias, residual);
-                    out[m * p.out_channels + co + e] = from_float<OutT>(v);
+                    if constexpr (PARTIAL) {
+                        const long long at = ((long long)blockIdx.z * positions + m) * p.out_channels + co + e;
+                        partials[at] = acc[i][j][2 * half + e];
+                    } else {
+                        const float v = conv_epilogue_value(acc[i][j][2 * half + e], m, n, co + e, p, bias,
+                                                            channel_bias, residual);
+                        out[m * p.out_channels + co + e] = from_float<OutT>(v);
+                    }
                 }
             }
         }
@@ -284,7 +308,6 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     const InT *__restrict__ a, const InT *__restrict__ b, const WT *__restrict__ w,                          \
         const float *__restrict__ bias, const float *__restrict__ channel_bias,                              \
         const OutT *__restrict__ residual, OutT *__restrict__ out, const ConvParams p
-#define CONV_PARAMS_PASS a, b, w, bias, channel_bias, residual, out, p
 
 // Tensor-core entries: `conv2d_mma_*` loads with 16-byte cp.async (inputs in the operand type, Ca
 // and Cb multiples of 8: the launcher checks); `conv2d_mma_gather_*` element by element (any input
@@ -292,7 +315,16 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #define CONV_MMA_ENTRY(prefix, VECTOR, in_name, InT, w_name, WT, out_name, OutT)                            \
     extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
         prefix##_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                       \
-        conv2d_mma<VECTOR, InT, WT, OutT>(CONV_PARAMS_PASS);                                                \
+        conv2d_mma<VECTOR, false, InT, WT, OutT>(a, b, w, bias, channel_bias, residual, out, nullptr, p);   \
+    }
+// Split-K entries: `<prefix>_partial_<in>_<w>`, grid z = the slices; the partial sums are f32 whatever
+// the output's type (conv2d_split_reduce rounds once).
+#define CONV_MMA_PARTIAL_ENTRY(prefix, VECTOR, in_name, InT, w_name, WT)                                    \
+    extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
+        prefix##_partial_##in_name##_##w_name(const InT* __restrict__ a, const InT* __restrict__ b,         \
+                                              const WT* __restrict__ w, float* __restrict__ partials,       \
+                                              const ConvParams p) {                                         \
+        conv2d_mma<VECTOR, true, InT, WT, float>(a, b, w, nullptr, nullptr, nullptr, nullptr, partials, p); \
     }
 
 CONV_MMA_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16, bf16, bf16)
@@ -307,6 +339,37 @@ CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f32, float)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f32, float)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma, true, f16, f16, f16, f16)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16)
+
+// The split-K reduction of the forward: out[m][co] = epilogue(sum over slices s = 0, 1, ... of
+// partials[s][m][co]), the slices added in that fixed order (the same bits every run: no atomics),
+// then bias, channel_bias, residual and ReLU as conv2d_mma's epilogue, one rounding to out's type
+// (a run-time code; residual has out's type). Grid-stride over the M x Co outputs.
+extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partials, int slices,
+                                               const float* __restrict__ bias,
+                                               const float* __restrict__ channel_bias,
+                                               const void* __restrict__ residual, void* __restrict__ out,
+                                               int out_dtype, const ConvParams p) {
+    const int plane = p.out_h * p.out_w;
+    const long long total = (long long)p.batch * plane * p.out_channels;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < slices; ++s) v += partials[s * total + i];
+        const int m = (int)(i / p.out_channels);
+        const int co = (int)(i - (long long)m * p.out_channels);
+        if (bias) v += bias[co];
+        if (channel_bias) v += channel_bias[(m / plane) * p.out_channels + co];
+        if (residual) v += load_dyn(residual, out_dtype, i);
+        if (p.relu) v = fmaxf(v, 0.0f);
+        store_dyn(out, out_dtype, i, v);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The input gradient on the tensor cores: dx = (or +=) the transposed convolution of dout, the implicit
@@ -489,9 +552,12 @@ __device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage,
     }
 }
 
-template <bool VECTOR, typename DoutT, typename WT>
+// PARTIAL (split-K): as the forward's, block z sums its slice of the k-tiles and stores raw f32
+// sums to partials[z][m][ci]; conv2d_backward_input_split_reduce adds the slices and stores dx.
+template <bool VECTOR, bool PARTIAL, typename DoutT, typename WT>
 __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restrict__ dout, const WT* __restrict__ w,
-                                                          void* __restrict__ dx, int dx_dtype, const ConvParams p,
+                                                          void* __restrict__ dx, int dx_dtype,
+                                                          float* __restrict__ partials, const ConvParams p,
                                                           int accumulate) {
     using namespace bwd;
     // f32 dout with the vector loader goes through registers (the head comment says why).
@@ -504,7 +570,11 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     const int warp_m = warp % 2, warp_n = warp / 2;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
     const int k_total = p.kh * p.kw * p.out_channels;
-    const int k_tiles = (k_total + BK - 1) / BK;
+    // This block's k-tiles: first_tile .. first_tile + k_tiles - 1; slice z of gridDim.z (PARTIAL)
+    // takes [z T / Z, (z + 1) T / Z) of the T tiles (the launcher keeps Z <= T: none empty).
+    const int all_tiles = (k_total + BK - 1) / BK;
+    const int first_tile = PARTIAL ? (int)(blockIdx.z * all_tiles / gridDim.z) : 0;
+    const int k_tiles = PARTIAL ? (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first_tile : all_tiles;
 
     // The vector loaders' A rows, fixed for the whole K loop.
     using L = AChunks<DoutT>;
@@ -517,11 +587,12 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     // A and B of tile `kt` into stage `kt % STAGES`, except (THROUGH_REGISTERS) A's store.
     auto issue = [&](int kt) {
         const int stage = kt % STAGES;
-        conv_backward_load_b<VECTOR, WT>(b_tiles + stage * B_STAGE, kt * BK, tid, n_block, p, w);
+        const int k0 = (first_tile + kt) * BK;
+        conv_backward_load_b<VECTOR, WT>(b_tiles + stage * B_STAGE, k0, tid, n_block, p, w);
         if constexpr (THROUGH_REGISTERS)
-            conv_backward_fetch_a(staged, kt * BK, rows, tid, p, reinterpret_cast<const float*>(dout));
+            conv_backward_fetch_a(staged, k0, rows, tid, p, reinterpret_cast<const float*>(dout));
         else
-            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, kt * BK, rows, tid, m_block, p, dout);
+            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, k0, rows, tid, m_block, p, dout);
     };
 
     float acc[M_TILES][N_TILES][4];
@@ -601,7 +672,10 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
                 for (int e = 0; e < 2; ++e) {
                     if (ci + e >= p.ca) continue;
                     const long long at = (long long)m * p.ca + ci + e;
-                    store_grad(dx, dx_dtype, at, acc[i][j][2 * half + e], accumulate);
+                    if constexpr (PARTIAL)
+                        partials[(long long)blockIdx.z * positions * p.ca + at] = acc[i][j][2 * half + e];
+                    else
+                        store_grad(dx, dx_dtype, at, acc[i][j][2 * half + e], accumulate);
                 }
             }
         }
@@ -615,7 +689,14 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
         prefix##_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,           \
                                         void* __restrict__ dx, int dx_dtype, const ConvParams p,            \
                                         int accumulate) {                                                   \
-        conv2d_backward_input_mma<VECTOR, DoutT, WT>(dout, w, dx, dx_dtype, p, accumulate);                 \
+        conv2d_backward_input_mma<VECTOR, false, DoutT, WT>(dout, w, dx, dx_dtype, nullptr, p, accumulate);  \
+    }
+// Split-K entries: `<prefix>_partial_<dout>_<w>`, grid z = the slices.
+#define CONV_BACKWARD_MMA_PARTIAL_ENTRY(prefix, VECTOR, dout_name, DoutT, w_name, WT)                       \
+    extern "C" __global__ void __launch_bounds__(bwd::THREADS)                                              \
+        prefix##_partial_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,   \
+                                                float* __restrict__ partials, const ConvParams p) {         \
+        conv2d_backward_input_mma<VECTOR, true, DoutT, WT>(dout, w, nullptr, 0, partials, p, 0);            \
     }
 
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f32, float, bf16, bf16)
@@ -626,3 +707,25 @@ CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, bf1
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, bf16, bf16, bf16, bf16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, f16, f16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f32, float, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, f16, f16, f16, f16)
+
+// The split-K reduction of the input gradient: dx[i] = (or +=, `accumulate`) the sum over slices
+// s = 0, 1, ... of partials[s][i], in that fixed order; dx's type a run-time code (store_grad, as the
+// unsplit kernel stores). Grid-stride over the `total` = M x Ci elements.
+extern "C" __global__ void conv2d_backward_input_split_reduce(const float* __restrict__ partials, int slices,
+                                                              long long total, void* __restrict__ dx, int dx_dtype,
+                                                              int accumulate) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        float g = 0.0f;
+        for (int s = 0; s < slices; ++s) g += partials[s * total + i];
+        store_grad(dx, dx_dtype, i, g, accumulate);
+    }
+}

@@ -416,18 +416,28 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
 }
 test_device!(group_norm_backward, group_norm_backward_op, ALL_DTYPES);
 
+const DOWNSAMPLE: Conv2dGeometry = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
+
+/// Forward convolutions with many k-steps and few outputs at batch 2: the CUDA backend splits K for
+/// them with 16-bit weights on a GPU of 16 SMs, the emulator's count
+/// (`split_k_cases_split_on_the_emulator` checks that). (name, ca, cb, upsample, co, k, geometry, H)
+type ForwardCase = (&'static str, usize, usize, bool, usize, usize, Conv2dGeometry, usize);
+const CONV2D_SPLIT_K_CASES: [ForwardCase; 3] = [
+    ("split-K 3x3 at 2x2 (M 8), 18 k-steps", 64, 0, false, 32, 3, Conv2dGeometry::same(1), 2),
+    ("split-K upsample 2x2 -> 4x4 + concat", 32, 32, true, 24, 3, Conv2dGeometry::same(1), 2),
+    ("split-K downsample 4x4 -> 2x2, 14 k-steps", 48, 0, false, 16, 3, DOWNSAMPLE, 4),
+];
+
 fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "conv2d");
-    let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
-    // (name, ca, cb, upsample, co, k, geometry, H)
     let cases = [
         ("3x3", 16, 0, false, 16, 3, Conv2dGeometry::same(1), 6),
         ("conv_in (3 channels)", 3, 0, false, 16, 3, Conv2dGeometry::same(1), 5),
         ("concat 1x1 (nin_shortcut)", 16, 8, false, 16, 1, Conv2dGeometry::same(0), 4),
         ("upsample 3x3", 16, 0, true, 16, 3, Conv2dGeometry::same(1), 3),
-        ("downsample (pad right/bottom, stride 2)", 16, 0, false, 16, 3, down, 6),
+        ("downsample (pad right/bottom, stride 2)", 16, 0, false, 16, 3, DOWNSAMPLE, 6),
     ];
-    for (name, ca, cb, upsample, co, k, geometry, size) in cases {
+    for (name, ca, cb, upsample, co, k, geometry, size) in cases.into_iter().chain(CONV2D_SPLIT_K_CASES) {
         let n = 2;
         let (a, ar) = h.input(&[n, ca, size, size]);
         let (bb, bb_r) = h.input(&[n, cb.max(1), size, size]);
@@ -439,11 +449,7 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
         let (res, res_r) = h.input(&[n, co, oh, ow]);
         let (mut out, mut out_r) = h.output(&[n, co, oh, ow]);
         fn input<'t, T: TensorShape>(a: &'t T, b: &'t T, concat: bool, upsample: bool) -> LayerInput<'t, T> {
-            match (concat, upsample) {
-                (true, _) => LayerInput::concat(a, b),
-                (false, true) => LayerInput::upsampled(a),
-                _ => LayerInput::one(a),
-            }
+            LayerInput { a, b: concat.then_some(b), upsample2x: upsample }
         }
         let epilogue = ConvEpilogue { channel_bias: Some(&cbias), residual: Some(&res), relu: true };
         let epilogue_r = ConvEpilogue { channel_bias: Some(&cbias_r), residual: Some(&res_r), relu: true };
@@ -458,20 +464,27 @@ test_device!(conv2d, conv2d_op, ALL_DTYPES);
 /// classifiers (`gradient` says how dx starts for each store). Gradients are f32
 /// in the plans whatever the weights' type (the tensor-core kernel for 16-bit weights); every case
 /// also runs with dout and dx in the weights' type.
+/// Input gradients with many k-steps and few dx positions, split on the emulator like
+/// `CONV2D_SPLIT_K_CASES`. (name, ci, co, k, geometry, H, batch)
+type BackwardCase = (&'static str, usize, usize, usize, Conv2dGeometry, usize, usize);
+const CONV2D_BACKWARD_INPUT_SPLIT_K_CASES: [BackwardCase; 3] = [
+    ("split-K 3x3 at 3x3 (M 9), 18 k-steps", 32, 64, 3, Conv2dGeometry::same(1), 3, 1),
+    ("split-K downsample, dx 4x4, 14 k-steps", 24, 48, 3, DOWNSAMPLE, 4, 2),
+    ("split-K 1x1 at 2x2, 8 k-steps", 64, 256, 1, Conv2dGeometry::same(0), 2, 1),
+];
+
 fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "conv2d_backward_input");
-    let down = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
-    // (name, ci, co, k, geometry, H, batch)
     let cases = [
         ("3x3", 16, 24, 3, Conv2dGeometry::same(1), 6, 2),
         ("conv_in (3 channels)", 3, 16, 3, Conv2dGeometry::same(1), 5, 1),
         ("conv_out (3 channels)", 16, 3, 3, Conv2dGeometry::same(1), 5, 1),
         ("1x1", 24, 16, 1, Conv2dGeometry::same(0), 4, 3),
-        ("downsample (pad right/bottom, stride 2)", 16, 16, 3, down, 6, 2),
+        ("downsample (pad right/bottom, stride 2)", 16, 16, 3, DOWNSAMPLE, 6, 2),
         ("classifier stride 2, pad 1", 8, 16, 3, Conv2dGeometry::strided(2, 1), 7, 2),
     ];
     let grad_dtypes = if dtype == Precision::F32 { vec![dtype] } else { vec![Precision::F32, dtype] };
-    for (name, ci, co, k, geometry, size, n) in cases {
+    for (name, ci, co, k, geometry, size, n) in cases.into_iter().chain(CONV2D_BACKWARD_INPUT_SPLIT_K_CASES) {
         for &grad_dtype in &grad_dtypes {
             let (oh, ow) = geometry.output_size(size, size, k, k);
             let (dout, dout_r) = h.input_as(&[n, co, oh, ow], grad_dtype, 1.0);
@@ -486,6 +499,68 @@ fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     }
 }
 test_device!(conv2d_backward_input, conv2d_backward_input_op, ALL_DTYPES);
+
+/// The split-K cases above do split where the emulator backend runs them (16-bit weights, the
+/// emulator's 16 SMs, the backend's workspace), so `conv2d::emulator` and
+/// `conv2d_backward_input::emulator` check split-K through the backend, not only the unsplit kernel.
+#[test]
+fn split_k_cases_split_on_the_emulator() {
+    use purifier::backend::cuda::conv::{
+        self, Conv2dBackwardInputLaunch, Conv2dLaunch, Conv2dVersion, SplitKWorkspace,
+    };
+    use purifier::driver::emulated::EMULATED_MULTIPROCESSORS;
+    let sms = EMULATED_MULTIPROCESSORS as usize;
+    let workspace = SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(sms), multiprocessors: sms };
+    let bf16 = Precision::Bf16;
+    for (name, ca, cb, upsample, co, k, geometry, size) in CONV2D_SPLIT_K_CASES {
+        let launch = Conv2dLaunch {
+            batch: 2,
+            height: size,
+            width: size,
+            channels_a: ca,
+            channels_b: cb,
+            upsample,
+            out_channels: co,
+            kernel_h: k,
+            kernel_w: k,
+            geometry,
+            relu: true,
+            input_dtype: bf16,
+            weight_dtype: bf16,
+            out_dtype: bf16,
+            a: 0x1000,
+            b: (cb > 0).then_some(0x2000),
+            weight: 0x3000,
+            bias: None,
+            channel_bias: None,
+            residual: None,
+            out: 0x4000,
+        };
+        let version = conv::conv2d_version(&launch, true, Some(&workspace));
+        assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "{name}: {version:?}");
+    }
+    for (name, ci, co, k, geometry, size, n) in CONV2D_BACKWARD_INPUT_SPLIT_K_CASES {
+        let launch = Conv2dBackwardInputLaunch {
+            batch: n,
+            height: size,
+            width: size,
+            in_channels: ci,
+            out_channels: co,
+            kernel_h: k,
+            kernel_w: k,
+            geometry,
+            dout_dtype: Precision::F32,
+            weight_dtype: bf16,
+            dx_dtype: Precision::F32,
+            dout: 0x1000,
+            weight: 0x2000,
+            dx: 0x3000,
+            accumulate: false,
+        };
+        let version = conv::conv2d_backward_input_version(&launch, true, Some(&workspace));
+        assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "{name}: {version:?}");
+    }
+}
 
 fn attention_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "attention");

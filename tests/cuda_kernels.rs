@@ -24,7 +24,9 @@ use purifier::backend::cuda::attention::{
     self, AttentionBackwardLaunch, AttentionKernels, AttentionLaunch, AttentionVersion,
 };
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
-use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion};
+use purifier::backend::cuda::conv::{
+    self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion, SplitKWorkspace,
+};
 use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision};
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
@@ -357,8 +359,15 @@ pub fn conv_cases() -> Vec<ConvCase> {
     ]
 }
 
-/// Runs one case on `driver` and the CPU reference; returns the relative L2 error of the output and
-/// the kernel that ran.
+/// What one check of a kernel against the CPU found: the relative L2 error, the kernel that ran
+/// and its output (NCHW, as the device stored it: split-K tests compare versions on it).
+pub struct Checked {
+    pub error: f64,
+    pub kernel: String,
+    pub output: Vec<f32>,
+}
+
+/// Runs one case on `driver` (split-K versions in `workspace`) and the CPU reference.
 pub fn check_conv(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
@@ -366,7 +375,8 @@ pub fn check_conv(
     version: Conv2dVersion,
     [input_dtype, weight_dtype, out_dtype]: [Precision; 3],
     seed: u64,
-) -> (f64, String) {
+    workspace: Option<&SplitKWorkspace>,
+) -> Checked {
     let c = case;
     let ci = c.channels_a + c.channels_b;
     let (n, h, w) = (c.batch, c.height, c.width);
@@ -409,7 +419,8 @@ pub fn check_conv(
     launch.out = mem.poisoned(out_len, out_dtype);
 
     let kernel = conv::kernel_for(&launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-    conv::launch_conv2d_version(driver, kernels, &launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    conv::launch_conv2d_version(driver, kernels, &launch, version, workspace)
+        .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let out_nhwc = mem.download(launch.out, out_len, out_dtype);
 
@@ -466,7 +477,8 @@ pub fn check_conv(
         // What the device can at best store.
         reference = encode(&reference, out_dtype).0;
     }
-    (relative_l2(&nhwc_to_nchw(&out_nhwc, c.out_channels), &reference), kernel)
+    let output = nhwc_to_nchw(&out_nhwc, c.out_channels);
+    Checked { error: relative_l2(&output, &reference), kernel, output }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -640,6 +652,83 @@ fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
     }
 }
 
+/// Split-K planning: only grids with fewer blocks than SMs split; at most 16 slices of at least 4
+/// k-steps; every split fits the workspace sized from the SM count; a forced split never has an
+/// empty slice; no workspace, no split.
+#[test]
+fn split_k_planning_fills_the_gpu_within_the_workspace() {
+    for sms in [1, 16, 108, 132] {
+        let tile_bytes = 128 * 64 * 4;
+        for blocks in 1..=2 * sms {
+            for k_tiles in 1..=160 {
+                let slices = conv::split_k_slices(blocks, k_tiles, sms);
+                assert!((1..=conv::SPLIT_K_MAX_SLICES).contains(&slices), "{blocks} blocks, {k_tiles}: {slices}");
+                if blocks >= sms {
+                    assert_eq!(slices, 1, "{blocks} blocks fill {sms} SMs");
+                }
+                if slices > 1 {
+                    assert!(k_tiles / slices >= conv::SPLIT_K_MIN_SLICE_TILES, "{k_tiles} k-steps in {slices}");
+                    assert!(slices * blocks * tile_bytes <= SplitKWorkspace::bytes_for(sms), "{blocks} x {slices}");
+                }
+            }
+        }
+    }
+    // The UNet's 4x4 level at batch 1 on an H200: 1 x 4 blocks, 72 k-steps -> 16 slices of 4 or 5.
+    assert_eq!(conv::split_k_slices(4, 72, 132), 16);
+    assert_eq!(conv::split_k_slices(4, 72, 16), 8);
+
+    let tc = Conv2dLaunch {
+        weight_dtype: Precision::Bf16,
+        input_dtype: Precision::Bf16,
+        out_dtype: Precision::Bf16,
+        channels_a: 128,
+        out_channels: 256,
+        height: 4,
+        width: 4,
+        ..valid_launch()
+    };
+    let workspace = SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(132), multiprocessors: 132 };
+    let version = conv::conv2d_version(&tc, true, Some(&workspace));
+    assert_eq!(version, Conv2dVersion::TensorCoreSplitK { slices: 9 }, "36 k-steps, 4 blocks on 132 SMs");
+    let plan = conv::plan_conv2d(&tc, version).unwrap();
+    assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_mma_partial_bf16_bf16", [1, 4, 9]));
+    let split = plan.split.unwrap();
+    assert_eq!((split.reduce_kernel, split.workspace_bytes), ("conv2d_split_reduce", 9 * 16 * 256 * 4));
+    assert_eq!(conv::conv2d_version(&tc, true, None), Conv2dVersion::TensorCore, "no workspace, no split");
+    assert_eq!(conv::conv2d_version(&tc, false, Some(&workspace)), Conv2dVersion::Simt);
+    let big = Conv2dLaunch { batch: 64, height: 32, width: 32, ..tc };
+    assert_eq!(conv::conv2d_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCore, "a full grid");
+    // Forced: 8 slices of a 6-k-step K (Ci 20, element-wise loader) run as 6.
+    let odd = Conv2dLaunch { channels_a: 20, ..tc };
+    let plan = conv::plan_conv2d(&odd, Conv2dVersion::TensorCoreSplitK { slices: 8 }).unwrap();
+    assert_eq!((plan.kernel.as_str(), plan.config.grid[2]), ("conv2d_mma_gather_partial_bf16_bf16", 6));
+    assert!(conv::plan_conv2d(&odd, Conv2dVersion::TensorCoreSplitK { slices: 0 }).is_err());
+    assert!(conv::plan_conv2d(&valid_launch(), Conv2dVersion::TensorCoreSplitK { slices: 2 }).is_err(), "f32");
+
+    let backward = Conv2dBackwardInputLaunch {
+        batch: 1,
+        height: 4,
+        width: 4,
+        in_channels: 256,
+        out_channels: 256,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: Conv2dGeometry::same(1),
+        dout_dtype: Precision::F32,
+        weight_dtype: Precision::Bf16,
+        dx_dtype: Precision::F32,
+        dout: 0x1000,
+        weight: 0x2000,
+        dx: 0x3000,
+        accumulate: false,
+    };
+    let version = conv::conv2d_backward_input_version(&backward, true, Some(&workspace));
+    assert_eq!(version, Conv2dVersion::TensorCoreSplitK { slices: 16 });
+    let plan = conv::plan_conv2d_backward_input(&backward, version).unwrap();
+    assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_partial_f32_bf16", [1, 4, 16]));
+    assert_eq!(plan.split.unwrap().reduce_kernel, "conv2d_backward_input_split_reduce");
+}
+
 #[test]
 fn attention_launch_rejects_bad_shapes_with_a_message() {
     let ok = AttentionLaunch {
@@ -717,7 +806,7 @@ fn run_conv_checks(driver: &dyn Driver, kernels: &Conv2dKernels, version: Conv2d
     let mut failures = Vec::new();
     for case in conv_cases() {
         let start = std::time::Instant::now();
-        let (err, kernel) = check_conv(driver, kernels, &case, version, dtypes, seed);
+        let Checked { error: err, kernel, .. } = check_conv(driver, kernels, &case, version, dtypes, seed, None);
         let tol = tolerance(&dtypes);
         println!(
             "conv {kernel:<34} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
@@ -813,9 +902,10 @@ fn emulator_attention_tensor_cores() {
 }
 
 /// The input gradient of one case (its logical input: concat and upsample are the caller's) with
-/// storage types `[dout, weights, dx]`, accumulated onto a random dx (every dx element must be
-/// updated: one left alone keeps its start value and is off by its whole gradient); returns the
-/// relative L2 error of the new dx and the kernel that ran.
+/// storage types `[dout, weights, dx]`: accumulated onto a random dx (`Add`: every dx element must
+/// be updated: one left alone keeps its start value and is off by its whole gradient) or written
+/// over a poisoned one (`Write`: one left alone stays NaN). Split-K versions use `workspace`.
+#[allow(clippy::too_many_arguments)]
 fn check_conv_backward_input(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
@@ -823,7 +913,9 @@ fn check_conv_backward_input(
     version: Conv2dVersion,
     [dout_dtype, weight_dtype, dx_dtype]: [Precision; 3],
     seed: u64,
-) -> (f64, String) {
+    store: GradientStore,
+    workspace: Option<&SplitKWorkspace>,
+) -> Checked {
     let c = case;
     let factor = if c.upsample { 2 } else { 1 };
     let (n, h, w) = (c.batch, c.height * factor, c.width * factor);
@@ -844,15 +936,18 @@ fn check_conv_backward_input(
         dout: 0,
         weight: 0,
         dx: 0,
-        accumulate: true,
+        accumulate: store.accumulates(),
     };
     let (oh, ow) = launch.output_size();
     let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dout_dtype);
     let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), weight_dtype);
-    let (dx_host, dx) = mem.upload(&common::uniform(n * h * w * ci, seed + 2), dx_dtype);
+    let (dx_host, dx) = match store {
+        GradientStore::Add => mem.upload(&common::uniform(n * h * w * ci, seed + 2), dx_dtype),
+        GradientStore::Write => (vec![0.0; n * h * w * ci], mem.poisoned(n * h * w * ci, dx_dtype)),
+    };
     (launch.dout, launch.weight, launch.dx) = (dout, weight, dx);
     let kernel = conv::backward_input_kernel_for(&launch, version).unwrap_or_else(|e| panic!("{}: {e}", c.name));
-    conv::launch_conv2d_backward_input_version(driver, kernels, &launch, version)
+    conv::launch_conv2d_backward_input_version(driver, kernels, &launch, version, workspace)
         .unwrap_or_else(|e| panic!("{}: {e}", c.name));
     driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let dx_out = mem.download(dx, n * h * w * ci, dx_dtype);
@@ -882,12 +977,13 @@ fn check_conv_backward_input(
     let dout_t = cpu.upload(&to_nchw(&dout_host, co, oh * ow), &[n, co, oh, ow]).unwrap();
     let w_t = cpu.upload(&w_oihw, &[co, ci, k, k]).unwrap();
     let mut dx_t = cpu.upload(&to_nchw(&dx_host, ci, h * w), &[n, ci, h, w]).unwrap();
-    cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t, GradientStore::Add);
+    cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t, store);
     let mut reference = cpu.download(&dx_t).unwrap();
     if dx_dtype != Precision::F32 {
         reference = encode(&reference, dx_dtype).0;
     }
-    (relative_l2(&to_nchw(&dx_out, ci, h * w), &reference), kernel)
+    let output = to_nchw(&dx_out, ci, h * w);
+    Checked { error: relative_l2(&output, &reference), kernel, output }
 }
 
 fn run_conv_backward_input_checks(
@@ -900,7 +996,8 @@ fn run_conv_backward_input_checks(
     let mut failures = Vec::new();
     for case in conv_cases() {
         let start = std::time::Instant::now();
-        let (err, kernel) = check_conv_backward_input(driver, kernels, &case, version, dtypes, seed);
+        let Checked { error: err, kernel, .. } =
+            check_conv_backward_input(driver, kernels, &case, version, dtypes, seed, GradientStore::Add, None);
         let tol = tolerance(&dtypes);
         println!(
             "conv backward input {kernel:<40} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
@@ -949,6 +1046,205 @@ fn emulator_conv_backward_input_tensor_cores() {
         [f32, Precision::Bf16, Precision::Bf16],
     );
     run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, [Precision::F16, Precision::F16, f32]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-K (version 3): the tensor-core kernels with K cut into slices, f32 partial sums and a
+// reduction that applies the epilogue. Checked against the CPU and against the unsplit kernel on the
+// same inputs (the same products, only the order of the f32 sums differs), twice (the same bits
+// every run).
+
+/// A workspace on `driver` as large as a 132-SM GPU's (every forced split here fits).
+fn split_k_workspace(driver: &dyn Driver) -> (SplitKWorkspace, DevicePtr) {
+    let bytes = SplitKWorkspace::bytes_for(132);
+    let ptr = driver.alloc(bytes).unwrap();
+    (SplitKWorkspace { ptr, bytes, multiprocessors: 132 }, ptr)
+}
+
+/// Cases whose K runs over many k-steps (32 k each), at small M: M < 16, K not a multiple of 32, k-steps
+/// not a multiple of the slices, every epilogue term, stride 2, upsample and concat folded in, the
+/// element-wise loader (channels not multiples of 8), two channel tiles; with the slices to force.
+fn split_k_cases() -> Vec<(ConvCase, usize)> {
+    let same1 = Conv2dGeometry::same(1);
+    let same0 = Conv2dGeometry::same(0);
+    let downsample = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
+    vec![
+        // M = 9, K = 432: 14 k-steps (the last half full) in slices of 3, 4, 3, 4.
+        (
+            ConvCase {
+                channel_bias: true,
+                residual: true,
+                relu: true,
+                ..ConvCase::new("M 9, every epilogue term, 14 k-steps / 4", 1, 3, 48, 24, 3, same1)
+            },
+            4,
+        ),
+        // M = 2 x 4 x 4, K = 288: 9 k-steps in slices of 4, 5.
+        (
+            ConvCase {
+                channel_bias: true,
+                ..ConvCase::new("downsample s2, 9 k-steps / 2", 2, 8, 32, 40, 3, downsample)
+            },
+            2,
+        ),
+        // Upsample 3x3 -> 6x6 on concat(16, 24): K = 360, 12 k-steps in 8 slices of 1 or 2.
+        (
+            ConvCase {
+                channels_b: 24,
+                upsample: true,
+                residual: true,
+                ..ConvCase::new("upsample + concat, 12 k-steps / 8", 1, 3, 16, 24, 3, same1)
+            },
+            8,
+        ),
+        // Element-wise loader (Ci 20), Co 70 (two channel tiles, the last partial): 6 k-steps, 8
+        // slices asked, one per k-step run.
+        (ConvCase { relu: true, ..ConvCase::new("gather Ci 20, Co 70, 6 k-steps / 8", 1, 4, 20, 70, 3, same1) }, 8),
+        // 1x1 on concat(96, 64) at 2x2: M = 4, 5 k-steps in slices of 2, 3.
+        (
+            ConvCase {
+                channels_b: 64,
+                residual: true,
+                ..ConvCase::new("1x1 concat at 2x2, 5 k-steps / 2", 1, 2, 96, 32, 1, same0)
+            },
+            2,
+        ),
+        // The classifiers' stride 2, pad 1, K = 9 x 24 (7 k-steps), ReLU: slices 3, 4.
+        (
+            ConvCase {
+                relu: true,
+                ..ConvCase::new("stride 2 pad 1, 7 k-steps / 2", 1, 6, 24, 16, 3, Conv2dGeometry::strided(2, 1))
+            },
+            2,
+        ),
+        // The UNet's 4x4 level at batch 1 (channels halved): 36 k-steps, 9 slices of 4.
+        (
+            ConvCase {
+                channel_bias: true,
+                ..ConvCase::new("4x4 level, 128 ch, 36 k-steps / 9", 1, 4, 128, 128, 3, same1)
+            },
+            9,
+        ),
+    ]
+}
+
+/// How far split and unsplit outputs may differ: the f32 sums differ in their last bits, so an
+/// output rounded to 16 bits may differ by one unit in the last place (2^-8 bf16, 2^-11 f16).
+fn split_tolerance(out_dtype: Precision) -> f64 {
+    match out_dtype {
+        Precision::F32 => 1e-5,
+        Precision::Bf16 => 1.0 / 256.0,
+        Precision::F16 => 1.0 / 2048.0,
+    }
+}
+
+#[test]
+fn emulator_conv_split_k() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
+    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    let (workspace, ptr) = split_k_workspace(&driver);
+    // A workspace too small for the slices: an error naming the sizes, nothing launched.
+    let launch = Conv2dLaunch {
+        weight_dtype: Precision::Bf16,
+        input_dtype: Precision::Bf16,
+        out_dtype: Precision::Bf16,
+        channels_a: 128,
+        ..valid_launch()
+    };
+    let tiny = SplitKWorkspace { bytes: 1024, ..workspace };
+    let split = Conv2dVersion::TensorCoreSplitK { slices: 4 };
+    let err = conv::launch_conv2d_version(&driver, &kernels, &launch, split, Some(&tiny)).unwrap_err().to_string();
+    assert!(err.contains("needs 16384 bytes of workspace, the backend has 1024"), "{err}");
+    let err = conv::launch_conv2d_version(&driver, &kernels, &launch, split, None).unwrap_err().to_string();
+    assert!(err.contains("split-K needs a workspace"), "{err}");
+
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for dtypes in tensor_core_dtype_sets() {
+        let tol = tolerance(&dtypes);
+        for (case, slices) in split_k_cases() {
+            let start = std::time::Instant::now();
+            let split = Conv2dVersion::TensorCoreSplitK { slices };
+            let unsplit = check_conv(&driver, &kernels, &case, Conv2dVersion::TensorCore, dtypes, seed, None);
+            let first = check_conv(&driver, &kernels, &case, split, dtypes, seed, Some(&workspace));
+            let again = check_conv(&driver, &kernels, &case, split, dtypes, seed, Some(&workspace));
+            let apart = relative_l2(&first.output, &unsplit.output);
+            let same_bits = first.output.iter().zip(&again.output).all(|(a, b)| a.to_bits() == b.to_bits());
+            println!(
+                "conv split-K {:<30} {dtypes:?} {:<52} rel L2 {:.2e} (unsplit {:.2e}, apart {apart:.2e}; \
+                 seed {seed}, {:.1} s)",
+                first.kernel,
+                case.name,
+                first.error,
+                unsplit.error,
+                start.elapsed().as_secs_f64()
+            );
+            if !(first.error <= tol && unsplit.error <= tol && apart <= split_tolerance(dtypes[2]) && same_bits) {
+                failures.push(format!(
+                    "{} {dtypes:?}: error {:e}, unsplit {:e}, apart {apart:e}, same bits twice: {same_bits}",
+                    case.name, first.error, unsplit.error
+                ));
+            }
+        }
+    }
+    driver.free(ptr).unwrap();
+    assert!(failures.is_empty(), "conv split-K (seed {seed}): {failures:?}");
+}
+
+#[test]
+fn emulator_conv_backward_input_split_k() {
+    let driver = EmulatedDriver::new();
+    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
+    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
+    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    let (workspace, ptr) = split_k_workspace(&driver);
+    let seed = fresh_seed();
+    let f32 = Precision::F32;
+    let mut failures = Vec::new();
+    // f32 gradients against bf16 and f16 weights (the plans' VJPs), 16-bit throughout, one mixed pair.
+    let dtype_sets = [
+        [f32, Precision::Bf16, f32],
+        [f32, Precision::F16, f32],
+        [Precision::Bf16, Precision::Bf16, Precision::Bf16],
+        [Precision::F16, Precision::F16, Precision::F16],
+        [f32, Precision::Bf16, Precision::Bf16],
+    ];
+    for dtypes in dtype_sets {
+        let tol = tolerance(&dtypes);
+        for (case, slices) in split_k_cases() {
+            for store in [GradientStore::Write, GradientStore::Add] {
+                let start = std::time::Instant::now();
+                let split = Conv2dVersion::TensorCoreSplitK { slices };
+                let check = |version, workspace| {
+                    check_conv_backward_input(&driver, &kernels, &case, version, dtypes, seed, store, workspace)
+                };
+                let unsplit = check(Conv2dVersion::TensorCore, None);
+                let first = check(split, Some(&workspace));
+                let again = check(split, Some(&workspace));
+                let apart = relative_l2(&first.output, &unsplit.output);
+                let same_bits = first.output.iter().zip(&again.output).all(|(a, b)| a.to_bits() == b.to_bits());
+                println!(
+                    "conv backward input split-K {:<44} {dtypes:?} {store:?} {:<52} rel L2 {:.2e} \
+                     (unsplit {:.2e}, apart {apart:.2e}; seed {seed}, {:.1} s)",
+                    first.kernel,
+                    case.name,
+                    first.error,
+                    unsplit.error,
+                    start.elapsed().as_secs_f64()
+                );
+                if !(first.error <= tol && unsplit.error <= tol && apart <= split_tolerance(dtypes[2]) && same_bits) {
+                    failures.push(format!(
+                        "{} {dtypes:?} {store:?}: error {:e}, unsplit {:e}, apart {apart:e}, same bits twice: {same_bits}",
+                        case.name, first.error, unsplit.error
+                    ));
+                }
+            }
+        }
+    }
+    driver.free(ptr).unwrap();
+    assert!(failures.is_empty(), "conv backward input split-K (seed {seed}): {failures:?}");
 }
 
 /// The tensor-core attention backward on one case with gradients (dout, dq, dk, dv) in

@@ -84,10 +84,10 @@ pub struct Conv2dGeometry {
 
 impl Conv2dGeometry {
     /// Stride 1, the same padding on every side ("same" for 3x3 with pad 1, 1x1 with pad 0).
-    pub fn same(pad: usize) -> Self {
+    pub const fn same(pad: usize) -> Self {
         Self::strided(1, pad)
     }
-    pub fn strided(stride: usize, pad: usize) -> Self {
+    pub const fn strided(stride: usize, pad: usize) -> Self {
         Self { stride, pad_top: pad, pad_left: pad, pad_bottom: pad, pad_right: pad }
     }
     /// Output spatial size for an input of `h` x `w` and a `kh` x `kw` kernel.

@@ -12,6 +12,11 @@ use super::*;
 
 /// Device memory the emulator offers (host memory backs what is allocated).
 const EMULATED_MEMORY: usize = 16 << 30;
+/// The multiprocessor count the emulator reports, whatever the host's cores: a Jetson Orin's (16
+/// SMs, the smallest GPU the project targets), so launch planning that reads it (split-K, the
+/// grid-stride kernels' caps, GroupNorm's chunks) makes the same choices on every machine that runs
+/// the tests, and the small-GPU paths are the ones checked. Blocks still run on all host cores.
+pub const EMULATED_MULTIPROCESSORS: u32 = 16;
 
 enum Work {
     Launch { function: Function, config: LaunchConfig, args: KernelArgs },
@@ -52,7 +57,7 @@ impl EmulatedDriver {
                 name: format!("PTX emulator (sm_80, {threads} threads)"),
                 compute_capability: (8, 0),
                 total_memory: EMULATED_MEMORY,
-                multiprocessors: threads as u32,
+                multiprocessors: EMULATED_MULTIPROCESSORS,
                 max_shared_per_block: ptx_emulator::MAX_SHARED_PER_BLOCK as usize,
                 max_threads_per_block: ptx_emulator::MAX_THREADS_PER_BLOCK,
             },

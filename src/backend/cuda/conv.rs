@@ -5,6 +5,11 @@
 //! Written against the driver only (`&dyn Driver`, device addresses): the CUDA backend fills a
 //! `Conv2dLaunch` from its tensors and calls `launch_conv2d`. Shapes are checked here and every
 //! problem is an error naming the bad value; nothing is launched then.
+//!
+//! Split-K: a tensor-core grid with fewer blocks than the GPU has SMs (batch 1's small levels) runs
+//! with its K loop cut into slices (`split_k_slices`), partial sums in the backend's workspace
+//! (`SplitKWorkspace`), and a reduction kernel that adds them in a fixed order and applies the
+//! epilogue; `plan_conv2d` / `plan_conv2d_backward_input` say what a launch runs.
 use super::modules::KernelTable;
 use crate::backend::{Conv2dGeometry, Precision};
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
@@ -174,14 +179,137 @@ impl Conv2dLaunch {
     }
 }
 
-/// Which kernel of conv2d.cu runs a launch.
+/// Which kernel of conv2d.cu / conv2d_mma.cu runs a launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Conv2dVersion {
     /// Version 1: SIMT tiles, f32 arithmetic (the only one for f32 weights; all-bf16 and all-f16
     /// too, for comparison).
     Simt,
-    /// Version 2: tensor cores (bf16/f16 weights), cp.async when the inputs allow it.
+    /// Version 2: tensor cores (bf16/f16 weights), cp.async when the inputs allow it; the whole K
+    /// loop in each block.
     TensorCore,
+    /// Version 3: version 2 with its K loop cut into `slices` parts of whole k-steps (one per
+    /// k-step when K has fewer: `SplitK::slices` says how many run), each block's f32
+    /// partial sums to the split-K workspace, then a reduction kernel adds them in a fixed order
+    /// and applies the epilogue. For grids too small to fill the GPU (batch 1, 4x4 and 8x8 levels).
+    TensorCoreSplitK { slices: usize },
+}
+
+/// Split-K never cuts K into more parts than this...
+pub const SPLIT_K_MAX_SLICES: usize = 16;
+/// ...nor into parts of fewer k-steps (32 k each) than this: a part pays a pipeline fill and its
+/// partial sums' round trip through memory.
+pub const SPLIT_K_MIN_SLICE_TILES: usize = 4;
+/// The tiles of the tensor-core kernels (forward and input gradient): 128 positions x 64
+/// channels x 32 k per block and k-step.
+const MMA_BLOCK_M: usize = 128;
+const MMA_BLOCK_N: usize = 64;
+const MMA_BLOCK_K: usize = 32;
+/// Threads per block of the split-K reduction kernels.
+const REDUCE_THREADS: u32 = 256;
+
+/// Device scratch for split-K's partial sums and the multiprocessor count the split is planned
+/// for. The CUDA backend allocates one when it is made (`bytes_for`), before any step is
+/// recorded, and every split launch reuses it: the stream is in order, so one convolution's
+/// reduction has read it before the next one writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitKWorkspace {
+    pub ptr: DevicePtr,
+    pub bytes: usize,
+    pub multiprocessors: usize,
+}
+
+impl SplitKWorkspace {
+    /// Bytes that hold every split `split_k_slices` chooses on `multiprocessors` SMs: it splits
+    /// only grids of fewer blocks than SMs, into slices x blocks < 2 x SMs + blocks < 3 x SMs
+    /// blocks, each with at most a 128 x 64 tile of f32 sums (H200, 132 SMs: 12.4 MiB; Jetson Orin,
+    /// 16 SMs: 1.5 MiB).
+    pub fn bytes_for(multiprocessors: usize) -> usize {
+        3 * multiprocessors.max(1) * MMA_BLOCK_M * MMA_BLOCK_N * 4
+    }
+}
+
+/// Into how many K slices a tensor-core launch of `blocks` output tiles and `k_tiles` k-steps is
+/// cut on a GPU of `multiprocessors` SMs: 1 when the grid has a block for every SM; otherwise
+/// enough slices for about twice as many blocks as SMs, at most `SPLIT_K_MAX_SLICES`, each at least
+/// `SPLIT_K_MIN_SLICE_TILES` k-steps. Slice z of Z takes k-steps [z T / Z, (z + 1) T / Z) of the T
+/// (whole k-steps, sizes within one of each other).
+pub fn split_k_slices(blocks: usize, k_tiles: usize, multiprocessors: usize) -> usize {
+    if blocks == 0 || blocks >= multiprocessors {
+        return 1;
+    }
+    let wanted = (2 * multiprocessors).div_ceil(blocks).min(SPLIT_K_MAX_SLICES);
+    wanted.min(k_tiles / SPLIT_K_MIN_SLICE_TILES).max(1)
+}
+
+/// A split-K launch: the slices (grid z) of its `k_tiles` k-steps, the workspace bytes it fills, and
+/// the reduction kernel that follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitK {
+    pub slices: usize,
+    pub k_tiles: usize,
+    pub workspace_bytes: usize,
+    pub reduce_kernel: &'static str,
+    pub reduce_config: LaunchConfig,
+}
+
+/// What a launch runs: the kernel and its configuration, and for split-K the reduction after it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub kernel: String,
+    pub config: LaunchConfig,
+    pub split: Option<SplitK>,
+}
+
+impl LaunchPlan {
+    /// Blocks of the main kernel (all slices).
+    pub fn blocks(&self) -> usize {
+        self.config.grid.iter().map(|&g| g as usize).product()
+    }
+}
+
+/// The split-K part of a tensor-core plan over an M x N output with `k_total` k: grid z (at most
+/// one slice per k-step: none is empty) and the reduction.
+fn split_plan(m: usize, n: usize, k_total: usize, slices: usize, reduce_kernel: &'static str) -> Result<SplitK> {
+    if slices == 0 {
+        return Err(Error::invalid("conv2d: split-K with 0 slices"));
+    }
+    let k_tiles = k_total.div_ceil(MMA_BLOCK_K);
+    let slices = slices.min(k_tiles).min(65535);
+    let outputs = m * n;
+    let blocks = outputs.div_ceil(REDUCE_THREADS as usize).clamp(1, 65535);
+    Ok(SplitK {
+        slices,
+        k_tiles,
+        workspace_bytes: slices * outputs * 4,
+        reduce_kernel,
+        reduce_config: LaunchConfig::linear(blocks as u32, REDUCE_THREADS),
+    })
+}
+
+/// The version a launch with 16-bit weights runs when nothing forces one: tensor cores, split
+/// when the grid under-fills the GPU and the slices' sums fit the workspace.
+fn tensor_core_version(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
+    let Some(ws) = workspace else { return Conv2dVersion::TensorCore };
+    let blocks = m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_BLOCK_N);
+    let slices = split_k_slices(blocks, k_total.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
+    if slices > 1 && slices * m * n * 4 <= ws.bytes {
+        Conv2dVersion::TensorCoreSplitK { slices }
+    } else {
+        Conv2dVersion::TensorCore
+    }
+}
+
+/// The workspace a split plan needs, or an error naming the sizes.
+fn split_workspace(split: &SplitK, workspace: Option<&SplitKWorkspace>, op: &str) -> Result<DevicePtr> {
+    match workspace {
+        Some(ws) if split.workspace_bytes <= ws.bytes => Ok(ws.ptr),
+        Some(ws) => Err(Error::invalid(format!(
+            "{op}: split-K into {} slices needs {} bytes of workspace, the backend has {}",
+            split.slices, split.workspace_bytes, ws.bytes
+        ))),
+        None => Err(Error::invalid(format!("{op}: split-K needs a workspace and none was given"))),
+    }
 }
 
 fn dtype_name(d: Precision) -> &'static str {
@@ -212,19 +340,36 @@ pub fn mma_kernel_names() -> Vec<String> {
         for dout in ["f32", w] {
             names.push(format!("conv2d_backward_input_mma_{dout}_{w}"));
             names.push(format!("conv2d_backward_input_mma_gather_{dout}_{w}"));
+            names.push(format!("conv2d_backward_input_mma_partial_{dout}_{w}"));
+            names.push(format!("conv2d_backward_input_mma_gather_partial_{dout}_{w}"));
+        }
+        // Split-K: partial sums are f32 whatever the output's type.
+        names.push(format!("conv2d_mma_partial_{w}_{w}"));
+        for input in [w, "f32"] {
+            names.push(format!("conv2d_mma_gather_partial_{input}_{w}"));
         }
     }
+    names.extend([FORWARD_REDUCE_KERNEL, BACKWARD_REDUCE_KERNEL].map(String::from));
     names
 }
 
+/// The split-K reductions (conv2d_mma.cu).
+const FORWARD_REDUCE_KERNEL: &str = "conv2d_split_reduce";
+const BACKWARD_REDUCE_KERNEL: &str = "conv2d_backward_input_split_reduce";
+
 /// The kernels hot enough that ptxas must not spill in them (the input gradient's: f32 gradients
-/// against 16-bit weights, what every bf16/f16 plan's VJP runs).
+/// against 16-bit weights, what every bf16/f16 plan's VJP runs; and their split-K forms, what the
+/// small levels run at small batches).
 pub const SIMT_HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32"];
 pub const MMA_HOT_KERNELS: &[&str] = &[
     "conv2d_mma_bf16_bf16_bf16",
     "conv2d_mma_f16_f16_f16",
     "conv2d_backward_input_mma_f32_bf16",
     "conv2d_backward_input_mma_f32_f16",
+    "conv2d_mma_partial_bf16_bf16",
+    "conv2d_mma_partial_f16_f16",
+    "conv2d_backward_input_mma_partial_f32_bf16",
+    "conv2d_backward_input_mma_partial_f32_f16",
 ];
 
 /// The functions of the loaded convolution modules (conv2d.cu always, conv2d_mma.cu when given).
@@ -244,8 +389,9 @@ impl Conv2dKernels {
     }
 }
 
-/// The kernel name, launch configuration and whether the vector (cp.async) loader is used.
-fn plan(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<(String, LaunchConfig)> {
+/// The kernels, grids and (split-K) reduction of a forward launch with `version`.
+pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<LaunchPlan> {
+    args.validate()?;
     let (oh, ow) = args.output_size();
     let positions = args.batch * oh * ow;
     let (i, w, o) = (dtype_name(args.input_dtype), dtype_name(args.weight_dtype), dtype_name(args.out_dtype));
@@ -258,18 +404,21 @@ fn plan(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<(String, LaunchCo
             }
             (format!("conv2d_simt_{w}_{w}_{w}"), 64, 64, 256)
         }
-        (Conv2dVersion::TensorCore, Precision::F32) => {
+        (_, Precision::F32) => {
             return Err(Error::invalid("conv2d: the tensor-core kernel needs bf16 or f16 weights, got f32"))
         }
-        (Conv2dVersion::TensorCore, _) => {
+        (_, _) => {
             let aligned16 = [Some(args.a), args.b, Some(args.weight)].iter().flatten().all(|p| p % 16 == 0);
             let vector = args.input_dtype == args.weight_dtype
                 && args.channels_a.is_multiple_of(8)
                 && args.channels_b.is_multiple_of(8)
                 && aligned16;
-            let name =
-                if vector { format!("conv2d_mma_{i}_{w}_{o}") } else { format!("conv2d_mma_gather_{i}_{w}_{o}") };
-            (name, 128, 64, 128)
+            let prefix = if vector { "conv2d_mma" } else { "conv2d_mma_gather" };
+            let name = match version {
+                Conv2dVersion::TensorCoreSplitK { .. } => format!("{prefix}_partial_{i}_{w}"),
+                _ => format!("{prefix}_{i}_{w}_{o}"),
+            };
+            (name, MMA_BLOCK_M, MMA_BLOCK_N, 128)
         }
     };
     let grid_x = positions.div_ceil(block_m);
@@ -277,50 +426,93 @@ fn plan(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<(String, LaunchCo
     if grid_x > i32::MAX as usize || grid_y > 65535 {
         return Err(Error::invalid(format!("conv2d: grid {grid_x} x {grid_y} too large")));
     }
-    let config =
-        LaunchConfig { grid: [grid_x as u32, grid_y as u32, 1], block: [threads, 1, 1], dynamic_shared_bytes: 0 };
-    Ok((name, config))
-}
-
-/// Runs the convolution with the fastest loaded kernel for its storage types: tensor cores for
-/// bf16/f16 weights, the SIMT kernel for f32 (and for bf16/f16 throughout when conv2d_mma.cu is
-/// not loaded).
-pub fn launch_conv2d(driver: &dyn Driver, kernels: &Conv2dKernels, args: &Conv2dLaunch) -> Result<()> {
-    let version = if args.weight_dtype == Precision::F32 || !kernels.has_tensor_cores() {
-        Conv2dVersion::Simt
-    } else {
-        Conv2dVersion::TensorCore
+    let split = match version {
+        Conv2dVersion::TensorCoreSplitK { slices } => {
+            let k_total = args.kernel_h * args.kernel_w * args.in_channels();
+            Some(split_plan(positions, args.out_channels, k_total, slices, FORWARD_REDUCE_KERNEL)?)
+        }
+        _ => None,
     };
-    launch_conv2d_version(driver, kernels, args, version)
+    let grid_z = split.as_ref().map_or(1, |s| s.slices as u32);
+    let config =
+        LaunchConfig { grid: [grid_x as u32, grid_y as u32, grid_z], block: [threads, 1, 1], dynamic_shared_bytes: 0 };
+    Ok(LaunchPlan { kernel: name, config, split })
 }
 
-/// Runs the convolution with a chosen kernel version (tests and benchmarks compare them).
+/// The version `launch_conv2d` runs: tensor cores for bf16/f16 weights (split-K when the grid
+/// under-fills the GPU and a workspace holds the slices), the SIMT kernel for f32 (and for bf16/f16
+/// throughout when conv2d_mma.cu is not loaded).
+pub fn conv2d_version(
+    args: &Conv2dLaunch,
+    has_tensor_cores: bool,
+    workspace: Option<&SplitKWorkspace>,
+) -> Conv2dVersion {
+    if args.weight_dtype == Precision::F32 || !has_tensor_cores {
+        return Conv2dVersion::Simt;
+    }
+    let (oh, ow) = args.output_size();
+    let k_total = args.kernel_h * args.kernel_w * args.in_channels();
+    tensor_core_version(args.batch * oh * ow, args.out_channels, k_total, workspace)
+}
+
+/// Runs the convolution with the fastest loaded kernel for its storage types (`conv2d_version`).
+pub fn launch_conv2d(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    args: &Conv2dLaunch,
+    workspace: Option<&SplitKWorkspace>,
+) -> Result<()> {
+    let version = conv2d_version(args, kernels.has_tensor_cores(), workspace);
+    launch_conv2d_version(driver, kernels, args, version, workspace)
+}
+
+/// Runs the convolution with a chosen kernel version (tests and benchmarks compare them); split-K
+/// needs a workspace that holds its slices.
 pub fn launch_conv2d_version(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
     args: &Conv2dLaunch,
     version: Conv2dVersion,
+    workspace: Option<&SplitKWorkspace>,
 ) -> Result<()> {
-    args.validate()?;
-    let (name, config) = plan(args, version)?;
-    let function = kernels.get(&name)?;
-    let kernel_args = KernelArgs::new()
-        .ptr(args.a)
-        .ptr(args.b.unwrap_or(0))
-        .ptr(args.weight)
+    let plan = plan_conv2d(args, version)?;
+    let function = kernels.get(&plan.kernel)?;
+    let params = args.params_bytes();
+    let Some(split) = &plan.split else {
+        let kernel_args = KernelArgs::new()
+            .ptr(args.a)
+            .ptr(args.b.unwrap_or(0))
+            .ptr(args.weight)
+            .ptr(args.bias.unwrap_or(0))
+            .ptr(args.channel_bias.unwrap_or(0))
+            .ptr(args.residual.unwrap_or(0))
+            .ptr(args.out)
+            .bytes(&params);
+        driver.launch(function, plan.config, &kernel_args)?;
+        return Ok(());
+    };
+    let partials = split_workspace(split, workspace, "conv2d")?;
+    let reduce = kernels.get(split.reduce_kernel)?;
+    let partial_args =
+        KernelArgs::new().ptr(args.a).ptr(args.b.unwrap_or(0)).ptr(args.weight).ptr(partials).bytes(&params);
+    let reduce_args = KernelArgs::new()
+        .ptr(partials)
+        .i32(split.slices as i32)
         .ptr(args.bias.unwrap_or(0))
         .ptr(args.channel_bias.unwrap_or(0))
         .ptr(args.residual.unwrap_or(0))
         .ptr(args.out)
-        .bytes(&args.params_bytes());
-    driver.launch(function, config, &kernel_args)?;
+        .i32(super::dtype_code(args.out_dtype))
+        .bytes(&params);
+    // Both launches belong to this one op: a profiler's events around the op time them together.
+    driver.launch(function, plan.config, &partial_args)?;
+    driver.launch(reduce, split.reduce_config, &reduce_args)?;
     Ok(())
 }
 
 /// The kernel a launch would use (for reports and tests).
 pub fn kernel_for(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<String> {
-    args.validate()?;
-    Ok(plan(args, version)?.0)
+    Ok(plan_conv2d(args, version)?.kernel)
 }
 
 /// The input gradient of a convolution: `dx = ` (or `+=`) the transposed convolution of `dout` with the
@@ -349,10 +541,6 @@ pub struct Conv2dBackwardInputLaunch {
     /// dx += (true) or dx = (false).
     pub accumulate: bool,
 }
-
-/// Tiles of the tensor-core input gradient (kernels/conv2d_mma.cu, namespace `bwd`).
-const BACKWARD_MMA_BLOCK_M: usize = 128;
-const BACKWARD_MMA_BLOCK_N: usize = 64;
 
 impl Conv2dBackwardInputLaunch {
     /// The forward this is the gradient of (its dims and pointer checks are the same; dx plays the
@@ -406,8 +594,9 @@ impl Conv2dBackwardInputLaunch {
     }
 }
 
-/// The kernel name and launch configuration of an input gradient.
-fn backward_plan(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Result<(String, LaunchConfig)> {
+/// The kernels, grid and (split-K) reduction of an input gradient with `version`.
+pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Result<LaunchPlan> {
+    args.validate()?;
     let (d, w, x) = (dtype_name(args.dout_dtype), dtype_name(args.weight_dtype), dtype_name(args.dx_dtype));
     let (name, block_m, block_n, threads, shared) = match (version, args.weight_dtype) {
         (Conv2dVersion::Simt, _) => {
@@ -419,26 +608,26 @@ fn backward_plan(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Re
             }
             (format!("conv2d_backward_input_simt_{w}"), 64, 64, 256, 0)
         }
-        (Conv2dVersion::TensorCore, Precision::F32) => {
+        (_, Precision::F32) => {
             return Err(Error::invalid(
                 "conv2d backward input: the tensor-core kernel needs bf16 or f16 weights, got f32",
             ))
         }
-        (Conv2dVersion::TensorCore, _) => {
+        (_, _) => {
             // 16-byte chunks: 4 f32 or 8 16-bit dout channels (never across a tap), 8 weight channels.
             let dout_chunk = 16 / args.dout_dtype.bytes();
             let vector = args.out_channels.is_multiple_of(dout_chunk)
                 && args.in_channels.is_multiple_of(8)
                 && args.dout.is_multiple_of(16)
                 && args.weight.is_multiple_of(16);
-            let name = if vector {
-                format!("conv2d_backward_input_mma_{d}_{w}")
-            } else {
-                format!("conv2d_backward_input_mma_gather_{d}_{w}")
+            let prefix = if vector { "conv2d_backward_input_mma" } else { "conv2d_backward_input_mma_gather" };
+            let name = match version {
+                Conv2dVersion::TensorCoreSplitK { .. } => format!("{prefix}_partial_{d}_{w}"),
+                _ => format!("{prefix}_{d}_{w}"),
             };
             // 3 stages of A (128 x 40 halves: dout rounded to the weights' type) and B (32 x 72 halves).
-            let shared = 3 * (BACKWARD_MMA_BLOCK_M * 40 * 2 + 32 * 72 * 2);
-            (name, BACKWARD_MMA_BLOCK_M, BACKWARD_MMA_BLOCK_N, 128, shared)
+            let shared = 3 * (MMA_BLOCK_M * 40 * 2 + MMA_BLOCK_K * 72 * 2);
+            (name, MMA_BLOCK_M, MMA_BLOCK_N, 128, shared)
         }
     };
     let positions = args.batch * args.height * args.width;
@@ -446,59 +635,95 @@ fn backward_plan(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Re
     if grid[0] > i32::MAX as usize || grid[1] > 65535 {
         return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
     }
+    let split = match version {
+        Conv2dVersion::TensorCoreSplitK { slices } => {
+            let k_total = args.kernel_h * args.kernel_w * args.out_channels;
+            Some(split_plan(positions, args.in_channels, k_total, slices, BACKWARD_REDUCE_KERNEL)?)
+        }
+        _ => None,
+    };
     let config = LaunchConfig {
-        grid: [grid[0] as u32, grid[1] as u32, 1],
+        grid: [grid[0] as u32, grid[1] as u32, split.as_ref().map_or(1, |s| s.slices as u32)],
         block: [threads, 1, 1],
         dynamic_shared_bytes: shared as u32,
     };
-    Ok((name, config))
+    Ok(LaunchPlan { kernel: name, config, split })
+}
+
+/// The version `launch_conv2d_backward_input` runs: tensor cores for bf16/f16 weights (f32 or
+/// 16-bit dout and dx; split-K when the grid under-fills the GPU and a workspace holds the slices),
+/// the SIMT kernel for f32 (and for one 16-bit type throughout when conv2d_mma.cu is not loaded).
+pub fn conv2d_backward_input_version(
+    args: &Conv2dBackwardInputLaunch,
+    has_tensor_cores: bool,
+    workspace: Option<&SplitKWorkspace>,
+) -> Conv2dVersion {
+    if args.weight_dtype == Precision::F32 || !has_tensor_cores {
+        return Conv2dVersion::Simt;
+    }
+    let positions = args.batch * args.height * args.width;
+    let k_total = args.kernel_h * args.kernel_w * args.out_channels;
+    tensor_core_version(positions, args.in_channels, k_total, workspace)
 }
 
 /// dx = (or +=) conv2d's vector-Jacobian product with respect to its input, with the fastest loaded
-/// kernel: tensor cores for bf16/f16 weights (f32 or 16-bit dout and dx), the SIMT kernel for f32
-/// (and for one 16-bit type throughout when conv2d_mma.cu is not loaded).
+/// kernel (`conv2d_backward_input_version`).
 pub fn launch_conv2d_backward_input(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
     args: &Conv2dBackwardInputLaunch,
+    workspace: Option<&SplitKWorkspace>,
 ) -> Result<()> {
-    let version = if args.weight_dtype == Precision::F32 || !kernels.has_tensor_cores() {
-        Conv2dVersion::Simt
-    } else {
-        Conv2dVersion::TensorCore
-    };
-    launch_conv2d_backward_input_version(driver, kernels, args, version)
+    let version = conv2d_backward_input_version(args, kernels.has_tensor_cores(), workspace);
+    launch_conv2d_backward_input_version(driver, kernels, args, version, workspace)
 }
 
-/// The input gradient with a chosen kernel version (tests compare them).
+/// The input gradient with a chosen kernel version (tests compare them); split-K needs a
+/// workspace that holds its slices.
 pub fn launch_conv2d_backward_input_version(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
     args: &Conv2dBackwardInputLaunch,
     version: Conv2dVersion,
+    workspace: Option<&SplitKWorkspace>,
 ) -> Result<()> {
-    args.validate()?;
-    let (name, config) = backward_plan(args, version)?;
-    let function = kernels.get(&name)?;
+    let plan = plan_conv2d_backward_input(args, version)?;
+    let function = kernels.get(&plan.kernel)?;
     let params = args.forward().params_bytes();
-    let kernel_args = match version {
-        Conv2dVersion::Simt => {
+    let kernel_args = match (version, &plan.split) {
+        (Conv2dVersion::Simt, _) => {
             KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&params).i32(args.accumulate as i32)
         }
-        Conv2dVersion::TensorCore => KernelArgs::new()
+        (_, None) => KernelArgs::new()
             .ptr(args.dout)
             .ptr(args.weight)
             .ptr(args.dx)
             .i32(super::dtype_code(args.dx_dtype))
             .bytes(&params)
             .i32(args.accumulate as i32),
+        (_, Some(split)) => {
+            let partials = split_workspace(split, workspace, "conv2d backward input")?;
+            let reduce = kernels.get(split.reduce_kernel)?;
+            let partial_args = KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(partials).bytes(&params);
+            let total = args.batch * args.height * args.width * args.in_channels;
+            let reduce_args = KernelArgs::new()
+                .ptr(partials)
+                .i32(split.slices as i32)
+                .u64(total as u64)
+                .ptr(args.dx)
+                .i32(super::dtype_code(args.dx_dtype))
+                .i32(args.accumulate as i32);
+            // Both launches belong to this one op: a profiler's events around the op time them together.
+            driver.launch(function, plan.config, &partial_args)?;
+            driver.launch(reduce, split.reduce_config, &reduce_args)?;
+            return Ok(());
+        }
     };
-    driver.launch(function, config, &kernel_args)?;
+    driver.launch(function, plan.config, &kernel_args)?;
     Ok(())
 }
 
 /// The kernel an input gradient would use (for reports and tests).
 pub fn backward_input_kernel_for(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Result<String> {
-    args.validate()?;
-    Ok(backward_plan(args, version)?.0)
+    Ok(plan_conv2d_backward_input(args, version)?.kernel)
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use self::attention::{AttentionKernels, AttentionLaunch};
 use self::compile::{ImageKind, KernelCompiler};
-use self::conv::{Conv2dKernels, Conv2dLaunch};
+use self::conv::{Conv2dKernels, Conv2dLaunch, SplitKWorkspace};
 use self::modules::KernelModules;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
 pub use self::tensor::{CudaTensor, DeviceMemory};
@@ -56,6 +56,10 @@ pub struct CudaBackend {
     /// Every allocation of this backend, counted (`memory`).
     memory: Arc<DeviceMemory>,
     groupnorm_partials: CudaTensor,
+    /// The convolutions' split-K partial sums: sized once from the SM count for every split the
+    /// launcher can choose (`SplitKWorkspace::bytes_for`), so no step allocates and recorded steps
+    /// keep valid pointers.
+    split_k_partials: CudaTensor,
 }
 
 impl CudaBackend {
@@ -75,6 +79,8 @@ impl CudaBackend {
     ) -> Result<Self> {
         let memory = Arc::new(DeviceMemory::default());
         let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 3], Precision::F32)?;
+        let split_k_bytes = SplitKWorkspace::bytes_for(driver.info().multiprocessors as usize);
+        let split_k_partials = allocate(&driver, &memory, &[split_k_bytes / 4], Precision::F32)?;
         Ok(Self {
             modules: KernelModules::new(driver.clone(), compiler, image),
             driver,
@@ -84,6 +90,7 @@ impl CudaBackend {
             attention: OnceLock::new(),
             memory,
             groupnorm_partials,
+            split_k_partials,
         })
     }
 
@@ -165,6 +172,14 @@ impl CudaBackend {
         let mma = self.modules.module("conv2d_mma.cu")?;
         let kernels = Conv2dKernels::load(self.driver.as_ref(), simt, Some(mma))?;
         Ok(self.conv.get_or_init(|| kernels))
+    }
+
+    fn split_k_workspace(&self) -> SplitKWorkspace {
+        SplitKWorkspace {
+            ptr: self.split_k_partials.ptr,
+            bytes: self.split_k_partials.allocated,
+            multiprocessors: self.driver.info().multiprocessors as usize,
+        }
     }
 
     fn attention_kernels(&self) -> Result<&AttentionKernels> {
@@ -767,7 +782,9 @@ impl Backend for CudaBackend {
         {
             return;
         }
-        let result = self.conv_kernels().and_then(|k| conv::launch_conv2d(self.driver.as_ref(), k, &args));
+        let workspace = self.split_k_workspace();
+        let result =
+            self.conv_kernels().and_then(|k| conv::launch_conv2d(self.driver.as_ref(), k, &args, Some(&workspace)));
         self.record(result);
     }
 
@@ -807,8 +824,10 @@ impl Backend for CudaBackend {
         if !self.check_shape(dout, &[n, co, oh, ow], "conv2d_backward_input: dout") {
             return;
         }
-        let result =
-            self.conv_kernels().and_then(|k| conv::launch_conv2d_backward_input(self.driver.as_ref(), k, &args));
+        let workspace = self.split_k_workspace();
+        let result = self
+            .conv_kernels()
+            .and_then(|k| conv::launch_conv2d_backward_input(self.driver.as_ref(), k, &args, Some(&workspace)));
         self.record(result);
     }
 
