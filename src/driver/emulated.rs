@@ -54,7 +54,7 @@ impl EmulatedDriver {
         let threads = rayon::current_num_threads();
         EmulatedDriver {
             info: DeviceInfo {
-                name: format!("PTX emulator (sm_80, {threads} threads)"),
+                name: format!("PTX emulator (sm_80, {EMULATED_MULTIPROCESSORS} SMs, {threads} threads)"),
                 compute_capability: (8, 0),
                 total_memory: EMULATED_MEMORY,
                 multiprocessors: EMULATED_MULTIPROCESSORS,

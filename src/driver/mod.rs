@@ -22,7 +22,7 @@ pub type DevicePtr = u64;
 /// What the driver can say about its device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
-    /// e.g. "NVIDIA H200" or "PTX emulator (sm_80, 2 threads)".
+    /// e.g. "NVIDIA H200" or "PTX emulator (sm_80, 16 SMs, 2 threads)".
     pub name: String,
     /// Compute capability (major, minor): the `sm_XY` NVRTC compiles for.
     pub compute_capability: (u32, u32),

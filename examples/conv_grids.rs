@@ -1,0 +1,167 @@
+//! The tensor-core convolution grids of the `cifar10` UNet (forward and input gradient), unsplit and
+//! as the launcher plans them (split-K where the grid under-fills the GPU), at batch 1 and 64 on a
+//! 132-SM GPU (H200) and a 16-SM one (Jetson Orin), and the split-K workspace each would hold.
+//!
+//! The layer shapes come from the network itself: one forward + input VJP at batch 1 on the CPU
+//! reference, through the profiling wrapper, which keys every convolution by its shape. Each shape
+//! is then planned by the launcher's own functions (`conv2d_version`, `plan_conv2d`, and the input
+//! gradient's), with bf16 weights, activations and f32 gradients as a bf16 plan runs them.
+//!
+//! Run: cargo run --release --example conv_grids
+use purifier::backend::cpu::CpuBackend;
+use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dLaunch, SplitKWorkspace};
+use purifier::backend::profiled::Profiled;
+use purifier::backend::{Backend, Conv2dGeometry, Precision};
+use purifier::model::params::DeterministicParams;
+use purifier::model::{Unet, UnetConfig};
+
+/// One convolution shape as the profiler keys it: "3x3 s1 128 -> 256, 16x16" (kernel, stride, C_in
+/// -> C_out, the output's size for the forward, dx's for the input gradient).
+struct Shape {
+    kernel: usize,
+    stride: usize,
+    in_channels: usize,
+    out_channels: usize,
+    size: usize,
+}
+
+fn parse(key: &str) -> Shape {
+    let number = |s: &str| -> usize { s.parse().unwrap_or_else(|_| panic!("unexpected shape key `{key}`")) };
+    let words: Vec<&str> = key.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+    let [kernel, stride, ci, "->", co, size] = words[..] else { panic!("unexpected shape key `{key}`") };
+    let first = |s: &str| number(s.split('x').next().unwrap_or(s));
+    Shape {
+        kernel: first(kernel),
+        stride: number(stride.trim_start_matches('s')),
+        in_channels: number(ci),
+        out_channels: number(co),
+        size: first(size),
+    }
+}
+
+/// The UNet's geometry for a kernel and stride: 3x3 pad 1, 1x1, or the downsample's stride 2 with
+/// padding right and bottom.
+fn geometry(kernel: usize, stride: usize) -> Conv2dGeometry {
+    match (kernel, stride) {
+        (3, 2) => Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 },
+        (k, 1) => Conv2dGeometry::same(k / 2),
+        other => panic!("no UNet convolution has kernel and stride {other:?}"),
+    }
+}
+
+fn forward_launch(s: &Shape, batch: usize) -> Conv2dLaunch {
+    // The input whose output is `size` (a folded upsample or a concat changes neither M, N nor K).
+    let input = s.size * s.stride;
+    Conv2dLaunch {
+        batch,
+        height: input,
+        width: input,
+        channels_a: s.in_channels,
+        channels_b: 0,
+        upsample: false,
+        out_channels: s.out_channels,
+        kernel_h: s.kernel,
+        kernel_w: s.kernel,
+        geometry: geometry(s.kernel, s.stride),
+        relu: false,
+        input_dtype: Precision::Bf16,
+        weight_dtype: Precision::Bf16,
+        out_dtype: Precision::Bf16,
+        a: 0x1000,
+        b: None,
+        weight: 0x2000,
+        bias: None,
+        channel_bias: None,
+        residual: None,
+        out: 0x3000,
+    }
+}
+
+fn backward_launch(s: &Shape, batch: usize) -> Conv2dBackwardInputLaunch {
+    Conv2dBackwardInputLaunch {
+        batch,
+        height: s.size,
+        width: s.size,
+        in_channels: s.in_channels,
+        out_channels: s.out_channels,
+        kernel_h: s.kernel,
+        kernel_w: s.kernel,
+        geometry: geometry(s.kernel, s.stride),
+        dout_dtype: Precision::F32,
+        weight_dtype: Precision::Bf16,
+        dx_dtype: Precision::F32,
+        dout: 0x1000,
+        weight: 0x2000,
+        dx: 0x3000,
+        accumulate: false,
+    }
+}
+
+/// "x x y x z blocks" of a plan, with its slices.
+fn grid_text(plan: &conv::LaunchPlan) -> String {
+    let [x, y, z] = plan.config.grid;
+    match &plan.split {
+        Some(split) => format!("{x}x{y}x{z} = {:>4} ({} k-steps / {})", plan.blocks(), split.k_tiles, split.slices),
+        None => format!("{x}x{y} = {:>4}", plan.blocks()),
+    }
+}
+
+fn main() -> purifier::Result<()> {
+    let cpu = CpuBackend;
+    let profiled = Profiled::new(&cpu);
+    let unet = Unet::load(&UnetConfig::cifar10(), &mut DeterministicParams::new(&profiled, 1))?;
+    let mut plan = unet.plan(&profiled, 1, true)?;
+    let x = profiled.upload(&vec![0.1; 3 * 32 * 32], &[1, 3, 32, 32])?;
+    let v = profiled.upload(&vec![0.1; 3 * 32 * 32], &[1, 3, 32, 32])?;
+    unet.forward(&profiled, &mut plan, &x, &[99.0])?;
+    unet.input_vjp(&profiled, &mut plan, &v)?;
+    let times = profiled.take()?;
+
+    let sms_list = [132usize, 16];
+    for &sms in &sms_list {
+        let bytes = SplitKWorkspace::bytes_for(sms);
+        println!("{sms} SMs: split-K workspace {bytes} bytes ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);
+    }
+    for (op, title) in [("conv2d", "forward"), ("conv2d_backward_input", "input gradient")] {
+        for batch in [1usize, 64] {
+            println!("\n{title}, batch {batch} (shape: kernel stride C_in -> C_out, output or dx size; calls)");
+            print!("{:<30} {:>5}", "shape", "calls");
+            for &sms in &sms_list {
+                print!(" | {:<14} {:<36}", format!("{sms} SMs unsplit"), "planned");
+            }
+            println!();
+            let mut largest = vec![0usize; sms_list.len()];
+            for ((name, key), stats) in &times.shapes {
+                if *name != op {
+                    continue;
+                }
+                let shape = parse(key);
+                print!("{key:<30} {:>5}", stats.calls);
+                for (i, &sms) in sms_list.iter().enumerate() {
+                    let workspace =
+                        SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(sms), multiprocessors: sms };
+                    let (unsplit, planned) = if op == "conv2d" {
+                        let launch = forward_launch(&shape, batch);
+                        let version = conv::conv2d_version(&launch, true, Some(&workspace));
+                        let unsplit = conv::plan_conv2d(&launch, conv::Conv2dVersion::TensorCore)?;
+                        (unsplit, conv::plan_conv2d(&launch, version)?)
+                    } else {
+                        let launch = backward_launch(&shape, batch);
+                        let version = conv::conv2d_backward_input_version(&launch, true, Some(&workspace));
+                        let unsplit = conv::plan_conv2d_backward_input(&launch, conv::Conv2dVersion::TensorCore)?;
+                        (unsplit, conv::plan_conv2d_backward_input(&launch, version)?)
+                    };
+                    if let Some(split) = &planned.split {
+                        largest[i] = largest[i].max(split.workspace_bytes);
+                    }
+                    print!(" | {:<14} {:<36}", grid_text(&unsplit), grid_text(&planned));
+                }
+                println!();
+            }
+            for (i, &sms) in sms_list.iter().enumerate() {
+                println!("  {sms} SMs: largest split-K workspace used {} bytes", largest[i]);
+            }
+        }
+    }
+    Ok(())
+}
