@@ -227,7 +227,8 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles)
-            conv_mma_load_tile<VECTOR>(a_tiles[s], b_tiles[s], (first_tile + s) * BK, rows, tid, m_local0, n_block, p, a, b, w);
+            conv_mma_load_tile<VECTOR>(a_tiles[s], b_tiles[s], (first_tile + s) * BK, rows, tid, m_local0, n_block, p,
+                                       a, b, w);
         cp_async_commit();
     }
 
@@ -357,8 +358,7 @@ extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partial
                                                int out_dtype, const ConvParams p) {
     const int plane = p.out_h * p.out_w;
     const long long total = (long long)p.batch * plane * p.out_channels;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE_LOOP(i, total) {
         float v = 0.0f;
         for (int s = 0; s < slices; ++s) v += partials[s * total + i];
         const int m = (int)(i / p.out_channels);
@@ -722,8 +722,7 @@ CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, f16, f1
 extern "C" __global__ void conv2d_backward_input_split_reduce(const float* __restrict__ partials, int slices,
                                                               long long total, void* __restrict__ dx, int dx_dtype,
                                                               int accumulate) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE_LOOP(i, total) {
         float g = 0.0f;
         for (int s = 0; s < slices; ++s) g += partials[s * total + i];
         store_grad(dx, dx_dtype, i, g, accumulate);
