@@ -59,6 +59,11 @@ pub struct BenchArgs {
     /// --purify-batch and --t-star, with its device memory peak), which is timed by default.
     #[arg(long)]
     pub skip_attack_gradient: bool,
+    /// Skip the kernels' start-up measurement (each kernel file compiled by NVRTC with no cache,
+    /// then read from the cache), measured by default: kernels are then compiled or read from the
+    /// cache as they are first used, within the first forward.
+    #[arg(long)]
+    pub skip_start_up: bool,
     /// A Python with PyTorch: also time bench/torch_baseline.py on the same weights and inputs.
     #[arg(long, value_name = "PYTHON")]
     pub baseline: Option<PathBuf>,
@@ -203,7 +208,7 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
     // Start-up, in two parts: every kernel file compiled by NVRTC (cold) and read back from the
     // disk cache (warm), each loaded on the device; then, kernels ready, the weights made or read,
     // a plan and the first forward.
-    let start_up = b.kernel_start_up()?;
+    let start_up = if args.skip_start_up { None } else { b.kernel_start_up()? };
     let first_started = Instant::now();
     let (unet, weights) = match &args.weights {
         Some(path) => (Unet::from_file(b, &TensorFile::open(path)?)?, path.display().to_string()),
