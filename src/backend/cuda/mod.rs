@@ -60,8 +60,8 @@ pub struct CudaBackend {
     groupnorm_partials: CudaTensor,
     /// The convolutions' split-K partial sums: sized once from the SM count for every split the
     /// launcher can choose (`SplitKWorkspace::bytes_for`), so no step allocates and recorded steps
-    /// keep valid pointers.
-    split_k_partials: CudaTensor,
+    /// keep valid pointers. `None` with `PURIFIER_CONV_SPLIT_K=off` (the benchmark's A/B switch).
+    split_k_partials: Option<CudaTensor>,
     /// One u32 of fault bits the kernels set where the host cannot check an argument (a step
     /// cursor outside its table: `STEP_CURSOR_FAULT`); `synchronize` reads and clears it.
     faults: CudaTensor,
@@ -87,7 +87,11 @@ impl CudaBackend {
         let memory = Arc::new(DeviceMemory::default());
         let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 3], Precision::F32)?;
         let split_k_bytes = SplitKWorkspace::bytes_for(driver.info().multiprocessors as usize);
-        let split_k_partials = allocate(&driver, &memory, &[split_k_bytes / 4], Precision::F32)?;
+        let split_k_partials = if std::env::var_os("PURIFIER_CONV_SPLIT_K").is_some_and(|v| v == "off") {
+            None
+        } else {
+            Some(allocate(&driver, &memory, &[split_k_bytes / 4], Precision::F32)?)
+        };
         let faults = allocate(&driver, &memory, &[1], Precision::F32)?;
         driver.memset_u32(faults.ptr, 0, 1)?;
         Ok(Self {
@@ -182,12 +186,12 @@ impl CudaBackend {
         Ok(self.conv.get_or_init(|| kernels))
     }
 
-    fn split_k_workspace(&self) -> SplitKWorkspace {
-        SplitKWorkspace {
-            ptr: self.split_k_partials.ptr,
-            bytes: self.split_k_partials.allocated,
+    fn split_k_workspace(&self) -> Option<SplitKWorkspace> {
+        self.split_k_partials.as_ref().map(|partials| SplitKWorkspace {
+            ptr: partials.ptr,
+            bytes: partials.allocated,
             multiprocessors: self.driver.info().multiprocessors as usize,
-        }
+        })
     }
 
     fn attention_kernels(&self) -> Result<&AttentionKernels> {
@@ -843,7 +847,7 @@ impl Backend for CudaBackend {
         }
         let workspace = self.split_k_workspace();
         let result =
-            self.conv_kernels().and_then(|k| conv::launch_conv2d(self.driver.as_ref(), k, &args, Some(&workspace)));
+            self.conv_kernels().and_then(|k| conv::launch_conv2d(self.driver.as_ref(), k, &args, workspace.as_ref()));
         self.record(result);
     }
 
@@ -886,7 +890,7 @@ impl Backend for CudaBackend {
         let workspace = self.split_k_workspace();
         let result = self
             .conv_kernels()
-            .and_then(|k| conv::launch_conv2d_backward_input(self.driver.as_ref(), k, &args, Some(&workspace)));
+            .and_then(|k| conv::launch_conv2d_backward_input(self.driver.as_ref(), k, &args, workspace.as_ref()));
         self.record(result);
     }
 
