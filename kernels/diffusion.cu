@@ -43,11 +43,19 @@ enum StepColumn {
     STEP_COLUMNS = 20
 };
 
-// The row cursor[0] names, or null when the cursor lies outside the table's `rows` rows (the op
-// then writes nothing; the CPU reference refuses such a call).
-__device__ __forceinline__ const float* step_row(const float* table, int rows, const float* cursor) {
+// Fault bits of the backend's fault word (src/backend/cuda/mod.rs reads them at synchronize).
+#define STEP_CURSOR_FAULT 1u
+
+// The row cursor[0] names, or null when the cursor lies outside the table's `rows` rows: the op
+// then writes nothing and sets STEP_CURSOR_FAULT, which the host reports as an error (the CPU
+// reference refuses such a call). One thread of the grid sets it: a single writer, no race.
+__device__ __forceinline__ const float* step_row(const float* table, int rows, const float* cursor,
+                                                 unsigned* faults) {
     const float c = cursor[0];
-    if (!(c >= 0.0f && c < (float)rows)) return nullptr;
+    if (!(c >= 0.0f && c < (float)rows && c == floorf(c))) {
+        if (blockIdx.x == 0 && threadIdx.x == 0) faults[0] |= STEP_CURSOR_FAULT;
+        return nullptr;
+    }
     return table + (long long)c * STEP_COLUMNS;
 }
 
@@ -112,8 +120,9 @@ extern "C" __global__ void fill_gaussian(void* out, int dt_out, const float* ima
     }
 }
 
-extern "C" __global__ void step_unet_indices(const float* table, int rows, const float* cursor, float* t, int n) {
-    const float* row = step_row(table, rows, cursor);
+extern "C" __global__ void step_unet_indices(const float* table, int rows, const float* cursor, unsigned* faults,
+                                              float* t, int n) {
+    const float* row = step_row(table, rows, cursor, faults);
     if (!row) return;
     GRID_STRIDE_LOOP(i, n) t[i] = row[COL_UNET_STEP];
 }
@@ -123,19 +132,19 @@ extern "C" __global__ void advance_step_cursor(float* cursor, int by) {
     if (blockIdx.x == 0 && threadIdx.x == 0) cursor[0] += (float)by;
 }
 
-extern "C" __global__ void axpby_step(const float* table, int rows, const float* cursor, int a_column, const void* x,
-                                      int dt_x, int b_column, const void* y, int dt_y, void* out, int dt_out,
-                                      long long n) {
-    const float* row = step_row(table, rows, cursor);
+extern "C" __global__ void axpby_step(const float* table, int rows, const float* cursor, unsigned* faults,
+                                      int a_column, const void* x, int dt_x, int b_column, const void* y, int dt_y,
+                                      void* out, int dt_out, long long n) {
+    const float* row = step_row(table, rows, cursor, faults);
     if (!row) return;
     const float a = row[a_column], b = row[b_column];
     GRID_STRIDE_LOOP(i, n) store_dyn(out, dt_out, i, a * load_dyn(x, dt_x, i) + b * load_dyn(y, dt_y, i));
 }
 
 extern "C" __global__ void q_sample(const void* x, int dt_x, const float* image_indices, const float* table, int rows,
-                                    const float* cursor, void* x_t, int dt_xt, long long samples, long long sample_len,
-                                    int nhwc, int channels, int height, int width) {
-    const float* row = step_row(table, rows, cursor);
+                                    const float* cursor, unsigned* faults, void* x_t, int dt_xt, long long samples,
+                                    long long sample_len, int nhwc, int channels, int height, int width) {
+    const float* row = step_row(table, rows, cursor, faults);
     if (!row) return;
     const float a = row[COL_SQRT_ABAR], s_noise = row[COL_SQRT_ONE_MINUS_ABAR];
     const unsigned long long seed = row_u64(row, COL_SEED), stream = row_u64(row, COL_STREAM);
@@ -156,9 +165,9 @@ extern "C" __global__ void q_sample(const void* x, int dt_x, const float* image_
 // Each thread one Philox block of one sample: the four elements it draws noise for (delta: 0 = none).
 extern "C" __global__ void reverse_step(void* x_t, int dt_x, const void* eps, int dt_eps, const void* delta, int dt_d,
                                         const float* image_indices, const float* table, int rows, const float* cursor,
-                                        long long samples, long long sample_len, int nhwc, int channels, int height,
-                                        int width) {
-    const float* row = step_row(table, rows, cursor);
+                                        unsigned* faults, long long samples, long long sample_len, int nhwc,
+                                        int channels, int height, int width) {
+    const float* row = step_row(table, rows, cursor, faults);
     if (!row) return;
     const StepCoefficients k = row_coefficients(row);
     const float sigma = row[COL_NOISE_STD];
@@ -183,8 +192,8 @@ extern "C" __global__ void reverse_step(void* x_t, int dt_x, const void* eps, in
 
 extern "C" __global__ void predict_x0_and_mean(const void* x_t, int dt_x, const void* eps, int dt_eps, void* x0_hat,
                                                int dt_x0, void* mu, int dt_mu, long long n, const float* table,
-                                               int rows, const float* cursor) {
-    const float* row = step_row(table, rows, cursor);
+                                               int rows, const float* cursor, unsigned* faults) {
+    const float* row = step_row(table, rows, cursor, faults);
     if (!row) return;
     const StepCoefficients k = row_coefficients(row);
     GRID_STRIDE_LOOP(i, n) {
@@ -196,8 +205,9 @@ extern "C" __global__ void predict_x0_and_mean(const void* x_t, int dt_x, const 
 }
 
 extern "C" __global__ void mask_clipped(const void* x_t, int dt_x, const void* eps, int dt_eps, void* u, int dt_u,
-                                        long long n, const float* table, int rows, const float* cursor) {
-    const float* row = step_row(table, rows, cursor);
+                                        long long n, const float* table, int rows, const float* cursor,
+                                        unsigned* faults) {
+    const float* row = step_row(table, rows, cursor, faults);
     if (!row) return;
     const StepCoefficients k = row_coefficients(row);
     GRID_STRIDE_LOOP(i, n) {

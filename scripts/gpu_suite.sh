@@ -180,20 +180,24 @@ benchmarks() {
   # Every row of one bench call is lost if the call runs out of time, so the long parts get
   # calls of their own, most wanted first: the guided purifications (UNet rows and the per-op
   # breakdown at batch 1, where launch latency and small tiles show, 3 repeats) with the attack
-  # gradient at t* 100, batch 64 (about 5 s each on an H200, so the other steps skip it); torch.compile, which compiles per shape (minutes), at two batches; f32 last, with
-  # 3 repeats (one f32 purification at t* 100, batch 64 is 5 s on an H200: 10 of them ran the
-  # first run's step out of its 60 s).
-  bench "$LARGE-bf16" 150 --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient \
+  # gradient at t* 100, batch 64 (about 5 s each on an H200, so the other steps skip it);
+  # torch.compile, which compiles per shape (minutes), at two batches; f32 last, with 3 repeats
+  # (one f32 purification at t* 100, batch 64 is 5 s on an H200: 10 of them ran the first run's
+  # step out of its 60 s).
+  # The kernels' start-up (every file compiled by NVRTC, then read from the cache) is measured in
+  # the first call only (tens of seconds of NVRTC); the others --skip-start-up.
+  bench "$LARGE-bf16" 180 --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient \
     "${baseline[@]}" ${baseline:+--baseline-variants eager,graphs}
   BATCHES=1 REPEATS=3 PROFILE_BATCH=1 bench "$LARGE-bf16-guided" 120 --config "$LARGE" --precision bf16 \
-    --modes pixel,adversarial "${baseline[@]}" ${baseline:+--baseline-variants eager}
+    --modes pixel,adversarial --skip-start-up "${baseline[@]}" ${baseline:+--baseline-variants eager}
   BATCHES=1,256 T_STAR=1 bench "$LARGE-bf16-compile" 180 --config "$LARGE" --precision bf16 --modes none \
-    --skip-attack-gradient \
+    --skip-attack-gradient --skip-start-up \
     "${baseline[@]}" ${baseline:+--baseline-variants compile}
-  bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none --skip-attack-gradient \
+  bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none --skip-attack-gradient --skip-start-up \
     "${baseline[@]}" ${baseline:+--baseline-variants eager}
-  bench "$LARGE-f16" 45 --config "$LARGE" --precision f16 --modes none --skip-attack-gradient
-  REPEATS=3 bench "$LARGE-f32" 120 --config "$LARGE" --precision f32 --modes none --skip-attack-gradient "${baseline[@]}" \
+  bench "$LARGE-f16" 45 --config "$LARGE" --precision f16 --modes none --skip-attack-gradient --skip-start-up
+  REPEATS=3 bench "$LARGE-f32" 120 --config "$LARGE" --precision f32 --modes none --skip-attack-gradient --skip-start-up \
+    "${baseline[@]}" \
     ${baseline:+--baseline-variants eager,graphs}
 }
 

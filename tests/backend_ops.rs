@@ -766,8 +766,8 @@ fn emulator_backward_ops_report_bad_shapes() {
 
 /// The table-driven ops refuse a step table of the wrong width, a cursor that is not one f32
 /// element and image indices of the wrong count, through synchronize, writing nothing; a cursor
-/// outside the table makes them write nothing (the sampler never moves it there; the CPU
-/// reference panics on it).
+/// outside the table (which the sampler never moves it to; the CPU reference panics on it) makes
+/// them write nothing and is reported by the next synchronize.
 #[test]
 fn emulator_step_ops_report_bad_tables() {
     let b = emulator(Precision::F32);
@@ -789,10 +789,19 @@ fn emulator_step_ops_report_bad_tables() {
     b.reverse_step(&mut x_t, &x, None, &two_images, StepSource { table: &table, cursor: &cursor });
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("reverse_step: image_indices"), "{err}");
-    let outside = b.upload(&[2.0], &[1]).unwrap();
-    b.reverse_step(&mut x_t, &x, None, &images, StepSource { table: &table, cursor: &outside });
-    b.synchronize().expect("a cursor outside the table is not a launch error");
-    assert_eq!(b.download(&x_t).unwrap(), vec![0.25; 12], "nothing written");
+    // The cursor lives on the device: the kernels find it outside the table, write nothing and
+    // set a fault that synchronize reports once; a half-way cursor (1.5) is outside too.
+    for bad in [2.0, -1.0, 1.5] {
+        let outside = b.upload(&[bad], &[1]).unwrap();
+        b.reverse_step(&mut x_t, &x, None, &images, StepSource { table: &table, cursor: &outside });
+        let err = b.synchronize().unwrap_err().to_string();
+        assert!(err.contains("step cursor outside the step table"), "cursor {bad}: {err}");
+        b.synchronize().expect("the fault is reported once");
+        assert_eq!(b.download(&x_t).unwrap(), vec![0.25; 12], "nothing written (cursor {bad})");
+    }
+    b.reverse_step(&mut x_t, &x, None, &images, StepSource { table: &table, cursor: &cursor });
+    b.synchronize().expect("a cursor inside the table runs");
+    assert_ne!(b.download(&x_t).unwrap(), vec![0.25; 12]);
 }
 
 /// The benchmark's compute ceiling: kernels/peak.cu runs (on the emulator: a few doublings of its

@@ -359,6 +359,21 @@ fn bench_on_the_emulator_times_issued_and_replayed_passes() {
         assert!(median > 0.0, "{key}: {row}");
     }
     assert_eq!(report["purify_timings"].as_array().unwrap().len(), 1);
+    // Start-up: every kernel file compiled by NVRTC, read back from the cache, and loaded.
+    let kernels = &report["start_up"]["kernels"];
+    let files = kernels["files"].as_array().unwrap();
+    let kernel_files = std::fs::read_dir(project_path("kernels"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "cu"))
+        .count();
+    assert_eq!(files.len(), kernel_files, "{kernels}");
+    for f in files {
+        for key in ["nvrtc_compile_s", "cache_read_s", "load_s"] {
+            assert!(f[key].as_f64().unwrap() > 0.0, "{key}: {f}");
+        }
+        assert!(f["image_bytes"].as_u64().unwrap() > 0, "{f}");
+    }
+    assert!(kernels["warm_s"].as_f64().unwrap() > 0.0 && report["start_up"]["first_forward_s"].as_f64().unwrap() > 0.0);
     // The CUDA backend counts its device memory: the attack gradient's peak holds at least the plan.
     let attack = &report["attack_gradient"];
     assert!(

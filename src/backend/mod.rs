@@ -271,6 +271,40 @@ pub enum Timestamp {
     Device(crate::driver::Event),
 }
 
+/// What one kernel file costs to make ready on a device (`Backend::kernel_start_up`), in seconds.
+#[derive(Clone, Debug)]
+pub struct KernelFileStartUp {
+    /// e.g. "conv2d_mma.cu".
+    pub file: String,
+    /// NVRTC compiling it from source (no cache): what a first run pays.
+    pub compile_s: f64,
+    /// Reading its image back from the on-disk cache (checksum verified); `None` when the cache
+    /// is off (`PURIFIER_KERNEL_CACHE=off`) or cannot be written.
+    pub cache_read_s: Option<f64>,
+    /// Loading the image on the device (the driver's module load).
+    pub load_s: f64,
+    /// The image's size in bytes.
+    pub image_bytes: usize,
+}
+
+/// A backend's kernel start-up, file by file: cold (compiled by NVRTC) against warm (read from
+/// the cache), each with the device's module load.
+#[derive(Clone, Debug)]
+pub struct KernelStartUp {
+    pub files: Vec<KernelFileStartUp>,
+}
+
+impl KernelStartUp {
+    /// Every file compiled and loaded: a first run's start-up, or any run with the cache off.
+    pub fn cold_s(&self) -> f64 {
+        self.files.iter().map(|f| f.compile_s + f.load_s).sum()
+    }
+    /// Every file read from the cache and loaded; `None` unless every file was cached.
+    pub fn warm_s(&self) -> Option<f64> {
+        self.files.iter().map(|f| f.cache_read_s.map(|read| read + f.load_s)).sum()
+    }
+}
+
 /// An open range of work (`Backend::range_push`), closed when dropped.
 pub struct Range<'a, B: Backend + ?Sized>(&'a B);
 
@@ -342,6 +376,14 @@ pub trait Backend {
     /// The measured dense bf16 tensor-core throughput of the device (FLOP/s), the compute ceiling
     /// of the benchmark's roofline; `None` for a backend without tensor cores (the CPU).
     fn tensor_core_peak(&self) -> Result<Option<f64>> {
+        Ok(None)
+    }
+
+    /// Makes every kernel ready now, measuring the cost file by file: each compiled from source
+    /// (the cold start), then read back from the disk cache where it is on (the warm start), and
+    /// loaded on the device once. Call it before anything else runs on the backend (a file already
+    /// loaded is an error). `None` where nothing is compiled at run time (the CPU).
+    fn kernel_start_up(&self) -> Result<Option<KernelStartUp>> {
         Ok(None)
     }
 

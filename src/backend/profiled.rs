@@ -217,6 +217,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn tensor_core_peak(&self) -> Result<Option<f64>> {
         self.inner.tensor_core_peak()
     }
+    fn kernel_start_up(&self) -> Result<Option<crate::backend::KernelStartUp>> {
+        self.inner.kernel_start_up()
+    }
     fn range_push(&self, name: &str) {
         self.inner.range_push(name)
     }

@@ -73,6 +73,11 @@ fn check(status: cudarc::nvrtc::sys::nvrtcResult, what: &str) -> Result<()> {
     }
 }
 
+/// The embedded kernel files, each one module (the header is not one).
+pub fn kernel_files() -> impl Iterator<Item = &'static str> {
+    KERNEL_SOURCES.iter().map(|(name, _)| *name).filter(|name| *name != COMMON_HEADER)
+}
+
 /// The embedded source of a kernel file.
 pub fn kernel_source(file: &str) -> Result<&'static str> {
     KERNEL_SOURCES
@@ -83,6 +88,7 @@ pub fn kernel_source(file: &str) -> Result<&'static str> {
 }
 
 /// Compiles kernel files for one architecture, through the disk cache.
+#[derive(Clone)]
 pub struct KernelCompiler {
     /// e.g. "sm_80".
     arch: String,
@@ -114,6 +120,11 @@ impl KernelCompiler {
         Ok(Self { arch: arch.to_string(), nvrtc_version: nvrtc_version()?, cache_dir, enabled: true })
     }
 
+    /// The same compiler with no disk cache: every call runs NVRTC.
+    pub fn uncached(&self) -> Self {
+        Self { cache_dir: None, ..self.clone() }
+    }
+
     pub fn arch(&self) -> &str {
         &self.arch
     }
@@ -134,8 +145,7 @@ impl KernelCompiler {
             return Err(Error::Device(format!("{name}: this backend only sizes plans and compiles no kernels")));
         }
         let header = kernel_source(COMMON_HEADER)?;
-        let key = self.cache_key(name, source, header, kind);
-        let entry = self.cache_dir.as_ref().map(|dir| dir.join(&key));
+        let entry = self.cache_entry(name, source, kind)?;
         if let Some(image) = entry.as_deref().and_then(read_cache_entry) {
             return Ok(image);
         }
@@ -145,6 +155,26 @@ impl KernelCompiler {
             let _ = write_cache_entry(&path, &image);
         }
         Ok(image)
+    }
+
+    /// The cached image of kernel file `file`, if the cache holds a valid one (read and verified).
+    pub fn cached_file(&self, file: &str, kind: ImageKind) -> Result<Option<Vec<u8>>> {
+        Ok(self.cache_entry(file, kernel_source(file)?, kind)?.as_deref().and_then(read_cache_entry))
+    }
+
+    /// Stores `image`, compiled from kernel file `file`, in the cache (where there is one; a cache
+    /// that cannot be written is not an error).
+    pub fn cache_file(&self, file: &str, kind: ImageKind, image: &[u8]) -> Result<()> {
+        if let Some(path) = self.cache_entry(file, kernel_source(file)?, kind)? {
+            let _ = write_cache_entry(&path, image);
+        }
+        Ok(())
+    }
+
+    /// Where the cache keeps the image of `source` (`None`: no cache).
+    fn cache_entry(&self, name: &str, source: &str, kind: ImageKind) -> Result<Option<PathBuf>> {
+        let header = kernel_source(COMMON_HEADER)?;
+        Ok(self.cache_dir.as_ref().map(|dir| dir.join(self.cache_key(name, source, header, kind))))
     }
 
     /// `<file stem>-<source hash>-<arch>-nvrtc<major>.<minor>.<ptx|cubin>`.

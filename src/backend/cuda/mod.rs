@@ -16,7 +16,9 @@ pub mod conv;
 pub mod modules;
 pub mod tensor;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use self::attention::{AttentionKernels, AttentionLaunch};
 use self::compile::{ImageKind, KernelCompiler};
@@ -25,8 +27,8 @@ use self::modules::KernelModules;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
 pub use self::tensor::{CudaTensor, DeviceMemory};
 use super::{
-    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision, StepColumn,
-    StepSource, TensorShape, Timestamp, STEP_COLUMNS,
+    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, KernelFileStartUp, KernelStartUp,
+    LayerInput, Precision, StepColumn, StepSource, TensorShape, Timestamp, STEP_COLUMNS,
 };
 use crate::driver::{Driver, Graph, KernelArgs, LaunchConfig};
 use crate::error::{Error, Result};
@@ -56,6 +58,11 @@ pub struct CudaBackend {
     /// Every allocation of this backend, counted (`memory`).
     memory: Arc<DeviceMemory>,
     groupnorm_partials: CudaTensor,
+    /// One u32 of fault bits the kernels set where the host cannot check an argument (a step
+    /// cursor outside its table: `STEP_CURSOR_FAULT`); `synchronize` reads and clears it.
+    faults: CudaTensor,
+    /// Whether a kernel that may set a fault has been issued (else `synchronize` skips the read).
+    faults_armed: AtomicBool,
 }
 
 impl CudaBackend {
@@ -75,6 +82,8 @@ impl CudaBackend {
     ) -> Result<Self> {
         let memory = Arc::new(DeviceMemory::default());
         let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 3], Precision::F32)?;
+        let faults = allocate(&driver, &memory, &[1], Precision::F32)?;
+        driver.memset_u32(faults.ptr, 0, 1)?;
         Ok(Self {
             modules: KernelModules::new(driver.clone(), compiler, image),
             driver,
@@ -84,6 +93,8 @@ impl CudaBackend {
             attention: OnceLock::new(),
             memory,
             groupnorm_partials,
+            faults,
+            faults_armed: AtomicBool::new(false),
         })
     }
 
@@ -104,16 +115,6 @@ impl CudaBackend {
 
     pub fn driver(&self) -> &Arc<dyn Driver> {
         &self.driver
-    }
-
-    /// Compiles and loads every kernel file now (a cold start's NVRTC time, measured by `bench`).
-    pub fn load_all_kernels(&self) -> Result<()> {
-        for file in ["elementwise.cu", "groupnorm.cu", "embedding.cu", "diffusion.cu"] {
-            self.modules.module(file)?;
-        }
-        self.conv_kernels()?;
-        self.attention_kernels()?;
-        Ok(())
     }
 
     /// Keeps the first error; later ones are consequences.
@@ -248,7 +249,8 @@ impl Drop for CudaGraph {
 
 impl CudaBackend {
     /// Checks the step table and cursor of a table-driven op; their kernel arguments
-    /// (table, rows, cursor), or None with an error stored.
+    /// (table, rows, cursor, faults), or None with an error stored. The cursor lives on the device:
+    /// a kernel that finds it outside the table writes nothing and sets a fault `synchronize` reports.
     fn step_args(&self, step: StepSource<'_, CudaTensor>, what: &str) -> Option<KernelArgs> {
         let rows = match step.table.shape[..] {
             [rows, STEP_COLUMNS] if rows > 0 && rows <= i32::MAX as usize => rows,
@@ -263,7 +265,26 @@ impl CudaBackend {
         let ok = self.check(step.table.dtype == Precision::F32, || format!("{what}: the step table must be f32"))
             && self.check_shape(step.cursor, &[1], &format!("{what}: step cursor"))
             && self.check(step.cursor.dtype == Precision::F32, || format!("{what}: the step cursor must be f32"));
-        ok.then(|| KernelArgs::new().ptr(step.table.ptr).i32(rows as i32).ptr(step.cursor.ptr))
+        self.faults_armed.store(true, Ordering::Relaxed);
+        ok.then(|| KernelArgs::new().ptr(step.table.ptr).i32(rows as i32).ptr(step.cursor.ptr).ptr(self.faults.ptr))
+    }
+
+    /// The faults the kernels set since the last call, as an error (and cleared).
+    fn take_faults(&self) -> Result<()> {
+        if !self.faults_armed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut bits = [0u8; 4];
+        self.driver.copy_to_host(self.faults.ptr, &mut bits)?;
+        if u32::from_le_bytes(bits) == 0 {
+            return Ok(());
+        }
+        self.driver.memset_u32(self.faults.ptr, 0, 1)?;
+        Err(Error::Device(
+            "a step-table op (q-sample, reverse step, ...) ran with its step cursor outside the step table and \
+             wrote nothing: the sampler's steps and its table disagree"
+                .into(),
+        ))
     }
 
     /// Checks `image_indices` for a noise-drawing op over `out`'s samples.
@@ -361,7 +382,8 @@ impl Backend for CudaBackend {
         if let Some(e) = self.error.lock().unwrap().take() {
             return Err(e);
         }
-        Ok(device?)
+        device?;
+        self.take_faults()
     }
 
     fn timestamp(&self) -> Result<Timestamp> {
@@ -430,6 +452,36 @@ impl Backend for CudaBackend {
             iterations *= 2;
         };
         Ok(Some(result))
+    }
+
+    fn kernel_start_up(&self) -> Result<Option<KernelStartUp>> {
+        let compiler = self.modules.compiler();
+        let kind = self.modules.kind();
+        let seconds = |started: Instant| started.elapsed().as_secs_f64();
+        let mut files = Vec::new();
+        for file in compile::kernel_files() {
+            let started = Instant::now();
+            let image = compiler.uncached().compile_file(file, kind)?;
+            let compile_s = seconds(started);
+            // The warm start reads what a first run stored (stored here if this is the first run).
+            if compiler.cached_file(file, kind)?.is_none() {
+                compiler.cache_file(file, kind, &image)?;
+            }
+            let started = Instant::now();
+            let cached = compiler.cached_file(file, kind)?;
+            let cache_read_s = cached.is_some().then(|| seconds(started));
+            let started = Instant::now();
+            self.modules.insert_image(file, cached.as_deref().unwrap_or(&image))?;
+            self.driver.synchronize()?;
+            files.push(KernelFileStartUp {
+                file: file.to_string(),
+                compile_s,
+                cache_read_s,
+                load_s: seconds(started),
+                image_bytes: image.len(),
+            });
+        }
+        Ok(Some(KernelStartUp { files }))
     }
 
     fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<CudaTensor> {

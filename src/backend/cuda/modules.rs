@@ -37,16 +37,38 @@ impl KernelModules {
             return Ok(module);
         }
         let image = self.compiler.compile_file(file, self.kind)?;
-        let module = match self.kind {
+        let module = self.load_image(file, &image)?;
+        modules.insert(file.to_string(), module);
+        Ok(module)
+    }
+
+    /// Loads `image`, compiled from kernel file `file` by `compiler()`, as that file's module (an
+    /// error if the file is already loaded): for `CudaBackend::kernel_start_up`, which times the
+    /// compile and the load apart.
+    pub fn insert_image(&self, file: &str, image: &[u8]) -> Result<Module> {
+        let mut modules = self.modules.lock().unwrap();
+        if modules.contains_key(file) {
+            return Err(Error::invalid(format!("kernel file {file} is already loaded")));
+        }
+        let module = self.load_image(file, image)?;
+        modules.insert(file.to_string(), module);
+        Ok(module)
+    }
+
+    /// What its images are: PTX (the emulator) or cubins (a GPU).
+    pub fn kind(&self) -> ImageKind {
+        self.kind
+    }
+
+    fn load_image(&self, file: &str, image: &[u8]) -> Result<Module> {
+        Ok(match self.kind {
             ImageKind::Ptx => {
-                let text = std::str::from_utf8(&image)
+                let text = std::str::from_utf8(image)
                     .map_err(|_| crate::Error::Device(format!("NVRTC's PTX for {file} is not UTF-8")))?;
                 self.driver.load_module(ModuleImage::Ptx(text))?
             }
-            ImageKind::Cubin => self.driver.load_module(ModuleImage::Cubin(&image))?,
-        };
-        modules.insert(file.to_string(), module);
-        Ok(module)
+            ImageKind::Cubin => self.driver.load_module(ModuleImage::Cubin(image))?,
+        })
     }
 
     /// The kernel `name` of file `file`.
