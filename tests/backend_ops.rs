@@ -804,6 +804,20 @@ fn emulator_step_ops_report_bad_tables() {
     assert_ne!(b.download(&x_t).unwrap(), vec![0.25; 12]);
 }
 
+/// Kernels compiled on background threads are the ones the ops then use: every kernel file is
+/// handed to the threads (twice over: the second call finds them under way or done), and an
+/// element-wise op (its file still queued: compiled where it is needed), a convolution and the
+/// attention (the tensor-core files, which the threads take first: waited for) agree with the CPU.
+#[test]
+fn emulator_compiles_kernels_in_background() {
+    let b = emulator(Precision::Bf16);
+    b.compile_kernels_in_background();
+    b.compile_kernels_in_background();
+    elementwise_ops(&b, Precision::Bf16);
+    conv2d_op(&b, Precision::Bf16);
+    attention_op(&b, Precision::Bf16);
+}
+
 /// The benchmark's compute ceiling: kernels/peak.cu runs (on the emulator: a few doublings of its
 /// loop, which is the same code a GPU runs) and yields a finite, positive rate; the CPU has none.
 #[test]

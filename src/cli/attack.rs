@@ -17,7 +17,7 @@ use purifier::model::Classifier;
 use purifier::purify::Purifier;
 
 use super::args::{cli_name, parse_number, DeviceArgs, PurificationArgs};
-use super::backend::backend;
+use super::backend::unet_backend;
 use super::outputs::Outputs;
 use super::pipeline::{
     accuracy, check_batch, load_purification, predict, prediction_caption, purify_in_batches, title_caption,
@@ -148,7 +148,7 @@ pub fn run(args: &AttackArgs, progress: Progress) -> Result<()> {
     if args.plan_memory {
         return print_plan_memory(args);
     }
-    purifier::with_backend!(backend(&args.device)?, b => run_on(b, args, progress))
+    purifier::with_backend!(unet_backend(&args.device)?, b => run_on(b, args, progress))
 }
 
 /// The attack on any backend: the gradient goes back through every reverse step (and the

@@ -9,7 +9,7 @@ use purifier::error::{check_finite, Error, Result};
 use purifier::model::Unet;
 
 use super::args::DeviceArgs;
-use super::backend::backend;
+use super::backend::unet_backend;
 use super::outputs::Outputs;
 use super::pipeline::open_weights;
 
@@ -32,7 +32,7 @@ pub struct EpsArgs {
 }
 
 pub fn run(args: &EpsArgs) -> Result<()> {
-    purifier::with_backend!(backend(&args.device)?, b => run_on(b, args))
+    purifier::with_backend!(unet_backend(&args.device)?, b => run_on(b, args))
 }
 
 fn run_on<B: Backend>(b: B, args: &EpsArgs) -> Result<()> {

@@ -13,7 +13,7 @@ use purifier::model::Classifier;
 use purifier::purify::Purifier;
 
 use super::args::{DeviceArgs, PurificationArgs};
-use super::backend::backend;
+use super::backend::unet_backend;
 use super::outputs::Outputs;
 use super::pipeline::{
     check_batch, load_purification, predict, prediction_caption, purify_in_batches, share_correct, title_caption,
@@ -48,7 +48,7 @@ pub struct PurifyArgs {
 }
 
 pub fn run(args: &PurifyArgs, progress: Progress) -> Result<()> {
-    purifier::with_backend!(backend(&args.device)?, b => run_on(b, args, progress))
+    purifier::with_backend!(unet_backend(&args.device)?, b => run_on(b, args, progress))
 }
 
 fn run_on<B: Backend>(b: B, args: &PurifyArgs, progress: Progress) -> Result<()> {

@@ -117,6 +117,13 @@ impl CudaBackend {
         &self.driver
     }
 
+    /// Starts compiling every kernel file in the background, in parallel (`KernelModules::
+    /// compile_in_background`); the commands call it as soon as the backend exists, so NVRTC runs
+    /// while the weights load and a cold start costs the slowest file, not all of them in turn.
+    pub fn compile_kernels_in_background(&self) {
+        self.modules.compile_in_background();
+    }
+
     /// Keeps the first error; later ones are consequences.
     fn fail(&self, error: Error) {
         self.error.lock().unwrap().get_or_insert(error);

@@ -1,9 +1,9 @@
 //! Kernel modules loaded on a driver: each kernel file compiled once (through the disk cache),
 //! loaded once, and each function looked up once by name.
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
-use super::compile::{ImageKind, KernelCompiler};
+use super::compile::{kernel_files, ImageKind, KernelCompiler};
 use crate::driver::{Driver, Function, Module, ModuleImage};
 use crate::error::{Error, Result};
 
@@ -13,13 +13,104 @@ pub struct KernelModules {
     kind: ImageKind,
     modules: Mutex<HashMap<String, Module>>,
     functions: Mutex<HashMap<(String, String), Function>>,
+    /// Images being compiled on background threads (`compile_in_background`), taken by `module`.
+    background: Arc<Background>,
+}
+
+/// Kernel files handed to background threads: those not yet done, and the images (or errors)
+/// of those done and not yet taken.
+#[derive(Default)]
+struct Background {
+    state: Mutex<BackgroundState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct BackgroundState {
+    queued: Vec<&'static str>,
+    in_flight: Vec<&'static str>,
+    finished: HashMap<&'static str, Result<Vec<u8>>>,
+}
+
+impl Background {
+    /// The image of `file` if a background thread has it or will: waits for it; `None` if the
+    /// file was never handed to one (or was taken already).
+    fn take(&self, file: &str) -> Option<Result<Vec<u8>>> {
+        let mut state = self.state.lock().unwrap();
+        loop {
+            if let Some(image) = state.finished.remove(file) {
+                return Some(image);
+            }
+            if let Some(at) = state.queued.iter().position(|f| *f == file) {
+                // Not started: compiling it here is as quick as waiting for a worker.
+                state.queued.remove(at);
+                return None;
+            }
+            if !state.in_flight.contains(&file) {
+                return None;
+            }
+            state = self.done.wait(state).unwrap();
+        }
+    }
+
+    /// One worker: compiles queued files until none is left.
+    fn work(&self, compiler: &KernelCompiler, kind: ImageKind) {
+        loop {
+            let file = {
+                let mut state = self.state.lock().unwrap();
+                let Some(file) = state.queued.pop() else { return };
+                state.in_flight.push(file);
+                file
+            };
+            let image = compiler.compile_file(file, kind);
+            let mut state = self.state.lock().unwrap();
+            state.in_flight.retain(|f| *f != file);
+            state.finished.insert(file, image);
+            self.done.notify_all();
+        }
+    }
 }
 
 impl KernelModules {
     /// Modules for `driver`, compiled for its architecture. `kind`: PTX for the emulator, a cubin
     /// on a GPU.
     pub fn new(driver: Arc<dyn Driver>, compiler: KernelCompiler, kind: ImageKind) -> Self {
-        Self { driver, compiler, kind, modules: Mutex::default(), functions: Mutex::default() }
+        Self {
+            driver,
+            compiler,
+            kind,
+            modules: Mutex::default(),
+            functions: Mutex::default(),
+            background: Arc::default(),
+        }
+    }
+
+    /// Starts compiling (or reading from the disk cache) every kernel file not loaded yet, on as
+    /// many threads as the host has cores (at most one per file), and returns at once: on a cold
+    /// cache the first forward then waits for the slowest file, not for the sum of them. `module`
+    /// takes a file's image from there (waiting if its compile is under way); an error stays with
+    /// its file and surfaces when that file is first used.
+    pub fn compile_in_background(&self) {
+        let loaded = self.modules.lock().unwrap();
+        let mut state = self.background.state.lock().unwrap();
+        let pending: Vec<&'static str> = kernel_files()
+            .filter(|f| {
+                !loaded.contains_key(*f)
+                    && !state.queued.contains(f)
+                    && !state.in_flight.contains(f)
+                    && !state.finished.contains_key(f)
+            })
+            .collect();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = pending.len().min(cores);
+        // Popped from the end: the tensor-core modules, the slowest to compile, sorted last, go first.
+        state.queued.extend(pending);
+        state.queued.sort_by_key(|f| f.contains("_mma"));
+        drop(state);
+        for _ in 0..workers {
+            let (background, compiler, kind) = (self.background.clone(), self.compiler.clone(), self.kind);
+            std::thread::spawn(move || background.work(&compiler, kind));
+        }
     }
 
     pub fn driver(&self) -> &Arc<dyn Driver> {
@@ -36,7 +127,10 @@ impl KernelModules {
         if let Some(&module) = modules.get(file) {
             return Ok(module);
         }
-        let image = self.compiler.compile_file(file, self.kind)?;
+        let image = match self.background.take(file) {
+            Some(image) => image?,
+            None => self.compiler.compile_file(file, self.kind)?,
+        };
         let module = self.load_image(file, &image)?;
         modules.insert(file.to_string(), module);
         Ok(module)
