@@ -304,8 +304,9 @@ impl<B: Backend> Unet<B> {
                 for buffer in &bufs.0 {
                     grads.push(backend.zeros(buffer.shape())?);
                 }
-                if let Layer::Attn(_) = node.layer {
-                    // The attention backward's dout rounded to the activations' type (its scratch).
+                if let (Layer::Attn(_), true) = (&node.layer, precision != Precision::F32) {
+                    // The attention backward's dout rounded to the activations' type (its scratch;
+                    // f32 plans lend it the norm's gradient, free at that point: attn_backward).
                     grads.push(t(&[batch, cout, h, w])?);
                 }
             }
@@ -698,14 +699,19 @@ fn attn_backward<B: Backend>(
     use GradientStore::{Add, Write};
     let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
     // The attention backward's scratch: the log-sum-exp's gradient slot (N x HW f32, otherwise
-    // unused) and a buffer of q's shape and type past the saved tensors' gradients.
-    let [dn, dq, dk, dv, da, _, row_terms, dout_rounded] = dsaved else { unreachable!() };
+    // unused), and a buffer of q's shape and type past the saved tensors' gradients in 16-bit
+    // plans; in f32 plans the norm's gradient (q's shape and type, written only after it).
+    let [dn, dq, dk, dv, da, _, row_terms, rounded @ ..] = dsaved else { unreachable!() };
     // The residual: dout reaches x unchanged.
     match dx_store {
         Write => b.copy(dout, dx),
         Add => b.add_assign(dx, dout),
     }
     b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da, Write);
+    let dout_rounded = match rounded {
+        [buffer] => buffer,
+        _ => &mut *dn,
+    };
     let scratch = AttentionScratch { row_terms, dout_rounded };
     b.attention_backward(q, k, v, a, lse, da, scratch, dq, dk, dv, Write);
     b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn, Write);
