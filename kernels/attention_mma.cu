@@ -172,112 +172,172 @@ ATTENTION_MMA_ENTRY(f16, f16, 64)
 ATTENTION_MMA_ENTRY(f16, f16, 128)
 ATTENTION_MMA_ENTRY(f16, f16, 256)
 
-// ==== Backward on the tensor cores (attention_backward_dq_mma_*, attention_backward_dkdv_mma_*) ====
+// ==== Backward on the tensor cores ====
 //
-// attention.cu's backward (read its comment: the same formulas, layout and run-time storage codes
-// for dout, dq, dk, dv; q, k, v and out in T) with mma.sync, FlashAttention-2 style: P rebuilt
-// from q, k and the saved log-sum-exp, nothing L x L in memory, two kernels and no atomics.
-//   attention_backward_dq_mma_<T>_d<D>    each warp owns 16 queries (q and dout rows in shared);
-//       keys and values stream through shared 16 at a time: S = Q K^T and dP = dO V^T by mma,
-//       P = exp(S scale - lse), dS = P (dP - D) on the accumulator registers, dq += dS K by mma
+// attention.cu's backward (read its comment: the same formulas and layout; dq, dk, dv of run-time
+// storage codes) with mma.sync, FlashAttention-2 style: P rebuilt from q, k and the saved
+// log-sum-exp, nothing L x L in memory, no atomics. Three kernels:
+//   attention_backward_row_terms_<T>   once per backward, one warp per (sample, query) row:
+//       D_i = dout_i . out_i in f32 into the caller's row_terms, and dout rounded to T into the
+//       caller's dout_rounded (the plans' dout is f32: rounded once here, every later read is a
+//       16-byte copy of T; the kernels below once re-rounded it element-wise for every tile, and
+//       the dk/dv kernel's every key block re-read all of it).
+//   attention_backward_dq_mma_<T>_d<D>    a block owns 64 queries (q and dout rows resident in
+//       shared); keys and values stream through shared 32 at a time: S = Q K^T and dP = dO V^T by
+//       mma, P = exp(S scale - lse), dS = P (dP - D) on the accumulator registers, dq += dS K
 //       (dS rounded to T as the A operand, K's B fragments by ldmatrix.trans).
-//   attention_backward_dkdv_mma_<T>_d<D>  each warp owns 16 keys (k and v rows in shared); queries
-//       stream 16 at a time with their dout, lse and D: S^T = K Q^T, dP^T = V dO^T, then
-//       dv += P^T dO and dk += dS^T Q by mma. The accumulators of one block cover DC = min(D, 128)
-//       channels (blockIdx.z picks which: D = 256 runs two blocks per key tile, each rebuilding
-//       S and dP, so that 2 x DC x 16 accumulators fit the registers).
-// D_i = dout_i . out_i is computed in f32 once per backward, before both kernels, into a scratch the
-// caller provides (attention_backward_row_terms_<T>).
-// Precision: dout rounded to T once as it is staged; P and dS rounded to T as mma operands; f32
-// accumulation; dq, dk, dv written (or += where `accumulate`) in f32, one rounding to their storage
-// type.
+//   attention_backward_dkdv_mma_<T>_d<D>  a block owns 64 keys (k and v rows resident); queries
+//       stream 32 at a time with their dout, lse and D: S^T = K Q^T, dP^T = V dO^T, then
+//       dv += P^T dO and dk += dS^T Q.
+// Streaming: two stages, filled by 16-byte cp.async (zeros past L and past C by a zero source
+// size) one tile ahead, so a tile's loads run under the previous tile's mma; one barrier per tile
+// (two where warps pair up, below).
+// Warps: 16 resident rows each at D <= 128 (4 warps; dq or dk and dv accumulators of D channels,
+// at most 2 x 128 x 16 f32: 128 registers a thread). At D = 256 two warps share 16 rows (8 warps):
+// the first computes the scores S, the second dP, each over all of D for the 16 rows x 32 streamed
+// rows; they swap them through shared memory in f32 (P from the first, dP from the second), both
+// form dS, and each accumulates half the channels of dq (or of dk and dv). S and dP are then
+// computed once per block (the dk/dv kernel once ran two blocks per key tile, each rebuilding S
+// and dP over all of D to own one half of the channels), and no warp holds more than 128
+// accumulators.
+// Precision: dout rounded to T once; P and dS rounded to T as mma operands (computed from f32 S
+// and dP); f32 accumulation; dq, dk, dv written (or += where `accumulate`) in f32, one rounding to
+// their storage type.
+// Shared memory (dynamic, rows of D + 8 halves): 2 x 64 resident rows, 2 stages x 2 x 32
+// streamed rows, the dk/dv kernel's 2 stages x 2 x 32 f32 (lse, D), and at D = 256 the pairs'
+// exchange (4 pairs x 2 x 16 x 32 f32): 148 KiB at D = 256 (H100/H200 and A100 allow 227 and
+// 163 KiB a block, Jetson Orin 163 KiB), 68 KiB at 128, 36 KiB at 64.
+namespace attention_backward_tiles {
+constexpr int BLOCK_ROWS = 64;  // resident rows (queries or keys) per block
+constexpr int STREAM = 32;      // streamed rows per stage
+constexpr int STAGES = 2;
+}  // namespace attention_backward_tiles
 
-// rows x D tile of an N x L x C tensor of run-time storage type `dtype` into shared as T (row
-// stride D + 8), zeros past L and past C (C even).
-template <int D, typename T>
-__device__ __forceinline__ void attention_stage_rounded(unsigned short* tile, const void* src, int dtype,
-                                                        long long sample, int row0, int rows, int positions,
-                                                        int channels) {
-    constexpr int PAIRS = D / 2;
-    for (int i = threadIdx.x; i < rows * PAIRS; i += blockDim.x) {
-        const int row = i / PAIRS, c = (i % PAIRS) * 2;
-        float lo = 0.0f, hi = 0.0f;
-        if (row0 + row < positions && c < channels) {
-            const long long at = sample + (long long)(row0 + row) * channels + c;
-            lo = load_dyn(src, dtype, at);
-            hi = load_dyn(src, dtype, at + 1);
-        }
-        *reinterpret_cast<unsigned*>(tile + row * (D + 8) + c) = pack_x2<T>(lo, hi);
-    }
-}
+template <int D>
+struct AttentionBackwardShape {
+    static constexpr int SPLIT = D == 256 ? 2 : 1;  // warps sharing 16 resident rows
+    static constexpr int DW = D / SPLIT;            // accumulator channels per warp
+    static constexpr int WARPS = attention_backward_tiles::BLOCK_ROWS / 16 * SPLIT;
+    // Streamed rows per scores step: the whole stage where warps pair up (one swap per tile).
+    static constexpr int COLS = SPLIT == 2 ? attention_backward_tiles::STREAM : 16;
+};
 
-// D_i = dout_i . out_i (f32) for every (sample, query) row of the batch into row_terms: one warp per
-// row, once per backward (both kernels below read it; each block of the dk/dv kernel once
-// recomputed it for every query tile, 16 times over per sample at cifar10's sizes).
+// D_i = dout_i . out_i (f32, dout as given) for every (sample, query) row into row_terms, and dout
+// rounded to T into dout_rounded: one warp per row.
 template <typename T>
 __device__ __forceinline__ void attention_backward_row_terms(const void* dout, int dt_dout, const T* __restrict__ out,
-                                                             float* __restrict__ row_terms, int rows, int channels) {
+                                                             float* __restrict__ row_terms, T* __restrict__ dout_rounded,
+                                                             int rows, int channels) {
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
         const long long at = (long long)row * channels;
         float d = 0.0f;
-        for (int c = lane; c < channels; c += 32) d += load_dyn(dout, dt_dout, at + c) * to_float(out[at + c]);
+        for (int c = lane; c < channels; c += 32) {
+            const float g = load_dyn(dout, dt_dout, at + c);
+            dout_rounded[at + c] = from_float<T>(g);
+            d += g * to_float(out[at + c]);
+        }
         d = warp_sum(d);
         if (lane == 0) row_terms[row] = d;
     }
 }
 
-// The D_i and log-sum-exp of `rows` rows from row0 of sample n into shared delta[] and lse_rows[]
-// (zeros past L).
-__device__ __forceinline__ void attention_load_row_terms(float* delta, float* lse_rows,
-                                                         const float* __restrict__ row_terms,
-                                                         const float* __restrict__ logsumexp, int n, int row0,
-                                                         int rows, int positions) {
-    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-        const int row = row0 + r;
-        const bool inside = row < positions;
-        delta[r] = inside ? row_terms[(long long)n * positions + row] : 0.0f;
-        lse_rows[r] = inside ? logsumexp[(long long)n * positions + row] : 0.0f;
+// rows x D tile of an N x L x C tensor of T into shared (row stride D + 8) by cp.async, zeros past
+// L and past C (C a multiple of 8, the tensor 16-byte aligned: the launcher checks).
+template <int D, typename T>
+__device__ __forceinline__ void attention_copy_rows(unsigned short* tile, const T* __restrict__ src, long long sample,
+                                                    int row0, int rows, int positions, int channels) {
+    constexpr int CHUNKS = D / 8;
+    for (int i = threadIdx.x; i < rows * CHUNKS; i += blockDim.x) {
+        const int row = i / CHUNKS, c = (i % CHUNKS) * 8;
+        const bool inside = row0 + row < positions && c < channels;
+        const T* from = inside ? src + sample + (long long)(row0 + row) * channels + c : src;
+        cp_async_16(shared_address(tile + row * (D + 8) + c), from, inside ? 16 : 0);
     }
 }
 
-// The 16 x 16 product of this warp's 16 rows of `a_rows` (from a_row0) with 16 rows of `b_rows`
-// (B's "col" operand: rows are the n index), over D: acc[j] for n-tile j (rows 8 j .. 8 j + 7).
-template <typename T, int D>
-__device__ __forceinline__ void attention_scores_16x16(float (&acc)[2][4], const unsigned short* a_rows, int a_row0,
-                                                       const unsigned short* b_rows, int lane) {
+// `rows` values of an N x L f32 tensor (sample n, from row0) into shared by cp.async, zeros past L.
+__device__ __forceinline__ void attention_copy_row_values(float* dst, const float* __restrict__ src, int n, int row0,
+                                                          int rows, int positions) {
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+        const bool inside = row0 + r < positions;
+        cp_async_4(shared_address(dst + r), inside ? src + (long long)n * positions + row0 + r : src, inside ? 4 : 0);
+    }
+}
+
+// acc (16 x COLS) = this warp's 16 rows of `a_rows` (from a_row0) times COLS rows of `b_rows` (B's
+// "col" operand: its rows are the n index), over D: n-tile j covers b rows 8 j .. 8 j + 7.
+template <typename T, int D, int COLS>
+__device__ __forceinline__ void attention_scores(float (&acc)[COLS / 8][4], const unsigned short* a_rows, int a_row0,
+                                                 const unsigned short* b_rows, int lane) {
     constexpr int ROW = D + 8;
     const int a_row = a_row0 + (lane % 16), a_col = (lane / 16) * 8;
     const int b_row = (lane / 16) * 8 + (lane % 8), b_col = ((lane / 8) % 2) * 8;
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+    for (int j = 0; j < COLS / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 #pragma unroll
     for (int kc = 0; kc < D; kc += 16) {
-        unsigned a[4], b[4];
+        unsigned a[4];
         ldmatrix_x4(a, shared_address(a_rows + a_row * ROW + kc + a_col));
-        ldmatrix_x4(b, shared_address(b_rows + b_row * ROW + kc + b_col));
-        mma_m16n8k16<T>(acc[0], a, b[0], b[1]);
-        mma_m16n8k16<T>(acc[1], a, b[2], b[3]);
+#pragma unroll
+        for (int n0 = 0; n0 < COLS; n0 += 16) {
+            unsigned b[4];
+            ldmatrix_x4(b, shared_address(b_rows + (n0 + b_row) * ROW + kc + b_col));
+            mma_m16n8k16<T>(acc[n0 / 8], a, b[0], b[1]);
+            mma_m16n8k16<T>(acc[n0 / 8 + 1], a, b[2], b[3]);
+        }
     }
 }
 
-// acc (16 x CHANNELS from c0) += A (16 x 16, the accumulator layout of two n8 tiles, rounded to T)
-// times 16 rows of `b_rows` read as a 16 x CHANNELS matrix (ldmatrix.trans).
+// The A operand (16 x 16, rounded to T) of k-step kk from accumulators of n8 tiles: the
+// accumulator layout of tiles 2 kk and 2 kk + 1 is the m16k16 fragment layout.
+template <typename T, int N>
+__device__ __forceinline__ void attention_a_fragment(unsigned (&frag)[4], const float (&acc)[N][4], int kk) {
+    frag[0] = pack_x2<T>(acc[2 * kk][0], acc[2 * kk][1]);
+    frag[1] = pack_x2<T>(acc[2 * kk][2], acc[2 * kk][3]);
+    frag[2] = pack_x2<T>(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    frag[3] = pack_x2<T>(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
+// acc (16 x CHANNELS from c0) += A (16 x 16) times 16 rows of `b_rows` read as a 16 x CHANNELS
+// matrix (ldmatrix.trans).
 template <typename T, int D, int CHANNELS>
-__device__ __forceinline__ void attention_accumulate_16(float (&acc)[CHANNELS / 8][4], const float (&a)[2][4],
+__device__ __forceinline__ void attention_accumulate_16(float (&acc)[CHANNELS / 8][4], const unsigned (&a)[4],
                                                         const unsigned short* b_rows, int c0, int lane) {
     constexpr int ROW = D + 8;
-    const unsigned p[4] = {pack_x2<T>(a[0][0], a[0][1]), pack_x2<T>(a[0][2], a[0][3]), pack_x2<T>(a[1][0], a[1][1]),
-                           pack_x2<T>(a[1][2], a[1][3])};
     const int b_row = (lane % 8) + ((lane / 8) % 2) * 8, b_col = (lane / 16) * 8;
 #pragma unroll
     for (int c = 0; c < CHANNELS; c += 16) {
         unsigned b[4];
         ldmatrix_x4_trans(b, shared_address(b_rows + b_row * ROW + c0 + c + b_col));
-        mma_m16n8k16<T>(acc[c / 8], p, b[0], b[1]);
-        mma_m16n8k16<T>(acc[c / 8 + 1], p, b[2], b[3]);
+        mma_m16n8k16<T>(acc[c / 8], a, b[0], b[1]);
+        mma_m16n8k16<T>(acc[c / 8 + 1], a, b[2], b[3]);
+    }
+}
+
+// Where two warps share 16 rows: this warp's `mine` (role 0: P, role 1: dP) out through shared,
+// the partner's in, as (P, dP). Thread-private float4 slots in the accumulator layout (the
+// partner's lane holds the same elements): no bank conflicts. One block barrier between.
+template <int N>
+__device__ __forceinline__ void attention_swap_with_partner(float (&p)[N][4], float (&dp)[N][4],
+                                                            const float (&mine)[N][4], float* pair_slots, int role,
+                                                            int lane) {
+    float4* out_slot = reinterpret_cast<float4*>(pair_slots) + role * N * 32;
+    const float4* in_slot = reinterpret_cast<const float4*>(pair_slots) + (1 - role) * N * 32;
+#pragma unroll
+    for (int j = 0; j < N; ++j) out_slot[j * 32 + lane] = make_float4(mine[j][0], mine[j][1], mine[j][2], mine[j][3]);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+        const float4 other = in_slot[j * 32 + lane];
+        const float theirs[4] = {other.x, other.y, other.z, other.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            p[j][e] = role == 0 ? mine[j][e] : theirs[e];
+            dp[j][e] = role == 0 ? theirs[e] : mine[j][e];
+        }
     }
 }
 
@@ -306,163 +366,253 @@ __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const f
 
 template <typename T, int D>
 __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ q, const T* __restrict__ k,
-                                                          const T* __restrict__ v, const float* __restrict__ row_terms,
-                                                          const void* dout, int dt_dout,
+                                                          const T* __restrict__ v, const T* __restrict__ dout_rounded,
+                                                          const float* __restrict__ row_terms,
                                                           const float* __restrict__ logsumexp, void* dq, int dt_dq,
                                                           int positions, int channels, float scale, int accumulate) {
-    using namespace attention_mma;
-    constexpr int ROW = D + 8;
+    using namespace attention_backward_tiles;
+    using Shape = AttentionBackwardShape<D>;
+    constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS;
+    constexpr int STAGE = 2 * STREAM * ROW;  // keys, then values
     extern __shared__ __align__(16) unsigned short attention_shared[];
-    const int warps = blockDim.x / 32;
-    const int block_queries = 16 * warps;
-    unsigned short* q_tile = attention_shared;                  // block_queries x ROW
-    unsigned short* do_tile = q_tile + block_queries * ROW;     // block_queries x ROW
-    unsigned short* k_tile = do_tile + block_queries * ROW;     // KEYS x ROW
-    unsigned short* v_tile = k_tile + KEYS * ROW;               // KEYS x ROW
-    float* delta = reinterpret_cast<float*>(v_tile + KEYS * ROW);  // block_queries
-    float* lse_rows = delta + block_queries;                        // block_queries
+    unsigned short* q_rows = attention_shared;           // BLOCK_ROWS x ROW
+    unsigned short* do_rows = q_rows + BLOCK_ROWS * ROW;  // BLOCK_ROWS x ROW
+    unsigned short* stages = do_rows + BLOCK_ROWS * ROW;  // STAGES x STAGE
+    float* exchange = reinterpret_cast<float*>(stages + STAGES * STAGE);  // SPLIT = 2: pairs x 2 x COLS x 16
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
+    const int rows0 = (warp / SPLIT) * 16, role = warp % SPLIT, c0 = role * DW;
     const int n = blockIdx.y;
-    const int query0 = blockIdx.x * block_queries;
+    const int query0 = blockIdx.x * BLOCK_ROWS;
     const long long sample = (long long)n * positions * channels;
+    const int tiles = (positions + STREAM - 1) / STREAM;
 
-    attention_load_tile<D>(q_tile, q, sample, query0, block_queries, positions, channels);
-    attention_stage_rounded<D, T>(do_tile, dout, dt_dout, sample, query0, block_queries, positions, channels);
-    attention_load_row_terms(delta, lse_rows, row_terms, logsumexp, n, query0, block_queries, positions);
-    __syncthreads();
-    const float row_delta[2] = {delta[warp * 16 + g], delta[warp * 16 + g + 8]};
-    const float row_lse[2] = {lse_rows[warp * 16 + g], lse_rows[warp * 16 + g + 8]};
-
-    float acc[D / 8][4];
+    attention_copy_rows<D>(q_rows, q, sample, query0, BLOCK_ROWS, positions, channels);
+    attention_copy_rows<D>(do_rows, dout_rounded, sample, query0, BLOCK_ROWS, positions, channels);
+    attention_copy_rows<D>(stages, k, sample, 0, STREAM, positions, channels);
+    attention_copy_rows<D>(stages + STREAM * ROW, v, sample, 0, STREAM, positions, channels);
+    cp_async_commit();
+    // Rows g and g + 8 of this warp's 16: log-sum-exp and D_i (0 past L: those rows are not written).
+    float row_lse[2], row_delta[2];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j)
+    for (int r = 0; r < 2; ++r) {
+        const int query = query0 + rows0 + g + 8 * r;
+        const bool inside = query < positions;
+        row_lse[r] = inside ? logsumexp[(long long)n * positions + query] : 0.0f;
+        row_delta[r] = inside ? row_terms[(long long)n * positions + query] : 0.0f;
+    }
+
+    float acc[DW / 8][4];
+#pragma unroll
+    for (int j = 0; j < DW / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
-    for (int key0 = 0; key0 < positions; key0 += KEYS) {
-        __syncthreads();  // the previous tile is consumed
-        attention_load_tile<D>(k_tile, k, sample, key0, KEYS, positions, channels);
-        attention_load_tile<D>(v_tile, v, sample, key0, KEYS, positions, channels);
-        __syncthreads();
-        float s[2][4], dp[2][4];
-        attention_scores_16x16<T, D>(s, q_tile, warp * 16, k_tile, lane);
-        attention_scores_16x16<T, D>(dp, do_tile, warp * 16, v_tile, lane);
-        // Element e of n-tile j: query row g + 8 (e / 2), key key0 + 8 j + 2 t + (e % 2).
+    for (int tile = 0; tile < tiles; ++tile) {
+        cp_async_wait<0>();
+        __syncthreads();  // this tile is in shared for every warp, and the other stage is consumed
+        if (tile + 1 < tiles) {
+            unsigned short* next = stages + ((tile + 1) % STAGES) * STAGE;
+            attention_copy_rows<D>(next, k, sample, (tile + 1) * STREAM, STREAM, positions, channels);
+            attention_copy_rows<D>(next + STREAM * ROW, v, sample, (tile + 1) * STREAM, STREAM, positions, channels);
+        }
+        cp_async_commit();
+        const unsigned short* keys = stages + (tile % STAGES) * STAGE;
+        const unsigned short* values = keys + STREAM * ROW;
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int step = 0; step < STREAM; step += COLS) {
+            const int key0 = tile * STREAM + step;
+            if (key0 >= positions) break;  // the same for the whole block
+            float p[COLS / 8][4], dp[COLS / 8][4];
+            if constexpr (SPLIT == 1) {
+                attention_scores<T, D, COLS>(p, q_rows, rows0, keys + step * ROW, lane);
+                attention_scores<T, D, COLS>(dp, do_rows, rows0, values + step * ROW, lane);
+            } else {
+                float mine[COLS / 8][4];
+                attention_scores<T, D, COLS>(mine, role == 0 ? q_rows : do_rows, rows0,
+                                             (role == 0 ? keys : values) + step * ROW, lane);
+                if (role == 0) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const bool valid = key0 + 8 * j + 2 * t + (e % 2) < positions;
-                const float p = valid ? expf(s[j][e] * scale - row_lse[e / 2]) : 0.0f;
-                s[j][e] = p * (dp[j][e] - row_delta[e / 2]);  // dS
+                    for (int j = 0; j < COLS / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const bool valid = key0 + 8 * j + 2 * t + (e % 2) < positions;
+                            mine[j][e] = valid ? expf(mine[j][e] * scale - row_lse[e / 2]) : 0.0f;
+                        }
+                }
+                attention_swap_with_partner(p, dp, mine, exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
             }
-        attention_accumulate_16<T, D, D>(acc, s, k_tile, 0, lane);
+            // Element e of n-tile j: query row g + 8 (e / 2), key key0 + 8 j + 2 t + (e % 2).
+#pragma unroll
+            for (int j = 0; j < COLS / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if constexpr (SPLIT == 1) {
+                        const bool valid = key0 + 8 * j + 2 * t + (e % 2) < positions;
+                        p[j][e] = valid ? expf(p[j][e] * scale - row_lse[e / 2]) : 0.0f;
+                    }
+                    p[j][e] = p[j][e] * (dp[j][e] - row_delta[e / 2]);  // dS
+                }
+#pragma unroll
+            for (int kk = 0; kk < COLS / 16; ++kk) {
+                unsigned a[4];
+                attention_a_fragment<T>(a, p, kk);
+                attention_accumulate_16<T, D, DW>(acc, a, keys + (step + 16 * kk) * ROW, c0, lane);
+            }
+        }
     }
-    attention_add_rows<D>(dq, dt_dq, acc, scale, sample, query0 + warp * 16, 0, positions, channels, lane, accumulate);
+    attention_add_rows<DW>(dq, dt_dq, acc, scale, sample, query0 + rows0, c0, positions, channels, lane, accumulate);
 }
 
-template <typename T, int D, int DC>
+template <typename T, int D>
 __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                             const T* __restrict__ v,
-                                                            const float* __restrict__ row_terms, const void* dout,
-                                                            int dt_dout,
+                                                            const T* __restrict__ dout_rounded,
+                                                            const float* __restrict__ row_terms,
                                                             const float* __restrict__ logsumexp, void* dk, int dt_dk,
                                                             void* dv, int dt_dv, int positions, int channels,
                                                             float scale, int accumulate) {
-    using namespace attention_mma;
-    constexpr int ROW = D + 8;
+    using namespace attention_backward_tiles;
+    using Shape = AttentionBackwardShape<D>;
+    constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS;
+    constexpr int STAGE = 2 * STREAM * ROW;  // queries, then their dout
     extern __shared__ __align__(16) unsigned short attention_shared[];
-    const int warps = blockDim.x / 32;
-    const int block_keys = 16 * warps;
-    unsigned short* k_rows = attention_shared;                   // block_keys x ROW
-    unsigned short* v_rows = k_rows + block_keys * ROW;          // block_keys x ROW
-    unsigned short* q_tile = v_rows + block_keys * ROW;          // KEYS x ROW (16 queries)
-    unsigned short* do_tile = q_tile + KEYS * ROW;               // KEYS x ROW
-    float* delta = reinterpret_cast<float*>(do_tile + KEYS * ROW);  // KEYS
-    float* lse_rows = delta + KEYS;                                  // KEYS
+    unsigned short* k_rows = attention_shared;           // BLOCK_ROWS x ROW
+    unsigned short* v_rows = k_rows + BLOCK_ROWS * ROW;  // BLOCK_ROWS x ROW
+    unsigned short* stages = v_rows + BLOCK_ROWS * ROW;  // STAGES x STAGE
+    float* stage_terms = reinterpret_cast<float*>(stages + STAGES * STAGE);  // STAGES x (lse, D): 2 x STREAM
+    float* exchange = stage_terms + STAGES * 2 * STREAM;  // SPLIT = 2: pairs x 2 x COLS x 16
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int t = lane % 4;
+    const int rows0 = (warp / SPLIT) * 16, role = warp % SPLIT, c0 = role * DW;
     const int n = blockIdx.y;
-    const int key_base = blockIdx.x * block_keys;
-    const int c0 = blockIdx.z * DC;
+    const int key_base = blockIdx.x * BLOCK_ROWS;
     const long long sample = (long long)n * positions * channels;
+    const int tiles = (positions + STREAM - 1) / STREAM;
 
-    attention_load_tile<D>(k_rows, k, sample, key_base, block_keys, positions, channels);
-    attention_load_tile<D>(v_rows, v, sample, key_base, block_keys, positions, channels);
+    attention_copy_rows<D>(k_rows, k, sample, key_base, BLOCK_ROWS, positions, channels);
+    attention_copy_rows<D>(v_rows, v, sample, key_base, BLOCK_ROWS, positions, channels);
+    attention_copy_rows<D>(stages, q, sample, 0, STREAM, positions, channels);
+    attention_copy_rows<D>(stages + STREAM * ROW, dout_rounded, sample, 0, STREAM, positions, channels);
+    attention_copy_row_values(stage_terms, logsumexp, n, 0, STREAM, positions);
+    attention_copy_row_values(stage_terms + STREAM, row_terms, n, 0, STREAM, positions);
+    cp_async_commit();
 
-    float dk_acc[DC / 8][4], dv_acc[DC / 8][4];
+    float dk_acc[DW / 8][4], dv_acc[DW / 8][4];
 #pragma unroll
-    for (int j = 0; j < DC / 8; ++j)
+    for (int j = 0; j < DW / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             dk_acc[j][e] = 0.0f;
             dv_acc[j][e] = 0.0f;
         }
 
-    for (int query0 = 0; query0 < positions; query0 += KEYS) {
-        __syncthreads();  // the previous tile is consumed (the first time: the key rows are written)
-        attention_load_tile<D>(q_tile, q, sample, query0, KEYS, positions, channels);
-        attention_stage_rounded<D, T>(do_tile, dout, dt_dout, sample, query0, KEYS, positions, channels);
-        attention_load_row_terms(delta, lse_rows, row_terms, logsumexp, n, query0, KEYS, positions);
-        __syncthreads();
-        float st[2][4], dpt[2][4];
-        attention_scores_16x16<T, D>(st, k_rows, warp * 16, q_tile, lane);
-        attention_scores_16x16<T, D>(dpt, v_rows, warp * 16, do_tile, lane);
-        // Element e of n-tile j: key row g + 8 (e / 2), query query0 + 8 j + 2 t + (e % 2).
+    for (int tile = 0; tile < tiles; ++tile) {
+        cp_async_wait<0>();
+        __syncthreads();  // this tile is in shared for every warp, and the other stage is consumed
+        if (tile + 1 < tiles) {
+            const int next_row = (tile + 1) * STREAM, s = (tile + 1) % STAGES;
+            unsigned short* next = stages + s * STAGE;
+            attention_copy_rows<D>(next, q, sample, next_row, STREAM, positions, channels);
+            attention_copy_rows<D>(next + STREAM * ROW, dout_rounded, sample, next_row, STREAM, positions, channels);
+            attention_copy_row_values(stage_terms + s * 2 * STREAM, logsumexp, n, next_row, STREAM, positions);
+            attention_copy_row_values(stage_terms + s * 2 * STREAM + STREAM, row_terms, n, next_row, STREAM,
+                                      positions);
+        }
+        cp_async_commit();
+        const unsigned short* queries = stages + (tile % STAGES) * STAGE;
+        const unsigned short* douts = queries + STREAM * ROW;
+        const float* lse = stage_terms + (tile % STAGES) * 2 * STREAM;
+        const float* delta = lse + STREAM;
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int step = 0; step < STREAM; step += COLS) {
+            const int query0 = tile * STREAM + step;
+            if (query0 >= positions) break;  // the same for the whole block
+            float p[COLS / 8][4], dp[COLS / 8][4];
+            if constexpr (SPLIT == 1) {
+                attention_scores<T, D, COLS>(p, k_rows, rows0, queries + step * ROW, lane);
+                attention_scores<T, D, COLS>(dp, v_rows, rows0, douts + step * ROW, lane);
+            } else {
+                float mine[COLS / 8][4];
+                attention_scores<T, D, COLS>(mine, role == 0 ? k_rows : v_rows, rows0,
+                                             (role == 0 ? queries : douts) + step * ROW, lane);
+                if (role == 0) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int local = 8 * j + 2 * t + (e % 2);
-                const bool valid = query0 + local < positions;
-                const float p = valid ? expf(st[j][e] * scale - lse_rows[local]) : 0.0f;
-                st[j][e] = p;
-                dpt[j][e] = p * (dpt[j][e] - delta[local]);  // dS^T
+                    for (int j = 0; j < COLS / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int local = step + 8 * j + 2 * t + (e % 2);
+                            const bool valid = tile * STREAM + local < positions;
+                            mine[j][e] = valid ? expf(mine[j][e] * scale - lse[local]) : 0.0f;
+                        }
+                }
+                attention_swap_with_partner(p, dp, mine, exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
             }
-        attention_accumulate_16<T, D, DC>(dv_acc, st, do_tile, c0, lane);
-        attention_accumulate_16<T, D, DC>(dk_acc, dpt, q_tile, c0, lane);
+            // Element e of n-tile j: key row g + 8 (e / 2), query query0 + 8 j + 2 t + (e % 2).
+#pragma unroll
+            for (int j = 0; j < COLS / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int local = step + 8 * j + 2 * t + (e % 2);
+                    if constexpr (SPLIT == 1) {
+                        const bool valid = tile * STREAM + local < positions;
+                        p[j][e] = valid ? expf(p[j][e] * scale - lse[local]) : 0.0f;
+                    }
+                    dp[j][e] = p[j][e] * (dp[j][e] - delta[local]);  // dS^T
+                }
+#pragma unroll
+            for (int kk = 0; kk < COLS / 16; ++kk) {
+                unsigned a[4];
+                attention_a_fragment<T>(a, p, kk);
+                attention_accumulate_16<T, D, DW>(dv_acc, a, douts + (step + 16 * kk) * ROW, c0, lane);
+                attention_a_fragment<T>(a, dp, kk);
+                attention_accumulate_16<T, D, DW>(dk_acc, a, queries + (step + 16 * kk) * ROW, c0, lane);
+            }
+        }
     }
-    attention_add_rows<DC>(dk, dt_dk, dk_acc, scale, sample, key_base + warp * 16, c0, positions, channels, lane,
+    attention_add_rows<DW>(dk, dt_dk, dk_acc, scale, sample, key_base + rows0, c0, positions, channels, lane,
                            accumulate);
-    attention_add_rows<DC>(dv, dt_dv, dv_acc, 1.0f, sample, key_base + warp * 16, c0, positions, channels, lane,
+    attention_add_rows<DW>(dv, dt_dv, dv_acc, 1.0f, sample, key_base + rows0, c0, positions, channels, lane,
                            accumulate);
 }
 
-#define ATTENTION_BACKWARD_MMA_ENTRIES(name, T, D, DC)                                                       \
-    extern "C" __global__ void __launch_bounds__(128)                                                       \
+// Entries: the launcher's block is 32 x AttentionBackwardShape<D>::WARPS threads (256 at D = 256,
+// 128 below), its grid (L / 64 rounded up, N).
+#define ATTENTION_BACKWARD_MMA_ENTRIES(name, T, D)                                                           \
+    extern "C" __global__ void __launch_bounds__(32 * AttentionBackwardShape<D>::WARPS)                      \
         attention_backward_dq_mma_##name##_d##D(const T* __restrict__ q, const T* __restrict__ k,           \
-                                                const T* __restrict__ v, const float* __restrict__ row_terms, \
-                                                const void* dout, int dt_dout,                              \
+                                                const T* __restrict__ v, const T* __restrict__ dout_rounded, \
+                                                const float* __restrict__ row_terms,                        \
                                                 const float* __restrict__ logsumexp, void* dq, int dt_dq,   \
                                                 int positions, int channels, float scale, int accumulate) { \
-        attention_backward_dq_mma<T, D>(q, k, v, row_terms, dout, dt_dout, logsumexp, dq, dt_dq, positions, \
+        attention_backward_dq_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dq, dt_dq, positions,  \
                                         channels, scale, accumulate);                                       \
     }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(128) attention_backward_dkdv_mma_##name##_d##D(            \
-        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                          \
-        const float* __restrict__ row_terms, const void* dout, int dt_dout,                                 \
-        const float* __restrict__ logsumexp, void* dk, int dt_dk, void* dv, int dt_dv, int positions,       \
-        int channels, float scale, int accumulate) {                                                        \
-        attention_backward_dkdv_mma<T, D, DC>(q, k, v, row_terms, dout, dt_dout, logsumexp, dk, dt_dk, dv,  \
-                                              dt_dv, positions, channels, scale, accumulate);               \
+    extern "C" __global__ void __launch_bounds__(32 * AttentionBackwardShape<D>::WARPS)                      \
+        attention_backward_dkdv_mma_##name##_d##D(                                                          \
+            const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                      \
+            const T* __restrict__ dout_rounded, const float* __restrict__ row_terms,                        \
+            const float* __restrict__ logsumexp, void* dk, int dt_dk, void* dv, int dt_dv, int positions,   \
+            int channels, float scale, int accumulate) {                                                    \
+        attention_backward_dkdv_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dk, dt_dk, dv, dt_dv, \
+                                          positions, channels, scale, accumulate);                          \
     }
 
-// attention_backward_row_terms_<T>: the D_i of every row, before the two kernels above.
+// attention_backward_row_terms_<T>: D_i and the rounded dout, before the two kernels above.
 #define ATTENTION_ROW_TERMS_ENTRY(name, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(256) attention_backward_row_terms_##name(                   \
-        const void* dout, int dt_dout, const T* __restrict__ out, float* __restrict__ row_terms, int rows,   \
-        int channels) {                                                                                     \
-        attention_backward_row_terms<T>(dout, dt_dout, out, row_terms, rows, channels);                     \
+        const void* dout, int dt_dout, const T* __restrict__ out, float* __restrict__ row_terms,             \
+        T* __restrict__ dout_rounded, int rows, int channels) {                                             \
+        attention_backward_row_terms<T>(dout, dt_dout, out, row_terms, dout_rounded, rows, channels);       \
     }
 
 ATTENTION_ROW_TERMS_ENTRY(bf16, bf16)
 ATTENTION_ROW_TERMS_ENTRY(f16, f16)
-ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 64, 64)
-ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 128, 128)
-ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 256, 128)
-ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 64, 64)
-ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 128, 128)
-ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 256, 128)
+ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 64)
+ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 128)
+ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 256)
+ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 64)
+ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 128)
+ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 256)

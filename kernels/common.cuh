@@ -7,7 +7,7 @@
 //   - load/store helpers that read any storage type as float and write float with one rounding;
 //   - warp and block reductions (sum, max);
 //   - Philox4x32-10 and the Box-Muller transform of src/backend/cpu/rng.rs, bit for bit;
-//   - the tensor-core inline PTX the mma kernels share (ldmatrix, mma.sync m16n8k16, packing).
+//   - the tensor-core inline PTX the mma kernels share (ldmatrix, mma.sync m16n8k16, packing, cp.async).
 // The host hands this file to NVRTC as an in-memory header named "common.cuh" (src/backend/cuda/
 // compile.rs), so `#include "common.cuh"` works with no include path.
 #pragma once
@@ -311,3 +311,20 @@ template <>
 __device__ __forceinline__ unsigned pack_x2<bf16>(float lo, float hi) { return pack_bf16x2(lo, hi); }
 template <>
 __device__ __forceinline__ unsigned pack_x2<f16>(float lo, float hi) { return pack_f16x2(lo, hi); }
+
+// Global -> shared, asynchronously (cp.async): `bytes` (at most the copy's size) are read and the
+// rest of the copy written as zeros (0: padding past an edge; `src` must still be a valid address).
+// The data is there for this thread after cp_async_wait, for the block after a barrier that
+// follows it.
+__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_4(unsigned dst, const void* src, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most PENDING of this thread's committed groups are still in flight.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}

@@ -103,7 +103,7 @@ __device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// Version 2: tensor cores. Inline PTX for ldmatrix, mma.sync and cp.async.
+// Version 2: tensor cores (ldmatrix, mma.sync and cp.async: common.cuh).
 namespace mma {
 constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
 // Shared rows of BK + 8 halves (80 bytes): the 8 rows one ldmatrix reads start in distinct bank
@@ -112,16 +112,6 @@ constexpr int ROW = BK + 8;
 constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
 constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
 }  // namespace mma
-
-// 16 bytes global -> shared, asynchronously; `bytes` = 0 writes zeros (padding, past the edges).
-__device__ __forceinline__ void cp_async_16(unsigned dst, const void* src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
-}
 
 // One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: inputs in the operand type with
 // 8-channel groups that never straddle a tap or the a/b boundary (Ca, Cb multiples of 8): 16-byte

@@ -7,7 +7,9 @@
 //! Each backward is also run into a randomly pre-filled buffer to check that it accumulates.
 use purifier::backend::cpu::{rng, CpuBackend, CpuTensor};
 use purifier::backend::GradientStore::Add;
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepColumn, StepSource, STEP_COLUMNS};
+use purifier::backend::{
+    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepColumn, StepSource, STEP_COLUMNS,
+};
 
 // ---------------------------------------------------------------------------------------------
 // helpers
@@ -385,7 +387,9 @@ fn attention_matches_reference_and_its_backward_matches_finite_differences() {
             let mut scratch = [zeros(&shape), zeros(&shape), zeros(&shape)];
             std::mem::swap(&mut scratch[which], d);
             let [dq, dk, dv] = &mut scratch;
-            backend.attention_backward(&q, &k, &v, &out, &lse, dout, &mut zeros(&lse_shape), dq, dk, dv, Add);
+            let (mut row_terms, mut dout_rounded) = (zeros(&lse_shape), zeros(&shape));
+            let work = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
+            backend.attention_backward(&q, &k, &v, &out, &lse, dout, work, dq, dk, dv, Add);
             std::mem::swap(&mut scratch[which], d);
         };
         check_vjp(
@@ -904,8 +908,9 @@ fn results_do_not_depend_on_thread_count() {
         let (mut att, mut lse) = (zeros(&x.shape), zeros(&[2, 144]));
         backend.attention(&x, &norm, &dx, &mut att, &mut lse);
         let (mut dq, mut dk, mut dv) = (zeros(&x.shape), zeros(&x.shape), zeros(&x.shape));
-        let mut row_terms = zeros(&[2, 144]);
-        backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dv, Add);
+        let (mut row_terms, mut dout_rounded) = (zeros(&[2, 144]), zeros(&x.shape));
+        let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
+        backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, scratch, &mut dq, &mut dk, &mut dv, Add);
         [conv.data, dx.data, att.data, dq.data, dk.data, dv.data]
     };
     let with_threads = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(run);

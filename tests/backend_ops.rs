@@ -16,8 +16,8 @@ use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::GradientStore::{self, Add, Write};
 use purifier::backend::{
-    step_table_u64, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepColumn, StepSource, TensorShape,
-    STEP_COLUMNS,
+    step_table_u64, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepColumn,
+    StepSource, TensorShape, STEP_COLUMNS,
 };
 use purifier::driver::emulated::EmulatedDriver;
 
@@ -581,8 +581,9 @@ test_device!(attention, attention_op, ALL_DTYPES);
 fn attention_backward_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "attention_backward");
     // (N, C, H, W): 16x16 and 8x8 positions (batch 1 and 3), 15 positions and 40 channels (neither a
-    // multiple of a tile), 256 channels (the UNet's attention width; shared memory above 48 KB).
-    for (n, c, hh, w) in [(1, 64, 16, 16), (3, 32, 8, 8), (2, 40, 3, 5), (1, 256, 4, 5)] {
+    // multiple of a tile), 256 channels (the UNet's attention width; shared memory above 48 KB), and
+    // 136 channels over 35 positions (C < D at D 256, where warps pair up; a partial streamed tile).
+    for (n, c, hh, w) in [(1, 64, 16, 16), (3, 32, 8, 8), (2, 40, 3, 5), (1, 256, 4, 5), (2, 136, 5, 7)] {
         let shape = [n, c, hh, w];
         let (q, qr) = h.input(&shape);
         let (k, kr) = h.input(&shape);
@@ -599,8 +600,11 @@ fn attention_backward_op<B: Backend>(b: &B, dtype: Precision) {
             let (mut dq, mut dq_r) = gradient(&mut h, &shape, grad_dtype, store);
             let (mut dk, mut dk_r) = gradient(&mut h, &shape, grad_dtype, store);
             let (mut dv, mut dv_r) = gradient(&mut h, &shape, grad_dtype, store);
+            // Scratch poisoned too: nothing may be read from it before the op writes it.
             let (mut row_terms, mut row_terms_r) = h.output_as(&[n, hh * w], Precision::F32);
-            b.attention_backward(&q, &k, &v, &out, &lse, &dout, &mut row_terms, &mut dq, &mut dk, &mut dv, store);
+            let (mut dout_rounded, mut dout_rounded_r) = h.output_as(&shape, dtype);
+            let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
+            b.attention_backward(&q, &k, &v, &out, &lse, &dout, scratch, &mut dq, &mut dk, &mut dv, store);
             let grads_r = (&mut dq_r, &mut dk_r, &mut dv_r);
             h.cpu.attention_backward(
                 &qr,
@@ -609,7 +613,7 @@ fn attention_backward_op<B: Backend>(b: &B, dtype: Precision) {
                 &out_r,
                 &lse_r,
                 &dout_r,
-                &mut row_terms_r,
+                AttentionScratch { row_terms: &mut row_terms_r, dout_rounded: &mut dout_rounded_r },
                 grads_r.0,
                 grads_r.1,
                 grads_r.2,
@@ -818,13 +822,20 @@ fn emulator_backward_ops_report_bad_shapes() {
     let wrong_lse = b.zeros(&[2, 8]).unwrap();
     let (mut dq, mut dk) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 3, 3]).unwrap());
     let (mut row_terms, mut wrong_row_terms) = (b.zeros(&[2, 9]).unwrap(), b.zeros(&[2, 8]).unwrap());
-    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, &mut row_terms, &mut dq, &mut dk, &mut dx, Add);
+    let (mut dout_rounded, mut wrong_dout_rounded) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 9]).unwrap());
+    let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
+    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, scratch, &mut dq, &mut dk, &mut dx, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: logsumexp") && err.contains("[2, 9]"), "{err}");
     let lse = b.zeros(&[2, 9]).unwrap();
-    b.attention_backward(&x, &x, &x, &x, &lse, &x, &mut wrong_row_terms, &mut dq, &mut dk, &mut dx, Add);
+    let scratch = AttentionScratch { row_terms: &mut wrong_row_terms, dout_rounded: &mut dout_rounded };
+    b.attention_backward(&x, &x, &x, &x, &lse, &x, scratch, &mut dq, &mut dk, &mut dx, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: row_terms") && err.contains("[2, 9]"), "{err}");
+    let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut wrong_dout_rounded };
+    b.attention_backward(&x, &x, &x, &x, &lse, &x, scratch, &mut dq, &mut dk, &mut dx, Add);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("attention_backward: dout_rounded") && err.contains("[2, 4, 3, 3]"), "{err}");
     assert_eq!(b.download(&dx).unwrap(), vec![0.25; 2 * 4 * 3 * 3], "nothing written on an error");
 }
 

@@ -27,7 +27,9 @@ use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompile
 use purifier::backend::cuda::conv::{
     self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion, SplitKWorkspace,
 };
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision};
+use purifier::backend::{
+    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision,
+};
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
 
@@ -492,6 +494,10 @@ pub fn attention_cases() -> Vec<(&'static str, usize, usize, usize)> {
         ("4x4 (middle), C 256", 3, 16, 256),
         ("odd: 7x5 positions, C 40", 3, 35, 40),
         ("8x8, C 128", 1, 64, 128),
+        // The backward's tiles (64 resident rows, 32 streamed; warp pairs at D 256): C < D at D 256
+        // with a partial streamed tile, and two blocks the second of which is nearly empty.
+        ("odd: 5x7 positions, C 136 (D 256)", 2, 35, 136),
+        ("9x9, C 256", 1, 81, 256),
         ("full size: 16x16, C 256 (cifar10)", 2, 256, 256),
     ]
 }
@@ -767,6 +773,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         dout: 0x6000,
         dout_dtype: Precision::F32,
         row_terms: 0xa000,
+        dout_rounded: 0xb000,
         dq: 0x7000,
         dq_dtype: Precision::F32,
         dk: 0x8000,
@@ -782,6 +789,8 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
     for (launch, expected) in [
         (AttentionBackwardLaunch { dk: 0, ..backward }, "null device pointer for `dk`"),
         (AttentionBackwardLaunch { row_terms: 0, ..backward }, "null device pointer for `row_terms`"),
+        (AttentionBackwardLaunch { dout_rounded: 0xb001, ..backward }, "`dout_rounded` at 0xb001 is not aligned"),
+        (AttentionBackwardLaunch { dout_rounded: 0xb008, ..backward }, "16-byte aligned q, k, v and dout_rounded"),
         (AttentionBackwardLaunch { dv: 0x9002, ..backward }, "`dv` at 0x9002 is not aligned"),
         (AttentionBackwardLaunch { forward: odd, ..backward }, "multiple of 8"),
         (AttentionBackwardLaunch { forward: AttentionLaunch { positions: 0, ..bf16 }, ..backward }, "empty input"),
@@ -789,6 +798,11 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         let err = attention::backward_kernels_for(&launch).expect_err(expected).to_string();
         assert!(err.contains(expected) && err.contains("attention backward:"), "expected `{expected}` in `{err}`");
     }
+    // The tensor-core backward's shared tiles at D = 256 need more than a 99 KiB (sm_86/89) block
+    // has: the backend runs the SIMT backward there; D = 128 fits.
+    let wide = AttentionBackwardLaunch { forward: AttentionLaunch { channels: 256, ..bf16 }, ..backward };
+    assert!(wide.tensor_cores_fit(163 * 1024) && !wide.tensor_cores_fit(99 * 1024));
+    assert!(backward.tensor_cores_fit(99 * 1024));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1306,11 +1320,13 @@ fn check_attention_backward(
 
     let forward = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
     let (_, row_terms) = mem.upload(&vec![f32::NAN; batch * positions], Precision::F32);
+    let (_, dout_rounded) = mem.upload(&vec![f32::NAN; len], dtype);
     let launch = AttentionBackwardLaunch {
         forward,
         dout,
         dout_dtype: grad_dtype,
         row_terms,
+        dout_rounded,
         dq,
         dq_dtype: grad_dtype,
         dk,
@@ -1326,6 +1342,7 @@ fn check_attention_backward(
     let dout_t = up(&dout_host);
     let (mut dq_t, mut dk_t, mut dv_t) = (up(&dq_host), up(&dk_host), up(&dv_host));
     let mut row_terms_t = cpu.zeros(&[batch, positions]).unwrap();
+    let mut dout_rounded_t = cpu.zeros(&shape).unwrap();
     let add = GradientStore::Add;
     cpu.attention_backward(
         &qt,
@@ -1334,7 +1351,7 @@ fn check_attention_backward(
         &out_t,
         &lse_t,
         &dout_t,
-        &mut row_terms_t,
+        AttentionScratch { row_terms: &mut row_terms_t, dout_rounded: &mut dout_rounded_t },
         &mut dq_t,
         &mut dk_t,
         &mut dv_t,

@@ -169,6 +169,17 @@ impl<T> Default for ConvEpilogue<'_, T> {
     }
 }
 
+/// Scratch the plan provides to one attention backward (nothing is allocated inside a reverse
+/// step: graph capture); its contents afterwards are unspecified.
+pub struct AttentionScratch<'a, T> {
+    /// N x HW f32, the log-sum-exp's shape: a GPU keeps each query's D_i = dout_i . out_i there.
+    pub row_terms: &'a mut T,
+    /// q's shape and storage type: a GPU keeps dout rounded to it once there, the operand its
+    /// tensor cores stream (a backend that reads dout as it is, the CPU or f32 storage, checks it
+    /// and leaves it alone).
+    pub dout_rounded: &'a mut T,
+}
+
 /// Scalars of one DDPM reverse step t -> t-1 (METHOD.md section 2).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepCoefficients {
@@ -505,10 +516,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
         logsumexp: &mut Self::Tensor,
     );
-    /// dq, dk, dv = (or += with `GradientStore::Add`) the attention's vector-Jacobian product.
-    /// `row_terms` is scratch the plan
-    /// provides, N x HW f32 like the log-sum-exp (a GPU keeps each query's D_i = dout_i . out_i
-    /// there); its contents afterwards are unspecified.
+    /// dq, dk, dv = (or += with `GradientStore::Add`) the attention's vector-Jacobian product,
+    /// with `scratch` the plan provides (`AttentionScratch`).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -518,7 +527,7 @@ pub trait Backend {
         out: &Self::Tensor,
         logsumexp: &Self::Tensor,
         dout: &Self::Tensor,
-        row_terms: &mut Self::Tensor,
+        scratch: AttentionScratch<'_, Self::Tensor>,
         dq: &mut Self::Tensor,
         dk: &mut Self::Tensor,
         dv: &mut Self::Tensor,

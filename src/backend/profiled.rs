@@ -10,8 +10,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use super::{
-    Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, NoGraph, Precision, StepColumn, StepSource,
-    TensorShape, Timestamp,
+    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, NoGraph, Precision, StepColumn,
+    StepSource, TensorShape, Timestamp,
 };
 use crate::error::Result;
 
@@ -363,7 +363,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
         out: &B::Tensor,
         logsumexp: &B::Tensor,
         dout: &B::Tensor,
-        row_terms: &mut B::Tensor,
+        scratch: AttentionScratch<'_, B::Tensor>,
         dq: &mut B::Tensor,
         dk: &mut B::Tensor,
         dv: &mut B::Tensor,
@@ -376,7 +376,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
                 flops: 2.5 * attention_flops(q),
                 bytes: bytes(&[q, k, v, out, logsumexp, dout]) + gradient_bytes(&[&*dq, &*dk, &*dv], store),
             },
-            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, row_terms, dq, dk, dv, store),
+            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, scratch, dq, dk, dv, store),
         )
     }
     fn upsample_nearest2x(&self, x: &B::Tensor, out: &mut B::Tensor) {

@@ -4,7 +4,9 @@
 //! The network is a flat list of nodes in execution order, each reading earlier activations and
 //! writing one new one, so the forward is a loop over the list and the backward the same loop
 //! reversed. All buffers live in a `UnetPlan` made once per batch size.
-use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision, TensorShape};
+use crate::backend::{
+    range, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision, TensorShape,
+};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::config::UnetConfig;
@@ -301,6 +303,11 @@ impl<B: Backend> Unet<B> {
             if with_backward {
                 for buffer in &bufs.0 {
                     grads.push(backend.zeros(buffer.shape())?);
+                }
+                if let (Layer::Attn(_), true) = (&node.layer, precision != Precision::F32) {
+                    // The attention backward's dout rounded to the activations' type (its scratch;
+                    // f32 plans lend it the norm's gradient, free at that point: attn_backward).
+                    grads.push(t(&[batch, cout, h, w])?);
                 }
             }
             saved.push((bufs, grads));
@@ -691,15 +698,22 @@ fn attn_backward<B: Backend>(
 ) {
     use GradientStore::{Add, Write};
     let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
-    // The log-sum-exp's gradient slot (N x HW f32, otherwise unused) is the backward's scratch.
-    let [dn, dq, dk, dv, da, _, row_terms] = dsaved else { unreachable!() };
+    // The attention backward's scratch: the log-sum-exp's gradient slot (N x HW f32, otherwise
+    // unused), and a buffer of q's shape and type past the saved tensors' gradients in 16-bit
+    // plans; in f32 plans the norm's gradient (q's shape and type, written only after it).
+    let [dn, dq, dk, dv, da, _, row_terms, rounded @ ..] = dsaved else { unreachable!() };
     // The residual: dout reaches x unchanged.
     match dx_store {
         Write => b.copy(dout, dx),
         Add => b.add_assign(dx, dout),
     }
     b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da, Write);
-    b.attention_backward(q, k, v, a, lse, da, row_terms, dq, dk, dv, Write);
+    let dout_rounded = match rounded {
+        [buffer] => buffer,
+        _ => &mut *dn,
+    };
+    let scratch = AttentionScratch { row_terms, dout_rounded };
+    b.attention_backward(q, k, v, a, lse, da, scratch, dq, dk, dv, Write);
     b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn, Write);
     b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn, Add);
     b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn, Add);

@@ -388,15 +388,24 @@ impl Backend for CpuBackend {
         out: &CpuTensor,
         logsumexp: &CpuTensor,
         dout: &CpuTensor,
-        row_terms: &mut CpuTensor,
+        scratch: AttentionScratch<'_, CpuTensor>,
         dq: &mut CpuTensor,
         dk: &mut CpuTensor,
         dv: &mut CpuTensor,
         gradient: GradientStore,
     ) {
         let [n, c, h, w] = dims(q, "attention_backward: q");
-        // The reference keeps its D_i per query on the stack; the scratch is checked, not used.
-        expect_shape(row_terms, &[n, h * w], "attention_backward: row_terms");
+        // The reference keeps its D_i per query on the stack and reads dout as it is: the scratch
+        // is checked, not used.
+        expect_shape(scratch.row_terms, &[n, h * w], "attention_backward: row_terms");
+        expect_shape(scratch.dout_rounded, &q.shape, "attention_backward: dout_rounded");
+        assert!(
+            scratch.row_terms.dtype == Precision::F32 && scratch.dout_rounded.dtype == q.dtype,
+            "attention_backward: row_terms is f32 ({}), dout_rounded q's storage type {} ({})",
+            scratch.row_terms.dtype,
+            q.dtype,
+            scratch.dout_rounded.dtype
+        );
         for (t, what) in [
             (k, "attention_backward: k"),
             (v, "attention_backward: v"),

@@ -242,6 +242,8 @@ pub struct AttentionBackwardLaunch {
     pub dout_dtype: Precision,
     /// Scratch, batch x positions f32: each query's D_i = dout_i . out_i.
     pub row_terms: DevicePtr,
+    /// Scratch, q's size and storage type (16-byte aligned): dout rounded to it once.
+    pub dout_rounded: DevicePtr,
     pub dq: DevicePtr,
     pub dq_dtype: Precision,
     pub dk: DevicePtr,
@@ -252,6 +254,21 @@ pub struct AttentionBackwardLaunch {
     pub accumulate: bool,
 }
 
+/// The backward's tiling (kernels/attention_mma.cu, `attention_backward_tiles`): 64 resident rows
+/// a block (queries for dq, keys for dk/dv), 32 streamed rows a stage, two stages.
+const BACKWARD_BLOCK_ROWS: usize = 64;
+const BACKWARD_STREAM_ROWS: usize = 32;
+const BACKWARD_STAGES: usize = 2;
+
+/// Warps sharing 16 resident rows at padded head dim `dim` (`AttentionBackwardShape::SPLIT`).
+fn backward_split(dim: usize) -> usize {
+    if dim == 256 {
+        2
+    } else {
+        1
+    }
+}
+
 impl AttentionBackwardLaunch {
     pub fn validate(&self) -> Result<()> {
         self.forward
@@ -260,6 +277,7 @@ impl AttentionBackwardLaunch {
         let gradients = [
             ("dout", self.dout, self.dout_dtype),
             ("row_terms", self.row_terms, Precision::F32),
+            ("dout_rounded", self.dout_rounded, self.forward.dtype),
             ("dq", self.dq, self.dq_dtype),
             ("dk", self.dk, self.dk_dtype),
             ("dv", self.dv, self.dv_dtype),
@@ -277,9 +295,20 @@ impl AttentionBackwardLaunch {
         Ok(())
     }
 
-    /// Whether the tensor-core kernels can run it (the forward's conditions).
+    /// Whether the tensor-core kernels can run it (the forward's conditions, and the rounded dout
+    /// 16-byte aligned: it is read by 16-byte copies like q, k and v).
     pub fn tensor_core_ok(&self) -> bool {
-        self.forward.tensor_core_ok()
+        self.forward.tensor_core_ok() && self.dout_rounded.is_multiple_of(16)
+    }
+
+    /// Whether the tensor-core kernels can run on a device with `max_shared_per_block` bytes of
+    /// shared memory per block: at D = 256 they take about 149 KiB (H100/H200, A100 and Jetson
+    /// Orin have it; sm_86/89 cards, 99 KiB, run the SIMT backward instead).
+    pub fn tensor_cores_fit(&self, max_shared_per_block: usize) -> bool {
+        self.tensor_core_ok()
+            && self.plan().is_ok_and(|plan| {
+                plan.iter().all(|(_, config)| config.dynamic_shared_bytes as usize <= max_shared_per_block)
+            })
     }
 
     /// (dq kernel, dk/dv kernel) names and launch configurations.
@@ -288,38 +317,36 @@ impl AttentionBackwardLaunch {
         if !self.tensor_core_ok() {
             return Err(Error::invalid(format!(
                 "attention backward: the tensor-core kernels need bf16/f16 storage, channels a multiple of 8 and \
-                 16-byte aligned q, k, v (got {}, {} channels)",
+                 16-byte aligned q, k, v and dout_rounded (got {}, {} channels)",
                 f.dtype, f.channels
             )));
         }
         let dim = MMA_HEAD_DIMS.into_iter().find(|&d| d >= f.channels).unwrap_or(256);
-        // 16 rows per warp; 2 warps at D = 256 keep the shared tiles near 48 KiB (kernels/attention_mma.cu).
-        let warps = if dim > 128 { 2 } else { 4 };
-        let rows = 16 * warps;
-        let tile_bytes = |tile_rows: usize| tile_rows * (dim + 8) * 2;
-        // dk/dv accumulate DC = min(D, 128) channels per block: D / DC blocks per key tile.
-        let channel_blocks = dim / dim.min(128);
+        let split = backward_split(dim);
+        let warps = BACKWARD_BLOCK_ROWS / 16 * split;
+        let row_bytes = (dim + 8) * 2;
+        // Resident rows, then the streamed stages (two tensors each).
+        let tiles = (2 * BACKWARD_BLOCK_ROWS + BACKWARD_STAGES * 2 * BACKWARD_STREAM_ROWS) * row_bytes;
+        // Where warps pair up: each pair's swap of two 16 x 32 f32 blocks.
+        let exchange = if split == 2 { BACKWARD_BLOCK_ROWS / 16 * 2 * 16 * BACKWARD_STREAM_ROWS * 4 } else { 0 };
+        // The dk/dv kernel streams the queries' log-sum-exp and D_i with them.
+        let row_values = BACKWARD_STAGES * 2 * BACKWARD_STREAM_ROWS * 4;
         let t = dtype_name(f.dtype);
-        let grid = |z: usize| [f.positions.div_ceil(rows) as u32, f.batch as u32, z as u32];
-        let dq = LaunchConfig {
-            grid: grid(1),
+        let config = |bytes: usize| LaunchConfig {
+            grid: [f.positions.div_ceil(BACKWARD_BLOCK_ROWS) as u32, f.batch as u32, 1],
             block: [32 * warps as u32, 1, 1],
-            dynamic_shared_bytes: (tile_bytes(2 * rows + 2 * KEYS_PER_TILE) + 2 * rows * 4) as u32,
-        };
-        let dkdv = LaunchConfig {
-            grid: grid(channel_blocks),
-            block: [32 * warps as u32, 1, 1],
-            dynamic_shared_bytes: (tile_bytes(2 * rows + 2 * KEYS_PER_TILE) + 2 * KEYS_PER_TILE * 4) as u32,
+            dynamic_shared_bytes: bytes as u32,
         };
         Ok([
-            (format!("attention_backward_dq_mma_{t}_d{dim}"), dq),
-            (format!("attention_backward_dkdv_mma_{t}_d{dim}"), dkdv),
+            (format!("attention_backward_dq_mma_{t}_d{dim}"), config(tiles + exchange)),
+            (format!("attention_backward_dkdv_mma_{t}_d{dim}"), config(tiles + row_values + exchange)),
         ])
     }
 }
 
 /// dq, dk, dv += the attention's VJP on the tensor cores (P rebuilt from the saved log-sum-exp):
-/// the row terms D_i into `row_terms`, then the dq kernel, then the dk/dv kernel.
+/// the row terms D_i into `row_terms` and dout rounded into `dout_rounded`, then the dq kernel,
+/// then the dk/dv kernel.
 pub fn launch_attention_backward_mma(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
@@ -329,7 +356,8 @@ pub fn launch_attention_backward_mma(
     let [(dq_name, dq_config), (dkdv_name, dkdv_config)] = args.plan()?;
     let (dq_kernel, dkdv_kernel) = (kernels.get(&dq_name)?, kernels.get(&dkdv_name)?);
     let f = &args.forward;
-    // Each query's D_i = dout_i . out_i once, for both kernels: a warp per row, 8 rows a block.
+    // Each query's D_i = dout_i . out_i and its rounded dout once, for both kernels: a warp per row,
+    // 8 rows a block.
     let rows = f.batch * f.positions;
     if rows > i32::MAX as usize {
         return Err(Error::invalid(format!("attention backward: {rows} rows (batch x positions) over 2^31")));
@@ -340,20 +368,13 @@ pub fn launch_attention_backward_mma(
         .i32(super::dtype_code(args.dout_dtype))
         .ptr(f.out)
         .ptr(args.row_terms)
+        .ptr(args.dout_rounded)
         .i32(rows as i32)
         .i32(f.channels as i32);
     driver.launch(row_terms_kernel, LaunchConfig::linear(rows.div_ceil(8) as u32, 256), &row_terms_args)?;
     let scale = 1.0 / (f.channels as f32).sqrt();
-    let inputs = || {
-        KernelArgs::new()
-            .ptr(f.q)
-            .ptr(f.k)
-            .ptr(f.v)
-            .ptr(args.row_terms)
-            .ptr(args.dout)
-            .i32(super::dtype_code(args.dout_dtype))
-            .ptr(f.logsumexp)
-    };
+    let inputs =
+        || KernelArgs::new().ptr(f.q).ptr(f.k).ptr(f.v).ptr(args.dout_rounded).ptr(args.row_terms).ptr(f.logsumexp);
     let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale).i32(args.accumulate as i32);
     let dq_args = tail(inputs().ptr(args.dq).i32(super::dtype_code(args.dq_dtype)));
     driver.launch(dq_kernel, dq_config, &dq_args)?;

@@ -27,8 +27,8 @@ use self::modules::KernelModules;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
 pub use self::tensor::{CudaTensor, DeviceMemory};
 use super::{
-    Backend, Conv2dGeometry, ConvEpilogue, GradientStore, KernelFileStartUp, KernelStartUp, LayerInput, Precision,
-    StepColumn, StepSource, TensorShape, Timestamp, STEP_COLUMNS,
+    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, KernelFileStartUp, KernelStartUp,
+    LayerInput, Precision, StepColumn, StepSource, TensorShape, Timestamp, STEP_COLUMNS,
 };
 use crate::driver::{Driver, Graph, KernelArgs, LaunchConfig};
 use crate::error::{Error, Result};
@@ -939,7 +939,7 @@ impl Backend for CudaBackend {
         out: &CudaTensor,
         logsumexp: &CudaTensor,
         dout: &CudaTensor,
-        row_terms: &mut CudaTensor,
+        scratch: AttentionScratch<'_, CudaTensor>,
         dq: &mut CudaTensor,
         dk: &mut CudaTensor,
         dv: &mut CudaTensor,
@@ -947,6 +947,7 @@ impl Backend for CudaBackend {
     ) {
         let Some([n, c, h, w]) = self.nchw(q, "attention_backward: q") else { return };
         let positions = h * w;
+        let AttentionScratch { row_terms, dout_rounded } = scratch;
         let ok = self.check_shape(k, &q.shape, "attention_backward: k")
             && self.check_shape(v, &q.shape, "attention_backward: v")
             && self.check_shape(out, &q.shape, "attention_backward: out")
@@ -956,11 +957,16 @@ impl Backend for CudaBackend {
             && self.check_shape(dv, &q.shape, "attention_backward: dv")
             && self.check_shape(logsumexp, &[n, positions], "attention_backward: logsumexp")
             && self.check_shape(row_terms, &[n, positions], "attention_backward: row_terms")
+            && self.check_shape(dout_rounded, &q.shape, "attention_backward: dout_rounded")
             && self.check(
-                [k.dtype, v.dtype, out.dtype].iter().all(|&d| d == q.dtype)
+                [k.dtype, v.dtype, out.dtype, dout_rounded.dtype].iter().all(|&d| d == q.dtype)
                     && logsumexp.dtype == Precision::F32
                     && row_terms.dtype == Precision::F32,
-                || "attention_backward: q, k, v and out share one storage type; logsumexp and row_terms are f32".into(),
+                || {
+                    "attention_backward: q, k, v, out and dout_rounded share one storage type; logsumexp and \
+                     row_terms are f32"
+                        .into()
+                },
             )
             && self.check(n <= 65535 && positions <= i32::MAX as usize, || {
                 format!("attention_backward: batch {n} or {positions} positions over the grid limits")
@@ -984,6 +990,7 @@ impl Backend for CudaBackend {
             dout: dout.ptr,
             dout_dtype: dout.dtype,
             row_terms: row_terms.ptr,
+            dout_rounded: dout_rounded.ptr,
             dq: dq.ptr,
             dq_dtype: dq.dtype,
             dk: dk.ptr,
@@ -992,13 +999,14 @@ impl Backend for CudaBackend {
             dv_dtype: dv.dtype,
             accumulate: store.accumulates(),
         };
-        if mma.tensor_core_ok() {
+        if mma.tensor_cores_fit(self.driver.info().max_shared_per_block) {
             let result = self
                 .attention_kernels()
                 .and_then(|kernels| attention::launch_attention_backward_mma(self.driver.as_ref(), kernels, &mma));
             return self.record(result);
         }
-        // kernels/attention.cu, backward section: 8 rows per block, tiles of 16, shared accumulators.
+        // kernels/attention.cu, backward section (f32, or a device with too little shared memory
+        // for the tensor-core tiles): 8 rows per block, tiles of 16, shared accumulators.
         const ROWS: usize = 8;
         const TILE: usize = 16;
         let shared_floats = |accumulators: usize, extra: usize| ROWS * c * accumulators + 2 * TILE * (c + 1) + extra;
