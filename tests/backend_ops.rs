@@ -367,6 +367,7 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
         (64, 0, 8, 3, 3),
         (16, 16, 4, 3, 2),
         (66, 0, 2, 3, 3),
+        (16, 8, 6, 3, 4),
     ];
     for (ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
@@ -397,9 +398,24 @@ test_device!(group_norm, group_norm_op, ALL_DTYPES);
 fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm_backward");
     // (N, C, groups, H, W): the UNet's 32 groups (at 16x16 and 8x8, batch 1 and 3), one group, an odd
-    // size, 8 and 33 channels a group (group_norm_op says why).
-    let cases =
-        [(1, 64, 32, 16, 16), (3, 64, 32, 8, 8), (2, 6, 1, 5, 3), (1, 12, 4, 3, 7), (2, 64, 8, 3, 3), (1, 66, 2, 3, 3)];
+    // size, 8, 4 and 33 channels a group (group_norm_op says why): every vector width of the
+    // element-wise kernel.
+    let cases = [
+        (1, 64, 32, 16, 16),
+        (3, 64, 32, 8, 8),
+        (2, 6, 1, 5, 3),
+        (1, 12, 4, 3, 7),
+        (2, 64, 8, 3, 3),
+        (1, 66, 2, 3, 3),
+        (2, 128, 32, 3, 2),
+    ];
+    // (dout, dx) storage: f32 as in the plans; dx in the activations' type as where the UNet's plans
+    // narrow it (a ResnetBlock's conv1 output gradient); both in it.
+    let grad_dtypes = if dtype == Precision::F32 {
+        vec![(dtype, dtype)]
+    } else {
+        vec![(Precision::F32, Precision::F32), (Precision::F32, dtype), (dtype, dtype)]
+    };
     for (n, c, groups, hh, w) in cases {
         for silu in [false, true] {
             let shape = [n, c, hh, w];
@@ -412,14 +428,15 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
             b.group_norm(LayerInput::one(&x), &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
             h.cpu.group_norm(LayerInput::one(&xr), &gamma_r, &beta_r, groups, 1e-6, silu, &mut out_r, &mut stats_r);
             let what = format!("group_norm_backward {n}x{c}x{hh}x{w}, {groups} groups, silu {silu}");
-            // Gradients are f32 in the plans; one case also stores them in the activation type.
-            let grad_dtype = if c == 12 { dtype } else { Precision::F32 };
-            let (dout, dout_r) = h.input_as(&shape, grad_dtype, 1.0);
-            for store in [Add, Write] {
-                let (mut dx, mut dx_r) = gradient(&mut h, &shape, grad_dtype, store);
-                b.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, &dout, &mut dx, store);
-                h.cpu.group_norm_backward(&xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, &mut dx_r, store);
-                h.check(&format!("{what}: dx ({store:?})"), &dx, &dx_r);
+            for &(dout_dtype, dx_dtype) in &grad_dtypes {
+                let (dout, dout_r) = h.input_as(&shape, dout_dtype, 1.0);
+                for store in [Add, Write] {
+                    let (mut dx, mut dx_r) = gradient(&mut h, &shape, dx_dtype, store);
+                    b.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, &dout, &mut dx, store);
+                    let cpu = &h.cpu;
+                    cpu.group_norm_backward(&xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, &mut dx_r, store);
+                    h.check(&format!("{what}: dx ({dout_dtype} dout, {dx_dtype} dx, {store:?})"), &dx, &dx_r);
+                }
             }
         }
     }
@@ -470,31 +487,34 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
 }
 test_device!(conv2d, conv2d_op, ALL_DTYPES);
 
-/// dx = (and +=) the transposed convolution of dout, for the geometries of the UNet and the
-/// classifiers (`gradient` says how dx starts for each store). Gradients are f32
-/// in the plans whatever the weights' type (the tensor-core kernel for 16-bit weights); every case
-/// also runs with dout and dx in the weights' type.
-/// Input gradients with many k-steps and few dx positions, split on the emulator like
-/// `CONV2D_SPLIT_K_CASES`. (name, ci, co, k, geometry, H, batch)
+/// An input gradient's case: (name, ci, co, k, geometry, H, batch).
 type BackwardCase = (&'static str, usize, usize, usize, Conv2dGeometry, usize, usize);
+/// The geometries of the UNet and the classifiers.
+const CONV2D_BACKWARD_INPUT_CASES: [BackwardCase; 6] = [
+    ("3x3", 16, 24, 3, Conv2dGeometry::same(1), 6, 2),
+    ("conv_in (3 channels)", 3, 16, 3, Conv2dGeometry::same(1), 5, 1),
+    ("conv_out (3 channels)", 16, 3, 3, Conv2dGeometry::same(1), 5, 1),
+    ("1x1", 24, 16, 1, Conv2dGeometry::same(0), 4, 3),
+    ("downsample (pad right/bottom, stride 2)", 16, 16, 3, DOWNSAMPLE, 6, 2),
+    ("classifier stride 2, pad 1", 8, 16, 3, Conv2dGeometry::strided(2, 1), 7, 2),
+];
+/// Input gradients with many k-steps and few dx positions, split on the emulator like
+/// `CONV2D_SPLIT_K_CASES`.
 const CONV2D_BACKWARD_INPUT_SPLIT_K_CASES: [BackwardCase; 3] = [
     ("split-K 3x3 at 3x3 (M 9), 18 k-steps", 32, 64, 3, Conv2dGeometry::same(1), 3, 1),
     ("split-K downsample, dx 4x4, 14 k-steps", 24, 48, 3, DOWNSAMPLE, 4, 2),
     ("split-K 1x1 at 2x2, 8 k-steps", 64, 256, 1, Conv2dGeometry::same(0), 2, 1),
 ];
 
+/// dx = (and +=) the transposed convolution of dout (`gradient` says how dx starts for each
+/// store). Gradients are f32 in the plans whatever the weights' type (the tensor-core kernel for
+/// 16-bit weights); every case also runs with dout and dx in the weights' type.
 fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "conv2d_backward_input");
-    let cases = [
-        ("3x3", 16, 24, 3, Conv2dGeometry::same(1), 6, 2),
-        ("conv_in (3 channels)", 3, 16, 3, Conv2dGeometry::same(1), 5, 1),
-        ("conv_out (3 channels)", 16, 3, 3, Conv2dGeometry::same(1), 5, 1),
-        ("1x1", 24, 16, 1, Conv2dGeometry::same(0), 4, 3),
-        ("downsample (pad right/bottom, stride 2)", 16, 16, 3, DOWNSAMPLE, 6, 2),
-        ("classifier stride 2, pad 1", 8, 16, 3, Conv2dGeometry::strided(2, 1), 7, 2),
-    ];
     let grad_dtypes = if dtype == Precision::F32 { vec![dtype] } else { vec![Precision::F32, dtype] };
-    for (name, ci, co, k, geometry, size, n) in cases.into_iter().chain(CONV2D_BACKWARD_INPUT_SPLIT_K_CASES) {
+    for (name, ci, co, k, geometry, size, n) in
+        CONV2D_BACKWARD_INPUT_CASES.into_iter().chain(CONV2D_BACKWARD_INPUT_SPLIT_K_CASES)
+    {
         for &grad_dtype in &grad_dtypes {
             let (oh, ow) = geometry.output_size(size, size, k, k);
             let (dout, dout_r) = h.input_as(&[n, co, oh, ow], grad_dtype, 1.0);
@@ -509,6 +529,51 @@ fn conv2d_backward_input_op<B: Backend>(b: &B, dtype: Precision) {
     }
 }
 test_device!(conv2d_backward_input, conv2d_backward_input_op, ALL_DTYPES);
+
+/// On the CUDA backend with 16-bit weights, dout in f32 and the same dout rounded to the weights'
+/// type give the same dx, bit for bit: the kernels round dout to the weights' type as they stage
+/// it. `Unet::plan` relies on it to store the gradients that only a convolution reads in the
+/// activations' type. (The CPU backend does not round dout, so it is not held to this.)
+fn narrow_dout_gives_the_same_bits(b: &CudaBackend, dtype: Precision) {
+    let cases = CONV2D_BACKWARD_INPUT_CASES.into_iter().chain(CONV2D_BACKWARD_INPUT_SPLIT_K_CASES);
+    // Co = 12: f32 dout staged through registers (Co a multiple of 4), 16-bit dout gathered.
+    let odd = ("Co 12 (16-bit dout gathered)", 16, 12, 3, Conv2dGeometry::same(1), 5, 2);
+    for (seed, (name, ci, co, k, geometry, size, n)) in cases.chain([odd]).enumerate() {
+        let (oh, ow) = geometry.output_size(size, size, k, k);
+        let dout_shape = [n, co, oh, ow];
+        let values = common::uniform(dout_shape.iter().product(), 0xD0D0 + seed as u64);
+        let weights = common::uniform(co * ci * k * k, 0x3E3E + seed as u64);
+        let w = b.upload_as(&weights, &[co, ci, k, k], dtype).unwrap();
+        let dx = |dout_dtype: Precision| {
+            let dout = b.upload_as(&values, &dout_shape, dout_dtype).unwrap();
+            let mut dx = b.upload(&vec![f32::NAN; n * ci * size * size], &[n, ci, size, size]).unwrap();
+            b.conv2d_backward_input(&dout, &w, geometry, &mut dx, Write);
+            b.download(&dx).unwrap()
+        };
+        let (wide, narrow) = (dx(Precision::F32), dx(dtype));
+        assert!(wide.iter().all(|v| v.is_finite()), "{name} ({dtype}): dx not written");
+        let differ = wide.iter().zip(&narrow).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "{name} ({dtype}): {differ} of {} dx values differ with dout rounded", wide.len());
+    }
+}
+
+#[test]
+fn narrow_dout_gives_the_same_bits_on_the_emulator() {
+    for dtype in [Precision::Bf16, Precision::F16] {
+        narrow_dout_gives_the_same_bits(&emulator(dtype), dtype);
+    }
+}
+
+#[test]
+fn narrow_dout_gives_the_same_bits_on_cuda() {
+    match purifier::device::cuda_backend(Precision::Bf16) {
+        Ok(b) => {
+            narrow_dout_gives_the_same_bits(&b, Precision::Bf16);
+            narrow_dout_gives_the_same_bits(&purifier::device::cuda_backend(Precision::F16).unwrap(), Precision::F16);
+        }
+        Err(e) => println!("skipped: no CUDA device ({e})"),
+    }
+}
 
 /// The split-K cases above do split where the emulator backend runs them (16-bit weights, the
 /// emulator's 16 SMs, the backend's workspace), so `conv2d::emulator` and

@@ -269,6 +269,8 @@ impl<B: Backend> Unet<B> {
             let t = |dims: &[usize]| backend.zeros_as(dims, precision);
             let stats = |_channels: usize| backend.zeros(&[batch, NORM_GROUPS, 2]);
             let mut bufs: NodeBuffers<B> = NodeBuffers::default();
+            // The saved tensors whose gradients are stored in the activations' type (below).
+            let mut narrow = Vec::new();
             match &node.layer {
                 Layer::ConvIn(_) | Layer::Downsample(_) => {}
                 Layer::Resnet(block) => {
@@ -278,6 +280,7 @@ impl<B: Backend> Unet<B> {
                     bufs.push(t(&[batch, input_channels, h, w])?); // SiLU(norm1(x))
                     bufs.push(stats(input_channels)?);
                     bufs.push(backend.zeros(&[batch, cout])?); // temb_proj (a bias: f32)
+                    narrow.push(bufs.0.len()); // written by norm2's backward, read by conv1's
                     bufs.push(t(&[batch, cout, h, w])?); // conv1 + temb
                     bufs.push(t(&[batch, cout, h, w])?); // SiLU(norm2(.))
                     bufs.push(stats(cout)?);
@@ -289,6 +292,7 @@ impl<B: Backend> Unet<B> {
                     for _ in 0..5 {
                         bufs.push(t(&[batch, cout, h, w])?); // norm, q, k, v, attention output
                     }
+                    narrow.extend([1, 2, 3]); // dq, dk, dv: written by the attention's backward
                     bufs.push(stats(cout)?);
                     bufs.push(backend.zeros(&[batch, h * w])?); // log-sum-exp
                 }
@@ -299,10 +303,15 @@ impl<B: Backend> Unet<B> {
                 }
             }
             // One gradient per saved tensor, same index and shape (those of the stats go unused).
+            // f32, except the `narrow` ones: in the activations' type. Each of those is written once,
+            // by one op, and read only as the dout of a convolution's input gradient, which rounds
+            // dout to the weights' type as it stages it: stored rounded, it gives the convolution the
+            // same bits at half the dout traffic (and the vector cp.async path).
             let mut grads: NodeBuffers<B> = NodeBuffers::default();
             if with_backward {
-                for buffer in &bufs.0 {
-                    grads.push(backend.zeros(buffer.shape())?);
+                for (j, buffer) in bufs.0.iter().enumerate() {
+                    let dtype = if narrow.contains(&j) { precision } else { Precision::F32 };
+                    grads.push(backend.zeros_as(buffer.shape(), dtype)?);
                 }
                 if let (Layer::Attn(_), true) = (&node.layer, precision != Precision::F32) {
                     // The attention backward's dout rounded to the activations' type (its scratch;
