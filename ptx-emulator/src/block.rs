@@ -10,6 +10,7 @@ use crate::ir::*;
 use crate::memory::Allocation;
 use crate::report::{Report, ReportKind};
 use crate::shadow::SharedShadow;
+use crate::traffic::GlobalTraffic;
 
 /// What every block of a launch shares.
 pub struct LaunchCtx<'a> {
@@ -69,6 +70,8 @@ pub struct BlockEnv<'a> {
     /// empty until the block's first cp.async).
     pub async_threads: Vec<crate::exec::async_copy::AsyncThread>,
     pub async_pending: Vec<u16>,
+    /// The block's global loads and stores, in sectors per warp-level access.
+    pub traffic: GlobalTraffic,
 }
 
 impl BlockEnv<'_> {
@@ -123,8 +126,8 @@ fn lane_mask_of(regs: &[u64], slot: Slot, lane: usize) -> u32 {
     regs[slot as usize * 32 + lane] as u32
 }
 
-/// Runs one block to completion; returns the thread-instructions executed.
-pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) -> Result<u64, Report> {
+/// Runs one block to completion; returns the thread-instructions executed and its global traffic.
+pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) -> Result<(u64, GlobalTraffic), Report> {
     let [gx, gy, _] = l.grid;
     let b = block_linear as u32;
     let block = [b % gx, (b / gx) % gy, b / (gx * gy)];
@@ -142,6 +145,7 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         last_alloc: 0,
         async_threads: Vec::new(),
         async_pending: Vec::new(),
+        traffic: GlobalTraffic::default(),
     };
     let mut warps: Vec<Warp> = (0..nwarps).map(|w| new_warp(l, &env, w, nthreads)).collect();
     let mut count = 0u64;
@@ -151,7 +155,7 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         }
         let live: u32 = warps.iter().map(|w| w.st.iter().filter(|&&s| s != EXITED).count() as u32).sum();
         if live == 0 {
-            return Ok(count);
+            return Ok((count, env.traffic));
         }
         if !release_barriers(&mut env, &mut warps, live)? {
             return Err(deadlock(&env, &warps, f));

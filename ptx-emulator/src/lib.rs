@@ -13,6 +13,7 @@ pub mod memory;
 pub mod parse;
 pub mod report;
 pub mod shadow;
+pub mod traffic;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use rayon::prelude::*;
 pub use ir::{Function, ParamInfo};
 pub use memory::GlobalMemory;
 pub use report::{LoadError, Report, ReportKind};
+pub use traffic::GlobalTraffic;
 
 /// Limits of the emulated device (those of an sm_80 part).
 pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
@@ -130,6 +132,8 @@ pub struct Dims {
 pub struct LaunchStats {
     pub thread_instructions: u64,
     pub blocks: u64,
+    /// Global loads and stores per warp-level access, in 32-byte sectors (`traffic`).
+    pub global: GlobalTraffic,
 }
 
 /// Checks a launch the way the driver does; the message is the driver's reason.
@@ -210,6 +214,7 @@ pub fn launch(
     let nblocks = dims.grid.iter().map(|&x| x as u64).product::<u64>();
     let failed = AtomicBool::new(false);
     let count = AtomicU64::new(0);
+    let traffic = std::sync::Mutex::new(GlobalTraffic::default());
     let first_error = (0..nblocks)
         .into_par_iter()
         .map_init(shadow::SharedShadow::new, |sh, b| {
@@ -217,8 +222,9 @@ pub fn launch(
                 return None;
             }
             match block::run_block(&ctx, b, sh) {
-                Ok(n) => {
+                Ok((n, block_traffic)) => {
                     count.fetch_add(n, Ordering::Relaxed);
+                    traffic.lock().unwrap_or_else(|e| e.into_inner()).add(&block_traffic);
                     None
                 }
                 Err(r) => {
@@ -231,7 +237,11 @@ pub fn launch(
         .min_by_key(|(b, _)| *b);
     match first_error {
         Some((_, r)) => Err(LaunchError::Report(Box::new(r))),
-        None => Ok(LaunchStats { thread_instructions: count.into_inner(), blocks: nblocks }),
+        None => Ok(LaunchStats {
+            thread_instructions: count.into_inner(),
+            blocks: nblocks,
+            global: traffic.into_inner().unwrap_or_else(|e| e.into_inner()),
+        }),
     }
 }
 

@@ -3,10 +3,11 @@
 //! launches run when issued (the stream is in order, so this is what a GPU would compute), and
 //! their errors are stored and returned by the next `synchronize` (or host copy), as on a GPU.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ptx_emulator::{Dims, GlobalMemory, LaunchError};
+use ptx_emulator::{Dims, GlobalMemory, GlobalTraffic, LaunchError};
 
 use super::*;
 
@@ -36,6 +37,16 @@ struct State {
     /// The first error of asynchronous work, returned by the next synchronize.
     pending: Option<DriverError>,
     thread_instructions: u64,
+    kernels: BTreeMap<String, KernelTotals>,
+}
+
+/// What the launches of one kernel did, summed: the emulator's per-kernel counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelTotals {
+    pub launches: u64,
+    pub thread_instructions: u64,
+    /// Global loads and stores in 32-byte sectors per warp-level access (coalescing).
+    pub global: GlobalTraffic,
 }
 
 pub struct EmulatedDriver {
@@ -70,6 +81,7 @@ impl EmulatedDriver {
                 capture: None,
                 pending: None,
                 thread_instructions: 0,
+                kernels: BTreeMap::new(),
             }),
         }
     }
@@ -77,6 +89,16 @@ impl EmulatedDriver {
     /// Thread-instructions executed by all launches so far (the emulator's speed measure).
     pub fn thread_instructions(&self) -> u64 {
         self.lock().thread_instructions
+    }
+
+    /// Per kernel name, what its launches so far did; `take` clears the counts.
+    pub fn kernel_totals(&self, take: bool) -> BTreeMap<String, KernelTotals> {
+        let mut state = self.lock();
+        if take {
+            std::mem::take(&mut state.kernels)
+        } else {
+            state.kernels.clone()
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -106,6 +128,10 @@ impl State {
                 match ptx_emulator::launch(module, f, &dims, args.params(), &self.mem) {
                     Ok(stats) => {
                         self.thread_instructions += stats.thread_instructions;
+                        let totals = self.kernels.entry(f.name.clone()).or_default();
+                        totals.launches += 1;
+                        totals.thread_instructions += stats.thread_instructions;
+                        totals.global.add(&stats.global);
                         Ok(())
                     }
                     Err(LaunchError::Invalid(s)) => Err(DriverError::InvalidValue(s)),

@@ -51,6 +51,9 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
         env.async_threads = vec![AsyncThread::default(); n];
         env.async_pending = vec![0; env.shared.len()];
     }
+    // The global reads of a cp.async warp access (zero-filling lanes read nothing).
+    let mut global = [(0u64, 0u64); 32];
+    let mut global_lanes = 0;
     let mut m = mask;
     while m != 0 {
         let l = m.trailing_zeros();
@@ -77,6 +80,8 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
                 if src_size > 0 {
                     let p = env.resolve_aligned(Space::Global, src, src_size, size, Kind::Read, warp, l, inst.line)?;
                     unsafe { std::ptr::copy_nonoverlapping(p, data.as_mut_ptr(), src_size as usize) };
+                    global[global_lanes] = (src, src_size);
+                    global_lanes += 1;
                 }
                 // The destination: in bounds, aligned, and not the target of another pending copy.
                 let n = env.shared.len() as u64;
@@ -137,6 +142,7 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
             _ => unreachable!(),
         }
     }
+    env.traffic.record(false, &global[..global_lanes]);
     Ok(())
 }
 

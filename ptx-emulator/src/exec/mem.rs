@@ -247,12 +247,18 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
             let eb = inst.ty.bytes();
             let total = eb as u64 * inst.vec as u64;
             let kind = if load { Kind::Read } else { Kind::Write };
+            let mut global = [(0u64, 0u64); 32];
+            let mut global_lanes = 0;
             let mut m = mask;
             while m != 0 {
                 let l = m.trailing_zeros() as usize;
                 m &= m - 1;
                 let addr = regs[base + l].wrapping_add(inst.off as u64);
                 let p = env.resolve(space, addr, total, kind, warp, l as u32, line)?;
+                if is_global(space, addr) {
+                    global[global_lanes] = (addr, total);
+                    global_lanes += 1;
+                }
                 for k in 0..inst.vec as usize {
                     let pk = unsafe { p.add(k * eb as usize) };
                     if load {
@@ -264,6 +270,7 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
                     }
                 }
             }
+            env.traffic.record(!load, &global[..global_lanes]);
         }
         Op::Atom { space, op } => {
             let eb = inst.ty.bytes();
@@ -337,6 +344,18 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
         _ => unreachable!(),
     }
     Ok(())
+}
+
+/// Whether an access in `space` at `addr` reaches global memory (a generic address outside the
+/// shared, local, param and const windows does).
+pub fn is_global(space: Space, addr: u64) -> bool {
+    match space {
+        Space::Global => true,
+        Space::Generic => ![SHARED_WINDOW, LOCAL_WINDOW, PARAM_WINDOW, CONST_WINDOW]
+            .iter()
+            .any(|&w| (w..w + WINDOW_SIZE).contains(&addr)),
+        _ => false,
+    }
 }
 
 fn atom_apply(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> u64 {

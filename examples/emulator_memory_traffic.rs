@@ -1,0 +1,80 @@
+//! How well each kernel coalesces its global loads and stores, measured on the PTX emulator: one
+//! UNet forward + input VJP through the CUDA backend, every warp-level global access counted in the
+//! 32-byte sectors it touches (`ptx_emulator::GlobalTraffic`, Nsight Compute's sectors per
+//! request). Efficiency is the bytes the lanes asked for over the bytes of the sectors moved: a
+//! kernel at 25% moves four times the data it uses through L1. The sectors are counted from the
+//! addresses the kernels compute, exactly; what they cost on a GPU (L1 and L2 hits, DRAM) is not
+//! modelled.
+//!
+//! Run: source scripts/nvrtc.sh && cargo run --release --example emulator_memory_traffic -- [config] [precision] [batch]
+//! (config cifar10-small or cifar10, default cifar10-small; precision f32, bf16 or f16, default
+//! bf16; batch default 1).
+
+use std::sync::Arc;
+
+use purifier::backend::cuda::compile::ImageKind;
+use purifier::backend::cuda::CudaBackend;
+use purifier::backend::{Backend, Precision};
+use purifier::driver::emulated::EmulatedDriver;
+use purifier::model::params::DeterministicParams;
+use purifier::model::{Unet, UnetConfig};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match args.first().map(String::as_str) {
+        None | Some("cifar10-small") => UnetConfig::cifar10_small(),
+        Some("cifar10") => UnetConfig::cifar10(),
+        Some(other) => panic!("unknown config {other} (cifar10-small, cifar10)"),
+    };
+    let precision = match args.get(1).map(String::as_str) {
+        None | Some("bf16") => Precision::Bf16,
+        Some("f32") => Precision::F32,
+        Some("f16") => Precision::F16,
+        Some(other) => panic!("unknown precision {other} (f32, bf16, f16)"),
+    };
+    let batch: usize = args.get(2).map_or(1, |b| b.parse().expect("batch: a positive integer"));
+
+    let driver = Arc::new(EmulatedDriver::new());
+    let b = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();
+    let unet = Unet::load(&config, &mut DeterministicParams::new(&b, 1)).unwrap();
+    let mut plan = unet.plan(&b, batch, true).unwrap();
+    let r = config.resolution;
+    let x: Vec<f32> = (0..batch * 3 * r * r).map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0).collect();
+    let xt = b.upload(&x, &[batch, 3, r, r]).unwrap();
+    let v = b.upload(&vec![0.5; x.len()], &[batch, 3, r, r]).unwrap();
+    let steps = vec![50.0; batch];
+    driver.kernel_totals(true);
+    unet.forward(&b, &mut plan, &xt, &steps).unwrap();
+    unet.input_vjp(&b, &mut plan, &v).unwrap();
+    let totals = driver.kernel_totals(true);
+
+    let mut rows: Vec<_> = totals.into_iter().collect();
+    let moved = |t: &purifier::driver::emulated::KernelTotals| (t.global.load_sectors + t.global.store_sectors) * 32;
+    rows.sort_by_key(|(_, t)| std::cmp::Reverse(moved(t)));
+    let all: u64 = rows.iter().map(|(_, t)| moved(t)).sum();
+    println!(
+        "{} forward + input VJP, batch {batch}, {precision}: global traffic per kernel, by sectors moved",
+        config.name
+    );
+    println!(
+        "{:<52} {:>5} {:>9} {:>7} {:>8} {:>6} {:>8} {:>6}",
+        "kernel", "calls", "MB moved", "share", "ld sect", "ld eff", "st sect", "st eff"
+    );
+    for (name, t) in &rows {
+        let g = &t.global;
+        let per = |sectors: u64, requests: u64| if requests == 0 { 0.0 } else { sectors as f64 / requests as f64 };
+        println!(
+            "{:<52} {:>5} {:>9.2} {:>6.1}% {:>8.1} {:>5.0}% {:>8.1} {:>5.0}%",
+            name,
+            t.launches,
+            moved(t) as f64 / 1e6,
+            100.0 * moved(t) as f64 / all.max(1) as f64,
+            per(g.load_sectors, g.load_requests),
+            100.0 * g.load_efficiency(),
+            per(g.store_sectors, g.store_requests),
+            100.0 * g.store_efficiency(),
+        );
+    }
+    println!("{:<52} {:>5} {:>9.2}", "all kernels", "", all as f64 / 1e6);
+    println!("(ld/st sect: sectors per warp-level request; eff: bytes asked for / bytes of the sectors moved)");
+}
