@@ -113,6 +113,97 @@ __device__ __forceinline__ void store_grad(void* p, int dtype, long long i, floa
     store_dyn(p, dtype, i, accumulate ? load_dyn(p, dtype, i) + g : g);
 }
 
+// N (1, 2, 4 or 8) consecutive elements from element i, storage type chosen at run time, in the
+// fewest aligned accesses: N * 2 bytes (16-bit types) or N * 4 bytes (f32; two accesses at N = 8).
+// i must be a multiple of N and the pointer aligned to N elements (the launchers check): a warp
+// of threads reading consecutive vectors then uses every byte of every 32-byte sector it touches.
+
+// N 32-bit words in one access (16-bit types: two a word, the lower element in the low half).
+template <int N>
+__device__ __forceinline__ void load_words(const unsigned* p, unsigned (&w)[N]) {
+    if constexpr (N == 4) {
+        const uint4 q = *reinterpret_cast<const uint4*>(p);
+        w[0] = q.x, w[1] = q.y, w[2] = q.z, w[3] = q.w;
+    } else if constexpr (N == 2) {
+        const uint2 q = *reinterpret_cast<const uint2*>(p);
+        w[0] = q.x, w[1] = q.y;
+    } else {
+        w[0] = *p;
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void store_words(unsigned* p, const unsigned (&w)[N]) {
+    if constexpr (N == 4)
+        *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    else if constexpr (N == 2)
+        *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+    else
+        *p = w[0];
+}
+
+template <int N>
+__device__ __forceinline__ void load_dyn_n(const void* p, int dtype, long long i, float (&v)[N]) {
+    if (dtype == DTYPE_F32) {
+        const unsigned* base = static_cast<const unsigned*>(p) + i;
+        constexpr int PER = N < 4 ? N : 4;  // words an access
+#pragma unroll
+        for (int a = 0; a < N; a += PER) {
+            unsigned w[PER];
+            load_words<PER>(base + a, w);
+#pragma unroll
+            for (int k = 0; k < PER; ++k) v[a + k] = __uint_as_float(w[k]);
+        }
+    } else if constexpr (N == 1) {
+        v[0] = load_dyn(p, dtype, i);
+    } else {
+        unsigned w[N / 2];
+        load_words<N / 2>(reinterpret_cast<const unsigned*>(static_cast<const unsigned short*>(p) + i), w);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+            const unsigned short h = (unsigned short)(w[k / 2] >> (16 * (k % 2)));
+            v[k] = dtype == DTYPE_F16 ? to_float(f16{h}) : to_float(bf16{h});
+        }
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void store_dyn_n(void* p, int dtype, long long i, const float (&v)[N]) {
+    if (dtype == DTYPE_F32) {
+        unsigned* base = static_cast<unsigned*>(p) + i;
+        constexpr int PER = N < 4 ? N : 4;
+#pragma unroll
+        for (int a = 0; a < N; a += PER) {
+            unsigned w[PER];
+#pragma unroll
+            for (int k = 0; k < PER; ++k) w[k] = __float_as_uint(v[a + k]);
+            store_words<PER>(base + a, w);
+        }
+    } else if constexpr (N == 1) {
+        store_dyn(p, dtype, i, v[0]);
+    } else {
+        unsigned w[N / 2];
+#pragma unroll
+        for (int k = 0; k < N; k += 2)
+            w[k / 2] = dtype == DTYPE_F16 ? pack_f16x2(v[k], v[k + 1]) : pack_bf16x2(v[k], v[k + 1]);
+        store_words<N / 2>(reinterpret_cast<unsigned*>(static_cast<unsigned short*>(p) + i), w);
+    }
+}
+
+// store_grad over N consecutive elements (as load_dyn_n / store_dyn_n).
+template <int N>
+__device__ __forceinline__ void store_grad_n(void* p, int dtype, long long i, const float (&g)[N], int accumulate) {
+    if (accumulate) {
+        float sum[N];
+        load_dyn_n<N>(p, dtype, i, sum);
+#pragma unroll
+        for (int k = 0; k < N; ++k) sum[k] += g[k];
+        store_dyn_n<N>(p, dtype, i, sum);
+    } else {
+        store_dyn_n<N>(p, dtype, i, g);
+    }
+}
+
 // Two consecutive elements (i even, the pointer aligned to two elements) in one access.
 __device__ __forceinline__ float2 load_float2(const float* p, long long i) {
     return *reinterpret_cast<const float2*>(p + i);

@@ -13,8 +13,8 @@
 //   groupnorm_partial_stats  grid (chunks, G, N): each block reduces a slice of pixels of one group,
 //                            so batch 1 (32 groups) still fills every SM: the host picks chunks;
 //   groupnorm_finalize       one thread per (n, g): merges the chunks into stats;
-//   groupnorm_apply          one thread per `vec` channels of a pixel: normalise, affine, SiLU, one
-//                            rounding.
+//   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
+//                            a sector used): normalise, affine, SiLU, one rounding.
 //
 // Backward (src/backend/cpu/norm.rs `backward` is the reference), on one-source x (the caller splits
 // a concat's gradient), stats from the forward, dx written or accumulated (`accumulate`):
@@ -109,18 +109,21 @@ extern "C" __global__ void groupnorm_finalize(const float* partials, float* stat
     stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
 }
 
-// The element-wise kernels take `vec` consecutive channels of one pixel per thread (vec divides Ca,
-// Cb and the group size: the launcher picks 8, 4, 2 or 1), so the index arithmetic is paid once
-// per vec elements and a vector never leaves its source tensor or its group.
+// The element-wise kernels take VEC consecutive channels of one pixel per thread (VEC divides Ca,
+// Cb and the group size, and the tensors are aligned to VEC elements: the launcher picks 8, 4, 2 or
+// 1), so the index arithmetic is paid once per VEC elements, a vector never leaves its source
+// tensor or its group, and it moves in one access (load_dyn_n): a warp's loads and stores use
+// every byte of the sectors they touch.
 struct ChannelVector {
     int pixel, c0, ng;  // global pixel, first channel, n * groups + group
 };
 
-__device__ __forceinline__ ChannelVector channel_vector(int v, int channels, int vec, const GroupNormShape& s) {
-    const int per_pixel = channels / vec;
+template <int VEC>
+__device__ __forceinline__ ChannelVector channel_vector(int v, int channels, const GroupNormShape& s) {
+    const int per_pixel = channels / VEC;
     ChannelVector r;
     r.pixel = v / per_pixel;
-    r.c0 = (v - r.pixel * per_pixel) * vec;
+    r.c0 = (v - r.pixel * per_pixel) * VEC;
     r.ng = (r.pixel / s.pixels) * s.groups + r.c0 / (channels / s.groups);
     return r;
 }
@@ -129,38 +132,61 @@ __device__ __forceinline__ ChannelVector channel_vector(int v, int channels, int
     for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < (s).batch * (s).pixels * ((channels) / (vec)); \
          v += gridDim.x * blockDim.x)
 
+// The kernel body for each vector width (`vec` is uniform over the grid).
+#define DISPATCH_VEC(vec, call) \
+    switch (vec) {              \
+        case 8: call(8); break; \
+        case 4: call(4); break; \
+        case 2: call(2); break; \
+        default: call(1);       \
+    }
+
+template <int VEC>
+__device__ __forceinline__ void groupnorm_apply_vec(const void* a, int dt_a, const void* b, int dt_b,
+                                                    const float* stats, const float* gamma, const float* beta,
+                                                    void* out, int dt_out, int silu, const GroupNormShape& s) {
+    const int channels = s.ca + s.cb;
+    VECTOR_LOOP(v, channels, VEC, s) {
+        const ChannelVector cv = channel_vector<VEC>(v, channels, s);
+        const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
+        float y[VEC], gs[VEC], bs[VEC];
+        if (cv.c0 < s.ca)
+            load_dyn_n<VEC>(a, dt_a, (long long)cv.pixel * s.ca + cv.c0, y);
+        else
+            load_dyn_n<VEC>(b, dt_b, (long long)cv.pixel * s.cb + (cv.c0 - s.ca), y);
+        load_dyn_n<VEC>(gamma, DTYPE_F32, cv.c0, gs);
+        load_dyn_n<VEC>(beta, DTYPE_F32, cv.c0, bs);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            y[k] = (y[k] - mean) * rstd * gs[k] + bs[k];
+            if (silu) y[k] = y[k] / (1.0f + expf(-y[k]));
+        }
+        store_dyn_n<VEC>(out, dt_out, (long long)cv.pixel * channels + cv.c0, y);
+    }
+}
+
 extern "C" __global__ void groupnorm_apply(const void* a, int dt_a, const void* b, int dt_b, const float* stats,
                                            const float* gamma, const float* beta, void* out, int dt_out, int silu,
                                            int vec, GroupNormShape s) {
-    const int channels = s.ca + s.cb;
-    VECTOR_LOOP(v, channels, vec, s) {
-        const ChannelVector cv = channel_vector(v, channels, vec, s);
-        const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
-        const long long first = (long long)cv.pixel * channels + cv.c0;
-        for (int k = 0; k < vec; ++k) {
-            const int c = cv.c0 + k;
-            float y = (load_two_source(a, dt_a, b, dt_b, cv.pixel, c, s) - mean) * rstd * gamma[c] + beta[c];
-            if (silu) y = y / (1.0f + expf(-y));
-            store_dyn(out, dt_out, first + k, y);
-        }
-    }
+#define APPLY(VEC) groupnorm_apply_vec<VEC>(a, dt_a, b, dt_b, stats, gamma, beta, out, dt_out, silu, s)
+    DISPATCH_VEC(vec, APPLY)
+#undef APPLY
 }
 
 // ---- backward ----
 
-// (xhat, g) of element i (NHWC, channel c): the normalised input recomputed from x and the saved
-// stats, and the gradient at xhat (through SiLU's derivative when fused).
-__device__ __forceinline__ float2 groupnorm_grad_at(const void* x, int dt_x, const void* dout, int dt_dout,
-                                                    float mean, float rstd, const float* gamma, const float* beta,
-                                                    int silu, long long i, int c) {
-    const float xhat = (load_dyn(x, dt_x, i) - mean) * rstd;
-    float dy = load_dyn(dout, dt_dout, i);
+// (xhat, g) of an element of channel c with input x and output gradient dy: the normalised input
+// recomputed from x and the saved stats, and the gradient at xhat (through SiLU's derivative when
+// fused).
+__device__ __forceinline__ float2 groupnorm_grad_at(float x, float dy, float mean, float rstd, float gamma,
+                                                    float beta, int silu) {
+    const float xhat = (x - mean) * rstd;
     if (silu) {
-        const float y = xhat * gamma[c] + beta[c];
+        const float y = xhat * gamma + beta;
         const float sig = 1.0f / (1.0f + expf(-y));
         dy *= sig * (1.0f + y * (1.0f - sig));
     }
-    return make_float2(xhat, dy * gamma[c]);
+    return make_float2(xhat, dy * gamma);
 }
 
 extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
@@ -178,7 +204,8 @@ extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
     for_each_in_slice(range.x, range.y, cpg, [&](int p, int ch) {
         const int c = g * cpg + ch;
         const long long i = (long long)(first_pixel + p) * channels + c;
-        const float2 at = groupnorm_grad_at(x, dt_x, dout, dt_dout, mean, rstd, gamma, beta, silu, i, c);
+        const float2 at =
+            groupnorm_grad_at(load_dyn(x, dt_x, i), load_dyn(dout, dt_dout, i), mean, rstd, gamma[c], beta[c], silu);
         sum_g += at.y;
         sum_g_xhat += at.y * at.x;
     });
@@ -206,22 +233,40 @@ extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNor
     means[1] = (float)(sum_g_xhat / len);
 }
 
-extern "C" __global__ void groupnorm_backward_apply(const void* x, int dt_x, const void* dout, int dt_dout,
-                                                    const float* stats, const float* gamma, const float* beta,
-                                                    int silu, const float* partials, void* dx, int dt_dx, int vec,
-                                                    int accumulate, GroupNormShape s) {
+template <int VEC>
+__device__ __forceinline__ void groupnorm_backward_apply_vec(const void* x, int dt_x, const void* dout, int dt_dout,
+                                                             const float* stats, const float* gamma,
+                                                             const float* beta, int silu, const float* partials,
+                                                             void* dx, int dt_dx, int accumulate,
+                                                             const GroupNormShape& s) {
     const int channels = s.ca;
-    VECTOR_LOOP(v, channels, vec, s) {
-        const ChannelVector cv = channel_vector(v, channels, vec, s);
+    VECTOR_LOOP(v, channels, VEC, s) {
+        const ChannelVector cv = channel_vector<VEC>(v, channels, s);
         const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
         const float* means = partials + cv.ng * s.chunks * 3;
         const float mean_g = means[0], mean_g_xhat = means[1];
         const long long first = (long long)cv.pixel * channels + cv.c0;
-        for (int k = 0; k < vec; ++k) {
-            const float2 at =
-                groupnorm_grad_at(x, dt_x, dout, dt_dout, mean, rstd, gamma, beta, silu, first + k, cv.c0 + k);
-            const float grad = rstd * (at.y - mean_g - at.x * mean_g_xhat);
-            store_grad(dx, dt_dx, first + k, grad, accumulate);
+        float xs[VEC], grad[VEC], gs[VEC], bs[VEC];
+        load_dyn_n<VEC>(x, dt_x, first, xs);
+        load_dyn_n<VEC>(dout, dt_dout, first, grad);
+        load_dyn_n<VEC>(gamma, DTYPE_F32, cv.c0, gs);
+        load_dyn_n<VEC>(beta, DTYPE_F32, cv.c0, bs);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const float2 at = groupnorm_grad_at(xs[k], grad[k], mean, rstd, gs[k], bs[k], silu);
+            grad[k] = rstd * (at.y - mean_g - at.x * mean_g_xhat);
         }
+        store_grad_n<VEC>(dx, dt_dx, first, grad, accumulate);
     }
+}
+
+extern "C" __global__ void groupnorm_backward_apply(const void* x, int dt_x, const void* dout, int dt_dout,
+                                                    const float* stats, const float* gamma, const float* beta,
+                                                    int silu, const float* partials, void* dx, int dt_dx, int vec,
+                                                    int accumulate, GroupNormShape s) {
+#define APPLY(VEC)                                                                                              \
+    groupnorm_backward_apply_vec<VEC>(x, dt_x, dout, dt_dout, stats, gamma, beta, silu, partials, dx, dt_dx, \
+                                      accumulate, s)
+    DISPATCH_VEC(vec, APPLY)
+#undef APPLY
 }

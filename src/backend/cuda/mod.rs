@@ -30,7 +30,7 @@ use super::{
     AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, KernelFileStartUp, KernelStartUp,
     LayerInput, Precision, StepColumn, StepSource, TensorShape, Timestamp, STEP_COLUMNS,
 };
-use crate::driver::{Driver, Graph, KernelArgs, LaunchConfig};
+use crate::driver::{DevicePtr, Driver, Graph, KernelArgs, LaunchConfig};
 use crate::error::{Error, Result};
 
 /// Threads per block of the 1-D kernels.
@@ -380,6 +380,16 @@ fn groupnorm_launch(ca: usize, cb: usize, channels_per_group: usize) -> (u32, i3
     (block as u32, vec as i32)
 }
 
+/// The widest of `vec`, vec / 2, ..., 1 to which every (pointer, storage type) is aligned: the
+/// element-wise GroupNorm kernels move `vec` elements in one access.
+fn aligned_vec(vec: i32, tensors: &[(DevicePtr, Precision)]) -> i32 {
+    let mut vec = vec;
+    while vec > 1 && tensors.iter().any(|&(ptr, dtype)| ptr % (vec as u64 * dtype.bytes() as u64) != 0) {
+        vec /= 2;
+    }
+    vec
+}
+
 impl Backend for CudaBackend {
     type Tensor = CudaTensor;
     type Graph = CudaGraph;
@@ -690,8 +700,12 @@ impl Backend for CudaBackend {
         }
         let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm") else { return };
         let (block, vec) = groupnorm_launch(ca, cb, c / groups);
-        let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks]);
         let b_ptr = x.b.map_or(0, |b| b.ptr);
+        let f32 = Precision::F32;
+        let pointers =
+            [(x.a.ptr, x.a.dtype), (b_ptr, x.a.dtype), (out.ptr, out.dtype), (gamma.ptr, f32), (beta.ptr, f32)];
+        let vec = aligned_vec(vec, &pointers);
+        let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks]);
         let dt = dtype_code(x.a.dtype);
         let partial = KernelArgs::new()
             .ptr(x.a.ptr)
@@ -763,6 +777,10 @@ impl Backend for CudaBackend {
         }
         let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm_backward") else { return };
         let (block, vec) = groupnorm_launch(c, 0, c / groups);
+        let f32 = Precision::F32;
+        let pointers =
+            [(x.ptr, x.dtype), (dout.ptr, dout.dtype), (dx.ptr, dx.dtype), (gamma.ptr, f32), (beta.ptr, f32)];
+        let vec = aligned_vec(vec, &pointers);
         let shape_bytes = groupnorm_shape_bytes([n, pixels, c, 0, groups, chunks]);
         let inputs = || {
             KernelArgs::new()
