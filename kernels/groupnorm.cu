@@ -5,13 +5,16 @@
 //   x[n, p, c] = a[n, p, c] for c < Ca, b[n, p, c - Ca] otherwise
 //
 // Layout: NHWC (p the pixel index y*W + x); gamma, beta f32 (C); stats f32 (N x G x 2: mean, 1/std),
-// saved for the backward; partials f32 scratch (N x G x chunks x 3), allocated once by the backend.
+// saved for the backward; partials f32 scratch (N x G x chunks x 3, then the backward's N x G x 2
+// group means), allocated once by the backend.
 // Precision: any storage type for a, b and out (run-time codes); statistics in f32 per chunk, two
 // passes (mean, then the sum of squared deviations), the chunks merged with Chan's formula in f64,
 // so a large mean does not cancel the variance; eps added in f64 as on the CPU.
 // Three kernels, the fast and only version:
-//   groupnorm_partial_stats  grid (chunks, G, N): each block reduces a slice of pixels of one group,
-//                            so batch 1 (32 groups) still fills every SM: the host picks chunks;
+//   groupnorm_partial_stats  grid (chunks, G / groups_per_block, N): each block reduces a slice of
+//                            pixels of a few neighbouring groups (32 bytes of each pixel where the
+//                            groups allow: whole sectors), so batch 1 still fills every SM: the
+//                            host picks chunks;
 //   groupnorm_finalize       one thread per (n, g): merges the chunks into stats;
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
 //                            a sector used): normalise, affine, SiLU, one rounding.
@@ -21,14 +24,16 @@
 //   xhat = (x - mean) rstd,  g = dout * silu'(xhat gamma + beta)? * gamma,
 //   dx (+)= rstd (g - mean_group(g) - xhat mean_group(g xhat))
 // Three kernels, the same chunking as the forward (batch 1 fills the device):
-//   groupnorm_backward_partial   grid (chunks, G, N): f32 sums of g and g xhat over a slice of pixels;
+//   groupnorm_backward_partial   grid (chunks, G / groups_per_block, N): f32 sums of g and g xhat over
+//                                a slice of pixels;
 //   groupnorm_backward_finalize  one thread per (n, g): the chunks summed in f64, divided by the group
-//                                size; the two means written over the group's first chunk slot;
+//                                size; the two means packed after the chunks' sums;
 //   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx (+)= ..., one rounding.
 #include "common.cuh"
 
 struct GroupNormShape {
     int batch, pixels, ca, cb, groups, chunks;
+    int groups_per_block;  // of the partial kernels (see for_each_in_slice)
 };
 
 // Every index is 32-bit (the launcher checks that the tensors hold fewer than 2^31 elements): a
@@ -41,18 +46,45 @@ __device__ __forceinline__ float load_two_source(const void* a, int dt_a, const 
                     : load_dyn(b, dt_b, (long long)pixel * s.cb + (c - s.ca));
 }
 
-// f(pixel, channel in group) over pixels [p0, p1) of one group, spread over the block. The launcher
-// makes the block a multiple of the group's channel count where it can: each thread then keeps one
-// channel and steps over pixels with no division.
+// The partial kernels' block (chunk, y, n) reduces the pixels of `chunk` for groups_per_block
+// consecutive groups from y * groups_per_block: `width` = groups_per_block x (channels a group)
+// contiguous channels of each pixel. The launcher picks groups_per_block so that a pixel's slice
+// fills a 32-byte sector where the groups allow (one group of 2 bf16 channels would use 4 bytes of
+// each sector a warp loads), and makes the block a multiple of width: each thread then keeps one
+// channel, so one group, and steps over pixels with no division. Where no multiple of width fits
+// in 1024 threads, groups_per_block is 1 and threads take elements in turn.
 template <typename F>
-__device__ __forceinline__ void for_each_in_slice(int p0, int p1, int cpg, F&& f) {
-    if (blockDim.x % cpg == 0) {
-        const int ch = threadIdx.x % cpg, step = blockDim.x / cpg;
-        for (int p = p0 + threadIdx.x / cpg; p < p1; p += step) f(p, ch);
+__device__ __forceinline__ void for_each_in_slice(int p0, int p1, int width, F&& f) {
+    if (blockDim.x % width == 0) {
+        const int ch = threadIdx.x % width, step = blockDim.x / width;
+        for (int p = p0 + threadIdx.x / width; p < p1; p += step) f(p, ch);
     } else {
-        const int count = (p1 - p0) * cpg;
-        for (int j = threadIdx.x; j < count; j += blockDim.x) f(p0 + j / cpg, j % cpg);
+        const int count = (p1 - p0) * width;
+        for (int j = threadIdx.x; j < count; j += blockDim.x) f(p0 + j / width, j % width);
     }
+}
+
+// The group (of the block's groups_per_block) of this thread's channel.
+__device__ __forceinline__ int slice_group(int width, int cpg, int gs) {
+    return gs == 1 ? 0 : (int)(threadIdx.x % width) / cpg;
+}
+
+// totals[t] = the sum of `v` over the threads whose channel lies in group t of the block's slice,
+// for every t < gs, in a fixed order (the same bits every run). `part` is blockDim floats of shared
+// memory; warp t adds group t's entries.
+__device__ __forceinline__ void slice_group_sums(float v, float* part, float* totals, int width, int cpg, int gs) {
+    __syncthreads();  // the previous call's readers are done with part and totals
+    part[threadIdx.x] = v;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int per_group = blockDim.x / gs;
+    for (int t = threadIdx.x >> 5; t < gs; t += warps) {
+        float sum = 0.0f;
+        for (int e = lane; e < per_group; e += 32) sum += part[gs == 1 ? e : (e / cpg) * width + t * cpg + e % cpg];
+        sum = warp_sum(sum);
+        if (lane == 0) totals[t] = sum;
+    }
+    __syncthreads();
 }
 
 // The pixels [p0, p1) of `chunk`.
@@ -62,32 +94,33 @@ __device__ __forceinline__ int2 chunk_pixels(int chunk, const GroupNormShape& s)
     return make_int2(p0, min(p0 + per_chunk, s.pixels));
 }
 
-extern "C" __global__ void __launch_bounds__(1024) groupnorm_partial_stats(const void* a, int dt_a, const void* b,
+extern "C" __global__ void __launch_bounds__(1024, 1) groupnorm_partial_stats(const void* a, int dt_a, const void* b,
                                                                            int dt_b, float* partials,
                                                                            GroupNormShape s) {
-    __shared__ float scratch[32];
-    const int chunk = blockIdx.x, g = blockIdx.y, n = blockIdx.z;
-    const int cpg = (s.ca + s.cb) / s.groups;
+    __shared__ float part[1024], sums[32], m2s[32];
+    const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
+    const int cpg = (s.ca + s.cb) / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
-    const int count = (range.y - range.x) * cpg;
+    const int count = (range.y - range.x) * cpg;  // elements of each group in the chunk
     const int first_pixel = n * s.pixels;
 
     float sum = 0.0f;
-    for_each_in_slice(range.x, range.y, cpg, [&](int p, int ch) {
-        sum += load_two_source(a, dt_a, b, dt_b, first_pixel + p, g * cpg + ch, s);
+    for_each_in_slice(range.x, range.y, width, [&](int p, int j) {
+        sum += load_two_source(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s);
     });
-    const float mean = count > 0 ? block_sum(sum, scratch) / (float)count : 0.0f;
+    slice_group_sums(sum, part, sums, width, cpg, gs);
+    const float mean = count > 0 ? sums[slice_group(width, cpg, gs)] / (float)count : 0.0f;
     float m2 = 0.0f;
-    for_each_in_slice(range.x, range.y, cpg, [&](int p, int ch) {
-        const float d = load_two_source(a, dt_a, b, dt_b, first_pixel + p, g * cpg + ch, s) - mean;
+    for_each_in_slice(range.x, range.y, width, [&](int p, int j) {
+        const float d = load_two_source(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s) - mean;
         m2 += d * d;
     });
-    m2 = count > 0 ? block_sum(m2, scratch) : 0.0f;
-    if (threadIdx.x == 0) {
-        float* out = partials + ((n * s.groups + g) * s.chunks + chunk) * 3;
+    slice_group_sums(m2, part, m2s, width, cpg, gs);
+    for (int t = threadIdx.x; t < gs; t += blockDim.x) {
+        float* out = partials + ((n * s.groups + g0 + t) * s.chunks + chunk) * 3;
         out[0] = (float)count;
-        out[1] = mean;
-        out[2] = m2;
+        out[1] = count > 0 ? sums[t] / (float)count : 0.0f;
+        out[2] = count > 0 ? m2s[t] : 0.0f;
     }
 }
 
@@ -192,30 +225,37 @@ __device__ __forceinline__ float2 groupnorm_grad_at(float x, float dy, float mea
 extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
     const void* x, int dt_x, const void* dout, int dt_dout, const float* stats, const float* gamma,
     const float* beta, int silu, float* partials, GroupNormShape s) {
-    __shared__ float scratch[32];
-    const int chunk = blockIdx.x, g = blockIdx.y, n = blockIdx.z;
-    const int channels = s.ca, cpg = channels / s.groups;
+    __shared__ float part[1024], sums_g[32], sums_g_xhat[32];
+    const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
+    const int channels = s.ca, cpg = channels / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
     const int first_pixel = n * s.pixels;
-    const float* st = stats + (n * s.groups + g) * 2;
+    const float* st = stats + (n * s.groups + g0 + slice_group(width, cpg, gs)) * 2;
     const float mean = st[0], rstd = st[1];
 
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
-    for_each_in_slice(range.x, range.y, cpg, [&](int p, int ch) {
-        const int c = g * cpg + ch;
+    for_each_in_slice(range.x, range.y, width, [&](int p, int j) {
+        const int c = c0 + j;
         const long long i = (long long)(first_pixel + p) * channels + c;
         const float2 at =
             groupnorm_grad_at(load_dyn(x, dt_x, i), load_dyn(dout, dt_dout, i), mean, rstd, gamma[c], beta[c], silu);
         sum_g += at.y;
         sum_g_xhat += at.y * at.x;
     });
-    sum_g = block_sum(sum_g, scratch);
-    sum_g_xhat = block_sum(sum_g_xhat, scratch);
-    if (threadIdx.x == 0) {
-        float* out = partials + ((n * s.groups + g) * s.chunks + chunk) * 3;
-        out[0] = sum_g;
-        out[1] = sum_g_xhat;
+    slice_group_sums(sum_g, part, sums_g, width, cpg, gs);
+    slice_group_sums(sum_g_xhat, part, sums_g_xhat, width, cpg, gs);
+    for (int t = threadIdx.x; t < gs; t += blockDim.x) {
+        float* out = partials + ((n * s.groups + g0 + t) * s.chunks + chunk) * 3;
+        out[0] = sums_g[t];
+        out[1] = sums_g_xhat[t];
     }
+}
+
+// The backward's two group means (of g and of g xhat), per (n, g), packed after the chunks' sums so
+// that neighbouring threads of the apply kernel read neighbouring words (the backend sizes the
+// scratch for both).
+__device__ __forceinline__ float* group_means(const float* partials, const GroupNormShape& s) {
+    return const_cast<float*>(partials) + s.batch * s.groups * s.chunks * 3;
 }
 
 extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNormShape s) {
@@ -228,7 +268,7 @@ extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNor
         sum_g_xhat += p[1];
     }
     const double len = (double)s.pixels * (s.ca / s.groups);
-    float* means = partials + ng * s.chunks * 3;
+    float* means = group_means(partials, s) + ng * 2;
     means[0] = (float)(sum_g / len);
     means[1] = (float)(sum_g_xhat / len);
 }
@@ -243,7 +283,7 @@ __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* x, int 
     VECTOR_LOOP(v, channels, VEC, s) {
         const ChannelVector cv = channel_vector<VEC>(v, channels, s);
         const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
-        const float* means = partials + cv.ng * s.chunks * 3;
+        const float* means = group_means(partials, s) + cv.ng * 2;
         const float mean_g = means[0], mean_g_xhat = means[1];
         const long long first = (long long)cv.pixel * channels + cv.c0;
         float xs[VEC], grad[VEC], gs[VEC], bs[VEC];

@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 
 /// Threads per block of the 1-D kernels.
 const THREADS: u32 = 256;
-/// GroupNorm's partial-statistics scratch: (count, mean, M2) per (sample, group, chunk).
+/// GroupNorm's partial-statistics scratch: (count, mean, M2) per (sample, group, chunk), at most this many.
 const GROUPNORM_PARTIALS: usize = 1 << 16;
 
 /// The storage-type code the kernels take (common.cuh `DtypeCode`).
@@ -85,7 +85,8 @@ impl CudaBackend {
         image: ImageKind,
     ) -> Result<Self> {
         let memory = Arc::new(DeviceMemory::default());
-        let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 3], Precision::F32)?;
+        // Three floats per (sample, group, chunk), then the backward's two means per (sample, group).
+        let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 5], Precision::F32)?;
         let split_k_bytes = SplitKWorkspace::bytes_for(driver.info().multiprocessors as usize);
         let split_k_partials = if std::env::var_os("PURIFIER_CONV_SPLIT_K").is_some_and(|v| v == "off") {
             None
@@ -206,10 +207,19 @@ impl CudaBackend {
 
     /// How many pixel chunks GroupNorm's partial-sum kernels split each (sample, group) into: enough
     /// blocks to fill the device even at batch 1, within the scratch (None: an error stored).
-    fn groupnorm_chunks(&self, n: usize, groups: usize, pixels: usize, op: &str) -> Option<usize> {
+    fn groupnorm_chunks(
+        &self,
+        n: usize,
+        groups: usize,
+        groups_per_block: usize,
+        pixels: usize,
+        op: &str,
+    ) -> Option<usize> {
         let target_blocks = self.driver.info().multiprocessors.max(1) as usize * 4;
-        let chunks =
-            target_blocks.div_ceil(n * groups).clamp(1, pixels.max(1)).min((GROUPNORM_PARTIALS / (n * groups)).max(1));
+        let chunks = target_blocks
+            .div_ceil(n * groups / groups_per_block)
+            .clamp(1, pixels.max(1))
+            .min((GROUPNORM_PARTIALS / (n * groups)).max(1));
         let fits = self.check(n * groups * chunks <= GROUPNORM_PARTIALS, || {
             format!("{op}: batch {n} x {groups} groups exceeds the statistics scratch")
         });
@@ -355,29 +365,51 @@ impl ArgsAppend for KernelArgs {
     }
 }
 
-/// The kernels' `GroupNormShape` struct (six i32).
-fn groupnorm_shape_bytes(fields: [usize; 6]) -> Vec<u8> {
+/// The kernels' `GroupNormShape` struct (seven i32).
+fn groupnorm_shape_bytes(fields: [usize; 7]) -> Vec<u8> {
     fields.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()
 }
 
-/// GroupNorm's launch shape (kernels/groupnorm.cu): the partial kernels' block, a multiple of both
-/// the group's channel count and a warp where that fits in 1024 threads (each thread then keeps one
-/// channel), else 256; and the channels per thread of the element-wise kernels, the largest of 8, 4,
-/// 2, 1 that divides Ca, Cb and the group size.
-fn groupnorm_launch(ca: usize, cb: usize, channels_per_group: usize) -> (u32, i32) {
+/// GroupNorm's launch shape (kernels/groupnorm.cu).
+struct GroupNormLaunch {
+    /// The partial kernels' groups a block: the fewest (doubling, dividing the group count, at most
+    /// 32) whose channels span 32 bytes of `element_bytes` elements at each pixel, so the warps load
+    /// whole sectors; 1 where no block of 1024 threads is a multiple of their channels.
+    groups_per_block: usize,
+    /// The partial kernels' block: a multiple of both those channels and a warp (each thread then
+    /// keeps one channel), else 256.
+    block: u32,
+    /// The element-wise kernels' channels a thread: the largest of 8, 4, 2, 1 that divides Ca, Cb
+    /// and the group size (then narrowed to the tensors' alignment: `aligned_vec`).
+    vec: i32,
+}
+
+fn groupnorm_launch(ca: usize, cb: usize, groups: usize, element_bytes: usize) -> GroupNormLaunch {
     let gcd = |mut a: usize, mut b: usize| {
         while b != 0 {
             (a, b) = (b, a % b);
         }
         a
     };
-    let lcm = channels_per_group / gcd(channels_per_group, 32) * 32;
+    let lcm_warp = |width: usize| width / gcd(width, 32) * 32;
+    let channels_per_group = (ca + cb) / groups;
+    let mut groups_per_block = 1;
+    while channels_per_group * groups_per_block * element_bytes < 32
+        && groups.is_multiple_of(2 * groups_per_block)
+        && groups_per_block < 32
+    {
+        groups_per_block *= 2;
+    }
+    if lcm_warp(channels_per_group * groups_per_block) > 1024 {
+        groups_per_block = 1;
+    }
+    let lcm = lcm_warp(channels_per_group * groups_per_block);
     let block = if lcm <= 1024 { lcm * (256 / lcm).max(1) } else { 256 };
     let vec = [8, 4, 2, 1]
         .into_iter()
         .find(|&v| ca.is_multiple_of(v) && cb.is_multiple_of(v) && channels_per_group.is_multiple_of(v))
         .unwrap_or(1);
-    (block as u32, vec as i32)
+    GroupNormLaunch { groups_per_block, block: block as u32, vec: vec as i32 }
 }
 
 /// The widest of `vec`, vec / 2, ..., 1 to which every (pointer, storage type) is aligned: the
@@ -698,14 +730,14 @@ impl Backend for CudaBackend {
         if !self.check(out.len() < i32::MAX as usize, || format!("group_norm: {shape:?} has 2^31 elements or more")) {
             return;
         }
-        let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm") else { return };
-        let (block, vec) = groupnorm_launch(ca, cb, c / groups);
+        let GroupNormLaunch { groups_per_block, block, vec } = groupnorm_launch(ca, cb, groups, x.a.dtype.bytes());
+        let Some(chunks) = self.groupnorm_chunks(n, groups, groups_per_block, pixels, "group_norm") else { return };
         let b_ptr = x.b.map_or(0, |b| b.ptr);
         let f32 = Precision::F32;
         let pointers =
             [(x.a.ptr, x.a.dtype), (b_ptr, x.a.dtype), (out.ptr, out.dtype), (gamma.ptr, f32), (beta.ptr, f32)];
         let vec = aligned_vec(vec, &pointers);
-        let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks]);
+        let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks, groups_per_block]);
         let dt = dtype_code(x.a.dtype);
         let partial = KernelArgs::new()
             .ptr(x.a.ptr)
@@ -715,7 +747,7 @@ impl Backend for CudaBackend {
             .ptr(self.groupnorm_partials.ptr)
             .bytes(&shape_bytes);
         let grid = LaunchConfig {
-            grid: [chunks as u32, groups as u32, n as u32],
+            grid: [chunks as u32, (groups / groups_per_block) as u32, n as u32],
             block: [block, 1, 1],
             dynamic_shared_bytes: 0,
         };
@@ -775,13 +807,17 @@ impl Backend for CudaBackend {
         }) {
             return;
         }
-        let Some(chunks) = self.groupnorm_chunks(n, groups, pixels, "group_norm_backward") else { return };
-        let (block, vec) = groupnorm_launch(c, 0, c / groups);
+        // Whole sectors of x, the narrower of x and dout.
+        let element_bytes = x.dtype.bytes().min(dout.dtype.bytes());
+        let GroupNormLaunch { groups_per_block, block, vec } = groupnorm_launch(c, 0, groups, element_bytes);
+        let Some(chunks) = self.groupnorm_chunks(n, groups, groups_per_block, pixels, "group_norm_backward") else {
+            return;
+        };
         let f32 = Precision::F32;
         let pointers =
             [(x.ptr, x.dtype), (dout.ptr, dout.dtype), (dx.ptr, dx.dtype), (gamma.ptr, f32), (beta.ptr, f32)];
         let vec = aligned_vec(vec, &pointers);
-        let shape_bytes = groupnorm_shape_bytes([n, pixels, c, 0, groups, chunks]);
+        let shape_bytes = groupnorm_shape_bytes([n, pixels, c, 0, groups, chunks, groups_per_block]);
         let inputs = || {
             KernelArgs::new()
                 .tensor(x)
@@ -793,7 +829,7 @@ impl Backend for CudaBackend {
                 .ptr(self.groupnorm_partials.ptr)
         };
         let grid = LaunchConfig {
-            grid: [chunks as u32, groups as u32, n as u32],
+            grid: [chunks as u32, (groups / groups_per_block) as u32, n as u32],
             block: [block, 1, 1],
             dynamic_shared_bytes: 0,
         };
