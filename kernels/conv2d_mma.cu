@@ -266,6 +266,9 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     const int positions = p.batch * p.out_h * p.out_w;
     const int plane = p.out_h * p.out_w;
     const int g = lane / 4, t = lane % 4;
+    const unsigned long long pair_bytes = PARTIAL ? 8 : 2 * sizeof(OutT);
+    const bool pairs =
+        p.out_channels % 2 == 0 && (unsigned long long)(PARTIAL ? (void*)partials : (void*)out) % pair_bytes == 0;
 #pragma unroll
     for (int i = 0; i < M_TILES; ++i) {
 #pragma unroll
@@ -276,16 +279,32 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
             for (int j = 0; j < N_TILES; ++j) {
                 const int co = n_block + warp_n * WARP_N + 8 * j + 2 * t;
+                if (co >= p.out_channels) continue;
+                float v[2] = {acc[i][j][2 * half], acc[i][j][2 * half + 1]};
+                if constexpr (!PARTIAL) {
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (co + e >= p.out_channels) continue;
-                    if constexpr (PARTIAL) {
-                        const long long at = ((long long)blockIdx.z * positions + m) * p.out_channels + co + e;
-                        partials[at] = acc[i][j][2 * half + e];
-                    } else {
-                        const float v = conv_epilogue_value(acc[i][j][2 * half + e], m, n, co + e, p, bias,
-                                                            channel_bias, residual);
-                        out[m * p.out_channels + co + e] = from_float<OutT>(v);
+                    for (int e = 0; e < 2; ++e)
+                        if (co + e < p.out_channels)
+                            v[e] = conv_epilogue_value(v[e], m, n, co + e, p, bias, channel_bias, residual);
+                }
+                const long long at = PARTIAL ? ((long long)blockIdx.z * positions + m) * p.out_channels + co
+                                             : (long long)m * p.out_channels + co;
+                // Channels co and co + 1 in one access where both exist and the pair is aligned (Co
+                // even, the tensor aligned to two elements): a row's four lanes store 16 (f32: 32)
+                // contiguous bytes.
+                if (co + 1 < p.out_channels && pairs) {
+                    if constexpr (PARTIAL)
+                        store_float2(partials, at, make_float2(v[0], v[1]));
+                    else
+                        store_float2(out, at, make_float2(v[0], v[1]));
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        if (co + e >= p.out_channels) continue;
+                        if constexpr (PARTIAL)
+                            partials[at + e] = v[e];
+                        else
+                            out[at + e] = from_float<OutT>(v[e]);
                     }
                 }
             }
@@ -649,6 +668,8 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     // keeps it so).
     const int positions = p.batch * p.in_h * p.in_w;
     const int g = lane / 4, t = lane % 4;
+    const unsigned long long pair_bytes = PARTIAL ? 8 : (dx_dtype == DTYPE_F32 ? 8 : 4);
+    const bool pairs = p.ca % 2 == 0 && (unsigned long long)(PARTIAL ? (void*)partials : dx) % pair_bytes == 0;
 #pragma unroll
     for (int i = 0; i < M_TILES; ++i) {
 #pragma unroll
@@ -658,14 +679,24 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 #pragma unroll
             for (int j = 0; j < N_TILES; ++j) {
                 const int ci = n_block + warp_n * WARP_N + 8 * j + 2 * t;
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    if (ci + e >= p.ca) continue;
-                    const long long at = (long long)m * p.ca + ci + e;
+                if (ci >= p.ca) continue;
+                const float v[2] = {acc[i][j][2 * half], acc[i][j][2 * half + 1]};
+                const long long at = (long long)m * p.ca + ci;
+                // ci and ci + 1 in one access where both exist and the pair is aligned (as the forward).
+                if (ci + 1 < p.ca && pairs) {
                     if constexpr (PARTIAL)
-                        partials[(long long)blockIdx.z * positions * p.ca + at] = acc[i][j][2 * half + e];
+                        store_float2(partials, (long long)blockIdx.z * positions * p.ca + at, make_float2(v[0], v[1]));
                     else
-                        store_grad(dx, dx_dtype, at, acc[i][j][2 * half + e], accumulate);
+                        store_grad_n<2>(dx, dx_dtype, at, v, accumulate);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        if (ci + e >= p.ca) continue;
+                        if constexpr (PARTIAL)
+                            partials[(long long)blockIdx.z * positions * p.ca + at + e] = v[e];
+                        else
+                            store_grad(dx, dx_dtype, at + e, v[e], accumulate);
+                    }
                 }
             }
         }
