@@ -58,7 +58,8 @@ impl GlobalTraffic {
         self.store_bytes += other.store_bytes;
     }
 
-    /// Bytes asked for over bytes moved (1.0: every byte of every sector used), loads and stores.
+    /// Bytes asked for over bytes moved (1.0: every byte of every sector used; above 1 where lanes
+    /// read the same bytes, a broadcast), loads and stores.
     pub fn load_efficiency(&self) -> f64 {
         ratio(self.load_bytes, self.load_sectors * SECTOR_BYTES)
     }

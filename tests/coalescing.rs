@@ -1,0 +1,108 @@
+//! Coalescing guards, on the emulator: it counts every warp-level global access in the 32-byte
+//! sectors it touches (`ptx_emulator::GlobalTraffic`), from the addresses the kernels compute, so
+//! the share of each moved sector a kernel uses is a fixed property of its indexing, not a timing.
+//! The kernels whose accesses were laid out for whole sectors keep them (examples/
+//! emulator_memory_traffic measures every kernel of a UNet pass): GroupNorm's element-wise and
+//! partial kernels (before: 12-32% of the bytes moved were used) and the convolutions' epilogue
+//! stores (before: 25% for 16-bit outputs, 50% for f32).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use purifier::backend::cuda::compile::ImageKind;
+use purifier::backend::cuda::CudaBackend;
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision};
+use purifier::driver::emulated::{EmulatedDriver, KernelTotals};
+
+fn emulator(precision: Precision) -> (Arc<EmulatedDriver>, CudaBackend) {
+    assert!(
+        purifier::backend::cuda::compile::nvrtc_available(),
+        "NVRTC is not loadable: put libnvrtc.so.13's folder on LD_LIBRARY_PATH"
+    );
+    let driver = Arc::new(EmulatedDriver::new());
+    let backend = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();
+    (driver, backend)
+}
+
+fn values(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect()
+}
+
+/// The totals of the one kernel whose name starts with `prefix`.
+fn kernel<'a>(totals: &'a BTreeMap<String, KernelTotals>, prefix: &str) -> (&'a str, &'a KernelTotals) {
+    let found: Vec<_> = totals.iter().filter(|(name, _)| name.starts_with(prefix)).collect();
+    assert_eq!(found.len(), 1, "one kernel named {prefix}*, ran: {:?}", totals.keys().collect::<Vec<_>>());
+    (found[0].0.as_str(), found[0].1)
+}
+
+fn assert_uses(totals: &BTreeMap<String, KernelTotals>, prefix: &str, load_at_least: f64, store_at_least: f64) {
+    let (name, t) = kernel(totals, prefix);
+    let (load, store) = (t.global.load_efficiency(), t.global.store_efficiency());
+    println!("{name}: {:.0}% of loaded and {:.0}% of stored sector bytes used", 100.0 * load, 100.0 * store);
+    assert!(load >= load_at_least, "{name}: loads use {load:.3} of the sectors' bytes, expected >= {load_at_least}");
+    assert!(
+        store >= store_at_least,
+        "{name}: stores use {store:.3} of the sectors' bytes, expected >= {store_at_least}"
+    );
+}
+
+/// bf16 at 2 channels a group (the cifar10-small UNet's first level): the case that used 4 bytes of
+/// each sector.
+#[test]
+fn groupnorm_moves_whole_sectors() {
+    let (driver, b) = emulator(Precision::Bf16);
+    let shape = [2, 64, 8, 8];
+    let len = shape.iter().product();
+    let x = b.upload_as(&values(len), &shape, Precision::Bf16).unwrap();
+    let gamma = b.upload(&values(64), &[64]).unwrap();
+    let beta = b.upload(&values(64), &[64]).unwrap();
+    let mut out = b.zeros_as(&shape, Precision::Bf16).unwrap();
+    let mut stats = b.zeros(&[2, 32, 2]).unwrap();
+    driver.kernel_totals(true);
+    b.group_norm(LayerInput::one(&x), &gamma, &beta, 32, 1e-6, true, &mut out, &mut stats);
+    b.synchronize().unwrap();
+    let totals = driver.kernel_totals(true);
+    assert_uses(&totals, "groupnorm_partial_stats", 0.9, 0.0);
+    assert_uses(&totals, "groupnorm_apply", 0.75, 1.0);
+
+    // As a narrowed plan calls it: f32 dout, dx in the activations' type.
+    let dout = b.upload(&values(len), &shape).unwrap();
+    let mut dx = b.zeros_as(&shape, Precision::Bf16).unwrap();
+    b.group_norm_backward(&x, &gamma, &beta, &stats, 32, true, &dout, &mut dx, GradientStore::Write);
+    b.synchronize().unwrap();
+    let totals = driver.kernel_totals(true);
+    assert_uses(&totals, "groupnorm_backward_partial", 0.9, 0.0);
+    assert_uses(&totals, "groupnorm_backward_apply", 0.7, 1.0);
+}
+
+/// A 3x3 convolution and its input gradient, 64 channels: at 8x8, batch 1, split on the emulator's
+/// 16 SMs (partial sums in f32); at 16x16, batch 8 (16 blocks), unsplit with a bf16 output.
+#[test]
+fn conv_epilogues_store_channel_pairs() {
+    let (driver, b) = emulator(Precision::Bf16);
+    let w = b.upload_as(&values(64 * 64 * 9), &[64, 64, 3, 3], Precision::Bf16).unwrap();
+    let bias = b.upload(&values(64), &[64]).unwrap();
+    for (batch, size, split) in [(1, 8, true), (8, 16, false)] {
+        let shape = [batch, 64, size, size];
+        let len = shape.iter().product();
+        let x = b.upload_as(&values(len), &shape, Precision::Bf16).unwrap();
+        let mut out = b.zeros_as(&shape, Precision::Bf16).unwrap();
+        let dout = b.upload(&values(len), &shape).unwrap();
+        let mut dx = b.zeros(&shape).unwrap();
+        driver.kernel_totals(true);
+        let same = Conv2dGeometry::same(1);
+        b.conv2d(LayerInput::one(&x), &w, Some(&bias), same, ConvEpilogue::default(), &mut out);
+        b.conv2d_backward_input(&dout, &w, same, &mut dx, GradientStore::Write);
+        b.synchronize().unwrap();
+        let totals = driver.kernel_totals(true);
+        if split {
+            // Raw f32 sums, a row's four lanes 32 contiguous bytes.
+            assert_uses(&totals, "conv2d_mma_partial_bf16_bf16", 0.9, 1.0);
+            assert_uses(&totals, "conv2d_backward_input_mma_partial_f32_bf16", 0.9, 1.0);
+        } else {
+            // bf16 out: a row's four lanes 16 bytes, the other half of the sector another store's.
+            assert_uses(&totals, "conv2d_mma_bf16_bf16_bf16", 0.9, 0.5);
+            assert_uses(&totals, "conv2d_backward_input_mma_f32_bf16", 0.9, 1.0);
+        }
+    }
+}
