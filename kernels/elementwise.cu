@@ -6,8 +6,8 @@
 // Layout: 4-D tensors NHWC (the channel of element i is i % C), other tensors row-major.
 // Precision: every operand's storage type is a run-time code (DTYPE_F32/F16/BF16, common.cuh), so
 // one kernel serves every mix of f32 activations, f16/bf16 activations and f32 gradients; arithmetic
-// in f32, one rounding on store. Backward ops accumulate (dx += ...), or write where the Backend
-// trait gives them a GradientStore.
+// in f32, one rounding on store. Backward ops write their input gradient (dx = ...) or accumulate into
+// it (dx += ...), as the Backend trait's GradientStore says (the kernels' `accumulate`).
 // Versions: one each; all are grid-stride loops, bandwidth-bound, and the branch on the storage
 // type is uniform over the grid.
 #include "common.cuh"
@@ -48,11 +48,12 @@ extern "C" __global__ void relu_inplace(void* x, int dt, long long n) {
     GRID_STRIDE_LOOP(i, n) store_dyn(x, dt, i, fmaxf(load_dyn(x, dt, i), 0.0f));
 }
 
-// dx += dy where y > 0.
+// dx = (or += where `accumulate`) dy where y > 0; elsewhere 0 (accumulating: dx left alone).
 extern "C" __global__ void relu_backward(const void* y, int dt_y, const void* dy, int dt_dy, void* dx, int dt_dx,
-                                         long long n) {
+                                         long long n, int accumulate) {
     GRID_STRIDE_LOOP(i, n) {
-        if (load_dyn(y, dt_y, i) > 0.0f) store_dyn(dx, dt_dx, i, load_dyn(dx, dt_dx, i) + load_dyn(dy, dt_dy, i));
+        const bool open = load_dyn(y, dt_y, i) > 0.0f;
+        if (open || !accumulate) store_grad(dx, dt_dx, i, open ? load_dyn(dy, dt_dy, i) : 0.0f, accumulate);
     }
 }
 
@@ -65,12 +66,12 @@ extern "C" __global__ void channel_affine(const void* x, int dt_x, const float* 
     }
 }
 
-// dx += dout * scale[c].
+// dx = (or += where `accumulate`) dout * scale[c].
 extern "C" __global__ void channel_affine_backward(const void* dout, int dt_dout, const float* scale, void* dx,
-                                                   int dt_dx, long long n, int channels) {
+                                                   int dt_dx, long long n, int channels, int accumulate) {
     GRID_STRIDE_LOOP(i, n) {
         const int c = (int)(i % channels);
-        store_dyn(dx, dt_dx, i, load_dyn(dx, dt_dx, i) + load_dyn(dout, dt_dout, i) * scale[c]);
+        store_grad(dx, dt_dx, i, load_dyn(dout, dt_dout, i) * scale[c], accumulate);
     }
 }
 
@@ -95,22 +96,25 @@ extern "C" __global__ void shortcut_subsample_pad(const void* x, int dt_x, void*
     }
 }
 
-// dx[n, 2oy, 2ox, ci] += dout[n, oy, ox, ci + pad]: each dx element receives at most one term.
+// dx[n, y, x, ci] = (or += where `accumulate`) dout[n, y/2, x/2, ci + pad] at even (y, x), 0 at the
+// other positions. Writing visits every dx element; accumulating only the even positions (a quarter).
 extern "C" __global__ void shortcut_subsample_pad_backward(const void* dout, int dt_dout, void* dx, int dt_dx,
                                                            int batch, int height, int width, int channels,
-                                                           int pad) {
+                                                           int pad, int accumulate) {
     const int oh = (height + 1) / 2, ow = (width + 1) / 2, oc = channels + 2 * pad;
-    const long long n_in = (long long)batch * oh * ow * channels;
-    GRID_STRIDE_LOOP(i, n_in) {
+    const int step = accumulate ? 2 : 1;
+    const int rows = accumulate ? oh : height, cols = accumulate ? ow : width;
+    GRID_STRIDE_LOOP(i, (long long)batch * rows * cols * channels) {
         const int ci = (int)(i % channels);
         long long pixel = i / channels;
-        const int ox = (int)(pixel % ow);
-        pixel /= ow;
-        const int oy = (int)(pixel % oh);
-        const int n = (int)(pixel / oh);
-        const long long dst = (((long long)n * height + 2 * oy) * width + 2 * ox) * channels + ci;
-        const float g = load_dyn(dout, dt_dout, (((long long)n * oh + oy) * ow + ox) * oc + ci + pad);
-        store_dyn(dx, dt_dx, dst, load_dyn(dx, dt_dx, dst) + g);
+        const int x = (int)(pixel % cols) * step;
+        pixel /= cols;
+        const int y = (int)(pixel % rows) * step;
+        const int n = (int)(pixel / rows);
+        float g = 0.0f;
+        if (y % 2 == 0 && x % 2 == 0)
+            g = load_dyn(dout, dt_dout, (((long long)n * oh + y / 2) * ow + x / 2) * oc + ci + pad);
+        store_grad(dx, dt_dx, (((long long)n * height + y) * width + x) * channels + ci, g, accumulate);
     }
 }
 
@@ -127,13 +131,12 @@ extern "C" __global__ void global_avg_pool(const void* x, int dt_x, void* out, i
     }
 }
 
-// dx[n, p, c] += dout[n, c] / plane.
+// dx[n, p, c] = (or += where `accumulate`) dout[n, c] / plane.
 extern "C" __global__ void global_avg_pool_backward(const void* dout, int dt_dout, void* dx, int dt_dx, int batch,
-                                                    int plane, int channels) {
+                                                    int plane, int channels, int accumulate) {
     GRID_STRIDE_LOOP(i, (long long)batch * plane * channels) {
         const long long c = i % channels, n = i / ((long long)plane * channels);
-        const float g = load_dyn(dout, dt_dout, n * channels + c) / (float)plane;
-        store_dyn(dx, dt_dx, i, load_dyn(dx, dt_dx, i) + g);
+        store_grad(dx, dt_dx, i, load_dyn(dout, dt_dout, n * channels + c) / (float)plane, accumulate);
     }
 }
 

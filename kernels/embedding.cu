@@ -5,7 +5,7 @@
 //                       f_i = exp(-ln(10000) i / (dim/2 - 1)), in f64 as on the CPU (sin/cos from
 //                       common.cuh's sincos_f64), rounded once;
 //   linear:             out[n, o] = sum_i w[o, i] silu?(x[n, i]) + bias[o];
-//   linear_backward:    dx[n, i] += silu'?(x[n, i]) sum_o dout[n, o] w[o, i].
+//   linear_backward:    dx[n, i] = (or +=) silu'?(x[n, i]) sum_o dout[n, o] w[o, i].
 // Layout: row-major (N x features); w (out x in). Precision: any storage type (run-time codes),
 // f32 accumulation; t and bias f32.
 // Versions: linear is one warp per output element (lanes stride over the inputs, a warp sum), the
@@ -51,13 +51,13 @@ extern "C" __global__ void linear(const void* x, int dt_x, const void* w, int dt
 
 extern "C" __global__ void linear_backward(const void* x, int dt_x, const void* w, int dt_w, const void* dout,
                                            int dt_dout, void* dx, int dt_dx, int batch, int in_features,
-                                           int out_features, int silu_input) {
+                                           int out_features, int silu_input, int accumulate) {
     GRID_STRIDE_LOOP(k, (long long)batch * in_features) {
         const long long n = k / in_features, i = k % in_features;
         float g = 0.0f;
         for (int o = 0; o < out_features; ++o)
             g += load_dyn(dout, dt_dout, n * out_features + o) * load_dyn(w, dt_w, (long long)o * in_features + i);
         if (silu_input) g *= silu_grad_f(load_dyn(x, dt_x, k));
-        store_dyn(dx, dt_dx, k, load_dyn(dx, dt_dx, k) + g);
+        store_grad(dx, dt_dx, k, g, accumulate);
     }
 }

@@ -6,7 +6,7 @@
 //! such a product, `||backward(g)|| ||d|| / sqrt(len)`, so a zero-ish projection cannot hide a bug.
 //! Each backward is also run into a randomly pre-filled buffer to check that it accumulates.
 use purifier::backend::cpu::{rng, CpuBackend, CpuTensor};
-use purifier::backend::GradientStore::Add;
+use purifier::backend::GradientStore::{Add, Write};
 use purifier::backend::{
     AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepColumn, StepSource, STEP_COLUMNS,
 };
@@ -468,7 +468,7 @@ fn linear_matches_reference_and_finite_differences() {
             backend.linear(x, &w, Some(&b), silu, &mut out);
             out
         };
-        let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.linear_backward(&x, &w, silu, dout, dx);
+        let backward = |dout: &CpuTensor, dx: &mut CpuTensor| backend.linear_backward(&x, &w, silu, dout, dx, Add);
         let (step, tolerance) = if silu { (1e-2, 5e-4) } else { (0.5, 1e-5) };
         check_vjp(&format!("linear silu {silu}"), &mut rng, &x, &forward, &backward, step, tolerance);
     }
@@ -569,7 +569,7 @@ fn layout_ops_backward_match_finite_differences() {
             &mut rng,
             &x,
             &sub,
-            &|g, d| backend.shortcut_subsample_pad_backward(g, 2, d),
+            &|g, d| backend.shortcut_subsample_pad_backward(g, 2, d, Add),
             step,
             tolerance,
         );
@@ -584,7 +584,7 @@ fn layout_ops_backward_match_finite_differences() {
             &mut rng,
             &x,
             &pool,
-            &|g, d| backend.global_avg_pool_backward(g, d),
+            &|g, d| backend.global_avg_pool_backward(g, d, Add),
             step,
             tolerance,
         );
@@ -601,7 +601,7 @@ fn layout_ops_backward_match_finite_differences() {
             &mut rng,
             &x,
             &affine,
-            &|g, d| backend.channel_affine_backward(g, &scale, d),
+            &|g, d| backend.channel_affine_backward(g, &scale, d, Add),
             step,
             tolerance,
         );
@@ -635,9 +635,14 @@ fn relu_backward_and_add_assign_accumulate() {
     let mut rng = TestRng(9);
     let (y, dy) = (rng.tensor(&[2, 3, 4, 4]), rng.tensor(&[2, 3, 4, 4]));
     let mut dx = CpuTensor::new(&y.shape, vec![1.0; y.data.len()]);
-    backend.relu_backward(&y, &dy, &mut dx);
+    backend.relu_backward(&y, &dy, &mut dx, Add);
     for ((&g, &yv), &d) in dx.data.iter().zip(&y.data).zip(&dy.data) {
         assert_eq!(g, if yv > 0.0 { 1.0 + d } else { 1.0 });
+    }
+    let mut written = CpuTensor::new(&y.shape, vec![f32::NAN; y.data.len()]);
+    backend.relu_backward(&y, &dy, &mut written, Write);
+    for ((&g, &yv), &d) in written.data.iter().zip(&y.data).zip(&dy.data) {
+        assert_eq!(g, if yv > 0.0 { d } else { 0.0 });
     }
     let before = dx.clone();
     backend.add_assign(&mut dx, &dy);
@@ -991,7 +996,7 @@ fn relu_clips_negatives_and_its_backward_follows_the_output() {
     }
     let dy = rng.tensor(&[2, 3, 4, 4]);
     let mut dx = zeros(&[2, 3, 4, 4]);
-    b.relu_backward(&y, &dy, &mut dx);
+    b.relu_backward(&y, &dy, &mut dx, Write);
     for i in 0..x.data.len() {
         assert_eq!(dx.data[i], if x.data[i] > 0.0 { dy.data[i] } else { 0.0 });
     }

@@ -217,10 +217,12 @@ fn elementwise_ops<B: Backend>(b: &B, dtype: Precision) {
     b.relu(&mut r);
     h.cpu.relu(&mut r_r);
     h.check("relu", &r, &r_r);
-    let (mut dr, mut dr_r) = h.input_f32(&shape);
-    b.relu_backward(&r, &y, &mut dr);
-    h.cpu.relu_backward(&r_r, &yr, &mut dr_r);
-    h.check("relu_backward", &dr, &dr_r);
+    for store in [Add, Write] {
+        let (mut dr, mut dr_r) = gradient(&mut h, &shape, Precision::F32, store);
+        b.relu_backward(&r, &y, &mut dr, store);
+        h.cpu.relu_backward(&r_r, &yr, &mut dr_r, store);
+        h.check(&format!("relu_backward ({store:?})"), &dr, &dr_r);
+    }
 }
 test_device!(elementwise, elementwise_ops, ALL_DTYPES);
 
@@ -234,10 +236,12 @@ fn channel_and_layout_ops<B: Backend>(b: &B, dtype: Precision) {
     b.channel_affine(&x, &scale, &shift, &mut out);
     h.cpu.channel_affine(&xr, &scale_r, &shift_r, &mut out_r);
     h.check("channel_affine", &out, &out_r);
-    let (mut dx, mut dx_r) = h.input_f32(&[n, c, hh, w]);
-    b.channel_affine_backward(&out, &scale, &mut dx);
-    h.cpu.channel_affine_backward(&out_r, &scale_r, &mut dx_r);
-    h.check("channel_affine_backward", &dx, &dx_r);
+    for store in [Add, Write] {
+        let (mut dx, mut dx_r) = gradient(&mut h, &[n, c, hh, w], Precision::F32, store);
+        b.channel_affine_backward(&out, &scale, &mut dx, store);
+        h.cpu.channel_affine_backward(&out_r, &scale_r, &mut dx_r, store);
+        h.check(&format!("channel_affine_backward ({store:?})"), &dx, &dx_r);
+    }
     // 2-D (N x C): the classifiers' features.
     let (f, fr) = h.input(&[n, c]);
     let (mut fo, mut fo_r) = h.output(&[n, c]);
@@ -252,20 +256,24 @@ fn channel_and_layout_ops<B: Backend>(b: &B, dtype: Precision) {
     h.cpu.shortcut_subsample_pad(&xr, pad, &mut s_r);
     h.check("shortcut_subsample_pad", &s, &s_r);
     let (ds, ds_r) = h.input_f32(&sub);
-    let (mut dsx, mut dsx_r) = h.input_f32(&[n, c, hh, w]);
-    b.shortcut_subsample_pad_backward(&ds, pad, &mut dsx);
-    h.cpu.shortcut_subsample_pad_backward(&ds_r, pad, &mut dsx_r);
-    h.check("shortcut_subsample_pad_backward", &dsx, &dsx_r);
+    for store in [Add, Write] {
+        let (mut dsx, mut dsx_r) = gradient(&mut h, &[n, c, hh, w], Precision::F32, store);
+        b.shortcut_subsample_pad_backward(&ds, pad, &mut dsx, store);
+        h.cpu.shortcut_subsample_pad_backward(&ds_r, pad, &mut dsx_r, store);
+        h.check(&format!("shortcut_subsample_pad_backward ({store:?})"), &dsx, &dsx_r);
+    }
 
     let (mut pooled, mut pooled_r) = h.output(&[n, c]);
     b.global_avg_pool(&x, &mut pooled);
     h.cpu.global_avg_pool(&xr, &mut pooled_r);
     h.check("global_avg_pool", &pooled, &pooled_r);
     let (dp, dp_r) = h.input_f32(&[n, c]);
-    let (mut dpx, mut dpx_r) = h.input_f32(&[n, c, hh, w]);
-    b.global_avg_pool_backward(&dp, &mut dpx);
-    h.cpu.global_avg_pool_backward(&dp_r, &mut dpx_r);
-    h.check("global_avg_pool_backward", &dpx, &dpx_r);
+    for store in [Add, Write] {
+        let (mut dpx, mut dpx_r) = gradient(&mut h, &[n, c, hh, w], Precision::F32, store);
+        b.global_avg_pool_backward(&dp, &mut dpx, store);
+        h.cpu.global_avg_pool_backward(&dp_r, &mut dpx_r, store);
+        h.check(&format!("global_avg_pool_backward ({store:?})"), &dpx, &dpx_r);
+    }
 
     let (mut up, mut up_r) = h.output(&[n, c, 2 * hh, 2 * w]);
     b.upsample_nearest2x(&x, &mut up);
@@ -321,10 +329,12 @@ fn embedding_and_linear<B: Backend>(b: &B, dtype: Precision) {
         h.cpu.linear(&xr, &wr, None, silu, &mut nob_r);
         h.check("linear without bias", &nob, &nob_r);
         let (dout, dout_r) = h.input_f32(&[3, 33]);
-        let (mut dx, mut dx_r) = h.input_f32(&[3, 70]);
-        b.linear_backward(&x, &w, silu, &dout, &mut dx);
-        h.cpu.linear_backward(&xr, &wr, silu, &dout_r, &mut dx_r);
-        h.check(&format!("linear_backward (silu input {silu})"), &dx, &dx_r);
+        for store in [Add, Write] {
+            let (mut dx, mut dx_r) = gradient(&mut h, &[3, 70], Precision::F32, store);
+            b.linear_backward(&x, &w, silu, &dout, &mut dx, store);
+            h.cpu.linear_backward(&xr, &wr, silu, &dout_r, &mut dx_r, store);
+            h.check(&format!("linear_backward (silu input {silu}, {store:?})"), &dx, &dx_r);
+        }
     }
 }
 test_device!(embedding_linear, embedding_and_linear, ALL_DTYPES);

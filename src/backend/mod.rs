@@ -8,10 +8,9 @@
 //!   never allocating per call;
 //! - ops are coarse enough to be single fused kernels: GroupNorm+SiLU, a convolution with its bias,
 //!   per-sample channel bias (the time embedding), residual and ReLU epilogue, a whole attention;
-//! - the UNet's backward ops write their input gradients or accumulate into them (`GradientStore`):
-//!   the first gradient to reach a tensor writes it (no zeroing pass), the others add to it where
-//!   gradients meet (skip connections, residuals); the classifiers' backward ops accumulate into
-//!   gradients their callers zero once with `fill`.
+//! - backward ops write their input gradients or accumulate into them (`GradientStore`): the first
+//!   gradient to reach a tensor writes it (no zeroing pass), the others add to it where gradients
+//!   meet (skip connections, residuals, shortcuts).
 //!
 //! - each tensor knows its storage type (`TensorShape::dtype`): f32, f16 or bf16, chosen per tensor
 //!   by the plan (activations in `Backend::precision`; x_t, noise, gradients, norm statistics and
@@ -441,7 +440,7 @@ pub trait Backend {
         silu_input: bool,
         out: &mut Self::Tensor,
     );
-    /// dx += d/dx of `linear` (with `silu_input` as in the forward).
+    /// dx = (or += with `GradientStore::Add`) d/dx of `linear` (with `silu_input` as in the forward).
     fn linear_backward(
         &self,
         x: &Self::Tensor,
@@ -449,6 +448,7 @@ pub trait Backend {
         silu_input: bool,
         dout: &Self::Tensor,
         dx: &mut Self::Tensor,
+        store: GradientStore,
     );
 
     /// GroupNorm over `groups` groups (then SiLU if `silu`), x (N x C x H x W; may be a two-source
@@ -552,22 +552,36 @@ pub trait Backend {
 
     /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation, a
     /// BatchNorm at inference); `scale` and `shift` are f32 tensors of C values, uploaded once.
-    /// Backward is `dx += dout * scale[c]`.
+    /// Backward is `dx = (or +=) dout * scale[c]`.
     fn channel_affine(&self, x: &Self::Tensor, scale: &Self::Tensor, shift: &Self::Tensor, out: &mut Self::Tensor);
-    fn channel_affine_backward(&self, dout: &Self::Tensor, scale: &Self::Tensor, dx: &mut Self::Tensor);
+    fn channel_affine_backward(
+        &self,
+        dout: &Self::Tensor,
+        scale: &Self::Tensor,
+        dx: &mut Self::Tensor,
+        store: GradientStore,
+    );
 
     /// x = max(x, 0), in place (the pre-activation of the WideResNet's blocks).
     fn relu(&self, x: &mut Self::Tensor);
-    /// dx += dy where y > 0 (ReLU's backward from its output y).
-    fn relu_backward(&self, y: &Self::Tensor, dy: &Self::Tensor, dx: &mut Self::Tensor);
+    /// dx = (or +=) dy where y > 0, and 0 (or nothing) elsewhere: ReLU's backward from its output y.
+    fn relu_backward(&self, y: &Self::Tensor, dy: &Self::Tensor, dx: &mut Self::Tensor, store: GradientStore);
 
     /// CIFAR ResNet "option A" shortcut: out = x[:, :, ::2, ::2] with `pad` zero channels on each side.
     fn shortcut_subsample_pad(&self, x: &Self::Tensor, pad: usize, out: &mut Self::Tensor);
-    fn shortcut_subsample_pad_backward(&self, dout: &Self::Tensor, pad: usize, dx: &mut Self::Tensor);
+    /// dx = (or +=) dout's unpadded channels at the even positions, 0 (or nothing) at the others.
+    fn shortcut_subsample_pad_backward(
+        &self,
+        dout: &Self::Tensor,
+        pad: usize,
+        dx: &mut Self::Tensor,
+        store: GradientStore,
+    );
 
     /// Mean over H and W: x (N x C x H x W) -> out (N x C).
     fn global_avg_pool(&self, x: &Self::Tensor, out: &mut Self::Tensor);
-    fn global_avg_pool_backward(&self, dout: &Self::Tensor, dx: &mut Self::Tensor);
+    /// dx = (or +=) dout spread evenly over the plane.
+    fn global_avg_pool_backward(&self, dout: &Self::Tensor, dx: &mut Self::Tensor, store: GradientStore);
 
     // ---- element-wise and per-sample ops of the sampler, the guidance and the attacks ----
     /// out = a x + b y.

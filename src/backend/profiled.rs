@@ -262,14 +262,22 @@ impl<B: Backend> Backend for Profiled<'_, B> {
             || self.inner.linear(x, w, b, silu_input, out),
         )
     }
-    fn linear_backward(&self, x: &B::Tensor, w: &B::Tensor, silu_input: bool, dout: &B::Tensor, dx: &mut B::Tensor) {
+    fn linear_backward(
+        &self,
+        x: &B::Tensor,
+        w: &B::Tensor,
+        silu_input: bool,
+        dout: &B::Tensor,
+        dx: &mut B::Tensor,
+        store: GradientStore,
+    ) {
         self.counted(
             "linear_backward",
             Cost {
                 flops: 2.0 * (dout.numel() * w.shape()[1]) as f64,
-                bytes: bytes(&[x, w, dout]) + 2.0 * bytes(&[&*dx]),
+                bytes: bytes(&[x, w, dout]) + gradient_bytes(&[&*dx], store),
             },
-            || self.inner.linear_backward(x, w, silu_input, dout, dx),
+            || self.inner.linear_backward(x, w, silu_input, dout, dx, store),
         )
     }
     fn group_norm(
@@ -404,36 +412,34 @@ impl<B: Backend> Backend for Profiled<'_, B> {
             self.inner.channel_affine(x, scale, shift, out)
         })
     }
-    fn channel_affine_backward(&self, dout: &B::Tensor, scale: &B::Tensor, dx: &mut B::Tensor) {
-        self.counted("channel_affine_backward", Cost::memory(bytes(&[dout, scale]) + 2.0 * bytes(&[&*dx])), || {
-            self.inner.channel_affine_backward(dout, scale, dx)
-        })
+    fn channel_affine_backward(&self, dout: &B::Tensor, scale: &B::Tensor, dx: &mut B::Tensor, store: GradientStore) {
+        let cost = Cost::memory(bytes(&[dout, scale]) + gradient_bytes(&[&*dx], store));
+        self.counted("channel_affine_backward", cost, || self.inner.channel_affine_backward(dout, scale, dx, store))
     }
     fn relu(&self, x: &mut B::Tensor) {
         self.counted("relu", Cost::memory(2.0 * bytes(&[&*x])), || self.inner.relu(x))
     }
-    fn relu_backward(&self, y: &B::Tensor, dy: &B::Tensor, dx: &mut B::Tensor) {
-        self.counted("relu_backward", Cost::memory(bytes(&[y, dy]) + 2.0 * bytes(&[&*dx])), || {
-            self.inner.relu_backward(y, dy, dx)
-        })
+    fn relu_backward(&self, y: &B::Tensor, dy: &B::Tensor, dx: &mut B::Tensor, store: GradientStore) {
+        let cost = Cost::memory(bytes(&[y, dy]) + gradient_bytes(&[&*dx], store));
+        self.counted("relu_backward", cost, || self.inner.relu_backward(y, dy, dx, store))
     }
     fn shortcut_subsample_pad(&self, x: &B::Tensor, pad: usize, out: &mut B::Tensor) {
         self.counted("shortcut_subsample_pad", Cost::memory(bytes(&[&*out]) * 2.0), || {
             self.inner.shortcut_subsample_pad(x, pad, out)
         })
     }
-    fn shortcut_subsample_pad_backward(&self, dout: &B::Tensor, pad: usize, dx: &mut B::Tensor) {
-        self.counted("shortcut_subsample_pad_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*dx])), || {
-            self.inner.shortcut_subsample_pad_backward(dout, pad, dx)
+    fn shortcut_subsample_pad_backward(&self, dout: &B::Tensor, pad: usize, dx: &mut B::Tensor, store: GradientStore) {
+        let cost = Cost::memory(bytes(&[dout]) + gradient_bytes(&[&*dx], store));
+        self.counted("shortcut_subsample_pad_backward", cost, || {
+            self.inner.shortcut_subsample_pad_backward(dout, pad, dx, store)
         })
     }
     fn global_avg_pool(&self, x: &B::Tensor, out: &mut B::Tensor) {
         self.counted("global_avg_pool", Cost::memory(bytes(&[x, &*out])), || self.inner.global_avg_pool(x, out))
     }
-    fn global_avg_pool_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor) {
-        self.counted("global_avg_pool_backward", Cost::memory(bytes(&[dout]) + 2.0 * bytes(&[&*dx])), || {
-            self.inner.global_avg_pool_backward(dout, dx)
-        })
+    fn global_avg_pool_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor, store: GradientStore) {
+        let cost = Cost::memory(bytes(&[dout]) + gradient_bytes(&[&*dx], store));
+        self.counted("global_avg_pool_backward", cost, || self.inner.global_avg_pool_backward(dout, dx, store))
     }
     fn axpby(&self, a: f32, x: &B::Tensor, b: f32, y: &B::Tensor, out: &mut B::Tensor) {
         self.counted("axpby", Cost::memory(bytes(&[x, y, &*out])), || self.inner.axpby(a, x, b, y, out))

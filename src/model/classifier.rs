@@ -8,6 +8,7 @@
 //! conv); where it comes first (the WideResNet's pre-activation) it stays a channel affine.
 //! The classifier takes images in the engine's range [-1, 1] and applies the input
 //! normalisation of the published weights itself.
+use crate::backend::GradientStore::{Add, Write};
 use crate::backend::{range, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, TensorShape};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
@@ -112,9 +113,8 @@ impl<B: Backend> Conv<B> {
         b.conv2d(LayerInput::one(x), &self.weight, self.bias.as_ref(), self.geometry, epilogue, out);
     }
 
-    fn backward_input(&self, b: &B, dout: &B::Tensor, dx: &mut B::Tensor) {
-        // The classifiers' gradients are zeroed by their callers, then accumulated.
-        b.conv2d_backward_input(dout, &self.weight, self.geometry, dx, GradientStore::Add);
+    fn backward_input(&self, b: &B, dout: &B::Tensor, dx: &mut B::Tensor, store: GradientStore) {
+        b.conv2d_backward_input(dout, &self.weight, self.geometry, dx, store);
     }
 }
 
@@ -455,27 +455,25 @@ impl<B: Backend> Classifier<B> {
         if !plan.forward_done {
             return Err(Error::invalid("classifier input_vjp needs a forward on the same plan first"));
         }
-        // Every backward op accumulates: start from zero.
-        for t in plan.doutputs.iter_mut().chain([&mut *dinput, &mut *dnormalised, &mut *dstem_pre]) {
-            b.fill(t, 0.0);
-        }
-        match dfeatures {
-            Some(d) => b.copy(d, &mut plan.dfeatures),
-            None => b.fill(&mut plan.dfeatures, 0.0),
+        // Each gradient is written by the first op to reach it (no zeroing pass); `Add` only where
+        // two meet: the features' two terms, a residual's shortcut and its branch.
+        match (dfeatures, dlogits) {
+            (Some(d), _) => b.copy(d, &mut plan.dfeatures),
+            (None, None) => b.fill(&mut plan.dfeatures, 0.0),
+            (None, Some(_)) => {}
         }
         if let Some(d) = dlogits {
-            b.linear_backward(&plan.features, &self.linear.weight, false, d, &mut plan.dfeatures);
+            let store = if dfeatures.is_some() { Add } else { Write };
+            b.linear_backward(&plan.features, &self.linear.weight, false, d, &mut plan.dfeatures, store);
         }
         let dlast = plan.doutputs.last_mut().unwrap();
         match (&self.head, &plan.head, &mut plan.dhead, &mut plan.dhead_pre) {
             (Some(bn), Some(h), Some(dh), Some(dh_pre)) => {
-                b.fill(dh, 0.0);
-                b.fill(dh_pre, 0.0);
-                b.global_avg_pool_backward(&plan.dfeatures, dh);
-                b.relu_backward(h, dh, dh_pre);
-                b.channel_affine_backward(dh_pre, &bn.scale, dlast);
+                b.global_avg_pool_backward(&plan.dfeatures, dh, Write);
+                b.relu_backward(h, dh, dh_pre, Write);
+                b.channel_affine_backward(dh_pre, &bn.scale, dlast, Write);
             }
-            _ => b.global_avg_pool_backward(&plan.dfeatures, dlast),
+            _ => b.global_avg_pool_backward(&plan.dfeatures, dlast, Write),
         }
         for (k, (unit, bufs)) in self.blocks.iter().zip(plan.blocks.iter_mut()).enumerate().rev() {
             let (head, tail) = plan.doutputs.split_at_mut(k + 1);
@@ -485,18 +483,15 @@ impl<B: Backend> Classifier<B> {
             else {
                 unreachable!("checked above")
             };
-            for t in [&mut *dsum, &mut *dhidden, &mut *dhidden_pre] {
-                b.fill(t, 0.0);
-            }
             match &unit.kind {
                 Block::Basic { conv1, conv2, shortcut_pad } => {
                     // out = relu(conv2(hidden) + shortcut(x)): through the ReLU, then to both branches.
-                    b.relu_backward(&plan.outputs[k + 1], dout, dsum);
-                    conv2.backward_input(b, dsum, dhidden);
-                    b.relu_backward(&bufs.hidden, dhidden, dhidden_pre);
-                    conv1.backward_input(b, dhidden_pre, dx);
+                    b.relu_backward(&plan.outputs[k + 1], dout, dsum, Write);
+                    conv2.backward_input(b, dsum, dhidden, Write);
+                    b.relu_backward(&bufs.hidden, dhidden, dhidden_pre, Write);
+                    conv1.backward_input(b, dhidden_pre, dx, Write);
                     if *shortcut_pad > 0 {
-                        b.shortcut_subsample_pad_backward(dsum, *shortcut_pad, dx);
+                        b.shortcut_subsample_pad_backward(dsum, *shortcut_pad, dx, Add);
                     } else {
                         b.add_assign(dx, dsum);
                     }
@@ -508,27 +503,27 @@ impl<B: Backend> Classifier<B> {
                     else {
                         unreachable!("made by plan")
                     };
-                    b.fill(dact, 0.0);
-                    b.fill(dact_pre, 0.0);
-                    conv2.backward_input(b, dout, dhidden);
-                    b.relu_backward(&bufs.hidden, dhidden, dhidden_pre);
-                    conv1.backward_input(b, dhidden_pre, dact);
-                    match shortcut {
-                        Some(conv) => conv.backward_input(b, dout, dact),
-                        None => b.add_assign(dx, dout),
+                    conv2.backward_input(b, dout, dhidden, Write);
+                    b.relu_backward(&bufs.hidden, dhidden, dhidden_pre, Write);
+                    conv1.backward_input(b, dhidden_pre, dact, Write);
+                    if let Some(conv) = shortcut {
+                        conv.backward_input(b, dout, dact, Add);
                     }
-                    b.relu_backward(activated, dact, dact_pre);
-                    b.channel_affine_backward(dact_pre, &bn1.scale, dx);
+                    b.relu_backward(activated, dact, dact_pre, Write);
+                    b.channel_affine_backward(dact_pre, &bn1.scale, dx, Write);
+                    if shortcut.is_none() {
+                        b.add_assign(dx, dout);
+                    }
                 }
             }
         }
         if self.stem.relu {
-            b.relu_backward(&plan.outputs[0], &plan.doutputs[0], dstem_pre);
-            self.stem.backward_input(b, dstem_pre, dnormalised);
+            b.relu_backward(&plan.outputs[0], &plan.doutputs[0], dstem_pre, Write);
+            self.stem.backward_input(b, dstem_pre, dnormalised, Write);
         } else {
-            self.stem.backward_input(b, &plan.doutputs[0], dnormalised);
+            self.stem.backward_input(b, &plan.doutputs[0], dnormalised, Write);
         }
-        b.channel_affine_backward(dnormalised, &self.input.scale, dinput);
+        b.channel_affine_backward(dnormalised, &self.input.scale, dinput, Write);
         Ok(dinput)
     }
 }

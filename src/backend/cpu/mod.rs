@@ -265,12 +265,21 @@ impl Backend for CpuBackend {
         store(&mut [out]);
     }
 
-    fn linear_backward(&self, x: &CpuTensor, w: &CpuTensor, silu_input: bool, dout: &CpuTensor, dx: &mut CpuTensor) {
+    fn linear_backward(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        silu_input: bool,
+        dout: &CpuTensor,
+        dx: &mut CpuTensor,
+        gradient: GradientStore,
+    ) {
         let [n, in_features] = dims(x, "linear_backward: x");
         let [out_features, w_in] = dims(w, "linear_backward: w");
         assert_eq!(w_in, in_features, "linear_backward: w {:?} for x {:?}", w.shape, x.shape);
         expect_shape(dout, &[n, out_features], "linear_backward: dout");
         expect_shape(dx, &x.shape, "linear_backward: dx");
+        clear_for(gradient, &mut [&mut *dx]);
         elementwise::linear_backward(&x.data, &w.data, in_features, silu_input, &dout.data, &mut dx.data);
         store(&mut [dx]);
     }
@@ -500,11 +509,18 @@ impl Backend for CpuBackend {
         store(&mut [out]);
     }
 
-    fn channel_affine_backward(&self, dout: &CpuTensor, scale: &CpuTensor, dx: &mut CpuTensor) {
+    fn channel_affine_backward(
+        &self,
+        dout: &CpuTensor,
+        scale: &CpuTensor,
+        dx: &mut CpuTensor,
+        gradient: GradientStore,
+    ) {
         let scale = &scale.data[..];
         let (_, c, plane) = batch_channels_rest(dx, "channel_affine_backward: dx");
         assert_eq!(scale.len(), c, "channel_affine_backward: {} scales for {c} channels", scale.len());
         expect_shape(dout, &dx.shape, "channel_affine_backward: dout");
+        clear_for(gradient, &mut [&mut *dx]);
         dx.data.par_chunks_mut(plane).zip(dout.data.par_chunks(plane)).enumerate().for_each(|(i, (g, d))| {
             let s = scale[i % c];
             g.iter_mut().zip(d).for_each(|(g, &v)| *g += v * s);
@@ -517,9 +533,10 @@ impl Backend for CpuBackend {
         store(&mut [x]);
     }
 
-    fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor, dx: &mut CpuTensor) {
+    fn relu_backward(&self, y: &CpuTensor, dy: &CpuTensor, dx: &mut CpuTensor, gradient: GradientStore) {
         expect_shape(dy, &y.shape, "relu_backward: dy");
         expect_shape(dx, &y.shape, "relu_backward: dx");
+        clear_for(gradient, &mut [&mut *dx]);
         dx.data
             .par_chunks_mut(PAR_CHUNK)
             .zip(y.data.par_chunks(PAR_CHUNK).zip(dy.data.par_chunks(PAR_CHUNK)))
@@ -540,9 +557,16 @@ impl Backend for CpuBackend {
         store(&mut [out]);
     }
 
-    fn shortcut_subsample_pad_backward(&self, dout: &CpuTensor, pad: usize, dx: &mut CpuTensor) {
+    fn shortcut_subsample_pad_backward(
+        &self,
+        dout: &CpuTensor,
+        pad: usize,
+        dx: &mut CpuTensor,
+        gradient: GradientStore,
+    ) {
         let [n, c, h, w] = dims(dx, "shortcut_subsample_pad_backward: dx");
         expect_shape(dout, &[n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)], "shortcut_subsample_pad_backward: dout");
+        clear_for(gradient, &mut [&mut *dx]);
         elementwise::shortcut_subsample_pad_backward(&dout.data, c, h, w, pad, &mut dx.data);
         store(&mut [dx]);
     }
@@ -554,9 +578,10 @@ impl Backend for CpuBackend {
         store(&mut [out]);
     }
 
-    fn global_avg_pool_backward(&self, dout: &CpuTensor, dx: &mut CpuTensor) {
+    fn global_avg_pool_backward(&self, dout: &CpuTensor, dx: &mut CpuTensor, gradient: GradientStore) {
         let [n, c, h, w] = dims(dx, "global_avg_pool_backward: dx");
         expect_shape(dout, &[n, c], "global_avg_pool_backward: dout");
+        clear_for(gradient, &mut [&mut *dx]);
         elementwise::global_avg_pool_backward(&dout.data, h * w, &mut dx.data);
         store(&mut [dx]);
     }

@@ -628,6 +628,7 @@ impl Backend for CudaBackend {
         silu_input: bool,
         dout: &CudaTensor,
         dx: &mut CudaTensor,
+        store: GradientStore,
     ) {
         let (&[n, fin], &[fout, w_in]) = (&x.shape[..], &w.shape[..]) else {
             return self.fail(Error::invalid(format!("linear_backward: x {:?}, w {:?} must be 2-D", x.shape, w.shape)));
@@ -644,7 +645,8 @@ impl Backend for CudaBackend {
                 .i32(n as i32)
                 .i32(fin as i32)
                 .i32(fout as i32)
-                .i32(silu_input as i32);
+                .i32(silu_input as i32)
+                .i32(store.accumulates() as i32);
             self.launch("embedding.cu", "linear_backward", self.grid_for(n * fin), args);
         }
     }
@@ -1115,7 +1117,13 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn channel_affine_backward(&self, dout: &CudaTensor, scale: &CudaTensor, dx: &mut CudaTensor) {
+    fn channel_affine_backward(
+        &self,
+        dout: &CudaTensor,
+        scale: &CudaTensor,
+        dx: &mut CudaTensor,
+        store: GradientStore,
+    ) {
         let c = dx.shape.get(1).copied().unwrap_or(0);
         let ok = self.check(dx.shape.len() == 4 || dx.shape.len() == 2, || {
             format!("channel_affine_backward: dx {:?}: 2-D or 4-D tensors only", dx.shape)
@@ -1124,7 +1132,13 @@ impl Backend for CudaBackend {
             && self.check_shape(dout, &dx.shape, "channel_affine_backward: dout");
         if ok {
             let n = dx.len();
-            let args = KernelArgs::new().tensor(dout).ptr(scale.ptr).tensor(dx).u64(n as u64).i32(c as i32);
+            let args = KernelArgs::new()
+                .tensor(dout)
+                .ptr(scale.ptr)
+                .tensor(dx)
+                .u64(n as u64)
+                .i32(c as i32)
+                .i32(store.accumulates() as i32);
             self.elementwise("channel_affine_backward", n, args);
         }
     }
@@ -1134,10 +1148,12 @@ impl Backend for CudaBackend {
         self.elementwise("relu_inplace", n, KernelArgs::new().tensor(x).u64(n as u64));
     }
 
-    fn relu_backward(&self, y: &CudaTensor, dy: &CudaTensor, dx: &mut CudaTensor) {
+    fn relu_backward(&self, y: &CudaTensor, dy: &CudaTensor, dx: &mut CudaTensor, store: GradientStore) {
         if self.check_shape(dy, &y.shape, "relu_backward: dy") && self.check_shape(dx, &y.shape, "relu_backward: dx") {
             let n = y.len();
-            self.elementwise("relu_backward", n, KernelArgs::new().tensor(y).tensor(dy).tensor(dx).u64(n as u64));
+            let accumulate = store.accumulates() as i32;
+            let args = KernelArgs::new().tensor(y).tensor(dy).tensor(dx).u64(n as u64).i32(accumulate);
+            self.elementwise("relu_backward", n, args);
         }
     }
 
@@ -1156,7 +1172,13 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn shortcut_subsample_pad_backward(&self, dout: &CudaTensor, pad: usize, dx: &mut CudaTensor) {
+    fn shortcut_subsample_pad_backward(
+        &self,
+        dout: &CudaTensor,
+        pad: usize,
+        dx: &mut CudaTensor,
+        store: GradientStore,
+    ) {
         let Some([n, c, h, w]) = self.nchw(dx, "shortcut_subsample_pad_backward: dx") else { return };
         let expected = [n, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)];
         if self.check_shape(dout, &expected, "shortcut_subsample_pad_backward: dout") {
@@ -1167,8 +1189,11 @@ impl Backend for CudaBackend {
                 .i32(h as i32)
                 .i32(w as i32)
                 .i32(c as i32)
-                .i32(pad as i32);
-            self.elementwise("shortcut_subsample_pad_backward", n * h.div_ceil(2) * w.div_ceil(2) * c, args);
+                .i32(pad as i32)
+                .i32(store.accumulates() as i32);
+            // Writing visits every dx element, accumulating only the even positions.
+            let threads = if store.accumulates() { n * h.div_ceil(2) * w.div_ceil(2) * c } else { dx.len() };
+            self.elementwise("shortcut_subsample_pad_backward", threads, args);
         }
     }
 
@@ -1180,10 +1205,16 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn global_avg_pool_backward(&self, dout: &CudaTensor, dx: &mut CudaTensor) {
+    fn global_avg_pool_backward(&self, dout: &CudaTensor, dx: &mut CudaTensor, store: GradientStore) {
         let Some([n, c, h, w]) = self.nchw(dx, "global_avg_pool_backward: dx") else { return };
         if self.check_shape(dout, &[n, c], "global_avg_pool_backward: dout") {
-            let args = KernelArgs::new().tensor(dout).tensor(dx).i32(n as i32).i32((h * w) as i32).i32(c as i32);
+            let args = KernelArgs::new()
+                .tensor(dout)
+                .tensor(dx)
+                .i32(n as i32)
+                .i32((h * w) as i32)
+                .i32(c as i32)
+                .i32(store.accumulates() as i32);
             self.elementwise("global_avg_pool_backward", dx.len(), args);
         }
     }
