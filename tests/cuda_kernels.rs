@@ -976,6 +976,7 @@ enum ConvOp {
 }
 
 impl ConvOp {
+    #[allow(clippy::too_many_arguments)]
     fn check(
         self,
         driver: &dyn Driver,
