@@ -341,6 +341,51 @@ __device__ __forceinline__ void attention_swap_with_partner(float (&p)[N][4], fl
     }
 }
 
+// The operands of one scores step: S = s_rows (16 resident rows) x s_cols^T (COLS streamed rows),
+// dP = dp_rows x dp_cols^T.
+struct AttentionScoreOperands {
+    const unsigned short *s_rows, *s_cols, *dp_rows, *dp_cols;
+};
+
+// One scores step of the backward, shared by the dq and dk/dv kernels (which differ in what is
+// resident and what streams): P = exp(S scale - lse) (0 where the streamed index col0 + 8 j + 2 t +
+// (e % 2) is past L) and dS = P (dP - D), on the accumulator layout (element e of n-tile j).
+// `lse_at(j, e)` and `delta_at(j, e)` give that element's log-sum-exp and D_i. SPLIT = 2: this
+// warp computes S (role 0, and P from it) or dP (role 1) and swaps with its partner.
+template <typename T, int D, int SPLIT, int COLS, typename LseAt, typename DeltaAt>
+__device__ __forceinline__ void attention_backward_p_ds(float (&p)[COLS / 8][4], float (&ds)[COLS / 8][4],
+                                                        const AttentionScoreOperands& ops, int rows0, int col0,
+                                                        int positions, float scale, LseAt lse_at, DeltaAt delta_at,
+                                                        float* pair_slots, int role, int lane) {
+    const int t = lane % 4;
+    const auto probability = [&](float score, int j, int e) {
+        const bool valid = col0 + 8 * j + 2 * t + (e % 2) < positions;
+        return valid ? expf(score * scale - lse_at(j, e)) : 0.0f;
+    };
+    if constexpr (SPLIT == 1) {
+        attention_scores<T, D, COLS>(p, ops.s_rows, rows0, ops.s_cols, lane);
+        attention_scores<T, D, COLS>(ds, ops.dp_rows, rows0, ops.dp_cols, lane);
+    } else {
+        float mine[COLS / 8][4];
+        attention_scores<T, D, COLS>(mine, role == 0 ? ops.s_rows : ops.dp_rows, rows0,
+                                     role == 0 ? ops.s_cols : ops.dp_cols, lane);
+        if (role == 0) {
+#pragma unroll
+            for (int j = 0; j < COLS / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) mine[j][e] = probability(mine[j][e], j, e);
+        }
+        attention_swap_with_partner(p, ds, mine, pair_slots, role, lane);
+    }
+#pragma unroll
+    for (int j = 0; j < COLS / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            if constexpr (SPLIT == 1) p[j][e] = probability(p[j][e], j, e);
+            ds[j][e] = p[j][e] * (ds[j][e] - delta_at(j, e));
+        }
+}
+
 // out[row, c0 + ...] = (or += where `accumulate`) factor * acc for rows g, g + 8 of a warp's 16
 // (from row0), channels < C.
 template <int CHANNELS>
@@ -381,7 +426,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
     float* exchange = reinterpret_cast<float*>(stages + STAGES * STAGE);  // SPLIT = 2: pairs x 2 x COLS x 16
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int g = lane / 4, t = lane % 4;
+    const int g = lane / 4;
     const int rows0 = (warp / SPLIT) * 16, role = warp % SPLIT, c0 = role * DW;
     const int n = blockIdx.y;
     const int query0 = blockIdx.x * BLOCK_ROWS;
@@ -424,40 +469,16 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
         for (int step = 0; step < STREAM; step += COLS) {
             const int key0 = tile * STREAM + step;
             if (key0 >= positions) break;  // the same for the whole block
-            float p[COLS / 8][4], dp[COLS / 8][4];
-            if constexpr (SPLIT == 1) {
-                attention_scores<T, D, COLS>(p, q_rows, rows0, keys + step * ROW, lane);
-                attention_scores<T, D, COLS>(dp, do_rows, rows0, values + step * ROW, lane);
-            } else {
-                float mine[COLS / 8][4];
-                attention_scores<T, D, COLS>(mine, role == 0 ? q_rows : do_rows, rows0,
-                                             (role == 0 ? keys : values) + step * ROW, lane);
-                if (role == 0) {
-#pragma unroll
-                    for (int j = 0; j < COLS / 8; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const bool valid = key0 + 8 * j + 2 * t + (e % 2) < positions;
-                            mine[j][e] = valid ? expf(mine[j][e] * scale - row_lse[e / 2]) : 0.0f;
-                        }
-                }
-                attention_swap_with_partner(p, dp, mine, exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
-            }
             // Element e of n-tile j: query row g + 8 (e / 2), key key0 + 8 j + 2 t + (e % 2).
-#pragma unroll
-            for (int j = 0; j < COLS / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    if constexpr (SPLIT == 1) {
-                        const bool valid = key0 + 8 * j + 2 * t + (e % 2) < positions;
-                        p[j][e] = valid ? expf(p[j][e] * scale - row_lse[e / 2]) : 0.0f;
-                    }
-                    p[j][e] = p[j][e] * (dp[j][e] - row_delta[e / 2]);  // dS
-                }
+            float p[COLS / 8][4], ds[COLS / 8][4];
+            attention_backward_p_ds<T, D, SPLIT, COLS>(
+                p, ds, {q_rows, keys + step * ROW, do_rows, values + step * ROW}, rows0, key0, positions, scale,
+                [&](int, int e) { return row_lse[e / 2]; }, [&](int, int e) { return row_delta[e / 2]; },
+                exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
 #pragma unroll
             for (int kk = 0; kk < COLS / 16; ++kk) {
                 unsigned a[4];
-                attention_a_fragment<T>(a, p, kk);
+                attention_a_fragment<T>(a, ds, kk);
                 attention_accumulate_16<T, D, DW>(acc, a, keys + (step + 16 * kk) * ROW, c0, lane);
             }
         }
@@ -530,44 +551,20 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         for (int step = 0; step < STREAM; step += COLS) {
             const int query0 = tile * STREAM + step;
             if (query0 >= positions) break;  // the same for the whole block
-            float p[COLS / 8][4], dp[COLS / 8][4];
-            if constexpr (SPLIT == 1) {
-                attention_scores<T, D, COLS>(p, k_rows, rows0, queries + step * ROW, lane);
-                attention_scores<T, D, COLS>(dp, v_rows, rows0, douts + step * ROW, lane);
-            } else {
-                float mine[COLS / 8][4];
-                attention_scores<T, D, COLS>(mine, role == 0 ? k_rows : v_rows, rows0,
-                                             (role == 0 ? queries : douts) + step * ROW, lane);
-                if (role == 0) {
-#pragma unroll
-                    for (int j = 0; j < COLS / 8; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int local = step + 8 * j + 2 * t + (e % 2);
-                            const bool valid = tile * STREAM + local < positions;
-                            mine[j][e] = valid ? expf(mine[j][e] * scale - lse[local]) : 0.0f;
-                        }
-                }
-                attention_swap_with_partner(p, dp, mine, exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
-            }
-            // Element e of n-tile j: key row g + 8 (e / 2), query query0 + 8 j + 2 t + (e % 2).
-#pragma unroll
-            for (int j = 0; j < COLS / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int local = step + 8 * j + 2 * t + (e % 2);
-                    if constexpr (SPLIT == 1) {
-                        const bool valid = tile * STREAM + local < positions;
-                        p[j][e] = valid ? expf(p[j][e] * scale - lse[local]) : 0.0f;
-                    }
-                    dp[j][e] = p[j][e] * (dp[j][e] - delta[local]);  // dS^T
-                }
+            // Element e of n-tile j: key row g + 8 (e / 2), query query0 + 8 j + 2 t + (e % 2) (its
+            // lse and D at that query's place in the stage).
+            const auto local = [&](int j, int e) { return step + 8 * j + 2 * t + (e % 2); };
+            float p[COLS / 8][4], ds[COLS / 8][4];  // P^T, dS^T
+            attention_backward_p_ds<T, D, SPLIT, COLS>(
+                p, ds, {k_rows, queries + step * ROW, v_rows, douts + step * ROW}, rows0, query0, positions, scale,
+                [&](int j, int e) { return lse[local(j, e)]; }, [&](int j, int e) { return delta[local(j, e)]; },
+                exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
 #pragma unroll
             for (int kk = 0; kk < COLS / 16; ++kk) {
                 unsigned a[4];
                 attention_a_fragment<T>(a, p, kk);
                 attention_accumulate_16<T, D, DW>(dv_acc, a, douts + (step + 16 * kk) * ROW, c0, lane);
-                attention_a_fragment<T>(a, dp, kk);
+                attention_a_fragment<T>(a, ds, kk);
                 attention_accumulate_16<T, D, DW>(dk_acc, a, queries + (step + 16 * kk) * ROW, c0, lane);
             }
         }

@@ -18,8 +18,8 @@
 //
 // Two modules (a module is one file): this one, version 1, plain instructions only, so it loads on
 // any driver (the PTX emulator ran it before it had tensor cores); conv2d_mma.cu, version 2 (tensor
-// cores, cp.async, ldmatrix), is THE FAST ONE for bf16/f16 and is loaded on its own. The index helpers below are the same in both
-// files (NVRTC gets one header per module, common.cuh); keep them in step.
+// cores, cp.async, ldmatrix), is THE FAST ONE for bf16/f16 and is loaded on its own. Both take their
+// parameters and index helpers from conv_common.cuh.
 //
 // Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
 //   conv2d_simt_<in>_<w>_<out>   version 1, any shape, any storage type: shared-memory tiles of
@@ -29,67 +29,7 @@
 //                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
 // Hot kernel (ptxas report, no spills allowed): conv2d_simt_f32_f32_f32.
 #include "common.cuh"
-
-// Everything one convolution needs, as kernel parameters (all 32-bit: the launcher checks that
-// every tensor has fewer than 2^31 elements).
-struct ConvParams {
-    int batch, in_h, in_w;      // stored input size (before the folded upsample)
-    int ca, cb;                 // channels from a and from b (cb = 0: no concat)
-    int upsample_shift;         // 1: nearest x2 upsample folded in, 0: none
-    int out_channels, kh, kw;   // weights [out_channels][kh][kw][ca + cb]
-    int stride, pad_top, pad_left;
-    int out_h, out_w;
-    int relu;
-};
-
-// ---------------------------------------------------------------------------------------------
-// The epilogue of one output element: bias, time-embedding bias, residual, ReLU, one rounding.
-template <typename OutT>
-__device__ __forceinline__ float conv_epilogue_value(float acc, int m, int n, int co, const ConvParams& p,
-                                                     const float* __restrict__ bias,
-                                                     const float* __restrict__ channel_bias,
-                                                     const OutT* __restrict__ residual) {
-    float v = acc;
-    if (bias) v += bias[co];
-    if (channel_bias) v += channel_bias[n * p.out_channels + co];
-    if (residual) v += to_float(residual[m * p.out_channels + co]);
-    if (p.relu) v = fmaxf(v, 0.0f);
-    return v;
-}
-
-// Where output position m reads its input: sample, and the top-left input pixel of its window
-// (in the logical, possibly upsampled, input; may be negative: padding).
-struct ConvRow {
-    int n, iy0, ix0;
-    bool valid;
-};
-
-__device__ __forceinline__ ConvRow conv_row(int m, const ConvParams& p) {
-    ConvRow r;
-    const int plane = p.out_h * p.out_w;
-    const int positions = p.batch * plane;
-    r.valid = m < positions;
-    const int mm = r.valid ? m : 0;
-    r.n = mm / plane;
-    const int rest = mm - r.n * plane;
-    const int oy = rest / p.out_w;
-    const int ox = rest - oy * p.out_w;
-    r.iy0 = oy * p.stride - p.pad_top;
-    r.ix0 = ox * p.stride - p.pad_left;
-    return r;
-}
-
-// Element (row, k) of the implicit A matrix, as float; zero in the padding and past K.
-template <typename InT>
-__device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, int ci, bool k_valid,
-                                             const ConvParams& p, const InT* __restrict__ a,
-                                             const InT* __restrict__ b) {
-    const int iy = r.iy0 + ky, ix = r.ix0 + kx;
-    const int logical_h = p.in_h << p.upsample_shift, logical_w = p.in_w << p.upsample_shift;
-    if (!r.valid || !k_valid || iy < 0 || ix < 0 || iy >= logical_h || ix >= logical_w) return 0.0f;
-    const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
-    return ci < p.ca ? to_float(a[pixel * p.ca + ci]) : to_float(b[pixel * p.cb + (ci - p.ca)]);
-}
+#include "conv_common.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // Version 1: SIMT tiles, f32 arithmetic.
@@ -98,6 +38,24 @@ constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256;
 // Rows padded by 4 floats: 16-byte aligned float4 reads, fewer bank conflicts on the transposed stores.
 constexpr int PAD = 4;
 }  // namespace simt
+
+// One k-tile of the block's product: this thread's 4 x 4 register block (rows ty * 4.., columns
+// tx * 4..) += A tile^T x B tile, fma in f32. The forward and the input gradient share it.
+__device__ __forceinline__ void simt_tile_product(const float (&a_tile)[simt::BK][simt::BM + simt::PAD],
+                                                  const float (&b_tile)[simt::BK][simt::BN + simt::PAD], int ty,
+                                                  int tx, float (&acc)[4][4]) {
+    using namespace simt;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+        const float4 av = *reinterpret_cast<const float4*>(&a_tile[kk][ty * 4]);
+        const float4 bv = *reinterpret_cast<const float4*>(&b_tile[kk][tx * 4]);
+        const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+    }
+}
 
 template <typename InT, typename WT, typename OutT>
 __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT* __restrict__ b,
@@ -122,11 +80,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 
     // Computing: a 4 x 4 register block, positions along ty, channels along tx (stores coalesce on co).
     const int tx = tid % 16, ty = tid / 16;
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    float acc[4][4] = {};
 
     for (int k0 = 0; k0 < k_total; k0 += BK) {
         const int k = k0 + load_k;
@@ -142,16 +96,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
             b_tile[load_k][load_row + 16 * i] = (k_valid && co < p.out_channels) ? to_float(w[co * k_total + k]) : 0.0f;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            const float4 av = *reinterpret_cast<const float4*>(&a_tile[kk][ty * 4]);
-            const float4 bv = *reinterpret_cast<const float4*>(&b_tile[kk][tx * 4]);
-            const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
-        }
+        simt_tile_product(a_tile, b_tile, ty, tx, acc);
         __syncthreads();
     }
 
@@ -213,11 +158,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
     }
 
     const int tx = tid % 16, ty = tid / 16;
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    float acc[4][4] = {};
 
     for (int k0 = 0; k0 < k_total; k0 += BK) {
         const int k = k0 + load_k;
@@ -243,16 +184,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
                 (k_valid && ci < ci_total) ? to_float(w[(co * taps + tap) * ci_total + ci]) : 0.0f;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            const float4 av = *reinterpret_cast<const float4*>(&a_tile[kk][ty * 4]);
-            const float4 bv = *reinterpret_cast<const float4*>(&b_tile[kk][tx * 4]);
-            const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
-        }
+        simt_tile_product(a_tile, b_tile, ty, tx, acc);
         __syncthreads();
     }
 

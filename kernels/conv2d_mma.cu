@@ -39,68 +39,7 @@
 // Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16,
 // conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16 and their _partial forms.
 #include "common.cuh"
-
-// ---- the index helpers of conv2d.cu (kept in step with it) ----
-// Everything one convolution needs, as kernel parameters (all 32-bit: the launcher checks that
-// every tensor has fewer than 2^31 elements).
-struct ConvParams {
-    int batch, in_h, in_w;      // stored input size (before the folded upsample)
-    int ca, cb;                 // channels from a and from b (cb = 0: no concat)
-    int upsample_shift;         // 1: nearest x2 upsample folded in, 0: none
-    int out_channels, kh, kw;   // weights [out_channels][kh][kw][ca + cb]
-    int stride, pad_top, pad_left;
-    int out_h, out_w;
-    int relu;
-};
-
-// ---------------------------------------------------------------------------------------------
-// The epilogue of one output element: bias, time-embedding bias, residual, ReLU, one rounding.
-template <typename OutT>
-__device__ __forceinline__ float conv_epilogue_value(float acc, int m, int n, int co, const ConvParams& p,
-                                                     const float* __restrict__ bias,
-                                                     const float* __restrict__ channel_bias,
-                                                     const OutT* __restrict__ residual) {
-    float v = acc;
-    if (bias) v += bias[co];
-    if (channel_bias) v += channel_bias[n * p.out_channels + co];
-    if (residual) v += to_float(residual[m * p.out_channels + co]);
-    if (p.relu) v = fmaxf(v, 0.0f);
-    return v;
-}
-
-// Where output position m reads its input: sample, and the top-left input pixel of its window
-// (in the logical, possibly upsampled, input; may be negative: padding).
-struct ConvRow {
-    int n, iy0, ix0;
-    bool valid;
-};
-
-__device__ __forceinline__ ConvRow conv_row(int m, const ConvParams& p) {
-    ConvRow r;
-    const int plane = p.out_h * p.out_w;
-    const int positions = p.batch * plane;
-    r.valid = m < positions;
-    const int mm = r.valid ? m : 0;
-    r.n = mm / plane;
-    const int rest = mm - r.n * plane;
-    const int oy = rest / p.out_w;
-    const int ox = rest - oy * p.out_w;
-    r.iy0 = oy * p.stride - p.pad_top;
-    r.ix0 = ox * p.stride - p.pad_left;
-    return r;
-}
-
-// Element (row, k) of the implicit A matrix, as float; zero in the padding and past K.
-template <typename InT>
-__device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, int ci, bool k_valid,
-                                             const ConvParams& p, const InT* __restrict__ a,
-                                             const InT* __restrict__ b) {
-    const int iy = r.iy0 + ky, ix = r.ix0 + kx;
-    const int logical_h = p.in_h << p.upsample_shift, logical_w = p.in_w << p.upsample_shift;
-    if (!r.valid || !k_valid || iy < 0 || ix < 0 || iy >= logical_h || ix >= logical_w) return 0.0f;
-    const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
-    return ci < p.ca ? to_float(a[pixel * p.ca + ci]) : to_float(b[pixel * p.cb + (ci - p.ca)]);
-}
+#include "conv_common.cuh"  // ConvParams and the index helpers, shared with conv2d.cu
 
 // ---------------------------------------------------------------------------------------------
 // Version 2: tensor cores (ldmatrix, mma.sync and cp.async: common.cuh).
@@ -112,6 +51,40 @@ constexpr int ROW = BK + 8;
 constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
 constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
 }  // namespace mma
+
+// ---- shared by the forward and the input gradient (same tiles, warps and pipeline) ----
+// This block's k-tiles, [first, first + count): all T of them, or (PARTIAL, split-K) slice z of
+// gridDim.z: [z T / Z, (z + 1) T / Z) (the launcher keeps Z <= T: none empty).
+struct KTiles {
+    int first, count;
+};
+
+template <bool PARTIAL>
+__device__ __forceinline__ KTiles block_k_tiles(int k_total, int bk) {
+    const int all_tiles = (k_total + bk - 1) / bk;
+    if (!PARTIAL) return KTiles{0, all_tiles};
+    const int first = (int)(blockIdx.z * all_tiles / gridDim.z);
+    return KTiles{first, (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first};
+}
+
+// The warp's A fragments of one k16 step: M m16k16 tiles by ldmatrix.x4 from a stage of rows
+// ROW_HALVES wide, this lane's row `a_row` (+ 16 per tile) and column `col`.
+template <int ROW_HALVES, int M>
+__device__ __forceinline__ void load_a_fragments(unsigned (&a_frag)[M][4], const unsigned short* a_stage, int a_row,
+                                                 int col) {
+#pragma unroll
+    for (int i = 0; i < M; ++i) ldmatrix_x4(a_frag[i], shared_address(a_stage + (a_row + 16 * i) * ROW_HALVES + col));
+}
+
+// The warp's M x N tiles of m16n8k16 products on one k16 step, accumulated in f32.
+template <typename WT, int M, int N>
+__device__ __forceinline__ void warp_tile_mma(float (&acc)[M][N][4], const unsigned (&a_frag)[M][4],
+                                              const unsigned (&b_frag)[N][2]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int j = 0; j < N; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+}
 
 // One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: inputs in the operand type with
 // 8-channel groups that never straddle a tap or the a/b boundary (Ca, Cb multiples of 8): 16-byte
@@ -193,11 +166,8 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     const int warp_m = warp % 2, warp_n = warp / 2;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
     const int k_total = p.kh * p.kw * (p.ca + p.cb);
-    // This block's k-tiles: first_tile .. first_tile + k_tiles - 1; slice z of gridDim.z (PARTIAL)
-    // takes [z T / Z, (z + 1) T / Z) of the T tiles (the launcher keeps Z <= T: none empty).
-    const int all_tiles = (k_total + BK - 1) / BK;
-    const int first_tile = PARTIAL ? (int)(blockIdx.z * all_tiles / gridDim.z) : 0;
-    const int k_tiles = PARTIAL ? (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first_tile : all_tiles;
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
+    const int first_tile = tiles.first, k_tiles = tiles.count;
 
     // The vector loader's rows, fixed for the whole K loop.
     const int m_local0 = tid / 4;
@@ -205,13 +175,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
     for (int i = 0; i < 4; ++i) rows[i] = conv_row(m_block + m_local0 + 32 * i, p);
 
-    float acc[M_TILES][N_TILES][4];
-#pragma unroll
-    for (int i = 0; i < M_TILES; ++i)
-#pragma unroll
-        for (int j = 0; j < N_TILES; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    float acc[M_TILES][N_TILES][4] = {};
 
     // Prologue: the first STAGES - 1 tiles in flight.
 #pragma unroll
@@ -242,9 +206,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a_frag[M_TILES][4];
             unsigned b_frag[N_TILES][2];
-#pragma unroll
-            for (int i = 0; i < M_TILES; ++i)
-                ldmatrix_x4(a_frag[i], shared_address(a_stage + (a_row + 16 * i) * ROW + kk + a_col));
+            load_a_fragments<ROW>(a_frag, a_stage, a_row, kk + a_col);
 #pragma unroll
             for (int j = 0; j < N_TILES; j += 2) {
                 unsigned r[4];
@@ -254,10 +216,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
                 b_frag[j + 1][0] = r[2];
                 b_frag[j + 1][1] = r[3];
             }
-#pragma unroll
-            for (int i = 0; i < M_TILES; ++i)
-#pragma unroll
-                for (int j = 0; j < N_TILES; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+            warp_tile_mma<WT>(acc, a_frag, b_frag);
         }
     }
     cp_async_wait<0>();
@@ -579,11 +538,8 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     const int warp_m = warp % 2, warp_n = warp / 2;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
     const int k_total = p.kh * p.kw * p.out_channels;
-    // This block's k-tiles: first_tile .. first_tile + k_tiles - 1; slice z of gridDim.z (PARTIAL)
-    // takes [z T / Z, (z + 1) T / Z) of the T tiles (the launcher keeps Z <= T: none empty).
-    const int all_tiles = (k_total + BK - 1) / BK;
-    const int first_tile = PARTIAL ? (int)(blockIdx.z * all_tiles / gridDim.z) : 0;
-    const int k_tiles = PARTIAL ? (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first_tile : all_tiles;
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
+    const int first_tile = tiles.first, k_tiles = tiles.count;
 
     // The vector loaders' A rows, fixed for the whole K loop.
     using L = AChunks<DoutT>;
@@ -604,13 +560,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
             conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, k0, rows, tid, m_block, p, dout);
     };
 
-    float acc[M_TILES][N_TILES][4];
-#pragma unroll
-    for (int i = 0; i < M_TILES; ++i)
-#pragma unroll
-        for (int j = 0; j < N_TILES; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+    float acc[M_TILES][N_TILES][4] = {};
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -639,9 +589,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a_frag[M_TILES][4];
             unsigned b_frag[N_TILES][2];
-#pragma unroll
-            for (int i = 0; i < M_TILES; ++i)
-                ldmatrix_x4(a_frag[i], shared_address(a_stage + (a_row + 16 * i) * A_ROW + kk + a_col));
+            load_a_fragments<A_ROW>(a_frag, a_stage, a_row, kk + a_col);
 #pragma unroll
             for (int j = 0; j < N_TILES; j += 2) {
                 unsigned r[4];
@@ -651,10 +599,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
                 b_frag[j + 1][0] = r[2];
                 b_frag[j + 1][1] = r[3];
             }
-#pragma unroll
-            for (int i = 0; i < M_TILES; ++i)
-#pragma unroll
-                for (int j = 0; j < N_TILES; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
+            warp_tile_mma<WT>(acc, a_frag, b_frag);
         }
         // Stage `next` was free since the barrier above; the barriers before tile `next` is read
         // make this store visible.

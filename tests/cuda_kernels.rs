@@ -36,7 +36,7 @@ use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
 const ARCHITECTURES: [&str; 3] = ["sm_80", "sm_87", "sm_90"];
 
 // ---------------------------------------------------------------------------------------------
-// NVRTC, through the backend's compiler (common.cuh as an in-memory header), each module compiled
+// NVRTC, through the backend's compiler (kernels/*.cuh as in-memory headers), each module compiled
 // once per test process.
 
 fn compile_ptx(file: &str, arch: &'static str) -> String {
@@ -248,6 +248,45 @@ fn tolerance(dtypes: &[Precision]) -> f64 {
     }
 }
 
+/// An NHWC tensor (`plane` = H x W positions of `channels`) as NCHW, as the CPU backend holds it.
+fn nhwc_to_nchw(v: &[f32], plane: usize, channels: usize) -> Vec<f32> {
+    let mut r = vec![0.0f32; v.len()];
+    for s in 0..v.len() / (plane * channels).max(1) {
+        for p in 0..plane {
+            for ch in 0..channels {
+                r[(s * channels + ch) * plane + p] = v[(s * plane + p) * channels + ch];
+            }
+        }
+    }
+    r
+}
+
+/// And back.
+fn nchw_to_nhwc(v: &[f32], plane: usize, channels: usize) -> Vec<f32> {
+    let mut r = vec![0.0f32; v.len()];
+    for s in 0..v.len() / (plane * channels).max(1) {
+        for p in 0..plane {
+            for ch in 0..channels {
+                r[(s * plane + p) * channels + ch] = v[(s * channels + ch) * plane + p];
+            }
+        }
+    }
+    r
+}
+
+/// Convolution weights as the kernels store them, [Co][k][k][Ci], in the CPU backend's [Co][Ci][k][k].
+fn weights_to_oihw(w: &[f32], out_channels: usize, in_channels: usize, k: usize) -> Vec<f32> {
+    let mut r = vec![0.0f32; w.len()];
+    for co in 0..out_channels {
+        for ch in 0..in_channels {
+            for t in 0..k * k {
+                r[(co * in_channels + ch) * k * k + t] = w[(co * k * k + t) * in_channels + ch];
+            }
+        }
+    }
+    r
+}
+
 // ---------------------------------------------------------------------------------------------
 // The convolution check.
 
@@ -428,45 +467,16 @@ pub fn check_conv(
 
     // The reference: the CPU backend on the same (rounded) values, NCHW, reading the same two
     // sources and upsample through its LayerInput.
-    let input_to_nchw = |v: &[f32], channels: usize| {
-        let mut r = vec![0.0f32; v.len()];
-        for s in 0..n {
-            for p in 0..h * w {
-                for ch in 0..channels {
-                    r[(s * channels + ch) * h * w + p] = v[(s * h * w + p) * channels + ch];
-                }
-            }
-        }
-        r
-    };
     let k = c.kernel;
-    let mut w_oihw = vec![0.0f32; w_host.len()];
-    for co in 0..c.out_channels {
-        for ch in 0..ci {
-            for t in 0..k * k {
-                w_oihw[(co * ci + ch) * k * k + t] = w_host[(co * k * k + t) * ci + ch];
-            }
-        }
-    }
-    let nhwc_to_nchw = |v: &[f32], channels: usize| {
-        let mut r = vec![0.0f32; v.len()];
-        for s in 0..n {
-            for p in 0..oh * ow {
-                for ch in 0..channels {
-                    r[(s * channels + ch) * oh * ow + p] = v[(s * oh * ow + p) * channels + ch];
-                }
-            }
-        }
-        r
-    };
     let cpu = CpuBackend;
-    let a_t = cpu.upload(&input_to_nchw(&a_host, c.channels_a), &[n, c.channels_a, h, w]).unwrap();
-    let b_t = cpu.upload(&input_to_nchw(&b_host, c.channels_b), &[n, c.channels_b, h, w]).unwrap();
+    let a_t = cpu.upload(&nhwc_to_nchw(&a_host, h * w, c.channels_a), &[n, c.channels_a, h, w]).unwrap();
+    let b_t = cpu.upload(&nhwc_to_nchw(&b_host, h * w, c.channels_b), &[n, c.channels_b, h, w]).unwrap();
     let x = LayerInput { a: &a_t, b: (c.channels_b > 0).then_some(&b_t), upsample2x: c.upsample };
-    let w_t = cpu.upload(&w_oihw, &[c.out_channels, ci, k, k]).unwrap();
+    let w_t = cpu.upload(&weights_to_oihw(&w_host, c.out_channels, ci, k), &[c.out_channels, ci, k, k]).unwrap();
     let bias_t = cpu.upload(&bias_host, &[c.out_channels]).unwrap();
     let cbias_t = cpu.upload(&cbias_host, &[n, c.out_channels]).unwrap();
-    let res_t = cpu.upload(&nhwc_to_nchw(&residual_host, c.out_channels), &[n, c.out_channels, oh, ow]).unwrap();
+    let res_t =
+        cpu.upload(&nhwc_to_nchw(&residual_host, oh * ow, c.out_channels), &[n, c.out_channels, oh, ow]).unwrap();
     let mut out_t = cpu.zeros(&[n, c.out_channels, oh, ow]).unwrap();
     let epilogue = ConvEpilogue {
         channel_bias: c.channel_bias.then_some(&cbias_t),
@@ -479,7 +489,7 @@ pub fn check_conv(
         // What the device can at best store.
         reference = encode(&reference, out_dtype).0;
     }
-    let output = nhwc_to_nchw(&out_nhwc, c.out_channels);
+    let output = nhwc_to_nchw(&out_nhwc, oh * ow, c.out_channels);
     Checked { error: relative_l2(&output, &reference), kernel, output }
 }
 
@@ -527,17 +537,7 @@ pub fn check_attention(
     let out_nhwc = mem.download(out, len, dtype);
     let lse = mem.download(logsumexp, batch * positions, Precision::F32);
 
-    let to_nchw = |v: &[f32]| {
-        let mut r = vec![0.0f32; v.len()];
-        for s in 0..batch {
-            for p in 0..positions {
-                for c in 0..channels {
-                    r[(s * channels + c) * positions + p] = v[(s * positions + p) * channels + c];
-                }
-            }
-        }
-        r
-    };
+    let to_nchw = |v: &[f32]| nhwc_to_nchw(v, positions, channels);
     let cpu = CpuBackend;
     let shape = [batch, channels, positions, 1];
     let qt = cpu.upload(&to_nchw(&q_host), &shape).unwrap();
@@ -808,31 +808,27 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
 // ---------------------------------------------------------------------------------------------
 // On the PTX emulator (always, in CI) with its sanitizers on.
 
-fn emulated_module(file: &str) -> (EmulatedDriver, Module) {
-    let driver = EmulatedDriver::new();
-    let ptx = compile_ptx(file, "sm_80");
-    let module = driver.load_module(ModuleImage::Ptx(&ptx)).unwrap_or_else(|e| panic!("{file}: {e}"));
-    (driver, module)
+fn load_ptx(driver: &EmulatedDriver, file: &str) -> Module {
+    driver.load_module(ModuleImage::Ptx(&compile_ptx(file, "sm_80"))).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
-fn run_conv_checks(driver: &dyn Driver, kernels: &Conv2dKernels, version: Conv2dVersion, dtypes: [Precision; 3]) {
-    let seed = fresh_seed();
-    let mut failures = Vec::new();
-    for case in conv_cases() {
-        let start = std::time::Instant::now();
-        let Checked { error: err, kernel, .. } = check_conv(driver, kernels, &case, version, dtypes, seed, None);
-        let tol = tolerance(&dtypes);
-        println!(
-            "conv {kernel:<34} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
-            case.name,
-            start.elapsed().as_secs_f64()
-        );
-        // NaN compares false: it fails here.
-        if err.is_nan() || err > tol {
-            failures.push(format!("{}: {err:e}", case.name));
-        }
-    }
-    assert!(failures.is_empty(), "conv {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}");
+/// An emulated device with the convolution kernels: version 1 only, or (`tensor_cores`) with
+/// conv2d_mma.cu too.
+fn emulated_conv_kernels(tensor_cores: bool) -> (EmulatedDriver, Conv2dKernels) {
+    let driver = EmulatedDriver::new();
+    let simt = load_ptx(&driver, "conv2d.cu");
+    let mma = tensor_cores.then(|| load_ptx(&driver, "conv2d_mma.cu"));
+    let kernels = Conv2dKernels::load(&driver, simt, mma).unwrap();
+    (driver, kernels)
+}
+
+/// The same for attention (attention.cu, and attention_mma.cu with `tensor_cores`).
+fn emulated_attention_kernels(tensor_cores: bool) -> (EmulatedDriver, AttentionKernels) {
+    let driver = EmulatedDriver::new();
+    let simt = load_ptx(&driver, "attention.cu");
+    let mma = tensor_cores.then(|| load_ptx(&driver, "attention_mma.cu"));
+    let kernels = AttentionKernels::load(&driver, simt, mma).unwrap();
+    (driver, kernels)
 }
 
 fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, version: AttentionVersion, dtype: Precision) {
@@ -856,30 +852,26 @@ fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, version
 
 #[test]
 fn emulator_conv_f32_every_fusion() {
-    let (driver, module) = emulated_module("conv2d.cu");
-    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
-    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::F32; 3]);
+    let (driver, kernels) = emulated_conv_kernels(false);
+    run_conv_checks(&driver, &kernels, ConvOp::Forward, Conv2dVersion::Simt, [Precision::F32; 3]);
 }
 
 #[test]
 fn emulator_attention_f32() {
-    let (driver, module) = emulated_module("attention.cu");
-    let kernels = AttentionKernels::load(&driver, module, None).unwrap();
+    let (driver, kernels) = emulated_attention_kernels(false);
     run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::F32);
 }
 
 #[test]
 fn emulator_conv_simt_bf16_and_f16() {
-    let (driver, module) = emulated_module("conv2d.cu");
-    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
-    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::Bf16; 3]);
-    run_conv_checks(&driver, &kernels, Conv2dVersion::Simt, [Precision::F16; 3]);
+    let (driver, kernels) = emulated_conv_kernels(false);
+    run_conv_checks(&driver, &kernels, ConvOp::Forward, Conv2dVersion::Simt, [Precision::Bf16; 3]);
+    run_conv_checks(&driver, &kernels, ConvOp::Forward, Conv2dVersion::Simt, [Precision::F16; 3]);
 }
 
 #[test]
 fn emulator_attention_bf16_and_f16() {
-    let (driver, module) = emulated_module("attention.cu");
-    let kernels = AttentionKernels::load(&driver, module, None).unwrap();
+    let (driver, kernels) = emulated_attention_kernels(false);
     run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::Bf16);
     run_attention_checks(&driver, &kernels, AttentionVersion::Simt, Precision::F16);
 }
@@ -896,21 +888,15 @@ fn tensor_core_dtype_sets() -> Vec<[Precision; 3]> {
 
 #[test]
 fn emulator_conv_tensor_cores() {
-    let driver = EmulatedDriver::new();
-    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
-    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
-    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    let (driver, kernels) = emulated_conv_kernels(true);
     for dtypes in tensor_core_dtype_sets() {
-        run_conv_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
+        run_conv_checks(&driver, &kernels, ConvOp::Forward, Conv2dVersion::TensorCore, dtypes);
     }
 }
 
 #[test]
 fn emulator_attention_tensor_cores() {
-    let driver = EmulatedDriver::new();
-    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention.cu", "sm_80"))).unwrap();
-    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention_mma.cu", "sm_80"))).unwrap();
-    let kernels = AttentionKernels::load(&driver, simt, Some(mma)).unwrap();
+    let (driver, kernels) = emulated_attention_kernels(true);
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::Bf16);
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
 }
@@ -966,74 +952,94 @@ fn check_conv_backward_input(
     driver.synchronize().unwrap_or_else(|e| panic!("{}: {e}", c.name));
     let dx_out = mem.download(dx, n * h * w * ci, dx_dtype);
 
-    let to_nchw = |v: &[f32], channels: usize, plane: usize| {
-        let mut r = vec![0.0f32; v.len()];
-        for s in 0..n {
-            for p in 0..plane {
-                for ch in 0..channels {
-                    r[(s * channels + ch) * plane + p] = v[(s * plane + p) * channels + ch];
-                }
-            }
-        }
-        r
-    };
-    let mut w_oihw = vec![0.0f32; w_host.len()];
-    for o in 0..co {
-        for ch in 0..ci {
-            for t in 0..k * k {
-                w_oihw[(o * ci + ch) * k * k + t] = w_host[(o * k * k + t) * ci + ch];
-            }
-        }
-    }
     // The reference: the CPU on the same stored values (f32 dout unrounded: rounding it to the
     // weights' type is the kernel's, and within the tolerance).
     let cpu = CpuBackend;
-    let dout_t = cpu.upload(&to_nchw(&dout_host, co, oh * ow), &[n, co, oh, ow]).unwrap();
-    let w_t = cpu.upload(&w_oihw, &[co, ci, k, k]).unwrap();
-    let mut dx_t = cpu.upload(&to_nchw(&dx_host, ci, h * w), &[n, ci, h, w]).unwrap();
+    let dout_t = cpu.upload(&nhwc_to_nchw(&dout_host, oh * ow, co), &[n, co, oh, ow]).unwrap();
+    let w_t = cpu.upload(&weights_to_oihw(&w_host, co, ci, k), &[co, ci, k, k]).unwrap();
+    let mut dx_t = cpu.upload(&nhwc_to_nchw(&dx_host, h * w, ci), &[n, ci, h, w]).unwrap();
     cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t, store);
     let mut reference = cpu.download(&dx_t).unwrap();
     if dx_dtype != Precision::F32 {
         reference = encode(&reference, dx_dtype).0;
     }
-    let output = to_nchw(&dx_out, ci, h * w);
+    let output = nhwc_to_nchw(&dx_out, h * w, ci);
     Checked { error: relative_l2(&output, &reference), kernel, output }
 }
 
-fn run_conv_backward_input_checks(
+/// The convolution op a check runs: the forward, or the input gradient stored one way (`Add`:
+/// every dx element must be updated; `Write`: none may be left NaN). One check harness serves both.
+#[derive(Clone, Copy, Debug)]
+enum ConvOp {
+    Forward,
+    BackwardInput(GradientStore),
+}
+
+impl ConvOp {
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        self,
+        driver: &dyn Driver,
+        kernels: &Conv2dKernels,
+        case: &ConvCase,
+        version: Conv2dVersion,
+        dtypes: [Precision; 3],
+        seed: u64,
+        workspace: Option<&SplitKWorkspace>,
+    ) -> Checked {
+        match self {
+            ConvOp::Forward => check_conv(driver, kernels, case, version, dtypes, seed, workspace),
+            ConvOp::BackwardInput(store) => {
+                check_conv_backward_input(driver, kernels, case, version, dtypes, seed, store, workspace)
+            }
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            ConvOp::Forward => "conv".into(),
+            ConvOp::BackwardInput(store) => format!("conv backward input ({store:?})"),
+        }
+    }
+}
+
+/// Every case of `conv_cases` through `op` with one version and storage-type set, against the CPU.
+fn run_conv_checks(
     driver: &dyn Driver,
     kernels: &Conv2dKernels,
+    op: ConvOp,
     version: Conv2dVersion,
     dtypes: [Precision; 3],
 ) {
     let seed = fresh_seed();
+    let tol = tolerance(&dtypes);
     let mut failures = Vec::new();
     for case in conv_cases() {
         let start = std::time::Instant::now();
-        let Checked { error: err, kernel, .. } =
-            check_conv_backward_input(driver, kernels, &case, version, dtypes, seed, GradientStore::Add, None);
-        let tol = tolerance(&dtypes);
+        let Checked { error: err, kernel, .. } = op.check(driver, kernels, &case, version, dtypes, seed, None);
         println!(
-            "conv backward input {kernel:<40} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            "{} {kernel:<40} {:<45} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
+            op.label(),
             case.name,
             start.elapsed().as_secs_f64()
         );
+        // NaN compares false: it fails here.
         if err.is_nan() || err > tol {
             failures.push(format!("{}: {err:e}", case.name));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "conv backward input {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}"
-    );
+    assert!(failures.is_empty(), "{} {version:?} {dtypes:?} (seed {seed}) over tolerance: {failures:?}", op.label());
 }
+
+/// The input-gradient checks over `conv_cases` accumulate onto a random dx (a dx element left alone
+/// is off by its whole gradient); split-K checks both stores.
+const ADD_INPUT_GRADIENT: ConvOp = ConvOp::BackwardInput(GradientStore::Add);
 
 #[test]
 fn emulator_conv_backward_input() {
-    let (driver, module) = emulated_module("conv2d.cu");
-    let kernels = Conv2dKernels::load(&driver, module, None).unwrap();
+    let (driver, kernels) = emulated_conv_kernels(false);
     for dtype in [Precision::F32, Precision::Bf16] {
-        run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::Simt, [dtype; 3]);
+        run_conv_checks(&driver, &kernels, ADD_INPUT_GRADIENT, Conv2dVersion::Simt, [dtype; 3]);
     }
 }
 
@@ -1042,24 +1048,17 @@ fn emulator_conv_backward_input() {
 /// allow, element-wise (conv_in's Ci = 3, conv_out's Co = 3, odd counts) otherwise.
 #[test]
 fn emulator_conv_backward_input_tensor_cores() {
-    let driver = EmulatedDriver::new();
-    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
-    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
-    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    let (driver, kernels) = emulated_conv_kernels(true);
     let f32 = Precision::F32;
     for w in [Precision::Bf16, Precision::F16] {
         for dtypes in [[f32, w, f32], [w, w, w]] {
-            run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, dtypes);
+            run_conv_checks(&driver, &kernels, ADD_INPUT_GRADIENT, Conv2dVersion::TensorCore, dtypes);
         }
     }
     // The mixed pairs once each (the kernel takes dout and dx types independently).
-    run_conv_backward_input_checks(
-        &driver,
-        &kernels,
-        Conv2dVersion::TensorCore,
-        [f32, Precision::Bf16, Precision::Bf16],
-    );
-    run_conv_backward_input_checks(&driver, &kernels, Conv2dVersion::TensorCore, [Precision::F16, Precision::F16, f32]);
+    for dtypes in [[f32, Precision::Bf16, Precision::Bf16], [Precision::F16, Precision::F16, f32]] {
+        run_conv_checks(&driver, &kernels, ADD_INPUT_GRADIENT, Conv2dVersion::TensorCore, dtypes);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1154,10 +1153,7 @@ fn split_tolerance(out_dtype: Precision) -> f64 {
 
 #[test]
 fn emulator_conv_split_k() {
-    let driver = EmulatedDriver::new();
-    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
-    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
-    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
+    let (driver, kernels) = emulated_conv_kernels(true);
     let (workspace, ptr) = split_k_workspace(&driver);
     // A workspace too small for the slices: an error naming the sizes, nothing launched.
     let launch = Conv2dLaunch {
@@ -1174,49 +1170,14 @@ fn emulator_conv_split_k() {
     let err = conv::launch_conv2d_version(&driver, &kernels, &launch, split, None).unwrap_err().to_string();
     assert!(err.contains("split-K needs a workspace"), "{err}");
 
-    let seed = fresh_seed();
-    let mut failures = Vec::new();
-    for dtypes in tensor_core_dtype_sets() {
-        let tol = tolerance(&dtypes);
-        for (case, slices) in split_k_cases() {
-            let start = std::time::Instant::now();
-            let split = Conv2dVersion::TensorCoreSplitK { slices };
-            let unsplit = check_conv(&driver, &kernels, &case, Conv2dVersion::TensorCore, dtypes, seed, None);
-            let first = check_conv(&driver, &kernels, &case, split, dtypes, seed, Some(&workspace));
-            let again = check_conv(&driver, &kernels, &case, split, dtypes, seed, Some(&workspace));
-            let apart = relative_l2(&first.output, &unsplit.output);
-            let same_bits = first.output.iter().zip(&again.output).all(|(a, b)| a.to_bits() == b.to_bits());
-            println!(
-                "conv split-K {:<30} {dtypes:?} {:<52} rel L2 {:.2e} (unsplit {:.2e}, apart {apart:.2e}; \
-                 seed {seed}, {:.1} s)",
-                first.kernel,
-                case.name,
-                first.error,
-                unsplit.error,
-                start.elapsed().as_secs_f64()
-            );
-            if !(first.error <= tol && unsplit.error <= tol && apart <= split_tolerance(dtypes[2]) && same_bits) {
-                failures.push(format!(
-                    "{} {dtypes:?}: error {:e}, unsplit {:e}, apart {apart:e}, same bits twice: {same_bits}",
-                    case.name, first.error, unsplit.error
-                ));
-            }
-        }
-    }
     driver.free(ptr).unwrap();
-    assert!(failures.is_empty(), "conv split-K (seed {seed}): {failures:?}");
+    run_split_k_checks(&driver, &kernels, &[ConvOp::Forward], &tensor_core_dtype_sets());
 }
 
 #[test]
 fn emulator_conv_backward_input_split_k() {
-    let driver = EmulatedDriver::new();
-    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d.cu", "sm_80"))).unwrap();
-    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("conv2d_mma.cu", "sm_80"))).unwrap();
-    let kernels = Conv2dKernels::load(&driver, simt, Some(mma)).unwrap();
-    let (workspace, ptr) = split_k_workspace(&driver);
-    let seed = fresh_seed();
+    let (driver, kernels) = emulated_conv_kernels(true);
     let f32 = Precision::F32;
-    let mut failures = Vec::new();
     // f32 gradients against bf16 and f16 weights (the plans' VJPs), 16-bit throughout, one mixed pair.
     let dtype_sets = [
         [f32, Precision::Bf16, f32],
@@ -1225,23 +1186,33 @@ fn emulator_conv_backward_input_split_k() {
         [Precision::F16, Precision::F16, Precision::F16],
         [f32, Precision::Bf16, Precision::Bf16],
     ];
-    for dtypes in dtype_sets {
+    let ops = [ConvOp::BackwardInput(GradientStore::Write), ConvOp::BackwardInput(GradientStore::Add)];
+    run_split_k_checks(&driver, &kernels, &ops, &dtype_sets);
+}
+
+/// Every split-K case through each of `ops` and storage-type set: the unsplit tensor-core kernel,
+/// then the split one twice on the same inputs; each within the tolerance of the CPU, split and
+/// unsplit within `split_tolerance` of each other, and the same bits both times.
+fn run_split_k_checks(driver: &dyn Driver, kernels: &Conv2dKernels, ops: &[ConvOp], dtype_sets: &[[Precision; 3]]) {
+    let (workspace, ptr) = split_k_workspace(driver);
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for &dtypes in dtype_sets {
         let tol = tolerance(&dtypes);
         for (case, slices) in split_k_cases() {
-            for store in [GradientStore::Write, GradientStore::Add] {
+            for &op in ops {
                 let start = std::time::Instant::now();
                 let split = Conv2dVersion::TensorCoreSplitK { slices };
-                let check = |version, workspace| {
-                    check_conv_backward_input(&driver, &kernels, &case, version, dtypes, seed, store, workspace)
-                };
+                let check = |version, workspace| op.check(driver, kernels, &case, version, dtypes, seed, workspace);
                 let unsplit = check(Conv2dVersion::TensorCore, None);
                 let first = check(split, Some(&workspace));
                 let again = check(split, Some(&workspace));
                 let apart = relative_l2(&first.output, &unsplit.output);
                 let same_bits = first.output.iter().zip(&again.output).all(|(a, b)| a.to_bits() == b.to_bits());
                 println!(
-                    "conv backward input split-K {:<44} {dtypes:?} {store:?} {:<52} rel L2 {:.2e} \
-                     (unsplit {:.2e}, apart {apart:.2e}; seed {seed}, {:.1} s)",
+                    "{} split-K {:<44} {dtypes:?} {:<52} rel L2 {:.2e} (unsplit {:.2e}, apart {apart:.2e}; \
+                     seed {seed}, {:.1} s)",
+                    op.label(),
                     first.kernel,
                     case.name,
                     first.error,
@@ -1250,15 +1221,18 @@ fn emulator_conv_backward_input_split_k() {
                 );
                 if !(first.error <= tol && unsplit.error <= tol && apart <= split_tolerance(dtypes[2]) && same_bits) {
                     failures.push(format!(
-                        "{} {dtypes:?} {store:?}: error {:e}, unsplit {:e}, apart {apart:e}, same bits twice: {same_bits}",
-                        case.name, first.error, unsplit.error
+                        "{} {} {dtypes:?}: error {:e}, unsplit {:e}, apart {apart:e}, same bits twice: {same_bits}",
+                        op.label(),
+                        case.name,
+                        first.error,
+                        unsplit.error
                     ));
                 }
             }
         }
     }
     driver.free(ptr).unwrap();
-    assert!(failures.is_empty(), "conv backward input split-K (seed {seed}): {failures:?}");
+    assert!(failures.is_empty(), "split-K (seed {seed}): {failures:?}");
 }
 
 /// The tensor-core attention backward on one case with gradients (dout, dq, dk, dv) in
@@ -1285,28 +1259,8 @@ fn check_attention_backward(
     let (dk_host, dk) = mem.upload(&small[len..2 * len], grad_dtype);
     let (dv_host, dv) = mem.upload(&small[2 * len..], grad_dtype);
 
-    let to_nchw = |v: &[f32]| {
-        let mut r = vec![0.0f32; v.len()];
-        for s in 0..batch {
-            for p in 0..positions {
-                for c in 0..channels {
-                    r[(s * channels + c) * positions + p] = v[(s * positions + p) * channels + c];
-                }
-            }
-        }
-        r
-    };
-    let to_nhwc = |v: &[f32]| {
-        let mut r = vec![0.0f32; v.len()];
-        for s in 0..batch {
-            for p in 0..positions {
-                for c in 0..channels {
-                    r[(s * positions + p) * channels + c] = v[(s * channels + c) * positions + p];
-                }
-            }
-        }
-        r
-    };
+    let to_nchw = |v: &[f32]| nhwc_to_nchw(v, positions, channels);
+    let to_nhwc = |v: &[f32]| nchw_to_nhwc(v, positions, channels);
     // The forward on the CPU (its out rounded to the storage type, as a plan keeps it).
     let cpu = CpuBackend;
     let shape = [batch, channels, positions, 1];
@@ -1372,10 +1326,7 @@ fn check_attention_backward(
 /// activations' type.
 #[test]
 fn emulator_attention_backward_tensor_cores() {
-    let driver = EmulatedDriver::new();
-    let simt = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention.cu", "sm_80"))).unwrap();
-    let mma = driver.load_module(ModuleImage::Ptx(&compile_ptx("attention_mma.cu", "sm_80"))).unwrap();
-    let kernels = AttentionKernels::load(&driver, simt, Some(mma)).unwrap();
+    let (driver, kernels) = emulated_attention_kernels(true);
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for dtype in [Precision::Bf16, Precision::F16] {

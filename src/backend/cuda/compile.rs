@@ -1,9 +1,10 @@
 //! Run-time compilation of kernels/ with NVRTC, and the on-disk cache of compiled images.
 //!
-//! Each `.cu` file is one module, compiled for the device's architecture with `common.cuh` handed
-//! to NVRTC as an in-memory header (kernels/README.md). Images are cached on disk, keyed by a hash
-//! of the exact source text (file and header), the compile options, the architecture and the NVRTC
-//! version; a cache entry whose checksum does not match is recompiled, never trusted.
+//! Each `.cu` file is one module, compiled for the device's architecture with every `.cuh` file of
+//! kernels/ (`common.cuh`, `conv_common.cuh`, ...) handed to NVRTC as an in-memory header
+//! (kernels/README.md). Images are cached on disk, keyed by a hash of the exact source text (the
+//! file and every header), the compile options, the architecture and the NVRTC version; a cache
+//! entry whose checksum does not match is recompiled, never trusted.
 //!
 //! The cache lives in `$PURIFIER_KERNEL_CACHE` when set (`off` disables it), else
 //! `$XDG_CACHE_HOME/purifier/kernels`, else `$HOME/.cache/purifier/kernels`.
@@ -13,8 +14,16 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::kernels::KERNEL_SOURCES;
 
-/// The header every kernel file includes.
-pub const COMMON_HEADER: &str = "common.cuh";
+/// Whether an embedded kernel file is a header (`.cuh`: handed to NVRTC with every module, never
+/// compiled on its own).
+fn is_header(name: &str) -> bool {
+    name.ends_with(".cuh")
+}
+
+/// The embedded headers, (name, source), in file-name order (build.rs sorts them).
+pub fn kernel_headers() -> impl Iterator<Item = (&'static str, &'static str)> {
+    KERNEL_SOURCES.iter().copied().filter(|(name, _)| is_header(name))
+}
 
 /// Compile options shared by every module (no fast math: the kernels are checked against an f32
 /// reference at 1e-5).
@@ -73,9 +82,9 @@ fn check(status: cudarc::nvrtc::sys::nvrtcResult, what: &str) -> Result<()> {
     }
 }
 
-/// The embedded kernel files, each one module (the header is not one).
+/// The embedded kernel files, each one module (the headers are not).
 pub fn kernel_files() -> impl Iterator<Item = &'static str> {
-    KERNEL_SOURCES.iter().map(|(name, _)| *name).filter(|name| *name != COMMON_HEADER)
+    KERNEL_SOURCES.iter().map(|(name, _)| *name).filter(|name| !is_header(name))
 }
 
 /// The embedded source of a kernel file.
@@ -144,12 +153,11 @@ impl KernelCompiler {
         if !self.enabled {
             return Err(Error::Device(format!("{name}: this backend only sizes plans and compiles no kernels")));
         }
-        let header = kernel_source(COMMON_HEADER)?;
         let entry = self.cache_entry(name, source, kind)?;
         if let Some(image) = entry.as_deref().and_then(read_cache_entry) {
             return Ok(image);
         }
-        let image = self.compile_uncached(name, source, header, kind)?;
+        let image = self.compile_uncached(name, source, kind)?;
         if let Some(path) = entry {
             // A cache that cannot be written costs only time: the next run compiles again.
             let _ = write_cache_entry(&path, &image);
@@ -173,37 +181,35 @@ impl KernelCompiler {
 
     /// Where the cache keeps the image of `source` (`None`: no cache).
     fn cache_entry(&self, name: &str, source: &str, kind: ImageKind) -> Result<Option<PathBuf>> {
-        let header = kernel_source(COMMON_HEADER)?;
-        Ok(self.cache_dir.as_ref().map(|dir| dir.join(self.cache_key(name, source, header, kind))))
+        Ok(self.cache_dir.as_ref().map(|dir| dir.join(self.cache_key(name, source, kind))))
     }
 
-    /// `<file stem>-<source hash>-<arch>-nvrtc<major>.<minor>.<ptx|cubin>`.
-    fn cache_key(&self, name: &str, source: &str, header: &str, kind: ImageKind) -> String {
-        let mut hash = Fnv128::new();
-        for part in [source, "\0", header, "\0", &BASE_OPTIONS.join(" ")] {
-            hash.write(part.as_bytes());
-        }
+    /// `<file stem>-<source hash>-<arch>-nvrtc<major>.<minor>.<ptx|cubin>`; the hash covers the
+    /// source, every header (name and text: editing any header recompiles) and the options.
+    fn cache_key(&self, name: &str, source: &str, kind: ImageKind) -> String {
+        let hash = source_hash(source, kernel_headers());
         let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
         let (major, minor) = self.nvrtc_version;
-        format!("{stem}-{:032x}-{}-nvrtc{major}.{minor}.{}", hash.finish(), self.arch, kind.extension())
+        format!("{stem}-{hash:032x}-{}-nvrtc{major}.{minor}.{}", self.arch, kind.extension())
     }
 
-    fn compile_uncached(&self, name: &str, source: &str, header: &str, kind: ImageKind) -> Result<Vec<u8>> {
+    fn compile_uncached(&self, name: &str, source: &str, kind: ImageKind) -> Result<Vec<u8>> {
         use cudarc::nvrtc::sys;
         let cstr = |s: &str, what: &str| {
             CString::new(s).map_err(|_| Error::Device(format!("kernel {what} {name} contains a NUL byte")))
         };
         let source_c = cstr(source, "source")?;
         let name_c = cstr(name, "name")?;
-        let header_c = cstr(header, "header")?;
-        let header_name_c = cstr(COMMON_HEADER, "header name")?;
+        let headers_c: Vec<CString> = kernel_headers().map(|(_, text)| cstr(text, "header")).collect::<Result<_>>()?;
+        let header_names_c: Vec<CString> =
+            kernel_headers().map(|(header_name, _)| cstr(header_name, "header name")).collect::<Result<_>>()?;
         let mut options: Vec<CString> = BASE_OPTIONS.iter().map(|o| cstr(o, "option")).collect::<Result<_>>()?;
         options.push(cstr(&format!("--gpu-architecture={}", self.arch), "option")?);
         let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
 
         let mut program: sys::nvrtcProgram = std::ptr::null_mut();
-        let headers = [header_c.as_ptr()];
-        let header_names = [header_name_c.as_ptr()];
+        let headers: Vec<*const c_char> = headers_c.iter().map(|h| h.as_ptr()).collect();
+        let header_names: Vec<*const c_char> = header_names_c.iter().map(|h| h.as_ptr()).collect();
         // SAFETY: every pointer is a valid NUL-terminated string that outlives the call; NVRTC
         // copies them. The library's presence was checked in `new`.
         check(
@@ -212,7 +218,7 @@ impl KernelCompiler {
                     &mut program,
                     source_c.as_ptr(),
                     name_c.as_ptr(),
-                    1,
+                    headers.len() as c_int,
                     headers.as_ptr(),
                     header_names.as_ptr(),
                 )
@@ -252,6 +258,20 @@ impl KernelCompiler {
         }
         Ok(image)
     }
+}
+
+/// The hash of what NVRTC compiles: the source, each header's name and text, the options.
+fn source_hash<'a>(source: &str, headers: impl Iterator<Item = (&'a str, &'a str)>) -> u128 {
+    let mut hash = Fnv128::new();
+    hash.write(source.as_bytes());
+    for (name, text) in headers {
+        for part in ["\0", name, "\0", text] {
+            hash.write(part.as_bytes());
+        }
+    }
+    hash.write(b"\0");
+    hash.write(BASE_OPTIONS.join(" ").as_bytes());
+    hash.finish()
 }
 
 /// An NVRTC program, destroyed on drop.
@@ -367,6 +387,23 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         assert_eq!(read_cache_entry(&path), None);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_header_is_part_of_the_source_hash() {
+        let headers: Vec<(&str, &str)> = kernel_headers().collect();
+        let names: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();
+        assert!(names.contains(&"common.cuh") && names.contains(&"conv_common.cuh"), "{names:?}");
+        let base = source_hash("k", headers.iter().copied());
+        for i in 0..headers.len() {
+            let text = format!("{}\n// edited", headers[i].1);
+            let mut edited: Vec<(&str, &str)> = headers.clone();
+            edited[i].1 = &text;
+            assert_ne!(source_hash("k", edited.into_iter()), base, "editing {} keeps the hash", headers[i].0);
+        }
+        let fewer = headers[..headers.len() - 1].iter().copied();
+        assert_ne!(source_hash("k", fewer), base, "a header less keeps the hash");
+        assert_ne!(source_hash("k2", headers.iter().copied()), base);
     }
 
     #[test]

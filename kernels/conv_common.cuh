@@ -1,0 +1,67 @@
+// conv_common.cuh: what conv2d.cu (version 1) and conv2d_mma.cu (versions 2 and 3) share: the
+// kernel parameters of one convolution, where an output position reads its input, the implicit
+// im2col gather and the epilogue of one output element (conv2d.cu's head comment says what is
+// computed). Handed to NVRTC as an in-memory header like common.cuh (src/backend/cuda/compile.rs).
+#pragma once
+#include "common.cuh"
+
+// Everything one convolution needs, as kernel parameters (all 32-bit: the launcher checks that
+// every tensor has fewer than 2^31 elements).
+struct ConvParams {
+    int batch, in_h, in_w;      // stored input size (before the folded upsample)
+    int ca, cb;                 // channels from a and from b (cb = 0: no concat)
+    int upsample_shift;         // 1: nearest x2 upsample folded in, 0: none
+    int out_channels, kh, kw;   // weights [out_channels][kh][kw][ca + cb]
+    int stride, pad_top, pad_left;
+    int out_h, out_w;
+    int relu;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The epilogue of one output element: bias, time-embedding bias, residual, ReLU, one rounding.
+template <typename OutT>
+__device__ __forceinline__ float conv_epilogue_value(float acc, int m, int n, int co, const ConvParams& p,
+                                                     const float* __restrict__ bias,
+                                                     const float* __restrict__ channel_bias,
+                                                     const OutT* __restrict__ residual) {
+    float v = acc;
+    if (bias) v += bias[co];
+    if (channel_bias) v += channel_bias[n * p.out_channels + co];
+    if (residual) v += to_float(residual[m * p.out_channels + co]);
+    if (p.relu) v = fmaxf(v, 0.0f);
+    return v;
+}
+
+// Where output position m reads its input: sample, and the top-left input pixel of its window
+// (in the logical, possibly upsampled, input; may be negative: padding).
+struct ConvRow {
+    int n, iy0, ix0;
+    bool valid;
+};
+
+__device__ __forceinline__ ConvRow conv_row(int m, const ConvParams& p) {
+    ConvRow r;
+    const int plane = p.out_h * p.out_w;
+    const int positions = p.batch * plane;
+    r.valid = m < positions;
+    const int mm = r.valid ? m : 0;
+    r.n = mm / plane;
+    const int rest = mm - r.n * plane;
+    const int oy = rest / p.out_w;
+    const int ox = rest - oy * p.out_w;
+    r.iy0 = oy * p.stride - p.pad_top;
+    r.ix0 = ox * p.stride - p.pad_left;
+    return r;
+}
+
+// Element (row, k) of the implicit A matrix, as float; zero in the padding and past K.
+template <typename InT>
+__device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, int ci, bool k_valid,
+                                             const ConvParams& p, const InT* __restrict__ a,
+                                             const InT* __restrict__ b) {
+    const int iy = r.iy0 + ky, ix = r.ix0 + kx;
+    const int logical_h = p.in_h << p.upsample_shift, logical_w = p.in_w << p.upsample_shift;
+    if (!r.valid || !k_valid || iy < 0 || ix < 0 || iy >= logical_h || ix >= logical_w) return 0.0f;
+    const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
+    return ci < p.ca ? to_float(a[pixel * p.ca + ci]) : to_float(b[pixel * p.cb + (ci - p.ca)]);
+}
