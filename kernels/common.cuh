@@ -190,6 +190,12 @@ __device__ __forceinline__ void store_dyn_n(void* p, int dtype, long long i, con
     }
 }
 
+// The run-time code of a storage type, for the *_dyn helpers from a typed pointer (a constant: the
+// branches on it fold away).
+__device__ __forceinline__ constexpr int dtype_code_of(const float*) { return DTYPE_F32; }
+__device__ __forceinline__ constexpr int dtype_code_of(const f16*) { return DTYPE_F16; }
+__device__ __forceinline__ constexpr int dtype_code_of(const bf16*) { return DTYPE_BF16; }
+
 // store_grad over N consecutive elements (as load_dyn_n / store_dyn_n).
 template <int N>
 __device__ __forceinline__ void store_grad_n(void* p, int dtype, long long i, const float (&g)[N], int accumulate) {

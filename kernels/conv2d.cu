@@ -102,17 +102,28 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 
     const int positions = p.batch * p.out_h * p.out_w;
     const int plane = p.out_h * p.out_w;
+    // A thread's four channels in one access where all exist and they are aligned (channels a
+    // multiple of 4, the tensor aligned to 4 elements): a half-warp then stores 16 whole rows' worth
+    // of contiguous bytes instead of one element of each in turn.
+    const bool quads = p.out_channels % 4 == 0 && (unsigned long long)out % (4 * sizeof(OutT)) == 0;
+    const int co0 = n_block + tx * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = m_block + ty * 4 + i;
-        if (m >= positions) continue;
+        if (m >= positions || co0 >= p.out_channels) continue;
         const int n = m / plane;
+        float v[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int co = n_block + tx * 4 + j;
-            if (co >= p.out_channels) continue;
-            const float v = conv_epilogue_value(acc[i][j], m, n, co, p, bias, channel_bias, residual);
-            out[m * p.out_channels + co] = from_float<OutT>(v);
+        for (int j = 0; j < 4; ++j)
+            if (co0 + j < p.out_channels)
+                v[j] = conv_epilogue_value(acc[i][j], m, n, co0 + j, p, bias, channel_bias, residual);
+        const long long at = (long long)m * p.out_channels + co0;
+        if (quads && co0 + 3 < p.out_channels) {
+            store_dyn_n<4>(out, dtype_code_of(out), at, v);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (co0 + j < p.out_channels) out[at + j] = from_float<OutT>(v[j]);
         }
     }
 }
@@ -177,27 +188,36 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
             }
             a_tile[load_k][load_row + 16 * i] = value;
         }
+        // B (w transposed): lanes along ci, contiguous in w [Co][kh][kw][Ci], so a warp reads whole
+        // sectors (lanes along k would each read one element 4 Ci bytes from the next).
 #pragma unroll
-        for (int i = 0; i < BN / 16; ++i) {
-            const int ci = n_block + load_row + 16 * i;
-            b_tile[load_k][load_row + 16 * i] =
-                (k_valid && ci < ci_total) ? to_float(w[(co * taps + tap) * ci_total + ci]) : 0.0f;
+        for (int e = tid; e < BK * BN; e += THREADS) {
+            const int kk = e / BN, col = e % BN;
+            const int kb = k0 + kk, ci = n_block + col;
+            const int tap_b = kb / p.out_channels, co_b = kb - tap_b * p.out_channels;
+            b_tile[kk][col] =
+                (kb < k_total && ci < ci_total) ? to_float(w[(co_b * taps + tap_b) * ci_total + ci]) : 0.0f;
         }
         __syncthreads();
         simt_tile_product(a_tile, b_tile, ty, tx, acc);
         __syncthreads();
     }
 
+    // As the forward's epilogue: four channels in one access where they can be.
+    const bool quads = ci_total % 4 == 0 && (unsigned long long)dx % (4 * sizeof(T)) == 0;
+    const int ci0 = n_block + tx * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = m_block + ty * 4 + i;
-        if (m >= positions) continue;
+        if (m >= positions || ci0 >= ci_total) continue;
+        const long long at = (long long)m * ci_total + ci0;
+        if (quads && ci0 + 3 < ci_total) {
+            store_grad_n<4>(dx, dtype_code_of(dx), at, acc[i], accumulate);
+        } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int ci = n_block + tx * 4 + j;
-            if (ci >= ci_total) continue;
-            const int at = m * ci_total + ci;
-            dx[at] = from_float<T>(accumulate ? to_float(dx[at]) + acc[i][j] : acc[i][j]);
+            for (int j = 0; j < 4; ++j)
+                if (ci0 + j < ci_total)
+                    dx[at + j] = from_float<T>(accumulate ? to_float(dx[at + j]) + acc[i][j] : acc[i][j]);
         }
     }
 }

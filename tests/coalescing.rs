@@ -3,8 +3,9 @@
 //! the share of each moved sector a kernel uses is a fixed property of its indexing, not a timing.
 //! The kernels whose accesses were laid out for whole sectors keep them (examples/
 //! emulator_memory_traffic measures every kernel of a UNet pass): GroupNorm's element-wise and
-//! partial kernels (before: 12-32% of the bytes moved were used) and the convolutions' epilogue
-//! stores (before: 25% for 16-bit outputs, 50% for f32).
+//! partial kernels (before: 12-32% of the bytes moved were used), the convolutions' epilogue
+//! stores (before: 25% for 16-bit outputs, 50% for f32) and the f32 (SIMT) convolutions' stores
+//! and transposed-weight loads (before: 25% and 38%).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -105,4 +106,25 @@ fn conv_epilogues_store_channel_pairs() {
             assert_uses(&totals, "conv2d_backward_input_mma_f32_bf16", 0.9, 1.0);
         }
     }
+}
+
+/// The f32 path (SIMT kernels): a thread's four channels stored in one access, and the input
+/// gradient's transposed weights read with lanes along Ci (contiguous in memory).
+#[test]
+fn simt_convs_use_whole_sectors() {
+    let (driver, b) = emulator(Precision::F32);
+    let shape = [2, 64, 8, 8];
+    let len = shape.iter().product();
+    let w = b.upload(&values(64 * 64 * 9), &[64, 64, 3, 3]).unwrap();
+    let x = b.upload(&values(len), &shape).unwrap();
+    let mut out = b.zeros(&shape).unwrap();
+    let mut dx = b.zeros(&shape).unwrap();
+    driver.kernel_totals(true);
+    let same = Conv2dGeometry::same(1);
+    b.conv2d(LayerInput::one(&x), &w, None, same, ConvEpilogue::default(), &mut out);
+    b.conv2d_backward_input(&x, &w, same, &mut dx, GradientStore::Add);
+    b.synchronize().unwrap();
+    let totals = driver.kernel_totals(true);
+    assert_uses(&totals, "conv2d_simt_f32", 0.85, 0.95);
+    assert_uses(&totals, "conv2d_backward_input_simt_f32", 0.95, 0.95);
 }
