@@ -393,6 +393,9 @@ __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const f
                                                    float factor, long long sample, int row0, int c0, int positions,
                                                    int channels, int lane, int accumulate) {
     const int g = lane / 4, t = lane % 4;
+    // Channels c and c + 1 in one access where the pair is aligned (channels even, dst aligned to
+    // two elements): a row's four lanes store 16 (f32: 32) contiguous bytes.
+    const bool pairs = channels % 2 == 0 && (unsigned long long)dst % (dtype == DTYPE_F32 ? 8 : 4) == 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + g + 8 * r;
@@ -402,9 +405,14 @@ __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const f
         for (int j = 0; j < CHANNELS / 8; ++j) {
             const int c = c0 + 8 * j + 2 * t;
             if (c >= channels) continue;
+            const float v[2] = {factor * acc[j][2 * r], factor * acc[j][2 * r + 1]};
+            if (pairs && c + 1 < channels) {
+                store_grad_n<2>(dst, dtype, at + c, v, accumulate);
+            } else {
 #pragma unroll
-            for (int e = 0; e < 2; ++e)
-                store_grad(dst, dtype, at + c + e, factor * acc[j][2 * r + e], accumulate);
+                for (int e = 0; e < 2; ++e)
+                    if (c + e < channels) store_grad(dst, dtype, at + c + e, v[e], accumulate);
+            }
         }
     }
 }
