@@ -368,6 +368,7 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
         (16, 16, 4, 3, 2),
         (66, 0, 2, 3, 3),
         (16, 8, 6, 3, 4),
+        (32, 0, 32, 5, 3),
     ];
     for (ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
@@ -408,6 +409,7 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
         (2, 64, 8, 3, 3),
         (1, 66, 2, 3, 3),
         (2, 128, 32, 3, 2),
+        (2, 32, 32, 4, 3),
     ];
     // (dout, dx) storage: f32 as in the plans; dx in the activations' type as where the UNet's plans
     // narrow it (a ResnetBlock's conv1 output gradient); both in it.
