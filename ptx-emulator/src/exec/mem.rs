@@ -48,16 +48,7 @@ impl BlockEnv<'_> {
         lane: u32,
         line: u32,
     ) -> Result<*mut u8, Report> {
-        let (space, a) = match space {
-            Space::Generic => match addr {
-                x if (SHARED_WINDOW..SHARED_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Shared, x - SHARED_WINDOW),
-                x if (LOCAL_WINDOW..LOCAL_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Local, x - LOCAL_WINDOW),
-                x if (PARAM_WINDOW..PARAM_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Param, x - PARAM_WINDOW),
-                x if (CONST_WINDOW..CONST_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Const, x - CONST_WINDOW),
-                x => (Space::Global, x),
-            },
-            s => (s, addr),
-        };
+        let (space, a) = resolve_space(space, addr);
         if a % align != 0 {
             return Err(self.report(
                 ReportKind::Misaligned,
@@ -346,16 +337,24 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
     Ok(())
 }
 
-/// Whether an access in `space` at `addr` reaches global memory (a generic address outside the
-/// shared, local, param and const windows does).
-pub fn is_global(space: Space, addr: u64) -> bool {
+/// The state space an access in `space` at `addr` reaches, and its address there: a generic
+/// address in the shared, local, param or const window maps into that space, any other to global.
+fn resolve_space(space: Space, addr: u64) -> (Space, u64) {
     match space {
-        Space::Global => true,
-        Space::Generic => ![SHARED_WINDOW, LOCAL_WINDOW, PARAM_WINDOW, CONST_WINDOW]
-            .iter()
-            .any(|&w| (w..w + WINDOW_SIZE).contains(&addr)),
-        _ => false,
+        Space::Generic => match addr {
+            x if (SHARED_WINDOW..SHARED_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Shared, x - SHARED_WINDOW),
+            x if (LOCAL_WINDOW..LOCAL_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Local, x - LOCAL_WINDOW),
+            x if (PARAM_WINDOW..PARAM_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Param, x - PARAM_WINDOW),
+            x if (CONST_WINDOW..CONST_WINDOW + WINDOW_SIZE).contains(&x) => (Space::Const, x - CONST_WINDOW),
+            x => (Space::Global, x),
+        },
+        s => (s, addr),
     }
+}
+
+/// Whether an access in `space` at `addr` reaches global memory.
+pub fn is_global(space: Space, addr: u64) -> bool {
+    resolve_space(space, addr).0 == Space::Global
 }
 
 fn atom_apply(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64) -> u64 {
