@@ -23,18 +23,17 @@ namespace attention_mma {
 constexpr int KEYS = 16;  // keys per tile
 }
 
-// rows x D tile of a N x L x C tensor into shared (row stride D + 8), zeros past L and past C;
-// 16-byte copies (C a multiple of 8, the tensor 16-byte aligned: the launcher checks).
+// rows x D tile of an N x L x C tensor of T into shared (row stride D + 8) by cp.async, zeros past
+// L and past C (C a multiple of 8, the tensor 16-byte aligned: the launcher checks).
 template <int D, typename T>
-__device__ __forceinline__ void attention_load_tile(unsigned short* tile, const T* __restrict__ src, long long sample,
+__device__ __forceinline__ void attention_copy_rows(unsigned short* tile, const T* __restrict__ src, long long sample,
                                                     int row0, int rows, int positions, int channels) {
     constexpr int CHUNKS = D / 8;
     for (int i = threadIdx.x; i < rows * CHUNKS; i += blockDim.x) {
         const int row = i / CHUNKS, c = (i % CHUNKS) * 8;
-        uint4 value = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + row < positions && c < channels)
-            value = *reinterpret_cast<const uint4*>(src + sample + (long long)(row0 + row) * channels + c);
-        *reinterpret_cast<uint4*>(tile + row * (D + 8) + c) = value;
+        const bool inside = row0 + row < positions && c < channels;
+        const T* from = inside ? src + sample + (long long)(row0 + row) * channels + c : src;
+        cp_async_16(shared_address(tile + row * (D + 8) + c), from, inside ? 16 : 0);
     }
 }
 
@@ -58,7 +57,8 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     const int query0 = blockIdx.x * block_queries;
     const long long sample = (long long)n * positions * channels;
 
-    attention_load_tile<D>(q_tile, q, sample, query0, block_queries, positions, channels);
+    // Lands with the first key tile (its cp_async_wait).
+    attention_copy_rows<D>(q_tile, q, sample, query0, block_queries, positions, channels);
 
     float o[D / 8][4];
 #pragma unroll
@@ -75,8 +75,10 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
 
     for (int key0 = 0; key0 < positions; key0 += KEYS) {
         __syncthreads();  // the previous tile is consumed (the first time: nothing to wait for)
-        attention_load_tile<D>(k_tile, k, sample, key0, KEYS, positions, channels);
-        attention_load_tile<D>(v_tile, v, sample, key0, KEYS, positions, channels);
+        attention_copy_rows<D>(k_tile, k, sample, key0, KEYS, positions, channels);
+        attention_copy_rows<D>(v_tile, v, sample, key0, KEYS, positions, channels);
+        cp_async_commit();
+        cp_async_wait<0>();
         __syncthreads();
 
         // S (16 queries x 16 keys): two n8 tiles of keys.
@@ -242,19 +244,6 @@ __device__ __forceinline__ void attention_backward_row_terms(const void* dout, i
     }
 }
 
-// rows x D tile of an N x L x C tensor of T into shared (row stride D + 8) by cp.async, zeros past
-// L and past C (C a multiple of 8, the tensor 16-byte aligned: the launcher checks).
-template <int D, typename T>
-__device__ __forceinline__ void attention_copy_rows(unsigned short* tile, const T* __restrict__ src, long long sample,
-                                                    int row0, int rows, int positions, int channels) {
-    constexpr int CHUNKS = D / 8;
-    for (int i = threadIdx.x; i < rows * CHUNKS; i += blockDim.x) {
-        const int row = i / CHUNKS, c = (i % CHUNKS) * 8;
-        const bool inside = row0 + row < positions && c < channels;
-        const T* from = inside ? src + sample + (long long)(row0 + row) * channels + c : src;
-        cp_async_16(shared_address(tile + row * (D + 8) + c), from, inside ? 16 : 0);
-    }
-}
 
 // `rows` values of an N x L f32 tensor (sample n, from row0) into shared by cp.async, zeros past L.
 __device__ __forceinline__ void attention_copy_row_values(float* dst, const float* __restrict__ src, int n, int row0,
