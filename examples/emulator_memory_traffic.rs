@@ -6,6 +6,9 @@
 //! addresses the kernels compute, exactly; what they cost on a GPU (L1 and L2 hits, DRAM) is not
 //! modelled.
 //!
+//! Then, for the tensor-core kernels, what bounds them inside an SM: issue slots, shared-memory
+//! wavefronts (bank conflicts counted) and the tensor pipe, per mma (`ptx_emulator::SmWork`).
+//!
 //! Run: source scripts/nvrtc.sh && cargo run --release --example emulator_memory_traffic -- [config] [precision] [batch]
 //! (config cifar10-small or cifar10, default cifar10-small; precision f32, bf16 or f16, default
 //! bf16; batch default 1).
@@ -77,4 +80,37 @@ fn main() {
     }
     println!("{:<52} {:>5} {:>9.2}", "all kernels", "", all as f64 / 1e6);
     println!("(ld/st sect: sectors per warp-level request; eff: bytes asked for / bytes of the sectors moved)");
+
+    // The tensor-core kernels against the SM's three in-core ceilings, in SM cycles per mma.sync
+    // m16n8k16 (counts of the kernels' real instructions; the rates are the ceilings' sizes):
+    // the tensor pipe at the H200's measured mma.sync bf16 peak (641 TFLOP/s, bench/results) over
+    // 132 SMs at the 1.98 GHz boost clock: 0.6 m16n8k16 a cycle, 1.67 cycles each; shared memory
+    // one 128-byte wavefront a cycle; four schedulers issuing one warp-instruction a cycle each.
+    const TENSOR_CYCLES_PER_MMA: f64 = 132.0 * 1.98e9 * 4096.0 / 641.4e12;
+    let mut mma_rows: Vec<_> = rows.iter().filter(|(_, t)| t.sm.mma > 0).collect();
+    mma_rows.sort_by_key(|(_, t)| std::cmp::Reverse(t.sm.mma_macs));
+    println!();
+    println!(
+        "tensor-core kernels: SM cycles per m16n8k16 mma (tensor pipe {TENSOR_CYCLES_PER_MMA:.2}) by what bounds them"
+    );
+    println!("{:<52} {:>9} {:>8} {:>8} {:>8} {:>10}", "kernel", "mma", "shared", "issue", "bound", "tensor max");
+    for (name, t) in mma_rows {
+        let mma16 = t.sm.mma_macs as f64 / (16.0 * 8.0 * 16.0);
+        let shared = t.sm.shared_wavefronts as f64 / mma16;
+        let issue = t.sm.warp_instructions as f64 / 4.0 / mma16;
+        let (bound, cycles) = [("tensor", TENSOR_CYCLES_PER_MMA), ("shared", shared), ("issue", issue)]
+            .into_iter()
+            .fold(("tensor", 0.0), |best, c| if c.1 > best.1 { c } else { best });
+        println!(
+            "{:<52} {:>9} {:>8.2} {:>8.2} {:>8} {:>9.0}%",
+            name,
+            t.sm.mma,
+            shared,
+            issue,
+            bound,
+            100.0 * TENSOR_CYCLES_PER_MMA / cycles
+        );
+    }
+    println!("(shared: wavefronts, bank conflicts counted; issue: warp-instructions / 4; tensor max: the");
+    println!(" share of the tensor pipe's peak the busiest of the three allows, latency and DRAM aside)");
 }

@@ -10,7 +10,7 @@ use crate::ir::*;
 use crate::memory::Allocation;
 use crate::report::{Report, ReportKind};
 use crate::shadow::SharedShadow;
-use crate::traffic::GlobalTraffic;
+use crate::traffic::{GlobalTraffic, SmWork};
 
 /// What every block of a launch shares.
 pub struct LaunchCtx<'a> {
@@ -72,6 +72,15 @@ pub struct BlockEnv<'a> {
     pub async_pending: Vec<u16>,
     /// The block's global loads and stores, in sectors per warp-level access.
     pub traffic: GlobalTraffic,
+    /// The block's issue slots, tensor-core instructions and shared-memory wavefronts.
+    pub work: SmWork,
+}
+
+/// What one block did: thread-instructions, global traffic, and its SM work.
+pub struct BlockCounts {
+    pub thread_instructions: u64,
+    pub global: GlobalTraffic,
+    pub sm: SmWork,
 }
 
 impl BlockEnv<'_> {
@@ -126,8 +135,8 @@ fn lane_mask_of(regs: &[u64], slot: Slot, lane: usize) -> u32 {
     regs[slot as usize * 32 + lane] as u32
 }
 
-/// Runs one block to completion; returns the thread-instructions executed and its global traffic.
-pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) -> Result<(u64, GlobalTraffic), Report> {
+/// Runs one block to completion; returns what it did.
+pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) -> Result<BlockCounts, Report> {
     let [gx, gy, _] = l.grid;
     let b = block_linear as u32;
     let block = [b % gx, (b / gx) % gy, b / (gx * gy)];
@@ -146,6 +155,7 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         async_threads: Vec::new(),
         async_pending: Vec::new(),
         traffic: GlobalTraffic::default(),
+        work: SmWork::default(),
     };
     let mut warps: Vec<Warp> = (0..nwarps).map(|w| new_warp(l, &env, w, nthreads)).collect();
     let mut count = 0u64;
@@ -155,7 +165,7 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         }
         let live: u32 = warps.iter().map(|w| w.st.iter().filter(|&&s| s != EXITED).count() as u32).sum();
         if live == 0 {
-            return Ok((count, env.traffic));
+            return Ok(BlockCounts { thread_instructions: count, global: env.traffic, sm: env.work });
         }
         if !release_barriers(&mut env, &mut warps, live)? {
             return Err(deadlock(&env, &warps, f));
@@ -286,6 +296,7 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
         }
         count += exec.count_ones() as u64;
         steps += 1;
+        env.work.warp_instructions += 1;
         if steps > step_limit {
             return Err(env.report(
                 ReportKind::Fault,
@@ -409,7 +420,11 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                     }
                     Op::Vote(mode) => coll::vote(inst, mode, &mut w.regs, exec),
                     Op::Redux(op) => coll::redux(inst, op, &mut w.regs, exec),
-                    Op::Mma(ref m) => crate::exec::tensor::mma(m, &mut w.regs),
+                    Op::Mma(ref m) => {
+                        env.work.mma += 1;
+                        env.work.mma_macs += 16 * 8 * m.kind.k as u64;
+                        crate::exec::tensor::mma(m, &mut w.regs)
+                    }
                     Op::Ldmatrix { trans } => crate::exec::async_copy::ldmatrix(env, w.id, inst, &mut w.regs, trans)?,
                     _ => env.shadow.warp_sync(w.id as usize),
                 }

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 pub use ir::{Function, ParamInfo};
 pub use memory::GlobalMemory;
 pub use report::{LoadError, Report, ReportKind};
-pub use traffic::GlobalTraffic;
+pub use traffic::{GlobalTraffic, SmWork};
 
 /// Limits of the emulated device (those of an sm_80 part).
 pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
@@ -134,6 +134,8 @@ pub struct LaunchStats {
     pub blocks: u64,
     /// Global loads and stores per warp-level access, in 32-byte sectors (`traffic`).
     pub global: GlobalTraffic,
+    /// Issue slots, tensor-core instructions and shared-memory wavefronts (`traffic::SmWork`).
+    pub sm: SmWork,
 }
 
 /// Checks a launch the way the driver does; the message is the driver's reason.
@@ -214,7 +216,7 @@ pub fn launch(
     let nblocks = dims.grid.iter().map(|&x| x as u64).product::<u64>();
     let failed = AtomicBool::new(false);
     let count = AtomicU64::new(0);
-    let traffic = std::sync::Mutex::new(GlobalTraffic::default());
+    let traffic = std::sync::Mutex::new((GlobalTraffic::default(), SmWork::default()));
     let first_error = (0..nblocks)
         .into_par_iter()
         .map_init(shadow::SharedShadow::new, |sh, b| {
@@ -222,9 +224,11 @@ pub fn launch(
                 return None;
             }
             match block::run_block(&ctx, b, sh) {
-                Ok((n, block_traffic)) => {
-                    count.fetch_add(n, Ordering::Relaxed);
-                    traffic.lock().unwrap_or_else(|e| e.into_inner()).add(&block_traffic);
+                Ok(counts) => {
+                    count.fetch_add(counts.thread_instructions, Ordering::Relaxed);
+                    let mut sums = traffic.lock().unwrap_or_else(|e| e.into_inner());
+                    sums.0.add(&counts.global);
+                    sums.1.add(&counts.sm);
                     None
                 }
                 Err(r) => {
@@ -237,11 +241,10 @@ pub fn launch(
         .min_by_key(|(b, _)| *b);
     match first_error {
         Some((_, r)) => Err(LaunchError::Report(Box::new(r))),
-        None => Ok(LaunchStats {
-            thread_instructions: count.into_inner(),
-            blocks: nblocks,
-            global: traffic.into_inner().unwrap_or_else(|e| e.into_inner()),
-        }),
+        None => {
+            let (global, sm) = traffic.into_inner().unwrap_or_else(|e| e.into_inner());
+            Ok(LaunchStats { thread_instructions: count.into_inner(), blocks: nblocks, global, sm })
+        }
     }
 }
 

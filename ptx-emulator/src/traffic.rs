@@ -75,3 +75,83 @@ fn ratio(a: u64, b: u64) -> f64 {
         a as f64 / b as f64
     }
 }
+
+/// What a kernel asks of an SM's issue slots, tensor cores and shared memory, counted per
+/// warp-level instruction: the three in-SM ceilings a kernel can hit before DRAM. Shared memory
+/// moves one 128-byte wavefront a cycle through 32 banks of 4 bytes (Ampere and Hopper); an access
+/// takes as many wavefronts as its phases need, each phase as many as its most-used bank has
+/// distinct 4-byte words (a bank conflict; lanes reading the same word share it). Nsight Compute
+/// calls these `smsp__inst_executed`, `..._pipe_tensor_op_hmma` and
+/// `l1tex__data_pipe_lsu_wavefronts_mem_shared`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SmWork {
+    /// Warp-level instructions issued (a predicated-off instruction still takes its slot).
+    pub warp_instructions: u64,
+    /// Warp-level `mma.sync` instructions, and their multiply-adds (m x n x k each).
+    pub mma: u64,
+    pub mma_macs: u64,
+    /// Warp-level shared-memory accesses (ld/st.shared, ldmatrix, cp.async's shared writes) and
+    /// the wavefronts they take.
+    pub shared_requests: u64,
+    pub shared_wavefronts: u64,
+}
+
+pub const BANKS: u64 = 32;
+
+impl SmWork {
+    /// One warp-level shared access of `bytes` per lane at each active lane's (lane, shared offset).
+    /// Lanes are served in phases of 128 bytes: the whole warp for 4 bytes or less, half-warps for
+    /// 8, quarter-warps for 16 (and each 8-lane phase of an ldmatrix, whose rows are 16 bytes).
+    pub fn record_shared(&mut self, bytes: u64, lanes: &[(u32, u64)]) {
+        if lanes.is_empty() {
+            return;
+        }
+        self.shared_requests += 1;
+        let phase_lanes = if bytes <= 4 { 32 } else { (128 / bytes.min(16)) as u32 };
+        let words_per_lane = bytes.div_ceil(4).max(1);
+        let mut phase = u32::MAX;
+        // Distinct words per bank in the current phase (at most 32 lanes x 4 words).
+        let mut words = [0u64; 128];
+        let mut n = 0usize;
+        for &(lane, offset) in lanes {
+            if lane / phase_lanes != phase {
+                self.shared_wavefronts += phase_wavefronts(&mut words[..n]);
+                n = 0;
+                phase = lane / phase_lanes;
+            }
+            for k in 0..words_per_lane {
+                if n < words.len() {
+                    words[n] = offset / 4 + k;
+                    n += 1;
+                }
+            }
+        }
+        self.shared_wavefronts += phase_wavefronts(&mut words[..n]);
+    }
+
+    pub fn add(&mut self, other: &SmWork) {
+        self.warp_instructions += other.warp_instructions;
+        self.mma += other.mma;
+        self.mma_macs += other.mma_macs;
+        self.shared_requests += other.shared_requests;
+        self.shared_wavefronts += other.shared_wavefronts;
+    }
+}
+
+/// Wavefronts of one phase touching these 4-byte words (shared offsets / 4, repeats allowed): the
+/// most distinct words any bank holds.
+fn phase_wavefronts(words: &mut [u64]) -> u64 {
+    if words.is_empty() {
+        return 0;
+    }
+    words.sort_unstable();
+    let mut per_bank = [0u64; BANKS as usize];
+    let mut previous = u64::MAX;
+    for &w in words.iter() {
+        if w != previous {
+            per_bank[(w % BANKS) as usize] += 1;
+            previous = w;
+        }
+    }
+    per_bank.into_iter().max().unwrap_or(1)
+}

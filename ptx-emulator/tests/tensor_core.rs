@@ -225,7 +225,14 @@ fn gemm_through_cp_async_ldmatrix_and_mma() {
     let b: Vec<u16> = (0..k * 8).map(|_| f16::from_f32(g.f32()).to_bits()).collect();
     let (pa, pb) = (dev.upload(&a), dev.upload(&b));
     let pc = dev.mem.alloc(128 * 4);
-    dev.run(&m, "gemm", 1, 32, &[p(pa), p(pb), p(pc), i(k as i32)]);
+    let stats = dev.run(&m, "gemm", 1, 32, &[p(pa), p(pb), p(pc), i(k as i32)]);
+    // Per k-step: cp.async of A (512 contiguous bytes: 4 wavefronts) and B (256: 2); ldmatrix.x4
+    // of A, whose 8 rows a matrix are 32 bytes apart (rows r and r + 4 share banks: 2 wavefronts a
+    // matrix, 8), and ldmatrix.x2 of B (contiguous rows: 2); one mma.
+    let steps = (k / 16) as u64;
+    assert_eq!(stats.sm.mma, steps);
+    assert_eq!(stats.sm.mma_macs, steps * 16 * 8 * 16);
+    assert_eq!((stats.sm.shared_requests, stats.sm.shared_wavefronts), (4 * steps, 16 * steps));
     let c: Vec<f32> = dev.download(pc, 128);
     for r in 0..16 {
         for n in 0..8 {

@@ -1,5 +1,6 @@
-//! Global-memory traffic counted per warp-level access in 32-byte sectors (`GlobalTraffic`), on
-//! kernels whose sector counts are known by hand.
+//! Global-memory traffic counted per warp-level access in 32-byte sectors (`GlobalTraffic`), and
+//! shared-memory wavefronts with bank conflicts (`SmWork`), on kernels whose counts are known by
+//! hand.
 
 mod common;
 use common::*;
@@ -19,6 +20,21 @@ extern "C" __global__ void half_warp(float* out, const float* in) {
 extern "C" __global__ void vectors(float4* out, const float4* in) {
   const int i = threadIdx.x;
   out[i] = in[i];
+}
+extern "C" __global__ void banks(float* out, int stride) {
+  __shared__ float s[32 * 33];
+  const int i = threadIdx.x;
+  s[i * stride] = (float)i;
+  __syncthreads();
+  out[i] = s[i * stride] + s[0];
+}
+extern "C" __global__ void shared_vectors(float* out) {
+  __shared__ float4 v[32];
+  const int i = threadIdx.x;
+  v[i] = make_float4(i, i + 1, i + 2, i + 3);
+  __syncthreads();
+  const float4 a = v[31 - i];
+  out[i] = a.x + a.y + a.z + a.w;
 }
 "#;
 
@@ -52,4 +68,26 @@ fn sectors_per_request_follow_the_addresses() {
     // 16-byte vectors: 512 bytes a warp, 16 sectors.
     let t = dev.run(&m, "vectors", 1, 32, &[p(out), p(input)]).global;
     assert_eq!((t.load_requests, t.load_sectors, t.load_bytes), (1, 16, 512));
+}
+
+#[test]
+fn shared_wavefronts_count_bank_conflicts() {
+    let mut dev = Dev::new();
+    let Some(m) = dev.load(SRC) else { return };
+    let out = dev.zeros::<f32>(32);
+    // One warp: a store and a load at i * stride, and a broadcast load of s[0] (one wavefront).
+    // Stride 1 and 33 words: 32 distinct banks, one wavefront each; 2 words: two lanes a bank;
+    // 32 words: every lane in bank 0, 32 wavefronts.
+    for (stride, per_access) in [(1, 1), (2, 2), (32, 32), (33, 1)] {
+        let stats = dev.run(&m, "banks", 1, 32, &[p(out), i(stride)]);
+        let w = stats.sm;
+        assert_eq!((w.shared_requests, w.shared_wavefronts), (3, 2 * per_access + 1), "stride {stride}");
+        assert_eq!(w.mma, 0);
+        assert!(
+            w.warp_instructions * 32 >= stats.thread_instructions && w.warp_instructions <= stats.thread_instructions
+        );
+    }
+    // 16-byte accesses go a quarter-warp (128 bytes) a wavefront: 4 for the store, 4 for the load.
+    let w = dev.run(&m, "shared_vectors", 1, 32, &[p(out)]).sm;
+    assert_eq!((w.shared_requests, w.shared_wavefronts), (2, 8));
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ptx_emulator::{Dims, GlobalMemory, GlobalTraffic, LaunchError};
+use ptx_emulator::{Dims, GlobalMemory, GlobalTraffic, LaunchError, SmWork};
 
 use super::*;
 
@@ -47,6 +47,8 @@ pub struct KernelTotals {
     pub thread_instructions: u64,
     /// Global loads and stores in 32-byte sectors per warp-level access (coalescing).
     pub global: GlobalTraffic,
+    /// Issue slots, tensor-core instructions and shared-memory wavefronts.
+    pub sm: SmWork,
 }
 
 pub struct EmulatedDriver {
@@ -132,6 +134,7 @@ impl State {
                         totals.launches += 1;
                         totals.thread_instructions += stats.thread_instructions;
                         totals.global.add(&stats.global);
+                        totals.sm.add(&stats.sm);
                         Ok(())
                     }
                     Err(LaunchError::Invalid(s)) => Err(DriverError::InvalidValue(s)),

@@ -54,6 +54,10 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
     // The global reads of a cp.async warp access (zero-filling lanes read nothing).
     let mut global = [(0u64, 0u64); 32];
     let mut global_lanes = 0;
+    // The shared writes (lane, offset) and their size: the wavefronts they take when they land.
+    let mut shared = [(0u32, 0u64); 32];
+    let mut shared_lanes = 0;
+    let mut shared_size = 0;
     let mut m = mask;
     while m != 0 {
         let l = m.trailing_zeros();
@@ -117,6 +121,9 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
                     env.async_pending[b as usize] += 1;
                 }
                 env.async_threads[t].open.push(Copy { dst, data, len: size as u8, line: inst.line });
+                shared[shared_lanes] = (l, dst);
+                shared_lanes += 1;
+                shared_size = size;
             }
             Op::CpAsyncCommit => {
                 let open = std::mem::take(&mut env.async_threads[t].open);
@@ -143,6 +150,7 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
         }
     }
     env.traffic.record(false, &global[..global_lanes]);
+    env.work.record_shared(shared_size, &shared[..shared_lanes]);
     Ok(())
 }
 
@@ -150,13 +158,17 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &[u64], mask: u32)
 pub fn ldmatrix(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], trans: bool) -> Result<(), Report> {
     let n = inst.vec as usize;
     let mut rows = [[[0u16; 8]; 8]; 4];
+    let mut lanes = [(0u32, 0u64); 32];
     for l in 0..8 * n {
         let addr = regs[inst.addr as usize * 32 + l].wrapping_add(inst.off as u64);
         let p = env.resolve(Space::Shared, addr, 16, Kind::Read, warp, l as u32, inst.line)?;
+        lanes[l] = (l as u32, addr);
         for (c, v) in rows[l / 8][l % 8].iter_mut().enumerate() {
             *v = unsafe { (p.add(2 * c) as *const u16).read_unaligned() };
         }
     }
+    // Each matrix's 8 rows of 16 bytes are one phase.
+    env.work.record_shared(16, &lanes[..8 * n]);
     tensor::ldmatrix_distribute(inst, regs, &rows[..n], trans);
     Ok(())
 }

@@ -240,15 +240,24 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
             let kind = if load { Kind::Read } else { Kind::Write };
             let mut global = [(0u64, 0u64); 32];
             let mut global_lanes = 0;
+            let mut shared = [(0u32, 0u64); 32];
+            let mut shared_lanes = 0;
             let mut m = mask;
             while m != 0 {
                 let l = m.trailing_zeros() as usize;
                 m &= m - 1;
                 let addr = regs[base + l].wrapping_add(inst.off as u64);
                 let p = env.resolve(space, addr, total, kind, warp, l as u32, line)?;
-                if is_global(space, addr) {
-                    global[global_lanes] = (addr, total);
-                    global_lanes += 1;
+                match resolve_space(space, addr) {
+                    (Space::Shared, offset) => {
+                        shared[shared_lanes] = (l as u32, offset);
+                        shared_lanes += 1;
+                    }
+                    _ if is_global(space, addr) => {
+                        global[global_lanes] = (addr, total);
+                        global_lanes += 1;
+                    }
+                    _ => {}
                 }
                 for k in 0..inst.vec as usize {
                     let pk = unsafe { p.add(k * eb as usize) };
@@ -262,6 +271,7 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
                 }
             }
             env.traffic.record(!load, &global[..global_lanes]);
+            env.work.record_shared(total, &shared[..shared_lanes]);
         }
         Op::Atom { space, op } => {
             let eb = inst.ty.bytes();
