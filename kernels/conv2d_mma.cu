@@ -8,6 +8,8 @@
 //                                      4 warps of 64 x 32. Inputs in the operand type with Ca, Cb
 //                                      multiples of 8 and 16-byte aligned tensors (the launcher checks):
 //                                      16-byte cp.async, 8 channels at a time.
+//   conv2d_mma_wide_<in>_<w>_<out>    the same with 128 x 128 blocks, 4 warps of 64 x 64: THE FAST ONE
+//                                      for grids that still give every SM a block (the launcher picks).
 //   conv2d_mma_gather_<in>_<w>_<out>  the same with element-wise loads, rounded once to the operand
 //                                      type and stored to shared: f32 inputs (conv_in reads x_t in
 //                                      f32), channel counts like 3.
@@ -19,6 +21,8 @@
 //                                      through registers, rounded once) or the weights' type
 //                                      (cp.async), dx's type a run-time code (f32 or the weights');
 //                                      Co a multiple of 4 (f32 dout) or 8, Ci a multiple of 8.
+//   conv2d_backward_input_mma_wide_<dout>_<w>
+//                                      the same (cp.async loaders) with the wide 128 x 128 blocks.
 //   conv2d_backward_input_mma_gather_<dout>_<w>
 //                                      the same with element-wise loads (conv_in's Ci = 3, conv_out's
 //                                      Co = 3).
@@ -37,20 +41,43 @@
 // f32 dout to the weights' type once, as it is staged in shared memory; dx = or += in f32, one rounding.
 // Split-K keeps the products and the f32 accumulation and changes only the order of the sums.
 // Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16,
-// conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16 and their _partial forms.
+// conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16, their _partial and _wide
+// forms (the wide ones hold 64 x 64 f32 accumulators a warp: about 220-245 registers, two blocks
+// an SM).
 #include "common.cuh"
 #include "conv_common.cuh"  // ConvParams and the index helpers, shared with conv2d.cu
 
 // ---------------------------------------------------------------------------------------------
 // Version 2: tensor cores (ldmatrix, mma.sync and cp.async: common.cuh).
+// Two block tiles, the same 4 warps (2 x 2) and pipeline: NARROW, 128 positions x 64 channels
+// (warps of 64 x 32), and WIDE, 128 x 128 (warps of 64 x 64), which per mma.sync needs a third
+// fewer shared-memory wavefronts and about half the loader's instructions (the emulator's SmWork
+// counts: examples/emulator_memory_traffic.rs) but half as many blocks; the launcher takes it for
+// grids that still give every SM a block (src/backend/cuda/conv.rs, ConvTile). K is summed in the
+// same order by both, so they give the same bits.
 namespace mma {
-constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
+constexpr int BM = 128, BK = 32, STAGES = 3, THREADS = 128;
 // Shared rows of BK + 8 halves (80 bytes): the 8 rows one ldmatrix reads start in distinct bank
 // groups (80 / 4 = 20 words apart), and every row stays 16-byte aligned for cp.async.
 constexpr int ROW = BK + 8;
-constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
-constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
+constexpr int WARP_M = 64;  // 2 warps along M
+constexpr int M_TILES = WARP_M / 16;
 }  // namespace mma
+
+template <int BN_>
+struct MmaTile {
+    static constexpr int BN = BN_;
+    static constexpr int WARP_N = BN / 2;  // 2 warps along N
+    static constexpr int N_TILES = WARP_N / 8;
+    // The forward's dynamic shared memory: STAGES A tiles (BM x ROW halves), then STAGES B tiles
+    // (BN x ROW); src/backend/cuda/conv.rs computes the same size.
+    static constexpr int FORWARD_A_STAGE = mma::BM * mma::ROW, FORWARD_B_STAGE = BN * mma::ROW;
+    // The input gradient's B rows (k-major): BN + 8 halves, so the 8 rows of one ldmatrix.trans
+    // start in distinct bank groups ((BN + 8) / 2 words apart: 36 or 68) and stay 16-byte aligned.
+    static constexpr int B_ROW = BN + 8;
+};
+using NarrowTile = MmaTile<64>;
+using WideTile = MmaTile<128>;
 
 // ---- shared by the forward and the input gradient (same tiles, warps and pipeline) ----
 // This block's k-tiles, [first, first + count): all T of them, or (PARTIAL, split-K) slice z of
@@ -89,7 +116,7 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[M][N][4], const unsig
 // One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: inputs in the operand type with
 // 8-channel groups that never straddle a tap or the a/b boundary (Ca, Cb multiples of 8): 16-byte
 // cp.async. Otherwise element-wise loads, rounded to the operand type, stored to shared.
-template <bool VECTOR, typename InT, typename WT>
+template <bool VECTOR, typename Tile, typename InT, typename WT>
 __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsigned short* b_stage, int k0,
                                                    const ConvRow (&rows)[4], int tid, int m_local0,
                                                    int n_block, const ConvParams& p, const InT* __restrict__ a,
@@ -119,9 +146,9 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
             const int row = m_local0 + 32 * i;
             cp_async_16(shared_address(a_stage + row * ROW + chunk * 8), src, inside ? 16 : 0);
         }
-        // B: 64 rows (output channels) x 4 chunks; thread: chunk tid % 4, rows tid / 4 + 32 i.
+        // B: BN rows (output channels) x 4 chunks; thread: chunk tid % 4, rows tid / 4 + 32 i.
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
+        for (int i = 0; i < Tile::BN / 32; ++i) {
             const int row = tid / 4 + 32 * i;
             const int co = n_block + row;
             const bool inside = k_valid && co < p.out_channels;
@@ -140,7 +167,7 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
             const ConvRow r = conv_row(blockIdx.x * BM + row, p);
             a_stage[row * ROW + kc] = from_float<WT>(conv_gather(r, ky, kx, ci, k_valid, p, a, b)).bits;
         }
-        for (int row = tid / BK; row < BN; row += THREADS / BK) {
+        for (int row = tid / BK; row < Tile::BN; row += THREADS / BK) {
             const int co = n_block + row;
             const bool inside = k_valid && co < p.out_channels;
             b_stage[row * ROW + kc] = inside ? w[co * k_total + k].bits : (unsigned short)0;
@@ -152,19 +179,22 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
 // its raw f32 sums to partials[z][m][co]; conv2d_split_reduce adds the slices and applies the
 // epilogue. Otherwise the whole K and the epilogue here (bias, channel_bias, residual, out;
 // partials unused).
-template <bool VECTOR, bool PARTIAL, typename InT, typename WT, typename OutT>
+template <bool VECTOR, bool PARTIAL, typename Tile, typename InT, typename WT, typename OutT>
 __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT* __restrict__ b,
                                            const WT* __restrict__ w, const float* __restrict__ bias,
                                            const float* __restrict__ channel_bias,
                                            const OutT* __restrict__ residual, OutT* __restrict__ out,
                                            float* __restrict__ partials, const ConvParams p) {
     using namespace mma;
-    __shared__ __align__(128) unsigned short a_tiles[STAGES][BM * ROW];
-    __shared__ __align__(128) unsigned short b_tiles[STAGES][BN * ROW];
+    constexpr int WARP_N = Tile::WARP_N, N_TILES = Tile::N_TILES;
+    constexpr int A_STAGE = Tile::FORWARD_A_STAGE, B_STAGE = Tile::FORWARD_B_STAGE;
+    extern __shared__ __align__(128) unsigned char conv_shared[];
+    unsigned short* a_tiles = reinterpret_cast<unsigned short*>(conv_shared);
+    unsigned short* b_tiles = a_tiles + STAGES * A_STAGE;
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int warp_m = warp % 2, warp_n = warp / 2;
-    const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
+    const int m_block = blockIdx.x * BM, n_block = blockIdx.y * Tile::BN;
     const int k_total = p.kh * p.kw * (p.ca + p.cb);
     const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
     const int first_tile = tiles.first, k_tiles = tiles.count;
@@ -181,8 +211,8 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles)
-            conv_mma_load_tile<VECTOR>(a_tiles[s], b_tiles[s], (first_tile + s) * BK, rows, tid, m_local0, n_block, p,
-                                       a, b, w);
+            conv_mma_load_tile<VECTOR, Tile>(a_tiles + s * A_STAGE, b_tiles + s * B_STAGE, (first_tile + s) * BK, rows,
+                                             tid, m_local0, n_block, p, a, b, w);
         cp_async_commit();
     }
 
@@ -196,12 +226,12 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
         __syncthreads();  // tile kt landed for every thread; stage (kt - 1) % STAGES is free
         const int next = kt + STAGES - 1;
         if (next < k_tiles)
-            conv_mma_load_tile<VECTOR>(a_tiles[next % STAGES], b_tiles[next % STAGES], (first_tile + next) * BK, rows,
-                                       tid, m_local0, n_block, p, a, b, w);
+            conv_mma_load_tile<VECTOR, Tile>(a_tiles + (next % STAGES) * A_STAGE, b_tiles + (next % STAGES) * B_STAGE,
+                                             (first_tile + next) * BK, rows, tid, m_local0, n_block, p, a, b, w);
         cp_async_commit();
 
-        const unsigned short* a_stage = a_tiles[kt % STAGES];
-        const unsigned short* b_stage = b_tiles[kt % STAGES];
+        const unsigned short* a_stage = a_tiles + (kt % STAGES) * A_STAGE;
+        const unsigned short* b_stage = b_tiles + (kt % STAGES) * B_STAGE;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a_frag[M_TILES][4];
@@ -281,10 +311,10 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 // Tensor-core entries: `conv2d_mma_*` loads with 16-byte cp.async (inputs in the operand type, Ca
 // and Cb multiples of 8: the launcher checks); `conv2d_mma_gather_*` element by element (any input
 // type, any channel count).
-#define CONV_MMA_ENTRY(prefix, VECTOR, in_name, InT, w_name, WT, out_name, OutT)                            \
+#define CONV_MMA_ENTRY(prefix, VECTOR, Tile, in_name, InT, w_name, WT, out_name, OutT)                      \
     extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
         prefix##_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                       \
-        conv2d_mma<VECTOR, false, InT, WT, OutT>(a, b, w, bias, channel_bias, residual, out, nullptr, p);   \
+        conv2d_mma<VECTOR, false, Tile, InT, WT, OutT>(a, b, w, bias, channel_bias, residual, out, nullptr, p); \
     }
 // Split-K entries: `<prefix>_partial_<in>_<w>`, grid z = the slices; the partial sums are f32 whatever
 // the output's type (conv2d_split_reduce rounds once).
@@ -293,21 +323,27 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
         prefix##_partial_##in_name##_##w_name(const InT* __restrict__ a, const InT* __restrict__ b,         \
                                               const WT* __restrict__ w, float* __restrict__ partials,       \
                                               const ConvParams p) {                                         \
-        conv2d_mma<VECTOR, true, InT, WT, float>(a, b, w, nullptr, nullptr, nullptr, nullptr, partials, p); \
+        conv2d_mma<VECTOR, true, NarrowTile, InT, WT, float>(a, b, w, nullptr, nullptr, nullptr, nullptr, partials, \
+                                                             p);                                            \
     }
 
-CONV_MMA_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16, bf16, bf16)
-CONV_MMA_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16, f32, float)
-CONV_MMA_ENTRY(conv2d_mma, true, f16, f16, f16, f16, f16, f16)
-CONV_MMA_ENTRY(conv2d_mma, true, f16, f16, f16, f16, f32, float)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16, bf16, bf16)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16, f32, float)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16, bf16, bf16)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16, f32, float)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f16, f16)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16, f32, float)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f16, f16)
-CONV_MMA_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, bf16, bf16, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, bf16, bf16, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, f16, f16, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, f16, f16, f16, f16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, bf16, bf16, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, bf16, bf16, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f16, f16, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f16, f16, f16, f16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, f16, f16, f32, float)
+// The wide tile for the cp.async loaders only (the big grids; gather and split-K launches are small).
+CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, bf16, bf16, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, bf16, bf16, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, f16, f16, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, f16, f16, f16, f16, f32, float)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma, true, f16, f16, f16, f16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16)
@@ -354,22 +390,9 @@ extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partial
 // and stored to shared after it, so their latency hides behind the tensor cores. (Staging f32 in
 // shared and converting at each fragment, as this kernel first did, cost 4 loads and 4 conversions
 // per fragment and 75 KB of shared memory; the H200 ran it at 45 TFLOP/s against the forward's 106.)
-// B by cp.async. Tiles, warps and the 3-stage pipeline are the forward's; shared memory is dynamic
-// (44 KB), the launcher sizes it.
-namespace bwd {
-constexpr int BM = 128, BN = 64, BK = 32, STAGES = 3, THREADS = 128;
-// A rows of BK + 8 halves (80 bytes): the 8 rows one ldmatrix reads start in distinct bank groups
-// (as the forward).
-constexpr int A_ROW = BK + 8;
-// B rows of BN + 8 halves (144 bytes = 36 words): the 8 rows of one ldmatrix start in distinct bank
-// groups, every row 16-byte aligned.
-constexpr int B_ROW = BN + 8;
-constexpr int WARP_M = 64, WARP_N = 32;  // 2 x 2 warps
-constexpr int M_TILES = WARP_M / 16, N_TILES = WARP_N / 8;
-// Dynamic shared memory: STAGES A tiles (BM x A_ROW halves), then STAGES B tiles (BK x B_ROW
+// B by cp.async. Tiles (narrow and wide), warps and the 3-stage pipeline are the forward's; shared
+// memory is dynamic: STAGES A tiles (BM x ROW halves), then STAGES B tiles (BK x Tile::B_ROW
 // halves); src/backend/cuda/conv.rs computes the same size.
-constexpr int A_STAGE = BM * A_ROW, B_STAGE = BK * B_ROW;
-}  // namespace bwd
 
 // The dout position (oy * out_w + ox) that dx position (y, x), in padded coordinates (iy + pad_top,
 // ix + pad_left), meets through tap (ky, kx); -1 when that tap skips it (not an exact multiple of
@@ -423,32 +446,36 @@ __device__ __forceinline__ int transposed_source(const DxRow& r, int k, const Co
 template <typename DoutT>
 struct AChunks {
     static constexpr int CHUNK = 16 / (int)sizeof(DoutT);
-    static constexpr int CHUNKS_PER_ROW = bwd::BK / CHUNK;
-    static constexpr int ROW_STEP = bwd::THREADS / CHUNKS_PER_ROW;
-    static constexpr int ROWS = bwd::BM / ROW_STEP;
+    static constexpr int CHUNKS_PER_ROW = mma::BK / CHUNK;
+    static constexpr int ROW_STEP = mma::THREADS / CHUNKS_PER_ROW;
+    static constexpr int ROWS = mma::BM / ROW_STEP;
 };
 
 // B, one k-tile (BK rows of K x Ci) into a pipeline stage. VECTOR: Ci a multiple of 8, 16-byte
 // aligned weights: cp.async, 8 input channels at a time. Otherwise element-wise.
-template <bool VECTOR, typename WT>
+template <bool VECTOR, typename Tile, typename WT>
 __device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, int k0, int tid, int n_block,
                                                      const ConvParams& p, const WT* __restrict__ w) {
-    using namespace bwd;
+    using namespace mma;
+    constexpr int BN = Tile::BN, B_ROW = Tile::B_ROW;
     const int taps = p.kh * p.kw;
     const int k_total = taps * p.out_channels;
     const int ci_total = p.ca;
     if constexpr (VECTOR) {
-        // 32 k rows x 8 chunks of 8 input channels; this thread: chunk tid % 8, rows tid / 8 + 16 i.
-        const int ci = n_block + (tid % 8) * 8;
+        // 32 k rows x BN / 8 chunks of 8 input channels; this thread: chunk tid % CHUNKS, rows
+        // tid / CHUNKS + ROW_STEP i.
+        constexpr int CHUNKS = BN / 8, ROW_STEP = THREADS / CHUNKS;
+        const int chunk = tid % CHUNKS;
+        const int ci = n_block + chunk * 8;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int row = tid / 8 + 16 * i;
+        for (int i = 0; i < BK / ROW_STEP; ++i) {
+            const int row = tid / CHUNKS + ROW_STEP * i;
             const int kb = k0 + row;
             const bool inside = kb < k_total && ci < ci_total;
             const int tap_b = inside ? kb / p.out_channels : 0;
             const int co_b = inside ? kb - tap_b * p.out_channels : 0;
             const WT* src = inside ? w + (co_b * taps + tap_b) * ci_total + ci : w;
-            cp_async_16(shared_address(b_stage + row * B_ROW + (tid % 8) * 8), src, inside ? 16 : 0);
+            cp_async_16(shared_address(b_stage + row * B_ROW + chunk * 8), src, inside ? 16 : 0);
         }
     } else {
         // Input channel tid % 64, k rows tid / 64 + 2 i.
@@ -471,7 +498,7 @@ template <bool VECTOR, typename DoutT, typename WT>
 __device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, int k0, const DxRow* rows, int tid,
                                                      int m_block, const ConvParams& p,
                                                      const DoutT* __restrict__ dout) {
-    using namespace bwd;
+    using namespace mma;
     if constexpr (VECTOR) {
         using L = AChunks<DoutT>;
         const int chunk = tid % L::CHUNKS_PER_ROW;
@@ -479,7 +506,7 @@ __device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, in
         for (int i = 0; i < L::ROWS; ++i) {
             const int source = transposed_source(rows[i], k0 + chunk * L::CHUNK, p);
             const int row = tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i;
-            cp_async_16(shared_address(a_stage + row * A_ROW + chunk * L::CHUNK), source >= 0 ? dout + source : dout,
+            cp_async_16(shared_address(a_stage + row * ROW + chunk * L::CHUNK), source >= 0 ? dout + source : dout,
                         source >= 0 ? 16 : 0);
         }
     } else {
@@ -488,7 +515,7 @@ __device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, in
         for (int row = tid / BK; row < BM; row += THREADS / BK) {
             const int source = transposed_source(dx_row(m_block + row, p), k0 + kc, p);
             const float v = source >= 0 ? to_float(dout[source]) : 0.0f;
-            a_stage[row * A_ROW + kc] = from_float<WT>(v).bits;
+            a_stage[row * ROW + kc] = from_float<WT>(v).bits;
         }
     }
 }
@@ -516,18 +543,20 @@ __device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage,
     for (int i = 0; i < L::ROWS; ++i) {
         const int row = tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i;
         const uint2 packed = make_uint2(pack_x2<WT>(regs[i].x, regs[i].y), pack_x2<WT>(regs[i].z, regs[i].w));
-        *reinterpret_cast<uint2*>(a_stage + row * bwd::A_ROW + chunk * L::CHUNK) = packed;
+        *reinterpret_cast<uint2*>(a_stage + row * mma::ROW + chunk * L::CHUNK) = packed;
     }
 }
 
 // PARTIAL (split-K): as the forward's, block z sums its slice of the k-tiles and stores raw f32
 // sums to partials[z][m][ci]; conv2d_backward_input_split_reduce adds the slices and stores dx.
-template <bool VECTOR, bool PARTIAL, typename DoutT, typename WT>
+template <bool VECTOR, bool PARTIAL, typename Tile, typename DoutT, typename WT>
 __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restrict__ dout, const WT* __restrict__ w,
                                                           void* __restrict__ dx, int dx_dtype,
                                                           float* __restrict__ partials, const ConvParams p,
                                                           int accumulate) {
-    using namespace bwd;
+    using namespace mma;
+    constexpr int BN = Tile::BN, WARP_N = Tile::WARP_N, N_TILES = Tile::N_TILES, B_ROW = Tile::B_ROW;
+    constexpr int A_STAGE = BM * ROW, B_STAGE = BK * B_ROW;
     // f32 dout with the vector loader goes through registers (the head comment says why).
     constexpr bool THROUGH_REGISTERS = VECTOR && sizeof(DoutT) == 4;
     extern __shared__ __align__(128) unsigned char backward_shared[];
@@ -553,7 +582,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     auto issue = [&](int kt) {
         const int stage = kt % STAGES;
         const int k0 = (first_tile + kt) * BK;
-        conv_backward_load_b<VECTOR, WT>(b_tiles + stage * B_STAGE, k0, tid, n_block, p, w);
+        conv_backward_load_b<VECTOR, Tile, WT>(b_tiles + stage * B_STAGE, k0, tid, n_block, p, w);
         if constexpr (THROUGH_REGISTERS)
             conv_backward_fetch_a(staged, k0, rows, tid, p, reinterpret_cast<const float*>(dout));
         else
@@ -589,7 +618,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a_frag[M_TILES][4];
             unsigned b_frag[N_TILES][2];
-            load_a_fragments<A_ROW>(a_frag, a_stage, a_row, kk + a_col);
+            load_a_fragments<ROW>(a_frag, a_stage, a_row, kk + a_col);
 #pragma unroll
             for (int j = 0; j < N_TILES; j += 2) {
                 unsigned r[4];
@@ -650,29 +679,34 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 
 // Entries: conv2d_backward_input_mma_<dout>_<w> (cp.async loaders) and
 // conv2d_backward_input_mma_gather_<dout>_<w> (element-wise); dx's type is the `dx_dtype` code.
-#define CONV_BACKWARD_MMA_ENTRY(prefix, VECTOR, dout_name, DoutT, w_name, WT)                               \
-    extern "C" __global__ void __launch_bounds__(bwd::THREADS)                                              \
+#define CONV_BACKWARD_MMA_ENTRY(prefix, VECTOR, Tile, dout_name, DoutT, w_name, WT)                         \
+    extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
         prefix##_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,           \
                                         void* __restrict__ dx, int dx_dtype, const ConvParams p,            \
                                         int accumulate) {                                                   \
-        conv2d_backward_input_mma<VECTOR, false, DoutT, WT>(dout, w, dx, dx_dtype, nullptr, p, accumulate);  \
+        conv2d_backward_input_mma<VECTOR, false, Tile, DoutT, WT>(dout, w, dx, dx_dtype, nullptr, p,         \
+                                                                  accumulate);                              \
     }
 // Split-K entries: `<prefix>_partial_<dout>_<w>`, grid z = the slices.
 #define CONV_BACKWARD_MMA_PARTIAL_ENTRY(prefix, VECTOR, dout_name, DoutT, w_name, WT)                       \
-    extern "C" __global__ void __launch_bounds__(bwd::THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
         prefix##_partial_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,   \
                                                 float* __restrict__ partials, const ConvParams p) {         \
-        conv2d_backward_input_mma<VECTOR, true, DoutT, WT>(dout, w, nullptr, 0, partials, p, 0);            \
+        conv2d_backward_input_mma<VECTOR, true, NarrowTile, DoutT, WT>(dout, w, nullptr, 0, partials, p, 0); \
     }
 
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f32, float, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, f16, f16, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, bf16, bf16, bf16, bf16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f32, float, f16, f16)

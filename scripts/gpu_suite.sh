@@ -193,6 +193,9 @@ benchmarks() {
   # Split-K's worth at small batch: the same UNet rows with it off (PURIFIER_CONV_SPLIT_K=off).
   PURIFIER_CONV_SPLIT_K=off BATCHES=1,16 T_STAR=1 PROFILE_BATCH=1 bench "$LARGE-bf16-no-split-k" 60 \
     --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
+  # The wide conv tile's worth at large batch: the same rows with it off (PURIFIER_CONV_WIDE=off).
+  PURIFIER_CONV_WIDE=off BATCHES=64,256 T_STAR=1 PROFILE_BATCH=64 bench "$LARGE-bf16-no-wide" 60 \
+    --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
   BATCHES=1,256 T_STAR=1 bench "$LARGE-bf16-compile" 180 --config "$LARGE" --precision bf16 --modes none \
     --skip-attack-gradient --skip-start-up \
     "${baseline[@]}" ${baseline:+--baseline-variants compile}

@@ -702,8 +702,24 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     assert_eq!((split.reduce_kernel, split.workspace_bytes), ("conv2d_split_reduce", 9 * 16 * 256 * 4));
     assert_eq!(conv::conv2d_version(&tc, true, None), Conv2dVersion::TensorCore, "no workspace, no split");
     assert_eq!(conv::conv2d_version(&tc, false, Some(&workspace)), Conv2dVersion::Simt);
+    // A full grid takes the wide tile where N fills its 128 columns as well as the narrow tile's 64.
     let big = Conv2dLaunch { batch: 64, height: 32, width: 32, ..tc };
-    assert_eq!(conv::conv2d_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCore, "a full grid");
+    assert_eq!(conv::conv2d_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide, "a full grid");
+    let plan = conv::plan_conv2d(&big, Conv2dVersion::TensorCoreWide).unwrap();
+    assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_mma_wide_bf16_bf16_bf16", [512, 2, 1]));
+    assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 + 128) * 40 * 2);
+    assert_eq!(conv::plan_conv2d(&big, Conv2dVersion::TensorCore).unwrap().config.dynamic_shared_bytes, 3 * 192 * 80);
+    for co in [64, 192] {
+        let narrow = Conv2dLaunch { out_channels: co, ..big };
+        assert_eq!(conv::conv2d_version(&narrow, true, Some(&workspace)), Conv2dVersion::TensorCore, "Co {co}");
+    }
+    // 80 wide blocks would leave SMs of 132 idle: the narrow tile's 160.
+    let level = Conv2dLaunch { batch: 20, height: 16, width: 16, ..tc };
+    assert_eq!(conv::conv2d_version(&level, true, Some(&workspace)), Conv2dVersion::TensorCore);
+    let gathered = Conv2dLaunch { input_dtype: Precision::F32, ..big };
+    assert_eq!(conv::conv2d_version(&gathered, true, Some(&workspace)), Conv2dVersion::TensorCore);
+    let err = conv::plan_conv2d(&gathered, Conv2dVersion::TensorCoreWide).unwrap_err().to_string();
+    assert!(err.contains("only the cp.async loader"), "{err}");
     // Forced: 8 slices of a 6-k-step K (Ci 20, element-wise loader) run as 6.
     let odd = Conv2dLaunch { channels_a: 20, ..tc };
     let plan = conv::plan_conv2d(&odd, Conv2dVersion::TensorCoreSplitK { slices: 8 }).unwrap();
@@ -733,6 +749,11 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let plan = conv::plan_conv2d_backward_input(&backward, version).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_partial_f32_bf16", [1, 4, 16]));
     assert_eq!(plan.split.unwrap().reduce_kernel, "conv2d_backward_input_split_reduce");
+    let big = Conv2dBackwardInputLaunch { batch: 64, height: 16, width: 16, ..backward };
+    assert_eq!(conv::conv2d_backward_input_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide);
+    let plan = conv::plan_conv2d_backward_input(&big, Conv2dVersion::TensorCoreWide).unwrap();
+    assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_wide_f32_bf16", [128, 2, 1]));
+    assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 * 40 + 32 * 136) * 2);
 }
 
 #[test]
@@ -1059,6 +1080,60 @@ fn emulator_conv_backward_input_tensor_cores() {
     for dtypes in [[f32, Precision::Bf16, Precision::Bf16], [Precision::F16, Precision::F16, f32]] {
         run_conv_checks(&driver, &kernels, ADD_INPUT_GRADIENT, Conv2dVersion::TensorCore, dtypes);
     }
+}
+
+/// The wide tile (128 x 128 a block, warps of 64 x 64) over every case its cp.async loaders take,
+/// forward and input gradient (written and accumulated), the plans' storage types: within the
+/// tolerance of the CPU and the same bits as the narrow tile (K is summed in the same order by
+/// both). Cases with gathered loads must be refused by name.
+#[test]
+fn emulator_conv_wide_tile() {
+    let (driver, kernels) = emulated_conv_kernels(true);
+    let seed = fresh_seed();
+    let f32 = Precision::F32;
+    let mut runs = Vec::new();
+    for w in [Precision::Bf16, Precision::F16] {
+        runs.extend([(ConvOp::Forward, [w, w, w]), (ConvOp::Forward, [w, w, f32])]);
+        runs.push((ConvOp::BackwardInput(GradientStore::Write), [f32, w, f32]));
+    }
+    runs.push((ADD_INPUT_GRADIENT, [f32, Precision::Bf16, f32]));
+    runs.push((ADD_INPUT_GRADIENT, [Precision::Bf16, Precision::Bf16, Precision::Bf16]));
+    let mut failures = Vec::new();
+    let mut wide_runs = 0;
+    for (op, dtypes) in runs {
+        let tol = tolerance(&dtypes);
+        for case in conv_cases() {
+            let narrow = op.check(&driver, &kernels, &case, Conv2dVersion::TensorCore, dtypes, seed, None);
+            if narrow.kernel.contains("gather") {
+                let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    op.check(&driver, &kernels, &case, Conv2dVersion::TensorCoreWide, dtypes, seed, None)
+                }));
+                assert!(refused.is_err(), "{} {}: the wide tile took gathered loads", op.label(), case.name);
+                continue;
+            }
+            let wide = op.check(&driver, &kernels, &case, Conv2dVersion::TensorCoreWide, dtypes, seed, None);
+            wide_runs += 1;
+            let same_bits = wide.output.iter().zip(&narrow.output).all(|(a, b)| a.to_bits() == b.to_bits());
+            println!(
+                "{} {:<44} {dtypes:?} {:<48} rel L2 {:.2e}, same bits as {}: {same_bits} (seed {seed})",
+                op.label(),
+                wide.kernel,
+                case.name,
+                wide.error,
+                narrow.kernel
+            );
+            if !(wide.kernel.contains("_wide_") && wide.error <= tol && same_bits) {
+                failures.push(format!(
+                    "{} {} {dtypes:?}: error {:e}, same bits {same_bits}",
+                    op.label(),
+                    case.name,
+                    wide.error
+                ));
+            }
+        }
+    }
+    assert!(wide_runs >= 40, "only {wide_runs} cases took the wide tile");
+    assert!(failures.is_empty(), "wide tile (seed {seed}): {failures:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -186,8 +186,13 @@ pub enum Conv2dVersion {
     /// too, for comparison).
     Simt,
     /// Version 2: tensor cores (bf16/f16 weights), cp.async when the inputs allow it; the whole K
-    /// loop in each block.
+    /// loop in each block, 128 positions x 64 channels a block.
     TensorCore,
+    /// Version 2 with the wide tile, 128 x 128 a block (warps of 64 x 64): per mma a third fewer
+    /// shared-memory wavefronts and fewer loader instructions, half the blocks. The cp.async loaders
+    /// only; the same bits as `TensorCore` (K summed in the same order). For grids that still give
+    /// every SM a block.
+    TensorCoreWide,
     /// Version 3: version 2 with its K loop cut into `slices` parts of whole k-steps (one per
     /// k-step when K has fewer: `SplitK::slices` says how many run), each block's f32
     /// partial sums to the split-K workspace, then a reduction kernel adds them in a fixed order
@@ -205,6 +210,24 @@ pub const SPLIT_K_MIN_SLICE_TILES: usize = 4;
 const MMA_BLOCK_M: usize = 128;
 const MMA_BLOCK_N: usize = 64;
 const MMA_BLOCK_K: usize = 32;
+/// The wide tile's channels (`Conv2dVersion::TensorCoreWide`).
+const MMA_WIDE_BLOCK_N: usize = 128;
+/// Pipeline stages and shared rows (BK + 8 halves) of the tensor-core kernels (kernels/conv2d_mma.cu).
+const MMA_STAGES: usize = 3;
+const MMA_ROW_HALVES: usize = MMA_BLOCK_K + 8;
+
+/// Dynamic shared memory of a tensor-core forward block with `block_n` channels: the stages' A
+/// (128 rows) and B (`block_n` rows) tiles, rows of 40 halves (46,080 or 61,440 bytes).
+fn forward_shared_bytes(block_n: usize) -> usize {
+    MMA_STAGES * (MMA_BLOCK_M + block_n) * MMA_ROW_HALVES * 2
+}
+
+/// Dynamic shared memory of a tensor-core input-gradient block with `block_n` input channels: the
+/// stages' A tiles (128 rows of 40 halves, dout rounded to the weights' type) and B tiles (32 k
+/// rows of `block_n` + 8 halves) (44,544 or 56,832 bytes).
+fn backward_shared_bytes(block_n: usize) -> usize {
+    MMA_STAGES * (MMA_BLOCK_M * MMA_ROW_HALVES + MMA_BLOCK_K * (block_n + 8)) * 2
+}
 /// Threads per block of the split-K reduction kernels.
 const REDUCE_THREADS: u32 = 256;
 
@@ -287,10 +310,27 @@ fn split_plan(m: usize, n: usize, k_total: usize, slices: usize, reduce_kernel: 
     })
 }
 
-/// The version a launch with 16-bit weights runs when nothing forces one: tensor cores, split
-/// when the grid under-fills the GPU and the slices' sums fit the workspace.
-fn tensor_core_version(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
+/// The version a launch with 16-bit weights runs when nothing forces one (the multiprocessor count
+/// comes with the workspace): the wide tile where the loads are vector ones, its grid gives every SM
+/// a block and N fills its 128 columns as well as the narrow tile's 64 (Co 128, 256, 384, not 64 or
+/// 192); otherwise the narrow tile, split when its grid under-fills the GPU and the slices' sums fit
+/// the workspace.
+fn tensor_core_version(
+    m: usize,
+    n: usize,
+    k_total: usize,
+    vector: bool,
+    workspace: Option<&SplitKWorkspace>,
+) -> Conv2dVersion {
     let Some(ws) = workspace else { return Conv2dVersion::TensorCore };
+    let wide_fills_n = n.div_ceil(MMA_WIDE_BLOCK_N) * 2 == n.div_ceil(MMA_BLOCK_N);
+    if vector
+        && wide_fills_n
+        && wide_tiles_allowed()
+        && m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_WIDE_BLOCK_N) >= ws.multiprocessors
+    {
+        return Conv2dVersion::TensorCoreWide;
+    }
     let blocks = m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_BLOCK_N);
     let slices = split_k_slices(blocks, k_total.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
     if slices > 1 && slices * m * n * 4 <= ws.bytes {
@@ -298,6 +338,13 @@ fn tensor_core_version(m: usize, n: usize, k_total: usize, workspace: Option<&Sp
     } else {
         Conv2dVersion::TensorCore
     }
+}
+
+/// Whether the launcher may pick the wide tile: yes, unless `PURIFIER_CONV_WIDE=off` (the
+/// benchmark's A/B switch: the GPU suite runs the UNet rows both ways). Read once.
+fn wide_tiles_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| std::env::var_os("PURIFIER_CONV_WIDE").is_none_or(|v| v != "off"))
 }
 
 /// The workspace a split plan needs, or an error naming the sizes.
@@ -333,12 +380,14 @@ pub fn mma_kernel_names() -> Vec<String> {
     for w in ["bf16", "f16"] {
         for out in [w, "f32"] {
             names.push(format!("conv2d_mma_{w}_{w}_{out}"));
+            names.push(format!("conv2d_mma_wide_{w}_{w}_{out}"));
             for input in [w, "f32"] {
                 names.push(format!("conv2d_mma_gather_{input}_{w}_{out}"));
             }
         }
         for dout in ["f32", w] {
             names.push(format!("conv2d_backward_input_mma_{dout}_{w}"));
+            names.push(format!("conv2d_backward_input_mma_wide_{dout}_{w}"));
             names.push(format!("conv2d_backward_input_mma_gather_{dout}_{w}"));
             names.push(format!("conv2d_backward_input_mma_partial_{dout}_{w}"));
             names.push(format!("conv2d_backward_input_mma_gather_partial_{dout}_{w}"));
@@ -370,6 +419,10 @@ pub const MMA_HOT_KERNELS: &[&str] = &[
     "conv2d_mma_partial_f16_f16",
     "conv2d_backward_input_mma_partial_f32_bf16",
     "conv2d_backward_input_mma_partial_f32_f16",
+    "conv2d_mma_wide_bf16_bf16_bf16",
+    "conv2d_mma_wide_f16_f16_f16",
+    "conv2d_backward_input_mma_wide_f32_bf16",
+    "conv2d_backward_input_mma_wide_f32_f16",
 ];
 
 /// The functions of the loaded convolution modules (conv2d.cu always, conv2d_mma.cu when given).
@@ -395,30 +448,28 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
     let (oh, ow) = args.output_size();
     let positions = args.batch * oh * ow;
     let (i, w, o) = (dtype_name(args.input_dtype), dtype_name(args.weight_dtype), dtype_name(args.out_dtype));
-    let (name, block_m, block_n, threads) = match (version, args.weight_dtype) {
+    let (name, block_m, block_n, threads, shared) = match (version, args.weight_dtype) {
         (Conv2dVersion::Simt, _) => {
             if args.input_dtype != args.weight_dtype || args.out_dtype != args.weight_dtype {
                 return Err(Error::invalid(format!(
                     "conv2d: the SIMT kernel needs one storage type throughout (got input {i}, weights {w}, output {o})"
                 )));
             }
-            (format!("conv2d_simt_{w}_{w}_{w}"), 64, 64, 256)
+            (format!("conv2d_simt_{w}_{w}_{w}"), 64, 64, 256, 0)
         }
         (_, Precision::F32) => {
             return Err(Error::invalid("conv2d: the tensor-core kernel needs bf16 or f16 weights, got f32"))
         }
         (_, _) => {
-            let aligned16 = [Some(args.a), args.b, Some(args.weight)].iter().flatten().all(|p| p % 16 == 0);
-            let vector = args.input_dtype == args.weight_dtype
-                && args.channels_a.is_multiple_of(8)
-                && args.channels_b.is_multiple_of(8)
-                && aligned16;
+            let vector = forward_loads_vectors(args);
             let prefix = if vector { "conv2d_mma" } else { "conv2d_mma_gather" };
-            let name = match version {
-                Conv2dVersion::TensorCoreSplitK { .. } => format!("{prefix}_partial_{i}_{w}"),
-                _ => format!("{prefix}_{i}_{w}_{o}"),
+            let (name, block_n) = match version {
+                Conv2dVersion::TensorCoreSplitK { .. } => (format!("{prefix}_partial_{i}_{w}"), MMA_BLOCK_N),
+                Conv2dVersion::TensorCoreWide if !vector => return Err(wide_needs_vectors("conv2d")),
+                Conv2dVersion::TensorCoreWide => (format!("conv2d_mma_wide_{i}_{w}_{o}"), MMA_WIDE_BLOCK_N),
+                _ => (format!("{prefix}_{i}_{w}_{o}"), MMA_BLOCK_N),
             };
-            (name, MMA_BLOCK_M, MMA_BLOCK_N, 128)
+            (name, MMA_BLOCK_M, block_n, 128, forward_shared_bytes(block_n))
         }
     };
     let grid_x = positions.div_ceil(block_m);
@@ -434,9 +485,39 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
         _ => None,
     };
     let grid_z = split.as_ref().map_or(1, |s| s.slices as u32);
-    let config =
-        LaunchConfig { grid: [grid_x as u32, grid_y as u32, grid_z], block: [threads, 1, 1], dynamic_shared_bytes: 0 };
+    let config = LaunchConfig {
+        grid: [grid_x as u32, grid_y as u32, grid_z],
+        block: [threads, 1, 1],
+        dynamic_shared_bytes: shared as u32,
+    };
     Ok(LaunchPlan { kernel: name, config, split })
+}
+
+/// Whether the tensor-core forward loads with 16-byte cp.async: inputs in the weights' type, both
+/// sources' channels multiples of 8, every tensor 16-byte aligned.
+fn forward_loads_vectors(args: &Conv2dLaunch) -> bool {
+    let aligned16 = [Some(args.a), args.b, Some(args.weight)].iter().flatten().all(|p| p % 16 == 0);
+    args.input_dtype == args.weight_dtype
+        && args.channels_a.is_multiple_of(8)
+        && args.channels_b.is_multiple_of(8)
+        && aligned16
+}
+
+/// Whether the tensor-core input gradient loads with 16-byte cp.async: 16-byte chunks of 4 f32 or
+/// 8 16-bit dout channels (never across a tap), 8 weight channels, aligned tensors.
+fn backward_loads_vectors(args: &Conv2dBackwardInputLaunch) -> bool {
+    let dout_chunk = 16 / args.dout_dtype.bytes();
+    args.out_channels.is_multiple_of(dout_chunk)
+        && args.in_channels.is_multiple_of(8)
+        && args.dout.is_multiple_of(16)
+        && args.weight.is_multiple_of(16)
+}
+
+fn wide_needs_vectors(op: &str) -> Error {
+    Error::invalid(format!(
+        "{op}: the wide tensor-core tile has only the cp.async loader (16-bit inputs in the weights' type, \
+         channels multiples of 8, 16-byte aligned tensors)"
+    ))
 }
 
 /// The version `launch_conv2d` runs: tensor cores for bf16/f16 weights (split-K when the grid
@@ -452,7 +533,7 @@ pub fn conv2d_version(
     }
     let (oh, ow) = args.output_size();
     let k_total = args.kernel_h * args.kernel_w * args.in_channels();
-    tensor_core_version(args.batch * oh * ow, args.out_channels, k_total, workspace)
+    tensor_core_version(args.batch * oh * ow, args.out_channels, k_total, forward_loads_vectors(args), workspace)
 }
 
 /// Runs the convolution with the fastest loaded kernel for its storage types (`conv2d_version`).
@@ -614,20 +695,15 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
             ))
         }
         (_, _) => {
-            // 16-byte chunks: 4 f32 or 8 16-bit dout channels (never across a tap), 8 weight channels.
-            let dout_chunk = 16 / args.dout_dtype.bytes();
-            let vector = args.out_channels.is_multiple_of(dout_chunk)
-                && args.in_channels.is_multiple_of(8)
-                && args.dout.is_multiple_of(16)
-                && args.weight.is_multiple_of(16);
+            let vector = backward_loads_vectors(args);
             let prefix = if vector { "conv2d_backward_input_mma" } else { "conv2d_backward_input_mma_gather" };
-            let name = match version {
-                Conv2dVersion::TensorCoreSplitK { .. } => format!("{prefix}_partial_{d}_{w}"),
-                _ => format!("{prefix}_{d}_{w}"),
+            let (name, block_n) = match version {
+                Conv2dVersion::TensorCoreSplitK { .. } => (format!("{prefix}_partial_{d}_{w}"), MMA_BLOCK_N),
+                Conv2dVersion::TensorCoreWide if !vector => return Err(wide_needs_vectors("conv2d backward input")),
+                Conv2dVersion::TensorCoreWide => (format!("conv2d_backward_input_mma_wide_{d}_{w}"), MMA_WIDE_BLOCK_N),
+                _ => (format!("{prefix}_{d}_{w}"), MMA_BLOCK_N),
             };
-            // 3 stages of A (128 x 40 halves: dout rounded to the weights' type) and B (32 x 72 halves).
-            let shared = 3 * (MMA_BLOCK_M * 40 * 2 + MMA_BLOCK_K * 72 * 2);
-            (name, MMA_BLOCK_M, MMA_BLOCK_N, 128, shared)
+            (name, MMA_BLOCK_M, block_n, 128, backward_shared_bytes(block_n))
         }
     };
     let positions = args.batch * args.height * args.width;
@@ -663,7 +739,7 @@ pub fn conv2d_backward_input_version(
     }
     let positions = args.batch * args.height * args.width;
     let k_total = args.kernel_h * args.kernel_w * args.out_channels;
-    tensor_core_version(positions, args.in_channels, k_total, workspace)
+    tensor_core_version(positions, args.in_channels, k_total, backward_loads_vectors(args), workspace)
 }
 
 /// dx = (or +=) conv2d's vector-Jacobian product with respect to its input, with the fastest loaded
