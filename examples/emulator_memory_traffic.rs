@@ -93,24 +93,32 @@ fn main() {
     println!(
         "tensor-core kernels: SM cycles per m16n8k16 mma (tensor pipe {TENSOR_CYCLES_PER_MMA:.2}) by what bounds them"
     );
-    println!("{:<52} {:>9} {:>8} {:>8} {:>8} {:>10}", "kernel", "mma", "shared", "issue", "bound", "tensor max");
+    println!(
+        "{:<52} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
+        "kernel", "mma", "shared", "issue", "div", "bound", "tensor max"
+    );
     for (name, t) in mma_rows {
         let mma16 = t.sm.mma_macs as f64 / (16.0 * 8.0 * 16.0);
         let shared = t.sm.shared_wavefronts as f64 / mma16;
-        let issue = t.sm.warp_instructions as f64 / 4.0 / mma16;
+        // An integer division is one PTX instruction and about 20 on the GPU (ptxas expands it).
+        let sass_instructions = t.sm.warp_instructions + 19 * t.sm.integer_divisions;
+        let issue = sass_instructions as f64 / 4.0 / mma16;
+        let divisions = t.sm.integer_divisions as f64 / mma16;
         let (bound, cycles) = [("tensor", TENSOR_CYCLES_PER_MMA), ("shared", shared), ("issue", issue)]
             .into_iter()
             .fold(("tensor", 0.0), |best, c| if c.1 > best.1 { c } else { best });
         println!(
-            "{:<52} {:>9} {:>8.2} {:>8.2} {:>8} {:>9.0}%",
+            "{:<52} {:>9} {:>8.2} {:>8.2} {:>8.3} {:>8} {:>9.0}%",
             name,
             t.sm.mma,
             shared,
             issue,
+            divisions,
             bound,
             100.0 * TENSOR_CYCLES_PER_MMA / cycles
         );
     }
-    println!("(shared: wavefronts, bank conflicts counted; issue: warp-instructions / 4; tensor max: the");
-    println!(" share of the tensor pipe's peak the busiest of the three allows, latency and DRAM aside)");
+    println!("(shared: wavefronts, bank conflicts counted; issue: warp-instructions / 4, an integer division");
+    println!(" counted as the ~20 instructions ptxas makes of it; div: integer divisions per mma; tensor max:");
+    println!(" the share of the tensor pipe's peak the busiest of the three allows, latency and DRAM aside)");
 }

@@ -85,8 +85,11 @@ fn ratio(a: u64, b: u64) -> f64 {
 /// `l1tex__data_pipe_lsu_wavefronts_mem_shared`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SmWork {
-    /// Warp-level instructions issued (a predicated-off instruction still takes its slot).
+    /// Warp-level instructions issued (a predicated-off instruction still takes its slot): PTX
+    /// instructions, which ptxas mostly maps one to one; integer divisions and remainders are the
+    /// exception (about 20 SASS instructions each by a run-time value), so they are also counted.
     pub warp_instructions: u64,
+    pub integer_divisions: u64,
     /// Warp-level `mma.sync` instructions, and their multiply-adds (m x n x k each).
     pub mma: u64,
     pub mma_macs: u64,
@@ -131,6 +134,7 @@ impl SmWork {
 
     pub fn add(&mut self, other: &SmWork) {
         self.warp_instructions += other.warp_instructions;
+        self.integer_divisions += other.integer_divisions;
         self.mma += other.mma;
         self.mma_macs += other.mma_macs;
         self.shared_requests += other.shared_requests;

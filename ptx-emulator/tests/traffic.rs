@@ -28,6 +28,10 @@ extern "C" __global__ void banks(float* out, int stride) {
   __syncthreads();
   out[i] = s[i * stride] + s[0];
 }
+extern "C" __global__ void divide(int* out, int d) {
+  const int i = threadIdx.x;
+  out[i] = (i / d) + (i % (d + 1));
+}
 extern "C" __global__ void shared_vectors(float* out) {
   __shared__ float4 v[32];
   const int i = threadIdx.x;
@@ -87,6 +91,9 @@ fn shared_wavefronts_count_bank_conflicts() {
             w.warp_instructions * 32 >= stats.thread_instructions && w.warp_instructions <= stats.thread_instructions
         );
     }
+    // A division and a remainder by run-time values: two of the warp's instructions.
+    let stats = dev.run(&m, "divide", 1, 32, &[p(out), i(3)]);
+    assert_eq!(stats.sm.integer_divisions, 2);
     // 16-byte accesses go a quarter-warp (128 bytes) a wavefront: 4 for the store, 4 for the load.
     let w = dev.run(&m, "shared_vectors", 1, 32, &[p(out)]).sm;
     assert_eq!((w.shared_requests, w.shared_wavefronts), (2, 8));
