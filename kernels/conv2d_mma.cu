@@ -3,7 +3,7 @@
 //
 // Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
 //   conv2d_mma_<in>_<w>_<out>         mma.sync.aligned.m16n8k16 (f16 or bf16 operands, f32 accumulation),
-//                                      ldmatrix from padded (conflict-free) shared tiles, a 3-stage
+//                                      ldmatrix from swizzled (conflict-free) shared tiles, a 3-stage
 //                                      cp.async pipeline; 128 positions x 64 channels x 32 k per block,
 //                                      4 warps of 64 x 32. Inputs in the operand type with Ca, Cb
 //                                      multiples of 8 and 16-byte aligned tensors (the launcher checks):
@@ -53,25 +53,36 @@
 // (warps of 64 x 32), and WIDE, 128 x 128 (warps of 64 x 64), which per mma.sync needs a third
 // fewer shared-memory wavefronts and about half the loader's instructions (the emulator's SmWork
 // counts: examples/emulator_memory_traffic.rs) but half as many blocks; the launcher takes it for
-// grids that still give every SM a block (src/backend/cuda/conv.rs, ConvTile). K is summed in the
-// same order by both, so they give the same bits.
+// grids that still give every SM a block (src/backend/cuda/conv.rs, tensor_core_version). K is
+// summed in the same order by both, so they give the same bits.
 namespace mma {
 constexpr int BM = 128, BK = 32, STAGES = 3, THREADS = 128;
-// Shared rows of BK + 8 halves (80 bytes): the 8 rows one ldmatrix reads start in distinct bank
-// groups (80 / 4 = 20 words apart), and every row stays 16-byte aligned for cp.async.
-constexpr int ROW = BK + 8;
 constexpr int WARP_M = 64;  // 2 warps along M
 constexpr int M_TILES = WARP_M / 16;
 }  // namespace mma
+
+// The k-major tiles (the forward's A and B, the input gradient's A): rows of BK halves (64 bytes,
+// four 16-byte chunks), chunk c of row r stored at chunk c ^ ((r / 2) % 4). Then the 8 rows one
+// ldmatrix matrix reads (8 consecutive rows, one logical chunk) fall in 8 distinct 16-byte bank
+// groups, and so do a quarter-warp's cp.async writes (two rows' four chunks): one shared-memory
+// wavefront each. (Rows padded to 40 halves, as before, kept ldmatrix conflict-free but made every
+// cp.async write phase take two: 3 wavefronts per mma in the narrow forward, 2.25 now; the
+// emulator's SmWork counts them.) The offset in halves of (row, col):
+__device__ __forceinline__ int swizzled(int row, int col) {
+    return row * mma::BK + ((((col >> 3) ^ (row >> 1)) & 3) << 3) + (col & 7);
+}
+// Rows 8 apart share their swizzle: swizzled(row + 8 q, col) = swizzled(row, col) + 8 q BK. So each
+// lane computes its offsets once, for its first row, and steps by whole rows (immediates) from
+// there; computing swizzled() at every access cost ptxas 40 more registers in the input gradient.
 
 template <int BN_>
 struct MmaTile {
     static constexpr int BN = BN_;
     static constexpr int WARP_N = BN / 2;  // 2 warps along N
     static constexpr int N_TILES = WARP_N / 8;
-    // The forward's dynamic shared memory: STAGES A tiles (BM x ROW halves), then STAGES B tiles
-    // (BN x ROW); src/backend/cuda/conv.rs computes the same size.
-    static constexpr int FORWARD_A_STAGE = mma::BM * mma::ROW, FORWARD_B_STAGE = BN * mma::ROW;
+    // The forward's dynamic shared memory: STAGES A tiles (BM x BK halves), then STAGES B tiles
+    // (BN x BK); src/backend/cuda/conv.rs computes the same size.
+    static constexpr int FORWARD_A_STAGE = mma::BM * mma::BK, FORWARD_B_STAGE = BN * mma::BK;
     // The input gradient's B rows (k-major): BN + 8 halves, so the 8 rows of one ldmatrix.trans
     // start in distinct bank groups ((BN + 8) / 2 words apart: 36 or 68) and stay 16-byte aligned.
     static constexpr int B_ROW = BN + 8;
@@ -94,13 +105,23 @@ __device__ __forceinline__ KTiles block_k_tiles(int k_total, int bk) {
     return KTiles{first, (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first};
 }
 
-// The warp's A fragments of one k16 step: M m16k16 tiles by ldmatrix.x4 from a stage of rows
-// ROW_HALVES wide, this lane's row `a_row` (+ 16 per tile) and column `col`.
-template <int ROW_HALVES, int M>
-__device__ __forceinline__ void load_a_fragments(unsigned (&a_frag)[M][4], const unsigned short* a_stage, int a_row,
-                                                 int col) {
+// The warp's A fragments of one k16 step: M m16k16 tiles by ldmatrix.x4 from a swizzled stage, from
+// this lane's address in the first tile (`lane_at`: stage + swizzled(its row, its column)), the
+// others 16 rows apart.
+template <int M>
+__device__ __forceinline__ void load_a_fragments(unsigned (&a_frag)[M][4], const unsigned short* lane_at) {
 #pragma unroll
-    for (int i = 0; i < M; ++i) ldmatrix_x4(a_frag[i], shared_address(a_stage + (a_row + 16 * i) * ROW_HALVES + col));
+    for (int i = 0; i < M; ++i) ldmatrix_x4(a_frag[i], shared_address(lane_at + 16 * i * mma::BK));
+}
+
+// This lane's ldmatrix offsets for the two k16 steps of a k-tile, in a swizzled stage: row `row`,
+// columns `col` and `col` + 16.
+struct LaneOffsets {
+    int step[2];
+};
+
+__device__ __forceinline__ LaneOffsets lane_offsets(int row, int col) {
+    return LaneOffsets{{swizzled(row, col), swizzled(row, col + 16)}};
 }
 
 // The warp's M x N tiles of m16n8k16 products on one k16 step, accumulated in f32.
@@ -113,12 +134,42 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[M][N][4], const unsig
         for (int j = 0; j < N; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
 }
 
+// Where one k of the implicit GEMM is (k = tap * channels + c, tap = ky * kw + kx), kept by a loader
+// thread as its K loop moves BK at a time: two divisions when the block starts instead of two (one
+// per B row in the input gradient) at every k-tile. A division by a run-time value is about 20
+// instructions on the GPU, and the loaders' instructions are what bounds these kernels' issue
+// (examples/emulator_memory_traffic.rs); the vector loaders use it.
+struct KCursor {
+    int k, c, tap, ky, kx;
+};
+
+__device__ __forceinline__ KCursor k_cursor(int k, int channels, int kw) {
+    const int tap = k / channels;
+    const int ky = tap / kw;
+    return KCursor{k, k - tap * channels, tap, ky, tap - ky * kw};
+}
+
+// Moves the cursor `step` further along K (past K's end it keeps counting; k says so).
+__device__ __forceinline__ void advance_k(KCursor& at, int step, int channels, int kw) {
+    at.k += step;
+    at.c += step;
+    while (at.c >= channels) {
+        at.c -= channels;
+        ++at.tap;
+        if (++at.kx == kw) {
+            at.kx = 0;
+            ++at.ky;
+        }
+    }
+}
+
 // One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: inputs in the operand type with
 // 8-channel groups that never straddle a tap or the a/b boundary (Ca, Cb multiples of 8): 16-byte
-// cp.async. Otherwise element-wise loads, rounded to the operand type, stored to shared.
+// cp.async, at this thread's cursor `at` (k0 + its chunk's 8 (tid % 4)), which it advances by BK.
+// Otherwise element-wise loads, rounded to the operand type, stored to shared.
 template <bool VECTOR, typename Tile, typename InT, typename WT>
 __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsigned short* b_stage, int k0,
-                                                   const ConvRow (&rows)[4], int tid, int m_local0,
+                                                   KCursor& at, const ConvRow (&rows)[4], int tid, int m_local0,
                                                    int n_block, const ConvParams& p, const InT* __restrict__ a,
                                                    const InT* __restrict__ b, const WT* __restrict__ w) {
     using namespace mma;
@@ -128,11 +179,9 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
     if constexpr (VECTOR) {
         // A: 128 rows x 4 chunks of 8; thread: chunk tid % 4, rows tid / 4 + 32 i.
         const int chunk = tid % 4;
-        const int k = k0 + chunk * 8;
+        const int k = at.k;
         const bool k_valid = k < k_total;
-        const int tap = k_valid ? k / ci_total : 0;
-        const int ci = k_valid ? k - tap * ci_total : 0;
-        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
+        const int ci = at.c, ky = at.ky, kx = at.kx;
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const ConvRow& r = rows[i];
@@ -143,18 +192,17 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
                 const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
                 src = ci < p.ca ? (const void*)(a + pixel * p.ca + ci) : (const void*)(b + pixel * p.cb + (ci - p.ca));
             }
-            const int row = m_local0 + 32 * i;
-            cp_async_16(shared_address(a_stage + row * ROW + chunk * 8), src, inside ? 16 : 0);
+            cp_async_16(shared_address(a_stage + swizzled(m_local0, chunk * 8) + 32 * i * BK), src, inside ? 16 : 0);
         }
         // B: BN rows (output channels) x 4 chunks; thread: chunk tid % 4, rows tid / 4 + 32 i.
 #pragma unroll
         for (int i = 0; i < Tile::BN / 32; ++i) {
-            const int row = tid / 4 + 32 * i;
-            const int co = n_block + row;
+            const int co = n_block + tid / 4 + 32 * i;
             const bool inside = k_valid && co < p.out_channels;
             const void* src = inside ? (const void*)(w + co * k_total + k) : (const void*)w;
-            cp_async_16(shared_address(b_stage + row * ROW + chunk * 8), src, inside ? 16 : 0);
+            cp_async_16(shared_address(b_stage + swizzled(tid / 4, chunk * 8) + 32 * i * BK), src, inside ? 16 : 0);
         }
+        advance_k(at, BK, ci_total, p.kw);
     } else {
         // Element-wise: thread handles k column tid % 32 for rows tid / 32 + 4 i.
         const int kc = tid % BK;
@@ -165,12 +213,12 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
         const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
         for (int row = tid / BK; row < BM; row += THREADS / BK) {
             const ConvRow r = conv_row(blockIdx.x * BM + row, p);
-            a_stage[row * ROW + kc] = from_float<WT>(conv_gather(r, ky, kx, ci, k_valid, p, a, b)).bits;
+            a_stage[swizzled(row, kc)] = from_float<WT>(conv_gather(r, ky, kx, ci, k_valid, p, a, b)).bits;
         }
         for (int row = tid / BK; row < Tile::BN; row += THREADS / BK) {
             const int co = n_block + row;
             const bool inside = k_valid && co < p.out_channels;
-            b_stage[row * ROW + kc] = inside ? w[co * k_total + k].bits : (unsigned short)0;
+            b_stage[swizzled(row, kc)] = inside ? w[co * k_total + k].bits : (unsigned short)0;
         }
     }
 }
@@ -199,11 +247,12 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
     const int first_tile = tiles.first, k_tiles = tiles.count;
 
-    // The vector loader's rows, fixed for the whole K loop.
+    // The vector loader's rows, fixed for the whole K loop, and its k cursor.
     const int m_local0 = tid / 4;
     ConvRow rows[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) rows[i] = conv_row(m_block + m_local0 + 32 * i, p);
+    KCursor at = k_cursor(first_tile * BK + (tid % 4) * 8, p.ca + p.cb, p.kw);
 
     float acc[M_TILES][N_TILES][4] = {};
 
@@ -211,15 +260,15 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles)
-            conv_mma_load_tile<VECTOR, Tile>(a_tiles + s * A_STAGE, b_tiles + s * B_STAGE, (first_tile + s) * BK, rows,
-                                             tid, m_local0, n_block, p, a, b, w);
+            conv_mma_load_tile<VECTOR, Tile>(a_tiles + s * A_STAGE, b_tiles + s * B_STAGE, (first_tile + s) * BK, at,
+                                             rows, tid, m_local0, n_block, p, a, b, w);
         cp_async_commit();
     }
 
     // ldmatrix lane addresses within a stage: A m16k16 tile = 4 8x8 matrices (rows 0-7 / 8-15,
     // k 0-7 / 8-15) in the order of mma's a0..a3; B two n8 tiles x (k 0-7, k 8-15) = b0, b1 each.
-    const int a_row = warp_m * WARP_M + (lane % 16), a_col = (lane / 16) * 8;
-    const int b_row = warp_n * WARP_N + (lane / 16) * 8 + (lane % 8), b_col = ((lane / 8) % 2) * 8;
+    const LaneOffsets a_lane = lane_offsets(warp_m * WARP_M + (lane % 16), (lane / 16) * 8);
+    const LaneOffsets b_lane = lane_offsets(warp_n * WARP_N + (lane / 16) * 8 + (lane % 8), ((lane / 8) % 2) * 8);
 
     for (int kt = 0; kt < k_tiles; ++kt) {
         cp_async_wait<STAGES - 2>();
@@ -227,7 +276,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
         const int next = kt + STAGES - 1;
         if (next < k_tiles)
             conv_mma_load_tile<VECTOR, Tile>(a_tiles + (next % STAGES) * A_STAGE, b_tiles + (next % STAGES) * B_STAGE,
-                                             (first_tile + next) * BK, rows, tid, m_local0, n_block, p, a, b, w);
+                                             (first_tile + next) * BK, at, rows, tid, m_local0, n_block, p, a, b, w);
         cp_async_commit();
 
         const unsigned short* a_stage = a_tiles + (kt % STAGES) * A_STAGE;
@@ -236,11 +285,11 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a_frag[M_TILES][4];
             unsigned b_frag[N_TILES][2];
-            load_a_fragments<ROW>(a_frag, a_stage, a_row, kk + a_col);
+            load_a_fragments(a_frag, a_stage + a_lane.step[kk / 16]);
 #pragma unroll
             for (int j = 0; j < N_TILES; j += 2) {
                 unsigned r[4];
-                ldmatrix_x4(r, shared_address(b_stage + (b_row + 8 * j) * ROW + kk + b_col));
+                ldmatrix_x4(r, shared_address(b_stage + b_lane.step[kk / 16] + 8 * j * BK));
                 b_frag[j][0] = r[0];
                 b_frag[j][1] = r[1];
                 b_frag[j + 1][0] = r[2];
@@ -391,7 +440,7 @@ extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partial
 // shared and converting at each fragment, as this kernel first did, cost 4 loads and 4 conversions
 // per fragment and 75 KB of shared memory; the H200 ran it at 45 TFLOP/s against the forward's 106.)
 // B by cp.async. Tiles (narrow and wide), warps and the 3-stage pipeline are the forward's; shared
-// memory is dynamic: STAGES A tiles (BM x ROW halves), then STAGES B tiles (BK x Tile::B_ROW
+// memory is dynamic: STAGES A tiles (BM x BK halves, swizzled), then STAGES B tiles (BK x Tile::B_ROW
 // halves); src/backend/cuda/conv.rs computes the same size.
 
 // The dout position (oy * out_w + ox) that dx position (y, x), in padded coordinates (iy + pad_top,
@@ -429,16 +478,13 @@ __device__ __forceinline__ DxRow dx_row(int m, const ConvParams& p) {
     return DxRow{n * p.out_h * p.out_w, ((iy + p.pad_top) << 16) | (ix + p.pad_left)};
 }
 
-// Where row r of A reads k-chunk k (a tap and an output channel): the element offset in dout, or -1
-// where the tap skips the row or k is past K.
-__device__ __forceinline__ int transposed_source(const DxRow& r, int k, const ConvParams& p) {
+// Where row r of A reads the k at cursor `at` (a tap and an output channel): the element offset in
+// dout, or -1 where the tap skips the row or k is past K.
+__device__ __forceinline__ int transposed_source(const DxRow& r, const KCursor& at, const ConvParams& p) {
     const int k_total = p.kh * p.kw * p.out_channels;
-    if (k >= k_total || r.sample_base < 0) return -1;
-    const int tap = k / p.out_channels;
-    const int co = k - tap * p.out_channels;
-    const int ky = tap / p.kw, kx = tap - ky * p.kw;
-    const int source = transposed_tap_source(r.yx >> 16, r.yx & 0xffff, ky, kx, p);
-    return source < 0 ? -1 : (r.sample_base + source) * p.out_channels + co;
+    if (at.k >= k_total || r.sample_base < 0) return -1;
+    const int source = transposed_tap_source(r.yx >> 16, r.yx & 0xffff, at.ky, at.kx, p);
+    return source < 0 ? -1 : (r.sample_base + source) * p.out_channels + at.c;
 }
 
 // The vector loaders' A layout: 16-byte chunks of dout (4 f32 or 8 halves), CHUNKS_PER_ROW across a
@@ -453,9 +499,17 @@ struct AChunks {
 
 // B, one k-tile (BK rows of K x Ci) into a pipeline stage. VECTOR: Ci a multiple of 8, 16-byte
 // aligned weights: cp.async, 8 input channels at a time. Otherwise element-wise.
+// The vector loader's rows keep cursors (`at`, one per row this thread loads: k0 + its row),
+// advanced by BK.
+template <typename Tile>
+struct BRows {
+    static constexpr int CHUNKS = Tile::BN / 8, ROW_STEP = mma::THREADS / CHUNKS, ROWS = mma::BK / ROW_STEP;
+};
+
 template <bool VECTOR, typename Tile, typename WT>
-__device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, int k0, int tid, int n_block,
-                                                     const ConvParams& p, const WT* __restrict__ w) {
+__device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, int k0, KCursor (&at)[BRows<Tile>::ROWS],
+                                                     int tid, int n_block, const ConvParams& p,
+                                                     const WT* __restrict__ w) {
     using namespace mma;
     constexpr int BN = Tile::BN, B_ROW = Tile::B_ROW;
     const int taps = p.kh * p.kw;
@@ -464,18 +518,16 @@ __device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, in
     if constexpr (VECTOR) {
         // 32 k rows x BN / 8 chunks of 8 input channels; this thread: chunk tid % CHUNKS, rows
         // tid / CHUNKS + ROW_STEP i.
-        constexpr int CHUNKS = BN / 8, ROW_STEP = THREADS / CHUNKS;
-        const int chunk = tid % CHUNKS;
+        using R = BRows<Tile>;
+        const int chunk = tid % R::CHUNKS;
         const int ci = n_block + chunk * 8;
 #pragma unroll
-        for (int i = 0; i < BK / ROW_STEP; ++i) {
-            const int row = tid / CHUNKS + ROW_STEP * i;
-            const int kb = k0 + row;
-            const bool inside = kb < k_total && ci < ci_total;
-            const int tap_b = inside ? kb / p.out_channels : 0;
-            const int co_b = inside ? kb - tap_b * p.out_channels : 0;
-            const WT* src = inside ? w + (co_b * taps + tap_b) * ci_total + ci : w;
+        for (int i = 0; i < R::ROWS; ++i) {
+            const int row = tid / R::CHUNKS + R::ROW_STEP * i;
+            const bool inside = at[i].k < k_total && ci < ci_total;
+            const WT* src = inside ? w + (at[i].c * taps + at[i].tap) * ci_total + ci : w;
             cp_async_16(shared_address(b_stage + row * B_ROW + chunk * 8), src, inside ? 16 : 0);
+            advance_k(at[i], BK, p.out_channels, p.kw);
         }
     } else {
         // Input channel tid % 64, k rows tid / 64 + 2 i.
@@ -495,40 +547,40 @@ __device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, in
 // aligned), or element by element, rounded to WT (the gather entries: conv_in's Ci = 3, conv_out's
 // Co = 3, any dout type).
 template <bool VECTOR, typename DoutT, typename WT>
-__device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, int k0, const DxRow* rows, int tid,
-                                                     int m_block, const ConvParams& p,
+__device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, int k0, const KCursor& at,
+                                                     const DxRow* rows, int tid, int m_block, const ConvParams& p,
                                                      const DoutT* __restrict__ dout) {
     using namespace mma;
     if constexpr (VECTOR) {
+        // At this thread's cursor (k0 + its chunk's CHUNK k).
         using L = AChunks<DoutT>;
         const int chunk = tid % L::CHUNKS_PER_ROW;
 #pragma unroll
         for (int i = 0; i < L::ROWS; ++i) {
-            const int source = transposed_source(rows[i], k0 + chunk * L::CHUNK, p);
-            const int row = tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i;
-            cp_async_16(shared_address(a_stage + row * ROW + chunk * L::CHUNK), source >= 0 ? dout + source : dout,
-                        source >= 0 ? 16 : 0);
+            const int source = transposed_source(rows[i], at, p);
+            const int dst = swizzled(tid / L::CHUNKS_PER_ROW, chunk * L::CHUNK) + L::ROW_STEP * i * BK;
+            cp_async_16(shared_address(a_stage + dst), source >= 0 ? dout + source : dout, source >= 0 ? 16 : 0);
         }
     } else {
         // k column tid % 32, rows tid / 32 + 4 i.
         const int kc = tid % BK;
+        const KCursor cursor = k_cursor(k0 + kc, p.out_channels, p.kw);
         for (int row = tid / BK; row < BM; row += THREADS / BK) {
-            const int source = transposed_source(dx_row(m_block + row, p), k0 + kc, p);
+            const int source = transposed_source(dx_row(m_block + row, p), cursor, p);
             const float v = source >= 0 ? to_float(dout[source]) : 0.0f;
-            a_stage[row * ROW + kc] = from_float<WT>(v).bits;
+            a_stage[swizzled(row, kc)] = from_float<WT>(v).bits;
         }
     }
 }
 
 // A from f32 dout through registers: the loads of one k-tile (zeros where the tap skips a row)...
-__device__ __forceinline__ void conv_backward_fetch_a(float4 (&regs)[AChunks<float>::ROWS], int k0,
-                                                      const DxRow* rows, int tid, const ConvParams& p,
+__device__ __forceinline__ void conv_backward_fetch_a(float4 (&regs)[AChunks<float>::ROWS], const KCursor& at,
+                                                      const DxRow* rows, const ConvParams& p,
                                                       const float* __restrict__ dout) {
     using L = AChunks<float>;
-    const int chunk = tid % L::CHUNKS_PER_ROW;
 #pragma unroll
     for (int i = 0; i < L::ROWS; ++i) {
-        const int source = transposed_source(rows[i], k0 + chunk * L::CHUNK, p);
+        const int source = transposed_source(rows[i], at, p);
         regs[i] = source >= 0 ? *reinterpret_cast<const float4*>(dout + source) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 }
@@ -541,9 +593,9 @@ __device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage,
     const int chunk = tid % L::CHUNKS_PER_ROW;
 #pragma unroll
     for (int i = 0; i < L::ROWS; ++i) {
-        const int row = tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i;
+        const int dst = swizzled(tid / L::CHUNKS_PER_ROW, chunk * L::CHUNK) + L::ROW_STEP * i * mma::BK;
         const uint2 packed = make_uint2(pack_x2<WT>(regs[i].x, regs[i].y), pack_x2<WT>(regs[i].z, regs[i].w));
-        *reinterpret_cast<uint2*>(a_stage + row * mma::ROW + chunk * L::CHUNK) = packed;
+        *reinterpret_cast<uint2*>(a_stage + dst) = packed;
     }
 }
 
@@ -556,7 +608,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
                                                           int accumulate) {
     using namespace mma;
     constexpr int BN = Tile::BN, WARP_N = Tile::WARP_N, N_TILES = Tile::N_TILES, B_ROW = Tile::B_ROW;
-    constexpr int A_STAGE = BM * ROW, B_STAGE = BK * B_ROW;
+    constexpr int A_STAGE = BM * BK, B_STAGE = BK * B_ROW;
     // f32 dout with the vector loader goes through registers (the head comment says why).
     constexpr bool THROUGH_REGISTERS = VECTOR && sizeof(DoutT) == 4;
     extern __shared__ __align__(128) unsigned char backward_shared[];
@@ -577,16 +629,25 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) rows[i] = dx_row(m_block + tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i, p);
     float4 staged[AChunks<float>::ROWS];
+    // The vector loaders' k cursors (A: this thread's chunk; B: each of its rows), moved BK a tile.
+    const int k_start = first_tile * BK;
+    KCursor a_at = k_cursor(k_start + (tid % L::CHUNKS_PER_ROW) * L::CHUNK, p.out_channels, p.kw);
+    using R = BRows<Tile>;
+    KCursor b_at[R::ROWS];
+#pragma unroll
+    for (int i = 0; i < R::ROWS; ++i) b_at[i] = k_cursor(k_start + tid / R::CHUNKS + R::ROW_STEP * i, p.out_channels, p.kw);
 
-    // A and B of tile `kt` into stage `kt % STAGES`, except (THROUGH_REGISTERS) A's store.
+    // A and B of tile `kt` into stage `kt % STAGES`, except (THROUGH_REGISTERS) A's store. Tiles
+    // are issued in order, kt = 0, 1, ...: the cursors move one tile a call.
     auto issue = [&](int kt) {
         const int stage = kt % STAGES;
         const int k0 = (first_tile + kt) * BK;
-        conv_backward_load_b<VECTOR, Tile, WT>(b_tiles + stage * B_STAGE, k0, tid, n_block, p, w);
+        conv_backward_load_b<VECTOR, Tile, WT>(b_tiles + stage * B_STAGE, k0, b_at, tid, n_block, p, w);
         if constexpr (THROUGH_REGISTERS)
-            conv_backward_fetch_a(staged, k0, rows, tid, p, reinterpret_cast<const float*>(dout));
+            conv_backward_fetch_a(staged, a_at, rows, p, reinterpret_cast<const float*>(dout));
         else
-            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, k0, rows, tid, m_block, p, dout);
+            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, k0, a_at, rows, tid, m_block, p, dout);
+        if constexpr (VECTOR) advance_k(a_at, BK, p.out_channels, p.kw);
     };
 
     float acc[M_TILES][N_TILES][4] = {};
@@ -602,7 +663,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 
     // ldmatrix lane addresses: A as the forward; B by ldmatrix.trans, matrices (k 0-7, n j),
     // (k 8-15, n j), (k 0-7, n j+1), (k 8-15, n j+1) = b0, b1 of n-tile j, b0, b1 of n-tile j + 1.
-    const int a_row = warp_m * WARP_M + (lane % 16), a_col = (lane / 16) * 8;
+    const LaneOffsets a_lane = lane_offsets(warp_m * WARP_M + (lane % 16), (lane / 16) * 8);
     const int b_k = ((lane / 8) % 2) * 8 + (lane % 8), b_n = warp_n * WARP_N + (lane / 16) * 8;
 
     for (int kt = 0; kt < k_tiles; ++kt) {
@@ -618,7 +679,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned a_frag[M_TILES][4];
             unsigned b_frag[N_TILES][2];
-            load_a_fragments<ROW>(a_frag, a_stage, a_row, kk + a_col);
+            load_a_fragments(a_frag, a_stage + a_lane.step[kk / 16]);
 #pragma unroll
             for (int j = 0; j < N_TILES; j += 2) {
                 unsigned r[4];

@@ -5,7 +5,9 @@
 //! emulator_memory_traffic measures every kernel of a UNet pass): GroupNorm's element-wise and
 //! partial kernels (before: 12-32% of the bytes moved were used), the convolutions' epilogue
 //! stores (before: 25% for 16-bit outputs, 50% for f32) and the f32 (SIMT) convolutions' stores
-//! and transposed-weight loads (before: 25% and 38%).
+//! and transposed-weight loads (before: 25% and 38%). The same counters give the tensor-core
+//! convolutions' shared-memory wavefronts per mma (`ptx_emulator::SmWork`, bank conflicts counted):
+//! their swizzled tiles keep every ldmatrix and cp.async at one wavefront a phase.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -127,4 +129,41 @@ fn simt_convs_use_whole_sectors() {
     let totals = driver.kernel_totals(true);
     assert_uses(&totals, "conv2d_simt_f32", 0.85, 0.95);
     assert_uses(&totals, "conv2d_backward_input_simt_f32", 0.95, 0.95);
+}
+
+/// Shared-memory wavefronts per m16n8k16 of the tensor-core convolutions, forward and input
+/// gradient, narrow and wide tiles: exactly what conflict-free tiles need (per k-tile of a block:
+/// ldmatrix 4 wavefronts an x4, the tiles' cp.async writes and the f32 A stores 128 bytes a
+/// wavefront): narrow 288 for 128 mma, wide 384 for 256. The padded rows they replaced took 3 and
+/// 2 (every cp.async phase two wavefronts).
+#[test]
+fn conv_tiles_have_no_bank_conflicts() {
+    let (driver, b) = emulator(Precision::Bf16);
+    // 16 emulated SMs: 64 channels at batch 8, 16x16 take the narrow tile; 128 channels the wide.
+    for (channels, tile, per_mma) in [(64, "", 2.25), (128, "wide_", 1.5)] {
+        let w = b.upload_as(&values(channels * channels * 9), &[channels, channels, 3, 3], Precision::Bf16).unwrap();
+        let shape = [8, channels, 16, 16];
+        let len = shape.iter().product();
+        let x = b.upload_as(&values(len), &shape, Precision::Bf16).unwrap();
+        let mut out = b.zeros_as(&shape, Precision::Bf16).unwrap();
+        let dout = b.upload(&values(len), &shape).unwrap();
+        let mut dx = b.zeros(&shape).unwrap();
+        driver.kernel_totals(true);
+        let same = Conv2dGeometry::same(1);
+        b.conv2d(LayerInput::one(&x), &w, None, same, ConvEpilogue::default(), &mut out);
+        b.conv2d_backward_input(&dout, &w, same, &mut dx, GradientStore::Write);
+        b.synchronize().unwrap();
+        let totals = driver.kernel_totals(true);
+        for prefix in [format!("conv2d_mma_{tile}bf16_bf16_bf16"), format!("conv2d_backward_input_mma_{tile}f32_bf16")]
+        {
+            let (name, t) = kernel(&totals, &prefix);
+            let mma16 = t.sm.mma_macs as f64 / (16.0 * 8.0 * 16.0);
+            let wavefronts = t.sm.shared_wavefronts as f64 / mma16;
+            println!("{name}: {wavefronts:.3} shared wavefronts per mma ({} mma)", t.sm.mma);
+            assert!(
+                t.sm.mma > 0 && (wavefronts - per_mma).abs() < 1e-9,
+                "{name}: {wavefronts} wavefronts per mma, want {per_mma}"
+            );
+        }
+    }
 }

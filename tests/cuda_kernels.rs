@@ -707,8 +707,8 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     assert_eq!(conv::conv2d_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide, "a full grid");
     let plan = conv::plan_conv2d(&big, Conv2dVersion::TensorCoreWide).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_mma_wide_bf16_bf16_bf16", [512, 2, 1]));
-    assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 + 128) * 40 * 2);
-    assert_eq!(conv::plan_conv2d(&big, Conv2dVersion::TensorCore).unwrap().config.dynamic_shared_bytes, 3 * 192 * 80);
+    assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 + 128) * 32 * 2);
+    assert_eq!(conv::plan_conv2d(&big, Conv2dVersion::TensorCore).unwrap().config.dynamic_shared_bytes, 3 * 192 * 64);
     for co in [64, 192] {
         let narrow = Conv2dLaunch { out_channels: co, ..big };
         assert_eq!(conv::conv2d_version(&narrow, true, Some(&workspace)), Conv2dVersion::TensorCore, "Co {co}");
@@ -753,7 +753,7 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     assert_eq!(conv::conv2d_backward_input_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide);
     let plan = conv::plan_conv2d_backward_input(&big, Conv2dVersion::TensorCoreWide).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_wide_f32_bf16", [128, 2, 1]));
-    assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 * 40 + 32 * 136) * 2);
+    assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 * 32 + 32 * 136) * 2);
 }
 
 #[test]

@@ -212,21 +212,20 @@ const MMA_BLOCK_N: usize = 64;
 const MMA_BLOCK_K: usize = 32;
 /// The wide tile's channels (`Conv2dVersion::TensorCoreWide`).
 const MMA_WIDE_BLOCK_N: usize = 128;
-/// Pipeline stages and shared rows (BK + 8 halves) of the tensor-core kernels (kernels/conv2d_mma.cu).
+/// Pipeline stages of the tensor-core kernels (kernels/conv2d_mma.cu).
 const MMA_STAGES: usize = 3;
-const MMA_ROW_HALVES: usize = MMA_BLOCK_K + 8;
 
 /// Dynamic shared memory of a tensor-core forward block with `block_n` channels: the stages' A
-/// (128 rows) and B (`block_n` rows) tiles, rows of 40 halves (46,080 or 61,440 bytes).
+/// (128 rows) and B (`block_n` rows) tiles, rows of 32 halves (36,864 or 49,152 bytes).
 fn forward_shared_bytes(block_n: usize) -> usize {
-    MMA_STAGES * (MMA_BLOCK_M + block_n) * MMA_ROW_HALVES * 2
+    MMA_STAGES * (MMA_BLOCK_M + block_n) * MMA_BLOCK_K * 2
 }
 
 /// Dynamic shared memory of a tensor-core input-gradient block with `block_n` input channels: the
-/// stages' A tiles (128 rows of 40 halves, dout rounded to the weights' type) and B tiles (32 k
-/// rows of `block_n` + 8 halves) (44,544 or 56,832 bytes).
+/// stages' A tiles (128 rows of 32 halves, dout rounded to the weights' type) and B tiles (32 k
+/// rows of `block_n` + 8 halves) (38,400 or 50,688 bytes).
 fn backward_shared_bytes(block_n: usize) -> usize {
-    MMA_STAGES * (MMA_BLOCK_M * MMA_ROW_HALVES + MMA_BLOCK_K * (block_n + 8)) * 2
+    MMA_STAGES * (MMA_BLOCK_M * MMA_BLOCK_K + MMA_BLOCK_K * (block_n + 8)) * 2
 }
 /// Threads per block of the split-K reduction kernels.
 const REDUCE_THREADS: u32 = 256;
