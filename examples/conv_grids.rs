@@ -1,5 +1,6 @@
 //! The tensor-core convolution grids of the `cifar10` UNet (forward and input gradient), unsplit and
-//! as the launcher plans them (split-K where the grid under-fills the GPU), at batch 1 and 64 on a
+//! as the launcher plans them (split-K where the grid under-fills the GPU, the wide 128 x 128 tile
+//! where its grid still gives every SM a block), at batch 1 and 64 on a
 //! 132-SM GPU (H200) and a 16-SM one (Jetson Orin), and the split-K workspace each would hold.
 //!
 //! The layer shapes come from the network itself: one forward + input VJP at batch 1 on the CPU
@@ -97,11 +98,12 @@ fn backward_launch(s: &Shape, batch: usize) -> Conv2dBackwardInputLaunch {
     }
 }
 
-/// "x x y x z blocks" of a plan, with its slices.
+/// "x x y x z blocks" of a plan, with its slices, or "wide" for the 128 x 128 tile.
 fn grid_text(plan: &conv::LaunchPlan) -> String {
     let [x, y, z] = plan.config.grid;
     match &plan.split {
         Some(split) => format!("{x}x{y}x{z} = {:>4} ({} k-steps / {})", plan.blocks(), split.k_tiles, split.slices),
+        None if plan.kernel.contains("_wide_") => format!("{x}x{y} = {:>4} wide", plan.blocks()),
         None => format!("{x}x{y} = {:>4}", plan.blocks()),
     }
 }
