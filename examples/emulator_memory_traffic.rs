@@ -97,7 +97,7 @@ fn main() {
         "{:<52} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10}",
         "kernel", "mma", "shared", "issue", "div", "bound", "tensor max"
     );
-    for (name, t) in mma_rows {
+    for (name, t) in &mma_rows {
         let mma16 = t.sm.mma_macs as f64 / (16.0 * 8.0 * 16.0);
         let shared = t.sm.shared_wavefronts as f64 / mma16;
         // An integer division is one PTX instruction and about 20 on the GPU (ptxas expands it).
@@ -121,4 +121,21 @@ fn main() {
     println!("(shared: wavefronts, bank conflicts counted; issue: warp-instructions / 4, an integer division");
     println!(" counted as the ~20 instructions ptxas makes of it; div: integer divisions per mma; tensor max:");
     println!(" the share of the tensor pipe's peak the busiest of the three allows, latency and DRAM aside)");
+
+    // Where the issue slots of the busiest ones go: warp-instructions per mma by kind (PTX; ptxas
+    // removes most register moves, the loop's phi copies, and expands integer divisions).
+    println!();
+    println!("warp-instructions per mma by kind, the 6 tensor-core kernels with the most mma:");
+    print!("{:<44}", "kernel");
+    for kind in ptx_emulator::INSTRUCTION_KINDS {
+        print!(" {kind:>9}");
+    }
+    println!();
+    for (name, t) in mma_rows.iter().take(6) {
+        print!("{name:<44}");
+        for n in t.sm.mix {
+            print!(" {:>9.2}", n as f64 / t.sm.mma as f64);
+        }
+        println!();
+    }
 }

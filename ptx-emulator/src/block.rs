@@ -297,6 +297,7 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
         count += exec.count_ones() as u64;
         steps += 1;
         env.work.warp_instructions += 1;
+        env.work.mix[crate::traffic::instruction_kind(inst)] += 1;
         if matches!(inst.op, Op::Div | Op::Rem) && !inst.ty.float() {
             env.work.integer_divisions += 1;
         }

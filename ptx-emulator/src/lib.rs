@@ -24,7 +24,7 @@ use rayon::prelude::*;
 pub use ir::{Function, ParamInfo};
 pub use memory::GlobalMemory;
 pub use report::{LoadError, Report, ReportKind};
-pub use traffic::{GlobalTraffic, SmWork};
+pub use traffic::{GlobalTraffic, SmWork, INSTRUCTION_KINDS};
 
 /// Limits of the emulated device (those of an sm_80 part).
 pub const MAX_THREADS_PER_BLOCK: u32 = 1024;

@@ -3,6 +3,10 @@
 //! (`l1tex__t_sectors_pipe_lsu_mem_global_op_ld` over `..._requests_...`): 4 for a warp reading 32
 //! consecutive f32, 32 for one whose lanes each read a different sector. Counted here from the
 //! addresses the kernel really computes, so a kernel's coalescing can be judged without a GPU.
+//! And what a kernel asks of an SM (`SmWork`): issue slots and their instruction mix, tensor-core
+//! instructions, shared-memory wavefronts with bank conflicts.
+
+use crate::ir::{Inst, Op, Space};
 
 /// Sizes in bytes; `*_bytes` is what the lanes asked for, `*_sectors` what the memory system moves.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,6 +94,9 @@ pub struct SmWork {
     /// exception (about 20 SASS instructions each by a run-time value), so they are also counted.
     pub warp_instructions: u64,
     pub integer_divisions: u64,
+    /// The warp-instructions by kind (`INSTRUCTION_KINDS` names them): where a kernel's issue
+    /// slots go.
+    pub mix: [u64; INSTRUCTION_KINDS.len()],
     /// Warp-level `mma.sync` instructions, and their multiply-adds (m x n x k each).
     pub mma: u64,
     pub mma_macs: u64,
@@ -100,6 +107,49 @@ pub struct SmWork {
 }
 
 pub const BANKS: u64 = 32;
+
+/// The kinds `SmWork::mix` counts, in its order.
+pub const INSTRUCTION_KINDS: [&str; 10] = [
+    "mma",
+    "ldmatrix",
+    "shared ld/st",
+    "global ld/st",
+    "cp.async",
+    "integer",
+    "float",
+    "setp/selp",
+    "cvt/mov",
+    "control",
+];
+
+/// The `INSTRUCTION_KINDS` index of an instruction. Generic loads and stores count as global (the
+/// kernels here address shared memory explicitly).
+pub fn instruction_kind(inst: &Inst) -> usize {
+    match &inst.op {
+        Op::Mma(_) => 0,
+        Op::Ldmatrix { .. } => 1,
+        Op::Ld { space: Space::Shared } | Op::St { space: Space::Shared } | Op::Atom { space: Space::Shared, .. } => 2,
+        Op::Ld { .. } | Op::St { .. } | Op::Atom { .. } => 3,
+        Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait { .. } => 4,
+        Op::Setp { .. } | Op::Selp => 7,
+        Op::Cvt | Op::Cvta { .. } | Op::Mov | Op::Pack { .. } | Op::Unpack { .. } => 8,
+        Op::Bra
+        | Op::Ret
+        | Op::Exit
+        | Op::Trap
+        | Op::Bar { .. }
+        | Op::BarWarp
+        | Op::Shfl(_)
+        | Op::Vote(_)
+        | Op::Activemask
+        | Op::Redux(_)
+        | Op::Fence
+        | Op::Nop => 9,
+        Op::Fma | Op::FUnary(_) | Op::Copysign => 6,
+        _ if inst.ty.float() => 6,
+        _ => 5,
+    }
+}
 
 impl SmWork {
     /// One warp-level shared access of `bytes` per lane at each active lane's (lane, shared offset).
@@ -135,6 +185,9 @@ impl SmWork {
     pub fn add(&mut self, other: &SmWork) {
         self.warp_instructions += other.warp_instructions;
         self.integer_divisions += other.integer_divisions;
+        for (a, b) in self.mix.iter_mut().zip(other.mix) {
+            *a += b;
+        }
         self.mma += other.mma;
         self.mma_macs += other.mma_macs;
         self.shared_requests += other.shared_requests;

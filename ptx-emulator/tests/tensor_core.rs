@@ -233,6 +233,11 @@ fn gemm_through_cp_async_ldmatrix_and_mma() {
     assert_eq!(stats.sm.mma, steps);
     assert_eq!(stats.sm.mma_macs, steps * 16 * 8 * 16);
     assert_eq!((stats.sm.shared_requests, stats.sm.shared_wavefronts), (4 * steps, 16 * steps));
+    // The mix: every issue slot in one kind; the mma, ldmatrix (2 a step) and cp.async (2 copies,
+    // a commit and a wait a step) where they belong.
+    let mix = stats.sm.mix;
+    assert_eq!(mix.iter().sum::<u64>(), stats.sm.warp_instructions);
+    assert_eq!((mix[0], mix[1], mix[4]), (steps, 2 * steps, 4 * steps), "{:?}", ptx_emulator::INSTRUCTION_KINDS);
     let c: Vec<f32> = dev.download(pc, 128);
     for r in 0..16 {
         for n in 0..8 {
