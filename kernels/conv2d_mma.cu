@@ -86,6 +86,12 @@ struct MmaTile {
     // The input gradient's B rows (k-major): BN + 8 halves, so the 8 rows of one ldmatrix.trans
     // start in distinct bank groups ((BN + 8) / 2 words apart: 36 or 68) and stay 16-byte aligned.
     static constexpr int B_ROW = BN + 8;
+    // Blocks an SM must fit by registers (__launch_bounds__' second argument), the most each
+    // kernel takes without spilling: the narrow forward 4 (128 registers), the narrow input
+    // gradient 3 (168; left free, ptxas took 210 for f32 dout: 2 blocks), the wide tile's 64 x 64
+    // accumulators 2 (255). The split-K entries (small grids) get no minimum.
+    static constexpr int FORWARD_MIN_BLOCKS = BN == 64 ? 4 : 2;
+    static constexpr int BACKWARD_MIN_BLOCKS = BN == 64 ? 3 : 2;
 };
 using NarrowTile = MmaTile<64>;
 using WideTile = MmaTile<128>;
@@ -163,13 +169,24 @@ __device__ __forceinline__ void advance_k(KCursor& at, int step, int channels, i
     }
 }
 
+// The pixels a vector loader's A rows read at one tap (-1: padding, skipped, or past M), kept while
+// its cursor stays on that tap: the window arithmetic runs once a tap (every channels / BK
+// k-tiles), not at every k-tile. (Forward: input pixels; input gradient: dout pixels.)
+template <int ROWS>
+struct TapPixels {
+    int tap;
+    int pixel[ROWS];
+};
+
 // One k-tile (BK wide) of A and B into a pipeline stage. VECTOR: inputs in the operand type with
 // 8-channel groups that never straddle a tap or the a/b boundary (Ca, Cb multiples of 8): 16-byte
-// cp.async, at this thread's cursor `at` (k0 + its chunk's 8 (tid % 4)), which it advances by BK.
-// Otherwise element-wise loads, rounded to the operand type, stored to shared.
+// cp.async, at this thread's cursor `at` (k0 + its chunk's 8 (tid % 4)), which it advances by BK,
+// its rows' pixels in `px`. Otherwise element-wise loads, rounded to the operand type, stored to
+// shared.
 template <bool VECTOR, typename Tile, typename InT, typename WT>
 __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsigned short* b_stage, int k0,
-                                                   KCursor& at, const ConvRow (&rows)[4], int tid, int m_local0,
+                                                   KCursor& at, TapPixels<4>& px, const ConvRow (&rows)[4], int tid,
+                                                   int m_local0,
                                                    int n_block, const ConvParams& p, const InT* __restrict__ a,
                                                    const InT* __restrict__ b, const WT* __restrict__ w) {
     using namespace mma;
@@ -181,17 +198,24 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
         const int chunk = tid % 4;
         const int k = at.k;
         const bool k_valid = k < k_total;
-        const int ci = at.c, ky = at.ky, kx = at.kx;
+        const int ci = at.c;
+        if (at.tap != px.tap) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const ConvRow& r = rows[i];
+                const int iy = r.iy0 + at.ky, ix = r.ix0 + at.kx;
+                const bool inside = r.valid && iy >= 0 && ix >= 0 && iy < logical_h && ix < logical_w;
+                px.pixel[i] = inside ? (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift) : -1;
+            }
+            px.tap = at.tap;
+        }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const ConvRow& r = rows[i];
-            const int iy = r.iy0 + ky, ix = r.ix0 + kx;
-            const bool inside = r.valid && k_valid && iy >= 0 && ix >= 0 && iy < logical_h && ix < logical_w;
+            const int pixel = px.pixel[i];
+            const bool inside = k_valid && pixel >= 0;
             const void* src = a;
-            if (inside) {
-                const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
+            if (inside)
                 src = ci < p.ca ? (const void*)(a + pixel * p.ca + ci) : (const void*)(b + pixel * p.cb + (ci - p.ca));
-            }
             cp_async_16(shared_address(a_stage + swizzled(m_local0, chunk * 8) + 32 * i * BK), src, inside ? 16 : 0);
         }
         // B: BN rows (output channels) x 4 chunks; thread: chunk tid % 4, rows tid / 4 + 32 i.
@@ -253,6 +277,8 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #pragma unroll
     for (int i = 0; i < 4; ++i) rows[i] = conv_row(m_block + m_local0 + 32 * i, p);
     KCursor at = k_cursor(first_tile * BK + (tid % 4) * 8, p.ca + p.cb, p.kw);
+    TapPixels<4> px;
+    px.tap = -1;
 
     float acc[M_TILES][N_TILES][4] = {};
 
@@ -261,7 +287,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     for (int s = 0; s < STAGES - 1; ++s) {
         if (s < k_tiles)
             conv_mma_load_tile<VECTOR, Tile>(a_tiles + s * A_STAGE, b_tiles + s * B_STAGE, (first_tile + s) * BK, at,
-                                             rows, tid, m_local0, n_block, p, a, b, w);
+                                             px, rows, tid, m_local0, n_block, p, a, b, w);
         cp_async_commit();
     }
 
@@ -276,7 +302,8 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
         const int next = kt + STAGES - 1;
         if (next < k_tiles)
             conv_mma_load_tile<VECTOR, Tile>(a_tiles + (next % STAGES) * A_STAGE, b_tiles + (next % STAGES) * B_STAGE,
-                                             (first_tile + next) * BK, at, rows, tid, m_local0, n_block, p, a, b, w);
+                                             (first_tile + next) * BK, at, px, rows, tid, m_local0, n_block, p, a, b,
+                                             w);
         cp_async_commit();
 
         const unsigned short* a_stage = a_tiles + (kt % STAGES) * A_STAGE;
@@ -361,7 +388,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 // and Cb multiples of 8: the launcher checks); `conv2d_mma_gather_*` element by element (any input
 // type, any channel count).
 #define CONV_MMA_ENTRY(prefix, VECTOR, Tile, in_name, InT, w_name, WT, out_name, OutT)                      \
-    extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(mma::THREADS, Tile::FORWARD_MIN_BLOCKS)                    \
         prefix##_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                       \
         conv2d_mma<VECTOR, false, Tile, InT, WT, OutT>(a, b, w, bias, channel_bias, residual, out, nullptr, p); \
     }
@@ -478,13 +505,35 @@ __device__ __forceinline__ DxRow dx_row(int m, const ConvParams& p) {
     return DxRow{n * p.out_h * p.out_w, ((iy + p.pad_top) << 16) | (ix + p.pad_left)};
 }
 
+// The dout pixel row r of A reads through the tap at cursor `at`, or -1 where the tap skips the row
+// (or the row is past M).
+__device__ __forceinline__ int transposed_pixel(const DxRow& r, const KCursor& at, const ConvParams& p) {
+    if (r.sample_base < 0) return -1;
+    const int source = transposed_tap_source(r.yx >> 16, r.yx & 0xffff, at.ky, at.kx, p);
+    return source < 0 ? -1 : r.sample_base + source;
+}
+
 // Where row r of A reads the k at cursor `at` (a tap and an output channel): the element offset in
 // dout, or -1 where the tap skips the row or k is past K.
 __device__ __forceinline__ int transposed_source(const DxRow& r, const KCursor& at, const ConvParams& p) {
     const int k_total = p.kh * p.kw * p.out_channels;
-    if (at.k >= k_total || r.sample_base < 0) return -1;
-    const int source = transposed_tap_source(r.yx >> 16, r.yx & 0xffff, at.ky, at.kx, p);
-    return source < 0 ? -1 : (r.sample_base + source) * p.out_channels + at.c;
+    const int pixel = at.k < k_total ? transposed_pixel(r, at, p) : -1;
+    return pixel < 0 ? -1 : pixel * p.out_channels + at.c;
+}
+
+// The same from a row's pixel at the cursor's tap (TapPixels).
+__device__ __forceinline__ int tap_pixel_source(int pixel, const KCursor& at, const ConvParams& p) {
+    return at.k < p.kh * p.kw * p.out_channels && pixel >= 0 ? pixel * p.out_channels + at.c : -1;
+}
+
+// Brings a vector loader's row pixels to its cursor's tap (once a tap).
+template <int ROWS>
+__device__ __forceinline__ void refresh_tap_pixels(TapPixels<ROWS>& px, const DxRow* rows, const KCursor& at,
+                                                   const ConvParams& p) {
+    if (at.tap == px.tap) return;
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) px.pixel[i] = transposed_pixel(rows[i], at, p);
+    px.tap = at.tap;
 }
 
 // The vector loaders' A layout: 16-byte chunks of dout (4 f32 or 8 halves), CHUNKS_PER_ROW across a
@@ -546,18 +595,18 @@ __device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, in
 // A, one k-tile straight into a stage: 16-bit dout by cp.async (VECTOR: Co a multiple of 8, 16-byte
 // aligned), or element by element, rounded to WT (the gather entries: conv_in's Ci = 3, conv_out's
 // Co = 3, any dout type).
-template <bool VECTOR, typename DoutT, typename WT>
+template <bool VECTOR, typename DoutT, typename WT, int ROWS>
 __device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, int k0, const KCursor& at,
-                                                     const DxRow* rows, int tid, int m_block, const ConvParams& p,
-                                                     const DoutT* __restrict__ dout) {
+                                                     const TapPixels<ROWS>& px, int tid, int m_block,
+                                                     const ConvParams& p, const DoutT* __restrict__ dout) {
     using namespace mma;
     if constexpr (VECTOR) {
-        // At this thread's cursor (k0 + its chunk's CHUNK k).
+        // At this thread's cursor (k0 + its chunk's CHUNK k), its rows' pixels at that tap in px.
         using L = AChunks<DoutT>;
         const int chunk = tid % L::CHUNKS_PER_ROW;
 #pragma unroll
         for (int i = 0; i < L::ROWS; ++i) {
-            const int source = transposed_source(rows[i], at, p);
+            const int source = tap_pixel_source(px.pixel[i], at, p);
             const int dst = swizzled(tid / L::CHUNKS_PER_ROW, chunk * L::CHUNK) + L::ROW_STEP * i * BK;
             cp_async_16(shared_address(a_stage + dst), source >= 0 ? dout + source : dout, source >= 0 ? 16 : 0);
         }
@@ -575,12 +624,12 @@ __device__ __forceinline__ void conv_backward_load_a(unsigned short* a_stage, in
 
 // A from f32 dout through registers: the loads of one k-tile (zeros where the tap skips a row)...
 __device__ __forceinline__ void conv_backward_fetch_a(float4 (&regs)[AChunks<float>::ROWS], const KCursor& at,
-                                                      const DxRow* rows, const ConvParams& p,
+                                                      const TapPixels<AChunks<float>::ROWS>& px, const ConvParams& p,
                                                       const float* __restrict__ dout) {
     using L = AChunks<float>;
 #pragma unroll
     for (int i = 0; i < L::ROWS; ++i) {
-        const int source = transposed_source(rows[i], at, p);
+        const int source = tap_pixel_source(px.pixel[i], at, p);
         regs[i] = source >= 0 ? *reinterpret_cast<const float4*>(dout + source) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 }
@@ -632,6 +681,8 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     // The vector loaders' k cursors (A: this thread's chunk; B: each of its rows), moved BK a tile.
     const int k_start = first_tile * BK;
     KCursor a_at = k_cursor(k_start + (tid % L::CHUNKS_PER_ROW) * L::CHUNK, p.out_channels, p.kw);
+    TapPixels<ROWS> a_px;
+    a_px.tap = -1;
     using R = BRows<Tile>;
     KCursor b_at[R::ROWS];
 #pragma unroll
@@ -643,10 +694,11 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
         const int stage = kt % STAGES;
         const int k0 = (first_tile + kt) * BK;
         conv_backward_load_b<VECTOR, Tile, WT>(b_tiles + stage * B_STAGE, k0, b_at, tid, n_block, p, w);
+        if constexpr (VECTOR) refresh_tap_pixels(a_px, rows, a_at, p);
         if constexpr (THROUGH_REGISTERS)
-            conv_backward_fetch_a(staged, a_at, rows, p, reinterpret_cast<const float*>(dout));
+            conv_backward_fetch_a(staged, a_at, a_px, p, reinterpret_cast<const float*>(dout));
         else
-            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, k0, a_at, rows, tid, m_block, p, dout);
+            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, k0, a_at, a_px, tid, m_block, p, dout);
         if constexpr (VECTOR) advance_k(a_at, BK, p.out_channels, p.kw);
     };
 
@@ -741,7 +793,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 // Entries: conv2d_backward_input_mma_<dout>_<w> (cp.async loaders) and
 // conv2d_backward_input_mma_gather_<dout>_<w> (element-wise); dx's type is the `dx_dtype` code.
 #define CONV_BACKWARD_MMA_ENTRY(prefix, VECTOR, Tile, dout_name, DoutT, w_name, WT)                         \
-    extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
+    extern "C" __global__ void __launch_bounds__(mma::THREADS, Tile::BACKWARD_MIN_BLOCKS)                   \
         prefix##_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,           \
                                         void* __restrict__ dx, int dx_dtype, const ConvParams p,            \
                                         int accumulate) {                                                   \
