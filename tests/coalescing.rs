@@ -83,21 +83,8 @@ fn groupnorm_moves_whole_sectors() {
 #[test]
 fn conv_epilogues_store_channel_pairs() {
     let (driver, b) = emulator(Precision::Bf16);
-    let w = b.upload_as(&values(64 * 64 * 9), &[64, 64, 3, 3], Precision::Bf16).unwrap();
-    let bias = b.upload(&values(64), &[64]).unwrap();
     for (batch, size, split) in [(1, 8, true), (8, 16, false)] {
-        let shape = [batch, 64, size, size];
-        let len = shape.iter().product();
-        let x = b.upload_as(&values(len), &shape, Precision::Bf16).unwrap();
-        let mut out = b.zeros_as(&shape, Precision::Bf16).unwrap();
-        let dout = b.upload(&values(len), &shape).unwrap();
-        let mut dx = b.zeros(&shape).unwrap();
-        driver.kernel_totals(true);
-        let same = Conv2dGeometry::same(1);
-        b.conv2d(LayerInput::one(&x), &w, Some(&bias), same, ConvEpilogue::default(), &mut out);
-        b.conv2d_backward_input(&dout, &w, same, &mut dx, GradientStore::Write);
-        b.synchronize().unwrap();
-        let totals = driver.kernel_totals(true);
+        let totals = conv_and_input_gradient(&driver, &b, [batch, 64, size, size]);
         if split {
             // Raw f32 sums, a row's four lanes 32 contiguous bytes.
             assert_uses(&totals, "conv2d_mma_partial_bf16_bf16", 0.9, 1.0);
@@ -108,6 +95,29 @@ fn conv_epilogues_store_channel_pairs() {
             assert_uses(&totals, "conv2d_backward_input_mma_f32_bf16", 0.9, 1.0);
         }
     }
+}
+
+/// One bf16 3x3 convolution (with bias) of `shape` (N, C, H, W; C in and out) and its input gradient
+/// from an f32 dout, written: what each kernel that ran did.
+fn conv_and_input_gradient(
+    driver: &EmulatedDriver,
+    b: &CudaBackend,
+    shape: [usize; 4],
+) -> BTreeMap<String, KernelTotals> {
+    let channels = shape[1];
+    let w = b.upload_as(&values(channels * channels * 9), &[channels, channels, 3, 3], Precision::Bf16).unwrap();
+    let bias = b.upload(&values(channels), &[channels]).unwrap();
+    let len = shape.iter().product();
+    let x = b.upload_as(&values(len), &shape, Precision::Bf16).unwrap();
+    let mut out = b.zeros_as(&shape, Precision::Bf16).unwrap();
+    let dout = b.upload(&values(len), &shape).unwrap();
+    let mut dx = b.zeros(&shape).unwrap();
+    driver.kernel_totals(true);
+    let same = Conv2dGeometry::same(1);
+    b.conv2d(LayerInput::one(&x), &w, Some(&bias), same, ConvEpilogue::default(), &mut out);
+    b.conv2d_backward_input(&dout, &w, same, &mut dx, GradientStore::Write);
+    b.synchronize().unwrap();
+    driver.kernel_totals(true)
 }
 
 /// The f32 path (SIMT kernels): a thread's four channels stored in one access, and the input
@@ -141,19 +151,7 @@ fn conv_tiles_have_no_bank_conflicts() {
     let (driver, b) = emulator(Precision::Bf16);
     // 16 emulated SMs: 64 channels at batch 8, 16x16 take the narrow tile; 128 channels the wide.
     for (channels, tile, per_mma) in [(64, "", 2.25), (128, "wide_", 1.5)] {
-        let w = b.upload_as(&values(channels * channels * 9), &[channels, channels, 3, 3], Precision::Bf16).unwrap();
-        let shape = [8, channels, 16, 16];
-        let len = shape.iter().product();
-        let x = b.upload_as(&values(len), &shape, Precision::Bf16).unwrap();
-        let mut out = b.zeros_as(&shape, Precision::Bf16).unwrap();
-        let dout = b.upload(&values(len), &shape).unwrap();
-        let mut dx = b.zeros(&shape).unwrap();
-        driver.kernel_totals(true);
-        let same = Conv2dGeometry::same(1);
-        b.conv2d(LayerInput::one(&x), &w, None, same, ConvEpilogue::default(), &mut out);
-        b.conv2d_backward_input(&dout, &w, same, &mut dx, GradientStore::Write);
-        b.synchronize().unwrap();
-        let totals = driver.kernel_totals(true);
+        let totals = conv_and_input_gradient(&driver, &b, [8, channels, 16, 16]);
         for prefix in [format!("conv2d_mma_{tile}bf16_bf16_bf16"), format!("conv2d_backward_input_mma_{tile}f32_bf16")]
         {
             let (name, t) = kernel(&totals, &prefix);
