@@ -42,8 +42,7 @@
 // Split-K keeps the products and the f32 accumulation and changes only the order of the sums.
 // Hot kernels (ptxas report, no spills allowed): conv2d_mma_bf16_bf16_bf16, conv2d_mma_f16_f16_f16,
 // conv2d_backward_input_mma_f32_bf16, conv2d_backward_input_mma_f32_f16, their _partial and _wide
-// forms (the wide ones hold 64 x 64 f32 accumulators a warp: about 220-245 registers, two blocks
-// an SM).
+// forms (the wide ones hold 64 x 64 f32 accumulators a warp: 218-254 registers, two blocks an SM).
 #include "common.cuh"
 #include "conv_common.cuh"  // ConvParams and the index helpers, shared with conv2d.cu
 
@@ -186,8 +185,7 @@ struct TapPixels {
 template <bool VECTOR, typename Tile, typename InT, typename WT>
 __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsigned short* b_stage, int k0,
                                                    KCursor& at, TapPixels<4>& px, const ConvRow (&rows)[4], int tid,
-                                                   int m_local0,
-                                                   int n_block, const ConvParams& p, const InT* __restrict__ a,
+                                                   int m_local0, int n_block, const ConvParams& p, const InT* __restrict__ a,
                                                    const InT* __restrict__ b, const WT* __restrict__ w) {
     using namespace mma;
     const int ci_total = p.ca + p.cb;
@@ -546,14 +544,16 @@ struct AChunks {
     static constexpr int ROWS = mma::BM / ROW_STEP;
 };
 
-// B, one k-tile (BK rows of K x Ci) into a pipeline stage. VECTOR: Ci a multiple of 8, 16-byte
-// aligned weights: cp.async, 8 input channels at a time. Otherwise element-wise.
-// The vector loader's rows keep cursors (`at`, one per row this thread loads: k0 + its row),
-// advanced by BK.
+// The vector B loader's layout: a k-tile's 32 rows of BN input channels in CHUNKS chunks of 8; a
+// thread loads chunk tid % CHUNKS of ROWS rows, tid / CHUNKS + ROW_STEP i.
 template <typename Tile>
 struct BRows {
     static constexpr int CHUNKS = Tile::BN / 8, ROW_STEP = mma::THREADS / CHUNKS, ROWS = mma::BK / ROW_STEP;
 };
+
+// B, one k-tile (BK rows of K x Ci) into a pipeline stage. VECTOR: Ci a multiple of 8, 16-byte
+// aligned weights: cp.async, 8 input channels at a time, each row at its cursor (`at`: k0 + the
+// row), advanced by BK. Otherwise element-wise.
 
 template <bool VECTOR, typename Tile, typename WT>
 __device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, int k0, KCursor (&at)[BRows<Tile>::ROWS],
@@ -565,8 +565,6 @@ __device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, in
     const int k_total = taps * p.out_channels;
     const int ci_total = p.ca;
     if constexpr (VECTOR) {
-        // 32 k rows x BN / 8 chunks of 8 input channels; this thread: chunk tid % CHUNKS, rows
-        // tid / CHUNKS + ROW_STEP i.
         using R = BRows<Tile>;
         const int chunk = tid % R::CHUNKS;
         const int ci = n_block + chunk * 8;
@@ -579,7 +577,7 @@ __device__ __forceinline__ void conv_backward_load_b(unsigned short* b_stage, in
             advance_k(at[i], BK, p.out_channels, p.kw);
         }
     } else {
-        // Input channel tid % 64, k rows tid / 64 + 2 i.
+        // Input channel tid % BN, k rows tid / BN + THREADS / BN i.
         const int cc = tid % BN;
         const int ci = n_block + cc;
         for (int row = tid / BN; row < BK; row += THREADS / BN) {
