@@ -513,15 +513,14 @@ __device__ __forceinline__ int transposed_pixel(const DxRow& r, const KCursor& a
 
 // Where row r of A reads the k at cursor `at` (a tap and an output channel): the element offset in
 // dout, or -1 where the tap skips the row or k is past K.
-__device__ __forceinline__ int transposed_source(const DxRow& r, const KCursor& at, const ConvParams& p) {
-    const int k_total = p.kh * p.kw * p.out_channels;
-    const int pixel = at.k < k_total ? transposed_pixel(r, at, p) : -1;
-    return pixel < 0 ? -1 : pixel * p.out_channels + at.c;
-}
-
-// The same from a row's pixel at the cursor's tap (TapPixels).
+// From the row's pixel at the cursor's tap (TapPixels keeps it) ...
 __device__ __forceinline__ int tap_pixel_source(int pixel, const KCursor& at, const ConvParams& p) {
     return at.k < p.kh * p.kw * p.out_channels && pixel >= 0 ? pixel * p.out_channels + at.c : -1;
+}
+
+// ... or from the row itself (the element-wise loader).
+__device__ __forceinline__ int transposed_source(const DxRow& r, const KCursor& at, const ConvParams& p) {
+    return tap_pixel_source(transposed_pixel(r, at, p), at, p);
 }
 
 // Brings a vector loader's row pixels to its cursor's tap (once a tap).

@@ -460,14 +460,8 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
             return Err(Error::invalid("conv2d: the tensor-core kernel needs bf16 or f16 weights, got f32"))
         }
         (_, _) => {
-            let vector = forward_loads_vectors(args);
-            let prefix = if vector { "conv2d_mma" } else { "conv2d_mma_gather" };
-            let (name, block_n) = match version {
-                Conv2dVersion::TensorCoreSplitK { .. } => (format!("{prefix}_partial_{i}_{w}"), MMA_BLOCK_N),
-                Conv2dVersion::TensorCoreWide if !vector => return Err(wide_needs_vectors("conv2d")),
-                Conv2dVersion::TensorCoreWide => (format!("conv2d_mma_wide_{i}_{w}_{o}"), MMA_WIDE_BLOCK_N),
-                _ => (format!("{prefix}_{i}_{w}_{o}"), MMA_BLOCK_N),
-            };
+            let kernel = TensorCoreEntries { op: "conv2d", base: "conv2d_mma", types: format!("{i}_{w}_{o}") };
+            let (name, block_n) = kernel.pick(version, forward_loads_vectors(args), &format!("{i}_{w}"))?;
             (name, MMA_BLOCK_M, block_n, 128, forward_shared_bytes(block_n))
         }
     };
@@ -512,11 +506,34 @@ fn backward_loads_vectors(args: &Conv2dBackwardInputLaunch) -> bool {
         && args.weight.is_multiple_of(16)
 }
 
-fn wide_needs_vectors(op: &str) -> Error {
-    Error::invalid(format!(
-        "{op}: the wide tensor-core tile has only the cp.async loader (16-bit inputs in the weights' type, \
-         channels multiples of 8, 16-byte aligned tensors)"
-    ))
+/// The tensor-core entries of one op in conv2d_mma.cu: `<base>_<types>` (cp.async loaders),
+/// `<base>_gather_<types>` (element-wise), `<base>_wide_<types>` (cp.async only), and the split-K
+/// forms `<base>[_gather]_partial_<partial types>`.
+struct TensorCoreEntries {
+    op: &'static str,
+    base: &'static str,
+    types: String,
+}
+
+impl TensorCoreEntries {
+    /// The entry `version` runs with the cp.async loaders (`vector`) or not, and its block's
+    /// channels; the wide tile without them is an error naming what it needs.
+    fn pick(&self, version: Conv2dVersion, vector: bool, partial_types: &str) -> Result<(String, usize)> {
+        let (base, types) = (self.base, &self.types);
+        let loads = if vector { "" } else { "_gather" };
+        match version {
+            Conv2dVersion::TensorCoreSplitK { .. } => {
+                Ok((format!("{base}{loads}_partial_{partial_types}"), MMA_BLOCK_N))
+            }
+            Conv2dVersion::TensorCoreWide if !vector => Err(Error::invalid(format!(
+                "{}: the wide tensor-core tile has only the cp.async loader (16-bit inputs in the weights' type, \
+                 channels multiples of 8, 16-byte aligned tensors)",
+                self.op
+            ))),
+            Conv2dVersion::TensorCoreWide => Ok((format!("{base}_wide_{types}"), MMA_WIDE_BLOCK_N)),
+            _ => Ok((format!("{base}{loads}_{types}"), MMA_BLOCK_N)),
+        }
+    }
 }
 
 /// The version `launch_conv2d` runs: tensor cores for bf16/f16 weights (split-K when the grid
@@ -694,14 +711,13 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
             ))
         }
         (_, _) => {
-            let vector = backward_loads_vectors(args);
-            let prefix = if vector { "conv2d_backward_input_mma" } else { "conv2d_backward_input_mma_gather" };
-            let (name, block_n) = match version {
-                Conv2dVersion::TensorCoreSplitK { .. } => (format!("{prefix}_partial_{d}_{w}"), MMA_BLOCK_N),
-                Conv2dVersion::TensorCoreWide if !vector => return Err(wide_needs_vectors("conv2d backward input")),
-                Conv2dVersion::TensorCoreWide => (format!("conv2d_backward_input_mma_wide_{d}_{w}"), MMA_WIDE_BLOCK_N),
-                _ => (format!("{prefix}_{d}_{w}"), MMA_BLOCK_N),
+            let types = format!("{d}_{w}");
+            let kernel = TensorCoreEntries {
+                op: "conv2d backward input",
+                base: "conv2d_backward_input_mma",
+                types: types.clone(),
             };
+            let (name, block_n) = kernel.pick(version, backward_loads_vectors(args), &types)?;
             (name, MMA_BLOCK_M, block_n, 128, backward_shared_bytes(block_n))
         }
     };
