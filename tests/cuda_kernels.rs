@@ -1,9 +1,7 @@
 //! The convolution and attention kernels (kernels/conv2d.cu and conv2d_mma.cu, attention.cu and
-//! attention_mma.cu) and their launchers (src/backend/cuda/{conv,attention}.rs):
-//! - every kernel compiles under NVRTC for sm_80, sm_87 and sm_90, and every name the launchers
-//!   look up is an entry of the PTX;
-//! - with `PTXAS` set (ptxas of PyPI's nvidia-cuda-nvcc), ptxas's register and spill report, and no
-//!   spill in a kernel marked hot;
+//! attention_mma.cu) and their launchers (src/backend/cuda/{conv,attention}.rs). That they
+//! compile for every architecture, that every kernel is one a launcher names, and ptxas's spill
+//! report are tests/kernels_compile.rs's.
 //! - one check body per op (`check_conv`, `check_attention`) over any `&dyn Driver`: fresh random
 //!   inputs (the seed is printed), outputs poisoned with NaN, compared with the CPU reference
 //!   backend on the same (rounded) inputs, transposed NCHW <-> NHWC on the host, within ENGINE.md's
@@ -33,120 +31,21 @@ use purifier::backend::{
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
 
-const ARCHITECTURES: [&str; 3] = ["sm_80", "sm_87", "sm_90"];
-
 // ---------------------------------------------------------------------------------------------
-// NVRTC, through the backend's compiler (kernels/*.cuh as in-memory headers), each module compiled
-// once per test process.
+// NVRTC, through the backend's compiler and its disk cache (kernels/*.cuh as in-memory headers),
+// PTX for sm_80 (what the emulator runs), each module read or compiled once per test process.
 
-fn compile_ptx(file: &str, arch: &'static str) -> String {
-    static CACHE: Mutex<Vec<((String, &'static str), String)>> = Mutex::new(Vec::new());
-    if let Some((_, ptx)) = CACHE.lock().unwrap().iter().find(|(key, _)| key.0 == file && key.1 == arch) {
+fn compile_ptx(file: &str) -> String {
+    static CACHE: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+    if let Some((_, ptx)) = CACHE.lock().unwrap().iter().find(|(name, _)| name == file) {
         return ptx.clone();
     }
     assert!(nvrtc_available(), "NVRTC is not loadable: put libnvrtc.so.13's folder on LD_LIBRARY_PATH");
-    let compiler = KernelCompiler::with_cache_dir(arch, None).unwrap();
-    let image = compiler.compile_file(file, ImageKind::Ptx).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
+    let compiler = KernelCompiler::new("sm_80").unwrap();
+    let image = compiler.compile_file(file, ImageKind::Ptx).unwrap_or_else(|e| panic!("{file}: {e}"));
     let ptx = String::from_utf8(image).unwrap();
-    CACHE.lock().unwrap().push(((file.to_string(), arch), ptx.clone()));
+    CACHE.lock().unwrap().push((file.to_string(), ptx.clone()));
     ptx
-}
-
-fn kernel_files() -> Vec<(&'static str, Vec<String>, &'static [&'static str])> {
-    vec![
-        ("conv2d.cu", conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS),
-        ("conv2d_mma.cu", conv::mma_kernel_names(), conv::MMA_HOT_KERNELS),
-        (
-            "attention.cu",
-            [attention::simt_kernel_names(), attention::BACKWARD_KERNELS.map(String::from).to_vec()].concat(),
-            attention::SIMT_HOT_KERNELS,
-        ),
-        ("attention_mma.cu", attention::mma_kernel_names(), attention::MMA_HOT_KERNELS),
-    ]
-}
-
-#[test]
-fn kernels_compile_for_every_architecture() {
-    for (file, names, _) in kernel_files() {
-        for arch in ARCHITECTURES {
-            let ptx = compile_ptx(file, arch);
-            for name in &names {
-                assert!(ptx.contains(&format!(".entry {name}(")), "{file} for {arch}: no entry `{name}`");
-            }
-            // And the other way: no kernel the launchers cannot name (dead, or named only by a
-            // string built elsewhere), so every kernel is one the emulator checks run.
-            let unnamed: Vec<&str> = ptx
-                .split(".entry ")
-                .skip(1)
-                .filter_map(|rest| rest.split('(').next())
-                .filter(|entry| !names.iter().any(|n| n == entry))
-                .collect();
-            assert!(unnamed.is_empty(), "{file} for {arch}: kernels no launcher names: {unnamed:?}");
-            println!("{file} {arch}: {} kernels, {} bytes of PTX", names.len(), ptx.len());
-        }
-    }
-}
-
-/// Per entry of ptxas -v output: (name, registers, spill store bytes, spill load bytes).
-fn ptxas_report(ptxas: &str, ptx: &str, arch: &str) -> Vec<(String, u32, u32, u32)> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("module.ptx");
-    std::fs::write(&path, ptx).unwrap();
-    let out = std::process::Command::new(ptxas)
-        .args([&format!("-arch={arch}"), "-v", path.to_str().unwrap(), "-o", "/dev/null"])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ptxas {ptxas}: {e}"));
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "ptxas failed for {arch}:\n{text}");
-    let number_before = |line: &str, word: &str| -> u32 {
-        let i = line.find(word).unwrap_or_else(|| panic!("no `{word}` in `{line}`"));
-        line[..i].split_whitespace().last().unwrap().parse().unwrap()
-    };
-    let mut report = Vec::new();
-    let mut current: Option<(String, u32, u32)> = None;
-    for line in text.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            current = Some((rest.split('\'').next().unwrap().to_string(), 0, 0));
-        } else if line.contains("bytes spill stores") {
-            if let Some(c) = current.as_mut() {
-                c.1 = number_before(line, "bytes spill stores");
-                c.2 = number_before(line, "bytes spill loads");
-            }
-        } else if line.contains("Used") && line.contains("registers") {
-            if let Some((name, stores, loads)) = current.take() {
-                report.push((name, number_before(line, "registers"), stores, loads));
-            }
-        }
-    }
-    report
-}
-
-#[test]
-fn hot_kernels_do_not_spill() {
-    let Some(ptxas) = std::env::var_os("PTXAS") else {
-        println!("skipped: PTXAS not set (ptxas of PyPI nvidia-cuda-nvcc)");
-        return;
-    };
-    let ptxas = ptxas.to_string_lossy().into_owned();
-    let mut spilled_hot = Vec::new();
-    for (file, names, hot) in kernel_files() {
-        for arch in ARCHITECTURES {
-            let ptx = compile_ptx(file, arch);
-            let report = ptxas_report(&ptxas, &ptx, arch);
-            assert_eq!(report.len(), names.len(), "{file} {arch}: ptxas reported {} entries", report.len());
-            for (name, registers, stores, loads) in report {
-                let is_hot = hot.contains(&name.as_str());
-                println!(
-                    "{arch} {name:<40} {registers:>3} registers, spill {stores} B stores / {loads} B loads{}",
-                    if is_hot { "  (hot)" } else { "" }
-                );
-                if is_hot && stores + loads > 0 {
-                    spilled_hot.push(format!("{arch} {name}"));
-                }
-            }
-        }
-    }
-    assert!(spilled_hot.is_empty(), "hot kernels spill: {spilled_hot:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -830,7 +729,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
 // On the PTX emulator (always, in CI) with its sanitizers on.
 
 fn load_ptx(driver: &EmulatedDriver, file: &str) -> Module {
-    driver.load_module(ModuleImage::Ptx(&compile_ptx(file, "sm_80"))).unwrap_or_else(|e| panic!("{file}: {e}"))
+    driver.load_module(ModuleImage::Ptx(&compile_ptx(file))).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
 /// An emulated device with the convolution kernels: version 1 only, or (`tensor_cores`) with

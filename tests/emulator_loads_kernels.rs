@@ -1,5 +1,5 @@
-//! Every kernel file of the project, compiled by NVRTC for sm_80 through the backend's compiler,
-//! loads in the PTX emulator: the emulator knows every instruction and modifier NVRTC emits for
+//! Every kernel file of the project, compiled by NVRTC for sm_80 through the backend's compiler
+//! (and its disk cache: tests/kernels_compile.rs compiles every file afresh), loads in the PTX emulator: the emulator knows every instruction and modifier NVRTC emits for
 //! them (an unknown one is a load error naming it and its line).
 
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
@@ -13,7 +13,7 @@ fn every_kernel_file_loads_in_the_emulator() {
         println!("skipped: NVRTC not found");
         return;
     }
-    let compiler = KernelCompiler::with_cache_dir("sm_80", None).unwrap();
+    let compiler = KernelCompiler::new("sm_80").unwrap();
     let driver = EmulatedDriver::new();
     let mut files: Vec<String> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels"))
         .unwrap()

@@ -1,22 +1,109 @@
 //! Every kernel file compiles under NVRTC for the architectures the project supports (sm_80,
-//! sm_87 Jetson Orin, sm_90 Hopper). Needs NVRTC (LD_LIBRARY_PATH with libnvrtc.so.13): CI installs
-//! it; without it the test fails, naming what is missing.
+//! sm_87 Jetson Orin, sm_90 Hopper), one test per architecture (they run side by side), each file
+//! compiled once: its PTX, its cubin and ptxas's report (NVRTC's own ptxas, `-v`) from one run.
+//! - the PTX targets the architecture;
+//! - for the files whose launchers name their kernels (conv, attention): every name is an entry,
+//!   and every entry is a name the launchers use (so every kernel is one the emulator checks run);
+//! - ptxas's registers and spills for every kernel, printed, and no spill in a kernel marked hot.
+//!
+//! Needs NVRTC (LD_LIBRARY_PATH with libnvrtc.so.13): CI installs it; without it the test fails,
+//! naming what is missing.
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
+use purifier::backend::cuda::{attention, conv};
 use purifier::kernels::KERNEL_SOURCES;
 
-#[test]
-fn every_kernel_file_compiles_for_every_architecture() {
+/// The kernel names a file's launchers look up, and the ones marked hot (no spill allowed).
+fn launcher_names(file: &str) -> Option<(Vec<String>, &'static [&'static str])> {
+    match file {
+        "conv2d.cu" => Some((conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS)),
+        "conv2d_mma.cu" => Some((conv::mma_kernel_names(), conv::MMA_HOT_KERNELS)),
+        "attention.cu" => Some((
+            [attention::simt_kernel_names(), attention::BACKWARD_KERNELS.map(String::from).to_vec()].concat(),
+            attention::SIMT_HOT_KERNELS,
+        )),
+        "attention_mma.cu" => Some((attention::mma_kernel_names(), attention::MMA_HOT_KERNELS)),
+        _ => None,
+    }
+}
+
+fn every_kernel_file_compiles_for(arch: &str) {
     assert!(nvrtc_available(), "NVRTC is not loadable: put libnvrtc.so.13's folder on LD_LIBRARY_PATH");
+    let compiler = KernelCompiler::with_cache_dir(arch, None).unwrap();
     let files: Vec<&str> = KERNEL_SOURCES.iter().map(|(n, _)| *n).filter(|n| n.ends_with(".cu")).collect();
-    for arch in ["sm_80", "sm_87", "sm_90"] {
-        let compiler = KernelCompiler::with_cache_dir(arch, None).unwrap();
-        for file in &files {
-            let ptx = compiler.compile_file(file, ImageKind::Ptx).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
-            let text = String::from_utf8(ptx).unwrap();
-            assert!(text.contains(&format!(".target {arch}")), "{file}: PTX not for {arch}");
-            compiler.compile_file(file, ImageKind::Cubin).unwrap_or_else(|e| panic!("{file} cubin for {arch}: {e}"));
+    let mut spilled_hot = Vec::new();
+    for file in files {
+        let module = compiler.compile_file_with_report(file).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
+        assert!(module.ptx.contains(&format!(".target {arch}")), "{file}: PTX not for {arch}");
+        assert!(!module.cubin.is_empty(), "{file}: empty cubin for {arch}");
+        let entries = module.ptx.matches(".entry ").count();
+        assert_eq!(
+            module.kernels.len(),
+            entries,
+            "{file} {arch}: ptxas reported {} of {entries} entries",
+            module.kernels.len()
+        );
+        let hot: &[&str] = match launcher_names(file) {
+            Some((names, hot)) => {
+                for name in &names {
+                    assert!(module.ptx.contains(&format!(".entry {name}(")), "{file} for {arch}: no entry `{name}`");
+                }
+                let unnamed: Vec<&str> = module
+                    .kernels
+                    .iter()
+                    .map(|k| k.name.as_str())
+                    .filter(|entry| !names.iter().any(|n| n == entry))
+                    .collect();
+                assert!(unnamed.is_empty(), "{file} for {arch}: kernels no launcher names: {unnamed:?}");
+                hot
+            }
+            None => &[],
+        };
+        println!(
+            "{file} {arch}: {entries} kernels, {} bytes of PTX, {} of cubin",
+            module.ptx.len(),
+            module.cubin.len()
+        );
+        for kernel in &module.kernels {
+            let is_hot = hot.contains(&kernel.name.as_str());
+            println!(
+                "{arch} {:<48} {:>3} registers, spill {} B stores / {} B loads{}",
+                kernel.name,
+                kernel.registers,
+                kernel.spill_store_bytes,
+                kernel.spill_load_bytes,
+                if is_hot { "  (hot)" } else { "" }
+            );
+            if is_hot && kernel.spill_store_bytes + kernel.spill_load_bytes > 0 {
+                spilled_hot.push(format!("{arch} {}", kernel.name));
+            }
         }
     }
+    assert!(spilled_hot.is_empty(), "hot kernels spill: {spilled_hot:?}");
+}
+
+#[test]
+fn every_kernel_file_compiles_for_sm_80() {
+    every_kernel_file_compiles_for("sm_80");
+}
+
+#[test]
+fn every_kernel_file_compiles_for_sm_87() {
+    every_kernel_file_compiles_for("sm_87");
+}
+
+#[test]
+fn every_kernel_file_compiles_for_sm_90() {
+    every_kernel_file_compiles_for("sm_90");
+}
+
+/// A PTX image (compiled for the virtual architecture, no ptxas run) is the real architecture's
+/// PTX text: what the emulator runs is what a GPU's cubin was made from.
+#[test]
+fn ptx_images_are_the_real_architectures_ptx() {
+    let compiler = KernelCompiler::with_cache_dir("sm_80", None).unwrap();
+    let ptx = compiler.compile_file("embedding.cu", ImageKind::Ptx).unwrap();
+    let module = compiler.compile_file_with_report("embedding.cu").unwrap();
+    assert_eq!(String::from_utf8(ptx).unwrap(), module.ptx);
 }
 
 #[test]

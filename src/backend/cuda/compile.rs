@@ -194,6 +194,34 @@ impl KernelCompiler {
     }
 
     fn compile_uncached(&self, name: &str, source: &str, kind: ImageKind) -> Result<Vec<u8>> {
+        // PTX for the virtual architecture (compute_80 for sm_80): the same text, but NVRTC stops
+        // there instead of also running ptxas, which is a third of the time of the big modules.
+        let program = match kind {
+            ImageKind::Ptx => self.run_nvrtc(name, source, &self.arch.replacen("sm_", "compute_", 1), &[])?,
+            ImageKind::Cubin => self.run_nvrtc(name, source, &self.arch, &[])?,
+        };
+        match kind {
+            ImageKind::Ptx => program.ptx(),
+            ImageKind::Cubin => program.cubin(),
+        }
+    }
+
+    /// Kernel file `file` compiled once for the real architecture with ptxas's verbose report,
+    /// never from the cache: its PTX, its cubin, and each kernel's registers and spills (the check
+    /// CI runs on every kernel for every architecture).
+    pub fn compile_file_with_report(&self, file: &str) -> Result<CompiledModule> {
+        let program = self.run_nvrtc(file, kernel_source(file)?, &self.arch, &["--ptxas-options=-v"])?;
+        let ptx = String::from_utf8(program.ptx()?)
+            .map_err(|_| Error::Device(format!("NVRTC's PTX of {file} is not UTF-8")))?;
+        let log = program.log();
+        let kernels = parse_ptxas_report(&log)
+            .map_err(|e| Error::Device(format!("ptxas's report of {file} for {}: {e}\n{log}", self.arch)))?;
+        Ok(CompiledModule { ptx, cubin: program.cubin()?, kernels })
+    }
+
+    /// One NVRTC compilation of `source` for `--gpu-architecture=arch`, with the base options and
+    /// `extra`; a compile error names the file and carries NVRTC's log.
+    fn run_nvrtc(&self, name: &str, source: &str, arch: &str, extra: &[&str]) -> Result<Program> {
         use cudarc::nvrtc::sys;
         let cstr = |s: &str, what: &str| {
             CString::new(s).map_err(|_| Error::Device(format!("kernel {what} {name} contains a NUL byte")))
@@ -203,8 +231,9 @@ impl KernelCompiler {
         let headers_c: Vec<CString> = kernel_headers().map(|(_, text)| cstr(text, "header")).collect::<Result<_>>()?;
         let header_names_c: Vec<CString> =
             kernel_headers().map(|(header_name, _)| cstr(header_name, "header name")).collect::<Result<_>>()?;
-        let mut options: Vec<CString> = BASE_OPTIONS.iter().map(|o| cstr(o, "option")).collect::<Result<_>>()?;
-        options.push(cstr(&format!("--gpu-architecture={}", self.arch), "option")?);
+        let mut options: Vec<CString> =
+            BASE_OPTIONS.iter().chain(extra).map(|o| cstr(o, "option")).collect::<Result<_>>()?;
+        options.push(cstr(&format!("--gpu-architecture={arch}"), "option")?);
         let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
 
         let mut program: sys::nvrtcProgram = std::ptr::null_mut();
@@ -235,28 +264,59 @@ impl KernelCompiler {
                 program.log().trim_end()
             )));
         }
-        let mut size = 0usize;
-        let mut image;
-        // SAFETY: size queries on a compiled program, then a buffer of exactly that size.
-        unsafe {
-            match kind {
-                ImageKind::Ptx => {
-                    check(sys::nvrtcGetPTXSize(program.0, &mut size), "nvrtcGetPTXSize")?;
-                    image = vec![0u8; size];
-                    check(sys::nvrtcGetPTX(program.0, image.as_mut_ptr() as *mut c_char), "nvrtcGetPTX")?;
-                    // The PTX comes NUL-terminated; keep the text only.
-                    while image.last() == Some(&0) {
-                        image.pop();
-                    }
-                }
-                ImageKind::Cubin => {
-                    check(sys::nvrtcGetCUBINSize(program.0, &mut size), "nvrtcGetCUBINSize")?;
-                    image = vec![0u8; size];
-                    check(sys::nvrtcGetCUBIN(program.0, image.as_mut_ptr() as *mut c_char), "nvrtcGetCUBIN")?;
-                }
+        Ok(program)
+    }
+}
+
+/// A kernel file compiled for a real architecture, with ptxas's report.
+pub struct CompiledModule {
+    pub ptx: String,
+    pub cubin: Vec<u8>,
+    /// Every kernel (entry) of the module, in ptxas's order.
+    pub kernels: Vec<KernelResources>,
+}
+
+/// What ptxas gave one kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelResources {
+    pub name: String,
+    pub registers: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+/// Each kernel's registers and spills from ptxas's `-v` report (its lines "Compiling entry
+/// function 'name'", "N bytes spill stores, M bytes spill loads", "Used R registers").
+fn parse_ptxas_report(log: &str) -> std::result::Result<Vec<KernelResources>, String> {
+    let number_before = |line: &str, word: &str| -> std::result::Result<u32, String> {
+        let at = line.find(word).ok_or_else(|| format!("no `{word}` in `{line}`"))?;
+        let number = line[..at].split_whitespace().last().unwrap_or("");
+        number.parse().map_err(|_| format!("`{number}` before `{word}` in `{line}` is not a count"))
+    };
+    let mut kernels = Vec::new();
+    let mut current: Option<KernelResources> = None;
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            if let Some(unfinished) = current.take() {
+                return Err(format!("no register count for {}", unfinished.name));
+            }
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            current = Some(KernelResources { name, registers: 0, spill_store_bytes: 0, spill_load_bytes: 0 });
+        } else if line.contains("bytes spill stores") {
+            if let Some(kernel) = current.as_mut() {
+                kernel.spill_store_bytes = number_before(line, "bytes spill stores")?;
+                kernel.spill_load_bytes = number_before(line, "bytes spill loads")?;
+            }
+        } else if line.contains("Used") && line.contains("registers") {
+            if let Some(mut kernel) = current.take() {
+                kernel.registers = number_before(line, "registers")?;
+                kernels.push(kernel);
             }
         }
-        Ok(image)
+    }
+    match current {
+        Some(unfinished) => Err(format!("no register count for {}", unfinished.name)),
+        None => Ok(kernels),
     }
 }
 
@@ -278,6 +338,36 @@ fn source_hash<'a>(source: &str, headers: impl Iterator<Item = (&'a str, &'a str
 struct Program(cudarc::nvrtc::sys::nvrtcProgram);
 
 impl Program {
+    /// The PTX text (NUL terminator dropped).
+    fn ptx(&self) -> Result<Vec<u8>> {
+        use cudarc::nvrtc::sys;
+        let mut size = 0usize;
+        // SAFETY: a size query on a compiled program, then a buffer of exactly that size.
+        let mut image = unsafe {
+            check(sys::nvrtcGetPTXSize(self.0, &mut size), "nvrtcGetPTXSize")?;
+            let mut image = vec![0u8; size];
+            check(sys::nvrtcGetPTX(self.0, image.as_mut_ptr() as *mut c_char), "nvrtcGetPTX")?;
+            image
+        };
+        while image.last() == Some(&0) {
+            image.pop();
+        }
+        Ok(image)
+    }
+
+    /// The cubin (compiled for a real architecture only).
+    fn cubin(&self) -> Result<Vec<u8>> {
+        use cudarc::nvrtc::sys;
+        let mut size = 0usize;
+        // SAFETY: a size query on a compiled program, then a buffer of exactly that size.
+        unsafe {
+            check(sys::nvrtcGetCUBINSize(self.0, &mut size), "nvrtcGetCUBINSize")?;
+            let mut image = vec![0u8; size];
+            check(sys::nvrtcGetCUBIN(self.0, image.as_mut_ptr() as *mut c_char), "nvrtcGetCUBIN")?;
+            Ok(image)
+        }
+    }
+
     fn log(&self) -> String {
         use cudarc::nvrtc::sys;
         let mut size = 0usize;
@@ -404,6 +494,31 @@ mod tests {
         let fewer = headers[..headers.len() - 1].iter().copied();
         assert_ne!(source_hash("k", fewer), base, "a header less keeps the hash");
         assert_ne!(source_hash("k2", headers.iter().copied()), base);
+    }
+
+    #[test]
+    fn ptxas_report_gives_each_kernels_registers_and_spills() {
+        let log = "ptxas info    : 64 bytes gmem\n\
+            ptxas info    : Compiling entry function 'first' for 'sm_80'\n\
+            ptxas info    : Function properties for first\n\
+            ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+            ptxas info    : Used 255 registers, used 1 barriers, 444 bytes cmem[0]\n\
+            ptxas info    : Compile time = 571.457 ms\n\
+            ptxas info    : Compiling entry function 'second' for 'sm_80'\n\
+            ptxas info    : Function properties for second\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 32 registers, 428 bytes cmem[0]\n";
+        let kernels = parse_ptxas_report(log).unwrap();
+        let resources = |name: &str, registers, spill_store_bytes, spill_load_bytes| KernelResources {
+            name: name.into(),
+            registers,
+            spill_store_bytes,
+            spill_load_bytes,
+        };
+        assert_eq!(kernels, vec![resources("first", 255, 4, 12), resources("second", 32, 0, 0)]);
+        // A kernel with no register line is an error, not a kernel with 0 registers.
+        let cut = &log[..log.find("Used 32").unwrap()];
+        assert!(parse_ptxas_report(cut).unwrap_err().contains("second"));
     }
 
     #[test]
