@@ -82,49 +82,59 @@ impl SharedShadow {
             | (self.warp_epochs[(t / 32) as usize] as u64) << 32
             | (t as u64) << TID_SHIFT
             | if atomic { ATOMIC } else { 0 };
-        // The bytes of one access usually share their history: a byte whose records equal the
-        // first byte's records before the update gets the first byte's updated records.
-        let first_old = self.recs[off];
+        // Neighbouring bytes usually share their history (a word written by one thread): a byte
+        // whose records equal the previous byte's gets the previous byte's update, unchecked again.
+        let mut previous: Option<([u64; 2], ([u64; 2], [u32; 2]))> = None;
         for i in off..off + len {
-            let [w, r] = self.recs[i];
-            if i > off && [w, r] == first_old {
-                self.recs[i] = self.recs[off];
-                self.lines[i] = self.lines[off];
-                continue;
-            }
-            // Against the last write: any access races unless ordered or both atomic.
-            if epoch(w) == self.epoch && !self.ordered(w, t) && !(atomic && w & ATOMIC != 0) {
-                return Some(Race {
-                    other_tid: tid(w),
-                    other_line: self.lines[i][0],
-                    other_write: true,
-                    byte: i as u64,
-                });
-            }
-            let reader_live = epoch(r) == self.epoch;
-            if write && reader_live && !(atomic && r & ATOMIC != 0) {
-                let unordered = !self.ordered(r, t);
-                if unordered || (r & MANY != 0 && tid(r) / 32 != t / 32) {
-                    return Some(Race {
-                        other_tid: tid(r),
-                        other_line: self.lines[i][1],
-                        other_write: false,
-                        byte: i as u64,
-                    });
-                }
-            }
-            if write {
-                // An atomic also reads: it stays as a reader that only atomics may follow.
-                self.recs[i] = [me, if atomic { me } else { 0 }];
-                self.lines[i] = [line, line];
-            } else if !reader_live || tid(r) == t || self.ordered(r, t) {
-                let many = if reader_live { r & MANY } else { 0 };
-                self.recs[i][1] = me | many;
-                self.lines[i][1] = line;
-            } else if r & MANY == 0 {
-                self.recs[i][1] = r | MANY;
-            }
+            let old = self.recs[i];
+            let new = match previous {
+                Some((previous_old, previous_new)) if previous_old == old => previous_new,
+                _ => match self.step(old, self.lines[i], me, t, line, write, atomic) {
+                    Ok(new) => new,
+                    Err(race) => return Some(Race { byte: i as u64, ..race }),
+                },
+            };
+            (self.recs[i], self.lines[i]) = new;
+            previous = Some((old, new));
         }
         None
+    }
+
+    /// One byte's check and update for an access by thread `t` (record `me`): the byte's new
+    /// [last write, reads since] and their lines, or the race (its `byte` left for the caller).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn step(
+        &self,
+        [w, r]: [u64; 2],
+        lines: [u32; 2],
+        me: u64,
+        t: u32,
+        line: u32,
+        write: bool,
+        atomic: bool,
+    ) -> Result<([u64; 2], [u32; 2]), Race> {
+        // Against the last write: any access races unless ordered or both atomic.
+        if epoch(w) == self.epoch && !self.ordered(w, t) && !(atomic && w & ATOMIC != 0) {
+            return Err(Race { other_tid: tid(w), other_line: lines[0], other_write: true, byte: 0 });
+        }
+        let reader_live = epoch(r) == self.epoch;
+        if write && reader_live && !(atomic && r & ATOMIC != 0) {
+            let unordered = !self.ordered(r, t);
+            if unordered || (r & MANY != 0 && tid(r) / 32 != t / 32) {
+                return Err(Race { other_tid: tid(r), other_line: lines[1], other_write: false, byte: 0 });
+            }
+        }
+        Ok(if write {
+            // An atomic also reads: it stays as a reader that only atomics may follow.
+            ([me, if atomic { me } else { 0 }], [line, line])
+        } else if !reader_live || tid(r) == t || self.ordered(r, t) {
+            let many = if reader_live { r & MANY } else { 0 };
+            ([w, me | many], [lines[0], line])
+        } else if r & MANY == 0 {
+            ([w, r | MANY], lines)
+        } else {
+            ([w, r], lines)
+        })
     }
 }

@@ -162,24 +162,13 @@ impl SmWork {
         self.shared_requests += 1;
         let phase_lanes = if bytes <= 4 { 32 } else { (128 / bytes.min(16)) as u32 };
         let words_per_lane = bytes.div_ceil(4).max(1);
-        let mut phase = u32::MAX;
-        // Distinct words per bank in the current phase (at most 32 lanes x 4 words).
-        let mut words = [0u64; 128];
-        let mut n = 0usize;
-        for &(lane, offset) in lanes {
-            if lane / phase_lanes != phase {
-                self.shared_wavefronts += phase_wavefronts(&mut words[..n]);
-                n = 0;
-                phase = lane / phase_lanes;
-            }
-            for k in 0..words_per_lane {
-                if n < words.len() {
-                    words[n] = offset / 4 + k;
-                    n += 1;
-                }
-            }
+        let mut rest = lanes;
+        while let Some(&(lane, _)) = rest.first() {
+            let phase = lane / phase_lanes;
+            let end = rest.iter().position(|&(l, _)| l / phase_lanes != phase).unwrap_or(rest.len());
+            self.shared_wavefronts += phase_wavefronts(&rest[..end], words_per_lane);
+            rest = &rest[end..];
         }
-        self.shared_wavefronts += phase_wavefronts(&mut words[..n]);
     }
 
     pub fn add(&mut self, other: &SmWork) {
@@ -195,19 +184,38 @@ impl SmWork {
     }
 }
 
-/// Wavefronts of one phase touching these 4-byte words (shared offsets / 4, repeats allowed): the
-/// most distinct words any bank holds.
-fn phase_wavefronts(words: &mut [u64]) -> u64 {
-    if words.is_empty() {
-        return 0;
+/// Wavefronts of one phase (a non-empty run of lanes, each touching `words_per_lane` 4-byte words
+/// from its shared offset): the most distinct words any bank holds.
+fn phase_wavefronts(lanes: &[(u32, u64)], words_per_lane: u64) -> u64 {
+    let words = || lanes.iter().flat_map(move |&(_, offset)| (0..words_per_lane).map(move |k| offset / 4 + k));
+    // The usual case first, with no sorting (the emulator's hot path): no bank holds two distinct
+    // words (conflict-free, or broadcasts), so one wavefront.
+    let (mut seen, mut first) = (0u32, [0u64; BANKS as usize]);
+    let conflict = words().any(|w| {
+        let bank = (w % BANKS) as usize;
+        if seen & (1 << bank) == 0 {
+            seen |= 1 << bank;
+            first[bank] = w;
+            false
+        } else {
+            first[bank] != w
+        }
+    });
+    if !conflict {
+        return 1;
     }
-    words.sort_unstable();
+    let mut sorted = [0u64; 128];
+    let mut n = 0;
+    for w in words().take(sorted.len()) {
+        sorted[n] = w;
+        n += 1;
+    }
+    let sorted = &mut sorted[..n];
+    sorted.sort_unstable();
     let mut per_bank = [0u64; BANKS as usize];
-    let mut previous = u64::MAX;
-    for &w in words.iter() {
-        if w != previous {
+    for (i, &w) in sorted.iter().enumerate() {
+        if i == 0 || w != sorted[i - 1] {
             per_bank[(w % BANKS) as usize] += 1;
-            previous = w;
         }
     }
     per_bank.into_iter().max().unwrap_or(1)
