@@ -23,6 +23,9 @@ fn tid(r: u64) -> u32 {
     ((r >> TID_SHIFT) & 0x7ff) as u32
 }
 
+/// A byte's new [last write, reads since] and the PTX lines of those accesses.
+type ByteUpdate = ([u64; 2], [u32; 2]);
+
 pub struct Race {
     /// The earlier access: thread, PTX line, and whether it was a write.
     pub other_tid: u32,
@@ -84,7 +87,7 @@ impl SharedShadow {
             | if atomic { ATOMIC } else { 0 };
         // Neighbouring bytes usually share their history (a word written by one thread): a byte
         // whose records equal the previous byte's gets the previous byte's update, unchecked again.
-        let mut previous: Option<([u64; 2], ([u64; 2], [u32; 2]))> = None;
+        let mut previous: Option<([u64; 2], ByteUpdate)> = None;
         for i in off..off + len {
             let old = self.recs[i];
             let new = match previous {
@@ -113,7 +116,7 @@ impl SharedShadow {
         line: u32,
         write: bool,
         atomic: bool,
-    ) -> Result<([u64; 2], [u32; 2]), Race> {
+    ) -> Result<ByteUpdate, Race> {
         // Against the last write: any access races unless ordered or both atomic.
         if epoch(w) == self.epoch && !self.ordered(w, t) && !(atomic && w & ATOMIC != 0) {
             return Err(Race { other_tid: tid(w), other_line: lines[0], other_write: true, byte: 0 });
