@@ -16,7 +16,9 @@
 mod common;
 
 use common::guidance_checks::{check_guided_step, check_pgd_iteration, check_purification, guidance};
-use common::networks::{classifier_against_cpu, purification_against_cpu, relu_vjp_agrees, seed, unet_against_cpu};
+use common::networks::{
+    classifier_against_cpu, classifier_against_cpu_off_kinks, purification_against_cpu, seed, unet_against_cpu,
+};
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::Precision;
 use purifier::model::UnetConfig;
@@ -71,14 +73,22 @@ fn classifiers_forward_and_vjp() {
     for precision in [Precision::F32, Precision::Bf16] {
         let Some(b) = gpu(precision) else { return };
         for wide in [false, true] {
-            let seed = seed();
-            let [logits, features, vjp, off] = classifier_against_cpu(&b, wide, 4, seed);
+            // f32: at an input with no ReLU kink, where the VJP is held to 1e-5; 16-bit storage
+            // moves many ReLU inputs across 0, which the VJP's 0.3 allows for.
+            let first_seed = seed();
+            let (seed, c) = match precision {
+                Precision::F32 => classifier_against_cpu_off_kinks(&b, wide, 4, first_seed),
+                _ => (first_seed, classifier_against_cpu(&b, wide, 4, first_seed)),
+            };
             let name = if wide { "WRN-16-2" } else { "ResNet-20" };
-            println!("{name} {precision}: logits {logits:.2e}, features {features:.2e}, VJP {vjp:.2e} (seed {seed})");
+            println!(
+                "{name} {precision}: logits {:.2e}, features {:.2e}, VJP {:.2e} (seed {seed})",
+                c.logits, c.features, c.vjp
+            );
             let (tol, vjp_tol) = (tolerance(precision, 1e-5, 1e-2), tolerance(precision, 1e-5, 0.3));
             assert!(
-                logits < tol && features < tol && relu_vjp_agrees(vjp, off, vjp_tol),
-                "{name} {precision} over {tol:e} (VJP {vjp_tol:e}) (seed {seed})"
+                c.logits < tol && c.features < tol && c.vjp < vjp_tol,
+                "{name} {precision} over {tol:e} (VJP {vjp_tol:e}): {c:?} (seed {seed})"
             );
         }
     }

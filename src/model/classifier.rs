@@ -438,6 +438,24 @@ impl<B: Backend> Classifier<B> {
         Ok(plan.dinput.as_ref().expect("checked by enqueue_input_vjp"))
     }
 
+    /// The ReLU outputs of the plan's last forward: the tensors whose zeros mask the backward
+    /// (`input_vjp`'s `relu_backward` inputs). A cross-backend check reads them to tell a ReLU
+    /// kink (an input within rounding of 0, where the gradient is discontinuous and backends may
+    /// rightly differ) from an error.
+    pub fn relu_outputs<'p>(&self, plan: &'p ClassifierPlan<B>) -> Vec<&'p B::Tensor> {
+        let mut outputs: Vec<&B::Tensor> = plan.head.iter().collect();
+        for (k, (unit, bufs)) in self.blocks.iter().zip(&plan.blocks).enumerate() {
+            match &unit.kind {
+                Block::Basic { .. } => outputs.extend([&plan.outputs[k + 1], &bufs.hidden]),
+                Block::PreAct { .. } => outputs.extend([&bufs.hidden].into_iter().chain(&bufs.activated)),
+            }
+        }
+        if self.stem.relu {
+            outputs.push(&plan.outputs[0]);
+        }
+        outputs
+    }
+
     /// `input_vjp` without the closing `synchronize` (see `enqueue_forward`).
     pub(crate) fn enqueue_input_vjp<'p>(
         &self,

@@ -3,7 +3,7 @@
 //! tests/cuda_end_to_end.rs (the GPU suite). Each returns the relative L2 distances it found, for
 //! the caller to print and hold against its tolerance.
 use purifier::backend::cpu::CpuBackend;
-use purifier::backend::Backend;
+use purifier::backend::{Backend, Precision};
 use purifier::diffusion::{GradientPath, Guidance};
 use purifier::model::params::DeterministicParams;
 use purifier::model::{Classifier, Unet, UnetConfig};
@@ -54,7 +54,9 @@ pub fn unet_against_cpu<B: Backend>(b: &B, config: &UnetConfig, n: usize, seed: 
     (super::relative_error(&eps, &eps_ref), super::relative_error(&grad, &grad_ref))
 }
 
-fn classifier_outputs<B: Backend>(b: &B, wide: bool, x: &[f32], n: usize, seed: u64) -> [Vec<f32>; 3] {
+/// A classifier's logits, features and input VJP (of `sum(dlogits * logits) + sum(dfeatures *
+/// features)`, dlogits and dfeatures drawn from the seed), and its forward's ReLU outputs.
+fn classifier_outputs<B: Backend>(b: &B, wide: bool, x: &[f32], n: usize, seed: u64) -> ([Vec<f32>; 3], Vec<Vec<f32>>) {
     let mut src = DeterministicParams::new(b, 11);
     let net = if wide {
         Classifier::load_wide(&mut src, 16, 2).unwrap()
@@ -65,34 +67,78 @@ fn classifier_outputs<B: Backend>(b: &B, wide: bool, x: &[f32], n: usize, seed: 
     let x = b.upload(x, &[n, 3, 32, 32]).unwrap();
     net.forward(b, &mut plan, &x).unwrap();
     let (logits, features) = (b.download(&plan.logits).unwrap(), b.download(&plan.features).unwrap());
+    let relu_outputs = net.relu_outputs(&plan).into_iter().map(|t| b.download(t).unwrap()).collect();
     let dlogits = b.upload(&super::uniform(logits.len(), seed ^ 1), &[n, net.num_classes]).unwrap();
     let dfeatures = b.upload(&super::uniform(features.len(), seed ^ 2), &[n, net.feature_dim()]).unwrap();
     let grad = b.download(net.input_vjp(b, &mut plan, Some(&dlogits), Some(&dfeatures)).unwrap()).unwrap();
-    [logits, features, grad]
+    ([logits, features, grad], relu_outputs)
 }
 
-/// ResNet-20 (or WRN-16-2 when `wide`) at batch `n`: (logits, features, input VJP) errors, and
-/// the fraction of the VJP's elements off by more than 1e-5 of its norm (`relu_vjp_agrees`).
-pub fn classifier_against_cpu<B: Backend>(b: &B, wide: bool, n: usize, seed: u64) -> [f64; 4] {
+/// A classifier on a backend against the CPU: relative L2 errors, and the ReLU kinks between them.
+#[derive(Clone, Copy, Debug)]
+pub struct ClassifierComparison {
+    pub logits: f64,
+    pub features: f64,
+    pub vjp: f64,
+    /// ReLU inputs the two forwards put on opposite sides of 0, each within `KINK` of its layer's
+    /// RMS of it (f32 storage; 16-bit rounding moves far more across, and is not counted).
+    pub kinks: usize,
+}
+
+/// How near 0 (over the layer's RMS) a ReLU input whose sign two f32 forwards disagree on must
+/// be for the disagreement to be rounding: their summation orders differ by some 1e-7. Seen:
+/// 3.0e-8 (ResNet-20, seed 1892829, one kink, input VJP off by 3.75e-3 over a 5x5 patch).
+const KINK: f32 = 1e-4;
+
+/// ReLU-output pairs whose masks differ, all within `KINK` (else a panic: the forwards disagree).
+fn relu_kinks(got: &[Vec<f32>], want: &[Vec<f32>], seed: u64) -> usize {
+    let mut kinks = 0;
+    for (layer, (g, w)) in got.iter().zip(want).enumerate() {
+        let rms = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            if (*a > 0.0) != (*b > 0.0) {
+                assert!(
+                    a.abs().max(b.abs()) <= KINK * rms,
+                    "ReLU output {layer}, element {i}: {a} against the CPU's {b} (RMS {rms}): the forwards disagree \
+                     (seed {seed})"
+                );
+                kinks += 1;
+            }
+        }
+    }
+    kinks
+}
+
+/// ResNet-20 (or WRN-16-2 when `wide`) at batch `n` against the CPU.
+pub fn classifier_against_cpu<B: Backend>(b: &B, wide: bool, n: usize, seed: u64) -> ClassifierComparison {
     let x = super::uniform(n * 3 * 32 * 32, seed);
-    let got = classifier_outputs(b, wide, &x, n, seed);
-    let want = classifier_outputs(&CpuBackend, wide, &x, n, seed);
+    let (got, got_relu) = classifier_outputs(b, wide, &x, n, seed);
+    let (want, want_relu) = classifier_outputs(&CpuBackend, wide, &x, n, seed);
     let [logits, features, vjp] = [0, 1, 2].map(|i| super::relative_error(&got[i], &want[i]));
-    let norm = want[2].iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-    let off = got[2].iter().zip(&want[2]).filter(|(g, w)| ((**g - **w) as f64).abs() > 1e-5 * norm).count();
-    [logits, features, vjp, off as f64 / want[2].len() as f64]
+    let kinks = if b.precision() == Precision::F32 { relu_kinks(&got_relu, &want_relu, seed) } else { 0 };
+    ClassifierComparison { logits, features, vjp, kinks }
 }
 
-/// Whether a ReLU network's input VJP agrees with the CPU's: within `tolerance` (relative L2), or
-/// off only where rounding put a pre-activation on the other side of zero on one backend, so that
-/// its ReLU took the other branch there. Such a flip changes the gradient on that unit's receptive
-/// field in its own sample alone, which for a deep unit can span its whole image: at most half the
-/// elements of the tests' batches of two or more, and 1e-2 overall. (Measured in f32 on the
-/// emulator, WRN-16-2: seed 485622900, 78 of 6144 elements in a 2x3 corner patch of one image,
-/// relative L2 4.1e-3; seed 413021716, 7.2% of the elements, 4.05e-3.) A wrong kernel moves every
-/// sample, and by more.
-pub fn relu_vjp_agrees(error: f64, fraction_off: f64, tolerance: f64) -> bool {
-    error < tolerance || (fraction_off <= 0.5 && error < 1e-2)
+/// `classifier_against_cpu` at an input with no ReLU kink, from `seed` on (the seed used is
+/// returned). At a kink the input VJP jumps: one activation falling the other side of 0 moves the
+/// gradient over its receptive field (a few 1e-3 of relative L2), which says nothing of the
+/// kernels, so such an input is replaced by a fresh one (said on the output), five at most.
+pub fn classifier_against_cpu_off_kinks<B: Backend>(
+    b: &B,
+    wide: bool,
+    n: usize,
+    seed: u64,
+) -> (u64, ClassifierComparison) {
+    let mut seed = seed;
+    for _ in 0..5 {
+        let comparison = classifier_against_cpu(b, wide, n, seed);
+        if comparison.kinks == 0 {
+            return (seed, comparison);
+        }
+        println!("seed {seed}: {} ReLU input(s) within rounding of 0, a kink: a fresh input", comparison.kinks);
+        seed = seed.wrapping_add(1000);
+    }
+    panic!("five inputs in a row with ReLU kinks: the forwards disagree by more than rounding (last seed {seed})");
 }
 
 /// The guidance modes and paths a purification can run, by name.
