@@ -4,15 +4,18 @@
 //
 // Kernels: attention_forward_mma_<T>_d<D>, T in {bf16, f16}, D in {64, 128, 256} (the padded head
 // dim: C <= D, C a multiple of 8; columns past C are zeros in shared memory).
-// FlashAttention-2 style: each warp owns 16 queries; the block's queries (16 x warps, the launcher
-// picks the warps: blockDim.x / 32) sit in shared memory, keys and values stream through it 16 at a
-// time. S = Q K^T with mma.sync.m16n8k16 (f32 accumulation) from ldmatrix fragments; online softmax
-// in f32 on the accumulator registers (each thread holds 2 rows x 4 keys; row max and sum over the
-// 4 threads of a quad); P is rounded to T and reused in registers as the A operand of O += P V,
-// with V's B fragments from ldmatrix.trans. The per-query log-sum-exp is written in f32.
+// FlashAttention-2 style: a block of 4 warps owns 64 queries, each warp 16, as mma A fragments
+// loaded once into registers; keys and values stream through shared memory 32 at a time, each
+// tile's K and V in buffers of their own, so the next tile's keys load (cp.async) while this
+// tile's softmax and P V run, and its values while the next scores run. S = Q K^T with
+// mma.sync.m16n8k16 (f32 accumulation, K's B fragments by ldmatrix); online softmax in f32 on the
+// accumulator registers (each thread holds 2 rows x 8 keys; row max and sum over the 4 threads of
+// a quad), in log2 units so that each probability is one ex2; P is rounded to T and reused in
+// registers as the A operand of O += P V, with V's B fragments from ldmatrix.trans. The per-query
+// log-sum-exp is written in f32 (natural log).
 // Precision: products of T values exact in f32, f32 accumulation and softmax; P rounded to T once.
-// Shared memory (dynamic): (16 x warps + 32) rows of D + 8 halves (the pad keeps the 8 rows one
-// ldmatrix reads in distinct banks).
+// Shared memory (dynamic): 64 query rows and 2 x 32 key/value rows of D + 8 halves (the pad keeps
+// the 8 rows one ldmatrix reads in distinct banks): 66 KiB at D = 256, 34 at 128, 18 at 64.
 // The backward (attention_backward_row_terms_<T>, attention_backward_dq_mma_<T>_d<D>,
 // attention_backward_dkdv_mma_<T>_d<D>) is at the end of the file, with its own comment.
 // Hot kernels (no spills allowed): attention_forward_mma_<T>_d128 and _d256, and the bf16 backward
@@ -20,20 +23,27 @@
 #include "common.cuh"
 
 namespace attention_mma {
-constexpr int KEYS = 16;  // keys per tile
+constexpr int KEYS = 32;  // keys per tile
+constexpr int WARPS = 4;  // warps per block, 16 queries each
 }
 
-// rows x D tile of an N x L x C tensor of T into shared (row stride D + 8) by cp.async, zeros past
-// L and past C (C a multiple of 8, the tensor 16-byte aligned: the launcher checks).
-template <int D, typename T>
+// ROWS x D tile of an N x L x C tensor of T into shared (row stride D + 8) by cp.async, zeros past
+// L and past C (C a multiple of 8, the tensor 16-byte aligned: the launcher checks), by a block of
+// THREADS threads. Each thread keeps one 16-byte column and steps down the rows, its source moved
+// a fixed stride at a time: no division, one 64-bit multiply a call.
+template <int D, int THREADS, int ROWS, typename T>
 __device__ __forceinline__ void attention_copy_rows(unsigned short* tile, const T* __restrict__ src, long long sample,
-                                                    int row0, int rows, int positions, int channels) {
-    constexpr int CHUNKS = D / 8;
-    for (int i = threadIdx.x; i < rows * CHUNKS; i += blockDim.x) {
-        const int row = i / CHUNKS, c = (i % CHUNKS) * 8;
-        const bool inside = row0 + row < positions && c < channels;
-        const T* from = inside ? src + sample + (long long)(row0 + row) * channels + c : src;
-        cp_async_16(shared_address(tile + row * (D + 8) + c), from, inside ? 16 : 0);
+                                                    int row0, int positions, int channels) {
+    constexpr int CHUNKS = D / 8, ROW_STEP = THREADS / CHUNKS;
+    static_assert(THREADS % CHUNKS == 0, "a thread's column stays the same down the rows");
+    const int c = (threadIdx.x % CHUNKS) * 8, first = threadIdx.x / CHUNKS;
+    const bool column_inside = c < channels;
+    const T* from = src + sample + (long long)(row0 + first) * channels + c;
+    const long long stride = (long long)ROW_STEP * channels;
+#pragma unroll
+    for (int row = first; row < ROWS; row += ROW_STEP, from += stride) {
+        const bool inside = column_inside && row0 + row < positions;
+        cp_async_16(shared_address(tile + row * (D + 8) + c), inside ? from : src, inside ? 16 : 0);
     }
 }
 
@@ -43,63 +53,84 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
                                                       float* __restrict__ logsumexp, int positions, int channels,
                                                       float scale) {
     using namespace attention_mma;
-    constexpr int ROW = D + 8;
+    constexpr int ROW = D + 8, QUERIES = 16 * WARPS, THREADS = 32 * WARPS;
+    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
     extern __shared__ __align__(16) unsigned short attention_shared[];
-    const int warps = blockDim.x / 32;
-    const int block_queries = 16 * warps;
-    unsigned short* q_tile = attention_shared;           // block_queries x ROW
-    unsigned short* k_tile = q_tile + block_queries * ROW;  // KEYS x ROW
-    unsigned short* v_tile = k_tile + KEYS * ROW;           // KEYS x ROW
+    unsigned short* q_tile = attention_shared;        // QUERIES x ROW
+    unsigned short* k_tile = q_tile + QUERIES * ROW;  // KEYS x ROW
+    unsigned short* v_tile = k_tile + KEYS * ROW;     // KEYS x ROW
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
     const int n = blockIdx.y;
-    const int query0 = blockIdx.x * block_queries;
+    const int query0 = blockIdx.x * QUERIES;
     const long long sample = (long long)n * positions * channels;
+    const int tiles = (positions + KEYS - 1) / KEYS;
+    const float scale_log2 = scale * LOG2E;  // scores in log2 units: exp(x) = exp2(x log2 e)
 
-    // Lands with the first key tile (its cp_async_wait).
-    attention_copy_rows<D>(q_tile, q, sample, query0, block_queries, positions, channels);
+    // Two groups in flight from here on: {queries, keys 0}, then {values 0}; each tile then
+    // commits its successor's keys, then its values (empty groups past the end keep the count).
+    attention_copy_rows<D, THREADS, QUERIES>(q_tile, q, sample, query0, positions, channels);
+    attention_copy_rows<D, THREADS, KEYS>(k_tile, k, sample, 0, positions, channels);
+    cp_async_commit();
+    attention_copy_rows<D, THREADS, KEYS>(v_tile, v, sample, 0, positions, channels);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // queries and the first keys are in shared for every warp
+
+    // This warp's 16 queries as A fragments, for every k-step of the scores.
+    unsigned qa[D / 16][4];
+    const int q_row = warp * 16 + (lane % 16), q_col = (lane / 16) * 8;
+#pragma unroll
+    for (int kc = 0; kc < D; kc += 16) ldmatrix_x4(qa[kc / 16], shared_address(q_tile + q_row * ROW + kc + q_col));
 
     float o[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[j][e] = 0.0f;
-    // Rows g and g + 8 of this warp's 16 queries: running max, and this thread's part of the sum.
+    // Rows g and g + 8 of this warp's 16 queries: running max (log2 units), and this thread's part
+    // of the sum.
     float row_max[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)};
     float row_sum[2] = {0.0f, 0.0f};
 
-    const int q_row = warp * 16 + (lane % 16), q_col = (lane / 16) * 8;
     const int k_row = (lane / 16) * 8 + (lane % 8), k_col = ((lane / 8) % 2) * 8;
     const int v_row = (lane % 8) + ((lane / 8) % 2) * 8, v_col = (lane / 16) * 8;
 
-    for (int key0 = 0; key0 < positions; key0 += KEYS) {
-        __syncthreads();  // the previous tile is consumed (the first time: nothing to wait for)
-        attention_copy_rows<D>(k_tile, k, sample, key0, KEYS, positions, channels);
-        attention_copy_rows<D>(v_tile, v, sample, key0, KEYS, positions, channels);
-        cp_async_commit();
-        cp_async_wait<0>();
-        __syncthreads();
-
-        // S (16 queries x 16 keys): two n8 tiles of keys.
-        float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-        for (int kc = 0; kc < D; kc += 16) {
-            unsigned a[4], b[4];
-            ldmatrix_x4(a, shared_address(q_tile + q_row * ROW + kc + q_col));
-            ldmatrix_x4(b, shared_address(k_tile + k_row * ROW + kc + k_col));
-            mma_m16n8k16<T>(s[0], a, b[0], b[1]);
-            mma_m16n8k16<T>(s[1], a, b[2], b[3]);
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int key0 = tile * KEYS;
+        if (tile > 0) {
+            cp_async_wait<1>();  // this tile's keys (its values may still be in flight)
+            __syncthreads();
         }
+        // S (16 queries x 32 keys): four n8 tiles of keys.
+        float s[KEYS / 8][4];
+#pragma unroll
+        for (int j = 0; j < KEYS / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = 0.0f;
+#pragma unroll
+        for (int kc = 0; kc < D; kc += 16)
+#pragma unroll
+            for (int n0 = 0; n0 < KEYS; n0 += 16) {
+                unsigned b[4];
+                ldmatrix_x4(b, shared_address(k_tile + (n0 + k_row) * ROW + kc + k_col));
+                mma_m16n8k16<T>(s[n0 / 8], qa[kc / 16], b[0], b[1]);
+                mma_m16n8k16<T>(s[n0 / 8 + 1], qa[kc / 16], b[2], b[3]);
+            }
+        __syncthreads();  // every warp is done with these keys: the next ones may land
+        if (tile + 1 < tiles)
+            attention_copy_rows<D, THREADS, KEYS>(k_tile, k, sample, key0 + KEYS, positions, channels);
+        cp_async_commit();
 
         // Online softmax; element e of tile j is key key0 + 8 j + 2 t + (e % 2), row g + 8 (e / 2).
         float tile_max[2] = {-__int_as_float(0x7f800000), -__int_as_float(0x7f800000)};
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < KEYS / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const bool valid = key0 + 8 * j + 2 * t + (e % 2) < positions;
-                s[j][e] = valid ? s[j][e] * scale : -__int_as_float(0x7f800000);
+                s[j][e] = valid ? s[j][e] * scale_log2 : -__int_as_float(0x7f800000);
                 tile_max[e / 2] = fmaxf(tile_max[e / 2], s[j][e]);
             }
         float correction[2];
@@ -108,15 +139,15 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
             tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
             tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
             const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: the tile has a valid key
-            correction[r] = expf(row_max[r] - new_max);           // 0 on the first tile
+            correction[r] = exp2f(row_max[r] - new_max);          // 0 on the first tile
             row_max[r] = new_max;
             row_sum[r] *= correction[r];
         }
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < KEYS / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                s[j][e] = expf(s[j][e] - row_max[e / 2]);  // 0 for masked keys
+                s[j][e] = exp2f(s[j][e] - row_max[e / 2]);  // 0 for masked keys
                 row_sum[e / 2] += s[j][e];
             }
 #pragma unroll
@@ -124,20 +155,30 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
 #pragma unroll
             for (int e = 0; e < 4; ++e) o[j][e] *= correction[e / 2];
 
-        // P as the A operand (16 x 16 keys): the accumulator layout of the two key tiles is the
-        // m16k16 fragment layout.
-        const unsigned p[4] = {pack_x2<T>(s[0][0], s[0][1]), pack_x2<T>(s[0][2], s[0][3]),
-                               pack_x2<T>(s[1][0], s[1][1]), pack_x2<T>(s[1][2], s[1][3])};
+        cp_async_wait<1>();  // this tile's values (the next keys may still be in flight)
+        __syncthreads();
+        // O += P V, 16 keys a k-step: the accumulator layout of key tiles 2 kk and 2 kk + 1 is the
+        // m16k16 A fragment layout.
 #pragma unroll
-        for (int c0 = 0; c0 < D; c0 += 16) {
-            unsigned b[4];
-            ldmatrix_x4_trans(b, shared_address(v_tile + v_row * ROW + c0 + v_col));
-            mma_m16n8k16<T>(o[c0 / 8], p, b[0], b[1]);
-            mma_m16n8k16<T>(o[c0 / 8 + 1], p, b[2], b[3]);
+        for (int kk = 0; kk < KEYS / 16; ++kk) {
+            const unsigned p[4] = {pack_x2<T>(s[2 * kk][0], s[2 * kk][1]), pack_x2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_x2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_x2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int c0 = 0; c0 < D; c0 += 16) {
+                unsigned b[4];
+                ldmatrix_x4_trans(b, shared_address(v_tile + (16 * kk + v_row) * ROW + c0 + v_col));
+                mma_m16n8k16<T>(o[c0 / 8], p, b[0], b[1]);
+                mma_m16n8k16<T>(o[c0 / 8 + 1], p, b[2], b[3]);
+            }
         }
+        __syncthreads();  // every warp is done with these values
+        if (tile + 1 < tiles)
+            attention_copy_rows<D, THREADS, KEYS>(v_tile, v, sample, key0 + KEYS, positions, channels);
+        cp_async_commit();
     }
 
-    // Totals over the quad, then out = O / sum and lse = max + log(sum).
+    // Totals over the quad, then out = O / sum and lse = (max + log2(sum)) ln 2.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
@@ -154,12 +195,12 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
             const int c = 8 * j + 2 * t;
             if (c < channels) store_float2(out, row + c, make_float2(o[j][2 * r] * inv_sum, o[j][2 * r + 1] * inv_sum));
         }
-        if (t == 0) logsumexp[(long long)n * positions + query] = row_max[r] + logf(row_sum[r]);
+        if (t == 0) logsumexp[(long long)n * positions + query] = (row_max[r] + log2f(row_sum[r])) * LN2;
     }
 }
 
 #define ATTENTION_MMA_ENTRY(name, T, D)                                                                     \
-    extern "C" __global__ void __launch_bounds__(128)                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * attention_mma::WARPS)                                  \
         attention_forward_mma_##name##_d##D(const T* __restrict__ q, const T* __restrict__ k,               \
                                             const T* __restrict__ v, T* __restrict__ out,                   \
                                             float* __restrict__ logsumexp, int positions, int channels,     \
@@ -414,7 +455,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
                                                           int positions, int channels, float scale, int accumulate) {
     using namespace attention_backward_tiles;
     using Shape = AttentionBackwardShape<D>;
-    constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS;
+    constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS, THREADS = 32 * Shape::WARPS;
     constexpr int STAGE = 2 * STREAM * ROW;  // keys, then values
     extern __shared__ __align__(16) unsigned short attention_shared[];
     unsigned short* q_rows = attention_shared;           // BLOCK_ROWS x ROW
@@ -430,10 +471,10 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
     const long long sample = (long long)n * positions * channels;
     const int tiles = (positions + STREAM - 1) / STREAM;
 
-    attention_copy_rows<D>(q_rows, q, sample, query0, BLOCK_ROWS, positions, channels);
-    attention_copy_rows<D>(do_rows, dout_rounded, sample, query0, BLOCK_ROWS, positions, channels);
-    attention_copy_rows<D>(stages, k, sample, 0, STREAM, positions, channels);
-    attention_copy_rows<D>(stages + STREAM * ROW, v, sample, 0, STREAM, positions, channels);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(q_rows, q, sample, query0, positions, channels);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(do_rows, dout_rounded, sample, query0, positions, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages, k, sample, 0, positions, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, v, sample, 0, positions, channels);
     cp_async_commit();
     // Rows g and g + 8 of this warp's 16: log-sum-exp and D_i (0 past L: those rows are not written).
     float row_lse[2], row_delta[2];
@@ -456,8 +497,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
         __syncthreads();  // this tile is in shared for every warp, and the other stage is consumed
         if (tile + 1 < tiles) {
             unsigned short* next = stages + ((tile + 1) % STAGES) * STAGE;
-            attention_copy_rows<D>(next, k, sample, (tile + 1) * STREAM, STREAM, positions, channels);
-            attention_copy_rows<D>(next + STREAM * ROW, v, sample, (tile + 1) * STREAM, STREAM, positions, channels);
+            attention_copy_rows<D, THREADS, STREAM>(next, k, sample, (tile + 1) * STREAM, positions, channels);
+            attention_copy_rows<D, THREADS, STREAM>(next + STREAM * ROW, v, sample, (tile + 1) * STREAM, positions,
+                                                    channels);
         }
         cp_async_commit();
         const unsigned short* keys = stages + (tile % STAGES) * STAGE;
@@ -493,7 +535,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                                                             float scale, int accumulate) {
     using namespace attention_backward_tiles;
     using Shape = AttentionBackwardShape<D>;
-    constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS;
+    constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS, THREADS = 32 * Shape::WARPS;
     constexpr int STAGE = 2 * STREAM * ROW;  // queries, then their dout
     extern __shared__ __align__(16) unsigned short attention_shared[];
     unsigned short* k_rows = attention_shared;           // BLOCK_ROWS x ROW
@@ -510,10 +552,10 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
     const long long sample = (long long)n * positions * channels;
     const int tiles = (positions + STREAM - 1) / STREAM;
 
-    attention_copy_rows<D>(k_rows, k, sample, key_base, BLOCK_ROWS, positions, channels);
-    attention_copy_rows<D>(v_rows, v, sample, key_base, BLOCK_ROWS, positions, channels);
-    attention_copy_rows<D>(stages, q, sample, 0, STREAM, positions, channels);
-    attention_copy_rows<D>(stages + STREAM * ROW, dout_rounded, sample, 0, STREAM, positions, channels);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(k_rows, k, sample, key_base, positions, channels);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(v_rows, v, sample, key_base, positions, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages, q, sample, 0, positions, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, dout_rounded, sample, 0, positions, channels);
     attention_copy_row_values(stage_terms, logsumexp, n, 0, STREAM, positions);
     attention_copy_row_values(stage_terms + STREAM, row_terms, n, 0, STREAM, positions);
     cp_async_commit();
@@ -533,8 +575,9 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         if (tile + 1 < tiles) {
             const int next_row = (tile + 1) * STREAM, s = (tile + 1) % STAGES;
             unsigned short* next = stages + s * STAGE;
-            attention_copy_rows<D>(next, q, sample, next_row, STREAM, positions, channels);
-            attention_copy_rows<D>(next + STREAM * ROW, dout_rounded, sample, next_row, STREAM, positions, channels);
+            attention_copy_rows<D, THREADS, STREAM>(next, q, sample, next_row, positions, channels);
+            attention_copy_rows<D, THREADS, STREAM>(next + STREAM * ROW, dout_rounded, sample, next_row, positions,
+                                                    channels);
             attention_copy_row_values(stage_terms + s * 2 * STREAM, logsumexp, n, next_row, STREAM, positions);
             attention_copy_row_values(stage_terms + s * 2 * STREAM + STREAM, row_terms, n, next_row, STREAM,
                                       positions);

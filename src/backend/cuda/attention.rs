@@ -27,6 +27,9 @@ pub struct AttentionLaunch {
 const QUERIES_PER_BLOCK: usize = 8;
 const THREADS: u32 = 128;
 const KEYS_PER_TILE: usize = 16;
+/// The tensor-core forward's tiling (kernels/attention_mma.cu, `attention_mma`).
+const MMA_FORWARD_WARPS: usize = 4;
+const MMA_KEYS_PER_TILE: usize = 32;
 /// The register accumulator variants: `_c4`, `_c8`, `_c16` hold up to 64, 128, 256 channels.
 const CHANNEL_VARIANTS: [usize; 3] = [4, 8, 16];
 pub const MAX_CHANNELS: usize = 256;
@@ -148,12 +151,13 @@ impl AttentionLaunch {
                 )));
             }
             let dim = MMA_HEAD_DIMS.into_iter().find(|&d| d >= c).unwrap_or(256);
-            // 16 queries per warp; 2 warps at D = 256 keep the shared tiles under 48 KiB.
-            let warps = if dim > 128 { 2 } else { 4 };
-            let rows = 16 * warps + 2 * KEYS_PER_TILE;
+            // kernels/attention_mma.cu: 16 queries a warp; the queries and a key and a value tile
+            // in shared memory, rows of D + 8 halves (66 KiB at D = 256).
+            let queries = 16 * MMA_FORWARD_WARPS;
+            let rows = queries + 2 * MMA_KEYS_PER_TILE;
             let config = LaunchConfig {
-                grid: [self.positions.div_ceil(16 * warps) as u32, self.batch as u32, 1],
-                block: [32 * warps as u32, 1, 1],
+                grid: [self.positions.div_ceil(queries) as u32, self.batch as u32, 1],
+                block: [32 * MMA_FORWARD_WARPS as u32, 1, 1],
                 dynamic_shared_bytes: (rows * (dim + 8) * 2) as u32,
             };
             return Ok((format!("attention_forward_mma_{}_d{dim}", dtype_name(self.dtype)), config));
