@@ -225,8 +225,10 @@ ATTENTION_MMA_ENTRY(f16, f16, 256)
 //       caller's dout_rounded (the plans' dout is f32: rounded once here, every later read is a
 //       16-byte copy of T; the kernels below once re-rounded it element-wise for every tile, and
 //       the dk/dv kernel's every key block re-read all of it).
-//   attention_backward_dq_mma_<T>_d<D>    a block owns 64 queries (q and dout rows resident in
-//       shared); keys and values stream through shared 32 at a time: S = Q K^T and dP = dO V^T by
+//   attention_backward_dq_mma_<T>_d<D>    a block owns 64 queries (q and dout rows resident, each
+//       warp's as A fragments in registers, loaded once; the dk/dv kernel's resident k and v stay in
+//       shared: its two accumulators leave no registers for them); keys and values stream through
+//       shared 32 at a time: S = Q K^T and dP = dO V^T by
 //       mma, P = exp(S scale - lse), dS = P (dP - D) on the accumulator registers, dq += dS K
 //       (dS rounded to T as the A operand, K's B fragments by ldmatrix.trans).
 //   attention_backward_dkdv_mma_<T>_d<D>  a block owns 64 keys (k and v rows resident); queries
@@ -295,13 +297,36 @@ __device__ __forceinline__ void attention_copy_row_values(float* dst, const floa
     }
 }
 
-// acc (16 x COLS) = this warp's 16 rows of `a_rows` (from a_row0) times COLS rows of `b_rows` (B's
-// "col" operand: its rows are the n index), over D: n-tile j covers b rows 8 j .. 8 j + 7.
-template <typename T, int D, int COLS>
-__device__ __forceinline__ void attention_scores(float (&acc)[COLS / 8][4], const unsigned short* a_rows, int a_row0,
+// The A operand of the scores, a warp's 16 resident rows over D, k-step by k-step: read from
+// shared memory each time (`SharedRowsA`), or held in registers (`RegisterRowsA`, loaded once: the
+// resident rows do not change while the other side streams).
+template <int D>
+struct SharedRowsA {
+    const unsigned short* lane_row;  // the row and column this lane's ldmatrix address starts at
+    // `rows`: the block's resident rows (stride D + 8), `row0`: this warp's first.
+    __device__ __forceinline__ static SharedRowsA at(const unsigned short* rows, int row0, int lane) {
+        return {rows + (row0 + lane % 16) * (D + 8) + (lane / 16) * 8};
+    }
+    __device__ __forceinline__ void fragment(unsigned (&a)[4], int kc, int) const {
+        ldmatrix_x4(a, shared_address(lane_row + kc));
+    }
+};
+
+template <int D>
+struct RegisterRowsA {
+    const unsigned (&held)[D / 16][4];
+    __device__ __forceinline__ void fragment(unsigned (&a)[4], int kc, int) const {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = held[kc / 16][e];
+    }
+};
+
+// acc (16 x COLS) = this warp's 16 resident rows (`a`) times COLS rows of `b_rows` (B's "col"
+// operand: its rows are the n index), over D: n-tile j covers b rows 8 j .. 8 j + 7.
+template <typename T, int D, int COLS, typename A>
+__device__ __forceinline__ void attention_scores(float (&acc)[COLS / 8][4], const A& a_rows,
                                                  const unsigned short* b_rows, int lane) {
     constexpr int ROW = D + 8;
-    const int a_row = a_row0 + (lane % 16), a_col = (lane / 16) * 8;
     const int b_row = (lane / 16) * 8 + (lane % 8), b_col = ((lane / 8) % 2) * 8;
 #pragma unroll
     for (int j = 0; j < COLS / 8; ++j)
@@ -310,7 +335,7 @@ __device__ __forceinline__ void attention_scores(float (&acc)[COLS / 8][4], cons
 #pragma unroll
     for (int kc = 0; kc < D; kc += 16) {
         unsigned a[4];
-        ldmatrix_x4(a, shared_address(a_rows + a_row * ROW + kc + a_col));
+        a_rows.fragment(a, kc, lane);
 #pragma unroll
         for (int n0 = 0; n0 < COLS; n0 += 16) {
             unsigned b[4];
@@ -372,9 +397,13 @@ __device__ __forceinline__ void attention_swap_with_partner(float (&p)[N][4], fl
 }
 
 // The operands of one scores step: S = s_rows (16 resident rows) x s_cols^T (COLS streamed rows),
-// dP = dp_rows x dp_cols^T.
+// dP = dp_rows x dp_cols^T; the resident rows are an A source (`SharedRowsA`, `RegisterRowsA`).
+template <typename A>
 struct AttentionScoreOperands {
-    const unsigned short *s_rows, *s_cols, *dp_rows, *dp_cols;
+    A s_rows;
+    const unsigned short* s_cols;
+    A dp_rows;
+    const unsigned short* dp_cols;
 };
 
 // One scores step of the backward, shared by the dq and dk/dv kernels (which differ in what is
@@ -382,23 +411,23 @@ struct AttentionScoreOperands {
 // (e % 2) is past L) and dS = P (dP - D), on the accumulator layout (element e of n-tile j).
 // `lse_at(j, e)` and `delta_at(j, e)` give that element's log-sum-exp and D_i. SPLIT = 2: this
 // warp computes S (role 0, and P from it) or dP (role 1) and swaps with its partner.
-template <typename T, int D, int SPLIT, int COLS, typename LseAt, typename DeltaAt>
+template <typename T, int D, int SPLIT, int COLS, typename A, typename LseAt, typename DeltaAt>
 __device__ __forceinline__ void attention_backward_p_ds(float (&p)[COLS / 8][4], float (&ds)[COLS / 8][4],
-                                                        const AttentionScoreOperands& ops, int rows0, int col0,
-                                                        int positions, float scale, LseAt lse_at, DeltaAt delta_at,
-                                                        float* pair_slots, int role, int lane) {
+                                                        const AttentionScoreOperands<A>& ops, int col0, int positions,
+                                                        float scale, LseAt lse_at, DeltaAt delta_at, float* pair_slots,
+                                                        int role, int lane) {
     const int t = lane % 4;
     const auto probability = [&](float score, int j, int e) {
         const bool valid = col0 + 8 * j + 2 * t + (e % 2) < positions;
         return valid ? expf(score * scale - lse_at(j, e)) : 0.0f;
     };
     if constexpr (SPLIT == 1) {
-        attention_scores<T, D, COLS>(p, ops.s_rows, rows0, ops.s_cols, lane);
-        attention_scores<T, D, COLS>(ds, ops.dp_rows, rows0, ops.dp_cols, lane);
+        attention_scores<T, D, COLS>(p, ops.s_rows, ops.s_cols, lane);
+        attention_scores<T, D, COLS>(ds, ops.dp_rows, ops.dp_cols, lane);
     } else {
         float mine[COLS / 8][4];
-        attention_scores<T, D, COLS>(mine, role == 0 ? ops.s_rows : ops.dp_rows, rows0,
-                                     role == 0 ? ops.s_cols : ops.dp_cols, lane);
+        attention_scores<T, D, COLS>(mine, role == 0 ? ops.s_rows : ops.dp_rows, role == 0 ? ops.s_cols : ops.dp_cols,
+                                     lane);
         if (role == 0) {
 #pragma unroll
             for (int j = 0; j < COLS / 8; ++j)
@@ -492,6 +521,19 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
+    // This warp's resident operands as A fragments, loaded once: q (for S) and dout (for dP), or
+    // where warps pair up the one its role needs.
+    cp_async_wait<0>();
+    __syncthreads();
+    unsigned held[3 - SPLIT][D / 16][4];
+#pragma unroll
+    for (int h = 0; h < 3 - SPLIT; ++h)
+#pragma unroll
+        for (int kc = 0; kc < D; kc += 16)
+            SharedRowsA<D>::at(h == 1 || role == 1 ? do_rows : q_rows, rows0, lane)
+                .fragment(held[h][kc / 16], kc, lane);
+    const RegisterRowsA<D> q_held{held[0]}, do_held{held[2 - SPLIT]};
+
     for (int tile = 0; tile < tiles; ++tile) {
         cp_async_wait<0>();
         __syncthreads();  // this tile is in shared for every warp, and the other stage is consumed
@@ -511,7 +553,9 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
             // Element e of n-tile j: query row g + 8 (e / 2), key key0 + 8 j + 2 t + (e % 2).
             float p[COLS / 8][4], ds[COLS / 8][4];
             attention_backward_p_ds<T, D, SPLIT, COLS>(
-                p, ds, {q_rows, keys + step * ROW, do_rows, values + step * ROW}, rows0, key0, positions, scale,
+                p, ds,
+                AttentionScoreOperands<RegisterRowsA<D>>{q_held, keys + step * ROW, do_held, values + step * ROW}, key0,
+                positions, scale,
                 [&](int, int e) { return row_lse[e / 2]; }, [&](int, int e) { return row_delta[e / 2]; },
                 exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
 #pragma unroll
@@ -560,6 +604,8 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
     attention_copy_row_values(stage_terms + STREAM, row_terms, n, 0, STREAM, positions);
     cp_async_commit();
 
+    const SharedRowsA<D> k_resident = SharedRowsA<D>::at(k_rows, rows0, lane);
+    const SharedRowsA<D> v_resident = SharedRowsA<D>::at(v_rows, rows0, lane);
     float dk_acc[DW / 8][4], dv_acc[DW / 8][4];
 #pragma unroll
     for (int j = 0; j < DW / 8; ++j)
@@ -596,7 +642,10 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
             const auto local = [&](int j, int e) { return step + 8 * j + 2 * t + (e % 2); };
             float p[COLS / 8][4], ds[COLS / 8][4];  // P^T, dS^T
             attention_backward_p_ds<T, D, SPLIT, COLS>(
-                p, ds, {k_rows, queries + step * ROW, v_rows, douts + step * ROW}, rows0, query0, positions, scale,
+                p, ds,
+                AttentionScoreOperands<SharedRowsA<D>>{k_resident, queries + step * ROW, v_resident,
+                                                       douts + step * ROW},
+                query0, positions, scale,
                 [&](int j, int e) { return lse[local(j, e)]; }, [&](int j, int e) { return delta[local(j, e)]; },
                 exchange + (rows0 / 16) * 2 * COLS * 16, role, lane);
 #pragma unroll
