@@ -307,7 +307,7 @@ struct SharedRowsA {
     __device__ __forceinline__ static SharedRowsA at(const unsigned short* rows, int row0, int lane) {
         return {rows + (row0 + lane % 16) * (D + 8) + (lane / 16) * 8};
     }
-    __device__ __forceinline__ void fragment(unsigned (&a)[4], int kc, int) const {
+    __device__ __forceinline__ void fragment(unsigned (&a)[4], int kc) const {
         ldmatrix_x4(a, shared_address(lane_row + kc));
     }
 };
@@ -315,7 +315,7 @@ struct SharedRowsA {
 template <int D>
 struct RegisterRowsA {
     const unsigned (&held)[D / 16][4];
-    __device__ __forceinline__ void fragment(unsigned (&a)[4], int kc, int) const {
+    __device__ __forceinline__ void fragment(unsigned (&a)[4], int kc) const {
 #pragma unroll
         for (int e = 0; e < 4; ++e) a[e] = held[kc / 16][e];
     }
@@ -335,7 +335,7 @@ __device__ __forceinline__ void attention_scores(float (&acc)[COLS / 8][4], cons
 #pragma unroll
     for (int kc = 0; kc < D; kc += 16) {
         unsigned a[4];
-        a_rows.fragment(a, kc, lane);
+        a_rows.fragment(a, kc);
 #pragma unroll
         for (int n0 = 0; n0 < COLS; n0 += 16) {
             unsigned b[4];
@@ -530,8 +530,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
     for (int h = 0; h < 3 - SPLIT; ++h)
 #pragma unroll
         for (int kc = 0; kc < D; kc += 16)
-            SharedRowsA<D>::at(h == 1 || role == 1 ? do_rows : q_rows, rows0, lane)
-                .fragment(held[h][kc / 16], kc, lane);
+            SharedRowsA<D>::at(h == 1 || role == 1 ? do_rows : q_rows, rows0, lane).fragment(held[h][kc / 16], kc);
     const RegisterRowsA<D> q_held{held[0]}, do_held{held[2 - SPLIT]};
 
     for (int tile = 0; tile < tiles; ++tile) {
