@@ -191,12 +191,12 @@ benchmarks() {
   BATCHES=1 REPEATS=3 PROFILE_BATCH=1 bench "$LARGE-bf16-guided" 120 --config "$LARGE" --precision bf16 \
     --modes pixel,adversarial --skip-start-up "${baseline[@]}" ${baseline:+--baseline-variants eager}
   # Split-K's worth at small batch: the same UNet rows with it off (PURIFIER_CONV_SPLIT_K=off).
-  PURIFIER_CONV_SPLIT_K=off BATCHES=1,16 T_STAR=1 PROFILE_BATCH=1 bench "$LARGE-bf16-no-split-k" 60 \
+  PURIFIER_CONV_SPLIT_K=off BATCHES=$SPLIT_BATCHES T_STAR=1 PROFILE_BATCH=1 bench "$LARGE-bf16-no-split-k" 60 \
     --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
   # The wide conv tile's worth at large batch: the same rows with it off (PURIFIER_CONV_WIDE=off).
   PURIFIER_CONV_WIDE=off BATCHES=$WIDE_BATCHES T_STAR=1 bench "$LARGE-bf16-no-wide" 60 \
     --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
-  BATCHES=1,256 T_STAR=1 bench "$LARGE-bf16-compile" 180 --config "$LARGE" --precision bf16 --modes none \
+  BATCHES=$COMPILE_BATCHES T_STAR=1 bench "$LARGE-bf16-compile" 180 --config "$LARGE" --precision bf16 --modes none \
     --skip-attack-gradient --skip-start-up \
     "${baseline[@]}" ${baseline:+--baseline-variants compile}
   bench cifar10-small-bf16 90 --config cifar10-small --precision bf16 --modes none --skip-attack-gradient --skip-start-up \
@@ -211,14 +211,14 @@ case "$MODE" in
   build) build ;;
   run|checks|bench)
     DEVICE=cuda LIMIT_SCALE=1 LARGE=cifar10 T_STAR=100 PURIFY_BATCH=64 PROFILE_BATCH=64 BATCHES=1,16,64,256 REPEATS=10
-    WIDE_BATCHES=64,256
+    SPLIT_BATCHES=1,16 WIDE_BATCHES=64,256 COMPILE_BATCHES=1,256
     if [ "$MODE" = run ]; then PHASES=checks,bench REPORT=gpu-suite; else PHASES=$MODE REPORT=gpu-suite-$MODE; fi
     run "${2:-540}" ;;
   smoke)
     # Here, without a GPU: the same steps on the PTX emulator, tiny sizes, no baseline.
     # The emulator is some thousand times slower than a GPU: each step gets 6 times its limit.
     DEVICE=emulator LIMIT_SCALE=6 LARGE=cifar10-small T_STAR=1 PURIFY_BATCH=1 PROFILE_BATCH=1 BATCHES=1 REPEATS=1
-    WIDE_BATCHES=2
+    SPLIT_BATCHES=1 WIDE_BATCHES=2 COMPILE_BATCHES=1
     OUT="${OUT:-$ROOT/target/gpu-suite-smoke}" PHASES=checks,bench REPORT=gpu-suite
     run "${2:-3600}" ;;
   unpack)
