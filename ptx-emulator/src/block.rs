@@ -10,6 +10,7 @@ use crate::ir::*;
 use crate::memory::Allocation;
 use crate::report::{Report, ReportKind};
 use crate::shadow::SharedShadow;
+use crate::timing::{block_cycles, WarpClock, BARRIER_LATENCY};
 use crate::traffic::{GlobalTraffic, SmWork};
 
 /// What every block of a launch shares.
@@ -23,6 +24,8 @@ pub struct LaunchCtx<'a> {
     pub consts: &'a [u8],
     pub allocs: &'a [Arc<Allocation>],
     pub freed: &'a [(u32, u64, u64)],
+    /// Run the latency model (`timing`) alongside.
+    pub timing: bool,
 }
 
 impl LaunchCtx<'_> {
@@ -79,6 +82,10 @@ pub struct BlockEnv<'a> {
 /// What one block did: thread-instructions, global traffic, and its SM work.
 pub struct BlockCounts {
     pub thread_instructions: u64,
+    /// The most warp-instructions one of the block's warps issued.
+    pub longest_warp: u64,
+    /// The latency model's time for the block (0 when the launch does not run it).
+    pub cycles: u64,
     pub global: GlobalTraffic,
     pub sm: SmWork,
 }
@@ -129,6 +136,10 @@ struct Warp {
     st: [u8; 32],
     bar_id: [u32; 32],
     bar_count: [u32; 32],
+    /// Warp-instructions this warp has issued (its serial depth: a warp issues one a cycle at most).
+    issued: u64,
+    /// The latency model's clock, when the launch runs it.
+    clock: Option<WarpClock>,
 }
 
 fn lane_mask_of(regs: &[u64], slot: Slot, lane: usize) -> u32 {
@@ -165,7 +176,22 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         }
         let live: u32 = warps.iter().map(|w| w.st.iter().filter(|&&s| s != EXITED).count() as u32).sum();
         if live == 0 {
-            return Ok(BlockCounts { thread_instructions: count, global: env.traffic, sm: env.work });
+            let longest_warp = warps.iter().map(|w| w.issued).max().unwrap_or(0);
+            let cycles = if l.timing {
+                block_cycles(
+                    warps.iter().filter_map(|w| w.clock.as_ref()).map(WarpClock::now),
+                    env.work.warp_instructions,
+                )
+            } else {
+                0
+            };
+            return Ok(BlockCounts {
+                thread_instructions: count,
+                longest_warp,
+                cycles,
+                global: env.traffic,
+                sm: env.work,
+            });
         }
         if !release_barriers(&mut env, &mut warps, live)? {
             return Err(deadlock(&env, &warps, f));
@@ -205,13 +231,14 @@ fn new_warp(l: &LaunchCtx, env: &BlockEnv, w: u32, nthreads: u32) -> Warp {
             regs[s as usize * 32 + lane as usize] = v;
         }
     }
+    let clock = l.timing.then(|| WarpClock::new(f.nslots as usize));
     let mut st = [READY; 32];
     for (lane, s) in st.iter_mut().enumerate() {
         if w * 32 + lane as u32 >= nthreads {
             *s = EXITED;
         }
     }
-    Warp { id: w, regs, pc: [0; 32], st, bar_id: [0; 32], bar_count: [0; 32] }
+    Warp { id: w, regs, pc: [0; 32], st, bar_id: [0; 32], bar_count: [0; 32], issued: 0, clock }
 }
 
 fn advance(w: &mut Warp, lanes: u32) {
@@ -297,6 +324,10 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
         count += exec.count_ones() as u64;
         steps += 1;
         env.work.warp_instructions += 1;
+        w.issued += 1;
+        if let Some(clock) = w.clock.as_mut() {
+            clock.issue(inst);
+        }
         env.work.mix[crate::traffic::instruction_kind(inst)] += 1;
         if matches!(inst.op, Op::Div | Op::Rem) && !inst.ty.float() {
             env.work.integer_divisions += 1;
@@ -553,7 +584,14 @@ fn release_barriers(env: &mut BlockEnv, warps: &mut [Warp], live: u32) -> Result
                 }
             }
         }
+        let at_barrier = |w: &Warp| (0..32).any(|l| w.st[l] == AT_BAR && w.bar_id[l] == id);
+        let last_arrival =
+            warps.iter().filter(|w| at_barrier(w)).filter_map(|w| w.clock.as_ref()).map(WarpClock::now).max();
         for w in warps.iter_mut() {
+            let arrived = at_barrier(w);
+            if let (Some(clock), Some(last), true) = (w.clock.as_mut(), last_arrival, arrived) {
+                clock.resume_at(last + BARRIER_LATENCY);
+            }
             for l in 0..32 {
                 if w.st[l] == AT_BAR && w.bar_id[l] == id {
                     w.st[l] = READY;

@@ -13,6 +13,7 @@ pub mod memory;
 pub mod parse;
 pub mod report;
 pub mod shadow;
+pub mod timing;
 pub mod traffic;
 
 use std::collections::HashMap;
@@ -132,6 +133,14 @@ pub struct Dims {
 pub struct LaunchStats {
     pub thread_instructions: u64,
     pub blocks: u64,
+    /// The most warp-instructions any one warp of the launch issued: a bound on the launch's time
+    /// however many SMs it has (a warp issues at most one instruction a cycle), what decides a
+    /// small launch's latency when its blocks are few.
+    pub longest_warp: u64,
+    /// The latency model's block times (`timing`), the longest and their sum; 0 unless the launch
+    /// ran it (`LaunchOptions::timing`).
+    pub block_cycles_max: u64,
+    pub block_cycles_sum: u64,
     /// Global loads and stores per warp-level access, in 32-byte sectors (`traffic`).
     pub global: GlobalTraffic,
     /// Issue slots, tensor-core instructions and shared-memory wavefronts (`traffic::SmWork`).
@@ -192,6 +201,16 @@ pub fn pack_params(f: &Function, params: &[Vec<u8>]) -> Vec<u8> {
     buf
 }
 
+/// How a launch runs beyond what the kernel and its arguments say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchOptions {
+    /// Run the latency model (`timing`): `LaunchStats::block_cycles_*`. It updates a scoreboard at
+    /// every instruction, so it is off unless asked for (off, it costs a branch an instruction: the
+    /// throughput example ran at 136-145 M thread-instructions per CPU-second with it built in,
+    /// 143-149 without, three runs each).
+    pub timing: bool,
+}
+
 /// Runs a kernel to completion over all blocks (in parallel); the first report, by block order.
 pub fn launch(
     module: &Module,
@@ -199,6 +218,18 @@ pub fn launch(
     dims: &Dims,
     params: &[Vec<u8>],
     mem: &GlobalMemory,
+) -> Result<LaunchStats, LaunchError> {
+    launch_with(module, f, dims, params, mem, LaunchOptions::default())
+}
+
+/// `launch` with `options`.
+pub fn launch_with(
+    module: &Module,
+    f: &Function,
+    dims: &Dims,
+    params: &[Vec<u8>],
+    mem: &GlobalMemory,
+    options: LaunchOptions,
 ) -> Result<LaunchStats, LaunchError> {
     check_launch(f, dims, params).map_err(LaunchError::Invalid)?;
     let packed = pack_params(f, params);
@@ -212,10 +243,13 @@ pub fn launch(
         consts: &module.consts,
         allocs: mem.allocations(),
         freed: mem.freed(),
+        timing: options.timing,
     };
     let nblocks = dims.grid.iter().map(|&x| x as u64).product::<u64>();
     let failed = AtomicBool::new(false);
     let count = AtomicU64::new(0);
+    let longest_warp = AtomicU64::new(0);
+    let (block_cycles_max, block_cycles_sum) = (AtomicU64::new(0), AtomicU64::new(0));
     let traffic = std::sync::Mutex::new((GlobalTraffic::default(), SmWork::default()));
     let first_error = (0..nblocks)
         .into_par_iter()
@@ -226,6 +260,9 @@ pub fn launch(
             match block::run_block(&ctx, b, sh) {
                 Ok(counts) => {
                     count.fetch_add(counts.thread_instructions, Ordering::Relaxed);
+                    longest_warp.fetch_max(counts.longest_warp, Ordering::Relaxed);
+                    block_cycles_max.fetch_max(counts.cycles, Ordering::Relaxed);
+                    block_cycles_sum.fetch_add(counts.cycles, Ordering::Relaxed);
                     let mut sums = traffic.lock().unwrap_or_else(|e| e.into_inner());
                     sums.0.add(&counts.global);
                     sums.1.add(&counts.sm);
@@ -243,7 +280,15 @@ pub fn launch(
         Some((_, r)) => Err(LaunchError::Report(Box::new(r))),
         None => {
             let (global, sm) = traffic.into_inner().unwrap_or_else(|e| e.into_inner());
-            Ok(LaunchStats { thread_instructions: count.into_inner(), blocks: nblocks, global, sm })
+            Ok(LaunchStats {
+                thread_instructions: count.into_inner(),
+                blocks: nblocks,
+                longest_warp: longest_warp.into_inner(),
+                block_cycles_max: block_cycles_max.into_inner(),
+                block_cycles_sum: block_cycles_sum.into_inner(),
+                global,
+                sm,
+            })
         }
     }
 }

@@ -40,6 +40,14 @@ extern "C" __global__ void shared_vectors(float* out) {
   const float4 a = v[31 - i];
   out[i] = a.x + a.y + a.z + a.w;
 }
+extern "C" __global__ void uneven_loops(int* out, int n) {
+  // Warp w of block b loops (2b + w + 1) * n times.
+  const int trips = (2 * blockIdx.x + threadIdx.x / 32 + 1) * n;
+  int acc = threadIdx.x;
+#pragma unroll 1
+  for (int k = 0; k < trips; ++k) acc = acc * 3 + k;
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
 "#;
 
 #[test]
@@ -97,4 +105,21 @@ fn shared_wavefronts_count_bank_conflicts() {
     // 16-byte accesses go a quarter-warp (128 bytes) a wavefront: 4 for the store, 4 for the load.
     let w = dev.run(&m, "shared_vectors", 1, 32, &[p(out)]).sm;
     assert_eq!((w.shared_requests, w.shared_wavefronts), (2, 8));
+}
+
+#[test]
+fn longest_warp_is_the_deepest_warp_of_the_launch() {
+    let mut dev = Dev::new();
+    let Some(m) = dev.load(SRC) else { return };
+    let out = dev.zeros::<i32>(128);
+    let depth = |grid: u32, n: i32| dev.run(&m, "uneven_loops", grid, 64, &[p(out), i(n)]);
+    // The same code runs; only the deepest warp's trip count matters: grid 1's second warp loops
+    // 2n times, grid 2's 4n, as does grid 1's with 2n.
+    let (one, two, one_doubled) = (depth(1, 5), depth(2, 5), depth(1, 10));
+    assert_eq!(two.longest_warp, one_doubled.longest_warp);
+    // Each trip costs the same instructions: 10 more trips, 10 times a trip's cost more than 10 trips.
+    let per_trip = (two.longest_warp - one.longest_warp) / 10;
+    assert!(per_trip > 0 && two.longest_warp - one.longest_warp == 10 * per_trip);
+    // Grid 1, n = 5: warps of 5 and 10 trips, the same code otherwise; the launch's total is both.
+    assert_eq!(one.sm.warp_instructions, 2 * one.longest_warp - 5 * per_trip);
 }

@@ -38,12 +38,24 @@ struct State {
     pending: Option<DriverError>,
     thread_instructions: u64,
     kernels: BTreeMap<String, KernelTotals>,
+    /// Memsets run (each a node of its own in a graph, like a launch).
+    memsets: u64,
+    /// The SM count, when every launch runs the latency model.
+    timing: Option<u32>,
 }
 
 /// What the launches of one kernel did, summed: the emulator's per-kernel counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelTotals {
     pub launches: u64,
+    /// Blocks, summed over the launches.
+    pub blocks: u64,
+    /// Each launch's deepest warp (`LaunchStats::longest_warp`), summed over the launches.
+    pub longest_warps: u64,
+    /// The latency model's time (`ptx_emulator::timing`), summed over the launches, when the
+    /// driver runs it (`EmulatedDriver::timed`); 0 otherwise. A launch takes its slowest block, or
+    /// all its blocks' time spread over the SMs as occupancy allows, whichever is longer.
+    pub modelled_cycles: u64,
     pub thread_instructions: u64,
     /// Global loads and stores in 32-byte sectors per warp-level access (coalescing).
     pub global: GlobalTraffic,
@@ -64,13 +76,19 @@ impl Default for EmulatedDriver {
 
 impl EmulatedDriver {
     pub fn new() -> Self {
+        Self::with_multiprocessors(EMULATED_MULTIPROCESSORS)
+    }
+
+    /// An emulator that reports `multiprocessors` SMs, so that launches are planned as for that
+    /// GPU (132 for an H200's grids); the tests keep the default.
+    pub fn with_multiprocessors(multiprocessors: u32) -> Self {
         let threads = rayon::current_num_threads();
         EmulatedDriver {
             info: DeviceInfo {
-                name: format!("PTX emulator (sm_80, {EMULATED_MULTIPROCESSORS} SMs, {threads} threads)"),
+                name: format!("PTX emulator (sm_80, {multiprocessors} SMs, {threads} threads)"),
                 compute_capability: (8, 0),
                 total_memory: EMULATED_MEMORY,
-                multiprocessors: EMULATED_MULTIPROCESSORS,
+                multiprocessors,
                 max_shared_per_block: ptx_emulator::MAX_SHARED_PER_BLOCK as usize,
                 max_threads_per_block: ptx_emulator::MAX_THREADS_PER_BLOCK,
             },
@@ -84,8 +102,17 @@ impl EmulatedDriver {
                 pending: None,
                 thread_instructions: 0,
                 kernels: BTreeMap::new(),
+                memsets: 0,
+                timing: None,
             }),
         }
+    }
+
+    /// The same driver with the latency model on (`KernelTotals::modelled_cycles`), for the
+    /// examples that study small-batch latency (the tests leave it off).
+    pub fn timed(self) -> Self {
+        self.lock().timing = Some(self.info.multiprocessors);
+        self
     }
 
     /// Thread-instructions executed by all launches so far (the emulator's speed measure).
@@ -101,6 +128,16 @@ impl EmulatedDriver {
         } else {
             state.kernels.clone()
         }
+    }
+
+    /// Memsets run so far; `take` clears the count.
+    pub fn memsets(&self, take: bool) -> u64 {
+        let mut state = self.lock();
+        let n = state.memsets;
+        if take {
+            state.memsets = 0;
+        }
+        n
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -127,11 +164,17 @@ impl State {
                 let module = &self.modules[function_module(&self.functions, *function)];
                 let f = &self.functions[function.0 as usize].1;
                 let dims = Dims { grid: config.grid, block: config.block, dynamic_shared: config.dynamic_shared_bytes };
-                match ptx_emulator::launch(module, f, &dims, args.params(), &self.mem) {
+                let options = ptx_emulator::LaunchOptions { timing: self.timing.is_some() };
+                match ptx_emulator::launch_with(module, f, &dims, args.params(), &self.mem, options) {
                     Ok(stats) => {
                         self.thread_instructions += stats.thread_instructions;
                         let totals = self.kernels.entry(f.name.clone()).or_default();
                         totals.launches += 1;
+                        totals.blocks += stats.blocks;
+                        totals.longest_warps += stats.longest_warp;
+                        if let Some(sms) = self.timing {
+                            totals.modelled_cycles += modelled_launch_cycles(&stats, f, &dims, sms);
+                        }
                         totals.thread_instructions += stats.thread_instructions;
                         totals.global.add(&stats.global);
                         totals.sm.add(&stats.sm);
@@ -145,6 +188,7 @@ impl State {
             }
             Work::Copy { dst, src, bytes } => self.mem.copy(*dst, *src, *bytes as u64).map_err(mem_error),
             Work::Memset { dst, value, count } => {
+                self.memsets += 1;
                 let bytes: Vec<u8> = std::iter::repeat_n(value.to_le_bytes(), *count).flatten().collect();
                 self.mem.write(*dst, &bytes).map_err(mem_error)
             }
@@ -167,6 +211,19 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// A launch's time in the latency model: its slowest block, or its blocks' summed time over the
+/// SMs' concurrent blocks, whichever is longer. Concurrency is what threads (2048 an SM), shared
+/// memory (228 KiB an SM, an H100/H200's) and the 32-block limit allow; registers, which ptxas
+/// alone knows, are not counted.
+fn modelled_launch_cycles(stats: &ptx_emulator::LaunchStats, f: &ptx_emulator::Function, dims: &Dims, sms: u32) -> u64 {
+    let threads = dims.block.iter().product::<u32>().max(1);
+    let shared = if dims.dynamic_shared > 0 { f.dynamic_shared_offset + dims.dynamic_shared } else { f.static_shared };
+    let by_shared = (228u32 << 10).checked_div(shared).unwrap_or(32);
+    let per_sm = (2048 / threads).min(by_shared).clamp(1, 32);
+    let concurrent = u64::from(sms * per_sm);
+    stats.block_cycles_max.max(stats.block_cycles_sum.div_ceil(concurrent))
 }
 
 fn function_module(functions: &[(usize, std::sync::Arc<ptx_emulator::Function>)], f: Function) -> usize {
