@@ -15,7 +15,12 @@
 //                            pixels of a few neighbouring groups (32 bytes of each pixel where the
 //                            groups allow: whole sectors), so batch 1 still fills every SM: the
 //                            host picks chunks;
-//   groupnorm_finalize       one thread per (n, g): merges the chunks into stats;
+//   groupnorm_finalize       one warp per (n, g): each lane merges every 32nd chunk, then the lanes
+//                            merge in a fixed tree (shuffles), into stats. (A thread per (n, g)
+//                            merging the chunks one after another, as it first did, waited for
+//                            one load of partials after another: at batch 1, 30 to 60 round trips
+//                            to memory in one block, the slowest launch of the forward in the
+//                            emulator's latency model, examples/emulator_launch_depth.rs);
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
 //                            a sector used): normalise, affine, SiLU, one rounding.
 //
@@ -26,8 +31,9 @@
 // Three kernels, the same chunking as the forward (batch 1 fills the device):
 //   groupnorm_backward_partial   grid (chunks, G / groups_per_block, N): f32 sums of g and g xhat over
 //                                a slice of pixels;
-//   groupnorm_backward_finalize  one thread per (n, g): the chunks summed in f64, divided by the group
-//                                size; the two means packed after the chunks' sums;
+//   groupnorm_backward_finalize  one warp per (n, g), as the forward's: the chunks summed in f64,
+//                                divided by the group size; the two means packed after the chunks'
+//                                sums;
 //   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx (+)= ..., one rounding.
 #include "common.cuh"
 
@@ -124,22 +130,49 @@ extern "C" __global__ void __launch_bounds__(1024, 1) groupnorm_partial_stats(co
     }
 }
 
+// The finalize kernels' warp: the (n, g) it merges (blockDim a multiple of 32, so a warp exits or
+// stays whole), or -1 past the last.
+__device__ __forceinline__ int finalize_group(const GroupNormShape& s) {
+    const int ng = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    return ng < s.batch * s.groups ? ng : -1;
+}
+
+__device__ __forceinline__ double shfl_xor_double(double v, int offset) {
+    const int hi = __shfl_xor_sync(0xffffffffu, __double2hiint(v), offset);
+    const int lo = __shfl_xor_sync(0xffffffffu, __double2loint(v), offset);
+    return __hiloint2double(hi, lo);
+}
+
+// Chan's merge of (count, mean, m2) with another part's; an empty part changes nothing.
+__device__ __forceinline__ void chan_merge(double& count, double& mean, double& m2, double nb, double mb,
+                                           double m2b) {
+    if (nb == 0.0) return;
+    const double delta = mb - mean, total = count + nb;
+    mean += delta * nb / total;
+    m2 += m2b + delta * delta * count * nb / total;
+    count = total;
+}
+
 extern "C" __global__ void groupnorm_finalize(const float* partials, float* stats, GroupNormShape s, float eps) {
-    const int ng = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ng >= s.batch * s.groups) return;
+    const int ng = finalize_group(s), lane = threadIdx.x & 31;
+    if (ng < 0) return;
     double count = 0.0, mean = 0.0, m2 = 0.0;
-    for (int k = 0; k < s.chunks; ++k) {
+    for (int k = lane; k < s.chunks; k += 32) {
         const float* p = partials + (ng * s.chunks + k) * 3;
-        const double nb = p[0];
-        if (nb == 0.0) continue;
-        const double delta = (double)p[1] - mean, total = count + nb;
-        mean += delta * nb / total;
-        m2 += (double)p[2] + delta * delta * count * nb / total;
-        count = total;
+        chan_merge(count, mean, m2, p[0], p[1], p[2]);
     }
-    const double var = m2 / count;
-    stats[ng * 2] = (float)mean;
-    stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
+    // Lane pairs 16, 8, ... apart: lane 0's result has a fixed order of merges (the same bits
+    // every run); the other lanes' are not used.
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const double nb = shfl_xor_double(count, offset), mb = shfl_xor_double(mean, offset);
+        const double m2b = shfl_xor_double(m2, offset);
+        chan_merge(count, mean, m2, nb, mb, m2b);
+    }
+    if (lane == 0) {
+        const double var = m2 / count;
+        stats[ng * 2] = (float)mean;
+        stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
+    }
 }
 
 // The element-wise kernels take VEC consecutive channels of one pixel per thread (VEC divides Ca,
@@ -259,18 +292,24 @@ __device__ __forceinline__ float* group_means(const float* partials, const Group
 }
 
 extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNormShape s) {
-    const int ng = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ng >= s.batch * s.groups) return;
+    const int ng = finalize_group(s), lane = threadIdx.x & 31;
+    if (ng < 0) return;
     double sum_g = 0.0, sum_g_xhat = 0.0;
-    for (int k = 0; k < s.chunks; ++k) {
+    for (int k = lane; k < s.chunks; k += 32) {
         const float* p = partials + (ng * s.chunks + k) * 3;
         sum_g += p[0];
         sum_g_xhat += p[1];
     }
-    const double len = (double)s.pixels * (s.ca / s.groups);
-    float* means = group_means(partials, s) + ng * 2;
-    means[0] = (float)(sum_g / len);
-    means[1] = (float)(sum_g_xhat / len);
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        sum_g += shfl_xor_double(sum_g, offset);
+        sum_g_xhat += shfl_xor_double(sum_g_xhat, offset);
+    }
+    if (lane == 0) {
+        const double len = (double)s.pixels * (s.ca / s.groups);
+        float* means = group_means(partials, s) + ng * 2;
+        means[0] = (float)(sum_g / len);
+        means[1] = (float)(sum_g_xhat / len);
+    }
 }
 
 template <int VEC>

@@ -356,23 +356,25 @@ fn gradient<B: Backend>(
 
 fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm");
-    // (channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group;
+    // (N, channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group;
     // 8 channels a group, alone and in a concat (8 channels a thread in the element-wise kernel);
-    // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path).
+    // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path); one
+    // sample of one group over 16x16 pixels, which the partial kernel splits into more chunks than
+    // the finalize kernel's warp has lanes (64 on the emulator's 16 SMs).
     let cases = [
-        (64, 0, 32, 8, 8),
-        (32, 32, 32, 4, 4),
-        (6, 0, 1, 5, 3),
-        (8, 4, 4, 3, 5),
-        (64, 0, 8, 3, 3),
-        (16, 16, 4, 3, 2),
-        (66, 0, 2, 3, 3),
-        (16, 8, 6, 3, 4),
-        (32, 0, 32, 5, 3),
+        (2, 64, 0, 32, 8, 8),
+        (2, 32, 32, 32, 4, 4),
+        (2, 6, 0, 1, 5, 3),
+        (2, 8, 4, 4, 3, 5),
+        (2, 64, 0, 8, 3, 3),
+        (2, 16, 16, 4, 3, 2),
+        (2, 66, 0, 2, 3, 3),
+        (2, 16, 8, 6, 3, 4),
+        (2, 32, 0, 32, 5, 3),
+        (1, 8, 0, 1, 16, 16),
     ];
-    for (ca, cb, groups, hh, w) in cases {
+    for (n, ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
-            let n = 2;
             let c = ca + cb;
             let (a, ar) = h.input(&[n, ca, hh, w]);
             // An offset mean: the statistics must not cancel.
@@ -400,8 +402,9 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm_backward");
     // (N, C, groups, H, W): the UNet's 32 groups (at 16x16 and 8x8, batch 1 and 3), one group, an odd
     // size, 8, 4 and 33 channels a group (group_norm_op says why): every vector width of the
-    // element-wise kernel.
+    // element-wise kernel; one group of one sample in more chunks than a warp has lanes.
     let cases = [
+        (1, 8, 1, 16, 16),
         (1, 64, 32, 16, 16),
         (3, 64, 32, 8, 8),
         (2, 6, 1, 5, 3),

@@ -412,6 +412,12 @@ fn groupnorm_launch(ca: usize, cb: usize, groups: usize, element_bytes: usize) -
     GroupNormLaunch { groups_per_block, block: block as u32, vec: vec as i32 }
 }
 
+/// The GroupNorm finalize kernels' launch: a warp per (sample, group), 8 warps a block.
+fn finalize_config(sample_groups: usize) -> LaunchConfig {
+    const WARPS: usize = 8;
+    LaunchConfig::linear(sample_groups.div_ceil(WARPS) as u32, (WARPS * 32) as u32)
+}
+
 /// The widest of `vec`, vec / 2, ..., 1 to which every (pointer, storage type) is aligned: the
 /// element-wise GroupNorm kernels move `vec` elements in one access.
 fn aligned_vec(vec: i32, tensors: &[(DevicePtr, Precision)]) -> i32 {
@@ -753,12 +759,7 @@ impl Backend for CudaBackend {
         };
         self.launch("groupnorm.cu", "groupnorm_partial_stats", grid, partial);
         let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).ptr(stats.ptr).bytes(&shape_bytes).f32(eps);
-        self.launch(
-            "groupnorm.cu",
-            "groupnorm_finalize",
-            LaunchConfig::linear((n * groups).div_ceil(64) as u32, 64),
-            finalize,
-        );
+        self.launch("groupnorm.cu", "groupnorm_finalize", finalize_config(n * groups), finalize);
         let apply = KernelArgs::new()
             .ptr(x.a.ptr)
             .i32(dt)
@@ -835,8 +836,7 @@ impl Backend for CudaBackend {
         };
         self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, inputs().bytes(&shape_bytes));
         let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).bytes(&shape_bytes);
-        let finalize_grid = LaunchConfig::linear((n * groups).div_ceil(64) as u32, 64);
-        self.launch("groupnorm.cu", "groupnorm_backward_finalize", finalize_grid, finalize);
+        self.launch("groupnorm.cu", "groupnorm_backward_finalize", finalize_config(n * groups), finalize);
         let apply = inputs().tensor(dx).i32(vec).i32(store.accumulates() as i32).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len() / vec as usize), apply);
     }
