@@ -33,18 +33,46 @@ __device__ __forceinline__ float silu_grad_f(float v) {
     return s * (1.0f + v * (1.0f - s));
 }
 
+// One lane's share of out[n, o]'s dot product with the storage types known at compile time, four
+// of its steps unrolled so that their loads issue together. (load_dyn branched on the type at
+// every load, which ends ptxas's scheduling region there: each load was waited out before the
+// next issued, and at batch 1 a ResnetBlock's projection, one warp's 16 steps over 512 inputs,
+// spent most of its time so; examples/emulator_launch_depth.rs's latency model.)
+template <typename XT, typename WT>
+__device__ __forceinline__ float linear_lane_sum(const XT* x, const WT* w, int in_features, int silu_input) {
+    float sum = 0.0f;
+#pragma unroll 4
+    for (int i = threadIdx.x & 31; i < in_features; i += 32) {
+        float v = to_float(x[i]);
+        if (silu_input) v = silu_f(v);
+        sum += v * to_float(w[i]);
+    }
+    return sum;
+}
+
+template <typename XT>
+__device__ __forceinline__ float linear_lane_sum(const XT* x, const void* w, int dt_w, int in_features,
+                                                 int silu_input) {
+    if (dt_w == DTYPE_F32) return linear_lane_sum(x, static_cast<const float*>(w), in_features, silu_input);
+    if (dt_w == DTYPE_F16) return linear_lane_sum(x, static_cast<const f16*>(w), in_features, silu_input);
+    return linear_lane_sum(x, static_cast<const bf16*>(w), in_features, silu_input);
+}
+
 extern "C" __global__ void linear(const void* x, int dt_x, const void* w, int dt_w, const float* bias, void* out,
                                   int dt_out, int batch, int in_features, int out_features, int silu_input) {
     const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (warp >= (long long)batch * out_features) return;  // whole warps leave together
     const long long n = warp / out_features, o = warp % out_features;
-    float sum = 0.0f;
-    for (int i = lane; i < in_features; i += 32) {
-        float v = load_dyn(x, dt_x, n * in_features + i);
-        if (silu_input) v = silu_f(v);
-        sum += v * load_dyn(w, dt_w, o * in_features + i);
-    }
+    const long long x0 = n * in_features, w0 = o * in_features;
+    const void* w_row = static_cast<const char*>(w) + w0 * (dt_w == DTYPE_F32 ? 4 : 2);
+    float sum;
+    if (dt_x == DTYPE_F32)
+        sum = linear_lane_sum(static_cast<const float*>(x) + x0, w_row, dt_w, in_features, silu_input);
+    else if (dt_x == DTYPE_F16)
+        sum = linear_lane_sum(static_cast<const f16*>(x) + x0, w_row, dt_w, in_features, silu_input);
+    else
+        sum = linear_lane_sum(static_cast<const bf16*>(x) + x0, w_row, dt_w, in_features, silu_input);
     sum = warp_sum(sum);
     if (lane == 0) store_dyn(out, dt_out, warp, sum + (bias ? bias[o] : 0.0f));
 }

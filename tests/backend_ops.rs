@@ -328,6 +328,12 @@ fn embedding_and_linear<B: Backend>(b: &B, dtype: Precision) {
         b.linear(&x, &w, None, silu, &mut nob);
         h.cpu.linear(&xr, &wr, None, silu, &mut nob_r);
         h.check("linear without bias", &nob, &nob_r);
+        // An f32 input against the weights' type (the kernel picks each operand's type apart).
+        let (x32, x32_r) = h.input_as(&[3, 70], Precision::F32, 1.0);
+        let (mut mixed, mut mixed_r) = h.output(&[3, 33]);
+        b.linear(&x32, &w, Some(&bias), silu, &mut mixed);
+        h.cpu.linear(&x32_r, &wr, Some(&bias_r), silu, &mut mixed_r);
+        h.check("linear, f32 input", &mixed, &mixed_r);
         let (dout, dout_r) = h.input_f32(&[3, 33]);
         for store in [Add, Write] {
             let (mut dx, mut dx_r) = gradient(&mut h, &[3, 70], Precision::F32, store);
