@@ -6,21 +6,23 @@
 //
 // Layout: NHWC (p the pixel index y*W + x); gamma, beta f32 (C); stats f32 (N x G x 2: mean, 1/std),
 // saved for the backward; partials f32 scratch (N x G x chunks x 3, then the backward's N x G x 2
-// group means), allocated once by the backend.
+// group means) and arrivals u32 (one counter per partial kernel's (sample, group slice), zero
+// between launches), allocated once by the backend.
 // Precision: any storage type for a, b and out (run-time codes); statistics in f32 per chunk, two
 // passes (mean, then the sum of squared deviations), the chunks merged with Chan's formula in f64,
 // so a large mean does not cancel the variance; eps added in f64 as on the CPU.
-// Three kernels, the fast and only version:
+// Two kernels, the fast and only version:
 //   groupnorm_partial_stats  grid (chunks, G / groups_per_block, N): each block reduces a slice of
 //                            pixels of a few neighbouring groups (32 bytes of each pixel where the
 //                            groups allow: whole sectors), so batch 1 still fills every SM: the
-//                            host picks chunks;
-//   groupnorm_finalize       one warp per (n, g): each lane merges every 32nd chunk, then the lanes
-//                            merge in a fixed tree (shuffles), into stats. (A thread per (n, g)
-//                            merging the chunks one after another, as it first did, waited for
-//                            one load of partials after another: at batch 1, 30 to 60 round trips
-//                            to memory in one block, the slowest launch of the forward in the
-//                            emulator's latency model, examples/emulator_launch_depth.rs);
+//                            host picks chunks. The last block of a (sample, group slice) to finish
+//                            (an arrival counter) then finalizes its groups: a warp per group, each
+//                            lane merging every 32nd chunk, the lanes merged in a fixed tree
+//                            (shuffles), into stats. (A kernel of its own did that at first, one
+//                            thread per group merging the chunks one load after another: at batch
+//                            1, 30 to 60 round trips to memory, the slowest launch of the forward in
+//                            the emulator's latency model, examples/emulator_launch_depth.rs; then a
+//                            warp per group; now no launch at all.)
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
 //                            a sector used): normalise, affine, SiLU, one rounding.
 //
@@ -28,12 +30,12 @@
 // a concat's gradient), stats from the forward, dx written or accumulated (`accumulate`):
 //   xhat = (x - mean) rstd,  g = dout * silu'(xhat gamma + beta)? * gamma,
 //   dx (+)= rstd (g - mean_group(g) - xhat mean_group(g xhat))
-// Three kernels, the same chunking as the forward (batch 1 fills the device):
+// Two kernels, the same chunking as the forward (batch 1 fills the device):
 //   groupnorm_backward_partial   grid (chunks, G / groups_per_block, N): f32 sums of g and g xhat over
-//                                a slice of pixels;
-//   groupnorm_backward_finalize  one warp per (n, g), as the forward's: the chunks summed in f64,
-//                                divided by the group size; the two means packed after the chunks'
-//                                sums;
+//                                a slice of pixels; the last block of a (sample, group slice) then
+//                                sums the chunks in f64 as the forward merges them (a warp per
+//                                group), divided by the group size: the two means, packed after the
+//                                chunks' sums;
 //   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx (+)= ..., one rounding.
 #include "common.cuh"
 
@@ -100,9 +102,71 @@ __device__ __forceinline__ int2 chunk_pixels(int chunk, const GroupNormShape& s)
     return make_int2(p0, min(p0 + per_chunk, s.pixels));
 }
 
-extern "C" __global__ void __launch_bounds__(1024, 1) groupnorm_partial_stats(const void* a, int dt_a, const void* b,
-                                                                           int dt_b, float* partials,
-                                                                           GroupNormShape s) {
+__device__ __forceinline__ double shfl_xor_double(double v, int offset) {
+    const int hi = __shfl_xor_sync(0xffffffffu, __double2hiint(v), offset);
+    const int lo = __shfl_xor_sync(0xffffffffu, __double2loint(v), offset);
+    return __hiloint2double(hi, lo);
+}
+
+// Chan's merge of (count, mean, m2) with another part's; an empty part changes nothing.
+__device__ __forceinline__ void chan_merge(double& count, double& mean, double& m2, double nb, double mb,
+                                           double m2b) {
+    if (nb == 0.0) return;
+    const double delta = mb - mean, total = count + nb;
+    mean += delta * nb / total;
+    m2 += m2b + delta * delta * count * nb / total;
+    count = total;
+}
+
+// Whether this block is the last of the `expected` blocks counted in `arrival` to get here, after
+// all of them wrote their partial sums. The fence before the count makes this block's sums visible
+// device-wide before its arrival is (release); the fence after it orders the last block's reads of
+// the others' sums after their arrivals (acquire), which it reads past L1 (__ldcg). The last block
+// resets the counter, so it is zero again for the next launch (and the next replay of a graph).
+__device__ __forceinline__ bool last_to_arrive(unsigned* arrival, int expected) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();  // every thread's sums are written and fenced
+    if (threadIdx.x == 0) {
+        last = atomicAdd(arrival, 1u) == (unsigned)expected - 1;
+        if (last) atomicExch(arrival, 0u);
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+// The partial kernels' counter: one per (sample, group slice) of their grid.
+__device__ __forceinline__ unsigned* slice_arrival(unsigned* arrivals) {
+    return arrivals + blockIdx.z * gridDim.y + blockIdx.y;
+}
+
+// Group ng's stats from its chunks' (count, mean, m2), by one warp: each lane merges every 32nd
+// chunk, then lane pairs 16, 8, ... apart merge, so lane 0's result has a fixed order of merges
+// (the same bits every run; the other lanes' are not used).
+__device__ __forceinline__ void finalize_group_stats(const float* partials, float* stats, int ng,
+                                                     const GroupNormShape& s, float eps) {
+    const int lane = threadIdx.x & 31;
+    double count = 0.0, mean = 0.0, m2 = 0.0;
+    for (int k = lane; k < s.chunks; k += 32) {
+        const float* p = partials + (ng * s.chunks + k) * 3;
+        chan_merge(count, mean, m2, __ldcg(p), __ldcg(p + 1), __ldcg(p + 2));
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const double nb = shfl_xor_double(count, offset), mb = shfl_xor_double(mean, offset);
+        const double m2b = shfl_xor_double(m2, offset);
+        chan_merge(count, mean, m2, nb, mb, m2b);
+    }
+    if (lane == 0) {
+        const double var = m2 / count;
+        stats[ng * 2] = (float)mean;
+        stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 1)
+    groupnorm_partial_stats(const void* a, int dt_a, const void* b, int dt_b, float* partials, unsigned* arrivals,
+                            float* stats, float eps, GroupNormShape s) {
     __shared__ float part[1024], sums[32], m2s[32];
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
     const int cpg = (s.ca + s.cb) / s.groups, width = cpg * gs, c0 = g0 * cpg;
@@ -128,51 +192,9 @@ extern "C" __global__ void __launch_bounds__(1024, 1) groupnorm_partial_stats(co
         out[1] = count > 0 ? sums[t] / (float)count : 0.0f;
         out[2] = count > 0 ? m2s[t] : 0.0f;
     }
-}
-
-// The finalize kernels' warp: the (n, g) it merges (blockDim a multiple of 32, so a warp exits or
-// stays whole), or -1 past the last.
-__device__ __forceinline__ int finalize_group(const GroupNormShape& s) {
-    const int ng = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
-    return ng < s.batch * s.groups ? ng : -1;
-}
-
-__device__ __forceinline__ double shfl_xor_double(double v, int offset) {
-    const int hi = __shfl_xor_sync(0xffffffffu, __double2hiint(v), offset);
-    const int lo = __shfl_xor_sync(0xffffffffu, __double2loint(v), offset);
-    return __hiloint2double(hi, lo);
-}
-
-// Chan's merge of (count, mean, m2) with another part's; an empty part changes nothing.
-__device__ __forceinline__ void chan_merge(double& count, double& mean, double& m2, double nb, double mb,
-                                           double m2b) {
-    if (nb == 0.0) return;
-    const double delta = mb - mean, total = count + nb;
-    mean += delta * nb / total;
-    m2 += m2b + delta * delta * count * nb / total;
-    count = total;
-}
-
-extern "C" __global__ void groupnorm_finalize(const float* partials, float* stats, GroupNormShape s, float eps) {
-    const int ng = finalize_group(s), lane = threadIdx.x & 31;
-    if (ng < 0) return;
-    double count = 0.0, mean = 0.0, m2 = 0.0;
-    for (int k = lane; k < s.chunks; k += 32) {
-        const float* p = partials + (ng * s.chunks + k) * 3;
-        chan_merge(count, mean, m2, p[0], p[1], p[2]);
-    }
-    // Lane pairs 16, 8, ... apart: lane 0's result has a fixed order of merges (the same bits
-    // every run); the other lanes' are not used.
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const double nb = shfl_xor_double(count, offset), mb = shfl_xor_double(mean, offset);
-        const double m2b = shfl_xor_double(m2, offset);
-        chan_merge(count, mean, m2, nb, mb, m2b);
-    }
-    if (lane == 0) {
-        const double var = m2 / count;
-        stats[ng * 2] = (float)mean;
-        stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
-    }
+    if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
+    for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5)
+        finalize_group_stats(partials, stats, n * s.groups + g0 + t, s, eps);
 }
 
 // The element-wise kernels take VEC consecutive channels of one pixel per thread (VEC divides Ca,
@@ -255,9 +277,37 @@ __device__ __forceinline__ float2 groupnorm_grad_at(float x, float dy, float mea
     return make_float2(xhat, dy * gamma);
 }
 
+// The backward's two group means (of g and of g xhat), per (n, g), packed after the chunks' sums so
+// that neighbouring threads of the apply kernel read neighbouring words (the backend sizes the
+// scratch for both).
+__device__ __forceinline__ float* group_means(const float* partials, const GroupNormShape& s) {
+    return const_cast<float*>(partials) + s.batch * s.groups * s.chunks * 3;
+}
+
+// Group ng's two means from its chunks' sums, by one warp (as finalize_group_stats).
+__device__ __forceinline__ void finalize_group_means(float* partials, int ng, const GroupNormShape& s) {
+    const int lane = threadIdx.x & 31;
+    double sum_g = 0.0, sum_g_xhat = 0.0;
+    for (int k = lane; k < s.chunks; k += 32) {
+        const float* p = partials + (ng * s.chunks + k) * 3;
+        sum_g += __ldcg(p);
+        sum_g_xhat += __ldcg(p + 1);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        sum_g += shfl_xor_double(sum_g, offset);
+        sum_g_xhat += shfl_xor_double(sum_g_xhat, offset);
+    }
+    if (lane == 0) {
+        const double len = (double)s.pixels * (s.ca / s.groups);
+        float* means = group_means(partials, s) + ng * 2;
+        means[0] = (float)(sum_g / len);
+        means[1] = (float)(sum_g_xhat / len);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
     const void* x, int dt_x, const void* dout, int dt_dout, const float* stats, const float* gamma,
-    const float* beta, int silu, float* partials, GroupNormShape s) {
+    const float* beta, int silu, float* partials, unsigned* arrivals, GroupNormShape s) {
     __shared__ float part[1024], sums_g[32], sums_g_xhat[32];
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
     const int channels = s.ca, cpg = channels / s.groups, width = cpg * gs, c0 = g0 * cpg;
@@ -282,34 +332,8 @@ extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
         out[0] = sums_g[t];
         out[1] = sums_g_xhat[t];
     }
-}
-
-// The backward's two group means (of g and of g xhat), per (n, g), packed after the chunks' sums so
-// that neighbouring threads of the apply kernel read neighbouring words (the backend sizes the
-// scratch for both).
-__device__ __forceinline__ float* group_means(const float* partials, const GroupNormShape& s) {
-    return const_cast<float*>(partials) + s.batch * s.groups * s.chunks * 3;
-}
-
-extern "C" __global__ void groupnorm_backward_finalize(float* partials, GroupNormShape s) {
-    const int ng = finalize_group(s), lane = threadIdx.x & 31;
-    if (ng < 0) return;
-    double sum_g = 0.0, sum_g_xhat = 0.0;
-    for (int k = lane; k < s.chunks; k += 32) {
-        const float* p = partials + (ng * s.chunks + k) * 3;
-        sum_g += p[0];
-        sum_g_xhat += p[1];
-    }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        sum_g += shfl_xor_double(sum_g, offset);
-        sum_g_xhat += shfl_xor_double(sum_g_xhat, offset);
-    }
-    if (lane == 0) {
-        const double len = (double)s.pixels * (s.ca / s.groups);
-        float* means = group_means(partials, s) + ng * 2;
-        means[0] = (float)(sum_g / len);
-        means[1] = (float)(sum_g_xhat / len);
-    }
+    if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
+    for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5) finalize_group_means(partials, n * s.groups + g0 + t, s);
 }
 
 template <int VEC>

@@ -366,7 +366,7 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
     // 8 channels a group, alone and in a concat (8 channels a thread in the element-wise kernel);
     // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path); one
     // sample of one group over 16x16 pixels, which the partial kernel splits into more chunks than
-    // the finalize kernel's warp has lanes (64 on the emulator's 16 SMs).
+    // the finalizing warp has lanes (64 on the emulator's 16 SMs).
     let cases = [
         (2, 64, 0, 32, 8, 8),
         (2, 32, 32, 32, 4, 4),

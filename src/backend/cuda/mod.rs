@@ -58,6 +58,7 @@ pub struct CudaBackend {
     /// Every allocation of this backend, counted (`memory`).
     memory: Arc<DeviceMemory>,
     groupnorm_partials: CudaTensor,
+    groupnorm_arrivals: CudaTensor,
     /// The convolutions' split-K partial sums: sized once from the SM count for every split the
     /// launcher can choose (`SplitKWorkspace::bytes_for`), so no step allocates and recorded steps
     /// keep valid pointers. `None` with `PURIFIER_CONV_SPLIT_K=off` (the benchmark's A/B switch).
@@ -87,6 +88,10 @@ impl CudaBackend {
         let memory = Arc::new(DeviceMemory::default());
         // Three floats per (sample, group, chunk), then the backward's two means per (sample, group).
         let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 5], Precision::F32)?;
+        // One u32 arrival counter per (sample, group): zero now, and reset by the last block of each
+        // launch that counts in one (kernels/groupnorm.cu, last_to_arrive).
+        let groupnorm_arrivals = allocate(&driver, &memory, &[GROUPNORM_PARTIALS], Precision::F32)?;
+        driver.memset_u32(groupnorm_arrivals.ptr, 0, GROUPNORM_PARTIALS)?;
         let split_k_bytes = SplitKWorkspace::bytes_for(driver.info().multiprocessors as usize);
         let split_k_partials = if std::env::var_os("PURIFIER_CONV_SPLIT_K").is_some_and(|v| v == "off") {
             None
@@ -104,6 +109,7 @@ impl CudaBackend {
             attention: OnceLock::new(),
             memory,
             groupnorm_partials,
+            groupnorm_arrivals,
             split_k_partials,
             faults,
             faults_armed: AtomicBool::new(false),
@@ -410,12 +416,6 @@ fn groupnorm_launch(ca: usize, cb: usize, groups: usize, element_bytes: usize) -
         .find(|&v| ca.is_multiple_of(v) && cb.is_multiple_of(v) && channels_per_group.is_multiple_of(v))
         .unwrap_or(1);
     GroupNormLaunch { groups_per_block, block: block as u32, vec: vec as i32 }
-}
-
-/// The GroupNorm finalize kernels' launch: a warp per (sample, group), 8 warps a block.
-fn finalize_config(sample_groups: usize) -> LaunchConfig {
-    const WARPS: usize = 8;
-    LaunchConfig::linear(sample_groups.div_ceil(WARPS) as u32, (WARPS * 32) as u32)
 }
 
 /// The widest of `vec`, vec / 2, ..., 1 to which every (pointer, storage type) is aligned: the
@@ -751,6 +751,9 @@ impl Backend for CudaBackend {
             .ptr(b_ptr)
             .i32(dt)
             .ptr(self.groupnorm_partials.ptr)
+            .ptr(self.groupnorm_arrivals.ptr)
+            .ptr(stats.ptr)
+            .f32(eps)
             .bytes(&shape_bytes);
         let grid = LaunchConfig {
             grid: [chunks as u32, (groups / groups_per_block) as u32, n as u32],
@@ -758,8 +761,6 @@ impl Backend for CudaBackend {
             dynamic_shared_bytes: 0,
         };
         self.launch("groupnorm.cu", "groupnorm_partial_stats", grid, partial);
-        let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).ptr(stats.ptr).bytes(&shape_bytes).f32(eps);
-        self.launch("groupnorm.cu", "groupnorm_finalize", finalize_config(n * groups), finalize);
         let apply = KernelArgs::new()
             .ptr(x.a.ptr)
             .i32(dt)
@@ -834,9 +835,8 @@ impl Backend for CudaBackend {
             block: [block, 1, 1],
             dynamic_shared_bytes: 0,
         };
-        self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, inputs().bytes(&shape_bytes));
-        let finalize = KernelArgs::new().ptr(self.groupnorm_partials.ptr).bytes(&shape_bytes);
-        self.launch("groupnorm.cu", "groupnorm_backward_finalize", finalize_config(n * groups), finalize);
+        let partial = inputs().ptr(self.groupnorm_arrivals.ptr).bytes(&shape_bytes);
+        self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, partial);
         let apply = inputs().tensor(dx).i32(vec).i32(store.accumulates() as i32).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len() / vec as usize), apply);
     }
