@@ -5,8 +5,9 @@
 //   x[n, p, c] = a[n, p, c] for c < Ca, b[n, p, c - Ca] otherwise
 //
 // Layout: NHWC (p the pixel index y*W + x); gamma, beta f32 (C); stats f32 (N x G x 2: mean, 1/std),
-// saved for the backward; partials f32 scratch (N x G x chunks x 3, then the backward's N x G x 2
-// group means) and arrivals u32 (one counter per partial kernel's (sample, group slice), zero
+// saved for the backward; partials f32 scratch (N x G x 3 x chunks: each field's chunks contiguous,
+// so the finalizing warp's lanes read neighbouring words; then the backward's N x G x 2 group
+// means) and arrivals u32 (one counter per partial kernel's (sample, group slice), zero
 // between launches), allocated once by the backend.
 // Precision: any storage type for a, b and out (run-time codes); statistics in f32 per chunk, two
 // passes (mean, then the sum of squared deviations), the chunks merged with Chan's formula in f64,
@@ -95,6 +96,11 @@ __device__ __forceinline__ void slice_group_sums(float v, float* part, float* to
     __syncthreads();
 }
 
+// Chunk k's first field of (sample, group) ng's partial sums; field f is f * chunks further.
+__device__ __forceinline__ float* partial_fields(const float* partials, int ng, int k, const GroupNormShape& s) {
+    return const_cast<float*>(partials) + ng * 3 * s.chunks + k;
+}
+
 // The pixels [p0, p1) of `chunk`.
 __device__ __forceinline__ int2 chunk_pixels(int chunk, const GroupNormShape& s) {
     const int per_chunk = (s.pixels + s.chunks - 1) / s.chunks;
@@ -149,8 +155,8 @@ __device__ __forceinline__ void finalize_group_stats(const float* partials, floa
     const int lane = threadIdx.x & 31;
     double count = 0.0, mean = 0.0, m2 = 0.0;
     for (int k = lane; k < s.chunks; k += 32) {
-        const float* p = partials + (ng * s.chunks + k) * 3;
-        chan_merge(count, mean, m2, __ldcg(p), __ldcg(p + 1), __ldcg(p + 2));
+        const float* p = partial_fields(partials, ng, k, s);
+        chan_merge(count, mean, m2, __ldcg(p), __ldcg(p + s.chunks), __ldcg(p + 2 * s.chunks));
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
         const double nb = shfl_xor_double(count, offset), mb = shfl_xor_double(mean, offset);
@@ -187,10 +193,10 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
     });
     slice_group_sums(m2, part, m2s, width, cpg, gs);
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
-        float* out = partials + ((n * s.groups + g0 + t) * s.chunks + chunk) * 3;
+        float* out = partial_fields(partials, n * s.groups + g0 + t, chunk, s);
         out[0] = (float)count;
-        out[1] = count > 0 ? sums[t] / (float)count : 0.0f;
-        out[2] = count > 0 ? m2s[t] : 0.0f;
+        out[s.chunks] = count > 0 ? sums[t] / (float)count : 0.0f;
+        out[2 * s.chunks] = count > 0 ? m2s[t] : 0.0f;
     }
     if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
     for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5)
@@ -289,9 +295,9 @@ __device__ __forceinline__ void finalize_group_means(float* partials, int ng, co
     const int lane = threadIdx.x & 31;
     double sum_g = 0.0, sum_g_xhat = 0.0;
     for (int k = lane; k < s.chunks; k += 32) {
-        const float* p = partials + (ng * s.chunks + k) * 3;
+        const float* p = partial_fields(partials, ng, k, s);
         sum_g += __ldcg(p);
-        sum_g_xhat += __ldcg(p + 1);
+        sum_g_xhat += __ldcg(p + s.chunks);
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
         sum_g += shfl_xor_double(sum_g, offset);
@@ -328,9 +334,9 @@ extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
     slice_group_sums(sum_g, part, sums_g, width, cpg, gs);
     slice_group_sums(sum_g_xhat, part, sums_g_xhat, width, cpg, gs);
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
-        float* out = partials + ((n * s.groups + g0 + t) * s.chunks + chunk) * 3;
+        float* out = partial_fields(partials, n * s.groups + g0 + t, chunk, s);
         out[0] = sums_g[t];
-        out[1] = sums_g_xhat[t];
+        out[s.chunks] = sums_g_xhat[t];
     }
     if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
     for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5) finalize_group_means(partials, n * s.groups + g0 + t, s);
