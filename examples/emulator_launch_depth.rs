@@ -19,6 +19,8 @@
 //! (config cifar10-small or cifar10, default cifar10; precision f32, bf16 or f16, default bf16;
 //! batch default 1).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -26,8 +28,6 @@ use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::{Backend, Precision};
 use purifier::driver::emulated::{EmulatedDriver, KernelTotals};
-use purifier::model::params::DeterministicParams;
-use purifier::model::{Unet, UnetConfig};
 
 /// An H200: its SM count and boost clock (the clock the tensor-pipe ceiling of
 /// `emulator_memory_traffic` uses too).
@@ -38,17 +38,8 @@ const SCHEDULERS: f64 = 4.0;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match args.first().map(String::as_str) {
-        None | Some("cifar10") => UnetConfig::cifar10(),
-        Some("cifar10-small") => UnetConfig::cifar10_small(),
-        Some(other) => panic!("unknown config {other} (cifar10-small, cifar10)"),
-    };
-    let precision = match args.get(1).map(String::as_str) {
-        None | Some("bf16") => Precision::Bf16,
-        Some("f32") => Precision::F32,
-        Some("f16") => Precision::F16,
-        Some(other) => panic!("unknown precision {other} (f32, bf16, f16)"),
-    };
+    let config = common::config_arg(args.first().map(String::as_str), "cifar10");
+    let precision = common::precision_arg(args.get(1).map(String::as_str), Precision::Bf16);
     let batch: usize = args.get(2).map_or(1, |b| b.parse().expect("batch: a positive integer"));
     let vjp = match args.get(3).map(String::as_str) {
         None => false,
@@ -58,13 +49,7 @@ fn main() {
 
     let driver = Arc::new(EmulatedDriver::with_multiprocessors(SMS).timed());
     let b = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();
-    let unet = Unet::load(&config, &mut DeterministicParams::new(&b, 1)).unwrap();
-    let mut plan = unet.plan(&b, batch, vjp).unwrap();
-    let r = config.resolution;
-    let x: Vec<f32> = (0..batch * 3 * r * r).map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0).collect();
-    let xt = b.upload(&x, &[batch, 3, r, r]).unwrap();
-    let v = b.upload(&vec![0.5; x.len()], &[batch, 3, r, r]).unwrap();
-    let steps = vec![50.0; batch];
+    let common::UnetPass { unet, mut plan, xt, v, steps } = common::unet_pass(&b, &config, batch, vjp);
 
     driver.kernel_totals(true);
     driver.memsets(true);

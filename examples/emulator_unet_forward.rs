@@ -15,13 +15,10 @@ use purifier::driver::emulated::EmulatedDriver;
 use purifier::model::params::DeterministicParams;
 use purifier::model::{Unet, UnetConfig};
 
+mod common;
+
 fn main() {
-    let precision = match std::env::args().nth(1).as_deref() {
-        None | Some("f32") => Precision::F32,
-        Some("bf16") => Precision::Bf16,
-        Some("f16") => Precision::F16,
-        Some(other) => panic!("unknown precision {other} (f32, bf16, f16)"),
-    };
+    let precision = common::precision_arg(std::env::args().nth(1).as_deref(), Precision::F32);
     let config = UnetConfig::cifar10_small();
     let x: Vec<f32> = (0..3072).map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0).collect();
 

@@ -40,13 +40,17 @@ fn timed(dev: &Dev, m: &Module, name: &str, threads: u32, args: &[Vec<u8>]) -> L
     launch_with(m, f, &dims, args, &dev.mem, LaunchOptions { timing: true }).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The module, a 64-link cycle of indices (each element the next one's) and a 64-int output.
+fn chain(dev: &mut Dev) -> Option<(Module, u64, u64)> {
+    let m = dev.load(SRC)?;
+    let next: Vec<i32> = (0..64).map(|i| (i + 1) % 64).collect();
+    Some((m, dev.upload(&next), dev.zeros::<i32>(64)))
+}
+
 #[test]
 fn dependent_loads_cost_a_latency_each_and_independent_ones_overlap() {
     let mut dev = Dev::new();
-    let Some(m) = dev.load(SRC) else { return };
-    let next: Vec<i32> = (0..64).map(|i| (i + 1) % 64).collect();
-    let next = dev.upload(&next);
-    let out = dev.zeros::<i32>(64);
+    let Some((m, next, out)) = chain(&mut dev) else { return };
     let cycles = |name: &str, n: i32| timed(&dev, &m, name, 32, &[p(out), p(next), i(n)]).block_cycles_max;
 
     // 64 more round trips: 64 latencies more, and a few cycles of loop each.
@@ -66,10 +70,7 @@ fn dependent_loads_cost_a_latency_each_and_independent_ones_overlap() {
 #[test]
 fn a_barrier_holds_every_warp_to_the_slowest() {
     let mut dev = Dev::new();
-    let Some(m) = dev.load(SRC) else { return };
-    let next: Vec<i32> = (0..64).map(|i| (i + 1) % 64).collect();
-    let next = dev.upload(&next);
-    let out = dev.zeros::<i32>(64);
+    let Some((m, next, out)) = chain(&mut dev) else { return };
     let run = |n: i32| timed(&dev, &m, "chase_then_sync", 64, &[p(out), p(next), i(n)]);
     let (short, long) = (run(0), run(16));
     // The block takes warp 0's chain and the barrier, however little warp 1 did.

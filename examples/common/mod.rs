@@ -1,0 +1,47 @@
+//! What the emulator examples share: their arguments and one UNet pass's inputs on the CUDA backend.
+#![allow(dead_code)]
+
+use purifier::backend::cuda::CudaBackend;
+use purifier::backend::{Backend, Precision};
+use purifier::model::params::DeterministicParams;
+use purifier::model::{Unet, UnetConfig, UnetPlan};
+
+/// The config an argument names (cifar10-small or cifar10), `default` when it is absent.
+pub fn config_arg(arg: Option<&str>, default: &str) -> UnetConfig {
+    match arg.unwrap_or(default) {
+        "cifar10-small" => UnetConfig::cifar10_small(),
+        "cifar10" => UnetConfig::cifar10(),
+        other => panic!("unknown config {other} (cifar10-small, cifar10)"),
+    }
+}
+
+/// The precision an argument names (f32, bf16 or f16), `default` when it is absent.
+pub fn precision_arg(arg: Option<&str>, default: Precision) -> Precision {
+    match arg {
+        None => default,
+        Some("f32") => Precision::F32,
+        Some("bf16") => Precision::Bf16,
+        Some("f16") => Precision::F16,
+        Some(other) => panic!("unknown precision {other} (f32, bf16, f16)"),
+    }
+}
+
+/// A deterministic UNet of `config` on `b`, planned at `batch` (with the input VJP's buffers where
+/// `vjp`), with a fixed x_t, a VJP seed of 0.5 everywhere and step 50 for every image.
+pub struct UnetPass {
+    pub unet: Unet<CudaBackend>,
+    pub plan: UnetPlan<CudaBackend>,
+    pub xt: <CudaBackend as Backend>::Tensor,
+    pub v: <CudaBackend as Backend>::Tensor,
+    pub steps: Vec<f32>,
+}
+
+pub fn unet_pass(b: &CudaBackend, config: &UnetConfig, batch: usize, vjp: bool) -> UnetPass {
+    let unet = Unet::load(config, &mut DeterministicParams::new(b, 1)).unwrap();
+    let plan = unet.plan(b, batch, vjp).unwrap();
+    let r = config.resolution;
+    let x: Vec<f32> = (0..batch * 3 * r * r).map(|i| ((i * 37 % 255) as f32 / 127.5) - 1.0).collect();
+    let xt = b.upload(&x, &[batch, 3, r, r]).unwrap();
+    let v = b.upload(&vec![0.5; x.len()], &[batch, 3, r, r]).unwrap();
+    UnetPass { unet, plan, xt, v, steps: vec![50.0; batch] }
+}
