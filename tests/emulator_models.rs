@@ -18,11 +18,7 @@ use purifier::device::emulator_backend;
 use purifier::model::params::DeterministicParams;
 use purifier::model::{Classifier, Unet, UnetConfig};
 
-fn seed() -> u64 {
-    std::env::var("PURIFIER_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
-    })
-}
+use common::networks::seed;
 
 fn relative_l2(got: &[f32], want: &[f32]) -> f64 {
     assert!(got.iter().all(|v| v.is_finite()), "non-finite value in the emulator's result");

@@ -196,13 +196,9 @@ impl KernelCompiler {
     fn compile_uncached(&self, name: &str, source: &str, kind: ImageKind) -> Result<Vec<u8>> {
         // PTX for the virtual architecture (compute_80 for sm_80): the same text, but NVRTC stops
         // there instead of also running ptxas, which is a third of the time of the big modules.
-        let program = match kind {
-            ImageKind::Ptx => self.run_nvrtc(name, source, &self.arch.replacen("sm_", "compute_", 1), &[])?,
-            ImageKind::Cubin => self.run_nvrtc(name, source, &self.arch, &[])?,
-        };
         match kind {
-            ImageKind::Ptx => program.ptx(),
-            ImageKind::Cubin => program.cubin(),
+            ImageKind::Ptx => self.run_nvrtc(name, source, &self.arch.replacen("sm_", "compute_", 1), &[])?.ptx(),
+            ImageKind::Cubin => self.run_nvrtc(name, source, &self.arch, &[])?.cubin(),
         }
     }
 
