@@ -42,6 +42,8 @@ struct State {
     memsets: u64,
     /// The SM count, when every launch runs the latency model.
     timing: Option<u32>,
+    /// Launches are checked and counted but not run (`EmulatedDriver::hollow`).
+    hollow: bool,
 }
 
 /// What the launches of one kernel did, summed: the emulator's per-kernel counters.
@@ -104,6 +106,7 @@ impl EmulatedDriver {
                 kernels: BTreeMap::new(),
                 memsets: 0,
                 timing: None,
+                hollow: false,
             }),
         }
     }
@@ -112,6 +115,15 @@ impl EmulatedDriver {
     /// examples that study small-batch latency (the tests leave it off).
     pub fn timed(self) -> Self {
         self.lock().timing = Some(self.info.multiprocessors);
+        self
+    }
+
+    /// The same driver with its launches checked (arguments, dimensions) and counted but not run:
+    /// what is left is the host's side of issuing work (the backend's checks, planning and argument
+    /// packing, this driver's bookkeeping), which examples/host_launch_cost.rs times. Memsets and
+    /// copies still run; kernels' outputs are whatever their buffers held.
+    pub fn hollow(self) -> Self {
+        self.lock().hollow = true;
         self
     }
 
@@ -160,6 +172,11 @@ impl State {
             return;
         }
         let result = match work {
+            Work::Launch { function, .. } if self.hollow => {
+                let name = &self.functions[function.0 as usize].1.name;
+                self.kernels.entry(name.clone()).or_default().launches += 1;
+                Ok(())
+            }
             Work::Launch { function, config, args } => {
                 let module = &self.modules[function_module(&self.functions, *function)];
                 let f = &self.functions[function.0 as usize].1;

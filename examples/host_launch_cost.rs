@@ -1,0 +1,65 @@
+//! The host's side of issuing a UNet pass on the CUDA backend, measured without a GPU: the backend
+//! over the emulator's driver with its launches checked and counted but not run
+//! (`EmulatedDriver::hollow`), so the time left is the backend's own work per op (shape checks,
+//! launch planning, argument packing) and the driver's bookkeeping. A real driver adds its own
+//! launch call (cuLaunchKernel, a few microseconds) on top, which this cannot see. It bounds the
+//! op-by-op ("issued") timings of `bench` from below; a recorded step replayed as a graph pays it
+//! once, when it is recorded.
+//!
+//! Run: source scripts/nvrtc.sh && cargo run --release --example host_launch_cost -- [config] [precision] [batch]
+//! (config cifar10-small or cifar10, default cifar10; precision default bf16; batch default 1).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use purifier::backend::cuda::compile::ImageKind;
+use purifier::backend::cuda::CudaBackend;
+use purifier::backend::{Backend, Precision};
+use purifier::driver::emulated::EmulatedDriver;
+
+const REPEATS: usize = 50;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = common::config_arg(args.first().map(String::as_str), "cifar10");
+    let precision = common::precision_arg(args.get(1).map(String::as_str), Precision::Bf16);
+    let batch: usize = args.get(2).map_or(1, |b| b.parse().expect("batch: a positive integer"));
+
+    let driver = Arc::new(EmulatedDriver::with_multiprocessors(132).hollow());
+    let b = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();
+    let common::UnetPass { unet, mut plan, xt, v, steps } = common::unet_pass(&b, &config, batch, true);
+    let launches = |driver: &EmulatedDriver| -> u64 { driver.kernel_totals(true).values().map(|t| t.launches).sum() };
+
+    // Once to load every module (NVRTC or the disk cache), then timed.
+    unet.forward(&b, &mut plan, &xt, &steps).unwrap();
+    unet.input_vjp(&b, &mut plan, &v).unwrap();
+    b.synchronize().unwrap();
+    launches(&driver);
+
+    let time = |pass: &mut dyn FnMut()| {
+        let start = Instant::now();
+        for _ in 0..REPEATS {
+            pass();
+        }
+        b.synchronize().unwrap();
+        start.elapsed().as_secs_f64() / REPEATS as f64
+    };
+    let forward = time(&mut || {
+        unet.forward(&b, &mut plan, &xt, &steps).unwrap();
+    });
+    let forward_launches = launches(&driver) / REPEATS as u64;
+    let vjp = time(&mut || {
+        unet.input_vjp(&b, &mut plan, &v).unwrap();
+    });
+    let vjp_launches = launches(&driver) / REPEATS as u64;
+    println!("{} batch {batch} {precision}, host side only (launches not run), mean of {REPEATS}:", config.name);
+    for (what, seconds, n) in [("forward", forward, forward_launches), ("input VJP", vjp, vjp_launches)] {
+        println!(
+            "  {what:<10} {:>8.1} us for {n} launches: {:.2} us a launch",
+            seconds * 1e6,
+            seconds * 1e6 / n.max(1) as f64
+        );
+    }
+}
