@@ -13,7 +13,7 @@
 //! warp with round-figure latencies, global loads 450 cycles): an estimate, not a floor, whose
 //! constants a GPU profile has to calibrate. Memsets and launches are counted too: each is a node
 //! of the reverse step's graph, and each node costs the GPU a microsecond or two however small,
-//! which none of the columns include.
+//! which none of the columns include. Memsets and device-to-device copies are counted too.
 //!
 //! Run: source scripts/nvrtc.sh && cargo run --release --example emulator_launch_depth -- [config] [precision] [batch] [vjp]
 //! (config cifar10-small or cifar10, default cifar10; precision f32, bf16 or f16, default bf16;
@@ -52,7 +52,7 @@ fn main() {
     let common::UnetPass { unet, mut plan, xt, v, steps } = common::unet_pass(&b, &config, batch, vjp);
 
     driver.kernel_totals(true);
-    driver.memsets(true);
+    driver.memsets_and_copies(true);
     unet.forward(&b, &mut plan, &xt, &steps).unwrap();
     b.synchronize().unwrap();
     report(&format!("{} forward, batch {batch}, {precision}", config.name), &driver);
@@ -67,7 +67,7 @@ fn main() {
 /// The floors of the work since the last report, per kernel, deepest first.
 fn report(title: &str, driver: &EmulatedDriver) {
     let totals: BTreeMap<String, KernelTotals> = driver.kernel_totals(true);
-    let memsets = driver.memsets(true);
+    let (memsets, copies) = driver.memsets_and_copies(true);
     // An integer division is one PTX instruction and about 20 SASS ones (ptxas expands it).
     let issued = |warp_instructions: u64, t: &KernelTotals| {
         let divisions_share = t.sm.integer_divisions as f64 / t.sm.warp_instructions.max(1) as f64;
@@ -111,7 +111,7 @@ fn report(title: &str, driver: &EmulatedDriver) {
         );
     }
     println!(
-        "{launches} launches and {memsets} memsets; floors summed: depth {depth_sum:.0} us, width {width_sum:.0} us, \
+        "{launches} launches, {memsets} memsets and {copies} copies; floors summed: depth {depth_sum:.0} us, width {width_sum:.0} us, \
          the larger of the two per kernel {floor:.0} us; latency model {model_sum:.0} us"
     );
     println!("(depth/call: the deepest warp's warp-instructions, mean over the calls; an integer division counted");

@@ -1,6 +1,6 @@
 //! The host's side of issuing a UNet pass on the CUDA backend, measured without a GPU: the backend
-//! over the emulator's driver with its launches checked and counted but not run
-//! (`EmulatedDriver::hollow`), so the time left is the backend's own work per op (shape checks,
+//! over the emulator's driver with its launches checked and counted, and its memsets and copies
+//! counted, but nothing run (`EmulatedDriver::hollow`), so the time left is the backend's own work per op (shape checks,
 //! launch planning, argument packing) and the driver's bookkeeping. A real driver adds its own
 //! launch call (cuLaunchKernel, a few microseconds) on top, which this cannot see. It bounds the
 //! op-by-op ("issued") timings of `bench` from below; a recorded step replayed as a graph pays it
@@ -30,13 +30,17 @@ fn main() {
     let driver = Arc::new(EmulatedDriver::with_multiprocessors(132).hollow());
     let b = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();
     let common::UnetPass { unet, mut plan, xt, v, steps } = common::unet_pass(&b, &config, batch, true);
-    let launches = |driver: &EmulatedDriver| -> u64 { driver.kernel_totals(true).values().map(|t| t.launches).sum() };
+    // Launches, memsets and device copies since the last call (each a node of a recorded graph).
+    let issued = |driver: &EmulatedDriver| -> (u64, u64, u64) {
+        let (memsets, copies) = driver.memsets_and_copies(true);
+        (driver.kernel_totals(true).values().map(|t| t.launches).sum(), memsets, copies)
+    };
 
     // Once to load every module (NVRTC or the disk cache), then timed.
     unet.forward(&b, &mut plan, &xt, &steps).unwrap();
     unet.input_vjp(&b, &mut plan, &v).unwrap();
     b.synchronize().unwrap();
-    launches(&driver);
+    issued(&driver);
 
     let time = |pass: &mut dyn FnMut()| {
         let start = Instant::now();
@@ -49,17 +53,18 @@ fn main() {
     let forward = time(&mut || {
         unet.forward(&b, &mut plan, &xt, &steps).unwrap();
     });
-    let forward_launches = launches(&driver) / REPEATS as u64;
+    let forward_issued = issued(&driver);
     let vjp = time(&mut || {
         unet.input_vjp(&b, &mut plan, &v).unwrap();
     });
-    let vjp_launches = launches(&driver) / REPEATS as u64;
-    println!("{} batch {batch} {precision}, host side only (launches not run), mean of {REPEATS}:", config.name);
-    for (what, seconds, n) in [("forward", forward, forward_launches), ("input VJP", vjp, vjp_launches)] {
+    let vjp_issued = issued(&driver);
+    println!("{} batch {batch} {precision}, host side only (nothing run), mean of {REPEATS}:", config.name);
+    for (what, seconds, counts) in [("forward", forward, forward_issued), ("input VJP", vjp, vjp_issued)] {
+        let [launches, memsets, copies] = [counts.0, counts.1, counts.2].map(|n| n / REPEATS as u64);
         println!(
-            "  {what:<10} {:>8.1} us for {n} launches: {:.2} us a launch",
+            "  {what:<10} {:>8.1} us for {launches} launches, {memsets} memsets and {copies} copies: {:.2} us each",
             seconds * 1e6,
-            seconds * 1e6 / n.max(1) as f64
+            seconds * 1e6 / (launches + memsets + copies).max(1) as f64
         );
     }
 }

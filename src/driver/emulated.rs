@@ -38,11 +38,12 @@ struct State {
     pending: Option<DriverError>,
     thread_instructions: u64,
     kernels: BTreeMap<String, KernelTotals>,
-    /// Memsets run (each a node of its own in a graph, like a launch).
+    /// Memsets and device-to-device copies issued (each a node of its own in a graph, like a launch).
     memsets: u64,
+    copies: u64,
     /// The SM count, when every launch runs the latency model.
     timing: Option<u32>,
-    /// Launches are checked and counted but not run (`EmulatedDriver::hollow`).
+    /// Launches, memsets and copies are counted but not run (`EmulatedDriver::hollow`).
     hollow: bool,
 }
 
@@ -105,6 +106,7 @@ impl EmulatedDriver {
                 thread_instructions: 0,
                 kernels: BTreeMap::new(),
                 memsets: 0,
+                copies: 0,
                 timing: None,
                 hollow: false,
             }),
@@ -118,10 +120,11 @@ impl EmulatedDriver {
         self
     }
 
-    /// The same driver with its launches checked (arguments, dimensions) and counted but not run:
-    /// what is left is the host's side of issuing work (the backend's checks, planning and argument
-    /// packing, this driver's bookkeeping), which examples/host_launch_cost.rs times. Memsets and
-    /// copies still run; kernels' outputs are whatever their buffers held.
+    /// The same driver with its launches checked (arguments, dimensions) and counted, and its
+    /// memsets and device-to-device copies counted, but none of them run: what is left is the
+    /// host's side of issuing work (the backend's checks, planning and argument packing, this
+    /// driver's bookkeeping), which examples/host_launch_cost.rs times. Outputs are whatever their
+    /// buffers held.
     pub fn hollow(self) -> Self {
         self.lock().hollow = true;
         self
@@ -142,14 +145,14 @@ impl EmulatedDriver {
         }
     }
 
-    /// Memsets run so far; `take` clears the count.
-    pub fn memsets(&self, take: bool) -> u64 {
+    /// Memsets and device-to-device copies issued so far; `take` clears the counts.
+    pub fn memsets_and_copies(&self, take: bool) -> (u64, u64) {
         let mut state = self.lock();
-        let n = state.memsets;
+        let counts = (state.memsets, state.copies);
         if take {
-            state.memsets = 0;
+            (state.memsets, state.copies) = (0, 0);
         }
-        n
+        counts
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -175,6 +178,14 @@ impl State {
             Work::Launch { function, .. } if self.hollow => {
                 let name = &self.functions[function.0 as usize].1.name;
                 self.kernels.entry(name.clone()).or_default().launches += 1;
+                Ok(())
+            }
+            Work::Memset { .. } if self.hollow => {
+                self.memsets += 1;
+                Ok(())
+            }
+            Work::Copy { .. } if self.hollow => {
+                self.copies += 1;
                 Ok(())
             }
             Work::Launch { function, config, args } => {
@@ -203,7 +214,10 @@ impl State {
                     }
                 }
             }
-            Work::Copy { dst, src, bytes } => self.mem.copy(*dst, *src, *bytes as u64).map_err(mem_error),
+            Work::Copy { dst, src, bytes } => {
+                self.copies += 1;
+                self.mem.copy(*dst, *src, *bytes as u64).map_err(mem_error)
+            }
             Work::Memset { dst, value, count } => {
                 self.memsets += 1;
                 let bytes: Vec<u8> = std::iter::repeat_n(value.to_le_bytes(), *count).flatten().collect();
