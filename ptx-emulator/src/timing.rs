@@ -88,10 +88,10 @@ impl WarpClock {
         if let Op::Mma(m) = &inst.op {
             m.a.iter().chain(&m.b).chain(&m.c).for_each(|&s| source(s));
         }
-        if let Op::CpAsyncWait { n, .. } = inst.op {
-            // Commit what is open (wait_all is a commit and a wait for everything), then wait for
-            // all but the newest n groups.
-            if self.open_group > 0 {
+        if let Op::CpAsyncWait { n, all } = inst.op {
+            // wait_all commits what is open and waits for everything; wait_group n waits for all
+            // but the newest n committed groups.
+            if all && self.open_group > 0 {
                 self.groups.push_back(std::mem::take(&mut self.open_group));
             }
             while self.groups.len() > n as usize {
