@@ -26,22 +26,19 @@ use std::sync::Arc;
 
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
-use purifier::backend::{Backend, Precision};
+use purifier::backend::Backend;
 use purifier::driver::emulated::{EmulatedDriver, KernelTotals};
 
-/// An H200: its SM count and boost clock (the clock the tensor-pipe ceiling of
+/// An H200's SM count and boost clock (the clock the tensor-pipe ceiling of
 /// `emulator_memory_traffic` uses too).
-const SMS: u32 = 132;
+const SMS: u32 = common::H200_SMS;
 const CLOCK_HZ: f64 = 1.98e9;
 /// Warp schedulers an SM, each issuing one warp-instruction a cycle.
 const SCHEDULERS: f64 = 4.0;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = common::config_arg(args.first().map(String::as_str), "cifar10");
-    let precision = common::precision_arg(args.get(1).map(String::as_str), Precision::Bf16);
-    let batch: usize = args.get(2).map_or(1, |b| b.parse().expect("batch: a positive integer"));
-    let vjp = match args.get(3).map(String::as_str) {
+    let common::UnetArgs { config, precision, batch, more } = common::unet_args("cifar10");
+    let vjp = match more.first().map(String::as_str) {
         None => false,
         Some("vjp") => true,
         Some(other) => panic!("unknown fourth argument {other} (vjp, or nothing)"),

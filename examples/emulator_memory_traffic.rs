@@ -19,14 +19,10 @@ use std::sync::Arc;
 
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
-use purifier::backend::Precision;
 use purifier::driver::emulated::EmulatedDriver;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = common::config_arg(args.first().map(String::as_str), "cifar10-small");
-    let precision = common::precision_arg(args.get(1).map(String::as_str), Precision::Bf16);
-    let batch: usize = args.get(2).map_or(1, |b| b.parse().expect("batch: a positive integer"));
+    let common::UnetArgs { config, precision, batch, .. } = common::unet_args("cifar10-small");
 
     let driver = Arc::new(EmulatedDriver::new());
     let b = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();

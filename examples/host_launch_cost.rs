@@ -16,18 +16,15 @@ use std::time::Instant;
 
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
-use purifier::backend::{Backend, Precision};
+use purifier::backend::Backend;
 use purifier::driver::emulated::EmulatedDriver;
 
 const REPEATS: usize = 50;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = common::config_arg(args.first().map(String::as_str), "cifar10");
-    let precision = common::precision_arg(args.get(1).map(String::as_str), Precision::Bf16);
-    let batch: usize = args.get(2).map_or(1, |b| b.parse().expect("batch: a positive integer"));
+    let common::UnetArgs { config, precision, batch, .. } = common::unet_args("cifar10");
 
-    let driver = Arc::new(EmulatedDriver::with_multiprocessors(132).hollow());
+    let driver = Arc::new(EmulatedDriver::with_multiprocessors(common::H200_SMS).hollow());
     let b = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();
     let common::UnetPass { unet, mut plan, xt, v, steps } = common::unet_pass(&b, &config, batch, true);
     // Launches, memsets and device copies since the last call (each a node of a recorded graph).

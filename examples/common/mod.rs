@@ -6,6 +6,28 @@ use purifier::backend::{Backend, Precision};
 use purifier::model::params::DeterministicParams;
 use purifier::model::{Unet, UnetConfig, UnetPlan};
 
+/// An H200's SM count: the examples plan launches for it where they model the GPU.
+pub const H200_SMS: u32 = 132;
+
+/// The UNet examples' command line, `[config] [precision] [batch] [more...]`: precision bf16 and
+/// batch 1 when absent; `more` is what follows.
+pub struct UnetArgs {
+    pub config: UnetConfig,
+    pub precision: Precision,
+    pub batch: usize,
+    pub more: Vec<String>,
+}
+
+pub fn unet_args(default_config: &str) -> UnetArgs {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    UnetArgs {
+        config: config_arg(args.first().map(String::as_str), default_config),
+        precision: precision_arg(args.get(1).map(String::as_str), Precision::Bf16),
+        batch: args.get(2).map_or(1, |b| b.parse().expect("batch: a positive integer")),
+        more: args.iter().skip(3).cloned().collect(),
+    }
+}
+
 /// The config an argument names (cifar10-small or cifar10), `default` when it is absent.
 pub fn config_arg(arg: Option<&str>, default: &str) -> UnetConfig {
     match arg.unwrap_or(default) {
