@@ -26,6 +26,8 @@ pub struct LaunchCtx<'a> {
     pub freed: &'a [(u32, u64, u64)],
     /// Run the latency model (`timing`) alongside.
     pub timing: bool,
+    /// The global-memory ordering check's shared state (`ordering`).
+    pub order: crate::ordering::LaunchOrder,
 }
 
 impl LaunchCtx<'_> {
@@ -77,6 +79,8 @@ pub struct BlockEnv<'a> {
     pub traffic: GlobalTraffic,
     /// The block's issue slots, tensor-core instructions and shared-memory wavefronts.
     pub work: SmWork,
+    /// The block's side of the global-memory ordering check.
+    pub order: crate::ordering::BlockOrder,
 }
 
 /// What one block did: thread-instructions, global traffic, and its SM work.
@@ -167,6 +171,7 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         async_pending: Vec::new(),
         traffic: GlobalTraffic::default(),
         work: SmWork::default(),
+        order: crate::ordering::BlockOrder::new(block_linear),
     };
     let mut warps: Vec<Warp> = (0..nwarps).map(|w| new_warp(l, &env, w, nthreads)).collect();
     let mut count = 0u64;
@@ -471,7 +476,14 @@ fn run_warp(env: &mut BlockEnv, w: &mut Warp, f: &Function) -> Result<u64, Repor
                 crate::exec::lanes::for_lanes(exec, |l| w.regs[d + l] = group as u64);
                 advance!(group);
             }
-            Op::Fence | Op::Nop => advance!(group),
+            Op::Fence => {
+                if exec != 0 && !inst.flags.cta_scope {
+                    let launch = env.launch;
+                    env.order.fence(&launch.order);
+                }
+                advance!(group);
+            }
+            Op::Nop => advance!(group),
             Op::CpAsync { .. } | Op::CpAsyncCommit | Op::CpAsyncWait { .. } => {
                 crate::exec::async_copy::exec(env, w.id, inst, &w.regs, exec)?;
                 advance!(group);

@@ -163,6 +163,7 @@ impl Mods {
             neg_c: false,
             satfinite: self.take("satfinite"),
             nan: self.take("NaN"),
+            ..Flags::default()
         }
     }
     fn space(&mut self) -> Space {
@@ -763,6 +764,10 @@ impl<'a> Decoder<'a> {
                 inst.op = if base == "ld" { Op::Ld { space } } else { Op::St { space } };
             }
             "atom" | "red" => {
+                let acq_rel = m.words.iter().any(|w| w == "acq_rel");
+                inst.flags.acquire = acq_rel || m.words.iter().any(|w| w == "acquire");
+                inst.flags.release = acq_rel || m.words.iter().any(|w| w == "release");
+                inst.flags.cta_scope = m.words.iter().any(|w| w == "cta");
                 m.drop_ignorable(MEMORY_ORDER);
                 m.take("noftz");
                 let space = m.space();
@@ -1091,6 +1096,7 @@ impl<'a> Decoder<'a> {
                 }
             }
             "membar" | "fence" => {
+                inst.flags.cta_scope = m.words.iter().any(|w| w == "cta");
                 m.drop_ignorable(&["cta", "gl", "gpu", "sys", "sc", "acq_rel", "cluster"]);
                 inst.op = Op::Fence;
             }

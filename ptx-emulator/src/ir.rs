@@ -319,7 +319,8 @@ pub enum Op {
     Vote(VoteMode),
     Activemask,
     Redux(AtomOp),
-    /// Memory fences: no effect on a sequentially run block.
+    /// `membar`/`fence`: no effect on the data of a sequentially run block; a device-scope one
+    /// releases and acquires for the global ordering check (`ordering`).
     Fence,
     /// `mma.sync.aligned`: a whole-warp collective (mask slot in s[0]).
     Mma(Box<MmaOperands>),
@@ -353,6 +354,11 @@ pub struct Flags {
     pub satfinite: bool,
     /// `.NaN` on min/max: a NaN operand gives NaN.
     pub nan: bool,
+    /// Memory semantics of an atomic (`.acquire`, `.release`, `.acq_rel`) and a `.cta` scope on
+    /// an atomic or fence (which then orders nothing between blocks): the global ordering check.
+    pub acquire: bool,
+    pub release: bool,
+    pub cta_scope: bool,
 }
 
 #[derive(Clone, Debug)]

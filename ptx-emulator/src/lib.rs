@@ -1,7 +1,8 @@
 //! A functional emulator of NVIDIA PTX with always-on sanitizers. It runs the PTX text NVRTC
 //! emits (the same a GPU driver would JIT) on the CPU: threads with their own program counters,
 //! warps running converged lanes together, blocks in parallel over the cores; and it checks every
-//! access (bounds, alignment, uninitialised global reads, shared-memory races) and every barrier.
+//! access (bounds, alignment, uninitialised global reads, shared-memory races, global-memory races
+//! between blocks) and every barrier.
 //!
 //! Use: `GlobalMemory` for device memory, `Module::load` for PTX, `launch` to run a kernel.
 
@@ -10,6 +11,7 @@ pub mod decode;
 pub mod exec;
 pub mod ir;
 pub mod memory;
+pub mod ordering;
 pub mod parse;
 pub mod report;
 pub mod shadow;
@@ -244,6 +246,7 @@ pub fn launch_with(
         allocs: mem.allocations(),
         freed: mem.freed(),
         timing: options.timing,
+        order: ordering::LaunchOrder::new(mem.next_launch(), f),
     };
     let nblocks = dims.grid.iter().map(|&x| x as u64).product::<u64>();
     let failed = AtomicBool::new(false);

@@ -6,7 +6,8 @@
 //! kernel's own race (as on hardware); atomics use real atomic instructions.
 
 use std::cell::UnsafeCell;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// Generic address windows (disjoint from global allocations, which start at `GLOBAL_BASE`).
 pub const SHARED_WINDOW: u64 = 0x0000_1000_0000_0000;
@@ -24,6 +25,8 @@ pub struct Allocation {
     data: UnsafeCell<Vec<u128>>,
     /// 1 where the byte was written since allocation.
     init: UnsafeCell<Vec<u8>>,
+    /// Per 4-byte word, its last kernel write (`ordering`): made at the first kernel write.
+    writers: OnceLock<Box<[AtomicU64]>>,
 }
 
 // SAFETY: the bytes are accessed through raw pointers within bounds checked by the caller; races
@@ -49,6 +52,14 @@ impl Allocation {
     pub fn mark_init(&self, off: u64, len: u64) {
         unsafe { std::ptr::write_bytes(self.init_ptr().add(off as usize), 1, len as usize) }
     }
+    /// The last kernel write of each 4-byte word (`ordering::Record`), made on first use.
+    pub fn writers(&self) -> &[AtomicU64] {
+        self.writers.get_or_init(|| (0..self.size.div_ceil(4)).map(|_| AtomicU64::new(0)).collect())
+    }
+    /// `writers`, if a kernel ever wrote here.
+    pub fn writers_if_any(&self) -> Option<&[AtomicU64]> {
+        self.writers.get().map(|w| &w[..])
+    }
 }
 
 /// All global allocations, sorted by base address.
@@ -60,6 +71,8 @@ pub struct GlobalMemory {
     /// Freed ranges, for reports about use after free.
     freed: Vec<(u32, u64, u64)>,
     pub used: u64,
+    /// The last launch's number (`ordering`: a word's writer counts only within its launch).
+    launches: AtomicU32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +103,7 @@ impl GlobalMemory {
             size,
             data: UnsafeCell::new(vec![0; (size as usize).div_ceil(16)]),
             init: UnsafeCell::new(vec![0; size as usize]),
+            writers: OnceLock::new(),
         };
         self.allocs.push(Arc::new(a));
         self.used += size;
@@ -110,6 +124,22 @@ impl GlobalMemory {
 
     pub fn allocations(&self) -> &[Arc<Allocation>] {
         &self.allocs
+    }
+
+    /// A number for the next launch, never 0; the 16 bits of a word's record wrap every 65535
+    /// launches, and the records are then cleared so that an old write never passes for a new one.
+    pub fn next_launch(&self) -> u16 {
+        loop {
+            let n = self.launches.fetch_add(1, Ordering::Relaxed).wrapping_add(1) as u16;
+            if n != 0 {
+                return n;
+            }
+            for a in &self.allocs {
+                for w in a.writers_if_any().unwrap_or(&[]) {
+                    w.store(0, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// The allocation holding `[addr, addr+len)` and the offset in it.

@@ -37,6 +37,9 @@ pub enum ReportKind {
     SharedRace,
     /// Global memory read before it was ever written since allocation.
     UninitializedRead,
+    /// Global bytes another block wrote in the same launch, read or written with no release and
+    /// acquire between the blocks (`ordering`).
+    GlobalRace,
     /// Threads of a block released from one barrier while waiting at different instructions.
     BarrierDivergence,
     /// No thread of the block can move and some wait.
@@ -57,6 +60,7 @@ impl ReportKind {
             ReportKind::Misaligned => "misaligned access",
             ReportKind::SharedRace => "shared-memory race",
             ReportKind::UninitializedRead => "uninitialized global read",
+            ReportKind::GlobalRace => "global-memory race between blocks",
             ReportKind::BarrierDivergence => "barrier divergence",
             ReportKind::Deadlock => "deadlock",
             ReportKind::InvalidCollective => "invalid warp collective",

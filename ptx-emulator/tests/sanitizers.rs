@@ -332,3 +332,94 @@ extern "C" __global__ void fixed(float* y) {
     let r = dev.report(&m, "fixed", 1, 32, &[p(y)]);
     assert!(r.kind == ReportKind::InvalidCollective && r.detail.contains("lane 16"), "{r}");
 }
+
+/// The last-block reduction: each block writes its partial sum, counts its arrival atomically,
+/// and the last to arrive adds the partials. It needs a device-scope fence between a block's write
+/// and its arrival, and one between the last block's arrival and its reads; `release` and
+/// `acquire` say which variant leaves which out (a `.cta` fence orders nothing between blocks).
+const LAST_BLOCK_REDUCE: &str = r#"
+enum Fence { NONE, BLOCK, DEVICE };
+template <Fence RELEASE, Fence ACQUIRE, bool ACQ_REL_ATOMIC>
+__device__ void reduce(const float* x, float* partials, unsigned* arrival, float* total) {
+  __shared__ float s[64];
+  __shared__ bool last;
+  s[threadIdx.x] = x[blockIdx.x * 64 + threadIdx.x];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.0f;
+    for (int k = 0; k < 64; k++) sum += s[k];
+    partials[blockIdx.x] = sum;
+    if (RELEASE == DEVICE) __threadfence();
+    if (RELEASE == BLOCK) __threadfence_block();
+    unsigned before;
+    if (ACQ_REL_ATOMIC) {
+      asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(arrival) : "memory");
+    } else {
+      before = atomicAdd(arrival, 1u);
+    }
+    last = before == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    if (ACQUIRE == DEVICE) __threadfence();
+    float t = 0.0f;
+    for (int b = 0; b < gridDim.x; b++) t += __ldcg(partials + b);
+    *total = t;
+    *arrival = 0;
+  }
+}
+extern "C" __global__ void fenced(const float* x, float* p, unsigned* a, float* t) { reduce<DEVICE, DEVICE, false>(x, p, a, t); }
+extern "C" __global__ void acq_rel_atomic(const float* x, float* p, unsigned* a, float* t) { reduce<NONE, NONE, true>(x, p, a, t); }
+extern "C" __global__ void no_release(const float* x, float* p, unsigned* a, float* t) { reduce<NONE, DEVICE, false>(x, p, a, t); }
+extern "C" __global__ void block_release(const float* x, float* p, unsigned* a, float* t) { reduce<BLOCK, DEVICE, false>(x, p, a, t); }
+extern "C" __global__ void no_acquire(const float* x, float* p, unsigned* a, float* t) { reduce<DEVICE, NONE, false>(x, p, a, t); }
+"#;
+
+#[test]
+fn blocks_of_a_launch_need_release_and_acquire_to_share_global_memory() {
+    let Some((mut dev, m, ptx)) = pair(LAST_BLOCK_REDUCE) else { return };
+    let blocks = 24;
+    let x: Vec<f32> = (0..blocks * 64).map(|k| (k % 7) as f32).collect();
+    let want: f32 = x.iter().sum();
+    let x = dev.upload(&x);
+    let partials = dev.zeros::<f32>(blocks);
+    let arrival = dev.zeros::<u32>(1);
+    let total = dev.zeros::<f32>(1);
+    let args = [p(x), p(partials), p(arrival), p(total)];
+    // Fenced both sides, or with an acq_rel atomic: clean, and again (the counter is reset).
+    for kernel in ["fenced", "fenced", "acq_rel_atomic"] {
+        dev.upload(&[0.0f32]);
+        dev.run(&m, kernel, blocks as u32, 64, &args);
+        assert_eq!(dev.download::<f32>(total, 1)[0], want, "{kernel}");
+        assert_eq!(dev.download::<u32>(arrival, 1)[0], 0, "{kernel}");
+    }
+    // A fence missing on either side, or one of block scope: the last block's read of another
+    // block's partial is reported, whichever block comes last.
+    for kernel in ["no_release", "block_release", "no_acquire"] {
+        let r = dev.report(&m, kernel, blocks as u32, 64, &args);
+        assert_eq!(r.kind, ReportKind::GlobalRace, "{kernel}: {r}");
+        assert_eq!(r.line, lines_in(&ptx, kernel, "ld.global.cg")[0], "{kernel}: {r}");
+        assert!(r.detail.contains("read of byte") && r.detail.contains("thread (0,0,0) wrote"), "{kernel}: {r}");
+        // The reporting launch stopped before the reset.
+        dev.mem.write(arrival, &[0; 4]).unwrap();
+    }
+}
+
+#[test]
+fn two_blocks_writing_one_word_race() {
+    let src = r#"
+extern "C" __global__ void bug(float* y) { if (threadIdx.x == 0) y[0] = blockIdx.x; }
+extern "C" __global__ void fixed(float* y) {
+  // Neighbouring halves of one word from two blocks do not overlap: no race.
+  if (threadIdx.x == 0) reinterpret_cast<unsigned short*>(y)[blockIdx.x] = blockIdx.x;
+}"#;
+    let Some((mut dev, m, ptx)) = pair(src) else { return };
+    let y = dev.zeros::<f32>(1);
+    let r = dev.report(&m, "bug", 2, 32, &[p(y)]);
+    assert_eq!(r.kind, ReportKind::GlobalRace, "{r}");
+    assert_eq!(r.line, lines_in(&ptx, "bug", "st.global")[0]);
+    assert!(r.detail.starts_with("write of byte 0 of allocation"), "{r}");
+    dev.run(&m, "fixed", 2, 32, &[p(y)]);
+    // Launches are ordered: the same word written again by the next launch's other block is fine.
+    dev.run(&m, "fixed", 2, 32, &[p(y)]);
+}

@@ -8,6 +8,7 @@ use super::lanes::*;
 use crate::block::BlockEnv;
 use crate::ir::*;
 use crate::memory::*;
+use crate::ordering::Conflict;
 use crate::report::{Report, ReportKind};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,10 @@ impl BlockEnv<'_> {
                             al.mark_init(off, size);
                         } else if let Some(b) = al.first_uninit(off, size) {
                             return Err(self.uninit(warp, lane, line, a, al.id, b));
+                        }
+                        let (write, atomic) = (kind != Kind::Read, kind == Kind::Atomic);
+                        if let Err(c) = self.order.access(&l.order, i, al, off, size, tid, write, atomic) {
+                            return Err(self.global_race(kind, warp, lane, line, a, al.id, c));
                         }
                         Ok(unsafe { al.data_ptr().add(off as usize) })
                     }
@@ -181,6 +186,37 @@ impl BlockEnv<'_> {
             }
             Space::Generic => unreachable!(),
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn global_race(&self, kind: Kind, warp: u32, lane: u32, line: u32, a: u64, id: u32, c: Conflict) -> Report {
+        let [gx, gy, gz] = self.launch.grid;
+        let b = c.writer_block;
+        let block = if gx as u64 * gy as u64 * gz as u64 <= 1 << 22 {
+            format!("block ({},{},{})", b % gx, (b / gx) % gy, b / (gx * gy))
+        } else {
+            format!("the block numbered {b} (modulo 2^22)")
+        };
+        let t = self.thread_of(c.writer_thread);
+        self.report(
+            ReportKind::GlobalRace,
+            warp,
+            lane,
+            line,
+            Some(a),
+            format!(
+                "{} of byte {} of allocation #{id}, which {block} thread ({},{},{}) {} earlier in this launch, with \
+                 no ordering between the blocks: the writer needs a device-scope fence (__threadfence) after the \
+                 write and then an atomic (the release), and this block an atomic that observes it and a fence \
+                 before this access (the acquire)",
+                kind.name(),
+                c.byte,
+                t[0],
+                t[1],
+                t[2],
+                if c.writer_atomic { "updated atomically" } else { "wrote" }
+            ),
+        )
     }
 
     fn uninit(&self, warp: u32, lane: u32, line: u32, a: u64, id: u32, byte: u64) -> Report {
@@ -286,14 +322,14 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
                 let ty = inst.ty;
                 let f = |old: u64| atom_apply(op, ty, old, b, c);
                 // Real atomics: blocks run in parallel over the cores.
-                let old = match eb {
+                let rmw = || match eb {
                     4 => {
                         let a = unsafe { AtomicU32::from_ptr(p as *mut u32) };
                         let mut cur = a.load(Ordering::Relaxed);
                         loop {
                             let new = f(cur as u64) as u32;
                             match a.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
-                                Ok(_) => break cur as u64,
+                                Ok(_) => break Some(cur as u64),
                                 Err(x) => cur = x,
                             }
                         }
@@ -304,21 +340,32 @@ pub fn exec(env: &mut BlockEnv, warp: u32, inst: &Inst, regs: &mut [u64], mask: 
                         loop {
                             let new = f(cur);
                             match a.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
-                                Ok(_) => break cur,
+                                Ok(_) => break Some(cur),
                                 Err(x) => cur = x,
                             }
                         }
                     }
-                    _ => {
-                        return Err(env.report(
-                            ReportKind::Fault,
-                            warp,
-                            l as u32,
-                            line,
-                            Some(addr),
-                            format!("{eb}-byte atomics are not supported"),
-                        ))
-                    }
+                    _ => None,
+                };
+                // A device-scope atomic on global memory releases and acquires between blocks.
+                let old = if is_global(space, addr) && !inst.flags.cta_scope {
+                    let launch = env.launch;
+                    let order = &mut env.order;
+                    launch.order.atomically(rmw, |releases| {
+                        order.atomic(releases, launch.allocs, launch.order.launch, addr, &inst.flags)
+                    })
+                } else {
+                    rmw()
+                };
+                let Some(old) = old else {
+                    return Err(env.report(
+                        ReportKind::Fault,
+                        warp,
+                        l as u32,
+                        line,
+                        Some(addr),
+                        format!("{eb}-byte atomics are not supported"),
+                    ));
                 };
                 regs[inst.d[0] as usize * 32 + l] = old;
             }
