@@ -76,24 +76,26 @@ fn guided_step<B: Backend>(b: &B, mode: &str, x_in: &[f32], x_t: &[f32]) -> (f64
 /// whole image (seed 211243423, adversarial-x0: gradient 3.0e-3 off, objective 1.8e-8, after a
 /// GroupNorm change of summation order moved eps by about 1e-8; the same seed agreed to 9e-7
 /// before it, and other seeds agree to 8.5e-7 after it). A wrong kernel is wrong at almost every
-/// input, so an adversarial step that misses must also miss at a second, independent input.
+/// input, so an adversarial step that misses must miss at three independent inputs in a row to
+/// fail: a kink lands on about one input in 24 (adversarial-xt, seeds 1-6 and 100-117: seed 115
+/// only, gradient 8.1e-3 off), and a whole-suite run drew two in a row (seed 746432463 and the next,
+/// gradients 1.5e-3 and 4.8e-3 off, objectives 1e-7 and 4e-7).
 pub fn check_guided_step<B: Backend>(b: &B, mode: &str) {
-    let seed = seed();
-    let (e_objective, e_gradient) = guided_step_errors(b, mode, seed);
-    if e_objective < 1e-5 && e_gradient < 1e-5 {
-        return;
+    const INPUTS: usize = 3;
+    let mut seed = seed();
+    for input in 1..=INPUTS {
+        let (e_objective, e_gradient) = guided_step_errors(b, mode, seed);
+        if e_objective < 1e-5 && e_gradient < 1e-5 {
+            return;
+        }
+        assert!(
+            mode.starts_with("adversarial") && input < INPUTS,
+            "{mode}: objective {e_objective:.3e}, gradient {e_gradient:.3e} off (seed {seed}, input {input} of \
+             {INPUTS})"
+        );
+        seed ^= 0x9E37_79B9 * input as u64;
+        println!("{mode}: off (a kink within rounding?); another input, seed {seed}:");
     }
-    let retry = seed ^ 0x9E37_79B9;
-    assert!(
-        mode.starts_with("adversarial"),
-        "{mode}: objective {e_objective:.3e}, gradient {e_gradient:.3e} (seed {seed})"
-    );
-    println!("{mode}: off at seed {seed} (a kink within rounding?); a second input, seed {retry}:");
-    let (e_objective, e_gradient) = guided_step_errors(b, mode, retry);
-    assert!(
-        e_objective < 1e-5 && e_gradient < 1e-5,
-        "{mode}: off at two inputs: objective {e_objective:.3e}, gradient {e_gradient:.3e} at seed {retry}"
-    );
 }
 
 /// The relative errors of one guided step on `b` against the CPU at input `seed`.
@@ -137,7 +139,7 @@ fn purify<B: Backend>(b: &B, guidance: Guidance, x: &[f32]) -> Vec<f32> {
 ///
 /// The adversarial guidance differentiates the auxiliary classifier through its ReLUs: where a
 /// pre-activation lies within rounding of zero, the two backends can take different branches and
-/// a few gradient elements differ by O(1) (`networks::relu_vjp_agrees` says more). On the H200 that
+/// a few gradient elements differ by O(1) (`networks::relu_kinks` says more). On the H200 that
 /// moved one adversarial purification by 1.70e-5 (seed 918736203), 1.1e-3 of the guidance's own
 /// effect, while the same check's guided step alone agreed to 8e-7. So an adversarial guidance
 /// may also pass within `RELU_FLIP_SHARE` of its effect: a guidance off by even 1% of itself (a
