@@ -24,9 +24,13 @@
 //   conv2d_backward_input_mma_wide_<dout>_<w>
 //                                      the same (cp.async loaders) with the wide 128 x 128 blocks.
 //   conv2d_backward_input_mma_gather_<dout>_<w>
-//                                      the same with element-wise loads (conv_in's Ci = 3, conv_out's
-//                                      Co = 3).
-//   conv2d_mma[_gather]_partial_<in>_<w>, conv2d_backward_input_mma[_gather]_partial_<dout>_<w>
+//                                      the same with element-wise loads (conv_out's Co = 3).
+//   conv2d_backward_input_mma_gather_w_<dout>_<w>
+//                                      dout by the vector loader, the weights element-wise (conv_in's
+//                                      Ci = 3 with its 128-channel dout: the dout tile is 97% of
+//                                      what a k-step loads, and element by element it bounded the
+//                                      launch).
+//   conv2d_mma[_gather]_partial_<in>_<w>, conv2d_backward_input_mma[_gather[_w]]_partial_<dout>_<w>
 //                                      split-K (version 3): the same blocks over slice z of the
 //                                      k-tiles (grid z = the slices, slice z = tiles [zT/Z, (z+1)T/Z)),
 //                                      raw f32 sums to a workspace partials[z][m][n]; for grids too
@@ -654,7 +658,8 @@ __device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage,
 
 // PARTIAL (split-K): as the forward's, block z sums its slice of the k-tiles and stores raw f32
 // sums to partials[z][m][ci]; conv2d_backward_input_split_reduce adds the slices and stores dx.
-template <bool VECTOR, bool PARTIAL, typename Tile, typename DoutT, typename WT>
+// VECTOR_A / VECTOR_B: dout / the weights by the cp.async loaders (else element by element).
+template <bool VECTOR_A, bool VECTOR_B, bool PARTIAL, typename Tile, typename DoutT, typename WT>
 __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restrict__ dout, const WT* __restrict__ w,
                                                           void* __restrict__ dx, int dx_dtype,
                                                           float* __restrict__ partials, const ConvParams p,
@@ -663,7 +668,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     constexpr int BN = Tile::BN, WARP_N = Tile::WARP_N, N_TILES = Tile::N_TILES, B_ROW = Tile::B_ROW;
     constexpr int A_STAGE = BM * BK, B_STAGE = BK * B_ROW;
     // f32 dout with the vector loader goes through registers (the head comment says why).
-    constexpr bool THROUGH_REGISTERS = VECTOR && sizeof(DoutT) == 4;
+    constexpr bool THROUGH_REGISTERS = VECTOR_A && sizeof(DoutT) == 4;
     extern __shared__ __align__(128) unsigned char backward_shared[];
     unsigned short* a_tiles = reinterpret_cast<unsigned short*>(backward_shared);
     unsigned short* b_tiles = a_tiles + STAGES * A_STAGE;
@@ -677,7 +682,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
 
     // The vector loaders' A rows, fixed for the whole K loop.
     using L = AChunks<DoutT>;
-    constexpr int ROWS = VECTOR ? L::ROWS : 1;
+    constexpr int ROWS = VECTOR_A ? L::ROWS : 1;
     DxRow rows[ROWS];
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) rows[i] = dx_row(m_block + tid / L::CHUNKS_PER_ROW + L::ROW_STEP * i, p);
@@ -697,13 +702,13 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     auto issue = [&](int kt) {
         const int stage = kt % STAGES;
         const int k0 = (first_tile + kt) * BK;
-        conv_backward_load_b<VECTOR, Tile, WT>(b_tiles + stage * B_STAGE, k0, b_at, tid, n_block, p, w);
-        if constexpr (VECTOR) refresh_tap_pixels(a_px, rows, a_at, p);
+        conv_backward_load_b<VECTOR_B, Tile, WT>(b_tiles + stage * B_STAGE, k0, b_at, tid, n_block, p, w);
+        if constexpr (VECTOR_A) refresh_tap_pixels(a_px, rows, a_at, p);
         if constexpr (THROUGH_REGISTERS)
             conv_backward_fetch_a(staged, a_at, a_px, p, reinterpret_cast<const float*>(dout));
         else
-            conv_backward_load_a<VECTOR, DoutT, WT>(a_tiles + stage * A_STAGE, k0, a_at, a_px, tid, m_block, p, dout);
-        if constexpr (VECTOR) advance_k(a_at, BK, p.out_channels, p.kw);
+            conv_backward_load_a<VECTOR_A, DoutT, WT>(a_tiles + stage * A_STAGE, k0, a_at, a_px, tid, m_block, p, dout);
+        if constexpr (VECTOR_A) advance_k(a_at, BK, p.out_channels, p.kw);
     };
 
     float acc[M_TILES][N_TILES][4] = {};
@@ -794,44 +799,55 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     }
 }
 
-// Entries: conv2d_backward_input_mma_<dout>_<w> (cp.async loaders) and
-// conv2d_backward_input_mma_gather_<dout>_<w> (element-wise); dx's type is the `dx_dtype` code.
-#define CONV_BACKWARD_MMA_ENTRY(prefix, VECTOR, Tile, dout_name, DoutT, w_name, WT)                         \
+// Entries: conv2d_backward_input_mma_<dout>_<w> (cp.async loaders),
+// conv2d_backward_input_mma_gather_<dout>_<w> (element-wise) and
+// conv2d_backward_input_mma_gather_w_<dout>_<w> (weights element-wise); dx's type is the
+// `dx_dtype` code.
+#define CONV_BACKWARD_MMA_ENTRY(prefix, VECTOR_A, VECTOR_B, Tile, dout_name, DoutT, w_name, WT)             \
     extern "C" __global__ void __launch_bounds__(mma::THREADS, Tile::BACKWARD_MIN_BLOCKS)                   \
         prefix##_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,           \
                                         void* __restrict__ dx, int dx_dtype, const ConvParams p,            \
                                         int accumulate) {                                                   \
-        conv2d_backward_input_mma<VECTOR, false, Tile, DoutT, WT>(dout, w, dx, dx_dtype, nullptr, p,         \
-                                                                  accumulate);                              \
+        conv2d_backward_input_mma<VECTOR_A, VECTOR_B, false, Tile, DoutT, WT>(dout, w, dx, dx_dtype, nullptr, \
+                                                                            p, accumulate);                 \
     }
 // Split-K entries: `<prefix>_partial_<dout>_<w>`, grid z = the slices.
-#define CONV_BACKWARD_MMA_PARTIAL_ENTRY(prefix, VECTOR, dout_name, DoutT, w_name, WT)                       \
+#define CONV_BACKWARD_MMA_PARTIAL_ENTRY(prefix, VECTOR_A, VECTOR_B, dout_name, DoutT, w_name, WT)           \
     extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
         prefix##_partial_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,   \
                                                 float* __restrict__ partials, const ConvParams p) {         \
-        conv2d_backward_input_mma<VECTOR, true, NarrowTile, DoutT, WT>(dout, w, nullptr, 0, partials, p, 0); \
+        conv2d_backward_input_mma<VECTOR_A, VECTOR_B, true, NarrowTile, DoutT, WT>(dout, w, nullptr, 0,     \
+                                                                                 partials, p, 0);           \
     }
 
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, f32, float, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, NarrowTile, f16, f16, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, f32, float, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, NarrowTile, f16, f16, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, f32, float, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, WideTile, f16, f16, f16, f16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f32, float, bf16, bf16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f32, float, f16, f16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, f16, f16, f16, f16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, bf16, bf16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, f32, float, f16, f16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f32, float, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f32, float, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f32, float, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, bf16, bf16, bf16, bf16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f32, float, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f16, f16, f16, f16)
 
 // The split-K reduction of the input gradient: dx[i] = (or +=, `accumulate`) the sum over slices
 // s = 0, 1, ... of partials[s][i], in that fixed order; dx's type a run-time code (store_grad, as the

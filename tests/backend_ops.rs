@@ -511,10 +511,14 @@ const CONV2D_BACKWARD_INPUT_CASES: [BackwardCase; 6] = [
 ];
 /// Input gradients with many k-steps and few dx positions, split on the emulator like
 /// `CONV2D_SPLIT_K_CASES`.
-const CONV2D_BACKWARD_INPUT_SPLIT_K_CASES: [BackwardCase; 3] = [
+const CONV2D_BACKWARD_INPUT_SPLIT_K_CASES: [BackwardCase; 5] = [
     ("split-K 3x3 at 3x3 (M 9), 18 k-steps", 32, 64, 3, Conv2dGeometry::same(1), 3, 1),
     ("split-K downsample, dx 4x4, 14 k-steps", 24, 48, 3, DOWNSAMPLE, 4, 2),
     ("split-K 1x1 at 2x2, 8 k-steps", 64, 256, 1, Conv2dGeometry::same(0), 2, 1),
+    // conv_in's at batch 1: dout by cp.async, the 3-channel weights element-wise (gather_w).
+    ("split-K conv_in (3 channels, 128-channel dout) at 4x4, 36 k-steps", 3, 128, 3, Conv2dGeometry::same(1), 4, 1),
+    // Co 36: 16-bit dout is gathered (not a multiple of 8), f32 dout by cp.async.
+    ("split-K Co 36 at 3x3, 11 k-steps", 8, 36, 3, Conv2dGeometry::same(1), 3, 1),
 ];
 
 /// dx = (and +=) the transposed convolution of dout (`gradient` says how dx starts for each

@@ -387,9 +387,12 @@ pub fn mma_kernel_names() -> Vec<String> {
         for dout in ["f32", w] {
             names.push(format!("conv2d_backward_input_mma_{dout}_{w}"));
             names.push(format!("conv2d_backward_input_mma_wide_{dout}_{w}"));
-            names.push(format!("conv2d_backward_input_mma_gather_{dout}_{w}"));
+            for loads in [Loads::Gather, Loads::GatherWeights] {
+                let infix = loads.infix();
+                names.push(format!("conv2d_backward_input_mma{infix}_{dout}_{w}"));
+                names.push(format!("conv2d_backward_input_mma{infix}_partial_{dout}_{w}"));
+            }
             names.push(format!("conv2d_backward_input_mma_partial_{dout}_{w}"));
-            names.push(format!("conv2d_backward_input_mma_gather_partial_{dout}_{w}"));
         }
         // Split-K: partial sums are f32 whatever the output's type.
         names.push(format!("conv2d_mma_partial_{w}_{w}"));
@@ -461,7 +464,8 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
         }
         (_, _) => {
             let kernel = TensorCoreEntries { op: "conv2d", base: "conv2d_mma", types: format!("{i}_{w}_{o}") };
-            let (name, block_n) = kernel.pick(version, forward_loads_vectors(args), &format!("{i}_{w}"))?;
+            let loads = if forward_loads_vectors(args) { Loads::Vector } else { Loads::Gather };
+            let (name, block_n) = kernel.pick(version, loads, &format!("{i}_{w}"))?;
             (name, MMA_BLOCK_M, block_n, 128, forward_shared_bytes(block_n))
         }
     };
@@ -496,19 +500,46 @@ fn forward_loads_vectors(args: &Conv2dLaunch) -> bool {
         && aligned16
 }
 
-/// Whether the tensor-core input gradient loads with 16-byte cp.async: 16-byte chunks of 4 f32 or
-/// 8 16-bit dout channels (never across a tap), 8 weight channels, aligned tensors.
-fn backward_loads_vectors(args: &Conv2dBackwardInputLaunch) -> bool {
+/// How the tensor-core input gradient loads: dout by 16-byte cp.async where it comes in 16-byte
+/// chunks of 4 f32 or 8 16-bit channels (never across a tap) and is aligned; the weights where
+/// they have 8 input channels a chunk and are aligned.
+fn backward_loads(args: &Conv2dBackwardInputLaunch) -> Loads {
     let dout_chunk = 16 / args.dout_dtype.bytes();
-    args.out_channels.is_multiple_of(dout_chunk)
-        && args.in_channels.is_multiple_of(8)
-        && args.dout.is_multiple_of(16)
-        && args.weight.is_multiple_of(16)
+    let dout_vector = args.out_channels.is_multiple_of(dout_chunk) && args.dout.is_multiple_of(16);
+    let weight_vector = args.in_channels.is_multiple_of(8) && args.weight.is_multiple_of(16);
+    match (dout_vector, weight_vector) {
+        (true, true) => Loads::Vector,
+        (true, false) => Loads::GatherWeights,
+        _ => Loads::Gather,
+    }
 }
 
-/// The tensor-core entries of one op in conv2d_mma.cu: `<base>_<types>` (cp.async loaders),
-/// `<base>_gather_<types>` (element-wise), `<base>_wide_<types>` (cp.async only), and the split-K
-/// forms `<base>[_gather]_partial_<partial types>`.
+/// How a tensor-core launch loads its operand tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loads {
+    /// Both by 16-byte cp.async (`<base>_<types>`, and the wide tile's `<base>_wide_<types>`).
+    Vector,
+    /// The activations (dout) by cp.async, the weights element by element
+    /// (`<base>_gather_w_<types>`, the input gradient only): conv_in's, Ci = 3 under a 128-channel
+    /// dout, where dout is nearly all a k-step loads.
+    GatherWeights,
+    /// Both element by element (`<base>_gather_<types>`).
+    Gather,
+}
+
+impl Loads {
+    fn infix(self) -> &'static str {
+        match self {
+            Loads::Vector => "",
+            Loads::GatherWeights => "_gather_w",
+            Loads::Gather => "_gather",
+        }
+    }
+}
+
+/// The tensor-core entries of one op in conv2d_mma.cu: `<base><loads>_<types>` (`Loads::infix`),
+/// `<base>_wide_<types>` (cp.async only), and the split-K forms
+/// `<base><loads>_partial_<partial types>`.
 struct TensorCoreEntries {
     op: &'static str,
     base: &'static str,
@@ -516,22 +547,21 @@ struct TensorCoreEntries {
 }
 
 impl TensorCoreEntries {
-    /// The entry `version` runs with the cp.async loaders (`vector`) or not, and its block's
-    /// channels; the wide tile without them is an error naming what it needs.
-    fn pick(&self, version: Conv2dVersion, vector: bool, partial_types: &str) -> Result<(String, usize)> {
-        let (base, types) = (self.base, &self.types);
-        let loads = if vector { "" } else { "_gather" };
+    /// The entry `version` runs with `loads`, and its block's channels; the wide tile without the
+    /// cp.async loaders is an error naming what it needs.
+    fn pick(&self, version: Conv2dVersion, loads: Loads, partial_types: &str) -> Result<(String, usize)> {
+        let (base, types, infix) = (self.base, &self.types, loads.infix());
         match version {
             Conv2dVersion::TensorCoreSplitK { .. } => {
-                Ok((format!("{base}{loads}_partial_{partial_types}"), MMA_BLOCK_N))
+                Ok((format!("{base}{infix}_partial_{partial_types}"), MMA_BLOCK_N))
             }
-            Conv2dVersion::TensorCoreWide if !vector => Err(Error::invalid(format!(
+            Conv2dVersion::TensorCoreWide if loads != Loads::Vector => Err(Error::invalid(format!(
                 "{}: the wide tensor-core tile has only the cp.async loader (16-bit inputs in the weights' type, \
                  channels multiples of 8, 16-byte aligned tensors)",
                 self.op
             ))),
             Conv2dVersion::TensorCoreWide => Ok((format!("{base}_wide_{types}"), MMA_WIDE_BLOCK_N)),
-            _ => Ok((format!("{base}{loads}_{types}"), MMA_BLOCK_N)),
+            _ => Ok((format!("{base}{infix}_{types}"), MMA_BLOCK_N)),
         }
     }
 }
@@ -717,7 +747,7 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
                 base: "conv2d_backward_input_mma",
                 types: types.clone(),
             };
-            let (name, block_n) = kernel.pick(version, backward_loads_vectors(args), &types)?;
+            let (name, block_n) = kernel.pick(version, backward_loads(args), &types)?;
             (name, MMA_BLOCK_M, block_n, 128, backward_shared_bytes(block_n))
         }
     };
@@ -754,7 +784,7 @@ pub fn conv2d_backward_input_version(
     }
     let positions = args.batch * args.height * args.width;
     let k_total = args.kernel_h * args.kernel_w * args.out_channels;
-    tensor_core_version(positions, args.in_channels, k_total, backward_loads_vectors(args), workspace)
+    tensor_core_version(positions, args.in_channels, k_total, backward_loads(args) == Loads::Vector, workspace)
 }
 
 /// dx = (or +=) conv2d's vector-Jacobian product with respect to its input, with the fastest loaded
