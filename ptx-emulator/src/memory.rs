@@ -230,3 +230,24 @@ pub fn describe_miss(allocs: &[Arc<Allocation>], freed: &[(u32, u64, u64)], addr
         _ => format!("{len}-byte access at {addr:#x}: no allocation is live"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_numbers_skip_zero_and_clear_the_writers_when_they_wrap() {
+        let mut mem = GlobalMemory::new();
+        let a = mem.alloc(8);
+        let (alloc, _) = mem.find(a, 8).unwrap();
+        assert_eq!(mem.next_launch(), 1);
+        alloc.writers()[1].store(u64::MAX, Ordering::Relaxed);
+        for n in 2..=u16::MAX {
+            assert_eq!(mem.next_launch(), n);
+        }
+        assert_eq!(alloc.writers()[1].load(Ordering::Relaxed), u64::MAX);
+        // Past 65535 the numbers start again at 1, and no record of an old launch is left.
+        assert_eq!(mem.next_launch(), 1);
+        assert_eq!(alloc.writers()[1].load(Ordering::Relaxed), 0);
+    }
+}
