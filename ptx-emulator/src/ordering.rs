@@ -7,16 +7,17 @@
 //! - reader: an atomic on that address that comes later in the atomics' order (so it observes the
 //!   release), then a device-scope fence (or the atomic itself `.acquire`), then the read.
 //!
-//! Any other cross-block read or overwrite is a global-memory race, reported: a missing fence on
-//! either side, a missing barrier, or no synchronisation at all (two blocks writing one output).
+//! Any other cross-block read or overwrite is a global-memory race, reported: a fence missing on
+//! either side, a `.cta` one, or no synchronisation at all (two blocks writing one output).
 //! On a GPU such code works or fails by timing and by what L1 holds; here blocks run on host
 //! threads with coherent memory, so the data alone would never show it.
 //!
 //! State: per 4-byte word of an allocation a kernel wrote, one `Record` of its last write (launch
 //! number, writer block and thread, the writer block's first release covering it, the bytes, and
-//! whether by an atomic). Per block (`BlockOrder`): a clock that advances at each fence, its last
-//! fence, the writes no release has covered yet (only in kernels with an atomic or a fence: no
-//! other can release), the atomics whose releases await a fence, and the releases it acquired.
+//! whether by an atomic). Per block (`BlockOrder`): a clock that advances at each fence (and
+//! `.release` atomic), its last fence, the writes no release has covered yet (only in kernels
+//! with an atomic or a fence: no other can release), the atomics whose releases await a fence,
+//! and the releases it acquired.
 //! Per launch (`LaunchOrder`), per address that atomics touched, the releases in the order those
 //! atomics ran, appended under one lock with the atomic itself, so an atomic sees exactly the
 //! releases before it.
