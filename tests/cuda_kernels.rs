@@ -537,8 +537,11 @@ fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
     };
     let tc = Conv2dVersion::TensorCore;
     assert_eq!(conv::backward_input_kernel_for(&ok, tc).unwrap(), "conv2d_backward_input_mma_f32_bf16");
+    // Ci = 3 (conv_in): dout still by cp.async, the weights element-wise; Co = 6 too: both.
     let odd = Conv2dBackwardInputLaunch { in_channels: 3, ..ok };
-    assert_eq!(conv::backward_input_kernel_for(&odd, tc).unwrap(), "conv2d_backward_input_mma_gather_f32_bf16");
+    assert_eq!(conv::backward_input_kernel_for(&odd, tc).unwrap(), "conv2d_backward_input_mma_gather_w_f32_bf16");
+    let odder = Conv2dBackwardInputLaunch { out_channels: 6, ..odd };
+    assert_eq!(conv::backward_input_kernel_for(&odder, tc).unwrap(), "conv2d_backward_input_mma_gather_f32_bf16");
     let half = Conv2dBackwardInputLaunch { dout_dtype: Precision::F16, weight_dtype: Precision::F16, ..ok };
     assert_eq!(conv::backward_input_kernel_for(&half, tc).unwrap(), "conv2d_backward_input_mma_f16_f16");
     // The SIMT kernel takes one storage type throughout; f32 weights have no tensor-core kernel.
