@@ -35,7 +35,8 @@ pub enum ReportKind {
     Misaligned,
     /// Shared memory accessed by two threads without a barrier between them.
     SharedRace,
-    /// Global memory read before it was ever written since allocation.
+    /// Global memory read before it was ever written since allocation, or shared memory read
+    /// before the block wrote it.
     UninitializedRead,
     /// Global bytes another block wrote in the same launch, read or written with no release and
     /// acquire between the blocks (`ordering`).
@@ -59,7 +60,7 @@ impl ReportKind {
             ReportKind::InvalidAddress => "invalid address",
             ReportKind::Misaligned => "misaligned access",
             ReportKind::SharedRace => "shared-memory race",
-            ReportKind::UninitializedRead => "uninitialized global read",
+            ReportKind::UninitializedRead => "uninitialized read",
             ReportKind::GlobalRace => "global-memory race between blocks",
             ReportKind::BarrierDivergence => "barrier divergence",
             ReportKind::Deadlock => "deadlock",

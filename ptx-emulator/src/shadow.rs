@@ -1,7 +1,10 @@
 //! Race check for shared memory: per byte, the last writer and the readers since the last
 //! ordering point. Ordering points are block barriers (a block-wide epoch) and `bar.warp.sync`
 //! (a per-warp epoch, ordering only lanes of that warp). Shuffles and votes order nothing.
-//! Epochs only grow (also across blocks run by the same worker), so nothing is ever cleared.
+//! Epochs only grow (also across blocks run by the same worker), so nothing is ever cleared: a
+//! byte whose last write is older than the block's first epoch was not written by this block, and
+//! reading it is reported (shared memory starts undefined on a GPU; here it starts at zero, which
+//! would hide a kernel that forgot to write a tile's edge or zero a shared accumulator).
 //!
 //! A record is one u64 (epoch 32 bits, warp epoch 16, thread 11, atomic 1, many-readers 1); the
 //! PTX lines of the accesses sit in a parallel array read only for reports.
@@ -26,12 +29,24 @@ fn tid(r: u64) -> u32 {
 /// A byte's new [last write, reads since] and the PTX lines of those accesses.
 type ByteUpdate = ([u64; 2], [u32; 2]);
 
-pub struct Race {
-    /// The earlier access: thread, PTX line, and whether it was a write.
-    pub other_tid: u32,
-    pub other_line: u32,
-    pub other_write: bool,
-    pub byte: u64,
+/// What an access of shared memory did wrong, at shared byte `byte`.
+pub enum SharedFault {
+    /// It conflicts with an earlier access not ordered before it: that access's thread, PTX line,
+    /// and whether it was a write.
+    Race { other_tid: u32, other_line: u32, other_write: bool, byte: u64 },
+    /// It reads (or updates atomically) a byte no thread of the block has written.
+    Uninitialized { byte: u64 },
+}
+
+impl SharedFault {
+    fn at(self, at: u64) -> Self {
+        match self {
+            SharedFault::Race { other_tid, other_line, other_write, .. } => {
+                SharedFault::Race { other_tid, other_line, other_write, byte: at }
+            }
+            SharedFault::Uninitialized { .. } => SharedFault::Uninitialized { byte: at },
+        }
+    }
 }
 
 pub struct SharedShadow {
@@ -39,6 +54,8 @@ pub struct SharedShadow {
     recs: Vec<[u64; 2]>,
     lines: Vec<[u32; 2]>,
     epoch: u32,
+    /// The current block's first epoch: writes of earlier epochs were other blocks'.
+    block_epoch: u32,
     warp_epochs: Vec<u16>,
 }
 
@@ -50,7 +67,7 @@ impl Default for SharedShadow {
 
 impl SharedShadow {
     pub fn new() -> Self {
-        SharedShadow { recs: Vec::new(), lines: Vec::new(), epoch: 1, warp_epochs: Vec::new() }
+        SharedShadow { recs: Vec::new(), lines: Vec::new(), epoch: 1, block_epoch: 1, warp_epochs: Vec::new() }
     }
 
     /// Prepare for a new block with `size` shared bytes and `warps` warps.
@@ -60,6 +77,7 @@ impl SharedShadow {
             self.lines.resize(size, [0; 2]);
         }
         self.epoch += 1;
+        self.block_epoch = self.epoch;
         self.warp_epochs.clear();
         self.warp_epochs.resize(warps, 0);
     }
@@ -79,8 +97,16 @@ impl SharedShadow {
         rt == t || (rt / 32 == t / 32 && self.warp_epochs[(t / 32) as usize] != warp_epoch(r))
     }
 
-    /// Record an access of `len` bytes at `off` by thread `t`; the first conflicting byte, if any.
-    pub fn access(&mut self, off: usize, len: usize, t: u32, line: u32, write: bool, atomic: bool) -> Option<Race> {
+    /// Record an access of `len` bytes at `off` by thread `t`; the first faulty byte's fault, if any.
+    pub fn access(
+        &mut self,
+        off: usize,
+        len: usize,
+        t: u32,
+        line: u32,
+        write: bool,
+        atomic: bool,
+    ) -> Option<SharedFault> {
         let me = self.epoch as u64
             | (self.warp_epochs[(t / 32) as usize] as u64) << 32
             | (t as u64) << TID_SHIFT
@@ -94,7 +120,7 @@ impl SharedShadow {
                 Some((previous_old, previous_new)) if previous_old == old => previous_new,
                 _ => match self.step(old, self.lines[i], me, t, line, write, atomic) {
                     Ok(new) => new,
-                    Err(race) => return Some(Race { byte: i as u64, ..race }),
+                    Err(fault) => return Some(fault.at(i as u64)),
                 },
             };
             (self.recs[i], self.lines[i]) = new;
@@ -104,7 +130,7 @@ impl SharedShadow {
     }
 
     /// One byte's check and update for an access by thread `t` (record `me`): the byte's new
-    /// [last write, reads since] and their lines, or the race (its `byte` left for the caller).
+    /// [last write, reads since] and their lines, or the fault (its `byte` left for the caller).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn step(
@@ -116,16 +142,19 @@ impl SharedShadow {
         line: u32,
         write: bool,
         atomic: bool,
-    ) -> Result<ByteUpdate, Race> {
+    ) -> Result<ByteUpdate, SharedFault> {
+        if (!write || atomic) && epoch(w) < self.block_epoch {
+            return Err(SharedFault::Uninitialized { byte: 0 });
+        }
         // Against the last write: any access races unless ordered or both atomic.
         if epoch(w) == self.epoch && !self.ordered(w, t) && !(atomic && w & ATOMIC != 0) {
-            return Err(Race { other_tid: tid(w), other_line: lines[0], other_write: true, byte: 0 });
+            return Err(SharedFault::Race { other_tid: tid(w), other_line: lines[0], other_write: true, byte: 0 });
         }
         let reader_live = epoch(r) == self.epoch;
         if write && reader_live && !(atomic && r & ATOMIC != 0) {
             let unordered = !self.ordered(r, t);
             if unordered || (r & MANY != 0 && tid(r) / 32 != t / 32) {
-                return Err(Race { other_tid: tid(r), other_line: lines[1], other_write: false, byte: 0 });
+                return Err(SharedFault::Race { other_tid: tid(r), other_line: lines[1], other_write: false, byte: 0 });
             }
         }
         Ok(if write {

@@ -423,3 +423,54 @@ extern "C" __global__ void fixed(float* y) {
     // Launches are ordered: the same word written again by the next launch's other block is fine.
     dev.run(&m, "fixed", 2, 32, &[p(y)]);
 }
+
+#[test]
+fn shared_memory_read_before_the_block_wrote_it() {
+    // Shared memory starts undefined on a GPU (zero here): a tile half written, a shared
+    // accumulator never zeroed, or bytes only an earlier block on the same SM wrote.
+    let src = r#"
+extern "C" __global__ void half_tile(float* y) {
+  __shared__ float s[32];
+  if (threadIdx.x < 16) s[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  y[threadIdx.x] = s[threadIdx.x];
+}
+extern "C" __global__ void unzeroed_sum(float* y) {
+  __shared__ float sum;
+  __syncthreads();
+  atomicAdd(&sum, 1.0f);
+  __syncthreads();
+  if (threadIdx.x == 0) y[blockIdx.x] = sum;
+}
+extern "C" __global__ void first_block_writes(float* y) {
+  __shared__ float s[32];
+  if (blockIdx.x == 0) s[threadIdx.x] = threadIdx.x;
+  __syncthreads();
+  y[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x];
+}
+extern "C" __global__ void fixed(float* y) {
+  __shared__ float s[32];
+  __shared__ float sum;
+  s[threadIdx.x] = threadIdx.x < 16 ? threadIdx.x : 0.0f;
+  if (threadIdx.x == 0) sum = 0.0f;
+  __syncthreads();
+  atomicAdd(&sum, 1.0f);
+  __syncthreads();
+  y[blockIdx.x * 32 + threadIdx.x] = s[threadIdx.x] + sum;
+}"#;
+    let Some((mut dev, m, ptx)) = pair(src) else { return };
+    let y = dev.zeros::<f32>(64);
+    let r = dev.report(&m, "half_tile", 1, 32, &[p(y)]);
+    assert_eq!(r.kind, ReportKind::UninitializedRead, "{r}");
+    assert_eq!(r.thread, [16, 0, 0], "{r}");
+    assert_eq!(r.line, lines_in(&ptx, "half_tile", "ld.shared")[0]);
+    assert!(r.detail.contains("read of shared byte 64, which no thread of this block has written"), "{r}");
+    let r = dev.report(&m, "unzeroed_sum", 1, 32, &[p(y)]);
+    assert!(r.kind == ReportKind::UninitializedRead && r.detail.starts_with("atomic of shared byte"), "{r}");
+    // Block 1 runs after block 0 on some worker, over its shared bytes: still not its own writes.
+    let r = dev.report(&m, "first_block_writes", 2, 32, &[p(y)]);
+    assert_eq!((r.kind, r.block), (ReportKind::UninitializedRead, [1, 0, 0]), "{r}");
+    dev.run(&m, "fixed", 2, 32, &[p(y)]);
+    let want: Vec<f32> = (0..64).map(|k| if k % 32 < 16 { (k % 32) as f32 + 32.0 } else { 32.0 }).collect();
+    assert_eq!(dev.download::<f32>(y, 64), want);
+}

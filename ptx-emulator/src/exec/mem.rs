@@ -10,6 +10,7 @@ use crate::ir::*;
 use crate::memory::*;
 use crate::ordering::Conflict;
 use crate::report::{Report, ReportKind};
+use crate::shadow::SharedFault;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -123,21 +124,28 @@ impl BlockEnv<'_> {
                         ),
                     ));
                 }
-                if let Some(r) =
-                    self.shadow.access(a as usize, size as usize, tid, line, kind != Kind::Read, kind == Kind::Atomic)
+                match self.shadow.access(a as usize, size as usize, tid, line, kind != Kind::Read, kind == Kind::Atomic)
                 {
-                    let t = self.thread_of(r.other_tid);
-                    let what = format!(
-                        "{} of shared byte {} by this thread conflicts with a {} by thread ({},{},{}) at PTX line {} with no barrier between them",
-                        kind.name(),
-                        r.byte,
-                        if r.other_write { "write" } else { "read" },
-                        t[0],
-                        t[1],
-                        t[2],
-                        r.other_line
-                    );
-                    return Err(self.report(ReportKind::SharedRace, warp, lane, line, Some(addr), what));
+                    None => {}
+                    Some(SharedFault::Race { other_tid, other_line, other_write, byte }) => {
+                        let t = self.thread_of(other_tid);
+                        let what = format!(
+                            "{} of shared byte {byte} by this thread conflicts with a {} by thread ({},{},{}) at PTX line {other_line} with no barrier between them",
+                            kind.name(),
+                            if other_write { "write" } else { "read" },
+                            t[0],
+                            t[1],
+                            t[2],
+                        );
+                        return Err(self.report(ReportKind::SharedRace, warp, lane, line, Some(addr), what));
+                    }
+                    Some(SharedFault::Uninitialized { byte }) => {
+                        let what = format!(
+                            "{} of shared byte {byte}, which no thread of this block has written (shared memory starts undefined)",
+                            kind.name()
+                        );
+                        return Err(self.report(ReportKind::UninitializedRead, warp, lane, line, Some(addr), what));
+                    }
                 }
                 Ok(unsafe { self.shared.as_mut_ptr().add(a as usize) })
             }
