@@ -50,12 +50,12 @@ const BLOCK_BITS: u32 = 22;
 const RELEASE_MAX: u32 = (1 << 11) - 1;
 
 impl Record {
-    fn new(launch: u16, block: u32, thread: u32, release: u32, bytes: u8, atomic: bool) -> Self {
+    /// A write no release covers yet (`with_release` adds one).
+    fn new(launch: u16, block: u32, thread: u32, bytes: u8, atomic: bool) -> Self {
         Record(
             (launch as u64) << 48
                 | ((block & ((1 << BLOCK_BITS) - 1)) as u64) << 26
                 | ((thread & 0x3ff) as u64) << 16
-                | (release.min(RELEASE_MAX) as u64) << 5
                 | ((bytes & 0xf) as u64) << 1
                 | atomic as u64,
         )
@@ -282,7 +282,7 @@ impl BlockOrder {
             }
             if write {
                 let keep = if this_launch && r.block() == self.block && r.release() == 0 { r.bytes() } else { 0 };
-                let new = Record::new(launch.launch, self.block, thread, 0, bytes | keep, atomic);
+                let new = Record::new(launch.launch, self.block, thread, bytes | keep, atomic);
                 words[w as usize].store(new.0, Ordering::Relaxed);
             }
         }

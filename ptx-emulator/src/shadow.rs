@@ -39,13 +39,11 @@ pub enum SharedFault {
 }
 
 impl SharedFault {
-    fn at(self, at: u64) -> Self {
-        match self {
-            SharedFault::Race { other_tid, other_line, other_write, .. } => {
-                SharedFault::Race { other_tid, other_line, other_write, byte: at }
-            }
-            SharedFault::Uninitialized { .. } => SharedFault::Uninitialized { byte: at },
+    fn at(mut self, at: u64) -> Self {
+        match &mut self {
+            SharedFault::Race { byte, .. } | SharedFault::Uninitialized { byte } => *byte = at,
         }
+        self
     }
 }
 

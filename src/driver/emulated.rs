@@ -180,14 +180,6 @@ impl State {
                 self.kernels.entry(name.clone()).or_default().launches += 1;
                 Ok(())
             }
-            Work::Memset { .. } if self.hollow => {
-                self.memsets += 1;
-                Ok(())
-            }
-            Work::Copy { .. } if self.hollow => {
-                self.copies += 1;
-                Ok(())
-            }
             Work::Launch { function, config, args } => {
                 let module = &self.modules[function_module(&self.functions, *function)];
                 let f = &self.functions[function.0 as usize].1;
@@ -216,10 +208,16 @@ impl State {
             }
             Work::Copy { dst, src, bytes } => {
                 self.copies += 1;
+                if self.hollow {
+                    return;
+                }
                 self.mem.copy(*dst, *src, *bytes as u64).map_err(mem_error)
             }
             Work::Memset { dst, value, count } => {
                 self.memsets += 1;
+                if self.hollow {
+                    return;
+                }
                 let bytes: Vec<u8> = std::iter::repeat_n(value.to_le_bytes(), *count).flatten().collect();
                 self.mem.write(*dst, &bytes).map_err(mem_error)
             }
