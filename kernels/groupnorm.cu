@@ -10,20 +10,26 @@
 // means) and arrivals u32 (one counter per partial kernel's (sample, group slice), zero
 // between launches), allocated once by the backend.
 // Precision: any storage type for a, b and out (run-time codes); statistics in f32 per chunk, two
-// passes (mean, then the sum of squared deviations), the chunks merged with Chan's formula in f64,
-// so a large mean does not cancel the variance; eps added in f64 as on the CPU.
+// passes (mean, then the sum of squared deviations), the chunks merged in f64 (the parallel form of
+// Chan's formula), so a large mean does not cancel the variance; eps added in f64 as on the CPU.
 // Two kernels, the fast and only version:
 //   groupnorm_partial_stats  grid (chunks, G / groups_per_block, N): each block reduces a slice of
 //                            pixels of a few neighbouring groups (32 bytes of each pixel where the
-//                            groups allow: whole sectors), so batch 1 still fills every SM: the
-//                            host picks chunks. The last block of a (sample, group slice) to finish
-//                            (an arrival counter) then finalizes its groups: a warp per group, each
-//                            lane merging every 32nd chunk, the lanes merged in a fixed tree
-//                            (shuffles), into stats. (A kernel of its own did that at first, one
-//                            thread per group merging the chunks one load after another: at batch
-//                            1, 30 to 60 round trips to memory, the slowest launch of the forward in
-//                            the emulator's latency model, examples/emulator_launch_depth.rs; then a
-//                            warp per group; now no launch at all.)
+//                            groups allow: whole sectors), each thread a vector of channels at a
+//                            time (one access), so batch 1 still fills the SMs: the host picks
+//                            chunks, but never so many that a thread has no vector (465 blocks of
+//                            one element a thread once spent cifar10's batch-1 forward 111 us of
+//                            the emulator's latency model here, most of it reducing; 78 us now).
+//                            A thread keeps its first vector in registers for the second pass.
+//                            The last block of a (sample, group slice) to finish (an arrival
+//                            counter) then finalizes its groups: a warp per group, each lane taking
+//                            every 32nd chunk, warp sums in a fixed order, into stats; a launch of
+//                            one chunk (batch 2 and up, small images) stores the stats itself.
+//                            (A kernel of its own finalized at first, one thread per group merging
+//                            the chunks one load after another: at batch 1, 30 to 60 round trips
+//                            to memory, the slowest launch of the forward in that model,
+//                            examples/emulator_launch_depth.rs; then a warp per group; now no
+//                            launch at all.)
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
 //                            a sector used): normalise, affine, SiLU, one rounding.
 //
@@ -31,11 +37,11 @@
 // a concat's gradient), stats from the forward, dx written or accumulated (`accumulate`):
 //   xhat = (x - mean) rstd,  g = dout * silu'(xhat gamma + beta)? * gamma,
 //   dx (+)= rstd (g - mean_group(g) - xhat mean_group(g xhat))
-// Two kernels, the same chunking as the forward (batch 1 fills the device):
+// Two kernels, the same chunking and vectors as the forward (batch 1 fills the device):
 //   groupnorm_backward_partial   grid (chunks, G / groups_per_block, N): f32 sums of g and g xhat over
 //                                a slice of pixels; the last block of a (sample, group slice) then
-//                                sums the chunks in f64 as the forward merges them (a warp per
-//                                group), divided by the group size: the two means, packed after the
+//                                sums the chunks in f64 (a warp per group; one chunk: the block),
+//                                divided by the group size: the two means, packed after the
 //                                chunks' sums;
 //   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx (+)= ..., one rounding.
 #include "common.cuh"
@@ -45,51 +51,76 @@ struct GroupNormShape {
     int groups_per_block;  // of the partial kernels (see for_each_in_slice)
 };
 
+// The kernel body for each vector width (`vec` is uniform over the grid).
+#define DISPATCH_VEC(vec, call) \
+    switch (vec) {              \
+        case 8: call(8); break; \
+        case 4: call(4); break; \
+        case 2: call(2); break; \
+        default: call(1);       \
+    }
+
 // Every index is 32-bit (the launcher checks that the tensors hold fewer than 2^31 elements): a
 // 64-bit division is a long software routine, and these kernels once spent most of their time in
 // three of them per element.
 
-__device__ __forceinline__ float load_two_source(const void* a, int dt_a, const void* b, int dt_b, int pixel, int c,
-                                                 const GroupNormShape& s) {
-    return c < s.ca ? load_dyn(a, dt_a, (long long)pixel * s.ca + c)
-                    : load_dyn(b, dt_b, (long long)pixel * s.cb + (c - s.ca));
+// VEC channels from c of `pixel` (VEC divides Ca and Cb: a vector never straddles the two sources).
+template <int VEC>
+__device__ __forceinline__ void load_two_source(const void* a, int dt_a, const void* b, int dt_b, int pixel, int c,
+                                                const GroupNormShape& s, float (&v)[VEC]) {
+    if (c < s.ca)
+        load_dyn_n<VEC>(a, dt_a, (long long)pixel * s.ca + c, v);
+    else
+        load_dyn_n<VEC>(b, dt_b, (long long)pixel * s.cb + (c - s.ca), v);
 }
 
 // The partial kernels' block (chunk, y, n) reduces the pixels of `chunk` for groups_per_block
 // consecutive groups from y * groups_per_block: `width` = groups_per_block x (channels a group)
-// contiguous channels of each pixel. The launcher picks groups_per_block so that a pixel's slice
-// fills a 32-byte sector where the groups allow (one group of 2 bf16 channels would use 4 bytes of
-// each sector a warp loads), and makes the block a multiple of width: each thread then keeps one
-// channel, so one group, and steps over pixels with no division. Where no multiple of width fits
-// in 1024 threads, groups_per_block is 1 and threads take elements in turn.
-template <typename F>
+// contiguous channels of each pixel, in vectors of VEC channels (VEC divides a group's channels,
+// so a vector never leaves its group; one access each). The launcher picks groups_per_block so
+// that a pixel's slice fills a 32-byte sector where the groups allow (one group of 2 bf16 channels
+// would use 4 bytes of each sector a warp loads), and makes the block a multiple of the slice's
+// `lanes` = width / VEC vectors: each thread then keeps one vector, so one group, and steps over
+// pixels with no division. Where no multiple of width fits in 1024 threads, VEC and
+// groups_per_block are 1 and threads take elements in turn. f(pixel, channel, i) for the thread's
+// i-th vector (i = 0, 1, ...).
+template <int VEC, typename F>
 __device__ __forceinline__ void for_each_in_slice(int p0, int p1, int width, F&& f) {
-    if (blockDim.x % width == 0) {
-        const int ch = threadIdx.x % width, step = blockDim.x / width;
-        for (int p = p0 + threadIdx.x / width; p < p1; p += step) f(p, ch);
+    const int lanes = width / VEC;
+    int i = 0;
+    if (VEC > 1 || blockDim.x % lanes == 0) {
+        const int j = (threadIdx.x % lanes) * VEC, step = blockDim.x / lanes;
+        for (int p = p0 + threadIdx.x / lanes; p < p1; p += step) f(p, j, i++);
     } else {
         const int count = (p1 - p0) * width;
-        for (int j = threadIdx.x; j < count; j += blockDim.x) f(p0 + j / width, j % width);
+        for (int j = threadIdx.x; j < count; j += blockDim.x) f(p0 + j / width, j % width, i++);
     }
 }
 
-// The group (of the block's groups_per_block) of this thread's channel.
+// The group (of the block's groups_per_block) of this thread's vector.
+template <int VEC>
 __device__ __forceinline__ int slice_group(int width, int cpg, int gs) {
-    return gs == 1 ? 0 : (int)(threadIdx.x % width) / cpg;
+    return gs == 1 ? 0 : (int)(threadIdx.x % (width / VEC)) * VEC / cpg;
 }
 
-// totals[t] = the sum of `v` over the threads whose channel lies in group t of the block's slice,
+// totals[t] = the sum of `v` over the threads whose vector lies in group t of the block's slice,
 // for every t < gs, in a fixed order (the same bits every run). `part` is blockDim floats of shared
-// memory; warp t adds group t's entries.
+// memory; warp t adds group t's entries (gs > 1 only on the vector path: a group's threads are
+// `cpg / VEC` neighbours in each row of `width / VEC`).
+template <int VEC>
 __device__ __forceinline__ void slice_group_sums(float v, float* part, float* totals, int width, int cpg, int gs) {
     __syncthreads();  // the previous call's readers are done with part and totals
     part[threadIdx.x] = v;
     __syncthreads();
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    const int per_group = blockDim.x / gs;
+    const int per_group = blockDim.x / gs, lanes = width / VEC, group_lanes = cpg / VEC;
     for (int t = threadIdx.x >> 5; t < gs; t += warps) {
         float sum = 0.0f;
-        for (int e = lane; e < per_group; e += 32) sum += part[gs == 1 ? e : (e / cpg) * width + t * cpg + e % cpg];
+        for (int e = lane; e < per_group; e += 32) {
+            // (One vector a group, the UNet's case, needs no division: ptxas makes ~20 instructions of one.)
+            const int row = group_lanes == 1 ? e : e / group_lanes, col = group_lanes == 1 ? 0 : e % group_lanes;
+            sum += part[gs == 1 ? e : row * lanes + t * group_lanes + col];
+        }
         sum = warp_sum(sum);
         if (lane == 0) totals[t] = sum;
     }
@@ -114,14 +145,10 @@ __device__ __forceinline__ double shfl_xor_double(double v, int offset) {
     return __hiloint2double(hi, lo);
 }
 
-// Chan's merge of (count, mean, m2) with another part's; an empty part changes nothing.
-__device__ __forceinline__ void chan_merge(double& count, double& mean, double& m2, double nb, double mb,
-                                           double m2b) {
-    if (nb == 0.0) return;
-    const double delta = mb - mean, total = count + nb;
-    mean += delta * nb / total;
-    m2 += m2b + delta * delta * count * nb / total;
-    count = total;
+__device__ __forceinline__ double warp_sum_double(double v) {
+    // The same bits in every lane: each round adds the same two partial sums (in either order).
+    for (int offset = 16; offset > 0; offset >>= 1) v += shfl_xor_double(v, offset);
+    return v;
 }
 
 // Whether this block is the last of the `expected` blocks counted in `arrival` to get here, after
@@ -147,60 +174,117 @@ __device__ __forceinline__ unsigned* slice_arrival(unsigned* arrivals) {
     return arrivals + blockIdx.z * gridDim.y + blockIdx.y;
 }
 
-// Group ng's stats from its chunks' (count, mean, m2), by one warp: each lane merges every 32nd
-// chunk, then lane pairs 16, 8, ... apart merge, so lane 0's result has a fixed order of merges
-// (the same bits every run; the other lanes' are not used).
+// Group ng's stats (mean, 1/std) from its (count, mean, m2), eps added in f64 as on the CPU.
+__device__ __forceinline__ void store_group_stats(float* stats, int ng, double count, double mean, double m2,
+                                                  float eps) {
+    const double var = m2 / count;
+    stats[ng * 2] = (float)mean;
+    stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
+}
+
+// Group ng's stats from its chunks' (count, mean, m2), by one warp, in f64: the group's mean from
+// the chunks' sums (count x mean), then M2 = the chunks' m2 + count (mean_k - mean)^2 summed (the
+// parallel form of Chan's formula: one division, where merging the lanes pairwise took two a
+// round). Each lane takes every 32nd chunk, keeping its first for the second sum; the warp sums
+// have a fixed order (the same bits every run). One chunk gives exactly its own mean and m2.
 __device__ __forceinline__ void finalize_group_stats(const float* partials, float* stats, int ng,
                                                      const GroupNormShape& s, float eps) {
     const int lane = threadIdx.x & 31;
-    double count = 0.0, mean = 0.0, m2 = 0.0;
+    double count = 0.0, total = 0.0;
+    float kept[3] = {0.0f, 0.0f, 0.0f};
     for (int k = lane; k < s.chunks; k += 32) {
         const float* p = partial_fields(partials, ng, k, s);
-        chan_merge(count, mean, m2, __ldcg(p), __ldcg(p + s.chunks), __ldcg(p + 2 * s.chunks));
+        const float n = __ldcg(p), mean_k = __ldcg(p + s.chunks);
+        if (k == lane) {
+            kept[0] = n;
+            kept[1] = mean_k;
+            kept[2] = __ldcg(p + 2 * s.chunks);
+        }
+        count += n;
+        total += (double)n * mean_k;
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const double nb = shfl_xor_double(count, offset), mb = shfl_xor_double(mean, offset);
-        const double m2b = shfl_xor_double(m2, offset);
-        chan_merge(count, mean, m2, nb, mb, m2b);
+    count = warp_sum_double(count);
+    total = warp_sum_double(total);
+    const double mean = total / count;
+    double m2 = 0.0;
+    for (int k = lane; k < s.chunks; k += 32) {
+        const float* p = partial_fields(partials, ng, k, s);
+        const bool first = k == lane;
+        const float n = first ? kept[0] : __ldcg(p), mean_k = first ? kept[1] : __ldcg(p + s.chunks);
+        const double d = (double)mean_k - mean;
+        m2 += (double)(first ? kept[2] : __ldcg(p + 2 * s.chunks)) + n * d * d;
     }
-    if (lane == 0) {
-        const double var = m2 / count;
-        stats[ng * 2] = (float)mean;
-        stats[ng * 2 + 1] = (float)(1.0 / sqrt(var + (double)eps));
-    }
+    m2 = warp_sum_double(m2);
+    if (lane == 0) store_group_stats(stats, ng, count, mean, m2, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(1024, 1)
-    groupnorm_partial_stats(const void* a, int dt_a, const void* b, int dt_b, float* partials, unsigned* arrivals,
-                            float* stats, float eps, GroupNormShape s) {
-    __shared__ float part[1024], sums[32], m2s[32];
+// The partial stats of one vector width. A launch of one chunk a (sample, group slice) (batch 2 and
+// up, or small images) has each group's whole sums in its block: it stores the stats itself, with
+// no partials and no arrival (the same bits as the finalizing warp: one chunk's merge is exact).
+template <int VEC>
+__device__ __forceinline__ void partial_stats(const void* a, int dt_a, const void* b, int dt_b, float* partials,
+                                              unsigned* arrivals, float* stats, float eps, const GroupNormShape& s,
+                                              float* part, float* sums, float* m2s) {
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
     const int cpg = (s.ca + s.cb) / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
     const int count = (range.y - range.x) * cpg;  // elements of each group in the chunk
     const int first_pixel = n * s.pixels;
 
-    float sum = 0.0f;
-    for_each_in_slice(range.x, range.y, width, [&](int p, int j) {
-        sum += load_two_source(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s);
+    // The thread's first vector stays in registers for the second pass (at batch 1 the launcher
+    // leaves most threads one vector: the second pass then reads no memory).
+    float sum = 0.0f, kept[VEC];
+    for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int i) {
+        float v[VEC];
+        load_two_source<VEC>(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s, v);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            sum += v[k];
+            if (i == 0) kept[k] = v[k];
+        }
     });
-    slice_group_sums(sum, part, sums, width, cpg, gs);
-    const float mean = count > 0 ? sums[slice_group(width, cpg, gs)] / (float)count : 0.0f;
+    slice_group_sums<VEC>(sum, part, sums, width, cpg, gs);
+    const float mean = count > 0 ? sums[slice_group<VEC>(width, cpg, gs)] / (float)count : 0.0f;
     float m2 = 0.0f;
-    for_each_in_slice(range.x, range.y, width, [&](int p, int j) {
-        const float d = load_two_source(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s) - mean;
-        m2 += d * d;
+    for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int i) {
+        float v[VEC];
+        if (i == 0) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) v[k] = kept[k];
+        } else {
+            load_two_source<VEC>(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s, v);
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const float d = v[k] - mean;
+            m2 += d * d;
+        }
     });
-    slice_group_sums(m2, part, m2s, width, cpg, gs);
+    slice_group_sums<VEC>(m2, part, m2s, width, cpg, gs);
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
-        float* out = partial_fields(partials, n * s.groups + g0 + t, chunk, s);
+        const float chunk_mean = count > 0 ? sums[t] / (float)count : 0.0f, chunk_m2 = count > 0 ? m2s[t] : 0.0f;
+        const int ng = n * s.groups + g0 + t;
+        if (s.chunks == 1) {
+            store_group_stats(stats, ng, (double)count, (double)chunk_mean, (double)chunk_m2, eps);
+            continue;
+        }
+        float* out = partial_fields(partials, ng, chunk, s);
         out[0] = (float)count;
-        out[s.chunks] = count > 0 ? sums[t] / (float)count : 0.0f;
-        out[2 * s.chunks] = count > 0 ? m2s[t] : 0.0f;
+        out[s.chunks] = chunk_mean;
+        out[2 * s.chunks] = chunk_m2;
     }
-    if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
+    if (s.chunks == 1 || !last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
     for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5)
         finalize_group_stats(partials, stats, n * s.groups + g0 + t, s, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(1024, 1)
+    groupnorm_partial_stats(const void* a, int dt_a, const void* b, int dt_b, float* partials, unsigned* arrivals,
+                            float* stats, float eps, int vec, GroupNormShape s) {
+    __shared__ float part[1024], sums[32], m2s[32];
+#define PARTIAL(VEC) partial_stats<VEC>(a, dt_a, b, dt_b, partials, arrivals, stats, eps, s, part, sums, m2s)
+    DISPATCH_VEC(vec, PARTIAL)
+#undef PARTIAL
 }
 
 // The element-wise kernels take VEC consecutive channels of one pixel per thread (VEC divides Ca,
@@ -226,15 +310,6 @@ __device__ __forceinline__ ChannelVector channel_vector(int v, int channels, con
     for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < (s).batch * (s).pixels * ((channels) / (vec)); \
          v += gridDim.x * blockDim.x)
 
-// The kernel body for each vector width (`vec` is uniform over the grid).
-#define DISPATCH_VEC(vec, call) \
-    switch (vec) {              \
-        case 8: call(8); break; \
-        case 4: call(4); break; \
-        case 2: call(2); break; \
-        default: call(1);       \
-    }
-
 template <int VEC>
 __device__ __forceinline__ void groupnorm_apply_vec(const void* a, int dt_a, const void* b, int dt_b,
                                                     const float* stats, const float* gamma, const float* beta,
@@ -244,10 +319,7 @@ __device__ __forceinline__ void groupnorm_apply_vec(const void* a, int dt_a, con
         const ChannelVector cv = channel_vector<VEC>(v, channels, s);
         const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
         float y[VEC], gs[VEC], bs[VEC];
-        if (cv.c0 < s.ca)
-            load_dyn_n<VEC>(a, dt_a, (long long)cv.pixel * s.ca + cv.c0, y);
-        else
-            load_dyn_n<VEC>(b, dt_b, (long long)cv.pixel * s.cb + (cv.c0 - s.ca), y);
+        load_two_source<VEC>(a, dt_a, b, dt_b, cv.pixel, cv.c0, s, y);
         load_dyn_n<VEC>(gamma, DTYPE_F32, cv.c0, gs);
         load_dyn_n<VEC>(beta, DTYPE_F32, cv.c0, bs);
 #pragma unroll
@@ -290,6 +362,15 @@ __device__ __forceinline__ float* group_means(const float* partials, const Group
     return const_cast<float*>(partials) + s.batch * s.groups * s.chunks * 3;
 }
 
+// Group ng's two means (of g and of g xhat) from its sums over the whole group.
+__device__ __forceinline__ void store_group_means(float* partials, int ng, double sum_g, double sum_g_xhat,
+                                                  const GroupNormShape& s) {
+    const double len = (double)s.pixels * (s.ca / s.groups);
+    float* means = group_means(partials, s) + ng * 2;
+    means[0] = (float)(sum_g / len);
+    means[1] = (float)(sum_g_xhat / len);
+}
+
 // Group ng's two means from its chunks' sums, by one warp (as finalize_group_stats).
 __device__ __forceinline__ void finalize_group_means(float* partials, int ng, const GroupNormShape& s) {
     const int lane = threadIdx.x & 31;
@@ -299,47 +380,66 @@ __device__ __forceinline__ void finalize_group_means(float* partials, int ng, co
         sum_g += __ldcg(p);
         sum_g_xhat += __ldcg(p + s.chunks);
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        sum_g += shfl_xor_double(sum_g, offset);
-        sum_g_xhat += shfl_xor_double(sum_g_xhat, offset);
-    }
-    if (lane == 0) {
-        const double len = (double)s.pixels * (s.ca / s.groups);
-        float* means = group_means(partials, s) + ng * 2;
-        means[0] = (float)(sum_g / len);
-        means[1] = (float)(sum_g_xhat / len);
-    }
+    sum_g = warp_sum_double(sum_g);
+    sum_g_xhat = warp_sum_double(sum_g_xhat);
+    if (lane == 0) store_group_means(partials, ng, sum_g, sum_g_xhat, s);
 }
 
-extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
-    const void* x, int dt_x, const void* dout, int dt_dout, const float* stats, const float* gamma,
-    const float* beta, int silu, float* partials, unsigned* arrivals, GroupNormShape s) {
-    __shared__ float part[1024], sums_g[32], sums_g_xhat[32];
+// The backward's partial sums of one vector width; one chunk a (sample, group slice) stores the
+// means itself, as the forward's stats (the same bits as the finalizing warp).
+template <int VEC>
+__device__ __forceinline__ void backward_partial(const void* x, int dt_x, const void* dout, int dt_dout,
+                                                 const float* stats, const float* gamma, const float* beta, int silu,
+                                                 float* partials, unsigned* arrivals, const GroupNormShape& s,
+                                                 float* part, float* sums_g, float* sums_g_xhat) {
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
     const int channels = s.ca, cpg = channels / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
     const int first_pixel = n * s.pixels;
-    const float* st = stats + (n * s.groups + g0 + slice_group(width, cpg, gs)) * 2;
+    const float* st = stats + (n * s.groups + g0 + slice_group<VEC>(width, cpg, gs)) * 2;
     const float mean = st[0], rstd = st[1];
 
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
-    for_each_in_slice(range.x, range.y, width, [&](int p, int j) {
+    for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int) {
         const int c = c0 + j;
         const long long i = (long long)(first_pixel + p) * channels + c;
-        const float2 at =
-            groupnorm_grad_at(load_dyn(x, dt_x, i), load_dyn(dout, dt_dout, i), mean, rstd, gamma[c], beta[c], silu);
-        sum_g += at.y;
-        sum_g_xhat += at.y * at.x;
+        float xs[VEC], dys[VEC], gms[VEC], bts[VEC];
+        load_dyn_n<VEC>(x, dt_x, i, xs);
+        load_dyn_n<VEC>(dout, dt_dout, i, dys);
+        load_dyn_n<VEC>(gamma, DTYPE_F32, c, gms);
+        load_dyn_n<VEC>(beta, DTYPE_F32, c, bts);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const float2 at = groupnorm_grad_at(xs[k], dys[k], mean, rstd, gms[k], bts[k], silu);
+            sum_g += at.y;
+            sum_g_xhat += at.y * at.x;
+        }
     });
-    slice_group_sums(sum_g, part, sums_g, width, cpg, gs);
-    slice_group_sums(sum_g_xhat, part, sums_g_xhat, width, cpg, gs);
+    slice_group_sums<VEC>(sum_g, part, sums_g, width, cpg, gs);
+    slice_group_sums<VEC>(sum_g_xhat, part, sums_g_xhat, width, cpg, gs);
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
-        float* out = partial_fields(partials, n * s.groups + g0 + t, chunk, s);
+        const int ng = n * s.groups + g0 + t;
+        if (s.chunks == 1) {
+            store_group_means(partials, ng, sums_g[t], sums_g_xhat[t], s);
+            continue;
+        }
+        float* out = partial_fields(partials, ng, chunk, s);
         out[0] = sums_g[t];
         out[s.chunks] = sums_g_xhat[t];
     }
-    if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
+    if (s.chunks == 1 || !last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
     for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5) finalize_group_means(partials, n * s.groups + g0 + t, s);
+}
+
+extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
+    const void* x, int dt_x, const void* dout, int dt_dout, const float* stats, const float* gamma,
+    const float* beta, int silu, float* partials, unsigned* arrivals, int vec, GroupNormShape s) {
+    __shared__ float part[1024], sums_g[32], sums_g_xhat[32];
+#define PARTIAL(VEC)                                                                                          \
+    backward_partial<VEC>(x, dt_x, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, s, part, sums_g, \
+                          sums_g_xhat)
+    DISPATCH_VEC(vec, PARTIAL)
+#undef PARTIAL
 }
 
 template <int VEC>

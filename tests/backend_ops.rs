@@ -365,8 +365,8 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
     // (N, channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group;
     // 8 channels a group, alone and in a concat (8 channels a thread in the element-wise kernel);
     // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path); one
-    // sample of one group over 16x16 pixels, which the partial kernel splits into more chunks than
-    // the finalizing warp has lanes (64 on the emulator's 16 SMs).
+    // sample of one group over 96x96 pixels, which the partial kernel splits into more chunks than
+    // the finalizing warp has lanes (36 on the emulator's 16 SMs); the rest of one chunk or a few.
     let cases = [
         (2, 64, 0, 32, 8, 8),
         (2, 32, 32, 32, 4, 4),
@@ -377,7 +377,7 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
         (2, 66, 0, 2, 3, 3),
         (2, 16, 8, 6, 3, 4),
         (2, 32, 0, 32, 5, 3),
-        (1, 8, 0, 1, 16, 16),
+        (1, 8, 0, 1, 96, 96),
     ];
     for (n, ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
@@ -410,7 +410,7 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
     // size, 8, 4 and 33 channels a group (group_norm_op says why): every vector width of the
     // element-wise kernel; one group of one sample in more chunks than a warp has lanes.
     let cases = [
-        (1, 8, 1, 16, 16),
+        (1, 8, 1, 96, 96),
         (1, 64, 32, 16, 16),
         (3, 64, 32, 8, 8),
         (2, 6, 1, 5, 3),

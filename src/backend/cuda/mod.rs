@@ -211,25 +211,23 @@ impl CudaBackend {
         Ok(self.attention.get_or_init(|| kernels))
     }
 
-    /// How many pixel chunks GroupNorm's partial-sum kernels split each (sample, group) into: enough
-    /// blocks to fill the device even at batch 1, within the scratch (None: an error stored).
-    fn groupnorm_chunks(
+    /// GroupNorm's partial-sum launch for `launch` over `n` samples of `pixels` pixels, with the
+    /// element-wise kernels' (aligned) vector width `vec`: its grid, block and vector width, and
+    /// the chunks each (sample, group slice) is split into (None: an error stored).
+    fn groupnorm_partials(
         &self,
+        launch: &GroupNormLaunch,
+        vec: i32,
         n: usize,
         groups: usize,
-        groups_per_block: usize,
         pixels: usize,
         op: &str,
-    ) -> Option<usize> {
-        let target_blocks = self.driver.info().multiprocessors.max(1) as usize * 4;
-        let chunks = target_blocks
-            .div_ceil(n * groups / groups_per_block)
-            .clamp(1, pixels.max(1))
-            .min((GROUPNORM_PARTIALS / (n * groups)).max(1));
-        let fits = self.check(n * groups * chunks <= GROUPNORM_PARTIALS, || {
+    ) -> Option<GroupNormPartials> {
+        let layout = groupnorm_partials(launch, vec, n, groups, pixels, self.driver.info().multiprocessors as usize);
+        let fits = self.check(n * groups * layout.chunks <= GROUPNORM_PARTIALS, || {
             format!("{op}: batch {n} x {groups} groups exceeds the statistics scratch")
         });
-        fits.then_some(chunks)
+        fits.then_some(layout)
     }
 
     /// (N, C, H, W) of a 4-D tensor, or an error stored.
@@ -382,22 +380,25 @@ struct GroupNormLaunch {
     /// 32) whose channels span 32 bytes of `element_bytes` elements at each pixel, so the warps load
     /// whole sectors; 1 where no block of 1024 threads is a multiple of their channels.
     groups_per_block: usize,
-    /// The partial kernels' block: a multiple of both those channels and a warp (each thread then
-    /// keeps one channel), else 256.
-    block: u32,
+    /// The channels of a group.
+    channels_per_group: usize,
     /// The element-wise kernels' channels a thread: the largest of 8, 4, 2, 1 that divides Ca, Cb
     /// and the group size (then narrowed to the tensors' alignment: `aligned_vec`).
     vec: i32,
 }
 
-fn groupnorm_launch(ca: usize, cb: usize, groups: usize, element_bytes: usize) -> GroupNormLaunch {
+/// The least common multiple of `width` and a warp.
+fn lcm_warp(width: usize) -> usize {
     let gcd = |mut a: usize, mut b: usize| {
         while b != 0 {
             (a, b) = (b, a % b);
         }
         a
     };
-    let lcm_warp = |width: usize| width / gcd(width, 32) * 32;
+    width / gcd(width, 32) * 32
+}
+
+fn groupnorm_launch(ca: usize, cb: usize, groups: usize, element_bytes: usize) -> GroupNormLaunch {
     let channels_per_group = (ca + cb) / groups;
     let mut groups_per_block = 1;
     while channels_per_group * groups_per_block * element_bytes < 32
@@ -409,13 +410,55 @@ fn groupnorm_launch(ca: usize, cb: usize, groups: usize, element_bytes: usize) -
     if lcm_warp(channels_per_group * groups_per_block) > 1024 {
         groups_per_block = 1;
     }
-    let lcm = lcm_warp(channels_per_group * groups_per_block);
-    let block = if lcm <= 1024 { lcm * (256 / lcm).max(1) } else { 256 };
     let vec = [8, 4, 2, 1]
         .into_iter()
         .find(|&v| ca.is_multiple_of(v) && cb.is_multiple_of(v) && channels_per_group.is_multiple_of(v))
         .unwrap_or(1);
-    GroupNormLaunch { groups_per_block, block: block as u32, vec: vec as i32 }
+    GroupNormLaunch { groups_per_block, channels_per_group, vec: vec as i32 }
+}
+
+/// GroupNorm's partial-sum launch (kernels/groupnorm.cu `for_each_in_slice`).
+#[derive(Debug, PartialEq, Eq)]
+struct GroupNormPartials {
+    /// Channels a thread loads at once: the element-wise kernels' vector where the block is a
+    /// multiple of the slice's vectors, else 1 (threads take elements in turn).
+    vec: i32,
+    /// Threads: a multiple of a warp and of a pixel's vectors in the slice (each thread keeps
+    /// one), at most 256 and no more than (rounded up to that multiple) the slice's vectors; else 256.
+    block: u32,
+    /// Pixel chunks a (sample, group slice) is split into: enough blocks to fill the device (four
+    /// an SM) at batch 1, but no more than leaves every thread a vector: a block whose threads load
+    /// one element each spends nearly all its time reducing (cifar10 at batch 1 once ran 465 blocks
+    /// of 256 threads on 128K elements, its slowest kernel by the emulator's latency model).
+    chunks: usize,
+}
+
+fn groupnorm_partials(
+    launch: &GroupNormLaunch,
+    vec: i32,
+    n: usize,
+    groups: usize,
+    pixels: usize,
+    multiprocessors: usize,
+) -> GroupNormPartials {
+    let width = launch.channels_per_group * launch.groups_per_block;
+    let unit = lcm_warp(width / vec as usize);
+    let (vec, block) = if unit <= 1024 {
+        // Vectors of the whole slice, rounded up to whole units, at most 256 threads (one unit
+        // where a unit is larger).
+        let units = (pixels * width / vec as usize).div_ceil(unit).clamp(1, (256 / unit).max(1));
+        (vec, unit * units)
+    } else {
+        (1, 256)
+    };
+    let vectors_per_slice = pixels * width / vec as usize;
+    let target_blocks = multiprocessors.max(1) * 4;
+    let chunks = target_blocks
+        .div_ceil(n * groups / launch.groups_per_block)
+        .min(vectors_per_slice.div_ceil(block))
+        .clamp(1, pixels.max(1))
+        .min((GROUPNORM_PARTIALS / (n * groups).max(1)).max(1));
+    GroupNormPartials { vec, block: block as u32, chunks }
 }
 
 /// The widest of `vec`, vec / 2, ..., 1 to which every (pointer, storage type) is aligned: the
@@ -736,13 +779,15 @@ impl Backend for CudaBackend {
         if !self.check(out.len() < i32::MAX as usize, || format!("group_norm: {shape:?} has 2^31 elements or more")) {
             return;
         }
-        let GroupNormLaunch { groups_per_block, block, vec } = groupnorm_launch(ca, cb, groups, x.a.dtype.bytes());
-        let Some(chunks) = self.groupnorm_chunks(n, groups, groups_per_block, pixels, "group_norm") else { return };
+        let launch = groupnorm_launch(ca, cb, groups, x.a.dtype.bytes());
+        let groups_per_block = launch.groups_per_block;
         let b_ptr = x.b.map_or(0, |b| b.ptr);
         let f32 = Precision::F32;
         let pointers =
             [(x.a.ptr, x.a.dtype), (b_ptr, x.a.dtype), (out.ptr, out.dtype), (gamma.ptr, f32), (beta.ptr, f32)];
-        let vec = aligned_vec(vec, &pointers);
+        let vec = aligned_vec(launch.vec, &pointers);
+        let Some(partials) = self.groupnorm_partials(&launch, vec, n, groups, pixels, "group_norm") else { return };
+        let chunks = partials.chunks;
         let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks, groups_per_block]);
         let dt = dtype_code(x.a.dtype);
         let partial = KernelArgs::new()
@@ -754,10 +799,11 @@ impl Backend for CudaBackend {
             .ptr(self.groupnorm_arrivals.ptr)
             .ptr(stats.ptr)
             .f32(eps)
+            .i32(partials.vec)
             .bytes(&shape_bytes);
         let grid = LaunchConfig {
             grid: [chunks as u32, (groups / groups_per_block) as u32, n as u32],
-            block: [block, 1, 1],
+            block: [partials.block, 1, 1],
             dynamic_shared_bytes: 0,
         };
         self.launch("groupnorm.cu", "groupnorm_partial_stats", grid, partial);
@@ -811,14 +857,16 @@ impl Backend for CudaBackend {
         }
         // Whole sectors of x, the narrower of x and dout.
         let element_bytes = x.dtype.bytes().min(dout.dtype.bytes());
-        let GroupNormLaunch { groups_per_block, block, vec } = groupnorm_launch(c, 0, groups, element_bytes);
-        let Some(chunks) = self.groupnorm_chunks(n, groups, groups_per_block, pixels, "group_norm_backward") else {
-            return;
-        };
+        let launch = groupnorm_launch(c, 0, groups, element_bytes);
+        let groups_per_block = launch.groups_per_block;
         let f32 = Precision::F32;
         let pointers =
             [(x.ptr, x.dtype), (dout.ptr, dout.dtype), (dx.ptr, dx.dtype), (gamma.ptr, f32), (beta.ptr, f32)];
-        let vec = aligned_vec(vec, &pointers);
+        let vec = aligned_vec(launch.vec, &pointers);
+        let Some(partials) = self.groupnorm_partials(&launch, vec, n, groups, pixels, "group_norm_backward") else {
+            return;
+        };
+        let chunks = partials.chunks;
         let shape_bytes = groupnorm_shape_bytes([n, pixels, c, 0, groups, chunks, groups_per_block]);
         let inputs = || {
             KernelArgs::new()
@@ -832,10 +880,10 @@ impl Backend for CudaBackend {
         };
         let grid = LaunchConfig {
             grid: [chunks as u32, (groups / groups_per_block) as u32, n as u32],
-            block: [block, 1, 1],
+            block: [partials.block, 1, 1],
             dynamic_shared_bytes: 0,
         };
-        let partial = inputs().ptr(self.groupnorm_arrivals.ptr).bytes(&shape_bytes);
+        let partial = inputs().ptr(self.groupnorm_arrivals.ptr).i32(partials.vec).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, partial);
         let apply = inputs().tensor(dx).i32(vec).i32(store.accumulates() as i32).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len() / vec as usize), apply);
