@@ -73,6 +73,7 @@ fn forward_launch(s: &Shape, batch: usize) -> Conv2dLaunch {
         weight: 0x2000,
         bias: None,
         channel_bias: None,
+        channel_bias_stride: s.out_channels,
         residual: None,
         out: 0x3000,
     }

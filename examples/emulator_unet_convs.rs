@@ -138,6 +138,7 @@ fn main() {
                 weight: filled(&d, co * (ca + cb) * k * k, weight),
                 bias: Some(filled(&d, co, Precision::F32)),
                 channel_bias: None,
+                channel_bias_stride: co,
                 residual: None,
                 out: d.alloc(oh * ow * co * input.bytes()).unwrap(),
             };

@@ -11,7 +11,9 @@
 //     concat, h first); Cb = 0 is a plain convolution.
 //
 // Layout: activations NHWC (a: N x H x W x Ca, b: N x H x W x Cb, residual and out: N x OH x OW x Co),
-// weights [Co][kh][kw][Ci] (Ci = Ca + Cb), bias (Co) and channel_bias (N x Co) f32.
+// weights [Co][kh][kw][Ci] (Ci = Ca + Cb), bias (Co) and channel_bias (N rows of Co, rows
+// ConvParams::channel_bias_stride apart: the UNet's time-embedding projections of every
+// ResnetBlock share one N x total tensor) f32.
 // GEMM view: M = N*OH*OW output positions, N = Co, K = kh*kw*Ci, k = (ky*kw + kx)*Ci + ci; A is
 // gathered from x on the fly (implicit im2col), B is the weight matrix as stored (K contiguous per
 // output channel: the "col" operand of mma.sync).

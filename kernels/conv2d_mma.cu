@@ -447,7 +447,7 @@ extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partial
         const int m = (int)(i / p.out_channels);
         const int co = (int)(i - (long long)m * p.out_channels);
         const float b = bias ? bias[co] : 0.0f;
-        const float c = channel_bias ? channel_bias[(m / plane) * p.out_channels + co] : 0.0f;
+        const float c = channel_bias ? channel_bias[(m / plane) * p.channel_bias_stride + co] : 0.0f;
         const float r = residual ? load_dyn(residual, out_dtype, i) : 0.0f;
         float v = 0.0f;
 #pragma unroll 4

@@ -15,6 +15,7 @@ struct ConvParams {
     int stride, pad_top, pad_left;
     int out_h, out_w;
     int relu;
+    int channel_bias_stride;    // channel_bias[n * channel_bias_stride + co] (>= out_channels)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -26,7 +27,7 @@ __device__ __forceinline__ float conv_epilogue_value(float acc, int m, int n, in
                                                      const OutT* __restrict__ residual) {
     float v = acc;
     if (bias) v += bias[co];
-    if (channel_bias) v += channel_bias[n * p.out_channels + co];
+    if (channel_bias) v += channel_bias[n * p.channel_bias_stride + co];
     if (residual) v += to_float(residual[m * p.out_channels + co]);
     if (p.relu) v = fmaxf(v, 0.0f);
     return v;

@@ -199,7 +199,9 @@ fn conv2d_epilogue() {
         let shape = output_shape(&case);
         let (x, w) = (rng.tensor(&case.x), rng.tensor(&case.w));
         let bias = rng.tensor(&[case.w[0]]);
-        let channel_bias = rng.tensor(&[shape[0], shape[1]]);
+        // Columns 3.. of a wider tensor, as the UNet's blocks read their share of one.
+        let (column, width) = (3, shape[1] + 5);
+        let channel_bias = rng.tensor(&[shape[0], width]);
         let residual = rng.tensor(&shape);
         let plain = conv_reference(&x, &w, case.geometry);
         let plane = shape[2] * shape[3];
@@ -209,8 +211,10 @@ fn conv2d_epilogue() {
                 .enumerate()
                 .map(|(i, &v)| {
                     let (n, c) = (i / plane / shape[1], i / plane % shape[1]);
-                    let v =
-                        v + bias.data[c] as f64 + channel_bias.data[n * shape[1] + c] as f64 + residual.data[i] as f64;
+                    let v = v
+                        + bias.data[c] as f64
+                        + channel_bias.data[n * width + column + c] as f64
+                        + residual.data[i] as f64;
                     if relu {
                         v.max(0.0)
                     } else {
@@ -219,7 +223,12 @@ fn conv2d_epilogue() {
                 })
                 .collect();
             let mut out = rng.tensor(&shape);
-            let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), residual: Some(&residual), relu };
+            let epilogue = ConvEpilogue {
+                channel_bias: Some(&channel_bias),
+                channel_bias_column: column,
+                residual: Some(&residual),
+                relu,
+            };
             backend.conv2d(LayerInput::one(&x), &w, Some(&bias), case.geometry, epilogue, &mut out);
             let error = relative_max_error(&out.data, &expected);
             assert!(error < 1e-5, "conv2d epilogue (relu {relu}) {:?} {:?}: error {error:e}", case.x, case.geometry);
@@ -230,10 +239,17 @@ fn conv2d_epilogue() {
         let expected: Vec<f64> =
             plain.iter().enumerate().map(|(i, &v)| v + bias.data[i / plane % shape[1]] as f64).collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
-        let epilogue = ConvEpilogue { channel_bias: Some(&channel_bias), ..Default::default() };
+        let epilogue =
+            ConvEpilogue { channel_bias: Some(&channel_bias), channel_bias_column: column, ..Default::default() };
         backend.conv2d(LayerInput::one(&x), &w, None, case.geometry, epilogue, &mut out);
-        let expected: Vec<f64> =
-            plain.iter().enumerate().map(|(i, &v)| v + channel_bias.data[i / plane] as f64).collect();
+        let expected: Vec<f64> = plain
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let (n, c) = (i / plane / shape[1], i / plane % shape[1]);
+                v + channel_bias.data[n * width + column + c] as f64
+            })
+            .collect();
         assert!(relative_max_error(&out.data, &expected) < 1e-5);
     }
 }

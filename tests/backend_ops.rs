@@ -483,14 +483,27 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
         let (bias, bias_r) = h.input_f32(&[co]);
         let logical = if upsample { 2 * size } else { size };
         let (oh, ow) = geometry.output_size(logical, logical, k, k);
-        let (cbias, cbias_r) = h.input_f32(&[n, co]);
+        // Columns 2.. of a wider tensor, as the UNet's blocks read their share of one: every
+        // kernel's epilogue (and split-K's reduction) steps rows by its width, not by Co.
+        let cbias_column = 2;
+        let (cbias, cbias_r) = h.input_f32(&[n, co + 6]);
         let (res, res_r) = h.input(&[n, co, oh, ow]);
         let (mut out, mut out_r) = h.output(&[n, co, oh, ow]);
         fn input<'t, T: TensorShape>(a: &'t T, b: &'t T, concat: bool, upsample: bool) -> LayerInput<'t, T> {
             LayerInput { a, b: concat.then_some(b), upsample2x: upsample }
         }
-        let epilogue = ConvEpilogue { channel_bias: Some(&cbias), residual: Some(&res), relu: true };
-        let epilogue_r = ConvEpilogue { channel_bias: Some(&cbias_r), residual: Some(&res_r), relu: true };
+        let epilogue = ConvEpilogue {
+            channel_bias: Some(&cbias),
+            channel_bias_column: cbias_column,
+            residual: Some(&res),
+            relu: true,
+        };
+        let epilogue_r = ConvEpilogue {
+            channel_bias: Some(&cbias_r),
+            channel_bias_column: cbias_column,
+            residual: Some(&res_r),
+            relu: true,
+        };
         b.conv2d(input(&a, &bb, cb > 0, upsample), &w, Some(&bias), geometry, epilogue, &mut out);
         h.cpu.conv2d(input(&ar, &bb_r, cb > 0, upsample), &wr, Some(&bias_r), geometry, epilogue_r, &mut out_r);
         h.check(&format!("conv2d {name}"), &out, &out_r);
@@ -623,6 +636,7 @@ fn split_k_cases_split_on_the_emulator() {
             weight: 0x3000,
             bias: None,
             channel_bias: None,
+            channel_bias_stride: co,
             residual: None,
             out: 0x4000,
         };

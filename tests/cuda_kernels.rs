@@ -327,7 +327,9 @@ pub fn check_conv(
         common::uniform(c.out_channels * c.kernel * c.kernel * ci, seed + 2).iter().map(|v| v * 0.3).collect();
     let (w_host, weight) = mem.upload(&weight_values, weight_dtype);
     let (bias_host, bias) = mem.upload(&common::uniform(c.out_channels, seed + 3), Precision::F32);
-    let (cbias_host, cbias) = mem.upload(&common::uniform(n * c.out_channels, seed + 4), Precision::F32);
+    // Columns 1.. of rows 3 wider than Co (the UNet's blocks read their share of one tensor).
+    let cbias_width = c.out_channels + 3;
+    let (cbias_host, cbias) = mem.upload(&common::uniform(n * cbias_width, seed + 4), Precision::F32);
 
     let mut launch = Conv2dLaunch {
         batch: n,
@@ -348,7 +350,8 @@ pub fn check_conv(
         b: (c.channels_b > 0).then_some(b),
         weight,
         bias: c.bias.then_some(bias),
-        channel_bias: c.channel_bias.then_some(cbias),
+        channel_bias: c.channel_bias.then_some(cbias + 4),
+        channel_bias_stride: cbias_width,
         residual: None,
         out: 0,
     };
@@ -373,12 +376,13 @@ pub fn check_conv(
     let x = LayerInput { a: &a_t, b: (c.channels_b > 0).then_some(&b_t), upsample2x: c.upsample };
     let w_t = cpu.upload(&weights_to_oihw(&w_host, c.out_channels, ci, k), &[c.out_channels, ci, k, k]).unwrap();
     let bias_t = cpu.upload(&bias_host, &[c.out_channels]).unwrap();
-    let cbias_t = cpu.upload(&cbias_host, &[n, c.out_channels]).unwrap();
+    let cbias_t = cpu.upload(&cbias_host, &[n, cbias_width]).unwrap();
     let res_t =
         cpu.upload(&nhwc_to_nchw(&residual_host, oh * ow, c.out_channels), &[n, c.out_channels, oh, ow]).unwrap();
     let mut out_t = cpu.zeros(&[n, c.out_channels, oh, ow]).unwrap();
     let epilogue = ConvEpilogue {
         channel_bias: c.channel_bias.then_some(&cbias_t),
+        channel_bias_column: 1,
         residual: c.residual.then_some(&res_t),
         relu: c.relu,
     };
@@ -476,6 +480,7 @@ fn valid_launch() -> Conv2dLaunch {
         weight: 0x2000,
         bias: None,
         channel_bias: None,
+        channel_bias_stride: 16,
         residual: None,
         out: 0x3000,
     }
@@ -487,6 +492,10 @@ fn conv_launch_rejects_bad_shapes_with_a_message() {
     let cases: Vec<(Conv2dLaunch, &str)> = vec![
         (Conv2dLaunch { channels_b: 8, ..valid_launch() }, "no second input"),
         (Conv2dLaunch { b: Some(0x4000), ..valid_launch() }, "channels_b = 0"),
+        (
+            Conv2dLaunch { channel_bias: Some(0x4000), channel_bias_stride: 8, ..valid_launch() },
+            "channel_bias rows 8 elements apart, fewer than the 16 output channels",
+        ),
         (Conv2dLaunch { kernel_h: 11, ..valid_launch() }, "larger than the padded input"),
         (Conv2dLaunch { batch: 0, ..valid_launch() }, "empty input"),
         (Conv2dLaunch { out: 0, ..valid_launch() }, "null device pointer for `out`"),

@@ -152,10 +152,13 @@ impl<'a, T: TensorShape> LayerInput<'a, T> {
 }
 
 /// What a convolution adds to its output before writing it:
-/// `out = relu?(conv(x) + bias[c] + channel_bias[n, c] + residual[n, c, y, x])`.
+/// `out = relu?(conv(x) + bias[c] + channel_bias[n, column + c] + residual[n, c, y, x])`.
 pub struct ConvEpilogue<'a, T> {
-    /// Per-sample, per-output-channel bias (N x C_out): the ResnetBlock's time-embedding projection.
+    /// Per-sample, per-output-channel bias, f32 N x W, its columns `channel_bias_column` to
+    /// `channel_bias_column + C_out` (W = C_out, column 0: a tensor of its own): the ResnetBlock's
+    /// time-embedding projection, every block's in one tensor that one launch computes.
     pub channel_bias: Option<&'a T>,
+    pub channel_bias_column: usize,
     /// Added element-wise (same shape as the output): the residual branch.
     pub residual: Option<&'a T>,
     /// Apply ReLU last (the classifiers' conv-bn-relu, with batch-norm folded into the conv).
@@ -164,7 +167,7 @@ pub struct ConvEpilogue<'a, T> {
 
 impl<T> Default for ConvEpilogue<'_, T> {
     fn default() -> Self {
-        Self { channel_bias: None, residual: None, relu: false }
+        Self { channel_bias: None, channel_bias_column: 0, residual: None, relu: false }
     }
 }
 

@@ -109,7 +109,7 @@ impl<B: Backend> Conv<B> {
     }
 
     fn forward(&self, b: &B, x: &B::Tensor, residual: Option<&B::Tensor>, out: &mut B::Tensor) {
-        let epilogue = ConvEpilogue { residual, relu: self.relu, channel_bias: None };
+        let epilogue = ConvEpilogue { residual, relu: self.relu, ..Default::default() };
         b.conv2d(LayerInput::one(x), &self.weight, self.bias.as_ref(), self.geometry, epilogue, out);
     }
 

@@ -148,11 +148,16 @@ impl ConvLayout {
     }
 }
 
+/// Sample n's channel bias of output channel c: `values[n * stride + c]`.
+pub struct ChannelBias<'a> {
+    pub values: &'a [f32],
+    pub stride: usize,
+}
+
 /// What `conv2d` adds after the sum over taps, in this order, before the optional ReLU.
 pub struct Epilogue<'a> {
     pub bias: Option<&'a [f32]>,
-    /// N x C_out.
-    pub channel_bias: Option<&'a [f32]>,
+    pub channel_bias: Option<ChannelBias<'a>>,
     /// Same shape as the output.
     pub residual: Option<&'a [f32]>,
     pub relu: bool,
@@ -243,8 +248,8 @@ pub fn forward(layout: &ConvLayout, x: &[f32], w: &[f32], epilogue: &Epilogue<'_
         out_n.par_chunks_mut(out_plane).enumerate().for_each(|(co, dst)| {
             let (block, r) = (co / MR, co % MR);
             let mut constant = epilogue.bias.map_or(0.0, |b| b[co]);
-            if let Some(cb) = epilogue.channel_bias {
-                constant += cb[n * l.out_channels + co];
+            if let Some(cb) = &epilogue.channel_bias {
+                constant += cb.values[n * cb.stride + co];
             }
             let residual = epilogue.residual.map(|res| &res[(n * l.out_channels + co) * out_plane..][..out_plane]);
             for oy in 0..l.out_height {

@@ -346,14 +346,23 @@ impl Backend for CpuBackend {
             expect_shape(b, &[co], "conv2d: bias");
         }
         if let Some(cb) = epilogue.channel_bias {
-            expect_shape(cb, &[n, co], "conv2d: channel_bias");
+            let column = epilogue.channel_bias_column;
+            let width = cb.shape.get(1).copied().unwrap_or(0);
+            assert!(
+                cb.shape.len() == 2 && cb.shape[0] == n && column + co <= width,
+                "conv2d: channel_bias {:?} has no columns {column}..{} for {n} samples",
+                cb.shape,
+                column + co
+            );
         }
         if let Some(r) = epilogue.residual {
             expect_shape(r, &out.shape, "conv2d: residual");
         }
         let epilogue = conv::Epilogue {
             bias: bias.map(|b| &b.data[..]),
-            channel_bias: epilogue.channel_bias.map(|t| &t.data[..]),
+            channel_bias: epilogue
+                .channel_bias
+                .map(|t| conv::ChannelBias { values: &t.data[epilogue.channel_bias_column..], stride: t.shape[1] }),
             residual: epilogue.residual.map(|t| &t.data[..]),
             relu: epilogue.relu,
         };

@@ -44,7 +44,9 @@ pub struct Conv2dLaunch {
     pub b: Option<DevicePtr>,
     pub weight: DevicePtr,
     pub bias: Option<DevicePtr>,
+    /// f32, N rows of `out_channels` values, `channel_bias_stride` elements apart.
     pub channel_bias: Option<DevicePtr>,
+    pub channel_bias_stride: usize,
     pub residual: Option<DevicePtr>,
     pub out: DevicePtr,
 }
@@ -96,6 +98,12 @@ impl Conv2dLaunch {
                 self.kernel_h, self.kernel_w, h, w, self.geometry
             ));
         }
+        if self.channel_bias.is_some() && self.channel_bias_stride < self.out_channels {
+            return bad(format!(
+                "channel_bias rows {} elements apart, fewer than the {} output channels",
+                self.channel_bias_stride, self.out_channels
+            ));
+        }
         match (self.channels_b, self.b) {
             (0, Some(_)) => return bad("a second input `b` was given with channels_b = 0".into()),
             (c, None) if c > 0 => return bad(format!("channels_b = {c} but no second input `b`")),
@@ -126,6 +134,7 @@ impl Conv2dLaunch {
             ("input b", self.batch * h * w * self.channels_b),
             ("weights", self.out_channels * self.kernel_h * self.kernel_w * self.in_channels()),
             ("output", self.output_len()),
+            ("channel_bias", if self.channel_bias.is_some() { self.batch * self.channel_bias_stride } else { 0 }),
         ];
         for (what, len) in sizes {
             if len > i32::MAX as usize {
@@ -174,6 +183,7 @@ impl Conv2dLaunch {
             oh,
             ow,
             self.relu as usize,
+            self.channel_bias_stride,
         ];
         fields.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()
     }
@@ -693,6 +703,7 @@ impl Conv2dBackwardInputLaunch {
             weight: self.weight,
             bias: None,
             channel_bias: None,
+            channel_bias_stride: self.out_channels,
             residual: None,
             out: self.dout,
         }

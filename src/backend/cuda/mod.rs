@@ -932,7 +932,9 @@ impl Backend for CudaBackend {
             b: x.b.map(|b| b.ptr),
             weight: w.ptr,
             bias: bias.map(|b| b.ptr),
-            channel_bias: epilogue.channel_bias.map(|b| b.ptr),
+            // Column `channel_bias_column` of row 0 (checked below to lie inside the tensor).
+            channel_bias: epilogue.channel_bias.map(|b| b.ptr + (epilogue.channel_bias_column * 4) as u64),
+            channel_bias_stride: epilogue.channel_bias.map_or(co, |b| b.shape.get(1).copied().unwrap_or(0)),
             residual: epilogue.residual.map(|r| r.ptr),
             out: out.ptr,
         };
@@ -942,8 +944,15 @@ impl Backend for CudaBackend {
                 self.check(b.shape == [co] && b.dtype == Precision::F32, || "conv2d: bias must be f32 (C_out)".into())
             })
             || !epilogue.channel_bias.is_none_or(|b| {
-                self.check(b.shape == [n, co] && b.dtype == Precision::F32, || {
-                    "conv2d: channel_bias must be f32 (N x C_out)".into()
+                let column = epilogue.channel_bias_column;
+                let fits = b.shape.len() == 2 && b.shape[0] == n && column + co <= b.shape[1];
+                self.check(fits && b.dtype == Precision::F32, || {
+                    format!(
+                        "conv2d: channel_bias must be f32 N x W with columns {column}..{} (N = {n}), got {} {:?}",
+                        column + co,
+                        b.dtype,
+                        b.shape
+                    )
                 })
             })
         {
