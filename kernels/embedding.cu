@@ -1,5 +1,6 @@
 // embedding.cu: the UNet's timestep embedding and the dense layers (its two MLP layers, the
-// ResnetBlocks' time-embedding projections, the classifiers' final linear layer).
+// ResnetBlocks' time-embedding projections, every block's in one launch over their weights
+// concatenated at load (src/model/unet.rs TembProjections), the classifiers' final linear layer).
 //
 //   timestep_embedding: out[n, j] = sin(t[n] f_j) for j < dim/2, cos(t[n] f_{j - dim/2}) after,
 //                       f_i = exp(-ln(10000) i / (dim/2 - 1)), in f64 as on the CPU (sin/cos from
@@ -9,8 +10,8 @@
 // Layout: row-major (N x features); w (out x in). Precision: any storage type (run-time codes),
 // f32 accumulation; t and bias f32.
 // Versions: linear is one warp per output element (lanes stride over the inputs, a warp sum), the
-// right shape for these small matrices (N <= 256, 512 x 512 at most); linear_backward one thread per
-// input element. Neither is hot: a UNet forward spends well under 1% of its FLOPs here.
+// right shape for these small matrices (N <= 256, 512 inputs, a few thousand outputs at most);
+// linear_backward one thread per input element. Neither is hot: a UNet forward spends well under 1% of its FLOPs here.
 #include "common.cuh"
 
 extern "C" __global__ void timestep_embedding(const float* t, void* out, int dt_out, int batch, int dim) {
