@@ -200,8 +200,34 @@ fn pgd_iteration<B: Backend>(b: &B, pixels: &[f32], labels: &[u8]) -> (Vec<f64>,
 /// masks, the final clamp) and one PGD-EOT iteration's adversarial images match the CPU's. The
 /// gradient is compared as a whole; the images by their offsets from the input (the step is what
 /// the gradient decides).
+///
+/// The gradient crosses the attacked classifier's ReLUs and the purification's clips, kinks where
+/// the backends may take different sides of an input within rounding (seed 856203270: gradient
+/// 1.4e-2 off with both losses within 1.3e-7, before and after this session's changes). The losses
+/// are continuous there, so an input whose losses agree and whose gradient misses is drawn again,
+/// as the guided step's check does: it fails only if three independent inputs in a row miss; a
+/// loss that misses fails at once.
 pub fn check_pgd_iteration<B: Backend>(b: &B) {
-    let seed = seed();
+    const INPUTS: usize = 3;
+    let mut seed = seed();
+    for input in 1..=INPUTS {
+        let [e_gradient, e_image, e_loss, e_losses] = pgd_iteration_errors(b, seed);
+        assert!(e_loss < 1e-5 && e_losses < 1e-5, "losses: {e_loss:.3e}, {e_losses:.3e} (seed {seed})");
+        if e_gradient < 1e-5 && e_image < 1e-5 {
+            return;
+        }
+        assert!(
+            input < INPUTS,
+            "gradient {e_gradient:.3e}, adversarial images {e_image:.3e} off (seed {seed}, input {input} of {INPUTS})"
+        );
+        seed ^= 0x9E37_79B9 * input as u64;
+        println!("PGD iteration: gradient off with the losses agreeing (a kink within rounding?); seed {seed}:");
+    }
+}
+
+/// The relative errors (gradient, adversarial offsets, EOT loss, loss) of one PGD iteration on `b`
+/// against the CPU at input `seed`.
+fn pgd_iteration_errors<B: Backend>(b: &B, seed: u64) -> [f64; 4] {
     let n = 1;
     let pixels: Vec<f32> = images(n, seed).iter().map(|x| (x + 1.0) / 2.0).collect();
     let labels = vec![(seed % 10) as u8; n];
@@ -220,7 +246,5 @@ pub fn check_pgd_iteration<B: Backend>(b: &B) {
          EOT loss {e_loss:.2e}, loss {e_losses:.2e} (seed {seed})",
         b.name()
     );
-    assert!(e_gradient < 1e-5, "gradient: {e_gradient:.3e}");
-    assert!(e_image < 1e-5, "adversarial images: {e_image:.3e}");
-    assert!(e_loss < 1e-5 && e_losses < 1e-5, "losses: {e_loss:.3e}, {e_losses:.3e}");
+    [e_gradient, e_image, e_loss, e_losses]
 }
