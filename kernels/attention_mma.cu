@@ -12,7 +12,11 @@
 // accumulator registers (each thread holds 2 rows x 8 keys; row max and sum over the 4 threads of
 // a quad), in log2 units so that each probability is one ex2; P is rounded to T and reused in
 // registers as the A operand of O += P V, with V's B fragments from ldmatrix.trans. The per-query
-// log-sum-exp is written in f32 (natural log).
+// log-sum-exp is written in f32 (natural log). Grids too small to fill the GPU (batch 1: 16x16
+// positions are 4 blocks) split the keys over grid z instead: each part's normalised rows and
+// log-sum-exp go in f32 to a workspace, and attention_split_combine merges them (the latency
+// model of examples/emulator_launch_depth.rs, cifar10 at batch 1 on 132 SMs: its 6 attentions
+// 42.7 -> 19.2 us, the combines included).
 // Precision: products of T values exact in f32, f32 accumulation and softmax; P rounded to T once.
 // Shared memory (dynamic): 64 query rows and 2 x 32 key/value rows of D + 8 halves (the pad keeps
 // the 8 rows one ldmatrix reads in distinct banks): 66 KiB at D = 256, 34 at 128, 18 at 64.
@@ -47,11 +51,17 @@ __device__ __forceinline__ void attention_copy_rows(unsigned short* tile, const 
     }
 }
 
+// Split over the keys (gridDim.z > 1, for grids too small to fill the GPU: batch 1 at 16x16 is 4
+// blocks): block z takes key tiles [z T / Z, (z + 1) T / Z) of the T and stores its own normalised
+// rows and log-sum-exp in f32 to partial_out[z][n][query][c] and partial_lse[z][n][query];
+// attention_split_combine then merges the Z parts. Each part has a key below `positions` (the
+// launcher keeps Z <= T), so its rows have a finite max.
 template <typename T, int D>
 __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ logsumexp, int positions, int channels,
-                                                      float scale) {
+                                                      float scale, float* __restrict__ partial_out,
+                                                      float* __restrict__ partial_lse) {
     using namespace attention_mma;
     constexpr int ROW = D + 8, QUERIES = 16 * WARPS, THREADS = 32 * WARPS;
     constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
@@ -65,15 +75,17 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     const int n = blockIdx.y;
     const int query0 = blockIdx.x * QUERIES;
     const long long sample = (long long)n * positions * channels;
-    const int tiles = (positions + KEYS - 1) / KEYS;
+    const int all_tiles = (positions + KEYS - 1) / KEYS;
+    const int first_tile = (int)(blockIdx.z * all_tiles / gridDim.z);
+    const int tiles = (int)((blockIdx.z + 1) * all_tiles / gridDim.z);  // one past this block's last
     const float scale_log2 = scale * LOG2E;  // scores in log2 units: exp(x) = exp2(x log2 e)
 
     // Two groups in flight from here on: {queries, keys 0}, then {values 0}; each tile then
     // commits its successor's keys, then its values (empty groups past the end keep the count).
     attention_copy_rows<D, THREADS, QUERIES>(q_tile, q, sample, query0, positions, channels);
-    attention_copy_rows<D, THREADS, KEYS>(k_tile, k, sample, 0, positions, channels);
+    attention_copy_rows<D, THREADS, KEYS>(k_tile, k, sample, first_tile * KEYS, positions, channels);
     cp_async_commit();
-    attention_copy_rows<D, THREADS, KEYS>(v_tile, v, sample, 0, positions, channels);
+    attention_copy_rows<D, THREADS, KEYS>(v_tile, v, sample, first_tile * KEYS, positions, channels);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();  // queries and the first keys are in shared for every warp
@@ -97,9 +109,9 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     const int k_row = (lane / 16) * 8 + (lane % 8), k_col = ((lane / 8) % 2) * 8;
     const int v_row = (lane % 8) + ((lane / 8) % 2) * 8, v_col = (lane / 16) * 8;
 
-    for (int tile = 0; tile < tiles; ++tile) {
+    for (int tile = first_tile; tile < tiles; ++tile) {
         const int key0 = tile * KEYS;
-        if (tile > 0) {
+        if (tile > first_tile) {
             cp_async_wait<1>();  // this tile's keys (its values may still be in flight)
             __syncthreads();
         }
@@ -178,7 +190,8 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         cp_async_commit();
     }
 
-    // Totals over the quad, then out = O / sum and lse = (max + log2(sum)) ln 2.
+    // Totals over the quad, then out = O / sum and lse = (max + log2(sum)) ln 2 (a split's part:
+    // in f32, to its slice of the partials).
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
@@ -190,12 +203,23 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         if (query >= positions) continue;
         const float inv_sum = 1.0f / row_sum[r];
         const long long row = sample + (long long)query * channels;
+        const long long part = (long long)blockIdx.z * gridDim.y * positions * channels;  // split only
 #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
             const int c = 8 * j + 2 * t;
-            if (c < channels) store_float2(out, row + c, make_float2(o[j][2 * r] * inv_sum, o[j][2 * r + 1] * inv_sum));
+            if (c >= channels) continue;
+            const float2 value = make_float2(o[j][2 * r] * inv_sum, o[j][2 * r + 1] * inv_sum);
+            if (gridDim.z > 1)
+                store_float2(partial_out, part + row + c, value);
+            else
+                store_float2(out, row + c, value);
         }
-        if (t == 0) logsumexp[(long long)n * positions + query] = (row_max[r] + log2f(row_sum[r])) * LN2;
+        const float lse = (row_max[r] + log2f(row_sum[r])) * LN2;
+        const long long at = (long long)n * positions + query;
+        if (t == 0 && gridDim.z > 1)
+            partial_lse[(long long)blockIdx.z * gridDim.y * positions + at] = lse;
+        else if (t == 0)
+            logsumexp[at] = lse;
     }
 }
 
@@ -204,8 +228,10 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         attention_forward_mma_##name##_d##D(const T* __restrict__ q, const T* __restrict__ k,               \
                                             const T* __restrict__ v, T* __restrict__ out,                   \
                                             float* __restrict__ logsumexp, int positions, int channels,     \
-                                            float scale) {                                                  \
-        attention_forward_mma<T, D>(q, k, v, out, logsumexp, positions, channels, scale);                   \
+                                            float scale, float* __restrict__ partial_out,                   \
+                                            float* __restrict__ partial_lse) {                              \
+        attention_forward_mma<T, D>(q, k, v, out, logsumexp, positions, channels, scale, partial_out,       \
+                                    partial_lse);                                                           \
     }
 
 ATTENTION_MMA_ENTRY(bf16, bf16, 64)
@@ -214,6 +240,29 @@ ATTENTION_MMA_ENTRY(bf16, bf16, 256)
 ATTENTION_MMA_ENTRY(f16, f16, 64)
 ATTENTION_MMA_ENTRY(f16, f16, 128)
 ATTENTION_MMA_ENTRY(f16, f16, 256)
+
+// The key split's merge: lse = log sum_z exp(lse_z) and out = sum_z exp(lse_z - lse) out_z (each
+// part normalised over its own keys), z = 0, 1, ... in order (the same bits every run), the max
+// taken out first; one thread per output element, out rounded once to its type (a run-time code).
+extern "C" __global__ void __launch_bounds__(256)
+    attention_split_combine(const float* __restrict__ partial_out, const float* __restrict__ partial_lse,
+                            int splits, void* __restrict__ out, int out_dtype, float* __restrict__ logsumexp,
+                            int rows, int channels) {
+    const long long total = (long long)rows * channels;
+    GRID_STRIDE_LOOP(i, total) {
+        const int row = (int)(i / channels), c = (int)(i - (long long)row * channels);
+        float max_lse = -__int_as_float(0x7f800000);
+        for (int z = 0; z < splits; ++z) max_lse = fmaxf(max_lse, partial_lse[(long long)z * rows + row]);
+        float weight_sum = 0.0f, value = 0.0f;
+        for (int z = 0; z < splits; ++z) {
+            const float weight = expf(partial_lse[(long long)z * rows + row] - max_lse);
+            weight_sum += weight;
+            value += weight * partial_out[z * total + i];
+        }
+        store_dyn(out, out_dtype, i, value / weight_sum);
+        if (c == 0) logsumexp[row] = max_lse + logf(weight_sum);
+    }
+}
 
 // ==== Backward on the tensor cores ====
 //

@@ -416,12 +416,13 @@ pub fn attention_cases() -> Vec<(&'static str, usize, usize, usize)> {
 }
 
 /// Runs one attention on `driver` and the CPU reference; returns the relative L2 errors of the
-/// output and of the log-sum-exp.
+/// output and of the log-sum-exp. A key split uses `workspace`.
 pub fn check_attention(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
     (name, batch, positions, channels): (&str, usize, usize, usize),
     version: AttentionVersion,
+    workspace: Option<&SplitKWorkspace>,
     dtype: Precision,
     seed: u64,
 ) -> (f64, f64) {
@@ -435,7 +436,8 @@ pub fn check_attention(
     let out = mem.poisoned(len, dtype);
     let logsumexp = mem.poisoned(batch * positions, Precision::F32);
     let launch = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
-    attention::launch_attention_version(driver, kernels, &launch, version).unwrap_or_else(|e| panic!("{name}: {e}"));
+    attention::launch_attention_version(driver, kernels, &launch, version, workspace)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
     let out_nhwc = mem.download(out, len, dtype);
     let lse = mem.download(logsumexp, batch * positions, Precision::F32);
@@ -764,11 +766,26 @@ fn emulated_attention_kernels(tensor_cores: bool) -> (EmulatedDriver, AttentionK
 }
 
 fn run_attention_checks(driver: &dyn Driver, kernels: &AttentionKernels, version: AttentionVersion, dtype: Precision) {
+    run_attention_checks_with(driver, kernels, |_| Some(version), None, dtype);
+}
+
+/// The attention cases with the version `version_for` gives each (None: skip it, said in the log).
+fn run_attention_checks_with(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    version_for: impl Fn(usize) -> Option<AttentionVersion>,
+    workspace: Option<&SplitKWorkspace>,
+    dtype: Precision,
+) {
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for case in attention_cases() {
+        let Some(version) = version_for(case.2) else {
+            println!("attention {dtype} {:<30} not run: one key tile, nothing to split", case.0);
+            continue;
+        };
         let start = std::time::Instant::now();
-        let (out_err, lse_err) = check_attention(driver, kernels, case, version, dtype, seed);
+        let (out_err, lse_err) = check_attention(driver, kernels, case, version, workspace, dtype, seed);
         let tol = tolerance(&[dtype]);
         println!(
             "attention {version:?} {dtype} {:<30} out rel L2 {out_err:.2e}, lse {lse_err:.2e} (tol {tol:.0e}, seed {seed}, {:.1} s)",
@@ -831,6 +848,44 @@ fn emulator_attention_tensor_cores() {
     let (driver, kernels) = emulated_attention_kernels(true);
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::Bf16);
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
+}
+
+/// The key split (version 3) on every case with more than one key tile (32 keys): three parts
+/// where there are three tiles or more (uneven parts of 8 tiles; the last tile partial at 35 and 81
+/// positions), else two.
+#[test]
+fn emulator_attention_split_keys() {
+    let (driver, kernels) = emulated_attention_kernels(true);
+    let (workspace, ptr) = split_k_workspace(&driver);
+    let version_for = |positions: usize| {
+        let tiles = positions.div_ceil(32);
+        (tiles > 1).then(|| AttentionVersion::TensorCoreSplitKeys { splits: tiles.min(3) })
+    };
+    for dtype in [Precision::Bf16, Precision::F16] {
+        run_attention_checks_with(&driver, &kernels, version_for, Some(&workspace), dtype);
+    }
+    // More parts than key tiles, and a workspace too small: errors, nothing launched.
+    let tiny = SplitKWorkspace { bytes: 1024, ..workspace };
+    let launch = |positions| AttentionLaunch {
+        batch: 1,
+        positions,
+        channels: 64,
+        dtype: Precision::Bf16,
+        q: 0x1000,
+        k: 0x2000,
+        v: 0x3000,
+        out: 0x4000,
+        logsumexp: 0x5000,
+    };
+    let split = |splits| AttentionVersion::TensorCoreSplitKeys { splits };
+    let err = attention::launch_attention_version(&driver, &kernels, &launch(64), split(3), Some(&workspace));
+    assert!(err.unwrap_err().to_string().contains("3 key splits of 2 key tiles"));
+    let err = attention::launch_attention_version(&driver, &kernels, &launch(256), split(2), Some(&tiny));
+    assert!(err.unwrap_err().to_string().contains("needs 133120 bytes of workspace, the backend has 1024"));
+    // The launcher splits the UNet's batch-1 attention (16x16, 4 blocks of 64 queries) on 132 SMs.
+    assert_eq!(attention::attention_version(&launch(256), true, Some(&workspace)), split(4));
+    assert_eq!(attention::attention_version(&launch(256), true, None), AttentionVersion::TensorCore);
+    driver.free(ptr).unwrap();
 }
 
 /// The input gradient of one case (its logical input: concat and upsample are the caller's) with

@@ -3,6 +3,7 @@
 //!
 //! Written against the driver only: the CUDA backend fills an `AttentionLaunch` and calls
 //! `launch_attention`. Shapes are checked here; nothing is launched on an error.
+use super::conv::SplitKWorkspace;
 use super::modules::KernelTable;
 use crate::backend::Precision;
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
@@ -30,6 +31,12 @@ const KEYS_PER_TILE: usize = 16;
 /// The tensor-core forward's tiling (kernels/attention_mma.cu, `attention_mma`).
 const MMA_FORWARD_WARPS: usize = 4;
 const MMA_KEYS_PER_TILE: usize = 32;
+/// The fewest key tiles a part of a key split takes (each part pays for loading its block's
+/// queries; two tiles keep that under half of its work).
+const MIN_SPLIT_TILES: usize = 2;
+/// The key split's merge (kernels/attention_mma.cu).
+const SPLIT_COMBINE_KERNEL: &str = "attention_split_combine";
+const COMBINE_THREADS: u32 = 256;
 /// The register accumulator variants: `_c4`, `_c8`, `_c16` hold up to 64, 128, 256 channels.
 const CHANNEL_VARIANTS: [usize; 3] = [4, 8, 16];
 pub const MAX_CHANNELS: usize = 256;
@@ -71,6 +78,7 @@ pub fn mma_kernel_names() -> Vec<String> {
         }
         names.push(format!("attention_backward_row_terms_{d}"));
     }
+    names.push(SPLIT_COMBINE_KERNEL.into());
     names
 }
 
@@ -94,6 +102,10 @@ pub enum AttentionVersion {
     Simt,
     /// Version 2 (attention_mma.cu): tensor cores, bf16/f16 with C a multiple of 8.
     TensorCore,
+    /// Version 3: version 2 with the keys split into `splits` parts (grid z), each part's rows and
+    /// log-sum-exp in f32 to the split-K workspace, merged by a second launch; for grids short of
+    /// the GPU's SMs (batch 1: 16x16 positions are 4 blocks of 64 queries).
+    TensorCoreSplitKeys { splits: usize },
 }
 
 impl AttentionLaunch {
@@ -140,9 +152,15 @@ impl AttentionLaunch {
             && self.out.is_multiple_of(4)
     }
 
+    /// Bytes of the split-K workspace a key split into `splits` parts fills: each part's rows and
+    /// log-sum-exp, f32.
+    fn split_bytes(&self, splits: usize) -> usize {
+        splits * self.batch * self.positions * (self.channels + 1) * 4
+    }
+
     fn plan(&self, version: AttentionVersion) -> Result<(String, LaunchConfig)> {
         let c = self.channels;
-        if version == AttentionVersion::TensorCore {
+        if version != AttentionVersion::Simt {
             if !self.tensor_core_ok() {
                 return Err(Error::invalid(format!(
                     "attention: the tensor-core kernel needs bf16/f16 storage, channels a multiple of 8 and 16-byte \
@@ -155,8 +173,20 @@ impl AttentionLaunch {
             // in shared memory, rows of D + 8 halves (66 KiB at D = 256).
             let queries = 16 * MMA_FORWARD_WARPS;
             let rows = queries + 2 * MMA_KEYS_PER_TILE;
+            let splits = match version {
+                AttentionVersion::TensorCoreSplitKeys { splits } => {
+                    let tiles = self.positions.div_ceil(MMA_KEYS_PER_TILE);
+                    if splits == 0 || splits > tiles.min(65535) {
+                        return Err(Error::invalid(format!(
+                            "attention: {splits} key splits of {tiles} key tiles (each part needs one)"
+                        )));
+                    }
+                    splits
+                }
+                _ => 1,
+            };
             let config = LaunchConfig {
-                grid: [self.positions.div_ceil(queries) as u32, self.batch as u32, 1],
+                grid: [self.positions.div_ceil(queries) as u32, self.batch as u32, splits as u32],
                 block: [32 * MMA_FORWARD_WARPS as u32, 1, 1],
                 dynamic_shared_bytes: (rows * (dim + 8) * 2) as u32,
             };
@@ -194,30 +224,73 @@ impl AttentionKernels {
     }
 }
 
-/// out = softmax(q k^T / sqrt(C)) v per sample, logsumexp per query, with the fastest loaded
-/// kernel (tensor cores for bf16/f16 when loaded and the shape allows it).
-pub fn launch_attention(driver: &dyn Driver, kernels: &AttentionKernels, args: &AttentionLaunch) -> Result<()> {
-    let version = if kernels.has_tensor_cores() && args.tensor_core_ok() {
-        AttentionVersion::TensorCore
+/// The version `launch_attention` runs: tensor cores for bf16/f16 when loaded and the shape allows
+/// it, the keys split when its grid leaves SMs idle and the workspace holds the parts (at most
+/// one part per SM's worth of blocks, each at least `MIN_SPLIT_TILES` key tiles).
+pub fn attention_version(
+    args: &AttentionLaunch,
+    has_tensor_cores: bool,
+    workspace: Option<&SplitKWorkspace>,
+) -> AttentionVersion {
+    if !has_tensor_cores || !args.tensor_core_ok() {
+        return AttentionVersion::Simt;
+    }
+    let Some(ws) = workspace else { return AttentionVersion::TensorCore };
+    let blocks = args.positions.div_ceil(16 * MMA_FORWARD_WARPS) * args.batch;
+    let tiles = args.positions.div_ceil(MMA_KEYS_PER_TILE);
+    let mut splits = ws.multiprocessors.div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES);
+    while splits > 1 && args.split_bytes(splits) > ws.bytes {
+        splits -= 1;
+    }
+    if splits > 1 {
+        AttentionVersion::TensorCoreSplitKeys { splits }
     } else {
-        AttentionVersion::Simt
-    };
-    launch_attention_version(driver, kernels, args, version)
+        AttentionVersion::TensorCore
+    }
 }
 
-/// The same with a chosen kernel version (tests and benchmarks compare them).
+/// out = softmax(q k^T / sqrt(C)) v per sample, logsumexp per query, with the fastest loaded
+/// kernel (`attention_version`).
+pub fn launch_attention(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    args: &AttentionLaunch,
+    workspace: Option<&SplitKWorkspace>,
+) -> Result<()> {
+    let version = attention_version(args, kernels.has_tensor_cores(), workspace);
+    launch_attention_version(driver, kernels, args, version, workspace)
+}
+
+/// The same with a chosen kernel version (tests and benchmarks compare them); a key split needs a
+/// workspace that holds its parts.
 pub fn launch_attention_version(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
     args: &AttentionLaunch,
     version: AttentionVersion,
+    workspace: Option<&SplitKWorkspace>,
 ) -> Result<()> {
     args.validate()?;
     let (name, config) = args.plan(version)?;
     let function = kernels.get(&name)?;
+    let (partial_out, partial_lse) = match version {
+        AttentionVersion::TensorCoreSplitKeys { splits } => match workspace {
+            Some(ws) if args.split_bytes(splits) <= ws.bytes => {
+                (ws.ptr, ws.ptr + (splits * args.batch * args.positions * args.channels * 4) as u64)
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "attention: a key split into {splits} parts needs {} bytes of workspace, the backend has {}",
+                    args.split_bytes(splits),
+                    workspace.map_or(0, |ws| ws.bytes)
+                )))
+            }
+        },
+        _ => (0, 0),
+    };
     // The CPU reference's scale, rounded to f32 the same way.
     let scale = 1.0 / (args.channels as f32).sqrt();
-    let kernel_args = KernelArgs::new()
+    let mut kernel_args = KernelArgs::new()
         .ptr(args.q)
         .ptr(args.k)
         .ptr(args.v)
@@ -226,7 +299,29 @@ pub fn launch_attention_version(
         .i32(args.positions as i32)
         .i32(args.channels as i32)
         .f32(scale);
+    if version != AttentionVersion::Simt {
+        kernel_args = kernel_args.ptr(partial_out).ptr(partial_lse);
+    }
     driver.launch(function, config, &kernel_args)?;
+    if let AttentionVersion::TensorCoreSplitKeys { splits } = version {
+        let rows = args.batch * args.positions;
+        let combine = KernelArgs::new()
+            .ptr(partial_out)
+            .ptr(partial_lse)
+            .i32(splits as i32)
+            .ptr(args.out)
+            .i32(super::dtype_code(args.dtype))
+            .ptr(args.logsumexp)
+            .i32(rows as i32)
+            .i32(args.channels as i32);
+        let blocks = (rows * args.channels).div_ceil(COMBINE_THREADS as usize).clamp(1, 65535);
+        // Both launches belong to this one op: a profiler's events around the op time them together.
+        driver.launch(
+            kernels.get(SPLIT_COMBINE_KERNEL)?,
+            LaunchConfig::linear(blocks as u32, COMBINE_THREADS),
+            &combine,
+        )?;
+    }
     Ok(())
 }
 

@@ -1038,9 +1038,11 @@ impl Backend for CudaBackend {
             out: out.ptr,
             logsumexp: logsumexp.ptr,
         };
+        // The split-K workspace is free between ops (the stream is in order): a key split's parts.
+        let workspace = self.split_k_workspace();
         let result = self
             .attention_kernels()
-            .and_then(|kernels| attention::launch_attention(self.driver.as_ref(), kernels, &args));
+            .and_then(|kernels| attention::launch_attention(self.driver.as_ref(), kernels, &args, workspace.as_ref()));
         self.record(result);
     }
 
