@@ -864,7 +864,7 @@ fn emulator_attention_split_keys() {
     for dtype in [Precision::Bf16, Precision::F16] {
         run_attention_checks_with(&driver, &kernels, version_for, Some(&workspace), dtype);
     }
-    // More parts than key tiles, and a workspace too small: errors, nothing launched.
+    // More parts than key tiles, one part, and a workspace too small: errors, nothing launched.
     let tiny = SplitKWorkspace { bytes: 1024, ..workspace };
     let launch = |positions| AttentionLaunch {
         batch: 1,
@@ -880,6 +880,8 @@ fn emulator_attention_split_keys() {
     let split = |splits| AttentionVersion::TensorCoreSplitKeys { splits };
     let err = attention::launch_attention_version(&driver, &kernels, &launch(64), split(3), Some(&workspace));
     assert!(err.unwrap_err().to_string().contains("3 key splits of 2 key tiles"));
+    let err = attention::launch_attention_version(&driver, &kernels, &launch(256), split(1), Some(&workspace));
+    assert!(err.unwrap_err().to_string().contains("1 key splits of 8 key tiles (2 parts or more"));
     let err = attention::launch_attention_version(&driver, &kernels, &launch(256), split(2), Some(&tiny));
     assert!(err.unwrap_err().to_string().contains("needs 133120 bytes of workspace, the backend has 1024"));
     // The launcher splits the UNet's batch-1 attention (16x16, 4 blocks of 64 queries) on 132 SMs.

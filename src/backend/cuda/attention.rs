@@ -176,9 +176,10 @@ impl AttentionLaunch {
             let splits = match version {
                 AttentionVersion::TensorCoreSplitKeys { splits } => {
                     let tiles = self.positions.div_ceil(MMA_KEYS_PER_TILE);
-                    if splits == 0 || splits > tiles.min(65535) {
+                    // One part would write `out` itself, and the merge would then overwrite it.
+                    if splits < 2 || splits > tiles.min(65535) {
                         return Err(Error::invalid(format!(
-                            "attention: {splits} key splits of {tiles} key tiles (each part needs one)"
+                            "attention: {splits} key splits of {tiles} key tiles (2 parts or more, each with a tile)"
                         )));
                     }
                     splits
