@@ -454,7 +454,7 @@ fn groupnorm_partials(
     let vectors_per_slice = pixels * width / vec as usize;
     let target_blocks = multiprocessors.max(1) * 4;
     let chunks = target_blocks
-        .div_ceil(n * groups / launch.groups_per_block)
+        .div_ceil((n * groups / launch.groups_per_block).max(1))
         .min(vectors_per_slice.div_ceil(block))
         .clamp(1, pixels.max(1))
         .min((GROUPNORM_PARTIALS / (n * groups).max(1)).max(1));
