@@ -283,6 +283,12 @@ extern "C" __global__ void __launch_bounds__(256)
 //   attention_backward_dkdv_mma_<T>_d<D>  a block owns 64 keys (k and v rows resident); queries
 //       stream 32 at a time with their dout, lse and D: S^T = K Q^T, dP^T = V dO^T, then
 //       dv += P^T dO and dk += dS^T Q.
+// Split (grids short of SMs, as the forward's key split: batch 1 at 16x16 is 4 blocks): grid z
+// cuts the streamed rows (keys for dq, queries for dk and dv) into parts, each part's gradients
+// go in f32 to a workspace (the launcher passes it as dq, dk, dv), and
+// attention_backward_split_reduce adds the parts in order (cifar10 at batch 1 in the latency model
+// of examples/emulator_launch_depth.rs: dq and dk/dv 115.7 -> 44.3 us over the six, the reduces
+// 1.5 us more).
 // Streaming: two stages, filled by 16-byte cp.async (zeros past L and past C by a zero source
 // size) one tile ahead, so a tile's loads run under the previous tile's mma; one barrier per tile
 // (two where warps pair up, below).
@@ -525,6 +531,25 @@ __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const f
     }
 }
 
+// The backward's streamed tiles of this block: all T of them, or where the launcher splits them
+// over grid z (grids short of SMs: batch 1 at 16x16 is 4 blocks) part z, [z T / Z, (z + 1) T / Z).
+struct StreamTiles {
+    int first, end;
+};
+
+__device__ __forceinline__ StreamTiles stream_tiles(int positions) {
+    const int all = (positions + attention_backward_tiles::STREAM - 1) / attention_backward_tiles::STREAM;
+    return StreamTiles{(int)(blockIdx.z * all / gridDim.z), (int)((blockIdx.z + 1) * all / gridDim.z)};
+}
+
+// Where a split block writes its part of a gradient: the launcher passes the f32 workspace of the
+// parts (dtype f32, accumulate 0), and part z is its z-th N x L x C slice;
+// attention_backward_split_reduce adds the parts.
+__device__ __forceinline__ void* gradient_part(void* gradient, int positions, int channels) {
+    return gridDim.z == 1 ? gradient
+                          : static_cast<float*>(gradient) + (long long)blockIdx.z * gridDim.y * positions * channels;
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                           const T* __restrict__ v, const T* __restrict__ dout_rounded,
@@ -547,12 +572,13 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
     const int n = blockIdx.y;
     const int query0 = blockIdx.x * BLOCK_ROWS;
     const long long sample = (long long)n * positions * channels;
-    const int tiles = (positions + STREAM - 1) / STREAM;
+    const StreamTiles tiles = stream_tiles(positions);
+    const int first_key = tiles.first * STREAM;
 
     attention_copy_rows<D, THREADS, BLOCK_ROWS>(q_rows, q, sample, query0, positions, channels);
     attention_copy_rows<D, THREADS, BLOCK_ROWS>(do_rows, dout_rounded, sample, query0, positions, channels);
-    attention_copy_rows<D, THREADS, STREAM>(stages, k, sample, 0, positions, channels);
-    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, v, sample, 0, positions, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages, k, sample, first_key, positions, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, v, sample, first_key, positions, channels);
     cp_async_commit();
     // Rows g and g + 8 of this warp's 16: log-sum-exp and D_i (0 past L: those rows are not written).
     float row_lse[2], row_delta[2];
@@ -582,17 +608,17 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
             SharedRowsA<D>::at(h == 1 || role == 1 ? do_rows : q_rows, rows0, lane).fragment(held[h][kc / 16], kc);
     const RegisterRowsA<D> q_held{held[0]}, do_held{held[2 - SPLIT]};
 
-    for (int tile = 0; tile < tiles; ++tile) {
+    for (int tile = tiles.first; tile < tiles.end; ++tile) {
         cp_async_wait<0>();
         __syncthreads();  // this tile is in shared for every warp, and the other stage is consumed
-        if (tile + 1 < tiles) {
-            unsigned short* next = stages + ((tile + 1) % STAGES) * STAGE;
+        if (tile + 1 < tiles.end) {
+            unsigned short* next = stages + ((tile + 1 - tiles.first) % STAGES) * STAGE;
             attention_copy_rows<D, THREADS, STREAM>(next, k, sample, (tile + 1) * STREAM, positions, channels);
             attention_copy_rows<D, THREADS, STREAM>(next + STREAM * ROW, v, sample, (tile + 1) * STREAM, positions,
                                                     channels);
         }
         cp_async_commit();
-        const unsigned short* keys = stages + (tile % STAGES) * STAGE;
+        const unsigned short* keys = stages + ((tile - tiles.first) % STAGES) * STAGE;
         const unsigned short* values = keys + STREAM * ROW;
 #pragma unroll
         for (int step = 0; step < STREAM; step += COLS) {
@@ -614,7 +640,8 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
             }
         }
     }
-    attention_add_rows<DW>(dq, dt_dq, acc, scale, sample, query0 + rows0, c0, positions, channels, lane, accumulate);
+    attention_add_rows<DW>(gradient_part(dq, positions, channels), dt_dq, acc, scale, sample, query0 + rows0, c0,
+                           positions, channels, lane, accumulate);
 }
 
 template <typename T, int D>
@@ -642,14 +669,16 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
     const int n = blockIdx.y;
     const int key_base = blockIdx.x * BLOCK_ROWS;
     const long long sample = (long long)n * positions * channels;
-    const int tiles = (positions + STREAM - 1) / STREAM;
+    const StreamTiles tiles = stream_tiles(positions);
+    const int first_query = tiles.first * STREAM;
 
     attention_copy_rows<D, THREADS, BLOCK_ROWS>(k_rows, k, sample, key_base, positions, channels);
     attention_copy_rows<D, THREADS, BLOCK_ROWS>(v_rows, v, sample, key_base, positions, channels);
-    attention_copy_rows<D, THREADS, STREAM>(stages, q, sample, 0, positions, channels);
-    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, dout_rounded, sample, 0, positions, channels);
-    attention_copy_row_values(stage_terms, logsumexp, n, 0, STREAM, positions);
-    attention_copy_row_values(stage_terms + STREAM, row_terms, n, 0, STREAM, positions);
+    attention_copy_rows<D, THREADS, STREAM>(stages, q, sample, first_query, positions, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, dout_rounded, sample, first_query, positions,
+                                            channels);
+    attention_copy_row_values(stage_terms, logsumexp, n, first_query, STREAM, positions);
+    attention_copy_row_values(stage_terms + STREAM, row_terms, n, first_query, STREAM, positions);
     cp_async_commit();
 
     const SharedRowsA<D> k_resident = SharedRowsA<D>::at(k_rows, rows0, lane);
@@ -663,11 +692,11 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
             dv_acc[j][e] = 0.0f;
         }
 
-    for (int tile = 0; tile < tiles; ++tile) {
+    for (int tile = tiles.first; tile < tiles.end; ++tile) {
         cp_async_wait<0>();
         __syncthreads();  // this tile is in shared for every warp, and the other stage is consumed
-        if (tile + 1 < tiles) {
-            const int next_row = (tile + 1) * STREAM, s = (tile + 1) % STAGES;
+        if (tile + 1 < tiles.end) {
+            const int next_row = (tile + 1) * STREAM, s = (tile + 1 - tiles.first) % STAGES;
             unsigned short* next = stages + s * STAGE;
             attention_copy_rows<D, THREADS, STREAM>(next, q, sample, next_row, positions, channels);
             attention_copy_rows<D, THREADS, STREAM>(next + STREAM * ROW, dout_rounded, sample, next_row, positions,
@@ -677,9 +706,10 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                                       positions);
         }
         cp_async_commit();
-        const unsigned short* queries = stages + (tile % STAGES) * STAGE;
+        const int stage = (tile - tiles.first) % STAGES;
+        const unsigned short* queries = stages + stage * STAGE;
         const unsigned short* douts = queries + STREAM * ROW;
-        const float* lse = stage_terms + (tile % STAGES) * 2 * STREAM;
+        const float* lse = stage_terms + stage * 2 * STREAM;
         const float* delta = lse + STREAM;
 #pragma unroll
         for (int step = 0; step < STREAM; step += COLS) {
@@ -706,10 +736,10 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
             }
         }
     }
-    attention_add_rows<DW>(dk, dt_dk, dk_acc, scale, sample, key_base + rows0, c0, positions, channels, lane,
-                           accumulate);
-    attention_add_rows<DW>(dv, dt_dv, dv_acc, 1.0f, sample, key_base + rows0, c0, positions, channels, lane,
-                           accumulate);
+    attention_add_rows<DW>(gradient_part(dk, positions, channels), dt_dk, dk_acc, scale, sample, key_base + rows0,
+                           c0, positions, channels, lane, accumulate);
+    attention_add_rows<DW>(gradient_part(dv, positions, channels), dt_dv, dv_acc, 1.0f, sample, key_base + rows0,
+                           c0, positions, channels, lane, accumulate);
 }
 
 // Entries: the launcher's block is 32 x AttentionBackwardShape<D>::WARPS threads (256 at D = 256,
@@ -733,6 +763,24 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         attention_backward_dkdv_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dk, dt_dk, dv, dt_dv, \
                                           positions, channels, scale, accumulate);                          \
     }
+
+// The backward's key (dq) and query (dk, dv) split: gradient y (0 dq, 1 dk, 2 dv) of grid y =
+// (or += where `accumulate`) the sum of its `splits` f32 parts, each an N x L x C slice of `parts`
+// (dq's parts, then dk's, then dv's), added in order z = 0, 1, ... (the same bits every run), one
+// rounding to the gradient's storage type.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_backward_split_reduce(const float* __restrict__ parts, int splits, long long slice, void* dq, int dt_dq,
+                                    void* dk, int dt_dk, void* dv, int dt_dv, int accumulate) {
+    void* const gradients[3] = {dq, dk, dv};
+    const int dtypes[3] = {dt_dq, dt_dk, dt_dv};
+    const int y = blockIdx.y;
+    const float* own = parts + (long long)y * splits * slice;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < slice; i += (long long)gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int z = 0; z < splits; ++z) sum += own[z * slice + i];
+        store_grad(gradients[y], dtypes[y], i, sum, accumulate);
+    }
+}
 
 // attention_backward_row_terms_<T>: D_i and the rounded dout, before the two kernels above.
 #define ATTENTION_ROW_TERMS_ENTRY(name, T)                                                                  \

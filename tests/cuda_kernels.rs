@@ -1281,13 +1281,16 @@ fn run_split_k_checks(driver: &dyn Driver, kernels: &Conv2dKernels, ops: &[ConvO
 /// The tensor-core attention backward on one case with gradients (dout, dq, dk, dv) in
 /// `grad_dtype`: q, k, v fresh in `dtype`, out and the log-sum-exp from the CPU's forward, dq, dk,
 /// dv accumulated onto small random values; returns the relative L2 errors of dq, dk, dv and the
-/// kernels that ran.
+/// kernels that ran. `splits` > 1 splits the streamed rows (parts in `workspace`).
+#[allow(clippy::too_many_arguments)]
 fn check_attention_backward(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
     (name, batch, positions, channels): (&str, usize, usize, usize),
     dtype: Precision,
     grad_dtype: Precision,
+    splits: usize,
+    workspace: Option<&SplitKWorkspace>,
     seed: u64,
 ) -> ([f64; 3], [String; 2]) {
     let len = batch * positions * channels;
@@ -1333,7 +1336,8 @@ fn check_attention_backward(
         accumulate: true,
     };
     let names = attention::backward_kernels_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
-    attention::launch_attention_backward_mma(driver, kernels, &launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+    attention::launch_attention_backward_mma(driver, kernels, &launch, splits, workspace)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
 
     let dout_t = up(&dout_host);
@@ -1366,19 +1370,33 @@ fn check_attention_backward(
 
 /// The tensor-core attention backward over the attention cases (16x16 positions at C 64, C 256,
 /// odd position counts, C 40 padded to 64), bf16 and f16, gradients in f32 (the plans) and in the
-/// activations' type.
+/// activations' type; each case whole, and where it has two streamed tiles (32 rows) or more,
+/// split into 2 or 3 parts (uneven parts, a partial last tile) summed by the reduce.
 #[test]
 fn emulator_attention_backward_tensor_cores() {
     let (driver, kernels) = emulated_attention_kernels(true);
+    let (workspace, ptr) = split_k_workspace(&driver);
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for dtype in [Precision::Bf16, Precision::F16] {
         for grad_dtype in [Precision::F32, dtype] {
             for case in attention_cases() {
-                let start = std::time::Instant::now();
-                let (errors, names) = check_attention_backward(&driver, &kernels, case, dtype, grad_dtype, seed);
-                println!(
-                    "attention backward {} {dtype} ({grad_dtype} gradients) {:<34} dq {:.2e} dk {:.2e} dv {:.2e} (seed {seed}, {:.1} s)",
+                let tiles = case.2.div_ceil(32);
+                let split_counts = if tiles > 1 { vec![1, tiles.min(3)] } else { vec![1] };
+                for splits in split_counts {
+                    let start = std::time::Instant::now();
+                    let (errors, names) = check_attention_backward(
+                        &driver,
+                        &kernels,
+                        case,
+                        dtype,
+                        grad_dtype,
+                        splits,
+                        Some(&workspace),
+                        seed,
+                    );
+                    println!(
+                    "attention backward {} x{splits} {dtype} ({grad_dtype} gradients) {:<34} dq {:.2e} dk {:.2e} dv {:.2e} (seed {seed}, {:.1} s)",
                     names[0],
                     case.0,
                     errors[0],
@@ -1386,11 +1404,44 @@ fn emulator_attention_backward_tensor_cores() {
                     errors[2],
                     start.elapsed().as_secs_f64()
                 );
-                if errors.iter().any(|e| e.is_nan() || *e > 1e-2) {
-                    failures.push(format!("{dtype} {grad_dtype} {}: {errors:?}", case.0));
+                    if errors.iter().any(|e| e.is_nan() || *e > 1e-2) {
+                        failures.push(format!("{dtype} {grad_dtype} {} x{splits}: {errors:?}", case.0));
+                    }
                 }
             }
         }
     }
     assert!(failures.is_empty(), "attention backward (seed {seed}) over tolerance: {failures:?}");
+    // The launcher splits the UNet's batch-1 backward (16x16: 4 blocks) on 132 SMs, and refuses a
+    // split with more parts than streamed tiles.
+    let forward = AttentionLaunch {
+        batch: 1,
+        positions: 256,
+        channels: 256,
+        dtype: Precision::Bf16,
+        q: 0x1000,
+        k: 0x2000,
+        v: 0x3000,
+        out: 0x4000,
+        logsumexp: 0x5000,
+    };
+    let launch = AttentionBackwardLaunch {
+        forward,
+        dout: 0x6000,
+        dout_dtype: Precision::F32,
+        row_terms: 0x7000,
+        dout_rounded: 0x8000,
+        dq: 0x9000,
+        dq_dtype: Precision::F32,
+        dk: 0xa000,
+        dk_dtype: Precision::F32,
+        dv: 0xb000,
+        dv_dtype: Precision::F32,
+        accumulate: false,
+    };
+    assert_eq!(attention::backward_splits(&launch, Some(&workspace)), 4);
+    assert_eq!(attention::backward_splits(&launch, None), 1);
+    let err = attention::launch_attention_backward_mma(&driver, &kernels, &launch, 9, Some(&workspace)).unwrap_err();
+    assert!(err.to_string().contains("9 splits of 8 streamed tiles"), "{err}");
+    driver.free(ptr).unwrap();
 }

@@ -37,6 +37,8 @@ const MIN_SPLIT_TILES: usize = 2;
 /// The key split's merge (kernels/attention_mma.cu).
 const SPLIT_COMBINE_KERNEL: &str = "attention_split_combine";
 const COMBINE_THREADS: u32 = 256;
+/// The backward's split's sum of parts (kernels/attention_mma.cu).
+const BACKWARD_SPLIT_REDUCE_KERNEL: &str = "attention_backward_split_reduce";
 /// The register accumulator variants: `_c4`, `_c8`, `_c16` hold up to 64, 128, 256 channels.
 const CHANNEL_VARIANTS: [usize; 3] = [4, 8, 16];
 pub const MAX_CHANNELS: usize = 256;
@@ -78,7 +80,7 @@ pub fn mma_kernel_names() -> Vec<String> {
         }
         names.push(format!("attention_backward_row_terms_{d}"));
     }
-    names.push(SPLIT_COMBINE_KERNEL.into());
+    names.extend([SPLIT_COMBINE_KERNEL, BACKWARD_SPLIT_REDUCE_KERNEL].map(String::from));
     names
 }
 
@@ -406,13 +408,19 @@ impl AttentionBackwardLaunch {
     /// Orin have it; sm_86/89 cards, 99 KiB, run the SIMT backward instead).
     pub fn tensor_cores_fit(&self, max_shared_per_block: usize) -> bool {
         self.tensor_core_ok()
-            && self.plan().is_ok_and(|plan| {
+            && self.plan(1).is_ok_and(|plan| {
                 plan.iter().all(|(_, config)| config.dynamic_shared_bytes as usize <= max_shared_per_block)
             })
     }
 
-    /// (dq kernel, dk/dv kernel) names and launch configurations.
-    fn plan(&self) -> Result<[(String, LaunchConfig); 2]> {
+    /// Bytes of the split-K workspace a split into `splits` parts fills: dq's, dk's and dv's parts, f32.
+    fn split_bytes(&self, splits: usize) -> usize {
+        3 * splits * self.forward.batch * self.forward.positions * self.forward.channels * 4
+    }
+
+    /// (dq kernel, dk/dv kernel) names and launch configurations, their streamed rows split into
+    /// `splits` parts (grid z; 1: none).
+    fn plan(&self, splits: usize) -> Result<[(String, LaunchConfig); 2]> {
         let f = &self.forward;
         if !self.tensor_core_ok() {
             return Err(Error::invalid(format!(
@@ -426,34 +434,69 @@ impl AttentionBackwardLaunch {
         let warps = BACKWARD_BLOCK_ROWS / 16 * split;
         let row_bytes = (dim + 8) * 2;
         // Resident rows, then the streamed stages (two tensors each).
-        let tiles = (2 * BACKWARD_BLOCK_ROWS + BACKWARD_STAGES * 2 * BACKWARD_STREAM_ROWS) * row_bytes;
+        let tile_bytes = (2 * BACKWARD_BLOCK_ROWS + BACKWARD_STAGES * 2 * BACKWARD_STREAM_ROWS) * row_bytes;
         // Where warps pair up: each pair's swap of two 16 x 32 f32 blocks.
         let exchange = if split == 2 { BACKWARD_BLOCK_ROWS / 16 * 2 * 16 * BACKWARD_STREAM_ROWS * 4 } else { 0 };
         // The dk/dv kernel streams the queries' log-sum-exp and D_i with them.
         let row_values = BACKWARD_STAGES * 2 * BACKWARD_STREAM_ROWS * 4;
         let t = dtype_name(f.dtype);
+        let tiles = f.positions.div_ceil(BACKWARD_STREAM_ROWS);
+        if splits == 0 || splits > tiles.min(65535) {
+            return Err(Error::invalid(format!(
+                "attention backward: {splits} splits of {tiles} streamed tiles (each part needs one)"
+            )));
+        }
         let config = |bytes: usize| LaunchConfig {
-            grid: [f.positions.div_ceil(BACKWARD_BLOCK_ROWS) as u32, f.batch as u32, 1],
+            grid: [f.positions.div_ceil(BACKWARD_BLOCK_ROWS) as u32, f.batch as u32, splits as u32],
             block: [32 * warps as u32, 1, 1],
             dynamic_shared_bytes: bytes as u32,
         };
         Ok([
-            (format!("attention_backward_dq_mma_{t}_d{dim}"), config(tiles + exchange)),
-            (format!("attention_backward_dkdv_mma_{t}_d{dim}"), config(tiles + row_values + exchange)),
+            (format!("attention_backward_dq_mma_{t}_d{dim}"), config(tile_bytes + exchange)),
+            (format!("attention_backward_dkdv_mma_{t}_d{dim}"), config(tile_bytes + row_values + exchange)),
         ])
     }
 }
 
+/// Into how many parts the backward's kernels split their streamed rows (keys for dq, queries for
+/// dk and dv): as the forward's key split (`attention_version`), when its grid leaves SMs idle and
+/// the workspace holds the parts; 1 otherwise.
+pub fn backward_splits(args: &AttentionBackwardLaunch, workspace: Option<&SplitKWorkspace>) -> usize {
+    let Some(ws) = workspace else { return 1 };
+    let f = &args.forward;
+    let blocks = f.positions.div_ceil(BACKWARD_BLOCK_ROWS) * f.batch;
+    let tiles = f.positions.div_ceil(BACKWARD_STREAM_ROWS);
+    let mut splits = ws.multiprocessors.div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES).max(1);
+    while splits > 1 && args.split_bytes(splits) > ws.bytes {
+        splits -= 1;
+    }
+    splits
+}
+
 /// dq, dk, dv += the attention's VJP on the tensor cores (P rebuilt from the saved log-sum-exp):
 /// the row terms D_i into `row_terms` and dout rounded into `dout_rounded`, then the dq kernel,
-/// then the dk/dv kernel.
+/// then the dk/dv kernel; with `splits` > 1 (`backward_splits`), their streamed rows in that many
+/// parts, each part's gradients in f32 to `workspace`, then one launch adds the parts.
 pub fn launch_attention_backward_mma(
     driver: &dyn Driver,
     kernels: &AttentionKernels,
     args: &AttentionBackwardLaunch,
+    splits: usize,
+    workspace: Option<&SplitKWorkspace>,
 ) -> Result<()> {
     args.validate()?;
-    let [(dq_name, dq_config), (dkdv_name, dkdv_config)] = args.plan()?;
+    let [(dq_name, dq_config), (dkdv_name, dkdv_config)] = args.plan(splits)?;
+    let parts = match workspace {
+        _ if splits == 1 => None,
+        Some(ws) if args.split_bytes(splits) <= ws.bytes => Some(ws.ptr),
+        _ => {
+            return Err(Error::invalid(format!(
+                "attention backward: a split into {splits} parts needs {} bytes of workspace, the backend has {}",
+                args.split_bytes(splits),
+                workspace.map_or(0, |ws| ws.bytes)
+            )))
+        }
+    };
     let (dq_kernel, dkdv_kernel) = (kernels.get(&dq_name)?, kernels.get(&dkdv_name)?);
     let f = &args.forward;
     // Each query's D_i = dout_i . out_i and its rounded dout once, for both kernels: a warp per row,
@@ -475,18 +518,40 @@ pub fn launch_attention_backward_mma(
     let scale = 1.0 / (f.channels as f32).sqrt();
     let inputs =
         || KernelArgs::new().ptr(f.q).ptr(f.k).ptr(f.v).ptr(args.dout_rounded).ptr(args.row_terms).ptr(f.logsumexp);
-    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale).i32(args.accumulate as i32);
-    let dq_args = tail(inputs().ptr(args.dq).i32(super::dtype_code(args.dq_dtype)));
-    driver.launch(dq_kernel, dq_config, &dq_args)?;
-    let dkdv_args = tail(
-        inputs().ptr(args.dk).i32(super::dtype_code(args.dk_dtype)).ptr(args.dv).i32(super::dtype_code(args.dv_dtype)),
-    );
-    driver.launch(dkdv_kernel, dkdv_config, &dkdv_args)?;
+    // Split: every part's gradients written in f32 to the workspace (dq's parts, dk's, dv's).
+    let slice = f.batch * f.positions * f.channels;
+    let gradient = |which: usize, ptr: DevicePtr, dtype: Precision| match parts {
+        Some(base) => (base + (which * splits * slice * 4) as u64, super::dtype_code(Precision::F32)),
+        None => (ptr, super::dtype_code(dtype)),
+    };
+    let accumulate = args.accumulate && parts.is_none();
+    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale).i32(accumulate as i32);
+    let (dq, dt_dq) = gradient(0, args.dq, args.dq_dtype);
+    let (dk, dt_dk) = gradient(1, args.dk, args.dk_dtype);
+    let (dv, dt_dv) = gradient(2, args.dv, args.dv_dtype);
+    driver.launch(dq_kernel, dq_config, &tail(inputs().ptr(dq).i32(dt_dq)))?;
+    driver.launch(dkdv_kernel, dkdv_config, &tail(inputs().ptr(dk).i32(dt_dk).ptr(dv).i32(dt_dv)))?;
+    if let Some(base) = parts {
+        let reduce = KernelArgs::new()
+            .ptr(base)
+            .i32(splits as i32)
+            .u64(slice as u64)
+            .ptr(args.dq)
+            .i32(super::dtype_code(args.dq_dtype))
+            .ptr(args.dk)
+            .i32(super::dtype_code(args.dk_dtype))
+            .ptr(args.dv)
+            .i32(super::dtype_code(args.dv_dtype))
+            .i32(args.accumulate as i32);
+        let blocks = slice.div_ceil(COMBINE_THREADS as usize).clamp(1, 65535) as u32;
+        let config = LaunchConfig { grid: [blocks, 3, 1], block: [COMBINE_THREADS, 1, 1], dynamic_shared_bytes: 0 };
+        driver.launch(kernels.get(BACKWARD_SPLIT_REDUCE_KERNEL)?, config, &reduce)?;
+    }
     Ok(())
 }
 
 /// The backward kernels a launch would use (for reports and tests).
 pub fn backward_kernels_for(args: &AttentionBackwardLaunch) -> Result<[String; 2]> {
     args.validate()?;
-    Ok(args.plan()?.map(|(name, _)| name))
+    Ok(args.plan(1)?.map(|(name, _)| name))
 }

@@ -1115,9 +1115,18 @@ impl Backend for CudaBackend {
             accumulate: store.accumulates(),
         };
         if mma.tensor_cores_fit(self.driver.info().max_shared_per_block) {
-            let result = self
-                .attention_kernels()
-                .and_then(|kernels| attention::launch_attention_backward_mma(self.driver.as_ref(), kernels, &mma));
+            // The split-K workspace is free between ops: a split's parts (`backward_splits`).
+            let workspace = self.split_k_workspace();
+            let splits = attention::backward_splits(&mma, workspace.as_ref());
+            let result = self.attention_kernels().and_then(|kernels| {
+                attention::launch_attention_backward_mma(
+                    self.driver.as_ref(),
+                    kernels,
+                    &mma,
+                    splits,
+                    workspace.as_ref(),
+                )
+            });
             return self.record(result);
         }
         // kernels/attention.cu, backward section (f32, or a device with too little shared memory
