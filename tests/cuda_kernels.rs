@@ -850,6 +850,22 @@ fn emulator_attention_tensor_cores() {
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
 }
 
+/// A bf16 attention of one sample at placeholder addresses, for the launchers' choices and errors
+/// (nothing is launched).
+fn unlaunched_attention(positions: usize, channels: usize) -> AttentionLaunch {
+    AttentionLaunch {
+        batch: 1,
+        positions,
+        channels,
+        dtype: Precision::Bf16,
+        q: 0x1000,
+        k: 0x2000,
+        v: 0x3000,
+        out: 0x4000,
+        logsumexp: 0x5000,
+    }
+}
+
 /// The key split (version 3) on every case with more than one key tile (32 keys): three parts
 /// where there are three tiles or more (uneven parts of 8 tiles; the last tile partial at 35 and 81
 /// positions), else two.
@@ -866,17 +882,7 @@ fn emulator_attention_split_keys() {
     }
     // More parts than key tiles, one part, and a workspace too small: errors, nothing launched.
     let tiny = SplitKWorkspace { bytes: 1024, ..workspace };
-    let launch = |positions| AttentionLaunch {
-        batch: 1,
-        positions,
-        channels: 64,
-        dtype: Precision::Bf16,
-        q: 0x1000,
-        k: 0x2000,
-        v: 0x3000,
-        out: 0x4000,
-        logsumexp: 0x5000,
-    };
+    let launch = |positions| unlaunched_attention(positions, 64);
     let split = |splits| AttentionVersion::TensorCoreSplitKeys { splits };
     let err = attention::launch_attention_version(&driver, &kernels, &launch(64), split(3), Some(&workspace));
     assert!(err.unwrap_err().to_string().contains("3 key splits of 2 key tiles"));
@@ -1414,19 +1420,8 @@ fn emulator_attention_backward_tensor_cores() {
     assert!(failures.is_empty(), "attention backward (seed {seed}) over tolerance: {failures:?}");
     // The launcher splits the UNet's batch-1 backward (16x16: 4 blocks) on 132 SMs, and refuses a
     // split with more parts than streamed tiles.
-    let forward = AttentionLaunch {
-        batch: 1,
-        positions: 256,
-        channels: 256,
-        dtype: Precision::Bf16,
-        q: 0x1000,
-        k: 0x2000,
-        v: 0x3000,
-        out: 0x4000,
-        logsumexp: 0x5000,
-    };
     let launch = AttentionBackwardLaunch {
-        forward,
+        forward: unlaunched_attention(256, 256),
         dout: 0x6000,
         dout_dtype: Precision::F32,
         row_terms: 0x7000,
