@@ -29,6 +29,13 @@
 //                                 f32 arithmetic (fma). The f32 path, and the reference for version 2.
 //   conv2d_backward_input_simt_<T>  the input gradient (dx = or += the transposed convolution of dout), same
 //                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
+//   conv2d_simt_partial_<T>, conv2d_backward_input_simt_partial_<T>
+//                                 split-K: the same blocks over slice z of the k-tiles (grid z), raw
+//                                 f32 sums to the workspace; for grids short of the GPU's SMs (the
+//                                 f32 UNet at batch 1: a 4x4 level's 4 blocks, each 144 k-tiles deep).
+//   conv2d_split_reduce, conv2d_backward_input_split_reduce
+//                                 add the slices in a fixed order and apply the epilogue: split-K's
+//                                 second launch in both modules' kernels (conv2d_mma.cu's too).
 // Hot kernel (ptxas report, no spills allowed): conv2d_simt_f32_f32_f32.
 #include "common.cuh"
 #include "conv_common.cuh"
@@ -59,12 +66,35 @@ __device__ __forceinline__ void simt_tile_product(const float (&a_tile)[simt::BK
     }
 }
 
-template <typename InT, typename WT, typename OutT>
+// Split-K's store of a thread's 4 x 4 raw sums (rows m0.., columns c0.. of an M x C slice at
+// `slice` in partials): four columns in one access where the row holds them all and is aligned.
+__device__ __forceinline__ void store_partial_block(float* __restrict__ partials, long long slice, int m0, int rows,
+                                                    int c0, int columns, const float (&acc)[4][4]) {
+    const bool quads = columns % 4 == 0;  // the workspace is 16-byte aligned, and so is every row then
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m0 + i;
+        if (m >= rows || c0 >= columns) continue;
+        const long long at = slice + (long long)m * columns + c0;
+        if (quads) {
+            *reinterpret_cast<float4*>(partials + at) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                if (c0 + j < columns) partials[at + j] = acc[i][j];
+        }
+    }
+}
+
+// PARTIAL (split-K, as version 3): the block sums slice blockIdx.z of the k-tiles and stores its raw
+// f32 sums to partials[z][m][co]; conv2d_split_reduce adds the slices and applies the epilogue.
+// Otherwise the whole K and the epilogue here (partials unused).
+template <bool PARTIAL, typename InT, typename WT, typename OutT>
 __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT* __restrict__ b,
                                             const WT* __restrict__ w, const float* __restrict__ bias,
                                             const float* __restrict__ channel_bias,
                                             const OutT* __restrict__ residual, OutT* __restrict__ out,
-                                            const ConvParams p) {
+                                            float* __restrict__ partials, const ConvParams p) {
     using namespace simt;
     __shared__ __align__(16) float a_tile[BK][BM + PAD];
     __shared__ __align__(16) float b_tile[BK][BN + PAD];
@@ -73,6 +103,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
     const int ci_total = p.ca + p.cb;
     const int k_total = p.kh * p.kw * ci_total;
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
 
     // Loading: each thread fills one k column of the tiles, rows load_row + 16 i.
     const int load_k = tid % BK, load_row = tid / BK;
@@ -84,8 +115,8 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
     const int tx = tid % 16, ty = tid / 16;
     float acc[4][4] = {};
 
-    for (int k0 = 0; k0 < k_total; k0 += BK) {
-        const int k = k0 + load_k;
+    for (int kt = tiles.first; kt < tiles.first + tiles.count; ++kt) {
+        const int k = kt * BK + load_k;
         const bool k_valid = k < k_total;
         const int tap = k_valid ? k / ci_total : 0;
         const int ci = k_valid ? k - tap * ci_total : 0;
@@ -104,11 +135,16 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 
     const int positions = p.batch * p.out_h * p.out_w;
     const int plane = p.out_h * p.out_w;
+    const int co0 = n_block + tx * 4;
+    if constexpr (PARTIAL) {
+        store_partial_block(partials, (long long)blockIdx.z * positions * p.out_channels, m_block + ty * 4,
+                            positions, co0, p.out_channels, acc);
+        return;
+    }
     // A thread's four channels in one access where all exist and they are aligned (channels a
     // multiple of 4, the tensor aligned to 4 elements): a half-warp then stores 16 whole rows' worth
     // of contiguous bytes instead of one element of each in turn.
     const bool quads = p.out_channels % 4 == 0 && (unsigned long long)out % (4 * sizeof(OutT)) == 0;
-    const int co0 = n_block + tx * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = m_block + ty * 4 + i;
@@ -140,9 +176,11 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 //   inside the output. Each dx element has one owner thread (read, add, write: no atomics).
 // The same ConvParams as the forward: in_h/in_w/ca the logical input (cb 0, no upsample), kh/kw,
 // stride, pads, out_h/out_w/out_channels the forward's output (dout).
-template <typename T>
+// PARTIAL: split-K as the forward's (partials[z][m][ci], then conv2d_backward_input_split_reduce).
+template <bool PARTIAL, typename T>
 __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__ dout, const T* __restrict__ w,
-                                                           T* __restrict__ dx, const ConvParams p, int accumulate) {
+                                                           T* __restrict__ dx, float* __restrict__ partials,
+                                                           const ConvParams p, int accumulate) {
     using namespace simt;
     __shared__ __align__(16) float a_tile[BK][BM + PAD];
     __shared__ __align__(16) float b_tile[BK][BN + PAD];
@@ -152,6 +190,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
     const int ci_total = p.ca;
     const int taps = p.kh * p.kw;
     const int k_total = taps * p.out_channels;
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
     const int plane = p.in_h * p.in_w;
     const int positions = p.batch * plane;
 
@@ -173,7 +212,8 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
     const int tx = tid % 16, ty = tid / 16;
     float acc[4][4] = {};
 
-    for (int k0 = 0; k0 < k_total; k0 += BK) {
+    for (int kt = tiles.first; kt < tiles.first + tiles.count; ++kt) {
+        const int k0 = kt * BK;
         const int k = k0 + load_k;
         const bool k_valid = k < k_total;
         const int tap = k_valid ? k / p.out_channels : 0;
@@ -205,9 +245,14 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
         __syncthreads();
     }
 
+    const int ci0 = n_block + tx * 4;
+    if constexpr (PARTIAL) {
+        store_partial_block(partials, (long long)blockIdx.z * positions * ci_total, m_block + ty * 4, positions,
+                            ci0, ci_total, acc);
+        return;
+    }
     // As the forward's epilogue: four channels in one access where they can be.
     const bool quads = ci_total % 4 == 0 && (unsigned long long)dx % (4 * sizeof(T)) == 0;
-    const int ci0 = n_block + tx * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = m_block + ty * 4 + i;
@@ -230,26 +275,95 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
     const InT *__restrict__ a, const InT *__restrict__ b, const WT *__restrict__ w,                          \
         const float *__restrict__ bias, const float *__restrict__ channel_bias,                              \
         const OutT *__restrict__ residual, OutT *__restrict__ out, const ConvParams p
-#define CONV_PARAMS_PASS a, b, w, bias, channel_bias, residual, out, p
+#define CONV_PARAMS_PASS a, b, w, bias, channel_bias, residual, out
 
 #define CONV_SIMT_ENTRY(in_name, InT, w_name, WT, out_name, OutT)                                           \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_simt_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                    \
-        conv2d_simt<InT, WT, OutT>(CONV_PARAMS_PASS);                                                       \
+        conv2d_simt<false, InT, WT, OutT>(CONV_PARAMS_PASS, nullptr, p);                                    \
+    }
+// Split-K: `conv2d_simt_partial_<t>`, grid z = the slices.
+#define CONV_SIMT_PARTIAL_ENTRY(name, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
+        conv2d_simt_partial_##name(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, \
+                                   float* __restrict__ partials, const ConvParams p) {                      \
+        conv2d_simt<true, T, T, T>(a, b, w, nullptr, nullptr, nullptr, nullptr, partials, p);                \
     }
 
 
 CONV_SIMT_ENTRY(f32, float, f32, float, f32, float)
 CONV_SIMT_ENTRY(bf16, bf16, bf16, bf16, bf16, bf16)
 CONV_SIMT_ENTRY(f16, f16, f16, f16, f16, f16)
+CONV_SIMT_PARTIAL_ENTRY(f32, float)
+CONV_SIMT_PARTIAL_ENTRY(bf16, bf16)
+CONV_SIMT_PARTIAL_ENTRY(f16, f16)
 
 #define CONV_BACKWARD_INPUT_ENTRY(name, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_backward_input_simt_##name(const T* __restrict__ dout, const T* __restrict__ w,              \
                                           T* __restrict__ dx, const ConvParams p, int accumulate) {         \
-        conv2d_backward_input_simt<T>(dout, w, dx, p, accumulate);                                          \
+        conv2d_backward_input_simt<false, T>(dout, w, dx, nullptr, p, accumulate);                          \
+    }
+#define CONV_BACKWARD_INPUT_PARTIAL_ENTRY(name, T)                                                          \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
+        conv2d_backward_input_simt_partial_##name(const T* __restrict__ dout, const T* __restrict__ w,      \
+                                                  float* __restrict__ partials, const ConvParams p) {       \
+        conv2d_backward_input_simt<true, T>(dout, w, nullptr, partials, p, 0);                              \
     }
 
 CONV_BACKWARD_INPUT_ENTRY(f32, float)
 CONV_BACKWARD_INPUT_ENTRY(bf16, bf16)
 CONV_BACKWARD_INPUT_ENTRY(f16, f16)
+CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f32, float)
+CONV_BACKWARD_INPUT_PARTIAL_ENTRY(bf16, bf16)
+CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f16, f16)
+
+// ---------------------------------------------------------------------------------------------
+// Split-K's reductions, for version 1's partial kernels above and version 3's (conv2d_mma.cu):
+// plain instructions, so they live here, in the module every driver loads.
+// The split-K reduction of the forward: out[m][co] = epilogue(sum over slices s = 0, 1, ... of
+// partials[s][m][co]), the slices added in that fixed order (the same bits every run: no atomics),
+// then bias, channel_bias, residual and ReLU as conv_epilogue_value, one rounding to out's type
+// (a run-time code; residual has out's type). Grid-stride over the M x Co outputs. The epilogue's
+// operands are loaded first and the slices' loop is unrolled, so a thread's loads, all independent,
+// issue together instead of each waiting out the last (examples/emulator_launch_depth.rs's latency
+// model, cifar10 batch 1: 1.2 -> 0.9 us a call); the additions keep their order (the same bits).
+extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partials, int slices,
+                                               const float* __restrict__ bias,
+                                               const float* __restrict__ channel_bias,
+                                               const void* __restrict__ residual, void* __restrict__ out,
+                                               int out_dtype, const ConvParams p) {
+    const int plane = p.out_h * p.out_w;
+    const long long total = (long long)p.batch * plane * p.out_channels;
+    GRID_STRIDE_LOOP(i, total) {
+        const int m = (int)(i / p.out_channels);
+        const int co = (int)(i - (long long)m * p.out_channels);
+        const float b = bias ? bias[co] : 0.0f;
+        const float c = channel_bias ? channel_bias[(m / plane) * p.channel_bias_stride + co] : 0.0f;
+        const float r = residual ? load_dyn(residual, out_dtype, i) : 0.0f;
+        float v = 0.0f;
+#pragma unroll 4
+        for (int s = 0; s < slices; ++s) v += partials[s * total + i];
+        if (bias) v += b;
+        if (channel_bias) v += c;
+        if (residual) v += r;
+        if (p.relu) v = fmaxf(v, 0.0f);
+        store_dyn(out, out_dtype, i, v);
+    }
+}
+
+// The split-K reduction of the input gradient: dx[i] = (or +=, `accumulate`) the sum over slices
+// s = 0, 1, ... of partials[s][i], in that fixed order; dx's type a run-time code (store_grad, as the
+// unsplit kernel stores). Grid-stride over the `total` = M x Ci elements; dx's old value (where
+// accumulating) is loaded first and the slices' loop unrolled, as in conv2d_split_reduce.
+extern "C" __global__ void conv2d_backward_input_split_reduce(const float* __restrict__ partials, int slices,
+                                                              long long total, void* __restrict__ dx, int dx_dtype,
+                                                              int accumulate) {
+    GRID_STRIDE_LOOP(i, total) {
+        const float old = accumulate ? load_dyn(dx, dx_dtype, i) : 0.0f;
+        float g = 0.0f;
+#pragma unroll 4
+        for (int s = 0; s < slices; ++s) g += partials[s * total + i];
+        store_dyn(dx, dx_dtype, i, accumulate ? old + g : g);
+    }
+}

@@ -36,7 +36,7 @@
 //                                      raw f32 sums to a workspace partials[z][m][n]; for grids too
 //                                      small to fill the GPU (batch 1: a 4x4 level is 4 blocks of 72
 //                                      k-steps). Then
-//   conv2d_split_reduce, conv2d_backward_input_split_reduce
+//   conv2d_split_reduce, conv2d_backward_input_split_reduce (in conv2d.cu, plain instructions)
 //                                      add the slices in order z = 0, 1, ... (deterministic, no
 //                                      atomics) and apply the whole epilogue (bias, channel bias,
 //                                      residual, ReLU; dx = or +=), one rounding to the output type.
@@ -100,20 +100,6 @@ using NarrowTile = MmaTile<64>;
 using WideTile = MmaTile<128>;
 
 // ---- shared by the forward and the input gradient (same tiles, warps and pipeline) ----
-// This block's k-tiles, [first, first + count): all T of them, or (PARTIAL, split-K) slice z of
-// gridDim.z: [z T / Z, (z + 1) T / Z) (the launcher keeps Z <= T: none empty).
-struct KTiles {
-    int first, count;
-};
-
-template <bool PARTIAL>
-__device__ __forceinline__ KTiles block_k_tiles(int k_total, int bk) {
-    const int all_tiles = (k_total + bk - 1) / bk;
-    if (!PARTIAL) return KTiles{0, all_tiles};
-    const int first = (int)(blockIdx.z * all_tiles / gridDim.z);
-    return KTiles{first, (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first};
-}
-
 // The warp's A fragments of one k16 step: M m16k16 tiles by ldmatrix.x4 from a swizzled stage, from
 // this lane's address in the first tile (`lane_at`: stage + swizzled(its row, its column)), the
 // others 16 rows apart.
@@ -428,37 +414,6 @@ CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16)
-
-// The split-K reduction of the forward: out[m][co] = epilogue(sum over slices s = 0, 1, ... of
-// partials[s][m][co]), the slices added in that fixed order (the same bits every run: no atomics),
-// then bias, channel_bias, residual and ReLU as conv2d_mma's epilogue, one rounding to out's type
-// (a run-time code; residual has out's type). Grid-stride over the M x Co outputs. The epilogue's
-// operands are loaded first and the slices' loop is unrolled, so a thread's loads, all independent,
-// issue together instead of each waiting out the last (examples/emulator_launch_depth.rs's latency
-// model, cifar10 batch 1: 1.2 -> 0.9 us a call); the additions keep their order (the same bits).
-extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partials, int slices,
-                                               const float* __restrict__ bias,
-                                               const float* __restrict__ channel_bias,
-                                               const void* __restrict__ residual, void* __restrict__ out,
-                                               int out_dtype, const ConvParams p) {
-    const int plane = p.out_h * p.out_w;
-    const long long total = (long long)p.batch * plane * p.out_channels;
-    GRID_STRIDE_LOOP(i, total) {
-        const int m = (int)(i / p.out_channels);
-        const int co = (int)(i - (long long)m * p.out_channels);
-        const float b = bias ? bias[co] : 0.0f;
-        const float c = channel_bias ? channel_bias[(m / plane) * p.channel_bias_stride + co] : 0.0f;
-        const float r = residual ? load_dyn(residual, out_dtype, i) : 0.0f;
-        float v = 0.0f;
-#pragma unroll 4
-        for (int s = 0; s < slices; ++s) v += partials[s * total + i];
-        if (bias) v += b;
-        if (channel_bias) v += c;
-        if (residual) v += r;
-        if (p.relu) v = fmaxf(v, 0.0f);
-        store_dyn(out, out_dtype, i, v);
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The input gradient on the tensor cores: dx = (or +=) the transposed convolution of dout, the implicit
@@ -848,19 +803,3 @@ CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false,
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, bf16, bf16, bf16, bf16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f32, float, f16, f16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f16, f16, f16, f16)
-
-// The split-K reduction of the input gradient: dx[i] = (or +=, `accumulate`) the sum over slices
-// s = 0, 1, ... of partials[s][i], in that fixed order; dx's type a run-time code (store_grad, as the
-// unsplit kernel stores). Grid-stride over the `total` = M x Ci elements; dx's old value (where
-// accumulating) is loaded first and the slices' loop unrolled, as in conv2d_split_reduce.
-extern "C" __global__ void conv2d_backward_input_split_reduce(const float* __restrict__ partials, int slices,
-                                                              long long total, void* __restrict__ dx, int dx_dtype,
-                                                              int accumulate) {
-    GRID_STRIDE_LOOP(i, total) {
-        const float old = accumulate ? load_dyn(dx, dx_dtype, i) : 0.0f;
-        float g = 0.0f;
-#pragma unroll 4
-        for (int s = 0; s < slices; ++s) g += partials[s * total + i];
-        store_dyn(dx, dx_dtype, i, accumulate ? old + g : g);
-    }
-}

@@ -66,3 +66,18 @@ __device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, i
     const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
     return ci < p.ca ? to_float(a[pixel * p.ca + ci]) : to_float(b[pixel * p.cb + (ci - p.ca)]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Split-K (versions 1 and 3): a block's k-tiles of `bk`, [first, first + count): all T of them, or
+// (PARTIAL) slice z of gridDim.z: [z T / Z, (z + 1) T / Z) (the launcher keeps Z <= T: none empty).
+struct KTiles {
+    int first, count;
+};
+
+template <bool PARTIAL>
+__device__ __forceinline__ KTiles block_k_tiles(int k_total, int bk) {
+    const int all_tiles = (k_total + bk - 1) / bk;
+    if (!PARTIAL) return KTiles{0, all_tiles};
+    const int first = (int)(blockIdx.z * all_tiles / gridDim.z);
+    return KTiles{first, (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first};
+}

@@ -614,7 +614,8 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let split = plan.split.unwrap();
     assert_eq!((split.reduce_kernel, split.workspace_bytes), ("conv2d_split_reduce", 9 * 16 * 256 * 4));
     assert_eq!(conv::conv2d_version(&tc, true, None), Conv2dVersion::TensorCore, "no workspace, no split");
-    assert_eq!(conv::conv2d_version(&tc, false, Some(&workspace)), Conv2dVersion::Simt);
+    // Without conv2d_mma.cu, the SIMT tiles, split as well (1 x 4 blocks, 36 k-steps).
+    assert_eq!(conv::conv2d_version(&tc, false, Some(&workspace)), Conv2dVersion::SimtSplitK { slices: 9 });
     // A full grid takes the wide tile where N fills its 128 columns as well as the narrow tile's 64.
     let big = Conv2dLaunch { batch: 64, height: 32, width: 32, ..tc };
     assert_eq!(conv::conv2d_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide, "a full grid");
@@ -639,6 +640,28 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     assert_eq!((plan.kernel.as_str(), plan.config.grid[2]), ("conv2d_mma_gather_partial_bf16_bf16", 6));
     assert!(conv::plan_conv2d(&odd, Conv2dVersion::TensorCoreSplitK { slices: 0 }).is_err());
     assert!(conv::plan_conv2d(&valid_launch(), Conv2dVersion::TensorCoreSplitK { slices: 2 }).is_err(), "f32");
+    // f32 (the SIMT tiles of 64 x 64 x 16 k): the UNet's 4x4 level at batch 1, 1 x 4 blocks of 144
+    // k-tiles (72 of the 32-k steps split_k_slices counts) -> 16 slices of 9; the reductions are the
+    // tensor cores' own (conv2d.cu holds them).
+    let f32_level = Conv2dLaunch { channels_a: 256, out_channels: 256, height: 4, width: 4, ..valid_launch() };
+    let version = conv::conv2d_version(&f32_level, true, Some(&workspace));
+    assert_eq!(version, Conv2dVersion::SimtSplitK { slices: 16 });
+    assert_eq!(conv::conv2d_version(&f32_level, true, None), Conv2dVersion::Simt, "no workspace, no split");
+    let plan = conv::plan_conv2d(&f32_level, version).unwrap();
+    assert_eq!(
+        (plan.kernel.as_str(), plan.config.grid, plan.config.block),
+        ("conv2d_simt_partial_f32", [1, 4, 16], [256, 1, 1])
+    );
+    let split = plan.split.unwrap();
+    assert_eq!(
+        (split.reduce_kernel, split.k_tiles, split.workspace_bytes),
+        ("conv2d_split_reduce", 144, 16 * 16 * 256 * 4)
+    );
+    let f32_full = Conv2dLaunch { batch: 16, height: 32, width: 32, ..f32_level };
+    assert_eq!(conv::conv2d_version(&f32_full, true, Some(&workspace)), Conv2dVersion::Simt, "a full grid");
+    let mixed = Conv2dLaunch { out_dtype: Precision::F32, ..tc };
+    let err = conv::plan_conv2d(&mixed, Conv2dVersion::SimtSplitK { slices: 3 }).unwrap_err().to_string();
+    assert!(err.contains("one storage type throughout"), "{err}");
 
     let backward = Conv2dBackwardInputLaunch {
         batch: 1,
@@ -667,6 +690,17 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let plan = conv::plan_conv2d_backward_input(&big, Conv2dVersion::TensorCoreWide).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_wide_f32_bf16", [128, 2, 1]));
     assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 * 32 + 32 * 136) * 2);
+    let f32_backward = Conv2dBackwardInputLaunch {
+        dout_dtype: Precision::F32,
+        weight_dtype: Precision::F32,
+        dx_dtype: Precision::F32,
+        ..backward
+    };
+    let version = conv::conv2d_backward_input_version(&f32_backward, true, Some(&workspace));
+    assert_eq!(version, Conv2dVersion::SimtSplitK { slices: 16 });
+    let plan = conv::plan_conv2d_backward_input(&f32_backward, version).unwrap();
+    assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_simt_partial_f32", [1, 4, 16]));
+    assert_eq!(plan.split.unwrap().reduce_kernel, "conv2d_backward_input_split_reduce");
 }
 
 #[test]
@@ -1220,7 +1254,17 @@ fn emulator_conv_split_k() {
     assert!(err.contains("split-K needs a workspace"), "{err}");
 
     driver.free(ptr).unwrap();
-    run_split_k_checks(&driver, &kernels, &[ConvOp::Forward], &tensor_core_dtype_sets());
+    run_split_k_checks(&driver, &kernels, &[ConvOp::Forward], &tensor_core_dtype_sets(), TENSOR_CORE_SPLIT);
+}
+
+/// Version 1's split (the f32 plans' small grids): the same cases, f32 throughout, forward and both
+/// input-gradient stores, against the unsplit SIMT kernel. Its k-tiles are 16 k, so the cases'
+/// slices hold half the k-steps their names count and twice the tiles.
+#[test]
+fn emulator_conv_simt_split_k() {
+    let (driver, kernels) = emulated_conv_kernels(false);
+    let ops = [ConvOp::Forward, ConvOp::BackwardInput(GradientStore::Write), ADD_INPUT_GRADIENT];
+    run_split_k_checks(&driver, &kernels, &ops, &[[Precision::F32; 3]], SIMT_SPLIT);
 }
 
 #[test]
@@ -1236,13 +1280,25 @@ fn emulator_conv_backward_input_split_k() {
         [f32, Precision::Bf16, Precision::Bf16],
     ];
     let ops = [ConvOp::BackwardInput(GradientStore::Write), ConvOp::BackwardInput(GradientStore::Add)];
-    run_split_k_checks(&driver, &kernels, &ops, &dtype_sets);
+    run_split_k_checks(&driver, &kernels, &ops, &dtype_sets, TENSOR_CORE_SPLIT);
 }
 
-/// Every split-K case through each of `ops` and storage-type set: the unsplit tensor-core kernel,
+/// A kernel family's unsplit version and its split one with a given number of slices.
+type SplitVersions = (Conv2dVersion, fn(usize) -> Conv2dVersion);
+const TENSOR_CORE_SPLIT: SplitVersions =
+    (Conv2dVersion::TensorCore, |slices| Conv2dVersion::TensorCoreSplitK { slices });
+const SIMT_SPLIT: SplitVersions = (Conv2dVersion::Simt, |slices| Conv2dVersion::SimtSplitK { slices });
+
+/// Every split-K case through each of `ops` and storage-type set: the unsplit kernel of `versions`,
 /// then the split one twice on the same inputs; each within the tolerance of the CPU, split and
 /// unsplit within `split_tolerance` of each other, and the same bits both times.
-fn run_split_k_checks(driver: &dyn Driver, kernels: &Conv2dKernels, ops: &[ConvOp], dtype_sets: &[[Precision; 3]]) {
+fn run_split_k_checks(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    ops: &[ConvOp],
+    dtype_sets: &[[Precision; 3]],
+    (unsplit_version, split_version): SplitVersions,
+) {
     let (workspace, ptr) = split_k_workspace(driver);
     let seed = fresh_seed();
     let mut failures = Vec::new();
@@ -1251,9 +1307,9 @@ fn run_split_k_checks(driver: &dyn Driver, kernels: &Conv2dKernels, ops: &[ConvO
         for (case, slices) in split_k_cases() {
             for &op in ops {
                 let start = std::time::Instant::now();
-                let split = Conv2dVersion::TensorCoreSplitK { slices };
+                let split = split_version(slices);
                 let check = |version, workspace| op.check(driver, kernels, &case, version, dtypes, seed, workspace);
-                let unsplit = check(Conv2dVersion::TensorCore, None);
+                let unsplit = check(unsplit_version, None);
                 let first = check(split, Some(&workspace));
                 let again = check(split, Some(&workspace));
                 let apart = relative_l2(&first.output, &unsplit.output);

@@ -6,10 +6,10 @@
 //! `Conv2dLaunch` from its tensors and calls `launch_conv2d`. Shapes are checked here and every
 //! problem is an error naming the bad value; nothing is launched then.
 //!
-//! Split-K: a tensor-core grid with fewer blocks than the GPU has SMs (batch 1's small levels) runs
-//! with its K loop cut into slices (`split_k_slices`), partial sums in the backend's workspace
-//! (`SplitKWorkspace`), and a reduction kernel that adds them in a fixed order and applies the
-//! epilogue; `plan_conv2d` / `plan_conv2d_backward_input` say what a launch runs.
+//! Split-K: a grid (tensor-core or SIMT) with fewer blocks than the GPU has SMs (batch 1's small
+//! levels) runs with its K loop cut into slices (`split_k_slices`), partial sums in the backend's
+//! workspace (`SplitKWorkspace`), and a reduction kernel that adds them in a fixed order and applies
+//! the epilogue; `plan_conv2d` / `plan_conv2d_backward_input` say what a launch runs.
 use super::modules::KernelTable;
 use crate::backend::{Conv2dGeometry, Precision};
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
@@ -208,12 +208,26 @@ pub enum Conv2dVersion {
     /// partial sums to the split-K workspace, then a reduction kernel adds them in a fixed order
     /// and applies the epilogue. For grids too small to fill the GPU (batch 1, 4x4 and 8x8 levels).
     TensorCoreSplitK { slices: usize },
+    /// Version 1 with its K loop cut into `slices` parts (f32 weights: version 3's split for the
+    /// SIMT tiles), the same workspace and reduction. For grids too small to fill the GPU: the f32
+    /// UNet at batch 1 gave a 4x4 level 4 blocks each 144 k-tiles deep.
+    SimtSplitK { slices: usize },
+}
+
+impl Conv2dVersion {
+    /// The split-K slices of a split version.
+    fn slices(self) -> Option<usize> {
+        match self {
+            Conv2dVersion::TensorCoreSplitK { slices } | Conv2dVersion::SimtSplitK { slices } => Some(slices),
+            _ => None,
+        }
+    }
 }
 
 /// Split-K never cuts K into more parts than this...
 pub const SPLIT_K_MAX_SLICES: usize = 16;
-/// ...nor into parts of fewer k-steps (32 k each) than this: a part pays a pipeline fill and its
-/// partial sums' round trip through memory.
+/// ...nor into parts of fewer k-steps (32 k each, `split_k_slices`' unit for both versions) than
+/// this: a part pays a pipeline fill and its partial sums' round trip through memory.
 pub const SPLIT_K_MIN_SLICE_TILES: usize = 4;
 /// The tiles of the tensor-core kernels (forward and input gradient): 128 positions x 64
 /// channels x 32 k per block and k-step.
@@ -224,6 +238,11 @@ const MMA_BLOCK_K: usize = 32;
 const MMA_WIDE_BLOCK_N: usize = 128;
 /// Pipeline stages of the tensor-core kernels (kernels/conv2d_mma.cu).
 const MMA_STAGES: usize = 3;
+/// The SIMT kernels' tiles (kernels/conv2d.cu): 64 positions x 64 channels x 16 k, 256 threads.
+const SIMT_BLOCK_M: usize = 64;
+const SIMT_BLOCK_N: usize = 64;
+const SIMT_BLOCK_K: usize = 16;
+const SIMT_THREADS: u32 = 256;
 
 /// Dynamic shared memory of a tensor-core forward block with `block_n` channels: the stages' A
 /// (128 rows) and B (`block_n` rows) tiles, rows of 32 halves (36,864 or 49,152 bytes).
@@ -300,13 +319,20 @@ impl LaunchPlan {
     }
 }
 
-/// The split-K part of a tensor-core plan over an M x N output with `k_total` k: grid z (at most
-/// one slice per k-step: none is empty) and the reduction.
-fn split_plan(m: usize, n: usize, k_total: usize, slices: usize, reduce_kernel: &'static str) -> Result<SplitK> {
+/// The split-K part of a plan over an M x N output with `k_total` k in k-tiles of `block_k`: grid z
+/// (at most one slice per k-tile: none is empty) and the reduction.
+fn split_plan(
+    m: usize,
+    n: usize,
+    k_total: usize,
+    block_k: usize,
+    slices: usize,
+    reduce_kernel: &'static str,
+) -> Result<SplitK> {
     if slices == 0 {
         return Err(Error::invalid("conv2d: split-K with 0 slices"));
     }
-    let k_tiles = k_total.div_ceil(MMA_BLOCK_K);
+    let k_tiles = k_total.div_ceil(block_k);
     let slices = slices.min(k_tiles).min(65535);
     let outputs = m * n;
     let blocks = outputs.div_ceil(REDUCE_THREADS as usize).clamp(1, 65535);
@@ -349,6 +375,20 @@ fn tensor_core_version(
     }
 }
 
+/// The version an f32 launch runs (the SIMT tiles): split like the tensor cores' narrow tile when its
+/// grid under-fills the GPU and the slices' sums fit the workspace. The slices are counted in the
+/// same 32-k steps, so a slice has at least 128 k either way.
+fn simt_version(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
+    let Some(ws) = workspace else { return Conv2dVersion::Simt };
+    let blocks = m.div_ceil(SIMT_BLOCK_M) * n.div_ceil(SIMT_BLOCK_N);
+    let slices = split_k_slices(blocks, k_total.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
+    if slices > 1 && slices * m * n * 4 <= ws.bytes {
+        Conv2dVersion::SimtSplitK { slices }
+    } else {
+        Conv2dVersion::Simt
+    }
+}
+
 /// Whether the launcher may pick the wide tile: yes, unless `PURIFIER_CONV_WIDE=off` (the
 /// benchmark's A/B switch: the GPU suite runs the UNet rows both ways). Read once.
 fn wide_tiles_allowed() -> bool {
@@ -378,9 +418,16 @@ fn dtype_name(d: Precision) -> &'static str {
 
 /// The kernel names of conv2d.cu (version 1, plain instructions): forward and input gradient.
 pub fn simt_kernel_names() -> Vec<String> {
-    let dtypes = ["f32", "bf16", "f16"];
-    let forward = dtypes.iter().map(|d| format!("conv2d_simt_{d}_{d}_{d}"));
-    forward.chain(dtypes.iter().map(|d| format!("conv2d_backward_input_simt_{d}"))).collect()
+    let mut names = Vec::new();
+    for d in ["f32", "bf16", "f16"] {
+        names.push(format!("conv2d_simt_{d}_{d}_{d}"));
+        names.push(format!("conv2d_backward_input_simt_{d}"));
+        names.push(format!("conv2d_simt_partial_{d}"));
+        names.push(format!("conv2d_backward_input_simt_partial_{d}"));
+    }
+    // Split-K's reductions, which both modules' split launches use.
+    names.extend([FORWARD_REDUCE_KERNEL, BACKWARD_REDUCE_KERNEL].map(String::from));
+    names
 }
 
 /// The kernel names of conv2d_mma.cu (version 2, tensor cores): forward and input gradient.
@@ -410,18 +457,17 @@ pub fn mma_kernel_names() -> Vec<String> {
             names.push(format!("conv2d_mma_gather_partial_{input}_{w}"));
         }
     }
-    names.extend([FORWARD_REDUCE_KERNEL, BACKWARD_REDUCE_KERNEL].map(String::from));
     names
 }
 
-/// The split-K reductions (conv2d_mma.cu).
+/// The split-K reductions (conv2d.cu, for both modules' split launches).
 const FORWARD_REDUCE_KERNEL: &str = "conv2d_split_reduce";
 const BACKWARD_REDUCE_KERNEL: &str = "conv2d_backward_input_split_reduce";
 
 /// The kernels hot enough that ptxas must not spill in them (the input gradient's: f32 gradients
 /// against 16-bit weights, what every bf16/f16 plan's VJP runs; and their split-K forms, what the
 /// small levels run at small batches).
-pub const SIMT_HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32"];
+pub const SIMT_HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32", "conv2d_simt_partial_f32"];
 pub const MMA_HOT_KERNELS: &[&str] = &[
     "conv2d_mma_bf16_bf16_bf16",
     "conv2d_mma_f16_f16_f16",
@@ -460,14 +506,18 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
     let (oh, ow) = args.output_size();
     let positions = args.batch * oh * ow;
     let (i, w, o) = (dtype_name(args.input_dtype), dtype_name(args.weight_dtype), dtype_name(args.out_dtype));
-    let (name, block_m, block_n, threads, shared) = match (version, args.weight_dtype) {
-        (Conv2dVersion::Simt, _) => {
+    let (name, block_m, block_n, block_k, threads, shared) = match (version, args.weight_dtype) {
+        (Conv2dVersion::Simt | Conv2dVersion::SimtSplitK { .. }, _) => {
             if args.input_dtype != args.weight_dtype || args.out_dtype != args.weight_dtype {
                 return Err(Error::invalid(format!(
                     "conv2d: the SIMT kernel needs one storage type throughout (got input {i}, weights {w}, output {o})"
                 )));
             }
-            (format!("conv2d_simt_{w}_{w}_{w}"), 64, 64, 256, 0)
+            let name = match version {
+                Conv2dVersion::Simt => format!("conv2d_simt_{w}_{w}_{w}"),
+                _ => format!("conv2d_simt_partial_{w}"),
+            };
+            (name, SIMT_BLOCK_M, SIMT_BLOCK_N, SIMT_BLOCK_K, SIMT_THREADS, 0)
         }
         (_, Precision::F32) => {
             return Err(Error::invalid("conv2d: the tensor-core kernel needs bf16 or f16 weights, got f32"))
@@ -476,7 +526,7 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
             let kernel = TensorCoreEntries { op: "conv2d", base: "conv2d_mma", types: format!("{i}_{w}_{o}") };
             let loads = if forward_loads_vectors(args) { Loads::Vector } else { Loads::Gather };
             let (name, block_n) = kernel.pick(version, loads, &format!("{i}_{w}"))?;
-            (name, MMA_BLOCK_M, block_n, 128, forward_shared_bytes(block_n))
+            (name, MMA_BLOCK_M, block_n, MMA_BLOCK_K, 128, forward_shared_bytes(block_n))
         }
     };
     let grid_x = positions.div_ceil(block_m);
@@ -484,12 +534,12 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
     if grid_x > i32::MAX as usize || grid_y > 65535 {
         return Err(Error::invalid(format!("conv2d: grid {grid_x} x {grid_y} too large")));
     }
-    let split = match version {
-        Conv2dVersion::TensorCoreSplitK { slices } => {
+    let split = match version.slices() {
+        Some(slices) => {
             let k_total = args.kernel_h * args.kernel_w * args.in_channels();
-            Some(split_plan(positions, args.out_channels, k_total, slices, FORWARD_REDUCE_KERNEL)?)
+            Some(split_plan(positions, args.out_channels, k_total, block_k, slices, FORWARD_REDUCE_KERNEL)?)
         }
-        _ => None,
+        None => None,
     };
     let grid_z = split.as_ref().map_or(1, |s| s.slices as u32);
     let config = LaunchConfig {
@@ -576,20 +626,20 @@ impl TensorCoreEntries {
     }
 }
 
-/// The version `launch_conv2d` runs: tensor cores for bf16/f16 weights (split-K when the grid
-/// under-fills the GPU and a workspace holds the slices), the SIMT kernel for f32 (and for bf16/f16
-/// throughout when conv2d_mma.cu is not loaded).
+/// The version `launch_conv2d` runs: tensor cores for bf16/f16 weights, the SIMT kernel for f32
+/// (and for bf16/f16 throughout when conv2d_mma.cu is not loaded); either split-K when its grid
+/// under-fills the GPU and a workspace holds the slices.
 pub fn conv2d_version(
     args: &Conv2dLaunch,
     has_tensor_cores: bool,
     workspace: Option<&SplitKWorkspace>,
 ) -> Conv2dVersion {
-    if args.weight_dtype == Precision::F32 || !has_tensor_cores {
-        return Conv2dVersion::Simt;
-    }
     let (oh, ow) = args.output_size();
-    let k_total = args.kernel_h * args.kernel_w * args.in_channels();
-    tensor_core_version(args.batch * oh * ow, args.out_channels, k_total, forward_loads_vectors(args), workspace)
+    let (m, n, k_total) = (args.batch * oh * ow, args.out_channels, args.kernel_h * args.kernel_w * args.in_channels());
+    if args.weight_dtype == Precision::F32 || !has_tensor_cores {
+        return simt_version(m, n, k_total, workspace);
+    }
+    tensor_core_version(m, n, k_total, forward_loads_vectors(args), workspace)
 }
 
 /// Runs the convolution with the fastest loaded kernel for its storage types (`conv2d_version`).
@@ -736,15 +786,19 @@ impl Conv2dBackwardInputLaunch {
 pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Result<LaunchPlan> {
     args.validate()?;
     let (d, w, x) = (dtype_name(args.dout_dtype), dtype_name(args.weight_dtype), dtype_name(args.dx_dtype));
-    let (name, block_m, block_n, threads, shared) = match (version, args.weight_dtype) {
-        (Conv2dVersion::Simt, _) => {
+    let (name, block_m, block_n, block_k, threads, shared) = match (version, args.weight_dtype) {
+        (Conv2dVersion::Simt | Conv2dVersion::SimtSplitK { .. }, _) => {
             if args.dout_dtype != args.weight_dtype || args.dx_dtype != args.weight_dtype {
                 return Err(Error::invalid(format!(
                     "conv2d backward input: the SIMT kernel needs one storage type throughout \
                      (got dout {d}, weights {w}, dx {x}); the tensor-core kernel takes f32 gradients"
                 )));
             }
-            (format!("conv2d_backward_input_simt_{w}"), 64, 64, 256, 0)
+            let name = match version {
+                Conv2dVersion::Simt => format!("conv2d_backward_input_simt_{w}"),
+                _ => format!("conv2d_backward_input_simt_partial_{w}"),
+            };
+            (name, SIMT_BLOCK_M, SIMT_BLOCK_N, SIMT_BLOCK_K, SIMT_THREADS, 0)
         }
         (_, Precision::F32) => {
             return Err(Error::invalid(
@@ -759,7 +813,7 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
                 types: types.clone(),
             };
             let (name, block_n) = kernel.pick(version, backward_loads(args), &types)?;
-            (name, MMA_BLOCK_M, block_n, 128, backward_shared_bytes(block_n))
+            (name, MMA_BLOCK_M, block_n, MMA_BLOCK_K, 128, backward_shared_bytes(block_n))
         }
     };
     let positions = args.batch * args.height * args.width;
@@ -767,12 +821,12 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
     if grid[0] > i32::MAX as usize || grid[1] > 65535 {
         return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
     }
-    let split = match version {
-        Conv2dVersion::TensorCoreSplitK { slices } => {
+    let split = match version.slices() {
+        Some(slices) => {
             let k_total = args.kernel_h * args.kernel_w * args.out_channels;
-            Some(split_plan(positions, args.in_channels, k_total, slices, BACKWARD_REDUCE_KERNEL)?)
+            Some(split_plan(positions, args.in_channels, k_total, block_k, slices, BACKWARD_REDUCE_KERNEL)?)
         }
-        _ => None,
+        None => None,
     };
     let config = LaunchConfig {
         grid: [grid[0] as u32, grid[1] as u32, split.as_ref().map_or(1, |s| s.slices as u32)],
@@ -783,18 +837,19 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
 }
 
 /// The version `launch_conv2d_backward_input` runs: tensor cores for bf16/f16 weights (f32 or
-/// 16-bit dout and dx; split-K when the grid under-fills the GPU and a workspace holds the slices),
-/// the SIMT kernel for f32 (and for one 16-bit type throughout when conv2d_mma.cu is not loaded).
+/// 16-bit dout and dx), the SIMT kernel for f32 (and for one 16-bit type throughout when
+/// conv2d_mma.cu is not loaded); either split-K when its grid under-fills the GPU and a workspace
+/// holds the slices.
 pub fn conv2d_backward_input_version(
     args: &Conv2dBackwardInputLaunch,
     has_tensor_cores: bool,
     workspace: Option<&SplitKWorkspace>,
 ) -> Conv2dVersion {
-    if args.weight_dtype == Precision::F32 || !has_tensor_cores {
-        return Conv2dVersion::Simt;
-    }
     let positions = args.batch * args.height * args.width;
     let k_total = args.kernel_h * args.kernel_w * args.out_channels;
+    if args.weight_dtype == Precision::F32 || !has_tensor_cores {
+        return simt_version(positions, args.in_channels, k_total, workspace);
+    }
     tensor_core_version(positions, args.in_channels, k_total, backward_loads(args) == Loads::Vector, workspace)
 }
 
@@ -823,7 +878,7 @@ pub fn launch_conv2d_backward_input_version(
     let function = kernels.get(&plan.kernel)?;
     let params = args.forward().params_bytes();
     let kernel_args = match (version, &plan.split) {
-        (Conv2dVersion::Simt, _) => {
+        (Conv2dVersion::Simt, None) => {
             KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&params).i32(args.accumulate as i32)
         }
         (_, None) => KernelArgs::new()
