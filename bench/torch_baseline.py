@@ -4,9 +4,13 @@ the Rust engine, tests/golden/README.md), timed the same way: per batch size, th
 grad) and the forward plus the input VJP d sum(eps * v) / dx, one warm-up then `--repeats` timed
 runs, median and p99 in milliseconds; and whole purifications (`--purify-modes`), the guidance by
 autograd. PyTorch runs with channels_last and cudnn.benchmark, in f32 or under autocast to the
-engine's `--precision`, in each of `--variants`: `eager`, `compile` (torch.compile) and `graphs`
-(the forward captured once as a CUDA graph and replayed). Writes the timings as JSON and, for the
-agreement check, eps and grad_x at batch 1 (f32, eager) as safetensors.
+engine's `--precision`, in each of `--variants`: `eager`, `compile` (torch.compile, static shapes,
+the forward only: compiling the backward too doubles a compile that takes minutes a batch size, and
+the target compares the forward) and `graphs` (the forward captured once as a CUDA graph and
+replayed). f32 runs with PyTorch's own defaults, cuDNN's TF32 convolutions included (the JSON says
+so). Writes, for the agreement check, eps and grad_x at batch 1 (f32, eager, no TF32) as
+safetensors first, then the timings as JSON, rewritten after every row (`"complete": false` until
+the last): a run stopped part-way (the engine's `--baseline-timeout`) leaves what it measured.
 
 Run by the engine's bench command; by hand:
     python bench/torch_baseline.py --config cifar10-small --batches 1,16 --json out.json --tensors out.safetensors
@@ -81,8 +85,8 @@ def graphed_forward(model, x, t, device, precision):
     return graph.replay
 
 
-def time_unet(model, variant, batches, args, device) -> list:
-    timings = []
+def time_unet(model, variant, batches, args, device, timings: list, on_row) -> list:
+    """Appends a row to `timings` per batch size, calling `on_row` after each."""
     for batch in batches:
         x = deterministic_input("bench.x", batch, args.seed, device).contiguous(memory_format=torch.channels_last)
         v = deterministic_input("bench.v", batch, args.seed, device)
@@ -105,8 +109,10 @@ def time_unet(model, variant, batches, args, device) -> list:
             row["forward"] = time_runs(args.repeats, graphed_forward(model, x, t, device, args.precision), device)
         else:
             row["forward"] = time_runs(args.repeats, forward, device)
-            row["forward_vjp"] = time_runs(args.repeats, forward_vjp, device)
+            if variant != "compile":
+                row["forward_vjp"] = time_runs(args.repeats, forward_vjp, device)
         timings.append(row)
+        on_row()
         vjp = f", forward + VJP {row['forward_vjp']['median_ms']:.1f} ms" if "forward_vjp" in row else ""
         print(f"  PyTorch {variant} {args.precision} batch {batch}: forward {row['forward']['median_ms']:.1f} ms{vjp}",
               file=sys.stderr)
@@ -170,8 +176,8 @@ def purify(model, auxiliary, x_in, mode: str, t_star: int, device, precision: st
     return x_t.clamp(-1, 1)
 
 
-def time_purify(model, auxiliary, modes, args, device) -> list:
-    rows = []
+def time_purify(model, auxiliary, modes, args, device, rows: list, on_row) -> list:
+    """Appends a row to `rows` per mode, calling `on_row` after each."""
     batch = args.purify_batch
     x_in = deterministic_input("bench.x", batch, args.seed, device).contiguous(memory_format=torch.channels_last)
     for mode in modes:
@@ -185,6 +191,7 @@ def time_purify(model, auxiliary, modes, args, device) -> list:
                          images_per_s=batch / (timing["median_ms"] / 1e3)))
         print(f"  PyTorch purify {mode} {args.precision} batch {batch}, t* {steps}: "
               f"{rows[-1]['images_per_s']:.2f} images/s", file=sys.stderr)
+        on_row()
     return rows
 
 
@@ -220,13 +227,26 @@ def main(argv=None) -> int:
     for parameter in model.parameters():
         parameter.requires_grad_(False)  # gradients with respect to the input only
 
-    batches = [int(b) for b in args.batches.split(",")]
-    results = {}
-    for variant in dict.fromkeys(variants):
-        runner = torch.compile(model) if variant == "compile" else model
-        results[variant] = time_unet(runner, variant, batches, args, device)
+    write_agreement_tensors(model, args, device)
 
+    batches = [int(b) for b in args.batches.split(",")]
+    results = {variant: [] for variant in dict.fromkeys(variants)}
     purify_rows = []
+    report = dict(torch=torch.__version__, device=str(device), precision=args.precision,
+                  autocast=str(AUTOCAST[args.precision]), variant=",".join(results), channels_last=True,
+                  cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                  matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, complete=False,
+                  unet_timings=results[next(iter(results))] if results else [], variants=results,
+                  purify_timings=purify_rows)
+
+    def on_row():
+        write_json(report, args.json)
+
+    on_row()
+    for variant in results:
+        runner = torch.compile(model, dynamic=False) if variant == "compile" else model
+        time_unet(runner, variant, batches, args, device, results[variant], on_row)
+
     modes = [m for m in args.purify_modes.split(",") if m]
     if modes:
         auxiliary = tm.CifarResNet(20)
@@ -234,9 +254,17 @@ def main(argv=None) -> int:
         auxiliary = auxiliary.to(device).eval().to(memory_format=torch.channels_last)
         for parameter in auxiliary.parameters():
             parameter.requires_grad_(False)
-        purify_rows = time_purify(model, auxiliary, modes, args, device)
+        time_purify(model, auxiliary, modes, args, device, purify_rows, on_row)
 
-    # Agreement at batch 1, in float32 without TF32, eager.
+    report["complete"] = True
+    write_json(report, args.json)
+    return 0
+
+
+def write_agreement_tensors(model, args, device) -> None:
+    """eps and grad_x at batch 1 in float32 without TF32, eager, for the engine's agreement check;
+    PyTorch's TF32 defaults are restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     x = deterministic_input("bench.x", 1, args.seed, device).requires_grad_(True)
@@ -247,13 +275,15 @@ def main(argv=None) -> int:
 
     save_file({"eps": eps.detach().float().cpu().contiguous(), "grad_x": x.grad.float().cpu().contiguous()},
               args.tensors)
-    first = next(iter(results), None)
-    report = dict(torch=torch.__version__, device=str(device), precision=args.precision,
-                  autocast=str(AUTOCAST[args.precision]), variant=",".join(results), channels_last=True,
-                  unet_timings=results.get(first, []), variants=results, purify_timings=purify_rows)
-    with open(args.json, "w") as f:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def write_json(report: dict, path: str) -> None:
+    """Whole or not at all: a reader never sees half a file, even if this process is killed."""
+    partial = path + ".partial"
+    with open(partial, "w") as f:
         json.dump(report, f, indent=1)
-    return 0
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":

@@ -544,6 +544,60 @@ fn bench_reports_timings_as_table_and_json() {
     }
 }
 
+/// A baseline that finishes one row and then hangs (torch.compile on a new shape, say): with
+/// --baseline-timeout the bench stops it, keeps that row's ratio and its own rows, and says so.
+/// The stand-in script (no PyTorch needed) writes what bench/torch_baseline.py writes first: the
+/// agreement tensors, then its JSON with `"complete": false`.
+#[test]
+fn bench_keeps_the_rows_of_a_baseline_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("hanging_baseline.py");
+    std::fs::write(
+        &script,
+        r#"
+import json, struct, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+values = struct.pack("<3072f", *([0.5] * 3072))
+header = {"eps": {"dtype": "F32", "shape": [1, 3, 32, 32], "data_offsets": [0, 12288]},
+          "grad_x": {"dtype": "F32", "shape": [1, 3, 32, 32], "data_offsets": [12288, 24576]}}
+text = json.dumps(header).encode()
+text += b" " * (-len(text) % 8)
+with open(args["--tensors"], "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text + values + values)
+row = {"batch": 1, "forward": {"median_ms": 1000.0, "p99_ms": 1000.0}}
+report = {"torch": "stand-in", "variant": "compile", "complete": False, "variants": {"compile": [row]},
+          "unet_timings": [row], "purify_timings": []}
+with open(args["--json"], "w") as f:
+    json.dump(report, f)
+time.sleep(600)
+"#,
+    )
+    .unwrap();
+    let json = dir.path().join("bench.json");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_purifier"))
+        .args(["bench", "--device", "cpu", "--batches", "1", "--repeats", "1", "--modes", "none", "--t-star", "1"])
+        .args(["--purify-batch", "1", "--profile-batch", "1", "--skip-attack-gradient"])
+        .args(["--baseline", "python3", "--baseline-timeout", "3", "--json"])
+        .arg(&json)
+        .env("PURIFIER_BASELINE_SCRIPT", &script)
+        .current_dir(project_path(""))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(started.elapsed().as_secs() < 300, "the hanging baseline was not stopped");
+    assert!(stdout.contains("stopped after 3 s (--baseline-timeout)"), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let baseline = &report["baseline"];
+    assert!(baseline["stopped_after_s"].as_f64().unwrap() >= 3.0, "{baseline}");
+    let ratios = baseline["ratios"].as_array().unwrap();
+    assert_eq!(ratios.len(), 1, "the forward at batch 1 against the stand-in's one row: {ratios:?}");
+    assert_eq!(ratios[0]["torch_ms"], 1000.0);
+    assert!(baseline["agreement"]["eps"].as_f64().unwrap().is_finite(), "{baseline}");
+    assert_eq!(report["unet_timings"].as_array().unwrap().len(), 1, "our own rows are kept");
+}
+
 #[test]
 fn bad_bench_inputs_get_clear_errors() {
     let base = ["bench", "--device", "cpu", "--repeats", "1"];
@@ -557,6 +611,8 @@ fn bad_bench_inputs_get_clear_errors() {
     assert!(with(&["--batches", "1", "--modes", "bogus"]).contains("unknown mode 'bogus'"));
     assert!(with(&["--config", "cifar100"]).contains("cifar100"));
     assert!(with(&["--weights", "x.safetensors", "--baseline", "python3"]).contains("drop --weights"));
+    assert!(with(&["--baseline-timeout", "5"]).contains("give --baseline PYTHON too"));
+    assert!(with(&["--baseline", "python3", "--baseline-timeout", "0"]).contains("positive number of seconds"));
     assert!(with(&["--weights", "no_such.safetensors"]).contains("no_such.safetensors"));
 }
 

@@ -71,6 +71,11 @@ pub struct BenchArgs {
     /// graph of the forward; GPU only). Default: all three on a GPU, eager on the CPU.
     #[arg(long, value_delimiter = ',')]
     pub baseline_variants: Vec<String>,
+    /// Stop the PyTorch baseline after this many seconds and keep the rows it finished (it
+    /// rewrites its JSON after each): torch.compile takes minutes a batch size, and a benchmark
+    /// under a time limit (the GPU suite's steps) would otherwise lose every row, ours included.
+    #[arg(long, value_name = "SECONDS")]
+    pub baseline_timeout: Option<f64>,
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -187,6 +192,15 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
     }
     if args.baseline.is_some() && args.weights.is_some() {
         return Err(Error::invalid("--baseline compares deterministic weights: drop --weights (use --config)"));
+    }
+    match args.baseline_timeout {
+        Some(_) if args.baseline.is_none() => {
+            return Err(Error::invalid("--baseline-timeout limits the PyTorch baseline: give --baseline PYTHON too"))
+        }
+        Some(s) if !(s.is_finite() && s > 0.0) => {
+            return Err(Error::invalid(format!("--baseline-timeout must be a positive number of seconds, got {s}")))
+        }
+        _ => {}
     }
     let guidances = args
         .modes
@@ -420,8 +434,11 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
         println!("{name:<44} {:>12.2} {:>12.2} {:>16.2}", median * 1e3, p99 * 1e3, rate);
     }
     if let Some(baseline) = &baseline {
+        let stopped = baseline["stopped_after_s"]
+            .as_f64()
+            .map_or(String::new(), |s| format!(", stopped after {s:.0} s (--baseline-timeout): the rows it finished"));
         println!(
-            "PyTorch {} baseline ({}), same weights and inputs:",
+            "PyTorch {} baseline ({}), same weights and inputs{stopped}:",
             baseline["torch"].as_str().unwrap_or("?"),
             baseline["variant"].as_str().unwrap_or("?")
         );
@@ -578,7 +595,7 @@ fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Pa
         _ => vec!["eager".into()],
     };
     eprintln!("running the PyTorch baseline: {} {}", python.display(), script.display());
-    let status = std::process::Command::new(python)
+    let child = std::process::Command::new(python)
         .arg(&script)
         .args(["--config", &args.config, "--seed", &args.seed.to_string(), "--batches", &batches.join(",")])
         .args(["--repeats", &args.repeats.to_string(), "--step", &BENCH_STEP.to_string()])
@@ -589,16 +606,31 @@ fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Pa
         .arg(&json_path)
         .arg("--tensors")
         .arg(&tensors_path)
-        .status()
+        .spawn()
         .map_err(|e| Error::invalid(format!("--baseline: cannot run {}: {e}", python.display())))?;
-    if !status.success() {
-        return Err(Error::invalid(format!("the PyTorch baseline failed ({status}); its error is above")));
-    }
-    let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+    let stopped_after = match wait_for_baseline(child, args.baseline_timeout)? {
+        BaselineEnd::Finished => None,
+        BaselineEnd::Stopped(seconds) => Some(seconds),
+    };
+    let text = match std::fs::read_to_string(&json_path) {
+        Ok(text) => text,
+        Err(_) if stopped_after.is_some() => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(Error::invalid(format!(
+                "the PyTorch baseline was stopped by --baseline-timeout after {:.0} s before it timed anything",
+                stopped_after.unwrap_or_default()
+            )));
+        }
+        Err(e) => return Err(Error::io(&json_path, e)),
+    };
     let mut report: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::invalid(format!("baseline JSON: {e}")))?;
+    if let Some(seconds) = stopped_after {
+        eprintln!("  the PyTorch baseline was stopped after {seconds:.0} s (--baseline-timeout): keeping the rows it finished");
+        report["stopped_after_s"] = serde_json::json!(seconds);
+    }
 
-    // Agreement at batch 1 on the shared deterministic input.
+    // Agreement at batch 1 on the shared deterministic input (the script writes its tensors first).
     let torch = TensorFile::open(&tensors_path)?;
     let (_, torch_eps) = torch.get_f32("eps")?;
     let (_, torch_grad) = torch.get_f32("grad_x")?;
@@ -613,6 +645,34 @@ fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Pa
     });
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
+}
+
+enum BaselineEnd {
+    Finished,
+    /// Killed at --baseline-timeout, after this many seconds.
+    Stopped(f64),
+}
+
+/// Waits for the baseline; with a timeout, kills it when that passes. A baseline that fails on
+/// its own is an error (its message is above, on stderr).
+fn wait_for_baseline(mut child: std::process::Child, timeout: Option<f64>) -> Result<BaselineEnd> {
+    let start = std::time::Instant::now();
+    let failed = |e: std::io::Error| Error::invalid(format!("the PyTorch baseline: {e}"));
+    loop {
+        if let Some(status) = child.try_wait().map_err(failed)? {
+            if !status.success() {
+                return Err(Error::invalid(format!("the PyTorch baseline failed ({status}); its error is above")));
+            }
+            return Ok(BaselineEnd::Finished);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        if timeout.is_some_and(|limit| seconds >= limit) {
+            child.kill().map_err(failed)?;
+            child.wait().map_err(failed)?;
+            return Ok(BaselineEnd::Stopped(seconds));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// PyTorch's median over ours (above 1: we are faster), for every PyTorch variant, batch size
