@@ -20,7 +20,10 @@
 //                           row stride: the 16 lanes reading 16 rows hit 16 banks), a value tile
 //                           16 x 16*PER_LANE (zero-padded). The output accumulator is
 //                           in registers: the _c4/_c8/_c16 variants hold C <= 64/128/256.
-//                           The fast one for now: no tensor-core version yet.
+//                           The f32 path (bf16/f16 run attention_mma.cu). Grids short of the
+//                           GPU's SMs split the keys over grid z, as the tensor-core kernel does
+//                           (f32 at batch 1: a 16x16 attention was 32 blocks each walking all 256
+//                           keys); attention_split_combine, below, merges the parts.
 #include "common.cuh"
 
 namespace attention {
@@ -29,11 +32,16 @@ constexpr int QUERIES = 8;           // queries per block = half-warps per block
 constexpr int THREADS = 128;
 }  // namespace attention
 
+// Split over the keys (gridDim.z > 1): block z takes key tiles [z T / Z, (z + 1) T / Z) of the T and
+// stores its normalised rows and log-sum-exp in f32 to partial_out[z][n][query][c] and
+// partial_lse[z][n][query] (attention_mma.cu's layout), for attention_split_combine. The launcher
+// keeps Z <= T, so every part has a valid key and a finite max.
 template <typename T, int PER_LANE>
 __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const T* __restrict__ k,
                                                   const T* __restrict__ v, T* __restrict__ out,
                                                   float* __restrict__ logsumexp, int positions, int channels,
-                                                  float scale) {
+                                                  float scale, float* __restrict__ partial_out,
+                                                  float* __restrict__ partial_lse) {
     using namespace attention;
     extern __shared__ __align__(16) float shared[];
     float* q_tile = shared;                                  // QUERIES x C
@@ -60,7 +68,9 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
     for (int r = 0; r < PER_LANE; ++r) acc[r] = 0.0f;
     float running_max = -__int_as_float(0x7f800000), running_sum = 0.0f;
 
-    for (int key0 = 0; key0 < positions; key0 += KEYS) {
+    const int tiles = (positions + KEYS - 1) / KEYS;
+    const int first_tile = (int)(blockIdx.z * tiles / gridDim.z), end_tile = (int)((blockIdx.z + 1) * tiles / gridDim.z);
+    for (int key0 = first_tile * KEYS; key0 < end_tile * KEYS; key0 += KEYS) {
         __syncthreads();  // the previous tile is consumed (and, the first time, q_tile is written)
         for (int i = tid; i < KEYS * v_stride; i += THREADS) {
             const int row = i / v_stride, c = i % v_stride;
@@ -109,12 +119,23 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
     if (!query_valid) return;
     const float inv_sum = 1.0f / running_sum;
     const long long row = sample + (long long)query * channels;
+    const float lse = running_max + logf(running_sum);
+    if (gridDim.z > 1) {
+        const long long part_rows = (long long)blockIdx.z * gridDim.y * positions;
+#pragma unroll
+        for (int r = 0; r < PER_LANE; ++r) {
+            const int c = lane16 + KEYS * r;
+            if (c < channels) partial_out[part_rows * channels + row + c] = acc[r] * inv_sum;
+        }
+        if (lane16 == 0) partial_lse[part_rows + (long long)n * positions + query] = lse;
+        return;
+    }
 #pragma unroll
     for (int r = 0; r < PER_LANE; ++r) {
         const int c = lane16 + KEYS * r;
         if (c < channels) store_float(out, row + c, acc[r] * inv_sum);
     }
-    if (lane16 == 0) logsumexp[(long long)n * positions + query] = running_max + logf(running_sum);
+    if (lane16 == 0) logsumexp[(long long)n * positions + query] = lse;
 }
 
 // The output accumulator lives in registers: PER_LANE = ceil(C / 16) rounded up to 4, 8 or 16.
@@ -123,8 +144,10 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
         attention_forward_##name##_c##PER_LANE(const T* __restrict__ q, const T* __restrict__ k,            \
                                                const T* __restrict__ v, T* __restrict__ out,                \
                                                float* __restrict__ logsumexp, int positions, int channels,  \
-                                               float scale) {                                               \
-        attention_forward<T, PER_LANE>(q, k, v, out, logsumexp, positions, channels, scale);                \
+                                               float scale, float* __restrict__ partial_out,                \
+                                               float* __restrict__ partial_lse) {                           \
+        attention_forward<T, PER_LANE>(q, k, v, out, logsumexp, positions, channels, scale, partial_out,    \
+                                       partial_lse);                                                        \
     }
 #define ATTENTION_FORWARD_ENTRIES(name, T)                                                                  \
     ATTENTION_FORWARD_ENTRY(name, T, 4) ATTENTION_FORWARD_ENTRY(name, T, 8) ATTENTION_FORWARD_ENTRY(name, T, 16)
@@ -132,6 +155,30 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
 ATTENTION_FORWARD_ENTRIES(f32, float)
 ATTENTION_FORWARD_ENTRIES(f16, f16)
 ATTENTION_FORWARD_ENTRIES(bf16, bf16)
+
+// The key split's merge (this kernel's and attention_mma.cu's): lse = log sum_z exp(lse_z) and out = sum_z exp(lse_z - lse) out_z (each
+// part normalised over its own keys), z = 0, 1, ... in order (the same bits every run), the max
+// taken out first; one thread per output element, out rounded once to its type (a run-time code).
+extern "C" __global__ void __launch_bounds__(256)
+    attention_split_combine(const float* __restrict__ partial_out, const float* __restrict__ partial_lse,
+                            int splits, void* __restrict__ out, int out_dtype, float* __restrict__ logsumexp,
+                            int rows, int channels) {
+    const long long total = (long long)rows * channels;
+    GRID_STRIDE_LOOP(i, total) {
+        const int row = (int)(i / channels), c = (int)(i - (long long)row * channels);
+        float max_lse = -__int_as_float(0x7f800000);
+        for (int z = 0; z < splits; ++z) max_lse = fmaxf(max_lse, partial_lse[(long long)z * rows + row]);
+        float weight_sum = 0.0f, value = 0.0f;
+        for (int z = 0; z < splits; ++z) {
+            const float weight = expf(partial_lse[(long long)z * rows + row] - max_lse);
+            weight_sum += weight;
+            value += weight * partial_out[z * total + i];
+        }
+        store_dyn(out, out_dtype, i, value / weight_sum);
+        if (c == 0) logsumexp[row] = max_lse + logf(weight_sum);
+    }
+}
+
 
 // ==== Backward (attention_backward_*): a separate section, its own constants ====
 //
@@ -153,6 +200,9 @@ ATTENTION_FORWARD_ENTRIES(bf16, bf16)
 //   attention_backward_dkdv  grid (ceil(L/8), N), 128 threads: 8 keys per block, one per half-warp;
 //                            queries stream in tiles of 16 (q, dout, lse and D), lane i scores query
 //                            i; the lane then owns channels lane, lane+16, ... of its key's dk, dv.
+// Split (grids short of SMs, as the tensor-core backward's): block z takes part z of its streamed
+// tiles, [z T / Z, (z + 1) T / Z), and writes its gradients in f32 to slice z of the workspace
+// (gradient_part); attention_backward_split_reduce, below, adds the parts in order.
 // Version 2 (tensor cores, bf16/f16 activations with C a multiple of 8): attention_mma.cu.
 namespace attention_backward {
 constexpr int TILE = 16;     // streamed rows per tile = lanes per half-warp
@@ -199,7 +249,9 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     const float* q_row = q_rows + row_local * C;
     const float* dout_row = dout_rows + row_local * C;
     float* acc = dq_acc + row_local * C;
-    for (int key0 = 0; key0 < positions; key0 += TILE) {
+    const int tiles = (positions + TILE - 1) / TILE;
+    const int first = (int)(blockIdx.z * tiles / gridDim.z), end = (int)((blockIdx.z + 1) * tiles / gridDim.z);
+    for (int key0 = first * TILE; key0 < end * TILE; key0 += TILE) {
         __syncthreads();  // the previous tile is consumed (and, the first time, the rows are written)
         for (int i = tid; i < TILE * C; i += THREADS) {
             const int row = i / C, c = i % C, key = key0 + row;
@@ -230,7 +282,8 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
 
     if (!query_valid) return;
     const long long row = sample + (long long)query * C;
-    for (int c = lane16; c < C; c += TILE) store_grad(dq, dt_dq, row + c, scale * acc[c], accumulate);
+    void* own = gradient_part(dq, positions, C);
+    for (int c = lane16; c < C; c += TILE) store_grad(own, dt_dq, row + c, scale * acc[c], accumulate);
 }
 
 extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
@@ -271,7 +324,9 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
 
     const float* k_row = k_rows + row_local * C;
     const float* v_row = v_rows + row_local * C;
-    for (int query0 = 0; query0 < positions; query0 += TILE) {
+    const int tiles = (positions + TILE - 1) / TILE;
+    const int first = (int)(blockIdx.z * tiles / gridDim.z), end = (int)((blockIdx.z + 1) * tiles / gridDim.z);
+    for (int query0 = first * TILE; query0 < end * TILE; query0 += TILE) {
         __syncthreads();  // the previous tile is consumed (and, the first time, the key rows are written)
         for (int i = tid; i < TILE * C; i += THREADS) {
             const int row = i / C, c = i % C, query = query0 + row;
@@ -321,8 +376,28 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
 
     if (!key_valid) return;
     const long long row = sample + (long long)key * C;
+    void* dk_part = gradient_part(dk, positions, C);
+    void* dv_part = gradient_part(dv, positions, C);
     for (int c = lane16; c < C; c += TILE) {
-        store_grad(dk, dt_dk, row + c, scale * dk_own[c], accumulate);
-        store_grad(dv, dt_dv, row + c, dv_own[c], accumulate);
+        store_grad(dk_part, dt_dk, row + c, scale * dk_own[c], accumulate);
+        store_grad(dv_part, dt_dv, row + c, dv_own[c], accumulate);
+    }
+}
+
+// The backward's key (dq) and query (dk, dv) split (this file's kernels and attention_mma.cu's): gradient y (0 dq, 1 dk, 2 dv) of grid y =
+// (or += where `accumulate`) the sum of its `splits` f32 parts, each an N x L x C slice of `parts`
+// (dq's parts, then dk's, then dv's), added in order z = 0, 1, ... (the same bits every run), one
+// rounding to the gradient's storage type.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_backward_split_reduce(const float* __restrict__ parts, int splits, long long slice, void* dq, int dt_dq,
+                                    void* dk, int dt_dk, void* dv, int dt_dv, int accumulate) {
+    void* const gradients[3] = {dq, dk, dv};
+    const int dtypes[3] = {dt_dq, dt_dk, dt_dv};
+    const int y = blockIdx.y;
+    const float* own = parts + (long long)y * splits * slice;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < slice; i += (long long)gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int z = 0; z < splits; ++z) sum += own[z * slice + i];
+        store_grad(gradients[y], dtypes[y], i, sum, accumulate);
     }
 }

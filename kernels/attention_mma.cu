@@ -14,7 +14,7 @@
 // registers as the A operand of O += P V, with V's B fragments from ldmatrix.trans. The per-query
 // log-sum-exp is written in f32 (natural log). Grids too small to fill the GPU (batch 1: 16x16
 // positions are 4 blocks) split the keys over grid z instead: each part's normalised rows and
-// log-sum-exp go in f32 to a workspace, and attention_split_combine merges them (the latency
+// log-sum-exp go in f32 to a workspace, and attention_split_combine (attention.cu) merges them (the latency
 // model of examples/emulator_launch_depth.rs, cifar10 at batch 1 on 132 SMs: its 6 attentions
 // 42.7 -> 19.2 us, the combines included).
 // Precision: products of T values exact in f32, f32 accumulation and softmax; P rounded to T once.
@@ -241,29 +241,6 @@ ATTENTION_MMA_ENTRY(f16, f16, 64)
 ATTENTION_MMA_ENTRY(f16, f16, 128)
 ATTENTION_MMA_ENTRY(f16, f16, 256)
 
-// The key split's merge: lse = log sum_z exp(lse_z) and out = sum_z exp(lse_z - lse) out_z (each
-// part normalised over its own keys), z = 0, 1, ... in order (the same bits every run), the max
-// taken out first; one thread per output element, out rounded once to its type (a run-time code).
-extern "C" __global__ void __launch_bounds__(256)
-    attention_split_combine(const float* __restrict__ partial_out, const float* __restrict__ partial_lse,
-                            int splits, void* __restrict__ out, int out_dtype, float* __restrict__ logsumexp,
-                            int rows, int channels) {
-    const long long total = (long long)rows * channels;
-    GRID_STRIDE_LOOP(i, total) {
-        const int row = (int)(i / channels), c = (int)(i - (long long)row * channels);
-        float max_lse = -__int_as_float(0x7f800000);
-        for (int z = 0; z < splits; ++z) max_lse = fmaxf(max_lse, partial_lse[(long long)z * rows + row]);
-        float weight_sum = 0.0f, value = 0.0f;
-        for (int z = 0; z < splits; ++z) {
-            const float weight = expf(partial_lse[(long long)z * rows + row] - max_lse);
-            weight_sum += weight;
-            value += weight * partial_out[z * total + i];
-        }
-        store_dyn(out, out_dtype, i, value / weight_sum);
-        if (c == 0) logsumexp[row] = max_lse + logf(weight_sum);
-    }
-}
-
 // ==== Backward on the tensor cores ====
 //
 // attention.cu's backward (read its comment: the same formulas and layout; dq, dk, dv of run-time
@@ -286,7 +263,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // Split (grids short of SMs, as the forward's key split: batch 1 at 16x16 is 4 blocks): grid z
 // cuts the streamed rows (keys for dq, queries for dk and dv) into parts, each part's gradients
 // go in f32 to a workspace (the launcher passes it as dq, dk, dv), and
-// attention_backward_split_reduce adds the parts in order (cifar10 at batch 1 in the latency model
+// attention_backward_split_reduce (attention.cu) adds the parts in order (cifar10 at batch 1 in the latency model
 // of examples/emulator_launch_depth.rs: dq and dk/dv 115.7 -> 44.3 us over the six, the reduces
 // 1.5 us more).
 // Streaming: two stages, filled by 16-byte cp.async (zeros past L and past C by a zero source
@@ -542,14 +519,6 @@ __device__ __forceinline__ StreamTiles stream_tiles(int positions) {
     return StreamTiles{(int)(blockIdx.z * all / gridDim.z), (int)((blockIdx.z + 1) * all / gridDim.z)};
 }
 
-// Where a split block writes its part of a gradient: the launcher passes the f32 workspace of the
-// parts (dtype f32, accumulate 0), and part z is its z-th N x L x C slice;
-// attention_backward_split_reduce adds the parts.
-__device__ __forceinline__ void* gradient_part(void* gradient, int positions, int channels) {
-    return gridDim.z == 1 ? gradient
-                          : static_cast<float*>(gradient) + (long long)blockIdx.z * gridDim.y * positions * channels;
-}
-
 template <typename T, int D>
 __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                           const T* __restrict__ v, const T* __restrict__ dout_rounded,
@@ -763,24 +732,6 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         attention_backward_dkdv_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dk, dt_dk, dv, dt_dv, \
                                           positions, channels, scale, accumulate);                          \
     }
-
-// The backward's key (dq) and query (dk, dv) split: gradient y (0 dq, 1 dk, 2 dv) of grid y =
-// (or += where `accumulate`) the sum of its `splits` f32 parts, each an N x L x C slice of `parts`
-// (dq's parts, then dk's, then dv's), added in order z = 0, 1, ... (the same bits every run), one
-// rounding to the gradient's storage type.
-extern "C" __global__ void __launch_bounds__(256)
-    attention_backward_split_reduce(const float* __restrict__ parts, int splits, long long slice, void* dq, int dt_dq,
-                                    void* dk, int dt_dk, void* dv, int dt_dv, int accumulate) {
-    void* const gradients[3] = {dq, dk, dv};
-    const int dtypes[3] = {dt_dq, dt_dk, dt_dv};
-    const int y = blockIdx.y;
-    const float* own = parts + (long long)y * splits * slice;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < slice; i += (long long)gridDim.x * blockDim.x) {
-        float sum = 0.0f;
-        for (int z = 0; z < splits; ++z) sum += own[z * slice + i];
-        store_grad(gradients[y], dtypes[y], i, sum, accumulate);
-    }
-}
 
 // attention_backward_row_terms_<T>: D_i and the rounded dout, before the two kernels above.
 #define ATTENTION_ROW_TERMS_ENTRY(name, T)                                                                  \

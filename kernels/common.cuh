@@ -425,3 +425,12 @@ template <int PENDING>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
+
+// The attention backward's split (attention.cu and attention_mma.cu): where a split block writes
+// its part of a gradient. The launcher passes the f32 workspace of the parts (dtype f32,
+// accumulate 0), and part z is its z-th N x L x C slice (grid y = the batch);
+// attention_backward_split_reduce (attention.cu) adds the parts.
+__device__ __forceinline__ void* gradient_part(void* gradient, int positions, int channels) {
+    return gridDim.z == 1 ? gradient
+                          : static_cast<float*>(gradient) + (long long)blockIdx.z * gridDim.y * positions * channels;
+}

@@ -930,6 +930,29 @@ fn emulator_attention_split_keys() {
     driver.free(ptr).unwrap();
 }
 
+/// Version 1's key split (the f32 path): every case with more than one key tile (16 keys) in f32,
+/// three parts where there are three tiles or more, else two; the merge is version 3's.
+#[test]
+fn emulator_attention_simt_split_keys() {
+    let (driver, kernels) = emulated_attention_kernels(false);
+    let (workspace, ptr) = split_k_workspace(&driver);
+    let version_for = |positions: usize| {
+        let tiles = positions.div_ceil(16);
+        (tiles > 1).then(|| AttentionVersion::SimtSplitKeys { splits: tiles.min(3) })
+    };
+    run_attention_checks_with(&driver, &kernels, version_for, Some(&workspace), Precision::F32);
+    let launch = |positions| AttentionLaunch { dtype: Precision::F32, ..unlaunched_attention(positions, 256) };
+    let split = |splits| AttentionVersion::SimtSplitKeys { splits };
+    let err = attention::launch_attention_version(&driver, &kernels, &launch(32), split(3), Some(&workspace));
+    assert!(err.unwrap_err().to_string().contains("3 key splits of 2 key tiles"));
+    // The f32 UNet's batch-1 attention (16x16, 32 blocks of 8 queries) on 132 SMs: 5 parts of 3 or
+    // 4 key tiles; f32 never takes the tensor cores.
+    assert_eq!(attention::attention_version(&launch(256), true, Some(&workspace)), split(5));
+    assert_eq!(attention::attention_version(&launch(256), true, None), AttentionVersion::Simt);
+    assert_eq!(attention::kernel_for(&launch(256), split(5)).unwrap(), "attention_forward_f32_c16");
+    driver.free(ptr).unwrap();
+}
+
 /// The input gradient of one case (its logical input: concat and upsample are the caller's) with
 /// storage types `[dout, weights, dx]`: accumulated onto a random dx (`Add`: every dx element must
 /// be updated: one left alone keeps its start value and is off by its whole gradient) or written
@@ -1340,8 +1363,8 @@ fn run_split_k_checks(
     assert!(failures.is_empty(), "split-K (seed {seed}): {failures:?}");
 }
 
-/// The tensor-core attention backward on one case with gradients (dout, dq, dk, dv) in
-/// `grad_dtype`: q, k, v fresh in `dtype`, out and the log-sum-exp from the CPU's forward, dq, dk,
+/// The attention backward on one case (the tensor cores' for 16-bit `dtype`, attention.cu's SIMT
+/// kernels for f32) with gradients (dout, dq, dk, dv) in `grad_dtype`: q, k, v fresh in `dtype`, out and the log-sum-exp from the CPU's forward, dq, dk,
 /// dv accumulated onto small random values; returns the relative L2 errors of dq, dk, dv and the
 /// kernels that ran. `splits` > 1 splits the streamed rows (parts in `workspace`).
 #[allow(clippy::too_many_arguments)]
@@ -1397,9 +1420,14 @@ fn check_attention_backward(
         dv_dtype: grad_dtype,
         accumulate: true,
     };
-    let names = attention::backward_kernels_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
-    attention::launch_attention_backward_mma(driver, kernels, &launch, splits, workspace)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let (names, launched) = if dtype == Precision::F32 {
+        let names = attention::BACKWARD_KERNELS.map(String::from);
+        (names, attention::launch_attention_backward_simt(driver, kernels, &launch, splits, workspace))
+    } else {
+        let names = attention::backward_kernels_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+        (names, attention::launch_attention_backward_mma(driver, kernels, &launch, splits, workspace))
+    };
+    launched.unwrap_or_else(|e| panic!("{name}: {e}"));
     driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
 
     let dout_t = up(&dout_host);
@@ -1428,6 +1456,53 @@ fn check_attention_backward(
         relative_l2(&to_nchw(&mem.download(ptr, len, grad_dtype)), &want)
     });
     (errors, names)
+}
+
+/// attention.cu's SIMT backward (the f32 plans'), f32 throughout, over the attention cases: each
+/// whole, and where it has two streamed tiles (16 rows) or more, split into 2 or 3 parts summed by
+/// the tensor cores' reduce (attention.cu holds it); its split count for the f32 UNet at batch 1.
+#[test]
+fn emulator_attention_backward_simt_split() {
+    let (driver, kernels) = emulated_attention_kernels(false);
+    let (workspace, ptr) = split_k_workspace(&driver);
+    let seed = fresh_seed();
+    let f32 = Precision::F32;
+    let mut failures = Vec::new();
+    for case in attention_cases() {
+        let tiles = case.2.div_ceil(16);
+        let split_counts = if tiles > 1 { vec![1, tiles.min(3)] } else { vec![1] };
+        for splits in split_counts {
+            let (errors, _) =
+                check_attention_backward(&driver, &kernels, case, f32, f32, splits, Some(&workspace), seed);
+            println!(
+                "attention backward SIMT x{splits} f32 {:<34} dq {:.2e} dk {:.2e} dv {:.2e} (seed {seed})",
+                case.0, errors[0], errors[1], errors[2]
+            );
+            if errors.iter().any(|e| e.is_nan() || *e > 1e-4) {
+                failures.push(format!("{} x{splits}: {errors:?}", case.0));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "SIMT attention backward (seed {seed}) over tolerance: {failures:?}");
+    let launch = AttentionBackwardLaunch {
+        forward: AttentionLaunch { dtype: f32, ..unlaunched_attention(256, 256) },
+        dout: 0x6000,
+        dout_dtype: f32,
+        row_terms: 0x7000,
+        dout_rounded: 0x8000,
+        dq: 0x9000,
+        dq_dtype: f32,
+        dk: 0xa000,
+        dk_dtype: f32,
+        dv: 0xb000,
+        dv_dtype: f32,
+        accumulate: false,
+    };
+    // 16x16 at batch 1: 32 blocks of 8 rows on 132 SMs, 16 tiles -> 5 parts.
+    assert_eq!(attention::backward_splits(&launch, false, Some(&workspace)), 5);
+    let err = attention::launch_attention_backward_simt(&driver, &kernels, &launch, 17, Some(&workspace)).unwrap_err();
+    assert!(err.to_string().contains("17 splits of 16 streamed tiles"), "{err}");
+    driver.free(ptr).unwrap();
 }
 
 /// The tensor-core attention backward over the attention cases (16x16 positions at C 64, C 256,
@@ -1490,8 +1565,8 @@ fn emulator_attention_backward_tensor_cores() {
         dv_dtype: Precision::F32,
         accumulate: false,
     };
-    assert_eq!(attention::backward_splits(&launch, Some(&workspace)), 4);
-    assert_eq!(attention::backward_splits(&launch, None), 1);
+    assert_eq!(attention::backward_splits(&launch, true, Some(&workspace)), 4);
+    assert_eq!(attention::backward_splits(&launch, true, None), 1);
     let err = attention::launch_attention_backward_mma(&driver, &kernels, &launch, 9, Some(&workspace)).unwrap_err();
     assert!(err.to_string().contains("9 splits of 8 streamed tiles"), "{err}");
     driver.free(ptr).unwrap();

@@ -17,10 +17,7 @@ fn launcher_names(file: &str) -> Option<(Vec<String>, &'static [&'static str])> 
     match file {
         "conv2d.cu" => Some((conv::simt_kernel_names(), conv::SIMT_HOT_KERNELS)),
         "conv2d_mma.cu" => Some((conv::mma_kernel_names(), conv::MMA_HOT_KERNELS)),
-        "attention.cu" => Some((
-            [attention::simt_kernel_names(), attention::BACKWARD_KERNELS.map(String::from).to_vec()].concat(),
-            attention::SIMT_HOT_KERNELS,
-        )),
+        "attention.cu" => Some((attention::simt_kernel_names(), attention::SIMT_HOT_KERNELS)),
         "attention_mma.cu" => Some((attention::mma_kernel_names(), attention::MMA_HOT_KERNELS)),
         _ => None,
     }

@@ -37,7 +37,7 @@ const MIN_SPLIT_TILES: usize = 2;
 /// The key split's merge (kernels/attention_mma.cu).
 const SPLIT_COMBINE_KERNEL: &str = "attention_split_combine";
 const COMBINE_THREADS: u32 = 256;
-/// The backward's split's sum of parts (kernels/attention_mma.cu).
+/// The backward's split's sum of parts (kernels/attention.cu, for both modules' kernels).
 const BACKWARD_SPLIT_REDUCE_KERNEL: &str = "attention_backward_split_reduce";
 /// The register accumulator variants: `_c4`, `_c8`, `_c16` hold up to 64, 128, 256 channels.
 const CHANNEL_VARIANTS: [usize; 3] = [4, 8, 16];
@@ -59,11 +59,14 @@ pub fn simt_kernel_names() -> Vec<String> {
             names.push(format!("attention_forward_{d}_c{c}"));
         }
     }
+    names.extend(BACKWARD_KERNELS.map(String::from));
+    // The splits' merges, which both modules' kernels use.
+    names.extend([SPLIT_COMBINE_KERNEL, BACKWARD_SPLIT_REDUCE_KERNEL].map(String::from));
     names
 }
 
-/// The backward kernels of attention.cu (its backward section; launched by the CUDA backend's
-/// `attention_backward`): f32 SIMT, any storage type.
+/// The backward kernels of attention.cu (its backward section, `launch_attention_backward_simt`):
+/// f32 SIMT, any storage type.
 pub const BACKWARD_KERNELS: [&str; 2] = ["attention_backward_dq", "attention_backward_dkdv"];
 
 /// Padded head dims of the tensor-core variants (`_d64`, `_d128`, `_d256`).
@@ -80,7 +83,6 @@ pub fn mma_kernel_names() -> Vec<String> {
         }
         names.push(format!("attention_backward_row_terms_{d}"));
     }
-    names.extend([SPLIT_COMBINE_KERNEL, BACKWARD_SPLIT_REDUCE_KERNEL].map(String::from));
     names
 }
 
@@ -108,6 +110,22 @@ pub enum AttentionVersion {
     /// log-sum-exp in f32 to the split-K workspace, merged by a second launch; for grids short of
     /// the GPU's SMs (batch 1: 16x16 positions are 4 blocks of 64 queries).
     TensorCoreSplitKeys { splits: usize },
+    /// Version 1 with its keys split the same way (the f32 path; parts and merge as version 3's).
+    SimtSplitKeys { splits: usize },
+}
+
+impl AttentionVersion {
+    fn splits(self) -> Option<usize> {
+        match self {
+            AttentionVersion::TensorCoreSplitKeys { splits } | AttentionVersion::SimtSplitKeys { splits } => {
+                Some(splits)
+            }
+            _ => None,
+        }
+    }
+    fn tensor_cores(self) -> bool {
+        matches!(self, AttentionVersion::TensorCore | AttentionVersion::TensorCoreSplitKeys { .. })
+    }
 }
 
 impl AttentionLaunch {
@@ -160,9 +178,23 @@ impl AttentionLaunch {
         splits * self.batch * self.positions * (self.channels + 1) * 4
     }
 
+    /// Grid z of a launch with `version`: 1, or its parts where it splits the keys (2 or more, each
+    /// with a tile of `keys_per_tile`).
+    fn key_splits(&self, version: AttentionVersion, keys_per_tile: usize) -> Result<usize> {
+        let Some(splits) = version.splits() else { return Ok(1) };
+        let tiles = self.positions.div_ceil(keys_per_tile);
+        // One part would write `out` itself, and the merge would then overwrite it.
+        if splits < 2 || splits > tiles.min(65535) {
+            return Err(Error::invalid(format!(
+                "attention: {splits} key splits of {tiles} key tiles (2 parts or more, each with a tile)"
+            )));
+        }
+        Ok(splits)
+    }
+
     fn plan(&self, version: AttentionVersion) -> Result<(String, LaunchConfig)> {
         let c = self.channels;
-        if version != AttentionVersion::Simt {
+        if version.tensor_cores() {
             if !self.tensor_core_ok() {
                 return Err(Error::invalid(format!(
                     "attention: the tensor-core kernel needs bf16/f16 storage, channels a multiple of 8 and 16-byte \
@@ -175,19 +207,7 @@ impl AttentionLaunch {
             // in shared memory, rows of D + 8 halves (66 KiB at D = 256).
             let queries = 16 * MMA_FORWARD_WARPS;
             let rows = queries + 2 * MMA_KEYS_PER_TILE;
-            let splits = match version {
-                AttentionVersion::TensorCoreSplitKeys { splits } => {
-                    let tiles = self.positions.div_ceil(MMA_KEYS_PER_TILE);
-                    // One part would write `out` itself, and the merge would then overwrite it.
-                    if splits < 2 || splits > tiles.min(65535) {
-                        return Err(Error::invalid(format!(
-                            "attention: {splits} key splits of {tiles} key tiles (2 parts or more, each with a tile)"
-                        )));
-                    }
-                    splits
-                }
-                _ => 1,
-            };
+            let splits = self.key_splits(version, MMA_KEYS_PER_TILE)?;
             let config = LaunchConfig {
                 grid: [self.positions.div_ceil(queries) as u32, self.batch as u32, splits as u32],
                 block: [32 * MMA_FORWARD_WARPS as u32, 1, 1],
@@ -201,8 +221,9 @@ impl AttentionLaunch {
         // Value rows are padded to the variant's register slots (kernels/attention.cu).
         let v_stride = KEYS_PER_TILE * variant;
         let shared_floats = QUERIES_PER_BLOCK * c + KEYS_PER_TILE * (c + 1) + KEYS_PER_TILE * v_stride;
+        let splits = self.key_splits(version, KEYS_PER_TILE)?;
         let config = LaunchConfig {
-            grid: [self.positions.div_ceil(QUERIES_PER_BLOCK) as u32, self.batch as u32, 1],
+            grid: [self.positions.div_ceil(QUERIES_PER_BLOCK) as u32, self.batch as u32, splits as u32],
             block: [THREADS, 1, 1],
             dynamic_shared_bytes: (shared_floats * 4) as u32,
         };
@@ -228,27 +249,31 @@ impl AttentionKernels {
 }
 
 /// The version `launch_attention` runs: tensor cores for bf16/f16 when loaded and the shape allows
-/// it, the keys split when its grid leaves SMs idle and the workspace holds the parts (at most
-/// one part per SM's worth of blocks, each at least `MIN_SPLIT_TILES` key tiles).
+/// it, else the SIMT kernel; either with the keys split when its grid leaves SMs idle and the
+/// workspace holds the parts (at most one part per SM's worth of blocks, each at least
+/// `MIN_SPLIT_TILES` key tiles).
 pub fn attention_version(
     args: &AttentionLaunch,
     has_tensor_cores: bool,
     workspace: Option<&SplitKWorkspace>,
 ) -> AttentionVersion {
-    if !has_tensor_cores || !args.tensor_core_ok() {
-        return AttentionVersion::Simt;
-    }
-    let Some(ws) = workspace else { return AttentionVersion::TensorCore };
-    let blocks = args.positions.div_ceil(16 * MMA_FORWARD_WARPS) * args.batch;
-    let tiles = args.positions.div_ceil(MMA_KEYS_PER_TILE);
+    let tensor_cores = has_tensor_cores && args.tensor_core_ok();
+    let (unsplit, queries, keys) = if tensor_cores {
+        (AttentionVersion::TensorCore, 16 * MMA_FORWARD_WARPS, MMA_KEYS_PER_TILE)
+    } else {
+        (AttentionVersion::Simt, QUERIES_PER_BLOCK, KEYS_PER_TILE)
+    };
+    let Some(ws) = workspace else { return unsplit };
+    let blocks = args.positions.div_ceil(queries) * args.batch;
+    let tiles = args.positions.div_ceil(keys);
     let mut splits = ws.multiprocessors.div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES);
     while splits > 1 && args.split_bytes(splits) > ws.bytes {
         splits -= 1;
     }
-    if splits > 1 {
-        AttentionVersion::TensorCoreSplitKeys { splits }
-    } else {
-        AttentionVersion::TensorCore
+    match (splits > 1, tensor_cores) {
+        (false, _) => unsplit,
+        (true, true) => AttentionVersion::TensorCoreSplitKeys { splits },
+        (true, false) => AttentionVersion::SimtSplitKeys { splits },
     }
 }
 
@@ -276,8 +301,8 @@ pub fn launch_attention_version(
     args.validate()?;
     let (name, config) = args.plan(version)?;
     let function = kernels.get(&name)?;
-    let (partial_out, partial_lse) = match version {
-        AttentionVersion::TensorCoreSplitKeys { splits } => match workspace {
+    let (partial_out, partial_lse) = match version.splits() {
+        Some(splits) => match workspace {
             Some(ws) if args.split_bytes(splits) <= ws.bytes => {
                 (ws.ptr, ws.ptr + (splits * args.batch * args.positions * args.channels * 4) as u64)
             }
@@ -289,11 +314,11 @@ pub fn launch_attention_version(
                 )))
             }
         },
-        _ => (0, 0),
+        None => (0, 0),
     };
     // The CPU reference's scale, rounded to f32 the same way.
     let scale = 1.0 / (args.channels as f32).sqrt();
-    let mut kernel_args = KernelArgs::new()
+    let kernel_args = KernelArgs::new()
         .ptr(args.q)
         .ptr(args.k)
         .ptr(args.v)
@@ -301,12 +326,11 @@ pub fn launch_attention_version(
         .ptr(args.logsumexp)
         .i32(args.positions as i32)
         .i32(args.channels as i32)
-        .f32(scale);
-    if version != AttentionVersion::Simt {
-        kernel_args = kernel_args.ptr(partial_out).ptr(partial_lse);
-    }
+        .f32(scale)
+        .ptr(partial_out)
+        .ptr(partial_lse);
     driver.launch(function, config, &kernel_args)?;
-    if let AttentionVersion::TensorCoreSplitKeys { splits } = version {
+    if let Some(splits) = version.splits() {
         let rows = args.batch * args.positions;
         let combine = KernelArgs::new()
             .ptr(partial_out)
@@ -361,6 +385,9 @@ pub struct AttentionBackwardLaunch {
 const BACKWARD_BLOCK_ROWS: usize = 64;
 const BACKWARD_STREAM_ROWS: usize = 32;
 const BACKWARD_STAGES: usize = 2;
+/// The SIMT backward's (kernels/attention.cu): 8 rows a block, streamed tiles of 16, 128 threads.
+const SIMT_BACKWARD_ROWS: usize = 8;
+const SIMT_BACKWARD_TILE: usize = 16;
 
 /// Warps sharing 16 resident rows at padded head dim `dim` (`AttentionBackwardShape::SPLIT`).
 fn backward_split(dim: usize) -> usize {
@@ -458,14 +485,24 @@ impl AttentionBackwardLaunch {
     }
 }
 
-/// Into how many parts the backward's kernels split their streamed rows (keys for dq, queries for
-/// dk and dv): as the forward's key split (`attention_version`), when its grid leaves SMs idle and
-/// the workspace holds the parts; 1 otherwise.
-pub fn backward_splits(args: &AttentionBackwardLaunch, workspace: Option<&SplitKWorkspace>) -> usize {
+/// Into how many parts the backward's kernels (the tensor cores' or, `tensor_cores` false, the
+/// SIMT ones) split their streamed rows (keys for dq, queries for dk and dv): as the forward's key
+/// split (`attention_version`), when its grid leaves SMs idle and the workspace holds the parts;
+/// 1 otherwise.
+pub fn backward_splits(
+    args: &AttentionBackwardLaunch,
+    tensor_cores: bool,
+    workspace: Option<&SplitKWorkspace>,
+) -> usize {
     let Some(ws) = workspace else { return 1 };
     let f = &args.forward;
-    let blocks = f.positions.div_ceil(BACKWARD_BLOCK_ROWS) * f.batch;
-    let tiles = f.positions.div_ceil(BACKWARD_STREAM_ROWS);
+    let (block_rows, stream_rows) = if tensor_cores {
+        (BACKWARD_BLOCK_ROWS, BACKWARD_STREAM_ROWS)
+    } else {
+        (SIMT_BACKWARD_ROWS, SIMT_BACKWARD_TILE)
+    };
+    let blocks = f.positions.div_ceil(block_rows) * f.batch;
+    let tiles = f.positions.div_ceil(stream_rows);
     let mut splits = ws.multiprocessors.div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES).max(1);
     while splits > 1 && args.split_bytes(splits) > ws.bytes {
         splits -= 1;
@@ -486,17 +523,7 @@ pub fn launch_attention_backward_mma(
 ) -> Result<()> {
     args.validate()?;
     let [(dq_name, dq_config), (dkdv_name, dkdv_config)] = args.plan(splits)?;
-    let parts = match workspace {
-        _ if splits == 1 => None,
-        Some(ws) if args.split_bytes(splits) <= ws.bytes => Some(ws.ptr),
-        _ => {
-            return Err(Error::invalid(format!(
-                "attention backward: a split into {splits} parts needs {} bytes of workspace, the backend has {}",
-                args.split_bytes(splits),
-                workspace.map_or(0, |ws| ws.bytes)
-            )))
-        }
-    };
+    let parts = split_parts(args, splits, workspace)?;
     let (dq_kernel, dkdv_kernel) = (kernels.get(&dq_name)?, kernels.get(&dkdv_name)?);
     let f = &args.forward;
     // Each query's D_i = dout_i . out_i and its rounded dout once, for both kernels: a warp per row,
@@ -518,19 +545,60 @@ pub fn launch_attention_backward_mma(
     let scale = 1.0 / (f.channels as f32).sqrt();
     let inputs =
         || KernelArgs::new().ptr(f.q).ptr(f.k).ptr(f.v).ptr(args.dout_rounded).ptr(args.row_terms).ptr(f.logsumexp);
-    // Split: every part's gradients written in f32 to the workspace (dq's parts, dk's, dv's).
+    let ([(dq, dt_dq), (dk, dt_dk), (dv, dt_dv)], accumulate) = gradient_targets(args, parts, splits);
+    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale).i32(accumulate as i32);
+    driver.launch(dq_kernel, dq_config, &tail(inputs().ptr(dq).i32(dt_dq)))?;
+    driver.launch(dkdv_kernel, dkdv_config, &tail(inputs().ptr(dk).i32(dt_dk).ptr(dv).i32(dt_dv)))?;
+    reduce_parts(driver, kernels, args, parts, splits)
+}
+
+/// The workspace a backward split into `splits` parts writes its parts to (None unsplit), or an
+/// error naming the sizes.
+fn split_parts(
+    args: &AttentionBackwardLaunch,
+    splits: usize,
+    workspace: Option<&SplitKWorkspace>,
+) -> Result<Option<DevicePtr>> {
+    match workspace {
+        _ if splits == 1 => Ok(None),
+        Some(ws) if args.split_bytes(splits) <= ws.bytes => Ok(Some(ws.ptr)),
+        _ => Err(Error::invalid(format!(
+            "attention backward: a split into {splits} parts needs {} bytes of workspace, the backend has {}",
+            args.split_bytes(splits),
+            workspace.map_or(0, |ws| ws.bytes)
+        ))),
+    }
+}
+
+/// Where the backward kernels write dq, dk and dv (device address and storage code) and whether
+/// they accumulate: the gradients themselves, or, split, every part's gradients in f32 to the
+/// workspace (dq's parts, then dk's, then dv's), written.
+fn gradient_targets(
+    args: &AttentionBackwardLaunch,
+    parts: Option<DevicePtr>,
+    splits: usize,
+) -> ([(DevicePtr, i32); 3], bool) {
+    let f = &args.forward;
     let slice = f.batch * f.positions * f.channels;
     let gradient = |which: usize, ptr: DevicePtr, dtype: Precision| match parts {
         Some(base) => (base + (which * splits * slice * 4) as u64, super::dtype_code(Precision::F32)),
         None => (ptr, super::dtype_code(dtype)),
     };
-    let accumulate = args.accumulate && parts.is_none();
-    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale).i32(accumulate as i32);
-    let (dq, dt_dq) = gradient(0, args.dq, args.dq_dtype);
-    let (dk, dt_dk) = gradient(1, args.dk, args.dk_dtype);
-    let (dv, dt_dv) = gradient(2, args.dv, args.dv_dtype);
-    driver.launch(dq_kernel, dq_config, &tail(inputs().ptr(dq).i32(dt_dq)))?;
-    driver.launch(dkdv_kernel, dkdv_config, &tail(inputs().ptr(dk).i32(dt_dk).ptr(dv).i32(dt_dv)))?;
+    let targets =
+        [gradient(0, args.dq, args.dq_dtype), gradient(1, args.dk, args.dk_dtype), gradient(2, args.dv, args.dv_dtype)];
+    (targets, args.accumulate && parts.is_none())
+}
+
+/// A split backward's last launch: each gradient = (or +=) the sum of its parts.
+fn reduce_parts(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    args: &AttentionBackwardLaunch,
+    parts: Option<DevicePtr>,
+    splits: usize,
+) -> Result<()> {
+    let f = &args.forward;
+    let slice = f.batch * f.positions * f.channels;
     if let Some(base) = parts {
         let reduce = KernelArgs::new()
             .ptr(base)
@@ -548,6 +616,58 @@ pub fn launch_attention_backward_mma(
         driver.launch(kernels.get(BACKWARD_SPLIT_REDUCE_KERNEL)?, config, &reduce)?;
     }
     Ok(())
+}
+
+/// dq, dk, dv = (or +=) the attention's VJP with the SIMT kernels of attention.cu (f32, or a device
+/// with too little shared memory for the tensor-core tiles): 8 rows a block, streamed tiles of 16,
+/// accumulators in shared memory; with `splits` > 1 (`backward_splits(.., false, ..)`) their
+/// streamed tiles in that many parts, as `launch_attention_backward_mma`'s. `row_terms` and
+/// `dout_rounded` go unused: these kernels compute D_i themselves and read dout as it is.
+pub fn launch_attention_backward_simt(
+    driver: &dyn Driver,
+    kernels: &AttentionKernels,
+    args: &AttentionBackwardLaunch,
+    splits: usize,
+    workspace: Option<&SplitKWorkspace>,
+) -> Result<()> {
+    args.validate()?;
+    let f = &args.forward;
+    let tiles = f.positions.div_ceil(SIMT_BACKWARD_TILE);
+    if splits == 0 || splits > tiles.min(65535) {
+        return Err(Error::invalid(format!(
+            "attention backward: {splits} splits of {tiles} streamed tiles (each part needs one)"
+        )));
+    }
+    let parts = split_parts(args, splits, workspace)?;
+    let c = f.channels;
+    let shared_floats = |accumulators: usize, extra: usize| {
+        SIMT_BACKWARD_ROWS * c * accumulators + 2 * SIMT_BACKWARD_TILE * (c + 1) + extra
+    };
+    let config = |floats: usize| LaunchConfig {
+        grid: [f.positions.div_ceil(SIMT_BACKWARD_ROWS) as u32, f.batch as u32, splits as u32],
+        block: [128, 1, 1],
+        dynamic_shared_bytes: (floats * 4) as u32,
+    };
+    // The CPU reference's scale, rounded to f32 the same way.
+    let scale = 1.0 / (c as f32).sqrt();
+    let inputs = || {
+        KernelArgs::new()
+            .ptr(f.q)
+            .ptr(f.k)
+            .ptr(f.v)
+            .ptr(f.out)
+            .i32(super::dtype_code(f.dtype))
+            .ptr(args.dout)
+            .i32(super::dtype_code(args.dout_dtype))
+            .ptr(f.logsumexp)
+    };
+    let ([(dq, dt_dq), (dk, dt_dk), (dv, dt_dv)], accumulate) = gradient_targets(args, parts, splits);
+    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(c as i32).f32(scale).i32(accumulate as i32);
+    let (dq_kernel, dkdv_kernel) = (kernels.get(BACKWARD_KERNELS[0])?, kernels.get(BACKWARD_KERNELS[1])?);
+    driver.launch(dq_kernel, config(shared_floats(3, 0)), &tail(inputs().ptr(dq).i32(dt_dq)))?;
+    let dkdv_config = config(shared_floats(4, 2 * SIMT_BACKWARD_TILE));
+    driver.launch(dkdv_kernel, dkdv_config, &tail(inputs().ptr(dk).i32(dt_dk).ptr(dv).i32(dt_dv)))?;
+    reduce_parts(driver, kernels, args, parts, splits)
 }
 
 /// The backward kernels a launch would use (for reports and tests).

@@ -1100,7 +1100,7 @@ impl Backend for CudaBackend {
             out: out.ptr,
             logsumexp: logsumexp.ptr,
         };
-        let mma = attention::AttentionBackwardLaunch {
+        let launch = attention::AttentionBackwardLaunch {
             forward,
             dout: dout.ptr,
             dout_dtype: dout.dtype,
@@ -1114,48 +1114,21 @@ impl Backend for CudaBackend {
             dv_dtype: dv.dtype,
             accumulate: store.accumulates(),
         };
-        if mma.tensor_cores_fit(self.driver.info().max_shared_per_block) {
-            // The split-K workspace is free between ops: a split's parts (`backward_splits`).
-            let workspace = self.split_k_workspace();
-            let splits = attention::backward_splits(&mma, workspace.as_ref());
-            let result = self.attention_kernels().and_then(|kernels| {
-                attention::launch_attention_backward_mma(
-                    self.driver.as_ref(),
-                    kernels,
-                    &mma,
-                    splits,
-                    workspace.as_ref(),
-                )
-            });
-            return self.record(result);
-        }
-        // kernels/attention.cu, backward section (f32, or a device with too little shared memory
-        // for the tensor-core tiles): 8 rows per block, tiles of 16, shared accumulators.
-        const ROWS: usize = 8;
-        const TILE: usize = 16;
-        let shared_floats = |accumulators: usize, extra: usize| ROWS * c * accumulators + 2 * TILE * (c + 1) + extra;
-        let config = |floats: usize| LaunchConfig {
-            grid: [positions.div_ceil(ROWS) as u32, n as u32, 1],
-            block: [128, 1, 1],
-            dynamic_shared_bytes: (floats * 4) as u32,
-        };
-        // The CPU reference's scale, rounded to f32 the same way.
-        let scale = 1.0 / (c as f32).sqrt();
-        let inputs = || {
-            KernelArgs::new()
-                .ptr(q.ptr)
-                .ptr(k.ptr)
-                .ptr(v.ptr)
-                .ptr(out.ptr)
-                .i32(dtype_code(q.dtype))
-                .tensor(dout)
-                .ptr(logsumexp.ptr)
-        };
-        let accumulate = store.accumulates() as i32;
-        let dq_args = inputs().tensor(dq).i32(positions as i32).i32(c as i32).f32(scale).i32(accumulate);
-        self.launch("attention.cu", attention::BACKWARD_KERNELS[0], config(shared_floats(3, 0)), dq_args);
-        let dkdv_args = inputs().tensor(dk).tensor(dv).i32(positions as i32).i32(c as i32).f32(scale).i32(accumulate);
-        self.launch("attention.cu", attention::BACKWARD_KERNELS[1], config(shared_floats(4, 2 * TILE)), dkdv_args);
+        // The split-K workspace is free between ops: a split's parts (`backward_splits`). The tensor
+        // cores where they fit, else (f32, or a device with too little shared memory for their
+        // tiles) kernels/attention.cu's backward.
+        let workspace = self.split_k_workspace();
+        let tensor_cores = launch.tensor_cores_fit(self.driver.info().max_shared_per_block);
+        let splits = attention::backward_splits(&launch, tensor_cores, workspace.as_ref());
+        let result = self.attention_kernels().and_then(|kernels| {
+            let run = if tensor_cores {
+                attention::launch_attention_backward_mma
+            } else {
+                attention::launch_attention_backward_simt
+            };
+            run(self.driver.as_ref(), kernels, &launch, splits, workspace.as_ref())
+        });
+        self.record(result);
     }
 
     fn upsample_nearest2x(&self, x: &CudaTensor, out: &mut CudaTensor) {
