@@ -884,6 +884,25 @@ fn emulator_attention_tensor_cores() {
     run_attention_checks(&driver, &kernels, AttentionVersion::TensorCore, Precision::F16);
 }
 
+/// The backward of `forward` with f32 gradients, for the launchers' choices and errors: nothing is
+/// launched, so the addresses are placeholders.
+fn unlaunched_attention_backward(forward: AttentionLaunch) -> AttentionBackwardLaunch {
+    AttentionBackwardLaunch {
+        forward,
+        dout: 0x6000,
+        dout_dtype: Precision::F32,
+        row_terms: 0x7000,
+        dout_rounded: 0x8000,
+        dq: 0x9000,
+        dq_dtype: Precision::F32,
+        dk: 0xa000,
+        dk_dtype: Precision::F32,
+        dv: 0xb000,
+        dv_dtype: Precision::F32,
+        accumulate: false,
+    }
+}
+
 /// A bf16 attention of one sample at placeholder addresses, for the launchers' choices and errors
 /// (nothing is launched).
 fn unlaunched_attention(positions: usize, channels: usize) -> AttentionLaunch {
@@ -1484,20 +1503,7 @@ fn emulator_attention_backward_simt_split() {
         }
     }
     assert!(failures.is_empty(), "SIMT attention backward (seed {seed}) over tolerance: {failures:?}");
-    let launch = AttentionBackwardLaunch {
-        forward: AttentionLaunch { dtype: f32, ..unlaunched_attention(256, 256) },
-        dout: 0x6000,
-        dout_dtype: f32,
-        row_terms: 0x7000,
-        dout_rounded: 0x8000,
-        dq: 0x9000,
-        dq_dtype: f32,
-        dk: 0xa000,
-        dk_dtype: f32,
-        dv: 0xb000,
-        dv_dtype: f32,
-        accumulate: false,
-    };
+    let launch = unlaunched_attention_backward(AttentionLaunch { dtype: f32, ..unlaunched_attention(256, 256) });
     // 16x16 at batch 1: 32 blocks of 8 rows on 132 SMs, 16 tiles -> 5 parts.
     assert_eq!(attention::backward_splits(&launch, false, Some(&workspace)), 5);
     let err = attention::launch_attention_backward_simt(&driver, &kernels, &launch, 17, Some(&workspace)).unwrap_err();
@@ -1551,20 +1557,7 @@ fn emulator_attention_backward_tensor_cores() {
     assert!(failures.is_empty(), "attention backward (seed {seed}) over tolerance: {failures:?}");
     // The launcher splits the UNet's batch-1 backward (16x16: 4 blocks) on 132 SMs, and refuses a
     // split with more parts than streamed tiles.
-    let launch = AttentionBackwardLaunch {
-        forward: unlaunched_attention(256, 256),
-        dout: 0x6000,
-        dout_dtype: Precision::F32,
-        row_terms: 0x7000,
-        dout_rounded: 0x8000,
-        dq: 0x9000,
-        dq_dtype: Precision::F32,
-        dk: 0xa000,
-        dk_dtype: Precision::F32,
-        dv: 0xb000,
-        dv_dtype: Precision::F32,
-        accumulate: false,
-    };
+    let launch = unlaunched_attention_backward(unlaunched_attention(256, 256));
     assert_eq!(attention::backward_splits(&launch, true, Some(&workspace)), 4);
     assert_eq!(attention::backward_splits(&launch, true, None), 1);
     let err = attention::launch_attention_backward_mma(&driver, &kernels, &launch, 9, Some(&workspace)).unwrap_err();

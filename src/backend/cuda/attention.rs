@@ -440,6 +440,18 @@ impl AttentionBackwardLaunch {
             })
     }
 
+    /// A split into `splits` parts (1: none) of the streamed tiles of `stream_rows` rows needs a tile
+    /// for every part.
+    fn check_splits(&self, splits: usize, stream_rows: usize) -> Result<()> {
+        let tiles = self.forward.positions.div_ceil(stream_rows);
+        if splits == 0 || splits > tiles.min(65535) {
+            return Err(Error::invalid(format!(
+                "attention backward: {splits} splits of {tiles} streamed tiles (each part needs one)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Bytes of the split-K workspace a split into `splits` parts fills: dq's, dk's and dv's parts, f32.
     fn split_bytes(&self, splits: usize) -> usize {
         3 * splits * self.forward.batch * self.forward.positions * self.forward.channels * 4
@@ -467,12 +479,7 @@ impl AttentionBackwardLaunch {
         // The dk/dv kernel streams the queries' log-sum-exp and D_i with them.
         let row_values = BACKWARD_STAGES * 2 * BACKWARD_STREAM_ROWS * 4;
         let t = dtype_name(f.dtype);
-        let tiles = f.positions.div_ceil(BACKWARD_STREAM_ROWS);
-        if splits == 0 || splits > tiles.min(65535) {
-            return Err(Error::invalid(format!(
-                "attention backward: {splits} splits of {tiles} streamed tiles (each part needs one)"
-            )));
-        }
+        self.check_splits(splits, BACKWARD_STREAM_ROWS)?;
         let config = |bytes: usize| LaunchConfig {
             grid: [f.positions.div_ceil(BACKWARD_BLOCK_ROWS) as u32, f.batch as u32, splits as u32],
             block: [32 * warps as u32, 1, 1],
@@ -632,12 +639,7 @@ pub fn launch_attention_backward_simt(
 ) -> Result<()> {
     args.validate()?;
     let f = &args.forward;
-    let tiles = f.positions.div_ceil(SIMT_BACKWARD_TILE);
-    if splits == 0 || splits > tiles.min(65535) {
-        return Err(Error::invalid(format!(
-            "attention backward: {splits} splits of {tiles} streamed tiles (each part needs one)"
-        )));
-    }
+    args.check_splits(splits, SIMT_BACKWARD_TILE)?;
     let parts = split_parts(args, splits, workspace)?;
     let c = f.channels;
     let shared_floats = |accumulators: usize, extra: usize| {

@@ -367,26 +367,24 @@ fn tensor_core_version(
         return Conv2dVersion::TensorCoreWide;
     }
     let blocks = m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_BLOCK_N);
-    let slices = split_k_slices(blocks, k_total.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
-    if slices > 1 && slices * m * n * 4 <= ws.bytes {
-        Conv2dVersion::TensorCoreSplitK { slices }
-    } else {
-        Conv2dVersion::TensorCore
-    }
+    split_slices(blocks, m, n, k_total, ws)
+        .map_or(Conv2dVersion::TensorCore, |slices| Conv2dVersion::TensorCoreSplitK { slices })
 }
 
 /// The version an f32 launch runs (the SIMT tiles): split like the tensor cores' narrow tile when its
-/// grid under-fills the GPU and the slices' sums fit the workspace. The slices are counted in the
-/// same 32-k steps, so a slice has at least 128 k either way.
+/// grid under-fills the GPU and the slices' sums fit the workspace.
 fn simt_version(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
     let Some(ws) = workspace else { return Conv2dVersion::Simt };
     let blocks = m.div_ceil(SIMT_BLOCK_M) * n.div_ceil(SIMT_BLOCK_N);
+    split_slices(blocks, m, n, k_total, ws).map_or(Conv2dVersion::Simt, |slices| Conv2dVersion::SimtSplitK { slices })
+}
+
+/// The slices of a grid of `blocks` over an M x N output with `k_total` k (`split_k_slices`, counted
+/// in 32-k steps for both versions, so a slice has at least 128 k either way), where it splits and
+/// the slices' sums fit the workspace.
+fn split_slices(blocks: usize, m: usize, n: usize, k_total: usize, ws: &SplitKWorkspace) -> Option<usize> {
     let slices = split_k_slices(blocks, k_total.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
-    if slices > 1 && slices * m * n * 4 <= ws.bytes {
-        Conv2dVersion::SimtSplitK { slices }
-    } else {
-        Conv2dVersion::Simt
-    }
+    (slices > 1 && slices * m * n * 4 <= ws.bytes).then_some(slices)
 }
 
 /// Whether the launcher may pick the wide tile: yes, unless `PURIFIER_CONV_WIDE=off` (the
