@@ -26,7 +26,11 @@
 // Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
 //   conv2d_simt_<in>_<w>_<out>   version 1, any shape, any storage type: shared-memory tiles of
 //                                 64 positions x 64 channels x 16 k, 256 threads, 4x4 register blocking,
-//                                 f32 arithmetic (fma). The f32 path, and the reference for version 2.
+//                                 f32 arithmetic (fma). Two shared stages: the next k-tile's loads are
+//                                 in registers, in flight, while the product reads this one; f32 with
+//                                 channels in fours loads a float4 of 4 k a thread (one gather a
+//                                 tile), k cursors instead of divisions. The f32 path, and the
+//                                 reference for version 2.
 //   conv2d_backward_input_simt_<T>  the input gradient (dx = or += the transposed convolution of dout), same
 //                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
 //   conv2d_simt_partial_<T>, conv2d_backward_input_simt_partial_<T>
@@ -66,6 +70,19 @@ __device__ __forceinline__ void simt_tile_product(const float (&a_tile)[simt::BK
     }
 }
 
+// Four consecutive k of row r (one tap, channels ci..ci + 3, all in a or all in b: the vector
+// loader's channel counts are multiples of 4) as one float4; zeros in the padding and past K.
+__device__ __forceinline__ float4 conv_gather4(const ConvRow& r, int ky, int kx, int ci, bool k_valid,
+                                               const ConvParams& p, const float* __restrict__ a,
+                                               const float* __restrict__ b) {
+    const int iy = r.iy0 + ky, ix = r.ix0 + kx;
+    const int logical_h = p.in_h << p.upsample_shift, logical_w = p.in_w << p.upsample_shift;
+    if (!r.valid || !k_valid || iy < 0 || ix < 0 || iy >= logical_h || ix >= logical_w) return make_float4(0.f, 0.f, 0.f, 0.f);
+    const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
+    return ci < p.ca ? *reinterpret_cast<const float4*>(a + pixel * p.ca + ci)
+                     : *reinterpret_cast<const float4*>(b + pixel * p.cb + (ci - p.ca));
+}
+
 // Split-K's store of a thread's 4 x 4 raw sums (rows m0.., columns c0.. of an M x C slice at
 // `slice` in partials): four columns in one access where the row holds them all and is aligned.
 __device__ __forceinline__ void store_partial_block(float* __restrict__ partials, long long slice, int m0, int rows,
@@ -96,8 +113,9 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
                                             const OutT* __restrict__ residual, OutT* __restrict__ out,
                                             float* __restrict__ partials, const ConvParams p) {
     using namespace simt;
-    __shared__ __align__(16) float a_tile[BK][BM + PAD];
-    __shared__ __align__(16) float b_tile[BK][BN + PAD];
+    // Two stages: the next k-tile goes from registers into one while the product reads the other.
+    __shared__ __align__(16) float a_tiles[2][BK][BM + PAD];
+    __shared__ __align__(16) float b_tiles[2][BK][BN + PAD];
 
     const int tid = threadIdx.x;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
@@ -105,31 +123,68 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
     const int k_total = p.kh * p.kw * ci_total;
     const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
 
-    // Loading: each thread fills one k column of the tiles, rows load_row + 16 i.
-    const int load_k = tid % BK, load_row = tid / BK;
+    // Loading. Vector (f32 storage, both sources' channels multiples of 4, 16-byte aligned tensors:
+    // uniform over the launch): a thread loads 4 consecutive k of one row as a float4, from the
+    // input (row tid / 4) and from the weights (output channel n_block + tid / 4): one gather a tile
+    // instead of 4. Otherwise element by element: a thread loads one k column, rows load_row + 16 i.
+    bool vector = false;
+    if constexpr (sizeof(InT) == 4 && sizeof(WT) == 4)
+        vector = p.ca % 4 == 0 && p.cb % 4 == 0 && (unsigned long long)a % 16 == 0 &&
+                 (unsigned long long)b % 16 == 0 && (unsigned long long)w % 16 == 0;
+    const int load_k = vector ? 4 * (tid % 4) : tid % BK, load_row = vector ? tid / 4 : tid / BK;
     ConvRow rows[BM / 16];
 #pragma unroll
     for (int i = 0; i < BM / 16; ++i) rows[i] = conv_row(m_block + load_row + 16 * i, p);
+    // This thread's k (first tile + load_k) as a cursor, moved BK a tile: no division in the loop.
+    KCursor at = k_cursor(tiles.first * BK + load_k, ci_total, p.kw);
+
+    // The loads of the cursor's tile into registers (A then B: 4 values each, zero outside)...
+    float a_regs[4], b_regs[4];
+    auto fetch = [&]() {
+        const bool k_valid = at.k < k_total;
+        const int ky = k_valid ? at.ky : 0, kx = k_valid ? at.kx : 0, k = at.k;
+        if (vector) {
+            const float4 av = conv_gather4(rows[0], ky, kx, at.c, k_valid, p, reinterpret_cast<const float*>(a),
+                                           reinterpret_cast<const float*>(b));
+            const int co = n_block + load_row;
+            const float4 bv = k_valid && co < p.out_channels
+                                  ? *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(w) + co * k_total + k)
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+            a_regs[0] = av.x, a_regs[1] = av.y, a_regs[2] = av.z, a_regs[3] = av.w;
+            b_regs[0] = bv.x, b_regs[1] = bv.y, b_regs[2] = bv.z, b_regs[3] = bv.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                a_regs[i] = conv_gather(rows[i], ky, kx, at.c, k_valid, p, a, b);
+                const int co = n_block + load_row + 16 * i;
+                b_regs[i] = (k_valid && co < p.out_channels) ? to_float(w[co * k_total + k]) : 0.0f;
+            }
+        }
+        advance_k(at, BK, ci_total, p.kw);
+    };
+    // ...and their store into stage s (k-major, as the product reads them).
+    auto stash = [&](int s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int kk = vector ? load_k + i : load_k, row = vector ? load_row : load_row + 16 * i;
+            a_tiles[s][kk][row] = a_regs[i];
+            b_tiles[s][kk][row] = b_regs[i];
+        }
+    };
 
     // Computing: a 4 x 4 register block, positions along ty, channels along tx (stores coalesce on co).
     const int tx = tid % 16, ty = tid / 16;
     float acc[4][4] = {};
 
-    for (int kt = tiles.first; kt < tiles.first + tiles.count; ++kt) {
-        const int k = kt * BK + load_k;
-        const bool k_valid = k < k_total;
-        const int tap = k_valid ? k / ci_total : 0;
-        const int ci = k_valid ? k - tap * ci_total : 0;
-        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
-#pragma unroll
-        for (int i = 0; i < BM / 16; ++i) a_tile[load_k][load_row + 16 * i] = conv_gather(rows[i], ky, kx, ci, k_valid, p, a, b);
-#pragma unroll
-        for (int i = 0; i < BN / 16; ++i) {
-            const int co = n_block + load_row + 16 * i;
-            b_tile[load_k][load_row + 16 * i] = (k_valid && co < p.out_channels) ? to_float(w[co * k_total + k]) : 0.0f;
-        }
-        __syncthreads();
-        simt_tile_product(a_tile, b_tile, ty, tx, acc);
+    fetch();
+    stash(0);
+    __syncthreads();
+    for (int t = 0; t < tiles.count; ++t) {
+        const bool more = t + 1 < tiles.count;
+        if (more) fetch();  // in flight during the product
+        simt_tile_product(a_tiles[t % 2], b_tiles[t % 2], ty, tx, acc);
+        // Stage (t + 1) % 2 was last read in tile t - 1, before the barrier that ended it.
+        if (more) stash((t + 1) % 2);
         __syncthreads();
     }
 
@@ -182,8 +237,9 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
                                                            T* __restrict__ dx, float* __restrict__ partials,
                                                            const ConvParams p, int accumulate) {
     using namespace simt;
-    __shared__ __align__(16) float a_tile[BK][BM + PAD];
-    __shared__ __align__(16) float b_tile[BK][BN + PAD];
+    // Two stages, as the forward's.
+    __shared__ __align__(16) float a_tiles[2][BK][BM + PAD];
+    __shared__ __align__(16) float b_tiles[2][BK][BN + PAD];
 
     const int tid = threadIdx.x;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
@@ -194,7 +250,15 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
     const int plane = p.in_h * p.in_w;
     const int positions = p.batch * plane;
 
-    const int load_k = tid % BK, load_row = tid / BK;
+    // Loading. Vector (f32, Co and Ci multiples of 4, 16-byte aligned dout and weights): A, 4
+    // consecutive k (4 output channels at one tap: contiguous in dout) of row tid / 4 as a float4;
+    // B, 4 consecutive input channels of k row tid / 16 (contiguous in w). Otherwise element by
+    // element: A one k column, rows load_row + 16 i; B lanes along ci (a warp reads whole sectors).
+    bool vector = false;
+    if constexpr (sizeof(T) == 4)
+        vector = p.out_channels % 4 == 0 && ci_total % 4 == 0 && (unsigned long long)dout % 16 == 0 &&
+                 (unsigned long long)w % 16 == 0;
+    const int load_k = vector ? 4 * (tid % 4) : tid % BK, load_row = vector ? tid / 4 : tid / BK;
     // This thread's dx rows: sample and padded coordinates (iy + pad_top, ix + pad_left).
     int row_n[BM / 16], row_y[BM / 16], row_x[BM / 16];
     bool row_ok[BM / 16];
@@ -208,40 +272,77 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
         row_y[i] = rest / p.in_w + p.pad_top;
         row_x[i] = rest % p.in_w + p.pad_left;
     }
+    // The cursors of A's k (this thread's column) and of the vector B's k row, moved BK a tile.
+    const int b_row = tid / 16, b_col = 4 * (tid % 16);
+    KCursor a_at = k_cursor(tiles.first * BK + load_k, p.out_channels, p.kw);
+    KCursor b_at = k_cursor(tiles.first * BK + b_row, p.out_channels, p.kw);
+    // Where dout holds row i's value at (tap ky, kx, channel co): -1 where the tap skips the row.
+    auto dout_at = [&](int i, int ky, int kx, int co) -> long long {
+        const int ty_ = row_y[i] - ky, tx_ = row_x[i] - kx;
+        if (!row_ok[i] || ty_ < 0 || tx_ < 0 || ty_ % p.stride != 0 || tx_ % p.stride != 0) return -1;
+        const int oy = ty_ / p.stride, ox = tx_ / p.stride;
+        if (oy >= p.out_h || ox >= p.out_w) return -1;
+        return ((long long)(row_n[i] * p.out_h + oy) * p.out_w + ox) * p.out_channels + co;
+    };
+
+    // The loads of tile `kt` into registers...
+    float a_regs[4], b_regs[4];
+    auto fetch = [&](int kt) {
+        const bool k_valid = a_at.k < k_total;
+        if (vector) {
+            const long long source = k_valid ? dout_at(0, a_at.ky, a_at.kx, a_at.c) : -1;
+            const float4 av = source >= 0 ? *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(dout) + source)
+                                          : make_float4(0.f, 0.f, 0.f, 0.f);
+            const int ci = n_block + b_col;
+            const bool b_valid = b_at.k < k_total && ci < ci_total;
+            const float4 bv =
+                b_valid ? *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(w) +
+                                                            (b_at.c * taps + b_at.tap) * ci_total + ci)
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+            a_regs[0] = av.x, a_regs[1] = av.y, a_regs[2] = av.z, a_regs[3] = av.w;
+            b_regs[0] = bv.x, b_regs[1] = bv.y, b_regs[2] = bv.z, b_regs[3] = bv.w;
+            advance_k(b_at, BK, p.out_channels, p.kw);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const long long source = k_valid ? dout_at(i, a_at.ky, a_at.kx, a_at.c) : -1;
+                a_regs[i] = source >= 0 ? to_float(dout[source]) : 0.0f;
+                // B element tid + THREADS i of the tile: k row e / BN, input channel e % BN.
+                const int e = tid + THREADS * i, kb = kt * BK + e / BN, ci = n_block + e % BN;
+                const int tap_b = kb / p.out_channels, co_b = kb - tap_b * p.out_channels;
+                b_regs[i] = (kb < k_total && ci < ci_total) ? to_float(w[(co_b * taps + tap_b) * ci_total + ci]) : 0.0f;
+            }
+        }
+        advance_k(a_at, BK, p.out_channels, p.kw);
+    };
+    // ...and their store into stage s.
+    auto stash = [&](int s) {
+        if (vector) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a_tiles[s][load_k + i][load_row] = a_regs[i];
+            *reinterpret_cast<float4*>(&b_tiles[s][b_row][b_col]) = make_float4(b_regs[0], b_regs[1], b_regs[2], b_regs[3]);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                a_tiles[s][load_k][load_row + 16 * i] = a_regs[i];
+                const int e = tid + THREADS * i;
+                b_tiles[s][e / BN][e % BN] = b_regs[i];
+            }
+        }
+    };
 
     const int tx = tid % 16, ty = tid / 16;
     float acc[4][4] = {};
 
-    for (int kt = tiles.first; kt < tiles.first + tiles.count; ++kt) {
-        const int k0 = kt * BK;
-        const int k = k0 + load_k;
-        const bool k_valid = k < k_total;
-        const int tap = k_valid ? k / p.out_channels : 0;
-        const int co = k_valid ? k - tap * p.out_channels : 0;
-        const int ky = tap / p.kw, kx = tap - (tap / p.kw) * p.kw;
-#pragma unroll
-        for (int i = 0; i < BM / 16; ++i) {
-            const int ty_ = row_y[i] - ky, tx_ = row_x[i] - kx;
-            float value = 0.0f;
-            if (row_ok[i] && k_valid && ty_ >= 0 && tx_ >= 0 && ty_ % p.stride == 0 && tx_ % p.stride == 0) {
-                const int oy = ty_ / p.stride, ox = tx_ / p.stride;
-                if (oy < p.out_h && ox < p.out_w)
-                    value = to_float(dout[((row_n[i] * p.out_h + oy) * p.out_w + ox) * p.out_channels + co]);
-            }
-            a_tile[load_k][load_row + 16 * i] = value;
-        }
-        // B (w transposed): lanes along ci, contiguous in w [Co][kh][kw][Ci], so a warp reads whole
-        // sectors (lanes along k would each read one element 4 Ci bytes from the next).
-#pragma unroll
-        for (int e = tid; e < BK * BN; e += THREADS) {
-            const int kk = e / BN, col = e % BN;
-            const int kb = k0 + kk, ci = n_block + col;
-            const int tap_b = kb / p.out_channels, co_b = kb - tap_b * p.out_channels;
-            b_tile[kk][col] =
-                (kb < k_total && ci < ci_total) ? to_float(w[(co_b * taps + tap_b) * ci_total + ci]) : 0.0f;
-        }
-        __syncthreads();
-        simt_tile_product(a_tile, b_tile, ty, tx, acc);
+    fetch(tiles.first);
+    stash(0);
+    __syncthreads();
+    for (int t = 0; t < tiles.count; ++t) {
+        const bool more = t + 1 < tiles.count;
+        if (more) fetch(tiles.first + t + 1);  // in flight during the product
+        simt_tile_product(a_tiles[t % 2], b_tiles[t % 2], ty, tx, acc);
+        // Stage (t + 1) % 2 was last read in tile t - 1, before the barrier that ended it.
+        if (more) stash((t + 1) % 2);
         __syncthreads();
     }
 

@@ -129,35 +129,6 @@ __device__ __forceinline__ void warp_tile_mma(float (&acc)[M][N][4], const unsig
         for (int j = 0; j < N; ++j) mma_m16n8k16<WT>(acc[i][j], a_frag[i], b_frag[j][0], b_frag[j][1]);
 }
 
-// Where one k of the implicit GEMM is (k = tap * channels + c, tap = ky * kw + kx), kept by a loader
-// thread as its K loop moves BK at a time: two divisions when the block starts instead of two (one
-// per B row in the input gradient) at every k-tile. A division by a run-time value is about 20
-// instructions on the GPU, and the loaders' instructions are what bounds these kernels' issue
-// (examples/emulator_memory_traffic.rs); the vector loaders use it.
-struct KCursor {
-    int k, c, tap, ky, kx;
-};
-
-__device__ __forceinline__ KCursor k_cursor(int k, int channels, int kw) {
-    const int tap = k / channels;
-    const int ky = tap / kw;
-    return KCursor{k, k - tap * channels, tap, ky, tap - ky * kw};
-}
-
-// Moves the cursor `step` further along K (past K's end it keeps counting; k says so).
-__device__ __forceinline__ void advance_k(KCursor& at, int step, int channels, int kw) {
-    at.k += step;
-    at.c += step;
-    while (at.c >= channels) {
-        at.c -= channels;
-        ++at.tap;
-        if (++at.kx == kw) {
-            at.kx = 0;
-            ++at.ky;
-        }
-    }
-}
-
 // The pixels a vector loader's A rows read at one tap (-1: padding, skipped, or past M), kept while
 // its cursor stays on that tap: the window arithmetic runs once a tap (every channels / BK
 // k-tiles), not at every k-tile. (Forward: input pixels; input gradient: dout pixels.)

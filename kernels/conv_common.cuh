@@ -68,6 +68,36 @@ __device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, i
 }
 
 // ---------------------------------------------------------------------------------------------
+// Where one k of the implicit GEMM is (k = tap * channels + c, tap = ky * kw + kx), kept by a loader
+// thread as its K loop moves BK at a time: two divisions when the block starts instead of two (one
+// per B row in the input gradient) at every k-tile. A division by a run-time value is about 20
+// instructions on the GPU, and the loaders' instructions are what bounds these kernels' issue
+// (examples/emulator_memory_traffic.rs); the vector loaders and conv2d.cu's SIMT loader use it.
+struct KCursor {
+    int k, c, tap, ky, kx;
+};
+
+__device__ __forceinline__ KCursor k_cursor(int k, int channels, int kw) {
+    const int tap = k / channels;
+    const int ky = tap / kw;
+    return KCursor{k, k - tap * channels, tap, ky, tap - ky * kw};
+}
+
+// Moves the cursor `step` further along K (past K's end it keeps counting; k says so).
+__device__ __forceinline__ void advance_k(KCursor& at, int step, int channels, int kw) {
+    at.k += step;
+    at.c += step;
+    while (at.c >= channels) {
+        at.c -= channels;
+        ++at.tap;
+        if (++at.kx == kw) {
+            at.kx = 0;
+            ++at.ky;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Split-K (versions 1 and 3): a block's k-tiles of `bk`, [first, first + count): all T of them, or
 // (PARTIAL) slice z of gridDim.z: [z T / Z, (z + 1) T / Z) (the launcher keeps Z <= T: none empty).
 struct KTiles {
