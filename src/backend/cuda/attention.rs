@@ -250,8 +250,8 @@ impl AttentionKernels {
 
 /// The version `launch_attention` runs: tensor cores for bf16/f16 when loaded and the shape allows
 /// it, else the SIMT kernel; either with the keys split when its grid leaves SMs idle and the
-/// workspace holds the parts (at most one part per SM's worth of blocks, each at least
-/// `MIN_SPLIT_TILES` key tiles).
+/// workspace holds the parts (enough parts for about two blocks an SM, as split-K convolutions
+/// aim at, each part at least `MIN_SPLIT_TILES` key tiles).
 pub fn attention_version(
     args: &AttentionLaunch,
     has_tensor_cores: bool,
@@ -266,7 +266,7 @@ pub fn attention_version(
     let Some(ws) = workspace else { return unsplit };
     let blocks = args.positions.div_ceil(queries) * args.batch;
     let tiles = args.positions.div_ceil(keys);
-    let mut splits = ws.multiprocessors.div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES);
+    let mut splits = (2 * ws.multiprocessors).div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES);
     while splits > 1 && args.split_bytes(splits) > ws.bytes {
         splits -= 1;
     }
@@ -510,7 +510,7 @@ pub fn backward_splits(
     };
     let blocks = f.positions.div_ceil(block_rows) * f.batch;
     let tiles = f.positions.div_ceil(stream_rows);
-    let mut splits = ws.multiprocessors.div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES).max(1);
+    let mut splits = (2 * ws.multiprocessors).div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES).max(1);
     while splits > 1 && args.split_bytes(splits) > ws.bytes {
         splits -= 1;
     }
