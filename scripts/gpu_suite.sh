@@ -195,8 +195,10 @@ benchmarks() {
   # f32 last, with 3 repeats (one f32 purification at t* 100, batch 64 is 5 s on an H200: 10 of
   # them ran the first run's step out of its 60 s).
   # The kernels' start-up (every file compiled by NVRTC, then read from the cache) is measured in
-  # the first call only (tens of seconds of NVRTC); the others --skip-start-up.
-  bench "$LARGE-bf16" 180 --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient \
+  # the first call only (tens of seconds of NVRTC); the others --skip-start-up. The first call's
+  # per-op profile is at batch 256 (TARGET_PROFILE_BATCH), where the forward + VJP target is set.
+  PROFILE_BATCH=$TARGET_PROFILE_BATCH bench "$LARGE-bf16" 180 --config "$LARGE" --precision bf16 --modes none \
+    --skip-attack-gradient \
     "${baseline[@]}" ${baseline:+--baseline-variants eager,graphs}
   BATCHES=1 REPEATS=3 PROFILE_BATCH=1 bench "$LARGE-bf16-guided" 120 --config "$LARGE" --precision bf16 \
     --modes pixel,adversarial --skip-start-up "${baseline[@]}" ${baseline:+--baseline-variants eager}
@@ -221,6 +223,7 @@ case "$MODE" in
   build) build ;;
   run|checks|bench)
     DEVICE=cuda LIMIT_SCALE=1 LARGE=cifar10 T_STAR=100 PURIFY_BATCH=64 PROFILE_BATCH=64 BATCHES=1,16,64,256 REPEATS=10
+    TARGET_PROFILE_BATCH=256
     SPLIT_BATCHES=1,16 WIDE_BATCHES=64,256 COMPILE_BATCHES=256
     if [ "$MODE" = run ]; then PHASES=checks,bench REPORT=gpu-suite; else PHASES=$MODE REPORT=gpu-suite-$MODE; fi
     run "${2:-540}" ;;
@@ -228,6 +231,7 @@ case "$MODE" in
     # Here, without a GPU: the same steps on the PTX emulator, tiny sizes, no baseline.
     # The emulator is some thousand times slower than a GPU: each step gets 6 times its limit.
     DEVICE=emulator LIMIT_SCALE=6 LARGE=cifar10-small T_STAR=1 PURIFY_BATCH=1 PROFILE_BATCH=1 BATCHES=1 REPEATS=1
+    TARGET_PROFILE_BATCH=1
     SPLIT_BATCHES=1 WIDE_BATCHES=2 COMPILE_BATCHES=1
     OUT="${OUT:-$ROOT/target/gpu-suite-smoke}" PHASES=checks,bench REPORT=gpu-suite
     run "${2:-3600}" ;;
