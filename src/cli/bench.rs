@@ -608,20 +608,16 @@ fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Pa
         .arg(&tensors_path)
         .spawn()
         .map_err(|e| Error::invalid(format!("--baseline: cannot run {}: {e}", python.display())))?;
-    let stopped_after = match wait_for_baseline(child, args.baseline_timeout)? {
-        BaselineEnd::Finished => None,
-        BaselineEnd::Stopped(seconds) => Some(seconds),
-    };
-    let text = match std::fs::read_to_string(&json_path) {
-        Ok(text) => text,
-        Err(_) if stopped_after.is_some() => {
+    let stopped_after = wait_for_baseline(child, args.baseline_timeout)?;
+    let text = match (std::fs::read_to_string(&json_path), stopped_after) {
+        (Ok(text), _) => text,
+        (Err(_), Some(seconds)) => {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(Error::invalid(format!(
-                "the PyTorch baseline was stopped by --baseline-timeout after {:.0} s before it timed anything",
-                stopped_after.unwrap_or_default()
+                "the PyTorch baseline was stopped by --baseline-timeout after {seconds:.0} s before it timed anything"
             )));
         }
-        Err(e) => return Err(Error::io(&json_path, e)),
+        (Err(e), None) => return Err(Error::io(&json_path, e)),
     };
     let mut report: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::invalid(format!("baseline JSON: {e}")))?;
@@ -647,15 +643,10 @@ fn run_baseline<B: Backend>(b: &B, unet: &Unet<B>, args: &BenchArgs, python: &Pa
     Ok(report)
 }
 
-enum BaselineEnd {
-    Finished,
-    /// Killed at --baseline-timeout, after this many seconds.
-    Stopped(f64),
-}
-
-/// Waits for the baseline; with a timeout, kills it when that passes. A baseline that fails on
-/// its own is an error (its message is above, on stderr).
-fn wait_for_baseline(mut child: std::process::Child, timeout: Option<f64>) -> Result<BaselineEnd> {
+/// Waits for the baseline; with a timeout, kills it when that passes and returns the seconds it
+/// ran (None: it finished). A baseline that fails on its own is an error (its message is above,
+/// on stderr).
+fn wait_for_baseline(mut child: std::process::Child, timeout: Option<f64>) -> Result<Option<f64>> {
     let start = std::time::Instant::now();
     let failed = |e: std::io::Error| Error::invalid(format!("the PyTorch baseline: {e}"));
     loop {
@@ -663,13 +654,13 @@ fn wait_for_baseline(mut child: std::process::Child, timeout: Option<f64>) -> Re
             if !status.success() {
                 return Err(Error::invalid(format!("the PyTorch baseline failed ({status}); its error is above")));
             }
-            return Ok(BaselineEnd::Finished);
+            return Ok(None);
         }
         let seconds = start.elapsed().as_secs_f64();
         if timeout.is_some_and(|limit| seconds >= limit) {
             child.kill().map_err(failed)?;
             child.wait().map_err(failed)?;
-            return Ok(BaselineEnd::Stopped(seconds));
+            return Ok(Some(seconds));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
