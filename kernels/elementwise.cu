@@ -1,7 +1,6 @@
 // elementwise.cu: the memory-bound ops of the engine: fills, sums, scaled sums, clamps, ReLU, the
-// per-channel affine map, the classifiers' option-A shortcut and pooling, nearest x2 upsampling and
-// channel concatenation (the two the UNet folds into its convolutions; here for the backward and
-// for tests), and dtype conversion.
+// per-channel affine map, the classifiers' option-A shortcut and pooling, nearest x2 upsampling (which
+// the UNet folds into its convolutions; here for its backward and for tests), and dtype conversion.
 //
 // Layout: 4-D tensors NHWC (the channel of element i is i % C), other tensors row-major.
 // Precision: every operand's storage type is a run-time code (DTYPE_F32/F16/BF16, common.cuh), so
@@ -172,36 +171,5 @@ extern "C" __global__ void upsample_nearest2x_backward(const void* dout, int dt_
                 g += load_dyn(dout, dt_dout,
                               (((long long)n * 2 * height + 2 * y + dy) * 2 * width + 2 * x + dx_) * channels + c);
         store_grad(dx, dt_dx, i, g, accumulate);
-    }
-}
-
-// out (P x (Ca + Cb)) = concat(a (P x Ca), b (P x Cb)) along the last (channel) axis; P = N*H*W.
-extern "C" __global__ void concat_channels(const void* a, int dt_a, const void* b, int dt_b, void* out, int dt_out,
-                                           long long pixels, int ca, int cb) {
-    const int c_out = ca + cb;
-    GRID_STRIDE_LOOP(i, pixels * c_out) {
-        const long long p = i / c_out;
-        const int c = (int)(i % c_out);
-        const float v = c < ca ? load_dyn(a, dt_a, p * ca + c) : load_dyn(b, dt_b, p * cb + (c - ca));
-        store_dyn(out, dt_out, i, v);
-    }
-}
-
-// da = dout[..., :Ca], db = dout[..., Ca:] (or += where accumulate_a, accumulate_b).
-extern "C" __global__ void concat_channels_backward(const void* dout, int dt_dout, void* da, int dt_da, void* db,
-                                                    int dt_db, long long pixels, int ca, int cb, int accumulate_a,
-                                                    int accumulate_b) {
-    const int c_out = ca + cb;
-    GRID_STRIDE_LOOP(i, pixels * c_out) {
-        const long long p = i / c_out;
-        const int c = (int)(i % c_out);
-        const float g = load_dyn(dout, dt_dout, i);
-        if (c < ca) {
-            const long long j = p * ca + c;
-            store_grad(da, dt_da, j, g, accumulate_a);
-        } else {
-            const long long j = p * cb + (c - ca);
-            store_grad(db, dt_db, j, g, accumulate_b);
-        }
     }
 }

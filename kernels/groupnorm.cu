@@ -33,10 +33,13 @@
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
 //                            a sector used): normalise, affine, SiLU, one rounding.
 //
-// Backward (src/backend/cpu/norm.rs `backward` is the reference), on one-source x (the caller splits
-// a concat's gradient), stats from the forward, dx written or accumulated (`accumulate`):
+// Backward (src/backend/cpu/norm.rs `backward` is the reference), on x read as the forward read it
+// (two sources in place), stats from the forward:
 //   xhat = (x - mean) rstd,  g = dout * silu'(xhat gamma + beta)? * gamma,
-//   dx (+)= rstd (g - mean_group(g) - xhat mean_group(g xhat))
+//   dx = rstd (g - mean_group(g) - xhat mean_group(g xhat)) + plus?
+// stored split like x (channels c < Ca into dx_a, the rest into dx_b), each written or accumulated
+// (its own `accumulate`): the UNet's skip concat and the residual or shortcut gradient `plus` cost
+// no tensor and no pass of their own (a concat, a split and an add once did; ../src/model/unet.rs).
 // Two kernels, the same chunking and vectors as the forward (batch 1 fills the device):
 //   groupnorm_backward_partial   grid (chunks, G / groups_per_block, N): f32 sums of g and g xhat over
 //                                a slice of pixels; the last block of a (sample, group slice) then
@@ -365,7 +368,7 @@ __device__ __forceinline__ float* group_means(const float* partials, const Group
 // Group ng's two means (of g and of g xhat) from its sums over the whole group.
 __device__ __forceinline__ void store_group_means(float* partials, int ng, double sum_g, double sum_g_xhat,
                                                   const GroupNormShape& s) {
-    const double len = (double)s.pixels * (s.ca / s.groups);
+    const double len = (double)s.pixels * ((s.ca + s.cb) / s.groups);
     float* means = group_means(partials, s) + ng * 2;
     means[0] = (float)(sum_g / len);
     means[1] = (float)(sum_g_xhat / len);
@@ -388,12 +391,13 @@ __device__ __forceinline__ void finalize_group_means(float* partials, int ng, co
 // The backward's partial sums of one vector width; one chunk a (sample, group slice) stores the
 // means itself, as the forward's stats (the same bits as the finalizing warp).
 template <int VEC>
-__device__ __forceinline__ void backward_partial(const void* x, int dt_x, const void* dout, int dt_dout,
-                                                 const float* stats, const float* gamma, const float* beta, int silu,
-                                                 float* partials, unsigned* arrivals, const GroupNormShape& s,
-                                                 float* part, float* sums_g, float* sums_g_xhat) {
+__device__ __forceinline__ void backward_partial(const void* a, int dt_a, const void* b, int dt_b, const void* dout,
+                                                 int dt_dout, const float* stats, const float* gamma,
+                                                 const float* beta, int silu, float* partials, unsigned* arrivals,
+                                                 const GroupNormShape& s, float* part, float* sums_g,
+                                                 float* sums_g_xhat) {
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
-    const int channels = s.ca, cpg = channels / s.groups, width = cpg * gs, c0 = g0 * cpg;
+    const int channels = s.ca + s.cb, cpg = channels / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
     const int first_pixel = n * s.pixels;
     const float* st = stats + (n * s.groups + g0 + slice_group<VEC>(width, cpg, gs)) * 2;
@@ -402,10 +406,9 @@ __device__ __forceinline__ void backward_partial(const void* x, int dt_x, const 
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
     for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int) {
         const int c = c0 + j;
-        const long long i = (long long)(first_pixel + p) * channels + c;
         float xs[VEC], dys[VEC], gms[VEC], bts[VEC];
-        load_dyn_n<VEC>(x, dt_x, i, xs);
-        load_dyn_n<VEC>(dout, dt_dout, i, dys);
+        load_two_source<VEC>(a, dt_a, b, dt_b, first_pixel + p, c, s, xs);
+        load_dyn_n<VEC>(dout, dt_dout, (long long)(first_pixel + p) * channels + c, dys);
         load_dyn_n<VEC>(gamma, DTYPE_F32, c, gms);
         load_dyn_n<VEC>(beta, DTYPE_F32, c, bts);
 #pragma unroll
@@ -432,23 +435,33 @@ __device__ __forceinline__ void backward_partial(const void* x, int dt_x, const 
 }
 
 extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
-    const void* x, int dt_x, const void* dout, int dt_dout, const float* stats, const float* gamma,
-    const float* beta, int silu, float* partials, unsigned* arrivals, int vec, GroupNormShape s) {
+    const void* a, int dt_a, const void* b, int dt_b, const void* dout, int dt_dout, const float* stats,
+    const float* gamma, const float* beta, int silu, float* partials, unsigned* arrivals, int vec, GroupNormShape s) {
     __shared__ float part[1024], sums_g[32], sums_g_xhat[32];
 #define PARTIAL(VEC)                                                                                          \
-    backward_partial<VEC>(x, dt_x, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, s, part, sums_g, \
-                          sums_g_xhat)
+    backward_partial<VEC>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, s, part, \
+                          sums_g, sums_g_xhat)
     DISPATCH_VEC(vec, PARTIAL)
 #undef PARTIAL
 }
 
+// Where the apply kernel stores dx: x's channels c < Ca into `a`, the rest into `b` (each its own
+// storage type and `accumulate`), with `plus` (whole-input shape; null: none) added first.
+struct GradientSplit {
+    void* a;
+    void* b;
+    const void* plus;
+    int dt_a, dt_b, dt_plus;
+    int accumulate_a, accumulate_b;
+};
+
 template <int VEC>
-__device__ __forceinline__ void groupnorm_backward_apply_vec(const void* x, int dt_x, const void* dout, int dt_dout,
-                                                             const float* stats, const float* gamma,
-                                                             const float* beta, int silu, const float* partials,
-                                                             void* dx, int dt_dx, int accumulate,
+__device__ __forceinline__ void groupnorm_backward_apply_vec(const void* a, int dt_a, const void* b, int dt_b,
+                                                             const void* dout, int dt_dout, const float* stats,
+                                                             const float* gamma, const float* beta, int silu,
+                                                             const float* partials, const GradientSplit& dx,
                                                              const GroupNormShape& s) {
-    const int channels = s.ca;
+    const int channels = s.ca + s.cb;
     VECTOR_LOOP(v, channels, VEC, s) {
         const ChannelVector cv = channel_vector<VEC>(v, channels, s);
         const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
@@ -456,7 +469,7 @@ __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* x, int 
         const float mean_g = means[0], mean_g_xhat = means[1];
         const long long first = (long long)cv.pixel * channels + cv.c0;
         float xs[VEC], grad[VEC], gs[VEC], bs[VEC];
-        load_dyn_n<VEC>(x, dt_x, first, xs);
+        load_two_source<VEC>(a, dt_a, b, dt_b, cv.pixel, cv.c0, s, xs);
         load_dyn_n<VEC>(dout, dt_dout, first, grad);
         load_dyn_n<VEC>(gamma, DTYPE_F32, cv.c0, gs);
         load_dyn_n<VEC>(beta, DTYPE_F32, cv.c0, bs);
@@ -465,17 +478,26 @@ __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* x, int 
             const float2 at = groupnorm_grad_at(xs[k], grad[k], mean, rstd, gs[k], bs[k], silu);
             grad[k] = rstd * (at.y - mean_g - at.x * mean_g_xhat);
         }
-        store_grad_n<VEC>(dx, dt_dx, first, grad, accumulate);
+        if (dx.plus) {
+            float more[VEC];
+            load_dyn_n<VEC>(dx.plus, dx.dt_plus, first, more);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) grad[k] += more[k];
+        }
+        // (VEC divides Ca: a vector lies in one source.)
+        if (cv.c0 < s.ca)
+            store_grad_n<VEC>(dx.a, dx.dt_a, (long long)cv.pixel * s.ca + cv.c0, grad, dx.accumulate_a);
+        else
+            store_grad_n<VEC>(dx.b, dx.dt_b, (long long)cv.pixel * s.cb + (cv.c0 - s.ca), grad, dx.accumulate_b);
     }
 }
 
-extern "C" __global__ void groupnorm_backward_apply(const void* x, int dt_x, const void* dout, int dt_dout,
-                                                    const float* stats, const float* gamma, const float* beta,
-                                                    int silu, const float* partials, void* dx, int dt_dx, int vec,
-                                                    int accumulate, GroupNormShape s) {
-#define APPLY(VEC)                                                                                              \
-    groupnorm_backward_apply_vec<VEC>(x, dt_x, dout, dt_dout, stats, gamma, beta, silu, partials, dx, dt_dx, \
-                                      accumulate, s)
+extern "C" __global__ void groupnorm_backward_apply(const void* a, int dt_a, const void* b, int dt_b, const void* dout,
+                                                    int dt_dout, const float* stats, const float* gamma,
+                                                    const float* beta, int silu, const float* partials,
+                                                    GradientSplit dx, int vec, GroupNormShape s) {
+#define APPLY(VEC) \
+    groupnorm_backward_apply_vec<VEC>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, dx, s)
     DISPATCH_VEC(vec, APPLY)
 #undef APPLY
 }

@@ -8,7 +8,8 @@
 use purifier::backend::cpu::{rng, CpuBackend, CpuTensor};
 use purifier::backend::GradientStore::{Add, Write};
 use purifier::backend::{
-    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, StepColumn, StepSource, STEP_COLUMNS,
+    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerGradient, LayerInput, StepColumn, StepSource,
+    STEP_COLUMNS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -37,6 +38,17 @@ impl TestRng {
 
 fn zeros(shape: &[usize]) -> CpuTensor {
     CpuTensor::new(shape, vec![0.0; shape.iter().product()])
+}
+
+/// (x[:, :k], x[:, k:]) of an N x C x H x W tensor.
+fn split_channels(x: &CpuTensor, k: usize) -> (CpuTensor, CpuTensor) {
+    let &[n, c, h, w] = &x.shape[..] else { panic!("split_channels: {:?} is not N x C x H x W", x.shape) };
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    for sample in x.data.chunks(c * h * w) {
+        head.extend_from_slice(&sample[..k * h * w]);
+        tail.extend_from_slice(&sample[k * h * w..]);
+    }
+    (CpuTensor::new(&[n, k, h, w], head), CpuTensor::new(&[n, c - k, h, w], tail))
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -331,7 +343,8 @@ fn group_norm_matches_reference_and_its_backward_matches_finite_differences() {
                 out
             };
             let backward = |dout: &CpuTensor, dx: &mut CpuTensor| {
-                backend.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, dout, dx, Add)
+                let x = LayerInput::one(&x);
+                backend.group_norm_backward(x, &gamma, &beta, &stats, groups, silu, dout, LayerGradient::one(dx, Add))
             };
             check_vjp(
                 &format!("group_norm {shape:?} groups {groups} silu {silu}"),
@@ -339,6 +352,42 @@ fn group_norm_matches_reference_and_its_backward_matches_finite_differences() {
                 &x,
                 &forward,
                 &backward,
+                1e-2,
+                5e-4,
+            );
+
+            // Read as a concat of its first channel and the rest (the groups straddling the two):
+            // the gradient with respect to each source.
+            let [n, c, h, w] = shape;
+            let (head, tail) = split_channels(&x, 1);
+            let concat_forward = |head: &CpuTensor, tail: &CpuTensor| {
+                let mut out = zeros(&shape);
+                let mut stats = zeros(&[n, groups, 2]);
+                let input = LayerInput::concat(head, tail);
+                backend.group_norm(input, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+                out
+            };
+            let concat_backward = |dout: &CpuTensor, dhead: &mut CpuTensor, dtail: &mut CpuTensor| {
+                let input = LayerInput::concat(&head, &tail);
+                let dx = LayerGradient::concat(dhead, Add, dtail, Add);
+                backend.group_norm_backward(input, &gamma, &beta, &stats, groups, silu, dout, dx)
+            };
+            let what = format!("group_norm of a concat {shape:?} groups {groups} silu {silu}");
+            check_vjp(
+                &format!("{what}: first source"),
+                &mut rng,
+                &head,
+                &|head| concat_forward(head, &tail),
+                &|g, d| concat_backward(g, d, &mut zeros(&[n, c - 1, h, w])),
+                1e-2,
+                5e-4,
+            );
+            check_vjp(
+                &format!("{what}: second source"),
+                &mut rng,
+                &tail,
+                &|tail| concat_forward(&head, tail),
+                &|g, d| concat_backward(g, &mut zeros(&[n, 1, h, w]), d),
                 1e-2,
                 5e-4,
             );
@@ -522,8 +571,11 @@ fn layout_ops_forward_values() {
     }
 
     let b = rng.tensor(&[2, 4, 3, 5]);
+    // The concat a LayerInput reads, through a 1x1 convolution with identity weights.
     let mut cat = rng.tensor(&[2, 7, 3, 5]);
-    backend.concat_channels(&x, &b, &mut cat);
+    let identity = CpuTensor::new(&[7, 7, 1, 1], (0..49).map(|i| if i % 8 == 0 { 1.0 } else { 0.0 }).collect());
+    let one_by_one = Conv2dGeometry { stride: 1, pad_top: 0, pad_left: 0, pad_bottom: 0, pad_right: 0 };
+    backend.conv2d(LayerInput::concat(&x, &b), &identity, None, one_by_one, ConvEpilogue::default(), &mut cat);
     for n in 0..2 {
         for c in 0..7 {
             for y in 0..3 {
@@ -621,27 +673,6 @@ fn layout_ops_backward_match_finite_differences() {
             step,
             tolerance,
         );
-
-        // concat: checked through each input in turn.
-        let other = rng.tensor(&[n, 2, h, w]);
-        let cat_a = |a: &CpuTensor| {
-            let mut out = zeros(&[n, c + 2, h, w]);
-            backend.concat_channels(a, &other, &mut out);
-            out
-        };
-        let back_a = |g: &CpuTensor, d: &mut CpuTensor| {
-            backend.concat_channels_backward(g, d, &mut zeros(&[n, 2, h, w]), [Add, Add])
-        };
-        check_vjp("concat_channels a", &mut rng, &x, &cat_a, &back_a, step, tolerance);
-        let cat_b = |b: &CpuTensor| {
-            let mut out = zeros(&[n, 2 + c, h, w]);
-            backend.concat_channels(&other, b, &mut out);
-            out
-        };
-        let back_b = |g: &CpuTensor, d: &mut CpuTensor| {
-            backend.concat_channels_backward(g, &mut zeros(&[n, 2, h, w]), d, [Add, Add])
-        };
-        check_vjp("concat_channels b", &mut rng, &x, &cat_b, &back_b, step, tolerance);
     }
 }
 
@@ -925,7 +956,8 @@ fn results_do_not_depend_on_thread_count() {
         let (gamma, beta) = (rng.tensor(&[16]), rng.tensor(&[16]));
         let (mut norm, mut stats) = (zeros(&x.shape), zeros(&[2, 4, 2]));
         backend.group_norm(LayerInput::one(&x), &gamma, &beta, 4, 1e-6, true, &mut norm, &mut stats);
-        backend.group_norm_backward(&x, &gamma, &beta, &stats, 4, true, &norm, &mut dx, Add);
+        let input = LayerInput::one(&x);
+        backend.group_norm_backward(input, &gamma, &beta, &stats, 4, true, &norm, LayerGradient::one(&mut dx, Add));
         let (mut att, mut lse) = (zeros(&x.shape), zeros(&[2, 144]));
         backend.attention(&x, &norm, &dx, &mut att, &mut lse);
         let (mut dq, mut dk, mut dv) = (zeros(&x.shape), zeros(&x.shape), zeros(&x.shape));

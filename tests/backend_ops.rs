@@ -16,8 +16,8 @@ use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::GradientStore::{self, Add, Write};
 use purifier::backend::{
-    step_table_u64, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerInput, Precision, StepColumn,
-    StepSource, TensorShape, STEP_COLUMNS,
+    step_table_u64, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerGradient, LayerInput, Precision,
+    StepColumn, StepSource, TensorShape, STEP_COLUMNS,
 };
 use purifier::driver::emulated::EmulatedDriver;
 
@@ -286,22 +286,6 @@ fn channel_and_layout_ops<B: Backend>(b: &B, dtype: Precision) {
         h.cpu.upsample_nearest2x_backward(&dup_r, &mut dux_r, store);
         h.check(&format!("upsample_nearest2x_backward ({store:?})"), &dux, &dux_r);
     }
-
-    let (skip, skip_r) = h.input(&[n, 4, hh, w]);
-    let (mut cat, mut cat_r) = h.output(&[n, c + 4, hh, w]);
-    b.concat_channels(&x, &skip, &mut cat);
-    h.cpu.concat_channels(&xr, &skip_r, &mut cat_r);
-    h.check("concat_channels", &cat, &cat_r);
-    let (dcat, dcat_r) = h.input_f32(&[n, c + 4, hh, w]);
-    // Each side as the UNet meets them: either may be the first gradient to reach its tensor.
-    for stores in [[Add, Add], [Write, Add], [Add, Write], [Write, Write]] {
-        let (mut da, mut da_r) = gradient(&mut h, &[n, c, hh, w], Precision::F32, stores[0]);
-        let (mut db, mut db_r) = gradient(&mut h, &[n, 4, hh, w], Precision::F32, stores[1]);
-        b.concat_channels_backward(&dcat, &mut da, &mut db, stores);
-        h.cpu.concat_channels_backward(&dcat_r, &mut da_r, &mut db_r, stores);
-        h.check(&format!("concat_channels_backward a ({stores:?})"), &da, &da_r);
-        h.check(&format!("concat_channels_backward b ({stores:?})"), &db, &db_r);
-    }
 }
 test_device!(channel_and_layout, channel_and_layout_ops, ALL_DTYPES);
 
@@ -406,19 +390,25 @@ test_device!(group_norm, group_norm_op, ALL_DTYPES);
 
 fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm_backward");
-    // (N, C, groups, H, W): the UNet's 32 groups (at 16x16 and 8x8, batch 1 and 3), one group, an odd
-    // size, 8, 4 and 33 channels a group (group_norm_op says why): every vector width of the
-    // element-wise kernel; one group of one sample in more chunks than a warp has lanes.
+    // (N, channels of a, channels of b, groups, H, W): the UNet's 32 groups (at 16x16 and 8x8, batch
+    // 1 and 3), one group, an odd size, 8, 4 and 33 channels a group (group_norm_op says why):
+    // every vector width of the element-wise kernel; one group of one sample in more chunks than a
+    // warp has lanes; concats as the UNet's skips read them (2 and 3 channels a group), with 4
+    // channels a group, and with a group across the two sources (3 channels a group, 8 + 4).
     let cases = [
-        (1, 8, 1, 96, 96),
-        (1, 64, 32, 16, 16),
-        (3, 64, 32, 8, 8),
-        (2, 6, 1, 5, 3),
-        (1, 12, 4, 3, 7),
-        (2, 64, 8, 3, 3),
-        (1, 66, 2, 3, 3),
-        (2, 128, 32, 3, 2),
-        (2, 32, 32, 4, 3),
+        (1, 8, 0, 1, 96, 96),
+        (1, 64, 0, 32, 16, 16),
+        (3, 64, 0, 32, 8, 8),
+        (2, 6, 0, 1, 5, 3),
+        (1, 12, 0, 4, 3, 7),
+        (2, 64, 0, 8, 3, 3),
+        (1, 66, 0, 2, 3, 3),
+        (2, 128, 0, 32, 3, 2),
+        (2, 32, 0, 32, 4, 3),
+        (2, 32, 32, 32, 4, 4),
+        (1, 64, 32, 32, 3, 3),
+        (2, 16, 8, 6, 3, 4),
+        (2, 8, 4, 4, 3, 5),
     ];
     // (dout, dx) storage: f32 as in the plans; dx in the activations' type as where the UNet's plans
     // narrow it (a ResnetBlock's conv1 output gradient); both in it.
@@ -427,26 +417,51 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
     } else {
         vec![(Precision::F32, Precision::F32), (Precision::F32, dtype), (dtype, dtype)]
     };
-    for (n, c, groups, hh, w) in cases {
+    // Each source's store (either may be the first gradient to reach its tensor, as the UNet meets
+    // them), alone and with the other path's gradient added (`plus`: a residual's, f32).
+    let runs = [([Write, Add], false), ([Add, Write], true)];
+    for (n, ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
+            let c = ca + cb;
             let shape = [n, c, hh, w];
-            let (x, xr) = h.input(&shape);
+            let (a, ar) = h.input(&[n, ca, hh, w]);
+            // An offset mean: the statistics must not cancel.
+            let (skip, skip_r) = h.input_as(&[n, cb.max(1), hh, w], dtype, 1.0);
+            let (x, xr) = if cb > 0 {
+                (LayerInput::concat(&a, &skip), LayerInput::concat(&ar, &skip_r))
+            } else {
+                (LayerInput::one(&a), LayerInput::one(&ar))
+            };
             let (gamma, gamma_r) = h.input_f32(&[c]);
             let (beta, beta_r) = h.input_f32(&[c]);
             // The forward's statistics, as the backward gets them.
             let (mut out, mut out_r) = h.output(&shape);
             let (mut stats, mut stats_r) = h.output_as(&[n, groups, 2], Precision::F32);
-            b.group_norm(LayerInput::one(&x), &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
-            h.cpu.group_norm(LayerInput::one(&xr), &gamma_r, &beta_r, groups, 1e-6, silu, &mut out_r, &mut stats_r);
-            let what = format!("group_norm_backward {n}x{c}x{hh}x{w}, {groups} groups, silu {silu}");
+            b.group_norm(x, &gamma, &beta, groups, 1e-6, silu, &mut out, &mut stats);
+            h.cpu.group_norm(xr, &gamma_r, &beta_r, groups, 1e-6, silu, &mut out_r, &mut stats_r);
+            let what = format!("group_norm_backward {n}x({ca}+{cb})x{hh}x{w}, {groups} groups, silu {silu}");
             for &(dout_dtype, dx_dtype) in &grad_dtypes {
                 let (dout, dout_r) = h.input_as(&shape, dout_dtype, 1.0);
-                for store in [Add, Write] {
-                    let (mut dx, mut dx_r) = gradient(&mut h, &shape, dx_dtype, store);
-                    b.group_norm_backward(&x, &gamma, &beta, &stats, groups, silu, &dout, &mut dx, store);
-                    let cpu = &h.cpu;
-                    cpu.group_norm_backward(&xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, &mut dx_r, store);
-                    h.check(&format!("{what}: dx ({dout_dtype} dout, {dx_dtype} dx, {store:?})"), &dx, &dx_r);
+                for (stores, with_plus) in runs {
+                    let (plus, plus_r) = h.input_f32(&shape);
+                    let (mut da, mut da_r) = gradient(&mut h, &[n, ca, hh, w], dx_dtype, stores[0]);
+                    let (mut db, mut db_r) = gradient(&mut h, &[n, cb.max(1), hh, w], dx_dtype, stores[1]);
+                    let (mut dx, mut dx_r) = if cb > 0 {
+                        let dx_r = LayerGradient::concat(&mut da_r, stores[0], &mut db_r, stores[1]);
+                        (LayerGradient::concat(&mut da, stores[0], &mut db, stores[1]), dx_r)
+                    } else {
+                        (LayerGradient::one(&mut da, stores[0]), LayerGradient::one(&mut da_r, stores[0]))
+                    };
+                    if with_plus {
+                        (dx, dx_r) = (dx.plus(&plus), dx_r.plus(&plus_r));
+                    }
+                    b.group_norm_backward(x, &gamma, &beta, &stats, groups, silu, &dout, dx);
+                    h.cpu.group_norm_backward(xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, dx_r);
+                    let run = format!("{dout_dtype} dout, {dx_dtype} dx, {stores:?}, plus {with_plus}");
+                    h.check(&format!("{what}: dx a ({run})"), &da, &da_r);
+                    if cb > 0 {
+                        h.check(&format!("{what}: dx b ({run})"), &db, &db_r);
+                    }
                 }
             }
         }
@@ -920,9 +935,20 @@ fn emulator_backward_ops_report_bad_shapes() {
     let beta = b.zeros(&[4]).unwrap();
     let wrong_stats = b.zeros(&[2, 4, 2]).unwrap();
     let mut dx = b.upload(&[0.25; 2 * 4 * 3 * 3], &[2, 4, 3, 3]).unwrap();
-    b.group_norm_backward(&x, &gamma, &beta, &wrong_stats, 2, true, &x, &mut dx, Add);
+    let one = LayerInput::one(&x);
+    b.group_norm_backward(one, &gamma, &beta, &wrong_stats, 2, true, &x, LayerGradient::one(&mut dx, Add));
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("group_norm_backward: stats") && err.contains("[2, 2, 2]"), "{err}");
+    // A concat's gradient for one tensor's input.
+    let (stats, mut other) = (b.zeros(&[2, 2, 2]).unwrap(), b.zeros(&[2, 4, 3, 3]).unwrap());
+    let split = LayerGradient::concat(&mut dx, Add, &mut other, Add);
+    b.group_norm_backward(one, &gamma, &beta, &stats, 2, true, &x, split);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("group_norm_backward: dx must be split as x is"), "{err}");
+    let wrong_plus = b.zeros(&[2, 8, 3, 3]).unwrap();
+    b.group_norm_backward(one, &gamma, &beta, &stats, 2, true, &x, LayerGradient::one(&mut dx, Add).plus(&wrong_plus));
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("group_norm_backward: plus") && err.contains("[2, 8, 3, 3]"), "{err}");
     let wrong_lse = b.zeros(&[2, 8]).unwrap();
     let (mut dq, mut dk) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 3, 3]).unwrap());
     let (mut row_terms, mut wrong_row_terms) = (b.zeros(&[2, 9]).unwrap(), b.zeros(&[2, 8]).unwrap());

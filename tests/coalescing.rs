@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
-use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision};
+use purifier::backend::{Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerGradient, LayerInput, Precision};
 use purifier::driver::emulated::{EmulatedDriver, KernelTotals};
 
 fn emulator(precision: Precision) -> (Arc<EmulatedDriver>, CudaBackend) {
@@ -73,7 +73,9 @@ fn groupnorm_moves_whole_sectors() {
     // As a narrowed plan calls it: f32 dout, dx in the activations' type.
     let dout = b.upload(&values(len), &shape).unwrap();
     let mut dx = b.zeros_as(&shape, Precision::Bf16).unwrap();
-    b.group_norm_backward(&x, &gamma, &beta, &stats, 32, true, &dout, &mut dx, GradientStore::Write);
+    let input = LayerInput::one(&x);
+    let dx_store = LayerGradient::one(&mut dx, GradientStore::Write);
+    b.group_norm_backward(input, &gamma, &beta, &stats, 32, true, &dout, dx_store);
     b.synchronize().unwrap();
     let totals = driver.kernel_totals(true);
     assert_uses(&totals, "groupnorm_backward_partial", 0.9, 0.0);

@@ -151,6 +151,34 @@ impl<'a, T: TensorShape> LayerInput<'a, T> {
     }
 }
 
+/// Where a backward op puts the gradient of the `LayerInput` it read (not upsampled): `a`'s
+/// channels into `a`, a concat's other channels into `b`, each written or added as its
+/// `GradientStore` says, with `plus` (a gradient of the whole input that reached it by another
+/// path: a residual's, a shortcut's) added on the way. A GPU folds the split and the sum into its
+/// stores, so no concatenated gradient is written and no pass of its own adds the two paths.
+pub struct LayerGradient<'a, T> {
+    pub a: &'a mut T,
+    pub a_store: GradientStore,
+    pub b: Option<(&'a mut T, GradientStore)>,
+    /// Same shape as the whole input (both sources' channels).
+    pub plus: Option<&'a T>,
+}
+
+impl<'a, T> LayerGradient<'a, T> {
+    /// One tensor's gradient.
+    pub fn one(a: &'a mut T, store: GradientStore) -> Self {
+        Self { a, a_store: store, b: None, plus: None }
+    }
+    /// The gradient of concat(a, b), split into its two sources.
+    pub fn concat(a: &'a mut T, a_store: GradientStore, b: &'a mut T, b_store: GradientStore) -> Self {
+        Self { a, a_store, b: Some((b, b_store)), plus: None }
+    }
+    /// The same, with `plus` added to what is stored.
+    pub fn plus(self, plus: &'a T) -> Self {
+        Self { plus: Some(plus), ..self }
+    }
+}
+
 /// What a convolution adds to its output before writing it:
 /// `out = relu?(conv(x) + bias[c] + channel_bias[n, column + c] + residual[n, c, y, x])`.
 pub struct ConvEpilogue<'a, T> {
@@ -469,20 +497,20 @@ pub trait Backend {
         out: &mut Self::Tensor,
         stats: &mut Self::Tensor,
     );
-    /// dx = (or += with `GradientStore::Add`) d/dx of `group_norm`, from the forward's input (as one
-    /// tensor) and saved stats.
+    /// dx = (or += as `dx` says, split as `dx` says, plus its `plus`) d/dx of `group_norm`, from
+    /// the forward's input (read as the forward read it: a two-source concat in place) and saved
+    /// stats.
     #[allow(clippy::too_many_arguments)]
     fn group_norm_backward(
         &self,
-        x: &Self::Tensor,
+        x: LayerInput<'_, Self::Tensor>,
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
         stats: &Self::Tensor,
         groups: usize,
         silu: bool,
         dout: &Self::Tensor,
-        dx: &mut Self::Tensor,
-        store: GradientStore,
+        dx: LayerGradient<'_, Self::Tensor>,
     );
 
     /// 2-D convolution of x (N x Ci x H x W as `LayerInput` reads it: a two-source concat and/or
@@ -541,17 +569,6 @@ pub trait Backend {
     fn upsample_nearest2x(&self, x: &Self::Tensor, out: &mut Self::Tensor);
     /// dx = (or +=) the sum of each element's four copies' gradients.
     fn upsample_nearest2x_backward(&self, dout: &Self::Tensor, dx: &mut Self::Tensor, store: GradientStore);
-
-    /// out = concat(a, b) along channels.
-    fn concat_channels(&self, a: &Self::Tensor, b: &Self::Tensor, out: &mut Self::Tensor);
-    /// da = dout[:, :Ca], db = dout[:, Ca:] (or +=, each as its `GradientStore` says).
-    fn concat_channels_backward(
-        &self,
-        dout: &Self::Tensor,
-        da: &mut Self::Tensor,
-        db: &mut Self::Tensor,
-        store: [GradientStore; 2],
-    );
 
     /// Per-channel affine map `out[n, c] = x[n, c] * scale[c] + shift[c]` (input normalisation, a
     /// BatchNorm at inference); `scale` and `shift` are f32 tensors of C values, uploaded once.

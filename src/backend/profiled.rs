@@ -10,8 +10,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use super::{
-    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, NoGraph, Precision, StepColumn,
-    StepSource, TensorShape, Timestamp,
+    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerGradient, LayerInput, NoGraph,
+    Precision, StepColumn, StepSource, TensorShape, Timestamp,
 };
 use crate::error::Result;
 
@@ -298,22 +298,21 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     }
     fn group_norm_backward(
         &self,
-        x: &B::Tensor,
+        x: LayerInput<'_, B::Tensor>,
         gamma: &B::Tensor,
         beta: &B::Tensor,
         stats: &B::Tensor,
         groups: usize,
         silu: bool,
         dout: &B::Tensor,
-        dx: &mut B::Tensor,
-        store: GradientStore,
+        dx: LayerGradient<'_, B::Tensor>,
     ) {
-        self.counted_as(
-            "group_norm_backward",
-            Some(channels_at(x)),
-            Cost::memory(bytes(&[x, gamma, beta, stats, dout]) + gradient_bytes(&[&*dx], store)),
-            || self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx, store),
-        )
+        let mut cost = input_bytes(&x) + bytes(&[gamma, beta, stats, dout]) + gradient_bytes(&[&*dx.a], dx.a_store);
+        cost += dx.b.as_ref().map_or(0.0, |(b, store)| gradient_bytes(&[&**b], *store));
+        cost += dx.plus.map_or(0.0, |p| bytes(&[p]));
+        self.counted_as("group_norm_backward", Some(channels_at(dout)), Cost::memory(cost), || {
+            self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx)
+        })
     }
     fn conv2d(
         &self,
@@ -393,19 +392,6 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn upsample_nearest2x_backward(&self, dout: &B::Tensor, dx: &mut B::Tensor, store: GradientStore) {
         let cost = Cost::memory(bytes(&[dout]) + gradient_bytes(&[&*dx], store));
         self.counted("upsample_nearest2x_backward", cost, || self.inner.upsample_nearest2x_backward(dout, dx, store))
-    }
-    fn concat_channels(&self, a: &B::Tensor, b: &B::Tensor, out: &mut B::Tensor) {
-        self.counted("concat_channels", Cost::memory(bytes(&[a, b, &*out])), || self.inner.concat_channels(a, b, out))
-    }
-    fn concat_channels_backward(
-        &self,
-        dout: &B::Tensor,
-        da: &mut B::Tensor,
-        db: &mut B::Tensor,
-        store: [GradientStore; 2],
-    ) {
-        let cost = Cost::memory(bytes(&[dout]) + gradient_bytes(&[&*da], store[0]) + gradient_bytes(&[&*db], store[1]));
-        self.counted("concat_channels_backward", cost, || self.inner.concat_channels_backward(dout, da, db, store))
     }
     fn channel_affine(&self, x: &B::Tensor, scale: &B::Tensor, shift: &B::Tensor, out: &mut B::Tensor) {
         self.counted("channel_affine", Cost::memory(bytes(&[x, scale, shift, &*out])), || {

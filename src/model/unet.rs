@@ -5,7 +5,8 @@
 //! writing one new one, so the forward is a loop over the list and the backward the same loop
 //! reversed. All buffers live in a `UnetPlan` made once per batch size.
 use crate::backend::{
-    range, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision, TensorShape,
+    range, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerGradient, LayerInput,
+    Precision, TensorShape,
 };
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
@@ -314,9 +315,6 @@ impl<B: Backend> Unet<B> {
             match &node.layer {
                 Layer::ConvIn(_) | Layer::Downsample(_) => {}
                 Layer::Resnet(block) => {
-                    if node.inputs.len() == 2 {
-                        bufs.push(t(&[batch, input_channels, h, w])?); // concat
-                    }
                     bufs.push(t(&[batch, input_channels, h, w])?); // SiLU(norm1(x))
                     bufs.push(stats(input_channels)?);
                     narrow.push(bufs.0.len()); // written by norm2's backward, read by conv1's
@@ -352,10 +350,18 @@ impl<B: Backend> Unet<B> {
                     let dtype = if narrow.contains(&j) { precision } else { Precision::F32 };
                     grads.push(backend.zeros_as(buffer.shape(), dtype)?);
                 }
-                if let (Layer::Attn(_), true) = (&node.layer, precision != Precision::F32) {
-                    // The attention backward's dout rounded to the activations' type (its scratch;
-                    // f32 plans lend it the norm's gradient, free at that point: attn_backward).
-                    grads.push(t(&[batch, cout, h, w])?);
+                match &node.layer {
+                    Layer::Attn(_) if precision != Precision::F32 => {
+                        // The attention backward's dout rounded to the activations' type (its scratch;
+                        // f32 plans lend it the norm's gradient, free at that point: attn_backward).
+                        grads.push(t(&[batch, cout, h, w])?);
+                    }
+                    Layer::Resnet(ResnetBlock { nin_shortcut: Some(_), .. }) => {
+                        // The shortcut conv's input gradient, which norm1's backward adds as it
+                        // stores the block's (resnet_backward).
+                        grads.push(backend.zeros(&[batch, input_channels, h, w])?);
+                    }
+                    _ => {}
                 }
             }
             saved.push((bufs, grads));
@@ -452,8 +458,8 @@ impl<B: Backend> Unet<B> {
             let out = &mut rest[0];
             let x = &inputs[node.inputs[0]];
             let saved = &mut plan.saved[i].0 .0;
-            // The skip concat and the upsample are read in place (LayerInput), never written; their
-            // buffers in the plan are for the backward only.
+            // The skip concat and the upsample are read in place (LayerInput), never written (the
+            // upsample's buffer in the plan is there for its gradient, in the backward).
             match &node.layer {
                 Layer::ConvIn(conv) | Layer::Downsample(conv) => {
                     conv_forward(b, conv, LayerInput::one(x), ConvEpilogue::default(), out)
@@ -462,7 +468,7 @@ impl<B: Backend> Unet<B> {
                 Layer::Resnet(block) => match node.inputs.get(1) {
                     Some(&skip) => {
                         let input = LayerInput::concat(x, &inputs[skip]);
-                        resnet_forward(b, block, input, &plan.temb_proj, &mut saved[1..], out)
+                        resnet_forward(b, block, input, &plan.temb_proj, saved, out)
                     }
                     None => resnet_forward(b, block, LayerInput::one(x), &plan.temb_proj, saved, out),
                 },
@@ -519,10 +525,6 @@ impl<B: Backend> Unet<B> {
             let dout = &rest[0];
             let x = &plan.activations[node.inputs[0]];
             let out = &plan.activations[i + 1];
-            if let (Layer::Resnet(_), Some(&skip)) = (&node.layer, node.inputs.get(1)) {
-                // The forward read concat(h, skip) in place; its backward needs it as one tensor.
-                b.concat_channels(x, &plan.activations[skip], &mut plan.saved[i].0 .0[0]);
-            }
             let (saved, dsaved) = &mut plan.saved[i];
             let (saved, dsaved) = (&saved.0, &mut dsaved.0);
             let input = node.inputs[0];
@@ -534,34 +536,37 @@ impl<B: Backend> Unet<B> {
                     b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0], GradientStore::Write);
                     b.upsample_nearest2x_backward(&dsaved[0], &mut dinputs[input], store_into(input));
                 }
-                Layer::Resnet(block) => {
-                    if let Some(&skip) = node.inputs.get(1) {
-                        let (dconcat, drest) = dsaved.split_first_mut().unwrap();
-                        resnet_backward(b, block, &saved[0], &saved[1..], dout, drest, dconcat, GradientStore::Write);
+                Layer::Resnet(block) => match node.inputs.get(1) {
+                    // The forward read concat(h, skip) in place; so does the backward, and it stores
+                    // the concat's gradient straight into h's and skip's.
+                    Some(&skip) => {
                         let stores = [store_into(input), store_into(skip)];
                         let (dh, dskip) = two_mut(dinputs, input, skip);
-                        b.concat_channels_backward(dconcat, dh, dskip, stores);
-                    } else {
-                        let store = store_into(input);
-                        resnet_backward(b, block, x, saved, dout, dsaved, &mut dinputs[input], store);
+                        let x = LayerInput::concat(x, &plan.activations[skip]);
+                        let dx = LayerGradient::concat(dh, stores[0], dskip, stores[1]);
+                        resnet_backward(b, block, x, saved, dout, dsaved, dx);
                     }
-                }
+                    None => {
+                        let dx = LayerGradient::one(&mut dinputs[input], store_into(input));
+                        resnet_backward(b, block, LayerInput::one(x), saved, dout, dsaved, dx);
+                    }
+                },
                 Layer::Attn(block) => {
-                    let store = store_into(input);
-                    attn_backward(b, block, x, out, saved, dout, dsaved, &mut dinputs[input], store)
+                    let dx = LayerGradient::one(&mut dinputs[input], store_into(input));
+                    attn_backward(b, block, x, out, saved, dout, dsaved, dx)
                 }
                 Layer::Out { norm, conv } => {
-                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0], GradientStore::Write);
+                    let (dn, _) = dsaved.split_first_mut().unwrap();
+                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, dn, GradientStore::Write);
                     b.group_norm_backward(
-                        x,
+                        LayerInput::one(x),
                         &norm.gamma,
                         &norm.beta,
                         &saved[1],
                         norm.groups,
                         true,
-                        &dsaved[0],
-                        &mut dinputs[input],
-                        store_into(input),
+                        dn,
+                        LayerGradient::one(&mut dinputs[input], store_into(input)),
                     );
                 }
             }
@@ -697,31 +702,36 @@ fn resnet_forward<B: Backend>(
     conv_forward(b, &block.conv2, LayerInput::one(n2), epilogue, out);
 }
 
-/// dx gets the block's input gradient as `dx_store` says; the block's own buffers are written.
-#[allow(clippy::too_many_arguments)]
+/// dx gets the block's input gradient as it says (split like x where x is a concat); the block's
+/// own buffers are written. Gradient layout: [dn1, -, dh1, dn2, -, (-, the shortcut's input
+/// gradient)].
 fn resnet_backward<B: Backend>(
     b: &B,
     block: &ResnetBlock<B>,
-    x: &B::Tensor,
+    x: LayerInput<'_, B::Tensor>,
     saved: &[B::Tensor],
     dout: &B::Tensor,
     dsaved: &mut [B::Tensor],
-    dx: &mut B::Tensor,
-    dx_store: GradientStore,
+    dx: LayerGradient<'_, B::Tensor>,
 ) {
-    use GradientStore::{Add, Write};
+    use GradientStore::Write;
     let [_, stats1, h1, _, stats2, ..] = saved else { unreachable!() };
-    let [dn1, _, dh1, dn2, ..] = dsaved else { unreachable!() };
+    let [dn1, _, dh1, dn2, _, shortcut @ ..] = dsaved else { unreachable!() };
     b.conv2d_backward_input(dout, &block.conv2.weight, block.conv2.geometry, dn2, Write);
-    b.group_norm_backward(h1, &block.norm2.gamma, &block.norm2.beta, stats2, block.norm2.groups, true, dn2, dh1, Write);
+    let norm2 = &block.norm2;
+    let dh1_store = LayerGradient::one(&mut *dh1, Write);
+    b.group_norm_backward(LayerInput::one(h1), &norm2.gamma, &norm2.beta, stats2, norm2.groups, true, dn2, dh1_store);
     b.conv2d_backward_input(dh1, &block.conv1.weight, block.conv1.geometry, dn1, Write);
+    // The shortcut's gradient meets the main path's as norm1's backward stores it.
+    let dshortcut = match (&block.nin_shortcut, shortcut) {
+        (Some(nin), [_, dshortcut]) => {
+            b.conv2d_backward_input(dout, &nin.weight, nin.geometry, dshortcut, Write);
+            &*dshortcut
+        }
+        _ => dout,
+    };
     let norm1 = &block.norm1;
-    b.group_norm_backward(x, &norm1.gamma, &norm1.beta, stats1, norm1.groups, true, dn1, dx, dx_store);
-    // The shortcut's gradient meets the main path's.
-    match &block.nin_shortcut {
-        Some(nin) => b.conv2d_backward_input(dout, &nin.weight, nin.geometry, dx, Add),
-        None => b.add_assign(dx, dout),
-    }
+    b.group_norm_backward(x, &norm1.gamma, &norm1.beta, stats1, norm1.groups, true, dn1, dx.plus(dshortcut));
 }
 
 /// Saved layout: [norm, q, k, v, attention, stats, logsumexp].
@@ -737,7 +747,7 @@ fn attn_forward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, saved: &
     conv_forward(b, &block.proj_out, LayerInput::one(a), epilogue, out);
 }
 
-/// dx gets the block's input gradient as `dx_store` says; the block's own buffers are written.
+/// dx gets the block's input gradient as it says; the block's own buffers are written.
 #[allow(clippy::too_many_arguments)]
 fn attn_backward<B: Backend>(
     b: &B,
@@ -747,8 +757,7 @@ fn attn_backward<B: Backend>(
     saved: &[B::Tensor],
     dout: &B::Tensor,
     dsaved: &mut [B::Tensor],
-    dx: &mut B::Tensor,
-    dx_store: GradientStore,
+    dx: LayerGradient<'_, B::Tensor>,
 ) {
     use GradientStore::{Add, Write};
     let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
@@ -756,11 +765,6 @@ fn attn_backward<B: Backend>(
     // unused), and a buffer of q's shape and type past the saved tensors' gradients in 16-bit
     // plans; in f32 plans the norm's gradient (q's shape and type, written only after it).
     let [dn, dq, dk, dv, da, _, row_terms, rounded @ ..] = dsaved else { unreachable!() };
-    // The residual: dout reaches x unchanged.
-    match dx_store {
-        Write => b.copy(dout, dx),
-        Add => b.add_assign(dx, dout),
-    }
     b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da, Write);
     let dout_rounded = match rounded {
         [buffer] => buffer,
@@ -771,5 +775,7 @@ fn attn_backward<B: Backend>(
     b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn, Write);
     b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn, Add);
     b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn, Add);
-    b.group_norm_backward(x, &block.norm.gamma, &block.norm.beta, stats, block.norm.groups, false, dn, dx, Add);
+    // The residual: dout reaches x unchanged, added as the norm's backward stores.
+    let norm = &block.norm;
+    b.group_norm_backward(LayerInput::one(x), &norm.gamma, &norm.beta, stats, norm.groups, false, dn, dx.plus(dout));
 }

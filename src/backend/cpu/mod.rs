@@ -307,23 +307,37 @@ impl Backend for CpuBackend {
 
     fn group_norm_backward(
         &self,
-        x: &CpuTensor,
+        x: LayerInput<'_, CpuTensor>,
         gamma: &CpuTensor,
         beta: &CpuTensor,
         stats: &CpuTensor,
         groups: usize,
         silu: bool,
         dout: &CpuTensor,
-        dx: &mut CpuTensor,
-        gradient: GradientStore,
+        dx: LayerGradient<'_, CpuTensor>,
     ) {
+        assert!(!x.upsample2x, "group_norm_backward: an upsampled input is not supported");
+        let joined = materialise(x, "group_norm_backward: x");
+        let x = joined.as_ref();
         let shape = group_norm_shape(x, gamma, beta, groups, "group_norm_backward");
         expect_shape(stats, &[x.shape[0], groups, 2], "group_norm_backward: stats");
         expect_shape(dout, &x.shape, "group_norm_backward: dout");
-        expect_shape(dx, &x.shape, "group_norm_backward: dx");
-        clear_for(gradient, &mut [&mut *dx]);
-        norm::backward(shape, &x.data, &gamma.data, &beta.data, &stats.data, silu, &dout.data, &mut dx.data);
-        store(&mut [dx]);
+        // The whole input's gradient in f32, plus the other path's, then stored into dx's sources.
+        let mut whole = CpuTensor { shape: x.shape.clone(), data: vec![0.0; x.data.len()], dtype: Precision::F32 };
+        norm::backward(shape, &x.data, &gamma.data, &beta.data, &stats.data, silu, &dout.data, &mut whole.data);
+        if let Some(plus) = dx.plus {
+            expect_shape(plus, &x.shape, "group_norm_backward: plus");
+            whole.data.par_iter_mut().zip(&plus.data).for_each(|(g, &p)| *g += p);
+        }
+        match dx.b {
+            None => {
+                expect_shape(dx.a, &x.shape, "group_norm_backward: dx");
+                clear_for(dx.a_store, &mut [&mut *dx.a]);
+                dx.a.data.par_iter_mut().zip(&whole.data).for_each(|(g, &v)| *g += v);
+                store(&mut [dx.a]);
+            }
+            Some((b, b_store)) => split_channels(&whole, dx.a, b, [dx.a_store, b_store], "group_norm_backward: dx"),
+        }
     }
 
     fn conv2d(
@@ -466,39 +480,6 @@ impl Backend for CpuBackend {
         clear_for(gradient, &mut [&mut *dx]);
         elementwise::upsample_nearest2x_backward(&dout.data, w, &mut dx.data);
         store(&mut [dx]);
-    }
-
-    fn concat_channels(&self, a: &CpuTensor, b: &CpuTensor, out: &mut CpuTensor) {
-        let (a_len, b_len) = concat_shapes(a, b, out, "concat_channels");
-        // Per sample, out is a's block followed by b's.
-        out.data.par_chunks_mut(a_len + b_len).zip(a.data.par_chunks(a_len).zip(b.data.par_chunks(b_len))).for_each(
-            |(o, (a_n, b_n))| {
-                o[..a_len].copy_from_slice(a_n);
-                o[a_len..].copy_from_slice(b_n);
-            },
-        );
-        store(&mut [out]);
-    }
-
-    fn concat_channels_backward(
-        &self,
-        dout: &CpuTensor,
-        da: &mut CpuTensor,
-        db: &mut CpuTensor,
-        gradient: [GradientStore; 2],
-    ) {
-        let (a_len, b_len) = concat_shapes(da, db, dout, "concat_channels_backward");
-        clear_for(gradient[0], &mut [&mut *da]);
-        clear_for(gradient[1], &mut [&mut *db]);
-        da.data
-            .par_chunks_mut(a_len)
-            .zip(db.data.par_chunks_mut(b_len))
-            .zip(dout.data.par_chunks(a_len + b_len))
-            .for_each(|((da_n, db_n), d)| {
-                da_n.iter_mut().zip(&d[..a_len]).for_each(|(g, &v)| *g += v);
-                db_n.iter_mut().zip(&d[a_len..]).for_each(|(g, &v)| *g += v);
-            });
-        store(&mut [da, db]);
     }
 
     fn channel_affine(&self, x: &CpuTensor, scale: &CpuTensor, shift: &CpuTensor, out: &mut CpuTensor) {
@@ -815,7 +796,7 @@ fn materialise<'a>(input: LayerInput<'a, CpuTensor>, what: &str) -> std::borrow:
             let mut joined =
                 CpuTensor { shape: vec![n, c, input.a.shape[2], input.a.shape[3]], data: Vec::new(), dtype };
             joined.data = vec![0.0; element_count(&joined.shape)];
-            CpuBackend.concat_channels(input.a, b, &mut joined);
+            concat_channels(input.a, b, &mut joined);
             joined
         }
         None => input.a.clone(),
@@ -843,6 +824,35 @@ fn group_norm_shape(
 }
 
 /// Per-sample lengths of a and b, after checking that `joined` is their channel concatenation.
+/// out = concat(a, b) along channels.
+fn concat_channels(a: &CpuTensor, b: &CpuTensor, out: &mut CpuTensor) {
+    let (a_len, b_len) = concat_shapes(a, b, out, "concat_channels");
+    // Per sample, out is a's block followed by b's.
+    out.data.par_chunks_mut(a_len + b_len).zip(a.data.par_chunks(a_len).zip(b.data.par_chunks(b_len))).for_each(
+        |(o, (a_n, b_n))| {
+            o[..a_len].copy_from_slice(a_n);
+            o[a_len..].copy_from_slice(b_n);
+        },
+    );
+    store(&mut [out]);
+}
+
+/// da = whole[:, :Ca], db = whole[:, Ca:] (or +=, each as its `GradientStore` says).
+fn split_channels(whole: &CpuTensor, da: &mut CpuTensor, db: &mut CpuTensor, gradient: [GradientStore; 2], what: &str) {
+    let (a_len, b_len) = concat_shapes(da, db, whole, what);
+    clear_for(gradient[0], &mut [&mut *da]);
+    clear_for(gradient[1], &mut [&mut *db]);
+    da.data
+        .par_chunks_mut(a_len)
+        .zip(db.data.par_chunks_mut(b_len))
+        .zip(whole.data.par_chunks(a_len + b_len))
+        .for_each(|((da_n, db_n), d)| {
+            da_n.iter_mut().zip(&d[..a_len]).for_each(|(g, &v)| *g += v);
+            db_n.iter_mut().zip(&d[a_len..]).for_each(|(g, &v)| *g += v);
+        });
+    store(&mut [da, db]);
+}
+
 fn concat_shapes(a: &CpuTensor, b: &CpuTensor, joined: &CpuTensor, what: &str) -> (usize, usize) {
     let (n, ca, rest) = batch_channels_rest(a, what);
     let (_, cb, _) = batch_channels_rest(b, what);

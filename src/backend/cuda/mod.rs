@@ -28,7 +28,7 @@ use self::tensor::{decode, encode, from_storage_order, to_storage_order};
 pub use self::tensor::{CudaTensor, DeviceMemory};
 use super::{
     AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, KernelFileStartUp, KernelStartUp,
-    LayerInput, Precision, StepColumn, StepSource, TensorShape, Timestamp, STEP_COLUMNS,
+    LayerGradient, LayerInput, Precision, StepColumn, StepSource, TensorShape, Timestamp, STEP_COLUMNS,
 };
 use crate::driver::{DevicePtr, Driver, Graph, KernelArgs, LaunchConfig};
 use crate::error::{Error, Result};
@@ -824,17 +824,23 @@ impl Backend for CudaBackend {
 
     fn group_norm_backward(
         &self,
-        x: &CudaTensor,
+        x: LayerInput<'_, CudaTensor>,
         gamma: &CudaTensor,
         beta: &CudaTensor,
         stats: &CudaTensor,
         groups: usize,
         silu: bool,
         dout: &CudaTensor,
-        dx: &mut CudaTensor,
-        store: GradientStore,
+        dx: LayerGradient<'_, CudaTensor>,
     ) {
-        let Some([n, c, h, w]) = self.nchw(x, "group_norm_backward: x") else { return };
+        let shape = match x.logical_shape() {
+            Ok(s) if !x.upsample2x => s,
+            Ok(_) => return self.fail(Error::invalid("group_norm_backward: an upsampled input is not supported")),
+            Err(e) => return self.fail(Error::invalid(format!("group_norm_backward: {e}"))),
+        };
+        let [n, c, h, w] = shape;
+        let ca = x.a.shape[1];
+        let cb = c - ca;
         let ok = self
             .check(groups > 0 && c % groups == 0, || format!("group_norm_backward: {c} channels, {groups} groups"))
             && self.check_shape(gamma, &[c], "group_norm_backward: gamma")
@@ -844,33 +850,59 @@ impl Backend for CudaBackend {
             })
             && self.check_shape(stats, &[n, groups, 2], "group_norm_backward: stats")
             && self.check(stats.dtype == Precision::F32, || "group_norm_backward: stats must be f32".into())
-            && self.check_shape(dout, &x.shape, "group_norm_backward: dout")
-            && self.check_shape(dx, &x.shape, "group_norm_backward: dx");
-        if !ok || x.is_empty() {
+            && self.check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || {
+                "group_norm_backward: concat of two storage types".into()
+            })
+            && self.check_shape(dout, &shape, "group_norm_backward: dout")
+            && self.check_shape(dx.a, &x.a.shape, "group_norm_backward: dx")
+            && self.check(dx.b.is_some() == x.b.is_some(), || {
+                "group_norm_backward: dx must be split as x is (one tensor or a concat's two)".into()
+            })
+            && x.b
+                .zip(dx.b.as_ref())
+                .is_none_or(|(b, (db, _))| self.check_shape(db, &b.shape, "group_norm_backward: dx"))
+            && dx.plus.is_none_or(|p| self.check_shape(p, &shape, "group_norm_backward: plus"));
+        if !ok || dout.is_empty() {
             return;
         }
         let pixels = h * w;
-        if !self.check(x.len() < i32::MAX as usize, || {
-            format!("group_norm_backward: {:?} has 2^31 elements or more", x.shape)
+        if !self.check(dout.len() < i32::MAX as usize, || {
+            format!("group_norm_backward: {shape:?} has 2^31 elements or more")
         }) {
             return;
         }
         // Whole sectors of x, the narrower of x and dout.
-        let element_bytes = x.dtype.bytes().min(dout.dtype.bytes());
-        let launch = groupnorm_launch(c, 0, groups, element_bytes);
+        let element_bytes = x.a.dtype.bytes().min(dout.dtype.bytes());
+        let launch = groupnorm_launch(ca, cb, groups, element_bytes);
         let groups_per_block = launch.groups_per_block;
         let f32 = Precision::F32;
-        let pointers =
-            [(x.ptr, x.dtype), (dout.ptr, dout.dtype), (dx.ptr, dx.dtype), (gamma.ptr, f32), (beta.ptr, f32)];
+        let b_ptr = x.b.map_or(0, |b| b.ptr);
+        let (db_ptr, db_dtype, db_store) =
+            dx.b.as_ref().map_or((0, f32, GradientStore::Write), |(b, store)| (b.ptr, b.dtype, *store));
+        let (plus_ptr, plus_dtype) = dx.plus.map_or((0, f32), |p| (p.ptr, p.dtype));
+        let pointers = [
+            (x.a.ptr, x.a.dtype),
+            (b_ptr, x.a.dtype),
+            (dout.ptr, dout.dtype),
+            (dx.a.ptr, dx.a.dtype),
+            (db_ptr, db_dtype),
+            (plus_ptr, plus_dtype),
+            (gamma.ptr, f32),
+            (beta.ptr, f32),
+        ];
         let vec = aligned_vec(launch.vec, &pointers);
         let Some(partials) = self.groupnorm_partials(&launch, vec, n, groups, pixels, "group_norm_backward") else {
             return;
         };
         let chunks = partials.chunks;
-        let shape_bytes = groupnorm_shape_bytes([n, pixels, c, 0, groups, chunks, groups_per_block]);
+        let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks, groups_per_block]);
+        let dt = dtype_code(x.a.dtype);
         let inputs = || {
             KernelArgs::new()
-                .tensor(x)
+                .ptr(x.a.ptr)
+                .i32(dt)
+                .ptr(b_ptr)
+                .i32(dt)
                 .tensor(dout)
                 .ptr(stats.ptr)
                 .ptr(gamma.ptr)
@@ -885,8 +917,19 @@ impl Backend for CudaBackend {
         };
         let partial = inputs().ptr(self.groupnorm_arrivals.ptr).i32(partials.vec).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, partial);
-        let apply = inputs().tensor(dx).i32(vec).i32(store.accumulates() as i32).bytes(&shape_bytes);
-        self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dx.len() / vec as usize), apply);
+        // kernels/groupnorm.cu's GradientSplit: three pointers, five ints, padded to 8 bytes.
+        let mut split = Vec::with_capacity(48);
+        for ptr in [dx.a.ptr, db_ptr, plus_ptr] {
+            split.extend(ptr.to_le_bytes());
+        }
+        let codes = [dtype_code(dx.a.dtype), dtype_code(db_dtype), dtype_code(plus_dtype)];
+        let accumulates = [dx.a_store.accumulates() as i32, db_store.accumulates() as i32];
+        for v in codes.into_iter().chain(accumulates) {
+            split.extend(v.to_le_bytes());
+        }
+        split.resize(48, 0);
+        let apply = inputs().bytes(&split).i32(vec).bytes(&shape_bytes);
+        self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dout.len() / vec as usize), apply);
     }
 
     fn conv2d(
@@ -1151,44 +1194,6 @@ impl Backend for CudaBackend {
                 .i32(c as i32)
                 .i32(store.accumulates() as i32);
             self.elementwise("upsample_nearest2x_backward", dx.len(), args);
-        }
-    }
-
-    fn concat_channels(&self, a: &CudaTensor, b: &CudaTensor, out: &mut CudaTensor) {
-        let Some([n, ca, h, w]) = self.nchw(a, "concat_channels: a") else { return };
-        let Some([_, cb, _, _]) = self.nchw(b, "concat_channels: b") else { return };
-        if self.check_shape(b, &[n, cb, h, w], "concat_channels: b")
-            && self.check_shape(out, &[n, ca + cb, h, w], "concat_channels: out")
-        {
-            let pixels = (n * h * w) as u64;
-            let args = KernelArgs::new().tensor(a).tensor(b).tensor(out).u64(pixels).i32(ca as i32).i32(cb as i32);
-            self.elementwise("concat_channels", out.len(), args);
-        }
-    }
-
-    fn concat_channels_backward(
-        &self,
-        dout: &CudaTensor,
-        da: &mut CudaTensor,
-        db: &mut CudaTensor,
-        store: [GradientStore; 2],
-    ) {
-        let Some([n, ca, h, w]) = self.nchw(da, "concat_channels_backward: da") else { return };
-        let Some([_, cb, _, _]) = self.nchw(db, "concat_channels_backward: db") else { return };
-        if self.check_shape(db, &[n, cb, h, w], "concat_channels_backward: db")
-            && self.check_shape(dout, &[n, ca + cb, h, w], "concat_channels_backward: dout")
-        {
-            let pixels = (n * h * w) as u64;
-            let args = KernelArgs::new()
-                .tensor(dout)
-                .tensor(da)
-                .tensor(db)
-                .u64(pixels)
-                .i32(ca as i32)
-                .i32(cb as i32)
-                .i32(store[0].accumulates() as i32)
-                .i32(store[1].accumulates() as i32);
-            self.elementwise("concat_channels_backward", dout.len(), args);
         }
     }
 
