@@ -107,6 +107,12 @@ __device__ __forceinline__ void store_dyn(void* p, int dtype, long long i, float
         static_cast<bf16*>(p)[i] = from_float<bf16>(v);
 }
 
+// v as a tensor of storage type `dtype` holds it (rounded once to a 16-bit type).
+__device__ __forceinline__ float as_stored(int dtype, float v) {
+    if (dtype == DTYPE_F32) return v;
+    return dtype == DTYPE_F16 ? to_float(from_float<f16>(v)) : to_float(from_float<bf16>(v));
+}
+
 // A backward op's store into an input gradient: dst[i] = g (the first gradient to reach the tensor:
 // the buffer needs no zeroing), or dst[i] += g where `accumulate` (where two gradients meet).
 __device__ __forceinline__ void store_grad(void* p, int dtype, long long i, float g, int accumulate) {

@@ -40,6 +40,8 @@
 // stored split like x (channels c < Ca into dx_a, the rest into dx_b), each written or accumulated
 // (its own `accumulate`): the UNet's skip concat and the residual or shortcut gradient `plus` cost
 // no tensor and no pass of their own (a concat, a split and an add once did; ../src/model/unet.rs).
+// What dx_a then holds may be copied to a second tensor as well (`a_copy`: the UNet's 16-bit copy of
+// a finished gradient, which the next convolutions read as dout on their cp.async path).
 // Two kernels, the same chunking and vectors as the forward (batch 1 fills the device):
 //   groupnorm_backward_partial   grid (chunks, G / groups_per_block, N): f32 sums of g and g xhat over
 //                                a slice of pixels; the last block of a (sample, group slice) then
@@ -446,12 +448,14 @@ extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
 }
 
 // Where the apply kernel stores dx: x's channels c < Ca into `a`, the rest into `b` (each its own
-// storage type and `accumulate`), with `plus` (whole-input shape; null: none) added first.
+// storage type and `accumulate`), with `plus` (whole-input shape; null: none) added first, and what
+// `a` then holds copied into `a_copy` (its own storage type; null: none).
 struct GradientSplit {
     void* a;
     void* b;
     const void* plus;
-    int dt_a, dt_b, dt_plus;
+    void* a_copy;
+    int dt_a, dt_b, dt_plus, dt_a_copy;
     int accumulate_a, accumulate_b;
 };
 
@@ -485,10 +489,23 @@ __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* a, int 
             for (int k = 0; k < VEC; ++k) grad[k] += more[k];
         }
         // (VEC divides Ca: a vector lies in one source.)
-        if (cv.c0 < s.ca)
-            store_grad_n<VEC>(dx.a, dx.dt_a, (long long)cv.pixel * s.ca + cv.c0, grad, dx.accumulate_a);
-        else
+        if (cv.c0 < s.ca) {
+            const long long at = (long long)cv.pixel * s.ca + cv.c0;
+            if (dx.accumulate_a) {
+                float old[VEC];
+                load_dyn_n<VEC>(dx.a, dx.dt_a, at, old);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) grad[k] += old[k];
+            }
+            store_dyn_n<VEC>(dx.a, dx.dt_a, at, grad);
+            if (dx.a_copy) {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) grad[k] = as_stored(dx.dt_a, grad[k]);
+                store_dyn_n<VEC>(dx.a_copy, dx.dt_a_copy, at, grad);
+            }
+        } else {
             store_grad_n<VEC>(dx.b, dx.dt_b, (long long)cv.pixel * s.cb + (cv.c0 - s.ca), grad, dx.accumulate_b);
+        }
     }
 }
 

@@ -11,7 +11,7 @@ mod common;
 
 use std::sync::Arc;
 
-use purifier::backend::cpu::{CpuBackend, CpuTensor};
+use purifier::backend::cpu::{round_to, CpuBackend, CpuTensor};
 use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::GradientStore::{self, Add, Write};
@@ -418,7 +418,8 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
         vec![(Precision::F32, Precision::F32), (Precision::F32, dtype), (dtype, dtype)]
     };
     // Each source's store (either may be the first gradient to reach its tensor, as the UNet meets
-    // them), alone and with the other path's gradient added (`plus`: a residual's, f32).
+    // them), alone and with the other path's gradient added (`plus`: a residual's, f32) and what
+    // dx a then holds copied (the UNet's copy for its convolutions).
     let runs = [([Write, Add], false), ([Add, Write], true)];
     for (n, ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
@@ -452,15 +453,26 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
                     } else {
                         (LayerGradient::one(&mut da, stores[0]), LayerGradient::one(&mut da_r, stores[0]))
                     };
+                    // The UNet's case (f32 dx, a 16-bit copy), and a copy wider than dx.
+                    let copy_dtype = if dx_dtype == Precision::F32 { dtype } else { Precision::F32 };
+                    let (mut copy, mut copy_r) = h.output_as(&[n, ca, hh, w], copy_dtype);
                     if with_plus {
                         (dx, dx_r) = (dx.plus(&plus), dx_r.plus(&plus_r));
+                        (dx, dx_r) = (dx.copy_a_into(Some(&mut copy)), dx_r.copy_a_into(Some(&mut copy_r)));
                     }
                     b.group_norm_backward(x, &gamma, &beta, &stats, groups, silu, &dout, dx);
                     h.cpu.group_norm_backward(xr, &gamma_r, &beta_r, &stats_r, groups, silu, &dout_r, dx_r);
-                    let run = format!("{dout_dtype} dout, {dx_dtype} dx, {stores:?}, plus {with_plus}");
+                    let run = format!("{dout_dtype} dout, {dx_dtype} dx, {stores:?}, plus and copy {with_plus}");
                     h.check(&format!("{what}: dx a ({run})"), &da, &da_r);
                     if cb > 0 {
                         h.check(&format!("{what}: dx b ({run})"), &db, &db_r);
+                    }
+                    if with_plus {
+                        h.check(&format!("{what}: copy of dx a ({run})"), &copy, &copy_r);
+                        // Exactly what dx a holds, rounded to the copy's type.
+                        let held = b.download(&da).unwrap().into_iter().map(|v| round_to(copy_dtype, v));
+                        let copied = b.download(&copy).unwrap();
+                        assert!(held.eq(copied), "{what}: the copy of dx a is not what it holds ({run})");
                     }
                 }
             }

@@ -162,20 +162,28 @@ pub struct LayerGradient<'a, T> {
     pub b: Option<(&'a mut T, GradientStore)>,
     /// Same shape as the whole input (both sources' channels).
     pub plus: Option<&'a T>,
+    /// A copy of what `a` holds afterwards, in the copy's own storage type: where this is the last
+    /// gradient to reach `a`, the UNet keeps it rounded to the activations' type for the
+    /// convolutions that read it next (their 16-bit operand path), at no pass of its own.
+    pub a_copy: Option<&'a mut T>,
 }
 
 impl<'a, T> LayerGradient<'a, T> {
     /// One tensor's gradient.
     pub fn one(a: &'a mut T, store: GradientStore) -> Self {
-        Self { a, a_store: store, b: None, plus: None }
+        Self { a, a_store: store, b: None, plus: None, a_copy: None }
     }
     /// The gradient of concat(a, b), split into its two sources.
     pub fn concat(a: &'a mut T, a_store: GradientStore, b: &'a mut T, b_store: GradientStore) -> Self {
-        Self { a, a_store, b: Some((b, b_store)), plus: None }
+        Self { a, a_store, b: Some((b, b_store)), plus: None, a_copy: None }
     }
     /// The same, with `plus` added to what is stored.
     pub fn plus(self, plus: &'a T) -> Self {
         Self { plus: Some(plus), ..self }
+    }
+    /// The same, with `a`'s final value copied into `copy` too (where `copy` is `Some`).
+    pub fn copy_a_into(self, copy: Option<&'a mut T>) -> Self {
+        Self { a_copy: copy, ..self }
     }
 }
 

@@ -309,7 +309,7 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     ) {
         let mut cost = input_bytes(&x) + bytes(&[gamma, beta, stats, dout]) + gradient_bytes(&[&*dx.a], dx.a_store);
         cost += dx.b.as_ref().map_or(0.0, |(b, store)| gradient_bytes(&[&**b], *store));
-        cost += dx.plus.map_or(0.0, |p| bytes(&[p]));
+        cost += dx.plus.map_or(0.0, |p| bytes(&[p])) + dx.a_copy.as_ref().map_or(0.0, |c| bytes(&[&**c]));
         self.counted_as("group_norm_backward", Some(channels_at(dout)), Cost::memory(cost), || {
             self.inner.group_norm_backward(x, gamma, beta, stats, groups, silu, dout, dx)
         })

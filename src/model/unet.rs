@@ -301,6 +301,26 @@ impl<B: Backend> Unet<B> {
         } else {
             Vec::new()
         };
+        // In 16-bit plans, a copy in the activations' type of each gradient a GroupNorm's backward
+        // finishes: node j's, where it reads activation j first (node j runs last in the backward
+        // of all the nodes that read activation j, and its norm's backward is its one store into
+        // that gradient). Node j - 1's convolutions read the copy as their dout: their 16-bit
+        // operand path (cp.async) instead of staging f32 through registers, for a 2-byte store an
+        // element in the norm's backward and no pass of its own. The bits are the same: the f32
+        // path rounds dout once to the weights' type too.
+        let finished_by_norm = |j: usize| {
+            self.nodes.get(j).is_some_and(|node| {
+                j > 0
+                    && node.inputs[0] == j
+                    && matches!(node.layer, Layer::Resnet(_) | Layer::Attn(_) | Layer::Out { .. })
+            })
+        };
+        let gradient_copies = (0..activation_shapes.len())
+            .map(|j| {
+                let wanted = with_backward && precision != Precision::F32 && finished_by_norm(j);
+                wanted.then(|| backend.zeros_as(&shape(activation_shapes[j]), precision)).transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut saved = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
             let input = activation_shapes[node.inputs[0]];
@@ -376,6 +396,7 @@ impl<B: Backend> Unet<B> {
             temb_proj: backend.zeros(&[batch, self.temb_proj.out_features])?,
             activations,
             gradients,
+            gradient_copies,
             saved,
             forward_done: false,
         })
@@ -523,17 +544,27 @@ impl<B: Backend> Unet<B> {
             let mut store_into = |i| reached.store_into(i);
             let (dinputs, rest) = plan.gradients.split_at_mut(i + 1);
             let dout = &rest[0];
+            let (copies_in, copies_out) = plan.gradient_copies.split_at_mut(i + 1);
+            // dout as the convolutions read it: the copy node i + 1's norm left, where it did.
+            let conv_dout = copies_out[0].as_ref().unwrap_or(dout);
             let x = &plan.activations[node.inputs[0]];
             let out = &plan.activations[i + 1];
             let (saved, dsaved) = &mut plan.saved[i];
             let (saved, dsaved) = (&saved.0, &mut dsaved.0);
             let input = node.inputs[0];
+            // Where this node finishes its input's gradient and the plan keeps a copy of it.
+            let copy = if input == i { copies_in[input].as_mut() } else { None };
             match &node.layer {
-                Layer::ConvIn(conv) | Layer::Downsample(conv) => {
-                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dinputs[input], store_into(input))
-                }
+                Layer::ConvIn(conv) | Layer::Downsample(conv) => b.conv2d_backward_input(
+                    conv_dout,
+                    &conv.weight,
+                    conv.geometry,
+                    &mut dinputs[input],
+                    store_into(input),
+                ),
                 Layer::Upsample(conv) => {
-                    b.conv2d_backward_input(dout, &conv.weight, conv.geometry, &mut dsaved[0], GradientStore::Write);
+                    let dup = &mut dsaved[0];
+                    b.conv2d_backward_input(conv_dout, &conv.weight, conv.geometry, dup, GradientStore::Write);
                     b.upsample_nearest2x_backward(&dsaved[0], &mut dinputs[input], store_into(input));
                 }
                 Layer::Resnet(block) => match node.inputs.get(1) {
@@ -543,17 +574,17 @@ impl<B: Backend> Unet<B> {
                         let stores = [store_into(input), store_into(skip)];
                         let (dh, dskip) = two_mut(dinputs, input, skip);
                         let x = LayerInput::concat(x, &plan.activations[skip]);
-                        let dx = LayerGradient::concat(dh, stores[0], dskip, stores[1]);
-                        resnet_backward(b, block, x, saved, dout, dsaved, dx);
+                        let dx = LayerGradient::concat(dh, stores[0], dskip, stores[1]).copy_a_into(copy);
+                        resnet_backward(b, block, x, saved, [dout, conv_dout], dsaved, dx);
                     }
                     None => {
-                        let dx = LayerGradient::one(&mut dinputs[input], store_into(input));
-                        resnet_backward(b, block, LayerInput::one(x), saved, dout, dsaved, dx);
+                        let dx = LayerGradient::one(&mut dinputs[input], store_into(input)).copy_a_into(copy);
+                        resnet_backward(b, block, LayerInput::one(x), saved, [dout, conv_dout], dsaved, dx);
                     }
                 },
                 Layer::Attn(block) => {
-                    let dx = LayerGradient::one(&mut dinputs[input], store_into(input));
-                    attn_backward(b, block, x, out, saved, dout, dsaved, dx)
+                    let dx = LayerGradient::one(&mut dinputs[input], store_into(input)).copy_a_into(copy);
+                    attn_backward(b, block, x, out, saved, [dout, conv_dout], dsaved, dx)
                 }
                 Layer::Out { norm, conv } => {
                     let (dn, _) = dsaved.split_first_mut().unwrap();
@@ -566,7 +597,7 @@ impl<B: Backend> Unet<B> {
                         norm.groups,
                         true,
                         dn,
-                        LayerGradient::one(&mut dinputs[input], store_into(input)),
+                        LayerGradient::one(&mut dinputs[input], store_into(input)).copy_a_into(copy),
                     );
                 }
             }
@@ -587,6 +618,8 @@ pub struct UnetPlan<B: Backend> {
     temb_proj: B::Tensor,
     activations: Vec<B::Tensor>,
     gradients: Vec<B::Tensor>,
+    /// Some gradients again, in the activations' type (16-bit plans: `allocate_plan` says which).
+    gradient_copies: Vec<Option<B::Tensor>>,
     saved: Vec<(NodeBuffers<B>, NodeBuffers<B>)>,
     forward_done: bool,
 }
@@ -599,6 +632,7 @@ impl<B: Backend> UnetPlan<B> {
             .into_iter()
             .chain(&self.activations)
             .chain(&self.gradients)
+            .chain(self.gradient_copies.iter().flatten())
             .chain(saved);
         all.map(|t| t.numel() * t.dtype().bytes()).sum::<usize>()
     }
@@ -703,21 +737,22 @@ fn resnet_forward<B: Backend>(
 }
 
 /// dx gets the block's input gradient as it says (split like x where x is a concat); the block's
-/// own buffers are written. Gradient layout: [dn1, -, dh1, dn2, -, (-, the shortcut's input
-/// gradient)].
+/// own buffers are written. `[dout, conv_dout]`: the output's gradient, and the same as the
+/// convolutions read it (`UnetPlan::gradient_copies`). Gradient layout: [dn1, -, dh1, dn2, -, (-,
+/// the shortcut's input gradient)].
 fn resnet_backward<B: Backend>(
     b: &B,
     block: &ResnetBlock<B>,
     x: LayerInput<'_, B::Tensor>,
     saved: &[B::Tensor],
-    dout: &B::Tensor,
+    [dout, conv_dout]: [&B::Tensor; 2],
     dsaved: &mut [B::Tensor],
     dx: LayerGradient<'_, B::Tensor>,
 ) {
     use GradientStore::Write;
     let [_, stats1, h1, _, stats2, ..] = saved else { unreachable!() };
     let [dn1, _, dh1, dn2, _, shortcut @ ..] = dsaved else { unreachable!() };
-    b.conv2d_backward_input(dout, &block.conv2.weight, block.conv2.geometry, dn2, Write);
+    b.conv2d_backward_input(conv_dout, &block.conv2.weight, block.conv2.geometry, dn2, Write);
     let norm2 = &block.norm2;
     let dh1_store = LayerGradient::one(&mut *dh1, Write);
     b.group_norm_backward(LayerInput::one(h1), &norm2.gamma, &norm2.beta, stats2, norm2.groups, true, dn2, dh1_store);
@@ -725,7 +760,7 @@ fn resnet_backward<B: Backend>(
     // The shortcut's gradient meets the main path's as norm1's backward stores it.
     let dshortcut = match (&block.nin_shortcut, shortcut) {
         (Some(nin), [_, dshortcut]) => {
-            b.conv2d_backward_input(dout, &nin.weight, nin.geometry, dshortcut, Write);
+            b.conv2d_backward_input(conv_dout, &nin.weight, nin.geometry, dshortcut, Write);
             &*dshortcut
         }
         _ => dout,
@@ -748,6 +783,7 @@ fn attn_forward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, saved: &
 }
 
 /// dx gets the block's input gradient as it says; the block's own buffers are written.
+/// `[dout, conv_dout]` as resnet_backward's.
 #[allow(clippy::too_many_arguments)]
 fn attn_backward<B: Backend>(
     b: &B,
@@ -755,7 +791,7 @@ fn attn_backward<B: Backend>(
     x: &B::Tensor,
     _out: &B::Tensor,
     saved: &[B::Tensor],
-    dout: &B::Tensor,
+    [dout, conv_dout]: [&B::Tensor; 2],
     dsaved: &mut [B::Tensor],
     dx: LayerGradient<'_, B::Tensor>,
 ) {
@@ -765,7 +801,7 @@ fn attn_backward<B: Backend>(
     // unused), and a buffer of q's shape and type past the saved tensors' gradients in 16-bit
     // plans; in f32 plans the norm's gradient (q's shape and type, written only after it).
     let [dn, dq, dk, dv, da, _, row_terms, rounded @ ..] = dsaved else { unreachable!() };
-    b.conv2d_backward_input(dout, &block.proj_out.weight, block.proj_out.geometry, da, Write);
+    b.conv2d_backward_input(conv_dout, &block.proj_out.weight, block.proj_out.geometry, da, Write);
     let dout_rounded = match rounded {
         [buffer] => buffer,
         _ => &mut *dn,

@@ -338,6 +338,11 @@ impl Backend for CpuBackend {
             }
             Some((b, b_store)) => split_channels(&whole, dx.a, b, [dx.a_store, b_store], "group_norm_backward: dx"),
         }
+        if let Some(copy) = dx.a_copy {
+            expect_shape(copy, &dx.a.shape, "group_norm_backward: copy of dx");
+            copy.data.copy_from_slice(&dx.a.data);
+            store(&mut [copy]);
+        }
     }
 
     fn conv2d(

@@ -861,7 +861,8 @@ impl Backend for CudaBackend {
             && x.b
                 .zip(dx.b.as_ref())
                 .is_none_or(|(b, (db, _))| self.check_shape(db, &b.shape, "group_norm_backward: dx"))
-            && dx.plus.is_none_or(|p| self.check_shape(p, &shape, "group_norm_backward: plus"));
+            && dx.plus.is_none_or(|p| self.check_shape(p, &shape, "group_norm_backward: plus"))
+            && dx.a_copy.as_ref().is_none_or(|c| self.check_shape(c, &x.a.shape, "group_norm_backward: copy of dx"));
         if !ok || dout.is_empty() {
             return;
         }
@@ -880,6 +881,7 @@ impl Backend for CudaBackend {
         let (db_ptr, db_dtype, db_store) =
             dx.b.as_ref().map_or((0, f32, GradientStore::Write), |(b, store)| (b.ptr, b.dtype, *store));
         let (plus_ptr, plus_dtype) = dx.plus.map_or((0, f32), |p| (p.ptr, p.dtype));
+        let (copy_ptr, copy_dtype) = dx.a_copy.as_ref().map_or((0, f32), |c| (c.ptr, c.dtype));
         let pointers = [
             (x.a.ptr, x.a.dtype),
             (b_ptr, x.a.dtype),
@@ -887,6 +889,7 @@ impl Backend for CudaBackend {
             (dx.a.ptr, dx.a.dtype),
             (db_ptr, db_dtype),
             (plus_ptr, plus_dtype),
+            (copy_ptr, copy_dtype),
             (gamma.ptr, f32),
             (beta.ptr, f32),
         ];
@@ -917,17 +920,16 @@ impl Backend for CudaBackend {
         };
         let partial = inputs().ptr(self.groupnorm_arrivals.ptr).i32(partials.vec).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, partial);
-        // kernels/groupnorm.cu's GradientSplit: three pointers, five ints, padded to 8 bytes.
-        let mut split = Vec::with_capacity(48);
-        for ptr in [dx.a.ptr, db_ptr, plus_ptr] {
+        // kernels/groupnorm.cu's GradientSplit: four pointers, then six ints.
+        let mut split = Vec::with_capacity(56);
+        for ptr in [dx.a.ptr, db_ptr, plus_ptr, copy_ptr] {
             split.extend(ptr.to_le_bytes());
         }
-        let codes = [dtype_code(dx.a.dtype), dtype_code(db_dtype), dtype_code(plus_dtype)];
+        let codes = [dx.a.dtype, db_dtype, plus_dtype, copy_dtype].map(dtype_code);
         let accumulates = [dx.a_store.accumulates() as i32, db_store.accumulates() as i32];
         for v in codes.into_iter().chain(accumulates) {
             split.extend(v.to_le_bytes());
         }
-        split.resize(48, 0);
         let apply = inputs().bytes(&split).i32(vec).bytes(&shape_bytes);
         self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dout.len() / vec as usize), apply);
     }
