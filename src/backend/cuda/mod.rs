@@ -230,6 +230,45 @@ impl CudaBackend {
         fits.then_some(layout)
     }
 
+    /// The logical N x C x H x W shape GroupNorm `op` reads from `x` (a two-source concat of one
+    /// storage type, not upsampled), with its parameters and statistics checked; None (an error
+    /// stored) where any is wrong, or where the shape is empty (nothing to do).
+    fn group_norm_operands(
+        &self,
+        op: &str,
+        x: LayerInput<'_, CudaTensor>,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        stats: &CudaTensor,
+        groups: usize,
+    ) -> Option<[usize; 4]> {
+        let shape = match x.logical_shape() {
+            Ok(s) if !x.upsample2x => Ok(s),
+            Ok(_) => Err("an upsampled input is not supported".to_string()),
+            Err(e) => Err(e),
+        };
+        let shape = match shape {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(Error::invalid(format!("{op}: {e}")));
+                return None;
+            }
+        };
+        let [n, c, ..] = shape;
+        let elements: usize = shape.iter().product();
+        let ok = self.check(groups > 0 && c % groups == 0, || format!("{op}: {c} channels, {groups} groups"))
+            && self.check_shape(gamma, &[c], &format!("{op}: gamma"))
+            && self.check_shape(beta, &[c], &format!("{op}: beta"))
+            && self.check(gamma.dtype == Precision::F32 && beta.dtype == Precision::F32, || {
+                format!("{op}: gamma and beta must be f32")
+            })
+            && self.check_shape(stats, &[n, groups, 2], &format!("{op}: stats"))
+            && self.check(stats.dtype == Precision::F32, || format!("{op}: stats must be f32"))
+            && self.check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || format!("{op}: concat of two storage types"))
+            && self.check(elements < i32::MAX as usize, || format!("{op}: {shape:?} has 2^31 elements or more"));
+        (ok && elements > 0).then_some(shape)
+    }
+
     /// (N, C, H, W) of a 4-D tensor, or an error stored.
     fn nchw(&self, t: &CudaTensor, what: &str) -> Option<[usize; 4]> {
         match *t.shape() {
@@ -753,32 +792,13 @@ impl Backend for CudaBackend {
         out: &mut CudaTensor,
         stats: &mut CudaTensor,
     ) {
-        let shape = match x.logical_shape() {
-            Ok(s) if !x.upsample2x => s,
-            Ok(_) => return self.fail(Error::invalid("group_norm: an upsampled input is not supported")),
-            Err(e) => return self.fail(Error::invalid(format!("group_norm: {e}"))),
-        };
+        let Some(shape) = self.group_norm_operands("group_norm", x, gamma, beta, stats, groups) else { return };
         let [n, c, h, w] = shape;
-        let ca = x.a.shape[1];
-        let cb = c - ca;
-        let ok = self.check(groups > 0 && c % groups == 0, || format!("group_norm: {c} channels, {groups} groups"))
-            && self.check_shape(gamma, &[c], "group_norm: gamma")
-            && self.check_shape(beta, &[c], "group_norm: beta")
-            && self.check(gamma.dtype == Precision::F32 && beta.dtype == Precision::F32, || {
-                "group_norm: gamma and beta must be f32".into()
-            })
-            && self.check_shape(out, &shape, "group_norm: out")
-            && self.check_shape(stats, &[n, groups, 2], "group_norm: stats")
-            && self.check(stats.dtype == Precision::F32, || "group_norm: stats must be f32".into())
-            && self
-                .check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || "group_norm: concat of two storage types".into());
-        if !ok {
+        let (ca, cb) = (x.a.shape[1], c - x.a.shape[1]);
+        if !self.check_shape(out, &shape, "group_norm: out") {
             return;
         }
         let pixels = h * w;
-        if !self.check(out.len() < i32::MAX as usize, || format!("group_norm: {shape:?} has 2^31 elements or more")) {
-            return;
-        }
         let launch = groupnorm_launch(ca, cb, groups, x.a.dtype.bytes());
         let groups_per_block = launch.groups_per_block;
         let b_ptr = x.b.map_or(0, |b| b.ptr);
@@ -833,27 +853,12 @@ impl Backend for CudaBackend {
         dout: &CudaTensor,
         dx: LayerGradient<'_, CudaTensor>,
     ) {
-        let shape = match x.logical_shape() {
-            Ok(s) if !x.upsample2x => s,
-            Ok(_) => return self.fail(Error::invalid("group_norm_backward: an upsampled input is not supported")),
-            Err(e) => return self.fail(Error::invalid(format!("group_norm_backward: {e}"))),
+        let Some(shape) = self.group_norm_operands("group_norm_backward", x, gamma, beta, stats, groups) else {
+            return;
         };
         let [n, c, h, w] = shape;
-        let ca = x.a.shape[1];
-        let cb = c - ca;
-        let ok = self
-            .check(groups > 0 && c % groups == 0, || format!("group_norm_backward: {c} channels, {groups} groups"))
-            && self.check_shape(gamma, &[c], "group_norm_backward: gamma")
-            && self.check_shape(beta, &[c], "group_norm_backward: beta")
-            && self.check(gamma.dtype == Precision::F32 && beta.dtype == Precision::F32, || {
-                "group_norm_backward: gamma and beta must be f32".into()
-            })
-            && self.check_shape(stats, &[n, groups, 2], "group_norm_backward: stats")
-            && self.check(stats.dtype == Precision::F32, || "group_norm_backward: stats must be f32".into())
-            && self.check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || {
-                "group_norm_backward: concat of two storage types".into()
-            })
-            && self.check_shape(dout, &shape, "group_norm_backward: dout")
+        let (ca, cb) = (x.a.shape[1], c - x.a.shape[1]);
+        let ok = self.check_shape(dout, &shape, "group_norm_backward: dout")
             && self.check_shape(dx.a, &x.a.shape, "group_norm_backward: dx")
             && self.check(dx.b.is_some() == x.b.is_some(), || {
                 "group_norm_backward: dx must be split as x is (one tensor or a concat's two)".into()
@@ -863,15 +868,10 @@ impl Backend for CudaBackend {
                 .is_none_or(|(b, (db, _))| self.check_shape(db, &b.shape, "group_norm_backward: dx"))
             && dx.plus.is_none_or(|p| self.check_shape(p, &shape, "group_norm_backward: plus"))
             && dx.a_copy.as_ref().is_none_or(|c| self.check_shape(c, &x.a.shape, "group_norm_backward: copy of dx"));
-        if !ok || dout.is_empty() {
+        if !ok {
             return;
         }
         let pixels = h * w;
-        if !self.check(dout.len() < i32::MAX as usize, || {
-            format!("group_norm_backward: {shape:?} has 2^31 elements or more")
-        }) {
-            return;
-        }
         // Whole sectors of x, the narrower of x and dout.
         let element_bytes = x.a.dtype.bytes().min(dout.dtype.bytes());
         let launch = groupnorm_launch(ca, cb, groups, element_bytes);
