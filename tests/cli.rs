@@ -513,6 +513,9 @@ fn bench_reports_timings_as_table_and_json() {
             let (median, p99) = (row[key]["median_ms"].as_f64().unwrap(), row[key]["p99_ms"].as_f64().unwrap());
             assert!(median > 0.0 && p99 >= median, "{key}: median {median}, p99 {p99}");
         }
+        let ratio = row["forward_vjp_over_forward"].as_f64().unwrap();
+        let medians = row["forward_vjp"]["median_ms"].as_f64().unwrap() / row["forward"]["median_ms"].as_f64().unwrap();
+        assert!((ratio - medians).abs() < 1e-9 * medians, "forward + VJP over forward: {ratio} vs {medians}");
         // The CPU records nothing to replay (tests/cli_device.rs checks the emulator's replayed rows).
         assert!(row.get("forward_replayed").is_none(), "{row}");
     }

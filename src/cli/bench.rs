@@ -293,16 +293,23 @@ fn bench<B: Backend>(b: &B, args: &BenchArgs, progress: Progress) -> Result<()> 
             }
             _ => None,
         };
-        let replayed_ms = replayed
-            .as_ref()
-            .map_or(String::new(), |(f, v)| format!(" (replayed: {:.1} ms, {:.1} ms)", f.median * 1e3, v.median * 1e3));
+        // Forward + VJP over the forward alone (issue 9's target: at most 2.5 at batch 256).
+        let vjp_over_forward = |f: &Timing, v: &Timing| v.median / f.median;
+        let replayed_ms = replayed.as_ref().map_or(String::new(), |(f, v)| {
+            format!(" (replayed: {:.1} ms, {:.1} ms, {:.2}x)", f.median * 1e3, v.median * 1e3, vjp_over_forward(f, v))
+        });
         bar.log(&format!(
-            "  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms{replayed_ms}, ETA {}",
+            "  batch {n}: forward {:.1} ms, forward + VJP {:.1} ms ({:.2}x the forward){replayed_ms}, ETA {}",
             forward.median * 1e3,
             with_vjp.median * 1e3,
+            vjp_over_forward(&forward, &with_vjp),
             bar.eta()
         ));
         let mut row_json = serde_json::json!({ "batch": n });
+        row_json["forward_vjp_over_forward"] = vjp_over_forward(&forward, &with_vjp).into();
+        if let Some((f, v)) = &replayed {
+            row_json["forward_vjp_over_forward_replayed"] = vjp_over_forward(f, v).into();
+        }
         let mut unet_row = |label: &str, key: &str, t: &Timing| {
             rows.push((format!("{label}, batch {n}"), t.median, t.p99, n as f64 / t.median));
             row_json[key] = timing_json(t, n);
