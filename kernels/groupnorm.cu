@@ -109,22 +109,27 @@ __device__ __forceinline__ int slice_group(int width, int cpg, int gs) {
 }
 
 // totals[t] = the sum of `v` over the threads whose vector lies in group t of the block's slice,
-// for every t < gs, in a fixed order (the same bits every run). `part` is blockDim floats of shared
+// for every t < gs, in a fixed order (the same bits every run). `part` is blockDim values of shared
 // memory; warp t adds group t's entries (gs > 1 only on the vector path: a group's threads are
-// `cpg / VEC` neighbours in each row of `width / VEC`).
-template <int VEC>
-__device__ __forceinline__ void slice_group_sums(float v, float* part, float* totals, int width, int cpg, int gs) {
+// `cpg / VEC` neighbours in each row of `width / VEC`). V is float, or float2 for two sums at once
+// (the backward's: one pass of barriers and shuffles instead of two, each component summed in the
+// same order as alone).
+__device__ __forceinline__ float2 operator+(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
+__device__ __forceinline__ float2 warp_sum(float2 v) { return make_float2(warp_sum(v.x), warp_sum(v.y)); }
+
+template <int VEC, typename V>
+__device__ __forceinline__ void slice_group_sums(V v, V* part, V* totals, int width, int cpg, int gs, V zero) {
     __syncthreads();  // the previous call's readers are done with part and totals
     part[threadIdx.x] = v;
     __syncthreads();
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int per_group = blockDim.x / gs, lanes = width / VEC, group_lanes = cpg / VEC;
     for (int t = threadIdx.x >> 5; t < gs; t += warps) {
-        float sum = 0.0f;
+        V sum = zero;
         for (int e = lane; e < per_group; e += 32) {
             // (One vector a group, the UNet's case, needs no division: ptxas makes ~20 instructions of one.)
             const int row = group_lanes == 1 ? e : e / group_lanes, col = group_lanes == 1 ? 0 : e % group_lanes;
-            sum += part[gs == 1 ? e : row * lanes + t * group_lanes + col];
+            sum = sum + part[gs == 1 ? e : row * lanes + t * group_lanes + col];
         }
         sum = warp_sum(sum);
         if (lane == 0) totals[t] = sum;
@@ -248,7 +253,7 @@ __device__ __forceinline__ void partial_stats(const void* a, int dt_a, const voi
             if (i == 0) kept[k] = v[k];
         }
     });
-    slice_group_sums<VEC>(sum, part, sums, width, cpg, gs);
+    slice_group_sums<VEC>(sum, part, sums, width, cpg, gs, 0.0f);
     const float mean = count > 0 ? sums[slice_group<VEC>(width, cpg, gs)] / (float)count : 0.0f;
     float m2 = 0.0f;
     for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int i) {
@@ -265,7 +270,7 @@ __device__ __forceinline__ void partial_stats(const void* a, int dt_a, const voi
             m2 += d * d;
         }
     });
-    slice_group_sums<VEC>(m2, part, m2s, width, cpg, gs);
+    slice_group_sums<VEC>(m2, part, m2s, width, cpg, gs, 0.0f);
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
         const float chunk_mean = count > 0 ? sums[t] / (float)count : 0.0f, chunk_m2 = count > 0 ? m2s[t] : 0.0f;
         const int ng = n * s.groups + g0 + t;
@@ -396,8 +401,7 @@ template <int VEC>
 __device__ __forceinline__ void backward_partial(const void* a, int dt_a, const void* b, int dt_b, const void* dout,
                                                  int dt_dout, const float* stats, const float* gamma,
                                                  const float* beta, int silu, float* partials, unsigned* arrivals,
-                                                 const GroupNormShape& s, float* part, float* sums_g,
-                                                 float* sums_g_xhat) {
+                                                 const GroupNormShape& s, float2* part, float2* sums) {
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
     const int channels = s.ca + s.cb, cpg = channels / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
@@ -420,17 +424,17 @@ __device__ __forceinline__ void backward_partial(const void* a, int dt_a, const 
             sum_g_xhat += at.y * at.x;
         }
     });
-    slice_group_sums<VEC>(sum_g, part, sums_g, width, cpg, gs);
-    slice_group_sums<VEC>(sum_g_xhat, part, sums_g_xhat, width, cpg, gs);
+    // (x: the sum of g, y: of g xhat.)
+    slice_group_sums<VEC>(make_float2(sum_g, sum_g_xhat), part, sums, width, cpg, gs, make_float2(0.0f, 0.0f));
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
         const int ng = n * s.groups + g0 + t;
         if (s.chunks == 1) {
-            store_group_means(partials, ng, sums_g[t], sums_g_xhat[t], s);
+            store_group_means(partials, ng, sums[t].x, sums[t].y, s);
             continue;
         }
         float* out = partial_fields(partials, ng, chunk, s);
-        out[0] = sums_g[t];
-        out[s.chunks] = sums_g_xhat[t];
+        out[0] = sums[t].x;
+        out[s.chunks] = sums[t].y;
     }
     if (s.chunks == 1 || !last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
     for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5) finalize_group_means(partials, n * s.groups + g0 + t, s);
@@ -439,10 +443,9 @@ __device__ __forceinline__ void backward_partial(const void* a, int dt_a, const 
 extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
     const void* a, int dt_a, const void* b, int dt_b, const void* dout, int dt_dout, const float* stats,
     const float* gamma, const float* beta, int silu, float* partials, unsigned* arrivals, int vec, GroupNormShape s) {
-    __shared__ float part[1024], sums_g[32], sums_g_xhat[32];
-#define PARTIAL(VEC)                                                                                          \
-    backward_partial<VEC>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, s, part, \
-                          sums_g, sums_g_xhat)
+    __shared__ float2 part[1024], sums[32];
+#define PARTIAL(VEC) \
+    backward_partial<VEC>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, s, part, sums)
     DISPATCH_VEC(vec, PARTIAL)
 #undef PARTIAL
 }
