@@ -30,7 +30,9 @@
 //                                 in registers, in flight, while the product reads this one; f32 with
 //                                 channels in fours loads a float4 of 4 k a thread (one gather a
 //                                 tile), k cursors instead of divisions. The f32 path, and the
-//                                 reference for version 2.
+//                                 reference for version 2. Also conv2d_simt_f32_<w>_<w>: an f32
+//                                 input (x_t) to 16-bit weights, conv_in of a 16-bit plan on grids
+//                                 too small for the tensor cores' gather (batch 1; conv.rs says why).
 //   conv2d_backward_input_simt_<T>  the input gradient (dx = or += the transposed convolution of dout), same
 //                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
 //   conv2d_simt_partial_<T>, conv2d_backward_input_simt_partial_<T>
@@ -395,6 +397,8 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
 CONV_SIMT_ENTRY(f32, float, f32, float, f32, float)
 CONV_SIMT_ENTRY(bf16, bf16, bf16, bf16, bf16, bf16)
 CONV_SIMT_ENTRY(f16, f16, f16, f16, f16, f16)
+CONV_SIMT_ENTRY(f32, float, bf16, bf16, bf16, bf16)
+CONV_SIMT_ENTRY(f32, float, f16, f16, f16, f16)
 CONV_SIMT_PARTIAL_ENTRY(f32, float)
 CONV_SIMT_PARTIAL_ENTRY(bf16, bf16)
 CONV_SIMT_PARTIAL_ENTRY(f16, f16)

@@ -535,6 +535,15 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
         h.cpu.conv2d(input(&ar, &bb_r, cb > 0, upsample), &wr, Some(&bias_r), geometry, epilogue_r, &mut out_r);
         h.check(&format!("conv2d {name}"), &out, &out_r);
     }
+    // conv_in as 16-bit plans run it: x_t in f32 (at this size the SIMT tile, conv2d_version).
+    let (x, xr) = h.input_as(&[2, 3, 5, 5], Precision::F32, 1.0);
+    let (w, wr) = h.input_as(&[16, 3, 3, 3], dtype, 0.3);
+    let (bias, bias_r) = h.input_f32(&[16]);
+    let (mut out, mut out_r) = h.output(&[2, 16, 5, 5]);
+    let same = Conv2dGeometry::same(1);
+    b.conv2d(LayerInput::one(&x), &w, Some(&bias), same, ConvEpilogue::default(), &mut out);
+    h.cpu.conv2d(LayerInput::one(&xr), &wr, Some(&bias_r), same, ConvEpilogue::default(), &mut out_r);
+    h.check("conv2d conv_in (f32 x_t)", &out, &out_r);
 }
 test_device!(conv2d, conv2d_op, ALL_DTYPES);
 

@@ -662,6 +662,17 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let mixed = Conv2dLaunch { out_dtype: Precision::F32, ..tc };
     let err = conv::plan_conv2d(&mixed, Conv2dVersion::SimtSplitK { slices: 3 }).unwrap_err().to_string();
     assert!(err.contains("one storage type throughout"), "{err}");
+    // conv_in of a 16-bit plan (x_t in f32, 3 channels, one k-step): at batch 1 the gather's 16
+    // blocks leave SMs idle and split-K cannot help, so the SIMT tile (f32 input kept); at batch 16
+    // its 256 blocks fill the GPU: the tensor cores. Unsplit only (the partial kernels take one type).
+    let conv_in = Conv2dLaunch { input_dtype: Precision::F32, channels_a: 3, height: 32, width: 32, ..tc };
+    assert_eq!(conv::conv2d_version(&conv_in, true, Some(&workspace)), Conv2dVersion::Simt);
+    let plan = conv::plan_conv2d(&conv_in, Conv2dVersion::Simt).unwrap();
+    assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_simt_f32_bf16_bf16", [16, 4, 1]));
+    let conv_in_16 = Conv2dLaunch { batch: 16, ..conv_in };
+    assert_eq!(conv::conv2d_version(&conv_in_16, true, Some(&workspace)), Conv2dVersion::TensorCore);
+    let err = conv::plan_conv2d(&conv_in, Conv2dVersion::SimtSplitK { slices: 2 }).unwrap_err().to_string();
+    assert!(err.contains("an f32 input unsplit"), "{err}");
 
     let backward = Conv2dBackwardInputLaunch {
         batch: 1,

@@ -419,6 +419,9 @@ pub fn simt_kernel_names() -> Vec<String> {
     let mut names = Vec::new();
     for d in ["f32", "bf16", "f16"] {
         names.push(format!("conv2d_simt_{d}_{d}_{d}"));
+        if d != "f32" {
+            names.push(format!("conv2d_simt_f32_{d}_{d}"));
+        }
         names.push(format!("conv2d_backward_input_simt_{d}"));
         names.push(format!("conv2d_simt_partial_{d}"));
         names.push(format!("conv2d_backward_input_simt_partial_{d}"));
@@ -506,13 +509,16 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
     let (i, w, o) = (dtype_name(args.input_dtype), dtype_name(args.weight_dtype), dtype_name(args.out_dtype));
     let (name, block_m, block_n, block_k, threads, shared) = match (version, args.weight_dtype) {
         (Conv2dVersion::Simt | Conv2dVersion::SimtSplitK { .. }, _) => {
-            if args.input_dtype != args.weight_dtype || args.out_dtype != args.weight_dtype {
+            // One storage type throughout, or (unsplit) an f32 input to 16-bit weights and output.
+            let f32_input = args.input_dtype == Precision::F32 && version == Conv2dVersion::Simt;
+            if (args.input_dtype != args.weight_dtype && !f32_input) || args.out_dtype != args.weight_dtype {
                 return Err(Error::invalid(format!(
-                    "conv2d: the SIMT kernel needs one storage type throughout (got input {i}, weights {w}, output {o})"
+                    "conv2d: the SIMT kernel needs one storage type throughout, or an f32 input unsplit \
+                     (got input {i}, weights {w}, output {o}, {version:?})"
                 )));
             }
             let name = match version {
-                Conv2dVersion::Simt => format!("conv2d_simt_{w}_{w}_{w}"),
+                Conv2dVersion::Simt => format!("conv2d_simt_{i}_{w}_{w}"),
                 _ => format!("conv2d_simt_partial_{w}"),
             };
             (name, SIMT_BLOCK_M, SIMT_BLOCK_N, SIMT_BLOCK_K, SIMT_THREADS, 0)
@@ -637,7 +643,31 @@ pub fn conv2d_version(
     if args.weight_dtype == Precision::F32 || !has_tensor_cores {
         return simt_version(m, n, k_total, workspace);
     }
+    if small_f32_gather(args, m, n, k_total, workspace) {
+        return Conv2dVersion::Simt;
+    }
     tensor_core_version(m, n, k_total, forward_loads_vectors(args), workspace)
+}
+
+/// Whether a 16-bit convolution of an f32 input (conv_in reading x_t) runs the SIMT kernel: where
+/// the tensor cores' element-wise gather would leave SMs idle and, with one k-step (conv_in's 27),
+/// split-K cannot fill them. At batch 1 conv_in's gather was 16 blocks each 3360
+/// warp-instructions deep (every element rounded and stored to shared one at a time), the slowest
+/// launch of the forward in the latency model (29.5 us; the SIMT tile, 32 blocks, 6.7 us:
+/// examples/emulator_launch_depth.rs); on grids that fill the GPU the gather's tensor cores win (at
+/// batch 256 its instruction count is about a third of the SIMT kernel's). The SIMT kernel keeps
+/// the input in f32 (the gather rounds it to the weights' type): no less precise.
+fn small_f32_gather(
+    args: &Conv2dLaunch,
+    m: usize,
+    n: usize,
+    k_total: usize,
+    workspace: Option<&SplitKWorkspace>,
+) -> bool {
+    let blocks = m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_BLOCK_N);
+    args.input_dtype == Precision::F32
+        && k_total <= MMA_BLOCK_K
+        && workspace.is_some_and(|ws| blocks < ws.multiprocessors)
 }
 
 /// Runs the convolution with the fastest loaded kernel for its storage types (`conv2d_version`).
