@@ -505,9 +505,8 @@ pub trait Backend {
         out: &mut Self::Tensor,
         stats: &mut Self::Tensor,
     );
-    /// dx = (or += as `dx` says, split as `dx` says, plus its `plus`) d/dx of `group_norm`, from
-    /// the forward's input (read as the forward read it: a two-source concat in place) and saved
-    /// stats.
+    /// d/dx of `group_norm`, stored as `dx` says (`LayerGradient`), from the forward's input (read
+    /// as the forward read it: a two-source concat in place) and saved stats.
     #[allow(clippy::too_many_arguments)]
     fn group_norm_backward(
         &self,

@@ -828,7 +828,6 @@ fn group_norm_shape(
     norm::GroupNormShape { channels, spatial, groups }
 }
 
-/// Per-sample lengths of a and b, after checking that `joined` is their channel concatenation.
 /// out = concat(a, b) along channels.
 fn concat_channels(a: &CpuTensor, b: &CpuTensor, out: &mut CpuTensor) {
     let (a_len, b_len) = concat_shapes(a, b, out, "concat_channels");
@@ -858,6 +857,7 @@ fn split_channels(whole: &CpuTensor, da: &mut CpuTensor, db: &mut CpuTensor, gra
     store(&mut [da, db]);
 }
 
+/// Per-sample lengths of a and b, after checking that `joined` is their channel concatenation.
 fn concat_shapes(a: &CpuTensor, b: &CpuTensor, joined: &CpuTensor, what: &str) -> (usize, usize) {
     let (n, ca, rest) = batch_channels_rest(a, what);
     let (_, cb, _) = batch_channels_rest(b, what);
