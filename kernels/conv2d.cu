@@ -33,6 +33,8 @@
 //                                 reference for version 2. Also conv2d_simt_f32_<w>_<w>: an f32
 //                                 input (x_t) to 16-bit weights, conv_in of a 16-bit plan on grids
 //                                 too small for the tensor cores' gather (batch 1; conv.rs says why).
+//                                 conv2d_backward_input_simt_f32_<w> is its counterpart for an f32
+//                                 dout and dx (conv_out's gradient).
 //   conv2d_backward_input_simt_<T>  the input gradient (dx = or += the transposed convolution of dout), same
 //                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
 //   conv2d_simt_partial_<T>, conv2d_backward_input_simt_partial_<T>
@@ -234,9 +236,9 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 // The same ConvParams as the forward: in_h/in_w/ca the logical input (cb 0, no upsample), kh/kw,
 // stride, pads, out_h/out_w/out_channels the forward's output (dout).
 // PARTIAL: split-K as the forward's (partials[z][m][ci], then conv2d_backward_input_split_reduce).
-template <bool PARTIAL, typename T>
-__device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__ dout, const T* __restrict__ w,
-                                                           T* __restrict__ dx, float* __restrict__ partials,
+template <bool PARTIAL, typename DoutT, typename WT, typename DxT>
+__device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restrict__ dout, const WT* __restrict__ w,
+                                                           DxT* __restrict__ dx, float* __restrict__ partials,
                                                            const ConvParams p, int accumulate) {
     using namespace simt;
     // Two stages, as the forward's.
@@ -257,7 +259,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
     // B, 4 consecutive input channels of k row tid / 16 (contiguous in w). Otherwise element by
     // element: A one k column, rows load_row + 16 i; B lanes along ci (a warp reads whole sectors).
     bool vector = false;
-    if constexpr (sizeof(T) == 4)
+    if constexpr (sizeof(DoutT) == 4 && sizeof(WT) == 4)
         vector = p.out_channels % 4 == 0 && ci_total % 4 == 0 && (unsigned long long)dout % 16 == 0 &&
                  (unsigned long long)w % 16 == 0;
     const int load_k = vector ? 4 * (tid % 4) : tid % BK, load_row = vector ? tid / 4 : tid / BK;
@@ -355,7 +357,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
         return;
     }
     // As the forward's epilogue: four channels in one access where they can be.
-    const bool quads = ci_total % 4 == 0 && (unsigned long long)dx % (4 * sizeof(T)) == 0;
+    const bool quads = ci_total % 4 == 0 && (unsigned long long)dx % (4 * sizeof(DxT)) == 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = m_block + ty * 4 + i;
@@ -367,7 +369,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const T* __restrict__
 #pragma unroll
             for (int j = 0; j < 4; ++j)
                 if (ci0 + j < ci_total)
-                    dx[at + j] = from_float<T>(accumulate ? to_float(dx[at + j]) + acc[i][j] : acc[i][j]);
+                    dx[at + j] = from_float<DxT>(accumulate ? to_float(dx[at + j]) + acc[i][j] : acc[i][j]);
         }
     }
 }
@@ -407,18 +409,28 @@ CONV_SIMT_PARTIAL_ENTRY(f16, f16)
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_backward_input_simt_##name(const T* __restrict__ dout, const T* __restrict__ w,              \
                                           T* __restrict__ dx, const ConvParams p, int accumulate) {         \
-        conv2d_backward_input_simt<false, T>(dout, w, dx, nullptr, p, accumulate);                          \
+        conv2d_backward_input_simt<false, T, T, T>(dout, w, dx, nullptr, p, accumulate);                    \
+    }
+// f32 dout and dx with 16-bit weights: conv_out's gradient in a 16-bit plan, on grids too small for
+// the tensor cores' gather (src/backend/cuda/conv.rs, small_f32_gather).
+#define CONV_BACKWARD_INPUT_F32_ENTRY(w_name, WT)                                                           \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
+        conv2d_backward_input_simt_f32_##w_name(const float* __restrict__ dout, const WT* __restrict__ w,   \
+                                                float* __restrict__ dx, const ConvParams p, int accumulate) { \
+        conv2d_backward_input_simt<false, float, WT, float>(dout, w, dx, nullptr, p, accumulate);          \
     }
 #define CONV_BACKWARD_INPUT_PARTIAL_ENTRY(name, T)                                                          \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_backward_input_simt_partial_##name(const T* __restrict__ dout, const T* __restrict__ w,      \
                                                   float* __restrict__ partials, const ConvParams p) {       \
-        conv2d_backward_input_simt<true, T>(dout, w, nullptr, partials, p, 0);                              \
+        conv2d_backward_input_simt<true, T, T, T>(dout, w, nullptr, partials, p, 0);                        \
     }
 
 CONV_BACKWARD_INPUT_ENTRY(f32, float)
 CONV_BACKWARD_INPUT_ENTRY(bf16, bf16)
 CONV_BACKWARD_INPUT_ENTRY(f16, f16)
+CONV_BACKWARD_INPUT_F32_ENTRY(bf16, bf16)
+CONV_BACKWARD_INPUT_F32_ENTRY(f16, f16)
 CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f32, float)
 CONV_BACKWARD_INPUT_PARTIAL_ENTRY(bf16, bf16)
 CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f16, f16)

@@ -555,8 +555,17 @@ fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
     assert_eq!(conv::backward_input_kernel_for(&odder, tc).unwrap(), "conv2d_backward_input_mma_gather_f32_bf16");
     let half = Conv2dBackwardInputLaunch { dout_dtype: Precision::F16, weight_dtype: Precision::F16, ..ok };
     assert_eq!(conv::backward_input_kernel_for(&half, tc).unwrap(), "conv2d_backward_input_mma_f16_f16");
-    // The SIMT kernel takes one storage type throughout; f32 weights have no tensor-core kernel.
-    let err = conv::backward_input_kernel_for(&ok, Conv2dVersion::Simt).unwrap_err().to_string();
+    // The SIMT kernel takes one storage type throughout, or f32 gradients unsplit (conv_out's at
+    // small batch, below); f32 weights have no tensor-core kernel.
+    assert_eq!(
+        conv::backward_input_kernel_for(&ok, Conv2dVersion::Simt).unwrap(),
+        "conv2d_backward_input_simt_f32_bf16"
+    );
+    let split = Conv2dVersion::SimtSplitK { slices: 2 };
+    let err = conv::backward_input_kernel_for(&ok, split).unwrap_err().to_string();
+    assert!(err.contains("one storage type throughout, or f32 gradients unsplit"), "{err}");
+    let narrow_dout = Conv2dBackwardInputLaunch { dout_dtype: Precision::Bf16, ..ok };
+    let err = conv::backward_input_kernel_for(&narrow_dout, Conv2dVersion::Simt).unwrap_err().to_string();
     assert!(err.contains("one storage type throughout"), "{err}");
     let f32_weights = Conv2dBackwardInputLaunch { weight_dtype: Precision::F32, ..ok };
     assert!(conv::backward_input_kernel_for(&f32_weights, tc).is_err());
@@ -673,6 +682,28 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     assert_eq!(conv::conv2d_version(&conv_in_16, true, Some(&workspace)), Conv2dVersion::TensorCore);
     let err = conv::plan_conv2d(&conv_in, Conv2dVersion::SimtSplitK { slices: 2 }).unwrap_err().to_string();
     assert!(err.contains("an f32 input unsplit"), "{err}");
+    // conv_out's input gradient likewise (f32 dout and dx, 3 output channels: one k-step).
+    let conv_out = Conv2dBackwardInputLaunch {
+        batch: 1,
+        height: 32,
+        width: 32,
+        in_channels: 128,
+        out_channels: 3,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: Conv2dGeometry::same(1),
+        dout_dtype: Precision::F32,
+        weight_dtype: Precision::Bf16,
+        dx_dtype: Precision::F32,
+        dout: 0x1000,
+        weight: 0x2000,
+        dx: 0x3000,
+        accumulate: false,
+    };
+    assert_eq!(conv::conv2d_backward_input_version(&conv_out, true, Some(&workspace)), Conv2dVersion::Simt);
+    let conv_out_16 = Conv2dBackwardInputLaunch { batch: 16, ..conv_out };
+    let version = conv::conv2d_backward_input_version(&conv_out_16, true, Some(&workspace));
+    assert_eq!(version, Conv2dVersion::TensorCore);
 
     let backward = Conv2dBackwardInputLaunch {
         batch: 1,

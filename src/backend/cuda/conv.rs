@@ -423,6 +423,9 @@ pub fn simt_kernel_names() -> Vec<String> {
             names.push(format!("conv2d_simt_f32_{d}_{d}"));
         }
         names.push(format!("conv2d_backward_input_simt_{d}"));
+        if d != "f32" {
+            names.push(format!("conv2d_backward_input_simt_f32_{d}"));
+        }
         names.push(format!("conv2d_simt_partial_{d}"));
         names.push(format!("conv2d_backward_input_simt_partial_{d}"));
     }
@@ -643,31 +646,23 @@ pub fn conv2d_version(
     if args.weight_dtype == Precision::F32 || !has_tensor_cores {
         return simt_version(m, n, k_total, workspace);
     }
-    if small_f32_gather(args, m, n, k_total, workspace) {
+    if args.input_dtype == Precision::F32 && small_gather(m, n, k_total, workspace) {
         return Conv2dVersion::Simt;
     }
     tensor_core_version(m, n, k_total, forward_loads_vectors(args), workspace)
 }
 
-/// Whether a 16-bit convolution of an f32 input (conv_in reading x_t) runs the SIMT kernel: where
-/// the tensor cores' element-wise gather would leave SMs idle and, with one k-step (conv_in's 27),
-/// split-K cannot fill them. At batch 1 conv_in's gather was 16 blocks each 3360
-/// warp-instructions deep (every element rounded and stored to shared one at a time), the slowest
-/// launch of the forward in the latency model (29.5 us; the SIMT tile, 32 blocks, 6.7 us:
-/// examples/emulator_launch_depth.rs); on grids that fill the GPU the gather's tensor cores win (at
-/// batch 256 its instruction count is about a third of the SIMT kernel's). The SIMT kernel keeps
-/// the input in f32 (the gather rounds it to the weights' type): no less precise.
-fn small_f32_gather(
-    args: &Conv2dLaunch,
-    m: usize,
-    n: usize,
-    k_total: usize,
-    workspace: Option<&SplitKWorkspace>,
-) -> bool {
+/// Whether a 16-bit convolution with an f32 operand (conv_in reading x_t; conv_out's input gradient
+/// from its f32 dout) runs the SIMT kernel, which keeps that operand in f32: where the tensor
+/// cores' element-wise gather would leave SMs idle and, with one k-step (27: 3 channels x 9 taps),
+/// split-K cannot fill them. At batch 1 conv_in's gather was 16 blocks each 3360 warp-instructions
+/// deep (every element rounded and stored to shared one at a time), the slowest launch of the
+/// forward in the latency model (29.5 us; the SIMT tile, 32 blocks, 6.7 us:
+/// examples/emulator_launch_depth.rs); on grids that fill the GPU the gather's tensor cores win
+/// (at batch 256 its instruction count is about a third of the SIMT kernel's).
+fn small_gather(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> bool {
     let blocks = m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_BLOCK_N);
-    args.input_dtype == Precision::F32
-        && k_total <= MMA_BLOCK_K
-        && workspace.is_some_and(|ws| blocks < ws.multiprocessors)
+    k_total <= MMA_BLOCK_K && workspace.is_some_and(|ws| blocks < ws.multiprocessors)
 }
 
 /// Runs the convolution with the fastest loaded kernel for its storage types (`conv2d_version`).
@@ -816,13 +811,19 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
     let (d, w, x) = (dtype_name(args.dout_dtype), dtype_name(args.weight_dtype), dtype_name(args.dx_dtype));
     let (name, block_m, block_n, block_k, threads, shared) = match (version, args.weight_dtype) {
         (Conv2dVersion::Simt | Conv2dVersion::SimtSplitK { .. }, _) => {
-            if args.dout_dtype != args.weight_dtype || args.dx_dtype != args.weight_dtype {
+            // One storage type throughout, or (unsplit) f32 dout and dx with 16-bit weights.
+            let f32_gradients =
+                args.dout_dtype == Precision::F32 && args.dx_dtype == Precision::F32 && version == Conv2dVersion::Simt;
+            let one_type = args.dout_dtype == args.weight_dtype && args.dx_dtype == args.weight_dtype;
+            if !one_type && !f32_gradients {
                 return Err(Error::invalid(format!(
-                    "conv2d backward input: the SIMT kernel needs one storage type throughout \
-                     (got dout {d}, weights {w}, dx {x}); the tensor-core kernel takes f32 gradients"
+                    "conv2d backward input: the SIMT kernel needs one storage type throughout, or f32 \
+                     gradients unsplit (got dout {d}, weights {w}, dx {x}, {version:?}); the tensor-core \
+                     kernel takes f32 gradients"
                 )));
             }
             let name = match version {
+                Conv2dVersion::Simt if !one_type => format!("conv2d_backward_input_simt_f32_{w}"),
                 Conv2dVersion::Simt => format!("conv2d_backward_input_simt_{w}"),
                 _ => format!("conv2d_backward_input_simt_partial_{w}"),
             };
@@ -877,6 +878,10 @@ pub fn conv2d_backward_input_version(
     let k_total = args.kernel_h * args.kernel_w * args.out_channels;
     if args.weight_dtype == Precision::F32 || !has_tensor_cores {
         return simt_version(positions, args.in_channels, k_total, workspace);
+    }
+    let f32_gradients = args.dout_dtype == Precision::F32 && args.dx_dtype == Precision::F32;
+    if f32_gradients && small_gather(positions, args.in_channels, k_total, workspace) {
+        return Conv2dVersion::Simt;
     }
     tensor_core_version(positions, args.in_channels, k_total, backward_loads(args) == Loads::Vector, workspace)
 }
