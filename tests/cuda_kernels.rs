@@ -682,29 +682,6 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     assert_eq!(conv::conv2d_version(&conv_in_16, true, Some(&workspace)), Conv2dVersion::TensorCore);
     let err = conv::plan_conv2d(&conv_in, Conv2dVersion::SimtSplitK { slices: 2 }).unwrap_err().to_string();
     assert!(err.contains("an f32 input unsplit"), "{err}");
-    // conv_out's input gradient likewise (f32 dout and dx, 3 output channels: one k-step).
-    let conv_out = Conv2dBackwardInputLaunch {
-        batch: 1,
-        height: 32,
-        width: 32,
-        in_channels: 128,
-        out_channels: 3,
-        kernel_h: 3,
-        kernel_w: 3,
-        geometry: Conv2dGeometry::same(1),
-        dout_dtype: Precision::F32,
-        weight_dtype: Precision::Bf16,
-        dx_dtype: Precision::F32,
-        dout: 0x1000,
-        weight: 0x2000,
-        dx: 0x3000,
-        accumulate: false,
-    };
-    assert_eq!(conv::conv2d_backward_input_version(&conv_out, true, Some(&workspace)), Conv2dVersion::Simt);
-    let conv_out_16 = Conv2dBackwardInputLaunch { batch: 16, ..conv_out };
-    let version = conv::conv2d_backward_input_version(&conv_out_16, true, Some(&workspace));
-    assert_eq!(version, Conv2dVersion::TensorCore);
-
     let backward = Conv2dBackwardInputLaunch {
         batch: 1,
         height: 4,
@@ -727,6 +704,13 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let plan = conv::plan_conv2d_backward_input(&backward, version).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_partial_f32_bf16", [1, 4, 16]));
     assert_eq!(plan.split.unwrap().reduce_kernel, "conv2d_backward_input_split_reduce");
+    // conv_out's input gradient (f32 dout and dx, 3 output channels: one k-step) as conv_in's
+    // forward: the SIMT tile at batch 1, the tensor cores at 16.
+    let conv_out = Conv2dBackwardInputLaunch { height: 32, width: 32, in_channels: 128, out_channels: 3, ..backward };
+    assert_eq!(conv::conv2d_backward_input_version(&conv_out, true, Some(&workspace)), Conv2dVersion::Simt);
+    let conv_out_16 = Conv2dBackwardInputLaunch { batch: 16, ..conv_out };
+    let version = conv::conv2d_backward_input_version(&conv_out_16, true, Some(&workspace));
+    assert_eq!(version, Conv2dVersion::TensorCore);
     let big = Conv2dBackwardInputLaunch { batch: 64, height: 16, width: 16, ..backward };
     assert_eq!(conv::conv2d_backward_input_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide);
     let plan = conv::plan_conv2d_backward_input(&big, Conv2dVersion::TensorCoreWide).unwrap();
