@@ -208,6 +208,10 @@ benchmarks() {
   # The wide conv tile's worth at large batch: the same rows with it off (PURIFIER_CONV_WIDE=off).
   PURIFIER_CONV_WIDE=off BATCHES=$WIDE_BATCHES T_STAR=1 bench "$LARGE-bf16-no-wide" 60 \
     --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
+  # The 16-bit copies of finished gradients (the convolutions' dout on cp.async) at the forward +
+  # VJP target's batches: the same rows without them (PURIFIER_GRADIENT_COPIES=off).
+  PURIFIER_GRADIENT_COPIES=off BATCHES=$WIDE_BATCHES T_STAR=1 bench "$LARGE-bf16-no-gradient-copies" 45 \
+    --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
   BATCHES=$COMPILE_BATCHES T_STAR=1 bench "$LARGE-bf16-compile" 180 --config "$LARGE" --precision bf16 --modes none \
     --skip-attack-gradient --skip-start-up \
     "${baseline[@]}" ${baseline:+--baseline-variants compile}
