@@ -9,7 +9,8 @@
 //!
 //! Also: a CPU-vs-emulator comparison of a short `none`-mode purification (t* = 5), and the input
 //! VJPs (the UNet's and ResNet-20's) in bf16 storage, with their tolerances argued where they are
-//! defined.
+//! defined; and which of the bf16 VJP's convolutions read an f32 dout (a speed check no tolerance
+//! would see).
 mod common;
 
 use purifier::backend::cpu::CpuBackend;
@@ -166,6 +167,42 @@ fn unet_small_input_vjp_bf16_matches_cpu() {
     let error = relative_l2(&got, &want);
     println!("UNet cifar10-small input VJP, batch 1, bf16 on the emulator: {seconds:.1} s, relative L2 {error:.2e} (seed {seed})");
     assert!(error < UNET_VJP_BF16_TOLERANCE, "UNet input VJP bf16: relative L2 {error:.3e} (seed {seed})");
+}
+
+/// The bf16 VJP's convolutions read their dout in bf16 (cp.async) wherever a GroupNorm's backward
+/// finished that gradient (`UnetPlan::gradient_copies`): only conv_out's (the f32 direction v)
+/// and those of the blocks feeding a Downsample or an Upsample (at most conv2 and the shortcut of
+/// a ResnetBlock, or an attention's proj_out) read f32. Dropping the copies would still give the
+/// right gradient, slower: this is the check that catches it (cifar10-small at batch 1: 9 of 89).
+#[test]
+fn unet_vjp_convolutions_read_16_bit_dout() {
+    use purifier::backend::cuda::compile::ImageKind;
+    use purifier::backend::cuda::CudaBackend;
+    use purifier::driver::emulated::EmulatedDriver;
+    let driver = std::sync::Arc::new(EmulatedDriver::new());
+    let b = CudaBackend::new(driver.clone(), Precision::Bf16, ImageKind::Ptx).unwrap();
+    let config = UnetConfig::cifar10_small();
+    let unet = Unet::load(&config, &mut DeterministicParams::new(&b, 3)).unwrap();
+    let resamplers = unet.layers().filter(|(name, _)| name.contains("sample")).count();
+    let mut plan = unet.plan(&b, 1, true).unwrap();
+    let x = b.upload(&common::uniform(3 * 32 * 32, 5), &[1, 3, 32, 32]).unwrap();
+    unet.forward(&b, &mut plan, &x, &[480.0]).unwrap();
+    driver.kernel_totals(true);
+    unet.input_vjp(&b, &mut plan, &x).unwrap();
+    let (mut f32_dout, mut bf16_dout) = (0, 0);
+    for (name, totals) in driver.kernel_totals(true) {
+        // conv2d_backward_input_<version>_<dout>_<weights>, or the SIMT kernels' names.
+        if !name.starts_with("conv2d_backward_input") || name.ends_with("split_reduce") {
+            continue;
+        }
+        match name.ends_with("_f32_bf16") {
+            true => f32_dout += totals.launches,
+            false => bf16_dout += totals.launches,
+        }
+    }
+    println!("cifar10-small bf16 VJP: {f32_dout} input-gradient convolutions read f32 dout, {bf16_dout} bf16");
+    assert_eq!(f32_dout + bf16_dout, 89, "every convolution has an input gradient");
+    assert!(resamplers == 6 && f32_dout <= 1 + 2 * resamplers as u64, "{f32_dout} read f32 dout");
 }
 
 /// ResNet-20's input VJP (both the logits and the feature path, as the guidance and the attacks
