@@ -107,6 +107,13 @@ __device__ __forceinline__ void store_dyn(void* p, int dtype, long long i, float
         static_cast<bf16*>(p)[i] = from_float<bf16>(v);
 }
 
+// v as an operand of a product with weights of type WT: rounded once to WT where WT is 16-bit (as
+// the tensor cores' loaders round it), unchanged for f32.
+template <typename WT>
+__device__ __forceinline__ float as_operand(float v) {
+    return to_float(from_float<WT>(v));
+}
+
 // v as a tensor of storage type `dtype` holds it (rounded once to a 16-bit type).
 __device__ __forceinline__ float as_stored(int dtype, float v) {
     if (dtype == DTYPE_F32) return v;

@@ -32,9 +32,10 @@
 //                                 tile), k cursors instead of divisions. The f32 path, and the
 //                                 reference for version 2. Also conv2d_simt_f32_<w>_<w>: an f32
 //                                 input (x_t) to 16-bit weights, conv_in of a 16-bit plan on grids
-//                                 too small for the tensor cores' gather (batch 1; conv.rs says why).
-//                                 conv2d_backward_input_simt_f32_<w> is its counterpart for an f32
-//                                 dout and dx (conv_out's gradient).
+//                                 too small for the tensor cores' gather (batch 1; conv.rs says why),
+//                                 the input rounded to the weights' type as the gather rounds it.
+//                                 conv2d_backward_input_simt_<dout>_<w>_f32 is its counterpart for
+//                                 an f32 dx (conv_out's gradient), an f32 dout rounded the same way.
 //   conv2d_backward_input_simt_<T>  the input gradient (dx = or += the transposed convolution of dout), same
 //                                 tiles, storage type T throughout, f32 arithmetic; see its comment.
 //   conv2d_simt_partial_<T>, conv2d_backward_input_simt_partial_<T>
@@ -159,7 +160,8 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
         } else {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                a_regs[i] = conv_gather(rows[i], ky, kx, at.c, k_valid, p, a, b);
+                // (An f32 input to 16-bit weights is rounded to their type, as the tensor cores' gather does.)
+                a_regs[i] = as_operand<WT>(conv_gather(rows[i], ky, kx, at.c, k_valid, p, a, b));
                 const int co = n_block + load_row + 16 * i;
                 b_regs[i] = (k_valid && co < p.out_channels) ? to_float(w[co * k_total + k]) : 0.0f;
             }
@@ -310,7 +312,8 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restri
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const long long source = k_valid ? dout_at(i, a_at.ky, a_at.kx, a_at.c) : -1;
-                a_regs[i] = source >= 0 ? to_float(dout[source]) : 0.0f;
+                // (f32 dout to 16-bit weights is rounded to their type, as the tensor cores round it.)
+                a_regs[i] = source >= 0 ? as_operand<WT>(to_float(dout[source])) : 0.0f;
                 // B element tid + THREADS i of the tile: k row e / BN, input channel e % BN.
                 const int e = tid + THREADS * i, kb = kt * BK + e / BN, ci = n_block + e % BN;
                 const int tap_b = kb / p.out_channels, co_b = kb - tap_b * p.out_channels;
@@ -411,13 +414,16 @@ CONV_SIMT_PARTIAL_ENTRY(f16, f16)
                                           T* __restrict__ dx, const ConvParams p, int accumulate) {         \
         conv2d_backward_input_simt<false, T, T, T>(dout, w, dx, nullptr, p, accumulate);                    \
     }
-// f32 dout and dx with 16-bit weights: conv_out's gradient in a 16-bit plan, on grids too small for
-// the tensor cores' gather (src/backend/cuda/conv.rs, small_f32_gather).
-#define CONV_BACKWARD_INPUT_F32_ENTRY(w_name, WT)                                                           \
+// An f32 dx with 16-bit weights and dout in f32 or their type: conv_out's gradient in a 16-bit plan,
+// on grids too small for the tensor cores' gather (src/backend/cuda/conv.rs, small_gather). Both
+// dout types, so that the kernel a launch runs never depends on dout's type (a rounded dout gives
+// the same bits: tests/backend_ops.rs, narrow_dout_gives_the_same_bits).
+#define CONV_BACKWARD_INPUT_F32_DX_ENTRY(dout_name, DoutT, w_name, WT)                                      \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
-        conv2d_backward_input_simt_f32_##w_name(const float* __restrict__ dout, const WT* __restrict__ w,   \
-                                                float* __restrict__ dx, const ConvParams p, int accumulate) { \
-        conv2d_backward_input_simt<false, float, WT, float>(dout, w, dx, nullptr, p, accumulate);          \
+        conv2d_backward_input_simt_##dout_name##_##w_name##_f32(                                            \
+            const DoutT* __restrict__ dout, const WT* __restrict__ w, float* __restrict__ dx, const ConvParams p, \
+            int accumulate) {                                                                               \
+        conv2d_backward_input_simt<false, DoutT, WT, float>(dout, w, dx, nullptr, p, accumulate);          \
     }
 #define CONV_BACKWARD_INPUT_PARTIAL_ENTRY(name, T)                                                          \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
@@ -429,8 +435,10 @@ CONV_SIMT_PARTIAL_ENTRY(f16, f16)
 CONV_BACKWARD_INPUT_ENTRY(f32, float)
 CONV_BACKWARD_INPUT_ENTRY(bf16, bf16)
 CONV_BACKWARD_INPUT_ENTRY(f16, f16)
-CONV_BACKWARD_INPUT_F32_ENTRY(bf16, bf16)
-CONV_BACKWARD_INPUT_F32_ENTRY(f16, f16)
+CONV_BACKWARD_INPUT_F32_DX_ENTRY(f32, float, bf16, bf16)
+CONV_BACKWARD_INPUT_F32_DX_ENTRY(bf16, bf16, bf16, bf16)
+CONV_BACKWARD_INPUT_F32_DX_ENTRY(f32, float, f16, f16)
+CONV_BACKWARD_INPUT_F32_DX_ENTRY(f16, f16, f16, f16)
 CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f32, float)
 CONV_BACKWARD_INPUT_PARTIAL_ENTRY(bf16, bf16)
 CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f16, f16)

@@ -555,17 +555,17 @@ fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
     assert_eq!(conv::backward_input_kernel_for(&odder, tc).unwrap(), "conv2d_backward_input_mma_gather_f32_bf16");
     let half = Conv2dBackwardInputLaunch { dout_dtype: Precision::F16, weight_dtype: Precision::F16, ..ok };
     assert_eq!(conv::backward_input_kernel_for(&half, tc).unwrap(), "conv2d_backward_input_mma_f16_f16");
-    // The SIMT kernel takes one storage type throughout, or f32 gradients unsplit (conv_out's at
-    // small batch, below); f32 weights have no tensor-core kernel.
-    assert_eq!(
-        conv::backward_input_kernel_for(&ok, Conv2dVersion::Simt).unwrap(),
-        "conv2d_backward_input_simt_f32_bf16"
-    );
-    let split = Conv2dVersion::SimtSplitK { slices: 2 };
-    let err = conv::backward_input_kernel_for(&ok, split).unwrap_err().to_string();
-    assert!(err.contains("one storage type throughout, or f32 gradients unsplit"), "{err}");
+    // The SIMT kernel takes one storage type throughout, or an f32 dx unsplit (conv_out's at small
+    // batch, below; dout in f32 or the weights' type); f32 weights have no tensor-core kernel.
+    let simt = Conv2dVersion::Simt;
+    assert_eq!(conv::backward_input_kernel_for(&ok, simt).unwrap(), "conv2d_backward_input_simt_f32_bf16_f32");
     let narrow_dout = Conv2dBackwardInputLaunch { dout_dtype: Precision::Bf16, ..ok };
-    let err = conv::backward_input_kernel_for(&narrow_dout, Conv2dVersion::Simt).unwrap_err().to_string();
+    let name = conv::backward_input_kernel_for(&narrow_dout, simt).unwrap();
+    assert_eq!(name, "conv2d_backward_input_simt_bf16_bf16_f32");
+    let err = conv::backward_input_kernel_for(&ok, Conv2dVersion::SimtSplitK { slices: 2 }).unwrap_err().to_string();
+    assert!(err.contains("one storage type throughout, or an f32 dx unsplit"), "{err}");
+    let narrow_dx = Conv2dBackwardInputLaunch { dx_dtype: Precision::Bf16, ..ok };
+    let err = conv::backward_input_kernel_for(&narrow_dx, simt).unwrap_err().to_string();
     assert!(err.contains("one storage type throughout"), "{err}");
     let f32_weights = Conv2dBackwardInputLaunch { weight_dtype: Precision::F32, ..ok };
     assert!(conv::backward_input_kernel_for(&f32_weights, tc).is_err());
@@ -704,10 +704,13 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let plan = conv::plan_conv2d_backward_input(&backward, version).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_partial_f32_bf16", [1, 4, 16]));
     assert_eq!(plan.split.unwrap().reduce_kernel, "conv2d_backward_input_split_reduce");
-    // conv_out's input gradient (f32 dout and dx, 3 output channels: one k-step) as conv_in's
+    // conv_out's input gradient (f32 dx, 3 output channels: one k-step) as conv_in's
     // forward: the SIMT tile at batch 1, the tensor cores at 16.
     let conv_out = Conv2dBackwardInputLaunch { height: 32, width: 32, in_channels: 128, out_channels: 3, ..backward };
     assert_eq!(conv::conv2d_backward_input_version(&conv_out, true, Some(&workspace)), Conv2dVersion::Simt);
+    // The same kernel for a rounded dout (it must give the same bits).
+    let rounded = Conv2dBackwardInputLaunch { dout_dtype: Precision::Bf16, ..conv_out };
+    assert_eq!(conv::conv2d_backward_input_version(&rounded, true, Some(&workspace)), Conv2dVersion::Simt);
     let conv_out_16 = Conv2dBackwardInputLaunch { batch: 16, ..conv_out };
     let version = conv::conv2d_backward_input_version(&conv_out_16, true, Some(&workspace));
     assert_eq!(version, Conv2dVersion::TensorCore);

@@ -424,7 +424,8 @@ pub fn simt_kernel_names() -> Vec<String> {
         }
         names.push(format!("conv2d_backward_input_simt_{d}"));
         if d != "f32" {
-            names.push(format!("conv2d_backward_input_simt_f32_{d}"));
+            names.push(format!("conv2d_backward_input_simt_f32_{d}_f32"));
+            names.push(format!("conv2d_backward_input_simt_{d}_{d}_f32"));
         }
         names.push(format!("conv2d_simt_partial_{d}"));
         names.push(format!("conv2d_backward_input_simt_partial_{d}"));
@@ -653,11 +654,12 @@ pub fn conv2d_version(
 }
 
 /// Whether a 16-bit convolution with an f32 operand (conv_in reading x_t; conv_out's input gradient
-/// from its f32 dout) runs the SIMT kernel, which keeps that operand in f32: where the tensor
+/// into its f32 dx) runs the SIMT kernel, which rounds that operand to the weights' type as the
+/// tensor cores do (the same products; only the order of the f32 sums differs): where the tensor
 /// cores' element-wise gather would leave SMs idle and, with one k-step (27: 3 channels x 9 taps),
 /// split-K cannot fill them. At batch 1 conv_in's gather was 16 blocks each 3360 warp-instructions
 /// deep (every element rounded and stored to shared one at a time), the slowest launch of the
-/// forward in the latency model (29.5 us; the SIMT tile, 32 blocks, 6.7 us:
+/// forward in the latency model (29.5 us; the SIMT tile, 32 blocks, 8.5 us:
 /// examples/emulator_launch_depth.rs); on grids that fill the GPU the gather's tensor cores win
 /// (at batch 256 its instruction count is about a third of the SIMT kernel's).
 fn small_gather(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> bool {
@@ -811,19 +813,19 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
     let (d, w, x) = (dtype_name(args.dout_dtype), dtype_name(args.weight_dtype), dtype_name(args.dx_dtype));
     let (name, block_m, block_n, block_k, threads, shared) = match (version, args.weight_dtype) {
         (Conv2dVersion::Simt | Conv2dVersion::SimtSplitK { .. }, _) => {
-            // One storage type throughout, or (unsplit) f32 dout and dx with 16-bit weights.
-            let f32_gradients =
-                args.dout_dtype == Precision::F32 && args.dx_dtype == Precision::F32 && version == Conv2dVersion::Simt;
+            // One storage type throughout, or (unsplit) an f32 dx with 16-bit weights (validate
+            // has checked that dout is f32 or the weights' type).
+            let f32_dx = args.dx_dtype == Precision::F32 && version == Conv2dVersion::Simt;
             let one_type = args.dout_dtype == args.weight_dtype && args.dx_dtype == args.weight_dtype;
-            if !one_type && !f32_gradients {
+            if !one_type && !f32_dx {
                 return Err(Error::invalid(format!(
-                    "conv2d backward input: the SIMT kernel needs one storage type throughout, or f32 \
-                     gradients unsplit (got dout {d}, weights {w}, dx {x}, {version:?}); the tensor-core \
-                     kernel takes f32 gradients"
+                    "conv2d backward input: the SIMT kernel needs one storage type throughout, or an f32 \
+                     dx unsplit (got dout {d}, weights {w}, dx {x}, {version:?}); the tensor-core kernel \
+                     takes f32 gradients"
                 )));
             }
             let name = match version {
-                Conv2dVersion::Simt if !one_type => format!("conv2d_backward_input_simt_f32_{w}"),
+                Conv2dVersion::Simt if !one_type => format!("conv2d_backward_input_simt_{d}_{w}_f32"),
                 Conv2dVersion::Simt => format!("conv2d_backward_input_simt_{w}"),
                 _ => format!("conv2d_backward_input_simt_partial_{w}"),
             };
@@ -879,8 +881,8 @@ pub fn conv2d_backward_input_version(
     if args.weight_dtype == Precision::F32 || !has_tensor_cores {
         return simt_version(positions, args.in_channels, k_total, workspace);
     }
-    let f32_gradients = args.dout_dtype == Precision::F32 && args.dx_dtype == Precision::F32;
-    if f32_gradients && small_gather(positions, args.in_channels, k_total, workspace) {
+    // (Whatever dout's type: a rounded dout must give the same bits, so the same kernel.)
+    if args.dx_dtype == Precision::F32 && small_gather(positions, args.in_channels, k_total, workspace) {
         return Conv2dVersion::Simt;
     }
     tensor_core_version(positions, args.in_channels, k_total, backward_loads(args) == Loads::Vector, workspace)
