@@ -107,13 +107,6 @@ __device__ __forceinline__ void store_dyn(void* p, int dtype, long long i, float
         static_cast<bf16*>(p)[i] = from_float<bf16>(v);
 }
 
-// v as an operand of a product with weights of type WT: rounded once to WT where WT is 16-bit (as
-// the tensor cores' loaders round it), unchanged for f32.
-template <typename WT>
-__device__ __forceinline__ float as_operand(float v) {
-    return to_float(from_float<WT>(v));
-}
-
 // v as a tensor of storage type `dtype` holds it (rounded once to a 16-bit type).
 __device__ __forceinline__ float as_stored(int dtype, float v) {
     if (dtype == DTYPE_F32) return v;
@@ -209,18 +202,24 @@ __device__ __forceinline__ constexpr int dtype_code_of(const float*) { return DT
 __device__ __forceinline__ constexpr int dtype_code_of(const f16*) { return DTYPE_F16; }
 __device__ __forceinline__ constexpr int dtype_code_of(const bf16*) { return DTYPE_BF16; }
 
+// g += what p holds at i.. where `accumulate` (else g as it is): the values store_grad_n stores.
+template <int N>
+__device__ __forceinline__ void add_held_n(const void* p, int dtype, long long i, float (&g)[N], int accumulate) {
+    if (!accumulate) return;
+    float held[N];
+    load_dyn_n<N>(p, dtype, i, held);
+#pragma unroll
+    for (int k = 0; k < N; ++k) g[k] += held[k];
+}
+
 // store_grad over N consecutive elements (as load_dyn_n / store_dyn_n).
 template <int N>
 __device__ __forceinline__ void store_grad_n(void* p, int dtype, long long i, const float (&g)[N], int accumulate) {
-    if (accumulate) {
-        float sum[N];
-        load_dyn_n<N>(p, dtype, i, sum);
+    float sum[N];
 #pragma unroll
-        for (int k = 0; k < N; ++k) sum[k] += g[k];
-        store_dyn_n<N>(p, dtype, i, sum);
-    } else {
-        store_dyn_n<N>(p, dtype, i, g);
-    }
+    for (int k = 0; k < N; ++k) sum[k] = g[k];
+    add_held_n<N>(p, dtype, i, sum, accumulate);
+    store_dyn_n<N>(p, dtype, i, sum);
 }
 
 // Two consecutive elements (i even, the pointer aligned to two elements) in one access.

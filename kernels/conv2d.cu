@@ -161,7 +161,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 // (An f32 input to 16-bit weights is rounded to their type, as the tensor cores' gather does.)
-                a_regs[i] = as_operand<WT>(conv_gather(rows[i], ky, kx, at.c, k_valid, p, a, b));
+                a_regs[i] = as_stored(dtype_code_of(w), conv_gather(rows[i], ky, kx, at.c, k_valid, p, a, b));
                 const int co = n_block + load_row + 16 * i;
                 b_regs[i] = (k_valid && co < p.out_channels) ? to_float(w[co * k_total + k]) : 0.0f;
             }
@@ -313,7 +313,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restri
             for (int i = 0; i < 4; ++i) {
                 const long long source = k_valid ? dout_at(i, a_at.ky, a_at.kx, a_at.c) : -1;
                 // (f32 dout to 16-bit weights is rounded to their type, as the tensor cores round it.)
-                a_regs[i] = source >= 0 ? as_operand<WT>(to_float(dout[source])) : 0.0f;
+                a_regs[i] = source >= 0 ? as_stored(dtype_code_of(w), to_float(dout[source])) : 0.0f;
                 // B element tid + THREADS i of the tile: k row e / BN, input channel e % BN.
                 const int e = tid + THREADS * i, kb = kt * BK + e / BN, ci = n_block + e % BN;
                 const int tap_b = kb / p.out_channels, co_b = kb - tap_b * p.out_channels;

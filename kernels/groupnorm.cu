@@ -494,12 +494,7 @@ __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* a, int 
         // (VEC divides Ca: a vector lies in one source.)
         if (cv.c0 < s.ca) {
             const long long at = (long long)cv.pixel * s.ca + cv.c0;
-            if (dx.accumulate_a) {
-                float old[VEC];
-                load_dyn_n<VEC>(dx.a, dx.dt_a, at, old);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) grad[k] += old[k];
-            }
+            add_held_n<VEC>(dx.a, dx.dt_a, at, grad, dx.accumulate_a);  // (store_grad_n, keeping the sum)
             store_dyn_n<VEC>(dx.a, dx.dt_a, at, grad);
             if (dx.a_copy) {
 #pragma unroll
