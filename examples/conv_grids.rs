@@ -10,7 +10,7 @@
 //!
 //! Run: cargo run --release --example conv_grids
 use purifier::backend::cpu::CpuBackend;
-use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dLaunch, SplitKWorkspace};
+use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dLaunch, SplitKWorkspace, Upsampling};
 use purifier::backend::profiled::Profiled;
 use purifier::backend::{Backend, Conv2dGeometry, Precision};
 use purifier::model::params::DeterministicParams;
@@ -50,16 +50,17 @@ fn geometry(kernel: usize, stride: usize) -> Conv2dGeometry {
     }
 }
 
-fn forward_launch(s: &Shape, batch: usize) -> Conv2dLaunch {
-    // The input whose output is `size` (a folded upsample or a concat changes neither M, N nor K).
-    let input = s.size * s.stride;
+/// The forward of a shape (`subpixel`: the Upsample's, its input half the output's size).
+fn forward_launch(s: &Shape, batch: usize, subpixel: bool) -> Conv2dLaunch {
+    // The input whose output is `size` (a concat changes neither M, N nor K).
+    let input = if subpixel { s.size / 2 } else { s.size * s.stride };
     Conv2dLaunch {
         batch,
         height: input,
         width: input,
         channels_a: s.in_channels,
         channels_b: 0,
-        upsample: false,
+        upsample: if subpixel { Upsampling::SubPixel } else { Upsampling::None },
         out_channels: s.out_channels,
         kernel_h: s.kernel,
         kernel_w: s.kernel,
@@ -79,7 +80,8 @@ fn forward_launch(s: &Shape, batch: usize) -> Conv2dLaunch {
     }
 }
 
-fn backward_launch(s: &Shape, batch: usize) -> Conv2dBackwardInputLaunch {
+/// The input gradient of a shape (`subpixel`: the Upsample's; `size` is dx's either way).
+fn backward_launch(s: &Shape, batch: usize, subpixel: bool) -> Conv2dBackwardInputLaunch {
     Conv2dBackwardInputLaunch {
         batch,
         height: s.size,
@@ -96,16 +98,19 @@ fn backward_launch(s: &Shape, batch: usize) -> Conv2dBackwardInputLaunch {
         weight: 0x2000,
         dx: 0x3000,
         accumulate: false,
+        subpixel,
     }
 }
 
-/// "x x y x z blocks" of a plan, with its slices, or "wide" for the 128 x 128 tile.
+/// "x x y (x z) blocks" of a plan (z: the sub-pixel form's phases, times split-K's slices), with its
+/// slices, or "wide" for the 128 x 128 tile.
 fn grid_text(plan: &conv::LaunchPlan) -> String {
     let [x, y, z] = plan.config.grid;
+    let grid = if z > 1 { format!("{x}x{y}x{z}") } else { format!("{x}x{y}") };
     match &plan.split {
-        Some(split) => format!("{x}x{y}x{z} = {:>4} ({} k-steps / {})", plan.blocks(), split.k_tiles, split.slices),
-        None if plan.kernel.contains("_wide_") => format!("{x}x{y} = {:>4} wide", plan.blocks()),
-        None => format!("{x}x{y} = {:>4}", plan.blocks()),
+        Some(split) => format!("{grid} = {:>4} ({} k-steps / {})", plan.blocks(), split.k_tiles, split.slices),
+        None if plan.kernel.contains("_wide_") => format!("{grid} = {:>4} wide", plan.blocks()),
+        None => format!("{grid} = {:>4}", plan.blocks()),
     }
 }
 
@@ -125,7 +130,14 @@ fn main() -> purifier::Result<()> {
         let bytes = SplitKWorkspace::bytes_for(sms);
         println!("{sms} SMs: split-K workspace {bytes} bytes ({:.1} MiB)", bytes as f64 / (1 << 20) as f64);
     }
-    for (op, title) in [("conv2d", "forward"), ("conv2d_backward_input", "input gradient")] {
+    let ops = [
+        ("conv2d", "forward"),
+        ("upsample_conv2d", "forward, the Upsample's (sub-pixel form)"),
+        ("conv2d_backward_input", "input gradient"),
+        ("upsample_conv2d_backward_input", "input gradient, the Upsample's (sub-pixel form)"),
+    ];
+    for (op, title) in ops {
+        let subpixel = op.starts_with("upsample");
         for batch in [1usize, 64] {
             println!("\n{title}, batch {batch} (shape: kernel stride C_in -> C_out, output or dx size; calls)");
             print!("{:<30} {:>5}", "shape", "calls");
@@ -143,13 +155,13 @@ fn main() -> purifier::Result<()> {
                 for (i, &sms) in sms_list.iter().enumerate() {
                     let workspace =
                         SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(sms), multiprocessors: sms };
-                    let (unsplit, planned) = if op == "conv2d" {
-                        let launch = forward_launch(&shape, batch);
+                    let (unsplit, planned) = if !op.ends_with("backward_input") {
+                        let launch = forward_launch(&shape, batch, subpixel);
                         let version = conv::conv2d_version(&launch, true, Some(&workspace));
                         let unsplit = conv::plan_conv2d(&launch, conv::Conv2dVersion::TensorCore)?;
                         (unsplit, conv::plan_conv2d(&launch, version)?)
                     } else {
-                        let launch = backward_launch(&shape, batch);
+                        let launch = backward_launch(&shape, batch, subpixel);
                         let version = conv::conv2d_backward_input_version(&launch, true, Some(&workspace));
                         let unsplit = conv::plan_conv2d_backward_input(&launch, conv::Conv2dVersion::TensorCore)?;
                         (unsplit, conv::plan_conv2d_backward_input(&launch, version)?)

@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use purifier::backend::cuda::compile::{ImageKind, KernelCompiler};
-use purifier::backend::cuda::conv::{launch_conv2d, Conv2dKernels, Conv2dLaunch};
+use purifier::backend::cuda::conv::{launch_conv2d, Conv2dKernels, Conv2dLaunch, Upsampling};
 use purifier::backend::{Conv2dGeometry, Precision};
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, ModuleImage};
@@ -96,7 +96,8 @@ fn main() {
         .map(|&(res, ca, cb, up, co, k, g)| {
             let r = if up { 2 * res } else { res };
             let out = g.output_size(r, r, k, k);
-            out.0 * out.1 * co * (ca + cb) * k * k
+            // (The sub-pixel upsample's output element sums 4 taps, not 9.)
+            out.0 * out.1 * co * (ca + cb) * if up { 4 } else { k * k }
         })
         .sum();
     println!(
@@ -124,7 +125,8 @@ fn main() {
                 width: res,
                 channels_a: ca,
                 channels_b: cb,
-                upsample,
+                // (The UNet's Upsample: the sub-pixel form, 16 taps per output quad.)
+                upsample: if upsample { Upsampling::SubPixel } else { Upsampling::None },
                 out_channels: co,
                 kernel_h: k,
                 kernel_w: k,
@@ -135,7 +137,7 @@ fn main() {
                 out_dtype: input,
                 a: filled(&d, res * res * ca, input),
                 b: (cb > 0).then(|| filled(&d, res * res * cb, input)),
-                weight: filled(&d, co * (ca + cb) * k * k, weight),
+                weight: filled(&d, co * (ca + cb) * if upsample { 16 } else { k * k }, weight),
                 bias: Some(filled(&d, co, Precision::F32)),
                 channel_bias: None,
                 channel_bias_stride: co,

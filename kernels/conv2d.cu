@@ -6,7 +6,10 @@
 // with x zero outside the image. Every term of the epilogue is optional (a null pointer), ReLU is a flag.
 // Two foldings, so that neither tensor is ever written:
 //   - upsample: x is the nearest x2 upsampling of the stored input (logical size 2H x 2W, pixel
-//     (iy, ix) read at (iy/2, ix/2)): the UNet's Upsample is upsample-then-3x3-conv;
+//     (iy, ix) read at (iy/2, ix/2)): the UNet's Upsample is upsample-then-3x3-conv. THE FAST ONE
+//     for it is the sub-pixel form (`subpixel`, conv_common.cuh: four 2x2 convolutions of the
+//     stored input, one per output phase, with the 3x3 taps folded into their weights: 16 taps an
+//     output quad instead of 36), what the UNet runs; the folded indexing takes any kernel;
 //   - concat: input channels [0, Ca) come from tensor a, [Ca, Ca+Cb) from tensor b (the UNet's skip
 //     concat, h first); Cb = 0 is a plain convolution.
 //
@@ -88,16 +91,17 @@ __device__ __forceinline__ float4 conv_gather4(const ConvRow& r, int ky, int kx,
                      : *reinterpret_cast<const float4*>(b + pixel * p.cb + (ci - p.ca));
 }
 
-// Split-K's store of a thread's 4 x 4 raw sums (rows m0.., columns c0.. of an M x C slice at
-// `slice` in partials): four columns in one access where the row holds them all and is aligned.
-__device__ __forceinline__ void store_partial_block(float* __restrict__ partials, long long slice, int m0, int rows,
-                                                    int c0, int columns, const float (&acc)[4][4]) {
+// Split-K's store of a thread's 4 x 4 raw sums: row i into row `rows[i]` (-1: none) of an M x C
+// slice at `slice` in partials, columns c0..: four columns in one access where the row holds them
+// all and is aligned.
+__device__ __forceinline__ void store_partial_block(float* __restrict__ partials, long long slice,
+                                                    const int (&rows)[4], int c0, int columns,
+                                                    const float (&acc)[4][4]) {
     const bool quads = columns % 4 == 0;  // the workspace is 16-byte aligned, and so is every row then
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int m = m0 + i;
-        if (m >= rows || c0 >= columns) continue;
-        const long long at = slice + (long long)m * columns + c0;
+        if (rows[i] < 0 || c0 >= columns) continue;
+        const long long at = slice + (long long)rows[i] * columns + c0;
         if (quads) {
             *reinterpret_cast<float4*>(partials + at) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
         } else {
@@ -126,7 +130,9 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
     const int ci_total = p.ca + p.cb;
     const int k_total = p.kh * p.kw * ci_total;
-    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK, conv_phases(p));
+    // Output channel co's weights of this block's phase: w + co * p.weight_row, K of them.
+    w += conv_weight_phase_offset(k_total, p);
 
     // Loading. Vector (f32 storage, both sources' channels multiples of 4, 16-byte aligned tensors:
     // uniform over the launch): a thread loads 4 consecutive k of one row as a float4, from the
@@ -153,7 +159,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
                                            reinterpret_cast<const float*>(b));
             const int co = n_block + load_row;
             const float4 bv = k_valid && co < p.out_channels
-                                  ? *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(w) + co * k_total + k)
+                                  ? *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(w) + co * p.weight_row + k)
                                   : make_float4(0.f, 0.f, 0.f, 0.f);
             a_regs[0] = av.x, a_regs[1] = av.y, a_regs[2] = av.z, a_regs[3] = av.w;
             b_regs[0] = bv.x, b_regs[1] = bv.y, b_regs[2] = bv.z, b_regs[3] = bv.w;
@@ -163,7 +169,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
                 // (An f32 input to 16-bit weights is rounded to their type, as the tensor cores' gather does.)
                 a_regs[i] = as_stored(dtype_code_of(w), conv_gather(rows[i], ky, kx, at.c, k_valid, p, a, b));
                 const int co = n_block + load_row + 16 * i;
-                b_regs[i] = (k_valid && co < p.out_channels) ? to_float(w[co * k_total + k]) : 0.0f;
+                b_regs[i] = (k_valid && co < p.out_channels) ? to_float(w[co * p.weight_row + k]) : 0.0f;
             }
         }
         advance_k(at, BK, ci_total, p.kw);
@@ -194,12 +200,19 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
         __syncthreads();
     }
 
-    const int positions = p.batch * p.out_h * p.out_w;
+    // GEMM row m is output pixel conv_output_pixel(m) (itself but in the sub-pixel form).
+    const int gemm_rows = conv_gemm_rows(p);
     const int plane = p.out_h * p.out_w;
     const int co0 = n_block + tx * 4;
+    int out_rows[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = m_block + ty * 4 + i;
+        out_rows[i] = m < gemm_rows ? conv_output_pixel(m, p) : -1;
+    }
     if constexpr (PARTIAL) {
-        store_partial_block(partials, (long long)blockIdx.z * positions * p.out_channels, m_block + ty * 4,
-                            positions, co0, p.out_channels, acc);
+        const long long slice = partial_slice((long long)p.batch * plane * p.out_channels, conv_phases(p));
+        store_partial_block(partials, slice, out_rows, co0, p.out_channels, acc);
         return;
     }
     // A thread's four channels in one access where all exist and they are aligned (channels a
@@ -208,8 +221,8 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
     const bool quads = p.out_channels % 4 == 0 && (unsigned long long)out % (4 * sizeof(OutT)) == 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int m = m_block + ty * 4 + i;
-        if (m >= positions || co0 >= p.out_channels) continue;
+        const int m = out_rows[i];
+        if (m < 0 || co0 >= p.out_channels) continue;
         const int n = m / plane;
         float v[4];
 #pragma unroll
@@ -228,13 +241,13 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 }
 
 // ---------------------------------------------------------------------------------------------
-// The input gradient (version 1 only): dx = (or += where `accumulate`) the transposed convolution of
-// dout, as an implicit
-// GEMM over the input positions: M = N*H*W (dx rows, the logical input: the caller splits a concat
-// and folds an upsample), N = Ci, K = kh*kw*Co with k = tap*Co + co:
+// The input gradient (version 1): dx = (or += where `accumulate`) the transposed convolution of
+// dout, as an implicit GEMM over the input positions: M = N*H*W (dx rows, the logical input: the
+// caller splits a concat and sums a folded upsample's copies), N = Ci, K = kh*kw*Co, k = tap*Co + co:
 //   dx[n, iy, ix, ci] += sum_{ky, kx, co} dout[n, oy, ox, co] * w[co, ky, kx, ci],
 //   oy = (iy + pad_top - ky) / s, ox = (ix + pad_left - kx) / s, where those divide exactly and land
-//   inside the output. Each dx element has one owner thread (read, add, write: no atomics).
+//   inside the output (transposed_tap_source; the sub-pixel form's 16 taps there too, dx the stored
+//   input). Each dx element has one owner thread (read, add, write: no atomics).
 // The same ConvParams as the forward: in_h/in_w/ca the logical input (cb 0, no upsample), kh/kw,
 // stride, pads, out_h/out_w/out_channels the forward's output (dout).
 // PARTIAL: split-K as the forward's (partials[z][m][ci], then conv2d_backward_input_split_reduce).
@@ -252,7 +265,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restri
     const int ci_total = p.ca;
     const int taps = p.kh * p.kw;
     const int k_total = taps * p.out_channels;
-    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK, 1);
     const int plane = p.in_h * p.in_w;
     const int positions = p.batch * plane;
 
@@ -284,11 +297,8 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restri
     KCursor b_at = k_cursor(tiles.first * BK + b_row, p.out_channels, p.kw);
     // Where dout holds row i's value at (tap ky, kx, channel co): -1 where the tap skips the row.
     auto dout_at = [&](int i, int ky, int kx, int co) -> long long {
-        const int ty_ = row_y[i] - ky, tx_ = row_x[i] - kx;
-        if (!row_ok[i] || ty_ < 0 || tx_ < 0 || ty_ % p.stride != 0 || tx_ % p.stride != 0) return -1;
-        const int oy = ty_ / p.stride, ox = tx_ / p.stride;
-        if (oy >= p.out_h || ox >= p.out_w) return -1;
-        return ((long long)(row_n[i] * p.out_h + oy) * p.out_w + ox) * p.out_channels + co;
+        const int source = row_ok[i] ? transposed_tap_source(row_y[i], row_x[i], ky, kx, p) : -1;
+        return source < 0 ? -1 : ((long long)row_n[i] * p.out_h * p.out_w + source) * p.out_channels + co;
     };
 
     // The loads of tile `kt` into registers...
@@ -355,8 +365,10 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restri
 
     const int ci0 = n_block + tx * 4;
     if constexpr (PARTIAL) {
-        store_partial_block(partials, (long long)blockIdx.z * positions * ci_total, m_block + ty * 4, positions,
-                            ci0, ci_total, acc);
+        int rows[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) rows[i] = m_block + ty * 4 + i < positions ? m_block + ty * 4 + i : -1;
+        store_partial_block(partials, partial_slice((long long)positions * ci_total, 1), rows, ci0, ci_total, acc);
         return;
     }
     // As the forward's epilogue: four channels in one access where they can be.

@@ -1,5 +1,5 @@
-// conv2d_mma.cu: the convolution of conv2d.cu (same semantics, layout and parameters: read its
-// head comment) on the tensor cores. THE FAST ONE for f16/bf16 weights.
+// conv2d_mma.cu: the convolution of conv2d.cu (same semantics, layout and parameters, the sub-pixel
+// upsample included: read its head comment) on the tensor cores. THE FAST ONE for f16/bf16 weights.
 //
 // Kernels (extern "C" names; <in>/<w>/<out> are the storage types of x, w and out/residual):
 //   conv2d_mma_<in>_<w>_<out>         mma.sync.aligned.m16n8k16 (f16 or bf16 operands, f32 accumulation),
@@ -182,7 +182,7 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
         for (int i = 0; i < Tile::BN / 32; ++i) {
             const int co = n_block + tid / 4 + 32 * i;
             const bool inside = k_valid && co < p.out_channels;
-            const void* src = inside ? (const void*)(w + co * k_total + k) : (const void*)w;
+            const void* src = inside ? (const void*)(w + co * p.weight_row + k) : (const void*)w;
             cp_async_16(shared_address(b_stage + swizzled(tid / 4, chunk * 8) + 32 * i * BK), src, inside ? 16 : 0);
         }
         advance_k(at, BK, ci_total, p.kw);
@@ -201,7 +201,7 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
         for (int row = tid / BK; row < Tile::BN; row += THREADS / BK) {
             const int co = n_block + row;
             const bool inside = k_valid && co < p.out_channels;
-            b_stage[swizzled(row, kc)] = inside ? w[co * k_total + k].bits : (unsigned short)0;
+            b_stage[swizzled(row, kc)] = inside ? w[co * p.weight_row + k].bits : (unsigned short)0;
         }
     }
 }
@@ -227,8 +227,9 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     const int warp_m = warp % 2, warp_n = warp / 2;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * Tile::BN;
     const int k_total = p.kh * p.kw * (p.ca + p.cb);
-    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK, conv_phases(p));
     const int first_tile = tiles.first, k_tiles = tiles.count;
+    w += conv_weight_phase_offset(k_total, p);
 
     // The vector loader's rows, fixed for the whole K loop, and its k cursor.
     const int m_local0 = tid / 4;
@@ -287,8 +288,10 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     cp_async_wait<0>();
 
     // Epilogue from the accumulator layout: d0, d1 at (row g, cols 2t, 2t+1), d2, d3 at row g + 8.
-    const int positions = p.batch * p.out_h * p.out_w;
+    // GEMM row m is output pixel conv_output_pixel(m) (itself but in the sub-pixel form).
+    const int gemm_rows = conv_gemm_rows(p);
     const int plane = p.out_h * p.out_w;
+    const long long slice = PARTIAL ? partial_slice((long long)p.batch * plane * p.out_channels, conv_phases(p)) : 0;
     const int g = lane / 4, t = lane % 4;
     const unsigned long long pair_bytes = PARTIAL ? 8 : 2 * sizeof(OutT);
     const bool pairs =
@@ -297,8 +300,9 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
     for (int i = 0; i < M_TILES; ++i) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const int m = m_block + warp_m * WARP_M + 16 * i + g + 8 * half;
-            if (m >= positions) continue;
+            const int row = m_block + warp_m * WARP_M + 16 * i + g + 8 * half;
+            if (row >= gemm_rows) continue;
+            const int m = conv_output_pixel(row, p);
             const int n = m / plane;
 #pragma unroll
             for (int j = 0; j < N_TILES; ++j) {
@@ -311,8 +315,7 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
                         if (co + e < p.out_channels)
                             v[e] = conv_epilogue_value(v[e], m, n, co + e, p, bias, channel_bias, residual);
                 }
-                const long long at = PARTIAL ? ((long long)blockIdx.z * positions + m) * p.out_channels + co
-                                             : (long long)m * p.out_channels + co;
+                const long long at = slice + (long long)m * p.out_channels + co;
                 // Channels co and co + 1 in one access where both exist and the pair is aligned (Co
                 // even, the tensor aligned to two elements): a row's four lanes store 16 (f32: 32)
                 // contiguous bytes.
@@ -404,26 +407,6 @@ CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16)
 // B by cp.async. Tiles (narrow and wide), warps and the 3-stage pipeline are the forward's; shared
 // memory is dynamic: STAGES A tiles (BM x BK halves, swizzled), then STAGES B tiles (BK x Tile::B_ROW
 // halves); src/backend/cuda/conv.rs computes the same size.
-
-// The dout position (oy * out_w + ox) that dx position (y, x), in padded coordinates (iy + pad_top,
-// ix + pad_left), meets through tap (ky, kx); -1 when that tap skips it (not an exact multiple of
-// the stride, or outside the output).
-__device__ __forceinline__ int transposed_tap_source(int y, int x, int ky, int kx, const ConvParams& p) {
-    const int ty = y - ky, tx = x - kx;
-    if (ty < 0 || tx < 0) return -1;
-    int oy = ty, ox = tx;
-    if (p.stride == 2) {
-        if ((ty | tx) & 1) return -1;
-        oy = ty >> 1;
-        ox = tx >> 1;
-    } else if (p.stride != 1) {
-        if (ty % p.stride != 0 || tx % p.stride != 0) return -1;
-        oy = ty / p.stride;
-        ox = tx / p.stride;
-    }
-    if (oy >= p.out_h || ox >= p.out_w) return -1;
-    return oy * p.out_w + ox;
-}
 
 // One dx row of the A tile: the offset of its sample in dout (n * out_h * out_w; -1 past M) and its
 // padded coordinates packed as (y << 16) | x.
@@ -603,7 +586,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
     const int warp_m = warp % 2, warp_n = warp / 2;
     const int m_block = blockIdx.x * BM, n_block = blockIdx.y * BN;
     const int k_total = p.kh * p.kw * p.out_channels;
-    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK);
+    const KTiles tiles = block_k_tiles<PARTIAL>(k_total, BK, 1);
     const int first_tile = tiles.first, k_tiles = tiles.count;
 
     // The vector loaders' A rows, fixed for the whole K loop.

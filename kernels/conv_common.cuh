@@ -16,7 +16,43 @@ struct ConvParams {
     int out_h, out_w;
     int relu;
     int channel_bias_stride;    // channel_bias[n * channel_bias_stride + co] (>= out_channels)
+    int subpixel;               // 1: the sub-pixel form of an upsample convolution (below)
+    int weight_row;             // elements from one output channel's weights to the next's (the
+                                // forward's; a kernel parameter, not a register, in the K loop)
 };
+
+// ---------------------------------------------------------------------------------------------
+// The sub-pixel form of the UNet's Upsample (`subpixel`: a 3x3, pad-1 convolution of the nearest x2
+// upsampling of x). Output pixel (2i + py, 2j + px) reads x only at rows i - 1 + py .. i + py and
+// columns j - 1 + px .. j + px, each through the sum of the 3x3 taps that land on it; so each phase
+// (py, px) is a 2x2 convolution of x itself with its own weights, stored [Co][phase][tap][Ci] (phase
+// 2 py + px, tap 2 ty + tx; src/backend/mod.rs `subpixel_weights` folds them): 16 taps an output
+// quad where the folded upsample reads 36, and no upsampled tensor.
+//   Forward: the GEMM of phase blockIdx.z % 4 (grid z = 4 x the split-K slices) over x's grid:
+//            M = N * H * W, K = 4 Ci (kh = kw = 2, pads 1 the phase-0 values, upsample_shift 0);
+//            out_h, out_w the real output's (2H x 2W), where its epilogue stores.
+//   Input gradient: one GEMM, M = x's pixels, K = 16 taps x Co (kh = kw = 4: ky the phase, kx the
+//            tap); out_h, out_w dout's (2H x 2W), pads 0 (transposed_tap_source).
+__device__ __forceinline__ int conv_phases(const ConvParams& p) { return p.subpixel ? 4 : 1; }
+// The forward's phase (0 without sub-pixel).
+__device__ __forceinline__ int conv_phase(const ConvParams& p) { return p.subpixel ? (int)(blockIdx.z & 3) : 0; }
+// The forward GEMM's rows: output positions, or x's (one phase's) in the sub-pixel form.
+__device__ __forceinline__ int conv_gemm_rows(const ConvParams& p) {
+    return p.batch * (p.out_h >> p.subpixel) * (p.out_w >> p.subpixel);
+}
+// The output pixel (n * out_h + oy) * out_w + ox of forward GEMM row m.
+__device__ __forceinline__ int conv_output_pixel(int m, const ConvParams& p) {
+    if (!p.subpixel) return m;
+    const int gw = p.out_w >> 1, plane = (p.out_h >> 1) * gw;
+    const int n = m / plane, rest = m - n * plane, oy = rest / gw, ox = rest - oy * gw;
+    const int phase = conv_phase(p);
+    return (n * p.out_h + 2 * oy + (phase >> 1)) * p.out_w + 2 * ox + (phase & 1);
+}
+// Where the forward block's phase starts in an output channel's weights (`weight_row` apart: K, or
+// the 4 phases' 4 K).
+__device__ __forceinline__ int conv_weight_phase_offset(int k_total, const ConvParams& p) {
+    return conv_phase(p) * k_total;
+}
 
 // ---------------------------------------------------------------------------------------------
 // The epilogue of one output element: bias, time-embedding bias, residual, ReLU, one rounding.
@@ -42,16 +78,18 @@ struct ConvRow {
 
 __device__ __forceinline__ ConvRow conv_row(int m, const ConvParams& p) {
     ConvRow r;
-    const int plane = p.out_h * p.out_w;
-    const int positions = p.batch * plane;
-    r.valid = m < positions;
+    const int grid_w = p.out_w >> p.subpixel;
+    const int plane = (p.out_h >> p.subpixel) * grid_w;
+    r.valid = m < p.batch * plane;
     const int mm = r.valid ? m : 0;
     r.n = mm / plane;
     const int rest = mm - r.n * plane;
-    const int oy = rest / p.out_w;
-    const int ox = rest - oy * p.out_w;
-    r.iy0 = oy * p.stride - p.pad_top;
-    r.ix0 = ox * p.stride - p.pad_left;
+    const int oy = rest / grid_w;
+    const int ox = rest - oy * grid_w;
+    // (A sub-pixel phase (py, px) starts its window py rows lower and px columns to the right.)
+    const int phase = conv_phase(p);
+    r.iy0 = oy * p.stride - p.pad_top + (phase >> 1);
+    r.ix0 = ox * p.stride - p.pad_left + (phase & 1);
     return r;
 }
 
@@ -65,6 +103,35 @@ __device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, i
     if (!r.valid || !k_valid || iy < 0 || ix < 0 || iy >= logical_h || ix >= logical_w) return 0.0f;
     const int pixel = (r.n * p.in_h + (iy >> p.upsample_shift)) * p.in_w + (ix >> p.upsample_shift);
     return ci < p.ca ? to_float(a[pixel * p.ca + ci]) : to_float(b[pixel * p.cb + (ci - p.ca)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The input gradient's taps (both versions): the dout position (oy * out_w + ox) that dx position
+// (y, x), in padded coordinates (iy + pad_top, ix + pad_left), meets through tap (ky, kx); -1 when
+// that tap skips it (not an exact multiple of the stride, or outside the output). In the sub-pixel
+// form, ky is the phase (py, px) and kx the tap (ty, tx) of a 2x2 window that starts at x's pixel
+// (i - 1 + py, j - 1 + px) for output pixel (2i + py, 2j + px).
+__device__ __forceinline__ int transposed_tap_source(int y, int x, int ky, int kx, const ConvParams& p) {
+    if (p.subpixel) {
+        const int py = ky >> 1, px = ky & 1;
+        const int oy = y + 1 - py - (kx >> 1), ox = x + 1 - px - (kx & 1);  // the low-res window's row
+        if (oy < 0 || ox < 0 || 2 * oy >= p.out_h || 2 * ox >= p.out_w) return -1;
+        return (2 * oy + py) * p.out_w + 2 * ox + px;
+    }
+    const int ty = y - ky, tx = x - kx;
+    if (ty < 0 || tx < 0) return -1;
+    int oy = ty, ox = tx;
+    if (p.stride == 2) {
+        if ((ty | tx) & 1) return -1;
+        oy = ty >> 1;
+        ox = tx >> 1;
+    } else if (p.stride != 1) {
+        if (ty % p.stride != 0 || tx % p.stride != 0) return -1;
+        oy = ty / p.stride;
+        ox = tx / p.stride;
+    }
+    if (oy >= p.out_h || ox >= p.out_w) return -1;
+    return oy * p.out_w + ox;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -99,15 +166,23 @@ __device__ __forceinline__ void advance_k(KCursor& at, int step, int channels, i
 
 // ---------------------------------------------------------------------------------------------
 // Split-K (versions 1 and 3): a block's k-tiles of `bk`, [first, first + count): all T of them, or
-// (PARTIAL) slice z of gridDim.z: [z T / Z, (z + 1) T / Z) (the launcher keeps Z <= T: none empty).
+// (PARTIAL) slice z of the Z slices: [z T / Z, (z + 1) T / Z) (the launcher keeps Z <= T: none
+// empty), where grid z holds `phases` blocks a slice (the sub-pixel forward's; else 1).
 struct KTiles {
     int first, count;
 };
 
 template <bool PARTIAL>
-__device__ __forceinline__ KTiles block_k_tiles(int k_total, int bk) {
+__device__ __forceinline__ KTiles block_k_tiles(int k_total, int bk, int phases) {
     const int all_tiles = (k_total + bk - 1) / bk;
     if (!PARTIAL) return KTiles{0, all_tiles};
-    const int first = (int)(blockIdx.z * all_tiles / gridDim.z);
-    return KTiles{first, (int)((blockIdx.z + 1) * all_tiles / gridDim.z) - first};
+    const int z = (int)blockIdx.z / phases, slices = (int)gridDim.z / phases;
+    const int first = z * all_tiles / slices;
+    return KTiles{first, (z + 1) * all_tiles / slices - first};
+}
+
+// Split-K's partial sums of a thread's 4 x 4 block (version 1) or its pairs (version 3): the slice
+// of the block (grid z over `phases`) times the M x C slice size.
+__device__ __forceinline__ long long partial_slice(long long slice_elements, int phases) {
+    return (long long)(blockIdx.z / phases) * slice_elements;
 }

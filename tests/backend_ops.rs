@@ -16,8 +16,8 @@ use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::GradientStore::{self, Add, Write};
 use purifier::backend::{
-    step_table_u64, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerGradient, LayerInput, Precision,
-    StepColumn, StepSource, TensorShape, STEP_COLUMNS,
+    step_table_u64, subpixel_weights, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, LayerGradient,
+    LayerInput, Precision, StepColumn, StepSource, TensorShape, STEP_COLUMNS,
 };
 use purifier::driver::emulated::EmulatedDriver;
 
@@ -645,7 +645,7 @@ fn narrow_dout_gives_the_same_bits_on_cuda() {
 #[test]
 fn split_k_cases_split_on_the_emulator() {
     use purifier::backend::cuda::conv::{
-        self, Conv2dBackwardInputLaunch, Conv2dLaunch, Conv2dVersion, SplitKWorkspace,
+        self, Conv2dBackwardInputLaunch, Conv2dLaunch, Conv2dVersion, SplitKWorkspace, Upsampling,
     };
     use purifier::driver::emulated::EMULATED_MULTIPROCESSORS;
     let sms = EMULATED_MULTIPROCESSORS as usize;
@@ -658,7 +658,7 @@ fn split_k_cases_split_on_the_emulator() {
             width: size,
             channels_a: ca,
             channels_b: cb,
-            upsample,
+            upsample: if upsample { Upsampling::Nearest } else { Upsampling::None },
             out_channels: co,
             kernel_h: k,
             kernel_w: k,
@@ -696,11 +696,108 @@ fn split_k_cases_split_on_the_emulator() {
             weight: 0x2000,
             dx: 0x3000,
             accumulate: false,
+            subpixel: false,
         };
         let version = conv::conv2d_backward_input_version(&launch, true, Some(&workspace));
         assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "{name}: {version:?}");
     }
+    // upsample_conv2d's split-K case: 64 -> 32 at 2x2, its 4 phases of 4 positions.
+    let (ci, co) = (64, 32);
+    let subpixel = Conv2dLaunch {
+        batch: 1,
+        height: 2,
+        width: 2,
+        channels_a: ci,
+        channels_b: 0,
+        upsample: Upsampling::SubPixel,
+        out_channels: co,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: Conv2dGeometry::same(1),
+        relu: false,
+        input_dtype: bf16,
+        weight_dtype: bf16,
+        out_dtype: bf16,
+        a: 0x1000,
+        b: None,
+        weight: 0x3000,
+        bias: None,
+        channel_bias: None,
+        channel_bias_stride: co,
+        residual: None,
+        out: 0x4000,
+    };
+    let version = conv::conv2d_version(&subpixel, true, Some(&workspace));
+    assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "sub-pixel: {version:?}");
+    let backward = Conv2dBackwardInputLaunch {
+        batch: 1,
+        height: 2,
+        width: 2,
+        in_channels: ci,
+        out_channels: co,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: Conv2dGeometry::same(1),
+        dout_dtype: Precision::F32,
+        weight_dtype: bf16,
+        dx_dtype: Precision::F32,
+        dout: 0x1000,
+        weight: 0x2000,
+        dx: 0x3000,
+        accumulate: false,
+        subpixel: true,
+    };
+    let version = conv::conv2d_backward_input_version(&backward, true, Some(&workspace));
+    assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "sub-pixel: {version:?}");
 }
+
+/// `upsample_conv2d` and its input gradient (the UNet's Upsample in the sub-pixel form) against the
+/// CPU's plain convolution of the upsampled input and its gradient, with the 3x3 weights the
+/// sub-pixel form is folded from, unrounded (the backend under test holds the folded sums, rounded
+/// once). Every epilogue term; odd channels (element-wise loads on the tensor cores); a case whose
+/// K splits on the emulator. Cases: (name, Ci, Co, H, W, batch).
+fn upsample_conv2d_op<B: Backend>(b: &B, dtype: Precision) {
+    let mut h = Harness::new(b, dtype, "upsample_conv2d");
+    let same = Conv2dGeometry::same(1);
+    let cases = [
+        ("16 -> 24 at 3x3", 16, 24, 3, 3, 2),
+        ("odd: 5 -> 7 at 5x4", 5, 7, 5, 4, 1),
+        ("split-K: 64 -> 32 at 2x2, 8 k-steps", 64, 32, 2, 2, 1),
+    ];
+    for (name, ci, co, hh, ww, n) in cases {
+        let w3 = h.values(co * ci * 9, 0.3);
+        let w = b.upload_as(&subpixel_weights(&w3, co, ci), &[co, ci, 4, 4], dtype).unwrap();
+        let wr = h.cpu.upload(&w3, &[co, ci, 3, 3]).unwrap();
+        let (x, xr) = h.input(&[n, ci, hh, ww]);
+        let (bias, bias_r) = h.input_f32(&[co]);
+        let (cbias, cbias_r) = h.input_f32(&[n, co + 2]);
+        let out_shape = [n, co, 2 * hh, 2 * ww];
+        let (res, res_r) = h.input(&out_shape);
+        let (mut out, mut out_r) = h.output(&out_shape);
+        let epilogue =
+            ConvEpilogue { channel_bias: Some(&cbias), channel_bias_column: 1, residual: Some(&res), relu: true };
+        let epilogue_r =
+            ConvEpilogue { channel_bias: Some(&cbias_r), channel_bias_column: 1, residual: Some(&res_r), relu: true };
+        b.upsample_conv2d(&x, &w, Some(&bias), epilogue, &mut out);
+        h.cpu.conv2d(LayerInput::upsampled(&xr), &wr, Some(&bias_r), same, epilogue_r, &mut out_r);
+        h.check(&format!("upsample_conv2d {name}"), &out, &out_r);
+
+        let grad_dtypes = if dtype == Precision::F32 { vec![dtype] } else { vec![Precision::F32, dtype] };
+        for grad_dtype in grad_dtypes {
+            let (dout, dout_r) = h.input_as(&out_shape, grad_dtype, 1.0);
+            for store in [Add, Write] {
+                let (mut dx, mut dx_r) = gradient(&mut h, &[n, ci, hh, ww], grad_dtype, store);
+                b.upsample_conv2d_backward_input(&dout, &w, &mut dx, store);
+                let mut dup = h.cpu.zeros(&[n, ci, 2 * hh, 2 * ww]).unwrap();
+                h.cpu.conv2d_backward_input(&dout_r, &wr, same, &mut dup, Write);
+                h.cpu.upsample_nearest2x_backward(&dup, &mut dx_r, store);
+                let what = format!("upsample_conv2d_backward_input {name} ({grad_dtype} gradients, {store:?})");
+                h.check(&what, &dx, &dx_r);
+            }
+        }
+    }
+}
+test_device!(upsample_conv2d, upsample_conv2d_op, ALL_DTYPES);
 
 fn attention_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "attention");
@@ -987,6 +1084,15 @@ fn emulator_backward_ops_report_bad_shapes() {
     b.attention_backward(&x, &x, &x, &x, &lse, &x, scratch, &mut dq, &mut dk, &mut dx, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: dout_rounded") && err.contains("[2, 4, 3, 3]"), "{err}");
+    // The sub-pixel upsample's weights must come in its form (Co x Ci x 4 x 4), not as 3x3.
+    let w3 = b.zeros(&[4, 4, 3, 3]).unwrap();
+    let mut dup = b.zeros(&[2, 4, 6, 6]).unwrap();
+    b.upsample_conv2d(&x, &w3, None, ConvEpilogue::default(), &mut dup);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("upsample_conv2d: w [4, 4, 3, 3] is not the sub-pixel form"), "{err}");
+    b.upsample_conv2d_backward_input(&dup, &w3, &mut dx, Add);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("upsample_conv2d_backward_input: w [4, 4, 3, 3]"), "{err}");
     assert_eq!(b.download(&dx).unwrap(), vec![0.25; 2 * 4 * 3 * 3], "nothing written on an error");
 }
 

@@ -23,10 +23,10 @@ use purifier::backend::cuda::attention::{
 };
 use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{
-    self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion, SplitKWorkspace,
+    self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion, SplitKWorkspace, Upsampling,
 };
 use purifier::backend::{
-    AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision,
+    subpixel_weights, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision,
 };
 use purifier::driver::emulated::EmulatedDriver;
 use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
@@ -173,6 +173,21 @@ fn nchw_to_nhwc(v: &[f32], plane: usize, channels: usize) -> Vec<f32> {
     r
 }
 
+/// The sub-pixel form of 3x3 weights as the kernels store them ([Co][3][3][Ci] in, [Co][phase][tap][Ci]
+/// out): `subpixel_weights` on the CPU backend's layout, back to the kernels'.
+fn subpixel_device_weights(w: &[f32], out_channels: usize, in_channels: usize) -> Vec<f32> {
+    let folded = subpixel_weights(&weights_to_oihw(w, out_channels, in_channels, 3), out_channels, in_channels);
+    let mut r = vec![0.0f32; folded.len()];
+    for co in 0..out_channels {
+        for ch in 0..in_channels {
+            for t in 0..16 {
+                r[(co * 16 + t) * in_channels + ch] = folded[(co * in_channels + ch) * 16 + t];
+            }
+        }
+    }
+    r
+}
+
 /// Convolution weights as the kernels store them, [Co][k][k][Ci], in the CPU backend's [Co][Ci][k][k].
 fn weights_to_oihw(w: &[f32], out_channels: usize, in_channels: usize, k: usize) -> Vec<f32> {
     let mut r = vec![0.0f32; w.len()];
@@ -197,7 +212,7 @@ pub struct ConvCase {
     pub width: usize,
     pub channels_a: usize,
     pub channels_b: usize,
-    pub upsample: bool,
+    pub upsample: Upsampling,
     pub out_channels: usize,
     pub kernel: usize,
     pub geometry: Conv2dGeometry,
@@ -225,7 +240,7 @@ impl ConvCase {
             width: hw,
             channels_a: ca,
             channels_b: 0,
-            upsample: false,
+            upsample: Upsampling::None,
             out_channels: co,
             kernel,
             geometry: g,
@@ -251,14 +266,30 @@ pub fn conv_cases() -> Vec<ConvCase> {
         ConvCase { residual: true, ..ConvCase::new("1x1 (q/k/v, proj_out + residual)", 3, 7, 40, 33, 1, same0) },
         ConvCase::new("downsample 3x3 s2 pad right/bottom (even)", 3, 10, 24, 24, 3, downsample),
         ConvCase::new("downsample 3x3 s2 pad right/bottom (odd)", 1, 9, 16, 24, 3, downsample),
-        ConvCase { upsample: true, ..ConvCase::new("upsample x2 + 3x3", 3, 5, 24, 24, 3, same1) },
+        ConvCase { upsample: Upsampling::Nearest, ..ConvCase::new("upsample x2 + 3x3", 3, 5, 24, 24, 3, same1) },
+        ConvCase {
+            upsample: Upsampling::SubPixel,
+            ..ConvCase::new("sub-pixel upsample x2 + 3x3", 3, 5, 24, 24, 3, same1)
+        },
+        ConvCase {
+            upsample: Upsampling::SubPixel,
+            channels_b: 8,
+            channel_bias: true,
+            residual: true,
+            relu: true,
+            ..ConvCase::new("sub-pixel upsample, concat, every epilogue term", 2, 3, 16, 40, 3, same1)
+        },
         ConvCase {
             channels_b: 16,
             residual: true,
             ..ConvCase::new("nin_shortcut 1x1 on concat(h, skip)", 3, 6, 24, 40, 1, same0)
         },
         ConvCase { channels_b: 8, ..ConvCase::new("3x3 on concat(h, skip)", 1, 6, 24, 16, 3, same1) },
-        ConvCase { channels_b: 8, upsample: true, ..ConvCase::new("upsample + concat + 3x3", 1, 4, 16, 12, 3, same1) },
+        ConvCase {
+            channels_b: 8,
+            upsample: Upsampling::Nearest,
+            ..ConvCase::new("upsample + concat + 3x3", 1, 4, 16, 12, 3, same1)
+        },
         ConvCase::new("conv_out 3x3 (Co 3)", 1, 8, 32, 3, 3, same1),
         // Classifiers (batch-norm folded: bias; then ReLU, residual)
         ConvCase { relu: true, ..ConvCase::new("conv-bn-relu 3x3", 3, 8, 16, 16, 3, same1) },
@@ -282,7 +313,8 @@ pub fn conv_cases() -> Vec<ConvCase> {
             ..ConvCase::new("every epilogue term", 1, 5, 20, 70, 3, same1)
         },
         // Full-size layers: cifar10-small level 0 (64 channels at 32x32), cifar10 level 1 on a skip
-        // concat (256 + 256 -> 256 at 16x16), cifar10-small's last upsample (64 at 16x16 -> 32x32).
+        // concat (256 + 256 -> 256 at 16x16), cifar10-small's last upsample (64 at 16x16 -> 32x32) in
+        // the sub-pixel form the UNet runs.
         ConvCase {
             channel_bias: true,
             ..ConvCase::new("full size: 3x3 64 -> 64 at 32x32 + temb", 2, 32, 64, 64, 3, same1)
@@ -293,8 +325,8 @@ pub fn conv_cases() -> Vec<ConvCase> {
             ..ConvCase::new("full size: 1x1 concat 256+256 -> 256 at 16x16", 1, 16, 256, 256, 1, same0)
         },
         ConvCase {
-            upsample: true,
-            ..ConvCase::new("full size: upsample 16 -> 32, 3x3 64 -> 64", 1, 16, 64, 64, 3, same1)
+            upsample: Upsampling::SubPixel,
+            ..ConvCase::new("full size: sub-pixel upsample 16 -> 32, 3x3 64 -> 64", 1, 16, 64, 64, 3, same1)
         },
     ]
 }
@@ -325,7 +357,13 @@ pub fn check_conv(
     let (b_host, b) = mem.upload(&common::uniform(n * h * w * c.channels_b, seed + 1), input_dtype);
     let weight_values: Vec<f32> =
         common::uniform(c.out_channels * c.kernel * c.kernel * ci, seed + 2).iter().map(|v| v * 0.3).collect();
-    let (w_host, weight) = mem.upload(&weight_values, weight_dtype);
+    // The sub-pixel form folds the 3x3 weights in f32 and rounds the sums once: its reference is
+    // the plain convolution on the unrounded 3x3 weights.
+    let subpixel = c.upsample == Upsampling::SubPixel;
+    let device_weights =
+        if subpixel { subpixel_device_weights(&weight_values, c.out_channels, ci) } else { weight_values.clone() };
+    let (w_stored, weight) = mem.upload(&device_weights, weight_dtype);
+    let w_host = if subpixel { weight_values } else { w_stored };
     let (bias_host, bias) = mem.upload(&common::uniform(c.out_channels, seed + 3), Precision::F32);
     // Columns 1.. of rows 3 wider than Co (the UNet's blocks read their share of one tensor).
     let cbias_width = c.out_channels + 3;
@@ -373,7 +411,7 @@ pub fn check_conv(
     let cpu = CpuBackend;
     let a_t = cpu.upload(&nhwc_to_nchw(&a_host, h * w, c.channels_a), &[n, c.channels_a, h, w]).unwrap();
     let b_t = cpu.upload(&nhwc_to_nchw(&b_host, h * w, c.channels_b), &[n, c.channels_b, h, w]).unwrap();
-    let x = LayerInput { a: &a_t, b: (c.channels_b > 0).then_some(&b_t), upsample2x: c.upsample };
+    let x = LayerInput { a: &a_t, b: (c.channels_b > 0).then_some(&b_t), upsample2x: c.upsample != Upsampling::None };
     let w_t = cpu.upload(&weights_to_oihw(&w_host, c.out_channels, ci, k), &[c.out_channels, ci, k, k]).unwrap();
     let bias_t = cpu.upload(&bias_host, &[c.out_channels]).unwrap();
     let cbias_t = cpu.upload(&cbias_host, &[n, cbias_width]).unwrap();
@@ -468,7 +506,7 @@ fn valid_launch() -> Conv2dLaunch {
         width: 8,
         channels_a: 16,
         channels_b: 0,
-        upsample: false,
+        upsample: Upsampling::None,
         out_channels: 16,
         kernel_h: 3,
         kernel_w: 3,
@@ -545,6 +583,7 @@ fn conv_backward_input_launch_checks_storage_types_and_picks_the_kernel() {
         weight: 0x2000,
         dx: 0x3000,
         accumulate: true,
+        subpixel: false,
     };
     let tc = Conv2dVersion::TensorCore;
     assert_eq!(conv::backward_input_kernel_for(&ok, tc).unwrap(), "conv2d_backward_input_mma_f32_bf16");
@@ -698,6 +737,7 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
         weight: 0x2000,
         dx: 0x3000,
         accumulate: false,
+        subpixel: false,
     };
     let version = conv::conv2d_backward_input_version(&backward, true, Some(&workspace));
     assert_eq!(version, Conv2dVersion::TensorCoreSplitK { slices: 16 });
@@ -1018,7 +1058,9 @@ fn check_conv_backward_input(
     workspace: Option<&SplitKWorkspace>,
 ) -> Checked {
     let c = case;
-    let factor = if c.upsample { 2 } else { 1 };
+    // dx: the logical input (folded upsample: the caller folds it), or the stored one (sub-pixel).
+    let subpixel = c.upsample == Upsampling::SubPixel;
+    let factor = if c.upsample == Upsampling::Nearest { 2 } else { 1 };
     let (n, h, w) = (c.batch, c.height * factor, c.width * factor);
     let (ci, co, k) = (c.channels_a + c.channels_b, c.out_channels, c.kernel);
     let mut mem = Allocations::new(driver);
@@ -1038,10 +1080,15 @@ fn check_conv_backward_input(
         weight: 0,
         dx: 0,
         accumulate: store.accumulates(),
+        subpixel,
     };
     let (oh, ow) = launch.output_size();
     let (dout_host, dout) = mem.upload(&common::uniform(n * oh * ow * co, seed), dout_dtype);
-    let (w_host, weight) = mem.upload(&common::uniform(co * k * k * ci, seed + 1), weight_dtype);
+    let weight_values = common::uniform(co * k * k * ci, seed + 1);
+    // (As the forward's check: the sub-pixel form's reference is the plain 3x3 weights, unrounded.)
+    let device_weights = if subpixel { subpixel_device_weights(&weight_values, co, ci) } else { weight_values.clone() };
+    let (w_stored, weight) = mem.upload(&device_weights, weight_dtype);
+    let w_host = if subpixel { weight_values } else { w_stored };
     let (dx_host, dx) = match store {
         GradientStore::Add => mem.upload(&common::uniform(n * h * w * ci, seed + 2), dx_dtype),
         GradientStore::Write => (vec![0.0; n * h * w * ci], mem.poisoned(n * h * w * ci, dx_dtype)),
@@ -1054,12 +1101,19 @@ fn check_conv_backward_input(
     let dx_out = mem.download(dx, n * h * w * ci, dx_dtype);
 
     // The reference: the CPU on the same stored values (f32 dout unrounded: rounding it to the
-    // weights' type is the kernel's, and within the tolerance).
+    // weights' type is the kernel's, and within the tolerance); the sub-pixel form's through the
+    // plain convolution's gradient on the upsampled input, then the upsample's.
     let cpu = CpuBackend;
     let dout_t = cpu.upload(&nhwc_to_nchw(&dout_host, oh * ow, co), &[n, co, oh, ow]).unwrap();
     let w_t = cpu.upload(&weights_to_oihw(&w_host, co, ci, k), &[co, ci, k, k]).unwrap();
     let mut dx_t = cpu.upload(&nhwc_to_nchw(&dx_host, h * w, ci), &[n, ci, h, w]).unwrap();
-    cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t, store);
+    if subpixel {
+        let mut dup = cpu.zeros(&[n, ci, 2 * h, 2 * w]).unwrap();
+        cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dup, GradientStore::Write);
+        cpu.upsample_nearest2x_backward(&dup, &mut dx_t, store);
+    } else {
+        cpu.conv2d_backward_input(&dout_t, &w_t, c.geometry, &mut dx_t, store);
+    }
     let mut reference = cpu.download(&dx_t).unwrap();
     if dx_dtype != Precision::F32 {
         reference = encode(&reference, dx_dtype).0;
@@ -1259,11 +1313,23 @@ fn split_k_cases() -> Vec<(ConvCase, usize)> {
         (
             ConvCase {
                 channels_b: 24,
-                upsample: true,
+                upsample: Upsampling::Nearest,
                 residual: true,
                 ..ConvCase::new("upsample + concat, 12 k-steps / 8", 1, 3, 16, 24, 3, same1)
             },
             8,
+        ),
+        // The same in the sub-pixel form: 4 phases of K = 160 (5 k-steps), 3 slices each (grid z
+        // 12); its input gradient K = 16 taps x 24 (12 k-steps) in 3 slices of 4.
+        (
+            ConvCase {
+                channels_b: 24,
+                upsample: Upsampling::SubPixel,
+                residual: true,
+                channel_bias: true,
+                ..ConvCase::new("sub-pixel upsample + concat, 5 k-steps / 3", 1, 3, 16, 24, 3, same1)
+            },
+            3,
         ),
         // Element-wise loader (Ci 20), Co 70 (two channel tiles, the last partial): 6 k-steps, 8
         // slices asked, one per k-step run.

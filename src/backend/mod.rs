@@ -273,6 +273,34 @@ pub enum StepColumn {
 /// Floats per step-table row.
 pub const STEP_COLUMNS: usize = 20;
 
+/// The sub-pixel form of a 3x3, padding-1 convolution of a nearest-x2 upsampled input
+/// (`Backend::upsample_conv2d`), from its weights `w` (Co x Ci x 3 x 3, row-major): Co x Ci x 4 x 4,
+/// element [co, ci, phase, tap] with phase = 2 py + px the output pixel's parity (2i + py, 2j + px)
+/// and tap = 2 ty + tx the input pixel (i - 1 + py + ty, j - 1 + px + tx) it reads. The upsampled
+/// rows 2i + py - 1 .. 2i + py + 1 land on input rows i - 1 + py and i + py: the first takes kernel
+/// row 0 alone where py = 0 (rows 0 and 1 where py = 1), the second the rest; the same in x. So
+/// each phase's tap sums the 3x3 taps landing on its pixel, in f32 (its one rounding, to the
+/// storage type, comes when it is uploaded).
+pub fn subpixel_weights(w: &[f32], out_channels: usize, in_channels: usize) -> Vec<f32> {
+    assert_eq!(w.len(), out_channels * in_channels * 9, "subpixel_weights: Co x Ci x 3 x 3 weights");
+    // Kernel rows (or columns) of parity p's window row (column) t.
+    let rows = |p: usize, t: usize| match (p, t) {
+        (0, 0) => 0..1,
+        (0, _) => 1..3,
+        (_, 0) => 0..2,
+        _ => 2..3,
+    };
+    let mut out = vec![0.0f32; out_channels * in_channels * 16];
+    for (k, kernel) in w.chunks_exact(9).enumerate() {
+        for (phase, tap) in (0..4).flat_map(|phase| (0..4).map(move |tap| (phase, tap))) {
+            let (py, px, ty, tx) = (phase / 2, phase % 2, tap / 2, tap % 2);
+            let sum: f32 = rows(py, ty).flat_map(|ky| rows(px, tx).map(move |kx| kernel[ky * 3 + kx])).sum();
+            out[k * 16 + phase * 4 + tap] = sum;
+        }
+    }
+    out
+}
+
 /// The 64-bit `value` as the four exact 16-bit pieces a step table stores (low first).
 pub fn step_table_u64(value: u64) -> [f32; 4] {
     std::array::from_fn(|k| ((value >> (16 * k)) & 0xffff) as f32)
@@ -539,6 +567,29 @@ pub trait Backend {
         dout: &Self::Tensor,
         w: &Self::Tensor,
         geometry: Conv2dGeometry,
+        dx: &mut Self::Tensor,
+        store: GradientStore,
+    );
+
+    /// The UNet's Upsample convolution: conv2d (3x3, stride 1, padding 1) of the nearest-x2
+    /// upsampling of x (N x Ci x H x W) into out (N x Co x 2H x 2W), plus bias and the epilogue, with
+    /// `w` in the sub-pixel form `subpixel_weights` makes of the 3x3 weights (Co x Ci x 4 x 4). Each
+    /// output phase (oy % 2, ox % 2) is a 2x2 convolution of x itself: 16 taps an output quad
+    /// instead of 36, and no upsampled tensor.
+    fn upsample_conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        epilogue: ConvEpilogue<'_, Self::Tensor>,
+        out: &mut Self::Tensor,
+    );
+    /// dx = (or +=) `upsample_conv2d`'s vector-Jacobian product with respect to x (N x Ci x H x W),
+    /// from dout (N x Co x 2H x 2W): no upsampled gradient is formed.
+    fn upsample_conv2d_backward_input(
+        &self,
+        dout: &Self::Tensor,
+        w: &Self::Tensor,
         dx: &mut Self::Tensor,
         store: GradientStore,
     );

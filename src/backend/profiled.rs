@@ -88,6 +88,13 @@ fn conv_flops<T: TensorShape>(out_elements: usize, w: &T) -> f64 {
     2.0 * out_elements as f64 * (w[1] * w[2] * w[3]) as f64
 }
 
+/// The sub-pixel upsample convolution's multiply-adds (`Backend::upsample_conv2d`, w Co x Ci x 4 x 4):
+/// every output element sums C_in * 4 products (its phase's 2x2 window), as does its gradient's
+/// transpose (a quarter of the elements, 16 taps each).
+fn subpixel_flops<T: TensorShape>(out_elements: usize, w: &T) -> f64 {
+    2.0 * out_elements as f64 * (w.shape()[1] * 4) as f64
+}
+
 /// Attention over q (N x C x H x W): q k^T and p v, each N * HW * HW * C multiply-adds.
 fn attention_flops<T: TensorShape>(q: &T) -> f64 {
     let s = q.shape();
@@ -108,6 +115,13 @@ fn channels_at<T: TensorShape>(t: &T) -> String {
 fn conv_shape<T: TensorShape>(w: &T, geometry: Conv2dGeometry, at: &T) -> String {
     let (w, at) = (w.shape(), at.shape());
     format!("{}x{} s{} {} -> {}, {}x{}", w[2], w[3], geometry.stride, w[1], w[0], at[2], at[3])
+}
+
+/// The sub-pixel upsample convolution's shape as `conv_shape` writes the 3x3 convolution it computes
+/// (w in the sub-pixel form, Co x Ci x 4 x 4; `at` the output of the forward, dx of the gradient).
+fn subpixel_shape<T: TensorShape>(w: &T, at: &T) -> String {
+    let (w, at) = (w.shape(), at.shape());
+    format!("3x3 s1 {} -> {}, {}x{}", w[1], w[0], at[2], at[3])
 }
 
 /// (op, shape where it is kept, cost, timestamps before and after).
@@ -352,6 +366,36 @@ impl<B: Backend> Backend for Profiled<'_, B> {
             Some(conv_shape(w, geometry, &*dx)),
             Cost { flops: conv_flops(dout.numel(), w), bytes: bytes(&[dout, w]) + gradient_bytes(&[&*dx], store) },
             || self.inner.conv2d_backward_input(dout, w, geometry, dx, store),
+        )
+    }
+    fn upsample_conv2d(
+        &self,
+        x: &B::Tensor,
+        w: &B::Tensor,
+        bias: Option<&B::Tensor>,
+        epilogue: ConvEpilogue<'_, B::Tensor>,
+        out: &mut B::Tensor,
+    ) {
+        let extra = [bias, epilogue.channel_bias, epilogue.residual].into_iter().flatten().map(|t| bytes(&[t]));
+        self.counted_as(
+            "upsample_conv2d",
+            Some(subpixel_shape(w, &*out)),
+            Cost { flops: subpixel_flops(out.numel(), w), bytes: bytes(&[x, w, &*out]) + extra.sum::<f64>() },
+            || self.inner.upsample_conv2d(x, w, bias, epilogue, out),
+        )
+    }
+    fn upsample_conv2d_backward_input(
+        &self,
+        dout: &B::Tensor,
+        w: &B::Tensor,
+        dx: &mut B::Tensor,
+        store: GradientStore,
+    ) {
+        self.counted_as(
+            "upsample_conv2d_backward_input",
+            Some(subpixel_shape(w, &*dx)),
+            Cost { flops: subpixel_flops(dout.numel(), w), bytes: bytes(&[dout, w]) + gradient_bytes(&[&*dx], store) },
+            || self.inner.upsample_conv2d_backward_input(dout, w, dx, store),
         )
     }
     fn attention(&self, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor, out: &mut B::Tensor, logsumexp: &mut B::Tensor) {

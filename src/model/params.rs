@@ -4,7 +4,7 @@
 //! deterministic ones for tests. The architecture is written once.
 use std::collections::BTreeSet;
 
-use crate::backend::{Backend, Conv2dGeometry};
+use crate::backend::{subpixel_weights, Backend, Conv2dGeometry};
 use crate::data::tensor_file::TensorFile;
 use crate::error::{check_finite, Error, Result};
 
@@ -48,6 +48,24 @@ impl<B: Backend> Conv<B> {
             bias: src.tensor(&format!("{name}.bias"), &[cout])?,
             geometry,
         })
+    }
+}
+
+/// The UNet Upsample's convolution (3x3, padding 1, of the nearest-x2 upsampled input), its
+/// weights folded at load time into the sub-pixel form `Backend::upsample_conv2d` reads
+/// (`subpixel_weights`: Co x Ci x 4 x 4, summed in f32 and rounded once to the activations' type).
+pub struct UpsampleConv<B: Backend> {
+    pub weight: B::Tensor,
+    pub bias: B::Tensor,
+}
+
+impl<B: Backend> UpsampleConv<B> {
+    pub fn load(src: &mut impl ParamSource<B>, name: &str, cin: usize, cout: usize) -> Result<Self> {
+        let weight = src.host(&format!("{name}.weight"), &[cout, cin, 3, 3])?;
+        let backend = src.backend();
+        let weight =
+            backend.upload_as(&subpixel_weights(&weight, cout, cin), &[cout, cin, 4, 4], backend.precision())?;
+        Ok(Self { weight, bias: src.tensor(&format!("{name}.bias"), &[cout])? })
     }
 }
 

@@ -11,7 +11,7 @@ use crate::backend::{
 use crate::data::tensor_file::TensorFile;
 use crate::error::{Error, Result};
 use crate::model::config::UnetConfig;
-use crate::model::params::{Conv, FileParams, GroupNorm, Linear, ParamSource};
+use crate::model::params::{Conv, FileParams, GroupNorm, Linear, ParamSource, UpsampleConv};
 
 const NORM_GROUPS: usize = 32;
 const NORM_EPS: f32 = 1e-6;
@@ -108,7 +108,7 @@ enum Layer<B: Backend> {
     Resnet(ResnetBlock<B>),
     Attn(AttnBlock<B>),
     Downsample(Conv<B>),
-    Upsample(Conv<B>),
+    Upsample(UpsampleConv<B>),
     /// `conv_out(SiLU(norm_out(h)))`.
     Out {
         norm: GroupNorm<B>,
@@ -235,7 +235,7 @@ impl<B: Backend> Unet<B> {
             }
             if level != 0 {
                 let name = format!("up.{level}.upsample.conv");
-                let conv = Conv::load(src, &name, c, c, 3, Conv2dGeometry::same(1))?;
+                let conv = UpsampleConv::load(src, &name, c, c)?;
                 res *= 2;
                 h = net.push(name, Layer::Upsample(conv), vec![h], [c, res, res]);
             }
@@ -327,14 +327,14 @@ impl<B: Backend> Unet<B> {
             let input = activation_shapes[node.inputs[0]];
             let [_, h, w] = input;
             let input_channels: usize = node.inputs.iter().map(|&i| activation_shapes[i][0]).sum();
-            let [cout, oh, ow] = node.output;
+            let [cout, ..] = node.output;
             let t = |dims: &[usize]| backend.zeros_as(dims, precision);
             let stats = |_channels: usize| backend.zeros(&[batch, NORM_GROUPS, 2]);
             let mut bufs: NodeBuffers<B> = NodeBuffers::default();
             // The saved tensors whose gradients are stored in the activations' type (below).
             let mut narrow = Vec::new();
             match &node.layer {
-                Layer::ConvIn(_) | Layer::Downsample(_) => {}
+                Layer::ConvIn(_) | Layer::Downsample(_) | Layer::Upsample(_) => {}
                 Layer::Resnet(block) => {
                     bufs.push(t(&[batch, input_channels, h, w])?); // SiLU(norm1(x))
                     bufs.push(stats(input_channels)?);
@@ -354,7 +354,6 @@ impl<B: Backend> Unet<B> {
                     bufs.push(stats(cout)?);
                     bufs.push(backend.zeros(&[batch, h * w])?); // log-sum-exp
                 }
-                Layer::Upsample(_) => bufs.push(t(&[batch, input[0], oh, ow])?),
                 Layer::Out { .. } => {
                     bufs.push(t(&[batch, input[0], h, w])?);
                     bufs.push(stats(input[0])?);
@@ -480,13 +479,15 @@ impl<B: Backend> Unet<B> {
             let out = &mut rest[0];
             let x = &inputs[node.inputs[0]];
             let saved = &mut plan.saved[i].0 .0;
-            // The skip concat and the upsample are read in place (LayerInput), never written (the
-            // upsample's buffer in the plan is there for its gradient, in the backward).
+            // The skip concat and the upsample are read in place (LayerInput, upsample_conv2d), never
+            // written.
             match &node.layer {
                 Layer::ConvIn(conv) | Layer::Downsample(conv) => {
                     conv_forward(b, conv, LayerInput::one(x), ConvEpilogue::default(), out)
                 }
-                Layer::Upsample(conv) => conv_forward(b, conv, LayerInput::upsampled(x), ConvEpilogue::default(), out),
+                Layer::Upsample(conv) => {
+                    b.upsample_conv2d(x, &conv.weight, Some(&conv.bias), ConvEpilogue::default(), out)
+                }
                 Layer::Resnet(block) => match node.inputs.get(1) {
                     Some(&skip) => {
                         let input = LayerInput::concat(x, &inputs[skip]);
@@ -564,9 +565,7 @@ impl<B: Backend> Unet<B> {
                     store_into(input),
                 ),
                 Layer::Upsample(conv) => {
-                    let dup = &mut dsaved[0];
-                    b.conv2d_backward_input(conv_dout, &conv.weight, conv.geometry, dup, GradientStore::Write);
-                    b.upsample_nearest2x_backward(&dsaved[0], &mut dinputs[input], store_into(input));
+                    b.upsample_conv2d_backward_input(conv_dout, &conv.weight, &mut dinputs[input], store_into(input))
                 }
                 Layer::Resnet(block) => match node.inputs.get(1) {
                     // The forward read concat(h, skip) in place; so does the backward, and it stores

@@ -323,3 +323,72 @@ pub fn backward_input(layout: &ConvLayout, dout: &[f32], w: &[f32], dx: &mut [f3
         });
     }
 }
+
+/// The sub-pixel upsample convolution (`Backend::upsample_conv2d`): out (N x Co x 2H x 2W) =
+/// epilogue(the 3x3, padding-1 convolution of x's nearest-x2 upsampling), x (N x Ci x H x W), from
+/// w in the sub-pixel form (Co x Ci x 4 x 4, `crate::backend::subpixel_weights`): each output phase
+/// (py, px) is the 2x2 convolution of x padded 1 - py rows above and py below (the same in x), its
+/// results interleaved into every other row and column.
+pub fn subpixel_forward(x_shape: [usize; 4], x: &[f32], w: &[f32], epilogue: &Epilogue<'_>, out: &mut [f32]) {
+    let [batch, _, h, wd] = x_shape;
+    let out_channels = w.len() / (x_shape[1] * 16);
+    let none = Epilogue { bias: None, channel_bias: None, residual: None, relu: false };
+    let mut phase_out = vec![0.0f32; batch * out_channels * h * wd];
+    for phase in 0..4 {
+        let (layout, w_phase) = subpixel_phase(x_shape, w, phase);
+        forward(&layout, x, &w_phase, &none, &mut phase_out);
+        for_each_phase_pixel(batch * out_channels, h, wd, phase, |at, sub| out[at] = phase_out[sub]);
+    }
+    let plane = 4 * h * wd;
+    out.par_chunks_mut(plane).enumerate().for_each(|(nc, dst)| {
+        let (n, co) = (nc / out_channels, nc % out_channels);
+        let mut constant = epilogue.bias.map_or(0.0, |b| b[co]);
+        if let Some(cb) = &epilogue.channel_bias {
+            constant += cb.values[n * cb.stride + co];
+        }
+        for (i, v) in dst.iter_mut().enumerate() {
+            let mut y = *v + constant;
+            if let Some(res) = epilogue.residual {
+                y += res[nc * plane + i];
+            }
+            *v = if epilogue.relu { y.max(0.0) } else { y };
+        }
+    });
+}
+
+/// dx (N x Ci x H x W) += `subpixel_forward`'s transposed convolution of dout (N x Co x 2H x 2W): the
+/// sum of each phase's 2x2 input gradient from its quarter of dout.
+pub fn subpixel_backward_input(x_shape: [usize; 4], dout: &[f32], w: &[f32], dx: &mut [f32]) {
+    let [batch, _, h, wd] = x_shape;
+    let out_channels = w.len() / (x_shape[1] * 16);
+    let mut phase_dout = vec![0.0f32; batch * out_channels * h * wd];
+    for phase in 0..4 {
+        let (layout, w_phase) = subpixel_phase(x_shape, w, phase);
+        for_each_phase_pixel(batch * out_channels, h, wd, phase, |at, sub| phase_dout[sub] = dout[at]);
+        backward_input(&layout, &phase_dout, &w_phase, dx);
+    }
+}
+
+/// Phase `phase` (2 py + px) of the sub-pixel form: its 2x2 convolution's layout over x and its
+/// weights (Co x Ci x 2 x 2).
+fn subpixel_phase(x_shape: [usize; 4], w: &[f32], phase: usize) -> (ConvLayout, Vec<f32>) {
+    let (py, px) = (phase / 2, phase % 2);
+    let geometry = Conv2dGeometry { stride: 1, pad_top: 1 - py, pad_bottom: py, pad_left: 1 - px, pad_right: px };
+    let kernels = w.len() / 16;
+    let w_phase: Vec<f32> = (0..kernels).flat_map(|k| w[k * 16 + phase * 4..][..4].to_vec()).collect();
+    let layout = ConvLayout::new(&x_shape, &[kernels / x_shape[1], x_shape[1], 2, 2], geometry);
+    (layout, w_phase)
+}
+
+/// Calls `visit(at, sub)` for every pixel of phase `phase` in `planes` planes of 2h x 2w: `at` its
+/// index there, `sub` its index in the phase's own planes of h x w.
+fn for_each_phase_pixel(planes: usize, h: usize, w: usize, phase: usize, mut visit: impl FnMut(usize, usize)) {
+    let (py, px) = (phase / 2, phase % 2);
+    for p in 0..planes {
+        for i in 0..h {
+            for j in 0..w {
+                visit((p * 2 * h + 2 * i + py) * 2 * w + 2 * j + px, (p * h + i) * w + j);
+            }
+        }
+    }
+}

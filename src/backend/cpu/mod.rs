@@ -361,30 +361,7 @@ impl Backend for CpuBackend {
         let layout = conv::ConvLayout::new(&x.shape, &w.shape, geometry);
         let (n, co) = (layout.batch, layout.out_channels);
         expect_shape(out, &[n, co, layout.out_height, layout.out_width], "conv2d: out");
-        if let Some(b) = bias {
-            expect_shape(b, &[co], "conv2d: bias");
-        }
-        if let Some(cb) = epilogue.channel_bias {
-            let column = epilogue.channel_bias_column;
-            let width = cb.shape.get(1).copied().unwrap_or(0);
-            assert!(
-                cb.shape.len() == 2 && cb.shape[0] == n && column + co <= width,
-                "conv2d: channel_bias {:?} has no columns {column}..{} for {n} samples",
-                cb.shape,
-                column + co
-            );
-        }
-        if let Some(r) = epilogue.residual {
-            expect_shape(r, &out.shape, "conv2d: residual");
-        }
-        let epilogue = conv::Epilogue {
-            bias: bias.map(|b| &b.data[..]),
-            channel_bias: epilogue
-                .channel_bias
-                .map(|t| conv::ChannelBias { values: &t.data[epilogue.channel_bias_column..], stride: t.shape[1] }),
-            residual: epilogue.residual.map(|t| &t.data[..]),
-            relu: epilogue.relu,
-        };
+        let epilogue = conv_epilogue(bias, &epilogue, out, "conv2d");
         conv::forward(&layout, &x.data, &w.data, &epilogue, &mut out.data);
         store(&mut [out]);
     }
@@ -404,6 +381,35 @@ impl Backend for CpuBackend {
         expect_shape(dout, &expected, "conv2d_backward_input: dout");
         clear_for(gradient, &mut [&mut *dx]);
         conv::backward_input(&layout, &dout.data, &w.data, &mut dx.data);
+        store(&mut [dx]);
+    }
+
+    fn upsample_conv2d(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: Option<&CpuTensor>,
+        epilogue: ConvEpilogue<'_, CpuTensor>,
+        out: &mut CpuTensor,
+    ) {
+        let [n, ci, h, wd, co] = subpixel_dims(x, w, "upsample_conv2d");
+        expect_shape(out, &[n, co, 2 * h, 2 * wd], "upsample_conv2d: out");
+        let epilogue = conv_epilogue(bias, &epilogue, out, "upsample_conv2d");
+        conv::subpixel_forward([n, ci, h, wd], &x.data, &w.data, &epilogue, &mut out.data);
+        store(&mut [out]);
+    }
+
+    fn upsample_conv2d_backward_input(
+        &self,
+        dout: &CpuTensor,
+        w: &CpuTensor,
+        dx: &mut CpuTensor,
+        gradient: GradientStore,
+    ) {
+        let [n, ci, h, wd, co] = subpixel_dims(dx, w, "upsample_conv2d_backward_input");
+        expect_shape(dout, &[n, co, 2 * h, 2 * wd], "upsample_conv2d_backward_input: dout");
+        clear_for(gradient, &mut [&mut *dx]);
+        conv::subpixel_backward_input([n, ci, h, wd], &dout.data, &w.data, &mut dx.data);
         store(&mut [dx]);
     }
 
@@ -784,6 +790,54 @@ impl Backend for CpuBackend {
         expect_shape(dlogits, &logits.shape, "cross_entropy_grad: dlogits");
         elementwise::cross_entropy_grad(&logits.data, &labels.data, &mut dlogits.data);
         store(&mut [dlogits]);
+    }
+}
+
+/// [N, Ci, H, W, Co] of the sub-pixel upsample convolution's stored input x (or its gradient) and
+/// weights (Co x Ci x 4 x 4); panics naming `what` on others.
+fn subpixel_dims(x: &CpuTensor, w: &CpuTensor, what: &str) -> [usize; 5] {
+    let [n, ci, h, wd] = dims(x, &format!("{what}: x"));
+    let [co, w_ci, kh, kw] = dims(w, &format!("{what}: w"));
+    assert!(
+        w_ci == ci && (kh, kw) == (4, 4),
+        "{what}: w {:?} is not the sub-pixel form of a 3x3 kernel on {ci} channels",
+        w.shape
+    );
+    [n, ci, h, wd, co]
+}
+
+/// A convolution's epilogue as the reference computes it, its operands checked against `out`
+/// (N x Co x OH x OW).
+fn conv_epilogue<'a>(
+    bias: Option<&'a CpuTensor>,
+    epilogue: &ConvEpilogue<'a, CpuTensor>,
+    out: &CpuTensor,
+    what: &str,
+) -> conv::Epilogue<'a> {
+    let (n, co) = (out.shape[0], out.shape[1]);
+    if let Some(b) = bias {
+        expect_shape(b, &[co], &format!("{what}: bias"));
+    }
+    if let Some(cb) = epilogue.channel_bias {
+        let column = epilogue.channel_bias_column;
+        let width = cb.shape.get(1).copied().unwrap_or(0);
+        assert!(
+            cb.shape.len() == 2 && cb.shape[0] == n && column + co <= width,
+            "{what}: channel_bias {:?} has no columns {column}..{} for {n} samples",
+            cb.shape,
+            column + co
+        );
+    }
+    if let Some(r) = epilogue.residual {
+        expect_shape(r, &out.shape, &format!("{what}: residual"));
+    }
+    conv::Epilogue {
+        bias: bias.map(|b| &b.data[..]),
+        channel_bias: epilogue
+            .channel_bias
+            .map(|t| conv::ChannelBias { values: &t.data[epilogue.channel_bias_column..], stride: t.shape[1] }),
+        residual: epilogue.residual.map(|t| &t.data[..]),
+        relu: epilogue.relu,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Host launcher of kernels/conv2d.cu: the implicit-GEMM convolution with its fused epilogue
-//! (bias, per-sample channel bias, residual, ReLU), folded nearest x2 upsample and two-source
-//! (skip concat) input.
+//! (bias, per-sample channel bias, residual, ReLU), folded nearest x2 upsample (or its sub-pixel
+//! form) and two-source (skip concat) input.
 //!
 //! Written against the driver only (`&dyn Driver`, device addresses): the CUDA backend fills a
 //! `Conv2dLaunch` from its tensors and calls `launch_conv2d`. Shapes are checked here and every
@@ -27,8 +27,8 @@ pub struct Conv2dLaunch {
     /// Input channels read from `a` (channels 0..channels_a) and from `b` (the rest; 0: no concat).
     pub channels_a: usize,
     pub channels_b: usize,
-    /// The convolution reads the nearest x2 upsampling of the input (logical 2H x 2W).
-    pub upsample: bool,
+    /// Whether (and how) the convolution reads the nearest x2 upsampling of the input.
+    pub upsample: Upsampling,
     pub out_channels: usize,
     pub kernel_h: usize,
     pub kernel_w: usize,
@@ -51,11 +51,69 @@ pub struct Conv2dLaunch {
     pub out: DevicePtr,
 }
 
+/// How a convolution reads the nearest x2 upsampling of its input (the UNet's Upsample), if it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upsampling {
+    /// The input as stored.
+    None,
+    /// Folded into the input indexing: a logical 2H x 2W input, pixel (y, x) read at (y/2, x/2).
+    /// Any kernel.
+    Nearest,
+    /// The sub-pixel form (kernels/conv_common.cuh): a 3x3, stride-1, pad-1 kernel only, whose
+    /// weights come folded into four 2x2 phases (`crate::backend::subpixel_weights`: Co x Ci x 4 x 4,
+    /// stored `[Co][phase][tap][Ci]`); 16 taps an output quad where `Nearest` reads 36.
+    SubPixel,
+}
+
+/// The implicit GEMM a launch runs: M rows (positions), N columns (channels), depth K, once for each
+/// of `phases` (grid z: the sub-pixel forward's four, each over the stored input's positions and
+/// storing a quarter of the output; else 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub phases: usize,
+}
+
+impl Gemm {
+    /// Blocks of `block_m` x `block_n` tiles over all phases.
+    fn blocks(&self, block_m: usize, block_n: usize) -> usize {
+        self.phases * self.m.div_ceil(block_m) * self.n.div_ceil(block_n)
+    }
+    /// Elements of the output (one per row and column of every phase).
+    fn outputs(&self) -> usize {
+        self.phases * self.m * self.n
+    }
+}
+
+/// Sub-pixel phases and the taps of each (2x2).
+const SUBPIXEL_PHASES: usize = 4;
+const SUBPIXEL_TAPS: usize = 4;
+
 impl Conv2dLaunch {
     /// The input size the convolution sees (after the folded upsample).
     pub fn logical_input_size(&self) -> (usize, usize) {
-        let factor = if self.upsample { 2 } else { 1 };
+        let factor = if self.upsample == Upsampling::None { 1 } else { 2 };
         (self.height * factor, self.width * factor)
+    }
+    /// The implicit GEMM of the forward (`Gemm`).
+    pub fn gemm(&self) -> Gemm {
+        let (n, k_per_tap) = (self.out_channels, self.in_channels());
+        if self.upsample == Upsampling::SubPixel {
+            let m = self.batch * self.height * self.width;
+            return Gemm { m, n, k: SUBPIXEL_TAPS * k_per_tap, phases: SUBPIXEL_PHASES };
+        }
+        let (oh, ow) = self.output_size();
+        Gemm { m: self.batch * oh * ow, n, k: self.kernel_h * self.kernel_w * k_per_tap, phases: 1 }
+    }
+    /// Elements of the weights: Co x kh x kw x Ci, or Co x 16 x Ci in the sub-pixel form.
+    pub fn weight_len(&self) -> usize {
+        let taps = match self.upsample {
+            Upsampling::SubPixel => SUBPIXEL_PHASES * SUBPIXEL_TAPS,
+            _ => self.kernel_h * self.kernel_w,
+        };
+        self.out_channels * taps * self.in_channels()
     }
     /// Output height and width (0 when the kernel does not fit: `validate` reports that).
     pub fn output_size(&self) -> (usize, usize) {
@@ -98,6 +156,15 @@ impl Conv2dLaunch {
                 self.kernel_h, self.kernel_w, h, w, self.geometry
             ));
         }
+        let g = &self.geometry;
+        let same_3x3 = (self.kernel_h, self.kernel_w, g.stride) == (3, 3, 1)
+            && [g.pad_top, g.pad_left, g.pad_bottom, g.pad_right] == [1; 4];
+        if self.upsample == Upsampling::SubPixel && !same_3x3 {
+            return bad(format!(
+                "the sub-pixel upsample takes a 3x3 kernel, stride 1, padding 1 (got {}x{}, {g:?})",
+                self.kernel_h, self.kernel_w
+            ));
+        }
         if self.channel_bias.is_some() && self.channel_bias_stride < self.out_channels {
             return bad(format!(
                 "channel_bias rows {} elements apart, fewer than the {} output channels",
@@ -132,7 +199,7 @@ impl Conv2dLaunch {
         let sizes = [
             ("input a", self.batch * h * w * self.channels_a),
             ("input b", self.batch * h * w * self.channels_b),
-            ("weights", self.out_channels * self.kernel_h * self.kernel_w * self.in_channels()),
+            ("weights", self.weight_len()),
             ("output", self.output_len()),
             ("channel_bias", if self.channel_bias.is_some() { self.batch * self.channel_bias_stride } else { 0 }),
         ];
@@ -163,27 +230,38 @@ impl Conv2dLaunch {
         Ok(())
     }
 
-    /// The `ConvParams` struct of kernels/conv2d.cu, as the kernel's by-value parameter bytes.
-    fn params_bytes(&self) -> Vec<u8> {
+    /// The `ConvParams` struct of kernels/conv2d.cu, as the kernel's by-value parameter bytes, for
+    /// the forward or (`backward`: this is the forward of an input gradient) the input gradient; the
+    /// sub-pixel form as kernels/conv_common.cuh reads it (2x2 phase-0 windows forward, 16 taps
+    /// backward).
+    fn params_bytes(&self, backward: bool) -> Vec<u8> {
         let (oh, ow) = self.output_size();
         let g = &self.geometry;
+        let (shift, kh, kw, pad_top, pad_left) = match self.upsample {
+            Upsampling::None => (0, self.kernel_h, self.kernel_w, g.pad_top, g.pad_left),
+            Upsampling::Nearest => (1, self.kernel_h, self.kernel_w, g.pad_top, g.pad_left),
+            Upsampling::SubPixel if backward => (0, SUBPIXEL_PHASES, SUBPIXEL_TAPS, 0, 0),
+            Upsampling::SubPixel => (0, 2, 2, 1, 1),
+        };
         let fields = [
             self.batch,
             self.height,
             self.width,
             self.channels_a,
             self.channels_b,
-            self.upsample as usize,
+            shift,
             self.out_channels,
-            self.kernel_h,
-            self.kernel_w,
+            kh,
+            kw,
             g.stride,
-            g.pad_top,
-            g.pad_left,
+            pad_top,
+            pad_left,
             oh,
             ow,
             self.relu as usize,
             self.channel_bias_stride,
+            (self.upsample == Upsampling::SubPixel) as usize,
+            self.weight_len() / self.out_channels,
         ];
         fields.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect()
     }
@@ -319,22 +397,15 @@ impl LaunchPlan {
     }
 }
 
-/// The split-K part of a plan over an M x N output with `k_total` k in k-tiles of `block_k`: grid z
-/// (at most one slice per k-tile: none is empty) and the reduction.
-fn split_plan(
-    m: usize,
-    n: usize,
-    k_total: usize,
-    block_k: usize,
-    slices: usize,
-    reduce_kernel: &'static str,
-) -> Result<SplitK> {
+/// The split-K part of a plan over a GEMM's outputs in k-tiles of `block_k`: grid z (at most one
+/// slice per k-tile: none is empty; the phases' blocks in each) and the reduction.
+fn split_plan(gemm: Gemm, block_k: usize, slices: usize, reduce_kernel: &'static str) -> Result<SplitK> {
     if slices == 0 {
         return Err(Error::invalid("conv2d: split-K with 0 slices"));
     }
-    let k_tiles = k_total.div_ceil(block_k);
-    let slices = slices.min(k_tiles).min(65535);
-    let outputs = m * n;
+    let k_tiles = gemm.k.div_ceil(block_k);
+    let slices = slices.min(k_tiles).min(65535 / gemm.phases);
+    let outputs = gemm.outputs();
     let blocks = outputs.div_ceil(REDUCE_THREADS as usize).clamp(1, 65535);
     Ok(SplitK {
         slices,
@@ -350,41 +421,34 @@ fn split_plan(
 /// a block and N fills its 128 columns as well as the narrow tile's 64 (Co 128, 256, 384, not 64 or
 /// 192); otherwise the narrow tile, split when its grid under-fills the GPU and the slices' sums fit
 /// the workspace.
-fn tensor_core_version(
-    m: usize,
-    n: usize,
-    k_total: usize,
-    vector: bool,
-    workspace: Option<&SplitKWorkspace>,
-) -> Conv2dVersion {
+fn tensor_core_version(gemm: Gemm, vector: bool, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
     let Some(ws) = workspace else { return Conv2dVersion::TensorCore };
-    let wide_fills_n = n.div_ceil(MMA_WIDE_BLOCK_N) * 2 == n.div_ceil(MMA_BLOCK_N);
+    let wide_fills_n = gemm.n.div_ceil(MMA_WIDE_BLOCK_N) * 2 == gemm.n.div_ceil(MMA_BLOCK_N);
     if vector
         && wide_fills_n
         && wide_tiles_allowed()
-        && m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_WIDE_BLOCK_N) >= ws.multiprocessors
+        && gemm.blocks(MMA_BLOCK_M, MMA_WIDE_BLOCK_N) >= ws.multiprocessors
     {
         return Conv2dVersion::TensorCoreWide;
     }
-    let blocks = m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_BLOCK_N);
-    split_slices(blocks, m, n, k_total, ws)
+    split_slices(gemm.blocks(MMA_BLOCK_M, MMA_BLOCK_N), gemm, ws)
         .map_or(Conv2dVersion::TensorCore, |slices| Conv2dVersion::TensorCoreSplitK { slices })
 }
 
 /// The version an f32 launch runs (the SIMT tiles): split like the tensor cores' narrow tile when its
 /// grid under-fills the GPU and the slices' sums fit the workspace.
-fn simt_version(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
+fn simt_version(gemm: Gemm, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
     let Some(ws) = workspace else { return Conv2dVersion::Simt };
-    let blocks = m.div_ceil(SIMT_BLOCK_M) * n.div_ceil(SIMT_BLOCK_N);
-    split_slices(blocks, m, n, k_total, ws).map_or(Conv2dVersion::Simt, |slices| Conv2dVersion::SimtSplitK { slices })
+    split_slices(gemm.blocks(SIMT_BLOCK_M, SIMT_BLOCK_N), gemm, ws)
+        .map_or(Conv2dVersion::Simt, |slices| Conv2dVersion::SimtSplitK { slices })
 }
 
-/// The slices of a grid of `blocks` over an M x N output with `k_total` k (`split_k_slices`, counted
-/// in 32-k steps for both versions, so a slice has at least 128 k either way), where it splits and
-/// the slices' sums fit the workspace.
-fn split_slices(blocks: usize, m: usize, n: usize, k_total: usize, ws: &SplitKWorkspace) -> Option<usize> {
-    let slices = split_k_slices(blocks, k_total.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
-    (slices > 1 && slices * m * n * 4 <= ws.bytes).then_some(slices)
+/// The slices of a grid of `blocks` over a GEMM (`split_k_slices`, counted in 32-k steps for both
+/// versions, so a slice has at least 128 k either way), where it splits and the slices' sums fit
+/// the workspace.
+fn split_slices(blocks: usize, gemm: Gemm, ws: &SplitKWorkspace) -> Option<usize> {
+    let slices = split_k_slices(blocks, gemm.k.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
+    (slices > 1 && slices * gemm.outputs() * 4 <= ws.bytes).then_some(slices)
 }
 
 /// Whether the launcher may pick the wide tile: yes, unless `PURIFIER_CONV_WIDE=off` (the
@@ -508,8 +572,7 @@ impl Conv2dKernels {
 /// The kernels, grids and (split-K) reduction of a forward launch with `version`.
 pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<LaunchPlan> {
     args.validate()?;
-    let (oh, ow) = args.output_size();
-    let positions = args.batch * oh * ow;
+    let gemm = args.gemm();
     let (i, w, o) = (dtype_name(args.input_dtype), dtype_name(args.weight_dtype), dtype_name(args.out_dtype));
     let (name, block_m, block_n, block_k, threads, shared) = match (version, args.weight_dtype) {
         (Conv2dVersion::Simt | Conv2dVersion::SimtSplitK { .. }, _) => {
@@ -537,19 +600,17 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
             (name, MMA_BLOCK_M, block_n, MMA_BLOCK_K, 128, forward_shared_bytes(block_n))
         }
     };
-    let grid_x = positions.div_ceil(block_m);
-    let grid_y = args.out_channels.div_ceil(block_n);
+    let grid_x = gemm.m.div_ceil(block_m);
+    let grid_y = gemm.n.div_ceil(block_n);
     if grid_x > i32::MAX as usize || grid_y > 65535 {
         return Err(Error::invalid(format!("conv2d: grid {grid_x} x {grid_y} too large")));
     }
     let split = match version.slices() {
-        Some(slices) => {
-            let k_total = args.kernel_h * args.kernel_w * args.in_channels();
-            Some(split_plan(positions, args.out_channels, k_total, block_k, slices, FORWARD_REDUCE_KERNEL)?)
-        }
+        Some(slices) => Some(split_plan(gemm, block_k, slices, FORWARD_REDUCE_KERNEL)?),
         None => None,
     };
-    let grid_z = split.as_ref().map_or(1, |s| s.slices as u32);
+    // The sub-pixel form's phases, then split-K's slices of each, along z.
+    let grid_z = (gemm.phases * split.as_ref().map_or(1, |s| s.slices)) as u32;
     let config = LaunchConfig {
         grid: [grid_x as u32, grid_y as u32, grid_z],
         block: [threads, 1, 1],
@@ -642,15 +703,14 @@ pub fn conv2d_version(
     has_tensor_cores: bool,
     workspace: Option<&SplitKWorkspace>,
 ) -> Conv2dVersion {
-    let (oh, ow) = args.output_size();
-    let (m, n, k_total) = (args.batch * oh * ow, args.out_channels, args.kernel_h * args.kernel_w * args.in_channels());
+    let gemm = args.gemm();
     if args.weight_dtype == Precision::F32 || !has_tensor_cores {
-        return simt_version(m, n, k_total, workspace);
+        return simt_version(gemm, workspace);
     }
-    if args.input_dtype == Precision::F32 && small_gather(m, n, k_total, workspace) {
+    if args.input_dtype == Precision::F32 && small_gather(gemm, workspace) {
         return Conv2dVersion::Simt;
     }
-    tensor_core_version(m, n, k_total, forward_loads_vectors(args), workspace)
+    tensor_core_version(gemm, forward_loads_vectors(args), workspace)
 }
 
 /// Whether a 16-bit convolution with an f32 operand (conv_in reading x_t; conv_out's input gradient
@@ -662,9 +722,9 @@ pub fn conv2d_version(
 /// forward in the latency model (29.5 us; the SIMT tile, 32 blocks, 8.5 us:
 /// examples/emulator_launch_depth.rs); on grids that fill the GPU the gather's tensor cores win
 /// (at batch 256 its instruction count is about a third of the SIMT kernel's).
-fn small_gather(m: usize, n: usize, k_total: usize, workspace: Option<&SplitKWorkspace>) -> bool {
-    let blocks = m.div_ceil(MMA_BLOCK_M) * n.div_ceil(MMA_BLOCK_N);
-    k_total <= MMA_BLOCK_K && workspace.is_some_and(|ws| blocks < ws.multiprocessors)
+fn small_gather(gemm: Gemm, workspace: Option<&SplitKWorkspace>) -> bool {
+    let blocks = gemm.blocks(MMA_BLOCK_M, MMA_BLOCK_N);
+    gemm.k <= MMA_BLOCK_K && workspace.is_some_and(|ws| blocks < ws.multiprocessors)
 }
 
 /// Runs the convolution with the fastest loaded kernel for its storage types (`conv2d_version`).
@@ -689,7 +749,7 @@ pub fn launch_conv2d_version(
 ) -> Result<()> {
     let plan = plan_conv2d(args, version)?;
     let function = kernels.get(&plan.kernel)?;
-    let params = args.params_bytes();
+    let params = args.params_bytes(false);
     let Some(split) = &plan.split else {
         let kernel_args = KernelArgs::new()
             .ptr(args.a)
@@ -728,8 +788,8 @@ pub fn kernel_for(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<String>
 }
 
 /// The input gradient of a convolution: `dx = ` (or `+=`) the transposed convolution of `dout` with the
-/// weights, dx the logical input (a concat's both parts, an upsample's full size: the caller
-/// splits and folds). dout and dx NHWC, weights `[Co][kh][kw][Ci]`. Storage types: f32 weights
+/// weights, dx the logical input (a concat's both parts, a folded upsample's full size: the caller
+/// splits and folds), or in the sub-pixel form (`subpixel`) the stored input itself. dout and dx NHWC, weights `[Co][kh][kw][Ci]`. Storage types: f32 weights
 /// with f32 dout and dx (the SIMT kernel); bf16/f16 weights with dout and dx each f32 (what the
 /// plans' gradients are) or the weights' type (the tensor-core kernel; the SIMT kernel takes one
 /// type throughout).
@@ -752,6 +812,9 @@ pub struct Conv2dBackwardInputLaunch {
     pub dx: DevicePtr,
     /// dx += (true) or dx = (false).
     pub accumulate: bool,
+    /// The gradient of `Upsampling::SubPixel`'s forward (3x3 kernel, stride 1, padding 1, weights in
+    /// the sub-pixel form): dx H x W, dout 2H x 2W.
+    pub subpixel: bool,
 }
 
 impl Conv2dBackwardInputLaunch {
@@ -764,7 +827,7 @@ impl Conv2dBackwardInputLaunch {
             width: self.width,
             channels_a: self.in_channels,
             channels_b: 0,
-            upsample: false,
+            upsample: if self.subpixel { Upsampling::SubPixel } else { Upsampling::None },
             out_channels: self.out_channels,
             kernel_h: self.kernel_h,
             kernel_w: self.kernel_w,
@@ -785,6 +848,13 @@ impl Conv2dBackwardInputLaunch {
     }
     pub fn output_size(&self) -> (usize, usize) {
         self.forward().output_size()
+    }
+    /// The implicit GEMM: M = dx's positions, N = its channels, K = the taps (16 in the sub-pixel
+    /// form) x dout's channels.
+    pub fn gemm(&self) -> Gemm {
+        let taps = if self.subpixel { SUBPIXEL_PHASES * SUBPIXEL_TAPS } else { self.kernel_h * self.kernel_w };
+        let m = self.batch * self.height * self.width;
+        Gemm { m, n: self.in_channels, k: taps * self.out_channels, phases: 1 }
     }
     pub fn validate(&self) -> Result<()> {
         let (d, w, x) = (self.dout_dtype, self.weight_dtype, self.dx_dtype);
@@ -847,16 +917,13 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
             (name, MMA_BLOCK_M, block_n, MMA_BLOCK_K, 128, backward_shared_bytes(block_n))
         }
     };
-    let positions = args.batch * args.height * args.width;
-    let grid = [positions.div_ceil(block_m), args.in_channels.div_ceil(block_n)];
+    let gemm = args.gemm();
+    let grid = [gemm.m.div_ceil(block_m), gemm.n.div_ceil(block_n)];
     if grid[0] > i32::MAX as usize || grid[1] > 65535 {
         return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
     }
     let split = match version.slices() {
-        Some(slices) => {
-            let k_total = args.kernel_h * args.kernel_w * args.out_channels;
-            Some(split_plan(positions, args.in_channels, k_total, block_k, slices, BACKWARD_REDUCE_KERNEL)?)
-        }
+        Some(slices) => Some(split_plan(gemm, block_k, slices, BACKWARD_REDUCE_KERNEL)?),
         None => None,
     };
     let config = LaunchConfig {
@@ -876,16 +943,15 @@ pub fn conv2d_backward_input_version(
     has_tensor_cores: bool,
     workspace: Option<&SplitKWorkspace>,
 ) -> Conv2dVersion {
-    let positions = args.batch * args.height * args.width;
-    let k_total = args.kernel_h * args.kernel_w * args.out_channels;
+    let gemm = args.gemm();
     if args.weight_dtype == Precision::F32 || !has_tensor_cores {
-        return simt_version(positions, args.in_channels, k_total, workspace);
+        return simt_version(gemm, workspace);
     }
     // (Whatever dout's type: a rounded dout must give the same bits, so the same kernel.)
-    if args.dx_dtype == Precision::F32 && small_gather(positions, args.in_channels, k_total, workspace) {
+    if args.dx_dtype == Precision::F32 && small_gather(gemm, workspace) {
         return Conv2dVersion::Simt;
     }
-    tensor_core_version(positions, args.in_channels, k_total, backward_loads(args) == Loads::Vector, workspace)
+    tensor_core_version(gemm, backward_loads(args) == Loads::Vector, workspace)
 }
 
 /// dx = (or +=) conv2d's vector-Jacobian product with respect to its input, with the fastest loaded
@@ -911,7 +977,7 @@ pub fn launch_conv2d_backward_input_version(
 ) -> Result<()> {
     let plan = plan_conv2d_backward_input(args, version)?;
     let function = kernels.get(&plan.kernel)?;
-    let params = args.forward().params_bytes();
+    let params = args.forward().params_bytes(true);
     let kernel_args = match (version, &plan.split) {
         (Conv2dVersion::Simt, None) => {
             KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&params).i32(args.accumulate as i32)

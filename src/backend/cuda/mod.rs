@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use self::attention::{AttentionKernels, AttentionLaunch};
 use self::compile::{ImageKind, KernelCompiler};
-use self::conv::{Conv2dKernels, Conv2dLaunch, SplitKWorkspace};
+use self::conv::{Conv2dKernels, Conv2dLaunch, SplitKWorkspace, Upsampling};
 use self::modules::KernelModules;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
 pub use self::tensor::{CudaTensor, DeviceMemory};
@@ -391,6 +391,141 @@ impl CudaBackend {
             .i32(h as i32)
             .i32(w as i32);
         (args, self.grid_for(samples * sample_len.div_ceil(4)))
+    }
+
+    /// conv2d of `x` read with `upsampling` (the sub-pixel form: `w` Co x Ci x 4 x 4, checked by
+    /// the caller, for a 3x3 kernel): the shape checks, then the launcher's kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_conv2d(
+        &self,
+        x: LayerInput<'_, CudaTensor>,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        geometry: Conv2dGeometry,
+        upsampling: Upsampling,
+        epilogue: ConvEpilogue<'_, CudaTensor>,
+        out: &mut CudaTensor,
+    ) {
+        let Some([n, ca, h, wd]) = self.nchw(x.a, "conv2d: x") else { return };
+        let Some([co, ci, kh, kw]) = self.nchw(w, "conv2d: w") else { return };
+        let (kh, kw) = if upsampling == Upsampling::SubPixel { (3, 3) } else { (kh, kw) };
+        let cb = x.b.map_or(0, |b| b.shape.get(1).copied().unwrap_or(0));
+        let ok = self.check(
+            x.b.is_none_or(|b| b.shape.len() == 4 && b.shape[0] == n && b.shape[2] == h && b.shape[3] == wd),
+            || format!("conv2d: concat of {:?} and {:?}", x.a.shape, x.b.map(|b| b.shape.clone())),
+        ) && self
+            .check(ci == ca + cb, || format!("conv2d: weights {:?} for {} input channels", w.shape, ca + cb))
+            && self.check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || "conv2d: concat of two storage types".into())
+            && self.check(epilogue.residual.is_none_or(|r| r.dtype == out.dtype && r.shape == out.shape), || {
+                "conv2d: the residual must have the output's shape and storage type".into()
+            });
+        if !ok {
+            return;
+        }
+        let args = Conv2dLaunch {
+            batch: n,
+            height: h,
+            width: wd,
+            channels_a: ca,
+            channels_b: cb,
+            upsample: upsampling,
+            out_channels: co,
+            kernel_h: kh,
+            kernel_w: kw,
+            geometry,
+            relu: epilogue.relu,
+            input_dtype: x.a.dtype,
+            weight_dtype: w.dtype,
+            out_dtype: out.dtype,
+            a: x.a.ptr,
+            b: x.b.map(|b| b.ptr),
+            weight: w.ptr,
+            bias: bias.map(|b| b.ptr),
+            // Column `channel_bias_column` of row 0 (checked below to lie inside the tensor).
+            channel_bias: epilogue.channel_bias.map(|b| b.ptr + (epilogue.channel_bias_column * 4) as u64),
+            channel_bias_stride: epilogue.channel_bias.map_or(co, |b| b.shape.get(1).copied().unwrap_or(0)),
+            residual: epilogue.residual.map(|r| r.ptr),
+            out: out.ptr,
+        };
+        let (oh, ow) = args.output_size();
+        if !self.check_shape(out, &[n, co, oh, ow], "conv2d: out")
+            || !bias.is_none_or(|b| {
+                self.check(b.shape == [co] && b.dtype == Precision::F32, || "conv2d: bias must be f32 (C_out)".into())
+            })
+            || !epilogue.channel_bias.is_none_or(|b| {
+                let column = epilogue.channel_bias_column;
+                let fits = b.shape.len() == 2 && b.shape[0] == n && column + co <= b.shape[1];
+                self.check(fits && b.dtype == Precision::F32, || {
+                    format!(
+                        "conv2d: channel_bias must be f32 N x W with columns {column}..{} (N = {n}), got {} {:?}",
+                        column + co,
+                        b.dtype,
+                        b.shape
+                    )
+                })
+            })
+        {
+            return;
+        }
+        let workspace = self.split_k_workspace();
+        let result =
+            self.conv_kernels().and_then(|k| conv::launch_conv2d(self.driver.as_ref(), k, &args, workspace.as_ref()));
+        self.record(result);
+    }
+
+    /// The input gradient of `launch_conv2d` without a folded upsample or (`subpixel`) in the
+    /// sub-pixel form.
+    fn launch_conv2d_backward_input(
+        &self,
+        dout: &CudaTensor,
+        w: &CudaTensor,
+        geometry: Conv2dGeometry,
+        subpixel: bool,
+        dx: &mut CudaTensor,
+        store: GradientStore,
+    ) {
+        let Some([n, ci, h, wd]) = self.nchw(dx, "conv2d_backward_input: dx") else { return };
+        let Some([co, w_ci, kh, kw]) = self.nchw(w, "conv2d_backward_input: w") else { return };
+        let (kh, kw) = if subpixel { (3, 3) } else { (kh, kw) };
+        // Storage types: the launcher checks them (f32 weights: f32 throughout; 16-bit weights: dout
+        // and dx in f32 or the weights' type, on the tensor cores).
+        if !self.check(w_ci == ci, || format!("conv2d_backward_input: weights {:?} for dx {:?}", w.shape, dx.shape)) {
+            return;
+        }
+        let args = conv::Conv2dBackwardInputLaunch {
+            batch: n,
+            height: h,
+            width: wd,
+            in_channels: ci,
+            out_channels: co,
+            kernel_h: kh,
+            kernel_w: kw,
+            geometry,
+            dout_dtype: dout.dtype,
+            weight_dtype: w.dtype,
+            dx_dtype: dx.dtype,
+            dout: dout.ptr,
+            weight: w.ptr,
+            dx: dx.ptr,
+            accumulate: store.accumulates(),
+            subpixel,
+        };
+        let (oh, ow) = args.output_size();
+        if !self.check_shape(dout, &[n, co, oh, ow], "conv2d_backward_input: dout") {
+            return;
+        }
+        let workspace = self.split_k_workspace();
+        let result = self
+            .conv_kernels()
+            .and_then(|k| conv::launch_conv2d_backward_input(self.driver.as_ref(), k, &args, workspace.as_ref()));
+        self.record(result);
+    }
+
+    /// Whether `w` has the sub-pixel form's shape (Co x Ci x 4 x 4); an error is recorded if not.
+    fn subpixel_weights(&self, w: &CudaTensor, what: &str) -> bool {
+        self.check(w.shape.len() == 4 && w.shape[2..] == [4, 4], || {
+            format!("{what}: w {:?} is not the sub-pixel form of a 3x3 kernel (Co x Ci x 4 x 4)", w.shape)
+        })
     }
 }
 
@@ -943,70 +1078,8 @@ impl Backend for CudaBackend {
         epilogue: ConvEpilogue<'_, CudaTensor>,
         out: &mut CudaTensor,
     ) {
-        let Some([n, ca, h, wd]) = self.nchw(x.a, "conv2d: x") else { return };
-        let Some([co, ci, kh, kw]) = self.nchw(w, "conv2d: w") else { return };
-        let cb = x.b.map_or(0, |b| b.shape.get(1).copied().unwrap_or(0));
-        let ok = self.check(
-            x.b.is_none_or(|b| b.shape.len() == 4 && b.shape[0] == n && b.shape[2] == h && b.shape[3] == wd),
-            || format!("conv2d: concat of {:?} and {:?}", x.a.shape, x.b.map(|b| b.shape.clone())),
-        ) && self
-            .check(ci == ca + cb, || format!("conv2d: weights {:?} for {} input channels", w.shape, ca + cb))
-            && self.check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || "conv2d: concat of two storage types".into())
-            && self.check(epilogue.residual.is_none_or(|r| r.dtype == out.dtype && r.shape == out.shape), || {
-                "conv2d: the residual must have the output's shape and storage type".into()
-            });
-        if !ok {
-            return;
-        }
-        let args = Conv2dLaunch {
-            batch: n,
-            height: h,
-            width: wd,
-            channels_a: ca,
-            channels_b: cb,
-            upsample: x.upsample2x,
-            out_channels: co,
-            kernel_h: kh,
-            kernel_w: kw,
-            geometry,
-            relu: epilogue.relu,
-            input_dtype: x.a.dtype,
-            weight_dtype: w.dtype,
-            out_dtype: out.dtype,
-            a: x.a.ptr,
-            b: x.b.map(|b| b.ptr),
-            weight: w.ptr,
-            bias: bias.map(|b| b.ptr),
-            // Column `channel_bias_column` of row 0 (checked below to lie inside the tensor).
-            channel_bias: epilogue.channel_bias.map(|b| b.ptr + (epilogue.channel_bias_column * 4) as u64),
-            channel_bias_stride: epilogue.channel_bias.map_or(co, |b| b.shape.get(1).copied().unwrap_or(0)),
-            residual: epilogue.residual.map(|r| r.ptr),
-            out: out.ptr,
-        };
-        let (oh, ow) = args.output_size();
-        if !self.check_shape(out, &[n, co, oh, ow], "conv2d: out")
-            || !bias.is_none_or(|b| {
-                self.check(b.shape == [co] && b.dtype == Precision::F32, || "conv2d: bias must be f32 (C_out)".into())
-            })
-            || !epilogue.channel_bias.is_none_or(|b| {
-                let column = epilogue.channel_bias_column;
-                let fits = b.shape.len() == 2 && b.shape[0] == n && column + co <= b.shape[1];
-                self.check(fits && b.dtype == Precision::F32, || {
-                    format!(
-                        "conv2d: channel_bias must be f32 N x W with columns {column}..{} (N = {n}), got {} {:?}",
-                        column + co,
-                        b.dtype,
-                        b.shape
-                    )
-                })
-            })
-        {
-            return;
-        }
-        let workspace = self.split_k_workspace();
-        let result =
-            self.conv_kernels().and_then(|k| conv::launch_conv2d(self.driver.as_ref(), k, &args, workspace.as_ref()));
-        self.record(result);
+        let upsampling = if x.upsample2x { Upsampling::Nearest } else { Upsampling::None };
+        self.launch_conv2d(x, w, bias, geometry, upsampling, epilogue, out);
     }
 
     fn conv2d_backward_input(
@@ -1017,39 +1090,33 @@ impl Backend for CudaBackend {
         dx: &mut CudaTensor,
         store: GradientStore,
     ) {
-        let Some([n, ci, h, wd]) = self.nchw(dx, "conv2d_backward_input: dx") else { return };
-        let Some([co, w_ci, kh, kw]) = self.nchw(w, "conv2d_backward_input: w") else { return };
-        // Storage types: the launcher checks them (f32 weights: f32 throughout; 16-bit weights: dout
-        // and dx in f32 or the weights' type, on the tensor cores).
-        if !self.check(w_ci == ci, || format!("conv2d_backward_input: weights {:?} for dx {:?}", w.shape, dx.shape)) {
-            return;
+        self.launch_conv2d_backward_input(dout, w, geometry, false, dx, store);
+    }
+
+    fn upsample_conv2d(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        bias: Option<&CudaTensor>,
+        epilogue: ConvEpilogue<'_, CudaTensor>,
+        out: &mut CudaTensor,
+    ) {
+        if self.subpixel_weights(w, "upsample_conv2d") {
+            let same = Conv2dGeometry::same(1);
+            self.launch_conv2d(LayerInput::one(x), w, bias, same, Upsampling::SubPixel, epilogue, out);
         }
-        let args = conv::Conv2dBackwardInputLaunch {
-            batch: n,
-            height: h,
-            width: wd,
-            in_channels: ci,
-            out_channels: co,
-            kernel_h: kh,
-            kernel_w: kw,
-            geometry,
-            dout_dtype: dout.dtype,
-            weight_dtype: w.dtype,
-            dx_dtype: dx.dtype,
-            dout: dout.ptr,
-            weight: w.ptr,
-            dx: dx.ptr,
-            accumulate: store.accumulates(),
-        };
-        let (oh, ow) = args.output_size();
-        if !self.check_shape(dout, &[n, co, oh, ow], "conv2d_backward_input: dout") {
-            return;
+    }
+
+    fn upsample_conv2d_backward_input(
+        &self,
+        dout: &CudaTensor,
+        w: &CudaTensor,
+        dx: &mut CudaTensor,
+        store: GradientStore,
+    ) {
+        if self.subpixel_weights(w, "upsample_conv2d_backward_input") {
+            self.launch_conv2d_backward_input(dout, w, Conv2dGeometry::same(1), true, dx, store);
         }
-        let workspace = self.split_k_workspace();
-        let result = self
-            .conv_kernels()
-            .and_then(|k| conv::launch_conv2d_backward_input(self.driver.as_ref(), k, &args, workspace.as_ref()));
-        self.record(result);
     }
 
     fn attention(
