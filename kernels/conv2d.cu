@@ -224,11 +224,15 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
         const int m = out_rows[i];
         if (m < 0 || co0 >= p.out_channels) continue;
         const int n = m / plane;
-        float v[4];
+        // The row's terms first, all in flight at once (conv_common.cuh; a column past Co loads
+        // column Co - 1's, never stored).
+        EpilogueTerms terms[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-            if (co0 + j < p.out_channels)
-                v[j] = conv_epilogue_value(acc[i][j], m, n, co0 + j, p, bias, channel_bias, residual);
+            terms[j] = conv_epilogue_load(m, n, min(co0 + j, p.out_channels - 1), p, bias, channel_bias, residual);
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = conv_epilogue_sum(acc[i][j], terms[j], p, bias, channel_bias, residual);
         const long long at = (long long)m * p.out_channels + co0;
         if (quads && co0 + 3 < p.out_channels) {
             store_dyn_n<4>(out, dtype_code_of(out), at, v);
@@ -460,7 +464,7 @@ CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f16, f16)
 // plain instructions, so they live here, in the module every driver loads.
 // The split-K reduction of the forward: out[m][co] = epilogue(sum over slices s = 0, 1, ... of
 // partials[s][m][co]), the slices added in that fixed order (the same bits every run: no atomics),
-// then bias, channel_bias, residual and ReLU as conv_epilogue_value, one rounding to out's type
+// then bias, channel_bias, residual and ReLU as conv_epilogue_sum, one rounding to out's type
 // (a run-time code; residual has out's type). Grid-stride over the M x Co outputs. The epilogue's
 // operands are loaded first and the slices' loop is unrolled, so a thread's loads, all independent,
 // issue together instead of each waiting out the last (examples/emulator_launch_depth.rs's latency

@@ -304,16 +304,30 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
             if (row >= gemm_rows) continue;
             const int m = conv_output_pixel(row, p);
             const int n = m / plane;
+            // A narrow tile (small grids) loads its row's epilogue terms first, all in flight at
+            // once; the wide one loads each where it adds it (conv_common.cuh says why). (A column
+            // past Co loads column Co - 1's, never stored.)
+            constexpr bool TERMS_FIRST = !PARTIAL && Tile::BN == 64;
+            EpilogueTerms terms[N_TILES][2];
+            if constexpr (TERMS_FIRST) {
+#pragma unroll
+                for (int j = 0; j < N_TILES; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int co = min(n_block + warp_n * WARP_N + 8 * j + 2 * t + e, p.out_channels - 1);
+                        terms[j][e] = conv_epilogue_load(m, n, co, p, bias, channel_bias, residual);
+                    }
+            }
 #pragma unroll
             for (int j = 0; j < N_TILES; ++j) {
                 const int co = n_block + warp_n * WARP_N + 8 * j + 2 * t;
                 if (co >= p.out_channels) continue;
                 float v[2] = {acc[i][j][2 * half], acc[i][j][2 * half + 1]};
-                if constexpr (!PARTIAL) {
 #pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        if (co + e < p.out_channels)
-                            v[e] = conv_epilogue_value(v[e], m, n, co + e, p, bias, channel_bias, residual);
+                for (int e = 0; e < 2; ++e) {
+                    if (PARTIAL || co + e >= p.out_channels) continue;
+                    v[e] = TERMS_FIRST ? conv_epilogue_sum(v[e], terms[j][e], p, bias, channel_bias, residual)
+                                       : conv_epilogue_value(v[e], m, n, co + e, p, bias, channel_bias, residual);
                 }
                 const long long at = slice + (long long)m * p.out_channels + co;
                 // Channels co and co + 1 in one access where both exist and the pair is aligned (Co

@@ -56,6 +56,44 @@ __device__ __forceinline__ int conv_weight_phase_offset(int k_total, const ConvP
 
 // ---------------------------------------------------------------------------------------------
 // The epilogue of one output element: bias, time-embedding bias, residual, ReLU, one rounding.
+// Its terms come from memory. A tile over a small grid loads all of a row's terms before it adds any
+// (conv_epilogue_load, then conv_epilogue_sum), so that a thread's loads are in flight together:
+// loaded and added one element at a time, each load waited out before its store, they took most of
+// an unsplit batch-1 launch's time in the latency model (examples/emulator_launch_depth.rs:
+// cifar10's 1x1 nin_shortcut at 16x16, 17.1 -> 4.5 us). Over grids that fill the GPU, where other
+// blocks hide that latency, conv_epilogue_value loads each term where it adds it: fewer
+// instructions.
+struct EpilogueTerms {
+    float bias, channel_bias, residual;  // 0 where absent
+};
+
+// The terms of output (m, co), co < Co.
+template <typename OutT>
+__device__ __forceinline__ EpilogueTerms conv_epilogue_load(int m, int n, int co, const ConvParams& p,
+                                                            const float* __restrict__ bias,
+                                                            const float* __restrict__ channel_bias,
+                                                            const OutT* __restrict__ residual) {
+    EpilogueTerms t{0.0f, 0.0f, 0.0f};
+    if (bias) t.bias = bias[co];
+    if (channel_bias) t.channel_bias = channel_bias[n * p.channel_bias_stride + co];
+    if (residual) t.residual = to_float(residual[m * p.out_channels + co]);
+    return t;
+}
+
+// acc plus the terms present, in that order, then ReLU (f32; the caller rounds once).
+__device__ __forceinline__ float conv_epilogue_sum(float acc, const EpilogueTerms& t, const ConvParams& p,
+                                                   bool bias, bool channel_bias, bool residual) {
+    float v = acc;
+    if (bias) v += t.bias;
+    if (channel_bias) v += t.channel_bias;
+    if (residual) v += t.residual;
+    if (p.relu) v = fmaxf(v, 0.0f);
+    return v;
+}
+
+// Both at once, for output (m, co), co < Co: the same additions in the same order, each term loaded
+// as it is added (written out: composed of the two above, the wide tile issued 5% more
+// instructions an mma in the emulator's count).
 template <typename OutT>
 __device__ __forceinline__ float conv_epilogue_value(float acc, int m, int n, int co, const ConvParams& p,
                                                      const float* __restrict__ bias,
