@@ -651,75 +651,23 @@ fn split_k_cases_split_on_the_emulator() {
     let sms = EMULATED_MULTIPROCESSORS as usize;
     let workspace = SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(sms), multiprocessors: sms };
     let bf16 = Precision::Bf16;
-    for (name, ca, cb, upsample, co, k, geometry, size) in CONV2D_SPLIT_K_CASES {
-        let launch = Conv2dLaunch {
-            batch: 2,
-            height: size,
-            width: size,
-            channels_a: ca,
-            channels_b: cb,
-            upsample: if upsample { Upsampling::Nearest } else { Upsampling::None },
-            out_channels: co,
-            kernel_h: k,
-            kernel_w: k,
-            geometry,
-            relu: true,
-            input_dtype: bf16,
-            weight_dtype: bf16,
-            out_dtype: bf16,
-            a: 0x1000,
-            b: (cb > 0).then_some(0x2000),
-            weight: 0x3000,
-            bias: None,
-            channel_bias: None,
-            channel_bias_stride: co,
-            residual: None,
-            out: 0x4000,
-        };
-        let version = conv::conv2d_version(&launch, true, Some(&workspace));
-        assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "{name}: {version:?}");
-    }
-    for (name, ci, co, k, geometry, size, n) in CONV2D_BACKWARD_INPUT_SPLIT_K_CASES {
-        let launch = Conv2dBackwardInputLaunch {
-            batch: n,
-            height: size,
-            width: size,
-            in_channels: ci,
-            out_channels: co,
-            kernel_h: k,
-            kernel_w: k,
-            geometry,
-            dout_dtype: Precision::F32,
-            weight_dtype: bf16,
-            dx_dtype: Precision::F32,
-            dout: 0x1000,
-            weight: 0x2000,
-            dx: 0x3000,
-            accumulate: false,
-            subpixel: false,
-        };
-        let version = conv::conv2d_backward_input_version(&launch, true, Some(&workspace));
-        assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "{name}: {version:?}");
-    }
-    // upsample_conv2d's split-K case: 64 -> 32 at 2x2, its 4 phases of 4 positions.
-    let (ci, co) = (64, 32);
-    let subpixel = Conv2dLaunch {
-        batch: 1,
-        height: 2,
-        width: 2,
-        channels_a: ci,
-        channels_b: 0,
-        upsample: Upsampling::SubPixel,
+    let forward = |(ca, cb, co, k, geometry, size, batch), upsample| Conv2dLaunch {
+        batch,
+        height: size,
+        width: size,
+        channels_a: ca,
+        channels_b: cb,
+        upsample,
         out_channels: co,
-        kernel_h: 3,
-        kernel_w: 3,
-        geometry: Conv2dGeometry::same(1),
-        relu: false,
+        kernel_h: k,
+        kernel_w: k,
+        geometry,
+        relu: true,
         input_dtype: bf16,
         weight_dtype: bf16,
         out_dtype: bf16,
         a: 0x1000,
-        b: None,
+        b: (cb > 0).then_some(0x2000),
         weight: 0x3000,
         bias: None,
         channel_bias: None,
@@ -727,17 +675,15 @@ fn split_k_cases_split_on_the_emulator() {
         residual: None,
         out: 0x4000,
     };
-    let version = conv::conv2d_version(&subpixel, true, Some(&workspace));
-    assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "sub-pixel: {version:?}");
-    let backward = Conv2dBackwardInputLaunch {
-        batch: 1,
-        height: 2,
-        width: 2,
+    let backward = |(ci, co, k, geometry, size, n), subpixel| Conv2dBackwardInputLaunch {
+        batch: n,
+        height: size,
+        width: size,
         in_channels: ci,
         out_channels: co,
-        kernel_h: 3,
-        kernel_w: 3,
-        geometry: Conv2dGeometry::same(1),
+        kernel_h: k,
+        kernel_w: k,
+        geometry,
         dout_dtype: Precision::F32,
         weight_dtype: bf16,
         dx_dtype: Precision::F32,
@@ -745,10 +691,26 @@ fn split_k_cases_split_on_the_emulator() {
         weight: 0x2000,
         dx: 0x3000,
         accumulate: false,
-        subpixel: true,
+        subpixel,
     };
-    let version = conv::conv2d_backward_input_version(&backward, true, Some(&workspace));
-    assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "sub-pixel: {version:?}");
+    let split = |name: &str, version: Conv2dVersion| {
+        assert!(matches!(version, Conv2dVersion::TensorCoreSplitK { slices } if slices > 1), "{name}: {version:?}");
+    };
+    for (name, ca, cb, upsample, co, k, geometry, size) in CONV2D_SPLIT_K_CASES {
+        let upsample = if upsample { Upsampling::Nearest } else { Upsampling::None };
+        let launch = forward((ca, cb, co, k, geometry, size, 2), upsample);
+        split(name, conv::conv2d_version(&launch, true, Some(&workspace)));
+    }
+    for (name, ci, co, k, geometry, size, n) in CONV2D_BACKWARD_INPUT_SPLIT_K_CASES {
+        let launch = backward((ci, co, k, geometry, size, n), false);
+        split(name, conv::conv2d_backward_input_version(&launch, true, Some(&workspace)));
+    }
+    // upsample_conv2d's split-K case: 64 -> 32 at 2x2, its 4 phases of 4 positions.
+    let same = Conv2dGeometry::same(1);
+    let launch = forward((64, 0, 32, 3, same, 2, 1), Upsampling::SubPixel);
+    split("sub-pixel", conv::conv2d_version(&launch, true, Some(&workspace)));
+    let launch = backward((64, 32, 3, same, 2, 1), true);
+    split("sub-pixel gradient", conv::conv2d_backward_input_version(&launch, true, Some(&workspace)));
 }
 
 /// `upsample_conv2d` and its input gradient (the UNet's Upsample in the sub-pixel form) against the
