@@ -174,18 +174,10 @@ fn nchw_to_nhwc(v: &[f32], plane: usize, channels: usize) -> Vec<f32> {
 }
 
 /// The sub-pixel form of 3x3 weights as the kernels store them ([Co][3][3][Ci] in, [Co][phase][tap][Ci]
-/// out): `subpixel_weights` on the CPU backend's layout, back to the kernels'.
+/// out): `subpixel_weights` on the CPU backend's layout, back to the kernels' (16 taps a channel).
 fn subpixel_device_weights(w: &[f32], out_channels: usize, in_channels: usize) -> Vec<f32> {
     let folded = subpixel_weights(&weights_to_oihw(w, out_channels, in_channels, 3), out_channels, in_channels);
-    let mut r = vec![0.0f32; folded.len()];
-    for co in 0..out_channels {
-        for ch in 0..in_channels {
-            for t in 0..16 {
-                r[(co * 16 + t) * in_channels + ch] = folded[(co * in_channels + ch) * 16 + t];
-            }
-        }
-    }
-    r
+    nchw_to_nhwc(&folded, 16, in_channels)
 }
 
 /// Convolution weights as the kernels store them, [Co][k][k][Ci], in the CPU backend's [Co][Ci][k][k].

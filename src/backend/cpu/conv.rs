@@ -163,6 +163,23 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
+impl Epilogue<'_> {
+    /// bias[co] + channel_bias[n, co]: what every output of sample n, channel co adds first.
+    fn constant(&self, n: usize, co: usize) -> f32 {
+        let bias = self.bias.map_or(0.0, |b| b[co]);
+        self.channel_bias.as_ref().map_or(bias, |cb| bias + cb.values[n * cb.stride + co])
+    }
+    /// `v` (the sum over taps plus `constant`) plus residual[at], then ReLU.
+    fn finish(&self, v: f32, at: usize) -> f32 {
+        let v = self.residual.map_or(v, |res| v + res[at]);
+        if self.relu {
+            v.max(0.0)
+        } else {
+            v
+        }
+    }
+}
+
 /// `acc[r][j] += sum_k a[k][r] * b[rows[k] + q0 + j]` on one MR x NR register tile (`acc` is
 /// row-major MR x NR). Written with fixed-size arrays so the compiler keeps the tile in registers
 /// and vectorises over j; the sum over k is in order, so the result does not depend on the
@@ -247,20 +264,14 @@ pub fn forward(layout: &ConvLayout, x: &[f32], w: &[f32], epilogue: &Epilogue<'_
         let out_n = &mut out[n * l.out_channels * out_plane..(n + 1) * l.out_channels * out_plane];
         out_n.par_chunks_mut(out_plane).enumerate().for_each(|(co, dst)| {
             let (block, r) = (co / MR, co % MR);
-            let mut constant = epilogue.bias.map_or(0.0, |b| b[co]);
-            if let Some(cb) = &epilogue.channel_bias {
-                constant += cb.values[n * cb.stride + co];
-            }
-            let residual = epilogue.residual.map(|res| &res[(n * l.out_channels + co) * out_plane..][..out_plane]);
+            let constant = epilogue.constant(n, co);
+            let first = (n * l.out_channels + co) * out_plane;
             for oy in 0..l.out_height {
                 for ox in 0..l.out_width {
                     let q = oy * l.plane_width + ox;
-                    let mut v = tiles[((q / NR * channel_blocks + block) * MR + r) * NR + q % NR] + constant;
+                    let v = tiles[((q / NR * channel_blocks + block) * MR + r) * NR + q % NR] + constant;
                     let i = oy * l.out_width + ox;
-                    if let Some(res) = residual {
-                        v += res[i];
-                    }
-                    dst[i] = if epilogue.relu { v.max(0.0) } else { v };
+                    dst[i] = epilogue.finish(v, first + i);
                 }
             }
         });
@@ -341,17 +352,9 @@ pub fn subpixel_forward(x_shape: [usize; 4], x: &[f32], w: &[f32], epilogue: &Ep
     }
     let plane = 4 * h * wd;
     out.par_chunks_mut(plane).enumerate().for_each(|(nc, dst)| {
-        let (n, co) = (nc / out_channels, nc % out_channels);
-        let mut constant = epilogue.bias.map_or(0.0, |b| b[co]);
-        if let Some(cb) = &epilogue.channel_bias {
-            constant += cb.values[n * cb.stride + co];
-        }
+        let constant = epilogue.constant(nc / out_channels, nc % out_channels);
         for (i, v) in dst.iter_mut().enumerate() {
-            let mut y = *v + constant;
-            if let Some(res) = epilogue.residual {
-                y += res[nc * plane + i];
-            }
-            *v = if epilogue.relu { y.max(0.0) } else { y };
+            *v = epilogue.finish(*v + constant, nc * plane + i);
         }
     });
 }

@@ -522,7 +522,7 @@ impl CudaBackend {
     }
 
     /// Whether `w` has the sub-pixel form's shape (Co x Ci x 4 x 4); an error is recorded if not.
-    fn subpixel_weights(&self, w: &CudaTensor, what: &str) -> bool {
+    fn check_subpixel_weights(&self, w: &CudaTensor, what: &str) -> bool {
         self.check(w.shape.len() == 4 && w.shape[2..] == [4, 4], || {
             format!("{what}: w {:?} is not the sub-pixel form of a 3x3 kernel (Co x Ci x 4 x 4)", w.shape)
         })
@@ -1101,7 +1101,7 @@ impl Backend for CudaBackend {
         epilogue: ConvEpilogue<'_, CudaTensor>,
         out: &mut CudaTensor,
     ) {
-        if self.subpixel_weights(w, "upsample_conv2d") {
+        if self.check_subpixel_weights(w, "upsample_conv2d") {
             let same = Conv2dGeometry::same(1);
             self.launch_conv2d(LayerInput::one(x), w, bias, same, Upsampling::SubPixel, epilogue, out);
         }
@@ -1114,7 +1114,7 @@ impl Backend for CudaBackend {
         dx: &mut CudaTensor,
         store: GradientStore,
     ) {
-        if self.subpixel_weights(w, "upsample_conv2d_backward_input") {
+        if self.check_subpixel_weights(w, "upsample_conv2d_backward_input") {
             self.launch_conv2d_backward_input(dout, w, Conv2dGeometry::same(1), true, dx, store);
         }
     }
