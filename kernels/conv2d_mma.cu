@@ -8,8 +8,10 @@
 //                                      4 warps of 64 x 32. Inputs in the operand type with Ca, Cb
 //                                      multiples of 8 and 16-byte aligned tensors (the launcher checks):
 //                                      16-byte cp.async, 8 channels at a time.
-//   conv2d_mma_wide_<in>_<w>_<out>    the same with 128 x 128 blocks, 4 warps of 64 x 64: THE FAST ONE
-//                                      for grids that still give every SM a block (the launcher picks).
+//   conv2d_mma_wide_<in>_<w>_<out>    the same with 128 x 128 blocks, 4 warps of 64 x 64: fewer
+//                                      instructions per mma but half the warps an SM, and slower on an
+//                                      H200 (dddc2c9), so the launcher takes it only when asked
+//                                      (PURIFIER_CONV_WIDE=on, src/switches.rs).
 //   conv2d_mma_gather_<in>_<w>_<out>  the same with element-wise loads, rounded once to the operand
 //                                      type and stored to shared: f32 inputs (conv_in reads x_t in
 //                                      f32), channel counts like 3.
@@ -22,7 +24,9 @@
 //                                      (cp.async), dx's type a run-time code (f32 or the weights');
 //                                      Co a multiple of 4 (f32 dout) or 8, Ci a multiple of 8.
 //   conv2d_backward_input_mma_wide_<dout>_<w>
-//                                      the same (cp.async loaders) with the wide 128 x 128 blocks.
+//                                      the same (cp.async loaders) with the wide 128 x 128 blocks: THE
+//                                      FAST ONE for grids that still give every SM a block (faster
+//                                      than the narrow tile on an H200 with f32 dout; the launcher picks).
 //   conv2d_backward_input_mma_gather_<dout>_<w>
 //                                      the same with element-wise loads (conv_out's Co = 3).
 //   conv2d_backward_input_mma_gather_w_<dout>_<w>
@@ -55,8 +59,9 @@
 // Two block tiles, the same 4 warps (2 x 2) and pipeline: NARROW, 128 positions x 64 channels
 // (warps of 64 x 32), and WIDE, 128 x 128 (warps of 64 x 64), which per mma.sync needs a third
 // fewer shared-memory wavefronts and about half the loader's instructions (the emulator's SmWork
-// counts: examples/emulator_memory_traffic.rs) but half as many blocks; the launcher takes it for
-// grids that still give every SM a block (src/backend/cuda/conv.rs, tensor_core_version). K is
+// counts: examples/emulator_memory_traffic.rs) but half as many blocks and warps; the launcher takes
+// it for grids that still give every SM a block, by default in the input gradient only
+// (src/backend/cuda/conv.rs, tensor_core_version; src/switches.rs has the GPU's figures). K is
 // summed in the same order by both, so they give the same bits.
 namespace mma {
 constexpr int BM = 128, BK = 32, STAGES = 3, THREADS = 128;

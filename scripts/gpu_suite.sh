@@ -205,8 +205,13 @@ benchmarks() {
   # Split-K's worth at small batch: the same UNet rows with it off (PURIFIER_CONV_SPLIT_K=off).
   PURIFIER_CONV_SPLIT_K=off BATCHES=$SPLIT_BATCHES T_STAR=1 PROFILE_BATCH=1 bench "$LARGE-bf16-no-split-k" 60 \
     --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
-  # The wide conv tile's worth at large batch: the same rows with it off (PURIFIER_CONV_WIDE=off).
+  # The wide conv tile's worth at large batch. By default only the input gradient takes it (the
+  # forward ran faster without it at dddc2c9); the same rows with it nowhere (PURIFIER_CONV_WIDE=off:
+  # what it does for the input gradient, on the 16-bit dout it reads since) and everywhere (=on:
+  # whether the forward's loss still holds), each with its per-op profile at batch 64.
   PURIFIER_CONV_WIDE=off BATCHES=$WIDE_BATCHES T_STAR=1 bench "$LARGE-bf16-no-wide" 60 \
+    --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
+  PURIFIER_CONV_WIDE=on BATCHES=$WIDE_BATCHES T_STAR=1 bench "$LARGE-bf16-wide-forward" 60 \
     --config "$LARGE" --precision bf16 --modes none --skip-attack-gradient --skip-start-up
   # The 16-bit copies of finished gradients (the convolutions' dout on cp.async) at the forward +
   # VJP target's batches: the same rows without them (PURIFIER_GRADIENT_COPIES=off).

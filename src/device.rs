@@ -73,6 +73,8 @@ use crate::driver::Driver as _;
 /// The backend for a `--device` choice and an activation precision, with a line for the user when
 /// the choice was not literal (`auto` falling back to the CPU).
 pub fn select(choice: DeviceChoice, precision: Precision) -> Result<(SelectedBackend, Option<String>)> {
+    // A mistyped A/B switch is an error whatever the device (`auto` would fall back to the CPU).
+    crate::switches::check()?;
     let cpu = || -> Result<SelectedBackend> {
         if precision != Precision::F32 {
             return Err(Error::invalid(format!(

@@ -7,7 +7,8 @@
 //! - `attack`: adaptive white-box attacks on the purification defence;
 //! - `data`: CIFAR-10 binaries, PNG images and safetensors files;
 //! - `device`: choosing a backend from `--device`;
-//! - `driver`: the device interface under the CUDA backend (a GPU through cudarc, or the PTX emulator).
+//! - `driver`: the device interface under the CUDA backend (a GPU through cudarc, or the PTX emulator);
+//! - `switches`: the benchmark's A/B switches (environment variables).
 pub mod attack;
 pub mod backend;
 pub mod data;
@@ -18,5 +19,6 @@ pub mod error;
 pub mod kernels;
 pub mod model;
 pub mod purify;
+pub mod switches;
 
 pub use error::{Error, Result};

@@ -76,6 +76,23 @@ fn cpu_with_half_precision_is_refused() {
     assert!(!ok && stderr.contains("computes in f32") && stderr.contains("--precision bf16"), "{stderr}");
 }
 
+#[test]
+fn a_mistyped_switch_is_one_clear_error_on_every_device() {
+    for device in ["cpu", "emulator", "auto"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_purifier"))
+            .args(["classify", "--classifier", "../shared/weights/resnet20_cifar10.safetensors", "--count", "8"])
+            .args(["--input", "../shared/data/cifar10/test_lossless.bin", "--device", device])
+            .env("PURIFIER_CONV_WIDE", "sideways")
+            .current_dir(project_path(""))
+            .output()
+            .expect("run purifier");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success() && stdout.is_empty(), "--device {device}: {stdout}");
+        let expected = "PURIFIER_CONV_WIDE=sideways: expected one of backward, off, on";
+        assert!(stderr.contains(expected) && !stderr.contains("panicked"), "--device {device}: {stderr}");
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

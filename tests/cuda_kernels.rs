@@ -656,20 +656,14 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     assert_eq!(conv::conv2d_version(&tc, true, None), Conv2dVersion::TensorCore, "no workspace, no split");
     // Without conv2d_mma.cu, the SIMT tiles, split as well (1 x 4 blocks, 36 k-steps).
     assert_eq!(conv::conv2d_version(&tc, false, Some(&workspace)), Conv2dVersion::SimtSplitK { slices: 9 });
-    // A full grid takes the wide tile where N fills its 128 columns as well as the narrow tile's 64.
+    // A full grid: the narrow tile (the forward's wide tile is off unless PURIFIER_CONV_WIDE=on:
+    // slower on an H200, see switches::wide_conv_tiles), which the wide one can still run.
     let big = Conv2dLaunch { batch: 64, height: 32, width: 32, ..tc };
-    assert_eq!(conv::conv2d_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide, "a full grid");
+    assert_eq!(conv::conv2d_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCore, "a full grid");
     let plan = conv::plan_conv2d(&big, Conv2dVersion::TensorCoreWide).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_mma_wide_bf16_bf16_bf16", [512, 2, 1]));
     assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 + 128) * 32 * 2);
     assert_eq!(conv::plan_conv2d(&big, Conv2dVersion::TensorCore).unwrap().config.dynamic_shared_bytes, 3 * 192 * 64);
-    for co in [64, 192] {
-        let narrow = Conv2dLaunch { out_channels: co, ..big };
-        assert_eq!(conv::conv2d_version(&narrow, true, Some(&workspace)), Conv2dVersion::TensorCore, "Co {co}");
-    }
-    // 80 wide blocks would leave SMs of 132 idle: the narrow tile's 160.
-    let level = Conv2dLaunch { batch: 20, height: 16, width: 16, ..tc };
-    assert_eq!(conv::conv2d_version(&level, true, Some(&workspace)), Conv2dVersion::TensorCore);
     let gathered = Conv2dLaunch { input_dtype: Precision::F32, ..big };
     assert_eq!(conv::conv2d_version(&gathered, true, Some(&workspace)), Conv2dVersion::TensorCore);
     let err = conv::plan_conv2d(&gathered, Conv2dVersion::TensorCoreWide).unwrap_err().to_string();
@@ -746,11 +740,21 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let conv_out_16 = Conv2dBackwardInputLaunch { batch: 16, ..conv_out };
     let version = conv::conv2d_backward_input_version(&conv_out_16, true, Some(&workspace));
     assert_eq!(version, Conv2dVersion::TensorCore);
+    // A full grid of the input gradient takes the wide tile where N (Ci) fills its 128 columns as
+    // well as the narrow tile's 64.
     let big = Conv2dBackwardInputLaunch { batch: 64, height: 16, width: 16, ..backward };
     assert_eq!(conv::conv2d_backward_input_version(&big, true, Some(&workspace)), Conv2dVersion::TensorCoreWide);
     let plan = conv::plan_conv2d_backward_input(&big, Conv2dVersion::TensorCoreWide).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_wide_f32_bf16", [128, 2, 1]));
     assert_eq!(plan.config.dynamic_shared_bytes, 3 * (128 * 32 + 32 * 136) * 2);
+    for ci in [64, 192] {
+        let narrow = Conv2dBackwardInputLaunch { in_channels: ci, height: 32, width: 32, ..big };
+        let version = conv::conv2d_backward_input_version(&narrow, true, Some(&workspace));
+        assert_eq!(version, Conv2dVersion::TensorCore, "Ci {ci}");
+    }
+    // 80 wide blocks would leave SMs of 132 idle: the narrow tile's 160.
+    let level = Conv2dBackwardInputLaunch { batch: 20, ..big };
+    assert_eq!(conv::conv2d_backward_input_version(&level, true, Some(&workspace)), Conv2dVersion::TensorCore);
     let f32_backward = Conv2dBackwardInputLaunch {
         dout_dtype: Precision::F32,
         weight_dtype: Precision::F32,

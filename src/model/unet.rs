@@ -317,8 +317,10 @@ impl<B: Backend> Unet<B> {
         };
         let gradient_copies = (0..activation_shapes.len())
             .map(|j| {
-                let wanted =
-                    with_backward && precision != Precision::F32 && finished_by_norm(j) && gradient_copies_allowed();
+                let wanted = with_backward
+                    && precision != Precision::F32
+                    && finished_by_norm(j)
+                    && crate::switches::gradient_copies();
                 wanted.then(|| backend.zeros_as(&shape(activation_shapes[j]), precision)).transpose()
             })
             .collect::<Result<Vec<_>>>()?;
@@ -659,13 +661,6 @@ impl<B: Backend> NodeBuffers<B> {
     fn push(&mut self, t: B::Tensor) {
         self.0.push(t)
     }
-}
-
-/// Whether 16-bit plans keep `UnetPlan::gradient_copies`: yes, unless `PURIFIER_GRADIENT_COPIES=off`
-/// (the benchmark's A/B switch: the GPU suite runs the forward + VJP rows both ways). Read once.
-fn gradient_copies_allowed() -> bool {
-    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALLOWED.get_or_init(|| std::env::var_os("PURIFIER_GRADIENT_COPIES").is_none_or(|v| v != "off"))
 }
 
 /// Which activation gradients hold a value during a backward pass.

@@ -14,6 +14,7 @@ use super::modules::KernelTable;
 use crate::backend::{Conv2dGeometry, Precision};
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
 use crate::error::{Error, Result};
+use crate::switches;
 
 /// One convolution: dims, device addresses and storage types. Activations are NHWC, weights
 /// `[Co][kh][kw][Ci]` with `Ci = channels_a + channels_b`; `bias` (Co) and `channel_bias`
@@ -417,18 +418,15 @@ fn split_plan(gemm: Gemm, block_k: usize, slices: usize, reduce_kernel: &'static
 }
 
 /// The version a launch with 16-bit weights runs when nothing forces one (the multiprocessor count
-/// comes with the workspace): the wide tile where the loads are vector ones, its grid gives every SM
-/// a block and N fills its 128 columns as well as the narrow tile's 64 (Co 128, 256, 384, not 64 or
-/// 192); otherwise the narrow tile, split when its grid under-fills the GPU and the slices' sums fit
-/// the workspace.
-fn tensor_core_version(gemm: Gemm, vector: bool, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
+/// comes with the workspace): the wide tile where `wide` allows it (`switches::wide_conv_tiles`: by
+/// default the input gradient's, not the forward's), the loads are vector ones, its grid gives every
+/// SM a block and N fills its 128 columns as well as the narrow tile's 64 (Co 128, 256, 384, not 64
+/// or 192); otherwise the narrow tile, split when its grid under-fills the GPU and the slices' sums
+/// fit the workspace.
+fn tensor_core_version(gemm: Gemm, vector: bool, wide: bool, workspace: Option<&SplitKWorkspace>) -> Conv2dVersion {
     let Some(ws) = workspace else { return Conv2dVersion::TensorCore };
     let wide_fills_n = gemm.n.div_ceil(MMA_WIDE_BLOCK_N) * 2 == gemm.n.div_ceil(MMA_BLOCK_N);
-    if vector
-        && wide_fills_n
-        && wide_tiles_allowed()
-        && gemm.blocks(MMA_BLOCK_M, MMA_WIDE_BLOCK_N) >= ws.multiprocessors
-    {
+    if vector && wide && wide_fills_n && gemm.blocks(MMA_BLOCK_M, MMA_WIDE_BLOCK_N) >= ws.multiprocessors {
         return Conv2dVersion::TensorCoreWide;
     }
     split_slices(gemm.blocks(MMA_BLOCK_M, MMA_BLOCK_N), gemm, ws)
@@ -449,13 +447,6 @@ fn simt_version(gemm: Gemm, workspace: Option<&SplitKWorkspace>) -> Conv2dVersio
 fn split_slices(blocks: usize, gemm: Gemm, ws: &SplitKWorkspace) -> Option<usize> {
     let slices = split_k_slices(blocks, gemm.k.div_ceil(MMA_BLOCK_K), ws.multiprocessors);
     (slices > 1 && slices * gemm.outputs() * 4 <= ws.bytes).then_some(slices)
-}
-
-/// Whether the launcher may pick the wide tile: yes, unless `PURIFIER_CONV_WIDE=off` (the
-/// benchmark's A/B switch: the GPU suite runs the UNet rows both ways). Read once.
-fn wide_tiles_allowed() -> bool {
-    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALLOWED.get_or_init(|| std::env::var_os("PURIFIER_CONV_WIDE").is_none_or(|v| v != "off"))
 }
 
 /// The workspace a split plan needs, or an error naming the sizes.
@@ -710,7 +701,7 @@ pub fn conv2d_version(
     if args.input_dtype == Precision::F32 && small_gather(gemm, workspace) {
         return Conv2dVersion::Simt;
     }
-    tensor_core_version(gemm, forward_loads_vectors(args), workspace)
+    tensor_core_version(gemm, forward_loads_vectors(args), switches::wide_conv_tiles().forward, workspace)
 }
 
 /// Whether a 16-bit convolution with an f32 operand (conv_in reading x_t; conv_out's input gradient
@@ -951,7 +942,7 @@ pub fn conv2d_backward_input_version(
     if args.dx_dtype == Precision::F32 && small_gather(gemm, workspace) {
         return Conv2dVersion::Simt;
     }
-    tensor_core_version(gemm, backward_loads(args) == Loads::Vector, workspace)
+    tensor_core_version(gemm, backward_loads(args) == Loads::Vector, switches::wide_conv_tiles().backward, workspace)
 }
 
 /// dx = (or +=) conv2d's vector-Jacobian product with respect to its input, with the fastest loaded

@@ -85,6 +85,7 @@ impl CudaBackend {
         compiler: KernelCompiler,
         image: ImageKind,
     ) -> Result<Self> {
+        crate::switches::check()?;
         let memory = Arc::new(DeviceMemory::default());
         // Three floats per (sample, group, chunk), then the backward's two means per (sample, group).
         let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 5], Precision::F32)?;
@@ -93,10 +94,10 @@ impl CudaBackend {
         let groupnorm_arrivals = allocate(&driver, &memory, &[GROUPNORM_PARTIALS], Precision::F32)?;
         driver.memset_u32(groupnorm_arrivals.ptr, 0, GROUPNORM_PARTIALS)?;
         let split_k_bytes = SplitKWorkspace::bytes_for(driver.info().multiprocessors as usize);
-        let split_k_partials = if std::env::var_os("PURIFIER_CONV_SPLIT_K").is_some_and(|v| v == "off") {
-            None
-        } else {
+        let split_k_partials = if crate::switches::conv_split_k() {
             Some(allocate(&driver, &memory, &[split_k_bytes / 4], Precision::F32)?)
+        } else {
+            None
         };
         let faults = allocate(&driver, &memory, &[1], Precision::F32)?;
         driver.memset_u32(faults.ptr, 0, 1)?;
