@@ -20,7 +20,12 @@
 //                            chunks, but never so many that a thread has no vector (465 blocks of
 //                            one element a thread once spent cifar10's batch-1 forward 111 us of
 //                            the emulator's latency model here, most of it reducing; 78 us now).
-//                            A thread keeps its first vector in registers for the second pass.
+//                            A thread loads a batch of vectors (16 elements) before it adds any,
+//                            so their loads are in flight together, and keeps its first batch in
+//                            registers for the second pass; the host adds chunks until one batch
+//                            holds a thread's whole share, as far as the scratch allows (at batch
+//                            64 on an H200, one vector at a time, GroupNorm's kernels ran at 16% of
+//                            the copy bandwidth forward and 28% backward: dddc2c9).
 //                            The last block of a (sample, group slice) to finish (an arrival
 //                            counter) then finalizes its groups: a warp per group, each lane taking
 //                            every 32nd chunk, warp sums in a fixed order, into stats; a launch of
@@ -31,7 +36,8 @@
 //                            examples/emulator_launch_depth.rs; then a warp per group; now no
 //                            launch at all.)
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
-//                            a sector used): normalise, affine, SiLU, one rounding.
+//                            a sector used): normalise, affine, SiLU, one rounding; a thread loads
+//                            up to 4 such vectors of the grid-stride loop before it computes any.
 //
 // Backward (src/backend/cpu/norm.rs `backward` is the reference), on x read as the forward read it
 // (two sources in place), stats from the forward:
@@ -42,7 +48,7 @@
 // no tensor and no pass of their own (a concat, a split and an add once did; ../src/model/unet.rs).
 // What dx_a then holds may be copied to a second tensor as well (`a_copy`: the UNet's 16-bit copy of
 // a finished gradient, which the next convolutions read as dout on their cp.async path).
-// Two kernels, the same chunking and vectors as the forward (batch 1 fills the device):
+// Two kernels, the same chunking, vectors and batches as the forward (batch 1 fills the device):
 //   groupnorm_backward_partial   grid (chunks, G / groups_per_block, N): f32 sums of g and g xhat over
 //                                a slice of pixels; the last block of a (sample, group slice) then
 //                                sums the chunks in f64 (a warp per group; one chunk: the block),
@@ -53,7 +59,7 @@
 
 struct GroupNormShape {
     int batch, pixels, ca, cb, groups, chunks;
-    int groups_per_block;  // of the partial kernels (see for_each_in_slice)
+    int groups_per_block;  // of the partial kernels (see SliceWalk)
 };
 
 // The kernel body for each vector width (`vec` is uniform over the grid).
@@ -84,21 +90,85 @@ __device__ __forceinline__ void load_two_source(const void* a, int dt_a, const v
 // contiguous channels of each pixel, in vectors of VEC channels (VEC divides a group's channels,
 // so a vector never leaves its group; one access each). The launcher picks groups_per_block so
 // that a pixel's slice fills a 32-byte sector where the groups allow (one group of 2 bf16 channels
-// would use 4 bytes of each sector a warp loads), and makes the block a multiple of the slice's
-// `lanes` = width / VEC vectors: each thread then keeps one vector, so one group, and steps over
-// pixels with no division. Where no multiple of width fits in 1024 threads, VEC and
-// groups_per_block are 1 and threads take elements in turn. f(pixel, channel, i) for the thread's
-// i-th vector (i = 0, 1, ...).
-template <int VEC, typename F>
-__device__ __forceinline__ void for_each_in_slice(int p0, int p1, int width, F&& f) {
+// would use 4 bytes of each sector a warp loads), and makes the block (at most 256 threads) a
+// multiple of the slice's `lanes` = width / VEC vectors: each thread then keeps one vector, so one
+// group, and steps over pixels with no division. Where no multiple of width fits in 256 threads,
+// VEC and groups_per_block are 1 and threads take elements in turn. Item i of a thread's walk is
+// its i-th vector: the pixel and the channel (from the slice's first).
+struct SliceWalk {
+    int p0, first, step, j, width, end;
+    bool strided;  // one column j a thread, pixels first + i step (else elements j + i step in turn)
+
+    // Whether the walk has an item i (pixels below p1, or elements below the slice's count: `end`).
+    __device__ __forceinline__ bool has(int i) const { return (strided ? first : j) + i * step < end; }
+
+    __device__ __forceinline__ int2 item(int i) const {
+        if (strided) return make_int2(first + i * step, j);
+        const int e = j + i * step;  // (the rare shapes only: a division an item)
+        return make_int2(p0 + e / width, e % width);
+    }
+};
+
+template <int VEC>
+__device__ __forceinline__ SliceWalk slice_walk(int p0, int p1, int width) {
     const int lanes = width / VEC;
-    int i = 0;
-    if (VEC > 1 || blockDim.x % lanes == 0) {
-        const int j = (threadIdx.x % lanes) * VEC, step = blockDim.x / lanes;
-        for (int p = p0 + threadIdx.x / lanes; p < p1; p += step) f(p, j, i++);
+    SliceWalk w;
+    w.p0 = p0;
+    w.width = width;
+    w.strided = VEC > 1 || blockDim.x % lanes == 0;
+    if (w.strided) {
+        w.j = (threadIdx.x % lanes) * VEC;
+        w.first = p0 + threadIdx.x / lanes;
+        w.step = blockDim.x / lanes;
+        w.end = p1;
     } else {
         const int count = (p1 - p0) * width;
-        for (int j = threadIdx.x; j < count; j += blockDim.x) f(p0 + j / width, j % width, i++);
+        w.first = p0;
+        w.j = threadIdx.x;
+        w.step = blockDim.x;
+        w.end = count;
+    }
+    return w;
+}
+
+// Vectors a thread loads before it uses any (16 elements, at most 4 vectors), whose loads are then
+// in flight together. One vector at a time, waited out before the next (a loop of a load and its
+// use), kept too few bytes in flight to cover DRAM's latency: on an H200 at batch 64 GroupNorm ran
+// at 16% (forward) and 28% (backward) of the copy bandwidth (dddc2c9).
+template <int VEC>
+__device__ __forceinline__ constexpr int batch_vectors() {
+    return VEC >= 4 ? 16 / VEC : 4;
+}
+
+// Where x's channel c lives: its source tensor, storage type, channels a pixel, and channel there.
+struct ChannelSource {
+    const void* p;
+    int dt, row, c;
+};
+
+__device__ __forceinline__ ChannelSource channel_source(const void* a, int dt_a, const void* b, int dt_b, int c,
+                                                        const GroupNormShape& s) {
+    return c < s.ca ? ChannelSource{a, dt_a, s.ca, c} : ChannelSource{b, dt_b, s.cb, c - s.ca};
+}
+
+// Items [base, base + H) of the walk from x (two sources): those past the walk's end are zeros. In
+// the strided walk a thread's channels, so their source, are the same at every pixel (`column`).
+template <int VEC, int H>
+__device__ __forceinline__ void load_slice_items(const void* a, int dt_a, const void* b, int dt_b, int first_pixel,
+                                                 int c0, const GroupNormShape& s, const SliceWalk& w,
+                                                 const ChannelSource& column, int base, float (&v)[H][VEC]) {
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+        if (!w.has(base + h)) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) v[h][k] = 0.0f;
+        } else if (w.strided) {
+            const long long pixel = first_pixel + w.first + (base + h) * w.step;
+            load_dyn_n<VEC>(column.p, column.dt, pixel * column.row + column.c, v[h]);
+        } else {
+            const int2 at = w.item(base + h);
+            load_two_source<VEC>(a, dt_a, b, dt_b, first_pixel + at.x, c0 + at.y, s, v[h]);
+        }
     }
 }
 
@@ -241,35 +311,48 @@ __device__ __forceinline__ void partial_stats(const void* a, int dt_a, const voi
     const int count = (range.y - range.x) * cpg;  // elements of each group in the chunk
     const int first_pixel = n * s.pixels;
 
-    // The thread's first vector stays in registers for the second pass (at batch 1 the launcher
-    // leaves most threads one vector: the second pass then reads no memory).
-    float sum = 0.0f, kept[VEC];
-    for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int i) {
-        float v[VEC];
-        load_two_source<VEC>(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s, v);
+    // The thread's first batch of vectors stays in registers for the second pass (the launcher
+    // sizes the chunks so that most threads have no more: the second pass then reads no memory).
+    // The sums run over the items in order, each vector's channels in order; a batch's zeros past
+    // the walk's end add nothing.
+    constexpr int H = batch_vectors<VEC>();
+    const SliceWalk w = slice_walk<VEC>(range.x, range.y, width);
+    const ChannelSource column = channel_source(a, dt_a, b, dt_b, c0 + w.j, s);
+    float kept[H][VEC];
+    load_slice_items<VEC, H>(a, dt_a, b, dt_b, first_pixel, c0, s, w, column, 0, kept);
+    float sum = 0.0f;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            sum += v[k];
-            if (i == 0) kept[k] = v[k];
-        }
-    });
+    for (int h = 0; h < H; ++h)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum += kept[h][k];
+    for (int base = H; w.has(base); base += H) {
+        float v[H][VEC];
+        load_slice_items<VEC, H>(a, dt_a, b, dt_b, first_pixel, c0, s, w, column, base, v);
+#pragma unroll
+        for (int h = 0; h < H; ++h)
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) sum += v[h][k];
+    }
     slice_group_sums<VEC>(sum, part, sums, width, cpg, gs, 0.0f);
     const float mean = count > 0 ? sums[slice_group<VEC>(width, cpg, gs)] / (float)count : 0.0f;
     float m2 = 0.0f;
-    for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int i) {
-        float v[VEC];
-        if (i == 0) {
+    const auto add_squares = [&](const float(&v)[H][VEC], int base) {
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) v[k] = kept[k];
-        } else {
-            load_two_source<VEC>(a, dt_a, b, dt_b, first_pixel + p, c0 + j, s, v);
-        }
+        for (int h = 0; h < H; ++h) {
+            if (!w.has(base + h)) break;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const float d = v[k] - mean;
-            m2 += d * d;
+            for (int k = 0; k < VEC; ++k) {
+                const float d = v[h][k] - mean;
+                m2 += d * d;
+            }
         }
-    });
+    };
+    add_squares(kept, 0);
+    for (int base = H; w.has(base); base += H) {
+        float v[H][VEC];
+        load_slice_items<VEC, H>(a, dt_a, b, dt_b, first_pixel, c0, s, w, column, base, v);
+        add_squares(v, base);
+    }
     slice_group_sums<VEC>(m2, part, m2s, width, cpg, gs, 0.0f);
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
         const float chunk_mean = count > 0 ? sums[t] / (float)count : 0.0f, chunk_m2 = count > 0 ? m2s[t] : 0.0f;
@@ -288,10 +371,10 @@ __device__ __forceinline__ void partial_stats(const void* a, int dt_a, const voi
         finalize_group_stats(partials, stats, n * s.groups + g0 + t, s, eps);
 }
 
-extern "C" __global__ void __launch_bounds__(1024, 1)
+extern "C" __global__ void __launch_bounds__(256)
     groupnorm_partial_stats(const void* a, int dt_a, const void* b, int dt_b, float* partials, unsigned* arrivals,
                             float* stats, float eps, int vec, GroupNormShape s) {
-    __shared__ float part[1024], sums[32], m2s[32];
+    __shared__ float part[256], sums[32], m2s[32];
 #define PARTIAL(VEC) partial_stats<VEC>(a, dt_a, b, dt_b, partials, arrivals, stats, eps, s, part, sums, m2s)
     DISPATCH_VEC(vec, PARTIAL)
 #undef PARTIAL
@@ -299,46 +382,76 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
 
 // The element-wise kernels take VEC consecutive channels of one pixel per thread (VEC divides Ca,
 // Cb and the group size, and the tensors are aligned to VEC elements: the launcher picks 8, 4, 2 or
-// 1), so the index arithmetic is paid once per VEC elements, a vector never leaves its source
-// tensor or its group, and it moves in one access (load_dyn_n): a warp's loads and stores use
-// every byte of the sectors they touch.
-struct ChannelVector {
-    int pixel, c0, ng;  // global pixel, first channel, n * groups + group
-};
-
+// 1), so a vector never leaves its source tensor or its group, and it moves in one access
+// (load_dyn_n): a warp's loads and stores use every byte of the sectors they touch. The block is 2-D:
+// threadIdx.x walks a pixel's channel vectors (all of them where there are at most 256: the UNet's
+// 16 to 96), threadIdx.y the block's rows of pixels, grid y the sample. So a thread's channels are
+// the same at every pixel it visits: their source tensor, gamma, beta and their group's statistics
+// come once, and no element pays a division (a 1-D grid-stride loop once divided three times a
+// vector, most of these kernels' instructions).
+//
+// Pixels p, p + S, ... of the thread (S = gridDim.x x blockDim.y): a batch of U loaded before any is
+// used (their loads in flight together), each a warp's contiguous access.
 template <int VEC>
-__device__ __forceinline__ ChannelVector channel_vector(int v, int channels, const GroupNormShape& s) {
-    const int per_pixel = channels / VEC;
-    ChannelVector r;
-    r.pixel = v / per_pixel;
-    r.c0 = (v - r.pixel * per_pixel) * VEC;
-    r.ng = (r.pixel / s.pixels) * s.groups + r.c0 / (channels / s.groups);
-    return r;
+__device__ __forceinline__ constexpr int apply_batch() {
+    return VEC == 1 ? 1 : VEC == 8 ? 2 : 4;
 }
 
-#define VECTOR_LOOP(v, channels, vec, s)                                                            \
-    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < (s).batch * (s).pixels * ((channels) / (vec)); \
-         v += gridDim.x * blockDim.x)
+// The backward's batch: 2 (it loads x, dout and often `plus` for each: as many bytes in flight as
+// the forward's 4, half the code).
+template <int VEC>
+__device__ __forceinline__ constexpr int backward_apply_batch() {
+    return VEC == 1 ? 1 : 2;
+}
+
+// Calls f(u, pixel) for the batch's pixels u = 0.. (those below the sample's count), in order.
+template <int U, typename F>
+__device__ __forceinline__ void for_batch(int p0, int step, int pixels, F&& f) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int p = p0 + u * step;
+        if (p < pixels) f(u, p);
+    }
+}
+
+// Calls f(c0, first pixel, pixel step) for each of the thread's channel vectors (one where a
+// pixel has at most 256).
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_column(const GroupNormShape& s, F&& f) {
+    const int channels = s.ca + s.cb;
+    for (int c0 = threadIdx.x * VEC; c0 < channels; c0 += blockDim.x * VEC)
+        f(c0, blockIdx.x * blockDim.y + threadIdx.y, gridDim.x * blockDim.y);
+}
 
 template <int VEC>
 __device__ __forceinline__ void groupnorm_apply_vec(const void* a, int dt_a, const void* b, int dt_b,
                                                     const float* stats, const float* gamma, const float* beta,
                                                     void* out, int dt_out, int silu, const GroupNormShape& s) {
-    const int channels = s.ca + s.cb;
-    VECTOR_LOOP(v, channels, VEC, s) {
-        const ChannelVector cv = channel_vector<VEC>(v, channels, s);
-        const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
-        float y[VEC], gs[VEC], bs[VEC];
-        load_two_source<VEC>(a, dt_a, b, dt_b, cv.pixel, cv.c0, s, y);
-        load_dyn_n<VEC>(gamma, DTYPE_F32, cv.c0, gs);
-        load_dyn_n<VEC>(beta, DTYPE_F32, cv.c0, bs);
+    constexpr int U = apply_batch<VEC>();
+    const int channels = s.ca + s.cb, n = blockIdx.y;
+    const long long sample = (long long)n * s.pixels;
+    for_each_column<VEC>(s, [&](int c0, int first, int step) {
+        const ChannelSource x = channel_source(a, dt_a, b, dt_b, c0, s);
+        const int ng = n * s.groups + c0 / (channels / s.groups);
+        const float mean = stats[ng * 2], rstd = stats[ng * 2 + 1];
+        float gs[VEC], bs[VEC];
+        load_dyn_n<VEC>(gamma, DTYPE_F32, c0, gs);
+        load_dyn_n<VEC>(beta, DTYPE_F32, c0, bs);
+        for (int p0 = first; p0 < s.pixels; p0 += U * step) {
+            float y[U][VEC];
+            for_batch<U>(p0, step, s.pixels, [&](int u, int p) {
+                load_dyn_n<VEC>(x.p, x.dt, (sample + p) * x.row + x.c, y[u]);
+            });
+            for_batch<U>(p0, step, s.pixels, [&](int u, int p) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            y[k] = (y[k] - mean) * rstd * gs[k] + bs[k];
-            if (silu) y[k] = y[k] / (1.0f + expf(-y[k]));
+                for (int k = 0; k < VEC; ++k) {
+                    y[u][k] = (y[u][k] - mean) * rstd * gs[k] + bs[k];
+                    if (silu) y[u][k] = y[u][k] / (1.0f + expf(-y[u][k]));
+                }
+                store_dyn_n<VEC>(out, dt_out, (sample + p) * channels + c0, y[u]);
+            });
         }
-        store_dyn_n<VEC>(out, dt_out, (long long)cv.pixel * channels + cv.c0, y);
-    }
+    });
 }
 
 extern "C" __global__ void groupnorm_apply(const void* a, int dt_a, const void* b, int dt_b, const float* stats,
@@ -409,21 +522,42 @@ __device__ __forceinline__ void backward_partial(const void* a, int dt_a, const 
     const float* st = stats + (n * s.groups + g0 + slice_group<VEC>(width, cpg, gs)) * 2;
     const float mean = st[0], rstd = st[1];
 
+    // A batch of vectors' x and dout loaded before any is used (as the forward's partial sums). In
+    // the strided walk a thread's channels are the same at every pixel: gamma and beta once.
+    constexpr int H = batch_vectors<VEC>();
+    const SliceWalk w = slice_walk<VEC>(range.x, range.y, width);
+    const ChannelSource column = channel_source(a, dt_a, b, dt_b, c0 + w.j, s);
+    float gms[VEC], bts[VEC];
+    if (w.strided) {
+        load_dyn_n<VEC>(gamma, DTYPE_F32, c0 + w.j, gms);
+        load_dyn_n<VEC>(beta, DTYPE_F32, c0 + w.j, bts);
+    }
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
-    for_each_in_slice<VEC>(range.x, range.y, width, [&](int p, int j, int) {
-        const int c = c0 + j;
-        float xs[VEC], dys[VEC], gms[VEC], bts[VEC];
-        load_two_source<VEC>(a, dt_a, b, dt_b, first_pixel + p, c, s, xs);
-        load_dyn_n<VEC>(dout, dt_dout, (long long)(first_pixel + p) * channels + c, dys);
-        load_dyn_n<VEC>(gamma, DTYPE_F32, c, gms);
-        load_dyn_n<VEC>(beta, DTYPE_F32, c, bts);
+    for (int base = 0; w.has(base); base += H) {
+        float xs[H][VEC], dys[H][VEC];
+        load_slice_items<VEC, H>(a, dt_a, b, dt_b, first_pixel, c0, s, w, column, base, xs);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const float2 at = groupnorm_grad_at(xs[k], dys[k], mean, rstd, gms[k], bts[k], silu);
-            sum_g += at.y;
-            sum_g_xhat += at.y * at.x;
+        for (int h = 0; h < H; ++h) {
+            if (!w.has(base + h)) break;
+            const int2 at = w.item(base + h);
+            load_dyn_n<VEC>(dout, dt_dout, (long long)(first_pixel + at.x) * channels + c0 + at.y, dys[h]);
         }
-    });
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+            if (!w.has(base + h)) break;
+            if (!w.strided) {
+                const int c = c0 + w.item(base + h).y;
+                load_dyn_n<VEC>(gamma, DTYPE_F32, c, gms);
+                load_dyn_n<VEC>(beta, DTYPE_F32, c, bts);
+            }
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const float2 g = groupnorm_grad_at(xs[h][k], dys[h][k], mean, rstd, gms[k], bts[k], silu);
+                sum_g += g.y;
+                sum_g_xhat += g.y * g.x;
+            }
+        }
+    }
     // (x: the sum of g, y: of g xhat.)
     slice_group_sums<VEC>(make_float2(sum_g, sum_g_xhat), part, sums, width, cpg, gs, make_float2(0.0f, 0.0f));
     for (int t = threadIdx.x; t < gs; t += blockDim.x) {
@@ -440,10 +574,10 @@ __device__ __forceinline__ void backward_partial(const void* a, int dt_a, const 
     for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5) finalize_group_means(partials, n * s.groups + g0 + t, s);
 }
 
-extern "C" __global__ void __launch_bounds__(1024) groupnorm_backward_partial(
+extern "C" __global__ void __launch_bounds__(256) groupnorm_backward_partial(
     const void* a, int dt_a, const void* b, int dt_b, const void* dout, int dt_dout, const float* stats,
     const float* gamma, const float* beta, int silu, float* partials, unsigned* arrivals, int vec, GroupNormShape s) {
-    __shared__ float2 part[1024], sums[32];
+    __shared__ float2 part[256], sums[32];
 #define PARTIAL(VEC) \
     backward_partial<VEC>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, s, part, sums)
     DISPATCH_VEC(vec, PARTIAL)
@@ -468,43 +602,52 @@ __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* a, int 
                                                              const float* gamma, const float* beta, int silu,
                                                              const float* partials, const GradientSplit& dx,
                                                              const GroupNormShape& s) {
-    const int channels = s.ca + s.cb;
-    VECTOR_LOOP(v, channels, VEC, s) {
-        const ChannelVector cv = channel_vector<VEC>(v, channels, s);
-        const float mean = stats[cv.ng * 2], rstd = stats[cv.ng * 2 + 1];
-        const float* means = group_means(partials, s) + cv.ng * 2;
+    constexpr int U = backward_apply_batch<VEC>();
+    const int channels = s.ca + s.cb, n = blockIdx.y;
+    const long long sample = (long long)n * s.pixels;
+    for_each_column<VEC>(s, [&](int c0, int first, int step) {
+        // (VEC divides Ca: a vector lies in one source, and its gradient goes to that source's.)
+        const ChannelSource x = channel_source(a, dt_a, b, dt_b, c0, s);
+        const bool in_a = c0 < s.ca;
+        const int ng = n * s.groups + c0 / (channels / s.groups);
+        const float mean = stats[ng * 2], rstd = stats[ng * 2 + 1];
+        const float* means = group_means(partials, s) + ng * 2;
         const float mean_g = means[0], mean_g_xhat = means[1];
-        const long long first = (long long)cv.pixel * channels + cv.c0;
-        float xs[VEC], grad[VEC], gs[VEC], bs[VEC];
-        load_two_source<VEC>(a, dt_a, b, dt_b, cv.pixel, cv.c0, s, xs);
-        load_dyn_n<VEC>(dout, dt_dout, first, grad);
-        load_dyn_n<VEC>(gamma, DTYPE_F32, cv.c0, gs);
-        load_dyn_n<VEC>(beta, DTYPE_F32, cv.c0, bs);
+        float gs[VEC], bs[VEC];
+        load_dyn_n<VEC>(gamma, DTYPE_F32, c0, gs);
+        load_dyn_n<VEC>(beta, DTYPE_F32, c0, bs);
+        for (int p0 = first; p0 < s.pixels; p0 += U * step) {
+            // The batch's x, dout and `plus` first (as the forward's apply), then each vector's dx.
+            float xs[U][VEC], grad[U][VEC], more[U][VEC];
+            for_batch<U>(p0, step, s.pixels, [&](int u, int p) {
+                const long long at = (sample + p) * channels + c0;
+                load_dyn_n<VEC>(x.p, x.dt, (sample + p) * x.row + x.c, xs[u]);
+                load_dyn_n<VEC>(dout, dt_dout, at, grad[u]);
+                if (dx.plus) load_dyn_n<VEC>(dx.plus, dx.dt_plus, at, more[u]);
+            });
+            for_batch<U>(p0, step, s.pixels, [&](int u, int p) {
+                float* g = grad[u];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            const float2 at = groupnorm_grad_at(xs[k], grad[k], mean, rstd, gs[k], bs[k], silu);
-            grad[k] = rstd * (at.y - mean_g - at.x * mean_g_xhat);
-        }
-        if (dx.plus) {
-            float more[VEC];
-            load_dyn_n<VEC>(dx.plus, dx.dt_plus, first, more);
+                for (int k = 0; k < VEC; ++k) {
+                    const float2 at = groupnorm_grad_at(xs[u][k], g[k], mean, rstd, gs[k], bs[k], silu);
+                    g[k] = rstd * (at.y - mean_g - at.x * mean_g_xhat);
+                    if (dx.plus) g[k] += more[u][k];
+                }
+                const long long at = (sample + p) * x.row + x.c;
+                if (in_a) {
+                    add_held_n<VEC>(dx.a, dx.dt_a, at, grad[u], dx.accumulate_a);  // (store_grad_n, keeping the sum)
+                    store_dyn_n<VEC>(dx.a, dx.dt_a, at, grad[u]);
+                    if (dx.a_copy) {
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) grad[k] += more[k];
+                        for (int k = 0; k < VEC; ++k) g[k] = as_stored(dx.dt_a, g[k]);
+                        store_dyn_n<VEC>(dx.a_copy, dx.dt_a_copy, at, grad[u]);
+                    }
+                } else {
+                    store_grad_n<VEC>(dx.b, dx.dt_b, at, grad[u], dx.accumulate_b);
+                }
+            });
         }
-        // (VEC divides Ca: a vector lies in one source.)
-        if (cv.c0 < s.ca) {
-            const long long at = (long long)cv.pixel * s.ca + cv.c0;
-            add_held_n<VEC>(dx.a, dx.dt_a, at, grad, dx.accumulate_a);  // (store_grad_n, keeping the sum)
-            store_dyn_n<VEC>(dx.a, dx.dt_a, at, grad);
-            if (dx.a_copy) {
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) grad[k] = as_stored(dx.dt_a, grad[k]);
-                store_dyn_n<VEC>(dx.a_copy, dx.dt_a_copy, at, grad);
-            }
-        } else {
-            store_grad_n<VEC>(dx.b, dx.dt_b, (long long)cv.pixel * s.cb + (cv.c0 - s.ca), grad, dx.accumulate_b);
-        }
-    }
+    });
 }
 
 extern "C" __global__ void groupnorm_backward_apply(const void* a, int dt_a, const void* b, int dt_b, const void* dout,

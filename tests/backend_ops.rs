@@ -348,9 +348,10 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "group_norm");
     // (N, channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group;
     // 8 channels a group, alone and in a concat (8 channels a thread in the element-wise kernel);
-    // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path); one
-    // sample of one group over 96x96 pixels, which the partial kernel splits into more chunks than
-    // the finalizing warp has lanes (36 on the emulator's 16 SMs); the rest of one chunk or a few.
+    // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path), also
+    // over 12x12 pixels; one sample of one group over 96x96 pixels, which the partial kernel splits
+    // into more chunks than the finalizing warp has lanes (36 on the emulator's 16 SMs); the rest
+    // of one chunk or a few.
     let cases = [
         (2, 64, 0, 32, 8, 8),
         (2, 32, 32, 32, 4, 4),
@@ -362,6 +363,7 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
         (2, 16, 8, 6, 3, 4),
         (2, 32, 0, 32, 5, 3),
         (1, 8, 0, 1, 96, 96),
+        (1, 66, 0, 2, 12, 12),
     ];
     for (n, ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
@@ -409,6 +411,7 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
         (1, 64, 32, 32, 3, 3),
         (2, 16, 8, 6, 3, 4),
         (2, 8, 4, 4, 3, 5),
+        (1, 66, 0, 2, 12, 12),
     ];
     // (dout, dx) storage: f32 as in the plans; dx in the activations' type as where the UNet's plans
     // narrow it (a ResnetBlock's conv1 output gradient); both in it.
@@ -480,6 +483,19 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
     }
 }
 test_device!(group_norm_backward, group_norm_backward_op, ALL_DTYPES);
+
+/// GroupNorm with its partial kernels held to one chunk a (sample, group slice), as the statistics
+/// scratch holds large batches: the 96x96 and 12x12 cases then give a thread more vectors than it
+/// loads at once (the strided walk and the element-wise one), which the planned chunks never do.
+#[test]
+fn group_norm_in_one_chunk_on_the_emulator() {
+    for dtype in [Precision::F32, Precision::Bf16] {
+        let mut b = emulator(dtype);
+        b.cap_groupnorm_chunks(1);
+        group_norm_op(&b, dtype);
+        group_norm_backward_op(&b, dtype);
+    }
+}
 
 const DOWNSAMPLE: Conv2dGeometry = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
 

@@ -59,6 +59,9 @@ pub struct CudaBackend {
     memory: Arc<DeviceMemory>,
     groupnorm_partials: CudaTensor,
     groupnorm_arrivals: CudaTensor,
+    /// The most chunks GroupNorm's partial kernels split a (sample, group slice) into (`usize::MAX`
+    /// but where a test caps it: `cap_groupnorm_chunks`).
+    groupnorm_max_chunks: usize,
     /// The convolutions' split-K partial sums: sized once from the SM count for every split the
     /// launcher can choose (`SplitKWorkspace::bytes_for`), so no step allocates and recorded steps
     /// keep valid pointers. `None` with `PURIFIER_CONV_SPLIT_K=off` (the benchmark's A/B switch).
@@ -111,6 +114,7 @@ impl CudaBackend {
             memory,
             groupnorm_partials,
             groupnorm_arrivals,
+            groupnorm_max_chunks: usize::MAX,
             split_k_partials,
             faults,
             faults_armed: AtomicBool::new(false),
@@ -125,6 +129,14 @@ impl CudaBackend {
         let driver: Arc<dyn Driver> = Arc::new(crate::driver::sizing::SizingDriver::new((8, 0)));
         let compiler = KernelCompiler::disabled(&driver.info().arch());
         Self::with_compiler(driver, precision, compiler, ImageKind::Cubin)
+    }
+
+    /// Caps the chunks GroupNorm's partial kernels split a (sample, group slice) into, as the
+    /// statistics scratch does at large batch (cifar10 from batch 1024): at 1, the tests' shapes
+    /// give a thread more vectors than it loads at once, the kernels' path of those batches.
+    #[doc(hidden)]
+    pub fn cap_groupnorm_chunks(&mut self, chunks: usize) {
+        self.groupnorm_max_chunks = chunks.max(1);
     }
 
     /// The device bytes this backend holds now and at most so far (weights, plans, scratch).
@@ -224,7 +236,9 @@ impl CudaBackend {
         pixels: usize,
         op: &str,
     ) -> Option<GroupNormPartials> {
-        let layout = groupnorm_partials(launch, vec, n, groups, pixels, self.driver.info().multiprocessors as usize);
+        let mut layout =
+            groupnorm_partials(launch, vec, n, groups, pixels, self.driver.info().multiprocessors as usize);
+        layout.chunks = layout.chunks.min(self.groupnorm_max_chunks);
         let fits = self.check(n * groups * layout.chunks <= GROUPNORM_PARTIALS, || {
             format!("{op}: batch {n} x {groups} groups exceeds the statistics scratch")
         });
@@ -266,7 +280,8 @@ impl CudaBackend {
             && self.check_shape(stats, &[n, groups, 2], &format!("{op}: stats"))
             && self.check(stats.dtype == Precision::F32, || format!("{op}: stats must be f32"))
             && self.check(x.b.is_none_or(|b| b.dtype == x.a.dtype), || format!("{op}: concat of two storage types"))
-            && self.check(elements < i32::MAX as usize, || format!("{op}: {shape:?} has 2^31 elements or more"));
+            && self.check(elements < i32::MAX as usize, || format!("{op}: {shape:?} has 2^31 elements or more"))
+            && self.check(n <= 65535, || format!("{op}: batch {n} over the grid limit 65535"));
         (ok && elements > 0).then_some(shape)
     }
 
@@ -592,7 +607,7 @@ fn groupnorm_launch(ca: usize, cb: usize, groups: usize, element_bytes: usize) -
     GroupNormLaunch { groups_per_block, channels_per_group, vec: vec as i32 }
 }
 
-/// GroupNorm's partial-sum launch (kernels/groupnorm.cu `for_each_in_slice`).
+/// GroupNorm's partial-sum launch (kernels/groupnorm.cu `SliceWalk`).
 #[derive(Debug, PartialEq, Eq)]
 struct GroupNormPartials {
     /// Channels a thread loads at once: the element-wise kernels' vector where the block is a
@@ -604,8 +619,20 @@ struct GroupNormPartials {
     /// Pixel chunks a (sample, group slice) is split into: enough blocks to fill the device (four
     /// an SM) at batch 1, but no more than leaves every thread a vector: a block whose threads load
     /// one element each spends nearly all its time reducing (cifar10 at batch 1 once ran 465 blocks
-    /// of 256 threads on 128K elements, its slowest kernel by the emulator's latency model).
+    /// of 256 threads on 128K elements, its slowest kernel by the emulator's latency model). And at
+    /// least enough that a thread has no more vectors than it loads at once (`batch_vectors`, 16
+    /// elements, at most 4 vectors), so that the forward's second pass reads no memory, where the
+    /// partial sums' scratch allows.
     chunks: usize,
+}
+
+/// kernels/groupnorm.cu's `batch_vectors`: the vectors a partial kernel's thread loads at once.
+fn groupnorm_batch_vectors(vec: i32) -> usize {
+    if vec >= 4 {
+        16 / vec as usize
+    } else {
+        4
+    }
 }
 
 fn groupnorm_partials(
@@ -618,22 +645,39 @@ fn groupnorm_partials(
 ) -> GroupNormPartials {
     let width = launch.channels_per_group * launch.groups_per_block;
     let unit = lcm_warp(width / vec as usize);
-    let (vec, block) = if unit <= 1024 {
-        // Vectors of the whole slice, rounded up to whole units, at most 256 threads (one unit
-        // where a unit is larger).
-        let units = (pixels * width / vec as usize).div_ceil(unit).clamp(1, (256 / unit).max(1));
+    let (vec, block) = if unit <= 256 {
+        // Vectors of the whole slice, rounded up to whole units, at most 256 threads.
+        let units = (pixels * width / vec as usize).div_ceil(unit).clamp(1, 256 / unit);
         (vec, unit * units)
     } else {
         (1, 256)
     };
     let vectors_per_slice = pixels * width / vec as usize;
     let target_blocks = multiprocessors.max(1) * 4;
-    let chunks = target_blocks
-        .div_ceil((n * groups / launch.groups_per_block).max(1))
+    let filling = target_blocks.div_ceil((n * groups / launch.groups_per_block).max(1));
+    let holding = vectors_per_slice.div_ceil(block * groupnorm_batch_vectors(vec));
+    let chunks = filling
         .min(vectors_per_slice.div_ceil(block))
+        .max(holding)
         .clamp(1, pixels.max(1))
         .min((GROUPNORM_PARTIALS / (n * groups).max(1)).max(1));
     GroupNormPartials { vec, block: block as u32, chunks }
+}
+
+/// The element-wise GroupNorm kernels' launch (kernels/groupnorm.cu `for_each_column`): block x a
+/// pixel's channel vectors (at most 256), block y rows of pixels up to 256 threads, grid y the
+/// samples and grid x the pixel rows, at most as many blocks as 16 an SM over the samples (each
+/// thread then steps over pixels).
+fn groupnorm_apply_config(channels: usize, vec: i32, n: usize, pixels: usize, multiprocessors: usize) -> LaunchConfig {
+    let columns = (channels / vec.max(1) as usize).clamp(1, 256);
+    let rows = (256 / columns).min(pixels).max(1);
+    let cap = (multiprocessors.max(1) * 16).div_ceil(n.max(1));
+    let blocks = pixels.div_ceil(rows).clamp(1, cap.max(1));
+    LaunchConfig {
+        grid: [blocks as u32, n as u32, 1],
+        block: [columns as u32, rows as u32, 1],
+        dynamic_shared_bytes: 0,
+    }
 }
 
 /// The widest of `vec`, vec / 2, ..., 1 to which every (pointer, storage type) is aligned: the
@@ -975,7 +1019,8 @@ impl Backend for CudaBackend {
             .i32(silu as i32)
             .i32(vec)
             .bytes(&shape_bytes);
-        self.launch("groupnorm.cu", "groupnorm_apply", self.grid_for(out.len() / vec as usize), apply);
+        let sms = self.driver.info().multiprocessors as usize;
+        self.launch("groupnorm.cu", "groupnorm_apply", groupnorm_apply_config(c, vec, n, pixels, sms), apply);
     }
 
     fn group_norm_backward(
@@ -1067,7 +1112,8 @@ impl Backend for CudaBackend {
             split.extend(v.to_le_bytes());
         }
         let apply = inputs().bytes(&split).i32(vec).bytes(&shape_bytes);
-        self.launch("groupnorm.cu", "groupnorm_backward_apply", self.grid_for(dout.len() / vec as usize), apply);
+        let config = groupnorm_apply_config(c, vec, n, pixels, self.driver.info().multiprocessors as usize);
+        self.launch("groupnorm.cu", "groupnorm_backward_apply", config, apply);
     }
 
     fn conv2d(
