@@ -1264,6 +1264,17 @@ fn emulator_conv_wide_tile() {
     }
     assert!(wide_runs >= 40, "only {wide_runs} cases took the wide tile");
     assert!(failures.is_empty(), "wide tile (seed {seed}): {failures:?}");
+    // Its forward's tiles are conflict-free: 1.5 shared wavefronts an m16n8k16 on whole tiles
+    // (tests/coalescing.rs holds the others to theirs through the backend, whose launcher no longer
+    // picks the wide forward unless PURIFIER_CONV_WIDE=on).
+    driver.kernel_totals(true);
+    let whole = ConvCase::new("whole wide tiles", 8, 16, 128, 128, 3, Conv2dGeometry::same(1));
+    let bf16 = Precision::Bf16;
+    ConvOp::Forward.check(&driver, &kernels, &whole, Conv2dVersion::TensorCoreWide, [bf16; 3], seed, None);
+    let totals = driver.kernel_totals(true);
+    let t = &totals["conv2d_mma_wide_bf16_bf16_bf16"];
+    let wavefronts = t.sm.shared_wavefronts as f64 / (t.sm.mma_macs as f64 / (16.0 * 8.0 * 16.0));
+    assert!(t.sm.mma > 0 && (wavefronts - 1.5).abs() < 1e-9, "{wavefronts} shared wavefronts per mma, want 1.5");
 }
 
 // ---------------------------------------------------------------------------------------------
