@@ -380,6 +380,15 @@ extern "C" __global__ void __launch_bounds__(256)
 #undef PARTIAL
 }
 
+// SiLU's sigmoid with the fast exponential and division (ex2.approx and rcp.approx: a few ulp, far
+// inside the f32 tolerance): expf and an IEEE division made it most of the apply kernels'
+// instructions per element, and these kernels run out of issue slots before DRAM at large batch
+// (the latency model's issue floor, examples/emulator_launch_depth.rs). 1 + e overflowing to
+// infinity gives 0, as the exact form does.
+__device__ __forceinline__ float fast_sigmoid(float y) {
+    return __fdividef(1.0f, 1.0f + __expf(-y));
+}
+
 // The element-wise kernels take VEC consecutive channels of one pixel per thread (VEC divides Ca,
 // Cb and the group size, and the tensors are aligned to VEC elements: the launcher picks 8, 4, 2 or
 // 1), so a vector never leaves its source tensor or its group, and it moves in one access
@@ -446,7 +455,7 @@ __device__ __forceinline__ void groupnorm_apply_vec(const void* a, int dt_a, con
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
                     y[u][k] = (y[u][k] - mean) * rstd * gs[k] + bs[k];
-                    if (silu) y[u][k] = y[u][k] / (1.0f + expf(-y[u][k]));
+                    if (silu) y[u][k] *= fast_sigmoid(y[u][k]);
                 }
                 store_dyn_n<VEC>(out, dt_out, (sample + p) * channels + c0, y[u]);
             });
@@ -472,7 +481,7 @@ __device__ __forceinline__ float2 groupnorm_grad_at(float x, float dy, float mea
     const float xhat = (x - mean) * rstd;
     if (silu) {
         const float y = xhat * gamma + beta;
-        const float sig = 1.0f / (1.0f + expf(-y));
+        const float sig = fast_sigmoid(y);
         dy *= sig * (1.0f + y * (1.0f - sig));
     }
     return make_float2(xhat, dy * gamma);
