@@ -9,9 +9,12 @@
 //   linear_backward:    dx[n, i] = (or +=) silu'?(x[n, i]) sum_o dout[n, o] w[o, i].
 // Layout: row-major (N x features); w (out x in). Precision: any storage type (run-time codes),
 // f32 accumulation; t and bias f32.
-// Versions: linear is one warp per output element (lanes stride over the inputs, a warp sum), the
-// right shape for these small matrices (N <= 256, 512 inputs, a few thousand outputs at most);
-// linear_backward one thread per input element. Neither is hot: a UNet forward spends well under 1% of its FLOPs here.
+// Versions: linear is a warp per output element and tile of up to 8 samples (lanes stride over the
+// inputs, staged in shared memory with SiLU applied; a warp sum), the right shape for these small
+// matrices (N <= 256, 512 inputs, a few thousand outputs at most); linear_backward one thread per
+// input element (the classifiers' last layer only: the UNet's input gradient stops short of the
+// time embedding). A UNet forward spends well under 1% of its FLOPs here, but at batch 64 linear
+// took 1.6% of its time when it was a warp per output element and sample (dddc2c9).
 #include "common.cuh"
 
 extern "C" __global__ void timestep_embedding(const float* t, void* out, int dt_out, int batch, int dim) {
@@ -34,48 +37,79 @@ __device__ __forceinline__ float silu_grad_f(float v) {
     return s * (1.0f + v * (1.0f - s));
 }
 
-// One lane's share of out[n, o]'s dot product with the storage types known at compile time, four
-// of its steps unrolled so that their loads issue together. (load_dyn branched on the type at
-// every load, which ends ptxas's scheduling region there: each load was waited out before the
-// next issued, and at batch 1 a ResnetBlock's projection, one warp's 16 steps over 512 inputs,
-// spent most of its time so; examples/emulator_launch_depth.rs's latency model.)
-template <typename XT, typename WT>
-__device__ __forceinline__ float linear_lane_sum(const XT* x, const WT* w, int in_features, int silu_input) {
-    float sum = 0.0f;
+// linear: a block of LINEAR_WARPS warps shares a tile of samples (grid y; 8, or the largest power
+// of two up to the batch: `linear_tile`): it stages their inputs in shared memory once, SiLU
+// applied, in f32, then each warp takes outputs o = blockIdx.x * LINEAR_WARPS + warp,
+// o + gridDim.x * LINEAR_WARPS, ..., its lanes striding over the inputs: a weight row is read once
+// for the tile's samples, and an input's SiLU computed once a block. (One warp per output element
+// read its weight row and computed SiLU again for every sample: at batch 64 on an H200 the three
+// launches of a UNet forward took 0.27 ms, 90 us each, for a few hundred MFLOP: dddc2c9.) Each lane
+// sums its inputs in order, then the warp sum: the order of before.
+constexpr int LINEAR_WARPS = 8;
+
+__device__ __forceinline__ int linear_tile(int batch) {
+    return batch >= 8 ? 8 : batch >= 4 ? 4 : batch >= 2 ? 2 : 1;
+}
+
+template <int TILE, typename WT>
+__device__ __forceinline__ void linear_outputs(const float* xs, const WT* w, const float* bias, void* out, int dt_out,
+                                               int n0, int samples, int in_features, int out_features) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int o = blockIdx.x * LINEAR_WARPS + warp; o < out_features; o += gridDim.x * LINEAR_WARPS) {
+        const WT* row = w + (long long)o * in_features;
+        float sum[TILE];
+#pragma unroll
+        for (int s = 0; s < TILE; ++s) sum[s] = 0.0f;
 #pragma unroll 4
-    for (int i = threadIdx.x & 31; i < in_features; i += 32) {
-        float v = to_float(x[i]);
-        if (silu_input) v = silu_f(v);
-        sum += v * to_float(w[i]);
+        for (int i = lane; i < in_features; i += 32) {
+            const float wv = to_float(row[i]);
+#pragma unroll
+            for (int s = 0; s < TILE; ++s) sum[s] += xs[s * in_features + i] * wv;
+        }
+        const float b = bias ? bias[o] : 0.0f;
+#pragma unroll
+        for (int s = 0; s < TILE; ++s) {
+            const float v = warp_sum(sum[s]);
+            if (lane == 0 && s < samples) store_dyn(out, dt_out, (long long)(n0 + s) * out_features + o, v + b);
+        }
     }
-    return sum;
 }
 
-template <typename XT>
-__device__ __forceinline__ float linear_lane_sum(const XT* x, const void* w, int dt_w, int in_features,
-                                                 int silu_input) {
-    if (dt_w == DTYPE_F32) return linear_lane_sum(x, static_cast<const float*>(w), in_features, silu_input);
-    if (dt_w == DTYPE_F16) return linear_lane_sum(x, static_cast<const f16*>(w), in_features, silu_input);
-    return linear_lane_sum(x, static_cast<const bf16*>(w), in_features, silu_input);
-}
-
-extern "C" __global__ void linear(const void* x, int dt_x, const void* w, int dt_w, const float* bias, void* out,
-                                  int dt_out, int batch, int in_features, int out_features, int silu_input) {
-    const long long warp = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (warp >= (long long)batch * out_features) return;  // whole warps leave together
-    const long long n = warp / out_features, o = warp % out_features;
-    const long long x0 = n * in_features, w0 = o * in_features;
-    const void* w_row = static_cast<const char*>(w) + w0 * (dt_w == DTYPE_F32 ? 4 : 2);
-    float sum;
-    if (dt_x == DTYPE_F32)
-        sum = linear_lane_sum(static_cast<const float*>(x) + x0, w_row, dt_w, in_features, silu_input);
-    else if (dt_x == DTYPE_F16)
-        sum = linear_lane_sum(static_cast<const f16*>(x) + x0, w_row, dt_w, in_features, silu_input);
+template <int TILE>
+__device__ __forceinline__ void linear_tile_of(const void* x, int dt_x, const void* w, int dt_w, const float* bias,
+                                               void* out, int dt_out, int batch, int in_features, int out_features,
+                                               int silu_input, float* xs) {
+    const int n0 = blockIdx.y * TILE, samples = min(TILE, batch - n0);
+    for (int k = threadIdx.x; k < TILE * in_features; k += blockDim.x) {
+        float v = 0.0f;  // (rows past the batch: zeros, their sums never stored)
+        if (k < samples * in_features) {
+            v = load_dyn(x, dt_x, (long long)n0 * in_features + k);
+            if (silu_input) v = silu_f(v);
+        }
+        xs[k] = v;
+    }
+    __syncthreads();
+    if (dt_w == DTYPE_F32)
+        linear_outputs<TILE>(xs, static_cast<const float*>(w), bias, out, dt_out, n0, samples, in_features, out_features);
+    else if (dt_w == DTYPE_F16)
+        linear_outputs<TILE>(xs, static_cast<const f16*>(w), bias, out, dt_out, n0, samples, in_features, out_features);
     else
-        sum = linear_lane_sum(static_cast<const bf16*>(x) + x0, w_row, dt_w, in_features, silu_input);
-    sum = warp_sum(sum);
-    if (lane == 0) store_dyn(out, dt_out, warp, sum + (bias ? bias[o] : 0.0f));
+        linear_outputs<TILE>(xs, static_cast<const bf16*>(w), bias, out, dt_out, n0, samples, in_features, out_features);
+}
+
+extern "C" __global__ void __launch_bounds__(LINEAR_WARPS * 32)
+    linear(const void* x, int dt_x, const void* w, int dt_w, const float* bias, void* out, int dt_out, int batch,
+           int in_features, int out_features, int silu_input) {
+    extern __shared__ __align__(16) float xs[];  // linear_tile(batch) x in_features
+#define TILE_OF(T) \
+    linear_tile_of<T>(x, dt_x, w, dt_w, bias, out, dt_out, batch, in_features, out_features, silu_input, xs)
+    switch (linear_tile(batch)) {
+        case 8: TILE_OF(8); break;
+        case 4: TILE_OF(4); break;
+        case 2: TILE_OF(2); break;
+        default: TILE_OF(1);
+    }
+#undef TILE_OF
 }
 
 extern "C" __global__ void linear_backward(const void* x, int dt_x, const void* w, int dt_w, const void* dout,

@@ -300,27 +300,29 @@ fn embedding_and_linear<B: Backend>(b: &B, dtype: Precision) {
     h.cpu.timestep_embedding(&t_r, &mut e_r);
     h.check("timestep_embedding", &e, &e_r);
 
-    for silu in [false, true] {
-        let (x, xr) = h.input(&[3, 70]);
+    // The CUDA kernel's sample tiles: 11 samples, a full tile of 8 and a partial one; 3, tiles of 2
+    // (the second partial); 1.
+    for (silu, n) in [(false, 3), (true, 3), (false, 11), (true, 11), (true, 1)] {
+        let (x, xr) = h.input(&[n, 70]);
         let (w, wr) = h.input(&[33, 70]);
         let (bias, bias_r) = h.input_f32(&[33]);
-        let (mut out, mut out_r) = h.output(&[3, 33]);
+        let (mut out, mut out_r) = h.output(&[n, 33]);
         b.linear(&x, &w, Some(&bias), silu, &mut out);
         h.cpu.linear(&xr, &wr, Some(&bias_r), silu, &mut out_r);
-        h.check(&format!("linear (silu input {silu})"), &out, &out_r);
-        let (mut nob, mut nob_r) = h.output(&[3, 33]);
+        h.check(&format!("linear (silu input {silu}, {n} samples)"), &out, &out_r);
+        let (mut nob, mut nob_r) = h.output(&[n, 33]);
         b.linear(&x, &w, None, silu, &mut nob);
         h.cpu.linear(&xr, &wr, None, silu, &mut nob_r);
         h.check("linear without bias", &nob, &nob_r);
         // An f32 input against the weights' type (the kernel picks each operand's type apart).
-        let (x32, x32_r) = h.input_as(&[3, 70], Precision::F32, 1.0);
-        let (mut mixed, mut mixed_r) = h.output(&[3, 33]);
+        let (x32, x32_r) = h.input_as(&[n, 70], Precision::F32, 1.0);
+        let (mut mixed, mut mixed_r) = h.output(&[n, 33]);
         b.linear(&x32, &w, Some(&bias), silu, &mut mixed);
         h.cpu.linear(&x32_r, &wr, Some(&bias_r), silu, &mut mixed_r);
         h.check("linear, f32 input", &mixed, &mixed_r);
-        let (dout, dout_r) = h.input_f32(&[3, 33]);
+        let (dout, dout_r) = h.input_f32(&[n, 33]);
         for store in [Add, Write] {
-            let (mut dx, mut dx_r) = gradient(&mut h, &[3, 70], Precision::F32, store);
+            let (mut dx, mut dx_r) = gradient(&mut h, &[n, 70], Precision::F32, store);
             b.linear_backward(&x, &w, silu, &dout, &mut dx, store);
             h.cpu.linear_backward(&xr, &wr, silu, &dout_r, &mut dx_r, store);
             h.check(&format!("linear_backward (silu input {silu}, {store:?})"), &dx, &dx_r);

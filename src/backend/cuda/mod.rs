@@ -35,6 +35,18 @@ use crate::error::{Error, Result};
 
 /// Threads per block of the 1-D kernels.
 const THREADS: u32 = 256;
+/// kernels/embedding.cu's `linear` block: warps (each an output at a time)...
+const LINEAR_WARPS: usize = 8;
+
+/// ...and samples (staged in shared memory): 8, or the largest power of two up to the batch.
+fn linear_tile(batch: usize) -> usize {
+    match batch {
+        8.. => 8,
+        4.. => 4,
+        2.. => 2,
+        _ => 1,
+    }
+}
 /// GroupNorm's partial-statistics scratch: (count, mean, M2) per (sample, group, chunk), at most this many.
 const GROUPNORM_PARTIALS: usize = 1 << 16;
 
@@ -915,9 +927,22 @@ impl Backend for CudaBackend {
                     format!("linear: bias {:?} {} (expected [{fout}] f32)", b.shape, b.dtype)
                 })
             });
+        // kernels/embedding.cu's tile: its samples' inputs in shared memory a block of 8 warps.
+        let tile = linear_tile(n);
+        let shared = tile * fin * 4;
+        let ok = ok
+            && self.check(shared <= 48 << 10, || {
+                format!(
+                    "linear: {fin} inputs at batch {n} (at most {} staged in a block's 48 KiB)",
+                    (48 << 10) / (4 * tile)
+                )
+            });
         if ok {
-            let warps = n * fout;
-            let blocks = (warps * 32).div_ceil(THREADS as usize);
+            let config = LaunchConfig {
+                grid: [fout.div_ceil(LINEAR_WARPS) as u32, n.div_ceil(tile) as u32, 1],
+                block: [LINEAR_WARPS as u32 * 32, 1, 1],
+                dynamic_shared_bytes: shared as u32,
+            };
             let args = KernelArgs::new()
                 .tensor(x)
                 .tensor(w)
@@ -927,7 +952,7 @@ impl Backend for CudaBackend {
                 .i32(fin as i32)
                 .i32(fout as i32)
                 .i32(silu_input as i32);
-            self.launch("embedding.cu", "linear", LaunchConfig::linear(blocks as u32, THREADS), args);
+            self.launch("embedding.cu", "linear", config, args);
         }
     }
 
