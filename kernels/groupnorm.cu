@@ -36,8 +36,10 @@
 //                            examples/emulator_launch_depth.rs; then a warp per group; now no
 //                            launch at all.)
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
-//                            a sector used): normalise, affine, SiLU, one rounding; a thread loads
-//                            up to 4 such vectors of the grid-stride loop before it computes any.
+//                            a sector used): normalise, affine, SiLU, one rounding. A 2-D block (a
+//                            pixel's channel vectors x pixels, grid y the samples): a thread's
+//                            source, gamma, beta and statistics come once, and it loads up to 4
+//                            pixels' vectors before it computes any.
 //
 // Backward (src/backend/cpu/norm.rs `backward` is the reference), on x read as the forward read it
 // (two sources in place), stats from the forward:

@@ -1,9 +1,9 @@
 //! The benchmark's A/B switches: environment variables that turn one optimisation off (or, for
 //! the wide convolution tile, choose where it runs), so that one GPU run measures what each is
 //! worth (scripts/gpu_suite.sh benches the UNet rows each way). Each is read once. A value that is
-//! not one of the switch's is an error naming the variable and its values, returned when a CUDA
-//! backend is made (`check`): a mistyped switch would otherwise benchmark the default under the
-//! wrong name.
+//! not one of the switch's is an error naming the variable and its values (`check`, when the
+//! command line picks a backend and when a CUDA backend is made): a mistyped switch would
+//! otherwise benchmark the default under the wrong name.
 
 use std::sync::OnceLock;
 
@@ -52,7 +52,7 @@ pub fn check() -> Result<()> {
 /// Where the convolution launcher may pick the wide tensor-core tile (128 x 128 a block):
 /// `PURIFIER_CONV_WIDE` = `backward` (the default: the input gradient only), `off`, or `on` (the
 /// forward too, as at dddc2c9). On an H200 at dddc2c9, cifar10 bf16 at batch 64 (the
-/// `cifar10-bf16-guided` and `cifar10-bf16-no-wide` profiles of
+/// `cifar10-bf16` and `cifar10-bf16-no-wide` profiles of
 /// bench/results/gpu-suite-2026-11-30-dddc2c9fa6.log), the narrow tile alone took the forward's
 /// convolutions 4.31 ms where with the wide tile they took 4.85 (3x3 128 -> 128 at 32x32: 0.68
 /// against 0.82), and the input gradient's 7.20 where they took 6.87 (3x3 256 -> 256 at 16x16:

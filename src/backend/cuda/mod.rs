@@ -47,6 +47,7 @@ fn linear_tile(batch: usize) -> usize {
         _ => 1,
     }
 }
+
 /// GroupNorm's partial-statistics scratch: (count, mean, M2) per (sample, group, chunk), at most this many.
 const GROUPNORM_PARTIALS: usize = 1 << 16;
 
