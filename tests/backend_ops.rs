@@ -351,7 +351,8 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
     // (N, channels of a, channels of b, groups, H, W): the UNet's shapes shrunk, a concat, one group;
     // 8 channels a group, alone and in a concat (8 channels a thread in the element-wise kernel);
     // 33 channels a group (no block is a multiple of 33 and 32: the kernels' division path), also
-    // over 12x12 pixels; one sample of one group over 96x96 pixels, which the partial kernel splits
+    // over 12x12 pixels; 257 channels a group (a pixel's 514 single-channel vectors are more than an
+    // element-wise CUDA block's 256 threads: each thread takes two); one sample of one group over 96x96 pixels, which the partial kernel splits
     // into more chunks than the finalizing warp has lanes (36 on the emulator's 16 SMs); the rest
     // of one chunk or a few.
     let cases = [
@@ -366,6 +367,7 @@ fn group_norm_op<B: Backend>(b: &B, dtype: Precision) {
         (2, 32, 0, 32, 5, 3),
         (1, 8, 0, 1, 96, 96),
         (1, 66, 0, 2, 12, 12),
+        (2, 514, 0, 2, 2, 3),
     ];
     for (n, ca, cb, groups, hh, w) in cases {
         for silu in [false, true] {
@@ -414,6 +416,7 @@ fn group_norm_backward_op<B: Backend>(b: &B, dtype: Precision) {
         (2, 16, 8, 6, 3, 4),
         (2, 8, 4, 4, 3, 5),
         (1, 66, 0, 2, 12, 12),
+        (2, 514, 0, 2, 2, 3),
     ];
     // (dout, dx) storage: f32 as in the plans; dx in the activations' type as where the UNet's plans
     // narrow it (a ResnetBlock's conv1 output gradient); both in it.
