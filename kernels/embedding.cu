@@ -37,19 +37,15 @@ __device__ __forceinline__ float silu_grad_f(float v) {
     return s * (1.0f + v * (1.0f - s));
 }
 
-// linear: a block of LINEAR_WARPS warps shares a tile of samples (grid y; 8, or the largest power
-// of two up to the batch: `linear_tile`): it stages their inputs in shared memory once, SiLU
-// applied, in f32, then each warp takes outputs o = blockIdx.x * LINEAR_WARPS + warp,
+// linear: a block of LINEAR_WARPS warps shares a tile of samples (grid y; `tile`, 8, 4, 2 or 1, the
+// host's choice: src/backend/cuda/mod.rs `linear_tile`): it stages their inputs in shared memory
+// once, SiLU applied, in f32, then each warp takes outputs o = blockIdx.x * LINEAR_WARPS + warp,
 // o + gridDim.x * LINEAR_WARPS, ..., its lanes striding over the inputs: a weight row is read once
 // for the tile's samples, and an input's SiLU computed once a block. (One warp per output element
 // read its weight row and computed SiLU again for every sample: at batch 64 on an H200 the three
 // launches of a UNet forward took 0.27 ms, 90 us each, for a few hundred MFLOP: dddc2c9.) Each lane
 // sums its inputs in order, then the warp sum: the order of before.
 constexpr int LINEAR_WARPS = 8;
-
-__device__ __forceinline__ int linear_tile(int batch) {
-    return batch >= 8 ? 8 : batch >= 4 ? 4 : batch >= 2 ? 2 : 1;
-}
 
 template <int TILE, typename WT>
 __device__ __forceinline__ void linear_outputs(const float* xs, const WT* w, const float* bias, void* out, int dt_out,
@@ -99,11 +95,11 @@ __device__ __forceinline__ void linear_tile_of(const void* x, int dt_x, const vo
 
 extern "C" __global__ void __launch_bounds__(LINEAR_WARPS * 32)
     linear(const void* x, int dt_x, const void* w, int dt_w, const float* bias, void* out, int dt_out, int batch,
-           int in_features, int out_features, int silu_input) {
-    extern __shared__ __align__(16) float xs[];  // linear_tile(batch) x in_features
+           int in_features, int out_features, int silu_input, int tile) {
+    extern __shared__ __align__(16) float xs[];  // tile x in_features
 #define TILE_OF(T) \
     linear_tile_of<T>(x, dt_x, w, dt_w, bias, out, dt_out, batch, in_features, out_features, silu_input, xs)
-    switch (linear_tile(batch)) {
+    switch (tile) {
         case 8: TILE_OF(8); break;
         case 4: TILE_OF(4); break;
         case 2: TILE_OF(2); break;

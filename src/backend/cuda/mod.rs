@@ -38,7 +38,8 @@ const THREADS: u32 = 256;
 /// kernels/embedding.cu's `linear` block: warps (each an output at a time)...
 const LINEAR_WARPS: usize = 8;
 
-/// ...and samples (staged in shared memory): 8, or the largest power of two up to the batch.
+/// ...and samples (staged in shared memory; the kernel takes it as an argument): 8, or the largest
+/// power of two up to the batch.
 fn linear_tile(batch: usize) -> usize {
     match batch {
         8.. => 8,
@@ -952,7 +953,8 @@ impl Backend for CudaBackend {
                 .i32(n as i32)
                 .i32(fin as i32)
                 .i32(fout as i32)
-                .i32(silu_input as i32);
+                .i32(silu_input as i32)
+                .i32(tile as i32);
             self.launch("embedding.cu", "linear", config, args);
         }
     }
