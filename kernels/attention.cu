@@ -9,7 +9,9 @@
 // is written (f32) for the backward.
 //
 // Layout: q, k, v, out N x L x C (NHWC: position-major, channels contiguous), storage type T;
-// logsumexp N x L, f32.
+// logsumexp N x L, f32. q, k and v rows are `qkv_stride` elements apart (3C: they are the channel
+// thirds of the one N x L x 3C tensor the UNet's fused q/k/v projection writes; C for tensors of
+// their own); out's rows are C apart.
 //
 // Kernels:
 //   attention_forward_<T>   version 1, f32 arithmetic for any storage type (f32, f16, bf16). A block
@@ -40,7 +42,7 @@ template <typename T, int PER_LANE>
 __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const T* __restrict__ k,
                                                   const T* __restrict__ v, T* __restrict__ out,
                                                   float* __restrict__ logsumexp, int positions, int channels,
-                                                  float scale, float* __restrict__ partial_out,
+                                                  int qkv_stride, float scale, float* __restrict__ partial_out,
                                                   float* __restrict__ partial_lse) {
     using namespace attention;
     extern __shared__ __align__(16) float shared[];
@@ -56,11 +58,12 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
     const int n = blockIdx.y;
     const int query = blockIdx.x * QUERIES + query_local;
     const bool query_valid = query < positions;
-    const long long sample = (long long)n * positions * channels;
+    const long long sample = (long long)n * positions * channels;      // out's
+    const long long qkv_sample = (long long)n * positions * qkv_stride;  // q's, k's, v's
 
     for (int i = tid; i < QUERIES * channels; i += THREADS) {
         const int row = blockIdx.x * QUERIES + i / channels;
-        q_tile[i] = row < positions ? load_float(q, sample + (long long)row * channels + i % channels) : 0.0f;
+        q_tile[i] = row < positions ? load_float(q, qkv_sample + (long long)row * qkv_stride + i % channels) : 0.0f;
     }
 
     float acc[PER_LANE];
@@ -76,7 +79,7 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
             const int row = i / v_stride, c = i % v_stride;
             const int key = key0 + row;
             const bool inside = key < positions && c < channels;
-            const long long at = sample + (long long)key * channels + c;
+            const long long at = qkv_sample + (long long)key * qkv_stride + c;
             if (c < channels) k_tile[row * (channels + 1) + c] = inside ? load_float(k, at) : 0.0f;
             v_tile[row * v_stride + c] = inside ? load_float(v, at) : 0.0f;
         }
@@ -144,10 +147,10 @@ __device__ __forceinline__ void attention_forward(const T* __restrict__ q, const
         attention_forward_##name##_c##PER_LANE(const T* __restrict__ q, const T* __restrict__ k,            \
                                                const T* __restrict__ v, T* __restrict__ out,                \
                                                float* __restrict__ logsumexp, int positions, int channels,  \
-                                               float scale, float* __restrict__ partial_out,                \
+                                               int qkv_stride, float scale, float* __restrict__ partial_out, \
                                                float* __restrict__ partial_lse) {                           \
-        attention_forward<T, PER_LANE>(q, k, v, out, logsumexp, positions, channels, scale, partial_out,    \
-                                       partial_lse);                                                        \
+        attention_forward<T, PER_LANE>(q, k, v, out, logsumexp, positions, channels, qkv_stride, scale,     \
+                                       partial_out, partial_lse);                                           \
     }
 #define ATTENTION_FORWARD_ENTRIES(name, T)                                                                  \
     ATTENTION_FORWARD_ENTRY(name, T, 4) ATTENTION_FORWARD_ENTRY(name, T, 8) ATTENTION_FORWARD_ENTRY(name, T, 16)
@@ -200,9 +203,11 @@ extern "C" __global__ void __launch_bounds__(256)
 //   attention_backward_dkdv  grid (ceil(L/8), N), 128 threads: 8 keys per block, one per half-warp;
 //                            queries stream in tiles of 16 (q, dout, lse and D), lane i scores query
 //                            i; the lane then owns channels lane, lane+16, ... of its key's dk, dv.
+// Layout: q, k, v rows `qkv_stride` apart, dq, dk, dv rows `grad_stride` apart (3C for the fused
+// q/k/v tensor and its gradient, C for tensors of their own or a split's parts); out, dout C.
 // Split (grids short of SMs, as the tensor-core backward's): block z takes part z of its streamed
 // tiles, [z T / Z, (z + 1) T / Z), and writes its gradients in f32 to slice z of the workspace
-// (gradient_part); attention_backward_split_reduce, below, adds the parts in order.
+// (gradient_part, rows C apart); attention_backward_split_reduce, below, adds the parts in order.
 // Version 2 (tensor cores, bf16/f16 activations with C a multiple of 8): attention_mma.cu.
 namespace attention_backward {
 constexpr int TILE = 16;     // streamed rows per tile = lanes per half-warp
@@ -213,7 +218,7 @@ constexpr int THREADS = 128;
 extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     attention_backward_dq(const void* q, const void* k, const void* v, const void* out, int dt_in, const void* dout,
                           int dt_dout, const float* logsumexp, void* dq, int dt_dq, int positions, int channels,
-                          float scale, int accumulate) {
+                          int qkv_stride, int grad_stride, float scale, int accumulate) {
     using namespace attention_backward;
     extern __shared__ __align__(16) float shared[];
     const int C = channels, stride = C + 1;  // odd row stride: 16 lanes reading 16 rows hit 16 banks
@@ -227,13 +232,13 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     const int n = blockIdx.y;
     const int query = blockIdx.x * ROWS + row_local;
     const bool query_valid = query < positions;
-    const long long sample = (long long)n * positions * C;
+    const long long sample = (long long)n * positions * C;  // out's and dout's
+    const long long qkv_sample = (long long)n * positions * qkv_stride;
 
     for (int i = tid; i < ROWS * C; i += THREADS) {
         const int row = blockIdx.x * ROWS + i / C;
-        const long long at = sample + (long long)row * C + i % C;
-        q_rows[i] = row < positions ? load_dyn(q, dt_in, at) : 0.0f;
-        dout_rows[i] = row < positions ? load_dyn(dout, dt_dout, at) : 0.0f;
+        q_rows[i] = row < positions ? load_dyn(q, dt_in, qkv_sample + (long long)row * qkv_stride + i % C) : 0.0f;
+        dout_rows[i] = row < positions ? load_dyn(dout, dt_dout, sample + (long long)row * C + i % C) : 0.0f;
     }
     for (int c = lane16; c < C; c += TILE) dq_acc[row_local * C + c] = 0.0f;  // this lane's own slots
 
@@ -255,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
         __syncthreads();  // the previous tile is consumed (and, the first time, the rows are written)
         for (int i = tid; i < TILE * C; i += THREADS) {
             const int row = i / C, c = i % C, key = key0 + row;
-            const long long at = sample + (long long)key * C + c;
+            const long long at = qkv_sample + (long long)key * qkv_stride + c;
             k_tile[row * stride + c] = key < positions ? load_dyn(k, dt_in, at) : 0.0f;
             v_tile[row * stride + c] = key < positions ? load_dyn(v, dt_in, at) : 0.0f;
         }
@@ -281,7 +286,7 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     }
 
     if (!query_valid) return;
-    const long long row = sample + (long long)query * C;
+    const long long row = ((long long)n * positions + query) * grad_stride;
     void* own = gradient_part(dq, positions, C);
     for (int c = lane16; c < C; c += TILE) store_grad(own, dt_dq, row + c, scale * acc[c], accumulate);
 }
@@ -289,7 +294,8 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
 extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     attention_backward_dkdv(const void* q, const void* k, const void* v, const void* out, int dt_in,
                             const void* dout, int dt_dout, const float* logsumexp, void* dk, int dt_dk, void* dv,
-                            int dt_dv, int positions, int channels, float scale, int accumulate) {
+                            int dt_dv, int positions, int channels, int qkv_stride, int grad_stride, float scale,
+                            int accumulate) {
     using namespace attention_backward;
     extern __shared__ __align__(16) float shared[];
     const int C = channels, stride = C + 1;
@@ -307,11 +313,12 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     const int n = blockIdx.y;
     const int key = blockIdx.x * ROWS + row_local;
     const bool key_valid = key < positions;
-    const long long sample = (long long)n * positions * C;
+    const long long sample = (long long)n * positions * C;  // out's and dout's
+    const long long qkv_sample = (long long)n * positions * qkv_stride;
 
     for (int i = tid; i < ROWS * C; i += THREADS) {
         const int row = blockIdx.x * ROWS + i / C;
-        const long long at = sample + (long long)row * C + i % C;
+        const long long at = qkv_sample + (long long)row * qkv_stride + i % C;
         k_rows[i] = row < positions ? load_dyn(k, dt_in, at) : 0.0f;
         v_rows[i] = row < positions ? load_dyn(v, dt_in, at) : 0.0f;
     }
@@ -330,9 +337,10 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
         __syncthreads();  // the previous tile is consumed (and, the first time, the key rows are written)
         for (int i = tid; i < TILE * C; i += THREADS) {
             const int row = i / C, c = i % C, query = query0 + row;
-            const long long at = sample + (long long)query * C + c;
+            const long long at = qkv_sample + (long long)query * qkv_stride + c;
             q_tile[row * stride + c] = query < positions ? load_dyn(q, dt_in, at) : 0.0f;
-            dout_tile[row * stride + c] = query < positions ? load_dyn(dout, dt_dout, at) : 0.0f;
+            dout_tile[row * stride + c] =
+                query < positions ? load_dyn(dout, dt_dout, sample + (long long)query * C + c) : 0.0f;
         }
         // lse and D of the tile's queries: warp w takes queries 4w .. 4w + 3.
         for (int r = 0; r < TILE / (THREADS / 32); ++r) {
@@ -375,7 +383,7 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
     }
 
     if (!key_valid) return;
-    const long long row = sample + (long long)key * C;
+    const long long row = ((long long)n * positions + key) * grad_stride;
     void* dk_part = gradient_part(dk, positions, C);
     void* dv_part = gradient_part(dv, positions, C);
     for (int c = lane16; c < C; c += TILE) {
@@ -387,10 +395,11 @@ extern "C" __global__ void __launch_bounds__(attention_backward::THREADS)
 // The backward's key (dq) and query (dk, dv) split (this file's kernels and attention_mma.cu's): gradient y (0 dq, 1 dk, 2 dv) of grid y =
 // (or += where `accumulate`) the sum of its `splits` f32 parts, each an N x L x C slice of `parts`
 // (dq's parts, then dk's, then dv's), added in order z = 0, 1, ... (the same bits every run), one
-// rounding to the gradient's storage type.
+// rounding to the gradient's storage type; the gradients' rows `grad_stride` apart.
 extern "C" __global__ void __launch_bounds__(256)
-    attention_backward_split_reduce(const float* __restrict__ parts, int splits, long long slice, void* dq, int dt_dq,
-                                    void* dk, int dt_dk, void* dv, int dt_dv, int accumulate) {
+    attention_backward_split_reduce(const float* __restrict__ parts, int splits, long long slice, int channels,
+                                    int grad_stride, void* dq, int dt_dq, void* dk, int dt_dk, void* dv, int dt_dv,
+                                    int accumulate) {
     void* const gradients[3] = {dq, dk, dv};
     const int dtypes[3] = {dt_dq, dt_dk, dt_dv};
     const int y = blockIdx.y;
@@ -398,6 +407,7 @@ extern "C" __global__ void __launch_bounds__(256)
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < slice; i += (long long)gridDim.x * blockDim.x) {
         float sum = 0.0f;
         for (int z = 0; z < splits; ++z) sum += own[z * slice + i];
-        store_grad(gradients[y], dtypes[y], i, sum, accumulate);
+        const long long row = i / channels;
+        store_grad(gradients[y], dtypes[y], row * grad_stride + (i - row * channels), sum, accumulate);
     }
 }

@@ -31,19 +31,21 @@ constexpr int KEYS = 32;  // keys per tile
 constexpr int WARPS = 4;  // warps per block, 16 queries each
 }
 
-// ROWS x D tile of an N x L x C tensor of T into shared (row stride D + 8) by cp.async, zeros past
-// L and past C (C a multiple of 8, the tensor 16-byte aligned: the launcher checks), by a block of
-// THREADS threads. Each thread keeps one 16-byte column and steps down the rows, its source moved
-// a fixed stride at a time: no division, one 64-bit multiply a call.
+// ROWS x D tile of an N x L x C tensor of T, rows `row_stride` elements apart (C, or 3C for the
+// thirds of a q/k/v tensor), into shared (row stride D + 8) by cp.async, zeros past L and past C
+// (C and the row stride multiples of 8, the tensor 16-byte aligned: the launcher checks), by a
+// block of THREADS threads; `sample` is the sample's first element. Each thread keeps one 16-byte
+// column and steps down the rows, its source moved a fixed stride at a time: no division, one
+// 64-bit multiply a call.
 template <int D, int THREADS, int ROWS, typename T>
 __device__ __forceinline__ void attention_copy_rows(unsigned short* tile, const T* __restrict__ src, long long sample,
-                                                    int row0, int positions, int channels) {
+                                                    int row0, int positions, int channels, int row_stride) {
     constexpr int CHUNKS = D / 8, ROW_STEP = THREADS / CHUNKS;
     static_assert(THREADS % CHUNKS == 0, "a thread's column stays the same down the rows");
     const int c = (threadIdx.x % CHUNKS) * 8, first = threadIdx.x / CHUNKS;
     const bool column_inside = c < channels;
-    const T* from = src + sample + (long long)(row0 + first) * channels + c;
-    const long long stride = (long long)ROW_STEP * channels;
+    const T* from = src + sample + (long long)(row0 + first) * row_stride + c;
+    const long long stride = (long long)ROW_STEP * row_stride;
 #pragma unroll
     for (int row = first; row < ROWS; row += ROW_STEP, from += stride) {
         const bool inside = column_inside && row0 + row < positions;
@@ -60,7 +62,7 @@ template <typename T, int D>
 __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ logsumexp, int positions, int channels,
-                                                      float scale, float* __restrict__ partial_out,
+                                                      int qkv_stride, float scale, float* __restrict__ partial_out,
                                                       float* __restrict__ partial_lse) {
     using namespace attention_mma;
     constexpr int ROW = D + 8, QUERIES = 16 * WARPS, THREADS = 32 * WARPS;
@@ -74,7 +76,8 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     const int g = lane / 4, t = lane % 4;
     const int n = blockIdx.y;
     const int query0 = blockIdx.x * QUERIES;
-    const long long sample = (long long)n * positions * channels;
+    const long long sample = (long long)n * positions * channels;      // out's
+    const long long qkv_sample = (long long)n * positions * qkv_stride;  // q's, k's, v's
     const int all_tiles = (positions + KEYS - 1) / KEYS;
     const int first_tile = (int)(blockIdx.z * all_tiles / gridDim.z);
     const int tiles = (int)((blockIdx.z + 1) * all_tiles / gridDim.z);  // one past this block's last
@@ -82,10 +85,10 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
 
     // Two groups in flight from here on: {queries, keys 0}, then {values 0}; each tile then
     // commits its successor's keys, then its values (empty groups past the end keep the count).
-    attention_copy_rows<D, THREADS, QUERIES>(q_tile, q, sample, query0, positions, channels);
-    attention_copy_rows<D, THREADS, KEYS>(k_tile, k, sample, first_tile * KEYS, positions, channels);
+    attention_copy_rows<D, THREADS, QUERIES>(q_tile, q, qkv_sample, query0, positions, channels, qkv_stride);
+    attention_copy_rows<D, THREADS, KEYS>(k_tile, k, qkv_sample, first_tile * KEYS, positions, channels, qkv_stride);
     cp_async_commit();
-    attention_copy_rows<D, THREADS, KEYS>(v_tile, v, sample, first_tile * KEYS, positions, channels);
+    attention_copy_rows<D, THREADS, KEYS>(v_tile, v, qkv_sample, first_tile * KEYS, positions, channels, qkv_stride);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();  // queries and the first keys are in shared for every warp
@@ -132,7 +135,7 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
             }
         __syncthreads();  // every warp is done with these keys: the next ones may land
         if (tile + 1 < tiles)
-            attention_copy_rows<D, THREADS, KEYS>(k_tile, k, sample, key0 + KEYS, positions, channels);
+            attention_copy_rows<D, THREADS, KEYS>(k_tile, k, qkv_sample, key0 + KEYS, positions, channels, qkv_stride);
         cp_async_commit();
 
         // Online softmax; element e of tile j is key key0 + 8 j + 2 t + (e % 2), row g + 8 (e / 2).
@@ -186,7 +189,7 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         }
         __syncthreads();  // every warp is done with these values
         if (tile + 1 < tiles)
-            attention_copy_rows<D, THREADS, KEYS>(v_tile, v, sample, key0 + KEYS, positions, channels);
+            attention_copy_rows<D, THREADS, KEYS>(v_tile, v, qkv_sample, key0 + KEYS, positions, channels, qkv_stride);
         cp_async_commit();
     }
 
@@ -228,10 +231,10 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         attention_forward_mma_##name##_d##D(const T* __restrict__ q, const T* __restrict__ k,               \
                                             const T* __restrict__ v, T* __restrict__ out,                   \
                                             float* __restrict__ logsumexp, int positions, int channels,     \
-                                            float scale, float* __restrict__ partial_out,                   \
+                                            int qkv_stride, float scale, float* __restrict__ partial_out,   \
                                             float* __restrict__ partial_lse) {                              \
-        attention_forward_mma<T, D>(q, k, v, out, logsumexp, positions, channels, scale, partial_out,       \
-                                    partial_lse);                                                           \
+        attention_forward_mma<T, D>(q, k, v, out, logsumexp, positions, channels, qkv_stride, scale,        \
+                                    partial_out, partial_lse);                                              \
     }
 
 ATTENTION_MMA_ENTRY(bf16, bf16, 64)
@@ -478,20 +481,21 @@ __device__ __forceinline__ void attention_backward_p_ds(float (&p)[COLS / 8][4],
 }
 
 // out[row, c0 + ...] = (or += where `accumulate`) factor * acc for rows g, g + 8 of a warp's 16
-// (from row0), channels < C.
+// (from row0) of sample n, channels < C, rows `row_stride` elements apart.
 template <int CHANNELS>
 __device__ __forceinline__ void attention_add_rows(void* dst, int dtype, const float (&acc)[CHANNELS / 8][4],
-                                                   float factor, long long sample, int row0, int c0, int positions,
-                                                   int channels, int lane, int accumulate) {
+                                                   float factor, int n, int row0, int c0, int positions,
+                                                   int channels, int row_stride, int lane, int accumulate) {
     const int g = lane / 4, t = lane % 4;
-    // Channels c and c + 1 in one access where the pair is aligned (channels even, dst aligned to
-    // two elements): a row's four lanes store 16 (f32: 32) contiguous bytes.
-    const bool pairs = channels % 2 == 0 && (unsigned long long)dst % (dtype == DTYPE_F32 ? 8 : 4) == 0;
+    // Channels c and c + 1 in one access where the pair is aligned (channels and the row stride
+    // even, dst aligned to two elements): a row's four lanes store 16 (f32: 32) contiguous bytes.
+    const bool pairs = channels % 2 == 0 && row_stride % 2 == 0 &&
+                       (unsigned long long)dst % (dtype == DTYPE_F32 ? 8 : 4) == 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + g + 8 * r;
         if (row >= positions) continue;
-        const long long at = sample + (long long)row * channels;
+        const long long at = ((long long)n * positions + row) * row_stride;
 #pragma unroll
         for (int j = 0; j < CHANNELS / 8; ++j) {
             const int c = c0 + 8 * j + 2 * t;
@@ -524,7 +528,8 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
                                                           const T* __restrict__ v, const T* __restrict__ dout_rounded,
                                                           const float* __restrict__ row_terms,
                                                           const float* __restrict__ logsumexp, void* dq, int dt_dq,
-                                                          int positions, int channels, float scale, int accumulate) {
+                                                          int positions, int channels, int qkv_stride,
+                                                          int grad_stride, float scale, int accumulate) {
     using namespace attention_backward_tiles;
     using Shape = AttentionBackwardShape<D>;
     constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS, THREADS = 32 * Shape::WARPS;
@@ -540,14 +545,16 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
     const int rows0 = (warp / SPLIT) * 16, role = warp % SPLIT, c0 = role * DW;
     const int n = blockIdx.y;
     const int query0 = blockIdx.x * BLOCK_ROWS;
-    const long long sample = (long long)n * positions * channels;
+    const long long sample = (long long)n * positions * channels;  // dout's
+    const long long qkv_sample = (long long)n * positions * qkv_stride;
     const StreamTiles tiles = stream_tiles(positions);
     const int first_key = tiles.first * STREAM;
 
-    attention_copy_rows<D, THREADS, BLOCK_ROWS>(q_rows, q, sample, query0, positions, channels);
-    attention_copy_rows<D, THREADS, BLOCK_ROWS>(do_rows, dout_rounded, sample, query0, positions, channels);
-    attention_copy_rows<D, THREADS, STREAM>(stages, k, sample, first_key, positions, channels);
-    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, v, sample, first_key, positions, channels);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(q_rows, q, qkv_sample, query0, positions, channels, qkv_stride);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(do_rows, dout_rounded, sample, query0, positions, channels, channels);
+    attention_copy_rows<D, THREADS, STREAM>(stages, k, qkv_sample, first_key, positions, channels, qkv_stride);
+    attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, v, qkv_sample, first_key, positions, channels,
+                                            qkv_stride);
     cp_async_commit();
     // Rows g and g + 8 of this warp's 16: log-sum-exp and D_i (0 past L: those rows are not written).
     float row_lse[2], row_delta[2];
@@ -582,9 +589,10 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
         __syncthreads();  // this tile is in shared for every warp, and the other stage is consumed
         if (tile + 1 < tiles.end) {
             unsigned short* next = stages + ((tile + 1 - tiles.first) % STAGES) * STAGE;
-            attention_copy_rows<D, THREADS, STREAM>(next, k, sample, (tile + 1) * STREAM, positions, channels);
-            attention_copy_rows<D, THREADS, STREAM>(next + STREAM * ROW, v, sample, (tile + 1) * STREAM, positions,
-                                                    channels);
+            attention_copy_rows<D, THREADS, STREAM>(next, k, qkv_sample, (tile + 1) * STREAM, positions, channels,
+                                                    qkv_stride);
+            attention_copy_rows<D, THREADS, STREAM>(next + STREAM * ROW, v, qkv_sample, (tile + 1) * STREAM, positions,
+                                                    channels, qkv_stride);
         }
         cp_async_commit();
         const unsigned short* keys = stages + ((tile - tiles.first) % STAGES) * STAGE;
@@ -609,8 +617,8 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
             }
         }
     }
-    attention_add_rows<DW>(gradient_part(dq, positions, channels), dt_dq, acc, scale, sample, query0 + rows0, c0,
-                           positions, channels, lane, accumulate);
+    attention_add_rows<DW>(gradient_part(dq, positions, channels), dt_dq, acc, scale, n, query0 + rows0, c0,
+                           positions, channels, grad_stride, lane, accumulate);
 }
 
 template <typename T, int D>
@@ -620,7 +628,8 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                                                             const float* __restrict__ row_terms,
                                                             const float* __restrict__ logsumexp, void* dk, int dt_dk,
                                                             void* dv, int dt_dv, int positions, int channels,
-                                                            float scale, int accumulate) {
+                                                            int qkv_stride, int grad_stride, float scale,
+                                                            int accumulate) {
     using namespace attention_backward_tiles;
     using Shape = AttentionBackwardShape<D>;
     constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS, THREADS = 32 * Shape::WARPS;
@@ -637,15 +646,16 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
     const int rows0 = (warp / SPLIT) * 16, role = warp % SPLIT, c0 = role * DW;
     const int n = blockIdx.y;
     const int key_base = blockIdx.x * BLOCK_ROWS;
-    const long long sample = (long long)n * positions * channels;
+    const long long sample = (long long)n * positions * channels;  // dout's
+    const long long qkv_sample = (long long)n * positions * qkv_stride;
     const StreamTiles tiles = stream_tiles(positions);
     const int first_query = tiles.first * STREAM;
 
-    attention_copy_rows<D, THREADS, BLOCK_ROWS>(k_rows, k, sample, key_base, positions, channels);
-    attention_copy_rows<D, THREADS, BLOCK_ROWS>(v_rows, v, sample, key_base, positions, channels);
-    attention_copy_rows<D, THREADS, STREAM>(stages, q, sample, first_query, positions, channels);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(k_rows, k, qkv_sample, key_base, positions, channels, qkv_stride);
+    attention_copy_rows<D, THREADS, BLOCK_ROWS>(v_rows, v, qkv_sample, key_base, positions, channels, qkv_stride);
+    attention_copy_rows<D, THREADS, STREAM>(stages, q, qkv_sample, first_query, positions, channels, qkv_stride);
     attention_copy_rows<D, THREADS, STREAM>(stages + STREAM * ROW, dout_rounded, sample, first_query, positions,
-                                            channels);
+                                            channels, channels);
     attention_copy_row_values(stage_terms, logsumexp, n, first_query, STREAM, positions);
     attention_copy_row_values(stage_terms + STREAM, row_terms, n, first_query, STREAM, positions);
     cp_async_commit();
@@ -667,9 +677,9 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         if (tile + 1 < tiles.end) {
             const int next_row = (tile + 1) * STREAM, s = (tile + 1 - tiles.first) % STAGES;
             unsigned short* next = stages + s * STAGE;
-            attention_copy_rows<D, THREADS, STREAM>(next, q, sample, next_row, positions, channels);
+            attention_copy_rows<D, THREADS, STREAM>(next, q, qkv_sample, next_row, positions, channels, qkv_stride);
             attention_copy_rows<D, THREADS, STREAM>(next + STREAM * ROW, dout_rounded, sample, next_row, positions,
-                                                    channels);
+                                                    channels, channels);
             attention_copy_row_values(stage_terms + s * 2 * STREAM, logsumexp, n, next_row, STREAM, positions);
             attention_copy_row_values(stage_terms + s * 2 * STREAM + STREAM, row_terms, n, next_row, STREAM,
                                       positions);
@@ -705,10 +715,10 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
             }
         }
     }
-    attention_add_rows<DW>(gradient_part(dk, positions, channels), dt_dk, dk_acc, scale, sample, key_base + rows0,
-                           c0, positions, channels, lane, accumulate);
-    attention_add_rows<DW>(gradient_part(dv, positions, channels), dt_dv, dv_acc, 1.0f, sample, key_base + rows0,
-                           c0, positions, channels, lane, accumulate);
+    attention_add_rows<DW>(gradient_part(dk, positions, channels), dt_dk, dk_acc, scale, n, key_base + rows0, c0,
+                           positions, channels, grad_stride, lane, accumulate);
+    attention_add_rows<DW>(gradient_part(dv, positions, channels), dt_dv, dv_acc, 1.0f, n, key_base + rows0, c0,
+                           positions, channels, grad_stride, lane, accumulate);
 }
 
 // Entries: the launcher's block is 32 x AttentionBackwardShape<D>::WARPS threads (256 at D = 256,
@@ -719,18 +729,19 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                                                 const T* __restrict__ v, const T* __restrict__ dout_rounded, \
                                                 const float* __restrict__ row_terms,                        \
                                                 const float* __restrict__ logsumexp, void* dq, int dt_dq,   \
-                                                int positions, int channels, float scale, int accumulate) { \
+                                                int positions, int channels, int qkv_stride, int grad_stride, \
+                                                float scale, int accumulate) {                              \
         attention_backward_dq_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dq, dt_dq, positions,  \
-                                        channels, scale, accumulate);                                       \
+                                        channels, qkv_stride, grad_stride, scale, accumulate);              \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(32 * AttentionBackwardShape<D>::WARPS)                      \
         attention_backward_dkdv_mma_##name##_d##D(                                                          \
             const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                      \
             const T* __restrict__ dout_rounded, const float* __restrict__ row_terms,                        \
             const float* __restrict__ logsumexp, void* dk, int dt_dk, void* dv, int dt_dv, int positions,   \
-            int channels, float scale, int accumulate) {                                                    \
+            int channels, int qkv_stride, int grad_stride, float scale, int accumulate) {                   \
         attention_backward_dkdv_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dk, dt_dk, dv, dt_dv, \
-                                          positions, channels, scale, accumulate);                          \
+                                          positions, channels, qkv_stride, grad_stride, scale, accumulate); \
     }
 
 // attention_backward_row_terms_<T>: D_i and the rounded dout, before the two kernels above.

@@ -421,6 +421,28 @@ fn attention_reference(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor) -> (Vec<f64>
     (out, lse)
 }
 
+/// The N x 3C x H x W tensor whose channel thirds are q, k, v (each N x C x H x W): what the
+/// attention reads.
+fn stack_thirds(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor) -> CpuTensor {
+    let [n, c, h, w] = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+    let sample = c * h * w;
+    let mut data = Vec::with_capacity(3 * q.data.len());
+    for b in 0..n {
+        for t in [q, k, v] {
+            data.extend_from_slice(&t.data[b * sample..(b + 1) * sample]);
+        }
+    }
+    CpuTensor::new(&[n, 3 * c, h, w], data)
+}
+
+/// Third `which` (0 q, 1 k, 2 v) of an N x 3C x H x W tensor.
+fn third(t: &CpuTensor, which: usize) -> CpuTensor {
+    let [n, c3, h, w] = [t.shape[0], t.shape[1], t.shape[2], t.shape[3]];
+    let sample = c3 / 3 * h * w;
+    let data = (0..n).flat_map(|b| t.data[(3 * b + which) * sample..][..sample].iter().copied()).collect();
+    CpuTensor::new(&[n, c3 / 3, h, w], data)
+}
+
 #[test]
 fn attention_matches_reference_and_its_backward_matches_finite_differences() {
     let backend = CpuBackend;
@@ -437,25 +459,24 @@ fn attention_matches_reference_and_its_backward_matches_finite_differences() {
         let (expected, expected_lse) = attention_reference(&q, &k, &v);
         let mut out = rng.tensor(&shape);
         let mut lse = rng.tensor(&lse_shape);
-        backend.attention(&q, &k, &v, &mut out, &mut lse);
+        let qkv = stack_thirds(&q, &k, &v);
+        backend.attention(&qkv, &mut out, &mut lse);
         assert!(relative_max_error(&out.data, &expected) < 1e-5, "attention {shape:?}: out");
         assert!(relative_max_error(&lse.data, &expected_lse) < 1e-5, "attention {shape:?}: logsumexp");
 
         let run = |q: &CpuTensor, k: &CpuTensor, v: &CpuTensor| {
             let mut out = zeros(&shape);
             let mut lse = zeros(&lse_shape);
-            backend.attention(q, k, v, &mut out, &mut lse);
+            backend.attention(&stack_thirds(q, k, v), &mut out, &mut lse);
             out
         };
-        // One input at a time; the other two gradients go to scratch buffers.
+        // One input at a time: its third of dqkv added to d.
         let backward = |which: usize, dout: &CpuTensor, d: &mut CpuTensor| {
-            let mut scratch = [zeros(&shape), zeros(&shape), zeros(&shape)];
-            std::mem::swap(&mut scratch[which], d);
-            let [dq, dk, dv] = &mut scratch;
+            let mut dqkv = zeros(&qkv.shape);
             let (mut row_terms, mut dout_rounded) = (zeros(&lse_shape), zeros(&shape));
             let work = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
-            backend.attention_backward(&q, &k, &v, &out, &lse, dout, work, dq, dk, dv, Add);
-            std::mem::swap(&mut scratch[which], d);
+            backend.attention_backward(&qkv, &out, &lse, dout, work, &mut dqkv, Add);
+            d.data.iter_mut().zip(&third(&dqkv, which).data).for_each(|(d, g)| *d += g);
         };
         check_vjp(
             &format!("attention {shape:?} dq"),
@@ -947,6 +968,7 @@ fn results_do_not_depend_on_thread_count() {
         let backend = CpuBackend;
         let mut rng = TestRng(14);
         let x = rng.tensor(&[2, 16, 12, 12]);
+        let qkv = rng.tensor(&[2, 48, 12, 12]);
         let w = rng.tensor(&[20, 16, 3, 3]);
         let g = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
         let mut conv = zeros(&[2, 20, 6, 6]);
@@ -959,12 +981,12 @@ fn results_do_not_depend_on_thread_count() {
         let input = LayerInput::one(&x);
         backend.group_norm_backward(input, &gamma, &beta, &stats, 4, true, &norm, LayerGradient::one(&mut dx, Add));
         let (mut att, mut lse) = (zeros(&x.shape), zeros(&[2, 144]));
-        backend.attention(&x, &norm, &dx, &mut att, &mut lse);
-        let (mut dq, mut dk, mut dv) = (zeros(&x.shape), zeros(&x.shape), zeros(&x.shape));
+        backend.attention(&qkv, &mut att, &mut lse);
+        let mut dqkv = zeros(&qkv.shape);
         let (mut row_terms, mut dout_rounded) = (zeros(&[2, 144]), zeros(&x.shape));
         let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
-        backend.attention_backward(&x, &norm, &dx, &att, &lse, &x, scratch, &mut dq, &mut dk, &mut dv, Add);
-        [conv.data, dx.data, att.data, dq.data, dk.data, dv.data]
+        backend.attention_backward(&qkv, &att, &lse, &x, scratch, &mut dqkv, Add);
+        [conv.data, dx.data, att.data, dqkv.data]
     };
     let with_threads = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap().install(run);
     assert!(with_threads(1) == with_threads(3), "results differ between 1 and 3 threads");

@@ -785,13 +785,12 @@ test_device!(upsample_conv2d, upsample_conv2d_op, ALL_DTYPES);
 fn attention_op<B: Backend>(b: &B, dtype: Precision) {
     let mut h = Harness::new(b, dtype, "attention");
     for (n, c, hh, w) in [(2, 32, 4, 4), (1, 64, 3, 5)] {
-        let (q, qr) = h.input(&[n, c, hh, w]);
-        let (k, kr) = h.input(&[n, c, hh, w]);
-        let (v, vr) = h.input(&[n, c, hh, w]);
+        // q, k, v: the channel thirds of one tensor, as the UNet's fused projection writes them.
+        let (qkv, qkv_r) = h.input(&[n, 3 * c, hh, w]);
         let (mut out, mut out_r) = h.output(&[n, c, hh, w]);
         let (mut lse, mut lse_r) = h.output_as(&[n, hh * w], Precision::F32);
-        b.attention(&q, &k, &v, &mut out, &mut lse);
-        h.cpu.attention(&qr, &kr, &vr, &mut out_r, &mut lse_r);
+        b.attention(&qkv, &mut out, &mut lse);
+        h.cpu.attention(&qkv_r, &mut out_r, &mut lse_r);
         h.check(&format!("attention {n}x{c}x{hh}x{w}"), &out, &out_r);
         h.check(&format!("attention {n}x{c}x{hh}x{w}: logsumexp"), &lse, &lse_r);
     }
@@ -804,45 +803,26 @@ fn attention_backward_op<B: Backend>(b: &B, dtype: Precision) {
     // multiple of a tile), 256 channels (the UNet's attention width; shared memory above 48 KB), and
     // 136 channels over 35 positions (C < D at D 256, where warps pair up; a partial streamed tile).
     for (n, c, hh, w) in [(1, 64, 16, 16), (3, 32, 8, 8), (2, 40, 3, 5), (1, 256, 4, 5), (2, 136, 5, 7)] {
-        let shape = [n, c, hh, w];
-        let (q, qr) = h.input(&shape);
-        let (k, kr) = h.input(&shape);
-        let (v, vr) = h.input(&shape);
+        let (shape, qkv_shape) = ([n, c, hh, w], [n, 3 * c, hh, w]);
+        let (qkv, qkv_r) = h.input(&qkv_shape);
         // The forward's out and log-sum-exp from the reference, the same values on both backends.
         let (mut out_r, mut lse_r) = (h.cpu.zeros_as(&shape, dtype).unwrap(), h.cpu.zeros(&[n, hh * w]).unwrap());
-        h.cpu.attention(&qr, &kr, &vr, &mut out_r, &mut lse_r);
+        h.cpu.attention(&qkv_r, &mut out_r, &mut lse_r);
         let out = b.upload_as(&out_r.data, &shape, dtype).unwrap();
         let lse = b.upload(&lse_r.data, &[n, hh * w]).unwrap();
         // Gradients are f32 in the plans; one case also stores them in the activation type.
         let grad_dtype = if c == 40 { dtype } else { Precision::F32 };
         let (dout, dout_r) = h.input_as(&shape, grad_dtype, 1.0);
         for store in [Add, Write] {
-            let (mut dq, mut dq_r) = gradient(&mut h, &shape, grad_dtype, store);
-            let (mut dk, mut dk_r) = gradient(&mut h, &shape, grad_dtype, store);
-            let (mut dv, mut dv_r) = gradient(&mut h, &shape, grad_dtype, store);
+            let (mut dqkv, mut dqkv_r) = gradient(&mut h, &qkv_shape, grad_dtype, store);
             // Scratch poisoned too: nothing may be read from it before the op writes it.
             let (mut row_terms, mut row_terms_r) = h.output_as(&[n, hh * w], Precision::F32);
             let (mut dout_rounded, mut dout_rounded_r) = h.output_as(&shape, dtype);
             let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
-            b.attention_backward(&q, &k, &v, &out, &lse, &dout, scratch, &mut dq, &mut dk, &mut dv, store);
-            let grads_r = (&mut dq_r, &mut dk_r, &mut dv_r);
-            h.cpu.attention_backward(
-                &qr,
-                &kr,
-                &vr,
-                &out_r,
-                &lse_r,
-                &dout_r,
-                AttentionScratch { row_terms: &mut row_terms_r, dout_rounded: &mut dout_rounded_r },
-                grads_r.0,
-                grads_r.1,
-                grads_r.2,
-                store,
-            );
-            let what = format!("attention_backward {n}x{c}x{hh}x{w} ({store:?})");
-            h.check(&format!("{what}: dq"), &dq, &dq_r);
-            h.check(&format!("{what}: dk"), &dk, &dk_r);
-            h.check(&format!("{what}: dv"), &dv, &dv_r);
+            b.attention_backward(&qkv, &out, &lse, &dout, scratch, &mut dqkv, store);
+            let scratch_r = AttentionScratch { row_terms: &mut row_terms_r, dout_rounded: &mut dout_rounded_r };
+            h.cpu.attention_backward(&qkv_r, &out_r, &lse_r, &dout_r, scratch_r, &mut dqkv_r, store);
+            h.check(&format!("attention_backward {n}x{c}x{hh}x{w} ({store:?}): dq, dk, dv"), &dqkv, &dqkv_r);
         }
     }
 }
@@ -1050,23 +1030,33 @@ fn emulator_backward_ops_report_bad_shapes() {
     b.group_norm_backward(one, &gamma, &beta, &stats, 2, true, &x, LayerGradient::one(&mut dx, Add).plus(&wrong_plus));
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("group_norm_backward: plus") && err.contains("[2, 8, 3, 3]"), "{err}");
+    // The attention's q, k, v are the thirds of one tensor: 3 x 4 channels over x's 4.
+    let (qkv, mut dqkv) = (b.zeros(&[2, 12, 3, 3]).unwrap(), b.zeros(&[2, 12, 3, 3]).unwrap());
     let wrong_lse = b.zeros(&[2, 8]).unwrap();
-    let (mut dq, mut dk) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 3, 3]).unwrap());
     let (mut row_terms, mut wrong_row_terms) = (b.zeros(&[2, 9]).unwrap(), b.zeros(&[2, 8]).unwrap());
     let (mut dout_rounded, mut wrong_dout_rounded) = (b.zeros(&[2, 4, 3, 3]).unwrap(), b.zeros(&[2, 4, 9]).unwrap());
     let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
-    b.attention_backward(&x, &x, &x, &x, &wrong_lse, &x, scratch, &mut dq, &mut dk, &mut dx, Add);
+    b.attention_backward(&qkv, &x, &wrong_lse, &x, scratch, &mut dqkv, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: logsumexp") && err.contains("[2, 9]"), "{err}");
     let lse = b.zeros(&[2, 9]).unwrap();
     let scratch = AttentionScratch { row_terms: &mut wrong_row_terms, dout_rounded: &mut dout_rounded };
-    b.attention_backward(&x, &x, &x, &x, &lse, &x, scratch, &mut dq, &mut dk, &mut dx, Add);
+    b.attention_backward(&qkv, &x, &lse, &x, scratch, &mut dqkv, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: row_terms") && err.contains("[2, 9]"), "{err}");
     let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut wrong_dout_rounded };
-    b.attention_backward(&x, &x, &x, &x, &lse, &x, scratch, &mut dq, &mut dk, &mut dx, Add);
+    b.attention_backward(&qkv, &x, &lse, &x, scratch, &mut dqkv, Add);
     let err = b.synchronize().unwrap_err().to_string();
     assert!(err.contains("attention_backward: dout_rounded") && err.contains("[2, 4, 3, 3]"), "{err}");
+    // A qkv whose channels are not three equal thirds, and a dqkv not of qkv's shape.
+    let mut lse_out = b.zeros(&[2, 9]).unwrap();
+    b.attention(&x, &mut dx, &mut lse_out);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("attention: qkv: 4 channels, not three equal thirds"), "{err}");
+    let scratch = AttentionScratch { row_terms: &mut row_terms, dout_rounded: &mut dout_rounded };
+    b.attention_backward(&qkv, &x, &lse, &x, scratch, &mut dx, Add);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("attention_backward: dqkv") && err.contains("[2, 12, 3, 3]"), "{err}");
     // The sub-pixel upsample's weights must come in its form (Co x Ci x 4 x 4), not as 3x3.
     let w3 = b.zeros(&[4, 4, 3, 3]).unwrap();
     let mut dup = b.zeros(&[2, 4, 6, 6]).unwrap();

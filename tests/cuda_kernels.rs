@@ -465,7 +465,8 @@ pub fn check_attention(
     let (v_host, v) = mem.upload(&common::uniform(len, seed + 2), dtype);
     let out = mem.poisoned(len, dtype);
     let logsumexp = mem.poisoned(batch * positions, Precision::F32);
-    let launch = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
+    let qkv_stride = channels;
+    let launch = AttentionLaunch { batch, positions, channels, qkv_stride, dtype, q, k, v, out, logsumexp };
     attention::launch_attention_version(driver, kernels, &launch, version, workspace)
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -475,17 +476,31 @@ pub fn check_attention(
     let to_nchw = |v: &[f32]| nhwc_to_nchw(v, positions, channels);
     let cpu = CpuBackend;
     let shape = [batch, channels, positions, 1];
-    let qt = cpu.upload(&to_nchw(&q_host), &shape).unwrap();
-    let kt = cpu.upload(&to_nchw(&k_host), &shape).unwrap();
-    let vt = cpu.upload(&to_nchw(&v_host), &shape).unwrap();
+    let qkv = stack_thirds([&to_nchw(&q_host), &to_nchw(&k_host), &to_nchw(&v_host)], batch);
+    let qkv_t = cpu.upload(&qkv, &[batch, 3 * channels, positions, 1]).unwrap();
     let mut out_t = cpu.zeros(&shape).unwrap();
     let mut lse_t = cpu.zeros(&[batch, positions]).unwrap();
-    cpu.attention(&qt, &kt, &vt, &mut out_t, &mut lse_t);
+    cpu.attention(&qkv_t, &mut out_t, &mut lse_t);
     let mut reference = cpu.download(&out_t).unwrap();
     if dtype != Precision::F32 {
         reference = encode(&reference, dtype).0;
     }
     (relative_l2(&to_nchw(&out_nhwc), &reference), relative_l2(&lse, &cpu.download(&lse_t).unwrap()))
+}
+
+/// The N x 3C x ... values (NCHW) whose channel thirds are the three N x C x ... tensors given: the
+/// q/k/v tensor the reference attention reads.
+fn stack_thirds(thirds: [&[f32]; 3], batch: usize) -> Vec<f32> {
+    let sample = thirds[0].len() / batch;
+    (0..batch)
+        .flat_map(|n| thirds.into_iter().flat_map(move |t| t[n * sample..(n + 1) * sample].iter().copied()))
+        .collect()
+}
+
+/// Third `which` (0 q, 1 k, 2 v) of N x 3C x ... values (NCHW).
+fn third_of(values: &[f32], which: usize, batch: usize) -> Vec<f32> {
+    let sample = values.len() / batch / 3;
+    (0..batch).flat_map(|n| values[(3 * n + which) * sample..][..sample].iter().copied()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -770,10 +785,12 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
 
 #[test]
 fn attention_launch_rejects_bad_shapes_with_a_message() {
+    // q, k, v the thirds of one tensor (rows of 3C), as the UNet runs them.
     let ok = AttentionLaunch {
         batch: 2,
         positions: 256,
         channels: 128,
+        qkv_stride: 384,
         dtype: Precision::F32,
         q: 0x1000,
         k: 0x2000,
@@ -787,6 +804,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         (AttentionLaunch { positions: 0, ..ok }, "empty input"),
         (AttentionLaunch { logsumexp: 0, ..ok }, "null device pointer for `logsumexp`"),
         (AttentionLaunch { dtype: Precision::Bf16, v: 0x3001, ..ok }, "not aligned"),
+        (AttentionLaunch { qkv_stride: 127, ..ok }, "rows 127 elements apart, for 128 channels"),
     ] {
         let err = launch.validate().expect_err(expected).to_string();
         assert!(err.contains(expected), "expected `{expected}` in `{err}`");
@@ -794,11 +812,18 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
     let bf16 = AttentionLaunch { dtype: Precision::Bf16, ..ok };
     assert_eq!(attention::kernel_for(&bf16, AttentionVersion::TensorCore).unwrap(), "attention_forward_mma_bf16_d128");
     assert_eq!(attention::kernel_for(&bf16, AttentionVersion::Simt).unwrap(), "attention_forward_bf16_c8");
-    let odd = AttentionLaunch { channels: 36, ..bf16 };
+    let odd = AttentionLaunch { channels: 36, qkv_stride: 108, ..bf16 };
     assert!(attention::kernel_for(&odd, AttentionVersion::TensorCore)
         .unwrap_err()
         .to_string()
-        .contains("multiple of 8"));
+        .contains("multiples of 8"));
+    // Rows whose stride breaks the 16-byte copies (the SIMT kernel takes any stride).
+    let odd_stride = AttentionLaunch { qkv_stride: 132, ..bf16 };
+    assert!(attention::kernel_for(&odd_stride, AttentionVersion::TensorCore)
+        .unwrap_err()
+        .to_string()
+        .contains("rows 132 apart"));
+    assert!(attention::kernel_for(&odd_stride, AttentionVersion::Simt).is_ok());
     assert!(attention::kernel_for(&ok, AttentionVersion::TensorCore).is_err());
     // The backward: the forward's checks, then the gradients' pointers.
     let backward = AttentionBackwardLaunch {
@@ -813,6 +838,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         dk_dtype: Precision::F32,
         dv: 0x9000,
         dv_dtype: Precision::F32,
+        grad_stride: 384,
         accumulate: true,
     };
     assert_eq!(
@@ -825,7 +851,8 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         (AttentionBackwardLaunch { dout_rounded: 0xb001, ..backward }, "`dout_rounded` at 0xb001 is not aligned"),
         (AttentionBackwardLaunch { dout_rounded: 0xb008, ..backward }, "16-byte aligned q, k, v and dout_rounded"),
         (AttentionBackwardLaunch { dv: 0x9002, ..backward }, "`dv` at 0x9002 is not aligned"),
-        (AttentionBackwardLaunch { forward: odd, ..backward }, "multiple of 8"),
+        (AttentionBackwardLaunch { forward: odd, ..backward }, "multiples of 8"),
+        (AttentionBackwardLaunch { grad_stride: 100, ..backward }, "dq, dk, dv rows 100 elements apart"),
         (AttentionBackwardLaunch { forward: AttentionLaunch { positions: 0, ..bf16 }, ..backward }, "empty input"),
     ] {
         let err = attention::backward_kernels_for(&launch).expect_err(expected).to_string();
@@ -964,6 +991,7 @@ fn unlaunched_attention_backward(forward: AttentionLaunch) -> AttentionBackwardL
         dk_dtype: Precision::F32,
         dv: 0xb000,
         dv_dtype: Precision::F32,
+        grad_stride: 3 * forward.channels,
         accumulate: false,
     }
 }
@@ -975,6 +1003,7 @@ fn unlaunched_attention(positions: usize, channels: usize) -> AttentionLaunch {
         batch: 1,
         positions,
         channels,
+        qkv_stride: 3 * channels,
         dtype: Precision::Bf16,
         q: 0x1000,
         k: 0x2000,
@@ -1518,14 +1547,17 @@ fn check_attention_backward(
     let cpu = CpuBackend;
     let shape = [batch, channels, positions, 1];
     let up = |v: &[f32]| cpu.upload(&to_nchw(v), &shape).unwrap();
-    let (qt, kt, vt) = (up(&q_host), up(&k_host), up(&v_host));
+    let qkv_shape = [batch, 3 * channels, positions, 1];
+    let stacked = |[a, b, c]: [&[f32]; 3]| stack_thirds([&to_nchw(a), &to_nchw(b), &to_nchw(c)], batch);
+    let qkv_t = cpu.upload(&stacked([&q_host, &k_host, &v_host]), &qkv_shape).unwrap();
     let mut out_t = cpu.zeros_as(&shape, dtype).unwrap();
     let mut lse_t = cpu.zeros(&[batch, positions]).unwrap();
-    cpu.attention(&qt, &kt, &vt, &mut out_t, &mut lse_t);
+    cpu.attention(&qkv_t, &mut out_t, &mut lse_t);
     let (_, out) = mem.upload(&to_nhwc(&cpu.download(&out_t).unwrap()), dtype);
     let (_, logsumexp) = mem.upload(&cpu.download(&lse_t).unwrap(), Precision::F32);
 
-    let forward = AttentionLaunch { batch, positions, channels, dtype, q, k, v, out, logsumexp };
+    let qkv_stride = channels;
+    let forward = AttentionLaunch { batch, positions, channels, qkv_stride, dtype, q, k, v, out, logsumexp };
     let (_, row_terms) = mem.upload(&vec![f32::NAN; batch * positions], Precision::F32);
     let (_, dout_rounded) = mem.upload(&vec![f32::NAN; len], dtype);
     let launch = AttentionBackwardLaunch {
@@ -1540,6 +1572,7 @@ fn check_attention_backward(
         dk_dtype: grad_dtype,
         dv,
         dv_dtype: grad_dtype,
+        grad_stride: channels,
         accumulate: true,
     };
     let (names, launched) = if dtype == Precision::F32 {
@@ -1553,25 +1586,15 @@ fn check_attention_backward(
     driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
 
     let dout_t = up(&dout_host);
-    let (mut dq_t, mut dk_t, mut dv_t) = (up(&dq_host), up(&dk_host), up(&dv_host));
+    let mut dqkv_t = cpu.upload(&stacked([&dq_host, &dk_host, &dv_host]), &qkv_shape).unwrap();
     let mut row_terms_t = cpu.zeros(&[batch, positions]).unwrap();
     let mut dout_rounded_t = cpu.zeros(&shape).unwrap();
-    let add = GradientStore::Add;
-    cpu.attention_backward(
-        &qt,
-        &kt,
-        &vt,
-        &out_t,
-        &lse_t,
-        &dout_t,
-        AttentionScratch { row_terms: &mut row_terms_t, dout_rounded: &mut dout_rounded_t },
-        &mut dq_t,
-        &mut dk_t,
-        &mut dv_t,
-        add,
-    );
-    let errors = [(dq, &dq_t), (dk, &dk_t), (dv, &dv_t)].map(|(ptr, reference)| {
-        let mut want = cpu.download(reference).unwrap();
+    let scratch = AttentionScratch { row_terms: &mut row_terms_t, dout_rounded: &mut dout_rounded_t };
+    cpu.attention_backward(&qkv_t, &out_t, &lse_t, &dout_t, scratch, &mut dqkv_t, GradientStore::Add);
+    let dqkv_values = cpu.download(&dqkv_t).unwrap();
+    let errors = [0, 1, 2].map(|which| {
+        let ptr = [dq, dk, dv][which];
+        let mut want = third_of(&dqkv_values, which, batch);
         if grad_dtype != Precision::F32 {
             want = encode(&want, grad_dtype).0;
         }

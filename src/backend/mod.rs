@@ -594,32 +594,23 @@ pub trait Backend {
         store: GradientStore,
     );
 
-    /// Single-head softmax attention over the H*W positions of q, k, v (N x C x H x W):
-    /// `out[:, :, i] = sum_j softmax_j(q_i . k_j / sqrt(C)) v_j`. Saves the per-query log-sum-exp
-    /// (N x HW) so the backward can rebuild the probabilities without storing them.
-    fn attention(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        out: &mut Self::Tensor,
-        logsumexp: &mut Self::Tensor,
-    );
-    /// dq, dk, dv = (or += with `GradientStore::Add`) the attention's vector-Jacobian product,
-    /// with `scratch` the plan provides (`AttentionScratch`).
+    /// Single-head softmax attention over the H*W positions of q, k, v, the channel thirds of
+    /// `qkv` (N x 3C x H x W: q is channels [0, C), k [C, 2C), v [2C, 3C), as the one 1x1
+    /// convolution that projects all three writes them): `out[:, :, i] = sum_j softmax_j(q_i . k_j
+    /// / sqrt(C)) v_j`, out N x C x H x W. Saves the per-query log-sum-exp (N x HW) so the backward
+    /// can rebuild the probabilities without storing them.
+    fn attention(&self, qkv: &Self::Tensor, out: &mut Self::Tensor, logsumexp: &mut Self::Tensor);
+    /// dqkv = (or += with `GradientStore::Add`) the attention's vector-Jacobian product (dq, dk, dv
+    /// its thirds, as q, k, v of `qkv`), with `scratch` the plan provides (`AttentionScratch`).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
+        qkv: &Self::Tensor,
         out: &Self::Tensor,
         logsumexp: &Self::Tensor,
         dout: &Self::Tensor,
         scratch: AttentionScratch<'_, Self::Tensor>,
-        dq: &mut Self::Tensor,
-        dk: &mut Self::Tensor,
-        dv: &mut Self::Tensor,
+        dqkv: &mut Self::Tensor,
         store: GradientStore,
     );
 

@@ -95,9 +95,9 @@ fn subpixel_flops<T: TensorShape>(out_elements: usize, w: &T) -> f64 {
     2.0 * out_elements as f64 * (w.shape()[1] * 4) as f64
 }
 
-/// Attention over q (N x C x H x W): q k^T and p v, each N * HW * HW * C multiply-adds.
-fn attention_flops<T: TensorShape>(q: &T) -> f64 {
-    let s = q.shape();
+/// Attention with output `out` (N x C x H x W): q k^T and p v, each N * HW * HW * C multiply-adds.
+fn attention_flops<T: TensorShape>(out: &T) -> f64 {
+    let s = out.shape();
     let positions = (s[2] * s[3]) as f64;
     4.0 * s[0] as f64 * positions * positions * s[1] as f64
 }
@@ -398,36 +398,32 @@ impl<B: Backend> Backend for Profiled<'_, B> {
             || self.inner.upsample_conv2d_backward_input(dout, w, dx, store),
         )
     }
-    fn attention(&self, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor, out: &mut B::Tensor, logsumexp: &mut B::Tensor) {
+    fn attention(&self, qkv: &B::Tensor, out: &mut B::Tensor, logsumexp: &mut B::Tensor) {
         self.counted_as(
             "attention",
-            Some(channels_at(q)),
-            Cost { flops: attention_flops(q), bytes: bytes(&[q, k, v, &*out, &*logsumexp]) },
-            || self.inner.attention(q, k, v, out, logsumexp),
+            Some(channels_at(&*out)),
+            Cost { flops: attention_flops(&*out), bytes: bytes(&[qkv, &*out, &*logsumexp]) },
+            || self.inner.attention(qkv, out, logsumexp),
         )
     }
     fn attention_backward(
         &self,
-        q: &B::Tensor,
-        k: &B::Tensor,
-        v: &B::Tensor,
+        qkv: &B::Tensor,
         out: &B::Tensor,
         logsumexp: &B::Tensor,
         dout: &B::Tensor,
         scratch: AttentionScratch<'_, B::Tensor>,
-        dq: &mut B::Tensor,
-        dk: &mut B::Tensor,
-        dv: &mut B::Tensor,
+        dqkv: &mut B::Tensor,
         store: GradientStore,
     ) {
         self.counted_as(
             "attention_backward",
-            Some(channels_at(q)),
+            Some(channels_at(out)),
             Cost {
-                flops: 2.5 * attention_flops(q),
-                bytes: bytes(&[q, k, v, out, logsumexp, dout]) + gradient_bytes(&[&*dq, &*dk, &*dv], store),
+                flops: 2.5 * attention_flops(out),
+                bytes: bytes(&[qkv, out, logsumexp, dout]) + gradient_bytes(&[&*dqkv], store),
             },
-            || self.inner.attention_backward(q, k, v, out, logsumexp, dout, scratch, dq, dk, dv, store),
+            || self.inner.attention_backward(qkv, out, logsumexp, dout, scratch, dqkv, store),
         )
     }
     fn upsample_nearest2x(&self, x: &B::Tensor, out: &mut B::Tensor) {

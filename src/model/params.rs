@@ -49,6 +49,31 @@ impl<B: Backend> Conv<B> {
             geometry,
         })
     }
+
+    /// One convolution with the output channels of the named ones stacked in order (each `cout`
+    /// channels, the same input and geometry): the attention's q, k and v projections, one launch
+    /// that reads its input once and gives the GEMM three times the columns.
+    pub fn load_stacked(
+        src: &mut impl ParamSource<B>,
+        names: &[String],
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        geometry: Conv2dGeometry,
+    ) -> Result<Self> {
+        let (mut weight, mut bias) = (Vec::new(), Vec::new());
+        for name in names {
+            weight.extend(src.host(&format!("{name}.weight"), &[cout, cin, kernel, kernel])?);
+            bias.extend(src.host(&format!("{name}.bias"), &[cout])?);
+        }
+        let stacked = names.len() * cout;
+        let backend = src.backend();
+        Ok(Self {
+            weight: backend.upload_as(&weight, &[stacked, cin, kernel, kernel], backend.precision())?,
+            bias: backend.upload(&bias, &[stacked])?,
+            geometry,
+        })
+    }
 }
 
 /// The UNet Upsample's convolution (3x3, padding 1, of the nearest-x2 upsampled input), its

@@ -79,12 +79,11 @@ impl TembProjections {
     }
 }
 
-/// AttnBlock(C): `out = x + proj_out(attention(q(h), k(h), v(h)))`, `h = norm(x)`.
+/// AttnBlock(C): `out = x + proj_out(attention(q(h), k(h), v(h)))`, `h = norm(x)`. The q, k and v
+/// projections (1x1, C -> C each) are one convolution C -> 3C, its output channels q's, k's, v's.
 pub struct AttnBlock<B: Backend> {
     norm: GroupNorm<B>,
-    q: Conv<B>,
-    k: Conv<B>,
-    v: Conv<B>,
+    qkv: Conv<B>,
     proj_out: Conv<B>,
 }
 
@@ -93,9 +92,7 @@ impl<B: Backend> AttnBlock<B> {
         let one = Conv2dGeometry::same(0);
         Ok(Self {
             norm: GroupNorm::load(src, &format!("{name}.norm"), c, NORM_GROUPS, NORM_EPS)?,
-            q: Conv::load(src, &format!("{name}.q"), c, c, 1, one)?,
-            k: Conv::load(src, &format!("{name}.k"), c, c, 1, one)?,
-            v: Conv::load(src, &format!("{name}.v"), c, c, 1, one)?,
+            qkv: Conv::load_stacked(src, &["q", "k", "v"].map(|p| format!("{name}.{p}")), c, c, 1, one)?,
             proj_out: Conv::load(src, &format!("{name}.proj_out"), c, c, 1, one)?,
         })
     }
@@ -349,10 +346,10 @@ impl<B: Backend> Unet<B> {
                     }
                 }
                 Layer::Attn(_) => {
-                    for _ in 0..5 {
-                        bufs.push(t(&[batch, cout, h, w])?); // norm, q, k, v, attention output
-                    }
-                    narrow.extend([1, 2, 3]); // dq, dk, dv: written by the attention's backward
+                    bufs.push(t(&[batch, cout, h, w])?); // norm
+                    bufs.push(t(&[batch, 3 * cout, h, w])?); // q, k, v
+                    narrow.push(1); // dq, dk, dv: written by the attention's backward
+                    bufs.push(t(&[batch, cout, h, w])?); // attention output
                     bufs.push(stats(cout)?);
                     bufs.push(backend.zeros(&[batch, h * w])?); // log-sum-exp
                 }
@@ -771,15 +768,13 @@ fn resnet_backward<B: Backend>(
     b.group_norm_backward(x, &norm1.gamma, &norm1.beta, stats1, norm1.groups, true, dn1, dx.plus(dshortcut));
 }
 
-/// Saved layout: [norm, q, k, v, attention, stats, logsumexp].
+/// Saved layout: [norm, qkv, attention, stats, logsumexp].
 fn attn_forward<B: Backend>(b: &B, block: &AttnBlock<B>, x: &B::Tensor, saved: &mut [B::Tensor], out: &mut B::Tensor) {
-    let [n, q, k, v, a, stats, lse] = saved else { unreachable!("AttnBlock buffers are laid out by Unet::plan") };
+    let [n, qkv, a, stats, lse] = saved else { unreachable!("AttnBlock buffers are laid out by Unet::plan") };
     let norm = &block.norm;
     b.group_norm(LayerInput::one(x), &norm.gamma, &norm.beta, norm.groups, norm.eps, false, n, stats);
-    conv_forward(b, &block.q, LayerInput::one(n), ConvEpilogue::default(), q);
-    conv_forward(b, &block.k, LayerInput::one(n), ConvEpilogue::default(), k);
-    conv_forward(b, &block.v, LayerInput::one(n), ConvEpilogue::default(), v);
-    b.attention(q, k, v, a, lse);
+    conv_forward(b, &block.qkv, LayerInput::one(n), ConvEpilogue::default(), qkv);
+    b.attention(qkv, a, lse);
     let epilogue = ConvEpilogue { residual: Some(x), ..Default::default() };
     conv_forward(b, &block.proj_out, LayerInput::one(a), epilogue, out);
 }
@@ -797,22 +792,21 @@ fn attn_backward<B: Backend>(
     dsaved: &mut [B::Tensor],
     dx: LayerGradient<'_, B::Tensor>,
 ) {
-    use GradientStore::{Add, Write};
-    let [_, q, k, v, a, stats, lse] = saved else { unreachable!() };
+    use GradientStore::Write;
+    let [_, qkv, a, stats, lse] = saved else { unreachable!() };
     // The attention backward's scratch: the log-sum-exp's gradient slot (N x HW f32, otherwise
-    // unused), and a buffer of q's shape and type past the saved tensors' gradients in 16-bit
-    // plans; in f32 plans the norm's gradient (q's shape and type, written only after it).
-    let [dn, dq, dk, dv, da, _, row_terms, rounded @ ..] = dsaved else { unreachable!() };
+    // unused), and a buffer of the output's shape and type past the saved tensors' gradients in
+    // 16-bit plans; in f32 plans the norm's gradient (that shape and type, written only after it).
+    let [dn, dqkv, da, _, row_terms, rounded @ ..] = dsaved else { unreachable!() };
     b.conv2d_backward_input(conv_dout, &block.proj_out.weight, block.proj_out.geometry, da, Write);
     let dout_rounded = match rounded {
         [buffer] => buffer,
         _ => &mut *dn,
     };
     let scratch = AttentionScratch { row_terms, dout_rounded };
-    b.attention_backward(q, k, v, a, lse, da, scratch, dq, dk, dv, Write);
-    b.conv2d_backward_input(dq, &block.q.weight, block.q.geometry, dn, Write);
-    b.conv2d_backward_input(dk, &block.k.weight, block.k.geometry, dn, Add);
-    b.conv2d_backward_input(dv, &block.v.weight, block.v.geometry, dn, Add);
+    b.attention_backward(qkv, a, lse, da, scratch, dqkv, Write);
+    // One input gradient for q, k and v: K = 3C, dqkv against the stacked weights.
+    b.conv2d_backward_input(dqkv, &block.qkv.weight, block.qkv.geometry, dn, Write);
     // The residual: dout reaches x unchanged, added as the norm's backward stores.
     let norm = &block.norm;
     b.group_norm_backward(LayerInput::one(x), &norm.gamma, &norm.beta, stats, norm.groups, false, dn, dx.plus(dout));

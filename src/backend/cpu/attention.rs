@@ -1,6 +1,8 @@
 //! Single-head softmax attention over the H*W positions of NCHW tensors, and its gradient.
 //!
-//! Per sample, with L = H*W positions and C channels: `s_ij = (q_i . k_j) / sqrt(C)`,
+//! q, k and v are the channel thirds of one N x 3C x H x W tensor `qkv` (the one 1x1 convolution
+//! that projects all three), so each is a C x L block of its sample's 3C x L. Per sample, with
+//! L = H*W positions and C channels: `s_ij = (q_i . k_j) / sqrt(C)`,
 //! `lse_i = log sum_j exp(s_ij)`, `p_ij = exp(s_ij - lse_i)`, `out[c][i] = sum_j p_ij v[c][j]`.
 //! The L x L probabilities are built in a scratch matrix one sample at a time (row-parallel), then
 //! contracted with the channel rows of v (channel-parallel), which are contiguous in NCHW.
@@ -17,21 +19,19 @@ fn score_row(q: &[f32], k: &[f32], positions: usize, i: usize, scale: f32, score
     scores.iter_mut().for_each(|s| *s *= scale);
 }
 
-/// out (N x C x L) and logsumexp (N x L) of attention(q, k, v).
-pub fn forward(
-    channels: usize,
-    positions: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &mut [f32],
-    logsumexp: &mut [f32],
-) {
+/// Sample n's q, k and v (each C x L) in `qkv` (N x 3C x L).
+fn thirds(qkv: &[f32], n: usize, cl: usize) -> (&[f32], &[f32], &[f32]) {
+    let sample = &qkv[n * 3 * cl..][..3 * cl];
+    (&sample[..cl], &sample[cl..2 * cl], &sample[2 * cl..])
+}
+
+/// out (N x C x L) and logsumexp (N x L) of attention(q, k, v), q, k, v the thirds of `qkv`.
+pub fn forward(channels: usize, positions: usize, qkv: &[f32], out: &mut [f32], logsumexp: &mut [f32]) {
     let (c, l) = (channels, positions);
     let scale = 1.0 / (c as f32).sqrt();
     let mut probs = vec![0.0f32; l * l];
     for (n, (out_n, lse_n)) in out.chunks_mut(c * l).zip(logsumexp.chunks_mut(l)).enumerate() {
-        let (q_n, k_n, v_n) = (&q[n * c * l..][..c * l], &k[n * c * l..][..c * l], &v[n * c * l..][..c * l]);
+        let (q_n, k_n, v_n) = thirds(qkv, n, c * l);
         probs.par_chunks_mut(l).zip(lse_n.par_iter_mut()).enumerate().for_each(|(i, (p, lse))| {
             score_row(q_n, k_n, l, i, scale, p);
             // log-sum-exp in f64 around the row maximum: exact enough to rebuild p in the backward.
@@ -48,30 +48,27 @@ pub fn forward(
     }
 }
 
-/// dq, dk, dv += the vector-Jacobian product of `forward`: with `dP = dO^T V` and
-/// `dS = P * (dP - rowsum(dO * O))`: `dq = scale dS K`, `dk = scale dS^T Q`, `dv = P^T dO`.
+/// dq, dk, dv (the thirds of `dqkv`, as q, k, v of `qkv`) += the vector-Jacobian product of
+/// `forward`: with `dP = dO^T V` and `dS = P * (dP - rowsum(dO * O))`: `dq = scale dS K`,
+/// `dk = scale dS^T Q`, `dv = P^T dO`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     channels: usize,
     positions: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    qkv: &[f32],
     out: &[f32],
     logsumexp: &[f32],
     dout: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    dqkv: &mut [f32],
 ) {
     let (c, l) = (channels, positions);
     let scale = 1.0 / (c as f32).sqrt();
     let mut probs = vec![0.0f32; l * l];
     let mut dscores = vec![0.0f32; l * l];
-    for n in 0..dq.len() / (c * l) {
+    for n in 0..out.len() / (c * l) {
         let r = n * c * l..(n + 1) * c * l;
-        let (q_n, k_n, v_n, o_n, do_n) =
-            (&q[r.clone()], &k[r.clone()], &v[r.clone()], &out[r.clone()], &dout[r.clone()]);
+        let (q_n, k_n, v_n) = thirds(qkv, n, c * l);
+        let (o_n, do_n) = (&out[r.clone()], &dout[r]);
         let lse_n = &logsumexp[n * l..(n + 1) * l];
         // Row-parallel: p_i, and dS_i = p_i * (dP_i - delta_i) with dP_ij = sum_c dO[c][i] v[c][j].
         probs.par_chunks_mut(l).zip(dscores.par_chunks_mut(l)).enumerate().for_each(|(i, (p, ds))| {
@@ -90,7 +87,8 @@ pub fn backward(
             }
         });
         // Channel-parallel: each channel row of dq, dk, dv is contiguous.
-        let (dq_n, dk_n, dv_n) = (&mut dq[r.clone()], &mut dk[r.clone()], &mut dv[r]);
+        let (dq_n, dkv_n) = dqkv[n * 3 * c * l..][..3 * c * l].split_at_mut(c * l);
+        let (dk_n, dv_n) = dkv_n.split_at_mut(c * l);
         dq_n.par_chunks_mut(l).zip(dk_n.par_chunks_mut(l)).zip(dv_n.par_chunks_mut(l)).enumerate().for_each(
             |(ch, ((dq_c, dk_c), dv_c))| {
                 let (q_c, k_c, do_c) =

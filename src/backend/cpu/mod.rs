@@ -72,6 +72,13 @@ fn dims<const R: usize>(t: &CpuTensor, what: &str) -> [usize; R] {
     t.shape[..].try_into().unwrap_or_else(|_| panic!("{what}: expected a {R}-D tensor, got shape {:?}", t.shape))
 }
 
+/// N, C, H, W of the attention whose q, k, v are the channel thirds of `qkv` (N x 3C x H x W).
+fn attention_dims(qkv: &CpuTensor, what: &str) -> [usize; 4] {
+    let [n, c3, h, w] = dims(qkv, what);
+    assert!(c3 % 3 == 0, "{what}: {c3} channels, not three equal thirds (q, k, v)");
+    [n, c3 / 3, h, w]
+}
+
 /// The reference accumulates into every gradient; a `GradientStore::Write` zeroes it first.
 fn clear_for(gradient: GradientStore, tensors: &mut [&mut CpuTensor]) {
     if gradient == GradientStore::Write {
@@ -413,69 +420,43 @@ impl Backend for CpuBackend {
         store(&mut [dx]);
     }
 
-    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, out: &mut CpuTensor, logsumexp: &mut CpuTensor) {
-        let [n, c, h, w] = dims(q, "attention: q");
-        for (t, what) in [(k, "attention: k"), (v, "attention: v"), (&*out, "attention: out")] {
-            expect_shape(t, &q.shape, what);
-        }
+    fn attention(&self, qkv: &CpuTensor, out: &mut CpuTensor, logsumexp: &mut CpuTensor) {
+        let [n, c, h, w] = attention_dims(qkv, "attention: qkv");
+        expect_shape(out, &[n, c, h, w], "attention: out");
         expect_shape(logsumexp, &[n, h * w], "attention: logsumexp");
-        attention::forward(c, h * w, &q.data, &k.data, &v.data, &mut out.data, &mut logsumexp.data);
+        attention::forward(c, h * w, &qkv.data, &mut out.data, &mut logsumexp.data);
         store(&mut [out, logsumexp]);
     }
 
     fn attention_backward(
         &self,
-        q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
+        qkv: &CpuTensor,
         out: &CpuTensor,
         logsumexp: &CpuTensor,
         dout: &CpuTensor,
         scratch: AttentionScratch<'_, CpuTensor>,
-        dq: &mut CpuTensor,
-        dk: &mut CpuTensor,
-        dv: &mut CpuTensor,
+        dqkv: &mut CpuTensor,
         gradient: GradientStore,
     ) {
-        let [n, c, h, w] = dims(q, "attention_backward: q");
+        let [n, c, h, w] = attention_dims(qkv, "attention_backward: qkv");
         // The reference keeps its D_i per query on the stack and reads dout as it is: the scratch
         // is checked, not used.
         expect_shape(scratch.row_terms, &[n, h * w], "attention_backward: row_terms");
-        expect_shape(scratch.dout_rounded, &q.shape, "attention_backward: dout_rounded");
+        expect_shape(scratch.dout_rounded, &out.shape, "attention_backward: dout_rounded");
         assert!(
-            scratch.row_terms.dtype == Precision::F32 && scratch.dout_rounded.dtype == q.dtype,
-            "attention_backward: row_terms is f32 ({}), dout_rounded q's storage type {} ({})",
+            scratch.row_terms.dtype == Precision::F32 && scratch.dout_rounded.dtype == qkv.dtype,
+            "attention_backward: row_terms is f32 ({}), dout_rounded qkv's storage type {} ({})",
             scratch.row_terms.dtype,
-            q.dtype,
+            qkv.dtype,
             scratch.dout_rounded.dtype
         );
-        for (t, what) in [
-            (k, "attention_backward: k"),
-            (v, "attention_backward: v"),
-            (out, "attention_backward: out"),
-            (dout, "attention_backward: dout"),
-            (&*dq, "attention_backward: dq"),
-            (&*dk, "attention_backward: dk"),
-            (&*dv, "attention_backward: dv"),
-        ] {
-            expect_shape(t, &q.shape, what);
-        }
+        expect_shape(out, &[n, c, h, w], "attention_backward: out");
+        expect_shape(dout, &[n, c, h, w], "attention_backward: dout");
+        expect_shape(dqkv, &qkv.shape, "attention_backward: dqkv");
         expect_shape(logsumexp, &[n, h * w], "attention_backward: logsumexp");
-        clear_for(gradient, &mut [&mut *dq, &mut *dk, &mut *dv]);
-        attention::backward(
-            c,
-            h * w,
-            &q.data,
-            &k.data,
-            &v.data,
-            &out.data,
-            &logsumexp.data,
-            &dout.data,
-            &mut dq.data,
-            &mut dk.data,
-            &mut dv.data,
-        );
-        store(&mut [dq, dk, dv]);
+        clear_for(gradient, &mut [&mut *dqkv]);
+        attention::backward(c, h * w, &qkv.data, &out.data, &logsumexp.data, &dout.data, &mut dqkv.data);
+        store(&mut [dqkv]);
     }
 
     fn upsample_nearest2x(&self, x: &CpuTensor, out: &mut CpuTensor) {

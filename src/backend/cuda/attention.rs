@@ -10,12 +10,15 @@ use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Modul
 use crate::error::{Error, Result};
 
 /// One attention: q, k, v and out are N x L x C (NHWC, L = H*W) in `dtype`; logsumexp is N x L f32.
+/// q's, k's and v's rows are `qkv_stride` elements apart: C for tensors of their own, 3C for the
+/// channel thirds of one N x L x 3C tensor (the UNet's fused q/k/v projection); out's C.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionLaunch {
     pub batch: usize,
     /// L = H*W.
     pub positions: usize,
     pub channels: usize,
+    pub qkv_stride: usize,
     pub dtype: Precision,
     pub q: DevicePtr,
     pub k: DevicePtr,
@@ -143,6 +146,9 @@ impl AttentionLaunch {
         if self.batch > 65535 {
             return bad(format!("batch {} over the grid limit 65535", self.batch));
         }
+        if self.qkv_stride < self.channels || self.qkv_stride > i32::MAX as usize {
+            return bad(format!("q, k, v rows {} elements apart, for {} channels", self.qkv_stride, self.channels));
+        }
         if self.positions.div_ceil(QUERIES_PER_BLOCK) > i32::MAX as usize {
             return bad(format!("{} positions over the grid limit", self.positions));
         }
@@ -168,6 +174,7 @@ impl AttentionLaunch {
     fn tensor_core_ok(&self) -> bool {
         self.dtype != Precision::F32
             && self.channels.is_multiple_of(8)
+            && self.qkv_stride.is_multiple_of(8)
             && [self.q, self.k, self.v].iter().all(|p| p.is_multiple_of(16))
             && self.out.is_multiple_of(4)
     }
@@ -197,9 +204,9 @@ impl AttentionLaunch {
         if version.tensor_cores() {
             if !self.tensor_core_ok() {
                 return Err(Error::invalid(format!(
-                    "attention: the tensor-core kernel needs bf16/f16 storage, channels a multiple of 8 and 16-byte \
-                     aligned q, k, v (got {}, {c} channels)",
-                    self.dtype
+                    "attention: the tensor-core kernel needs bf16/f16 storage, channels and q, k, v's row stride \
+                     multiples of 8 and 16-byte aligned q, k, v (got {}, {c} channels, rows {} apart)",
+                    self.dtype, self.qkv_stride
                 )));
             }
             let dim = MMA_HEAD_DIMS.into_iter().find(|&d| d >= c).unwrap_or(256);
@@ -326,6 +333,7 @@ pub fn launch_attention_version(
         .ptr(args.logsumexp)
         .i32(args.positions as i32)
         .i32(args.channels as i32)
+        .i32(args.qkv_stride as i32)
         .f32(scale)
         .ptr(partial_out)
         .ptr(partial_lse);
@@ -376,6 +384,9 @@ pub struct AttentionBackwardLaunch {
     pub dk_dtype: Precision,
     pub dv: DevicePtr,
     pub dv_dtype: Precision,
+    /// Elements between one position's dq (dk, dv) row and the next's (as the forward's
+    /// `qkv_stride`: the gradient of the fused q/k/v tensor has its layout).
+    pub grad_stride: usize,
     /// dq, dk, dv += (true) or = (false).
     pub accumulate: bool,
 }
@@ -403,6 +414,13 @@ impl AttentionBackwardLaunch {
         self.forward
             .validate()
             .map_err(|e| Error::invalid(e.to_string().replace("attention:", "attention backward:")))?;
+        let f = &self.forward;
+        if self.grad_stride < f.channels || self.grad_stride > i32::MAX as usize {
+            return Err(Error::invalid(format!(
+                "attention backward: dq, dk, dv rows {} elements apart, for {} channels",
+                self.grad_stride, f.channels
+            )));
+        }
         let gradients = [
             ("dout", self.dout, self.dout_dtype),
             ("row_terms", self.row_terms, Precision::F32),
@@ -463,9 +481,10 @@ impl AttentionBackwardLaunch {
         let f = &self.forward;
         if !self.tensor_core_ok() {
             return Err(Error::invalid(format!(
-                "attention backward: the tensor-core kernels need bf16/f16 storage, channels a multiple of 8 and \
-                 16-byte aligned q, k, v and dout_rounded (got {}, {} channels)",
-                f.dtype, f.channels
+                "attention backward: the tensor-core kernels need bf16/f16 storage, channels and q, k, v's row \
+                 stride multiples of 8 and 16-byte aligned q, k, v and dout_rounded (got {}, {} channels, rows {} \
+                 apart)",
+                f.dtype, f.channels, f.qkv_stride
             )));
         }
         let dim = MMA_HEAD_DIMS.into_iter().find(|&d| d >= f.channels).unwrap_or(256);
@@ -552,8 +571,12 @@ pub fn launch_attention_backward_mma(
     let scale = 1.0 / (f.channels as f32).sqrt();
     let inputs =
         || KernelArgs::new().ptr(f.q).ptr(f.k).ptr(f.v).ptr(args.dout_rounded).ptr(args.row_terms).ptr(f.logsumexp);
-    let ([(dq, dt_dq), (dk, dt_dk), (dv, dt_dv)], accumulate) = gradient_targets(args, parts, splits);
-    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(f.channels as i32).f32(scale).i32(accumulate as i32);
+    let GradientTargets { gradients: [(dq, dt_dq), (dk, dt_dk), (dv, dt_dv)], stride, accumulate } =
+        gradient_targets(args, parts, splits);
+    let tail = |a: KernelArgs| {
+        let strides = a.i32(f.positions as i32).i32(f.channels as i32).i32(f.qkv_stride as i32).i32(stride as i32);
+        strides.f32(scale).i32(accumulate as i32)
+    };
     driver.launch(dq_kernel, dq_config, &tail(inputs().ptr(dq).i32(dt_dq)))?;
     driver.launch(dkdv_kernel, dkdv_config, &tail(inputs().ptr(dk).i32(dt_dk).ptr(dv).i32(dt_dv)))?;
     reduce_parts(driver, kernels, args, parts, splits)
@@ -577,23 +600,33 @@ fn split_parts(
     }
 }
 
-/// Where the backward kernels write dq, dk and dv (device address and storage code) and whether
-/// they accumulate: the gradients themselves, or, split, every part's gradients in f32 to the
-/// workspace (dq's parts, then dk's, then dv's), written.
-fn gradient_targets(
-    args: &AttentionBackwardLaunch,
-    parts: Option<DevicePtr>,
-    splits: usize,
-) -> ([(DevicePtr, i32); 3], bool) {
+/// Where the backward kernels write dq, dk and dv: the gradients themselves (rows `grad_stride`
+/// apart, += where the launch accumulates), or, split, every part's gradients in f32 to the
+/// workspace (dq's parts, then dk's, then dv's; rows C apart), written.
+struct GradientTargets {
+    /// Device address and storage code of dq, dk, dv.
+    gradients: [(DevicePtr, i32); 3],
+    /// Elements between rows.
+    stride: usize,
+    accumulate: bool,
+}
+
+fn gradient_targets(args: &AttentionBackwardLaunch, parts: Option<DevicePtr>, splits: usize) -> GradientTargets {
     let f = &args.forward;
     let slice = f.batch * f.positions * f.channels;
     let gradient = |which: usize, ptr: DevicePtr, dtype: Precision| match parts {
         Some(base) => (base + (which * splits * slice * 4) as u64, super::dtype_code(Precision::F32)),
         None => (ptr, super::dtype_code(dtype)),
     };
-    let targets =
-        [gradient(0, args.dq, args.dq_dtype), gradient(1, args.dk, args.dk_dtype), gradient(2, args.dv, args.dv_dtype)];
-    (targets, args.accumulate && parts.is_none())
+    GradientTargets {
+        gradients: [
+            gradient(0, args.dq, args.dq_dtype),
+            gradient(1, args.dk, args.dk_dtype),
+            gradient(2, args.dv, args.dv_dtype),
+        ],
+        stride: if parts.is_some() { f.channels } else { args.grad_stride },
+        accumulate: args.accumulate && parts.is_none(),
+    }
 }
 
 /// A split backward's last launch: each gradient = (or +=) the sum of its parts.
@@ -611,6 +644,8 @@ fn reduce_parts(
             .ptr(base)
             .i32(splits as i32)
             .u64(slice as u64)
+            .i32(f.channels as i32)
+            .i32(args.grad_stride as i32)
             .ptr(args.dq)
             .i32(super::dtype_code(args.dq_dtype))
             .ptr(args.dk)
@@ -663,8 +698,12 @@ pub fn launch_attention_backward_simt(
             .i32(super::dtype_code(args.dout_dtype))
             .ptr(f.logsumexp)
     };
-    let ([(dq, dt_dq), (dk, dt_dk), (dv, dt_dv)], accumulate) = gradient_targets(args, parts, splits);
-    let tail = |a: KernelArgs| a.i32(f.positions as i32).i32(c as i32).f32(scale).i32(accumulate as i32);
+    let GradientTargets { gradients: [(dq, dt_dq), (dk, dt_dk), (dv, dt_dv)], stride, accumulate } =
+        gradient_targets(args, parts, splits);
+    let tail = |a: KernelArgs| {
+        let strides = a.i32(f.positions as i32).i32(c as i32).i32(f.qkv_stride as i32).i32(stride as i32);
+        strides.f32(scale).i32(accumulate as i32)
+    };
     let (dq_kernel, dkdv_kernel) = (kernels.get(BACKWARD_KERNELS[0])?, kernels.get(BACKWARD_KERNELS[1])?);
     driver.launch(dq_kernel, config(shared_floats(3, 0)), &tail(inputs().ptr(dq).i32(dt_dq)))?;
     let dkdv_config = config(shared_floats(4, 2 * SIMT_BACKWARD_TILE));

@@ -53,6 +53,30 @@ fn linear_tile(batch: usize) -> usize {
 const GROUPNORM_PARTIALS: usize = 1 << 16;
 
 /// The storage-type code the kernels take (common.cuh `DtypeCode`).
+/// The attention launch over `qkv` (N x 3C x H x W, NHWC on the device: each position's q, k, v
+/// one row of 3C) with C `channels`, its q, k, v the row's thirds.
+fn attention_launch(
+    qkv: &CudaTensor,
+    channels: usize,
+    positions: usize,
+    out: &CudaTensor,
+    logsumexp: &CudaTensor,
+) -> AttentionLaunch {
+    let third = (channels * qkv.dtype.bytes()) as u64;
+    AttentionLaunch {
+        batch: qkv.shape[0],
+        positions,
+        channels,
+        qkv_stride: 3 * channels,
+        dtype: qkv.dtype,
+        q: qkv.ptr,
+        k: qkv.ptr + third,
+        v: qkv.ptr + 2 * third,
+        out: out.ptr,
+        logsumexp: logsumexp.ptr,
+    }
+}
+
 fn dtype_code(d: Precision) -> i32 {
     match d {
         Precision::F32 => 0,
@@ -236,6 +260,14 @@ impl CudaBackend {
         let mma = self.modules.module("attention_mma.cu")?;
         let kernels = AttentionKernels::load(self.driver.as_ref(), simt, Some(mma))?;
         Ok(self.attention.get_or_init(|| kernels))
+    }
+
+    /// N, C, H, W of the attention whose q, k, v are the channel thirds of `qkv` (N x 3C x H x W);
+    /// None (an error stored) where qkv is not that.
+    fn attention_dims(&self, qkv: &CudaTensor, what: &str) -> Option<[usize; 4]> {
+        let [n, c3, h, w] = self.nchw(qkv, what)?;
+        let thirds = self.check(c3 % 3 == 0, || format!("{what}: {c3} channels, not three equal thirds (q, k, v)"));
+        thirds.then_some([n, c3 / 3, h, w])
     }
 
     /// GroupNorm's partial-sum launch for `launch` over `n` samples of `pixels` pixels, with the
@@ -1194,37 +1226,17 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn attention(
-        &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
-        out: &mut CudaTensor,
-        logsumexp: &mut CudaTensor,
-    ) {
-        let Some([n, c, h, w]) = self.nchw(q, "attention: q") else { return };
-        let ok = self.check_shape(k, &q.shape, "attention: k")
-            && self.check_shape(v, &q.shape, "attention: v")
-            && self.check_shape(out, &q.shape, "attention: out")
+    fn attention(&self, qkv: &CudaTensor, out: &mut CudaTensor, logsumexp: &mut CudaTensor) {
+        let Some([n, c, h, w]) = self.attention_dims(qkv, "attention: qkv") else { return };
+        let ok = self.check_shape(out, &[n, c, h, w], "attention: out")
             && self.check_shape(logsumexp, &[n, h * w], "attention: logsumexp")
-            && self.check(
-                [k.dtype, v.dtype, out.dtype].iter().all(|&d| d == q.dtype) && logsumexp.dtype == Precision::F32,
-                || "attention: q, k, v and out share one storage type; logsumexp is f32".into(),
-            );
+            && self.check(out.dtype == qkv.dtype && logsumexp.dtype == Precision::F32, || {
+                "attention: qkv and out share one storage type; logsumexp is f32".into()
+            });
         if !ok {
             return;
         }
-        let args = AttentionLaunch {
-            batch: n,
-            positions: h * w,
-            channels: c,
-            dtype: q.dtype,
-            q: q.ptr,
-            k: k.ptr,
-            v: v.ptr,
-            out: out.ptr,
-            logsumexp: logsumexp.ptr,
-        };
+        let args = attention_launch(qkv, c, h * w, out, logsumexp);
         // The split-K workspace is free between ops (the stream is in order): a key split's parts.
         let workspace = self.split_k_workspace();
         let result = self
@@ -1235,70 +1247,54 @@ impl Backend for CudaBackend {
 
     fn attention_backward(
         &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
+        qkv: &CudaTensor,
         out: &CudaTensor,
         logsumexp: &CudaTensor,
         dout: &CudaTensor,
         scratch: AttentionScratch<'_, CudaTensor>,
-        dq: &mut CudaTensor,
-        dk: &mut CudaTensor,
-        dv: &mut CudaTensor,
+        dqkv: &mut CudaTensor,
         store: GradientStore,
     ) {
-        let Some([n, c, h, w]) = self.nchw(q, "attention_backward: q") else { return };
+        let Some([n, c, h, w]) = self.attention_dims(qkv, "attention_backward: qkv") else { return };
         let positions = h * w;
         let AttentionScratch { row_terms, dout_rounded } = scratch;
-        let ok = self.check_shape(k, &q.shape, "attention_backward: k")
-            && self.check_shape(v, &q.shape, "attention_backward: v")
-            && self.check_shape(out, &q.shape, "attention_backward: out")
-            && self.check_shape(dout, &q.shape, "attention_backward: dout")
-            && self.check_shape(dq, &q.shape, "attention_backward: dq")
-            && self.check_shape(dk, &q.shape, "attention_backward: dk")
-            && self.check_shape(dv, &q.shape, "attention_backward: dv")
+        let ok = self.check_shape(out, &[n, c, h, w], "attention_backward: out")
+            && self.check_shape(dout, &out.shape, "attention_backward: dout")
+            && self.check_shape(dqkv, &qkv.shape, "attention_backward: dqkv")
             && self.check_shape(logsumexp, &[n, positions], "attention_backward: logsumexp")
             && self.check_shape(row_terms, &[n, positions], "attention_backward: row_terms")
-            && self.check_shape(dout_rounded, &q.shape, "attention_backward: dout_rounded")
+            && self.check_shape(dout_rounded, &out.shape, "attention_backward: dout_rounded")
             && self.check(
-                [k.dtype, v.dtype, out.dtype, dout_rounded.dtype].iter().all(|&d| d == q.dtype)
+                [out.dtype, dout_rounded.dtype].iter().all(|&d| d == qkv.dtype)
                     && logsumexp.dtype == Precision::F32
                     && row_terms.dtype == Precision::F32,
                 || {
-                    "attention_backward: q, k, v, out and dout_rounded share one storage type; logsumexp and \
-                     row_terms are f32"
+                    "attention_backward: qkv, out and dout_rounded share one storage type; logsumexp and row_terms \
+                     are f32"
                         .into()
                 },
             )
             && self.check(n <= 65535 && positions <= i32::MAX as usize, || {
                 format!("attention_backward: batch {n} or {positions} positions over the grid limits")
             });
-        if !ok || q.is_empty() {
+        if !ok || qkv.is_empty() {
             return;
         }
-        let forward = AttentionLaunch {
-            batch: n,
-            positions,
-            channels: c,
-            dtype: q.dtype,
-            q: q.ptr,
-            k: k.ptr,
-            v: v.ptr,
-            out: out.ptr,
-            logsumexp: logsumexp.ptr,
-        };
+        // dq, dk, dv: the thirds of dqkv, as q, k, v of qkv.
+        let third = (c * dqkv.dtype.bytes()) as u64;
         let launch = attention::AttentionBackwardLaunch {
-            forward,
+            forward: attention_launch(qkv, c, positions, out, logsumexp),
             dout: dout.ptr,
             dout_dtype: dout.dtype,
             row_terms: row_terms.ptr,
             dout_rounded: dout_rounded.ptr,
-            dq: dq.ptr,
-            dq_dtype: dq.dtype,
-            dk: dk.ptr,
-            dk_dtype: dk.dtype,
-            dv: dv.ptr,
-            dv_dtype: dv.dtype,
+            dq: dqkv.ptr,
+            dq_dtype: dqkv.dtype,
+            dk: dqkv.ptr + third,
+            dk_dtype: dqkv.dtype,
+            dv: dqkv.ptr + 2 * third,
+            dv_dtype: dqkv.dtype,
+            grad_stride: 3 * c,
             accumulate: store.accumulates(),
         };
         // The split-K workspace is free between ops: a split's parts (`backward_splits`). The tensor
