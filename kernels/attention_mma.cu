@@ -20,10 +20,10 @@
 // Precision: products of T values exact in f32, f32 accumulation and softmax; P rounded to T once.
 // Shared memory (dynamic): 64 query rows and 2 x 32 key/value rows of D + 8 halves (the pad keeps
 // the 8 rows one ldmatrix reads in distinct banks): 66 KiB at D = 256, 34 at 128, 18 at 64.
-// The backward (attention_backward_row_terms_<T>, attention_backward_dq_mma_<T>_d<D>,
-// attention_backward_dkdv_mma_<T>_d<D>) is at the end of the file, with its own comment.
+// The backward (attention_backward_row_terms_<T>, then attention_backward_mma_<T>_d<D>: the dq and
+// the dk/dv kernels in one launch) is at the end of the file, with its own comment.
 // Hot kernels (no spills allowed): attention_forward_mma_<T>_d128 and _d256, and the bf16 backward
-// kernels at d128 and d256 (src/backend/cuda/attention.rs lists them).
+// at d128 and d256 (src/backend/cuda/attention.rs lists them).
 #include "common.cuh"
 
 namespace attention_mma {
@@ -248,21 +248,23 @@ ATTENTION_MMA_ENTRY(f16, f16, 256)
 //
 // attention.cu's backward (read its comment: the same formulas and layout; dq, dk, dv of run-time
 // storage codes) with mma.sync, FlashAttention-2 style: P rebuilt from q, k and the saved
-// log-sum-exp, nothing L x L in memory, no atomics. Three kernels:
+// log-sum-exp, nothing L x L in memory, no atomics. Three kernels, in two launches:
 //   attention_backward_row_terms_<T>   once per backward, one warp per (sample, query) row:
 //       D_i = dout_i . out_i in f32 into the caller's row_terms, and dout rounded to T into the
 //       caller's dout_rounded (the plans' dout is f32: rounded once here, every later read is a
 //       16-byte copy of T; the kernels below once re-rounded it element-wise for every tile, and
 //       the dk/dv kernel's every key block re-read all of it).
-//   attention_backward_dq_mma_<T>_d<D>    a block owns 64 queries (q and dout rows resident, each
+//   dq (attention_backward_dq_mma)    a block owns 64 queries (q and dout rows resident, each
 //       warp's as A fragments in registers, loaded once; the dk/dv kernel's resident k and v stay in
 //       shared: its two accumulators leave no registers for them); keys and values stream through
 //       shared 32 at a time: S = Q K^T and dP = dO V^T by
 //       mma, P = exp(S scale - lse), dS = P (dP - D) on the accumulator registers, dq += dS K
 //       (dS rounded to T as the A operand, K's B fragments by ldmatrix.trans).
-//   attention_backward_dkdv_mma_<T>_d<D>  a block owns 64 keys (k and v rows resident); queries
+//   dk, dv (attention_backward_dkdv_mma)  a block owns 64 keys (k and v rows resident); queries
 //       stream 32 at a time with their dout, lse and D: S^T = K Q^T, dP^T = V dO^T, then
 //       dv += P^T dO and dk += dS^T Q.
+//   attention_backward_mma_<T>_d<D> runs both, its grid's first half of blocks dk/dv, the second dq
+//       (the entry, below, says why).
 // Split (grids short of SMs, as the forward's key split: batch 1 at 16x16 is 4 blocks): grid z
 // cuts the streamed rows (keys for dq, queries for dk and dv) into parts, each part's gradients
 // go in f32 to a workspace (the launcher passes it as dq, dk, dv), and
@@ -529,7 +531,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
                                                           const float* __restrict__ row_terms,
                                                           const float* __restrict__ logsumexp, void* dq, int dt_dq,
                                                           int positions, int channels, int qkv_stride,
-                                                          int grad_stride, float scale, int accumulate) {
+                                                          int grad_stride, float scale, int accumulate, int block) {
     using namespace attention_backward_tiles;
     using Shape = AttentionBackwardShape<D>;
     constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS, THREADS = 32 * Shape::WARPS;
@@ -544,7 +546,7 @@ __device__ __forceinline__ void attention_backward_dq_mma(const T* __restrict__ 
     const int g = lane / 4;
     const int rows0 = (warp / SPLIT) * 16, role = warp % SPLIT, c0 = role * DW;
     const int n = blockIdx.y;
-    const int query0 = blockIdx.x * BLOCK_ROWS;
+    const int query0 = block * BLOCK_ROWS;
     const long long sample = (long long)n * positions * channels;  // dout's
     const long long qkv_sample = (long long)n * positions * qkv_stride;
     const StreamTiles tiles = stream_tiles(positions);
@@ -629,7 +631,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                                                             const float* __restrict__ logsumexp, void* dk, int dt_dk,
                                                             void* dv, int dt_dv, int positions, int channels,
                                                             int qkv_stride, int grad_stride, float scale,
-                                                            int accumulate) {
+                                                            int accumulate, int block) {
     using namespace attention_backward_tiles;
     using Shape = AttentionBackwardShape<D>;
     constexpr int ROW = D + 8, SPLIT = Shape::SPLIT, DW = Shape::DW, COLS = Shape::COLS, THREADS = 32 * Shape::WARPS;
@@ -645,7 +647,7 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
     const int t = lane % 4;
     const int rows0 = (warp / SPLIT) * 16, role = warp % SPLIT, c0 = role * DW;
     const int n = blockIdx.y;
-    const int key_base = blockIdx.x * BLOCK_ROWS;
+    const int key_base = block * BLOCK_ROWS;
     const long long sample = (long long)n * positions * channels;  // dout's
     const long long qkv_sample = (long long)n * positions * qkv_stride;
     const StreamTiles tiles = stream_tiles(positions);
@@ -721,27 +723,33 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
                            positions, channels, grad_stride, lane, accumulate);
 }
 
-// Entries: the launcher's block is 32 x AttentionBackwardShape<D>::WARPS threads (256 at D = 256,
-// 128 below), its grid (L / 64 rounded up, N).
-#define ATTENTION_BACKWARD_MMA_ENTRIES(name, T, D)                                                           \
+// Entries: one launch runs both kernels, grid x = 2 x (L / 64 rounded up): the first half of
+// the blocks take 64 keys each (dk, dv), the second 64 queries each (dq); grid y = N, z = the
+// split's parts. The two read the same operands and write different gradients, so they need no
+// order between them, and where one kernel's grid would leave SMs idle (batch 16 at 16x16: 64
+// blocks a kernel on 132 SMs) the other's blocks run beside it (the latency model of
+// examples/emulator_launch_depth.rs, cifar10 at batch 16: the six backwards 116.9 -> 67.0 us, the
+// input VJP 756 -> 706; at batch 1, 44.5 -> 25.6 us and 398 -> 379, 6 launches fewer). The dk/dv
+// blocks come first: they are the longer ones. The block is 32 x AttentionBackwardShape<D>::WARPS
+// threads (256 at D = 256, 128 below) for both, the dynamic shared memory the dk/dv kernel's
+// (the larger).
+#define ATTENTION_BACKWARD_MMA_ENTRY(name, T, D)                                                             \
     extern "C" __global__ void __launch_bounds__(32 * AttentionBackwardShape<D>::WARPS)                      \
-        attention_backward_dq_mma_##name##_d##D(const T* __restrict__ q, const T* __restrict__ k,           \
-                                                const T* __restrict__ v, const T* __restrict__ dout_rounded, \
-                                                const float* __restrict__ row_terms,                        \
-                                                const float* __restrict__ logsumexp, void* dq, int dt_dq,   \
-                                                int positions, int channels, int qkv_stride, int grad_stride, \
-                                                float scale, int accumulate) {                              \
-        attention_backward_dq_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dq, dt_dq, positions,  \
-                                        channels, qkv_stride, grad_stride, scale, accumulate);              \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(32 * AttentionBackwardShape<D>::WARPS)                      \
-        attention_backward_dkdv_mma_##name##_d##D(                                                          \
+        attention_backward_mma_##name##_d##D(                                                               \
             const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                      \
             const T* __restrict__ dout_rounded, const float* __restrict__ row_terms,                        \
-            const float* __restrict__ logsumexp, void* dk, int dt_dk, void* dv, int dt_dv, int positions,   \
-            int channels, int qkv_stride, int grad_stride, float scale, int accumulate) {                   \
-        attention_backward_dkdv_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dk, dt_dk, dv, dt_dv, \
-                                          positions, channels, qkv_stride, grad_stride, scale, accumulate); \
+            const float* __restrict__ logsumexp, void* dq, int dt_dq, void* dk, int dt_dk, void* dv,        \
+            int dt_dv, int positions, int channels, int qkv_stride, int grad_stride, float scale,           \
+            int accumulate) {                                                                               \
+        const int row_blocks = (int)gridDim.x / 2;                                                          \
+        if ((int)blockIdx.x < row_blocks)                                                                   \
+            attention_backward_dkdv_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dk, dt_dk, dv,   \
+                                              dt_dv, positions, channels, qkv_stride, grad_stride, scale,   \
+                                              accumulate, (int)blockIdx.x);                                 \
+        else                                                                                                \
+            attention_backward_dq_mma<T, D>(q, k, v, dout_rounded, row_terms, logsumexp, dq, dt_dq,         \
+                                            positions, channels, qkv_stride, grad_stride, scale,            \
+                                            accumulate, (int)blockIdx.x - row_blocks);                      \
     }
 
 // attention_backward_row_terms_<T>: D_i and the rounded dout, before the two kernels above.
@@ -754,9 +762,9 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
 
 ATTENTION_ROW_TERMS_ENTRY(bf16, bf16)
 ATTENTION_ROW_TERMS_ENTRY(f16, f16)
-ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 64)
-ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 128)
-ATTENTION_BACKWARD_MMA_ENTRIES(bf16, bf16, 256)
-ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 64)
-ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 128)
-ATTENTION_BACKWARD_MMA_ENTRIES(f16, f16, 256)
+ATTENTION_BACKWARD_MMA_ENTRY(bf16, bf16, 64)
+ATTENTION_BACKWARD_MMA_ENTRY(bf16, bf16, 128)
+ATTENTION_BACKWARD_MMA_ENTRY(bf16, bf16, 256)
+ATTENTION_BACKWARD_MMA_ENTRY(f16, f16, 64)
+ATTENTION_BACKWARD_MMA_ENTRY(f16, f16, 128)
+ATTENTION_BACKWARD_MMA_ENTRY(f16, f16, 256)

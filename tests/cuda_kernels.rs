@@ -842,8 +842,8 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         accumulate: true,
     };
     assert_eq!(
-        attention::backward_kernels_for(&backward).unwrap(),
-        ["attention_backward_dq_mma_bf16_d128", "attention_backward_dkdv_mma_bf16_d128"]
+        attention::backward_kernel_for(&backward).unwrap(),
+        "attention_backward_mma_bf16_d128"
     );
     for (launch, expected) in [
         (AttentionBackwardLaunch { dk: 0, ..backward }, "null device pointer for `dk`"),
@@ -855,7 +855,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         (AttentionBackwardLaunch { grad_stride: 100, ..backward }, "dq, dk, dv rows 100 elements apart"),
         (AttentionBackwardLaunch { forward: AttentionLaunch { positions: 0, ..bf16 }, ..backward }, "empty input"),
     ] {
-        let err = attention::backward_kernels_for(&launch).expect_err(expected).to_string();
+        let err = attention::backward_kernel_for(&launch).expect_err(expected).to_string();
         assert!(err.contains(expected) && err.contains("attention backward:"), "expected `{expected}` in `{err}`");
     }
     // The tensor-core backward's shared tiles at D = 256 need more than a 99 KiB (sm_86/89) block
@@ -1528,7 +1528,7 @@ fn check_attention_backward(
     splits: usize,
     workspace: Option<&SplitKWorkspace>,
     seed: u64,
-) -> ([f64; 3], [String; 2]) {
+) -> ([f64; 3], String) {
     let len = batch * positions * channels;
     let mut mem = Allocations::new(driver);
     let q_values: Vec<f32> = common::uniform(len, seed).iter().map(|v| v * 4.0).collect();
@@ -1576,10 +1576,10 @@ fn check_attention_backward(
         accumulate: true,
     };
     let (names, launched) = if dtype == Precision::F32 {
-        let names = attention::BACKWARD_KERNELS.map(String::from);
+        let names = attention::BACKWARD_KERNELS.join(" + ");
         (names, attention::launch_attention_backward_simt(driver, kernels, &launch, splits, workspace))
     } else {
-        let names = attention::backward_kernels_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let names = attention::backward_kernel_for(&launch).unwrap_or_else(|e| panic!("{name}: {e}"));
         (names, attention::launch_attention_backward_mma(driver, kernels, &launch, splits, workspace))
     };
     launched.unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -1666,7 +1666,7 @@ fn emulator_attention_backward_tensor_cores() {
                     );
                     println!(
                     "attention backward {} x{splits} {dtype} ({grad_dtype} gradients) {:<34} dq {:.2e} dk {:.2e} dv {:.2e} (seed {seed}, {:.1} s)",
-                    names[0],
+                    names,
                     case.0,
                     errors[0],
                     errors[1],

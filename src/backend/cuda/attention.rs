@@ -81,8 +81,7 @@ pub fn mma_kernel_names() -> Vec<String> {
     for d in ["bf16", "f16"] {
         for dim in MMA_HEAD_DIMS {
             names.push(format!("attention_forward_mma_{d}_d{dim}"));
-            names.push(format!("attention_backward_dq_mma_{d}_d{dim}"));
-            names.push(format!("attention_backward_dkdv_mma_{d}_d{dim}"));
+            names.push(format!("attention_backward_mma_{d}_d{dim}"));
         }
         names.push(format!("attention_backward_row_terms_{d}"));
     }
@@ -96,10 +95,8 @@ pub const MMA_HOT_KERNELS: &[&str] = &[
     "attention_forward_mma_f16_d128",
     "attention_forward_mma_bf16_d256",
     "attention_forward_mma_f16_d256",
-    "attention_backward_dq_mma_bf16_d128",
-    "attention_backward_dkdv_mma_bf16_d128",
-    "attention_backward_dq_mma_bf16_d256",
-    "attention_backward_dkdv_mma_bf16_d256",
+    "attention_backward_mma_bf16_d128",
+    "attention_backward_mma_bf16_d256",
 ];
 
 /// Which kernel of the attention modules runs a launch.
@@ -453,9 +450,7 @@ impl AttentionBackwardLaunch {
     /// Orin have it; sm_86/89 cards, 99 KiB, run the SIMT backward instead).
     pub fn tensor_cores_fit(&self, max_shared_per_block: usize) -> bool {
         self.tensor_core_ok()
-            && self.plan(1).is_ok_and(|plan| {
-                plan.iter().all(|(_, config)| config.dynamic_shared_bytes as usize <= max_shared_per_block)
-            })
+            && self.plan(1).is_ok_and(|(_, config)| config.dynamic_shared_bytes as usize <= max_shared_per_block)
     }
 
     /// A split into `splits` parts (1: none) of the streamed tiles of `stream_rows` rows needs a tile
@@ -475,9 +470,9 @@ impl AttentionBackwardLaunch {
         3 * splits * self.forward.batch * self.forward.positions * self.forward.channels * 4
     }
 
-    /// (dq kernel, dk/dv kernel) names and launch configurations, their streamed rows split into
-    /// `splits` parts (grid z; 1: none).
-    fn plan(&self, splits: usize) -> Result<[(String, LaunchConfig); 2]> {
+    /// The tensor-core backward's kernel (dk/dv blocks, then dq blocks, along grid x) and launch
+    /// configuration, the streamed rows split into `splits` parts (grid z; 1: none).
+    fn plan(&self, splits: usize) -> Result<(String, LaunchConfig)> {
         let f = &self.forward;
         if !self.tensor_core_ok() {
             return Err(Error::invalid(format!(
@@ -499,15 +494,13 @@ impl AttentionBackwardLaunch {
         let row_values = BACKWARD_STAGES * 2 * BACKWARD_STREAM_ROWS * 4;
         let t = dtype_name(f.dtype);
         self.check_splits(splits, BACKWARD_STREAM_ROWS)?;
-        let config = |bytes: usize| LaunchConfig {
-            grid: [f.positions.div_ceil(BACKWARD_BLOCK_ROWS) as u32, f.batch as u32, splits as u32],
+        let config = LaunchConfig {
+            grid: [2 * f.positions.div_ceil(BACKWARD_BLOCK_ROWS) as u32, f.batch as u32, splits as u32],
             block: [32 * warps as u32, 1, 1],
-            dynamic_shared_bytes: bytes as u32,
+            // The dk/dv blocks' (the dq blocks' is the same less the row values).
+            dynamic_shared_bytes: (tile_bytes + row_values + exchange) as u32,
         };
-        Ok([
-            (format!("attention_backward_dq_mma_{t}_d{dim}"), config(tile_bytes + exchange)),
-            (format!("attention_backward_dkdv_mma_{t}_d{dim}"), config(tile_bytes + row_values + exchange)),
-        ])
+        Ok((format!("attention_backward_mma_{t}_d{dim}"), config))
     }
 }
 
@@ -522,12 +515,13 @@ pub fn backward_splits(
 ) -> usize {
     let Some(ws) = workspace else { return 1 };
     let f = &args.forward;
-    let (block_rows, stream_rows) = if tensor_cores {
-        (BACKWARD_BLOCK_ROWS, BACKWARD_STREAM_ROWS)
+    // The tensor cores' dq and dk/dv blocks run in one launch; the SIMT kernels one after the other.
+    let (block_rows, stream_rows, launched_together) = if tensor_cores {
+        (BACKWARD_BLOCK_ROWS, BACKWARD_STREAM_ROWS, 2)
     } else {
-        (SIMT_BACKWARD_ROWS, SIMT_BACKWARD_TILE)
+        (SIMT_BACKWARD_ROWS, SIMT_BACKWARD_TILE, 1)
     };
-    let blocks = f.positions.div_ceil(block_rows) * f.batch;
+    let blocks = launched_together * f.positions.div_ceil(block_rows) * f.batch;
     let tiles = f.positions.div_ceil(stream_rows);
     let mut splits = (2 * ws.multiprocessors).div_ceil(blocks.max(1)).min(tiles / MIN_SPLIT_TILES).max(1);
     while splits > 1 && args.split_bytes(splits) > ws.bytes {
@@ -537,8 +531,8 @@ pub fn backward_splits(
 }
 
 /// dq, dk, dv += the attention's VJP on the tensor cores (P rebuilt from the saved log-sum-exp):
-/// the row terms D_i into `row_terms` and dout rounded into `dout_rounded`, then the dq kernel,
-/// then the dk/dv kernel; with `splits` > 1 (`backward_splits`), their streamed rows in that many
+/// the row terms D_i into `row_terms` and dout rounded into `dout_rounded`, then the dk/dv and dq
+/// kernels in one launch; with `splits` > 1 (`backward_splits`), their streamed rows in that many
 /// parts, each part's gradients in f32 to `workspace`, then one launch adds the parts.
 pub fn launch_attention_backward_mma(
     driver: &dyn Driver,
@@ -548,9 +542,9 @@ pub fn launch_attention_backward_mma(
     workspace: Option<&SplitKWorkspace>,
 ) -> Result<()> {
     args.validate()?;
-    let [(dq_name, dq_config), (dkdv_name, dkdv_config)] = args.plan(splits)?;
+    let (name, config) = args.plan(splits)?;
     let parts = split_parts(args, splits, workspace)?;
-    let (dq_kernel, dkdv_kernel) = (kernels.get(&dq_name)?, kernels.get(&dkdv_name)?);
+    let kernel = kernels.get(&name)?;
     let f = &args.forward;
     // Each query's D_i = dout_i . out_i and its rounded dout once, for both kernels: a warp per row,
     // 8 rows a block.
@@ -569,16 +563,28 @@ pub fn launch_attention_backward_mma(
         .i32(f.channels as i32);
     driver.launch(row_terms_kernel, LaunchConfig::linear(rows.div_ceil(8) as u32, 256), &row_terms_args)?;
     let scale = 1.0 / (f.channels as f32).sqrt();
-    let inputs =
-        || KernelArgs::new().ptr(f.q).ptr(f.k).ptr(f.v).ptr(args.dout_rounded).ptr(args.row_terms).ptr(f.logsumexp);
     let GradientTargets { gradients: [(dq, dt_dq), (dk, dt_dk), (dv, dt_dv)], stride, accumulate } =
         gradient_targets(args, parts, splits);
-    let tail = |a: KernelArgs| {
-        let strides = a.i32(f.positions as i32).i32(f.channels as i32).i32(f.qkv_stride as i32).i32(stride as i32);
-        strides.f32(scale).i32(accumulate as i32)
-    };
-    driver.launch(dq_kernel, dq_config, &tail(inputs().ptr(dq).i32(dt_dq)))?;
-    driver.launch(dkdv_kernel, dkdv_config, &tail(inputs().ptr(dk).i32(dt_dk).ptr(dv).i32(dt_dv)))?;
+    let kernel_args = KernelArgs::new()
+        .ptr(f.q)
+        .ptr(f.k)
+        .ptr(f.v)
+        .ptr(args.dout_rounded)
+        .ptr(args.row_terms)
+        .ptr(f.logsumexp)
+        .ptr(dq)
+        .i32(dt_dq)
+        .ptr(dk)
+        .i32(dt_dk)
+        .ptr(dv)
+        .i32(dt_dv)
+        .i32(f.positions as i32)
+        .i32(f.channels as i32)
+        .i32(f.qkv_stride as i32)
+        .i32(stride as i32)
+        .f32(scale)
+        .i32(accumulate as i32);
+    driver.launch(kernel, config, &kernel_args)?;
     reduce_parts(driver, kernels, args, parts, splits)
 }
 
@@ -711,8 +717,8 @@ pub fn launch_attention_backward_simt(
     reduce_parts(driver, kernels, args, parts, splits)
 }
 
-/// The backward kernels a launch would use (for reports and tests).
-pub fn backward_kernels_for(args: &AttentionBackwardLaunch) -> Result<[String; 2]> {
+/// The tensor-core backward kernel a launch would use, the row terms' aside (for reports and tests).
+pub fn backward_kernel_for(args: &AttentionBackwardLaunch) -> Result<String> {
     args.validate()?;
-    Ok(args.plan(1)?.map(|(name, _)| name))
+    Ok(args.plan(1)?.0)
 }
