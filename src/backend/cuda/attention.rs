@@ -44,6 +44,7 @@ const COMBINE_THREADS: u32 = 256;
 const BACKWARD_SPLIT_REDUCE_KERNEL: &str = "attention_backward_split_reduce";
 /// The register accumulator variants: `_c4`, `_c8`, `_c16` hold up to 64, 128, 256 channels.
 const CHANNEL_VARIANTS: [usize; 3] = [4, 8, 16];
+/// At most 256 channels: the SIMT forward's register accumulators and the split combine's (8 a lane).
 pub const MAX_CHANNELS: usize = 256;
 
 fn dtype_name(d: Precision) -> &'static str {
@@ -346,7 +347,8 @@ pub fn launch_attention_version(
             .ptr(args.logsumexp)
             .i32(rows as i32)
             .i32(args.channels as i32);
-        let blocks = (rows * args.channels).div_ceil(COMBINE_THREADS as usize).clamp(1, 65535);
+        // A warp per row (kernels/attention.cu).
+        let blocks = rows.div_ceil(COMBINE_THREADS as usize / 32).clamp(1, 65535);
         // Both launches belong to this one op: a profiler's events around the op time them together.
         driver.launch(
             kernels.get(SPLIT_COMBINE_KERNEL)?,
