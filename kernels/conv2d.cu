@@ -45,7 +45,7 @@
 //                                 split-K: the same blocks over slice z of the k-tiles (grid z), raw
 //                                 f32 sums to the workspace; for grids short of the GPU's SMs (the
 //                                 f32 UNet at batch 1: a 4x4 level's 4 blocks, each 144 k-tiles deep).
-//   conv2d_split_reduce, conv2d_backward_input_split_reduce
+//   conv2d_split_reduce[_v4], conv2d_backward_input_split_reduce[_v4]
 //                                 add the slices in a fixed order and apply the epilogue: split-K's
 //                                 second launch in both modules' kernels (conv2d_mma.cu's too).
 // Hot kernel (ptxas report, no spills allowed): conv2d_simt_f32_f32_f32.
@@ -465,46 +465,91 @@ CONV_BACKWARD_INPUT_PARTIAL_ENTRY(f16, f16)
 // The split-K reduction of the forward: out[m][co] = epilogue(sum over slices s = 0, 1, ... of
 // partials[s][m][co]), the slices added in that fixed order (the same bits every run: no atomics),
 // then bias, channel_bias, residual and ReLU as conv_epilogue_sum, one rounding to out's type
-// (a run-time code; residual has out's type). Grid-stride over the M x Co outputs. The epilogue's
-// operands are loaded first and the slices' loop is unrolled, so a thread's loads, all independent,
-// issue together instead of each waiting out the last (examples/emulator_launch_depth.rs's latency
-// model, cifar10 batch 1: 1.2 -> 0.9 us a call); the additions keep their order (the same bits).
-extern "C" __global__ void conv2d_split_reduce(const float* __restrict__ partials, int slices,
-                                               const float* __restrict__ bias,
-                                               const float* __restrict__ channel_bias,
-                                               const void* __restrict__ residual, void* __restrict__ out,
-                                               int out_dtype, const ConvParams p) {
+// (a run-time code; residual has out's type). A thread takes VEC consecutive channels of a row:
+// 4 (`_v4`) where Co, the channel-bias stride and every pointer allow vector accesses and the
+// outputs are many (the launcher decides: `REDUCE_VECTOR_OUTPUTS`), else 1. Grid-stride over the
+// vectors, whose count the launcher keeps under 2^31 (a split's outputs fit its workspace), so a
+// vector's row is one 32-bit division. The epilogue's operands are loaded first and the slices'
+// loop is unrolled, so a thread's loads, all independent, issue together; the additions keep
+// their order. It took a thread an element, a 64-bit division for each and four slices' loads at a
+// time: in the latency model of examples/emulator_launch_depth.rs (cifar10 bf16) its 56 calls at
+// batch 16 went 103.6 -> 61.5 us, its 75 at batch 1 72.3 -> 61.7 us.
+template <int VEC>
+__device__ __forceinline__ void split_reduce_forward(const float* __restrict__ partials, int slices,
+                                                    const float* __restrict__ bias,
+                                                    const float* __restrict__ channel_bias,
+                                                    const void* __restrict__ residual, void* __restrict__ out,
+                                                    int out_dtype, const ConvParams p) {
     const int plane = p.out_h * p.out_w;
-    const long long total = (long long)p.batch * plane * p.out_channels;
-    GRID_STRIDE_LOOP(i, total) {
-        const int m = (int)(i / p.out_channels);
-        const int co = (int)(i - (long long)m * p.out_channels);
-        const float b = bias ? bias[co] : 0.0f;
-        const float c = channel_bias ? channel_bias[(m / plane) * p.channel_bias_stride + co] : 0.0f;
-        const float r = residual ? load_dyn(residual, out_dtype, i) : 0.0f;
-        float v = 0.0f;
-#pragma unroll 4
-        for (int s = 0; s < slices; ++s) v += partials[s * total + i];
-        if (bias) v += b;
-        if (channel_bias) v += c;
-        if (residual) v += r;
-        if (p.relu) v = fmaxf(v, 0.0f);
-        store_dyn(out, out_dtype, i, v);
+    const int row_vectors = p.out_channels / VEC;
+    const int total = p.batch * plane * p.out_channels;
+    const int vectors = total / VEC;
+    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors; v += gridDim.x * blockDim.x) {
+        const int m = v / row_vectors;
+        const int co = (v - m * row_vectors) * VEC;
+        const int i = m * p.out_channels + co;
+        float b[VEC], c[VEC], r[VEC], sum[VEC];
+        if (bias) load_dyn_n<VEC>(bias, DTYPE_F32, co, b);
+        if (channel_bias) load_dyn_n<VEC>(channel_bias, DTYPE_F32, (long long)(m / plane) * p.channel_bias_stride + co, c);
+        if (residual) load_dyn_n<VEC>(residual, out_dtype, i, r);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < slices; ++s) {
+            float part[VEC];
+            load_dyn_n<VEC>(partials, DTYPE_F32, (long long)s * total + i, part);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) sum[k] += part[k];
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (bias) sum[k] += b[k];
+            if (channel_bias) sum[k] += c[k];
+            if (residual) sum[k] += r[k];
+            if (p.relu) sum[k] = fmaxf(sum[k], 0.0f);
+        }
+        store_dyn_n<VEC>(out, out_dtype, i, sum);
     }
 }
 
 // The split-K reduction of the input gradient: dx[i] = (or +=, `accumulate`) the sum over slices
 // s = 0, 1, ... of partials[s][i], in that fixed order; dx's type a run-time code (store_grad, as the
-// unsplit kernel stores). Grid-stride over the `total` = M x Ci elements; dx's old value (where
-// accumulating) is loaded first and the slices' loop unrolled, as in conv2d_split_reduce.
-extern "C" __global__ void conv2d_backward_input_split_reduce(const float* __restrict__ partials, int slices,
-                                                              long long total, void* __restrict__ dx, int dx_dtype,
-                                                              int accumulate) {
-    GRID_STRIDE_LOOP(i, total) {
-        const float old = accumulate ? load_dyn(dx, dx_dtype, i) : 0.0f;
-        float g = 0.0f;
-#pragma unroll 4
-        for (int s = 0; s < slices; ++s) g += partials[s * total + i];
-        store_dyn(dx, dx_dtype, i, accumulate ? old + g : g);
+// unsplit kernel stores). A thread takes VEC consecutive elements (4, `_v4`, where the `total` = M x
+// Ci elements and dx allow it and they are many; else 1), grid-stride; dx's old value (where
+// accumulating) is loaded after the slices, their loop unrolled, as in conv2d_split_reduce (at batch 16 its 56 calls 81.9 ->
+// 38.2 us; at batch 1 its 73 60.9 -> 45.8 us).
+template <int VEC>
+__device__ __forceinline__ void split_reduce_input_gradient(const float* __restrict__ partials, int slices,
+                                                                   long long total, void* __restrict__ dx,
+                                                                   int dx_dtype, int accumulate) {
+    GRID_STRIDE_LOOP(v, total / VEC) {
+        const long long i = v * VEC;
+        float sum[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < slices; ++s) {
+            float part[VEC];
+            load_dyn_n<VEC>(partials, DTYPE_F32, s * total + i, part);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) sum[k] += part[k];
+        }
+        store_grad_n<VEC>(dx, dx_dtype, i, sum, accumulate);
     }
 }
+
+#define CONV_SPLIT_REDUCE_ENTRIES(suffix, VEC)                                                              \
+    extern "C" __global__ void conv2d_split_reduce##suffix(                                                 \
+        const float* __restrict__ partials, int slices, const float* __restrict__ bias,                     \
+        const float* __restrict__ channel_bias, const void* __restrict__ residual, void* __restrict__ out, \
+        int out_dtype, const ConvParams p) {                                                                \
+        split_reduce_forward<VEC>(partials, slices, bias, channel_bias, residual, out, out_dtype, p);       \
+    }                                                                                                       \
+    extern "C" __global__ void conv2d_backward_input_split_reduce##suffix(                                  \
+        const float* __restrict__ partials, int slices, long long total, void* __restrict__ dx,             \
+        int dx_dtype, int accumulate) {                                                                     \
+        split_reduce_input_gradient<VEC>(partials, slices, total, dx, dx_dtype, accumulate);              \
+    }
+
+CONV_SPLIT_REDUCE_ENTRIES(, 1)
+CONV_SPLIT_REDUCE_ENTRIES(_v4, 4)

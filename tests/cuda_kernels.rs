@@ -29,7 +29,7 @@ use purifier::backend::{
     subpixel_weights, AttentionScratch, Backend, Conv2dGeometry, ConvEpilogue, GradientStore, LayerInput, Precision,
 };
 use purifier::driver::emulated::EmulatedDriver;
-use purifier::driver::{DevicePtr, Driver, Module, ModuleImage};
+use purifier::driver::{DevicePtr, Driver, KernelArgs, LaunchConfig, Module, ModuleImage};
 
 // ---------------------------------------------------------------------------------------------
 // NVRTC, through the backend's compiler and its disk cache (kernels/*.cuh as in-memory headers),
@@ -667,7 +667,28 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let plan = conv::plan_conv2d(&tc, version).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_mma_partial_bf16_bf16", [1, 4, 9]));
     let split = plan.split.unwrap();
-    assert_eq!((split.reduce_kernel, split.workspace_bytes), ("conv2d_split_reduce", 9 * 16 * 256 * 4));
+    // 4096 outputs: a thread each.
+    assert_eq!((split.reduce_kernel.as_str(), split.workspace_bytes), ("conv2d_split_reduce", 9 * 16 * 256 * 4));
+    // From 2^18 outputs (batch 16 at 16x16: 128 blocks, split 3 ways) 4 channels a thread where every
+    // access allows it, else 1.
+    let level16 = Conv2dLaunch { batch: 16, height: 16, width: 16, ..tc };
+    let version16 = conv::conv2d_version(&level16, true, Some(&workspace));
+    assert_eq!(version16, Conv2dVersion::TensorCoreSplitK { slices: 3 });
+    let split = conv::plan_conv2d(&level16, version16).unwrap().split.unwrap();
+    assert_eq!(split.reduce_kernel, "conv2d_split_reduce_v4");
+    assert_eq!(split.reduce_config.grid[0], (16 * 256 * 256 / 4 / 256) as u32);
+    for scalar in [
+        Conv2dLaunch { out: 0x3002, ..level16 },
+        Conv2dLaunch { out_channels: 254, ..level16 },
+        Conv2dLaunch { channel_bias: Some(0x5004), channel_bias_stride: 256, ..level16 },
+        Conv2dLaunch { channel_bias: Some(0x5000), channel_bias_stride: 258, ..level16 },
+    ] {
+        let split = conv::plan_conv2d(&scalar, version16).unwrap().split.unwrap();
+        assert_eq!(split.reduce_kernel, "conv2d_split_reduce", "{scalar:?}");
+    }
+    let with_channel_bias = Conv2dLaunch { channel_bias: Some(0x5000), channel_bias_stride: 512, ..level16 };
+    let split = conv::plan_conv2d(&with_channel_bias, version16).unwrap().split.unwrap();
+    assert_eq!(split.reduce_kernel, "conv2d_split_reduce_v4");
     assert_eq!(conv::conv2d_version(&tc, true, None), Conv2dVersion::TensorCore, "no workspace, no split");
     // Without conv2d_mma.cu, the SIMT tiles, split as well (1 x 4 blocks, 36 k-steps).
     assert_eq!(conv::conv2d_version(&tc, false, Some(&workspace)), Conv2dVersion::SimtSplitK { slices: 9 });
@@ -703,7 +724,7 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     );
     let split = plan.split.unwrap();
     assert_eq!(
-        (split.reduce_kernel, split.k_tiles, split.workspace_bytes),
+        (split.reduce_kernel.as_str(), split.k_tiles, split.workspace_bytes),
         ("conv2d_split_reduce", 144, 16 * 16 * 256 * 4)
     );
     let f32_full = Conv2dLaunch { batch: 16, height: 32, width: 32, ..f32_level };
@@ -745,6 +766,13 @@ fn split_k_planning_fills_the_gpu_within_the_workspace() {
     let plan = conv::plan_conv2d_backward_input(&backward, version).unwrap();
     assert_eq!((plan.kernel.as_str(), plan.config.grid), ("conv2d_backward_input_mma_partial_f32_bf16", [1, 4, 16]));
     assert_eq!(plan.split.unwrap().reduce_kernel, "conv2d_backward_input_split_reduce");
+    let large = Conv2dBackwardInputLaunch { batch: 16, height: 16, width: 16, ..backward };
+    let large_version = conv::conv2d_backward_input_version(&large, true, Some(&workspace));
+    let split = conv::plan_conv2d_backward_input(&large, large_version).unwrap().split.unwrap();
+    assert_eq!(split.reduce_kernel, "conv2d_backward_input_split_reduce_v4");
+    let unaligned = Conv2dBackwardInputLaunch { dx: 0x3008, ..large };
+    let split = conv::plan_conv2d_backward_input(&unaligned, large_version).unwrap().split.unwrap();
+    assert_eq!(split.reduce_kernel, "conv2d_backward_input_split_reduce", "an f32 dx 8-byte aligned");
     // conv_out's input gradient (f32 dx, 3 output channels: one k-step) as conv_in's
     // forward: the SIMT tile at batch 1, the tensor cores at 16.
     let conv_out = Conv2dBackwardInputLaunch { height: 32, width: 32, in_channels: 128, out_channels: 3, ..backward };
@@ -841,10 +869,7 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
         grad_stride: 384,
         accumulate: true,
     };
-    assert_eq!(
-        attention::backward_kernel_for(&backward).unwrap(),
-        "attention_backward_mma_bf16_d128"
-    );
+    assert_eq!(attention::backward_kernel_for(&backward).unwrap(), "attention_backward_mma_bf16_d128");
     for (launch, expected) in [
         (AttentionBackwardLaunch { dk: 0, ..backward }, "null device pointer for `dk`"),
         (AttentionBackwardLaunch { row_terms: 0, ..backward }, "null device pointer for `row_terms`"),
@@ -870,6 +895,81 @@ fn attention_launch_rejects_bad_shapes_with_a_message() {
 
 fn load_ptx(driver: &EmulatedDriver, file: &str) -> Module {
     driver.load_module(ModuleImage::Ptx(&compile_ptx(file))).unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+/// The split-K reductions' two forms (a thread an output, and 4 a thread, `_v4`, which the
+/// launcher takes from 2^18 outputs, more than the emulator's UNet tests reach) on the same
+/// partial sums: the same bits, every epilogue term on (bias, channel bias, residual, ReLU) and
+/// dx accumulated, 16-bit outputs.
+#[test]
+fn emulator_split_reduce_forms_give_the_same_bits() {
+    let driver = EmulatedDriver::new();
+    let module = load_ptx(&driver, "conv2d.cu");
+    let seed = fresh_seed();
+    let mut mem = Allocations::new(&driver);
+    let (slices, out_channels, bias_stride) = (3, 12, 16);
+    let launch = Conv2dLaunch {
+        batch: 2,
+        height: 5,
+        width: 6,
+        channels_a: 8,
+        out_channels,
+        kernel_h: 1,
+        kernel_w: 1,
+        geometry: Conv2dGeometry::same(0),
+        relu: true,
+        channel_bias_stride: bias_stride,
+        out_dtype: Precision::Bf16,
+        ..valid_launch()
+    };
+    let total = 2 * 5 * 6 * out_channels;
+    let (_, partials) = mem.upload(&common::uniform(slices * total, seed), Precision::F32);
+    let (_, bias) = mem.upload(&common::uniform(out_channels, seed + 1), Precision::F32);
+    let (_, channel_bias) = mem.upload(&common::uniform(2 * bias_stride, seed + 2), Precision::F32);
+    let (_, residual) = mem.upload(&common::uniform(total, seed + 3), Precision::Bf16);
+    let params = launch.params_bytes(false);
+    let mut forward = |name: &str, per_thread: usize| {
+        let out = mem.poisoned(total, Precision::Bf16);
+        let args = KernelArgs::new()
+            .ptr(partials)
+            .i32(slices as i32)
+            .ptr(bias)
+            .ptr(channel_bias)
+            .ptr(residual)
+            .ptr(out)
+            .i32(purifier::backend::cuda::dtype_code(Precision::Bf16))
+            .bytes(&params);
+        let config = LaunchConfig::linear((total / per_thread).div_ceil(64) as u32, 64);
+        driver.launch(driver.function(module, name).unwrap(), config, &args).unwrap();
+        driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
+        mem.download(out, total, Precision::Bf16)
+    };
+    let (scalar, vector) = (forward("conv2d_split_reduce", 1), forward("conv2d_split_reduce_v4", 4));
+    assert!(scalar.iter().all(|v| v.is_finite()) && scalar.iter().any(|&v| v > 0.0), "{scalar:?}");
+    assert!(scalar.iter().zip(&vector).all(|(a, b)| a.to_bits() == b.to_bits()), "forward: the forms differ");
+
+    let (_, dx_start) = mem.upload(&common::uniform(total, seed + 4), Precision::Bf16);
+    let mut backward = |name: &str, per_thread: usize| {
+        let dx = mem.poisoned(total, Precision::Bf16);
+        let mut start = vec![0u8; total * 2];
+        driver.copy_to_host(dx_start, &mut start).unwrap();
+        driver.copy_to_device(dx, &start).unwrap();
+        let args = KernelArgs::new()
+            .ptr(partials)
+            .i32(slices as i32)
+            .u64(total as u64)
+            .ptr(dx)
+            .i32(purifier::backend::cuda::dtype_code(Precision::Bf16))
+            .i32(1);
+        let config = LaunchConfig::linear((total / per_thread).div_ceil(64) as u32, 64);
+        driver.launch(driver.function(module, name).unwrap(), config, &args).unwrap();
+        driver.synchronize().unwrap_or_else(|e| panic!("{name}: {e}"));
+        mem.download(dx, total, Precision::Bf16)
+    };
+    let scalar = backward("conv2d_backward_input_split_reduce", 1);
+    let vector = backward("conv2d_backward_input_split_reduce_v4", 4);
+    assert!(scalar.iter().all(|v| v.is_finite()), "{scalar:?}");
+    assert!(scalar.iter().zip(&vector).all(|(a, b)| a.to_bits() == b.to_bits()), "input gradient: the forms differ");
 }
 
 /// An emulated device with the convolution kernels: version 1 only, or (`tensor_cores`) with

@@ -93,6 +93,21 @@ const SUBPIXEL_PHASES: usize = 4;
 const SUBPIXEL_TAPS: usize = 4;
 
 impl Conv2dLaunch {
+    /// Outputs a thread of the split-K reduction takes: 4 (`_v4`) where Co, the channel-bias stride
+    /// and every tensor it reads or writes allow 4-element accesses, else 1.
+    fn reduce_vector(&self) -> usize {
+        let out_bytes = self.out_dtype.bytes() as u64;
+        let vector = self.out_channels.is_multiple_of(4)
+            && (self.channel_bias.is_none() || self.channel_bias_stride.is_multiple_of(4))
+            && [self.bias, self.channel_bias].iter().flatten().all(|p| p.is_multiple_of(16))
+            && [Some(self.out), self.residual].iter().flatten().all(|p| p.is_multiple_of(4 * out_bytes));
+        if vector {
+            4
+        } else {
+            1
+        }
+    }
+
     /// The input size the convolution sees (after the folded upsample).
     pub fn logical_input_size(&self) -> (usize, usize) {
         let factor = if self.upsample == Upsampling::None { 1 } else { 2 };
@@ -234,8 +249,8 @@ impl Conv2dLaunch {
     /// The `ConvParams` struct of kernels/conv2d.cu, as the kernel's by-value parameter bytes, for
     /// the forward or (`backward`: this is the forward of an input gradient) the input gradient; the
     /// sub-pixel form as kernels/conv_common.cuh reads it (2x2 phase-0 windows forward, 16 taps
-    /// backward).
-    fn params_bytes(&self, backward: bool) -> Vec<u8> {
+    /// backward). Public for the tests that launch the split-K reductions themselves.
+    pub fn params_bytes(&self, backward: bool) -> Vec<u8> {
         let (oh, ow) = self.output_size();
         let g = &self.geometry;
         let (shift, kh, kw, pad_top, pad_left) = match self.upsample {
@@ -337,6 +352,12 @@ fn backward_shared_bytes(block_n: usize) -> usize {
 }
 /// Threads per block of the split-K reduction kernels.
 const REDUCE_THREADS: u32 = 256;
+/// Outputs from which a split-K reduction takes 4 a thread (where the accesses allow it): a thread
+/// an element would then want about as many threads as an H200 holds at once (132 SMs x 2048), so
+/// issue slots bound it; below, one wave of a thread an element runs shallower. In the latency
+/// model of examples/emulator_launch_depth.rs (cifar10 bf16) 4 a thread won at batch 16 and lost
+/// at batch 1, where these outputs are 16K to 128K. Either way the same sums in the same order.
+const REDUCE_VECTOR_OUTPUTS: usize = 1 << 18;
 
 /// Device scratch for split-K's partial sums and the multiprocessor count the split is planned
 /// for. The CUDA backend allocates one when it is made (`bytes_for`), before any step is
@@ -373,13 +394,13 @@ pub fn split_k_slices(blocks: usize, k_tiles: usize, multiprocessors: usize) -> 
 }
 
 /// A split-K launch: the slices (grid z) of its `k_tiles` k-steps, the workspace bytes it fills, and
-/// the reduction kernel that follows.
+/// the reduction kernel that follows (`<base>` or, 4 elements a thread, `<base>_v4`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SplitK {
     pub slices: usize,
     pub k_tiles: usize,
     pub workspace_bytes: usize,
-    pub reduce_kernel: &'static str,
+    pub reduce_kernel: String,
     pub reduce_config: LaunchConfig,
 }
 
@@ -399,20 +420,27 @@ impl LaunchPlan {
 }
 
 /// The split-K part of a plan over a GEMM's outputs in k-tiles of `block_k`: grid z (at most one
-/// slice per k-tile: none is empty; the phases' blocks in each) and the reduction.
-fn split_plan(gemm: Gemm, block_k: usize, slices: usize, reduce_kernel: &'static str) -> Result<SplitK> {
+/// slice per k-tile: none is empty; the phases' blocks in each) and the reduction `reduce_kernel`,
+/// a thread per `vector` outputs (1, or 4 where the accesses allow it: its `_v4` form) from
+/// `REDUCE_VECTOR_OUTPUTS` outputs, else a thread per output.
+fn split_plan(gemm: Gemm, block_k: usize, slices: usize, reduce_kernel: &str, vector: usize) -> Result<SplitK> {
     if slices == 0 {
         return Err(Error::invalid("conv2d: split-K with 0 slices"));
     }
+    let outputs = gemm.outputs();
+    // The reductions index in 32 bits (a split's outputs fit the workspace, far below).
+    if outputs > i32::MAX as usize {
+        return Err(Error::invalid(format!("conv2d: split-K over {outputs} outputs (at most 2^31 - 1)")));
+    }
     let k_tiles = gemm.k.div_ceil(block_k);
     let slices = slices.min(k_tiles).min(65535 / gemm.phases);
-    let outputs = gemm.outputs();
-    let blocks = outputs.div_ceil(REDUCE_THREADS as usize).clamp(1, 65535);
+    let vector = if outputs >= REDUCE_VECTOR_OUTPUTS { vector } else { 1 };
+    let blocks = (outputs / vector).div_ceil(REDUCE_THREADS as usize).clamp(1, 65535);
     Ok(SplitK {
         slices,
         k_tiles,
         workspace_bytes: slices * outputs * 4,
-        reduce_kernel,
+        reduce_kernel: if vector == 4 { format!("{reduce_kernel}_v4") } else { reduce_kernel.to_string() },
         reduce_config: LaunchConfig::linear(blocks as u32, REDUCE_THREADS),
     })
 }
@@ -486,7 +514,9 @@ pub fn simt_kernel_names() -> Vec<String> {
         names.push(format!("conv2d_backward_input_simt_partial_{d}"));
     }
     // Split-K's reductions, which both modules' split launches use.
-    names.extend([FORWARD_REDUCE_KERNEL, BACKWARD_REDUCE_KERNEL].map(String::from));
+    for reduce in [FORWARD_REDUCE_KERNEL, BACKWARD_REDUCE_KERNEL] {
+        names.extend([reduce.to_string(), format!("{reduce}_v4")]);
+    }
     names
 }
 
@@ -597,7 +627,7 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
         return Err(Error::invalid(format!("conv2d: grid {grid_x} x {grid_y} too large")));
     }
     let split = match version.slices() {
-        Some(slices) => Some(split_plan(gemm, block_k, slices, FORWARD_REDUCE_KERNEL)?),
+        Some(slices) => Some(split_plan(gemm, block_k, slices, FORWARD_REDUCE_KERNEL, args.reduce_vector())?),
         None => None,
     };
     // The sub-pixel form's phases, then split-K's slices of each, along z.
@@ -755,7 +785,7 @@ pub fn launch_conv2d_version(
         return Ok(());
     };
     let partials = split_workspace(split, workspace, "conv2d")?;
-    let reduce = kernels.get(split.reduce_kernel)?;
+    let reduce = kernels.get(&split.reduce_kernel)?;
     let partial_args =
         KernelArgs::new().ptr(args.a).ptr(args.b.unwrap_or(0)).ptr(args.weight).ptr(partials).bytes(&params);
     let reduce_args = KernelArgs::new()
@@ -809,6 +839,18 @@ pub struct Conv2dBackwardInputLaunch {
 }
 
 impl Conv2dBackwardInputLaunch {
+    /// Elements a thread of the split-K reduction takes: 4 (`_v4`) where dx's count and address
+    /// allow 4-element accesses, else 1.
+    fn reduce_vector(&self) -> usize {
+        let elements = self.batch * self.height * self.width * self.in_channels;
+        let vector = elements.is_multiple_of(4) && self.dx.is_multiple_of(4 * self.dx_dtype.bytes() as u64);
+        if vector {
+            4
+        } else {
+            1
+        }
+    }
+
     /// The forward this is the gradient of (its dims and pointer checks are the same; dx plays the
     /// input, dout the output).
     fn forward(&self) -> Conv2dLaunch {
@@ -914,7 +956,7 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
         return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
     }
     let split = match version.slices() {
-        Some(slices) => Some(split_plan(gemm, block_k, slices, BACKWARD_REDUCE_KERNEL)?),
+        Some(slices) => Some(split_plan(gemm, block_k, slices, BACKWARD_REDUCE_KERNEL, args.reduce_vector())?),
         None => None,
     };
     let config = LaunchConfig {
@@ -982,7 +1024,7 @@ pub fn launch_conv2d_backward_input_version(
             .i32(args.accumulate as i32),
         (_, Some(split)) => {
             let partials = split_workspace(split, workspace, "conv2d backward input")?;
-            let reduce = kernels.get(split.reduce_kernel)?;
+            let reduce = kernels.get(&split.reduce_kernel)?;
             let partial_args = KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(partials).bytes(&params);
             let total = args.batch * args.height * args.width * args.in_channels;
             let reduce_args = KernelArgs::new()

@@ -77,7 +77,8 @@ fn attention_launch(
     }
 }
 
-fn dtype_code(d: Precision) -> i32 {
+/// The storage-type code of the kernels' run-time type arguments (kernels/common.cuh `DtypeCode`).
+pub fn dtype_code(d: Precision) -> i32 {
     match d {
         Precision::F32 => 0,
         Precision::F16 => 1,
