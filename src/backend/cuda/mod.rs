@@ -53,8 +53,14 @@ fn linear_tile(batch: usize) -> usize {
 const GROUPNORM_PARTIALS: usize = 1 << 16;
 
 /// The storage-type code the kernels take (common.cuh `DtypeCode`).
-/// The attention launch over `qkv` (N x 3C x H x W, NHWC on the device: each position's q, k, v
-/// one row of 3C) with C `channels`, its q, k, v the row's thirds.
+/// Where q, k and v (or dq, dk, dv) start in a tensor whose positions are rows of 3C: the first
+/// row's thirds, C `channels` apart (NHWC on the device).
+fn thirds(t: &CudaTensor, channels: usize) -> [DevicePtr; 3] {
+    let third = (channels * t.dtype.bytes()) as u64;
+    [t.ptr, t.ptr + third, t.ptr + 2 * third]
+}
+
+/// The attention launch over `qkv` (N x 3C x H x W) with C `channels`, its q, k, v the thirds.
 fn attention_launch(
     qkv: &CudaTensor,
     channels: usize,
@@ -62,16 +68,16 @@ fn attention_launch(
     out: &CudaTensor,
     logsumexp: &CudaTensor,
 ) -> AttentionLaunch {
-    let third = (channels * qkv.dtype.bytes()) as u64;
+    let [q, k, v] = thirds(qkv, channels);
     AttentionLaunch {
         batch: qkv.shape[0],
         positions,
         channels,
         qkv_stride: 3 * channels,
         dtype: qkv.dtype,
-        q: qkv.ptr,
-        k: qkv.ptr + third,
-        v: qkv.ptr + 2 * third,
+        q,
+        k,
+        v,
         out: out.ptr,
         logsumexp: logsumexp.ptr,
     }
@@ -1281,19 +1287,18 @@ impl Backend for CudaBackend {
         if !ok || qkv.is_empty() {
             return;
         }
-        // dq, dk, dv: the thirds of dqkv, as q, k, v of qkv.
-        let third = (c * dqkv.dtype.bytes()) as u64;
+        let [dq, dk, dv] = thirds(dqkv, c);
         let launch = attention::AttentionBackwardLaunch {
             forward: attention_launch(qkv, c, positions, out, logsumexp),
             dout: dout.ptr,
             dout_dtype: dout.dtype,
             row_terms: row_terms.ptr,
             dout_rounded: dout_rounded.ptr,
-            dq: dqkv.ptr,
+            dq,
             dq_dtype: dqkv.dtype,
-            dk: dqkv.ptr + third,
+            dk,
             dk_dtype: dqkv.dtype,
-            dv: dqkv.ptr + 2 * third,
+            dv,
             dv_dtype: dqkv.dtype,
             grad_stride: 3 * c,
             accumulate: store.accumulates(),
