@@ -144,6 +144,22 @@ __device__ __forceinline__ float conv_gather(const ConvRow& r, int ky, int kx, i
 }
 
 // ---------------------------------------------------------------------------------------------
+// The input gradient's taps, one axis (not the sub-pixel form): the dout row (or column) of `size`
+// that padded dx coordinate y meets through kernel offset k with `stride`; -1 where none does.
+__device__ __forceinline__ int transposed_axis_source(int y, int k, int stride, int size) {
+    const int t = y - k;
+    if (t < 0) return -1;
+    int o = t;
+    if (stride == 2) {
+        if (t & 1) return -1;
+        o = t >> 1;
+    } else if (stride != 1) {
+        if (t % stride != 0) return -1;
+        o = t / stride;
+    }
+    return o < size ? o : -1;
+}
+
 // The input gradient's taps (both versions): the dout position (oy * out_w + ox) that dx position
 // (y, x), in padded coordinates (iy + pad_top, ix + pad_left), meets through tap (ky, kx); -1 when
 // that tap skips it (not an exact multiple of the stride, or outside the output). In the sub-pixel
@@ -156,20 +172,9 @@ __device__ __forceinline__ int transposed_tap_source(int y, int x, int ky, int k
         if (oy < 0 || ox < 0 || 2 * oy >= p.out_h || 2 * ox >= p.out_w) return -1;
         return (2 * oy + py) * p.out_w + 2 * ox + px;
     }
-    const int ty = y - ky, tx = x - kx;
-    if (ty < 0 || tx < 0) return -1;
-    int oy = ty, ox = tx;
-    if (p.stride == 2) {
-        if ((ty | tx) & 1) return -1;
-        oy = ty >> 1;
-        ox = tx >> 1;
-    } else if (p.stride != 1) {
-        if (ty % p.stride != 0 || tx % p.stride != 0) return -1;
-        oy = ty / p.stride;
-        ox = tx / p.stride;
-    }
-    if (oy >= p.out_h || ox >= p.out_w) return -1;
-    return oy * p.out_w + ox;
+    const int oy = transposed_axis_source(y, ky, p.stride, p.out_h);
+    const int ox = transposed_axis_source(x, kx, p.stride, p.out_w);
+    return oy < 0 || ox < 0 ? -1 : oy * p.out_w + ox;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -571,9 +571,11 @@ test_device!(conv2d, conv2d_op, ALL_DTYPES);
 /// An input gradient's case: (name, ci, co, k, geometry, H, batch).
 type BackwardCase = (&'static str, usize, usize, usize, Conv2dGeometry, usize, usize);
 /// The geometries of the UNet and the classifiers.
-const CONV2D_BACKWARD_INPUT_CASES: [BackwardCase; 6] = [
+const CONV2D_BACKWARD_INPUT_CASES: [BackwardCase; 7] = [
     ("3x3", 16, 24, 3, Conv2dGeometry::same(1), 6, 2),
+    // conv_in's: the narrow kernel on CUDA (a warp a dx pixel), 16 and 128 dout channels.
     ("conv_in (3 channels)", 3, 16, 3, Conv2dGeometry::same(1), 5, 1),
+    ("conv_in (3 channels, 128-channel dout)", 3, 128, 3, Conv2dGeometry::same(1), 6, 2),
     ("conv_out (3 channels)", 16, 3, 3, Conv2dGeometry::same(1), 5, 1),
     ("1x1", 24, 16, 1, Conv2dGeometry::same(0), 4, 3),
     ("downsample (pad right/bottom, stride 2)", 16, 16, 3, DOWNSAMPLE, 6, 2),
@@ -585,8 +587,9 @@ const CONV2D_BACKWARD_INPUT_SPLIT_K_CASES: [BackwardCase; 5] = [
     ("split-K 3x3 at 3x3 (M 9), 18 k-steps", 32, 64, 3, Conv2dGeometry::same(1), 3, 1),
     ("split-K downsample, dx 4x4, 14 k-steps", 24, 48, 3, DOWNSAMPLE, 4, 2),
     ("split-K 1x1 at 2x2, 8 k-steps", 64, 256, 1, Conv2dGeometry::same(0), 2, 1),
-    // conv_in's at batch 1: dout by cp.async, the 3-channel weights element-wise (gather_w).
-    ("split-K conv_in (3 channels, 128-channel dout) at 4x4, 36 k-steps", 3, 128, 3, Conv2dGeometry::same(1), 4, 1),
+    // dout by cp.async, the 5-channel weights element-wise (gather_w; conv_in's 3 channels take
+    // the narrow kernel).
+    ("split-K 5 channels under a 128-channel dout at 4x4, 36 k-steps", 5, 128, 3, Conv2dGeometry::same(1), 4, 1),
     // Co 36: 16-bit dout is gathered (not a multiple of 8), f32 dout by cp.async.
     ("split-K Co 36 at 3x3, 11 k-steps", 8, 36, 3, Conv2dGeometry::same(1), 3, 1),
 ];

@@ -1341,6 +1341,148 @@ fn emulator_conv_backward_input_tensor_cores() {
     }
 }
 
+/// The narrow input gradient (version 4: a warp a dx pixel; conv_in's dx) over the layers it takes:
+/// 1 to 4 input channels, 1x1 to 3x3, strides 1 and 2 with both paddings, Co 8 to 200 (two chunks
+/// of 128, the second partial), conv_in at full size; every storage-type
+/// set a plan runs it with, written and accumulated, against the CPU. Then the same bits whatever
+/// the pixels a warp takes and the batch (a sample's sums depend on nothing else), and the
+/// launcher's choice and refusals.
+#[test]
+fn emulator_conv_backward_input_narrow() {
+    let (driver, kernels) = emulated_conv_kernels(false);
+    let same1 = Conv2dGeometry::same(1);
+    let downsample = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
+    let cases = [
+        ConvCase::new("conv_in 3x3 (Ci 3, Co 20)", 3, 9, 3, 20, 3, same1),
+        ConvCase::new("Ci 1, Co 8", 2, 7, 1, 8, 3, same1),
+        ConvCase::new("Ci 4, Co 200 (two chunks)", 1, 6, 4, 200, 3, same1),
+        ConvCase::new("Ci 2, downsample pad right/bottom", 2, 9, 2, 12, 3, downsample),
+        ConvCase::new("Ci 3, 3x3 stride 2 pad 1", 1, 8, 3, 16, 3, Conv2dGeometry::strided(2, 1)),
+        ConvCase::new("Ci 3, 1x1 (Co 36)", 3, 5, 3, 36, 1, Conv2dGeometry::same(0)),
+        ConvCase::new("full size: conv_in 3 <- 128 at 32x32", 2, 32, 3, 128, 3, same1),
+    ];
+    let (f32, bf16, f16) = (Precision::F32, Precision::Bf16, Precision::F16);
+    let dtype_sets =
+        [[f32, f32, f32], [f32, bf16, f32], [bf16, bf16, bf16], [f32, f16, f32], [f16, f16, f16], [bf16, bf16, f32]];
+    let seed = fresh_seed();
+    let mut failures = Vec::new();
+    for dtypes in dtype_sets {
+        let tol = tolerance(&dtypes);
+        for case in &cases {
+            for store in [GradientStore::Add, GradientStore::Write] {
+                let op = ConvOp::BackwardInput(store);
+                let runs: Vec<Checked> = [1, 3, 16]
+                    .map(|pixels_per_warp| {
+                        let version = Conv2dVersion::Narrow { pixels_per_warp };
+                        op.check(&driver, &kernels, case, version, dtypes, seed, None)
+                    })
+                    .into();
+                let same_bits = runs.iter().all(|r| bits(&r.output) == bits(&runs[0].output));
+                let err = runs[0].error;
+                println!(
+                    "{} {:<40} {dtypes:?} {:<40} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}); 1, 3, 16 pixels a warp the same bits: {same_bits}",
+                    op.label(),
+                    runs[0].kernel,
+                    case.name
+                );
+                if err.is_nan() || err > tol || !same_bits || !runs[0].kernel.contains("_narrow_") {
+                    failures.push(format!(
+                        "{} {} {dtypes:?}: error {err:e}, same bits {same_bits}",
+                        op.label(),
+                        case.name
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "narrow input gradient (seed {seed}): {failures:?}");
+
+    // Batch invariance: the first sample of a batch of 3 has the bits of the batch of 1 (the
+    // inputs' first sample is the same: the generator's stream is a prefix).
+    let one = ConvCase::new("conv_in, batch 1", 1, 12, 3, 128, 3, same1);
+    let three = ConvCase { batch: 3, ..one.clone() };
+    let op = ConvOp::BackwardInput(GradientStore::Add);
+    for dtypes in [[f32, bf16, f32], [f32, f32, f32]] {
+        let alone = op.check(&driver, &kernels, &one, Conv2dVersion::Narrow { pixels_per_warp: 1 }, dtypes, seed, None);
+        let batched =
+            op.check(&driver, &kernels, &three, Conv2dVersion::Narrow { pixels_per_warp: 5 }, dtypes, seed, None);
+        // NCHW: sample 0 is the first C x H x W values.
+        assert_eq!(
+            bits(&alone.output),
+            bits(&batched.output[..alone.output.len()]),
+            "{dtypes:?}: batch changed a sample's bits"
+        );
+    }
+
+    // The launcher takes it for conv_in's gradient at every batch, a warp 1 pixel at batch 1 and
+    // 16 at 256 on 132 SMs; not for 5 channels; refuses what it cannot take by name.
+    let workspace = SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(132), multiprocessors: 132 };
+    let conv_in = Conv2dBackwardInputLaunch {
+        batch: 1,
+        height: 32,
+        width: 32,
+        in_channels: 3,
+        out_channels: 128,
+        kernel_h: 3,
+        kernel_w: 3,
+        geometry: same1,
+        dout_dtype: bf16,
+        weight_dtype: bf16,
+        dx_dtype: f32,
+        dout: 0x1000,
+        weight: 0x2000,
+        dx: 0x3000,
+        accumulate: false,
+        subpixel: false,
+    };
+    for (batch, pixels_per_warp, blocks) in [(1, 1, 128), (16, 7, 293), (256, 16, 2048)] {
+        let launch = Conv2dBackwardInputLaunch { batch, ..conv_in };
+        let version = conv::conv2d_backward_input_version(&launch, true, Some(&workspace));
+        assert_eq!(version, Conv2dVersion::Narrow { pixels_per_warp }, "batch {batch}");
+        let plan = conv::plan_conv2d_backward_input(&launch, version).unwrap();
+        assert_eq!(
+            (plan.kernel.as_str(), plan.config.grid),
+            ("conv2d_backward_input_narrow_bf16_bf16", [blocks, 1, 1])
+        );
+        assert_eq!(plan.config.dynamic_shared_bytes, 9 * 4 * 128 * 4);
+    }
+    let f32_plan = Conv2dBackwardInputLaunch { dout_dtype: f32, weight_dtype: f32, ..conv_in };
+    assert!(matches!(conv::conv2d_backward_input_version(&f32_plan, false, None), Conv2dVersion::Narrow { .. }));
+    let five = Conv2dBackwardInputLaunch { in_channels: 5, ..conv_in };
+    assert!(!matches!(
+        conv::conv2d_backward_input_version(&five, true, Some(&workspace)),
+        Conv2dVersion::Narrow { .. }
+    ));
+    let narrow = Conv2dVersion::Narrow { pixels_per_warp: 4 };
+    for (launch, expected) in [
+        (five, "cannot take 5 input channels (at most 4)"),
+        (Conv2dBackwardInputLaunch { kernel_h: 1, kernel_w: 5, ..conv_in }, "cannot take a 1x5 kernel (at most 3x3)"),
+        (Conv2dBackwardInputLaunch { out_channels: 400, ..conv_in }, "cannot take 400 output channels (its weights"),
+        (Conv2dBackwardInputLaunch { out_channels: 19, ..conv_in }, "cannot take 19 output channels at 0x1000"),
+        (
+            Conv2dBackwardInputLaunch { dout: 0x1004, ..conv_in },
+            "cannot take 128 output channels at 0x1004 (4-channel loads)",
+        ),
+        (Conv2dBackwardInputLaunch { out_channels: 64, subpixel: true, ..conv_in }, "cannot take the sub-pixel form"),
+    ] {
+        let err = conv::plan_conv2d_backward_input(&launch, narrow).expect_err(expected).to_string();
+        assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+    }
+    for pixels_per_warp in [0, 17] {
+        let err = conv::plan_conv2d_backward_input(&conv_in, Conv2dVersion::Narrow { pixels_per_warp }).unwrap_err();
+        assert!(err.to_string().contains("takes 1 to 16 pixels a warp"), "{err}");
+    }
+    let forward =
+        Conv2dLaunch { out_channels: 3, weight_dtype: bf16, input_dtype: bf16, out_dtype: bf16, ..valid_launch() };
+    let err = conv::plan_conv2d(&forward, narrow).unwrap_err().to_string();
+    assert!(err.contains("computes input gradients only"), "{err}");
+}
+
+/// The bits of each value (NaN-safe equality).
+fn bits(values: &[f32]) -> Vec<u32> {
+    values.iter().map(|v| v.to_bits()).collect()
+}
+
 /// The wide tile (128 x 128 a block, warps of 64 x 64) over every case its cp.async loaders take,
 /// forward and input gradient (written and accumulated), the plans' storage types: within the
 /// tolerance of the CPU and the same bits as the narrow tile (K is summed in the same order by

@@ -306,6 +306,12 @@ pub enum Conv2dVersion {
     /// SIMT tiles), the same workspace and reduction. For grids too small to fill the GPU: the f32
     /// UNet at batch 1 gave a 4x4 level 4 blocks each 144 k-tiles deep.
     SimtSplitK { slices: usize },
+    /// Version 4, the input gradient only (kernels/conv2d.cu): a warp takes a dx pixel, then the
+    /// next, `pixels_per_warp` of them, its lanes along dout's channels, the weights in shared
+    /// memory. For layers with at most 4 input channels, kernels up to 3x3 and dout in 4-channel
+    /// loads (conv_in's dx: a GEMM 3 columns wide, where the tiles above waste 61 of their 64),
+    /// whatever the storage types.
+    Narrow { pixels_per_warp: usize },
 }
 
 impl Conv2dVersion {
@@ -332,6 +338,18 @@ const MMA_BLOCK_K: usize = 32;
 const MMA_WIDE_BLOCK_N: usize = 128;
 /// Pipeline stages of the tensor-core kernels (kernels/conv2d_mma.cu).
 const MMA_STAGES: usize = 3;
+/// The narrow input gradient (`Conv2dVersion::Narrow`, kernels/conv2d.cu's `narrow` namespace):
+/// dx channels and kernel size at most, threads (8 warps) a block, and the most pixels a warp takes.
+const NARROW_CHANNELS: usize = 4;
+const NARROW_KERNEL: usize = 3;
+const NARROW_THREADS: u32 = 256;
+const NARROW_WARPS: usize = 8;
+const NARROW_MAX_PIXELS_PER_WARP: usize = 16;
+/// The SMs the narrow kernel plans for where no workspace gives the GPU's count (split-K switched
+/// off): an H200's.
+const NARROW_DEFAULT_MULTIPROCESSORS: usize = 132;
+/// Dynamic shared memory a block may have without the driver's opt-in.
+const DEFAULT_SHARED_LIMIT: usize = 48 * 1024;
 /// The SIMT kernels' tiles (kernels/conv2d.cu): 64 positions x 64 channels x 16 k, 256 threads.
 const SIMT_BLOCK_M: usize = 64;
 const SIMT_BLOCK_N: usize = 64;
@@ -512,6 +530,10 @@ pub fn simt_kernel_names() -> Vec<String> {
         }
         names.push(format!("conv2d_simt_partial_{d}"));
         names.push(format!("conv2d_backward_input_simt_partial_{d}"));
+        names.push(format!("conv2d_backward_input_narrow_f32_{d}"));
+        if d != "f32" {
+            names.push(format!("conv2d_backward_input_narrow_{d}_{d}"));
+        }
     }
     // Split-K's reductions, which both modules' split launches use.
     for reduce in [FORWARD_REDUCE_KERNEL, BACKWARD_REDUCE_KERNEL] {
@@ -554,10 +576,21 @@ pub fn mma_kernel_names() -> Vec<String> {
 const FORWARD_REDUCE_KERNEL: &str = "conv2d_split_reduce";
 const BACKWARD_REDUCE_KERNEL: &str = "conv2d_backward_input_split_reduce";
 
-/// The kernels hot enough that ptxas must not spill in them (the input gradient's: f32 gradients
-/// against 16-bit weights, what every bf16/f16 plan's VJP runs; and their split-K forms, what the
-/// small levels run at small batches).
-pub const SIMT_HOT_KERNELS: &[&str] = &["conv2d_simt_f32_f32_f32", "conv2d_simt_partial_f32"];
+/// The kernels hot enough that ptxas must not spill in them. conv2d.cu's: the f32 path's forward
+/// (and its split-K form), and conv_in's input gradient in every plan (the narrow kernel; a 16-bit
+/// plan's dout in f32 or the weights' type).
+pub const SIMT_HOT_KERNELS: &[&str] = &[
+    "conv2d_simt_f32_f32_f32",
+    "conv2d_simt_partial_f32",
+    "conv2d_backward_input_narrow_f32_f32",
+    "conv2d_backward_input_narrow_f32_bf16",
+    "conv2d_backward_input_narrow_bf16_bf16",
+    "conv2d_backward_input_narrow_f32_f16",
+    "conv2d_backward_input_narrow_f16_f16",
+];
+/// conv2d_mma.cu's: the input gradient's (f32 gradients against 16-bit weights, what every
+/// bf16/f16 plan's VJP runs) and the forwards, with their split-K forms, what the small levels run
+/// at small batches.
 pub const MMA_HOT_KERNELS: &[&str] = &[
     "conv2d_mma_bf16_bf16_bf16",
     "conv2d_mma_f16_f16_f16",
@@ -610,6 +643,9 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
                 _ => format!("conv2d_simt_partial_{w}"),
             };
             (name, SIMT_BLOCK_M, SIMT_BLOCK_N, SIMT_BLOCK_K, SIMT_THREADS, 0)
+        }
+        (Conv2dVersion::Narrow { .. }, _) => {
+            return Err(Error::invalid("conv2d: the narrow kernel (version 4) computes input gradients only"))
         }
         (_, Precision::F32) => {
             return Err(Error::invalid("conv2d: the tensor-core kernel needs bf16 or f16 weights, got f32"))
@@ -913,6 +949,9 @@ impl Conv2dBackwardInputLaunch {
 /// The kernels, grid and (split-K) reduction of an input gradient with `version`.
 pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Conv2dVersion) -> Result<LaunchPlan> {
     args.validate()?;
+    if let Conv2dVersion::Narrow { pixels_per_warp } = version {
+        return plan_narrow_backward_input(args, pixels_per_warp);
+    }
     let (d, w, x) = (dtype_name(args.dout_dtype), dtype_name(args.weight_dtype), dtype_name(args.dx_dtype));
     let (name, block_m, block_n, block_k, threads, shared) = match (version, args.weight_dtype) {
         (Conv2dVersion::Simt | Conv2dVersion::SimtSplitK { .. }, _) => {
@@ -967,16 +1006,78 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
     Ok(LaunchPlan { kernel: name, config, split })
 }
 
-/// The version `launch_conv2d_backward_input` runs: tensor cores for bf16/f16 weights (f32 or
-/// 16-bit dout and dx), the SIMT kernel for f32 (and for one 16-bit type throughout when
-/// conv2d_mma.cu is not loaded); either split-K when its grid under-fills the GPU and a workspace
-/// holds the slices.
+/// Why the narrow kernel cannot take an input gradient, or None where it can.
+fn narrow_problem(args: &Conv2dBackwardInputLaunch) -> Option<String> {
+    if args.subpixel {
+        Some("the sub-pixel form".into())
+    } else if args.in_channels > NARROW_CHANNELS {
+        Some(format!("{} input channels (at most {NARROW_CHANNELS})", args.in_channels))
+    } else if !args.out_channels.is_multiple_of(4) || !args.dout.is_multiple_of(4 * args.dout_dtype.bytes() as u64) {
+        Some(format!("{} output channels at {:#x} (4-channel loads)", args.out_channels, args.dout))
+    } else if args.kernel_h > NARROW_KERNEL || args.kernel_w > NARROW_KERNEL {
+        Some(format!("a {}x{} kernel (at most {NARROW_KERNEL}x{NARROW_KERNEL})", args.kernel_h, args.kernel_w))
+    } else if narrow_shared_bytes(args) > DEFAULT_SHARED_LIMIT {
+        Some(format!(
+            "{} output channels (its weights would need {} bytes of shared memory)",
+            args.out_channels,
+            narrow_shared_bytes(args)
+        ))
+    } else {
+        None
+    }
+}
+
+/// The narrow kernel's weights in shared memory: f32, taps x 4 rows of Co.
+fn narrow_shared_bytes(args: &Conv2dBackwardInputLaunch) -> usize {
+    args.kernel_h * args.kernel_w * NARROW_CHANNELS * args.out_channels * 4
+}
+
+/// Pixels a warp of the narrow kernel takes: as many as leave two blocks an SM (all of them busy
+/// first), at most 16; one where the grid cannot fill the GPU anyway. A block stages the weights
+/// once for all its warps' pixels, so more pixels a warp are fewer stagings.
+fn narrow_pixels_per_warp(positions: usize, multiprocessors: usize) -> usize {
+    (positions / (NARROW_WARPS * 2 * multiprocessors.max(1))).clamp(1, NARROW_MAX_PIXELS_PER_WARP)
+}
+
+fn plan_narrow_backward_input(args: &Conv2dBackwardInputLaunch, pixels_per_warp: usize) -> Result<LaunchPlan> {
+    if let Some(problem) = narrow_problem(args) {
+        return Err(Error::invalid(format!("conv2d backward input: the narrow kernel cannot take {problem}")));
+    }
+    if !(1..=NARROW_MAX_PIXELS_PER_WARP).contains(&pixels_per_warp) {
+        return Err(Error::invalid(format!(
+            "conv2d backward input: the narrow kernel takes 1 to {NARROW_MAX_PIXELS_PER_WARP} pixels a warp, got {pixels_per_warp}"
+        )));
+    }
+    let blocks = args.gemm().m.div_ceil(NARROW_WARPS * pixels_per_warp);
+    if blocks > i32::MAX as usize {
+        return Err(Error::invalid(format!("conv2d backward input: grid {blocks} too large")));
+    }
+    let (d, w) = (dtype_name(args.dout_dtype), dtype_name(args.weight_dtype));
+    Ok(LaunchPlan {
+        kernel: format!("conv2d_backward_input_narrow_{d}_{w}"),
+        config: LaunchConfig {
+            grid: [blocks as u32, 1, 1],
+            block: [NARROW_THREADS, 1, 1],
+            dynamic_shared_bytes: narrow_shared_bytes(args) as u32,
+        },
+        split: None,
+    })
+}
+
+/// The version `launch_conv2d_backward_input` runs: the narrow kernel for layers it takes (at
+/// most 4 input channels), tensor cores for bf16/f16 weights (f32 or 16-bit dout and dx), the SIMT
+/// kernel for f32 (and for one 16-bit type throughout when conv2d_mma.cu is not loaded); either
+/// split-K when its grid under-fills the GPU and a workspace holds the slices.
 pub fn conv2d_backward_input_version(
     args: &Conv2dBackwardInputLaunch,
     has_tensor_cores: bool,
     workspace: Option<&SplitKWorkspace>,
 ) -> Conv2dVersion {
     let gemm = args.gemm();
+    if narrow_problem(args).is_none() {
+        let multiprocessors = workspace.map_or(NARROW_DEFAULT_MULTIPROCESSORS, |ws| ws.multiprocessors);
+        return Conv2dVersion::Narrow { pixels_per_warp: narrow_pixels_per_warp(gemm.m, multiprocessors) };
+    }
     if args.weight_dtype == Precision::F32 || !has_tensor_cores {
         return simt_version(gemm, workspace);
     }
@@ -1015,6 +1116,14 @@ pub fn launch_conv2d_backward_input_version(
         (Conv2dVersion::Simt, None) => {
             KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(args.dx).bytes(&params).i32(args.accumulate as i32)
         }
+        (Conv2dVersion::Narrow { pixels_per_warp }, None) => KernelArgs::new()
+            .ptr(args.dout)
+            .ptr(args.weight)
+            .ptr(args.dx)
+            .i32(super::dtype_code(args.dx_dtype))
+            .bytes(&params)
+            .i32(args.accumulate as i32)
+            .i32(pixels_per_warp as i32),
         (_, None) => KernelArgs::new()
             .ptr(args.dout)
             .ptr(args.weight)
