@@ -519,6 +519,7 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
     let cases = [
         ("3x3", 16, 0, false, 16, 3, Conv2dGeometry::same(1), 6),
         ("conv_in (3 channels)", 3, 0, false, 16, 3, Conv2dGeometry::same(1), 5),
+        ("conv_in (3 channels, 128 out)", 3, 0, false, 128, 3, Conv2dGeometry::same(1), 5),
         ("concat 1x1 (nin_shortcut)", 16, 8, false, 16, 1, Conv2dGeometry::same(0), 4),
         ("upsample 3x3", 16, 0, true, 16, 3, Conv2dGeometry::same(1), 3),
         ("downsample (pad right/bottom, stride 2)", 16, 0, false, 16, 3, DOWNSAMPLE, 6),
@@ -556,27 +557,32 @@ fn conv2d_op<B: Backend>(b: &B, dtype: Precision) {
         h.cpu.conv2d(input(&ar, &bb_r, cb > 0, upsample), &wr, Some(&bias_r), geometry, epilogue_r, &mut out_r);
         h.check(&format!("conv2d {name}"), &out, &out_r);
     }
-    // conv_in as 16-bit plans run it: x_t in f32 (at this size the SIMT tile, conv2d_version).
-    let (x, xr) = h.input_as(&[2, 3, 5, 5], Precision::F32, 1.0);
-    let (w, wr) = h.input_as(&[16, 3, 3, 3], dtype, 0.3);
-    let (bias, bias_r) = h.input_f32(&[16]);
-    let (mut out, mut out_r) = h.output(&[2, 16, 5, 5]);
-    let same = Conv2dGeometry::same(1);
-    b.conv2d(LayerInput::one(&x), &w, Some(&bias), same, ConvEpilogue::default(), &mut out);
-    h.cpu.conv2d(LayerInput::one(&xr), &wr, Some(&bias_r), same, ConvEpilogue::default(), &mut out_r);
-    h.check("conv2d conv_in (f32 x_t)", &out, &out_r);
+    // conv_in as 16-bit plans run it: x_t in f32 (at this size the SIMT tile, conv2d_version), 16
+    // and 128 out.
+    for co in [16, 128] {
+        let (x, xr) = h.input_as(&[2, 3, 5, 5], Precision::F32, 1.0);
+        let (w, wr) = h.input_as(&[co, 3, 3, 3], dtype, 0.3);
+        let (bias, bias_r) = h.input_f32(&[co]);
+        let (mut out, mut out_r) = h.output(&[2, co, 5, 5]);
+        let same = Conv2dGeometry::same(1);
+        b.conv2d(LayerInput::one(&x), &w, Some(&bias), same, ConvEpilogue::default(), &mut out);
+        h.cpu.conv2d(LayerInput::one(&xr), &wr, Some(&bias_r), same, ConvEpilogue::default(), &mut out_r);
+        h.check(&format!("conv2d conv_in (f32 x_t, {co} out)"), &out, &out_r);
+    }
 }
 test_device!(conv2d, conv2d_op, ALL_DTYPES);
 
 /// An input gradient's case: (name, ci, co, k, geometry, H, batch).
 type BackwardCase = (&'static str, usize, usize, usize, Conv2dGeometry, usize, usize);
 /// The geometries of the UNet and the classifiers.
-const CONV2D_BACKWARD_INPUT_CASES: [BackwardCase; 7] = [
+const CONV2D_BACKWARD_INPUT_CASES: [BackwardCase; 8] = [
     ("3x3", 16, 24, 3, Conv2dGeometry::same(1), 6, 2),
-    // conv_in's: the narrow kernel on CUDA (a warp a dx pixel), 16 and 128 dout channels.
+    // conv_in's: with a 128-channel dout the narrow kernel on CUDA (a warp a dx pixel), with 16 the
+    // tensor cores'. conv_out's at its size too.
     ("conv_in (3 channels)", 3, 16, 3, Conv2dGeometry::same(1), 5, 1),
     ("conv_in (3 channels, 128-channel dout)", 3, 128, 3, Conv2dGeometry::same(1), 6, 2),
     ("conv_out (3 channels)", 16, 3, 3, Conv2dGeometry::same(1), 5, 1),
+    ("conv_out (3 channels, 128-channel dx)", 128, 3, 3, Conv2dGeometry::same(1), 6, 2),
     ("1x1", 24, 16, 1, Conv2dGeometry::same(0), 4, 3),
     ("downsample (pad right/bottom, stride 2)", 16, 16, 3, DOWNSAMPLE, 6, 2),
     ("classifier stride 2, pad 1", 8, 16, 3, Conv2dGeometry::strided(2, 1), 7, 2),

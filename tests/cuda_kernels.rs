@@ -1341,51 +1341,41 @@ fn emulator_conv_backward_input_tensor_cores() {
     }
 }
 
-/// The narrow input gradient (version 4: a warp a dx pixel; conv_in's dx) over the layers it takes:
-/// 1 to 4 input channels, 1x1 to 3x3, strides 1 and 2 with both paddings, Co 8 to 200 (two chunks
-/// of 128, the second partial), conv_in at full size; every storage-type
-/// set a plan runs it with, written and accumulated, against the CPU. Then the same bits whatever
-/// the pixels a warp takes and the batch (a sample's sums depend on nothing else), and the
-/// launcher's choice and refusals.
-#[test]
-fn emulator_conv_backward_input_narrow() {
-    let (driver, kernels) = emulated_conv_kernels(false);
-    let same1 = Conv2dGeometry::same(1);
-    let downsample = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
-    let cases = [
-        ConvCase::new("conv_in 3x3 (Ci 3, Co 20)", 3, 9, 3, 20, 3, same1),
-        ConvCase::new("Ci 1, Co 8", 2, 7, 1, 8, 3, same1),
-        ConvCase::new("Ci 4, Co 200 (two chunks)", 1, 6, 4, 200, 3, same1),
-        ConvCase::new("Ci 2, downsample pad right/bottom", 2, 9, 2, 12, 3, downsample),
-        ConvCase::new("Ci 3, 3x3 stride 2 pad 1", 1, 8, 3, 16, 3, Conv2dGeometry::strided(2, 1)),
-        ConvCase::new("Ci 3, 1x1 (Co 36)", 3, 5, 3, 36, 1, Conv2dGeometry::same(0)),
-        ConvCase::new("full size: conv_in 3 <- 128 at 32x32", 2, 32, 3, 128, 3, same1),
-    ];
+/// A kernel that takes a warp a pixel (the narrow input gradient) on `cases` through each op of
+/// `ops`, with every storage-type set a plan runs it with, against the CPU; with 1, 3 and 16 pixels
+/// a warp, which must give the same bits (a pixel's sums depend on nothing else).
+fn check_warp_pixel_kernel(
+    driver: &dyn Driver,
+    kernels: &Conv2dKernels,
+    ops: &[ConvOp],
+    cases: &[ConvCase],
+    version: fn(usize) -> Conv2dVersion,
+    infix: &str,
+) {
     let (f32, bf16, f16) = (Precision::F32, Precision::Bf16, Precision::F16);
+    // [dout, weights, dx]: a 16-bit plan's f32 gradients, or its type.
     let dtype_sets =
         [[f32, f32, f32], [f32, bf16, f32], [bf16, bf16, bf16], [f32, f16, f32], [f16, f16, f16], [bf16, bf16, f32]];
     let seed = fresh_seed();
     let mut failures = Vec::new();
     for dtypes in dtype_sets {
         let tol = tolerance(&dtypes);
-        for case in &cases {
-            for store in [GradientStore::Add, GradientStore::Write] {
-                let op = ConvOp::BackwardInput(store);
+        for case in cases {
+            for &op in ops {
                 let runs: Vec<Checked> = [1, 3, 16]
                     .map(|pixels_per_warp| {
-                        let version = Conv2dVersion::Narrow { pixels_per_warp };
-                        op.check(&driver, &kernels, case, version, dtypes, seed, None)
+                        op.check(driver, kernels, case, version(pixels_per_warp), dtypes, seed, None)
                     })
                     .into();
                 let same_bits = runs.iter().all(|r| bits(&r.output) == bits(&runs[0].output));
                 let err = runs[0].error;
                 println!(
-                    "{} {:<40} {dtypes:?} {:<40} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}); 1, 3, 16 pixels a warp the same bits: {same_bits}",
+                    "{} {:<40} {dtypes:?} {:<44} rel L2 {err:.2e} (tol {tol:.0e}, seed {seed}); 1, 3, 16 pixels a warp the same bits: {same_bits}",
                     op.label(),
                     runs[0].kernel,
                     case.name
                 );
-                if err.is_nan() || err > tol || !same_bits || !runs[0].kernel.contains("_narrow_") {
+                if err.is_nan() || err > tol || !same_bits || !runs[0].kernel.contains(infix) {
                     failures.push(format!(
                         "{} {} {dtypes:?}: error {err:e}, same bits {same_bits}",
                         op.label(),
@@ -1395,7 +1385,40 @@ fn emulator_conv_backward_input_narrow() {
             }
         }
     }
-    assert!(failures.is_empty(), "narrow input gradient (seed {seed}): {failures:?}");
+    assert!(failures.is_empty(), "{infix} kernels (seed {seed}): {failures:?}");
+}
+
+/// Padding that differs on every side (no layer has it; it tells the sides apart).
+const UNEVEN_PADS: Conv2dGeometry = Conv2dGeometry { stride: 1, pad_top: 1, pad_left: 0, pad_bottom: 0, pad_right: 2 };
+
+/// Both stores of an input gradient.
+const BOTH_STORES: [ConvOp; 2] =
+    [ConvOp::BackwardInput(GradientStore::Add), ConvOp::BackwardInput(GradientStore::Write)];
+
+/// The narrow input gradient (version 4: a warp a dx pixel; conv_in's dx) over the layers it takes:
+/// 1 to 4 input channels, 1x1 to 3x3, strides 1 and 2 with both paddings, Co 64 to 200 (two chunks
+/// of 128, the second partial), conv_in at full size (`check_warp_pixel_kernel`). Then the same bits
+/// at batch 1 and 3, and the launcher's choice and refusals.
+#[test]
+fn emulator_conv_backward_input_narrow() {
+    let (driver, kernels) = emulated_conv_kernels(false);
+    let same1 = Conv2dGeometry::same(1);
+    let downsample = Conv2dGeometry { stride: 2, pad_top: 0, pad_left: 0, pad_bottom: 1, pad_right: 1 };
+    let uneven = UNEVEN_PADS;
+    let cases = [
+        ConvCase::new("conv_in 3x3 (Ci 3, Co 68)", 3, 9, 3, 68, 3, same1),
+        ConvCase::new("Ci 1, Co 64", 2, 7, 1, 64, 3, same1),
+        ConvCase::new("Ci 4, Co 200 (two chunks)", 1, 6, 4, 200, 3, same1),
+        ConvCase::new("Ci 2, downsample pad right/bottom", 2, 9, 2, 64, 3, downsample),
+        ConvCase::new("Ci 3, 3x3 stride 2 pad 1", 1, 8, 3, 64, 3, Conv2dGeometry::strided(2, 1)),
+        ConvCase::new("Ci 3, 1x1 (Co 96)", 3, 5, 3, 96, 1, Conv2dGeometry::same(0)),
+        ConvCase::new("Ci 3, pads top 1, left 0, bottom 0, right 2", 2, 6, 3, 64, 3, uneven),
+        ConvCase::new("full size: conv_in 3 <- 128 at 32x32", 2, 32, 3, 128, 3, same1),
+    ];
+    let narrow = |pixels_per_warp| Conv2dVersion::Narrow { pixels_per_warp };
+    check_warp_pixel_kernel(&driver, &kernels, &BOTH_STORES, &cases, narrow, "_narrow_");
+    let (f32, bf16) = (Precision::F32, Precision::Bf16);
+    let seed = fresh_seed();
 
     // Batch invariance: the first sample of a batch of 3 has the bits of the batch of 1 (the
     // inputs' first sample is the same: the generator's stream is a prefix).
@@ -1458,7 +1481,9 @@ fn emulator_conv_backward_input_narrow() {
         (five, "cannot take 5 input channels (at most 4)"),
         (Conv2dBackwardInputLaunch { kernel_h: 1, kernel_w: 5, ..conv_in }, "cannot take a 1x5 kernel (at most 3x3)"),
         (Conv2dBackwardInputLaunch { out_channels: 400, ..conv_in }, "cannot take 400 output channels (its weights"),
-        (Conv2dBackwardInputLaunch { out_channels: 19, ..conv_in }, "cannot take 19 output channels at 0x1000"),
+        (Conv2dBackwardInputLaunch { out_channels: 66, ..conv_in }, "cannot take 66 output channels at 0x1000"),
+        // (The classifiers' first convolution keeps the tensor cores: 4 lanes of 32 would work.)
+        (Conv2dBackwardInputLaunch { out_channels: 16, ..conv_in }, "cannot take 16 output channels (at least 64)"),
         (
             Conv2dBackwardInputLaunch { dout: 0x1004, ..conv_in },
             "cannot take 128 output channels at 0x1004 (4-channel loads)",

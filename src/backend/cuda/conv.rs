@@ -345,6 +345,9 @@ const NARROW_KERNEL: usize = 3;
 const NARROW_THREADS: u32 = 256;
 const NARROW_WARPS: usize = 8;
 const NARROW_MAX_PIXELS_PER_WARP: usize = 16;
+/// ...and the fewest dout channels it takes (4 a lane: half a warp busy at least). Below that (the
+/// classifiers' first convolution, 3 -> 16) the tensor cores keep the layer.
+const NARROW_MIN_DOUT_CHANNELS: usize = 64;
 /// The SMs the narrow kernel plans for where no workspace gives the GPU's count (split-K switched
 /// off): an H200's.
 const NARROW_DEFAULT_MULTIPROCESSORS: usize = 132;
@@ -1012,6 +1015,8 @@ fn narrow_problem(args: &Conv2dBackwardInputLaunch) -> Option<String> {
         Some("the sub-pixel form".into())
     } else if args.in_channels > NARROW_CHANNELS {
         Some(format!("{} input channels (at most {NARROW_CHANNELS})", args.in_channels))
+    } else if args.out_channels < NARROW_MIN_DOUT_CHANNELS {
+        Some(format!("{} output channels (at least {NARROW_MIN_DOUT_CHANNELS})", args.out_channels))
     } else if !args.out_channels.is_multiple_of(4) || !args.dout.is_multiple_of(4 * args.dout_dtype.bytes() as u64) {
         Some(format!("{} output channels at {:#x} (4-channel loads)", args.out_channels, args.dout))
     } else if args.kernel_h > NARROW_KERNEL || args.kernel_w > NARROW_KERNEL {
