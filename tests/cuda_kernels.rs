@@ -1433,7 +1433,7 @@ fn emulator_conv_backward_input_narrow() {
         assert_eq!(
             bits(&alone.output),
             bits(&batched.output[..alone.output.len()]),
-            "{dtypes:?}: batch changed a sample's bits"
+            "{dtypes:?}: batch changed a sample's bits (seed {seed})"
         );
     }
 
