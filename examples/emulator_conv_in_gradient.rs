@@ -2,8 +2,8 @@
 //! types: bf16 dout and weights, f32 dx) through each kernel that can take it, on the PTX
 //! emulator planned for an H200's 132 SMs: the narrow kernel the launcher picks (version 4) and the
 //! tensor cores' gather (version 2, split where its grid under-fills the GPU, as before the narrow
-//! kernel). For each: the latency model's time (`ptx_emulator::timing`, uncalibrated round-figure
-//! latencies), its warp-instructions and the issue floor they set (all SMs' schedulers busy).
+//! kernel). For each: the launch model's time (`purifier::driver::launch_model`), its
+//! warp-instructions and the issue floor they set (all SMs' schedulers busy).
 //!
 //! Run: source scripts/nvrtc.sh && cargo run --release --example emulator_conv_in_gradient -- [batch...]
 //! (default 1 16 64 256).
@@ -14,9 +14,8 @@ use purifier::backend::cuda::compile::{ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dVersion, SplitKWorkspace};
 use purifier::backend::{Conv2dGeometry, Precision};
 use purifier::driver::emulated::EmulatedDriver;
+use purifier::driver::launch_model::CLOCK_HZ;
 use purifier::driver::{Driver, ModuleImage};
-
-const CLOCK_HZ: f64 = 1.98e9;
 
 fn main() {
     let batches: Vec<usize> = std::env::args().skip(1).map(|b| b.parse().expect("batch: a positive integer")).collect();
@@ -25,7 +24,7 @@ fn main() {
     let ptx = |file| String::from_utf8(compiler.compile_file(file, ImageKind::Ptx).unwrap()).unwrap();
     let (simt_ptx, mma_ptx) = (ptx("conv2d.cu"), ptx("conv2d_mma.cu"));
     let sms = common::H200_SMS;
-    let d = EmulatedDriver::with_multiprocessors(sms).timed();
+    let d = EmulatedDriver::with_multiprocessors(sms).timed().with_kernel_registers(common::h200_registers());
     let simt = d.load_module(ModuleImage::Ptx(&simt_ptx)).unwrap();
     let mma = d.load_module(ModuleImage::Ptx(&mma_ptx)).unwrap();
     let kernels = Conv2dKernels::load(&d, simt, Some(mma)).unwrap();
@@ -66,13 +65,13 @@ fn main() {
             conv::launch_conv2d_backward_input_version(&d, &kernels, &launch, version, Some(&workspace)).unwrap();
             d.synchronize().unwrap();
             let totals = d.kernel_totals(true);
-            let cycles: u64 = totals.values().map(|t| t.modelled_cycles).sum();
+            let cycles: f64 = totals.values().map(|t| t.model.total).sum();
             let instructions: u64 = totals.values().map(|t| t.sm.warp_instructions).sum();
             let names: Vec<&str> = totals.keys().map(String::as_str).collect();
             println!(
                 "batch {batch:>3} {:<58} model {:>7.1} us, {:>6.1} M warp-instructions (issue floor {:>6.1} us)",
                 names.join(" + "),
-                cycles as f64 / CLOCK_HZ * 1e6,
+                cycles / CLOCK_HZ * 1e6,
                 instructions as f64 / 1e6,
                 instructions as f64 / issue_slots / CLOCK_HZ * 1e6
             );

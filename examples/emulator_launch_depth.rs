@@ -9,15 +9,16 @@
 //! At batch 1 most launches are short of blocks, so depth is the floor that matters: a kernel whose
 //! depth dwarfs its width has its work in too few, too long warps (split the loop, or give it more
 //! blocks). Both floors ignore memory latency, which a dependent chain of global loads adds on top.
-//! So a third column runs the emulator's latency model (`ptx_emulator::timing`: a scoreboard per
-//! warp with round-figure latencies, global loads 450 cycles): an estimate, not a floor, whose
-//! constants a GPU profile has to calibrate. Memsets and launches are counted too: each is a node
-//! of the reverse step's graph, and each node costs the GPU a microsecond or two however small,
-//! which none of the columns include. Memsets and device-to-device copies are counted too.
+//! So a third column runs the emulator's launch model (`purifier::driver::launch_model`: a
+//! scoreboard per warp with round-figure latencies, capped by the SMs' issue slots, tensor cores,
+//! load/store pipe and the L2's bandwidth, plus a fixed cost a launch), an estimate, not a floor,
+//! with the term that bounds it. Memsets and device-to-device copies are counted too (each a node
+//! of the reverse step's graph).
 //!
-//! Run: source scripts/nvrtc.sh && cargo run --release --example emulator_launch_depth -- [config] [precision] [batch] [vjp]
+//! Run: source scripts/nvrtc.sh && cargo run --release --example emulator_launch_depth -- [config] [precision] [batch] [vjp] [launches=FILE]
 //! (config cifar10-small or cifar10, default cifar10; precision f32, bf16 or f16, default bf16;
-//! batch default 1).
+//! batch default 1; `launches=FILE` writes each launch's counts to FILE as CSV, for fitting the
+//! model's constants to a GPU's times).
 
 mod common;
 
@@ -28,36 +29,86 @@ use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::Backend;
 use purifier::driver::emulated::{EmulatedDriver, KernelTotals};
+use purifier::driver::launch_model::{LaunchRecord, LaunchTime, CLOCK_HZ};
 
-/// An H200's SM count and boost clock (the clock the tensor-pipe ceiling of
-/// `emulator_memory_traffic` uses too).
+/// An H200's SM count.
 const SMS: u32 = common::H200_SMS;
-const CLOCK_HZ: f64 = 1.98e9;
 /// Warp schedulers an SM, each issuing one warp-instruction a cycle.
 const SCHEDULERS: f64 = 4.0;
 
 fn main() {
     let common::UnetArgs { config, precision, batch, more } = common::unet_args("cifar10");
-    let vjp = match more.first().map(String::as_str) {
-        None => false,
-        Some("vjp") => true,
-        Some(other) => panic!("unknown fourth argument {other} (vjp, or nothing)"),
-    };
+    let (mut vjp, mut launches_csv) = (false, None);
+    for arg in &more {
+        match arg.split_once('=') {
+            None if arg == "vjp" => vjp = true,
+            Some(("launches", path)) => {
+                launches_csv = Some(std::fs::File::create(path).expect("launches=FILE: cannot create FILE"))
+            }
+            _ => panic!("unknown argument {arg} (vjp, launches=FILE)"),
+        }
+    }
 
-    let driver = Arc::new(EmulatedDriver::with_multiprocessors(SMS).timed());
+    let driver =
+        Arc::new(EmulatedDriver::with_multiprocessors(SMS).timed().with_kernel_registers(common::h200_registers()));
     let b = CudaBackend::new(driver.clone(), precision, ImageKind::Ptx).unwrap();
     let common::UnetPass { unet, mut plan, xt, v, steps } = common::unet_pass(&b, &config, batch, vjp);
 
     driver.kernel_totals(true);
     driver.memsets_and_copies(true);
+    driver.launch_records(true);
+    if let Some(file) = &mut launches_csv {
+        write_launches_header(file);
+    }
     unet.forward(&b, &mut plan, &xt, &steps).unwrap();
     b.synchronize().unwrap();
     report(&format!("{} forward, batch {batch}, {precision}", config.name), &driver);
+    if let Some(file) = &mut launches_csv {
+        write_launches(file, "forward", &driver.launch_records(true));
+    }
     if vjp {
         unet.input_vjp(&b, &mut plan, &v).unwrap();
         b.synchronize().unwrap();
         println!();
         report(&format!("{} input VJP (after its forward), batch {batch}, {precision}", config.name), &driver);
+        if let Some(file) = &mut launches_csv {
+            write_launches(file, "vjp", &driver.launch_records(true));
+        }
+    }
+}
+
+fn write_launches_header(file: &mut std::fs::File) {
+    use std::io::Write;
+    writeln!(
+        file,
+        "pass,kernel,blocks,blocks_per_sm,longest_warp,block_cycles_max,block_cycles_sum,warp_instructions,\
+         integer_divisions,mma_macs,shared_wavefronts,load_sectors,store_sectors"
+    )
+    .unwrap();
+}
+
+/// One CSV row a launch: its counts, the model's inputs.
+fn write_launches(file: &mut std::fs::File, pass: &str, records: &[LaunchRecord]) {
+    use std::io::Write;
+    for r in records {
+        let s = &r.stats;
+        writeln!(
+            file,
+            "{pass},{},{},{},{},{},{},{},{},{},{},{},{}",
+            r.kernel,
+            s.blocks,
+            r.blocks_per_sm,
+            s.longest_warp,
+            s.block_cycles_max,
+            s.block_cycles_sum,
+            s.sm.warp_instructions,
+            s.sm.integer_divisions,
+            s.sm.mma_macs,
+            s.sm.shared_wavefronts,
+            s.global.load_sectors,
+            s.global.store_sectors
+        )
+        .unwrap();
     }
 }
 
@@ -76,7 +127,7 @@ fn report(title: &str, driver: &EmulatedDriver) {
         .map(|(name, t)| {
             let depth = micros(issued(t.longest_warps, &t));
             let width = micros(issued(t.sm.warp_instructions, &t) / (f64::from(SMS) * SCHEDULERS));
-            let model = micros(t.modelled_cycles as f64);
+            let model = micros(t.model.total);
             (name, t, depth, width, model)
         })
         .collect();
@@ -84,18 +135,28 @@ fn report(title: &str, driver: &EmulatedDriver) {
 
     println!("{title}: floors on each kernel's time on {SMS} SMs at {:.2} GHz", CLOCK_HZ / 1e9);
     println!(
-        "{:<52} {:>5} {:>11} {:>12} {:>10} {:>10} {:>8} {:>10} {:>8}",
-        "kernel", "calls", "blocks/call", "depth/call", "depth us", "width us", "bound", "model us", "us/call"
+        "{:<52} {:>5} {:>11} {:>12} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8}",
+        "kernel",
+        "calls",
+        "blocks/call",
+        "depth/call",
+        "depth us",
+        "width us",
+        "bound",
+        "model us",
+        "us/call",
+        "model by"
     );
-    let (mut launches, mut floor, mut depth_sum, mut width_sum, mut model_sum) = (0, 0.0, 0.0, 0.0, 0.0);
-    for (name, t, depth, width, model) in &rows {
+    let (mut launches, mut floor, mut depth_sum, mut width_sum) = (0, 0.0, 0.0, 0.0);
+    let mut model = LaunchTime::default();
+    for (name, t, depth, width, model_us) in &rows {
         launches += t.launches;
         floor += depth.max(*width);
         depth_sum += depth;
         width_sum += width;
-        model_sum += model;
+        model.add(&t.model);
         println!(
-            "{:<52} {:>5} {:>11.0} {:>12.0} {:>10.1} {:>10.1} {:>8} {:>10.1} {:>8.1}",
+            "{:<52} {:>5} {:>11.0} {:>12.0} {:>10.1} {:>10.1} {:>8} {:>10.1} {:>8.1} {:>8}",
             name,
             t.launches,
             t.blocks as f64 / t.launches as f64,
@@ -103,13 +164,25 @@ fn report(title: &str, driver: &EmulatedDriver) {
             depth,
             width,
             if depth >= width { "depth" } else { "width" },
-            model,
-            model / t.launches as f64
+            model_us,
+            model_us / t.launches as f64,
+            t.model.bound()
         );
     }
     println!(
         "{launches} launches, {memsets} memsets and {copies} copies; floors summed: depth {depth_sum:.0} us, width {width_sum:.0} us, \
-         the larger of the two per kernel {floor:.0} us; latency model {model_sum:.0} us"
+         the larger of the two per kernel {floor:.0} us"
+    );
+    println!(
+        "launch model {:.0} us, of which launches' fixed cost {:.0} us; its terms summed over the launches: {}",
+        micros(model.total),
+        micros(model.fixed),
+        LaunchTime::TERMS
+            .iter()
+            .zip([model.latency, model.issue, model.tensor, model.lsu, model.l2])
+            .map(|(name, cycles)| format!("{name} {:.0} us", micros(cycles)))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("(depth/call: the deepest warp's warp-instructions, mean over the calls; an integer division counted");
     println!(" as the ~20 instructions ptxas makes of it; memory latency is not in either floor)");

@@ -67,3 +67,14 @@ pub fn unet_pass(b: &CudaBackend, config: &UnetConfig, batch: usize, vjp: bool) 
     let v = b.upload(&vec![0.5; x.len()], &[batch, 3, r, r]).unwrap();
     UnetPass { unet, plan, xt, v, steps: vec![50.0; batch] }
 }
+
+/// ptxas's registers a thread for every kernel, compiled for the H200's sm_90 (NVRTC's ptxas), for
+/// the launch model's occupancy (`EmulatedDriver::with_kernel_registers`).
+pub fn h200_registers() -> std::collections::BTreeMap<String, u32> {
+    use purifier::backend::cuda::compile::{kernel_files, KernelCompiler};
+    let compiler = KernelCompiler::with_cache_dir("sm_90", None).expect("NVRTC (source scripts/nvrtc.sh)");
+    kernel_files()
+        .flat_map(|file| compiler.compile_file_with_report(file).unwrap_or_else(|e| panic!("{file}: {e}")).kernels)
+        .map(|k| (k.name, k.registers))
+        .collect()
+}

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use ptx_emulator::{Dims, GlobalMemory, GlobalTraffic, LaunchError, SmWork};
 
+use super::launch_model::{blocks_per_sm, launch_time, LaunchRecord, LaunchTime};
 use super::*;
 
 /// Device memory the emulator offers (host memory backs what is allocated).
@@ -43,22 +44,25 @@ struct State {
     copies: u64,
     /// The SM count, when every launch runs the latency model.
     timing: Option<u32>,
+    /// Each modelled launch, in order (`launch_records`).
+    launch_log: Vec<LaunchRecord>,
+    /// ptxas's registers a thread, by kernel name, where the model was given them.
+    registers: BTreeMap<String, u32>,
     /// Launches, memsets and copies are counted but not run (`EmulatedDriver::hollow`).
     hollow: bool,
 }
 
 /// What the launches of one kernel did, summed: the emulator's per-kernel counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct KernelTotals {
     pub launches: u64,
     /// Blocks, summed over the launches.
     pub blocks: u64,
     /// Each launch's deepest warp (`LaunchStats::longest_warp`), summed over the launches.
     pub longest_warps: u64,
-    /// The latency model's time (`ptx_emulator::timing`), summed over the launches, when the
-    /// driver runs it (`EmulatedDriver::timed`); 0 otherwise. A launch takes its slowest block, or
-    /// all its blocks' time spread over the SMs as occupancy allows, whichever is longer.
-    pub modelled_cycles: u64,
+    /// The launch model's time (`launch_model`), summed over the launches term by term, when the
+    /// driver runs it (`EmulatedDriver::timed`); all 0 otherwise.
+    pub model: LaunchTime,
     pub thread_instructions: u64,
     /// Global loads and stores in 32-byte sectors per warp-level access (coalescing).
     pub global: GlobalTraffic,
@@ -108,6 +112,8 @@ impl EmulatedDriver {
                 memsets: 0,
                 copies: 0,
                 timing: None,
+                launch_log: Vec::new(),
+                registers: BTreeMap::new(),
                 hollow: false,
             }),
         }
@@ -117,6 +123,14 @@ impl EmulatedDriver {
     /// examples that study small-batch latency (the tests leave it off).
     pub fn timed(self) -> Self {
         self.lock().timing = Some(self.info.multiprocessors);
+        self
+    }
+
+    /// The same driver with ptxas's register counts (a thread's, by kernel name) for the model's
+    /// occupancy (`launch_model::blocks_per_sm`); a kernel not named is limited by threads and
+    /// shared memory alone.
+    pub fn with_kernel_registers(self, registers: BTreeMap<String, u32>) -> Self {
+        self.lock().registers = registers;
         self
     }
 
@@ -142,6 +156,16 @@ impl EmulatedDriver {
             std::mem::take(&mut state.kernels)
         } else {
             state.kernels.clone()
+        }
+    }
+
+    /// Every launch the model timed so far, in order; `take` clears the list.
+    pub fn launch_records(&self, take: bool) -> Vec<LaunchRecord> {
+        let mut state = self.lock();
+        if take {
+            std::mem::take(&mut state.launch_log)
+        } else {
+            state.launch_log.clone()
         }
     }
 
@@ -193,7 +217,16 @@ impl State {
                         totals.blocks += stats.blocks;
                         totals.longest_warps += stats.longest_warp;
                         if let Some(sms) = self.timing {
-                            totals.modelled_cycles += modelled_launch_cycles(&stats, f, &dims, sms);
+                            let threads = dims.block.iter().product::<u32>();
+                            let shared = if dims.dynamic_shared > 0 {
+                                f.dynamic_shared_offset + dims.dynamic_shared
+                            } else {
+                                f.static_shared
+                            };
+                            let blocks_per_sm = blocks_per_sm(threads, shared, self.registers.get(&f.name).copied());
+                            let record = LaunchRecord { kernel: f.name.clone(), stats, blocks_per_sm };
+                            totals.model.add(&launch_time(&record, sms));
+                            self.launch_log.push(record);
                         }
                         totals.thread_instructions += stats.thread_instructions;
                         totals.global.add(&stats.global);
@@ -240,19 +273,6 @@ impl State {
         }
         Ok(())
     }
-}
-
-/// A launch's time in the latency model: its slowest block, or its blocks' summed time over the
-/// SMs' concurrent blocks, whichever is longer. Concurrency is what threads (2048 an SM), shared
-/// memory (228 KiB an SM, an H100/H200's) and the 32-block limit allow; registers, which ptxas
-/// alone knows, are not counted.
-fn modelled_launch_cycles(stats: &ptx_emulator::LaunchStats, f: &ptx_emulator::Function, dims: &Dims, sms: u32) -> u64 {
-    let threads = dims.block.iter().product::<u32>().max(1);
-    let shared = if dims.dynamic_shared > 0 { f.dynamic_shared_offset + dims.dynamic_shared } else { f.static_shared };
-    let by_shared = (228u32 << 10).checked_div(shared).unwrap_or(32);
-    let per_sm = (2048 / threads).min(by_shared).clamp(1, 32);
-    let concurrent = u64::from(sms * per_sm);
-    stats.block_cycles_max.max(stats.block_cycles_sum.div_ceil(concurrent))
 }
 
 fn function_module(functions: &[(usize, std::sync::Arc<ptx_emulator::Function>)], f: Function) -> usize {

@@ -13,6 +13,7 @@
 
 pub mod cuda;
 pub mod emulated;
+pub mod launch_model;
 pub mod nvtx;
 pub mod sizing;
 
