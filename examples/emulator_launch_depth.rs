@@ -29,12 +29,10 @@ use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::Backend;
 use purifier::driver::emulated::{EmulatedDriver, KernelTotals};
-use purifier::driver::launch_model::{LaunchRecord, LaunchTime, CLOCK_HZ};
+use purifier::driver::launch_model::{LaunchRecord, LaunchTime, CLOCK_HZ, DIVISION_INSTRUCTIONS, SCHEDULERS};
 
 /// An H200's SM count.
 const SMS: u32 = common::H200_SMS;
-/// Warp schedulers an SM, each issuing one warp-instruction a cycle.
-const SCHEDULERS: f64 = 4.0;
 
 fn main() {
     let common::UnetArgs { config, precision, batch, more } = common::unet_args("cifar10");
@@ -119,7 +117,7 @@ fn report(title: &str, driver: &EmulatedDriver) {
     // An integer division is one PTX instruction and about 20 SASS ones (ptxas expands it).
     let issued = |warp_instructions: u64, t: &KernelTotals| {
         let divisions_share = t.sm.integer_divisions as f64 / t.sm.warp_instructions.max(1) as f64;
-        warp_instructions as f64 * (1.0 + 19.0 * divisions_share)
+        warp_instructions as f64 * (1.0 + (DIVISION_INSTRUCTIONS - 1.0) * divisions_share)
     };
     let micros = |cycles: f64| cycles / CLOCK_HZ * 1e6;
     let mut rows: Vec<(String, KernelTotals, f64, f64, f64)> = totals

@@ -29,13 +29,13 @@ use ptx_emulator::LaunchStats;
 /// The H200's boost clock (the suite's nvidia-smi line: 1980 MHz).
 pub const CLOCK_HZ: f64 = 1.98e9;
 /// Warp schedulers an SM, each issuing one warp-instruction a cycle.
-const SCHEDULERS: f64 = 4.0;
+pub const SCHEDULERS: f64 = 4.0;
 /// bf16 `mma.sync` peak measured by the suite's peak kernel on the H200 (642 to 647 TFLOP/s).
 const MMA_FLOPS_PER_S: f64 = 642e12;
 /// One 128-byte wavefront an SM a cycle through L1/shared memory (Ampere and Hopper).
 const LSU_BYTES_PER_SM_CYCLE: f64 = 128.0;
 /// An integer division by a run-time value is one PTX instruction and about 20 SASS ones.
-const DIVISION_INSTRUCTIONS: f64 = 20.0;
+pub const DIVISION_INSTRUCTIONS: f64 = 20.0;
 /// L2 bandwidth, fitted (see `LAUNCH_COST_CYCLES`).
 const L2_BYTES_PER_S: f64 = 4.0e12;
 /// Each launch's fixed cost in a replayed graph, fitted with `L2_BYTES_PER_S` by
