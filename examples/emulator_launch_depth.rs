@@ -17,8 +17,8 @@
 //!
 //! Run: source scripts/nvrtc.sh && cargo run --release --example emulator_launch_depth -- [config] [precision] [batch] [vjp] [launches=FILE]
 //! (config cifar10-small or cifar10, default cifar10; precision f32, bf16 or f16, default bf16;
-//! batch default 1; `launches=FILE` writes each launch's counts to FILE as CSV, for fitting the
-//! model's constants to a GPU's times).
+//! batch default 1; `launches=FILE` writes each launch's model terms to FILE as CSV, for
+//! scripts/fit_launch_model.py to fit the model's constants to a GPU's times).
 
 mod common;
 
@@ -29,7 +29,9 @@ use purifier::backend::cuda::compile::ImageKind;
 use purifier::backend::cuda::CudaBackend;
 use purifier::backend::Backend;
 use purifier::driver::emulated::{EmulatedDriver, KernelTotals};
-use purifier::driver::launch_model::{LaunchRecord, LaunchTime, CLOCK_HZ, DIVISION_INSTRUCTIONS, SCHEDULERS};
+use purifier::driver::launch_model::{
+    l2_bytes, launch_time, LaunchRecord, LaunchTime, CLOCK_HZ, DIVISION_INSTRUCTIONS, SCHEDULERS,
+};
 
 /// An H200's SM count.
 const SMS: u32 = common::H200_SMS;
@@ -77,34 +79,20 @@ fn main() {
 
 fn write_launches_header(file: &mut std::fs::File) {
     use std::io::Write;
-    writeln!(
-        file,
-        "pass,kernel,blocks,blocks_per_sm,longest_warp,block_cycles_max,block_cycles_sum,warp_instructions,\
-         integer_divisions,mma_macs,shared_wavefronts,load_sectors,store_sectors"
-    )
-    .unwrap();
+    writeln!(file, "pass,kernel,blocks,latency,issue,tensor,lsu,l2_bytes").unwrap();
 }
 
-/// One CSV row a launch: its counts, the model's inputs.
+/// One CSV row a launch: the model's terms in cycles, but the L2's in bytes, and without the fixed
+/// cost: the two constants scripts/fit_launch_model.py fits.
 fn write_launches(file: &mut std::fs::File, pass: &str, records: &[LaunchRecord]) {
     use std::io::Write;
     for r in records {
-        let s = &r.stats;
+        let t = launch_time(r, SMS);
+        let bytes = l2_bytes(&r.stats);
         writeln!(
             file,
-            "{pass},{},{},{},{},{},{},{},{},{},{},{},{}",
-            r.kernel,
-            s.blocks,
-            r.blocks_per_sm,
-            s.longest_warp,
-            s.block_cycles_max,
-            s.block_cycles_sum,
-            s.sm.warp_instructions,
-            s.sm.integer_divisions,
-            s.sm.mma_macs,
-            s.sm.shared_wavefronts,
-            s.global.load_sectors,
-            s.global.store_sectors
+            "{pass},{},{},{},{},{},{},{bytes}",
+            r.kernel, r.stats.blocks, t.latency, t.issue, t.tensor, t.lsu
         )
         .unwrap();
     }

@@ -42,7 +42,7 @@ const L2_BYTES_PER_S: f64 = 4.0e12;
 /// scripts/fit_launch_model.py to the H200's replayed forward and input VJP at batch 1 and 16 at
 /// dddc2c9 (1.135, 1.616, 2.526 and 3.805 ms; the model 1.229, 1.484, 2.842 and 3.442: an rms log
 /// ratio of 0.097). The model reads the forward about 10% slow and the VJP about 10% fast, so its
-/// forward + VJP over forward reads low (2.23 at batch 16, where the GPU took 2.51).
+/// forward + VJP over forward reads low (2.21 at batch 16, where the GPU took 2.51).
 pub const LAUNCH_COST_CYCLES: f64 = 2.6e-6 * CLOCK_HZ;
 
 /// Blocks an SM holds at once: what threads (2048 an SM), shared memory (228 KiB an SM, an
@@ -105,6 +105,11 @@ impl LaunchTime {
     }
 }
 
+/// The bytes a launch moves through L2 in the model: its global sectors as L1 asks for them.
+pub fn l2_bytes(stats: &LaunchStats) -> f64 {
+    ((stats.global.load_sectors + stats.global.store_sectors) * ptx_emulator::traffic::SECTOR_BYTES) as f64
+}
+
 /// `record`'s modelled time on `sms` SMs.
 pub fn launch_time(record: &LaunchRecord, sms: u32) -> LaunchTime {
     let (s, sms) = (&record.stats, f64::from(sms));
@@ -113,7 +118,7 @@ pub fn launch_time(record: &LaunchRecord, sms: u32) -> LaunchTime {
     // work spread over all SMs where blocks are many; one block's where they are fewer than SMs).
     let blocks = s.blocks.max(1) as f64;
     let busiest = (blocks / sms).ceil() / blocks;
-    let global_bytes = ((s.global.load_sectors + s.global.store_sectors) * ptx_emulator::traffic::SECTOR_BYTES) as f64;
+    let global_bytes = l2_bytes(s);
     let issued = s.sm.warp_instructions as f64 + (DIVISION_INSTRUCTIONS - 1.0) * s.sm.integer_divisions as f64;
     let mut t = LaunchTime {
         latency: (s.block_cycles_max as f64).max(s.block_cycles_sum as f64 / concurrent),
