@@ -208,7 +208,15 @@ __device__ __forceinline__ void advance_k(KCursor& at, int step, int channels, i
 }
 
 // ---------------------------------------------------------------------------------------------
-// Split-K (versions 1 and 3): a block's k-tiles of `bk`, [first, first + count): all T of them, or
+// Split-K (versions 1 and 3), in one launch: each block sums one slice of the K loop and stores its
+// raw f32 sums to the workspace, partials[s][m][c] (s the slice, m the output row, c the channel);
+// the last of a tile's slices to finish (one arrival counter a tile, last_to_arrive) adds the
+// tile's slices s = 0, 1, ... in that fixed order, applies the epilogue and stores the output (the
+// same bits every run, and as the separate reduction kernel that this replaced gave: no atomics on
+// the sums). That kernel cost a launch a split convolution: 74 of the forward's 269 at batch 1
+// (cifar10 bf16), each about 2.6 us of fixed cost on the H200 (src/driver/launch_model.rs).
+//
+// A block's k-tiles of `bk`, [first, first + count): all T of them, or
 // (PARTIAL) slice z of the Z slices: [z T / Z, (z + 1) T / Z) (the launcher keeps Z <= T: none
 // empty), where grid z holds `phases` blocks a slice (the sub-pixel forward's; else 1).
 struct KTiles {
@@ -229,3 +237,129 @@ __device__ __forceinline__ KTiles block_k_tiles(int k_total, int bk, int phases)
 __device__ __forceinline__ long long partial_slice(long long slice_elements, int phases) {
     return (long long)(blockIdx.z / phases) * slice_elements;
 }
+
+// What a split block needs besides its operands: the workspace, the tiles' arrival counters, and
+// for the last block the output and its epilogue (the forward's: bias, channel_bias, residual, out
+// of type `out_dtype`; the input gradient's: dx of type `out_dtype`, `accumulate`). `vector`: 4
+// channels a thread in the reduction, where C, the channel-bias stride and every pointer allow
+// 4-element accesses (the launcher decides), else 1.
+struct SplitTarget {
+    float* partials;
+    unsigned* arrivals;
+    const float* bias;
+    const float* channel_bias;
+    const void* residual;
+    void* out;
+    int out_dtype;
+    int accumulate;
+    int vector;
+};
+
+// The arrival counter of this block's output tile: one per (phase, grid y, grid x); the launcher
+// keeps the workspace's counters at least that many.
+__device__ __forceinline__ unsigned* tile_arrival(unsigned* arrivals, int phases) {
+    return arrivals + ((blockIdx.z % phases) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+}
+
+// sum = the slices' values at i.. added in slice order, s * slice_elements apart; read past L1
+// (other blocks wrote them: last_to_arrive).
+template <int VEC>
+__device__ __forceinline__ void sum_slices(const float* __restrict__ partials, int slices, long long slice_elements,
+                                           long long i, float (&sum)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) sum[k] = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < slices; ++s) {
+        const float* at = partials + s * slice_elements + i;
+        if constexpr (VEC == 4) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(at));
+            sum[0] += v.x;
+            sum[1] += v.y;
+            sum[2] += v.z;
+            sum[3] += v.w;
+        } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) sum[k] += __ldcg(at + k);
+        }
+    }
+}
+
+// The forward's reduction of the block's tile, GEMM rows m_block.. (block_m of them) and channels
+// n_block.. (block_n), VEC channels a thread over the block's threads: out[m][co] =
+// epilogue(sum of the slices), the epilogue's terms added in conv_epilogue_sum's order, one
+// rounding to out's type. Row r of the tile is output pixel conv_output_pixel(m_block + r).
+template <int VEC>
+__device__ __forceinline__ void split_reduce_forward_tile(const SplitTarget& t, int m_block, int block_m,
+                                                          int n_block, int block_n, const ConvParams& p) {
+    const int phases = conv_phases(p), slices = gridDim.z / phases;
+    const int plane = p.out_h * p.out_w;
+    const long long slice_elements = (long long)p.batch * plane * p.out_channels;
+    const int rows = min(block_m, conv_gemm_rows(p) - m_block);
+    const int row_vectors = min(block_n, p.out_channels - n_block) / VEC;  // VEC 4: C and n_block multiples of 4
+    for (int v = threadIdx.x; v < rows * row_vectors; v += blockDim.x) {
+        const int r = v / row_vectors;
+        const int co = n_block + (v - r * row_vectors) * VEC;
+        const int m = conv_output_pixel(m_block + r, p);
+        const long long i = (long long)m * p.out_channels + co;
+        float b[VEC], c[VEC], res[VEC], sum[VEC];
+        if (t.bias) load_dyn_n<VEC>(t.bias, DTYPE_F32, co, b);
+        if (t.channel_bias)
+            load_dyn_n<VEC>(t.channel_bias, DTYPE_F32, (long long)(m / plane) * p.channel_bias_stride + co, c);
+        if (t.residual) load_dyn_n<VEC>(t.residual, t.out_dtype, i, res);
+        sum_slices<VEC>(t.partials, slices, slice_elements, i, sum);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (t.bias) sum[k] += b[k];
+            if (t.channel_bias) sum[k] += c[k];
+            if (t.residual) sum[k] += res[k];
+            if (p.relu) sum[k] = fmaxf(sum[k], 0.0f);
+        }
+        store_dyn_n<VEC>(t.out, t.out_dtype, i, sum);
+    }
+}
+
+// The input gradient's reduction of the block's tile, dx rows m_block.. and channels n_block..:
+// dx[m][ci] = (or +=, `accumulate`) the sum of the slices, stored as the unsplit kernels store it.
+template <int VEC>
+__device__ __forceinline__ void split_reduce_input_gradient_tile(const SplitTarget& t, int m_block, int block_m,
+                                                                 int n_block, int block_n, const ConvParams& p) {
+    const int positions = p.batch * p.in_h * p.in_w;
+    const long long slice_elements = (long long)positions * p.ca;
+    const int rows = min(block_m, positions - m_block);
+    const int row_vectors = min(block_n, p.ca - n_block) / VEC;
+    for (int v = threadIdx.x; v < rows * row_vectors; v += blockDim.x) {
+        const int r = v / row_vectors;
+        const long long i = (long long)(m_block + r) * p.ca + n_block + (v - r * row_vectors) * VEC;
+        float sum[VEC];
+        sum_slices<VEC>(t.partials, gridDim.z, slice_elements, i, sum);
+        store_grad_n<VEC>(t.out, t.out_dtype, i, sum, t.accumulate);
+    }
+}
+
+// After the block stored its slice's sums: the last of the tile's slices reduces the tile. Every
+// thread of the block calls it (it holds barriers).
+template <bool FORWARD>
+__device__ __forceinline__ void split_finish_tile(const SplitTarget& t, int m_block, int block_m, int n_block,
+                                                  int block_n, const ConvParams& p) {
+    const int phases = FORWARD ? conv_phases(p) : 1;
+    if (!last_to_arrive(tile_arrival(t.arrivals, phases), gridDim.z / phases)) return;
+    if constexpr (FORWARD) {
+        if (t.vector == 4)
+            split_reduce_forward_tile<4>(t, m_block, block_m, n_block, block_n, p);
+        else
+            split_reduce_forward_tile<1>(t, m_block, block_m, n_block, block_n, p);
+    } else {
+        if (t.vector == 4)
+            split_reduce_input_gradient_tile<4>(t, m_block, block_m, n_block, block_n, p);
+        else
+            split_reduce_input_gradient_tile<1>(t, m_block, block_m, n_block, block_n, p);
+    }
+}
+
+// A split entry's parameters after its operands, the same for every split kernel (the forward's
+// take accumulate 0; the input gradient's no epilogue terms), and the SplitTarget they make.
+#define SPLIT_TARGET_PARAMS                                                                                 \
+    float *__restrict__ partials, unsigned *__restrict__ arrivals, const float *__restrict__ bias,          \
+        const float *__restrict__ channel_bias, const void *__restrict__ residual, void *__restrict__ out,   \
+        int out_dtype, int accumulate, int vector
+#define SPLIT_TARGET SplitTarget{partials, arrivals, bias, channel_bias, residual, out, out_dtype, accumulate, vector}
