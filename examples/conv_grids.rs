@@ -153,7 +153,8 @@ fn main() -> purifier::Result<()> {
                 let shape = parse(key);
                 print!("{key:<30} {:>5}", stats.calls);
                 for (i, &sms) in sms_list.iter().enumerate() {
-                    let workspace = SplitKWorkspace::for_planning(sms);
+                    let workspace =
+                        SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(sms), multiprocessors: sms };
                     let (unsplit, planned) = if !op.ends_with("backward_input") {
                         let launch = forward_launch(&shape, batch, subpixel);
                         let version = conv::conv2d_version(&launch, true, Some(&workspace));

@@ -28,7 +28,8 @@ fn main() {
     let simt = d.load_module(ModuleImage::Ptx(&simt_ptx)).unwrap();
     let mma = d.load_module(ModuleImage::Ptx(&mma_ptx)).unwrap();
     let kernels = Conv2dKernels::load(&d, simt, Some(mma)).unwrap();
-    let workspace = SplitKWorkspace::allocate(&d, sms as usize).unwrap();
+    let bytes = SplitKWorkspace::bytes_for(sms as usize);
+    let workspace = SplitKWorkspace { ptr: d.alloc(bytes).unwrap(), bytes, multiprocessors: sms as usize };
     let issue_slots = f64::from(sms) * 4.0;
     for batch in batches {
         let pixels = batch * 32 * 32;

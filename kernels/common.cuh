@@ -376,25 +376,6 @@ __device__ __forceinline__ uint2 split_u64(unsigned long long v) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n);      \
          i += (long long)gridDim.x * blockDim.x)
 
-// ---- cross-block reductions ----
-// Whether this block is the last of the `expected` blocks counted in `arrival` to get here, after
-// all of them wrote their partial sums. The fence before the count makes this block's sums visible
-// device-wide before its arrival is (release); the fence after it orders the last block's reads of
-// the others' sums after their arrivals (acquire), which it reads past L1 (__ldcg). The last block
-// resets the counter, so it is zero again for the next launch (and the next replay of a graph).
-__device__ __forceinline__ bool last_to_arrive(unsigned* arrival, int expected) {
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();  // every thread's sums are written and fenced
-    if (threadIdx.x == 0) {
-        last = atomicAdd(arrival, 1u) == (unsigned)expected - 1;
-        if (last) atomicExch(arrival, 0u);
-    }
-    __syncthreads();
-    if (last) __threadfence();
-    return last;
-}
-
 // ---- tensor cores (sm_80): the inline PTX the mma kernels share ----
 __device__ __forceinline__ unsigned shared_address(const void* p) {
     return (unsigned)__cvta_generic_to_shared(p);

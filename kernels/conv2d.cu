@@ -49,10 +49,11 @@
 //                                 weights' type.
 //   conv2d_simt_partial_<T>, conv2d_backward_input_simt_partial_<T>
 //                                 split-K: the same blocks over slice z of the k-tiles (grid z), raw
-//                                 f32 sums to the workspace, the last slice of a tile adding them in
-//                                 a fixed order and applying the epilogue (conv_common.cuh,
-//                                 split_finish_tile); for grids short of the GPU's SMs (the f32 UNet
-//                                 at batch 1: a 4x4 level's 4 blocks, each 144 k-tiles deep).
+//                                 f32 sums to the workspace; for grids short of the GPU's SMs (the
+//                                 f32 UNet at batch 1: a 4x4 level's 4 blocks, each 144 k-tiles deep).
+//   conv2d_split_reduce[_v4], conv2d_backward_input_split_reduce[_v4]
+//                                 add the slices in a fixed order and apply the epilogue: split-K's
+//                                 second launch in both modules' kernels (conv2d_mma.cu's too).
 // Hot kernel (ptxas report, no spills allowed): conv2d_simt_f32_f32_f32.
 #include "common.cuh"
 #include "conv_common.cuh"
@@ -118,14 +119,14 @@ __device__ __forceinline__ void store_partial_block(float* __restrict__ partials
 }
 
 // PARTIAL (split-K, as version 3): the block sums slice blockIdx.z of the k-tiles and stores its raw
-// f32 sums to split.partials[z][m][co]; the tile's last slice adds them and applies the epilogue
-// (conv_common.cuh, split_finish_tile). Otherwise the whole K and the epilogue here (`split` unused).
+// f32 sums to partials[z][m][co]; conv2d_split_reduce adds the slices and applies the epilogue.
+// Otherwise the whole K and the epilogue here (partials unused).
 template <bool PARTIAL, typename InT, typename WT, typename OutT>
 __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT* __restrict__ b,
                                             const WT* __restrict__ w, const float* __restrict__ bias,
                                             const float* __restrict__ channel_bias,
                                             const OutT* __restrict__ residual, OutT* __restrict__ out,
-                                            const SplitTarget& split, const ConvParams p) {
+                                            float* __restrict__ partials, const ConvParams p) {
     using namespace simt;
     // Two stages: the next k-tile goes from registers into one while the product reads the other.
     __shared__ __align__(16) float a_tiles[2][BK][BM + PAD];
@@ -217,8 +218,7 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
     }
     if constexpr (PARTIAL) {
         const long long slice = partial_slice((long long)p.batch * plane * p.out_channels, conv_phases(p));
-        store_partial_block(split.partials, slice, out_rows, co0, p.out_channels, acc);
-        split_finish_tile<true>(split, m_block, BM, n_block, BN, p);
+        store_partial_block(partials, slice, out_rows, co0, p.out_channels, acc);
         return;
     }
     // A thread's four channels in one access where all exist and they are aligned (channels a
@@ -260,10 +260,10 @@ __device__ __forceinline__ void conv2d_simt(const InT* __restrict__ a, const InT
 //   input). Each dx element has one owner thread (read, add, write: no atomics).
 // The same ConvParams as the forward: in_h/in_w/ca the logical input (cb 0, no upsample), kh/kw,
 // stride, pads, out_h/out_w/out_channels the forward's output (dout).
-// PARTIAL: split-K as the forward's (split.partials[z][m][ci], the tile's last slice stores dx).
+// PARTIAL: split-K as the forward's (partials[z][m][ci], then conv2d_backward_input_split_reduce).
 template <bool PARTIAL, typename DoutT, typename WT, typename DxT>
 __device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restrict__ dout, const WT* __restrict__ w,
-                                                           DxT* __restrict__ dx, const SplitTarget& split,
+                                                           DxT* __restrict__ dx, float* __restrict__ partials,
                                                            const ConvParams p, int accumulate) {
     using namespace simt;
     // Two stages, as the forward's.
@@ -378,9 +378,7 @@ __device__ __forceinline__ void conv2d_backward_input_simt(const DoutT* __restri
         int rows[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) rows[i] = m_block + ty * 4 + i < positions ? m_block + ty * 4 + i : -1;
-        store_partial_block(split.partials, partial_slice((long long)positions * ci_total, 1), rows, ci0, ci_total,
-                            acc);
-        split_finish_tile<false>(split, m_block, BM, n_block, BN, p);
+        store_partial_block(partials, partial_slice((long long)positions * ci_total, 1), rows, ci0, ci_total, acc);
         return;
     }
     // As the forward's epilogue: four channels in one access where they can be.
@@ -543,16 +541,14 @@ __device__ __forceinline__ void conv2d_backward_input_narrow(const DoutT* __rest
 #define CONV_SIMT_ENTRY(in_name, InT, w_name, WT, out_name, OutT)                                           \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_simt_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                    \
-        conv2d_simt<false, InT, WT, OutT>(CONV_PARAMS_PASS, SplitTarget{}, p);                                    \
+        conv2d_simt<false, InT, WT, OutT>(CONV_PARAMS_PASS, nullptr, p);                                    \
     }
-// Split-K: `conv2d_simt_partial_<t>`, grid z = the slices. (Two blocks an SM as the bound: with the
-// bare bound, ptxas for sm_90 held the f32 entry to 64 registers and spilled once the tiles' last
-// blocks reduced in it.)
+// Split-K: `conv2d_simt_partial_<t>`, grid z = the slices.
 #define CONV_SIMT_PARTIAL_ENTRY(name, T)                                                                    \
-    extern "C" __global__ void __launch_bounds__(simt::THREADS, 2)                                          \
+    extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_simt_partial_##name(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w, \
-                                   SPLIT_TARGET_PARAMS, const ConvParams p) {                               \
-        conv2d_simt<true, T, T, T>(a, b, w, nullptr, nullptr, nullptr, nullptr, SPLIT_TARGET, p);            \
+                                   float* __restrict__ partials, const ConvParams p) {                      \
+        conv2d_simt<true, T, T, T>(a, b, w, nullptr, nullptr, nullptr, nullptr, partials, p);                \
     }
 
 
@@ -569,7 +565,7 @@ CONV_SIMT_PARTIAL_ENTRY(f16, f16)
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_backward_input_simt_##name(const T* __restrict__ dout, const T* __restrict__ w,              \
                                           T* __restrict__ dx, const ConvParams p, int accumulate) {         \
-        conv2d_backward_input_simt<false, T, T, T>(dout, w, dx, SplitTarget{}, p, accumulate);                    \
+        conv2d_backward_input_simt<false, T, T, T>(dout, w, dx, nullptr, p, accumulate);                    \
     }
 // An f32 dx with 16-bit weights and dout in f32 or their type: conv_out's gradient in a 16-bit plan,
 // on grids too small for the tensor cores' gather (src/backend/cuda/conv.rs, small_gather). Both
@@ -580,13 +576,13 @@ CONV_SIMT_PARTIAL_ENTRY(f16, f16)
         conv2d_backward_input_simt_##dout_name##_##w_name##_f32(                                            \
             const DoutT* __restrict__ dout, const WT* __restrict__ w, float* __restrict__ dx, const ConvParams p, \
             int accumulate) {                                                                               \
-        conv2d_backward_input_simt<false, DoutT, WT, float>(dout, w, dx, SplitTarget{}, p, accumulate);          \
+        conv2d_backward_input_simt<false, DoutT, WT, float>(dout, w, dx, nullptr, p, accumulate);          \
     }
 #define CONV_BACKWARD_INPUT_PARTIAL_ENTRY(name, T)                                                          \
     extern "C" __global__ void __launch_bounds__(simt::THREADS)                                             \
         conv2d_backward_input_simt_partial_##name(const T* __restrict__ dout, const T* __restrict__ w,      \
-                                                  SPLIT_TARGET_PARAMS, const ConvParams p) {                \
-        conv2d_backward_input_simt<true, T, T, T>(dout, w, nullptr, SPLIT_TARGET, p, 0);                    \
+                                                  float* __restrict__ partials, const ConvParams p) {       \
+        conv2d_backward_input_simt<true, T, T, T>(dout, w, nullptr, partials, p, 0);                        \
     }
 
 CONV_BACKWARD_INPUT_ENTRY(f32, float)
@@ -617,3 +613,98 @@ CONV_BACKWARD_INPUT_NARROW_ENTRY(f32, float, bf16, bf16)
 CONV_BACKWARD_INPUT_NARROW_ENTRY(bf16, bf16, bf16, bf16)
 CONV_BACKWARD_INPUT_NARROW_ENTRY(f32, float, f16, f16)
 CONV_BACKWARD_INPUT_NARROW_ENTRY(f16, f16, f16, f16)
+
+// ---------------------------------------------------------------------------------------------
+// Split-K's reductions, for version 1's partial kernels above and version 3's (conv2d_mma.cu):
+// plain instructions, so they live here, in the module every driver loads.
+// The split-K reduction of the forward: out[m][co] = epilogue(sum over slices s = 0, 1, ... of
+// partials[s][m][co]), the slices added in that fixed order (the same bits every run: no atomics),
+// then bias, channel_bias, residual and ReLU as conv_epilogue_sum, one rounding to out's type
+// (a run-time code; residual has out's type). A thread takes VEC consecutive channels of a row:
+// 4 (`_v4`) where Co, the channel-bias stride and every pointer allow vector accesses and the
+// outputs are many (the launcher decides: `REDUCE_VECTOR_OUTPUTS`), else 1. Grid-stride over the
+// vectors, whose count the launcher keeps under 2^31 (a split's outputs fit its workspace), so a
+// vector's row is one 32-bit division. The epilogue's operands are loaded first and the slices'
+// loop is unrolled, so a thread's loads, all independent, issue together; the additions keep
+// their order. It took a thread an element, a 64-bit division for each and four slices' loads at a
+// time: in the latency model of examples/emulator_launch_depth.rs (cifar10 bf16) its 56 calls at
+// batch 16 went 103.6 -> 61.5 us, its 75 at batch 1 72.3 -> 61.7 us.
+template <int VEC>
+__device__ __forceinline__ void split_reduce_forward(const float* __restrict__ partials, int slices,
+                                                    const float* __restrict__ bias,
+                                                    const float* __restrict__ channel_bias,
+                                                    const void* __restrict__ residual, void* __restrict__ out,
+                                                    int out_dtype, const ConvParams p) {
+    const int plane = p.out_h * p.out_w;
+    const int row_vectors = p.out_channels / VEC;
+    const int total = p.batch * plane * p.out_channels;
+    const int vectors = total / VEC;
+    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < vectors; v += gridDim.x * blockDim.x) {
+        const int m = v / row_vectors;
+        const int co = (v - m * row_vectors) * VEC;
+        const int i = m * p.out_channels + co;
+        float b[VEC], c[VEC], r[VEC], sum[VEC];
+        if (bias) load_dyn_n<VEC>(bias, DTYPE_F32, co, b);
+        if (channel_bias) load_dyn_n<VEC>(channel_bias, DTYPE_F32, (long long)(m / plane) * p.channel_bias_stride + co, c);
+        if (residual) load_dyn_n<VEC>(residual, out_dtype, i, r);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < slices; ++s) {
+            float part[VEC];
+            load_dyn_n<VEC>(partials, DTYPE_F32, (long long)s * total + i, part);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) sum[k] += part[k];
+        }
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            if (bias) sum[k] += b[k];
+            if (channel_bias) sum[k] += c[k];
+            if (residual) sum[k] += r[k];
+            if (p.relu) sum[k] = fmaxf(sum[k], 0.0f);
+        }
+        store_dyn_n<VEC>(out, out_dtype, i, sum);
+    }
+}
+
+// The split-K reduction of the input gradient: dx[i] = (or +=, `accumulate`) the sum over slices
+// s = 0, 1, ... of partials[s][i], in that fixed order; dx's type a run-time code (store_grad, as the
+// unsplit kernel stores). A thread takes VEC consecutive elements (4, `_v4`, where the `total` = M x
+// Ci elements and dx allow it and they are many; else 1), grid-stride; dx's old value (where
+// accumulating) is loaded after the slices, their loop unrolled, as in conv2d_split_reduce (at batch 16 its 56 calls 81.9 ->
+// 38.2 us; at batch 1 its 73 60.9 -> 45.8 us).
+template <int VEC>
+__device__ __forceinline__ void split_reduce_input_gradient(const float* __restrict__ partials, int slices,
+                                                                   long long total, void* __restrict__ dx,
+                                                                   int dx_dtype, int accumulate) {
+    GRID_STRIDE_LOOP(v, total / VEC) {
+        const long long i = v * VEC;
+        float sum[VEC];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sum[k] = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < slices; ++s) {
+            float part[VEC];
+            load_dyn_n<VEC>(partials, DTYPE_F32, s * total + i, part);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) sum[k] += part[k];
+        }
+        store_grad_n<VEC>(dx, dx_dtype, i, sum, accumulate);
+    }
+}
+
+#define CONV_SPLIT_REDUCE_ENTRIES(suffix, VEC)                                                              \
+    extern "C" __global__ void conv2d_split_reduce##suffix(                                                 \
+        const float* __restrict__ partials, int slices, const float* __restrict__ bias,                     \
+        const float* __restrict__ channel_bias, const void* __restrict__ residual, void* __restrict__ out, \
+        int out_dtype, const ConvParams p) {                                                                \
+        split_reduce_forward<VEC>(partials, slices, bias, channel_bias, residual, out, out_dtype, p);       \
+    }                                                                                                       \
+    extern "C" __global__ void conv2d_backward_input_split_reduce##suffix(                                  \
+        const float* __restrict__ partials, int slices, long long total, void* __restrict__ dx,             \
+        int dx_dtype, int accumulate) {                                                                     \
+        split_reduce_input_gradient<VEC>(partials, slices, total, dx, dx_dtype, accumulate);              \
+    }
+
+CONV_SPLIT_REDUCE_ENTRIES(, 1)
+CONV_SPLIT_REDUCE_ENTRIES(_v4, 4)

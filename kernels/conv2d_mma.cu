@@ -39,11 +39,11 @@
 //                                      k-tiles (grid z = the slices, slice z = tiles [zT/Z, (z+1)T/Z)),
 //                                      raw f32 sums to a workspace partials[z][m][n]; for grids too
 //                                      small to fill the GPU (batch 1: a 4x4 level is 4 blocks of 72
-//                                      k-steps). The last slice of a tile to finish adds the slices
-//                                      in order z = 0, 1, ... (deterministic, no atomics on the sums)
-//                                      and applies the whole epilogue (bias, channel bias, residual,
-//                                      ReLU; dx = or +=), one rounding to the output type, in the
-//                                      same launch (conv_common.cuh, split_finish_tile).
+//                                      k-steps). Then
+//   conv2d_split_reduce, conv2d_backward_input_split_reduce (in conv2d.cu, plain instructions)
+//                                      add the slices in order z = 0, 1, ... (deterministic, no
+//                                      atomics) and apply the whole epilogue (bias, channel bias,
+//                                      residual, ReLU; dx = or +=), one rounding to the output type.
 // Precision: inputs rounded once to bf16/f16 (the operand type), f32 accumulation, the epilogue in
 // f32, one rounding to the output's type (f32 output for conv_out's eps). The input gradient rounds
 // f32 dout to the weights' type once, as it is staged in shared memory; dx = or += in f32, one rounding.
@@ -212,18 +212,17 @@ __device__ __forceinline__ void conv_mma_load_tile(unsigned short* a_stage, unsi
 }
 
 // PARTIAL (split-K): block z sums its slice of the k-tiles only (grid z = the slices) and stores
-// its raw f32 sums to split.partials[z][m][co]; the tile's last slice adds them and applies the
-// epilogue (split_finish_tile). Otherwise the whole K and the epilogue here (bias, channel_bias,
-// residual, out; `split` unused).
+// its raw f32 sums to partials[z][m][co]; conv2d_split_reduce adds the slices and applies the
+// epilogue. Otherwise the whole K and the epilogue here (bias, channel_bias, residual, out;
+// partials unused).
 template <bool VECTOR, bool PARTIAL, typename Tile, typename InT, typename WT, typename OutT>
 __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT* __restrict__ b,
                                            const WT* __restrict__ w, const float* __restrict__ bias,
                                            const float* __restrict__ channel_bias,
                                            const OutT* __restrict__ residual, OutT* __restrict__ out,
-                                           const SplitTarget& split, const ConvParams p) {
+                                           float* __restrict__ partials, const ConvParams p) {
     using namespace mma;
     constexpr int WARP_N = Tile::WARP_N, N_TILES = Tile::N_TILES;
-    float* __restrict__ partials = split.partials;
     constexpr int A_STAGE = Tile::FORWARD_A_STAGE, B_STAGE = Tile::FORWARD_B_STAGE;
     extern __shared__ __align__(128) unsigned char conv_shared[];
     unsigned short* a_tiles = reinterpret_cast<unsigned short*>(conv_shared);
@@ -357,7 +356,6 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
             }
         }
     }
-    if constexpr (PARTIAL) split_finish_tile<true>(split, m_block, BM, n_block, Tile::BN, p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,16 +371,16 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
 #define CONV_MMA_ENTRY(prefix, VECTOR, Tile, in_name, InT, w_name, WT, out_name, OutT)                      \
     extern "C" __global__ void __launch_bounds__(mma::THREADS, Tile::FORWARD_MIN_BLOCKS)                    \
         prefix##_##in_name##_##w_name##_##out_name(CONV_PARAMS_DECL(InT, WT, OutT)) {                       \
-        conv2d_mma<VECTOR, false, Tile, InT, WT, OutT>(a, b, w, bias, channel_bias, residual, out, SplitTarget{}, p); \
+        conv2d_mma<VECTOR, false, Tile, InT, WT, OutT>(a, b, w, bias, channel_bias, residual, out, nullptr, p); \
     }
 // Split-K entries: `<prefix>_partial_<in>_<w>`, grid z = the slices; the partial sums are f32 whatever
-// the output's type (the tile's last slice rounds once, to the run-time `out_dtype`).
+// the output's type (conv2d_split_reduce rounds once).
 #define CONV_MMA_PARTIAL_ENTRY(prefix, VECTOR, in_name, InT, w_name, WT)                                    \
     extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
         prefix##_partial_##in_name##_##w_name(const InT* __restrict__ a, const InT* __restrict__ b,         \
-                                              const WT* __restrict__ w, SPLIT_TARGET_PARAMS,                \
+                                              const WT* __restrict__ w, float* __restrict__ partials,       \
                                               const ConvParams p) {                                         \
-        conv2d_mma<VECTOR, true, NarrowTile, InT, WT, float>(a, b, w, nullptr, nullptr, nullptr, nullptr, SPLIT_TARGET, \
+        conv2d_mma<VECTOR, true, NarrowTile, InT, WT, float>(a, b, w, nullptr, nullptr, nullptr, nullptr, partials, \
                                                              p);                                            \
     }
 
@@ -587,15 +585,14 @@ __device__ __forceinline__ void conv_backward_store_a(unsigned short* a_stage,
 }
 
 // PARTIAL (split-K): as the forward's, block z sums its slice of the k-tiles and stores raw f32
-// sums to split.partials[z][m][ci]; the tile's last slice adds them and stores dx (split_finish_tile).
+// sums to partials[z][m][ci]; conv2d_backward_input_split_reduce adds the slices and stores dx.
 // VECTOR_A / VECTOR_B: dout / the weights by the cp.async loaders (else element by element).
 template <bool VECTOR_A, bool VECTOR_B, bool PARTIAL, typename Tile, typename DoutT, typename WT>
 __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restrict__ dout, const WT* __restrict__ w,
                                                           void* __restrict__ dx, int dx_dtype,
-                                                          const SplitTarget& split, const ConvParams p,
+                                                          float* __restrict__ partials, const ConvParams p,
                                                           int accumulate) {
     using namespace mma;
-    float* __restrict__ partials = split.partials;
     constexpr int BN = Tile::BN, WARP_N = Tile::WARP_N, N_TILES = Tile::N_TILES, B_ROW = Tile::B_ROW;
     constexpr int A_STAGE = BM * BK, B_STAGE = BK * B_ROW;
     // f32 dout with the vector loader goes through registers (the head comment says why).
@@ -727,7 +724,7 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
                 }
             }
         }
-    }    if constexpr (PARTIAL) split_finish_tile<false>(split, m_block, BM, n_block, BN, p);
+    }
 }
 
 // Entries: conv2d_backward_input_mma_<dout>_<w> (cp.async loaders),
@@ -739,16 +736,16 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
         prefix##_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,           \
                                         void* __restrict__ dx, int dx_dtype, const ConvParams p,            \
                                         int accumulate) {                                                   \
-        conv2d_backward_input_mma<VECTOR_A, VECTOR_B, false, Tile, DoutT, WT>(dout, w, dx, dx_dtype, SplitTarget{}, \
+        conv2d_backward_input_mma<VECTOR_A, VECTOR_B, false, Tile, DoutT, WT>(dout, w, dx, dx_dtype, nullptr, \
                                                                             p, accumulate);                 \
     }
 // Split-K entries: `<prefix>_partial_<dout>_<w>`, grid z = the slices.
 #define CONV_BACKWARD_MMA_PARTIAL_ENTRY(prefix, VECTOR_A, VECTOR_B, dout_name, DoutT, w_name, WT)           \
     extern "C" __global__ void __launch_bounds__(mma::THREADS)                                              \
         prefix##_partial_##dout_name##_##w_name(const DoutT* __restrict__ dout, const WT* __restrict__ w,   \
-                                                SPLIT_TARGET_PARAMS, const ConvParams p) {                  \
+                                                float* __restrict__ partials, const ConvParams p) {         \
         conv2d_backward_input_mma<VECTOR_A, VECTOR_B, true, NarrowTile, DoutT, WT>(dout, w, nullptr, 0,     \
-                                                                                 SPLIT_TARGET, p, 0);       \
+                                                                                 partials, p, 0);           \
     }
 
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f32, float, bf16, bf16)

@@ -233,6 +233,24 @@ __device__ __forceinline__ double warp_sum_double(double v) {
     return v;
 }
 
+// Whether this block is the last of the `expected` blocks counted in `arrival` to get here, after
+// all of them wrote their partial sums. The fence before the count makes this block's sums visible
+// device-wide before its arrival is (release); the fence after it orders the last block's reads of
+// the others' sums after their arrivals (acquire), which it reads past L1 (__ldcg). The last block
+// resets the counter, so it is zero again for the next launch (and the next replay of a graph).
+__device__ __forceinline__ bool last_to_arrive(unsigned* arrival, int expected) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();  // every thread's sums are written and fenced
+    if (threadIdx.x == 0) {
+        last = atomicAdd(arrival, 1u) == (unsigned)expected - 1;
+        if (last) atomicExch(arrival, 0u);
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
 // The partial kernels' counter: one per (sample, group slice) of their grid.
 __device__ __forceinline__ unsigned* slice_arrival(unsigned* arrivals) {
     return arrivals + blockIdx.z * gridDim.y + blockIdx.y;

@@ -679,7 +679,7 @@ fn split_k_cases_split_on_the_emulator() {
     };
     use purifier::driver::emulated::EMULATED_MULTIPROCESSORS;
     let sms = EMULATED_MULTIPROCESSORS as usize;
-    let workspace = SplitKWorkspace::for_planning(sms);
+    let workspace = SplitKWorkspace { ptr: 0x10000, bytes: SplitKWorkspace::bytes_for(sms), multiprocessors: sms };
     let bf16 = Precision::Bf16;
     let forward = |(ca, cb, co, k, geometry, size, batch), upsample| Conv2dLaunch {
         batch,

@@ -8,9 +8,8 @@
 //!
 //! Split-K: a grid (tensor-core or SIMT) with fewer blocks than the GPU has SMs (batch 1's small
 //! levels) runs with its K loop cut into slices (`split_k_slices`), partial sums in the backend's
-//! workspace (`SplitKWorkspace`); the last block of each output tile adds them in a fixed order and
-//! applies the epilogue, in the same launch; `plan_conv2d` / `plan_conv2d_backward_input` say what a
-//! launch runs.
+//! workspace (`SplitKWorkspace`), and a reduction kernel that adds them in a fixed order and applies
+//! the epilogue; `plan_conv2d` / `plan_conv2d_backward_input` say what a launch runs.
 use super::modules::KernelTable;
 use crate::backend::{Conv2dGeometry, Precision};
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
@@ -94,8 +93,8 @@ const SUBPIXEL_PHASES: usize = 4;
 const SUBPIXEL_TAPS: usize = 4;
 
 impl Conv2dLaunch {
-    /// Channels a thread of split-K's reduction takes: 4 where Co, the channel-bias stride and every
-    /// tensor it reads or writes allow 4-element accesses, else 1.
+    /// Outputs a thread of the split-K reduction takes: 4 (`_v4`) where Co, the channel-bias stride
+    /// and every tensor it reads or writes allow 4-element accesses, else 1.
     fn reduce_vector(&self) -> usize {
         let out_bytes = self.out_dtype.bytes() as u64;
         let vector = self.out_channels.is_multiple_of(4)
@@ -372,18 +371,23 @@ fn forward_shared_bytes(block_n: usize) -> usize {
 fn backward_shared_bytes(block_n: usize) -> usize {
     MMA_STAGES * (MMA_BLOCK_M * MMA_BLOCK_K + MMA_BLOCK_K * (block_n + 8)) * 2
 }
-/// Device scratch for split-K's partial sums, its arrival counters and the multiprocessor count the
-/// split is planned for. The CUDA backend allocates one when it is made (`bytes_for`,
-/// `counters_for`), before any step is recorded, and every split launch reuses it: the stream is in
-/// order, so one convolution's last blocks have read it before the next one writes it.
+/// Threads per block of the split-K reduction kernels.
+const REDUCE_THREADS: u32 = 256;
+/// Outputs from which a split-K reduction takes 4 a thread (where the accesses allow it): a thread
+/// an element would then want about as many threads as an H200 holds at once (132 SMs x 2048), so
+/// issue slots bound it; below, one wave of a thread an element runs shallower. In the latency
+/// model of examples/emulator_launch_depth.rs (cifar10 bf16) 4 a thread won at batch 16 and lost
+/// at batch 1, where these outputs are 16K to 128K. Either way the same sums in the same order.
+const REDUCE_VECTOR_OUTPUTS: usize = 1 << 18;
+
+/// Device scratch for split-K's partial sums and the multiprocessor count the split is planned
+/// for. The CUDA backend allocates one when it is made (`bytes_for`), before any step is
+/// recorded, and every split launch reuses it: the stream is in order, so one convolution's
+/// reduction has read it before the next one writes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SplitKWorkspace {
     pub ptr: DevicePtr,
     pub bytes: usize,
-    /// `counters_for(multiprocessors)` u32 arrival counters, one per output tile of a split launch
-    /// (kernels/conv_common.cuh, split_finish_tile): zero when allocated, and the last block of
-    /// each tile sets its counter to zero again.
-    pub arrivals: DevicePtr,
     pub multiprocessors: usize,
 }
 
@@ -394,36 +398,6 @@ impl SplitKWorkspace {
     /// 16 SMs: 1.5 MiB).
     pub fn bytes_for(multiprocessors: usize) -> usize {
         3 * multiprocessors.max(1) * MMA_BLOCK_M * MMA_BLOCK_N * 4
-    }
-
-    /// Arrival counters for every split `split_k_slices` chooses: one per output tile, and it splits
-    /// only grids of fewer tiles than SMs (a forced split, as the tests run, may take up to this).
-    pub fn counters_for(multiprocessors: usize) -> usize {
-        3 * multiprocessors.max(1)
-    }
-
-    /// The workspace on `driver`, its counters zeroed (tests and examples; the backend allocates
-    /// the same through its memory accounting).
-    pub fn allocate(driver: &dyn Driver, multiprocessors: usize) -> Result<Self> {
-        let bytes = Self::bytes_for(multiprocessors);
-        let counters = Self::counters_for(multiprocessors);
-        let ptr = driver.alloc(bytes)?;
-        let arrivals = driver.alloc(counters * 4)?;
-        driver.memset_u32(arrivals, 0, counters)?;
-        Ok(Self { ptr, bytes, arrivals, multiprocessors })
-    }
-
-    /// A workspace sized for `multiprocessors` SMs that holds no memory (null addresses): for
-    /// choosing and planning launches (`conv2d_version`, `plan_conv2d`) without a device.
-    pub fn for_planning(multiprocessors: usize) -> Self {
-        Self { ptr: 0, bytes: Self::bytes_for(multiprocessors), arrivals: 0, multiprocessors }
-    }
-
-    /// Frees what `allocate` allocated.
-    pub fn free(&self, driver: &dyn Driver) -> Result<()> {
-        driver.free(self.ptr)?;
-        driver.free(self.arrivals)?;
-        Ok(())
     }
 }
 
@@ -440,19 +414,18 @@ pub fn split_k_slices(blocks: usize, k_tiles: usize, multiprocessors: usize) -> 
     wanted.min(k_tiles / SPLIT_K_MIN_SLICE_TILES).max(1)
 }
 
-/// A split-K launch: the slices (grid z) of its `k_tiles` k-steps, the workspace bytes it fills, its
-/// output tiles (one arrival counter each), and the channels a thread of the reduction in its last
-/// blocks takes (`vector`: 4 or 1).
+/// A split-K launch: the slices (grid z) of its `k_tiles` k-steps, the workspace bytes it fills, and
+/// the reduction kernel that follows (`<base>` or, 4 elements a thread, `<base>_v4`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SplitK {
     pub slices: usize,
     pub k_tiles: usize,
     pub workspace_bytes: usize,
-    pub tiles: usize,
-    pub vector: usize,
+    pub reduce_kernel: String,
+    pub reduce_config: LaunchConfig,
 }
 
-/// What a launch runs: the kernel and its configuration, and for split-K its slices.
+/// What a launch runs: the kernel and its configuration, and for split-K the reduction after it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaunchPlan {
     pub kernel: String,
@@ -467,21 +440,30 @@ impl LaunchPlan {
     }
 }
 
-/// The split-K part of a plan over a GEMM's outputs in k-tiles of `block_k`, on a grid of `tiles`
-/// output tiles (all phases): grid z (at most one slice per k-tile: none is empty; the phases'
-/// blocks in each), its reduction `vector` channels a thread (4 where the accesses allow it, else 1).
-fn split_plan(gemm: Gemm, block_k: usize, slices: usize, tiles: usize, vector: usize) -> Result<SplitK> {
+/// The split-K part of a plan over a GEMM's outputs in k-tiles of `block_k`: grid z (at most one
+/// slice per k-tile: none is empty; the phases' blocks in each) and the reduction `reduce_kernel`,
+/// a thread per `vector` outputs (1, or 4 where the accesses allow it: its `_v4` form) from
+/// `REDUCE_VECTOR_OUTPUTS` outputs, else a thread per output.
+fn split_plan(gemm: Gemm, block_k: usize, slices: usize, reduce_kernel: &str, vector: usize) -> Result<SplitK> {
     if slices == 0 {
         return Err(Error::invalid("conv2d: split-K with 0 slices"));
     }
     let outputs = gemm.outputs();
-    // The reductions index rows in 32 bits (a split's outputs fit the workspace, far below).
+    // The reductions index in 32 bits (a split's outputs fit the workspace, far below).
     if outputs > i32::MAX as usize {
         return Err(Error::invalid(format!("conv2d: split-K over {outputs} outputs (at most 2^31 - 1)")));
     }
     let k_tiles = gemm.k.div_ceil(block_k);
     let slices = slices.min(k_tiles).min(65535 / gemm.phases);
-    Ok(SplitK { slices, k_tiles, workspace_bytes: slices * outputs * 4, tiles, vector })
+    let vector = if outputs >= REDUCE_VECTOR_OUTPUTS { vector } else { 1 };
+    let blocks = (outputs / vector).div_ceil(REDUCE_THREADS as usize).clamp(1, 65535);
+    Ok(SplitK {
+        slices,
+        k_tiles,
+        workspace_bytes: slices * outputs * 4,
+        reduce_kernel: if vector == 4 { format!("{reduce_kernel}_v4") } else { reduce_kernel.to_string() },
+        reduce_config: LaunchConfig::linear(blocks as u32, REDUCE_THREADS),
+    })
 }
 
 /// The version a launch with 16-bit weights runs when nothing forces one (the multiprocessor count
@@ -517,52 +499,15 @@ fn split_slices(blocks: usize, gemm: Gemm, ws: &SplitKWorkspace) -> Option<usize
 }
 
 /// The workspace a split plan needs, or an error naming the sizes.
-fn split_workspace<'a>(
-    split: &SplitK,
-    workspace: Option<&'a SplitKWorkspace>,
-    op: &str,
-) -> Result<&'a SplitKWorkspace> {
-    let Some(ws) = workspace else {
-        return Err(Error::invalid(format!("{op}: split-K needs a workspace and none was given")));
-    };
-    if split.workspace_bytes > ws.bytes {
-        return Err(Error::invalid(format!(
+fn split_workspace(split: &SplitK, workspace: Option<&SplitKWorkspace>, op: &str) -> Result<DevicePtr> {
+    match workspace {
+        Some(ws) if split.workspace_bytes <= ws.bytes => Ok(ws.ptr),
+        Some(ws) => Err(Error::invalid(format!(
             "{op}: split-K into {} slices needs {} bytes of workspace, the backend has {}",
             split.slices, split.workspace_bytes, ws.bytes
-        )));
+        ))),
+        None => Err(Error::invalid(format!("{op}: split-K needs a workspace and none was given"))),
     }
-    let counters = SplitKWorkspace::counters_for(ws.multiprocessors);
-    if split.tiles > counters {
-        return Err(Error::invalid(format!(
-            "{op}: split-K over {} output tiles needs as many arrival counters, the workspace has {counters}",
-            split.tiles
-        )));
-    }
-    Ok(ws)
-}
-
-/// What the last blocks of a split launch store: the output, its storage type and its epilogue's
-/// terms (the forward's; an input gradient's `accumulate`).
-struct SplitOutput {
-    bias: Option<DevicePtr>,
-    channel_bias: Option<DevicePtr>,
-    residual: Option<DevicePtr>,
-    out: DevicePtr,
-    dtype: Precision,
-    accumulate: bool,
-}
-
-/// A split kernel's arguments after its operands (kernels/conv_common.cuh, SPLIT_TARGET_PARAMS).
-fn split_target_args(args: KernelArgs, split: &SplitK, ws: &SplitKWorkspace, output: SplitOutput) -> KernelArgs {
-    args.ptr(ws.ptr)
-        .ptr(ws.arrivals)
-        .ptr(output.bias.unwrap_or(0))
-        .ptr(output.channel_bias.unwrap_or(0))
-        .ptr(output.residual.unwrap_or(0))
-        .ptr(output.out)
-        .i32(super::dtype_code(output.dtype))
-        .i32(output.accumulate as i32)
-        .i32(split.vector as i32)
 }
 
 fn dtype_name(d: Precision) -> &'static str {
@@ -592,6 +537,10 @@ pub fn simt_kernel_names() -> Vec<String> {
         if d != "f32" {
             names.push(format!("conv2d_backward_input_narrow_{d}_{d}"));
         }
+    }
+    // Split-K's reductions, which both modules' split launches use.
+    for reduce in [FORWARD_REDUCE_KERNEL, BACKWARD_REDUCE_KERNEL] {
+        names.extend([reduce.to_string(), format!("{reduce}_v4")]);
     }
     names
 }
@@ -625,6 +574,10 @@ pub fn mma_kernel_names() -> Vec<String> {
     }
     names
 }
+
+/// The split-K reductions (conv2d.cu, for both modules' split launches).
+const FORWARD_REDUCE_KERNEL: &str = "conv2d_split_reduce";
+const BACKWARD_REDUCE_KERNEL: &str = "conv2d_backward_input_split_reduce";
 
 /// The kernels hot enough that ptxas must not spill in them. conv2d.cu's: the f32 path's forward
 /// (and its split-K form), and conv_in's input gradient in every plan (the narrow kernel; a 16-bit
@@ -712,9 +665,8 @@ pub fn plan_conv2d(args: &Conv2dLaunch, version: Conv2dVersion) -> Result<Launch
     if grid_x > i32::MAX as usize || grid_y > 65535 {
         return Err(Error::invalid(format!("conv2d: grid {grid_x} x {grid_y} too large")));
     }
-    let tiles = gemm.phases * grid_x * grid_y;
     let split = match version.slices() {
-        Some(slices) => Some(split_plan(gemm, block_k, slices, tiles, args.reduce_vector())?),
+        Some(slices) => Some(split_plan(gemm, block_k, slices, FORWARD_REDUCE_KERNEL, args.reduce_vector())?),
         None => None,
     };
     // The sub-pixel form's phases, then split-K's slices of each, along z.
@@ -871,17 +823,22 @@ pub fn launch_conv2d_version(
         driver.launch(function, plan.config, &kernel_args)?;
         return Ok(());
     };
-    let ws = split_workspace(split, workspace, "conv2d")?;
-    let output = SplitOutput {
-        bias: args.bias,
-        channel_bias: args.channel_bias,
-        residual: args.residual,
-        out: args.out,
-        dtype: args.out_dtype,
-        accumulate: false,
-    };
-    let operands = KernelArgs::new().ptr(args.a).ptr(args.b.unwrap_or(0)).ptr(args.weight);
-    driver.launch(function, plan.config, &split_target_args(operands, split, ws, output).bytes(&params))?;
+    let partials = split_workspace(split, workspace, "conv2d")?;
+    let reduce = kernels.get(&split.reduce_kernel)?;
+    let partial_args =
+        KernelArgs::new().ptr(args.a).ptr(args.b.unwrap_or(0)).ptr(args.weight).ptr(partials).bytes(&params);
+    let reduce_args = KernelArgs::new()
+        .ptr(partials)
+        .i32(split.slices as i32)
+        .ptr(args.bias.unwrap_or(0))
+        .ptr(args.channel_bias.unwrap_or(0))
+        .ptr(args.residual.unwrap_or(0))
+        .ptr(args.out)
+        .i32(super::dtype_code(args.out_dtype))
+        .bytes(&params);
+    // Both launches belong to this one op: a profiler's events around the op time them together.
+    driver.launch(function, plan.config, &partial_args)?;
+    driver.launch(reduce, split.reduce_config, &reduce_args)?;
     Ok(())
 }
 
@@ -921,10 +878,11 @@ pub struct Conv2dBackwardInputLaunch {
 }
 
 impl Conv2dBackwardInputLaunch {
-    /// Channels a thread of split-K's reduction takes: 4 where Ci and dx's address allow 4-element
-    /// accesses, else 1.
+    /// Elements a thread of the split-K reduction takes: 4 (`_v4`) where dx's count and address
+    /// allow 4-element accesses, else 1.
     fn reduce_vector(&self) -> usize {
-        let vector = self.in_channels.is_multiple_of(4) && self.dx.is_multiple_of(4 * self.dx_dtype.bytes() as u64);
+        let elements = self.batch * self.height * self.width * self.in_channels;
+        let vector = elements.is_multiple_of(4) && self.dx.is_multiple_of(4 * self.dx_dtype.bytes() as u64);
         if vector {
             4
         } else {
@@ -1040,7 +998,7 @@ pub fn plan_conv2d_backward_input(args: &Conv2dBackwardInputLaunch, version: Con
         return Err(Error::invalid(format!("conv2d backward input: grid {} x {} too large", grid[0], grid[1])));
     }
     let split = match version.slices() {
-        Some(slices) => Some(split_plan(gemm, block_k, slices, grid[0] * grid[1], args.reduce_vector())?),
+        Some(slices) => Some(split_plan(gemm, block_k, slices, BACKWARD_REDUCE_KERNEL, args.reduce_vector())?),
         None => None,
     };
     let config = LaunchConfig {
@@ -1179,16 +1137,21 @@ pub fn launch_conv2d_backward_input_version(
             .bytes(&params)
             .i32(args.accumulate as i32),
         (_, Some(split)) => {
-            let ws = split_workspace(split, workspace, "conv2d backward input")?;
-            let output = SplitOutput {
-                bias: None,
-                channel_bias: None,
-                residual: None,
-                out: args.dx,
-                dtype: args.dx_dtype,
-                accumulate: args.accumulate,
-            };
-            split_target_args(KernelArgs::new().ptr(args.dout).ptr(args.weight), split, ws, output).bytes(&params)
+            let partials = split_workspace(split, workspace, "conv2d backward input")?;
+            let reduce = kernels.get(&split.reduce_kernel)?;
+            let partial_args = KernelArgs::new().ptr(args.dout).ptr(args.weight).ptr(partials).bytes(&params);
+            let total = args.batch * args.height * args.width * args.in_channels;
+            let reduce_args = KernelArgs::new()
+                .ptr(partials)
+                .i32(split.slices as i32)
+                .u64(total as u64)
+                .ptr(args.dx)
+                .i32(super::dtype_code(args.dx_dtype))
+                .i32(args.accumulate as i32);
+            // Both launches belong to this one op: a profiler's events around the op time them together.
+            driver.launch(function, plan.config, &partial_args)?;
+            driver.launch(reduce, split.reduce_config, &reduce_args)?;
+            return Ok(());
         }
     };
     driver.launch(function, plan.config, &kernel_args)?;

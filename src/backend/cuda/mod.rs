@@ -107,11 +107,10 @@ pub struct CudaBackend {
     /// The most chunks GroupNorm's partial kernels split a (sample, group slice) into (`usize::MAX`
     /// but where a test caps it: `cap_groupnorm_chunks`).
     groupnorm_max_chunks: usize,
-    /// The convolutions' split-K partial sums and tile arrival counters: sized once from the SM
-    /// count for every split the launcher can choose (`SplitKWorkspace::bytes_for`,
-    /// `counters_for`), so no step allocates and recorded steps keep valid pointers. `None` with
-    /// `PURIFIER_CONV_SPLIT_K=off` (the benchmark's A/B switch).
-    split_k: Option<(CudaTensor, CudaTensor)>,
+    /// The convolutions' split-K partial sums: sized once from the SM count for every split the
+    /// launcher can choose (`SplitKWorkspace::bytes_for`), so no step allocates and recorded steps
+    /// keep valid pointers. `None` with `PURIFIER_CONV_SPLIT_K=off` (the benchmark's A/B switch).
+    split_k_partials: Option<CudaTensor>,
     /// One u32 of fault bits the kernels set where the host cannot check an argument (a step
     /// cursor outside its table: `STEP_CURSOR_FAULT`); `synchronize` reads and clears it.
     faults: CudaTensor,
@@ -142,15 +141,9 @@ impl CudaBackend {
         // launch that counts in one (kernels/groupnorm.cu, last_to_arrive).
         let groupnorm_arrivals = allocate(&driver, &memory, &[GROUPNORM_PARTIALS], Precision::F32)?;
         driver.memset_u32(groupnorm_arrivals.ptr, 0, GROUPNORM_PARTIALS)?;
-        let multiprocessors = driver.info().multiprocessors as usize;
-        let split_k = if crate::switches::conv_split_k() {
-            let partials =
-                allocate(&driver, &memory, &[SplitKWorkspace::bytes_for(multiprocessors) / 4], Precision::F32)?;
-            // Zero now; the last block of each split tile resets its counter (kernels/conv_common.cuh).
-            let counters = SplitKWorkspace::counters_for(multiprocessors);
-            let arrivals = allocate(&driver, &memory, &[counters], Precision::F32)?;
-            driver.memset_u32(arrivals.ptr, 0, counters)?;
-            Some((partials, arrivals))
+        let split_k_bytes = SplitKWorkspace::bytes_for(driver.info().multiprocessors as usize);
+        let split_k_partials = if crate::switches::conv_split_k() {
+            Some(allocate(&driver, &memory, &[split_k_bytes / 4], Precision::F32)?)
         } else {
             None
         };
@@ -167,7 +160,7 @@ impl CudaBackend {
             groupnorm_partials,
             groupnorm_arrivals,
             groupnorm_max_chunks: usize::MAX,
-            split_k,
+            split_k_partials,
             faults,
             faults_armed: AtomicBool::new(false),
         })
@@ -259,10 +252,9 @@ impl CudaBackend {
     }
 
     fn split_k_workspace(&self) -> Option<SplitKWorkspace> {
-        self.split_k.as_ref().map(|(partials, arrivals)| SplitKWorkspace {
+        self.split_k_partials.as_ref().map(|partials| SplitKWorkspace {
             ptr: partials.ptr,
             bytes: partials.allocated,
-            arrivals: arrivals.ptr,
             multiprocessors: self.driver.info().multiprocessors as usize,
         })
     }
