@@ -300,13 +300,71 @@ __device__ __forceinline__ void finalize_group_stats(const float* partials, floa
     if (lane == 0) store_group_stats(stats, ng, count, mean, m2, eps);
 }
 
+// SiLU's sigmoid with the fast exponential and division (ex2.approx and rcp.approx: a few ulp, far
+// inside the f32 tolerance): expf and an IEEE division made it most of the apply kernels'
+// instructions per element, and these kernels run out of issue slots before DRAM at large batch
+// (the latency model's issue floor, examples/emulator_launch_depth.rs). 1 + e overflowing to
+// infinity gives 0, as the exact form does.
+__device__ __forceinline__ float fast_sigmoid(float y) {
+    return __fdividef(1.0f, 1.0f + __expf(-y));
+}
+
+// The forward's apply where the partial kernel does it (`FusedApply`): out = silu?((x - mean) rstd
+// gamma + beta), one rounding, as groupnorm_apply computes it.
+struct FusedApply {
+    const float* gamma;
+    const float* beta;
+    void* out;  // null: groupnorm_apply follows in a launch of its own
+    int dt_out, silu;
+};
+
+// The block's whole slice (every pixel of sample n, channels c0.. of its groups), walked as the
+// partial kernels walk a chunk, a batch of H vectors loaded before any is used; the groups' stats
+// are stored (by this block, before a barrier).
+template <int VEC, int H>
+__device__ __forceinline__ void apply_slice(const void* a, int dt_a, const void* b, int dt_b, const float* stats,
+                                            const FusedApply& f, int n, int c0, int width, const GroupNormShape& s) {
+    const int channels = s.ca + s.cb, cpg = channels / s.groups, first_pixel = n * s.pixels;
+    const SliceWalk w = slice_walk<VEC>(0, s.pixels, width);
+    const ChannelSource column = channel_source(a, dt_a, b, dt_b, c0 + w.j, s);
+    // A channel vector's terms: its group's stats, gamma and beta (in the strided walk the same at
+    // every item, so loaded once).
+    float mean, rstd, gs[VEC], bs[VEC];
+    const auto terms = [&](int c) {
+        const int ng = n * s.groups + c / cpg;
+        mean = stats[ng * 2];
+        rstd = stats[ng * 2 + 1];
+        load_dyn_n<VEC>(f.gamma, DTYPE_F32, c, gs);
+        load_dyn_n<VEC>(f.beta, DTYPE_F32, c, bs);
+    };
+    if (w.strided) terms(c0 + w.j);
+    for (int base = 0; w.has(base); base += H) {
+        float v[H][VEC];
+        load_slice_items<VEC, H>(a, dt_a, b, dt_b, first_pixel, c0, s, w, column, base, v);
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+            if (!w.has(base + h)) break;
+            const int2 at = w.item(base + h);
+            const int c = c0 + at.y;
+            if (!w.strided) terms(c);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                v[h][k] = (v[h][k] - mean) * rstd * gs[k] + bs[k];
+                if (f.silu) v[h][k] *= fast_sigmoid(v[h][k]);
+            }
+            store_dyn_n<VEC>(f.out, f.dt_out, (long long)(first_pixel + at.x) * channels + c, v[h]);
+        }
+    }
+}
+
 // The partial stats of one vector width. A launch of one chunk a (sample, group slice) (batch 2 and
 // up, or small images) has each group's whole sums in its block: it stores the stats itself, with
 // no partials and no arrival (the same bits as the finalizing warp: one chunk's merge is exact).
+// With `fused.out`, the block that stored a slice's stats then applies the slice (apply_slice).
 template <int VEC>
 __device__ __forceinline__ void partial_stats(const void* a, int dt_a, const void* b, int dt_b, float* partials,
-                                              unsigned* arrivals, float* stats, float eps, const GroupNormShape& s,
-                                              float* part, float* sums, float* m2s) {
+                                              unsigned* arrivals, float* stats, float eps, const FusedApply& fused,
+                                              const GroupNormShape& s, float* part, float* sums, float* m2s) {
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
     const int cpg = (s.ca + s.cb) / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
@@ -368,27 +426,26 @@ __device__ __forceinline__ void partial_stats(const void* a, int dt_a, const voi
         out[s.chunks] = chunk_mean;
         out[2 * s.chunks] = chunk_m2;
     }
-    if (s.chunks == 1 || !last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
-    for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5)
-        finalize_group_stats(partials, stats, n * s.groups + g0 + t, s, eps);
+    if (s.chunks > 1) {
+        if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
+        for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5)
+            finalize_group_stats(partials, stats, n * s.groups + g0 + t, s, eps);
+    }
+    if (!fused.out) return;
+    __syncthreads();  // the slice's stats are stored
+    apply_slice<VEC, H>(a, dt_a, b, dt_b, stats, fused, n, c0, width, s);
 }
 
+// gamma, beta, out, dt_out, silu: the fused apply's (out null: none, groupnorm_apply follows).
 extern "C" __global__ void __launch_bounds__(256)
     groupnorm_partial_stats(const void* a, int dt_a, const void* b, int dt_b, float* partials, unsigned* arrivals,
-                            float* stats, float eps, int vec, GroupNormShape s) {
+                            float* stats, float eps, const float* gamma, const float* beta, void* out, int dt_out,
+                            int silu, int vec, GroupNormShape s) {
     __shared__ float part[256], sums[32], m2s[32];
-#define PARTIAL(VEC) partial_stats<VEC>(a, dt_a, b, dt_b, partials, arrivals, stats, eps, s, part, sums, m2s)
+    const FusedApply fused{gamma, beta, out, dt_out, silu};
+#define PARTIAL(VEC) partial_stats<VEC>(a, dt_a, b, dt_b, partials, arrivals, stats, eps, fused, s, part, sums, m2s)
     DISPATCH_VEC(vec, PARTIAL)
 #undef PARTIAL
-}
-
-// SiLU's sigmoid with the fast exponential and division (ex2.approx and rcp.approx: a few ulp, far
-// inside the f32 tolerance): expf and an IEEE division made it most of the apply kernels'
-// instructions per element, and these kernels run out of issue slots before DRAM at large batch
-// (the latency model's issue floor, examples/emulator_launch_depth.rs). 1 + e overflowing to
-// infinity gives 0, as the exact form does.
-__device__ __forceinline__ float fast_sigmoid(float y) {
-    return __fdividef(1.0f, 1.0f + __expf(-y));
 }
 
 // The element-wise kernels take VEC consecutive channels of one pixel per thread (VEC divides Ca,

@@ -717,6 +717,22 @@ fn groupnorm_partials(
     GroupNormPartials { vec, block: block as u32, chunks }
 }
 
+/// Load batches (kernels/groupnorm.cu `batch_vectors`) a thread of the forward's partial kernel
+/// may walk to apply its whole (sample, group slice) itself, once the slice's stats are stored.
+const GROUPNORM_FUSED_APPLY_BATCHES: usize = 4;
+
+/// Whether the forward's apply runs in its partial kernel (kernels/groupnorm.cu `apply_slice`): where
+/// a slice's vectors give a thread at most `GROUPNORM_FUSED_APPLY_BATCHES` load batches. That
+/// saves groupnorm_apply's launch (2.6 us of fixed cost each on the H200 in
+/// src/driver/launch_model.rs; 51 a cifar10 forward); a larger slice, which the block that stores
+/// its stats would walk alone where groupnorm_apply spreads it over the GPU, keeps the launch.
+fn groupnorm_fuses_apply(partials: &GroupNormPartials, launch: &GroupNormLaunch, pixels: usize) -> bool {
+    let width = launch.channels_per_group * launch.groups_per_block;
+    let vectors = (pixels * width).div_ceil(partials.vec as usize);
+    let per_thread = vectors.div_ceil(partials.block as usize);
+    per_thread <= GROUPNORM_FUSED_APPLY_BATCHES * groupnorm_batch_vectors(partials.vec)
+}
+
 /// The element-wise GroupNorm kernels' launch (kernels/groupnorm.cu `for_each_column`): block x a
 /// pixel's channel vectors (at most 256), block y rows of pixels up to 256 threads, grid y the
 /// samples and grid x the pixel rows, at most as many blocks as 16 an SM over the samples (each
@@ -1057,6 +1073,7 @@ impl Backend for CudaBackend {
         let chunks = partials.chunks;
         let shape_bytes = groupnorm_shape_bytes([n, pixels, ca, cb, groups, chunks, groups_per_block]);
         let dt = dtype_code(x.a.dtype);
+        let fused = groupnorm_fuses_apply(&partials, &launch, pixels);
         let partial = KernelArgs::new()
             .ptr(x.a.ptr)
             .i32(dt)
@@ -1066,6 +1083,11 @@ impl Backend for CudaBackend {
             .ptr(self.groupnorm_arrivals.ptr)
             .ptr(stats.ptr)
             .f32(eps)
+            .ptr(gamma.ptr)
+            .ptr(beta.ptr)
+            .ptr(if fused { out.ptr } else { 0 })
+            .i32(dtype_code(out.dtype))
+            .i32(silu as i32)
             .i32(partials.vec)
             .bytes(&shape_bytes);
         let grid = LaunchConfig {
@@ -1074,6 +1096,9 @@ impl Backend for CudaBackend {
             dynamic_shared_bytes: 0,
         };
         self.launch("groupnorm.cu", "groupnorm_partial_stats", grid, partial);
+        if fused {
+            return;
+        }
         let apply = KernelArgs::new()
             .ptr(x.a.ptr)
             .i32(dt)
