@@ -34,7 +34,12 @@
 //                            the chunks one load after another: at batch 1, 30 to 60 round trips
 //                            to memory, the slowest launch of the forward in that model,
 //                            examples/emulator_launch_depth.rs; then a warp per group; now no
-//                            launch at all.)
+//                            launch at all.) Where a slice is small (the launcher's
+//                            groupnorm_fuses_apply: at most 4 load batches a thread), the block
+//                            that stored the slice's stats then applies the whole slice
+//                            (apply_slice), and groupnorm_apply does not run: its launch cost more
+//                            than that walk (50 of cifar10's 51 GroupNorms; in the launch model a
+//                            forward at batch 1 1.09 -> 1.00 ms, src/driver/launch_model.rs).
 //   groupnorm_apply          one thread per `vec` channels of a pixel (one access each: every byte of
 //                            a sector used): normalise, affine, SiLU, one rounding. A 2-D block (a
 //                            pixel's channel vectors x pixels, grid y the samples): a thread's
@@ -55,7 +60,8 @@
 //                                a slice of pixels; the last block of a (sample, group slice) then
 //                                sums the chunks in f64 (a warp per group; one chunk: the block),
 //                                divided by the group size: the two means, packed after the
-//                                chunks' sums;
+//                                chunks' sums; and where the slice is small, as the forward's, dx
+//                                of the whole slice (backward_apply_slice);
 //   groupnorm_backward_apply     one thread per `vec` channels of a pixel: dx (+)= ..., one rounding.
 #include "common.cuh"
 
@@ -309,6 +315,17 @@ __device__ __forceinline__ float fast_sigmoid(float y) {
     return __fdividef(1.0f, 1.0f + __expf(-y));
 }
 
+// out = silu?((x - mean) rstd gamma + beta) of one vector, in place.
+template <int VEC>
+__device__ __forceinline__ void normalize_vector(float (&v)[VEC], float mean, float rstd, const float (&gs)[VEC],
+                                                 const float (&bs)[VEC], int silu) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        v[k] = (v[k] - mean) * rstd * gs[k] + bs[k];
+        if (silu) v[k] *= fast_sigmoid(v[k]);
+    }
+}
+
 // The forward's apply where the partial kernel does it (`FusedApply`): out = silu?((x - mean) rstd
 // gamma + beta), one rounding, as groupnorm_apply computes it.
 struct FusedApply {
@@ -347,11 +364,7 @@ __device__ __forceinline__ void apply_slice(const void* a, int dt_a, const void*
             const int2 at = w.item(base + h);
             const int c = c0 + at.y;
             if (!w.strided) terms(c);
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                v[h][k] = (v[h][k] - mean) * rstd * gs[k] + bs[k];
-                if (f.silu) v[h][k] *= fast_sigmoid(v[h][k]);
-            }
+            normalize_vector<VEC>(v[h], mean, rstd, gs, bs, f.silu);
             store_dyn_n<VEC>(f.out, f.dt_out, (long long)(first_pixel + at.x) * channels + c, v[h]);
         }
     }
@@ -511,11 +524,7 @@ __device__ __forceinline__ void groupnorm_apply_vec(const void* a, int dt_a, con
                 load_dyn_n<VEC>(x.p, x.dt, (sample + p) * x.row + x.c, y[u]);
             });
             for_batch<U>(p0, step, s.pixels, [&](int u, int p) {
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    y[u][k] = (y[u][k] - mean) * rstd * gs[k] + bs[k];
-                    if (silu) y[u][k] *= fast_sigmoid(y[u][k]);
-                }
+                normalize_vector<VEC>(y[u], mean, rstd, gs, bs, silu);
                 store_dyn_n<VEC>(out, dt_out, (sample + p) * channels + c0, y[u]);
             });
         }
@@ -576,13 +585,102 @@ __device__ __forceinline__ void finalize_group_means(float* partials, int ng, co
     if (lane == 0) store_group_means(partials, ng, sum_g, sum_g_xhat, s);
 }
 
+// Where the apply kernel stores dx: x's channels c < Ca into `a`, the rest into `b` (each its own
+// storage type and `accumulate`), with `plus` (whole-input shape; null: none) added first, and what
+// `a` then holds copied into `a_copy` (its own storage type; null: none).
+struct GradientSplit {
+    void* a;
+    void* b;
+    const void* plus;
+    void* a_copy;
+    int dt_a, dt_b, dt_plus, dt_a_copy;
+    int accumulate_a, accumulate_b;
+};
+
+// One vector's dx: channels c.. of a pixel with input xs, output gradient g (dx replaces it) and
+// `plus` there (more; used where dx.plus is set), the group's stats and means, the channels' gamma
+// and beta; `at` the vector's index in x's source tensor (dx is split as x is: in_a, c < Ca).
+template <int VEC>
+__device__ __forceinline__ void store_dx_vector(float (&g)[VEC], const float (&xs)[VEC], const float (&more)[VEC],
+                                                float mean, float rstd, float mean_g, float mean_g_xhat,
+                                                const float (&gs)[VEC], const float (&bs)[VEC], int silu,
+                                                const GradientSplit& dx, bool in_a, long long at) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        const float2 t = groupnorm_grad_at(xs[k], g[k], mean, rstd, gs[k], bs[k], silu);
+        g[k] = rstd * (t.y - mean_g - t.x * mean_g_xhat);
+        if (dx.plus) g[k] += more[k];
+    }
+    if (in_a) {
+        add_held_n<VEC>(dx.a, dx.dt_a, at, g, dx.accumulate_a);  // (store_grad_n, keeping the sum)
+        store_dyn_n<VEC>(dx.a, dx.dt_a, at, g);
+        if (dx.a_copy) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) g[k] = as_stored(dx.dt_a, g[k]);
+            store_dyn_n<VEC>(dx.a_copy, dx.dt_a_copy, at, g);
+        }
+    } else {
+        store_grad_n<VEC>(dx.b, dx.dt_b, at, g, dx.accumulate_b);
+    }
+}
+
+// The backward's apply where its partial kernel does it (as the forward's apply_slice): the block's
+// whole slice, once the slice's group means are stored (by this block, before a barrier).
+template <int VEC, int H>
+__device__ __forceinline__ void backward_apply_slice(const void* a, int dt_a, const void* b, int dt_b,
+                                                     const void* dout, int dt_dout, const float* stats,
+                                                     const float* gamma, const float* beta, int silu,
+                                                     const float* partials, const GradientSplit& dx, int n, int c0,
+                                                     int width, const GroupNormShape& s) {
+    const int channels = s.ca + s.cb, cpg = channels / s.groups, first_pixel = n * s.pixels;
+    const SliceWalk w = slice_walk<VEC>(0, s.pixels, width);
+    const ChannelSource column = channel_source(a, dt_a, b, dt_b, c0 + w.j, s);
+    float mean, rstd, mean_g, mean_g_xhat, gs[VEC], bs[VEC];
+    const auto terms = [&](int c) {
+        const int ng = n * s.groups + c / cpg;
+        mean = stats[ng * 2];
+        rstd = stats[ng * 2 + 1];
+        const float* means = group_means(partials, s) + ng * 2;
+        mean_g = means[0];
+        mean_g_xhat = means[1];
+        load_dyn_n<VEC>(gamma, DTYPE_F32, c, gs);
+        load_dyn_n<VEC>(beta, DTYPE_F32, c, bs);
+    };
+    if (w.strided) terms(c0 + w.j);
+    for (int base = 0; w.has(base); base += H) {
+        // The batch's x, dout and `plus` first, then each vector's dx.
+        float xs[H][VEC], grad[H][VEC], more[H][VEC];
+        load_slice_items<VEC, H>(a, dt_a, b, dt_b, first_pixel, c0, s, w, column, base, xs);
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+            if (!w.has(base + h)) break;
+            const int2 at = w.item(base + h);
+            const long long i = (long long)(first_pixel + at.x) * channels + c0 + at.y;
+            load_dyn_n<VEC>(dout, dt_dout, i, grad[h]);
+            if (dx.plus) load_dyn_n<VEC>(dx.plus, dx.dt_plus, i, more[h]);
+        }
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+            if (!w.has(base + h)) break;
+            const int2 at = w.item(base + h);
+            const int c = c0 + at.y;
+            if (!w.strided) terms(c);
+            const ChannelSource x = w.strided ? column : channel_source(a, dt_a, b, dt_b, c, s);
+            store_dx_vector<VEC>(grad[h], xs[h], more[h], mean, rstd, mean_g, mean_g_xhat, gs, bs, silu, dx, c < s.ca,
+                                 (long long)(first_pixel + at.x) * x.row + x.c);
+        }
+    }
+}
+
 // The backward's partial sums of one vector width; one chunk a (sample, group slice) stores the
 // means itself, as the forward's stats (the same bits as the finalizing warp).
+// With `fused`, the block that stored a slice's means then applies the slice (backward_apply_slice).
 template <int VEC>
 __device__ __forceinline__ void backward_partial(const void* a, int dt_a, const void* b, int dt_b, const void* dout,
                                                  int dt_dout, const float* stats, const float* gamma,
                                                  const float* beta, int silu, float* partials, unsigned* arrivals,
-                                                 const GroupNormShape& s, float2* part, float2* sums) {
+                                                 const GradientSplit& dx, int fused, const GroupNormShape& s,
+                                                 float2* part, float2* sums) {
     const int chunk = blockIdx.x, n = blockIdx.z, gs = s.groups_per_block, g0 = blockIdx.y * gs;
     const int channels = s.ca + s.cb, cpg = channels / s.groups, width = cpg * gs, c0 = g0 * cpg;
     const int2 range = chunk_pixels(chunk, s);
@@ -638,31 +736,29 @@ __device__ __forceinline__ void backward_partial(const void* a, int dt_a, const 
         out[0] = sums[t].x;
         out[s.chunks] = sums[t].y;
     }
-    if (s.chunks == 1 || !last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
-    for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5) finalize_group_means(partials, n * s.groups + g0 + t, s);
+    if (s.chunks > 1) {
+        if (!last_to_arrive(slice_arrival(arrivals), s.chunks)) return;
+        for (int t = threadIdx.x >> 5; t < gs; t += blockDim.x >> 5)
+            finalize_group_means(partials, n * s.groups + g0 + t, s);
+    }
+    if (!fused) return;
+    __syncthreads();  // the slice's means are stored
+    backward_apply_slice<VEC, H>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, dx, n, c0, width,
+                                 s);
 }
 
+// dx, fused: where the fused apply stores dx, and whether it runs (0: groupnorm_backward_apply follows).
 extern "C" __global__ void __launch_bounds__(256) groupnorm_backward_partial(
     const void* a, int dt_a, const void* b, int dt_b, const void* dout, int dt_dout, const float* stats,
-    const float* gamma, const float* beta, int silu, float* partials, unsigned* arrivals, int vec, GroupNormShape s) {
+    const float* gamma, const float* beta, int silu, float* partials, unsigned* arrivals, GradientSplit dx, int fused,
+    int vec, GroupNormShape s) {
     __shared__ float2 part[256], sums[32];
-#define PARTIAL(VEC) \
-    backward_partial<VEC>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, s, part, sums)
+#define PARTIAL(VEC)                                                                                           \
+    backward_partial<VEC>(a, dt_a, b, dt_b, dout, dt_dout, stats, gamma, beta, silu, partials, arrivals, dx, fused, s, \
+                          part, sums)
     DISPATCH_VEC(vec, PARTIAL)
 #undef PARTIAL
 }
-
-// Where the apply kernel stores dx: x's channels c < Ca into `a`, the rest into `b` (each its own
-// storage type and `accumulate`), with `plus` (whole-input shape; null: none) added first, and what
-// `a` then holds copied into `a_copy` (its own storage type; null: none).
-struct GradientSplit {
-    void* a;
-    void* b;
-    const void* plus;
-    void* a_copy;
-    int dt_a, dt_b, dt_plus, dt_a_copy;
-    int accumulate_a, accumulate_b;
-};
 
 template <int VEC>
 __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* a, int dt_a, const void* b, int dt_b,
@@ -694,25 +790,8 @@ __device__ __forceinline__ void groupnorm_backward_apply_vec(const void* a, int 
                 if (dx.plus) load_dyn_n<VEC>(dx.plus, dx.dt_plus, at, more[u]);
             });
             for_batch<U>(p0, step, s.pixels, [&](int u, int p) {
-                float* g = grad[u];
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    const float2 at = groupnorm_grad_at(xs[u][k], g[k], mean, rstd, gs[k], bs[k], silu);
-                    g[k] = rstd * (at.y - mean_g - at.x * mean_g_xhat);
-                    if (dx.plus) g[k] += more[u][k];
-                }
-                const long long at = (sample + p) * x.row + x.c;
-                if (in_a) {
-                    add_held_n<VEC>(dx.a, dx.dt_a, at, grad[u], dx.accumulate_a);  // (store_grad_n, keeping the sum)
-                    store_dyn_n<VEC>(dx.a, dx.dt_a, at, grad[u]);
-                    if (dx.a_copy) {
-#pragma unroll
-                        for (int k = 0; k < VEC; ++k) g[k] = as_stored(dx.dt_a, g[k]);
-                        store_dyn_n<VEC>(dx.a_copy, dx.dt_a_copy, at, grad[u]);
-                    }
-                } else {
-                    store_grad_n<VEC>(dx.b, dx.dt_b, at, grad[u], dx.accumulate_b);
-                }
+                store_dx_vector<VEC>(grad[u], xs[u], more[u], mean, rstd, mean_g, mean_g_xhat, gs, bs, silu, dx, in_a,
+                                     (sample + p) * x.row + x.c);
             });
         }
     });

@@ -52,13 +52,15 @@ fn assert_uses(totals: &BTreeMap<String, KernelTotals>, prefix: &str, load_at_le
 
 /// bf16 at 2 channels a group (the cifar10-small UNet's first level): the case that used 4 bytes of
 /// each sector. At 4x4 the partial kernels split no (sample, group slice) into chunks, so what they
-/// load is the tensors alone, not the finalizing warps' few words of partial sums; and the forward's
-/// apply runs in them (a slice of 16 pixels). At 32x32, batch 1, its slices are too large for one
-/// block to apply: groupnorm_apply follows.
+/// load is the tensors alone, not the finalizing warps' few words of partial sums; and the applies
+/// run in them (a slice of 16 pixels). At 32x32, batch 1, the slices are too large for one block to
+/// apply: the apply kernels follow.
 #[test]
 fn groupnorm_moves_whole_sectors() {
     let (driver, b) = emulator(Precision::Bf16);
-    let forward = |shape: [usize; 4]| {
+    // The forward's and the backward's kernel totals (the backward as a narrowed plan calls it:
+    // f32 dout, dx in the activations' type).
+    let run = |shape: [usize; 4]| {
         let len = shape.iter().product();
         let x = b.upload_as(&values(len), &shape, Precision::Bf16).unwrap();
         let gamma = b.upload(&values(64), &[64]).unwrap();
@@ -68,26 +70,23 @@ fn groupnorm_moves_whole_sectors() {
         driver.kernel_totals(true);
         b.group_norm(LayerInput::one(&x), &gamma, &beta, 32, 1e-6, true, &mut out, &mut stats);
         b.synchronize().unwrap();
-        (x, gamma, beta, stats, driver.kernel_totals(true))
+        let forward = driver.kernel_totals(true);
+        let dout = b.upload(&values(len), &shape).unwrap();
+        let mut dx = b.zeros_as(&shape, Precision::Bf16).unwrap();
+        let dx_store = LayerGradient::one(&mut dx, GradientStore::Write);
+        b.group_norm_backward(LayerInput::one(&x), &gamma, &beta, &stats, 32, true, &dout, dx_store);
+        b.synchronize().unwrap();
+        (forward, driver.kernel_totals(true))
     };
-    let (_, _, _, _, totals) = forward([1, 64, 32, 32]);
-    assert_uses(&totals, "groupnorm_apply", 0.75, 1.0);
-    let shape = [2, 64, 4, 4];
-    let len = shape.iter().product();
-    let (x, gamma, beta, stats, totals) = forward(shape);
-    assert!(!totals.contains_key("groupnorm_apply"), "the 4x4 apply runs in the partial kernel");
-    assert_uses(&totals, "groupnorm_partial_stats", 0.9, 0.9);
-
-    // As a narrowed plan calls it: f32 dout, dx in the activations' type.
-    let dout = b.upload(&values(len), &shape).unwrap();
-    let mut dx = b.zeros_as(&shape, Precision::Bf16).unwrap();
-    let input = LayerInput::one(&x);
-    let dx_store = LayerGradient::one(&mut dx, GradientStore::Write);
-    b.group_norm_backward(input, &gamma, &beta, &stats, 32, true, &dout, dx_store);
-    b.synchronize().unwrap();
-    let totals = driver.kernel_totals(true);
-    assert_uses(&totals, "groupnorm_backward_partial", 0.9, 0.0);
-    assert_uses(&totals, "groupnorm_backward_apply", 0.7, 1.0);
+    let (forward, backward) = run([1, 64, 32, 32]);
+    assert_uses(&forward, "groupnorm_apply", 0.75, 1.0);
+    assert_uses(&backward, "groupnorm_backward_apply", 0.7, 1.0);
+    let (forward, backward) = run([2, 64, 4, 4]);
+    for (totals, apply) in [(&forward, "groupnorm_apply"), (&backward, "groupnorm_backward_apply")] {
+        assert!(!totals.contains_key(apply), "at 4x4 {apply} runs in the partial kernel");
+    }
+    assert_uses(&forward, "groupnorm_partial_stats", 0.9, 0.9);
+    assert_uses(&backward, "groupnorm_backward_partial", 0.9, 0.9);
 }
 
 /// A 3x3 convolution and its input gradient, 64 channels: at 8x8, batch 1, split on the emulator's

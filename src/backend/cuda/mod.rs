@@ -717,15 +717,16 @@ fn groupnorm_partials(
     GroupNormPartials { vec, block: block as u32, chunks }
 }
 
-/// Load batches (kernels/groupnorm.cu `batch_vectors`) a thread of the forward's partial kernel
-/// may walk to apply its whole (sample, group slice) itself, once the slice's stats are stored.
+/// Load batches (kernels/groupnorm.cu `batch_vectors`) a thread of a partial kernel may walk to
+/// apply its whole (sample, group slice) itself, once the slice's stats (or means) are stored.
 const GROUPNORM_FUSED_APPLY_BATCHES: usize = 4;
 
-/// Whether the forward's apply runs in its partial kernel (kernels/groupnorm.cu `apply_slice`): where
-/// a slice's vectors give a thread at most `GROUPNORM_FUSED_APPLY_BATCHES` load batches. That
-/// saves groupnorm_apply's launch (2.6 us of fixed cost each on the H200 in
-/// src/driver/launch_model.rs; 51 a cifar10 forward); a larger slice, which the block that stores
-/// its stats would walk alone where groupnorm_apply spreads it over the GPU, keeps the launch.
+/// Whether the apply runs in the partial kernel (kernels/groupnorm.cu `apply_slice`,
+/// `backward_apply_slice`): where a slice's vectors give a thread at most
+/// `GROUPNORM_FUSED_APPLY_BATCHES` load batches. That saves the apply's launch (2.6 us of fixed cost
+/// each on the H200 in src/driver/launch_model.rs; 51 a cifar10 forward, 51 an input VJP); a larger
+/// slice, which the block that stores its stats would walk alone where the apply kernel spreads it
+/// over the GPU, keeps the launch.
 fn groupnorm_fuses_apply(partials: &GroupNormPartials, launch: &GroupNormLaunch, pixels: usize) -> bool {
     let width = launch.channels_per_group * launch.groups_per_block;
     let vectors = (pixels * width).div_ceil(partials.vec as usize);
@@ -1191,8 +1192,6 @@ impl Backend for CudaBackend {
             block: [partials.block, 1, 1],
             dynamic_shared_bytes: 0,
         };
-        let partial = inputs().ptr(self.groupnorm_arrivals.ptr).i32(partials.vec).bytes(&shape_bytes);
-        self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, partial);
         // kernels/groupnorm.cu's GradientSplit: four pointers, then six ints.
         let mut split = Vec::with_capacity(56);
         for ptr in [dx.a.ptr, db_ptr, plus_ptr, copy_ptr] {
@@ -1202,6 +1201,17 @@ impl Backend for CudaBackend {
         let accumulates = [dx.a_store.accumulates() as i32, db_store.accumulates() as i32];
         for v in codes.into_iter().chain(accumulates) {
             split.extend(v.to_le_bytes());
+        }
+        let fused = groupnorm_fuses_apply(&partials, &launch, pixels);
+        let partial = inputs()
+            .ptr(self.groupnorm_arrivals.ptr)
+            .bytes(&split)
+            .i32(fused as i32)
+            .i32(partials.vec)
+            .bytes(&shape_bytes);
+        self.launch("groupnorm.cu", "groupnorm_backward_partial", grid, partial);
+        if fused {
+            return;
         }
         let apply = inputs().bytes(&split).i32(vec).bytes(&shape_bytes);
         let config = groupnorm_apply_config(c, vec, n, pixels, self.driver.info().multiprocessors as usize);
