@@ -173,11 +173,25 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
         work: SmWork::default(),
         order: crate::ordering::BlockOrder::new(block_linear),
     };
-    let mut warps: Vec<Warp> = (0..nwarps).map(|w| new_warp(l, &env, w, nthreads)).collect();
+    let mut files = REGISTER_FILES.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    files.resize_with(files.len().max(nwarps as usize), RegisterFile::default);
+    let mut warps: Vec<Warp> =
+        (0..nwarps).map(|w| new_warp(l, &env, w, nthreads, std::mem::take(&mut files[w as usize]))).collect();
+    let result = schedule(l, &mut env, &mut warps);
+    for (file, w) in files.iter_mut().zip(warps) {
+        *file = RegisterFile { function: Some(f.id), regs: w.regs };
+    }
+    REGISTER_FILES.with(|p| *p.borrow_mut() = files);
+    result
+}
+
+/// Runs the block's warps until every thread exited.
+fn schedule(l: &LaunchCtx, env: &mut BlockEnv, warps: &mut [Warp]) -> Result<BlockCounts, Report> {
+    let f = l.func;
     let mut count = 0u64;
     loop {
         for w in warps.iter_mut() {
-            count += run_warp(&mut env, w, f)?;
+            count += run_warp(env, w, f)?;
         }
         let live: u32 = warps.iter().map(|w| w.st.iter().filter(|&&s| s != EXITED).count() as u32).sum();
         if live == 0 {
@@ -194,22 +208,56 @@ pub fn run_block(l: &LaunchCtx, block_linear: u64, shadow: &mut SharedShadow) ->
                 thread_instructions: count,
                 longest_warp,
                 cycles,
-                global: env.traffic,
-                sm: env.work,
+                global: std::mem::take(&mut env.traffic),
+                sm: std::mem::take(&mut env.work),
             });
         }
-        if !release_barriers(&mut env, &mut warps, live)? {
-            return Err(deadlock(&env, &warps, f));
+        if !release_barriers(env, warps, live)? {
+            return Err(deadlock(env, warps, f));
         }
     }
 }
 
-fn new_warp(l: &LaunchCtx, env: &BlockEnv, w: u32, nthreads: u32) -> Warp {
-    let f = l.func;
-    let mut regs = vec![0u64; f.nslots as usize * 32];
-    for &(s, v) in &f.consts {
-        regs[s as usize * 32..s as usize * 32 + 32].fill(v);
+/// A warp's register file (slot-major: `regs[slot * 32 + lane]`) and the function it was last set
+/// up for.
+#[derive(Default)]
+struct RegisterFile {
+    function: Option<u64>,
+    regs: Vec<u64>,
+}
+
+thread_local! {
+    /// This worker's register files of its last block, by warp: the next block of the same
+    /// function zeroes only the slots a thread may read before writing them (`liveness`), where a
+    /// fresh file would be zeroed whole (12 MB a warp for the largest kernel).
+    static REGISTER_FILES: std::cell::RefCell<Vec<RegisterFile>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `file` set up for a new warp of `f`: constants in place, every slot a thread may read before
+/// writing it zero, as in a fresh zeroed file (the specials are the caller's).
+fn reset_register_file(f: &Function, file: &mut RegisterFile) {
+    let len = f.nslots as usize * 32;
+    match &f.read_before_written {
+        Some(slots) if file.function == Some(f.id) && file.regs.len() == len => {
+            for &s in slots {
+                file.regs[s as usize * 32..s as usize * 32 + 32].fill(0);
+            }
+        }
+        _ => {
+            file.regs.clear();
+            file.regs.resize(len, 0);
+            for &(s, v) in &f.consts {
+                file.regs[s as usize * 32..s as usize * 32 + 32].fill(v);
+            }
+            file.function = Some(f.id);
+        }
     }
+}
+
+fn new_warp(l: &LaunchCtx, env: &BlockEnv, w: u32, nthreads: u32, mut file: RegisterFile) -> Warp {
+    let f = l.func;
+    reset_register_file(f, &mut file);
+    let mut regs = file.regs;
     let nwarps = nthreads.div_ceil(32);
     for lane in 0..32u32 {
         let tid = w * 32 + lane;

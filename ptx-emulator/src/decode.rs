@@ -1152,7 +1152,8 @@ pub fn decode_function(f: &FunctionAst, syms: &ModuleSymbols) -> Result<Function
     let mut consts: Vec<(Slot, u64)> = d.consts.iter().map(|(&v, &s)| (s, v)).collect();
     consts.extend(d.dyn_shared_slots.iter().map(|&s| (s, dyn_off)));
     consts.sort();
-    Ok(Function {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut function = Function {
         name: f.name.clone(),
         insts: d.insts,
         nslots: d.nslots,
@@ -1163,5 +1164,9 @@ pub fn decode_function(f: &FunctionAst, syms: &ModuleSymbols) -> Result<Function
         static_shared: d.shared_top as u32,
         dynamic_shared_offset: dyn_off as u32,
         local_bytes: d.local_top as u32,
-    })
+        id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        read_before_written: None,
+    };
+    function.read_before_written = crate::liveness::read_before_written(&function);
+    Ok(function)
 }

@@ -428,4 +428,9 @@ pub struct Function {
     pub static_shared: u32,
     pub dynamic_shared_offset: u32,
     pub local_bytes: u32,
+    /// Unique to this decoding (clones share it): what a reused register file was last set up for.
+    pub id: u64,
+    /// The register slots a thread may read before writing them (`liveness`); `None`: register
+    /// files are never reused for this function.
+    pub read_before_written: Option<Vec<Slot>>,
 }

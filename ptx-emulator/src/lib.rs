@@ -10,6 +10,7 @@ pub mod block;
 pub mod decode;
 pub mod exec;
 pub mod ir;
+pub mod liveness;
 pub mod memory;
 pub mod ordering;
 pub mod parse;
