@@ -111,6 +111,17 @@ impl SharedShadow {
             | if atomic { ATOMIC } else { 0 };
         // Neighbouring bytes usually share their history (a word written by one thread): a byte
         // whose records equal the previous byte's gets the previous byte's update, unchecked again.
+        // Most often all of them do: one check, and the update filled in.
+        let first = self.recs[off];
+        if self.recs[off + 1..off + len].iter().all(|&r| r == first) {
+            let (recs, lines) = match self.step(first, self.lines[off], me, t, line, write, atomic) {
+                Ok(new) => new,
+                Err(fault) => return Some(fault.at(off as u64)),
+            };
+            self.recs[off..off + len].fill(recs);
+            self.lines[off..off + len].fill(lines);
+            return None;
+        }
         let mut previous: Option<([u64; 2], ByteUpdate)> = None;
         for i in off..off + len {
             let old = self.recs[i];
