@@ -338,6 +338,9 @@ struct FusedApply {
 // The block's whole slice (every pixel of sample n, channels c0.. of its groups), walked as the
 // partial kernels walk a chunk, a batch of H vectors loaded before any is used; the groups' stats
 // are stored (by this block, before a barrier).
+// Inlined, unlike the backward's (backward_apply_slice): it grows the partial kernel by a third
+// (14k to 18.8k PTX lines, ptxas 3 s more), and a call cost the launch model's forward at batch 1
+// 17 us (1003 -> 1020).
 template <int VEC, int H>
 __device__ __forceinline__ void apply_slice(const void* a, int dt_a, const void* b, int dt_b, const float* stats,
                                             const FusedApply& f, int n, int c0, int width, const GroupNormShape& s) {
@@ -626,12 +629,18 @@ __device__ __forceinline__ void store_dx_vector(float (&g)[VEC], const float (&x
 
 // The backward's apply where its partial kernel does it (as the forward's apply_slice): the block's
 // whole slice, once the slice's group means are stored (by this block, before a barrier).
+// Not inlined: inlined into groupnorm_backward_partial, the walk grew a copy for each combination
+// of its runtime conditions, 64k PTX lines for the kernel (8k before the fusion), and ptxas took
+// 200 s on this file for each architecture (sm_80, sm_90; NVRTC 13.0), the most of a cold start;
+// now 17 s. The call, once a block, costs the launch model's input VJP at batch 1 35 us (1045 ->
+// 1080). The structs come by value: by reference they went through an 88-byte stack frame in
+// local memory.
 template <int VEC, int H>
-__device__ __forceinline__ void backward_apply_slice(const void* a, int dt_a, const void* b, int dt_b,
-                                                     const void* dout, int dt_dout, const float* stats,
-                                                     const float* gamma, const float* beta, int silu,
-                                                     const float* partials, const GradientSplit& dx, int n, int c0,
-                                                     int width, const GroupNormShape& s) {
+__device__ __noinline__ void backward_apply_slice(const void* a, int dt_a, const void* b, int dt_b,
+                                                  const void* dout, int dt_dout, const float* stats,
+                                                  const float* gamma, const float* beta, int silu,
+                                                  const float* partials, GradientSplit dx, int n, int c0, int width,
+                                                  GroupNormShape s) {
     const int channels = s.ca + s.cb, cpg = channels / s.groups, first_pixel = n * s.pixels;
     const SliceWalk w = slice_walk<VEC>(0, s.pixels, width);
     const ChannelSource column = channel_source(a, dt_a, b, dt_b, c0 + w.j, s);

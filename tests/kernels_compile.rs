@@ -29,7 +29,9 @@ fn every_kernel_file_compiles_for(arch: &str) {
     let files: Vec<&str> = KERNEL_SOURCES.iter().map(|(n, _)| *n).filter(|n| n.ends_with(".cu")).collect();
     let mut spilled_hot = Vec::new();
     for file in files {
+        let started = std::time::Instant::now();
         let module = compiler.compile_file_with_report(file).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
+        let seconds = started.elapsed().as_secs_f64();
         assert!(module.ptx.contains(&format!(".target {arch}")), "{file}: PTX not for {arch}");
         assert!(!module.cubin.is_empty(), "{file}: empty cubin for {arch}");
         let entries = module.ptx.matches(".entry ").count();
@@ -55,8 +57,9 @@ fn every_kernel_file_compiles_for(arch: &str) {
             }
             None => &[],
         };
+        // (The compile time, the user's cold start: a file that takes minutes is a regression to find.)
         println!(
-            "{file} {arch}: {entries} kernels, {} bytes of PTX, {} of cubin",
+            "{file} {arch}: {entries} kernels, {} bytes of PTX, {} of cubin, compiled in {seconds:.1} s",
             module.ptx.len(),
             module.cubin.len()
         );
