@@ -1,9 +1,9 @@
 //! Which register slots a thread may read before it has written them: the only slots whose value
 //! at a block's start can matter. A block's warps then reuse the register files of the worker's
-//! previous block of the same function (`block::RegisterPool`) with just these slots zeroed,
+//! previous block of the same function (`block::REGISTER_FILES`) with just these slots zeroed,
 //! instead of a fresh zeroed file: NVRTC's PTX names every value once, so a large kernel has tens
-//! of thousands of slots (groupnorm_backward_partial: 46k, 12 MB a warp), of which a block touches
-//! a few.
+//! of thousands of slots (groupnorm_backward_partial had 46k, 12 MB a warp), of which a block
+//! touches a few.
 //!
 //! Backward liveness over basic blocks, per thread: every path a thread can take is a path of the
 //! control-flow graph, and a warp writes a slot only for the lanes that execute the instruction.
