@@ -103,6 +103,10 @@ pub struct KernelCompiler {
     arch: String,
     nvrtc_version: (i32, i32),
     cache_dir: Option<PathBuf>,
+    /// Whether NVRTC may answer from its own cache (NVRTC 12.9 and later keep one, on a machine
+    /// with a CUDA driver): false for a compile that must really run, a cold start being timed
+    /// (on the H200 such "compiles" took 0.2 s for a module ptxas needs a minute for).
+    nvrtc_cache: bool,
     /// False for a backend that only sizes plans (`CudaBackend::sizing`): no NVRTC is needed.
     enabled: bool,
 }
@@ -114,6 +118,7 @@ impl KernelCompiler {
             arch: arch.to_string(),
             nvrtc_version: nvrtc_version()?,
             cache_dir: default_cache_dir(),
+            nvrtc_cache: true,
             enabled: true,
         })
     }
@@ -121,17 +126,24 @@ impl KernelCompiler {
     /// A compiler that compiles nothing (each call is an error): for a backend that runs no
     /// kernels, so it works where NVRTC is missing.
     pub fn disabled(arch: &str) -> Self {
-        Self { arch: arch.to_string(), nvrtc_version: (0, 0), cache_dir: None, enabled: false }
+        Self { arch: arch.to_string(), nvrtc_version: (0, 0), cache_dir: None, nvrtc_cache: false, enabled: false }
     }
 
     /// The same with an explicit cache folder (`None`: no disk cache).
     pub fn with_cache_dir(arch: &str, cache_dir: Option<PathBuf>) -> Result<Self> {
-        Ok(Self { arch: arch.to_string(), nvrtc_version: nvrtc_version()?, cache_dir, enabled: true })
+        Ok(Self {
+            arch: arch.to_string(),
+            nvrtc_version: nvrtc_version()?,
+            cache_dir,
+            nvrtc_cache: true,
+            enabled: true,
+        })
     }
 
-    /// The same compiler with no disk cache: every call runs NVRTC.
+    /// The same compiler with no cache at all, neither ours on disk nor NVRTC's own: every call
+    /// compiles (the benchmark's cold start).
     pub fn uncached(&self) -> Self {
-        Self { cache_dir: None, ..self.clone() }
+        Self { cache_dir: None, nvrtc_cache: false, ..self.clone() }
     }
 
     pub fn arch(&self) -> &str {
@@ -203,16 +215,27 @@ impl KernelCompiler {
     }
 
     /// Kernel file `file` compiled once for the real architecture with ptxas's verbose report,
-    /// never from the cache: its PTX, its cubin, and each kernel's registers and spills (the check
-    /// CI runs on every kernel for every architecture).
+    /// never from a cache (NVRTC's own would give no report): its PTX, its cubin, and each
+    /// kernel's registers and spills (the check CI runs on every kernel for every architecture).
     pub fn compile_file_with_report(&self, file: &str) -> Result<CompiledModule> {
-        let program = self.run_nvrtc(file, kernel_source(file)?, &self.arch, &["--ptxas-options=-v"])?;
+        let program = self.uncached().run_nvrtc(file, kernel_source(file)?, &self.arch, &["--ptxas-options=-v"])?;
         let ptx = String::from_utf8(program.ptx()?)
             .map_err(|_| Error::Device(format!("NVRTC's PTX of {file} is not UTF-8")))?;
         let log = program.log();
         let kernels = parse_ptxas_report(&log)
             .map_err(|e| Error::Device(format!("ptxas's report of {file} for {}: {e}\n{log}", self.arch)))?;
         Ok(CompiledModule { ptx, cubin: program.cubin()?, kernels })
+    }
+
+    /// NVRTC's options for `--gpu-architecture=arch`: the base ones, `extra`, and `--no-cache`
+    /// where NVRTC's own cache must not answer (an option NVRTC has had since 12.9).
+    fn options(&self, arch: &str, extra: &[&str]) -> Vec<String> {
+        let mut options: Vec<String> = BASE_OPTIONS.iter().chain(extra).map(|o| o.to_string()).collect();
+        if !self.nvrtc_cache && self.nvrtc_version >= (12, 9) {
+            options.push("--no-cache".into());
+        }
+        options.push(format!("--gpu-architecture={arch}"));
+        options
     }
 
     /// One NVRTC compilation of `source` for `--gpu-architecture=arch`, with the base options and
@@ -227,9 +250,8 @@ impl KernelCompiler {
         let headers_c: Vec<CString> = kernel_headers().map(|(_, text)| cstr(text, "header")).collect::<Result<_>>()?;
         let header_names_c: Vec<CString> =
             kernel_headers().map(|(header_name, _)| cstr(header_name, "header name")).collect::<Result<_>>()?;
-        let mut options: Vec<CString> =
-            BASE_OPTIONS.iter().chain(extra).map(|o| cstr(o, "option")).collect::<Result<_>>()?;
-        options.push(cstr(&format!("--gpu-architecture={arch}"), "option")?);
+        let options: Vec<CString> =
+            self.options(arch, extra).iter().map(|o| cstr(o, "option")).collect::<Result<_>>()?;
         let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
 
         let mut program: sys::nvrtcProgram = std::ptr::null_mut();
@@ -515,6 +537,26 @@ mod tests {
         // A kernel with no register line is an error, not a kernel with 0 registers.
         let cut = &log[..log.find("Used 32").unwrap()];
         assert!(parse_ptxas_report(cut).unwrap_err().contains("second"));
+    }
+
+    #[test]
+    fn only_a_compile_that_must_run_turns_nvrtcs_own_cache_off() {
+        let compiler = |nvrtc_version| KernelCompiler {
+            arch: "sm_90".into(),
+            nvrtc_version,
+            cache_dir: None,
+            nvrtc_cache: true,
+            enabled: true,
+        };
+        let no_cache = |c: &KernelCompiler| c.options("sm_90", &[]).iter().any(|o| o == "--no-cache");
+        assert!(!no_cache(&compiler((13, 0))), "a normal compile may use NVRTC's cache");
+        assert!(no_cache(&compiler((13, 0)).uncached()), "the cold start must really compile");
+        assert!(no_cache(&compiler((12, 9)).uncached()));
+        // NVRTC before 12.9 has neither the cache nor the option (it would refuse it).
+        assert!(!no_cache(&compiler((12, 8)).uncached()));
+        let options = compiler((13, 0)).uncached().options("sm_90", &["-v"]);
+        assert_eq!(options.last().map(String::as_str), Some("--gpu-architecture=sm_90"));
+        assert!(options.iter().any(|o| o == "-v") && options.iter().any(|o| o == "-std=c++17"));
     }
 
     #[test]
