@@ -10,7 +10,7 @@
 
 mod common;
 
-use purifier::backend::cuda::compile::{ImageKind, KernelCompiler};
+use purifier::backend::cuda::compile::{HalfTypes, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dVersion, SplitKWorkspace};
 use purifier::backend::{Conv2dGeometry, Precision};
 use purifier::driver::emulated::EmulatedDriver;
@@ -27,7 +27,7 @@ fn main() {
     let d = EmulatedDriver::with_multiprocessors(sms).timed().with_kernel_registers(common::h200_registers());
     let simt = d.load_module(ModuleImage::Ptx(&simt_ptx)).unwrap();
     let mma = d.load_module(ModuleImage::Ptx(&mma_ptx)).unwrap();
-    let kernels = Conv2dKernels::load(&d, simt, Some(mma)).unwrap();
+    let kernels = Conv2dKernels::load(&d, simt, Some((mma, HalfTypes::Both))).unwrap();
     let bytes = SplitKWorkspace::bytes_for(sms as usize);
     let workspace = SplitKWorkspace { ptr: d.alloc(bytes).unwrap(), bytes, multiprocessors: sms as usize };
     let issue_slots = f64::from(sms) * 4.0;

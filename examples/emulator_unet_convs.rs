@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use purifier::backend::cuda::compile::{ImageKind, KernelCompiler};
+use purifier::backend::cuda::compile::{HalfTypes, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{launch_conv2d, Conv2dKernels, Conv2dLaunch, Upsampling};
 use purifier::backend::{Conv2dGeometry, Precision};
 use purifier::driver::emulated::EmulatedDriver;
@@ -113,7 +113,7 @@ fn main() {
         let d = EmulatedDriver::new();
         let module = d.load_module(ModuleImage::Ptx(&ptx)).unwrap();
         let mma = d.load_module(ModuleImage::Ptx(&mma_ptx)).unwrap();
-        let kernels = Conv2dKernels::load(&d, module, Some(mma)).unwrap();
+        let kernels = Conv2dKernels::load(&d, module, Some((mma, HalfTypes::Both))).unwrap();
         let start = Instant::now();
         let cpu_start = cpu_seconds();
         for &(res, ca, cb, upsample, co, k, geometry) in &layers {

@@ -237,12 +237,16 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
                                     partial_out, partial_lse);                                              \
     }
 
+#if KERNELS_BF16
 ATTENTION_MMA_ENTRY(bf16, bf16, 64)
 ATTENTION_MMA_ENTRY(bf16, bf16, 128)
 ATTENTION_MMA_ENTRY(bf16, bf16, 256)
+#endif
+#if KERNELS_F16
 ATTENTION_MMA_ENTRY(f16, f16, 64)
 ATTENTION_MMA_ENTRY(f16, f16, 128)
 ATTENTION_MMA_ENTRY(f16, f16, 256)
+#endif
 
 // ==== Backward on the tensor cores ====
 //
@@ -760,11 +764,15 @@ __device__ __forceinline__ void attention_backward_dkdv_mma(const T* __restrict_
         attention_backward_row_terms<T>(dout, dt_dout, out, row_terms, dout_rounded, rows, channels);       \
     }
 
+#if KERNELS_BF16
 ATTENTION_ROW_TERMS_ENTRY(bf16, bf16)
-ATTENTION_ROW_TERMS_ENTRY(f16, f16)
 ATTENTION_BACKWARD_MMA_ENTRY(bf16, bf16, 64)
 ATTENTION_BACKWARD_MMA_ENTRY(bf16, bf16, 128)
 ATTENTION_BACKWARD_MMA_ENTRY(bf16, bf16, 256)
+#endif
+#if KERNELS_F16
+ATTENTION_ROW_TERMS_ENTRY(f16, f16)
 ATTENTION_BACKWARD_MMA_ENTRY(f16, f16, 64)
 ATTENTION_BACKWARD_MMA_ENTRY(f16, f16, 128)
 ATTENTION_BACKWARD_MMA_ENTRY(f16, f16, 256)
+#endif

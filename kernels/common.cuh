@@ -12,6 +12,17 @@
 // compile.rs), so `#include "common.cuh"` works with no include path.
 #pragma once
 
+// ---- Which 16-bit types a compile instantiates ----
+// The tensor-core files stamp each kernel for bf16 and for f16; a backend compiles only its own
+// precision's (`-DKERNELS_F16=0` for bf16, `-DKERNELS_BF16=0` for f16: half the work of the
+// slowest modules, the user's cold start). A compile that defines neither gets both.
+#ifndef KERNELS_BF16
+#define KERNELS_BF16 1
+#endif
+#ifndef KERNELS_F16
+#define KERNELS_F16 1
+#endif
+
 // ---- 16-bit storage types ----
 // Plain bit patterns: arithmetic is always done in float (or in mma instructions on packed pairs).
 struct __align__(2) f16 {

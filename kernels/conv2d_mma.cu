@@ -384,29 +384,34 @@ __device__ __forceinline__ void conv2d_mma(const InT* __restrict__ a, const InT*
                                                              p);                                            \
     }
 
+// One block per 16-bit type (a backend compiles its own only: KERNELS_BF16/KERNELS_F16 in common.cuh).
+// The wide tile is for the cp.async loaders only (the big grids; gather and split-K launches are small).
+#if KERNELS_BF16
 CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, bf16, bf16, bf16, bf16, bf16, bf16)
 CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, bf16, bf16, bf16, bf16, f32, float)
-CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, f16, f16, f16, f16, f16, f16)
-CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, f16, f16, f16, f16, f32, float)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, bf16, bf16, bf16, bf16, bf16, bf16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, bf16, bf16, bf16, bf16, f32, float)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, bf16, bf16, bf16, bf16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, bf16, bf16, f32, float)
+CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, bf16, bf16, bf16, bf16, bf16, bf16)
+CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, bf16, bf16, bf16, bf16, f32, float)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16)
+CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16)
+#endif
+#if KERNELS_F16
+CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, f16, f16, f16, f16, f16, f16)
+CONV_MMA_ENTRY(conv2d_mma, true, NarrowTile, f16, f16, f16, f16, f32, float)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f16, f16, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f16, f16, f16, f16, f32, float)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_gather, false, NarrowTile, f32, float, f16, f16, f32, float)
-// The wide tile for the cp.async loaders only (the big grids; gather and split-K launches are small).
-CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, bf16, bf16, bf16, bf16, bf16, bf16)
-CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, bf16, bf16, bf16, bf16, f32, float)
 CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, f16, f16, f16, f16, f16, f16)
 CONV_MMA_ENTRY(conv2d_mma_wide, true, WideTile, f16, f16, f16, f16, f32, float)
-CONV_MMA_PARTIAL_ENTRY(conv2d_mma, true, bf16, bf16, bf16, bf16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma, true, f16, f16, f16, f16)
-CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, bf16, bf16, bf16, bf16)
-CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, bf16, bf16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f16, f16, f16, f16)
 CONV_MMA_PARTIAL_ENTRY(conv2d_mma_gather, false, f32, float, f16, f16)
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // The input gradient on the tensor cores: dx = (or +=) the transposed convolution of dout, the implicit
@@ -748,31 +753,35 @@ __device__ __forceinline__ void conv2d_backward_input_mma(const DoutT* __restric
                                                                                  partials, p, 0);           \
     }
 
+#if KERNELS_BF16
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f32, float, f16, f16)
-CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f32, float, f16, f16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, bf16, bf16, bf16, bf16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f32, float, f16, f16)
-CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f32, float, bf16, bf16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, bf16, bf16, bf16, bf16)
+#endif
+#if KERNELS_F16
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma, true, true, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather, false, false, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_gather_w, true, false, NarrowTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f32, float, f16, f16)
+CONV_BACKWARD_MMA_ENTRY(conv2d_backward_input_mma_wide, true, true, WideTile, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f32, float, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma, true, true, f16, f16, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f32, float, f16, f16)
+CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather, false, false, f16, f16, f16, f16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f32, float, f16, f16)
 CONV_BACKWARD_MMA_PARTIAL_ENTRY(conv2d_backward_input_mma_gather_w, true, false, f16, f16, f16, f16)
+#endif

@@ -1015,6 +1015,28 @@ fn emulator_reports_bad_calls_through_synchronize() {
     assert_eq!(b.download(&right).unwrap(), vec![2.0; 6]);
 }
 
+/// A backend compiles the tensor-core kernels of its precision's 16-bit type only: a convolution in
+/// the other one is an error naming why, not a panic, and the backend works on afterwards.
+#[test]
+fn emulator_names_the_precision_a_16_bit_kernel_needs() {
+    let b = emulator(Precision::Bf16);
+    let x = b.upload_as(&[0.5; 2 * 16 * 8 * 8], &[2, 16, 8, 8], Precision::F16).unwrap();
+    let w = b.upload_as(&[0.1; 16 * 16 * 9], &[16, 16, 3, 3], Precision::F16).unwrap();
+    let mut out = b.zeros_as(&[2, 16, 8, 8], Precision::F16).unwrap();
+    let same = Conv2dGeometry::same(1);
+    b.conv2d(LayerInput::one(&x), &w, None, same, ConvEpilogue::default(), &mut out);
+    let err = b.synchronize().unwrap_err().to_string();
+    assert!(err.contains("_f16") && err.contains("Bf16 only"), "{err}");
+    let x = b.upload(&[0.5; 2 * 16 * 8 * 8], &[2, 16, 8, 8]).unwrap();
+    let w = b.upload(&[0.1; 16 * 16 * 9], &[16, 16, 3, 3]).unwrap();
+    let mut out = b.zeros(&[2, 16, 8, 8]).unwrap();
+    b.conv2d(LayerInput::one(&x), &w, None, same, ConvEpilogue::default(), &mut out);
+    b.synchronize().unwrap();
+    // An interior pixel sums all 16 x 9 taps of 0.5 x 0.1 (each rounded to bf16).
+    let out = b.download(&out).unwrap();
+    assert!((out[4 * 8 + 4] - 7.2).abs() < 0.05, "{}", out[4 * 8 + 4]);
+}
+
 /// The backward ops check their operands before launching anything: a wrong shape is an error
 /// naming the operand, and the gradient is left as it was.
 #[test]

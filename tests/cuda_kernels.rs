@@ -21,7 +21,7 @@ use purifier::backend::cpu::CpuBackend;
 use purifier::backend::cuda::attention::{
     self, AttentionBackwardLaunch, AttentionKernels, AttentionLaunch, AttentionVersion,
 };
-use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
+use purifier::backend::cuda::compile::{nvrtc_available, HalfTypes, ImageKind, KernelCompiler};
 use purifier::backend::cuda::conv::{
     self, Conv2dBackwardInputLaunch, Conv2dKernels, Conv2dLaunch, Conv2dVersion, SplitKWorkspace, Upsampling,
 };
@@ -977,7 +977,7 @@ fn emulator_split_reduce_forms_give_the_same_bits() {
 fn emulated_conv_kernels(tensor_cores: bool) -> (EmulatedDriver, Conv2dKernels) {
     let driver = EmulatedDriver::new();
     let simt = load_ptx(&driver, "conv2d.cu");
-    let mma = tensor_cores.then(|| load_ptx(&driver, "conv2d_mma.cu"));
+    let mma = tensor_cores.then(|| (load_ptx(&driver, "conv2d_mma.cu"), HalfTypes::Both));
     let kernels = Conv2dKernels::load(&driver, simt, mma).unwrap();
     (driver, kernels)
 }
@@ -986,7 +986,7 @@ fn emulated_conv_kernels(tensor_cores: bool) -> (EmulatedDriver, Conv2dKernels) 
 fn emulated_attention_kernels(tensor_cores: bool) -> (EmulatedDriver, AttentionKernels) {
     let driver = EmulatedDriver::new();
     let simt = load_ptx(&driver, "attention.cu");
-    let mma = tensor_cores.then(|| load_ptx(&driver, "attention_mma.cu"));
+    let mma = tensor_cores.then(|| (load_ptx(&driver, "attention_mma.cu"), HalfTypes::Both));
     let kernels = AttentionKernels::load(&driver, simt, mma).unwrap();
     (driver, kernels)
 }

@@ -4,11 +4,13 @@
 //! - the PTX targets the architecture;
 //! - for the files whose launchers name their kernels (conv, attention): every name is an entry,
 //!   and every entry is a name the launchers use (so every kernel is one the emulator checks run);
-//! - ptxas's registers and spills for every kernel, printed, and no spill in a kernel marked hot.
+//! - ptxas's registers and spills for every kernel, printed, and no spill in a kernel marked hot;
+//! - a backend's compile of the tensor-core files (its precision's 16-bit type only) has exactly
+//!   that type's kernels.
 //!
 //! Needs NVRTC (LD_LIBRARY_PATH with libnvrtc.so.13): CI installs it; without it the test fails,
 //! naming what is missing.
-use purifier::backend::cuda::compile::{nvrtc_available, ImageKind, KernelCompiler};
+use purifier::backend::cuda::compile::{nvrtc_available, HalfTypes, ImageKind, KernelCompiler};
 use purifier::backend::cuda::{attention, conv};
 use purifier::kernels::KERNEL_SOURCES;
 
@@ -94,6 +96,29 @@ fn every_kernel_file_compiles_for_sm_87() {
 #[test]
 fn every_kernel_file_compiles_for_sm_90() {
     every_kernel_file_compiles_for("sm_90");
+}
+
+/// A backend compiles the tensor-core files for its precision's 16-bit type only (half the work of
+/// a cold start): each such compile has exactly that type's kernels of the launchers' names.
+#[test]
+fn a_precisions_compile_has_exactly_its_16_bit_kernels() {
+    // The default cache: these are the images the emulator tests' bf16 and f16 backends load.
+    let compiler = KernelCompiler::new("sm_80").unwrap();
+    for (file, names) in
+        [("conv2d_mma.cu", conv::mma_kernel_names()), ("attention_mma.cu", attention::mma_kernel_names())]
+    {
+        for halves in [HalfTypes::Bf16, HalfTypes::F16] {
+            let ptx = compiler.for_halves(halves).compile_file(file, ImageKind::Ptx).unwrap();
+            let ptx = String::from_utf8(ptx).unwrap();
+            let mut entries: Vec<&str> =
+                ptx.split(".entry ").skip(1).map(|rest| rest.split('(').next().unwrap().trim()).collect();
+            entries.sort();
+            let mut expected: Vec<&str> = names.iter().map(String::as_str).filter(|n| halves.instantiates(n)).collect();
+            expected.sort();
+            assert!(!expected.is_empty() && expected.len() < names.len(), "{file} {halves:?}: {expected:?}");
+            assert_eq!(entries, expected, "{file} compiled for {halves:?}");
+        }
+    }
 }
 
 /// A PTX image (compiled for the virtual architecture, no ptxas run) is the real architecture's

@@ -3,6 +3,7 @@
 //!
 //! Written against the driver only: the CUDA backend fills an `AttentionLaunch` and calls
 //! `launch_attention`. Shapes are checked here; nothing is launched on an error.
+use super::compile::HalfTypes;
 use super::conv::SplitKWorkspace;
 use super::modules::KernelTable;
 use crate::backend::Precision;
@@ -240,8 +241,9 @@ impl AttentionLaunch {
 pub struct AttentionKernels(KernelTable);
 
 impl AttentionKernels {
-    pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<Module>) -> Result<Self> {
-        let mma = mma_module.map(|m| (m, mma_kernel_names()));
+    /// `mma_module`: the tensor-core module with the 16-bit types it was compiled for.
+    pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<(Module, HalfTypes)>) -> Result<Self> {
+        let mma = mma_module.map(|(m, halves)| (m, halves, mma_kernel_names()));
         KernelTable::load(driver, "attention", (simt_module, simt_kernel_names()), mma).map(Self)
     }
     /// Whether the tensor-core kernels are loaded.

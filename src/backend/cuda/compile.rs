@@ -11,6 +11,7 @@
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::{Path, PathBuf};
 
+use crate::backend::Precision;
 use crate::error::{Error, Result};
 use crate::kernels::KERNEL_SOURCES;
 
@@ -28,6 +29,49 @@ pub fn kernel_headers() -> impl Iterator<Item = (&'static str, &'static str)> {
 /// Compile options shared by every module (no fast math: the kernels are checked against an f32
 /// reference at 1e-5).
 const BASE_OPTIONS: &[&str] = &["-std=c++17", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=true"];
+
+/// Which 16-bit types' kernels a compile stamps out (`KERNELS_BF16` / `KERNELS_F16` in
+/// common.cuh): the tensor-core files instantiate every kernel for bf16 and for f16, and a backend
+/// needs its precision's only, so it compiles half their code (the slowest modules: a user's cold
+/// start waits for them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HalfTypes {
+    Both,
+    Bf16,
+    F16,
+}
+
+impl HalfTypes {
+    /// What a backend of `precision` compiles: its own 16-bit type's kernels; both for f32, whose
+    /// networks use no tensor-core kernel but whose callers may still hand it 16-bit tensors.
+    pub fn for_precision(precision: Precision) -> Self {
+        match precision {
+            Precision::Bf16 => HalfTypes::Bf16,
+            Precision::F16 => HalfTypes::F16,
+            Precision::F32 => HalfTypes::Both,
+        }
+    }
+
+    /// NVRTC's defines for it (none: common.cuh's default, both).
+    fn defines(self) -> &'static [&'static str] {
+        match self {
+            HalfTypes::Both => &[],
+            HalfTypes::Bf16 => &["-DKERNELS_F16=0"],
+            HalfTypes::F16 => &["-DKERNELS_BF16=0"],
+        }
+    }
+
+    /// Whether a compile of these types has kernel `name` (named `..._bf16...` or `..._f16...`
+    /// like every 16-bit kernel of kernels/; a name with neither is in every compile).
+    pub fn instantiates(self, name: &str) -> bool {
+        let has = |t: &str| name.split('_').any(|part| part == t);
+        match self {
+            HalfTypes::Both => true,
+            HalfTypes::Bf16 => !has("f16"),
+            HalfTypes::F16 => !has("bf16"),
+        }
+    }
+}
 
 /// What NVRTC produces for a module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +151,8 @@ pub struct KernelCompiler {
     /// with a CUDA driver): false for a compile that must really run, a cold start being timed
     /// (on the H200 such "compiles" took 0.2 s for a module ptxas needs a minute for).
     nvrtc_cache: bool,
+    /// The 16-bit types whose kernels it compiles.
+    halves: HalfTypes,
     /// False for a backend that only sizes plans (`CudaBackend::sizing`): no NVRTC is needed.
     enabled: bool,
 }
@@ -119,6 +165,7 @@ impl KernelCompiler {
             nvrtc_version: nvrtc_version()?,
             cache_dir: default_cache_dir(),
             nvrtc_cache: true,
+            halves: HalfTypes::Both,
             enabled: true,
         })
     }
@@ -126,7 +173,14 @@ impl KernelCompiler {
     /// A compiler that compiles nothing (each call is an error): for a backend that runs no
     /// kernels, so it works where NVRTC is missing.
     pub fn disabled(arch: &str) -> Self {
-        Self { arch: arch.to_string(), nvrtc_version: (0, 0), cache_dir: None, nvrtc_cache: false, enabled: false }
+        Self {
+            arch: arch.to_string(),
+            nvrtc_version: (0, 0),
+            cache_dir: None,
+            nvrtc_cache: false,
+            halves: HalfTypes::Both,
+            enabled: false,
+        }
     }
 
     /// The same with an explicit cache folder (`None`: no disk cache).
@@ -136,6 +190,7 @@ impl KernelCompiler {
             nvrtc_version: nvrtc_version()?,
             cache_dir,
             nvrtc_cache: true,
+            halves: HalfTypes::Both,
             enabled: true,
         })
     }
@@ -144,6 +199,15 @@ impl KernelCompiler {
     /// compiles (the benchmark's cold start).
     pub fn uncached(&self) -> Self {
         Self { cache_dir: None, nvrtc_cache: false, ..self.clone() }
+    }
+
+    /// The same compiler for the kernels of `halves` only (a backend's: `HalfTypes::for_precision`).
+    pub fn for_halves(&self, halves: HalfTypes) -> Self {
+        Self { halves, ..self.clone() }
+    }
+
+    pub fn halves(&self) -> HalfTypes {
+        self.halves
     }
 
     pub fn arch(&self) -> &str {
@@ -197,9 +261,10 @@ impl KernelCompiler {
     }
 
     /// `<file stem>-<source hash>-<arch>-nvrtc<major>.<minor>.<ptx|cubin>`; the hash covers the
-    /// source, every header (name and text: editing any header recompiles) and the options.
+    /// source, every header (name and text: editing any header recompiles) and the options (the
+    /// 16-bit types' defines included).
     fn cache_key(&self, name: &str, source: &str, kind: ImageKind) -> String {
-        let hash = source_hash(source, kernel_headers());
+        let hash = source_hash(source, kernel_headers(), self.halves.defines());
         let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
         let (major, minor) = self.nvrtc_version;
         format!("{stem}-{hash:032x}-{}-nvrtc{major}.{minor}.{}", self.arch, kind.extension())
@@ -230,7 +295,8 @@ impl KernelCompiler {
     /// NVRTC's options for `--gpu-architecture=arch`: the base ones, `extra`, and `--no-cache`
     /// where NVRTC's own cache must not answer (an option NVRTC has had since 12.9).
     fn options(&self, arch: &str, extra: &[&str]) -> Vec<String> {
-        let mut options: Vec<String> = BASE_OPTIONS.iter().chain(extra).map(|o| o.to_string()).collect();
+        let mut options: Vec<String> =
+            BASE_OPTIONS.iter().chain(self.halves.defines()).chain(extra).map(|o| o.to_string()).collect();
         if !self.nvrtc_cache && self.nvrtc_version >= (12, 9) {
             options.push("--no-cache".into());
         }
@@ -338,8 +404,9 @@ fn parse_ptxas_report(log: &str) -> std::result::Result<Vec<KernelResources>, St
     }
 }
 
-/// The hash of what NVRTC compiles: the source, each header's name and text, the options.
-fn source_hash<'a>(source: &str, headers: impl Iterator<Item = (&'a str, &'a str)>) -> u128 {
+/// The hash of what NVRTC compiles: the source, each header's name and text, the options (the base
+/// ones and `defines`).
+fn source_hash<'a>(source: &str, headers: impl Iterator<Item = (&'a str, &'a str)>, defines: &[&str]) -> u128 {
     let mut hash = Fnv128::new();
     hash.write(source.as_bytes());
     for (name, text) in headers {
@@ -349,6 +416,10 @@ fn source_hash<'a>(source: &str, headers: impl Iterator<Item = (&'a str, &'a str
     }
     hash.write(b"\0");
     hash.write(BASE_OPTIONS.join(" ").as_bytes());
+    for define in defines {
+        hash.write(b" ");
+        hash.write(define.as_bytes());
+    }
     hash.finish()
 }
 
@@ -502,16 +573,20 @@ mod tests {
         let headers: Vec<(&str, &str)> = kernel_headers().collect();
         let names: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();
         assert!(names.contains(&"common.cuh") && names.contains(&"conv_common.cuh"), "{names:?}");
-        let base = source_hash("k", headers.iter().copied());
+        let base = source_hash("k", headers.iter().copied(), &[]);
         for i in 0..headers.len() {
             let text = format!("{}\n// edited", headers[i].1);
             let mut edited: Vec<(&str, &str)> = headers.clone();
             edited[i].1 = &text;
-            assert_ne!(source_hash("k", edited.into_iter()), base, "editing {} keeps the hash", headers[i].0);
+            assert_ne!(source_hash("k", edited.into_iter(), &[]), base, "editing {} keeps the hash", headers[i].0);
         }
         let fewer = headers[..headers.len() - 1].iter().copied();
-        assert_ne!(source_hash("k", fewer), base, "a header less keeps the hash");
-        assert_ne!(source_hash("k2", headers.iter().copied()), base);
+        assert_ne!(source_hash("k", fewer, &[]), base, "a header less keeps the hash");
+        assert_ne!(source_hash("k2", headers.iter().copied(), &[]), base);
+        // Each compile of a subset of the 16-bit kernels is an entry of its own.
+        let bf16 = source_hash("k", headers.iter().copied(), HalfTypes::Bf16.defines());
+        let f16 = source_hash("k", headers.iter().copied(), HalfTypes::F16.defines());
+        assert!(bf16 != base && f16 != base && bf16 != f16);
     }
 
     #[test]
@@ -546,6 +621,7 @@ mod tests {
             nvrtc_version,
             cache_dir: None,
             nvrtc_cache: true,
+            halves: HalfTypes::Both,
             enabled: true,
         };
         let no_cache = |c: &KernelCompiler| c.options("sm_90", &[]).iter().any(|o| o == "--no-cache");
@@ -557,6 +633,20 @@ mod tests {
         let options = compiler((13, 0)).uncached().options("sm_90", &["-v"]);
         assert_eq!(options.last().map(String::as_str), Some("--gpu-architecture=sm_90"));
         assert!(options.iter().any(|o| o == "-v") && options.iter().any(|o| o == "-std=c++17"));
+    }
+
+    #[test]
+    fn a_compile_for_one_16_bit_type_has_that_types_kernels_only() {
+        assert_eq!(HalfTypes::for_precision(Precision::Bf16), HalfTypes::Bf16);
+        assert_eq!(HalfTypes::for_precision(Precision::F16), HalfTypes::F16);
+        assert_eq!(HalfTypes::for_precision(Precision::F32), HalfTypes::Both);
+        let names = ["conv2d_mma_gather_f32_bf16_f32", "conv2d_mma_f16_f16_f16", "attention_mma_bf16_64", "peak"];
+        let kept = |h: HalfTypes| names.iter().filter(|n| h.instantiates(n)).copied().collect::<Vec<_>>();
+        assert_eq!(kept(HalfTypes::Both), names);
+        assert_eq!(kept(HalfTypes::Bf16), ["conv2d_mma_gather_f32_bf16_f32", "attention_mma_bf16_64", "peak"]);
+        assert_eq!(kept(HalfTypes::F16), ["conv2d_mma_f16_f16_f16", "peak"]);
+        let bf16_only = KernelCompiler::disabled("sm_90").for_halves(HalfTypes::Bf16);
+        assert!(bf16_only.options("sm_90", &[]).iter().any(|o| o == "-DKERNELS_F16=0"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! levels) runs with its K loop cut into slices (`split_k_slices`), partial sums in the backend's
 //! workspace (`SplitKWorkspace`), and a reduction kernel that adds them in a fixed order and applies
 //! the epilogue; `plan_conv2d` / `plan_conv2d_backward_input` say what a launch runs.
+use super::compile::HalfTypes;
 use super::modules::KernelTable;
 use crate::backend::{Conv2dGeometry, Precision};
 use crate::driver::{DevicePtr, Driver, Function, KernelArgs, LaunchConfig, Module};
@@ -613,8 +614,9 @@ pub const MMA_HOT_KERNELS: &[&str] = &[
 pub struct Conv2dKernels(KernelTable);
 
 impl Conv2dKernels {
-    pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<Module>) -> Result<Self> {
-        let mma = mma_module.map(|m| (m, mma_kernel_names()));
+    /// `mma_module`: the tensor-core module with the 16-bit types it was compiled for.
+    pub fn load(driver: &dyn Driver, simt_module: Module, mma_module: Option<(Module, HalfTypes)>) -> Result<Self> {
+        let mma = mma_module.map(|(m, halves)| (m, halves, mma_kernel_names()));
         KernelTable::load(driver, "conv2d", (simt_module, simt_kernel_names()), mma).map(Self)
     }
     /// Whether the tensor-core kernels are loaded.

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use self::attention::{AttentionKernels, AttentionLaunch};
-use self::compile::{ImageKind, KernelCompiler};
+use self::compile::{HalfTypes, ImageKind, KernelCompiler};
 use self::conv::{Conv2dKernels, Conv2dLaunch, SplitKWorkspace, Upsampling};
 use self::modules::KernelModules;
 use self::tensor::{decode, encode, from_storage_order, to_storage_order};
@@ -134,6 +134,8 @@ impl CudaBackend {
         image: ImageKind,
     ) -> Result<Self> {
         crate::switches::check()?;
+        // Its precision's tensor-core kernels only: half the NVRTC work of a cold start.
+        let compiler = compiler.for_halves(HalfTypes::for_precision(precision));
         let memory = Arc::new(DeviceMemory::default());
         // Three floats per (sample, group, chunk), then the backward's two means per (sample, group).
         let groupnorm_partials = allocate(&driver, &memory, &[GROUPNORM_PARTIALS * 5], Precision::F32)?;
@@ -247,7 +249,7 @@ impl CudaBackend {
         }
         let simt = self.modules.module("conv2d.cu")?;
         let mma = self.modules.module("conv2d_mma.cu")?;
-        let kernels = Conv2dKernels::load(self.driver.as_ref(), simt, Some(mma))?;
+        let kernels = Conv2dKernels::load(self.driver.as_ref(), simt, Some((mma, self.modules.compiler().halves())))?;
         Ok(self.conv.get_or_init(|| kernels))
     }
 
@@ -265,7 +267,8 @@ impl CudaBackend {
         }
         let simt = self.modules.module("attention.cu")?;
         let mma = self.modules.module("attention_mma.cu")?;
-        let kernels = AttentionKernels::load(self.driver.as_ref(), simt, Some(mma))?;
+        let kernels =
+            AttentionKernels::load(self.driver.as_ref(), simt, Some((mma, self.modules.compiler().halves())))?;
         Ok(self.attention.get_or_init(|| kernels))
     }
 

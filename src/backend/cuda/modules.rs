@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::compile::{kernel_files, ImageKind, KernelCompiler};
+use super::compile::{kernel_files, HalfTypes, ImageKind, KernelCompiler};
 use crate::driver::{Driver, Function, Module, ModuleImage};
 use crate::error::{Error, Result};
 
@@ -180,12 +180,13 @@ impl KernelModules {
 
 /// The functions of one op family's kernel files, looked up once by name: the SIMT module's
 /// always, the tensor-core module's when it is given (the backend always loads it; tests may load
-/// the SIMT module alone).
+/// the SIMT module alone), of the 16-bit types it was compiled for.
 pub struct KernelTable {
     /// For messages: "conv2d", "attention".
     family: &'static str,
     functions: Vec<(String, Function)>,
-    tensor_cores: bool,
+    /// The tensor-core module's 16-bit types; `None`: not loaded.
+    tensor_cores: Option<HalfTypes>,
 }
 
 impl KernelTable {
@@ -193,9 +194,12 @@ impl KernelTable {
         driver: &dyn Driver,
         family: &'static str,
         simt: (Module, Vec<String>),
-        mma: Option<(Module, Vec<String>)>,
+        mma: Option<(Module, HalfTypes, Vec<String>)>,
     ) -> Result<Self> {
-        let tensor_cores = mma.is_some();
+        let tensor_cores = mma.as_ref().map(|(_, halves, _)| *halves);
+        let mma = mma.map(|(module, halves, names)| {
+            (module, names.into_iter().filter(|name| halves.instantiates(name)).collect())
+        });
         let mut functions = Vec::new();
         for (module, names) in std::iter::once(simt).chain(mma) {
             for name in names {
@@ -208,20 +212,20 @@ impl KernelTable {
 
     /// Whether the tensor-core kernels are loaded.
     pub fn has_tensor_cores(&self) -> bool {
-        self.tensor_cores
+        self.tensor_cores.is_some()
     }
 
     pub fn get(&self, name: &str) -> Result<Function> {
         self.functions.iter().find(|(n, _)| n == name).map(|(_, f)| *f).ok_or_else(|| {
-            Error::invalid(format!(
-                "{}: kernel `{name}` is not loaded{}",
-                self.family,
-                if self.tensor_cores {
-                    String::new()
-                } else {
-                    format!(" ({}_mma.cu, the tensor-core module, was not loaded)", self.family)
-                }
-            ))
+            let why = match self.tensor_cores {
+                None => format!(" ({}_mma.cu, the tensor-core module, was not loaded)", self.family),
+                Some(halves) if !halves.instantiates(name) => format!(
+                    " (this backend compiled the tensor-core kernels of {halves:?} only: a tensor of the \
+                     other 16-bit type needs a backend of that precision)"
+                ),
+                Some(_) => String::new(),
+            };
+            Error::invalid(format!("{}: kernel `{name}` is not loaded{why}", self.family))
         })
     }
 }
