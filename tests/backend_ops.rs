@@ -1026,7 +1026,7 @@ fn emulator_names_the_precision_a_16_bit_kernel_needs() {
     let same = Conv2dGeometry::same(1);
     b.conv2d(LayerInput::one(&x), &w, None, same, ConvEpilogue::default(), &mut out);
     let err = b.synchronize().unwrap_err().to_string();
-    assert!(err.contains("_f16") && err.contains("Bf16 only"), "{err}");
+    assert!(err.contains("_f16") && err.contains("bf16 only"), "{err}");
     let x = b.upload(&[0.5; 2 * 16 * 8 * 8], &[2, 16, 8, 8]).unwrap();
     let w = b.upload(&[0.1; 16 * 16 * 9], &[16, 16, 3, 3]).unwrap();
     let mut out = b.zeros(&[2, 16, 8, 8]).unwrap();

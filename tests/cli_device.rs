@@ -391,6 +391,14 @@ fn bench_on_the_emulator_times_issued_and_replayed_passes() {
         assert!(f["image_bytes"].as_u64().unwrap() > 0, "{f}");
     }
     assert!(kernels["warm_s"].as_f64().unwrap() > 0.0 && report["start_up"]["first_forward_s"].as_f64().unwrap() > 0.0);
+    // Cold: the files compiled side by side, as a first run does: the wall time is at least the
+    // slowest file's and at most all of them one after another.
+    let compile_s: Vec<f64> = files.iter().map(|f| f["nvrtc_compile_s"].as_f64().unwrap()).collect();
+    let wall = kernels["cold_compile_wall_s"].as_f64().unwrap();
+    let sum: f64 = compile_s.iter().sum();
+    assert!(compile_s.iter().all(|&s| s <= wall) && wall <= sum + 0.5, "{kernels}");
+    assert!((kernels["compile_sum_s"].as_f64().unwrap() - sum).abs() < 1e-9, "{kernels}");
+    assert!(kernels["compile_workers"].as_u64().unwrap() >= 1 && kernels["cold_s"].as_f64().unwrap() >= wall);
     // The CUDA backend counts its device memory: the attack gradient's peak holds at least the plan.
     let attack = &report["attack_gradient"];
     assert!(

@@ -32,23 +32,25 @@ const BASE_OPTIONS: &[&str] = &["-std=c++17", "--ftz=false", "--prec-div=true", 
 
 /// Which 16-bit types' kernels a compile stamps out (`KERNELS_BF16` / `KERNELS_F16` in
 /// common.cuh): the tensor-core files instantiate every kernel for bf16 and for f16, and a backend
-/// needs its precision's only, so it compiles half their code (the slowest modules: a user's cold
-/// start waits for them).
+/// needs its precision's only (the model code makes every activation and weight in the backend's
+/// precision), so it compiles half their code, or none of it for f32: they are the slowest modules,
+/// and a user's cold start waits for them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HalfTypes {
     Both,
     Bf16,
     F16,
+    /// Neither: an f32 backend's (its networks' tensors are all f32, on the SIMT kernels).
+    Neither,
 }
 
 impl HalfTypes {
-    /// What a backend of `precision` compiles: its own 16-bit type's kernels; both for f32, whose
-    /// networks use no tensor-core kernel but whose callers may still hand it 16-bit tensors.
+    /// What a backend of `precision` compiles: its own 16-bit type's kernels, none for f32.
     pub fn for_precision(precision: Precision) -> Self {
         match precision {
             Precision::Bf16 => HalfTypes::Bf16,
             Precision::F16 => HalfTypes::F16,
-            Precision::F32 => HalfTypes::Both,
+            Precision::F32 => HalfTypes::Neither,
         }
     }
 
@@ -58,6 +60,7 @@ impl HalfTypes {
             HalfTypes::Both => &[],
             HalfTypes::Bf16 => &["-DKERNELS_F16=0"],
             HalfTypes::F16 => &["-DKERNELS_BF16=0"],
+            HalfTypes::Neither => &["-DKERNELS_BF16=0", "-DKERNELS_F16=0"],
         }
     }
 
@@ -69,7 +72,19 @@ impl HalfTypes {
             HalfTypes::Both => true,
             HalfTypes::Bf16 => !has("f16"),
             HalfTypes::F16 => !has("bf16"),
+            HalfTypes::Neither => !has("f16") && !has("bf16"),
         }
+    }
+}
+
+impl std::fmt::Display for HalfTypes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HalfTypes::Both => "bf16 and f16",
+            HalfTypes::Bf16 => "bf16 only",
+            HalfTypes::F16 => "f16 only",
+            HalfTypes::Neither => "none (an f32 backend)",
+        })
     }
 }
 
@@ -639,12 +654,13 @@ mod tests {
     fn a_compile_for_one_16_bit_type_has_that_types_kernels_only() {
         assert_eq!(HalfTypes::for_precision(Precision::Bf16), HalfTypes::Bf16);
         assert_eq!(HalfTypes::for_precision(Precision::F16), HalfTypes::F16);
-        assert_eq!(HalfTypes::for_precision(Precision::F32), HalfTypes::Both);
+        assert_eq!(HalfTypes::for_precision(Precision::F32), HalfTypes::Neither);
         let names = ["conv2d_mma_gather_f32_bf16_f32", "conv2d_mma_f16_f16_f16", "attention_mma_bf16_64", "peak"];
         let kept = |h: HalfTypes| names.iter().filter(|n| h.instantiates(n)).copied().collect::<Vec<_>>();
         assert_eq!(kept(HalfTypes::Both), names);
         assert_eq!(kept(HalfTypes::Bf16), ["conv2d_mma_gather_f32_bf16_f32", "attention_mma_bf16_64", "peak"]);
         assert_eq!(kept(HalfTypes::F16), ["conv2d_mma_f16_f16_f16", "peak"]);
+        assert_eq!(kept(HalfTypes::Neither), ["peak"]);
         let bf16_only = KernelCompiler::disabled("sm_90").for_halves(HalfTypes::Bf16);
         assert!(bf16_only.options("sm_90", &[]).iter().any(|o| o == "-DKERNELS_F16=0"));
     }

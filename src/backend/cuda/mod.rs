@@ -867,11 +867,12 @@ impl Backend for CudaBackend {
         let compiler = self.modules.compiler();
         let kind = self.modules.kind();
         let seconds = |started: Instant| started.elapsed().as_secs_f64();
+        let names: Vec<&'static str> = compile::kernel_files().collect();
+        // Cold: compiled from source with no cache, side by side as a first run compiles them.
+        let cold = modules::compile_side_by_side(&compiler.uncached(), kind, &names);
         let mut files = Vec::new();
-        for file in compile::kernel_files() {
-            let started = Instant::now();
-            let image = compiler.uncached().compile_file(file, kind)?;
-            let compile_s = seconds(started);
+        for (file, (image, compile_s)) in names.into_iter().zip(cold.files) {
+            let image = image?;
             // The warm start reads what a first run stored (stored here if this is the first run).
             if compiler.cached_file(file, kind)?.is_none() {
                 compiler.cache_file(file, kind, &image)?;
@@ -890,7 +891,7 @@ impl Backend for CudaBackend {
                 image_bytes: image.len(),
             });
         }
-        Ok(Some(KernelStartUp { files }))
+        Ok(Some(KernelStartUp { files, cold_compile_wall_s: cold.wall_s, compile_workers: cold.workers }))
     }
 
     fn zeros_as(&self, shape: &[usize], dtype: Precision) -> Result<CudaTensor> {

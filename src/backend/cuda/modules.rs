@@ -71,6 +71,50 @@ impl Background {
     }
 }
 
+/// How many files a first run compiles at once: as many as the host has cores.
+fn compile_workers(files: usize) -> usize {
+    files.min(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Orders a queue that workers pop from the end: the tensor-core modules, the slowest to compile,
+/// sorted last, go first.
+fn sort_for_popping(queue: &mut [&'static str]) {
+    queue.sort_by_key(|f| f.contains("_mma"));
+}
+
+/// What `compile_side_by_side` measured: each file's image and compile seconds (in `files`' order),
+/// the wall-clock seconds of the whole, and how many files were compiled at once.
+pub struct SideBySide {
+    pub files: Vec<(Result<Vec<u8>>, f64)>,
+    pub wall_s: f64,
+    pub workers: usize,
+}
+
+/// Compiles `files` as a first run does (`KernelModules::compile_in_background`: the same order,
+/// as many at once as the host has cores), timed: a user's cold start.
+pub fn compile_side_by_side(compiler: &KernelCompiler, kind: ImageKind, files: &[&'static str]) -> SideBySide {
+    let mut queue = files.to_vec();
+    sort_for_popping(&mut queue);
+    let queue = Mutex::new(queue);
+    let results = Mutex::new(HashMap::new());
+    let workers = compile_workers(files.len());
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let Some(file) = queue.lock().unwrap().pop() else { return };
+                let compiling = std::time::Instant::now();
+                let image = compiler.compile_file(file, kind);
+                results.lock().unwrap().insert(file, (image, compiling.elapsed().as_secs_f64()));
+            });
+        }
+    });
+    let wall_s = started.elapsed().as_secs_f64();
+    let mut results = results.into_inner().unwrap();
+    let files = files.iter().map(|f| results.remove(f).expect("every queued file was compiled")).collect();
+    SideBySide { files, wall_s, workers }
+}
+
 impl KernelModules {
     /// Modules for `driver`, compiled for its architecture. `kind`: PTX for the emulator, a cubin
     /// on a GPU.
@@ -101,11 +145,9 @@ impl KernelModules {
                     && !state.finished.contains_key(f)
             })
             .collect();
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let workers = pending.len().min(cores);
-        // Popped from the end: the tensor-core modules, the slowest to compile, sorted last, go first.
+        let workers = compile_workers(pending.len());
         state.queued.extend(pending);
-        state.queued.sort_by_key(|f| f.contains("_mma"));
+        sort_for_popping(&mut state.queued);
         drop(state);
         for _ in 0..workers {
             let (background, compiler, kind) = (self.background.clone(), self.compiler.clone(), self.kind);
@@ -220,8 +262,8 @@ impl KernelTable {
             let why = match self.tensor_cores {
                 None => format!(" ({}_mma.cu, the tensor-core module, was not loaded)", self.family),
                 Some(halves) if !halves.instantiates(name) => format!(
-                    " (this backend compiled the tensor-core kernels of {halves:?} only: a tensor of the \
-                     other 16-bit type needs a backend of that precision)"
+                    " (the 16-bit types of this backend's tensor-core kernels: {halves}; a backend compiles \
+                     its own precision's, so a 16-bit tensor needs a backend of its precision)"
                 ),
                 Some(_) => String::new(),
             };
