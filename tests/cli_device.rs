@@ -70,6 +70,51 @@ fn cuda_without_a_gpu_is_one_clear_error() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
 }
 
+/// `purifier kernels` with the cache in `cache` (`None`: the cache off).
+fn kernels(args: &[&str], cache: Option<&Path>) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_purifier"))
+        .arg("kernels")
+        .args(args)
+        .env("PURIFIER_KERNEL_CACHE", cache.map_or("off".into(), |c| c.as_os_str().to_owned()))
+        .output()
+        .expect("run purifier");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// The kernels compiled ahead into the cache for a GPU that is not here (a Jetson Orin's): one cubin
+/// a file, all found cached by a second run; bad architectures and a cache that is off are one
+/// clear error each.
+#[test]
+fn kernels_compiles_ahead_for_a_gpu_that_is_not_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = std::fs::read_dir(project_path("kernels"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "cu"))
+        .count();
+    let (ok, stdout, stderr) = kernels(&["--arch", "sm_87", "--precision", "f32"], Some(dir.path()));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("kernels for sm_87") && stdout.contains(&format!("f32: {files} files ready")), "{stdout}");
+    let entries: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(entries.len(), files, "{entries:?}");
+    assert!(entries.iter().all(|e| e.contains("-sm_87-nvrtc") && e.ends_with(".cubin")), "{entries:?}");
+    let (ok, again, stderr) = kernels(&["--arch", "sm_87", "--precision", "f32"], Some(dir.path()));
+    assert!(ok && again.matches("cached already").count() == files, "{again}{stderr}");
+    for (arch, expected) in
+        [("sm_70", "need sm_80"), ("ampere", "not an architecture name"), ("sm_99", "does not compile for it")]
+    {
+        let (ok, stdout, stderr) = kernels(&["--arch", arch], Some(dir.path()));
+        assert!(!ok && stdout.is_empty() && stderr.contains(expected), "--arch {arch}: {stderr}");
+        assert!(!stderr.contains("panicked") && stderr.trim().lines().count() == 1, "{stderr}");
+    }
+    let (ok, _, stderr) = kernels(&["--arch", "sm_87"], None);
+    assert!(!ok && stderr.contains("PURIFIER_KERNEL_CACHE=off"), "{stderr}");
+    if purifier::device::cuda_backend(purifier::backend::Precision::F32).is_err() {
+        let (ok, _, stderr) = kernels(&[], Some(dir.path()));
+        assert!(!ok && stderr.contains("--arch") && !stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[test]
 fn cpu_with_half_precision_is_refused() {
     let (ok, _, stderr) = classify(&["--device", "cpu", "--precision", "bf16"]);

@@ -12,6 +12,7 @@ mod bench;
 mod classify;
 mod eps;
 mod inspect;
+mod kernels;
 mod outputs;
 mod pipeline;
 mod progress;
@@ -70,6 +71,12 @@ enum Command {
     /// Deterministic weights of --config (or --weights) and deterministic inputs; prints a table
     /// and, with --json, writes every figure.
     Bench(bench::BenchArgs),
+    /// Compile the CUDA kernels into the disk cache now, so later runs start warm.
+    ///
+    /// For the GPU here or, with --arch, one that is not (NVRTC needs no GPU: a deployment image
+    /// for a Jetson Orin is --arch sm_87); for each --precision, every kernel file side by side
+    /// as a first run compiles them, with the time each took (or that it was cached already).
+    Kernels(kernels::KernelsArgs),
 }
 
 impl Cli {
@@ -83,6 +90,7 @@ impl Cli {
             Command::Eps(args) => eps::run(&args),
             Command::Attack(args) => attack::run(&args, progress),
             Command::Bench(args) => bench::run(&args, progress),
+            Command::Kernels(args) => kernels::run(&args),
         }
     }
 }

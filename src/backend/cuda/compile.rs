@@ -141,6 +141,23 @@ fn check(status: cudarc::nvrtc::sys::nvrtcResult, what: &str) -> Result<()> {
     }
 }
 
+/// The real architectures this NVRTC compiles for, as "sm_XY" (nvrtcGetSupportedArchs).
+pub fn supported_archs() -> Result<Vec<String>> {
+    if !nvrtc_available() {
+        return Err(nvrtc_missing());
+    }
+    use cudarc::nvrtc::sys;
+    let mut count: c_int = 0;
+    // SAFETY: the library is present; a count query, then a buffer of exactly that many.
+    let archs = unsafe {
+        check(sys::nvrtcGetNumSupportedArchs(&mut count), "nvrtcGetNumSupportedArchs")?;
+        let mut archs = vec![0 as c_int; count.max(0) as usize];
+        check(sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()), "nvrtcGetSupportedArchs")?;
+        archs
+    };
+    Ok(archs.into_iter().map(|a| format!("sm_{a}")).collect())
+}
+
 /// The embedded kernel files, each one module (the headers are not).
 pub fn kernel_files() -> impl Iterator<Item = &'static str> {
     KERNEL_SOURCES.iter().map(|(name, _)| *name).filter(|name| !is_header(name))
@@ -279,7 +296,7 @@ impl KernelCompiler {
     /// source, every header (name and text: editing any header recompiles) and the options (the
     /// 16-bit types' defines included).
     fn cache_key(&self, name: &str, source: &str, kind: ImageKind) -> String {
-        let hash = source_hash(source, kernel_headers(), self.halves.defines());
+        let hash = source_hash(source, kernel_headers(), self.defines(source));
         let stem = Path::new(name).file_stem().and_then(|s| s.to_str()).unwrap_or("kernel");
         let (major, minor) = self.nvrtc_version;
         format!("{stem}-{hash:032x}-{}-nvrtc{major}.{minor}.{}", self.arch, kind.extension())
@@ -307,11 +324,23 @@ impl KernelCompiler {
         Ok(CompiledModule { ptx, cubin: program.cubin()?, kernels })
     }
 
-    /// NVRTC's options for `--gpu-architecture=arch`: the base ones, `extra`, and `--no-cache`
-    /// where NVRTC's own cache must not answer (an option NVRTC has had since 12.9).
-    fn options(&self, arch: &str, extra: &[&str]) -> Vec<String> {
+    /// The 16-bit types' defines for `source`: none for a file with no such guard, which compiles
+    /// the same for every precision (one cache entry, not one per precision).
+    fn defines(&self, source: &str) -> &'static [&'static str] {
+        let per_16_bit_type = source.contains("KERNELS_BF16") || source.contains("KERNELS_F16");
+        if per_16_bit_type {
+            self.halves.defines()
+        } else {
+            &[]
+        }
+    }
+
+    /// NVRTC's options for compiling `source` for `--gpu-architecture=arch`: the base ones, its
+    /// 16-bit types' defines, `extra`, and `--no-cache` where NVRTC's own cache must not answer
+    /// (an option NVRTC has had since 12.9).
+    fn options(&self, source: &str, arch: &str, extra: &[&str]) -> Vec<String> {
         let mut options: Vec<String> =
-            BASE_OPTIONS.iter().chain(self.halves.defines()).chain(extra).map(|o| o.to_string()).collect();
+            BASE_OPTIONS.iter().chain(self.defines(source)).chain(extra).map(|o| o.to_string()).collect();
         if !self.nvrtc_cache && self.nvrtc_version >= (12, 9) {
             options.push("--no-cache".into());
         }
@@ -332,7 +361,7 @@ impl KernelCompiler {
         let header_names_c: Vec<CString> =
             kernel_headers().map(|(header_name, _)| cstr(header_name, "header name")).collect::<Result<_>>()?;
         let options: Vec<CString> =
-            self.options(arch, extra).iter().map(|o| cstr(o, "option")).collect::<Result<_>>()?;
+            self.options(source, arch, extra).iter().map(|o| cstr(o, "option")).collect::<Result<_>>()?;
         let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
 
         let mut program: sys::nvrtcProgram = std::ptr::null_mut();
@@ -639,13 +668,13 @@ mod tests {
             halves: HalfTypes::Both,
             enabled: true,
         };
-        let no_cache = |c: &KernelCompiler| c.options("sm_90", &[]).iter().any(|o| o == "--no-cache");
+        let no_cache = |c: &KernelCompiler| c.options("k", "sm_90", &[]).iter().any(|o| o == "--no-cache");
         assert!(!no_cache(&compiler((13, 0))), "a normal compile may use NVRTC's cache");
         assert!(no_cache(&compiler((13, 0)).uncached()), "the cold start must really compile");
         assert!(no_cache(&compiler((12, 9)).uncached()));
         // NVRTC before 12.9 has neither the cache nor the option (it would refuse it).
         assert!(!no_cache(&compiler((12, 8)).uncached()));
-        let options = compiler((13, 0)).uncached().options("sm_90", &["-v"]);
+        let options = compiler((13, 0)).uncached().options("k", "sm_90", &["-v"]);
         assert_eq!(options.last().map(String::as_str), Some("--gpu-architecture=sm_90"));
         assert!(options.iter().any(|o| o == "-v") && options.iter().any(|o| o == "-std=c++17"));
     }
@@ -661,8 +690,21 @@ mod tests {
         assert_eq!(kept(HalfTypes::Bf16), ["conv2d_mma_gather_f32_bf16_f32", "attention_mma_bf16_64", "peak"]);
         assert_eq!(kept(HalfTypes::F16), ["conv2d_mma_f16_f16_f16", "peak"]);
         assert_eq!(kept(HalfTypes::Neither), ["peak"]);
+        // The defines go to the files that stamp per 16-bit type only: the others compile (and are
+        // cached) once for every precision.
         let bf16_only = KernelCompiler::disabled("sm_90").for_halves(HalfTypes::Bf16);
-        assert!(bf16_only.options("sm_90", &[]).iter().any(|o| o == "-DKERNELS_F16=0"));
+        let guarded = "#if KERNELS_BF16\n#endif";
+        assert!(bf16_only.options(guarded, "sm_90", &[]).iter().any(|o| o == "-DKERNELS_F16=0"));
+        assert!(!bf16_only.options("plain", "sm_90", &[]).iter().any(|o| o.starts_with("-D")));
+        let both = KernelCompiler::disabled("sm_90");
+        assert_eq!(
+            bf16_only.cache_key("a.cu", "plain", ImageKind::Ptx),
+            both.cache_key("a.cu", "plain", ImageKind::Ptx)
+        );
+        assert_ne!(
+            bf16_only.cache_key("a.cu", guarded, ImageKind::Ptx),
+            both.cache_key("a.cu", guarded, ImageKind::Ptx)
+        );
     }
 
     #[test]
