@@ -236,18 +236,29 @@ extern "C" __global__ void constrain_guidance(void* delta, int dt_d, const void*
         store_dyn(delta, dt_d, base + j, load_dyn(delta, dt_d, base + j) * factor);
 }
 
-// p = softmax(z) of one row, in f64 as src/backend/cpu/elementwise.rs computes it.
-__device__ void softmax_row(const void* logits, int dt_l, long long row, int classes, double* p) {
+// The softmax of one row, in f64 as src/backend/cpu/elementwise.rs computes it: its max and the sum
+// of exp(z - max) here, and each p_j = exp(z_j - max) / sum recomputed where it is used (a p[classes]
+// array would be thread-local memory, which the driver reserves for every thread the GPU can hold:
+// 8 KB each for 1000 classes, gigabytes on a large GPU).
+struct SoftmaxRow {
+    double max, sum;
+};
+
+__device__ SoftmaxRow softmax_row(const void* logits, int dt_l, long long row, int classes) {
     double max = -1e300;
     for (int j = 0; j < classes; ++j) max = fmax(max, (double)load_dyn(logits, dt_l, row * classes + j));
     double sum = 0.0;
     for (int j = 0; j < classes; ++j) sum += exp((double)load_dyn(logits, dt_l, row * classes + j) - max);
-    for (int j = 0; j < classes; ++j) p[j] = exp((double)load_dyn(logits, dt_l, row * classes + j) - max) / sum;
+    return {max, sum};
+}
+
+__device__ double softmax_at(SoftmaxRow s, const void* logits, int dt_l, long long row, int classes, int j) {
+    return exp((double)load_dyn(logits, dt_l, row * classes + j) - s.max) / s.sum;
 }
 
 // dlogits[n] = lambda_c (onehot(y) - softmax(z)) and dfeatures = -2 lambda_f (f - f_ref) / F; one
-// thread per sample (classes <= 1000). A label that is not a class index writes NaN: the host
-// checks labels when it uploads them.
+// thread per sample. A label that is not a class index writes NaN: the host checks labels when it
+// uploads them.
 extern "C" __global__ void guidance_objective_grad(const void* features, int dt_f, const void* reference, int dt_r,
                                                    const void* logits, int dt_l, const float* labels, float lambda_f,
                                                    float lambda_c, void* dfeatures, int dt_df, void* dlogits,
@@ -256,21 +267,23 @@ extern "C" __global__ void guidance_objective_grad(const void* features, int dt_
     GRID_STRIDE_LOOP(i, (long long)batch * feature_len)
     store_dyn(dfeatures, dt_df, i, scale * (load_dyn(features, dt_f, i) - load_dyn(reference, dt_r, i)));
     GRID_STRIDE_LOOP(n, batch) {
-        double p[1000];
-        softmax_row(logits, dt_l, n, classes, p);
+        const SoftmaxRow s = softmax_row(logits, dt_l, n, classes);
         const int y = (int)labels[n];
-        for (int j = 0; j < classes; ++j)
-            store_dyn(dlogits, dt_dl, n * classes + j, lambda_c * ((j == y ? 1.0f : 0.0f) - (float)p[j]));
+        for (int j = 0; j < classes; ++j) {
+            const float p = (float)softmax_at(s, logits, dt_l, n, classes, j);
+            store_dyn(dlogits, dt_dl, n * classes + j, lambda_c * ((j == y ? 1.0f : 0.0f) - p));
+        }
     }
 }
 
 extern "C" __global__ void cross_entropy_grad(const void* logits, int dt_l, const float* labels, void* dlogits,
                                               int dt_dl, int batch, int classes) {
     GRID_STRIDE_LOOP(n, batch) {
-        double p[1000];
-        softmax_row(logits, dt_l, n, classes, p);
+        const SoftmaxRow s = softmax_row(logits, dt_l, n, classes);
         const int y = (int)labels[n];
-        for (int j = 0; j < classes; ++j)
-            store_dyn(dlogits, dt_dl, n * classes + j, (float)p[j] - (j == y ? 1.0f : 0.0f));
+        for (int j = 0; j < classes; ++j) {
+            const float p = (float)softmax_at(s, logits, dt_l, n, classes, j);
+            store_dyn(dlogits, dt_dl, n * classes + j, p - (j == y ? 1.0f : 0.0f));
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! - the PTX targets the architecture;
 //! - for the files whose launchers name their kernels (conv, attention): every name is an entry,
 //!   and every entry is a name the launchers use (so every kernel is one the emulator checks run);
-//! - ptxas's registers and spills for every kernel, printed, and no spill in a kernel marked hot;
+//! - ptxas's registers, stack frame and spills for every kernel and every function left a call,
+//!   printed, no spill in a kernel marked hot or in any called function, and no frame over 1 KiB;
 //! - a backend's compile of the tensor-core files (its precision's 16-bit type only) has exactly
 //!   that type's kernels.
 //!
@@ -25,11 +26,17 @@ fn launcher_names(file: &str) -> Option<(Vec<String>, &'static [&'static str])> 
     }
 }
 
+/// The largest stack frame a kernel or called function may have. The driver reserves a kernel's
+/// frame for every thread the GPU can hold: at 1 KiB, 270 MB of an H200's memory (132 SMs x 2048
+/// threads); the guidance gradients' per-class f64 array (1000 classes, 8000 B) came to 2.2 GB so.
+const MAX_STACK_BYTES: u32 = 1024;
+
 fn every_kernel_file_compiles_for(arch: &str) {
     assert!(nvrtc_available(), "NVRTC is not loadable: put libnvrtc.so.13's folder on LD_LIBRARY_PATH");
     let compiler = KernelCompiler::with_cache_dir(arch, None).unwrap();
     let files: Vec<&str> = KERNEL_SOURCES.iter().map(|(n, _)| *n).filter(|n| n.ends_with(".cu")).collect();
     let mut spilled_hot = Vec::new();
+    let mut big_frames = Vec::new();
     for file in files {
         let started = std::time::Instant::now();
         let module = compiler.compile_file_with_report(file).unwrap_or_else(|e| panic!("{file} for {arch}: {e}"));
@@ -68,9 +75,10 @@ fn every_kernel_file_compiles_for(arch: &str) {
         for kernel in &module.kernels {
             let is_hot = hot.contains(&kernel.name.as_str());
             println!(
-                "{arch} {:<48} {:>3} registers, spill {} B stores / {} B loads{}",
+                "{arch} {:<48} {:>3} registers, stack {} B, spill {} B stores / {} B loads{}",
                 kernel.name,
                 kernel.registers,
+                kernel.stack_bytes,
                 kernel.spill_store_bytes,
                 kernel.spill_load_bytes,
                 if is_hot { "  (hot)" } else { "" }
@@ -78,9 +86,26 @@ fn every_kernel_file_compiles_for(arch: &str) {
             if is_hot && kernel.spill_store_bytes + kernel.spill_load_bytes > 0 {
                 spilled_hot.push(format!("{arch} {}", kernel.name));
             }
+            if kernel.stack_bytes > MAX_STACK_BYTES {
+                big_frames.push(format!("{arch} {}: {} B", kernel.name, kernel.stack_bytes));
+            }
+        }
+        // A function left a call (`__noinline__`) runs inside its callers, hot or not: none spills.
+        for function in &module.functions {
+            println!(
+                "{arch} {file} function {}: stack {} B, spill {} B stores / {} B loads",
+                function.name, function.stack_bytes, function.spill_store_bytes, function.spill_load_bytes
+            );
+            if function.spill_store_bytes + function.spill_load_bytes > 0 {
+                spilled_hot.push(format!("{arch} {file} function {}", function.name));
+            }
+            if function.stack_bytes > MAX_STACK_BYTES {
+                big_frames.push(format!("{arch} {file} function {}: {} B", function.name, function.stack_bytes));
+            }
         }
     }
-    assert!(spilled_hot.is_empty(), "hot kernels spill: {spilled_hot:?}");
+    assert!(spilled_hot.is_empty(), "hot kernels or called functions spill: {spilled_hot:?}");
+    assert!(big_frames.is_empty(), "stack frames over {MAX_STACK_BYTES} B a thread: {big_frames:?}");
 }
 
 #[test]

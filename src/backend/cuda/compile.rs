@@ -319,9 +319,9 @@ impl KernelCompiler {
         let ptx = String::from_utf8(program.ptx()?)
             .map_err(|_| Error::Device(format!("NVRTC's PTX of {file} is not UTF-8")))?;
         let log = program.log();
-        let kernels = parse_ptxas_report(&log)
+        let report = parse_ptxas_report(&log)
             .map_err(|e| Error::Device(format!("ptxas's report of {file} for {}: {e}\n{log}", self.arch)))?;
-        Ok(CompiledModule { ptx, cubin: program.cubin()?, kernels })
+        Ok(CompiledModule { ptx, cubin: program.cubin()?, kernels: report.kernels, functions: report.functions })
     }
 
     /// The 16-bit types' defines for `source`: none for a file with no such guard, which compiles
@@ -402,6 +402,8 @@ pub struct CompiledModule {
     pub cubin: Vec<u8>,
     /// Every kernel (entry) of the module, in ptxas's order.
     pub kernels: Vec<KernelResources>,
+    /// Every device function ptxas compiled apart (called, not inlined).
+    pub functions: Vec<FunctionResources>,
 }
 
 /// What ptxas gave one kernel.
@@ -409,42 +411,81 @@ pub struct CompiledModule {
 pub struct KernelResources {
     pub name: String,
     pub registers: u32,
+    /// Local memory for the kernel's own frame (a struct taken by reference, an indexed array).
+    pub stack_bytes: u32,
     pub spill_store_bytes: u32,
     pub spill_load_bytes: u32,
 }
 
-/// Each kernel's registers and spills from ptxas's `-v` report (its lines "Compiling entry
-/// function 'name'", "N bytes spill stores, M bytes spill loads", "Used R registers").
-fn parse_ptxas_report(log: &str) -> std::result::Result<Vec<KernelResources>, String> {
+/// What ptxas gave a device function left a call (`__noinline__`): its frame and spills (its
+/// registers count in its callers').
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FunctionResources {
+    /// The mangled name.
+    pub name: String,
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+/// ptxas's `-v` report, parsed: each kernel's and each called function's resources.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PtxasReport {
+    pub kernels: Vec<KernelResources>,
+    pub functions: Vec<FunctionResources>,
+}
+
+/// Each kernel's registers, frame and spills from ptxas's `-v` report (its lines "Compiling entry
+/// function 'name'", "Function properties for name", "S bytes stack frame, N bytes spill stores,
+/// M bytes spill loads", "Used R registers"), and the frame and spills of each function whose
+/// properties come outside a kernel's (a called function).
+fn parse_ptxas_report(log: &str) -> std::result::Result<PtxasReport, String> {
     let number_before = |line: &str, word: &str| -> std::result::Result<u32, String> {
         let at = line.find(word).ok_or_else(|| format!("no `{word}` in `{line}`"))?;
         let number = line[..at].split_whitespace().last().unwrap_or("");
         number.parse().map_err(|_| format!("`{number}` before `{word}` in `{line}` is not a count"))
     };
-    let mut kernels = Vec::new();
+    let mut report = PtxasReport { kernels: Vec::new(), functions: Vec::new() };
     let mut current: Option<KernelResources> = None;
+    let mut properties_of: Option<String> = None;
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             if let Some(unfinished) = current.take() {
                 return Err(format!("no register count for {}", unfinished.name));
             }
             let name = rest.split('\'').next().unwrap_or("").to_string();
-            current = Some(KernelResources { name, registers: 0, spill_store_bytes: 0, spill_load_bytes: 0 });
+            current =
+                Some(KernelResources { name, registers: 0, stack_bytes: 0, spill_store_bytes: 0, spill_load_bytes: 0 });
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            properties_of = Some(rest.trim().to_string());
         } else if line.contains("bytes spill stores") {
-            if let Some(kernel) = current.as_mut() {
-                kernel.spill_store_bytes = number_before(line, "bytes spill stores")?;
-                kernel.spill_load_bytes = number_before(line, "bytes spill loads")?;
+            let (stack, stores, loads) = (
+                number_before(line, "bytes stack frame")?,
+                number_before(line, "bytes spill stores")?,
+                number_before(line, "bytes spill loads")?,
+            );
+            let of = properties_of.take().ok_or_else(|| format!("`{line}` follows no `Function properties for`"))?;
+            match current.as_mut() {
+                Some(kernel) if kernel.name == of => {
+                    (kernel.stack_bytes, kernel.spill_store_bytes, kernel.spill_load_bytes) = (stack, stores, loads);
+                }
+                _ => report.functions.push(FunctionResources {
+                    name: of,
+                    stack_bytes: stack,
+                    spill_store_bytes: stores,
+                    spill_load_bytes: loads,
+                }),
             }
         } else if line.contains("Used") && line.contains("registers") {
             if let Some(mut kernel) = current.take() {
                 kernel.registers = number_before(line, "registers")?;
-                kernels.push(kernel);
+                report.kernels.push(kernel);
             }
         }
     }
     match current {
         Some(unfinished) => Err(format!("no register count for {}", unfinished.name)),
-        None => Ok(kernels),
+        None => Ok(report),
     }
 }
 
@@ -641,18 +682,24 @@ mod tests {
             ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
             ptxas info    : Used 255 registers, used 1 barriers, 444 bytes cmem[0]\n\
             ptxas info    : Compile time = 571.457 ms\n\
+            ptxas info    : Function properties for _Z6calleei\n\
+            ptxas         .     16 bytes stack frame, 0 bytes spill stores, 4 bytes spill loads\n\
             ptxas info    : Compiling entry function 'second' for 'sm_80'\n\
             ptxas info    : Function properties for second\n\
             ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
             ptxas info    : Used 32 registers, 428 bytes cmem[0]\n";
-        let kernels = parse_ptxas_report(log).unwrap();
-        let resources = |name: &str, registers, spill_store_bytes, spill_load_bytes| KernelResources {
+        let report = parse_ptxas_report(log).unwrap();
+        let resources = |name: &str, registers, stack_bytes, spill_store_bytes, spill_load_bytes| KernelResources {
             name: name.into(),
             registers,
+            stack_bytes,
             spill_store_bytes,
             spill_load_bytes,
         };
-        assert_eq!(kernels, vec![resources("first", 255, 4, 12), resources("second", 32, 0, 0)]);
+        assert_eq!(report.kernels, vec![resources("first", 255, 8, 4, 12), resources("second", 32, 0, 0, 0)]);
+        let callee =
+            FunctionResources { name: "_Z6calleei".into(), stack_bytes: 16, spill_store_bytes: 0, spill_load_bytes: 4 };
+        assert_eq!(report.functions, vec![callee]);
         // A kernel with no register line is an error, not a kernel with 0 registers.
         let cut = &log[..log.find("Used 32").unwrap()];
         assert!(parse_ptxas_report(cut).unwrap_err().contains("second"));
