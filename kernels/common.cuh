@@ -14,8 +14,8 @@
 
 // ---- Which 16-bit types a compile instantiates ----
 // The tensor-core files stamp each kernel for bf16 and for f16; a backend compiles only its own
-// precision's (`-DKERNELS_F16=0` for bf16, `-DKERNELS_BF16=0` for f16: half the work of the
-// slowest modules, the user's cold start). A compile that defines neither gets both.
+// precision's (`-DKERNELS_F16=0` for bf16, `-DKERNELS_BF16=0` for f16, both for f32: half or all of
+// the work of the slowest modules, the user's cold start). A compile that defines neither gets both.
 #ifndef KERNELS_BF16
 #define KERNELS_BF16 1
 #endif

@@ -371,7 +371,7 @@ impl KernelStartUp {
         self.cold_compile_wall_s + self.files.iter().map(|f| f.load_s).sum::<f64>()
     }
 
-    /// NVRTC's seconds summed over the files: the cold start of a host with one core, roughly.
+    /// NVRTC's seconds summed over the files (each timed beside the others).
     pub fn compile_sum_s(&self) -> f64 {
         self.files.iter().map(|f| f.compile_s).sum()
     }

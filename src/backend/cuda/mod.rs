@@ -134,7 +134,7 @@ impl CudaBackend {
         image: ImageKind,
     ) -> Result<Self> {
         crate::switches::check()?;
-        // Its precision's tensor-core kernels only: half the NVRTC work of a cold start.
+        // Its precision's tensor-core kernels only (none for f32): the slowest modules of a cold start.
         let compiler = compiler.for_halves(HalfTypes::for_precision(precision));
         let memory = Arc::new(DeviceMemory::default());
         // Three floats per (sample, group, chunk), then the backward's two means per (sample, group).
