@@ -141,35 +141,46 @@ fn purify<B: Backend>(b: &B, guidance: Guidance, x: &[f32]) -> Vec<f32> {
 /// pre-activation lies within rounding of zero, the two backends can take different branches and
 /// a few gradient elements differ by O(1) (`networks::relu_kinks` says more). On the H200 that
 /// moved one adversarial purification by 1.70e-5 (seed 918736203), 1.1e-3 of the guidance's own
-/// effect, while the same check's guided step alone agreed to 8e-7. So an adversarial guidance
-/// may also pass within `RELU_FLIP_SHARE` of its effect: a guidance off by even 1% of itself (a
-/// wrong scale, a wrong term) still fails, by a factor of 2 or more.
+/// effect, while the same check's guided step alone agreed to 8e-7; on the emulator seed 854350215
+/// moved it by 5.5e-3 of the effect, on any revision. So an adversarial guidance may also pass
+/// within `RELU_FLIP_SHARE` of its effect, and an input beyond that but within a few times it is
+/// replaced by a fresh one (said on the output), three inputs at most, as the classifier checks
+/// replace inputs at a kink: a guidance off by even 1% of itself (a wrong scale, a wrong term) fails
+/// on every input, by a factor of 2 or more.
 pub fn check_purification<B: Backend>(b: &B, guidance: Guidance, tolerance: f64) {
     const RELU_FLIP_SHARE: f64 = 5e-3;
-    let seed = seed();
-    let x = images(1, seed);
+    const INPUTS: usize = 3;
     let name = guidance.name();
     let through_relus = matches!(guidance, Guidance::Adversarial { .. });
-    let started = Instant::now();
-    let got = purify(b, guidance.clone(), &x);
-    let seconds = started.elapsed().as_secs_f64();
-    let want = purify(&CpuBackend, guidance, &x);
-    let unguided = purify(&CpuBackend, Guidance::None, &x);
-    let error = relative_l2(&got, &want);
-    let guidance_effect = relative_l2(&want, &unguided);
-    println!(
-        "{name} purification, t* = 5, batch 1, f32 on {}: {seconds:.1} s; relative L2 {error:.2e} \
-         (the guidance moved the CPU's result by {guidance_effect:.2e}: {:.1e} of it) (seed {seed})",
-        b.name(),
-        error / guidance_effect
-    );
-    assert!(guidance_effect > 100.0 * tolerance, "the guidance must matter for this check: {guidance_effect:.3e}");
-    let agrees = error < tolerance || (through_relus && error < RELU_FLIP_SHARE * guidance_effect);
-    assert!(
-        agrees,
-        "{name} purification: relative L2 {error:.3e}, {:.2e} of the guidance's effect (seed {seed})",
-        error / guidance_effect
-    );
+    let mut seed = seed();
+    for input in 1..=INPUTS {
+        let x = images(1, seed);
+        let started = Instant::now();
+        let got = purify(b, guidance.clone(), &x);
+        let seconds = started.elapsed().as_secs_f64();
+        let want = purify(&CpuBackend, guidance.clone(), &x);
+        let unguided = purify(&CpuBackend, Guidance::None, &x);
+        let error = relative_l2(&got, &want);
+        let guidance_effect = relative_l2(&want, &unguided);
+        let share = error / guidance_effect;
+        println!(
+            "{name} purification, t* = 5, batch 1, f32 on {}: {seconds:.1} s; relative L2 {error:.2e} \
+             (the guidance moved the CPU's result by {guidance_effect:.2e}: {share:.1e} of it) (seed {seed})",
+            b.name(),
+        );
+        assert!(guidance_effect > 100.0 * tolerance, "the guidance must matter for this check: {guidance_effect:.3e}");
+        if error < tolerance || (through_relus && share < RELU_FLIP_SHARE) {
+            return;
+        }
+        let flip_sized = through_relus && share < 4.0 * RELU_FLIP_SHARE;
+        assert!(
+            flip_sized && input < INPUTS,
+            "{name} purification: relative L2 {error:.3e}, {share:.2e} of the guidance's effect (seed {seed}{})",
+            if flip_sized { format!("; the last of {INPUTS} inputs") } else { String::new() }
+        );
+        println!("seed {seed}: beyond a ReLU flip's share, within a few times it: a fresh input");
+        seed = seed.wrapping_add(1000);
+    }
 }
 
 // ---- one PGD-EOT iteration through a purification ----
