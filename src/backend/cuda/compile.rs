@@ -192,14 +192,7 @@ pub struct KernelCompiler {
 impl KernelCompiler {
     /// A compiler for `arch` ("sm_80", ...) with the default cache folder. Fails if NVRTC is missing.
     pub fn new(arch: &str) -> Result<Self> {
-        Ok(Self {
-            arch: arch.to_string(),
-            nvrtc_version: nvrtc_version()?,
-            cache_dir: default_cache_dir(),
-            nvrtc_cache: true,
-            halves: HalfTypes::Both,
-            enabled: true,
-        })
+        Self::with_cache_dir(arch, default_cache_dir())
     }
 
     /// A compiler that compiles nothing (each call is an error): for a backend that runs no
