@@ -164,11 +164,14 @@ ATTENTION_FORWARD_ENTRIES(bf16, bf16)
 // order (the same bits every run), the max taken out first; out rounded once to its type (a
 // run-time code). One warp per (sample, query) row: lane z takes part z's log-sum-exp and weight
 // (32 parts at a time), the max and the weights reach every lane by shuffles, and lane l adds the
-// parts of channels l, l + 32, ... (C <= 256: at most 8), four parts' loads in flight. A thread per
-// element took every part's exp and a 64-bit division again for each: cifar10 at batch 16 (3
-// parts), 32.1 -> 6.7 us over the five in the latency model of examples/emulator_launch_depth.rs
-// (the attentions themselves 20.2), the same sums in the same order (the same bits); at batch 1
-// (4 parts, a row a warp) 3.4 -> 4.5 us. Grid-stride over the rows, 8 a block.
+// parts of channels l, l + 32, ... (C <= 256: at most 8), two parts' loads in flight (four spilled
+// 52 B on sm_90, held to 64 registers; two take 80 there, none spilled; the latency model of
+// examples/emulator_launch_depth.rs, which finds the merge bound by L2, gives cifar10 at batch 16
+// 32.0 us over the five either way). A thread per element took every part's exp and a 64-bit
+// division again for each: cifar10 at batch 16 (3 parts), 32.1 -> 6.7 us over the five in that
+// model as it was then (the attentions themselves 20.2), the same sums in the same order (the
+// same bits); at batch 1 (4 parts, a row a warp) 3.4 -> 4.5 us. Grid-stride over the rows, 8 a
+// block.
 constexpr int COMBINE_CHANNELS_PER_LANE = 8;
 extern "C" __global__ void __launch_bounds__(256)
     attention_split_combine(const float* __restrict__ partial_out, const float* __restrict__ partial_lse,
@@ -197,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(256)
             const float lane_weight = z0 + lane < splits ? expf(lse - max_lse) : 0.0f;
             const int count = min(32, splits - z0);
             const float* part = partial_out + (long long)z0 * total + (long long)row * channels;
-#pragma unroll 4
+#pragma unroll 2
             for (int i = 0; i < count; ++i, part += total) {
                 const float weight = __shfl_sync(0xffffffffu, lane_weight, i);
                 weight_sum += weight;
@@ -431,14 +434,15 @@ extern "C" __global__ void __launch_bounds__(256)
     attention_backward_split_reduce(const float* __restrict__ parts, int splits, long long slice, int channels,
                                     int grad_stride, void* dq, int dt_dq, void* dk, int dt_dk, void* dv, int dt_dv,
                                     int accumulate) {
-    void* const gradients[3] = {dq, dk, dv};
-    const int dtypes[3] = {dt_dq, dt_dk, dt_dv};
+    // Chosen by selects: an array indexed by blockIdx.y would live in a local-memory frame.
     const int y = blockIdx.y;
+    void* const gradient = y == 0 ? dq : y == 1 ? dk : dv;
+    const int dtype = y == 0 ? dt_dq : y == 1 ? dt_dk : dt_dv;
     const float* own = parts + (long long)y * splits * slice;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < slice; i += (long long)gridDim.x * blockDim.x) {
         float sum = 0.0f;
         for (int z = 0; z < splits; ++z) sum += own[z * slice + i];
         const long long row = i / channels;
-        store_grad(gradients[y], dtypes[y], row * grad_stride + (i - row * channels), sum, accumulate);
+        store_grad(gradient, dtype, row * grad_stride + (i - row * channels), sum, accumulate);
     }
 }
