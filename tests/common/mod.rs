@@ -63,7 +63,9 @@ pub fn write_untrained_unet(path: &std::path::Path, config: &purifier::model::Un
     purifier::data::tensor_file::write_safetensors(path, &tensors).unwrap();
 }
 
-/// Runs the purifier binary; returns (success, stdout, stderr).
+/// Runs the purifier binary; returns (success, stdout, stderr). (Integration tests only: their
+/// build names the binary; examples/guidance_kinks.rs shares this module without it.)
+#[cfg(test)]
 pub fn run_cli(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_purifier"))
         .args(args)
@@ -77,6 +79,7 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
 }
 
 /// Runs the CLI expecting failure; returns the error text.
+#[cfg(test)]
 pub fn cli_error(args: &[&str]) -> String {
     let (ok, stdout, stderr) = run_cli(args);
     assert!(!ok, "expected failure of {args:?}, got success: {stdout}");
