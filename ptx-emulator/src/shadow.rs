@@ -179,3 +179,66 @@ impl SharedShadow {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fault in words: a race's other access (thread, PTX line, write) and the byte, or `uninit`
+    /// and the byte.
+    fn fault(f: Option<SharedFault>) -> Option<String> {
+        f.map(|f| match f {
+            SharedFault::Race { other_tid, other_line, other_write, byte } => {
+                format!("race with thread {other_tid} line {other_line} write {other_write} at byte {byte}")
+            }
+            SharedFault::Uninitialized { byte } => format!("uninit at byte {byte}"),
+        })
+    }
+
+    fn block() -> SharedShadow {
+        let mut shadow = SharedShadow::new();
+        shadow.start_block(64, 4);
+        shadow
+    }
+
+    #[test]
+    fn bytes_of_one_word_keep_their_own_histories() {
+        let mut s = block();
+        // Thread 0 writes word 0 whole; thread 40 (another warp) writes its byte 2, unordered.
+        assert_eq!(fault(s.access(0, 4, 0, 1, true, false)), None);
+        assert_eq!(
+            fault(s.access(2, 1, 40, 2, true, false)),
+            Some("race with thread 0 line 1 write true at byte 2".into())
+        );
+        let mut s = block();
+        assert_eq!(fault(s.access(0, 4, 0, 1, true, false)), None);
+        s.barrier();
+        // Now ordered: thread 40 writes bytes 0-1; bytes 2-3 keep thread 0's write.
+        assert_eq!(fault(s.access(0, 2, 40, 2, true, false)), None);
+        // Thread 64 reads bytes 2-3 (thread 0's, before the barrier): fine; the whole word: not.
+        assert_eq!(fault(s.access(2, 2, 64, 3, false, false)), None);
+        assert_eq!(
+            fault(s.access(0, 4, 64, 4, false, false)),
+            Some("race with thread 40 line 2 write true at byte 0".into())
+        );
+        s.barrier();
+        // Thread 96 writes the whole word over both histories.
+        assert_eq!(fault(s.access(0, 4, 96, 5, true, false)), None);
+        assert_eq!(fault(s.access(0, 8, 96, 6, false, false)), Some("uninit at byte 4".into()));
+        assert_eq!(
+            fault(s.access(1, 1, 1, 7, false, false)),
+            Some("race with thread 96 line 5 write true at byte 1".into())
+        );
+    }
+
+    #[test]
+    fn a_partly_written_word_is_uninitialized_past_what_was_written() {
+        let mut s = block();
+        assert_eq!(fault(s.access(8, 2, 5, 1, true, false)), None);
+        assert_eq!(fault(s.access(8, 2, 5, 2, false, false)), None);
+        assert_eq!(fault(s.access(8, 4, 5, 3, false, false)), Some("uninit at byte 10".into()));
+        // A later block sees none of this block's writes.
+        s.start_block(64, 4);
+        assert_eq!(fault(s.access(8, 2, 5, 4, false, false)), Some("uninit at byte 8".into()));
+    }
+}
