@@ -139,23 +139,22 @@ pub fn purify<B: Backend>(b: &B, guidance: Guidance, x: &[f32]) -> Vec<f32> {
 /// test also checks that the guidance moved the result by at least 100 times the tolerance.
 ///
 /// The adversarial guidance differentiates the auxiliary classifier through its ReLUs: where a
-/// pre-activation lies within rounding of zero, the two backends can take different branches and
-/// a few gradient elements differ by O(1) (`networks::relu_kinks` says more). The purification is
+/// pre-activation lies within rounding of zero, the two backends can take different branches and a
+/// few gradient elements differ by O(1) (`networks::relu_kinks` says more). The purification is
 /// then a discontinuous function of its input at rounding scale, and the CPU shows it against
-/// itself (examples/guidance_kinks.rs: each pixel scaled by 1 + 1e-7 u, six draws an input):
-/// the unguided result moves by 1.2e-7 (7.7e-6 of the guidance's effect), smoothly; the
-/// adversarial-x0 one moves by that too at 36 of 40 inputs, but at the other 4 it jumps, in
-/// discrete sizes of 1.2e-3 to 5.1e-3 of the effect; with changes of 1e-6, 17 of 40 inputs jump
-/// (up to 6.8e-3), with 1e-5 all 40. The xt path, which has no UNet VJP (nor clip), jumps too,
-/// less (1 of 12 inputs, 4.4e-4). The emulator's misses come in the same sizes: at CI's seeds
-/// 854351215 and 854352215 it missed by 5.2e-3 and 6.1e-4 of the effect, and a 1e-6 change of the
-/// input moved the CPU by those same two figures (at 854350215: 5.5e-3; the CPU, 4.0e-3). On the
-/// H200 seed 918736203 missed by 1.1e-3 of it, while the same check's guided step alone agreed to
-/// 8e-7. So an adversarial guidance may also pass within `RELU_FLIP_SHARE` of its effect, and an
-/// input beyond that but within a few times it (two flips) is replaced by a fresh one (said on the
-/// output), three inputs at most, as the classifier checks replace inputs at a kink: a guidance
-/// off by even 1% of itself (a wrong scale, a wrong term) fails on every input, by a factor of 2
-/// or more.
+/// itself (examples/guidance_kinks.rs: each pixel scaled by 1 + 1e-7 u, six draws an input): the
+/// unguided result moves by 1.2e-7 (7.7e-6 of the guidance's effect), smoothly; the adversarial-x0
+/// one moves by that too at 36 of 40 inputs, but at the other 4 it jumps, in discrete sizes of
+/// 1.2e-3 to 5.1e-3 of the effect; with changes of 1e-6, 15 of 40 inputs jump (up to 6.8e-3). The
+/// xt path, which has no UNet VJP (nor clip), jumps too, less (1 of 12 inputs, 4.4e-4). The
+/// emulator's errors come in the same sizes: at seeds 854351215 and 854352215 (CI's 854350215 drew
+/// them) it was off by 5.2e-3 and 6.1e-4 of the effect, and a 1e-6 change of the input moved the
+/// CPU by those same two figures (at 854350215: 5.5e-3; the CPU, 4.0e-3). On the H200 seed
+/// 918736203 missed by 1.1e-3 of it, while the same check's guided step alone agreed to 8e-7. So an
+/// adversarial guidance may also pass within `RELU_FLIP_SHARE` of its effect, and an input beyond
+/// that but within a few times it (two flips) is replaced by a fresh one (said on the output),
+/// three inputs at most, as the classifier checks replace inputs at a kink: a guidance off by even
+/// 1% of itself (a wrong scale, a wrong term) fails on every input, by a factor of 2 or more.
 pub fn check_purification<B: Backend>(b: &B, guidance: Guidance, tolerance: f64) {
     const RELU_FLIP_SHARE: f64 = 5e-3;
     const INPUTS: usize = 3;
